@@ -1,0 +1,53 @@
+"""The one exception tree of dropsafe.
+
+::
+
+    DropsafeError
+      + ConfigurationError      (bad URL, bad policy value, unsupported driver, missing binaries)
+      + RetriesExhausted        (carries the attempts made; the last error is chained)
+      + CommitOutcomeUnknown    (the COMMIT may or may not have happened)
+
+Errors from the database that dropsafe does not handle are raised unchanged.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CommitOutcomeUnknown",
+    "ConfigurationError",
+    "DropsafeError",
+    "RetriesExhausted",
+]
+
+
+class DropsafeError(Exception):
+    """Base of every error that dropsafe raises itself."""
+
+    __module__ = "dropsafe"
+
+
+class ConfigurationError(DropsafeError, ValueError):
+    """A value given to dropsafe cannot work: raised at the call, before anything runs."""
+
+    __module__ = "dropsafe"
+
+
+class RetriesExhausted(DropsafeError):
+    """A unit of work failed on every attempt; ``__cause__`` is the last error."""
+
+    __module__ = "dropsafe"
+
+    def __init__(self, message: str, *, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class CommitOutcomeUnknown(DropsafeError):
+    """The connection failed during COMMIT and the server could not say what happened."""
+
+    __module__ = "dropsafe"
+
+    def __init__(self, message: str, *, xid: int | None, reason: str) -> None:
+        super().__init__(message)
+        self.xid = xid
+        self.reason = reason

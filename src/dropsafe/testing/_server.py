@@ -1,0 +1,532 @@
+"""Throwaway PostgreSQL clusters for tests: temp folder, free loopback port, TLS on, trust auth."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import warnings
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from dropsafe.errors import ConfigurationError, DropsafeError
+from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+__all__ = ["PostgresServer", "ServerError", "StopMode"]
+
+StopMode = Literal["smart", "fast", "immediate"]
+Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
+
+_STOP_SIGNALS: dict[str, signal.Signals] = {
+    "smart": signal.SIGTERM,
+    "fast": signal.SIGINT,
+    "immediate": signal.SIGQUIT,
+}
+_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
+_TEMP_PREFIX = "dropsafe-pg-"
+_PR_SET_PDEATHSIG = 1
+_START_TIMEOUT = 60.0
+_STOP_TIMEOUT = 60.0
+_POLL_INTERVAL = 0.02
+
+
+class ServerError(DropsafeError):
+    """The throwaway server could not do what was asked; the message carries its log's tail."""
+
+    __module__ = "dropsafe.testing"
+
+
+class PostgresServer:
+    """A PostgreSQL cluster that lives as long as this object, for tests and demos.
+
+    Example::
+
+        with PostgresServer() as server:
+            engine = sqlalchemy.create_engine(server.url("psycopg2"))
+
+    As root the server runs as the ``postgres`` user (or ``nobody``), since PostgreSQL
+    refuses to run as root. The postmaster is a direct child: if the creating thread dies,
+    the kernel kills it, so no server outlives its test run.
+    """
+
+    def __init__(
+        self,
+        *,
+        tls: bool = True,
+        host: str = "127.0.0.1",
+        settings: dict[str, str] | None = None,
+        binaries: PostgresBinaries | None = None,
+        name: str = "primary",
+        _primary: PostgresServer | None = None,
+    ) -> None:
+        self.binaries = binaries or find_postgres_binaries()
+        if tls and not self.binaries.tls:
+            warnings.warn(
+                f"the PostgreSQL build from {self.binaries.source} has no TLS support: "
+                "this server runs with TLS off",
+                stacklevel=2,
+            )
+            tls = False
+        self.tls = tls
+        self.host = host
+        self.name = name
+        self.settings = dict(settings or {})
+        self.is_standby = _primary is not None
+        self._primary = _primary
+        self._owner = _unprivileged_owner()
+        self.base_dir = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
+        if self._owner is not None:
+            # mkdtemp folders are 0700: the server's user must be able to enter this one.
+            self.base_dir.chmod(0o711)
+        self.data_dir = self.base_dir / "data"
+        self.socket_dir = self.base_dir / "run"
+        self.log_file = self.base_dir / "postgres.log"
+        self.cert_file = self.base_dir / "server.crt"
+        self.key_file = self.base_dir / "server.key"
+        self.port = _free_port(host)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._initialized = False
+        self._finalizer = weakref.finalize(self, _cleanup, [None], self.base_dir)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> PostgresServer:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        """Whether the postmaster process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's process id while it runs."""
+        return self._process.pid if self.running and self._process else None
+
+    @property
+    def ca_file(self) -> Path:
+        """The certificate clients can verify the server with (it is self-signed)."""
+        return self.cert_file
+
+    def start(self) -> None:
+        """Create the cluster on first use, then start the server and wait until it accepts."""
+        if self.running:
+            return
+        if not self._initialized:
+            self._initialize()
+        self._launch()
+
+    def stop(self, mode: StopMode = "fast") -> None:
+        """Stop the server: ``fast`` rolls back and closes sessions, ``immediate`` crashes it."""
+        if mode not in _STOP_SIGNALS:
+            raise ConfigurationError(f"stop mode must be one of {sorted(_STOP_SIGNALS)}: {mode!r}")
+        process = self._process
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(_STOP_SIGNALS[mode])
+            try:
+                process.wait(timeout=_STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        _kill_group(process.pid)
+        self._process = None
+
+    def restart(self, mode: StopMode = "fast") -> None:
+        """Stop with ``mode`` and start again on the same port with the same data."""
+        self.stop(mode)
+        self._launch()
+
+    def close(self) -> None:
+        """Stop the server at once and remove its files; safe to call twice."""
+        self.stop("immediate")
+        self._finalizer()
+
+    # -- SQL -------------------------------------------------------------------------------
+
+    def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
+        """Run SQL as the superuser through ``psql`` on the Unix socket; rows come as text."""
+        if not self.running:
+            raise ServerError(f"server {self.name!r} is not running")
+        result = subprocess.run(
+            [
+                self.binaries.tool("psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-F",
+                "\x1f",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                str(self.socket_dir),
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"psql failed on {sql!r}: {result.stderr.strip()}")
+        return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
+
+    def terminate_backends(self, *, database: str | None = None) -> int:
+        """Terminate every client backend (as an administrator would); return how many."""
+        where = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        if database is not None:
+            where += f" AND datname = '{database.replace(chr(39), chr(39) * 2)}'"
+        wait = ", 5000" if self.binaries.major_version >= 14 else ""  # noqa: PLR2004
+        rows = self.execute(
+            f"SELECT count(*) FILTER (WHERE pg_terminate_backend(pid{wait})) "  # noqa: S608
+            f"FROM pg_stat_activity WHERE {where}"
+        )
+        return int(rows[0][0])
+
+    # -- URLs ------------------------------------------------------------------------------
+
+    def url(
+        self,
+        driver: Driver = "psycopg2",
+        *,
+        database: str = "postgres",
+        user: str = "postgres",
+        **params: str,
+    ) -> str:
+        """Return a SQLAlchemy URL for ``driver`` that reaches this server over TCP.
+
+        With TLS on, the URL asks for it (``sslmode=require``; ``ssl=require`` for asyncpg).
+        pg8000 takes TLS through ``connect_args(driver)`` instead of the URL.
+        """
+        if driver not in _DRIVERS:
+            raise ConfigurationError(f"driver must be one of {', '.join(_DRIVERS)}: {driver!r}")
+        query = dict(params)
+        if self.tls and driver in ("psycopg2", "psycopg"):
+            query.setdefault("sslmode", "require")
+        elif self.tls and driver == "asyncpg":
+            query.setdefault("ssl", "require")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        text = f"postgresql+{driver}://{user}@{host}:{self.port}/{database}"
+        if query:
+            text += "?" + "&".join(f"{key}={value}" for key, value in query.items())
+        return text
+
+    def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
+        """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
+        if driver == "pg8000" and self.tls:
+            import ssl  # noqa: PLC0415 - only pg8000 users need it
+
+            context = ssl.create_default_context(cafile=str(self.ca_file))
+            context.check_hostname = False
+            return {"ssl_context": context}
+        return {}
+
+    # -- replication -----------------------------------------------------------------------
+
+    def make_standby(self, *, synchronous: bool = False, name: str = "standby") -> PostgresServer:
+        """Clone this running server into a streaming standby, started and caught up.
+
+        With ``synchronous=True`` every COMMIT on this server waits for the standby.
+        """
+        if not self.running:
+            raise ServerError(f"server {self.name!r} must run to make a standby")
+        standby = PostgresServer(
+            tls=self.tls,
+            host=self.host,
+            settings=self.settings,
+            binaries=self.binaries,
+            name=name,
+            _primary=self,
+        )
+        try:
+            standby.start()
+            if synchronous:
+                self.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{name}'")
+                self.execute("SELECT pg_reload_conf()")
+            state = "sync" if synchronous else "async"
+            self._wait_for(
+                f"SELECT 1 FROM pg_stat_replication WHERE application_name = '{name}' "  # noqa: S608
+                f"AND state = 'streaming' AND sync_state = '{state}'",
+                what=f"standby {name!r} streaming ({state})",
+            )
+        except BaseException:
+            standby.close()
+            raise
+        return standby
+
+    def promote(self) -> None:
+        """Turn this standby into a primary and wait until it accepts writes."""
+        if not self.is_standby:
+            raise ServerError(f"server {self.name!r} is not a standby")
+        self.execute("SELECT pg_promote(true, 60)")
+        self._wait_for("SELECT 1 WHERE NOT pg_is_in_recovery()", what="promotion")
+        self.is_standby = False
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _wait_for(self, sql: str, *, what: str, timeout: float = _START_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.execute(sql):
+            if time.monotonic() > deadline:
+                raise ServerError(f"timed out after {timeout:.0f}s waiting for {what}")
+            time.sleep(_POLL_INTERVAL)
+
+    def _initialize(self) -> None:
+        for folder in (self.data_dir, self.socket_dir):
+            folder.mkdir(mode=0o700)
+            self._give_to_owner(folder)
+        self.socket_dir.chmod(0o755)
+        if self._primary is None:
+            self._run_as_owner(
+                [
+                    self.binaries.tool("initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]
+            )
+        else:
+            self._clone_primary(self._primary)
+        if self.tls:
+            _make_certificate(self.cert_file, self.key_file)
+            self._give_to_owner(self.key_file)
+            self.key_file.chmod(0o600)
+            self.cert_file.chmod(0o644)
+        self._write_config()
+        self._initialized = True
+
+    def _clone_primary(self, primary: PostgresServer) -> None:
+        self._run_as_owner(
+            [
+                self.binaries.tool("pg_basebackup"),
+                "-h",
+                primary.host,
+                "-p",
+                str(primary.port),
+                "-U",
+                "postgres",
+                "-D",
+                str(self.data_dir),
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-R",
+                "--no-sync",
+            ]
+        )
+        conninfo = (
+            f"host={primary.host} port={primary.port} user=postgres "
+            f"application_name={self.name} sslmode=disable"
+        )
+        with (self.data_dir / "postgresql.auto.conf").open("a") as auto_conf:
+            auto_conf.write(f"primary_conninfo = '{conninfo}'\n")
+
+    def _write_config(self) -> None:
+        settings = {
+            "listen_addresses": f"'{self.host}'",
+            "port": str(self.port),
+            "unix_socket_directories": f"'{self.socket_dir}'",
+            "fsync": "off",
+            "full_page_writes": "off",
+            "shared_buffers": "32MB",
+            "max_connections": "100",
+            "wal_level": "replica",
+            "max_wal_senders": "10",
+            "hot_standby": "on",
+            "log_line_prefix": "'%m [%p] %q%a '",
+            "ssl": "on" if self.tls else "off",
+        }
+        if self.tls:
+            settings["ssl_cert_file"] = f"'{self.cert_file}'"
+            settings["ssl_key_file"] = f"'{self.key_file}'"
+        settings.update(self.settings)
+        lines = ["", "# dropsafe.testing"] + [f"{key} = {value}" for key, value in settings.items()]
+        with (self.data_dir / "postgresql.conf").open("a") as conf:
+            conf.write("\n".join(lines) + "\n")
+        (self.data_dir / "pg_hba.conf").write_text(
+            "local all all trust\n"
+            "host all all 127.0.0.1/32 trust\n"
+            "host all all ::1/128 trust\n"
+            "local replication all trust\n"
+            "host replication all 127.0.0.1/32 trust\n"
+            "host replication all ::1/128 trust\n"
+        )
+
+    def _launch(self) -> None:
+        with self.log_file.open("ab") as log:
+            process = subprocess.Popen(
+                [self.binaries.tool("postgres"), "-D", str(self.data_dir)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, async-signal safe
+                **self._owner_kwargs(),
+            )
+        self._process = process
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _cleanup, [process], self.base_dir)
+        try:
+            self._wait_until_ready(process)
+        except BaseException:
+            self.stop("immediate")
+            raise
+
+    def _wait_until_ready(self, process: subprocess.Popen[bytes]) -> None:
+        pid_file = self.data_dir / "postmaster.pid"
+        deadline = time.monotonic() + _START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                raise ServerError(f"server {self.name!r} exited at start:\n{self._log_tail()}")
+            with contextlib.suppress(OSError):
+                lines = pid_file.read_text().splitlines()
+                # Line 8 holds the postmaster's status once it is up (PostgreSQL 10+).
+                if (
+                    len(lines) >= 8  # noqa: PLR2004
+                    and lines[0].strip() == str(process.pid)
+                    and lines[7].strip() in ("ready", "standby")
+                ):
+                    return
+            if time.monotonic() > deadline:
+                raise ServerError(f"server {self.name!r} not ready in time:\n{self._log_tail()}")
+            time.sleep(_POLL_INTERVAL)
+
+    def _log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def _owner_kwargs(self) -> dict[str, object]:
+        if self._owner is None:
+            return {}
+        return {"user": self._owner.pw_uid, "group": self._owner.pw_gid, "extra_groups": []}
+
+    def _give_to_owner(self, path: Path) -> None:
+        if self._owner is not None:
+            os.chown(path, self._owner.pw_uid, self._owner.pw_gid)
+
+    def _run_as_owner(self, command: list[str]) -> None:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=self.base_dir,
+            **self._owner_kwargs(),  # type: ignore[arg-type]
+        )
+        if result.returncode != 0:
+            raise ServerError(f"{Path(command[0]).name} failed: {result.stderr.strip()}")
+
+
+def _unprivileged_owner() -> pwd.struct_passwd | None:
+    """The user to run the server as when we are root, else None (run as ourselves)."""
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "nobody"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    raise ConfigurationError("running as root needs a 'postgres' or 'nobody' user to run the server")
+
+
+def _free_port(host: str) -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _die_with_parent() -> None:
+    # Runs in the child after its user changed, so the kernel keeps this setting through exec.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _kill_group(pgid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _cleanup(processes: list[subprocess.Popen[bytes] | None], base_dir: Path) -> None:
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if process is not None:
+            _kill_group(process.pid)
+    shutil.rmtree(base_dir, ignore_errors=True)
+
+
+def _make_certificate(cert_file: Path, key_file: Path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        raise ConfigurationError(
+            "TLS needs the openssl program (apt-get install openssl), or pass tls=False"
+        )
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            str(key_file),
+            "-out",
+            str(cert_file),
+            "-days",
+            "7",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
