@@ -119,6 +119,8 @@ def test_blackhole_holds_data_until_heal(proxy):
 
 def test_refuse_rejects_new_connections_but_keeps_open_ones(proxy):
     with _connect(proxy) as sock:
+        sock.sendall(b"up")  # a round trip proves the proxy accepted this connection
+        assert _recv_exactly(sock, 2) == b"up"
         proxy.refuse()
         with pytest.raises(ConnectionRefusedError):
             _connect(proxy)
@@ -136,7 +138,7 @@ def test_die_after_cuts_mid_stream(proxy):
         sock.sendall(b"0123456789abcdef")
         # The first 10 bytes reach the server; its echo of them is cut at once.
         received = b""
-        with pytest.raises(ConnectionResetError):
+        with pytest.raises(ConnectionResetError):  # noqa: PT012 - read until the reset
             while chunk := sock.recv(100):
                 received += chunk
         assert len(received) < 16
@@ -147,9 +149,12 @@ def test_unreachable_upstream_resets_the_client():
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         dead_port = closed.getsockname()[1]
-    with ChaosProxy("127.0.0.1", dead_port) as proxy, _connect(proxy) as sock:
-        with pytest.raises(ConnectionResetError):
-            sock.recv(1)
+    with (
+        ChaosProxy("127.0.0.1", dead_port) as proxy,
+        _connect(proxy) as sock,
+        pytest.raises(ConnectionResetError),
+    ):
+        sock.recv(1)
 
 
 def test_route_keeps_the_form_and_the_password(proxy):

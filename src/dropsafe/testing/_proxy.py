@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine
     from types import TracebackType
 
+    from typing_extensions import Self
+
 __all__ = ["ChaosProxy", "CutMode", "ProxyStats"]
 
 CutMode = Literal["fin", "rst"]
@@ -125,7 +127,7 @@ class ChaosProxy:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> ChaosProxy:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -193,7 +195,9 @@ class ChaosProxy:
     def latency(self, ms: float, jitter_ms: float = 0.0) -> None:
         """Delay every chunk by ``ms`` (plus or minus up to ``jitter_ms``) in each direction."""
         if ms < 0 or jitter_ms < 0 or jitter_ms > ms:
-            raise ConfigurationError(f"need 0 <= jitter_ms <= ms: ms={ms!r} jitter_ms={jitter_ms!r}")
+            raise ConfigurationError(
+                f"need 0 <= jitter_ms <= ms: ms={ms!r} jitter_ms={jitter_ms!r}"
+            )
         self._faults.latency_s = ms / 1000
         self._faults.jitter_s = jitter_ms / 1000
 

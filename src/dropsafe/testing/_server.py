@@ -23,6 +23,8 @@ from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from typing_extensions import Self
+
 __all__ = ["PostgresServer", "ServerError", "StopMode"]
 
 StopMode = Literal["smart", "fast", "immediate"]
@@ -101,7 +103,7 @@ class PostgresServer:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def __enter__(self) -> PostgresServer:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -402,7 +404,9 @@ class PostgresServer:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, async-signal safe
-                **self._owner_kwargs(),
+                user=self._uid,
+                group=self._gid,
+                extra_groups=self._extra_groups,
             )
         self._process = process
         self._finalizer.detach()
@@ -438,10 +442,18 @@ class PostgresServer:
         except OSError:
             return "(no log)"
 
-    def _owner_kwargs(self) -> dict[str, object]:
-        if self._owner is None:
-            return {}
-        return {"user": self._owner.pw_uid, "group": self._owner.pw_gid, "extra_groups": []}
+    @property
+    def _uid(self) -> int | None:
+        return None if self._owner is None else self._owner.pw_uid
+
+    @property
+    def _gid(self) -> int | None:
+        return None if self._owner is None else self._owner.pw_gid
+
+    @property
+    def _extra_groups(self) -> list[int] | None:
+        # As root, drop root's supplementary groups along with its uid.
+        return None if self._owner is None else []
 
     def _give_to_owner(self, path: Path) -> None:
         if self._owner is not None:
@@ -455,20 +467,24 @@ class PostgresServer:
             timeout=120,
             check=False,
             cwd=self.base_dir,
-            **self._owner_kwargs(),  # type: ignore[arg-type]
+            user=self._uid,
+            group=self._gid,
+            extra_groups=self._extra_groups,
         )
         if result.returncode != 0:
             raise ServerError(f"{Path(command[0]).name} failed: {result.stderr.strip()}")
 
 
 def _unprivileged_owner() -> pwd.struct_passwd | None:
-    """The user to run the server as when we are root, else None (run as ourselves)."""
+    """Pick the user to run the server as when we are root; None means run as ourselves."""
     if os.geteuid() != 0:
         return None
     for name in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):
             return pwd.getpwnam(name)
-    raise ConfigurationError("running as root needs a 'postgres' or 'nobody' user to run the server")
+    raise ConfigurationError(
+        "running as root needs a 'postgres' or 'nobody' user to run the server"
+    )
 
 
 def _free_port(host: str) -> int:

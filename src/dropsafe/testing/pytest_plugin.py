@@ -42,14 +42,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture
 def postgres_server() -> Iterator[PostgresServer]:
-    """A fresh PostgreSQL server with TLS on, stopped and removed after the test."""
+    """Give each test a fresh PostgreSQL server with TLS on, removed after the test."""
     with PostgresServer() as server:
         yield server
 
 
 @pytest.fixture
 def chaos_proxy(postgres_server: PostgresServer) -> Iterator[ChaosProxy]:
-    """A `ChaosProxy` in front of ``postgres_server``; route URLs through it with ``.route``."""
+    """Put a `ChaosProxy` in front of ``postgres_server``; route URLs with ``.route``."""
     with ChaosProxy(postgres_server.host, postgres_server.port) as proxy:
         yield proxy
 

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install what dropsafe's demo and tests need on a fresh Debian/Ubuntu machine, then a venv.
+# Idempotent: a second run installs nothing new.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || command -v postgres >/dev/null \
+    || need_apt+=(postgresql)
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v nft >/dev/null || need_apt+=(nftables)
+command -v iptables >/dev/null || need_apt+=(iptables)
+if ((${#need_apt[@]})); then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "setup: apt-get install ${need_apt[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+    else
+        echo "setup: missing ${need_apt[*]}; install them (as root: apt-get install ${need_apt[*]})," \
+             "or rely on the embedded PostgreSQL (pgserver, no TLS) that the venv brings" >&2
+    fi
+fi
+
+PYTHON=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+    "$PYTHON" -m venv .venv 2>/dev/null || {
+        [[ $(id -u) -eq 0 ]] && apt-get install -y -qq python3-venv >/dev/null && "$PYTHON" -m venv .venv
+    }
+fi
+.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import dropsafe, dropsafe.testing" # fails loudly if the install did not work

@@ -1,0 +1,46 @@
+"""The ``dropsafe`` command line: ``dropsafe reproduce`` shows the problem dropsafe solves."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import TYPE_CHECKING
+
+from dropsafe.errors import DropsafeError
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except DropsafeError as exc:
+        print(f"dropsafe: {exc}", file=sys.stderr)  # noqa: T201 - the CLI's own output
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    from dropsafe.cli import reproduce  # noqa: PLC0415 - each command loads only what it needs
+
+    parser = argparse.ArgumentParser(
+        prog="dropsafe",
+        description="Keep SQLAlchemy applications working when PostgreSQL connections fail.",
+    )
+    commands = parser.add_subparsers(title="commands")
+    reproduce.register(commands)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

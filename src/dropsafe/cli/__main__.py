@@ -1,0 +1,7 @@
+"""``python -m dropsafe.cli``."""
+
+import sys
+
+from dropsafe.cli import main
+
+sys.exit(main())
