@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import TYPE_CHECKING
 
@@ -11,6 +10,8 @@ import sqlalchemy as sa
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 if TYPE_CHECKING:
+    import argparse
+
     from dropsafe.testing._server import Driver
 
 __all__ = ["register", "run"]
@@ -63,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
                     say("the server terminated the pooled connection's backend")
                 else:
                     proxy.cut(args.fault)
-                    say(f"the network {'closed' if args.fault == 'fin' else 'reset'} the connection")
+                    say(
+                        f"the network {'closed' if args.fault == 'fin' else 'reset'} the connection"
+                    )
                 try:
                     with engine.connect() as conn:
                         conn.execute(sa.text("SELECT 1"))
