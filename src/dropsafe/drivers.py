@@ -1,0 +1,260 @@
+"""Per-driver facts: TCP settings, where the socket is, how to look at it, how to ping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import math
+import re
+import select
+import socket
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from sqlalchemy.util import concurrency as _sa_concurrency
+
+from dropsafe.errors import ConfigurationError
+from dropsafe.policy import Policy, seconds
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from sqlalchemy.engine import Dialect
+
+__all__ = ["SUPPORTED_DRIVERS", "Driver", "Health", "driver_for"]
+
+_LIBPQ_KEYS = (
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "connect_timeout",
+)
+# Runs a coroutine from SQLAlchemy's greenlet; SQLAlchemy 2.1 renamed await_only to await_.
+_await: Callable[[Awaitable[Any]], Any] = (
+    getattr(_sa_concurrency, "await_", None) or _sa_concurrency.await_only
+)
+_DSN_KEY = re.compile(r"(?:^|[\s?&])(" + "|".join(_LIBPQ_KEYS) + r")\s*=")
+# Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
+_POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+_POLL_MASK = select.POLLIN | _POLL_DEAD
+
+
+class Health(enum.Enum):
+    """What a look at an idle connection, without a round trip, says about it."""
+
+    ALIVE = "alive"
+    SUSPECT = "suspect"  # something arrived while idle: a ping tells whether it was a goodbye
+    DEAD = "dead"
+
+
+class Driver:
+    """What dropsafe needs to know about one DBAPI driver; subclasses fill it in."""
+
+    name: ClassVar[str]
+
+    def connect_defaults(
+        self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
+    ) -> set[str]:
+        """Add dropsafe's connect arguments where the user set none; return the keys added."""
+        del policy, cargs, cparams
+        return set()
+
+    def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401 - DBAPI connections are untyped
+        """Tune a new connection (socket options the driver has no argument for)."""
+
+    def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
+        """Look at an idle connection without a round trip."""
+        raise NotImplementedError
+
+    def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
+        """Make one round trip, bounded by ``timeout``; raise if it fails."""
+        raise NotImplementedError
+
+
+class _Libpq(Driver):
+    """psycopg2 and psycopg 3: libpq connection parameters, socket polled by file descriptor."""
+
+    def connect_defaults(
+        self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
+    ) -> set[str]:
+        in_dsn = {
+            match.group(1)
+            for text in [*cargs, cparams.get("dsn"), cparams.get("conninfo")]
+            if isinstance(text, str)
+            for match in _DSN_KEY.finditer(text)
+        }
+        wanted: dict[str, int] = {
+            # libpq rounds connect_timeout down and treats 1 as 2.
+            "connect_timeout": max(2, math.ceil(seconds(policy.connect_timeout))),
+        }
+        if policy.keepalive_idle is not None:
+            wanted |= {
+                "keepalives": 1,
+                "keepalives_idle": math.ceil(seconds(policy.keepalive_idle)),
+                "keepalives_interval": math.ceil(seconds(policy.keepalive_interval)),
+                "keepalives_count": policy.keepalive_count,
+            }
+        if policy.tcp_user_timeout is not None:
+            wanted["tcp_user_timeout"] = math.ceil(seconds(policy.tcp_user_timeout) * 1000)
+        added = set()
+        for key, value in wanted.items():
+            if key not in cparams and key not in in_dsn:
+                cparams[key] = value
+                added.add(key)
+        return added
+
+    def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
+        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
+        if connection.closed or getattr(connection, "broken", False):
+            return Health.DEAD
+        try:
+            return _poll(connection.fileno())
+        except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
+            return Health.DEAD
+
+    def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
+        # libpq has no per-call timeout: tcp_user_timeout bounds a ping on a dead network.
+        del timeout
+        dialect.do_ping(dbapi_connection)
+
+
+class _Psycopg2(_Libpq):
+    name = "psycopg2"
+
+
+class _Psycopg(_Libpq):
+    name = "psycopg"
+
+
+class _Asyncpg(Driver):
+    """asyncpg: the protocol's closed state, and the socket for what the loop has not read yet."""
+
+    name = "asyncpg"
+
+    def connect_defaults(
+        self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
+    ) -> set[str]:
+        del cargs
+        if "timeout" in cparams:
+            return set()
+        cparams["timeout"] = seconds(policy.connect_timeout)
+        return {"timeout"}
+
+    def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401
+        del added
+        sock = dbapi_connection._connection._transport.get_extra_info("socket")  # noqa: SLF001
+        if sock is not None:
+            tune_socket(sock, policy)
+
+    def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
+        connection = dbapi_connection._connection  # noqa: SLF001
+        if connection.is_closed():
+            return Health.DEAD
+        # The event loop may not have run since the peer hung up: look at the socket too.
+        sock = connection._transport.get_extra_info("socket")  # noqa: SLF001
+        try:
+            return Health.ALIVE if sock is None else _poll(sock.fileno())
+        except Exception:  # noqa: BLE001
+            return Health.DEAD
+
+    def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
+        del dialect
+        connection = dbapi_connection._connection  # noqa: SLF001
+        _await(asyncio.wait_for(connection.fetchval("SELECT 1"), timeout))
+
+
+class _Pg8000(Driver):
+    """pg8000: a plain blocking socket, polled by file descriptor and bounded by its timeout."""
+
+    name = "pg8000"
+
+    def connect_defaults(
+        self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
+    ) -> set[str]:
+        del cargs
+        if "timeout" in cparams:
+            return set()
+        # pg8000's timeout also bounds every later read: on_connect lifts it after connecting.
+        cparams["timeout"] = seconds(policy.connect_timeout)
+        return {"timeout"}
+
+    def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401
+        sock = dbapi_connection._usock  # noqa: SLF001
+        tune_socket(sock, policy)
+        if "timeout" in added:
+            sock.settimeout(None)
+
+    def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
+        sock = getattr(dbapi_connection, "_usock", None)
+        if sock is None:
+            return Health.DEAD
+        try:
+            return _poll(sock.fileno())
+        except Exception:  # noqa: BLE001
+            return Health.DEAD
+
+    def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
+        sock = dbapi_connection._usock  # noqa: SLF001
+        previous = sock.gettimeout()
+        sock.settimeout(timeout)
+        try:
+            dialect.do_ping(dbapi_connection)
+            dbapi_connection.rollback()  # pg8000 began a transaction for the ping
+        finally:
+            with contextlib.suppress(OSError):
+                sock.settimeout(previous)
+
+
+_DRIVERS: dict[str, type[Driver]] = {
+    "psycopg2": _Psycopg2,
+    "psycopg": _Psycopg,
+    "psycopg_async": _Psycopg,
+    "asyncpg": _Asyncpg,
+    "pg8000": _Pg8000,
+}
+SUPPORTED_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
+
+
+def driver_for(dialect: Dialect) -> Driver:
+    """Return the `Driver` for an engine's dialect; raise `ConfigurationError` if unsupported."""
+    supported = ", ".join(f"postgresql+{name}" for name in SUPPORTED_DRIVERS)
+    if dialect.name != "postgresql":
+        raise ConfigurationError(
+            f"dropsafe guards PostgreSQL engines only, not {dialect.name!r}; supported: {supported}"
+        )
+    driver = _DRIVERS.get(str(dialect.driver))
+    if driver is None:
+        raise ConfigurationError(f"unsupported driver {dialect.driver!r}; supported: {supported}")
+    return driver()
+
+
+def tune_socket(sock: socket.socket, policy: Policy) -> None:
+    """Set keepalives and TCP_USER_TIMEOUT on a TCP socket (a Unix socket needs none)."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    if policy.keepalive_idle is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in (
+            ("TCP_KEEPIDLE", seconds(policy.keepalive_idle)),
+            ("TCP_KEEPINTVL", seconds(policy.keepalive_interval)),
+            ("TCP_KEEPCNT", policy.keepalive_count),
+        ):
+            if hasattr(socket, option):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), math.ceil(value))
+    if policy.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
+        milliseconds = math.ceil(seconds(policy.tcp_user_timeout) * 1000)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
+
+
+def _poll(fd: int) -> Health:
+    poller = select.poll()
+    poller.register(fd, _POLL_MASK)
+    events = poller.poll(0)
+    if not events:
+        return Health.ALIVE
+    revents = events[0][1]
+    if revents & (_POLL_DEAD | select.POLLNVAL):
+        return Health.DEAD
+    return Health.SUSPECT

@@ -1,0 +1,137 @@
+"""create_engine, create_async_engine and harden: SQLAlchemy engines with dropsafe's guard."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import sqlalchemy
+import sqlalchemy.exc
+from sqlalchemy.engine import URL, Engine, make_url
+
+from dropsafe.drivers import SUPPORTED_DRIVERS, driver_for
+from dropsafe.errors import ConfigurationError
+from dropsafe.liveness import ConnectionGuard
+from dropsafe.policy import Policy
+from dropsafe.redaction import redact_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["create_async_engine", "create_engine", "guard_of", "harden"]
+
+_GUARD_ATTRIBUTE = "_dropsafe_guard"
+_E = TypeVar("_E", "Engine", "AsyncEngine")
+
+
+def create_engine(url: str | URL, *, policy: Policy | None = None, **engine_kwargs: Any) -> Engine:  # noqa: ANN401
+    """Create a SQLAlchemy `Engine` guarded by dropsafe.
+
+    ``engine_kwargs`` go to `sqlalchemy.create_engine` unchanged; connect arguments you set
+    (in the URL or ``connect_args``) win over dropsafe's defaults.
+
+    Example::
+
+        engine = dropsafe.create_engine("postgresql+psycopg2://app@db.example/app")
+    """
+    parsed = _parse(url)
+    try:
+        engine = sqlalchemy.create_engine(parsed, **engine_kwargs)
+    except (sqlalchemy.exc.ArgumentError, TypeError) as exc:
+        raise ConfigurationError(
+            f"cannot create an engine for {redact_url(parsed)}: {exc}"
+        ) from None
+    return harden(engine, policy)
+
+
+def create_async_engine(
+    url: str | URL,
+    *,
+    policy: Policy | None = None,
+    **engine_kwargs: Any,  # noqa: ANN401
+) -> AsyncEngine:
+    """Create a SQLAlchemy `AsyncEngine` guarded by dropsafe (asyncpg or psycopg 3).
+
+    Example::
+
+        engine = dropsafe.create_async_engine("postgresql+asyncpg://app@db.example/app")
+    """
+    try:
+        from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415 - needs greenlet
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ConfigurationError(
+            f"async engines need SQLAlchemy's asyncio extra ({exc}): "
+            "pip install 'dropsafe[asyncpg]'"
+        ) from None
+    parsed = _parse(url)
+    try:
+        engine = sa_asyncio.create_async_engine(parsed, **engine_kwargs)
+    except sqlalchemy.exc.InvalidRequestError as exc:
+        raise ConfigurationError(
+            f"{redact_url(parsed)} needs an asyncio driver (postgresql+asyncpg or "
+            f"postgresql+psycopg): {exc}"
+        ) from None
+    except (sqlalchemy.exc.ArgumentError, TypeError) as exc:
+        raise ConfigurationError(
+            f"cannot create an engine for {redact_url(parsed)}: {exc}"
+        ) from None
+    return harden(engine, policy)
+
+
+def harden(engine: _E, policy: Policy | None = None) -> _E:
+    """Guard an engine made elsewhere (Flask-SQLAlchemy, a framework's settings); return it.
+
+    Idempotent: hardening twice changes nothing. Connect arguments apply to connections
+    opened from now on. Hardening again with a different policy is refused.
+    """
+    sync_engine: object = getattr(engine, "sync_engine", engine)
+    if not isinstance(sync_engine, Engine):
+        raise ConfigurationError(
+            f"harden() takes a SQLAlchemy Engine or AsyncEngine, not {type(engine).__name__}"
+        )
+    existing = guard_of(engine)
+    if existing is not None:
+        if policy is not None and policy != existing.policy:
+            raise ConfigurationError(
+                "this engine is already hardened with another policy; create a new engine "
+                "to change it"
+            )
+        return engine
+    guard = ConnectionGuard(
+        policy or Policy(), driver_for(sync_engine.dialect), sync_engine.dialect
+    )
+    guard.attach(sync_engine)
+    setattr(sync_engine, _GUARD_ATTRIBUTE, guard)
+    return engine
+
+
+def guard_of(engine: Engine | AsyncEngine) -> ConnectionGuard | None:
+    """Return the guard dropsafe put on ``engine``, or None if it has none."""
+    sync_engine = getattr(engine, "sync_engine", engine)
+    guard = getattr(sync_engine, _GUARD_ATTRIBUTE, None)
+    return guard if isinstance(guard, ConnectionGuard) else None
+
+
+def _parse(url: str | URL) -> URL:
+    if not isinstance(url, (str, URL)):
+        raise ConfigurationError(
+            f"url must be a string or sqlalchemy.URL, not {type(url).__name__}"
+        )
+    try:
+        parsed = make_url(url)
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        raise ConfigurationError(
+            f"malformed database URL {redact_url(url)!r}; expected "
+            "postgresql+DRIVER://user:password@host:port/database"
+        ) from None
+    supported = ", ".join(f"postgresql+{name}" for name in SUPPORTED_DRIVERS)
+    if parsed.get_backend_name() not in ("postgresql", "postgres"):
+        raise ConfigurationError(
+            f"dropsafe supports PostgreSQL only, not {parsed.get_backend_name()!r} "
+            f"in {redact_url(parsed)}; supported: {supported}"
+        )
+    if parsed.get_driver_name() not in (*SUPPORTED_DRIVERS, "psycopg_async"):
+        raise ConfigurationError(
+            f"unsupported driver {parsed.get_driver_name()!r} in {redact_url(parsed)}; "
+            f"supported: {supported}"
+        )
+    return parsed

@@ -1,0 +1,157 @@
+"""The guard on an engine: a free look at each connection on checkout, a ping only when needed.
+
+A busy pool pays nothing: a socket polled with a zero timeout (or the driver's closed flag)
+says whether a FIN, an RST or the server's goodbye arrived while the connection sat idle. Only
+then, or after ``Policy.ping_after_idle``, is a real round trip spent. A connection found dead
+is replaced by raising SQLAlchemy's `DisconnectionError` from the ``checkout`` event; when other
+idle connections are dead too (a restart, a failover), the whole pool is recycled at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy.exc
+from sqlalchemy import event
+
+from dropsafe.classify import POOL_WIDE_SQLSTATES, Kind, classify, sqlstate_of
+from dropsafe.drivers import Driver, Health
+from dropsafe.policy import Policy, seconds
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Dialect, Engine, ExceptionContext
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+__all__ = ["ConnectionGuard"]
+
+logger = logging.getLogger("dropsafe")
+
+_ADDED = "dropsafe.added_connect_args"
+_IDLE_SINCE = "dropsafe.idle_since"
+
+
+class ConnectionGuard:
+    """Everything dropsafe attaches to one engine; one guard per engine, no shared state."""
+
+    def __init__(self, policy: Policy, driver: Driver, dialect: Dialect) -> None:
+        self.policy = policy
+        self.driver = driver
+        self._dialect = dialect
+        self._ping_after_idle = seconds(policy.ping_after_idle)
+        self._ping_timeout = seconds(policy.ping_timeout)
+        self._idle: dict[int, Any] = {}  # id(pool entry) -> DBAPI connection, while checked in
+        self._lock = threading.Lock()
+
+    def attach(self, engine: Engine) -> None:
+        """Listen to the engine's connect, pool and error events."""
+        event.listen(engine, "do_connect", self._on_do_connect)
+        event.listen(engine, "handle_error", self._on_handle_error)
+        pool_events: dict[str, Callable[..., None]] = {
+            "connect": self._on_connect,
+            "checkout": self._on_checkout,
+            "checkin": self._on_checkin,
+            "close": self._forget,
+            "detach": self._forget,
+            "invalidate": self._forget_invalidated,
+            "soft_invalidate": self._forget_invalidated,
+        }
+        for name, listener in pool_events.items():
+            event.listen(engine, name, listener)
+
+    # -- connecting ------------------------------------------------------------------------
+
+    def _on_do_connect(
+        self,
+        dialect: Dialect,
+        entry: ConnectionPoolEntry,
+        cargs: list[Any],
+        cparams: dict[str, Any],
+    ) -> None:
+        del dialect
+        entry.info[_ADDED] = self.driver.connect_defaults(self.policy, cargs, cparams)
+
+    def _on_connect(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
+        try:
+            self.driver.on_connect(dbapi_connection, self.policy, entry.info.pop(_ADDED, set()))
+        except OSError as exc:
+            # Keepalives are a safety net: a socket that refuses them still works.
+            logger.warning("dropsafe could not tune a new connection's socket: %s", exc)
+        entry.info[_IDLE_SINCE] = time.monotonic()
+
+    # -- checkout and checkin --------------------------------------------------------------
+
+    def _on_checkin(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
+        if dbapi_connection is None:
+            return
+        entry.info[_IDLE_SINCE] = time.monotonic()
+        with self._lock:
+            self._idle[id(entry)] = dbapi_connection
+
+    def _on_checkout(
+        self,
+        dbapi_connection: Any,  # noqa: ANN401
+        entry: ConnectionPoolEntry,
+        proxy: PoolProxiedConnection,
+    ) -> None:
+        del proxy
+        self._forget(dbapi_connection, entry)
+        health = self.driver.probe(dbapi_connection)
+        idle_for = time.monotonic() - entry.info.get(_IDLE_SINCE, time.monotonic())
+        if health is Health.ALIVE and idle_for <= self._ping_after_idle:
+            return
+        reason = f"probe found the connection {health.value}"
+        if health is not Health.DEAD:
+            try:
+                self.driver.ping(self._dialect, dbapi_connection, self._ping_timeout)
+            except Exception as exc:  # noqa: BLE001 - any failure of the ping means replace it
+                reason = f"ping failed: {type(exc).__name__}: {exc}"
+            else:
+                return
+        pool_wide = self._other_idle_connections_dead()
+        logger.info(
+            "dropsafe replaced a dead pooled connection (%s)%s",
+            reason,
+            "; recycling the whole pool" if pool_wide else "",
+        )
+        if pool_wide:
+            raise sqlalchemy.exc.InvalidatePoolError(reason)
+        raise sqlalchemy.exc.DisconnectionError(reason)
+
+    def _forget(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
+        del dbapi_connection
+        with self._lock:
+            self._idle.pop(id(entry), None)
+
+    def _forget_invalidated(
+        self,
+        dbapi_connection: Any,  # noqa: ANN401
+        entry: ConnectionPoolEntry,
+        exception: BaseException | None,
+    ) -> None:
+        del exception
+        self._forget(dbapi_connection, entry)
+
+    def _other_idle_connections_dead(self) -> bool:
+        """Look (for free) at every idle connection: more than one dead means a server event."""
+        with self._lock:
+            idle = list(self._idle.values())
+        return any(self.driver.probe(connection) is Health.DEAD for connection in idle)
+
+    # -- errors ----------------------------------------------------------------------------
+
+    def _on_handle_error(self, context: ExceptionContext) -> None:
+        kind = classify(context.original_exception)
+        if kind in (Kind.DISCONNECT, Kind.FAILOVER) and not context.is_disconnect:
+            context.is_disconnect = True
+        if context.is_disconnect:
+            # SQLAlchemy recycles the whole pool on any disconnect; recycle only what is dead.
+            context.invalidate_pool_on_disconnect = (
+                kind is Kind.FAILOVER
+                or sqlstate_of(context.original_exception) in POOL_WIDE_SQLSTATES
+                or self._other_idle_connections_dead()
+            )
