@@ -1,0 +1,166 @@
+"""The guarded engine: a warmed pool serves on after real faults, with no error for the app.
+
+The same faults break a plain SQLAlchemy pool (tests/integration/test_the_problem.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import sqlalchemy as sa
+
+import dropsafe
+
+pytestmark = pytest.mark.fault
+
+SYNC_DRIVERS = ["psycopg2", "psycopg", "pg8000"]
+FAULTS = ["terminate", "fin", "rst", "restart-fast", "restart-immediate"]
+POOL = 4
+BACKEND_PID = sa.text("SELECT pg_backend_pid()")
+
+
+def inject(fault, server, proxy):
+    if fault == "terminate":
+        assert server.terminate_backends() == POOL
+    elif fault.startswith("restart-"):
+        server.restart(fault.removeprefix("restart-"))
+    else:
+        assert proxy.cut(fault) == POOL
+
+
+def _request(engine):
+    with engine.connect() as conn:
+        return conn.execute(BACKEND_PID).scalar()
+
+
+def _warm_sync(engine):
+    """Hold POOL connections at once, so the pool keeps POOL idle ones afterwards."""
+    conns = [engine.connect() for _ in range(POOL)]
+    pids = {conn.execute(BACKEND_PID).scalar() for conn in conns}
+    for conn in conns:
+        conn.close()
+    return pids
+
+
+def _sync_engine(server, proxy, driver):
+    return dropsafe.create_engine(
+        proxy.route(server.url(driver)),
+        pool_size=POOL,
+        max_overflow=0,
+        connect_args=server.connect_args(driver),
+    )
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_sync_pool_serves_after_fault_without_errors(
+    postgres_server, chaos_proxy, driver, fault, caplog
+):
+    engine = _sync_engine(postgres_server, chaos_proxy, driver)
+    try:
+        before = _warm_sync(engine)
+        inject(fault, postgres_server, chaos_proxy)
+        with caplog.at_level(logging.INFO, logger="dropsafe"):
+            after = {_request(engine) for _ in range(POOL)}
+            with ThreadPoolExecutor(POOL) as pool:
+                after |= set(pool.map(lambda _: _request(engine), range(2 * POOL)))
+        assert not before & after, "a connection from before the fault was handed out"
+        # Every idle connection died at once: the first dead one recycled the whole pool.
+        assert "recycling the whole pool" in caplog.text
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_asyncpg_pool_serves_after_fault_without_errors(postgres_server, chaos_proxy, fault):
+    async def scenario():
+        engine = dropsafe.create_async_engine(
+            chaos_proxy.route(postgres_server.url("asyncpg")), pool_size=POOL, max_overflow=0
+        )
+
+        async def request():
+            async with engine.connect() as conn:
+                return (await conn.execute(BACKEND_PID)).scalar()
+
+        try:
+            conns = [await engine.connect() for _ in range(POOL)]
+            before = {(await conn.execute(BACKEND_PID)).scalar() for conn in conns}
+            for conn in conns:
+                await conn.close()
+            inject(fault, postgres_server, chaos_proxy)
+            after = {await request() for _ in range(POOL)}
+            after |= set(await asyncio.gather(*(request() for _ in range(2 * POOL))))
+            return before, after
+        finally:
+            await engine.dispose()
+
+    before, after = asyncio.run(scenario())
+    assert not before & after
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_one_terminated_backend_recycles_only_that_connection(
+    postgres_server, chaos_proxy, driver
+):
+    engine = _sync_engine(postgres_server, chaos_proxy, driver)
+    try:
+        before = _warm_sync(engine)
+        victim = min(before)
+        assert postgres_server.execute(f"SELECT pg_terminate_backend({victim}, 5000)") == [("t",)]
+        conns = [engine.connect() for _ in range(POOL)]
+        after = {conn.execute(BACKEND_PID).scalar() for conn in conns}
+        for conn in conns:
+            conn.close()
+        assert victim not in after
+        assert before - {victim} <= after, "live connections were thrown away"
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("driver", [*SYNC_DRIVERS, "asyncpg"])
+def test_blackholed_request_ends_within_the_default_bound(
+    postgres_server, kernel_blackhole, driver
+):
+    bound = 15.0
+    url = postgres_server.url(driver)
+    if driver == "asyncpg":
+
+        async def scenario():
+            engine = dropsafe.create_async_engine(url)
+            try:
+                async with engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+                started = time.monotonic()
+                with kernel_blackhole(postgres_server.port):
+                    with pytest.raises(sa.exc.DBAPIError):
+                        async with engine.connect() as conn:
+                            await conn.execute(sa.text("SELECT 1"))
+                    elapsed = time.monotonic() - started
+                async with engine.connect() as conn:
+                    served = (await conn.execute(sa.text("SELECT 2"))).scalar()
+                return elapsed, served
+            finally:
+                await engine.dispose()
+
+        elapsed, served = asyncio.run(scenario())
+    else:
+        engine = dropsafe.create_engine(url, connect_args=postgres_server.connect_args(driver))
+        try:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            started = time.monotonic()
+            with kernel_blackhole(postgres_server.port):
+                with pytest.raises(sa.exc.DBAPIError), engine.connect() as conn:
+                    conn.execute(sa.text("SELECT 1"))
+                elapsed = time.monotonic() - started
+            with engine.connect() as conn:
+                served = conn.execute(sa.text("SELECT 2")).scalar()
+        finally:
+            engine.dispose()
+    assert elapsed < bound, f"the request hung {elapsed:.1f}s on a half-open connection"
+    assert served == 2
