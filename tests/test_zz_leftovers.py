@@ -2,7 +2,12 @@
 
 import pytest
 
-from dropsafe.testing import leftover_processes
+from dropsafe.testing import PostgresServer, leftover_processes
+
+
+def test_leftover_check_sees_a_running_server():
+    with PostgresServer() as server:
+        assert any(str(server.pid) in line for line in leftover_processes())
 
 
 @pytest.mark.last

@@ -103,9 +103,7 @@ def test_asyncpg_pool_serves_after_fault_without_errors(postgres_server, chaos_p
 
 
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
-def test_one_terminated_backend_recycles_only_that_connection(
-    postgres_server, chaos_proxy, driver
-):
+def test_one_terminated_backend_recycles_only_that_connection(postgres_server, chaos_proxy, driver):
     engine = _sync_engine(postgres_server, chaos_proxy, driver)
     try:
         before = _warm_sync(engine)

@@ -147,7 +147,7 @@ def test_no_binaries_names_the_fix(monkeypatch):
 
 
 def test_embedded_wheel_runs_with_tls_off(monkeypatch):
-    pgserver_bin = _binaries._pgserver_bindir()  # noqa: SLF001 - the fallback under test
+    pgserver_bin = _binaries._pgserver_bindir()
     if pgserver_bin is None:
         pytest.skip("the pgserver wheel is not installed")
     monkeypatch.setenv("DROPSAFE_PG_BINDIR", str(pgserver_bin))

@@ -1,0 +1,93 @@
+"""create_engine, create_async_engine and harden refuse bad input at the call, clearly."""
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+import dropsafe
+from dropsafe import ConfigurationError, Policy
+from dropsafe.engine import guard_of
+from dropsafe.redaction import redact_url
+
+URL = "postgresql+psycopg2://app:s3cret@db.invalid/app"
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url at all", "malformed database URL"),
+        ("mysql+pymysql://app:s3cret@db/app", "PostgreSQL only"),
+        ("postgresql+nosuchdriver://app:s3cret@db/app", "unsupported driver 'nosuchdriver'"),
+        (
+            "postgresql+psycopg2cffi://app:s3cret@db/app",
+            r"supported: postgresql\+psycopg2, postgresql\+psycopg,",
+        ),
+    ],
+)
+def test_bad_urls_are_refused_without_the_password(url, message):
+    with pytest.raises(ConfigurationError, match=message) as raised:
+        dropsafe.create_engine(url)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_url_of_the_wrong_type():
+    with pytest.raises(ConfigurationError, match="url must be a string"):
+        dropsafe.create_engine(42)  # type: ignore[arg-type]
+
+
+def test_sync_driver_in_async_engine_is_refused():
+    with pytest.raises(ConfigurationError, match="asyncio driver") as raised:
+        dropsafe.create_async_engine(URL)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_harden_is_idempotent_and_refuses_a_second_policy():
+    engine = sa.create_engine(URL)
+    assert dropsafe.harden(engine) is engine
+    guard = guard_of(engine)
+    assert guard is not None
+    assert dropsafe.harden(engine) is engine
+    assert dropsafe.harden(engine, guard.policy) is engine
+    assert guard_of(engine) is guard
+    with pytest.raises(ConfigurationError, match="already hardened"):
+        dropsafe.harden(engine, Policy(max_attempts=2))
+
+
+def test_harden_async_engine_guards_its_sync_engine():
+    engine = dropsafe.create_async_engine("postgresql+asyncpg://app@db.invalid/app")
+    assert guard_of(engine) is guard_of(engine.sync_engine) is not None
+
+
+def test_harden_refuses_other_databases_and_other_objects():
+    with pytest.raises(ConfigurationError, match="PostgreSQL engines only"):
+        dropsafe.harden(sa.create_engine("sqlite://"))
+    with pytest.raises(ConfigurationError, match="takes a SQLAlchemy Engine"):
+        dropsafe.harden("postgresql://")  # type: ignore[type-var]
+
+
+def test_engine_kwargs_pass_through_and_bad_ones_are_explained():
+    engine = dropsafe.create_engine(URL, pool_size=3)
+    assert engine.pool.size() == 3
+    with pytest.raises(ConfigurationError, match="cannot create an engine") as raised:
+        dropsafe.create_engine(URL, no_such_option=True)
+    assert "s3cret" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "postgresql+psycopg2://app:s3cret@db/app",
+        "postgresql://app:s3cret@db:5432/app?sslmode=require",
+        "postgresql://app:s3cret@",
+        "host=db password=s3cret user=app",
+        "postgresql://db/app?password=s3cret",
+    ],
+)
+def test_redact_url_hides_the_password(text):
+    redacted = redact_url(text)
+    assert "s3cret" not in redacted
+    assert "***" in redacted
+
+
+def test_redact_sqlalchemy_url():
+    assert "s3cret" not in redact_url(make_url("postgresql://app:s3cret@db/app"))
