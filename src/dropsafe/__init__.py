@@ -1,7 +1,15 @@
-"""dropsafe: keep SQLAlchemy applications working when their PostgreSQL connections fail."""
+"""dropsafe: keep SQLAlchemy applications working when their PostgreSQL connections fail.
+
+Example::
+
+    engine = dropsafe.create_engine("postgresql+psycopg2://app@db.example/app")
+    Session = sessionmaker(engine)
+    post_id = dropsafe.run_transaction(Session, lambda s: create_post(s, "hello"))
+"""
 
 from __future__ import annotations
 
+from dropsafe.backoff import test_mode
 from dropsafe.classify import Kind, classify
 from dropsafe.engine import create_async_engine, create_engine, harden
 from dropsafe.errors import (
@@ -11,6 +19,7 @@ from dropsafe.errors import (
     RetriesExhausted,
 )
 from dropsafe.policy import Policy
+from dropsafe.transaction import run_transaction, run_transaction_async, transactional
 
 __all__ = [
     "CommitOutcomeUnknown",
@@ -23,4 +32,8 @@ __all__ = [
     "create_async_engine",
     "create_engine",
     "harden",
+    "run_transaction",
+    "run_transaction_async",
+    "test_mode",
+    "transactional",
 ]

@@ -12,13 +12,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy.exc
 from sqlalchemy import event
 
 from dropsafe.classify import POOL_WIDE_SQLSTATES, Kind, classify, sqlstate_of
 from dropsafe.drivers import Driver, Health
+from dropsafe.events import DeadConnectionReplaced, PingSucceeded, emit
 from dropsafe.policy import Policy, seconds
 
 if TYPE_CHECKING:
@@ -106,13 +107,17 @@ class ConnectionGuard:
             return
         reason = f"probe found the connection {health.value}"
         if health is not Health.DEAD:
+            started = time.monotonic()
             try:
                 self.driver.ping(self._dialect, dbapi_connection, self._ping_timeout)
             except Exception as exc:  # noqa: BLE001 - any failure of the ping means replace it
                 reason = f"ping failed: {type(exc).__name__}: {exc}"
             else:
+                why: Literal["idle", "suspect"] = "suspect" if health is Health.SUSPECT else "idle"
+                emit(self.policy.hooks, PingSucceeded(time.monotonic() - started, why))
                 return
         pool_wide = self._other_idle_connections_dead()
+        emit(self.policy.hooks, DeadConnectionReplaced(reason, pool_wide=pool_wide))
         logger.info(
             "dropsafe replaced a dead pooled connection (%s)%s",
             reason,

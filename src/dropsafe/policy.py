@@ -6,9 +6,12 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 from dropsafe.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from dropsafe.events import Hook
 
 __all__ = ["Duration", "Policy", "seconds"]
 
@@ -84,10 +87,16 @@ class Policy:
     verify_commits: bool = True
     #: How long to keep asking while the server reports the transaction "in progress".
     commit_status_timeout: Duration = 10.0
+    #: Callables that receive every `dropsafe.events.Event` of engines and units of work
+    #: using this policy.
+    hooks: tuple[Hook, ...] = ()
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.name == "hooks":
+                _check_hooks(value)
+                continue
             if field.name == "verify_commits":
                 if not isinstance(value, bool):
                     raise ConfigurationError(f"Policy.verify_commits must be a bool: {value!r}")
@@ -106,6 +115,11 @@ class Policy:
                 "Policy.backoff_max must be >= backoff_initial: "
                 f"{self.backoff_max!r} < {self.backoff_initial!r}"
             )
+
+
+def _check_hooks(hooks: object) -> None:
+    if not isinstance(hooks, tuple) or not all(callable(hook) for hook in hooks):
+        raise ConfigurationError(f"Policy.hooks must be a tuple of callables: {hooks!r}")
 
 
 def _number(name: str, value: object, *, integer: bool) -> float:

@@ -24,3 +24,8 @@ def redact_url(url: str | URL) -> str:
         return url.render_as_string(hide_password=True)
     text = _USERINFO_PASSWORD.sub(lambda m: m.group("head") + _MASK, url)
     return _PASSWORD_PARAM.sub(lambda m: m.group("head") + _MASK, text)
+
+
+def redact_text(text: str) -> str:
+    """Mask passwords in any text that may quote a URL or a connection string."""
+    return redact_url(text)

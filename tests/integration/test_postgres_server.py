@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -161,3 +162,14 @@ def test_embedded_wheel_runs_with_tls_off(monkeypatch):
         assert server.tls is False
         assert "sslmode" not in server.url()
         assert _scalar(server.url(), "SHOW server_version_num") >= "160000"
+
+
+@pytest.mark.fault
+def test_server_restarted_from_a_short_lived_thread_outlives_it(postgres_server):
+    restarter = threading.Thread(target=postgres_server.restart, args=("fast",))
+    restarter.start()
+    restarter.join(timeout=60)
+    assert not restarter.is_alive()
+    # The kernel's parent-death signal must not have followed the thread that asked.
+    assert postgres_server.execute("SELECT 1") == [("1",)]
+    assert postgres_server.running

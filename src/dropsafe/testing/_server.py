@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import os
 import pwd
 import shutil
@@ -397,16 +399,21 @@ class PostgresServer:
 
     def _launch(self) -> None:
         with self.log_file.open("ab") as log:
-            process = subprocess.Popen(
-                [self.binaries.tool("postgres"), "-D", str(self.data_dir)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, async-signal safe
-                user=self._uid,
-                group=self._gid,
-                extra_groups=self._extra_groups,
+            process = (
+                _spawner()
+                .submit(
+                    subprocess.Popen,
+                    [self.binaries.tool("postgres"), "-D", str(self.data_dir)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,  # only calls prctl: safe between fork and exec
+                    user=self._uid,
+                    group=self._gid,
+                    extra_groups=self._extra_groups,
+                )
+                .result()
             )
         self._process = process
         self._finalizer.detach()
@@ -492,6 +499,17 @@ def _free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+@functools.cache
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    """Return the one thread that starts servers; it lives until the interpreter exits.
+
+    The kernel's parent-death signal fires when the *thread* that forked the child exits:
+    servers started from a short-lived thread (a test's fault injector) would die with it.
+    Forking from this thread instead ties every server's life to the process's.
+    """
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dropsafe-pg-spawner")
 
 
 def _die_with_parent() -> None:

@@ -1,0 +1,97 @@
+"""Attempts, backoff and the deadline of a unit of work: the decisions, with no I/O.
+
+`run_transaction` and `run_transaction_async` share this; they differ only in how they sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import random
+import time
+from typing import TYPE_CHECKING, Literal
+
+from dropsafe.errors import RetriesExhausted
+from dropsafe.events import RetriesGaveUp, RetryScheduled, emit
+from dropsafe.policy import Policy, seconds
+from dropsafe.redaction import redact_text
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from dropsafe.classify import Kind
+
+__all__ = ["Attempts", "test_mode"]
+
+_NO_BACKOFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dropsafe_no_backoff", default=False
+)
+
+
+@contextlib.contextmanager
+def test_mode() -> Iterator[None]:
+    """Retry at once, without backoff sleeps, inside this block (for your own test suites).
+
+    Attempts and deadlines still apply. It holds for the current thread or task and what it
+    starts with a copy of its context (asyncio tasks); a plain new thread starts without it.
+
+    Example::
+
+        with dropsafe.test_mode():
+            run_transaction(Session, create_post)
+    """
+    token = _NO_BACKOFF.set(True)
+    try:
+        yield
+    finally:
+        _NO_BACKOFF.reset(token)
+
+
+class Attempts:
+    """Counts attempts of one unit of work and decides how long to wait before the next."""
+
+    def __init__(self, policy: Policy, *, rng: random.Random | None = None) -> None:
+        self.policy = policy
+        self.number = 1
+        self.started = time.monotonic()
+        self.deadline = self.started + seconds(policy.deadline)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def next_delay(self, kind: Kind, error: BaseException) -> float:
+        """Return the backoff before the next attempt, or raise `RetriesExhausted` from ``error``.
+
+        Full jitter: uniform in [0, min(backoff_max, backoff_initial * multiplier ** (n - 1))].
+        """
+        policy = self.policy
+        text = redact_text(f"{type(error).__name__}: {error}")
+        if self.number >= policy.max_attempts:
+            self._give_up("attempts", text, error)
+        bound = min(
+            seconds(policy.backoff_max),
+            seconds(policy.backoff_initial) * policy.backoff_multiplier ** (self.number - 1),
+        )
+        delay = 0.0 if _NO_BACKOFF.get() else self._rng.uniform(0, bound)
+        if time.monotonic() + delay >= self.deadline:
+            self._give_up("deadline", text, error)
+        emit(policy.hooks, RetryScheduled(self.number, delay, kind, text))
+        self.number += 1
+        return delay
+
+    def _give_up(
+        self, reason: Literal["attempts", "deadline"], text: str, error: BaseException
+    ) -> None:
+        elapsed = time.monotonic() - self.started
+        emit(self.policy.hooks, RetriesGaveUp(self.number, elapsed, reason, text))
+        if reason == "attempts":
+            why = f"after {self.number} attempt(s)"
+        else:
+            deadline = seconds(self.policy.deadline)
+            why = f"at the {deadline:g}s deadline after {self.number} attempt(s)"
+        raise RetriesExhausted(
+            f"unit of work gave up {why} in {elapsed:.2f}s; last error: {text}",
+            attempts=self.number,
+        ) from error

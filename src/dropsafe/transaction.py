@@ -1,0 +1,391 @@
+"""Units of work that survive: run the whole function again on a retryable error, never twice.
+
+A unit of work is a function that receives a Session (from a ``sessionmaker``) or a
+Connection (from an ``Engine``) inside an open transaction. dropsafe commits it. On a
+disconnect, transient or failover error the whole function runs again, after a backoff,
+within ``Policy.max_attempts`` and ``Policy.deadline``; a statement is never replayed in the
+middle of a transaction. A COMMIT whose reply was lost is resolved by asking the server
+(see `dropsafe.outcome`), so that a committed unit is not run again and an acknowledged one
+is never lost. Permanent errors are raised unchanged.
+
+The sync and async faces share every decision (`_retry_kind`, `_after_failed_commit`,
+`Attempts`) and differ only where they await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+from dropsafe.backoff import Attempts
+from dropsafe.classify import Kind, classify
+from dropsafe.engine import guard_of
+from dropsafe.errors import CommitOutcomeUnknown, ConfigurationError
+from dropsafe.outcome import read_xid, read_xid_async, resolve_commit, resolve_commit_async
+from dropsafe.policy import Policy
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+__all__ = ["run_transaction", "run_transaction_async", "transactional"]
+
+_T = TypeVar("_T")
+_IN_UNIT: contextvars.ContextVar[bool] = contextvars.ContextVar("dropsafe_in_unit", default=False)
+
+
+@dataclass
+class _Committed(Generic[_T]):
+    result: _T
+
+
+@dataclass
+class _CommitFailed(Generic[_T]):
+    """COMMIT raised: what ``fn`` returned, the error, and the transaction's xid if it wrote."""
+
+    result: _T
+    error: BaseException
+    xid: int | None
+
+
+@dataclass(frozen=True)
+class _Resolve:
+    """Ask the server whether ``xid`` committed before deciding anything else."""
+
+    xid: int
+
+
+def _retry_kind(error: BaseException) -> Kind:
+    """Return the kind of a retryable error; raise ``error`` unchanged when it is not."""
+    kind = classify(error)
+    if not kind.retryable:
+        raise error
+    return kind
+
+
+def _after_failed_commit(step: _CommitFailed[Any], policy: Policy) -> _Resolve | Kind:
+    """Decide what follows a COMMIT that raised; raise when nothing may follow."""
+    kind = classify(step.error, during_commit=True)
+    if kind is not Kind.COMMIT_UNKNOWN:
+        return _retry_kind(step.error) if kind.retryable else _reraise(step.error)
+    if not policy.verify_commits:
+        raise CommitOutcomeUnknown(
+            "the connection failed during COMMIT and Policy.verify_commits is off, "
+            "so its outcome was not recorded",
+            xid=None,
+            reason="verify_commits is off",
+        ) from step.error
+    if step.xid is None:
+        return Kind.DISCONNECT  # the transaction wrote nothing: running it again is harmless
+    return _Resolve(step.xid)
+
+
+def _reraise(error: BaseException) -> Kind:
+    raise error
+
+
+# -- sync ------------------------------------------------------------------------------------
+
+
+@overload
+def run_transaction(
+    bind: sessionmaker[Session], fn: Callable[[Session], _T], *, policy: Policy | None = None
+) -> _T: ...
+@overload
+def run_transaction(
+    bind: sa.Engine, fn: Callable[[sa.Connection], _T], *, policy: Policy | None = None
+) -> _T: ...
+def run_transaction(
+    bind: sessionmaker[Session] | sa.Engine,
+    fn: Callable[[Any], _T],
+    *,
+    policy: Policy | None = None,
+) -> _T:
+    """Run ``fn`` in a transaction and commit it, retrying the whole unit on retryable errors.
+
+    ``bind`` is a ``sessionmaker`` (``fn`` gets a Session) or an ``Engine`` (``fn`` gets a
+    Connection). ``fn`` must not commit or roll back itself, and should return plain values
+    (ids, not ORM objects: the session is closed when this returns).
+
+    Example::
+
+        post_id = dropsafe.run_transaction(Session, lambda s: create_post(s, "hello"))
+    """
+    engine = _sync_engine_of(bind)
+    _check_unit(fn, want_async=False)
+    policy = _policy_for(policy, engine)
+    attempts = Attempts(policy)
+    while True:
+        try:
+            step = _attempt(bind, fn, policy)
+        except Exception as exc:  # noqa: BLE001 - _retry_kind re-raises what is not retryable
+            error: BaseException = exc
+            kind = _retry_kind(exc)
+        else:
+            if isinstance(step, _Committed):
+                return step.result
+            error = step.error
+            decision = _after_failed_commit(step, policy)
+            if isinstance(decision, _Resolve):
+                if resolve_commit(engine, decision.xid, policy, error) == "committed":
+                    return step.result
+                decision = Kind.DISCONNECT  # aborted: nothing was written
+            kind = decision
+        time.sleep(attempts.next_delay(kind, error))
+
+
+def _attempt(
+    bind: sessionmaker[Session] | sa.Engine, fn: Callable[[Any], _T], policy: Policy
+) -> _Committed[_T] | _CommitFailed[_T]:
+    token = _IN_UNIT.set(True)
+    try:
+        if isinstance(bind, sa.Engine):
+            with bind.connect() as connection:
+                connection.begin()
+                result = _call_sync(fn, connection)
+                _check_still_open(connection.in_transaction())
+                xid = read_xid(connection) if policy.verify_commits else None
+                try:
+                    connection.commit()
+                except Exception as exc:  # noqa: BLE001 - classified by _decide
+                    return _CommitFailed(result, exc, xid)
+                return _Committed(result)
+        with bind() as session:
+            session.begin()
+            result = _call_sync(fn, session)
+            _check_still_open(session.in_transaction())
+            session.flush()  # COMMIT would flush: do it first, so the xid covers it
+            xid = read_xid(session.connection()) if policy.verify_commits else None
+            try:
+                session.commit()
+            except Exception as exc:  # noqa: BLE001
+                return _CommitFailed(result, exc, xid)
+            return _Committed(result)
+    finally:
+        _IN_UNIT.reset(token)
+
+
+def _call_sync(fn: Callable[[Any], _T], handle: object) -> _T:
+    result = fn(handle)
+    if inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise ConfigurationError(
+            f"{_name(fn)} returned an awaitable: use run_transaction_async for async functions"
+        )
+    return result
+
+
+# -- async -----------------------------------------------------------------------------------
+
+
+async def run_transaction_async(
+    bind: async_sessionmaker[AsyncSession] | AsyncEngine,
+    fn: Callable[[Any], Awaitable[_T]],
+    *,
+    policy: Policy | None = None,
+) -> _T:
+    """`run_transaction` for an ``async_sessionmaker`` or ``AsyncEngine`` and an async ``fn``.
+
+    Example::
+
+        post_id = await dropsafe.run_transaction_async(AsyncSession, create_post_async)
+    """
+    engine = _async_engine_of(bind)
+    _check_unit(fn, want_async=True)
+    policy = _policy_for(policy, engine.sync_engine)
+    attempts = Attempts(policy)
+    while True:
+        try:
+            step = await _attempt_async(bind, fn, policy)
+        except Exception as exc:  # noqa: BLE001 - _retry_kind re-raises what is not retryable
+            error: BaseException = exc
+            kind = _retry_kind(exc)
+        else:
+            if isinstance(step, _Committed):
+                return step.result
+            error = step.error
+            decision = _after_failed_commit(step, policy)
+            if isinstance(decision, _Resolve):
+                outcome = await resolve_commit_async(engine, decision.xid, policy, error)
+                if outcome == "committed":
+                    return step.result
+                decision = Kind.DISCONNECT
+            kind = decision
+        await asyncio.sleep(attempts.next_delay(kind, error))
+
+
+async def _attempt_async(
+    bind: async_sessionmaker[AsyncSession] | AsyncEngine,
+    fn: Callable[[Any], Awaitable[_T]],
+    policy: Policy,
+) -> _Committed[_T] | _CommitFailed[_T]:
+    token = _IN_UNIT.set(True)
+    try:
+        if isinstance(bind, AsyncEngine):
+            async with bind.connect() as connection:
+                await connection.begin()
+                result = await _call_async(fn, connection)
+                _check_still_open(connection.in_transaction())
+                xid = await read_xid_async(connection) if policy.verify_commits else None
+                try:
+                    await connection.commit()
+                except Exception as exc:  # noqa: BLE001 - classified by _decide
+                    return _CommitFailed(result, exc, xid)
+                return _Committed(result)
+        async with bind() as session:
+            await session.begin()
+            result = await _call_async(fn, session)
+            _check_still_open(session.in_transaction())
+            await session.flush()
+            if policy.verify_commits:
+                xid = await read_xid_async(await session.connection())
+            else:
+                xid = None
+            try:
+                await session.commit()
+            except Exception as exc:  # noqa: BLE001
+                return _CommitFailed(result, exc, xid)
+            return _Committed(result)
+    finally:
+        _IN_UNIT.reset(token)
+
+
+async def _call_async(fn: Callable[[Any], Awaitable[_T]], handle: object) -> _T:
+    result = fn(handle)
+    if not inspect.isawaitable(result):
+        raise ConfigurationError(
+            f"{_name(fn)} is not async: use run_transaction for plain functions"
+        )
+    return await result
+
+
+# -- the decorator ---------------------------------------------------------------------------
+
+
+def transactional(
+    bind: sessionmaker[Session] | sa.Engine | async_sessionmaker[AsyncSession] | AsyncEngine,
+    *,
+    policy: Policy | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Make a function a unit of work: it gets the Session (or Connection) as first argument.
+
+    Works on plain and ``async`` functions, with the matching kind of ``bind``.
+
+    Example::
+
+        @dropsafe.transactional(Session)
+        def publish(session, post_id):
+            session.get(Post, post_id).published = True
+
+        publish(42)
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(fn):
+            raise ConfigurationError(f"@transactional decorates functions, not {fn!r}")
+        if inspect.iscoroutinefunction(fn):
+            _async_engine_of(bind)  # refuse a wrong bind at decoration, not at the call
+
+            @functools.wraps(fn)
+            async def run_async(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+                return await run_transaction_async(
+                    bind,  # type: ignore[arg-type]
+                    lambda handle: fn(handle, *args, **kwargs),
+                    policy=policy,
+                )
+
+            return run_async
+        _sync_engine_of(bind)
+
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+            return run_transaction(
+                bind,  # type: ignore[arg-type]
+                lambda handle: fn(handle, *args, **kwargs),
+                policy=policy,
+            )
+
+        return run
+
+    return decorate
+
+
+# -- checks ----------------------------------------------------------------------------------
+
+
+def _sync_engine_of(bind: object) -> sa.Engine:
+    if isinstance(bind, sa.Engine):
+        return bind
+    if isinstance(bind, sessionmaker):
+        engine = bind.kw.get("bind")
+        if isinstance(engine, sa.Engine):
+            return engine
+        raise ConfigurationError(
+            "the sessionmaker must be bound to an Engine: sessionmaker(bind=engine)"
+        )
+    if isinstance(bind, (AsyncEngine, async_sessionmaker)):
+        raise ConfigurationError(
+            f"{type(bind).__name__} is async: use await run_transaction_async(...)"
+        )
+    raise ConfigurationError(f"bind must be a sessionmaker or an Engine, not {type(bind).__name__}")
+
+
+def _async_engine_of(bind: object) -> AsyncEngine:
+    if isinstance(bind, AsyncEngine):
+        return bind
+    if isinstance(bind, async_sessionmaker):
+        engine = bind.kw.get("bind")
+        if isinstance(engine, AsyncEngine):
+            return engine
+        raise ConfigurationError(
+            "the async_sessionmaker must be bound to an AsyncEngine: async_sessionmaker(engine)"
+        )
+    if isinstance(bind, (sa.Engine, sessionmaker)):
+        raise ConfigurationError(f"{type(bind).__name__} is not async: use run_transaction(...)")
+    raise ConfigurationError(
+        f"bind must be an async_sessionmaker or an AsyncEngine, not {type(bind).__name__}"
+    )
+
+
+def _check_unit(fn: object, *, want_async: bool) -> None:
+    if not callable(fn):
+        raise ConfigurationError(f"fn must be callable, not {type(fn).__name__}")
+    if want_async is False and inspect.iscoroutinefunction(fn):
+        raise ConfigurationError(f"{_name(fn)} is async: use await run_transaction_async(...)")
+    if _IN_UNIT.get():
+        raise ConfigurationError(
+            "run_transaction was called inside a unit of work; the inner one could not be "
+            "retried on its own. Do the work with the session you were given instead."
+        )
+
+
+def _check_still_open(in_transaction: bool) -> None:
+    if not in_transaction:
+        raise ConfigurationError(
+            "the unit of work committed or rolled back its own transaction; "
+            "leave that to run_transaction (it must read the xid before COMMIT)"
+        )
+
+
+def _policy_for(policy: Policy | None, engine: sa.Engine) -> Policy:
+    if policy is not None:
+        if not isinstance(policy, Policy):
+            raise ConfigurationError(f"policy must be a dropsafe.Policy, not {policy!r}")
+        return policy
+    guard = guard_of(engine)
+    return guard.policy if guard is not None else Policy()
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
