@@ -215,7 +215,7 @@ def test_wrong_kinds_of_fn_and_bind_are_refused(engine):
     with pytest.raises(ConfigurationError, match="is async: use await run_transaction_async"):
         dropsafe.run_transaction(session_factory, async_unit)
     with pytest.raises(ConfigurationError, match="returned an awaitable"):
-        dropsafe.run_transaction(session_factory, lambda s: async_unit(s))
+        dropsafe.run_transaction(session_factory, lambda s: async_unit(s))  # noqa: PLW0108
     with pytest.raises(ConfigurationError, match="fn must be callable"):
         dropsafe.run_transaction(session_factory, 42)
     with pytest.raises(ConfigurationError, match="bind must be a sessionmaker or an Engine"):
@@ -224,7 +224,7 @@ def test_wrong_kinds_of_fn_and_bind_are_refused(engine):
         dropsafe.run_transaction(sessionmaker(), lambda s: 1)
     with pytest.raises(ConfigurationError, match="is not async: use run_transaction"):
         asyncio.run(dropsafe.run_transaction_async(engine, async_unit))
-    with pytest.raises(ConfigurationError, match="policy must be a dropsafe.Policy"):
+    with pytest.raises(ConfigurationError, match=r"policy must be a dropsafe\.Policy"):
         dropsafe.run_transaction(engine, lambda c: 1, policy={"max_attempts": 2})
 
 
