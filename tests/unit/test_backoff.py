@@ -1,0 +1,93 @@
+import logging
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import dropsafe
+from dropsafe import Kind, Policy, RetriesExhausted
+from dropsafe.backoff import Attempts
+from dropsafe.events import RetryScheduled, emit
+
+ERROR = ConnectionResetError(104, "reset by postgresql://app:s3cret@db/app")
+
+
+class _LongestJitter(random.Random):
+    def uniform(self, a, b):
+        return b
+
+
+def test_full_jitter_grows_to_the_cap():
+    policy = Policy(
+        backoff_initial=0.1, backoff_max=0.8, backoff_multiplier=2, max_attempts=50, deadline=1000
+    )
+    attempts = Attempts(policy, rng=random.Random(1))
+    bounds = [0.1, 0.2, 0.4, 0.8, 0.8, 0.8]
+    delays = [attempts.next_delay(Kind.DISCONNECT, ERROR) for _ in bounds]
+    assert all(0 <= delay <= bound for delay, bound in zip(delays, bounds, strict=True))
+    assert len(set(delays)) == len(delays), "jitter draws a fresh delay each time"
+
+
+@given(
+    initial=st.floats(0, 5),
+    extra=st.floats(0, 5),
+    multiplier=st.floats(1, 10),
+    seed=st.integers(0, 2**32),
+)
+def test_every_delay_stays_within_the_cap(initial, extra, multiplier, seed):
+    policy = Policy(
+        backoff_initial=initial,
+        backoff_max=initial + extra,
+        backoff_multiplier=multiplier,
+        max_attempts=20,
+        deadline=86400,
+    )
+    attempts = Attempts(policy, rng=random.Random(seed))
+    for _ in range(19):
+        assert 0 <= attempts.next_delay(Kind.TRANSIENT, ERROR) <= initial + extra
+
+
+def test_attempts_run_out_with_the_error_chained():
+    attempts = Attempts(Policy(max_attempts=2))
+    attempts.next_delay(Kind.DISCONNECT, ERROR)
+    with pytest.raises(RetriesExhausted, match="after 2 attempt") as raised:
+        attempts.next_delay(Kind.DISCONNECT, ERROR)
+    assert raised.value.attempts == 2
+    assert raised.value.__cause__ is ERROR
+    assert "s3cret" not in str(raised.value)
+
+
+def test_a_delay_past_the_deadline_gives_up_now():
+    policy = Policy(deadline=0.05, backoff_initial=10, backoff_max=10, backoff_multiplier=1)
+    attempts = Attempts(policy, rng=_LongestJitter())
+    with pytest.raises(RetriesExhausted, match="deadline"):
+        attempts.next_delay(Kind.DISCONNECT, ERROR)
+
+
+def test_test_mode_removes_the_sleeps_only_inside_the_block():
+    policy = Policy(backoff_initial=1, backoff_max=1, backoff_multiplier=1, max_attempts=10)
+    attempts = Attempts(policy, rng=random.Random(3))
+    with dropsafe.test_mode():
+        assert attempts.next_delay(Kind.DISCONNECT, ERROR) == 0
+    assert attempts.next_delay(Kind.DISCONNECT, ERROR) > 0
+
+
+def test_events_carry_redacted_errors_and_a_failing_hook_is_only_logged(caplog):
+    seen = []
+
+    def broken(event):
+        raise RuntimeError("hook bug")
+
+    attempts = Attempts(Policy(hooks=(broken, seen.append)))
+    with caplog.at_level(logging.ERROR, logger="dropsafe"):
+        attempts.next_delay(Kind.FAILOVER, ERROR)
+    (event,) = seen
+    assert isinstance(event, RetryScheduled)
+    assert event.kind is Kind.FAILOVER
+    assert "s3cret" not in event.error
+    assert "hook bug" in caplog.text
+
+
+def test_emit_with_no_hooks_is_a_no_op():
+    emit((), RetryScheduled(1, 0.0, Kind.DISCONNECT, "x"))
