@@ -14,7 +14,7 @@ ERROR = ConnectionResetError(104, "reset by postgresql://app:s3cret@db/app")
 
 
 class _LongestJitter(random.Random):
-    def uniform(self, a, b):
+    def uniform(self, a, b):  # noqa: ARG002 - the signature of random.Random.uniform
         return b
 
 
