@@ -6,45 +6,26 @@ alike. Reported as throughput ratios to the plain pool (the baseline). Writes
 benchmarks/results/checkout.md and checkout.png.
 
     python benchmarks/checkout_overhead.py            # 10 ms RTT, 3 rounds of 3 s
-    python benchmarks/checkout_overhead.py --quick    # 1 round of 1 s (CI)
+    python benchmarks/checkout_overhead.py --quick    # 1 round of 1 s
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
-import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
+from _common import RESULTS, Measured, machine, ratio_plot, ratio_table
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import dropsafe
 from dropsafe.testing import ChaosProxy, PostgresServer
 
-if TYPE_CHECKING:
-    from collections.abc import Callable
-
-RESULTS = Path(__file__).parent / "results"
 DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 VARIANTS = ("plain", "pre_ping", "dropsafe")
 SELECT_ONE = sa.text("SELECT 1")
-
-
-@dataclass
-class Measured:
-    driver: str
-    variant: str
-    rates: list[float]
-
-    @property
-    def rate(self) -> float:
-        return statistics.median(self.rates)
 
 
 def make_sync_engine(variant: str, url: str, connect_args: dict[str, object]) -> sa.Engine:
@@ -55,9 +36,10 @@ def make_sync_engine(variant: str, url: str, connect_args: dict[str, object]) ->
 
 
 def rate_sync(engine: sa.Engine, seconds: float) -> float:
-    done, deadline = 0, time.monotonic() + seconds
-    started = time.monotonic()
-    while time.monotonic() < deadline:
+    with engine.connect() as conn:  # connect outside the timed window
+        conn.execute(SELECT_ONE)
+    done, started = 0, time.monotonic()
+    while time.monotonic() < started + seconds:
         with engine.connect() as conn:
             conn.execute(SELECT_ONE)
         done += 1
@@ -71,11 +53,10 @@ async def rate_async(variant: str, url: str, seconds: float) -> float:
     else:
         engine = create_async_engine(url, pool_pre_ping=variant == "pre_ping", **kwargs)
     try:
-        async with engine.connect() as conn:  # connect outside the timed window
+        async with engine.connect() as conn:
             await conn.execute(SELECT_ONE)
-        done, deadline = 0, time.monotonic() + seconds
-        started = time.monotonic()
-        while time.monotonic() < deadline:
+        done, started = 0, time.monotonic()
+        while time.monotonic() < started + seconds:
             async with engine.connect() as conn:
                 await conn.execute(SELECT_ONE)
             done += 1
@@ -85,13 +66,9 @@ async def rate_async(variant: str, url: str, seconds: float) -> float:
 
 
 def measure(
-    server: PostgresServer,
-    proxy: ChaosProxy,
-    rounds: int,
-    seconds: float,
-    log: Callable[[str], None],
-) -> list[Measured]:
-    results = {(d, v): Measured(d, v, []) for d in DRIVERS for v in VARIANTS}
+    server: PostgresServer, proxy: ChaosProxy, rounds: int, seconds: float
+) -> dict[tuple[str, str], Measured]:
+    results = {(d, v): Measured(d, v) for d in DRIVERS for v in VARIANTS}
     for round_number in range(rounds):
         for driver in DRIVERS:
             url = proxy.route(server.url(driver))
@@ -101,31 +78,17 @@ def measure(
                 else:
                     engine = make_sync_engine(variant, url, server.connect_args(driver))
                     try:
-                        with engine.connect() as conn:
-                            conn.execute(SELECT_ONE)
                         rate = rate_sync(engine, seconds)
                     finally:
                         engine.dispose()
                 results[driver, variant].rates.append(rate)
-                log(f"round {round_number + 1}/{rounds} {driver:9} {variant:9} {rate:8.1f} req/s")
-    return list(results.values())
+                print(f"round {round_number + 1}/{rounds} {driver:9} {variant:9} {rate:8.1f} req/s")
+    return results
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {platform.system()}"
-
-
-def write_report(results: list[Measured], rtt_ms: float, rounds: int, seconds: float) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    by_key = {(m.driver, m.variant): m for m in results}
+def write_report(
+    results: dict[tuple[str, str], Measured], rtt_ms: float, rounds: int, seconds: float, out: Path
+) -> Path:
     lines = [
         "# Checkout overhead on a healthy network",
         "",
@@ -137,46 +100,14 @@ def write_report(results: list[Measured], rtt_ms: float, rounds: int, seconds: f
         "",
         f"Machine: {machine()}. Produced by `python benchmarks/checkout_overhead.py`.",
         "",
-        (
-            "| driver | plain req/s | pre_ping req/s | dropsafe req/s "
-            "| pre_ping ratio | dropsafe ratio |"
-        ),
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        *ratio_table(results, DRIVERS, VARIANTS, "req/s"),
     ]
-    for driver in DRIVERS:
-        plain = by_key[driver, "plain"].rate
-        pre = by_key[driver, "pre_ping"].rate
-        guarded = by_key[driver, "dropsafe"].rate
-        lines.append(
-            f"| {driver} | {plain:.1f} | {pre:.1f} | {guarded:.1f} | "
-            f"{pre / plain:.2f}x | {guarded / plain:.2f}x |"
-        )
-    (RESULTS / "checkout.md").write_text("\n".join(lines) + "\n")
-    plot(by_key, rtt_ms)
-
-
-def plot(by_key: dict[tuple[str, str], Measured], rtt_ms: float) -> None:
-    import matplotlib  # noqa: PLC0415 - only the report needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    figure, axes = plt.subplots(figsize=(8, 4.5))
-    width = 0.27
-    for offset, variant in enumerate(VARIANTS):
-        ratios = [by_key[d, variant].rate / by_key[d, "plain"].rate for d in DRIVERS]
-        positions = [i + (offset - 1) * width for i in range(len(DRIVERS))]
-        bars = axes.bar(positions, ratios, width, label=variant)
-        axes.bar_label(bars, fmt="%.2f", fontsize=8)
-    axes.set_xticks(range(len(DRIVERS)), DRIVERS)
-    axes.set_ylabel("throughput / plain pool")
-    axes.set_ylim(0, 1.35)
-    axes.axhline(1.0, color="grey", linewidth=0.8)
-    axes.set_title(f"Single-query requests at {rtt_ms:g} ms RTT (higher is better)")
-    axes.legend(loc="upper center", ncol=len(VARIANTS))
-    axes.text(0.01, 0.01, machine(), transform=axes.transAxes, fontsize=6, color="grey")
-    figure.tight_layout()
-    figure.savefig(RESULTS / "checkout.png", dpi=120)
+    out.mkdir(parents=True, exist_ok=True)
+    report = out / "checkout.md"
+    report.write_text("\n".join(lines) + "\n")
+    title = f"Single-query requests at {rtt_ms:g} ms RTT (higher is better)"
+    ratio_plot(results, DRIVERS, VARIANTS, title, out / "checkout.png")
+    return report
 
 
 def main() -> None:
@@ -185,13 +116,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--quick", action="store_true", help="one round of one second")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rounds, seconds = (1, 1.0) if args.quick else (args.rounds, args.seconds)
     with PostgresServer() as server, ChaosProxy(server.host, server.port) as proxy:
         proxy.latency(args.rtt_ms / 2)
-        results = measure(server, proxy, rounds, seconds, print)
-    write_report(results, args.rtt_ms, rounds, seconds)
-    print((RESULTS / "checkout.md").read_text())
+        results = measure(server, proxy, rounds, seconds)
+    print(write_report(results, args.rtt_ms, rounds, seconds, args.out).read_text())
 
 
 if __name__ == "__main__":

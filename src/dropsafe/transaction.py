@@ -30,7 +30,13 @@ from dropsafe.backoff import Attempts
 from dropsafe.classify import Kind, classify
 from dropsafe.engine import guard_of
 from dropsafe.errors import CommitOutcomeUnknown, ConfigurationError
-from dropsafe.outcome import read_xid, read_xid_async, resolve_commit, resolve_commit_async
+from dropsafe.outcome import (
+    TransactionMark,
+    read_mark,
+    read_mark_async,
+    resolve_commit,
+    resolve_commit_async,
+)
 from dropsafe.policy import Policy
 
 if TYPE_CHECKING:
@@ -51,18 +57,18 @@ class _Committed(Generic[_T]):
 
 @dataclass
 class _CommitFailed(Generic[_T]):
-    """COMMIT raised: what ``fn`` returned, the error, and the transaction's xid if it wrote."""
+    """COMMIT raised: what ``fn`` returned, the error, and the transaction's mark if it wrote."""
 
     result: _T
     error: BaseException
-    xid: int | None
+    mark: TransactionMark | None
 
 
 @dataclass(frozen=True)
 class _Resolve:
-    """Ask the server whether ``xid`` committed before deciding anything else."""
+    """Ask the server whether the transaction committed before deciding anything else."""
 
-    xid: int
+    mark: TransactionMark
 
 
 def _retry_kind(error: BaseException) -> Kind:
@@ -85,9 +91,9 @@ def _after_failed_commit(step: _CommitFailed[Any], policy: Policy) -> _Resolve |
             xid=None,
             reason="verify_commits is off",
         ) from step.error
-    if step.xid is None:
+    if step.mark is None:
         return Kind.DISCONNECT  # the transaction wrote nothing: running it again is harmless
-    return _Resolve(step.xid)
+    return _Resolve(step.mark)
 
 
 def _reraise(error: BaseException) -> Kind:
@@ -137,7 +143,7 @@ def run_transaction(
             error = step.error
             decision = _after_failed_commit(step, policy)
             if isinstance(decision, _Resolve):
-                if resolve_commit(engine, decision.xid, policy, error) == "committed":
+                if resolve_commit(engine, decision.mark, policy, error) == "committed":
                     return step.result
                 decision = Kind.DISCONNECT  # aborted: nothing was written
             kind = decision
@@ -154,22 +160,22 @@ def _attempt(
                 connection.begin()
                 result = _call_sync(fn, connection)
                 _check_still_open(connection.in_transaction())
-                xid = read_xid(connection) if policy.verify_commits else None
+                mark = read_mark(connection) if policy.verify_commits else None
                 try:
                     connection.commit()
                 except Exception as exc:  # noqa: BLE001 - classified by _decide
-                    return _CommitFailed(result, exc, xid)
+                    return _CommitFailed(result, exc, mark)
                 return _Committed(result)
         with bind() as session:
             session.begin()
             result = _call_sync(fn, session)
             _check_still_open(session.in_transaction())
             session.flush()  # COMMIT would flush: do it first, so the xid covers it
-            xid = read_xid(session.connection()) if policy.verify_commits else None
+            mark = read_mark(session.connection()) if policy.verify_commits else None
             try:
                 session.commit()
             except Exception as exc:  # noqa: BLE001
-                return _CommitFailed(result, exc, xid)
+                return _CommitFailed(result, exc, mark)
             return _Committed(result)
     finally:
         _IN_UNIT.reset(token)
@@ -217,7 +223,7 @@ async def run_transaction_async(
             error = step.error
             decision = _after_failed_commit(step, policy)
             if isinstance(decision, _Resolve):
-                outcome = await resolve_commit_async(engine, decision.xid, policy, error)
+                outcome = await resolve_commit_async(engine, decision.mark, policy, error)
                 if outcome == "committed":
                     return step.result
                 decision = Kind.DISCONNECT
@@ -237,11 +243,11 @@ async def _attempt_async(
                 await connection.begin()
                 result = await _call_async(fn, connection)
                 _check_still_open(connection.in_transaction())
-                xid = await read_xid_async(connection) if policy.verify_commits else None
+                mark = await read_mark_async(connection) if policy.verify_commits else None
                 try:
                     await connection.commit()
                 except Exception as exc:  # noqa: BLE001 - classified by _decide
-                    return _CommitFailed(result, exc, xid)
+                    return _CommitFailed(result, exc, mark)
                 return _Committed(result)
         async with bind() as session:
             await session.begin()
@@ -249,13 +255,13 @@ async def _attempt_async(
             _check_still_open(session.in_transaction())
             await session.flush()
             if policy.verify_commits:
-                xid = await read_xid_async(await session.connection())
+                mark = await read_mark_async(await session.connection())
             else:
-                xid = None
+                mark = None
             try:
                 await session.commit()
             except Exception as exc:  # noqa: BLE001
-                return _CommitFailed(result, exc, xid)
+                return _CommitFailed(result, exc, mark)
             return _Committed(result)
     finally:
         _IN_UNIT.reset(token)

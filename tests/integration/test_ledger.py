@@ -79,7 +79,8 @@ class Nemesis(threading.Thread):
         self.error = None
 
     def run(self):
-        faults = ["cut-rst"] * 4 + ["cut-fin"] * 4 + ["terminate"] * 2 + ["restart-fast"]
+        faults = ["cut-rst"] * 4 + ["cut-fin"] * 4 + ["terminate"] * 2 + ["restart"]
+        restart_modes = ["fast", "immediate"]
         deadline = time.monotonic() + 2 * RUN_SECONDS
         restarts = 0
         try:
@@ -88,11 +89,12 @@ class Nemesis(threading.Thread):
                 if time.monotonic() > deadline:
                     break
                 fault = self.rng.choice(faults)
-                if fault == "restart-fast":
-                    if restarts >= 2:
+                if fault == "restart":
+                    if restarts >= len(restart_modes):
                         continue
+                    fault = f"restart-{restart_modes[restarts]}"
                     restarts += 1
-                    self.server.restart("fast")
+                    self.server.restart(fault.removeprefix("restart-"))
                 elif fault == "terminate":
                     self.server.terminate_backends(database="postgres")
                 else:
