@@ -60,7 +60,7 @@ def test_a_permanent_failure_to_ask_is_unknown_at_once():
 def test_asking_again_backs_off_then_gives_up():
     resolution = _Resolution(MARK, Policy(commit_status_timeout=0.1), ERROR)
     pauses = []
-    with pytest.raises(CommitOutcomeUnknown, match="still in progress"):
+    with pytest.raises(CommitOutcomeUnknown, match="still in progress"):  # noqa: PT012
         for _ in range(100):
             pauses.append(resolution.next_pause())
             resolution.deadline -= pauses[-1]  # time passes without sleeping
