@@ -56,6 +56,13 @@ _SQLSTATE_KINDS: dict[str, Kind] = {
 # SQLSTATEs after which every pooled connection is suspect, not only the one that saw it.
 POOL_WIDE_SQLSTATES = frozenset({"57P02", "57P03", "25006", "08001", "08004"})
 
+# asyncpg's client-side errors, which carry no SQLSTATE.
+_ASYNCPG_KINDS = {
+    "ConnectionDoesNotExistError": Kind.DISCONNECT,
+    "ConnectionFailureError": Kind.DISCONNECT,
+    "InterfaceError": Kind.DISCONNECT,
+    "TargetServerAttributeNotMatched": Kind.FAILOVER,
+}
 _DISCONNECT_MESSAGES = (
     "server closed the connection unexpectedly",
     "ssl syscall error",
@@ -80,6 +87,9 @@ _DISCONNECT_MESSAGES = (
 )
 _FAILOVER_MESSAGES = (
     "connection refused",
+    "session is read-only",  # libpq, target_session_attrs=read-write met a standby
+    "server is in hot standby mode",
+    "none of the hosts match the target attribute",  # asyncpg, target_session_attrs
     "could not connect to server",
     "read-only transaction",
     "no route to host",
@@ -157,13 +167,8 @@ def _kind_by_type(error: BaseException) -> Kind | None:
         return Kind.FAILOVER
     if isinstance(error, (ConnectionError, ssl.SSLEOFError, TimeoutError, EOFError)):
         return Kind.DISCONNECT
-    name = type(error).__name__
-    if name in ("ConnectionDoesNotExistError", "ConnectionFailureError", "InterfaceError") and (
-        type(error).__module__.startswith("asyncpg")
-    ):
-        return Kind.DISCONNECT
-    if name == "CannotConnectNowError":
-        return Kind.TRANSIENT
+    if type(error).__module__.startswith("asyncpg"):
+        return _ASYNCPG_KINDS.get(type(error).__name__)
     return None
 
 

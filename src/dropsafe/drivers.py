@@ -9,6 +9,7 @@ import math
 import re
 import select
 import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.util import concurrency as _sa_concurrency
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Dialect
 
-__all__ = ["SUPPORTED_DRIVERS", "Driver", "Health", "driver_for"]
+__all__ = ["SUPPORTED_DRIVERS", "Driver", "Health", "Server", "driver_for"]
 
 _LIBPQ_KEYS = (
     "keepalives",
@@ -39,6 +40,14 @@ _DSN_KEY = re.compile(r"(?:^|[\s?&])(" + "|".join(_LIBPQ_KEYS) + r")\s*=")
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _POLL_MASK = select.POLLIN | _POLL_DEAD
+
+
+@dataclass(frozen=True)
+class Server:
+    """Where a connection went: with several hosts, the one that answered as wanted."""
+
+    host: str
+    port: int
 
 
 class Health(enum.Enum):
@@ -68,6 +77,15 @@ class Driver:
         """Look at an idle connection without a round trip."""
         raise NotImplementedError
 
+    def server_of(self, dbapi_connection: Any) -> Server | None:  # noqa: ANN401
+        """Return the host and port a new connection reached (None on a Unix socket)."""
+        del dbapi_connection
+        return None
+
+    def prefer(self, cparams: dict[str, Any], server: Server) -> None:
+        """Put ``server`` first in a multi-host target, if it is one of the hosts."""
+        del cparams, server
+
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         """Make one round trip, bounded by ``timeout``; raise if it fails."""
         raise NotImplementedError
@@ -75,6 +93,24 @@ class Driver:
 
 class _Libpq(Driver):
     """psycopg2 and psycopg 3: libpq connection parameters, socket polled by file descriptor."""
+
+    def server_of(self, dbapi_connection: Any) -> Server | None:  # noqa: ANN401
+        info = getattr(dbapi_connection, "_connection", dbapi_connection).info
+        host, port = info.host, info.port
+        return None if not host or host.startswith("/") else Server(str(host), int(port))
+
+    def prefer(self, cparams: dict[str, Any], server: Server) -> None:
+        hosts = str(cparams.get("host", "")).split(",")
+        if len(hosts) < 2:  # noqa: PLR2004 - one host: nothing to reorder
+            return
+        ports = str(cparams.get("port", "")).split(",")
+        ports = ports * len(hosts) if len(ports) == 1 else ports
+        pairs = list(zip(hosts, ports, strict=False))
+        first = [i for i, (h, p) in enumerate(pairs) if h == server.host and p == str(server.port)]
+        if first:
+            pairs.insert(0, pairs.pop(first[0]))
+            cparams["host"] = ",".join(h for h, _ in pairs)
+            cparams["port"] = ",".join(p for _, p in pairs)
 
     def connect_defaults(
         self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
@@ -147,6 +183,21 @@ class _Asyncpg(Driver):
         sock = dbapi_connection._connection._transport.get_extra_info("socket")  # noqa: SLF001
         if sock is not None:
             tune_socket(sock, policy)
+
+    def server_of(self, dbapi_connection: Any) -> Server | None:  # noqa: ANN401
+        address = dbapi_connection._connection._addr  # noqa: SLF001
+        return Server(str(address[0]), int(address[1])) if isinstance(address, tuple) else None
+
+    def prefer(self, cparams: dict[str, Any], server: Server) -> None:
+        hosts, ports = cparams.get("host"), cparams.get("port")
+        if not isinstance(hosts, list) or not isinstance(ports, list):
+            return
+        pairs = list(zip(hosts, ports, strict=False))
+        first = [i for i, (h, p) in enumerate(pairs) if (h, int(p)) == (server.host, server.port)]
+        if first:
+            pairs.insert(0, pairs.pop(first[0]))
+            cparams["host"] = [h for h, _ in pairs]
+            cparams["port"] = [p for _, p in pairs]
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = dbapi_connection._connection  # noqa: SLF001

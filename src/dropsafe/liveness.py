@@ -18,7 +18,7 @@ import sqlalchemy.exc
 from sqlalchemy import event
 
 from dropsafe.classify import POOL_WIDE_SQLSTATES, Kind, classify, sqlstate_of
-from dropsafe.drivers import Driver, Health
+from dropsafe.drivers import Driver, Health, Server
 from dropsafe.events import DeadConnectionReplaced, PingSucceeded, emit
 from dropsafe.policy import Policy, seconds
 
@@ -47,6 +47,9 @@ class ConnectionGuard:
         self._ping_timeout = seconds(policy.ping_timeout)
         self._idle: dict[int, Any] = {}  # id(pool entry) -> DBAPI connection, while checked in
         self._lock = threading.Lock()
+        # With several hosts, the last one that accepted us goes first: after a failover, new
+        # connections do not wait for the dead host's connect_timeout each time.
+        self._last_good: Server | None = None
 
     def attach(self, engine: Engine) -> None:
         """Listen to the engine's connect, pool and error events."""
@@ -75,6 +78,8 @@ class ConnectionGuard:
     ) -> None:
         del dialect
         entry.info[_ADDED] = self.driver.connect_defaults(self.policy, cargs, cparams)
+        if self._last_good is not None:
+            self.driver.prefer(cparams, self._last_good)
 
     def _on_connect(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
         try:
@@ -83,6 +88,10 @@ class ConnectionGuard:
             # Keepalives are a safety net: a socket that refuses them still works.
             logger.warning("dropsafe could not tune a new connection's socket: %s", exc)
         entry.info[_IDLE_SINCE] = time.monotonic()
+        try:
+            self._last_good = self.driver.server_of(dbapi_connection) or self._last_good
+        except Exception:
+            logger.debug("dropsafe could not tell which host a connection reached", exc_info=True)
 
     # -- checkout and checkin --------------------------------------------------------------
 

@@ -59,7 +59,7 @@ class Policy:
     """
 
     #: Time allowed to open a connection (libpq ``connect_timeout``, asyncpg ``timeout``).
-    connect_timeout: Duration = 10.0
+    connect_timeout: Duration = 5.0
     #: Time sent data may stay unacknowledged before the kernel drops the connection;
     #: this is what ends a request on a half-open socket. None leaves the OS default (~15 min).
     tcp_user_timeout: Duration | None = 10.0
@@ -79,7 +79,7 @@ class Policy:
     #: First backoff before a retry; later ones grow by ``backoff_multiplier`` up to
     #: ``backoff_max``, each drawn uniformly below that bound (full jitter).
     backoff_initial: Duration = 0.05
-    backoff_max: Duration = 2.0
+    backoff_max: Duration = 1.0
     backoff_multiplier: float = 2.0
     #: Absolute bound on a unit of work, retries and backoff included.
     deadline: Duration = 30.0

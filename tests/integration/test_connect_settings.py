@@ -30,7 +30,7 @@ def test_psycopg2_gets_libpq_settings_and_user_values_win(shared_server):
         assert params["tcp_user_timeout"] == "2500"  # the user's
         assert params["keepalives"] == "1"
         assert params["keepalives_idle"] == "10"
-        assert params["connect_timeout"] == "10"
+        assert params["connect_timeout"] == "5"
     finally:
         engine.dispose()
 

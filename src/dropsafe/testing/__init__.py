@@ -10,7 +10,7 @@ from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._kernel import kernel_blackhole, kernel_blackhole_unavailable
 from dropsafe.testing._leftovers import leftover_processes
 from dropsafe.testing._proxy import ChaosProxy, CutMode, ProxyStats
-from dropsafe.testing._server import PostgresServer, ServerError, StopMode
+from dropsafe.testing._server import PostgresServer, ServerError, StopMode, multi_host_url
 
 __all__ = [
     "ChaosProxy",
@@ -24,4 +24,5 @@ __all__ = [
     "kernel_blackhole",
     "kernel_blackhole_unavailable",
     "leftover_processes",
+    "multi_host_url",
 ]

@@ -23,11 +23,12 @@ from dropsafe.errors import ConfigurationError, DropsafeError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from types import TracebackType
 
     from typing_extensions import Self
 
-__all__ = ["PostgresServer", "ServerError", "StopMode"]
+__all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url"]
 
 StopMode = Literal["smart", "fast", "immediate"]
 Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
@@ -480,6 +481,34 @@ class PostgresServer:
         )
         if result.returncode != 0:
             raise ServerError(f"{Path(command[0]).name} failed: {result.stderr.strip()}")
+
+
+def multi_host_url(
+    servers: Sequence[PostgresServer],
+    driver: Driver = "psycopg2",
+    *,
+    database: str = "postgres",
+    user: str = "postgres",
+    **params: str,
+) -> str:
+    """Return one URL listing every server, the way managed databases hand out failover URLs.
+
+    ``target_session_attrs`` defaults to ``read-write``: connections go to whichever server is
+    the primary. TLS parameters follow the first server.
+
+    Example::
+
+        url = multi_host_url([primary, standby], "psycopg")
+    """
+    if not servers:
+        raise ConfigurationError("multi_host_url needs at least one server")
+    first = servers[0].url(driver, database=database, user=user, **params)
+    query = first.partition("?")[2]
+    hosts = "&".join(f"host={f'[{s.host}]' if ':' in s.host else s.host}:{s.port}" for s in servers)
+    extra = "" if "target_session_attrs" in params else "&target_session_attrs=read-write"
+    return f"postgresql+{driver}://{user}@/{database}?{hosts}{extra}" + (
+        f"&{query}" if query else ""
+    )
 
 
 def _unprivileged_owner() -> pwd.struct_passwd | None:
