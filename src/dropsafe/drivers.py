@@ -84,7 +84,25 @@ class Driver:
 
     def prefer(self, cparams: dict[str, Any], server: Server) -> None:
         """Put ``server`` first in a multi-host target, if it is one of the hosts."""
-        del cparams, server
+        pairs = self._hosts(cparams)
+        matches = [i for i, pair in enumerate(pairs) if pair == (server.host, str(server.port))]
+        if matches:
+            self._set_hosts(cparams, pairs[matches[0] :] + pairs[: matches[0]])
+
+    def rotate(self, cparams: dict[str, Any], steps: int) -> None:
+        """Start a multi-host target ``steps`` hosts further down its list."""
+        pairs = self._hosts(cparams)
+        if len(pairs) > 1:
+            steps %= len(pairs)
+            self._set_hosts(cparams, pairs[steps:] + pairs[:steps])
+
+    def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
+        """Return the (host, port) pairs of a multi-host target; empty for a single host."""
+        del cparams
+        return []
+
+    def _set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+        del cparams, pairs
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         """Make one round trip, bounded by ``timeout``; raise if it fails."""
@@ -98,19 +116,6 @@ class _Libpq(Driver):
         info = getattr(dbapi_connection, "_connection", dbapi_connection).info
         host, port = info.host, info.port
         return None if not host or host.startswith("/") else Server(str(host), int(port))
-
-    def prefer(self, cparams: dict[str, Any], server: Server) -> None:
-        hosts = str(cparams.get("host", "")).split(",")
-        if len(hosts) < 2:  # noqa: PLR2004 - one host: nothing to reorder
-            return
-        ports = str(cparams.get("port", "")).split(",")
-        ports = ports * len(hosts) if len(ports) == 1 else ports
-        pairs = list(zip(hosts, ports, strict=False))
-        first = [i for i, (h, p) in enumerate(pairs) if h == server.host and p == str(server.port)]
-        if first:
-            pairs.insert(0, pairs.pop(first[0]))
-            cparams["host"] = ",".join(h for h, _ in pairs)
-            cparams["port"] = ",".join(p for _, p in pairs)
 
     def connect_defaults(
         self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
@@ -155,6 +160,18 @@ class _Libpq(Driver):
         del timeout
         dialect.do_ping(dbapi_connection)
 
+    def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
+        hosts = str(cparams.get("host", "")).split(",")
+        if len(hosts) < 2:  # noqa: PLR2004 - one host: nothing to reorder
+            return []
+        ports = str(cparams.get("port", "")).split(",")
+        ports = ports * len(hosts) if len(ports) == 1 else ports
+        return list(zip(hosts, ports, strict=False))
+
+    def _set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+        cparams["host"] = ",".join(host for host, _ in pairs)
+        cparams["port"] = ",".join(port for _, port in pairs)
+
 
 class _Psycopg2(_Libpq):
     name = "psycopg2"
@@ -175,6 +192,8 @@ class _Asyncpg(Driver):
         del cargs
         if "timeout" in cparams:
             return set()
+        # One budget for all hosts in turn (libpq gives each host its own): a vanished first
+        # host eats it all, so after a failed attempt the guard starts from the next host.
         cparams["timeout"] = seconds(policy.connect_timeout)
         return {"timeout"}
 
@@ -188,16 +207,15 @@ class _Asyncpg(Driver):
         address = dbapi_connection._connection._addr  # noqa: SLF001
         return Server(str(address[0]), int(address[1])) if isinstance(address, tuple) else None
 
-    def prefer(self, cparams: dict[str, Any], server: Server) -> None:
+    def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         hosts, ports = cparams.get("host"), cparams.get("port")
         if not isinstance(hosts, list) or not isinstance(ports, list):
-            return
-        pairs = list(zip(hosts, ports, strict=False))
-        first = [i for i, (h, p) in enumerate(pairs) if (h, int(p)) == (server.host, server.port)]
-        if first:
-            pairs.insert(0, pairs.pop(first[0]))
-            cparams["host"] = [h for h, _ in pairs]
-            cparams["port"] = [p for _, p in pairs]
+            return []
+        return [(str(host), str(port)) for host, port in zip(hosts, ports, strict=False)]
+
+    def _set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+        cparams["host"] = [host for host, _ in pairs]
+        cparams["port"] = [int(port) for _, port in pairs]
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = dbapi_connection._connection  # noqa: SLF001

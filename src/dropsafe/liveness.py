@@ -50,6 +50,7 @@ class ConnectionGuard:
         # With several hosts, the last one that accepted us goes first: after a failover, new
         # connections do not wait for the dead host's connect_timeout each time.
         self._last_good: Server | None = None
+        self._unconfirmed_connects = 0
 
     def attach(self, engine: Engine) -> None:
         """Listen to the engine's connect, pool and error events."""
@@ -78,7 +79,15 @@ class ConnectionGuard:
     ) -> None:
         del dialect
         entry.info[_ADDED] = self.driver.connect_defaults(self.policy, cargs, cparams)
-        if self._last_good is not None:
+        with self._lock:
+            # Attempts since the last connection that succeeded: failed, or still running.
+            unconfirmed = self._unconfirmed_connects
+            self._unconfirmed_connects += 1
+        if unconfirmed:
+            # The host that worked may be the one that is gone (and asyncpg lets the first
+            # host eat the whole connect timeout): start further down the list each time.
+            self.driver.rotate(cparams, unconfirmed)
+        elif self._last_good is not None:
             self.driver.prefer(cparams, self._last_good)
 
     def _on_connect(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
@@ -88,6 +97,8 @@ class ConnectionGuard:
             # Keepalives are a safety net: a socket that refuses them still works.
             logger.warning("dropsafe could not tune a new connection's socket: %s", exc)
         entry.info[_IDLE_SINCE] = time.monotonic()
+        with self._lock:
+            self._unconfirmed_connects = 0
         try:
             self._last_good = self.driver.server_of(dbapi_connection) or self._last_good
         except Exception:

@@ -1,0 +1,61 @@
+"""Per-driver connect arguments and host ordering (the socket work is tested on real servers)."""
+
+import pytest
+
+from dropsafe import Policy
+from dropsafe.drivers import Server, _Asyncpg, _Pg8000, _Psycopg2
+
+LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
+
+
+def test_libpq_gets_every_setting_the_user_did_not_give():
+    cparams = {"host": "db", "keepalives_idle": "99"}
+    added = _Psycopg2().connect_defaults(Policy(), [], cparams)
+    assert cparams["keepalives_idle"] == "99"
+    assert "keepalives_idle" not in added
+    assert cparams["tcp_user_timeout"] == 10_000
+    assert cparams["connect_timeout"] == 5
+
+
+def test_libpq_respects_settings_inside_a_dsn():
+    cparams = {"dsn": "host=db tcp_user_timeout=1234 connect_timeout=3"}
+    _Psycopg2().connect_defaults(Policy(), [], cparams)
+    assert "tcp_user_timeout" not in cparams
+    assert "connect_timeout" not in cparams
+
+
+@pytest.mark.parametrize(
+    ("server", "hosts", "ports"),
+    [
+        (Server("10.0.0.2", 5433), "10.0.0.2,10.0.0.3,10.0.0.1", "5433,5434,5432"),
+        (Server("10.0.0.9", 5432), LIBPQ["host"], LIBPQ["port"]),  # not in the list: unchanged
+    ],
+)
+def test_libpq_puts_the_last_good_host_first(server, hosts, ports):
+    cparams = dict(LIBPQ)
+    _Psycopg2().prefer(cparams, server)
+    assert (cparams["host"], cparams["port"]) == (hosts, ports)
+
+
+def test_libpq_single_port_applies_to_every_host():
+    cparams = {"host": "a,b", "port": "5432"}
+    _Psycopg2().rotate(cparams, 1)
+    assert (cparams["host"], cparams["port"]) == ("b,a", "5432,5432")
+
+
+def test_asyncpg_rotation_and_per_host_connect_budget():
+    cparams = {"host": ["a", "b"], "port": [5432, 5433]}
+    driver = _Asyncpg()
+    driver.connect_defaults(Policy(connect_timeout=4), [], cparams)
+    assert cparams["timeout"] == 4
+    driver.rotate(cparams, 3)
+    assert (cparams["host"], cparams["port"]) == (["b", "a"], [5433, 5432])
+    driver.prefer(cparams, Server("a", 5432))
+    assert (cparams["host"], cparams["port"]) == (["a", "b"], [5432, 5433])
+
+
+def test_single_host_is_left_alone():
+    cparams = {"host": "db", "port": 5432}
+    _Pg8000().rotate(cparams, 1)
+    _Psycopg2().rotate(cparams, 1)
+    assert cparams == {"host": "db", "port": 5432}
