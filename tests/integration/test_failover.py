@@ -38,6 +38,7 @@ class Writes:
     failed: list[str] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    cleanup: object = None  # disposes the writers' engine once they stopped
 
     def record(self, op_id, error):
         with self.lock:
@@ -92,6 +93,7 @@ def _start_writers(url, driver, writes):
                 await engine.dispose()
 
         threads = [threading.Thread(target=asyncio.run, args=(main(),), daemon=True)]
+        writes.cleanup = lambda: None
     else:
         engine = dropsafe.create_engine(url)
         session_factory = sessionmaker(engine)
@@ -111,6 +113,7 @@ def _start_writers(url, driver, writes):
                     writes.record(op_id, None)
 
         threads = [threading.Thread(target=writer, args=(i,), daemon=True) for i in range(WRITERS)]
+        writes.cleanup = engine.dispose
     for thread in threads:
         thread.start()
     return threads
@@ -121,6 +124,7 @@ def _stop_writers(writes, threads):
     for thread in threads:
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in threads)
+    writes.cleanup()
 
 
 def _audit(writes, new_primary):
