@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import ctypes
-import functools
-import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 import warnings
 import weakref
 from pathlib import Path
@@ -21,6 +13,14 @@ from typing import TYPE_CHECKING, Literal
 
 from dropsafe.errors import ConfigurationError, DropsafeError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
+from dropsafe.testing._runtime import (
+    TEMP_PREFIX,
+    Owner,
+    cleanup,
+    free_port,
+    kill_group,
+    wait_until,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -39,11 +39,8 @@ _STOP_SIGNALS: dict[str, signal.Signals] = {
     "immediate": signal.SIGQUIT,
 }
 _DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
-_TEMP_PREFIX = "dropsafe-pg-"
-_PR_SET_PDEATHSIG = 1
 _START_TIMEOUT = 60.0
 _STOP_TIMEOUT = 60.0
-_POLL_INTERVAL = 0.02
 
 
 class ServerError(DropsafeError):
@@ -89,9 +86,9 @@ class PostgresServer:
         self.settings = dict(settings or {})
         self.is_standby = _primary is not None
         self._primary = _primary
-        self._owner = _unprivileged_owner()
-        self.base_dir = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX))
-        if self._owner is not None:
+        self._owner = Owner.for_this_process()
+        self.base_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+        if self._owner.is_other_user:
             # mkdtemp folders are 0700: the server's user must be able to enter this one.
             self.base_dir.chmod(0o711)
         self.data_dir = self.base_dir / "data"
@@ -99,10 +96,10 @@ class PostgresServer:
         self.log_file = self.base_dir / "postgres.log"
         self.cert_file = self.base_dir / "server.crt"
         self.key_file = self.base_dir / "server.key"
-        self.port = _free_port(host)
+        self.port = free_port(host)
         self._process: subprocess.Popen[bytes] | None = None
         self._initialized = False
-        self._finalizer = weakref.finalize(self, _cleanup, [None], self.base_dir)
+        self._finalizer = weakref.finalize(self, cleanup, [None], self.base_dir)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -159,7 +156,7 @@ class PostgresServer:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        _kill_group(process.pid)
+        kill_group(process.pid)
         self._process = None
 
     def restart(self, mode: StopMode = "fast") -> None:
@@ -303,19 +300,18 @@ class PostgresServer:
     # -- internals -------------------------------------------------------------------------
 
     def _wait_for(self, sql: str, *, what: str, timeout: float = _START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.execute(sql):
-            if time.monotonic() > deadline:
-                raise ServerError(f"timed out after {timeout:.0f}s waiting for {what}")
-            time.sleep(_POLL_INTERVAL)
+        try:
+            wait_until(lambda: bool(self.execute(sql)), timeout=timeout, what=what)
+        except TimeoutError as exc:
+            raise ServerError(str(exc)) from None
 
     def _initialize(self) -> None:
         for folder in (self.data_dir, self.socket_dir):
             folder.mkdir(mode=0o700)
-            self._give_to_owner(folder)
+            self._owner.give(folder)
         self.socket_dir.chmod(0o755)
         if self._primary is None:
-            self._run_as_owner(
+            self._owner.run(
                 [
                     self.binaries.tool("initdb"),
                     "-D",
@@ -328,20 +324,22 @@ class PostgresServer:
                     "UTF8",
                     "--locale=C",
                     "--no-sync",
-                ]
+                ],
+                cwd=self.base_dir,
+                what="initdb",
             )
         else:
             self._clone_primary(self._primary)
         if self.tls:
             _make_certificate(self.cert_file, self.key_file)
-            self._give_to_owner(self.key_file)
+            self._owner.give(self.key_file)
             self.key_file.chmod(0o600)
             self.cert_file.chmod(0o644)
         self._write_config()
         self._initialized = True
 
     def _clone_primary(self, primary: PostgresServer) -> None:
-        self._run_as_owner(
+        self._owner.run(
             [
                 self.binaries.tool("pg_basebackup"),
                 "-h",
@@ -358,7 +356,9 @@ class PostgresServer:
                 "fast",
                 "-R",
                 "--no-sync",
-            ]
+            ],
+            cwd=self.base_dir,
+            what="pg_basebackup",
         )
         conninfo = (
             f"host={primary.host} port={primary.port} user=postgres "
@@ -399,26 +399,12 @@ class PostgresServer:
         )
 
     def _launch(self) -> None:
-        with self.log_file.open("ab") as log:
-            process = (
-                _spawner()
-                .submit(
-                    subprocess.Popen,
-                    [self.binaries.tool("postgres"), "-D", str(self.data_dir)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,  # only calls prctl: safe between fork and exec
-                    user=self._uid,
-                    group=self._gid,
-                    extra_groups=self._extra_groups,
-                )
-                .result()
-            )
+        process = self._owner.spawn(
+            [self.binaries.tool("postgres"), "-D", str(self.data_dir)], log=self.log_file
+        )
         self._process = process
         self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, _cleanup, [process], self.base_dir)
+        self._finalizer = weakref.finalize(self, cleanup, [process], self.base_dir)
         try:
             self._wait_until_ready(process)
         except BaseException:
@@ -427,60 +413,31 @@ class PostgresServer:
 
     def _wait_until_ready(self, process: subprocess.Popen[bytes]) -> None:
         pid_file = self.data_dir / "postmaster.pid"
-        deadline = time.monotonic() + _START_TIMEOUT
-        while True:
+
+        def ready() -> bool:
             if process.poll() is not None:
                 raise ServerError(f"server {self.name!r} exited at start:\n{self._log_tail()}")
-            with contextlib.suppress(OSError):
+            try:
                 lines = pid_file.read_text().splitlines()
-                # Line 8 holds the postmaster's status once it is up (PostgreSQL 10+).
-                if (
-                    len(lines) >= 8  # noqa: PLR2004
-                    and lines[0].strip() == str(process.pid)
-                    and lines[7].strip() in ("ready", "standby")
-                ):
-                    return
-            if time.monotonic() > deadline:
-                raise ServerError(f"server {self.name!r} not ready in time:\n{self._log_tail()}")
-            time.sleep(_POLL_INTERVAL)
+            except OSError:
+                return False
+            # Line 8 holds the postmaster's status once it is up (PostgreSQL 10+).
+            return (
+                len(lines) >= 8  # noqa: PLR2004
+                and lines[0].strip() == str(process.pid)
+                and lines[7].strip() in ("ready", "standby")
+            )
+
+        try:
+            wait_until(ready, timeout=_START_TIMEOUT, what=f"server {self.name!r} to accept")
+        except TimeoutError as exc:
+            raise ServerError(f"{exc}:\n{self._log_tail()}") from None
 
     def _log_tail(self, lines: int = 30) -> str:
         try:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
-
-    @property
-    def _uid(self) -> int | None:
-        return None if self._owner is None else self._owner.pw_uid
-
-    @property
-    def _gid(self) -> int | None:
-        return None if self._owner is None else self._owner.pw_gid
-
-    @property
-    def _extra_groups(self) -> list[int] | None:
-        # As root, drop root's supplementary groups along with its uid.
-        return None if self._owner is None else []
-
-    def _give_to_owner(self, path: Path) -> None:
-        if self._owner is not None:
-            os.chown(path, self._owner.pw_uid, self._owner.pw_gid)
-
-    def _run_as_owner(self, command: list[str]) -> None:
-        result = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-            cwd=self.base_dir,
-            user=self._uid,
-            group=self._gid,
-            extra_groups=self._extra_groups,
-        )
-        if result.returncode != 0:
-            raise ServerError(f"{Path(command[0]).name} failed: {result.stderr.strip()}")
 
 
 def multi_host_url(
@@ -509,57 +466,6 @@ def multi_host_url(
     return f"postgresql+{driver}://{user}@/{database}?{hosts}{extra}" + (
         f"&{query}" if query else ""
     )
-
-
-def _unprivileged_owner() -> pwd.struct_passwd | None:
-    """Pick the user to run the server as when we are root; None means run as ourselves."""
-    if os.geteuid() != 0:
-        return None
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            return pwd.getpwnam(name)
-    raise ConfigurationError(
-        "running as root needs a 'postgres' or 'nobody' user to run the server"
-    )
-
-
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-@functools.cache
-def _spawner() -> concurrent.futures.ThreadPoolExecutor:
-    """Return the one thread that starts servers; it lives until the interpreter exits.
-
-    The kernel's parent-death signal fires when the *thread* that forked the child exits:
-    servers started from a short-lived thread (a test's fault injector) would die with it.
-    Forking from this thread instead ties every server's life to the process's.
-    """
-    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dropsafe-pg-spawner")
-
-
-def _die_with_parent() -> None:
-    # Runs in the child after its user changed, so the kernel keeps this setting through exec.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
-
-
-def _cleanup(processes: list[subprocess.Popen[bytes] | None], base_dir: Path) -> None:
-    for process in processes:
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
-        if process is not None:
-            _kill_group(process.pid)
-    shutil.rmtree(base_dir, ignore_errors=True)
 
 
 def _make_certificate(cert_file: Path, key_file: Path) -> None:

@@ -1,0 +1,155 @@
+"""Processes for throwaway servers: an unprivileged owner, free ports, and no orphans."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dropsafe.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+__all__ = ["TEMP_PREFIX", "Owner", "cleanup", "free_port", "kill_group", "wait_until"]
+
+# Every folder and hence every server command line carries it: the leftovers check looks for it.
+TEMP_PREFIX = "dropsafe-pg-"
+_PR_SET_PDEATHSIG = 1
+_POLL_INTERVAL = 0.02
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who runs the servers: as root, an unprivileged user (PostgreSQL refuses root)."""
+
+    uid: int | None = None
+    gid: int | None = None
+
+    @classmethod
+    def for_this_process(cls) -> Owner:
+        """Pick ``postgres`` (or ``nobody``) when we are root; else run as ourselves."""
+        if os.geteuid() != 0:
+            return cls()
+        for name in ("postgres", "nobody"):
+            with contextlib.suppress(KeyError):
+                entry = pwd.getpwnam(name)
+                return cls(entry.pw_uid, entry.pw_gid)
+        raise ConfigurationError(
+            "running as root needs a 'postgres' or 'nobody' user to run the server"
+        )
+
+    @property
+    def is_other_user(self) -> bool:
+        """Whether processes run as another user than ours."""
+        return self.uid is not None
+
+    def give(self, path: Path) -> None:
+        """Hand ``path`` to the owner."""
+        if self.uid is not None and self.gid is not None:
+            os.chown(path, self.uid, self.gid)
+
+    def run(self, command: list[str], *, cwd: Path, what: str) -> None:
+        """Run a short command as the owner; raise ``DropsafeError`` with its stderr."""
+        from dropsafe.testing._server import ServerError  # noqa: PLC0415 - avoids a cycle
+
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            cwd=cwd,
+            user=self.uid,
+            group=self.gid,
+            extra_groups=self._extra_groups,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"{what} failed: {result.stderr.strip()}")
+
+    def spawn(self, command: list[str], *, log: Path) -> subprocess.Popen[bytes]:
+        """Start a long-running process as the owner; it dies with this process."""
+        with log.open("ab") as log_file:
+            return (
+                _spawner()
+                .submit(
+                    subprocess.Popen,
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,  # only calls prctl: safe between fork and exec
+                    user=self.uid,
+                    group=self.gid,
+                    extra_groups=self._extra_groups,
+                )
+                .result()
+            )
+
+    @property
+    def _extra_groups(self) -> list[int] | None:
+        # As root, drop root's supplementary groups along with its uid.
+        return None if self.uid is None else []
+
+
+def free_port(host: str) -> int:
+    """Return a TCP port that is free on ``host`` now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_until(ready: Callable[[], bool], *, timeout: float, what: str) -> None:
+    """Poll ``ready`` until it holds; raise ``TimeoutError`` naming ``what`` after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(_POLL_INTERVAL)
+
+
+def kill_group(pgid: int) -> None:
+    """Kill a process group, if anything of it is left."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def cleanup(processes: list[subprocess.Popen[bytes] | None], base_dir: Path) -> None:
+    """Kill what is left of ``processes`` and remove ``base_dir`` (a finalizer's job)."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+        if process is not None:
+            kill_group(process.pid)
+    shutil.rmtree(base_dir, ignore_errors=True)
+
+
+@functools.cache
+def _spawner() -> concurrent.futures.ThreadPoolExecutor:
+    """Return the one thread that starts servers; it lives until the interpreter exits.
+
+    The kernel's parent-death signal fires when the *thread* that forked the child exits:
+    servers started from a short-lived thread (a test's fault injector) would die with it.
+    Forking from this thread instead ties every server's life to the process's.
+    """
+    return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dropsafe-pg-spawner")
+
+
+def _die_with_parent() -> None:
+    # Runs in the child after its user changed, so the kernel keeps this setting through exec.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
