@@ -9,12 +9,15 @@ from __future__ import annotations
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._kernel import kernel_blackhole, kernel_blackhole_unavailable
 from dropsafe.testing._leftovers import leftover_processes
+from dropsafe.testing._pgbouncer import PgBouncer, PoolMode
 from dropsafe.testing._proxy import ChaosProxy, CutMode, ProxyStats
 from dropsafe.testing._server import PostgresServer, ServerError, StopMode, multi_host_url
 
 __all__ = [
     "ChaosProxy",
     "CutMode",
+    "PgBouncer",
+    "PoolMode",
     "PostgresBinaries",
     "PostgresServer",
     "ProxyStats",

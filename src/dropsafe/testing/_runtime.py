@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-__all__ = ["TEMP_PREFIX", "Owner", "cleanup", "free_port", "kill_group", "wait_until"]
+__all__ = [
+    "TEMP_PREFIX",
+    "Owner",
+    "cleanup",
+    "free_port",
+    "kill_group",
+    "log_tail",
+    "wait_until",
+]
 
 # Every folder and hence every server command line carries it: the leftovers check looks for it.
 TEMP_PREFIX = "dropsafe-pg-"
@@ -119,6 +127,14 @@ def wait_until(ready: Callable[[], bool], *, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(_POLL_INTERVAL)
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    """Return the last lines of a server's log, for error messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
 
 
 def kill_group(pgid: int) -> None:

@@ -19,6 +19,7 @@ from dropsafe.testing._runtime import (
     cleanup,
     free_port,
     kill_group,
+    log_tail,
     wait_until,
 )
 
@@ -416,7 +417,9 @@ class PostgresServer:
 
         def ready() -> bool:
             if process.poll() is not None:
-                raise ServerError(f"server {self.name!r} exited at start:\n{self._log_tail()}")
+                raise ServerError(
+                    f"server {self.name!r} exited at start:\n{log_tail(self.log_file)}"
+                )
             try:
                 lines = pid_file.read_text().splitlines()
             except OSError:
@@ -431,13 +434,7 @@ class PostgresServer:
         try:
             wait_until(ready, timeout=_START_TIMEOUT, what=f"server {self.name!r} to accept")
         except TimeoutError as exc:
-            raise ServerError(f"{exc}:\n{self._log_tail()}") from None
-
-    def _log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+            raise ServerError(f"{exc}:\n{log_tail(self.log_file)}") from None
 
 
 def multi_host_url(

@@ -1,0 +1,211 @@
+"""A throwaway PgBouncer in front of a PostgresServer, with its admin console at hand."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from dropsafe.errors import ConfigurationError
+from dropsafe.testing._runtime import (
+    TEMP_PREFIX,
+    Owner,
+    cleanup,
+    free_port,
+    kill_group,
+    log_tail,
+    wait_until,
+)
+from dropsafe.testing._server import ServerError
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from typing_extensions import Self
+
+    from dropsafe.testing._server import Driver, PostgresServer
+
+__all__ = ["PgBouncer", "PoolMode"]
+
+PoolMode = Literal["session", "transaction"]
+_START_TIMEOUT = 30.0
+
+
+class PgBouncer:
+    """PgBouncer on a free loopback port, pooling connections to ``server``.
+
+    Example::
+
+        with PgBouncer(server, pool_mode="transaction") as bouncer:
+            engine = dropsafe.create_engine(bouncer.url("psycopg2"))
+            bouncer.console("RECONNECT")
+
+    TLS to clients is on when the server's is (same certificate); trust auth; ``postgres`` is
+    the console's admin user. Needs Debian's ``pgbouncer`` (or one on PATH).
+    """
+
+    def __init__(self, server: PostgresServer, *, pool_mode: PoolMode = "session") -> None:
+        if pool_mode not in ("session", "transaction"):
+            raise ConfigurationError(f"pool_mode must be 'session' or 'transaction': {pool_mode!r}")
+        program = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
+        if program is None:
+            raise ConfigurationError("PgBouncer is not installed: apt-get install pgbouncer")
+        self.program = program
+        self.server = server
+        self.pool_mode = pool_mode
+        self.host = server.host
+        self.port = free_port(self.host)
+        self.tls = server.tls
+        self._owner = Owner.for_this_process()
+        self.base_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}bouncer-"))
+        if self._owner.is_other_user:
+            self.base_dir.chmod(0o711)
+        self.config_file = self.base_dir / "pgbouncer.ini"
+        self.log_file = self.base_dir / "pgbouncer.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._finalizer = weakref.finalize(self, cleanup, [None], self.base_dir)
+        self._write_config()
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        """Whether the PgBouncer process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> None:
+        """Start PgBouncer and wait until it accepts connections."""
+        if self.running:
+            return
+        process = self._owner.spawn([self.program, str(self.config_file)], log=self.log_file)
+        self._process = process
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, cleanup, [process], self.base_dir)
+
+        def accepting() -> bool:
+            if process.poll() is not None:
+                raise ServerError(f"pgbouncer exited at start:\n{log_tail(self.log_file)}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=1).close()
+            except OSError:
+                return False
+            return True
+
+        try:
+            wait_until(accepting, timeout=_START_TIMEOUT, what="pgbouncer to accept")
+        except TimeoutError as exc:
+            self.stop()
+            raise ServerError(f"{exc}:\n{log_tail(self.log_file)}") from None
+
+    def stop(self) -> None:
+        """Stop PgBouncer at once (SIGTERM): every client connection is closed."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        kill_group(process.pid)
+
+    def restart(self) -> None:
+        """Stop and start again on the same port."""
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        """Stop and remove every file; safe to call twice."""
+        self.stop()
+        self._finalizer()
+
+    def console(self, command: str) -> list[tuple[str, ...]]:
+        """Run an admin command (``RECONNECT``, ``KILL postgres``, ``SHOW POOLS``...)."""
+        result = subprocess.run(
+            [
+                self.server.binaries.tool("psql"),
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-F",
+                "\x1f",
+                "-h",
+                self.host,
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                "pgbouncer",
+                "-c",
+                command,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise ServerError(f"pgbouncer console failed on {command!r}: {result.stderr.strip()}")
+        return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
+
+    def url(self, driver: Driver = "psycopg2", **params: str) -> str:
+        """Return a SQLAlchemy URL that reaches the server through PgBouncer."""
+        return self.server.url(driver, **params).replace(f":{self.server.port}/", f":{self.port}/")
+
+    def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
+        """Extra ``connect_args`` a driver needs (TLS for pg8000)."""
+        return self.server.connect_args(driver)
+
+    def _write_config(self) -> None:
+        (self.base_dir / "userlist.txt").write_text('"postgres" ""\n')
+        lines = [
+            "[databases]",
+            f"* = host={self.server.host} port={self.server.port}",
+            "[pgbouncer]",
+            f"listen_addr = {self.host}",
+            f"listen_port = {self.port}",
+            "unix_socket_dir =",
+            "auth_type = trust",
+            f"auth_file = {self.base_dir / 'userlist.txt'}",
+            "admin_users = postgres",
+            f"pool_mode = {self.pool_mode}",
+            "max_client_conn = 200",
+            "default_pool_size = 20",
+            "server_reset_query = DISCARD ALL",
+            "ignore_startup_parameters = extra_float_digits",
+            f"pidfile = {self.base_dir / 'pgbouncer.pid'}",
+        ]
+        if self.tls:
+            lines += [
+                "client_tls_sslmode = allow",
+                f"client_tls_cert_file = {self.server.cert_file}",
+                f"client_tls_key_file = {self.server.key_file}",
+                "server_tls_sslmode = require",
+            ]
+        self.config_file.write_text("\n".join(lines) + "\n")
+        for path in (self.config_file, self.base_dir / "userlist.txt"):
+            self._owner.give(path)
+        self._owner.give(self.base_dir)
