@@ -103,6 +103,13 @@ _TRANSIENT_MESSAGES = (
     "the database system is not yet accepting connections",
     "too many clients already",
     "remaining connection slots are reserved",
+    # PgBouncer, which reports its own trouble without a useful SQLSTATE:
+    "database removed",  # KILL, or the database left its config
+    "pgbouncer cannot connect to server",
+    "server login has been failing",
+    "no more connections allowed",
+    "query_wait_timeout",
+    "server conn crashed",
 )
 
 

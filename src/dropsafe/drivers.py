@@ -231,7 +231,9 @@ class _Asyncpg(Driver):
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         del dialect
         connection = dbapi_connection._connection  # noqa: SLF001
-        _await(asyncio.wait_for(connection.fetchval("SELECT 1"), timeout))
+        # execute() without arguments uses the simple query protocol: one round trip, and no
+        # prepared statement for a transaction-mode pooler to lose.
+        _await(asyncio.wait_for(connection.execute("SELECT 1"), timeout))
 
 
 class _Pg8000(Driver):

@@ -51,6 +51,7 @@ def _wrapped(orig, cls=sqlalchemy.exc.OperationalError):
             Kind.FAILOVER,
         ),
         (psycopg2.OperationalError("FATAL:  the database system is starting up"), Kind.TRANSIENT),
+        (psycopg2.OperationalError("FATAL:  database removed"), Kind.TRANSIENT),
         (ConnectionRefusedError(111, "refused"), Kind.FAILOVER),
         (ConnectionResetError(104, "reset"), Kind.DISCONNECT),
         (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), Kind.DISCONNECT),

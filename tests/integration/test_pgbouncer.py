@@ -1,0 +1,189 @@
+"""PgBouncer in between, in session and transaction mode: faults between requests stay
+invisible to the app, and the ledger's invariants hold through it.
+
+The asyncpg trap: in transaction mode PgBouncer (1.18 here) cannot keep prepared statements, so
+asyncpg's statement cache is turned off and statements get unique names, as SQLAlchemy
+documents; dropsafe's own asyncpg ping uses the simple query protocol, which needs neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from ledger import CHAOS_POLICY, INSERT, WORKERS, assert_safe, prepare, run_async, run_sync
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import sessionmaker
+
+import dropsafe
+from dropsafe.testing import ChaosProxy, PgBouncer
+
+pytestmark = [
+    pytest.mark.fault,
+    pytest.mark.skipif(
+        shutil.which("pgbouncer", path="/usr/sbin:/usr/bin") is None,
+        reason="PgBouncer is not installed (apt-get install pgbouncer)",
+    ),
+]
+
+MODES = ["session", "transaction"]
+POOL = 3
+
+
+def _pgbouncer_faults(server, bouncer):
+    def kill():
+        bouncer.console("KILL postgres")
+        bouncer.console("RESUME postgres")
+
+    return {
+        "reconnect": lambda: bouncer.console("RECONNECT"),
+        "kill": kill,
+        "restart-pgbouncer": bouncer.restart,
+        "restart-server": lambda: server.restart("fast"),
+    }
+
+
+def _asyncpg_url(bouncer):
+    return bouncer.url("asyncpg", prepared_statement_cache_size="0")
+
+
+def _asyncpg_kwargs():
+    return {
+        "connect_args": {
+            "statement_cache_size": 0,
+            "prepared_statement_name_func": lambda: f"__asyncpg_{uuid.uuid4()}__",
+        }
+    }
+
+
+@pytest.mark.parametrize("fault", ["reconnect", "kill", "restart-pgbouncer", "restart-server"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_sync_faults_between_requests_are_invisible(postgres_server, driver, mode, fault):
+    with PgBouncer(postgres_server, pool_mode=mode) as bouncer:
+        engine = dropsafe.create_engine(bouncer.url(driver), pool_size=POOL, max_overflow=0)
+        try:
+            conns = [engine.connect() for _ in range(POOL)]
+            for conn in conns:
+                conn.execute(sa.text("SELECT 1"))
+                conn.close()
+            _pgbouncer_faults(postgres_server, bouncer)[fault]()
+            for _ in range(2 * POOL):
+                with engine.connect() as conn:
+                    assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        finally:
+            engine.dispose()
+
+
+@pytest.mark.parametrize("fault", ["reconnect", "kill", "restart-pgbouncer", "restart-server"])
+@pytest.mark.parametrize("mode", MODES)
+def test_asyncpg_faults_between_requests_are_invisible(postgres_server, mode, fault):
+    async def scenario(bouncer):
+        engine = dropsafe.create_async_engine(
+            _asyncpg_url(bouncer), pool_size=POOL, max_overflow=0, **_asyncpg_kwargs()
+        )
+        try:
+            conns = [await engine.connect() for _ in range(POOL)]
+            for conn in conns:
+                await conn.execute(sa.text("SELECT 1"))
+                await conn.close()
+            await asyncio.to_thread(_pgbouncer_faults(postgres_server, bouncer)[fault])
+            results = []
+            for _ in range(2 * POOL):
+                async with engine.connect() as conn:
+                    results.append((await conn.execute(sa.text("SELECT 1"))).scalar())
+            return results
+        finally:
+            await engine.dispose()
+
+    with PgBouncer(postgres_server, pool_mode=mode) as bouncer:
+        assert asyncio.run(scenario(bouncer)) == [1] * 2 * POOL
+
+
+def _ledger_faults(server, bouncer, proxy):
+    faults = _pgbouncer_faults(server, bouncer)
+    return {
+        "cut-rst": (lambda: proxy.cut("rst"), None, 4),
+        "cut-fin": (lambda: proxy.cut("fin"), None, 3),
+        "reconnect": (faults["reconnect"], None, 1),
+        "kill": (faults["kill"], 2, 1),
+        "restart-pgbouncer": (faults["restart-pgbouncer"], 1, 1),
+        "restart-server": (faults["restart-server"], 1, 1),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("mode", MODES)
+def test_sync_ledger_through_pgbouncer(postgres_server, mode):
+    prepare(postgres_server)
+    with (
+        PgBouncer(postgres_server, pool_mode=mode) as bouncer,
+        ChaosProxy(bouncer.host, bouncer.port) as proxy,
+    ):
+        engines = []
+
+        def factory(ledger):
+            policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
+            engine = dropsafe.create_engine(
+                proxy.route(bouncer.url("psycopg2")),
+                policy=policy,
+                pool_size=WORKERS,
+                max_overflow=WORKERS,
+            )
+            engines.append(engine)
+            session_factory = sessionmaker(engine)
+            return lambda op_id: dropsafe.run_transaction(
+                session_factory, lambda session: session.execute(INSERT, {"op_id": op_id})
+            )
+
+        try:
+            ledger = run_sync(_ledger_faults(postgres_server, bouncer, proxy), factory, seed=21)
+        finally:
+            for engine in engines:
+                engine.dispose()
+    assert_safe(ledger, postgres_server)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_asyncpg_ledger_through_pgbouncer_in_transaction_mode(postgres_server):
+    prepare(postgres_server)
+
+    async def scenario(bouncer, proxy):
+        engines = []
+
+        def factory(ledger):
+            policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
+            engine = dropsafe.create_async_engine(
+                proxy.route(_asyncpg_url(bouncer)),
+                policy=policy,
+                pool_size=WORKERS,
+                max_overflow=WORKERS,
+                **_asyncpg_kwargs(),
+            )
+            engines.append(engine)
+            session_factory = async_sessionmaker(engine)
+
+            async def insert(session, op_id):
+                await session.execute(INSERT, {"op_id": op_id})
+
+            return lambda op_id: dropsafe.run_transaction_async(
+                session_factory, lambda session: insert(session, op_id)
+            )
+
+        try:
+            return await run_async(_ledger_faults(postgres_server, bouncer, proxy), factory, 22)
+        finally:
+            for engine in engines:
+                await engine.dispose()
+
+    with (
+        PgBouncer(postgres_server, pool_mode="transaction") as bouncer,
+        ChaosProxy(bouncer.host, bouncer.port) as proxy,
+    ):
+        ledger = asyncio.run(scenario(bouncer, proxy))
+    assert_safe(ledger, postgres_server)
