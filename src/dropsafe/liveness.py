@@ -34,6 +34,7 @@ logger = logging.getLogger("dropsafe")
 
 _ADDED = "dropsafe.added_connect_args"
 _IDLE_SINCE = "dropsafe.idle_since"
+_FRESH = "dropsafe.fresh"
 
 
 class ConnectionGuard:
@@ -97,6 +98,7 @@ class ConnectionGuard:
             # Keepalives are a safety net: a socket that refuses them still works.
             logger.warning("dropsafe could not tune a new connection's socket: %s", exc)
         entry.info[_IDLE_SINCE] = time.monotonic()
+        entry.info[_FRESH] = True
         with self._lock:
             self._unconfirmed_connects = 0
         try:
@@ -123,7 +125,9 @@ class ConnectionGuard:
         self._forget(dbapi_connection, entry)
         health = self.driver.probe(dbapi_connection)
         idle_for = time.monotonic() - entry.info.get(_IDLE_SINCE, time.monotonic())
-        if health is Health.ALIVE and idle_for <= self._ping_after_idle:
+        # A connection made for this checkout was just proven by its handshake.
+        fresh = entry.info.pop(_FRESH, False)
+        if health is Health.ALIVE and (fresh or idle_for <= self._ping_after_idle):
             return
         reason = f"probe found the connection {health.value}"
         if health is not Health.DEAD:

@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
+from dropsafe.events import PingSucceeded
 
 pytestmark = pytest.mark.fault
 
@@ -162,3 +163,36 @@ def test_blackholed_request_ends_within_the_default_bound(
             engine.dispose()
     assert elapsed < bound, f"the request hung {elapsed:.1f}s on a half-open connection"
     assert served == 2
+
+
+@pytest.mark.parametrize("driver", [*SYNC_DRIVERS, "asyncpg"])
+def test_a_connection_idle_too_long_is_pinged_not_replaced(shared_server, driver):
+    events = []
+    policy = dropsafe.Policy(ping_after_idle=0, hooks=(events.append,))
+    url = shared_server.url(driver)
+    if driver == "asyncpg":
+
+        async def scenario():
+            engine = dropsafe.create_async_engine(url, policy=policy, pool_size=1)
+            try:
+                pids = []
+                for _ in range(3):
+                    async with engine.connect() as conn:
+                        pids.append((await conn.execute(BACKEND_PID)).scalar())
+                return pids
+            finally:
+                await engine.dispose()
+
+        pids = asyncio.run(scenario())
+    else:
+        engine = dropsafe.create_engine(
+            url, policy=policy, pool_size=1, connect_args=shared_server.connect_args(driver)
+        )
+        try:
+            pids = [_request(engine) for _ in range(3)]
+        finally:
+            engine.dispose()
+    assert len(set(pids)) == 1, "a live connection was replaced"
+    pings = [event for event in events if isinstance(event, PingSucceeded)]
+    assert [ping.why for ping in pings] == ["idle", "idle"]  # not the fresh first checkout
+    assert all(0 < ping.latency < 5 for ping in pings)
