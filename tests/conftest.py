@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 from typing import TYPE_CHECKING
 
 import pytest
@@ -22,3 +23,10 @@ def shared_server() -> Iterator[PostgresServer]:
     """One TLS server for a module whose tests do not stop or break it."""
     with PostgresServer() as server:
         yield server
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect garbage after each test, so that a leaked socket fails the test that leaked it."""
+    yield
+    gc.collect()

@@ -116,22 +116,23 @@ def _parse(url: str | URL) -> URL:
         raise ConfigurationError(
             f"url must be a string or sqlalchemy.URL, not {type(url).__name__}"
         )
+    # Name the URL as given, masked as text: a parse may move a password elsewhere.
+    shown = redact_url(url)
     try:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
         raise ConfigurationError(
-            f"malformed database URL {redact_url(url)!r}; expected "
+            f"malformed database URL {shown!r}; expected "
             "postgresql+DRIVER://user:password@host:port/database"
         ) from None
     supported = ", ".join(f"postgresql+{name}" for name in SUPPORTED_DRIVERS)
     if parsed.get_backend_name() not in ("postgresql", "postgres"):
         raise ConfigurationError(
             f"dropsafe supports PostgreSQL only, not {parsed.get_backend_name()!r} "
-            f"in {redact_url(parsed)}; supported: {supported}"
+            f"in {shown}; supported: {supported}"
         )
     if parsed.get_driver_name() not in (*SUPPORTED_DRIVERS, "psycopg_async"):
         raise ConfigurationError(
-            f"unsupported driver {parsed.get_driver_name()!r} in {redact_url(parsed)}; "
-            f"supported: {supported}"
+            f"unsupported driver {parsed.get_driver_name()!r} in {shown}; supported: {supported}"
         )
     return parsed

@@ -2,18 +2,23 @@
 
 Hooks are plain callables taking one event; they are attached to a `Policy`
 (``Policy(hooks=(my_hook,))``), so each engine reports to its own hooks and nothing is global.
-A hook that raises is logged and ignored: observing must never break the application.
+The default policy has one: `LoggingHook`. A hook that raises is logged and ignored: observing
+must never break the application. Every text an event carries has its passwords masked.
 
 Example::
 
     def count_retries(event: dropsafe.events.Event) -> None:
         if isinstance(event, dropsafe.events.RetryScheduled):
             metrics.retries.inc()
+
+    policy = dropsafe.Policy(hooks=(dropsafe.events.LoggingHook(), count_retries))
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, Union
 
@@ -24,13 +29,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CommitResolved",
+    "ConnectionInvalidated",
     "DeadConnectionReplaced",
     "Event",
     "Hook",
+    "LoggingHook",
     "PingSucceeded",
     "RetriesGaveUp",
     "RetryScheduled",
     "emit",
+    "format_event",
 ]
 
 logger = logging.getLogger("dropsafe")
@@ -42,6 +50,15 @@ class DeadConnectionReplaced:
 
     reason: str
     pool_wide: bool  # every older pooled connection was recycled too
+
+
+@dataclass(frozen=True)
+class ConnectionInvalidated:
+    """A statement met a lost connection (or a failover); it is replaced, maybe the pool too."""
+
+    kind: Kind
+    pool_wide: bool
+    error: str
 
 
 @dataclass(frozen=True)
@@ -82,7 +99,12 @@ class CommitResolved:
 
 
 Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
-    DeadConnectionReplaced, PingSucceeded, RetryScheduled, RetriesGaveUp, CommitResolved
+    DeadConnectionReplaced,
+    ConnectionInvalidated,
+    PingSucceeded,
+    RetryScheduled,
+    RetriesGaveUp,
+    CommitResolved,
 ]
 
 
@@ -100,3 +122,59 @@ def emit(hooks: Iterable[Hook], event: Event) -> None:
             hook(event)
         except Exception:  # noqa: PERF203 - one failing hook must not silence the others
             logger.exception("dropsafe hook %r failed on %r", hook, event)
+
+
+class LoggingHook:
+    """Write one structured line per event to the ``dropsafe`` logger (logfmt-style).
+
+    Levels: pings at DEBUG; replaced connections, retries and resolved commits at INFO; a unit
+    of work that gave up and a commit that could not be resolved at WARNING.
+
+    Example output::
+
+        dropsafe.retry_scheduled attempt=1 delay=0.031 kind=disconnect error="OperationalError: ..."
+    """
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger("dropsafe")
+
+    def __call__(self, event: Event, /) -> None:
+        """Log ``event``."""
+        level = _level_of(event)
+        if self.logger.isEnabledFor(level):
+            self.logger.log(level, format_event(event))
+
+    def __repr__(self) -> str:
+        return f"LoggingHook({self.logger.name!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LoggingHook) and other.logger is self.logger
+
+    def __hash__(self) -> int:
+        return hash((LoggingHook, self.logger.name))
+
+
+def format_event(event: Event) -> str:
+    """Render ``event`` as ``dropsafe.<name> key=value ...``; strings are quoted."""
+    name = re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
+    fields = []
+    for field in dataclasses.fields(event):
+        value = getattr(event, field.name)
+        if isinstance(value, float):
+            text = f"{value:.4f}".rstrip("0").rstrip(".")
+        elif isinstance(value, str) and field.name in ("error", "reason"):
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+        else:
+            text = str(getattr(value, "value", value))
+        fields.append(f"{field.name}={text}")
+    return " ".join([f"dropsafe.{name}", *fields])
+
+
+def _level_of(event: Event) -> int:
+    if isinstance(event, PingSucceeded):
+        return logging.DEBUG
+    if isinstance(event, RetriesGaveUp) or (
+        isinstance(event, CommitResolved) and event.outcome == "unknown"
+    ):
+        return logging.WARNING
+    return logging.INFO

@@ -19,8 +19,9 @@ from sqlalchemy import event
 
 from dropsafe.classify import POOL_WIDE_SQLSTATES, Kind, classify, sqlstate_of
 from dropsafe.drivers import Driver, Health, Server
-from dropsafe.events import DeadConnectionReplaced, PingSucceeded, emit
+from dropsafe.events import ConnectionInvalidated, DeadConnectionReplaced, PingSucceeded, emit
 from dropsafe.policy import Policy, seconds
+from dropsafe.redaction import redact_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -135,18 +136,13 @@ class ConnectionGuard:
             try:
                 self.driver.ping(self._dialect, dbapi_connection, self._ping_timeout)
             except Exception as exc:  # noqa: BLE001 - any failure of the ping means replace it
-                reason = f"ping failed: {type(exc).__name__}: {exc}"
+                reason = redact_text(f"ping failed: {type(exc).__name__}: {exc}")
             else:
                 why: Literal["idle", "suspect"] = "suspect" if health is Health.SUSPECT else "idle"
                 emit(self.policy.hooks, PingSucceeded(time.monotonic() - started, why))
                 return
         pool_wide = self._other_idle_connections_dead()
         emit(self.policy.hooks, DeadConnectionReplaced(reason, pool_wide=pool_wide))
-        logger.info(
-            "dropsafe replaced a dead pooled connection (%s)%s",
-            reason,
-            "; recycling the whole pool" if pool_wide else "",
-        )
         if pool_wide:
             raise sqlalchemy.exc.InvalidatePoolError(reason)
         raise sqlalchemy.exc.DisconnectionError(reason)
@@ -179,8 +175,12 @@ class ConnectionGuard:
             context.is_disconnect = True
         if context.is_disconnect:
             # SQLAlchemy recycles the whole pool on any disconnect; recycle only what is dead.
-            context.invalidate_pool_on_disconnect = (
+            pool_wide = (
                 kind is Kind.FAILOVER
                 or sqlstate_of(context.original_exception) in POOL_WIDE_SQLSTATES
                 or self._other_idle_connections_dead()
             )
+            context.invalidate_pool_on_disconnect = pool_wide
+            error = context.original_exception
+            text = redact_text(f"{type(error).__name__}: {error}")
+            emit(self.policy.hooks, ConnectionInvalidated(kind, pool_wide, text))

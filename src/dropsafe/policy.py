@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Union
 
 from dropsafe.errors import ConfigurationError
+from dropsafe.events import LoggingHook
 
 if TYPE_CHECKING:
     from dropsafe.events import Hook
@@ -88,8 +89,9 @@ class Policy:
     #: How long to keep asking while the server reports the transaction "in progress".
     commit_status_timeout: Duration = 10.0
     #: Callables that receive every `dropsafe.events.Event` of engines and units of work
-    #: using this policy.
-    hooks: tuple[Hook, ...] = ()
+    #: using this policy; by default a `dropsafe.events.LoggingHook`. Pass your own tuple to
+    #: replace it (keep ``LoggingHook()`` in it to keep the log lines).
+    hooks: tuple[Hook, ...] = (LoggingHook(),)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

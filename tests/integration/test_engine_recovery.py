@@ -71,7 +71,8 @@ def test_sync_pool_serves_after_fault_without_errors(
                 after |= set(pool.map(lambda _: _request(engine), range(2 * POOL)))
         assert not before & after, "a connection from before the fault was handed out"
         # Every idle connection died at once: the first dead one recycled the whole pool.
-        assert "recycling the whole pool" in caplog.text
+        assert "dropsafe.dead_connection_replaced" in caplog.text
+        assert "pool_wide=True" in caplog.text
     finally:
         engine.dispose()
 

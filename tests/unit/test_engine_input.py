@@ -7,7 +7,7 @@ from sqlalchemy.engine import make_url
 import dropsafe
 from dropsafe import ConfigurationError, Policy
 from dropsafe.engine import guard_of
-from dropsafe.redaction import redact_url
+from dropsafe.redaction import redact_text, redact_url
 
 URL = "postgresql+psycopg2://app:s3cret@db.invalid/app"
 
@@ -91,3 +91,21 @@ def test_redact_url_hides_the_password(text):
 
 def test_redact_sqlalchemy_url():
     assert "s3cret" not in redact_url(make_url("postgresql://app:s3cret@db/app"))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "error at postgresql://app:s3cret@db/app and more",
+        "postgresql://a@b:s3cret@db/app",
+        "{'password': 's3cret', 'user': 'app'}",
+        "password = s3cret",
+    ],
+)
+def test_redact_text_hides_passwords_in_free_text(text):
+    assert "s3cret" not in redact_text(text)
+
+
+def test_redact_text_leaves_ordinary_errors_alone():
+    text = 'connection to server at "127.0.0.1", port 5432 failed: Connection refused'
+    assert redact_text(text) == text

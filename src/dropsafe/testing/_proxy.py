@@ -306,17 +306,22 @@ class ChaosProxy:
             # The upstream refused: the client sees its connection reset, as it would directly.
             _abort(writer, "rst")
             return
+        except BaseException:
+            _abort(writer, "fin")  # shutting down while connecting upstream
+            raise
         link = _Link((reader, writer), upstream, self._faults.die_after)
         self._links.add(link)
-        link.tasks = [
-            asyncio.create_task(self._pump(link, reader, upstream[1], to_server=True)),
-            asyncio.create_task(self._pump(link, upstream[0], writer, to_server=False)),
-        ]
-        await asyncio.gather(*link.tasks, return_exceptions=True)
-        if link in self._links:
-            link.abort("fin")
-            await link.wait_closed()
-            self._links.discard(link)
+        try:
+            link.tasks = [
+                asyncio.create_task(self._pump(link, reader, upstream[1], to_server=True)),
+                asyncio.create_task(self._pump(link, upstream[0], writer, to_server=False)),
+            ]
+            await asyncio.gather(*link.tasks, return_exceptions=True)
+        finally:
+            # However this ends (also cancelled at shutdown), no socket outlives the link.
+            if link in self._links:
+                self._links.discard(link)
+                link.abort("fin")
 
     async def _pump(
         self,

@@ -1,0 +1,115 @@
+import logging
+import string
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+import dropsafe
+from dropsafe import ConfigurationError, Kind, Policy
+from dropsafe.events import (
+    CommitResolved,
+    ConnectionInvalidated,
+    DeadConnectionReplaced,
+    LoggingHook,
+    PingSucceeded,
+    RetriesGaveUp,
+    RetryScheduled,
+    format_event,
+)
+from dropsafe.prometheus import PrometheusHook
+
+EVENTS = [
+    DeadConnectionReplaced("probe found the connection dead", pool_wide=True),
+    ConnectionInvalidated(Kind.FAILOVER, pool_wide=True, error='OperationalError: "read only"'),
+    PingSucceeded(0.0123, "idle"),
+    RetryScheduled(2, 0.25, Kind.TRANSIENT, "SerializationFailure: conflict\nline two"),
+    RetriesGaveUp(5, 3.5, "deadline", "OperationalError: down"),
+    CommitResolved(725, "committed", 0.05),
+    CommitResolved(726, "unknown", 10.0),
+]
+
+
+def test_format_is_one_logfmt_line_per_event():
+    lines = [format_event(event) for event in EVENTS]
+    assert lines[3] == (
+        "dropsafe.retry_scheduled attempt=2 delay=0.25 kind=transient "
+        'error="SerializationFailure: conflict line two"'
+    )
+    assert lines[1].startswith("dropsafe.connection_invalidated kind=failover pool_wide=True ")
+    assert r'error="OperationalError: \"read only\""' in lines[1]
+    assert all("\n" not in line for line in lines)
+
+
+def test_logging_hook_levels(caplog):
+    hook = LoggingHook()
+    with caplog.at_level(logging.DEBUG, logger="dropsafe"):
+        for event in EVENTS:
+            hook(event)
+    levels = {record.getMessage().split()[0]: record.levelname for record in caplog.records}
+    assert levels["dropsafe.ping_succeeded"] == "DEBUG"
+    assert levels["dropsafe.retry_scheduled"] == "INFO"
+    assert levels["dropsafe.retries_gave_up"] == "WARNING"
+    assert [r.levelname for r in caplog.records if "outcome=unknown" in r.getMessage()] == [
+        "WARNING"
+    ]
+
+
+def test_default_policy_logs_and_own_hooks_replace_it():
+    assert Policy().hooks == (LoggingHook(),)
+    assert Policy() == Policy()
+    mine = []
+    assert Policy(hooks=(mine.append,)).hooks == (mine.append,)
+    with pytest.raises(ConfigurationError, match="hooks must be a tuple of callables"):
+        Policy(hooks=[mine.append])
+
+
+def test_prometheus_hook_counts_every_event():
+    registry = CollectorRegistry()
+    hook = PrometheusHook(registry)
+    for event in EVENTS:
+        hook(event)
+    value = registry.get_sample_value
+    assert value("dropsafe_dead_connections_total", {"pool_wide": "true"}) == 1
+    assert (
+        value("dropsafe_invalidated_connections_total", {"kind": "failover", "pool_wide": "true"})
+        == 1
+    )
+    assert value("dropsafe_retries_total", {"kind": "transient"}) == 1
+    assert value("dropsafe_units_gave_up_total", {"reason": "deadline"}) == 1
+    assert value("dropsafe_commits_resolved_total", {"outcome": "committed"}) == 1
+    assert value("dropsafe_commits_resolved_total", {"outcome": "unknown"}) == 1
+    assert value("dropsafe_ping_seconds_count", {"why": "idle"}) == 1
+    assert value("dropsafe_commit_resolution_seconds_sum") == pytest.approx(10.05)
+
+
+def test_prometheus_without_its_extra_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'dropsafe\[prometheus\]'"):
+        PrometheusHook()
+
+
+SECRET = "Sekr3t-pw"  # noqa: S105 - the needle the test searches for
+NAME = st.text(alphabet=string.ascii_letters + string.digits + "_.-", max_size=8)
+URL_PARTS = st.tuples(
+    st.sampled_from(["postgresql", "postgresql+psycopg2", "postgresql+asyncpg", "mysql", "pg", ""]),
+    NAME,
+    st.text(max_size=12),  # more password: anything, '@' and '/' included
+    st.text(max_size=12),  # host: anything
+    st.sampled_from(["", ":5432", ":notaport", ":99999"]),
+)
+
+
+@given(URL_PARTS)
+def test_any_url_gives_an_engine_or_a_clear_error_without_the_password(parts):
+    scheme, user, noise, host, port = parts
+    url = f"{scheme}://{user}:{SECRET}{noise}@{host}{port}/db"
+    try:
+        engine = dropsafe.create_engine(url)
+    except ConfigurationError as exc:
+        assert SECRET not in str(exc)
+    else:
+        assert SECRET not in repr(engine)
+        engine.dispose()
