@@ -121,8 +121,10 @@ def _parse(url: str | URL) -> URL:
     try:
         parsed = make_url(url)
     except (sqlalchemy.exc.ArgumentError, ValueError):
+        # Text that is not even scheme://... is not echoed: it may be anything, secrets too.
+        named = repr(shown) if "://" in shown else "(not shown: it has no scheme://)"
         raise ConfigurationError(
-            f"malformed database URL {shown!r}; expected "
+            f"malformed database URL {named}; expected "
             "postgresql+DRIVER://user:password@host:port/database"
         ) from None
     supported = ", ".join(f"postgresql+{name}" for name in SUPPORTED_DRIVERS)

@@ -31,14 +31,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dropsafe.cli import reproduce  # noqa: PLC0415 - each command loads only what it needs
+    from dropsafe.cli import (  # noqa: PLC0415 - commands load what they need
+        bench,
+        demo,
+        doctor,
+        reproduce,
+    )
 
     parser = argparse.ArgumentParser(
         prog="dropsafe",
         description="Keep SQLAlchemy applications working when PostgreSQL connections fail.",
     )
     commands = parser.add_subparsers(title="commands")
+    demo.register(commands)
+    doctor.register(commands)
     reproduce.register(commands)
+    bench.register(commands)
     return parser
 
 

@@ -41,6 +41,8 @@ _STOP_SIGNALS: dict[str, signal.Signals] = {
 }
 _DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 _START_TIMEOUT = 60.0
+#: The one role whose password is checked (all others are trusted); create it to use it.
+PASSWORD_ROLE = "dropsafe_password_user"  # noqa: S105 - a role name, not a password
 _STOP_TIMEOUT = 60.0
 
 
@@ -391,6 +393,8 @@ class PostgresServer:
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write("\n".join(lines) + "\n")
         (self.data_dir / "pg_hba.conf").write_text(
+            # One role checks passwords, for tests of refused authentication.
+            f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n"
             "local all all trust\n"
             "host all all 127.0.0.1/32 trust\n"
             "host all all ::1/128 trust\n"

@@ -1,0 +1,359 @@
+"""What each variant saves when things break: recovery, half-open connections, the chaos ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import sessionmaker
+
+import dropsafe
+from dropsafe.bench._engines import SCHEMA, Variant, make_async, make_sync
+from dropsafe.bench._report import bar_plot, table
+from dropsafe.testing import (
+    ChaosProxy,
+    PostgresServer,
+    kernel_blackhole,
+    kernel_blackhole_unavailable,
+    multi_host_url,
+)
+from dropsafe.testing._ledger import CHAOS_POLICY, INSERT, prepare, run_sync, server_faults
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+__all__ = ["run_half_open", "run_ledger", "run_recovery"]
+
+DRIVERS = ("psycopg2", "psycopg", "asyncpg")
+VARIANTS = (Variant("plain"), Variant("pre_ping"), Variant("dropsafe"))
+_GIVE_UP = 30.0
+
+
+@dataclass
+class Timeline:
+    """Outcomes of back-to-back requests: (when, ok) pairs."""
+
+    outcomes: list[tuple[float, bool]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def first_success_after(self, moment: float) -> float | None:
+        return next((t for t, ok in list(self.outcomes) if ok and t > moment), None)
+
+    def errors_between(self, start: float, end: float) -> int:
+        return sum(1 for t, ok in list(self.outcomes) if not ok and start <= t <= end)
+
+
+def _client(variant: Variant, driver: str, url: str, timeline: Timeline) -> threading.Thread:
+    """Issue write requests back to back in a thread until told to stop."""
+    if driver == "asyncpg":
+
+        async def loop() -> None:
+            request, engine = await make_async(variant, url, 1)
+            try:
+                await request("write")
+                timeline.outcomes.append((time.monotonic(), True))
+                while not timeline.stop.is_set():
+                    try:
+                        await request("write")
+                    except Exception:  # noqa: BLE001, PERF203 - an app-visible error, counted
+                        timeline.outcomes.append((time.monotonic(), False))
+                        await asyncio.sleep(0.01)  # an app would not spin on errors either
+                    else:
+                        timeline.outcomes.append((time.monotonic(), True))
+            finally:
+                await engine.dispose()
+
+        return threading.Thread(target=asyncio.run, args=(loop(),), daemon=True)
+
+    def run() -> None:
+        request = make_sync(variant, url, 1)
+        try:
+            while not timeline.stop.is_set():
+                try:
+                    request("write")
+                except Exception:  # noqa: BLE001, PERF203 - an app-visible error, counted
+                    timeline.outcomes.append((time.monotonic(), False))
+                    time.sleep(0.01)
+                else:
+                    timeline.outcomes.append((time.monotonic(), True))
+        finally:
+            request.dispose()  # type: ignore[attr-defined]
+
+    return threading.Thread(target=run, daemon=True)
+
+
+def _wait(ready: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _recover_once(scenario: str, driver: str, variant: Variant) -> tuple[float, float | None, int]:
+    """Return the downtime, the time from the server's return to a success, and the errors."""
+    with contextlib.ExitStack() as stack:
+        primary = stack.enter_context(PostgresServer())
+        primary.execute(SCHEMA)
+        if scenario == "promotion":
+            standby = primary.make_standby()
+            stack.callback(standby.close)
+            url = multi_host_url([primary, standby], driver)  # type: ignore[arg-type]
+        else:
+            url = primary.url(driver)  # type: ignore[arg-type]
+        timeline = Timeline()
+        thread = _client(variant, driver, url, timeline)
+        thread.start()
+        try:
+            if not _wait(lambda: len(timeline.outcomes) >= 5, _GIVE_UP):  # noqa: PLR2004
+                return 0.0, None, 0
+            fault_at = time.monotonic()
+            if scenario == "promotion":
+                primary.stop("immediate")
+                standby.promote()
+            else:
+                primary.restart("fast")
+            back_at = time.monotonic()
+            _wait(lambda: timeline.first_success_after(back_at) is not None, _GIVE_UP)
+            first = timeline.first_success_after(back_at)
+            errors = timeline.errors_between(fault_at, first or time.monotonic())
+            return back_at - fault_at, (None if first is None else first - back_at), errors
+        finally:
+            timeline.stop.set()
+            thread.join(timeout=60)
+
+
+def run_recovery(out: Path, *, log: Callable[[str], None]) -> list[str]:
+    """Time from a restart and from a promotion to the first successful write."""
+    rows, series = [], {}
+    for scenario in ("restart", "promotion"):
+        for variant in VARIANTS:
+            values = []
+            for driver in DRIVERS:
+                downtime, seconds, errors = _recover_once(scenario, driver, variant)
+                shown = "no success in 30 s" if seconds is None else f"{seconds:.3f}"
+                rows.append([scenario, driver, variant.name, f"{downtime:.2f}", shown, errors])
+                values.append(seconds if seconds is not None else _GIVE_UP)
+                log(f"recovery {scenario} {driver} {variant.name}: {shown}s, {errors} errors")
+            series[f"{scenario}: {variant.name}"] = values
+    picture = out / "recovery.png"
+    bar_plot(
+        list(DRIVERS),
+        series,
+        title="Seconds from the server's return to the first successful write (lower is better)",
+        ylabel="seconds",
+        path=picture,
+    )
+    return [
+        "## Recovery",
+        "",
+        (
+            "One client writes back to back (plain and pre_ping: a session per write, as the "
+            "app does; dropsafe: run_transaction). `restart`: the server restarts (fast). "
+            "`promotion`: the primary stops (immediate) and its standby is promoted (multi-host "
+            "URL). Downtime: until the restart or the promotion completed. Then: how long until "
+            "a write succeeded, and the errors the app saw from the fault to that success."
+        ),
+        "",
+        *table(
+            [
+                "fault",
+                "driver",
+                "variant",
+                "downtime (s)",
+                "first success after (s)",
+                "app-visible errors",
+            ],
+            rows,
+            text_columns=3,
+        ),
+        "",
+        f"![recovery]({picture.name})",
+    ]
+
+
+def run_half_open(out: Path, *, cap: float, log: Callable[[str], None]) -> list[str]:
+    """Time for a request on a kernel-blackholed connection to end, every variant at once."""
+    reason = kernel_blackhole_unavailable()
+    if reason is not None:
+        return ["## Half-open connections", "", f"Not measured here: {reason}."]
+    ended: dict[tuple[str, str], float] = {}
+    with PostgresServer() as server:
+        server.execute(SCHEMA)
+        loops: list[asyncio.AbstractEventLoop] = []
+        requests = [
+            (driver, variant.name, _warm(variant, driver, server, loops))
+            for driver in DRIVERS
+            for variant in VARIANTS
+        ]
+        with kernel_blackhole(server.port):
+            started = time.monotonic()
+
+            def timed(key: tuple[str, str], request: Callable[[], None]) -> None:
+                with contextlib.suppress(Exception):
+                    request()
+                ended[key] = time.monotonic() - started
+
+            threads = [
+                threading.Thread(target=timed, args=((d, v), r), daemon=True)
+                for d, v, r in requests
+            ]
+            for thread in threads:
+                thread.start()
+            _wait(lambda: len(ended) == len(requests), cap)
+        log(f"half-open: {ended}")
+    rows = [
+        [
+            driver,
+            variant.name,
+            f"{ended[driver, variant.name]:.1f}"
+            if (driver, variant.name) in ended and ended[driver, variant.name] <= cap
+            else f"> {cap:g} (capped)",
+        ]
+        for driver in DRIVERS
+        for variant in VARIANTS
+    ]
+    series = {
+        variant.name: [min(ended.get((d, variant.name), cap), cap) for d in DRIVERS]
+        for variant in VARIANTS
+    }
+    picture = out / "half_open.png"
+    bar_plot(
+        list(DRIVERS),
+        series,
+        title=f"Seconds until a request on a half-open connection ends (capped at {cap:g} s)",
+        ylabel="seconds",
+        path=picture,
+    )
+    return [
+        "## Half-open connections",
+        "",
+        (
+            "A warmed pool; then every packet to and from the server is dropped in the kernel and "
+            "one request per variant is sent. Without dropsafe the request waits for TCP's "
+            "retransmission timeout (about 15 minutes on Linux)."
+        ),
+        "",
+        *table(["driver", "variant", "request ended after (s)"], rows, text_columns=2),
+        "",
+        f"![half-open]({picture.name})",
+    ]
+
+
+def _warm(
+    variant: Variant, driver: str, server: PostgresServer, loops: list[asyncio.AbstractEventLoop]
+) -> Callable[[], None]:
+    """Return a request on a warmed one-connection engine, ready to run in any thread."""
+    url = server.url(driver)  # type: ignore[arg-type]
+    if driver != "asyncpg":
+        request = make_sync(variant, url, 1)
+        request("query")
+        return lambda: _discard(request("query"))
+    loop = asyncio.new_event_loop()
+    loops.append(loop)
+    arequest, _ = loop.run_until_complete(make_async(variant, url, 1))
+    loop.run_until_complete(arequest("query"))
+    return lambda: _discard(loop.run_until_complete(arequest("query")))
+
+
+def _discard(value: object) -> None:
+    del value
+
+
+def run_ledger(
+    out: Path, *, drivers: tuple[str, ...], seconds: float, log: Callable[[str], None]
+) -> list[str]:
+    """Acknowledged ops per second, lost and duplicated ops: naive loop vs dropsafe."""
+    del out
+    rows = []
+    for driver in drivers:
+        for name in ("naive", "dropsafe"):
+            with PostgresServer() as server, ChaosProxy(server.host, server.port) as proxy:
+                prepare(server)
+                engines: list[Any] = []
+                factory = _ledger_factory(name, proxy.route(server.url(driver)), engines)  # type: ignore[arg-type]
+                try:
+                    ledger = run_sync(server_faults(server, proxy), factory, 31, seconds=seconds)
+                finally:
+                    for engine in engines:
+                        engine.dispose()
+                lost, duplicated = ledger.audit(server)
+            log(f"ledger {driver} {name}: {ledger.summary(lost, duplicated)}")
+            rows.append(
+                [
+                    driver,
+                    name,
+                    f"{len(ledger.acknowledged) / ledger.seconds:.1f}",
+                    len(ledger.acknowledged),
+                    len(lost),
+                    len(duplicated),
+                    len(ledger.failed),
+                    sum(1 for event in ledger.resolved if event.outcome != "unknown"),
+                ]
+            )
+    return [
+        "## Chaos ledger",
+        "",
+        (
+            f"4 writers for {seconds:g} s insert rows tagged with fresh op ids "
+            "(no unique constraint) "
+            "while a nemesis cuts connections (FIN, RST) mid-COMMIT, terminates backends and "
+            "restarts the server (fast, then crash). `naive`: pre_ping plus a loop that runs the "
+            "unit again after a disconnect, as careful teams write today."
+        ),
+        "",
+        *table(
+            [
+                "driver",
+                "variant",
+                "acked ops/s",
+                "acked",
+                "lost",
+                "duplicated",
+                "failed",
+                "commits resolved",
+            ],
+            rows,
+            text_columns=2,
+        ),
+    ]
+
+
+def _ledger_factory(
+    name: str, url: str, engines: list[Any]
+) -> Callable[[Any], Callable[[str], object]]:
+    def factory(ledger: Any) -> Callable[[str], object]:  # noqa: ANN401 - a Ledger
+        if name == "dropsafe":
+            policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
+            engine = dropsafe.create_engine(url, policy=policy, pool_size=4, max_overflow=4)
+            engines.append(engine)
+            session_factory = sessionmaker(engine)
+            return lambda op_id: dropsafe.run_transaction(
+                session_factory, lambda s: s.execute(INSERT, {"op_id": op_id})
+            )
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
+        engines.append(engine)
+        naive_sessions = sessionmaker(engine)
+
+        def naive(op_id: str) -> None:
+            for _ in range(30):
+                try:
+                    with naive_sessions() as session, session.begin():
+                        session.execute(INSERT, {"op_id": op_id})
+                except sa.exc.DBAPIError as exc:
+                    if exc.connection_invalidated:
+                        continue
+                    raise
+                return
+            raise RuntimeError("gave up after 30 attempts")
+
+        return naive
+
+    return factory

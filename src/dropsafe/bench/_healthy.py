@@ -1,0 +1,151 @@
+"""The healthy path: what each variant costs when nothing is wrong, and the commit guard's price."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+from dropsafe.bench._engines import (
+    SCHEMA,
+    Sample,
+    Variant,
+    drive_async,
+    drive_sync,
+    make_async,
+    make_psycopg_pool,
+    make_sync,
+)
+from dropsafe.bench._report import bar_plot, percentile, table
+from dropsafe.testing import ChaosProxy, PostgresServer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+__all__ = ["run_healthy"]
+
+DRIVERS = ("psycopg2", "psycopg", "asyncpg")
+PLAIN, PRE_PING, POOL = Variant("plain"), Variant("pre_ping"), Variant("psycopg_pool check")
+GUARDED, UNVERIFIED = Variant("dropsafe"), Variant("dropsafe unverified", verify=False)
+Key = tuple[str, int, int, str, str]  # workload, rtt, clients, driver, variant
+
+
+def _variants(driver: str, workload: str) -> list[Variant]:
+    variants = [PLAIN, PRE_PING, GUARDED]
+    if workload == "write":
+        variants.append(UNVERIFIED)
+    if driver == "psycopg":
+        variants.append(POOL)
+    return variants
+
+
+def _measure(server: PostgresServer, proxy: ChaosProxy, key: Key, seconds: float) -> Sample:
+    workload, _, clients, driver, variant_name = key
+    variant = next(v for v in _variants(driver, workload) if v.name == variant_name)
+    url = proxy.route(server.url(driver))  # type: ignore[arg-type]
+    if driver == "asyncpg":
+
+        async def run() -> Sample:
+            request, engine = await make_async(variant, url, clients)
+            try:
+                return await drive_async(request, workload, clients, seconds)
+            finally:
+                await engine.dispose()
+
+        return asyncio.run(run())
+    request = (
+        make_psycopg_pool(url, clients) if variant is POOL else make_sync(variant, url, clients)
+    )
+    try:
+        return drive_sync(request, workload, clients, seconds)
+    finally:
+        request.dispose()  # type: ignore[attr-defined]
+
+
+def run_healthy(out: Path, *, rounds: int, seconds: float, log: Callable[[str], None]) -> list[str]:
+    """Measure every cell, interleaved in rounds; return the report's section."""
+    keys: list[Key] = [
+        (workload, rtt, clients, driver, variant.name)
+        for workload in ("query", "write")
+        for rtt in (0, 10)
+        for clients in (1, 8)
+        for driver in DRIVERS
+        for variant in _variants(driver, workload)
+    ]
+    samples: dict[Key, list[Sample]] = defaultdict(list)
+    with PostgresServer() as server, ChaosProxy(server.host, server.port) as proxy:
+        server.execute(SCHEMA)
+        for round_number in range(rounds):
+            for rtt in (0, 10):
+                proxy.latency(rtt / 2)
+                for key in (k for k in keys if k[1] == rtt):
+                    sample = _measure(server, proxy, key, seconds)
+                    samples[key].append(sample)
+                    log(f"healthy round {round_number + 1}/{rounds} {key}: {sample.rate:.0f}/s")
+    return _section(samples, keys, out)
+
+
+def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> list[str]:  # noqa: C901 - one table per cell, one plot per workload
+    def rate(key: Key) -> float:
+        return statistics.median(s.rate for s in samples[key])
+
+    def latencies(key: Key) -> list[float]:
+        return [latency for s in samples[key] for latency in s.latencies]
+
+    lines = [
+        "## Healthy path",
+        "",
+        (
+            "Single-query requests (check out, `SELECT 1`, return) and small write transactions "
+            "(one INSERT, COMMIT). Ratio = throughput / the plain pool's, same cell, same run. "
+            "`psycopg_pool check` is psycopg_pool with `check=check_connection`, "
+            "without SQLAlchemy. "
+            "`dropsafe unverified` is run_transaction with `verify_commits=False`."
+        ),
+    ]
+    groups = sorted({(k[0], k[1], k[2]) for k in keys})
+    for workload, rtt, clients in groups:
+        header = ["driver", "variant", "per s", "ratio", "p50 ms", "p99 ms"]
+        rows = []
+        for key in (k for k in keys if k[:3] == (workload, rtt, clients)):
+            base = rate((workload, rtt, clients, key[3], PLAIN.name))
+            lat = latencies(key)
+            rows.append(
+                [
+                    key[3],
+                    key[4],
+                    f"{rate(key):.0f}",
+                    f"{rate(key) / base:.2f}x",
+                    f"{percentile(lat, 0.5) * 1000:.2f}",
+                    f"{percentile(lat, 0.99) * 1000:.2f}",
+                ]
+            )
+        title = f"{workload}, {rtt} ms RTT, {clients} client(s)"
+        lines += ["", f"### {title}", "", *table(header, rows, text_columns=2)]
+    for workload in ("query", "write"):
+        variant_names = [v.name for v in (PLAIN, PRE_PING, GUARDED, UNVERIFIED, POOL)]
+        group_names = [f"{d}\n{r} ms, {c}c" for r in (0, 10) for c in (1, 8) for d in DRIVERS]
+        series: dict[str, list[float]] = {}
+        for name in variant_names:
+            values = []
+            for rtt in (0, 10):
+                for clients in (1, 8):
+                    for driver in DRIVERS:
+                        cell: Key = (workload, rtt, clients, driver, name)
+                        plain: Key = (workload, rtt, clients, driver, PLAIN.name)
+                        values.append(rate(cell) / rate(plain) if cell in samples else 0.0)
+            if any(values):
+                series[name] = values
+        picture = out / f"healthy_{workload}.png"
+        bar_plot(
+            group_names,
+            series,
+            title=f"{workload}: throughput relative to the plain pool (higher is better)",
+            ylabel="ratio to plain pool",
+            path=picture,
+            baseline=1.0,
+        )
+        lines += ["", f"![{workload}]({picture.name})"]
+    return lines

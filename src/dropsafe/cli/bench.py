@@ -1,0 +1,52 @@
+"""``dropsafe bench``: the side-by-side benchmarks, written as RESULTS.md and PNG plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from dropsafe.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    import argparse
+
+__all__ = ["register", "run"]
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``bench`` command."""
+    parser = commands.add_parser(
+        "bench",
+        help="compare plain pool, pool_pre_ping, psycopg_pool and dropsafe side by side",
+        description="Run the benchmarks on throwaway servers and write RESULTS.md and plots.",
+    )
+    parser.add_argument("--quick", action="store_true", help="about two minutes (for CI)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="where to write the report"
+    )
+    parser.add_argument(
+        "--only", nargs="+", metavar="SECTION", help="healthy, recovery, half-open, ledger"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmarks; print where the report is."""
+    try:
+        import matplotlib as mpl  # noqa: F401, PLC0415 - checks the extra is there
+        import psycopg_pool  # noqa: F401, PLC0415
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"the benchmarks need their extra ({exc.name} is missing): "
+            "pip install 'dropsafe[all,bench]'"
+        ) from None
+    from dropsafe.bench import SECTIONS  # noqa: PLC0415
+    from dropsafe.bench import run as run_benchmarks  # noqa: PLC0415
+
+    sections = tuple(args.only or SECTIONS)
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ConfigurationError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
+    report = run_benchmarks(args.out, quick=args.quick, sections=sections)
+    print(f"report written to {report}")  # noqa: T201 - the CLI's own output
+    return 0

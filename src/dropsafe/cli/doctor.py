@@ -1,0 +1,236 @@
+"""``dropsafe doctor URL``: look at a real database and say what to set, exactly.
+
+It reports the server's version, TLS and how it is verified, round-trip time and what a ping
+costs, the server's timeouts and keepalives, whether a pooler is in between and whether the node
+is a standby, and the client settings dropsafe would use; then recommendations, each with the
+exact setting. It never prints a password. An unreachable host, refused authentication or a
+malformed URL ends with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.pool import NullPool
+
+import dropsafe
+from dropsafe.classify import Kind, classify
+from dropsafe.drivers import driver_for
+from dropsafe.engine import _parse
+from dropsafe.errors import ConfigurationError
+from dropsafe.policy import Policy
+from dropsafe.redaction import redact_text, redact_url
+
+if TYPE_CHECKING:
+    import argparse
+
+    from sqlalchemy.engine import URL
+
+__all__ = ["diagnose", "register", "run"]
+
+_SETTINGS = (
+    "idle_session_timeout",
+    "idle_in_transaction_session_timeout",
+    "statement_timeout",
+    "tcp_keepalives_idle",
+    "tcp_keepalives_interval",
+    "tcp_keepalives_count",
+)
+
+
+class DoctorFailed(ConfigurationError):
+    """The database could not be examined; the message is the one line to show."""
+
+
+def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``doctor`` command."""
+    parser = commands.add_parser(
+        "doctor",
+        help="examine a real database and recommend settings",
+        description=__doc__.split("\n\n")[1] if __doc__ else None,
+    )
+    parser.add_argument("url", help="a SQLAlchemy URL, e.g. postgresql+psycopg2://app@db/app")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the report; exit 2 with one line when the database cannot be examined."""
+    try:
+        report = diagnose(args.url)
+    except ConfigurationError as exc:
+        print(f"dropsafe doctor: {redact_text(str(exc))}", file=sys.stderr)  # noqa: T201
+        return 2
+    print(report)  # noqa: T201 - the CLI's own output
+    return 0
+
+
+def diagnose(url_text: str) -> str:
+    """Examine the database at ``url_text``; return the report as text."""
+    url = _parse(url_text)
+    facts: dict[str, Any] = {"url": redact_url(url)}
+    started = time.perf_counter()
+    if url.get_driver_name() == "asyncpg" or url.get_driver_name() == "psycopg_async":
+        facts |= asyncio.run(_examine_async(url))
+    else:
+        engine = dropsafe.create_engine(url, poolclass=NullPool)
+        try:
+            with _explained(url), engine.connect() as connection:
+                facts["connect ms"] = (time.perf_counter() - started) * 1000
+                facts |= _examine(connection)
+        finally:
+            engine.dispose()
+    cparams: dict[str, Any] = {}
+    driver = driver_for(url.get_dialect()())
+    driver.connect_defaults(Policy(), [], cparams)
+    facts["dropsafe client settings"] = cparams
+    return _render(facts, _recommend(facts, url))
+
+
+async def _examine_async(url: URL) -> dict[str, Any]:
+    engine = dropsafe.create_async_engine(url, poolclass=NullPool)
+    started = time.perf_counter()
+    try:
+        with _explained(url):
+            async with engine.connect() as connection:
+                connect_ms = (time.perf_counter() - started) * 1000
+                facts: dict[str, Any] = await connection.run_sync(_examine)
+                facts["connect ms"] = connect_ms
+                return facts
+    finally:
+        await engine.dispose()
+
+
+class _explained:  # noqa: N801 - used as a context manager, reads like one
+    """Turn a connection failure into one line that says what went wrong."""
+
+    def __init__(self, url: URL) -> None:
+        self.where = f"{url.host or 'localhost'}:{url.port or 5432}"
+        self.user = url.username or "(default user)"
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None or isinstance(exc, ConfigurationError) or not isinstance(exc, Exception):
+            return
+        text = redact_text(str(getattr(exc, "orig", None) or exc)).strip().splitlines()
+        first = text[0] if text else type(exc).__name__
+        lowered = " ".join(text).lower()
+        if "password authentication failed" in lowered or "authentication" in lowered:
+            raise DoctorFailed(f"authentication refused for user {self.user}: {first}") from None
+        if classify(exc) in (Kind.FAILOVER, Kind.DISCONNECT, Kind.TRANSIENT) or isinstance(
+            exc, OSError
+        ):
+            raise DoctorFailed(f"cannot reach {self.where}: {first}") from None
+        raise DoctorFailed(f"cannot examine {self.where}: {first}") from None
+
+
+def _examine(connection: sa.Connection) -> dict[str, Any]:
+    def one(sql: str) -> Any:  # noqa: ANN401 - whatever the server answers
+        return connection.execute(sa.text(sql)).scalar()
+
+    facts: dict[str, Any] = {"server version": one("SHOW server_version")}
+    row = connection.execute(
+        sa.text("SELECT ssl, version, cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+    ).first()
+    facts["tls"] = None if row is None else {"on": row[0], "version": row[1], "cipher": row[2]}
+    rtts = []
+    for _ in range(7):
+        began = time.perf_counter()
+        one("SELECT 1")
+        rtts.append((time.perf_counter() - began) * 1000)
+    facts["round trip ms"] = statistics.median(rtts)
+    connection.rollback()  # a ping runs outside a transaction, as at a checkout
+    raw = connection.connection.dbapi_connection
+    began = time.perf_counter()
+    if raw is not None:
+        connection.dialect.do_ping(raw)
+    facts["ping ms"] = (time.perf_counter() - began) * 1000
+    for setting in _SETTINGS:
+        facts[setting] = one(f"SHOW {setting}")
+    facts["in recovery"] = bool(one("SELECT pg_is_in_recovery()"))
+    facts["server port"] = one("SELECT inet_server_port()")
+    facts["user"] = one("SELECT current_user")
+    return facts
+
+
+def _recommend(facts: dict[str, Any], url: URL) -> list[str]:
+    advice = []
+    tls = facts.get("tls")
+    query = {key: str(value) for key, value in url.query.items()}
+    mode = query.get("sslmode") or query.get("ssl") or "prefer (libpq's default)"
+    if not tls or not tls.get("on"):
+        advice.append(
+            "TLS is off: add ?sslmode=verify-full&sslrootcert=/path/to/ca.pem to the URL "
+            "(asyncpg: ?ssl=verify-full)"
+        )
+    elif "verify-full" not in mode:
+        advice.append(
+            f"TLS is on but the server's identity is not checked (sslmode={mode}): use "
+            "sslmode=verify-full&sslrootcert=/path/to/ca.pem"
+        )
+    if facts.get("idle_in_transaction_session_timeout") in ("0", 0):
+        advice.append(
+            "no idle_in_transaction_session_timeout: "
+            "ALTER SYSTEM SET idle_in_transaction_session_timeout = '60s'"
+        )
+    if _seconds(facts.get("tcp_keepalives_idle")) > 300:  # noqa: PLR2004
+        advice.append(
+            "the server keeps dead clients' backends for hours (OS keepalive defaults): "
+            "ALTER SYSTEM SET tcp_keepalives_idle = 60; tcp_keepalives_interval = 10; "
+            "tcp_keepalives_count = 6"
+        )
+    if facts.get("in recovery"):
+        advice.append(
+            "this node is a standby (read-only): list every node and add "
+            "target_session_attrs=read-write, e.g. ?host=db-1:5432&host=db-2:5432"
+            "&target_session_attrs=read-write"
+        )
+    if url.port and facts.get("server port") not in (None, url.port):
+        advice.append(
+            f"the server listens on {facts.get('server port')} but you reach port {url.port}: a "
+            "pooler or proxy is in between; see docs/managed-clouds.md (poolers)"
+        )
+    ping = facts.get("ping ms", 0.0)
+    if ping > 5:  # noqa: PLR2004
+        advice.append(
+            f"a ping costs {ping:.1f} ms: pool_pre_ping=True would add it to every checkout; "
+            "dropsafe's checkout check costs none (remove pool_pre_ping)"
+        )
+    return advice or ["nothing to change"]
+
+
+def _seconds(value: object) -> float:
+    """Read a setting shown in seconds ('7200', '2h', '0' meaning the OS default of 7200 s)."""
+    text = str(value or "0").strip()
+    units = {"ms": 0.001, "s": 1, "min": 60, "h": 3600, "d": 86400}
+    for unit, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        if text.endswith(unit) and text[: -len(unit)].strip().isdigit():
+            return int(text[: -len(unit)]) * factor
+    return float(text) if text.isdigit() and text != "0" else 7200.0
+
+
+def _render(facts: dict[str, Any], advice: list[str]) -> str:
+    tls = facts.get("tls")
+    tls_text = (
+        "off" if not tls or not tls.get("on") else f"on ({tls.get('version')}, {tls.get('cipher')})"
+    )
+    lines = [
+        f"database      {facts['url']}",
+        f"server        PostgreSQL {facts['server version']}"
+        + ("  (standby, read-only)" if facts.get("in recovery") else ""),
+        f"TLS           {tls_text}",
+        f"connect       {facts['connect ms']:.1f} ms",
+        f"round trip    {facts['round trip ms']:.2f} ms (median of 7)",
+        f"ping          {facts['ping ms']:.2f} ms",
+    ]
+    lines += [f"{name:<36} {facts[name]}" for name in _SETTINGS]
+    settings = ", ".join(f"{k}={v}" for k, v in facts["dropsafe client settings"].items())
+    lines += ["", f"dropsafe would connect with: {settings}", "", "recommendations:"]
+    lines += [f"  - {item}" for item in advice]
+    return "\n".join(lines)

@@ -1,0 +1,195 @@
+"""The reference app: a blog on Flask and SQLAlchemy, as the user runs it, with or without dropsafe.
+
+``create_app(url, robust=False)`` is the problem statement: ``pool_pre_ping=True`` and writes in
+``with session.begin():``. ``robust=True`` is the same app on `dropsafe.create_engine` with
+writes through `dropsafe.run_transaction`. Configured from the environment when served alone::
+
+    DATABASE_URL=postgresql+psycopg2://... DROPSAFE_ROBUST=1 python -m dropsafe.demo.blog
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt  # noqa: TC003 - SQLAlchemy resolves the Mapped[] annotations at run time
+import html
+import os
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import dropsafe
+
+if TYPE_CHECKING:
+    from flask import Flask
+    from werkzeug.wrappers import Response
+
+__all__ = ["BlogPost", "create_app", "serve"]
+
+_READY_TIMEOUT = 1.0
+
+
+class Base(DeclarativeBase):
+    """The blog's tables."""
+
+
+class BlogPost(Base):
+    """One post."""
+
+    __tablename__ = "blog_posts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(sa.String(200))
+    text: Mapped[str] = mapped_column(sa.Text)
+    created_at: Mapped[dt.datetime] = mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now()
+    )
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the post as JSON-ready values."""
+        return {
+            "id": self.id,
+            "title": self.title,
+            "text": self.text,
+            "created_at": self.created_at.isoformat() if self.created_at else None,
+        }
+
+
+def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask:  # noqa: C901, PLR0915 - an app factory registers its routes in one place
+    """Build the blog; ``robust`` chooses dropsafe or the plain ``pool_pre_ping`` setup."""
+    from flask import Flask, abort, jsonify, redirect, request  # noqa: PLC0415 - the demo extra
+
+    url = database_url or os.environ.get("DATABASE_URL")
+    if not url:
+        raise dropsafe.ConfigurationError("set DATABASE_URL (a postgresql+DRIVER:// URL)")
+    if robust:
+        engine = dropsafe.create_engine(url, pool_size=10)
+    else:
+        engine = sa.create_engine(url, pool_pre_ping=True, pool_size=10)
+    Base.metadata.create_all(engine)
+    session_factory = sessionmaker(engine)
+
+    def add_post(title: str, text: str) -> int:
+        def write(session: Session) -> int:
+            post = BlogPost(title=title, text=text)
+            session.add(post)
+            session.flush()
+            return post.id
+
+        if robust:
+            return dropsafe.run_transaction(session_factory, write)
+        with session_factory() as session, session.begin():
+            return write(session)
+
+    def get_post(post_id: int) -> dict[str, Any] | None:
+        with session_factory() as session:
+            post = session.get(BlogPost, post_id)
+            return None if post is None else post.as_dict()
+
+    def list_posts(limit: int = 50) -> list[dict[str, Any]]:
+        with session_factory() as session:
+            query = sa.select(BlogPost).order_by(BlogPost.id.desc()).limit(limit)
+            return [post.as_dict() for post in session.scalars(query)]
+
+    app = Flask("dropsafe-blog")
+    app.config["ENGINE"] = engine
+    app.config["ROBUST"] = robust
+
+    @app.get("/")
+    def index() -> str:
+        items = "".join(
+            f'<li><a href="/posts/{p["id"]}">{html.escape(p["title"])}</a></li>'
+            for p in list_posts()
+        )
+        side = "with dropsafe" if robust else "plain SQLAlchemy (pool_pre_ping)"
+        return _page(
+            "Blog",
+            f"<p>{side}</p>"
+            '<form method="post" action="/posts">'
+            '<input name="title" placeholder="Title" required> '
+            '<textarea name="text" placeholder="Text" required></textarea> '
+            '<button type="submit">Publish</button></form>'
+            f'<ul id="posts">{items}</ul>',
+        )
+
+    @app.post("/posts")
+    def create_from_form() -> Response:
+        title, text = request.form.get("title", "").strip(), request.form.get("text", "")
+        if not title:
+            abort(400, "a post needs a title")
+        return redirect(f"/posts/{add_post(title, text)}", code=303)
+
+    @app.get("/posts/<int:post_id>")
+    def show(post_id: int) -> str:
+        post = get_post(post_id)
+        if post is None:
+            abort(404)
+        return _page(
+            html.escape(post["title"]),
+            f'<h1 id="title">{html.escape(post["title"])}</h1>'
+            f"<p>{html.escape(post['text'])}</p><a href='/'>All posts</a>",
+        )
+
+    @app.get("/api/posts")
+    def api_list() -> Response:
+        return jsonify(list_posts())
+
+    @app.post("/api/posts")
+    def api_create() -> tuple[Response, int]:
+        body = request.get_json(silent=True) or {}
+        title, text = str(body.get("title", "")).strip(), str(body.get("text", ""))
+        if not title:
+            return jsonify({"error": "a post needs a title"}), 400
+        post_id = add_post(title, text)
+        return jsonify({"id": post_id, "title": title}), 201
+
+    @app.get("/api/posts/<int:post_id>")
+    def api_show(post_id: int) -> Response:
+        post = get_post(post_id)
+        if post is None:
+            abort(404)
+        return jsonify(post)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify({"status": "alive"})
+
+    # A hung network must not hang the probe: the check runs aside, and waits 1 s at most.
+    checker = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="blog-readyz")
+
+    def database_answers() -> None:
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        try:
+            checker.submit(database_answers).result(timeout=_READY_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            return jsonify({"status": "unavailable", "why": "no answer within 1 s"}), 503
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            return jsonify({"status": "unavailable", "why": dropsafe.classify(exc).value}), 503
+        return jsonify({"status": "ready"}), 200
+
+    return app
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
+        f"<body>{body}</body></html>"
+    )
+
+
+def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> Any:  # noqa: ANN401 - waitress's server
+    """Return a waitress server for ``app`` (call ``.run()``; ``.close()`` to stop)."""
+    import waitress  # noqa: PLC0415 - the demo extra
+
+    return waitress.create_server(app, host=host, port=port, threads=16)
+
+
+if __name__ == "__main__":
+    robust_flag = os.environ.get("DROPSAFE_ROBUST", "1") not in ("0", "false", "no")
+    server = serve(create_app(robust=robust_flag), port=int(os.environ.get("PORT", "8000")))
+    print(f"serving the blog on http://127.0.0.1:{server.effective_port}")  # noqa: T201
+    server.run()

@@ -1,0 +1,228 @@
+"""A Jepsen-style ledger: writers tag rows with op ids while a nemesis breaks connections.
+
+Used by dropsafe's tests and benchmarks. The table has no unique constraint, so a unit of
+work that runs twice leaves two rows; a deferred constraint trigger makes COMMIT slow, so that
+cuts land while COMMITs are in flight. The audit compares what was acknowledged with what the
+server holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+
+from dropsafe.events import CommitResolved, Event
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from dropsafe.testing._proxy import ChaosProxy
+    from dropsafe.testing._server import PostgresServer
+
+__all__ = [
+    "CHAOS_POLICY",
+    "INSERT",
+    "WORKERS",
+    "Faults",
+    "Ledger",
+    "Nemesis",
+    "prepare",
+    "run_async",
+    "run_sync",
+    "server_faults",
+]
+
+WORKERS = 4
+COMMIT_SLEEP = 0.05
+MAX_OPS_PER_WORKER = 100_000
+INSERT = sa.text("INSERT INTO ledger (op_id) VALUES (:op_id)")
+SCHEMA = f"""
+CREATE TABLE ledger (op_id text NOT NULL, written_at timestamptz DEFAULT clock_timestamp());
+CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
+  $$ BEGIN PERFORM pg_sleep({COMMIT_SLEEP}); RETURN NULL; END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON ledger
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+"""
+# What a policy facing many faults a second, for seconds, needs.
+CHAOS_POLICY: dict[str, Any] = {"max_attempts": 30, "deadline": 60, "backoff_max": 0.5}
+
+# name -> (action, the most times it may run or None, its weight in the draw)
+Faults = dict[str, tuple["Callable[[], object]", "int | None", int]]
+
+
+@dataclass
+class Ledger:
+    """What the writers attempted and what was acknowledged; what the nemesis did."""
+
+    attempted: list[str] = field(default_factory=list)
+    acknowledged: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    resolved: list[CommitResolved] = field(default_factory=list)
+    faults: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def hook(self, event: Event) -> None:
+        """Record resolved commits (a policy hook)."""
+        if isinstance(event, CommitResolved):
+            self.resolved.append(event)
+
+    def audit(self, server: PostgresServer) -> tuple[list[str], list[str]]:
+        """Return the acknowledged ops missing on ``server``, and the ops written twice."""
+        rows = Counter(
+            {
+                op: int(n)
+                for op, n in server.execute("SELECT op_id, count(*) FROM ledger GROUP BY 1")
+            }
+        )
+        lost = [op for op in self.acknowledged if rows[op] == 0]
+        duplicated = [op for op, n in rows.items() if n > 1]
+        return lost, duplicated
+
+    def summary(self, lost: list[str], duplicated: list[str]) -> str:
+        """One line saying what happened."""
+        outcomes = Counter(event.outcome for event in self.resolved)
+        return (
+            f"attempted {len(self.attempted)}, acknowledged {len(self.acknowledged)}, "
+            f"lost {len(lost)}, duplicated {len(duplicated)}, resolved {dict(outcomes)}, "
+            f"faults {dict(self.faults)}"
+        )
+
+
+class Nemesis(threading.Thread):
+    """Injects faults on a seeded schedule until told to stop; bounded in time and count."""
+
+    def __init__(self, faults: Faults, ledger: Ledger, seed: int, seconds: float) -> None:
+        super().__init__(name="nemesis", daemon=True)
+        self.faults, self.ledger, self.seconds = faults, ledger, seconds
+        self.rng = random.Random(seed)  # noqa: S311 - a fault schedule, not cryptography
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Draw and inject faults every 0.15-0.35 s."""
+        names = [name for name, (_, _, weight) in self.faults.items() for _ in range(weight)]
+        deadline = time.monotonic() + 2 * self.seconds
+        try:
+            # The pause paces the fault schedule; it synchronises nothing.
+            while not self.stop.wait(self.rng.uniform(0.15, 0.35)):
+                if time.monotonic() > deadline:
+                    break
+                name = self.rng.choice(names)
+                action, limit, _ = self.faults[name]
+                if limit is not None and self.ledger.faults[name] >= limit:
+                    continue
+                action()
+                self.ledger.faults[name] += 1
+        except Exception as exc:  # noqa: BLE001 - reported by the run that started it
+            self.error = exc
+
+
+def server_faults(server: PostgresServer, proxy: ChaosProxy) -> Faults:
+    """Cuts (FIN and RST) mid-COMMIT, terminated backends, one fast and one crash restart."""
+    return {
+        "cut-rst": (lambda: proxy.cut("rst"), None, 4),
+        "cut-fin": (lambda: proxy.cut("fin"), None, 4),
+        "terminate": (lambda: server.terminate_backends(database="postgres"), None, 2),
+        "restart-fast": (lambda: server.restart("fast"), 1, 1),
+        "restart-immediate": (lambda: server.restart("immediate"), 1, 1),
+    }
+
+
+def prepare(server: PostgresServer) -> None:
+    """Create the ledger table and its slow-COMMIT trigger."""
+    server.execute(SCHEMA)
+
+
+def run_sync(
+    faults: Faults,
+    unit_of_work_factory: Callable[[Ledger], Callable[[str], object]],
+    seed: int,
+    *,
+    seconds: float = 6.0,
+    workers: int = WORKERS,
+) -> Ledger:
+    """Run writer threads for ``seconds`` under the nemesis; return the ledger."""
+    ledger = Ledger()
+    unit_of_work = unit_of_work_factory(ledger)
+    nemesis = Nemesis(faults, ledger, seed, seconds)
+    started = time.monotonic()
+    stop_at = started + seconds
+    lock = threading.Lock()
+
+    def worker(number: int) -> None:
+        for n in range(MAX_OPS_PER_WORKER):
+            if time.monotonic() > stop_at:
+                return
+            op_id = f"{seed}-{number}-{n}"
+            with lock:
+                ledger.attempted.append(op_id)
+            try:
+                unit_of_work(op_id)
+            except Exception:  # noqa: BLE001 - counted, not raised
+                with lock:
+                    ledger.failed.append(op_id)
+            else:
+                with lock:
+                    ledger.acknowledged.append(op_id)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
+    nemesis.start()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=seconds + 120)
+    nemesis.stop.set()
+    nemesis.join(timeout=60)
+    ledger.seconds = time.monotonic() - started
+    if nemesis.error is not None:
+        raise nemesis.error
+    if any(thread.is_alive() for thread in threads):
+        raise RuntimeError("a ledger writer did not stop in time")
+    return ledger
+
+
+async def run_async(
+    faults: Faults,
+    unit_of_work_factory: Callable[[Ledger], Callable[[str], Awaitable[object]]],
+    seed: int,
+    *,
+    seconds: float = 6.0,
+    workers: int = WORKERS,
+) -> Ledger:
+    """`run_sync` with writer tasks on the running event loop."""
+    ledger = Ledger()
+    unit_of_work = unit_of_work_factory(ledger)
+    nemesis = Nemesis(faults, ledger, seed, seconds)
+    started = time.monotonic()
+    stop_at = started + seconds
+
+    async def worker(number: int) -> None:
+        for n in range(MAX_OPS_PER_WORKER):
+            if time.monotonic() > stop_at:
+                return
+            op_id = f"{seed}-{number}-{n}"
+            ledger.attempted.append(op_id)
+            try:
+                await unit_of_work(op_id)
+            except Exception:  # noqa: BLE001 - counted, not raised
+                ledger.failed.append(op_id)
+            else:
+                ledger.acknowledged.append(op_id)
+
+    nemesis.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*(worker(i) for i in range(workers))), seconds + 120)
+    finally:
+        nemesis.stop.set()
+        await asyncio.to_thread(nemesis.join, 60)
+    ledger.seconds = time.monotonic() - started
+    if nemesis.error is not None:
+        raise nemesis.error
+    return ledger

@@ -1,0 +1,76 @@
+"""`dropsafe doctor` against real servers: what it reports, what it advises, how it fails."""
+
+import pytest
+
+from dropsafe.cli import main
+from dropsafe.testing import ChaosProxy
+from dropsafe.testing._server import PASSWORD_ROLE
+
+SECRET = "Doctor-Needle-42"  # noqa: S105 - the needle the test searches for
+
+
+def _doctor(capsys, url):
+    code = main(["doctor", url])
+    captured = capsys.readouterr()
+    assert SECRET not in captured.out + captured.err
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg", "asyncpg"])
+def test_report_and_recommendations(shared_server, capsys, driver):
+    url = shared_server.url(driver).replace("postgres@", f"postgres:{SECRET}@")
+    code, out, _ = _doctor(capsys, url)
+    assert code == 0
+    assert "PostgreSQL 15" in out or "PostgreSQL 1" in out
+    assert "TLS           on (TLSv1" in out
+    assert "round trip" in out
+    assert "ping" in out
+    assert "idle_in_transaction_session_timeout = '60s'" in out
+    assert "sslmode=verify-full" in out
+    assert "tcp_keepalives_idle = 60" in out
+
+
+def test_a_proxy_in_between_is_noticed(shared_server, capsys):
+    with ChaosProxy(shared_server.host, shared_server.port) as proxy:
+        code, out, _ = _doctor(capsys, proxy.route(shared_server.url()))
+    assert code == 0
+    assert "a pooler or proxy is in between" in out
+
+
+@pytest.mark.fault
+def test_a_standby_is_named(postgres_server, capsys):
+    standby = postgres_server.make_standby()
+    try:
+        code, out, _ = _doctor(capsys, standby.url())
+    finally:
+        standby.close()
+    assert code == 0
+    assert "(standby, read-only)" in out
+    assert "target_session_attrs=read-write" in out
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (f"postgresql+psycopg2://app:{SECRET}@127.0.0.1:1/app", "cannot reach 127.0.0.1:1"),
+        (f"not-a-url:{SECRET}", "malformed database URL"),
+        (f"mysql://app:{SECRET}@db/app", "PostgreSQL only"),
+    ],
+)
+def test_failures_are_one_line_and_exit_2(capsys, url, message):
+    code, out, err = _doctor(capsys, url)
+    assert code == 2
+    assert out == ""
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_refused_authentication(shared_server, capsys):
+    shared_server.execute(f"CREATE ROLE {PASSWORD_ROLE} LOGIN PASSWORD 'right-one'")
+    try:
+        url = shared_server.url().replace("postgres@", f"{PASSWORD_ROLE}:{SECRET}@")
+        code, _, err = _doctor(capsys, url)
+    finally:
+        shared_server.execute(f"DROP ROLE {PASSWORD_ROLE}")
+    assert code == 2
+    assert f"authentication refused for user {PASSWORD_ROLE}" in err
