@@ -13,7 +13,7 @@ import concurrent.futures
 import datetime as dt  # noqa: TC003 - SQLAlchemy resolves the Mapped[] annotations at run time
 import html
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -21,12 +21,15 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 import dropsafe
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from flask import Flask
     from werkzeug.wrappers import Response
 
 __all__ = ["BlogPost", "create_app", "serve"]
 
 _READY_TIMEOUT = 1.0
+_T = TypeVar("_T")
 
 
 class Base(DeclarativeBase):
@@ -81,15 +84,27 @@ def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask
         with session_factory() as session, session.begin():
             return write(session)
 
-    def get_post(post_id: int) -> dict[str, Any] | None:
+    def read(unit: Callable[[Session], _T]) -> _T:
+        # Reads are units of work too: with dropsafe, one that meets a dead connection
+        # simply runs again (it wrote nothing, so there is no COMMIT to resolve).
+        if robust:
+            return dropsafe.run_transaction(session_factory, unit)
         with session_factory() as session:
+            return unit(session)
+
+    def get_post(post_id: int) -> dict[str, Any] | None:
+        def unit(session: Session) -> dict[str, Any] | None:
             post = session.get(BlogPost, post_id)
             return None if post is None else post.as_dict()
 
+        return read(unit)
+
     def list_posts(limit: int = 50) -> list[dict[str, Any]]:
-        with session_factory() as session:
+        def unit(session: Session) -> list[dict[str, Any]]:
             query = sa.select(BlogPost).order_by(BlogPost.id.desc()).limit(limit)
             return [post.as_dict() for post in session.scalars(query)]
+
+        return read(unit)
 
     app = Flask("dropsafe-blog")
     app.config["ENGINE"] = engine

@@ -10,6 +10,7 @@ side-by-side table, a PNG timeline, and the raw results as JSON.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 import time
@@ -76,6 +77,7 @@ def run_demo(
     from dropsafe.demo.blog import create_app, serve  # noqa: PLC0415 - needs the demo extra
 
     out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("waitress").setLevel(logging.CRITICAL)
     run = Run()
     with PostgresServer() as server:
         urls, proxies, servers, threads = {}, {}, {}, []
@@ -90,6 +92,7 @@ def run_demo(
                     proxy.route(server.url("psycopg2", database=f"blog_{side}")),
                     robust=side == "dropsafe",
                 )
+                app.logger.disabled = True  # errors are counted, not printed over the display
                 server.execute(SLOW_COMMIT, database=f"blog_{side}")
                 web = serve(app, port=free_port("127.0.0.1"))
                 servers[side] = web
@@ -153,8 +156,8 @@ def _drive(
             if show is not None:
                 show(run, time.monotonic() - started, status)
             stop.wait(0.25)  # the display's refresh pace, not a synchronisation
-        _inject(fault, server, proxies)
         run.faults.append((round(time.monotonic() - started, 2), fault))
+        _inject(fault, server, proxies)
         status["last fault"] = fault
     while time.monotonic() - started < duration:
         if show is not None:
@@ -275,7 +278,7 @@ def _timeline(run: Run, duration: float, path: Path) -> None:
         axes[row].bar(range(seconds), failed, label="errors /s", color="tab:red")
         for at, fault in run.faults:
             axes[row].axvline(at, color="grey", linestyle=":", linewidth=1)
-            axes[row].text(at, axes[row].get_ylim()[1] * 0.9, fault, fontsize=7, rotation=90)
+            axes[row].text(at, axes[row].get_ylim()[1] * 0.05, fault, fontsize=7, rotation=90)
         title = "plain SQLAlchemy, pool_pre_ping=True" if side == "plain" else "with dropsafe"
         axes[row].set_title(f"{title}: {sum(failed)} errors", fontsize=10)
         axes[row].legend(loc="upper right", fontsize=7)
