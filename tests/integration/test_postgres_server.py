@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -173,3 +175,24 @@ def test_server_restarted_from_a_short_lived_thread_outlives_it(postgres_server)
     # The kernel's parent-death signal must not have followed the thread that asked.
     assert postgres_server.execute("SELECT 1") == [("1",)]
     assert postgres_server.running
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_runs_as_a_normal_user_too(tmp_path):
+    script = (
+        "from dropsafe.testing import PostgresServer\n"
+        "import os\n"
+        "with PostgresServer() as server:\n"
+        "    uid = os.stat(f'/proc/{server.pid}').st_uid\n"
+        "    print(uid == os.getuid(), server.execute('SELECT current_setting(\\'ssl\\')'))\n"
+    )
+    result = subprocess.run(
+        ["runuser", "-u", "postgres", "--", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd="/",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True [('on',)]"

@@ -67,7 +67,7 @@ def bar_plot(
     for offset, (name, values) in enumerate(series.items()):
         positions = [i + (offset - middle) * width for i in range(len(groups))]
         bars = axes.bar(positions, values, width, label=name)
-        axes.bar_label(bars, fmt="%.2f", fontsize=7)
+        axes.bar_label(bars, labels=[f"{v:.2f}" if v else "" for v in values], fontsize=7)
     axes.set_xticks(range(len(groups)), groups, fontsize=8)
     axes.set_ylabel(ylabel)
     if baseline is not None:
