@@ -185,11 +185,12 @@ def run_half_open(out: Path, *, cap: float, log: Callable[[str], None]) -> list[
     if reason is not None:
         return ["## Half-open connections", "", f"Not measured here: {reason}."]
     ended: dict[tuple[str, str], float] = {}
+    cleanups: list[Callable[[], None]] = []
+    threads: list[threading.Thread] = []
     with PostgresServer() as server:
         server.execute(SCHEMA)
-        loops: list[asyncio.AbstractEventLoop] = []
         requests = [
-            (driver, variant.name, _warm(variant, driver, server, loops))
+            (driver, variant.name, _warm(variant, driver, server, cleanups))
             for driver in DRIVERS
             for variant in VARIANTS
         ]
@@ -201,7 +202,7 @@ def run_half_open(out: Path, *, cap: float, log: Callable[[str], None]) -> list[
                     request()
                 ended[key] = time.monotonic() - started
 
-            threads = [
+            threads += [
                 threading.Thread(target=timed, args=((d, v), r), daemon=True)
                 for d, v, r in requests
             ]
@@ -209,6 +210,13 @@ def run_half_open(out: Path, *, cap: float, log: Callable[[str], None]) -> list[
                 thread.start()
             _wait(lambda: len(ended) == len(requests), cap)
         log(f"half-open: {ended}")
+    # The server is gone now: the next retransmission of each hung request meets a reset, so
+    # the requests end and their engines and loops can be closed.
+    for thread in threads:
+        thread.join(timeout=3 * cap)
+    for cleanup in cleanups:
+        with contextlib.suppress(Exception):
+            cleanup()
     rows = [
         [
             driver,
@@ -248,18 +256,25 @@ def run_half_open(out: Path, *, cap: float, log: Callable[[str], None]) -> list[
 
 
 def _warm(
-    variant: Variant, driver: str, server: PostgresServer, loops: list[asyncio.AbstractEventLoop]
+    variant: Variant, driver: str, server: PostgresServer, cleanups: list[Callable[[], None]]
 ) -> Callable[[], None]:
     """Return a request on a warmed one-connection engine, ready to run in any thread."""
     url = server.url(driver)  # type: ignore[arg-type]
     if driver != "asyncpg":
         request = make_sync(variant, url, 1)
         request("query")
+        cleanups.append(request.dispose)  # type: ignore[attr-defined]
         return lambda: _discard(request("query"))
     loop = asyncio.new_event_loop()
-    loops.append(loop)
-    arequest, _ = loop.run_until_complete(make_async(variant, url, 1))
+    arequest, engine = loop.run_until_complete(make_async(variant, url, 1))
     loop.run_until_complete(arequest("query"))
+
+    def close() -> None:
+        if not loop.is_running():
+            loop.run_until_complete(engine.dispose())
+            loop.close()
+
+    cleanups.append(close)
     return lambda: _discard(loop.run_until_complete(arequest("query")))
 
 
