@@ -190,12 +190,9 @@ class _Asyncpg(Driver):
         self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
         del cargs
-        if "timeout" in cparams:
-            return set()
         # One budget for all hosts in turn (libpq gives each host its own): a vanished first
         # host eats it all, so after a failed attempt the guard starts from the next host.
-        cparams["timeout"] = seconds(policy.connect_timeout)
-        return {"timeout"}
+        return _timeout_argument(cparams, policy)
 
     def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401
         del added
@@ -245,11 +242,8 @@ class _Pg8000(Driver):
         self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
         del cargs
-        if "timeout" in cparams:
-            return set()
         # pg8000's timeout also bounds every later read: on_connect lifts it after connecting.
-        cparams["timeout"] = seconds(policy.connect_timeout)
-        return {"timeout"}
+        return _timeout_argument(cparams, policy)
 
     def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401
         sock = dbapi_connection._usock  # noqa: SLF001
@@ -299,6 +293,14 @@ def driver_for(dialect: Dialect) -> Driver:
     if driver is None:
         raise ConfigurationError(f"unsupported driver {dialect.driver!r}; supported: {supported}")
     return driver()
+
+
+def _timeout_argument(cparams: dict[str, Any], policy: Policy) -> set[str]:
+    """Set the driver's ``timeout`` argument to the connect timeout, unless the user set it."""
+    if "timeout" in cparams:
+        return set()
+    cparams["timeout"] = seconds(policy.connect_timeout)
+    return {"timeout"}
 
 
 def tune_socket(sock: socket.socket, policy: Policy) -> None:

@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
 import dropsafe
+from dropsafe.testing._ledger import insert_naively
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -99,20 +100,6 @@ def test_async_ledger_loses_and_duplicates_nothing(postgres_server, chaos_proxy,
 # -- the naive loop, for contrast ----------------------------------------------------------
 
 
-def _naive_sync(session_factory, op_id):
-    """What careful teams write today: pre_ping, and run again after a disconnect."""
-    for _ in range(30):
-        try:
-            with session_factory() as session, session.begin():
-                session.execute(INSERT, {"op_id": op_id})
-        except sa.exc.DBAPIError as exc:
-            if exc.connection_invalidated:
-                continue
-            raise
-        return
-    raise RuntimeError("gave up")
-
-
 @pytest.mark.parametrize("driver", ["psycopg2"])
 def test_naive_retry_loop_writes_twice(postgres_server, chaos_proxy, driver):
     prepare(postgres_server)
@@ -126,7 +113,7 @@ def test_naive_retry_loop_writes_twice(postgres_server, chaos_proxy, driver):
     try:
         ledger = run_sync(
             server_faults(postgres_server, chaos_proxy),
-            lambda _: lambda op: _naive_sync(session_factory, op),
+            lambda _: lambda op: insert_naively(session_factory, op),
             11,
         )
     finally:

@@ -22,7 +22,14 @@ from dropsafe.testing import (
     kernel_blackhole_unavailable,
     multi_host_url,
 )
-from dropsafe.testing._ledger import CHAOS_POLICY, INSERT, prepare, run_sync, server_faults
+from dropsafe.testing._ledger import (
+    CHAOS_POLICY,
+    INSERT,
+    insert_naively,
+    prepare,
+    run_sync,
+    server_faults,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -356,19 +363,6 @@ def _ledger_factory(
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
         engines.append(engine)
         naive_sessions = sessionmaker(engine)
-
-        def naive(op_id: str) -> None:
-            for _ in range(30):
-                try:
-                    with naive_sessions() as session, session.begin():
-                        session.execute(INSERT, {"op_id": op_id})
-                except sa.exc.DBAPIError as exc:
-                    if exc.connection_invalidated:
-                        continue
-                    raise
-                return
-            raise RuntimeError("gave up after 30 attempts")
-
-        return naive
+        return lambda op_id: insert_naively(naive_sessions, op_id)
 
     return factory

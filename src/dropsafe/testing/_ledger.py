@@ -23,6 +23,8 @@ from dropsafe.events import CommitResolved, Event
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from sqlalchemy.orm import Session, sessionmaker
+
     from dropsafe.testing._proxy import ChaosProxy
     from dropsafe.testing._server import PostgresServer
 
@@ -33,6 +35,7 @@ __all__ = [
     "Faults",
     "Ledger",
     "Nemesis",
+    "insert_naively",
     "prepare",
     "run_async",
     "run_sync",
@@ -133,6 +136,23 @@ def server_faults(server: PostgresServer, proxy: ChaosProxy) -> Faults:
         "restart-fast": (lambda: server.restart("fast"), 1, 1),
         "restart-immediate": (lambda: server.restart("immediate"), 1, 1),
     }
+
+
+def insert_naively(session_factory: sessionmaker[Session], op_id: str) -> None:
+    """Insert one op the way careful teams do today: run it again after a disconnect.
+
+    With ``pool_pre_ping=True`` on the engine, this is the baseline dropsafe is compared with.
+    """
+    for _ in range(30):
+        try:
+            with session_factory() as session, session.begin():
+                session.execute(INSERT, {"op_id": op_id})
+        except sa.exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                continue
+            raise
+        return
+    raise RuntimeError("gave up after 30 attempts")
 
 
 def prepare(server: PostgresServer) -> None:

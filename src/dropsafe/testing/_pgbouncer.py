@@ -15,6 +15,7 @@ from dropsafe.errors import ConfigurationError
 from dropsafe.testing._runtime import (
     TEMP_PREFIX,
     Owner,
+    Service,
     cleanup,
     free_port,
     kill_group,
@@ -24,10 +25,6 @@ from dropsafe.testing._runtime import (
 from dropsafe.testing._server import ServerError
 
 if TYPE_CHECKING:
-    from types import TracebackType
-
-    from typing_extensions import Self
-
     from dropsafe.testing._server import Driver, PostgresServer
 
 __all__ = ["PgBouncer", "PoolMode"]
@@ -36,7 +33,7 @@ PoolMode = Literal["session", "transaction"]
 _START_TIMEOUT = 30.0
 
 
-class PgBouncer:
+class PgBouncer(Service):
     """PgBouncer on a free loopback port, pooling connections to ``server``.
 
     Example::
@@ -70,22 +67,6 @@ class PgBouncer:
         self._process: subprocess.Popen[bytes] | None = None
         self._finalizer = weakref.finalize(self, cleanup, [None], self.base_dir)
         self._write_config()
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def running(self) -> bool:

@@ -17,12 +17,11 @@ from typing import TYPE_CHECKING, Literal, TypeVar, overload
 from sqlalchemy.engine import URL, make_url
 
 from dropsafe.errors import ConfigurationError
+from dropsafe.testing._runtime import Service
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
-    from types import TracebackType
 
-    from typing_extensions import Self
 
 __all__ = ["ChaosProxy", "CutMode", "ProxyStats"]
 
@@ -77,7 +76,7 @@ class _Link:
                 await writer.wait_closed()
 
 
-class ChaosProxy:
+class ChaosProxy(Service):
     """A TCP proxy in front of a server, whose faults tests switch on and off.
 
     Example::
@@ -126,18 +125,6 @@ class ChaosProxy:
         self._flowing: asyncio.Event | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> None:
         """Start listening; ``.port`` is set when this returns."""

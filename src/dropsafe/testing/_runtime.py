@@ -21,10 +21,14 @@ from dropsafe.errors import ConfigurationError
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+    from types import TracebackType
+
+    from typing_extensions import Self
 
 __all__ = [
     "TEMP_PREFIX",
     "Owner",
+    "Service",
     "cleanup",
     "free_port",
     "kill_group",
@@ -36,6 +40,34 @@ __all__ = [
 TEMP_PREFIX = "dropsafe-pg-"
 _PR_SET_PDEATHSIG = 1
 _POLL_INTERVAL = 0.02
+
+
+class Service:
+    """A throwaway thing started by a ``with`` block and closed when it ends, even on error."""
+
+    def start(self) -> None:
+        """Start, and return once ready."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Stop and release everything; safe to call twice, and before start."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._runtime import (
     TEMP_PREFIX,
     Owner,
+    Service,
     cleanup,
     free_port,
     kill_group,
@@ -25,9 +26,7 @@ from dropsafe.testing._runtime import (
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from types import TracebackType
 
-    from typing_extensions import Self
 
 __all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url"]
 
@@ -52,7 +51,7 @@ class ServerError(DropsafeError):
     __module__ = "dropsafe.testing"
 
 
-class PostgresServer:
+class PostgresServer(Service):
     """A PostgreSQL cluster that lives as long as this object, for tests and demos.
 
     Example::
@@ -105,22 +104,6 @@ class PostgresServer:
         self._finalizer = weakref.finalize(self, cleanup, [None], self.base_dir)
 
     # -- lifecycle -------------------------------------------------------------------------
-
-    def __enter__(self) -> Self:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     @property
     def running(self) -> bool:
