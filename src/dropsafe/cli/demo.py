@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             live.update(_progress(state, elapsed, args.duration, status))
 
         summary = run_demo(duration=args.duration, seed=args.seed, out=args.out, show=show)
+    console.print()
     console.print(_final_table(summary))
     console.print(
         f"timeline: {args.out / 'timeline.png'}   raw results: {args.out / 'results.json'}"
