@@ -22,7 +22,15 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Dialect
 
-__all__ = ["SUPPORTED_DRIVERS", "Driver", "Health", "Server", "driver_for"]
+__all__ = [
+    "SUPPORTED",
+    "SUPPORTED_DRIVERS",
+    "Driver",
+    "Health",
+    "Server",
+    "driver_for",
+    "is_supported",
+]
 
 _LIBPQ_KEYS = (
     "keepalives",
@@ -150,10 +158,7 @@ class _Libpq(Driver):
         connection = getattr(dbapi_connection, "_connection", dbapi_connection)
         if connection.closed or getattr(connection, "broken", False):
             return Health.DEAD
-        try:
-            return _poll(connection.fileno())
-        except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
-            return Health.DEAD
+        return _poll(connection)
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         # libpq has no per-call timeout: tcp_user_timeout bounds a ping on a dead network.
@@ -220,10 +225,7 @@ class _Asyncpg(Driver):
             return Health.DEAD
         # The event loop may not have run since the peer hung up: look at the socket too.
         sock = connection._transport.get_extra_info("socket")  # noqa: SLF001
-        try:
-            return Health.ALIVE if sock is None else _poll(sock.fileno())
-        except Exception:  # noqa: BLE001
-            return Health.DEAD
+        return Health.ALIVE if sock is None else _poll(sock)
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         del dialect
@@ -253,12 +255,7 @@ class _Pg8000(Driver):
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         sock = getattr(dbapi_connection, "_usock", None)
-        if sock is None:
-            return Health.DEAD
-        try:
-            return _poll(sock.fileno())
-        except Exception:  # noqa: BLE001
-            return Health.DEAD
+        return Health.DEAD if sock is None else _poll(sock)
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         sock = dbapi_connection._usock  # noqa: SLF001
@@ -280,18 +277,24 @@ _DRIVERS: dict[str, type[Driver]] = {
     "pg8000": _Pg8000,
 }
 SUPPORTED_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
+#: For error messages: what a URL may start with.
+SUPPORTED = ", ".join(f"postgresql+{name}" for name in SUPPORTED_DRIVERS)
+
+
+def is_supported(driver_name: str) -> bool:
+    """Whether dropsafe knows SQLAlchemy's driver ``driver_name`` (psycopg_async included)."""
+    return driver_name in _DRIVERS
 
 
 def driver_for(dialect: Dialect) -> Driver:
     """Return the `Driver` for an engine's dialect; raise `ConfigurationError` if unsupported."""
-    supported = ", ".join(f"postgresql+{name}" for name in SUPPORTED_DRIVERS)
     if dialect.name != "postgresql":
         raise ConfigurationError(
-            f"dropsafe guards PostgreSQL engines only, not {dialect.name!r}; supported: {supported}"
+            f"dropsafe guards PostgreSQL engines only, not {dialect.name!r}; supported: {SUPPORTED}"
         )
     driver = _DRIVERS.get(str(dialect.driver))
     if driver is None:
-        raise ConfigurationError(f"unsupported driver {dialect.driver!r}; supported: {supported}")
+        raise ConfigurationError(f"unsupported driver {dialect.driver!r}; supported: {SUPPORTED}")
     return driver()
 
 
@@ -321,10 +324,14 @@ def tune_socket(sock: socket.socket, policy: Policy) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
 
 
-def _poll(fd: int) -> Health:
+def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()
+    """Poll ``source``'s socket with a zero timeout; one that cannot be polled is dead."""
     poller = select.poll()
-    poller.register(fd, _POLL_MASK)
-    events = poller.poll(0)
+    try:
+        poller.register(source.fileno(), _POLL_MASK)
+        events = poller.poll(0)
+    except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
+        return Health.DEAD
     if not events:
         return Health.ALIVE
     revents = events[0][1]

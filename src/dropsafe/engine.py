@@ -8,7 +8,7 @@ import sqlalchemy
 import sqlalchemy.exc
 from sqlalchemy.engine import URL, Engine, make_url
 
-from dropsafe.drivers import SUPPORTED_DRIVERS, driver_for
+from dropsafe.drivers import SUPPORTED, driver_for, is_supported
 from dropsafe.errors import ConfigurationError
 from dropsafe.liveness import ConnectionGuard
 from dropsafe.policy import Policy
@@ -127,14 +127,13 @@ def _parse(url: str | URL) -> URL:
             f"malformed database URL {named}; expected "
             "postgresql+DRIVER://user:password@host:port/database"
         ) from None
-    supported = ", ".join(f"postgresql+{name}" for name in SUPPORTED_DRIVERS)
     if parsed.get_backend_name() not in ("postgresql", "postgres"):
         raise ConfigurationError(
             f"dropsafe supports PostgreSQL only, not {parsed.get_backend_name()!r} "
-            f"in {shown}; supported: {supported}"
+            f"in {shown}; supported: {SUPPORTED}"
         )
-    if parsed.get_driver_name() not in (*SUPPORTED_DRIVERS, "psycopg_async"):
+    if not is_supported(parsed.get_driver_name()):
         raise ConfigurationError(
-            f"unsupported driver {parsed.get_driver_name()!r} in {shown}; supported: {supported}"
+            f"unsupported driver {parsed.get_driver_name()!r} in {shown}; supported: {SUPPORTED}"
         )
     return parsed
