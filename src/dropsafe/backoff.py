@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from dropsafe.errors import RetriesExhausted
 from dropsafe.events import RetriesGaveUp, RetryScheduled, emit
 from dropsafe.policy import Policy, seconds
-from dropsafe.redaction import redact_text
+from dropsafe.redaction import describe_error
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -67,7 +67,7 @@ class Attempts:
         Full jitter: uniform in [0, min(backoff_max, backoff_initial * multiplier ** (n - 1))].
         """
         policy = self.policy
-        text = redact_text(f"{type(error).__name__}: {error}")
+        text = describe_error(error)
         if self.number >= policy.max_attempts:
             self._give_up("attempts", text, error)
         bound = min(

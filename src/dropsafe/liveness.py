@@ -21,7 +21,7 @@ from dropsafe.classify import POOL_WIDE_SQLSTATES, Kind, classify, sqlstate_of
 from dropsafe.drivers import Driver, Health, Server
 from dropsafe.events import ConnectionInvalidated, DeadConnectionReplaced, PingSucceeded, emit
 from dropsafe.policy import Policy, seconds
-from dropsafe.redaction import redact_text
+from dropsafe.redaction import describe_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -125,21 +125,21 @@ class ConnectionGuard:
         del proxy
         self._forget(dbapi_connection, entry)
         health = self.driver.probe(dbapi_connection)
-        idle_for = time.monotonic() - entry.info.get(_IDLE_SINCE, time.monotonic())
+        now = time.monotonic()
+        idle_for = now - entry.info.get(_IDLE_SINCE, now)
         # A connection made for this checkout was just proven by its handshake.
         fresh = entry.info.pop(_FRESH, False)
         if health is Health.ALIVE and (fresh or idle_for <= self._ping_after_idle):
             return
         reason = f"probe found the connection {health.value}"
         if health is not Health.DEAD:
-            started = time.monotonic()
             try:
                 self.driver.ping(self._dialect, dbapi_connection, self._ping_timeout)
             except Exception as exc:  # noqa: BLE001 - any failure of the ping means replace it
-                reason = redact_text(f"ping failed: {type(exc).__name__}: {exc}")
+                reason = f"ping failed: {describe_error(exc)}"
             else:
                 why: Literal["idle", "suspect"] = "suspect" if health is Health.SUSPECT else "idle"
-                emit(self.policy.hooks, PingSucceeded(time.monotonic() - started, why))
+                emit(self.policy.hooks, PingSucceeded(time.monotonic() - now, why))
                 return
         pool_wide = self._other_idle_connections_dead()
         emit(self.policy.hooks, DeadConnectionReplaced(reason, pool_wide=pool_wide))
@@ -181,6 +181,5 @@ class ConnectionGuard:
                 or self._other_idle_connections_dead()
             )
             context.invalidate_pool_on_disconnect = pool_wide
-            error = context.original_exception
-            text = redact_text(f"{type(error).__name__}: {error}")
+            text = describe_error(context.original_exception)
             emit(self.policy.hooks, ConnectionInvalidated(kind, pool_wide, text))

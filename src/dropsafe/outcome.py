@@ -95,12 +95,15 @@ class _Resolution:
 
     def __init__(self, mark: TransactionMark, policy: Policy, error: BaseException) -> None:
         self.mark = mark
-        self.xid = mark.xid
         self.policy = policy
         self.error = error
         self.started = time.monotonic()
         self.deadline = self.started + seconds(policy.commit_status_timeout)
         self.pause = _FIRST_POLL
+
+    @property
+    def xid(self) -> int:
+        return self.mark.xid
 
     def query(self, dialect: sa.Dialect) -> sa.TextClause:
         return (_STATUS_13 if _modern(dialect) else _STATUS_10).bindparams(xid=str(self.xid))

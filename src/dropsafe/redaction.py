@@ -6,7 +6,7 @@ import re
 
 from sqlalchemy.engine import URL
 
-__all__ = ["redact_text", "redact_url"]
+__all__ = ["describe_error", "redact_text", "redact_url"]
 
 _MASK = "***"
 # In free text: scheme://user:password@ (the user may hold an @; the password runs to the last @).
@@ -40,6 +40,11 @@ def redact_url(url: str | URL) -> str:
 def redact_text(text: str) -> str:
     """Mask passwords in free text that may quote URLs or connection strings."""
     return _mask_params(_USERINFO_PASSWORD.sub(lambda m: m.group("head") + _MASK, text))
+
+
+def describe_error(error: BaseException) -> str:
+    """Name an error in one masked string (``Type: message``), for events and messages."""
+    return redact_text(f"{type(error).__name__}: {error}")
 
 
 def _mask_params(text: str) -> str:

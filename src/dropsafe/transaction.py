@@ -81,9 +81,9 @@ def _retry_kind(error: BaseException) -> Kind:
 
 def _after_failed_commit(step: _CommitFailed[Any], policy: Policy) -> _Resolve | Kind:
     """Decide what follows a COMMIT that raised; raise when nothing may follow."""
-    kind = classify(step.error, during_commit=True)
-    if kind is not Kind.COMMIT_UNKNOWN:
-        return _retry_kind(step.error) if kind.retryable else _reraise(step.error)
+    if classify(step.error, during_commit=True) is not Kind.COMMIT_UNKNOWN:
+        # The server answered the COMMIT with an error of its own: nothing was committed.
+        return _retry_kind(step.error)
     if not policy.verify_commits:
         raise CommitOutcomeUnknown(
             "the connection failed during COMMIT and Policy.verify_commits is off, "
@@ -94,10 +94,6 @@ def _after_failed_commit(step: _CommitFailed[Any], policy: Policy) -> _Resolve |
     if step.mark is None:
         return Kind.DISCONNECT  # the transaction wrote nothing: running it again is harmless
     return _Resolve(step.mark)
-
-
-def _reraise(error: BaseException) -> Kind:
-    raise error
 
 
 # -- sync ------------------------------------------------------------------------------------
@@ -163,7 +159,7 @@ def _attempt(
                 mark = read_mark(connection) if policy.verify_commits else None
                 try:
                     connection.commit()
-                except Exception as exc:  # noqa: BLE001 - classified by _decide
+                except Exception as exc:  # noqa: BLE001 - decided by _after_failed_commit
                     return _CommitFailed(result, exc, mark)
                 return _Committed(result)
         with bind() as session:
@@ -246,7 +242,7 @@ async def _attempt_async(
                 mark = await read_mark_async(connection) if policy.verify_commits else None
                 try:
                     await connection.commit()
-                except Exception as exc:  # noqa: BLE001 - classified by _decide
+                except Exception as exc:  # noqa: BLE001 - decided by _after_failed_commit
                     return _CommitFailed(result, exc, mark)
                 return _Committed(result)
         async with bind() as session:

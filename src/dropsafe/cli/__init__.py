@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from typing import TYPE_CHECKING
 
-from dropsafe.errors import DropsafeError
+from dropsafe.errors import ConfigurationError, DropsafeError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "require_extra"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -28,6 +29,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise `ConfigurationError` naming the pip command when a command's extra is missing."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigurationError(
+            f"this command needs the {extra!r} extra ({', '.join(missing)} missing): "
+            f"pip install 'dropsafe[{extra}]'"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:

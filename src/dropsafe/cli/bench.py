@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dropsafe.cli import require_extra
 from dropsafe.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -32,14 +33,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks; print where the report is."""
-    try:
-        import matplotlib as mpl  # noqa: F401, PLC0415 - checks the extra is there
-        import psycopg_pool  # noqa: F401, PLC0415
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the benchmarks need their extra ({exc.name} is missing): "
-            "pip install 'dropsafe[all,bench]'"
-        ) from None
+    require_extra("all,bench", "matplotlib", "psycopg_pool")
     from dropsafe.bench import SECTIONS  # noqa: PLC0415
     from dropsafe.bench import run as run_benchmarks  # noqa: PLC0415
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dropsafe.cli import require_extra
 from dropsafe.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -36,15 +37,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo with live progress; print the side-by-side table."""
-    try:
-        import flask  # noqa: F401, PLC0415 - checks the extra is there
-        import matplotlib as mpl  # noqa: F401, PLC0415
-        import rich  # noqa: F401, PLC0415
-        import waitress  # noqa: F401, PLC0415
-    except ImportError as exc:
-        raise ConfigurationError(
-            f"the demo needs its extra ({exc.name} is missing): pip install 'dropsafe[demo]'"
-        ) from None
+    require_extra("demo", "flask", "matplotlib", "rich", "waitress")
     if not 5 <= args.duration <= 3600:  # noqa: PLR2004
         raise ConfigurationError(f"--duration must be within 5..3600 seconds: {args.duration}")
     from rich.console import Console  # noqa: PLC0415
