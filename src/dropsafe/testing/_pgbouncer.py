@@ -18,8 +18,8 @@ from dropsafe.testing._runtime import (
     Service,
     cleanup,
     free_port,
-    kill_group,
     log_tail,
+    stop_process,
     wait_until,
 )
 from dropsafe.testing._server import ServerError
@@ -65,7 +65,8 @@ class PgBouncer(Service):
         self.config_file = self.base_dir / "pgbouncer.ini"
         self.log_file = self.base_dir / "pgbouncer.log"
         self._process: subprocess.Popen[bytes] | None = None
-        self._finalizer = weakref.finalize(self, cleanup, [None], self.base_dir)
+        self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
+        self._finalizer = weakref.finalize(self, cleanup, self._processes, self.base_dir)
         self._write_config()
 
     @property
@@ -79,8 +80,7 @@ class PgBouncer(Service):
             return
         process = self._owner.spawn([self.program, str(self.config_file)], log=self.log_file)
         self._process = process
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, cleanup, [process], self.base_dir)
+        self._processes[:] = [process]
 
         def accepting() -> bool:
             if process.poll() is not None:
@@ -100,16 +100,8 @@ class PgBouncer(Service):
     def stop(self) -> None:
         """Stop PgBouncer at once (SIGTERM): every client connection is closed."""
         process, self._process = self._process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        kill_group(process.pid)
+        if process is not None:
+            stop_process(process, signal.SIGTERM, timeout=30)
 
     def restart(self) -> None:
         """Stop and start again on the same port."""

@@ -33,6 +33,7 @@ __all__ = [
     "free_port",
     "kill_group",
     "log_tail",
+    "stop_process",
     "wait_until",
 ]
 
@@ -175,14 +176,27 @@ def kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def cleanup(processes: list[subprocess.Popen[bytes] | None], base_dir: Path) -> None:
-    """Kill what is left of ``processes`` and remove ``base_dir`` (a finalizer's job)."""
-    for process in processes:
-        if process is not None and process.poll() is None:
+def stop_process(
+    process: subprocess.Popen[bytes], stop_signal: signal.Signals, timeout: float
+) -> None:
+    """Signal ``process``, wait up to ``timeout`` (then kill it), and kill what it left."""
+    if process.poll() is None:
+        process.send_signal(stop_signal)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-        if process is not None:
-            kill_group(process.pid)
+    kill_group(process.pid)
+
+
+def cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
+    """Kill what is left of ``processes`` and remove ``base_dir`` (a finalizer's job).
+
+    ``processes`` is the owner's own list: it holds whatever process runs when this is called.
+    """
+    for process in processes:
+        stop_process(process, signal.SIGKILL, timeout=30)
     shutil.rmtree(base_dir, ignore_errors=True)
 
 

@@ -19,8 +19,8 @@ from dropsafe.testing._runtime import (
     Service,
     cleanup,
     free_port,
-    kill_group,
     log_tail,
+    stop_process,
     wait_until,
 )
 
@@ -101,7 +101,8 @@ class PostgresServer(Service):
         self.port = free_port(host)
         self._process: subprocess.Popen[bytes] | None = None
         self._initialized = False
-        self._finalizer = weakref.finalize(self, cleanup, [None], self.base_dir)
+        self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
+        self._finalizer = weakref.finalize(self, cleanup, self._processes, self.base_dir)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -135,14 +136,7 @@ class PostgresServer(Service):
         process = self._process
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(_STOP_SIGNALS[mode])
-            try:
-                process.wait(timeout=_STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        kill_group(process.pid)
+        stop_process(process, _STOP_SIGNALS[mode], _STOP_TIMEOUT)
         self._process = None
 
     def restart(self, mode: StopMode = "fast") -> None:
@@ -391,8 +385,7 @@ class PostgresServer(Service):
             [self.binaries.tool("postgres"), "-D", str(self.data_dir)], log=self.log_file
         )
         self._process = process
-        self._finalizer.detach()
-        self._finalizer = weakref.finalize(self, cleanup, [process], self.base_dir)
+        self._processes[:] = [process]
         try:
             self._wait_until_ready(process)
         except BaseException:
