@@ -16,7 +16,6 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 from ledger import (
-    CHAOS_POLICY,
     INSERT,
     WORKERS,
     assert_safe,
@@ -29,8 +28,7 @@ from ledger import (
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
-import dropsafe
-from dropsafe.testing._ledger import insert_naively
+from dropsafe.testing._ledger import guarded_writers, guarded_writers_async, insert_naively
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -42,24 +40,13 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(180)]
 def test_sync_ledger_loses_and_duplicates_nothing(postgres_server, chaos_proxy, driver):
     prepare(postgres_server)
 
-    def factory(ledger):
-        policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
-        engine = dropsafe.create_engine(
-            chaos_proxy.route(postgres_server.url(driver)),
-            policy=policy,
-            pool_size=WORKERS,
-            max_overflow=WORKERS,
-        )
-        session_factory = sessionmaker(engine)
-        factory.engine = engine
-        return lambda op_id: dropsafe.run_transaction(
-            session_factory, lambda session: session.execute(INSERT, {"op_id": op_id})
-        )
-
+    engines = []
+    factory = guarded_writers(chaos_proxy.route(postgres_server.url(driver)), engines)
     try:
         ledger = run_sync(server_faults(postgres_server, chaos_proxy), factory, seed=11)
     finally:
-        factory.engine.dispose()
+        for engine in engines:
+            engine.dispose()
     assert_safe(ledger, postgres_server)
 
 
@@ -69,25 +56,8 @@ def test_async_ledger_loses_and_duplicates_nothing(postgres_server, chaos_proxy,
 
     async def scenario():
         engines = []
-
-        def factory(ledger):
-            policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
-            engine = dropsafe.create_async_engine(
-                chaos_proxy.route(postgres_server.url(driver)),
-                policy=policy,
-                pool_size=WORKERS,
-                max_overflow=WORKERS,
-            )
-            engines.append(engine)
-            session_factory = async_sessionmaker(engine)
-
-            async def insert(session, op_id):
-                await session.execute(INSERT, {"op_id": op_id})
-
-            return lambda op_id: dropsafe.run_transaction_async(
-                session_factory, lambda session: insert(session, op_id)
-            )
-
+        url = chaos_proxy.route(postgres_server.url(driver))
+        factory = guarded_writers_async(url, engines)
         try:
             return await run_async(server_faults(postgres_server, chaos_proxy), factory, seed=12)
         finally:

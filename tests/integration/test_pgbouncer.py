@@ -14,12 +14,11 @@ import uuid
 
 import pytest
 import sqlalchemy as sa
-from ledger import CHAOS_POLICY, INSERT, WORKERS, assert_safe, prepare, run_async, run_sync
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlalchemy.orm import sessionmaker
+from ledger import assert_safe, prepare, run_async, run_sync
 
 import dropsafe
 from dropsafe.testing import ChaosProxy, PgBouncer
+from dropsafe.testing._ledger import guarded_writers, guarded_writers_async
 
 pytestmark = [
     pytest.mark.fault,
@@ -125,21 +124,7 @@ def test_sync_ledger_through_pgbouncer(postgres_server, mode):
         ChaosProxy(bouncer.host, bouncer.port) as proxy,
     ):
         engines = []
-
-        def factory(ledger):
-            policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
-            engine = dropsafe.create_engine(
-                proxy.route(bouncer.url("psycopg2")),
-                policy=policy,
-                pool_size=WORKERS,
-                max_overflow=WORKERS,
-            )
-            engines.append(engine)
-            session_factory = sessionmaker(engine)
-            return lambda op_id: dropsafe.run_transaction(
-                session_factory, lambda session: session.execute(INSERT, {"op_id": op_id})
-            )
-
+        factory = guarded_writers(proxy.route(bouncer.url("psycopg2")), engines)
         try:
             ledger = run_sync(_ledger_faults(postgres_server, bouncer, proxy), factory, seed=21)
         finally:
@@ -155,26 +140,8 @@ def test_asyncpg_ledger_through_pgbouncer_in_transaction_mode(postgres_server):
 
     async def scenario(bouncer, proxy):
         engines = []
-
-        def factory(ledger):
-            policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
-            engine = dropsafe.create_async_engine(
-                proxy.route(_asyncpg_url(bouncer)),
-                policy=policy,
-                pool_size=WORKERS,
-                max_overflow=WORKERS,
-                **_asyncpg_kwargs(),
-            )
-            engines.append(engine)
-            session_factory = async_sessionmaker(engine)
-
-            async def insert(session, op_id):
-                await session.execute(INSERT, {"op_id": op_id})
-
-            return lambda op_id: dropsafe.run_transaction_async(
-                session_factory, lambda session: insert(session, op_id)
-            )
-
+        url = proxy.route(_asyncpg_url(bouncer))
+        factory = guarded_writers_async(url, engines, **_asyncpg_kwargs())
         try:
             return await run_async(_ledger_faults(postgres_server, bouncer, proxy), factory, 22)
         finally:

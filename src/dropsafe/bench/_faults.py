@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
-import dropsafe
 from dropsafe.bench._engines import SCHEMA, Variant, make_async, make_sync
 from dropsafe.bench._report import bar_plot, table
 from dropsafe.testing import (
@@ -23,8 +22,7 @@ from dropsafe.testing import (
     multi_host_url,
 )
 from dropsafe.testing._ledger import (
-    CHAOS_POLICY,
-    INSERT,
+    guarded_writers,
     insert_naively,
     prepare,
     run_sync,
@@ -353,13 +351,7 @@ def _ledger_factory(
 ) -> Callable[[Any], Callable[[str], object]]:
     def factory(ledger: Any) -> Callable[[str], object]:  # noqa: ANN401 - a Ledger
         if name == "dropsafe":
-            policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
-            engine = dropsafe.create_engine(url, policy=policy, pool_size=4, max_overflow=4)
-            engines.append(engine)
-            session_factory = sessionmaker(engine)
-            return lambda op_id: dropsafe.run_transaction(
-                session_factory, lambda s: s.execute(INSERT, {"op_id": op_id})
-            )
+            return guarded_writers(url, engines)(ledger)
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
         engines.append(engine)
         naive_sessions = sessionmaker(engine)

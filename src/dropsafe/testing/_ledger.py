@@ -17,13 +17,17 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import sessionmaker
 
+import dropsafe
 from dropsafe.events import CommitResolved, Event
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from sqlalchemy.orm import Session, sessionmaker
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+    from sqlalchemy.orm import Session
 
     from dropsafe.testing._proxy import ChaosProxy
     from dropsafe.testing._server import PostgresServer
@@ -35,6 +39,8 @@ __all__ = [
     "Faults",
     "Ledger",
     "Nemesis",
+    "guarded_writers",
+    "guarded_writers_async",
     "insert_naively",
     "prepare",
     "run_async",
@@ -136,6 +142,55 @@ def server_faults(server: PostgresServer, proxy: ChaosProxy) -> Faults:
         "restart-fast": (lambda: server.restart("fast"), 1, 1),
         "restart-immediate": (lambda: server.restart("immediate"), 1, 1),
     }
+
+
+def guarded_writers(
+    url: str,
+    engines: list[sa.Engine],
+    **engine_kwargs: Any,  # noqa: ANN401 - create_engine's
+) -> Callable[[Ledger], Callable[[str], object]]:
+    """Return the unit-of-work factory for `run_sync`: dropsafe's engine and run_transaction.
+
+    Each engine made is appended to ``engines``, for the caller to dispose of.
+    """
+
+    def factory(ledger: Ledger) -> Callable[[str], object]:
+        policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
+        engine = dropsafe.create_engine(
+            url, policy=policy, pool_size=WORKERS, max_overflow=WORKERS, **engine_kwargs
+        )
+        engines.append(engine)
+        session_factory = sessionmaker(engine)
+        return lambda op_id: dropsafe.run_transaction(
+            session_factory, lambda session: session.execute(INSERT, {"op_id": op_id})
+        )
+
+    return factory
+
+
+def guarded_writers_async(
+    url: str,
+    engines: list[AsyncEngine],
+    **engine_kwargs: Any,  # noqa: ANN401
+) -> Callable[[Ledger], Callable[[str], Awaitable[object]]]:
+    """`guarded_writers` for `run_async`: dropsafe's async engine and run_transaction_async."""
+
+    def factory(ledger: Ledger) -> Callable[[str], Awaitable[object]]:
+        policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
+        engine = dropsafe.create_async_engine(
+            url, policy=policy, pool_size=WORKERS, max_overflow=WORKERS, **engine_kwargs
+        )
+        engines.append(engine)
+        session_factory = async_sessionmaker(engine)
+
+        async def insert(session: AsyncSession, op_id: str) -> None:
+            await session.execute(INSERT, {"op_id": op_id})
+
+        return lambda op_id: dropsafe.run_transaction_async(
+            session_factory, lambda session: insert(session, op_id)
+        )
+
+    return factory
 
 
 def insert_naively(session_factory: sessionmaker[Session], op_id: str) -> None:
