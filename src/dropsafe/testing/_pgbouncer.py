@@ -6,14 +6,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import weakref
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from dropsafe.errors import ConfigurationError
 from dropsafe.testing._runtime import (
-    TEMP_PREFIX,
     Owner,
     Service,
     cleanup,
@@ -59,9 +56,7 @@ class PgBouncer(Service):
         self.port = free_port(self.host)
         self.tls = server.tls
         self._owner = Owner.for_this_process()
-        self.base_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}bouncer-"))
-        if self._owner.is_other_user:
-            self.base_dir.chmod(0o711)
+        self.base_dir = self._owner.make_base_dir("bouncer-")
         self.config_file = self.base_dir / "pgbouncer.ini"
         self.log_file = self.base_dir / "pgbouncer.log"
         self._process: subprocess.Popen[bytes] | None = None

@@ -12,15 +12,16 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dropsafe.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from pathlib import Path
     from types import TracebackType
 
     from typing_extensions import Self
@@ -95,6 +96,14 @@ class Owner:
     def is_other_user(self) -> bool:
         """Whether processes run as another user than ours."""
         return self.uid is not None
+
+    def make_base_dir(self, name: str) -> Path:
+        """Create a temp folder for one server, named for the leftovers check, enterable by us."""
+        base_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}"))
+        if self.is_other_user:
+            # mkdtemp folders are 0700: the server's user must be able to enter this one.
+            base_dir.chmod(0o711)
+        return base_dir
 
     def give(self, path: Path) -> None:
         """Hand ``path`` to the owner."""

@@ -5,16 +5,13 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import tempfile
 import warnings
 import weakref
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from dropsafe.errors import ConfigurationError, DropsafeError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._runtime import (
-    TEMP_PREFIX,
     Owner,
     Service,
     cleanup,
@@ -26,6 +23,7 @@ from dropsafe.testing._runtime import (
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from pathlib import Path
 
 
 __all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url"]
@@ -89,10 +87,7 @@ class PostgresServer(Service):
         self.is_standby = _primary is not None
         self._primary = _primary
         self._owner = Owner.for_this_process()
-        self.base_dir = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
-        if self._owner.is_other_user:
-            # mkdtemp folders are 0700: the server's user must be able to enter this one.
-            self.base_dir.chmod(0o711)
+        self.base_dir = self._owner.make_base_dir("")
         self.data_dir = self.base_dir / "data"
         self.socket_dir = self.base_dir / "run"
         self.log_file = self.base_dir / "postgres.log"
