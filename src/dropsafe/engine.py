@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy
@@ -55,13 +57,9 @@ def create_async_engine(
 
         engine = dropsafe.create_async_engine("postgresql+asyncpg://app@db.example/app")
     """
-    try:
-        from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415 - needs greenlet
-    except ImportError as exc:  # pragma: no cover - depends on the install
-        raise ConfigurationError(
-            f"async engines need SQLAlchemy's asyncio extra ({exc}): "
-            "pip install 'dropsafe[asyncpg]'"
-        ) from None
+    require_asyncio()
+    from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415 - imported on first use
+
     parsed = _parse(url)
     try:
         engine = sa_asyncio.create_async_engine(parsed, **engine_kwargs)
@@ -102,6 +100,30 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
     guard.attach(sync_engine)
     setattr(sync_engine, _GUARD_ATTRIBUTE, guard)
     return engine
+
+
+def require_asyncio() -> None:
+    """Return SQLAlchemy's asyncio extension, or say exactly what to install for it.
+
+    It needs greenlet, which SQLAlchemy 2.1 no longer installs: dropsafe imports it only when
+    async support is asked for, so that a sync application never needs it.
+    """
+    try:
+        import sqlalchemy.ext.asyncio  # noqa: F401, PLC0415 - needs greenlet
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"async engines and units of work need SQLAlchemy's asyncio support ({exc}): "
+            "pip install 'dropsafe[asyncpg]' (or 'dropsafe[psycopg]' with 'sqlalchemy[asyncio]')"
+        ) from None
+
+
+def loaded_asyncio() -> ModuleType | None:
+    """Return SQLAlchemy's asyncio extension if it is already imported, without importing it.
+
+    An async engine or sessionmaker can only exist once it is: a check for one needs no import.
+    """
+    module = sys.modules.get("sqlalchemy.ext.asyncio")
+    return module if isinstance(module, ModuleType) else None
 
 
 def guard_of(engine: Engine | AsyncEngine) -> ConnectionGuard | None:

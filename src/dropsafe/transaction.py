@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 from dropsafe.backoff import Attempts
 from dropsafe.classify import Kind, classify
-from dropsafe.engine import guard_of
+from dropsafe.engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe.errors import CommitOutcomeUnknown, ConfigurationError
 from dropsafe.outcome import (
     TransactionMark,
@@ -42,7 +41,7 @@ from dropsafe.policy import Policy
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from sqlalchemy.ext.asyncio import AsyncSession
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 __all__ = ["run_transaction", "run_transaction_async", "transactional"]
 
@@ -203,6 +202,7 @@ async def run_transaction_async(
 
         post_id = await dropsafe.run_transaction_async(AsyncSession, create_post_async)
     """
+    require_asyncio()
     engine = _async_engine_of(bind)
     _check_unit(fn, want_async=True)
     policy = _policy_for(policy, engine.sync_engine)
@@ -232,6 +232,8 @@ async def _attempt_async(
     fn: Callable[[Any], Awaitable[_T]],
     policy: Policy,
 ) -> _Committed[_T] | _CommitFailed[_T]:
+    from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: PLC0415 - imported on first use
+
     token = _IN_UNIT.set(True)
     try:
         if isinstance(bind, AsyncEngine):
@@ -336,7 +338,10 @@ def _sync_engine_of(bind: object) -> sa.Engine:
         raise ConfigurationError(
             "the sessionmaker must be bound to an Engine: sessionmaker(bind=engine)"
         )
-    if isinstance(bind, (AsyncEngine, async_sessionmaker)):
+    asyncio_extension = loaded_asyncio()
+    if asyncio_extension is not None and isinstance(
+        bind, (asyncio_extension.AsyncEngine, asyncio_extension.async_sessionmaker)
+    ):
         raise ConfigurationError(
             f"{type(bind).__name__} is async: use await run_transaction_async(...)"
         )
@@ -344,6 +349,9 @@ def _sync_engine_of(bind: object) -> sa.Engine:
 
 
 def _async_engine_of(bind: object) -> AsyncEngine:
+    require_asyncio()
+    from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker  # noqa: PLC0415
+
     if isinstance(bind, AsyncEngine):
         return bind
     if isinstance(bind, async_sessionmaker):
