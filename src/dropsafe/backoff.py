@@ -48,11 +48,18 @@ def test_mode() -> Iterator[None]:
 
 
 class Attempts:
-    """Counts attempts of one unit of work and decides how long to wait before the next."""
+    """Counts the runs of one unit of work and decides how long to wait before the next.
+
+    Only runs that reached the server count against ``Policy.max_attempts``: while the server
+    cannot be reached at all (a restart, a failover), connecting is retried with the same
+    backoff until the deadline, as psycopg_pool's ``reconnect_timeout`` does. The deadline is
+    absolute: no run starts once it has passed.
+    """
 
     def __init__(self, policy: Policy, *, rng: random.Random | None = None) -> None:
         self.policy = policy
         self.number = 1
+        self.failed_connects = 0
         self.started = time.monotonic()
         self.deadline = self.started + seconds(policy.deadline)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
@@ -61,24 +68,30 @@ class Attempts:
         """Seconds left before the deadline (never negative)."""
         return max(0.0, self.deadline - time.monotonic())
 
-    def next_delay(self, kind: Kind, error: BaseException) -> float:
-        """Return the backoff before the next attempt, or raise `RetriesExhausted` from ``error``.
+    def next_delay(self, kind: Kind, error: BaseException, *, reached_server: bool = True) -> float:
+        """Return the backoff before the next run, or raise `RetriesExhausted` from ``error``.
 
-        Full jitter: uniform in [0, min(backoff_max, backoff_initial * multiplier ** (n - 1))].
+        ``reached_server`` is False when the run failed to get a connection at all: that
+        does not use up an attempt, only time. Full jitter: uniform in
+        [0, min(backoff_max, backoff_initial * multiplier ** (n - 1))], n counting failures.
         """
         policy = self.policy
         text = describe_error(error)
-        if self.number >= policy.max_attempts:
+        if reached_server and self.number >= policy.max_attempts:
             self._give_up("attempts", text, error)
+        failures = self.number + self.failed_connects
         bound = min(
             seconds(policy.backoff_max),
-            seconds(policy.backoff_initial) * policy.backoff_multiplier ** (self.number - 1),
+            seconds(policy.backoff_initial) * policy.backoff_multiplier ** (failures - 1),
         )
         delay = 0.0 if _NO_BACKOFF.get() else self._rng.uniform(0, bound)
         if time.monotonic() + delay >= self.deadline:
             self._give_up("deadline", text, error)
         emit(policy.hooks, RetryScheduled(self.number, delay, kind, text))
-        self.number += 1
+        if reached_server:
+            self.number += 1
+        else:
+            self.failed_connects += 1
         return delay
 
     def _give_up(
@@ -86,11 +99,14 @@ class Attempts:
     ) -> None:
         elapsed = time.monotonic() - self.started
         emit(self.policy.hooks, RetriesGaveUp(self.number, elapsed, reason, text))
+        runs = f"{self.number} attempt(s)"
+        if self.failed_connects:
+            runs += f" and {self.failed_connects} failed connect(s)"
         if reason == "attempts":
-            why = f"after {self.number} attempt(s)"
+            why = f"after {runs}"
         else:
             deadline = seconds(self.policy.deadline)
-            why = f"at the {deadline:g}s deadline after {self.number} attempt(s)"
+            why = f"at the {deadline:g}s deadline after {runs}"
         raise RetriesExhausted(
             f"unit of work gave up {why} in {elapsed:.2f}s; last error: {text}",
             attempts=self.number,

@@ -1,160 +1,448 @@
-"""Resolve an ambiguous COMMIT by asking the server what became of the transaction's xid.
+"""Ambiguous COMMITs: the mark taken right before COMMIT, and the server asked what became of it.
 
-Before COMMIT, a transaction that wrote reads its own xid (``pg_current_xact_id_if_assigned()``,
-PostgreSQL 13+, or ``txid_current_if_assigned()`` on 10-12) together with the server's
-incarnation (its postmaster start time), in the same round trip; a read-only one has no xid.
-If the connection then fails during COMMIT, a fresh connection asks ``pg_xact_status(xid)``.
+**The mark.** SQLAlchemy's engine-level ``commit`` event fires after every flush and every
+``before_commit`` listener, right before the DBAPI COMMIT. There, a unit of work reads its
+transaction's xid and its backend's pid in one round trip. A transaction that wrote has an
+xid; one that only read has none and may simply run again. ``NOTIFY`` is the exception: it
+takes its xid only at COMMIT, so a transaction whose statements mention it is given one in
+the mark (``pg_current_xact_id()``) and counts as having written.
 
-On the same incarnation: ``committed`` and ``aborted`` settle it; ``in progress`` (the old
-backend is still finishing) is asked again until ``Policy.commit_status_timeout``.
+**The incarnation.** An xid means something only on the WAL history that handed it out. After
+a crash restart (any backend killed hard: the postmaster resets them all and replays WAL) the
+WAL still in memory is gone, the postmaster start time does not move, and the lost xids are
+handed out again: "committed" may then be a newer transaction's. So each connection reads once,
+when it opens, what identifies its server's history:
 
-After a crash restart or a failover the answer needs care, because an xid whose WAL was lost
-can be handed to a new transaction. A transaction that committed had its WAL flushed, so its
-xid is never reused: ``aborted``, ``in progress`` (a newer transaction holding the reused xid)
-and an xid beyond the server's next one all mean ours did not commit there. But ``committed``
-could be a newer transaction reusing the xid, so it raises `CommitOutcomeUnknown`. Anything
-else, or no answer in time, raises it too. Never a guess.
+- ``pg_control_system().system_identifier``: set by initdb, shared by a primary and its
+  standbys, different on any other cluster;
+- ``pg_stat_bgwriter.stats_reset``: PostgreSQL resets its shared statistics at the end of every
+  crash recovery (and a new standby or restored backup starts with its own), but keeps them
+  across a clean restart, after which no xid is reused (the shutdown checkpoint records the next
+  one). Both are readable by any role. Verified on PostgreSQL 15 by SIGKILLing a backend: the
+  value moves on a crash restart and an immediate stop, and stays on a fast restart. A reset by
+  an administrator (``pg_stat_reset_shared``) also moves it: that only makes answers unknown.
+
+**The resolution.** If the connection fails during COMMIT, a *new* connection (never a pooled
+one: it may sit on the same dead path) asks the server, in one statement, the xid's status, the
+server's incarnation and whether it is in recovery:
+
+- another cluster answered: unknown;
+- a standby answered (it may lag the primary): ask again, until the time is up;
+- ``committed`` counts only on the same incarnation; after a crash or failover it is unknown;
+- ``aborted`` is final anywhere: a committed xid is never handed out again;
+- ``in progress`` on the same incarnation means the old backend still holds the transaction
+  (its COMMIT was lost on the way, or it is still committing): that backend is terminated
+  (fenced: a role may terminate its own backends; the pid and xid must still match, so no
+  other session is touched) and the server asked again, which gives a definite answer at once.
+  Where fencing is refused, the question is asked again until the time is up. On another
+  incarnation a running or unassigned ("future") xid is a newer transaction's: ours did not
+  commit there.
+
+Anything that cannot be proven raises `CommitOutcomeUnknown`: never a guess.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import contextvars
+import re
+import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-import sqlalchemy as sa
+from sqlalchemy import event
 
-from dropsafe.classify import classify
+from dropsafe.classify import classify, sqlstate_of
 from dropsafe.errors import CommitOutcomeUnknown
 from dropsafe.events import CommitResolved, emit
 from dropsafe.policy import Policy, seconds
-from dropsafe.redaction import redact_text
+from dropsafe.redaction import describe_error
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterator
 
-    from sqlalchemy.engine import Connection, Engine
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.engine import Connection, Dialect, Engine
+    from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
 __all__ = [
+    "CommitRecorder",
+    "Incarnation",
     "Outcome",
     "TransactionMark",
-    "read_mark",
-    "read_mark_async",
+    "record_commits",
+    "recording",
     "resolve_commit",
-    "resolve_commit_async",
+    "server_refused_commit",
 ]
 
 Outcome = Literal["committed", "aborted"]
 
-_INCARNATION = "pg_postmaster_start_time()::text"
-_MARK_13 = sa.text(f"SELECT pg_current_xact_id_if_assigned()::text, {_INCARNATION}")
-_MARK_10 = sa.text(f"SELECT txid_current_if_assigned()::text, {_INCARNATION}")
-_INCARNATION_NOW = sa.text(f"SELECT {_INCARNATION}")
-_STATUS_13 = sa.text("SELECT pg_xact_status(CAST(:xid AS xid8))")
-_STATUS_10 = sa.text("SELECT txid_status(CAST(:xid AS bigint))")
-_FUTURE_XID = "in the future"  # the error for an xid the server has not handed out yet
 _FIRST_POLL = 0.02
 _MAX_POLL = 0.5
+_FENCE_WAIT = 5.0  # at most this long for a fenced backend to exit
+# A statement that may queue a notification: NOTIFY or pg_notify().
+_NOTIFY = re.compile(r"notify", re.IGNORECASE)
+# An ERROR in these SQLSTATE classes speaks of the connection or the server, not of the COMMIT.
+_NOT_A_REFUSAL = ("08", "53", "57", "58", "XX")
+
+
+@dataclass(frozen=True)
+class Incarnation:
+    """One WAL history of one cluster, between two crashes (see the module's docstring)."""
+
+    system_identifier: str | None
+    stats_reset: str | None
+
+    @property
+    def provable(self) -> bool:
+        """Whether equal incarnations prove the same WAL history (both values were read)."""
+        return self.system_identifier is not None and self.stats_reset is not None
+
+
+_UNREADABLE = Incarnation(None, None)
 
 
 @dataclass(frozen=True)
 class TransactionMark:
-    """What identifies a transaction for resolution: its xid and the server's incarnation."""
+    """What identifies a transaction for resolution: its xid, backend and server history."""
 
     xid: int
-    incarnation: str
+    backend_pid: int
+    incarnation: Incarnation
 
 
-def _modern(dialect: sa.Dialect) -> bool:
+@dataclass(frozen=True)
+class _Sql:
+    """The statements for one PostgreSQL generation (xid8 functions arrived in 13)."""
+
+    mark: str
+    mark_assigning: str
+    status: str
+    fence: str
+
+
+_INCARNATION = (
+    "(SELECT system_identifier::text FROM pg_control_system()), "
+    "(SELECT stats_reset::text FROM pg_stat_bgwriter)"
+)
+_SQL_13 = _Sql(
+    mark="SELECT pg_current_xact_id_if_assigned()::text, pg_backend_pid()",
+    mark_assigning="SELECT pg_current_xact_id()::text, pg_backend_pid()",
+    # Our own new xid is beyond every xid handed out so far: ours is "future" if not below it.
+    status=(
+        "SELECT CASE WHEN '{xid}'::xid8 < pg_current_xact_id() "
+        "THEN pg_xact_status('{xid}'::xid8) ELSE 'future' END"
+    ),
+    fence=(
+        "SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
+        "WHERE pid = {pid} AND backend_xid::text::bigint = {xid32}{only_idle}"
+    ),
+)
+_SQL_10 = _Sql(
+    mark="SELECT txid_current_if_assigned()::text, pg_backend_pid()",
+    mark_assigning="SELECT txid_current()::text, pg_backend_pid()",
+    status=("SELECT CASE WHEN {xid} < txid_current() THEN txid_status({xid}) ELSE 'future' END"),
+    fence=_SQL_13.fence,
+)
+
+
+def _sql_for(dialect: Dialect) -> _Sql:
     version = getattr(dialect, "server_version_info", None) or (13,)
-    return bool(version[0] >= 13)  # noqa: PLR2004 - pg_xact_status arrived in PostgreSQL 13
+    return _SQL_13 if version[0] >= 13 else _SQL_10  # noqa: PLR2004 - pg_xact_status: 13+
 
 
-def _mark_from(row: Sequence[Any] | None) -> TransactionMark | None:
-    if row is None or row[0] is None:
-        return None
-    return TransactionMark(int(row[0]), str(row[1]))
+def _terminate_waits(dialect: Dialect) -> bool:
+    version = getattr(dialect, "server_version_info", None) or (14,)
+    return bool(version[0] >= 14)  # noqa: PLR2004 - pg_terminate_backend(pid, timeout): 14+
 
 
-def read_mark(connection: Connection) -> TransactionMark | None:
-    """Return the open transaction's mark on ``connection``, or None if it wrote nothing."""
-    query = _MARK_13 if _modern(connection.dialect) else _MARK_10
-    return _mark_from(connection.execute(query).first())
+# -- recording the mark ------------------------------------------------------------------------
 
 
-async def read_mark_async(connection: AsyncConnection) -> TransactionMark | None:
-    """`read_mark` for an `AsyncConnection`."""
-    query = _MARK_13 if _modern(connection.dialect) else _MARK_10
-    return _mark_from((await connection.execute(query)).first())
+class CommitRecorder:
+    """What one attempt of a unit of work learned about its COMMIT, filled in by listeners."""
+
+    def __init__(self) -> None:
+        #: The last COMMIT's mark; None when that transaction wrote nothing.
+        self.mark: TransactionMark | None = None
+        #: COMMITs sent (or about to be) while armed: more than one cannot be retried whole.
+        self.commits_sent = 0
+        #: A statement may have queued a NOTIFY, which takes its xid only at COMMIT.
+        self.needs_xid = False
+        #: Whether to read the mark (``Policy.verify_commits``); COMMITs are counted anyway.
+        self.take_marks = True
+        self.armed = False
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Record the COMMITs sent inside this block (the unit's own, not the user's)."""
+        self.armed = True
+        try:
+            yield
+        finally:
+            self.armed = False
+
+
+_RECORDER: contextvars.ContextVar[CommitRecorder | None] = contextvars.ContextVar(
+    "dropsafe_commit_recorder", default=None
+)
+
+
+@contextlib.contextmanager
+def recording(*, take_marks: bool = True) -> Iterator[CommitRecorder]:
+    """Give the engines' listeners a recorder for the attempt that runs inside this block.
+
+    A context variable reaches the listeners in threads and in SQLAlchemy's asyncio greenlets
+    alike (SQLAlchemy hands its context to the greenlets it spawns).
+    """
+    recorder = CommitRecorder()
+    recorder.take_marks = take_marks
+    token = _RECORDER.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _RECORDER.reset(token)
+
+
+class _Incarnations:
+    """Each connection's server incarnation, read once when it opens.
+
+    Held weakly by the driver's own connection object (SQLAlchemy's asyncio adapters cannot be
+    weakly referenced, the connections they adapt can), so nothing outlives the pool.
+    """
+
+    def __init__(self) -> None:
+        self._by_connection: weakref.WeakKeyDictionary[Any, Incarnation] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def read(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
+        """Pool ``connect`` listener: read the incarnation, outside any transaction of the app."""
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"SELECT {_INCARNATION}")
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            dbapi_connection.rollback()
+            incarnation = Incarnation(_text(row[0]), _text(row[1]))
+        except Exception:  # noqa: BLE001 - not readable here (a fork, a proxy): unprovable
+            with contextlib.suppress(Exception):
+                dbapi_connection.rollback()
+            incarnation = _UNREADABLE
+        with contextlib.suppress(TypeError), self._lock:  # TypeError: not weakly referable
+            self._by_connection[entry.driver_connection] = incarnation
+
+    def of(self, driver_connection: object) -> Incarnation:
+        with contextlib.suppress(TypeError), self._lock:
+            return self._by_connection.get(driver_connection, _UNREADABLE)
+        return _UNREADABLE
+
+
+_INCARNATIONS = _Incarnations()
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def record_commits(engine: Engine) -> None:
+    """Install the listeners that take the mark before each COMMIT of a unit of work.
+
+    Idempotent. Outside a unit of work they cost one context-variable read per statement.
+    """
+    if event.contains(engine, "commit", _take_mark):
+        return
+    event.listen(engine.pool, "connect", _INCARNATIONS.read)
+    event.listen(engine, "before_cursor_execute", _notice_notify)
+    event.listen(engine, "commit", _take_mark)
+
+
+def _notice_notify(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signature
+    conn: Connection,
+    cursor: object,
+    statement: str,
+    parameters: object,
+    context: object,
+    executemany: bool,
+) -> None:
+    del conn, cursor, parameters, context, executemany
+    recorder = _RECORDER.get()
+    if recorder is not None and not recorder.needs_xid and _NOTIFY.search(statement):
+        recorder.needs_xid = True
+
+
+def _take_mark(conn: Connection) -> None:
+    """Engine ``commit`` listener: the last moment before COMMIT, after every flush and hook."""
+    recorder = _RECORDER.get()
+    if recorder is None or not recorder.armed:
+        return
+    if not recorder.take_marks:
+        recorder.commits_sent += 1
+        return
+    sql = _sql_for(conn.dialect)
+    row = conn.exec_driver_sql(sql.mark_assigning if recorder.needs_xid else sql.mark).first()
+    recorder.mark = (
+        None
+        if row is None or row[0] is None
+        else TransactionMark(
+            int(row[0]), int(row[1]), _INCARNATIONS.of(conn.connection.driver_connection)
+        )
+    )
+    recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
+
+
+# -- was it refused? ---------------------------------------------------------------------------
+
+
+def server_refused_commit(error: BaseException) -> bool:
+    """Whether PostgreSQL itself answered the COMMIT with an error: then nothing was committed.
+
+    Only an ERROR (not FATAL or PANIC, which end the session; a pooler in between sends its
+    own errors as FATAL) with a SQLSTATE outside the classes that speak of the connection or
+    the server (08, 53, 57, 58, XX) proves it: a deferred constraint, a serialization failure.
+    Anything else may have followed a COMMIT that took effect, and is resolved by asking.
+    """
+    state = sqlstate_of(error)
+    if state is None or state.startswith(_NOT_A_REFUSAL):
+        return False
+    return _severity_of(error) == "ERROR"
+
+
+def _severity_of(error: BaseException) -> str | None:
+    """Return the server's untranslated severity of ``error`` or of what it wraps, if any."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        diag = getattr(current, "diag", None)  # psycopg2, psycopg 3
+        fields = current.args[0] if current.args and isinstance(current.args[0], dict) else {}
+        for value in (
+            getattr(diag, "severity_nonlocalized", None),
+            getattr(current, "severity_en", None),  # asyncpg
+            fields.get("V"),  # pg8000
+        ):
+            if isinstance(value, str):
+                return value
+        pending += [getattr(current, "orig", None), current.__cause__]
+    return None
+
+
+# -- resolution --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: object
+    incarnation: Incarnation
+    in_recovery: bool
+
+
+_Decision = Literal["committed", "aborted", "fence", "again"]
 
 
 class _Resolution:
-    """The decision half of resolving: what a status means, how long to keep asking."""
+    """The decision half of resolving: what an answer means, and how long to keep asking."""
 
-    def __init__(self, mark: TransactionMark, policy: Policy, error: BaseException) -> None:
+    def __init__(
+        self, mark: TransactionMark, policy: Policy, error: BaseException, deadline: float
+    ) -> None:
         self.mark = mark
         self.policy = policy
         self.error = error
         self.started = time.monotonic()
-        self.deadline = self.started + seconds(policy.commit_status_timeout)
+        self.deadline = deadline
         self.pause = _FIRST_POLL
+        self.budget = max(0.0, deadline - self.started)
+        self.fenced_idle = False
+        self.fenced_any = False
+        self.fencing_refused = False
 
     @property
     def xid(self) -> int:
         return self.mark.xid
 
-    def query(self, dialect: sa.Dialect) -> sa.TextClause:
-        return (_STATUS_13 if _modern(dialect) else _STATUS_10).bindparams(xid=str(self.xid))
-
-    def settle(self, status: object, incarnation: object) -> Outcome | None:
-        """Return the outcome, or None to ask again; raise when it cannot be known."""
-        same_server = incarnation == self.mark.incarnation
-        if status == "aborted" or (not same_server and status in ("in progress", "future")):
-            # After a restart or failover, a running or unknown xid is not ours: ours did not
-            # commit there (a committed xid is never handed out again).
-            self._report("aborted")
-            return "aborted"
-        if status == "committed" and same_server:
-            self._report("committed")
-            return "committed"
-        if status == "in progress" and same_server:
-            return None
+    def settle(self, answer: _Answer) -> _Decision:  # noqa: PLR0911 - one return per case
+        """Say what ``answer`` means; raise `CommitOutcomeUnknown` when it cannot be known."""
+        ours = self.mark.incarnation
+        theirs = answer.incarnation
+        if ours.system_identifier is not None and (
+            theirs.system_identifier != ours.system_identifier
+        ):
+            return self._unknown("a server of another database cluster answered")
+        if answer.in_recovery:
+            return "again"  # a standby may lag its primary: only a primary can vouch
+        same_history = ours.provable and theirs == ours
+        other_history = ours.provable and theirs != ours
+        status = answer.status
+        if status == "aborted" or (other_history and status in ("in progress", "future")):
+            # A committed xid is never handed out again: a newer transaction holds ours.
+            return self._report("aborted")
+        if status == "committed" and same_history:
+            return self._report("committed")
+        if status == "in progress" and not other_history:
+            return "fence" if self.should_fence() else "again"
         if status == "committed":
-            reason = (
-                f"the server restarted or failed over since (started {self.mark.incarnation}, "
-                f"now {incarnation}), and 'committed' for xid {self.xid} may be a newer "
-                "transaction that reused it"
+            return self._unknown(
+                f"the server crashed, restarted from a crash or failed over since, and "
+                f"'committed' for xid {self.xid} may be a newer transaction that reused it"
+                if ours.provable
+                else f"the server's history could not be read, so 'committed' for xid "
+                f"{self.xid} cannot be told from a reuse of it after a crash"
             )
-        else:
-            reason = f"the server reports status {status!r} for xid {self.xid}"
-        self._unknown(reason)
-        return None  # pragma: no cover - _unknown raises
+        return self._unknown(f"the server reports status {status!r} for xid {self.xid}")
 
     def next_pause(self, failure: BaseException | None = None) -> float:
         """Return how long to wait before asking again, or raise when time is up."""
         if failure is not None and not classify(failure).retryable:
-            self._unknown(f"asking the server failed: {redact_text(str(failure))}", failure)
+            self._unknown(f"asking the server failed: {describe_error(failure)}", failure)
         if time.monotonic() + self.pause > self.deadline:
-            why = (
-                f"the server could not be asked in time: {redact_text(str(failure))}"
-                if failure is not None
-                else f"xid {self.xid} still in progress after "
-                f"{seconds(self.policy.commit_status_timeout):g}s"
-            )
+            if failure is not None:
+                why = f"the server could not be asked in time: {describe_error(failure)}"
+            else:
+                why = f"xid {self.xid} was still in progress when the time was up" + (
+                    " (terminating its backend was not allowed)" if self.fencing_refused else ""
+                )
             self._unknown(why, failure)
         pause, self.pause = self.pause, min(self.pause * 2, _MAX_POLL)
         return pause
 
-    def _report(self, outcome: Literal["committed", "aborted", "unknown"]) -> None:
-        emit(
-            self.policy.hooks,
-            CommitResolved(self.xid, outcome, time.monotonic() - self.started),
-        )
+    def should_fence(self) -> bool:
+        """Whether to terminate the backend that holds the transaction now.
 
-    def _unknown(self, reason: str, failure: BaseException | None = None) -> None:
-        self._report("unknown")
+        A backend idle in its transaction lost its COMMIT on the way and will never commit:
+        it is fenced at once. One still running its COMMIT (a slow trigger, a synchronous
+        standby) is given half the time, then fenced too, for an answer rather than none. Each
+        once: a backend that did not exit when told (stopped, stuck) will not later.
+        """
+        if self.fencing_refused or self.fenced_any:
+            return False
+        return not self.fenced_idle or self.fence_any_state()
+
+    def fence_any_state(self) -> bool:
+        """Whether the time left is short enough to fence a backend that is still committing."""
+        return self.deadline - time.monotonic() <= min(_FENCE_WAIT, self.budget / 2)
+
+    def fence_timeout(self) -> float:
+        """How long to wait for a fenced backend to exit: what is left, within a bound."""
+        return max(0.1, min(_FENCE_WAIT, self.deadline - time.monotonic()))
+
+    def _report(self, outcome: Outcome) -> Outcome:
+        emit(self.policy.hooks, CommitResolved(self.xid, outcome, self._elapsed()))
+        return outcome
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def _unknown(self, reason: str, failure: BaseException | None = None) -> _Decision:
+        emit(self.policy.hooks, CommitResolved(self.xid, "unknown", self._elapsed()))
         raise CommitOutcomeUnknown(
             f"the connection failed during COMMIT of transaction {self.xid} and its outcome "
             f"cannot be known: {reason}",
@@ -163,53 +451,88 @@ class _Resolution:
         ) from (failure or self.error)
 
 
-def _future_or_raise(error: sa.exc.DBAPIError) -> str:
-    """Turn "transaction ID is in the future" into a status; re-raise anything else."""
-    if _FUTURE_XID in str(error.orig):
-        return "future"
-    raise error
-
-
 def resolve_commit(
-    engine: Engine, mark: TransactionMark, policy: Policy, error: BaseException
+    engine: Engine,
+    mark: TransactionMark,
+    policy: Policy,
+    error: BaseException,
+    *,
+    deadline: float,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Outcome:
-    """Ask ``engine`` (a fresh connection) whether the transaction committed; see the module."""
-    resolution = _Resolution(mark, policy, error)
-    while True:
-        try:
-            with engine.connect() as connection:
-                incarnation = connection.execute(_INCARNATION_NOW).scalar()
-                try:
-                    status = connection.execute(resolution.query(connection.dialect)).scalar()
-                except sa.exc.DBAPIError as exc:
-                    status = _future_or_raise(exc)
-        except (sa.exc.DBAPIError, OSError) as exc:
-            time.sleep(resolution.next_pause(exc))
-            continue
-        outcome = resolution.settle(status, incarnation)
-        if outcome is not None:
-            return outcome
-        time.sleep(resolution.next_pause())
+    """Ask the server (new connections) whether the marked transaction committed.
+
+    Keeps asking until ``min(commit_status_timeout, deadline)``, but always asks at least once.
+    Async engines run this in SQLAlchemy's greenlet with an awaiting ``sleep``.
+    """
+    bound = time.monotonic() + seconds(policy.commit_status_timeout)
+    resolution = _Resolution(mark, policy, error, min(bound, deadline))
+    pool = engine.pool.recreate()  # new connections, with the engine's creator and listeners
+    sql = _sql_for(engine.dialect)
+    try:
+        while True:
+            try:
+                decision = resolution.settle(_ask(pool, sql, mark))
+                if decision == "fence":
+                    _fence(pool, sql, mark, resolution, engine.dialect)
+                    continue
+            except CommitOutcomeUnknown:
+                raise
+            except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
+                sleep(resolution.next_pause(exc))
+                continue
+            if decision != "again":
+                return decision
+            sleep(resolution.next_pause())
+    finally:
+        pool.dispose()
 
 
-async def resolve_commit_async(
-    engine: AsyncEngine, mark: TransactionMark, policy: Policy, error: BaseException
-) -> Outcome:
-    """`resolve_commit` for an `AsyncEngine`."""
-    resolution = _Resolution(mark, policy, error)
-    while True:
+def _ask(pool: Pool, sql: _Sql, mark: TransactionMark) -> _Answer:
+    server = _fetch(pool, f"SELECT {_INCARNATION}, pg_is_in_recovery()")
+    incarnation = Incarnation(_text(server[0]), _text(server[1]))
+    if server[2]:
+        return _Answer(None, incarnation, in_recovery=True)  # a standby assigns no xid
+    (status,) = _fetch(pool, sql.status.format(xid=mark.xid))[:1]
+    return _Answer(status, incarnation, in_recovery=False)
+
+
+def _fence(
+    pool: Pool, sql: _Sql, mark: TransactionMark, resolution: _Resolution, dialect: Dialect
+) -> None:
+    """Terminate the backend that still holds the marked transaction (if it still does)."""
+    wait = f", {int(resolution.fence_timeout() * 1000)}" if _terminate_waits(dialect) else ""
+    any_state = resolution.fence_any_state()
+    statement = sql.fence.format(
+        pid=mark.backend_pid,
+        xid32=mark.xid % 2**32,
+        wait=wait,
+        only_idle="" if any_state else " AND state <> 'active'",
+    )
+    resolution.fenced_idle = True
+    resolution.fenced_any = any_state
+    try:
+        _fetch(pool, statement)
+    except Exception as exc:
+        if sqlstate_of(exc) != "42501":  # insufficient_privilege: not our backend to end
+            raise
+        resolution.fencing_refused = True
+
+
+def _fetch(pool: Pool, statement: str) -> tuple[Any, ...]:
+    """Run one statement on a connection of ``pool`` in its own transaction; return a row."""
+    connection = pool.connect()
+    try:
+        cursor = connection.cursor()
         try:
-            async with engine.connect() as connection:
-                incarnation = (await connection.execute(_INCARNATION_NOW)).scalar()
-                try:
-                    result = await connection.execute(resolution.query(connection.dialect))
-                    status = result.scalar()
-                except sa.exc.DBAPIError as exc:
-                    status = _future_or_raise(exc)
-        except (sa.exc.DBAPIError, OSError) as exc:
-            await asyncio.sleep(resolution.next_pause(exc))
-            continue
-        outcome = resolution.settle(status, incarnation)
-        if outcome is not None:
-            return outcome
-        await asyncio.sleep(resolution.next_pause())
+            cursor.execute(statement)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        connection.rollback()
+    except BaseException:
+        connection.invalidate()
+        raise
+    finally:
+        connection.close()
+    return tuple(row) if row is not None else (None, None, None, False)

@@ -3,13 +3,14 @@
 A unit of work is a function that receives a Session (from a ``sessionmaker``) or a
 Connection (from an ``Engine``) inside an open transaction. dropsafe commits it. On a
 disconnect, transient or failover error the whole function runs again, after a backoff,
-within ``Policy.max_attempts`` and ``Policy.deadline``; a statement is never replayed in the
-middle of a transaction. A COMMIT whose reply was lost is resolved by asking the server
-(see `dropsafe.outcome`), so that a committed unit is not run again and an acknowledged one
-is never lost. Permanent errors are raised unchanged.
+within ``Policy.max_attempts`` runs that reached the server and an absolute
+``Policy.deadline``; a statement is never replayed in the middle of a transaction. A COMMIT
+whose reply was lost is resolved by asking the server (see `dropsafe.outcome`), so that a
+committed unit is not run again and an acknowledged one is never lost. Errors that are not
+the database's, and permanent ones, are raised unchanged after the rollback.
 
-The sync and async faces share every decision (`_retry_kind`, `_after_failed_commit`,
-`Attempts`) and differ only where they await.
+The sync and async faces share every decision (`_decide`, `Attempts`, the resolution, which
+runs as sync code in SQLAlchemy's greenlet for async engines) and differ only where they await.
 """
 
 from __future__ import annotations
@@ -30,18 +31,24 @@ from dropsafe.classify import Kind, classify
 from dropsafe.engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe.errors import CommitOutcomeUnknown, ConfigurationError
 from dropsafe.outcome import (
+    CommitRecorder,
     TransactionMark,
-    read_mark,
-    read_mark_async,
+    record_commits,
+    recording,
     resolve_commit,
-    resolve_commit_async,
+    server_refused_commit,
 )
 from dropsafe.policy import Policy
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+    from sqlalchemy.ext.asyncio import (
+        AsyncConnection,
+        AsyncEngine,
+        AsyncSession,
+        async_sessionmaker,
+    )
 
 __all__ = ["run_transaction", "run_transaction_async", "transactional"]
 
@@ -55,12 +62,28 @@ class _Committed(Generic[_T]):
 
 
 @dataclass
+class _Failed:
+    """The run failed before its COMMIT was sent (``reached_server``: it got a connection)."""
+
+    error: Exception
+    reached_server: bool
+
+
+@dataclass
 class _CommitFailed(Generic[_T]):
-    """COMMIT raised: what ``fn`` returned, the error, and the transaction's mark if it wrote."""
+    """COMMIT raised: what ``fn`` returned, the error, and what the recorder saw."""
 
     result: _T
-    error: BaseException
+    error: Exception
     mark: TransactionMark | None
+    commits_sent: int
+
+
+@dataclass(frozen=True)
+class _Retry:
+    kind: Kind
+    error: Exception
+    reached_server: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,31 +91,44 @@ class _Resolve:
     """Ask the server whether the transaction committed before deciding anything else."""
 
     mark: TransactionMark
+    error: Exception
+    result: Any  # what the unit returned, if the COMMIT turns out to have happened
 
 
-def _retry_kind(error: BaseException) -> Kind:
-    """Return the kind of a retryable error; raise ``error`` unchanged when it is not."""
-    kind = classify(error)
-    if not kind.retryable:
-        raise error
-    return kind
-
-
-def _after_failed_commit(step: _CommitFailed[Any], policy: Policy) -> _Resolve | Kind:
-    """Decide what follows a COMMIT that raised; raise when nothing may follow."""
-    if classify(step.error, during_commit=True) is not Kind.COMMIT_UNKNOWN:
-        # The server answered the COMMIT with an error of its own: nothing was committed.
-        return _retry_kind(step.error)
+def _decide(step: _Failed | _CommitFailed[Any], policy: Policy) -> _Retry | _Resolve:
+    """Decide what follows a failed run; raise the error (or ours) when nothing may follow."""
+    if isinstance(step, _Failed):
+        return _Retry(_retry_kind(step.error), step.error, step.reached_server)
+    error = step.error
+    if not isinstance(error, sa.exc.DBAPIError):
+        raise error  # not the database's: the app's own listener, raised unchanged
+    if server_refused_commit(error):
+        return _Retry(_retry_kind(error), error)  # PostgreSQL refused it: nothing committed
     if not policy.verify_commits:
         raise CommitOutcomeUnknown(
             "the connection failed during COMMIT and Policy.verify_commits is off, "
             "so its outcome was not recorded",
             xid=None,
             reason="verify_commits is off",
-        ) from step.error
+        ) from error
+    if step.commits_sent > 1:
+        raise CommitOutcomeUnknown(
+            "the connection failed during a COMMIT of a unit of work that committed on more "
+            "than one connection; a partial commit cannot be retried whole",
+            xid=None if step.mark is None else step.mark.xid,
+            reason="more than one connection committed",
+        ) from error
     if step.mark is None:
-        return Kind.DISCONNECT  # the transaction wrote nothing: running it again is harmless
-    return _Resolve(step.mark)
+        return _Retry(Kind.DISCONNECT, error)  # it wrote nothing: running it again is harmless
+    return _Resolve(step.mark, error, step.result)
+
+
+def _retry_kind(error: Exception) -> Kind:
+    """Return the kind of a retryable error; raise ``error`` unchanged when it is not."""
+    kind = classify(error)
+    if not kind.retryable:
+        raise error
+    return kind
 
 
 # -- sync ------------------------------------------------------------------------------------
@@ -125,55 +161,63 @@ def run_transaction(
     engine = _sync_engine_of(bind)
     _check_unit(fn, want_async=False)
     policy = _policy_for(policy, engine)
+    record_commits(engine)
     attempts = Attempts(policy)
     while True:
-        try:
-            step = _attempt(bind, fn, policy)
-        except Exception as exc:  # noqa: BLE001 - _retry_kind re-raises what is not retryable
-            error: BaseException = exc
-            kind = _retry_kind(exc)
-        else:
-            if isinstance(step, _Committed):
-                return step.result
-            error = step.error
-            decision = _after_failed_commit(step, policy)
-            if isinstance(decision, _Resolve):
-                if resolve_commit(engine, decision.mark, policy, error) == "committed":
-                    return step.result
-                decision = Kind.DISCONNECT  # aborted: nothing was written
-            kind = decision
-        time.sleep(attempts.next_delay(kind, error))
+        with recording(take_marks=policy.verify_commits) as recorder:
+            step = _attempt(bind, fn, recorder)
+        if isinstance(step, _Committed):
+            return step.result
+        decision = _decide(step, policy)
+        if isinstance(decision, _Resolve):
+            outcome = resolve_commit(
+                engine, decision.mark, policy, decision.error, deadline=attempts.deadline
+            )
+            if outcome == "committed":
+                return decision.result  # type: ignore[no-any-return]
+            decision = _Retry(Kind.DISCONNECT, decision.error)  # aborted: nothing was written
+        time.sleep(
+            attempts.next_delay(
+                decision.kind, decision.error, reached_server=decision.reached_server
+            )
+        )
 
 
 def _attempt(
-    bind: sessionmaker[Session] | sa.Engine, fn: Callable[[Any], _T], policy: Policy
-) -> _Committed[_T] | _CommitFailed[_T]:
+    bind: sessionmaker[Session] | sa.Engine, fn: Callable[[Any], _T], recorder: CommitRecorder
+) -> _Committed[_T] | _Failed | _CommitFailed[_T]:
     token = _IN_UNIT.set(True)
+    reached_server = False
     try:
         if isinstance(bind, sa.Engine):
-            with bind.connect() as connection:
-                connection.begin()
-                result = _call_sync(fn, connection)
-                _check_still_open(connection.in_transaction())
-                mark = read_mark(connection) if policy.verify_commits else None
-                try:
-                    connection.commit()
-                except Exception as exc:  # noqa: BLE001 - decided by _after_failed_commit
-                    return _CommitFailed(result, exc, mark)
-                return _Committed(result)
+            with bind.connect() as handle:
+                reached_server = True
+                handle.begin()
+                return _run_and_commit(fn, handle, recorder)
         with bind() as session:
             session.begin()
-            result = _call_sync(fn, session)
-            _check_still_open(session.in_transaction())
-            session.flush()  # COMMIT would flush: do it first, so the xid covers it
-            mark = read_mark(session.connection()) if policy.verify_commits else None
-            try:
-                session.commit()
-            except Exception as exc:  # noqa: BLE001
-                return _CommitFailed(result, exc, mark)
-            return _Committed(result)
+            session.connection()  # connect now: a failure here never reached the server
+            reached_server = True
+            return _run_and_commit(fn, session, recorder)
+    except Exception as exc:  # noqa: BLE001 - decided by _decide, which re-raises the rest
+        return _Failed(exc, reached_server)
     finally:
         _IN_UNIT.reset(token)
+
+
+def _run_and_commit(
+    fn: Callable[[Any], _T], handle: Session | sa.Connection, recorder: CommitRecorder
+) -> _Committed[_T] | _CommitFailed[_T]:
+    result = _call_sync(fn, handle)
+    _check_still_open(handle.in_transaction())
+    try:
+        with recorder.committing():
+            handle.commit()
+    except Exception as exc:
+        if not recorder.commits_sent:
+            raise  # failed before COMMIT was sent (a flush, a before_commit hook, the mark)
+        return _CommitFailed(result, exc, recorder.mark, recorder.commits_sent)
+    return _Committed(result)
 
 
 def _call_sync(fn: Callable[[Any], _T], handle: object) -> _T:
@@ -203,66 +247,89 @@ async def run_transaction_async(
         post_id = await dropsafe.run_transaction_async(AsyncSession, create_post_async)
     """
     require_asyncio()
+    from sqlalchemy.util import greenlet_spawn  # noqa: PLC0415 - needs greenlet
+
     engine = _async_engine_of(bind)
     _check_unit(fn, want_async=True)
     policy = _policy_for(policy, engine.sync_engine)
+    record_commits(engine.sync_engine)
     attempts = Attempts(policy)
     while True:
-        try:
-            step = await _attempt_async(bind, fn, policy)
-        except Exception as exc:  # noqa: BLE001 - _retry_kind re-raises what is not retryable
-            error: BaseException = exc
-            kind = _retry_kind(exc)
-        else:
-            if isinstance(step, _Committed):
-                return step.result
-            error = step.error
-            decision = _after_failed_commit(step, policy)
-            if isinstance(decision, _Resolve):
-                outcome = await resolve_commit_async(engine, decision.mark, policy, error)
-                if outcome == "committed":
-                    return step.result
-                decision = Kind.DISCONNECT
-            kind = decision
-        await asyncio.sleep(attempts.next_delay(kind, error))
+        with recording(take_marks=policy.verify_commits) as recorder:
+            step = await _attempt_async(bind, fn, recorder)
+        if isinstance(step, _Committed):
+            return step.result
+        decision = _decide(step, policy)
+        if isinstance(decision, _Resolve):
+            outcome = await greenlet_spawn(
+                resolve_commit,
+                engine.sync_engine,
+                decision.mark,
+                policy,
+                decision.error,
+                deadline=attempts.deadline,
+                sleep=_sleep_in_greenlet,
+            )
+            if outcome == "committed":
+                return decision.result  # type: ignore[no-any-return]
+            decision = _Retry(Kind.DISCONNECT, decision.error)
+        await asyncio.sleep(
+            attempts.next_delay(
+                decision.kind, decision.error, reached_server=decision.reached_server
+            )
+        )
+
+
+def _sleep_in_greenlet(delay: float) -> None:
+    """Sleep without blocking the event loop, from sync code in SQLAlchemy's greenlet."""
+    from sqlalchemy.util import concurrency  # noqa: PLC0415 - needs greenlet
+
+    # SQLAlchemy 2.1 renamed await_only to await_.
+    await_ = getattr(concurrency, "await_", None) or concurrency.await_only
+    await_(asyncio.sleep(delay))
 
 
 async def _attempt_async(
     bind: async_sessionmaker[AsyncSession] | AsyncEngine,
     fn: Callable[[Any], Awaitable[_T]],
-    policy: Policy,
-) -> _Committed[_T] | _CommitFailed[_T]:
+    recorder: CommitRecorder,
+) -> _Committed[_T] | _Failed | _CommitFailed[_T]:
     from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: PLC0415 - imported on first use
 
     token = _IN_UNIT.set(True)
+    reached_server = False
     try:
         if isinstance(bind, AsyncEngine):
             async with bind.connect() as connection:
+                reached_server = True
                 await connection.begin()
-                result = await _call_async(fn, connection)
-                _check_still_open(connection.in_transaction())
-                mark = await read_mark_async(connection) if policy.verify_commits else None
-                try:
-                    await connection.commit()
-                except Exception as exc:  # noqa: BLE001 - decided by _after_failed_commit
-                    return _CommitFailed(result, exc, mark)
-                return _Committed(result)
+                return await _run_and_commit_async(fn, connection, recorder)
         async with bind() as session:
             await session.begin()
-            result = await _call_async(fn, session)
-            _check_still_open(session.in_transaction())
-            await session.flush()
-            if policy.verify_commits:
-                mark = await read_mark_async(await session.connection())
-            else:
-                mark = None
-            try:
-                await session.commit()
-            except Exception as exc:  # noqa: BLE001
-                return _CommitFailed(result, exc, mark)
-            return _Committed(result)
+            await session.connection()
+            reached_server = True
+            return await _run_and_commit_async(fn, session, recorder)
+    except Exception as exc:  # noqa: BLE001 - decided by _decide, which re-raises the rest
+        return _Failed(exc, reached_server)
     finally:
         _IN_UNIT.reset(token)
+
+
+async def _run_and_commit_async(
+    fn: Callable[[Any], Awaitable[_T]],
+    handle: AsyncSession | AsyncConnection,
+    recorder: CommitRecorder,
+) -> _Committed[_T] | _CommitFailed[_T]:
+    result = await _call_async(fn, handle)
+    _check_still_open(handle.in_transaction())
+    try:
+        with recorder.committing():
+            await handle.commit()
+    except Exception as exc:
+        if not recorder.commits_sent:
+            raise
+        return _CommitFailed(result, exc, recorder.mark, recorder.commits_sent)
+    return _Committed(result)
 
 
 async def _call_async(fn: Callable[[Any], Awaitable[_T]], handle: object) -> _T:

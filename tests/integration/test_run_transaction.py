@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 
@@ -273,17 +275,30 @@ def test_commit_cut_and_aborted_runs_the_unit_again(server, engine, chaos_proxy,
 
 
 @pytest.mark.fault
-def test_commit_still_in_progress_past_the_bound_is_unknown(server, chaos_proxy, recorder):
+def test_commit_held_by_a_stopped_backend_past_the_bound_is_unknown(server, chaos_proxy, recorder):
+    # A SIGSTOPped backend cannot be fenced (it does not exit when told): no answer in time.
     engine = dropsafe.create_engine(
         chaos_proxy.route(server.url("psycopg2")),
-        policy=dropsafe.Policy(commit_status_timeout=0.3, hooks=(recorder,)),
+        policy=dropsafe.Policy(commit_status_timeout=1, hooks=(recorder,)),
     )
+    stopped = []
+
+    def cut_and_stop():
+        (pid,) = server.execute(
+            "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
+        )[0]
+        os.kill(int(pid), signal.SIGSTOP)
+        stopped.append(int(pid))
+        chaos_proxy.cut("rst")
+
     try:
-        watcher = _when_commit_runs(server, lambda: chaos_proxy.cut("rst"))
+        watcher = _when_commit_runs(server, cut_and_stop)
         with pytest.raises(CommitOutcomeUnknown, match="still in progress") as raised:
             dropsafe.run_transaction(sessionmaker(engine), _insert(11, commit_sleep=3))
         watcher.join(timeout=20)
     finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
         engine.dispose()
     assert raised.value.xid is not None
     assert [event.outcome for event in recorder.of(CommitResolved)] == ["unknown"]
