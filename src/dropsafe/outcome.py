@@ -364,6 +364,7 @@ class _Resolution:
         self.fenced_idle = False
         self.fenced_any = False
         self.fencing_refused = False
+        self.standby_answered = False
 
     @property
     def xid(self) -> int:
@@ -377,6 +378,7 @@ class _Resolution:
             theirs.system_identifier != ours.system_identifier
         ):
             return self._unknown("a server of another database cluster answered")
+        self.standby_answered = answer.in_recovery
         if answer.in_recovery:
             return "again"  # a standby may lag its primary: only a primary can vouch
         same_history = ours.provable and theirs == ours
@@ -406,6 +408,8 @@ class _Resolution:
         if time.monotonic() + self.pause > self.deadline:
             if failure is not None:
                 why = f"the server could not be asked in time: {describe_error(failure)}"
+            elif self.standby_answered:
+                why = "only a standby answered in time, and a standby may lag its primary"
             else:
                 why = f"xid {self.xid} was still in progress when the time was up" + (
                     " (terminating its backend was not allowed)" if self.fencing_refused else ""
@@ -489,12 +493,12 @@ def resolve_commit(
 
 
 def _ask(pool: Pool, sql: _Sql, mark: TransactionMark) -> _Answer:
-    server = _fetch(pool, f"SELECT {_INCARNATION}, pg_is_in_recovery()")
-    incarnation = Incarnation(_text(server[0]), _text(server[1]))
-    if server[2]:
-        return _Answer(None, incarnation, in_recovery=True)  # a standby assigns no xid
-    (status,) = _fetch(pool, sql.status.format(xid=mark.xid))[:1]
-    return _Answer(status, incarnation, in_recovery=False)
+    with _questioning(pool) as run:
+        server = run(f"SELECT {_INCARNATION}, pg_is_in_recovery()")
+        incarnation = Incarnation(_text(server[0]), _text(server[1]))
+        if server[2]:
+            return _Answer(None, incarnation, in_recovery=True)  # a standby assigns no xid
+        return _Answer(run(sql.status.format(xid=mark.xid))[0], incarnation, in_recovery=False)
 
 
 def _fence(
@@ -512,17 +516,24 @@ def _fence(
     resolution.fenced_idle = True
     resolution.fenced_any = any_state
     try:
-        _fetch(pool, statement)
+        with _questioning(pool) as run:
+            run(statement)
     except Exception as exc:
         if sqlstate_of(exc) != "42501":  # insufficient_privilege: not our backend to end
             raise
         resolution.fencing_refused = True
 
 
-def _fetch(pool: Pool, statement: str) -> tuple[Any, ...]:
-    """Run one statement on a connection of ``pool`` in its own transaction; return a row."""
+@contextlib.contextmanager
+def _questioning(pool: Pool) -> Iterator[Callable[[str], tuple[Any, ...]]]:
+    """Give a runner of statements, each in its own transaction, on a new connection.
+
+    The connection is closed afterwards, never pooled: the next question must be free to
+    reach another server (the primary, after a standby answered through a load balancer).
+    """
     connection = pool.connect()
-    try:
+
+    def run(statement: str) -> tuple[Any, ...]:
         cursor = connection.cursor()
         try:
             cursor.execute(statement)
@@ -530,9 +541,10 @@ def _fetch(pool: Pool, statement: str) -> tuple[Any, ...]:
         finally:
             cursor.close()
         connection.rollback()
-    except BaseException:
-        connection.invalidate()
-        raise
+        return tuple(row) if row is not None else (None, None, False)
+
+    try:
+        yield run
     finally:
+        connection.invalidate()
         connection.close()
-    return tuple(row) if row is not None else (None, None, None, False)

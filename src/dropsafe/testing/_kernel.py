@@ -7,12 +7,14 @@ import os
 import shutil
 import subprocess
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from dropsafe.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+
+Direction = Literal["both", "to"]
 
 __all__ = ["kernel_blackhole", "kernel_blackhole_unavailable"]
 
@@ -32,26 +34,32 @@ def kernel_blackhole_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def kernel_blackhole(port: int) -> Iterator[None]:
+def kernel_blackhole(port: int, *, direction: Direction = "both") -> Iterator[None]:
     """Drop every loopback TCP packet to or from ``port`` while the block runs.
 
     Unlike a userspace proxy, whose kernel acknowledges everything, this leaves both peers
     with open sockets and no answers: the half-open connection a dead NAT or a vanished host
-    makes. The rules are removed on exit, also when the block raises.
+    makes. With ``direction="to"`` only packets *to* ``port`` are dropped: given a client's
+    local port, its requests still reach the server but no answer (nor acknowledgement) comes
+    back, which is how a reply gets lost. The rules are removed on exit, also when the block
+    raises.
     """
     if not 0 < port < 65536:  # noqa: PLR2004
         raise ConfigurationError(f"port must be within 1..65535: {port!r}")
+    if direction not in ("both", "to"):
+        raise ConfigurationError(f"direction must be 'both' or 'to': {direction!r}")
+    matches = ("dport",) if direction == "to" else ("dport", "sport")
     name = f"dropsafe_blackhole_{port}_{uuid.uuid4().hex[:8]}"
     if shutil.which("nft") is not None:
-        _run(["nft", "-f", "-"], stdin=_nft_table(name, port))
+        _run(["nft", "-f", "-"], stdin=_nft_table(name, port, matches))
         try:
             yield
         finally:
             _run(["nft", "delete", "table", "inet", name])
         return
     rules = [
-        ["-i", "lo", "-p", "tcp", direction, str(port), "-m", "comment", "--comment", name]
-        for direction in ("--dport", "--sport")
+        ["-i", "lo", "-p", "tcp", f"--{match}", str(port), "-m", "comment", "--comment", name]
+        for match in matches
     ]
     tools = [tool for tool in ("iptables", "ip6tables") if shutil.which(tool)]
     added: list[list[str]] = []
@@ -66,13 +74,13 @@ def kernel_blackhole(port: int) -> Iterator[None]:
             _run(command)
 
 
-def _nft_table(name: str, port: int) -> str:
+def _nft_table(name: str, port: int, matches: tuple[str, ...]) -> str:
+    rules = "".join(f'    iifname "lo" tcp {match} {port} drop\n' for match in matches)
     return (
         f"table inet {name} {{\n"
         "  chain input {\n"
         "    type filter hook input priority -300; policy accept;\n"
-        f'    iifname "lo" tcp dport {port} drop\n'
-        f'    iifname "lo" tcp sport {port} drop\n'
+        f"{rules}"
         "  }\n"
         "}\n"
     )

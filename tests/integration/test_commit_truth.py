@@ -1,0 +1,289 @@
+"""The promise under attack: an acknowledged unit of work exists exactly once, whatever
+PostgreSQL goes through during its COMMIT; one that is not acknowledged is reported honestly.
+
+Each test makes one history that broke dropsafe 0.1 (acknowledged writes lost after a crash
+restart, writes made at COMMIT time run twice, a standby believed, a pooler's error taken for a
+refusal, a half-open COMMIT left unknown) and checks the promise on it, for psycopg2, psycopg 3
+and asyncpg.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import threading
+import time
+
+import psycopg2
+import pytest
+import sqlalchemy as sa
+from commit_faults import (
+    SLOW_COMMIT_SCHEMA,
+    PoolerErrorAtCommit,
+    Unit,
+    WhenCommitRuns,
+    insert,
+    rows,
+)
+from sqlalchemy.orm import Session
+
+import dropsafe
+from dropsafe import CommitOutcomeUnknown
+from dropsafe.events import CommitResolved
+from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
+
+DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
+
+pytestmark = pytest.mark.fault
+
+
+class Recorder(list):
+    def __call__(self, event):
+        self.append(event)
+
+    def outcomes(self):
+        return [event.outcome for event in self if isinstance(event, CommitResolved)]
+
+
+def _wait(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ServerError):
+            if condition():
+                return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture
+def server(postgres_server):
+    postgres_server.execute(SLOW_COMMIT_SCHEMA)
+    return postgres_server
+
+
+# -- 1. a crash restart hands the lost xid to another transaction ---------------------------
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
+    # WAL stays in memory until COMMIT (wal_writer_delay), so a crash loses the transaction and
+    # its xid is handed out again: the resolver must not take the newcomer's commit for ours.
+    with (
+        PostgresServer(settings={"wal_writer_delay": "10s"}) as server,
+        ChaosProxy(server.host, server.port) as proxy,
+    ):
+        server.execute(SLOW_COMMIT_SCHEMA)
+        bystander = psycopg2.connect(_libpq_url(server))
+        bystander_pid = bystander.get_backend_pid()
+        lost = {}
+
+        def crash_and_reuse_the_xid():
+            lost["xid"] = int(
+                server.execute(
+                    "SELECT backend_xid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%'"
+                )[0][0]
+            )
+            proxy.refuse()  # the resolver waits until the xid has been handed out again
+            os.kill(bystander_pid, signal.SIGKILL)  # any backend dying hard resets them all
+            _wait(lambda: server.execute("SELECT 1"), 30, "crash recovery")
+            _wait(
+                lambda: int(server.execute("SELECT pg_current_xact_id()")[0][0]) > lost["xid"],
+                30,
+                "the lost xid to be committed by another transaction",
+            )
+            proxy.heal()
+
+        recorder = Recorder()
+        policy = dropsafe.Policy(hooks=(recorder,), commit_status_timeout=30, deadline=60)
+        unit = Unit(
+            driver, proxy.route(server.url(driver)), insert(1, commit_sleep=3), policy=policy
+        )
+        watcher = WhenCommitRuns(server, crash_and_reuse_the_xid)
+        try:
+            acknowledged = unit.run() == "done"
+        except CommitOutcomeUnknown:
+            acknowledged = False
+        watcher.join(timeout=60)
+        with contextlib.suppress(psycopg2.Error):
+            bystander.close()
+        written = rows(server, 1)
+        status = server.execute(f"SELECT pg_xact_status('{lost['xid']}'::xid8)")[0][0]
+    assert not (acknowledged and written == 0), "an acknowledged write does not exist"
+    assert written <= 1
+    # The history really was the dangerous one: ours lost, its xid committed by another.
+    assert (written, status) == (0, "committed")
+    assert not acknowledged
+    assert recorder.outcomes() == ["unknown"]
+
+
+# -- 2. writes made at COMMIT time ------------------------------------------------------------
+
+
+class AuditedSession(Session):
+    """A session whose before_commit hook writes (an audit row, an outbox message)."""
+
+
+@sa.event.listens_for(AuditedSession, "before_commit")
+def _write_audit_row(session):
+    session.execute(sa.text("SET LOCAL test.commit_sleep = '1'"))
+    session.execute(sa.text("INSERT INTO ledger VALUES (2)"))
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_write_made_by_a_before_commit_hook_is_resolved_not_run_again(
+    server, chaos_proxy, driver
+):
+    recorder = Recorder()
+    unit = Unit(
+        driver,
+        chaos_proxy.route(server.url(driver)),
+        ["SELECT 1"],  # the unit itself only reads
+        policy=dropsafe.Policy(hooks=(recorder,)),
+        session_class=AuditedSession,
+    )
+    watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
+    assert unit.run() == "done"
+    watcher.join(timeout=20)
+    assert rows(server, 2) == 1
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_notify_whose_commit_reply_is_lost_is_heard_once(server, kernel_blackhole, driver):
+    # NOTIFY takes its xid only at COMMIT. The COMMIT reaches the server, its reply does not.
+    listener = psycopg2.connect(_libpq_url(server))
+    listener.autocommit = True
+    listener.cursor().execute("LISTEN dropsafe_test")
+    recorder = Recorder()
+    unit = Unit(
+        driver,
+        server.url(driver),
+        ["SELECT pg_notify('dropsafe_test', 'once')"],
+        policy=dropsafe.Policy(hooks=(recorder,), tcp_user_timeout=2),
+    )
+    holes = contextlib.ExitStack()
+    try:
+        with holes:
+            assert unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole)) == "done"
+        server.execute("NOTIFY dropsafe_test, 'end'")  # delivered after every earlier one
+        heard = []
+        deadline = time.monotonic() + 20
+        while "end" not in heard and time.monotonic() < deadline:
+            select.select([listener], [], [], deadline - time.monotonic())
+            listener.poll()
+            heard += [notify.payload for notify in listener.notifies]
+            listener.notifies.clear()
+    finally:
+        listener.close()
+    assert heard == ["once", "end"]
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
+def _lose_the_first_reply(holes, kernel_blackhole, direction="to"):
+    """A listener after dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
+
+    def install(engine):
+        @sa.event.listens_for(engine, "commit")
+        def cut_off(connection):
+            if not holes._exit_callbacks:
+                port = _local_port(connection)
+                holes.enter_context(kernel_blackhole(port, direction=direction))
+
+    return install
+
+
+def _libpq_url(server):
+    return server.url("psycopg2").replace("postgresql+psycopg2", "postgresql")
+
+
+# -- 3. a standby answers the resolver ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_standby_answering_the_resolver_is_not_believed(server, chaos_proxy, driver):
+    standby = server.make_standby()
+    try:
+
+        def fail_over_to_the_standby_for_a_while():
+            chaos_proxy.upstream_port = standby.port  # a load balancer that went astray
+            chaos_proxy.cut("rst")
+            back = threading.Timer(1.5, lambda: setattr(chaos_proxy, "upstream_port", server.port))
+            back.daemon = True
+            back.start()
+
+        recorder = Recorder()
+        unit = Unit(
+            driver,
+            chaos_proxy.route(server.url(driver)),
+            insert(3, commit_sleep=3),
+            policy=dropsafe.Policy(hooks=(recorder,)),
+        )
+        watcher = WhenCommitRuns(server, fail_over_to_the_standby_for_a_while)
+        assert unit.run() == "done"
+        watcher.join(timeout=20)
+        assert rows(server, 3) == 1
+    finally:
+        standby.close()
+    assert recorder.outcomes() in (["committed"], ["aborted"])
+
+
+# -- 4. a pooler's error at COMMIT --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_pooler_error_at_commit_is_resolved_not_taken_for_a_refusal(server, driver):
+    # The COMMIT took effect; the client hears only the pooler's FATAL 08P01. Only PostgreSQL's
+    # own ERROR refuses a COMMIT: this one is resolved by asking, not run again blind.
+    pooler = PoolerErrorAtCommit(server.port)
+    try:
+        recorder = Recorder()
+        plain = {"asyncpg": {"ssl": "disable"}}.get(driver, {"sslmode": "disable"})
+        url = server.url(driver, **plain).replace(f":{server.port}/", f":{pooler.port}/")
+        unit = Unit(driver, url, insert(4), policy=dropsafe.Policy(hooks=(recorder,)))
+        assert unit.run() == "done"
+        assert pooler.struck.is_set()
+    finally:
+        pooler.close()
+    assert rows(server, 4) == 1
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
+# -- 5. a COMMIT lost on a half-open link -------------------------------------------------------
+
+
+def _local_port(engine_connection):
+    fairy = engine_connection.connection
+    driver_connection = fairy.driver_connection
+    transport = getattr(driver_connection, "_transport", None)
+    if transport is not None:  # asyncpg
+        return transport.get_extra_info("sockname")[1]
+    with socket.socket(fileno=os.dup(fairy.dbapi_connection.fileno())) as sock:
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_half_open_commit_is_fenced_and_settled_in_bounded_time(server, kernel_blackhole, driver):
+    # COMMIT goes into a link the kernel drops: the old backend sits idle in its transaction
+    # (for hours, with the server's keepalives). Fencing it gives an answer in seconds.
+    holes = contextlib.ExitStack()
+    recorder = Recorder()
+    unit = Unit(
+        driver,
+        server.url(driver),
+        insert(5),
+        policy=dropsafe.Policy(hooks=(recorder,), tcp_user_timeout=2, commit_status_timeout=20),
+    )
+    with holes:
+        assert (
+            unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both")) == "done"
+        )
+    assert rows(server, 5) == 1
+    assert unit.calls == 2  # the first never committed: the fenced backend rolled it back
+    assert recorder.outcomes() == ["aborted"]
+    assert unit.elapsed < 2 + 6, f"took {unit.elapsed:.1f}s"
