@@ -2,11 +2,14 @@
 
 Workers insert rows tagged with fresh op ids (no unique constraint, so a unit of work that
 runs twice leaves two rows). COMMIT is made slow by a deferred constraint trigger, so that
-cuts land while COMMITs are in flight. The nemesis cuts connections (FIN and RST),
-terminates backends and restarts the server (fast, then crash). The audit then checks: no
-acknowledged op is missing, none is duplicated, almost every attempted op was acknowledged,
-and ambiguous COMMITs were really met and resolved. The same schedule against the loop careful
-teams write today (pre_ping, retry on disconnect) duplicates ops: the test has teeth.
+cuts land while COMMITs are in flight. The nemesis matrix: cuts (FIN and RST), terminated
+backends, fast and immediate restarts, crash restarts (a backend SIGKILLed), and a failover to
+a synchronous standby behind the same endpoint; for psycopg2, psycopg 3 and asyncpg, with the
+op written by the unit or by a ``before_commit`` hook. The audit then checks: no acknowledged
+op is missing, none is duplicated, unknown outcomes only where a crash or failover made them
+unknowable, almost every other op acknowledged, and ambiguous COMMITs really met and resolved.
+The same schedule against the loop careful teams write today (pre_ping, retry on disconnect)
+duplicates ops: the test has teeth. benchmarks/nemesis.py runs the long version.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ledger import (
     INSERT,
     WORKERS,
     assert_safe,
+    failover_faults,
     prepare,
     run_async,
     run_sync,
@@ -28,6 +32,7 @@ from ledger import (
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
+from dropsafe.testing import ChaosProxy
 from dropsafe.testing._ledger import guarded_writers, guarded_writers_async, insert_naively
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(180)]
@@ -36,12 +41,17 @@ pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(180)]
 # -- dropsafe ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_sync_ledger_loses_and_duplicates_nothing(postgres_server, chaos_proxy, driver):
+@pytest.mark.parametrize(
+    ("driver", "write_at_commit"), [("psycopg2", False), ("psycopg", True), ("psycopg2", True)]
+)
+def test_sync_ledger_loses_and_duplicates_nothing(
+    postgres_server, chaos_proxy, driver, write_at_commit
+):
     prepare(postgres_server)
 
     engines = []
-    factory = guarded_writers(chaos_proxy.route(postgres_server.url(driver)), engines)
+    url = chaos_proxy.route(postgres_server.url(driver))
+    factory = guarded_writers(url, engines, write_at_commit=write_at_commit)
     try:
         ledger = run_sync(server_faults(postgres_server, chaos_proxy), factory, seed=11)
     finally:
@@ -65,6 +75,38 @@ def test_async_ledger_loses_and_duplicates_nothing(postgres_server, chaos_proxy,
                 await engine.dispose()
 
     assert_safe(asyncio.run(scenario()), postgres_server)
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+def test_ledger_through_a_failover_loses_and_duplicates_nothing(postgres_server, driver):
+    prepare(postgres_server)
+    standby = postgres_server.make_standby(synchronous=True)
+    try:
+        with ChaosProxy(postgres_server.host, postgres_server.port) as proxy:
+            faults = failover_faults(postgres_server, standby, proxy)
+            url = proxy.route(postgres_server.url(driver))
+            engines = []
+            if driver == "asyncpg":
+
+                async def scenario():
+                    try:
+                        factory = guarded_writers_async(url, engines)
+                        return await run_async(faults, factory, seed=13)
+                    finally:
+                        for engine in engines:
+                            await engine.dispose()
+
+                ledger = asyncio.run(scenario())
+            else:
+                try:
+                    ledger = run_sync(faults, guarded_writers(url, engines), seed=13)
+                finally:
+                    for engine in engines:
+                        engine.dispose()
+        assert ledger.faults["failover"] == 1, ledger.faults
+        assert_safe(ledger, standby)
+    finally:
+        standby.close()
 
 
 # -- the naive loop, for contrast ----------------------------------------------------------

@@ -9,25 +9,29 @@ server holds.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
+from dropsafe.errors import CommitOutcomeUnknown
 from dropsafe.events import CommitResolved, Event
+from dropsafe.testing._runtime import wait_until
+from dropsafe.testing._server import ServerError
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-    from sqlalchemy.orm import Session
 
     from dropsafe.testing._proxy import ChaosProxy
     from dropsafe.testing._server import PostgresServer
@@ -37,8 +41,10 @@ __all__ = [
     "INSERT",
     "WORKERS",
     "Faults",
+    "HookWritingSession",
     "Ledger",
     "Nemesis",
+    "failover_faults",
     "guarded_writers",
     "guarded_writers_async",
     "insert_naively",
@@ -73,9 +79,20 @@ class Ledger:
     attempted: list[str] = field(default_factory=list)
     acknowledged: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    #: Ops whose COMMIT outcome the server could not tell (`CommitOutcomeUnknown`).
+    unknown: list[str] = field(default_factory=list)
     resolved: list[CommitResolved] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+
+    def note(self, op_id: str, error: BaseException | None) -> None:
+        """Count one op: acknowledged (no error), unknown, or failed."""
+        if error is None:
+            self.acknowledged.append(op_id)
+        elif isinstance(error, CommitOutcomeUnknown):
+            self.unknown.append(op_id)
+        else:
+            self.failed.append(op_id)
 
     def hook(self, event: Event) -> None:
         """Record resolved commits (a policy hook)."""
@@ -99,6 +116,7 @@ class Ledger:
         outcomes = Counter(event.outcome for event in self.resolved)
         return (
             f"attempted {len(self.attempted)}, acknowledged {len(self.acknowledged)}, "
+            f"unknown {len(self.unknown)}, failed {len(self.failed)}, "
             f"lost {len(lost)}, duplicated {len(duplicated)}, resolved {dict(outcomes)}, "
             f"faults {dict(self.faults)}"
         )
@@ -134,23 +152,87 @@ class Nemesis(threading.Thread):
 
 
 def server_faults(server: PostgresServer, proxy: ChaosProxy) -> Faults:
-    """Cuts (FIN and RST) mid-COMMIT, terminated backends, one fast and one crash restart."""
+    """Cuts mid-COMMIT, terminations, fast, immediate and crash restarts.
+
+    A crash restart is a backend SIGKILLed, as the OOM killer does: the postmaster resets
+    every backend and replays WAL, and xids whose WAL was lost are handed out again.
+    """
     return {
         "cut-rst": (lambda: proxy.cut("rst"), None, 4),
         "cut-fin": (lambda: proxy.cut("fin"), None, 4),
         "terminate": (lambda: server.terminate_backends(database="postgres"), None, 2),
         "restart-fast": (lambda: server.restart("fast"), 1, 1),
         "restart-immediate": (lambda: server.restart("immediate"), 1, 1),
+        "crash": (lambda: crash_a_backend(server), 2, 1),
     }
+
+
+def crash_a_backend(server: PostgresServer) -> None:
+    """SIGKILL one client backend, as the OOM killer would: a crash restart of the server."""
+    rows = server.execute(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' "
+        "AND pid <> pg_backend_pid() LIMIT 1"
+    )
+    if rows:
+        try:
+            os.kill(int(rows[0][0]), signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        # The nemesis waits out the recovery, so that its next fault meets a running server.
+        wait_until(lambda: _answers(server), timeout=30, what="crash recovery")
+
+
+def _answers(server: PostgresServer) -> bool:
+    try:
+        server.execute("SELECT 1")
+    except ServerError:
+        return False
+    return True
+
+
+def failover_faults(primary: PostgresServer, standby: PostgresServer, proxy: ChaosProxy) -> Faults:
+    """Cuts and terminations, and once a failover behind the proxy.
+
+    The primary crashes and its synchronous standby is promoted behind the same endpoint, as a
+    managed database fails over.
+    """
+    current = [primary]
+
+    def fail_over() -> None:
+        primary.stop("immediate")
+        standby.promote()
+        proxy.upstream_port = standby.port
+        proxy.cut("rst")
+        current[0] = standby
+
+    return {
+        "cut-rst": (lambda: proxy.cut("rst"), None, 4),
+        "terminate": (lambda: current[0].terminate_backends(database="postgres"), None, 2),
+        "failover": (fail_over, 1, 4),
+    }
+
+
+class HookWritingSession(Session):
+    """A Session whose ``before_commit`` hook writes the op (as audit and outbox hooks do)."""
+
+
+@sa.event.listens_for(HookWritingSession, "before_commit")
+def _write_op_at_commit(session: Session) -> None:
+    op_id = session.info.get("ledger_op")
+    if op_id is not None:
+        session.execute(INSERT, {"op_id": op_id})
 
 
 def guarded_writers(
     url: str,
     engines: list[sa.Engine],
+    *,
+    write_at_commit: bool = False,
     **engine_kwargs: Any,  # noqa: ANN401 - create_engine's
 ) -> Callable[[Ledger], Callable[[str], object]]:
     """Return the unit-of-work factory for `run_sync`: dropsafe's engine and run_transaction.
 
+    With ``write_at_commit`` the unit only reads and a ``before_commit`` hook writes the op.
     Each engine made is appended to ``engines``, for the caller to dispose of.
     """
 
@@ -160,9 +242,19 @@ def guarded_writers(
             url, policy=policy, pool_size=WORKERS, max_overflow=WORKERS, **engine_kwargs
         )
         engines.append(engine)
-        session_factory = sessionmaker(engine)
+        session_factory = cast(
+            "sessionmaker[Session]", sessionmaker(engine, class_=HookWritingSession)
+        )
+
+        def unit(session: Session, op_id: str) -> None:
+            if write_at_commit:
+                session.info["ledger_op"] = op_id
+                session.execute(sa.text("SELECT 1"))
+            else:
+                session.execute(INSERT, {"op_id": op_id})
+
         return lambda op_id: dropsafe.run_transaction(
-            session_factory, lambda session: session.execute(INSERT, {"op_id": op_id})
+            session_factory, lambda session: unit(session, op_id)
         )
 
     return factory
@@ -238,14 +330,13 @@ def run_sync(
             op_id = f"{seed}-{number}-{n}"
             with lock:
                 ledger.attempted.append(op_id)
+            error: BaseException | None = None
             try:
                 unit_of_work(op_id)
-            except Exception:  # noqa: BLE001 - counted, not raised
-                with lock:
-                    ledger.failed.append(op_id)
-            else:
-                with lock:
-                    ledger.acknowledged.append(op_id)
+            except Exception as exc:  # noqa: BLE001 - counted, not raised
+                error = exc
+            with lock:
+                ledger.note(op_id, error)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     nemesis.start()
@@ -284,12 +375,12 @@ async def run_async(
                 return
             op_id = f"{seed}-{number}-{n}"
             ledger.attempted.append(op_id)
+            error: BaseException | None = None
             try:
                 await unit_of_work(op_id)
-            except Exception:  # noqa: BLE001 - counted, not raised
-                ledger.failed.append(op_id)
-            else:
-                ledger.acknowledged.append(op_id)
+            except Exception as exc:  # noqa: BLE001 - counted, not raised
+                error = exc
+            ledger.note(op_id, error)
 
     nemesis.start()
     try:
