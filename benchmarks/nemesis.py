@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import time
 from dataclasses import dataclass
@@ -166,7 +167,7 @@ def main() -> int:
                 )
                 print(row, flush=True)
                 rows.append(row)
-    machine = f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'}), "
+    machine = f"{platform.node()} ({platform.machine()}, {os.cpu_count()} cores), "
     machine += f"Python {platform.python_version()}"
     lines = [
         "# Nemesis matrix",

@@ -39,6 +39,7 @@ from dropsafe.outcome import (
     server_refused_commit,
 )
 from dropsafe.policy import Policy
+from dropsafe.watchdog import bounded
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -165,7 +166,7 @@ def run_transaction(
     attempts = Attempts(policy)
     while True:
         with recording(take_marks=policy.verify_commits) as recorder:
-            step = _attempt(bind, fn, recorder)
+            step = _attempt(bind, fn, recorder, attempts.deadline)
         if isinstance(step, _Committed):
             return step.result
         decision = _decide(step, policy)
@@ -184,8 +185,11 @@ def run_transaction(
 
 
 def _attempt(
-    bind: sessionmaker[Session] | sa.Engine, fn: Callable[[Any], _T], recorder: CommitRecorder
-) -> _Committed[_T] | _Failed | _CommitFailed[_T]:
+    bind: sessionmaker[Session] | sa.Engine,
+    fn: Callable[[Any], _T],
+    recorder: CommitRecorder,
+    deadline: float,
+) -> _Committed[_T] | _CommitFailed[_T] | _Failed:
     token = _IN_UNIT.set(True)
     reached_server = False
     try:
@@ -193,12 +197,15 @@ def _attempt(
             with bind.connect() as handle:
                 reached_server = True
                 handle.begin()
-                return _run_and_commit(fn, handle, recorder)
+                with bounded(handle.connection.dbapi_connection, deadline):
+                    return _run_and_commit(fn, handle, recorder)
         with bind() as session:
             session.begin()
-            session.connection()  # connect now: a failure here never reached the server
+            # Connect now: a failure here never reached the server.
+            connection = session.connection()
             reached_server = True
-            return _run_and_commit(fn, session, recorder)
+            with bounded(connection.connection.dbapi_connection, deadline):
+                return _run_and_commit(fn, session, recorder)
     except Exception as exc:  # noqa: BLE001 - decided by _decide, which re-raises the rest
         return _Failed(exc, reached_server)
     finally:
@@ -256,7 +263,7 @@ async def run_transaction_async(
     attempts = Attempts(policy)
     while True:
         with recording(take_marks=policy.verify_commits) as recorder:
-            step = await _attempt_async(bind, fn, recorder)
+            step = await _attempt_async(bind, fn, recorder, attempts.deadline)
         if isinstance(step, _Committed):
             return step.result
         decision = _decide(step, policy)
@@ -293,7 +300,8 @@ async def _attempt_async(
     bind: async_sessionmaker[AsyncSession] | AsyncEngine,
     fn: Callable[[Any], Awaitable[_T]],
     recorder: CommitRecorder,
-) -> _Committed[_T] | _Failed | _CommitFailed[_T]:
+    deadline: float,
+) -> _Committed[_T] | _CommitFailed[_T] | _Failed:
     from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: PLC0415 - imported on first use
 
     token = _IN_UNIT.set(True)
@@ -303,16 +311,22 @@ async def _attempt_async(
             async with bind.connect() as connection:
                 reached_server = True
                 await connection.begin()
-                return await _run_and_commit_async(fn, connection, recorder)
+                with bounded(_dbapi_connection_of(connection), deadline):
+                    return await _run_and_commit_async(fn, connection, recorder)
         async with bind() as session:
             await session.begin()
-            await session.connection()
+            connection = await session.connection()
             reached_server = True
-            return await _run_and_commit_async(fn, session, recorder)
+            with bounded(_dbapi_connection_of(connection), deadline):
+                return await _run_and_commit_async(fn, session, recorder)
     except Exception as exc:  # noqa: BLE001 - decided by _decide, which re-raises the rest
         return _Failed(exc, reached_server)
     finally:
         _IN_UNIT.reset(token)
+
+
+def _dbapi_connection_of(connection: AsyncConnection) -> object:
+    return connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
 
 
 async def _run_and_commit_async(
