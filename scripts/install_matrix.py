@@ -16,6 +16,7 @@ What it does (``scripts/test.sh`` runs it before pytest, so CI does):
    every driver present, checks what the cell's extra is for, and a user's trivial pytest
    suite must pass with dropsafe's plugin loaded. Cells:
    - the base install and each extra alone, with the newest SQLAlchemy 2.0.x and 2.1.x;
+   - ``dropsafe[psycopg2]`` with SQLAlchemy 2.1 installed by pip, as the typical user does;
    - the lower bounds: every ``>=`` of the wheel's requirements pinned with ``==``;
    - every other Python version the classifiers claim that this machine has, with ``all``.
 
@@ -126,6 +127,8 @@ class Cell:
     requirements: list[str]
     extras: tuple[str, ...] = ()
     constraints: list[str] = field(default_factory=list)
+    # uv makes the matrix fast; one cell uses pip and venv, as the typical user does.
+    installer: str = "uv"
 
     @property
     def drivers(self) -> list[str]:
@@ -279,6 +282,16 @@ def plan(wheel: Path, metadata: dict[str, str | list[str]]) -> tuple[list[Cell],
                     extras=extras,
                 )
             )
+    # The user, exactly: pip install 'dropsafe[psycopg2]' with SQLAlchemy 2.1.
+    cells.append(
+        Cell(
+            name=f"py{here}-sa2.1-psycopg2-by-pip",
+            python=sys.executable,
+            requirements=[wheel_requirement(wheel, ("psycopg2",)), SQLALCHEMY_SERIES["sa2.1"]],
+            extras=("psycopg2",),
+            installer="pip",
+        )
+    )
     skipped = []
     claimed = [
         c.rsplit(" :: ", 1)[1]
@@ -395,9 +408,14 @@ def run_cell(cell: Cell, where: Path, server: PostgresServer) -> Outcome:
     step = "venv"
     versions = ""
     try:
-        cell_run(log, [UV, "venv", "--quiet", "--python", cell.python, str(venv)], INSTALL_TIMEOUT)
+        if cell.installer == "pip":
+            cell_run(log, [cell.python, "-m", "venv", str(venv)], INSTALL_TIMEOUT)
+            install = [python, "-m", "pip", "install", "--quiet", *cell.requirements]
+        else:
+            make = [UV, "venv", "--quiet", "--python", cell.python, str(venv)]
+            cell_run(log, make, INSTALL_TIMEOUT)
+            install = [UV, "pip", "install", "--quiet", "--python", python, *cell.requirements]
         step = "install"
-        install = [UV, "pip", "install", "--quiet", "--python", python, *cell.requirements]
         if "testing" not in cell.features:
             install.append("pytest")  # the user's own test runner; without pytest-timeout
         if cell.constraints:
@@ -428,7 +446,7 @@ def run_cell(cell: Cell, where: Path, server: PostgresServer) -> Outcome:
         say(f"FAIL  {cell.name}: {step}: {exc}\n{tail}\n")
         return Outcome(cell, ok=False, seconds=time.monotonic() - started, failure=f"{step}: {exc}")
     seconds = time.monotonic() - started
-    say(f"ok    {cell.name:<24} {seconds:5.1f}s  {versions}")
+    say(f"ok    {cell.name:<30} {seconds:5.1f}s  {versions}")
     return Outcome(cell, ok=True, seconds=seconds, versions=versions)
 
 
