@@ -7,11 +7,13 @@ run, or fails when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI). Markers: ``s
 without its own timeout gets ``DEFAULT_FAULT_TIMEOUT`` seconds.
 
 The ``pytest11`` entry point loads this module into every pytest run of every project that has
-dropsafe installed, with whatever extras it picked. So loading it must stay cheap and must not
-fail: it imports nothing beyond pytest and the standard library (the servers, the proxy and the
-kernel faults are imported by the fixtures, when a test asks for one), and it only uses
-pytest-timeout's ``timeout`` marker when that plugin is there: with ``--strict-markers`` an
-unregistered marker would break collection of the user's whole suite.
+dropsafe installed, with whatever extras it picked. It stays loaded by default, not opt-in, so
+that ``pip install 'dropsafe[testing]'`` is all a user does to get the fixtures. So loading it
+must stay cheap and must not fail: it imports nothing beyond pytest and the standard library
+(the servers, the proxy and the kernel faults are imported by the fixtures, when a test asks for
+one), and it only uses pytest-timeout's ``timeout`` marker when that plugin is there: with
+``--strict-markers`` an unregistered marker would break collection of the user's whole suite.
+(Python imports the package ``dropsafe`` first, so a run pays for ``import dropsafe``.)
 """
 
 from __future__ import annotations
