@@ -3,7 +3,17 @@
 Fixtures: ``postgres_server`` (a fresh TLS server per test), ``chaos_proxy`` (a proxy in front
 of it) and ``kernel_blackhole`` (drops a port's packets in the kernel; skips where it cannot
 run, or fails when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI). Markers: ``slow`` and
-``fault``; a ``fault`` test without its own timeout gets ``DEFAULT_FAULT_TIMEOUT`` seconds.
+``fault``; with pytest-timeout installed (``dropsafe[testing]`` brings it), a ``fault`` test
+without its own timeout gets ``DEFAULT_FAULT_TIMEOUT`` seconds.
+
+The ``pytest11`` entry point loads this module into every pytest run of every project that has
+dropsafe installed, with whatever extras it picked. It stays loaded by default, not opt-in, so
+that ``pip install 'dropsafe[testing]'`` is all a user does to get the fixtures. So loading it
+must stay cheap and must not fail: it imports nothing beyond pytest and the standard library
+(the servers, the proxy and the kernel faults are imported by the fixtures, when a test asks for
+one), and it only uses pytest-timeout's ``timeout`` marker when that plugin is there: with
+``--strict-markers`` an unregistered marker would break collection of the user's whole suite.
+(Python imports the package ``dropsafe`` first, so a run pays for ``import dropsafe``.)
 """
 
 from __future__ import annotations
@@ -13,28 +23,34 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from dropsafe.testing._kernel import kernel_blackhole as _kernel_blackhole
-from dropsafe.testing._kernel import kernel_blackhole_unavailable
-from dropsafe.testing._proxy import ChaosProxy
-from dropsafe.testing._server import PostgresServer
-
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
 
+    from dropsafe.testing._proxy import ChaosProxy
+    from dropsafe.testing._server import PostgresServer
+
 DEFAULT_FAULT_TIMEOUT = 120
+
+# The name pytest-timeout registers itself under (its pytest11 entry point).
+_TIMEOUT_PLUGIN = "timeout"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the markers."""
     config.addinivalue_line("markers", "slow: takes seconds or more")
-    config.addinivalue_line(
-        "markers", f"fault: injects a real fault; bounded by {DEFAULT_FAULT_TIMEOUT}s by default"
+    bound = (
+        f"bounded by {DEFAULT_FAULT_TIMEOUT}s by default"
+        if config.pluginmanager.hasplugin(_TIMEOUT_PLUGIN)
+        else "install pytest-timeout to bound it in time"
     )
+    config.addinivalue_line("markers", f"fault: injects a real fault; {bound}")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Bound every fault test in time unless it sets its own timeout."""
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Bound every fault test in time unless it sets its own timeout (needs pytest-timeout)."""
+    if not config.pluginmanager.hasplugin(_TIMEOUT_PLUGIN):
+        return
     for item in items:
         if item.get_closest_marker("fault") and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(DEFAULT_FAULT_TIMEOUT))
@@ -43,6 +59,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 @pytest.fixture
 def postgres_server() -> Iterator[PostgresServer]:
     """Give each test a fresh PostgreSQL server with TLS on, removed after the test."""
+    from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
+
     with PostgresServer() as server:
         yield server
 
@@ -50,6 +68,8 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture
 def chaos_proxy(postgres_server: PostgresServer) -> Iterator[ChaosProxy]:
     """Put a `ChaosProxy` in front of ``postgres_server``; route URLs with ``.route``."""
+    from dropsafe.testing._proxy import ChaosProxy  # noqa: PLC0415 - see the module doc
+
     with ChaosProxy(postgres_server.host, postgres_server.port) as proxy:
         yield proxy
 
@@ -57,9 +77,11 @@ def chaos_proxy(postgres_server: PostgresServer) -> Iterator[ChaosProxy]:
 @pytest.fixture
 def kernel_blackhole() -> Callable[[int], AbstractContextManager[None]]:
     """`dropsafe.testing.kernel_blackhole`, or a skip saying why it cannot run here."""
-    reason = kernel_blackhole_unavailable()
+    from dropsafe.testing import _kernel  # noqa: PLC0415 - see the module doc
+
+    reason = _kernel.kernel_blackhole_unavailable()
     if reason is not None:
         if os.environ.get("DROPSAFE_REQUIRE_KERNEL_FAULTS") == "1":
             pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
         pytest.skip(reason)
-    return _kernel_blackhole
+    return _kernel.kernel_blackhole

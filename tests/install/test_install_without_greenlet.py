@@ -1,0 +1,241 @@
+"""dropsafe installed as a sync user installs it: the wheel, psycopg2, SQLAlchemy 2.1, no greenlet.
+
+The two failures of that install, as regression tests: ``import dropsafe`` raised ImportError
+(SQLAlchemy's asyncio module needs greenlet, which SQLAlchemy 2.1 no longer installs), and every
+pytest run of the user's own project failed at start-up, since pytest loads dropsafe's plugin.
+One venv for the module, made by uv from the built wheel (never an editable install); the whole
+matrix of extras is scripts/install_matrix.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from dropsafe.testing import PostgresServer
+
+ROOT = Path(__file__).resolve().parents[2]
+UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(UV is None, reason="uv is not installed (pip install -e '.[dev]')"),
+]
+
+
+def clean_env(venv: Path | None = None) -> dict[str, str]:
+    """A user's shell, with ``venv`` activated: nothing of this test run's Python or pytest."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PYTHON", "PYTEST", "VIRTUAL_ENV"))
+    }
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    if venv is not None:
+        env["VIRTUAL_ENV"] = str(venv)
+        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run(argv: list[str], *, cwd: Path | None = None, venv: Path | None = None, timeout=120):
+    return subprocess.run(
+        argv,
+        cwd=cwd,
+        env=clean_env(venv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def venv(tmp_path_factory) -> Path:
+    """A fresh venv with the built wheel, psycopg2, SQLAlchemy 2.1 and pytest, and no greenlet."""
+    assert UV is not None
+    where = tmp_path_factory.mktemp("no-greenlet")
+    built = run([UV, "build", "--quiet", "--wheel", "--out-dir", str(where / "dist"), str(ROOT)])
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (where / "dist").glob("dropsafe-*.whl")
+    venv = where / "venv"
+    made = run([UV, "venv", "--quiet", "--python", sys.executable, str(venv)])
+    assert made.returncode == 0, made.stderr
+    installed = run(
+        [
+            *(UV, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python")),
+            f"{wheel}[psycopg2]",
+            "sqlalchemy>=2.1,<2.2",
+            "pytest",  # the user's own test runner, without pytest-timeout
+        ],
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    # The conditions of the bug, or this module proves nothing.
+    probe = run(
+        [str(venv / "bin" / "python"), "-c", "import sqlalchemy; print(sqlalchemy.__version__)"]
+    )
+    assert probe.stdout.startswith("2.1."), probe
+    for absent in ("greenlet", "pytest_timeout"):
+        assert run([str(venv / "bin" / "python"), "-c", f"import {absent}"]).returncode != 0
+    return venv
+
+
+def python_in(venv: Path, code: str, **kwargs):
+    return run([str(venv / "bin" / "python"), "-I", "-c", textwrap.dedent(code)], **kwargs)
+
+
+def test_import_dropsafe_without_greenlet(venv):
+    result = python_in(
+        venv,
+        """
+        import sys
+        import dropsafe
+        assert "sqlalchemy.ext.asyncio" not in sys.modules
+        print(dropsafe.__file__)
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(str(venv)), "dropsafe came from the source tree, not the wheel"
+
+
+def test_a_sync_unit_of_work_runs_without_greenlet(venv, shared_server: PostgresServer):
+    result = python_in(
+        venv,
+        f"""
+        import sqlalchemy as sa
+        from sqlalchemy.orm import sessionmaker
+        import dropsafe
+
+        engine = dropsafe.create_engine({shared_server.url("psycopg2")!r})
+        Session = sessionmaker(engine)
+        with engine.begin() as connection:
+            connection.execute(sa.text("DROP TABLE IF EXISTS no_greenlet"))
+            connection.execute(sa.text("CREATE TABLE no_greenlet (id serial PRIMARY KEY)"))
+        new_id = dropsafe.run_transaction(
+            Session,
+            lambda s: s.execute(
+                sa.text("INSERT INTO no_greenlet DEFAULT VALUES RETURNING id")
+            ).scalar_one(),
+        )
+        print(dropsafe.run_transaction(
+            Session, lambda s: s.execute(sa.text("SELECT count(*) FROM no_greenlet")).scalar_one()
+        ), new_id)
+        engine.dispose()
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1"]
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "dropsafe.create_async_engine('postgresql+asyncpg://app@db.example/app')",
+        "asyncio.run(dropsafe.run_transaction_async(object(), lambda session: None))",
+    ],
+)
+def test_async_entry_points_say_what_to_install(venv, call):
+    result = python_in(
+        venv,
+        f"""
+        import asyncio
+        import dropsafe
+        try:
+            {call}
+        except dropsafe.ConfigurationError as exc:
+            print(exc)
+        else:
+            raise SystemExit("no ConfigurationError")
+        """,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "pip install 'dropsafe[asyncpg]'" in result.stdout
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "engine.require_asyncio tries `import sqlalchemy.ext.asyncio`, which fails only the "
+        "first time in a process (SQLAlchemy then marks greenlet as absent and the import "
+        "succeeds): the second async call goes on without greenlet. Fix: check "
+        "importlib.util.find_spec('greenlet') in require_asyncio, then remove this xfail."
+    ),
+)
+def test_async_entry_points_refuse_every_time_not_just_the_first(venv):
+    result = python_in(
+        venv,
+        """
+        import asyncio
+        import dropsafe
+        for call in range(2):
+            try:
+                dropsafe.create_async_engine("postgresql+asyncpg://app@db.example/app")
+            except dropsafe.ConfigurationError as exc:
+                assert "pip install" in str(exc), exc
+            else:
+                raise SystemExit(f"call {call + 1}: no ConfigurationError")
+        """,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+USER_PYPROJECT = """\
+[project]
+name = "user-app"
+version = "0"
+
+[tool.pytest.ini_options]
+addopts = ["--strict-markers", "--strict-config", "-p", "no:cacheprovider"]
+filterwarnings = ["error"]
+"""
+
+USER_TESTS = """\
+import pytest
+
+
+def test_the_app_works():
+    assert sum([1, 2]) == 3
+
+
+def test_dropsafe_plugin_was_loaded(pytestconfig):
+    assert pytestconfig.pluginmanager.hasplugin("dropsafe")
+
+
+@pytest.mark.fault
+def test_marked_fault_without_pytest_timeout(request):
+    # The plugin must not add pytest-timeout's marker when pytest-timeout is not there.
+    assert request.node.get_closest_marker("timeout") is None
+"""
+
+
+def test_a_users_pytest_run_is_not_broken_by_the_plugin(venv, tmp_path):
+    (tmp_path / "pyproject.toml").write_text(USER_PYPROJECT)
+    (tmp_path / "test_app.py").write_text(USER_TESTS)
+    result = run([str(venv / "bin" / "python"), "-m", "pytest", "-q"], cwd=tmp_path, venv=venv)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout
+
+
+def test_loading_the_plugin_imports_no_server_proxy_or_asyncio():
+    # In this project's venv, where everything (greenlet too) is installed: what the plugin's
+    # load adds to what `import dropsafe` already costs.
+    code = """
+        import sys
+        import pytest
+        import dropsafe
+        before = set(sys.modules)
+        import dropsafe.testing.pytest_plugin
+        added = sorted(set(sys.modules) - before)
+        assert added == ["dropsafe.testing", "dropsafe.testing.pytest_plugin"], added
+        assert "sqlalchemy.ext.asyncio" not in sys.modules
+    """
+    result = run([sys.executable, "-c", textwrap.dedent(code)])
+    assert result.returncode == 0, result.stderr
