@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,6 +40,8 @@ def create_engine(url: str | URL, *, policy: Policy | None = None, **engine_kwar
     parsed = _parse(url)
     try:
         engine = sqlalchemy.create_engine(parsed, **engine_kwargs)
+    except ImportError as exc:
+        raise _driver_missing(parsed, exc) from None
     except (sqlalchemy.exc.ArgumentError, TypeError) as exc:
         raise ConfigurationError(
             f"cannot create an engine for {redact_url(parsed)}: {exc}"
@@ -64,6 +67,8 @@ def create_async_engine(
     parsed = _parse(url)
     try:
         engine = sa_asyncio.create_async_engine(parsed, **engine_kwargs)
+    except ImportError as exc:
+        raise _driver_missing(parsed, exc) from None
     except sqlalchemy.exc.InvalidRequestError as exc:
         raise ConfigurationError(
             f"{redact_url(parsed)} needs an asyncio driver (postgresql+asyncpg or "
@@ -106,18 +111,24 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
 
 
 def require_asyncio() -> None:
-    """Return SQLAlchemy's asyncio extension, or say exactly what to install for it.
+    """Import SQLAlchemy's asyncio extension, or say exactly what to install for it.
 
     It needs greenlet, which SQLAlchemy 2.1 no longer installs: dropsafe imports it only when
-    async support is asked for, so that a sync application never needs it.
+    async support is asked for, so that a sync application never needs it. greenlet is looked
+    for first: after one failed import SQLAlchemy's asyncio module imports without it.
     """
+    missing = importlib.util.find_spec("greenlet") is None
     try:
-        import sqlalchemy.ext.asyncio  # noqa: F401, PLC0415 - needs greenlet
-    except ImportError as exc:
+        if not missing:
+            import sqlalchemy.ext.asyncio  # noqa: F401, PLC0415 - needs greenlet
+    except ImportError:
+        missing = True
+    if missing:
         raise ConfigurationError(
-            f"async engines and units of work need SQLAlchemy's asyncio support ({exc}): "
-            "pip install 'dropsafe[asyncpg]' (or 'dropsafe[psycopg]' with 'sqlalchemy[asyncio]')"
-        ) from None
+            "async engines and units of work need SQLAlchemy's asyncio support, which needs "
+            "greenlet: pip install 'dropsafe[asyncpg]' (or 'dropsafe[psycopg]' with "
+            "'sqlalchemy[asyncio]')"
+        )
 
 
 def loaded_asyncio() -> ModuleType | None:
@@ -134,6 +145,14 @@ def guard_of(engine: Engine | AsyncEngine) -> ConnectionGuard | None:
     sync_engine = getattr(engine, "sync_engine", engine)
     guard = getattr(sync_engine, _GUARD_ATTRIBUTE, None)
     return guard if isinstance(guard, ConnectionGuard) else None
+
+
+def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:
+    extra = url.get_driver_name().removesuffix("_async")
+    return ConfigurationError(
+        f"the driver for {redact_url(url)} is not installed ({error}): "
+        f"pip install 'dropsafe[{extra}]'"
+    )
 
 
 def _parse(url: str | URL) -> URL:

@@ -59,6 +59,7 @@ from dropsafe.errors import CommitOutcomeUnknown
 from dropsafe.events import CommitResolved, emit
 from dropsafe.policy import Policy, seconds
 from dropsafe.redaction import describe_error
+from dropsafe.watchdog import bounded
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -82,6 +83,7 @@ Outcome = Literal["committed", "aborted"]
 _FIRST_POLL = 0.02
 _MAX_POLL = 0.5
 _FENCE_WAIT = 5.0  # at most this long for a fenced backend to exit
+_LAST_QUESTION = 1.0  # the time a question asked after the deadline still gets
 # A statement that may queue a notification: NOTIFY or pg_notify().
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 # An ERROR in these SQLSTATE classes speaks of the connection or the server, not of the COMMIT.
@@ -476,7 +478,7 @@ def resolve_commit(
     try:
         while True:
             try:
-                decision = resolution.settle(_ask(pool, sql, mark))
+                decision = resolution.settle(_ask(pool, sql, mark, resolution))
                 if decision == "fence":
                     _fence(pool, sql, mark, resolution, engine.dialect)
                     continue
@@ -492,8 +494,8 @@ def resolve_commit(
         pool.dispose()
 
 
-def _ask(pool: Pool, sql: _Sql, mark: TransactionMark) -> _Answer:
-    with _questioning(pool) as run:
+def _ask(pool: Pool, sql: _Sql, mark: TransactionMark, resolution: _Resolution) -> _Answer:
+    with _questioning(pool, resolution) as run:
         server = run(f"SELECT {_INCARNATION}, pg_is_in_recovery()")
         incarnation = Incarnation(_text(server[0]), _text(server[1]))
         if server[2]:
@@ -516,7 +518,7 @@ def _fence(
     resolution.fenced_idle = True
     resolution.fenced_any = any_state
     try:
-        with _questioning(pool) as run:
+        with _questioning(pool, resolution) as run:
             run(statement)
     except Exception as exc:
         if sqlstate_of(exc) != "42501":  # insufficient_privilege: not our backend to end
@@ -525,13 +527,16 @@ def _fence(
 
 
 @contextlib.contextmanager
-def _questioning(pool: Pool) -> Iterator[Callable[[str], tuple[Any, ...]]]:
+def _questioning(pool: Pool, resolution: _Resolution) -> Iterator[Callable[[str], tuple[Any, ...]]]:
     """Give a runner of statements, each in its own transaction, on a new connection.
 
     The connection is closed afterwards, never pooled: the next question must be free to
     reach another server (the primary, after a standby answered through a load balancer).
+    A server that hangs (stopped, frozen) is left when the resolution's time is up, or after a
+    second for the one question that is always asked.
     """
     connection = pool.connect()
+    question_deadline = max(resolution.deadline, time.monotonic() + _LAST_QUESTION)
 
     def run(statement: str) -> tuple[Any, ...]:
         cursor = connection.cursor()
@@ -544,7 +549,8 @@ def _questioning(pool: Pool) -> Iterator[Callable[[str], tuple[Any, ...]]]:
         return tuple(row) if row is not None else (None, None, False)
 
     try:
-        yield run
+        with bounded(connection.dbapi_connection, question_deadline):
+            yield run
     finally:
         connection.invalidate()
         connection.close()

@@ -160,15 +160,6 @@ def test_async_entry_points_say_what_to_install(venv, call):
     assert "pip install 'dropsafe[asyncpg]'" in result.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine.require_asyncio tries `import sqlalchemy.ext.asyncio`, which fails only the "
-        "first time in a process (SQLAlchemy then marks greenlet as absent and the import "
-        "succeeds): the second async call goes on without greenlet. Fix: check "
-        "importlib.util.find_spec('greenlet') in require_asyncio, then remove this xfail."
-    ),
-)
 def test_async_entry_points_refuse_every_time_not_just_the_first(venv):
     result = python_in(
         venv,

@@ -67,6 +67,8 @@ def test_health_and_readiness(blog, chaos_proxy):
 def test_a_browser_posts_once_through_cut_connections(blog, postgres_server, chaos_proxy):
     from selenium import webdriver  # noqa: PLC0415 - only this test needs a browser
     from selenium.webdriver.common.by import By  # noqa: PLC0415
+    from selenium.webdriver.support import expected_conditions  # noqa: PLC0415
+    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
     web = serve(blog, port=0)
     thread = threading.Thread(target=web.run, daemon=True)
@@ -86,6 +88,11 @@ def test_a_browser_posts_once_through_cut_connections(blog, postgres_server, cha
         options.add_argument(flag)
     browser = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
     title = f"post-{uuid.uuid4().hex[:8]}"
+    # A COMMIT long enough for the watcher's polling to see it, however loaded the machine.
+    postgres_server.execute(
+        "CREATE OR REPLACE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN PERFORM pg_sleep(0.5); RETURN NULL; END $$"
+    )
     try:
         base = f"http://127.0.0.1:{web.effective_port}"
         browser.get(base)
@@ -108,7 +115,12 @@ def test_a_browser_posts_once_through_cut_connections(blog, postgres_server, cha
         browser.find_element(By.NAME, "title").send_keys(title)
         browser.find_element(By.NAME, "text").send_keys("written while connections were cut")
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        heading = browser.find_element(By.ID, "title").text
+        # The post's page arrives after retries and a resolved COMMIT: wait for it, bounded.
+        heading = (
+            WebDriverWait(browser, 60)
+            .until(expected_conditions.presence_of_element_located((By.ID, "title")))
+            .text
+        )
         watcher.join(timeout=20)
     finally:
         browser.quit()
