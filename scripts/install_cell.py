@@ -43,6 +43,7 @@ def main() -> int:
         if driver in cell["drivers"] and not present:
             raise AssertionError(f"the cell's extra should have installed {driver}")
         if not present:
+            check_driver_refused(driver)
             continue
         url = cell["urls"][driver]
         table = f"smoke_{driver}"
@@ -57,6 +58,20 @@ def main() -> int:
     check_cli()
     print("cell checks passed")
     return 0
+
+
+def check_driver_refused(driver: str) -> None:
+    """A driver that is not installed: a ConfigurationError naming its extra, at the call."""
+    import dropsafe  # noqa: PLC0415 - imported by the checks that need it
+
+    try:
+        dropsafe.create_engine(f"postgresql+{driver}://app@db.example/app")
+    except dropsafe.ConfigurationError as exc:
+        if f"pip install 'dropsafe[{driver}]'" not in str(exc):
+            raise AssertionError(f"{driver} missing: {exc}") from None
+    else:
+        raise AssertionError(f"{driver} is not installed, yet create_engine worked")
+    print(f"{driver} not installed: ConfigurationError naming dropsafe[{driver}], ok")
 
 
 def check_installed_from_wheel() -> None:
