@@ -61,7 +61,7 @@ def main() -> int:
 
 
 def check_driver_refused(driver: str) -> None:
-    """A driver that is not installed: a ConfigurationError naming its extra, at the call."""
+    """Check that a driver that is not installed is refused at the call, naming its extra."""
     import dropsafe  # noqa: PLC0415 - imported by the checks that need it
 
     try:
