@@ -90,6 +90,20 @@ class Driver:
         del dbapi_connection
         return None
 
+    def in_hot_standby(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        """Whether the server is in recovery (a standby), as it last reported; None if unknown.
+
+        PostgreSQL 14+ reports ``in_hot_standby`` to every client at connect and whenever it
+        changes (a promotion), so this costs no round trip.
+        """
+        value = self._reported_parameter(dbapi_connection, "in_hot_standby")
+        return None if value is None else value == "on"
+
+    def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        """Return a parameter the server reported (ParameterStatus), if the driver keeps it."""
+        del dbapi_connection, name
+        return None
+
     def prefer(self, cparams: dict[str, Any], server: Server) -> None:
         """Put ``server`` first in a multi-host target, if it is one of the hosts."""
         pairs = self._hosts(cparams)
@@ -154,6 +168,14 @@ class _Libpq(Driver):
                 added.add(key)
         return added
 
+    def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
+        if hasattr(connection, "get_parameter_status"):  # psycopg2
+            value = connection.get_parameter_status(name)
+        else:  # psycopg 3
+            value = connection.info.parameter_status(name)
+        return value if isinstance(value, str) else None
+
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = getattr(dbapi_connection, "_connection", dbapi_connection)
         if connection.closed or getattr(connection, "broken", False):
@@ -209,6 +231,11 @@ class _Asyncpg(Driver):
         address = dbapi_connection._connection._addr  # noqa: SLF001
         return Server(str(address[0]), int(address[1])) if isinstance(address, tuple) else None
 
+    def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        settings = dbapi_connection._connection.get_settings()  # noqa: SLF001
+        value = getattr(settings, name, None)
+        return value if isinstance(value, str) else None
+
     def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         hosts, ports = cparams.get("host"), cparams.get("port")
         if not isinstance(hosts, list) or not isinstance(ports, list):
@@ -252,6 +279,10 @@ class _Pg8000(Driver):
         tune_socket(sock, policy)
         if "timeout" in added:
             sock.settimeout(None)
+
+    def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        value = getattr(dbapi_connection, "parameter_statuses", {}).get(name)
+        return value if isinstance(value, str) else None
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         sock = getattr(dbapi_connection, "_usock", None)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy.exc
 from sqlalchemy import event
 
-from dropsafe.classify import POOL_WIDE_SQLSTATES, Kind, classify, sqlstate_of
+from dropsafe.classify import POOL_WIDE_SQLSTATES, READ_ONLY_SQLSTATE, Kind, classify, sqlstate_of
 from dropsafe.drivers import Driver, Health, Server
 from dropsafe.events import ConnectionInvalidated, DeadConnectionReplaced, PingSucceeded, emit
 from dropsafe.policy import Policy, seconds
@@ -171,6 +171,8 @@ class ConnectionGuard:
 
     def _on_handle_error(self, context: ExceptionContext) -> None:
         kind = classify(context.original_exception)
+        if self._turned_standby(context):
+            kind = Kind.FAILOVER  # classify() then sees connection_invalidated: a failover too
         if kind in (Kind.DISCONNECT, Kind.FAILOVER) and not context.is_disconnect:
             context.is_disconnect = True
         if context.is_disconnect:
@@ -183,3 +185,21 @@ class ConnectionGuard:
             context.invalidate_pool_on_disconnect = pool_wide
             text = describe_error(context.original_exception)
             emit(self.policy.hooks, ConnectionInvalidated(kind, pool_wide, text))
+
+    def _turned_standby(self, context: ExceptionContext) -> bool:
+        """Whether a 25006 (read-only transaction) came from a server in recovery.
+
+        Only then is it a failover. On a primary it is the user's own ``SET TRANSACTION READ
+        ONLY`` (or the server's settings): their error, which must recycle nothing.
+        """
+        if sqlstate_of(context.original_exception) != READ_ONLY_SQLSTATE:
+            return False
+        connection = context.connection
+        if connection is None or connection.invalidated:
+            return False
+        try:
+            dbapi_connection = connection.connection.dbapi_connection
+            return self.driver.in_hot_standby(dbapi_connection) is True
+        except Exception:
+            logger.debug("dropsafe could not tell whether the server is a standby", exc_info=True)
+            return False
