@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import enum
 import math
+import os
 import re
 import select
 import socket
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.engine import Dialect
+    from typing_extensions import Self
 
 __all__ = [
     "SUPPORTED",
@@ -183,9 +186,20 @@ class _Libpq(Driver):
         return _poll(connection)
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
-        # libpq has no per-call timeout: tcp_user_timeout bounds a ping on a dead network.
-        del timeout
-        dialect.do_ping(dbapi_connection)
+        # libpq has no per-call timeout, and tcp_user_timeout never fires while the server's
+        # kernel still acknowledges (a stopped or hung backend): only the client can end the
+        # wait. A cancel request would wait on that same hung backend, so the socket is shut
+        # down instead; the connection is then broken and the pool replaces it.
+        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
+        with _SocketDeadline(connection.fileno(), timeout) as deadline:
+            try:
+                dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                if deadline.expired:
+                    raise TimeoutError(f"no answer to the ping within {timeout:g}s") from exc
+                raise
+        if deadline.expired:  # answered as the deadline struck: the socket is shut down anyway
+            raise TimeoutError(f"no answer to the ping within {timeout:g}s")
 
     def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         hosts = str(cparams.get("host", "")).split(",")
@@ -259,7 +273,13 @@ class _Asyncpg(Driver):
         connection = dbapi_connection._connection  # noqa: SLF001
         # execute() without arguments uses the simple query protocol: one round trip, and no
         # prepared statement for a transaction-mode pooler to lose.
-        _await(asyncio.wait_for(connection.execute("SELECT 1"), timeout))
+        try:
+            _await(asyncio.wait_for(connection.execute("SELECT 1"), timeout))
+        except BaseException:
+            # The pool replaces it; closing it politely would wait on the hung server again
+            # (SQLAlchemy gives a graceful close 2 s), so abort it now.
+            connection.terminate()
+            raise
 
 
 class _Pg8000(Driver):
@@ -353,6 +373,47 @@ def tune_socket(sock: socket.socket, policy: Policy) -> None:
     if policy.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         milliseconds = math.ceil(seconds(policy.tcp_user_timeout) * 1000)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
+
+
+class _SocketDeadline:
+    """Shut a connection's socket down if the block it guards outlasts ``timeout`` seconds.
+
+    A timer thread shuts down a duplicate of the file descriptor: shutdown acts on the socket
+    itself, so the driver's blocked read returns at once (EOF) and it raises. The timer acts
+    only while the block runs (a lock orders it against the exit), so a descriptor that
+    the connection no longer owns is never touched.
+    """
+
+    def __init__(self, fileno: int, timeout: float) -> None:
+        self._fileno = fileno
+        self._lock = threading.Lock()
+        self._running = False
+        self.expired = False
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.name = "dropsafe-ping-deadline"
+
+    def __enter__(self) -> Self:
+        self._running = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._running = False
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if not self._running:
+                return
+            self.expired = True
+            with contextlib.suppress(OSError):
+                duplicate = socket.socket(fileno=os.dup(self._fileno))
+                try:
+                    duplicate.shutdown(socket.SHUT_RDWR)
+                finally:
+                    duplicate.close()
 
 
 def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()
