@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.util import concurrency as _sa_concurrency
@@ -47,6 +48,10 @@ _LIBPQ_KEYS = (
 _await: Callable[[Awaitable[Any]], Any] = (
     getattr(_sa_concurrency, "await_", None) or _sa_concurrency.await_only
 )
+# The environment variables libpq reads for dropsafe's keys (PQconndefaults: only this one;
+# keepalives and tcp_user_timeout have none).
+_LIBPQ_ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT"}
+_DSN_SERVICE = re.compile(r"(?:^|[\s?&])service\s*=\s*'?([^\s'&]+)")
 _DSN_KEY = re.compile(r"(?:^|[\s?&])(" + "|".join(_LIBPQ_KEYS) + r")\s*=")
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
@@ -145,12 +150,15 @@ class _Libpq(Driver):
     def connect_defaults(
         self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
+        texts = [text for text in [*cargs, cparams.get("dsn"), cparams.get("conninfo")] if text]
         in_dsn = {
             match.group(1)
-            for text in [*cargs, cparams.get("dsn"), cparams.get("conninfo")]
+            for text in texts
             if isinstance(text, str)
             for match in _DSN_KEY.finditer(text)
         }
+        # What libpq takes from the environment or a service file is the user's too.
+        in_dsn |= _libpq_keys_set_outside(cparams, [t for t in texts if isinstance(t, str)])
         wanted: dict[str, int] = {
             # libpq rounds connect_timeout down and treats 1 as 2.
             "connect_timeout": max(2, math.ceil(seconds(policy.connect_timeout))),
@@ -347,6 +355,57 @@ def driver_for(dialect: Dialect) -> Driver:
     if driver is None:
         raise ConfigurationError(f"unsupported driver {dialect.driver!r}; supported: {SUPPORTED}")
     return driver()
+
+
+def _libpq_keys_set_outside(cparams: dict[str, Any], dsn_texts: list[str]) -> set[str]:
+    """Return dropsafe's libpq keys that the environment or the chosen service file sets."""
+    found = {key for key, variable in _LIBPQ_ENVIRONMENT.items() if variable in os.environ}
+    service = cparams.get("service") or next(
+        (match.group(1) for text in dsn_texts if (match := _DSN_SERVICE.search(text))), None
+    )
+    service = service or os.environ.get("PGSERVICE")
+    if service:
+        found |= set(_service_keys(str(service))) & set(_LIBPQ_KEYS)
+    return found
+
+
+def _service_keys(service: str) -> list[str]:
+    """Return the keys a libpq service file sets for ``service`` (libpq's search order).
+
+    The user's file (PGSERVICEFILE, else ~/.pg_service.conf) first; the system file
+    (PGSYSCONFDIR/pg_service.conf) only when the service is not in the user's.
+    """
+    user_file = os.environ.get("PGSERVICEFILE")
+    candidates = [Path(user_file) if user_file else Path("~/.pg_service.conf").expanduser()]
+    if "PGSYSCONFDIR" in os.environ:
+        candidates.append(Path(os.environ["PGSYSCONFDIR"]) / "pg_service.conf")
+    for path in candidates:
+        keys = _read_service(path, service)
+        if keys is not None:
+            return keys
+    return []
+
+
+def _read_service(path: Path, service: str) -> list[str] | None:
+    """Return the keys of ``[service]`` in the file at ``path``; None if it is not there."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    keys: list[str] | None = None
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            if keys is not None:
+                break  # the section ended
+            if line.rstrip("]")[1:].strip() == service:
+                keys = []
+            continue
+        if keys is not None and "=" in line:
+            keys.append(line.partition("=")[0].strip())
+    return keys
 
 
 def _timeout_argument(cparams: dict[str, Any], policy: Policy) -> set[str]:
