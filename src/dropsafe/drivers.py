@@ -119,6 +119,10 @@ class Driver:
         if matches:
             self._set_hosts(cparams, pairs[matches[0] :] + pairs[: matches[0]])
 
+    def hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
+        """Return the (host, port) pairs of a multi-host target; empty for a single host."""
+        return self._hosts(cparams)
+
     def rotate(self, cparams: dict[str, Any], steps: int) -> None:
         """Start a multi-host target ``steps`` hosts further down its list."""
         pairs = self._hosts(cparams)
