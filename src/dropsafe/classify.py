@@ -82,11 +82,13 @@ _ADAPTER_MODULES = ("sqlalchemy.dialects.", "sqlalchemy.connectors.")
 # Errors of the socket and TLS layers (asyncio's TimeoutError is not an OSError before 3.11).
 _LOW_LEVEL = (OSError, EOFError, asyncio.TimeoutError)
 
-# asyncpg's client-side errors that carry no SQLSTATE and mean something for a retry. Its
-# InterfaceError is the caller's misuse (wrong number of arguments, another operation in
-# progress) or a connection already closed, which SQLAlchemy's is_disconnect reports.
-_ASYNCPG_KINDS = {
-    "TargetServerAttributeNotMatched": Kind.FAILOVER,
+# Drivers' client-side errors that carry no SQLSTATE and mean something for a retry, by
+# (package, class name). asyncpg's InterfaceError is not here: it is the caller's misuse (wrong
+# number of arguments, another operation in progress) or a connection already closed, which
+# SQLAlchemy's is_disconnect reports.
+_CLIENT_ERROR_KINDS = {
+    ("asyncpg", "TargetServerAttributeNotMatched"): Kind.FAILOVER,
+    ("psycopg", "ConnectionTimeout"): Kind.FAILOVER,  # connect_timeout expired
 }
 _DISCONNECT_MESSAGES = (
     "server closed the connection unexpectedly",
@@ -116,6 +118,7 @@ _FAILOVER_MESSAGES = (
     "server is in hot standby mode",
     "none of the hosts match the target attribute",  # asyncpg, target_session_attrs
     "could not connect to server",
+    "timeout expired",  # libpq's connect_timeout
     "no route to host",
     "server does not support",  # target_session_attrs found no primary
     "is not accepting connections",
@@ -243,9 +246,8 @@ def _kind_by_type(error: BaseException) -> Kind | None:
         error, (ConnectionError, ssl.SSLEOFError, TimeoutError, asyncio.TimeoutError, EOFError)
     ):
         return Kind.DISCONNECT
-    if type(error).__module__.startswith("asyncpg"):
-        return _ASYNCPG_KINDS.get(type(error).__name__)
-    return None
+    package = type(error).__module__.partition(".")[0]
+    return _CLIENT_ERROR_KINDS.get((package, type(error).__name__))
 
 
 def _own_sqlstate(error: BaseException) -> str | None:
