@@ -25,6 +25,16 @@ if ((${#need_apt[@]})); then
     fi
 fi
 
+# A localized server's errors are tested with German messages (lc_messages): needs the locale.
+if ! locale -a 2>/dev/null | grep -qi '^de_DE\.utf-\?8$'; then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        [[ -d /usr/share/i18n/locales ]] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq locales >/dev/null
+        localedef -i de_DE -f UTF-8 de_DE.UTF-8
+    else
+        echo "setup: no de_DE.UTF-8 locale; the localized-server test will skip (as root: localedef -i de_DE -f UTF-8 de_DE.UTF-8)" >&2
+    fi
+fi
+
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
     "$PYTHON" -m venv .venv 2>/dev/null || {

@@ -1,11 +1,17 @@
 """Classify any database error into the one `Kind` that decides what happens next.
 
-SQLSTATE first, then the connection's own state, then the exception's type, and the message
-text last, for SQLAlchemy-wrapped and raw errors of psycopg2, psycopg 3, asyncpg and pg8000.
+Only errors the database driver raised (psycopg2, psycopg 3, asyncpg, pg8000; raw or wrapped by
+SQLAlchemy's `DBAPIError`) can be retryable: the application's own exceptions, SQLAlchemy's own
+("This Connection is closed", a pool timeout) and a driver's client-side misuse errors are
+`Kind.PERMANENT`, whatever their text says. Within a driver's error the evidence is read in
+this order: the SQLSTATE the server reported, SQLAlchemy's own disconnect verdict, the type of
+the low-level error the driver wraps, and the message text last, only where no SQLSTATE
+exists (servers speak other languages; the text of an error with a SQLSTATE is never read).
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import ssl
 from typing import TYPE_CHECKING
@@ -15,7 +21,7 @@ import sqlalchemy.exc
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["Kind", "classify", "sqlstate_of"]
+__all__ = ["Kind", "classify", "is_driver_error", "sqlstate_of"]
 
 
 class Kind(str, enum.Enum):
@@ -29,7 +35,8 @@ class Kind(str, enum.Enum):
     FAILOVER = "failover"
     #: The connection failed during COMMIT: the transaction may or may not have committed.
     COMMIT_UNKNOWN = "commit-unknown"
-    #: Retrying cannot help (constraint violations, syntax errors, bad input, ...).
+    #: Retrying cannot help (constraint violations, syntax errors, bad input, the app's own
+    #: errors, ...).
     PERMANENT = "permanent"
 
     @property
@@ -38,6 +45,12 @@ class Kind(str, enum.Enum):
         return self in (Kind.DISCONNECT, Kind.TRANSIENT, Kind.FAILOVER)
 
 
+#: 25006 (read_only_sql_transaction) is a failover only when the server itself is read-only
+#: because it is in recovery (a standby). The guard (liveness.py) establishes that from the
+#: connection and then marks SQLAlchemy's error ``connection_invalidated``; otherwise 25006 is
+#: the user's own read-only transaction, or a setting of the server: permanent.
+READ_ONLY_SQLSTATE = "25006"
+
 _SQLSTATE_KINDS: dict[str, Kind] = {
     "40001": Kind.TRANSIENT,  # serialization_failure
     "40P01": Kind.TRANSIENT,  # deadlock_detected
@@ -45,7 +58,11 @@ _SQLSTATE_KINDS: dict[str, Kind] = {
     "57P03": Kind.TRANSIENT,  # cannot_connect_now (starting up, shutting down, recovering)
     "57P01": Kind.DISCONNECT,  # admin_shutdown (terminated backend, fast shutdown)
     "57P02": Kind.FAILOVER,  # crash_shutdown (another backend crashed; the server restarts)
-    "25006": Kind.FAILOVER,  # read_only_sql_transaction (this node is a standby now)
+    "57P04": Kind.PERMANENT,  # database_dropped: it will not come back
+    # The server ended an idle session; the transaction (if any) was rolled back, so running
+    # the unit again on a new connection is safe.
+    "25P03": Kind.DISCONNECT,  # idle_in_transaction_session_timeout
+    "57P05": Kind.DISCONNECT,  # idle_session_timeout
     "08000": Kind.DISCONNECT,  # connection_exception
     "08003": Kind.DISCONNECT,  # connection_does_not_exist
     "08006": Kind.DISCONNECT,  # connection_failure
@@ -54,14 +71,24 @@ _SQLSTATE_KINDS: dict[str, Kind] = {
 }
 
 # SQLSTATEs after which every pooled connection is suspect, not only the one that saw it.
-POOL_WIDE_SQLSTATES = frozenset({"57P02", "57P03", "25006", "08001", "08004"})
+# (25006 is pool-wide too, when the guard finds the server in recovery: see liveness.py.)
+POOL_WIDE_SQLSTATES = frozenset({"57P02", "57P03", "08001", "08004"})
 
-# asyncpg's client-side errors, which carry no SQLSTATE.
-_ASYNCPG_KINDS = {
-    "ConnectionDoesNotExistError": Kind.DISCONNECT,
-    "ConnectionFailureError": Kind.DISCONNECT,
-    "InterfaceError": Kind.DISCONNECT,
-    "TargetServerAttributeNotMatched": Kind.FAILOVER,
+# Packages whose exceptions are "raised by the database driver".
+_DRIVER_PACKAGES = frozenset({"psycopg2", "psycopg", "asyncpg", "pg8000"})
+# SQLAlchemy's DBAPI adapters for asyncio drivers define their own DBAPI error classes.
+_ADAPTER_MODULES = ("sqlalchemy.dialects.", "sqlalchemy.connectors.")
+
+# Errors of the socket and TLS layers (asyncio's TimeoutError is not an OSError before 3.11).
+_LOW_LEVEL = (OSError, EOFError, asyncio.TimeoutError)
+
+# Drivers' client-side errors that carry no SQLSTATE and mean something for a retry, by
+# (package, class name). asyncpg's InterfaceError is not here: it is the caller's misuse (wrong
+# number of arguments, another operation in progress) or a connection already closed, which
+# SQLAlchemy's is_disconnect reports.
+_CLIENT_ERROR_KINDS = {
+    ("asyncpg", "TargetServerAttributeNotMatched"): Kind.FAILOVER,
+    ("psycopg", "ConnectionTimeout"): Kind.FAILOVER,  # connect_timeout expired
 }
 _DISCONNECT_MESSAGES = (
     "server closed the connection unexpectedly",
@@ -91,7 +118,7 @@ _FAILOVER_MESSAGES = (
     "server is in hot standby mode",
     "none of the hosts match the target attribute",  # asyncpg, target_session_attrs
     "could not connect to server",
-    "read-only transaction",
+    "timeout expired",  # libpq's connect_timeout
     "no route to host",
     "server does not support",  # target_session_attrs found no primary
     "is not accepting connections",
@@ -142,19 +169,57 @@ def sqlstate_of(exc: BaseException) -> str | None:
     return None
 
 
-def _classify(exc: BaseException) -> Kind:  # noqa: PLR0911 - one return per kind of evidence
-    state = sqlstate_of(exc)
-    if state is not None:
-        if state in _SQLSTATE_KINDS:
-            return _SQLSTATE_KINDS[state]
-        if state.startswith("08"):
-            return Kind.DISCONNECT
+def is_driver_error(exc: BaseException) -> bool:
+    """Whether the database driver raised ``exc`` (SQLAlchemy's `DBAPIError` wraps only those).
+
+    A driver's own exception classes count, and an `OSError` (a refused or timed-out connect,
+    an SSL failure) counts when it was raised inside a driver's code, as asyncpg lets them
+    through unwrapped; the same `OSError` raised by the application (Redis, an HTTP client)
+    does not.
+    """
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        return True
+    if isinstance(exc, sqlalchemy.exc.StatementError):  # SQLAlchemy wrapped a non-DBAPI error
+        return exc.orig is not None and is_driver_error(exc.orig)
+    if _is_driver_class(type(exc)):
+        return True
+    return isinstance(exc, _LOW_LEVEL) and _raised_inside_driver(exc)
+
+
+def _is_driver_class(cls: type[BaseException]) -> bool:
+    for klass in cls.__mro__:
+        module = klass.__module__
+        if module.partition(".")[0] in _DRIVER_PACKAGES or module.startswith(_ADAPTER_MODULES):
+            return True
+    return False
+
+
+def _raised_inside_driver(exc: BaseException) -> bool:
+    traceback = exc.__traceback__
+    while traceback is not None:
+        module = str(traceback.tb_frame.f_globals.get("__name__", ""))
+        if module.partition(".")[0] in _DRIVER_PACKAGES:
+            return True
+        traceback = traceback.tb_next
+    return False
+
+
+def _classify(exc: BaseException) -> Kind:
+    if not is_driver_error(exc):
         return Kind.PERMANENT
-    for error in _chain(exc):
+    # SQLAlchemy's verdict (its dialect's is_disconnect, possibly revised by handle_error).
+    invalidated = isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
+    evidence = list(_chain(exc))
+    state = next(filter(None, map(_own_sqlstate, evidence)), None)
+    if state is not None:
+        return _kind_by_sqlstate(state, invalidated=invalidated)
+    for error in evidence:
         kind = _kind_by_type(error)
         if kind is not None:
             return kind
-    text = " ".join(str(error) for error in _chain(exc)).lower()
+    if invalidated:
+        return Kind.DISCONNECT
+    text = " ".join(str(error) for error in evidence).lower()
     for messages, kind in (
         (_TRANSIENT_MESSAGES, Kind.TRANSIENT),
         (_FAILOVER_MESSAGES, Kind.FAILOVER),
@@ -162,21 +227,27 @@ def _classify(exc: BaseException) -> Kind:  # noqa: PLR0911 - one return per kin
     ):
         if any(message in text for message in messages):
             return kind
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return Kind.DISCONNECT
     return Kind.PERMANENT
 
 
+def _kind_by_sqlstate(state: str, *, invalidated: bool) -> Kind:
+    if state == READ_ONLY_SQLSTATE:
+        return Kind.FAILOVER if invalidated else Kind.PERMANENT
+    if state in _SQLSTATE_KINDS:
+        return _SQLSTATE_KINDS[state]
+    return Kind.DISCONNECT if state.startswith("08") else Kind.PERMANENT
+
+
 def _kind_by_type(error: BaseException) -> Kind | None:
-    if isinstance(error, sqlalchemy.exc.DisconnectionError):
-        return Kind.DISCONNECT
+    # Low-level errors a driver wraps (or let through, raised inside it).
     if isinstance(error, ConnectionRefusedError):
         return Kind.FAILOVER
-    if isinstance(error, (ConnectionError, ssl.SSLEOFError, TimeoutError, EOFError)):
+    if isinstance(
+        error, (ConnectionError, ssl.SSLEOFError, TimeoutError, asyncio.TimeoutError, EOFError)
+    ):
         return Kind.DISCONNECT
-    if type(error).__module__.startswith("asyncpg"):
-        return _ASYNCPG_KINDS.get(type(error).__name__)
-    return None
+    package = type(error).__module__.partition(".")[0]
+    return _CLIENT_ERROR_KINDS.get((package, type(error).__name__))
 
 
 def _own_sqlstate(error: BaseException) -> str | None:
@@ -202,6 +273,6 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(error))
         yield error
-        if isinstance(error, sqlalchemy.exc.DBAPIError):
+        if isinstance(error, sqlalchemy.exc.StatementError):
             pending.append(error.orig)
         pending.append(error.__cause__)

@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import enum
 import math
+import os
 import re
 import select
 import socket
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from sqlalchemy.util import concurrency as _sa_concurrency
@@ -21,6 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.engine import Dialect
+    from typing_extensions import Self
 
 __all__ = [
     "SUPPORTED",
@@ -44,6 +48,10 @@ _LIBPQ_KEYS = (
 _await: Callable[[Awaitable[Any]], Any] = (
     getattr(_sa_concurrency, "await_", None) or _sa_concurrency.await_only
 )
+# The environment variables libpq reads for dropsafe's keys (PQconndefaults: only this one;
+# keepalives and tcp_user_timeout have none).
+_LIBPQ_ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT"}
+_DSN_SERVICE = re.compile(r"(?:^|[\s?&])service\s*=\s*'?([^\s'&]+)")
 _DSN_KEY = re.compile(r"(?:^|[\s?&])(" + "|".join(_LIBPQ_KEYS) + r")\s*=")
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
@@ -90,12 +98,30 @@ class Driver:
         del dbapi_connection
         return None
 
+    def in_hot_standby(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        """Whether the server is in recovery (a standby), as it last reported; None if unknown.
+
+        PostgreSQL 14+ reports ``in_hot_standby`` to every client at connect and whenever it
+        changes (a promotion), so this costs no round trip.
+        """
+        value = self._reported_parameter(dbapi_connection, "in_hot_standby")
+        return None if value is None else value == "on"
+
+    def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        """Return a parameter the server reported (ParameterStatus), if the driver keeps it."""
+        del dbapi_connection, name
+        return None
+
     def prefer(self, cparams: dict[str, Any], server: Server) -> None:
         """Put ``server`` first in a multi-host target, if it is one of the hosts."""
         pairs = self._hosts(cparams)
         matches = [i for i, pair in enumerate(pairs) if pair == (server.host, str(server.port))]
         if matches:
             self._set_hosts(cparams, pairs[matches[0] :] + pairs[: matches[0]])
+
+    def hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
+        """Return the (host, port) pairs of a multi-host target; empty for a single host."""
+        return self._hosts(cparams)
 
     def rotate(self, cparams: dict[str, Any], steps: int) -> None:
         """Start a multi-host target ``steps`` hosts further down its list."""
@@ -128,12 +154,15 @@ class _Libpq(Driver):
     def connect_defaults(
         self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
+        texts = [text for text in [*cargs, cparams.get("dsn"), cparams.get("conninfo")] if text]
         in_dsn = {
             match.group(1)
-            for text in [*cargs, cparams.get("dsn"), cparams.get("conninfo")]
+            for text in texts
             if isinstance(text, str)
             for match in _DSN_KEY.finditer(text)
         }
+        # What libpq takes from the environment or a service file is the user's too.
+        in_dsn |= _libpq_keys_set_outside(cparams, [t for t in texts if isinstance(t, str)])
         wanted: dict[str, int] = {
             # libpq rounds connect_timeout down and treats 1 as 2.
             "connect_timeout": max(2, math.ceil(seconds(policy.connect_timeout))),
@@ -154,6 +183,14 @@ class _Libpq(Driver):
                 added.add(key)
         return added
 
+    def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
+        if hasattr(connection, "get_parameter_status"):  # psycopg2
+            value = connection.get_parameter_status(name)
+        else:  # psycopg 3
+            value = connection.info.parameter_status(name)
+        return value if isinstance(value, str) else None
+
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = getattr(dbapi_connection, "_connection", dbapi_connection)
         if connection.closed or getattr(connection, "broken", False):
@@ -161,9 +198,20 @@ class _Libpq(Driver):
         return _poll(connection)
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
-        # libpq has no per-call timeout: tcp_user_timeout bounds a ping on a dead network.
-        del timeout
-        dialect.do_ping(dbapi_connection)
+        # libpq has no per-call timeout, and tcp_user_timeout never fires while the server's
+        # kernel still acknowledges (a stopped or hung backend): only the client can end the
+        # wait. A cancel request would wait on that same hung backend, so the socket is shut
+        # down instead; the connection is then broken and the pool replaces it.
+        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
+        with _SocketDeadline(connection.fileno(), timeout) as deadline:
+            try:
+                dialect.do_ping(dbapi_connection)
+            except Exception as exc:
+                if deadline.expired:
+                    raise TimeoutError(f"no answer to the ping within {timeout:g}s") from exc
+                raise
+        if deadline.expired:  # answered as the deadline struck: the socket is shut down anyway
+            raise TimeoutError(f"no answer to the ping within {timeout:g}s")
 
     def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         hosts = str(cparams.get("host", "")).split(",")
@@ -209,6 +257,11 @@ class _Asyncpg(Driver):
         address = dbapi_connection._connection._addr  # noqa: SLF001
         return Server(str(address[0]), int(address[1])) if isinstance(address, tuple) else None
 
+    def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        settings = dbapi_connection._connection.get_settings()  # noqa: SLF001
+        value = getattr(settings, name, None)
+        return value if isinstance(value, str) else None
+
     def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         hosts, ports = cparams.get("host"), cparams.get("port")
         if not isinstance(hosts, list) or not isinstance(ports, list):
@@ -232,7 +285,13 @@ class _Asyncpg(Driver):
         connection = dbapi_connection._connection  # noqa: SLF001
         # execute() without arguments uses the simple query protocol: one round trip, and no
         # prepared statement for a transaction-mode pooler to lose.
-        _await(asyncio.wait_for(connection.execute("SELECT 1"), timeout))
+        try:
+            _await(asyncio.wait_for(connection.execute("SELECT 1"), timeout))
+        except BaseException:
+            # The pool replaces it; closing it politely would wait on the hung server again
+            # (SQLAlchemy gives a graceful close 2 s), so abort it now.
+            connection.terminate()
+            raise
 
 
 class _Pg8000(Driver):
@@ -252,6 +311,10 @@ class _Pg8000(Driver):
         tune_socket(sock, policy)
         if "timeout" in added:
             sock.settimeout(None)
+
+    def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        value = getattr(dbapi_connection, "parameter_statuses", {}).get(name)
+        return value if isinstance(value, str) else None
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         sock = getattr(dbapi_connection, "_usock", None)
@@ -298,6 +361,57 @@ def driver_for(dialect: Dialect) -> Driver:
     return driver()
 
 
+def _libpq_keys_set_outside(cparams: dict[str, Any], dsn_texts: list[str]) -> set[str]:
+    """Return dropsafe's libpq keys that the environment or the chosen service file sets."""
+    found = {key for key, variable in _LIBPQ_ENVIRONMENT.items() if variable in os.environ}
+    service = cparams.get("service") or next(
+        (match.group(1) for text in dsn_texts if (match := _DSN_SERVICE.search(text))), None
+    )
+    service = service or os.environ.get("PGSERVICE")
+    if service:
+        found |= set(_service_keys(str(service))) & set(_LIBPQ_KEYS)
+    return found
+
+
+def _service_keys(service: str) -> list[str]:
+    """Return the keys a libpq service file sets for ``service`` (libpq's search order).
+
+    The user's file (PGSERVICEFILE, else ~/.pg_service.conf) first; the system file
+    (PGSYSCONFDIR/pg_service.conf) only when the service is not in the user's.
+    """
+    user_file = os.environ.get("PGSERVICEFILE")
+    candidates = [Path(user_file) if user_file else Path("~/.pg_service.conf").expanduser()]
+    if "PGSYSCONFDIR" in os.environ:
+        candidates.append(Path(os.environ["PGSYSCONFDIR"]) / "pg_service.conf")
+    for path in candidates:
+        keys = _read_service(path, service)
+        if keys is not None:
+            return keys
+    return []
+
+
+def _read_service(path: Path, service: str) -> list[str] | None:
+    """Return the keys of ``[service]`` in the file at ``path``; None if it is not there."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return None
+    keys: list[str] | None = None
+    for raw in lines:
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            if keys is not None:
+                break  # the section ended
+            if line.rstrip("]")[1:].strip() == service:
+                keys = []
+            continue
+        if keys is not None and "=" in line:
+            keys.append(line.partition("=")[0].strip())
+    return keys
+
+
 def _timeout_argument(cparams: dict[str, Any], policy: Policy) -> set[str]:
     """Set the driver's ``timeout`` argument to the connect timeout, unless the user set it."""
     if "timeout" in cparams:
@@ -322,6 +436,47 @@ def tune_socket(sock: socket.socket, policy: Policy) -> None:
     if policy.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         milliseconds = math.ceil(seconds(policy.tcp_user_timeout) * 1000)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
+
+
+class _SocketDeadline:
+    """Shut a connection's socket down if the block it guards outlasts ``timeout`` seconds.
+
+    A timer thread shuts down a duplicate of the file descriptor: shutdown acts on the socket
+    itself, so the driver's blocked read returns at once (EOF) and it raises. The timer acts
+    only while the block runs (a lock orders it against the exit), so a descriptor that
+    the connection no longer owns is never touched.
+    """
+
+    def __init__(self, fileno: int, timeout: float) -> None:
+        self._fileno = fileno
+        self._lock = threading.Lock()
+        self._running = False
+        self.expired = False
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+        self._timer.name = "dropsafe-ping-deadline"
+
+    def __enter__(self) -> Self:
+        self._running = True
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._running = False
+        self._timer.cancel()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if not self._running:
+                return
+            self.expired = True
+            with contextlib.suppress(OSError):
+                duplicate = socket.socket(fileno=os.dup(self._fileno))
+                try:
+                    duplicate.shutdown(socket.SHUT_RDWR)
+                finally:
+                    duplicate.close()
 
 
 def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy.exc
 from sqlalchemy import event
 
-from dropsafe.classify import POOL_WIDE_SQLSTATES, Kind, classify, sqlstate_of
-from dropsafe.drivers import Driver, Health, Server
+from dropsafe.classify import POOL_WIDE_SQLSTATES, READ_ONLY_SQLSTATE, Kind, classify, sqlstate_of
+from dropsafe.drivers import Driver, Health
 from dropsafe.events import ConnectionInvalidated, DeadConnectionReplaced, PingSucceeded, emit
+from dropsafe.hosts import HostOrder
 from dropsafe.policy import Policy, seconds
 from dropsafe.redaction import describe_error
 
@@ -49,10 +50,8 @@ class ConnectionGuard:
         self._ping_timeout = seconds(policy.ping_timeout)
         self._idle: dict[int, Any] = {}  # id(pool entry) -> DBAPI connection, while checked in
         self._lock = threading.Lock()
-        # With several hosts, the last one that accepted us goes first: after a failover, new
-        # connections do not wait for the dead host's connect_timeout each time.
-        self._last_good: Server | None = None
-        self._unconfirmed_connects = 0
+        # With several hosts, where connects start (never moved by connects in flight).
+        self._host_order = HostOrder(driver)
 
     def attach(self, engine: Engine) -> None:
         """Listen to the engine's connect, pool and error events."""
@@ -81,16 +80,7 @@ class ConnectionGuard:
     ) -> None:
         del dialect
         entry.info[_ADDED] = self.driver.connect_defaults(self.policy, cargs, cparams)
-        with self._lock:
-            # Attempts since the last connection that succeeded: failed, or still running.
-            unconfirmed = self._unconfirmed_connects
-            self._unconfirmed_connects += 1
-        if unconfirmed:
-            # The host that worked may be the one that is gone (and asyncpg lets the first
-            # host eat the whole connect timeout): start further down the list each time.
-            self.driver.rotate(cparams, unconfirmed)
-        elif self._last_good is not None:
-            self.driver.prefer(cparams, self._last_good)
+        self._host_order.before_connect(cparams)
 
     def _on_connect(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
         try:
@@ -100,12 +90,7 @@ class ConnectionGuard:
             logger.warning("dropsafe could not tune a new connection's socket: %s", exc)
         entry.info[_IDLE_SINCE] = time.monotonic()
         entry.info[_FRESH] = True
-        with self._lock:
-            self._unconfirmed_connects = 0
-        try:
-            self._last_good = self.driver.server_of(dbapi_connection) or self._last_good
-        except Exception:
-            logger.debug("dropsafe could not tell which host a connection reached", exc_info=True)
+        self._host_order.connected(dbapi_connection)
 
     # -- checkout and checkin --------------------------------------------------------------
 
@@ -170,7 +155,11 @@ class ConnectionGuard:
     # -- errors ----------------------------------------------------------------------------
 
     def _on_handle_error(self, context: ExceptionContext) -> None:
+        if context.connection is None:  # getting a connection failed: a connect, if one ran
+            self._host_order.connect_failed()
         kind = classify(context.original_exception)
+        if self._turned_standby(context):
+            kind = Kind.FAILOVER  # classify() then sees connection_invalidated: a failover too
         if kind in (Kind.DISCONNECT, Kind.FAILOVER) and not context.is_disconnect:
             context.is_disconnect = True
         if context.is_disconnect:
@@ -183,3 +172,21 @@ class ConnectionGuard:
             context.invalidate_pool_on_disconnect = pool_wide
             text = describe_error(context.original_exception)
             emit(self.policy.hooks, ConnectionInvalidated(kind, pool_wide, text))
+
+    def _turned_standby(self, context: ExceptionContext) -> bool:
+        """Whether a 25006 (read-only transaction) came from a server in recovery.
+
+        Only then is it a failover. On a primary it is the user's own ``SET TRANSACTION READ
+        ONLY`` (or the server's settings): their error, which must recycle nothing.
+        """
+        if sqlstate_of(context.original_exception) != READ_ONLY_SQLSTATE:
+            return False
+        connection = context.connection
+        if connection is None or connection.invalidated:
+            return False
+        try:
+            dbapi_connection = connection.connection.dbapi_connection
+            return self.driver.in_hot_standby(dbapi_connection) is True
+        except Exception:
+            logger.debug("dropsafe could not tell whether the server is a standby", exc_info=True)
+            return False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import socketserver
+import sys
 import threading
 import time
 
@@ -64,6 +65,23 @@ def test_forwards_both_ways_and_counts(proxy):
     assert stats.connections_total == 1
     assert stats.bytes_to_server == 5
     assert stats.bytes_to_client == 5
+
+
+def test_counters_include_every_byte_a_peer_has_received(proxy):
+    # The proxy thread may lose the GIL right after forwarding: switch threads very often,
+    # so that a counter updated after its bytes are forwarded is caught out.
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        with _connect(proxy) as sock:
+            for sent in range(1, 301):
+                sock.sendall(b"x")
+                assert _recv_exactly(sock, 1) == b"x"
+                stats = proxy.stats
+                assert stats.bytes_to_server >= sent
+                assert stats.bytes_to_client >= sent
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def test_latency_delays_each_direction(proxy):

@@ -30,7 +30,7 @@ STATEMENTS = {
     "read-only": (
         ["SET TRANSACTION READ ONLY", "CREATE TABLE nope (v int)"],
         "25006",
-        Kind.FAILOVER,
+        Kind.PERMANENT,  # the user's own read-only transaction on a primary
     ),
     "unique": (
         ["CREATE TEMP TABLE u (v int UNIQUE)", "INSERT INTO u VALUES (1), (1)"],

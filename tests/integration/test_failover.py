@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
 import dropsafe
+from dropsafe.classify import sqlstate_of
 from dropsafe.testing import PostgresServer, multi_host_url
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(150)]
@@ -194,7 +195,9 @@ def test_primary_vanishes_then_standby_promoted(pair, driver, kernel_blackhole):
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
-def test_a_node_turning_read_only_sends_the_pool_to_the_primary(driver):
+def test_a_primary_made_read_only_by_its_settings_is_not_a_failover(driver):
+    # default_transaction_read_only on a primary (not in recovery) is a setting, not a
+    # failover: the unit fails once with the server's 25006 and the pool is not recycled.
     with PostgresServer() as first, PostgresServer() as second:
         for server in (first, second):
             server.execute("CREATE TABLE ledger (op_id text NOT NULL)")
@@ -205,20 +208,24 @@ def test_a_node_turning_read_only_sends_the_pool_to_the_primary(driver):
             first.execute("SELECT pg_reload_conf()")
 
         if driver == "asyncpg":
-            ports = asyncio.run(_read_only_async(url, turn_first_read_only))
+            ports, error, calls = asyncio.run(_read_only_async(url, turn_first_read_only))
         else:
-            ports = _read_only_sync(url, turn_first_read_only)
-        assert ports["before"] == {first.port}
-        assert ports["after"] == {second.port}
+            ports, error, calls = _read_only_sync(url, turn_first_read_only)
+        assert ports == {first.port}
+        assert isinstance(error, sa.exc.DBAPIError)
+        assert sqlstate_of(error) == "25006"
+        assert calls == 1, "a read-only setting is not retried"
         assert first.execute("SELECT count(*) FROM ledger") == [("3",)]
-        assert second.execute("SELECT count(*) FROM ledger") == [("6",)]
+        assert second.execute("SELECT count(*) FROM ledger") == [("0",)]
 
 
 def _read_only_sync(url, turn_first_read_only):
     engine = dropsafe.create_engine(url, pool_size=3, max_overflow=0)
     session_factory = sessionmaker(engine)
+    calls = []
 
     def write(session):
+        calls.append(1)
         session.execute(INSERT, {"op_id": "x"})
         return session.execute(SERVER_PORT).scalar()
 
@@ -226,19 +233,28 @@ def _read_only_sync(url, turn_first_read_only):
         with dropsafe.test_mode():
             before = {dropsafe.run_transaction(session_factory, write) for _ in range(3)}
             turn_first_read_only()
-            after = {dropsafe.run_transaction(session_factory, write) for _ in range(6)}
+            calls.clear()
+            # The reload reaches the backends asynchronously: wait until it shows.
+            _wait_read_only(lambda: dropsafe.run_transaction(session_factory, _read_only))
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                dropsafe.run_transaction(session_factory, write)
     finally:
         engine.dispose()
-    return {"before": before, "after": after}
+    return before, caught.value, len(calls)
 
 
 async def _read_only_async(url, turn_first_read_only):
     engine = dropsafe.create_async_engine(url, pool_size=3, max_overflow=0)
     session_factory = async_sessionmaker(engine)
+    calls = []
 
     async def write(session):
+        calls.append(1)
         await session.execute(INSERT, {"op_id": "x"})
         return (await session.execute(SERVER_PORT)).scalar()
+
+    async def read_only(session):
+        return (await session.execute(READ_ONLY)).scalar()
 
     try:
         with dropsafe.test_mode():
@@ -246,7 +262,27 @@ async def _read_only_async(url, turn_first_read_only):
                 await dropsafe.run_transaction_async(session_factory, write) for _ in range(3)
             }
             await asyncio.to_thread(turn_first_read_only)
-            after = {await dropsafe.run_transaction_async(session_factory, write) for _ in range(6)}
+            deadline = time.monotonic() + 30
+            while await dropsafe.run_transaction_async(session_factory, read_only) != "on":
+                assert time.monotonic() < deadline, "the server never turned read-only"
+                await asyncio.sleep(0.01)
+            calls.clear()
+            with pytest.raises(sa.exc.DBAPIError) as caught:
+                await dropsafe.run_transaction_async(session_factory, write)
     finally:
         await engine.dispose()
-    return {"before": before, "after": after}
+    return before, caught.value, len(calls)
+
+
+READ_ONLY = sa.text("SHOW transaction_read_only")
+
+
+def _read_only(session):
+    return session.execute(READ_ONLY).scalar()
+
+
+def _wait_read_only(read):
+    deadline = time.monotonic() + 30
+    while read() != "on":
+        assert time.monotonic() < deadline, "the server never turned read-only"
+        time.sleep(0.01)

@@ -359,8 +359,9 @@ class ChaosProxy(Service):
                         writer.write_eof()
                 return
             if link.budget is not None and len(data) >= link.budget:
-                writer.write(data[: link.budget])
+                # Counted before forwarding: whoever sees the bytes must see them counted.
                 self._count(link.budget, to_server=to_server)
+                writer.write(data[: link.budget])
                 with contextlib.suppress(OSError):
                     await writer.drain()
                 link.abort("rst")
@@ -382,8 +383,10 @@ class ChaosProxy(Service):
             piece = data[start : start + step]
             if bps:
                 await asyncio.sleep(len(piece) * 8 / bps)
-            writer.write(piece)
+            # Counted before forwarding: the peer may read them (and a test read the
+            # counters) before this thread runs again.
             self._count(len(piece), to_server=to_server)
+            writer.write(piece)
             await writer.drain()
 
     def _count(self, nbytes: int, *, to_server: bool) -> None:
