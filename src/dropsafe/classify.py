@@ -21,7 +21,7 @@ import sqlalchemy.exc
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["Kind", "classify", "is_driver_error", "sqlstate_of"]
+__all__ = ["Kind", "classify", "is_driver_error", "server_refused_commit", "sqlstate_of"]
 
 
 class Kind(str, enum.Enum):
@@ -150,14 +150,11 @@ def classify(exc: BaseException, *, during_commit: bool = False) -> Kind:
         except Exception as exc:
             if dropsafe.classify(exc, during_commit=True) is Kind.COMMIT_UNKNOWN: ...
     """
-    kind = _classify(exc)
-    if during_commit and kind in (Kind.DISCONNECT, Kind.FAILOVER):
-        # The server may have committed before the reply was lost. A server-reported
-        # error (a SQLSTATE of its own) means it did not commit.
-        state = sqlstate_of(exc)
-        if state is None or state in ("57P01", "57P02", "08000", "08003", "08006"):
-            return Kind.COMMIT_UNKNOWN
-    return kind
+    if during_commit and is_driver_error(exc) and not server_refused_commit(exc):
+        # Only PostgreSQL's own refusal proves that nothing was committed; after anything
+        # else (a lost connection, a pooler's error) the COMMIT may have taken effect.
+        return Kind.COMMIT_UNKNOWN
+    return _classify(exc)
 
 
 def sqlstate_of(exc: BaseException) -> str | None:
@@ -276,3 +273,43 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         if isinstance(error, sqlalchemy.exc.StatementError):
             pending.append(error.orig)
         pending.append(error.__cause__)
+
+
+# An ERROR in these SQLSTATE classes speaks of the connection or the server, not of the COMMIT.
+_NOT_A_REFUSAL = ("08", "53", "57", "58", "XX")
+
+
+def server_refused_commit(error: BaseException) -> bool:
+    """Whether PostgreSQL itself answered the COMMIT with an error: then nothing was committed.
+
+    Only an ERROR (not FATAL or PANIC, which end the session; a pooler in between sends its
+    own errors as FATAL) with a SQLSTATE outside the classes that speak of the connection or
+    the server (08, 53, 57, 58, XX) proves it: a deferred constraint, a serialization failure.
+    Anything else may have followed a COMMIT that took effect, and is resolved by asking.
+    """
+    state = sqlstate_of(error)
+    if state is None or state.startswith(_NOT_A_REFUSAL):
+        return False
+    return _severity_of(error) == "ERROR"
+
+
+def _severity_of(error: BaseException) -> str | None:
+    """Return the server's untranslated severity of ``error`` or of what it wraps, if any."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        diag = getattr(current, "diag", None)  # psycopg2, psycopg 3
+        fields = current.args[0] if current.args and isinstance(current.args[0], dict) else {}
+        for value in (
+            getattr(diag, "severity_nonlocalized", None),
+            getattr(current, "severity_en", None),  # asyncpg
+            fields.get("V"),  # pg8000
+        ):
+            if isinstance(value, str):
+                return value
+        pending += [getattr(current, "orig", None), current.__cause__]
+    return None

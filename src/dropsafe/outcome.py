@@ -75,7 +75,6 @@ __all__ = [
     "record_commits",
     "recording",
     "resolve_commit",
-    "server_refused_commit",
 ]
 
 Outcome = Literal["committed", "aborted"]
@@ -86,8 +85,6 @@ _FENCE_WAIT = 5.0  # at most this long for a fenced backend to exit
 _LAST_QUESTION = 1.0  # the time a question asked after the deadline still gets
 # A statement that may queue a notification: NOTIFY or pg_notify().
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
-# An ERROR in these SQLSTATE classes speaks of the connection or the server, not of the COMMIT.
-_NOT_A_REFUSAL = ("08", "53", "57", "58", "XX")
 
 
 @dataclass(frozen=True)
@@ -296,45 +293,6 @@ def _take_mark(conn: Connection) -> None:
         )
     )
     recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
-
-
-# -- was it refused? ---------------------------------------------------------------------------
-
-
-def server_refused_commit(error: BaseException) -> bool:
-    """Whether PostgreSQL itself answered the COMMIT with an error: then nothing was committed.
-
-    Only an ERROR (not FATAL or PANIC, which end the session; a pooler in between sends its
-    own errors as FATAL) with a SQLSTATE outside the classes that speak of the connection or
-    the server (08, 53, 57, 58, XX) proves it: a deferred constraint, a serialization failure.
-    Anything else may have followed a COMMIT that took effect, and is resolved by asking.
-    """
-    state = sqlstate_of(error)
-    if state is None or state.startswith(_NOT_A_REFUSAL):
-        return False
-    return _severity_of(error) == "ERROR"
-
-
-def _severity_of(error: BaseException) -> str | None:
-    """Return the server's untranslated severity of ``error`` or of what it wraps, if any."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        diag = getattr(current, "diag", None)  # psycopg2, psycopg 3
-        fields = current.args[0] if current.args and isinstance(current.args[0], dict) else {}
-        for value in (
-            getattr(diag, "severity_nonlocalized", None),
-            getattr(current, "severity_en", None),  # asyncpg
-            fields.get("V"),  # pg8000
-        ):
-            if isinstance(value, str):
-                return value
-        pending += [getattr(current, "orig", None), current.__cause__]
-    return None
 
 
 # -- resolution --------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from dropsafe.outcome import (
     record_commits,
     recording,
     resolve_commit,
-    server_refused_commit,
 )
 from dropsafe.policy import Policy
 from dropsafe.watchdog import bounded
@@ -101,10 +100,10 @@ def _decide(step: _Failed | _CommitFailed[Any], policy: Policy) -> _Retry | _Res
     if isinstance(step, _Failed):
         return _Retry(_retry_kind(step.error), step.error, step.reached_server)
     error = step.error
-    if not isinstance(error, sa.exc.DBAPIError):
-        raise error  # not the database's: the app's own listener, raised unchanged
-    if server_refused_commit(error):
-        return _Retry(_retry_kind(error), error)  # PostgreSQL refused it: nothing committed
+    if classify(error, during_commit=True) is not Kind.COMMIT_UNKNOWN:
+        # PostgreSQL refused the COMMIT (nothing committed), or the error is not the
+        # database's at all (the app's own listener): retried or raised like any other.
+        return _Retry(_retry_kind(error), error)
     if not policy.verify_commits:
         raise CommitOutcomeUnknown(
             "the connection failed during COMMIT and Policy.verify_commits is off, "

@@ -254,6 +254,52 @@ def test_a_pooler_error_at_commit_is_resolved_not_taken_for_a_refusal(server, dr
     assert recorder.outcomes() == ["committed"]
 
 
+# -- refusals are refusals ----------------------------------------------------------------------
+
+DEFERRED_REFUSALS = """
+CREATE TABLE refusals (v int NOT NULL);
+CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF current_setting('test.refuse', true) = 'unique' THEN
+    RAISE EXCEPTION 'duplicate at commit' USING ERRCODE = '23505';
+  ELSIF current_setting('test.refuse', true) = 'serialization' THEN
+    RAISE EXCEPTION 'conflict at commit' USING ERRCODE = '40001';
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON refusals
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_at_commit();
+"""
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_postgresql_s_own_refusal_of_a_commit_is_not_resolved(server, driver):
+    # A constraint checked at COMMIT: PostgreSQL's own ERROR, nothing committed. It is raised
+    # once and unchanged; a serialization failure at COMMIT is retried. No resolution either way.
+    server.execute(DEFERRED_REFUSALS)
+    recorder = Recorder()
+    policy = dropsafe.Policy(hooks=(recorder,))
+    refused = Unit(
+        driver,
+        server.url(driver),
+        ["SET LOCAL test.refuse = 'unique'", "INSERT INTO refusals VALUES (1)"],
+        policy=policy,
+    )
+    with pytest.raises(sa.exc.IntegrityError, match="duplicate at commit"):
+        refused.run()
+    assert refused.calls == 1
+    conflicted = Unit(
+        driver,
+        server.url(driver),
+        ["SET LOCAL test.refuse = 'serialization'", "INSERT INTO refusals VALUES (2)"],
+        policy=policy,
+    )
+    with pytest.raises(dropsafe.RetriesExhausted):
+        conflicted.run()
+    assert conflicted.calls == policy.max_attempts
+    assert recorder.outcomes() == []
+    assert server.execute("SELECT count(*) FROM refusals") == [("0",)]
+
+
 # -- 5. a COMMIT lost on a half-open link -------------------------------------------------------
 
 
