@@ -10,7 +10,7 @@ import os
 import re
 import select
 import socket
-import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -19,12 +19,12 @@ from sqlalchemy.util import concurrency as _sa_concurrency
 
 from dropsafe.errors import ConfigurationError
 from dropsafe.policy import Policy, seconds
+from dropsafe.watchdog import bounded
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.engine import Dialect
-    from typing_extensions import Self
 
 __all__ = [
     "SUPPORTED",
@@ -202,8 +202,7 @@ class _Libpq(Driver):
         # kernel still acknowledges (a stopped or hung backend): only the client can end the
         # wait. A cancel request would wait on that same hung backend, so the socket is shut
         # down instead; the connection is then broken and the pool replaces it.
-        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
-        with _SocketDeadline(connection.fileno(), timeout) as deadline:
+        with bounded(dbapi_connection, time.monotonic() + timeout) as deadline:
             try:
                 dialect.do_ping(dbapi_connection)
             except Exception as exc:
@@ -436,47 +435,6 @@ def tune_socket(sock: socket.socket, policy: Policy) -> None:
     if policy.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         milliseconds = math.ceil(seconds(policy.tcp_user_timeout) * 1000)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
-
-
-class _SocketDeadline:
-    """Shut a connection's socket down if the block it guards outlasts ``timeout`` seconds.
-
-    A timer thread shuts down a duplicate of the file descriptor: shutdown acts on the socket
-    itself, so the driver's blocked read returns at once (EOF) and it raises. The timer acts
-    only while the block runs (a lock orders it against the exit), so a descriptor that
-    the connection no longer owns is never touched.
-    """
-
-    def __init__(self, fileno: int, timeout: float) -> None:
-        self._fileno = fileno
-        self._lock = threading.Lock()
-        self._running = False
-        self.expired = False
-        self._timer = threading.Timer(timeout, self._expire)
-        self._timer.daemon = True
-        self._timer.name = "dropsafe-ping-deadline"
-
-    def __enter__(self) -> Self:
-        self._running = True
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
-            self._running = False
-        self._timer.cancel()
-
-    def _expire(self) -> None:
-        with self._lock:
-            if not self._running:
-                return
-            self.expired = True
-            with contextlib.suppress(OSError):
-                duplicate = socket.socket(fileno=os.dup(self._fileno))
-                try:
-                    duplicate.shutdown(socket.SHUT_RDWR)
-                finally:
-                    duplicate.close()
 
 
 def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()

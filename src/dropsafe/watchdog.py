@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["bounded", "socket_fd"]
+__all__ = ["Bound", "bounded", "socket_fd"]
 
 
 def socket_fd(dbapi_connection: Any) -> int | None:  # noqa: ANN401 - DBAPI connections are untyped
@@ -64,21 +64,28 @@ def _shut_down(fd: int, identity: tuple[int, int]) -> None:
             sock.shutdown(socket.SHUT_RDWR)
 
 
+class Bound:
+    """One guarded block: ``expired`` tells whether the watchdog shut its socket down."""
+
+    def __init__(self) -> None:
+        self.expired = False
+
+
 class _Watchdog:
     """One thread for the whole process; started on first use."""
 
     def __init__(self) -> None:
-        # (deadline, ticket, fd, the socket's identity)
-        self._heap: list[tuple[float, int, int, tuple[int, int]]] = []
+        # (deadline, ticket, fd, the socket's identity, the block's Bound)
+        self._heap: list[tuple[float, int, int, tuple[int, int], Bound]] = []
         self._live: set[int] = set()
         self._tickets = itertools.count()
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
 
-    def watch(self, fd: int, identity: tuple[int, int], deadline: float) -> int:
+    def watch(self, fd: int, identity: tuple[int, int], deadline: float, bound: Bound) -> int:
         with self._wake:
             ticket = next(self._tickets)
-            heapq.heappush(self._heap, (deadline, ticket, fd, identity))
+            heapq.heappush(self._heap, (deadline, ticket, fd, identity, bound))
             self._live.add(ticket)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -101,7 +108,7 @@ class _Watchdog:
                 if not self._heap:
                     self._wake.wait()
                     continue
-                deadline, ticket, fd, identity = self._heap[0]
+                deadline, ticket, fd, identity, bound = self._heap[0]
                 wait = deadline - time.monotonic()
                 if wait > 0:
                     self._wake.wait(wait)
@@ -109,6 +116,7 @@ class _Watchdog:
                 heapq.heappop(self._heap)
                 self._live.discard(ticket)
                 # Under the lock: the owner cannot release (and close the fd) meanwhile.
+                bound.expired = True
                 _shut_down(fd, identity)
 
 
@@ -116,19 +124,20 @@ _WATCHDOG = _Watchdog()
 
 
 @contextlib.contextmanager
-def bounded(dbapi_connection: Any, deadline: float) -> Iterator[None]:  # noqa: ANN401
+def bounded(dbapi_connection: Any, deadline: float) -> Iterator[Bound]:  # noqa: ANN401
     """Shut ``dbapi_connection``'s socket down if the block still runs at ``deadline``.
 
     ``deadline`` is a `time.monotonic` value. A connection whose socket cannot be found is
-    left to its TCP timeouts.
+    left to its TCP timeouts. The `Bound` given says afterwards whether the deadline struck.
     """
+    bound = Bound()
     fd = socket_fd(dbapi_connection)
     identity = None if fd is None else _identity(fd)
     if fd is None or identity is None:
-        yield
+        yield bound
         return
-    ticket = _WATCHDOG.watch(fd, identity, deadline)
+    ticket = _WATCHDOG.watch(fd, identity, deadline, bound)
     try:
-        yield
+        yield bound
     finally:
         _WATCHDOG.release(ticket)
