@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Attempts", "test_mode"]
 
+_MAX_EXPONENT = 64  # backoff_multiplier (at most 10) ** 64 is still a finite float
 _NO_BACKOFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "dropsafe_no_backoff", default=False
 )
@@ -79,10 +80,11 @@ class Attempts:
         text = describe_error(error)
         if reached_server and self.number >= policy.max_attempts:
             self._give_up("attempts", text, error)
-        failures = self.number + self.failed_connects
+        # The exponent is capped: a long outage makes thousands of failed connects.
+        growth = min(self.number + self.failed_connects - 1, _MAX_EXPONENT)
         bound = min(
             seconds(policy.backoff_max),
-            seconds(policy.backoff_initial) * policy.backoff_multiplier ** (failures - 1),
+            seconds(policy.backoff_initial) * policy.backoff_multiplier**growth,
         )
         delay = 0.0 if _NO_BACKOFF.get() else self._rng.uniform(0, bound)
         if time.monotonic() + delay >= self.deadline:

@@ -91,3 +91,13 @@ def test_events_carry_redacted_errors_and_a_failing_hook_is_only_logged(caplog):
 
 def test_emit_with_no_hooks_is_a_no_op():
     emit((), RetryScheduled(1, 0.0, Kind.DISCONNECT, "x"))
+
+
+def test_a_long_outage_of_failed_connects_keeps_backing_off():
+    # Thousands of refused connects (a restart waited out in test mode) must not overflow.
+    policy = Policy(backoff_initial=0.1, backoff_max=1, max_attempts=2, deadline=86400)
+    attempts = Attempts(policy, rng=_LongestJitter())
+    for _ in range(5000):
+        delay = attempts.next_delay(Kind.FAILOVER, ERROR, reached_server=False)
+    assert delay == 1
+    assert attempts.number == 1  # no run reached the server: no attempt used up
