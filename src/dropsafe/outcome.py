@@ -219,7 +219,12 @@ class _Incarnations:
         self._lock = threading.Lock()
 
     def read(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
-        """Pool ``connect`` listener: read the incarnation, outside any transaction of the app."""
+        """Pool ``connect`` listener: read the incarnation, outside any transaction of the app.
+
+        A connection that fails here (a pooler that accepted it but cannot reach the server)
+        fails its connect: the unit of work waits and connects again, as for a refused one.
+        Any other failure (a fork or proxy that hides these functions) makes it unprovable.
+        """
         try:
             cursor = dbapi_connection.cursor()
             try:
@@ -229,7 +234,11 @@ class _Incarnations:
                 cursor.close()
             dbapi_connection.rollback()
             incarnation = Incarnation(_text(row[0]), _text(row[1]))
-        except Exception:  # noqa: BLE001 - not readable here (a fork, a proxy): unprovable
+        except Exception as exc:
+            if classify(exc).retryable:
+                with contextlib.suppress(Exception):
+                    dbapi_connection.close()  # the pool never gets it: nothing else would
+                raise
             with contextlib.suppress(Exception):
                 dbapi_connection.rollback()
             incarnation = _UNREADABLE
