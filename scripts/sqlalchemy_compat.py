@@ -74,12 +74,19 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--python", default=sys.executable, help="interpreter of the venv to test")
     parser.add_argument(
+        "--sqlalchemy",
+        metavar="VERSION",
+        help="test this SQLAlchemy version instead, in a venv made for it (kept in the cache)",
+    )
+    parser.add_argument(
         "--driver", action="append", choices=sorted(SUBSETS), help="default: all of them"
     )
     parser.add_argument("--out", type=Path, help="keep the JUnit XML files here")
     parser.add_argument("-k", dest="keyword", help="pytest -k expression, to narrow a run")
     args = parser.parse_args()
     started = time.monotonic()
+    if args.sqlalchemy:
+        args.python = _venv_with(args.sqlalchemy)
     version = _installed_version(args.python)
     print(f"SQLAlchemy {version} in {args.python}", flush=True)
     allowed = _allow_list()
@@ -108,6 +115,31 @@ def main() -> int:
         flush=True,
     )
     return 1 if unlisted else 0
+
+
+def _venv_with(version: str) -> str:
+    """Return the python of a venv with dropsafe (editable) and SQLAlchemy ``version``."""
+    if not re.fullmatch(r"[0-9][0-9A-Za-z.]*", version):
+        raise SystemExit(f"--sqlalchemy takes a version number such as 2.0.58, not {version!r}")
+    venv = CACHE / f"venv-sqlalchemy-{version}"
+    python = venv / "bin" / "python"
+    if not python.exists():
+        print(f"making a venv with SQLAlchemy {version} in {venv}", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--editable",
+                f"{REPO}[psycopg2,asyncpg,testing]",
+                f"sqlalchemy[asyncio]=={version}",
+            ],
+            check=True,
+        )
+    return str(python)
 
 
 def _installed_version(python: str) -> str:

@@ -327,6 +327,9 @@ class ConnectionGuard:
                 or sqlstate_of(context.original_exception) in POOL_WIDE_SQLSTATES
                 or self._other_idle_connections_dead()
             )
+            # Only ever narrow SQLAlchemy's decision: it keeps the pool on an interrupt
+            # (KeyboardInterrupt, a cancelled task), and dropsafe's listener runs first.
+            pool_wide = pool_wide and context.invalidate_pool_on_disconnect
             context.invalidate_pool_on_disconnect = pool_wide
             text = describe_error(context.original_exception)
             emit(self.policy.hooks, ConnectionInvalidated(kind, pool_wide, text))

@@ -152,6 +152,68 @@ def test_users_is_disconnect_false_is_kept(shared_server):
         engine.dispose()
 
 
+# -- the user's pool: its class, its pool_pre_ping, detached and soft-invalidated entries ----
+
+
+def test_users_pool_pre_ping_is_not_doubled(shared_server):
+    # SQLAlchemy has just pinged the connection at checkout: dropsafe does not ping it again.
+    events = []
+    engine = dropsafe.create_engine(
+        shared_server.url("psycopg2"),
+        policy=dropsafe.Policy(ping_after_idle=0, hooks=(events.append,)),
+        pool_pre_ping=True,
+    )
+    try:
+        for _ in range(5):
+            _pids(engine, 1)
+        assert [type(e).__name__ for e in events] == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "pool_class", [sa.pool.NullPool, sa.pool.StaticPool, sa.pool.SingletonThreadPool]
+)
+def test_users_pool_class_is_served(shared_server, pool_class):
+    events = []
+    engine = dropsafe.create_engine(
+        shared_server.url("psycopg2"),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        poolclass=pool_class,
+    )
+    try:
+        pids = {_pids(engine, 1)[0] for _ in range(5)}
+        assert len(pids) == (5 if pool_class is sa.pool.NullPool else 1)
+        assert isinstance(engine.pool, pool_class)
+        assert not events
+    finally:
+        engine.dispose()
+
+
+def test_detached_and_soft_invalidated_entries(shared_server):
+    events = []
+    engine = dropsafe.create_engine(
+        shared_server.url("psycopg2"),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        pool_size=1,
+        max_overflow=0,
+    )
+    try:
+        with engine.connect() as conn:
+            conn.connection.detach()  # the DBAPI connection is the user's now
+            detached_pid = conn.execute(BACKEND_PID).scalar()
+        with engine.connect() as conn:
+            soft_pid = conn.execute(BACKEND_PID).scalar()
+            conn.connection.invalidate(soft=True)  # replaced at its next checkout, not now
+            assert conn.execute(BACKEND_PID).scalar() == soft_pid
+        with engine.connect() as conn:
+            fresh_pid = conn.execute(BACKEND_PID).scalar()
+        assert len({detached_pid, soft_pid, fresh_pid}) == 3
+        assert not events, "detaching or soft-invalidating is not a dead connection"
+    finally:
+        engine.dispose()
+
+
 # -- the pool: no strong references, no stale snapshot -------------------------------------
 
 
