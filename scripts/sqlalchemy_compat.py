@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dropsafe.testing import PostgresServer
+from dropsafe.testing import PostgresServer, ServerError
 
 REPO = Path(__file__).resolve().parent.parent
 ALLOW_FILE = REPO / "docs" / "sqlalchemy-compat.md"
@@ -195,10 +195,15 @@ def _prepare(server: PostgresServer) -> None:
         server.execute(f"CREATE DATABASE {database} OWNER scott ENCODING 'utf8' TEMPLATE template0")
         server.execute(
             "CREATE SCHEMA test_schema AUTHORIZATION scott; "
-            "CREATE SCHEMA test_schema_2 AUTHORIZATION scott; "
-            "CREATE EXTENSION hstore; CREATE EXTENSION citext",
+            "CREATE SCHEMA test_schema_2 AUTHORIZATION scott",
             database=database,
         )
+        for extension in ("hstore", "citext"):
+            try:
+                server.execute(f"CREATE EXTENSION {extension}", database=database)
+            except ServerError:  # noqa: PERF203 - two statements, once
+                # A build without contrib: the suite skips or fails those tests in both modes.
+                print(f"  (no {extension} extension in this PostgreSQL build)", flush=True)
 
 
 def _dburi(server: PostgresServer, driver: str, database: str) -> str:
