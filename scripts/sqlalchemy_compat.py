@@ -76,7 +76,8 @@ def main() -> int:
     parser.add_argument(
         "--sqlalchemy",
         metavar="VERSION",
-        help="test this SQLAlchemy version instead, in a venv made for it (kept in the cache)",
+        help="test this SQLAlchemy version instead (2.0.58, or 2.0.* for the latest 2.0), "
+        "in a venv made for it and kept in the cache",
     )
     parser.add_argument(
         "--driver", action="append", choices=sorted(SUBSETS), help="default: all of them"
@@ -119,9 +120,9 @@ def main() -> int:
 
 def _venv_with(version: str) -> str:
     """Return the python of a venv with dropsafe (editable) and SQLAlchemy ``version``."""
-    if not re.fullmatch(r"[0-9][0-9A-Za-z.]*", version):
-        raise SystemExit(f"--sqlalchemy takes a version number such as 2.0.58, not {version!r}")
-    venv = CACHE / f"venv-sqlalchemy-{version}"
+    if not re.fullmatch(r"[0-9][0-9A-Za-z.]*(\.\*)?", version):
+        raise SystemExit(f"--sqlalchemy takes a version such as 2.0.58 or 2.0.*, not {version!r}")
+    venv = CACHE / f"venv-sqlalchemy-{version.replace('*', 'latest')}"
     python = venv / "bin" / "python"
     if not python.exists():
         print(f"making a venv with SQLAlchemy {version} in {venv}", flush=True)
