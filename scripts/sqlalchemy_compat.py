@@ -21,6 +21,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import subprocess
@@ -122,7 +123,9 @@ def _venv_with(version: str) -> str:
     """Return the python of a venv with dropsafe (editable) and SQLAlchemy ``version``."""
     if not re.fullmatch(r"[0-9][0-9A-Za-z.]*(\.\*)?", version):
         raise SystemExit(f"--sqlalchemy takes a version such as 2.0.58 or 2.0.*, not {version!r}")
-    venv = CACHE / f"venv-sqlalchemy-{version.replace('*', 'latest')}"
+    # dropsafe is installed editable from this checkout: one venv per checkout and version.
+    checkout = hashlib.sha256(str(REPO).encode()).hexdigest()[:8]
+    venv = CACHE / f"venv-{checkout}-sqlalchemy-{version.replace('*', 'latest')}"
     python = venv / "bin" / "python"
     if not python.exists():
         print(f"making a venv with SQLAlchemy {version} in {venv}", flush=True)
