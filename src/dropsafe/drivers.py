@@ -10,11 +10,13 @@ import os
 import re
 import select
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from sqlalchemy.engine import AdaptedConnection
 from sqlalchemy.util import concurrency as _sa_concurrency
 
 from dropsafe.errors import ConfigurationError
@@ -72,6 +74,8 @@ class Health(enum.Enum):
     ALIVE = "alive"
     SUSPECT = "suspect"  # something arrived while idle: a ping tells whether it was a goodbye
     DEAD = "dead"
+    # Not a connection of this driver (a wrapper, a creator's own type): it pings after idle.
+    UNKNOWN = "unknown"
 
 
 class Driver:
@@ -89,8 +93,13 @@ class Driver:
     def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401 - DBAPI connections are untyped
         """Tune a new connection (socket options the driver has no argument for)."""
 
+    def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
+        """Whether ``dbapi_connection`` is this driver's own, that `probe` can look into."""
+        del dbapi_connection
+        return False
+
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
-        """Look at an idle connection without a round trip."""
+        """Look at an idle connection without a round trip (only one that `owns` accepts)."""
         raise NotImplementedError
 
     def server_of(self, dbapi_connection: Any) -> Server | None:  # noqa: ANN401
@@ -228,15 +237,28 @@ class _Libpq(Driver):
 class _Psycopg2(_Libpq):
     name = "psycopg2"
 
+    def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
+        return _is_instance(dbapi_connection, "psycopg2.extensions", "connection")
+
 
 class _Psycopg(_Libpq):
     name = "psycopg"
+
+    def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
+        if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async
+            dbapi_connection = dbapi_connection.driver_connection
+        return _is_instance(dbapi_connection, "psycopg", "BaseConnection")
 
 
 class _Asyncpg(Driver):
     """asyncpg: the protocol's closed state, and the socket for what the loop has not read yet."""
 
     name = "asyncpg"
+
+    def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
+        return isinstance(dbapi_connection, AdaptedConnection) and _is_instance(
+            dbapi_connection.driver_connection, "asyncpg", "Connection"
+        )
 
     def connect_defaults(
         self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
@@ -297,6 +319,9 @@ class _Pg8000(Driver):
     """pg8000: a plain blocking socket, polled by file descriptor and bounded by its timeout."""
 
     name = "pg8000"
+
+    def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
+        return _is_instance(dbapi_connection, "pg8000.core", "CoreConnection")
 
     def connect_defaults(
         self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
@@ -435,6 +460,12 @@ def tune_socket(sock: socket.socket, policy: Policy) -> None:
     if policy.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         milliseconds = math.ceil(seconds(policy.tcp_user_timeout) * 1000)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
+
+
+def _is_instance(candidate: object, module: str, name: str) -> bool:
+    """``isinstance(candidate, module.name)`` if the driver is imported (if not, it cannot be)."""
+    cls = getattr(sys.modules.get(module), name, None)
+    return isinstance(cls, type) and isinstance(candidate, cls)
 
 
 def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()
