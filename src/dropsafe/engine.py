@@ -14,7 +14,6 @@ from sqlalchemy.engine import URL, Engine, make_url
 from dropsafe.drivers import SUPPORTED, driver_for, is_supported
 from dropsafe.errors import ConfigurationError
 from dropsafe.liveness import ConnectionGuard
-from dropsafe.outcome import record_commits
 from dropsafe.policy import Policy
 from dropsafe.redaction import redact_url
 
@@ -104,8 +103,6 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
         policy or Policy(), driver_for(sync_engine.dialect), sync_engine.dialect
     )
     guard.attach(sync_engine)
-    # Connections read their server's incarnation as they open, for commit resolution.
-    record_commits(sync_engine)
     setattr(sync_engine, _GUARD_ATTRIBUTE, guard)
     return engine
 

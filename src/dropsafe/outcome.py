@@ -11,7 +11,7 @@ the mark (``pg_current_xact_id()``) and counts as having written.
 a crash restart (any backend killed hard: the postmaster resets them all and replays WAL) the
 WAL still in memory is gone, the postmaster start time does not move, and the lost xids are
 handed out again: "committed" may then be a newer transaction's. So each connection reads once,
-when it opens, what identifies its server's history:
+before the first unit of work it runs, what identifies its server's history:
 
 - ``pg_control_system().system_identifier``: set by initdb, shared by a primary and its
   standbys, different on any other cluster;
@@ -65,13 +65,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     from sqlalchemy.engine import Connection, Dialect, Engine
-    from sqlalchemy.pool import ConnectionPoolEntry, Pool
+    from sqlalchemy.pool import Pool
 
 __all__ = [
     "CommitRecorder",
     "Incarnation",
     "Outcome",
     "TransactionMark",
+    "learn_incarnation",
     "record_commits",
     "recording",
     "resolve_commit",
@@ -218,13 +219,21 @@ class _Incarnations:
         )
         self._lock = threading.Lock()
 
-    def read(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
-        """Pool ``connect`` listener: read the incarnation, outside any transaction of the app.
+    def learn(self, connection: Connection) -> None:
+        """Read the incarnation of ``connection``'s server, once per DBAPI connection.
 
+        Called before a unit of work's first statement, so outside any transaction of the
+        app (the read is rolled back at the DBAPI level; SQLAlchemy has sent nothing yet).
         A connection that fails here (a pooler that accepted it but cannot reach the server)
-        fails its connect: the unit of work waits and connects again, as for a refused one.
-        Any other failure (a fork or proxy that hides these functions) makes it unprovable.
+        raises: the unit waits and connects again, as for a refused connect. Any other failure
+        (a fork or proxy that hides these functions) makes the connection unprovable.
         """
+        fairy = connection.connection
+        driver_connection = fairy.driver_connection
+        with contextlib.suppress(TypeError), self._lock:  # TypeError: not weakly referable
+            if driver_connection in self._by_connection:
+                return
+        dbapi_connection: Any = fairy.dbapi_connection
         try:
             cursor = dbapi_connection.cursor()
             try:
@@ -236,14 +245,13 @@ class _Incarnations:
             incarnation = Incarnation(_text(row[0]), _text(row[1]))
         except Exception as exc:
             if classify(exc).retryable:
-                with contextlib.suppress(Exception):
-                    dbapi_connection.close()  # the pool never gets it: nothing else would
+                connection.invalidate(exc)  # never back to the pool: it is dead
                 raise
             with contextlib.suppress(Exception):
                 dbapi_connection.rollback()
             incarnation = _UNREADABLE
-        with contextlib.suppress(TypeError), self._lock:  # TypeError: not weakly referable
-            self._by_connection[entry.driver_connection] = incarnation
+        with contextlib.suppress(TypeError), self._lock:
+            self._by_connection[driver_connection] = incarnation
 
     def of(self, driver_connection: object) -> Incarnation:
         with contextlib.suppress(TypeError), self._lock:
@@ -258,14 +266,20 @@ def _text(value: object) -> str | None:
     return None if value is None else str(value)
 
 
+def learn_incarnation(connection: Connection) -> None:
+    """Read the incarnation of ``connection``'s server if it is not known yet (see above)."""
+    _INCARNATIONS.learn(connection)
+
+
 def record_commits(engine: Engine) -> None:
     """Install the listeners that take the mark before each COMMIT of a unit of work.
 
-    Idempotent. Outside a unit of work they cost one context-variable read per statement.
+    Idempotent; installed by the first unit of work on an engine, never by `harden` (an engine
+    that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work they cost
+    one context-variable read per statement.
     """
     if event.contains(engine, "commit", _take_mark):
         return
-    event.listen(engine.pool, "connect", _INCARNATIONS.read)
     event.listen(engine, "before_cursor_execute", _notice_notify)
     event.listen(engine, "commit", _take_mark)
 

@@ -33,6 +33,7 @@ from dropsafe.errors import CommitOutcomeUnknown, ConfigurationError
 from dropsafe.outcome import (
     CommitRecorder,
     TransactionMark,
+    learn_incarnation,
     record_commits,
     recording,
     resolve_commit,
@@ -165,7 +166,7 @@ def run_transaction(
     attempts = Attempts(policy)
     while True:
         with recording(take_marks=policy.verify_commits) as recorder:
-            step = _attempt(bind, fn, recorder, attempts.deadline)
+            step = _attempt(bind, fn, recorder, attempts.deadline, learn=policy.verify_commits)
         if isinstance(step, _Committed):
             return step.result
         decision = _decide(step, policy)
@@ -188,12 +189,16 @@ def _attempt(
     fn: Callable[[Any], _T],
     recorder: CommitRecorder,
     deadline: float,
+    *,
+    learn: bool,
 ) -> _Committed[_T] | _CommitFailed[_T] | _Failed:
     token = _IN_UNIT.set(True)
     reached_server = False
     try:
         if isinstance(bind, sa.Engine):
             with bind.connect() as handle:
+                if learn:
+                    learn_incarnation(handle)
                 reached_server = True
                 handle.begin()
                 with bounded(handle.connection.dbapi_connection, deadline):
@@ -202,6 +207,8 @@ def _attempt(
             session.begin()
             # Connect now: a failure here never reached the server.
             connection = session.connection()
+            if learn:
+                learn_incarnation(connection)
             reached_server = True
             with bounded(connection.connection.dbapi_connection, deadline):
                 return _run_and_commit(fn, session, recorder)
@@ -262,7 +269,9 @@ async def run_transaction_async(
     attempts = Attempts(policy)
     while True:
         with recording(take_marks=policy.verify_commits) as recorder:
-            step = await _attempt_async(bind, fn, recorder, attempts.deadline)
+            step = await _attempt_async(
+                bind, fn, recorder, attempts.deadline, learn=policy.verify_commits
+            )
         if isinstance(step, _Committed):
             return step.result
         decision = _decide(step, policy)
@@ -300,6 +309,8 @@ async def _attempt_async(
     fn: Callable[[Any], Awaitable[_T]],
     recorder: CommitRecorder,
     deadline: float,
+    *,
+    learn: bool,
 ) -> _Committed[_T] | _CommitFailed[_T] | _Failed:
     from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: PLC0415 - imported on first use
 
@@ -308,6 +319,8 @@ async def _attempt_async(
     try:
         if isinstance(bind, AsyncEngine):
             async with bind.connect() as connection:
+                if learn:
+                    await connection.run_sync(learn_incarnation)
                 reached_server = True
                 await connection.begin()
                 with bounded(_dbapi_connection_of(connection), deadline):
@@ -315,6 +328,8 @@ async def _attempt_async(
         async with bind() as session:
             await session.begin()
             connection = await session.connection()
+            if learn:
+                await connection.run_sync(learn_incarnation)
             reached_server = True
             with bounded(_dbapi_connection_of(connection), deadline):
                 return await _run_and_commit_async(fn, session, recorder)

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 import dropsafe
 from dropsafe import CommitOutcomeUnknown
 from dropsafe.events import CommitResolved
+from dropsafe.outcome import record_commits
 from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
@@ -188,6 +189,10 @@ def _lose_the_first_reply(holes, kernel_blackhole, direction="to"):
     """A listener after dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
 
     def install(engine):
+        # dropsafe adds its mark listener at an engine's first unit of work: add it now, so
+        # that this one, added next, runs after the mark.
+        record_commits(engine)
+
         @sa.event.listens_for(engine, "commit")
         def cut_off(connection):
             if not holes._exit_callbacks:
