@@ -4,7 +4,6 @@ while it runs, and a unit of work run the same way through psycopg2, psycopg 3 o
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 
@@ -137,6 +136,7 @@ class PoolerErrorAtCommit:
     def __init__(self, upstream_port):
         self.upstream_port = upstream_port
         self.struck = threading.Event()
+        self.links = set()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -148,6 +148,9 @@ class PoolerErrorAtCommit:
     def close(self):
         async def stop():
             self.server.close()
+            for task in list(self.links):
+                task.cancel()  # links still open (the client's, the resolver's): end them
+            await asyncio.gather(*self.links, return_exceptions=True)
             await self.server.wait_closed()
 
         asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
@@ -156,9 +159,23 @@ class PoolerErrorAtCommit:
         self.loop.close()
 
     async def _link(self, client_reader, client_writer):
-        server_reader, server_writer = await asyncio.open_connection(
-            "127.0.0.1", self.upstream_port
-        )
+        task = asyncio.current_task()
+        self.links.add(task)
+        server_writer = None
+        try:
+            server_reader, server_writer = await asyncio.open_connection(
+                "127.0.0.1", self.upstream_port
+            )
+            await self._forward(client_reader, client_writer, server_reader, server_writer)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            for writer in (client_writer, server_writer):
+                if writer is not None:
+                    writer.close()
+            self.links.discard(task)
+
+    async def _forward(self, client_reader, client_writer, server_reader, server_writer):
         commit_sent = asyncio.Event()
 
         async def to_server():
@@ -181,5 +198,4 @@ class PoolerErrorAtCommit:
             client_writer.close()
             server_writer.close()
 
-        with contextlib.suppress(OSError):
-            await asyncio.gather(to_server(), to_client())
+        await asyncio.gather(to_server(), to_client())
