@@ -295,13 +295,7 @@ def server_refused_commit(error: BaseException) -> bool:
 
 def _severity_of(error: BaseException) -> str | None:
     """Return the server's untranslated severity of ``error`` or of what it wraps, if any."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        current = pending.pop(0)
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
+    for current in _chain(error):
         diag = getattr(current, "diag", None)  # psycopg2, psycopg 3
         fields = current.args[0] if current.args and isinstance(current.args[0], dict) else {}
         for value in (
@@ -311,5 +305,4 @@ def _severity_of(error: BaseException) -> str | None:
         ):
             if isinstance(value, str):
                 return value
-        pending += [getattr(current, "orig", None), current.__cause__]
     return None
