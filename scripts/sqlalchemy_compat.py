@@ -93,12 +93,19 @@ def main() -> int:
         source = _unpack(_sdist(args.python, version), Path(temp))
         out = args.out or Path(temp) / "junit"
         out.mkdir(parents=True, exist_ok=True)
-        with PostgresServer(settings={"max_prepared_transactions": "10"}) as server:
-            _prepare(server)
+        # One server per mode, not one database each: the two runs go at once, and names of
+        # prepared transactions ('myid' in TwoPhaseCommitTest) are shared by a whole cluster.
+        with (
+            PostgresServer(settings={"max_prepared_transactions": "10"}) as plain_server,
+            PostgresServer(settings={"max_prepared_transactions": "10"}) as hardened_server,
+        ):
+            servers = {"plain": plain_server, "hardened": hardened_server}
+            for server in servers.values():
+                _prepare(server)
             differences: list[Difference] = []
             for driver in args.driver or sorted(SUBSETS):
                 differences += _compare(
-                    server, driver=driver, source=source, out=out, args=args, version=version
+                    servers, driver=driver, source=source, out=out, args=args, version=version
                 )
     unlisted = [d for d in differences if (d.driver, d.test) not in allowed]
     for d in differences:
@@ -190,21 +197,20 @@ def _unpack(sdist: Path, into: Path) -> Path:
 
 
 def _prepare(server: PostgresServer) -> None:
-    """Create what the suite expects: user scott, a UTF8 database per mode, two schemas."""
+    """Create what the suite expects: user scott, a UTF8 database ``test``, two schemas."""
     server.execute("CREATE ROLE scott LOGIN SUPERUSER PASSWORD 'tiger'")
-    for database in ("test_plain", "test_hardened"):
-        server.execute(f"CREATE DATABASE {database} OWNER scott ENCODING 'utf8' TEMPLATE template0")
-        server.execute(
-            "CREATE SCHEMA test_schema AUTHORIZATION scott; "
-            "CREATE SCHEMA test_schema_2 AUTHORIZATION scott",
-            database=database,
-        )
-        for extension in ("hstore", "citext"):
-            try:
-                server.execute(f"CREATE EXTENSION {extension}", database=database)
-            except ServerError:  # noqa: PERF203 - two statements, once
-                # A build without contrib: the suite skips or fails those tests in both modes.
-                print(f"  (no {extension} extension in this PostgreSQL build)", flush=True)
+    server.execute("CREATE DATABASE test OWNER scott ENCODING 'utf8' TEMPLATE template0")
+    server.execute(
+        "CREATE SCHEMA test_schema AUTHORIZATION scott; "
+        "CREATE SCHEMA test_schema_2 AUTHORIZATION scott",
+        database="test",
+    )
+    for extension in ("hstore", "citext"):
+        try:
+            server.execute(f"CREATE EXTENSION {extension}", database="test")
+        except ServerError:  # noqa: PERF203 - two statements, once
+            # A build without contrib: the suite skips or fails those tests in both modes.
+            print(f"  (no {extension} extension in this PostgreSQL build)", flush=True)
 
 
 def _dburi(server: PostgresServer, driver: str, database: str) -> str:
@@ -246,7 +252,7 @@ def _run(
         "-p",
         "sqlalchemy_compat_plugin",
         "--dburi",
-        _dburi(server, driver, f"test_{mode}"),
+        _dburi(server, driver, "test"),
         "--junitxml",
         str(junit),
         "--maxfail=100000",
@@ -294,7 +300,7 @@ def _outcomes(junit: Path) -> dict[str, str]:
 
 
 def _compare(
-    server: PostgresServer,
+    servers: dict[str, PostgresServer],
     *,
     driver: str,
     source: Path,
@@ -302,13 +308,13 @@ def _compare(
     args: argparse.Namespace,
     version: str,
 ) -> list[Difference]:
-    """Run the driver's subset in both modes at once (two databases), then confirm differences."""
+    """Run the driver's subset in both modes at once (a server each), then confirm differences."""
 
     def run(hardened: bool, tests: list[str], tag: str, only: Path | None = None) -> dict[str, str]:
         mode = "hardened" if hardened else "plain"
         junit = out / f"sqlalchemy-{version}-{driver}-{mode}{tag}.xml"
         return _run(
-            server,
+            servers[mode],
             driver,
             source,
             junit,
