@@ -6,7 +6,7 @@ an hour on 2 cores; ``--quick`` about two minutes.
 
 import sys
 
-from dropsafe.cli import main
+from dropsafe._cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["bench", *sys.argv[1:]]))

@@ -222,7 +222,7 @@ def check_testing(*, present: bool) -> None:
 def check_prometheus(*, present: bool) -> None:
     """Put PrometheusHook in a policy, or see it name its extra when prometheus is absent."""
     import dropsafe  # noqa: PLC0415
-    from dropsafe.prometheus import PrometheusHook  # noqa: PLC0415
+    from dropsafe._prometheus import PrometheusHook  # noqa: PLC0415
 
     if present:
         from prometheus_client import CollectorRegistry  # noqa: PLC0415
@@ -246,7 +246,7 @@ def check_bench() -> None:
     """Import the benchmark and psycopg_pool; draw a report plot; start ``dropsafe bench``."""
     import psycopg_pool  # noqa: PLC0415, F401 - the bench compares against it
 
-    from dropsafe.bench._report import bar_plot  # noqa: PLC0415
+    from dropsafe._bench._report import bar_plot  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "plot.png"
@@ -262,8 +262,8 @@ def check_demo(url: str) -> None:
     from rich.console import Console  # noqa: PLC0415
     from rich.table import Table  # noqa: PLC0415
 
-    from dropsafe.demo import scenario  # noqa: PLC0415, F401 - the demo's driver imports
-    from dropsafe.demo.blog import create_app, serve  # noqa: PLC0415
+    from dropsafe._demo import scenario  # noqa: PLC0415, F401 - the demo's driver imports
+    from dropsafe._demo.blog import create_app, serve  # noqa: PLC0415
 
     client = create_app(url).test_client()
     created = client.post("/api/posts", json={"title": "installed", "text": "from the wheel"})

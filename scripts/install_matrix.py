@@ -224,7 +224,7 @@ def check_wheel(wheel: Path) -> dict[str, str | list[str]]:
         )
     for needed in (
         "[pytest11]\ndropsafe = dropsafe.testing.pytest_plugin",
-        "dropsafe = dropsafe.cli:main",
+        "dropsafe = dropsafe._cli:main",
     ):
         if needed not in entry_points:
             fail(f"the wheel's entry points lack {needed!r}:\n{entry_points}")

@@ -25,7 +25,7 @@ _hardened = 0
 def _harden(engine: Any) -> None:  # noqa: ANN401 - a SQLAlchemy Engine of the suite's own lib
     global _hardened  # noqa: PLW0603 - one counter for the session's summary line
     import dropsafe  # noqa: PLC0415 - only after SQLAlchemy's bootstrap
-    from dropsafe.drivers import is_supported  # noqa: PLC0415
+    from dropsafe._drivers import is_supported  # noqa: PLC0415
 
     dialect = engine.dialect
     if dialect.name == "postgresql" and is_supported(str(dialect.driver)):

@@ -9,17 +9,17 @@ Example::
 
 from __future__ import annotations
 
-from dropsafe.backoff import test_mode
-from dropsafe.classify import Kind, classify
-from dropsafe.engine import create_async_engine, create_engine, harden
-from dropsafe.errors import (
+from dropsafe._backoff import test_mode
+from dropsafe._classify import Kind, classify
+from dropsafe._engine import create_async_engine, create_engine, harden
+from dropsafe._errors import (
     CommitOutcomeUnknown,
     ConfigurationError,
     DropsafeError,
     RetriesExhausted,
 )
-from dropsafe.policy import Policy
-from dropsafe.transaction import run_transaction, run_transaction_async, transactional
+from dropsafe._policy import Policy
+from dropsafe._transaction import run_transaction, run_transaction_async, transactional
 
 __all__ = [
     "CommitOutcomeUnknown",

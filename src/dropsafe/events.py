@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal, Protocol, Union
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    from dropsafe.classify import Kind
+    from dropsafe._classify import Kind
 
 __all__ = [
     "CommitResolved",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dropsafe.cli import main
+from dropsafe._cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(400)]
 

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from dropsafe.demo.blog import create_app, serve
-from dropsafe.demo.scenario import SLOW_COMMIT
+from dropsafe._demo.blog import create_app, serve
+from dropsafe._demo.scenario import SLOW_COMMIT
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

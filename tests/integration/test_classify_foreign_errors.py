@@ -20,7 +20,7 @@ from sqlalchemy.orm import sessionmaker
 
 import dropsafe
 from dropsafe import Kind, classify
-from dropsafe.classify import sqlstate_of
+from dropsafe._classify import sqlstate_of
 from dropsafe.events import ConnectionInvalidated
 
 pytestmark = pytest.mark.fault

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dropsafe import Kind, classify
-from dropsafe.classify import sqlstate_of
+from dropsafe._classify import sqlstate_of
 
 pytestmark = pytest.mark.fault
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dropsafe.cli import main
+from dropsafe._cli import main
 
 
 @pytest.mark.fault

@@ -32,8 +32,8 @@ from sqlalchemy.orm import Session
 
 import dropsafe
 from dropsafe import CommitOutcomeUnknown
+from dropsafe._outcome import record_commits
 from dropsafe.events import CommitResolved
-from dropsafe.outcome import record_commits
 from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from dropsafe.cli import main
+from dropsafe._cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(300)]
 

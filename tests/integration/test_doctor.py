@@ -2,7 +2,7 @@
 
 import pytest
 
-from dropsafe.cli import main
+from dropsafe._cli import main
 from dropsafe.testing import ChaosProxy
 from dropsafe.testing._server import PASSWORD_ROLE
 

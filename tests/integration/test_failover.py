@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
 import dropsafe
-from dropsafe.classify import sqlstate_of
+from dropsafe._classify import sqlstate_of
 from dropsafe.testing import PostgresServer, multi_host_url
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(150)]

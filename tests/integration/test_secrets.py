@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
 import dropsafe
-from dropsafe.cli import main as cli_main
+from dropsafe._cli import main as cli_main
 from dropsafe.events import LoggingHook
 
 pytestmark = pytest.mark.fault

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import dropsafe
 from dropsafe import Kind, Policy, RetriesExhausted
-from dropsafe.backoff import Attempts
+from dropsafe._backoff import Attempts
 from dropsafe.events import RetryScheduled, emit
 
 ERROR = ConnectionResetError(104, "reset by postgresql://app:s3cret@db/app")

@@ -1,4 +1,4 @@
-from dropsafe.bench._report import percentile, table
+from dropsafe._bench._report import percentile, table
 
 
 def test_percentile():

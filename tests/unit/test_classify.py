@@ -13,7 +13,7 @@ import pytest
 import sqlalchemy.exc
 
 from dropsafe import Kind, classify
-from dropsafe.classify import sqlstate_of
+from dropsafe._classify import sqlstate_of
 
 
 def _wrapped(orig, cls=sqlalchemy.exc.OperationalError):

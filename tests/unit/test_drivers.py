@@ -3,7 +3,7 @@
 import pytest
 
 from dropsafe import Policy
-from dropsafe.drivers import Server, _Asyncpg, _Pg8000, _Psycopg2
+from dropsafe._drivers import Server, _Asyncpg, _Pg8000, _Psycopg2
 
 LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
 

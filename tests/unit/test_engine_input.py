@@ -6,8 +6,8 @@ from sqlalchemy.engine import make_url
 
 import dropsafe
 from dropsafe import ConfigurationError, Policy
-from dropsafe.engine import guard_of
-from dropsafe.redaction import redact_text, redact_url
+from dropsafe._engine import guard_of
+from dropsafe._redaction import redact_text, redact_url
 
 URL = "postgresql+psycopg2://app:s3cret@db.invalid/app"
 

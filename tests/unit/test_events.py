@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 
 import dropsafe
 from dropsafe import ConfigurationError, Kind, Policy
+from dropsafe._prometheus import PrometheusHook
 from dropsafe.events import (
     CommitResolved,
     ConnectionInvalidated,
@@ -19,7 +20,6 @@ from dropsafe.events import (
     RetryScheduled,
     format_event,
 )
-from dropsafe.prometheus import PrometheusHook
 
 EVENTS = [
     DeadConnectionReplaced("probe found the connection dead", pool_wide=True),

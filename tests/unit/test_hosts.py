@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import sqlalchemy as sa
 
-from dropsafe.drivers import driver_for
-from dropsafe.hosts import HostOrder
+from dropsafe._drivers import driver_for
+from dropsafe._hosts import HostOrder
 
 
 def _order():

@@ -2,7 +2,7 @@
 
 import psycopg.pq
 
-from dropsafe.drivers import _LIBPQ_ENVIRONMENT, _LIBPQ_KEYS
+from dropsafe._drivers import _LIBPQ_ENVIRONMENT, _LIBPQ_KEYS
 
 
 def test_every_environment_variable_libpq_reads_for_our_keys_is_known():

@@ -7,8 +7,8 @@ import pytest
 import sqlalchemy as sa
 
 from dropsafe import Policy
-from dropsafe.drivers import _Asyncpg, _Pg8000, _Psycopg, _Psycopg2
-from dropsafe.liveness import ConnectionGuard
+from dropsafe._drivers import _Asyncpg, _Pg8000, _Psycopg, _Psycopg2
+from dropsafe._liveness import ConnectionGuard
 
 
 def _pg8000_connection():

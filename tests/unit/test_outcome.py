@@ -5,9 +5,9 @@ import time
 import pytest
 
 from dropsafe import CommitOutcomeUnknown, Policy
-from dropsafe.classify import server_refused_commit
+from dropsafe._classify import server_refused_commit
+from dropsafe._outcome import Incarnation, TransactionMark, _Answer, _Resolution
 from dropsafe.events import CommitResolved
-from dropsafe.outcome import Incarnation, TransactionMark, _Answer, _Resolution
 
 HISTORY = Incarnation("7712167652585548053", "2026-11-25 12:00:00+00")
 AFTER_CRASH = Incarnation("7712167652585548053", "2026-11-25 12:05:00+00")

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dropsafe import ConfigurationError, Policy
-from dropsafe.policy import seconds
+from dropsafe._policy import seconds
 
 
 def test_defaults_bound_a_half_open_request_within_fifteen_seconds():

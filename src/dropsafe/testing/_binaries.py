@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from dropsafe.errors import ConfigurationError
+from dropsafe._errors import ConfigurationError
 
 __all__ = ["PostgresBinaries", "find_postgres_binaries"]
 

@@ -9,7 +9,7 @@ import subprocess
 import uuid
 from typing import TYPE_CHECKING, Literal
 
-from dropsafe.errors import ConfigurationError
+from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
-from dropsafe.errors import CommitOutcomeUnknown
+from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe.events import CommitResolved, Event
 from dropsafe.testing._runtime import wait_until
 from dropsafe.testing._server import ServerError

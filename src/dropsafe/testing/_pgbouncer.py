@@ -9,7 +9,7 @@ import subprocess
 import weakref
 from typing import TYPE_CHECKING, Literal
 
-from dropsafe.errors import ConfigurationError
+from dropsafe._errors import ConfigurationError
 from dropsafe.testing._runtime import (
     Owner,
     Service,

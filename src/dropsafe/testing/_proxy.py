@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar, overload
 
 from sqlalchemy.engine import URL, make_url
 
-from dropsafe.errors import ConfigurationError
+from dropsafe._errors import ConfigurationError
 from dropsafe.testing._runtime import Service
 
 if TYPE_CHECKING:

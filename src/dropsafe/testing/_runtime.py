@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dropsafe.errors import ConfigurationError
+from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -9,7 +9,7 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Literal
 
-from dropsafe.errors import ConfigurationError, DropsafeError
+from dropsafe._errors import ConfigurationError, DropsafeError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._runtime import (
     Owner,

@@ -54,12 +54,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy import event
 
-from dropsafe.classify import classify, sqlstate_of
-from dropsafe.errors import CommitOutcomeUnknown
+from dropsafe._classify import classify, sqlstate_of
+from dropsafe._errors import CommitOutcomeUnknown
+from dropsafe._policy import Policy, seconds
+from dropsafe._redaction import describe_error
+from dropsafe._watchdog import bounded
 from dropsafe.events import CommitResolved, emit
-from dropsafe.policy import Policy, seconds
-from dropsafe.redaction import describe_error
-from dropsafe.watchdog import bounded
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

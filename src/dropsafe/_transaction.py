@@ -5,7 +5,7 @@ Connection (from an ``Engine``) inside an open transaction. dropsafe commits it.
 disconnect, transient or failover error the whole function runs again, after a backoff,
 within ``Policy.max_attempts`` runs that reached the server and an absolute
 ``Policy.deadline``; a statement is never replayed in the middle of a transaction. A COMMIT
-whose reply was lost is resolved by asking the server (see `dropsafe.outcome`), so that a
+whose reply was lost is resolved by asking the server (see `dropsafe._outcome`), so that a
 committed unit is not run again and an acknowledged one is never lost. Errors that are not
 the database's, and permanent ones, are raised unchanged after the rollback.
 
@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from dropsafe.backoff import Attempts
-from dropsafe.classify import Kind, classify
-from dropsafe.engine import guard_of, loaded_asyncio, require_asyncio
-from dropsafe.errors import CommitOutcomeUnknown, ConfigurationError
-from dropsafe.outcome import (
+from dropsafe._backoff import Attempts
+from dropsafe._classify import Kind, classify
+from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
+from dropsafe._errors import CommitOutcomeUnknown, ConfigurationError
+from dropsafe._outcome import (
     CommitRecorder,
     TransactionMark,
     learn_incarnation,
@@ -38,8 +38,8 @@ from dropsafe.outcome import (
     recording,
     resolve_commit,
 )
-from dropsafe.policy import Policy
-from dropsafe.watchdog import bounded
+from dropsafe._policy import Policy
+from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

@@ -4,7 +4,7 @@
 ``with session.begin():``. ``robust=True`` is the same app on `dropsafe.create_engine` with
 writes through `dropsafe.run_transaction`. Configured from the environment when served alone::
 
-    DATABASE_URL=postgresql+psycopg2://... DROPSAFE_ROBUST=1 python -m dropsafe.demo.blog
+    DATABASE_URL=postgresql+psycopg2://... DROPSAFE_ROBUST=1 python -m dropsafe._demo.blog
 """
 
 from __future__ import annotations

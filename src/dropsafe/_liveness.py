@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy.exc
 from sqlalchemy import event
 
-from dropsafe.classify import POOL_WIDE_SQLSTATES, READ_ONLY_SQLSTATE, Kind, classify, sqlstate_of
-from dropsafe.drivers import Driver, Health
+from dropsafe._classify import POOL_WIDE_SQLSTATES, READ_ONLY_SQLSTATE, Kind, classify, sqlstate_of
+from dropsafe._drivers import Driver, Health
+from dropsafe._hosts import HostOrder
+from dropsafe._policy import Policy, seconds
+from dropsafe._redaction import describe_error
 from dropsafe.events import ConnectionInvalidated, DeadConnectionReplaced, PingSucceeded, emit
-from dropsafe.hosts import HostOrder
-from dropsafe.policy import Policy, seconds
-from dropsafe.redaction import describe_error
 
 if TYPE_CHECKING:
     from collections.abc import Callable

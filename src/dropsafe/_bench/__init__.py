@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from dropsafe.bench._report import machine
+from dropsafe._bench._report import machine
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,8 +35,8 @@ def run(
     ``quick`` finishes in about two minutes (one short round, fewer drivers in the ledger,
     half-open capped at 15 s); the full run takes about a quarter of an hour.
     """
-    from dropsafe.bench._faults import run_half_open, run_ledger, run_recovery  # noqa: PLC0415
-    from dropsafe.bench._healthy import run_healthy  # noqa: PLC0415
+    from dropsafe._bench._faults import run_half_open, run_ledger, run_recovery  # noqa: PLC0415
+    from dropsafe._bench._healthy import run_healthy  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()

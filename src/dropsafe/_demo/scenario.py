@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from dropsafe.bench._report import machine, percentile
+from dropsafe._bench._report import machine, percentile
 from dropsafe.testing import ChaosProxy, PostgresServer
 from dropsafe.testing._runtime import free_port
 
@@ -74,7 +74,7 @@ def run_demo(
     show: Callable[[Run, float, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the demo; write results.json and timeline.png into ``out``; return the summary."""
-    from dropsafe.demo.blog import create_app, serve  # noqa: PLC0415 - needs the demo extra
+    from dropsafe._demo.blog import create_app, serve  # noqa: PLC0415 - needs the demo extra
 
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("waitress").setLevel(logging.CRITICAL)

@@ -19,12 +19,12 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 import dropsafe
-from dropsafe.classify import Kind, classify
-from dropsafe.drivers import driver_for
-from dropsafe.engine import _parse
-from dropsafe.errors import ConfigurationError
-from dropsafe.policy import Policy
-from dropsafe.redaction import redact_text, redact_url
+from dropsafe._classify import Kind, classify
+from dropsafe._drivers import driver_for
+from dropsafe._engine import _parse
+from dropsafe._errors import ConfigurationError
+from dropsafe._policy import Policy
+from dropsafe._redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
     import argparse

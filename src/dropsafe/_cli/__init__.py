@@ -7,7 +7,7 @@ import importlib.util
 import sys
 from typing import TYPE_CHECKING
 
-from dropsafe.errors import ConfigurationError, DropsafeError
+from dropsafe._errors import ConfigurationError, DropsafeError
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -42,7 +42,7 @@ def require_extra(extra: str, *modules: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dropsafe.cli import (  # noqa: PLC0415 - commands load what they need
+    from dropsafe._cli import (  # noqa: PLC0415 - commands load what they need
         bench,
         demo,
         doctor,

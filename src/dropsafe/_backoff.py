@@ -11,15 +11,15 @@ import random
 import time
 from typing import TYPE_CHECKING, Literal
 
-from dropsafe.errors import RetriesExhausted
+from dropsafe._errors import RetriesExhausted
+from dropsafe._policy import Policy, seconds
+from dropsafe._redaction import describe_error
 from dropsafe.events import RetriesGaveUp, RetryScheduled, emit
-from dropsafe.policy import Policy, seconds
-from dropsafe.redaction import describe_error
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from dropsafe.classify import Kind
+    from dropsafe._classify import Kind
 
 __all__ = ["Attempts", "test_mode"]
 

@@ -21,7 +21,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dropsafe.drivers import Driver
+    from dropsafe._drivers import Driver
 
 __all__ = ["HostOrder"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dropsafe.cli import require_extra
-from dropsafe.errors import ConfigurationError
+from dropsafe._cli import require_extra
+from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
     import argparse
@@ -34,8 +34,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks; print where the report is."""
     require_extra("all,bench", "matplotlib", "psycopg_pool")
-    from dropsafe.bench import SECTIONS  # noqa: PLC0415
-    from dropsafe.bench import run as run_benchmarks  # noqa: PLC0415
+    from dropsafe._bench import SECTIONS  # noqa: PLC0415
+    from dropsafe._bench import run as run_benchmarks  # noqa: PLC0415
 
     sections = tuple(args.only or SECTIONS)
     unknown = sorted(set(sections) - set(SECTIONS))

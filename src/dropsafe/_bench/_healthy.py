@@ -7,7 +7,7 @@ import statistics
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from dropsafe.bench._engines import (
+from dropsafe._bench._engines import (
     SCHEMA,
     Sample,
     Variant,
@@ -17,7 +17,7 @@ from dropsafe.bench._engines import (
     make_psycopg_pool,
     make_sync,
 )
-from dropsafe.bench._report import bar_plot, percentile, table
+from dropsafe._bench._report import bar_plot, percentile, table
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Union
 
-from dropsafe.errors import ConfigurationError
+from dropsafe._errors import ConfigurationError
 from dropsafe.events import LoggingHook
 
 if TYPE_CHECKING:

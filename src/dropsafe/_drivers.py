@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from sqlalchemy.engine import AdaptedConnection
 from sqlalchemy.util import concurrency as _sa_concurrency
 
-from dropsafe.errors import ConfigurationError
-from dropsafe.policy import Policy, seconds
-from dropsafe.watchdog import bounded
+from dropsafe._errors import ConfigurationError
+from dropsafe._policy import Policy, seconds
+from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable

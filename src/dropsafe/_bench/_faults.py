@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
-from dropsafe.bench._engines import SCHEMA, Variant, make_async, make_sync
-from dropsafe.bench._report import bar_plot, table
+from dropsafe._bench._engines import SCHEMA, Variant, make_async, make_sync
+from dropsafe._bench._report import bar_plot, table
 from dropsafe.testing import (
     ChaosProxy,
     PostgresServer,

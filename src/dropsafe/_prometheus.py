@@ -6,7 +6,7 @@ secret and no unbounded label set reaches the metrics.
 Example::
 
     from dropsafe.events import LoggingHook
-    from dropsafe.prometheus import PrometheusHook
+    from dropsafe._prometheus import PrometheusHook
 
     metrics = PrometheusHook()  # one per registry; share it between policies
     policy = dropsafe.Policy(hooks=(LoggingHook(), metrics))
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from dropsafe.errors import ConfigurationError
+from dropsafe._errors import ConfigurationError
 from dropsafe.events import (
     CommitResolved,
     ConnectionInvalidated,

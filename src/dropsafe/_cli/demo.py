@@ -5,13 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dropsafe.cli import require_extra
-from dropsafe.errors import ConfigurationError
+from dropsafe._cli import require_extra
+from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
     import argparse
 
-    from dropsafe.demo.scenario import Run
+    from dropsafe._demo.scenario import Run
 
 __all__ = ["register", "run"]
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console  # noqa: PLC0415
     from rich.live import Live  # noqa: PLC0415
 
-    from dropsafe.demo.scenario import run_demo  # noqa: PLC0415
+    from dropsafe._demo.scenario import run_demo  # noqa: PLC0415
 
     console = Console()
     console.print(

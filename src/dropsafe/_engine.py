@@ -11,11 +11,11 @@ import sqlalchemy
 import sqlalchemy.exc
 from sqlalchemy.engine import URL, Engine, make_url
 
-from dropsafe.drivers import SUPPORTED, driver_for, is_supported
-from dropsafe.errors import ConfigurationError
-from dropsafe.liveness import ConnectionGuard
-from dropsafe.policy import Policy
-from dropsafe.redaction import redact_url
+from dropsafe._drivers import SUPPORTED, driver_for, is_supported
+from dropsafe._errors import ConfigurationError
+from dropsafe._liveness import ConnectionGuard
+from dropsafe._policy import Policy
+from dropsafe._redaction import redact_url
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
