@@ -222,7 +222,7 @@ def check_testing(*, present: bool) -> None:
 def check_prometheus(*, present: bool) -> None:
     """Put PrometheusHook in a policy, or see it name its extra when prometheus is absent."""
     import dropsafe  # noqa: PLC0415
-    from dropsafe._prometheus import PrometheusHook  # noqa: PLC0415
+    from dropsafe.events import PrometheusHook  # noqa: PLC0415
 
     if present:
         from prometheus_client import CollectorRegistry  # noqa: PLC0415

@@ -5,29 +5,28 @@ Example::
     engine = dropsafe.create_engine("postgresql+psycopg2://app@db.example/app")
     Session = sessionmaker(engine)
     post_id = dropsafe.run_transaction(Session, lambda s: create_post(s, "hello"))
+
+Everything public is listed in ``__all__``; the modules with a leading underscore are not API.
 """
 
 from __future__ import annotations
 
 from dropsafe._backoff import test_mode
-from dropsafe._classify import Kind, classify
+from dropsafe._classify import ErrorKind, classify
 from dropsafe._engine import create_async_engine, create_engine, harden
-from dropsafe._errors import (
-    CommitOutcomeUnknown,
-    ConfigurationError,
-    DropsafeError,
-    RetriesExhausted,
-)
-from dropsafe._policy import Policy
+from dropsafe._errors import CommitOutcomeUnknown, ConfigurationError, DropsafeError
+from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
 from dropsafe._transaction import run_transaction, run_transaction_async, transactional
 
 __all__ = [
     "CommitOutcomeUnknown",
     "ConfigurationError",
+    "ConnectionPolicy",
     "DropsafeError",
-    "Kind",
+    "ErrorKind",
     "Policy",
-    "RetriesExhausted",
+    "PoolPolicy",
+    "UnitPolicy",
     "classify",
     "create_async_engine",
     "create_engine",
@@ -37,3 +36,21 @@ __all__ = [
     "test_mode",
     "transactional",
 ]
+
+# Names of dropsafe 0.1 that are gone, and what to use instead: an error that says so beats
+# an AttributeError, and beats keeping a name that no longer means what it did.
+_GONE = {
+    "RetriesExhausted": (
+        "dropsafe no longer wraps the last error: when a unit of work runs out of attempts or "
+        "time, that error itself is raised (your `except OperationalError:` catches it), with "
+        "a note and a RetriesGaveUp event saying why. See CHANGELOG.md (0.2.0)."
+    ),
+    "Kind": "dropsafe.Kind is now dropsafe.ErrorKind.",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _GONE:
+        # ImportError, not AttributeError: ``from dropsafe import X`` would replace the message.
+        raise ImportError(f"dropsafe.{name} is gone: {_GONE[name]}", name=name)
+    raise AttributeError(f"module 'dropsafe' has no attribute {name!r}")

@@ -1,27 +1,22 @@
-"""Attempts, backoff and the deadline of a unit of work: the decisions, with no I/O.
+"""How long a unit of work waits before it runs again: full-jitter backoff, and `test_mode`.
 
-`run_transaction` and `run_transaction_async` share this; they differ only in how they sleep.
+`test_mode` lives here because it is the switch on this one decision: inside it, every wait
+is zero, while attempts and deadlines still apply.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import random
-import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from dropsafe._errors import RetriesExhausted
-from dropsafe._policy import Policy, seconds
-from dropsafe._redaction import describe_error
-from dropsafe.events import RetriesGaveUp, RetryScheduled, emit
+from dropsafe._policy import UnitPolicy, seconds
 
 if TYPE_CHECKING:
+    import random
     from collections.abc import Iterator
 
-    from dropsafe._classify import Kind
-
-__all__ = ["Attempts", "test_mode"]
+__all__ = ["backoff", "test_mode"]
 
 _MAX_EXPONENT = 64  # backoff_multiplier (at most 10) ** 64 is still a finite float
 _NO_BACKOFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -48,68 +43,17 @@ def test_mode() -> Iterator[None]:
         _NO_BACKOFF.reset(token)
 
 
-class Attempts:
-    """Counts the runs of one unit of work and decides how long to wait before the next.
+def backoff(policy: UnitPolicy, failures: int, rng: random.Random) -> float:
+    """Return the wait after the ``failures``-th failure in a row (from 1), in seconds.
 
-    Only runs that reached the server count against ``Policy.max_attempts``: while the server
-    cannot be reached at all (a restart, a failover), connecting is retried with the same
-    backoff until the deadline, as psycopg_pool's ``reconnect_timeout`` does. The deadline is
-    absolute: no run starts once it has passed.
+    Full jitter: uniform in [0, min(backoff_max, backoff_initial * multiplier ** (n - 1))].
+    The exponent is capped: a long outage makes thousands of failed connects.
     """
-
-    def __init__(self, policy: Policy, *, rng: random.Random | None = None) -> None:
-        self.policy = policy
-        self.number = 1
-        self.failed_connects = 0
-        self.started = time.monotonic()
-        self.deadline = self.started + seconds(policy.deadline)
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-
-    def remaining(self) -> float:
-        """Seconds left before the deadline (never negative)."""
-        return max(0.0, self.deadline - time.monotonic())
-
-    def next_delay(self, kind: Kind, error: BaseException, *, reached_server: bool = True) -> float:
-        """Return the backoff before the next run, or raise `RetriesExhausted` from ``error``.
-
-        ``reached_server`` is False when the run failed to get a connection at all: that
-        does not use up an attempt, only time. Full jitter: uniform in
-        [0, min(backoff_max, backoff_initial * multiplier ** (n - 1))], n counting failures.
-        """
-        policy = self.policy
-        text = describe_error(error)
-        if reached_server and self.number >= policy.max_attempts:
-            self._give_up("attempts", text, error)
-        # The exponent is capped: a long outage makes thousands of failed connects.
-        growth = min(self.number + self.failed_connects - 1, _MAX_EXPONENT)
-        bound = min(
-            seconds(policy.backoff_max),
-            seconds(policy.backoff_initial) * policy.backoff_multiplier**growth,
-        )
-        delay = 0.0 if _NO_BACKOFF.get() else self._rng.uniform(0, bound)
-        if time.monotonic() + delay >= self.deadline:
-            self._give_up("deadline", text, error)
-        emit(policy.hooks, RetryScheduled(self.number, delay, kind, text))
-        if reached_server:
-            self.number += 1
-        else:
-            self.failed_connects += 1
-        return delay
-
-    def _give_up(
-        self, reason: Literal["attempts", "deadline"], text: str, error: BaseException
-    ) -> None:
-        elapsed = time.monotonic() - self.started
-        emit(self.policy.hooks, RetriesGaveUp(self.number, elapsed, reason, text))
-        runs = f"{self.number} attempt(s)"
-        if self.failed_connects:
-            runs += f" and {self.failed_connects} failed connect(s)"
-        if reason == "attempts":
-            why = f"after {runs}"
-        else:
-            deadline = seconds(self.policy.deadline)
-            why = f"at the {deadline:g}s deadline after {runs}"
-        raise RetriesExhausted(
-            f"unit of work gave up {why} in {elapsed:.2f}s; last error: {text}",
-            attempts=self.number,
-        ) from error
+    if _NO_BACKOFF.get():
+        return 0.0
+    growth = min(failures - 1, _MAX_EXPONENT)
+    bound = min(
+        seconds(policy.backoff_max),
+        seconds(policy.backoff_initial) * policy.backoff_multiplier**growth,
+    )
+    return rng.uniform(0, bound)

@@ -1,9 +1,9 @@
-"""Classify any database error into the one `Kind` that decides what happens next.
+"""Classify any database error into the one `ErrorKind` that decides what happens next.
 
 Only errors the database driver raised (psycopg2, psycopg 3, asyncpg, pg8000; raw or wrapped by
 SQLAlchemy's `DBAPIError`) can be retryable: the application's own exceptions, SQLAlchemy's own
 ("This Connection is closed", a pool timeout) and a driver's client-side misuse errors are
-`Kind.PERMANENT`, whatever their text says. Within a driver's error the evidence is read in
+`ErrorKind.PERMANENT`, whatever their text says. Within a driver's error the evidence is read in
 this order: the SQLSTATE the server reported, SQLAlchemy's own disconnect verdict, the type of
 the low-level error the driver wraps, and the message text last, only where no SQLSTATE
 exists (servers speak other languages; the text of an error with a SQLSTATE is never read).
@@ -21,10 +21,10 @@ import sqlalchemy.exc
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["Kind", "classify", "is_driver_error", "server_refused_commit", "sqlstate_of"]
+__all__ = ["ErrorKind", "classify", "is_driver_error", "server_refused_commit", "sqlstate_of"]
 
 
-class Kind(str, enum.Enum):
+class ErrorKind(str, enum.Enum):
     """What an error means for the unit of work that met it."""
 
     #: The connection is gone; the server did not report an error for the statement.
@@ -42,7 +42,7 @@ class Kind(str, enum.Enum):
     @property
     def retryable(self) -> bool:
         """Whether running the whole unit of work again may succeed."""
-        return self in (Kind.DISCONNECT, Kind.TRANSIENT, Kind.FAILOVER)
+        return self in (ErrorKind.DISCONNECT, ErrorKind.TRANSIENT, ErrorKind.FAILOVER)
 
 
 #: 25006 (read_only_sql_transaction) is a failover only when the server itself is read-only
@@ -51,23 +51,23 @@ class Kind(str, enum.Enum):
 #: the user's own read-only transaction, or a setting of the server: permanent.
 READ_ONLY_SQLSTATE = "25006"
 
-_SQLSTATE_KINDS: dict[str, Kind] = {
-    "40001": Kind.TRANSIENT,  # serialization_failure
-    "40P01": Kind.TRANSIENT,  # deadlock_detected
-    "53300": Kind.TRANSIENT,  # too_many_connections
-    "57P03": Kind.TRANSIENT,  # cannot_connect_now (starting up, shutting down, recovering)
-    "57P01": Kind.DISCONNECT,  # admin_shutdown (terminated backend, fast shutdown)
-    "57P02": Kind.FAILOVER,  # crash_shutdown (another backend crashed; the server restarts)
-    "57P04": Kind.PERMANENT,  # database_dropped: it will not come back
+_SQLSTATE_KINDS: dict[str, ErrorKind] = {
+    "40001": ErrorKind.TRANSIENT,  # serialization_failure
+    "40P01": ErrorKind.TRANSIENT,  # deadlock_detected
+    "53300": ErrorKind.TRANSIENT,  # too_many_connections
+    "57P03": ErrorKind.TRANSIENT,  # cannot_connect_now (starting up, shutting down, recovering)
+    "57P01": ErrorKind.DISCONNECT,  # admin_shutdown (terminated backend, fast shutdown)
+    "57P02": ErrorKind.FAILOVER,  # crash_shutdown (another backend crashed; the server restarts)
+    "57P04": ErrorKind.PERMANENT,  # database_dropped: it will not come back
     # The server ended an idle session; the transaction (if any) was rolled back, so running
     # the unit again on a new connection is safe.
-    "25P03": Kind.DISCONNECT,  # idle_in_transaction_session_timeout
-    "57P05": Kind.DISCONNECT,  # idle_session_timeout
-    "08000": Kind.DISCONNECT,  # connection_exception
-    "08003": Kind.DISCONNECT,  # connection_does_not_exist
-    "08006": Kind.DISCONNECT,  # connection_failure
-    "08001": Kind.FAILOVER,  # sqlclient_unable_to_establish_sqlconnection
-    "08004": Kind.FAILOVER,  # sqlserver_rejected_establishment_of_sqlconnection
+    "25P03": ErrorKind.DISCONNECT,  # idle_in_transaction_session_timeout
+    "57P05": ErrorKind.DISCONNECT,  # idle_session_timeout
+    "08000": ErrorKind.DISCONNECT,  # connection_exception
+    "08003": ErrorKind.DISCONNECT,  # connection_does_not_exist
+    "08006": ErrorKind.DISCONNECT,  # connection_failure
+    "08001": ErrorKind.FAILOVER,  # sqlclient_unable_to_establish_sqlconnection
+    "08004": ErrorKind.FAILOVER,  # sqlserver_rejected_establishment_of_sqlconnection
 }
 
 # SQLSTATEs after which every pooled connection is suspect, not only the one that saw it.
@@ -87,8 +87,8 @@ _LOW_LEVEL = (OSError, EOFError, asyncio.TimeoutError)
 # number of arguments, another operation in progress) or a connection already closed, which
 # SQLAlchemy's is_disconnect reports.
 _CLIENT_ERROR_KINDS = {
-    ("asyncpg", "TargetServerAttributeNotMatched"): Kind.FAILOVER,
-    ("psycopg", "ConnectionTimeout"): Kind.FAILOVER,  # connect_timeout expired
+    ("asyncpg", "TargetServerAttributeNotMatched"): ErrorKind.FAILOVER,
+    ("psycopg", "ConnectionTimeout"): ErrorKind.FAILOVER,  # connect_timeout expired
 }
 _DISCONNECT_MESSAGES = (
     "server closed the connection unexpectedly",
@@ -140,20 +140,20 @@ _TRANSIENT_MESSAGES = (
 )
 
 
-def classify(exc: BaseException, *, during_commit: bool = False) -> Kind:
-    """Return the `Kind` of ``exc``; with ``during_commit``, a lost connection is ambiguous.
+def classify(exc: BaseException, *, during_commit: bool = False) -> ErrorKind:
+    """Return the `ErrorKind` of ``exc``; with ``during_commit``, a lost connection is ambiguous.
 
     Example::
 
         try:
             session.commit()
         except Exception as exc:
-            if dropsafe.classify(exc, during_commit=True) is Kind.COMMIT_UNKNOWN: ...
+            if dropsafe.classify(exc, during_commit=True) is ErrorKind.COMMIT_UNKNOWN: ...
     """
     if during_commit and is_driver_error(exc) and not server_refused_commit(exc):
         # Only PostgreSQL's own refusal proves that nothing was committed; after anything
         # else (a lost connection, a pooler's error) the COMMIT may have taken effect.
-        return Kind.COMMIT_UNKNOWN
+        return ErrorKind.COMMIT_UNKNOWN
     return _classify(exc)
 
 
@@ -201,9 +201,9 @@ def _raised_inside_driver(exc: BaseException) -> bool:
     return False
 
 
-def _classify(exc: BaseException) -> Kind:
+def _classify(exc: BaseException) -> ErrorKind:
     if not is_driver_error(exc):
-        return Kind.PERMANENT
+        return ErrorKind.PERMANENT
     # SQLAlchemy's verdict (its dialect's is_disconnect, possibly revised by handle_error).
     invalidated = isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
     evidence = list(_chain(exc))
@@ -215,34 +215,34 @@ def _classify(exc: BaseException) -> Kind:
         if kind is not None:
             return kind
     if invalidated:
-        return Kind.DISCONNECT
+        return ErrorKind.DISCONNECT
     text = " ".join(str(error) for error in evidence).lower()
     for messages, kind in (
-        (_TRANSIENT_MESSAGES, Kind.TRANSIENT),
-        (_FAILOVER_MESSAGES, Kind.FAILOVER),
-        (_DISCONNECT_MESSAGES, Kind.DISCONNECT),
+        (_TRANSIENT_MESSAGES, ErrorKind.TRANSIENT),
+        (_FAILOVER_MESSAGES, ErrorKind.FAILOVER),
+        (_DISCONNECT_MESSAGES, ErrorKind.DISCONNECT),
     ):
         if any(message in text for message in messages):
             return kind
-    return Kind.PERMANENT
+    return ErrorKind.PERMANENT
 
 
-def _kind_by_sqlstate(state: str, *, invalidated: bool) -> Kind:
+def _kind_by_sqlstate(state: str, *, invalidated: bool) -> ErrorKind:
     if state == READ_ONLY_SQLSTATE:
-        return Kind.FAILOVER if invalidated else Kind.PERMANENT
+        return ErrorKind.FAILOVER if invalidated else ErrorKind.PERMANENT
     if state in _SQLSTATE_KINDS:
         return _SQLSTATE_KINDS[state]
-    return Kind.DISCONNECT if state.startswith("08") else Kind.PERMANENT
+    return ErrorKind.DISCONNECT if state.startswith("08") else ErrorKind.PERMANENT
 
 
-def _kind_by_type(error: BaseException) -> Kind | None:
+def _kind_by_type(error: BaseException) -> ErrorKind | None:
     # Low-level errors a driver wraps (or let through, raised inside it).
     if isinstance(error, ConnectionRefusedError):
-        return Kind.FAILOVER
+        return ErrorKind.FAILOVER
     if isinstance(
         error, (ConnectionError, ssl.SSLEOFError, TimeoutError, asyncio.TimeoutError, EOFError)
     ):
-        return Kind.DISCONNECT
+        return ErrorKind.DISCONNECT
     package = type(error).__module__.partition(".")[0]
     return _CLIENT_ERROR_KINDS.get((package, type(error).__name__))
 

@@ -20,7 +20,7 @@ from sqlalchemy.engine import AdaptedConnection
 from sqlalchemy.util import concurrency as _sa_concurrency
 
 from dropsafe._errors import ConfigurationError
-from dropsafe._policy import Policy, seconds
+from dropsafe._policy import ConnectionPolicy, seconds
 from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
@@ -84,13 +84,13 @@ class Driver:
     name: ClassVar[str]
 
     def connect_defaults(
-        self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
+        self, policy: ConnectionPolicy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
         """Add dropsafe's connect arguments where the user set none; return the keys added."""
         del policy, cargs, cparams
         return set()
 
-    def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401 - DBAPI connections are untyped
+    def on_connect(self, dbapi_connection: Any, policy: ConnectionPolicy, added: set[str]) -> None:  # noqa: ANN401 - DBAPI connections are untyped
         """Tune a new connection (socket options the driver has no argument for)."""
 
     def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
@@ -161,7 +161,7 @@ class _Libpq(Driver):
         return None if not host or host.startswith("/") else Server(str(host), int(port))
 
     def connect_defaults(
-        self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
+        self, policy: ConnectionPolicy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
         texts = [text for text in [*cargs, cparams.get("dsn"), cparams.get("conninfo")] if text]
         in_dsn = {
@@ -261,14 +261,14 @@ class _Asyncpg(Driver):
         )
 
     def connect_defaults(
-        self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
+        self, policy: ConnectionPolicy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
         del cargs
         # One budget for all hosts in turn (libpq gives each host its own): a vanished first
         # host eats it all, so after a failed attempt the guard starts from the next host.
         return _timeout_argument(cparams, policy)
 
-    def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401
+    def on_connect(self, dbapi_connection: Any, policy: ConnectionPolicy, added: set[str]) -> None:  # noqa: ANN401
         del added
         sock = dbapi_connection._connection._transport.get_extra_info("socket")  # noqa: SLF001
         if sock is not None:
@@ -324,13 +324,13 @@ class _Pg8000(Driver):
         return _is_instance(dbapi_connection, "pg8000.core", "CoreConnection")
 
     def connect_defaults(
-        self, policy: Policy, cargs: list[Any], cparams: dict[str, Any]
+        self, policy: ConnectionPolicy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
         del cargs
         # pg8000's timeout also bounds every later read: on_connect lifts it after connecting.
         return _timeout_argument(cparams, policy)
 
-    def on_connect(self, dbapi_connection: Any, policy: Policy, added: set[str]) -> None:  # noqa: ANN401
+    def on_connect(self, dbapi_connection: Any, policy: ConnectionPolicy, added: set[str]) -> None:  # noqa: ANN401
         sock = dbapi_connection._usock  # noqa: SLF001
         tune_socket(sock, policy)
         if "timeout" in added:
@@ -436,7 +436,7 @@ def _read_service(path: Path, service: str) -> list[str] | None:
     return keys
 
 
-def _timeout_argument(cparams: dict[str, Any], policy: Policy) -> set[str]:
+def _timeout_argument(cparams: dict[str, Any], policy: ConnectionPolicy) -> set[str]:
     """Set the driver's ``timeout`` argument to the connect timeout, unless the user set it."""
     if "timeout" in cparams:
         return set()
@@ -444,7 +444,7 @@ def _timeout_argument(cparams: dict[str, Any], policy: Policy) -> set[str]:
     return {"timeout"}
 
 
-def tune_socket(sock: socket.socket, policy: Policy) -> None:
+def tune_socket(sock: socket.socket, policy: ConnectionPolicy) -> None:
     """Set keepalives and TCP_USER_TIMEOUT on a TCP socket (a Unix socket needs none)."""
     if sock.family not in (socket.AF_INET, socket.AF_INET6):
         return

@@ -4,10 +4,10 @@
 
     DropsafeError
       + ConfigurationError      (bad URL, bad policy value, unsupported driver, missing binaries)
-      + RetriesExhausted        (carries the attempts made; the last error is chained)
       + CommitOutcomeUnknown    (the COMMIT may or may not have happened)
 
-Errors from the database that dropsafe does not handle are raised unchanged.
+Errors from the database that dropsafe does not handle are raised unchanged, and so is the
+last error of a unit of work that ran out of attempts or time (see `dropsafe._unit`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ __all__ = [
     "CommitOutcomeUnknown",
     "ConfigurationError",
     "DropsafeError",
-    "RetriesExhausted",
 ]
 
 
@@ -30,16 +29,6 @@ class ConfigurationError(DropsafeError, ValueError):
     """A value given to dropsafe cannot work: raised at the call, before anything runs."""
 
     __module__ = "dropsafe"
-
-
-class RetriesExhausted(DropsafeError):
-    """A unit of work failed on every attempt; ``__cause__`` is the last error."""
-
-    __module__ = "dropsafe"
-
-    def __init__(self, message: str, *, attempts: int) -> None:
-        super().__init__(message)
-        self.attempts = attempts
 
 
 class CommitOutcomeUnknown(DropsafeError):

@@ -31,12 +31,19 @@ from typing import TYPE_CHECKING, Any, Literal
 import sqlalchemy.exc
 from sqlalchemy import event
 
-from dropsafe._classify import POOL_WIDE_SQLSTATES, READ_ONLY_SQLSTATE, Kind, classify, sqlstate_of
+from dropsafe._classify import (
+    POOL_WIDE_SQLSTATES,
+    READ_ONLY_SQLSTATE,
+    ErrorKind,
+    classify,
+    sqlstate_of,
+)
 from dropsafe._drivers import Driver, Health
+from dropsafe._hooks import emit
 from dropsafe._hosts import HostOrder
 from dropsafe._policy import Policy, seconds
 from dropsafe._redaction import describe_error
-from dropsafe.events import ConnectionInvalidated, DeadConnectionReplaced, PingSucceeded, emit
+from dropsafe.events import ConnectionInvalidated, DeadConnectionReplaced, PingSucceeded
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -70,8 +77,8 @@ class ConnectionGuard:
         self.policy = policy
         self.driver = driver
         self._dialect = dialect
-        self._ping_after_idle = seconds(policy.ping_after_idle)
-        self._ping_timeout = seconds(policy.ping_timeout)
+        self._ping_after_idle = seconds(policy.pool.ping_after_idle)
+        self._ping_timeout = seconds(policy.pool.ping_timeout)
         # Weakly keyed on the pool entry: an entry the pool drops (dispose(close=False), a
         # collected pool) takes its state along, and its connection is closed as without us.
         self._states: weakref.WeakKeyDictionary[ConnectionPoolEntry, _EntryState] = (
@@ -134,7 +141,7 @@ class ConnectionGuard:
         cparams: dict[str, Any],
     ) -> None:
         del dialect
-        added = self.driver.connect_defaults(self.policy, cargs, cparams)
+        added = self.driver.connect_defaults(self.policy.connection, cargs, cparams)
         # No entry when the pool's creator is called directly: no pool event follows either.
         if entry is not None:
             self._remember(self._added, entry, added)
@@ -149,7 +156,7 @@ class ConnectionGuard:
             self._opaque = True
         else:
             try:
-                self.driver.on_connect(native, self.policy, added)
+                self.driver.on_connect(native, self.policy.connection, added)
             except OSError as exc:
                 # Keepalives are a safety net: a socket that refuses them still works.
                 logger.warning("dropsafe could not tune a new connection's socket: %s", exc)
@@ -305,13 +312,13 @@ class ConnectionGuard:
             self._host_order.connect_failed()
         kind = classify(context.original_exception)
         if self._turned_standby(context):
-            kind = Kind.FAILOVER  # classify() then sees connection_invalidated: a failover too
-        if kind in (Kind.DISCONNECT, Kind.FAILOVER) and not context.is_disconnect:
+            kind = ErrorKind.FAILOVER  # classify() then sees connection_invalidated: a failover too
+        if kind in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER) and not context.is_disconnect:
             context.is_disconnect = True
         if context.is_disconnect:
             # SQLAlchemy recycles the whole pool on any disconnect; recycle only what is dead.
             pool_wide = (
-                kind is Kind.FAILOVER
+                kind is ErrorKind.FAILOVER
                 or sqlstate_of(context.original_exception) in POOL_WIDE_SQLSTATES
                 or self._other_idle_connections_dead()
             )

@@ -1,12 +1,26 @@
-"""Policy: every knob of dropsafe in one frozen, validated value, with defaults for a WAN."""
+"""Settings per layer: each knob lives in the layer that applies it, with defaults for a WAN.
+
+dropsafe acts at three places, and a knob means something at one of them only:
+
+- `ConnectionPolicy`: when a connection is opened (connect timeout, TCP keepalives,
+  ``tcp_user_timeout``). The driver's connect arguments and socket options.
+- `PoolPolicy`: when a pooled connection is checked out (the free look, the ping after idle).
+- `UnitPolicy`: when `run_transaction` runs a unit of work (attempts, backoff, deadline,
+  commit verification).
+
+An engine carries a `Policy`: one of each, plus the hooks that receive its events. A unit of
+work takes the engine's `UnitPolicy` and may override what it owns (``deadline=``,
+``max_attempts=``, or a whole ``policy=UnitPolicy(...)``); it cannot change how connections are
+opened or checked, because those belong to the engine.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.events import LoggingHook
@@ -14,7 +28,7 @@ from dropsafe.events import LoggingHook
 if TYPE_CHECKING:
     from dropsafe.events import Hook
 
-__all__ = ["Duration", "Policy", "seconds"]
+__all__ = ["ConnectionPolicy", "Duration", "Policy", "PoolPolicy", "UnitPolicy", "seconds"]
 
 Duration = Union[float, timedelta]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
 
@@ -24,40 +38,59 @@ def seconds(value: Duration) -> float:
     return value.total_seconds() if isinstance(value, timedelta) else float(value)
 
 
-# (minimum, maximum) for each numeric field; durations in seconds.
-_RANGES: dict[str, tuple[float, float]] = {
-    "connect_timeout": (1, 600),
-    "tcp_user_timeout": (0.1, 3600),
-    "keepalive_idle": (1, 7200),
-    "keepalive_interval": (1, 600),
-    "keepalive_count": (1, 100),
-    "ping_after_idle": (0, 86400),
-    "ping_timeout": (0.05, 300),
-    "max_attempts": (1, 1000),
-    "backoff_initial": (0, 60),
-    "backoff_max": (0, 600),
-    "backoff_multiplier": (1, 10),
-    "deadline": (0.01, 86400),
-    "commit_status_timeout": (0, 600),
-}
-_INTEGERS = frozenset({"keepalive_count", "max_attempts"})
-_OPTIONAL = frozenset({"tcp_user_timeout", "keepalive_idle"})
+class _Validated:
+    """Checks every field against its (minimum, maximum) when the value is made.
+
+    A bad value raises `ConfigurationError` naming the class, the field and its allowed range,
+    at the call that made it. Durations are stored as seconds.
+    """
+
+    _RANGES: ClassVar[dict[str, tuple[float, float]]] = {}
+    _INTEGERS: ClassVar[frozenset[str]] = frozenset()
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset()  # None is allowed (and means "off")
+    _BOOLEANS: ClassVar[frozenset[str]] = frozenset()
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for each in dataclasses.fields(self):  # type: ignore[arg-type]
+            name = each.name
+            value = getattr(self, name)
+            if name in self._BOOLEANS:
+                if not isinstance(value, bool):
+                    raise ConfigurationError(f"{owner}.{name} must be a bool: {value!r}")
+                continue
+            if value is None and name in self._OPTIONAL:
+                continue
+            low, high = self._RANGES[name]
+            number = _number(f"{owner}.{name}", value, integer=name in self._INTEGERS)
+            if not low <= number <= high:
+                raise ConfigurationError(
+                    f"{owner}.{name} must be within {low:g}..{high:g}: {value!r}"
+                )
+            object.__setattr__(self, name, number)
 
 
 @dataclass(frozen=True)
-class Policy:
-    """How dropsafe guards an engine and retries units of work.
+class ConnectionPolicy(_Validated):
+    """How a connection is opened: applied as the driver's connect arguments and socket options.
 
-    The defaults suit an application talking to a managed PostgreSQL across a WAN: a dead
-    peer is noticed within about ``tcp_user_timeout`` (10 s) even mid-query, and an idle
-    connection is kept alive through NAT and load balancers by keepalives every 10 s.
-    Durations take seconds (``float``) or ``timedelta`` and are stored as seconds. A bad
-    value raises `ConfigurationError` naming the field and its allowed range.
+    The defaults notice a dead peer within about 10 s even in the middle of a query, and keep
+    an idle connection alive through NAT and load balancers with a keepalive every 10 s.
 
     Example::
 
-        dropsafe.create_engine(url, policy=dropsafe.Policy(tcp_user_timeout=5, max_attempts=3))
+        dropsafe.Policy(connection=dropsafe.ConnectionPolicy(tcp_user_timeout=5))
     """
+
+    _RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "connect_timeout": (1, 600),
+        "tcp_user_timeout": (0.1, 3600),
+        "keepalive_idle": (1, 7200),
+        "keepalive_interval": (1, 600),
+        "keepalive_count": (1, 100),
+    }
+    _INTEGERS: ClassVar[frozenset[str]] = frozenset({"keepalive_count"})
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"tcp_user_timeout", "keepalive_idle"})
 
     #: Time allowed to open a connection (libpq ``connect_timeout``, asyncpg ``timeout``).
     connect_timeout: Duration = 5.0
@@ -70,67 +103,140 @@ class Policy:
     keepalive_interval: Duration = 5.0
     #: Unanswered probes before the connection is declared dead.
     keepalive_count: int = 3
+
+
+@dataclass(frozen=True)
+class PoolPolicy(_Validated):
+    """How a pooled connection is checked out: a free look at its socket, a ping after idle.
+
+    Example::
+
+        dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=60))
+    """
+
+    _RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "ping_after_idle": (0, 86400),
+        "ping_timeout": (0.05, 300),
+    }
+
     #: A connection idle longer than this is pinged at checkout (a round trip);
     #: a busier one is checked by looking at its socket only, which costs nothing.
     ping_after_idle: Duration = 30.0
     #: Bound on a checkout ping.
     ping_timeout: Duration = 5.0
-    #: Attempts of a unit of work in `run_transaction`, the first one included.
+
+
+@dataclass(frozen=True)
+class UnitPolicy(_Validated):
+    """How `run_transaction` runs a unit of work: attempts, backoff, deadline, verified COMMITs.
+
+    Example::
+
+        dropsafe.run_transaction(Session, fn, policy=dropsafe.UnitPolicy(max_attempts=3))
+    """
+
+    _RANGES: ClassVar[dict[str, tuple[float, float]]] = {
+        "max_attempts": (1, 1000),
+        "backoff_initial": (0, 60),
+        "backoff_max": (0, 600),
+        "backoff_multiplier": (1, 10),
+        "deadline": (0.01, 86400),
+        "commit_status_timeout": (0, 600),
+    }
+    _INTEGERS: ClassVar[frozenset[str]] = frozenset({"max_attempts"})
+    _BOOLEANS: ClassVar[frozenset[str]] = frozenset({"verify_commits"})
+
+    #: Runs of the unit that reached the server, the first one included. Failed connects do
+    #: not count: an unreachable server is waited for until the deadline.
     max_attempts: int = 5
     #: First backoff before a retry; later ones grow by ``backoff_multiplier`` up to
     #: ``backoff_max``, each drawn uniformly below that bound (full jitter).
     backoff_initial: Duration = 0.05
     backoff_max: Duration = 1.0
     backoff_multiplier: float = 2.0
-    #: Absolute bound on a unit of work, retries and backoff included.
+    #: Absolute bound on a unit of work: connects, runs, backoff and commit resolution.
     deadline: Duration = 30.0
     #: Resolve a COMMIT whose reply was lost by asking the server (write transactions only).
     verify_commits: bool = True
     #: How long to keep asking while the server reports the transaction "in progress".
     commit_status_timeout: Duration = 10.0
-    #: Callables that receive every `dropsafe.events.Event` of engines and units of work
-    #: using this policy; by default a `dropsafe.events.LoggingHook`. Pass your own tuple to
-    #: replace it (keep ``LoggingHook()`` in it to keep the log lines).
-    hooks: tuple[Hook, ...] = (LoggingHook(),)
 
     def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.name == "hooks":
-                _check_hooks(value)
-                continue
-            if field.name == "verify_commits":
-                if not isinstance(value, bool):
-                    raise ConfigurationError(f"Policy.verify_commits must be a bool: {value!r}")
-                continue
-            if value is None and field.name in _OPTIONAL:
-                continue
-            low, high = _RANGES[field.name]
-            number = _number(field.name, value, integer=field.name in _INTEGERS)
-            if not low <= number <= high:
-                raise ConfigurationError(
-                    f"Policy.{field.name} must be within {low:g}..{high:g}: {value!r}"
-                )
-            object.__setattr__(self, field.name, number)
+        super().__post_init__()
         if seconds(self.backoff_max) < seconds(self.backoff_initial):
             raise ConfigurationError(
-                "Policy.backoff_max must be >= backoff_initial: "
+                "UnitPolicy.backoff_max must be >= backoff_initial: "
                 f"{self.backoff_max!r} < {self.backoff_initial!r}"
             )
 
 
-def _check_hooks(hooks: object) -> None:
-    if not isinstance(hooks, tuple) or not all(callable(hook) for hook in hooks):
-        raise ConfigurationError(f"Policy.hooks must be a tuple of callables: {hooks!r}")
+# Where each knob of the flat Policy of dropsafe 0.1 went, for a helpful error.
+_LAYER_OF = {
+    **dict.fromkeys(ConnectionPolicy._RANGES, "connection=ConnectionPolicy"),  # noqa: SLF001
+    **dict.fromkeys(PoolPolicy._RANGES, "pool=PoolPolicy"),  # noqa: SLF001
+    **dict.fromkeys((*UnitPolicy._RANGES, "verify_commits"), "unit=UnitPolicy"),  # noqa: SLF001
+}
+
+
+@dataclass(frozen=True, init=False)
+class Policy:
+    """What an engine does at each layer, and who hears about it.
+
+    Example::
+
+        engine = dropsafe.create_engine(url, policy=dropsafe.Policy(
+            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=5),
+            unit=dropsafe.UnitPolicy(deadline=10),
+        ))
+    """
+
+    #: Applied when a connection is opened.
+    connection: ConnectionPolicy = field(default_factory=ConnectionPolicy)
+    #: Applied when a pooled connection is checked out.
+    pool: PoolPolicy = field(default_factory=PoolPolicy)
+    #: The default for units of work on this engine; each unit may override it.
+    unit: UnitPolicy = field(default_factory=UnitPolicy)
+    #: Callables that receive every `dropsafe.events.Event` of the engine and of its units of
+    #: work; by default a `dropsafe.events.LoggingHook`. Pass your own tuple to replace it
+    #: (keep ``LoggingHook()`` in it to keep the log lines).
+    hooks: tuple[Hook, ...] = (LoggingHook(),)
+
+    def __init__(
+        self,
+        connection: ConnectionPolicy | None = None,
+        pool: PoolPolicy | None = None,
+        unit: UnitPolicy | None = None,
+        hooks: tuple[Hook, ...] = (LoggingHook(),),
+        **misplaced: Any,  # noqa: ANN401 - only to name where a knob went
+    ) -> None:
+        if misplaced:
+            name = min(misplaced)
+            where = _LAYER_OF.get(name)
+            if where is None:
+                raise ConfigurationError(f"Policy has no setting {name!r}")
+            raise ConfigurationError(
+                f"{name} belongs to a layer: Policy({where}({name}=...)); see docs/settings.md"
+            )
+        for name, value, kind in (
+            ("connection", connection, ConnectionPolicy),
+            ("pool", pool, PoolPolicy),
+            ("unit", unit, UnitPolicy),
+        ):
+            if value is not None and not isinstance(value, kind):
+                raise ConfigurationError(f"Policy.{name} must be a {kind.__name__}: {value!r}")
+            object.__setattr__(self, name, kind() if value is None else value)
+        if not isinstance(hooks, tuple) or not all(callable(hook) for hook in hooks):
+            raise ConfigurationError(f"Policy.hooks must be a tuple of callables: {hooks!r}")
+        object.__setattr__(self, "hooks", hooks)
 
 
 def _number(name: str, value: object, *, integer: bool) -> float:
     kind = "an int" if integer else "a number of seconds or a timedelta"
     if isinstance(value, bool) or not isinstance(value, (int, float, timedelta)):
-        raise ConfigurationError(f"Policy.{name} must be {kind}: {value!r}")
+        raise ConfigurationError(f"{name} must be {kind}: {value!r}")
     if integer and not isinstance(value, int):
-        raise ConfigurationError(f"Policy.{name} must be {kind}: {value!r}")
+        raise ConfigurationError(f"{name} must be {kind}: {value!r}")
     number = seconds(value) if isinstance(value, timedelta) else value
     if not math.isfinite(number):
-        raise ConfigurationError(f"Policy.{name} must be finite: {value!r}")
+        raise ConfigurationError(f"{name} must be finite: {value!r}")
     return number if integer else float(number)

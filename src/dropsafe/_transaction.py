@@ -3,46 +3,51 @@
 A unit of work is a function that receives a Session (from a ``sessionmaker``) or a
 Connection (from an ``Engine``) inside an open transaction. dropsafe commits it. On a
 disconnect, transient or failover error the whole function runs again, after a backoff,
-within ``Policy.max_attempts`` runs that reached the server and an absolute
-``Policy.deadline``; a statement is never replayed in the middle of a transaction. A COMMIT
-whose reply was lost is resolved by asking the server (see `dropsafe._outcome`), so that a
+within ``UnitPolicy.max_attempts`` runs that reached the server and an absolute
+``UnitPolicy.deadline``; a statement is never replayed in the middle of a transaction. A COMMIT
+whose reply was lost is resolved by asking the server (see `dropsafe._resolution`), so that a
 committed unit is not run again and an acknowledged one is never lost. Errors that are not
 the database's, and permanent ones, are raised unchanged after the rollback.
 
-The sync and async faces share every decision (`_decide`, `Attempts`, the resolution, which
-runs as sync code in SQLAlchemy's greenlet for async engines) and differ only where they await.
+Every decision is made once, in `dropsafe._unit`; this module only performs its steps: the
+sync face and the async face below differ only where they await. The resolution runs as sync
+code for both (in SQLAlchemy's greenlet for async engines).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
+import dataclasses
 import functools
 import inspect
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from dropsafe._backoff import Attempts
-from dropsafe._classify import Kind, classify
 from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
-from dropsafe._errors import CommitOutcomeUnknown, ConfigurationError
-from dropsafe._outcome import (
-    CommitRecorder,
-    TransactionMark,
-    learn_incarnation,
-    record_commits,
-    recording,
-    resolve_commit,
+from dropsafe._errors import ConfigurationError
+from dropsafe._policy import Duration, Policy, UnitPolicy
+from dropsafe._recording import CommitRecorder, record_commits, recording
+from dropsafe._resolution import resolve_commit
+from dropsafe._server_life import learn_server_life
+from dropsafe._unit import (
+    CommitFailed,
+    Committed,
+    Failed,
+    Reply,
+    Report,
+    Resolve,
+    Run,
+    unit_of_work,
 )
-from dropsafe._policy import Policy
 from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
     from sqlalchemy.ext.asyncio import (
         AsyncConnection,
@@ -51,85 +56,12 @@ if TYPE_CHECKING:
         async_sessionmaker,
     )
 
+    from dropsafe.events import Hook
+
 __all__ = ["run_transaction", "run_transaction_async", "transactional"]
 
 _T = TypeVar("_T")
 _IN_UNIT: contextvars.ContextVar[bool] = contextvars.ContextVar("dropsafe_in_unit", default=False)
-
-
-@dataclass
-class _Committed(Generic[_T]):
-    result: _T
-
-
-@dataclass
-class _Failed:
-    """The run failed before its COMMIT was sent (``reached_server``: it got a connection)."""
-
-    error: Exception
-    reached_server: bool
-
-
-@dataclass
-class _CommitFailed(Generic[_T]):
-    """COMMIT raised: what ``fn`` returned, the error, and what the recorder saw."""
-
-    result: _T
-    error: Exception
-    mark: TransactionMark | None
-    commits_sent: int
-
-
-@dataclass(frozen=True)
-class _Retry:
-    kind: Kind
-    error: Exception
-    reached_server: bool = True
-
-
-@dataclass(frozen=True)
-class _Resolve:
-    """Ask the server whether the transaction committed before deciding anything else."""
-
-    mark: TransactionMark
-    error: Exception
-    result: Any  # what the unit returned, if the COMMIT turns out to have happened
-
-
-def _decide(step: _Failed | _CommitFailed[Any], policy: Policy) -> _Retry | _Resolve:
-    """Decide what follows a failed run; raise the error (or ours) when nothing may follow."""
-    if isinstance(step, _Failed):
-        return _Retry(_retry_kind(step.error), step.error, step.reached_server)
-    error = step.error
-    if classify(error, during_commit=True) is not Kind.COMMIT_UNKNOWN:
-        # PostgreSQL refused the COMMIT (nothing committed), or the error is not the
-        # database's at all (the app's own listener): retried or raised like any other.
-        return _Retry(_retry_kind(error), error)
-    if not policy.verify_commits:
-        raise CommitOutcomeUnknown(
-            "the connection failed during COMMIT and Policy.verify_commits is off, "
-            "so its outcome was not recorded",
-            xid=None,
-            reason="verify_commits is off",
-        ) from error
-    if step.commits_sent > 1:
-        raise CommitOutcomeUnknown(
-            "the connection failed during a COMMIT of a unit of work that committed on more "
-            "than one connection; a partial commit cannot be retried whole",
-            xid=None if step.mark is None else step.mark.xid,
-            reason="more than one connection committed",
-        ) from error
-    if step.mark is None:
-        return _Retry(Kind.DISCONNECT, error)  # it wrote nothing: running it again is harmless
-    return _Resolve(step.mark, error, step.result)
-
-
-def _retry_kind(error: Exception) -> Kind:
-    """Return the kind of a retryable error; raise ``error`` unchanged when it is not."""
-    kind = classify(error)
-    if not kind.retryable:
-        raise error
-    return kind
 
 
 # -- sync ------------------------------------------------------------------------------------
@@ -137,17 +69,29 @@ def _retry_kind(error: Exception) -> Kind:
 
 @overload
 def run_transaction(
-    bind: sessionmaker[Session], fn: Callable[[Session], _T], *, policy: Policy | None = None
+    bind: sessionmaker[Session],
+    fn: Callable[[Session], _T],
+    *,
+    policy: UnitPolicy | None = None,
+    deadline: Duration | None = None,
+    max_attempts: int | None = None,
 ) -> _T: ...
 @overload
 def run_transaction(
-    bind: sa.Engine, fn: Callable[[sa.Connection], _T], *, policy: Policy | None = None
+    bind: sa.Engine,
+    fn: Callable[[sa.Connection], _T],
+    *,
+    policy: UnitPolicy | None = None,
+    deadline: Duration | None = None,
+    max_attempts: int | None = None,
 ) -> _T: ...
 def run_transaction(
     bind: sessionmaker[Session] | sa.Engine,
     fn: Callable[[Any], _T],
     *,
-    policy: Policy | None = None,
+    policy: UnitPolicy | None = None,
+    deadline: Duration | None = None,
+    max_attempts: int | None = None,
 ) -> _T:
     """Run ``fn`` in a transaction and commit it, retrying the whole unit on retryable errors.
 
@@ -155,82 +99,81 @@ def run_transaction(
     Connection). ``fn`` must not commit or roll back itself, and should return plain values
     (ids, not ORM objects: the session is closed when this returns).
 
+    The unit follows its engine's ``Policy.unit``; ``deadline`` and ``max_attempts`` override
+    those two knobs for this call, ``policy`` replaces the whole `UnitPolicy`. When the
+    attempts or the deadline run out, the last error itself is raised.
+
     Example::
 
         post_id = dropsafe.run_transaction(Session, lambda s: create_post(s, "hello"))
     """
     engine = _sync_engine_of(bind)
     _check_unit(fn, want_async=False)
-    policy = _policy_for(policy, engine)
+    unit, hooks = _settings(engine, policy, deadline, max_attempts)
     record_commits(engine)
-    attempts = Attempts(policy)
+    core = unit_of_work(unit, hooks)
+    reply: Reply = None
     while True:
-        with recording(take_marks=policy.verify_commits) as recorder:
-            step = _attempt(bind, fn, recorder, attempts.deadline, learn=policy.verify_commits)
-        if isinstance(step, _Committed):
-            return step.result
-        decision = _decide(step, policy)
-        if isinstance(decision, _Resolve):
-            outcome = resolve_commit(
-                engine, decision.mark, policy, decision.error, deadline=attempts.deadline
+        try:
+            step = core.send(reply)
+        except StopIteration as done:
+            return cast("_T", done.value)
+        if isinstance(step, Run):
+            reply = _run_once(bind, fn, step)
+        elif isinstance(step, Resolve):
+            reply = resolve_commit(
+                engine,
+                step.pending,
+                step.error,
+                timeout=step.timeout,
+                deadline=step.deadline,
+                hooks=hooks,
             )
-            if outcome == "committed":
-                return decision.result  # type: ignore[no-any-return]
-            decision = _Retry(Kind.DISCONNECT, decision.error)  # aborted: nothing was written
-        time.sleep(
-            attempts.next_delay(
-                decision.kind, decision.error, reached_server=decision.reached_server
-            )
-        )
+        else:
+            time.sleep(step.seconds)
+            reply = None
 
 
-def _attempt(
-    bind: sessionmaker[Session] | sa.Engine,
-    fn: Callable[[Any], _T],
-    recorder: CommitRecorder,
-    deadline: float,
-    *,
-    learn: bool,
-) -> _Committed[_T] | _CommitFailed[_T] | _Failed:
+def _run_once(
+    bind: sessionmaker[Session] | sa.Engine, fn: Callable[[Any], _T], step: Run
+) -> Report:
+    """Run ``fn`` once in a new transaction and commit it; report what happened."""
     token = _IN_UNIT.set(True)
     reached_server = False
     try:
-        if isinstance(bind, sa.Engine):
-            with bind.connect() as handle:
-                if learn:
-                    learn_incarnation(handle)
-                reached_server = True
-                handle.begin()
-                with bounded(handle.connection.dbapi_connection, deadline):
-                    return _run_and_commit(fn, handle, recorder)
-        with bind() as session:
-            session.begin()
-            # Connect now: a failure here never reached the server.
-            connection = session.connection()
-            if learn:
-                learn_incarnation(connection)
+        with recording(read_xid=step.verify_commits) as recorder, _begun(bind) as begun:
+            handle, connection = begun  # connected: a failure before here never reached it
+            if step.verify_commits:
+                learn_server_life(connection)
             reached_server = True
-            with bounded(connection.connection.dbapi_connection, deadline):
-                return _run_and_commit(fn, session, recorder)
-    except Exception as exc:  # noqa: BLE001 - decided by _decide, which re-raises the rest
-        return _Failed(exc, reached_server)
+            with bounded(connection.connection.dbapi_connection, step.deadline):
+                result = _call_sync(fn, handle)
+                _check_still_open(handle.in_transaction())
+                try:
+                    with recorder.committing():
+                        handle.commit()
+                except Exception as exc:  # noqa: BLE001 - reported to the core, which decides
+                    return _commit_failed(result, exc, recorder)
+                return Committed(result)
+    except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
+        return Failed(exc, reached_server)
     finally:
         _IN_UNIT.reset(token)
 
 
-def _run_and_commit(
-    fn: Callable[[Any], _T], handle: Session | sa.Connection, recorder: CommitRecorder
-) -> _Committed[_T] | _CommitFailed[_T]:
-    result = _call_sync(fn, handle)
-    _check_still_open(handle.in_transaction())
-    try:
-        with recorder.committing():
-            handle.commit()
-    except Exception as exc:
-        if not recorder.commits_sent:
-            raise  # failed before COMMIT was sent (a flush, a before_commit hook, the mark)
-        return _CommitFailed(result, exc, recorder.mark, recorder.commits_sent)
-    return _Committed(result)
+@contextlib.contextmanager
+def _begun(
+    bind: sessionmaker[Session] | sa.Engine,
+) -> Iterator[tuple[Session | sa.Connection, sa.Connection]]:
+    """Give ``(what fn gets, its connection)`` inside a begun transaction, connected."""
+    if isinstance(bind, sa.Engine):
+        with bind.connect() as connection:
+            connection.begin()
+            yield connection, connection
+    else:
+        with bind() as session:
+            session.begin()
+            yield session, session.connection()
 
 
 def _call_sync(fn: Callable[[Any], _T], handle: object) -> _T:
@@ -251,7 +194,9 @@ async def run_transaction_async(
     bind: async_sessionmaker[AsyncSession] | AsyncEngine,
     fn: Callable[[Any], Awaitable[_T]],
     *,
-    policy: Policy | None = None,
+    policy: UnitPolicy | None = None,
+    deadline: Duration | None = None,
+    max_attempts: int | None = None,
 ) -> _T:
     """`run_transaction` for an ``async_sessionmaker`` or ``AsyncEngine`` and an async ``fn``.
 
@@ -264,35 +209,31 @@ async def run_transaction_async(
 
     engine = _async_engine_of(bind)
     _check_unit(fn, want_async=True)
-    policy = _policy_for(policy, engine.sync_engine)
+    unit, hooks = _settings(engine.sync_engine, policy, deadline, max_attempts)
     record_commits(engine.sync_engine)
-    attempts = Attempts(policy)
+    core = unit_of_work(unit, hooks)
+    reply: Reply = None
     while True:
-        with recording(take_marks=policy.verify_commits) as recorder:
-            step = await _attempt_async(
-                bind, fn, recorder, attempts.deadline, learn=policy.verify_commits
-            )
-        if isinstance(step, _Committed):
-            return step.result
-        decision = _decide(step, policy)
-        if isinstance(decision, _Resolve):
-            outcome = await greenlet_spawn(
+        try:
+            step = core.send(reply)
+        except StopIteration as done:
+            return cast("_T", done.value)
+        if isinstance(step, Run):
+            reply = await _run_once_async(bind, fn, step)
+        elif isinstance(step, Resolve):
+            reply = await greenlet_spawn(
                 resolve_commit,
                 engine.sync_engine,
-                decision.mark,
-                policy,
-                decision.error,
-                deadline=attempts.deadline,
+                step.pending,
+                step.error,
+                timeout=step.timeout,
+                deadline=step.deadline,
+                hooks=hooks,
                 sleep=_sleep_in_greenlet,
             )
-            if outcome == "committed":
-                return decision.result  # type: ignore[no-any-return]
-            decision = _Retry(Kind.DISCONNECT, decision.error)
-        await asyncio.sleep(
-            attempts.next_delay(
-                decision.kind, decision.error, reached_server=decision.reached_server
-            )
-        )
+        else:
+            await asyncio.sleep(step.seconds)
+            reply = None
 
 
 def _sleep_in_greenlet(delay: float) -> None:
@@ -304,60 +245,54 @@ def _sleep_in_greenlet(delay: float) -> None:
     await_(asyncio.sleep(delay))
 
 
-async def _attempt_async(
+async def _run_once_async(
     bind: async_sessionmaker[AsyncSession] | AsyncEngine,
     fn: Callable[[Any], Awaitable[_T]],
-    recorder: CommitRecorder,
-    deadline: float,
-    *,
-    learn: bool,
-) -> _Committed[_T] | _CommitFailed[_T] | _Failed:
-    from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: PLC0415 - imported on first use
-
+    step: Run,
+) -> Report:
+    """`_run_once` for async binds: the same steps, awaited."""
     token = _IN_UNIT.set(True)
     reached_server = False
     try:
-        if isinstance(bind, AsyncEngine):
-            async with bind.connect() as connection:
-                if learn:
-                    await connection.run_sync(learn_incarnation)
+        with recording(read_xid=step.verify_commits) as recorder:
+            async with _begun_async(bind) as begun:
+                handle, connection = begun
+                if step.verify_commits:
+                    await connection.run_sync(learn_server_life)
                 reached_server = True
-                await connection.begin()
-                with bounded(_dbapi_connection_of(connection), deadline):
-                    return await _run_and_commit_async(fn, connection, recorder)
-        async with bind() as session:
-            await session.begin()
-            connection = await session.connection()
-            if learn:
-                await connection.run_sync(learn_incarnation)
-            reached_server = True
-            with bounded(_dbapi_connection_of(connection), deadline):
-                return await _run_and_commit_async(fn, session, recorder)
-    except Exception as exc:  # noqa: BLE001 - decided by _decide, which re-raises the rest
-        return _Failed(exc, reached_server)
+                with bounded(_dbapi_connection_of(connection), step.deadline):
+                    result = await _call_async(fn, handle)
+                    _check_still_open(handle.in_transaction())
+                    try:
+                        with recorder.committing():
+                            await handle.commit()
+                    except Exception as exc:  # noqa: BLE001 - reported to the core
+                        return _commit_failed(result, exc, recorder)
+                    return Committed(result)
+    except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
+        return Failed(exc, reached_server)
     finally:
         _IN_UNIT.reset(token)
 
 
+@contextlib.asynccontextmanager
+async def _begun_async(
+    bind: async_sessionmaker[AsyncSession] | AsyncEngine,
+) -> AsyncIterator[tuple[AsyncSession | AsyncConnection, AsyncConnection]]:
+    from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: PLC0415 - imported on first use
+
+    if isinstance(bind, AsyncEngine):
+        async with bind.connect() as connection:
+            await connection.begin()
+            yield connection, connection
+    else:
+        async with bind() as session:
+            await session.begin()
+            yield session, await session.connection()
+
+
 def _dbapi_connection_of(connection: AsyncConnection) -> object:
     return connection.sync_connection.connection.dbapi_connection  # type: ignore[union-attr]
-
-
-async def _run_and_commit_async(
-    fn: Callable[[Any], Awaitable[_T]],
-    handle: AsyncSession | AsyncConnection,
-    recorder: CommitRecorder,
-) -> _Committed[_T] | _CommitFailed[_T]:
-    result = await _call_async(fn, handle)
-    _check_still_open(handle.in_transaction())
-    try:
-        with recorder.committing():
-            await handle.commit()
-    except Exception as exc:
-        if not recorder.commits_sent:
-            raise
-        return _CommitFailed(result, exc, recorder.mark, recorder.commits_sent)
-    return _Committed(result)
 
 
 async def _call_async(fn: Callable[[Any], Awaitable[_T]], handle: object) -> _T:
@@ -369,17 +304,30 @@ async def _call_async(fn: Callable[[Any], Awaitable[_T]], handle: object) -> _T:
     return await result
 
 
+# -- shared by both faces --------------------------------------------------------------------
+
+
+def _commit_failed(result: _T, error: Exception, recorder: CommitRecorder) -> CommitFailed[_T]:
+    """Report a COMMIT that raised; one that was never sent is an ordinary failure."""
+    if not recorder.commits_sent:
+        raise error  # before COMMIT was sent: a flush, a before_commit hook, the xid read
+    return CommitFailed(result, error, recorder.pending, recorder.commits_sent)
+
+
 # -- the decorator ---------------------------------------------------------------------------
 
 
 def transactional(
     bind: sessionmaker[Session] | sa.Engine | async_sessionmaker[AsyncSession] | AsyncEngine,
     *,
-    policy: Policy | None = None,
+    policy: UnitPolicy | None = None,
+    deadline: Duration | None = None,
+    max_attempts: int | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Make a function a unit of work: it gets the Session (or Connection) as first argument.
 
-    Works on plain and ``async`` functions, with the matching kind of ``bind``.
+    Works on plain and ``async`` functions, with the matching kind of ``bind``. The keyword
+    arguments are those of `run_transaction`, checked here, at decoration.
 
     Example::
 
@@ -389,6 +337,12 @@ def transactional(
 
         publish(42)
     """
+    _settings(None, policy, deadline, max_attempts)  # refuse bad settings at decoration
+    settings: dict[str, Any] = {
+        "policy": policy,
+        "deadline": deadline,
+        "max_attempts": max_attempts,
+    }
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         if not callable(fn):
@@ -401,7 +355,7 @@ def transactional(
                 return await run_transaction_async(
                     bind,  # type: ignore[arg-type]
                     lambda handle: fn(handle, *args, **kwargs),
-                    policy=policy,
+                    **settings,
                 )
 
             return run_async
@@ -412,7 +366,7 @@ def transactional(
             return run_transaction(
                 bind,  # type: ignore[arg-type]
                 lambda handle: fn(handle, *args, **kwargs),
-                policy=policy,
+                **settings,
             )
 
         return run
@@ -483,13 +437,32 @@ def _check_still_open(in_transaction: bool) -> None:
         )
 
 
-def _policy_for(policy: Policy | None, engine: sa.Engine) -> Policy:
-    if policy is not None:
-        if not isinstance(policy, Policy):
-            raise ConfigurationError(f"policy must be a dropsafe.Policy, not {policy!r}")
-        return policy
-    guard = guard_of(engine)
-    return guard.policy if guard is not None else Policy()
+def _settings(
+    engine: sa.Engine | None,
+    policy: object,
+    deadline: Duration | None,
+    max_attempts: int | None,
+) -> tuple[UnitPolicy, tuple[Hook, ...]]:
+    """Return the unit's settings and hooks: the engine's, with this call's overrides."""
+    if isinstance(policy, Policy):
+        raise ConfigurationError(
+            "a unit of work takes a UnitPolicy (policy=your_policy.unit): the connection and "
+            "pool settings of a Policy belong to its engine, dropsafe.create_engine(url, "
+            "policy=...)"
+        )
+    if policy is not None and not isinstance(policy, UnitPolicy):
+        raise ConfigurationError(f"policy must be a dropsafe.UnitPolicy, not {policy!r}")
+    guard = guard_of(engine) if engine is not None else None
+    engine_policy = guard.policy if guard is not None else Policy()
+    unit = policy or engine_policy.unit
+    overrides: dict[str, Any] = {}
+    if deadline is not None:
+        overrides["deadline"] = deadline
+    if max_attempts is not None:
+        overrides["max_attempts"] = max_attempts
+    if overrides:
+        unit = dataclasses.replace(unit, **overrides)  # validated again, naming the knob
+    return unit, engine_policy.hooks
 
 
 def _name(fn: object) -> str:

@@ -20,12 +20,14 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, Union
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
+
+from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from prometheus_client import CollectorRegistry
 
-    from dropsafe._classify import Kind
+    from dropsafe._classify import ErrorKind
 
 __all__ = [
     "CommitResolved",
@@ -35,9 +37,9 @@ __all__ = [
     "Hook",
     "LoggingHook",
     "PingSucceeded",
+    "PrometheusHook",
     "RetriesGaveUp",
     "RetryScheduled",
-    "emit",
     "format_event",
 ]
 
@@ -56,7 +58,7 @@ class DeadConnectionReplaced:
 class ConnectionInvalidated:
     """A statement met a lost connection (or a failover); it is replaced, maybe the pool too."""
 
-    kind: Kind
+    kind: ErrorKind
     pool_wide: bool
     error: str
 
@@ -75,13 +77,13 @@ class RetryScheduled:
 
     attempt: int  # the attempt that failed, from 1
     delay: float  # seconds
-    kind: Kind
+    kind: ErrorKind
     error: str  # the error's type and message, passwords redacted
 
 
 @dataclass(frozen=True)
 class RetriesGaveUp:
-    """A unit of work ran out of attempts or of time; `RetriesExhausted` follows."""
+    """A unit of work ran out of attempts or of time; its last error is raised next."""
 
     attempts: int
     elapsed: float
@@ -113,15 +115,6 @@ class Hook(Protocol):
 
     def __call__(self, event: Event, /) -> None:
         """Observe one event; must not block for long."""
-
-
-def emit(hooks: Iterable[Hook], event: Event) -> None:
-    """Hand ``event`` to every hook; a failing hook is logged, never raised."""
-    for hook in hooks:
-        try:
-            hook(event)
-        except Exception:  # noqa: PERF203 - one failing hook must not silence the others
-            logger.exception("dropsafe hook %r failed on %r", hook, event)
 
 
 class LoggingHook:
@@ -178,3 +171,75 @@ def _level_of(event: Event) -> int:
     ):
         return logging.WARNING
     return logging.INFO
+
+
+class PrometheusHook:
+    """Count and time every event in Prometheus counters and histograms.
+
+    Needs ``pip install 'dropsafe[prometheus]'`` (imported when the hook is made). Labels are
+    kinds, reasons and outcomes only: never a URL, a host or an error text, so that no secret
+    and no unbounded label set reaches the metrics.
+
+    Example::
+
+        metrics = PrometheusHook()  # one per registry; share it between engines
+        policy = dropsafe.Policy(hooks=(LoggingHook(), metrics))
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, namespace: str = "dropsafe"
+    ) -> None:
+        try:
+            import prometheus_client  # noqa: PLC0415 - an optional extra
+        except ImportError:
+            raise ConfigurationError(
+                "PrometheusHook needs prometheus-client: pip install 'dropsafe[prometheus]'"
+            ) from None
+        registry = registry or prometheus_client.REGISTRY
+        counter, histogram = prometheus_client.Counter, prometheus_client.Histogram
+        common: dict[str, Any] = {"namespace": namespace, "registry": registry}
+        self.dead_connections = counter(
+            "dead_connections",
+            "Pooled connections found dead at checkout and replaced before use.",
+            ["pool_wide"],
+            **common,
+        )
+        self.invalidations = counter(
+            "invalidated_connections",
+            "Connections lost under a statement (the unit of work may be retried).",
+            ["kind", "pool_wide"],
+            **common,
+        )
+        self.pings = histogram("ping_seconds", "Round trips paid at checkout.", ["why"], **common)
+        self.retries = counter(
+            "retries", "Units of work run again after a retryable error.", ["kind"], **common
+        )
+        self.gave_up = counter(
+            "units_gave_up", "Units of work out of attempts or of time.", ["reason"], **common
+        )
+        self.commits_resolved = counter(
+            "commits_resolved",
+            "COMMITs whose reply was lost, by what the server said.",
+            ["outcome"],
+            **common,
+        )
+        self.resolution_seconds = histogram(
+            "commit_resolution_seconds", "Time spent resolving an ambiguous COMMIT.", **common
+        )
+
+    def __call__(self, event: Event, /) -> None:
+        """Record ``event``."""
+        if isinstance(event, DeadConnectionReplaced):
+            self.dead_connections.labels(pool_wide=str(event.pool_wide).lower()).inc()
+        elif isinstance(event, ConnectionInvalidated):
+            pool_wide = str(event.pool_wide).lower()
+            self.invalidations.labels(kind=event.kind.value, pool_wide=pool_wide).inc()
+        elif isinstance(event, PingSucceeded):
+            self.pings.labels(why=event.why).observe(event.latency)
+        elif isinstance(event, RetryScheduled):
+            self.retries.labels(kind=event.kind.value).inc()
+        elif isinstance(event, RetriesGaveUp):
+            self.gave_up.labels(reason=event.reason).inc()
+        elif isinstance(event, CommitResolved):
+            self.commits_resolved.labels(outcome=event.outcome).inc()
+            self.resolution_seconds.observe(event.elapsed)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from dropsafe.testing._ledger import (
-    CHAOS_POLICY,
+    CHAOS_UNIT,
     INSERT,
     WORKERS,
     failover_faults,
@@ -16,7 +16,7 @@ from dropsafe.testing._ledger import (
 )
 
 __all__ = [
-    "CHAOS_POLICY",
+    "CHAOS_UNIT",
     "INSERT",
     "WORKERS",
     "assert_safe",

@@ -34,7 +34,7 @@ def _closed_port() -> int:
 def _connect_error(server, driver, port):
     """Connect through a dropsafe engine to ``port``; return the error and how long it took."""
     url = server.url(driver).replace(f":{server.port}/", f":{port}/")
-    policy = dropsafe.Policy(connect_timeout=CONNECT_TIMEOUT)
+    policy = dropsafe.Policy(connection=dropsafe.ConnectionPolicy(connect_timeout=CONNECT_TIMEOUT))
     started = time.monotonic()
     if driver == "asyncpg":
 

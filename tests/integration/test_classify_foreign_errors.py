@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
 import dropsafe
-from dropsafe import Kind, classify
+from dropsafe import ErrorKind, classify
 from dropsafe._classify import sqlstate_of
 from dropsafe.events import ConnectionInvalidated
 
@@ -123,7 +123,7 @@ def _run_async(server, unit, counted, **engine_kwargs):
 def _assert_raised_once_and_nothing_recycled(calls, error, after, counted):
     assert error is not None
     assert len(calls) == 1, f"ran {len(calls)} times for {error!r}"
-    assert classify(error) is Kind.PERMANENT
+    assert classify(error) is ErrorKind.PERMANENT
     assert counted.invalidations == 0
     assert counted.invalidated == []
     # The pool kept its connection: the next unit ran on the same backend.
@@ -274,6 +274,6 @@ def test_a_write_reaching_a_standby_is_a_failover(standby, driver):
     assert error is not None
     assert sqlstate_of(error) == "25006", repr(error)
     assert error.connection_invalidated
-    assert classify(error) is Kind.FAILOVER
+    assert classify(error) is ErrorKind.FAILOVER
     assert counted.invalidations == 1
-    assert [(e.kind, e.pool_wide) for e in counted.invalidated] == [(Kind.FAILOVER, True)]
+    assert [(e.kind, e.pool_wide) for e in counted.invalidated] == [(ErrorKind.FAILOVER, True)]

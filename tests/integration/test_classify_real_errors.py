@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from dropsafe import Kind, classify
+from dropsafe import ErrorKind, classify
 from dropsafe._classify import sqlstate_of
 
 pytestmark = pytest.mark.fault
@@ -20,24 +20,24 @@ STATEMENTS = {
     "raise-40001": (
         ["DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40001'; END $$"],
         "40001",
-        Kind.TRANSIENT,
+        ErrorKind.TRANSIENT,
     ),
     "raise-40P01": (
         ["DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40P01'; END $$"],
         "40P01",
-        Kind.TRANSIENT,
+        ErrorKind.TRANSIENT,
     ),
     "read-only": (
         ["SET TRANSACTION READ ONLY", "CREATE TABLE nope (v int)"],
         "25006",
-        Kind.PERMANENT,  # the user's own read-only transaction on a primary
+        ErrorKind.PERMANENT,  # the user's own read-only transaction on a primary
     ),
     "unique": (
         ["CREATE TEMP TABLE u (v int UNIQUE)", "INSERT INTO u VALUES (1), (1)"],
         "23505",
-        Kind.PERMANENT,
+        ErrorKind.PERMANENT,
     ),
-    "syntax": (["SELEC 1"], "42601", Kind.PERMANENT),
+    "syntax": (["SELEC 1"], "42601", ErrorKind.PERMANENT),
 }
 
 
@@ -113,12 +113,12 @@ def test_real_errors_are_classified(postgres_server, chaos_proxy, driver):
     for name, (_, state, _) in STATEMENTS.items():
         assert sqlstate_of(errors[name]) == state, repr(errors[name])
     expected = {name: kind for name, (_, _, kind) in STATEMENTS.items()} | {
-        "terminated": Kind.DISCONNECT,
-        "cut": Kind.DISCONNECT,
-        "refused": Kind.FAILOVER,
+        "terminated": ErrorKind.DISCONNECT,
+        "cut": ErrorKind.DISCONNECT,
+        "refused": ErrorKind.FAILOVER,
     }
     assert set(errors) == set(expected), "every statement and fault must have failed"
     got = {name: classify(error) for name, error in errors.items()}
     assert got == expected, {name: repr(errors[name])[:200] for name in got}
     # The same lost connection, met while committing, is ambiguous.
-    assert classify(errors["cut"], during_commit=True) is Kind.COMMIT_UNKNOWN
+    assert classify(errors["cut"], during_commit=True) is ErrorKind.COMMIT_UNKNOWN

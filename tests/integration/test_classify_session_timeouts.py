@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
-from dropsafe import Kind, classify
+from dropsafe import ErrorKind, classify
 from dropsafe.testing import PostgresServer
 
 pytestmark = pytest.mark.fault
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.fault
 DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000"]
 GERMAN = "de_DE.UTF-8"
 # name: (statements, the kind); "TERMINATE"/"WAIT-GONE" are steps of the test, not SQL.
-CASES: dict[str, tuple[list[str], Kind]] = {
+CASES: dict[str, tuple[list[str], ErrorKind]] = {
     "idle-in-transaction-timeout": (
         [
             "SET idle_in_transaction_session_timeout = '100ms'",
@@ -34,24 +34,24 @@ CASES: dict[str, tuple[list[str], Kind]] = {
             "WAIT-GONE",
             "SELECT 1",
         ],
-        Kind.DISCONNECT,
+        ErrorKind.DISCONNECT,
     ),
     "idle-session-timeout": (
         ["SET idle_session_timeout = '100ms'", "COMMIT", "WAIT-GONE", "SELECT 1"],
-        Kind.DISCONNECT,
+        ErrorKind.DISCONNECT,
     ),
-    "terminated": (["SELECT 1", "TERMINATE", "SELECT 1"], Kind.DISCONNECT),
+    "terminated": (["SELECT 1", "TERMINATE", "SELECT 1"], ErrorKind.DISCONNECT),
     "serialization": (
         ["DO $$ BEGIN RAISE EXCEPTION 'x' USING ERRCODE = '40001'; END $$"],
-        Kind.TRANSIENT,
+        ErrorKind.TRANSIENT,
     ),
-    "syntax": (["SELEC 1"], Kind.PERMANENT),
+    "syntax": (["SELEC 1"], ErrorKind.PERMANENT),
     "unique": (
         ["CREATE TEMP TABLE u (v int UNIQUE)", "INSERT INTO u VALUES (1), (1)"],
-        Kind.PERMANENT,
+        ErrorKind.PERMANENT,
     ),
-    "read-only": (["SET TRANSACTION READ ONLY", "CREATE TABLE nope (v int)"], Kind.PERMANENT),
-    "xid-in-the-future": (["SELECT pg_xact_status('9999999999'::xid8)"], Kind.PERMANENT),
+    "read-only": (["SET TRANSACTION READ ONLY", "CREATE TABLE nope (v int)"], ErrorKind.PERMANENT),
+    "xid-in-the-future": (["SELECT pg_xact_status('9999999999'::xid8)"], ErrorKind.PERMANENT),
 }
 
 

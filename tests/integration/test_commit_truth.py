@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 
 import dropsafe
 from dropsafe import CommitOutcomeUnknown
-from dropsafe._outcome import record_commits
+from dropsafe._recording import record_commits
 from dropsafe.events import CommitResolved
 from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
 
@@ -98,7 +98,9 @@ def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
             proxy.heal()
 
         recorder = Recorder()
-        policy = dropsafe.Policy(hooks=(recorder,), commit_status_timeout=30, deadline=60)
+        policy = dropsafe.Policy(
+            unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
+        )
         unit = Unit(
             driver, proxy.route(server.url(driver)), insert(1, commit_sleep=3), policy=policy
         )
@@ -164,7 +166,9 @@ def test_a_notify_whose_commit_reply_is_lost_is_heard_once(server, kernel_blackh
         driver,
         server.url(driver),
         ["SELECT pg_notify('dropsafe_test', 'once')"],
-        policy=dropsafe.Policy(hooks=(recorder,), tcp_user_timeout=2),
+        policy=dropsafe.Policy(
+            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2), hooks=(recorder,)
+        ),
     )
     holes = contextlib.ExitStack()
     try:
@@ -298,9 +302,9 @@ def test_postgresql_s_own_refusal_of_a_commit_is_not_resolved(server, driver):
         ["SET LOCAL test.refuse = 'serialization'", "INSERT INTO refusals VALUES (2)"],
         policy=policy,
     )
-    with pytest.raises(dropsafe.RetriesExhausted):
+    with pytest.raises(sa.exc.DBAPIError, match="could not serialize"):
         conflicted.run()
-    assert conflicted.calls == policy.max_attempts
+    assert conflicted.calls == policy.unit.max_attempts
     assert recorder.outcomes() == []
     assert server.execute("SELECT count(*) FROM refusals") == [("0",)]
 
@@ -328,7 +332,11 @@ def test_a_half_open_commit_is_fenced_and_settled_in_bounded_time(server, kernel
         driver,
         server.url(driver),
         insert(5),
-        policy=dropsafe.Policy(hooks=(recorder,), tcp_user_timeout=2, commit_status_timeout=20),
+        policy=dropsafe.Policy(
+            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
+            unit=dropsafe.UnitPolicy(commit_status_timeout=20),
+            hooks=(recorder,),
+        ),
     )
     with holes:
         assert (

@@ -36,7 +36,9 @@ def test_psycopg2_gets_libpq_settings_and_user_values_win(shared_server):
 
 
 def test_psycopg_gets_libpq_settings(shared_server):
-    policy = dropsafe.Policy(tcp_user_timeout=4, keepalive_idle=7)
+    policy = dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=4, keepalive_idle=7)
+    )
     engine = dropsafe.create_engine(shared_server.url("psycopg"), policy=policy)
     try:
         params = _raw_connection(engine).info.get_parameters()
@@ -74,7 +76,9 @@ def test_asyncpg_socket_is_tuned(shared_server):
 
 
 def test_policy_without_keepalives_or_user_timeout(shared_server):
-    policy = dropsafe.Policy(tcp_user_timeout=None, keepalive_idle=None)
+    policy = dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=None, keepalive_idle=None)
+    )
     engine = dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy)
     try:
         params = _raw_connection(engine).get_dsn_parameters()

@@ -169,7 +169,7 @@ def test_blackholed_request_ends_within_the_default_bound(
 @pytest.mark.parametrize("driver", [*SYNC_DRIVERS, "asyncpg"])
 def test_a_connection_idle_too_long_is_pinged_not_replaced(shared_server, driver):
     events = []
-    policy = dropsafe.Policy(ping_after_idle=0, hooks=(events.append,))
+    policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=0), hooks=(events.append,))
     url = shared_server.url(driver)
     if driver == "asyncpg":
 

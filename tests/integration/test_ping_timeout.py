@@ -102,7 +102,10 @@ class Scenario:
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_ping_timeout_bounds_a_checkout_on_a_stopped_backend(shared_server, driver):
     events = []
-    policy = dropsafe.Policy(ping_after_idle=0, ping_timeout=PING_TIMEOUT, hooks=(events.append,))
+    policy = dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(ping_after_idle=0, ping_timeout=PING_TIMEOUT),
+        hooks=(events.append,),
+    )
     scenario = Scenario(shared_server, driver, policy)
     outcome = scenario.outcome
     stopped: list[int] = []

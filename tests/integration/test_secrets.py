@@ -64,7 +64,9 @@ def test_no_output_of_any_scenario_holds_the_password(postgres_server, chaos_pro
         "FOR EACH ROW EXECUTE FUNCTION slow();"
     )
     events, errors = [], []
-    policy = dropsafe.Policy(hooks=(LoggingHook(), events.append), max_attempts=3)
+    policy = dropsafe.Policy(
+        unit=dropsafe.UnitPolicy(max_attempts=3), hooks=(LoggingHook(), events.append)
+    )
     caplog.set_level(logging.DEBUG)
 
     def attempt(action):
@@ -95,12 +97,14 @@ def test_no_output_of_any_scenario_holds_the_password(postgres_server, chaos_pro
         proxy.refuse()
         proxy.cut("rst")
         # Refused connects use up no attempts, only time: a short deadline ends them.
-        short = dropsafe.Policy(hooks=(LoggingHook(), events.append), deadline=1)
+        short = dropsafe.UnitPolicy(deadline=1)
         with dropsafe.test_mode():
             attempt(lambda: dropsafe.run_transaction(session_factory, insert, policy=short))
         proxy.heal()
         # Ambiguous COMMIT without verification: CommitOutcomeUnknown.
-        unverified = dropsafe.create_engine(url, policy=dropsafe.Policy(verify_commits=False))
+        unverified = dropsafe.create_engine(
+            url, policy=dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=False))
+        )
         watcher = _commit_cut(server, proxy)
         attempt(lambda: dropsafe.run_transaction(sessionmaker(unverified), insert))
         watcher.join(timeout=20)
@@ -132,7 +136,7 @@ def test_no_output_of_any_scenario_holds_the_password(postgres_server, chaos_pro
     attempt(lambda: dropsafe.create_async_engine(url))
     cli_main(["reproduce"])
 
-    assert any(isinstance(e, dropsafe.RetriesExhausted) for e in errors)
+    assert any(isinstance(e, sa.exc.OperationalError) for e in errors)  # out of time
     assert any(isinstance(e, dropsafe.CommitOutcomeUnknown) for e in errors)
     assert any(isinstance(e, dropsafe.ConfigurationError) for e in errors)
     assert len(events) >= 5

@@ -160,7 +160,7 @@ def test_users_pool_pre_ping_is_not_doubled(shared_server):
     events = []
     engine = dropsafe.create_engine(
         shared_server.url("psycopg2"),
-        policy=dropsafe.Policy(ping_after_idle=0, hooks=(events.append,)),
+        policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=0), hooks=(events.append,)),
         pool_pre_ping=True,
     )
     try:
@@ -383,7 +383,7 @@ def _policy_for(kind, events):
     # dropsafe cannot look into the opaque wrapper: it falls back to a ping after idle, here
     # on every checkout so that a fault is caught before the app sees it.
     idle = 0 if kind == "public-surface-only" else 30
-    return dropsafe.Policy(ping_after_idle=idle, hooks=(events.append,))
+    return dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=idle), hooks=(events.append,))
 
 
 @pytest.mark.parametrize("kind", CREATOR_KINDS)

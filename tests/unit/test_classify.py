@@ -12,7 +12,7 @@ import psycopg2
 import pytest
 import sqlalchemy.exc
 
-from dropsafe import Kind, classify
+from dropsafe import ErrorKind, classify
 from dropsafe._classify import sqlstate_of
 
 
@@ -23,55 +23,61 @@ def _wrapped(orig, cls=sqlalchemy.exc.OperationalError):
 @pytest.mark.parametrize(
     ("error", "kind"),
     [
-        (psycopg.errors.SerializationFailure(), Kind.TRANSIENT),
-        (psycopg.errors.DeadlockDetected(), Kind.TRANSIENT),
-        (psycopg.errors.TooManyConnections(), Kind.TRANSIENT),
-        (psycopg.errors.CannotConnectNow(), Kind.TRANSIENT),
-        (psycopg.errors.AdminShutdown(), Kind.DISCONNECT),
-        (psycopg.errors.CrashShutdown(), Kind.FAILOVER),
-        (psycopg.errors.ReadOnlySqlTransaction(), Kind.PERMANENT),
-        (psycopg.errors.IdleInTransactionSessionTimeout(), Kind.DISCONNECT),
-        (psycopg.errors.IdleSessionTimeout(), Kind.DISCONNECT),
-        (psycopg.errors.DatabaseDropped(), Kind.PERMANENT),
+        (psycopg.errors.SerializationFailure(), ErrorKind.TRANSIENT),
+        (psycopg.errors.DeadlockDetected(), ErrorKind.TRANSIENT),
+        (psycopg.errors.TooManyConnections(), ErrorKind.TRANSIENT),
+        (psycopg.errors.CannotConnectNow(), ErrorKind.TRANSIENT),
+        (psycopg.errors.AdminShutdown(), ErrorKind.DISCONNECT),
+        (psycopg.errors.CrashShutdown(), ErrorKind.FAILOVER),
+        (psycopg.errors.ReadOnlySqlTransaction(), ErrorKind.PERMANENT),
+        (psycopg.errors.IdleInTransactionSessionTimeout(), ErrorKind.DISCONNECT),
+        (psycopg.errors.IdleSessionTimeout(), ErrorKind.DISCONNECT),
+        (psycopg.errors.DatabaseDropped(), ErrorKind.PERMANENT),
         (
             psycopg.errors.InvalidParameterValue("transaction ID 99 is in the future"),
-            Kind.PERMANENT,
+            ErrorKind.PERMANENT,
         ),
-        (psycopg.errors.UniqueViolation(), Kind.PERMANENT),
-        (psycopg.errors.SyntaxError(), Kind.PERMANENT),
-        (asyncpg.exceptions.SerializationError(), Kind.TRANSIENT),
-        (asyncpg.exceptions.AdminShutdownError(), Kind.DISCONNECT),
-        (asyncpg.exceptions.ReadOnlySQLTransactionError(), Kind.PERMANENT),
-        (asyncpg.exceptions.IdleInTransactionSessionTimeoutError(), Kind.DISCONNECT),
-        (asyncpg.exceptions.IdleSessionTimeoutError(), Kind.DISCONNECT),
+        (psycopg.errors.UniqueViolation(), ErrorKind.PERMANENT),
+        (psycopg.errors.SyntaxError(), ErrorKind.PERMANENT),
+        (asyncpg.exceptions.SerializationError(), ErrorKind.TRANSIENT),
+        (asyncpg.exceptions.AdminShutdownError(), ErrorKind.DISCONNECT),
+        (asyncpg.exceptions.ReadOnlySQLTransactionError(), ErrorKind.PERMANENT),
+        (asyncpg.exceptions.IdleInTransactionSessionTimeoutError(), ErrorKind.DISCONNECT),
+        (asyncpg.exceptions.IdleSessionTimeoutError(), ErrorKind.DISCONNECT),
         # Client-side misuse: no SQLSTATE, and not a disconnect.
         (
             asyncpg.exceptions.InterfaceError("the server expects 1 argument, 0 were passed"),
-            Kind.PERMANENT,
+            ErrorKind.PERMANENT,
         ),
-        (asyncpg.exceptions.InterfaceError("connection is closed"), Kind.DISCONNECT),
-        (asyncpg.exceptions.TargetServerAttributeNotMatched("not primary"), Kind.FAILOVER),
-        (asyncpg.exceptions.ConnectionDoesNotExistError("closed"), Kind.DISCONNECT),
-        (asyncpg.exceptions.UniqueViolationError(), Kind.PERMANENT),
-        (pg8000.exceptions.DatabaseError({"C": "40P01", "M": "deadlock"}), Kind.TRANSIENT),
-        (pg8000.exceptions.DatabaseError({"C": "23505", "M": "duplicate"}), Kind.PERMANENT),
-        (pg8000.exceptions.DatabaseError({"C": "25P03", "M": "beendet"}), Kind.DISCONNECT),
+        (asyncpg.exceptions.InterfaceError("connection is closed"), ErrorKind.DISCONNECT),
+        (asyncpg.exceptions.TargetServerAttributeNotMatched("not primary"), ErrorKind.FAILOVER),
+        (asyncpg.exceptions.ConnectionDoesNotExistError("closed"), ErrorKind.DISCONNECT),
+        (asyncpg.exceptions.UniqueViolationError(), ErrorKind.PERMANENT),
+        (pg8000.exceptions.DatabaseError({"C": "40P01", "M": "deadlock"}), ErrorKind.TRANSIENT),
+        (pg8000.exceptions.DatabaseError({"C": "23505", "M": "duplicate"}), ErrorKind.PERMANENT),
+        (pg8000.exceptions.DatabaseError({"C": "25P03", "M": "beendet"}), ErrorKind.DISCONNECT),
         # The SQLSTATE wins over the text, in any language.
-        (pg8000.exceptions.DatabaseError({"C": "22023", "M": "broken pipe"}), Kind.PERMANENT),
-        (psycopg.errors.SyntaxError("server closed the connection unexpectedly"), Kind.PERMANENT),
-        (psycopg2.OperationalError("SSL SYSCALL error: EOF detected\n"), Kind.DISCONNECT),
+        (pg8000.exceptions.DatabaseError({"C": "22023", "M": "broken pipe"}), ErrorKind.PERMANENT),
+        (
+            psycopg.errors.SyntaxError("server closed the connection unexpectedly"),
+            ErrorKind.PERMANENT,
+        ),
+        (psycopg2.OperationalError("SSL SYSCALL error: EOF detected\n"), ErrorKind.DISCONNECT),
         (
             psycopg2.OperationalError("server closed the connection unexpectedly\n"),
-            Kind.DISCONNECT,
+            ErrorKind.DISCONNECT,
         ),
         (
             psycopg2.OperationalError(
                 'connection to server at "127.0.0.1", port 1 failed: Connection refused'
             ),
-            Kind.FAILOVER,
+            ErrorKind.FAILOVER,
         ),
-        (psycopg2.OperationalError("FATAL:  the database system is starting up"), Kind.TRANSIENT),
-        (psycopg2.OperationalError("FATAL:  database removed"), Kind.TRANSIENT),
+        (
+            psycopg2.OperationalError("FATAL:  the database system is starting up"),
+            ErrorKind.TRANSIENT,
+        ),
+        (psycopg2.OperationalError("FATAL:  database removed"), ErrorKind.TRANSIENT),
     ],
 )
 def test_raw_and_wrapped_driver_errors(error, kind):
@@ -80,18 +86,18 @@ def test_raw_and_wrapped_driver_errors(error, kind):
 
 
 LOW_LEVEL = [
-    (ConnectionRefusedError(111, "refused"), Kind.FAILOVER),
-    (ConnectionResetError(104, "reset"), Kind.DISCONNECT),
-    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), Kind.DISCONNECT),
-    (TimeoutError("timed out"), Kind.DISCONNECT),
-    (BrokenPipeError(32, "broken pipe"), Kind.DISCONNECT),
+    (ConnectionRefusedError(111, "refused"), ErrorKind.FAILOVER),
+    (ConnectionResetError(104, "reset"), ErrorKind.DISCONNECT),
+    (ssl.SSLEOFError(8, "EOF occurred in violation of protocol"), ErrorKind.DISCONNECT),
+    (TimeoutError("timed out"), ErrorKind.DISCONNECT),
+    (BrokenPipeError(32, "broken pipe"), ErrorKind.DISCONNECT),
 ]
 
 
 @pytest.mark.parametrize(("error", "kind"), LOW_LEVEL)
 def test_low_level_errors_count_only_from_a_driver(error, kind):
     # Raised by the application (a Redis client, an HTTP call): its own error.
-    assert classify(error) is Kind.PERMANENT
+    assert classify(error) is ErrorKind.PERMANENT
     # Wrapped by SQLAlchemy, or the cause of a driver's error: the driver's.
     assert classify(_wrapped(error)) is kind
     try:
@@ -126,12 +132,12 @@ def test_low_level_errors_raised_inside_a_driver(error, kind):
     ],
 )
 def test_the_applications_and_sqlalchemys_own_errors_are_permanent(error):
-    assert classify(error) is Kind.PERMANENT
+    assert classify(error) is ErrorKind.PERMANENT
     # Also when they carry a driver's error as their cause: they are not the driver's.
     try:
         raise error from psycopg.errors.AdminShutdown()
     except Exception as raised:
-        assert classify(raised) is Kind.PERMANENT
+        assert classify(raised) is ErrorKind.PERMANENT
 
 
 def test_read_only_is_a_failover_only_when_the_guard_found_a_standby():
@@ -141,16 +147,16 @@ def test_read_only_is_a_failover_only_when_the_guard_found_a_standby():
         pg8000.exceptions.DatabaseError({"C": "25006", "M": "read-only"}),
     ):
         user_error = sqlalchemy.exc.InternalError("INSERT", {}, orig)
-        assert classify(user_error) is Kind.PERMANENT
+        assert classify(user_error) is ErrorKind.PERMANENT
         standby = sqlalchemy.exc.InternalError("INSERT", {}, orig, connection_invalidated=True)
-        assert classify(standby) is Kind.FAILOVER
+        assert classify(standby) is ErrorKind.FAILOVER
 
 
 def test_sqlalchemys_disconnect_verdict_is_used_without_a_sqlstate():
     closed = asyncpg.exceptions.InterfaceError("connection was lost somehow")
-    assert classify(_wrapped(closed, sqlalchemy.exc.InterfaceError)) is Kind.PERMANENT
+    assert classify(_wrapped(closed, sqlalchemy.exc.InterfaceError)) is ErrorKind.PERMANENT
     verdict = sqlalchemy.exc.InterfaceError("SELECT 1", {}, closed, connection_invalidated=True)
-    assert classify(verdict) is Kind.DISCONNECT
+    assert classify(verdict) is ErrorKind.DISCONNECT
 
 
 def test_cause_chain_is_followed():
@@ -160,19 +166,19 @@ def test_cause_chain_is_followed():
         except ConnectionResetError as inner:
             raise pg8000.exceptions.InterfaceError("network error") from inner
     except pg8000.exceptions.InterfaceError as outer:
-        assert classify(outer) is Kind.DISCONNECT
+        assert classify(outer) is ErrorKind.DISCONNECT
 
 
 def test_a_lost_connection_during_commit_is_ambiguous():
     lost = psycopg2.OperationalError("server closed the connection unexpectedly")
-    assert classify(lost, during_commit=True) is Kind.COMMIT_UNKNOWN
-    assert classify(psycopg.errors.AdminShutdown(), during_commit=True) is Kind.COMMIT_UNKNOWN
+    assert classify(lost, during_commit=True) is ErrorKind.COMMIT_UNKNOWN
+    assert classify(psycopg.errors.AdminShutdown(), during_commit=True) is ErrorKind.COMMIT_UNKNOWN
     # Without the server's severity (an error made by hand) a refusal is not proven.
     assert classify(psycopg.errors.SerializationFailure(), during_commit=True) is (
-        Kind.COMMIT_UNKNOWN
+        ErrorKind.COMMIT_UNKNOWN
     )
     # Not the database's error at all: never ambiguous, never retried.
-    assert classify(ValueError("broken pipe"), during_commit=True) is Kind.PERMANENT
+    assert classify(ValueError("broken pipe"), during_commit=True) is ErrorKind.PERMANENT
 
 
 def test_sqlstate_of_each_driver():
@@ -183,8 +189,8 @@ def test_sqlstate_of_each_driver():
 
 
 def test_retryable_kinds():
-    assert {kind for kind in Kind if kind.retryable} == {
-        Kind.DISCONNECT,
-        Kind.TRANSIENT,
-        Kind.FAILOVER,
+    assert {kind for kind in ErrorKind if kind.retryable} == {
+        ErrorKind.DISCONNECT,
+        ErrorKind.TRANSIENT,
+        ErrorKind.FAILOVER,
     }

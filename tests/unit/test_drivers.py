@@ -2,7 +2,7 @@
 
 import pytest
 
-from dropsafe import Policy
+from dropsafe import ConnectionPolicy
 from dropsafe._drivers import Server, _Asyncpg, _Pg8000, _Psycopg2
 
 LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
@@ -10,7 +10,7 @@ LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
 
 def test_libpq_gets_every_setting_the_user_did_not_give():
     cparams = {"host": "db", "keepalives_idle": "99"}
-    added = _Psycopg2().connect_defaults(Policy(), [], cparams)
+    added = _Psycopg2().connect_defaults(ConnectionPolicy(), [], cparams)
     assert cparams["keepalives_idle"] == "99"
     assert "keepalives_idle" not in added
     assert cparams["tcp_user_timeout"] == 10_000
@@ -19,7 +19,7 @@ def test_libpq_gets_every_setting_the_user_did_not_give():
 
 def test_libpq_respects_settings_inside_a_dsn():
     cparams = {"dsn": "host=db tcp_user_timeout=1234 connect_timeout=3"}
-    _Psycopg2().connect_defaults(Policy(), [], cparams)
+    _Psycopg2().connect_defaults(ConnectionPolicy(), [], cparams)
     assert "tcp_user_timeout" not in cparams
     assert "connect_timeout" not in cparams
 
@@ -46,7 +46,7 @@ def test_libpq_single_port_applies_to_every_host():
 def test_asyncpg_rotation_and_per_host_connect_budget():
     cparams = {"host": ["a", "b"], "port": [5432, 5433]}
     driver = _Asyncpg()
-    driver.connect_defaults(Policy(connect_timeout=4), [], cparams)
+    driver.connect_defaults(ConnectionPolicy(connect_timeout=4), [], cparams)
     assert cparams["timeout"] == 4
     driver.rotate(cparams, 3)
     assert (cparams["host"], cparams["port"]) == (["b", "a"], [5433, 5432])

@@ -5,7 +5,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 import dropsafe
-from dropsafe import ConfigurationError, Policy
+from dropsafe import ConfigurationError, Policy, UnitPolicy
 from dropsafe._engine import guard_of
 from dropsafe._redaction import redact_text, redact_url
 
@@ -50,7 +50,7 @@ def test_harden_is_idempotent_and_refuses_a_second_policy():
     assert dropsafe.harden(engine, guard.policy) is engine
     assert guard_of(engine) is guard
     with pytest.raises(ConfigurationError, match="already hardened"):
-        dropsafe.harden(engine, Policy(max_attempts=2))
+        dropsafe.harden(engine, Policy(unit=UnitPolicy(max_attempts=2)))
 
 
 def test_harden_async_engine_guards_its_sync_engine():

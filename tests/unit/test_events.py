@@ -8,14 +8,14 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 import dropsafe
-from dropsafe import ConfigurationError, Kind, Policy
-from dropsafe._prometheus import PrometheusHook
+from dropsafe import ConfigurationError, ErrorKind, Policy
 from dropsafe.events import (
     CommitResolved,
     ConnectionInvalidated,
     DeadConnectionReplaced,
     LoggingHook,
     PingSucceeded,
+    PrometheusHook,
     RetriesGaveUp,
     RetryScheduled,
     format_event,
@@ -23,9 +23,11 @@ from dropsafe.events import (
 
 EVENTS = [
     DeadConnectionReplaced("probe found the connection dead", pool_wide=True),
-    ConnectionInvalidated(Kind.FAILOVER, pool_wide=True, error='OperationalError: "read only"'),
+    ConnectionInvalidated(
+        ErrorKind.FAILOVER, pool_wide=True, error='OperationalError: "read only"'
+    ),
     PingSucceeded(0.0123, "idle"),
-    RetryScheduled(2, 0.25, Kind.TRANSIENT, "SerializationFailure: conflict\nline two"),
+    RetryScheduled(2, 0.25, ErrorKind.TRANSIENT, "SerializationFailure: conflict\nline two"),
     RetriesGaveUp(5, 3.5, "deadline", "OperationalError: down"),
     CommitResolved(725, "committed", 0.05),
     CommitResolved(726, "unknown", 10.0),

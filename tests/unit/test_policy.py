@@ -4,56 +4,89 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dropsafe import ConfigurationError, Policy
+import dropsafe
+from dropsafe import ConfigurationError, ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
 from dropsafe._policy import seconds
 
 
 def test_defaults_bound_a_half_open_request_within_fifteen_seconds():
     policy = Policy()
-    assert policy.tcp_user_timeout is not None
-    assert seconds(policy.tcp_user_timeout) <= 15
-    assert seconds(policy.ping_after_idle) > 0
+    assert policy.connection.tcp_user_timeout is not None
+    assert seconds(policy.connection.tcp_user_timeout) <= 15
+    assert seconds(policy.pool.ping_after_idle) > 0
 
 
 def test_durations_take_timedelta_and_store_seconds():
-    policy = Policy(connect_timeout=timedelta(milliseconds=2500), deadline=timedelta(minutes=1))
-    assert policy.connect_timeout == 2.5
-    assert policy.deadline == 60.0
+    assert ConnectionPolicy(connect_timeout=timedelta(milliseconds=2500)).connect_timeout == 2.5
+    assert UnitPolicy(deadline=timedelta(minutes=1)).deadline == 60.0
 
 
 @pytest.mark.parametrize(
-    ("field", "value", "message"),
+    ("layer", "field", "value", "message"),
     [
-        ("connect_timeout", 0, r"connect_timeout must be within 1\.\.600"),
-        ("tcp_user_timeout", -1, "tcp_user_timeout must be within"),
-        ("keepalive_count", 2.5, "keepalive_count must be an int"),
-        ("max_attempts", 0, "max_attempts must be within 1..1000"),
-        ("ping_timeout", float("nan"), "must be finite"),
-        ("deadline", "30", "deadline must be a number of seconds or a timedelta"),
-        ("ping_after_idle", True, "ping_after_idle must be"),
-        ("verify_commits", 1, "verify_commits must be a bool"),
+        (ConnectionPolicy, "connect_timeout", 0, r"connect_timeout must be within 1\.\.600"),
+        (ConnectionPolicy, "tcp_user_timeout", -1, "tcp_user_timeout must be within"),
+        (ConnectionPolicy, "keepalive_count", 2.5, "keepalive_count must be an int"),
+        (UnitPolicy, "max_attempts", 0, "max_attempts must be within 1..1000"),
+        (PoolPolicy, "ping_timeout", float("nan"), "ping_timeout must be finite"),
+        (UnitPolicy, "deadline", "30", "deadline must be a number of seconds or a timedelta"),
+        (PoolPolicy, "ping_after_idle", True, "ping_after_idle must be"),
+        (UnitPolicy, "verify_commits", 1, "verify_commits must be a bool"),
     ],
 )
-def test_bad_values_name_the_field_and_range(field, value, message):
-    with pytest.raises(ConfigurationError, match=message):
-        Policy(**{field: value})
+def test_bad_values_name_the_layer_the_field_and_the_range(layer, field, value, message):
+    with pytest.raises(ConfigurationError, match=f"{layer.__name__}.{message}"):
+        layer(**{field: value})
 
 
 def test_backoff_max_below_initial_is_refused():
     with pytest.raises(ConfigurationError, match="backoff_max must be >= backoff_initial"):
-        Policy(backoff_initial=1, backoff_max=0.5)
+        UnitPolicy(backoff_initial=1, backoff_max=0.5)
 
 
-def test_policy_is_frozen():
-    with pytest.raises(AttributeError):
-        Policy().deadline = 1  # type: ignore[misc]
+def test_every_layer_is_frozen():
+    for value in (Policy(), ConnectionPolicy(), PoolPolicy(), UnitPolicy()):
+        with pytest.raises(AttributeError):
+            value.deadline = 1
+
+
+@pytest.mark.parametrize(
+    ("knob", "layer"),
+    [
+        ("tcp_user_timeout", "connection=ConnectionPolicy"),
+        ("ping_timeout", "pool=PoolPolicy"),
+        ("deadline", "unit=UnitPolicy"),
+        ("verify_commits", "unit=UnitPolicy"),
+    ],
+)
+def test_a_flat_knob_of_version_one_says_which_layer_it_belongs_to(knob, layer):
+    with pytest.raises(ConfigurationError, match=f"Policy\\({layer}\\({knob}=...\\)\\)"):
+        Policy(**{knob: 1})
+
+
+def test_a_layer_in_the_wrong_place_is_refused():
+    with pytest.raises(ConfigurationError, match=r"Policy\.unit must be a UnitPolicy"):
+        Policy(unit=ConnectionPolicy())
+    with pytest.raises(ConfigurationError, match="no setting 'retries'"):
+        Policy(retries=3)
+
+
+def test_a_unit_of_work_refuses_the_engines_whole_policy():
+    # The connection and pool knobs would be silently ignored there: say so instead.
+    engine = dropsafe.create_engine("postgresql+psycopg2://app@127.0.0.1:1/app")
+    with pytest.raises(ConfigurationError, match=r"policy=your_policy\.unit"):
+        dropsafe.run_transaction(engine, lambda c: 1, policy=Policy())
+    with pytest.raises(ConfigurationError, match=r"UnitPolicy\.deadline must be within"):
+        dropsafe.run_transaction(engine, lambda c: 1, deadline=-1)
+    with pytest.raises(ConfigurationError, match=r"UnitPolicy\.max_attempts must be an int"):
+        dropsafe.transactional(engine, max_attempts=2.5)
 
 
 @given(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-(10**6), 10**6))
 def test_any_number_is_accepted_in_range_or_refused_clearly(value):
     try:
-        policy = Policy(ping_timeout=value)
+        policy = PoolPolicy(ping_timeout=value)
     except ConfigurationError as exc:
-        assert "Policy.ping_timeout" in str(exc)
+        assert "PoolPolicy.ping_timeout" in str(exc)
     else:
         assert 0.05 <= policy.ping_timeout <= 300

@@ -1,31 +1,106 @@
-import types
+"""The public surface: what users may import. A change here is a change of API, on purpose."""
+
+import importlib
+import pkgutil
 
 import pytest
 
 import dropsafe
+import dropsafe.events
 import dropsafe.testing
 
+PUBLIC = {
+    "dropsafe": [
+        "CommitOutcomeUnknown",
+        "ConfigurationError",
+        "ConnectionPolicy",
+        "DropsafeError",
+        "ErrorKind",
+        "Policy",
+        "PoolPolicy",
+        "UnitPolicy",
+        "classify",
+        "create_async_engine",
+        "create_engine",
+        "harden",
+        "run_transaction",
+        "run_transaction_async",
+        "test_mode",
+        "transactional",
+    ],
+    "dropsafe.events": [
+        "CommitResolved",
+        "ConnectionInvalidated",
+        "DeadConnectionReplaced",
+        "Event",
+        "Hook",
+        "LoggingHook",
+        "PingSucceeded",
+        "PrometheusHook",
+        "RetriesGaveUp",
+        "RetryScheduled",
+        "format_event",
+    ],
+    "dropsafe.testing": [
+        "ChaosProxy",
+        "CutMode",
+        "PgBouncer",
+        "PoolMode",
+        "PostgresBinaries",
+        "PostgresServer",
+        "ProxyStats",
+        "ServerError",
+        "StopMode",
+        "find_postgres_binaries",
+        "kernel_blackhole",
+        "kernel_blackhole_unavailable",
+        "leftover_processes",
+        "multi_host_url",
+    ],
+}
+# Modules users may import by name: the three above, and the pytest plugin's entry point.
+PUBLIC_MODULES = {*PUBLIC, "dropsafe.testing.pytest_plugin"}
 
-@pytest.mark.parametrize("module", [dropsafe, dropsafe.testing])
-def test_all_lists_exactly_the_public_names(module):
-    public = {
-        name
-        for name, value in vars(module).items()
-        if not name.startswith("_")
-        and not isinstance(value, types.ModuleType)
-        and name != "annotations"
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_the_public_names_are_exactly_these(name):
+    module = importlib.import_module(name)
+    assert sorted(module.__all__) == PUBLIC[name]
+    for public in module.__all__:
+        assert getattr(module, public) is not None
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_nothing_else_is_exported_by_accident(name):
+    module = importlib.import_module(name)
+    defined_here = {
+        attribute
+        for attribute, value in vars(module).items()
+        if not attribute.startswith("_") and getattr(value, "__module__", None) == name
     }
-    assert set(module.__all__) == public
+    assert defined_here <= set(module.__all__)
+
+
+def test_every_other_module_is_private():
+    found = {
+        info.name
+        for info in pkgutil.walk_packages(dropsafe.__path__, "dropsafe.")
+        if not any(part.startswith("_") for part in info.name.split(".")[1:])
+    }
+    assert found == PUBLIC_MODULES - {"dropsafe"}
+
+
+def test_names_of_version_one_that_are_gone_say_what_replaced_them():
+    with pytest.raises(ImportError, match="that error itself is raised"):
+        dropsafe.RetriesExhausted  # noqa: B018
+    with pytest.raises(ImportError, match=r"now dropsafe\.ErrorKind"):
+        from dropsafe import Kind  # noqa: F401, PLC0415
 
 
 def test_one_exception_tree():
-    for error in (
-        dropsafe.ConfigurationError,
-        dropsafe.RetriesExhausted,
-        dropsafe.CommitOutcomeUnknown,
-        dropsafe.testing.ServerError,
-    ):
+    for error in (dropsafe.ConfigurationError, dropsafe.CommitOutcomeUnknown):
         assert issubclass(error, dropsafe.DropsafeError)
+        assert error.__module__ == "dropsafe"
+    assert issubclass(dropsafe.testing.ServerError, dropsafe.DropsafeError)
     # Users already catch ValueError for bad arguments.
     assert issubclass(dropsafe.ConfigurationError, ValueError)
-    assert dropsafe.ConfigurationError.__module__ == "dropsafe"

@@ -51,15 +51,19 @@ class Variant:
         return self.name.startswith("dropsafe")
 
 
+def _policy(variant: Variant) -> dropsafe.Policy:
+    """Return the guarded variants' policy: verified or not, no hooks (events cost time)."""
+    return dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=variant.verify), hooks=())
+
+
 def make_sync(variant: Variant, url: str, clients: int, **kwargs: Any) -> Callable[[str], object]:  # noqa: ANN401
     """Return ``request(workload)`` for a sync variant, and hold its engine until closed."""
     pool_kwargs: dict[str, Any] = {"pool_size": clients, "max_overflow": 0, **kwargs}
     if variant.guarded:
-        engine = dropsafe.create_engine(url, **pool_kwargs)
+        engine = dropsafe.create_engine(url, policy=_policy(variant), **pool_kwargs)
     else:
         engine = sa.create_engine(url, pool_pre_ping=variant.name == "pre_ping", **pool_kwargs)
     session_factory = sessionmaker(engine)
-    policy = dropsafe.Policy(verify_commits=variant.verify, hooks=())
 
     def write(session: Session) -> None:
         session.execute(INSERT)
@@ -69,7 +73,7 @@ def make_sync(variant: Variant, url: str, clients: int, **kwargs: Any) -> Callab
             with engine.connect() as connection:
                 return connection.execute(SELECT_ONE).scalar()
         if variant.guarded:
-            return dropsafe.run_transaction(session_factory, write, policy=policy)
+            return dropsafe.run_transaction(session_factory, write)
         with session_factory() as session, session.begin():
             return session.execute(INSERT)
 
@@ -134,11 +138,10 @@ async def make_async(
     """Return an async ``request(workload)`` and its engine (asyncpg or psycopg async)."""
     pool_kwargs: dict[str, Any] = {"pool_size": clients, "max_overflow": 0}
     if variant.guarded:
-        engine = dropsafe.create_async_engine(url, **pool_kwargs)
+        engine = dropsafe.create_async_engine(url, policy=_policy(variant), **pool_kwargs)
     else:
         engine = create_async_engine(url, pool_pre_ping=variant.name == "pre_ping", **pool_kwargs)
     session_factory = async_sessionmaker(engine)
-    policy = dropsafe.Policy(verify_commits=variant.verify, hooks=())
 
     async def write(session: AsyncSession) -> None:
         await session.execute(INSERT)
@@ -148,7 +151,7 @@ async def make_async(
             async with engine.connect() as connection:
                 return (await connection.execute(SELECT_ONE)).scalar()
         if variant.guarded:
-            return await dropsafe.run_transaction_async(session_factory, write, policy=policy)
+            return await dropsafe.run_transaction_async(session_factory, write)
         async with session_factory() as session, session.begin():
             return await session.execute(INSERT)
 

@@ -19,11 +19,11 @@ import sqlalchemy as sa
 from sqlalchemy.pool import NullPool
 
 import dropsafe
-from dropsafe._classify import Kind, classify
+from dropsafe._classify import ErrorKind, classify
 from dropsafe._drivers import driver_for
 from dropsafe._engine import _parse
 from dropsafe._errors import ConfigurationError
-from dropsafe._policy import Policy
+from dropsafe._policy import ConnectionPolicy
 from dropsafe._redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def diagnose(url_text: str) -> str:
             engine.dispose()
     cparams: dict[str, Any] = {}
     driver = driver_for(url.get_dialect()())
-    driver.connect_defaults(Policy(), [], cparams)
+    driver.connect_defaults(ConnectionPolicy(), [], cparams)
     facts["dropsafe client settings"] = cparams
     return _render(facts, _recommend(facts, url))
 
@@ -123,9 +123,11 @@ class _explained:  # noqa: N801 - used as a context manager, reads like one
         lowered = " ".join(text).lower()
         if "password authentication failed" in lowered or "authentication" in lowered:
             raise DoctorFailed(f"authentication refused for user {self.user}: {first}") from None
-        if classify(exc) in (Kind.FAILOVER, Kind.DISCONNECT, Kind.TRANSIENT) or isinstance(
-            exc, OSError
-        ):
+        if classify(exc) in (
+            ErrorKind.FAILOVER,
+            ErrorKind.DISCONNECT,
+            ErrorKind.TRANSIENT,
+        ) or isinstance(exc, OSError):
             raise DoctorFailed(f"cannot reach {self.where}: {first}") from None
         raise DoctorFailed(f"cannot examine {self.where}: {first}") from None
 

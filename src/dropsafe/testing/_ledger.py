@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from dropsafe.testing._server import PostgresServer
 
 __all__ = [
-    "CHAOS_POLICY",
+    "CHAOS_UNIT",
     "INSERT",
     "WORKERS",
     "Faults",
@@ -66,7 +66,7 @@ CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON ledger
   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
 """
 # What a policy facing many faults a second, for seconds, needs.
-CHAOS_POLICY: dict[str, Any] = {"max_attempts": 30, "deadline": 60, "backoff_max": 0.5}
+CHAOS_UNIT = dropsafe.UnitPolicy(max_attempts=30, deadline=60, backoff_max=0.5)
 
 # name -> (action, the most times it may run or None, its weight in the draw)
 Faults = dict[str, tuple["Callable[[], object]", "int | None", int]]
@@ -237,7 +237,7 @@ def guarded_writers(
     """
 
     def factory(ledger: Ledger) -> Callable[[str], object]:
-        policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
+        policy = dropsafe.Policy(unit=CHAOS_UNIT, hooks=(ledger.hook,))
         engine = dropsafe.create_engine(
             url, policy=policy, pool_size=WORKERS, max_overflow=WORKERS, **engine_kwargs
         )
@@ -268,7 +268,7 @@ def guarded_writers_async(
     """`guarded_writers` for `run_async`: dropsafe's async engine and run_transaction_async."""
 
     def factory(ledger: Ledger) -> Callable[[str], Awaitable[object]]:
-        policy = dropsafe.Policy(hooks=(ledger.hook,), **CHAOS_POLICY)
+        policy = dropsafe.Policy(unit=CHAOS_UNIT, hooks=(ledger.hook,))
         engine = dropsafe.create_async_engine(
             url, policy=policy, pool_size=WORKERS, max_overflow=WORKERS, **engine_kwargs
         )

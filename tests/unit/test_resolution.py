@@ -4,25 +4,27 @@ import time
 
 import pytest
 
-from dropsafe import CommitOutcomeUnknown, Policy
+from dropsafe import CommitOutcomeUnknown
 from dropsafe._classify import server_refused_commit
-from dropsafe._outcome import Incarnation, TransactionMark, _Answer, _Resolution
+from dropsafe._recording import PendingCommit
+from dropsafe._resolution import _Answer, _Resolution
+from dropsafe._server_life import ServerLife
 from dropsafe.events import CommitResolved
 
-HISTORY = Incarnation("7712167652585548053", "2026-11-25 12:00:00+00")
-AFTER_CRASH = Incarnation("7712167652585548053", "2026-11-25 12:05:00+00")
-OTHER_CLUSTER = Incarnation("1111111111111111111", "2026-11-25 12:00:00+00")
-UNREADABLE = Incarnation(None, None)
-MARK = TransactionMark(xid=725, backend_pid=4242, incarnation=HISTORY)
+HISTORY = ServerLife("7712167652585548053", "2026-11-25 12:00:00+00")
+AFTER_CRASH = ServerLife("7712167652585548053", "2026-11-25 12:05:00+00")
+OTHER_CLUSTER = ServerLife("1111111111111111111", "2026-11-25 12:00:00+00")
+UNREADABLE = ServerLife(None, None)
+MARK = PendingCommit(xid=725, backend_pid=4242, server_life=HISTORY)
 ERROR = ConnectionResetError(104, "reset")
 
 
 def _resolution(events, mark=MARK, budget=10.0):
-    return _Resolution(mark, Policy(hooks=(events.append,)), ERROR, time.monotonic() + budget)
+    return _Resolution(mark, (events.append,), ERROR, time.monotonic() + budget)
 
 
-def _primary(status, incarnation=HISTORY):
-    return _Answer(status, incarnation, in_recovery=False)
+def _primary(status, server_life=HISTORY):
+    return _Answer(status, server_life, in_recovery=False)
 
 
 @pytest.mark.parametrize(
@@ -60,7 +62,7 @@ def test_settled_answers(answer, decision):
         (MARK, _primary("future"), "status 'future'"),
         # Where the history could not be read at connect, 'committed' proves nothing.
         (
-            TransactionMark(725, 4242, UNREADABLE),
+            PendingCommit(725, 4242, UNREADABLE),
             _primary("committed"),
             "history could not be read",
         ),
@@ -76,7 +78,7 @@ def test_unknowable_answers_raise(mark, answer, reason):
 
 
 def test_an_unreadable_history_still_fences_a_running_transaction():
-    resolution = _resolution([], TransactionMark(725, 4242, UNREADABLE))
+    resolution = _resolution([], PendingCommit(725, 4242, UNREADABLE))
     assert resolution.settle(_primary("in progress", HISTORY)) == "fence"
 
 

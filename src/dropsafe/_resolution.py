@@ -1,0 +1,299 @@
+"""Ask the server what became of a COMMIT whose reply was lost; never guess.
+
+If the connection fails during COMMIT, a *new* connection (never a pooled
+one: it may sit on the same dead path) asks the server, in one statement, the xid's status, the
+server's server_life and whether it is in recovery:
+
+- another cluster answered: unknown;
+- a standby answered (it may lag the primary): ask again, until the time is up;
+- ``committed`` counts only on the same server life; after a crash or failover it is unknown;
+- ``aborted`` is final anywhere: a committed xid is never handed out again;
+- ``in progress`` on the same server life means the old backend still holds the transaction
+  (its COMMIT was lost on the way, or it is still committing): that backend is terminated
+  (fenced: a role may terminate its own backends; the pid and xid must still match, so no
+  other session is touched) and the server asked again, which gives a definite answer at once.
+  Where fencing is refused, the question is asked again until the time is up. On another
+  server_life a running or unassigned ("future") xid is a newer transaction's: ours did not
+  commit there.
+
+Anything that cannot be proven raises `CommitOutcomeUnknown`: never a guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from dropsafe._classify import classify, sqlstate_of
+from dropsafe._errors import CommitOutcomeUnknown
+from dropsafe._hooks import emit
+from dropsafe._redaction import describe_error
+from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife, text_or_none
+from dropsafe._watchdog import bounded
+from dropsafe.events import CommitResolved
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sqlalchemy.engine import Dialect, Engine
+    from sqlalchemy.pool import Pool
+
+    from dropsafe._recording import PendingCommit
+    from dropsafe.events import Hook
+
+__all__ = ["Outcome", "resolve_commit"]
+
+Outcome = Literal["committed", "aborted"]
+
+_FIRST_POLL = 0.02
+_MAX_POLL = 0.5
+_FENCE_WAIT = 5.0  # at most this long for a fenced backend to exit
+_LAST_QUESTION = 1.0  # the time a question asked after the deadline still gets
+
+# xid8 functions arrived in PostgreSQL 13. Our own new xid is beyond every xid handed out so
+# far: ours is "future" if not below it.
+_STATUS = (
+    "SELECT CASE WHEN '{xid}'::xid8 < pg_current_xact_id() "
+    "THEN pg_xact_status('{xid}'::xid8) ELSE 'future' END"
+)
+_STATUS_BEFORE_13 = (
+    "SELECT CASE WHEN {xid} < txid_current() THEN txid_status({xid}) ELSE 'future' END"
+)
+_FENCE = (
+    "SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
+    "WHERE pid = {pid} AND backend_xid::text::bigint = {xid32}{only_idle}"
+)
+
+
+def _status_statement(dialect: Dialect) -> str:
+    version = getattr(dialect, "server_version_info", None) or (13,)
+    return _STATUS if version[0] >= 13 else _STATUS_BEFORE_13  # noqa: PLR2004 - pg_xact_status: 13+
+
+
+def _terminate_waits(dialect: Dialect) -> bool:
+    version = getattr(dialect, "server_version_info", None) or (14,)
+    return bool(version[0] >= 14)  # noqa: PLR2004 - pg_terminate_backend(pid, timeout): 14+
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: object
+    server_life: ServerLife
+    in_recovery: bool
+
+
+_Decision = Literal["committed", "aborted", "fence", "again"]
+
+
+class _Resolution:
+    """The decision half of resolving: what an answer means, and how long to keep asking."""
+
+    def __init__(
+        self,
+        pending: PendingCommit,
+        hooks: tuple[Hook, ...],
+        error: BaseException,
+        deadline: float,
+    ) -> None:
+        self.pending = pending
+        self.hooks = hooks
+        self.error = error
+        self.started = time.monotonic()
+        self.deadline = deadline
+        self.pause = _FIRST_POLL
+        self.budget = max(0.0, deadline - self.started)
+        self.fenced_idle = False
+        self.fenced_any = False
+        self.fencing_refused = False
+        self.standby_answered = False
+
+    @property
+    def xid(self) -> int:
+        return self.pending.xid
+
+    def settle(self, answer: _Answer) -> _Decision:  # noqa: PLR0911 - one return per case
+        """Say what ``answer`` means; raise `CommitOutcomeUnknown` when it cannot be known."""
+        ours = self.pending.server_life
+        theirs = answer.server_life
+        if ours.system_identifier is not None and (
+            theirs.system_identifier != ours.system_identifier
+        ):
+            return self._unknown("a server of another database cluster answered")
+        self.standby_answered = answer.in_recovery
+        if answer.in_recovery:
+            return "again"  # a standby may lag its primary: only a primary can vouch
+        same_history = ours.provable and theirs == ours
+        other_history = ours.provable and theirs != ours
+        status = answer.status
+        if status == "aborted" or (other_history and status in ("in progress", "future")):
+            # A committed xid is never handed out again: a newer transaction holds ours.
+            return self._report("aborted")
+        if status == "committed" and same_history:
+            return self._report("committed")
+        if status == "in progress" and not other_history:
+            return "fence" if self.should_fence() else "again"
+        if status == "committed":
+            return self._unknown(
+                f"the server crashed, restarted from a crash or failed over since, and "
+                f"'committed' for xid {self.xid} may be a newer transaction that reused it"
+                if ours.provable
+                else f"the server's history could not be read, so 'committed' for xid "
+                f"{self.xid} cannot be told from a reuse of it after a crash"
+            )
+        return self._unknown(f"the server reports status {status!r} for xid {self.xid}")
+
+    def next_pause(self, failure: BaseException | None = None) -> float:
+        """Return how long to wait before asking again, or raise when time is up."""
+        if failure is not None and not classify(failure).retryable:
+            self._unknown(f"asking the server failed: {describe_error(failure)}", failure)
+        if time.monotonic() + self.pause > self.deadline:
+            if failure is not None:
+                why = f"the server could not be asked in time: {describe_error(failure)}"
+            elif self.standby_answered:
+                why = "only a standby answered in time, and a standby may lag its primary"
+            else:
+                why = f"xid {self.xid} was still in progress when the time was up" + (
+                    " (terminating its backend was not allowed)" if self.fencing_refused else ""
+                )
+            self._unknown(why, failure)
+        pause, self.pause = self.pause, min(self.pause * 2, _MAX_POLL)
+        return pause
+
+    def should_fence(self) -> bool:
+        """Whether to terminate the backend that holds the transaction now.
+
+        A backend idle in its transaction lost its COMMIT on the way and will never commit:
+        it is fenced at once. One still running its COMMIT (a slow trigger, a synchronous
+        standby) is given half the time, then fenced too, for an answer rather than none. Each
+        once: a backend that did not exit when told (stopped, stuck) will not later.
+        """
+        if self.fencing_refused or self.fenced_any:
+            return False
+        return not self.fenced_idle or self.fence_any_state()
+
+    def fence_any_state(self) -> bool:
+        """Whether the time left is short enough to fence a backend that is still committing."""
+        return self.deadline - time.monotonic() <= min(_FENCE_WAIT, self.budget / 2)
+
+    def fence_timeout(self) -> float:
+        """How long to wait for a fenced backend to exit: what is left, within a bound."""
+        return max(0.1, min(_FENCE_WAIT, self.deadline - time.monotonic()))
+
+    def _report(self, outcome: Outcome) -> Outcome:
+        emit(self.hooks, CommitResolved(self.xid, outcome, self._elapsed()))
+        return outcome
+
+    def _elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def _unknown(self, reason: str, failure: BaseException | None = None) -> _Decision:
+        emit(self.hooks, CommitResolved(self.xid, "unknown", self._elapsed()))
+        raise CommitOutcomeUnknown(
+            f"the connection failed during COMMIT of transaction {self.xid} and its outcome "
+            f"cannot be known: {reason}",
+            xid=self.xid,
+            reason=reason,
+        ) from (failure or self.error)
+
+
+def resolve_commit(
+    engine: Engine,
+    pending: PendingCommit,
+    error: BaseException,
+    *,
+    timeout: float,
+    deadline: float,
+    hooks: tuple[Hook, ...],
+    sleep: Callable[[float], None] = time.sleep,
+) -> Outcome:
+    """Ask the server (new connections) whether the pending commit's transaction committed.
+
+    Keeps asking for ``timeout`` seconds (``UnitPolicy.commit_status_timeout``) and never past
+    ``deadline``, but always asks at least once.
+    Async engines run this in SQLAlchemy's greenlet with an awaiting ``sleep``.
+    """
+    resolution = _Resolution(pending, hooks, error, min(time.monotonic() + timeout, deadline))
+    pool = engine.pool.recreate()  # new connections, with the engine's creator and listeners
+    try:
+        while True:
+            try:
+                decision = resolution.settle(_ask(pool, engine.dialect, pending, resolution))
+                if decision == "fence":
+                    _fence(pool, engine.dialect, pending, resolution)
+                    continue
+            except CommitOutcomeUnknown:
+                raise
+            except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
+                sleep(resolution.next_pause(exc))
+                continue
+            if decision != "again":
+                return decision
+            sleep(resolution.next_pause())
+    finally:
+        pool.dispose()
+
+
+def _ask(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> _Answer:
+    with _questioning(pool, resolution) as run:
+        server = run(f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery()")
+        server_life = ServerLife(text_or_none(server[0]), text_or_none(server[1]))
+        if server[2]:
+            return _Answer(None, server_life, in_recovery=True)  # a standby assigns no xid
+        return _Answer(
+            run(_status_statement(dialect).format(xid=pending.xid))[0],
+            server_life,
+            in_recovery=False,
+        )
+
+
+def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> None:
+    """Terminate the backend that still holds the pending transaction (if it still does)."""
+    wait = f", {int(resolution.fence_timeout() * 1000)}" if _terminate_waits(dialect) else ""
+    any_state = resolution.fence_any_state()
+    statement = _FENCE.format(
+        pid=pending.backend_pid,
+        xid32=pending.xid % 2**32,
+        wait=wait,
+        only_idle="" if any_state else " AND state <> 'active'",
+    )
+    resolution.fenced_idle = True
+    resolution.fenced_any = any_state
+    try:
+        with _questioning(pool, resolution) as run:
+            run(statement)
+    except Exception as exc:
+        if sqlstate_of(exc) != "42501":  # insufficient_privilege: not our backend to end
+            raise
+        resolution.fencing_refused = True
+
+
+@contextlib.contextmanager
+def _questioning(pool: Pool, resolution: _Resolution) -> Iterator[Callable[[str], tuple[Any, ...]]]:
+    """Give a runner of statements, each in its own transaction, on a new connection.
+
+    The connection is closed afterwards, never pooled: the next question must be free to
+    reach another server (the primary, after a standby answered through a load balancer).
+    A server that hangs (stopped, frozen) is left when the resolution's time is up, or after a
+    second for the one question that is always asked.
+    """
+    connection = pool.connect()
+    question_deadline = max(resolution.deadline, time.monotonic() + _LAST_QUESTION)
+
+    def run(statement: str) -> tuple[Any, ...]:
+        cursor = connection.cursor()
+        try:
+            cursor.execute(statement)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        connection.rollback()
+        return tuple(row) if row is not None else (None, None, False)
+
+    try:
+        with bounded(connection.dbapi_connection, question_deadline):
+            yield run
+    finally:
+        connection.invalidate()
+        connection.close()

@@ -1,0 +1,125 @@
+"""Which server, and which life of it: what makes an xid's answer mean something.
+
+An xid means something only on the WAL history that handed it out. After
+a crash restart (any backend killed hard: the postmaster resets them all and replays WAL) the
+WAL still in memory is gone, the postmaster start time does not move, and the lost xids are
+handed out again: "committed" may then be a newer transaction's. So each connection reads once,
+before the first unit of work it runs, what identifies its server's history:
+
+- ``pg_control_system().system_identifier``: set by initdb, shared by a primary and its
+  standbys, different on any other cluster;
+- ``pg_stat_bgwriter.stats_reset``: PostgreSQL resets its shared statistics at the end of every
+  crash recovery (and a new standby or restored backup starts with its own), but keeps them
+  across a clean restart, after which no xid is reused (the shutdown checkpoint records the next
+  one). Both are readable by any role. Verified on PostgreSQL 15 by SIGKILLing a backend: the
+  value moves on a crash restart and an immediate stop, and stays on a fast restart. A reset by
+  an administrator (``pg_stat_reset_shared``) also moves it: that only makes answers unknown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from dropsafe._classify import classify
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+__all__ = ["SERVER_LIFE_SQL", "ServerLife", "learn_server_life", "server_life_of", "text_or_none"]
+
+#: Two columns that identify a server's life, for a SELECT list.
+SERVER_LIFE_SQL = (
+    "(SELECT system_identifier::text FROM pg_control_system()), "
+    "(SELECT stats_reset::text FROM pg_stat_bgwriter)"
+)
+
+
+@dataclass(frozen=True)
+class ServerLife:
+    """One WAL history of one cluster, between two crashes (see the module's docstring)."""
+
+    system_identifier: str | None
+    stats_reset: str | None
+
+    @property
+    def provable(self) -> bool:
+        """Whether equal server lives prove the same WAL history (both values were read)."""
+        return self.system_identifier is not None and self.stats_reset is not None
+
+
+_UNREADABLE = ServerLife(None, None)
+
+
+class _ServerLives:
+    """Each connection's server's life, read once when it opens.
+
+    Held weakly by the driver's own connection object (SQLAlchemy's asyncio adapters cannot be
+    weakly referenced, the connections they adapt can), so nothing outlives the pool.
+    """
+
+    def __init__(self) -> None:
+        self._by_connection: weakref.WeakKeyDictionary[Any, ServerLife] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def learn(self, connection: Connection) -> None:
+        """Read the life of ``connection``'s server, once per DBAPI connection.
+
+        Called before a unit of work's first statement, so outside any transaction of the
+        app (the read is rolled back at the DBAPI level; SQLAlchemy has sent nothing yet).
+        A connection that fails here (a pooler that accepted it but cannot reach the server)
+        raises: the unit waits and connects again, as for a refused connect. Any other failure
+        (a fork or proxy that hides these functions) makes the connection unprovable.
+        """
+        fairy = connection.connection
+        driver_connection = fairy.driver_connection
+        with contextlib.suppress(TypeError), self._lock:  # TypeError: not weakly referable
+            if driver_connection in self._by_connection:
+                return
+        dbapi_connection: Any = fairy.dbapi_connection
+        try:
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"SELECT {SERVER_LIFE_SQL}")
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            dbapi_connection.rollback()
+            server_life = ServerLife(text_or_none(row[0]), text_or_none(row[1]))
+        except Exception as exc:
+            if classify(exc).retryable:
+                connection.invalidate(exc)  # never back to the pool: it is dead
+                raise
+            with contextlib.suppress(Exception):
+                dbapi_connection.rollback()
+            server_life = _UNREADABLE
+        with contextlib.suppress(TypeError), self._lock:
+            self._by_connection[driver_connection] = server_life
+
+    def of(self, driver_connection: object) -> ServerLife:
+        with contextlib.suppress(TypeError), self._lock:
+            return self._by_connection.get(driver_connection, _UNREADABLE)
+        return _UNREADABLE
+
+
+_SERVER_LIVES = _ServerLives()
+
+
+def learn_server_life(connection: Connection) -> None:
+    """Read the life of ``connection``'s server if it is not known yet (see the module doc)."""
+    _SERVER_LIVES.learn(connection)
+
+
+def server_life_of(driver_connection: object) -> ServerLife:
+    """Return what `learn_server_life` read for this driver connection, or "unreadable"."""
+    return _SERVER_LIVES.of(driver_connection)
+
+
+def text_or_none(value: object) -> str | None:
+    """Return a column read from the server as text, None staying None."""
+    return None if value is None else str(value)

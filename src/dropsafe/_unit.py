@@ -1,0 +1,243 @@
+"""What a unit of work does next: every decision of `run_transaction`, with no I/O.
+
+The core is a generator, driven by a thin sync loop (`run_transaction`) and a thin async one
+(`run_transaction_async`), as h11 is driven by httpx: it yields a step, the driver performs it
+and sends back what happened.
+
+- `Run`: run the function once on a connection and commit (the driver sends back `Committed`,
+  `Failed` or `CommitFailed`);
+- `Resolve`: the COMMIT's reply was lost; ask the server what became of it (the driver sends
+  back "committed" or "aborted", or lets `CommitOutcomeUnknown` out);
+- `Sleep`: back off before the next run (the driver sends back None).
+
+The generator returns the unit's result, or raises what the caller must see: the error itself
+when it is not retryable or when the attempts or the deadline ran out (with a note saying so),
+`CommitOutcomeUnknown` when a COMMIT cannot be retried whole. Because the two faces drive the
+same generator, they cannot disagree on what an error means or when to give up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, Union
+
+from dropsafe._backoff import backoff
+from dropsafe._classify import ErrorKind, classify
+from dropsafe._errors import CommitOutcomeUnknown
+from dropsafe._hooks import emit
+from dropsafe._policy import UnitPolicy, seconds
+from dropsafe._redaction import describe_error
+from dropsafe.events import RetriesGaveUp, RetryScheduled
+
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    from dropsafe._recording import PendingCommit
+    from dropsafe.events import Hook
+
+__all__ = [
+    "CommitFailed",
+    "Committed",
+    "Failed",
+    "Resolve",
+    "RetryBudget",
+    "Run",
+    "Sleep",
+    "unit_of_work",
+]
+
+_T = TypeVar("_T")
+
+
+# -- the steps the core asks for ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run the function once and commit; nothing may wait past ``deadline`` (monotonic)."""
+
+    deadline: float
+    verify_commits: bool  # read the server's life and the xid before COMMIT
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """Ask the server whether ``pending`` committed: for ``timeout`` s, never past ``deadline``."""
+
+    pending: PendingCommit
+    error: Exception
+    timeout: float
+    deadline: float
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Wait before the next run."""
+
+    seconds: float
+
+
+Step = Union[Run, Resolve, Sleep]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
+
+
+# -- what a run reports back -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Committed(Generic[_T]):
+    """The COMMIT succeeded."""
+
+    result: _T
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The run failed before its COMMIT was sent (``reached_server``: it got a connection)."""
+
+    error: Exception
+    reached_server: bool
+
+
+@dataclass(frozen=True)
+class CommitFailed(Generic[_T]):
+    """COMMIT raised after it was sent: what the function returned, and what was recorded."""
+
+    result: _T
+    error: Exception
+    pending: PendingCommit | None  # None: the transaction wrote nothing
+    commits_sent: int
+
+
+Report = Union[Committed[Any], Failed, CommitFailed[Any]]  # noqa: UP007 - runtime alias
+Reply = Union[Report, Literal["committed", "aborted"], None]  # noqa: UP007 - runtime alias
+
+
+# -- the core ----------------------------------------------------------------------------------
+
+
+def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step, Reply, Any]:
+    """Yield the steps of one unit of work; return its result (see the module's docstring)."""
+    budget = RetryBudget(policy, hooks)
+    while True:
+        report = yield Run(budget.deadline, policy.verify_commits)
+        if isinstance(report, Committed):
+            return report.result
+        if isinstance(report, CommitFailed) and _may_have_committed(report, policy):
+            if report.pending is not None:
+                timeout = seconds(policy.commit_status_timeout)
+                outcome = yield Resolve(report.pending, report.error, timeout, budget.deadline)
+                if outcome == "committed":
+                    return report.result
+            # Aborted, or it wrote nothing: running it again is harmless.
+            yield Sleep(budget.next_delay(ErrorKind.DISCONNECT, report.error))
+            continue
+        if not isinstance(report, (Failed, CommitFailed)):  # pragma: no cover - a driver's bug
+            raise TypeError(f"a Run is answered with a report, not {report!r}")
+        reached_server = report.reached_server if isinstance(report, Failed) else True
+        kind = _retryable_kind(report.error)
+        yield Sleep(budget.next_delay(kind, report.error, reached_server=reached_server))
+
+
+def _may_have_committed(report: CommitFailed[Any], policy: UnitPolicy) -> bool:
+    """Whether the COMMIT may have happened, so that the server must be asked before a rerun.
+
+    Raises `CommitOutcomeUnknown` when it may have happened and cannot be asked about.
+    """
+    error = report.error
+    if classify(error, during_commit=True) is not ErrorKind.COMMIT_UNKNOWN:
+        # PostgreSQL refused the COMMIT (nothing committed), or the error is not the
+        # database's at all (the app's own listener): retried or raised like any other.
+        return False
+    if not policy.verify_commits:
+        raise CommitOutcomeUnknown(
+            "the connection failed during COMMIT and UnitPolicy.verify_commits is off, "
+            "so its outcome was not recorded",
+            xid=None,
+            reason="verify_commits is off",
+        ) from error
+    if report.commits_sent > 1:
+        raise CommitOutcomeUnknown(
+            "the connection failed during a COMMIT of a unit of work that committed on more "
+            "than one connection; a partial commit cannot be retried whole",
+            xid=None if report.pending is None else report.pending.xid,
+            reason="more than one connection committed",
+        ) from error
+    return True
+
+
+def _retryable_kind(error: Exception) -> ErrorKind:
+    """Return the kind of a retryable error; raise ``error`` unchanged when it is not."""
+    kind = classify(error)
+    if not kind.retryable:
+        raise error
+    return kind
+
+
+class RetryBudget:
+    """Counts the runs of one unit of work and decides how long to wait before the next.
+
+    Only runs that reached the server count against ``UnitPolicy.max_attempts``: while the
+    server cannot be reached at all (a restart, a failover), connecting is retried with the same
+    backoff until the deadline, as psycopg_pool's ``reconnect_timeout`` does. The deadline is
+    absolute: no run starts once it has passed.
+
+    When the budget runs out, the last error itself is raised, not a wrapper: an app's
+    ``except OperationalError:`` keeps catching what it caught before dropsafe (stamina's
+    choice, not tenacity's). A note on the error (Python 3.11+) and a `RetriesGaveUp` event
+    say how many runs were made and why they stopped.
+    """
+
+    def __init__(
+        self, policy: UnitPolicy, hooks: tuple[Hook, ...], *, rng: random.Random | None = None
+    ) -> None:
+        self.policy = policy
+        self.hooks = hooks
+        self.number = 1
+        self.failed_connects = 0
+        self.started = time.monotonic()
+        self.deadline = self.started + seconds(policy.deadline)
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never negative)."""
+        return max(0.0, self.deadline - time.monotonic())
+
+    def next_delay(
+        self, kind: ErrorKind, error: Exception, *, reached_server: bool = True
+    ) -> float:
+        """Return the backoff before the next run, or raise ``error`` when none may follow.
+
+        ``reached_server`` is False when the run failed to get a connection at all: that
+        does not use up an attempt, only time.
+        """
+        text = describe_error(error)
+        if reached_server and self.number >= self.policy.max_attempts:
+            self._give_up("attempts", text, error)
+        delay = backoff(self.policy, self.number + self.failed_connects, self._rng)
+        if time.monotonic() + delay >= self.deadline:
+            self._give_up("deadline", text, error)
+        emit(self.hooks, RetryScheduled(self.number, delay, kind, text))
+        if reached_server:
+            self.number += 1
+        else:
+            self.failed_connects += 1
+        return delay
+
+    def _give_up(
+        self, reason: Literal["attempts", "deadline"], text: str, error: Exception
+    ) -> None:
+        elapsed = time.monotonic() - self.started
+        emit(self.hooks, RetriesGaveUp(self.number, elapsed, reason, text))
+        runs = f"{self.number} attempt(s)"
+        if self.failed_connects:
+            runs += f" and {self.failed_connects} failed connect(s)"
+        if reason == "attempts":
+            why = f"after {runs}"
+        else:
+            why = f"at the {seconds(self.policy.deadline):g}s deadline after {runs}"
+        note = f"dropsafe: the unit of work gave up {why} in {elapsed:.2f}s"
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(note)
+        raise error
