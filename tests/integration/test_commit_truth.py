@@ -302,7 +302,7 @@ def test_postgresql_s_own_refusal_of_a_commit_is_not_resolved(server, driver):
         ["SET LOCAL test.refuse = 'serialization'", "INSERT INTO refusals VALUES (2)"],
         policy=policy,
     )
-    with pytest.raises(sa.exc.DBAPIError, match="could not serialize"):
+    with pytest.raises(sa.exc.DBAPIError, match="conflict at commit"):
         conflicted.run()
     assert conflicted.calls == policy.unit.max_attempts
     assert recorder.outcomes() == []

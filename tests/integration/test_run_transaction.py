@@ -225,7 +225,7 @@ def test_wrong_kinds_of_fn_and_bind_are_refused(engine):
         dropsafe.run_transaction(sessionmaker(), lambda s: 1)
     with pytest.raises(ConfigurationError, match="is not async: use run_transaction"):
         asyncio.run(dropsafe.run_transaction_async(engine, async_unit))
-    with pytest.raises(ConfigurationError, match=r"policy must be a dropsafe\.Policy"):
+    with pytest.raises(ConfigurationError, match=r"policy must be a dropsafe\.UnitPolicy"):
         dropsafe.run_transaction(engine, lambda c: 1, policy={"max_attempts": 2})
 
 
