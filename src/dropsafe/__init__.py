@@ -7,16 +7,26 @@ Example::
     post_id = dropsafe.run_transaction(Session, lambda s: create_post(s, "hello"))
 
 Everything public is listed in ``__all__``; the modules with a leading underscore are not API.
+
+The names are imported on first use, not with the package: pytest imports this package in every
+run of every project that has dropsafe installed (to load the plugin,
+``dropsafe.testing.pytest_plugin``), and a run whose tests never use dropsafe must not pay for
+SQLAlchemy and the rest. The first name asked for imports them all.
 """
 
 from __future__ import annotations
 
-from dropsafe._backoff import test_mode
-from dropsafe._classify import ErrorKind, classify
-from dropsafe._engine import create_async_engine, create_engine, harden
-from dropsafe._errors import CommitOutcomeUnknown, ConfigurationError, DropsafeError
-from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
-from dropsafe._transaction import run_transaction, run_transaction_async, transactional
+import importlib
+import typing
+
+# typing.TYPE_CHECKING, not a bare name: the package exports nothing but its __all__.
+if typing.TYPE_CHECKING:
+    from dropsafe._backoff import test_mode
+    from dropsafe._classify import ErrorKind, classify
+    from dropsafe._engine import create_async_engine, create_engine, harden
+    from dropsafe._errors import CommitOutcomeUnknown, ConfigurationError, DropsafeError
+    from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
+    from dropsafe._transaction import run_transaction, run_transaction_async, transactional
 
 __all__ = [
     "CommitOutcomeUnknown",
@@ -49,8 +59,29 @@ _GONE = {
 }
 
 
+# Where each public name lives.
+_HOMES = {
+    "dropsafe._backoff": ("test_mode",),
+    "dropsafe._classify": ("ErrorKind", "classify"),
+    "dropsafe._engine": ("create_async_engine", "create_engine", "harden"),
+    "dropsafe._errors": ("CommitOutcomeUnknown", "ConfigurationError", "DropsafeError"),
+    "dropsafe._policy": ("ConnectionPolicy", "Policy", "PoolPolicy", "UnitPolicy"),
+    "dropsafe._transaction": ("run_transaction", "run_transaction_async", "transactional"),
+}
+
+
 def __getattr__(name: str) -> object:
+    """Import every public name on the first use of one (see the module doc)."""
+    if name in __all__:
+        for module_name, names in _HOMES.items():
+            module = importlib.import_module(module_name)
+            globals().update({public: getattr(module, public) for public in names})
+        return globals()[name]
     if name in _GONE:
         # ImportError, not AttributeError: ``from dropsafe import X`` would replace the message.
         raise ImportError(f"dropsafe.{name} is gone: {_GONE[name]}", name=name)
     raise AttributeError(f"module 'dropsafe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -14,16 +14,26 @@ from sqlalchemy.orm import Session, sessionmaker
 import dropsafe
 
 # A deferred constraint trigger that sleeps makes COMMIT slow: a fault during it hits a COMMIT
-# the server is still working on. ``ledger`` has no unique key, so a duplicate shows as a row.
-SLOW_COMMIT_SCHEMA = """
-CREATE TABLE ledger (v int NOT NULL);
-CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+# the server is still working on (``SET LOCAL test.commit_sleep = '2'`` in the transaction).
+
+
+def slow_commit_schema(table, *, unique=False):
+    """A table of ints whose COMMITs take ``test.commit_sleep`` seconds.
+
+    Without ``unique`` a duplicate write shows as a second row; with it, as an error.
+    """
+    return f"""
+CREATE TABLE {table} (v int NOT NULL{" UNIQUE" if unique else ""});
+CREATE FUNCTION slow_commit_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
   PERFORM pg_sleep(coalesce(nullif(current_setting('test.commit_sleep', true), '')::float, 0));
   RETURN NULL;
 END $$;
-CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON ledger
-  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table}
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit_{table}();
 """
+
+
+SLOW_COMMIT_SCHEMA = slow_commit_schema("ledger")
 COMMIT_RUNNING = "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
 
 

@@ -6,11 +6,10 @@ import asyncio
 import os
 import signal
 import sys
-import threading
-import time
 
 import pytest
 import sqlalchemy as sa
+from commit_faults import WhenCommitRuns, slow_commit_schema
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
@@ -18,15 +17,7 @@ import dropsafe
 from dropsafe import CommitOutcomeUnknown, ConfigurationError, ErrorKind
 from dropsafe.events import CommitResolved, RetriesGaveUp, RetryScheduled
 
-SCHEMA = """
-CREATE TABLE items (v int NOT NULL UNIQUE);
-CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-  PERFORM pg_sleep(coalesce(nullif(current_setting('test.commit_sleep', true), '')::float, 0));
-  RETURN NULL;
-END $$;
-CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON items
-  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
-"""
+SCHEMA = slow_commit_schema("items", unique=True)
 RAISE_40001 = sa.text("DO $$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $$")
 
 
@@ -75,32 +66,6 @@ def _insert(value, commit_sleep=0.0):
 
 def _values(server):
     return [int(v) for (v,) in server.execute("SELECT v FROM items ORDER BY v")]
-
-
-class _WhenCommitRuns(threading.Thread):
-    """Run ``action`` as soon as the server shows a COMMIT in progress (within 20 s)."""
-
-    def __init__(self, server, action):
-        super().__init__(daemon=True)
-        self.server, self.action, self.fired = server, action, False
-        self.start()
-
-    def run(self):
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.server.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
-            ):
-                self.action()
-                self.fired = True
-                return
-
-    def join(self, timeout=None):
-        super().join(timeout)
-        assert self.fired, "no COMMIT was seen in progress"
-
-
-_when_commit_runs = _WhenCommitRuns
 
 
 # -- the plain path -------------------------------------------------------------------------
@@ -242,7 +207,7 @@ def test_commit_cut_after_the_server_committed_is_not_run_again(
         calls.append(1)
         return _insert(9, commit_sleep=0.5)(session)
 
-    watcher = _when_commit_runs(server, lambda: chaos_proxy.cut("rst"))
+    watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
     assert dropsafe.run_transaction(sessionmaker(engine), unit) == 9
     watcher.join(timeout=20)
     assert len(calls) == 1, "a committed unit of work ran again"
@@ -265,7 +230,7 @@ def test_commit_cut_and_aborted_runs_the_unit_again(server, engine, chaos_proxy,
         chaos_proxy.cut("fin")
         server.terminate_backends()
 
-    watcher = _when_commit_runs(server, cut_and_kill)
+    watcher = WhenCommitRuns(server, cut_and_kill)
     assert dropsafe.run_transaction(sessionmaker(engine), unit) == 10
     watcher.join(timeout=20)
     assert len(calls) == 2
@@ -293,7 +258,7 @@ def test_commit_held_by_a_stopped_backend_past_the_bound_is_unknown(server, chao
         chaos_proxy.cut("rst")
 
     try:
-        watcher = _when_commit_runs(server, cut_and_stop)
+        watcher = WhenCommitRuns(server, cut_and_stop)
         with pytest.raises(CommitOutcomeUnknown, match="still in progress") as raised:
             dropsafe.run_transaction(sessionmaker(engine), _insert(11, commit_sleep=3))
         watcher.join(timeout=20)
@@ -312,7 +277,7 @@ def test_without_commit_verification_an_ambiguous_commit_is_reported(server, cha
         policy=dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=False)),
     )
     try:
-        watcher = _when_commit_runs(server, lambda: chaos_proxy.cut("rst"))
+        watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
         with pytest.raises(CommitOutcomeUnknown, match="verify_commits is off"):
             dropsafe.run_transaction(sessionmaker(engine), _insert(12, commit_sleep=0.5))
         watcher.join(timeout=20)
@@ -337,7 +302,7 @@ def test_async_commit_cut_after_the_server_committed_is_not_run_again(
             chaos_proxy.route(server.url("asyncpg")), policy=dropsafe.Policy(hooks=(recorder,))
         )
         try:
-            watcher = _when_commit_runs(server, lambda: chaos_proxy.cut("rst"))
+            watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
             result = await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
             await asyncio.to_thread(watcher.join, 20)
             return result

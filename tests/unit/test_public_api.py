@@ -2,6 +2,8 @@
 
 import importlib
 import pkgutil
+import subprocess
+import sys
 
 import pytest
 
@@ -73,6 +75,8 @@ def test_the_public_names_are_exactly_these(name):
 @pytest.mark.parametrize("name", sorted(PUBLIC))
 def test_nothing_else_is_exported_by_accident(name):
     module = importlib.import_module(name)
+    for public in module.__all__:
+        getattr(module, public)  # the packages import their names on first use
     defined_here = {
         attribute
         for attribute, value in vars(module).items()
@@ -104,3 +108,15 @@ def test_one_exception_tree():
     assert issubclass(dropsafe.testing.ServerError, dropsafe.DropsafeError)
     # Users already catch ValueError for bad arguments.
     assert issubclass(dropsafe.ConfigurationError, ValueError)
+
+
+def test_loading_the_pytest_plugin_imports_neither_sqlalchemy_nor_the_bench():
+    # pytest loads it in every run of every project that has dropsafe installed.
+    probe = (
+        "import sys, dropsafe.testing.pytest_plugin; "
+        "print(sorted(m for m in sys.modules if m.startswith(('sqlalchemy', 'dropsafe.'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert loaded.strip() == "['dropsafe.testing', 'dropsafe.testing.pytest_plugin']"
