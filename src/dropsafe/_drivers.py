@@ -437,6 +437,11 @@ def socket_fd(dbapi_connection: Any) -> int | None:  # noqa: ANN401 - DBAPI conn
     For code that holds a DBAPI connection but not its engine; None if no driver knows it or
     it has no socket (closed).
     """
+    # A driver's own connection first (what SQLAlchemy hands out unless a creator= wraps it):
+    # this runs at every bounded statement, and looking through wrappers costs more.
+    for driver in _EVERY_DRIVER:
+        if driver.owns(dbapi_connection):
+            return _socket_fd_or_none(driver, dbapi_connection)
     for driver in _EVERY_DRIVER:
         native = driver.native(dbapi_connection)
         if native is not None:
