@@ -1,4 +1,4 @@
-"""What a failed connection means for the pool: replace that one connection, or all of them.
+"""What a failed connection means for the pool: recycle what the error proves dead, no more.
 
 SQLAlchemy recycles the whole pool on any disconnect. dropsafe narrows that to what is dead:
 a terminated backend takes its own connection only, while a restart, a crash, a failover or a

@@ -1,4 +1,4 @@
-"""The checkout check: a free look at each connection's socket, a ping only when needed.
+"""The checkout check: no dead connection handed out, and no round trip paid by a busy pool.
 
 A busy pool pays nothing: a socket polled with a zero timeout (or the driver's closed flag)
 says whether a FIN, an RST or the server's goodbye arrived while the connection sat idle. Only

@@ -1,8 +1,8 @@
-"""Shut a socket down when its deadline passes: one daemon thread for the whole process.
+"""Shut a socket down at its deadline, which ends any read blocked on it, in any thread or loop.
 
-A blocked read on a socket ends when the socket is shut down (``shutdown(SHUT_RDWR)`` on a
-duplicate of its file descriptor): the read returns end-of-file, whatever thread or event loop
-waits on it. This module knows sockets only by file descriptor; which socket a DBAPI
+One daemon thread for the whole process keeps the deadlines and, when one passes, shuts the
+socket down (``shutdown(SHUT_RDWR)`` on a duplicate of its file descriptor): the blocked read
+returns end-of-file. This module knows sockets only by file descriptor; which socket a DBAPI
 connection uses is the driver's business (`dropsafe._drivers`), and why dropsafe bounds a wait
 this way is told in `dropsafe._watchdog`.
 """
