@@ -21,7 +21,14 @@ import sqlalchemy.exc
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-__all__ = ["ErrorKind", "classify", "is_driver_error", "server_refused_commit", "sqlstate_of"]
+__all__ = [
+    "READ_ONLY_SQLSTATE",
+    "ErrorKind",
+    "classify",
+    "is_driver_error",
+    "server_refused_commit",
+    "sqlstate_of",
+]
 
 
 class ErrorKind(str, enum.Enum):
@@ -46,9 +53,10 @@ class ErrorKind(str, enum.Enum):
 
 
 #: 25006 (read_only_sql_transaction) is a failover only when the server itself is read-only
-#: because it is in recovery (a standby). The guard (liveness.py) establishes that from the
-#: connection and then marks SQLAlchemy's error ``connection_invalidated``; otherwise 25006 is
-#: the user's own read-only transaction, or a setting of the server: permanent.
+#: because it is in recovery (a standby). The pool's error handler (`dropsafe._invalidation`)
+#: establishes that from the connection and then marks SQLAlchemy's error
+#: ``connection_invalidated``; otherwise 25006 is the user's own read-only transaction, or a
+#: setting of the server: permanent.
 READ_ONLY_SQLSTATE = "25006"
 
 _SQLSTATE_KINDS: dict[str, ErrorKind] = {
@@ -69,10 +77,6 @@ _SQLSTATE_KINDS: dict[str, ErrorKind] = {
     "08001": ErrorKind.FAILOVER,  # sqlclient_unable_to_establish_sqlconnection
     "08004": ErrorKind.FAILOVER,  # sqlserver_rejected_establishment_of_sqlconnection
 }
-
-# SQLSTATEs after which every pooled connection is suspect, not only the one that saw it.
-# (25006 is pool-wide too, when the guard finds the server in recovery: see liveness.py.)
-POOL_WIDE_SQLSTATES = frozenset({"57P02", "57P03", "08001", "08004"})
 
 # Packages whose exceptions are "raised by the database driver".
 _DRIVER_PACKAGES = frozenset({"psycopg2", "psycopg", "asyncpg", "pg8000"})

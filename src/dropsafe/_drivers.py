@@ -1,4 +1,13 @@
-"""Per-driver facts: TCP settings, where the socket is, how to look at it, how to ping."""
+"""Per-driver facts, so that nothing else in dropsafe needs to know which driver it talks to.
+
+Each supported DBAPI driver (psycopg2, psycopg 3, asyncpg, pg8000) gets one `Driver`: which
+connect arguments carry dropsafe's connection settings, how to recognise its connection (also
+inside known wrappers), where its socket is, how to look at that socket without a round trip,
+how to ping within a timeout, how it takes a multi-host list, and what the server reported to
+it. What dropsafe does with these facts lives elsewhere: the checkout check in
+`dropsafe._liveness`, connect arguments and socket options in `dropsafe._connect_args`, the
+deadline on a wait in `dropsafe._watchdog`.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +18,6 @@ import math
 import os
 import re
 import select
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -21,9 +29,10 @@ from sqlalchemy.util import concurrency as _sa_concurrency
 
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import ConnectionPolicy, seconds
-from dropsafe._watchdog import bounded
+from dropsafe._socket_shutdown import shut_down_at
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.engine import Dialect
@@ -36,6 +45,7 @@ __all__ = [
     "Server",
     "driver_for",
     "is_supported",
+    "socket_fd",
 ]
 
 _LIBPQ_KEYS = (
@@ -55,6 +65,10 @@ _await: Callable[[Awaitable[Any]], Any] = (
 _LIBPQ_ENVIRONMENT = {"connect_timeout": "PGCONNECT_TIMEOUT"}
 _DSN_SERVICE = re.compile(r"(?:^|[\s?&])service\s*=\s*'?([^\s'&]+)")
 _DSN_KEY = re.compile(r"(?:^|[\s?&])(" + "|".join(_LIBPQ_KEYS) + r")\s*=")
+# Attributes through which known wrappers reach the driver's connection: the AWS Advanced
+# Python Wrapper (target_connection), wrapt and functools-style proxies, common hand-made ones.
+_WRAPPER_ATTRIBUTES = ("target_connection", "__wrapped__", "_wrapped", "_connection", "_conn")
+_UNWRAP_DEPTH = 3
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _POLL_MASK = select.POLLIN | _POLL_DEAD
@@ -69,13 +83,18 @@ class Server:
 
 
 class Health(enum.Enum):
-    """What a look at an idle connection, without a round trip, says about it."""
+    """What a look at an idle connection's socket, without a round trip, saw."""
 
-    ALIVE = "alive"
-    SUSPECT = "suspect"  # something arrived while idle: a ping tells whether it was a goodbye
-    DEAD = "dead"
-    # Not a connection of this driver (a wrapper, a creator's own type): it pings after idle.
-    UNKNOWN = "unknown"
+    #: Open, and nothing arrived while it sat idle.
+    QUIET = "quiet"
+    #: Something arrived while idle: the server's goodbye (an ERROR before it closes), or a
+    #: notice or notification. Only a ping tells which.
+    DATA_WAITING = "data waiting"
+    #: The driver says it is closed, or the socket says the peer hung up or it failed.
+    CLOSED = "closed"
+    #: No look was possible: not this driver's connection (a wrapper dropsafe does not know,
+    #: a creator's own type), or the look itself failed. It is pinged after idle.
+    UNSEEN = "unseen"
 
 
 class Driver:
@@ -90,13 +109,43 @@ class Driver:
         del policy, cargs, cparams
         return set()
 
-    def on_connect(self, dbapi_connection: Any, policy: ConnectionPolicy, added: set[str]) -> None:  # noqa: ANN401 - DBAPI connections are untyped
-        """Tune a new connection (socket options the driver has no argument for)."""
+    def socket_for_options(self, dbapi_connection: Any) -> socket.socket | None:  # noqa: ANN401 - DBAPI connections are untyped
+        """Return the socket dropsafe must set TCP options on itself, after connecting.
+
+        None where the connect arguments already set them (libpq takes keepalives and
+        ``tcp_user_timeout`` as parameters), or where there is no socket to tune.
+        """
+        del dbapi_connection
+        return None
+
+    def after_connect(self, dbapi_connection: Any, added: set[str]) -> None:  # noqa: ANN401
+        """Undo what a connect argument dropsafe ``added`` would do beyond the connect."""
+        del dbapi_connection, added
 
     def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
         """Whether ``dbapi_connection`` is this driver's own, that `probe` can look into."""
         del dbapi_connection
         return False
+
+    def native(self, dbapi_connection: Any) -> Any:  # noqa: ANN401
+        """Return this driver's own connection inside ``dbapi_connection``, or None if unknown.
+
+        Known wrappers (the AWS Advanced Python Wrapper's ``target_connection``,
+        ``__wrapped__`` proxies) are looked through, at most three deep: the search runs at
+        every checkout.
+        """
+        candidate = dbapi_connection
+        for _ in range(_UNWRAP_DEPTH + 1):
+            if candidate is None:
+                return None
+            if self.owns(candidate):
+                return candidate
+            candidate = _unwrap_once(candidate)
+        return None
+
+    def socket_fd(self, dbapi_connection: Any) -> int | None:  # noqa: ANN401
+        """Return the file descriptor of the socket of a connection that `owns` accepts."""
+        raise NotImplementedError
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         """Look at an idle connection without a round trip (only one that `owns` accepts)."""
@@ -121,30 +170,13 @@ class Driver:
         del dbapi_connection, name
         return None
 
-    def prefer(self, cparams: dict[str, Any], server: Server) -> None:
-        """Put ``server`` first in a multi-host target, if it is one of the hosts."""
-        pairs = self._hosts(cparams)
-        matches = [i for i, pair in enumerate(pairs) if pair == (server.host, str(server.port))]
-        if matches:
-            self._set_hosts(cparams, pairs[matches[0] :] + pairs[: matches[0]])
-
     def hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
-        """Return the (host, port) pairs of a multi-host target; empty for a single host."""
-        return self._hosts(cparams)
-
-    def rotate(self, cparams: dict[str, Any], steps: int) -> None:
-        """Start a multi-host target ``steps`` hosts further down its list."""
-        pairs = self._hosts(cparams)
-        if len(pairs) > 1:
-            steps %= len(pairs)
-            self._set_hosts(cparams, pairs[steps:] + pairs[:steps])
-
-    def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         """Return the (host, port) pairs of a multi-host target; empty for a single host."""
         del cparams
         return []
 
-    def _set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+    def set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+        """Write ``pairs`` back as the multi-host target, in the form the driver takes."""
         del cparams, pairs
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
@@ -200,10 +232,14 @@ class _Libpq(Driver):
             value = connection.info.parameter_status(name)
         return value if isinstance(value, str) else None
 
+    def socket_fd(self, dbapi_connection: Any) -> int | None:  # noqa: ANN401
+        # psycopg's async connection sits in SQLAlchemy's adapter; both drivers say fileno().
+        return int(getattr(dbapi_connection, "_connection", dbapi_connection).fileno())
+
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = getattr(dbapi_connection, "_connection", dbapi_connection)
         if connection.closed or getattr(connection, "broken", False):
-            return Health.DEAD
+            return Health.CLOSED
         return _poll(connection)
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
@@ -211,7 +247,8 @@ class _Libpq(Driver):
         # kernel still acknowledges (a stopped or hung backend): only the client can end the
         # wait. A cancel request would wait on that same hung backend, so the socket is shut
         # down instead; the connection is then broken and the pool replaces it.
-        with bounded(dbapi_connection, time.monotonic() + timeout) as deadline:
+        fd = _socket_fd_or_none(self, dbapi_connection)
+        with shut_down_at(fd, time.monotonic() + timeout) as deadline:
             try:
                 dialect.do_ping(dbapi_connection)
             except Exception as exc:
@@ -221,7 +258,7 @@ class _Libpq(Driver):
         if deadline.expired:  # answered as the deadline struck: the socket is shut down anyway
             raise TimeoutError(f"no answer to the ping within {timeout:g}s")
 
-    def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
+    def hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         hosts = str(cparams.get("host", "")).split(",")
         if len(hosts) < 2:  # noqa: PLR2004 - one host: nothing to reorder
             return []
@@ -229,7 +266,7 @@ class _Libpq(Driver):
         ports = ports * len(hosts) if len(ports) == 1 else ports
         return list(zip(hosts, ports, strict=False))
 
-    def _set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+    def set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
         cparams["host"] = ",".join(host for host, _ in pairs)
         cparams["port"] = ",".join(port for _, port in pairs)
 
@@ -268,11 +305,12 @@ class _Asyncpg(Driver):
         # host eats it all, so after a failed attempt the guard starts from the next host.
         return _timeout_argument(cparams, policy)
 
-    def on_connect(self, dbapi_connection: Any, policy: ConnectionPolicy, added: set[str]) -> None:  # noqa: ANN401
-        del added
+    def socket_for_options(self, dbapi_connection: Any) -> socket.socket | None:  # noqa: ANN401
+        return dbapi_connection._connection._transport.get_extra_info("socket")  # type: ignore[no-any-return]  # noqa: SLF001
+
+    def socket_fd(self, dbapi_connection: Any) -> int | None:  # noqa: ANN401
         sock = dbapi_connection._connection._transport.get_extra_info("socket")  # noqa: SLF001
-        if sock is not None:
-            tune_socket(sock, policy)
+        return None if sock is None else int(sock.fileno())
 
     def server_of(self, dbapi_connection: Any) -> Server | None:  # noqa: ANN401
         address = dbapi_connection._connection._addr  # noqa: SLF001
@@ -283,23 +321,23 @@ class _Asyncpg(Driver):
         value = getattr(settings, name, None)
         return value if isinstance(value, str) else None
 
-    def _hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
+    def hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         hosts, ports = cparams.get("host"), cparams.get("port")
         if not isinstance(hosts, list) or not isinstance(ports, list):
             return []
         return [(str(host), str(port)) for host, port in zip(hosts, ports, strict=False)]
 
-    def _set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
+    def set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
         cparams["host"] = [host for host, _ in pairs]
         cparams["port"] = [int(port) for _, port in pairs]
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = dbapi_connection._connection  # noqa: SLF001
         if connection.is_closed():
-            return Health.DEAD
+            return Health.CLOSED
         # The event loop may not have run since the peer hung up: look at the socket too.
         sock = connection._transport.get_extra_info("socket")  # noqa: SLF001
-        return Health.ALIVE if sock is None else _poll(sock)
+        return Health.QUIET if sock is None else _poll(sock)
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         del dialect
@@ -330,11 +368,16 @@ class _Pg8000(Driver):
         # pg8000's timeout also bounds every later read: on_connect lifts it after connecting.
         return _timeout_argument(cparams, policy)
 
-    def on_connect(self, dbapi_connection: Any, policy: ConnectionPolicy, added: set[str]) -> None:  # noqa: ANN401
-        sock = dbapi_connection._usock  # noqa: SLF001
-        tune_socket(sock, policy)
+    def socket_for_options(self, dbapi_connection: Any) -> socket.socket | None:  # noqa: ANN401
+        return dbapi_connection._usock  # type: ignore[no-any-return]  # noqa: SLF001
+
+    def after_connect(self, dbapi_connection: Any, added: set[str]) -> None:  # noqa: ANN401
+        # The connect timeout dropsafe gave would otherwise bound every later read too.
         if "timeout" in added:
-            sock.settimeout(None)
+            dbapi_connection._usock.settimeout(None)  # noqa: SLF001
+
+    def socket_fd(self, dbapi_connection: Any) -> int | None:  # noqa: ANN401
+        return int(dbapi_connection._usock.fileno())  # noqa: SLF001
 
     def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
         value = getattr(dbapi_connection, "parameter_statuses", {}).get(name)
@@ -342,7 +385,7 @@ class _Pg8000(Driver):
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         sock = getattr(dbapi_connection, "_usock", None)
-        return Health.DEAD if sock is None else _poll(sock)
+        return Health.CLOSED if sock is None else _poll(sock)
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         sock = dbapi_connection._usock  # noqa: SLF001
@@ -383,6 +426,34 @@ def driver_for(dialect: Dialect) -> Driver:
     if driver is None:
         raise ConfigurationError(f"unsupported driver {dialect.driver!r}; supported: {SUPPORTED}")
     return driver()
+
+
+_EVERY_DRIVER = tuple(driver() for driver in dict.fromkeys(_DRIVERS.values()))
+
+
+def socket_fd(dbapi_connection: Any) -> int | None:  # noqa: ANN401 - DBAPI connections are untyped
+    """Return the file descriptor of any supported driver's connection (or of one it wraps).
+
+    For code that holds a DBAPI connection but not its engine; None if no driver knows it or
+    it has no socket (closed).
+    """
+    # A driver's own connection first (what SQLAlchemy hands out unless a creator= wraps it):
+    # this runs at every bounded statement, and looking through wrappers costs more.
+    for driver in _EVERY_DRIVER:
+        if driver.owns(dbapi_connection):
+            return _socket_fd_or_none(driver, dbapi_connection)
+    for driver in _EVERY_DRIVER:
+        native = driver.native(dbapi_connection)
+        if native is not None:
+            return _socket_fd_or_none(driver, native)
+    return None
+
+
+def _socket_fd_or_none(driver: Driver, native: Any) -> int | None:  # noqa: ANN401
+    try:
+        return driver.socket_fd(native)
+    except Exception:  # noqa: BLE001 - a closed connection may not say its socket
+        return None
 
 
 def _libpq_keys_set_outside(cparams: dict[str, Any], dsn_texts: list[str]) -> set[str]:
@@ -444,24 +515,6 @@ def _timeout_argument(cparams: dict[str, Any], policy: ConnectionPolicy) -> set[
     return {"timeout"}
 
 
-def tune_socket(sock: socket.socket, policy: ConnectionPolicy) -> None:
-    """Set keepalives and TCP_USER_TIMEOUT on a TCP socket (a Unix socket needs none)."""
-    if sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    if policy.keepalive_idle is not None:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for option, value in (
-            ("TCP_KEEPIDLE", seconds(policy.keepalive_idle)),
-            ("TCP_KEEPINTVL", seconds(policy.keepalive_interval)),
-            ("TCP_KEEPCNT", policy.keepalive_count),
-        ):
-            if hasattr(socket, option):
-                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), math.ceil(value))
-    if policy.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
-        milliseconds = math.ceil(seconds(policy.tcp_user_timeout) * 1000)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
-
-
 def _is_instance(candidate: object, module: str, name: str) -> bool:
     """``isinstance(candidate, module.name)`` if the driver is imported (if not, it cannot be)."""
     cls = getattr(sys.modules.get(module), name, None)
@@ -475,10 +528,22 @@ def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()
         poller.register(source.fileno(), _POLL_MASK)
         events = poller.poll(0)
     except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
-        return Health.DEAD
+        return Health.CLOSED
     if not events:
-        return Health.ALIVE
+        return Health.QUIET
     revents = events[0][1]
     if revents & (_POLL_DEAD | select.POLLNVAL):
-        return Health.DEAD
-    return Health.SUSPECT
+        return Health.CLOSED
+    return Health.DATA_WAITING
+
+
+def _unwrap_once(wrapper: Any) -> Any:  # noqa: ANN401
+    """Return the object ``wrapper`` wraps through one known attribute, or None."""
+    for name in _WRAPPER_ATTRIBUTES:
+        try:
+            inner = getattr(wrapper, name, None)
+        except Exception:  # noqa: BLE001, S112 - a property that fails is not a way in
+            continue
+        if inner is not None and inner is not wrapper:
+            return inner
+    return None

@@ -1,26 +1,48 @@
-"""create_engine, create_async_engine and harden: SQLAlchemy engines with dropsafe's guard."""
+"""create_engine, create_async_engine and harden: SQLAlchemy engines with dropsafe's guard.
+
+Wiring only: `EngineGuard` builds the pieces that do the work (`CheckoutCheck`,
+`ConnectArguments`, `InvalidationScope`) from the engine's `Policy` and its driver, and
+attaches their listeners to the engine's events. One guard per engine, no shared state.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
+from collections import deque
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy
 import sqlalchemy.exc
+from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
+from dropsafe._connect_args import ConnectArguments
 from dropsafe._drivers import SUPPORTED, driver_for, is_supported
 from dropsafe._errors import ConfigurationError
-from dropsafe._liveness import ConnectionGuard
+from dropsafe._invalidation import InvalidationScope
+from dropsafe._liveness import CheckoutCheck
 from dropsafe._policy import Policy
 from dropsafe._redaction import redact_url
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["create_async_engine", "create_engine", "guard_of", "harden"]
+__all__ = [
+    "EngineGuard",
+    "create_async_engine",
+    "create_engine",
+    "guard_of",
+    "harden",
+    "loaded_asyncio",
+    "require_asyncio",
+]
+
+logger = logging.getLogger("dropsafe")
 
 _GUARD_ATTRIBUTE = "_dropsafe_guard"
 _E = TypeVar("_E", "Engine", "AsyncEngine")
@@ -99,12 +121,59 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
                 "to change it"
             )
         return engine
-    guard = ConnectionGuard(
-        policy or Policy(), driver_for(sync_engine.dialect), sync_engine.dialect
-    )
+    guard = EngineGuard(policy or Policy(), sync_engine)
     guard.attach(sync_engine)
     setattr(sync_engine, _GUARD_ATTRIBUTE, guard)
     return engine
+
+
+class EngineGuard:
+    """What dropsafe attached to one engine: its `Policy`, its `Driver`, and the listeners.
+
+    ``policy`` is read by units of work run on the engine (their defaults); ``driver`` is the
+    one `Driver` instance every piece of this engine asks.
+    """
+
+    def __init__(self, policy: Policy, engine: Engine) -> None:
+        self.policy = policy
+        self.driver = driver_for(engine.dialect)
+        self.check = CheckoutCheck(
+            policy.pool,
+            policy.hooks,
+            self.driver,
+            engine.dialect,
+            pre_ping=bool(getattr(engine.pool, "_pre_ping", False)),
+        )
+        self.connects = ConnectArguments(policy.connection, self.driver)
+        self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
+
+    def attach(self, engine: Engine) -> None:
+        """Listen to the engine's connect, pool and error events."""
+        listeners: list[tuple[str, Callable[..., None]]] = [
+            *self.connects.listeners().items(),
+            ("handle_error", self.invalidation.on_handle_error),
+            *self.check.listeners().items(),
+        ]
+        for name, listener in listeners:
+            event.listen(engine, name, listener)
+            if name == "handle_error":
+                _run_first(engine, name, listener)
+
+
+def _run_first(engine: Engine, identifier: str, listener: Callable[..., None]) -> None:
+    """Move ``listener``, just added, to the front of the engine's listeners.
+
+    Listeners of the user's, added before or after harden(), then see dropsafe's decision
+    and can overrule it (is_disconnect, invalidate_pool_on_disconnect). ``insert=True``
+    would say so, but SQLAlchemy drops it for handle_error, whose listeners live on the
+    engine's dialect; this reorders that dialect's own list (listeners on the Dialect
+    class still run before every engine's own, as SQLAlchemy runs them).
+    """
+    listeners = getattr(getattr(engine.dialect.dispatch, identifier), "listeners", None)
+    if isinstance(listeners, deque) and listeners and listeners[-1] == listener:
+        listeners.rotate(1)
+    else:
+        logger.debug("dropsafe could not put its %s listener first", identifier)
 
 
 def require_asyncio() -> None:
@@ -137,11 +206,11 @@ def loaded_asyncio() -> ModuleType | None:
     return module if isinstance(module, ModuleType) else None
 
 
-def guard_of(engine: Engine | AsyncEngine) -> ConnectionGuard | None:
+def guard_of(engine: Engine | AsyncEngine) -> EngineGuard | None:
     """Return the guard dropsafe put on ``engine``, or None if it has none."""
     sync_engine = getattr(engine, "sync_engine", engine)
     guard = getattr(sync_engine, _GUARD_ATTRIBUTE, None)
-    return guard if isinstance(guard, ConnectionGuard) else None
+    return guard if isinstance(guard, EngineGuard) else None
 
 
 def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dropsafe._drivers import Driver
 
-__all__ = ["HostOrder"]
+__all__ = ["HostOrder", "rotate"]
 
 logger = logging.getLogger("dropsafe")
 
@@ -51,7 +51,7 @@ class HostOrder:
             start = self._start if self._start < len(hosts) else 0
             self._in_flight[worker] = start
         if start:
-            self._driver.rotate(cparams, start)
+            rotate(self._driver, cparams, start)
 
     def connected(self, dbapi_connection: Any) -> None:  # noqa: ANN401 - DBAPI connections are untyped
         """Record that this worker's connect succeeded, and the host it reached."""
@@ -81,6 +81,14 @@ class HostOrder:
         # others are not news, and must not skip the next host too.
         if len(self._hosts) > 1 and failed_from == self._start:
             self._start = (failed_from + 1) % len(self._hosts)
+
+
+def rotate(driver: Driver, cparams: dict[str, Any], steps: int) -> None:
+    """Start a multi-host target ``steps`` hosts further down its list (in ``driver``'s form)."""
+    pairs = driver.hosts(cparams)
+    if len(pairs) > 1:
+        steps %= len(pairs)
+        driver.set_hosts(cparams, pairs[steps:] + pairs[:steps])
 
 
 def _current_worker() -> object:

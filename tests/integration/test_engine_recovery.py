@@ -14,6 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
+from dropsafe._engine import guard_of
 from dropsafe.events import PingSucceeded
 
 pytestmark = pytest.mark.fault
@@ -45,6 +46,21 @@ def _warm_sync(engine):
     for conn in conns:
         conn.close()
     return pids
+
+
+def _wait_until_a_close_reaches_the_pool(engine, timeout=10.0):
+    """Wait until an idle connection's socket shows the server's close (a free look sees it).
+
+    pg_terminate_backend returns once the backend has exited; its close crosses the proxy a
+    moment later, which on a loaded machine can be after the next checkout. The claim tested
+    is about a close that arrived, so the test waits for it to arrive.
+    """
+    guard = guard_of(engine)
+    assert guard is not None
+    deadline = time.monotonic() + timeout
+    while not guard.check.other_idle_connections_dead():
+        assert time.monotonic() < deadline, "the server's close never reached the pool"
+        time.sleep(0.01)
 
 
 def _sync_engine(server, proxy, driver):
@@ -111,6 +127,7 @@ def test_one_terminated_backend_recycles_only_that_connection(postgres_server, c
         before = _warm_sync(engine)
         victim = min(before)
         assert postgres_server.execute(f"SELECT pg_terminate_backend({victim}, 5000)") == [("t",)]
+        _wait_until_a_close_reaches_the_pool(engine)
         conns = [engine.connect() for _ in range(POOL)]
         after = {conn.execute(BACKEND_PID).scalar() for conn in conns}
         for conn in conns:

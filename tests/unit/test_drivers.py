@@ -3,7 +3,8 @@
 import pytest
 
 from dropsafe import ConnectionPolicy
-from dropsafe._drivers import Server, _Asyncpg, _Pg8000, _Psycopg2
+from dropsafe._drivers import _Asyncpg, _Pg8000, _Psycopg2
+from dropsafe._hosts import rotate
 
 LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
 
@@ -25,21 +26,21 @@ def test_libpq_respects_settings_inside_a_dsn():
 
 
 @pytest.mark.parametrize(
-    ("server", "hosts", "ports"),
+    ("steps", "hosts", "ports"),
     [
-        (Server("10.0.0.2", 5433), "10.0.0.2,10.0.0.3,10.0.0.1", "5433,5434,5432"),
-        (Server("10.0.0.9", 5432), LIBPQ["host"], LIBPQ["port"]),  # not in the list: unchanged
+        (1, "10.0.0.2,10.0.0.3,10.0.0.1", "5433,5434,5432"),
+        (3, LIBPQ["host"], LIBPQ["port"]),  # a full turn: unchanged
     ],
 )
-def test_libpq_puts_the_last_good_host_first(server, hosts, ports):
+def test_libpq_rotation_keeps_hosts_and_ports_paired(steps, hosts, ports):
     cparams = dict(LIBPQ)
-    _Psycopg2().prefer(cparams, server)
+    rotate(_Psycopg2(), cparams, steps)
     assert (cparams["host"], cparams["port"]) == (hosts, ports)
 
 
 def test_libpq_single_port_applies_to_every_host():
     cparams = {"host": "a,b", "port": "5432"}
-    _Psycopg2().rotate(cparams, 1)
+    rotate(_Psycopg2(), cparams, 1)
     assert (cparams["host"], cparams["port"]) == ("b,a", "5432,5432")
 
 
@@ -48,14 +49,14 @@ def test_asyncpg_rotation_and_per_host_connect_budget():
     driver = _Asyncpg()
     driver.connect_defaults(ConnectionPolicy(connect_timeout=4), [], cparams)
     assert cparams["timeout"] == 4
-    driver.rotate(cparams, 3)
+    rotate(driver, cparams, 3)
     assert (cparams["host"], cparams["port"]) == (["b", "a"], [5433, 5432])
-    driver.prefer(cparams, Server("a", 5432))
+    rotate(driver, cparams, 1)
     assert (cparams["host"], cparams["port"]) == (["a", "b"], [5432, 5433])
 
 
 def test_single_host_is_left_alone():
     cparams = {"host": "db", "port": 5432}
-    _Pg8000().rotate(cparams, 1)
-    _Psycopg2().rotate(cparams, 1)
+    rotate(_Pg8000(), cparams, 1)
+    rotate(_Psycopg2(), cparams, 1)
     assert cparams == {"host": "db", "port": 5432}

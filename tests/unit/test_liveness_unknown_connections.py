@@ -1,24 +1,16 @@
-"""What the guard makes of connection objects it does not know: look through, or leave alone."""
+"""What dropsafe makes of connection objects it does not know: look through, or leave alone."""
 
 from unittest.mock import MagicMock
 
 import pg8000.core
 import pytest
-import sqlalchemy as sa
 
-from dropsafe import Policy
-from dropsafe._drivers import _Asyncpg, _Pg8000, _Psycopg, _Psycopg2
-from dropsafe._liveness import ConnectionGuard
+from dropsafe._drivers import _Asyncpg, _Pg8000, _Psycopg, _Psycopg2, socket_fd
 
 
 def _pg8000_connection():
     # The driver's own type, never connected: enough to be recognised, no socket needed.
     return pg8000.core.CoreConnection.__new__(pg8000.core.CoreConnection)
-
-
-def _guard():
-    dialect = sa.create_engine("postgresql+pg8000://u@h/d").dialect
-    return ConnectionGuard(Policy(), _Pg8000(), dialect)
 
 
 @pytest.mark.parametrize("driver", [_Psycopg2(), _Psycopg(), _Asyncpg(), _Pg8000()])
@@ -40,16 +32,24 @@ class Wrapt:
 
 def test_known_wrappers_are_looked_through():
     native = _pg8000_connection()
-    guard = _guard()
-    assert guard._native(native) is native
-    assert guard._native(Target(native)) is native
-    assert guard._native(Wrapt(Target(native))) is native
+    driver = _Pg8000()
+    assert driver.native(native) is native
+    assert driver.native(Target(native)) is native
+    assert driver.native(Wrapt(Target(native))) is native
 
 
 def test_unknown_objects_stay_unknown():
-    guard = _guard()
-    assert guard._native(MagicMock()) is None
-    assert guard._native(object()) is None
+    driver = _Pg8000()
+    assert driver.native(MagicMock()) is None
+    assert driver.native(object()) is None
     # Deeper than three wrappers: not worth the search at every checkout.
     native = _pg8000_connection()
-    assert guard._native(Wrapt(Wrapt(Wrapt(Wrapt(native))))) is None
+    assert driver.native(Wrapt(Wrapt(Wrapt(Wrapt(native))))) is None
+
+
+def test_the_watchdog_finds_no_socket_in_what_no_driver_owns():
+    # A mock's fileno() returns a mock: only a supported driver's connection names a socket.
+    assert socket_fd(MagicMock()) is None
+    assert socket_fd(object()) is None
+    # The driver's own type without a socket (never connected, or closed): none either.
+    assert socket_fd(Target(_pg8000_connection())) is None

@@ -1,0 +1,121 @@
+"""Shut a socket down at its deadline, which ends any read blocked on it, in any thread or loop.
+
+One daemon thread for the whole process keeps the deadlines and, when one passes, shuts the
+socket down (``shutdown(SHUT_RDWR)`` on a duplicate of its file descriptor): the blocked read
+returns end-of-file. This module knows sockets only by file descriptor; which socket a DBAPI
+connection uses is the driver's business (`dropsafe._drivers`), and why dropsafe bounds a wait
+this way is told in `dropsafe._watchdog`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import itertools
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = ["Bound", "shut_down_at"]
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    """Return the socket behind ``fd`` as (device, inode): a reused number differs."""
+    try:
+        status = os.fstat(fd)
+    except OSError:
+        return None
+    return (status.st_dev, status.st_ino)
+
+
+def _shut_down(fd: int, identity: tuple[int, int]) -> None:
+    # The connection may have been closed meanwhile and its number given to another socket.
+    if _identity(fd) != identity:
+        return
+    with contextlib.suppress(OSError):
+        duplicate = os.dup(fd)
+        with socket.socket(fileno=duplicate) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+class Bound:
+    """One guarded block: ``expired`` tells whether the watchdog shut its socket down."""
+
+    def __init__(self) -> None:
+        self.expired = False
+
+
+class _Watchdog:
+    """One thread for the whole process; started on first use."""
+
+    def __init__(self) -> None:
+        # (deadline, ticket, fd, the socket's identity, the block's Bound)
+        self._heap: list[tuple[float, int, int, tuple[int, int], Bound]] = []
+        self._live: set[int] = set()
+        self._tickets = itertools.count()
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, fd: int, identity: tuple[int, int], deadline: float, bound: Bound) -> int:
+        with self._wake:
+            ticket = next(self._tickets)
+            heapq.heappush(self._heap, (deadline, ticket, fd, identity, bound))
+            self._live.add(ticket)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="dropsafe-watchdog", daemon=True
+                )
+                self._thread.start()
+            elif self._heap[0][1] == ticket:
+                self._wake.notify()  # an earlier deadline than the thread sleeps for
+            return ticket
+
+    def release(self, ticket: int) -> None:
+        with self._wake:
+            self._live.discard(ticket)
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._heap and self._heap[0][1] not in self._live:
+                    heapq.heappop(self._heap)  # released before its time
+                if not self._heap:
+                    self._wake.wait()
+                    continue
+                deadline, ticket, fd, identity, bound = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._wake.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                self._live.discard(ticket)
+                # Under the lock: the owner cannot release (and close the fd) meanwhile.
+                bound.expired = True
+                _shut_down(fd, identity)
+
+
+_WATCHDOG = _Watchdog()
+
+
+@contextlib.contextmanager
+def shut_down_at(fd: int | None, deadline: float) -> Iterator[Bound]:
+    """Shut the socket with file descriptor ``fd`` down if the block still runs at ``deadline``.
+
+    ``deadline`` is a `time.monotonic` value. With no ``fd`` (or one that is not open) the
+    block runs unbounded. The `Bound` given says afterwards whether the deadline struck.
+    """
+    bound = Bound()
+    identity = None if fd is None else _identity(fd)
+    if fd is None or identity is None:
+        yield bound
+        return
+    ticket = _WATCHDOG.watch(fd, identity, deadline, bound)
+    try:
+        yield bound
+    finally:
+        _WATCHDOG.release(ticket)
