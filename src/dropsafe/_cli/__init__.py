@@ -54,10 +54,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "://" in argument:
             mask.add_url(argument)
     with masked_output(mask):
-        return _run(arguments)
+        return _run(arguments, mask)
 
 
-def _run(arguments: list[str]) -> int:  # noqa: PLR0911 - one return per exit code
+def _run(arguments: list[str], mask: SecretMask) -> int:  # noqa: PLR0911 - one return per exit code
     parser = _parser()
     try:
         args = parser.parse_args(arguments)
@@ -66,6 +66,7 @@ def _run(arguments: list[str]) -> int:  # noqa: PLR0911 - one return per exit co
     if not hasattr(args, "run"):
         parser.print_help()
         return EXIT_USAGE
+    args.secrets = mask  # a command that makes a secret (a server's URL) adds it here
     name = f"dropsafe {args.command}"
     try:
         return int(args.run(args))

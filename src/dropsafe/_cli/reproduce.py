@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         with ChaosProxy(server.host, server.port) as proxy:
             params = {"sslmode": "disable"} if driver != "pg8000" and not server.tls else {}
             url = proxy.route(server.url(driver, **params))
+            args.secrets.add_url(url)  # the throwaway server's password, when it has one
             engine = sa.create_engine(url, connect_args=server.connect_args(driver))
             try:
                 with engine.connect() as conn:
