@@ -1,21 +1,50 @@
-"""Keep passwords out of every message: URLs and connection strings are shown masked."""
+"""Keep passwords out of every message: URLs and connection strings are shown masked.
+
+Two layers. The rules (`redact_url`, `redact_text`) find a password by the shape of the text
+around it, and serve every message the library writes. A `SecretMask` knows the secrets
+themselves and hides any piece of them wherever it lands: a URL typed with an unencoded ``@`` in
+its password is split by parsers elsewhere than its author meant (``u:Hunt@er2Secret@db`` has
+the host ``er2Secret@db`` for SQLAlchemy and libpq), and the rest of the password then turns up
+as a host name in errors that no rule can recognise. The command line masks all it prints,
+and every log record, with the secrets of the URLs it was given (`masked_output`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import logging
 import re
+import sys
+from typing import TYPE_CHECKING, Any, TextIO, cast
+from urllib.parse import quote, unquote
 
 from sqlalchemy.engine import URL
 
-__all__ = ["describe_error", "redact_text", "redact_url"]
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+__all__ = [
+    "SecretMask",
+    "describe_error",
+    "masked_output",
+    "redact_text",
+    "redact_url",
+    "url_password",
+]
 
 _MASK = "***"
-# In free text: scheme://user:password@ (the user may hold an @; the password runs to the last @).
-_USERINFO_PASSWORD = re.compile(r"(?P<head>://[^:/\s]*:)[^\s/]*(?=@)")
+# In free text: scheme://user:password@ (the user or the password may hold an @, a / or a :;
+# the password runs to the last @ before the next whitespace).
+_USERINFO_PASSWORD = re.compile(r"(?P<head>://[^:\s]*:)\S*(?=@)")
 # key=value forms: libpq DSNs, URL query strings, connect_args rendered as text.
 _PASSWORD_PARAM = re.compile(
     r"(?P<head>\b(?:password|passwd|pwd)['\"]?\s*[=:]\s*['\"]?)('[^']*'|\"[^\"]*\"|[^\s&'\",}]+)",
     re.IGNORECASE,
 )
+# The shortest piece of a secret that `SecretMask` hides; shorter ones are too common in
+# ordinary text (a secret shorter than this is masked only where a rule finds it).
+_MIN_PIECE = 4
 
 
 def redact_url(url: str | URL) -> str:
@@ -25,7 +54,12 @@ def redact_url(url: str | URL) -> str:
     error message: everything between the user's name and the last ``@`` is masked.
     """
     if isinstance(url, URL):
-        return _mask_params(url.render_as_string(hide_password=True))
+        misread = "@" in (url.host or "") or "@" in (url.database or "")
+        url = url.render_as_string(hide_password=True)
+        if misread:
+            # An unencoded @ or / in the password put the rest of it in the host or the
+            # database: as the author wrote it, the last-@ rule below masks all of it.
+            url = unquote(url)
     head, separator, rest = url.partition("://")
     if not separator:
         head, rest = "", url
@@ -45,6 +79,112 @@ def redact_text(text: str) -> str:
 def describe_error(error: BaseException) -> str:
     """Name an error in one masked string (``Type: message``), for events and messages."""
     return redact_text(f"{type(error).__name__}: {error}")
+
+
+def url_password(text: str) -> str | None:
+    """Return the password in a URL's text as its author wrote it, or None.
+
+    The author's password runs from the ``:`` after the user's name to the last ``@``, the
+    widest reading: the one that hides the most when it is used as a secret.
+    """
+    _, separator, rest = text.partition("://")
+    at = rest.rfind("@")
+    if not separator or at == -1:
+        return None
+    _, colon, password = rest[:at].partition(":")
+    return password if colon and password else None
+
+
+class SecretMask:
+    """Hide known secrets, and every piece of 4 characters or more of them, in text.
+
+    Example::
+
+        mask = SecretMask()
+        mask.add_url("postgresql://u:Hunt@er2Secret@db/app")
+        mask('could not translate host name "er2Secret@db"')  # '... name "***@db"'
+    """
+
+    def __init__(self) -> None:
+        self._pieces: set[str] = set()
+
+    def add(self, secret: str) -> None:
+        """Hide ``secret`` from now on, as written, percent-decoded and percent-encoded."""
+        for form in {secret, unquote(secret), quote(unquote(secret), safe="")}:
+            self._pieces.update(
+                form[start : start + _MIN_PIECE] for start in range(len(form) - _MIN_PIECE + 1)
+            )
+
+    def add_url(self, text: str) -> None:
+        """Hide the password of the URL ``text``, if it has one."""
+        password = url_password(text)
+        if password:
+            self.add(password)
+
+    def __call__(self, text: str) -> str:
+        """Return ``text`` with every run of characters covered by a secret's piece masked."""
+        if not self._pieces or len(text) < _MIN_PIECE:
+            return text
+        # A longer piece of a secret is a chain of overlapping 4-character pieces, so marking
+        # every 4-character piece found marks every longer one whole.
+        hidden = [False] * len(text)
+        for start in range(len(text) - _MIN_PIECE + 1):
+            if text[start : start + _MIN_PIECE] in self._pieces:
+                hidden[start : start + _MIN_PIECE] = [True] * _MIN_PIECE
+        if not any(hidden):
+            return text
+        parts, position = [], 0
+        for is_hidden, run in itertools.groupby(hidden):
+            length = len(list(run))
+            parts.append(_MASK if is_hidden else text[position : position + length])
+            position += length
+        return "".join(parts)
+
+
+class _MaskedStream:
+    """A text stream that masks what is written to it; everything else is the wrapped one's."""
+
+    def __init__(self, stream: TextIO, mask: SecretMask) -> None:
+        self._stream = stream
+        self._mask = mask
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._mask(text))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - whatever the stream has
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def masked_output(mask: SecretMask) -> Iterator[None]:
+    """Mask stdout, stderr and every log record made while inside, with ``mask``.
+
+    Each write is masked whole, so a secret split across two writes is not recognised (print
+    writes its text in one). Not for use by several threads that want different masks.
+    """
+    stdout, stderr = sys.stdout, sys.stderr
+    make_record = logging.getLogRecordFactory()
+
+    def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:  # noqa: ANN401 - LogRecord's own arguments
+        record = make_record(*args, **kwargs)
+        with contextlib.suppress(Exception):  # a record that cannot format keeps its own fate
+            record.msg, record.args = mask(record.getMessage()), None
+        if record.exc_info:
+            # Handlers format the traceback later, from exc_text when it is set: set it masked.
+            record.exc_text = mask(logging.Formatter().formatException(record.exc_info))
+        if record.stack_info:
+            record.stack_info = mask(record.stack_info)
+        return record
+
+    sys.stdout = cast("TextIO", _MaskedStream(stdout, mask))
+    sys.stderr = cast("TextIO", _MaskedStream(stderr, mask))
+    logging.setLogRecordFactory(masked_record)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(make_record)
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 def _mask_params(text: str) -> str:

@@ -20,5 +20,5 @@ def test_quick_benchmark_writes_every_section(tmp_path, capsys, kernel_blackhole
 
 
 def test_unknown_section_is_refused(capsys):
-    assert main(["bench", "--only", "nope"]) == 1
+    assert main(["bench", "--only", "nope"]) == 2
     assert "unknown section" in capsys.readouterr().err

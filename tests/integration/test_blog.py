@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 import time
@@ -27,6 +28,13 @@ def _count(server, title):
     return int(server.execute(f"SELECT count(*) FROM blog_posts WHERE title = '{title}'")[0][0])
 
 
+def _csrf_token(client):
+    page = client.get("/").get_data(as_text=True)
+    match = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert match, "the form carries no CSRF token"
+    return match.group(1)
+
+
 def test_pages_and_json_api(blog, postgres_server):
     client = blog.test_client()
     created = client.post("/api/posts", json={"title": "hello", "text": "world"})
@@ -34,7 +42,9 @@ def test_pages_and_json_api(blog, postgres_server):
     post_id = created.get_json()["id"]
     assert client.get(f"/api/posts/{post_id}").get_json()["text"] == "world"
     assert [p["title"] for p in client.get("/api/posts").get_json()] == ["hello"]
-    form = client.post("/posts", data={"title": "from a form", "text": "x"})
+    form = client.post(
+        "/posts", data={"title": "from a form", "text": "x", "csrf_token": _csrf_token(client)}
+    )
     assert form.status_code == 303
     page = client.get(form.headers["Location"])
     assert b'<h1 id="title">from a form</h1>' in page.data
@@ -42,6 +52,75 @@ def test_pages_and_json_api(blog, postgres_server):
     assert client.post("/api/posts", json={"text": "no title"}).status_code == 400
     assert client.get("/api/posts/999999").status_code == 404
     assert _count(postgres_server, "hello") == 1
+
+
+_BAD_POSTS = [
+    ([{"title": "a list"}], "a JSON object"),
+    (42, "a JSON object"),
+    ("just a string", "a JSON object"),
+    ({"title": None, "text": "x"}, "title must be a string"),
+    ({"title": "t", "text": None}, "text must be a string"),
+    ({"title": 5, "text": "x"}, "title must be a string"),
+    ({"title": "   ", "text": "x"}, "a post needs a title"),
+    ({"title": "t" * 201, "text": "x"}, "at most 200"),
+    ({"title": "nul\x00title", "text": "x"}, "NUL"),
+    ({"title": "t", "text": "nul\x00text"}, "NUL"),
+    ({"title": "t", "text": "\ud800 lone surrogate"}, "not valid UTF-8"),
+    ({"title": "t", "text": "x" * 100_001}, "at most 100000"),
+]
+
+
+def test_bad_posts_get_a_4xx_with_a_message(blog, postgres_server):
+    client = blog.test_client()
+    for body, message in _BAD_POSTS:
+        response = client.post("/api/posts", json=body)
+        assert response.status_code == 400, (body, response.get_data(as_text=True)[:200])
+        assert message in response.get_json()["error"], body
+    assert int(postgres_server.execute("SELECT count(*) FROM blog_posts")[0][0]) == 0
+
+
+def test_bodies_that_are_not_json_are_refused(blog):
+    client = blog.test_client()
+    # A cross-site form can send text/plain or a form body, never application/json.
+    for data, content_type in (('{"title": "t"}', "text/plain"), ("title=t", None)):
+        response = client.post("/api/posts", data=data, content_type=content_type)
+        assert response.status_code == 415
+        assert "application/json" in response.get_json()["error"]
+    response = client.post("/api/posts", data="{not json", content_type="application/json")
+    assert response.status_code == 400
+    assert "JSON" in response.get_json()["error"]
+
+
+def test_a_huge_post_is_refused_before_it_is_read(blog, postgres_server):
+    client = blog.test_client()
+    response = client.post("/api/posts", json={"title": "big", "text": "x" * (50 << 20)})
+    assert response.status_code == 413
+    assert "at most" in response.get_json()["error"]
+    form = client.post("/posts", data={"title": "big", "text": "x" * (50 << 20)})
+    assert form.status_code == 413
+    assert _count(postgres_server, "big") == 0
+
+
+def test_the_form_needs_its_csrf_token(blog, postgres_server):
+    client = blog.test_client()
+    token = _csrf_token(client)
+    for data in (
+        {"title": "forged", "text": "x"},
+        {"title": "forged", "text": "x", "csrf_token": "guessed"},
+    ):
+        response = client.post("/posts", data=data)
+        assert response.status_code == 403
+        assert "CSRF token" in response.get_data(as_text=True)
+    # Another browser (no session cookie) cannot use a token seen elsewhere.
+    stranger = blog.test_client()
+    response = stranger.post("/posts", data={"title": "forged", "text": "x", "csrf_token": token})
+    assert response.status_code == 403
+    assert _count(postgres_server, "forged") == 0
+    ok = client.post("/posts", data={"title": "real", "text": "x", "csrf_token": token})
+    assert ok.status_code == 303
+    bad = client.post("/posts", data={"title": "t" * 201, "text": "x", "csrf_token": token})
+    assert bad.status_code == 400
+    assert "at most 200" in bad.get_data(as_text=True)
 
 
 @pytest.mark.fault

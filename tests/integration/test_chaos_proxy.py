@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
 import socket
 import socketserver
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
@@ -216,3 +220,118 @@ def test_close_leaves_no_thread(echo_port):
     proxy.close()
     proxy.close()
     assert not any(t.name == name for t in threading.enumerate())
+
+
+class _Sink(socketserver.BaseRequestHandler):
+    def handle(self):
+        try:
+            while self.request.recv(1 << 18):
+                pass
+        except OSError:
+            pass
+
+
+def _rss_bytes():
+    resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_blackhole_holds_back_the_sender_not_memory():
+    # Fault: a blackholed link while a client keeps pushing. Outcome: the proxy stops reading
+    # (backpressure), so the sender blocks and memory stays bounded; healed, every byte arrives.
+    sink = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Sink)
+    sink.daemon_threads = True
+    threading.Thread(target=sink.serve_forever, args=(0.05,), daemon=True).start()
+    pushed = 0
+    chunk = b"z" * (1 << 20)
+    try:
+        with (
+            ChaosProxy("127.0.0.1", sink.server_address[1]) as proxy,
+            _connect(proxy) as sock,
+        ):
+            sock.sendall(b"x")  # the link is up before the blackhole
+            _wait_for(lambda: proxy.stats.bytes_to_server == 1, "the first byte crossed")
+            proxy.blackhole()
+            before = _rss_bytes()
+            # A blocked send ends the push: 2 s without progress (200 MiB at most).
+            sock.settimeout(2)
+            with contextlib.suppress(TimeoutError):
+                while pushed < 200 << 20:
+                    sock.sendall(chunk)
+                    pushed += len(chunk)
+            grown = _rss_bytes() - before
+            proxy.heal()
+            _wait_for(lambda: proxy.stats.bytes_to_server >= pushed + 1, "the held bytes crossed")
+    finally:
+        sink.shutdown()
+        sink.server_close()
+    assert pushed < 200 << 20, f"the sender was never held back (grew {grown >> 20} MiB)"
+    assert grown < 48 << 20, f"the process grew by {grown >> 20} MiB during the blackhole"
+
+
+def _wait_for(condition, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.01)
+
+
+def test_controls_from_many_threads_leave_a_consistent_proxy(proxy):
+    # Fault: heal/refuse/blackhole/cut/latency called at once from several threads (any thread
+    # may call them). Outcome: no call fails, and the proxy obeys the last call made.
+    errors = []
+    controls = [
+        proxy.heal,
+        proxy.refuse,
+        proxy.blackhole,
+        lambda: proxy.cut("fin"),
+        lambda: proxy.latency(1),
+        lambda: proxy.bandwidth(100_000),
+    ]
+
+    def hammer(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(150):
+                rng.choice(controls)()
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hammer, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    proxy.refuse()
+    with pytest.raises(ConnectionRefusedError):
+        _connect(proxy).close()
+    proxy.heal()
+    with _connect(proxy) as sock:
+        sock.sendall(b"consistent")
+        assert _recv_exactly(sock, 10) == b"consistent"
+    proxy.refuse()
+    with pytest.raises(ConnectionRefusedError):
+        _connect(proxy).close()
+
+
+def test_bandwidth_is_near_its_target_one_way():
+    # A loose sanity bound only (the rates are measured in benchmarks/proxy_bandwidth.py):
+    # 4 MiB at 80 Mbit/s takes 0.42 s; never less, and not many times more.
+    sink = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Sink)
+    sink.daemon_threads = True
+    threading.Thread(target=sink.serve_forever, args=(0.05,), daemon=True).start()
+    payload = b"b" * (4 << 20)
+    try:
+        with ChaosProxy("127.0.0.1", sink.server_address[1]) as proxy:
+            proxy.bandwidth(80_000)
+            with _connect(proxy) as sock:
+                started = time.monotonic()
+                sock.sendall(payload)
+                _wait_for(lambda: proxy.stats.bytes_to_server == len(payload), "all crossed")
+                elapsed = time.monotonic() - started
+    finally:
+        sink.shutdown()
+        sink.server_close()
+    assert 0.38 <= elapsed < 4, elapsed

@@ -22,3 +22,38 @@ def test_reproduce_shows_the_drivers_error(capsys, argv, expected):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "reproduce" in capsys.readouterr().out
+
+
+def _a_file(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("not a folder")
+    return path
+
+
+# One convention for every command: 0 done, 1 a problem found, 2 bad usage or input.
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["--help"], 0, ""),
+        (["nope"], 2, "invalid choice"),
+        (["doctor"], 2, "the following arguments are required: url"),
+        (["doctor", "not-a-url"], 2, "malformed database URL"),
+        (["doctor", "mysql://app@db/app"], 2, "PostgreSQL only"),
+        (["doctor", "postgresql+psycopg2://app@127.0.0.1:1/app"], 1, "cannot reach 127.0.0.1:1"),
+        (["bench", "--only", "nope"], 2, "unknown section"),
+        (["bench", "--out", "{file}/results"], 2, "--out {file}/results: cannot write there"),
+        (["bench", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["demo", "--duration", "1"], 2, "--duration must be within"),
+        (["demo", "--out", "{file}/out"], 2, "--out {file}/out: cannot write there"),
+        (["reproduce", "--fault", "nope"], 2, "invalid choice"),
+    ],
+)
+def test_exit_codes(tmp_path, capsys, argv, code, message):
+    file = _a_file(tmp_path)
+    argv = [arg.format(file=file) for arg in argv]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message.format(file=file) in err
+    assert "Traceback" not in err
+    if code and not err.startswith("usage:"):  # argparse prints its usage line first
+        assert len(err.strip().splitlines()) == 1, err

@@ -31,5 +31,5 @@ def test_demo_shows_errors_on_the_plain_side_only(tmp_path, capsys):
 
 
 def test_demo_refuses_a_silly_duration(capsys):
-    assert main(["demo", "--duration", "1"]) == 1
+    assert main(["demo", "--duration", "1"]) == 2
     assert "--duration must be within" in capsys.readouterr().err

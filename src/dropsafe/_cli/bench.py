@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dropsafe._cli import require_extra
+from dropsafe._cli import EXIT_OK, require_extra
+from dropsafe._cli._arguments import output_folder
 from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -41,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ConfigurationError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
-    report = run_benchmarks(args.out, quick=args.quick, sections=sections)
+    report = run_benchmarks(output_folder(args.out), quick=args.quick, sections=sections)
     print(f"report written to {report}")  # noqa: T201 - the CLI's own output
-    return 0
+    return EXIT_OK

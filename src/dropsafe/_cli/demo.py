@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dropsafe._cli import require_extra
+from dropsafe._cli import EXIT_OK, require_extra
+from dropsafe._cli._arguments import output_folder
 from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     require_extra("demo", "flask", "matplotlib", "rich", "waitress")
     if not 5 <= args.duration <= 3600:  # noqa: PLR2004
         raise ConfigurationError(f"--duration must be within 5..3600 seconds: {args.duration}")
+    output_folder(args.out)
     from rich.console import Console  # noqa: PLC0415
     from rich.live import Live  # noqa: PLC0415
 
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         f"timeline: {args.out / 'timeline.png'}   raw results: {args.out / 'results.json'}"
     )
-    return 0
+    return EXIT_OK
 
 
 def _progress(state: Run, elapsed: float, duration: float, status: dict[str, Any]) -> Any:  # noqa: ANN401 - a rich renderable

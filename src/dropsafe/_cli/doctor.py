@@ -3,15 +3,14 @@
 It reports the server's version, TLS and how it is verified, round-trip time and what a ping
 costs, the server's timeouts and keepalives, whether a pooler is in between and whether the node
 is a standby, and the client settings dropsafe would use; then recommendations, each with the
-exact setting. It never prints a password. An unreachable host, refused authentication or a
-malformed URL ends with one line and exit code 2.
+exact setting. It never prints a password. A malformed URL ends with one line and exit code 2;
+an unreachable host or refused authentication with one line and exit code 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import statistics
-import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,8 @@ from sqlalchemy.pool import NullPool
 
 import dropsafe
 from dropsafe._classify import ErrorKind, classify
+from dropsafe._cli import EXIT_OK, CommandFailed
+from dropsafe._cli._arguments import database_url
 from dropsafe._drivers import driver_for
 from dropsafe._engine import _parse
 from dropsafe._errors import ConfigurationError
@@ -43,8 +44,8 @@ _SETTINGS = (
 )
 
 
-class DoctorFailed(ConfigurationError):
-    """The database could not be examined; the message is the one line to show."""
+class DoctorFailed(CommandFailed):
+    """The database could not be examined; the message is the one line to show (exit 1)."""
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -54,19 +55,16 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="examine a real database and recommend settings",
         description=__doc__.split("\n\n")[1] if __doc__ else None,
     )
-    parser.add_argument("url", help="a SQLAlchemy URL, e.g. postgresql+psycopg2://app@db/app")
+    parser.add_argument(
+        "url", type=database_url, help="a SQLAlchemy URL, e.g. postgresql+psycopg2://app@db/app"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the report; exit 2 with one line when the database cannot be examined."""
-    try:
-        report = diagnose(args.url)
-    except ConfigurationError as exc:
-        print(f"dropsafe doctor: {redact_text(str(exc))}", file=sys.stderr)  # noqa: T201
-        return 2
-    print(report)  # noqa: T201 - the CLI's own output
-    return 0
+    """Print the report (exit 0); `DoctorFailed` when the database cannot be examined."""
+    print(diagnose(args.url))  # noqa: T201 - the CLI's own output
+    return EXIT_OK
 
 
 def diagnose(url_text: str) -> str:

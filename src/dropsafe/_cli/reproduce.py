@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
+from dropsafe._cli import EXIT_FOUND_PROBLEM, EXIT_OK
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 if TYPE_CHECKING:
@@ -43,7 +44,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 
 def run(args: argparse.Namespace) -> int:
-    """Reproduce the error; exit 0 when the app saw it, 1 when it did not."""
+    """Reproduce the error; exit 0 when the app saw it, 1 (a problem found) when it did not."""
     driver: Driver = args.driver
     say = _Printer()
     with PostgresServer(tls=not args.no_tls) as server:
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         with ChaosProxy(server.host, server.port) as proxy:
             params = {"sslmode": "disable"} if driver != "pg8000" and not server.tls else {}
             url = proxy.route(server.url(driver, **params))
+            args.secrets.add_url(url)  # the throwaway server's password, when it has one
             engine = sa.create_engine(url, connect_args=server.connect_args(driver))
             try:
                 with engine.connect() as conn:
@@ -75,9 +77,9 @@ def run(args: argparse.Namespace) -> int:
                     print(f"\n    {type(exc.orig).__module__}.{type(exc.orig).__name__}: ", end="")  # noqa: T201
                     print(str(exc.orig).strip().replace("\n", "\n    "), "\n")  # noqa: T201
                     say("this is the error dropsafe exists to make disappear")
-                    return 0
+                    return EXIT_OK
                 say("the request succeeded: the problem did not reproduce")
-                return 1
+                return EXIT_FOUND_PROBLEM
             finally:
                 engine.dispose()
 

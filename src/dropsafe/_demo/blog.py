@@ -5,14 +5,23 @@
 writes through `dropsafe.run_transaction`. Configured from the environment when served alone::
 
     DATABASE_URL=postgresql+psycopg2://... DROPSAFE_ROBUST=1 python -m dropsafe._demo.blog
+
+It validates its input as a real app must: a post is a title (1..200 characters) and a text (up
+to 100 000), strings without NUL, sent as a JSON object or through the page's form; anything else
+gets a 4xx with a message, and a body over 1 MiB is refused before it is read. The form carries
+a CSRF token tied to the browser's session (``BLOG_SECRET_KEY`` signs the session cookie; a
+random key is made when it is unset); the JSON API only takes ``application/json``, which a
+cross-site form cannot send.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import datetime as dt  # noqa: TC003 - SQLAlchemy resolves the Mapped[] annotations at run time
+import hmac
 import html
 import os
+import secrets
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
@@ -26,9 +35,12 @@ if TYPE_CHECKING:
     from flask import Flask
     from werkzeug.wrappers import Response
 
-__all__ = ["BlogPost", "create_app", "serve"]
+__all__ = ["BODY_MAX", "TEXT_MAX", "TITLE_MAX", "BlogPost", "create_app", "post_problem", "serve"]
 
 _READY_TIMEOUT = 1.0
+TITLE_MAX = 200  # the column's width
+TEXT_MAX = 100_000
+BODY_MAX = 1 << 20  # a request body larger than this is refused unread (413)
 _T = TypeVar("_T")
 
 
@@ -60,7 +72,15 @@ class BlogPost(Base):
 
 def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask:  # noqa: C901, PLR0915 - an app factory registers its routes in one place
     """Build the blog; ``robust`` chooses dropsafe or the plain ``pool_pre_ping`` setup."""
-    from flask import Flask, abort, jsonify, redirect, request  # noqa: PLC0415 - the demo extra
+    from flask import (  # noqa: PLC0415 - the demo extra
+        Flask,
+        abort,
+        jsonify,
+        redirect,
+        request,
+        session,
+    )
+    from werkzeug.exceptions import HTTPException  # noqa: PLC0415
 
     url = database_url or os.environ.get("DATABASE_URL")
     if not url:
@@ -109,6 +129,28 @@ def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask
     app = Flask("dropsafe-blog")
     app.config["ENGINE"] = engine
     app.config["ROBUST"] = robust
+    app.config["MAX_CONTENT_LENGTH"] = BODY_MAX
+    app.config["SESSION_COOKIE_SAMESITE"] = "Lax"
+    app.secret_key = os.environ.get("BLOG_SECRET_KEY") or secrets.token_hex(32)
+
+    def csrf_token() -> str:
+        token = session.get("csrf")
+        if not isinstance(token, str):
+            token = session["csrf"] = secrets.token_urlsafe(32)
+        return token
+
+    @app.errorhandler(HTTPException)
+    def api_error(error: HTTPException) -> Response | tuple[Response, int]:
+        if not request.path.startswith("/api/"):
+            return error.get_response()
+        return jsonify({"error": error.description}), error.code or 500
+
+    @app.errorhandler(413)
+    def too_large(_error: HTTPException) -> tuple[Response | str, int]:
+        message = f"the request body is too large: at most {BODY_MAX} bytes"
+        if request.path.startswith("/api/"):
+            return jsonify({"error": message}), 413
+        return _page("Too large", f"<p>{html.escape(message)}</p>"), 413
 
     @app.get("/")
     def index() -> str:
@@ -121,17 +163,22 @@ def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask
             "Blog",
             f"<p>{side}</p>"
             '<form method="post" action="/posts">'
-            '<input name="title" placeholder="Title" required> '
-            '<textarea name="text" placeholder="Text" required></textarea> '
+            f'<input type="hidden" name="csrf_token" value="{html.escape(csrf_token())}">'
+            f'<input name="title" placeholder="Title" required maxlength="{TITLE_MAX}"> '
+            f'<textarea name="text" placeholder="Text" required maxlength="{TEXT_MAX}"></textarea> '
             '<button type="submit">Publish</button></form>'
             f'<ul id="posts">{items}</ul>',
         )
 
     @app.post("/posts")
     def create_from_form() -> Response:
+        expected = session.get("csrf")
+        sent = request.form.get("csrf_token", "")
+        if not isinstance(expected, str) or not hmac.compare_digest(sent, expected):
+            abort(403, "the form's CSRF token is missing or wrong: reload the page, then submit")
         title, text = request.form.get("title", "").strip(), request.form.get("text", "")
-        if not title:
-            abort(400, "a post needs a title")
+        if problem := post_problem(title, text):
+            abort(400, problem)
         return redirect(f"/posts/{add_post(title, text)}", code=303)
 
     @app.get("/posts/<int:post_id>")
@@ -151,10 +198,18 @@ def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask
 
     @app.post("/api/posts")
     def api_create() -> tuple[Response, int]:
-        body = request.get_json(silent=True) or {}
-        title, text = str(body.get("title", "")).strip(), str(body.get("text", ""))
-        if not title:
-            return jsonify({"error": "a post needs a title"}), 400
+        if not request.is_json:
+            abort(415, "send the post as JSON, with Content-Type: application/json")
+        body = request.get_json(silent=True)
+        if body is None:
+            abort(400, "the body is not valid JSON")
+        if not isinstance(body, dict):
+            abort(400, 'the body must be a JSON object: {"title": "...", "text": "..."}')
+        title, text = body.get("title", ""), body.get("text", "")
+        if isinstance(title, str):
+            title = title.strip()
+        if problem := post_problem(title, text):
+            abort(400, problem)
         post_id = add_post(title, text)
         return jsonify({"id": post_id, "title": title}), 201
 
@@ -187,6 +242,24 @@ def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask
         return jsonify({"status": "ready"}), 200
 
     return app
+
+
+def post_problem(title: object, text: object) -> str | None:
+    """Say what is wrong with a post, or None: the checks the database would fail with a 500."""
+    for name, value, limit in (("title", title, TITLE_MAX), ("text", text, TEXT_MAX)):
+        if not isinstance(value, str):
+            return f"the {name} must be a string, not {type(value).__name__}"
+        if len(value) > limit:
+            return f"the {name} is {len(value)} characters long: at most {limit}"
+        if "\x00" in value:
+            return f"the {name} holds a NUL character, which PostgreSQL text cannot store"
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return f"the {name} is not valid UTF-8 text (a lone surrogate)"
+    if not title:
+        return "a post needs a title"
+    return None
 
 
 def _page(title: str, body: str) -> str:
