@@ -110,7 +110,9 @@ class Owner:
         if self.uid is not None and self.gid is not None:
             os.chown(path, self.uid, self.gid)
 
-    def run(self, command: list[str], *, cwd: Path, what: str) -> None:
+    def run(
+        self, command: list[str], *, cwd: Path, what: str, env: dict[str, str] | None = None
+    ) -> None:
         """Run a short command as the owner; raise ``DropsafeError`` with its stderr."""
         from dropsafe.testing._server import ServerError  # noqa: PLC0415 - avoids a cycle
 
@@ -121,6 +123,7 @@ class Owner:
             timeout=120,
             check=False,
             cwd=cwd,
+            env=env,
             user=self.uid,
             group=self.gid,
             extra_groups=self._extra_groups,
