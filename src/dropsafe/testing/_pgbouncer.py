@@ -7,17 +7,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import weakref
 from typing import TYPE_CHECKING, Literal
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._runtime import (
     Owner,
     Service,
-    cleanup,
     free_port,
     log_tail,
     stop_process,
+    track,
     wait_until,
 )
 from dropsafe.testing._server import ServerError
@@ -64,7 +63,7 @@ class PgBouncer(Service):
         self.log_file = self.base_dir / "pgbouncer.log"
         self._process: subprocess.Popen[bytes] | None = None
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
-        self._finalizer = weakref.finalize(self, cleanup, self._processes, self.base_dir)
+        self._finalizer = track(self, self._processes, self.base_dir)
         self._write_config()
 
     @property

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import warnings
-import weakref
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
@@ -23,10 +22,10 @@ from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._runtime import (
     Owner,
     Service,
-    cleanup,
     free_port,
     log_tail,
     stop_process,
+    track,
     wait_until,
 )
 
@@ -109,7 +108,7 @@ class PostgresServer(Service):
         self._process: subprocess.Popen[bytes] | None = None
         self._initialized = False
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
-        self._finalizer = weakref.finalize(self, cleanup, self._processes, self.base_dir)
+        self._finalizer = track(self, self._processes, self.base_dir)
 
     def __repr__(self) -> str:
         # Never the password: servers end up in assertion messages and logs.
