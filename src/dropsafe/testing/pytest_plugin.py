@@ -14,6 +14,11 @@ must stay cheap and must not fail: it imports nothing beyond pytest and the stan
 one), and it only uses pytest-timeout's ``timeout`` marker when that plugin is there: with
 ``--strict-markers`` an unregistered marker would break collection of the user's whole suite.
 (Python imports the package ``dropsafe`` first, so a run pays for ``import dropsafe``.)
+
+Nothing outlives a test, even a killed run: servers die with the test process, and their temp
+folders and the blackholes' kernel rules are named after it, so the next start sweeps those of
+a run that is gone (never those of a live one: two suites may run at once). On SIGTERM the
+process removes its own first, then calls the handler that was there before ours (if any).
 """
 
 from __future__ import annotations
@@ -58,7 +63,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def postgres_server() -> Iterator[PostgresServer]:
-    """Give each test a fresh PostgreSQL server with TLS on, removed after the test."""
+    """Give each test a fresh PostgreSQL server with TLS on, removed after the test.
+
+    Only its URLs let one in: they carry the server's generated password (``.password``).
+    """
     from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
 
     with PostgresServer() as server:
