@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 
 from dropsafe.testing import _leftovers
 from dropsafe.testing._leftovers import TEMP_PREFIX, owner_is_gone, process_tag
@@ -60,3 +61,24 @@ def test_the_sweep_takes_only_folders_of_ended_owners(tmp_path, monkeypatch):
 
 def test_a_pid_that_cannot_exist_is_gone():
     assert owner_is_gone(2**22 + 1, 1)  # above the kernel's largest pid_max
+
+
+def test_a_forked_child_inherits_nothing_to_remove():
+    removed = []
+    _leftovers.remove_on_sigterm("key", lambda: removed.append(True))
+    try:
+        read_end, write_end = os.pipe()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() in a threaded process
+            pid = os.fork()
+        if pid == 0:  # the child: it must not act on its parent's behalf
+            os.write(write_end, str(len(_leftovers._ON_SIGTERM)).encode())
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            assert pipe.read() == "0"
+        os.waitpid(pid, 0)
+        assert "key" in _leftovers._ON_SIGTERM
+    finally:
+        _leftovers.forget_on_sigterm("key")
+    assert removed == []

@@ -126,6 +126,9 @@ def sweep_temp_folders() -> list[Path]:
 # bytecodes, possibly while that thread holds any lock; dict operations are atomic.
 _ON_SIGTERM: dict[Hashable, Callable[[], object]] = {}
 _installed: list[Any] = []  # the handler that was there before ours, once ours is in
+# A forked child (multiprocessing's Process.terminate() sends SIGTERM) holds none of it: on its
+# SIGTERM it must not kill its parent's servers or remove its parent's folders and rules.
+os.register_at_fork(after_in_child=_ON_SIGTERM.clear)
 
 
 def remove_on_sigterm(key: Hashable, action: Callable[[], object]) -> None:
