@@ -115,8 +115,10 @@ def sweep_temp_folders() -> list[Path]:
     for folder in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
         match = _TAGGED_FOLDER.match(folder.name)
         if match and owner_is_gone(int(match["pid"]), int(match["start"])):
+            # Another sweeper may be at it too; another user's folder may not be ours to remove.
             shutil.rmtree(folder, ignore_errors=True)
-            swept.append(folder)
+            if not folder.exists():
+                swept.append(folder)
     return swept
 
 
