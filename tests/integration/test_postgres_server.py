@@ -147,6 +147,26 @@ def test_no_binaries_names_the_fix(monkeypatch):
     assert "dropsafe[embedded]" in str(raised.value)
 
 
+def test_a_missing_bindir_is_an_error_naming_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("DROPSAFE_PG_BINDIR", str(tmp_path / "nowhere"))
+    with pytest.raises(ConfigurationError, match="DROPSAFE_PG_BINDIR") as raised:
+        find_postgres_binaries()
+    assert "nowhere" in str(raised.value)
+    assert "not a folder" in str(raised.value)
+
+
+def test_an_incomplete_bindir_names_what_it_lacks(monkeypatch, tmp_path):
+    real = find_postgres_binaries().bin_dir
+    (tmp_path / "postgres").symlink_to(real / "postgres")
+    (tmp_path / "psql").write_text("not a program")  # there, but not executable
+    monkeypatch.setenv("DROPSAFE_PG_BINDIR", str(tmp_path))
+    with pytest.raises(ConfigurationError, match="DROPSAFE_PG_BINDIR") as raised:
+        find_postgres_binaries()
+    assert "lacks the programs initdb, psql, pg_basebackup" in str(raised.value)
+    with pytest.raises(ConfigurationError, match="DROPSAFE_PG_BINDIR"):
+        PostgresServer()
+
+
 def test_embedded_wheel_runs_with_tls_off(monkeypatch):
     pgserver_bin = _binaries._pgserver_bindir()
     if pgserver_bin is None:

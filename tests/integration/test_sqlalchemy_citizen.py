@@ -352,7 +352,12 @@ def _creator_engine(kind, server, *, host, port, policy):
         def make():
             return AwsWrapperLike(
                 psycopg.connect(
-                    host=host, port=port, user="postgres", dbname="postgres", sslmode="require"
+                    host=host,
+                    port=port,
+                    user="postgres",
+                    password=server.password,
+                    dbname="postgres",
+                    sslmode="require",
                 )
             )
 
@@ -362,7 +367,12 @@ def _creator_engine(kind, server, *, host, port, policy):
     else:
         ssl = server.connect_args("pg8000").get("ssl_context")
         connector = CloudSqlLikeConnector(
-            host, port, user="postgres", database="postgres", ssl_context=ssl
+            host,
+            port,
+            user="postgres",
+            password=server.password,
+            database="postgres",
+            ssl_context=ssl,
         )
         make = (
             connector.connect

@@ -58,6 +58,7 @@ def test_a_service_files_values_win(shared_server, driver, monkeypatch, tmp_path
         f"host={shared_server.host}\n"
         f"port={shared_server.port}\n"
         "user=postgres\n"
+        f"password={shared_server.password}\n"
         "dbname=postgres\n"
         "sslmode=require\n"
         "connect_timeout=33\n"

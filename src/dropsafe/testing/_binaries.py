@@ -40,8 +40,12 @@ def find_postgres_binaries() -> PostgresBinaries:
     """Return the first complete installation found; raise `ConfigurationError` naming the fix.
 
     Order: ``DROPSAFE_PG_BINDIR``, PATH, ``pg_config --bindir``, /usr/lib/postgresql/*/bin
-    (newest first), then the ``pgserver`` wheel.
+    (newest first), then the ``pgserver`` wheel. ``DROPSAFE_PG_BINDIR`` is a demand, not a
+    hint: a folder that is missing or lacks a program is an error, never silently passed over
+    for another installation (whose version or TLS support the user did not choose).
     """
+    if env_dir := os.environ.get("DROPSAFE_PG_BINDIR"):
+        _check_chosen_dir(Path(env_dir))
     for source, bin_dir in _candidates():
         if bin_dir is not None and all((bin_dir / tool).is_file() for tool in _REQUIRED):
             return PostgresBinaries(
@@ -68,6 +72,24 @@ def _candidates() -> list[tuple[str, Path | None]]:
     found.extend(("/usr/lib/postgresql", path) for path in debian)
     found.append(("pgserver wheel", _pgserver_bindir()))
     return found
+
+
+def _check_chosen_dir(bin_dir: Path) -> None:
+    if not bin_dir.is_dir():
+        raise ConfigurationError(
+            f"DROPSAFE_PG_BINDIR is {str(bin_dir)!r}, which is not a folder; "
+            "point it at the bin folder of a PostgreSQL installation, or unset it"
+        )
+    missing = [
+        tool
+        for tool in _REQUIRED
+        if not ((bin_dir / tool).is_file() and os.access(bin_dir / tool, os.X_OK))
+    ]
+    if missing:
+        raise ConfigurationError(
+            f"DROPSAFE_PG_BINDIR is {str(bin_dir)!r}, which lacks the programs "
+            f"{', '.join(missing)} (needed: {', '.join(_REQUIRED)})"
+        )
 
 
 def _pg_config_bindir() -> Path | None:

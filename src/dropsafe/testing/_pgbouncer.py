@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
-import weakref
 from typing import TYPE_CHECKING, Literal
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._runtime import (
     Owner,
     Service,
-    cleanup,
     free_port,
     log_tail,
     stop_process,
+    track,
     wait_until,
 )
 from dropsafe.testing._server import ServerError
@@ -39,8 +39,10 @@ class PgBouncer(Service):
             engine = dropsafe.create_engine(bouncer.url("psycopg2"))
             bouncer.console("RECONNECT")
 
-    TLS to clients is on when the server's is (same certificate); trust auth; ``postgres`` is
-    the console's admin user. Needs Debian's ``pgbouncer`` (or one on PATH).
+    TLS to clients is on when the server's is (same certificate). Clients must give the
+    server's password (SCRAM), as the server itself demands: a pooler that trusted its clients
+    would let any local account in as the server's superuser. ``postgres`` is the console's
+    admin user; there is no Unix socket. Needs Debian's ``pgbouncer`` (or one on PATH).
     """
 
     def __init__(self, server: PostgresServer, *, pool_mode: PoolMode = "session") -> None:
@@ -61,7 +63,7 @@ class PgBouncer(Service):
         self.log_file = self.base_dir / "pgbouncer.log"
         self._process: subprocess.Popen[bytes] | None = None
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
-        self._finalizer = weakref.finalize(self, cleanup, self._processes, self.base_dir)
+        self._finalizer = track(self, self._processes, self.base_dir)
         self._write_config()
 
     @property
@@ -134,6 +136,7 @@ class PgBouncer(Service):
             text=True,
             timeout=30,
             check=False,
+            env={**os.environ, "PGPASSWORD": self.server.password},
         )
         if result.returncode != 0:
             raise ServerError(f"pgbouncer console failed on {command!r}: {result.stderr.strip()}")
@@ -148,7 +151,11 @@ class PgBouncer(Service):
         return self.server.connect_args(driver)
 
     def _write_config(self) -> None:
-        (self.base_dir / "userlist.txt").write_text('"postgres" ""\n')
+        # In plain text, the server's password both checks clients (SCRAM) and logs PgBouncer in
+        # to the server; so the file is the server account's alone.
+        userlist = self.base_dir / "userlist.txt"
+        userlist.touch(mode=0o600)
+        userlist.write_text(f'"postgres" "{self.server.password}"\n')
         lines = [
             "[databases]",
             f"* = host={self.server.host} port={self.server.port}",
@@ -156,7 +163,7 @@ class PgBouncer(Service):
             f"listen_addr = {self.host}",
             f"listen_port = {self.port}",
             "unix_socket_dir =",
-            "auth_type = trust",
+            "auth_type = scram-sha-256",
             f"auth_file = {self.base_dir / 'userlist.txt'}",
             "admin_users = postgres",
             f"pool_mode = {self.pool_mode}",

@@ -14,11 +14,19 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dropsafe._errors import ConfigurationError
+from dropsafe.testing._leftovers import (
+    TEMP_PREFIX,
+    forget_on_sigterm,
+    process_tag,
+    remove_on_sigterm,
+    sweep_temp_folders,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,11 +43,10 @@ __all__ = [
     "kill_group",
     "log_tail",
     "stop_process",
+    "track",
     "wait_until",
 ]
 
-# Every folder and hence every server command line carries it: the leftovers check looks for it.
-TEMP_PREFIX = "dropsafe-pg-"
 _PR_SET_PDEATHSIG = 1
 _POLL_INTERVAL = 0.02
 
@@ -98,8 +105,12 @@ class Owner:
         return self.uid is not None
 
     def make_base_dir(self, name: str) -> Path:
-        """Create a temp folder for one server, named for the leftovers check, enterable by us."""
-        base_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{name}"))
+        """Create a temp folder for one server, named for its owner, enterable by the server.
+
+        First the folders of dead runs go (see ``_leftovers``): each start sweeps.
+        """
+        sweep_temp_folders()
+        base_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{process_tag()}-{name}"))
         if self.is_other_user:
             # mkdtemp folders are 0700: the server's user must be able to enter this one.
             base_dir.chmod(0o711)
@@ -110,7 +121,9 @@ class Owner:
         if self.uid is not None and self.gid is not None:
             os.chown(path, self.uid, self.gid)
 
-    def run(self, command: list[str], *, cwd: Path, what: str) -> None:
+    def run(
+        self, command: list[str], *, cwd: Path, what: str, env: dict[str, str] | None = None
+    ) -> None:
         """Run a short command as the owner; raise ``DropsafeError`` with its stderr."""
         from dropsafe.testing._server import ServerError  # noqa: PLC0415 - avoids a cycle
 
@@ -121,6 +134,7 @@ class Owner:
             timeout=120,
             check=False,
             cwd=cwd,
+            env=env,
             user=self.uid,
             group=self.gid,
             extra_groups=self._extra_groups,
@@ -199,6 +213,18 @@ def stop_process(
     kill_group(process.pid)
 
 
+def track(
+    service: object, processes: list[subprocess.Popen[bytes]], base_dir: Path
+) -> weakref.finalize[[list[subprocess.Popen[bytes]], Path], object]:
+    """Return the finalizer that ends ``service``'s processes and removes its files.
+
+    It runs at ``close()``, when the service is garbage, at exit, and on SIGTERM.
+    """
+    finalizer = weakref.finalize(service, cleanup, processes, base_dir)
+    remove_on_sigterm(base_dir, finalizer)
+    return finalizer
+
+
 def cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
     """Kill what is left of ``processes`` and remove ``base_dir`` (a finalizer's job).
 
@@ -207,6 +233,7 @@ def cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
     for process in processes:
         stop_process(process, signal.SIGKILL, timeout=30)
     shutil.rmtree(base_dir, ignore_errors=True)
+    forget_on_sigterm(base_dir)
 
 
 @functools.cache

@@ -1,23 +1,32 @@
-"""Throwaway PostgreSQL clusters for tests: temp folder, free loopback port, TLS on, trust auth."""
+"""Throwaway PostgreSQL clusters for tests: temp folder, free loopback port, TLS, a password.
+
+Only the process that started a server may enter it: every TCP connection must give the
+server's generated password (SCRAM), and the Unix socket sits in a folder (0700) that only
+root and the server's account can enter, who can read the server's files anyway. A server
+that trusted local users would hand every account on the machine a superuser, and with
+``COPY ... FROM PROGRAM`` the server's own OS account, while tests run.
+"""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 import signal
 import subprocess
 import warnings
-import weakref
 from typing import TYPE_CHECKING, Literal
+from urllib.parse import quote
 
 from dropsafe._errors import ConfigurationError, DropsafeError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._runtime import (
     Owner,
     Service,
-    cleanup,
     free_port,
     log_tail,
     stop_process,
+    track,
     wait_until,
 )
 
@@ -38,7 +47,7 @@ _STOP_SIGNALS: dict[str, signal.Signals] = {
 }
 _DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 _START_TIMEOUT = 60.0
-#: The one role whose password is checked (all others are trusted); create it to use it.
+#: A role name for tests of refused authentication (every role's password is checked).
 PASSWORD_ROLE = "dropsafe_password_user"  # noqa: S105 - a role name, not a password
 _STOP_TIMEOUT = 60.0
 
@@ -57,6 +66,7 @@ class PostgresServer(Service):
         with PostgresServer() as server:
             engine = sqlalchemy.create_engine(server.url("psycopg2"))
 
+    Every connection needs ``password`` (generated per server; the URLs carry it, quoted).
     As root the server runs as the ``postgres`` user (or ``nobody``), since PostgreSQL
     refuses to run as root. The postmaster is a direct child: if the creating thread dies,
     the kernel kills it, so no server outlives its test run.
@@ -86,6 +96,8 @@ class PostgresServer(Service):
         self.settings = dict(settings or {})
         self.is_standby = _primary is not None
         self._primary = _primary
+        # A standby is a copy of its primary's cluster, roles and passwords included.
+        self._password = _primary.password if _primary else secrets.token_urlsafe(24)
         self._owner = Owner.for_this_process()
         self.base_dir = self._owner.make_base_dir("")
         self.data_dir = self.base_dir / "data"
@@ -97,7 +109,17 @@ class PostgresServer(Service):
         self._process: subprocess.Popen[bytes] | None = None
         self._initialized = False
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
-        self._finalizer = weakref.finalize(self, cleanup, self._processes, self.base_dir)
+        self._finalizer = track(self, self._processes, self.base_dir)
+
+    def __repr__(self) -> str:
+        # Never the password: servers end up in assertion messages and logs.
+        state = "running" if self.running else "stopped"
+        return f"<PostgresServer {self.name!r} {self.host}:{self.port} {state}>"
+
+    @property
+    def password(self) -> str:
+        """The superuser's password (URL-safe characters); every connection must give it."""
+        return self._password
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -201,10 +223,12 @@ class PostgresServer(Service):
         *,
         database: str = "postgres",
         user: str = "postgres",
+        password: str | None = None,
         **params: str,
     ) -> str:
         """Return a SQLAlchemy URL for ``driver`` that reaches this server over TCP.
 
+        The URL carries ``password`` (default: the server's own), so treat it as a secret.
         With TLS on, the URL asks for it (``sslmode=require``; ``ssl=require`` for asyncpg).
         pg8000 takes TLS through ``connect_args(driver)`` instead of the URL.
         """
@@ -216,7 +240,10 @@ class PostgresServer(Service):
         elif self.tls and driver == "asyncpg":
             query.setdefault("ssl", "require")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        text = f"postgresql+{driver}://{user}@{host}:{self.port}/{database}"
+        secret = quote(self.password if password is None else password, safe="")
+        text = (
+            f"postgresql+{driver}://{quote(user, safe='')}:{secret}@{host}:{self.port}/{database}"
+        )
         if query:
             text += "?" + "&".join(f"{key}={value}" for key, value in query.items())
         return text
@@ -280,29 +307,46 @@ class PostgresServer(Service):
         except TimeoutError as exc:
             raise ServerError(str(exc)) from None
 
+    def _password_env(self) -> dict[str, str]:
+        # The environment, not the command line: another user can read a command line in /proc.
+        return {**os.environ, "PGPASSWORD": self.password}
+
+    @property
+    def _auth_method(self) -> str:
+        # Before 14, passwords are stored as md5 by default; "md5" then also accepts SCRAM.
+        return "scram-sha-256" if self.binaries.major_version >= 14 else "md5"  # noqa: PLR2004
+
     def _initialize(self) -> None:
+        # Both 0700: the socket's folder keeps other accounts off the Unix socket.
         for folder in (self.data_dir, self.socket_dir):
             folder.mkdir(mode=0o700)
             self._owner.give(folder)
-        self.socket_dir.chmod(0o755)
         if self._primary is None:
-            self._owner.run(
-                [
-                    self.binaries.tool("initdb"),
-                    "-D",
-                    str(self.data_dir),
-                    "-U",
-                    "postgres",
-                    "-A",
-                    "trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                ],
-                cwd=self.base_dir,
-                what="initdb",
-            )
+            password_file = self.base_dir / "password"
+            password_file.touch(mode=0o600)
+            password_file.write_text(self.password + "\n")
+            self._owner.give(password_file)
+            try:
+                self._owner.run(
+                    [
+                        self.binaries.tool("initdb"),
+                        "-D",
+                        str(self.data_dir),
+                        "-U",
+                        "postgres",
+                        "-A",
+                        self._auth_method,
+                        f"--pwfile={password_file}",
+                        "-E",
+                        "UTF8",
+                        "--locale=C",
+                        "--no-sync",
+                    ],
+                    cwd=self.base_dir,
+                    what="initdb",
+                )
+            finally:
+                password_file.unlink()
         else:
             self._clone_primary(self._primary)
         if self.tls:
@@ -334,9 +378,11 @@ class PostgresServer(Service):
             ],
             cwd=self.base_dir,
             what="pg_basebackup",
+            env=self._password_env(),
         )
+        # The data folder (0700) holds it, as the primary's folder holds its password's hash.
         conninfo = (
-            f"host={primary.host} port={primary.port} user=postgres "
+            f"host={primary.host} port={primary.port} user=postgres password={self.password} "
             f"application_name={self.name} sslmode=disable"
         )
         with (self.data_dir / "postgresql.auto.conf").open("a") as auto_conf:
@@ -364,15 +410,18 @@ class PostgresServer(Service):
         lines = ["", "# dropsafe.testing"] + [f"{key} = {value}" for key, value in settings.items()]
         with (self.data_dir / "postgresql.conf").open("a") as conf:
             conf.write("\n".join(lines) + "\n")
+        # TCP: a password, since every local account can reach a loopback port. The Unix
+        # socket: its folder (0700) already keeps out all but root and the server's account,
+        # which own the server's files anyway; a SCRAM exchange per `execute` (~5 ms of CPU on
+        # both sides) would buy nothing.
+        method = self._auth_method
         (self.data_dir / "pg_hba.conf").write_text(
-            # One role checks passwords, for tests of refused authentication.
-            f"host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n"
             "local all all trust\n"
-            "host all all 127.0.0.1/32 trust\n"
-            "host all all ::1/128 trust\n"
+            f"host all all 127.0.0.1/32 {method}\n"
+            f"host all all ::1/128 {method}\n"
             "local replication all trust\n"
-            "host replication all 127.0.0.1/32 trust\n"
-            "host replication all ::1/128 trust\n"
+            f"host replication all 127.0.0.1/32 {method}\n"
+            f"host replication all ::1/128 {method}\n"
         )
 
     def _launch(self) -> None:
@@ -418,9 +467,12 @@ def multi_host_url(
     *,
     database: str = "postgres",
     user: str = "postgres",
+    password: str | None = None,
     **params: str,
 ) -> str:
     """Return one URL listing every server, the way managed databases hand out failover URLs.
+
+    The URL carries ``password`` (default: the first server's; a standby shares its primary's).
 
     ``target_session_attrs`` defaults to ``read-write``: connections go to whichever server is
     the primary. TLS parameters follow the first server.
@@ -431,11 +483,12 @@ def multi_host_url(
     """
     if not servers:
         raise ConfigurationError("multi_host_url needs at least one server")
-    first = servers[0].url(driver, database=database, user=user, **params)
+    first = servers[0].url(driver, database=database, user=user, password=password, **params)
     query = first.partition("?")[2]
     hosts = "&".join(f"host={f'[{s.host}]' if ':' in s.host else s.host}:{s.port}" for s in servers)
     extra = "" if "target_session_attrs" in params else "&target_session_attrs=read-write"
-    return f"postgresql+{driver}://{user}@/{database}?{hosts}{extra}" + (
+    userinfo = first.partition("://")[2].partition("@")[0]  # user:password, quoted
+    return f"postgresql+{driver}://{userinfo}@/{database}?{hosts}{extra}" + (
         f"&{query}" if query else ""
     )
 

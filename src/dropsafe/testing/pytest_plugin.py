@@ -17,6 +17,11 @@ Python imports the packages ``dropsafe`` and ``dropsafe.testing`` first: both im
 on first use, so loading the plugin imports neither SQLAlchemy nor the bench (measured: about
 80 ms, pytest's own import included, against 0.7 s or more when ``import dropsafe`` loaded
 SQLAlchemy; tests/unit/test_public_api.py checks it).
+
+Nothing outlives a test, even a killed run: servers die with the test process, and their temp
+folders and the blackholes' kernel rules are named after it, so the next start sweeps those of
+a run that is gone (never those of a live one: two suites may run at once). On SIGTERM the
+process removes its own first, then calls the handler that was there before ours (if any).
 """
 
 from __future__ import annotations
@@ -61,7 +66,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture
 def postgres_server() -> Iterator[PostgresServer]:
-    """Give each test a fresh PostgreSQL server with TLS on, removed after the test."""
+    """Give each test a fresh PostgreSQL server with TLS on, removed after the test.
+
+    Only its URLs let one in: they carry the server's generated password (``.password``).
+    """
     from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
 
     with PostgresServer() as server:
