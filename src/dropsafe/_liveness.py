@@ -174,8 +174,8 @@ class CheckoutCheck:
             except Exception as exc:  # noqa: BLE001 - any failure of the ping means replace it
                 reason = f"ping failed: {describe_error(exc)}"
             else:
-                why: Literal["idle", "suspect"] = (
-                    "suspect" if health is Health.DATA_WAITING else "idle"
+                why: Literal["idle", "data_waiting"] = (
+                    "data_waiting" if health is Health.DATA_WAITING else "idle"
                 )
                 emit(self._hooks, PingSucceeded(time.monotonic() - now, why))
                 return

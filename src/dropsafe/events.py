@@ -68,7 +68,7 @@ class PingSucceeded:
     """A checkout paid a round trip (idle too long, or something arrived while idle)."""
 
     latency: float  # seconds
-    why: Literal["idle", "suspect"]
+    why: Literal["idle", "data_waiting"]  # idle too long, or bytes arrived while idle
 
 
 @dataclass(frozen=True)
