@@ -25,7 +25,7 @@ from dropsafe._errors import ConfigurationError
 from dropsafe._invalidation import InvalidationScope
 from dropsafe._liveness import CheckoutCheck
 from dropsafe._policy import Policy
-from dropsafe._redaction import redact_url
+from dropsafe._redaction import redact_url, split_credentials
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -237,6 +237,9 @@ def _parse(url: str | URL) -> URL:
             f"malformed database URL {named}; expected "
             "postgresql+DRIVER://user:password@host:port/database"
         ) from None
+    split = split_credentials(url)
+    if split is not None:
+        raise ConfigurationError(split)
     if parsed.get_backend_name() not in ("postgresql", "postgres"):
         raise ConfigurationError(
             f"dropsafe supports PostgreSQL only, not {parsed.get_backend_name()!r} "

@@ -19,7 +19,8 @@ import sys
 from typing import TYPE_CHECKING, Any, TextIO, cast
 from urllib.parse import quote, unquote
 
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -30,6 +31,7 @@ __all__ = [
     "masked_output",
     "redact_text",
     "redact_url",
+    "split_credentials",
     "url_password",
 ]
 
@@ -189,3 +191,23 @@ def masked_output(mask: SecretMask) -> Iterator[None]:
 
 def _mask_params(text: str) -> str:
     return _PASSWORD_PARAM.sub(lambda m: m.group("head") + _MASK, text)
+
+
+def split_credentials(url: str | URL) -> str | None:
+    """Say why ``url``'s user or password is split across its host or database, if it is.
+
+    An ``@`` (or a ``/`` in the user's name) left unencoded makes every parser, SQLAlchemy's
+    and libpq's, read part of the password as the host or the database: a connect would look
+    up a piece of the password in DNS and name it in its errors. The message names the URL
+    masked and the fix; None when the URL is fine (or not a URL at all).
+    """
+    try:
+        parsed = url if isinstance(url, URL) else make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if "@" not in (parsed.host or "") and "@" not in (parsed.database or ""):
+        return None
+    return (
+        f"the user or password in {redact_url(url)} holds an unencoded '@' or '/': "
+        "percent-encode them ('@' as %40, '/' as %2F, ':' as %3A, '%' as %25)"
+    )

@@ -30,6 +30,24 @@ def test_bad_urls_are_refused_without_the_password(url, message):
     assert "s3cret" not in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql+psycopg2://u:Hunt@er2s3cret@127.0.0.1:5432/postgres",
+        "postgresql+asyncpg://u:s3cr@et@db.invalid/app",
+        "postgresql+psycopg://us/er:s3cret@db.invalid/app",
+    ],
+)
+def test_a_password_split_by_an_unencoded_at_is_refused_before_any_lookup(url):
+    # Parsed as given, a piece of the password would become the host name: looked up in DNS
+    # and named in every error.
+    make = dropsafe.create_async_engine if "asyncpg" in url else dropsafe.create_engine
+    with pytest.raises(ConfigurationError, match="percent-encode") as raised:
+        make(url)
+    assert "s3cr" not in str(raised.value)
+    assert "er2" not in str(raised.value)
+
+
 def test_url_of_the_wrong_type():
     with pytest.raises(ConfigurationError, match="url must be a string"):
         dropsafe.create_engine(42)  # type: ignore[arg-type]
