@@ -43,4 +43,5 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import dropsafe, dropsafe.testing" # fails loudly if the install did not work
+# Fails loudly if the install did not work (mkdocstrings: test.sh builds the docs site).
+.venv/bin/python -c "import dropsafe, dropsafe.testing, mkdocs, mkdocstrings_handlers.python"

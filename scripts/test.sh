@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (see setup.sh), then lint, type-check, run the install matrix and the whole test suite.
+# Set up (see setup.sh), then lint, type-check, build the docs site, run the install matrix and
+# the whole test suite.
 # DROPSAFE_SKIP_INSTALL_MATRIX=1 skips the matrix (about 3 minutes) on a developer's machine;
 # CI always runs it.
 set -euo pipefail
@@ -8,6 +9,8 @@ bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks scripts
 .venv/bin/ruff format --check src tests benchmarks scripts
 .venv/bin/mypy
+# The documentation site, strict: a broken link, anchor or API reference fails the run (seconds).
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir site
 if [[ ${DROPSAFE_SKIP_INSTALL_MATRIX:-0} != 1 || ${CI:-} == true ]]; then
     # The built wheel in fresh venvs, each extra alone: what users get (scripts/install_matrix.py).
     .venv/bin/python scripts/install_matrix.py
