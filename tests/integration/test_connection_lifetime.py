@@ -118,3 +118,28 @@ def test_without_max_lifetime_connections_stay(shared_server):
                 assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() == before
     finally:
         engine.dispose()
+
+
+@pytest.mark.timeout(60)
+async def test_async_connections_retire_cleanly(shared_server, caplog):
+    # asyncpg closes inside SQLAlchemy's greenlet: a close at checkin must not go wrong there.
+    engine = dropsafe.create_async_engine(
+        shared_server.url("asyncpg"),
+        policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(max_lifetime=1), hooks=()),
+        pool_size=2,
+        max_overflow=0,
+    )
+    connects = []
+    event.listen(engine.sync_engine, "connect", lambda dbapi, entry: connects.append(dbapi))
+    pids = set()
+    try:
+        stop = time.monotonic() + DEADLINE
+        while len(connects) < 4:
+            assert time.monotonic() < stop, f"{len(connects)} connects"
+            async with engine.connect() as conn:
+                pids.add(await conn.scalar(sa.text("SELECT pg_backend_pid()")))
+    finally:
+        await engine.dispose()
+    assert len(pids) >= 2
+    assert not [r for r in caplog.records if "Exception closing connection" in r.getMessage()]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
