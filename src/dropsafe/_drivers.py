@@ -280,6 +280,8 @@ class _Psycopg2(_Libpq):
 
 
 class _Psycopg(_Libpq):
+    name = "psycopg"
+
     def connect_defaults(
         self, policy: ConnectionPolicy, cargs: list[Any], cparams: dict[str, Any]
     ) -> set[str]:
@@ -291,8 +293,6 @@ class _Psycopg(_Libpq):
             cparams["prepare_threshold"] = None
             added.add("prepare_threshold")
         return added
-
-    name = "psycopg"
 
     def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
         if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async
