@@ -36,8 +36,7 @@ ROUNDS = 25  # transactions per task
 WORKER_TIMEOUT = 90.0
 
 
-def _is_prepared_statement_error(error: BaseException) -> bool:
-    text = str(error)
+def _is_prepared_statement_error(text: str) -> bool:
     return "prepared statement" in text and ("already exists" in text or "does not exist" in text)
 
 
@@ -70,7 +69,7 @@ async def _load(url: str, pooler: str | None, seed: int) -> tuple[int, int, list
         await asyncio.gather(*(task(n) for n in range(TASKS)))
     finally:
         await engine.dispose()
-    prepared = sum(1 for text in failures if _is_prepared_statement_error(Exception(text)))
+    prepared = sum(1 for text in failures if _is_prepared_statement_error(text))
     return done, prepared, failures
 
 
