@@ -20,6 +20,7 @@ import re
 import select
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -281,6 +282,18 @@ class _Psycopg2(_Libpq):
 class _Psycopg(_Libpq):
     name = "psycopg"
 
+    def connect_defaults(
+        self, policy: ConnectionPolicy, cargs: list[Any], cparams: dict[str, Any]
+    ) -> set[str]:
+        added = super().connect_defaults(policy, cargs, cparams)
+        # psycopg 3 prepares a statement run 5 times on a connection, under a name (_pg3_0...)
+        # that the next transaction's server connection may not have, or have from another
+        # client: behind a transaction-mode pooler it must never prepare.
+        if policy.pooler == "transaction" and "prepare_threshold" not in cparams:
+            cparams["prepare_threshold"] = None
+            added.add("prepare_threshold")
+        return added
+
     def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
         if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async
             dbapi_connection = dbapi_connection.driver_connection
@@ -303,7 +316,10 @@ class _Asyncpg(Driver):
         del cargs
         # One budget for all hosts in turn (libpq gives each host its own): a vanished first
         # host eats it all, so after a failed attempt the guard starts from the next host.
-        return _timeout_argument(cparams, policy)
+        added = _timeout_argument(cparams, policy)
+        if policy.pooler == "transaction":
+            added |= _no_lasting_statements(cparams)
+        return added
 
     def socket_for_options(self, dbapi_connection: Any) -> socket.socket | None:  # noqa: ANN401
         return dbapi_connection._connection._transport.get_extra_info("socket")  # type: ignore[no-any-return]  # noqa: SLF001
@@ -513,6 +529,34 @@ def _timeout_argument(cparams: dict[str, Any], policy: ConnectionPolicy) -> set[
         return set()
     cparams["timeout"] = seconds(policy.connect_timeout)
     return {"timeout"}
+
+
+def _no_lasting_statements(cparams: dict[str, Any]) -> set[str]:
+    """Keep asyncpg's prepared statements inside one transaction, under names no one else has.
+
+    Behind a transaction-mode pooler each transaction may run on another server connection,
+    shared with other clients. asyncpg names statements ``__asyncpg_stmt_N__``, counting per
+    client connection, and keeps them for reuse: two clients then collide on one server
+    connection ("already exists"), and a kept statement is missing on the next one ("does not
+    exist"). So: no statement cache in asyncpg (its own queries go unnamed), none in
+    SQLAlchemy's adapter, and a unique name for each statement SQLAlchemy prepares (it prepares
+    inside the transaction that runs it). What the user set wins.
+    """
+    wanted: dict[str, object] = {
+        "statement_cache_size": 0,  # asyncpg's cache
+        "prepared_statement_cache_size": 0,  # SQLAlchemy's adapter's cache
+        "prepared_statement_name_func": _unique_statement_name,
+    }
+    added = set()
+    for key, value in wanted.items():
+        if key not in cparams:
+            cparams[key] = value
+            added.add(key)
+    return added
+
+
+def _unique_statement_name() -> str:
+    return f"__dropsafe_{uuid.uuid4().hex}__"
 
 
 def _is_instance(candidate: object, module: str, name: str) -> bool:

@@ -23,6 +23,7 @@ from dropsafe._connect_args import ConnectArguments
 from dropsafe._drivers import SUPPORTED, driver_for, is_supported
 from dropsafe._errors import ConfigurationError
 from dropsafe._invalidation import InvalidationScope
+from dropsafe._lifetime import ConnectionLifetime
 from dropsafe._liveness import CheckoutCheck
 from dropsafe._policy import Policy
 from dropsafe._redaction import redact_url, split_credentials
@@ -146,13 +147,20 @@ class EngineGuard:
         )
         self.connects = ConnectArguments(policy.connection, self.driver)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
+        self.lifetime = ConnectionLifetime(policy.pool)
 
     def attach(self, engine: Engine) -> None:
         """Listen to the engine's connect, pool and error events."""
+        lifetime = self.lifetime.listeners()
+        # An expired connection is refused at checkout before the check would look at it or
+        # ping it; at checkin it is closed after the check has seen it come back.
+        retire_at_checkout = lifetime.pop("checkout", None)
         listeners: list[tuple[str, Callable[..., None]]] = [
             *self.connects.listeners().items(),
             ("handle_error", self.invalidation.on_handle_error),
+            *([("checkout", retire_at_checkout)] if retire_at_checkout else []),
             *self.check.listeners().items(),
+            *lifetime.items(),
         ]
         for name, listener in listeners:
             event.listen(engine, name, listener)

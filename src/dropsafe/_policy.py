@@ -20,7 +20,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.events import LoggingHook
@@ -28,9 +28,19 @@ from dropsafe.events import LoggingHook
 if TYPE_CHECKING:
     from dropsafe.events import Hook
 
-__all__ = ["ConnectionPolicy", "Duration", "Policy", "PoolPolicy", "UnitPolicy", "seconds"]
+__all__ = [
+    "ConnectionPolicy",
+    "Duration",
+    "Policy",
+    "PoolPolicy",
+    "Pooler",
+    "UnitPolicy",
+    "seconds",
+]
 
 Duration = Union[float, timedelta]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
+#: What sits between the application and PostgreSQL, when it is a pooler that matters.
+Pooler = Literal["session", "transaction"]
 
 
 def seconds(value: Duration) -> float:
@@ -49,12 +59,18 @@ class _Validated:
     _INTEGERS: ClassVar[frozenset[str]] = frozenset()
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset()  # None is allowed (and means "off")
     _BOOLEANS: ClassVar[frozenset[str]] = frozenset()
+    _CHOICES: ClassVar[dict[str, tuple[object, ...]]] = {}  # fields that take one of a few values
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         for each in dataclasses.fields(self):  # type: ignore[arg-type]
             name = each.name
             value = getattr(self, name)
+            if name in self._CHOICES:
+                if value not in self._CHOICES[name] or isinstance(value, bool):
+                    allowed = ", ".join(repr(choice) for choice in self._CHOICES[name])
+                    raise ConfigurationError(f"{owner}.{name} must be one of {allowed}: {value!r}")
+                continue
             if name in self._BOOLEANS:
                 if not isinstance(value, bool):
                     raise ConfigurationError(f"{owner}.{name} must be a bool: {value!r}")
@@ -91,6 +107,9 @@ class ConnectionPolicy(_Validated):
     }
     _INTEGERS: ClassVar[frozenset[str]] = frozenset({"keepalive_count"})
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"tcp_user_timeout", "keepalive_idle"})
+    _CHOICES: ClassVar[dict[str, tuple[object, ...]]] = {
+        "pooler": (None, "session", "transaction"),
+    }
 
     #: Time allowed to open a connection (libpq ``connect_timeout``, asyncpg ``timeout``).
     connect_timeout: Duration = 5.0
@@ -103,6 +122,12 @@ class ConnectionPolicy(_Validated):
     keepalive_interval: Duration = 5.0
     #: Unanswered probes before the connection is declared dead.
     keepalive_count: int = 3
+    #: The pooler between the application and PostgreSQL, if any. ``"transaction"`` (PgBouncer,
+    #: Supavisor, RDS Proxy in transaction mode): each transaction may run on another server
+    #: connection, so no driver may keep named prepared statements across transactions; asyncpg
+    #: then gets no statement caches and a unique name per statement, psycopg 3 never prepares.
+    #: ``"session"`` and None change nothing.
+    pooler: Pooler | None = None
 
 
 @dataclass(frozen=True)
@@ -117,13 +142,21 @@ class PoolPolicy(_Validated):
     _RANGES: ClassVar[dict[str, tuple[float, float]]] = {
         "ping_after_idle": (0, 86400),
         "ping_timeout": (0.05, 300),
+        "max_lifetime": (1, 7 * 86400),
     }
+    _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"max_lifetime"})
 
     #: A connection idle longer than this is pinged at checkout (a round trip);
     #: a busier one is checked by looking at its socket only, which costs nothing.
     ping_after_idle: Duration = 30.0
     #: Bound on a checkout ping.
     ping_timeout: Duration = 5.0
+    #: A connection older than its own limit is closed when it is checked in, or replaced when
+    #: it is checked out, never while in use. Each connection draws its limit uniformly in
+    #: [0.9, 1.0] x ``max_lifetime``, so connections made together are not all replaced
+    #: together. Set it below any lifetime limit of a proxy or load balancer on the way;
+    #: None keeps connections for as long as they work.
+    max_lifetime: Duration | None = 3600.0
 
 
 @dataclass(frozen=True)
@@ -172,7 +205,10 @@ class UnitPolicy(_Validated):
 
 # Where each knob of the flat Policy of dropsafe 0.1 went, for a helpful error.
 _LAYER_OF = {
-    **dict.fromkeys(ConnectionPolicy._RANGES, "connection=ConnectionPolicy"),  # noqa: SLF001
+    **dict.fromkeys(
+        (*ConnectionPolicy._RANGES, *ConnectionPolicy._CHOICES),  # noqa: SLF001
+        "connection=ConnectionPolicy",
+    ),
     **dict.fromkeys(PoolPolicy._RANGES, "pool=PoolPolicy"),  # noqa: SLF001
     **dict.fromkeys((*UnitPolicy._RANGES, "verify_commits"), "unit=UnitPolicy"),  # noqa: SLF001
 }

@@ -1,9 +1,11 @@
 """`dropsafe doctor` against real servers: what it reports, what it advises, how it fails."""
 
+import shutil
+
 import pytest
 
 from dropsafe._cli import main
-from dropsafe.testing import ChaosProxy
+from dropsafe.testing import ChaosProxy, PgBouncer
 from dropsafe.testing._server import PASSWORD_ROLE
 
 SECRET = "Doctor-Needle-42"  # noqa: S105 - the needle the test searches for
@@ -39,6 +41,30 @@ def test_a_proxy_in_between_is_noticed(shared_server, capsys):
 
 
 @pytest.mark.fault
+@pytest.mark.skipif(
+    shutil.which("pgbouncer", path="/usr/sbin:/usr/bin") is None, reason="needs PgBouncer"
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+@pytest.mark.parametrize("mode", ["session", "transaction"])
+def test_a_transaction_mode_pooler_is_found_and_named(shared_server, capsys, driver, mode):
+    with PgBouncer(shared_server, pool_mode=mode) as bouncer:
+        code, out, _ = _doctor(capsys, bouncer.url(driver), shared_server.password)
+    assert code == 0
+    advice = "ConnectionPolicy(pooler='transaction')"
+    if mode == "transaction":
+        assert "pooler        transaction mode" in out
+        assert advice in out
+    else:
+        assert "pooler        no transaction-mode pooler seen" in out
+        assert advice not in out
+
+
+def test_no_pooler_is_seen_on_a_direct_connection(shared_server, capsys):
+    code, out, _ = _doctor(capsys, shared_server.url("asyncpg"), shared_server.password)
+    assert code == 0
+    assert "pooler        no transaction-mode pooler seen" in out
+
+
 def test_a_standby_is_named(postgres_server, capsys):
     standby = postgres_server.make_standby()
     try:

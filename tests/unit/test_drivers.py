@@ -3,7 +3,7 @@
 import pytest
 
 from dropsafe import ConnectionPolicy
-from dropsafe._drivers import _Asyncpg, _Pg8000, _Psycopg2
+from dropsafe._drivers import _Asyncpg, _Pg8000, _Psycopg, _Psycopg2
 from dropsafe._hosts import rotate
 
 LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
@@ -60,3 +60,38 @@ def test_single_host_is_left_alone():
     rotate(_Pg8000(), cparams, 1)
     rotate(_Psycopg2(), cparams, 1)
     assert cparams == {"host": "db", "port": 5432}
+
+
+def test_a_transaction_mode_pooler_turns_asyncpg_statement_caches_off_with_unique_names():
+    cparams = {"host": "db", "statement_cache_size": 7}
+    added = _Asyncpg().connect_defaults(ConnectionPolicy(pooler="transaction"), [], cparams)
+    assert cparams["statement_cache_size"] == 7  # the user's setting wins
+    assert "statement_cache_size" not in added
+    assert cparams["prepared_statement_cache_size"] == 0
+    name = cparams["prepared_statement_name_func"]
+    assert name() != name()
+    assert name().startswith("__dropsafe_")
+
+
+@pytest.mark.parametrize("pooler", [None, "session"])
+def test_without_a_transaction_mode_pooler_statements_are_the_drivers_business(pooler):
+    policy = ConnectionPolicy(pooler=pooler)
+    cparams: dict[str, object] = {"host": "db"}
+    _Asyncpg().connect_defaults(policy, [], cparams)
+    assert set(cparams) == {"host", "timeout"}
+    cparams = {"host": "db"}
+    _Psycopg().connect_defaults(policy, [], cparams)
+    assert "prepare_threshold" not in cparams
+
+
+def test_a_transaction_mode_pooler_stops_psycopg_preparing_but_not_psycopg2():
+    policy = ConnectionPolicy(pooler="transaction")
+    cparams: dict[str, object] = {"host": "db"}
+    _Psycopg().connect_defaults(policy, [], cparams)
+    assert cparams["prepare_threshold"] is None
+    cparams = {"host": "db", "prepare_threshold": 3}
+    _Psycopg().connect_defaults(policy, [], cparams)
+    assert cparams["prepare_threshold"] == 3
+    cparams = {"host": "db"}
+    _Psycopg2().connect_defaults(policy, [], cparams)  # libpq would refuse the key
+    assert "prepare_threshold" not in cparams

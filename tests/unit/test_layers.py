@@ -26,8 +26,8 @@ LAYERS: list[tuple[str, ...]] = [
     # Per-driver facts; the backoff schedule of a unit of work.
     ("dropsafe._drivers", "dropsafe._backoff"),
     # Mechanisms built on the driver's facts: the deadline on a wait, the host order, the
-    # checkout check.
-    ("dropsafe._watchdog", "dropsafe._hosts", "dropsafe._liveness"),
+    # checkout check; and the connection lifetime (on the policy alone).
+    ("dropsafe._watchdog", "dropsafe._hosts", "dropsafe._liveness", "dropsafe._lifetime"),
     # What dropsafe adds to a connect; how much of the pool an error ends.
     ("dropsafe._connect_args", "dropsafe._invalidation"),
     # Wiring: the engine and its guard.

@@ -16,6 +16,14 @@ def test_defaults_bound_a_half_open_request_within_fifteen_seconds():
     assert seconds(policy.pool.ping_after_idle) > 0
 
 
+def test_connections_are_retired_after_an_hour_and_no_pooler_is_assumed():
+    assert PoolPolicy().max_lifetime == 3600.0
+    assert PoolPolicy(max_lifetime=None).max_lifetime is None
+    assert PoolPolicy(max_lifetime=timedelta(minutes=5)).max_lifetime == 300.0
+    assert ConnectionPolicy().pooler is None
+    assert ConnectionPolicy(pooler="transaction").pooler == "transaction"
+
+
 def test_durations_take_timedelta_and_store_seconds():
     assert ConnectionPolicy(connect_timeout=timedelta(milliseconds=2500)).connect_timeout == 2.5
     assert UnitPolicy(deadline=timedelta(minutes=1)).deadline == 60.0
@@ -32,6 +40,10 @@ def test_durations_take_timedelta_and_store_seconds():
         (UnitPolicy, "deadline", "30", "deadline must be a number of seconds or a timedelta"),
         (PoolPolicy, "ping_after_idle", True, "ping_after_idle must be"),
         (UnitPolicy, "verify_commits", 1, "verify_commits must be a bool"),
+        (ConnectionPolicy, "pooler", "txn", "pooler must be one of None, 'session', 'transaction'"),
+        (ConnectionPolicy, "pooler", True, "pooler must be one of"),
+        (PoolPolicy, "max_lifetime", 0.5, r"max_lifetime must be within 1\.\.604800"),
+        (PoolPolicy, "max_lifetime", "1h", "max_lifetime must be a number of seconds"),
     ],
 )
 def test_bad_values_name_the_layer_the_field_and_the_range(layer, field, value, message):
@@ -57,6 +69,8 @@ def test_every_layer_is_frozen():
         ("ping_timeout", "pool=PoolPolicy"),
         ("deadline", "unit=UnitPolicy"),
         ("verify_commits", "unit=UnitPolicy"),
+        ("pooler", "connection=ConnectionPolicy"),
+        ("max_lifetime", "pool=PoolPolicy"),
     ],
 )
 def test_a_flat_knob_of_version_one_says_which_layer_it_belongs_to(knob, layer):

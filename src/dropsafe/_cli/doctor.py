@@ -2,7 +2,8 @@
 
 It reports the server's version, TLS and how it is verified, round-trip time and what a ping
 costs, the server's timeouts and keepalives, whether a pooler is in between and whether the node
-is a standby, and the client settings dropsafe would use; then recommendations, each with the
+is a standby, whether a transaction-mode pooler is (two sessions that meet on one server backend),
+and the client settings dropsafe would use; then recommendations, each with the
 exact setting. It never prints a password. A malformed URL ends with one line and exit code 2;
 an unreachable host or refused authentication with one line and exit code 1.
 """
@@ -24,7 +25,7 @@ from dropsafe._cli._arguments import database_url
 from dropsafe._drivers import driver_for
 from dropsafe._engine import _parse
 from dropsafe._errors import ConfigurationError
-from dropsafe._policy import ConnectionPolicy
+from dropsafe._policy import ConnectionPolicy, Policy
 from dropsafe._redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
@@ -42,6 +43,14 @@ _SETTINGS = (
     "tcp_keepalives_interval",
     "tcp_keepalives_count",
 )
+
+
+# The doctor's own connections work through any pooler: no prepared statement outlives its
+# transaction (see ConnectionPolicy.pooler). Its events are its report, not log lines.
+_POLICY = Policy(connection=ConnectionPolicy(pooler="transaction"), hooks=())
+# Transactions per session when looking for a transaction-mode pooler.
+_POOLER_ROUNDS = 3
+_BACKEND_PID = sa.text("SELECT pg_backend_pid()")
 
 
 class DoctorFailed(CommandFailed):
@@ -75,11 +84,13 @@ def diagnose(url_text: str) -> str:
     if url.get_driver_name() == "asyncpg" or url.get_driver_name() == "psycopg_async":
         facts |= asyncio.run(_examine_async(url))
     else:
-        engine = dropsafe.create_engine(url, poolclass=NullPool)
+        engine = dropsafe.create_engine(url, poolclass=NullPool, policy=_POLICY)
         try:
             with _explained(url), engine.connect() as connection:
                 facts["connect ms"] = (time.perf_counter() - started) * 1000
                 facts |= _examine(connection)
+                with engine.connect() as other:
+                    facts["pooler"] = _pooler_seen(_backends(connection, other))
         finally:
             engine.dispose()
     cparams: dict[str, Any] = {}
@@ -90,7 +101,7 @@ def diagnose(url_text: str) -> str:
 
 
 async def _examine_async(url: URL) -> dict[str, Any]:
-    engine = dropsafe.create_async_engine(url, poolclass=NullPool)
+    engine = dropsafe.create_async_engine(url, poolclass=NullPool, policy=_POLICY)
     started = time.perf_counter()
     try:
         with _explained(url):
@@ -98,9 +109,47 @@ async def _examine_async(url: URL) -> dict[str, Any]:
                 connect_ms = (time.perf_counter() - started) * 1000
                 facts: dict[str, Any] = await connection.run_sync(_examine)
                 facts["connect ms"] = connect_ms
+                async with engine.connect() as other:
+                    pids = [
+                        (await _pid_async(connection), await _pid_async(other))
+                        for _ in range(_POOLER_ROUNDS)
+                    ]
+                facts["pooler"] = _pooler_seen(pids)
                 return facts
     finally:
         await engine.dispose()
+
+
+async def _pid_async(connection: Any) -> int:  # noqa: ANN401 - an AsyncConnection
+    pid = int(await connection.scalar(_BACKEND_PID))
+    await connection.commit()  # the transaction ends: a transaction-mode pooler lets go
+    return pid
+
+
+def _backends(first: sa.Connection, second: sa.Connection) -> list[tuple[int, int]]:
+    """Return the server backend of each session, transaction after transaction, in turn."""
+    pids = []
+    for _ in range(_POOLER_ROUNDS):
+        pair = []
+        for connection in (first, second):
+            pair.append(int(connection.execute(_BACKEND_PID).scalar_one()))
+            connection.commit()
+        pids.append((pair[0], pair[1]))
+    return pids
+
+
+def _pooler_seen(pids: list[tuple[int, int]]) -> str | None:
+    """Say "transaction" if two open sessions met on one backend, or one session moved.
+
+    Directly and through a session-mode pooler, each open session keeps its own backend for its
+    whole life. A transaction-mode pooler hands a backend back after each transaction, and
+    PgBouncer hands the one just freed to the next client: the other session gets it. Seeing
+    it proves a transaction-mode pooler; not seeing it proves none is absent (a busy pooler may
+    hand out another backend each time).
+    """
+    first = {pair[0] for pair in pids}
+    second = {pair[1] for pair in pids}
+    return "transaction" if first & second or len(first) > 1 or len(second) > 1 else None
 
 
 class _explained:  # noqa: N801 - used as a context manager, reads like one
@@ -196,6 +245,13 @@ def _recommend(facts: dict[str, Any], url: URL) -> list[str]:
             f"the server listens on {facts.get('server port')} but you reach port {url.port}: a "
             "pooler or proxy is in between; see docs/managed-clouds.md (poolers)"
         )
+    if facts.get("pooler") == "transaction":
+        advice.append(
+            "a transaction-mode pooler is in between (two sessions met on one server backend): "
+            "create the engine with policy=dropsafe.Policy(connection="
+            "dropsafe.ConnectionPolicy(pooler='transaction')), so that asyncpg and psycopg 3 "
+            "keep no prepared statements across transactions"
+        )
     ping = facts.get("ping ms", 0.0)
     if ping > 5:  # noqa: PLR2004
         advice.append(
@@ -228,6 +284,12 @@ def _render(facts: dict[str, Any], advice: list[str]) -> str:
         f"connect       {facts['connect ms']:.1f} ms",
         f"round trip    {facts['round trip ms']:.2f} ms (median of 7)",
         f"ping          {facts['ping ms']:.2f} ms",
+        "pooler        "
+        + (
+            "transaction mode (two sessions met on one server backend)"
+            if facts.get("pooler") == "transaction"
+            else "no transaction-mode pooler seen"
+        ),
     ]
     lines += [f"{name:<36} {facts[name]}" for name in _SETTINGS]
     settings = ", ".join(f"{k}={v}" for k, v in facts["dropsafe client settings"].items())
