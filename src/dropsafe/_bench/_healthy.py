@@ -101,6 +101,11 @@ def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> li
     def rate(key: Key) -> float:
         return statistics.median(s.rate for s in samples[key])
 
+    def spread(key: Key) -> float:
+        """Half the range of the rounds' throughputs, in percent of their median."""
+        rates = [s.rate for s in samples[key]]
+        return 50 * (max(rates) - min(rates)) / rate(key) if rate(key) else 0.0
+
     def latencies(key: Key) -> list[float]:
         return [latency for s in samples[key] for latency in s.latencies]
 
@@ -123,12 +128,16 @@ def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> li
             "loopback: the in-process proxy would cap throughput and take CPU from the client, "
             "hiding what each check costs, so the CPU cost of dropsafe's checkout check and of "
             "the commit guard shows there in full. The 10 ms cells go through the proxy, which "
-            "adds 5 ms each way. Variants are interleaved, cell by cell, in each round."
+            "adds 5 ms each way. Variants are interleaved, cell by cell, in each round; "
+            "`per s` is the median of the rounds and `spread` half their range. A 0 ms request "
+            "takes a fraction of a millisecond, so on a loaded machine those cells are noisy: "
+            "read a ratio there together with its spread (pre_ping, which does strictly more "
+            "work than plain, above 1.00x is that noise)."
         ),
     ]
     groups = sorted({(k[0], k[1], k[2]) for k in keys})
     for workload, rtt, clients in groups:
-        header = ["driver", "variant", "per s", "ratio", "p50 ms", "p99 ms"]
+        header = ["driver", "variant", "per s", "spread", "ratio", "p50 ms", "p99 ms"]
         rows = []
         for key in (k for k in keys if k[:3] == (workload, rtt, clients)):
             base = rate((workload, rtt, clients, key[3], PLAIN.name))
@@ -138,6 +147,7 @@ def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> li
                     key[3],
                     key[4],
                     f"{rate(key):.0f}",
+                    f"±{spread(key):.0f}%",
                     f"{rate(key) / base:.2f}x",
                     f"{percentile(lat, 0.5) * 1000:.2f}",
                     f"{percentile(lat, 0.99) * 1000:.2f}",
