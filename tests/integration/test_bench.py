@@ -59,7 +59,7 @@ def test_quick_benchmark_writes_every_section(tmp_path, capsys, kernel_blackhole
     assert "| psycopg | psycopg_pool check |" in report
     assert "| psycopg2 | pre_ping + TCP settings |" in report
     assert "> 15 (capped)" in report  # with libpq's defaults, a half-open request outlasts the cap
-    assert report.count("Fairness:") == 3  # healthy, half-open, ledger
+    assert report.count("Fairness:") == 4  # one per section
     assert "load average" in report
     for picture in ("healthy_query.png", "healthy_write.png", "recovery.png", "half_open.png"):
         assert (tmp_path / picture).stat().st_size > 10_000

@@ -184,6 +184,12 @@ def run_recovery(out: Path, *, log: Callable[[str], None]) -> list[str]:
             "a write succeeded, and the errors the app saw from the fault to that success."
         ),
         "",
+        (
+            "Fairness: every variant writes through a one-connection pool that is open before "
+            "the fault. plain and pre_ping retry nothing: their errors are what an app without "
+            "a retry loop shows its users (the ledger below compares with a retry loop)."
+        ),
+        "",
         *table(
             [
                 "fault",
