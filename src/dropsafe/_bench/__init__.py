@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from dropsafe._bench._report import machine
+from dropsafe._bench._report import load_average, machine
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -39,10 +39,13 @@ def run(
     from dropsafe._bench._healthy import run_healthy  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
+    load_at_start = load_average()
     started = time.monotonic()
     body: list[str] = []
     if "healthy" in sections:
-        body += run_healthy(out, rounds=1 if quick else 3, seconds=0.3 if quick else 2.0, log=log)
+        # Many short rounds rather than a few long ones: load from elsewhere drifts, and the
+        # median of interleaved rounds follows it less than a long window does.
+        body += run_healthy(out, rounds=1 if quick else 5, seconds=0.3 if quick else 1.2, log=log)
     if "recovery" in sections:
         body += ["", *run_recovery(out, log=log)]
     if "half-open" in sections:
@@ -55,10 +58,14 @@ def run(
         "# dropsafe benchmarks",
         "",
         (
-            f"Machine: {machine()}. Mode: {mode}, {time.monotonic() - started:.0f} s. "
+            f"Machine: {machine()}; load average {load_at_start} at the start, "
+            f"{load_average()} at the end (a shared machine: absolute numbers move with its "
+            "load, so read the ratios, which compare variants measured side by side, "
+            f"interleaved, in this one run). Mode: {mode}, {time.monotonic() - started:.0f} s. "
             f"Produced by `dropsafe bench{' --quick' if quick else ''}` "
             "(or `python benchmarks/run.py`). Every number is compared with the plain pool "
-            "measured in the same run."
+            "measured in the same run. Each section says, next to its table, how the "
+            "comparison was made fair."
         ),
         "",
     ]

@@ -1,8 +1,15 @@
-"""The variants compared, as engines and requests: plain pool, pre_ping, psycopg_pool, dropsafe."""
+"""The variants compared, as engines and requests: plain pool, pre_ping, psycopg_pool, dropsafe.
+
+Every variant is measured alike: its pool holds one open connection per client before the timed
+window starts (psycopg_pool opens its connections up front; a SQLAlchemy pool opens them on
+first use, which would put the connects inside the window), and one request runs before it.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -13,13 +20,25 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
+from dropsafe._policy import seconds as to_seconds
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.ext.asyncio import AsyncSession
 
-__all__ = ["Sample", "Variant", "drive_async", "drive_sync", "make_async", "make_sync"]
+__all__ = [
+    "AsyncTarget",
+    "Sample",
+    "SyncTarget",
+    "Variant",
+    "careful_libpq_args",
+    "drive_async",
+    "drive_sync",
+    "make_async",
+    "make_psycopg_pool",
+    "make_sync",
+]
 
 SELECT_ONE = sa.text("SELECT 1")
 INSERT = sa.text("INSERT INTO bench (v) VALUES (1)")
@@ -33,6 +52,8 @@ class Sample:
     latencies: list[float]
     seconds: float
     errors: int = 0
+    #: When the timed window opened (``time.perf_counter()``).
+    started: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -41,14 +62,43 @@ class Sample:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to talk to the database; ``verify`` only matters to dropsafe's write path."""
+    """One way to talk to the database; ``verify`` only matters to dropsafe's write path.
+
+    ``tcp`` gives a baseline the TCP settings dropsafe sets (keepalives, ``tcp_user_timeout``,
+    connect timeout), as a careful user would set them by hand.
+    """
 
     name: str
     verify: bool = True
+    tcp: bool = False
 
     @property
     def guarded(self) -> bool:
         return self.name.startswith("dropsafe")
+
+
+@dataclass
+class SyncTarget:
+    """A sync variant ready to measure: ``request(workload)``, its pool warm-up and disposal."""
+
+    request: Callable[[str], object]
+    warm: Callable[[int], None]
+    dispose: Callable[[], None]
+    engine: sa.Engine | None = None
+
+
+@dataclass
+class AsyncTarget:
+    """`SyncTarget` for an async engine."""
+
+    request: Callable[[str], Awaitable[object]]
+    engine: AsyncEngine
+
+    async def warm(self, clients: int) -> None:
+        """Open ``clients`` connections at once, so that the pool holds them all."""
+        connections = [await self.engine.connect() for _ in range(clients)]
+        for connection in connections:
+            await connection.close()
 
 
 def _policy(variant: Variant) -> dropsafe.Policy:
@@ -56,13 +106,75 @@ def _policy(variant: Variant) -> dropsafe.Policy:
     return dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=variant.verify), hooks=())
 
 
-def make_sync(variant: Variant, url: str, clients: int, **kwargs: Any) -> Callable[[str], object]:  # noqa: ANN401
-    """Return ``request(workload)`` for a sync variant, and hold its engine until closed."""
+def careful_libpq_args() -> dict[str, int]:
+    """Return the libpq parameters dropsafe's default `ConnectionPolicy` sets, written out.
+
+    What a careful user of psycopg2 or psycopg passes as ``connect_args`` for a fair baseline.
+    """
+    policy = dropsafe.ConnectionPolicy()
+    assert policy.keepalive_idle is not None  # noqa: S101 - dropsafe's defaults turn them on
+    assert policy.tcp_user_timeout is not None  # noqa: S101
+    return {
+        # libpq rounds connect_timeout down and treats 1 as 2.
+        "connect_timeout": max(2, math.ceil(to_seconds(policy.connect_timeout))),
+        "keepalives": 1,
+        "keepalives_idle": math.ceil(to_seconds(policy.keepalive_idle)),
+        "keepalives_interval": math.ceil(to_seconds(policy.keepalive_interval)),
+        "keepalives_count": policy.keepalive_count,
+        "tcp_user_timeout": math.ceil(to_seconds(policy.tcp_user_timeout) * 1000),
+    }
+
+
+def _tune_asyncpg_sockets(engine: AsyncEngine) -> None:
+    """Give asyncpg's sockets dropsafe's TCP settings by hand (asyncpg takes no such argument).
+
+    A careful user's ``connect`` listener; asyncpg's ``timeout`` argument is the connect timeout.
+    """
+    policy = dropsafe.ConnectionPolicy()
+    libpq = careful_libpq_args()
+
+    def tune(dbapi_connection: Any, record: object) -> None:  # noqa: ANN401 - DBAPI connection
+        del record
+        transport = dbapi_connection.driver_connection._transport  # noqa: SLF001 - no public way
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in {socket.AF_INET, socket.AF_INET6}:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, libpq["keepalives_idle"])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, libpq["keepalives_interval"])
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, policy.keepalive_count)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, libpq["tcp_user_timeout"])
+
+    sa.event.listen(engine.sync_engine, "connect", tune)
+
+
+def _baseline_kwargs(variant: Variant, driver: str) -> dict[str, Any]:
+    """Return create_engine's arguments for an unguarded variant (pre_ping, TCP settings)."""
+    kwargs: dict[str, Any] = {"pool_pre_ping": variant.name.startswith("pre_ping")}
+    if variant.tcp and driver == "asyncpg":
+        kwargs["connect_args"] = {
+            "timeout": to_seconds(dropsafe.ConnectionPolicy().connect_timeout)
+        }
+    elif variant.tcp:
+        kwargs["connect_args"] = careful_libpq_args()
+    return kwargs
+
+
+def _warm_engine(engine: sa.Engine, clients: int) -> None:
+    """Open ``clients`` connections at once, so that the pool holds them all."""
+    connections = [engine.connect() for _ in range(clients)]
+    for connection in connections:
+        connection.close()
+
+
+def make_sync(variant: Variant, url: str, clients: int, **kwargs: Any) -> SyncTarget:  # noqa: ANN401
+    """Return a sync variant's `SyncTarget`; its engine lives until ``dispose()``."""
     pool_kwargs: dict[str, Any] = {"pool_size": clients, "max_overflow": 0, **kwargs}
     if variant.guarded:
         engine = dropsafe.create_engine(url, policy=_policy(variant), **pool_kwargs)
     else:
-        engine = sa.create_engine(url, pool_pre_ping=variant.name == "pre_ping", **pool_kwargs)
+        driver = sa.make_url(url).get_driver_name()
+        engine = sa.create_engine(url, **_baseline_kwargs(variant, driver), **pool_kwargs)
     session_factory = sessionmaker(engine)
 
     def write(session: Session) -> None:
@@ -77,11 +189,10 @@ def make_sync(variant: Variant, url: str, clients: int, **kwargs: Any) -> Callab
         with session_factory() as session, session.begin():
             return session.execute(INSERT)
 
-    request.dispose = engine.dispose  # type: ignore[attr-defined]
-    return request
+    return SyncTarget(request, lambda n: _warm_engine(engine, n), engine.dispose, engine=engine)
 
 
-def make_psycopg_pool(url: str, clients: int) -> Callable[[str], object]:
+def make_psycopg_pool(url: str, clients: int, **kwargs: Any) -> SyncTarget:  # noqa: ANN401
     """psycopg_pool with its ``check`` (a round trip per checkout), without SQLAlchemy."""
     import psycopg_pool  # noqa: PLC0415 - only this variant needs it
 
@@ -92,21 +203,26 @@ def make_psycopg_pool(url: str, clients: int) -> Callable[[str], object]:
         max_size=clients,
         check=psycopg_pool.ConnectionPool.check_connection,
         open=True,
+        **kwargs,
     )
 
     def request(workload: str) -> object:
         with pool.connection() as connection:
             return connection.execute("SELECT 1" if workload == "query" else str(INSERT))
 
-    request.dispose = pool.close  # type: ignore[attr-defined]
-    return request
+    def warm(clients: int) -> None:
+        # open=True starts filling the pool in the background: wait until it holds them all.
+        del clients  # min_size
+        pool.wait(timeout=30.0)
+
+    return SyncTarget(request, warm, pool.close)
 
 
-def drive_sync(
-    request: Callable[[str], object], workload: str, clients: int, seconds: float
-) -> Sample:
-    """Run ``clients`` threads issuing requests back to back for ``seconds``."""
-    request(workload)  # connect outside the timed window
+def drive_sync(target: SyncTarget, workload: str, clients: int, seconds: float) -> Sample:
+    """Run ``clients`` threads issuing requests back to back for ``seconds``, pool warmed."""
+    target.warm(clients)  # connect outside the timed window, every variant alike
+    request = target.request
+    request(workload)
     latencies: list[float] = []
     lock = threading.Lock()
     start = threading.Barrier(clients + 1)
@@ -129,18 +245,19 @@ def drive_sync(
     start.wait()
     for thread in threads:
         thread.join()
-    return Sample(latencies, time.perf_counter() - began)
+    return Sample(latencies, time.perf_counter() - began, started=began)
 
 
-async def make_async(
-    variant: Variant, url: str, clients: int
-) -> tuple[Callable[[str], Awaitable[object]], AsyncEngine]:
-    """Return an async ``request(workload)`` and its engine (asyncpg or psycopg async)."""
+async def make_async(variant: Variant, url: str, clients: int) -> AsyncTarget:
+    """Return an async variant's `AsyncTarget` (asyncpg or psycopg async)."""
     pool_kwargs: dict[str, Any] = {"pool_size": clients, "max_overflow": 0}
     if variant.guarded:
         engine = dropsafe.create_async_engine(url, policy=_policy(variant), **pool_kwargs)
     else:
-        engine = create_async_engine(url, pool_pre_ping=variant.name == "pre_ping", **pool_kwargs)
+        driver = sa.make_url(url).get_driver_name()
+        engine = create_async_engine(url, **_baseline_kwargs(variant, driver), **pool_kwargs)
+        if variant.tcp and driver == "asyncpg":
+            _tune_asyncpg_sockets(engine)
     session_factory = async_sessionmaker(engine)
 
     async def write(session: AsyncSession) -> None:
@@ -155,13 +272,13 @@ async def make_async(
         async with session_factory() as session, session.begin():
             return await session.execute(INSERT)
 
-    return request, engine
+    return AsyncTarget(request, engine)
 
 
-async def drive_async(
-    request: Callable[[str], Awaitable[object]], workload: str, clients: int, seconds: float
-) -> Sample:
+async def drive_async(target: AsyncTarget, workload: str, clients: int, seconds: float) -> Sample:
     """`drive_sync` with tasks."""
+    await target.warm(clients)
+    request = target.request
     await request(workload)
     latencies: list[float] = []
     began = time.perf_counter()
@@ -173,4 +290,4 @@ async def drive_async(
             latencies.append(time.perf_counter() - now)
 
     await asyncio.gather(*(client() for _ in range(clients)))
-    return Sample(latencies, time.perf_counter() - began)
+    return Sample(latencies, time.perf_counter() - began, started=began)

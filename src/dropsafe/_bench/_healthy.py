@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-__all__ = ["run_healthy"]
+__all__ = ["cell_url", "run_healthy"]
 
 DRIVERS = ("psycopg2", "psycopg", "asyncpg")
 PLAIN, PRE_PING, POOL = Variant("plain"), Variant("pre_ping"), Variant("psycopg_pool check")
@@ -41,27 +41,37 @@ def _variants(driver: str, workload: str) -> list[Variant]:
     return variants
 
 
+def cell_url(server: PostgresServer, proxy: ChaosProxy, rtt: int, driver: str) -> str:
+    """Return the URL a cell measures through: the server itself at 0 ms, else the proxy.
+
+    An in-process proxy caps throughput and takes CPU from the client, hiding what the check
+    costs; it is only there to add latency.
+    """
+    url = server.url(driver)  # type: ignore[arg-type]
+    return url if rtt == 0 else proxy.route(url)
+
+
 def _measure(server: PostgresServer, proxy: ChaosProxy, key: Key, seconds: float) -> Sample:
-    workload, _, clients, driver, variant_name = key
+    workload, rtt, clients, driver, variant_name = key
     variant = next(v for v in _variants(driver, workload) if v.name == variant_name)
-    url = proxy.route(server.url(driver))  # type: ignore[arg-type]
+    url = cell_url(server, proxy, rtt, driver)
     if driver == "asyncpg":
 
         async def run() -> Sample:
-            request, engine = await make_async(variant, url, clients)
+            target = await make_async(variant, url, clients)
             try:
-                return await drive_async(request, workload, clients, seconds)
+                return await drive_async(target, workload, clients, seconds)
             finally:
-                await engine.dispose()
+                await target.engine.dispose()
 
         return asyncio.run(run())
-    request = (
+    target = (
         make_psycopg_pool(url, clients) if variant is POOL else make_sync(variant, url, clients)
     )
     try:
-        return drive_sync(request, workload, clients, seconds)
+        return drive_sync(target, workload, clients, seconds)
     finally:
-        request.dispose()  # type: ignore[attr-defined]
+        target.dispose()
 
 
 def run_healthy(out: Path, *, rounds: int, seconds: float, log: Callable[[str], None]) -> list[str]:
@@ -91,6 +101,11 @@ def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> li
     def rate(key: Key) -> float:
         return statistics.median(s.rate for s in samples[key])
 
+    def spread(key: Key) -> float:
+        """Half the range of the rounds' throughputs, in percent of their median."""
+        rates = [s.rate for s in samples[key]]
+        return 50 * (max(rates) - min(rates)) / rate(key) if rate(key) else 0.0
+
     def latencies(key: Key) -> list[float]:
         return [latency for s in samples[key] for latency in s.latencies]
 
@@ -104,10 +119,25 @@ def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> li
             "without SQLAlchemy. "
             "`dropsafe unverified` is run_transaction with `verify_commits=False`."
         ),
+        "",
+        (
+            "Fairness: every variant's pool holds one open connection per client before the "
+            "timed window opens (psycopg_pool opens its connections up front; SQLAlchemy's pool "
+            "would otherwise open 7 of its 8 inside the window and pay for them in p99), and one "
+            "request runs before it. The 0 ms cells connect straight to the server over "
+            "loopback: the in-process proxy would cap throughput and take CPU from the client, "
+            "hiding what each check costs, so the CPU cost of dropsafe's checkout check and of "
+            "the commit guard shows there in full. The 10 ms cells go through the proxy, which "
+            "adds 5 ms each way. Variants are interleaved, cell by cell, in each round; "
+            "`per s` is the median of the rounds and `spread` half their range. A 0 ms request "
+            "takes a fraction of a millisecond, so on a loaded machine those cells are noisy: "
+            "read a ratio there together with its spread (pre_ping, which does strictly more "
+            "work than plain, above 1.00x is that noise)."
+        ),
     ]
     groups = sorted({(k[0], k[1], k[2]) for k in keys})
     for workload, rtt, clients in groups:
-        header = ["driver", "variant", "per s", "ratio", "p50 ms", "p99 ms"]
+        header = ["driver", "variant", "per s", "spread", "ratio", "p50 ms", "p99 ms"]
         rows = []
         for key in (k for k in keys if k[:3] == (workload, rtt, clients)):
             base = rate((workload, rtt, clients, key[3], PLAIN.name))
@@ -117,6 +147,7 @@ def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> li
                     key[3],
                     key[4],
                     f"{rate(key):.0f}",
+                    f"±{spread(key):.0f}%",
                     f"{rate(key) / base:.2f}x",
                     f"{percentile(lat, 0.5) * 1000:.2f}",
                     f"{percentile(lat, 0.99) * 1000:.2f}",

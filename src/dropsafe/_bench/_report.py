@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-__all__ = ["bar_plot", "machine", "percentile", "table"]
+__all__ = ["bar_plot", "load_average", "machine", "percentile", "table"]
 
 
 def machine() -> str:
@@ -25,6 +25,15 @@ def machine() -> str:
     except OSError:
         pass
     return f"{os.cpu_count()} cores, {cpu}, Python {platform.python_version()}, {platform.system()}"
+
+
+def load_average() -> str:
+    """Return the 1, 5 and 15 minute load averages: the numbers depend on what else ran."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.2f} / {five:.2f} / {fifteen:.2f} (1 / 5 / 15 min)"
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
