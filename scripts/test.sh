@@ -5,8 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/ruff check src tests benchmarks scripts
-.venv/bin/ruff format --check src tests benchmarks scripts
+.venv/bin/ruff check src tests benchmarks scripts examples
+.venv/bin/ruff format --check src tests benchmarks scripts examples
 .venv/bin/mypy
 if [[ ${DROPSAFE_SKIP_INSTALL_MATRIX:-0} != 1 || ${CI:-} == true ]]; then
     # The built wheel in fresh venvs, each extra alone: what users get (scripts/install_matrix.py).
