@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from flask import got_request_exception
 from werkzeug.serving import make_server
 
 import dropsafe
@@ -110,10 +111,18 @@ def test_a_bad_url_setting_fails_at_startup_naming_it(postgres_server):
 
 
 class _Clients:
-    """Worker threads that post notes and deposits over HTTP and remember every answer."""
+    """Worker threads that post notes and deposits over HTTP and remember every answer.
 
-    def __init__(self, base: str, workers: int, seconds: float) -> None:
-        self.base, self.stop_at = base, time.monotonic() + seconds
+    They run for ``seconds`` and until ``at_least`` notes were answered (a loaded machine is
+    slow), but never past ``MAX_SECONDS``.
+    """
+
+    MAX_SECONDS = 30
+
+    def __init__(self, base: str, workers: int, seconds: float, at_least: int) -> None:
+        started = time.monotonic()
+        self.base, self.at_least = base, at_least
+        self.stop_at, self.give_up_at = started + seconds, started + self.MAX_SECONDS
         self.lock = threading.Lock()
         self.notes: list[str] = []  # tokens of acknowledged notes
         self.deposits: Counter[str] = Counter()  # account -> acknowledged amount
@@ -129,7 +138,7 @@ class _Clients:
             method="POST",
         )
         try:
-            with urllib.request.urlopen(request, timeout=90) as response:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=70) as response:  # noqa: S310
                 return json.loads(response.read())  # type: ignore[no-any-return]
         except (urllib.error.URLError, OSError) as exc:
             with self.lock:
@@ -138,7 +147,10 @@ class _Clients:
 
     def _work(self, worker: int) -> None:
         for n in range(10_000):
-            if time.monotonic() > self.stop_at:
+            now = time.monotonic()
+            if now > self.give_up_at or (
+                now > self.stop_at and len(self.notes) + len(self.failures) >= self.at_least
+            ):
                 return
             token = f"w{worker}-{n}"
             if self._post("/notes", {"body": f"note {n}", "token": token}) is not None:
@@ -156,12 +168,11 @@ class _Clients:
         for thread in self.threads:
             thread.start()
         for thread in self.threads:
-            thread.join(timeout=120)
+            thread.join(timeout=self.MAX_SECONDS + 75)
         assert not any(thread.is_alive() for thread in self.threads), "a client hung"
 
 
 @pytest.mark.fault
-@pytest.mark.timeout(110)
 def test_no_request_fails_and_no_write_is_lost_or_doubled_under_faults(
     postgres_server, chaos_proxy
 ):
@@ -171,6 +182,10 @@ def test_no_request_fails_and_no_write_is_lost_or_doubled_under_faults(
     exactly once; each balance is the sum of its acknowledged deposits.
     """
     app = _make_app(postgres_server, chaos_proxy, flag=True, **CHAOS_SETTINGS)
+    errors: list[str] = []  # what the app raised, to say why a request failed
+    got_request_exception.connect(
+        lambda sender, exception, **extra: errors.append(repr(exception)), app, weak=False
+    )
     server = make_server("127.0.0.1", 0, app, threaded=True)
     serving = threading.Thread(target=server.serve_forever, daemon=True)
     serving.start()
@@ -182,7 +197,7 @@ def test_no_request_fails_and_no_write_is_lost_or_doubled_under_faults(
         "restart-fast": (lambda: postgres_server.restart("fast"), 1, 1),
     }
     nemesis = Nemesis(faults, ledger, seed=15, seconds=5)
-    clients = _Clients(f"http://127.0.0.1:{server.server_port}", workers=4, seconds=5)
+    clients = _Clients(f"http://127.0.0.1:{server.server_port}", workers=4, seconds=5, at_least=40)
     started = time.monotonic()
     try:
         nemesis.start()
@@ -213,9 +228,9 @@ def test_no_request_fails_and_no_write_is_lost_or_doubled_under_faults(
         f"{len(clients.deposit_tokens)}, failed {len(clients.failures)}, "
         f"faults {dict(ledger.faults)}"
     )
-    assert not clients.failures, clients.failures[:5]
+    assert not clients.failures, (clients.failures[:5], errors[:5])
     assert sum(ledger.faults.values()) >= 5, ledger.faults
-    assert len(clients.notes) >= 20, "too few requests to prove anything"
+    assert len(clients.notes) >= 40, "too few requests to prove anything"
     assert notes == Counter(clients.notes), "a note was lost or written twice"
     assert audit == Counter(clients.deposit_tokens), "an audit line was lost or written twice"
     assert balances == dict(clients.deposits), "a deposit was lost or applied twice"
