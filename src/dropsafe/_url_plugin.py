@@ -70,8 +70,8 @@ class DropsafePlugin(CreateEnginePlugin):
             url.get_driver_name()
         ):
             raise ConfigurationError(
-                f"plugin=dropsafe guards PostgreSQL engines only, not {redact_url(url)}; "
-                f"supported: {SUPPORTED}"
+                f"plugin=dropsafe guards PostgreSQL engines only, through a supported driver, "
+                f"not {redact_url(url)}; supported: {SUPPORTED}"
             )
         self.policy = policy_from_query(url.query)
 

@@ -94,6 +94,8 @@ def test_engines_of_other_databases_are_refused_by_name_without_the_password():
     with pytest.raises(dropsafe.ConfigurationError, match="PostgreSQL engines only") as caught:
         sa.create_engine("mysql+pymysql://app:s3cret-pw@db.invalid/app?plugin=dropsafe")
     assert "s3cret-pw" not in str(caught.value)
+    with pytest.raises(dropsafe.ConfigurationError, match="supported driver"):
+        sa.create_engine("postgresql+psycopg2cffi://app@db.invalid/app?plugin=dropsafe")
 
 
 def test_the_engine_is_hardened_and_its_url_is_clean_without_connecting():
