@@ -155,6 +155,28 @@ def smoke_sync(url: str, driver: str, table: str, ca_file: str) -> None:
     finally:
         engine.dispose()
     print(f"sync unit of work through {driver}: ok")
+    check_url_flag(url, connect_args)
+
+
+def check_url_flag(url: str, connect_args: dict[str, object]) -> None:
+    """``?plugin=dropsafe`` hardens a plain SQLAlchemy engine: the wheel's entry point works."""
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    from dropsafe._engine import guard_of  # noqa: PLC0415
+
+    flagged = sa.engine.make_url(url).update_query_dict(
+        {"plugin": "dropsafe", "dropsafe_deadline": "7"}
+    )
+    engine = sa.create_engine(flagged, connect_args=connect_args)
+    try:
+        guard = guard_of(engine)
+        if guard is None or guard.policy.unit.deadline != 7.0:  # noqa: PLR2004
+            raise AssertionError(f"?plugin=dropsafe did not harden the engine: {guard!r}")
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+    finally:
+        engine.dispose()
+    print("?plugin=dropsafe: ok")
 
 
 async def smoke_async(url: str, table: str) -> None:

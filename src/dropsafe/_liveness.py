@@ -160,11 +160,18 @@ class CheckoutCheck:
             state.idle = False
             fresh, state.fresh = state.fresh, False
             idle_for = now - state.idle_since
+        if fresh:
+            # Made for this checkout: its handshake just proved it. And never refused, even if
+            # it died since: SQLAlchemy gives a checkout two tries, the second always on a
+            # fresh connection, and after a second refusal raises its own InvalidRequestError
+            # ("This connection is closed"), which is no driver error, so no unit of work could
+            # retry it. Let through, a dead one fails the first statement with the driver's
+            # disconnect error instead, which invalidates it and is retried.
+            return
         native = self.driver.native(dbapi_connection)
         health = Health.UNSEEN if native is None else self._probe(native)
-        # A connection made for this checkout was just proven by its handshake; the user's
-        # pool_pre_ping has just proven this one.
-        recent = fresh or self._pre_ping or idle_for <= self._ping_after_idle
+        # The user's pool_pre_ping has just proven this one.
+        recent = self._pre_ping or idle_for <= self._ping_after_idle
         if recent and health in (Health.QUIET, Health.UNSEEN):
             return
         reason = f"probe found the connection {health.value}"

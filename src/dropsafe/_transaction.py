@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe._errors import ConfigurationError
@@ -387,6 +387,15 @@ def _sync_engine_of(bind: object) -> sa.Engine:
         raise ConfigurationError(
             "the sessionmaker must be bound to an Engine: sessionmaker(bind=engine)"
         )
+    # A scoped_session hands out the same session on every call within its scope (a thread,
+    # a request): a retried unit would reuse what its failed attempt left behind.
+    if isinstance(bind, scoped_session):
+        raise ConfigurationError(
+            "a scoped_session (such as Flask-SQLAlchemy's db.session) gives every attempt the "
+            "same shared session; pass a sessionmaker bound to one engine instead: "
+            "sessionmaker(db.engine), or sessionmaker(db.engines[bind_key]) for a bind "
+            "(see docs/frameworks.md)"
+        )
     asyncio_extension = loaded_asyncio()
     if asyncio_extension is not None and isinstance(
         bind, (asyncio_extension.AsyncEngine, asyncio_extension.async_sessionmaker)
@@ -399,8 +408,17 @@ def _sync_engine_of(bind: object) -> sa.Engine:
 
 def _async_engine_of(bind: object) -> AsyncEngine:
     require_asyncio()
-    from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker  # noqa: PLC0415
+    from sqlalchemy.ext.asyncio import (  # noqa: PLC0415
+        AsyncEngine,
+        async_scoped_session,
+        async_sessionmaker,
+    )
 
+    if isinstance(bind, async_scoped_session):
+        raise ConfigurationError(
+            "an async_scoped_session gives every attempt the same shared session; pass an "
+            "async_sessionmaker bound to one engine instead: async_sessionmaker(engine)"
+        )
     if isinstance(bind, AsyncEngine):
         return bind
     if isinstance(bind, async_sessionmaker):

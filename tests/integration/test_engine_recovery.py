@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -214,3 +215,36 @@ def test_a_connection_idle_too_long_is_pinged_not_replaced(shared_server, driver
     pings = [event for event in events if isinstance(event, PingSucceeded)]
     assert [ping.why for ping in pings] == ["idle", "idle"]  # not the fresh first checkout
     assert all(0 < ping.latency < 5 for ping in pings)
+
+
+def test_a_unit_survives_when_the_replacement_connection_dies_too(postgres_server, chaos_proxy):
+    """Fault: the pooled connection is reset, and the connection made to replace it at the same
+    checkout is terminated right after its handshake (a storm of faults, as under a restart).
+
+    SQLAlchemy gives a checkout two tries; when the check refused both, it raised its own
+    InvalidRequestError("This connection is closed"), which is no driver error, so the unit of
+    work was not retried and the request failed. Outcome: the unit runs again and succeeds.
+    """
+    engine = dropsafe.create_engine(
+        chaos_proxy.route(postgres_server.url("psycopg2")), pool_size=1, max_overflow=0
+    )
+    killed: list[int] = []
+
+    def kill_once(dbapi_connection, record):
+        if killed:
+            return
+        pid = dbapi_connection.get_backend_pid()
+        postgres_server.execute(f"SELECT pg_terminate_backend({pid}, 5000)")
+        killed.append(pid)
+        # The server's goodbye (57P01) has reached the socket: the check will see it.
+        readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 10)
+        assert readable
+
+    try:
+        _request(engine)  # one idle connection in the pool
+        assert chaos_proxy.cut("rst") == 1
+        sa.event.listen(engine, "connect", kill_once)
+        assert dropsafe.run_transaction(engine, lambda c: c.execute(BACKEND_PID).scalar())
+        assert len(killed) == 1
+    finally:
+        engine.dispose()

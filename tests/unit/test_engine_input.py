@@ -1,8 +1,12 @@
 """create_engine, create_async_engine and harden refuse bad input at the call, clearly."""
 
+import asyncio
+
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import async_scoped_session, async_sessionmaker
+from sqlalchemy.orm import scoped_session, sessionmaker
 
 import dropsafe
 from dropsafe import ConfigurationError, Policy, UnitPolicy
@@ -127,3 +131,21 @@ def test_redact_text_hides_passwords_in_free_text(text):
 def test_redact_text_leaves_ordinary_errors_alone():
     text = 'connection to server at "127.0.0.1", port 5432 failed: Connection refused'
     assert redact_text(text) == text
+
+
+def test_a_scoped_session_is_refused_with_what_to_pass_instead():
+    """Flask-SQLAlchemy's db.session is a scoped_session: one shared session for every attempt."""
+    engine = dropsafe.create_engine(URL)
+    try:
+        shared = scoped_session(sessionmaker(engine))
+        with pytest.raises(ConfigurationError, match=r"scoped_session.*sessionmaker\(db\.engine\)"):
+            dropsafe.run_transaction(shared, lambda s: 1)
+        with pytest.raises(ConfigurationError, match="scoped_session"):
+            dropsafe.transactional(shared)(lambda s: 1)
+    finally:
+        engine.dispose()
+    aengine = dropsafe.create_async_engine("postgresql+asyncpg://app:s3cret@db.invalid/app")
+    ashared = async_scoped_session(async_sessionmaker(aengine), scopefunc=lambda: 1)
+    with pytest.raises(ConfigurationError, match=r"async_scoped_session.*async_sessionmaker"):
+        asyncio.run(dropsafe.run_transaction_async(ashared, lambda s: s.scalar(1)))
+    asyncio.run(aengine.dispose())

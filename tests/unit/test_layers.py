@@ -32,6 +32,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("dropsafe._connect_args", "dropsafe._invalidation"),
     # Wiring: the engine and its guard.
     ("dropsafe._engine",),
+    # ?plugin=dropsafe: an engine made anywhere, hardened by its URL.
+    ("dropsafe._url_plugin",),
     # The unit of work's side: the server's identity, the commit record, the resolution of an
     # ambiguous COMMIT, the decisions of a unit of work, and the loops that drive them.
     ("dropsafe._server_life",),
