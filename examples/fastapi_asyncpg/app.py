@@ -18,7 +18,7 @@ The tests in tests/examples/test_fastapi_asyncpg.py drive it over HTTP while the
 connections, terminate its backends and restart the server.
 """
 
-# ruff: noqa: INP001 - an example app run as a script, not a package
+
 
 from __future__ import annotations
 
