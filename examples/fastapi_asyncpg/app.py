@@ -18,8 +18,6 @@ The tests in tests/examples/test_fastapi_asyncpg.py drive it over HTTP while the
 connections, terminate its backends and restart the server.
 """
 
-
-
 from __future__ import annotations
 
 import os
