@@ -125,6 +125,9 @@ def _parse(
 ) -> object:
     """Parse one parameter's text to the type of its knob; the layer checks its range."""
     word = text.strip().lower()
+    choices = kind._CHOICES.get(knob)  # noqa: SLF001 - the layer's own list of its types
+    if choices is not None:
+        return _choice(key, choices, text)
     if knob in kind._BOOLEANS:  # noqa: SLF001 - the layer's own list of its types
         if word in _TRUE:
             return True
@@ -145,3 +148,14 @@ def _parse(
         raise ConfigurationError(
             f"URL parameter {key} must be a number of seconds{off}: {text!r}"
         ) from None
+
+
+def _choice(key: str, choices: tuple[object, ...], text: str) -> object:
+    """Parse a knob that takes one of a few values (``none`` for None, where allowed)."""
+    word = text.strip().lower()
+    if word in _NONE and None in choices:
+        return None
+    if word in choices:
+        return word
+    allowed = ", ".join("none" if choice is None else str(choice) for choice in choices)
+    raise ConfigurationError(f"URL parameter {key} must be one of {allowed}: {text!r}")

@@ -42,6 +42,15 @@ def test_values_parse_to_each_knobs_type_and_land_in_its_layer():
     assert policy.hooks == dropsafe.Policy().hooks
 
 
+def test_a_knob_of_a_few_values_and_an_optional_duration_parse_too():
+    policy = policy_from_query({"dropsafe_pooler": "Transaction", "dropsafe_max_lifetime": "600"})
+    assert policy.connection.pooler == "transaction"
+    assert policy.pool.max_lifetime == 600
+    policy = policy_from_query({"dropsafe_pooler": "none", "dropsafe_max_lifetime": "none"})
+    assert policy.connection.pooler is None
+    assert policy.pool.max_lifetime is None
+
+
 def test_no_parameters_give_the_default_policy():
     assert policy_from_query({}) == dropsafe.Policy()
 
@@ -61,6 +70,10 @@ def test_no_parameters_give_the_default_policy():
         ({"dropsafe_max_attempts": "0"}, "UnitPolicy.max_attempts must be within 1..1000"),
         ({"dropsafe_verify_commits": "maybe"}, "dropsafe_verify_commits must be true or false"),
         ({"dropsafe_connect_timeout": "none"}, "dropsafe_connect_timeout must be a number"),
+        (
+            {"dropsafe_pooler": "statement"},
+            "dropsafe_pooler must be one of none, session, transaction",
+        ),
         ({"dropsafe_tcp_user_timeout": "-1"}, "ConnectionPolicy.tcp_user_timeout must be within"),
         (
             {"dropsafe_backoff_initial": "2", "dropsafe_backoff_max": "1"},
