@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
 
 import pytest
 
-from dropsafe._demo.blog import create_app, serve
+from dropsafe._demo.blog import create_app, serve, stop
 from dropsafe._demo.scenario import SLOW_COMMIT
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -203,7 +204,25 @@ def test_a_browser_posts_once_through_cut_connections(blog, postgres_server, cha
         watcher.join(timeout=20)
     finally:
         browser.quit()
-        web.close()
+        stop(web, thread)
     assert fired, "the COMMIT of the form's post was never cut"
     assert heading == title
     assert _count(postgres_server, title) == 1
+
+
+def test_stop_ends_the_server_thread_with_clients_still_connected(blog):
+    # Closing waitress's sockets from another thread raced its select() (EBADF in the server
+    # thread, seen in CI under load) or left its loop running on the clients' channels.
+    web = serve(blog, port=0)
+    thread = threading.Thread(target=web.run, daemon=True)
+    thread.start()
+    clients = [socket.create_connection(("127.0.0.1", web.effective_port)) for _ in range(3)]
+    try:
+        for client in clients:
+            client.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(100).startswith(b"HTTP/1.1 200")  # keep-alive: still connected
+        stop(web, thread, timeout=10)
+        assert not thread.is_alive()
+    finally:
+        for client in clients:
+            client.close()

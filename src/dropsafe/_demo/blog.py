@@ -30,12 +30,22 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 import dropsafe
 
 if TYPE_CHECKING:
+    import threading
     from collections.abc import Callable
 
     from flask import Flask
     from werkzeug.wrappers import Response
 
-__all__ = ["BODY_MAX", "TEXT_MAX", "TITLE_MAX", "BlogPost", "create_app", "post_problem", "serve"]
+__all__ = [
+    "BODY_MAX",
+    "TEXT_MAX",
+    "TITLE_MAX",
+    "BlogPost",
+    "create_app",
+    "post_problem",
+    "serve",
+    "stop",
+]
 
 _READY_TIMEOUT = 1.0
 TITLE_MAX = 200  # the column's width
@@ -270,10 +280,25 @@ def _page(title: str, body: str) -> str:
 
 
 def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> Any:  # noqa: ANN401 - waitress's server
-    """Return a waitress server for ``app`` (call ``.run()``; ``.close()`` to stop)."""
+    """Return a waitress server for ``app`` (call ``.run()``; `stop` it from another thread)."""
     import waitress  # noqa: PLC0415 - the demo extra
 
     return waitress.create_server(app, host=host, port=port, threads=16)
+
+
+def stop(server: Any, thread: threading.Thread, timeout: float = 10.0) -> None:  # noqa: ANN401 - waitress's server
+    """Stop a waitress ``server`` whose ``run()`` runs in ``thread``, and wait for it to end.
+
+    Its sockets are closed by its own loop, woken by its trigger: closed from another thread
+    while the loop sits in select(), they end the loop with EBADF, a crash of the server thread
+    (seen under load). With every socket closed the loop has nothing left to watch and returns.
+    """
+    from waitress import wasyncore  # noqa: PLC0415 - the demo extra
+
+    sockets = server._map  # noqa: SLF001 - waitress keeps the loop's sockets there, and only there
+    server.trigger.pull_trigger(lambda: wasyncore.close_all(sockets))
+    thread.join(timeout)
+    server.task_dispatcher.shutdown(timeout=timeout)
 
 
 if __name__ == "__main__":

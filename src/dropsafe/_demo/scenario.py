@@ -74,13 +74,13 @@ def run_demo(
     show: Callable[[Run, float, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the demo; write results.json and timeline.png into ``out``; return the summary."""
-    from dropsafe._demo.blog import create_app, serve  # noqa: PLC0415 - needs the demo extra
+    from dropsafe._demo.blog import create_app, serve, stop  # noqa: PLC0415 - the demo extra
 
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("waitress").setLevel(logging.CRITICAL)
     run = Run()
     with PostgresServer() as server:
-        urls, proxies, servers, threads = {}, {}, {}, []
+        urls, proxies, servers = {}, {}, {}
         try:
             for side in SIDES:
                 server.execute(f"CREATE DATABASE blog_{side}")
@@ -95,16 +95,15 @@ def run_demo(
                 app.logger.disabled = True  # errors are counted, not printed over the display
                 server.execute(SLOW_COMMIT, database=f"blog_{side}")
                 web = serve(app, port=free_port("127.0.0.1"))
-                servers[side] = web
                 urls[side] = f"http://127.0.0.1:{web.effective_port}"
                 thread = threading.Thread(target=web.run, daemon=True, name=f"blog-{side}")
                 thread.start()
-                threads.append(thread)
+                servers[side] = (web, thread)
             _drive(run, urls, server, proxies, duration=duration, seed=seed, users=users, show=show)
             summary = _summarise(run, server, duration)
         finally:
-            for web in servers.values():
-                web.close()
+            for web, thread in servers.values():
+                stop(web, thread)
             for proxy in proxies.values():
                 proxy.close()
     (out / "results.json").write_text(
