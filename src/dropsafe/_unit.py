@@ -200,10 +200,6 @@ class RetryBudget:
         self.deadline = self.started + seconds(policy.deadline)
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
 
-    def remaining(self) -> float:
-        """Seconds left before the deadline (never negative)."""
-        return max(0.0, self.deadline - time.monotonic())
-
     def next_delay(
         self, kind: ErrorKind, error: Exception, *, reached_server: bool = True
     ) -> float:
