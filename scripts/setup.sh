@@ -10,6 +10,8 @@ compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || command -v postgre
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v iptables >/dev/null || need_apt+=(iptables)
+# idle_reaper lists the kernel's tracked flows with it.
+command -v conntrack >/dev/null || need_apt+=(conntrack)
 command -v pgbouncer >/dev/null || [[ -x /usr/sbin/pgbouncer ]] || need_apt+=(pgbouncer)
 # The blog's end-to-end test drives Debian's Chromium (no browser download).
 command -v chromium >/dev/null || need_apt+=(chromium)

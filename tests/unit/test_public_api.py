@@ -46,6 +46,7 @@ PUBLIC = {
     "dropsafe.testing": [
         "ChaosProxy",
         "CutMode",
+        "IdleReaper",
         "PgBouncer",
         "PoolMode",
         "PostgresBinaries",
@@ -54,6 +55,8 @@ PUBLIC = {
         "ServerError",
         "StopMode",
         "find_postgres_binaries",
+        "idle_reaper",
+        "idle_reaper_unavailable",
         "kernel_blackhole",
         "kernel_blackhole_unavailable",
         "leftover_processes",

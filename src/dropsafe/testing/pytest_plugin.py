@@ -1,8 +1,9 @@
 """pytest plugin: fixtures for real PostgreSQL servers and network faults, registered on install.
 
 Fixtures: ``postgres_server`` (a fresh TLS server per test), ``chaos_proxy`` (a proxy in front
-of it) and ``kernel_blackhole`` (drops a port's packets in the kernel; skips where it cannot
-run, or fails when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI). Markers: ``slow`` and
+of it), ``kernel_blackhole`` (drops a port's packets in the kernel) and ``idle_reaper`` (a
+middlebox in the kernel that forgets a port's idle flows); the kernel ones skip where they
+cannot run, or fail when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI. Markers: ``slow`` and
 ``fault``; with pytest-timeout installed (``dropsafe[testing]`` brings it), a ``fault`` test
 without its own timeout gets ``DEFAULT_FAULT_TIMEOUT`` seconds.
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
 
+    from dropsafe.testing._middlebox import IdleReaper
     from dropsafe.testing._proxy import ChaosProxy
     from dropsafe.testing._server import PostgresServer
 
@@ -96,3 +98,16 @@ def kernel_blackhole() -> Callable[[int], AbstractContextManager[None]]:
             pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
         pytest.skip(reason)
     return _kernel.kernel_blackhole
+
+
+@pytest.fixture
+def idle_reaper() -> Callable[[int, float], AbstractContextManager[IdleReaper]]:
+    """`dropsafe.testing.idle_reaper`, or a skip saying why it cannot run here."""
+    from dropsafe.testing import _middlebox  # noqa: PLC0415 - see the module doc
+
+    reason = _middlebox.idle_reaper_unavailable()
+    if reason is not None:
+        if os.environ.get("DROPSAFE_REQUIRE_KERNEL_FAULTS") == "1":
+            pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
+        pytest.skip(reason)
+    return _middlebox.idle_reaper
