@@ -83,9 +83,15 @@ class IdleReaper:
     #: The nftables table (``inet`` family) that holds the rules.
     table: str
 
-    def tracked_flows(self) -> int:
-        """Count the flows to ``port`` that the kernel still remembers (``conntrack -L``)."""
-        listing = _run(["conntrack", "-L", "-p", "tcp", "--dport", str(self.port)], capture=True)
+    def tracked_flows(self, client_port: int | None = None) -> int:
+        """Count the flows to ``port`` the kernel still remembers, or those from ``client_port``.
+
+        A flow the middlebox has forgotten is no longer listed (``conntrack -L``).
+        """
+        command = ["conntrack", "-L", "-p", "tcp", "--dport", str(self.port)]
+        if client_port is not None:
+            command += ["--sport", str(client_port)]
+        listing = _run(command, capture=True)
         # One line per entry; conntrack writes its summary to stderr.
         return sum(1 for line in listing.splitlines() if line.strip())
 
@@ -112,7 +118,7 @@ def idle_reaper(port: int, idle_timeout: float) -> Iterator[IdleReaper]:
     if (
         isinstance(idle_timeout, bool)
         or not isinstance(idle_timeout, int | float)
-        or not 0 < idle_timeout <= _MAX_IDLE
+        or not 0 < idle_timeout <= _MAX_IDLE  # also refuses NaN
     ):
         raise ConfigurationError(
             f"idle_timeout must be seconds within (0, {_MAX_IDLE}]: {idle_timeout!r}"
