@@ -143,10 +143,12 @@ def _run_once(
     try:
         with recording(read_xid=step.verify_commits) as recorder, _begun(bind) as begun:
             handle, connection = begun  # connected: a failure before here never reached it
-            if step.verify_commits:
-                learn_server_life(connection)
-            reached_server = True
+            # The server-life read is bounded too: on a connection that a middlebox forgot,
+            # it is the first thing to hang.
             with bounded(connection.connection.dbapi_connection, step.deadline):
+                if step.verify_commits:
+                    learn_server_life(connection)
+                reached_server = True
                 result = _call_sync(fn, handle)
                 _check_still_open(handle.in_transaction())
                 try:
@@ -257,10 +259,11 @@ async def _run_once_async(
         with recording(read_xid=step.verify_commits) as recorder:
             async with _begun_async(bind) as begun:
                 handle, connection = begun
-                if step.verify_commits:
-                    await connection.run_sync(learn_server_life)
-                reached_server = True
+                # Bounded from the server-life read on, as in `_run_once`.
                 with bounded(_dbapi_connection_of(connection), step.deadline):
+                    if step.verify_commits:
+                        await connection.run_sync(learn_server_life)
+                    reached_server = True
                     result = await _call_async(fn, handle)
                     _check_still_open(handle.in_transaction())
                     try:

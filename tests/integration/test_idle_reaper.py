@@ -216,3 +216,41 @@ def test_bad_arguments_are_refused_before_any_rule(idle_reaper):
         pass
     with pytest.raises(ConfigurationError, match="idle_timeout"), idle_reaper(5432, float("nan")):
         pass
+
+
+def test_without_tcp_timeouts_the_units_deadline_still_ends_the_wait(shared_server, idle_reaper):
+    # The attack: keepalives later than the middlebox, and no tcp_user_timeout. The query on
+    # the forgotten flow is retransmitted for about 15 minutes (keepalives stop once data is
+    # unacknowledged); only the unit's deadline ends it, and the deadline is then spent.
+    # The connection has run no unit yet, so the unit first reads its server's life: that
+    # read must be bounded too (it was not: it hung past the deadline).
+    policy = dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(
+            tcp_user_timeout=None, keepalive_idle=4, keepalive_interval=1
+        )
+    )
+    engine = dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
+    try:
+        with idle_reaper(shared_server.port, IDLE) as reaper:
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+                fd = conn.connection.dbapi_connection.fileno()
+            _forgotten(reaper, fd)
+            started = time.monotonic()
+            thread, outcome = _in_thread(
+                lambda: dropsafe.run_transaction(
+                    engine, lambda conn: conn.execute(sa.text("SELECT 2")).scalar(), deadline=3
+                )
+            )
+            thread.join(10)
+            hung = thread.is_alive()
+            if hung:
+                _shut(fd)
+                thread.join(10)
+            assert not hung, "the unit outlived its deadline"
+            # The socket shut down at the deadline: a lost connection, raised as such.
+            assert "error" in outcome, outcome
+            assert dropsafe.classify(outcome["error"]) is dropsafe.ErrorKind.DISCONNECT
+            assert time.monotonic() - started < 6
+    finally:
+        engine.dispose()
