@@ -9,8 +9,10 @@ after a few seconds; every wait is bounded, and the time that passes is read fro
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import closing
@@ -22,6 +24,7 @@ import sqlalchemy as sa
 
 import dropsafe
 from dropsafe import ConfigurationError
+from dropsafe.testing._runtime import free_port
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -136,8 +139,9 @@ def test_a_plain_pool_hangs_on_a_forgotten_connection(shared_server, idle_reaper
                     return conn.execute(sa.text("SELECT 2")).scalar()
 
             thread, outcome = _in_thread(query)
-            thread.join(5)
-            # Neither the query nor pre_ping's ping got an answer in 5 s.
+            thread.join(4)
+            # Neither the query nor pre_ping's ping got an answer in 4 s (dropsafe's bound on a
+            # ping is 5 s by default, tcp_user_timeout 10 s; here TCP waits ~15 minutes).
             assert thread.is_alive(), outcome
             _shut(fd)
             thread.join(10)
@@ -254,3 +258,39 @@ def test_without_tcp_timeouts_the_units_deadline_still_ends_the_wait(shared_serv
             assert time.monotonic() - started < 6
     finally:
         engine.dispose()
+
+
+HOLDER = """
+import sys
+from dropsafe.testing import idle_reaper
+
+with idle_reaper(int(sys.argv[1]), 60) as reaper:
+    print(reaper.table, flush=True)
+    sys.stdin.read()  # until killed
+"""
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_a_killed_owners_table_goes_away(idle_reaper, how):
+    # SIGTERM removes it at once; after SIGKILL (no cleanup can run) the next start sweeps it.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(free_port("127.0.0.1"))],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None
+        table = holder.stdout.readline().strip()
+        assert table.startswith("dropsafe_idlereaper_"), "the holder did not start"
+        assert table in _nft_tables()
+        holder.send_signal(how)
+        holder.wait(30)
+        if how is signal.SIGKILL:
+            assert table in _nft_tables()  # left behind
+            with idle_reaper(free_port("127.0.0.1"), 5):
+                pass
+        assert table not in _nft_tables()
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)

@@ -58,12 +58,9 @@ _COUNTER = re.compile(r"counter packets (\d+) bytes \d+ drop")
 
 def idle_reaper_unavailable() -> str | None:
     """Say why `idle_reaper` cannot run here, or return None when it can."""
-    if os.geteuid() != 0:
-        return "idle_reaper needs root (it changes the packet filter and connection tracking)"
-    missing = [tool for tool in ("nft", "conntrack") if shutil.which(tool) is None]
-    if missing:
-        packages = " ".join("nftables" if tool == "nft" else tool for tool in missing)
-        return f"idle_reaper needs {' and '.join(missing)} (apt-get install {packages})"
+    missing = _missing_requirement()
+    if missing is not None:
+        return missing
     try:
         with idle_reaper(1, 1):
             pass
@@ -123,6 +120,9 @@ def idle_reaper(port: int, idle_timeout: float) -> Iterator[IdleReaper]:
         raise ConfigurationError(
             f"idle_timeout must be seconds within (0, {_MAX_IDLE}]: {idle_timeout!r}"
         )
+    missing = _missing_requirement()
+    if missing is not None:
+        raise ConfigurationError(missing)
     seconds = math.ceil(idle_timeout)
     name = f"{_PREFIX}{port}_{process_tag()}_{uuid.uuid4().hex[:8]}"
     sweep_idle_reapers()
@@ -154,6 +154,17 @@ def sweep_idle_reapers() -> list[str]:
             _run(["nft", "delete", "table", "inet", found.group()], missing_ok=True)
             swept.append(found.group())
     return swept
+
+
+def _missing_requirement() -> str | None:
+    """Say what this machine lacks for `idle_reaper` (root, nft, conntrack), or None."""
+    if os.geteuid() != 0:
+        return "idle_reaper needs root (it changes the packet filter and connection tracking)"
+    missing = [tool for tool in ("nft", "conntrack") if shutil.which(tool) is None]
+    if missing:
+        packages = " ".join("nftables" if tool == "nft" else tool for tool in missing)
+        return f"idle_reaper needs {' and '.join(missing)} (apt-get install {packages})"
+    return None
 
 
 def _nft_table(name: str, port: int, seconds: int) -> str:
