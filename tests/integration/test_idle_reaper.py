@@ -8,6 +8,7 @@ after a few seconds; every wait is bounded, and the time that passes is read fro
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 
 import dropsafe
 from dropsafe import ConfigurationError
+from dropsafe._drivers import socket_fd
 from dropsafe.testing._runtime import free_port
 
 if TYPE_CHECKING:
@@ -258,6 +260,50 @@ def test_without_tcp_timeouts_the_units_deadline_still_ends_the_wait(shared_serv
             assert time.monotonic() - started < 6
     finally:
         engine.dispose()
+
+
+def test_the_same_bound_holds_for_an_async_unit(shared_server, idle_reaper):
+    # The attack above, with asyncpg and run_transaction_async.
+    policy = dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(
+            tcp_user_timeout=None, keepalive_idle=4, keepalive_interval=1
+        )
+    )
+    fds: list[int] = []
+
+    async def unit(conn):
+        return (await conn.execute(sa.text("SELECT 2"))).scalar()
+
+    async def scenario(reaper):
+        engine = dropsafe.create_async_engine(
+            shared_server.url("asyncpg"), policy=policy, pool_size=1
+        )
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(sa.text("SELECT 1"))
+                raw = await conn.get_raw_connection()
+                fds.append(socket_fd(raw.dbapi_connection))
+            await asyncio.to_thread(_forgotten, reaper, fds[0])
+            started = time.monotonic()
+            try:
+                await dropsafe.run_transaction_async(engine, unit, deadline=3)
+            except Exception as exc:
+                return exc, time.monotonic() - started
+            return None, time.monotonic() - started
+        finally:
+            await engine.dispose()
+
+    with idle_reaper(shared_server.port, IDLE) as reaper:
+        thread, outcome = _in_thread(lambda: asyncio.run(scenario(reaper)))
+        thread.join(IDLE + 20)
+        hung = thread.is_alive()
+        if hung and fds:
+            _shut(fds[0])
+            thread.join(10)
+        assert not hung, "the unit outlived its deadline"
+        error, elapsed = outcome["result"]
+        assert dropsafe.classify(error) is dropsafe.ErrorKind.DISCONNECT, error
+        assert elapsed < 6, elapsed
 
 
 HOLDER = """
