@@ -134,7 +134,9 @@ def idle_reaper(port: int, idle_timeout: float) -> Iterator[IdleReaper]:
         yield IdleReaper(port=port, idle_timeout=seconds, table=name)
     finally:
         forget_on_sigterm(name)
-        _run(delete, missing_ok=True)
+        # Not missing_ok: only this process removes its own table (sweeps take dead owners'),
+        # so a failure here is a rule left behind, and must be loud.
+        _run(delete)
 
 
 def sweep_idle_reapers() -> list[str]:
