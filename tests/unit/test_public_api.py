@@ -46,6 +46,7 @@ PUBLIC = {
     "dropsafe.testing": [
         "ChaosProxy",
         "CutMode",
+        "PatroniCluster",
         "PgBouncer",
         "PoolMode",
         "PostgresBinaries",

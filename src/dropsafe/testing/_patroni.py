@@ -306,6 +306,14 @@ class PatroniCluster(Service):
             return int(rows[0][0]) >= expected and int(rows[0][1]) >= min(expected, 1)
 
         self._wait(streaming, deadline, "every node streaming from the leader")
+        if self.synchronous:
+            # PostgreSQL streams synchronously a loop before Patroni records the synchronous
+            # standby in etcd; until then Patroni fails over to no one (it could lose commits).
+            def recorded() -> bool:
+                status, body = self._node(leader).rest("/cluster")
+                return status == 200 and '"sync_standby"' in body  # noqa: PLR2004
+
+            self._wait(recorded, deadline, "Patroni to record the synchronous standby")
         self._wait(self._haproxy_routes, deadline, "HAProxy routing to the leader")
         return leader
 
