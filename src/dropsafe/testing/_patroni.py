@@ -26,6 +26,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -34,15 +35,15 @@ from urllib.parse import quote
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._kernel import kernel_blackhole
-from dropsafe.testing._leftovers import TEMP_PREFIX, owner_is_gone
+from dropsafe.testing._leftovers import TEMP_PREFIX, owner_is_gone, remove_on_sigterm
 from dropsafe.testing._runtime import (
     Owner,
     Service,
+    cleanup,
     free_port,
     kill_group,
     log_tail,
     stop_process,
-    track,
 )
 from dropsafe.testing._server import ServerError, _make_certificate
 
@@ -231,7 +232,9 @@ class PatroniCluster(Service):
         self._haproxy: subprocess.Popen[bytes] | None = None
         self._cut: contextlib.ExitStack | None = None
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer kills
-        self._finalizer = track(self, self._processes, self.base_dir)
+        # Not `track`: the postmasters Patroni started are no children of ours, and must go too.
+        self._finalizer = weakref.finalize(self, _cleanup, self._processes, self.base_dir)
+        remove_on_sigterm(self.base_dir, self._finalizer)
 
     def __repr__(self) -> str:
         # Never the password: clusters end up in assertion messages and logs.
@@ -292,10 +295,13 @@ class PatroniCluster(Service):
         leader = self.wait_for_leader(timeout)
         expected = sum(1 for node in self.nodes if not node.crashed) - 1
         state = "sync" if self.synchronous else "async"
-        # `state` is one of two constants.
+        # Only Patroni's standbys (named after their node): a pg_basebackup that clones one
+        # streams too. `state` is one of two constants.
+        names = ", ".join(f"'{node.name}'" for node in self.nodes)
         query = (
             "SELECT count(*) FILTER (WHERE state = 'streaming'), "  # noqa: S608
-            f"count(*) FILTER (WHERE sync_state = '{state}') FROM pg_stat_replication"
+            f"count(*) FILTER (WHERE sync_state = '{state}') FROM pg_stat_replication "
+            f"WHERE application_name IN ({names})"
         )
 
         def streaming() -> bool:
@@ -347,9 +353,14 @@ class PatroniCluster(Service):
         self._wait(writable, deadline, "a leader that takes writes")
         return found[0]
 
-    def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
-        """Run SQL on the current leader as the superuser (``psql``, Unix socket); rows as text."""
-        name = self.leader()
+    def execute(
+        self, sql: str, *, node: str | None = None, database: str = "postgres"
+    ) -> list[tuple[str, ...]]:
+        """Run SQL as the superuser (``psql``, Unix socket) on ``node``; rows come as text.
+
+        ``node`` defaults to the current leader.
+        """
+        name = self.leader() if node is None else node
         if name is None:
             raise ServerError("the cluster has no leader now")
         return self._node(name).execute(sql, database=database)
@@ -640,7 +651,9 @@ class PatroniCluster(Service):
                 "listen": f"{self.host}:{node.rest_port}",
                 "connect_address": f"{self.host}:{node.rest_port}",
             },
-            "etcd3": {"hosts": f"{self.host}:{node.etcd_port}"},
+            # use_proxies: no discovery of etcd's other client URLs, so that a node cut off
+            # from its own port is cut off from the store.
+            "etcd3": {"hosts": f"{self.host}:{node.etcd_port}", "use_proxies": True},
             "bootstrap": {
                 "dcs": {
                     "ttl": _TTL,
@@ -709,6 +722,14 @@ class PatroniCluster(Service):
             + listener("primary", self.haproxy_port, "/primary")
             + listener("replicas", self.replica_port, "/replica")
         )
+
+
+def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
+    """Kill Patroni (so that it restarts nothing), then its postmasters; remove the files."""
+    for process in processes:
+        stop_process(process, signal.SIGKILL, timeout=30)
+    _kill_postmasters(lambda cmdline: str(base_dir) in cmdline)
+    cleanup(processes, base_dir)
 
 
 def _kill_postmaster_group(node: _Node) -> None:
