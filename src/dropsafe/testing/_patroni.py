@@ -41,7 +41,6 @@ from dropsafe.testing._runtime import (
     Service,
     cleanup,
     free_port,
-    kill_group,
     log_tail,
     stop_process,
 )
@@ -459,9 +458,12 @@ class PatroniCluster(Service):
         pid = node.postmaster_pid()
         if pid is None:
             raise ServerError(f"{node.name} has no postmaster running")
-        group = os.getpgid(pid)  # Patroni's helper made a session: all of this PostgreSQL
-        os.killpg(group, signal.SIGSTOP)
-        node.stopped_pids.append(group)
+        # Every process of it: each backend leads a session of its own (PostgreSQL calls
+        # setsid in its children), so no process group holds them all.
+        for process in _postgres_processes(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process, signal.SIGSTOP)
+                node.stopped_pids.append(process)
         return node.name
 
     def cut_leader(self) -> str:
@@ -488,7 +490,7 @@ class PatroniCluster(Service):
         for node in self.nodes:
             for pid in node.stopped_pids:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGCONT)
+                    os.kill(pid, signal.SIGCONT)
             node.stopped_pids.clear()
         if self._cut is not None:
             self._cut.close()
@@ -739,14 +741,25 @@ def _kill_postmaster_group(node: _Node) -> None:
 
 
 def _kill_postmaster(pid: int) -> None:
-    # Patroni starts the postmaster from a helper that called setsid: the helper's group (not
-    # led by the postmaster) is all of that node's PostgreSQL.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        group = os.getpgid(pid)
-        os.killpg(group, signal.SIGCONT)  # a stopped process dies only once continued
-        kill_group(group)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
+    # The postmaster and each of its children (a backend leads a session of its own, and one
+    # SIGSTOPped would never notice its postmaster's death): SIGKILL ends stopped ones too.
+    for process in _postgres_processes(pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(process, signal.SIGKILL)
+
+
+def _postgres_processes(postmaster: int) -> list[int]:
+    """Return the postmaster and its children (backends, WAL senders, background workers)."""
+    found = [postmaster]
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            # The fields after the command name (which may hold spaces): state, then ppid.
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == postmaster:
+            found.append(int(proc.name))
+    return found
 
 
 def sweep_orphan_postmasters() -> list[int]:
