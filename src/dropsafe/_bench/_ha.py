@@ -25,6 +25,7 @@ import sqlalchemy as sa
 import dropsafe
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._redaction import describe_error
+from dropsafe.testing._server import ServerError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,13 +46,15 @@ Kind = Literal["plain", "pre_ping", "dropsafe"]
 Route = Literal["haproxy", "multi_host"]
 KINDS: tuple[Kind, ...] = ("plain", "pre_ping", "dropsafe")
 ROUTES: tuple[Route, ...] = ("haproxy", "multi_host")
+# The hung leader last: a Patroni that was stopped mid-loop may take its leader key back from
+# the node promoted meanwhile, and leave the cluster unable to record a synchronous standby.
 SCENARIOS = (
     "switchover",
     "postmaster_kill",
     "node_crash",
-    "leader_hung",
     "leader_cut",
     "etcd_lost",
+    "leader_hung",
 )
 
 TABLE = "ha_ledger"
@@ -213,8 +216,13 @@ def run_scenario(
         cluster.start_etcd()
         for writer in writers:
             writer.join(timeout=UNIT_DEADLINE + 120)
-    # Audit on the leader, once every node that lives streams again.
-    cluster.wait_healthy()
+    # Audit on the leader, once every node that lives streams again. After a hung leader came
+    # back, Patroni 3.0.2 may never record a synchronous standby again: the audit then reads
+    # the leader as it is.
+    try:
+        cluster.wait_healthy(60)
+    except ServerError:
+        cluster.wait_for_leader(limit)
     counted = cluster.execute(f"SELECT op_id, count(*) FROM {TABLE} GROUP BY 1")  # noqa: S608
     rows = Counter({op: int(n) for op, n in counted})
     results = [_figures(writer, event_at, rows) for writer in writers]
