@@ -17,7 +17,14 @@ import math
 import time
 from pathlib import Path
 
-from dropsafe._bench._ha import HOLD, SCENARIOS, UNIT_DEADLINE, VariantResult, run_scenario
+from dropsafe._bench._ha import (
+    HOLD,
+    KINDS,
+    SCENARIOS,
+    UNIT_DEADLINE,
+    VariantResult,
+    run_scenario,
+)
 from dropsafe._bench._report import load_average, machine
 from dropsafe.testing import PatroniCluster
 
@@ -77,6 +84,7 @@ def report(results: dict[tuple[str, str], list[VariantResult]], seconds: float) 
         ),
         "",
     ]
+    lines += [summary(results), ""]
     for (mode, scenario), rows in results.items():
         replication = "synchronous" if mode == "sync" else "asynchronous"
         lines += [
@@ -99,6 +107,52 @@ def report(results: dict[tuple[str, str], list[VariantResult]], seconds: float) 
             lines += ["", "Errors the app saw: " + "; ".join(f"{v}: {k}" for v, k in kinds.items())]
         lines.append("")
     return "\n".join(lines)
+
+
+SHORT = {
+    "switchover": "switchover",
+    "postmaster_kill": "postmaster SIGKILL",
+    "node_crash": "node crash",
+    "leader_cut": f"leader cut ({HOLD['leader_cut']:g} s)",
+    "etcd_lost": f"etcd lost ({HOLD['etcd_lost']:g} s)",
+    "leader_hung": f"leader hung ({HOLD['leader_hung']:g} s)",
+}
+
+
+def summary(results: dict[tuple[str, str], list[VariantResult]]) -> str:
+    """Return one table of every scenario: errors, unavailability, and losses where any."""
+
+    def cell(row: VariantResult) -> str:
+        text = f"{row.errors} / {row.unavailable:.1f} s"
+        if row.lost:
+            text += f" / **{row.lost} lost**"
+        if row.unknown:
+            text += f" / {row.unknown} unknown"
+        return text
+
+    order = [f"{kind}/{route}" for route in ("haproxy", "multi_host") for kind in KINDS]
+    lines = [
+        "Each cell: errors the application saw / write unavailability; acknowledged writes lost "
+        "and unknown outcomes where there were any."
+        + (
+            " No variant wrote anything twice in any scenario."
+            if not any(r.duplicated for rows in results.values() for r in rows)
+            else ""
+        ),
+        "",
+        "| event | replication | "
+        + " | ".join(f"{v.split('/')[0]} ({_ROUTE[v.split('/')[1]]})" for v in order)
+        + " |",
+        "|---|---|" + "---|" * len(order),
+    ]
+    for (mode, scenario), rows in results.items():
+        by_variant = {row.variant: row for row in rows}
+        cells = " | ".join(cell(by_variant[v]) for v in order if v in by_variant)
+        lines.append(f"| {SHORT[scenario]} | {mode} | {cells} |")
+    return "\n".join(lines)
+
+
+_ROUTE = {"haproxy": "HAProxy", "multi_host": "multi-host"}
 
 
 def _number(value: float) -> str:

@@ -168,3 +168,12 @@ def _reuse_xid(cluster, name, xid):
         pytest.fail(f"could not reuse xid {xid}: {exc}")
     status = cluster.execute(f"SELECT pg_xact_status('{xid}'::xid8)", node=name)[0][0]
     assert status == "committed", f"xid {xid} on the promoted node: {status}"
+
+
+def test_the_password_shows_in_no_log_and_no_repr(patroni_cluster):
+    cluster = patroni_cluster
+    assert cluster.password not in repr(cluster)
+    logs = sorted(cluster.base_dir.rglob("*.log"))
+    assert len(logs) >= 5  # etcd, HAProxy, three Patronis (PostgreSQL writes into them)
+    for log in logs:
+        assert cluster.password not in log.read_text(errors="replace"), log.name

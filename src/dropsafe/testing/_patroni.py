@@ -449,10 +449,12 @@ class PatroniCluster(Service):
         return node.name
 
     def hang_leader(self) -> str:
-        """SIGSTOP every PostgreSQL process of the leader (not its Patroni); its name.
+        """SIGSTOP every PostgreSQL process of the leader (not its Patroni); return its name.
 
         Connections stay open and nothing answers: only a client's own deadline bounds its
-        wait. Undone by `resume`.
+        wait. Patroni's loop hangs on its own query, its key expires and a standby is promoted
+        (~12 s); on `resume` Debian's Patroni 3.0.2 (no watchdog here) takes the key back and
+        the promoted node demotes itself: what it acknowledged meanwhile is lost (split brain).
         """
         node = self._node(self.wait_for_leader())
         pid = node.postmaster_pid()
