@@ -197,7 +197,7 @@ class PatroniCluster(Service):
         nodes: int = 3,
         binaries: PostgresBinaries | None = None,
     ) -> None:
-        if nodes < 2:  # noqa: PLR2004
+        if nodes < 2:  # noqa: PLR2004 - a leader and one standby
             raise ConfigurationError(f"a cluster needs at least 2 nodes: {nodes!r}")
         if reason := patroni_cluster_unavailable():
             raise ConfigurationError(reason)
@@ -563,6 +563,9 @@ class PatroniCluster(Service):
         # pg_rewind and replication after a failover).
         env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
         process = self._owner.spawn(command, log=log, env=env)
+        # Only live ones: the finalizer signals each one's process group, and a dead one's
+        # pid may belong to another process by then.
+        self._processes[:] = [p for p in self._processes if p.poll() is None]
         self._processes.append(process)
         return process
 
@@ -730,10 +733,11 @@ class PatroniCluster(Service):
 
 def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
     """Kill Patroni (so that it restarts nothing), then its postmasters; remove the files."""
-    for process in processes:
+    # Only live ones: a dead one's pid (and process group) may belong to another by now.
+    for process in [p for p in processes if p.poll() is None]:
         stop_process(process, signal.SIGKILL, timeout=30)
     _kill_postmasters(lambda cmdline: str(base_dir) in cmdline)
-    cleanup(processes, base_dir)
+    cleanup([], base_dir)
 
 
 def _kill_postmaster_group(node: _Node) -> None:
