@@ -16,6 +16,11 @@ command -v pgbouncer >/dev/null || [[ -x /usr/sbin/pgbouncer ]] || need_apt+=(pg
 # The blog's end-to-end test drives Debian's Chromium (no browser download).
 command -v chromium >/dev/null || need_apt+=(chromium)
 command -v chromedriver >/dev/null || need_apt+=(chromium-driver)
+# The high-availability bench (dropsafe.testing.PatroniCluster): Patroni, etcd as its store, HAProxy.
+[[ -x /usr/bin/patroni ]] || need_apt+=(patroni)
+[[ -x /usr/bin/etcd ]] || need_apt+=(etcd-server)
+command -v etcdctl >/dev/null || need_apt+=(etcd-client)
+command -v haproxy >/dev/null || [[ -x /usr/sbin/haproxy ]] || need_apt+=(haproxy)
 if ((${#need_apt[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         echo "setup: apt-get install ${need_apt[*]}"

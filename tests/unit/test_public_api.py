@@ -47,6 +47,7 @@ PUBLIC = {
         "ChaosProxy",
         "CutMode",
         "IdleReaper",
+        "PatroniCluster",
         "PgBouncer",
         "PoolMode",
         "PostgresBinaries",

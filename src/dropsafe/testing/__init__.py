@@ -1,7 +1,8 @@
 """Real PostgreSQL servers and real network faults, for dropsafe's tests and for yours.
 
 Install with ``pip install 'dropsafe[testing]'``; the pytest plugin offers the fixtures
-``postgres_server``, ``chaos_proxy``, ``kernel_blackhole`` and ``idle_reaper``.
+``postgres_server``, ``chaos_proxy``, ``kernel_blackhole``, ``idle_reaper`` and
+``patroni_cluster``.
 
 The names below are imported on first use, not with the package: pytest imports this package
 in every run of every project that has dropsafe installed (to load the plugin,
@@ -21,6 +22,7 @@ if typing.TYPE_CHECKING:
     from dropsafe.testing._kernel import kernel_blackhole, kernel_blackhole_unavailable
     from dropsafe.testing._leftovers import leftover_processes
     from dropsafe.testing._middlebox import IdleReaper, idle_reaper, idle_reaper_unavailable
+    from dropsafe.testing._patroni import PatroniCluster
     from dropsafe.testing._pgbouncer import PgBouncer, PoolMode
     from dropsafe.testing._proxy import ChaosProxy, CutMode, ProxyStats
     from dropsafe.testing._server import PostgresServer, ServerError, StopMode, multi_host_url
@@ -29,6 +31,7 @@ __all__ = [
     "ChaosProxy",
     "CutMode",
     "IdleReaper",
+    "PatroniCluster",
     "PgBouncer",
     "PoolMode",
     "PostgresBinaries",
@@ -51,6 +54,7 @@ _HOMES = {
     "dropsafe.testing._kernel": ("kernel_blackhole", "kernel_blackhole_unavailable"),
     "dropsafe.testing._leftovers": ("leftover_processes",),
     "dropsafe.testing._middlebox": ("IdleReaper", "idle_reaper", "idle_reaper_unavailable"),
+    "dropsafe.testing._patroni": ("PatroniCluster",),
     "dropsafe.testing._pgbouncer": ("PgBouncer", "PoolMode"),
     "dropsafe.testing._proxy": ("ChaosProxy", "CutMode", "ProxyStats"),
     "dropsafe.testing._server": ("PostgresServer", "ServerError", "StopMode", "multi_host_url"),

@@ -142,7 +142,9 @@ class Owner:
         if result.returncode != 0:
             raise ServerError(f"{what} failed: {result.stderr.strip()}")
 
-    def spawn(self, command: list[str], *, log: Path) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, command: list[str], *, log: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start a long-running process as the owner; it dies with this process."""
         with log.open("ab") as log_file:
             return (
@@ -153,6 +155,7 @@ class Owner:
                     stdin=subprocess.DEVNULL,
                     stdout=log_file,
                     stderr=subprocess.STDOUT,
+                    env=env,
                     start_new_session=True,
                     preexec_fn=_die_with_parent,  # only calls prctl: safe between fork and exec
                     user=self.uid,

@@ -1,8 +1,9 @@
 """pytest plugin: fixtures for real PostgreSQL servers and network faults, registered on install.
 
 Fixtures: ``postgres_server`` (a fresh TLS server per test), ``chaos_proxy`` (a proxy in front
-of it), ``kernel_blackhole`` (drops a port's packets in the kernel) and ``idle_reaper`` (a
-middlebox in the kernel that forgets a port's idle flows); the kernel ones skip where they
+of it), ``kernel_blackhole`` (drops a port's packets in the kernel), ``idle_reaper`` (a
+middlebox in the kernel that forgets a port's idle flows) and ``patroni_cluster`` (a
+three-node Patroni cluster with etcd and HAProxy per test module); these skip where they
 cannot run, or fail when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI. Markers: ``slow`` and
 ``fault``; with pytest-timeout installed (``dropsafe[testing]`` brings it), a ``fault`` test
 without its own timeout gets ``DEFAULT_FAULT_TIMEOUT`` seconds.
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from dropsafe.testing._middlebox import IdleReaper
+    from dropsafe.testing._patroni import PatroniCluster
     from dropsafe.testing._proxy import ChaosProxy
     from dropsafe.testing._server import PostgresServer
 
@@ -111,3 +113,21 @@ def idle_reaper() -> Callable[[int, float], AbstractContextManager[IdleReaper]]:
             pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
         pytest.skip(reason)
     return _middlebox.idle_reaper
+
+
+@pytest.fixture(scope="module")
+def patroni_cluster() -> Iterator[PatroniCluster]:
+    """Give each test module a three-node `PatroniCluster` (asynchronous replication).
+
+    Module-scoped: it bootstraps in ~10 s. A test that fails a node over leaves the cluster to
+    the next one as it is: call ``revive()`` first to have all three nodes streaming again.
+    """
+    from dropsafe.testing import _patroni  # noqa: PLC0415 - see the module doc
+
+    reason = _patroni.patroni_cluster_unavailable()
+    if reason is not None:
+        if os.environ.get("DROPSAFE_REQUIRE_KERNEL_FAULTS") == "1":
+            pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
+        pytest.skip(reason)
+    with _patroni.PatroniCluster() as cluster:
+        yield cluster
