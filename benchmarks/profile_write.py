@@ -1,0 +1,309 @@
+"""Profile the write path: what a verified unit of work costs over a plain one, per driver.
+
+Runs N small write units (one INSERT, COMMIT) per variant against a throwaway PostgresServer
+and prints, per unit: the client's CPU, the wall time, and the round trips, counted for real by
+a relay that sits between the pool and the server and counts each time the conversation turns
+from the server back to the client (one flight out, its replies back: one round trip). Variants:
+
+- ``plain``: SQLAlchemy's pool, ``with Session.begin()``;
+- ``unverified``: ``dropsafe.run_transaction`` with ``verify_commits=False``;
+- ``verified``: ``dropsafe.run_transaction`` with the commit guard (the default).
+
+``--profile DIR`` also writes one cProfile dump per driver and variant (``*.pstats``) and
+prints the functions that take the most time in the verified one. Round trips are counted on a
+warmed pool (connecting is not part of a unit); ``--new-connections`` counts them instead for a
+unit whose connection is new (the pool is emptied before each), which is where the server's
+life is read. Example::
+
+    python benchmarks/profile_write.py --units 2000 --profile benchmarks/results/profiles
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+import dropsafe
+from dropsafe.testing import PostgresServer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+INSERT = sa.text("INSERT INTO bench (v) VALUES (1)")
+VARIANTS = ("plain", "unverified", "verified")
+DRIVERS = ("psycopg2", "psycopg", "asyncpg")
+
+
+class TurnCounter:
+    """A loopback TCP relay that counts round trips: client flights that follow a reply.
+
+    Every byte is passed on unchanged (TLS included); only the direction of each chunk is
+    looked at. A chunk from the client after one from the server (or the first) starts a new
+    round trip.
+    """
+
+    def __init__(self, upstream_host: str, upstream_port: int) -> None:
+        self._upstream = (upstream_host, upstream_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self.turns = 0
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self) -> None:
+        with self._lock:
+            self.turns = 0
+
+    def route(self, url: str) -> str:
+        parsed = sa.make_url(url)
+        return parsed.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._upstream)
+            for sock in (client, server):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=self._relay, args=(client, server), daemon=True).start()
+
+    def _relay(self, client: socket.socket, server: socket.socket) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(client, selectors.EVENT_READ, server)
+        selector.register(server, selectors.EVENT_READ, client)
+        last_from_client = False
+        try:
+            while True:
+                for key, _ in selector.select():
+                    source: socket.socket = key.fileobj  # type: ignore[assignment]
+                    data = source.recv(65536)
+                    if not data:
+                        return
+                    from_client = source is client
+                    if from_client and not last_from_client:
+                        with self._lock:
+                            self.turns += 1
+                    last_from_client = from_client
+                    key.data.sendall(data)
+        except OSError:
+            return
+        finally:
+            selector.close()
+            client.close()
+            server.close()
+
+
+@dataclass
+class Result:
+    driver: str
+    variant: str
+    units: int
+    cpu_s: float
+    wall_s: float
+    turns: int
+    counted: int
+
+    def line(self) -> str:
+        return (
+            f"{self.driver:9} {self.variant:11} "
+            f"cpu {self.cpu_s / self.units * 1e6:7.0f} us/unit  "
+            f"wall {self.wall_s / self.units * 1e6:7.0f} us/unit  "
+            f"round trips {self.turns / self.counted:5.2f}/unit"
+        )
+
+
+def _policy(variant: str) -> dropsafe.Policy:
+    return dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=variant == "verified"))
+
+
+def _sync_unit(variant: str, url: str) -> tuple[Callable[[], object], sa.Engine]:
+    if variant == "plain":
+        engine = sa.create_engine(url, pool_size=1, max_overflow=0)
+    else:
+        engine = dropsafe.create_engine(url, policy=_policy(variant), pool_size=1, max_overflow=0)
+    factory = sessionmaker(engine)
+
+    def write(session: Session) -> None:
+        session.execute(INSERT)
+
+    def unit() -> object:
+        if variant == "plain":
+            with factory() as session, session.begin():
+                return session.execute(INSERT)
+        return dropsafe.run_transaction(factory, write)
+
+    return unit, engine
+
+
+def _measure_sync(
+    variant: str, url: str, units: int, counter: TurnCounter | None, *, fresh: bool
+) -> tuple[float, float, int]:
+    unit, engine = _sync_unit(variant, url)
+    try:
+        unit()  # connect and warm up outside the measurement
+        if counter is not None:
+            counter.reset()
+        turns = 0
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(units):
+            if fresh:
+                engine.pool.dispose()  # the next unit opens its connection
+                if counter is not None:
+                    # Connecting (TLS, authentication) is not the unit's: count only the unit.
+                    turns += counter.turns
+                    with engine.connect():
+                        pass
+                    counter.reset()
+            unit()
+        return (
+            time.process_time() - cpu,
+            time.perf_counter() - wall,
+            turns + (counter.turns if counter else 0),
+        )
+    finally:
+        engine.dispose()
+
+
+async def _measure_async(
+    variant: str, url: str, units: int, counter: TurnCounter | None, *, fresh: bool
+) -> tuple[float, float, int]:
+    if variant == "plain":
+        engine = create_async_engine(url, pool_size=1, max_overflow=0)
+    else:
+        engine = dropsafe.create_async_engine(
+            url, policy=_policy(variant), pool_size=1, max_overflow=0
+        )
+    factory = async_sessionmaker(engine)
+
+    async def write(session: Any) -> None:  # noqa: ANN401 - AsyncSession
+        await session.execute(INSERT)
+
+    async def unit() -> object:
+        if variant == "plain":
+            async with factory() as session, session.begin():
+                return await session.execute(INSERT)
+        return await dropsafe.run_transaction_async(factory, write)
+
+    try:
+        await unit()
+        if counter is not None:
+            counter.reset()
+        turns = 0
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(units):
+            if fresh:
+                await engine.dispose()
+                if counter is not None:
+                    turns += counter.turns
+                    async with engine.connect():
+                        pass
+                    counter.reset()
+            await unit()
+        return (
+            time.process_time() - cpu,
+            time.perf_counter() - wall,
+            turns + (counter.turns if counter else 0),
+        )
+    finally:
+        await engine.dispose()
+
+
+def measure(  # noqa: PLR0913 - one cell's settings
+    driver: str,
+    variant: str,
+    url: str,
+    units: int,
+    counter: TurnCounter | None,
+    *,
+    fresh: bool = False,
+) -> tuple[float, float, int]:
+    if driver == "asyncpg":
+        return asyncio.run(_measure_async(variant, url, units, counter, fresh=fresh))
+    return _measure_sync(variant, url, units, counter, fresh=fresh)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--units", type=int, default=1000, help="units per variant (CPU)")
+    parser.add_argument("--counted", type=int, default=50, help="units per round-trip count")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best kept")
+    parser.add_argument("--drivers", default=",".join(DRIVERS))
+    parser.add_argument("--profile", type=Path, help="write cProfile dumps here")
+    parser.add_argument(
+        "--new-connections", action="store_true", help="also count a unit on a new connection"
+    )
+    args = parser.parse_args()
+    drivers = args.drivers.split(",")
+    with PostgresServer() as server:
+        server.execute("CREATE TABLE IF NOT EXISTS bench (v int)")
+        counter = TurnCounter(server.host, server.port)
+        try:
+            for driver in drivers:
+                url = server.url(driver)  # type: ignore[arg-type]
+                # CPU and wall: straight to the server, best of the rounds (a shared machine's
+                # noise only ever adds), variants interleaved.
+                best: dict[str, tuple[float, float]] = {}
+                for _ in range(args.rounds):
+                    for variant in VARIANTS:
+                        cpu, wall, _ = measure(driver, variant, url, args.units, None)
+                        old = best.get(variant, (cpu, wall))
+                        best[variant] = (min(old[0], cpu), min(old[1], wall))
+                for variant in VARIANTS:
+                    _, _, turns = measure(
+                        driver, variant, counter.route(url), args.counted, counter
+                    )
+                    cpu, wall = best[variant]
+                    result = Result(driver, variant, args.units, cpu, wall, turns, args.counted)
+                    print(result.line())  # noqa: T201
+                if args.new_connections:
+                    for variant in VARIANTS:
+                        _, _, turns = measure(
+                            driver, variant, counter.route(url), 10, counter, fresh=True
+                        )
+                        print(  # noqa: T201
+                            f"{driver:9} {variant:11} on a new connection: "
+                            f"{turns / 10:.2f} round trips/unit"
+                        )
+                if args.profile:
+                    _profile(driver, url, args.units, args.profile)
+        finally:
+            counter.close()
+
+
+def _profile(driver: str, url: str, units: int, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for variant in VARIANTS:
+        profiler = cProfile.Profile()
+        profiler.enable()
+        measure(driver, variant, url, units, None)
+        profiler.disable()
+        path = directory / f"write_{driver}_{variant}.pstats"
+        profiler.dump_stats(path)
+        if variant == "verified":
+            print(f"--- {driver} verified: top by cumulative time ({path.name})")  # noqa: T201
+            stats = pstats.Stats(str(path))
+            stats.sort_stats("tottime").print_stats(25)
+
+
+if __name__ == "__main__":
+    main()
