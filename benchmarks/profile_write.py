@@ -2,8 +2,7 @@
 
 Runs N small write units (one INSERT, COMMIT) per variant against a throwaway PostgresServer
 and prints, per unit: the client's CPU, the wall time, and the round trips, counted for real by
-a relay that sits between the pool and the server and counts each time the conversation turns
-from the server back to the client (one flight out, its replies back: one round trip). Variants:
+a relay between the pool and the server (`dropsafe._bench._turns`). Variants:
 
 - ``plain``: SQLAlchemy's pool, ``with Session.begin()``;
 - ``unverified``: ``dropsafe.run_transaction`` with ``verify_commits=False``;
@@ -24,9 +23,6 @@ import argparse
 import asyncio
 import cProfile
 import pstats
-import selectors
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +33,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
+from dropsafe._bench._turns import TurnCounter
 from dropsafe.testing import PostgresServer
 
 if TYPE_CHECKING:
@@ -45,72 +42,6 @@ if TYPE_CHECKING:
 INSERT = sa.text("INSERT INTO bench (v) VALUES (1)")
 VARIANTS = ("plain", "unverified", "verified")
 DRIVERS = ("psycopg2", "psycopg", "asyncpg")
-
-
-class TurnCounter:
-    """A loopback TCP relay that counts round trips: client flights that follow a reply.
-
-    Every byte is passed on unchanged (TLS included); only the direction of each chunk is
-    looked at. A chunk from the client after one from the server (or the first) starts a new
-    round trip.
-    """
-
-    def __init__(self, upstream_host: str, upstream_port: int) -> None:
-        self._upstream = (upstream_host, upstream_port)
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self.turns = 0
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def reset(self) -> None:
-        with self._lock:
-            self.turns = 0
-
-    def route(self, url: str) -> str:
-        parsed = sa.make_url(url)
-        return parsed.set(host="127.0.0.1", port=self.port).render_as_string(hide_password=False)
-
-    def close(self) -> None:
-        self._closed = True
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self._upstream)
-            for sock in (client, server):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._relay, args=(client, server), daemon=True).start()
-
-    def _relay(self, client: socket.socket, server: socket.socket) -> None:
-        selector = selectors.DefaultSelector()
-        selector.register(client, selectors.EVENT_READ, server)
-        selector.register(server, selectors.EVENT_READ, client)
-        last_from_client = False
-        try:
-            while True:
-                for key, _ in selector.select():
-                    source: socket.socket = key.fileobj  # type: ignore[assignment]
-                    data = source.recv(65536)
-                    if not data:
-                        return
-                    from_client = source is client
-                    if from_client and not last_from_client:
-                        with self._lock:
-                            self.turns += 1
-                    last_from_client = from_client
-                    key.data.sendall(data)
-        except OSError:
-            return
-        finally:
-            selector.close()
-            client.close()
-            server.close()
 
 
 @dataclass
@@ -228,7 +159,7 @@ async def _measure_async(
         await engine.dispose()
 
 
-def measure(  # noqa: PLR0913 - one cell's settings
+def measure(
     driver: str,
     variant: str,
     url: str,
@@ -274,13 +205,13 @@ def main() -> None:
                     )
                     cpu, wall = best[variant]
                     result = Result(driver, variant, args.units, cpu, wall, turns, args.counted)
-                    print(result.line())  # noqa: T201
+                    print(result.line())
                 if args.new_connections:
                     for variant in VARIANTS:
                         _, _, turns = measure(
                             driver, variant, counter.route(url), 10, counter, fresh=True
                         )
-                        print(  # noqa: T201
+                        print(
                             f"{driver:9} {variant:11} on a new connection: "
                             f"{turns / 10:.2f} round trips/unit"
                         )
@@ -300,7 +231,7 @@ def _profile(driver: str, url: str, units: int, directory: Path) -> None:
         path = directory / f"write_{driver}_{variant}.pstats"
         profiler.dump_stats(path)
         if variant == "verified":
-            print(f"--- {driver} verified: top by cumulative time ({path.name})")  # noqa: T201
+            print(f"--- {driver} verified: top by cumulative time ({path.name})")
             stats = pstats.Stats(str(path))
             stats.sort_stats("tottime").print_stats(25)
 
