@@ -28,6 +28,7 @@ from sqlalchemy import event
 from dropsafe._server_life import (
     SERVER_LIFE_SQL,
     ServerLife,
+    doubt_server_life,
     remember_server_life,
     server_life_of,
     text_or_none,
@@ -174,6 +175,10 @@ def _read_before_commit(conn: Connection) -> None:
         row = cursor.fetchone()
         cursor.close()
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's handling re-raises it (wrapped)
+        if server_life is None:
+            # Perhaps this server hides the life's functions (another host of the engine):
+            # then its next connections read it on their own, where failing costs nothing.
+            doubt_server_life(conn.engine)
         conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
     if server_life is None:
         server_life = ServerLife(text_or_none(row[2]), text_or_none(row[3]))

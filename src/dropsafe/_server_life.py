@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SERVER_LIFE_SQL",
     "ServerLife",
+    "doubt_server_life",
     "learn_server_life",
     "remember_server_life",
     "server_life_of",
@@ -123,6 +124,11 @@ class _ServerLives:
             if server_life.provable:
                 self._answered.add(engine)
 
+    def doubt(self, engine: Engine) -> None:
+        """Make new connections read the life on their own again: a mark could not read it."""
+        with self._lock:
+            self._answered.discard(engine)
+
     def of(self, driver_connection: object) -> ServerLife | None:
         with contextlib.suppress(TypeError), self._lock:
             return self._by_connection.get(driver_connection)
@@ -140,6 +146,11 @@ def learn_server_life(connection: Connection) -> None:
 def server_life_of(driver_connection: object) -> ServerLife | None:
     """Return what was read for this driver connection; None: not read yet (read it now)."""
     return _SERVER_LIVES.of(driver_connection)
+
+
+def doubt_server_life(engine: Engine) -> None:
+    """Make ``engine``'s new connections read their server's life on their own again."""
+    _SERVER_LIVES.doubt(engine)
 
 
 def remember_server_life(engine: Engine, driver_connection: object, life: ServerLife) -> None:

@@ -9,6 +9,7 @@ round trips more than that (its server's life was read in its own transaction be
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import pytest
 import sqlalchemy as sa
@@ -112,3 +113,54 @@ def test_a_new_connection_reads_its_server_s_life_in_its_first_mark(server, driv
     # the first mark. On the old code the separate read cost 3 (libpq) to 6 (asyncpg) more.
     allowed = 2 if driver == "asyncpg" else 1
     assert verified <= plain + allowed + 0.25, (plain, verified)
+
+
+@pytest.fixture
+def hiding_role(server):
+    """A role that may read the server's life until `hide` revokes it (as some forks do)."""
+    password = secrets.token_hex(8)
+    server.execute(
+        "DROP ROLE IF EXISTS guard_cost_role; "
+        f"CREATE ROLE guard_cost_role LOGIN PASSWORD '{password}'; "
+        "GRANT INSERT ON guard_cost TO guard_cost_role; "
+        "GRANT EXECUTE ON FUNCTION pg_control_system() TO guard_cost_role"
+    )
+    server.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM PUBLIC")
+
+    def hide():
+        server.execute("REVOKE EXECUTE ON FUNCTION pg_control_system() FROM guard_cost_role")
+
+    yield hide, password
+    server.execute("GRANT EXECUTE ON FUNCTION pg_control_system() TO PUBLIC")
+    server.execute("DROP OWNED BY guard_cost_role; DROP ROLE guard_cost_role")
+
+
+def test_a_server_that_stops_answering_the_life_costs_one_unit_at_most(server, hiding_role):
+    """The first mark of a connection reads the life; if it cannot, the engine stops asking so.
+
+    Another host behind the same URL may hide what the first one showed: one unit meets the
+    error, the next connects and reads the life on its own (where failing only makes that
+    connection unprovable), and succeeds.
+    """
+    hide, password = hiding_role
+    url = server.url("psycopg2", user="guard_cost_role", password=password)
+    engine = dropsafe.create_engine(url, pool_size=1, max_overflow=0)
+    factory = sessionmaker(engine)
+    try:
+        dropsafe.run_transaction(factory, lambda s: s.execute(INSERT))  # the engine answered
+        hide()
+        failures = 0
+        for _ in range(3):
+            engine.pool.dispose()  # a new connection: its first mark reads the life
+            try:
+                dropsafe.run_transaction(factory, lambda s: s.execute(INSERT))
+            except sa.exc.ProgrammingError as exc:
+                assert "pg_control_system" in str(exc)
+                failures += 1
+        assert failures <= 1
+        with engine.connect() as connection:
+            life = server_life_of(connection.connection.driver_connection)
+            assert life is not None
+            assert not life.provable
+    finally:
+        engine.dispose()
