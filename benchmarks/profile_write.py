@@ -1,7 +1,8 @@
 """Profile the write path: what a verified unit of work costs over a plain one, per driver.
 
 Runs N small write units (one INSERT, COMMIT) per variant against a throwaway PostgresServer
-and prints, per unit: the client's CPU, the wall time, and the round trips, counted for real by
+and prints, per unit: the client's CPU, the wall time, the Python function calls (a count the
+machine's load does not move), and the round trips, counted for real by
 a relay between the pool and the server (`dropsafe._bench._turns`). Variants:
 
 - ``plain``: SQLAlchemy's pool, ``with Session.begin()``;
@@ -53,13 +54,15 @@ class Result:
     wall_s: float
     turns: int
     counted: int
+    calls: float
 
     def line(self) -> str:
         return (
             f"{self.driver:9} {self.variant:11} "
             f"cpu {self.cpu_s / self.units * 1e6:7.0f} us/unit  "
             f"wall {self.wall_s / self.units * 1e6:7.0f} us/unit  "
-            f"round trips {self.turns / self.counted:5.2f}/unit"
+            f"round trips {self.turns / self.counted:5.2f}/unit  "
+            f"Python calls {self.calls:5.0f}/unit"
         )
 
 
@@ -204,7 +207,10 @@ def main() -> None:
                         driver, variant, counter.route(url), args.counted, counter
                     )
                     cpu, wall = best[variant]
-                    result = Result(driver, variant, args.units, cpu, wall, turns, args.counted)
+                    calls = _calls_per_unit(driver, variant, url, args.counted)
+                    result = Result(
+                        driver, variant, args.units, cpu, wall, turns, args.counted, calls
+                    )
                     print(result.line())
                 if args.new_connections:
                     for variant in VARIANTS:
@@ -219,6 +225,21 @@ def main() -> None:
                     _profile(driver, url, args.units, args.profile)
         finally:
             counter.close()
+
+
+def _calls_per_unit(driver: str, variant: str, url: str, units: int) -> float:
+    """Python function calls per unit: a count that the machine's load does not move.
+
+    The difference between runs of 2N and N units, so that creating the engine cancels out.
+    """
+    counts = []
+    for n in (units, 2 * units):
+        profiler = cProfile.Profile()
+        profiler.enable()
+        measure(driver, variant, url, n, None)
+        profiler.disable()
+        counts.append(pstats.Stats(profiler).total_calls)  # type: ignore[attr-defined]
+    return (counts[1] - counts[0]) / units
 
 
 def _profile(driver: str, url: str, units: int, directory: Path) -> None:
