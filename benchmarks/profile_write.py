@@ -2,18 +2,19 @@
 
 Runs N small write units (one INSERT, COMMIT) per variant against a throwaway PostgresServer
 and prints, per unit: the client's CPU, the wall time, the Python function calls (a count the
-machine's load does not move), and the round trips, counted for real by
-a relay between the pool and the server (`dropsafe._bench._turns`). Variants:
+machine's load does not move), and the round trips, counted for real by a relay between the
+pool and the server (`dropsafe._bench._turns`). Variants:
 
 - ``plain``: SQLAlchemy's pool, ``with Session.begin()``;
 - ``unverified``: ``dropsafe.run_transaction`` with ``verify_commits=False``;
 - ``verified``: ``dropsafe.run_transaction`` with the commit guard (the default).
 
 ``--profile DIR`` also writes one cProfile dump per driver and variant (``*.pstats``) and
-prints the functions that take the most time in the verified one. Round trips are counted on a
-warmed pool (connecting is not part of a unit); ``--new-connections`` counts them instead for a
-unit whose connection is new (the pool is emptied before each), which is where the server's
-life is read. Example::
+prints the functions that take the most time in the verified one; for a flame graph:
+``py-spy record -o verified.svg -- python benchmarks/profile_write.py --variants verified``.
+Round trips are counted on a warmed pool (connecting is not part of a unit);
+``--new-connections`` also counts them for a unit whose connection is new (the pool is emptied
+before each), which is where the server's life is read. Example::
 
     python benchmarks/profile_write.py --units 2000 --profile benchmarks/results/profiles
 """
@@ -182,12 +183,16 @@ def main() -> None:
     parser.add_argument("--counted", type=int, default=50, help="units per round-trip count")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best kept")
     parser.add_argument("--drivers", default=",".join(DRIVERS))
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="e.g. verified, to record one with py-spy"
+    )
     parser.add_argument("--profile", type=Path, help="write cProfile dumps here")
     parser.add_argument(
         "--new-connections", action="store_true", help="also count a unit on a new connection"
     )
     args = parser.parse_args()
     drivers = args.drivers.split(",")
+    variants = args.variants.split(",")
     with PostgresServer() as server:
         server.execute("CREATE TABLE IF NOT EXISTS bench (v int)")
         counter = TurnCounter(server.host, server.port)
@@ -198,11 +203,11 @@ def main() -> None:
                 # noise only ever adds), variants interleaved.
                 best: dict[str, tuple[float, float]] = {}
                 for _ in range(args.rounds):
-                    for variant in VARIANTS:
+                    for variant in variants:
                         cpu, wall, _ = measure(driver, variant, url, args.units, None)
                         old = best.get(variant, (cpu, wall))
                         best[variant] = (min(old[0], cpu), min(old[1], wall))
-                for variant in VARIANTS:
+                for variant in variants:
                     _, _, turns = measure(
                         driver, variant, counter.route(url), args.counted, counter
                     )
@@ -213,7 +218,7 @@ def main() -> None:
                     )
                     print(result.line())
                 if args.new_connections:
-                    for variant in VARIANTS:
+                    for variant in variants:
                         _, _, turns = measure(
                             driver, variant, counter.route(url), 10, counter, fresh=True
                         )

@@ -43,6 +43,8 @@ __all__ = ["CommitRecorder", "PendingCommit", "record_commits", "recording"]
 
 # A statement that may queue a notification: NOTIFY or pg_notify().
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
+# The backend's pid is read in the mark, not once per connection: behind a transaction-mode
+# pooler each transaction may run on another backend, and the resolver fences that one.
 # The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life].
 # (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 _READS = {
