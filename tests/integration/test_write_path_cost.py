@@ -164,3 +164,63 @@ def test_a_server_that_stops_answering_the_life_costs_one_unit_at_most(server, h
             assert not life.provable
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_backend_that_dies_before_the_mark_is_handled_as_a_statement_s_failure(server, driver):
+    """The mark skips SQLAlchemy's statement machinery, not its error handling.
+
+    Its backend is terminated after the unit's INSERT, right before the mark: SQLAlchemy's
+    ``handle_error`` sees the mark's failure as a disconnect (so dropsafe's invalidation runs),
+    and the unit runs again, once.
+    """
+    marker = secrets.token_hex(6)
+    server.execute("CREATE TABLE IF NOT EXISTS guard_marks (marker text)")
+    url = server.url(driver)
+    seen = []
+
+    def record(context):
+        seen.append((context.statement or "", context.is_disconnect))
+
+    def terminate_own_backend(session):
+        if len(attempts) == 1:
+            pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+            server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)")  # waits for the exit
+
+    attempts = []
+    if driver == "asyncpg":
+        asyncio.run(_die_before_mark_async(url, marker, attempts, record, terminate_own_backend))
+    else:
+        engine = dropsafe.create_engine(url, pool_size=1, max_overflow=0)
+        sa.event.listen(engine, "handle_error", record)
+        factory = sessionmaker(engine)
+
+        def unit(session):
+            attempts.append(1)
+            session.execute(sa.text("INSERT INTO guard_marks VALUES (:m)"), {"m": marker})
+            terminate_own_backend(session)
+
+        try:
+            dropsafe.run_transaction(factory, unit, deadline=20)
+        finally:
+            engine.dispose()
+    assert len(attempts) == 2
+    assert any("xact_id" in statement and disconnect for statement, disconnect in seen), seen
+    count = server.execute(f"SELECT count(*) FROM guard_marks WHERE marker = '{marker}'")
+    assert count[0][0] == "1"
+
+
+async def _die_before_mark_async(url, marker, attempts, record, terminate_own_backend):
+    engine = dropsafe.create_async_engine(url, pool_size=1, max_overflow=0)
+    sa.event.listen(engine.sync_engine, "handle_error", record)
+    factory = async_sessionmaker(engine)
+
+    async def unit(session):
+        attempts.append(1)
+        await session.execute(sa.text("INSERT INTO guard_marks VALUES (:m)"), {"m": marker})
+        await session.run_sync(terminate_own_backend)
+
+    try:
+        await dropsafe.run_transaction_async(factory, unit, deadline=20)
+    finally:
+        await engine.dispose()
