@@ -471,16 +471,33 @@ def _settings(
     if policy is not None and not isinstance(policy, UnitPolicy):
         raise ConfigurationError(f"policy must be a dropsafe.UnitPolicy, not {policy!r}")
     guard = guard_of(engine) if engine is not None else None
-    engine_policy = guard.policy if guard is not None else Policy()
+    engine_policy = guard.policy if guard is not None else _default_policy()
     unit = policy or engine_policy.unit
+    if deadline is not None or max_attempts is not None:
+        try:
+            unit = _overridden(unit, deadline, max_attempts)
+        except TypeError:  # an unhashable value: validated below, which names the knob
+            unit = _overridden.__wrapped__(unit, deadline, max_attempts)
+    return unit, engine_policy.hooks
+
+
+# Making a policy validates every knob: tens of microseconds, more than the rest of a unit's
+# own work. Policies are frozen, so the same settings give the same policy: made once.
+@functools.cache
+def _default_policy() -> Policy:
+    return Policy()
+
+
+@functools.lru_cache(maxsize=128, typed=True)  # typed: True is not 1 here (it is refused)
+def _overridden(
+    unit: UnitPolicy, deadline: Duration | None, max_attempts: int | None
+) -> UnitPolicy:
     overrides: dict[str, Any] = {}
     if deadline is not None:
         overrides["deadline"] = deadline
     if max_attempts is not None:
         overrides["max_attempts"] = max_attempts
-    if overrides:
-        unit = dataclasses.replace(unit, **overrides)  # validated again, naming the knob
-    return unit, engine_policy.hooks
+    return dataclasses.replace(unit, **overrides)  # validated again, naming the knob
 
 
 def _name(fn: object) -> str:
