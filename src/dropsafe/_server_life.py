@@ -38,6 +38,7 @@ __all__ = [
     "ServerLife",
     "doubt_server_life",
     "learn_server_life",
+    "must_learn_server_life",
     "remember_server_life",
     "server_life_of",
     "text_or_none",
@@ -94,11 +95,10 @@ class _ServerLives:
         raises: the unit waits and connects again, as for a refused connect. Any other failure
         (a fork or proxy that hides these functions) makes the connection unprovable.
         """
+        if not self.must_learn(connection):
+            return
         fairy = connection.connection
         driver_connection = fairy.driver_connection
-        with contextlib.suppress(TypeError), self._lock:  # TypeError: not weakly referable
-            if driver_connection in self._by_connection or connection.engine in self._answered:
-                return
         dbapi_connection: Any = fairy.dbapi_connection
         try:
             cursor = dbapi_connection.cursor()
@@ -124,6 +124,15 @@ class _ServerLives:
             if server_life.provable:
                 self._answered.add(engine)
 
+    def must_learn(self, connection: Connection) -> bool:
+        """Whether `learn` would read anything (cheap: no I/O, no greenlet needed)."""
+        driver_connection = connection.connection.driver_connection
+        with contextlib.suppress(TypeError), self._lock:  # TypeError: not weakly referable
+            return not (
+                driver_connection in self._by_connection or connection.engine in self._answered
+            )
+        return True
+
     def doubt(self, engine: Engine) -> None:
         """Make new connections read the life on their own again: a mark could not read it."""
         with self._lock:
@@ -146,6 +155,11 @@ def learn_server_life(connection: Connection) -> None:
 def server_life_of(driver_connection: object) -> ServerLife | None:
     """Return what was read for this driver connection; None: not read yet (read it now)."""
     return _SERVER_LIVES.of(driver_connection)
+
+
+def must_learn_server_life(connection: Connection) -> bool:
+    """Whether `learn_server_life` has anything to read on ``connection`` (no I/O)."""
+    return _SERVER_LIVES.must_learn(connection)
 
 
 def doubt_server_life(engine: Engine) -> None:

@@ -33,7 +33,7 @@ from dropsafe._errors import ConfigurationError
 from dropsafe._policy import Duration, Policy, UnitPolicy
 from dropsafe._recording import CommitRecorder, record_commits, recording
 from dropsafe._resolution import resolve_commit
-from dropsafe._server_life import learn_server_life
+from dropsafe._server_life import learn_server_life, must_learn_server_life
 from dropsafe._unit import (
     CommitFailed,
     Committed,
@@ -178,7 +178,7 @@ def _begun(
 
 def _call_sync(fn: Callable[[Any], _T], handle: object) -> _T:
     result = fn(handle)
-    if inspect.isawaitable(result):
+    if result is not None and inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()
         raise ConfigurationError(
@@ -257,7 +257,8 @@ async def _run_once_async(
         with recording(read_xid=step.verify_commits) as recorder:
             async with _begun_async(bind) as begun:
                 handle, connection = begun
-                if step.verify_commits:
+                # run_sync spawns a greenlet: only when there is something to read.
+                if step.verify_commits and must_learn_server_life(connection.sync_connection):  # type: ignore[arg-type]
                     await connection.run_sync(learn_server_life)
                 reached_server = True
                 with bounded(_dbapi_connection_of(connection), step.deadline):
