@@ -6,11 +6,12 @@ its backend's pid in one round trip (and, on a connection's first mark, its serv
 `dropsafe._server_life`). The read goes through the DBAPI cursor, one fixed string per case: no
 statement compilation, no result machinery; a failure still passes through SQLAlchemy's error
 handling (the connection invalidated on a disconnect, the error wrapped), as a statement's would.
-A transaction that wrote has an xid; one that only read has
-none and may simply run again. ``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a
-transaction whose statements mention it is given one here (``pg_current_xact_id()``) and counts
-as having written. If the COMMIT's reply is lost, `dropsafe._resolution` asks the server what
-became of this xid.
+
+A transaction that wrote has an xid; one that only read has none and may simply run again.
+``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a transaction whose statements
+mention it is given one here (``pg_current_xact_id()``) and counts as having written. If the
+COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of this xid. Why the
+read is not sent in the same flight as COMMIT: docs/guarantees.md.
 """
 
 from __future__ import annotations
