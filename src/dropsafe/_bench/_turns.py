@@ -9,6 +9,7 @@ round trips.
 
 from __future__ import annotations
 
+import contextlib
 import selectors
 import socket
 import threading
@@ -34,7 +35,8 @@ class TurnCounter:
         self._lock = threading.Lock()
         self._turns = 0
         self._closed = False
-        threading.Thread(target=self._accept, name="dropsafe-turns", daemon=True).start()
+        self._acceptor = threading.Thread(target=self._accept, name="dropsafe-turns", daemon=True)
+        self._acceptor.start()
 
     def __enter__(self) -> Self:
         return self
@@ -58,8 +60,13 @@ class TurnCounter:
         return parsed.render_as_string(hide_password=False)
 
     def close(self) -> None:
+        """Stop accepting (relayed connections end when their pool closes them)."""
         self._closed = True
+        with contextlib.suppress(OSError):
+            # Closing alone would not wake the thread blocked in accept(); shutting down does.
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
+        self._acceptor.join(timeout=5.0)
 
     def _accept(self) -> None:
         while not self._closed:
