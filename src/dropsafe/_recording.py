@@ -2,11 +2,16 @@
 
 SQLAlchemy's engine-level ``commit`` event fires after every flush and every ``before_commit``
 listener, right before the DBAPI COMMIT. There, a unit of work reads its transaction's xid and
-its backend's pid in one round trip. A transaction that wrote has an xid; one that only read has
-none and may simply run again. ``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a
-transaction whose statements mention it is given one here (``pg_current_xact_id()``) and counts
-as having written. If the COMMIT's reply is lost, `dropsafe._resolution` asks the server what
-became of this xid.
+its backend's pid in one round trip (and, on a connection's first mark, its server's life: see
+`dropsafe._server_life`). The read goes through the DBAPI cursor, one fixed string per case: no
+statement compilation, no result machinery; a failure still passes through SQLAlchemy's error
+handling (the connection invalidated on a disconnect, the error wrapped), as a statement's would.
+
+A transaction that wrote has an xid; one that only read has none and may simply run again.
+``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a transaction whose statements
+mention it is given one here (``pg_current_xact_id()``) and counts as having written. If the
+COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of this xid. Why the
+read is not sent in the same flight as COMMIT: docs/guarantees.md.
 """
 
 from __future__ import annotations
@@ -14,12 +19,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import re
+import threading
+import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
-from dropsafe._server_life import ServerLife, server_life_of
+from dropsafe._server_life import (
+    SERVER_LIFE_SQL,
+    ServerLife,
+    doubt_server_life,
+    remember_server_life,
+    server_life_of,
+    text_or_none,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -30,11 +44,24 @@ __all__ = ["CommitRecorder", "PendingCommit", "record_commits", "recording"]
 
 # A statement that may queue a notification: NOTIFY or pg_notify().
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
+# The backend's pid is read in the mark, not once per connection: behind a transaction-mode
+# pooler each transaction may run on another backend, and the resolver fences that one.
+# The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life].
 # (xid8 functions arrived in PostgreSQL 13; txid_* before.)
-_READ = "SELECT pg_current_xact_id_if_assigned()::text, pg_backend_pid()"
-_READ_ASSIGNING = "SELECT pg_current_xact_id()::text, pg_backend_pid()"
-_READ_BEFORE_13 = "SELECT txid_current_if_assigned()::text, pg_backend_pid()"
-_READ_ASSIGNING_BEFORE_13 = "SELECT txid_current()::text, pg_backend_pid()"
+_READS = {
+    (modern, assign, with_life): (
+        f"SELECT {xid_function}()::text, pg_backend_pid()"
+        + (f", {SERVER_LIFE_SQL}" if with_life else "")
+    )
+    for modern in (True, False)
+    for assign in (True, False)
+    for with_life in (True, False)
+    for xid_function in [
+        ("pg_current_xact_id" if assign else "pg_current_xact_id_if_assigned")
+        if modern
+        else ("txid_current" if assign else "txid_current_if_assigned")
+    ]
+}
 
 
 @dataclass(frozen=True)
@@ -60,14 +87,20 @@ class CommitRecorder:
         self.read_xid = True
         self.armed = False
 
-    @contextlib.contextmanager
-    def committing(self) -> Iterator[None]:
-        """Record the COMMITs sent inside this block (the unit's own, not the user's)."""
+    def committing(self) -> CommitRecorder:
+        """Record the COMMITs sent inside this ``with`` block (the unit's own, not the user's).
+
+        The recorder is its own context manager: a generator-based one costs a few
+        microseconds per unit of work.
+        """
         self.armed = True
-        try:
-            yield
-        finally:
-            self.armed = False
+        return self
+
+    def __enter__(self) -> None:
+        self.armed = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.armed = False
 
 
 _RECORDER: contextvars.ContextVar[CommitRecorder | None] = contextvars.ContextVar(
@@ -91,6 +124,10 @@ def recording(*, read_xid: bool = True) -> Iterator[CommitRecorder]:
         _RECORDER.reset(token)
 
 
+_RECORDING_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+_INSTALL_LOCK = threading.Lock()
+
+
 def record_commits(engine: Engine) -> None:
     """Install the listeners that read the xid before each COMMIT of a unit of work.
 
@@ -98,10 +135,13 @@ def record_commits(engine: Engine) -> None:
     that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work they cost
     one context-variable read per statement.
     """
-    if event.contains(engine, "commit", _read_before_commit):
+    if engine in _RECORDING_ENGINES:  # event.contains costs more than a unit's own work
         return
-    event.listen(engine, "before_cursor_execute", _notice_notify)
-    event.listen(engine, "commit", _read_before_commit)
+    with _INSTALL_LOCK:
+        if not event.contains(engine, "commit", _read_before_commit):
+            event.listen(engine, "before_cursor_execute", _notice_notify)
+            event.listen(engine, "commit", _read_before_commit)
+        _RECORDING_ENGINES.add(engine)
 
 
 def _notice_notify(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signature
@@ -126,19 +166,33 @@ def _read_before_commit(conn: Connection) -> None:
     if not recorder.read_xid:
         recorder.commits_sent += 1
         return
-    row = conn.exec_driver_sql(_read_statement(conn.dialect, assign=recorder.needs_xid)).first()
+    fairy = conn.connection
+    driver_connection = fairy.driver_connection
+    server_life = server_life_of(driver_connection)
+    statement = _read_statement(conn.dialect, recorder.needs_xid, with_life=server_life is None)
+    cursor: Any = None
+    row: Any = None  # one row, always: a SELECT without FROM
+    try:
+        cursor = fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor.execute(statement)
+        row = cursor.fetchone()
+        cursor.close()
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's handling re-raises it (wrapped)
+        if server_life is None:
+            # Perhaps this server hides the life's functions (another host of the engine):
+            # then its next connections read it on their own, where failing costs nothing.
+            doubt_server_life(conn.engine)
+        conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
+    if server_life is None:
+        server_life = ServerLife(text_or_none(row[2]), text_or_none(row[3]))
+        remember_server_life(conn.engine, driver_connection, server_life)
+    # No xid: the transaction wrote nothing, and running it again is harmless.
     recorder.pending = (
-        None
-        if row is None or row[0] is None
-        else PendingCommit(
-            int(row[0]), int(row[1]), server_life_of(conn.connection.driver_connection)
-        )
+        None if row[0] is None else PendingCommit(int(row[0]), int(row[1]), server_life)
     )
     recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
 
 
-def _read_statement(dialect: Dialect, *, assign: bool) -> str:
-    version = getattr(dialect, "server_version_info", None) or (13,)
-    if version[0] >= 13:  # noqa: PLR2004 - pg_current_xact_id: 13+
-        return _READ_ASSIGNING if assign else _READ
-    return _READ_ASSIGNING_BEFORE_13 if assign else _READ_BEFORE_13
+def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool) -> str:
+    version: tuple[int, ...] = getattr(dialect, "server_version_info", None) or (13,)
+    return _READS[version[0] >= 13, assign, with_life]  # noqa: PLR2004 - pg_current_xact_id: 13+

@@ -14,6 +14,10 @@ before the first unit of work it runs, what identifies its server's history:
   one). Both are readable by any role. Verified on PostgreSQL 15 by SIGKILLing a backend: the
   value moves on a crash restart and an immediate stop, and stays on a fast restart. A reset by
   an administrator (``pg_stat_reset_shared``) also moves it: that only makes answers unknown.
+
+Reading it costs a round trip only on an engine's first connections: once one of its servers has
+answered it, each new connection reads it in its first xid mark instead (`dropsafe._recording`,
+the same statement, no round trip of its own).
 """
 
 from __future__ import annotations
@@ -27,9 +31,18 @@ from typing import TYPE_CHECKING, Any
 from dropsafe._classify import classify
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Connection
+    from sqlalchemy.engine import Connection, Engine
 
-__all__ = ["SERVER_LIFE_SQL", "ServerLife", "learn_server_life", "server_life_of", "text_or_none"]
+__all__ = [
+    "SERVER_LIFE_SQL",
+    "ServerLife",
+    "doubt_server_life",
+    "learn_server_life",
+    "must_learn_server_life",
+    "remember_server_life",
+    "server_life_of",
+    "text_or_none",
+]
 
 #: Two columns that identify a server's life, for a SELECT list.
 SERVER_LIFE_SQL = (
@@ -65,22 +78,27 @@ class _ServerLives:
         self._by_connection: weakref.WeakKeyDictionary[Any, ServerLife] = (
             weakref.WeakKeyDictionary()
         )
+        # Engines one of whose servers answered the read: their new connections read it in
+        # their first mark. (The engine, not the connection: a server that hides these
+        # functions would make the mark fail, and with it the app's transaction.)
+        self._answered: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def learn(self, connection: Connection) -> None:
-        """Read the life of ``connection``'s server, once per DBAPI connection.
+        """Read the life of ``connection``'s server, once per DBAPI connection, if it must be.
 
         Called before a unit of work's first statement, so outside any transaction of the
         app (the read is rolled back at the DBAPI level; SQLAlchemy has sent nothing yet).
+        Does nothing when the connection's life is known, or when its engine's servers have
+        answered the read before: the first mark of the connection reads it then.
         A connection that fails here (a pooler that accepted it but cannot reach the server)
         raises: the unit waits and connects again, as for a refused connect. Any other failure
         (a fork or proxy that hides these functions) makes the connection unprovable.
         """
+        if not self.must_learn(connection):
+            return
         fairy = connection.connection
         driver_connection = fairy.driver_connection
-        with contextlib.suppress(TypeError), self._lock:  # TypeError: not weakly referable
-            if driver_connection in self._by_connection:
-                return
         dbapi_connection: Any = fairy.dbapi_connection
         try:
             cursor = dbapi_connection.cursor()
@@ -98,13 +116,32 @@ class _ServerLives:
             with contextlib.suppress(Exception):
                 dbapi_connection.rollback()
             server_life = _UNREADABLE
+        self.remember(connection.engine, driver_connection, server_life)
+
+    def remember(self, engine: Engine, driver_connection: object, server_life: ServerLife) -> None:
         with contextlib.suppress(TypeError), self._lock:
             self._by_connection[driver_connection] = server_life
+            if server_life.provable:
+                self._answered.add(engine)
 
-    def of(self, driver_connection: object) -> ServerLife:
+    def must_learn(self, connection: Connection) -> bool:
+        """Whether `learn` would read anything (cheap: no I/O, no greenlet needed)."""
+        driver_connection = connection.connection.driver_connection
+        with contextlib.suppress(TypeError), self._lock:  # TypeError: not weakly referable
+            return not (
+                driver_connection in self._by_connection or connection.engine in self._answered
+            )
+        return True
+
+    def doubt(self, engine: Engine) -> None:
+        """Make new connections read the life on their own again: a mark could not read it."""
+        with self._lock:
+            self._answered.discard(engine)
+
+    def of(self, driver_connection: object) -> ServerLife | None:
         with contextlib.suppress(TypeError), self._lock:
-            return self._by_connection.get(driver_connection, _UNREADABLE)
-        return _UNREADABLE
+            return self._by_connection.get(driver_connection)
+        return _UNREADABLE  # not weakly referable: never remembered, never read in a mark
 
 
 _SERVER_LIVES = _ServerLives()
@@ -115,9 +152,24 @@ def learn_server_life(connection: Connection) -> None:
     _SERVER_LIVES.learn(connection)
 
 
-def server_life_of(driver_connection: object) -> ServerLife:
-    """Return what `learn_server_life` read for this driver connection, or "unreadable"."""
+def server_life_of(driver_connection: object) -> ServerLife | None:
+    """Return what was read for this driver connection; None: not read yet (read it now)."""
     return _SERVER_LIVES.of(driver_connection)
+
+
+def must_learn_server_life(connection: Connection) -> bool:
+    """Whether `learn_server_life` has anything to read on ``connection`` (no I/O)."""
+    return _SERVER_LIVES.must_learn(connection)
+
+
+def doubt_server_life(engine: Engine) -> None:
+    """Make ``engine``'s new connections read their server's life on their own again."""
+    _SERVER_LIVES.doubt(engine)
+
+
+def remember_server_life(engine: Engine, driver_connection: object, life: ServerLife) -> None:
+    """Keep what a connection's first mark read of its server's life (see the module doc)."""
+    _SERVER_LIVES.remember(engine, driver_connection, life)
 
 
 def text_or_none(value: object) -> str | None:

@@ -19,7 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from contextlib import AbstractContextManager
 
 __all__ = ["Bound", "shut_down_at"]
 
@@ -102,20 +102,32 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
-@contextlib.contextmanager
-def shut_down_at(fd: int | None, deadline: float) -> Iterator[Bound]:
+class _Guarded:
+    """The block `shut_down_at` guards: a class, not a generator, as it runs on every unit."""
+
+    __slots__ = ("_bound", "_deadline", "_fd", "_ticket")
+
+    def __init__(self, fd: int | None, deadline: float) -> None:
+        self._fd = fd
+        self._deadline = deadline
+        self._bound = Bound()
+        self._ticket: int | None = None
+
+    def __enter__(self) -> Bound:
+        identity = None if self._fd is None else _identity(self._fd)
+        if self._fd is not None and identity is not None:
+            self._ticket = _WATCHDOG.watch(self._fd, identity, self._deadline, self._bound)
+        return self._bound
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._ticket is not None:
+            _WATCHDOG.release(self._ticket)
+
+
+def shut_down_at(fd: int | None, deadline: float) -> AbstractContextManager[Bound]:
     """Shut the socket with file descriptor ``fd`` down if the block still runs at ``deadline``.
 
     ``deadline`` is a `time.monotonic` value. With no ``fd`` (or one that is not open) the
     block runs unbounded. The `Bound` given says afterwards whether the deadline struck.
     """
-    bound = Bound()
-    identity = None if fd is None else _identity(fd)
-    if fd is None or identity is None:
-        yield bound
-        return
-    ticket = _WATCHDOG.watch(fd, identity, deadline, bound)
-    try:
-        yield bound
-    finally:
-        _WATCHDOG.release(ticket)
+    return _Guarded(fd, deadline)

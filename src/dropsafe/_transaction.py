@@ -33,7 +33,7 @@ from dropsafe._errors import ConfigurationError
 from dropsafe._policy import Duration, Policy, UnitPolicy
 from dropsafe._recording import CommitRecorder, record_commits, recording
 from dropsafe._resolution import resolve_commit
-from dropsafe._server_life import learn_server_life
+from dropsafe._server_life import learn_server_life, must_learn_server_life
 from dropsafe._unit import (
     CommitFailed,
     Committed,
@@ -180,7 +180,7 @@ def _begun(
 
 def _call_sync(fn: Callable[[Any], _T], handle: object) -> _T:
     result = fn(handle)
-    if inspect.isawaitable(result):
+    if result is not None and inspect.isawaitable(result):
         if inspect.iscoroutine(result):
             result.close()
         raise ConfigurationError(
@@ -261,7 +261,9 @@ async def _run_once_async(
                 handle, connection = begun
                 # Bounded from the server-life read on, as in `_run_once`.
                 with bounded(_dbapi_connection_of(connection), step.deadline):
-                    if step.verify_commits:
+                    # run_sync spawns a greenlet: only when there is something to read.
+                    sync_connection = connection.sync_connection
+                    if step.verify_commits and must_learn_server_life(sync_connection):  # type: ignore[arg-type]
                         await connection.run_sync(learn_server_life)
                     reached_server = True
                     result = await _call_async(fn, handle)
@@ -474,16 +476,33 @@ def _settings(
     if policy is not None and not isinstance(policy, UnitPolicy):
         raise ConfigurationError(f"policy must be a dropsafe.UnitPolicy, not {policy!r}")
     guard = guard_of(engine) if engine is not None else None
-    engine_policy = guard.policy if guard is not None else Policy()
+    engine_policy = guard.policy if guard is not None else _default_policy()
     unit = policy or engine_policy.unit
+    if deadline is not None or max_attempts is not None:
+        try:
+            unit = _overridden(unit, deadline, max_attempts)
+        except TypeError:  # an unhashable value: validated below, which names the knob
+            unit = _overridden.__wrapped__(unit, deadline, max_attempts)
+    return unit, engine_policy.hooks
+
+
+# Making a policy validates every knob: tens of microseconds, more than the rest of a unit's
+# own work. Policies are frozen, so the same settings give the same policy: made once.
+@functools.cache
+def _default_policy() -> Policy:
+    return Policy()
+
+
+@functools.lru_cache(maxsize=128, typed=True)  # typed: True is not 1 here (it is refused)
+def _overridden(
+    unit: UnitPolicy, deadline: Duration | None, max_attempts: int | None
+) -> UnitPolicy:
     overrides: dict[str, Any] = {}
     if deadline is not None:
         overrides["deadline"] = deadline
     if max_attempts is not None:
         overrides["max_attempts"] = max_attempts
-    if overrides:
-        unit = dataclasses.replace(unit, **overrides)  # validated again, naming the knob
-    return unit, engine_policy.hooks
+    return dataclasses.replace(unit, **overrides)  # validated again, naming the knob
 
 
 def _name(fn: object) -> str:

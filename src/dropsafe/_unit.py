@@ -175,6 +175,11 @@ def _retryable_kind(error: Exception) -> ErrorKind:
     return kind
 
 
+# One generator for the process: seeding one per unit of work (from os.urandom) cost more than
+# the rest of the budget. Its methods are safe to share between threads.
+_JITTER = random.Random()  # noqa: S311 - jitter, not cryptography
+
+
 class RetryBudget:
     """Counts the runs of one unit of work and decides how long to wait before the next.
 
@@ -198,7 +203,7 @@ class RetryBudget:
         self.failed_connects = 0
         self.started = time.monotonic()
         self.deadline = self.started + seconds(policy.deadline)
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self._rng = rng or _JITTER
 
     def next_delay(
         self, kind: ErrorKind, error: Exception, *, reached_server: bool = True

@@ -104,3 +104,21 @@ def test_any_number_is_accepted_in_range_or_refused_clearly(value):
         assert "PoolPolicy.ping_timeout" in str(exc)
     else:
         assert 0.05 <= policy.ping_timeout <= 300
+
+
+def test_a_per_call_override_is_checked_every_time_though_made_once():
+    # The overridden policy is cached (making one costs more than a unit's own work); a value
+    # that equals a cached one without being valid (True == 1) is still refused, every time.
+    from dropsafe._transaction import _settings  # noqa: PLC0415 - the cache under test
+
+    engine = dropsafe.create_engine("postgresql+psycopg2://app@127.0.0.1:1/app")
+    first, _ = _settings(engine, None, 1, 2)
+    assert _settings(engine, None, 1, 2)[0] is first
+    assert (first.deadline, first.max_attempts) == (1.0, 2)
+    for _ in range(2):
+        with pytest.raises(ConfigurationError, match=r"UnitPolicy\.deadline must be"):
+            dropsafe.run_transaction(engine, lambda c: 1, deadline=True, max_attempts=2)
+        with pytest.raises(ConfigurationError, match=r"UnitPolicy\.max_attempts must be"):
+            dropsafe.run_transaction(engine, lambda c: 1, deadline=1, max_attempts=True)
+        with pytest.raises(ConfigurationError, match=r"UnitPolicy\.deadline must be"):
+            dropsafe.run_transaction(engine, lambda c: 1, deadline=[1])  # unhashable
