@@ -1,0 +1,159 @@
+"""Where a checkout's CPU goes: ``python benchmarks/profile_checkout.py [--requests N]``.
+
+A single client checks a connection out, runs ``SELECT 1`` and returns it, N times, on a plain
+SQLAlchemy pool and on a hardened engine, for psycopg2, psycopg 3 and asyncpg, against a
+throwaway server over loopback (0 ms RTT: what the guard's CPU costs shows in full). It prints
+the time per request of each and the guard's own share (the functions of dropsafe's modules,
+from cProfile), and writes each profile's top functions as text to
+benchmarks/results/profiles/ (``--tag=-after`` names the files). With ``--py-spy`` (py-spy
+installed) it also records a flame graph of each hardened run as SVG there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import dropsafe
+from dropsafe.testing import PostgresServer
+
+OUT = Path(__file__).parent / "results" / "profiles"
+DRIVERS = ("psycopg2", "psycopg", "asyncpg")
+SELECT_ONE = sa.text("SELECT 1")
+
+
+def _sync_loop(url: str, *, guarded: bool, requests: int) -> float:
+    engine = (
+        dropsafe.create_engine(url, policy=dropsafe.Policy(hooks=()), pool_size=1)
+        if guarded
+        else sa.create_engine(url, pool_size=1)
+    )
+    try:
+        with engine.connect() as connection:  # the connect is not what is measured
+            connection.execute(SELECT_ONE)
+        started = time.perf_counter()
+        for _ in range(requests):
+            with engine.connect() as connection:
+                connection.execute(SELECT_ONE).scalar()
+        return time.perf_counter() - started
+    finally:
+        engine.dispose()
+
+
+def _async_loop(url: str, *, guarded: bool, requests: int) -> float:
+    async def run() -> float:
+        engine = (
+            dropsafe.create_async_engine(url, policy=dropsafe.Policy(hooks=()), pool_size=1)
+            if guarded
+            else create_async_engine(url, pool_size=1)
+        )
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(SELECT_ONE)
+            started = time.perf_counter()
+            for _ in range(requests):
+                async with engine.connect() as connection:
+                    (await connection.execute(SELECT_ONE)).scalar()
+            return time.perf_counter() - started
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def measure(url: str, driver: str, *, guarded: bool, requests: int) -> float:
+    """Return the wall time of ``requests`` requests on one engine."""
+    loop = _async_loop if driver == "asyncpg" else _sync_loop
+    return loop(url, guarded=guarded, requests=requests)
+
+
+def _relative(text: str) -> str:
+    """Name files from the repository, site-packages or the standard library, not this machine."""
+    text = re.sub(r"\S*/(site-packages|src)/", r"\1/", text)
+    return re.sub(r"\S*/lib/python3\.\d+/", "stdlib/", text)
+
+
+def _dropsafe_share(stats: pstats.Stats) -> tuple[float, list[tuple[float, int, str]]]:
+    """Return the time spent inside dropsafe's own functions and the top ones."""
+    rows = []
+    for (filename, line, name), (_cc, calls, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if "/dropsafe/" in filename and "/testing/" not in filename:
+            rows.append((tottime, calls, f"{Path(filename).name}:{line}({name})"))
+    rows.sort(reverse=True)
+    return sum(row[0] for row in rows), rows[:8]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--tag", default="", help="suffix of the profile file names")
+    parser.add_argument("--py-spy", action="store_true", help="flame graphs with py-spy")
+    parser.add_argument("--drivers", default=",".join(DRIVERS))
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    with PostgresServer() as server:
+        for driver in args.drivers.split(","):
+            url = server.url(driver)  # type: ignore[arg-type]
+            for guarded in (False, True):
+                name = f"{driver}-{'dropsafe' if guarded else 'plain'}{args.tag}"
+                # Unprofiled first: the time per request without the profiler's own cost.
+                wall = measure(url, driver, guarded=guarded, requests=args.requests)
+                profiler = cProfile.Profile()
+                profiler.enable()
+                measure(url, driver, guarded=guarded, requests=args.requests)
+                profiler.disable()
+                text = io.StringIO()
+                stats = pstats.Stats(profiler, stream=text)
+                stats.sort_stats("tottime").print_stats(30)
+                (OUT / f"{name}.txt").write_text(_relative(text.getvalue()))
+                total = stats.total_tt  # type: ignore[attr-defined]
+                own, top = _dropsafe_share(stats)
+                print(
+                    f"{name}: {wall / args.requests * 1e6:.1f} us/request unprofiled; "
+                    f"profiled: dropsafe {own / args.requests * 1e6:.1f} us/request "
+                    f"({own / total:.1%} of the profile)"
+                )
+                for tottime, calls, where in top:
+                    print(f"    {tottime / args.requests * 1e6:6.2f} us/req {calls:8d} {where}")
+        if args.py_spy and shutil.which("py-spy"):
+            for driver in args.drivers.split(","):
+                svg = OUT / f"{driver}-dropsafe{args.tag}.svg"
+                subprocess.run(
+                    [
+                        "py-spy",
+                        "record",
+                        "--rate",
+                        "500",
+                        "--format",
+                        "flamegraph",
+                        "--output",
+                        str(svg),
+                        "--",
+                        sys.executable,
+                        "-c",
+                        (
+                            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
+                            "import profile_checkout as p;"
+                            f"p.measure({server.url(driver)!r}, {driver!r}, guarded=True,"
+                            f" requests={args.requests})"
+                        ),
+                    ],
+                    check=False,
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
