@@ -202,7 +202,10 @@ class CheckoutCheck:
     def _on_checkin(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
         if dbapi_connection is None:
             return  # invalidated while checked out: the pool reconnects it on next use
-        state = self._state(entry)
+        try:  # _state(), inlined: this runs at every checkin
+            state = self._states.get(entry)
+        except TypeError:  # a stand-in entry that takes no weak reference
+            return
         if state is None:
             return
         now = self._clock()
@@ -222,7 +225,10 @@ class CheckoutCheck:
     ) -> None:
         del proxy
         now = self._clock()
-        state = self._state(entry)
+        try:  # _state(), inlined: this runs at every checkout
+            state = self._states.get(entry)
+        except TypeError:
+            state = None
         if state is None or state.connection is not dbapi_connection:
             # An entry made before harden(), one we cannot key on, or a connection the
             # connect event did not show us: not fresh, so looked at like any idle one.
