@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import os
 import pstats
 import re
 import shutil
@@ -81,8 +82,10 @@ def measure(url: str, driver: str, *, guarded: bool, requests: int) -> float:
 
 def _relative(text: str) -> str:
     """Name files from the repository, site-packages or the standard library, not this machine."""
-    text = re.sub(r"\S*/(site-packages|src)/", r"\1/", text)
-    return re.sub(r"\S*/lib/python3\.\d+/", "stdlib/", text)
+    text = re.sub(r"[^\s(\"'>;]*/(site-packages|src)/", r"\1/", text)
+    text = re.sub(r"[^\s(\"'>;]*/lib/python3\.\d+/", "stdlib/", text)
+    # What is left: the interpreter and this script, named by their last part.
+    return re.sub(r"/(?:[\w.-]+/)+([\w.-]+\.py|python3?[\w.]*)\b", r"\1", text)
 
 
 def _dropsafe_share(stats: pstats.Stats) -> tuple[float, list[tuple[float, int, str]]]:
@@ -95,16 +98,43 @@ def _dropsafe_share(stats: pstats.Stats) -> tuple[float, list[tuple[float, int, 
     return sum(row[0] for row in rows), rows[:8]
 
 
+def _flame_graph(py_spy: str, url: str, driver: str, args: argparse.Namespace) -> None:
+    """Record the hardened run with py-spy; the SVG names no path of this machine, no password.
+
+    py-spy writes its command line into the graph's title: the URL (with the throwaway
+    server's password) travels in the environment instead, and paths are shortened after.
+    """
+    svg = OUT / f"{driver}-dropsafe{args.tag}.svg"
+    here = Path(__file__).parent
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(here)!r}); import profile_checkout as p;"
+        f"p.measure(os.environ['PROFILE_URL'], {driver!r}, guarded=True,"
+        f" requests={args.requests})"
+    )
+    command = [py_spy, "record", "--rate", "500", "--format", "flamegraph", "--output", str(svg)]
+    subprocess.run(
+        [*command, "--", sys.executable, "-c", code],
+        env={**os.environ, "PROFILE_URL": url},
+        check=False,
+    )
+    if svg.exists():
+        text = svg.read_text()
+        for long, short in ((str(svg), svg.name), (py_spy, "py-spy"), (str(here), "benchmarks")):
+            text = text.replace(long, short)
+        svg.write_text(_relative(text.replace(sys.executable, "python")))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--tag", default="", help="suffix of the profile file names")
     parser.add_argument("--py-spy", action="store_true", help="flame graphs with py-spy")
     parser.add_argument("--drivers", default=",".join(DRIVERS))
+    parser.add_argument("--flame-only", action="store_true", help="only the flame graphs")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     with PostgresServer() as server:
-        for driver in args.drivers.split(","):
+        for driver in args.drivers.split(",") if not args.flame_only else ():
             url = server.url(driver)  # type: ignore[arg-type]
             for guarded in (False, True):
                 name = f"{driver}-{'dropsafe' if guarded else 'plain'}{args.tag}"
@@ -127,31 +157,11 @@ def main() -> int:
                 )
                 for tottime, calls, where in top:
                     print(f"    {tottime / args.requests * 1e6:6.2f} us/req {calls:8d} {where}")
-        if args.py_spy and shutil.which("py-spy"):
+        # py-spy installs beside the interpreter (a venv's bin), which may not be on PATH.
+        py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        if args.py_spy and py_spy:
             for driver in args.drivers.split(","):
-                svg = OUT / f"{driver}-dropsafe{args.tag}.svg"
-                subprocess.run(
-                    [
-                        "py-spy",
-                        "record",
-                        "--rate",
-                        "500",
-                        "--format",
-                        "flamegraph",
-                        "--output",
-                        str(svg),
-                        "--",
-                        sys.executable,
-                        "-c",
-                        (
-                            f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r});"
-                            "import profile_checkout as p;"
-                            f"p.measure({server.url(driver)!r}, {driver!r}, guarded=True,"
-                            f" requests={args.requests})"
-                        ),
-                    ],
-                    check=False,
-                )
+                _flame_graph(py_spy, server.url(driver), driver, args)  # type: ignore[arg-type]
     return 0
 
 
