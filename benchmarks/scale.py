@@ -777,7 +777,7 @@ def main() -> int:
     began, load_before = time.monotonic(), load_average()
     with PostgresServer(settings={"max_connections": "200"}) as server:
         if args.part == "cost":
-            result = part_cost(server, calls=2000 if args.quick else 10_000, repeats=5)
+            result = part_cost(server, calls=1000 if args.quick else 5000, repeats=5)
         elif args.part == "healthy":
             result = part_healthy(server, rounds=args.rounds, seconds=args.seconds)
         elif args.part == "dead":
