@@ -739,10 +739,12 @@ def write_report(store: dict[str, Any]) -> None:
         "",
         _para(
             """
-            Produced by `python benchmarks/scale.py --part healthy|dead|memory` (each part in its
-            own process). Each section names the machine and the load average it ran with: a
-            shared machine's absolute numbers move with its load, so read the ratios, which
-            compare variants measured side by side in the same run.
+            Produced by `python benchmarks/scale.py --part cost|healthy|dead|memory` (each part
+            in its own process). Each section names the machine and the load average it ran
+            with: a shared machine's absolute numbers move with its load, so read the ratios,
+            which compare variants measured side by side in the same run, and on a loaded
+            machine the CPU figures (the least of several runs) before the throughput ones.
+            docs/benchmarks.md sums these tables up.
             """
         ),
         "",
