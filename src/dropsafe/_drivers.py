@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import math
 import os
 import re
@@ -152,6 +153,13 @@ class Driver:
         """Look at an idle connection without a round trip (only one that `owns` accepts)."""
         raise NotImplementedError
 
+    def prober(self, dbapi_connection: Any) -> Callable[[], Health]:  # noqa: ANN401
+        """Return `probe` for one connection, with what can be found once already found.
+
+        Made once per connection (the checkout check keeps it), called at each checkout.
+        """
+        return functools.partial(self.probe, dbapi_connection)
+
     def server_of(self, dbapi_connection: Any) -> Server | None:  # noqa: ANN401
         """Return the host and port a new connection reached (None on a Unix socket)."""
         del dbapi_connection
@@ -242,6 +250,18 @@ class _Libpq(Driver):
         if connection.closed or getattr(connection, "broken", False):
             return Health.CLOSED
         return _poll(connection)
+
+    def prober(self, dbapi_connection: Any) -> Callable[[], Health]:  # noqa: ANN401
+        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
+        has_broken = hasattr(connection, "broken")  # psycopg 3's; psycopg2 says closed = 2
+        poll = _SocketPoll(connection)
+
+        def probe() -> Health:
+            if connection.closed or (has_broken and connection.broken):
+                return Health.CLOSED
+            return poll()
+
+        return probe
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         # libpq has no per-call timeout, and tcp_user_timeout never fires while the server's
@@ -354,6 +374,19 @@ class _Asyncpg(Driver):
         # The event loop may not have run since the peer hung up: look at the socket too.
         sock = connection._transport.get_extra_info("socket")  # noqa: SLF001
         return Health.QUIET if sock is None else _poll(sock)
+
+    def prober(self, dbapi_connection: Any) -> Callable[[], Health]:  # noqa: ANN401
+        connection = dbapi_connection._connection  # noqa: SLF001
+        sock = connection._transport.get_extra_info("socket")  # noqa: SLF001
+        poll = None if sock is None else _SocketPoll(sock)
+
+        def probe() -> Health:
+            if connection.is_closed():
+                return Health.CLOSED
+            # The event loop may not have run since the peer hung up: look at the socket too.
+            return Health.QUIET if poll is None else poll()
+
+        return probe
 
     def ping(self, dialect: Dialect, dbapi_connection: Any, timeout: float) -> None:  # noqa: ANN401
         del dialect
@@ -579,6 +612,41 @@ def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()
     if revents & (_POLL_DEAD | select.POLLNVAL):
         return Health.CLOSED
     return Health.DATA_WAITING
+
+
+class _SocketPoll:
+    """`_poll` for one connection's socket, its poll object made once (asked at each checkout).
+
+    The descriptor is asked of the connection at each look, never remembered: a connection
+    that lost its socket says so there (or raises), and a number the kernel gave to another
+    socket since would be looked at otherwise.
+    """
+
+    __slots__ = ("_fd", "_poller", "_source")
+
+    def __init__(self, source: Any) -> None:  # noqa: ANN401 - anything with fileno()
+        self._source = source
+        self._poller = select.poll()
+        self._fd = -1
+
+    def __call__(self) -> Health:
+        try:
+            fd = self._source.fileno()
+            if fd != self._fd:
+                if self._fd >= 0:
+                    self._poller.unregister(self._fd)
+                    self._fd = -1
+                self._poller.register(fd, _POLL_MASK)
+                self._fd = fd
+            events = self._poller.poll(0)
+        except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
+            return Health.CLOSED
+        if not events:
+            return Health.QUIET
+        revents = events[0][1]
+        if revents & (_POLL_DEAD | select.POLLNVAL):
+            return Health.CLOSED
+        return Health.DATA_WAITING
 
 
 def _unwrap_once(wrapper: Any) -> Any:  # noqa: ANN401

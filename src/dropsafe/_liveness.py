@@ -19,11 +19,12 @@ alive.
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import threading
 import time
 import weakref
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import sqlalchemy.exc
@@ -47,17 +48,46 @@ __all__ = ["CheckoutCheck"]
 logger = logging.getLogger("dropsafe")
 
 
-@dataclass
 class _EntryState:
-    """What the check knows about the connection a pool entry holds now."""
+    """What the check knows about the connection a pool entry holds now.
 
-    idle_since: float
-    fresh: bool = True  # made for the coming checkout: its handshake just proved it
-    idle: bool = False  # checked in, in the pool
+    Made when the pool connects the entry, so that a checkout only reads it: the driver's own
+    connection inside it is found once per connection, not once per checkout.
+    """
+
+    __slots__ = ("connection", "fresh", "idle", "idle_since", "native", "probe", "retire_at")
+
+    def __init__(
+        self,
+        connection: Any,  # noqa: ANN401 - DBAPI connections are untyped
+        native: Any,  # noqa: ANN401
+        probe: Callable[[], Health] | None,
+        now: float,
+        retire_at: float,
+        *,
+        fresh: bool,
+    ) -> None:
+        #: The DBAPI connection this state is about; None once the pool let it go.
+        self.connection = connection
+        self.native = native
+        #: The driver's look at this connection's socket (None: it cannot be looked into).
+        self.probe = probe
+        self.idle_since = now
+        #: When the connection retires (``PoolPolicy.max_lifetime``); infinite if never.
+        self.retire_at = retire_at
+        #: Made for the coming checkout: its handshake just proved it.
+        self.fresh = fresh
+        #: Checked in, in the pool.
+        self.idle = False
 
 
 class CheckoutCheck:
-    """The checkout check of one engine's pool, and what it knows of the idle connections."""
+    """The checkout check of one engine's pool, and what it knows of the idle connections.
+
+    It also retires connections past their own lifetime (``draw_lifetime`` gives a new
+    connection's limit in seconds, see `dropsafe._lifetime`): one listener per pool event,
+    and one lookup of the entry's state, at each checkout and checkin.
+    """
 
     def __init__(
         self,
@@ -67,6 +97,8 @@ class CheckoutCheck:
         dialect: Dialect,
         *,
         pre_ping: bool,
+        draw_lifetime: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.driver = driver
         self._hooks = hooks
@@ -75,8 +107,14 @@ class CheckoutCheck:
         self._ping_timeout = seconds(policy.ping_timeout)
         # The user's pool_pre_ping already pays a round trip at each checkout: no second one.
         self._pre_ping = pre_ping
+        self._draw_lifetime = draw_lifetime
+        self._clock = clock
         # Weakly keyed on the pool entry: an entry the pool drops (dispose(close=False), a
         # collected pool) takes its state along, and its connection is closed as without us.
+        # Reads take no lock (one dictionary read is atomic, and an entry's state changes only
+        # in the pool's events for that entry, which the pool runs one at a time); insertions
+        # and the snapshot of the idle ones take it, since iterating must not see the
+        # dictionary change size.
         self._states: weakref.WeakKeyDictionary[ConnectionPoolEntry, _EntryState] = (
             weakref.WeakKeyDictionary()
         )
@@ -84,6 +122,12 @@ class CheckoutCheck:
         # Set once a connection dropsafe cannot look into was made (a creator= of unknown
         # objects): this pool then gets SQLAlchemy's own pool-wide recycle on a disconnect.
         self._opaque = False
+        #: Counters for benchmarks and tests: how often the check looked at an idle socket,
+        #: pinged, and found a connection dead (plain ints: += under the GIL is not atomic
+        #: across threads, so read them as close counts, not exact ones, with many threads).
+        self.probes = 0
+        self.pings = 0
+        self.replaced = 0
 
     def listeners(self) -> dict[str, Callable[..., None]]:
         """Return the pool events this check listens to, by name."""
@@ -128,20 +172,50 @@ class CheckoutCheck:
     # -- pool events -----------------------------------------------------------------------
 
     def _on_connect(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401 - DBAPI connections are untyped
+        self._remember(dbapi_connection, entry, fresh=True)
+
+    def _remember(
+        self,
+        dbapi_connection: Any,  # noqa: ANN401
+        entry: ConnectionPoolEntry,
+        *,
+        fresh: bool,
+    ) -> _EntryState:
+        """Make the state of the entry's (new) connection, and keep it if the entry allows."""
+        native = self.driver.native(dbapi_connection)
+        probe = None
+        if native is None:
+            self._opaque = True
+        else:
+            try:
+                probe = self.driver.prober(native)
+            except Exception:  # a look that cannot be made: pinged after idle instead
+                logger.debug("dropsafe could not look into a connection", exc_info=True)
+        now = self._clock()
+        lifetime = math.inf if self._draw_lifetime is None else self._draw_lifetime()
+        state = _EntryState(dbapi_connection, native, probe, now, now + lifetime, fresh=fresh)
         if _weakable(entry):
             with self._lock:
-                self._states[entry] = _EntryState(idle_since=time.monotonic())
-        if self.driver.native(dbapi_connection) is None:
-            self._opaque = True
+                self._states[entry] = state
+        return state
 
     def _on_checkin(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
         if dbapi_connection is None:
             return  # invalidated while checked out: the pool reconnects it on next use
-        with self._lock:
-            state = self._state(entry)
-            if state is not None:
-                state.idle_since = time.monotonic()
-                state.idle = True
+        try:  # _state(), inlined: this runs at every checkin
+            state = self._states.get(entry)
+        except TypeError:  # a stand-in entry that takes no weak reference
+            return
+        if state is None:
+            return
+        now = self._clock()
+        state.idle_since = now
+        state.idle = True
+        if now >= state.retire_at:
+            # Retired as it comes back; the close event marks it not idle, the next checkout
+            # opens a new connection for this entry.
+            logger.debug("dropsafe retires a connection that reached its max_lifetime")
+            entry.close()
 
     def _on_checkout(
         self,
@@ -150,30 +224,46 @@ class CheckoutCheck:
         proxy: PoolProxiedConnection,
     ) -> None:
         del proxy
-        now = time.monotonic()
-        with self._lock:
-            state = self._state(entry)
-            if state is None:  # an entry made before harden(), or one we cannot key on
-                state = _EntryState(idle_since=now, fresh=False)
-                if _weakable(entry):
-                    self._states[entry] = state
-            state.idle = False
-            fresh, state.fresh = state.fresh, False
-            idle_for = now - state.idle_since
-        if fresh:
+        now = self._clock()
+        try:  # _state(), inlined: this runs at every checkout
+            state = self._states.get(entry)
+        except TypeError:
+            state = None
+        if state is None or state.connection is not dbapi_connection:
+            # An entry made before harden(), one we cannot key on, or a connection the
+            # connect event did not show us: not fresh, so looked at like any idle one.
+            state = self._remember(dbapi_connection, entry, fresh=False)
+        state.idle = False
+        if now >= state.retire_at:
+            # Refused before any look or ping; forgotten, so that the pool's fresh
+            # connection for this entry draws its own limit.
+            state.connection = None
+            raise sqlalchemy.exc.DisconnectionError("the connection reached its max_lifetime")
+        if state.fresh:
             # Made for this checkout: its handshake just proved it. And never refused, even if
             # it died since: SQLAlchemy gives a checkout two tries, the second always on a
             # fresh connection, and after a second refusal raises its own InvalidRequestError
             # ("This connection is closed"), which is no driver error, so no unit of work could
             # retry it. Let through, a dead one fails the first statement with the driver's
             # disconnect error instead, which invalidates it and is retried.
+            state.fresh = False
             return
-        native = self.driver.native(dbapi_connection)
-        health = Health.UNSEEN if native is None else self._probe(native)
+        health = Health.UNSEEN if state.probe is None else self._look(state.probe)
         # The user's pool_pre_ping has just proven this one.
-        recent = self._pre_ping or idle_for <= self._ping_after_idle
-        if recent and health in (Health.QUIET, Health.UNSEEN):
+        if (health is Health.QUIET or health is Health.UNSEEN) and (
+            self._pre_ping or now - state.idle_since <= self._ping_after_idle
+        ):
             return
+        self._verify(dbapi_connection, state.native, health, now)
+
+    def _verify(
+        self,
+        dbapi_connection: Any,  # noqa: ANN401
+        native: Any,  # noqa: ANN401
+        health: Health,
+        now: float,
+    ) -> None:
+        """Ping a connection the look could not clear; replace it (or the pool) if it is dead."""
         reason = f"probe found the connection {health.value}"
         if health is not Health.CLOSED:
             try:
@@ -184,8 +274,9 @@ class CheckoutCheck:
                 why: Literal["idle", "data_waiting"] = (
                     "data_waiting" if health is Health.DATA_WAITING else "idle"
                 )
-                emit(self._hooks, PingSucceeded(time.monotonic() - now, why))
+                emit(self._hooks, PingSucceeded(self._clock() - now, why))
                 return
+        self.replaced += 1
         pool_wide = self.other_idle_connections_dead()
         emit(self._hooks, DeadConnectionReplaced(reason, pool_wide=pool_wide))
         if pool_wide:
@@ -195,10 +286,11 @@ class CheckoutCheck:
     def _forget(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
         """Mark the entry not idle: the pool closes, detaches or invalidates its connection."""
         del dbapi_connection
-        with self._lock:
-            state = self._state(entry)
-            if state is not None:
-                state.idle = False
+        state = self._state(entry)
+        if state is not None:
+            state.idle = False
+            # Nothing kept of a connection let go.
+            state.connection = state.native = state.probe = None
 
     def _forget_invalidated(
         self,
@@ -212,21 +304,29 @@ class CheckoutCheck:
     # -- looking and pinging ---------------------------------------------------------------
 
     def _probe(self, native: Any) -> Health:  # noqa: ANN401
+        return self._look(functools.partial(self.driver.probe, native))
+
+    def _look(self, probe: Callable[[], Health]) -> Health:
+        self.probes += 1
         try:
-            return self.driver.probe(native)
+            return probe()
         except Exception:  # a look that fails proves nothing: ping instead
             logger.debug("dropsafe could not look into a connection", exc_info=True)
             return Health.UNSEEN
 
     def _ping(self, dbapi_connection: Any, native: Any) -> None:  # noqa: ANN401
         """One round trip: the driver's bounded ping, or the dialect's own for unknown objects."""
+        self.pings += 1
         if native is not None:
             self.driver.ping(self._dialect, native, self._ping_timeout)
         elif not self._dialect.do_ping(dbapi_connection):
             raise sqlalchemy.exc.DisconnectionError("the dialect's ping found it disconnected")
 
     def _state(self, entry: ConnectionPoolEntry) -> _EntryState | None:
-        return self._states.get(entry) if _weakable(entry) else None
+        try:
+            return self._states.get(entry)
+        except TypeError:  # a stand-in entry that takes no weak reference
+            return None
 
 
 def _weakable(entry: object) -> bool:

@@ -23,6 +23,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Bound", "shut_down_at"]
 
+# Below this many deadlines kept, released ones are left for the watchdog thread to drop.
+_COMPACT_ABOVE = 64
+
 
 def _identity(fd: int) -> tuple[int, int] | None:
     """Return the socket behind ``fd`` as (device, inode): a reused number differs."""
@@ -78,6 +81,13 @@ class _Watchdog:
     def release(self, ticket: int) -> None:
         with self._wake:
             self._live.discard(ticket)
+            # A released deadline stays in the heap until it reaches the top, i.e. until it
+            # passes: a busy process would keep rate x deadline of them (60,000 at 1,000 blocks
+            # a second under a 60 s deadline). Once the released outnumber the live, rebuild:
+            # linear in the heap, after as many releases, so constant per release.
+            if len(self._heap) > _COMPACT_ABOVE and len(self._heap) > 2 * len(self._live):
+                self._heap = [item for item in self._heap if item[1] in self._live]
+                heapq.heapify(self._heap)
 
     def _run(self) -> None:
         while True:

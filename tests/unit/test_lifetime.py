@@ -1,12 +1,16 @@
-"""The lifetime's pure logic: each connection's limit, and when it counts as expired."""
+"""The lifetime's logic: each connection's limit, and when the checkout check retires it."""
 
+import math
 import random
 
 import pytest
 import sqlalchemy.exc
+from sqlalchemy.dialects import postgresql
 
 from dropsafe import PoolPolicy
+from dropsafe._drivers import _Psycopg2
 from dropsafe._lifetime import JITTER, ConnectionLifetime, draw_limit
+from dropsafe._liveness import CheckoutCheck
 
 
 def test_limits_are_drawn_within_the_jitter_window_and_fill_it():
@@ -20,7 +24,7 @@ def test_limits_are_drawn_within_the_jitter_window_and_fill_it():
 
 
 class _Entry:
-    """A pool entry as the lifetime sees one: weakly referenceable, can be closed."""
+    """A pool entry as the check sees one: weakly referenceable, can be closed."""
 
     def __init__(self) -> None:
         self.closed = False
@@ -29,35 +33,69 @@ class _Entry:
         self.closed = True
 
 
+def _check(now: list[float], max_lifetime: float | None = 10) -> CheckoutCheck:
+    """The checkout check that retires connections, on a clock the test moves."""
+    lifetime = ConnectionLifetime(PoolPolicy(max_lifetime=max_lifetime))
+    return CheckoutCheck(
+        PoolPolicy(),
+        (),
+        _Psycopg2(),
+        postgresql.dialect(),
+        pre_ping=False,
+        draw_lifetime=lifetime.draw if lifetime.enabled else None,
+        clock=lambda: now[0],
+    )
+
+
+def _retire_at(check: CheckoutCheck, entry: _Entry) -> float:
+    state = check._state(entry)  # the limit it drew
+    assert state is not None
+    return state.retire_at
+
+
 def test_a_connection_is_closed_at_checkin_only_once_past_its_own_limit():
     now = [0.0]
-    lifetime = ConnectionLifetime(PoolPolicy(max_lifetime=10), clock=lambda: now[0])
-    entry = _Entry()
-    lifetime.listeners()["connect"](object(), entry)
-    expiry = lifetime.expiry_of(entry)
-    assert expiry is not None
+    check = _check(now)
+    listeners = check.listeners()
+    entry, connection = _Entry(), object()
+    listeners["connect"](connection, entry)
+    expiry = _retire_at(check, entry)
     assert 9.0 <= expiry <= 10.0
     now[0] = expiry - 0.001
-    lifetime.on_checkin(object(), entry)
+    listeners["checkin"](connection, entry)
     assert not entry.closed
     now[0] = expiry
-    lifetime.on_checkin(None, entry)  # invalidated while out: nothing left to close
+    listeners["checkin"](None, entry)  # invalidated while out: nothing left to close
     assert not entry.closed
-    lifetime.on_checkin(object(), entry)
+    listeners["checkin"](connection, entry)
     assert entry.closed
 
 
 def test_an_expired_idle_connection_is_refused_at_checkout():
     now = [0.0]
-    lifetime = ConnectionLifetime(PoolPolicy(max_lifetime=10), clock=lambda: now[0])
-    entry = _Entry()
-    lifetime.listeners()["connect"](object(), entry)
-    lifetime.on_checkout(object(), entry, None)  # young: handed out
+    check = _check(now)
+    listeners = check.listeners()
+    entry, connection = _Entry(), object()
+    listeners["connect"](connection, entry)
+    listeners["checkout"](connection, entry, None)  # young: handed out
+    listeners["checkin"](connection, entry)
     now[0] = 10.0
     with pytest.raises(sqlalchemy.exc.DisconnectionError, match="max_lifetime"):
-        lifetime.on_checkout(object(), entry, None)
-    assert lifetime.expiry_of(entry) is None  # the replacement draws its own
+        listeners["checkout"](connection, entry, None)
+    # The replacement draws its own limit, from now.
+    replacement = object()
+    listeners["connect"](replacement, entry)
+    assert _retire_at(check, entry) >= 10.0 + 9.0
+    listeners["checkout"](replacement, entry, None)
 
 
-def test_max_lifetime_none_listens_to_nothing():
-    assert ConnectionLifetime(PoolPolicy(max_lifetime=None)).listeners() == {}
+def test_max_lifetime_none_never_retires():
+    now = [0.0]
+    check = _check(now, max_lifetime=None)
+    listeners = check.listeners()
+    entry, connection = _Entry(), object()
+    listeners["connect"](connection, entry)
+    assert _retire_at(check, entry) == math.inf
+    now[0] = 1e9
+    listeners["checkin"](connection, entry)
+    assert not entry.closed

@@ -1,0 +1,169 @@
+"""Where a checkout's CPU goes: ``python benchmarks/profile_checkout.py [--requests N]``.
+
+A single client checks a connection out, runs ``SELECT 1`` and returns it, N times, on a plain
+SQLAlchemy pool and on a hardened engine, for psycopg2, psycopg 3 and asyncpg, against a
+throwaway server over loopback (0 ms RTT: what the guard's CPU costs shows in full). It prints
+the time per request of each and the guard's own share (the functions of dropsafe's modules,
+from cProfile), and writes each profile's top functions as text to
+benchmarks/results/profiles/ (``--tag=-after`` names the files). With ``--py-spy`` (py-spy
+installed) it also records a flame graph of each hardened run as SVG there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import dropsafe
+from dropsafe.testing import PostgresServer
+
+OUT = Path(__file__).parent / "results" / "profiles"
+DRIVERS = ("psycopg2", "psycopg", "asyncpg")
+SELECT_ONE = sa.text("SELECT 1")
+
+
+def _sync_loop(url: str, *, guarded: bool, requests: int) -> float:
+    engine = (
+        dropsafe.create_engine(url, policy=dropsafe.Policy(hooks=()), pool_size=1)
+        if guarded
+        else sa.create_engine(url, pool_size=1)
+    )
+    try:
+        with engine.connect() as connection:  # the connect is not what is measured
+            connection.execute(SELECT_ONE)
+        started = time.perf_counter()
+        for _ in range(requests):
+            with engine.connect() as connection:
+                connection.execute(SELECT_ONE).scalar()
+        return time.perf_counter() - started
+    finally:
+        engine.dispose()
+
+
+def _async_loop(url: str, *, guarded: bool, requests: int) -> float:
+    async def run() -> float:
+        engine = (
+            dropsafe.create_async_engine(url, policy=dropsafe.Policy(hooks=()), pool_size=1)
+            if guarded
+            else create_async_engine(url, pool_size=1)
+        )
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(SELECT_ONE)
+            started = time.perf_counter()
+            for _ in range(requests):
+                async with engine.connect() as connection:
+                    (await connection.execute(SELECT_ONE)).scalar()
+            return time.perf_counter() - started
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def measure(url: str, driver: str, *, guarded: bool, requests: int) -> float:
+    """Return the wall time of ``requests`` requests on one engine."""
+    loop = _async_loop if driver == "asyncpg" else _sync_loop
+    return loop(url, guarded=guarded, requests=requests)
+
+
+def _relative(text: str) -> str:
+    """Name files from the repository, site-packages or the standard library, not this machine."""
+    text = re.sub(r"[^\s(\"'>;]*/(site-packages|src)/", r"\1/", text)
+    text = re.sub(r"[^\s(\"'>;]*/lib/python3\.\d+/", "stdlib/", text)
+    # What is left: the interpreter and this script, named by their last part.
+    return re.sub(r"/(?:[\w.-]+/)+([\w.-]+\.py|python3?[\w.]*)\b", r"\1", text)
+
+
+def _dropsafe_share(stats: pstats.Stats) -> tuple[float, list[tuple[float, int, str]]]:
+    """Return the time spent inside dropsafe's own functions and the top ones."""
+    rows = []
+    for (filename, line, name), (_cc, calls, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if "/dropsafe/" in filename and "/testing/" not in filename:
+            rows.append((tottime, calls, f"{Path(filename).name}:{line}({name})"))
+    rows.sort(reverse=True)
+    return sum(row[0] for row in rows), rows[:8]
+
+
+def _flame_graph(py_spy: str, url: str, driver: str, args: argparse.Namespace) -> None:
+    """Record the hardened run with py-spy; the SVG names no path of this machine, no password.
+
+    py-spy writes its command line into the graph's title: the URL (with the throwaway
+    server's password) travels in the environment instead, and paths are shortened after.
+    """
+    svg = OUT / f"{driver}-dropsafe{args.tag}.svg"
+    here = Path(__file__).parent
+    code = (
+        f"import os, sys; sys.path.insert(0, {str(here)!r}); import profile_checkout as p;"
+        f"p.measure(os.environ['PROFILE_URL'], {driver!r}, guarded=True,"
+        f" requests={args.requests})"
+    )
+    command = [py_spy, "record", "--rate", "500", "--format", "flamegraph", "--output", str(svg)]
+    subprocess.run(
+        [*command, "--", sys.executable, "-c", code],
+        env={**os.environ, "PROFILE_URL": url},
+        check=False,
+    )
+    if svg.exists():
+        text = svg.read_text()
+        for long, short in ((str(svg), svg.name), (py_spy, "py-spy"), (str(here), "benchmarks")):
+            text = text.replace(long, short)
+        svg.write_text(_relative(text.replace(sys.executable, "python")))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--tag", default="", help="suffix of the profile file names")
+    parser.add_argument("--py-spy", action="store_true", help="flame graphs with py-spy")
+    parser.add_argument("--drivers", default=",".join(DRIVERS))
+    parser.add_argument("--flame-only", action="store_true", help="only the flame graphs")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    with PostgresServer() as server:
+        for driver in args.drivers.split(",") if not args.flame_only else ():
+            url = server.url(driver)  # type: ignore[arg-type]
+            for guarded in (False, True):
+                name = f"{driver}-{'dropsafe' if guarded else 'plain'}{args.tag}"
+                # Unprofiled first: the time per request without the profiler's own cost.
+                wall = measure(url, driver, guarded=guarded, requests=args.requests)
+                profiler = cProfile.Profile()
+                profiler.enable()
+                measure(url, driver, guarded=guarded, requests=args.requests)
+                profiler.disable()
+                text = io.StringIO()
+                stats = pstats.Stats(profiler, stream=text)
+                stats.sort_stats("tottime").print_stats(30)
+                (OUT / f"{name}.txt").write_text(_relative(text.getvalue()))
+                total = stats.total_tt  # type: ignore[attr-defined]
+                own, top = _dropsafe_share(stats)
+                print(
+                    f"{name}: {wall / args.requests * 1e6:.1f} us/request unprofiled; "
+                    f"profiled: dropsafe {own / args.requests * 1e6:.1f} us/request "
+                    f"({own / total:.1%} of the profile)"
+                )
+                for tottime, calls, where in top:
+                    print(f"    {tottime / args.requests * 1e6:6.2f} us/req {calls:8d} {where}")
+        # py-spy installs beside the interpreter (a venv's bin), which may not be on PATH.
+        py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        if args.py_spy and py_spy:
+            for driver in args.drivers.split(","):
+                _flame_graph(py_spy, server.url(driver), driver, args)  # type: ignore[arg-type]
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

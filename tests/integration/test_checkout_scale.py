@@ -1,0 +1,156 @@
+"""What the checkout check spends as the pool grows, and what a long run leaves behind.
+
+Counts, never timings: the looks (socket polls, no round trip), pings and refusals the check
+makes when one pooled connection dies or all of them do, and the memory dropsafe's own code
+holds after thousands of units of work. benchmarks/scale.py measures the same at pools of 5,
+20 and 50 and a million units of work; these are the short versions that could fail in CI.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import tracemalloc
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+
+import dropsafe
+from dropsafe._engine import guard_of
+
+POOL = 10
+PID = sa.text("SELECT pg_backend_pid()")
+SELECT_ONE = sa.text("SELECT 1")
+
+
+def _wait_gone(server, pids: list[int]) -> None:
+    listed = ", ".join(str(pid) for pid in pids)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        rows = server.execute(f"SELECT count(*) FROM pg_stat_activity WHERE pid IN ({listed})")
+        if int(rows[0][0]) == 0:
+            return
+        time.sleep(0.01)  # polling a condition, with a deadline
+    pytest.fail(f"backends {listed} still there 20 s after they were terminated")
+
+
+def _full_pool(server, driver: str):
+    """A hardened engine whose POOL connections are open and idle; their backend pids in the
+    order the pool hands them out (FIFO), and a counter of connects from now on."""
+    engine = dropsafe.create_engine(
+        server.url(driver), policy=dropsafe.Policy(hooks=()), pool_size=POOL, max_overflow=0
+    )
+    held = [engine.connect() for _ in range(POOL)]
+    pids = [connection.execute(PID).scalar_one() for connection in held]
+    for connection in held:
+        connection.rollback()
+        connection.close()
+    connects = [0]
+
+    @event.listens_for(engine, "connect")
+    def connected(dbapi_connection, entry):
+        connects[0] += 1
+
+    check = guard_of(engine).check
+    check.probes = check.pings = check.replaced = 0
+    return engine, pids, connects, check
+
+
+def _check_out_all(engine) -> list[int]:
+    """Check every pooled connection out at once (no error allowed); return their pids."""
+    held = [engine.connect() for _ in range(POOL)]
+    try:
+        return [connection.execute(PID).scalar_one() for connection in held]
+    finally:
+        for connection in held:
+            connection.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_one_dead_connection_costs_one_look_per_pooled_connection_and_no_round_trip(
+    shared_server, driver
+):
+    # Fault: the backend of the connection the pool hands out next is terminated alone.
+    engine, pids, connects, check = _full_pool(shared_server, driver)
+    try:
+        shared_server.execute(f"SELECT pg_terminate_backend({pids[0]}, 5000)")
+        _wait_gone(shared_server, [pids[0]])
+        now = _check_out_all(engine)
+        # Its own look, then one at each other idle connection (all alive: not a restart),
+        # then one at each of the other nine as they are checked out. No ping, no error.
+        assert check.probes == 1 + (POOL - 1) + (POOL - 1)
+        assert check.pings == 0
+        assert check.replaced == 1
+        # Only the dead one was replaced: the others keep their backends.
+        assert connects[0] == 1
+        assert len(set(now) - set(pids)) == 1
+        assert set(pids[1:]) <= set(now)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_pool_of_dead_connections_costs_two_looks_and_one_refusal(shared_server, driver):
+    # Fault: every backend terminated, as a restart ends them.
+    engine, pids, connects, check = _full_pool(shared_server, driver)
+    try:
+        shared_server.terminate_backends()
+        _wait_gone(shared_server, pids)
+        now = _check_out_all(engine)
+        # The first look finds its connection dead, the second another one: a server event,
+        # so the pool is recycled at once, and every later checkout gets a new connection,
+        # proven by its handshake, without a look. Whatever the size of the pool.
+        assert check.probes == 2
+        assert check.pings == 0
+        assert check.replaced == 1
+        assert connects[0] == POOL
+        assert not set(now) & set(pids)
+    finally:
+        engine.dispose()
+
+
+UNITS = 3_000
+
+
+@pytest.mark.timeout(120)
+def test_units_of_work_leave_nothing_of_dropsafe_behind(shared_server):
+    shared_server.execute("CREATE TABLE IF NOT EXISTS scale_units (v int)")
+    engine = dropsafe.create_engine(
+        shared_server.url("psycopg2"), policy=dropsafe.Policy(hooks=()), pool_size=3
+    )
+    insert = sa.text("INSERT INTO scale_units (v) VALUES (1)")
+
+    def unit(number: int) -> None:
+        if number % 10 == 0:  # one in ten a verified write
+            dropsafe.run_transaction(engine, lambda connection: connection.execute(insert))
+        else:
+            dropsafe.run_transaction(engine, lambda connection: connection.execute(SELECT_ONE))
+
+    def dropsafe_bytes(snapshot: tracemalloc.Snapshot) -> int:
+        mine = snapshot.filter_traces(
+            [tracemalloc.Filter(inclusive=True, filename_pattern="*/dropsafe/*")]
+        )
+        return sum(stat.size for stat in mine.statistics("filename"))
+
+    try:
+        for number in range(500):  # warm-up: pool, caches, the watchdog's thread
+            unit(number)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = dropsafe_bytes(tracemalloc.take_snapshot())
+            for number in range(UNITS):
+                unit(number)
+            gc.collect()
+            grown = dropsafe_bytes(tracemalloc.take_snapshot()) - before
+        finally:
+            tracemalloc.stop()
+        # A few KiB of noise (a cached statement, a dictionary resized); anything kept per
+        # unit of work (~100 bytes x 3,000) is above this.
+        assert grown < 64 * 1024, f"dropsafe's code holds {grown} bytes more after {UNITS} units"
+        assert len(guard_of(engine).check._states) <= 3
+    finally:
+        engine.dispose()

@@ -1,0 +1,54 @@
+"""The per-connection look at a socket the checkout check keeps: what it sees, on real sockets.
+
+Its poll object is made once per connection; the descriptor is asked at every look, so a
+connection whose descriptor changes, or that lost it, is looked at as it is now.
+"""
+
+import socket
+
+from dropsafe._drivers import Health, _SocketPoll
+
+
+class _Source:
+    """A connection as the look sees one: ``fileno()`` of whatever socket it holds now."""
+
+    def __init__(self, sock: socket.socket | None) -> None:
+        self.sock = sock
+
+    def fileno(self) -> int:
+        if self.sock is None:
+            raise OSError("no socket")  # what a driver says of a connection that lost it
+        return self.sock.fileno()
+
+
+def test_quiet_then_data_then_hangup():
+    left, right = socket.socketpair()
+    with left, right:
+        look = _SocketPoll(_Source(left))
+        assert look() is Health.QUIET
+        assert look() is Health.QUIET  # the same poll object, asked again
+        right.send(b"E")
+        assert look() is Health.DATA_WAITING
+        left.recv(1)
+        assert look() is Health.QUIET
+        right.close()
+        assert look() in (Health.CLOSED, Health.DATA_WAITING)  # EOF: readable, or a hangup
+
+
+def test_a_new_descriptor_is_looked_at_not_the_old_one():
+    first, first_peer = socket.socketpair()
+    second, second_peer = socket.socketpair()
+    with first, first_peer, second, second_peer:
+        source = _Source(first)
+        look = _SocketPoll(source)
+        assert look() is Health.QUIET
+        first_peer.send(b"x")  # the old socket has data, the new one none
+        source.sock = second
+        assert look() is Health.QUIET
+        second_peer.send(b"y")
+        assert look() is Health.DATA_WAITING
+
+
+def test_a_connection_without_a_socket_is_closed():
+    look = _SocketPoll(_Source(None))
+    assert look() is Health.CLOSED
