@@ -40,6 +40,7 @@ __all__ = [
     "PrometheusHook",
     "RetriesGaveUp",
     "RetryScheduled",
+    "RollbackConnectionLost",
     "format_event",
 ]
 
@@ -60,6 +61,19 @@ class ConnectionInvalidated:
 
     kind: ErrorKind
     pool_wide: bool
+    error: str
+
+
+@dataclass(frozen=True)
+class RollbackConnectionLost:
+    """A ROLLBACK met a lost connection: the server had aborted that transaction already.
+
+    The connection was invalidated and nothing was raised: the application goes on as after a
+    successful rollback. ``during`` says which ROLLBACK: a Connection's or Session's
+    (``rollback``), or the pool's reset of a connection checked in (``reset``). Logged at DEBUG.
+    """
+
+    during: Literal["rollback", "reset"]
     error: str
 
 
@@ -103,6 +117,7 @@ class CommitResolved:
 Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
     DeadConnectionReplaced,
     ConnectionInvalidated,
+    RollbackConnectionLost,
     PingSucceeded,
     RetryScheduled,
     RetriesGaveUp,
@@ -120,8 +135,9 @@ class Hook(Protocol):
 class LoggingHook:
     """Write one structured line per event to the ``dropsafe`` logger (logfmt-style).
 
-    Levels: pings at DEBUG; replaced connections, retries and resolved commits at INFO; a unit
-    of work that gave up and a commit that could not be resolved at WARNING.
+    Levels: pings and ROLLBACKs that met a lost connection at DEBUG; replaced connections,
+    retries and resolved commits at INFO; a unit of work that gave up and a commit that could
+    not be resolved at WARNING.
 
     Example output::
 
@@ -164,7 +180,7 @@ def format_event(event: Event) -> str:
 
 
 def _level_of(event: Event) -> int:
-    if isinstance(event, PingSucceeded):
+    if isinstance(event, (PingSucceeded, RollbackConnectionLost)):
         return logging.DEBUG
     if isinstance(event, RetriesGaveUp) or (
         isinstance(event, CommitResolved) and event.outcome == "unknown"
@@ -210,6 +226,12 @@ class PrometheusHook:
             ["kind", "pool_wide"],
             **common,
         )
+        self.lost_rollbacks = counter(
+            "lost_rollbacks",
+            "ROLLBACKs that met a lost connection: invalidated, not raised.",
+            ["during"],
+            **common,
+        )
         self.pings = histogram("ping_seconds", "Round trips paid at checkout.", ["why"], **common)
         self.retries = counter(
             "retries", "Units of work run again after a retryable error.", ["kind"], **common
@@ -234,6 +256,8 @@ class PrometheusHook:
         elif isinstance(event, ConnectionInvalidated):
             pool_wide = str(event.pool_wide).lower()
             self.invalidations.labels(kind=event.kind.value, pool_wide=pool_wide).inc()
+        elif isinstance(event, RollbackConnectionLost):
+            self.lost_rollbacks.labels(during=event.during).inc()
         elif isinstance(event, PingSucceeded):
             self.pings.labels(why=event.why).observe(event.latency)
         elif isinstance(event, RetryScheduled):

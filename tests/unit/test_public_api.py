@@ -41,6 +41,7 @@ PUBLIC = {
         "PrometheusHook",
         "RetriesGaveUp",
         "RetryScheduled",
+        "RollbackConnectionLost",
         "format_event",
     ],
     "dropsafe.testing": [
