@@ -28,6 +28,7 @@ from dropsafe._liveness import CheckoutCheck
 from dropsafe._policy import Policy
 from dropsafe._quiet_rollback import QuietRollback
 from dropsafe._redaction import redact_url, split_credentials
+from dropsafe._replay import FirstStatementReplay
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -150,6 +151,7 @@ class EngineGuard:
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
         self.lifetime = ConnectionLifetime(policy.pool)
         self.quiet_rollback = QuietRollback(policy.hooks, engine.dialect)
+        self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect)
 
     def attach(self, engine: Engine) -> None:
         """Listen to the engine's connect, pool, transaction and error events."""
@@ -164,6 +166,7 @@ class EngineGuard:
             *self.check.listeners().items(),
             *lifetime.items(),
             *self.quiet_rollback.listeners().items(),
+            *self.replay.listeners().items(),
         ]
         for name, listener in listeners:
             event.listen(engine, name, listener)

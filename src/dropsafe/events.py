@@ -34,6 +34,7 @@ __all__ = [
     "ConnectionInvalidated",
     "DeadConnectionReplaced",
     "Event",
+    "FirstStatementReplayed",
     "Hook",
     "LoggingHook",
     "PingSucceeded",
@@ -78,6 +79,17 @@ class RollbackConnectionLost:
 
 
 @dataclass(frozen=True)
+class FirstStatementReplayed:
+    """A transaction's first statement lost its connection before any reply; sent again.
+
+    On a fresh connection, once, and the app never knew: the transaction cannot have
+    committed, and nothing else had run in it (docs/guarantees.md).
+    """
+
+    error: str
+
+
+@dataclass(frozen=True)
 class PingSucceeded:
     """A checkout paid a round trip (idle too long, or something arrived while idle)."""
 
@@ -118,6 +130,7 @@ Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
     DeadConnectionReplaced,
     ConnectionInvalidated,
     RollbackConnectionLost,
+    FirstStatementReplayed,
     PingSucceeded,
     RetryScheduled,
     RetriesGaveUp,
@@ -136,8 +149,8 @@ class LoggingHook:
     """Write one structured line per event to the ``dropsafe`` logger (logfmt-style).
 
     Levels: pings and ROLLBACKs that met a lost connection at DEBUG; replaced connections,
-    retries and resolved commits at INFO; a unit of work that gave up and a commit that could
-    not be resolved at WARNING.
+    replayed first statements, retries and resolved commits at INFO; a unit of work that gave
+    up and a commit that could not be resolved at WARNING.
 
     Example output::
 
@@ -232,6 +245,11 @@ class PrometheusHook:
             ["during"],
             **common,
         )
+        self.replayed_statements = counter(
+            "replayed_statements",
+            "First statements of a transaction sent again after their connection was lost.",
+            **common,
+        )
         self.pings = histogram("ping_seconds", "Round trips paid at checkout.", ["why"], **common)
         self.retries = counter(
             "retries", "Units of work run again after a retryable error.", ["kind"], **common
@@ -258,6 +276,8 @@ class PrometheusHook:
             self.invalidations.labels(kind=event.kind.value, pool_wide=pool_wide).inc()
         elif isinstance(event, RollbackConnectionLost):
             self.lost_rollbacks.labels(during=event.during).inc()
+        elif isinstance(event, FirstStatementReplayed):
+            self.replayed_statements.inc()
         elif isinstance(event, PingSucceeded):
             self.pings.labels(why=event.why).observe(event.latency)
         elif isinstance(event, RetryScheduled):

@@ -35,6 +35,7 @@ PUBLIC = {
         "ConnectionInvalidated",
         "DeadConnectionReplaced",
         "Event",
+        "FirstStatementReplayed",
         "Hook",
         "LoggingHook",
         "PingSucceeded",
