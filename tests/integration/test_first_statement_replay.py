@@ -321,10 +321,18 @@ def test_insertmanyvalues_is_not_replayed(server, proxy):
 
 
 def test_inside_a_unit_of_work_the_unit_runs_again_instead(server, proxy):
+    # Lost right before the app's first statement, after the unit read its server's life.
     events = []
     engine = _engine(server, proxy, "psycopg2", events)
+    armed = [True]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def lose(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+        if armed[0] and "replay_items" in statement:
+            armed[0] = False
+            _lose("terminate", server, proxy)
+
     try:
-        _lose_at_next_checkout(engine, "terminate", server, proxy)
         dropsafe.run_transaction(engine, lambda conn: conn.execute(ITEMS.insert().values(n=4)))
         assert _rows(server) == [4]
         assert _replayed(events) == []
