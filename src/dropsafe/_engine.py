@@ -26,7 +26,9 @@ from dropsafe._invalidation import InvalidationScope
 from dropsafe._lifetime import ConnectionLifetime
 from dropsafe._liveness import CheckoutCheck
 from dropsafe._policy import Policy
+from dropsafe._quiet_rollback import QuietRollback
 from dropsafe._redaction import redact_url, split_credentials
+from dropsafe._replay import FirstStatementReplay
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -149,20 +151,26 @@ class EngineGuard:
         )
         self.connects = ConnectArguments(policy.connection, self.driver)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
+        self.quiet_rollback = QuietRollback(policy.hooks, engine.dialect)
+        self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect)
 
     def attach(self, engine: Engine) -> None:
-        """Listen to the engine's connect, pool and error events."""
+        """Listen to the engine's connect, pool, transaction and error events."""
         # The checkout check also retires connections past their lifetime: one listener per
         # pool event keeps a checkout nearly as cheap as a plain pool's.
         listeners: list[tuple[str, Callable[..., None]]] = [
             *self.connects.listeners().items(),
             ("handle_error", self.invalidation.on_handle_error),
             *self.check.listeners().items(),
+            *self.quiet_rollback.listeners().items(),
+            *self.replay.listeners().items(),
         ]
         for name, listener in listeners:
             event.listen(engine, name, listener)
             if name == "handle_error":
                 _run_first(engine, name, listener)
+        self.quiet_rollback.wrap_do_rollback()
+        self.replay.wrap_execute()
 
 
 def _run_first(engine: Engine, identifier: str, listener: Callable[..., None]) -> None:

@@ -32,6 +32,7 @@ from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import Duration, Policy, UnitPolicy
 from dropsafe._recording import CommitRecorder, record_commits, recording
+from dropsafe._replay import forgo_replay
 from dropsafe._resolution import resolve_commit
 from dropsafe._server_life import learn_server_life, must_learn_server_life
 from dropsafe._unit import (
@@ -143,6 +144,8 @@ def _run_once(
     try:
         with recording(read_xid=step.verify_commits) as recorder, _begun(bind) as begun:
             handle, connection = begun  # connected: a failure before here never reached it
+            # The unit runs again whole; its deadline and server life hold this connection.
+            forgo_replay(connection)
             # The server-life read is bounded too: on a connection that a middlebox forgot,
             # it is the first thing to hang.
             with bounded(connection.connection.dbapi_connection, step.deadline):
@@ -259,6 +262,7 @@ async def _run_once_async(
         with recording(read_xid=step.verify_commits) as recorder:
             async with _begun_async(bind) as begun:
                 handle, connection = begun
+                forgo_replay(connection.sync_connection)  # type: ignore[arg-type]
                 # Bounded from the server-life read on, as in `_run_once`.
                 with bounded(_dbapi_connection_of(connection), step.deadline):
                     # run_sync spawns a greenlet: only when there is something to read.
