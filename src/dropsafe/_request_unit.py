@@ -95,7 +95,10 @@ def request_unit(
         @functools.wraps(handler)
         def run(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
             where, given = _the_session(handler, args, kwargs)
-            engine = given.get_bind()
+            try:
+                engine: object = given.get_bind()
+            except sa.exc.UnboundExecutionError:
+                engine = None
             if not isinstance(engine, sa.Engine):
                 raise ConfigurationError(
                     f"the session given to {handler.__qualname__} must be bound to an Engine "
