@@ -88,6 +88,7 @@ class WhereErrorsHappen:
     def __init__(self, engine: sa.Engine) -> None:
         self.by_request: dict[int, list[tuple[str, str]]] = defaultdict(list)
         self.outside_requests: list[tuple[str, str]] = []
+        self.round_trips = 0  # statements, COMMITs and ROLLBACKs sent: the cost of a variant
         event.listen(engine, "begin", self._begin)
         event.listen(engine, "before_cursor_execute", self._statement)
         event.listen(engine, "commit", self._commit)
@@ -104,13 +105,16 @@ class WhereErrorsHappen:
         self._info(connection).update(bench_statements=0, bench_last="BEGIN")
 
     def _statement(self, connection: sa.Connection, *_args: object) -> None:
+        self.round_trips += 1
         info = self._info(connection)
         info.update(bench_statements=info.get("bench_statements", 0) + 1, bench_last="statement")
 
     def _commit(self, connection: sa.Connection) -> None:
+        self.round_trips += 1
         self._info(connection)["bench_last"] = "COMMIT"
 
     def _rollback(self, connection: sa.Connection) -> None:
+        self.round_trips += 1
         self._info(connection)["bench_last"] = "ROLLBACK"
 
     def _error(self, context: sa.engine.ExceptionContext) -> None:
@@ -149,6 +153,7 @@ class RunResult:
     doubled_signups: int = 0
     faults: int = 0
     seconds: float = 0.0
+    round_trips: int = 0
     examples: dict[str, str] = field(default_factory=dict)
 
 
@@ -285,6 +290,7 @@ async def one_run(
     *,
     units: bool,
     seconds: float,
+    faults_on: bool = True,
 ) -> RunResult:
     """Drive a fresh app on fresh tables for ``seconds`` under the fault loop."""
     admin = sa.create_engine(server.url("psycopg"))
@@ -303,7 +309,8 @@ async def one_run(
     stop = asyncio.Event()
     started = time.monotonic()
     async with httpx.AsyncClient(transport=transport, base_url="http://crud", timeout=60) as client:
-        faults.start()
+        if faults_on:
+            faults.start()
         task = asyncio.create_task(drive(client, result, stop))
         try:
             await asyncio.sleep(seconds)  # the run's length: the clients run meanwhile
@@ -311,8 +318,10 @@ async def one_run(
             stop.set()
             stop_faults.set()
             await asyncio.wait_for(task, timeout=120)
-            faults.join(timeout=30)
+            if faults_on:
+                faults.join(timeout=30)
     result.seconds = time.monotonic() - started
+    result.round_trips = recorder.round_trips
     app.state.engine.dispose()
     return result
 
@@ -322,8 +331,9 @@ def table(rows: list[tuple[str, list[RunResult]]]) -> list[str]:
     lines = [
         "| Variant | Runs | Requests | Faults | 5xx | "
         + " | ".join(f"5xx at {place}" for place in PLACES)
-        + " | Raised after a 2xx | Errors absorbed | Signups committed twice |",
-        "|---" * (9 + len(PLACES)) + "|",
+        + " | Raised after a 2xx | Errors absorbed | Signups committed twice"
+        + " | Requests/s | Round trips/request |",
+        "|---" * (10 + len(PLACES)) + "|",
     ]
     for name, results in rows:
         failed: Counter[str] = Counter()
@@ -334,12 +344,15 @@ def table(rows: list[tuple[str, list[RunResult]]]) -> list[str]:
             after += result.raised_after_reply
             absorbed += result.absorbed
         per_run = ", ".join(str(sum(result.failed.values())) for result in results)
+        requests = sum(result.requests for result in results)
         lines.append(
-            f"| {name} | {len(results)} | {sum(r.requests for r in results)} | "
+            f"| {name} | {len(results)} | {requests} | "
             f"{sum(r.faults for r in results)} | {sum(failed.values())} ({per_run}) | "
             + " | ".join(str(failed[place]) for place in PLACES)
             + f" | {sum(after.values())} | {sum(absorbed.values())} | "
-            f"{sum(r.doubled_signups for r in results)} |"
+            f"{sum(r.doubled_signups for r in results)} | "
+            f"{requests / sum(r.seconds for r in results):.0f} | "
+            f"{sum(r.round_trips for r in results) / max(requests, 1):.1f} |"
         )
     return lines
 
@@ -351,6 +364,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--label", default="this branch", help="the code measured, for the file")
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--no-faults", action="store_true", help="no fault loop: what each variant costs"
+    )
     arguments = parser.parse_args()
     if not 1 <= arguments.runs <= 20 or not 1 <= arguments.seconds <= 300:
         parser.error("--runs must be 1..20 and --seconds 1..300 (the loops are bounded)")
@@ -363,7 +379,13 @@ def main() -> None:
             for run in range(arguments.runs):
                 result = asyncio.run(
                     one_run(
-                        example, server, proxy, engine_mode, units=units, seconds=arguments.seconds
+                        example,
+                        server,
+                        proxy,
+                        engine_mode,
+                        units=units,
+                        seconds=arguments.seconds,
+                        faults_on=not arguments.no_faults,
                     )
                 )
                 print(
@@ -392,7 +414,7 @@ def write(
             f"Machine: {platform.node() or 'unknown'}, {platform.machine()}, "
             f"{os.cpu_count()} cores, Python {platform.python_version()}, "
             f"SQLAlchemy {sa.__version__}; {arguments.runs} runs of {arguments.seconds:g} s "
-            f"per variant, {CLIENTS} clients."
+            f"per variant, {CLIENTS} clients" + (", no faults." if arguments.no_faults else ".")
         ),
         "",
         *table(rows),
