@@ -149,3 +149,43 @@ async def test_a_backend_dying_at_the_end_of_a_request_does_not_reach_the_app(sh
             assert not armed  # the fault was injected
             assert reply.status_code == 200, reply.text
     engine.dispose()
+
+
+def _terminate_after_next_select(server, engine):
+    """Arm a one-shot fault: the backend of the next SELECT is terminated once it answered."""
+    armed = {"on": True}
+
+    def terminate(connection, cursor, statement, *_args):
+        if armed["on"] and statement.lstrip().upper().startswith("SELECT"):
+            armed["on"] = False
+            pid = connection.connection.dbapi_connection.info.backend_pid
+            assert server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)") == [("t",)]
+
+    event.listen(engine, "after_cursor_execute", terminate)
+    return armed
+
+
+@pytest.mark.fault
+@pytest.mark.timeout(90)
+async def test_a_signup_whose_backend_dies_after_its_read_succeeds_with_request_unit(
+    shared_server,
+):
+    """Issue 20's "write in the middle": the email is read, the backend dies, and the INSERT
+    flushed at the CRUD function's commit meets a dead connection."""
+    signup = {"email": "grace@example.com", "password": "compiler"}
+    plain = _app(shared_server, "harden")
+    armed = _terminate_after_next_select(shared_server, plain.state.engine)
+    async with _client(plain) as client:
+        with pytest.raises(sa.exc.OperationalError):  # harden alone: the request fails
+            await client.post("/users/", json=signup)
+    assert not armed["on"]
+    plain.state.engine.dispose()
+
+    app = _app(shared_server, "harden", units=True)
+    armed = _terminate_after_next_select(shared_server, app.state.engine)
+    async with _client(app) as client:
+        reply = await client.post("/users/", json=signup)
+        assert not armed["on"]
+        assert reply.status_code == 200, reply.text
+        assert (await client.get("/users/")).json()["count"] == 1
+    app.state.engine.dispose()
