@@ -26,7 +26,9 @@ from dropsafe._invalidation import InvalidationScope
 from dropsafe._lifetime import ConnectionLifetime
 from dropsafe._liveness import CheckoutCheck
 from dropsafe._policy import Policy
+from dropsafe._quiet_rollback import QuietRollback
 from dropsafe._redaction import redact_url, split_credentials
+from dropsafe._replay import FirstStatementReplay
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -148,9 +150,11 @@ class EngineGuard:
         self.connects = ConnectArguments(policy.connection, self.driver)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
         self.lifetime = ConnectionLifetime(policy.pool)
+        self.quiet_rollback = QuietRollback(policy.hooks, engine.dialect)
+        self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect)
 
     def attach(self, engine: Engine) -> None:
-        """Listen to the engine's connect, pool and error events."""
+        """Listen to the engine's connect, pool, transaction and error events."""
         lifetime = self.lifetime.listeners()
         # An expired connection is refused at checkout before the check would look at it or
         # ping it; at checkin it is closed after the check has seen it come back.
@@ -161,11 +165,14 @@ class EngineGuard:
             *([("checkout", retire_at_checkout)] if retire_at_checkout else []),
             *self.check.listeners().items(),
             *lifetime.items(),
+            *self.quiet_rollback.listeners().items(),
+            *self.replay.listeners().items(),
         ]
         for name, listener in listeners:
             event.listen(engine, name, listener)
             if name == "handle_error":
                 _run_first(engine, name, listener)
+        self.quiet_rollback.wrap_do_rollback()
 
 
 def _run_first(engine: Engine, identifier: str, listener: Callable[..., None]) -> None:

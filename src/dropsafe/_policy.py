@@ -145,6 +145,7 @@ class PoolPolicy(_Validated):
         "max_lifetime": (1, 7 * 86400),
     }
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"max_lifetime"})
+    _BOOLEANS: ClassVar[frozenset[str]] = frozenset({"replay_first_statement"})
 
     #: A connection idle longer than this is pinged at checkout (a round trip);
     #: a busier one is checked by looking at its socket only, which costs nothing.
@@ -157,6 +158,12 @@ class PoolPolicy(_Validated):
     #: together. Set it below any lifetime limit of a proxy or load balancer on the way;
     #: None keeps connections for as long as they work.
     max_lifetime: Duration | None = 3600.0
+    #: A connection lost under the first statement it is given after checkout, in a
+    #: transaction (not autocommit), before any reply: the statement is sent once more on a
+    #: fresh connection, and the app never knows. The transaction cannot have committed; see
+    #: docs/guarantees.md for statements with effects outside transactions, and for the
+    #: per-statement opt-out ``execution_options(dropsafe_replay=False)``.
+    replay_first_statement: bool = True
 
 
 @dataclass(frozen=True)
@@ -209,7 +216,10 @@ _LAYER_OF = {
         (*ConnectionPolicy._RANGES, *ConnectionPolicy._CHOICES),  # noqa: SLF001
         "connection=ConnectionPolicy",
     ),
-    **dict.fromkeys(PoolPolicy._RANGES, "pool=PoolPolicy"),  # noqa: SLF001
+    **dict.fromkeys(
+        (*PoolPolicy._RANGES, "replay_first_statement"),  # noqa: SLF001
+        "pool=PoolPolicy",
+    ),
     **dict.fromkeys((*UnitPolicy._RANGES, "verify_commits"), "unit=UnitPolicy"),  # noqa: SLF001
 }
 

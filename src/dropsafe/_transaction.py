@@ -32,6 +32,7 @@ from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import Duration, Policy, UnitPolicy
 from dropsafe._recording import CommitRecorder, record_commits, recording
+from dropsafe._replay import forgo_replay
 from dropsafe._resolution import resolve_commit
 from dropsafe._server_life import learn_server_life
 from dropsafe._unit import (
@@ -143,6 +144,8 @@ def _run_once(
     try:
         with recording(read_xid=step.verify_commits) as recorder, _begun(bind) as begun:
             handle, connection = begun  # connected: a failure before here never reached it
+            # The unit runs again whole; its deadline and server life hold this connection.
+            forgo_replay(connection)
             if step.verify_commits:
                 learn_server_life(connection)
             reached_server = True
@@ -257,6 +260,7 @@ async def _run_once_async(
         with recording(read_xid=step.verify_commits) as recorder:
             async with _begun_async(bind) as begun:
                 handle, connection = begun
+                forgo_replay(connection.sync_connection)  # type: ignore[arg-type]
                 if step.verify_commits:
                     await connection.run_sync(learn_server_life)
                 reached_server = True

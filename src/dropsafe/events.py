@@ -34,12 +34,14 @@ __all__ = [
     "ConnectionInvalidated",
     "DeadConnectionReplaced",
     "Event",
+    "FirstStatementReplayed",
     "Hook",
     "LoggingHook",
     "PingSucceeded",
     "PrometheusHook",
     "RetriesGaveUp",
     "RetryScheduled",
+    "RollbackConnectionLost",
     "format_event",
 ]
 
@@ -60,6 +62,30 @@ class ConnectionInvalidated:
 
     kind: ErrorKind
     pool_wide: bool
+    error: str
+
+
+@dataclass(frozen=True)
+class RollbackConnectionLost:
+    """A ROLLBACK met a lost connection: the server had aborted that transaction already.
+
+    The connection was invalidated and nothing was raised: the application goes on as after a
+    successful rollback. ``during`` says which ROLLBACK: a Connection's or Session's
+    (``rollback``), or the pool's reset of a connection checked in (``reset``). Logged at DEBUG.
+    """
+
+    during: Literal["rollback", "reset"]
+    error: str
+
+
+@dataclass(frozen=True)
+class FirstStatementReplayed:
+    """A transaction's first statement lost its connection before any reply; sent again.
+
+    On a fresh connection, once, and the app never knew: the transaction cannot have
+    committed, and nothing else had run in it (docs/guarantees.md).
+    """
+
     error: str
 
 
@@ -103,6 +129,8 @@ class CommitResolved:
 Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
     DeadConnectionReplaced,
     ConnectionInvalidated,
+    RollbackConnectionLost,
+    FirstStatementReplayed,
     PingSucceeded,
     RetryScheduled,
     RetriesGaveUp,
@@ -120,8 +148,9 @@ class Hook(Protocol):
 class LoggingHook:
     """Write one structured line per event to the ``dropsafe`` logger (logfmt-style).
 
-    Levels: pings at DEBUG; replaced connections, retries and resolved commits at INFO; a unit
-    of work that gave up and a commit that could not be resolved at WARNING.
+    Levels: pings and ROLLBACKs that met a lost connection at DEBUG; replaced connections,
+    replayed first statements, retries and resolved commits at INFO; a unit of work that gave
+    up and a commit that could not be resolved at WARNING.
 
     Example output::
 
@@ -164,7 +193,7 @@ def format_event(event: Event) -> str:
 
 
 def _level_of(event: Event) -> int:
-    if isinstance(event, PingSucceeded):
+    if isinstance(event, (PingSucceeded, RollbackConnectionLost)):
         return logging.DEBUG
     if isinstance(event, RetriesGaveUp) or (
         isinstance(event, CommitResolved) and event.outcome == "unknown"
@@ -210,6 +239,17 @@ class PrometheusHook:
             ["kind", "pool_wide"],
             **common,
         )
+        self.lost_rollbacks = counter(
+            "lost_rollbacks",
+            "ROLLBACKs that met a lost connection: invalidated, not raised.",
+            ["during"],
+            **common,
+        )
+        self.replayed_statements = counter(
+            "replayed_statements",
+            "First statements of a transaction sent again after their connection was lost.",
+            **common,
+        )
         self.pings = histogram("ping_seconds", "Round trips paid at checkout.", ["why"], **common)
         self.retries = counter(
             "retries", "Units of work run again after a retryable error.", ["kind"], **common
@@ -234,6 +274,10 @@ class PrometheusHook:
         elif isinstance(event, ConnectionInvalidated):
             pool_wide = str(event.pool_wide).lower()
             self.invalidations.labels(kind=event.kind.value, pool_wide=pool_wide).inc()
+        elif isinstance(event, RollbackConnectionLost):
+            self.lost_rollbacks.labels(during=event.during).inc()
+        elif isinstance(event, FirstStatementReplayed):
+            self.replayed_statements.inc()
         elif isinstance(event, PingSucceeded):
             self.pings.labels(why=event.why).observe(event.latency)
         elif isinstance(event, RetryScheduled):

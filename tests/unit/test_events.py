@@ -13,11 +13,13 @@ from dropsafe.events import (
     CommitResolved,
     ConnectionInvalidated,
     DeadConnectionReplaced,
+    FirstStatementReplayed,
     LoggingHook,
     PingSucceeded,
     PrometheusHook,
     RetriesGaveUp,
     RetryScheduled,
+    RollbackConnectionLost,
     format_event,
 )
 
@@ -31,6 +33,8 @@ EVENTS = [
     RetriesGaveUp(5, 3.5, "deadline", "OperationalError: down"),
     CommitResolved(725, "committed", 0.05),
     CommitResolved(726, "unknown", 10.0),
+    RollbackConnectionLost("rollback", "OperationalError: server closed the connection"),
+    FirstStatementReplayed("OperationalError: terminating connection"),
 ]
 
 
@@ -52,6 +56,8 @@ def test_logging_hook_levels(caplog):
             hook(event)
     levels = {record.getMessage().split()[0]: record.levelname for record in caplog.records}
     assert levels["dropsafe.ping_succeeded"] == "DEBUG"
+    assert levels["dropsafe.rollback_connection_lost"] == "DEBUG"
+    assert levels["dropsafe.first_statement_replayed"] == "INFO"
     assert levels["dropsafe.retry_scheduled"] == "INFO"
     assert levels["dropsafe.retries_gave_up"] == "WARNING"
     assert [r.levelname for r in caplog.records if "outcome=unknown" in r.getMessage()] == [
@@ -84,6 +90,8 @@ def test_prometheus_hook_counts_every_event():
     assert value("dropsafe_commits_resolved_total", {"outcome": "committed"}) == 1
     assert value("dropsafe_commits_resolved_total", {"outcome": "unknown"}) == 1
     assert value("dropsafe_ping_seconds_count", {"why": "idle"}) == 1
+    assert value("dropsafe_lost_rollbacks_total", {"during": "rollback"}) == 1
+    assert value("dropsafe_replayed_statements_total") == 1
     assert value("dropsafe_commit_resolution_seconds_sum") == pytest.approx(10.05)
 
 

@@ -28,8 +28,14 @@ LAYERS: list[tuple[str, ...]] = [
     # Mechanisms built on the driver's facts: the deadline on a wait, the host order, the
     # checkout check; and the connection lifetime (on the policy alone).
     ("dropsafe._watchdog", "dropsafe._hosts", "dropsafe._liveness", "dropsafe._lifetime"),
-    # What dropsafe adds to a connect; how much of the pool an error ends.
-    ("dropsafe._connect_args", "dropsafe._invalidation"),
+    # What dropsafe adds to a connect; how much of the pool an error ends; a ROLLBACK that
+    # met a lost connection, absorbed; a transaction's first statement, replayed.
+    (
+        "dropsafe._connect_args",
+        "dropsafe._invalidation",
+        "dropsafe._quiet_rollback",
+        "dropsafe._replay",
+    ),
     # Wiring: the engine and its guard.
     ("dropsafe._engine",),
     # ?plugin=dropsafe: an engine made anywhere, hardened by its URL.

@@ -40,6 +40,7 @@ def test_durations_take_timedelta_and_store_seconds():
         (UnitPolicy, "deadline", "30", "deadline must be a number of seconds or a timedelta"),
         (PoolPolicy, "ping_after_idle", True, "ping_after_idle must be"),
         (UnitPolicy, "verify_commits", 1, "verify_commits must be a bool"),
+        (PoolPolicy, "replay_first_statement", 0, "replay_first_statement must be a bool"),
         (ConnectionPolicy, "pooler", "txn", "pooler must be one of None, 'session', 'transaction'"),
         (ConnectionPolicy, "pooler", True, "pooler must be one of"),
         (PoolPolicy, "max_lifetime", 0.5, r"max_lifetime must be within 1\.\.604800"),
@@ -71,6 +72,7 @@ def test_every_layer_is_frozen():
         ("verify_commits", "unit=UnitPolicy"),
         ("pooler", "connection=ConnectionPolicy"),
         ("max_lifetime", "pool=PoolPolicy"),
+        ("replay_first_statement", "pool=PoolPolicy"),
     ],
 )
 def test_a_flat_knob_of_version_one_says_which_layer_it_belongs_to(knob, layer):

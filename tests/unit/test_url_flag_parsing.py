@@ -46,6 +46,8 @@ def test_a_knob_of_a_few_values_and_an_optional_duration_parse_too():
     policy = policy_from_query({"dropsafe_pooler": "Transaction", "dropsafe_max_lifetime": "600"})
     assert policy.connection.pooler == "transaction"
     assert policy.pool.max_lifetime == 600
+    no_replay = policy_from_query({"dropsafe_replay_first_statement": "off"})
+    assert no_replay.pool == dropsafe.PoolPolicy(replay_first_statement=False)
     policy = policy_from_query({"dropsafe_pooler": "none", "dropsafe_max_lifetime": "none"})
     assert policy.connection.pooler is None
     assert policy.pool.max_lifetime is None

@@ -1,0 +1,270 @@
+"""A transaction's first statement, lost with its connection before any reply, is sent again.
+
+When the connection a statement was sent on is lost before its reply, and that statement was
+the first one the connection was given since it was checked out, in a transaction (not
+autocommit), nothing of the app's is on that connection: the server aborts the transaction
+the statement opened (it was not committed: the driver's BEGIN came first, and the statement
+is one statement), and nothing ran before it. So dropsafe replaces the connection under the
+SQLAlchemy Connection, keeping its Transaction and the ORM's SessionTransaction as they are,
+and sends the same statement once more. The app never knows. The safety argument, and what
+happens to effects outside transactions (``nextval``, dblink, session advisory locks), is in
+docs/guarantees.md; ``execution_options(dropsafe_replay=False)`` opts a statement out,
+``PoolPolicy(replay_first_statement=False)`` an engine.
+
+How, and what of SQLAlchemy's private state it needs: the statement is sent from SQLAlchemy's
+documented ``do_execute`` / ``do_execute_no_params`` / ``do_executemany`` events (a listener
+that returns True has sent it), as in SQLAlchemy's FAQ recipe "How Do I Retry a Statement
+Execution Automatically?". That recipe rolls the Connection back before it retries, which ends
+the Transaction that the ORM's SessionTransaction holds: inside a transaction, a later
+``commit()`` would then commit a transaction that is not the one the statements ran in. No
+public API replaces the connection under an open Transaction: ``Connection.invalidate()`` is
+public, but the next use of an invalidated Connection with a Transaction raises
+``PendingRollbackError`` (``Connection._revalidate_connection``). So two private attributes
+are set, and only here: ``Connection._dbapi_connection`` (the new pool checkout, from the
+public ``Engine.raw_connection()``) and the execution context's ``_dbapi_connection`` (from
+which its documented ``create_cursor()`` makes the new cursor). Where either is missing (a
+future SQLAlchemy), nothing is replayed: the error is raised as without dropsafe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from dropsafe._classify import ErrorKind, classify
+from dropsafe._hooks import emit
+from dropsafe._redaction import describe_error
+from dropsafe.events import FirstStatementReplayed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Connection, Dialect, ExecutionContext
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+    from dropsafe._policy import PoolPolicy
+    from dropsafe.events import Hook
+
+__all__ = ["OPT_OUT", "FirstStatementReplay", "forgo_replay"]
+
+logger = logging.getLogger("dropsafe")
+
+#: The execution option that opts a statement (or a Connection, an engine) out of the replay.
+OPT_OUT = "dropsafe_replay"
+
+# Execution options that set something on the driver's connection when the SQLAlchemy
+# Connection is made: a fresh connection would not have them, so a statement under one of them
+# is not replayed (a SERIALIZABLE or READ ONLY transaction must not go on as something else).
+_CONNECTION_CHARACTERISTICS = frozenset(
+    {"isolation_level", "postgresql_readonly", "postgresql_deferrable"}
+)
+
+
+class _FirstStatements:
+    """The checkouts whose first statement has not been sent yet.
+
+    Weakly held: a checkout that ends takes its entry along.
+    """
+
+    def __init__(self) -> None:
+        self._pending: weakref.WeakSet[PoolProxiedConnection] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def add(self, checkout: PoolProxiedConnection) -> None:
+        with self._lock, contextlib.suppress(TypeError):  # TypeError: not weakly referable
+            self._pending.add(checkout)
+
+    def take(self, checkout: PoolProxiedConnection) -> bool:
+        """Whether ``checkout`` had sent nothing yet; from now on, it has."""
+        with self._lock:
+            try:
+                first = checkout in self._pending
+                self._pending.discard(checkout)
+            except TypeError:  # not weakly referable: not a pool checkout (a first connect's)
+                return False
+            return first
+
+
+_FIRST = _FirstStatements()
+
+
+def forgo_replay(connection: Connection) -> None:
+    """Give up the replay for ``connection``'s current checkout.
+
+    A unit of work calls it: it runs again whole anyway, and it has bound the checkout's
+    socket to its deadline and read its server's life, which a new connection would not have.
+    """
+    _FIRST.take(connection.connection)
+
+
+class FirstStatementReplay:
+    """Sends a transaction's first statement again, on one engine, when its connection is lost."""
+
+    def __init__(self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect) -> None:
+        self._enabled = policy.replay_first_statement
+        self._hooks = hooks
+        self._dialect = dialect
+
+    def listeners(self) -> dict[str, Callable[..., Any]]:
+        """Return the checkout event and the dialect's execute events, by name."""
+        if not self._enabled:
+            return {}
+        return {
+            "checkout": self._on_checkout,
+            "do_execute": self._on_do_execute,
+            "do_execute_no_params": self._on_do_execute_no_params,
+            "do_executemany": self._on_do_executemany,
+        }
+
+    # -- events ---------------------------------------------------------------------------------
+
+    def _on_checkout(
+        self,
+        dbapi_connection: Any,  # noqa: ANN401 - DBAPI connections are untyped
+        entry: ConnectionPoolEntry,
+        checkout: PoolProxiedConnection,
+    ) -> None:
+        del dbapi_connection, entry
+        _FIRST.add(checkout)
+
+    def _on_do_execute(
+        self,
+        cursor: Any,  # noqa: ANN401 - DBAPI cursors are untyped
+        statement: str,
+        parameters: Any,  # noqa: ANN401
+        context: ExecutionContext,
+    ) -> bool:
+        def send(on: Any) -> None:  # noqa: ANN401
+            self._dialect.do_execute(on, statement, parameters, context)
+
+        return self._send(cursor, statement, context, send)
+
+    def _on_do_execute_no_params(
+        self,
+        cursor: Any,  # noqa: ANN401
+        statement: str,
+        context: ExecutionContext,
+    ) -> bool:
+        def send(on: Any) -> None:  # noqa: ANN401
+            self._dialect.do_execute_no_params(on, statement, context)
+
+        return self._send(cursor, statement, context, send)
+
+    def _on_do_executemany(
+        self,
+        cursor: Any,  # noqa: ANN401
+        statement: str,
+        parameters: Any,  # noqa: ANN401
+        context: ExecutionContext,
+    ) -> bool:
+        def send(on: Any) -> None:  # noqa: ANN401
+            self._dialect.do_executemany(on, statement, parameters, context)
+
+        return self._send(cursor, statement, context, send)
+
+    # -- sending, and sending again -------------------------------------------------------------
+
+    def _send(
+        self,
+        cursor: Any,  # noqa: ANN401
+        statement: str,
+        context: ExecutionContext,
+        send: Callable[[Any], None],
+    ) -> bool:
+        """Send the statement if it may be replayed, and replay it; False: SQLAlchemy sends it."""
+        connection = context.root_connection
+        checkout = connection.connection
+        if not _FIRST.take(checkout):
+            return False
+        refusal = self._refusal(connection, context, statement, checkout)
+        if refusal is not None:
+            logger.debug("dropsafe will not replay this first statement: %s", refusal)
+            return False
+        try:
+            send(cursor)
+        except Exception as exc:
+            if not self._lost(exc, checkout):
+                raise
+            send(self._reconnect(connection, context, exc))  # a second loss is raised as usual
+            text = describe_error(exc)
+            logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
+            emit(self._hooks, FirstStatementReplayed(text))
+        return True
+
+    def _refusal(  # noqa: PLR0911 - one reason per return, in the order they are checked
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        statement: str,
+        checkout: PoolProxiedConnection,
+    ) -> str | None:
+        """Why this first statement must not be replayed, or None."""
+        options = context.execution_options
+        if options.get(OPT_OUT, True) is False:
+            return f"{OPT_OUT}=False"
+        characteristics = _CONNECTION_CHARACTERISTICS.intersection(options)
+        if characteristics:
+            return f"the connection was set up with {sorted(characteristics)}"
+        style = getattr(getattr(context, "execute_style", None), "name", None)
+        if style not in ("EXECUTE", "EXECUTEMANY"):
+            # insertmanyvalues sends batches on a cursor SQLAlchemy holds itself.
+            return f"execute style {style}"
+        if ";" in statement.strip().rstrip(";"):
+            # Several statements in one string may hold a COMMIT of their own.
+            return "the text may hold several statements"
+        if not connection.in_transaction():
+            return "no transaction"
+        dbapi_connection = checkout.dbapi_connection
+        if dbapi_connection is None:
+            return "no connection"
+        try:
+            autocommit = bool(self._dialect.detect_autocommit_setting(dbapi_connection))
+        except Exception:  # noqa: BLE001 - a connection we cannot read is not replayed
+            return "its autocommit setting is unknown"
+        if autocommit:
+            return "autocommit: the statement may have committed"
+        return None
+
+    def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
+        if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
+            return True
+        try:
+            return isinstance(error, self._dialect.loaded_dbapi.Error) and bool(
+                self._dialect.is_disconnect(error, checkout, None)
+            )
+        except Exception:  # noqa: BLE001 - an unsure verdict is no lost connection
+            return False
+
+    def _reconnect(
+        self, connection: Connection, context: ExecutionContext, error: Exception
+    ) -> Any:  # noqa: ANN401 - a DBAPI cursor
+        """Put a fresh connection under ``connection``, keeping its Transaction; a new cursor.
+
+        Raises ``error`` when that cannot be done: the Connection is then invalidated, as after
+        any lost connection, and its Transaction must be rolled back.
+        """
+        if not hasattr(connection, "_dbapi_connection") or not hasattr(
+            context, "_dbapi_connection"
+        ):
+            raise error
+        # Public: closes the lost connection and checks its pool entry back in (so a pool of
+        # one can hand it out again, reconnected); the Transaction stays open.
+        connection.invalidate(error)
+        try:
+            fresh = connection.engine.raw_connection()
+        except Exception:  # the lost connection's error is the one to raise
+            logger.debug("dropsafe found no fresh connection to replay on", exc_info=True)
+            fresh = None
+        if fresh is None:
+            raise error
+        _FIRST.take(fresh)  # the replay is its first statement
+        # The private part (see the module doc): the Connection and the execution context now
+        # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
+        connection._dbapi_connection = fresh  # noqa: SLF001
+        context._dbapi_connection = fresh  # noqa: SLF001
+        cursor = context.create_cursor()
+        context.cursor = cursor  # documented; set as SQLAlchemy's FAQ recipe does
+        return cursor

@@ -1,0 +1,341 @@
+"""A transaction's first statement, lost with its connection before any reply, is sent again.
+
+The connection is lost with a real fault at the worst moment: right after checkout, before the
+first statement (the backend terminated, the socket cut, the server crashed), or while the
+server runs the statement (the reply lost after the server did the work). Before dropsafe
+replayed, each of the positive cases raised the driver's error to the app. The negative cases
+(a second statement, autocommit, an opt-out, insertmanyvalues) must keep raising it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+import dropsafe
+from dropsafe.events import FirstStatementReplayed, RetryScheduled
+from dropsafe.testing import ChaosProxy, PostgresServer
+
+pytestmark = pytest.mark.fault
+
+BACKEND_PID = sa.text("SELECT pg_backend_pid()")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "replay_items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    n: Mapped[int] = mapped_column(unique=True)
+
+
+ITEMS = Item.__table__
+
+
+@pytest.fixture(scope="module")
+def server():
+    with PostgresServer() as server:
+        engine = sa.create_engine(server.url("psycopg2"))
+        Base.metadata.create_all(engine)
+        engine.dispose()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(server):
+    with ChaosProxy(server.host, server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture(autouse=True)
+def _empty_table(server):
+    server.execute("TRUNCATE replay_items")
+
+
+def _rows(server):
+    return sorted(int(n) for (n,) in server.execute("SELECT n FROM replay_items"))
+
+
+def _lose(fault, server, proxy):
+    if fault == "terminate":
+        assert server.terminate_backends() >= 1
+    elif fault == "cut":
+        assert proxy.cut("rst") >= 1
+    else:
+        server.restart("immediate")
+
+
+def _engine(server, proxy, driver, events, *, policy=None, **kwargs):
+    kwargs.setdefault("pool_size", 1)
+    kwargs.setdefault("max_overflow", 0)
+    return dropsafe.create_engine(
+        proxy.route(server.url(driver)),
+        policy=policy or dropsafe.Policy(hooks=(events.append,)),
+        **kwargs,
+    )
+
+
+def _lose_at_next_checkout(engine, fault, server, proxy):
+    """Lose the connection right after the next checkout (after dropsafe's check passed it)."""
+    armed = [True]
+
+    @event.listens_for(engine, "checkout")
+    def lose(dbapi_connection, entry, proxied):
+        if armed[0]:
+            armed[0] = False
+            _lose(fault, server, proxy)
+
+    return armed
+
+
+def _replayed(events):
+    return [event for event in events if isinstance(event, FirstStatementReplayed)]
+
+
+# -- replayed ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["terminate", "cut", "crash"])
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_orm_session_first_statement_replayed_and_commit_keeps_the_write(
+    server, proxy, driver, fault
+):
+    # The attack on a replay that rolls back (the FAQ recipe): the Session's transaction would
+    # be deactivated, and its commit would not commit the replayed INSERT. Here it must.
+    events = []
+    engine = _engine(server, proxy, driver, events)
+    try:
+        _lose_at_next_checkout(engine, fault, server, proxy)
+        with Session(engine) as session:
+            session.add(Item(n=1))
+            session.commit()  # the flush's INSERT is the transaction's first statement
+            session.add(Item(n=2))
+            session.commit()
+        assert _rows(server) == [1, 2]
+        assert len(_replayed(events)) == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_core_first_statement_with_returning_replayed(server, proxy, driver):
+    events = []
+    engine = _engine(server, proxy, driver, events)
+    try:
+        _lose_at_next_checkout(engine, "terminate", server, proxy)
+        with engine.begin() as conn:
+            new_id = conn.execute(ITEMS.insert().values(n=7).returning(ITEMS.c.id)).scalar()
+            conn.execute(ITEMS.insert().values(n=8))
+        assert _rows(server) == [7, 8]
+        assert server.execute(f"SELECT n FROM replay_items WHERE id = {new_id}") == [("7",)]
+        assert len(_replayed(events)) == 1
+    finally:
+        engine.dispose()
+
+
+def test_executemany_first_statement_replayed(server, proxy):
+    server.execute("INSERT INTO replay_items (n) VALUES (1), (2), (3)")
+    events = []
+    engine = _engine(server, proxy, "psycopg2", events)
+    try:
+        _lose_at_next_checkout(engine, "cut", server, proxy)
+        with engine.begin() as conn:
+            conn.execute(
+                ITEMS.update()
+                .where(ITEMS.c.n == sa.bindparam("old"))
+                .values(n=sa.bindparam("new")),
+                [{"old": 1, "new": 11}, {"old": 2, "new": 12}],
+            )
+        assert _rows(server) == [3, 11, 12]
+        assert len(_replayed(events)) == 1
+    finally:
+        engine.dispose()
+
+
+def test_psycopg_prepared_server_side_binding_replayed(server, proxy):
+    events = []
+    engine = _engine(server, proxy, "psycopg", events, connect_args={"prepare_threshold": 0})
+    try:
+        _lose_at_next_checkout(engine, "terminate", server, proxy)
+        with engine.begin() as conn:
+            assert conn.execute(sa.text("SELECT CAST(:n AS int) + 1"), {"n": 41}).scalar() == 42
+        assert len(_replayed(events)) == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_first_statement_replayed_with_prepared_statements(server, proxy, driver):
+    events = []
+    engine = dropsafe.create_async_engine(
+        proxy.route(server.url(driver)),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        pool_size=1,
+        max_overflow=0,
+    )
+    try:
+        _lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
+        async with AsyncSession(engine) as session:
+            session.add(Item(n=5))
+            await session.commit()
+        async with engine.begin() as conn:  # asyncpg prepares every statement
+            assert (await conn.execute(sa.text("SELECT count(*) FROM replay_items"))).scalar() == 1
+        assert _rows(server) == [5]
+        assert len(_replayed(events)) == 1
+    finally:
+        await engine.dispose()
+
+
+def _wait_until_running(server, needle, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = server.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            f"WHERE state = 'active' AND query LIKE '%{needle}%' AND pid <> pg_backend_pid()"
+        )
+        if int(rows[0][0]) > 0:
+            return
+        time.sleep(0.01)
+    pytest.fail(f"the statement with {needle} never ran")
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_reply_lost_after_the_server_ran_it_is_replayed_once(server, proxy, driver):
+    # The server runs the INSERT, then the socket is cut before the reply: the transaction is
+    # aborted with its backend, so the replay must not double the row (n is unique too).
+    events = []
+    engine = _engine(server, proxy, driver, events)
+    slow = sa.text(
+        "INSERT INTO replay_items (n) SELECT 9 FROM pg_sleep(0.5) /* replay_slow */ RETURNING n"
+    )
+    try:
+        cutter = threading.Thread(
+            target=lambda: (_wait_until_running(server, "replay_slow"), proxy.cut("rst"))
+        )
+        with engine.connect() as conn:
+            cutter.start()
+            assert conn.execute(slow).scalar() == 9
+            conn.commit()
+        cutter.join(timeout=10)
+        assert _rows(server) == [9]
+        assert len(_replayed(events)) == 1
+    finally:
+        engine.dispose()
+
+
+# -- not replayed --------------------------------------------------------------------------
+
+
+def test_second_statement_is_not_replayed(server, proxy):
+    events = []
+    engine = _engine(server, proxy, "psycopg2", events)
+    try:
+        with engine.connect() as conn:
+            conn.execute(BACKEND_PID)
+            _lose("terminate", server, proxy)
+            with pytest.raises(sa.exc.OperationalError):
+                conn.execute(ITEMS.insert().values(n=1))
+        assert _rows(server) == []
+        assert _replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["execution-option", "engine-setting"])
+def test_autocommit_is_not_replayed(server, proxy, how):
+    events = []
+    if how == "engine-setting":
+        engine = _engine(server, proxy, "psycopg2", events, isolation_level="AUTOCOMMIT")
+        bind = engine
+    else:
+        engine = _engine(server, proxy, "psycopg2", events)
+        bind = engine.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        _lose_at_next_checkout(engine, "terminate", server, proxy)
+        with bind.connect() as conn, pytest.raises(sa.exc.OperationalError):
+            conn.execute(ITEMS.insert().values(n=1))
+        assert _replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_statement_opted_out_is_not_replayed(server, proxy):
+    events = []
+    engine = _engine(server, proxy, "psycopg2", events)
+    try:
+        _lose_at_next_checkout(engine, "terminate", server, proxy)
+        with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
+            conn.execute(ITEMS.insert().values(n=1).execution_options(dropsafe_replay=False))
+        assert _replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+def test_an_engine_opted_out_replays_nothing(server, proxy):
+    events = []
+    policy = dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(replay_first_statement=False), hooks=(events.append,)
+    )
+    engine = _engine(server, proxy, "psycopg2", events, policy=policy)
+    try:
+        _lose_at_next_checkout(engine, "terminate", server, proxy)
+        with Session(engine) as session, pytest.raises(sa.exc.OperationalError):
+            session.execute(BACKEND_PID)
+        assert _replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_serializable_transaction_is_not_replayed_as_another_level(server, proxy):
+    events = []
+    engine = _engine(server, proxy, "psycopg2", events)
+    try:
+        _lose_at_next_checkout(engine, "terminate", server, proxy)
+        serializable = engine.execution_options(isolation_level="SERIALIZABLE")
+        with serializable.connect() as conn, pytest.raises(sa.exc.OperationalError):
+            conn.execute(BACKEND_PID)
+        assert _replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+def test_insertmanyvalues_is_not_replayed(server, proxy):
+    # SQLAlchemy sends its batches on a cursor it holds itself: no replay, the error is raised.
+    events = []
+    engine = _engine(server, proxy, "psycopg2", events)
+    try:
+        _lose_at_next_checkout(engine, "terminate", server, proxy)
+        with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
+            conn.execute(ITEMS.insert().returning(ITEMS.c.id), [{"n": 1}, {"n": 2}])
+        assert _replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+def test_inside_a_unit_of_work_the_unit_runs_again_instead(server, proxy):
+    # Lost right before the app's first statement, after the unit read its server's life.
+    events = []
+    engine = _engine(server, proxy, "psycopg2", events)
+    armed = [True]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def lose(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+        if armed[0] and "replay_items" in statement:
+            armed[0] = False
+            _lose("terminate", server, proxy)
+
+    try:
+        dropsafe.run_transaction(engine, lambda conn: conn.execute(ITEMS.insert().values(n=4)))
+        assert _rows(server) == [4]
+        assert _replayed(events) == []
+        assert [type(e) for e in events if isinstance(e, RetryScheduled)] == [RetryScheduled]
+    finally:
+        engine.dispose()
