@@ -78,8 +78,10 @@ def _commits_then_dies_once(
         session.execute(sa.select(sa.func.count()).select_from(Note))
         session.add(Note(body=body))
         session.commit()  # the CRUD function's own commit
+        session.execute(sa.select(sa.func.count()).select_from(Note))  # begins a transaction
         if len(runs) == 1:
             _terminate_own_backend(server, session)
+        # Not a transaction's first statement (which dropsafe may replay): its second.
         return int(session.scalar(sa.select(sa.func.count()).select_from(Note)) or 0)
 
     return handler
