@@ -80,9 +80,9 @@ class WhereErrorsHappen:
     """Record every database error of an engine with where it happened and the request it hit.
 
     Per connection (``Connection.info``, which lives with the DBAPI connection): the number of
-    statements sent in the current transaction and the last operation (a statement, COMMIT,
-    ROLLBACK). SQLAlchemy fires ``commit``/``rollback`` before it calls the driver, and
-    ``handle_error`` with no statement when COMMIT or ROLLBACK fails.
+    statements sent in the current transaction, and whether it is ending (COMMIT or ROLLBACK).
+    SQLAlchemy fires ``commit``/``rollback`` before it calls the driver, and ``handle_error``
+    with no statement when COMMIT or ROLLBACK fails.
     """
 
     def __init__(self, engine: sa.Engine) -> None:
@@ -102,20 +102,21 @@ class WhereErrorsHappen:
         return {} if connection.invalidated else connection.info
 
     def _begin(self, connection: sa.Connection) -> None:
-        self._info(connection).update(bench_statements=0, bench_last="BEGIN")
+        self._info(connection).update(bench_statements=0, bench_ending=None)
 
     def _statement(self, connection: sa.Connection, *_args: object) -> None:
         self.round_trips += 1
         info = self._info(connection)
-        info.update(bench_statements=info.get("bench_statements", 0) + 1, bench_last="statement")
+        info["bench_statements"] = info.get("bench_statements", 0) + 1
 
     def _commit(self, connection: sa.Connection) -> None:
         self.round_trips += 1
-        self._info(connection)["bench_last"] = "COMMIT"
+        # Its own key: dropsafe reads the xid in this same event, a statement after this one.
+        self._info(connection)["bench_ending"] = "COMMIT"
 
     def _rollback(self, connection: sa.Connection) -> None:
         self.round_trips += 1
-        self._info(connection)["bench_last"] = "ROLLBACK"
+        self._info(connection)["bench_ending"] = "ROLLBACK"
 
     def _error(self, context: sa.engine.ExceptionContext) -> None:
         if context.is_pre_ping:
@@ -125,8 +126,8 @@ class WhereErrorsHappen:
         if connection is None or connection.closed:
             place = "connect"
         elif context.statement is None:
-            last = info.get("bench_last")
-            place = {"COMMIT": "commit", "ROLLBACK": "rollback/close"}.get(last, "other")
+            ending = info.get("bench_ending")
+            place = {"COMMIT": "commit", "ROLLBACK": "rollback/close"}.get(ending, "other")
         elif info.get("bench_statements", 0) <= 1:
             place = "first statement"
         else:
