@@ -3,8 +3,9 @@ answering when their connections die between requests and at the end of a reques
 
 httpx's ASGI transport drives the app (FastAPI's threadpool runs its sync endpoints; an error
 the app raises, even after its reply, reaches the test); PostgreSQL is real. The faults are
-deterministic: every backend terminated between two requests, or the request's own backend
-terminated after its last statement, before its session is closed.
+deterministic: every backend terminated between two requests, or the request's own connection
+lost (backend terminated, socket reset or closed) after its last statement, before its session
+is closed, or after a signup's first read.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ httpx = pytest.importorskip("httpx")
 
 import sqlalchemy as sa  # noqa: E402 - after the skips: the module needs fastapi
 from sqlalchemy import event  # noqa: E402
+
+from dropsafe.testing import ChaosProxy  # noqa: E402
 
 APP = Path(__file__).parents[2] / "examples" / "fastapi_crud" / "app.py"
 
@@ -37,13 +40,14 @@ def _load_app_module():
 example = _load_app_module()
 
 
-def _app(server, engine_mode="harden", *, units=False):
+def _app(server, engine_mode="harden", *, units=False, url=None):
     admin = sa.create_engine(server.url("psycopg"))
     with admin.begin() as connection:
         connection.execute(sa.text('DROP TABLE IF EXISTS item, "user" CASCADE'))
     example.create_schema(admin)
     admin.dispose()
-    return example.create_app(server.url("psycopg"), engine_mode=engine_mode, units=units)
+    url = url or server.url("psycopg")
+    return example.create_app(url, engine_mode=engine_mode, units=units)
 
 
 def _client(app):
@@ -121,34 +125,41 @@ async def test_backends_terminated_between_requests_fail_no_request_with_harden(
 
 @pytest.mark.fault
 @pytest.mark.timeout(90)
-async def test_a_backend_dying_at_the_end_of_a_request_does_not_reach_the_app(shared_server):
-    """The request's backend is terminated after its last statement: its session's ROLLBACK
-    meets a dead connection. With harden that must not reach the app (issue 20)."""
-    app = _app(shared_server, "harden")
-    engine = app.state.engine
-    armed = False
+@pytest.mark.parametrize("fault", ["terminate", "cut-rst", "cut-fin"])
+async def test_a_connection_lost_at_the_end_of_a_request_does_not_reach_the_app(
+    shared_server, fault
+):
+    """The request's connection is lost after its last statement (its backend terminated, or
+    its socket reset or closed): its session's ROLLBACK meets a dead connection. With harden
+    that must not reach the app (issue 20)."""
+    with ChaosProxy(shared_server.host, shared_server.port) as proxy:
+        app = _app(shared_server, "harden", url=proxy.route(shared_server.url("psycopg")))
+        engine = app.state.engine
+        armed = False
 
-    def terminate_after_statement(connection, cursor, statement, *_args):
-        nonlocal armed
-        if armed and statement.lstrip().upper().startswith("SELECT"):
-            armed = False
-            pid = connection.connection.dbapi_connection.info.backend_pid
-            assert shared_server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)") == [
-                ("t",)
-            ]
+        def lose_connection_after_statement(connection, cursor, statement, *_args):
+            nonlocal armed
+            if armed and statement.lstrip().upper().startswith("SELECT"):
+                armed = False
+                if fault == "terminate":
+                    pid = int(connection.connection.dbapi_connection.info.backend_pid)
+                    terminated = shared_server.execute(f"SELECT pg_terminate_backend({pid}, 5000)")
+                    assert terminated == [("t",)]
+                else:
+                    assert proxy.cut("rst" if fault == "cut-rst" else "fin") >= 1
 
-    event.listen(engine, "after_cursor_execute", terminate_after_statement)
-    async with _client(app) as client:
-        reply = await client.post("/users/", json={"email": "a@b.c", "password": "password"})
-        user_id = reply.json()["id"]
-        for _ in range(3):
-            armed = True
-            # An error at the session's close would be raised here (ASGITransport re-raises
-            # what the app raised, even after its reply).
-            reply = await client.get(f"/users/{user_id}")
-            assert not armed  # the fault was injected
-            assert reply.status_code == 200, reply.text
-    engine.dispose()
+        event.listen(engine, "after_cursor_execute", lose_connection_after_statement)
+        async with _client(app) as client:
+            reply = await client.post("/users/", json={"email": "a@b.c", "password": "password"})
+            user_id = reply.json()["id"]
+            for _ in range(3):
+                armed = True
+                # An error at the session's close would be raised here (ASGITransport
+                # re-raises what the app raised, even after its reply).
+                reply = await client.get(f"/users/{user_id}")
+                assert not armed  # the fault was injected
+                assert reply.status_code == 200, reply.text
+        engine.dispose()
 
 
 def _terminate_after_next_select(server, engine):
