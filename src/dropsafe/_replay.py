@@ -11,30 +11,33 @@ happens to effects outside transactions (``nextval``, dblink, session advisory l
 docs/guarantees.md; ``execution_options(dropsafe_replay=False)`` opts a statement out,
 ``PoolPolicy(replay_first_statement=False)`` an engine.
 
-How, and what of SQLAlchemy's private state it needs: the statement is sent from SQLAlchemy's
-documented ``do_execute`` / ``do_execute_no_params`` / ``do_executemany`` events (a listener
-that returns True has sent it), as in SQLAlchemy's FAQ recipe "How Do I Retry a Statement
-Execution Automatically?". That recipe rolls the Connection back before it retries, which ends
-the Transaction that the ORM's SessionTransaction holds: inside a transaction, a later
-``commit()`` would then commit a transaction that is not the one the statements ran in. No
-public API replaces the connection under an open Transaction: ``Connection.invalidate()`` is
-public, but the next use of an invalidated Connection with a Transaction raises
-``PendingRollbackError`` (``Connection._revalidate_connection``). So two private attributes
-are set, and only here: ``Connection._dbapi_connection`` (the new pool checkout, from the
-public ``Engine.raw_connection()``) and the execution context's ``_dbapi_connection`` (from
-which its documented ``create_cursor()`` makes the new cursor). Where either is missing (a
-future SQLAlchemy), nothing is replayed: the error is raised as without dropsafe.
+How, and what of SQLAlchemy's private state it needs: the statement is sent by this engine's
+dialect instance's ``do_execute`` / ``do_execute_no_params`` / ``do_executemany``, documented
+Dialect methods, wrapped here (not SQLAlchemy's ``do_execute`` events: a listener that sends the
+statement hides it from the app's own listeners after it). SQLAlchemy's FAQ recipe "How Do I
+Retry a Statement Execution Automatically?" rolls the Connection back before it retries, which
+ends the Transaction that the ORM's SessionTransaction holds: inside a transaction, a later
+``commit()`` would then not commit the statements it ran. No public API replaces the connection
+under an open Transaction: ``Connection.invalidate()`` is public, but the next use of an
+invalidated Connection with a Transaction raises ``PendingRollbackError``
+(``Connection._revalidate_connection``). So two private attributes are set, and only here:
+``Connection._dbapi_connection`` (the new pool checkout, from the public
+``Engine.raw_connection()``) and the execution context's ``_dbapi_connection`` (from which its
+documented ``create_cursor()`` makes the new cursor). Where either is missing (a future
+SQLAlchemy), nothing is replayed: the error is raised as without dropsafe.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import logging
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from dropsafe._classify import ErrorKind, classify
+from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
 from dropsafe.events import FirstStatementReplayed
@@ -61,6 +64,27 @@ OPT_OUT = "dropsafe_replay"
 _CONNECTION_CHARACTERISTICS = frozenset(
     {"isolation_level", "postgresql_readonly", "postgresql_deferrable"}
 )
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether the connection was lost to a timeout: anywhere in the chain, by type or text."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (TimeoutError, asyncio.TimeoutError)) or (
+            isinstance(current, OSError) and current.errno == errno.ETIMEDOUT
+        ):
+            return True
+        if "timed out" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+# What a server sends as it ends a connection, the statement not run: a terminated backend or a
+# fast or immediate shutdown, a crash of another backend, an idle session timed out.
+_CONNECTION_ENDED = frozenset({"57P01", "57P02", "25P03", "57P05"})
 
 
 class _FirstStatements:
@@ -104,22 +128,71 @@ class FirstStatementReplay:
     """Sends a transaction's first statement again, on one engine, when its connection is lost."""
 
     def __init__(self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect) -> None:
-        self._enabled = policy.replay_first_statement
+        # pg8000 reports a connection that timed out and one the server closed with the same
+        # bare "network error", and a timed-out one must not be replayed (see _lost).
+        self._enabled = policy.replay_first_statement and dialect.driver != "pg8000"
         self._hooks = hooks
         self._dialect = dialect
 
     def listeners(self) -> dict[str, Callable[..., Any]]:
-        """Return the checkout event and the dialect's execute events, by name."""
-        if not self._enabled:
-            return {}
-        return {
-            "checkout": self._on_checkout,
-            "do_execute": self._on_do_execute,
-            "do_execute_no_params": self._on_do_execute_no_params,
-            "do_executemany": self._on_do_executemany,
-        }
+        """Return the checkout event, which marks a checkout's first statement, by name."""
+        return {"checkout": self._on_checkout} if self._enabled else {}
 
-    # -- events ---------------------------------------------------------------------------------
+    def wrap_execute(self) -> None:
+        """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
+
+        The dialect's methods, not SQLAlchemy's ``do_execute`` events: a listener of those that
+        returns True stops the listeners after it, so dropsafe's (added first, at harden())
+        would hide every first statement from the app's own listeners (SQLAlchemy's
+        DialectEventTest shows it). The dialect's method runs after every listener, as the
+        one that sends the statement; whatever method the instance has now runs inside.
+        """
+        if not self._enabled:
+            return
+        dialect = self._dialect
+        execute, execute_no_params, executemany = (
+            dialect.do_execute,
+            dialect.do_execute_no_params,
+            dialect.do_executemany,
+        )
+
+        def do_execute(
+            cursor: Any,  # noqa: ANN401 - DBAPI cursors are untyped
+            statement: str,
+            parameters: Any,  # noqa: ANN401
+            context: ExecutionContext | None = None,
+        ) -> None:
+            self._send(
+                cursor, statement, context, lambda on: execute(on, statement, parameters, context)
+            )
+
+        def do_execute_no_params(
+            cursor: Any,  # noqa: ANN401
+            statement: str,
+            context: ExecutionContext | None = None,
+        ) -> None:
+            self._send(
+                cursor, statement, context, lambda on: execute_no_params(on, statement, context)
+            )
+
+        def do_executemany(
+            cursor: Any,  # noqa: ANN401
+            statement: str,
+            parameters: Any,  # noqa: ANN401
+            context: ExecutionContext | None = None,
+        ) -> None:
+            self._send(
+                cursor,
+                statement,
+                context,
+                lambda on: executemany(on, statement, parameters, context),
+            )
+
+        # Documented Dialect methods, replaced on this instance only (as do_rollback is by
+        # _quiet_rollback): other engines and the dialect class are untouched.
+        dialect.do_execute = do_execute  # type: ignore[method-assign]
+        dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
+        dialect.do_executemany = do_executemany  # type: ignore[method-assign]
 
     def _on_checkout(
         self,
@@ -130,69 +203,34 @@ class FirstStatementReplay:
         del dbapi_connection, entry
         _FIRST.add(checkout)
 
-    def _on_do_execute(
-        self,
-        cursor: Any,  # noqa: ANN401 - DBAPI cursors are untyped
-        statement: str,
-        parameters: Any,  # noqa: ANN401
-        context: ExecutionContext,
-    ) -> bool:
-        def send(on: Any) -> None:  # noqa: ANN401
-            self._dialect.do_execute(on, statement, parameters, context)
-
-        return self._send(cursor, statement, context, send)
-
-    def _on_do_execute_no_params(
-        self,
-        cursor: Any,  # noqa: ANN401
-        statement: str,
-        context: ExecutionContext,
-    ) -> bool:
-        def send(on: Any) -> None:  # noqa: ANN401
-            self._dialect.do_execute_no_params(on, statement, context)
-
-        return self._send(cursor, statement, context, send)
-
-    def _on_do_executemany(
-        self,
-        cursor: Any,  # noqa: ANN401
-        statement: str,
-        parameters: Any,  # noqa: ANN401
-        context: ExecutionContext,
-    ) -> bool:
-        def send(on: Any) -> None:  # noqa: ANN401
-            self._dialect.do_executemany(on, statement, parameters, context)
-
-        return self._send(cursor, statement, context, send)
-
     # -- sending, and sending again -------------------------------------------------------------
 
     def _send(
         self,
         cursor: Any,  # noqa: ANN401
         statement: str,
-        context: ExecutionContext,
+        context: ExecutionContext | None,
         send: Callable[[Any], None],
-    ) -> bool:
-        """Send the statement if it may be replayed, and replay it; False: SQLAlchemy sends it."""
-        connection = context.root_connection
-        checkout = connection.connection
-        if not _FIRST.take(checkout):
-            return False
-        refusal = self._refusal(connection, context, statement, checkout)
+    ) -> None:
+        """Send the statement; if it may be replayed and its connection is lost, replay it."""
+        connection = None if context is None else context.root_connection
+        if context is None or connection is None or not _FIRST.take(connection.connection):
+            send(cursor)
+            return
+        refusal = self._refusal(connection, context, statement, connection.connection)
         if refusal is not None:
             logger.debug("dropsafe will not replay this first statement: %s", refusal)
-            return False
+            send(cursor)
+            return
         try:
             send(cursor)
         except Exception as exc:
-            if not self._lost(exc, checkout):
+            if not self._lost(exc, connection.connection):
                 raise
             send(self._reconnect(connection, context, exc))  # a second loss is raised as usual
             text = describe_error(exc)
             logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
             emit(self._hooks, FirstStatementReplayed(text))
-        return True
 
     def _refusal(  # noqa: PLR0911 - one reason per return, in the order they are checked
         self,
@@ -229,7 +267,23 @@ class FirstStatementReplay:
         return None
 
     def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
-        if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
+        """Whether ``error`` says the connection was lost before the server replied.
+
+        An error with a SQLSTATE is the server's reply, unless it is one of those a server sends
+        as it ends the connection: an error the server answered is never replayed, whatever
+        the dialect's ``is_disconnect`` (which a user may have widened) says of it. A connection
+        that timed out (``tcp_user_timeout``, keepalives: the peer went silent) is not replayed
+        either: the server may still hold the transaction, and the locks its first statement
+        took, until it notices the client is gone (hours, with its default keepalives); a
+        replay could wait on them that long, and a fresh connect on a path that is down would
+        only add its own timeout to the app's wait.
+        """
+        if _timed_out(error):
+            return False
+        state = sqlstate_of(error)
+        if state is not None:
+            return state in _CONNECTION_ENDED or state.startswith("08")
+        if classify(error) is ErrorKind.DISCONNECT:
             return True
         try:
             return isinstance(error, self._dialect.loaded_dbapi.Error) and bool(
