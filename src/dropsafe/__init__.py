@@ -26,6 +26,7 @@ if typing.TYPE_CHECKING:
     from dropsafe._engine import create_async_engine, create_engine, harden
     from dropsafe._errors import CommitOutcomeUnknown, ConfigurationError, DropsafeError
     from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
+    from dropsafe._request_unit import request_unit
     from dropsafe._transaction import run_transaction, run_transaction_async, transactional
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "create_async_engine",
     "create_engine",
     "harden",
+    "request_unit",
     "run_transaction",
     "run_transaction_async",
     "test_mode",
@@ -66,6 +68,7 @@ _HOMES = {
     "dropsafe._engine": ("create_async_engine", "create_engine", "harden"),
     "dropsafe._errors": ("CommitOutcomeUnknown", "ConfigurationError", "DropsafeError"),
     "dropsafe._policy": ("ConnectionPolicy", "Policy", "PoolPolicy", "UnitPolicy"),
+    "dropsafe._request_unit": ("request_unit",),
     "dropsafe._transaction": ("run_transaction", "run_transaction_async", "transactional"),
 }
 

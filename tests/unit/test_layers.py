@@ -46,6 +46,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("dropsafe._recording",),
     ("dropsafe._resolution", "dropsafe._unit"),
     ("dropsafe._transaction",),
+    # A request handler that takes a Session, run as one unit of work.
+    ("dropsafe._request_unit",),
     # The public face.
     ("dropsafe",),
     # Built on the public face: the test bench, the benchmark, the demo, the CLI.

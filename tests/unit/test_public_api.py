@@ -25,6 +25,7 @@ PUBLIC = {
         "create_async_engine",
         "create_engine",
         "harden",
+        "request_unit",
         "run_transaction",
         "run_transaction_async",
         "test_mode",
