@@ -24,7 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 import dropsafe
-from dropsafe.events import FirstStatementReplayed
+from dropsafe.events import FirstStatementReplayed, RollbackConnectionLost
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
@@ -818,5 +818,91 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(serve
             conn.execute(ITEMS.insert().values(n=1))
         assert len(_replayed(events)) == 1
         assert seen == [(1, True)]
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, proxy, driver):
+    # The first statement's backend still runs (and holds the row's lock) after its socket
+    # was cut; the replay's UPDATE waits for that lock, and must add 100 once, not twice.
+    server.execute("INSERT INTO attack_items (n) VALUES (1)")
+    events = []
+    engine = _engine(server, proxy, driver, events)
+    bump = sa.text(
+        "UPDATE attack_items SET n = n + 100 WHERE n = 1 "
+        "RETURNING n, pg_sleep(0.5) /* attack_bump */"
+    )
+    cutter = threading.Thread(
+        target=lambda: (_wait_until_running(server, "attack_bump"), proxy.cut("rst"))
+    )
+    try:
+        with engine.connect() as conn:
+            cutter.start()
+            assert [n for (n, _) in conn.execute(bump)] == [101]
+            conn.commit()
+        cutter.join(timeout=10)
+        assert not cutter.is_alive()
+        assert _items(server) == [101]
+        assert len(_replayed(events)) == 1
+    finally:
+        cutter.join(timeout=10)
+        engine.dispose()
+
+
+# -- the quiet ROLLBACK ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_concurrent_async_sessions_closing_on_lost_connections(server, proxy, driver):
+    # Each task's ROLLBACK is told apart by a context variable set right before it: many
+    # tasks closing at once on lost connections must each be absorbed, none raised, none
+    # mixed up with another's (a live one among them rolls back for real).
+    import asyncio  # noqa: PLC0415 - only this test needs it
+
+    events = []
+    engine = dropsafe.create_async_engine(
+        proxy.route(server.url(driver)),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        pool_size=6,
+        max_overflow=0,
+    )
+    try:
+        sessions = [AsyncSession(engine) for _ in range(5)]
+        for number, session in enumerate(sessions):
+            session.add(Item(n=number))
+            await session.flush()
+        assert server.terminate_backends() >= 5
+        live = AsyncSession(engine)
+        live.add(Item(n=99))
+        await live.flush()
+        await asyncio.wait_for(
+            asyncio.gather(*(s.close() for s in sessions), live.close()), timeout=20
+        )
+        assert _items(server) == []
+        assert _lost_rollbacks(events) == ["rollback"] * 5
+    finally:
+        await engine.dispose()
+
+
+def _lost_rollbacks(events):
+    return [e.during for e in events if isinstance(e, RollbackConnectionLost)]
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("fault", ["terminate", "cut"])
+def test_quiet_rollback_logs_and_events_hold_no_secret(server, proxy, driver, fault, caplog):
+    caplog.set_level(logging.DEBUG, logger="dropsafe")
+    events = []
+    engine = _engine(server, proxy, driver, events)
+    try:
+        with Session(engine) as session:
+            session.add(Item(n=1))
+            session.flush()
+            _lose(fault, server, proxy)
+        assert _lost_rollbacks(events) == ["rollback"]
+        assert server.password not in caplog.text
+        assert server.password not in repr(events)
+        assert _items(server) == []
     finally:
         engine.dispose()
