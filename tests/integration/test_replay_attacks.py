@@ -967,3 +967,102 @@ async def test_async_isolation_level_of_create_engine_holds_in_the_replay(server
         assert len(_replayed(events)) == 1
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(server, proxy, driver):
+    # The replay's fresh connection meets a network that forwards nothing (the proxy
+    # blackholed after the cut): the app's statement must fail with the lost connection's
+    # error within the connect timeout, not hang.
+    events = []
+    policy = dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(connect_timeout=2), hooks=(events.append,)
+    )
+    engine = _engine(server, proxy, driver, events, policy=policy, pool_timeout=2)
+    armed = [True]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def lose(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+        if armed[0] and "INSERT INTO attack_items" in statement:
+            armed[0] = False
+            assert proxy.cut("rst") >= 1
+            proxy.blackhole()
+
+    try:
+        started = time.monotonic()
+        with Session(engine) as session:
+            session.add(Item(n=1))
+            with pytest.raises(sa.exc.OperationalError):
+                session.commit()
+            elapsed = time.monotonic() - started
+            session.rollback()
+        assert elapsed < 15, elapsed
+        assert _replayed(events) == []
+        proxy.heal()
+        assert _items(server) == []
+    finally:
+        proxy.heal()
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, driver):
+    # Backends are terminated over and over while sessions write two rows each (the first
+    # INSERT is the transaction's first statement, replayable). Whatever the app saw: a
+    # transaction it saw commit has both rows exactly once; one that raised before COMMIT has
+    # none; one whose COMMIT raised has both or none (ambiguous); never one row alone, never
+    # a row twice (attack_audit has no unique key, so a doubled replay would show).
+    events = []
+    engine = _engine(server, proxy, driver, events, pool_timeout=5)
+    stop = threading.Event()
+    kills = [0]
+
+    def storm():
+        deadline = time.monotonic() + 30
+        while not stop.is_set() and time.monotonic() < deadline:
+            kills[0] += server.terminate_backends()
+
+    committing = {}
+
+    @event.listens_for(engine, "commit")
+    def note_commit(conn):
+        committing[conn.info.get("attack_tx")] = True
+
+    outcome = {}
+    killer = threading.Thread(target=storm)
+    killer.start()
+    try:
+        deadline = time.monotonic() + 4  # bounded in time and count
+        for i in range(400):
+            if time.monotonic() > deadline:
+                break
+            try:
+                with Session(engine) as session:
+                    session.connection().info["attack_tx"] = i
+                    session.add(Audit(what=f"{i}a"))
+                    session.flush()
+                    session.execute(sa.text("SELECT pg_sleep(0.002)"))  # a window mid-way
+                    session.add(Audit(what=f"{i}b"))
+                    session.commit()
+                outcome[i] = "committed"
+            except sa.exc.DBAPIError:
+                outcome[i] = "commit-raised" if committing.get(i) else "raised"
+    finally:
+        stop.set()
+        killer.join(timeout=40)
+    try:
+        assert not killer.is_alive()
+        rows = [what for (what,) in server.execute("SELECT what FROM attack_audit")]
+        assert len(rows) == len(set(rows)), "a row written twice"
+        for i, seen in outcome.items():
+            mine = sorted(r for r in rows if r in (f"{i}a", f"{i}b"))
+            if seen == "committed":
+                assert mine == [f"{i}a", f"{i}b"], (i, seen, mine)
+            elif seen == "raised":
+                assert mine == [], (i, seen, mine)
+            else:
+                assert mine in ([], [f"{i}a", f"{i}b"]), (i, seen, mine)
+        assert kills[0] > 0
+        assert "committed" in outcome.values()
+    finally:
+        engine.dispose()
