@@ -1074,9 +1074,10 @@ def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, d
         "BUG (bad input): execution_options(dropsafe_replay=0) or ='false' is neither "
         "rejected nor honoured: _replay._refusal tests `options.get(OPT_OUT, True) is "
         "False`, so any other falsy value replays the statement the app meant to opt out "
-        "(DID NOT RAISE: the INSERT was replayed and succeeded). Fix: accept only True/False and raise ConfigurationError "
-        "naming the option for anything else (at the statement, since execution options "
-        "are not validated earlier), or treat any value but True as an opt-out."
+        "(DID NOT RAISE: the INSERT was replayed and succeeded). Fix: accept only "
+        "True/False and raise ConfigurationError naming the option for anything else "
+        "(at the statement, since execution options are not validated earlier), or treat "
+        "any value but True as an opt-out."
     ),
 )
 @pytest.mark.parametrize("value", [0, "false"])
