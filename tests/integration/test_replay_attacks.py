@@ -1123,3 +1123,55 @@ def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(server,
         assert server.password not in caplog.text
     finally:
         engine.dispose()
+
+
+def _backend_pid(dbapi_connection):
+    info = getattr(dbapi_connection, "info", None)
+    if info is not None and hasattr(info, "backend_pid"):
+        return info.backend_pid  # psycopg 3
+    return dbapi_connection.get_backend_pid()  # psycopg2
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver):
+    # SIGKILL of a backend makes the postmaster reset every session and recover: the replay's
+    # fresh connection may come during recovery (refused) or after. Either way what the app
+    # saw must match the server, within bounds.
+    import os  # noqa: PLC0415
+    import signal  # noqa: PLC0415
+
+    events = []
+    engine = _engine(server, proxy, driver, events, pool_timeout=5)
+    armed = [True]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def kill(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+        if armed[0] and "INSERT INTO attack_items" in statement:
+            armed[0] = False
+            os.kill(_backend_pid(conn.connection.dbapi_connection), signal.SIGKILL)
+
+    try:
+        started = time.monotonic()
+        try:
+            with Session(engine) as session:
+                session.add(Item(n=1))
+                session.commit()
+        except sa.exc.DBAPIError:
+            committed = False
+        else:
+            committed = True
+        assert time.monotonic() - started < 30
+        assert not armed[0]
+        deadline = time.monotonic() + 30
+        while True:  # the server recovers from the crash: wait for it, with a deadline
+            try:
+                rows = _items(server)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        assert rows == ([1] if committed else [])
+        assert len(_replayed(events)) == (1 if committed else 0)
+    finally:
+        engine.dispose()
