@@ -28,13 +28,15 @@ future SQLAlchemy), nothing is replayed: the error is raised as without dropsafe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import logging
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from dropsafe._classify import ErrorKind, classify
+from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
 from dropsafe.events import FirstStatementReplayed
@@ -61,6 +63,27 @@ OPT_OUT = "dropsafe_replay"
 _CONNECTION_CHARACTERISTICS = frozenset(
     {"isolation_level", "postgresql_readonly", "postgresql_deferrable"}
 )
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether the connection was lost to a timeout: anywhere in the chain, by type or text."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (TimeoutError, asyncio.TimeoutError)) or (
+            isinstance(current, OSError) and current.errno == errno.ETIMEDOUT
+        ):
+            return True
+        if "timed out" in str(current).lower():
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+# What a server sends as it ends a connection, the statement not run: a terminated backend or a
+# fast or immediate shutdown, a crash of another backend, an idle session timed out.
+_CONNECTION_ENDED = frozenset({"57P01", "57P02", "25P03", "57P05"})
 
 
 class _FirstStatements:
@@ -104,7 +127,9 @@ class FirstStatementReplay:
     """Sends a transaction's first statement again, on one engine, when its connection is lost."""
 
     def __init__(self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect) -> None:
-        self._enabled = policy.replay_first_statement
+        # pg8000 reports a connection that timed out and one the server closed with the same
+        # bare "network error", and a timed-out one must not be replayed (see _lost).
+        self._enabled = policy.replay_first_statement and dialect.driver != "pg8000"
         self._hooks = hooks
         self._dialect = dialect
 
@@ -229,7 +254,23 @@ class FirstStatementReplay:
         return None
 
     def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
-        if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
+        """Whether ``error`` says the connection was lost before the server replied.
+
+        An error with a SQLSTATE is the server's reply, unless it is one of those a server sends
+        as it ends the connection: an error the server answered is never replayed, whatever
+        the dialect's ``is_disconnect`` (which a user may have widened) says of it. A connection
+        that timed out (``tcp_user_timeout``, keepalives: the peer went silent) is not replayed
+        either: the server may still hold the transaction, and the locks its first statement
+        took, until it notices the client is gone (hours, with its default keepalives); a
+        replay could wait on them that long, and a fresh connect on a path that is down would
+        only add its own timeout to the app's wait.
+        """
+        if _timed_out(error):
+            return False
+        state = sqlstate_of(error)
+        if state is not None:
+            return state in _CONNECTION_ENDED or state.startswith("08")
+        if classify(error) is ErrorKind.DISCONNECT:
             return True
         try:
             return isinstance(error, self._dialect.loaded_dbapi.Error) and bool(

@@ -339,3 +339,49 @@ def test_inside_a_unit_of_work_the_unit_runs_again_instead(server, proxy):
         assert [type(e) for e in events if isinstance(e, RetryScheduled)] == [RetryScheduled]
     finally:
         engine.dispose()
+
+
+def test_an_error_the_server_answered_is_not_replayed(server, proxy):
+    # Even where the dialect's is_disconnect says "disconnect" (a user may widen it, as
+    # SQLAlchemy's own HandleErrorTest does): the server replied, the statement is not resent.
+    events = []
+    engine = _engine(server, proxy, "psycopg2", events)
+    engine.dialect.is_disconnect = lambda *args: True
+    checkouts = []
+    event.listen(engine, "checkout", lambda *args: checkouts.append(1))
+    try:
+        with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError):
+            conn.exec_driver_sql("SELECT x FROM no_such_table")
+        assert len(checkouts) == 1  # a replay would have checked out a fresh connection
+        assert _replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.timeout(60)
+def test_a_connection_that_timed_out_is_not_replayed(server, kernel_blackhole):
+    # The server may still hold the transaction (and its locks) until it notices: no replay,
+    # and no fresh connect on a dead path adding its own timeout to the app's wait.
+    events = []
+    policy = dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2), hooks=(events.append,)
+    )
+    engine = dropsafe.create_engine(server.url("psycopg2"), policy=policy)
+    try:
+        with engine.connect() as conn:
+            conn.execute(BACKEND_PID)
+        connects = []
+        event.listen(engine, "do_connect", lambda *args: connects.append(1))
+        with kernel_blackhole(server.port):
+            started = time.monotonic()
+            with (
+                engine.connect() as conn,
+                pytest.raises(sa.exc.OperationalError, match="timed out"),
+            ):
+                conn.execute(BACKEND_PID)
+            elapsed = time.monotonic() - started
+        assert connects == []  # a replay would have tried a fresh connection
+        assert _replayed(events) == []
+        assert elapsed < 10
+    finally:
+        engine.dispose()
