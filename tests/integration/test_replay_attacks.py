@@ -797,18 +797,9 @@ def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, 
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (minor): with psycopg2, a first statement that got a *reply* (a trigger's "
-        "RAISE EXCEPTION 'partner closed the connection', SQLSTATE P0001) is taken for a "
-        "lost connection: SQLAlchemy's psycopg2 is_disconnect matches 'closed the "
-        "connection' in the message's first line, which _replay._lost accepts besides "
-        "classify(); the statement runs twice (nextval counts 2), against 'before any reply'. "
-        "Fix: in _lost, trust a SQLSTATE when the error carries one (classify() alone), and "
-        "ask is_disconnect only of errors without one."
-    ),
-)
+# Found by this file on h12's first version (the statement ran twice: nextval counted 2,
+# SQLAlchemy's psycopg2 is_disconnect matched 'closed the connection' in the message); h12's
+# "never after an error the server answered" fixed it: now the proof.
 def test_a_server_error_that_reads_like_a_disconnect_is_not_replayed(server, proxy):
     server.execute(
         "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq; "
