@@ -1166,3 +1166,43 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
         assert len(_replayed(events)) == (1 if committed else 0)
     finally:
         engine.dispose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: dblink's own failed connect to a remote is answered by the server with "
+        "SQLSTATE 08001 on a healthy connection; _replay._lost (h12's de09ed4) takes any "
+        "08xxx SQLSTATE for a lost connection, so dropsafe closes the healthy connection "
+        "and sends the statement again: it ran twice (nextval last_value 2, not 1). "
+        "dblink_exec to a remote that ran the command and then failed with 08006 would "
+        "thus apply a remote effect twice. Fix: with a SQLSTATE, replay only when the "
+        "driver's connection is really gone (psycopg: conn.closed or conn.broken; psycopg2: "
+        "conn.closed != 0; asyncpg: is_closed()), or only for _CONNECTION_ENDED."
+    ),
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_dblink_connection_error_answered_by_the_server_is_not_replayed(server, proxy, driver):
+    # dblink (like postgres_fdw) reports its own failed connection to a remote server with
+    # SQLSTATE 08001, in a reply, on a connection that is fine. That is no lost connection of
+    # the app's: the statement must not run twice (the sequence counts the runs).
+    server.execute(
+        "CREATE EXTENSION IF NOT EXISTS dblink; "
+        "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
+    )
+    events = []
+    engine = _engine(server, proxy, driver, events)
+    remote_down = sa.text(
+        "SELECT nextval('attack_seq'), "
+        "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
+    )
+    try:
+        with engine.connect() as conn:
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                conn.execute(remote_down)
+            orig = raised.value.orig
+            assert (getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)) == "08001"
+        assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
+        assert _replayed(events) == []
+    finally:
+        engine.dispose()
