@@ -1206,3 +1206,30 @@ def test_a_dblink_connection_error_answered_by_the_server_is_not_replayed(server
         assert _replayed(events) == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("where", ["option-engine", "orm-execute", "session-connection"])
+def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(server, proxy, where):
+    events = []
+    engine = _engine(server, proxy, "psycopg", events)
+    insert = ITEMS.insert().values(n=1)
+    try:
+        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+        bind = (
+            engine.execution_options(dropsafe_replay=False) if where == "option-engine" else engine
+        )
+        opted_out = {"dropsafe_replay": False}
+
+        def run(session):
+            if where == "orm-execute":
+                return session.execute(insert, execution_options=opted_out)
+            if where == "session-connection":
+                return session.connection(execution_options=opted_out).execute(insert)
+            return session.execute(insert)
+
+        with Session(bind) as session, pytest.raises(sa.exc.OperationalError):
+            run(session)
+        assert _replayed(events) == []
+        assert _items(server) == []
+    finally:
+        engine.dispose()
