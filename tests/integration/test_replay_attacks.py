@@ -710,9 +710,18 @@ def test_dblink_exec_first_statement_effect_outside_the_transaction(server, prox
         "SELECT dblink_exec(:target, 'INSERT INTO attack_audit (what) VALUES (''remote'')'), "
         "pg_sleep(0.5) /* dblink_slow */"
     ).execution_options(dropsafe_replay=not opted_out)
-    cutter = threading.Thread(
-        target=lambda: (_wait_until_running(server, "dblink_slow"), proxy.cut("rst"))
-    )
+
+    def cut_once_the_remote_write_committed():
+        # Only then is this "the server ran it, the reply was lost" (the backend is in
+        # pg_sleep by now); cutting earlier could let the app's error race the remote commit.
+        deadline = time.monotonic() + 10
+        while server.execute("SELECT count(*) FROM attack_audit") == [("0",)]:
+            assert time.monotonic() < deadline, "the remote write never committed"
+            time.sleep(0.01)  # polling a condition with a deadline
+        _wait_until_running(server, "dblink_slow")
+        proxy.cut("rst")
+
+    cutter = threading.Thread(target=cut_once_the_remote_write_committed)
     try:
         with engine.connect() as conn:
             cutter.start()
