@@ -195,36 +195,48 @@ async def test_async_first_statement_replayed_with_prepared_statements(server, p
 
 
 def _wait_until_running(server, needle, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = server.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            f"WHERE state = 'active' AND query LIKE '%{needle}%' AND pid <> pg_backend_pid()"
-        )
-        if int(rows[0][0]) > 0:
-            return
-        time.sleep(0.01)
-    pytest.fail(f"the statement with {needle} never ran")
+    """Wait until a statement holding ``needle`` runs on the server (polled directly, fast)."""
+    watcher = sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool)
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE state = 'active' AND query LIKE :like AND pid <> pg_backend_pid()"
+    )
+    try:
+        with watcher.connect() as conn:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if conn.execute(query, {"like": f"%{needle}%"}).scalar():
+                    return True
+                conn.rollback()
+                time.sleep(0.005)
+    finally:
+        watcher.dispose()
+    return False
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_reply_lost_after_the_server_ran_it_is_replayed_once(server, proxy, driver):
-    # The server runs the INSERT, then the socket is cut before the reply: the transaction is
+    # The server runs the INSERT, and the socket is cut before the reply: the transaction is
     # aborted with its backend, so the replay must not double the row (n is unique too).
     events = []
     engine = _engine(server, proxy, driver, events)
     slow = sa.text(
-        "INSERT INTO replay_items (n) SELECT 9 FROM pg_sleep(0.5) /* replay_slow */ RETURNING n"
+        "INSERT INTO replay_items (n) SELECT 9 FROM pg_sleep(2) /* replay_slow */ RETURNING n"
     )
+    seen = []
+
+    def cut_while_it_runs():
+        seen.append(_wait_until_running(server, "replay_slow"))
+        proxy.cut("rst")
+
     try:
-        cutter = threading.Thread(
-            target=lambda: (_wait_until_running(server, "replay_slow"), proxy.cut("rst"))
-        )
+        cutter = threading.Thread(target=cut_while_it_runs)
         with engine.connect() as conn:
             cutter.start()
             assert conn.execute(slow).scalar() == 9
             conn.commit()
         cutter.join(timeout=10)
+        assert seen == [True]
         assert _rows(server) == [9]
         assert len(_replayed(events)) == 1
     finally:
