@@ -683,18 +683,34 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
         engine.dispose()
 
 
+def _poll(server, sql, timeout=10.0):
+    """Poll ``sql`` (a count) on a direct connection until it is non-zero, with a deadline.
+
+    A direct connection answers in milliseconds; a psql per poll can take longer than the
+    statement being watched on a loaded machine.
+    """
+    watcher = sa.create_engine(server.url("psycopg2"), poolclass=NullPool)
+    try:
+        with watcher.connect() as conn:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if conn.execute(sa.text(sql)).scalar():
+                    return True
+                conn.rollback()
+                time.sleep(0.005)  # polling a condition with a deadline
+    finally:
+        watcher.dispose()
+    return False
+
+
 def _wait_until_running(server, needle, timeout=10.0):
-    """Poll pg_stat_activity (a condition with a deadline) until ``needle`` is running."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = server.execute(
-            "SELECT count(*) FROM pg_stat_activity "
-            f"WHERE state = 'active' AND query LIKE '%{needle}%' AND pid <> pg_backend_pid()"
-        )
-        if int(rows[0][0]) > 0:
-            return
-        time.sleep(0.01)
-    pytest.fail(f"the statement with {needle} never ran")
+    """Wait until a statement holding ``needle`` runs on the server."""
+    return _poll(
+        server,
+        "SELECT count(*) FROM pg_stat_activity "
+        f"WHERE state = 'active' AND query LIKE '%{needle}%' AND pid <> pg_backend_pid()",
+        timeout,
+    )
 
 
 @pytest.mark.parametrize("opted_out", [False, True], ids=["default", "opted-out"])
@@ -708,17 +724,15 @@ def test_dblink_exec_first_statement_effect_outside_the_transaction(server, prox
     target = f"host={server.socket_dir} port={server.port} user=postgres dbname=postgres"
     remote = sa.text(
         "SELECT dblink_exec(:target, 'INSERT INTO attack_audit (what) VALUES (''remote'')'), "
-        "pg_sleep(0.5) /* dblink_slow */"
+        "pg_sleep(2) /* dblink_slow */"
     ).execution_options(dropsafe_replay=not opted_out)
+
+    seen = []
 
     def cut_once_the_remote_write_committed():
         # Only then is this "the server ran it, the reply was lost" (the backend is in
         # pg_sleep by now); cutting earlier could let the app's error race the remote commit.
-        deadline = time.monotonic() + 10
-        while server.execute("SELECT count(*) FROM attack_audit") == [("0",)]:
-            assert time.monotonic() < deadline, "the remote write never committed"
-            time.sleep(0.01)  # polling a condition with a deadline
-        _wait_until_running(server, "dblink_slow")
+        seen.append(_poll(server, "SELECT count(*) FROM attack_audit"))
         proxy.cut("rst")
 
     cutter = threading.Thread(target=cut_once_the_remote_write_committed)
@@ -732,7 +746,7 @@ def test_dblink_exec_first_statement_effect_outside_the_transaction(server, prox
                 conn.execute(remote, {"target": target})
                 conn.commit()
         cutter.join(timeout=10)
-        assert not cutter.is_alive()
+        assert seen == [True]
         assert _audit(server) == (["remote"] if opted_out else ["remote", "remote"])
         assert len(_replayed(events)) == (0 if opted_out else 1)
     finally:
@@ -870,19 +884,22 @@ def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, pro
     events = []
     engine = _engine(server, proxy, driver, events)
     bump = sa.text(
-        "UPDATE attack_items SET n = n + 100 WHERE n = 1 "
-        "RETURNING n, pg_sleep(0.5) /* attack_bump */"
+        "UPDATE attack_items SET n = n + 100 WHERE n = 1 RETURNING n, pg_sleep(2) /* attack_bump */"
     )
-    cutter = threading.Thread(
-        target=lambda: (_wait_until_running(server, "attack_bump"), proxy.cut("rst"))
-    )
+    seen = []
+
+    def cut_while_it_runs():
+        seen.append(_wait_until_running(server, "attack_bump"))
+        proxy.cut("rst")
+
+    cutter = threading.Thread(target=cut_while_it_runs)
     try:
         with engine.connect() as conn:
             cutter.start()
             assert [n for (n, _) in conn.execute(bump)] == [101]
             conn.commit()
         cutter.join(timeout=10)
-        assert not cutter.is_alive()
+        assert seen == [True]
         assert _items(server) == [101]
         assert len(_replayed(events)) == 1
     finally:
