@@ -1259,3 +1259,37 @@ def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(server, pro
         assert _items(server) == []
     finally:
         engine.dispose()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
+    server, proxy, driver, kernel_blackhole
+):
+    # The first statement goes into a path that drops every packet (in the kernel: a
+    # userspace blackhole's kernel would acknowledge the data, and nothing would ever time
+    # out). The socket times out (tcp_user_timeout); the server may still hold that
+    # transaction and its locks, so it is not replayed: the app gets the error within the
+    # timeout, and nothing is written.
+    events = []
+    policy = dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=1, connect_timeout=2),
+        hooks=(events.append,),
+    )
+    engine = _engine(server, proxy, driver, events, policy=policy)
+    with engine.connect() as conn:  # the pool's one connection, made before the blackhole
+        conn.exec_driver_sql("SELECT 1")
+    try:
+        with kernel_blackhole(proxy.port):
+            started = time.monotonic()
+            with Session(engine) as session:
+                session.add(Item(n=1))
+                with pytest.raises(sa.exc.OperationalError):
+                    session.commit()
+                elapsed = time.monotonic() - started
+                session.rollback()
+        assert elapsed < 20, elapsed
+        assert _replayed(events) == []
+        assert _items(server) == []
+    finally:
+        engine.dispose()
