@@ -184,6 +184,26 @@ class Driver:
         """Make one round trip, bounded by ``timeout``; raise if it fails."""
         raise NotImplementedError
 
+    def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        """Whether no transaction is open on the connection, as the driver knows it locally.
+
+        False once anything (the app's own cursor, a COPY, a listener) began one; None when
+        the driver does not say. Read without a round trip: the first-statement replay asks
+        it before it sends, since a statement sent into an open transaction is not its first.
+        """
+        del dbapi_connection
+        return None
+
+    def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        """Whether the driver has found the connection lost (closed under it); None if unknown.
+
+        Read after an error: a SQLSTATE of class 08 is also what a server answers on a healthy
+        connection (dblink, postgres_fdw failing to reach their remote), so only this tells a
+        lost connection from a reply.
+        """
+        del dbapi_connection
+        return None
+
 
 class _Libpq(Driver):
     """psycopg2 and psycopg 3: libpq connection parameters, socket polled by file descriptor."""
@@ -278,6 +298,16 @@ class _Psycopg2(_Libpq):
     def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
         return _is_instance(dbapi_connection, "psycopg2.extensions", "connection")
 
+    def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        idle = getattr(sys.modules.get("psycopg2.extensions"), "TRANSACTION_STATUS_IDLE", None)
+        if idle is None:
+            return None
+        return bool(dbapi_connection.get_transaction_status() == idle)
+
+    def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        # 0 open; 1 closed by the app; 2 found broken by libpq.
+        return bool(dbapi_connection.closed)
+
 
 class _Psycopg(_Libpq):
     name = "psycopg"
@@ -298,6 +328,19 @@ class _Psycopg(_Libpq):
         if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async
             dbapi_connection = dbapi_connection.driver_connection
         return _is_instance(dbapi_connection, "psycopg", "BaseConnection")
+
+    def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        # psycopg_async's adapter opens no transaction of its own: the driver's status is all.
+        native = _driver_connection(dbapi_connection)
+        status = getattr(sys.modules.get("psycopg.pq"), "TransactionStatus", None)
+        idle = getattr(status, "IDLE", None)
+        if idle is None:
+            return None
+        return bool(native.info.transaction_status == idle)
+
+    def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        native = _driver_connection(dbapi_connection)
+        return bool(native.closed or native.broken)
 
 
 class _Asyncpg(Driver):
@@ -346,6 +389,22 @@ class _Asyncpg(Driver):
     def set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
         cparams["host"] = [host for host, _ in pairs]
         cparams["port"] = [int(port) for _, port in pairs]
+
+    def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        # SQLAlchemy's adapter sends its BEGIN itself, lazily, at the first statement it is
+        # given, and keeps its asyncpg Transaction (private: ``_transaction`` in SQLAlchemy
+        # 2.1, a ``_started`` flag in 2.0; a SQLAlchemy with neither gets no replay). The
+        # app's own work on the asyncpg connection shows in is_in_transaction().
+        if hasattr(dbapi_connection, "_transaction"):
+            started = dbapi_connection._transaction is not None  # noqa: SLF001
+        elif isinstance(getattr(dbapi_connection, "_started", None), bool):
+            started = dbapi_connection._started  # noqa: SLF001
+        else:
+            return None
+        return not started and not dbapi_connection.driver_connection.is_in_transaction()
+
+    def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        return bool(dbapi_connection.driver_connection.is_closed())
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = dbapi_connection._connection  # noqa: SLF001
@@ -579,6 +638,13 @@ def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()
     if revents & (_POLL_DEAD | select.POLLNVAL):
         return Health.CLOSED
     return Health.DATA_WAITING
+
+
+def _driver_connection(connection: Any) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
+    """Return the driver's connection inside SQLAlchemy's async adapter, or ``connection``."""
+    if isinstance(connection, AdaptedConnection):
+        return connection.driver_connection
+    return connection
 
 
 def _unwrap_once(wrapper: Any) -> Any:  # noqa: ANN401

@@ -37,6 +37,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
+from dropsafe._drivers import driver_for, is_supported
+from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
 from dropsafe.events import FirstStatementReplayed
@@ -86,6 +88,18 @@ def _timed_out(error: BaseException) -> bool:
 _CONNECTION_ENDED = frozenset({"57P01", "57P02", "25P03", "57P05"})
 
 
+def _check_opt_out(options: Any) -> None:  # noqa: ANN401 - SQLAlchemy's immutabledict
+    """Raise unless the opt-out, if given, is True or False.
+
+    SQLAlchemy does not look at options it does not know, so a ``dropsafe_replay=0`` or
+    ``"false"`` would be neither honoured nor refused: the statement the app meant to opt out
+    would be replayed. It is refused at the statement, before anything is sent.
+    """
+    value = options.get(OPT_OUT, True)
+    if value is not True and value is not False:
+        raise ConfigurationError(f"execution option {OPT_OUT} must be True or False, not {value!r}")
+
+
 class _FirstStatements:
     """The checkouts whose first statement has not been sent yet.
 
@@ -129,7 +143,14 @@ class FirstStatementReplay:
     def __init__(self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect) -> None:
         # pg8000 reports a connection that timed out and one the server closed with the same
         # bare "network error", and a timed-out one must not be replayed (see _lost).
-        self._enabled = policy.replay_first_statement and dialect.driver != "pg8000"
+        # The driver must say, before the statement is sent, whether a transaction is open
+        # on its connection, and after an error whether the connection is gone (_drivers.py).
+        self._driver = driver_for(dialect) if is_supported(str(dialect.driver)) else None
+        self._enabled = (
+            policy.replay_first_statement
+            and dialect.driver != "pg8000"
+            and self._driver is not None
+        )
         self._hooks = hooks
         self._dialect = dialect
 
@@ -200,6 +221,7 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
     ) -> bool:
         """Send the statement if it may be replayed, and replay it; False: SQLAlchemy sends it."""
+        _check_opt_out(context.execution_options)
         connection = context.root_connection
         checkout = connection.connection
         if not _FIRST.take(checkout):
@@ -228,7 +250,7 @@ class FirstStatementReplay:
     ) -> str | None:
         """Why this first statement must not be replayed, or None."""
         options = context.execution_options
-        if options.get(OPT_OUT, True) is False:
+        if options.get(OPT_OUT, True) is False:  # any other value but True: _check_opt_out
             return f"{OPT_OUT}=False"
         characteristics = _CONNECTION_CHARACTERISTICS.intersection(options)
         if characteristics:
@@ -251,6 +273,29 @@ class FirstStatementReplay:
             return "its autocommit setting is unknown"
         if autocommit:
             return "autocommit: the statement may have committed"
+        return self._driver_busy(dbapi_connection)
+
+    def _driver_busy(self, dbapi_connection: Any) -> str | None:  # noqa: ANN401
+        """Why the driver's connection already holds work of the app's, or None if idle.
+
+        SQLAlchemy's first statement on a checkout is not the connection's first: the app may
+        have written through the driver's own connection (a cursor of its own, a COPY, an
+        ``after_begin`` or ``before_cursor_execute`` listener, SET TRANSACTION) before it. That
+        work is in the transaction the driver opened, and a replay on a fresh connection would
+        drop it while the commit succeeds. The driver's local transaction status tells, without
+        a round trip; where it cannot be read, nothing is replayed.
+        """
+        native = None if self._driver is None else self._driver.native(dbapi_connection)
+        if native is None or self._driver is None:
+            return "the driver's connection is not one dropsafe can read"
+        try:
+            idle = self._driver.transaction_idle(native)
+        except Exception:  # noqa: BLE001 - a state we cannot read is not replayed
+            idle = None
+        if idle is None:
+            return "the driver's transaction status is unknown"
+        if not idle:
+            return "a transaction was already open on the driver's connection"
         return None
 
     def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
@@ -265,7 +310,7 @@ class FirstStatementReplay:
         replay could wait on them that long, and a fresh connect on a path that is down would
         only add its own timeout to the app's wait.
         """
-        if _timed_out(error):
+        if _timed_out(error) or not self._gone(checkout):
             return False
         state = sqlstate_of(error)
         if state is not None:
@@ -276,6 +321,21 @@ class FirstStatementReplay:
             return isinstance(error, self._dialect.loaded_dbapi.Error) and bool(
                 self._dialect.is_disconnect(error, checkout, None)
             )
+        except Exception:  # noqa: BLE001 - an unsure verdict is no lost connection
+            return False
+
+    def _gone(self, checkout: PoolProxiedConnection) -> bool:
+        """Whether the driver found its connection lost: an error alone does not tell.
+
+        A server answers SQLSTATE 08001 on a healthy connection when dblink or postgres_fdw
+        cannot reach their remote; sent again, such a statement would run twice.
+        """
+        dbapi_connection = checkout.dbapi_connection
+        native = None if self._driver is None else self._driver.native(dbapi_connection)
+        if native is None or self._driver is None:
+            return False
+        try:
+            return self._driver.gone(native) is True
         except Exception:  # noqa: BLE001 - an unsure verdict is no lost connection
             return False
 
@@ -306,6 +366,10 @@ class FirstStatementReplay:
         # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
         connection._dbapi_connection = fresh  # noqa: SLF001
         context._dbapi_connection = fresh  # noqa: SLF001
+        # The lost connection's cursor is closed first: psycopg 3 warns of a server-side
+        # cursor (stream_results) deleted while open. Its connection is gone: errors are moot.
+        with contextlib.suppress(Exception):
+            context.cursor.close()
         cursor = context.create_cursor()
         context.cursor = cursor  # documented; set as SQLAlchemy's FAQ recipe does
         return cursor

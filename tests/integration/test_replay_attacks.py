@@ -133,19 +133,6 @@ def _raw_cursor_execute(sa_connection, sql):
 # -- writes that did not go through SQLAlchemy's execute, before the "first" statement ------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: an after_begin listener wrote through the driver's cursor (as apps do for COPY "
-        "or audit rows); the app's first *SQLAlchemy* statement was replayed on a fresh "
-        "connection, the listener's INSERT died with the old one, and session.commit() "
-        "succeeded: attack_audit == [] while attack_items == [1]. Fix: before sending a "
-        "'first' statement, refuse the replay unless the driver's connection has no "
-        "transaction open (psycopg: info.transaction_status == IDLE; psycopg2: "
-        "get_transaction_status() == TRANSACTION_STATUS_IDLE; asyncpg adapter: not "
-        "_started / is_in_transaction())."
-    ),
-)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(server, proxy, driver):
     events = []
@@ -173,16 +160,6 @@ def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(server, proxy
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the app loaded rows with psycopg 3's COPY on the driver's connection, then "
-        "wrote a row through SQLAlchemy (its first statement on this checkout) and "
-        "committed: the replay moved the transaction to a fresh connection, the COPY's rows "
-        "were lost and commit succeeded: attack_audit == [] while attack_items == [7]. "
-        "Same fix: refuse unless the driver's connection is idle (no transaction open)."
-    ),
-)
 def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(server, proxy):
     events = []
     engine = _engine(server, proxy, "psycopg", events)
@@ -207,15 +184,6 @@ def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a before_cursor_execute listener wrote through the cursor it is given, before "
-        "the app's first statement; the replay sent only the app's statement on a fresh "
-        "connection and the commit succeeded: attack_audit == [] while attack_items == [2]. "
-        "Same fix: refuse when the driver's connection is already in a transaction."
-    ),
-)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(server, proxy, driver):
     events = []
@@ -241,15 +209,6 @@ def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(server, pr
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: SET TRANSACTION ISOLATION LEVEL SERIALIZABLE sent through the driver's cursor "
-        "in after_begin; the replayed first statement ran on a fresh connection in a READ "
-        "COMMITTED transaction and the app was told nothing: isolation == 'read committed'. "
-        "Same fix as above."
-    ),
-)
 def test_raw_set_transaction_isolation_survives_the_replay(server, proxy):
     events = []
     engine = _engine(server, proxy, "psycopg", events)
@@ -270,15 +229,6 @@ def test_raw_set_transaction_isolation_survives_the_replay(server, proxy):
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (asyncpg and psycopg async): an after_begin listener's write through the "
-        "driver's cursor is lost by the replay of the app's first statement, and the "
-        "commit succeeds: attack_audit == [] while attack_items == [3]. Fix: refuse when "
-        "the adapted connection has started its transaction already."
-    ),
-)
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(server, proxy, driver):
     events = []
@@ -518,16 +468,6 @@ def test_psycopg_pipeline_mode_first_statement(server, proxy):
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (minor, psycopg 3): the replay makes a new cursor but never closes the lost "
-        "connection's server-side cursor: psycopg warns 'ResourceWarning: <psycopg."
-        "ServerCursor> was deleted while still open' (an error under -W error, and a "
-        "PytestUnraisableExceptionWarning here). Fix: in _replay._reconnect, close the old "
-        "context.cursor (errors suppressed) before context.create_cursor()."
-    ),
-)
 def test_replay_closes_the_lost_server_side_cursor(server, proxy):
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
     events = []
@@ -1085,18 +1025,6 @@ def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, d
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG (bad input): execution_options(dropsafe_replay=0) or ='false' is neither "
-        "rejected nor honoured: _replay._refusal tests `options.get(OPT_OUT, True) is "
-        "False`, so any other falsy value replays the statement the app meant to opt out "
-        "(DID NOT RAISE: the INSERT was replayed and succeeded). Fix: accept only "
-        "True/False and raise ConfigurationError naming the option for anything else "
-        "(at the statement, since execution options are not validated earlier), or treat "
-        "any value but True as an opt-out."
-    ),
-)
 @pytest.mark.parametrize("value", [0, "false"])
 def test_a_malformed_opt_out_is_refused_or_honoured(server, proxy, value):
     events = []
@@ -1194,19 +1122,6 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
         engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: dblink's own failed connect to a remote is answered by the server with "
-        "SQLSTATE 08001 on a healthy connection; _replay._lost (h12's de09ed4) takes any "
-        "08xxx SQLSTATE for a lost connection, so dropsafe closes the healthy connection "
-        "and sends the statement again: it ran twice (nextval last_value 2, not 1). "
-        "dblink_exec to a remote that ran the command and then failed with 08006 would "
-        "thus apply a remote effect twice. Fix: with a SQLSTATE, replay only when the "
-        "driver's connection is really gone (psycopg: conn.closed or conn.broken; psycopg2: "
-        "conn.closed != 0; asyncpg: is_closed()), or only for _CONNECTION_ENDED."
-    ),
-)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_dblink_connection_error_answered_by_the_server_is_not_replayed(server, proxy, driver):
     # dblink (like postgres_fdw) reports its own failed connection to a remote server with
