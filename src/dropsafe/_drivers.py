@@ -18,6 +18,8 @@ import math
 import os
 import re
 import select
+import socket
+import struct
 import sys
 import time
 import uuid
@@ -33,7 +35,6 @@ from dropsafe._policy import ConnectionPolicy, seconds
 from dropsafe._socket_shutdown import shut_down_at
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.engine import Dialect
@@ -44,6 +45,7 @@ __all__ = [
     "Driver",
     "Health",
     "Server",
+    "bytes_sent",
     "driver_for",
     "is_supported",
     "socket_fd",
@@ -73,6 +75,14 @@ _UNWRAP_DEPTH = 3
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _POLL_MASK = select.POLLIN | _POLL_DEAD
+# struct tcp_info (linux/tcp.h, Linux 4.19+): u32 tcpi_notsent_bytes at 144, u64
+# tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208. The layout only grows at its end, so
+# these offsets hold on later kernels.
+_TCP_INFO_NOTSENT = struct.Struct("=I")
+_TCP_INFO_NOTSENT_AT = 144
+_TCP_INFO_BYTES = struct.Struct("=QQ")
+_TCP_INFO_BYTES_AT = 200
+_TCP_INFO_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -522,6 +532,33 @@ def socket_fd(dbapi_connection: Any) -> int | None:  # noqa: ANN401 - DBAPI conn
         if native is not None:
             return _socket_fd_or_none(driver, native)
     return None
+
+
+def bytes_sent(driver: Driver, native: Any) -> int | None:  # noqa: ANN401 - DBAPI connections are untyped
+    """Return the data bytes written so far to the connection's TCP socket; None if unknown.
+
+    Sent, or queued in the kernel and not sent yet; retransmissions are not counted: the
+    number grows only when the client writes something.
+    The first-statement replay compares it at checkout and before the first statement: a
+    driver's connection used around SQLAlchemy in between (a session SET committed there)
+    leaves no other trace a client can read without a round trip. One getsockopt, from the
+    kernel (TCP_INFO); None on a Unix socket, on a kernel before 4.19, or without a socket.
+    """
+    fd = _socket_fd_or_none(driver, native)
+    option = getattr(socket, "TCP_INFO", None)
+    if fd is None or option is None:
+        return None
+    try:
+        # A duplicate of the fd, closed here: the driver's socket object is left alone.
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+            info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_LENGTH)
+    except OSError:  # not TCP (a Unix socket), or closed
+        return None
+    if len(info) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size:
+        return None
+    sent, retransmitted = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
+    (queued,) = _TCP_INFO_NOTSENT.unpack_from(info, _TCP_INFO_NOTSENT_AT)
+    return int(sent - retransmitted + queued)
 
 
 def _socket_fd_or_none(driver: Driver, native: Any) -> int | None:  # noqa: ANN401

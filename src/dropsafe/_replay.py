@@ -37,7 +37,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
-from dropsafe._drivers import driver_for, is_supported
+from dropsafe._drivers import bytes_sent, driver_for, is_supported
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
@@ -103,26 +103,29 @@ def _check_opt_out(options: Any) -> None:  # noqa: ANN401 - SQLAlchemy's immutab
 class _FirstStatements:
     """The checkouts whose first statement has not been sent yet.
 
+    Each with the bytes its socket had sent at checkout (`bytes_sent`; None if unknown).
     Weakly held: a checkout that ends takes its entry along.
     """
 
     def __init__(self) -> None:
-        self._pending: weakref.WeakSet[PoolProxiedConnection] = weakref.WeakSet()
+        self._pending: weakref.WeakKeyDictionary[PoolProxiedConnection, int | None] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
 
-    def add(self, checkout: PoolProxiedConnection) -> None:
+    def add(self, checkout: PoolProxiedConnection, sent: int | None = None) -> None:
         with self._lock, contextlib.suppress(TypeError):  # TypeError: not weakly referable
-            self._pending.add(checkout)
+            self._pending[checkout] = sent
 
-    def take(self, checkout: PoolProxiedConnection) -> bool:
-        """Whether ``checkout`` had sent nothing yet; from now on, it has."""
+    def take(self, checkout: PoolProxiedConnection) -> tuple[bool, int | None]:
+        """Whether ``checkout`` had sent nothing yet (from now on, it has), and its bytes."""
         with self._lock:
             try:
-                first = checkout in self._pending
-                self._pending.discard(checkout)
+                if checkout not in self._pending:
+                    return False, None
+                return True, self._pending.pop(checkout)
             except TypeError:  # not weakly referable: not a pool checkout (a first connect's)
-                return False
-            return first
+                return False, None
 
 
 _FIRST = _FirstStatements()
@@ -134,7 +137,7 @@ def forgo_replay(connection: Connection) -> None:
     A unit of work calls it: it runs again whole anyway, and it has bound the checkout's
     socket to its deadline and read its server's life, which a new connection would not have.
     """
-    _FIRST.take(connection.connection)
+    _FIRST.take(connection.connection)  # its answer is not needed: the entry is gone
 
 
 class FirstStatementReplay:
@@ -173,8 +176,10 @@ class FirstStatementReplay:
         entry: ConnectionPoolEntry,
         checkout: PoolProxiedConnection,
     ) -> None:
-        del dbapi_connection, entry
-        _FIRST.add(checkout)
+        del entry
+        # Read last of dropsafe's checkout listeners (the liveness ping has been paid): what
+        # is sent from here to the first statement is the app's (see _driver_busy).
+        _FIRST.add(checkout, self._sent(dbapi_connection))
 
     def _on_do_execute(
         self,
@@ -224,9 +229,10 @@ class FirstStatementReplay:
         _check_opt_out(context.execution_options)
         connection = context.root_connection
         checkout = connection.connection
-        if not _FIRST.take(checkout):
+        first, sent_at_checkout = _FIRST.take(checkout)
+        if not first:
             return False
-        refusal = self._refusal(connection, context, statement, checkout)
+        refusal = self._refusal(connection, context, statement, checkout, sent_at_checkout)
         if refusal is not None:
             logger.debug("dropsafe will not replay this first statement: %s", refusal)
             return False
@@ -247,6 +253,7 @@ class FirstStatementReplay:
         context: ExecutionContext,
         statement: str,
         checkout: PoolProxiedConnection,
+        sent_at_checkout: int | None,
     ) -> str | None:
         """Why this first statement must not be replayed, or None."""
         options = context.execution_options
@@ -273,9 +280,16 @@ class FirstStatementReplay:
             return "its autocommit setting is unknown"
         if autocommit:
             return "autocommit: the statement may have committed"
-        return self._driver_busy(dbapi_connection)
+        return self._driver_busy(dbapi_connection, sent_at_checkout)
 
-    def _driver_busy(self, dbapi_connection: Any) -> str | None:  # noqa: ANN401
+    def _sent(self, dbapi_connection: Any) -> int | None:  # noqa: ANN401
+        """Return the data bytes the connection's socket has sent (`bytes_sent`), or None."""
+        native = None if self._driver is None else self._driver.native(dbapi_connection)
+        if native is None or self._driver is None:
+            return None
+        return bytes_sent(self._driver, native)
+
+    def _driver_busy(self, dbapi_connection: Any, sent_at_checkout: int | None) -> str | None:  # noqa: ANN401
         """Why the driver's connection already holds work of the app's, or None if idle.
 
         SQLAlchemy's first statement on a checkout is not the connection's first: the app may
@@ -296,6 +310,13 @@ class FirstStatementReplay:
             return "the driver's transaction status is unknown"
         if not idle:
             return "a transaction was already open on the driver's connection"
+        # Work committed through the driver's connection (a session SET, then commit) leaves
+        # it idle: only the bytes its socket sent since checkout tell.
+        sent = bytes_sent(self._driver, native)
+        if sent is None or sent_at_checkout is None:
+            return "the bytes sent on its socket since checkout are unknown (not TCP?)"
+        if sent != sent_at_checkout:
+            return f"the driver's connection sent {sent - sent_at_checkout} bytes since checkout"
         return None
 
     def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
