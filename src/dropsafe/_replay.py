@@ -241,8 +241,14 @@ class FirstStatementReplay:
         except Exception as exc:
             if not self._lost(exc, checkout):
                 raise
-            send(self._reconnect(connection, context, exc))  # a second loss is raised as usual
             text = describe_error(exc)
+            try:
+                send(self._reconnect(connection, context, exc))
+            except Exception as again:  # raised as usual; said, so that operators see it
+                failed = describe_error(again)
+                logger.debug("dropsafe's replay of a first statement failed: %s", failed)
+                emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
+                raise
             logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
             emit(self._hooks, FirstStatementReplayed(text))
         return True

@@ -118,7 +118,11 @@ def _lose_before(engine, needle, fault, server, proxy):
 
 
 def _replayed(events):
-    return [e for e in events if isinstance(e, FirstStatementReplayed)]
+    return [e for e in events if isinstance(e, FirstStatementReplayed) and e.replay_error is None]
+
+
+def _failed_replays(events):
+    return [e for e in events if isinstance(e, FirstStatementReplayed) and e.replay_error]
 
 
 def _raw_cursor_execute(sa_connection, sql):
@@ -1197,6 +1201,34 @@ def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
                 session.rollback()
         assert elapsed < 20, elapsed
         assert _replayed(events) == []
+        assert _items(server) == []
+    finally:
+        engine.dispose()
+
+
+def test_a_replay_that_fails_is_raised_and_said(server, proxy):
+    # The connection is lost before the first statement's reply, and no fresh one can be made
+    # (the proxy refuses new connections): the app gets the error, and operators get the event
+    # with why the replay failed, not silence.
+    events = []
+    engine = _engine(server, proxy, "psycopg", events, pool_timeout=2)
+    armed = [True]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def lose_for_good(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+        if armed[0] and "INSERT INTO attack_items" in statement:
+            armed[0] = False
+            proxy.refuse()
+            assert proxy.cut("rst") >= 1
+
+    try:
+        with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
+            conn.execute(ITEMS.insert().values(n=1))
+        assert _replayed(events) == []
+        (failed,) = _failed_replays(events)
+        assert failed.error
+        assert failed.replay_error
+        proxy.heal()
         assert _items(server) == []
     finally:
         engine.dispose()
