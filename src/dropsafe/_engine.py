@@ -173,6 +173,7 @@ class EngineGuard:
             if name == "handle_error":
                 _run_first(engine, name, listener)
         self.quiet_rollback.wrap_do_rollback()
+        self.replay.wrap_execute()
 
 
 def _run_first(engine: Engine, identifier: str, listener: Callable[..., None]) -> None:

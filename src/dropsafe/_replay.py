@@ -11,19 +11,20 @@ happens to effects outside transactions (``nextval``, dblink, session advisory l
 docs/guarantees.md; ``execution_options(dropsafe_replay=False)`` opts a statement out,
 ``PoolPolicy(replay_first_statement=False)`` an engine.
 
-How, and what of SQLAlchemy's private state it needs: the statement is sent from SQLAlchemy's
-documented ``do_execute`` / ``do_execute_no_params`` / ``do_executemany`` events (a listener
-that returns True has sent it), as in SQLAlchemy's FAQ recipe "How Do I Retry a Statement
-Execution Automatically?". That recipe rolls the Connection back before it retries, which ends
-the Transaction that the ORM's SessionTransaction holds: inside a transaction, a later
-``commit()`` would then commit a transaction that is not the one the statements ran in. No
-public API replaces the connection under an open Transaction: ``Connection.invalidate()`` is
-public, but the next use of an invalidated Connection with a Transaction raises
-``PendingRollbackError`` (``Connection._revalidate_connection``). So two private attributes
-are set, and only here: ``Connection._dbapi_connection`` (the new pool checkout, from the
-public ``Engine.raw_connection()``) and the execution context's ``_dbapi_connection`` (from
-which its documented ``create_cursor()`` makes the new cursor). Where either is missing (a
-future SQLAlchemy), nothing is replayed: the error is raised as without dropsafe.
+How, and what of SQLAlchemy's private state it needs: the statement is sent by this engine's
+dialect instance's ``do_execute`` / ``do_execute_no_params`` / ``do_executemany``, documented
+Dialect methods, wrapped here (not SQLAlchemy's ``do_execute`` events: a listener that sends the
+statement hides it from the app's own listeners after it). SQLAlchemy's FAQ recipe "How Do I
+Retry a Statement Execution Automatically?" rolls the Connection back before it retries, which
+ends the Transaction that the ORM's SessionTransaction holds: inside a transaction, a later
+``commit()`` would then not commit the statements it ran. No public API replaces the connection
+under an open Transaction: ``Connection.invalidate()`` is public, but the next use of an
+invalidated Connection with a Transaction raises ``PendingRollbackError``
+(``Connection._revalidate_connection``). So two private attributes are set, and only here:
+``Connection._dbapi_connection`` (the new pool checkout, from the public
+``Engine.raw_connection()``) and the execution context's ``_dbapi_connection`` (from which its
+documented ``create_cursor()`` makes the new cursor). Where either is missing (a future
+SQLAlchemy), nothing is replayed: the error is raised as without dropsafe.
 """
 
 from __future__ import annotations
@@ -158,17 +159,64 @@ class FirstStatementReplay:
         self._dialect = dialect
 
     def listeners(self) -> dict[str, Callable[..., Any]]:
-        """Return the checkout event and the dialect's execute events, by name."""
-        if not self._enabled:
-            return {}
-        return {
-            "checkout": self._on_checkout,
-            "do_execute": self._on_do_execute,
-            "do_execute_no_params": self._on_do_execute_no_params,
-            "do_executemany": self._on_do_executemany,
-        }
+        """Return the checkout event, which marks a checkout's first statement, by name."""
+        return {"checkout": self._on_checkout} if self._enabled else {}
 
-    # -- events ---------------------------------------------------------------------------------
+    def wrap_execute(self) -> None:
+        """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
+
+        The dialect's methods, not SQLAlchemy's ``do_execute`` events: a listener of those that
+        returns True stops the listeners after it, so dropsafe's (added first, at harden())
+        would hide every first statement from the app's own listeners (SQLAlchemy's
+        DialectEventTest shows it). The dialect's method runs after every listener, as the
+        one that sends the statement; whatever method the instance has now runs inside.
+        """
+        if not self._enabled:
+            return
+        dialect = self._dialect
+        execute, execute_no_params, executemany = (
+            dialect.do_execute,
+            dialect.do_execute_no_params,
+            dialect.do_executemany,
+        )
+
+        def do_execute(
+            cursor: Any,  # noqa: ANN401 - DBAPI cursors are untyped
+            statement: str,
+            parameters: Any,  # noqa: ANN401
+            context: ExecutionContext | None = None,
+        ) -> None:
+            self._send(
+                cursor, statement, context, lambda on: execute(on, statement, parameters, context)
+            )
+
+        def do_execute_no_params(
+            cursor: Any,  # noqa: ANN401
+            statement: str,
+            context: ExecutionContext | None = None,
+        ) -> None:
+            self._send(
+                cursor, statement, context, lambda on: execute_no_params(on, statement, context)
+            )
+
+        def do_executemany(
+            cursor: Any,  # noqa: ANN401
+            statement: str,
+            parameters: Any,  # noqa: ANN401
+            context: ExecutionContext | None = None,
+        ) -> None:
+            self._send(
+                cursor,
+                statement,
+                context,
+                lambda on: executemany(on, statement, parameters, context),
+            )
+
+        # Documented Dialect methods, replaced on this instance only (as do_rollback is by
+        # _quiet_rollback): other engines and the dialect class are untouched.
+        dialect.do_execute = do_execute  # type: ignore[method-assign]
+        dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
+        dialect.do_executemany = do_executemany  # type: ignore[method-assign]
 
     def _on_checkout(
         self,
@@ -181,65 +229,37 @@ class FirstStatementReplay:
         # is sent from here to the first statement is the app's (see _driver_busy).
         _FIRST.add(checkout, self._sent(dbapi_connection))
 
-    def _on_do_execute(
-        self,
-        cursor: Any,  # noqa: ANN401 - DBAPI cursors are untyped
-        statement: str,
-        parameters: Any,  # noqa: ANN401
-        context: ExecutionContext,
-    ) -> bool:
-        def send(on: Any) -> None:  # noqa: ANN401
-            self._dialect.do_execute(on, statement, parameters, context)
-
-        return self._send(cursor, statement, context, send)
-
-    def _on_do_execute_no_params(
-        self,
-        cursor: Any,  # noqa: ANN401
-        statement: str,
-        context: ExecutionContext,
-    ) -> bool:
-        def send(on: Any) -> None:  # noqa: ANN401
-            self._dialect.do_execute_no_params(on, statement, context)
-
-        return self._send(cursor, statement, context, send)
-
-    def _on_do_executemany(
-        self,
-        cursor: Any,  # noqa: ANN401
-        statement: str,
-        parameters: Any,  # noqa: ANN401
-        context: ExecutionContext,
-    ) -> bool:
-        def send(on: Any) -> None:  # noqa: ANN401
-            self._dialect.do_executemany(on, statement, parameters, context)
-
-        return self._send(cursor, statement, context, send)
-
     # -- sending, and sending again -------------------------------------------------------------
 
     def _send(
         self,
         cursor: Any,  # noqa: ANN401
         statement: str,
-        context: ExecutionContext,
+        context: ExecutionContext | None,
         send: Callable[[Any], None],
-    ) -> bool:
-        """Send the statement if it may be replayed, and replay it; False: SQLAlchemy sends it."""
-        _check_opt_out(context.execution_options)
-        connection = context.root_connection
-        checkout = connection.connection
-        first, sent_at_checkout = _FIRST.take(checkout)
+    ) -> None:
+        """Send the statement; if it may be replayed and its connection is lost, replay it."""
+        if context is not None:
+            _check_opt_out(context.execution_options)
+        connection = None if context is None else context.root_connection
+        if context is None or connection is None:
+            send(cursor)
+            return
+        first, sent_at_checkout = _FIRST.take(connection.connection)
         if not first:
-            return False
-        refusal = self._refusal(connection, context, statement, checkout, sent_at_checkout)
+            send(cursor)
+            return
+        refusal = self._refusal(
+            connection, context, statement, connection.connection, sent_at_checkout
+        )
         if refusal is not None:
             logger.debug("dropsafe will not replay this first statement: %s", refusal)
-            return False
+            send(cursor)
+            return
         try:
             send(cursor)
         except Exception as exc:
-            if not self._lost(exc, checkout):
+            if not self._lost(exc, connection.connection):
                 raise
             text = describe_error(exc)
             try:
@@ -251,7 +271,6 @@ class FirstStatementReplay:
                 raise
             logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
             emit(self._hooks, FirstStatementReplayed(text))
-        return True
 
     def _refusal(  # noqa: PLR0911 - one reason per return, in the order they are checked
         self,
