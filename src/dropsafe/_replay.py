@@ -9,7 +9,9 @@ SQLAlchemy Connection, keeping its Transaction and the ORM's SessionTransaction 
 and sends the same statement once more. The app never knows. The safety argument, and what
 happens to effects outside transactions (``nextval``, dblink, session advisory locks), is in
 docs/guarantees.md; ``execution_options(dropsafe_replay=False)`` opts a statement out,
-``PoolPolicy(replay_first_statement=False)`` an engine.
+``PoolPolicy(replay_first_statement=False)`` an engine. The first statement SQLAlchemy sends must
+also be the driver connection's first since checkout: an app that wrote through the driver's
+own connection is seen (its transaction status, the bytes its socket wrote), and not replayed.
 
 How, and what of SQLAlchemy's private state it needs: the statement is sent by this engine's
 dialect instance's ``do_execute`` / ``do_execute_no_params`` / ``do_executemany``, documented
