@@ -24,7 +24,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 import dropsafe
-from dropsafe.events import FirstStatementReplayed, RollbackConnectionLost
+from dropsafe.events import FirstStatementReplayed, PingSucceeded, RollbackConnectionLost
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
@@ -1230,5 +1230,26 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy):
         assert failed.replay_error
         proxy.heal()
         assert _items(server) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, driver):
+    # The refusal of a driver's connection used since checkout counts the bytes its socket
+    # wrote: dropsafe's own ping at checkout (every checkout here) must not count as the app's.
+    events = []
+    policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=0), hooks=(events.append,))
+    engine = _engine(server, proxy, driver, events, policy=policy)
+    try:
+        with engine.connect() as conn:  # the pool's one connection, made and returned
+            conn.exec_driver_sql("SELECT 1")
+        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+        with Session(engine) as session:
+            session.add(Item(n=1))
+            session.commit()
+        assert any(isinstance(e, PingSucceeded) for e in events)
+        assert len(_replayed(events)) == 1
+        assert _items(server) == [1]
     finally:
         engine.dispose()
