@@ -19,6 +19,8 @@ import math
 import os
 import re
 import select
+import socket
+import struct
 import sys
 import time
 import uuid
@@ -34,7 +36,6 @@ from dropsafe._policy import ConnectionPolicy, seconds
 from dropsafe._socket_shutdown import shut_down_at
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.engine import Dialect
@@ -45,6 +46,7 @@ __all__ = [
     "Driver",
     "Health",
     "Server",
+    "bytes_sent",
     "driver_for",
     "is_supported",
     "socket_fd",
@@ -74,6 +76,14 @@ _UNWRAP_DEPTH = 3
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _POLL_MASK = select.POLLIN | _POLL_DEAD
+# struct tcp_info (linux/tcp.h, Linux 4.19+): u32 tcpi_notsent_bytes at 144, u64
+# tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208. The layout only grows at its end, so
+# these offsets hold on later kernels.
+_TCP_INFO_NOTSENT = struct.Struct("=I")
+_TCP_INFO_NOTSENT_AT = 144
+_TCP_INFO_BYTES = struct.Struct("=QQ")
+_TCP_INFO_BYTES_AT = 200
+_TCP_INFO_LENGTH = 256
 
 
 @dataclass(frozen=True)
@@ -192,6 +202,26 @@ class Driver:
         """Make one round trip, bounded by ``timeout``; raise if it fails."""
         raise NotImplementedError
 
+    def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        """Whether no transaction is open on the connection, as the driver knows it locally.
+
+        False once anything (the app's own cursor, a COPY, a listener) began one; None when
+        the driver does not say. Read without a round trip: the first-statement replay asks
+        it before it sends, since a statement sent into an open transaction is not its first.
+        """
+        del dbapi_connection
+        return None
+
+    def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        """Whether the driver has found the connection lost (closed under it); None if unknown.
+
+        Read after an error: a SQLSTATE of class 08 is also what a server answers on a healthy
+        connection (dblink, postgres_fdw failing to reach their remote), so only this tells a
+        lost connection from a reply.
+        """
+        del dbapi_connection
+        return None
+
 
 class _Libpq(Driver):
     """psycopg2 and psycopg 3: libpq connection parameters, socket polled by file descriptor."""
@@ -298,6 +328,16 @@ class _Psycopg2(_Libpq):
     def owns(self, dbapi_connection: Any) -> bool:  # noqa: ANN401
         return _is_instance(dbapi_connection, "psycopg2.extensions", "connection")
 
+    def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        idle = getattr(sys.modules.get("psycopg2.extensions"), "TRANSACTION_STATUS_IDLE", None)
+        if idle is None:
+            return None
+        return bool(dbapi_connection.get_transaction_status() == idle)
+
+    def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        # 0 open; 1 closed by the app; 2 found broken by libpq.
+        return bool(dbapi_connection.closed)
+
 
 class _Psycopg(_Libpq):
     name = "psycopg"
@@ -318,6 +358,19 @@ class _Psycopg(_Libpq):
         if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async
             dbapi_connection = dbapi_connection.driver_connection
         return _is_instance(dbapi_connection, "psycopg", "BaseConnection")
+
+    def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        # psycopg_async's adapter opens no transaction of its own: the driver's status is all.
+        native = _driver_connection(dbapi_connection)
+        status = getattr(sys.modules.get("psycopg.pq"), "TransactionStatus", None)
+        idle = getattr(status, "IDLE", None)
+        if idle is None:
+            return None
+        return bool(native.info.transaction_status == idle)
+
+    def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        native = _driver_connection(dbapi_connection)
+        return bool(native.closed or native.broken)
 
 
 class _Asyncpg(Driver):
@@ -366,6 +419,22 @@ class _Asyncpg(Driver):
     def set_hosts(self, cparams: dict[str, Any], pairs: list[tuple[str, str]]) -> None:
         cparams["host"] = [host for host, _ in pairs]
         cparams["port"] = [int(port) for _, port in pairs]
+
+    def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        # SQLAlchemy's adapter sends its BEGIN itself, lazily, at the first statement it is
+        # given, and keeps its asyncpg Transaction (private: ``_transaction`` in SQLAlchemy
+        # 2.1, a ``_started`` flag in 2.0; a SQLAlchemy with neither gets no replay). The
+        # app's own work on the asyncpg connection shows in is_in_transaction().
+        if hasattr(dbapi_connection, "_transaction"):
+            started = dbapi_connection._transaction is not None  # noqa: SLF001
+        elif isinstance(getattr(dbapi_connection, "_started", None), bool):
+            started = dbapi_connection._started  # noqa: SLF001
+        else:
+            return None
+        return not started and not dbapi_connection.driver_connection.is_in_transaction()
+
+    def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
+        return bool(dbapi_connection.driver_connection.is_closed())
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = dbapi_connection._connection  # noqa: SLF001
@@ -496,6 +565,33 @@ def socket_fd(dbapi_connection: Any) -> int | None:  # noqa: ANN401 - DBAPI conn
         if native is not None:
             return _socket_fd_or_none(driver, native)
     return None
+
+
+def bytes_sent(driver: Driver, native: Any) -> int | None:  # noqa: ANN401 - DBAPI connections are untyped
+    """Return the data bytes written so far to the connection's TCP socket; None if unknown.
+
+    Sent, or queued in the kernel and not sent yet; retransmissions are not counted: the
+    number grows only when the client writes something.
+    The first-statement replay compares it at checkout and before the first statement: a
+    driver's connection used around SQLAlchemy in between (a session SET committed there)
+    leaves no other trace a client can read without a round trip. One getsockopt, from the
+    kernel (TCP_INFO); None on a Unix socket, on a kernel before 4.19, or without a socket.
+    """
+    fd = _socket_fd_or_none(driver, native)
+    option = getattr(socket, "TCP_INFO", None)
+    if fd is None or option is None:
+        return None
+    try:
+        # A duplicate of the fd, closed here: the driver's socket object is left alone.
+        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
+            info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_LENGTH)
+    except OSError:  # not TCP (a Unix socket), or closed
+        return None
+    if len(info) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size:
+        return None
+    sent, retransmitted = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
+    (queued,) = _TCP_INFO_NOTSENT.unpack_from(info, _TCP_INFO_NOTSENT_AT)
+    return int(sent - retransmitted + queued)
 
 
 def _socket_fd_or_none(driver: Driver, native: Any) -> int | None:  # noqa: ANN401
@@ -647,6 +743,13 @@ class _SocketPoll:
         if revents & (_POLL_DEAD | select.POLLNVAL):
             return Health.CLOSED
         return Health.DATA_WAITING
+
+
+def _driver_connection(connection: Any) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
+    """Return the driver's connection inside SQLAlchemy's async adapter, or ``connection``."""
+    if isinstance(connection, AdaptedConnection):
+        return connection.driver_connection
+    return connection
 
 
 def _unwrap_once(wrapper: Any) -> Any:  # noqa: ANN401

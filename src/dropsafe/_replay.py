@@ -9,7 +9,9 @@ SQLAlchemy Connection, keeping its Transaction and the ORM's SessionTransaction 
 and sends the same statement once more. The app never knows. The safety argument, and what
 happens to effects outside transactions (``nextval``, dblink, session advisory locks), is in
 docs/guarantees.md; ``execution_options(dropsafe_replay=False)`` opts a statement out,
-``PoolPolicy(replay_first_statement=False)`` an engine.
+``PoolPolicy(replay_first_statement=False)`` an engine. The first statement SQLAlchemy sends must
+also be the driver connection's first since checkout: an app that wrote through the driver's
+own connection is seen (its transaction status, the bytes its socket wrote), and not replayed.
 
 How, and what of SQLAlchemy's private state it needs: the statement is sent by this engine's
 dialect instance's ``do_execute`` / ``do_execute_no_params`` / ``do_executemany``, documented
@@ -38,6 +40,8 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
+from dropsafe._drivers import bytes_sent, driver_for, is_supported
+from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
 from dropsafe.events import FirstStatementReplayed
@@ -87,29 +91,44 @@ def _timed_out(error: BaseException) -> bool:
 _CONNECTION_ENDED = frozenset({"57P01", "57P02", "25P03", "57P05"})
 
 
+def _check_opt_out(options: Any) -> None:  # noqa: ANN401 - SQLAlchemy's immutabledict
+    """Raise unless the opt-out, if given, is True or False.
+
+    SQLAlchemy does not look at options it does not know, so a ``dropsafe_replay=0`` or
+    ``"false"`` would be neither honoured nor refused: the statement the app meant to opt out
+    would be replayed. It is refused at the statement, before anything is sent.
+    """
+    value = options.get(OPT_OUT, True)
+    if value is not True and value is not False:
+        raise ConfigurationError(f"execution option {OPT_OUT} must be True or False, not {value!r}")
+
+
 class _FirstStatements:
     """The checkouts whose first statement has not been sent yet.
 
+    Each with the bytes its socket had sent at checkout (`bytes_sent`; None if unknown).
     Weakly held: a checkout that ends takes its entry along.
     """
 
     def __init__(self) -> None:
-        self._pending: weakref.WeakSet[PoolProxiedConnection] = weakref.WeakSet()
+        self._pending: weakref.WeakKeyDictionary[PoolProxiedConnection, int | None] = (
+            weakref.WeakKeyDictionary()
+        )
         self._lock = threading.Lock()
 
-    def add(self, checkout: PoolProxiedConnection) -> None:
+    def add(self, checkout: PoolProxiedConnection, sent: int | None = None) -> None:
         with self._lock, contextlib.suppress(TypeError):  # TypeError: not weakly referable
-            self._pending.add(checkout)
+            self._pending[checkout] = sent
 
-    def take(self, checkout: PoolProxiedConnection) -> bool:
-        """Whether ``checkout`` had sent nothing yet; from now on, it has."""
+    def take(self, checkout: PoolProxiedConnection) -> tuple[bool, int | None]:
+        """Whether ``checkout`` had sent nothing yet (from now on, it has), and its bytes."""
         with self._lock:
             try:
-                first = checkout in self._pending
-                self._pending.discard(checkout)
+                if checkout not in self._pending:
+                    return False, None
+                return True, self._pending.pop(checkout)
             except TypeError:  # not weakly referable: not a pool checkout (a first connect's)
-                return False
-            return first
+                return False, None
 
 
 _FIRST = _FirstStatements()
@@ -121,7 +140,7 @@ def forgo_replay(connection: Connection) -> None:
     A unit of work calls it: it runs again whole anyway, and it has bound the checkout's
     socket to its deadline and read its server's life, which a new connection would not have.
     """
-    _FIRST.take(connection.connection)
+    _FIRST.take(connection.connection)  # its answer is not needed: the entry is gone
 
 
 class FirstStatementReplay:
@@ -130,7 +149,14 @@ class FirstStatementReplay:
     def __init__(self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect) -> None:
         # pg8000 reports a connection that timed out and one the server closed with the same
         # bare "network error", and a timed-out one must not be replayed (see _lost).
-        self._enabled = policy.replay_first_statement and dialect.driver != "pg8000"
+        # The driver must say, before the statement is sent, whether a transaction is open
+        # on its connection, and after an error whether the connection is gone (_drivers.py).
+        self._driver = driver_for(dialect) if is_supported(str(dialect.driver)) else None
+        self._enabled = (
+            policy.replay_first_statement
+            and dialect.driver != "pg8000"
+            and self._driver is not None
+        )
         self._hooks = hooks
         self._dialect = dialect
 
@@ -200,8 +226,10 @@ class FirstStatementReplay:
         entry: ConnectionPoolEntry,
         checkout: PoolProxiedConnection,
     ) -> None:
-        del dbapi_connection, entry
-        _FIRST.add(checkout)
+        del entry
+        # Read last of dropsafe's checkout listeners (the liveness ping has been paid): what
+        # is sent from here to the first statement is the app's (see _driver_busy).
+        _FIRST.add(checkout, self._sent(dbapi_connection))
 
     # -- sending, and sending again -------------------------------------------------------------
 
@@ -213,11 +241,19 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
     ) -> None:
         """Send the statement; if it may be replayed and its connection is lost, replay it."""
+        if context is not None:
+            _check_opt_out(context.execution_options)
         connection = None if context is None else context.root_connection
-        if context is None or connection is None or not _FIRST.take(connection.connection):
+        if context is None or connection is None:
             send(cursor)
             return
-        refusal = self._refusal(connection, context, statement, connection.connection)
+        first, sent_at_checkout = _FIRST.take(connection.connection)
+        if not first:
+            send(cursor)
+            return
+        refusal = self._refusal(
+            connection, context, statement, connection.connection, sent_at_checkout
+        )
         if refusal is not None:
             logger.debug("dropsafe will not replay this first statement: %s", refusal)
             send(cursor)
@@ -227,8 +263,14 @@ class FirstStatementReplay:
         except Exception as exc:
             if not self._lost(exc, connection.connection):
                 raise
-            send(self._reconnect(connection, context, exc))  # a second loss is raised as usual
             text = describe_error(exc)
+            try:
+                send(self._reconnect(connection, context, exc))
+            except Exception as again:  # raised as usual; said, so that operators see it
+                failed = describe_error(again)
+                logger.debug("dropsafe's replay of a first statement failed: %s", failed)
+                emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
+                raise
             logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
             emit(self._hooks, FirstStatementReplayed(text))
 
@@ -238,10 +280,11 @@ class FirstStatementReplay:
         context: ExecutionContext,
         statement: str,
         checkout: PoolProxiedConnection,
+        sent_at_checkout: int | None,
     ) -> str | None:
         """Why this first statement must not be replayed, or None."""
         options = context.execution_options
-        if options.get(OPT_OUT, True) is False:
+        if options.get(OPT_OUT, True) is False:  # any other value but True: _check_opt_out
             return f"{OPT_OUT}=False"
         characteristics = _CONNECTION_CHARACTERISTICS.intersection(options)
         if characteristics:
@@ -264,6 +307,43 @@ class FirstStatementReplay:
             return "its autocommit setting is unknown"
         if autocommit:
             return "autocommit: the statement may have committed"
+        return self._driver_busy(dbapi_connection, sent_at_checkout)
+
+    def _sent(self, dbapi_connection: Any) -> int | None:  # noqa: ANN401
+        """Return the data bytes the connection's socket has sent (`bytes_sent`), or None."""
+        native = None if self._driver is None else self._driver.native(dbapi_connection)
+        if native is None or self._driver is None:
+            return None
+        return bytes_sent(self._driver, native)
+
+    def _driver_busy(self, dbapi_connection: Any, sent_at_checkout: int | None) -> str | None:  # noqa: ANN401
+        """Why the driver's connection already holds work of the app's, or None if idle.
+
+        SQLAlchemy's first statement on a checkout is not the connection's first: the app may
+        have written through the driver's own connection (a cursor of its own, a COPY, an
+        ``after_begin`` or ``before_cursor_execute`` listener, SET TRANSACTION) before it. That
+        work is in the transaction the driver opened, and a replay on a fresh connection would
+        drop it while the commit succeeds. The driver's local transaction status tells, without
+        a round trip; where it cannot be read, nothing is replayed.
+        """
+        native = None if self._driver is None else self._driver.native(dbapi_connection)
+        if native is None or self._driver is None:
+            return "the driver's connection is not one dropsafe can read"
+        try:
+            idle = self._driver.transaction_idle(native)
+        except Exception:  # noqa: BLE001 - a state we cannot read is not replayed
+            idle = None
+        if idle is None:
+            return "the driver's transaction status is unknown"
+        if not idle:
+            return "a transaction was already open on the driver's connection"
+        # Work committed through the driver's connection (a session SET, then commit) leaves
+        # it idle: only the bytes its socket sent since checkout tell.
+        sent = bytes_sent(self._driver, native)
+        if sent is None or sent_at_checkout is None:
+            return "the bytes sent on its socket since checkout are unknown (not TCP?)"
+        if sent != sent_at_checkout:
+            return f"the driver's connection sent {sent - sent_at_checkout} bytes since checkout"
         return None
 
     def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
@@ -278,7 +358,7 @@ class FirstStatementReplay:
         replay could wait on them that long, and a fresh connect on a path that is down would
         only add its own timeout to the app's wait.
         """
-        if _timed_out(error):
+        if _timed_out(error) or not self._gone(checkout):
             return False
         state = sqlstate_of(error)
         if state is not None:
@@ -289,6 +369,21 @@ class FirstStatementReplay:
             return isinstance(error, self._dialect.loaded_dbapi.Error) and bool(
                 self._dialect.is_disconnect(error, checkout, None)
             )
+        except Exception:  # noqa: BLE001 - an unsure verdict is no lost connection
+            return False
+
+    def _gone(self, checkout: PoolProxiedConnection) -> bool:
+        """Whether the driver found its connection lost: an error alone does not tell.
+
+        A server answers SQLSTATE 08001 on a healthy connection when dblink or postgres_fdw
+        cannot reach their remote; sent again, such a statement would run twice.
+        """
+        dbapi_connection = checkout.dbapi_connection
+        native = None if self._driver is None else self._driver.native(dbapi_connection)
+        if native is None or self._driver is None:
+            return False
+        try:
+            return self._driver.gone(native) is True
         except Exception:  # noqa: BLE001 - an unsure verdict is no lost connection
             return False
 
@@ -319,6 +414,10 @@ class FirstStatementReplay:
         # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
         connection._dbapi_connection = fresh  # noqa: SLF001
         context._dbapi_connection = fresh  # noqa: SLF001
+        # The lost connection's cursor is closed first: psycopg 3 warns of a server-side
+        # cursor (stream_results) deleted while open. Its connection is gone: errors are moot.
+        with contextlib.suppress(Exception):
+            context.cursor.close()
         cursor = context.create_cursor()
         context.cursor = cursor  # documented; set as SQLAlchemy's FAQ recipe does
         return cursor

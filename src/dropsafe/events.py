@@ -83,10 +83,13 @@ class FirstStatementReplayed:
     """A transaction's first statement lost its connection before any reply; sent again.
 
     On a fresh connection, once, and the app never knew: the transaction cannot have
-    committed, and nothing else had run in it (docs/guarantees.md).
+    committed, and nothing else had run in it (docs/guarantees.md). When the replay itself
+    failed (no fresh connection, or that one lost too), ``replay_error`` says why, and the
+    app got that error: operators see replays that did not save the request.
     """
 
-    error: str
+    error: str  # the lost connection's error, passwords redacted
+    replay_error: str | None = None  # None: the replay succeeded
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,11 @@ def _lose_at_next_checkout(engine, fault, server, proxy):
 
 
 def _replayed(events):
-    return [event for event in events if isinstance(event, FirstStatementReplayed)]
+    return [
+        event
+        for event in events
+        if isinstance(event, FirstStatementReplayed) and event.replay_error is None
+    ]
 
 
 # -- replayed ------------------------------------------------------------------------------

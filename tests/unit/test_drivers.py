@@ -1,9 +1,11 @@
 """Per-driver connect arguments and host ordering (the socket work is tested on real servers)."""
 
+import socket
+
 import pytest
 
 from dropsafe import ConnectionPolicy
-from dropsafe._drivers import _Asyncpg, _Pg8000, _Psycopg, _Psycopg2
+from dropsafe._drivers import Driver, _Asyncpg, _Pg8000, _Psycopg, _Psycopg2, bytes_sent
 from dropsafe._hosts import rotate
 
 LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
@@ -95,3 +97,32 @@ def test_a_transaction_mode_pooler_stops_psycopg_preparing_but_not_psycopg2():
     cparams = {"host": "db"}
     _Psycopg2().connect_defaults(policy, [], cparams)  # libpq would refuse the key
     assert "prepare_threshold" not in cparams
+
+
+class _SocketDriver(Driver):
+    """A driver whose "connection" is a socket: bytes_sent reads it by its fd."""
+
+    def socket_fd(self, dbapi_connection):
+        return dbapi_connection.fileno()
+
+
+def test_bytes_sent_grows_with_what_is_sent_and_only_with_that():
+    with (
+        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_connection(listener.getsockname()) as client,
+    ):
+        server_side, _ = listener.accept()
+        with server_side:
+            before = bytes_sent(_SocketDriver(), client)
+            assert before is not None
+            server_side.sendall(b"x" * 50)  # received, not sent: no change
+            assert client.recv(50)
+            assert bytes_sent(_SocketDriver(), client) == before
+            client.sendall(b"y" * 100)  # counted once written, sent or still queued
+            assert bytes_sent(_SocketDriver(), client) == before + 100
+
+
+def test_bytes_sent_is_unknown_without_a_tcp_socket():
+    left, right = socket.socketpair()  # a Unix socket: no TCP_INFO
+    with left, right:
+        assert bytes_sent(_SocketDriver(), left) is None
