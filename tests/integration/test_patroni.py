@@ -18,7 +18,8 @@ from commit_faults import slow_commit_schema
 
 import dropsafe
 from dropsafe._bench._ha import run_scenario
-from dropsafe.testing import ServerError
+from dropsafe.testing import PatroniCluster, ServerError
+from dropsafe.testing._patroni import patroni_cluster_unavailable
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -177,3 +178,13 @@ def test_the_password_shows_in_no_log_and_no_repr(patroni_cluster):
     assert len(logs) >= 5  # etcd, HAProxy, three Patronis (PostgreSQL writes into them)
     for log in logs:
         assert cluster.password not in log.read_text(errors="replace"), log.name
+
+
+@pytest.mark.parametrize("command", ["/usr/bin/patroni", [], ["/usr/bin/patroni", ""]])
+def test_a_patroni_command_that_is_no_list_of_strings_is_refused(command):
+    if (reason := patroni_cluster_unavailable()) is not None:
+        if os.environ.get("DROPSAFE_REQUIRE_KERNEL_FAULTS") == "1":
+            pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
+        pytest.skip(reason)
+    with pytest.raises(dropsafe.ConfigurationError, match="patroni_command"):
+        PatroniCluster(patroni_command=command)

@@ -182,11 +182,13 @@ def run_scenario(
     before: float = 2.0,
     after: float = 15.0,
     limit: float = 90.0,
+    hold: float | None = None,
 ) -> list[VariantResult]:
     """Run every variant's writer through ``scenario``; return each one's figures.
 
     Writers start ``before`` seconds ahead of the event and run until ``after`` seconds past
-    the later of the event's end and the cluster's recovery, ``limit`` seconds at most.
+    the later of the event's end and the cluster's recovery, ``limit`` seconds at most. A
+    fault that lasts is held ``hold`` seconds (default: `HOLD`'s).
     """
     cluster.revive()
     cluster.execute(f"DROP TABLE IF EXISTS {TABLE}; CREATE TABLE {TABLE} (op_id text NOT NULL)")
@@ -201,7 +203,8 @@ def run_scenario(
         _wait_for_first_writes(writers, before)
         event_at = time.monotonic()
         undo = _event(cluster, scenario)
-        hold = HOLD.get(scenario, 0.0)
+        if hold is None:
+            hold = HOLD.get(scenario, 0.0)
         if hold:
             time.sleep(hold)  # the fault lasts this long: it is the scenario, not a wait
         undo()

@@ -47,7 +47,7 @@ from dropsafe.testing._runtime import (
 from dropsafe.testing._server import ServerError, _make_certificate
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
 __all__ = ["PatroniCluster", "patroni_cluster_unavailable", "sweep_orphan_postmasters"]
 
@@ -184,6 +184,7 @@ class PatroniCluster(Service):
     ``url`` goes through HAProxy (one endpoint, as a managed database offers: it routes to the
     node whose REST API answers ``/primary``); ``multi_host_url`` lists the nodes for libpq to
     pick the writable one. Every connection needs ``password`` (generated; the URLs carry it).
+    ``patroni_command`` runs another Patroni than Debian's (the config file is appended).
     The faults act on the current leader: `switchover`, `kill_postmaster`, `crash_leader_node`,
     `hang_leader` and `cut_leader` (undone by `resume`), `stop_etcd`; `revive` restarts crashed
     nodes. Needs root for `cut_leader` only.
@@ -196,12 +197,27 @@ class PatroniCluster(Service):
         tls: bool = True,
         nodes: int = 3,
         binaries: PostgresBinaries | None = None,
+        patroni_command: Sequence[str] | None = None,
     ) -> None:
         if nodes < 2:  # noqa: PLR2004 - a leader and one standby
             raise ConfigurationError(f"a cluster needs at least 2 nodes: {nodes!r}")
         if reason := patroni_cluster_unavailable():
             raise ConfigurationError(reason)
         self.binaries = binaries or find_postgres_binaries()
+        # Another Patroni than Debian's (e.g. a venv's ``bin/patroni``, 4.x from PyPI), to
+        # compare versions; the postgres user must be able to run it. Patroni 4 raises a ttl
+        # below 20 to 20.
+        if patroni_command is None:
+            patroni_command = [_PROGRAMS["patroni"]]
+        self.patroni_command = list(patroni_command)
+        if (
+            isinstance(patroni_command, str)
+            or not self.patroni_command
+            or not all(isinstance(part, str) and part for part in self.patroni_command)
+        ):
+            raise ConfigurationError(
+                f"patroni_command must be non-empty strings: {patroni_command!r}"
+            )
         self.synchronous = synchronous
         self.tls = tls
         self.host = "127.0.0.1"
@@ -260,6 +276,7 @@ class PatroniCluster(Service):
         """
         self._prepare_files()
         self._start_etcd()
+        self._wait(self._etcd_ready, time.monotonic() + _START_TIMEOUT, "etcd")
         for node in self.nodes:
             self._start_node(node)
         self._haproxy = self._spawn(
@@ -593,8 +610,20 @@ class PatroniCluster(Service):
             self.base_dir / "etcd.log",
         )
 
+    def _etcd_ready(self) -> bool:
+        # Patroni 4 reads etcd's cluster version at its start and dies on "not_decided", what
+        # a just-started etcd says for a moment (Debian's 3.0.2 does not care).
+        try:
+            with _HTTP.open(
+                f"http://{self.host}:{self.nodes[0].etcd_port}/version", timeout=2
+            ) as r:
+                version = json.loads(r.read()).get("etcdcluster", "")
+        except (OSError, ValueError):
+            return False
+        return bool(re.fullmatch(r"\d+\.\d+\.\d+", str(version)))
+
     def _start_node(self, node: _Node) -> None:
-        node.process = self._spawn(["/usr/bin/patroni", str(node.config_file)], node.log_file)
+        node.process = self._spawn([*self.patroni_command, str(node.config_file)], node.log_file)
 
     def _stop_node(self, node: _Node, *, graceful: bool) -> None:
         if node.process is not None:
