@@ -472,6 +472,8 @@ class PatroniCluster(Service):
         wait. Patroni's loop hangs on its own query, its key expires and a standby is promoted
         (~12 s); on `resume` Debian's Patroni 3.0.2 (no watchdog here) takes the key back and
         the promoted node demotes itself: what it acknowledged meanwhile is lost (split brain).
+        Patroni 4.1.5 (``patroni_command``) renews its key only if it still holds it: the old
+        leader demotes itself instead, and nothing acknowledged is lost.
         """
         node = self._node(self.wait_for_leader())
         pid = node.postmaster_pid()
