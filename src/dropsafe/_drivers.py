@@ -702,6 +702,11 @@ def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()
         events = poller.poll(0)
     except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
         return Health.CLOSED
+    return _health_of(events)
+
+
+def _health_of(events: list[tuple[int, int]]) -> Health:
+    """Read a zero-timeout poll's answer for one socket."""
     if not events:
         return Health.QUIET
     revents = events[0][1]
@@ -737,12 +742,7 @@ class _SocketPoll:
             events = self._poller.poll(0)
         except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
             return Health.CLOSED
-        if not events:
-            return Health.QUIET
-        revents = events[0][1]
-        if revents & (_POLL_DEAD | select.POLLNVAL):
-            return Health.CLOSED
-        return Health.DATA_WAITING
+        return _health_of(events)
 
 
 def _driver_connection(connection: Any) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
