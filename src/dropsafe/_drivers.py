@@ -50,6 +50,8 @@ __all__ = [
     "driver_for",
     "is_supported",
     "socket_fd",
+    "socket_fd_of",
+    "tcp_bytes_sent",
 ]
 
 _LIBPQ_KEYS = (
@@ -84,6 +86,7 @@ _TCP_INFO_NOTSENT_AT = 144
 _TCP_INFO_BYTES = struct.Struct("=QQ")
 _TCP_INFO_BYTES_AT = 200
 _TCP_INFO_LENGTH = 256
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux only
 
 
 @dataclass(frozen=True)
@@ -298,7 +301,7 @@ class _Libpq(Driver):
         # kernel still acknowledges (a stopped or hung backend): only the client can end the
         # wait. A cancel request would wait on that same hung backend, so the socket is shut
         # down instead; the connection is then broken and the pool replaces it.
-        fd = _socket_fd_or_none(self, dbapi_connection)
+        fd = socket_fd_of(self, dbapi_connection)
         with shut_down_at(fd, time.monotonic() + timeout) as deadline:
             try:
                 dialect.do_ping(dbapi_connection)
@@ -559,11 +562,11 @@ def socket_fd(dbapi_connection: Any) -> int | None:  # noqa: ANN401 - DBAPI conn
     # this runs at every bounded statement, and looking through wrappers costs more.
     for driver in _EVERY_DRIVER:
         if driver.owns(dbapi_connection):
-            return _socket_fd_or_none(driver, dbapi_connection)
+            return socket_fd_of(driver, dbapi_connection)
     for driver in _EVERY_DRIVER:
         native = driver.native(dbapi_connection)
         if native is not None:
-            return _socket_fd_or_none(driver, native)
+            return socket_fd_of(driver, native)
     return None
 
 
@@ -577,16 +580,23 @@ def bytes_sent(driver: Driver, native: Any) -> int | None:  # noqa: ANN401 - DBA
     leaves no other trace a client can read without a round trip. One getsockopt, from the
     kernel (TCP_INFO); None on a Unix socket, on a kernel before 4.19, or without a socket.
     """
-    fd = _socket_fd_or_none(driver, native)
-    option = getattr(socket, "TCP_INFO", None)
-    if fd is None or option is None:
+    fd = socket_fd_of(driver, native)
+    return None if fd is None else tcp_bytes_sent(fd)
+
+
+def tcp_bytes_sent(fd: int) -> int | None:
+    """`bytes_sent` of the socket with file descriptor ``fd`` (the driver's, left open)."""
+    if _TCP_INFO is None:
         return None
+    # A socket object on the driver's own fd, detached (never closed) when done: no dup(2) and
+    # close(2) around the one getsockopt, which runs twice per checkout that sends a statement.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
     try:
-        # A duplicate of the fd, closed here: the driver's socket object is left alone.
-        with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as sock:
-            info = sock.getsockopt(socket.IPPROTO_TCP, option, _TCP_INFO_LENGTH)
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
     except OSError:  # not TCP (a Unix socket), or closed
         return None
+    finally:
+        sock.detach()
     if len(info) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size:
         return None
     sent, retransmitted = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
@@ -594,7 +604,8 @@ def bytes_sent(driver: Driver, native: Any) -> int | None:  # noqa: ANN401 - DBA
     return int(sent - retransmitted + queued)
 
 
-def _socket_fd_or_none(driver: Driver, native: Any) -> int | None:  # noqa: ANN401
+def socket_fd_of(driver: Driver, native: Any) -> int | None:  # noqa: ANN401
+    """Return the fd of the socket of a connection ``driver`` owns, or None (closed, unknown)."""
     try:
         return driver.socket_fd(native)
     except Exception:  # noqa: BLE001 - a closed connection may not say its socket

@@ -141,6 +141,7 @@ class EngineGuard:
         self.policy = policy
         self.driver = driver_for(engine.dialect)
         self.lifetime = ConnectionLifetime(policy.pool)
+        self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect)
         self.check = CheckoutCheck(
             policy.pool,
             policy.hooks,
@@ -148,11 +149,11 @@ class EngineGuard:
             engine.dialect,
             pre_ping=bool(getattr(engine.pool, "_pre_ping", False)),
             draw_lifetime=self.lifetime.draw if self.lifetime.enabled else None,
+            after_check=self.replay.on_checked if self.replay.enabled else None,
         )
         self.connects = ConnectArguments(policy.connection, self.driver)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
         self.quiet_rollback = QuietRollback(policy.hooks, engine.dialect)
-        self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect)
 
     def attach(self, engine: Engine) -> None:
         """Listen to the engine's connect, pool, transaction and error events."""
@@ -163,7 +164,6 @@ class EngineGuard:
             ("handle_error", self.invalidation.on_handle_error),
             *self.check.listeners().items(),
             *self.quiet_rollback.listeners().items(),
-            *self.replay.listeners().items(),
         ]
         for name, listener in listeners:
             event.listen(engine, name, listener)

@@ -85,8 +85,9 @@ class CheckoutCheck:
     """The checkout check of one engine's pool, and what it knows of the idle connections.
 
     It also retires connections past their own lifetime (``draw_lifetime`` gives a new
-    connection's limit in seconds, see `dropsafe._lifetime`): one listener per pool event,
-    and one lookup of the entry's state, at each checkout and checkin.
+    connection's limit in seconds, see `dropsafe._lifetime`), and tells ``after_check`` of
+    each checkout that passed: one listener per pool event, and one lookup of the entry's
+    state, at each checkout and checkin.
     """
 
     def __init__(
@@ -98,6 +99,7 @@ class CheckoutCheck:
         *,
         pre_ping: bool,
         draw_lifetime: Callable[[], float] | None = None,
+        after_check: Callable[[PoolProxiedConnection, Any], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.driver = driver
@@ -108,6 +110,10 @@ class CheckoutCheck:
         # The user's pool_pre_ping already pays a round trip at each checkout: no second one.
         self._pre_ping = pre_ping
         self._draw_lifetime = draw_lifetime
+        # Told of each checkout that passed, with the driver's own connection (or None): the
+        # first-statement replay's mark, in this listener rather than one of its own, since
+        # every checkout listener costs each checkout a call.
+        self._after_check = after_check
         self._clock = clock
         # Weakly keyed on the pool entry: an entry the pool drops (dispose(close=False), a
         # collected pool) takes its state along, and its connection is closed as without us.
@@ -223,7 +229,12 @@ class CheckoutCheck:
         entry: ConnectionPoolEntry,
         proxy: PoolProxiedConnection,
     ) -> None:
-        del proxy
+        native = self._check(dbapi_connection, entry)
+        if self._after_check is not None:
+            self._after_check(proxy, native)
+
+    def _check(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> Any:  # noqa: ANN401
+        """Let the checkout through (return the driver's connection) or raise to replace it."""
         now = self._clock()
         try:  # _state(), inlined: this runs at every checkout
             state = self._states.get(entry)
@@ -247,14 +258,15 @@ class CheckoutCheck:
             # retry it. Let through, a dead one fails the first statement with the driver's
             # disconnect error instead, which invalidates it and is retried.
             state.fresh = False
-            return
+            return state.native
         health = Health.UNSEEN if state.probe is None else self._look(state.probe)
         # The user's pool_pre_ping has just proven this one.
         if (health is Health.QUIET or health is Health.UNSEEN) and (
             self._pre_ping or now - state.idle_since <= self._ping_after_idle
         ):
-            return
+            return state.native
         self._verify(dbapi_connection, state.native, health, now)
+        return state.native
 
     def _verify(
         self,

@@ -35,12 +35,11 @@ import asyncio
 import contextlib
 import errno
 import logging
-import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
-from dropsafe._drivers import bytes_sent, driver_for, is_supported
+from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
-    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+    from sqlalchemy.pool import PoolProxiedConnection
 
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
@@ -103,32 +102,36 @@ def _check_opt_out(options: Any) -> None:  # noqa: ANN401 - SQLAlchemy's immutab
         raise ConfigurationError(f"execution option {OPT_OUT} must be True or False, not {value!r}")
 
 
+class _Pending(NamedTuple):
+    """A checkout whose first statement has not been sent yet, as it was at checkout."""
+
+    native: Any  # the driver's own connection (None if dropsafe cannot read it)
+    fd: int | None  # its socket's file descriptor
+    sent: int | None  # the bytes its socket had sent at checkout (`tcp_bytes_sent`)
+
+
 class _FirstStatements:
     """The checkouts whose first statement has not been sent yet.
 
-    Each with the bytes its socket had sent at checkout (`bytes_sent`; None if unknown).
-    Weakly held: a checkout that ends takes its entry along.
+    Weakly held: a checkout that ends takes its entry along. No lock: a checkout is used by
+    one thread (or task) at a time, and a dictionary's single insertion or removal is atomic.
     """
 
     def __init__(self) -> None:
-        self._pending: weakref.WeakKeyDictionary[PoolProxiedConnection, int | None] = (
+        self._pending: weakref.WeakKeyDictionary[PoolProxiedConnection, _Pending] = (
             weakref.WeakKeyDictionary()
         )
-        self._lock = threading.Lock()
 
-    def add(self, checkout: PoolProxiedConnection, sent: int | None = None) -> None:
-        with self._lock, contextlib.suppress(TypeError):  # TypeError: not weakly referable
-            self._pending[checkout] = sent
+    def add(self, checkout: PoolProxiedConnection, pending: _Pending) -> None:
+        with contextlib.suppress(TypeError):  # not weakly referable
+            self._pending[checkout] = pending
 
-    def take(self, checkout: PoolProxiedConnection) -> tuple[bool, int | None]:
-        """Whether ``checkout`` had sent nothing yet (from now on, it has), and its bytes."""
-        with self._lock:
-            try:
-                if checkout not in self._pending:
-                    return False, None
-                return True, self._pending.pop(checkout)
-            except TypeError:  # not weakly referable: not a pool checkout (a first connect's)
-                return False, None
+    def take(self, checkout: PoolProxiedConnection) -> _Pending | None:
+        """Return what ``checkout`` was like if it had sent nothing yet (from now on, it has)."""
+        try:
+            return self._pending.pop(checkout, None)
+        except TypeError:  # not weakly referable: not a pool checkout (a first connect's)
+            return None
 
 
 _FIRST = _FirstStatements()
@@ -160,9 +163,19 @@ class FirstStatementReplay:
         self._hooks = hooks
         self._dialect = dialect
 
-    def listeners(self) -> dict[str, Callable[..., Any]]:
-        """Return the checkout event, which marks a checkout's first statement, by name."""
-        return {"checkout": self._on_checkout} if self._enabled else {}
+    @property
+    def enabled(self) -> bool:
+        """Whether this engine replays first statements (its policy and driver allow it)."""
+        return self._enabled
+
+    def on_checked(self, checkout: PoolProxiedConnection, native: Any) -> None:  # noqa: ANN401
+        """Mark ``checkout``'s next statement as its first; called by the checkout check.
+
+        Called last of dropsafe's checkout work (the liveness ping, if any, has been paid): what
+        is sent from here to the first statement is the app's (see _driver_busy).
+        """
+        fd = None if native is None or self._driver is None else socket_fd_of(self._driver, native)
+        _FIRST.add(checkout, _Pending(native, fd, None if fd is None else tcp_bytes_sent(fd)))
 
     def wrap_execute(self) -> None:
         """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
@@ -220,17 +233,6 @@ class FirstStatementReplay:
         dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
         dialect.do_executemany = do_executemany  # type: ignore[method-assign]
 
-    def _on_checkout(
-        self,
-        dbapi_connection: Any,  # noqa: ANN401 - DBAPI connections are untyped
-        entry: ConnectionPoolEntry,
-        checkout: PoolProxiedConnection,
-    ) -> None:
-        del entry
-        # Read last of dropsafe's checkout listeners (the liveness ping has been paid): what
-        # is sent from here to the first statement is the app's (see _driver_busy).
-        _FIRST.add(checkout, self._sent(dbapi_connection))
-
     # -- sending, and sending again -------------------------------------------------------------
 
     def _send(
@@ -247,13 +249,11 @@ class FirstStatementReplay:
         if context is None or connection is None:
             send(cursor)
             return
-        first, sent_at_checkout = _FIRST.take(connection.connection)
-        if not first:
+        pending = _FIRST.take(connection.connection)
+        if pending is None:
             send(cursor)
             return
-        refusal = self._refusal(
-            connection, context, statement, connection.connection, sent_at_checkout
-        )
+        refusal = self._refusal(connection, context, statement, connection.connection, pending)
         if refusal is not None:
             logger.debug("dropsafe will not replay this first statement: %s", refusal)
             send(cursor)
@@ -280,7 +280,7 @@ class FirstStatementReplay:
         context: ExecutionContext,
         statement: str,
         checkout: PoolProxiedConnection,
-        sent_at_checkout: int | None,
+        pending: _Pending,
     ) -> str | None:
         """Why this first statement must not be replayed, or None."""
         options = context.execution_options
@@ -307,16 +307,9 @@ class FirstStatementReplay:
             return "its autocommit setting is unknown"
         if autocommit:
             return "autocommit: the statement may have committed"
-        return self._driver_busy(dbapi_connection, sent_at_checkout)
+        return self._driver_busy(pending)
 
-    def _sent(self, dbapi_connection: Any) -> int | None:  # noqa: ANN401
-        """Return the data bytes the connection's socket has sent (`bytes_sent`), or None."""
-        native = None if self._driver is None else self._driver.native(dbapi_connection)
-        if native is None or self._driver is None:
-            return None
-        return bytes_sent(self._driver, native)
-
-    def _driver_busy(self, dbapi_connection: Any, sent_at_checkout: int | None) -> str | None:  # noqa: ANN401
+    def _driver_busy(self, pending: _Pending) -> str | None:
         """Why the driver's connection already holds work of the app's, or None if idle.
 
         SQLAlchemy's first statement on a checkout is not the connection's first: the app may
@@ -326,7 +319,7 @@ class FirstStatementReplay:
         drop it while the commit succeeds. The driver's local transaction status tells, without
         a round trip; where it cannot be read, nothing is replayed.
         """
-        native = None if self._driver is None else self._driver.native(dbapi_connection)
+        native = pending.native
         if native is None or self._driver is None:
             return "the driver's connection is not one dropsafe can read"
         try:
@@ -338,12 +331,13 @@ class FirstStatementReplay:
         if not idle:
             return "a transaction was already open on the driver's connection"
         # Work committed through the driver's connection (a session SET, then commit) leaves
-        # it idle: only the bytes its socket sent since checkout tell.
-        sent = bytes_sent(self._driver, native)
-        if sent is None or sent_at_checkout is None:
+        # it idle: only the bytes its socket sent since checkout tell. The same fd as at
+        # checkout: a driver that closed it since is not idle (above).
+        sent = None if pending.fd is None else tcp_bytes_sent(pending.fd)
+        if sent is None or pending.sent is None:
             return "the bytes sent on its socket since checkout are unknown (not TCP?)"
-        if sent != sent_at_checkout:
-            return f"the driver's connection sent {sent - sent_at_checkout} bytes since checkout"
+        if sent != pending.sent:
+            return f"the driver's connection sent {sent - pending.sent} bytes since checkout"
         return None
 
     def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
