@@ -49,16 +49,18 @@ CLIENTS = (1, 8, 32, 64)
 POOLS = (5, 20, 50)
 SELECT_ONE = sa.text("SELECT 1")
 POLICY = dropsafe.Policy(hooks=())
+NO_REPLAY_POLICY = dropsafe.Policy(pool=dropsafe.PoolPolicy(replay_first_statement=False), hooks=())
 
 
 def _engine(url: str, driver: str, variant: str, pool: int) -> Any:  # noqa: ANN401 - sync or async
     kwargs: dict[str, Any] = {"pool_size": pool, "max_overflow": 0, "pool_timeout": 60}
+    policy = NO_REPLAY_POLICY if variant == "no replay" else POLICY
     if driver == "asyncpg":
-        if variant == "dropsafe":
-            return dropsafe.create_async_engine(url, policy=POLICY, **kwargs)
+        if variant in ("dropsafe", "no replay"):
+            return dropsafe.create_async_engine(url, policy=policy, **kwargs)
         return create_async_engine(url, pool_pre_ping=variant == "pre_ping", **kwargs)
-    if variant == "dropsafe":
-        return dropsafe.create_engine(url, policy=POLICY, **kwargs)
+    if variant in ("dropsafe", "no replay"):
+        return dropsafe.create_engine(url, policy=policy, **kwargs)
     return sa.create_engine(url, pool_pre_ping=variant == "pre_ping", **kwargs)
 
 
@@ -167,6 +169,8 @@ def _block_async(url: str, pool: int, rounds: int, seconds: float) -> dict[str, 
 
 
 VARIANTS = ("plain", "dropsafe")
+#: The cost part also measures a hardened engine without the first-statement replay.
+COST_VARIANTS = ("plain", "dropsafe", "no replay")
 
 
 def part_healthy(server: PostgresServer, *, rounds: int, seconds: float) -> dict[str, Any]:
@@ -271,7 +275,7 @@ def _cpu_per_call(fn: Any, calls: int, repeats: int) -> float:  # noqa: ANN401
 
 
 def _cost_sync(url: str, driver: str, pool: int, calls: int, repeats: int) -> dict[str, float]:
-    engines = {variant: _engine(url, driver, variant, pool) for variant in VARIANTS}
+    engines = {variant: _engine(url, driver, variant, pool) for variant in COST_VARIANTS}
     try:
         for engine in engines.values():
             _warm_sync(engine, pool)
@@ -311,7 +315,7 @@ async def _best_async(engine: Any, name: str, calls: int, repeats: int) -> float
 
 def _cost_async(url: str, pool: int, calls: int, repeats: int) -> dict[str, float]:
     async def run() -> dict[str, float]:
-        engines = {variant: _engine(url, "asyncpg", variant, pool) for variant in VARIANTS}
+        engines = {variant: _engine(url, "asyncpg", variant, pool) for variant in COST_VARIANTS}
         try:
             for engine in engines.values():
                 held = [await engine.connect() for _ in range(pool)]
@@ -354,8 +358,10 @@ def part_cost(server: PostgresServer, *, calls: int, repeats: int) -> dict[str, 
                     f"{guard:+.2f}",
                     f"{plain_request:.1f}",
                     f"{cost['request|dropsafe']:.1f}",
+                    f"{cost['request|no replay']:.1f}",
                     f"{plain_request / (plain_request + guard):.3f}x",
                     f"{plain_request / cost['request|dropsafe']:.3f}x",
+                    f"{plain_request / cost['request|no replay']:.3f}x",
                 ]
             )
             print(f"cost: {driver} pool {pool} done", flush=True)
@@ -372,9 +378,11 @@ def part_cost(server: PostgresServer, *, calls: int, repeats: int) -> dict[str, 
             machine a mean or a median measures the load). `guard us` = the hardened
             checkout's CPU minus the plain one's: what the checkout check and its listeners
             cost. `ratio (guard)` = the plain request's CPU / (the same + `guard us`): the
-            throughput ratio of a CPU-bound client at 0 ms RTT, given the guard's cost alone;
-            `ratio (requests)` the same measured on whole requests (noisier: the statement's
-            own CPU varies more than the guard's cost).
+            throughput ratio of a CPU-bound client at 0 ms RTT, given the checkout's cost
+            alone; `ratio (requests)` the same measured on whole requests, which also pays the
+            first-statement replay's look before the statement is sent (noisier: the
+            statement's own CPU varies more than the guard's cost); `ratio (no replay)` whole
+            requests on a hardened engine with `PoolPolicy(replay_first_statement=False)`.
             """
         ),
         "",
@@ -387,8 +395,10 @@ def part_cost(server: PostgresServer, *, calls: int, repeats: int) -> dict[str, 
                 "guard us",
                 "plain request us",
                 "dropsafe request us",
+                "no replay request us",
                 "ratio (guard)",
                 "ratio (requests)",
+                "ratio (no replay)",
             ],
             rows,
             text_columns=1,

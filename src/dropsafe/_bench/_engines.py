@@ -71,6 +71,7 @@ class Variant:
     name: str
     verify: bool = True
     tcp: bool = False
+    replay: bool = True
 
     @property
     def guarded(self) -> bool:
@@ -102,8 +103,15 @@ class AsyncTarget:
 
 
 def _policy(variant: Variant) -> dropsafe.Policy:
-    """Return the guarded variants' policy: verified or not, no hooks (events cost time)."""
-    return dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=variant.verify), hooks=())
+    """Return the guarded variants' policy: no hooks (events cost time).
+
+    Verified or not, replaying first statements or not, as the variant says.
+    """
+    return dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(replay_first_statement=variant.replay),
+        unit=dropsafe.UnitPolicy(verify_commits=variant.verify),
+        hooks=(),
+    )
 
 
 def careful_libpq_args() -> dict[str, int]:

@@ -29,6 +29,7 @@ __all__ = ["cell_url", "run_healthy"]
 DRIVERS = ("psycopg2", "psycopg", "asyncpg")
 PLAIN, PRE_PING, POOL = Variant("plain"), Variant("pre_ping"), Variant("psycopg_pool check")
 GUARDED, UNVERIFIED = Variant("dropsafe"), Variant("dropsafe unverified", verify=False)
+NO_REPLAY = Variant("dropsafe no replay", replay=False)
 Key = tuple[str, int, int, str, str]  # workload, rtt, clients, driver, variant
 
 
@@ -36,6 +37,8 @@ def _variants(driver: str, workload: str) -> list[Variant]:
     variants = [PLAIN, PRE_PING, GUARDED]
     if workload == "write":
         variants.append(UNVERIFIED)
+    else:  # what the first-statement replay's marks cost a request
+        variants.append(NO_REPLAY)
     if driver == "psycopg":
         variants.append(POOL)
     return variants
@@ -117,7 +120,8 @@ def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> li
             "(one INSERT, COMMIT). Ratio = throughput / the plain pool's, same cell, same run. "
             "`psycopg_pool check` is psycopg_pool with `check=check_connection`, "
             "without SQLAlchemy. "
-            "`dropsafe unverified` is run_transaction with `verify_commits=False`."
+            "`dropsafe unverified` is run_transaction with `verify_commits=False`; `dropsafe no "
+            "replay` is a hardened engine with `PoolPolicy(replay_first_statement=False)`."
         ),
         "",
         (
