@@ -800,6 +800,8 @@ def main() -> int:
         f"Machine: {machine()}; load average {load_before} at the start, {load_average()} at "
         f"the end; {time.monotonic() - began:.0f} s."
     )
+    # Read again: another part may have been written while this one ran (in its own process).
+    store = json.loads(STORE.read_text()) if STORE.exists() else {}
     store[args.part] = result
     STORE.write_text(json.dumps(store, indent=1))
     write_report(store)
