@@ -266,6 +266,33 @@ class _Libpq(Driver):
                 added.add(key)
         return added
 
+    def after_connect(self, dbapi_connection: Any, added: set[str]) -> None:  # noqa: ANN401
+        del added
+        # libpq sets TCP_USER_TIMEOUT only when keepalives are on: with the user's keepalives=0
+        # the tcp_user_timeout asked for (dropsafe's or the user's) is silently not applied,
+        # and a request on a dead link waits out TCP's retransmissions (about 15 minutes).
+        # Whatever the connection's parameters ask for, its socket gets.
+        connection = getattr(dbapi_connection, "_connection", dbapi_connection)
+        if hasattr(connection, "get_dsn_parameters"):  # psycopg2
+            wanted = connection.get_dsn_parameters().get("tcp_user_timeout")
+        else:  # psycopg 3
+            wanted = connection.info.get_parameters().get("tcp_user_timeout")
+        if not wanted or not str(wanted).isdigit() or int(wanted) == 0:
+            return
+        fd = socket_fd_of(self, dbapi_connection)
+        option = getattr(socket, "TCP_USER_TIMEOUT", None)
+        if fd is None or option is None:
+            return
+        # A socket object on libpq's own fd, detached (never closed) when done.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+        try:
+            if sock.getsockopt(socket.IPPROTO_TCP, option) == 0:
+                sock.setsockopt(socket.IPPROTO_TCP, option, int(wanted))
+        except OSError:  # a Unix socket: no TCP options
+            return
+        finally:
+            sock.detach()
+
     def _reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
         connection = getattr(dbapi_connection, "_connection", dbapi_connection)
         if hasattr(connection, "get_parameter_status"):  # psycopg2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import pytest
 import sqlalchemy as sa
 
 import dropsafe
@@ -85,5 +86,32 @@ def test_policy_without_keepalives_or_user_timeout(shared_server):
         assert "tcp_user_timeout" not in params or params["tcp_user_timeout"] == "0"
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+def _socket_of(dbapi_connection):
+    fd = dbapi_connection.fileno()
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [({"keepalives": "0"}, 10_000), ({"keepalives": "0", "tcp_user_timeout": "3000"}, 3000)],
+    ids=["dropsafe-timeout", "user-timeout"],
+)
+def test_keepalives_off_still_gets_its_tcp_user_timeout(shared_server, driver, query, expected):
+    # libpq applies tcp_user_timeout only with keepalives on: a user's keepalives=0 left the
+    # socket with none (0), and a request on a dead link hanging for about 15 minutes.
+    engine = dropsafe.create_engine(shared_server.url(driver, **query))
+    try:
+        raw = _raw_connection(engine)
+        sock = _socket_of(raw)
+        try:
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 0  # the user's
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == expected
+        finally:
+            sock.detach()
     finally:
         engine.dispose()

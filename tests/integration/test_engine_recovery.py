@@ -184,6 +184,32 @@ def test_blackholed_request_ends_within_the_default_bound(
     assert served == 2
 
 
+@pytest.mark.timeout(60)
+def test_a_blackholed_request_ends_by_tcp_user_timeout_even_with_keepalives_off(
+    postgres_server, kernel_blackhole
+):
+    # libpq applies tcp_user_timeout only with keepalives on; a user's keepalives=0 made this
+    # request hang until TCP gave up (about 15 minutes): the test timed out on that code.
+    policy = dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2, connect_timeout=2)
+    )
+    engine = dropsafe.create_engine(postgres_server.url("psycopg2", keepalives="0"), policy=policy)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        started = time.monotonic()
+        with kernel_blackhole(postgres_server.port):
+            # Sent into the void; then the replay's fresh connect, refused by its timeout.
+            with pytest.raises(sa.exc.DBAPIError), engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+            elapsed = time.monotonic() - started
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 2")).scalar() == 2
+    finally:
+        engine.dispose()
+    assert elapsed < 12, f"the request hung {elapsed:.1f}s with keepalives=0"
+
+
 @pytest.mark.parametrize("driver", [*SYNC_DRIVERS, "asyncpg"])
 def test_a_connection_idle_too_long_is_pinged_not_replaced(shared_server, driver):
     events = []
