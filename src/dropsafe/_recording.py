@@ -7,6 +7,9 @@ its backend's pid in one round trip (and, on a connection's first mark, its serv
 statement compilation, no result machinery; a failure still passes through SQLAlchemy's error
 handling (the connection invalidated on a disconnect, the error wrapped), as a statement's would.
 
+The same statement reads the server's WAL insert position, a lower bound of the commit
+record's LSN, which `dropsafe._failover_audit` compares with a promoted standby's fork point.
+
 A transaction that wrote has an xid; one that only read has none and may simply run again.
 ``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a transaction whose statements
 mention it is given one here (``pg_current_xact_id()``) and counts as having written. If the
@@ -40,17 +43,21 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Connection, Dialect, Engine
 
-__all__ = ["CommitRecorder", "PendingCommit", "record_commits", "recording"]
+__all__ = ["CommitRecorder", "PendingCommit", "lsn_number", "record_commits", "recording"]
 
 # A statement that may queue a notification: NOTIFY or pg_notify().
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 # The backend's pid is read in the mark, not once per connection: behind a transaction-mode
 # pooler each transaction may run on another backend, and the resolver fences that one.
+# The WAL insert position before COMMIT: a lower bound of the commit record's LSN, which
+# `dropsafe._failover_audit` compares with a promoted standby's fork point. A standby (a unit
+# that only reads there) has no insert position: the function would raise.
+_WAL_POSITION = "CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END"
 # The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life].
 # (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 _READS = {
     (modern, assign, with_life): (
-        f"SELECT {xid_function}()::text, pg_backend_pid()"
+        f"SELECT {xid_function}()::text, pg_backend_pid(), {_WAL_POSITION}"
         + (f", {SERVER_LIFE_SQL}" if with_life else "")
     )
     for modern in (True, False)
@@ -66,11 +73,16 @@ _READS = {
 
 @dataclass(frozen=True)
 class PendingCommit:
-    """A COMMIT that was about to be sent: its xid, its backend and its server's life."""
+    """A COMMIT that was about to be sent: its xid, its backend and its server's life.
+
+    ``wal_lsn`` is the server's WAL insert position read in the same statement, as a number
+    (0: not read): the commit record lies at or after it.
+    """
 
     xid: int
     backend_pid: int
     server_life: ServerLife
+    wal_lsn: int = 0
 
 
 class CommitRecorder:
@@ -85,6 +97,8 @@ class CommitRecorder:
         self.needs_xid = False
         #: Whether to read the xid (``UnitPolicy.verify_commits``); COMMITs are counted anyway.
         self.read_xid = True
+        #: The life of the server the last COMMIT went to (None: not read).
+        self.server_life: ServerLife | None = None
         self.armed = False
 
     def committing(self) -> CommitRecorder:
@@ -184,13 +198,24 @@ def _read_before_commit(conn: Connection) -> None:
             doubt_server_life(conn.engine)
         conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
     if server_life is None:
-        server_life = ServerLife(text_or_none(row[2]), text_or_none(row[3]))
+        server_life = ServerLife(text_or_none(row[3]), text_or_none(row[4]))
         remember_server_life(conn.engine, driver_connection, server_life)
+    recorder.server_life = server_life
     # No xid: the transaction wrote nothing, and running it again is harmless.
     recorder.pending = (
-        None if row[0] is None else PendingCommit(int(row[0]), int(row[1]), server_life)
+        None
+        if row[0] is None
+        else PendingCommit(int(row[0]), int(row[1]), server_life, lsn_number(row[2]))
     )
     recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
+
+
+def lsn_number(text: object) -> int:
+    """Return a ``pg_lsn`` read as text (``16/B374D848``) as a number; 0 for None."""
+    if text is None:
+        return 0
+    high, _, low = str(text).partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
 
 
 def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool) -> str:
