@@ -29,13 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
+from dropsafe._classify import classify
 from dropsafe._server_life import (
     SERVER_LIFE_SQL,
+    WAL_POSITION_SQL,
     ServerLife,
     doubt_server_life,
     remember_server_life,
     server_life_of,
     text_or_none,
+    wal_position_readable,
 )
 
 if TYPE_CHECKING:
@@ -49,20 +52,20 @@ __all__ = ["CommitRecorder", "PendingCommit", "lsn_number", "record_commits", "r
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 # The backend's pid is read in the mark, not once per connection: behind a transaction-mode
 # pooler each transaction may run on another backend, and the resolver fences that one.
-# The WAL insert position before COMMIT: a lower bound of the commit record's LSN, which
-# `dropsafe._failover_audit` compares with a promoted standby's fork point. A standby (a unit
-# that only reads there) has no insert position: the function would raise.
-_WAL_POSITION = "CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END"
-# The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life].
-# (xid8 functions arrived in PostgreSQL 13; txid_* before.)
+# The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life]
+# [read the WAL insert position: a lower bound of the commit record's LSN, which
+# `dropsafe._failover_audit` compares with a promoted standby's fork point; only on engines
+# whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 _READS = {
-    (modern, assign, with_life): (
-        f"SELECT {xid_function}()::text, pg_backend_pid(), {_WAL_POSITION}"
+    (modern, assign, with_life, with_wal): (
+        f"SELECT {xid_function}()::text, pg_backend_pid()"
         + (f", {SERVER_LIFE_SQL}" if with_life else "")
+        + (f", {WAL_POSITION_SQL}" if with_wal else "")
     )
     for modern in (True, False)
     for assign in (True, False)
     for with_life in (True, False)
+    for with_wal in (True, False)
     for xid_function in [
         ("pg_current_xact_id" if assign else "pg_current_xact_id_if_assigned")
         if modern
@@ -183,7 +186,11 @@ def _read_before_commit(conn: Connection) -> None:
     fairy = conn.connection
     driver_connection = fairy.driver_connection
     server_life = server_life_of(driver_connection)
-    statement = _read_statement(conn.dialect, recorder.needs_xid, with_life=server_life is None)
+    with_life = server_life is None
+    with_wal = wal_position_readable(conn.engine)
+    statement = _read_statement(
+        conn.dialect, recorder.needs_xid, with_life=with_life, with_wal=with_wal
+    )
     cursor: Any = None
     row: Any = None  # one row, always: a SELECT without FROM
     try:
@@ -192,20 +199,23 @@ def _read_before_commit(conn: Connection) -> None:
         row = cursor.fetchone()
         cursor.close()
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's handling re-raises it (wrapped)
-        if server_life is None:
-            # Perhaps this server hides the life's functions (another host of the engine):
-            # then its next connections read it on their own, where failing costs nothing.
+        if server_life is None or (with_wal and not classify(exc).retryable):
+            # Perhaps this server hides the life's functions or the WAL position (another
+            # host of the engine): then its next connections read them on their own, where
+            # failing costs nothing.
             doubt_server_life(conn.engine)
         conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
     if server_life is None:
-        server_life = ServerLife(text_or_none(row[3]), text_or_none(row[4]))
+        server_life = ServerLife(text_or_none(row[2]), text_or_none(row[3]))
         remember_server_life(conn.engine, driver_connection, server_life)
     recorder.server_life = server_life
     # No xid: the transaction wrote nothing, and running it again is harmless.
     recorder.pending = (
         None
         if row[0] is None
-        else PendingCommit(int(row[0]), int(row[1]), server_life, lsn_number(row[2]))
+        else PendingCommit(
+            int(row[0]), int(row[1]), server_life, lsn_number(row[-1]) if with_wal else 0
+        )
     )
     recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
 
@@ -218,6 +228,6 @@ def lsn_number(text: object) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
-def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool) -> str:
+def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool, with_wal: bool) -> str:
     version: tuple[int, ...] = getattr(dialect, "server_version_info", None) or (13,)
-    return _READS[version[0] >= 13, assign, with_life]  # noqa: PLR2004 - pg_current_xact_id: 13+
+    return _READS[version[0] >= 13, assign, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+

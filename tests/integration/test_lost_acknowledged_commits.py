@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 
 import pytest
@@ -230,3 +231,52 @@ def test_a_lost_commit_whose_mark_lies_before_the_fork_is_told_by_its_status(
     assert 2 not in on_new_primary
     assert [(event.xid, event.outcome) for event in lost] == [(xid, "lost")]
     assert "'aborted'" in lost[0].reason
+
+
+@pytest.fixture
+def wal_hiding_role(postgres_server):
+    """A role that may not read the WAL position (as a fork without PostgreSQL's WAL may)."""
+    server = postgres_server
+    password = secrets.token_hex(8)
+    server.execute(
+        "CREATE TABLE acks (id int PRIMARY KEY); "
+        f"CREATE ROLE wal_hidden LOGIN PASSWORD '{password}'; "
+        "GRANT INSERT ON acks TO wal_hidden; "
+        "GRANT EXECUTE ON FUNCTION pg_current_wal_insert_lsn() TO wal_hidden; "
+        "REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM PUBLIC"
+    )
+
+    def hide():
+        server.execute("REVOKE EXECUTE ON FUNCTION pg_current_wal_insert_lsn() FROM wal_hidden")
+
+    return server.url("psycopg2", user="wal_hidden", password=password), hide
+
+
+@pytest.mark.parametrize("answered_first", [False, True])
+def test_a_server_that_hides_the_wal_position_still_commits_units(wal_hiding_role, answered_first):
+    """The WAL position is read in the marks only once a server of the engine answered it.
+
+    Hidden from the start: no unit fails (the engine's first read, outside the app's
+    transaction, finds it hidden). Hidden after the engine's server answered it (another host
+    behind the same URL): one unit at most meets the error, as for the server's life.
+    """
+    url, hide = wal_hiding_role
+    engine = dropsafe.create_engine(url, pool_size=1, max_overflow=0)
+    insert = sa.text("INSERT INTO acks (id) VALUES (:id)")
+    failures = 0
+    try:
+        if answered_first:
+            dropsafe.run_transaction(engine, lambda c: c.execute(insert, {"id": 0}))
+        hide()
+        for op_id in range(1, 4):
+            engine.pool.dispose()  # a new connection each time
+            try:
+                dropsafe.run_transaction(
+                    engine, lambda c, op_id=op_id: c.execute(insert, {"id": op_id})
+                )
+            except sa.exc.ProgrammingError as exc:
+                assert "pg_current_wal_insert_lsn" in str(exc)
+                failures += 1
+    finally:
+        engine.dispose()
+    assert failures <= (1 if answered_first else 0)
