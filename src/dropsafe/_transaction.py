@@ -333,7 +333,15 @@ def _acknowledged(engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: obje
         pending = step.pending if reply == "committed" else None
     else:
         pending = reply.pending if isinstance(reply, Committed) else None
-    return pending is not None and remember_commit(engine, pending, _name(fn))
+    return pending is not None and remember_commit(engine, pending, _unit_name(fn))
+
+
+def _unit_name(fn: object) -> str:
+    """Return the unit's qualified name for the events; never a repr (it may show arguments)."""
+    name = getattr(fn, "__qualname__", None)
+    if name is None:  # a functools.partial: its function's name
+        name = getattr(getattr(fn, "func", None), "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__qualname__
 
 
 def _commit_failed(result: _T, error: Exception, recorder: CommitRecorder) -> CommitFailed[_T]:

@@ -174,3 +174,22 @@ def test_a_server_that_cannot_be_asked_makes_the_commits_unknown_after_three_tri
     assert [(e.xid, e.outcome) for e in events] == [(700, "unknown")]
     assert "could not be asked" in events[0].reason
     assert "hunter2" not in events[0].reason
+
+
+def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_arguments():
+    import functools  # noqa: PLC0415
+
+    from dropsafe._transaction import _unit_name  # noqa: PLC0415
+
+    def place_order(session, card_number):
+        del session, card_number
+
+    class Handler:
+        def __call__(self, session):
+            del session
+
+    assert _unit_name(place_order).endswith("place_order")
+    assert _unit_name(functools.partial(place_order, card_number="4111 1111")).endswith(
+        "place_order"
+    )
+    assert _unit_name(Handler()).endswith("<locals>.Handler")
