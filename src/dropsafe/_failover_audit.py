@@ -194,7 +194,6 @@ class Remembered:
         self._due = False  # commits of an older life wait for a check
         self._held: list[_Commit] = []  # taken out, not answered yet
         self._tries = 0
-        self._checking = False
         self._lock = threading.Lock()
 
     def add(self, pending: PendingCommit, unit: str, committed_at: float) -> bool:
@@ -213,13 +212,13 @@ class Remembered:
                 if newest is not None:
                     self._due = True
                 self._newest_life = life
-            if self._due and not self._checking:
-                self._checking = True
-                return True
-            return False
+            return self._due
 
     def take_older(self) -> tuple[list[_Commit], ServerLife | None]:
-        """Take out every commit of a life other than the newest, oldest first, to check."""
+        """Take out every commit of a life other than the newest, oldest first, to check.
+
+        Taken once: a check that runs at the same time in another thread gets none.
+        """
         with self._lock:
             newest = self._newest_life
             taken = self._held
@@ -250,17 +249,16 @@ class Remembered:
             self._tries += 1
             return self._tries
 
+    def judged(self) -> None:
+        """Start counting failed questions afresh: the last one was answered."""
+        with self._lock:
+            self._tries = 0
+
     def put_back(self, commits: list[_Commit]) -> None:
         """Keep commits that could not be judged for the next check."""
         with self._lock:
             self._held = commits + self._held
             self._due = True
-
-    def done(self) -> None:
-        with self._lock:
-            self._checking = False
-            if not self._held:
-                self._tries = 0
 
 
 _MEMORY: weakref.WeakKeyDictionary[Engine, Remembered] = weakref.WeakKeyDictionary()
@@ -287,32 +285,28 @@ def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
     memory = _MEMORY.get(engine)
     if memory is None:
         return
+    commits, _ = memory.take_older()
+    if not commits:
+        return
+    verdicts: list[Verdict | None] | None = None
+    why = "the server that took over was not a primary of a new life when asked"
     try:
-        commits, _ = memory.take_older()
-        if not commits:
+        verdicts = judge(commits, _ask(engine, commits))
+    except Exception as exc:  # noqa: BLE001 - said in the events when out of tries
+        why = f"the server that took over could not be asked: {describe_error(exc)}"
+    if verdicts is None:
+        if memory.failed_try() < _TRIES:
+            memory.put_back(commits)  # asked again after the next commit
             return
-        verdicts: list[Verdict | None] | None = None
-        why = "the server that took over was not a primary of a new life when asked"
-        try:
-            verdicts = judge(commits, _ask(engine, commits))
-        except Exception as exc:  # noqa: BLE001 - said in the events when out of tries
-            why = f"the server that took over could not be asked: {describe_error(exc)}"
-        if verdicts is None:
-            if memory.failed_try() < _TRIES:
-                memory.put_back(commits)
-                return
-            verdicts = [("unknown", why)] * len(commits)
-        for commit, verdict in zip(commits, verdicts, strict=True):
-            if verdict is not None:
-                outcome, reason = verdict
-                emit(
-                    hooks,
-                    AcknowledgedCommitLost(
-                        commit.xid, commit.unit, commit.committed_at, outcome, reason
-                    ),
-                )
-    finally:
-        memory.done()
+        verdicts = [("unknown", why)] * len(commits)
+    memory.judged()
+    for commit, verdict in zip(commits, verdicts, strict=True):
+        if verdict is not None:
+            outcome, reason = verdict
+            lost = AcknowledgedCommitLost(
+                commit.xid, commit.unit, commit.committed_at, outcome, reason
+            )
+            emit(hooks, lost)
 
 
 def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
