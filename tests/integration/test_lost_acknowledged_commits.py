@@ -18,7 +18,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
@@ -279,3 +282,25 @@ def test_a_server_that_hides_the_wal_position_still_commits_units(wal_hiding_rol
     finally:
         engine.dispose()
     assert failures <= (1 if answered_first else 0)
+
+
+def test_writers_that_meet_the_new_primary_at_once_report_each_lost_commit_once(pair, units_for):
+    """Four threads commit on the new primary at the same moment: one report per lost commit."""
+    lost = Lost()
+    units = units_for("psycopg2", lost)
+    units.insert(1)
+    pair.wait_replayed()
+    pair.replication.blackhole()
+    with ThreadPoolExecutor(4) as writers:
+        not_replicated = set(writers.map(units.insert, range(101, 121)))
+    pair.fail_over()
+    barrier = threading.Barrier(4, timeout=30)
+
+    def write_after(op_id):
+        barrier.wait()
+        return units.insert(op_id)
+
+    with ThreadPoolExecutor(4) as writers:
+        list(writers.map(write_after, range(1000, 1004)))
+    assert not set(range(101, 121)) & pair.ids_on_new_primary()
+    assert Counter(event.xid for event in lost) == Counter(not_replicated)
