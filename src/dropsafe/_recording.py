@@ -7,8 +7,9 @@ its backend's pid in one round trip (and, on a connection's first mark, its serv
 statement compilation, no result machinery; a failure still passes through SQLAlchemy's error
 handling (the connection invalidated on a disconnect, the error wrapped), as a statement's would.
 
-The same statement reads the server's WAL insert position, a lower bound of the commit
-record's LSN, which `dropsafe._failover_audit` compares with a promoted standby's fork point.
+The same statement reads the server's WAL insert position (on engines whose server answered it
+at the first read of its life), a lower bound of the commit record's LSN, which
+`dropsafe._failover_audit` compares with a promoted standby's fork point.
 
 A transaction that wrote has an xid; one that only read has none and may simply run again.
 ``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a transaction whose statements
