@@ -294,6 +294,9 @@ def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
         verdicts = judge(commits, _ask(engine, commits))
     except Exception as exc:  # noqa: BLE001 - said in the events when out of tries
         why = f"the server that took over could not be asked: {describe_error(exc)}"
+    except BaseException:  # a cancelled task: the next commit asks again
+        memory.put_back(commits)
+        raise
     if verdicts is None:
         if memory.failed_try() < _TRIES:
             memory.put_back(commits)  # asked again after the next commit

@@ -190,3 +190,24 @@ def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_argume
         "place_order"
     )
     assert _unit_name(Handler()).endswith("<locals>.Handler")
+
+
+def test_an_audit_cancelled_midway_leaves_its_commits_for_the_next(monkeypatch):
+    from dropsafe import _failover_audit  # noqa: PLC0415
+
+    engine, events = FakeEngine(), []
+
+    def cancelled(_engine, _commits):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_failover_audit, "_ask", cancelled)
+    _failover_audit.remember_commit(engine, pending(0x300), "app.lost")
+    assert _failover_audit.remember_commit(engine, pending(0x400, NEW), "app.after")
+    with pytest.raises(KeyboardInterrupt):
+        _failover_audit.audit_after_failover(engine, (events.append,))
+    monkeypatch.setattr(
+        _failover_audit, "_ask", lambda _, commits: answer(*["committed"] * len(commits))
+    )
+    assert _failover_audit.remember_commit(engine, pending(0x401, NEW), "app.after")
+    _failover_audit.audit_after_failover(engine, (events.append,))
+    assert [(e.xid, e.outcome) for e in events] == [(0x300, "lost")]
