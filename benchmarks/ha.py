@@ -78,7 +78,8 @@ def report(results: dict[tuple[str, str], list[VariantResult]], seconds: float) 
             f"`run_transaction`, deadline {UNIT_DEADLINE:g} s), each through HAProxy and through a "
             "multi-host URL (`target_session_attrs=read-write`). A failed write is counted and the "
             "writer goes on (the app's next request). Audit on the new leader: acknowledged writes "
-            "missing (lost) and rows written twice (duplicated). *Unavailable*: the longest gap "
+            "missing (lost; for dropsafe, also how many it reported: `AcknowledgedCommitLost`) "
+            "and rows written twice (duplicated). *Unavailable*: the longest gap "
             "between two acknowledged writes after the event; *first write*: seconds from the "
             "event to the write that ended that gap; *longest write*: the slowest single call."
         ),
@@ -91,14 +92,15 @@ def report(results: dict[tuple[str, str], list[VariantResult]], seconds: float) 
             f"## {WHAT[scenario]}, {replication} replication",
             "",
             (
-                "| variant | writes | acknowledged | app errors | unknown | lost | duplicated "
+                "| variant | writes | acknowledged | app errors | unknown | lost / reported "
+                "| duplicated "
                 "| unavailable (s) | first write (s) | longest write (s) |"
             ),
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         lines += [
             f"| {r.variant} | {r.attempted} | {r.acknowledged} | {r.errors} | {r.unknown} "
-            f"| {r.lost} | {r.duplicated} | {r.unavailable:.1f} | {_number(r.first_write_after)} "
+            f"| {_lost(r)} | {r.duplicated} | {r.unavailable:.1f} | {_number(r.first_write_after)} "
             f"| {r.longest_write:.1f} |"
             for r in rows
         ]
@@ -119,6 +121,13 @@ SHORT = {
 }
 
 
+def _lost(row: VariantResult) -> str:
+    """Acknowledged writes lost; for dropsafe, also how many it reported (docs/guarantees.md)."""
+    if not row.variant.startswith("dropsafe"):
+        return str(row.lost)
+    return f"{row.lost} / {row.reported_lost}"
+
+
 def summary(results: dict[tuple[str, str], list[VariantResult]]) -> str:
     """Return one table of every scenario: errors, unavailability, and losses where any."""
 
@@ -126,6 +135,8 @@ def summary(results: dict[tuple[str, str], list[VariantResult]]) -> str:
         text = f"{row.errors} / {row.unavailable:.1f} s"
         if row.lost:
             text += f" / **{row.lost} lost**"
+        if row.reported_lost:  # dropsafe's AcknowledgedCommitLost events
+            text += f" ({row.reported_lost} reported)"
         if row.unknown:
             text += f" / {row.unknown} unknown"
         return text

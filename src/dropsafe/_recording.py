@@ -7,6 +7,10 @@ its backend's pid in one round trip (and, on a connection's first mark, its serv
 statement compilation, no result machinery; a failure still passes through SQLAlchemy's error
 handling (the connection invalidated on a disconnect, the error wrapped), as a statement's would.
 
+The same statement reads the server's WAL insert position (on engines whose server answered it
+at the first read of its life), a lower bound of the commit record's LSN, which
+`dropsafe._failover_audit` compares with a promoted standby's fork point.
+
 A transaction that wrote has an xid; one that only read has none and may simply run again.
 ``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a transaction whose statements
 mention it is given one here (``pg_current_xact_id()``) and counts as having written. If the
@@ -26,13 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
+from dropsafe._classify import classify
 from dropsafe._server_life import (
     SERVER_LIFE_SQL,
+    WAL_POSITION_SQL,
     ServerLife,
     doubt_server_life,
     remember_server_life,
     server_life_of,
     text_or_none,
+    wal_position_readable,
 )
 
 if TYPE_CHECKING:
@@ -40,22 +47,26 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Connection, Dialect, Engine
 
-__all__ = ["CommitRecorder", "PendingCommit", "record_commits", "recording"]
+__all__ = ["CommitRecorder", "PendingCommit", "lsn_number", "record_commits", "recording"]
 
 # A statement that may queue a notification: NOTIFY or pg_notify().
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 # The backend's pid is read in the mark, not once per connection: behind a transaction-mode
 # pooler each transaction may run on another backend, and the resolver fences that one.
-# The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life].
-# (xid8 functions arrived in PostgreSQL 13; txid_* before.)
+# The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life]
+# [read the WAL insert position: a lower bound of the commit record's LSN, which
+# `dropsafe._failover_audit` compares with a promoted standby's fork point; only on engines
+# whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 _READS = {
-    (modern, assign, with_life): (
+    (modern, assign, with_life, with_wal): (
         f"SELECT {xid_function}()::text, pg_backend_pid()"
         + (f", {SERVER_LIFE_SQL}" if with_life else "")
+        + (f", {WAL_POSITION_SQL}" if with_wal else "")
     )
     for modern in (True, False)
     for assign in (True, False)
     for with_life in (True, False)
+    for with_wal in (True, False)
     for xid_function in [
         ("pg_current_xact_id" if assign else "pg_current_xact_id_if_assigned")
         if modern
@@ -66,11 +77,16 @@ _READS = {
 
 @dataclass(frozen=True)
 class PendingCommit:
-    """A COMMIT that was about to be sent: its xid, its backend and its server's life."""
+    """A COMMIT that was about to be sent: its xid, its backend and its server's life.
+
+    ``wal_lsn`` is the server's WAL insert position read in the same statement, as a number
+    (0: not read): the commit record lies at or after it.
+    """
 
     xid: int
     backend_pid: int
     server_life: ServerLife
+    wal_lsn: int = 0
 
 
 class CommitRecorder:
@@ -85,6 +101,8 @@ class CommitRecorder:
         self.needs_xid = False
         #: Whether to read the xid (``UnitPolicy.verify_commits``); COMMITs are counted anyway.
         self.read_xid = True
+        #: The life of the server the last COMMIT went to (None: not read).
+        self.server_life: ServerLife | None = None
         self.armed = False
 
     def committing(self) -> CommitRecorder:
@@ -169,7 +187,11 @@ def _read_before_commit(conn: Connection) -> None:
     fairy = conn.connection
     driver_connection = fairy.driver_connection
     server_life = server_life_of(driver_connection)
-    statement = _read_statement(conn.dialect, recorder.needs_xid, with_life=server_life is None)
+    with_life = server_life is None
+    with_wal = wal_position_readable(conn.engine)
+    statement = _read_statement(
+        conn.dialect, recorder.needs_xid, with_life=with_life, with_wal=with_wal
+    )
     cursor: Any = None
     row: Any = None  # one row, always: a SELECT without FROM
     try:
@@ -178,21 +200,35 @@ def _read_before_commit(conn: Connection) -> None:
         row = cursor.fetchone()
         cursor.close()
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's handling re-raises it (wrapped)
-        if server_life is None:
-            # Perhaps this server hides the life's functions (another host of the engine):
-            # then its next connections read it on their own, where failing costs nothing.
+        if server_life is None or (with_wal and not classify(exc).retryable):
+            # Perhaps this server hides the life's functions or the WAL position (another
+            # host of the engine): then its next connections read them on their own, where
+            # failing costs nothing.
             doubt_server_life(conn.engine)
         conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
     if server_life is None:
         server_life = ServerLife(text_or_none(row[2]), text_or_none(row[3]))
         remember_server_life(conn.engine, driver_connection, server_life)
+    recorder.server_life = server_life
     # No xid: the transaction wrote nothing, and running it again is harmless.
     recorder.pending = (
-        None if row[0] is None else PendingCommit(int(row[0]), int(row[1]), server_life)
+        None
+        if row[0] is None
+        else PendingCommit(
+            int(row[0]), int(row[1]), server_life, lsn_number(row[-1]) if with_wal else 0
+        )
     )
     recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
 
 
-def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool) -> str:
+def lsn_number(text: object) -> int:
+    """Return a ``pg_lsn`` read as text (``16/B374D848``) as a number; 0 for None."""
+    if text is None:
+        return 0
+    high, _, low = str(text).partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool, with_wal: bool) -> str:
     version: tuple[int, ...] = getattr(dialect, "server_version_info", None) or (13,)
-    return _READS[version[0] >= 13, assign, with_life]  # noqa: PLR2004 - pg_current_xact_id: 13+
+    return _READS[version[0] >= 13, assign, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+

@@ -123,6 +123,7 @@ def request_unit(
                 # Leaving the block closed the session: a SAVEPOINT still open (work the
                 # handler did not commit) is rolled back before the unit's COMMIT.
 
+            attempt.__qualname__ = handler.__qualname__  # what events name the unit by
             return run_transaction(engine, attempt, **settings)
 
         return run  # type: ignore[return-value]

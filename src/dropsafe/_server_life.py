@@ -18,6 +18,10 @@ before the first unit of work it runs, what identifies its server's history:
 Reading it costs a round trip only on an engine's first connections: once one of its servers has
 answered it, each new connection reads it in its first xid mark instead (`dropsafe._recording`,
 the same statement, no round trip of its own).
+
+The same first read tries the WAL insert position (`WAL_POSITION_SQL`): only an engine whose
+server answered it has every xid mark read it too (for `dropsafe._failover_audit`), so a server
+that hides it (a fork without PostgreSQL's WAL) never fails an app's transaction.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SERVER_LIFE_SQL",
+    "WAL_POSITION_SQL",
     "ServerLife",
     "doubt_server_life",
     "learn_server_life",
@@ -42,12 +47,20 @@ __all__ = [
     "remember_server_life",
     "server_life_of",
     "text_or_none",
+    "wal_position_readable",
 ]
 
 #: Two columns that identify a server's life, for a SELECT list.
 SERVER_LIFE_SQL = (
     "(SELECT system_identifier::text FROM pg_control_system()), "
     "(SELECT stats_reset::text FROM pg_stat_bgwriter)"
+)
+
+
+#: The WAL insert position, for a SELECT list: a lower bound of a coming commit record's LSN.
+#: A standby has none (the function would raise there).
+WAL_POSITION_SQL = (
+    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END"
 )
 
 
@@ -82,6 +95,8 @@ class _ServerLives:
         # their first mark. (The engine, not the connection: a server that hides these
         # functions would make the mark fail, and with it the app's transaction.)
         self._answered: weakref.WeakSet[Engine] = weakref.WeakSet()
+        # Engines one of whose servers answered the WAL position: their marks read it.
+        self._wal_readable: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     def learn(self, connection: Connection) -> None:
@@ -100,22 +115,25 @@ class _ServerLives:
         fairy = connection.connection
         driver_connection = fairy.driver_connection
         dbapi_connection: Any = fairy.dbapi_connection
+        wal_readable = True
         try:
-            cursor = dbapi_connection.cursor()
             try:
-                cursor.execute(f"SELECT {SERVER_LIFE_SQL}")
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
-            dbapi_connection.rollback()
+                row = _read_one(dbapi_connection, f"SELECT {SERVER_LIFE_SQL}, {WAL_POSITION_SQL}")
+            except Exception as exc:
+                if classify(exc).retryable:
+                    raise
+                # Perhaps only the WAL position is hidden: the life alone, then.
+                wal_readable = False
+                row = _read_one(dbapi_connection, f"SELECT {SERVER_LIFE_SQL}")
             server_life = ServerLife(text_or_none(row[0]), text_or_none(row[1]))
         except Exception as exc:
             if classify(exc).retryable:
                 connection.invalidate(exc)  # never back to the pool: it is dead
                 raise
-            with contextlib.suppress(Exception):
-                dbapi_connection.rollback()
             server_life = _UNREADABLE
+        if wal_readable and server_life.provable:
+            with self._lock:
+                self._wal_readable.add(connection.engine)
         self.remember(connection.engine, driver_connection, server_life)
 
     def remember(self, engine: Engine, driver_connection: object, server_life: ServerLife) -> None:
@@ -137,6 +155,10 @@ class _ServerLives:
         """Make new connections read the life on their own again: a mark could not read it."""
         with self._lock:
             self._answered.discard(engine)
+            self._wal_readable.discard(engine)
+
+    def wal_readable(self, engine: Engine) -> bool:
+        return engine in self._wal_readable
 
     def of(self, driver_connection: object) -> ServerLife | None:
         with contextlib.suppress(TypeError), self._lock:
@@ -170,6 +192,25 @@ def doubt_server_life(engine: Engine) -> None:
 def remember_server_life(engine: Engine, driver_connection: object, life: ServerLife) -> None:
     """Keep what a connection's first mark read of its server's life (see the module doc)."""
     _SERVER_LIVES.remember(engine, driver_connection, life)
+
+
+def wal_position_readable(engine: Engine) -> bool:
+    """Whether ``engine``'s marks read the WAL position (a server of it answered it)."""
+    return _SERVER_LIVES.wal_readable(engine)
+
+
+def _read_one(dbapi_connection: Any, statement: str) -> Any:  # noqa: ANN401 - a DBAPI row
+    """Run ``statement`` outside any transaction of the app's (rolled back); return its row."""
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(statement)
+            return cursor.fetchone()
+        finally:
+            cursor.close()
+    finally:
+        with contextlib.suppress(Exception):
+            dbapi_connection.rollback()
 
 
 def text_or_none(value: object) -> str | None:

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe._errors import ConfigurationError
+from dropsafe._failover_audit import audit_after_failover, remember_commit
 from dropsafe._policy import Duration, Policy, UnitPolicy
 from dropsafe._recording import CommitRecorder, record_commits, recording
 from dropsafe._replay import forgo_replay
@@ -121,6 +122,8 @@ def run_transaction(
             return cast("_T", done.value)
         if isinstance(step, Run):
             reply = _run_once(bind, fn, step)
+            if _acknowledged(engine, reply, step, fn):
+                audit_after_failover(engine, hooks)
         elif isinstance(step, Resolve):
             reply = resolve_commit(
                 engine,
@@ -130,6 +133,8 @@ def run_transaction(
                 deadline=step.deadline,
                 hooks=hooks,
             )
+            if _acknowledged(engine, reply, step, fn):
+                audit_after_failover(engine, hooks)
         else:
             time.sleep(step.seconds)
             reply = None
@@ -159,7 +164,7 @@ def _run_once(
                         handle.commit()
                 except Exception as exc:  # noqa: BLE001 - reported to the core, which decides
                     return _commit_failed(result, exc, recorder)
-                return Committed(result)
+                return Committed(result, recorder.pending)
     except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
         return Failed(exc, reached_server)
     finally:
@@ -239,6 +244,9 @@ async def run_transaction_async(
         else:
             await asyncio.sleep(step.seconds)
             reply = None
+            continue
+        if _acknowledged(engine.sync_engine, reply, step, fn):
+            await greenlet_spawn(audit_after_failover, engine.sync_engine, hooks)
 
 
 def _sleep_in_greenlet(delay: float) -> None:
@@ -277,7 +285,7 @@ async def _run_once_async(
                             await handle.commit()
                     except Exception as exc:  # noqa: BLE001 - reported to the core
                         return _commit_failed(result, exc, recorder)
-                    return Committed(result)
+                    return Committed(result, recorder.pending)
     except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
         return Failed(exc, reached_server)
     finally:
@@ -314,6 +322,26 @@ async def _call_async(fn: Callable[[Any], Awaitable[_T]], handle: object) -> _T:
 
 
 # -- shared by both faces --------------------------------------------------------------------
+
+
+def _acknowledged(engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: object) -> bool:
+    """Remember a commit acknowledged to the app; True: a failover audit is due now.
+
+    The healthy path's whole cost of `dropsafe._failover_audit`: a few stores in a ring.
+    """
+    if isinstance(step, Resolve):
+        pending = step.pending if reply == "committed" else None
+    else:
+        pending = reply.pending if isinstance(reply, Committed) else None
+    return pending is not None and remember_commit(engine, pending, _unit_name(fn))
+
+
+def _unit_name(fn: object) -> str:
+    """Return the unit's qualified name for the events; never a repr (it may show arguments)."""
+    name = getattr(fn, "__qualname__", None)
+    if name is None:  # a functools.partial: its function's name
+        name = getattr(getattr(fn, "func", None), "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__qualname__
 
 
 def _commit_failed(result: _T, error: Exception, recorder: CommitRecorder) -> CommitFailed[_T]:
@@ -363,7 +391,7 @@ def transactional(
             async def run_async(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
                 return await run_transaction_async(
                     bind,  # type: ignore[arg-type]
-                    lambda handle: fn(handle, *args, **kwargs),
+                    _calling(fn, args, kwargs),
                     **settings,
                 )
 
@@ -374,13 +402,25 @@ def transactional(
         def run(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
             return run_transaction(
                 bind,  # type: ignore[arg-type]
-                lambda handle: fn(handle, *args, **kwargs),
+                _calling(fn, args, kwargs),
                 **settings,
             )
 
         return run
 
     return decorate
+
+
+def _calling(
+    fn: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[Any], _T]:
+    """``fn`` with its arguments bound after the handle, named as ``fn`` (for the events)."""
+
+    def call(handle: object) -> _T:
+        return fn(handle, *args, **kwargs)
+
+    call.__qualname__ = _name(fn)
+    return call
 
 
 # -- checks ----------------------------------------------------------------------------------

@@ -87,9 +87,10 @@ Step = Union[Run, Resolve, Sleep]  # noqa: UP007 - a runtime alias, evaluated on
 
 @dataclass(frozen=True)
 class Committed(Generic[_T]):
-    """The COMMIT succeeded."""
+    """The COMMIT succeeded (``pending``: what its mark read; None: it wrote nothing)."""
 
     result: _T
+    pending: PendingCommit | None = None
 
 
 @dataclass(frozen=True)

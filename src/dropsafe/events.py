@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from dropsafe._classify import ErrorKind
 
 __all__ = [
+    "AcknowledgedCommitLost",
     "CommitResolved",
     "ConnectionInvalidated",
     "DeadConnectionReplaced",
@@ -129,6 +130,28 @@ class CommitResolved:
     elapsed: float  # seconds spent asking
 
 
+@dataclass(frozen=True)
+class AcknowledgedCommitLost:
+    """A unit of work's COMMIT was acknowledged, then its server failed over without it.
+
+    With asynchronous replication a promoted standby may lack commits the old primary
+    acknowledged; no client can prevent that. dropsafe remembers a unit's acknowledged commits
+    and, when a unit commits on the server that took over, asks it which of them it has
+    (docs/guarantees.md, "Commits a failover lost"). Each missing commit is reported once,
+    logged at WARNING: re-check or redo what ``unit`` did, or alert.
+
+    ``outcome`` is ``"lost"`` when the new server proves the commit is not in its history, and
+    ``"unknown"`` when dropsafe could not tell (the reason says why): treat it as lost until
+    checked. ``committed_at`` is when the COMMIT was acknowledged (``time.time()``).
+    """
+
+    xid: int
+    unit: str  # the unit of work's function (its qualified name)
+    committed_at: float
+    outcome: Literal["lost", "unknown"]
+    reason: str
+
+
 Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
     DeadConnectionReplaced,
     ConnectionInvalidated,
@@ -138,6 +161,7 @@ Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
     RetryScheduled,
     RetriesGaveUp,
     CommitResolved,
+    AcknowledgedCommitLost,
 ]
 
 
@@ -153,7 +177,8 @@ class LoggingHook:
 
     Levels: pings and ROLLBACKs that met a lost connection at DEBUG; replaced connections,
     replayed first statements, retries and resolved commits at INFO; a unit of work that gave
-    up and a commit that could not be resolved at WARNING.
+    up, a commit that could not be resolved and an acknowledged commit a failover lost at
+    WARNING.
 
     Example output::
 
@@ -198,7 +223,7 @@ def format_event(event: Event) -> str:
 def _level_of(event: Event) -> int:
     if isinstance(event, (PingSucceeded, RollbackConnectionLost)):
         return logging.DEBUG
-    if isinstance(event, RetriesGaveUp) or (
+    if isinstance(event, (RetriesGaveUp, AcknowledgedCommitLost)) or (
         isinstance(event, CommitResolved) and event.outcome == "unknown"
     ):
         return logging.WARNING
@@ -266,6 +291,12 @@ class PrometheusHook:
             ["outcome"],
             **common,
         )
+        self.lost_commits = counter(
+            "acknowledged_commits_lost",
+            "Acknowledged COMMITs a failover lost (lost) or may have lost (unknown).",
+            ["outcome"],
+            **common,
+        )
         self.resolution_seconds = histogram(
             "commit_resolution_seconds", "Time spent resolving an ambiguous COMMIT.", **common
         )
@@ -290,3 +321,5 @@ class PrometheusHook:
         elif isinstance(event, CommitResolved):
             self.commits_resolved.labels(outcome=event.outcome).inc()
             self.resolution_seconds.observe(event.elapsed)
+        elif isinstance(event, AcknowledgedCommitLost):
+            self.lost_commits.labels(outcome=event.outcome).inc()

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 import dropsafe
 from dropsafe import ConfigurationError, ErrorKind, Policy
 from dropsafe.events import (
+    AcknowledgedCommitLost,
     CommitResolved,
     ConnectionInvalidated,
     DeadConnectionReplaced,
@@ -35,6 +36,7 @@ EVENTS = [
     CommitResolved(726, "unknown", 10.0),
     RollbackConnectionLost("rollback", "OperationalError: server closed the connection"),
     FirstStatementReplayed("OperationalError: terminating connection"),
+    AcknowledgedCommitLost(731, "app.place_order", 1795663776.0121, "lost", 'past "0/3001218"'),
 ]
 
 
@@ -47,6 +49,10 @@ def test_format_is_one_logfmt_line_per_event():
     assert lines[1].startswith("dropsafe.connection_invalidated kind=failover pool_wide=True ")
     assert r'error="OperationalError: \"read only\""' in lines[1]
     assert all("\n" not in line for line in lines)
+    assert lines[-1] == (
+        "dropsafe.acknowledged_commit_lost xid=731 unit=app.place_order "
+        'committed_at=1795663776.0121 outcome=lost reason="past \\"0/3001218\\""'
+    )
 
 
 def test_logging_hook_levels(caplog):
@@ -60,6 +66,7 @@ def test_logging_hook_levels(caplog):
     assert levels["dropsafe.first_statement_replayed"] == "INFO"
     assert levels["dropsafe.retry_scheduled"] == "INFO"
     assert levels["dropsafe.retries_gave_up"] == "WARNING"
+    assert levels["dropsafe.acknowledged_commit_lost"] == "WARNING"
     assert [r.levelname for r in caplog.records if "outcome=unknown" in r.getMessage()] == [
         "WARNING"
     ]
@@ -92,6 +99,7 @@ def test_prometheus_hook_counts_every_event():
     assert value("dropsafe_ping_seconds_count", {"why": "idle"}) == 1
     assert value("dropsafe_lost_rollbacks_total", {"during": "rollback"}) == 1
     assert value("dropsafe_replayed_statements_total") == 1
+    assert value("dropsafe_acknowledged_commits_lost_total", {"outcome": "lost"}) == 1
     assert value("dropsafe_commit_resolution_seconds_sum") == pytest.approx(10.05)
 
 

@@ -44,6 +44,8 @@ LAYERS: list[tuple[str, ...]] = [
     # ambiguous COMMIT, the decisions of a unit of work, and the loops that drive them.
     ("dropsafe._server_life",),
     ("dropsafe._recording",),
+    # Acknowledged commits remembered, and checked after a failover.
+    ("dropsafe._failover_audit",),
     ("dropsafe._resolution", "dropsafe._unit"),
     ("dropsafe._transaction",),
     # A request handler that takes a Session, run as one unit of work.

@@ -32,6 +32,7 @@ PUBLIC = {
         "transactional",
     ],
     "dropsafe.events": [
+        "AcknowledgedCommitLost",
         "CommitResolved",
         "ConnectionInvalidated",
         "DeadConnectionReplaced",

@@ -25,11 +25,13 @@ import sqlalchemy as sa
 import dropsafe
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._redaction import describe_error
+from dropsafe.events import AcknowledgedCommitLost
 from dropsafe.testing._server import ServerError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from dropsafe.events import Event, Hook
     from dropsafe.testing._patroni import PatroniCluster
 
 __all__ = [
@@ -93,6 +95,8 @@ class VariantResult:
     first_write_after: float  # from the event to the write that ended that gap
     longest_write: float  # the slowest single write (a unit of work ends by its deadline)
     error_kinds: dict[str, int] = field(default_factory=dict)
+    # dropsafe's AcknowledgedCommitLost events: acknowledged writes it reported a failover lost.
+    reported_lost: int = 0
 
 
 class Writer(threading.Thread):
@@ -103,8 +107,13 @@ class Writer(threading.Thread):
         self.variant, self.kind, self.stop_at = name, kind, stop_at
         self.stop = threading.Event()
         self.outcomes: list[Outcome] = []
-        self.engine = _engine(kind, url)
+        self.reported_lost = 0
+        self.engine = _engine(kind, url, self._count_report)
         self._write = _writer(kind, self.engine)
+
+    def _count_report(self, event: Event) -> None:
+        if isinstance(event, AcknowledgedCommitLost):
+            self.reported_lost += 1
 
     def run(self) -> None:
         """Write until stopped, ``stop_at``, or ``_MAX_OPS`` writes."""
@@ -129,9 +138,12 @@ class Writer(threading.Thread):
             self.stop.wait(_INTERVAL)
 
 
-def _engine(kind: Kind, url: str) -> sa.Engine:
+def _engine(kind: Kind, url: str, hook: Hook | None = None) -> sa.Engine:
     if kind == "dropsafe":
-        policy = dropsafe.Policy(unit=dropsafe.UnitPolicy(deadline=UNIT_DEADLINE, max_attempts=50))
+        policy = dropsafe.Policy(
+            unit=dropsafe.UnitPolicy(deadline=UNIT_DEADLINE, max_attempts=50),
+            hooks=(*dropsafe.Policy().hooks, *([hook] if hook else [])),
+        )
         return dropsafe.create_engine(url, policy=policy)
     return sa.create_engine(url, pool_pre_ping=kind == "pre_ping")
 
@@ -272,4 +284,5 @@ def _figures(writer: Writer, event_at: float, rows: Counter[str]) -> VariantResu
         first_write_after=(recovered - event_at) if recovered is not None else float("nan"),
         longest_write=max((o.ended - o.started for o in outcomes), default=0.0),
         error_kinds=dict(Counter(o.error for o in outcomes if o.result == "error")),
+        reported_lost=writer.reported_lost,
     )

@@ -1,0 +1,348 @@
+"""Acknowledged commits that a failover lost: remembered, checked once, each one reported.
+
+With asynchronous replication, a primary acknowledges a COMMIT before any standby has it. If
+it then fails and a standby is promoted, the commits it acknowledged last are not on the new
+timeline: the application was told "committed" and the row is gone. No client can prevent
+that; dropsafe reports it (`dropsafe.events.AcknowledgedCommitLost`), so the app can re-check
+or alert.
+
+How, and why it holds (checked on a real primary and asynchronous standby, PostgreSQL 15):
+
+- A verified unit's mark (`dropsafe._recording`) also reads ``pg_current_wal_insert_lsn()``:
+  L0, a lower bound of the commit record's LSN (no round trip: one more column). Each
+  acknowledged commit is kept as (server life, xid, L0, unit, time) in a ring of fixed size
+  per engine, preallocated: memory stays flat, and the healthy path pays an append.
+- When a unit commits a write on a server life other than the remembered commits', its
+  server is asked once, in one statement: its life, ``pg_last_wal_replay_lsn()`` (F: after a
+  promotion or a crash recovery it stays at the end of the last record replayed, where the new
+  history forked off the old; NULL if the server never recovered since it started) and the
+  status of every remembered xid of the older lives.
+- A commit is LOST if L0 >= F: its commit record starts at or after L0, past everything the
+  new server replayed. Else its status is the truth: the unit wrote (it has an xid) before its
+  mark, so a WAL record carrying its xid ends before L0 < F and was replayed, which advanced
+  the new server's next xid past it: the new timeline cannot hand that xid out again, so
+  ``committed`` is ours and anything else means lost. (A lost commit with L0 >= F is often
+  reported ``committed`` by the new server: its xid was handed out again. Measured: the first
+  write on the promoted standby took the first lost xid.)
+- Another cluster, a server with no recovery since it started, or older lives in the same
+  batch (two failovers before a write reached the new server): ``unknown``, never silence.
+
+Not covered (docs/guarantees.md): commits of a process that restarted (the ring is in memory),
+more than the ring holds, a unit whose writes leave no WAL before its mark (only temporary or
+unlogged tables, only NOTIFY), and a new server that restarted cleanly or crashed again before
+a unit committed there.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from array import array
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from dropsafe._hooks import emit
+from dropsafe._recording import lsn_number
+from dropsafe._redaction import describe_error
+from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife, text_or_none
+from dropsafe._watchdog import bounded
+from dropsafe.events import AcknowledgedCommitLost
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sqlalchemy.engine import Dialect, Engine
+
+    from dropsafe._recording import PendingCommit
+    from dropsafe.events import Hook
+
+__all__ = [
+    "REMEMBERED_COMMITS",
+    "Remembered",
+    "ServerAnswer",
+    "audit_after_failover",
+    "judge",
+    "remember_commit",
+]
+
+#: How many acknowledged commits each engine remembers (the newest).
+REMEMBERED_COMMITS = 10_000
+_CHECK_TIMEOUT = 5.0  # the one question to the new server: at most this long
+_TRIES = 3  # questions that could not be answered before the commits are reported unknown
+
+# xid8 functions arrived in PostgreSQL 13. A status is read only below the first unassigned
+# xid (pg_xact_status raises for a future one); an xid too old to know reads NULL.
+_STATUSES = (
+    "SELECT array_to_string(ARRAY(SELECT CASE WHEN x < pg_snapshot_xmax(pg_current_snapshot()) "
+    "THEN coalesce(pg_xact_status(x), 'too old') ELSE 'future' END "
+    "FROM unnest('{{{xids}}}'::xid8[]) WITH ORDINALITY AS t(x, n) ORDER BY n), ',')"
+)
+_STATUSES_BEFORE_13 = (
+    "SELECT array_to_string(ARRAY(SELECT CASE "
+    "WHEN x < txid_snapshot_xmax(txid_current_snapshot()) "
+    "THEN coalesce(txid_status(x), 'too old') ELSE 'future' END "
+    "FROM unnest('{{{xids}}}'::bigint[]) WITH ORDINALITY AS t(x, n) ORDER BY n), ',')"
+)
+_QUESTION = (
+    f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, ({{statuses}})"
+)
+
+
+@dataclass(frozen=True)
+class ServerAnswer:
+    """What the server that took over says about the remembered commits."""
+
+    server_life: ServerLife
+    in_recovery: bool
+    fork_lsn: int | None  # pg_last_wal_replay_lsn(); None: no recovery since it started
+    statuses: Sequence[str]  # one per commit asked about, in order
+
+
+@dataclass(frozen=True)
+class _Commit:
+    """One remembered commit, taken out of the ring to be checked."""
+
+    server_life: ServerLife
+    xid: int
+    wal_lsn: int  # 0: not read
+    unit: str
+    committed_at: float
+
+
+Verdict = tuple[Literal["lost", "unknown"], str]
+
+
+def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | None] | None:
+    """Say, per commit, whether the server that answered lost it (None: it has it).
+
+    Returns None when this answer cannot judge them (a standby answered, or a server of their
+    own life: ask later). Pure: the module's docstring says why each rule holds.
+    """
+    theirs = answer.server_life
+    if answer.in_recovery or any(commit.server_life == theirs for commit in commits):
+        return None
+    newest_old_life = commits[-1].server_life if commits else None
+    verdicts: list[Verdict | None] = []
+    for commit, status in zip(commits, answer.statuses, strict=True):
+        verdicts.append(_verdict(commit, status, answer, newest_old_life))
+    return verdicts
+
+
+def _verdict(
+    commit: _Commit, status: str, answer: ServerAnswer, newest_old_life: ServerLife | None
+) -> Verdict | None:
+    doubt = _cannot_judge(commit, answer, newest_old_life)
+    if doubt is not None:
+        return ("unknown", doubt)
+    fork = answer.fork_lsn or 0
+    if commit.wal_lsn >= fork:
+        why = (
+            f"its commit record lies at or after {_lsn_text(commit.wal_lsn)}, past the WAL "
+            f"the server that took over replayed (up to {_lsn_text(fork)}): asynchronous "
+            f"replication or an unflushed commit lost it"
+        )
+        return ("lost", why)
+    if status != "committed":
+        why = (
+            f"the server that took over reports it {status!r} "
+            f"(its WAL replayed up to {_lsn_text(fork)})"
+        )
+        return ("lost", why)
+    return None
+
+
+def _cannot_judge(
+    commit: _Commit, answer: ServerAnswer, newest_old_life: ServerLife | None
+) -> str | None:
+    """Say why this answer proves nothing about this commit (None: it does)."""
+    if commit.server_life.system_identifier != answer.server_life.system_identifier:
+        return "a server of another database cluster took over"
+    if commit.server_life != newest_old_life:
+        return "the server failed over (or crashed) more than once before it was asked"
+    if answer.fork_lsn is None:
+        return (
+            "the server that took over has not recovered since it started, so where its "
+            "history forked cannot be read"
+        )
+    if not commit.wal_lsn:
+        return "the WAL position before its COMMIT was not read"
+    return None
+
+
+def _lsn_text(number: int) -> str:
+    return f"{number >> 32:X}/{number & 0xFFFFFFFF:X}"
+
+
+class Remembered:
+    """One engine's acknowledged commits: a ring of fixed size, allocated once.
+
+    Parallel arrays rather than an object per commit: the ring is written on every verified
+    unit's commit and must not grow the process (tests/integration/test_checkout_scale.py).
+    A slot whose life is None is empty, or was taken out to be checked.
+    """
+
+    def __init__(self, size: int = REMEMBERED_COMMITS) -> None:
+        self.size = size
+        self._xids = array("Q", bytes(8 * size))
+        self._lsns = array("Q", bytes(8 * size))
+        self._times = array("d", bytes(8 * size))
+        self._units: list[str] = [""] * size
+        self._lives: list[ServerLife | None] = [None] * size
+        self._next = 0
+        self._newest_life: ServerLife | None = None
+        self._due = False  # commits of an older life wait for a check
+        self._held: list[_Commit] = []  # taken out, not answered yet
+        self._tries = 0
+        self._lock = threading.Lock()
+
+    def add(self, pending: PendingCommit, unit: str, committed_at: float) -> bool:
+        """Remember an acknowledged commit; return whether a check is due now."""
+        life = pending.server_life
+        with self._lock:
+            slot = self._next % self.size
+            self._next += 1
+            self._xids[slot] = pending.xid
+            self._lsns[slot] = pending.wal_lsn
+            self._times[slot] = committed_at
+            self._units[slot] = unit
+            self._lives[slot] = life
+            newest = self._newest_life
+            if newest is not life and newest != life:
+                if newest is not None:
+                    self._due = True
+                self._newest_life = life
+            return self._due
+
+    def take_older(self) -> tuple[list[_Commit], ServerLife | None]:
+        """Take out every commit of a life other than the newest, oldest first, to check.
+
+        Taken once: a check that runs at the same time in another thread gets none.
+        """
+        with self._lock:
+            newest = self._newest_life
+            taken = self._held
+            self._held = []
+            first = max(0, self._next - self.size)
+            for number in range(first, self._next):
+                slot = number % self.size
+                life = self._lives[slot]
+                if life is None or life == newest:
+                    continue
+                taken.append(
+                    _Commit(
+                        life,
+                        self._xids[slot],
+                        self._lsns[slot],
+                        self._units[slot],
+                        self._times[slot],
+                    )
+                )
+                self._lives[slot] = None
+                self._units[slot] = ""
+            self._due = False
+            return taken, newest
+
+    def failed_try(self) -> int:
+        """Count a question that judged nothing; return how many so far."""
+        with self._lock:
+            self._tries += 1
+            return self._tries
+
+    def judged(self) -> None:
+        """Start counting failed questions afresh: the last one was answered."""
+        with self._lock:
+            self._tries = 0
+
+    def put_back(self, commits: list[_Commit]) -> None:
+        """Keep commits that could not be judged for the next check."""
+        with self._lock:
+            self._held = commits + self._held
+            self._due = True
+
+
+_MEMORY: weakref.WeakKeyDictionary[Engine, Remembered] = weakref.WeakKeyDictionary()
+_MEMORY_LOCK = threading.Lock()
+
+
+def remember_commit(engine: Engine, pending: PendingCommit, unit: str) -> bool:
+    """Remember an acknowledged commit of ``engine``; True: call `audit_after_failover` now."""
+    if not pending.server_life.provable:
+        return False  # no life to tell a failover by
+    memory = _MEMORY.get(engine)
+    if memory is None:
+        with _MEMORY_LOCK:
+            memory = _MEMORY.setdefault(engine, Remembered())
+    return memory.add(pending, unit, time.time())
+
+
+def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
+    """Ask ``engine``'s server which remembered commits of older lives it lost; report them.
+
+    Runs once per server change, right after a unit committed on the new server. Never
+    raises: the unit it runs after has committed, and reporting must not undo that.
+    """
+    memory = _MEMORY.get(engine)
+    if memory is None:
+        return
+    commits, _ = memory.take_older()
+    if not commits:
+        return
+    verdicts: list[Verdict | None] | None = None
+    why = "the server that took over was not a primary of a new life when asked"
+    try:
+        verdicts = judge(commits, _ask(engine, commits))
+    except Exception as exc:  # noqa: BLE001 - said in the events when out of tries
+        why = f"the server that took over could not be asked: {describe_error(exc)}"
+    except BaseException:  # a cancelled task: the next commit asks again
+        memory.put_back(commits)
+        raise
+    if verdicts is None:
+        if memory.failed_try() < _TRIES:
+            memory.put_back(commits)  # asked again after the next commit
+            return
+        verdicts = [("unknown", why)] * len(commits)
+    memory.judged()
+    for commit, verdict in zip(commits, verdicts, strict=True):
+        if verdict is not None:
+            outcome, reason = verdict
+            lost = AcknowledgedCommitLost(
+                commit.xid, commit.unit, commit.committed_at, outcome, reason
+            )
+            emit(hooks, lost)
+
+
+def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
+    """One statement on a pooled connection (the unit just committed on one: it works)."""
+    statement = _QUESTION.format(statuses=_statuses_statement(engine.dialect, commits))
+    connection = engine.raw_connection()
+    dbapi_connection: Any = connection.dbapi_connection
+    row: Any = None  # one row, always: a SELECT without FROM
+    try:
+        with bounded(dbapi_connection, time.monotonic() + _CHECK_TIMEOUT):
+            cursor = connection.cursor()
+            try:
+                cursor.execute(statement)
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            connection.rollback()
+    except BaseException:
+        connection.invalidate()
+        raise
+    finally:
+        connection.close()
+    statuses = str(row[4]).split(",") if row[4] else []
+    return ServerAnswer(
+        ServerLife(text_or_none(row[0]), text_or_none(row[1])),
+        bool(row[2]),
+        None if row[3] is None else lsn_number(row[3]),
+        statuses,
+    )
+
+
+def _statuses_statement(dialect: Dialect, commits: Sequence[_Commit]) -> str:
+    version = getattr(dialect, "server_version_info", None) or (13,)
+    template = _STATUSES if version[0] >= 13 else _STATUSES_BEFORE_13  # noqa: PLR2004 - xid8: 13+
+    # Numbers we read ourselves, inlined: no driver's parameter style to follow.
+    return template.format(xids=",".join(str(int(commit.xid)) for commit in commits))
