@@ -14,12 +14,13 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from replay_faults import lose, replay_engine, replayed
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import dropsafe
-from dropsafe.events import FirstStatementReplayed, RetryScheduled
+from dropsafe.events import RetryScheduled
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
@@ -64,44 +65,17 @@ def _rows(server):
     return sorted(int(n) for (n,) in server.execute("SELECT n FROM replay_items"))
 
 
-def _lose(fault, server, proxy):
-    if fault == "terminate":
-        assert server.terminate_backends() >= 1
-    elif fault == "cut":
-        assert proxy.cut("rst") >= 1
-    else:
-        server.restart("immediate")
-
-
-def _engine(server, proxy, driver, events, *, policy=None, **kwargs):
-    kwargs.setdefault("pool_size", 1)
-    kwargs.setdefault("max_overflow", 0)
-    return dropsafe.create_engine(
-        proxy.route(server.url(driver)),
-        policy=policy or dropsafe.Policy(hooks=(events.append,)),
-        **kwargs,
-    )
-
-
 def _lose_at_next_checkout(engine, fault, server, proxy):
     """Lose the connection right after the next checkout (after dropsafe's check passed it)."""
     armed = [True]
 
     @event.listens_for(engine, "checkout")
-    def lose(dbapi_connection, entry, proxied):
+    def lose_now(dbapi_connection, entry, proxied):
         if armed[0]:
             armed[0] = False
-            _lose(fault, server, proxy)
+            lose(fault, server, proxy)
 
     return armed
-
-
-def _replayed(events):
-    return [
-        event
-        for event in events
-        if isinstance(event, FirstStatementReplayed) and event.replay_error is None
-    ]
 
 
 # -- replayed ------------------------------------------------------------------------------
@@ -115,7 +89,7 @@ def test_orm_session_first_statement_replayed_and_commit_keeps_the_write(
     # The attack on a replay that rolls back (the FAQ recipe): the Session's transaction would
     # be deactivated, and its commit would not commit the replayed INSERT. Here it must.
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     try:
         _lose_at_next_checkout(engine, fault, server, proxy)
         with Session(engine) as session:
@@ -124,15 +98,15 @@ def test_orm_session_first_statement_replayed_and_commit_keeps_the_write(
             session.add(Item(n=2))
             session.commit()
         assert _rows(server) == [1, 2]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         engine.dispose()
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_core_first_statement_with_returning_replayed(server, proxy, driver):
+def test_core_first_statement_with_returningreplayed(server, proxy, driver):
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     try:
         _lose_at_next_checkout(engine, "terminate", server, proxy)
         with engine.begin() as conn:
@@ -140,15 +114,15 @@ def test_core_first_statement_with_returning_replayed(server, proxy, driver):
             conn.execute(ITEMS.insert().values(n=8))
         assert _rows(server) == [7, 8]
         assert server.execute(f"SELECT n FROM replay_items WHERE id = {new_id}") == [("7",)]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         engine.dispose()
 
 
-def test_executemany_first_statement_replayed(server, proxy):
+def test_executemany_first_statementreplayed(server, proxy):
     server.execute("INSERT INTO replay_items (n) VALUES (1), (2), (3)")
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     try:
         _lose_at_next_checkout(engine, "cut", server, proxy)
         with engine.begin() as conn:
@@ -159,19 +133,19 @@ def test_executemany_first_statement_replayed(server, proxy):
                 [{"old": 1, "new": 11}, {"old": 2, "new": 12}],
             )
         assert _rows(server) == [3, 11, 12]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         engine.dispose()
 
 
-def test_psycopg_prepared_server_side_binding_replayed(server, proxy):
+def test_psycopg_prepared_server_side_bindingreplayed(server, proxy):
     events = []
-    engine = _engine(server, proxy, "psycopg", events, connect_args={"prepare_threshold": 0})
+    engine = replay_engine(server, proxy, "psycopg", events, connect_args={"prepare_threshold": 0})
     try:
         _lose_at_next_checkout(engine, "terminate", server, proxy)
         with engine.begin() as conn:
             assert conn.execute(sa.text("SELECT CAST(:n AS int) + 1"), {"n": 41}).scalar() == 42
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         engine.dispose()
 
@@ -193,7 +167,7 @@ async def test_async_first_statement_replayed_with_prepared_statements(server, p
         async with engine.begin() as conn:  # asyncpg prepares every statement
             assert (await conn.execute(sa.text("SELECT count(*) FROM replay_items"))).scalar() == 1
         assert _rows(server) == [5]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         await engine.dispose()
 
@@ -223,7 +197,7 @@ def test_reply_lost_after_the_server_ran_it_is_replayed_once(server, proxy, driv
     # The server runs the INSERT, and the socket is cut before the reply: the transaction is
     # aborted with its backend, so the replay must not double the row (n is unique too).
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     slow = sa.text(
         "INSERT INTO replay_items (n) SELECT 9 FROM pg_sleep(2) /* replay_slow */ RETURNING n"
     )
@@ -242,7 +216,7 @@ def test_reply_lost_after_the_server_ran_it_is_replayed_once(server, proxy, driv
         cutter.join(timeout=10)
         assert seen == [True]
         assert _rows(server) == [9]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         engine.dispose()
 
@@ -250,47 +224,47 @@ def test_reply_lost_after_the_server_ran_it_is_replayed_once(server, proxy, driv
 # -- not replayed --------------------------------------------------------------------------
 
 
-def test_second_statement_is_not_replayed(server, proxy):
+def test_second_statement_is_notreplayed(server, proxy):
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     try:
         with engine.connect() as conn:
             conn.execute(BACKEND_PID)
-            _lose("terminate", server, proxy)
+            lose("terminate", server, proxy)
             with pytest.raises(sa.exc.OperationalError):
                 conn.execute(ITEMS.insert().values(n=1))
         assert _rows(server) == []
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
 
 @pytest.mark.parametrize("how", ["execution-option", "engine-setting"])
-def test_autocommit_is_not_replayed(server, proxy, how):
+def test_autocommit_is_notreplayed(server, proxy, how):
     events = []
     if how == "engine-setting":
-        engine = _engine(server, proxy, "psycopg2", events, isolation_level="AUTOCOMMIT")
+        engine = replay_engine(server, proxy, "psycopg2", events, isolation_level="AUTOCOMMIT")
         bind = engine
     else:
-        engine = _engine(server, proxy, "psycopg2", events)
+        engine = replay_engine(server, proxy, "psycopg2", events)
         bind = engine.execution_options(isolation_level="AUTOCOMMIT")
     try:
         _lose_at_next_checkout(engine, "terminate", server, proxy)
         with bind.connect() as conn, pytest.raises(sa.exc.OperationalError):
             conn.execute(ITEMS.insert().values(n=1))
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
 
-def test_a_statement_opted_out_is_not_replayed(server, proxy):
+def test_a_statement_opted_out_is_notreplayed(server, proxy):
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     try:
         _lose_at_next_checkout(engine, "terminate", server, proxy)
         with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
             conn.execute(ITEMS.insert().values(n=1).execution_options(dropsafe_replay=False))
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
@@ -300,38 +274,38 @@ def test_an_engine_opted_out_replays_nothing(server, proxy):
     policy = dropsafe.Policy(
         pool=dropsafe.PoolPolicy(replay_first_statement=False), hooks=(events.append,)
     )
-    engine = _engine(server, proxy, "psycopg2", events, policy=policy)
+    engine = replay_engine(server, proxy, "psycopg2", events, policy=policy)
     try:
         _lose_at_next_checkout(engine, "terminate", server, proxy)
         with Session(engine) as session, pytest.raises(sa.exc.OperationalError):
             session.execute(BACKEND_PID)
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
 
 def test_a_serializable_transaction_is_not_replayed_as_another_level(server, proxy):
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     try:
         _lose_at_next_checkout(engine, "terminate", server, proxy)
         serializable = engine.execution_options(isolation_level="SERIALIZABLE")
         with serializable.connect() as conn, pytest.raises(sa.exc.OperationalError):
             conn.execute(BACKEND_PID)
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
 
-def test_insertmanyvalues_is_not_replayed(server, proxy):
+def test_insertmanyvalues_is_notreplayed(server, proxy):
     # SQLAlchemy sends its batches on a cursor it holds itself: no replay, the error is raised.
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     try:
         _lose_at_next_checkout(engine, "terminate", server, proxy)
         with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
             conn.execute(ITEMS.insert().returning(ITEMS.c.id), [{"n": 1}, {"n": 2}])
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
@@ -339,29 +313,29 @@ def test_insertmanyvalues_is_not_replayed(server, proxy):
 def test_inside_a_unit_of_work_the_unit_runs_again_instead(server, proxy):
     # Lost right before the app's first statement, after the unit read its server's life.
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
-    def lose(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
         if armed[0] and "replay_items" in statement:
             armed[0] = False
-            _lose("terminate", server, proxy)
+            lose("terminate", server, proxy)
 
     try:
         dropsafe.run_transaction(engine, lambda conn: conn.execute(ITEMS.insert().values(n=4)))
         assert _rows(server) == [4]
-        assert _replayed(events) == []
+        assert replayed(events) == []
         assert [type(e) for e in events if isinstance(e, RetryScheduled)] == [RetryScheduled]
     finally:
         engine.dispose()
 
 
-def test_an_error_the_server_answered_is_not_replayed(server, proxy):
+def test_an_error_the_server_answered_is_notreplayed(server, proxy):
     # Even where the dialect's is_disconnect says "disconnect" (a user may widen it, as
     # SQLAlchemy's own HandleErrorTest does): the server replied, the statement is not resent.
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     engine.dialect.is_disconnect = lambda *args: True
     checkouts = []
     event.listen(engine, "checkout", lambda *args: checkouts.append(1))
@@ -369,13 +343,13 @@ def test_an_error_the_server_answered_is_not_replayed(server, proxy):
         with engine.connect() as conn, pytest.raises(sa.exc.ProgrammingError):
             conn.exec_driver_sql("SELECT x FROM no_such_table")
         assert len(checkouts) == 1  # a replay would have checked out a fresh connection
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
 
 @pytest.mark.timeout(60)
-def test_a_connection_that_timed_out_is_not_replayed(server, kernel_blackhole):
+def test_a_connection_that_timed_out_is_notreplayed(server, kernel_blackhole):
     # The server may still hold the transaction (and its locks) until it notices: no replay,
     # and no fresh connect on a dead path adding its own timeout to the app's wait.
     events = []
@@ -397,7 +371,7 @@ def test_a_connection_that_timed_out_is_not_replayed(server, kernel_blackhole):
                 conn.execute(BACKEND_PID)
             elapsed = time.monotonic() - started
         assert connects == []  # a replay would have tried a fresh connection
-        assert _replayed(events) == []
+        assert replayed(events) == []
         assert elapsed < 10
     finally:
         engine.dispose()

@@ -18,13 +18,14 @@ import warnings
 
 import pytest
 import sqlalchemy as sa
+from replay_faults import failed_replays, lose, replay_engine, replayed
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 import dropsafe
-from dropsafe.events import FirstStatementReplayed, PingSucceeded, RollbackConnectionLost
+from dropsafe.events import PingSucceeded, RollbackConnectionLost
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
@@ -80,26 +81,6 @@ def _audit(server):
     return sorted(what for (what,) in server.execute("SELECT what FROM attack_audit"))
 
 
-def _lose(fault, server, proxy):
-    if fault == "terminate":
-        assert server.terminate_backends() >= 1
-    elif fault == "cut":
-        assert proxy.cut("rst") >= 1
-    else:
-        server.restart("immediate")
-
-
-def _engine(server, proxy, driver, events, *, policy=None, **kwargs):
-    if kwargs.get("poolclass") is not NullPool:
-        kwargs.setdefault("pool_size", 1)
-        kwargs.setdefault("max_overflow", 0)
-    return dropsafe.create_engine(
-        proxy.route(server.url(driver)),
-        policy=policy or dropsafe.Policy(hooks=(events.append,)),
-        **kwargs,
-    )
-
-
 def _lose_before(engine, needle, fault, server, proxy):
     """Lose the connection right before the first statement that contains ``needle`` is sent.
 
@@ -109,20 +90,12 @@ def _lose_before(engine, needle, fault, server, proxy):
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
-    def lose(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
         if armed[0] and needle in statement:
             armed[0] = False
-            _lose(fault, server, proxy)
+            lose(fault, server, proxy)
 
     return armed
-
-
-def _replayed(events):
-    return [e for e in events if isinstance(e, FirstStatementReplayed) and e.replay_error is None]
-
-
-def _failed_replays(events):
-    return [e for e in events if isinstance(e, FirstStatementReplayed) and e.replay_error]
 
 
 def _raw_cursor_execute(sa_connection, sql):
@@ -140,7 +113,7 @@ def _raw_cursor_execute(sa_connection, sql):
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(server, proxy, driver):
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
         with Session(engine) as session:
@@ -166,7 +139,7 @@ def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(server, proxy
 
 def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(server, proxy):
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
+    engine = replay_engine(server, proxy, "psycopg", events)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
         try:
@@ -191,7 +164,7 @@ def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(server, proxy, driver):
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     written = [False]
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -215,7 +188,7 @@ def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(server, pr
 
 def test_raw_set_transaction_isolation_survives_the_replay(server, proxy):
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
+    engine = replay_engine(server, proxy, "psycopg", events)
     try:
         _lose_before(engine, "transaction_isolation", "cut", server, proxy)
         with Session(engine) as session:
@@ -269,7 +242,7 @@ async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(server, 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(server, proxy, driver):
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
         with Session(engine) as session:
@@ -282,16 +255,16 @@ def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(serv
             session.add(Item(n=2))
             session.commit()
         assert _items(server) == [2]
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
 
-def test_statement_after_an_engine_connect_listener_sql_is_not_replayed(server, proxy):
+def test_statement_after_an_engine_connect_listener_sql_is_notreplayed(server, proxy):
     # The app's listener runs SQL on the SQLAlchemy Connection as soon as it is made: that is
     # the transaction's first statement; the app's INSERT is the second and must stay loud.
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
 
     @event.listens_for(engine, "engine_connect")
     def stamp(conn):
@@ -304,7 +277,7 @@ def test_statement_after_an_engine_connect_listener_sql_is_not_replayed(server, 
                 conn.execute(ITEMS.insert().values(n=1))
             conn.rollback()
         assert (_items(server), _audit(server)) == ([], [])
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
@@ -315,7 +288,7 @@ def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(server,
     # goes on with the outer one. Made quiet, the app's later commit could report success for
     # a transaction the server aborted. It must raise, and nothing may be on the server.
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
+    engine = replay_engine(server, proxy, "psycopg", events)
     try:
         with Session(engine) as session:
             session.add(Item(n=1))
@@ -323,7 +296,7 @@ def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(server,
             nested = session.begin_nested()
             session.add(Item(n=2))
             session.flush()
-            _lose(fault, server, proxy)
+            lose(fault, server, proxy)
             try:
                 nested.rollback()
             except sa.exc.DBAPIError:
@@ -334,7 +307,7 @@ def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(server,
                 session.commit()
         assert _items(server) == []
         # Whether the savepoint's rollback raised or not, the commit was loud; record which.
-        assert rolled_back_loudly or _replayed(events) == []
+        assert rolled_back_loudly or replayed(events) == []
     finally:
         engine.dispose()
 
@@ -345,14 +318,14 @@ def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(server,
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(server, proxy, driver):
     events = []
-    engine = _engine(server, proxy, driver, events, isolation_level="SERIALIZABLE")
+    engine = replay_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE")
     try:
         _lose_before(engine, "transaction_isolation", "terminate", server, proxy)
         with Session(engine) as session, session.begin():
             assert session.execute(ISOLATION).scalar() == "serializable"
             session.add(Item(n=1))
         assert _items(server) == [1]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         engine.dispose()
 
@@ -364,7 +337,7 @@ def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(serv
 )
 def test_replay_with_other_pool_setups(server, proxy, engine_kwargs):
     events = []
-    engine = _engine(server, proxy, "psycopg", events, **engine_kwargs)
+    engine = replay_engine(server, proxy, "psycopg", events, **engine_kwargs)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
         started = time.monotonic()
@@ -373,7 +346,7 @@ def test_replay_with_other_pool_setups(server, proxy, engine_kwargs):
             session.commit()
         assert time.monotonic() - started < 10  # no wait for a pool slot held by itself
         assert _items(server) == [1]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
         # The pool's books balance: nothing is left checked out, and a pool of one still
         # hands its connection out (twice, so a leaked slot would time out).
         for n in (2, 3):
@@ -390,7 +363,7 @@ def test_replay_with_other_pool_setups(server, proxy, engine_kwargs):
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(server, proxy, driver):
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     try:
         _lose_before(engine, "SAVEPOINT", "terminate", server, proxy)
         with Session(engine) as session:
@@ -399,7 +372,7 @@ def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(server
             session.add(Item(n=2))
             session.commit()
         assert _items(server) == [1, 2]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         engine.dispose()
 
@@ -407,10 +380,10 @@ def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(server
 # The lost connection's server-side cursor is never closed (see the test below).
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_server_side_cursor_first_statement_replayed(server, proxy, driver):
+def test_server_side_cursor_first_statementreplayed(server, proxy, driver):
     server.execute("INSERT INTO attack_items (n) SELECT g FROM generate_series(1, 50) g")
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     try:
         _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
         with engine.connect() as conn:
@@ -420,13 +393,13 @@ def test_server_side_cursor_first_statement_replayed(server, proxy, driver):
             conn.execute(ITEMS.insert().values(n=100))
             conn.commit()
         assert _items(server) == [*range(1, 51), 100]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         engine.dispose()
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-async def test_async_run_sync_first_statement_replayed(server, proxy, driver):
+async def test_async_run_sync_first_statementreplayed(server, proxy, driver):
     events = []
     engine = dropsafe.create_async_engine(
         proxy.route(server.url(driver)),
@@ -442,7 +415,7 @@ async def test_async_run_sync_first_statement_replayed(server, proxy, driver):
             await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=2)))
             await conn.commit()
         assert _items(server) == [1, 2]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
         assert engine.sync_engine.pool.checkedout() == 0
     finally:
         await engine.dispose()
@@ -452,7 +425,7 @@ def test_psycopg_pipeline_mode_first_statement(server, proxy):
     # The app enters psycopg's pipeline mode on the driver's connection. Whatever happens,
     # what the app sees must match the server: success with the rows, or an error without.
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
+    engine = replay_engine(server, proxy, "psycopg", events)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
         try:
@@ -475,7 +448,7 @@ def test_psycopg_pipeline_mode_first_statement(server, proxy):
 def test_replay_closes_the_lost_server_side_cursor(server, proxy):
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
+    engine = replay_engine(server, proxy, "psycopg", events)
     try:
         _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
         with warnings.catch_warnings(record=True) as caught:
@@ -484,7 +457,7 @@ def test_replay_closes_the_lost_server_side_cursor(server, proxy):
                 streamed = sa.select(ITEMS.c.n).execution_options(stream_results=True)
                 assert conn.execute(streamed).scalars().all() == [1]
             gc.collect()
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
         leaked = [w for w in caught if issubclass(w.category, ResourceWarning)]
         assert leaked == [], [str(w.message) for w in leaked]
     finally:
@@ -499,7 +472,7 @@ def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(server, prox
         "TRUNCATE attack_s.attack_items"
     )
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
         with engine.connect() as conn:
@@ -515,7 +488,7 @@ def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(server, prox
                 committed = True
         in_schema = server.execute("SELECT count(*) FROM attack_s.attack_items")
         expected = [("1",)] if committed else [("0",)]
-        assert (in_schema, _items(server), _replayed(events)) == (expected, [], [])
+        assert (in_schema, _items(server), replayed(events)) == (expected, [], [])
     finally:
         engine.dispose()
 
@@ -528,7 +501,7 @@ def test_checkout_listener_raw_session_setting_holds_on_the_replay(server, proxy
     # refuses when the driver's connection is in a transaction makes this loud instead, which
     # is safe too. What must never happen: a replay that lacks the setting.)
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
 
     @event.listens_for(engine, "checkout")
     def tenant(dbapi_connection, entry, proxied):
@@ -548,7 +521,7 @@ def test_checkout_listener_raw_session_setting_holds_on_the_replay(server, proxy
             session.add(Item(n=1))
             session.commit()
         assert _items(server) == [1]
-        assert len(_replayed(events)) == (1 if seen == "acme" else 0)
+        assert len(replayed(events)) == (1 if seen == "acme" else 0)
     finally:
         engine.dispose()
 
@@ -559,7 +532,7 @@ def test_first_statement_replayed_once_only(server, proxy):
     # and the pool and the Session are fine afterwards.
     server.execute("DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq")
     events = []
-    engine = _engine(server, proxy, "psycopg", events, pool_timeout=2)
+    engine = replay_engine(server, proxy, "psycopg", events, pool_timeout=2)
     suicide = sa.text("SELECT nextval('attack_seq'), pg_terminate_backend(pg_backend_pid())")
     try:
         with Session(engine) as session:
@@ -584,11 +557,11 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
     # and once connections come back the same Session works.
     caplog.set_level(logging.DEBUG, logger="dropsafe")
     events = []
-    engine = _engine(server, proxy, driver, events, pool_timeout=2)
+    engine = replay_engine(server, proxy, driver, events, pool_timeout=2)
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
-    def lose(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
         if armed[0] and "INSERT INTO attack_items" in statement:
             armed[0] = False
             proxy.refuse()
@@ -606,7 +579,7 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
             session.add(Item(n=2))
             session.commit()
         assert _items(server) == [2]
-        assert _replayed(events) == []
+        assert replayed(events) == []
         texts = [caplog.text, str(raised.value), repr(events)]
         texts.extend(
             logging.Formatter().formatException(record.exc_info)
@@ -656,7 +629,7 @@ def test_dblink_exec_first_statement_effect_outside_the_transaction(server, prox
     # the server ran it, and that dropsafe_replay=False prevents it. Both halves are checked.
     server.execute("CREATE EXTENSION IF NOT EXISTS dblink")
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
+    engine = replay_engine(server, proxy, "psycopg", events)
     target = f"host={server.socket_dir} port={server.port} user=postgres dbname=postgres"
     remote = sa.text(
         "SELECT dblink_exec(:target, 'INSERT INTO attack_audit (what) VALUES (''remote'')'), "
@@ -684,7 +657,7 @@ def test_dblink_exec_first_statement_effect_outside_the_transaction(server, prox
         cutter.join(timeout=10)
         assert seen == [True]
         assert _audit(server) == (["remote"] if opted_out else ["remote", "remote"])
-        assert len(_replayed(events)) == (0 if opted_out else 1)
+        assert len(replayed(events)) == (0 if opted_out else 1)
     finally:
         cutter.join(timeout=10)
         engine.dispose()
@@ -695,7 +668,7 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
     # the first statement is lost: the replay checks the lost connection in (the waiter gets
     # it) and waits for it in turn. Both must finish, within the pool timeout, correctly.
     events = []
-    engine = _engine(server, proxy, "psycopg", events, pool_timeout=5)
+    engine = replay_engine(server, proxy, "psycopg", events, pool_timeout=5)
     waiter_result = []
     waiting = engine.pool._pool.not_empty  # SQLAlchemy's queue: who waits for a slot
 
@@ -707,7 +680,7 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
-    def lose(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
         if armed[0] and "INSERT INTO attack_items" in statement:
             armed[0] = False
             waiter.start()
@@ -715,7 +688,7 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
             while not waiting._waiters and time.monotonic() < deadline:
                 time.sleep(0.005)  # polling a condition with a deadline, not a sleep-wait
             assert waiting._waiters, "the other thread never waited for the pool"
-            _lose("terminate", server, proxy)
+            lose("terminate", server, proxy)
 
     try:
         started = time.monotonic()
@@ -727,7 +700,7 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
         assert time.monotonic() - started < 10
         assert waiter_result == [42]
         assert _items(server) == [1]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
         assert engine.pool.checkedout() == 0
     finally:
         waiter.join(timeout=10)
@@ -738,7 +711,7 @@ def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, 
     # The app's after_begin listener runs SQL through the SQLAlchemy Connection: that is the
     # first statement; the app's INSERT, lost, is the second and must stay loud.
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
+    engine = replay_engine(server, proxy, "psycopg", events)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
         with Session(engine) as session:
@@ -751,7 +724,7 @@ def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, 
             with pytest.raises(sa.exc.OperationalError):
                 session.commit()
         assert (_items(server), _audit(server)) == ([], [])
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
@@ -759,7 +732,7 @@ def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, 
 # Found by this file on h12's first version (the statement ran twice: nextval counted 2,
 # SQLAlchemy's psycopg2 is_disconnect matched 'closed the connection' in the message); h12's
 # "never after an error the server answered" fixed it: now the proof.
-def test_a_server_error_that_reads_like_a_disconnect_is_not_replayed(server, proxy):
+def test_a_server_error_that_reads_like_a_disconnect_is_notreplayed(server, proxy):
     server.execute(
         "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq; "
         "CREATE OR REPLACE FUNCTION attack_refuse() RETURNS trigger LANGUAGE plpgsql AS "
@@ -770,7 +743,7 @@ def test_a_server_error_that_reads_like_a_disconnect_is_not_replayed(server, pro
         "FOR EACH ROW EXECUTE FUNCTION attack_refuse()"
     )
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     try:
         with engine.connect() as conn, pytest.raises(sa.exc.DBAPIError):
             conn.exec_driver_sql("INSERT INTO attack_audit (what) VALUES ('x')")
@@ -794,7 +767,7 @@ def test_a_server_error_that_reads_like_a_disconnect_is_not_replayed(server, pro
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(server, proxy, driver):
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     seen = []
 
     @event.listens_for(engine, "after_cursor_execute")
@@ -806,7 +779,7 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(serve
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
         with engine.begin() as conn:
             conn.execute(ITEMS.insert().values(n=1))
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
         assert seen == [(1, True)]
     finally:
         engine.dispose()
@@ -818,7 +791,7 @@ def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, pro
     # was cut; the replay's UPDATE waits for that lock, and must add 100 once, not twice.
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     bump = sa.text(
         "UPDATE attack_items SET n = n + 100 WHERE n = 1 RETURNING n, pg_sleep(2) /* attack_bump */"
     )
@@ -837,7 +810,7 @@ def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, pro
         cutter.join(timeout=10)
         assert seen == [True]
         assert _items(server) == [101]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         cutter.join(timeout=10)
         engine.dispose()
@@ -887,12 +860,12 @@ def _lost_rollbacks(events):
 def test_quiet_rollback_logs_and_events_hold_no_secret(server, proxy, driver, fault, caplog):
     caplog.set_level(logging.DEBUG, logger="dropsafe")
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     try:
         with Session(engine) as session:
             session.add(Item(n=1))
             session.flush()
-            _lose(fault, server, proxy)
+            lose(fault, server, proxy)
         assert _lost_rollbacks(events) == ["rollback"]
         assert server.password not in caplog.text
         assert server.password not in repr(events)
@@ -917,7 +890,7 @@ async def test_async_isolation_level_of_create_engine_holds_in_the_replay(server
             assert (await session.execute(ISOLATION)).scalar() == "repeatable read"
             session.add(Item(n=1))
         assert _items(server) == [1]
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
     finally:
         await engine.dispose()
 
@@ -931,11 +904,11 @@ def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(serve
     policy = dropsafe.Policy(
         connection=dropsafe.ConnectionPolicy(connect_timeout=2), hooks=(events.append,)
     )
-    engine = _engine(server, proxy, driver, events, policy=policy, pool_timeout=2)
+    engine = replay_engine(server, proxy, driver, events, policy=policy, pool_timeout=2)
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
-    def lose(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
         if armed[0] and "INSERT INTO attack_items" in statement:
             armed[0] = False
             assert proxy.cut("rst") >= 1
@@ -950,7 +923,7 @@ def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(serve
             elapsed = time.monotonic() - started
             session.rollback()
         assert elapsed < 15, elapsed
-        assert _replayed(events) == []
+        assert replayed(events) == []
         proxy.heal()
         assert _items(server) == []
     finally:
@@ -966,7 +939,7 @@ def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, d
     # none; one whose COMMIT raised has both or none (ambiguous); never one row alone, never
     # a row twice (attack_audit has no unique key, so a doubled replay would show).
     events = []
-    engine = _engine(server, proxy, driver, events, pool_timeout=5)
+    engine = replay_engine(server, proxy, driver, events, pool_timeout=5)
     stop = threading.Event()
     kills = [0]
 
@@ -1024,7 +997,7 @@ def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, d
 @pytest.mark.parametrize("value", [0, "false"])
 def test_a_malformed_opt_out_is_refused_or_honoured(server, proxy, value):
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
+    engine = replay_engine(server, proxy, "psycopg2", events)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
         opted_out = ITEMS.insert().values(n=1).execution_options(dropsafe_replay=value)
@@ -1033,7 +1006,7 @@ def test_a_malformed_opt_out_is_refused_or_honoured(server, proxy, value):
             pytest.raises((sa.exc.OperationalError, dropsafe.ConfigurationError)),
         ):
             conn.execute(opted_out)
-        assert _replayed(events) == []
+        assert replayed(events) == []
         assert _items(server) == []
     finally:
         engine.dispose()
@@ -1048,7 +1021,7 @@ def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(server,
         raise RuntimeError("hook down")
 
     policy = dropsafe.Policy(hooks=(failing_hook,))
-    engine = _engine(server, proxy, "psycopg", [], policy=policy)
+    engine = replay_engine(server, proxy, "psycopg", [], policy=policy)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
         with Session(engine) as session:
@@ -1056,7 +1029,7 @@ def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(server,
             session.commit()  # the replay's hook fails: the commit must not
             session.add(Item(n=2))
             session.flush()
-            _lose("terminate", server, proxy)
+            lose("terminate", server, proxy)
         # Leaving the block rolled back on a lost connection: quiet, though the hook failed.
         assert "FirstStatementReplayed" in seen
         assert "RollbackConnectionLost" in seen
@@ -1082,7 +1055,7 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
     import signal  # noqa: PLC0415
 
     events = []
-    engine = _engine(server, proxy, driver, events, pool_timeout=5)
+    engine = replay_engine(server, proxy, driver, events, pool_timeout=5)
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -1113,13 +1086,13 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
                     raise
                 time.sleep(0.1)
         assert rows == ([1] if committed else [])
-        assert len(_replayed(events)) == (1 if committed else 0)
+        assert len(replayed(events)) == (1 if committed else 0)
     finally:
         engine.dispose()
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_a_dblink_connection_error_answered_by_the_server_is_not_replayed(server, proxy, driver):
+def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(server, proxy, driver):
     # dblink (like postgres_fdw) reports its own failed connection to a remote server with
     # SQLSTATE 08001, in a reply, on a connection that is fine. That is no lost connection of
     # the app's: the statement must not run twice (the sequence counts the runs).
@@ -1128,7 +1101,7 @@ def test_a_dblink_connection_error_answered_by_the_server_is_not_replayed(server
         "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
     )
     events = []
-    engine = _engine(server, proxy, driver, events)
+    engine = replay_engine(server, proxy, driver, events)
     remote_down = sa.text(
         "SELECT nextval('attack_seq'), "
         "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
@@ -1140,7 +1113,7 @@ def test_a_dblink_connection_error_answered_by_the_server_is_not_replayed(server
             orig = raised.value.orig
             assert (getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)) == "08001"
         assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         engine.dispose()
 
@@ -1148,7 +1121,7 @@ def test_a_dblink_connection_error_answered_by_the_server_is_not_replayed(server
 @pytest.mark.parametrize("where", ["option-engine", "orm-execute", "session-connection"])
 def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(server, proxy, where):
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
+    engine = replay_engine(server, proxy, "psycopg", events)
     insert = ITEMS.insert().values(n=1)
     try:
         _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
@@ -1166,7 +1139,7 @@ def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(server, pro
 
         with Session(bind) as session, pytest.raises(sa.exc.OperationalError):
             run(session)
-        assert _replayed(events) == []
+        assert replayed(events) == []
         assert _items(server) == []
     finally:
         engine.dispose()
@@ -1187,7 +1160,7 @@ def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
         connection=dropsafe.ConnectionPolicy(tcp_user_timeout=1, connect_timeout=2),
         hooks=(events.append,),
     )
-    engine = _engine(server, proxy, driver, events, policy=policy)
+    engine = replay_engine(server, proxy, driver, events, policy=policy)
     with engine.connect() as conn:  # the pool's one connection, made before the blackhole
         conn.exec_driver_sql("SELECT 1")
     try:
@@ -1200,7 +1173,7 @@ def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
                 elapsed = time.monotonic() - started
                 session.rollback()
         assert elapsed < 20, elapsed
-        assert _replayed(events) == []
+        assert replayed(events) == []
         assert _items(server) == []
     finally:
         engine.dispose()
@@ -1211,7 +1184,7 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy):
     # (the proxy refuses new connections): the app gets the error, and operators get the event
     # with why the replay failed, not silence.
     events = []
-    engine = _engine(server, proxy, "psycopg", events, pool_timeout=2)
+    engine = replay_engine(server, proxy, "psycopg", events, pool_timeout=2)
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -1224,8 +1197,8 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy):
     try:
         with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
             conn.execute(ITEMS.insert().values(n=1))
-        assert _replayed(events) == []
-        (failed,) = _failed_replays(events)
+        assert replayed(events) == []
+        (failed,) = failed_replays(events)
         assert failed.error
         assert failed.replay_error
         proxy.heal()
@@ -1240,7 +1213,7 @@ def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, d
     # wrote: dropsafe's own ping at checkout (every checkout here) must not count as the app's.
     events = []
     policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=0), hooks=(events.append,))
-    engine = _engine(server, proxy, driver, events, policy=policy)
+    engine = replay_engine(server, proxy, driver, events, policy=policy)
     try:
         with engine.connect() as conn:  # the pool's one connection, made and returned
             conn.exec_driver_sql("SELECT 1")
@@ -1249,14 +1222,14 @@ def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, d
             session.add(Item(n=1))
             session.commit()
         assert any(isinstance(e, PingSucceeded) for e in events)
-        assert len(_replayed(events)) == 1
+        assert len(replayed(events)) == 1
         assert _items(server) == [1]
     finally:
         engine.dispose()
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-async def test_async_dblink_connection_error_answered_by_the_server_is_not_replayed(
+async def test_async_dblink_connection_error_answered_by_the_server_is_notreplayed(
     server, proxy, driver
 ):
     # As above, through SQLAlchemy's async adapters: the error is answered on a connection
@@ -1281,6 +1254,6 @@ async def test_async_dblink_connection_error_answered_by_the_server_is_not_repla
             with pytest.raises(sa.exc.DBAPIError):
                 await conn.execute(remote_down)
         assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
-        assert _replayed(events) == []
+        assert replayed(events) == []
     finally:
         await engine.dispose()
