@@ -274,6 +274,46 @@ def _cpu_per_call(fn: Any, calls: int, repeats: int) -> float:  # noqa: ANN401
     return best
 
 
+def _call_counter() -> tuple[list[int], Any]:
+    """Return a count and a `sys.setprofile` function that adds each Python or C call to it."""
+    counted = [0]
+
+    def count(frame: Any, event: str, arg: Any) -> None:  # noqa: ANN401
+        del frame, arg
+        if event in ("call", "c_call"):
+            counted[0] += 1
+
+    return counted, count
+
+
+def _python_calls(fn: Any, requests: int = 200) -> float:  # noqa: ANN401
+    """Return the Python function calls (C functions included) per call of ``fn``.
+
+    Counted, not timed: the one figure of a request's cost that the machine's load cannot move.
+    """
+    counted, count = _call_counter()
+    sys.setprofile(count)
+    try:
+        for _ in range(requests):
+            fn()
+    finally:
+        sys.setprofile(None)
+    return counted[0] / requests
+
+
+async def _python_calls_async(engine: Any, requests: int = 200) -> float:  # noqa: ANN401
+    """`_python_calls` for an async engine's single-query request."""
+    counted, count = _call_counter()
+    sys.setprofile(count)
+    try:
+        for _ in range(requests):
+            async with engine.connect() as connection:
+                (await connection.execute(SELECT_ONE)).scalar()
+    finally:
+        sys.setprofile(None)
+    return counted[0] / requests
+
+
 def _cost_sync(url: str, driver: str, pool: int, calls: int, repeats: int) -> dict[str, float]:
     engines = {variant: _engine(url, driver, variant, pool) for variant in COST_VARIANTS}
     try:
@@ -294,6 +334,8 @@ def _cost_sync(url: str, driver: str, pool: int, calls: int, repeats: int) -> di
                     value = _cpu_per_call(lambda fn=fn, e=engine: fn(e), calls, repeats) * 1e6
                     key = f"{name}|{variant}"
                     result[key] = min(result.get(key, float("inf")), value)
+        for variant, engine in engines.items():
+            result[f"calls|{variant}"] = _python_calls(lambda e=engine: request(e))
         return result
     finally:
         for engine in engines.values():
@@ -328,6 +370,8 @@ def _cost_async(url: str, pool: int, calls: int, repeats: int) -> dict[str, floa
                         best = await _best_async(engine, name, calls, repeats) * 1e6
                         key = f"{name}|{variant}"
                         result[key] = min(result.get(key, float("inf")), best)
+            for variant, engine in engines.items():
+                result[f"calls|{variant}"] = await _python_calls_async(engine)
             return result
         finally:
             for engine in engines.values():
@@ -362,6 +406,7 @@ def part_cost(server: PostgresServer, *, calls: int, repeats: int) -> dict[str, 
                     f"{plain_request / (plain_request + guard):.3f}x",
                     f"{plain_request / cost['request|dropsafe']:.3f}x",
                     f"{plain_request / cost['request|no replay']:.3f}x",
+                    " / ".join(f"{cost[f'calls|{v}']:.0f}" for v in COST_VARIANTS),
                 ]
             )
             print(f"cost: {driver} pool {pool} done", flush=True)
@@ -383,6 +428,10 @@ def part_cost(server: PostgresServer, *, calls: int, repeats: int) -> dict[str, 
             first-statement replay's look before the statement is sent (noisier: the
             statement's own CPU varies more than the guard's cost); `ratio (no replay)` whole
             requests on a hardened engine with `PoolPolicy(replay_first_statement=False)`.
+            `calls per request`: Python function calls (C ones included) per single-query
+            request on the plain pool / the hardened engine / without the replay, counted
+            with `sys.setprofile` over 200 requests: the one figure the machine's load
+            cannot move.
             """
         ),
         "",
@@ -399,6 +448,7 @@ def part_cost(server: PostgresServer, *, calls: int, repeats: int) -> dict[str, 
                 "ratio (guard)",
                 "ratio (requests)",
                 "ratio (no replay)",
+                "calls per request",
             ],
             rows,
             text_columns=1,
