@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import cast
@@ -92,6 +93,9 @@ def main() -> None:
         help="dropsafe's drivers: psycopg2 (and the baselines), psycopg, asyncpg",
     )
     parser.add_argument("--out", type=Path, default=RESULTS, help="where HA.md etc. go")
+    parser.add_argument(
+        "--logs", type=Path, help="copy each node's Patroni and PostgreSQL log here, per mode"
+    )
     args = parser.parse_args()
     scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -112,11 +116,19 @@ def main() -> None:
                 cluster.retry_timeout,
                 cast("tuple[Driver, ...]", drivers),
             )
-            for scenario in scenarios:
-                print(f"{mode} {scenario} ...", flush=True)
-                results[mode, scenario] = run_scenario(cluster, scenario, drivers=setup.drivers)
-                for row in results[mode, scenario]:
-                    print(f"  {_line(row)}", flush=True)
+            try:
+                for scenario in scenarios:
+                    print(f"{mode} {scenario} ... {time.strftime('%H:%M:%S')}", flush=True)
+                    results[mode, scenario] = run_scenario(cluster, scenario, drivers=setup.drivers)
+                    for row in results[mode, scenario]:
+                        print(f"  {_line(row)}", flush=True)
+            finally:
+                if args.logs is not None:
+                    # The cluster's own folder goes with it: its logs explain a surprising cell.
+                    folder = args.logs / mode
+                    folder.mkdir(parents=True, exist_ok=True)
+                    for log in [*cluster.base_dir.glob("*.log"), *cluster.base_dir.glob("*/*.log")]:
+                        shutil.copy(log, folder / log.name.replace("patroni", log.parent.name))
     if setup is None:
         parser.error("no mode given")
     args.out.mkdir(exist_ok=True)

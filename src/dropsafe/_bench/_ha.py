@@ -146,9 +146,16 @@ class Writer(threading.Thread):
         self.url = url
         self.stop = threading.Event()
         self.outcomes: list[Outcome] = []
+        self.finished_at: float | None = None  # when it stopped writing
 
     def run(self) -> None:
         """Write until stopped, ``stop_at``, or ``_MAX_OPS`` writes."""
+        try:
+            self._run()
+        finally:
+            self.finished_at = time.monotonic()
+
+    def _run(self) -> None:
         if self.driver != "psycopg2":
             asyncio.run(self._run_async())
             return
@@ -268,14 +275,15 @@ def run_scenario(
     routes: tuple[Route, ...] = ROUTES,
     drivers: tuple[Driver, ...] = ("psycopg2",),
     before: float = 2.0,
-    after: float = 15.0,
-    limit: float = 90.0,
+    after: float = UNIT_DEADLINE + 5,
+    limit: float = 120.0,
     hold: float | None = None,
 ) -> list[VariantResult]:
     """Run every variant's writer through ``scenario``; return each one's figures.
 
     Writers start ``before`` seconds ahead of the event and run until ``after`` seconds past
-    the later of the event's end and the cluster's recovery, ``limit`` seconds at most. A
+    the later of the event's end and the cluster's recovery (long enough by default for a unit
+    of work that began as the event ended to reach its deadline), ``limit`` seconds at most. A
     fault that lasts is held ``hold`` seconds (default: `hold_of` the cluster's ttl). Writers
     go through psycopg2 (every kind) and the other ``drivers`` (dropsafe only).
     """
@@ -350,8 +358,11 @@ def _figures(writer: Writer, event_at: float, rows: Counter[str]) -> VariantResu
         if moment - previous > gap:
             gap, recovered = moment - previous, moment
         previous = moment
-    if recovered is None:  # nothing acknowledged after the event: down to the end
-        gap = (outcomes[-1].ended if outcomes else event_at) - event_at
+    # Down from its last acknowledged write to the end of the run (a writer stuck on a node
+    # that never came back), when that is the longest gap: it never recovered.
+    end = max([previous, *(o.ended for o in outcomes), writer.finished_at or previous])
+    if end - previous > max(gap, 1.0):
+        gap, recovered = end - previous, None
     acked = [o for o in outcomes if o.result == "ack"]
     lost = [o for o in acked if rows[o.op_id] == 0]
     mine = [op for op in rows if op.startswith(writer.variant + "-")]
