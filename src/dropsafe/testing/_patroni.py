@@ -763,6 +763,12 @@ class PatroniCluster(Service):
                 "data_dir": str(node.data_dir),
                 "bin_dir": str(self.binaries.bin_dir),
                 "pgpass": str(node.base_dir / "pgpass"),
+                # Patroni talks to its own PostgreSQL over the Unix socket, as on a real
+                # machine a partition leaves it able to. Over TCP, `cut_leader` (which drops
+                # the node's port on loopback) cut that line too: Patroni's loop hung on its
+                # own query through the cut, and TCP's retransmission backoff kept it hung
+                # ~25 s past the cut's end, the old leader a writable primary all along.
+                "use_unix_socket": True,
                 "authentication": {
                     "superuser": {"username": "postgres", "password": self.password},
                     "replication": {
