@@ -219,7 +219,22 @@ def report(
         if kinds:
             lines += ["", "Errors the app saw: " + "; ".join(f"{v}: {k}" for v, k in kinds.items())]
         lines.append("")
+    lines += [_EARLIER, ""]
     return "\n".join(lines)
+
+
+# Measured before Patroni 4.1 was the bench's Patroni; docs/how-to/failover.md has the log lines.
+_EARLIER = (
+    "## The hung leader under Debian's Patroni 3.0.2, for comparison\n\n"
+    "Debian 12's Patroni 3.0.2 (ttl 10 s, a 20 s hang; `python benchmarks/ha_hung_leader.py "
+    "/usr/bin/patroni`, earlier runs on this machine) lost 131-171 acknowledged writes per writer "
+    "through HAProxy, with synchronous replication too: on resuming, the old leader's Patroni "
+    "rewrote the etcd3 leader key unconditionally, over the new leader's, and the promoted node "
+    "was demoted and rewound with what it had acknowledged. Patroni 4.1 writes the key only if "
+    "it still holds it (upstream pull request 2689) and demotes the old leader instead: the "
+    "losses above under the hung leader are the few writes the resumed old leader committed in "
+    "the ~0.25 s before its Patroni shut it down."
+)
 
 
 def summary(results: dict[tuple[str, str], list[VariantResult]], setup: Setup) -> str:
