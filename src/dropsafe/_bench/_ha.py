@@ -59,8 +59,8 @@ ROUTES: tuple[Route, ...] = ("haproxy", "multi_host")
 Driver = Literal["psycopg2", "psycopg", "asyncpg"]
 # psycopg 3 and asyncpg run on asyncio, for dropsafe only (the baselines need no second driver).
 DRIVERS: tuple[Driver, ...] = ("psycopg2", "psycopg", "asyncpg")
-# The hung leader last: a Patroni that was stopped mid-loop may take its leader key back from
-# the node promoted meanwhile, and leave the cluster unable to record a synchronous standby.
+# The hung leader last: Debian's Patroni 3.0.2, stopped mid-loop, may take its leader key back
+# from the node promoted meanwhile, and leave the cluster unable to record a synchronous standby.
 SCENARIOS = (
     "switchover",
     "postmaster_kill",
