@@ -4,9 +4,9 @@ Does a Patroni version lose acknowledged writes when the leader's PostgreSQL is 
 long enough for its key to expire (a standby promoted) and then resumes? Debian's 3.0.2 does
 (benchmarks/results/HA.md: the old leader's Patroni overwrote the new leader's key in etcd).
 This runs `run_scenario`'s ``leader_hung`` through HAProxy (plain, pre-ping, dropsafe) with
-asynchronous and then synchronous replication, on a cluster run by the Patroni given, e.g. one
-installed in a venv: ``python -m venv .venv-patroni && .venv-patroni/bin/pip install
-'patroni[etcd3,psycopg2-binary]'`` (with a Python the ``postgres`` user can run). Prints each
+asynchronous and then synchronous replication, on a cluster run by the Patroni given
+(``/usr/bin/patroni`` for Debian's 3.0.2; by default `PatroniCluster`'s, 4.1 from
+scripts/setup.sh; another must be runnable by the ``postgres`` user). Prints each
 writer's figures and copies each node's Patroni log into ``--logs`` (the cluster's own folder is
 removed on exit). Hold the hang longer than Patroni's ttl (4.x raises ttl to 20 s at least), or
 no standby is promoted and nothing is tested. About 2 minutes per mode on 2 cores.
@@ -26,7 +26,9 @@ from dropsafe.testing import PatroniCluster
 def main() -> None:
     """Run the hung leader in each mode; print the figures; keep the logs."""
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("patroni", help="the patroni executable (default Debian's)", nargs="?")
+    parser.add_argument(
+        "patroni", help="the patroni executable (default: PatroniCluster's)", nargs="?"
+    )
     parser.add_argument("--hold", type=float, default=30.0, help="seconds the leader is hung")
     parser.add_argument("--modes", default="async,sync")
     parser.add_argument("--logs", type=Path, default=Path("ha-hung-leader-logs"))

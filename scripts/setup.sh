@@ -32,6 +32,32 @@ if ((${#need_apt[@]})); then
     fi
 fi
 
+# Patroni 4.1 from PyPI for PatroniCluster (it prefers it to Debian's 3.0.2, which loses
+# acknowledged writes when a hung leader resumes: benchmarks/results/HA.md). Built with the system
+# Python, outside the clone and readable by all: the `postgres` user runs it, and cannot run a
+# Python under /root. Skipped when the right version is already there.
+PATRONI_VENV=/opt/dropsafe-patroni
+PATRONI_SPEC='patroni[etcd3,psycopg2-binary]==4.1.*'
+if ! "$PATRONI_VENV/bin/patroni" --version 2>/dev/null | grep -q '^patroni 4\.1\.'; then
+    if [[ $(id -u) -eq 0 ]] && [[ -x /usr/bin/python3 ]]; then
+        echo "setup: $PATRONI_SPEC in $PATRONI_VENV"
+        patroni_log=$(mktemp)
+        if ! { rm -rf "$PATRONI_VENV" && /usr/bin/python3 -m venv "$PATRONI_VENV" \
+                && "$PATRONI_VENV/bin/pip" install -q --no-cache-dir "$PATRONI_SPEC"; } >"$patroni_log" 2>&1 \
+            || ! "$PATRONI_VENV/bin/patroni" --version 2>/dev/null | grep -q '^patroni 4\.1\.'; then
+            cat "$patroni_log" >&2
+            echo "setup: could not install $PATRONI_SPEC into $PATRONI_VENV" >&2
+            rm -f "$patroni_log"
+            exit 1
+        fi
+        rm -f "$patroni_log"
+        chmod -R a+rX "$PATRONI_VENV"
+    else
+        echo "setup: no Patroni 4.1 in $PATRONI_VENV; PatroniCluster runs Debian's 3.0.2" \
+             "(as root: bash scripts/setup.sh)" >&2
+    fi
+fi
+
 # A localized server's errors are tested with German messages (lc_messages): needs the locale.
 if ! locale -a 2>/dev/null | grep -qi '^de_DE\.utf-\?8$'; then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then

@@ -1,12 +1,15 @@
 """A real Patroni cluster (etcd, HAProxy, three nodes) failing over under dropsafe's writers.
 
-One cluster for the module, asynchronous replication. The long matrix (every scenario, plain,
-pre_ping and dropsafe, HAProxy and multi-host URL, synchronous on and off) is
-``python benchmarks/ha.py``; this is the short set CI runs.
+One cluster for the module, asynchronous replication, Patroni 4.1 (scripts/setup.sh installs
+it; CI fails rather than skips without it). The long matrix (every scenario, plain, pre_ping and
+dropsafe, HAProxy and multi-host URL, synchronous on and off) is ``python benchmarks/ha.py``;
+this is the short set CI runs. The hung leader runs last: under Debian's Patroni 3.0.2 it loses
+acknowledged writes and may leave the cluster without a synchronous standby.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -17,27 +20,57 @@ import sqlalchemy as sa
 from commit_faults import slow_commit_schema
 
 import dropsafe
-from dropsafe._bench._ha import run_scenario
+from dropsafe._bench._ha import UNIT_DEADLINE, hold_of, run_scenario
 from dropsafe.testing import PatroniCluster, ServerError
-from dropsafe.testing._patroni import patroni_cluster_unavailable
+from dropsafe.testing._patroni import PATRONI_4, patroni_cluster_unavailable
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
+def test_the_cluster_runs_patroni_4_1_with_the_timings_it_asked_for(patroni_cluster):
+    """Patroni 4.1 (not Debian's 3.0.2, which loses writes when a hung leader resumes).
+
+    Patroni 4 silently raises a ttl below 20 s (and lowers loop_wait or retry_timeout that do
+    not fit in it): the timings in force must be the ones the cluster says it runs with.
+    """
+    if not PATRONI_4.is_file():
+        if os.environ.get("DROPSAFE_REQUIRE_KERNEL_FAULTS") == "1":
+            pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but no {PATRONI_4} (scripts/setup.sh)")
+        pytest.skip(f"no {PATRONI_4} (scripts/setup.sh builds it as root)")
+    cluster = patroni_cluster
+    assert cluster.patroni_command == [str(PATRONI_4)]
+    assert cluster.patroni_version.startswith("4.1."), cluster.patroni_version
+    assert f"Patroni {cluster.patroni_version}" in repr(cluster)
+    status, body = cluster.nodes[0].rest("/config")
+    assert status == 200, body
+    config = json.loads(body)
+    asked = (cluster.ttl, cluster.loop_wait, cluster.retry_timeout)
+    assert (config["ttl"], config["loop_wait"], config["retry_timeout"]) == asked
+    assert cluster.loop_wait + 2 * cluster.retry_timeout <= cluster.ttl
+
+
 def test_a_planned_switchover_costs_dropsafe_no_error(patroni_cluster):
+    # dropsafe on each driver: psycopg2, and psycopg 3 and asyncpg on asyncio.
     results = run_scenario(
         patroni_cluster,
         "switchover",
         kinds=("plain", "dropsafe"),
         routes=("haproxy", "multi_host"),
+        drivers=("psycopg2", "psycopg", "asyncpg"),
         before=1.0,
         after=3.0,
     )
     by_variant = {result.variant: result for result in results}
-    for route in ("haproxy", "multi_host"):
-        guarded = by_variant[f"dropsafe/{route}"]
+    guarded_variants = [
+        f"dropsafe{driver}/{route}"
+        for route in ("haproxy", "multi_host")
+        for driver in ("", "-psycopg", "-asyncpg")
+    ]
+    assert set(guarded_variants) <= set(by_variant), sorted(by_variant)
+    for variant in guarded_variants:
+        guarded = by_variant[variant]
         assert (guarded.errors, guarded.unknown, guarded.lost, guarded.duplicated) == (0, 0, 0, 0)
-        assert guarded.acknowledged > 20
+        assert guarded.acknowledged > 20, guarded
         assert guarded.first_write_after < 30, guarded
     # What the same switchover does to a plain pool: its pooled connections died with the old
     # leader's sessions (HAProxy shuts them down), and the app sees that.
@@ -55,8 +88,8 @@ def test_a_node_crash_writes_nothing_twice(patroni_cluster):
     )
     for result in results:
         assert result.duplicated == 0, result
-        # Writes resumed on the promoted node within a bound (~9 s with ttl=10 on 2 cores).
-        assert result.first_write_after < 45, result
+        # Writes resumed on the promoted node within a bound (~23 s with ttl=20 on 2 cores).
+        assert result.first_write_after < 60, result
 
 
 def test_a_commit_lost_in_a_failover_resolves_to_unknown_not_committed(
@@ -188,3 +221,30 @@ def test_a_patroni_command_that_is_no_list_of_strings_is_refused(command):
         pytest.skip(reason)
     with pytest.raises(dropsafe.ConfigurationError, match="patroni_command"):
         PatroniCluster(patroni_command=command)
+
+
+def test_a_hung_leader_that_resumes_loses_no_acknowledged_write(patroni_cluster):
+    """The leader's PostgreSQL SIGSTOPped past the ttl (a standby is promoted), then resumed.
+
+    Debian's Patroni 3.0.2 then overwrites the new leader's key in etcd and the promoted node
+    is demoted and rewound: what it acknowledged is lost (150-odd writes per writer). Patroni
+    4.1 demotes the old leader instead. Last in the module: see its doc.
+    """
+    cluster = patroni_cluster
+    hold = hold_of("leader_hung", cluster.ttl)
+    results = run_scenario(
+        cluster,
+        "leader_hung",
+        kinds=("plain", "dropsafe"),
+        routes=("haproxy",),
+        before=1.0,
+        after=3.0,
+    )
+    for result in results:
+        assert (result.lost, result.duplicated) == (0, 0), (result, result.lost_writes[:5])
+        # Writes resumed while the old leader was still stopped: a standby was promoted, so the
+        # old leader's return was tested.
+        assert result.first_write_after < hold, result
+    guarded = next(result for result in results if result.variant == "dropsafe/haproxy")
+    assert guarded.acknowledged > 20, guarded
+    assert guarded.longest_write < UNIT_DEADLINE + 5, guarded

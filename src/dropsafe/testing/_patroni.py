@@ -2,8 +2,12 @@
 
 Managed PostgreSQL is such a cluster behind one endpoint: a leader elected through a consensus
 store, streaming standbys, and a proxy that routes to whichever node holds the leader key. This
-is the open form of it (Debian's ``patroni``, ``etcd-server`` and ``haproxy``), started and torn
+is the open form of it (Patroni, Debian's ``etcd-server`` and ``haproxy``), started and torn
 down in bounded time, so that tests can fail it over for real.
+
+Which Patroni: 4.1 from PyPI in ``/opt/dropsafe-patroni`` when scripts/setup.sh built it there,
+else Debian 12's 3.0.2. 3.0.2 loses acknowledged writes when a hung leader resumes (its etcd3
+``_update_leader`` overwrites the new leader's key: upstream pull request 2689); 4.1 does not.
 
 Each node's Patroni talks to etcd on a port of its own (etcd listens on one client port per
 node): cutting a node off in the kernel then cuts its PostgreSQL, its REST API and its line to
@@ -53,11 +57,18 @@ __all__ = ["PatroniCluster", "patroni_cluster_unavailable", "sweep_orphan_postma
 
 Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
 _DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
-_PROGRAMS = {"patroni": "/usr/bin/patroni", "etcd": "/usr/bin/etcd", "haproxy": "/usr/sbin/haproxy"}
+_PROGRAMS = {"etcd": "/usr/bin/etcd", "haproxy": "/usr/sbin/haproxy"}
+# Patroni 4.1 in a venv of the system Python (scripts/setup.sh), else Debian's 3.0.2.
+PATRONI_4 = Path("/opt/dropsafe-patroni/bin/patroni")
+DEBIAN_PATRONI = Path("/usr/bin/patroni")
 _START_TIMEOUT = 90.0
 _STOP_TIMEOUT = 20.0  # per process: SIGTERM, then SIGKILL
-# Short timings (Debian's Patroni 3.0.2 accepts a ttl below 20): a node crash fails over in ~9 s.
-_TTL, _LOOP_WAIT, _RETRY_TIMEOUT = 10, 2, 3
+# ttl, loop_wait, retry_timeout. Patroni 4 raises a ttl below 20 s to 20 s (and refuses a
+# retry_timeout below 3): a node crash fails over in ~22 s. retry_timeout 5 s, not 3: on two
+# loaded cores one slow etcd write must not demote a healthy leader; loop_wait + 2 *
+# retry_timeout <= ttl holds. Debian's 3.0.2 accepts ttl=10: a node crash fails over in ~9 s.
+_TIMINGS_4 = (20, 2, 5)
+_TIMINGS_3 = (10, 2, 3)
 # No proxy for loopback REST calls, whatever http_proxy says.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _TAG_IN_PATH = re.compile(rf"{re.escape(TEMP_PREFIX)}(?P<pid>\d+)_(?P<start>\d+)-patroni")
@@ -66,14 +77,36 @@ _TAG_IN_PATH = re.compile(rf"{re.escape(TEMP_PREFIX)}(?P<pid>\d+)_(?P<start>\d+)
 def patroni_cluster_unavailable() -> str | None:
     """Say why `PatroniCluster` cannot run here, or return None when it can."""
     missing = [name for name, path in _PROGRAMS.items() if not Path(path).is_file()]
+    if default_patroni_command() is None:
+        missing.insert(0, "patroni")
     if missing:
         return (
             f"PatroniCluster needs {', '.join(missing)} "
-            "(apt-get install patroni etcd-server etcd-client haproxy)"
+            "(apt-get install patroni etcd-server etcd-client haproxy, or scripts/setup.sh)"
         )
     if os.geteuid() == 0 and Owner.for_this_process().uid is None:
         return "PatroniCluster needs a 'postgres' user when run as root"
     return None
+
+
+def default_patroni_command() -> list[str] | None:
+    """Return the Patroni `PatroniCluster` runs by default: 4.1 if installed, else Debian's."""
+    for program in (PATRONI_4, DEBIAN_PATRONI):
+        if program.is_file() and os.access(program, os.X_OK):
+            return [str(program)]
+    return None
+
+
+def patroni_version(command: Sequence[str]) -> str:
+    """Return the version ``command --version`` prints ("4.1.5"), or "unknown"."""
+    try:
+        result = subprocess.run(
+            [*command, "--version"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    found = re.search(r"\b(\d+\.\d+\.\d+)\b", result.stdout)
+    return found[1] if found else "unknown"
 
 
 @dataclass
@@ -184,7 +217,11 @@ class PatroniCluster(Service):
     ``url`` goes through HAProxy (one endpoint, as a managed database offers: it routes to the
     node whose REST API answers ``/primary``); ``multi_host_url`` lists the nodes for libpq to
     pick the writable one. Every connection needs ``password`` (generated; the URLs carry it).
-    ``patroni_command`` runs another Patroni than Debian's (the config file is appended).
+    Patroni is 4.1 from ``/opt/dropsafe-patroni`` (scripts/setup.sh) when it is there, else
+    Debian's 3.0.2 (``patroni_version`` and the repr say which); ``patroni_command`` runs another
+    one (the config file is appended). Timings: ``ttl`` 20 s, ``loop_wait`` 2 s,
+    ``retry_timeout`` 5 s (the least Patroni 4 accepts, with room for loaded machines); 10/2/3
+    under 3.x, which accepts a shorter ttl.
     The faults act on the current leader: `switchover`, `kill_postmaster`, `crash_leader_node`,
     `hang_leader` and `cut_leader` (undone by `resume`), `stop_etcd`; `revive` restarts crashed
     nodes. Needs root for `cut_leader` only.
@@ -204,11 +241,10 @@ class PatroniCluster(Service):
         if reason := patroni_cluster_unavailable():
             raise ConfigurationError(reason)
         self.binaries = binaries or find_postgres_binaries()
-        # Another Patroni than Debian's (e.g. a venv's ``bin/patroni``, 4.x from PyPI), to
-        # compare versions; the postgres user must be able to run it. Patroni 4 raises a ttl
-        # below 20 to 20.
+        # Another Patroni (e.g. Debian's, to compare versions); the postgres user must be able
+        # to run it.
         if patroni_command is None:
-            patroni_command = [_PROGRAMS["patroni"]]
+            patroni_command = default_patroni_command() or [str(DEBIAN_PATRONI)]
         self.patroni_command = list(patroni_command)
         if (
             isinstance(patroni_command, str)
@@ -218,6 +254,11 @@ class PatroniCluster(Service):
             raise ConfigurationError(
                 f"patroni_command must be non-empty strings: {patroni_command!r}"
             )
+        self.patroni_version = patroni_version(self.patroni_command)
+        # An unknown version gets 4's timings: they are valid for every Patroni.
+        self.ttl, self.loop_wait, self.retry_timeout = (
+            _TIMINGS_3 if self.patroni_version.startswith(("2.", "3.")) else _TIMINGS_4
+        )
         self.synchronous = synchronous
         self.tls = tls
         self.host = "127.0.0.1"
@@ -254,7 +295,10 @@ class PatroniCluster(Service):
     def __repr__(self) -> str:
         # Never the password: clusters end up in assertion messages and logs.
         mode = "synchronous" if self.synchronous else "asynchronous"
-        return f"<PatroniCluster {len(self.nodes)} nodes, {mode}, {self.host}:{self.haproxy_port}>"
+        return (
+            f"<PatroniCluster {len(self.nodes)} nodes, {mode}, Patroni {self.patroni_version}, "
+            f"{self.host}:{self.haproxy_port}>"
+        )
 
     @property
     def password(self) -> str:
@@ -470,10 +514,10 @@ class PatroniCluster(Service):
 
         Connections stay open and nothing answers: only a client's own deadline bounds its
         wait. Patroni's loop hangs on its own query, its key expires and a standby is promoted
-        (~12 s); on `resume` Debian's Patroni 3.0.2 (no watchdog here) takes the key back and
-        the promoted node demotes itself: what it acknowledged meanwhile is lost (split brain).
-        Patroni 4.1.5 (``patroni_command``) renews its key only if it still holds it: the old
-        leader demotes itself instead, and nothing acknowledged is lost.
+        (about ttl + 2 s); on `resume` Patroni 4.1 renews its key only if it still holds it: the
+        old leader demotes itself, and nothing acknowledged is lost. Debian's 3.0.2 (no
+        watchdog here) takes the key back and the promoted node demotes itself: what it
+        acknowledged meanwhile is lost (split brain).
         """
         node = self._node(self.wait_for_leader())
         pid = node.postmaster_pid()
@@ -694,9 +738,9 @@ class PatroniCluster(Service):
             "etcd3": {"hosts": f"{self.host}:{node.etcd_port}", "use_proxies": True},
             "bootstrap": {
                 "dcs": {
-                    "ttl": _TTL,
-                    "loop_wait": _LOOP_WAIT,
-                    "retry_timeout": _RETRY_TIMEOUT,
+                    "ttl": self.ttl,
+                    "loop_wait": self.loop_wait,
+                    "retry_timeout": self.retry_timeout,
                     "maximum_lag_on_failover": 1048576,
                     "synchronous_mode": self.synchronous,
                     "postgresql": {
@@ -719,6 +763,12 @@ class PatroniCluster(Service):
                 "data_dir": str(node.data_dir),
                 "bin_dir": str(self.binaries.bin_dir),
                 "pgpass": str(node.base_dir / "pgpass"),
+                # Patroni talks to its own PostgreSQL over the Unix socket, as on a real
+                # machine a partition leaves it able to. Over TCP, `cut_leader` (which drops
+                # the node's port on loopback) cut that line too: Patroni's loop hung on its
+                # own query through the cut, and TCP's retransmission backoff kept it hung
+                # ~25 s past the cut's end, the old leader a writable primary all along.
+                "use_unix_socket": True,
                 "authentication": {
                     "superuser": {"username": "postgres", "password": self.password},
                     "replication": {
