@@ -86,6 +86,7 @@ _TCP_INFO_NOTSENT_AT = 144
 _TCP_INFO_BYTES = struct.Struct("=QQ")
 _TCP_INFO_BYTES_AT = 200
 _TCP_INFO_LENGTH = 256
+_PQTRANS_IDLE = 0  # libpq's PGTransactionStatusType: PQTRANS_IDLE
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux only
 
 
@@ -359,10 +360,9 @@ class _Psycopg2(_Libpq):
         return _is_instance(dbapi_connection, "psycopg2.extensions", "connection")
 
     def transaction_idle(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
-        idle = getattr(sys.modules.get("psycopg2.extensions"), "TRANSACTION_STATUS_IDLE", None)
-        if idle is None:
-            return None
-        return bool(dbapi_connection.get_transaction_status() == idle)
+        # libpq's PQTRANS_IDLE, psycopg2.extensions.TRANSACTION_STATUS_IDLE: a constant of the
+        # protocol, read without importing psycopg2 here (this runs at every first statement).
+        return bool(dbapi_connection.get_transaction_status() == _PQTRANS_IDLE)
 
     def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
         # 0 open; 1 closed by the app; 2 found broken by libpq.

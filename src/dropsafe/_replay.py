@@ -38,6 +38,8 @@ import logging
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from sqlalchemy.engine.interfaces import ExecuteStyle
+
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._errors import ConfigurationError
@@ -67,6 +69,8 @@ OPT_OUT = "dropsafe_replay"
 _CONNECTION_CHARACTERISTICS = frozenset(
     {"isolation_level", "postgresql_readonly", "postgresql_deferrable"}
 )
+# insertmanyvalues (the third style) sends batches on a cursor SQLAlchemy holds itself.
+_REPLAYABLE_STYLES = frozenset({ExecuteStyle.EXECUTE, ExecuteStyle.EXECUTEMANY})
 
 
 def _timed_out(error: BaseException) -> bool:
@@ -123,8 +127,10 @@ class _FirstStatements:
         )
 
     def add(self, checkout: PoolProxiedConnection, pending: _Pending) -> None:
-        with contextlib.suppress(TypeError):  # not weakly referable
+        try:  # not contextlib.suppress: this runs at every checkout
             self._pending[checkout] = pending
+        except TypeError:  # not weakly referable
+            return
 
     def take(self, checkout: PoolProxiedConnection) -> _Pending | None:
         """Return what ``checkout`` was like if it had sent nothing yet (from now on, it has)."""
@@ -289,10 +295,9 @@ class FirstStatementReplay:
         characteristics = _CONNECTION_CHARACTERISTICS.intersection(options)
         if characteristics:
             return f"the connection was set up with {sorted(characteristics)}"
-        style = getattr(getattr(context, "execute_style", None), "name", None)
-        if style not in ("EXECUTE", "EXECUTEMANY"):
-            # insertmanyvalues sends batches on a cursor SQLAlchemy holds itself.
-            return f"execute style {style}"
+        style = getattr(context, "execute_style", None)
+        if style not in _REPLAYABLE_STYLES:
+            return f"execute style {getattr(style, 'name', style)}"
         if ";" in statement.strip().rstrip(";"):
             # Several statements in one string may hold a COMMIT of their own.
             return "the text may hold several statements"
