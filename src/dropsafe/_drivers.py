@@ -285,7 +285,9 @@ class _Libpq(Driver):
         if fd is None or option is None:
             return
         # A socket object on libpq's own fd, detached (never closed) when done.
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+        sock = _borrow_socket(fd)
+        if sock is None:
+            return
         try:
             if sock.getsockopt(socket.IPPROTO_TCP, option) == 0:
                 sock.setsockopt(socket.IPPROTO_TCP, option, int(wanted))
@@ -611,16 +613,30 @@ def bytes_sent(driver: Driver, native: Any) -> int | None:  # noqa: ANN401 - DBA
     return None if fd is None else tcp_bytes_sent(fd)
 
 
+def _borrow_socket(fd: int) -> socket.socket | None:
+    """Return a socket object on a driver's fd, to be detached, never closed; None if closed.
+
+    The fd may be closed already (a driver that found its connection lost) or -1 (asyncpg's
+    closed transport): Python refuses both when the object is made (EBADF, ValueError).
+    """
+    try:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    except (OSError, ValueError):
+        return None
+
+
 def tcp_bytes_sent(fd: int) -> int | None:
     """`bytes_sent` of the socket with file descriptor ``fd`` (the driver's, left open)."""
     if _TCP_INFO is None:
         return None
     # A socket object on the driver's own fd, detached (never closed) when done: no dup(2) and
     # close(2) around the one getsockopt, which runs twice per checkout that sends a statement.
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    sock = _borrow_socket(fd)
+    if sock is None:
+        return None
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
-    except OSError:  # not TCP (a Unix socket), or closed
+    except OSError:  # not TCP (a Unix socket)
         return None
     finally:
         sock.detach()

@@ -5,7 +5,15 @@ import socket
 import pytest
 
 from dropsafe import ConnectionPolicy
-from dropsafe._drivers import Driver, _Asyncpg, _Pg8000, _Psycopg, _Psycopg2, bytes_sent
+from dropsafe._drivers import (
+    Driver,
+    _Asyncpg,
+    _Pg8000,
+    _Psycopg,
+    _Psycopg2,
+    bytes_sent,
+    tcp_bytes_sent,
+)
 from dropsafe._hosts import rotate
 
 LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
@@ -126,3 +134,13 @@ def test_bytes_sent_is_unknown_without_a_tcp_socket():
     left, right = socket.socketpair()  # a Unix socket: no TCP_INFO
     with left, right:
         assert bytes_sent(_SocketDriver(), left) is None
+
+
+def test_bytes_sent_of_a_closed_socket_is_unknown_not_an_error():
+    # A driver that found its connection lost has closed its fd (or says -1, as asyncpg's
+    # closed transport does): the replay's checkout mark must not raise from the pool's
+    # checkout event (SQLAlchemy's own RealReconnectTest saw OSError EBADF there).
+    with socket.socket() as sock:
+        fd = sock.fileno()
+    assert tcp_bytes_sent(fd) is None
+    assert tcp_bytes_sent(-1) is None
