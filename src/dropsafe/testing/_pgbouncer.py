@@ -28,7 +28,12 @@ __all__ = ["PgBouncer", "PoolMode"]
 
 PoolMode = Literal["session", "transaction"]
 _START_TIMEOUT = 30.0
+_PORT_TRIES = 3
 _EXIT_TIMEOUT = 10.0  # a PgBouncer that refuses its console this long after a KILL lives
+
+
+class _PortTakenError(Exception):
+    """PgBouncer could not bind its port: another process holds it."""
 
 
 class PgBouncer(Service):
@@ -63,6 +68,7 @@ class PgBouncer(Service):
         self.config_file = self.base_dir / "pgbouncer.ini"
         self.log_file = self.base_dir / "pgbouncer.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self._started = False  # started once: its port is in clients' URLs from then on
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
         self._finalizer = track(self, self._processes, self.base_dir)
         self._write_config()
@@ -73,16 +79,49 @@ class PgBouncer(Service):
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
-        """Start PgBouncer and wait until it accepts connections."""
+        """Start PgBouncer and wait until it accepts connections.
+
+        ``free_port`` only finds a port free at that moment: another process (a parallel test
+        run) may take it before PgBouncer binds. PgBouncer then exits ("nowhere to listen
+        on"), and a connect to the port reaches the other process, so it is not proof: its
+        own log line "listening on" is. At the first start a taken port is traded for a fresh
+        one; a restart keeps its port (clients hold its URL) and fails loudly instead.
+        """
         if self.running:
             return
+        for _ in range(_PORT_TRIES):
+            if self._start_on_port():
+                self._started = True
+                return
+            if self._started:
+                raise ServerError(
+                    f"pgbouncer's port {self.port} was taken by another process while it was "
+                    f"down:\n{log_tail(self.log_file)}"
+                )
+            self.port = free_port(self.host)
+            self._write_config()
+        raise ServerError(f"pgbouncer found no free port:\n{log_tail(self.log_file)}")
+
+    def _start_on_port(self) -> bool:
+        """Start PgBouncer on ``self.port``; False if another process holds that port."""
+        logged_before = self.log_file.stat().st_size if self.log_file.exists() else 0
         process = self._owner.spawn([self.program, str(self.config_file)], log=self.log_file)
         self._process = process
         self._processes[:] = [process]
+        listening = f"listening on {self.host}:{self.port}"
+
+        def this_start_logged(text: str) -> bool:
+            with self.log_file.open("rb") as log:
+                log.seek(logged_before)
+                return text in log.read().decode(errors="replace")
 
         def accepting() -> bool:
             if process.poll() is not None:
+                if this_start_logged("Address already in use"):
+                    raise _PortTakenError
                 raise ServerError(f"pgbouncer exited at start:\n{log_tail(self.log_file)}")
+            if not this_start_logged(listening):
+                return False
             try:
                 socket.create_connection((self.host, self.port), timeout=1).close()
             except OSError:
@@ -91,9 +130,13 @@ class PgBouncer(Service):
 
         try:
             wait_until(accepting, timeout=_START_TIMEOUT, what="pgbouncer to accept")
+        except _PortTakenError:
+            self._process = None
+            return False
         except TimeoutError as exc:
             self.stop()
             raise ServerError(f"{exc}:\n{log_tail(self.log_file)}") from None
+        return True
 
     def stop(self) -> None:
         """Stop PgBouncer at once (SIGTERM): every client connection is closed."""
