@@ -193,6 +193,23 @@ class Driver:
         del dbapi_connection, name
         return None
 
+    def reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        """Return a parameter the server last reported, also on a connection found lost.
+
+        The first-statement replay compares a lost connection's with a fresh one's
+        (`dropsafe._session_state`). Raises where the driver cannot say.
+        """
+        return self._reported_parameter(dbapi_connection, name)
+
+    def transaction_characteristics(self, dbapi_connection: Any) -> tuple[object, ...] | None:  # noqa: ANN401
+        """Return what the driver begins transactions with: isolation, read only, deferrable, ....
+
+        Set on the driver's connection, they last for its life and no statement shows them;
+        readable without a round trip, also on a connection found lost. None where unknown.
+        """
+        del dbapi_connection
+        return None
+
     def hosts(self, cparams: dict[str, Any]) -> list[tuple[str, str]]:
         """Return the (host, port) pairs of a multi-host target; empty for a single host."""
         del cparams
@@ -370,6 +387,21 @@ class _Psycopg2(_Libpq):
         # 0 open; 1 closed by the app; 2 found broken by libpq.
         return bool(dbapi_connection.closed)
 
+    def reported_parameter(self, dbapi_connection: Any, name: str) -> str | None:  # noqa: ANN401
+        # get_parameter_status() refuses a connection libpq found broken; info still answers.
+        value = dbapi_connection.info.parameter_status(name)
+        return value if isinstance(value, str) else None
+
+    def transaction_characteristics(self, dbapi_connection: Any) -> tuple[object, ...] | None:  # noqa: ANN401
+        # set_session() and these attributes make the BEGIN psycopg2 sends.
+        connection = dbapi_connection
+        return (
+            connection.isolation_level,
+            connection.readonly,
+            connection.deferrable,
+            connection.autocommit,
+        )
+
 
 class _Psycopg(_Libpq):
     name = "psycopg"
@@ -403,6 +435,11 @@ class _Psycopg(_Libpq):
     def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
         native = _driver_connection(dbapi_connection)
         return bool(native.closed or native.broken)
+
+    def transaction_characteristics(self, dbapi_connection: Any) -> tuple[object, ...] | None:  # noqa: ANN401
+        # The attributes (set_* awaited on an async connection) that make psycopg's BEGIN.
+        native = _driver_connection(dbapi_connection)
+        return (native.isolation_level, native.read_only, native.deferrable, native.autocommit)
 
 
 class _Asyncpg(Driver):
@@ -467,6 +504,15 @@ class _Asyncpg(Driver):
 
     def gone(self, dbapi_connection: Any) -> bool | None:  # noqa: ANN401
         return bool(dbapi_connection.driver_connection.is_closed())
+
+    def transaction_characteristics(self, dbapi_connection: Any) -> tuple[object, ...] | None:  # noqa: ANN401
+        # SQLAlchemy's adapter makes asyncpg's transaction(isolation=, readonly=, deferrable=)
+        # from these (its isolation "autocommit" is the autocommit flag); an adapter without
+        # them is one dropsafe does not know.
+        names = ("isolation_level", "readonly", "deferrable")
+        if not all(hasattr(dbapi_connection, name) for name in names):
+            return None
+        return tuple(getattr(dbapi_connection, name) for name in names)
 
     def probe(self, dbapi_connection: Any) -> Health:  # noqa: ANN401
         connection = dbapi_connection._connection  # noqa: SLF001

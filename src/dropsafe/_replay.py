@@ -45,6 +45,7 @@ from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
+from dropsafe._session_state import CHANGED, may_change_session, session_differs, snapshot
 from dropsafe.events import FirstStatementReplayed
 
 if TYPE_CHECKING:
@@ -255,30 +256,76 @@ class FirstStatementReplay:
         if context is None or connection is None:
             send(cursor)
             return
-        pending = _FIRST.take(connection.connection)
-        if pending is None:
-            send(cursor)
-            return
-        refusal = self._refusal(connection, context, statement, connection.connection, pending)
-        if refusal is not None:
-            logger.debug("dropsafe will not replay this first statement: %s", refusal)
-            send(cursor)
-            return
+        checkout = connection.connection
+        try:
+            pending = _FIRST.take(checkout)
+            if pending is None:
+                send(cursor)
+                return
+            refusal = self._refusal(connection, context, statement, checkout, pending)
+            if refusal is not None:
+                logger.debug("dropsafe will not replay this first statement: %s", refusal)
+                send(cursor)
+                return
+            self._send_first(connection, context, send, cursor, pending)
+        finally:
+            # Whether it ran, failed or was replayed: a session advisory lock outlives the
+            # failed transaction that took it. The mark is on the checkout in use now.
+            if may_change_session(statement):
+                connection.connection.info[CHANGED] = True
+
+    def _send_first(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        send: Callable[[Any], None],
+        cursor: Any,  # noqa: ANN401
+        pending: _Pending,
+    ) -> None:
+        """Send a first statement that may be replayed; replay it if its connection is lost."""
         try:
             send(cursor)
         except Exception as exc:
             if not self._lost(exc, connection.connection):
                 raise
+            lost_state = self._session_of_lost(connection.connection, pending)
+            if lost_state is None:
+                raise
             text = describe_error(exc)
             try:
-                send(self._reconnect(connection, context, exc))
-            except Exception as again:  # raised as usual; said, so that operators see it
-                failed = describe_error(again)
+                send(self._reconnect(connection, context, exc, lost_state))
+            except Exception as again:
+                if again is exc:  # not replayed: no fresh connection, or not the same session
+                    raise
+                failed = describe_error(again)  # raised as usual; said, so operators see it
                 logger.debug("dropsafe's replay of a first statement failed: %s", failed)
                 emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
                 raise
             logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
             emit(self._hooks, FirstStatementReplayed(text))
+
+    def _session_of_lost(
+        self, checkout: PoolProxiedConnection, pending: _Pending
+    ) -> tuple[object, ...] | None:
+        """Return the lost connection's session state as far as it is known; None if unknowable.
+
+        Unknowable once any statement since its connect may have changed it: an earlier
+        checkout's ``SET search_path`` (its transaction committed) is still on the connection
+        a later checkout gets, and would not be on a fresh one.
+        """
+        if checkout.info.get(CHANGED):
+            logger.debug(
+                "dropsafe will not replay this first statement: a statement since its "
+                "connection was made may have changed the session's state"
+            )
+            return None
+        state = None if self._driver is None else snapshot(self._driver, pending.native)
+        if state is None:
+            logger.debug(
+                "dropsafe will not replay this first statement: its connection's "
+                "transaction characteristics are unknown"
+            )
+        return state
 
     def _refusal(  # noqa: PLR0911 - one reason per return, in the order they are checked
         self,
@@ -387,12 +434,18 @@ class FirstStatementReplay:
             return False
 
     def _reconnect(
-        self, connection: Connection, context: ExecutionContext, error: Exception
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        error: Exception,
+        lost_state: tuple[object, ...],
     ) -> Any:  # noqa: ANN401 - a DBAPI cursor
         """Put a fresh connection under ``connection``, keeping its Transaction; a new cursor.
 
-        Raises ``error`` when that cannot be done: the Connection is then invalidated, as after
-        any lost connection, and its Transaction must be rolled back.
+        Raises ``error`` when that cannot be done, or when the fresh connection, after its
+        ``connect`` and ``checkout`` listeners, is not in ``lost_state`` (the lost one's
+        session state): the Connection is then invalidated, as after any lost connection, and
+        its Transaction must be rolled back.
         """
         if not hasattr(connection, "_dbapi_connection") or not hasattr(
             context, "_dbapi_connection"
@@ -409,6 +462,17 @@ class FirstStatementReplay:
         if fresh is None:
             raise error
         _FIRST.take(fresh)  # the replay is its first statement
+        native = None if self._driver is None else self._driver.native(fresh.dbapi_connection)
+        fresh_state = (
+            None if native is None or self._driver is None else snapshot(self._driver, native)
+        )
+        if session_differs(lost_state, fresh_state):
+            logger.debug(
+                "dropsafe will not replay this first statement: a fresh connection would "
+                "run it with other transaction characteristics or session parameters"
+            )
+            fresh.close()  # back to the pool, as any connection the app is done with
+            raise error
         # The private part (see the module doc): the Connection and the execution context now
         # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
         connection._dbapi_connection = fresh  # noqa: SLF001

@@ -27,7 +27,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("dropsafe._drivers", "dropsafe._backoff"),
     # Mechanisms built on the driver's facts: the deadline on a wait, the host order, the
     # checkout check; and the connection lifetime (on the policy alone).
-    ("dropsafe._watchdog", "dropsafe._hosts", "dropsafe._liveness", "dropsafe._lifetime"),
+    # Whether two connections' session states may differ (the replay's proof).
+    (
+        "dropsafe._watchdog",
+        "dropsafe._hosts",
+        "dropsafe._liveness",
+        "dropsafe._lifetime",
+        "dropsafe._session_state",
+    ),
     # What dropsafe adds to a connect; how much of the pool an error ends; a ROLLBACK that
     # met a lost connection, absorbed; a transaction's first statement, replayed.
     (

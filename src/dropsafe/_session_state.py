@@ -1,0 +1,194 @@
+"""Whether a fresh connection is in the session state a lost one was in: the replay's proof.
+
+A pooled connection keeps what any of its checkouts set on it: a ``search_path``, a role, a
+custom setting, a temporary table, a prepared statement, a ``LISTEN``, a session advisory lock,
+the transaction characteristics its driver begins with. A fresh connection has only what its
+connect arguments and the pool's ``connect`` / ``checkout`` listeners give every connection.
+The first-statement replay may run a statement on the fresh one only where the two cannot
+differ; this module says where. Three facts, none of them a round trip:
+
+- **What the lost connection ran since it was made.** Every statement SQLAlchemy sends on an
+  engine that replays is classified by its text (`may_change_session`), once per distinct text,
+  against a short whitelist: plain SELECT / INSERT / UPDATE / DELETE / MERGE / WITH / VALUES
+  that call no function outside a list of built-ins known not to touch session state,
+  transaction control, ``SET LOCAL``. Anything else (``SET``, ``RESET``, ``DISCARD``, DDL,
+  ``DO``, ``CALL``, ``LISTEN``, ``PREPARE``, a function of the app's, which may call
+  ``set_config(..., false)``) marks the connection for the rest of its life.
+- **The transaction characteristics its driver begins with** (psycopg2 ``set_session`` and its
+  attributes, psycopg 3's, SQLAlchemy's asyncpg adapter's), read from both connections when
+  the replay is due (`Driver.transaction_characteristics`).
+- **The parameters the server reports on its own** (ParameterStatus: the session's
+  authorization, superuser status, ``default_transaction_read_only``, time zone, date style,
+  ``application_name``; ``search_path`` from PostgreSQL 18): the driver keeps the last value,
+  so a change made where no text shows it (a trigger, a view's function) is still seen there.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from dropsafe._drivers import Driver
+
+__all__ = ["CHANGED", "may_change_session", "session_differs", "snapshot"]
+
+# Keys of a connection's SQLAlchemy ``info`` dictionary, which lives as long as the DBAPI
+# connection (the pool clears it when it closes or replaces that connection).
+CHANGED = "dropsafe.session_state_changed"
+
+# Statements whose first words are these change no session state (the rest of the text is
+# still read for function calls and temporary tables).
+_PLAIN = frozenset({"select", "insert", "update", "delete", "merge", "with", "values", "table"})
+# Transaction control, and what lasts only as long as the transaction.
+_TRANSACTIONAL = frozenset(
+    {
+        "abort", "begin", "commit", "end", "lock", "notify", "release", "rollback", "savepoint",
+        "show", "start",
+    }
+)  # fmt: skip
+_TRANSACTIONAL_SET = re.compile(r"set\s+(local|transaction|constraints)\b")
+_PREPARE_TRANSACTION = re.compile(r"prepare\s+transaction\b")
+
+# Words SQL puts before a parenthesis that are not function names.
+_NOT_FUNCTIONS = frozenset(
+    {
+        "all", "and", "any", "array", "as", "between", "by", "case", "cast", "conflict",
+        "distinct", "else", "except", "exists", "filter", "from", "group", "having", "in",
+        "intersect", "into", "is", "join", "lateral", "like", "limit", "not", "offset", "on",
+        "or", "over", "recursive", "returning", "row", "select", "set", "some", "then", "union",
+        "using", "values", "when", "where", "with", "within",
+    }
+)  # fmt: skip
+# Built-in functions (and type names with a modifier) that read or compute, and change no
+# session state. Those of dropsafe's own reads are here too. Not here: ``set_config``,
+# ``pg_advisory_lock`` (held by the session), ``currval`` / ``lastval`` (read the session),
+# ``dblink_connect``, and every function of the app's.
+_SAFE_FUNCTIONS = frozenset(
+    {
+        "abs", "age", "array_agg", "array_length", "array_position", "avg", "bit", "bool_and",
+        "bool_or", "btrim", "ceil", "ceiling", "char", "char_length", "character",
+        "character_length", "clock_timestamp", "coalesce", "concat", "concat_ws", "count",
+        "current_database", "current_schema", "current_schemas", "current_setting",
+        "date_part", "date_trunc", "decimal", "dense_rank", "every", "extract", "first_value",
+        "float", "floor", "format", "gen_random_uuid", "generate_series", "greatest", "int4",
+        "int8", "interval", "json_agg", "json_build_array", "json_build_object",
+        "jsonb_agg", "jsonb_build_array", "jsonb_build_object", "jsonb_set", "lag",
+        "last_value", "lead", "least", "left", "length", "lower", "ltrim", "make_interval",
+        "max", "md5", "min", "mod", "nextval", "now", "ntile", "nullif", "numeric",
+        "octet_length", "pg_advisory_xact_lock", "pg_advisory_xact_lock_shared",
+        "pg_backend_pid", "pg_control_system", "pg_current_xact_id",
+        "pg_current_xact_id_if_assigned", "pg_is_in_recovery", "pg_notify",
+        "pg_postmaster_start_time", "pg_try_advisory_xact_lock", "pg_xact_status", "position",
+        "power", "random", "rank",
+        "regexp_replace", "replace", "right", "round", "row_number", "rtrim", "sign", "split_part",
+        "sqrt", "statement_timestamp", "string_agg", "strpos", "substr", "substring", "sum",
+        "time", "timestamp", "timestamptz", "to_char", "to_date", "to_json", "to_jsonb",
+        "to_number", "to_timestamp", "transaction_timestamp", "trim", "trunc", "txid_current",
+        "unnest", "upper", "varbit", "varchar", "version",
+    }
+)  # fmt: skip
+
+# Comments, string literals and quoted names, in one left-to-right scan (a "--" in a string is
+# no comment). Dollar quotes lose only their $$: a DO body or a function's, read as SQL, can
+# only mark more, never less.
+_COMMENT_STRING_OR_NAME = re.compile(
+    r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$\$", re.DOTALL
+)
+# A table or alias that a column list follows: INSERT INTO t (a, b), AS t (a, b).
+_COLUMN_LIST = re.compile(r"\b(into|as)\s+[\w$.]+\s*\(")
+# A name before a parenthesis, with its schema if qualified.
+_CALL = re.compile(r"(?:([\w$]+)\s*\.\s*)?([a-z_][\w$]*)\s*\(")
+_TEMPORARY = re.compile(r"\b(temp|temporary|pg_temp\w*)\b")
+_FIRST_WORDS = re.compile(r"[\s(]*([a-z_]+)")
+
+# Verdicts by statement text: an app sends few distinct texts, so each is read once. Bounded:
+# texts with literals inlined would otherwise grow it without end.
+_VERDICTS: dict[str, bool] = {}
+_MAX_VERDICTS = 4096
+
+
+def may_change_session(statement: str) -> bool:
+    """Whether ``statement`` may change its connection's session state (True when unsure).
+
+    Called for every statement an engine that replays sends; a dictionary look-up once a text
+    has been seen.
+    """
+    verdict = _VERDICTS.get(statement)
+    if verdict is None:
+        verdict = _classify(statement)
+        if len(_VERDICTS) >= _MAX_VERDICTS:
+            _VERDICTS.clear()
+        _VERDICTS[statement] = verdict
+    return verdict
+
+
+def _blank(match: re.Match[str]) -> str:
+    """Read a comment or a string as a space, a quoted name as a name that no list holds."""
+    return " quoted_name " if match.group().startswith('"') else " "
+
+
+def _classify(statement: str) -> bool:
+    if "\\" in statement:  # E'\'' strings: the scan below could not tell where they end
+        return True
+    text = _COMMENT_STRING_OR_NAME.sub(_blank, statement.lower())
+    first = _FIRST_WORDS.match(text)
+    if first is None or ";" in text.strip().rstrip(";"):  # several: each would need a verdict
+        return True
+    word = first.group(1)
+    rest = text[first.start(1) :]
+    if word in _TRANSACTIONAL:
+        return False
+    if word == "set":
+        return _TRANSACTIONAL_SET.match(rest) is None
+    if word == "prepare":
+        return _PREPARE_TRANSACTION.match(rest) is None
+    return word not in _PLAIN or _TEMPORARY.search(text) is not None or _calls_unknown(text)
+
+
+def _calls_unknown(text: str) -> bool:
+    """Whether ``text`` (normalised) calls a function that `_SAFE_FUNCTIONS` does not hold."""
+    for schema, name in _CALL.findall(_COLUMN_LIST.sub(r"\1 (", text)):
+        if name in _NOT_FUNCTIONS and not schema:
+            continue
+        if name not in _SAFE_FUNCTIONS or schema not in {"", "pg_catalog"}:
+            return True
+    return False
+
+
+# ParameterStatus values that a session can change (SET, set_config, SET ROLE, SET SESSION
+# AUTHORIZATION, SET SESSION CHARACTERISTICS): server facts (version, encoding,
+# in_hot_standby) are left out.
+_REPORTED = (
+    "session_authorization",
+    "is_superuser",
+    "search_path",
+    "default_transaction_read_only",
+    "TimeZone",
+    "DateStyle",
+    "IntervalStyle",
+    "application_name",
+    "client_encoding",
+    "standard_conforming_strings",
+    "scram_iterations",
+)
+
+
+def snapshot(driver: Driver, dbapi_connection: Any) -> tuple[object, ...] | None:  # noqa: ANN401
+    """Return what of the session state is read without a round trip; None if unknown.
+
+    Readable on a connection found lost (before it is closed): the driver keeps both.
+    """
+    try:
+        characteristics = driver.transaction_characteristics(dbapi_connection)
+        if characteristics is None:
+            return None
+        reported = tuple(driver.reported_parameter(dbapi_connection, name) for name in _REPORTED)
+    except Exception:  # noqa: BLE001 - a state that cannot be read is not the same state
+        return None
+    return (*characteristics, *reported)
+
+
+def session_differs(lost: tuple[object, ...] | None, fresh: tuple[object, ...] | None) -> bool:
+    """Whether the fresh connection's snapshot may differ from the lost one's."""
+    return lost is None or fresh is None or lost != fresh

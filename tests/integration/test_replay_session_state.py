@@ -1,0 +1,316 @@
+"""The first-statement replay never runs a statement under another session's state (issue 26, 9).
+
+A Session's later transaction gets a new checkout of the same pooled connection, which keeps
+whatever session state an earlier checkout set on it. When that connection is lost under the
+transaction's first statement, a replay on a fresh connection would run the statement without
+that state: in another schema, as another role, at another isolation level. Each test sets the
+state in one checkout, commits, loses the connection (backend terminated) at the next checkout,
+and sends the next transaction's first statement. The original error must be raised (as without
+dropsafe), and nothing may land elsewhere. State set the supported way (a ``connect`` listener,
+the engine's ``isolation_level``) is on the fresh connection too, and must keep replaying.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from replay_faults import replay_engine, replayed
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+import dropsafe
+from dropsafe.testing import ChaosProxy, PostgresServer
+
+pytestmark = pytest.mark.fault
+
+TENANT = "replay_tenant_a"
+ROLE = "replay_tenant_role"
+INSERT = sa.text("INSERT INTO replay_state_items (n) VALUES (:n) RETURNING current_user")
+CHARACTERISTICS = sa.text(
+    "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')"
+)
+SCHEMA_SETUP = f"""
+CREATE TABLE public.replay_state_items (n int);
+CREATE SCHEMA {TENANT};
+CREATE TABLE {TENANT}.replay_state_items (n int);
+CREATE ROLE {ROLE} NOLOGIN;
+GRANT USAGE ON SCHEMA {TENANT} TO {ROLE};
+GRANT INSERT, SELECT ON public.replay_state_items, {TENANT}.replay_state_items TO {ROLE};
+CREATE FUNCTION public.replay_use_tenant() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM set_config('search_path', '{TENANT}', false);
+  RETURN 1;
+END $$;
+"""
+
+# Ways an app sets a session-level search_path on its connection, through SQLAlchemy.
+SET_TENANT = {
+    "SET": f"SET search_path TO {TENANT}",
+    "set_config": f"SELECT set_config('search_path', '{TENANT}', false)",
+    "function": "SELECT replay_use_tenant()",
+    "DO": f"DO $$ BEGIN PERFORM set_config('search_path', '{TENANT}', false); END $$",
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with PostgresServer() as server:
+        engine = sa.create_engine(server.url("psycopg2"))
+        with engine.begin() as conn:
+            conn.exec_driver_sql(SCHEMA_SETUP)
+        engine.dispose()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(server):
+    with ChaosProxy(server.host, server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture(autouse=True)
+def _empty_tables(server):
+    server.execute(f"TRUNCATE public.replay_state_items, {TENANT}.replay_state_items")
+
+
+def _rows(server, schema):
+    return sorted(int(n) for (n,) in server.execute(f"SELECT n FROM {schema}.replay_state_items"))
+
+
+def _lose_at_next_checkout(engine, server):
+    """Terminate the backend right after the next checkout (after dropsafe's check passed it)."""
+    armed = [True]
+
+    @event.listens_for(engine, "checkout")
+    def lose_now(dbapi_connection, entry, proxied):
+        if armed[0]:
+            armed[0] = False
+            assert server.terminate_backends() >= 1
+
+
+def _set_driver_characteristics(driver, dbapi_connection):
+    """Make the driver begin SERIALIZABLE READ ONLY transactions, through its own attributes."""
+    if driver == "psycopg2":
+        dbapi_connection.set_session(isolation_level="SERIALIZABLE", readonly=True)
+    elif driver == "psycopg":
+        import psycopg  # noqa: PLC0415 - only this driver's test needs it
+
+        native = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        native.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+        native.read_only = True
+    else:  # SQLAlchemy's asyncpg adapter: the attributes its BEGIN is made from
+        dbapi_connection.set_isolation_level("serializable")
+        dbapi_connection.readonly = True
+
+
+# -- session state set in an earlier checkout: not replayed ------------------------------
+
+
+@pytest.mark.parametrize("how", sorted(SET_TENANT))
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver, how
+):
+    events = []
+    engine = replay_engine(server, proxy, driver, events)
+    try:
+        with Session(engine) as session:
+            session.execute(sa.text(SET_TENANT[how]))
+            session.commit()  # the connection goes back to the pool, its search_path set
+            _lose_at_next_checkout(engine, server)
+            with pytest.raises(sa.exc.DBAPIError):
+                session.execute(INSERT, {"n": 1})  # a new checkout: its first statement
+        assert _rows(server, "public") == []
+        assert _rows(server, TENANT) == []
+        assert replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver
+):
+    events = []
+    engine = dropsafe.create_async_engine(
+        proxy.route(server.url(driver)),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        pool_size=1,
+        max_overflow=0,
+    )
+    try:
+        async with AsyncSession(engine) as session:
+            await session.execute(sa.text(SET_TENANT["function"]))
+            await session.commit()
+            _lose_at_next_checkout(engine.sync_engine, server)
+            with pytest.raises(sa.exc.DBAPIError):
+                await session.execute(INSERT, {"n": 1})
+        assert _rows(server, "public") == []
+        assert _rows(server, TENANT) == []
+        assert replayed(events) == []
+    finally:
+        await engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["SET ROLE", "SET SESSION AUTHORIZATION"])
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(server, proxy, driver, how):
+    events = []
+    engine = replay_engine(server, proxy, driver, events)
+    try:
+        with Session(engine) as session:
+            session.execute(sa.text(f"{how} {ROLE}"))
+            session.commit()
+            _lose_at_next_checkout(engine, server)
+            try:
+                ran_as = session.execute(INSERT, {"n": 1}).scalar()
+                session.commit()
+            except sa.exc.DBAPIError:
+                ran_as = "raised"
+        assert ran_as == "raised"  # the replay would have run it as the connecting superuser
+        assert _rows(server, "public") == []
+        assert replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
+    server, proxy, driver
+):
+    events = []
+    engine = replay_engine(server, proxy, driver, events)
+    try:
+        with Session(engine) as session:
+            dbapi_connection = session.connection().connection.dbapi_connection
+            session.commit()  # the connection is idle again, the driver told what to begin
+            _set_driver_characteristics(driver, dbapi_connection)
+            _lose_at_next_checkout(engine, server)
+            try:
+                seen = tuple(session.execute(CHARACTERISTICS).one())
+            except sa.exc.DBAPIError:
+                seen = ("raised",)
+        assert seen == ("raised",)  # a replay ran it as ('read committed', 'off')
+        assert replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
+    server, proxy, driver
+):
+    events = []
+    engine = dropsafe.create_async_engine(
+        proxy.route(server.url(driver)),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        pool_size=1,
+        max_overflow=0,
+    )
+    try:
+        async with AsyncSession(engine) as session:
+            raw = await (await session.connection()).get_raw_connection()
+            dbapi_connection = raw.dbapi_connection
+            await session.commit()
+            if driver == "psycopg":  # its async connection takes them by awaited setters
+                import psycopg  # noqa: PLC0415 - only this driver's test needs it
+
+                native = dbapi_connection.driver_connection
+                await native.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+                await native.set_read_only(True)
+            else:
+                _set_driver_characteristics(driver, dbapi_connection)
+            _lose_at_next_checkout(engine.sync_engine, server)
+            try:
+                seen = tuple((await session.execute(CHARACTERISTICS)).one())
+            except sa.exc.DBAPIError:
+                seen = ("raised",)
+        assert seen == ("raised",)
+        assert replayed(events) == []
+    finally:
+        await engine.dispose()
+
+
+# -- state every connection gets, and ordinary work before: still replayed ----------------
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_replay(
+    server, proxy, driver
+):
+    events = []
+    engine = replay_engine(server, proxy, driver, events)
+
+    @event.listens_for(engine, "connect")
+    def tenant(dbapi_connection, record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET search_path TO {TENANT}")
+        cursor.close()
+        dbapi_connection.commit()
+        _set_driver_characteristics(driver, dbapi_connection)
+
+    try:
+        with Session(engine) as session:
+            # Earlier transactions of ordinary statements leave the session state alone.
+            session.execute(sa.text("SELECT count(*) FROM replay_state_items")).scalar()
+            session.commit()
+            _lose_at_next_checkout(engine, server)
+            seen = tuple(session.execute(CHARACTERISTICS).one())
+            session.commit()
+            assert seen == ("serializable", "on")
+        assert len(replayed(events)) == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(server, proxy, driver):
+    events = []
+    engine = replay_engine(server, proxy, driver, events)
+
+    @event.listens_for(engine, "connect")
+    def tenant(dbapi_connection, record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET search_path TO {TENANT}")
+        cursor.close()
+        dbapi_connection.commit()
+
+    try:
+        with Session(engine) as session:
+            session.execute(INSERT, {"n": 1})
+            session.commit()
+            _lose_at_next_checkout(engine, server)
+            session.execute(INSERT, {"n": 2})
+            session.commit()
+        assert _rows(server, TENANT) == [1, 2]
+        assert _rows(server, "public") == []
+        assert len(replayed(events)) == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_replay(
+    server, proxy, driver
+):
+    events = []
+    engine = dropsafe.create_async_engine(
+        proxy.route(server.url(driver)),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        isolation_level="SERIALIZABLE",
+        pool_size=1,
+        max_overflow=0,
+    )
+    try:
+        async with AsyncSession(engine) as session:
+            await session.execute(INSERT, {"n": 1})
+            await session.commit()
+            _lose_at_next_checkout(engine.sync_engine, server)
+            seen = tuple((await session.execute(CHARACTERISTICS)).one())
+            await session.commit()
+        assert seen == ("serializable", "off")
+        assert _rows(server, "public") == [1]
+        assert len(replayed(events)) == 1
+    finally:
+        await engine.dispose()
