@@ -257,6 +257,7 @@ class FirstStatementReplay:
             send(cursor)
             return
         checkout = connection.connection
+        changes = may_change_session(statement)
         try:
             pending = _FIRST.take(checkout)
             if pending is None:
@@ -267,12 +268,12 @@ class FirstStatementReplay:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
                 send(cursor)
                 return
-            self._send_first(connection, context, send, cursor, pending)
+            self._send_first(connection, context, send, cursor, pending, changes=changes)
         finally:
-            # Whether it ran, failed or was replayed: a session advisory lock outlives the
-            # failed transaction that took it. The mark is on the checkout in use now.
-            if may_change_session(statement):
-                connection.connection.info[CHANGED] = True
+            # Whether it ran or failed: a session advisory lock outlives the failed transaction
+            # that took it. (A replay marks its fresh connection itself.)
+            if changes:
+                checkout.info[CHANGED] = True
 
     def _send_first(
         self,
@@ -281,8 +282,13 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
         cursor: Any,  # noqa: ANN401
         pending: _Pending,
+        *,
+        changes: bool,
     ) -> None:
-        """Send a first statement that may be replayed; replay it if its connection is lost."""
+        """Send a first statement that may be replayed; replay it if its connection is lost.
+
+        ``changes``: whether the statement may change its connection's session state.
+        """
         try:
             send(cursor)
         except Exception as exc:
@@ -293,13 +299,17 @@ class FirstStatementReplay:
                 raise
             text = describe_error(exc)
             try:
-                send(self._reconnect(connection, context, exc, lost_state))
-            except Exception as again:
-                if again is exc:  # not replayed: no fresh connection, or not the same session
-                    raise
-                failed = describe_error(again)  # raised as usual; said, so operators see it
+                fresh_cursor = self._reconnect(
+                    connection, context, exc, lost_state, changes=changes
+                )
+                if fresh_cursor is not None:
+                    send(fresh_cursor)
+            except Exception as again:  # raised as usual; said, so that operators see it
+                failed = describe_error(again)
                 logger.debug("dropsafe's replay of a first statement failed: %s", failed)
                 emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
+                raise
+            if fresh_cursor is None:  # not the same session: not replayed, nothing to say
                 raise
             logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
             emit(self._hooks, FirstStatementReplayed(text))
@@ -439,13 +449,15 @@ class FirstStatementReplay:
         context: ExecutionContext,
         error: Exception,
         lost_state: tuple[object, ...],
+        *,
+        changes: bool,
     ) -> Any:  # noqa: ANN401 - a DBAPI cursor
         """Put a fresh connection under ``connection``, keeping its Transaction; a new cursor.
 
-        Raises ``error`` when that cannot be done, or when the fresh connection, after its
-        ``connect`` and ``checkout`` listeners, is not in ``lost_state`` (the lost one's
-        session state): the Connection is then invalidated, as after any lost connection, and
-        its Transaction must be rolled back.
+        Raises ``error`` when that cannot be done, and returns None when the fresh connection,
+        after its ``connect`` and ``checkout`` listeners, is not in ``lost_state`` (the lost
+        one's session state): the Connection is then invalidated, as after any lost
+        connection, and its Transaction must be rolled back.
         """
         if not hasattr(connection, "_dbapi_connection") or not hasattr(
             context, "_dbapi_connection"
@@ -472,7 +484,9 @@ class FirstStatementReplay:
                 "run it with other transaction characteristics or session parameters"
             )
             fresh.close()  # back to the pool, as any connection the app is done with
-            raise error
+            return None
+        if changes:
+            fresh.info[CHANGED] = True
         # The private part (see the module doc): the Connection and the execution context now
         # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
         connection._dbapi_connection = fresh  # noqa: SLF001
