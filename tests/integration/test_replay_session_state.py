@@ -42,6 +42,14 @@ BEGIN
   PERFORM set_config('search_path', '{TENANT}', false);
   RETURN 1;
 END $$;
+CREATE TABLE public.replay_role_switch (n int);
+CREATE FUNCTION public.replay_switch_role() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM set_config('role', '{ROLE}', false);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER replay_switch_role AFTER INSERT ON public.replay_role_switch
+  FOR EACH ROW EXECUTE FUNCTION public.replay_switch_role();
 """
 
 # Ways an app sets a session-level search_path on its connection, through SQLAlchemy.
@@ -71,7 +79,9 @@ def proxy(server):
 
 @pytest.fixture(autouse=True)
 def _empty_tables(server):
-    server.execute(f"TRUNCATE public.replay_state_items, {TENANT}.replay_state_items")
+    server.execute(
+        f"TRUNCATE public.replay_state_items, {TENANT}.replay_state_items, replay_role_switch"
+    )
 
 
 def _rows(server, schema):
@@ -169,6 +179,61 @@ def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(server, prox
             except sa.exc.DBAPIError:
                 ran_as = "raised"
         assert ran_as == "raised"  # the replay would have run it as the connecting superuser
+        assert _rows(server, "public") == []
+        assert replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "LISTEN replay_channel",
+        "CREATE TEMP TABLE replay_scratch (n int)",
+        "SELECT pg_advisory_lock(4242)",
+        "PREPARE replay_prepared AS SELECT 1",
+        "SELECT set_config('app.tenant', 'acme', false)",
+        "RESET ALL",
+    ],
+)
+def test_other_session_state_set_in_an_earlier_transaction_refuses_the_replay(
+    server, proxy, statement
+):
+    # None of these shows in a reported parameter or a driver attribute: the text marks.
+    events = []
+    engine = replay_engine(server, proxy, "psycopg2", events)
+    try:
+        with Session(engine) as session:
+            session.execute(sa.text(statement))
+            session.commit()
+            _lose_at_next_checkout(engine, server)
+            with pytest.raises(sa.exc.DBAPIError):
+                session.execute(INSERT, {"n": 1})
+        assert _rows(server, "public") == []
+        assert replayed(events) == []
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(server, proxy, driver):
+    # The INSERT's text is on the whitelist; its trigger runs set_config('role', ..., false).
+    # PostgreSQL reports is_superuser when the role changes, without a round trip: the lost
+    # connection's report differs from the fresh one's, and nothing is replayed.
+    events = []
+    engine = replay_engine(server, proxy, driver, events)
+    try:
+        with Session(engine) as session:
+            session.execute(sa.text("INSERT INTO replay_role_switch (n) VALUES (1)"))
+            session.commit()
+            _lose_at_next_checkout(engine, server)
+            try:
+                ran_as = session.execute(INSERT, {"n": 1}).scalar()
+                session.commit()
+            except sa.exc.DBAPIError:
+                ran_as = "raised"
+        assert ran_as == "raised"
         assert _rows(server, "public") == []
         assert replayed(events) == []
     finally:
