@@ -65,8 +65,8 @@ logger = logging.getLogger("dropsafe")
 OPT_OUT = "dropsafe_replay"
 
 # Execution options that set something on the driver's connection when the SQLAlchemy
-# Connection is made: a fresh connection would not have them, so a statement under one of them
-# is not replayed (a SERIALIZABLE or READ ONLY transaction must not go on as something else).
+# Connection is made: a fresh connection gets them the same way before a replay (a SERIALIZABLE
+# or READ ONLY transaction must not go on as something else; _give_characteristics).
 _CONNECTION_CHARACTERISTICS = frozenset(
     {"isolation_level", "postgresql_readonly", "postgresql_deferrable"}
 )
@@ -349,9 +349,6 @@ class FirstStatementReplay:
         options = context.execution_options
         if options.get(OPT_OUT, True) is False:  # any other value but True: _check_opt_out
             return f"{OPT_OUT}=False"
-        characteristics = _CONNECTION_CHARACTERISTICS.intersection(options)
-        if characteristics:
-            return f"the connection was set up with {sorted(characteristics)}"
         style = getattr(context, "execute_style", None)
         if style not in _REPLAYABLE_STYLES:
             return f"execute style {getattr(style, 'name', style)}"
@@ -401,6 +398,38 @@ class FirstStatementReplay:
         if sent != pending.sent:
             return f"the driver's connection sent {sent - pending.sent} bytes since checkout"
         return None
+
+    def _give_characteristics(self, connection: Connection, fresh: PoolProxiedConnection) -> bool:
+        """Set ``connection``'s isolation level, read only, deferrable options on ``fresh``.
+
+        SQLAlchemy set them on the lost connection when the Connection was made
+        (``execution_options(isolation_level=...)``, ``postgresql_readonly``, an engine's
+        options), and resets them as the connection goes back to the pool, by a callback on its
+        pool entry. The same is done for ``fresh``, with the dialect's own characteristic
+        objects (``DefaultDialect.connection_characteristics``); the reset callback goes on
+        ``fresh``'s pool entry (private: ``_connection_record.finalize_callback``). False
+        where this SQLAlchemy lacks either: no replay.
+        """
+        options = connection.get_execution_options()
+        names = sorted(_CONNECTION_CHARACTERISTICS.intersection(options))
+        if not names:
+            return True
+        known = getattr(self._dialect, "connection_characteristics", None)
+        record = getattr(fresh, "_connection_record", None)
+        finalize = getattr(record, "finalize_callback", None)
+        if known is None or finalize is None or not all(name in known for name in names):
+            return False
+        dialect = self._dialect
+        characteristics = [known[name] for name in names]
+
+        def reset(dbapi_connection: Any) -> None:  # noqa: ANN401
+            for characteristic in characteristics:
+                characteristic.reset_characteristic(dialect, dbapi_connection)
+
+        finalize.append(reset)  # first: a set that fails half-way is undone as well
+        for name, characteristic in zip(names, characteristics, strict=True):
+            characteristic.set_characteristic(dialect, fresh.dbapi_connection, options[name])
+        return True
 
     def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
         """Whether ``error`` says the connection was lost before the server replied.
@@ -474,6 +503,14 @@ class FirstStatementReplay:
         if fresh is None:
             raise error
         _FIRST.take(fresh)  # the replay is its first statement
+        try:
+            given = self._give_characteristics(connection, fresh)
+        except Exception:  # the lost connection's error is the one to raise
+            logger.debug("dropsafe could not set up a fresh connection", exc_info=True)
+            given = False
+        if not given:
+            fresh.close()  # its characteristics are reset as it goes back to the pool
+            raise error
         native = None if self._driver is None else self._driver.native(fresh.dbapi_connection)
         fresh_state = (
             None if native is None or self._driver is None else snapshot(self._driver, native)

@@ -284,15 +284,20 @@ def test_an_engine_opted_out_replays_nothing(server, proxy):
         engine.dispose()
 
 
-def test_a_serializable_transaction_is_not_replayed_as_another_level(server, proxy):
+def test_a_serializable_transaction_is_replayed_as_serializable_only(server, proxy):
+    # The fresh connection gets the Connection's isolation level as the lost one did, and
+    # loses it again as it goes back to the pool (issue 26: it used to be refused instead).
     events = []
     engine = replay_engine(server, proxy, "psycopg2", events)
+    isolation = sa.text("SELECT current_setting('transaction_isolation')")
     try:
         _lose_at_next_checkout(engine, "terminate", server, proxy)
         serializable = engine.execution_options(isolation_level="SERIALIZABLE")
-        with serializable.connect() as conn, pytest.raises(sa.exc.OperationalError):
-            conn.execute(BACKEND_PID)
-        assert replayed(events) == []
+        with serializable.connect() as conn:
+            assert conn.execute(isolation).scalar() == "serializable"
+        assert len(replayed(events)) == 1
+        with engine.connect() as conn:  # the pool's one connection, the fresh one
+            assert conn.execute(isolation).scalar() == "read committed"
     finally:
         engine.dispose()
 

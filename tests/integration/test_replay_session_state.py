@@ -379,3 +379,46 @@ async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_rep
         assert len(replayed(events)) == 1
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(server, proxy, driver):
+    # isolation_level and postgresql_readonly set by SQLAlchemy on the Connection are set on
+    # the fresh connection too; the pool's connection is back to the defaults afterwards.
+    events = []
+    engine = replay_engine(server, proxy, driver, events)
+    try:
+        _lose_at_next_checkout(engine, server)
+        options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
+        with Session(engine.execution_options(**options)) as session:
+            seen = tuple(session.execute(CHARACTERISTICS).one())
+        assert seen == ("serializable", "on")
+        assert len(replayed(events)) == 1
+        with engine.connect() as conn:
+            assert tuple(conn.execute(CHARACTERISTICS).one()) == ("read committed", "off")
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
+    server, proxy, driver
+):
+    events = []
+    engine = dropsafe.create_async_engine(
+        proxy.route(server.url(driver)),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        pool_size=1,
+        max_overflow=0,
+    )
+    try:
+        _lose_at_next_checkout(engine.sync_engine, server)
+        options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
+        async with AsyncSession(engine.execution_options(**options)) as session:
+            seen = tuple((await session.execute(CHARACTERISTICS)).one())
+        assert seen == ("serializable", "on")
+        assert len(replayed(events)) == 1
+        async with engine.connect() as conn:
+            assert tuple((await conn.execute(CHARACTERISTICS)).one()) == ("read committed", "off")
+    finally:
+        await engine.dispose()
