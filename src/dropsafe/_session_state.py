@@ -86,6 +86,11 @@ _SAFE_FUNCTIONS = frozenset(
         "time", "timestamp", "timestamptz", "to_char", "to_date", "to_json", "to_jsonb",
         "to_number", "to_timestamp", "transaction_timestamp", "trim", "trunc", "txid_current",
         "unnest", "upper", "varbit", "varchar", "version",
+        # SQLAlchemy's reflection (Inspector, autoload_with, automap).
+        "array_remove", "cardinality", "col_description", "format_type", "generate_subscripts",
+        "obj_description", "pg_collation_is_visible", "pg_get_constraintdef", "pg_get_expr",
+        "pg_get_indexdef", "pg_get_serial_sequence", "pg_get_viewdef", "pg_table_is_visible",
+        "pg_type_is_visible", "row_to_json",
     }
 )  # fmt: skip
 
@@ -102,10 +107,12 @@ _CALL = re.compile(r"(?:([\w$]+)\s*\.\s*)?([a-z_][\w$]*)\s*\(")
 _TEMPORARY = re.compile(r"\b(temp|temporary|pg_temp\w*)\b")
 _FIRST_WORDS = re.compile(r"[\s(]*([a-z_]+)")
 
-# Verdicts by statement text: an app sends few distinct texts, so each is read once. Bounded:
-# texts with literals inlined would otherwise grow it without end.
+# Verdicts by statement text: an app sends few distinct texts, so each is read once. Bounded
+# in entries (texts with literals inlined would grow it without end) and in the length of a
+# text kept (a bulk INSERT's megabytes are read each time rather than held).
 _VERDICTS: dict[str, bool] = {}
 _MAX_VERDICTS = 4096
+_MAX_KEPT_LENGTH = 8192
 
 
 def may_change_session(statement: str) -> bool:
@@ -117,6 +124,8 @@ def may_change_session(statement: str) -> bool:
     verdict = _VERDICTS.get(statement)
     if verdict is None:
         verdict = _classify(statement)
+        if len(statement) > _MAX_KEPT_LENGTH:
+            return verdict
         if len(_VERDICTS) >= _MAX_VERDICTS:
             _VERDICTS.clear()
         _VERDICTS[statement] = verdict

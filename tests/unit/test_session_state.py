@@ -103,3 +103,10 @@ def test_an_unknown_state_never_counts_as_the_same():
     assert session_differs(("read committed",), None)
     assert session_differs(("serializable",), ("read committed",))
     assert not session_differs(("read committed", "postgres"), ("read committed", "postgres"))
+
+
+def test_a_long_text_is_read_but_not_kept():
+    _VERDICTS.clear()
+    bulk = "INSERT INTO items (n) VALUES " + ", ".join(f"({n})" for n in range(5000))
+    assert may_change_session(bulk) is False
+    assert bulk not in _VERDICTS
