@@ -185,6 +185,34 @@ def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(server, prox
         engine.dispose()
 
 
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver
+):
+    events = []
+    engine = dropsafe.create_async_engine(
+        proxy.route(server.url(driver)),
+        policy=dropsafe.Policy(hooks=(events.append,)),
+        pool_size=1,
+        max_overflow=0,
+    )
+    try:
+        async with AsyncSession(engine) as session:
+            await session.execute(sa.text(f"SET ROLE {ROLE}"))
+            await session.commit()
+            _lose_at_next_checkout(engine.sync_engine, server)
+            try:
+                ran_as = (await session.execute(INSERT, {"n": 1})).scalar()
+                await session.commit()
+            except sa.exc.DBAPIError:
+                ran_as = "raised"
+        assert ran_as == "raised"
+        assert _rows(server, "public") == []
+        assert replayed(events) == []
+    finally:
+        await engine.dispose()
+
+
 @pytest.mark.parametrize(
     "statement",
     [
