@@ -26,7 +26,15 @@ invalidated Connection with a Transaction raises ``PendingRollbackError``
 ``Connection._dbapi_connection`` (the new pool checkout, from the public
 ``Engine.raw_connection()``) and the execution context's ``_dbapi_connection`` (from which its
 documented ``create_cursor()`` makes the new cursor). Where either is missing (a future
-SQLAlchemy), nothing is replayed: the error is raised as without dropsafe.
+SQLAlchemy), nothing is replayed: the error is raised as without dropsafe. A Connection's
+``isolation_level`` / ``postgresql_readonly`` / ``postgresql_deferrable`` options are given to
+the fresh connection with their reset on its pool entry (a third private name,
+``_connection_record.finalize_callback``, see `_give_characteristics`).
+
+Only onto a fresh connection in the lost one's session state (issue 26): every statement marks
+its connection when its text may change session state, and the driver's transaction
+characteristics and the server-reported session parameters of both must agree
+(`dropsafe._session_state`).
 """
 
 from __future__ import annotations
