@@ -450,3 +450,23 @@ async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_
             assert tuple((await conn.execute(CHARACTERISTICS)).one()) == ("read committed", "off")
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_session_settings_in_the_connect_arguments_keep_the_replay(server, proxy, driver):
+    # libpq's options=-c: every connection starts with them, the fresh one too.
+    events = []
+    connect_args = {"options": f"-c search_path={TENANT}"}
+    engine = replay_engine(server, proxy, driver, events, connect_args=connect_args)
+    try:
+        with Session(engine) as session:
+            session.execute(INSERT, {"n": 1})
+            session.commit()
+            _lose_at_next_checkout(engine, server)
+            session.execute(INSERT, {"n": 2})
+            session.commit()
+        assert _rows(server, TENANT) == [1, 2]
+        assert _rows(server, "public") == []
+        assert len(replayed(events)) == 1
+    finally:
+        engine.dispose()
