@@ -56,7 +56,7 @@ def outcome(call):
     """Return what ``call`` returned, or the exception it raised (checked after the rows)."""
     try:
         return call()
-    except Exception as exc:  # noqa: BLE001 - the test looks at it
+    except Exception as exc:
         return exc
 
 
@@ -93,7 +93,7 @@ class Face:
             url = url.replace(f":{server.port}/", f":{port}/")
         return url
 
-    def run(  # noqa: PLR0913 - a test helper
+    def run(
         self,
         url,
         steps,
@@ -110,7 +110,14 @@ class Face:
         if self.mode == "async":
             return asyncio.run(
                 self._run_async(
-                    url, steps, bind, engine_kw or {}, options, maker_kw or {}, session_class, policy
+                    url,
+                    steps,
+                    bind,
+                    engine_kw or {},
+                    options,
+                    maker_kw or {},
+                    session_class,
+                    policy,
                 )
             )
         engine = dropsafe.create_engine(url, policy=policy, **(engine_kw or {}))
@@ -132,7 +139,7 @@ class Face:
         finally:
             engine.dispose()
 
-    async def _run_async(  # noqa: PLR0913, PLR0917 - a test helper
+    async def _run_async(  # noqa: PLR0917 - a test helper
         self, url, steps, bind, engine_kw, options, maker_kw, session_class, policy
     ):
         engine = dropsafe.create_async_engine(url, policy=policy, **engine_kw)
@@ -239,9 +246,7 @@ def _autocommit_settings(shape):
 
 @pytest.mark.parametrize("shape", AUTOCOMMIT_SHAPES)
 @pytest.mark.parametrize("face", FACES)
-def test_autocommit_inside_a_unit_is_refused_before_a_statement_commits(
-    server, proxy, face, shape
-):
+def test_autocommit_inside_a_unit_is_refused_before_a_statement_commits(server, proxy, face, shape):
     # The fault: the connection is cut (RST) between the unit's two INSERTs, on its first run.
     # Under AUTOCOMMIT the first had committed on its own: on the code before the refusal the
     # unit ran again and the first INSERT was written twice.
@@ -339,7 +344,8 @@ def test_a_hook_that_raises_after_commit_does_not_hide_the_commit(
     assert (rows(server, value), face.calls, got) == (1, 1, "done")
     failed = events.named("HookFailedAfterCommit")
     assert len(failed) == 1, events
-    assert failed[0].hook == hook_name or failed[0].hook == "after_commit"
+    assert failed[0].unit.endswith("unit")
+    assert type(make_error()).__name__ in failed[0].error
     lines = [r for r in caplog.records if "hook_failed_after_commit" in r.getMessage()]
     assert len(lines) == 1
 
@@ -372,9 +378,7 @@ def test_a_hook_that_raises_on_a_unit_that_failed_is_an_error_with_no_effect(ser
     event.listen(
         session_class, "after_transaction_end", lambda *a: (_ for _ in ()).throw(HookError("end"))
     )
-    with pytest.raises(Exception) as raised:  # noqa: PT011 - any error but a committed one
-        face.run(
-            face.url(server), [insert(value), "SELECT 1/0"], session_class=session_class
-        )
+    with pytest.raises(Exception) as raised:
+        face.run(face.url(server), [insert(value), "SELECT 1/0"], session_class=session_class)
     assert not isinstance(raised.value, dropsafe.CommitOutcomeUnknown)
     assert rows(server, value) == 0
