@@ -170,7 +170,7 @@ def _run_once(
                     with recorder.committing(), shapes.committing():
                         handle.commit()
                 except Exception as exc:  # noqa: BLE001 - reported to the core, which decides
-                    if not shapes.commit_completed():
+                    if not shapes.commit_completed(handle):
                         return _commit_failed(result, exc, recorder)
                     shapes.hook_failed(exc)  # a hook raised after the COMMIT: it committed
                 committed = Committed(result, recorder.pending)
@@ -302,7 +302,7 @@ async def _run_once_async(
                         with recorder.committing(), shapes.committing():
                             await handle.commit()
                     except Exception as exc:  # noqa: BLE001 - reported to the core
-                        if not shapes.commit_completed():
+                        if not shapes.commit_completed(handle):
                             return _commit_failed(result, exc, recorder)
                         shapes.hook_failed(exc)  # a hook raised after the COMMIT
                     committed = Committed(result, recorder.pending)

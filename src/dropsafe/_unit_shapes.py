@@ -33,6 +33,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
+from sqlalchemy.orm import Session
 
 from dropsafe._engine import guard_of
 from dropsafe._errors import ConfigurationError
@@ -89,18 +90,28 @@ class UnitWatch:
     def __exit__(self, *exc_info: object) -> None:
         self._committing = False
 
-    def commit_completed(self) -> bool:
-        """Whether every COMMIT the unit's commit began completed (raised after, not in, it).
+    def commit_completed(self, handle: object) -> bool:
+        """Whether the unit's commit raised after its COMMIT completed, not in it.
 
         SQLAlchemy leaves a root transaction on its connection when its COMMIT fails (so that
         a rollback must follow), and removes it once the COMMIT succeeded; an invalidated
-        connection lost its COMMIT's reply, whatever its transaction says.
+        connection lost its COMMIT's reply, whatever its transaction says. A Session
+        (``handle``) also says whether all its connections committed (one per engine): its
+        transaction is COMMITTED then, or already gone (a hook raised as it closed).
         """
         connections = self.committing_connections
-        return bool(connections) and all(
-            connection.get_transaction() is None and not connection.invalidated
+        if not connections or any(
+            connection.get_transaction() is not None or connection.invalidated
             for connection in connections
-        )
+        ):
+            return False
+        session = getattr(handle, "sync_session", handle)  # an AsyncSession's own Session
+        if not isinstance(session, Session):
+            return True  # a Connection: the one above
+        transaction = session.get_transaction()
+        # SQLAlchemy's SessionTransaction state, named the same from 1.4 to 2.1.
+        state = getattr(getattr(transaction, "_state", None), "name", None)
+        return transaction is None or state == "COMMITTED"
 
     def hook_failed(self, error: BaseException) -> None:
         """Report ``error``, raised by a hook after the unit committed: once, never silently."""
@@ -207,11 +218,9 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
     del cursor, statement, parameters, context, executemany
     if _WATCH.get() is None:
         return
-    # SQLAlchemy's own flag (an execution option set on this connection), then the driver's
-    # (an isolation level set on the engine, or autocommit set on the DBAPI connection).
-    if conn._is_autocommit_isolation() or getattr(  # noqa: SLF001 - SQLAlchemy's own test
-        conn.connection.dbapi_connection, "autocommit", False
-    ):
+    # The driver's own flag: SQLAlchemy sets it for isolation_level="AUTOCOMMIT" (on the
+    # engine or in execution options), and an app may set it on the DBAPI connection itself.
+    if getattr(conn.connection.dbapi_connection, "autocommit", False):
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
 
 
