@@ -387,3 +387,26 @@ def test_a_hook_that_raises_on_a_unit_that_failed_is_an_error_with_no_effect(ser
         face.run(face.url(server), [insert(value), "SELECT 1/0"], session_class=session_class)
     assert not isinstance(raised.value, dropsafe.CommitOutcomeUnknown)
     assert rows(server, value) == 0
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_a_hook_on_a_commit_resolved_by_its_xid_never_ran_and_hides_nothing(server, face):
+    # The fault: the COMMIT's reply is lost (a pooler's FATAL 08P01 in its place); the
+    # resolver proves it committed. Session.commit() raised at the COMMIT, so its after_commit
+    # hook never ran: nothing to report, the result returned, the row written once.
+    face = Face(face)
+    value = 600 + FACES.index(f"{face.driver}-{face.mode}")
+    events = Events()
+    pooler = PoolerErrorAtCommit(server.port)
+    session_class = _raising_session("after_commit", lambda: HookError("the hook failed"))
+    try:
+        url = face.url(server, port=pooler.port, plain=True)
+        got = outcome(
+            lambda: face.run(url, [insert(value)], session_class=session_class, hooks=(events,))
+        )
+        assert pooler.struck.is_set()
+    finally:
+        pooler.close()
+    assert (rows(server, value), face.calls, got) == (1, 1, "done")
+    assert [event.outcome for event in events.named("CommitResolved")] == ["committed"]
+    assert events.named("HookFailedAfterCommit") == []
