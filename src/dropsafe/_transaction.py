@@ -167,7 +167,7 @@ def _run_once(
                 result = _call_sync(fn, handle)
                 _check_still_open(handle.in_transaction())
                 try:
-                    with recorder.committing(), shapes.committing():
+                    with recorder.committing():
                         handle.commit()
                 except Exception as exc:  # noqa: BLE001 - reported to the core, which decides
                     if not shapes.commit_completed(handle):
@@ -299,7 +299,7 @@ async def _run_once_async(
                     result = await _call_async(fn, handle)
                     _check_still_open(handle.in_transaction())
                     try:
-                        with recorder.committing(), shapes.committing():
+                        with recorder.committing():
                             await handle.commit()
                     except Exception as exc:  # noqa: BLE001 - reported to the core
                         if not shapes.commit_completed(handle):

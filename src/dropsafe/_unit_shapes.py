@@ -30,7 +30,7 @@ import contextvars
 import logging
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, final
 
 from sqlalchemy import event
 from sqlalchemy.orm import Session
@@ -70,25 +70,30 @@ AUTOCOMMIT_REFUSED = (
 )
 
 
+@final
 class UnitWatch:
-    """One attempt of a unit of work, as the shape listeners see it."""
+    """One attempt of a unit of work, as the shape listeners see it; ``with`` it around one.
+
+    A class, not a generator: a generator-based context manager costs a few microseconds per
+    unit of work.
+    """
+
+    __slots__ = ("_reported", "_token", "committing_connections", "unit")
 
     def __init__(self, unit: str) -> None:
         self.unit = unit
-        #: Connections whose COMMIT began while the unit's own commit ran.
+        #: Connections whose COMMIT began during the attempt (the unit's own among them).
         self.committing_connections: list[Connection] = []
-        self._committing = False
         self._reported: list[BaseException] = []
+        self._token: contextvars.Token[UnitWatch | None] | None = None
 
-    def committing(self) -> UnitWatch:
-        """Note the connections that COMMIT inside this ``with`` block (the unit's commit)."""
+    def __enter__(self) -> UnitWatch:
+        self._token = _WATCH.set(self)
         return self
 
-    def __enter__(self) -> None:
-        self._committing = True
-
     def __exit__(self, *exc_info: object) -> None:
-        self._committing = False
+        if self._token is not None:
+            _WATCH.reset(self._token)
 
     def commit_completed(self, handle: object) -> bool:
         """Whether the unit's commit raised after its COMMIT completed, not in it.
@@ -136,26 +141,7 @@ def _hooks_of(engine: Engine | None) -> tuple[Hook, ...]:
 _WATCH: contextvars.ContextVar[UnitWatch | None] = contextvars.ContextVar(
     "dropsafe_unit_watch", default=None
 )
-
-
-class watching:  # noqa: N801 - used as a context manager, like contextlib's
-    """Make the shape listeners watch the attempt that runs inside this ``with`` block.
-
-    A class, not a generator: a generator-based context manager costs a few microseconds per
-    unit of work.
-    """
-
-    def __init__(self, unit: str) -> None:
-        self._watch = UnitWatch(unit)
-        self._token: contextvars.Token[UnitWatch | None] | None = None
-
-    def __enter__(self) -> UnitWatch:
-        self._token = _WATCH.set(self._watch)
-        return self._watch
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._token is not None:
-            _WATCH.reset(self._token)
+watching = UnitWatch  # with watching(unit_name) as shapes: ...
 
 
 # -- at the call -------------------------------------------------------------------------------
@@ -167,18 +153,18 @@ def check_unit_shape(bind: object, engine: Engine) -> None:
     Also installs the listeners that refuse the same shapes when they appear later, inside the
     unit (once per engine).
     """
-    settings: dict[str, Any] = getattr(bind, "kw", None) or {}  # a (async_)sessionmaker's
-    if settings.get("twophase"):
+    settings: dict[str, Any] | None = getattr(bind, "kw", None)  # a (async_)sessionmaker's
+    if settings and settings.get("twophase"):
         raise ConfigurationError(TWO_PHASE_REFUSED)
-    options = engine.get_execution_options()
-    if str(options.get("isolation_level", "")).upper() == _AUTOCOMMIT:
+    # SQLAlchemy takes only this spelling (it checks a level against the dialect's list).
+    if engine.get_execution_options().get("isolation_level") == _AUTOCOMMIT:
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="the engine's execution_options"))
-    on_connect = getattr(engine.dialect, "_on_connect_isolation_level", None)
-    if str(on_connect or "").upper() == _AUTOCOMMIT:
+    if getattr(engine.dialect, "_on_connect_isolation_level", None) == _AUTOCOMMIT:
         raise ConfigurationError(
             AUTOCOMMIT_REFUSED.format(where="create_engine(isolation_level='AUTOCOMMIT')")
         )
-    _watch_engine(engine)
+    if engine not in _WATCHED_ENGINES:  # event.contains costs more than a unit's own work
+        _watch_engine(engine)
 
 
 _WATCHED_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
@@ -186,8 +172,6 @@ _INSTALL_LOCK = threading.Lock()
 
 
 def _watch_engine(engine: Engine) -> None:
-    if engine in _WATCHED_ENGINES:
-        return
     with _INSTALL_LOCK:
         if not event.contains(engine, "begin_twophase", _refuse_two_phase):
             event.listen(engine, "begin_twophase", _refuse_two_phase)
@@ -225,7 +209,11 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
 
 
 def _note_commit(conn: Connection) -> None:
-    """Engine ``commit`` listener: remember the connections the unit's own commit commits."""
+    """Engine ``commit`` listener: remember the connections an attempt of a unit commits.
+
+    A COMMIT the unit's function made itself, on the same connection, is harmless here: once
+    the unit's own COMMIT succeeded, that connection's transaction is gone as well.
+    """
     watch = _WATCH.get()
-    if watch is not None and watch._committing:  # noqa: SLF001 - this module's own state
+    if watch is not None:
         watch.committing_connections.append(conn)
