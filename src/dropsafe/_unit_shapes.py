@@ -2,7 +2,7 @@
 
 A unit of work is retried whole, and its one COMMIT is resolved by its xid when the reply is
 lost. Two shapes break that and are refused with a `ConfigurationError` (docs/guarantees.md,
-"Shapes a unit of work may not take"):
+"Shapes a unit of work may take"):
 
 - **two-phase** (``sessionmaker(twophase=True)``, ``Connection.begin_twophase()``): the COMMIT
   is ``PREPARE TRANSACTION`` then ``COMMIT PREPARED``. A prepared transaction outlives its
