@@ -105,6 +105,7 @@ class Face:
         session_class=Session,
         hooks=(),
         policy=None,
+        on_engine=None,
     ):
         policy = policy or dropsafe.Policy(hooks=(dropsafe.events.LoggingHook(), *hooks))
         if self.mode == "async":
@@ -118,9 +119,12 @@ class Face:
                     maker_kw or {},
                     session_class,
                     policy,
+                    on_engine,
                 )
             )
         engine = dropsafe.create_engine(url, policy=policy, **(engine_kw or {}))
+        if on_engine is not None:
+            on_engine(engine)
         try:
             target = engine.execution_options(**options) if options else engine
             if bind == "session":
@@ -140,9 +144,11 @@ class Face:
             engine.dispose()
 
     async def _run_async(  # noqa: PLR0917 - a test helper
-        self, url, steps, bind, engine_kw, options, maker_kw, session_class, policy
+        self, url, steps, bind, engine_kw, options, maker_kw, session_class, policy, on_engine
     ):
         engine = dropsafe.create_async_engine(url, policy=policy, **engine_kw)
+        if on_engine is not None:
+            on_engine(engine.sync_engine)
         try:
             target = engine.execution_options(**options) if options else engine
             if bind == "session":
@@ -409,4 +415,54 @@ def test_a_hook_on_a_commit_resolved_by_its_xid_never_ran_and_hides_nothing(serv
         pooler.close()
     assert (rows(server, value), face.calls, got) == (1, 1, "done")
     assert [event.outcome for event in events.named("CommitResolved")] == ["committed"]
+    assert events.named("HookFailedAfterCommit") == []
+
+
+def _refused_at_commit(server):
+    server.execute(
+        "CREATE TABLE IF NOT EXISTS refused_at_commit (v int UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+    )
+    return "INSERT INTO refused_at_commit VALUES (1), (1)"
+
+
+def _app_commit_listener(engine):
+    def refuse(conn):
+        raise HookError("the app's commit listener")
+
+    event.listen(engine, "commit", refuse)
+
+
+@pytest.mark.parametrize("refusal", ["server_refuses_commit", "commit_listener_raises"])
+@pytest.mark.parametrize("face", FACES)
+def test_a_commit_that_failed_is_never_taken_for_a_hook_after_it(server, face, refusal):
+    # The other side of the hook rule: a COMMIT that did not happen must still be an error. A
+    # deferred UNIQUE makes PostgreSQL refuse the COMMIT; an engine `commit` listener of the
+    # app raises before the COMMIT is sent. Both with a raising after_commit hook in place.
+    face = Face(face)
+    index = FACES.index(f"{face.driver}-{face.mode}")
+    value = 700 + 10 * (refusal == "commit_listener_raises") + index
+    events = Events()
+    steps = [insert(value)]
+    on_engine = None
+    if refusal == "server_refuses_commit":
+        steps.append(_refused_at_commit(server))
+    else:
+        on_engine = _app_commit_listener
+    session_class = _raising_session("after_commit", lambda: HookError("after_commit"))
+    got = outcome(
+        lambda: face.run(
+            face.url(server),
+            steps,
+            session_class=session_class,
+            hooks=(events,),
+            on_engine=on_engine,
+        )
+    )
+    assert rows(server, value) == 0, got
+    assert not isinstance(got, (str, dropsafe.CommitOutcomeUnknown)), got
+    if refusal == "server_refuses_commit":
+        assert isinstance(got, sa.exc.IntegrityError), got
+    else:
+        assert isinstance(got, HookError), got
+        assert "commit listener" in str(got)
     assert events.named("HookFailedAfterCommit") == []
