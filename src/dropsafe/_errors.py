@@ -3,7 +3,8 @@
 ::
 
     DropsafeError
-      + ConfigurationError      (bad URL, bad policy value, unsupported driver, missing binaries)
+      + ConfigurationError      (bad URL, bad policy value, unsupported driver, missing binaries,
+                                 a unit of work of a refused shape: two-phase, AUTOCOMMIT)
       + CommitOutcomeUnknown    (the COMMIT may or may not have happened)
 
 Errors from the database that dropsafe does not handle are raised unchanged, and so is the

@@ -46,6 +46,7 @@ from dropsafe._unit import (
     Run,
     unit_of_work,
 )
+from dropsafe._unit_shapes import check_unit_shape, watching
 from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
@@ -111,6 +112,7 @@ def run_transaction(
     """
     engine = _sync_engine_of(bind)
     _check_unit(fn, want_async=False)
+    check_unit_shape(bind, engine)  # two-phase and AUTOCOMMIT are refused
     unit, hooks = _settings(engine, policy, deadline, max_attempts)
     record_commits(engine)
     core = unit_of_work(unit, hooks)
@@ -146,8 +148,13 @@ def _run_once(
     """Run ``fn`` once in a new transaction and commit it; report what happened."""
     token = _IN_UNIT.set(True)
     reached_server = False
+    committed: Committed[_T] | None = None
     try:
-        with recording(read_xid=step.verify_commits) as recorder, _begun(bind) as begun:
+        with (
+            recording(read_xid=step.verify_commits) as recorder,
+            watching(_unit_name(fn)) as shapes,
+            _begun(bind) as begun,
+        ):
             handle, connection = begun  # connected: a failure before here never reached it
             # The unit runs again whole; its deadline and server life hold this connection.
             forgo_replay(connection)
@@ -163,9 +170,15 @@ def _run_once(
                     with recorder.committing():
                         handle.commit()
                 except Exception as exc:  # noqa: BLE001 - reported to the core, which decides
-                    return _commit_failed(result, exc, recorder)
-                return Committed(result, recorder.pending)
+                    if not shapes.commit_completed(handle):
+                        return _commit_failed(result, exc, recorder)
+                    shapes.hook_failed(exc)  # a hook raised after the COMMIT: it committed
+                committed = Committed(result, recorder.pending)
+                return committed  # noqa: RET504 - the except below reads it
     except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
+        if committed is not None:  # a hook raised as the session closed, after the COMMIT
+            shapes.hook_failed(exc)
+            return committed
         return Failed(exc, reached_server)
     finally:
         _IN_UNIT.reset(token)
@@ -219,6 +232,7 @@ async def run_transaction_async(
 
     engine = _async_engine_of(bind)
     _check_unit(fn, want_async=True)
+    check_unit_shape(bind, engine.sync_engine)  # two-phase and AUTOCOMMIT are refused
     unit, hooks = _settings(engine.sync_engine, policy, deadline, max_attempts)
     record_commits(engine.sync_engine)
     core = unit_of_work(unit, hooks)
@@ -266,8 +280,12 @@ async def _run_once_async(
     """`_run_once` for async binds: the same steps, awaited."""
     token = _IN_UNIT.set(True)
     reached_server = False
+    committed: Committed[_T] | None = None
     try:
-        with recording(read_xid=step.verify_commits) as recorder:
+        with (
+            recording(read_xid=step.verify_commits) as recorder,
+            watching(_unit_name(fn)) as shapes,
+        ):
             async with _begun_async(bind) as begun:
                 handle, connection = begun
                 forgo_replay(connection.sync_connection)  # type: ignore[arg-type]
@@ -284,9 +302,15 @@ async def _run_once_async(
                         with recorder.committing():
                             await handle.commit()
                     except Exception as exc:  # noqa: BLE001 - reported to the core
-                        return _commit_failed(result, exc, recorder)
-                    return Committed(result, recorder.pending)
+                        if not shapes.commit_completed(handle):
+                            return _commit_failed(result, exc, recorder)
+                        shapes.hook_failed(exc)  # a hook raised after the COMMIT
+                    committed = Committed(result, recorder.pending)
+                    return committed  # noqa: RET504 - the except below reads it
     except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
+        if committed is not None:  # a hook raised as the session closed, after the COMMIT
+            shapes.hook_failed(exc)
+            return committed
         return Failed(exc, reached_server)
     finally:
         _IN_UNIT.reset(token)

@@ -37,6 +37,7 @@ __all__ = [
     "Event",
     "FirstStatementReplayed",
     "Hook",
+    "HookFailedAfterCommit",
     "LoggingHook",
     "PingSucceeded",
     "PrometheusHook",
@@ -152,6 +153,21 @@ class AcknowledgedCommitLost:
     reason: str
 
 
+@dataclass(frozen=True)
+class HookFailedAfterCommit:
+    """A Session hook raised after a unit of work's COMMIT had succeeded.
+
+    The hook: ``after_commit`` or ``after_transaction_end`` (or anything else that raises
+    between the COMMIT and the end of the unit's session). The unit committed:
+    `run_transaction` returns its result, since an error from it means "no effect". The
+    hook's error is reported here instead, logged at ERROR, once. Work that must happen with
+    the commit belongs inside the unit (an outbox row), not in such a hook.
+    """
+
+    unit: str  # the unit of work's function (its qualified name)
+    error: str  # the hook's error, passwords redacted
+
+
 Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
     DeadConnectionReplaced,
     ConnectionInvalidated,
@@ -162,6 +178,7 @@ Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
     RetriesGaveUp,
     CommitResolved,
     AcknowledgedCommitLost,
+    HookFailedAfterCommit,
 ]
 
 
@@ -178,7 +195,7 @@ class LoggingHook:
     Levels: pings and ROLLBACKs that met a lost connection at DEBUG; replaced connections,
     replayed first statements, retries and resolved commits at INFO; a unit of work that gave
     up, a commit that could not be resolved and an acknowledged commit a failover lost at
-    WARNING.
+    WARNING; a Session hook that raised after a unit's COMMIT at ERROR.
 
     Example output::
 
@@ -221,6 +238,8 @@ def format_event(event: Event) -> str:
 
 
 def _level_of(event: Event) -> int:
+    if isinstance(event, HookFailedAfterCommit):
+        return logging.ERROR
     if isinstance(event, (PingSucceeded, RollbackConnectionLost)):
         return logging.DEBUG
     if isinstance(event, (RetriesGaveUp, AcknowledgedCommitLost)) or (
@@ -300,8 +319,13 @@ class PrometheusHook:
         self.resolution_seconds = histogram(
             "commit_resolution_seconds", "Time spent resolving an ambiguous COMMIT.", **common
         )
+        self.hooks_failed_after_commit = counter(
+            "hooks_failed_after_commit",
+            "Session hooks that raised after a unit of work had committed (result returned).",
+            **common,
+        )
 
-    def __call__(self, event: Event, /) -> None:
+    def __call__(self, event: Event, /) -> None:  # noqa: C901 - one branch per event type
         """Record ``event``."""
         if isinstance(event, DeadConnectionReplaced):
             self.dead_connections.labels(pool_wide=str(event.pool_wide).lower()).inc()
@@ -323,3 +347,5 @@ class PrometheusHook:
             self.resolution_seconds.observe(event.elapsed)
         elif isinstance(event, AcknowledgedCommitLost):
             self.lost_commits.labels(outcome=event.outcome).inc()
+        elif isinstance(event, HookFailedAfterCommit):
+            self.hooks_failed_after_commit.inc()

@@ -15,6 +15,7 @@ from dropsafe.events import (
     ConnectionInvalidated,
     DeadConnectionReplaced,
     FirstStatementReplayed,
+    HookFailedAfterCommit,
     LoggingHook,
     PingSucceeded,
     PrometheusHook,
@@ -36,6 +37,7 @@ EVENTS = [
     CommitResolved(726, "unknown", 10.0),
     RollbackConnectionLost("rollback", "OperationalError: server closed the connection"),
     FirstStatementReplayed("OperationalError: terminating connection"),
+    HookFailedAfterCommit("app.place_order", "RuntimeError: the broker is down"),
     AcknowledgedCommitLost(731, "app.place_order", 1795663776.0121, "lost", 'past "0/3001218"'),
 ]
 
@@ -67,6 +69,7 @@ def test_logging_hook_levels(caplog):
     assert levels["dropsafe.retry_scheduled"] == "INFO"
     assert levels["dropsafe.retries_gave_up"] == "WARNING"
     assert levels["dropsafe.acknowledged_commit_lost"] == "WARNING"
+    assert levels["dropsafe.hook_failed_after_commit"] == "ERROR"
     assert [r.levelname for r in caplog.records if "outcome=unknown" in r.getMessage()] == [
         "WARNING"
     ]
@@ -101,6 +104,7 @@ def test_prometheus_hook_counts_every_event():
     assert value("dropsafe_replayed_statements_total") == 1
     assert value("dropsafe_acknowledged_commits_lost_total", {"outcome": "lost"}) == 1
     assert value("dropsafe_commit_resolution_seconds_sum") == pytest.approx(10.05)
+    assert value("dropsafe_hooks_failed_after_commit_total") == 1
 
 
 def test_prometheus_without_its_extra_says_how_to_install(monkeypatch):

@@ -53,7 +53,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("dropsafe._recording",),
     # Acknowledged commits remembered, and checked after a failover.
     ("dropsafe._failover_audit",),
-    ("dropsafe._resolution", "dropsafe._unit"),
+    # ... and the shapes a unit of work may take (two-phase and AUTOCOMMIT refused).
+    ("dropsafe._resolution", "dropsafe._unit", "dropsafe._unit_shapes"),
     ("dropsafe._transaction",),
     # A request handler that takes a Session, run as one unit of work.
     ("dropsafe._request_unit",),

@@ -39,6 +39,7 @@ PUBLIC = {
         "Event",
         "FirstStatementReplayed",
         "Hook",
+        "HookFailedAfterCommit",
         "LoggingHook",
         "PingSucceeded",
         "PrometheusHook",
