@@ -46,6 +46,9 @@ _PASSWORD_PARAM = re.compile(
     r"(?P<head>\b(?:password|passwd|pwd)['\"]?\s*[=:]\s*['\"]?)('[^']*'|\"[^\"]*\"|[^\s&'\",}]+)",
     re.IGNORECASE,
 )
+# SQL: CREATE/ALTER ROLE ... PASSWORD 'secret' (quotes doubled inside; E'' strings too), as
+# psql's errors, a server's log and SQLAlchemy's messages quote it.
+_SQL_PASSWORD = re.compile(r"(?P<head>\bPASSWORD\s+E?)'(?:[^']|'')*'?", re.IGNORECASE)
 # The shortest piece of a secret that `SecretMask` hides; shorter ones are too common in
 # ordinary text (a secret shorter than this is masked only where a rule finds it).
 _MIN_PIECE = 4
@@ -212,6 +215,7 @@ def masked_output(mask: SecretMask) -> Iterator[None]:
 
 
 def _mask_params(text: str) -> str:
+    text = _SQL_PASSWORD.sub(lambda m: m.group("head") + f"'{_MASK}'", text)
     return _PASSWORD_PARAM.sub(lambda m: m.group("head") + _MASK, text)
 
 

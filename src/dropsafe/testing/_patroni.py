@@ -48,7 +48,7 @@ from dropsafe.testing._runtime import (
     log_tail,
     stop_process,
 )
-from dropsafe.testing._server import ServerError, _make_certificate
+from dropsafe.testing._server import ServerError, _make_certificate, run_psql
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -141,43 +141,19 @@ class _Node:
         return self.base_dir / "patroni.log"
 
     def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
-        """Run SQL through the node's Unix socket (trusted locally; only its owner enters)."""
-        try:
-            result = subprocess.run(
-                [
-                    self.psql,
-                    "-X",
-                    "-q",
-                    "-A",
-                    "-t",
-                    "-F",
-                    "\x1f",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-h",
-                    str(self.socket_dir),
-                    "-p",
-                    str(self.pg_port),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    database,
-                    "-c",
-                    sql,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-                user=self.owner.uid,
-                group=self.owner.gid,
-                extra_groups=None if self.owner.uid is None else [],
-            )
-        except subprocess.TimeoutExpired:
-            raise ServerError(f"psql on {self.name} timed out on {sql!r}") from None
-        if result.returncode != 0:
-            raise ServerError(f"psql on {self.name} failed on {sql!r}: {result.stderr.strip()}")
-        return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
+        """Run SQL through the node's Unix socket (trusted locally; only its owner enters).
+
+        Through psql's stdin: a command line is readable by every local account.
+        """
+        server = ["-h", str(self.socket_dir), "-p", str(self.pg_port), "-U", "postgres"]
+        return run_psql(
+            [self.psql, *server, "-d", database],
+            sql,
+            what=f"psql on {self.name}",
+            timeout=30,
+            user=self.owner.uid,
+            group=self.owner.gid,
+        )
 
     def postmaster_pid(self) -> int | None:
         """Return the running postmaster's pid, from its pid file (None when it is not running)."""

@@ -254,6 +254,7 @@ class PgBouncer(Service):
                 f"client_tls_key_file = {self.server.key_file}",
                 "server_tls_sslmode = require",
             ]
+        self.config_file.touch(mode=0o600)  # its paths and settings are no one else's business
         self.config_file.write_text("\n".join(lines) + "\n")
         for path in (self.config_file, self.base_dir / "userlist.txt"):
             self._owner.give(path)

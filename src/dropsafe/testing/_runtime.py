@@ -17,7 +17,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._leftovers import (
@@ -111,9 +111,12 @@ class Owner:
         """
         sweep_temp_folders()
         base_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{process_tag()}-{name}"))
-        if self.is_other_user:
-            # mkdtemp folders are 0700: the server's user must be able to enter this one.
-            base_dir.chmod(0o711)
+        if self.is_other_user and self.gid is not None:
+            # mkdtemp folders are 0700: the server's user must be able to enter this one, and
+            # no one else (its path is on `ps`). Ours, not the server's: an account that owned
+            # it could plant a link where we (root) then open a log.
+            os.chown(base_dir, -1, self.gid)
+            base_dir.chmod(0o710)
         return base_dir
 
     def give(self, path: Path) -> None:
@@ -146,7 +149,7 @@ class Owner:
         self, command: list[str], *, log: Path, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         """Start a long-running process as the owner; it dies with this process."""
-        with log.open("ab") as log_file:
+        with _open_log(log) as log_file:
             return (
                 _spawner()
                 .submit(
@@ -169,6 +172,17 @@ class Owner:
     def _extra_groups(self) -> list[int] | None:
         # As root, drop root's supplementary groups along with its uid.
         return None if self.uid is None else []
+
+
+def _open_log(path: Path) -> BinaryIO:
+    """Open a service's log to append, readable by its owner only (it may quote secrets).
+
+    A log can hold a failed ``ALTER ROLE ... PASSWORD`` statement, or a value a driver
+    inlined into SQL. Never through a link: the folder may be another account's.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
 
 
 def free_port(host: str) -> int:

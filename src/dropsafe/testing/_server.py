@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
 from dropsafe._errors import ConfigurationError, DropsafeError
+from dropsafe._redaction import redact_text
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._runtime import (
     Owner,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-__all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url"]
+__all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url", "run_psql"]
 
 StopMode = Literal["smart", "fast", "immediate"]
 Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
@@ -53,9 +54,16 @@ _STOP_TIMEOUT = 60.0
 
 
 class ServerError(DropsafeError):
-    """The throwaway server could not do what was asked; the message carries its log's tail."""
+    """The throwaway server could not do what was asked; the message carries its log's tail.
+
+    The message is masked (`redact_text`): it may quote SQL such as ``CREATE ROLE ...
+    PASSWORD '...'``, or a log line that does, and errors end up in CI logs.
+    """
 
     __module__ = "dropsafe.testing"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
 
 
 class PostgresServer(Service):
@@ -169,20 +177,17 @@ class PostgresServer(Service):
     # -- SQL -------------------------------------------------------------------------------
 
     def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
-        """Run SQL as the superuser through ``psql`` on the Unix socket; rows come as text."""
+        """Run SQL as the superuser through ``psql`` on the Unix socket; rows come as text.
+
+        The SQL goes through psql's stdin, never its command line, which every local account
+        can read in ``/proc`` (a ``CREATE ROLE ... PASSWORD`` would be anyone's). psql runs it
+        as a script: statements one by one, each one's rows in order, stopping at an error.
+        """
         if not self.running:
             raise ServerError(f"server {self.name!r} is not running")
-        result = subprocess.run(
+        return run_psql(
             [
                 self.binaries.tool("psql"),
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-F",
-                "\x1f",
-                "-v",
-                "ON_ERROR_STOP=1",
                 "-h",
                 str(self.socket_dir),
                 "-p",
@@ -191,17 +196,11 @@ class PostgresServer(Service):
                 "postgres",
                 "-d",
                 database,
-                "-c",
-                sql,
             ],
-            capture_output=True,
-            text=True,
+            sql,
+            what=f"psql on {self.name!r}",
             timeout=60,
-            check=False,
         )
-        if result.returncode != 0:
-            raise ServerError(f"psql failed on {sql!r}: {result.stderr.strip()}")
-        return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
 
     def terminate_backends(self, *, database: str | None = None) -> int:
         """Terminate every client backend (as an administrator would); return how many."""
@@ -459,6 +458,39 @@ class PostgresServer(Service):
             wait_until(ready, timeout=_START_TIMEOUT, what=f"server {self.name!r} to accept")
         except TimeoutError as exc:
             raise ServerError(f"{exc}:\n{log_tail(self.log_file)}") from None
+
+
+def run_psql(
+    command: list[str],
+    sql: str,
+    *,
+    what: str,
+    timeout: float,
+    user: int | None = None,
+    group: int | None = None,
+) -> list[tuple[str, ...]]:
+    """Run ``sql`` through psql's stdin (``command`` names the server); rows come as text.
+
+    Shared by every bench service that speaks SQL to its own server. ``user`` and ``group``
+    run psql as the server's account (a Unix socket its folder keeps for that account).
+    """
+    try:
+        result = subprocess.run(
+            [*command, "-X", "-q", "-A", "-t", "-F", "\x1f", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+            input=sql,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            user=user,
+            group=group,
+            extra_groups=None if user is None else [],
+        )
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"{what} timed out on {sql!r}") from None
+    if result.returncode != 0:
+        raise ServerError(f"{what} failed on {sql!r}: {result.stderr.strip()}")
+    return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
 
 
 def multi_host_url(
