@@ -107,7 +107,17 @@ def redact_text_params_only(text):
 
 @pytest.mark.parametrize(
     "unit",
-    ["://a:", "://:", "password='", "PASSWORD '", "pwd ", 'password="', "://a:@", "a@", "password "],
+    [
+        "://a:",
+        "://:",
+        "password='",
+        "PASSWORD '",
+        "pwd ",
+        'password="',
+        "://a:@",
+        "a@",
+        "password ",
+    ],
 )
 def test_redaction_is_linear_on_pathological_text(unit):
     """1 MB of each pattern: the regex rule took 0.42 s on 20 KB and 7.2 s on 80 KB."""

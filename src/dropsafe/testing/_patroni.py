@@ -39,7 +39,16 @@ from urllib.parse import quote
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._kernel import kernel_blackhole
-from dropsafe.testing._leftovers import TEMP_PREFIX, owner_is_gone, remove_on_sigterm
+from dropsafe.testing._leftovers import (
+    is_postmaster,
+    kill_postmaster,
+    kill_postmasters,
+    postgres_processes,
+    remove_on_sigterm,
+    runs_as,
+    signal_if,
+)
+from dropsafe.testing._leftovers import sweep_orphan_postmasters as _sweep_orphan_postmasters
 from dropsafe.testing._runtime import (
     Owner,
     Service,
@@ -71,7 +80,6 @@ _TIMINGS_4 = (20, 2, 5)
 _TIMINGS_3 = (10, 2, 3)
 # No proxy for loopback REST calls, whatever http_proxy says.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_TAG_IN_PATH = re.compile(rf"{re.escape(TEMP_PREFIX)}(?P<pid>\d+)_(?P<start>\d+)-patroni")
 
 
 def patroni_cluster_unavailable() -> str | None:
@@ -155,14 +163,27 @@ class _Node:
             group=self.owner.gid,
         )
 
+    @property
+    def postgres(self) -> Path:
+        """The server program (beside psql)."""
+        return Path(self.psql).with_name("postgres")
+
+    def is_postmaster(self, pid: int) -> bool:
+        """Whether ``pid`` is this node's postmaster: its account, its program, its data."""
+        uid = self.owner.process_uid
+        return is_postmaster(pid, uid=uid, executable=self.postgres, data_dir=self.data_dir)
+
     def postmaster_pid(self) -> int | None:
-        """Return the running postmaster's pid, from its pid file (None when it is not running)."""
+        """Return the running postmaster's pid (None when it is not running).
+
+        Read from its pid file, which the server's account can rewrite: the pid counts only
+        if it names a ``postgres`` of that account working in this node's data folder.
+        """
         try:
             pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-            os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if self.is_postmaster(pid) else None
 
     def rest(
         self, path: str, *, method: str = "GET", body: object = None, timeout: float = 2.0
@@ -241,7 +262,6 @@ class PatroniCluster(Service):
         self._password = secrets.token_urlsafe(24)
         self._replication_password = secrets.token_urlsafe(24)
         self._owner = Owner.for_this_process()
-        sweep_orphan_postmasters()
         self.base_dir = self._owner.make_base_dir("patroni")
         self.cert_file = self.base_dir / "server.crt"
         self.key_file = self.base_dir / "server.key"
@@ -265,7 +285,9 @@ class PatroniCluster(Service):
         self._cut: contextlib.ExitStack | None = None
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer kills
         # Not `track`: the postmasters Patroni started are no children of ours, and must go too.
-        self._finalizer = weakref.finalize(self, _cleanup, self._processes, self.base_dir)
+        self._finalizer = weakref.finalize(
+            self, _cleanup, self._processes, self.base_dir, self._owner.process_uid
+        )
         remove_on_sigterm(self.base_dir, self._finalizer)
 
     def __repr__(self) -> str:
@@ -319,7 +341,8 @@ class PatroniCluster(Service):
         for node in self.nodes:
             _kill_postmaster_group(node)
         # A postmaster Patroni was starting as it stopped has no pid file yet: found by path.
-        _kill_postmasters(lambda cmdline: str(self.base_dir) in cmdline)
+        uid = self._owner.process_uid
+        kill_postmasters(lambda cmdline: str(self.base_dir) in cmdline, uid=uid)
         self._finalizer()
 
     def wait_healthy(self, timeout: float = _START_TIMEOUT) -> str:
@@ -467,9 +490,8 @@ class PatroniCluster(Service):
         """SIGKILL the leader's postmaster (Patroni restarts it, on a new timeline); its name."""
         node = self._node(self.wait_for_leader())
         pid = node.postmaster_pid()
-        if pid is None:
+        if pid is None or not signal_if(pid, signal.SIGKILL, node.is_postmaster):
             raise ServerError(f"{node.name} has no postmaster running")
-        os.kill(pid, signal.SIGKILL)
         return node.name
 
     def crash_leader_node(self) -> str:
@@ -501,9 +523,9 @@ class PatroniCluster(Service):
             raise ServerError(f"{node.name} has no postmaster running")
         # Every process of it: each backend leads a session of its own (PostgreSQL calls
         # setsid in its children), so no process group holds them all.
-        for process in _postgres_processes(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process, signal.SIGSTOP)
+        uid = self._owner.process_uid
+        for process in postgres_processes(pid, uid):
+            if signal_if(process, signal.SIGSTOP, lambda p: runs_as(p, uid)):
                 node.stopped_pids.append(process)
         return node.name
 
@@ -528,10 +550,10 @@ class PatroniCluster(Service):
 
     def resume(self) -> None:
         """Undo `hang_leader` (SIGCONT) and `cut_leader`; safe when neither was done."""
+        uid = self._owner.process_uid
         for node in self.nodes:
             for pid in node.stopped_pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
+                signal_if(pid, signal.SIGCONT, lambda p: runs_as(p, uid))
             node.stopped_pids.clear()
         if self._cut is not None:
             self._cut.close()
@@ -788,66 +810,26 @@ class PatroniCluster(Service):
         )
 
 
-def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
+def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path, uid: int) -> None:
     """Kill Patroni (so that it restarts nothing), then its postmasters; remove the files."""
     # Only live ones: a dead one's pid (and process group) may belong to another by now.
     for process in [p for p in processes if p.poll() is None]:
         stop_process(process, signal.SIGKILL, timeout=30)
-    _kill_postmasters(lambda cmdline: str(base_dir) in cmdline)
+    kill_postmasters(lambda cmdline: str(base_dir) in cmdline, uid=uid)
     cleanup([], base_dir)
 
 
 def _kill_postmaster_group(node: _Node) -> None:
     pid = node.postmaster_pid()
     if pid is not None:
-        _kill_postmaster(pid)
-
-
-def _kill_postmaster(pid: int) -> None:
-    # The postmaster and each of its children (a backend leads a session of its own, and one
-    # SIGSTOPped would never notice its postmaster's death): SIGKILL ends stopped ones too.
-    for process in _postgres_processes(pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(process, signal.SIGKILL)
-
-
-def _postgres_processes(postmaster: int) -> list[int]:
-    """Return the postmaster and its children (backends, WAL senders, background workers)."""
-    found = [postmaster]
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            # The fields after the command name (which may hold spaces): state, then ppid.
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == postmaster:
-            found.append(int(proc.name))
-    return found
+        kill_postmaster(
+            pid, uid=node.owner.process_uid, executable=node.postgres, data_dir=node.data_dir
+        )
 
 
 def sweep_orphan_postmasters() -> list[int]:
     """SIGKILL the postmasters of clusters whose owning process is gone; return their pids.
 
-    A test run killed hard takes its Patroni processes with it (parent-death signal), not the
-    postmasters they started in sessions of their own.
+    Every start of a bench service does it (`Owner.make_base_dir`); kept for callers.
     """
-
-    def orphan(cmdline: str) -> bool:
-        found = _TAG_IN_PATH.search(cmdline)
-        return found is not None and owner_is_gone(int(found["pid"]), int(found["start"]))
-
-    return _kill_postmasters(orphan)
-
-
-def _kill_postmasters(chosen: Callable[[str], bool]) -> list[int]:
-    killed: list[int] = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        # Only postmasters: their command line is the program and "-D DATA_DIR ...".
-        if cmdline.split(" ", 1)[0].endswith("/postgres") and chosen(cmdline):
-            _kill_postmaster(int(proc.name))
-            killed.append(int(proc.name))
-    return killed
+    return _sweep_orphan_postmasters(Owner.for_this_process().process_uid)

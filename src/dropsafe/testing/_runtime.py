@@ -25,6 +25,7 @@ from dropsafe.testing._leftovers import (
     forget_on_sigterm,
     process_tag,
     remove_on_sigterm,
+    sweep_orphan_postmasters,
     sweep_temp_folders,
 )
 
@@ -100,6 +101,11 @@ class Owner:
         )
 
     @property
+    def process_uid(self) -> int:
+        """The uid the owner's processes run as (ours when it is no other user)."""
+        return os.geteuid() if self.uid is None else self.uid
+
+    @property
     def is_other_user(self) -> bool:
         """Whether processes run as another user than ours."""
         return self.uid is not None
@@ -107,8 +113,10 @@ class Owner:
     def make_base_dir(self, name: str) -> Path:
         """Create a temp folder for one server, named for its owner, enterable by the server.
 
-        First the folders of dead runs go (see ``_leftovers``): each start sweeps.
+        First what dead runs left goes (see ``_leftovers``): each start sweeps.
         """
+        # Postmasters first: a dead run's Patroni cluster would listen on (see `_leftovers`).
+        sweep_orphan_postmasters(self.process_uid)
         sweep_temp_folders()
         base_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{process_tag()}-{name}"))
         if self.is_other_user and self.gid is not None:
