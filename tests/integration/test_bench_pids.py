@@ -22,7 +22,6 @@ from dropsafe.testing._leftovers import TEMP_PREFIX, _start_time
 from dropsafe.testing._patroni import _kill_postmaster_group, _Node
 from dropsafe.testing._runtime import Owner, free_port, wait_until
 
-
 # Nobody may log in to the leftover: it only has to listen.
 INITDB_OPTIONS = ("--auth-local=peer", "--auth-host=reject", "-U", "postgres", "--no-sync")
 
