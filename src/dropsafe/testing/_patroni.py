@@ -57,7 +57,7 @@ from dropsafe.testing._runtime import (
     log_tail,
     stop_process,
 )
-from dropsafe.testing._server import ServerError, _make_certificate, run_psql
+from dropsafe.testing._server import ServerError, _make_certificate, run_psql, url_query
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -600,12 +600,8 @@ class PatroniCluster(Service):
             query.setdefault("sslmode", "require")
         elif self.tls and driver == "asyncpg":
             query.setdefault("ssl", "require")
-        text = (
-            f"postgresql+{driver}://postgres:{quote(self.password, safe='')}@{address}/{database}"
-        )
-        if query:
-            text += "?" + "&".join(f"{key}={value}" for key, value in query.items())
-        return text
+        secret, path = quote(self.password, safe=""), quote(database, safe="")
+        return f"postgresql+{driver}://postgres:{secret}@{address}/{path}" + url_query(query)
 
     def _wait(
         self, ready: Callable[[], bool], deadline: float, what: str, *, pause: float = 0.1

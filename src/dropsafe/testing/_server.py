@@ -240,12 +240,10 @@ class PostgresServer(Service):
             query.setdefault("ssl", "require")
         host = f"[{self.host}]" if ":" in self.host else self.host
         secret = quote(self.password if password is None else password, safe="")
-        text = (
-            f"postgresql+{driver}://{quote(user, safe='')}:{secret}@{host}:{self.port}/{database}"
-        )
-        if query:
-            text += "?" + "&".join(f"{key}={value}" for key, value in query.items())
-        return text
+        # Every part quoted: a database named "postgres?sslmode=disable" must not turn TLS off.
+        path = quote(database, safe="")
+        text = f"postgresql+{driver}://{quote(user, safe='')}:{secret}@{host}:{self.port}/{path}"
+        return text + url_query(query)
 
     def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
         """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
@@ -264,6 +262,8 @@ class PostgresServer(Service):
 
         With ``synchronous=True`` every COMMIT on this server waits for the standby.
         """
+        if problem := standby_name_problem(name):
+            raise ConfigurationError(problem)
         if not self.running:
             raise ServerError(f"server {self.name!r} must run to make a standby")
         standby = PostgresServer(
@@ -277,11 +277,14 @@ class PostgresServer(Service):
         try:
             standby.start()
             if synchronous:
-                self.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{name}'")
+                # A list of names, each one an identifier: double-quoted, inside a literal.
+                listed = '"' + name.replace('"', '""') + '"'
+                self.execute(f"ALTER SYSTEM SET synchronous_standby_names = {sql_literal(listed)}")
                 self.execute("SELECT pg_reload_conf()")
             state = "sync" if synchronous else "async"
             self._wait_for(
-                f"SELECT 1 FROM pg_stat_replication WHERE application_name = '{name}' "  # noqa: S608
+                "SELECT 1 FROM pg_stat_replication "  # noqa: S608 - quoted
+                f"WHERE application_name = {sql_literal(name)} "
                 f"AND state = 'streaming' AND sync_state = '{state}'",
                 what=f"standby {name!r} streaming ({state})",
             )
@@ -380,12 +383,19 @@ class PostgresServer(Service):
             env=self._password_env(),
         )
         # The data folder (0700) holds it, as the primary's folder holds its password's hash.
-        conninfo = (
-            f"host={primary.host} port={primary.port} user=postgres password={self.password} "
-            f"application_name={self.name} sslmode=disable"
+        conninfo = " ".join(
+            f"{key}={_conninfo_value(value)}"
+            for key, value in (
+                ("host", primary.host),
+                ("port", str(primary.port)),
+                ("user", "postgres"),
+                ("password", self.password),
+                ("application_name", self.name),
+                ("sslmode", "disable"),
+            )
         )
         with (self.data_dir / "postgresql.auto.conf").open("a") as auto_conf:
-            auto_conf.write(f"primary_conninfo = '{conninfo}'\n")
+            auto_conf.write(f"primary_conninfo = {_config_string(conninfo)}\n")
 
     def _write_config(self) -> None:
         settings = {
@@ -517,12 +527,52 @@ def multi_host_url(
         raise ConfigurationError("multi_host_url needs at least one server")
     first = servers[0].url(driver, database=database, user=user, password=password, **params)
     query = first.partition("?")[2]
-    hosts = "&".join(f"host={f'[{s.host}]' if ':' in s.host else s.host}:{s.port}" for s in servers)
+    hosts = "&".join(
+        "host=" + quote(f"[{s.host}]" if ":" in s.host else s.host, safe="[]:") + f":{s.port}"
+        for s in servers
+    )
     extra = "" if "target_session_attrs" in params else "&target_session_attrs=read-write"
     userinfo = first.partition("://")[2].partition("@")[0]  # user:password, quoted
-    return f"postgresql+{driver}://{userinfo}@/{database}?{hosts}{extra}" + (
+    path = quote(database, safe="")
+    return f"postgresql+{driver}://{userinfo}@/{path}?{hosts}{extra}" + (
         f"&{query}" if query else ""
     )
+
+
+def url_query(query: dict[str, str]) -> str:
+    """Return ``?key=value&...`` with keys and values percent-encoded ('' when empty)."""
+    if not query:
+        return ""
+    return "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in query.items())
+
+
+def standby_name_problem(name: object) -> str | None:
+    """Say why ``name`` cannot name a standby, or None.
+
+    It becomes ``application_name`` (printable ASCII, at most 63 bytes, else PostgreSQL
+    mangles it and the standby is never seen streaming) in a conninfo inside a config file
+    and in SQL: each is quoted, and a line break, which no config line can hold, refused.
+    """
+    if not isinstance(name, str) or not name:
+        return f"a standby's name must be a non-empty string: {name!r}"
+    if len(name) > 63 or not all(" " <= char <= "~" for char in name):  # noqa: PLR2004
+        return f"a standby's name must be printable ASCII, at most 63 characters: {name!r}"
+    return None
+
+
+def sql_literal(text: str) -> str:
+    """Quote ``text`` as a SQL string literal (standard_conforming_strings is on)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _conninfo_value(text: str) -> str:
+    # libpq's quoting: single quotes, with backslash before a quote or a backslash.
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _config_string(text: str) -> str:
+    # postgresql.conf's quoting: backslash escapes are read, and a quote is doubled.
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _make_certificate(cert_file: Path, key_file: Path) -> None:
