@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -79,7 +80,14 @@ _STOP_TIMEOUT = 20.0  # per process: SIGTERM, then SIGKILL
 _TIMINGS_4 = (20, 2, 5)
 _TIMINGS_3 = (10, 2, 3)
 # No proxy for loopback REST calls, whatever http_proxy says.
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+_NO_PROXY = urllib.request.ProxyHandler({})
+
+
+def _https(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    """Return an opener that uses no proxy and, given a context, presents its certificate."""
+    if context is None:
+        return urllib.request.build_opener(_NO_PROXY)
+    return urllib.request.build_opener(_NO_PROXY, urllib.request.HTTPSHandler(context=context))
 
 
 def patroni_cluster_unavailable() -> str | None:
@@ -129,6 +137,8 @@ class _Node:
     psql: str
     owner: Owner
     process: subprocess.Popen[bytes] | None = None
+    # The cluster's certificate and key: the REST API admits no one without them.
+    client_tls: ssl.SSLContext | None = None
     crashed: bool = False
     stopped_pids: list[int] = field(default_factory=list)
 
@@ -190,11 +200,12 @@ class _Node:
     ) -> tuple[int, str]:
         """Call this node's REST API; (status, body); (0, reason) when it does not answer."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.rest_port}{path}", data=data, method=method
+        scheme = "http" if self.client_tls is None else "https"
+        request = urllib.request.Request(  # noqa: S310 - our own loopback URL
+            f"{scheme}://127.0.0.1:{self.rest_port}{path}", data=data, method=method
         )
         try:
-            with _HTTP.open(request, timeout=timeout) as response:
+            with _https(self.client_tls).open(request, timeout=timeout) as response:
                 return int(response.status), response.read().decode(errors="replace")
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode(errors="replace")
@@ -627,8 +638,11 @@ class PatroniCluster(Service):
         return process
 
     def _start_etcd(self) -> None:
-        peer = f"http://{self.host}:{self.etcd_peer_port}"
-        clients = ",".join(f"http://{self.host}:{node.etcd_port}" for node in self.nodes)
+        peer = f"https://{self.host}:{self.etcd_peer_port}"
+        clients = ",".join(f"https://{self.host}:{node.etcd_port}" for node in self.nodes)
+        # Client certificates on both ports: a loopback port is every local account's, and
+        # etcd's API holds (and rewrites) Patroni's configuration.
+        cert, key = str(self.cert_file), str(self.key_file)
         self._etcd = self._spawn(
             [
                 "/usr/bin/etcd",
@@ -636,6 +650,10 @@ class PatroniCluster(Service):
                 "etcd0",
                 "--data-dir",
                 str(self.base_dir / "etcd"),
+                *("--cert-file", cert, "--key-file", key, "--trusted-ca-file", cert),
+                "--client-cert-auth",
+                *("--peer-cert-file", cert, "--peer-key-file", key),
+                *("--peer-trusted-ca-file", cert, "--peer-client-cert-auth"),
                 "--listen-client-urls",
                 clients,
                 "--advertise-client-urls",
@@ -654,8 +672,8 @@ class PatroniCluster(Service):
         # Patroni 4 reads etcd's cluster version at its start and dies on "not_decided", what
         # a just-started etcd says for a moment (Debian's 3.0.2 does not care).
         try:
-            with _HTTP.open(
-                f"http://{self.host}:{self.nodes[0].etcd_port}/version", timeout=2
+            with _https(self._client_tls()).open(
+                f"https://{self.host}:{self.nodes[0].etcd_port}/version", timeout=2
             ) as r:
                 version = json.loads(r.read()).get("etcdcluster", "")
         except (OSError, ValueError):
@@ -684,12 +702,26 @@ class PatroniCluster(Service):
         except OSError:
             return False
 
+    def _client_tls(self) -> ssl.SSLContext:
+        # One self-signed certificate is the server's, every client's, and the authority
+        # that vouches for both: only the owner (and root) can read its key.
+        context = ssl.create_default_context(cafile=str(self.cert_file))
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
     def _prepare_files(self) -> None:
-        if self.tls:
-            _make_certificate(self.cert_file, self.key_file)
-            self._owner.give(self.key_file)
-            self.key_file.chmod(0o600)
-            self.cert_file.chmod(0o644)
+        # Made whatever `tls` says: the REST API, etcd and HAProxy's checks need it.
+        _make_certificate(self.cert_file, self.key_file)
+        self._owner.give(self.key_file)
+        self.key_file.chmod(0o600)
+        self.cert_file.chmod(0o644)
+        pem = self.base_dir / "client.pem"  # HAProxy takes a certificate and its key in one
+        pem.touch(mode=0o600)
+        pem.write_bytes(self.cert_file.read_bytes() + self.key_file.read_bytes())
+        self._owner.give(pem)
+        context = self._client_tls()
+        for node in self.nodes:
+            node.client_tls = context
         (self.base_dir / "etcd").mkdir(mode=0o700)
         self._owner.give(self.base_dir / "etcd")
         for node in self.nodes:
@@ -700,6 +732,7 @@ class PatroniCluster(Service):
             node.config_file.write_text(json.dumps(self._patroni_config(node), indent=1))
             self._owner.give(node.config_file)
         haproxy = self.base_dir / "haproxy.cfg"
+        haproxy.touch(mode=0o600)
         haproxy.write_text(self._haproxy_config())
         self._owner.give(haproxy)
 
@@ -723,13 +756,31 @@ class PatroniCluster(Service):
             "scope": "dropsafe",
             "name": node.name,
             "log": {"level": "INFO"},
+            # Every call needs the cluster's client certificate (reads too: /config is how one
+            # learns what to PATCH); Patroni's own calls to other nodes present it (ctl).
             "restapi": {
                 "listen": f"{self.host}:{node.rest_port}",
                 "connect_address": f"{self.host}:{node.rest_port}",
+                "certfile": str(self.cert_file),
+                "keyfile": str(self.key_file),
+                "cafile": str(self.cert_file),
+                "verify_client": "required",
+            },
+            "ctl": {
+                "certfile": str(self.cert_file),
+                "keyfile": str(self.key_file),
+                "cacert": str(self.cert_file),
             },
             # use_proxies: no discovery of etcd's other client URLs, so that a node cut off
             # from its own port is cut off from the store.
-            "etcd3": {"hosts": f"{self.host}:{node.etcd_port}", "use_proxies": True},
+            "etcd3": {
+                "hosts": f"{self.host}:{node.etcd_port}",
+                "use_proxies": True,
+                "protocol": "https",
+                "cacert": str(self.cert_file),
+                "cert": str(self.cert_file),
+                "key": str(self.key_file),
+            },
             "bootstrap": {
                 "dcs": {
                     "ttl": self.ttl,
@@ -783,8 +834,11 @@ class PatroniCluster(Service):
 
     def _haproxy_config(self) -> str:
         def listener(name: str, port: int, check: str) -> str:
+            # The checks present the cluster's certificate, as the REST API demands.
+            tls = f"check-ssl verify none crt {self.base_dir / 'client.pem'}"
             servers = "".join(
-                f"  server {node.name} {self.host}:{node.pg_port} check port {node.rest_port}\n"
+                f"  server {node.name} {self.host}:{node.pg_port} "
+                f"check port {node.rest_port} {tls}\n"
                 for node in self.nodes
             )
             return (
