@@ -13,9 +13,16 @@ Each node's Patroni talks to etcd on a port of its own (etcd listens on one clie
 node): cutting a node off in the kernel then cuts its PostgreSQL, its REST API and its line to
 the store, as a network partition of that machine would, without touching the other nodes.
 
+Only its owner gets in. PostgreSQL takes a generated password over TCP; the REST API (which
+can rewrite the configuration, hence run commands as the server's account) and etcd (which
+holds that configuration) take only clients that present the cluster's certificate, whose key
+only the owner can read; HAProxy's checks present it, and HAProxy has no stats listener.
+
 Patroni starts each postmaster in a session of its own (``setsid``), so a postmaster outlives
-its Patroni: the cluster stops them itself, and a start first kills those a dead run left (their
-command lines carry the owner's tag, see ``_leftovers``).
+its Patroni: the cluster stops them itself, and every bench service's start first kills those
+a dead run left (their command lines carry the owner's tag, see ``_leftovers``). A pid read from
+``postmaster.pid`` (which the server's account writes) is signalled only once proved to be that
+node's postmaster.
 """
 
 from __future__ import annotations
@@ -224,7 +231,8 @@ class PatroniCluster(Service):
 
     ``url`` goes through HAProxy (one endpoint, as a managed database offers: it routes to the
     node whose REST API answers ``/primary``); ``multi_host_url`` lists the nodes for libpq to
-    pick the writable one. Every connection needs ``password`` (generated; the URLs carry it).
+    pick the writable one. Every connection needs ``password`` (generated; the URLs carry it);
+    the REST API and etcd need the cluster's client certificate (``cert_file``, ``key_file``).
     Patroni is 4.1 from ``/opt/dropsafe-patroni`` (scripts/setup.sh) when it is there, else
     Debian's 3.0.2 (``patroni_version`` and the repr say which); ``patroni_command`` runs another
     one (the config file is appended). Timings: ``ttl`` 20 s, ``loop_wait`` 2 s,
