@@ -139,3 +139,19 @@ def test_a_killed_runs_cluster_stops_listening_at_the_next_start(tmp_path):
             leftover.kill()
             leftover.wait()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_signal_backend_reaches_the_servers_own_processes_only(shared_server):
+    """A pid the server reports is checked: a child of its postmaster, run by its account."""
+    victim = subprocess.Popen(["sleep", "60"])
+    try:
+        assert not shared_server.signal_backend(victim.pid, signal.SIGKILL)
+        assert _survives(victim)
+    finally:
+        victim.kill()
+        victim.wait()
+    assert not shared_server.signal_backend(shared_server.pid, signal.SIGKILL)  # not a child
+    backend = shared_server.execute(
+        "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'"
+    )
+    assert shared_server.signal_backend(int(backend[0][0]), 0)

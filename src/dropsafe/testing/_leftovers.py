@@ -33,6 +33,7 @@ __all__ = [
     "forget_on_sigterm",
     "leftover_processes",
     "owner_is_gone",
+    "parent_of",
     "postgres_processes",
     "process_tag",
     "remove_on_sigterm",
@@ -160,6 +161,14 @@ def runs_as(pid: int, uid: int) -> bool:
         return Path(f"/proc/{pid}").stat().st_uid == uid
     except OSError:
         return False
+
+
+def parent_of(pid: int) -> int | None:
+    """Return ``pid``'s parent process id, or None when it has ended."""
+    try:
+        return int(_stat_fields(pid)[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def is_postmaster(

@@ -21,6 +21,7 @@ from urllib.parse import quote
 from dropsafe._errors import ConfigurationError, DropsafeError
 from dropsafe._redaction import redact_text
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
+from dropsafe.testing._leftovers import parent_of, runs_as, signal_if
 from dropsafe.testing._runtime import (
     Owner,
     Service,
@@ -213,6 +214,20 @@ class PostgresServer(Service):
             f"FROM pg_stat_activity WHERE {where}"
         )
         return int(rows[0][0])
+
+    def signal_backend(self, pid: int, signum: int) -> bool:
+        """Send ``signum`` to one of this server's processes; False if ``pid`` is none of them.
+
+        For fault tests (SIGSTOP a backend, SIGKILL one as the OOM killer would). A pid the
+        server reported (``pg_stat_activity``, a connection's backend pid) is signalled only
+        if it is a child of this postmaster run by the server's account: the tests may run as
+        root, and a pid from elsewhere could name any process.
+        """
+        postmaster = self.pid
+        if postmaster is None:
+            return False
+        uid = self._owner.process_uid
+        return signal_if(pid, signum, lambda p: runs_as(p, uid) and parent_of(p) == postmaster)
 
     # -- URLs ------------------------------------------------------------------------------
 
