@@ -87,15 +87,19 @@ def _as_nobody(address: str, method: str) -> str:
 def test_another_local_user_gets_no_answer_from_patroni_or_etcd(patroni_cluster):
     """Issue 32: nobody read /config, PATCHed in an archive_command, and ran it as postgres."""
     cluster = patroni_cluster
-    probes = [
-        (f"{cluster.host}:{node.rest_port}{path}", method)
-        for node in cluster.nodes
-        for path, method in (("/config", "GET"), ("/config", "PATCH"), ("/restart", "POST"))
-    ] + [
-        (f"{cluster.host}:{node.etcd_port}{path}", method)
-        for node in cluster.nodes
-        for path, method in (("/version", "GET"), ("/v3/kv/range", "POST"))
-    ]
+    probes = (
+        [
+            (f"{cluster.host}:{node.rest_port}{path}", method)
+            for node in cluster.nodes
+            for path, method in (("/config", "GET"), ("/config", "PATCH"), ("/restart", "POST"))
+        ]
+        + [
+            (f"{cluster.host}:{node.etcd_port}{path}", method)
+            for node in cluster.nodes
+            for path, method in (("/version", "GET"), ("/v3/kv/range", "POST"))
+        ]
+        + [(f"{cluster.host}:{cluster.etcd_peer_port}/members", "GET")]
+    )
     answered = {
         f"{method} {address}": out
         for address, method in probes
