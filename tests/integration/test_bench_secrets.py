@@ -72,13 +72,12 @@ def test_a_server_error_does_not_echo_the_password(shared_server, statement):
 def _private(base_dir: Path) -> list[str]:
     """Name what in ``base_dir`` another account could read, were the folder open.
 
-    The public certificate and PgBouncer's pid file (which it writes 0644 itself) hold nothing
-    secret.
+    The public certificate holds nothing secret.
     """
     exposed = []
     if base_dir.stat().st_mode & 0o007:
         exposed.append(f"{base_dir.name}/ is {oct(base_dir.stat().st_mode & 0o777)}")
-    public = ("server.crt", "pgbouncer.pid")
+    public = ("server.crt",)
     exposed.extend(
         f"{path.relative_to(base_dir)} is {oct(path.stat().st_mode & 0o777)}"
         for path in base_dir.rglob("*")
@@ -100,6 +99,10 @@ def test_logs_and_folders_are_the_owners_alone(shared_server):
 def test_the_poolers_files_are_its_owners_alone(shared_server):
     with PgBouncer(shared_server) as bouncer:
         assert _private(bouncer.base_dir) == []
+        # We write its config there again (on a new port): the folder is ours, not the
+        # server account's, who could otherwise plant a link for root to write through.
+        assert bouncer.base_dir.stat().st_uid == os.geteuid()
+        assert bouncer.base_dir.stat().st_mode & 0o022 == 0
 
 
 @AS_ROOT

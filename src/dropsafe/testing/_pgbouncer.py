@@ -245,7 +245,6 @@ class PgBouncer(Service):
             "default_pool_size = 20",
             "server_reset_query = DISCARD ALL",
             "ignore_startup_parameters = extra_float_digits",
-            f"pidfile = {self.base_dir / 'pgbouncer.pid'}",
         ]
         if self.tls:
             lines += [
@@ -256,6 +255,7 @@ class PgBouncer(Service):
             ]
         self.config_file.touch(mode=0o600)  # its paths and settings are no one else's business
         self.config_file.write_text("\n".join(lines) + "\n")
+        # The files, not the folder: we write into it again (a new port), and the server's
+        # account, owning it, could have put a link there for us to write through.
         for path in (self.config_file, self.base_dir / "userlist.txt"):
             self._owner.give(path)
-        self._owner.give(self.base_dir)
