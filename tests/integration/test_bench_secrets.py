@@ -116,3 +116,15 @@ def test_another_local_user_reads_neither_the_log_nor_the_folder(shared_server):
             check=False,
         )
         assert result.returncode != 0, f"nobody ran {command}: {result.stdout[:200]}"
+
+
+def test_config_written_into_the_servers_folder_never_goes_through_a_link(tmp_path):
+    """The server's account owns its data folder: a link it put there must not be followed."""
+    from dropsafe.testing._runtime import write_no_link  # noqa: PLC0415
+
+    target = tmp_path / "roots-own-file"
+    target.write_text("untouched\n")
+    (tmp_path / "postgresql.conf").symlink_to(target)
+    with pytest.raises(OSError, match=r"link|Too many levels"):
+        write_no_link(tmp_path / "postgresql.conf", "port = 1\n", append=True)
+    assert target.read_text() == "untouched\n"

@@ -46,6 +46,7 @@ __all__ = [
     "stop_process",
     "track",
     "wait_until",
+    "write_no_link",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -191,6 +192,17 @@ def _open_log(path: Path) -> BinaryIO:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     os.fchmod(fd, 0o600)
     return os.fdopen(fd, "ab")
+
+
+def write_no_link(path: Path, text: str, *, append: bool = False) -> None:
+    """Write ``text`` to ``path`` in a folder the server's account owns, never through a link.
+
+    A server's data folder is its account's: had it put a link where we (root) write its
+    config, a plain open would write through it, wherever it points.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    with os.fdopen(os.open(path, flags, 0o600), "w") as file:
+        file.write(text)
 
 
 def free_port(host: str) -> int:

@@ -30,6 +30,7 @@ from dropsafe.testing._runtime import (
     stop_process,
     track,
     wait_until,
+    write_no_link,
 )
 
 if TYPE_CHECKING:
@@ -409,8 +410,11 @@ class PostgresServer(Service):
                 ("sslmode", "disable"),
             )
         )
-        with (self.data_dir / "postgresql.auto.conf").open("a") as auto_conf:
-            auto_conf.write(f"primary_conninfo = {_config_string(conninfo)}\n")
+        write_no_link(
+            self.data_dir / "postgresql.auto.conf",
+            f"primary_conninfo = {_config_string(conninfo)}\n",
+            append=True,
+        )
 
     def _write_config(self) -> None:
         settings = {
@@ -432,20 +436,20 @@ class PostgresServer(Service):
             settings["ssl_key_file"] = f"'{self.key_file}'"
         settings.update(self.settings)
         lines = ["", "# dropsafe.testing"] + [f"{key} = {value}" for key, value in settings.items()]
-        with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write("\n".join(lines) + "\n")
+        write_no_link(self.data_dir / "postgresql.conf", "\n".join(lines) + "\n", append=True)
         # TCP: a password, since every local account can reach a loopback port. The Unix
         # socket: its folder (0700) already keeps out all but root and the server's account,
         # which own the server's files anyway; a SCRAM exchange per `execute` (~5 ms of CPU on
         # both sides) would buy nothing.
         method = self._auth_method
-        (self.data_dir / "pg_hba.conf").write_text(
+        write_no_link(
+            self.data_dir / "pg_hba.conf",
             "local all all trust\n"
             f"host all all 127.0.0.1/32 {method}\n"
             f"host all all ::1/128 {method}\n"
             "local replication all trust\n"
             f"host replication all 127.0.0.1/32 {method}\n"
-            f"host replication all ::1/128 {method}\n"
+            f"host replication all ::1/128 {method}\n",
         )
 
     def _launch(self) -> None:
