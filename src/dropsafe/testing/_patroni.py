@@ -304,9 +304,7 @@ class PatroniCluster(Service):
         self._cut: contextlib.ExitStack | None = None
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer kills
         # Not `track`: the postmasters Patroni started are no children of ours, and must go too.
-        self._finalizer = weakref.finalize(
-            self, _cleanup, self._processes, self.base_dir, self._owner.process_uid
-        )
+        self._finalizer = weakref.finalize(self, _cleanup, self._processes, self.base_dir)
         remove_on_sigterm(self.base_dir, self._finalizer)
 
     def __repr__(self) -> str:
@@ -868,11 +866,12 @@ class PatroniCluster(Service):
         )
 
 
-def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path, uid: int) -> None:
+def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
     """Kill Patroni (so that it restarts nothing), then its postmasters; remove the files."""
     # Only live ones: a dead one's pid (and process group) may belong to another by now.
     for process in [p for p in processes if p.poll() is None]:
         stop_process(process, signal.SIGKILL, timeout=30)
+    uid = Owner.for_this_process().process_uid
     kill_postmasters(lambda cmdline: str(base_dir) in cmdline, uid=uid)
     cleanup([], base_dir)
 
