@@ -11,7 +11,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sqlalchemy.engine import make_url
 
-from dropsafe._redaction import SecretMask, masked_output, redact_text, redact_url, url_password
+from dropsafe._redaction import (
+    SecretMask,
+    describe_error,
+    masked_output,
+    redact_text,
+    redact_url,
+    url_password,
+)
 
 
 @pytest.mark.parametrize(
@@ -125,4 +132,13 @@ def test_redaction_is_linear_on_pathological_text(unit):
     began = time.perf_counter()
     redact_text(text)
     redact_url(text)
+    assert time.perf_counter() - began < 2.0
+
+
+@pytest.mark.parametrize("unit", ["://a:", " ", "\t[", "password "])
+def test_describing_an_error_is_linear_on_pathological_text(unit):
+    """Every event's error text goes through describe_error: 1 MB must take well under 2 s."""
+    error = RuntimeError("x" + unit * (1_000_000 // len(unit)) + "y")
+    began = time.perf_counter()
+    describe_error(error)
     assert time.perf_counter() - began < 2.0
