@@ -106,6 +106,18 @@ def test_another_local_user_gets_no_answer_from_patroni_or_etcd(patroni_cluster)
         if "ANSWERED" in (out := _as_nobody(address, method))
     }
     assert answered == {}
+    # Nor from PostgreSQL, directly or through HAProxy: every TCP login needs the password.
+    psql = cluster.binaries.tool("psql")
+    for port in [cluster.haproxy_port, cluster.replica_port] + [n.pg_port for n in cluster.nodes]:
+        target = ("-h", cluster.host, "-p", str(port), "-U", "postgres", "-c", "SELECT 1")
+        login = subprocess.run(
+            ["runuser", "-u", "nobody", "--", "env", "-i", psql, "-X", "-w", *target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert login.returncode != 0, f"nobody logged in on port {port}: {login.stdout}"
     # The owner still gets in, with the cluster's certificate.
     assert cluster.nodes[0].rest("/config")[0] == 200
 
