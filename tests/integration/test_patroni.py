@@ -118,6 +118,14 @@ def test_another_local_user_gets_no_answer_from_patroni_or_etcd(patroni_cluster)
             check=False,
         )
         assert login.returncode != 0, f"nobody logged in on port {port}: {login.stdout}"
+    # Its folder is closed to others, and no file in it is readable by them either.
+    assert cluster.base_dir.stat().st_mode & 0o007 == 0
+    readable = [
+        str(path.relative_to(cluster.base_dir))
+        for path in cluster.base_dir.rglob("*")
+        if path.is_file() and path.name != "server.crt" and path.stat().st_mode & 0o044
+    ]
+    assert readable == []
     # The owner still gets in, with the cluster's certificate.
     assert cluster.nodes[0].rest("/config")[0] == 200
 
