@@ -7,11 +7,13 @@ URLs (``postgres?sslmode=disable&`` turned TLS off).
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from sqlalchemy.engine import make_url
 
 from dropsafe import ConfigurationError
-from dropsafe.testing import PatroniCluster, multi_host_url
+from dropsafe.testing import PatroniCluster, PgBouncer, multi_host_url
 from dropsafe.testing._patroni import patroni_cluster_unavailable
 
 EVIL_DATABASE = "postgres?sslmode=disable&x=/y#z"
@@ -63,3 +65,13 @@ def test_a_standby_name_with_quotes_is_quoted_in_sql_and_in_its_conninfo(postgre
         assert rows == [(name, "sync")]
     finally:
         standby.close()
+
+
+@pytest.mark.skipif(shutil.which("pgbouncer") is None, reason="needs pgbouncer")
+def test_the_poolers_console_takes_a_bare_database_name_only(shared_server):
+    with PgBouncer(shared_server) as bouncer:
+        with pytest.raises(ConfigurationError, match="database name"):
+            bouncer.kill_database("postgres; SHUTDOWN")
+        assert bouncer.running
+        assert bouncer.console("SHOW VERSION")
+        assert bouncer.kill_database("postgres") is False  # a bare name still works

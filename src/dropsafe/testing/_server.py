@@ -497,11 +497,13 @@ def run_psql(
     timeout: float,
     user: int | None = None,
     group: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> list[tuple[str, ...]]:
     """Run ``sql`` through psql's stdin (``command`` names the server); rows come as text.
 
     Shared by every bench service that speaks SQL to its own server. ``user`` and ``group``
-    run psql as the server's account (a Unix socket its folder keeps for that account).
+    run psql as the server's account (a Unix socket its folder keeps for that account);
+    ``env`` carries a password (``PGPASSWORD``), never the command line.
     """
     try:
         result = subprocess.run(
@@ -514,6 +516,7 @@ def run_psql(
             user=user,
             group=group,
             extra_groups=None if user is None else [],
+            env=env,
         )
     except subprocess.TimeoutExpired:
         raise ServerError(f"{what} timed out on {sql!r}") from None
