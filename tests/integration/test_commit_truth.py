@@ -88,7 +88,8 @@ def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
                 )[0][0]
             )
             proxy.refuse()  # the resolver waits until the xid has been handed out again
-            os.kill(bystander_pid, signal.SIGKILL)  # any backend dying hard resets them all
+            # Any backend dying hard resets them all.
+            assert server.signal_backend(bystander_pid, signal.SIGKILL)
             _wait(lambda: server.execute("SELECT 1"), 30, "crash recovery")
             _wait(
                 lambda: int(server.execute("SELECT pg_current_xact_id()")[0][0]) > lost["xid"],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 
@@ -253,7 +252,7 @@ def test_commit_held_by_a_stopped_backend_past_the_bound_is_unknown(server, chao
         (pid,) = server.execute(
             "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
         )[0]
-        os.kill(int(pid), signal.SIGSTOP)
+        assert server.signal_backend(int(pid), signal.SIGSTOP)
         stopped.append(int(pid))
         chaos_proxy.cut("rst")
 
@@ -264,7 +263,7 @@ def test_commit_held_by_a_stopped_backend_past_the_bound_is_unknown(server, chao
         watcher.join(timeout=20)
     finally:
         for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+            server.signal_backend(pid, signal.SIGCONT)
         engine.dispose()
     assert raised.value.xid is not None
     assert [event.outcome for event in recorder.of(CommitResolved)] == ["unknown"]
