@@ -32,7 +32,13 @@ from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe._errors import ConfigurationError
 from dropsafe._failover_audit import audit_after_failover, remember_commit
 from dropsafe._policy import Duration, Policy, UnitPolicy
-from dropsafe._recording import CommitRecorder, record_commits, recording
+from dropsafe._recording import (
+    CommitRecorder,
+    PendingCommit,
+    other_connections,
+    record_commits,
+    recording,
+)
 from dropsafe._replay import forgo_replay
 from dropsafe._resolution import resolve_commit
 from dropsafe._server_life import learn_server_life, must_learn_server_life
@@ -112,7 +118,7 @@ def run_transaction(
     engine = _sync_engine_of(bind)
     _check_unit(fn, want_async=False)
     unit, hooks = _settings(engine, policy, deadline, max_attempts)
-    record_commits(engine)
+    _record_commits_of(bind, engine)
     core = unit_of_work(unit, hooks)
     reply: Reply = None
     while True:
@@ -126,7 +132,7 @@ def run_transaction(
                 audit_after_failover(engine, hooks)
         elif isinstance(step, Resolve):
             reply = resolve_commit(
-                engine,
+                _engine_of(step.pending, engine),
                 step.pending,
                 step.error,
                 timeout=step.timeout,
@@ -146,6 +152,7 @@ def _run_once(
     """Run ``fn`` once in a new transaction and commit it; report what happened."""
     token = _IN_UNIT.set(True)
     reached_server = False
+    recorder: CommitRecorder | None = None
     try:
         with recording(read_xid=step.verify_commits) as recorder, _begun(bind) as begun:
             handle, connection = begun  # connected: a failure before here never reached it
@@ -157,8 +164,12 @@ def _run_once(
                 if step.verify_commits:
                     learn_server_life(connection)
                 reached_server = True
+                if isinstance(handle, Session):
+                    recorder.session = handle
                 result = _call_sync(fn, handle)
-                _check_still_open(handle.in_transaction())
+                _check_still_open(handle.in_transaction(), recorder)
+                if recorder.session is not None:
+                    _record_commits_of_session(recorder.session)
                 try:
                     with recorder.committing():
                         handle.commit()
@@ -166,7 +177,7 @@ def _run_once(
                     return _commit_failed(result, exc, recorder)
                 return Committed(result, recorder.pending)
     except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
-        return Failed(exc, reached_server)
+        return Failed(_refusal_or(exc, recorder), reached_server)
     finally:
         _IN_UNIT.reset(token)
 
@@ -220,7 +231,7 @@ async def run_transaction_async(
     engine = _async_engine_of(bind)
     _check_unit(fn, want_async=True)
     unit, hooks = _settings(engine.sync_engine, policy, deadline, max_attempts)
-    record_commits(engine.sync_engine)
+    _record_commits_of(bind, engine.sync_engine)
     core = unit_of_work(unit, hooks)
     reply: Reply = None
     while True:
@@ -233,7 +244,7 @@ async def run_transaction_async(
         elif isinstance(step, Resolve):
             reply = await greenlet_spawn(
                 resolve_commit,
-                engine.sync_engine,
+                _engine_of(step.pending, engine.sync_engine),
                 step.pending,
                 step.error,
                 timeout=step.timeout,
@@ -266,6 +277,7 @@ async def _run_once_async(
     """`_run_once` for async binds: the same steps, awaited."""
     token = _IN_UNIT.set(True)
     reached_server = False
+    recorder: CommitRecorder | None = None
     try:
         with recording(read_xid=step.verify_commits) as recorder:
             async with _begun_async(bind) as begun:
@@ -278,8 +290,11 @@ async def _run_once_async(
                     if step.verify_commits and must_learn_server_life(sync_connection):  # type: ignore[arg-type]
                         await connection.run_sync(learn_server_life)
                     reached_server = True
+                    recorder.session = getattr(handle, "sync_session", None)
                     result = await _call_async(fn, handle)
-                    _check_still_open(handle.in_transaction())
+                    _check_still_open(handle.in_transaction(), recorder)
+                    if recorder.session is not None:
+                        _record_commits_of_session(recorder.session)
                     try:
                         with recorder.committing():
                             await handle.commit()
@@ -287,7 +302,7 @@ async def _run_once_async(
                         return _commit_failed(result, exc, recorder)
                     return Committed(result, recorder.pending)
     except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
-        return Failed(exc, reached_server)
+        return Failed(_refusal_or(exc, recorder), reached_server)
     finally:
         _IN_UNIT.reset(token)
 
@@ -333,7 +348,16 @@ def _acknowledged(engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: obje
         pending = step.pending if reply == "committed" else None
     else:
         pending = reply.pending if isinstance(reply, Committed) else None
-    return pending is not None and remember_commit(engine, pending, _unit_name(fn))
+    return pending is not None and remember_commit(
+        _engine_of(pending, engine), pending, _unit_name(fn)
+    )
+
+
+def _engine_of(pending: PendingCommit, engine: sa.Engine) -> sa.Engine:
+    """Return the engine ``pending`` went through: the unit's own, or the one that wrote."""
+    if pending.engine_ref is None:
+        return engine
+    return pending.engine_ref() or engine  # alive: the unit's session holds it
 
 
 def _unit_name(fn: object) -> str:
@@ -344,10 +368,19 @@ def _unit_name(fn: object) -> str:
     return name if isinstance(name, str) else type(fn).__qualname__
 
 
-def _commit_failed(result: _T, error: Exception, recorder: CommitRecorder) -> CommitFailed[_T]:
+def _commit_failed(
+    result: _T, error: Exception, recorder: CommitRecorder
+) -> Committed[_T] | CommitFailed[_T]:
     """Report a COMMIT that raised; one that was never sent is an ordinary failure."""
     if not recorder.commits_sent:
         raise error  # before COMMIT was sent: a flush, a before_commit hook, the xid read
+    if recorder.marks is not None:  # several connections, at most one of which wrote
+        if recorder.writer_committed():
+            return Committed(result, recorder.pending)  # this one wrote nothing: no effect
+        if recorder.sent[-1] is not recorder.writer:
+            # The writer's COMMIT was never sent (or none wrote): nothing committed.
+            return CommitFailed(result, error, None, 1)
+        return CommitFailed(result, error, recorder.pending, 1)
     return CommitFailed(result, error, recorder.pending, recorder.commits_sent)
 
 
@@ -496,7 +529,43 @@ def _check_unit(fn: object, *, want_async: bool) -> None:
         )
 
 
-def _check_still_open(in_transaction: bool) -> None:
+def _refusal_or(error: Exception, recorder: CommitRecorder | None) -> Exception:
+    """Return the refusal of the unit's shape, if any, rather than what followed from it.
+
+    A function that caught the refusal of its own COMMIT fails next on the transaction that
+    SQLAlchemy left to be rolled back: the refusal says why.
+    """
+    if recorder is not None and recorder.refusal is not None:
+        return recorder.refusal
+    return error
+
+
+def _record_commits_of(bind: object, engine: sa.Engine) -> None:
+    """Install the recording listeners on the unit's engine and on its sessionmaker's binds."""
+    record_commits(engine)
+    kw = getattr(bind, "kw", None)
+    binds = kw.get("binds") if kw is not None else None
+    if binds:
+        for target in binds.values():
+            # An Engine, an AsyncEngine (its sync_engine) or a Connection (its engine).
+            other = getattr(target, "sync_engine", None) or getattr(target, "engine", None)
+            if isinstance(other, sa.Engine):
+                record_commits(other)
+
+
+def _record_commits_of_session(session: Session) -> None:
+    """Install the listeners on engines the function reached beyond the sessionmaker's binds.
+
+    Before COMMIT: SQLAlchemy sends the COMMITs in no set order, and the first one sent must
+    already be seen. One ``len`` for a unit on one engine.
+    """
+    for connection in other_connections(session):
+        record_commits(connection.engine)
+
+
+def _check_still_open(in_transaction: bool, recorder: CommitRecorder) -> None:
+    if recorder.refusal is not None:
+        raise recorder.refusal  # its own COMMIT was refused, and the function went on
     if not in_transaction:
         raise ConfigurationError(
             "the unit of work committed or rolled back its own transaction; "
