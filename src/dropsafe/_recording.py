@@ -50,7 +50,15 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect, Engine
     from sqlalchemy.orm import Session
 
-__all__ = ["CommitRecorder", "PendingCommit", "lsn_number", "record_commits", "recording"]
+__all__ = [
+    "CommitRecorder",
+    "PendingCommit",
+    "lsn_number",
+    "other_connections",
+    "record_commits",
+    "record_commits_of_routing",
+    "recording",
+]
 
 # A statement that may queue a notification: NOTIFY or pg_notify().
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
@@ -186,6 +194,32 @@ def record_commits(engine: Engine) -> None:
             event.listen(engine, "before_cursor_execute", _notice_notify)
             event.listen(engine, "commit", _read_before_commit)
         _RECORDING_ENGINES.add(engine)
+
+
+_ROUTING_SESSIONS: weakref.WeakSet[type[Session]] = weakref.WeakSet()
+
+
+def record_commits_of_routing(session_class: type[Session]) -> None:
+    """Install the listeners on each engine a routing Session (its own ``get_bind``) begins.
+
+    Such a session may reach an engine that is neither its bind nor in its binds for the first
+    time in the flush at COMMIT, and SQLAlchemy may send that connection's COMMIT first: the
+    engine must be recorded when its connection begins. Sessions with SQLAlchemy's own
+    ``get_bind`` reach only engines known before (the sessionmaker's bind and binds, and those
+    the function used): they pay nothing.
+    """
+    if session_class in _ROUTING_SESSIONS:
+        return
+    with _INSTALL_LOCK:
+        if not event.contains(session_class, "after_begin", _session_began):
+            event.listen(session_class, "after_begin", _session_began)
+        _ROUTING_SESSIONS.add(session_class)
+
+
+def _session_began(session: Session, transaction: object, connection: Connection) -> None:
+    del session, transaction
+    if _RECORDER.get() is not None:
+        record_commits(connection.engine)
 
 
 def _notice_notify(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signature

@@ -37,6 +37,7 @@ from dropsafe._recording import (
     PendingCommit,
     other_connections,
     record_commits,
+    record_commits_of_routing,
     recording,
 )
 from dropsafe._replay import forgo_replay
@@ -165,7 +166,7 @@ def _run_once(
                     learn_server_life(connection)
                 reached_server = True
                 if isinstance(handle, Session):
-                    recorder.session = handle
+                    _watch_session(handle, recorder)
                 result = _call_sync(fn, handle)
                 _check_still_open(handle.in_transaction(), recorder)
                 if recorder.session is not None:
@@ -290,7 +291,9 @@ async def _run_once_async(
                     if step.verify_commits and must_learn_server_life(sync_connection):  # type: ignore[arg-type]
                         await connection.run_sync(learn_server_life)
                     reached_server = True
-                    recorder.session = getattr(handle, "sync_session", None)
+                    sync_session = getattr(handle, "sync_session", None)  # an AsyncSession
+                    if sync_session is not None:
+                        _watch_session(sync_session, recorder)
                     result = await _call_async(fn, handle)
                     _check_still_open(handle.in_transaction(), recorder)
                     if recorder.session is not None:
@@ -551,6 +554,13 @@ def _record_commits_of(bind: object, engine: sa.Engine) -> None:
             other = getattr(target, "sync_engine", None) or getattr(target, "engine", None)
             if isinstance(other, sa.Engine):
                 record_commits(other)
+
+
+def _watch_session(session: Session, recorder: CommitRecorder) -> None:
+    """Let the recorder see ``session``'s connections, and a routing session's new engines."""
+    recorder.session = session
+    if type(session).get_bind is not Session.get_bind:
+        record_commits_of_routing(type(session))
 
 
 def _record_commits_of_session(session: Session) -> None:

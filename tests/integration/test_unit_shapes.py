@@ -19,7 +19,7 @@ import socket
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
 from dropsafe import ConfigurationError
@@ -33,6 +33,25 @@ FACE_IDS = [f"{driver}-{face}" for driver, face in FACES]
 ONE = sa.Table("ledger_one", sa.MetaData(), sa.Column("v", sa.Integer))
 TWO = sa.Table("ledger_two", sa.MetaData(), sa.Column("v", sa.Integer))
 _VALUES = itertools.count(1)
+
+
+class TwoRow:
+    """A row of ``TWO`` as an ORM object: flushed only at COMMIT when added last."""
+
+    def __init__(self, v):
+        self.v = v
+
+
+sa.orm.registry().map_imperatively(TwoRow, TWO, primary_key=[TWO.c.v])
+
+
+class RoutingSession(Session):
+    """Routes ``TWO`` to the engine in ``info["two"]``: an engine not in the sessionmaker."""
+
+    def get_bind(self, mapper=None, clause=None, **kw):
+        if mapper is not None and mapper.class_ is TwoRow:
+            return self.info["two"]
+        return super().get_bind(mapper, clause=clause, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -102,9 +121,16 @@ def _local_port(fairy):
 class TwoEngines:
     """A unit over two databases: ``ONE`` on the main bind, ``TWO`` bound by ``binds``."""
 
-    def __init__(self, server, driver, face):
+    def __init__(self, server, driver, face, *, routed_row=None):
         self.server, self.driver, self.face = server, driver, face
         self.calls = 0
+        # With a routed row: a RoutingSession, which adds TwoRow(routed_row) last.
+        self.routed_row = routed_row
+
+    def _factory(self, maker, engines, sync_engines, **kw):
+        if self.routed_row is None:
+            return maker(bind=engines[0], binds={TWO: engines[1]})
+        return maker(bind=engines[0], info={"two": sync_engines[1]}, **kw)
 
     def run(self, work, fault=None):
         """Run ``work(execute)`` as a unit; ``execute`` runs a statement (awaited if async)."""
@@ -118,10 +144,12 @@ class TwoEngines:
         def unit(session):
             self.calls += 1
             work(session.execute)
+            if self.routed_row is not None:
+                session.add(TwoRow(self.routed_row))
             return "done"
 
         try:
-            factory = sessionmaker(bind=engines[0], binds={TWO: engines[1]})
+            factory = self._factory(sessionmaker, engines, engines, class_=RoutingSession)
             with fault.holes if fault is not None else contextlib.nullcontext():
                 return dropsafe.run_transaction(factory, unit)
         finally:
@@ -139,10 +167,17 @@ class TwoEngines:
             work(statements.append)
             for statement in statements:
                 await session.execute(statement)
+            if self.routed_row is not None:
+                session.add(TwoRow(self.routed_row))
             return "done"
 
         try:
-            factory = async_sessionmaker(bind=engines[0], binds={TWO: engines[1]})
+            factory = self._factory(
+                async_sessionmaker,
+                engines,
+                [engine.sync_engine for engine in engines],
+                sync_session_class=RoutingSession,
+            )
             with fault.holes if fault is not None else contextlib.nullcontext():
                 return await dropsafe.run_transaction_async(factory, unit)
         finally:
@@ -208,6 +243,24 @@ def test_a_lost_commit_reply_of_a_unit_over_two_engines_is_acknowledged_once(  #
     assert (result, count(server, writer, value)) == ("done", 1)
     # A lost COMMIT of the reader before the writer's was sent: nothing committed, run again.
     reader_first = fault.struck_database == ("db_one" if reader is ONE else "db_two")
+    assert unit.calls == (2 if nth == 1 and reader_first else 1)
+
+
+@pytest.mark.parametrize("nth", [1, 2], ids=["first-commit", "second-commit"])
+@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
+def test_an_engine_a_routing_session_first_reaches_at_commit_is_guarded(
+    server, kernel_blackhole, driver, face, nth
+):
+    # A Session with its own get_bind sends a row to an engine the sessionmaker does not name,
+    # first at the flush inside COMMIT; SQLAlchemy may send that engine's COMMIT first. Its
+    # reply is lost (or the other's): acknowledged, the row once.
+    value = next(_VALUES)
+    unit = TwoEngines(server, driver, face, routed_row=value)
+    fault = LoseCommitReply(kernel_blackhole, nth=nth)
+    result = unit.run(lambda execute: execute(sa.select(ONE.c.v).limit(1)), fault)
+    assert fault.struck
+    assert (result, count(server, TWO, value)) == ("done", 1)
+    reader_first = fault.struck_database == "db_one"
     assert unit.calls == (2 if nth == 1 and reader_first else 1)
 
 
