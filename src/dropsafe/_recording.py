@@ -299,15 +299,16 @@ def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
 def other_connections(session: Session, conn: Connection | None = None) -> list[Connection]:
     """Return the connections of ``session``'s transaction other than ``conn``; no I/O.
 
-    One connection is two keys of SQLAlchemy's map (the engine and the connection): a unit on
-    one engine pays one ``len`` here.
+    Empty when there is only one: the unit's own (the sessionmaker's bind, begun first), or
+    ``conn``. One connection is two keys of SQLAlchemy's map (the engine and the
+    connection): a unit on one engine pays one ``len`` here.
     """
     transaction = session.get_transaction()
     if transaction is None:
         return []
     connections = transaction._connections  # noqa: SLF001 - no public way to list them
-    if len(connections) <= 2:  # noqa: PLR2004 - one connection, under two keys
-        return [] if conn is None else [c for c, *_ in connections.values() if c is not conn]
+    if len(connections) <= 2:  # noqa: PLR2004 - one connection (the unit's own), two keys
+        return []
     seen: list[Connection] = []
     for connection, *_ in connections.values():
         if connection is not conn and connection not in seen:

@@ -351,9 +351,11 @@ def _acknowledged(engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: obje
         pending = step.pending if reply == "committed" else None
     else:
         pending = reply.pending if isinstance(reply, Committed) else None
-    return pending is not None and remember_commit(
-        _engine_of(pending, engine), pending, _unit_name(fn)
-    )
+    if pending is None:
+        return False
+    if pending.engine_ref is not None:  # a unit over several engines: the one that wrote
+        engine = _engine_of(pending, engine)
+    return remember_commit(engine, pending, _unit_name(fn))
 
 
 def _engine_of(pending: PendingCommit, engine: sa.Engine) -> sa.Engine:
@@ -546,7 +548,7 @@ def _refusal_or(error: Exception, recorder: CommitRecorder | None) -> Exception:
 def _record_commits_of(bind: object, engine: sa.Engine) -> None:
     """Install the recording listeners on the unit's engine and on its sessionmaker's binds."""
     record_commits(engine)
-    kw = getattr(bind, "kw", None)
+    kw = getattr(bind, "kw", None)  # a sessionmaker's (sync or async); an engine has none
     binds = kw.get("binds") if kw is not None else None
     if binds:
         for target in binds.values():
