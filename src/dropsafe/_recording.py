@@ -118,7 +118,8 @@ class CommitRecorder:
         #: The life of the server the last COMMIT went to (None: not read).
         self.server_life: ServerLife | None = None
         self.armed = False
-        #: The unit's Session (None: a Connection unit, which has one connection only).
+        #: The unit's first connection, and its Session (None: a Connection unit).
+        self.connection: Connection | None = None
         self.session: Session | None = None
         #: A unit over several connections (None: one): every connection's mark, read before
         #: the first COMMIT; at most one of them wrote (``writer``).
@@ -242,7 +243,9 @@ def _read_before_commit(conn: Connection) -> None:
     if recorder is None:
         return
     if not recorder.armed:
-        _refuse_own_commit(recorder)
+        if _is_the_units(recorder, conn):
+            _refuse_own_commit(recorder)
+        return  # a connection the function opened itself: outside the unit
     if recorder.marks is not None:  # a later COMMIT of a unit over several connections
         recorder.sent.append(conn)
         return
@@ -350,6 +353,18 @@ def _mark_several(recorder: CommitRecorder, conn: Connection, others: list[Conne
         recorder.pending = dataclasses.replace(pending, engine_ref=weakref.ref(writers[0].engine))
     recorder.sent.append(conn)
     recorder.commits_sent += 1
+
+
+def _is_the_units(recorder: CommitRecorder, conn: Connection) -> bool:
+    """Whether ``conn`` is one of the unit's connections (not one the function opened)."""
+    if conn is recorder.connection:
+        return True
+    session = recorder.session
+    transaction = session.get_transaction() if session is not None else None
+    if transaction is None:
+        return False
+    connections = transaction._connections  # noqa: SLF001 - no public way to list them
+    return any(connection is conn for connection, *_ in connections.values())
 
 
 def _refuse_own_commit(recorder: CommitRecorder) -> None:

@@ -157,6 +157,7 @@ def _run_once(
     try:
         with recording(read_xid=step.verify_commits) as recorder, _begun(bind) as begun:
             handle, connection = begun  # connected: a failure before here never reached it
+            recorder.connection = connection
             # The unit runs again whole; its deadline and server life hold this connection.
             forgo_replay(connection)
             # The server-life read is bounded too: on a connection that a middlebox forgot,
@@ -283,6 +284,7 @@ async def _run_once_async(
         with recording(read_xid=step.verify_commits) as recorder:
             async with _begun_async(bind) as begun:
                 handle, connection = begun
+                recorder.connection = connection.sync_connection
                 forgo_replay(connection.sync_connection)  # type: ignore[arg-type]
                 # Bounded from the server-life read on, as in `_run_once`.
                 with bounded(_dbapi_connection_of(connection), step.deadline):

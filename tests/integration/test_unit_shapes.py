@@ -281,7 +281,8 @@ class OneEngine:
 
     Its work is a list of steps: a statement; "commit" or "rollback"; ("swallow", "commit"),
     a commit whose error the function catches and ignores; ("nested", statement), a statement
-    inside ``begin_nested()``.
+    inside ``begin_nested()``; ("apart", statement), a statement the function commits on a
+    connection of its own.
     """
 
     def __init__(self, server, driver, face, kind):
@@ -304,6 +305,10 @@ class OneEngine:
                 elif step == ("swallow", "commit"):
                     with contextlib.suppress(ConfigurationError):
                         handle.commit()
+                elif isinstance(step, tuple) and step[0] == "apart":
+                    own = handle.get_bind() if self.kind == "session" else handle.engine
+                    with own.begin() as connection:
+                        connection.execute(step[1])
                 elif isinstance(step, tuple):
                     with handle.begin_nested():
                         handle.execute(step[1])
@@ -331,6 +336,10 @@ class OneEngine:
                 elif step == ("swallow", "commit"):
                     with contextlib.suppress(ConfigurationError):
                         await handle.commit()
+                elif isinstance(step, tuple) and step[0] == "apart":
+                    own = handle.bind if self.kind == "session" else handle.engine
+                    async with own.begin() as connection:
+                        await connection.execute(step[1])
                 elif isinstance(step, tuple):
                     async with handle.begin_nested():
                         await handle.execute(step[1])
@@ -417,3 +426,16 @@ def test_work_after_a_rollback_in_the_unit_is_committed_once(
     assert result == "done"
     assert (count(server, ONE, first), count(server, ONE, second)) == (0, 1)
     assert unit.calls == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
+def test_a_commit_on_a_connection_the_function_opened_itself_is_not_refused(
+    server, driver, face, kind
+):
+    # Outside the unit (an audit row meant to survive its rollback): committed as the app
+    # asked, not retried with the unit, and not refused.
+    apart, inside = next(_VALUES), next(_VALUES)
+    unit = OneEngine(server, driver, face, kind)
+    result = unit.run([("apart", ONE.insert().values(v=apart)), ONE.insert().values(v=inside)])
+    assert (result, count(server, ONE, apart), count(server, ONE, inside)) == ("done", 1, 1)
