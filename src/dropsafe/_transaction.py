@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import inspect
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import sqlalchemy as sa
@@ -552,12 +553,20 @@ def _record_commits_of(bind: object, engine: sa.Engine) -> None:
     record_commits(engine)
     kw = getattr(bind, "kw", None)  # a sessionmaker's (sync or async); an engine has none
     binds = kw.get("binds") if kw is not None else None
-    if binds:
-        for target in binds.values():
-            # An Engine, an AsyncEngine (its sync_engine) or a Connection (its engine).
-            other = getattr(target, "sync_engine", None) or getattr(target, "engine", None)
-            if isinstance(other, sa.Engine):
-                record_commits(other)
+    if not binds:
+        return
+    seen = (id(binds), len(binds))  # a sessionmaker's binds, as last recorded
+    if _RECORDED_BINDS.get(bind) == seen:
+        return  # many binds (one per model) would otherwise cost a loop per unit
+    for target in binds.values():
+        # An Engine, an AsyncEngine (its sync_engine) or a Connection (its engine).
+        other = getattr(target, "sync_engine", None) or getattr(target, "engine", None)
+        if isinstance(other, sa.Engine):
+            record_commits(other)
+    _RECORDED_BINDS[bind] = seen
+
+
+_RECORDED_BINDS: weakref.WeakKeyDictionary[object, tuple[int, int]] = weakref.WeakKeyDictionary()
 
 
 def _watch_session(session: Session, recorder: CommitRecorder) -> None:

@@ -214,6 +214,7 @@ def test_a_unit_that_writes_through_two_engines_is_refused_before_any_commit(
         assert rows == (1, 1), f"acknowledged, rows {rows}, runs {unit.calls}"
     assert outcome.startswith("refused"), f"not refused: rows {rows}, runs {unit.calls}"
     assert "one unit of work per engine" in outcome
+    assert server.password not in outcome  # the engines are named by redacted URLs
     assert rows == (0, 0)
     assert unit.calls == 1
     assert not fault.struck  # no COMMIT was sent at all
