@@ -130,8 +130,9 @@ def run_transaction(
             return cast("_T", done.value)
         if isinstance(step, Run):
             reply = _run_once(bind, fn, step)
-            if _acknowledged(engine, reply, step, fn):
-                audit_after_failover(engine, hooks)
+            audited = _acknowledged(engine, reply, step, fn)
+            if audited is not None:
+                audit_after_failover(audited, hooks)
         elif isinstance(step, Resolve):
             reply = resolve_commit(
                 _engine_of(step.pending, engine),
@@ -141,8 +142,9 @@ def run_transaction(
                 deadline=step.deadline,
                 hooks=hooks,
             )
-            if _acknowledged(engine, reply, step, fn):
-                audit_after_failover(engine, hooks)
+            audited = _acknowledged(engine, reply, step, fn)
+            if audited is not None:
+                audit_after_failover(audited, hooks)
         else:
             time.sleep(step.seconds)
             reply = None
@@ -259,8 +261,9 @@ async def run_transaction_async(
             await asyncio.sleep(step.seconds)
             reply = None
             continue
-        if _acknowledged(engine.sync_engine, reply, step, fn):
-            await greenlet_spawn(audit_after_failover, engine.sync_engine, hooks)
+        audited = _acknowledged(engine.sync_engine, reply, step, fn)
+        if audited is not None:
+            await greenlet_spawn(audit_after_failover, audited, hooks)
 
 
 def _sleep_in_greenlet(delay: float) -> None:
@@ -345,20 +348,23 @@ async def _call_async(fn: Callable[[Any], Awaitable[_T]], handle: object) -> _T:
 # -- shared by both faces --------------------------------------------------------------------
 
 
-def _acknowledged(engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: object) -> bool:
-    """Remember a commit acknowledged to the app; True: a failover audit is due now.
+def _acknowledged(
+    engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: object
+) -> sa.Engine | None:
+    """Remember a commit acknowledged to the app; return the engine to audit for a failover now.
 
-    The healthy path's whole cost of `dropsafe._failover_audit`: a few stores in a ring.
+    The healthy path's whole cost of `dropsafe._failover_audit`: a few stores in a ring. In a
+    unit over several engines, the commit is remembered (and audited) on the engine that wrote.
     """
     if isinstance(step, Resolve):
         pending = step.pending if reply == "committed" else None
     else:
         pending = reply.pending if isinstance(reply, Committed) else None
     if pending is None:
-        return False
-    if pending.engine_ref is not None:  # a unit over several engines: the one that wrote
+        return None
+    if pending.engine_ref is not None:
         engine = _engine_of(pending, engine)
-    return remember_commit(engine, pending, _unit_name(fn))
+    return engine if remember_commit(engine, pending, _unit_name(fn)) else None
 
 
 def _engine_of(pending: PendingCommit, engine: sa.Engine) -> sa.Engine:
