@@ -22,15 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import re
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
 from dropsafe._classify import classify
+from dropsafe._errors import ConfigurationError
 from dropsafe._server_life import (
     SERVER_LIFE_SQL,
     WAL_POSITION_SQL,
@@ -46,8 +48,17 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from sqlalchemy.engine import Connection, Dialect, Engine
+    from sqlalchemy.orm import Session
 
-__all__ = ["CommitRecorder", "PendingCommit", "lsn_number", "record_commits", "recording"]
+__all__ = [
+    "CommitRecorder",
+    "PendingCommit",
+    "lsn_number",
+    "other_connections",
+    "record_commits",
+    "record_commits_of_routing",
+    "recording",
+]
 
 # A statement that may queue a notification: NOTIFY or pg_notify().
 _NOTIFY = re.compile(r"notify", re.IGNORECASE)
@@ -87,6 +98,9 @@ class PendingCommit:
     backend_pid: int
     server_life: ServerLife
     wal_lsn: int = 0
+    #: The engine it went through, when not the unit's own (a unit over several engines):
+    #: a weak reference, since the failover audit keeps pending commits per engine.
+    engine_ref: weakref.ref[Engine] | None = field(default=None, compare=False, repr=False)
 
 
 class CommitRecorder:
@@ -104,6 +118,27 @@ class CommitRecorder:
         #: The life of the server the last COMMIT went to (None: not read).
         self.server_life: ServerLife | None = None
         self.armed = False
+        #: The unit's first connection, and its Session (None: a Connection unit).
+        self.connection: Connection | None = None
+        self.session: Session | None = None
+        #: A unit over several connections (None: one): every connection's mark, read before
+        #: the first COMMIT; at most one of them wrote (``writer``).
+        self.marks: dict[Connection, PendingCommit | None] | None = None
+        self.writer: Connection | None = None
+        #: The connections whose COMMIT was sent, in order (only for several connections).
+        self.sent: list[Connection] = []
+        #: The unit's own COMMIT, refused by the listener: raised again after the function
+        #: returns, in case it caught the error.
+        self.refusal: ConfigurationError | None = None
+
+    def writer_committed(self) -> bool:
+        """Whether the writing connection's COMMIT succeeded: another was sent after it.
+
+        SQLAlchemy commits a Session's connections one after another, so a COMMIT sent after
+        the writer's means that the writer's returned.
+        """
+        writer = self.writer
+        return writer is not None and writer in self.sent and self.sent[-1] is not writer
 
     def committing(self) -> CommitRecorder:
         """Record the COMMITs sent inside this ``with`` block (the unit's own, not the user's).
@@ -162,6 +197,32 @@ def record_commits(engine: Engine) -> None:
         _RECORDING_ENGINES.add(engine)
 
 
+_ROUTING_SESSIONS: weakref.WeakSet[type[Session]] = weakref.WeakSet()
+
+
+def record_commits_of_routing(session_class: type[Session]) -> None:
+    """Install the listeners on each engine a routing Session (its own ``get_bind``) begins.
+
+    Such a session may reach an engine that is neither its bind nor in its binds for the first
+    time in the flush at COMMIT, and SQLAlchemy may send that connection's COMMIT first: the
+    engine must be recorded when its connection begins. Sessions with SQLAlchemy's own
+    ``get_bind`` reach only engines known before (the sessionmaker's bind and binds, and those
+    the function used): they pay nothing.
+    """
+    if session_class in _ROUTING_SESSIONS:
+        return
+    with _INSTALL_LOCK:
+        if not event.contains(session_class, "after_begin", _session_began):
+            event.listen(session_class, "after_begin", _session_began)
+        _ROUTING_SESSIONS.add(session_class)
+
+
+def _session_began(session: Session, transaction: object, connection: Connection) -> None:
+    del session, transaction
+    if _RECORDER.get() is not None:
+        record_commits(connection.engine)
+
+
 def _notice_notify(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signature
     conn: Connection,
     cursor: object,
@@ -179,11 +240,29 @@ def _notice_notify(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signat
 def _read_before_commit(conn: Connection) -> None:
     """Engine ``commit`` listener: the last moment before COMMIT, after every flush and hook."""
     recorder = _RECORDER.get()
-    if recorder is None or not recorder.armed:
+    if recorder is None:
         return
+    if not recorder.armed:
+        if _is_the_units(recorder, conn):
+            _refuse_own_commit(recorder)
+        return  # a connection the function opened itself: outside the unit
+    if recorder.marks is not None:  # a later COMMIT of a unit over several connections
+        recorder.sent.append(conn)
+        return
+    if recorder.commits_sent == 0 and recorder.session is not None:
+        others = other_connections(recorder.session, conn)
+        if others:
+            _mark_several(recorder, conn, others)
+            return
     if not recorder.read_xid:
         recorder.commits_sent += 1
         return
+    recorder.pending = _mark(conn, recorder)
+    recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
+
+
+def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
+    """Read ``conn``'s xid and backend (and its server's life the first time); None: no xid."""
     fairy = conn.connection
     driver_connection = fairy.driver_connection
     server_life = server_life_of(driver_connection)
@@ -211,14 +290,97 @@ def _read_before_commit(conn: Connection) -> None:
         remember_server_life(conn.engine, driver_connection, server_life)
     recorder.server_life = server_life
     # No xid: the transaction wrote nothing, and running it again is harmless.
-    recorder.pending = (
+    return (
         None
         if row[0] is None
         else PendingCommit(
             int(row[0]), int(row[1]), server_life, lsn_number(row[-1]) if with_wal else 0
         )
     )
-    recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
+
+
+def other_connections(session: Session, conn: Connection | None = None) -> list[Connection]:
+    """Return the connections of ``session``'s transaction other than ``conn``; no I/O.
+
+    Empty when there is only one: the unit's own (the sessionmaker's bind, begun first), or
+    ``conn``. One connection is two keys of SQLAlchemy's map (the engine and the
+    connection): a unit on one engine pays one ``len`` here.
+    """
+    transaction = session.get_transaction()
+    if transaction is None:
+        return []
+    connections = transaction._connections  # noqa: SLF001 - no public way to list them
+    if len(connections) <= 2:  # noqa: PLR2004 - one connection (the unit's own), two keys
+        return []
+    seen: list[Connection] = []
+    for connection, *_ in connections.values():
+        if connection is not conn and connection not in seen:
+            seen.append(connection)
+    return seen
+
+
+def _mark_several(recorder: CommitRecorder, conn: Connection, others: list[Connection]) -> None:
+    """Before the first COMMIT of a unit over several connections: mark them all, or refuse.
+
+    SQLAlchemy commits a Session's connections one after another, in no set order. When at
+    most one of them wrote, that one's COMMIT is resolved as a single engine's would be, and
+    a lost COMMIT on the others is harmless. When two wrote, no resolution can make the unit
+    whole (one may commit and the other not): refused here, before any COMMIT is sent, so that
+    SQLAlchemy rolls them all back. Always read, even with ``verify_commits`` off: without the
+    marks, a partial commit could be retried whole.
+    """
+    marks: dict[Connection, PendingCommit | None] = {}
+    for connection in (conn, *others):
+        record_commits(connection.engine)  # its COMMIT must be seen too
+        marks[connection] = _mark(connection, recorder)
+    writers = [connection for connection, pending in marks.items() if pending is not None]
+    if len(writers) > 1:
+        names = ", ".join(
+            sorted({w.engine.url.render_as_string(hide_password=True) for w in writers})
+        )
+        recorder.refusal = ConfigurationError(
+            f"the unit of work wrote through {len(writers)} connections ({names}); their "
+            "COMMITs cannot be made all-or-nothing, nor retried whole, without two-phase "
+            "commit, so nothing was committed. Run one unit of work per engine instead "
+            "(one run_transaction call each; see docs/guarantees.md)"
+        )
+        raise recorder.refusal
+    recorder.marks = marks
+    if writers:
+        recorder.writer = writers[0]
+        pending = marks[writers[0]]
+        assert pending is not None  # noqa: S101 - for the type checker
+        recorder.pending = dataclasses.replace(pending, engine_ref=weakref.ref(writers[0].engine))
+    recorder.sent.append(conn)
+    recorder.commits_sent += 1
+
+
+def _is_the_units(recorder: CommitRecorder, conn: Connection) -> bool:
+    """Whether ``conn`` is one of the unit's connections (not one the function opened)."""
+    if conn is recorder.connection:
+        return True
+    session = recorder.session
+    transaction = session.get_transaction() if session is not None else None
+    if transaction is None:
+        return False
+    connections = transaction._connections  # noqa: SLF001 - no public way to list them
+    return any(connection is conn for connection, *_ in connections.values())
+
+
+def _refuse_own_commit(recorder: CommitRecorder) -> None:
+    """Raise for a COMMIT that the unit sends itself, before it is sent.
+
+    Autobegin opens the next transaction at once, so the unit goes on; if its final COMMIT
+    were then lost and the unit retried, the part before its own COMMIT would be written twice.
+    """
+    recorder.refusal = ConfigurationError(
+        "the unit of work committed its own transaction (session.commit() or "
+        "connection.commit() inside the function); retried after a failure, the part before "
+        "that COMMIT would be written twice, so it was rolled back. Leave the COMMIT to "
+        "run_transaction: use session.flush() to send statements early, begin_nested() for a "
+        "savepoint, or split the work into two units of work"
+    )
+    raise recorder.refusal
 
 
 def lsn_number(text: object) -> int:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
     from dropsafe.events import Hook
 
-__all__ = ["UnitWatch", "check_unit_shape", "watching"]
+__all__ = ["UnitWatch", "check_engine_shape", "check_unit_shape", "watching"]
 
 logger = logging.getLogger("dropsafe")
 
@@ -156,6 +156,14 @@ def check_unit_shape(bind: object, engine: Engine) -> None:
     settings: dict[str, Any] | None = getattr(bind, "kw", None)  # a (async_)sessionmaker's
     if settings and settings.get("twophase"):
         raise ConfigurationError(TWO_PHASE_REFUSED)
+    check_engine_shape(engine)
+
+
+def check_engine_shape(engine: Engine) -> None:
+    """Refuse an engine set to AUTOCOMMIT; watch it for the shapes that appear inside a unit.
+
+    For the unit's engine and for every other engine its sessionmaker binds.
+    """
     # SQLAlchemy takes only this spelling (it checks a level against the dialect's list).
     if engine.get_execution_options().get("isolation_level") == _AUTOCOMMIT:
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="the engine's execution_options"))

@@ -168,8 +168,10 @@ def test_unit_that_commits_itself_is_refused(server, engine):
         _insert(8)(session)
         session.commit()
 
-    with pytest.raises(ConfigurationError, match="committed or rolled back its own"):
+    # Refused before its own COMMIT is sent: nothing written (it used to be after).
+    with pytest.raises(ConfigurationError, match="committed its own transaction"):
         dropsafe.run_transaction(sessionmaker(engine), unit)
+    assert _values(server) == []
 
 
 def test_wrong_kinds_of_fn_and_bind_are_refused(engine):
