@@ -174,6 +174,7 @@ class Fault:
 FAULTS: dict[str, Fault] = {
     fault.name: fault
     for fault in (
+        Fault("none", "no fault: the healthy run (step 0)", "before", "pass"),
         Fault(
             "request_lost",
             f"flight dropped, link silent, reset after {HOLD_S:.0f} s",
@@ -412,8 +413,8 @@ class Explorer:
         """Return the labels of the shape's query flights on ``driver`` (one healthy run)."""
         key = (shape, driver)
         if key not in self.flights:
-            record, labels = self._run(History(shape, driver, "healthy", 0), None)
-            if record.violation is not None or record.outcome.kind != "ok":
+            record, labels = self._run(History(shape, driver, "none", 0), None)
+            if record.violation is not None and not CATALOG[shape].expected_violation:
                 msg = (
                     f"healthy run of {shape} on {driver} failed: "
                     f"{record.outcome.kind} {record.outcome.detail} {record.violation or ''}"
@@ -425,6 +426,9 @@ class Explorer:
     def run(self, history: History) -> Record:
         """Run one history and check it."""
         fault = FAULTS[history.fault]
+        labels = self.steps(history.shape, history.driver)
+        if fault.name == "none":
+            return self._run(history, None)[0]
         strike = Strike(
             history.step,
             fault.phase,  # type: ignore[arg-type]
@@ -432,8 +436,9 @@ class Explorer:
             self._action(fault.action),
             hold_s=HOLD_S,
         )
-        labels = self.steps(history.shape, history.driver)
-        commit_sent = any("COMMIT" in label.upper() for label in labels[history.step - 1 :])
+        # Struck at a COMMIT's own flight, a zero-code request may raise for a done COMMIT.
+        struck = labels[history.step - 1] if 0 < history.step <= len(labels) else ""
+        commit_sent = "COMMIT" in struck.upper()
         record, _ = self._run(history, strike, commit_sent=commit_sent)
         return record
 
@@ -601,13 +606,16 @@ class Explorer:
         rng = random.Random(seed)  # noqa: S311 - sampling, not cryptography
         if sample is None:
             for shape, driver, fault in cells:
+                if fault == "none":
+                    yield History(shape, driver, fault, 0)
+                    continue
                 for step in range(1, len(self.steps(shape, driver)) + 1):
                     yield History(shape, driver, fault, step)
             return
         for _ in range(sample):
             shape, driver, fault = rng.choice(cells)
-            steps = len(self.steps(shape, driver))
-            yield History(shape, driver, fault, rng.randint(1, steps))
+            steps = 0 if fault == "none" else len(self.steps(shape, driver))
+            yield History(shape, driver, fault, rng.randint(1, steps) if steps else 0)
 
 
 def _call(run: Callable[[], object]) -> Outcome:

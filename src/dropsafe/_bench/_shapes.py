@@ -412,9 +412,8 @@ def _server_cursor_sync(ctx: Context) -> object:
     engine = ctx.engine()
 
     def unit(connection: sa.Connection) -> None:
-        result = connection.execution_options(stream_results=True, max_row_buffer=10).execute(
-            sa.text("SELECT g FROM generate_series(1, 50) g")
-        )
+        query = sa.text("SELECT g FROM generate_series(1, 50) g")
+        result = connection.execute(query.execution_options(stream_results=True, max_row_buffer=10))
         total = sum(row[0] for row in result)
         connection.execute(sa.text(_insert(f"a{total}")))
 
