@@ -58,7 +58,11 @@ class Strike:
     action: Callable[[int], Awaitable[None]] | None = None
     hold_s: float = 1.0
     fired: bool = False
+    #: The action started (a reply that never comes never starts an "after" action).
+    acting: bool = False
     error: BaseException | None = None
+    #: Set once the action has run: a history ends only after its fault did.
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -267,12 +271,14 @@ class FlightProxy:
                 await link.client.drain()
 
     async def _act(self, strike: Strike, link: _Link) -> None:
-        if strike.action is None:
-            return
+        strike.acting = True
         try:
-            await strike.action(link.upstream_port)
+            if strike.action is not None:
+                await strike.action(link.upstream_port)
         except Exception as exc:  # noqa: BLE001 - reported with the history, never lost
             strike.error = exc
+        finally:
+            strike.done.set()
 
     async def _then(self, strike: Strike, link: _Link) -> bool:
         if strike.then == "pass":
