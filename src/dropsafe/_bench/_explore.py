@@ -441,9 +441,9 @@ class Explorer:
     def run(self, history: History) -> Record:
         """Run one history and check it."""
         fault = FAULTS[history.fault]
-        labels = self.steps(history.shape, history.driver)
         if fault.name == "none":
             return self._run(history, None)[0]
+        labels = self.steps(history.shape, history.driver)
         strike = Strike(
             history.step,
             fault.phase,  # type: ignore[arg-type]
