@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--budget", type=float, default=None, help="stop after this many s")
     parser.add_argument("--no-docs", action="store_true", help="never rewrite the docs table")
+    parser.add_argument("--json", type=Path, default=None, help="where to write the JSON")
     parser.add_argument("--list", action="store_true", help="list shapes, faults and drivers")
     args = parser.parse_args(argv)
     if args.list:
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {replay_command(record.history.id)}  # {record.violation}")
     whole = not (args.sample or args.shape or args.fault or args.driver or args.replay)
     name = "explore.json" if whole else "explore-last.json"
-    write_json(ROOT / "benchmarks/results" / name, records, command=command, seed=seed)
+    target = args.json or ROOT / "benchmarks/results" / name
+    write_json(target, records, command=command, seed=seed)
     if whole and not args.no_docs and args.budget is None:
         lines = matrix_lines(records, command=command, seconds=seconds)
         write_docs(ROOT / "docs/guarantees.md", lines)

@@ -22,6 +22,7 @@ import os
 import random
 import select
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
@@ -587,7 +588,7 @@ class Explorer:
 
     def _resume_stopped(self) -> None:
         while self._stopped:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, IndexError):
                 os.kill(self._stopped.pop(), signal.SIGCONT)
 
     # -- fault actions (on the proxy's loop) -------------------------------------------------
@@ -638,6 +639,11 @@ class Explorer:
         pid = self._backend(port)
         os.kill(pid, signal.SIGSTOP)
         self._stopped.append(pid)
+        # Resumed past the unit's deadline: a frozen server comes back, late. Until then a
+        # Terminate sent to it (asyncpg's close, on dispose) would wait with no bound.
+        resume = threading.Timer(UNIT_DEADLINE_S + 1.0, self._resume_stopped)
+        resume.daemon = True
+        resume.start()
 
     # -- the matrix ---------------------------------------------------------------------------
 
