@@ -40,8 +40,7 @@ def _names(text: str | None, known: dict[str, object], what: str) -> list[str] |
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the explorer; return 1 if any history broke a promise."""
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seed", type=int, default=None, help="seed of --sample")
     parser.add_argument("--sample", type=int, default=None, help="run N random histories")
@@ -58,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-docs", action="store_true", help="never rewrite the docs table")
     parser.add_argument("--json", type=Path, default=None, help="where to write the JSON")
     parser.add_argument("--list", action="store_true", help="list shapes, faults and drivers")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the explorer; return 1 if any history broke a promise."""
+    args = _parser().parse_args(argv)
     if args.list:
         for shape in CATALOG.values():
             note = f"  [expected violation: {shape.expected_violation}]"

@@ -31,7 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import dropsafe
 from dropsafe._bench._flights import FlightProxy, Strike
-from dropsafe._bench._shapes import APP_ROLE, CATALOG, DRIVERS, TENANT, Context, Effects, Shape
+from dropsafe._bench._shapes import (
+    APP_ROLE,
+    CATALOG,
+    DRIVERS,
+    OTHER_ROLE,
+    TENANT,
+    Context,
+    Effects,
+    Shape,
+)
 from dropsafe._bench._shapes import run_shape as _run_shape
 from dropsafe.testing._server import PostgresServer, ServerError
 
@@ -50,6 +59,7 @@ __all__ = [
 ]
 
 DATABASES = {"a": "explore_a", "b": "explore_b"}
+_DRY = Context({}, dropsafe.Policy(), "")
 _SCHEMAS = (APP_ROLE, TENANT, "public")
 _WAIT_S = 15.0
 HOLD_S = 1.0
@@ -116,11 +126,13 @@ def check(  # noqa: PLR0911, PLR0917 - one rule per return; the evidence, in ord
     """
     if crashed and all(notes[key] <= n for key, n in expected.notes.items()):
         notes = Counter({key: n for key, n in notes.items() if key not in expected.notes})
-        expected = Effects(expected.rows, Counter())
-    bad_roles = roles - {APP_ROLE}
+        expected = Effects(expected.rows, Counter(), expected.roles)
+    bad_roles = roles - expected.roles
     if bad_roles:
-        return Verdict(f"rows written as {sorted(bad_roles)}, not as {APP_ROLE}", unknown=False)
-    seen = Effects(rows, notes)
+        return Verdict(
+            f"rows written as {sorted(bad_roles)}, not as {sorted(expected.roles)}", unknown=False
+        )
+    seen = Effects(rows, notes, frozenset(roles))
     whole = rows == expected.rows and notes == expected.notes
     nothing = not rows and not notes
     if outcome.kind == "ok":
@@ -250,6 +262,7 @@ _SCHEMA_SQL = (
     f"""
 CREATE SCHEMA {APP_ROLE} AUTHORIZATION {APP_ROLE};
 CREATE SCHEMA {TENANT} AUTHORIZATION {APP_ROLE};
+GRANT USAGE ON SCHEMA {APP_ROLE} TO {OTHER_ROLE};
 """
     + "".join(
         f"""
@@ -263,6 +276,8 @@ ALTER TABLE {schema}.effects OWNER TO {APP_ROLE};
         for schema in _SCHEMAS
     )
     + f"""
+GRANT INSERT, SELECT ON {APP_ROLE}.effects TO {OTHER_ROLE};
+GRANT USAGE ON SEQUENCE {APP_ROLE}.effects_id_seq TO {OTHER_ROLE};
 CREATE SEQUENCE {APP_ROLE}.explore_seq;
 ALTER SEQUENCE {APP_ROLE}.explore_seq OWNER TO {APP_ROLE};
 CREATE FUNCTION {APP_ROLE}.announce(payload text) RETURNS void LANGUAGE sql
@@ -378,6 +393,8 @@ class Explorer:
         self.server.start()
         password = self.server.password.replace("'", "''")
         self.server.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}'")
+        self.server.execute(f"CREATE ROLE {OTHER_ROLE} NOLOGIN")
+        self.server.execute(f"GRANT {OTHER_ROLE} TO {APP_ROLE}")
         for db in DATABASES.values():
             self.server.execute(f"CREATE DATABASE {db} OWNER {APP_ROLE}")
             self.server.execute(_SCHEMA_SQL, database=db)
@@ -430,7 +447,10 @@ class Explorer:
         key = (shape, driver)
         if key not in self.flights:
             record, labels = self._run(History(shape, driver, "none", 0), None)
-            if record.violation is not None and not CATALOG[shape].expected_violation:
+            # A healthy run is acknowledged, unless the shape promises no effect (it raises).
+            failed = record.outcome.kind != "ok" and CATALOG[shape].effects(_DRY) != Effects()
+            broken = record.violation is not None or failed
+            if broken and not CATALOG[shape].expected_violation:
                 msg = (
                     f"healthy run of {shape} on {driver} failed: "
                     f"{record.outcome.kind} {record.outcome.detail} {record.violation or ''}"

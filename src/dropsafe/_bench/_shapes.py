@@ -37,6 +37,8 @@ DRIVERS: dict[str, tuple[str, bool]] = {
     "asyncpg": ("asyncpg", True),
 }
 APP_ROLE = "explorer_app"
+#: A role the app may SET ROLE to (granted to APP_ROLE).
+OTHER_ROLE = "explorer_other"
 TENANT = "tenant"
 
 
@@ -46,6 +48,8 @@ class Effects:
 
     rows: Counter[tuple[str, str, str]] = field(default_factory=Counter)
     notes: Counter[str] = field(default_factory=Counter)
+    #: The roles rows may be written as.
+    roles: frozenset[str] = frozenset({APP_ROLE})
 
 
 class Base(DeclarativeBase):
@@ -137,8 +141,9 @@ def _rows(*tags: str, db: str = "a", schema: str = APP_ROLE) -> Counter[tuple[st
     return Counter((db, schema, tag) for tag in tags)
 
 
-def _insert(tag: str) -> str:
-    return f"INSERT INTO effects (tag) VALUES ('{tag}')"  # noqa: S608 - catalog constants
+def _insert(tag: str, *, schema: str | None = None) -> str:
+    table = f"{schema}.effects" if schema else "effects"
+    return f"INSERT INTO {table} (tag) VALUES ('{tag}')"  # noqa: S608 - catalog constants
 
 
 # -- generic: a list of statements in one unit ------------------------------------------------
@@ -492,6 +497,42 @@ async def _tenant_request_async(ctx: Context) -> object:
     return None
 
 
+def _harden_request_sync(ctx: Context) -> object:
+    engine = ctx.warm(dropsafe.harden(sa.create_engine(ctx.urls["a"]), ctx.policy))
+    with Session(engine) as session:
+        session.execute(sa.text(_insert("a")))
+        session.commit()
+    return None
+
+
+def _role_request_sync(ctx: Context) -> object:
+    engine = ctx.engine(pool_size=1, max_overflow=0)
+    with Session(engine) as session:
+        session.execute(sa.text(f"SET ROLE {OTHER_ROLE}"))
+        session.commit()
+        session.execute(sa.text(_insert("a", schema=APP_ROLE)))
+        session.commit()
+    return None
+
+
+async def _role_request_async(ctx: Context) -> object:
+    engine = await ctx.aengine(pool_size=1, max_overflow=0)
+    try:
+        async with AsyncSession(engine) as session:
+            await session.execute(sa.text(f"SET ROLE {OTHER_ROLE}"))
+            await session.commit()
+            await session.execute(sa.text(_insert("a", schema=APP_ROLE)))
+            await session.commit()
+    finally:
+        await engine.dispose()
+    return None
+
+
+def _role_effects(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a"), roles=frozenset({OTHER_ROLE}))
+
+
 def _tenant_effects(ctx: Context) -> Effects:
     del ctx
     return Effects(_rows("a", schema=TENANT))
@@ -644,6 +685,33 @@ CATALOG: dict[str, Shape] = {
             _plugin_request_sync,
             drivers=_SYNC,
             zero_code=True,
+        ),
+        Shape(
+            "harden_request",
+            "no unit: a Session request on an engine given to dropsafe.harden",
+            _one,
+            _harden_request_sync,
+            drivers=_SYNC,
+            zero_code=True,
+        ),
+        _statements(
+            "session_settings",
+            "SET and set_config(is_local=false) at session level, and an INSERT",
+            lambda _: [
+                "SET statement_timeout = '25s'",
+                "SELECT set_config('explore.mark', 'x', false)",
+                _insert("a"),
+            ],
+            _one,
+        ),
+        Shape(
+            "role_request",
+            "no unit: SET ROLE, commit, then INSERT (replay under session state)",
+            _role_effects,
+            _role_request_sync,
+            _role_request_async,
+            zero_code=True,
+            expected_violation=f"{_ISSUE} item 9",
         ),
         Shape(
             "tenant_request",
