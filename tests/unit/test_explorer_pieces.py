@@ -127,6 +127,20 @@ def test_the_checker_rules() -> None:
     assert _verdict("ok", [ROW], roles={APP_ROLE, "postgres"}).violation is not None
     wrong_schema = ("a", "public", "a")
     assert _verdict("ok", [wrong_schema]).violation is not None
+    # CommitOutcomeUnknown from a server that stayed up and could answer is a defect.
+    assert (
+        check(
+            SHAPE,
+            Outcome("unknown", "the server crashed"),
+            WANT,
+            Counter([ROW]),
+            Counter(),
+            {APP_ROLE},
+            commit_sent=True,
+            server_can_tell=True,
+        ).violation
+        is not None
+    )
     # Outside a unit, a raise for a COMMIT that was sent may leave the effect.
     zero_code = CATALOG["plain_request"]
     assert _verdict("error", [ROW], shape=zero_code).unknown
