@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             note = f"  [expected violation: {shape.expected_violation}]"
             print(f"shape  {shape.name}: {shape.what}{note if shape.expected_violation else ''}")
         for fault in FAULTS.values():
-            print(f"fault  {fault.name}: {fault.what}")
+            note = f"  [expected violation: {fault.expected_violation}]"
+            print(f"fault  {fault.name}: {fault.what}{note if fault.expected_violation else ''}")
         print(f"driver {', '.join(DRIVERS)}")
         return 0
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
