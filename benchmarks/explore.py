@@ -13,6 +13,7 @@ benchmarks/results/explore.json.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from dropsafe._bench._explore import FAULTS, Explorer, Record, parse_history
 from dropsafe._bench._explore_report import (
     matrix_lines,
+    read_json,
     replay_command,
     write_docs,
     write_json,
@@ -56,8 +58,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=None, help="stop after this many s")
     parser.add_argument("--no-docs", action="store_true", help="never rewrite the docs table")
     parser.add_argument("--json", type=Path, default=None, help="where to write the JSON")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="write the docs table from JSONs of parts run in parallel (e.g. one per --fault)",
+    )
     parser.add_argument("--list", action="store_true", help="list shapes, faults and drivers")
     return parser
+
+
+def _merge(paths: list[Path]) -> int:
+    """Write the docs table from parts run in parallel; their longest run is the wall time."""
+    merged = [record for path in paths for record in read_json(path)]
+    wall = max(json.loads(path.read_text()).get("seconds", 0.0) for path in paths)
+    parts = " + ".join(json.loads(path.read_text())["command"] for path in paths)
+    write_docs(ROOT / "docs/guarantees.md", matrix_lines(merged, command=parts, seconds=wall))
+    print(f"{len(merged)} histories from {len(paths)} parts written into docs/guarantees.md")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fault  {fault.name}: {fault.what}{note if fault.expected_violation else ''}")
         print(f"driver {', '.join(DRIVERS)}")
         return 0
+    if args.merge:
+        return _merge(args.merge)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
     command = "python benchmarks/explore.py " + " ".join(sys.argv[1:] if argv is None else argv)
     records: list[Record] = []
@@ -114,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     whole = not (args.sample or args.shape or args.fault or args.driver or args.replay)
     name = "explore.json" if whole else "explore-last.json"
     target = args.json or ROOT / "benchmarks/results" / name
-    write_json(target, records, command=command, seed=seed)
+    write_json(target, records, command=command, seed=seed, seconds=seconds)
     if whole and not args.no_docs and args.budget is None:
         lines = matrix_lines(records, command=command, seconds=seconds)
         write_docs(ROOT / "docs/guarantees.md", lines)

@@ -7,15 +7,21 @@ import time
 from collections import defaultdict
 from typing import TYPE_CHECKING
 
-from dropsafe._bench._explore import FAULTS
+from dropsafe._bench._explore import FAULTS, Outcome, Record, parse_history
 from dropsafe._bench._report import load_average, machine, table
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from dropsafe._bench._explore import Record
-
-__all__ = ["BEGIN", "END", "matrix_lines", "replay_command", "write_docs", "write_json"]
+__all__ = [
+    "BEGIN",
+    "END",
+    "matrix_lines",
+    "read_json",
+    "replay_command",
+    "write_docs",
+    "write_json",
+]
 
 BEGIN = "<!-- explorer matrix: begin (written by benchmarks/explore.py) -->"
 END = "<!-- explorer matrix: end -->"
@@ -78,7 +84,9 @@ def write_docs(path: Path, lines: list[str]) -> None:
     path.write_text(text)
 
 
-def write_json(path: Path, records: list[Record], *, command: str, seed: int) -> None:
+def write_json(
+    path: Path, records: list[Record], *, command: str, seed: int, seconds: float = 0.0
+) -> None:
     """Write every history's result, with the machine and the command that made them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -87,6 +95,7 @@ def write_json(path: Path, records: list[Record], *, command: str, seed: int) ->
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": command,
         "seed": seed,
+        "seconds": round(seconds, 1),
         "histories": [
             {
                 "id": r.history.id,
@@ -102,3 +111,20 @@ def write_json(path: Path, records: list[Record], *, command: str, seed: int) ->
         ],
     }
     path.write_text(json.dumps(payload, indent=1) + "\n")
+
+
+def read_json(path: Path) -> list[Record]:
+    """Read back the histories of a JSON written by `write_json` (to merge parallel parts)."""
+    payload = json.loads(path.read_text())
+    return [
+        Record(
+            parse_history(item["id"]),
+            Outcome(item["outcome"], item["detail"]),
+            item["violation"],
+            item["unknown"],
+            item["seconds"],
+            fired=item["fired"],
+            expected_violation=item["expected_violation"],
+        )
+        for item in payload["histories"]
+    ]
