@@ -68,12 +68,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _list() -> int:
+    """Print the catalog, the faults and the drivers."""
+    for shape in CATALOG.values():
+        note = f"  [expected violation: {shape.expected_violation}]"
+        print(f"shape  {shape.name}: {shape.what}{note if shape.expected_violation else ''}")
+    for fault in FAULTS.values():
+        note = f"  [expected violation: {fault.expected_violation}]"
+        print(f"fault  {fault.name}: {fault.what}{note if fault.expected_violation else ''}")
+    print(f"driver {', '.join(DRIVERS)}")
+    return 0
+
+
 def _merge(paths: list[Path]) -> int:
     """Write the docs table from parts run in parallel; their longest run is the wall time."""
     merged = [record for path in paths for record in read_json(path)]
     wall = max(json.loads(path.read_text()).get("seconds", 0.0) for path in paths)
     parts = " + ".join(json.loads(path.read_text())["command"] for path in paths)
     write_docs(ROOT / "docs/guarantees.md", matrix_lines(merged, command=parts, seconds=wall))
+    target = ROOT / "benchmarks/results/explore.json"
+    write_json(target, merged, command=parts, seed=0, seconds=wall)
     print(f"{len(merged)} histories from {len(paths)} parts written into docs/guarantees.md")
     return 0
 
@@ -82,14 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the explorer; return 1 if any history broke a promise."""
     args = _parser().parse_args(argv)
     if args.list:
-        for shape in CATALOG.values():
-            note = f"  [expected violation: {shape.expected_violation}]"
-            print(f"shape  {shape.name}: {shape.what}{note if shape.expected_violation else ''}")
-        for fault in FAULTS.values():
-            note = f"  [expected violation: {fault.expected_violation}]"
-            print(f"fault  {fault.name}: {fault.what}{note if fault.expected_violation else ''}")
-        print(f"driver {', '.join(DRIVERS)}")
-        return 0
+        return _list()
     if args.merge:
         return _merge(args.merge)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(10**6)
