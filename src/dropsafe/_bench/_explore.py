@@ -514,6 +514,7 @@ class Explorer:
         notes = self.listener.collect(f"sentinel:{nonce}")
         notes = Counter({k: v for k, v in notes.items() if k.startswith(nonce)})
         rows, roles = self._rows()
+        orphans = self._roll_back_prepared()
         crashed = FAULTS[history.fault].crashes
         verdict = check(
             shape,
@@ -526,10 +527,16 @@ class Explorer:
             crashed=crashed,
             server_can_tell=FAULTS[history.fault].server_can_tell,
         )
+        violation = verdict.violation
+        if orphans:
+            # A PREPARE TRANSACTION left behind holds its locks until someone decides it.
+            violation = (
+                f"{violation + '; ' if violation else ''}prepared transactions left: {orphans}"
+            )
         record = Record(
             history,
             outcome,
-            verdict.violation,
+            violation,
             verdict.unknown,
             seconds,
             fired=strike is None or strike.fired,
@@ -594,6 +601,14 @@ class Explorer:
                 rows[(key, schema, tag)] += 1
                 roles.add(usr)
         return rows, roles
+
+    def _roll_back_prepared(self) -> list[str]:
+        """Roll back every prepared transaction left by the history; return their gids."""
+        left = self._sql("SELECT gid, database FROM pg_prepared_xacts")
+        for gid, database in left:
+            quoted = gid.replace("'", "''")
+            self._sql(f"ROLLBACK PREPARED '{quoted}'", database=database)
+        return [gid for gid, _ in left]
 
     def _wait_accepting(self) -> None:
         deadline = time.monotonic() + 60
