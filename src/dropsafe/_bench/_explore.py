@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import random
 import select
@@ -26,6 +27,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator  # noqa: TC003 - a dataclass field's type, at runtime
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +47,7 @@ from dropsafe._bench._shapes import run_shape as _run_shape
 from dropsafe.testing._server import PostgresServer, ServerError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
 __all__ = [
     "FAULTS",
@@ -399,7 +401,8 @@ class Explorer:
     proxy: FlightProxy = field(init=False)
     listener: _Listener = field(init=False)
     flights: dict[tuple[str, str], list[str]] = field(default_factory=dict)
-    _stopped: list[int] = field(default_factory=list)
+    _stopped: list[tuple[int, int]] = field(default_factory=list)
+    _stops: Iterator[int] = field(default_factory=itertools.count)
     _admin: dict[str, Any] = field(default_factory=dict)
 
     def __enter__(self) -> Explorer:  # noqa: PYI034 - final in practice
@@ -637,10 +640,19 @@ class Explorer:
                     return
             time.sleep(0.05)  # polling the server's view, within a deadline
 
+    def _resume(self, stop: tuple[int, int]) -> None:
+        """Resume one stop of one history, if its history has not already (never another's)."""
+        try:
+            self._stopped.remove(stop)
+        except ValueError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stop[0], signal.SIGCONT)
+
     def _resume_stopped(self) -> None:
         while self._stopped:
             with contextlib.suppress(ProcessLookupError, IndexError):
-                os.kill(self._stopped.pop(), signal.SIGCONT)
+                os.kill(self._stopped.pop()[0], signal.SIGCONT)
 
     # -- fault actions (on the proxy's loop) -------------------------------------------------
 
@@ -689,10 +701,11 @@ class Explorer:
     def _do_sigstop(self, port: int) -> None:
         pid = self._backend(port)
         os.kill(pid, signal.SIGSTOP)
-        self._stopped.append(pid)
+        stop = (pid, next(self._stops))
+        self._stopped.append(stop)
         # Resumed past the unit's deadline: a frozen server comes back, late. Until then a
         # Terminate sent to it (asyncpg's close, on dispose) would wait with no bound.
-        resume = threading.Timer(UNIT_DEADLINE_S + 1.0, self._resume_stopped)
+        resume = threading.Timer(UNIT_DEADLINE_S + 1.0, self._resume, args=(stop,))
         resume.daemon = True
         resume.start()
 
