@@ -87,7 +87,7 @@ def _merge(paths: list[Path]) -> int:
     parts = " + ".join(json.loads(path.read_text())["command"] for path in paths)
     write_docs(ROOT / "docs/guarantees.md", matrix_lines(merged, command=parts, seconds=wall))
     target = ROOT / "benchmarks/results/explore.json"
-    write_json(target, merged, command=parts, seed=0, seconds=wall)
+    write_json(target, merged, command=parts, seed=0, seconds=wall, full=False)
     print(f"{len(merged)} histories from {len(paths)} parts written into docs/guarantees.md")
     return 0
 
@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     whole = not (args.sample or args.shape or args.fault or args.driver or args.replay)
     name = "explore.json" if whole else "explore-last.json"
     target = args.json or ROOT / "benchmarks/results" / name
-    write_json(target, records, command=command, seed=seed, seconds=seconds)
+    full = args.json is not None  # a part, for --merge: every history
+    write_json(target, records, command=command, seed=seed, seconds=seconds, full=full)
     if whole and not args.no_docs and args.budget is None:
         lines = matrix_lines(records, command=command, seconds=seconds)
         write_docs(ROOT / "docs/guarantees.md", lines)

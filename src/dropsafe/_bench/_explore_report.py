@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from dropsafe._bench._explore import FAULTS, Outcome, Record, parse_history
+from dropsafe._bench._shapes import CATALOG
 from dropsafe._bench._report import load_average, machine, table
 
 if TYPE_CHECKING:
@@ -47,7 +48,9 @@ def matrix_lines(records: list[Record], *, command: str, seconds: float) -> list
     faults = [name for name in FAULTS if any(key[1] == name for key in cells)]
     rows = []
     for shape in sorted(shape_seconds):
-        row: list[object] = [shape, " ".join(sorted(drivers[shape]))]
+        known = CATALOG[shape].expected_violation if shape in CATALOG else None
+        name = f"{shape} (known: {known.removeprefix('issue ')})" if known else shape
+        row: list[object] = [name, " ".join(sorted(drivers[shape]))]
         for fault in faults:
             v, u, n = cells.get((shape, fault), [0, 0, 0])
             row.append(f"{'**' if v else ''}{v}/{u}/{n}{'**' if v else ''}" if n else "")
@@ -64,7 +67,9 @@ def matrix_lines(records: list[Record], *, command: str, seconds: float) -> list
             f"{seconds:.0f} s ({60 * total / max(seconds, 1e-9):.0f} histories per minute) on "
             f"{machine()}, load {load_average()}. Made by `{command}`. "
             "Each cell: violations / unknowns (`CommitOutcomeUnknown`, or a zero-code request "
-            "that raised after its COMMIT was sent) / histories, over every step and driver."
+            "that raised after its COMMIT was sent) / histories, over every step and driver. "
+            "Shapes marked known, and the stats_reset fault (issue 26 item 3), break on the "
+            "code this ran on; every other cell must read 0 violations."
         ),
         "",
     ]
@@ -85,10 +90,27 @@ def write_docs(path: Path, lines: list[str]) -> None:
 
 
 def write_json(
-    path: Path, records: list[Record], *, command: str, seed: int, seconds: float = 0.0
+    path: Path,
+    records: list[Record],
+    *,
+    command: str,
+    seed: int,
+    seconds: float = 0.0,
+    full: bool = True,
 ) -> None:
-    """Write every history's result, with the machine and the command that made them."""
+    """Write the run's results, with the machine and the command that made them.
+
+    ``full`` keeps every history (what ``--merge`` reads back); otherwise the histories that
+    broke a promise or ended unknown are kept whole, and the rest is counted per cell.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    cells: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    for r in records:
+        cell = cells[f"{r.history.shape}:{r.history.driver}:{r.history.fault}"]
+        cell[0] += 1
+        cell[1] += r.violation is not None
+        cell[2] += r.unknown
+        cell[3] = round(cell[3] + r.seconds, 2)
     payload = {
         "machine": machine(),
         "load": load_average(),
@@ -96,6 +118,10 @@ def write_json(
         "command": command,
         "seed": seed,
         "seconds": round(seconds, 1),
+        "histories_total": len(records),
+        "violations_total": sum(r.violation is not None for r in records),
+        "unknowns_total": sum(r.unknown for r in records),
+        "cells [histories, violations, unknowns, seconds]": cells,
         "histories": [
             {
                 "id": r.history.id,
@@ -108,9 +134,10 @@ def write_json(
                 "expected_violation": r.expected_violation,
             }
             for r in records
+            if full or r.violation or r.unknown
         ],
     }
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    path.write_text(json.dumps(payload, indent=None if not full else 0) + "\n")
 
 
 def read_json(path: Path) -> list[Record]:
