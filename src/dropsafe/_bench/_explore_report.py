@@ -8,8 +8,8 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from dropsafe._bench._explore import FAULTS, Outcome, Record, parse_history
-from dropsafe._bench._shapes import CATALOG
 from dropsafe._bench._report import load_average, machine, table
+from dropsafe._bench._shapes import CATALOG
 
 if TYPE_CHECKING:
     from pathlib import Path
