@@ -43,11 +43,18 @@ __all__ = [
     "harden",
     "loaded_asyncio",
     "require_asyncio",
+    "resolve_driver",
 ]
 
 logger = logging.getLogger("dropsafe")
 
 _GUARD_ATTRIBUTE = "_dropsafe_guard"
+# Drivers a URL without one may get, in order of preference, per face; and the module of each.
+_SYNC_CHOICES = ("psycopg2", "psycopg", "pg8000")
+_ASYNC_CHOICES = ("asyncpg", "psycopg")
+_MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg", "pg8000": "pg8000", "asyncpg": "asyncpg"}
+# (URL scheme as given, as read): each reading is logged once per process.
+_SAID: set[tuple[str, str]] = set()
 _E = TypeVar("_E", "Engine", "AsyncEngine")
 
 
@@ -88,7 +95,7 @@ def create_async_engine(
     require_asyncio()
     from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415 - imported on first use
 
-    parsed = _parse(url)
+    parsed = _parse(url, is_async=True)
     try:
         engine = sa_asyncio.create_async_engine(parsed, **engine_kwargs)
     except ImportError as exc:
@@ -234,7 +241,73 @@ def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:
     )
 
 
-def _parse(url: str | URL) -> URL:
+def resolve_driver(
+    url: URL, *, is_async: bool, installed: Callable[[str], bool] | None = None
+) -> URL:
+    """Return ``url`` with the driver it will really use, for ``postgres://`` and bare URLs.
+
+    SQLAlchemy dropped the ``postgres`` alias that Heroku's and many clouds' ``DATABASE_URL``
+    still write, and a bare ``postgresql://`` gets SQLAlchemy's default driver (psycopg 3
+    since 2.1) even when only another one is installed. So: ``postgres`` reads as
+    ``postgresql``; a URL without a driver keeps SQLAlchemy's default when it is installed,
+    else gets the installed one (the first of psycopg2, psycopg, pg8000; asyncpg, psycopg
+    for an async engine). Each reading is logged once, at INFO, with what to write instead.
+    None installed: a `ConfigurationError` naming the pip command. Other URLs are returned
+    as they are.
+    """
+    backend, _, driver = url.drivername.partition("+")
+    if backend not in ("postgres", "postgresql"):
+        return url
+    is_installed = installed or _module_installed
+    if driver and not is_supported(driver):
+        return url  # refused by the caller, who names the supported ones
+    if not driver:
+        chosen = _default_driver(url, is_async=is_async, installed=is_installed)
+        if chosen is None and backend == "postgresql":
+            return url  # SQLAlchemy's own default is installed: nothing to read
+        driver = chosen or url.set(drivername="postgresql").get_dialect().driver
+    resolved = url.set(drivername=f"postgresql+{driver}")
+    _say_once(url.drivername, resolved.drivername)
+    return resolved
+
+
+def _default_driver(url: URL, *, is_async: bool, installed: Callable[[str], bool]) -> str | None:
+    """Name the driver for a URL without one; None when SQLAlchemy's default is installed."""
+    choices = _ASYNC_CHOICES if is_async else _SYNC_CHOICES
+    default = url.set(drivername="postgresql").get_dialect().driver
+    if default in choices and installed(_MODULES.get(default, default)):
+        return None
+    found = [name for name in choices if installed(_MODULES[name])]
+    if not found:
+        extras = ", ".join(f"dropsafe[{name}]" for name in choices)
+        raise ConfigurationError(
+            f"{redact_url(url)} names no driver and no PostgreSQL driver"
+            f"{' for asyncio' if is_async else ''} is installed: pip install one of "
+            f"{extras}, and write postgresql+{choices[0]}://..."
+        )
+    return found[0]
+
+
+def _module_installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _say_once(given: str, read: str) -> None:
+    if (given, read) in _SAID:
+        return
+    _SAID.add((given, read))
+    logger.info(
+        "dropsafe reads %s:// as %s://; write %s:// to say so yourself",
+        given,
+        read,
+        read,
+    )
+
+
+def _parse(url: str | URL, *, is_async: bool = False) -> URL:
     if not isinstance(url, (str, URL)):
         raise ConfigurationError(
             f"url must be a string or sqlalchemy.URL, not {type(url).__name__}"
@@ -246,9 +319,15 @@ def _parse(url: str | URL) -> URL:
     except (sqlalchemy.exc.ArgumentError, ValueError):
         # Text that is not even scheme://... is not echoed: it may be anything, secrets too.
         named = repr(shown) if "://" in shown else "(not shown: it has no scheme://)"
+        hint = (
+            "; percent-encode the user and password ('@' as %40, '/' as %2F, ':' as %3A, "
+            "'%' as %25)"
+            if _split_by_an_at(str(url))
+            else ""
+        )
         raise ConfigurationError(
             f"malformed database URL {named}; expected "
-            "postgresql+DRIVER://user:password@host:port/database"
+            f"postgresql+DRIVER://user:password@host:port/database{hint}"
         ) from None
     split = split_credentials(url)
     if split is not None:
@@ -258,8 +337,22 @@ def _parse(url: str | URL) -> URL:
             f"dropsafe supports PostgreSQL only, not {parsed.get_backend_name()!r} "
             f"in {shown}; supported: {SUPPORTED}"
         )
+    parsed = resolve_driver(parsed, is_async=is_async)
     if not is_supported(parsed.get_driver_name()):
         raise ConfigurationError(
             f"unsupported driver {parsed.get_driver_name()!r} in {shown}; supported: {SUPPORTED}"
         )
     return parsed
+
+
+def _split_by_an_at(text: str) -> bool:
+    """Whether a URL that did not parse has an '@' before the one that ends its credentials.
+
+    A password holding '@' and '/' unencoded may not parse at all (a piece becomes the
+    port): the message then names the likely cause, as `split_credentials` does for those
+    that parse.
+    """
+    _, _, rest = text.partition("://")
+    rest = rest.split("?", 1)[0]
+    authority = rest.rsplit("@", 1)[0] if "@" in rest else ""
+    return "@" in authority

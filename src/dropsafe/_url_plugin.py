@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.engine import CreateEnginePlugin
 
 from dropsafe._drivers import SUPPORTED, is_supported
-from dropsafe._engine import harden
+from dropsafe._engine import harden, resolve_driver
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
 from dropsafe._redaction import redact_url
@@ -66,9 +66,12 @@ class DropsafePlugin(CreateEnginePlugin):
     def __init__(self, url: URL, kwargs: dict[str, Any]) -> None:
         super().__init__(url, kwargs)
         # Checked here, before any engine exists: a bad setting fails create_engine itself.
-        if url.get_backend_name() not in ("postgresql", "postgres") or not is_supported(
-            url.get_driver_name()
-        ):
+        # postgres:// and a URL without a driver are read as create_engine reads them;
+        # update_url hands SQLAlchemy the driver read, before it looks for a dialect.
+        if url.get_backend_name() in ("postgresql", "postgres"):
+            url = resolve_driver(url, is_async=bool(kwargs.get("_is_async")))
+        self.drivername = url.drivername
+        if url.get_backend_name() != "postgresql" or not is_supported(url.get_driver_name()):
             raise ConfigurationError(
                 f"plugin=dropsafe guards PostgreSQL engines only, through a supported driver, "
                 f"not {redact_url(url)}; supported: {SUPPORTED}"
@@ -76,8 +79,12 @@ class DropsafePlugin(CreateEnginePlugin):
         self.policy = policy_from_query(url.query)
 
     def update_url(self, url: URL) -> URL:
-        """Return ``url`` without dropsafe's parameters: the driver would refuse them."""
-        return url.difference_update_query([key for key in url.query if key.startswith(PREFIX)])
+        """Return ``url`` without dropsafe's parameters (the driver would refuse them).
+
+        Its driver is the one read for ``postgres://`` or a URL that names none.
+        """
+        ours = [key for key in url.query if key.startswith(PREFIX)]
+        return url.difference_update_query(ours).set(drivername=self.drivername)
 
     def engine_created(self, engine: Engine) -> None:
         """Guard the new engine (the sync engine, for create_async_engine)."""
