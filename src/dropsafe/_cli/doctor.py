@@ -31,6 +31,8 @@ from dropsafe._policy import ConnectionPolicy, Policy
 from dropsafe._redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from sqlalchemy.engine import URL
 
 __all__ = ["diagnose", "register", "run"]
@@ -286,7 +288,7 @@ def _recommend(facts: dict[str, Any], url: URL) -> list[str]:
     return advice or ["nothing to change"]
 
 
-def _settings_sql(facts: dict[str, Any], settings: dict[str, object]) -> str:
+def _settings_sql(facts: dict[str, Any], settings: Mapping[str, object]) -> str:
     """Say how to set ``settings``, as statements that can be pasted into psql as they are.
 
     A superuser sets them for the server (ALTER SYSTEM, then a reload, which these settings
