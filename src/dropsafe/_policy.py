@@ -210,7 +210,7 @@ class UnitPolicy(_Validated):
             )
 
 
-# Where each knob of the flat Policy of dropsafe 0.1 went, for a helpful error.
+# Where each knob of the pre-release API's flat Policy went, for a helpful error.
 _LAYER_OF = {
     **dict.fromkeys(
         (*ConnectionPolicy._RANGES, *ConnectionPolicy._CHOICES),  # noqa: SLF001

@@ -128,3 +128,9 @@ def test_loading_the_pytest_plugin_imports_neither_sqlalchemy_nor_the_bench():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert loaded.strip() == "['dropsafe.testing', 'dropsafe.testing.pytest_plugin']"
+
+
+def test_the_version_is_public_beside_all():
+    # dropsafe.__version__ is API (users and bug reports read it) without being in __all__.
+    assert isinstance(dropsafe.__version__, str)
+    assert "__version__" not in dropsafe.__all__
