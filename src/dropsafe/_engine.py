@@ -7,6 +7,7 @@ attaches their listeners to the engine's events. One guard per engine, no shared
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import sys
@@ -42,6 +43,7 @@ __all__ = [
     "guard_of",
     "harden",
     "loaded_asyncio",
+    "policy_of",
     "require_asyncio",
     "resolve_driver",
 ]
@@ -134,7 +136,48 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
     guard = EngineGuard(policy or Policy(), sync_engine)
     guard.attach(sync_engine)
     setattr(sync_engine, _GUARD_ATTRIBUTE, guard)
+    # One line per engine, so that a log says the guard is on and with what (URL masked).
+    logger.info(
+        "dropsafe hardened the engine for %s (driver %s): %s",
+        redact_url(sync_engine.url),
+        guard.driver.name,
+        describe(guard.policy),
+    )
     return engine
+
+
+def policy_of(engine: Engine | AsyncEngine) -> Policy | None:
+    """Return the `Policy` an engine is hardened with, or None if dropsafe does not guard it.
+
+    The way to check that ``?plugin=dropsafe`` or `harden` took effect (``engine.url`` no
+    longer shows the plugin), and with which settings.
+
+    Example::
+
+        assert dropsafe.policy_of(engine) is not None
+    """
+    guard = guard_of(engine)
+    return None if guard is None else guard.policy
+
+
+def describe(policy: Policy) -> str:
+    """Say a policy's settings in one line: ``connection: connect_timeout=5, ...; pool: ...``.
+
+    Durations are in seconds, as `Policy` stores them.
+    """
+    layers = []
+    for layer in ("connection", "pool", "unit"):
+        settings = getattr(policy, layer)
+        knobs = ", ".join(
+            f"{each.name}={_shown(getattr(settings, each.name))}"
+            for each in dataclasses.fields(settings)
+        )
+        layers.append(f"{layer}: {knobs}")
+    return "; ".join(layers)
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class EngineGuard:
@@ -256,7 +299,7 @@ def resolve_driver(
     as they are.
     """
     backend, _, driver = url.drivername.partition("+")
-    if backend not in ("postgres", "postgresql"):
+    if backend not in ("postgres", "postgresql") or (backend == "postgresql" and driver):
         return url
     is_installed = installed or _module_installed
     if driver and not is_supported(driver):

@@ -25,6 +25,7 @@ PUBLIC = {
         "create_async_engine",
         "create_engine",
         "harden",
+        "policy_of",
         "request_unit",
         "run_transaction",
         "run_transaction_async",

@@ -137,3 +137,42 @@ def test_the_cli_takes_a_heroku_url_and_fails_in_one_line(capsys):
     assert captured.err.strip().startswith("dropsafe doctor: cannot reach 127.0.0.1:1")
     assert len(captured.err.strip().splitlines()) == 1
     assert SECRET not in captured.out + captured.err
+
+
+def test_a_url_that_names_its_driver_is_read_silently(caplog):
+    with caplog.at_level(logging.INFO, logger="dropsafe"):
+        engine = dropsafe.create_engine("postgresql+pg8000://a:pw@127.0.0.1:1/d")
+    assert engine.dialect.driver == "pg8000"
+    assert "reads" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        dropsafe.create_engine,
+        lambda url: dropsafe.harden(sa.create_engine(url)),
+        lambda url: sa.create_engine(url + "?plugin=dropsafe&dropsafe_deadline=7"),
+        lambda url: dropsafe.create_async_engine(url.replace("psycopg2", "asyncpg")),
+    ],
+    ids=["create_engine", "harden", "url_plugin", "create_async_engine"],
+)
+def test_a_hardened_engine_says_so_once_and_can_be_asked(caplog, make):
+    url = f"postgresql+psycopg2://app:{SECRET}@127.0.0.1:1/app"
+    with caplog.at_level(logging.INFO, logger="dropsafe"):
+        engine = make(url)
+        dropsafe.harden(engine)  # idempotent: not said twice
+    said = [r for r in caplog.records if "hardened the engine" in r.getMessage()]
+    assert len(said) == 1
+    assert said[0].levelno == logging.INFO
+    line = said[0].getMessage()
+    assert SECRET not in caplog.text
+    assert "app:***@127.0.0.1:1/app" in line
+    assert f"(driver {engine.dialect.driver})" in line
+    assert "tcp_user_timeout=10" in line
+    policy = dropsafe.policy_of(engine)
+    assert policy is not None
+    assert f"deadline={policy.unit.deadline:g}" in line
+
+
+def test_an_engine_dropsafe_does_not_guard_has_no_policy():
+    assert dropsafe.policy_of(sa.create_engine("postgresql+psycopg2://a@127.0.0.1:1/d")) is None
