@@ -195,7 +195,9 @@ class UnitPolicy(_Validated):
     backoff_max: Duration = 1.0
     backoff_multiplier: float = 2.0
     #: Absolute bound on a unit of work: connects, runs, backoff and commit resolution.
-    deadline: Duration = 30.0
+    #: Below the 30 s of gunicorn's worker timeout and Heroku's router, so that the app gets
+    #: to answer with the unit's error before its request is killed (docs/settings.md).
+    deadline: Duration = 20.0
     #: Resolve a COMMIT whose reply was lost by asking the server (write transactions only).
     verify_commits: bool = True
     #: How long to keep asking while the server reports the transaction "in progress".

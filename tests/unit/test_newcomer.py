@@ -97,3 +97,18 @@ def test_help_is_laid_out_as_written(capsys, argv):
     assert "Traceback" not in out
     if argv[0] == "doctor":
         assert "\n  - whether the node is a standby\n" in out
+
+
+# The request timeouts of the common web stacks' defaults, in seconds (docs/settings.md).
+WEB_TIMEOUTS = {"gunicorn": 30, "Heroku": 30, "nginx": 60, "(ALB)": 60}
+
+
+def test_the_default_deadline_ends_a_unit_before_a_web_timeout_kills_the_request():
+    # A unit that gives up at 30 s is killed with its gunicorn worker or cut by Heroku's
+    # router first: the app never gets to answer with its own error. Leave time to answer.
+    deadline = dropsafe.UnitPolicy().deadline
+    assert deadline <= min(WEB_TIMEOUTS.values()) - 5
+    settings = (ROOT / "docs" / "settings.md").read_text()
+    assert f"| `deadline` | {deadline:g} s |" in settings
+    for stack in (*WEB_TIMEOUTS, "uWSGI"):
+        assert stack in settings
