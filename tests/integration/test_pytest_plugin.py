@@ -52,3 +52,43 @@ def test_dropsafe_registers_no_unprefixed_marker(pytester):
     assert "@pytest.mark.dropsafe_fault" in markers
     assert "@pytest.mark.fault:" not in markers
     assert "@pytest.mark.slow:" not in markers
+
+
+SESSION_SUITE = """
+import pytest
+import sqlalchemy as sa
+
+PORTS = set()
+
+@pytest.mark.parametrize("n", range(20))
+def test_each_gets_a_fresh_database_on_one_server(postgres_database, n):
+    engine = sa.create_engine(postgres_database.url("psycopg2"))
+    with engine.begin() as conn:
+        # Empty: the table another test made is not here.
+        assert conn.execute(sa.text("SELECT count(*) FROM pg_tables WHERE tablename = 'mine'"
+                                    )).scalar_one() == 0
+        conn.execute(sa.text("CREATE TABLE mine (n int)"))
+        assert conn.execute(sa.text("SELECT current_database()")).scalar_one() == (
+            postgres_database.name)
+        conn.execute(sa.text("SELECT 1"))  # a session left open is ended by the DROP
+    PORTS.add(postgres_database.server.port)
+    assert len(PORTS) == 1
+"""
+
+FUNCTION_SUITE = """
+import pytest
+import sqlalchemy as sa
+
+@pytest.mark.parametrize("n", range(20))
+def test_each_gets_a_fresh_server(postgres_server, n):
+    engine = sa.create_engine(postgres_server.url("psycopg2"))
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE mine (n int)"))
+    engine.dispose()
+"""
+
+
+def test_the_session_server_gives_each_test_a_fresh_database(pytester):
+    pytester.makepyfile(test_user=SESSION_SUITE)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--durations=0")
+    result.assert_outcomes(passed=20)

@@ -1,10 +1,13 @@
 """pytest plugin: fixtures for real PostgreSQL servers and network faults, registered on install.
 
-Fixtures: ``postgres_server`` (a fresh TLS server per test), ``chaos_proxy`` (a proxy in front
-of it), ``kernel_blackhole`` (drops a port's packets in the kernel), ``idle_reaper`` (a
-middlebox in the kernel that forgets a port's idle flows) and ``patroni_cluster`` (a
-three-node Patroni cluster with etcd and HAProxy per test module); these skip where they
-cannot run, or fail when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI. Markers:
+Fixtures: ``postgres_server`` (a fresh TLS server per test), ``postgres_session_server`` (one
+server for the whole session) and ``postgres_database`` (a fresh, empty database on it per test,
+for tests that do not stop or break the server), ``chaos_proxy`` (a proxy in front of
+``postgres_server``), ``kernel_blackhole`` (drops a port's packets in the kernel),
+``idle_reaper`` (a middlebox in the kernel that forgets a port's idle flows) and
+``patroni_cluster`` (a three-node Patroni cluster with etcd and HAProxy per test module);
+these skip where they cannot run, or fail when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI.
+Markers:
 ``dropsafe_slow`` and ``dropsafe_fault``; with pytest-timeout installed (``dropsafe[testing]``
 brings it), a ``dropsafe_fault`` test without its own timeout gets ``DEFAULT_FAULT_TIMEOUT``
 seconds. Their names carry the prefix because the plugin is loaded into every suite: a user's
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
 
+    from dropsafe.testing._database import Database
     from dropsafe.testing._middlebox import IdleReaper
     from dropsafe.testing._patroni import PatroniCluster
     from dropsafe.testing._proxy import ChaosProxy
@@ -83,6 +87,35 @@ def postgres_server() -> Iterator[PostgresServer]:
 
     with PostgresServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_session_server() -> Iterator[PostgresServer]:
+    """Give the whole session one PostgreSQL server with TLS on, removed at its end.
+
+    For tests that do not stop, restart or break the server; each gets its own database from
+    ``postgres_database``. A test that does break it takes ``postgres_server`` instead.
+    """
+    from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_database(postgres_session_server: PostgresServer) -> Iterator[Database]:
+    """Give each test a fresh, empty database on the session's server, dropped after the test.
+
+    ``.url(driver)`` reaches it; a test costs a CREATE and a DROP DATABASE, not a server start.
+    """
+    from dropsafe.testing._database import Database  # noqa: PLC0415 - see the module doc
+
+    database = Database(postgres_session_server)
+    database.create()
+    try:
+        yield database
+    finally:
+        database.drop()
 
 
 @pytest.fixture
