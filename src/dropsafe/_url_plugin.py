@@ -25,7 +25,7 @@ from sqlalchemy.engine import CreateEnginePlugin
 from dropsafe._drivers import SUPPORTED, is_supported
 from dropsafe._engine import harden, resolve_driver
 from dropsafe._errors import ConfigurationError
-from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
+from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy, parse_knob
 from dropsafe._redaction import redact_url
 
 if TYPE_CHECKING:
@@ -49,10 +49,6 @@ _LAYERS: dict[str, type[ConnectionPolicy | PoolPolicy | UnitPolicy]] = {
 KNOBS: dict[str, str] = {
     each.name: layer for layer, kind in _LAYERS.items() for each in dataclasses.fields(kind)
 }
-
-_TRUE = frozenset({"true", "yes", "on", "1"})
-_FALSE = frozenset({"false", "no", "off", "0"})
-_NONE = frozenset({"none", "off"})
 
 
 class DropsafePlugin(CreateEnginePlugin):
@@ -131,38 +127,4 @@ def _parse(
     key: str, kind: type[ConnectionPolicy | PoolPolicy | UnitPolicy], knob: str, text: str
 ) -> object:
     """Parse one parameter's text to the type of its knob; the layer checks its range."""
-    word = text.strip().lower()
-    choices = kind._CHOICES.get(knob)  # noqa: SLF001 - the layer's own list of its types
-    if choices is not None:
-        return _choice(key, choices, text)
-    if knob in kind._BOOLEANS:  # noqa: SLF001 - the layer's own list of its types
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-        raise ConfigurationError(f"URL parameter {key} must be true or false: {text!r}")
-    if knob in kind._OPTIONAL and word in _NONE:  # noqa: SLF001
-        return None
-    if knob in kind._INTEGERS:  # noqa: SLF001
-        try:
-            return int(word)
-        except ValueError:
-            raise ConfigurationError(f"URL parameter {key} must be an integer: {text!r}") from None
-    try:
-        return float(word)
-    except ValueError:
-        off = " (or none)" if knob in kind._OPTIONAL else ""  # noqa: SLF001
-        raise ConfigurationError(
-            f"URL parameter {key} must be a number of seconds{off}: {text!r}"
-        ) from None
-
-
-def _choice(key: str, choices: tuple[object, ...], text: str) -> object:
-    """Parse a knob that takes one of a few values (``none`` for None, where allowed)."""
-    word = text.strip().lower()
-    if word in _NONE and None in choices:
-        return None
-    if word in choices:
-        return word
-    allowed = ", ".join("none" if choice is None else str(choice) for choice in choices)
-    raise ConfigurationError(f"URL parameter {key} must be one of {allowed}: {text!r}")
+    return parse_knob(kind, knob, text, f"URL parameter {key}")
