@@ -112,3 +112,16 @@ def test_the_default_deadline_ends_a_unit_before_a_web_timeout_kills_the_request
     assert f"| `deadline` | {deadline:g} s |" in settings
     for stack in (*WEB_TIMEOUTS, "uWSGI"):
         assert stack in settings
+
+
+def test_the_demo_script_installs_only_what_the_demo_needs():
+    script = (ROOT / "scripts" / "demo.sh").read_text()
+    code = "\n".join(line for line in script.splitlines() if not line.lstrip().startswith("#"))
+    assert "setup.sh" not in code  # the full bench: Chromium, Patroni, etcd, HAProxy, ...
+    for tool in ("chromium", "patroni", "etcd", "haproxy", "pgbouncer", "nftables", "[dev]"):
+        assert tool not in code
+    assert '".[$extras]"' in code
+    assert "extras=demo" in code
+    assert "exec .venv/bin/dropsafe demo" in code
+    # scripts/test.sh keeps installing the full bench.
+    assert "setup.sh" in (ROOT / "scripts" / "test.sh").read_text()
