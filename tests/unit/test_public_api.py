@@ -41,6 +41,7 @@ PUBLIC = {
         "FirstStatementReplayed",
         "Hook",
         "LoggingHook",
+        "OpenTelemetryHook",
         "PingSucceeded",
         "PrometheusHook",
         "RetriesGaveUp",
