@@ -137,12 +137,13 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
     guard.attach(sync_engine)
     setattr(sync_engine, _GUARD_ATTRIBUTE, guard)
     # One line per engine, so that a log says the guard is on and with what (URL masked).
-    logger.info(
-        "dropsafe hardened the engine for %s (driver %s): %s",
-        redact_url(sync_engine.url),
-        guard.driver.name,
-        describe(guard.policy),
-    )
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "dropsafe hardened the engine for %s (driver %s): %s",
+            redact_url(sync_engine.url),
+            guard.driver.name,
+            describe(guard.policy),
+        )
     return engine
 
 
