@@ -118,7 +118,8 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
     """Guard an engine made elsewhere (Flask-SQLAlchemy, a framework's settings); return it.
 
     Idempotent: hardening twice changes nothing. Connect arguments apply to connections
-    opened from now on. Hardening again with a different policy is refused.
+    opened from now on. Hardening again with a different policy is refused. The ``dropsafe``
+    logger says once, at INFO, that the engine is hardened and with what; `policy_of` asks.
     """
     sync_engine: object = getattr(engine, "sync_engine", engine)
     if not isinstance(sync_engine, Engine):
