@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import sqlalchemy as sa
 
@@ -88,3 +90,12 @@ def test_a_bad_variable_does_not_hide_an_error_in_code(monkeypatch):
     monkeypatch.setenv("DROPSAFE_DEADLINE", "12")
     with pytest.raises(ConfigurationError, match=r"^UnitPolicy\.max_attempts must be within"):
         UnitPolicy(max_attempts=0)
+
+
+def test_a_units_override_keeps_the_engines_knobs_not_the_environments(monkeypatch):
+    # run_transaction(..., deadline=2) replaces one knob of the engine's UnitPolicy: the others
+    # stay the engine's, even where a variable says otherwise.
+    engine_unit = UnitPolicy(max_attempts=3)
+    monkeypatch.setenv("DROPSAFE_MAX_ATTEMPTS", "11")
+    overridden = dataclasses.replace(engine_unit, deadline=2)
+    assert (overridden.deadline, overridden.max_attempts) == (2, 3)
