@@ -51,10 +51,10 @@ __all__ = [
 logger = logging.getLogger("dropsafe")
 
 _GUARD_ATTRIBUTE = "_dropsafe_guard"
-# Drivers a URL without one may get, in order of preference, per face; and the module of each.
+# Drivers a URL without one may get, in order of preference, per face (each driver's module
+# has its name).
 _SYNC_CHOICES = ("psycopg2", "psycopg", "pg8000")
 _ASYNC_CHOICES = ("asyncpg", "psycopg")
-_MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg", "pg8000": "pg8000", "asyncpg": "asyncpg"}
 # (URL scheme as given, as read): each reading is logged once per process.
 _SAID: set[tuple[str, str]] = set()
 _E = TypeVar("_E", "Engine", "AsyncEngine")
@@ -320,9 +320,9 @@ def _default_driver(url: URL, *, is_async: bool, installed: Callable[[str], bool
     """Name the driver for a URL without one; None when SQLAlchemy's default is installed."""
     choices = _ASYNC_CHOICES if is_async else _SYNC_CHOICES
     default = url.set(drivername="postgresql").get_dialect().driver
-    if default in choices and installed(_MODULES.get(default, default)):
+    if default in choices and installed(default):
         return None
-    found = [name for name in choices if installed(_MODULES[name])]
+    found = [name for name in choices if installed(name)]
     if not found:
         extras = ", ".join(f"dropsafe[{name}]" for name in choices)
         raise ConfigurationError(
