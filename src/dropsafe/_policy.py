@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union
@@ -161,7 +162,7 @@ def _environment_defaults(kind: type[_V]) -> type[_V]:
         try:
             init(self, *args, **kwargs)
         except ConfigurationError as exc:
-            named = [name for name in from_environment if f".{name} " in str(exc)]
+            named = [name for name in from_environment if re.search(rf"\b{name}\b", str(exc))]
             if not named:
                 raise
             variable = f"{environment_name(named[0])}={from_environment[named[0]]!r}"

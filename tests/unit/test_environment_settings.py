@@ -77,6 +77,7 @@ def test_without_variables_the_defaults_are_the_built_in_ones(monkeypatch):
         ("DROPSAFE_KEEPALIVE_COUNT", "2.5", "DROPSAFE_KEEPALIVE_COUNT must be an integer"),
         ("DROPSAFE_POOLER", "statement", "DROPSAFE_POOLER must be one of none, session, trans"),
         ("DROPSAFE_VERIFY_COMMITS", "maybe", "DROPSAFE_VERIFY_COMMITS must be true or false"),
+        ("DROPSAFE_BACKOFF_INITIAL", "2", r"DROPSAFE_BACKOFF_INITIAL='2': UnitPolicy\.backoff_max"),
     ],
 )
 def test_a_malformed_variable_is_refused_naming_it(monkeypatch, variable, text, message):
