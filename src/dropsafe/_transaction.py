@@ -241,7 +241,8 @@ async def run_transaction_async(
 
     Example::
 
-        post_id = await dropsafe.run_transaction_async(AsyncSession, create_post_async)
+        Sessions = async_sessionmaker(engine)  # not the AsyncSession class: it has no engine
+        post_id = await dropsafe.run_transaction_async(Sessions, create_post_async)
     """
     require_asyncio()
     from sqlalchemy.util import greenlet_spawn  # noqa: PLC0415 - needs greenlet
