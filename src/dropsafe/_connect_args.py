@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from dropsafe._hosts import HostOrder
 from dropsafe._policy import ConnectionPolicy, seconds
+from dropsafe._process import renew_lock_in_child
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,6 +46,7 @@ class ConnectArguments:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
+        renew_lock_in_child(self)  # another thread may hold it at a fork
         # With several hosts, where connects start (never moved by connects in flight).
         self._host_order = HostOrder(driver)
 

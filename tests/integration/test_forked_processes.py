@@ -1,0 +1,51 @@
+"""A process forked after its parent used dropsafe keeps every promise (issue 31).
+
+Fault: a statement that never ends on its own (``pg_sleep(60)``: a hung backend, as the client
+sees it) in children forked after the parent ran a unit of work and a checkout ping, as
+gunicorn ``--preload``, uWSGI and Celery's prefork pool do. Checked, in real forked processes
+(tests/integration/processes/fork_children.py): each child's unit with ``deadline=2`` gives up
+within a few seconds (before the fix the watchdog thread existed only in the parent: killed at
+15 s), and the children's backoff delays differ (before: one sequence for all of them).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.fault
+
+SCRIPT = Path(__file__).parent / "processes" / "fork_children.py"
+DRIVERS = ["psycopg2", "psycopg", "pg8000"]
+# The children's deadline is 2 s; a loaded machine (2 cores shared with other runs) adds some.
+BOUND = 6.0
+
+
+@pytest.fixture(scope="module", params=DRIVERS)
+def children(request, shared_server):
+    driver = request.param
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), shared_server.url(driver)],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_a_forked_child_gives_up_at_its_deadline(children):
+    for report in children:
+        assert report["outcome"] not in ("killed", "crashed", "returned"), children
+        assert report["elapsed"] < BOUND, children
+
+
+def test_forked_children_back_off_differently(children):
+    sequences = {tuple(report["delays"]) for report in children}
+    assert all(len(report["delays"]) == 2 for report in children), children
+    assert len(sequences) == len(children), children
