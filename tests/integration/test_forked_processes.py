@@ -49,3 +49,16 @@ def test_forked_children_back_off_differently(children):
     sequences = {tuple(report["delays"]) for report in children}
     assert all(len(report["delays"]) == 2 for report in children), children
     assert len(sequences) == len(children), children
+
+
+def test_a_forked_child_leaves_its_parents_servers_alone():
+    # Fault: a child forked while the parent runs a PostgresServer exits normally.
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "fork_and_exit.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"alive": True, "folder_kept": True}
