@@ -11,7 +11,6 @@ connect starts where `HostOrder` says.
 
 from __future__ import annotations
 
-import logging
 import math
 import socket
 import threading
@@ -19,6 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._hosts import HostOrder
+from dropsafe._log import SafeLogger
 from dropsafe._policy import ConnectionPolicy, seconds
 from dropsafe._process import renew_lock_in_child
 
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ConnectArguments", "tune_socket"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 
 class ConnectArguments:

@@ -8,7 +8,6 @@ attaches their listeners to the engine's events. One guard per engine, no shared
 from __future__ import annotations
 
 import importlib.util
-import logging
 import sys
 from collections import deque
 from types import ModuleType
@@ -25,6 +24,7 @@ from dropsafe._errors import ConfigurationError
 from dropsafe._invalidation import InvalidationScope
 from dropsafe._lifetime import ConnectionLifetime
 from dropsafe._liveness import CheckoutCheck
+from dropsafe._log import SafeLogger
 from dropsafe._policy import Policy
 from dropsafe._quiet_rollback import QuietRollback
 from dropsafe._redaction import redact_url, split_credentials
@@ -45,7 +45,7 @@ __all__ = [
     "require_asyncio",
 ]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 _GUARD_ATTRIBUTE = "_dropsafe_guard"
 _E = TypeVar("_E", "Engine", "AsyncEngine")

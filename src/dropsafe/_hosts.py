@@ -15,11 +15,11 @@ has seen that one fail.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from dropsafe._log import SafeLogger
 from dropsafe._process import renew_lock_in_child
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HostOrder", "rotate"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 
 class HostOrder:

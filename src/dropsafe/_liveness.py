@@ -20,7 +20,6 @@ alive.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import threading
 import time
@@ -31,6 +30,7 @@ import sqlalchemy.exc
 
 from dropsafe._drivers import Driver, Health
 from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
 from dropsafe._policy import PoolPolicy, seconds
 from dropsafe._process import renew_lock_in_child
 from dropsafe._redaction import describe_error
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckoutCheck"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 
 class _EntryState:

@@ -103,7 +103,7 @@ def _primary_message(error: BaseException) -> str:
     # pg8000 gives the server's fields as a dict (M: the message; D: DETAIL, with row data).
     fields = error.args[0] if len(error.args) == 1 else None
     if isinstance(fields, dict) and isinstance(fields.get("M"), str):
-        return fields["M"]
+        return str(fields["M"])
     # libpq, psycopg and SQLAlchemy put DETAIL, HINT, CONTEXT, SQL and parameters on the lines
     # after the first, the last two also after the first "[" at the end of the first line.
     first = str(error).split("\n", 1)[0]
