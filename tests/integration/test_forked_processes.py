@@ -5,7 +5,8 @@ sees it) in children forked after the parent ran a unit of work and a checkout p
 gunicorn ``--preload``, uWSGI and Celery's prefork pool do. Checked, in real forked processes
 (tests/integration/processes/fork_children.py): each child's unit with ``deadline=2`` gives up
 within a few seconds (before the fix the watchdog thread existed only in the parent: killed at
-15 s), and the children's backoff delays differ (before: one sequence for all of them).
+15 s), a checkout's ping of a stopped backend gives up at ``ping_timeout=1`` and hands out a
+fresh connection, and the children's backoff delays differ (before: one sequence for all).
 """
 
 from __future__ import annotations
@@ -43,6 +44,13 @@ def test_a_forked_child_gives_up_at_its_deadline(children):
     for report in children:
         assert report["outcome"] not in ("killed", "crashed", "returned"), children
         assert report["elapsed"] < BOUND, children
+
+
+def test_a_forked_childs_checkout_ping_gives_up_at_its_timeout(children):
+    pings = [report.get("ping") for report in children]
+    if all(ping == "not permitted" for ping in pings):
+        pytest.skip("stopping the server's backend needs root or the server's user")
+    assert all(isinstance(ping, float) and ping < BOUND for ping in pings), children
 
 
 def test_forked_children_back_off_differently(children):

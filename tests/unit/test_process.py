@@ -12,8 +12,14 @@ import socket
 import threading
 import time
 
+import pytest
+
 from dropsafe._process import renew_lock_in_child, reseed_in_child
 from dropsafe._socket_shutdown import shut_down_at
+
+# Python 3.12+ warns that forking a process with threads may deadlock the child: that is what
+# these tests fork on purpose, and what dropsafe's renewal is for.
+pytestmark = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
 
 CHILD_BOUND = 10.0
 

@@ -10,10 +10,12 @@ SQLAlchemy's own after-fork step (``engine.dispose(close=False)``):
   server) and records the backoff delays it was given (`RetryScheduled` events);
 - runs a unit of work with ``deadline=DEADLINE`` whose statement never ends on its own (a
   ``pg_sleep`` far longer than the deadline, the server's stand-in for a hung backend), and
-  records how long it took to be given up and with which error.
+  records how long it took to be given up and with which error;
+- checks out a connection whose backend is stopped (SIGSTOP), and records how long the
+  checkout's ping took to give up on it (``ping_timeout=PING_TIMEOUT``) and hand out a fresh one.
 
 The parent bounds each child (``CHILD_BOUND``), kills one that overruns, and prints one JSON
-line: per child the delays, the elapsed time and the error type (or "killed").
+line: per child the delays, the elapsed time, the error type (or "killed"), the ping's time.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from dropsafe.events import RetryScheduled
 
 CHILDREN = 4
 DEADLINE = 2.0
-CHILD_BOUND = 15.0
+PING_TIMEOUT = 1.0
+CHILD_BOUND = 20.0
 SERIALIZATION_FAILURE = sa.text(
     "DO $$ BEGIN RAISE EXCEPTION 'planted conflict' USING ERRCODE = '40001'; END $$"
 )
@@ -47,7 +50,7 @@ def main(url: str) -> None:
 
     policy = dropsafe.Policy(
         unit=dropsafe.UnitPolicy(max_attempts=3, backoff_initial=0.02, backoff_max=0.02),
-        pool=dropsafe.PoolPolicy(ping_after_idle=0),
+        pool=dropsafe.PoolPolicy(ping_after_idle=0, ping_timeout=PING_TIMEOUT),
         hooks=(record,),
     )
     engine = dropsafe.create_engine(url, policy=policy)
@@ -125,6 +128,28 @@ def child(engine, delays, failures, fails_twice, out: int) -> None:
         outcome = type(exc).__name__
     report = {"outcome": outcome, "elapsed": time.monotonic() - started}
     os.write(out, (json.dumps(report) + "\n").encode())
+    os.write(out, (json.dumps({"ping": checkout_past_a_stopped_backend(engine)}) + "\n").encode())
+
+
+def checkout_past_a_stopped_backend(engine: sa.Engine) -> float | str:
+    """Stop the backend of the pooled connection; time the checkout that pings it (or why not).
+
+    The checkout's ping meets a backend that never answers (SIGSTOP): at ``ping_timeout`` the
+    watchdog shuts the socket down and the pool hands out a fresh connection.
+    """
+    with engine.connect() as conn:
+        backend = int(conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
+    try:
+        os.kill(backend, signal.SIGSTOP)
+    except PermissionError:
+        return "not permitted"  # the server runs as another user and we are not root
+    try:
+        started = time.monotonic()
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        return time.monotonic() - started
+    finally:
+        os.kill(backend, signal.SIGCONT)
 
 
 if __name__ == "__main__":
