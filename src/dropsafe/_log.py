@@ -52,7 +52,8 @@ class SafeLogger(logging.LoggerAdapter):  # type: ignore[type-arg] # generic onl
         """Log as ``Logger.log`` does, unless a handler raises: then report it and go on."""
         if not self.logger.isEnabledFor(level):
             return
-        kwargs.setdefault("stacklevel", 3)  # the caller of debug() or warning(), not us
+        # The caller of debug() or warning(), not this method (logging skips its own frames).
+        kwargs.setdefault("stacklevel", 2)
         try:
             self.logger.log(level, msg, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any handler's error, by design
