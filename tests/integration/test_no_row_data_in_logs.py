@@ -1,12 +1,13 @@
-"""Query parameters and row data appear in no log line and no event, whatever ``hide_parameters``.
+"""Query parameters and row data appear in no log line, no event and no metric (issue 31).
 
 Faults: a unit of work whose statements carry planted values (an e-mail, a social security
 number, a password hash as bound parameters) loses its connection (its backend terminated),
 then fails with a serialization failure whose DETAIL quotes a planted row value, until it gives
-up. Searched: every field of every event, and every record the ``dropsafe`` logger writes,
-formatted with its traceback, at DEBUG. Before the fix, SQLAlchemy's ``[parameters: ...]`` and
-the server's DETAIL reached `RetryScheduled`, `RetriesGaveUp` and `ConnectionInvalidated`, and
-the log lines made of them.
+up; with ``hide_parameters`` off and on. Searched: every field of every event, every record
+the ``dropsafe`` logger writes, formatted with its traceback, at DEBUG, and every metric
+`PrometheusHook` exposes. Before the fix, SQLAlchemy's ``[parameters: ...]`` and the server's
+DETAIL reached `RetryScheduled`, `RetriesGaveUp` and `ConnectionInvalidated`, and the log lines
+made of them (8 of 8 cases).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
-from dropsafe.events import LoggingHook
+from dropsafe.events import LoggingHook, PrometheusHook
+
+prometheus_client = pytest.importorskip("prometheus_client")
 
 pytestmark = pytest.mark.fault
 
@@ -68,10 +71,10 @@ def lines():
     logger.setLevel(level)
 
 
-def _policy(events):
+def _policy(events, registry):
     return dropsafe.Policy(
         unit=dropsafe.UnitPolicy(max_attempts=3, backoff_initial=0, backoff_max=0),
-        hooks=(events.append, LoggingHook()),
+        hooks=(events.append, LoggingHook(), PrometheusHook(registry)),
     )
 
 
@@ -82,10 +85,12 @@ def _attempt(conn, runs):
     conn.execute(CONFLICT, {"hash": PASSWORD_HASH})
 
 
-def _check(events, lines):
+def _check(events, lines, registry):
     kinds = {type(event).__name__ for event in events}
     assert {"RetryScheduled", "RetriesGaveUp"} <= kinds, kinds
-    texts = [repr(dataclasses.asdict(event)) for event in events] + lines
+    metrics = prometheus_client.generate_latest(registry).decode()
+    assert "dropsafe_retries_total" in metrics
+    texts = [repr(dataclasses.asdict(event)) for event in events] + lines + [metrics]
     assert any("40001" in text or "serialize" in text for text in texts), texts
     leaks = [text for text in texts for value in PLANTED if value in text]
     assert not leaks, leaks
@@ -95,10 +100,11 @@ def _check(events, lines):
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg", "pg8000"])
 def test_no_planted_value_in_any_event_or_log_line(server, lines, driver, hide_parameters):
     events: list[object] = []
+    registry = prometheus_client.CollectorRegistry()
     engine = dropsafe.create_engine(
         server.url(driver),
         connect_args=server.connect_args(driver),
-        policy=_policy(events),
+        policy=_policy(events, registry),
         hide_parameters=hide_parameters,
     )
     runs: list[int] = []
@@ -107,15 +113,16 @@ def test_no_planted_value_in_any_event_or_log_line(server, lines, driver, hide_p
             dropsafe.run_transaction(engine, lambda conn: _attempt(conn, runs))
     finally:
         engine.dispose()
-    _check(events, lines)
+    _check(events, lines, registry)
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 def test_no_planted_value_in_any_async_event_or_log_line(server, lines, driver):
     events: list[object] = []
+    registry = prometheus_client.CollectorRegistry()
 
     async def scenario():
-        engine = dropsafe.create_async_engine(server.url(driver), policy=_policy(events))
+        engine = dropsafe.create_async_engine(server.url(driver), policy=_policy(events, registry))
         runs: list[int] = []
 
         async def attempt(conn):
@@ -128,4 +135,4 @@ def test_no_planted_value_in_any_async_event_or_log_line(server, lines, driver):
             await engine.dispose()
 
     asyncio.run(scenario())
-    _check(events, lines)
+    _check(events, lines, registry)
