@@ -63,6 +63,10 @@ def _in_child() -> None:
 os.register_at_fork(after_in_child=_in_child)
 
 
+# What eventlet calls the modules it patches, where that is not their own name.
+_EVENTLET_NAMES = {"_thread": "thread"}
+
+
 def unpatched(module: str, name: str) -> Any:  # noqa: ANN401 - whatever the module holds
     """Return ``module.name`` as the interpreter made it, even after gevent or eventlet patched it.
 
@@ -75,6 +79,9 @@ def unpatched(module: str, name: str) -> Any:  # noqa: ANN401 - whatever the mod
     if gevent_monkey is not None:
         return gevent_monkey.get_original(module, name)
     eventlet_patcher = sys.modules.get("eventlet.patcher")
-    if eventlet_patcher is not None:
+    # eventlet's original() imports a second copy of the module: only when it patched one.
+    if eventlet_patcher is not None and eventlet_patcher.is_monkey_patched(
+        _EVENTLET_NAMES.get(module, module)
+    ):
         return getattr(eventlet_patcher.original(module), name)
     return getattr(importlib.import_module(module), name)

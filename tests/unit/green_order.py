@@ -1,13 +1,15 @@
-"""Under gevent, in either import order, the watchdog and the socket look still work.
+"""Under gevent or eventlet, in any import order, the watchdog and the socket look still work.
 
-Run as a script: ``python gevent_order.py before|used-before|after`` imports dropsafe before
-``gevent.monkey.patch_all()`` (and uses the watchdog before it, for ``used-before``) or after.
-Prints one JSON line:
+Run as a script: ``python green_order.py gevent|eventlet before|used-before|after`` imports
+dropsafe before the library's monkey patching (``gevent.monkey.patch_all()``,
+``eventlet.monkey_patch()``), uses the watchdog before it too for ``used-before``, or imports
+dropsafe after it. Prints one JSON line:
 
 - ``deadline``: for each of three greenlets blocked reading a silent TCP socket under
   ``shut_down_at`` (deadline 0.3 s), the seconds it took, or an error's type;
 - ``hangup``: what the checkout's socket look says of a TCP connection whose peer closed
-  (gevent's own ``select.poll`` reports no hang-up: such a connection cost a ping).
+  (gevent's own ``select.poll`` reports no hang-up: such a connection cost a ping; eventlet
+  removes ``select.poll``: the look raised AttributeError).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import json
 import socket
 import sys
 import time
+import warnings
 
-ORDER = sys.argv[1]
+warnings.simplefilter("ignore")  # eventlet warns that it is deprecated, on import
+LIBRARY, ORDER = sys.argv[1], sys.argv[2]
 if ORDER in ("before", "used-before"):
     from dropsafe._drivers import _SocketPoll
     from dropsafe._socket_shutdown import shut_down_at
@@ -29,11 +33,17 @@ if ORDER == "used-before":
     left.close()
     right.close()
 
-from gevent import monkey  # noqa: E402 - the import order is the point
+if LIBRARY == "gevent":
+    import gevent
+    from gevent import monkey
 
-monkey.patch_all()
+    monkey.patch_all()
+    spawn, sleep = gevent.spawn, gevent.sleep
+else:
+    import eventlet
 
-import gevent  # noqa: E402 - after the patch, as apps do
+    eventlet.monkey_patch()
+    spawn, sleep = eventlet.spawn, eventlet.sleep
 
 if ORDER == "after":
     from dropsafe._drivers import _SocketPoll
@@ -63,8 +73,8 @@ def blocked_read() -> object:
         server.close()
 
 
-reads = [gevent.spawn(blocked_read) for _ in range(3)]
-gevent.joinall(reads, timeout=20)
+reads = [spawn(blocked_read) for _ in range(3)]
+results = [read.get() if LIBRARY == "gevent" else read.wait() for read in reads]
 client, server = tcp_pair()
 look = _SocketPoll(client)
 quiet = look().name
@@ -72,7 +82,7 @@ server.close()
 deadline = time.monotonic() + 5
 hangup = look().name
 while hangup == "QUIET" and time.monotonic() < deadline:  # the FIN is on its way
-    gevent.sleep(0.01)
+    sleep(0.01)
     hangup = look().name
 client.close()
-print(json.dumps({"deadline": [r.value for r in reads], "quiet": quiet, "hangup": hangup}))
+print(json.dumps({"deadline": results, "quiet": quiet, "hangup": hangup}))
