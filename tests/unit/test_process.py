@@ -94,3 +94,21 @@ def test_the_watchdog_works_in_a_child_forked_after_it_started():
             return a.recv(1) == b"" and bound.expired
 
     assert _in_child(child_wait) == 0
+
+
+def test_what_an_engine_registers_goes_with_it():
+    # Every engine registers its locks and its lifetime generator for renewal after a fork:
+    # held weakly, so 1,000 engines made and dropped leave nothing behind.
+    import gc  # noqa: PLC0415 - only here
+
+    import dropsafe  # noqa: PLC0415
+    from dropsafe import _process  # noqa: PLC0415
+
+    url = "postgresql+psycopg2://app@127.0.0.1:1/app"
+    dropsafe.create_engine(url).dispose()  # what the first engine loads, once per process
+    gc.collect()
+    before = (len(_process._LOCKED), len(_process._GENERATORS))
+    for _ in range(1000):
+        dropsafe.create_engine(url).dispose()
+    gc.collect()
+    assert (len(_process._LOCKED), len(_process._GENERATORS)) == before
