@@ -70,3 +70,21 @@ def test_a_forked_child_leaves_its_parents_servers_alone():
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.splitlines()[-1]) == {"alive": True, "folder_kept": True}
+
+
+def test_a_child_without_the_after_fork_step_is_no_worse_than_plain(shared_server):
+    # Fault: a child uses the connection its parent pooled, then exits (closing it). Plain
+    # SQLAlchemy: the child's transaction works, the parent's next query fails on the closed
+    # connection. dropsafe must do no worse in either process.
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT.parent / "fork_without_dispose.py"), shared_server.url()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    plain, guarded = report["plain"], report["dropsafe"]
+    for process in ("child", "parent_after"):
+        assert guarded[process] == "ok" or guarded[process] == plain[process], report
