@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import logging
 import sys
 from collections import deque
 from types import ModuleType
@@ -26,6 +25,7 @@ from dropsafe._errors import ConfigurationError
 from dropsafe._invalidation import InvalidationScope
 from dropsafe._lifetime import ConnectionLifetime
 from dropsafe._liveness import CheckoutCheck
+from dropsafe._log import SafeLogger
 from dropsafe._policy import Policy
 from dropsafe._quiet_rollback import QuietRollback
 from dropsafe._redaction import redact_url, split_credentials
@@ -48,7 +48,7 @@ __all__ = [
     "resolve_driver",
 ]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 _GUARD_ATTRIBUTE = "_dropsafe_guard"
 # Drivers a URL without one may get, in order of preference, per face (each driver's module

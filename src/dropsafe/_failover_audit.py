@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._hooks import emit
+from dropsafe._process import renew_in_child, renew_lock_in_child
 from dropsafe._recording import lsn_number
 from dropsafe._redaction import describe_error
 from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife, text_or_none
@@ -195,6 +196,7 @@ class Remembered:
         self._held: list[_Commit] = []  # taken out, not answered yet
         self._tries = 0
         self._lock = threading.Lock()
+        renew_lock_in_child(self)  # another thread may hold it at a fork
 
     def add(self, pending: PendingCommit, unit: str, committed_at: float) -> bool:
         """Remember an acknowledged commit; return whether a check is due now."""
@@ -263,6 +265,14 @@ class Remembered:
 
 _MEMORY: weakref.WeakKeyDictionary[Engine, Remembered] = weakref.WeakKeyDictionary()
 _MEMORY_LOCK = threading.Lock()
+
+
+def _renew_memory_lock() -> None:
+    global _MEMORY_LOCK  # noqa: PLW0603 - another thread may hold it at a fork
+    _MEMORY_LOCK = threading.Lock()
+
+
+renew_in_child(_renew_memory_lock)
 
 
 def remember_commit(engine: Engine, pending: PendingCommit, unit: str) -> bool:

@@ -33,6 +33,7 @@ from sqlalchemy import event
 
 from dropsafe._classify import classify
 from dropsafe._errors import ConfigurationError
+from dropsafe._process import renew_in_child
 from dropsafe._server_life import (
     SERVER_LIFE_SQL,
     WAL_POSITION_SQL,
@@ -179,6 +180,14 @@ def recording(*, read_xid: bool = True) -> Iterator[CommitRecorder]:
 
 _RECORDING_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 _INSTALL_LOCK = threading.Lock()
+
+
+def _renew_install_lock() -> None:
+    global _INSTALL_LOCK  # noqa: PLW0603 - another thread may hold it at a fork
+    _INSTALL_LOCK = threading.Lock()
+
+
+renew_in_child(_renew_install_lock)
 
 
 def record_commits(engine: Engine) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 from urllib.parse import quote, unquote
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, StatementError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -49,6 +49,9 @@ _PASSWORD_PARAM = re.compile(
 # SQL: CREATE/ALTER ROLE ... PASSWORD 'secret' (quotes doubled inside; E'' strings too), as
 # psql's errors, a server's log and SQLAlchemy's messages quote it.
 _SQL_PASSWORD = re.compile(r"(?P<head>\bPASSWORD\s+E?)'(?:[^']|'')*'?", re.IGNORECASE)
+# What SQLAlchemy appends to a message, when it is all on one line: cut there, then the spaces
+# before it stripped (a leading ``\s*`` in the pattern would make a search quadratic).
+_SQLALCHEMY_TAIL = re.compile(r"\[(?:SQL|parameters|SQL parameters hidden)\b")
 # The shortest piece of a secret that `SecretMask` hides; shorter ones are too common in
 # ordinary text (a secret shorter than this is masked only where a rule finds it).
 _MIN_PIECE = 4
@@ -104,8 +107,34 @@ def _mask_userinfo(word: str) -> str:
 
 
 def describe_error(error: BaseException) -> str:
-    """Name an error in one masked string (``Type: message``), for events and messages."""
-    return redact_text(f"{type(error).__name__}: {error}")
+    """Name an error in one masked string (``Type: message``), for events and messages.
+
+    Only the primary message, as the driver gives it: SQLAlchemy's ``[SQL: ...]`` and
+    ``[parameters: ...]``, and the server's DETAIL, HINT and CONTEXT, which quote the row
+    values a constraint or a conflict was about, never reach an event or a log line, whatever
+    ``hide_parameters`` says (plain SQLAlchemy logs parameters only with ``echo``)::
+
+        OperationalError: (psycopg2.errors.SerializationFailure) could not serialize access
+    """
+    inner = error.orig if isinstance(error, StatementError) else None
+    if isinstance(inner, BaseException):
+        kind = type(inner)
+        message = f"({kind.__module__}.{kind.__qualname__}) {_primary_message(inner)}"
+    else:
+        message = _primary_message(error)
+    return redact_text(f"{type(error).__name__}: {message}")
+
+
+def _primary_message(error: BaseException) -> str:
+    # pg8000 gives the server's fields as a dict (M: the message; D: DETAIL, with row data).
+    fields = error.args[0] if len(error.args) == 1 else None
+    if isinstance(fields, dict) and isinstance(fields.get("M"), str):
+        return str(fields["M"])
+    # libpq, psycopg and SQLAlchemy put DETAIL, HINT, CONTEXT, SQL and parameters on the lines
+    # after the first, the last two also after the first "[" at the end of the first line.
+    first = str(error).split("\n", 1)[0]
+    tail = _SQLALCHEMY_TAIL.search(first)
+    return (first[: tail.start()] if tail else first).rstrip()
 
 
 def url_password(text: str) -> str | None:

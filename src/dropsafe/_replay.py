@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -52,6 +51,7 @@ from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
 from dropsafe._session_state import CHANGED, may_change_session, session_differs, snapshot
 from dropsafe.events import FirstStatementReplayed
@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OPT_OUT", "FirstStatementReplay", "forgo_replay"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 #: The execution option that opts a statement (or a Connection, an engine) out of the replay.
 OPT_OUT = "dropsafe_replay"

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._classify import classify
+from dropsafe._process import renew_lock_in_child
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -98,6 +99,7 @@ class _ServerLives:
         # Engines one of whose servers answered the WAL position: their marks read it.
         self._wal_readable: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._lock = threading.Lock()
+        renew_lock_in_child(self)  # another thread may hold it at a fork
 
     def learn(self, connection: Connection) -> None:
         """Read the life of ``connection``'s server, once per DBAPI connection, if it must be.

@@ -326,6 +326,9 @@ async def _run_once_async(
                     try:
                         with recorder.committing():
                             await handle.commit()
+                    except asyncio.CancelledError as cancel:
+                        _note_cancelled_commit(cancel, recorder)
+                        raise
                     except Exception as exc:  # noqa: BLE001 - reported to the core
                         if not shapes.commit_completed(handle):
                             return _commit_failed(result, exc, recorder)
@@ -339,6 +342,23 @@ async def _run_once_async(
         return Failed(_refusal_or(exc, recorder), reached_server)
     finally:
         _IN_UNIT.reset(token)
+
+
+def _note_cancelled_commit(cancel: BaseException, recorder: CommitRecorder) -> None:
+    """Say on a cancellation that the COMMIT was in flight: nothing else tells the caller.
+
+    A cancelled task must end with ``CancelledError`` (asyncio and anyio depend on it), so the
+    unit cannot end as `CommitOutcomeUnknown`; the caller's ``TimeoutError`` carries this note
+    in its cause. The xid, when recorded, lets an operator ask ``pg_xact_status``.
+    """
+    if not hasattr(cancel, "add_note"):  # Python 3.10
+        return
+    pending = recorder.pending
+    xid = "" if pending is None else f" (xid {pending.xid})"
+    cancel.add_note(
+        f"dropsafe: cancelled while its COMMIT was in flight{xid}: the transaction may or may "
+        "not have committed; check before running it again"
+    )
 
 
 @contextlib.asynccontextmanager

@@ -38,7 +38,6 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -63,6 +62,7 @@ from dropsafe.testing._runtime import (
     cleanup,
     free_port,
     log_tail,
+    owners_finalizer,
     stop_process,
 )
 from dropsafe.testing._server import ServerError, _make_certificate, run_psql, url_query
@@ -304,7 +304,7 @@ class PatroniCluster(Service):
         self._cut: contextlib.ExitStack | None = None
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer kills
         # Not `track`: the postmasters Patroni started are no children of ours, and must go too.
-        self._finalizer = weakref.finalize(self, _cleanup, self._processes, self.base_dir)
+        self._finalizer = owners_finalizer(self, _cleanup, self._processes, self.base_dir)
         remove_on_sigterm(self.base_dir, self._finalizer)
 
     def __repr__(self) -> str:

@@ -252,14 +252,31 @@ def stop_process(
 
 def track(
     service: object, processes: list[subprocess.Popen[bytes]], base_dir: Path
-) -> weakref.finalize[[list[subprocess.Popen[bytes]], Path], object]:
+) -> weakref.finalize[..., object]:
     """Return the finalizer that ends ``service``'s processes and removes its files.
 
     It runs at ``close()``, when the service is garbage, at exit, and on SIGTERM.
     """
-    finalizer = weakref.finalize(service, cleanup, processes, base_dir)
+    finalizer = owners_finalizer(service, cleanup, processes, base_dir)
     remove_on_sigterm(base_dir, finalizer)
     return finalizer
+
+
+def owners_finalizer(
+    service: object, action: Callable[..., object], *args: object
+) -> weakref.finalize[..., object]:
+    """Return ``weakref.finalize(service, action, *args)``, acting only in this process.
+
+    A forked child inherits the finalizer with the service; at its normal exit (a gunicorn
+    worker's, a test's forked helper's) it would kill the parent's servers and remove their
+    files. In any other process than the one that made it, it does nothing.
+    """
+    return weakref.finalize(service, _in_owner, os.getpid(), action, *args)
+
+
+def _in_owner(owner: int, action: Callable[..., object], *args: object) -> None:
+    if os.getpid() == owner:
+        action(*args)
 
 
 def cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
