@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from dropsafe._hooks import emit
 from dropsafe._recording import lsn_number
 from dropsafe._redaction import describe_error
-from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife, text_or_none
+from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife
 from dropsafe._watchdog import bounded
 from dropsafe.events import AcknowledgedCommitLost
 
@@ -120,7 +120,7 @@ def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | No
     own life: ask later). Pure: the module's docstring says why each rule holds.
     """
     theirs = answer.server_life
-    if answer.in_recovery or any(commit.server_life == theirs for commit in commits):
+    if answer.in_recovery or any(commit.server_life.same_history(theirs) for commit in commits):
         return None
     newest_old_life = commits[-1].server_life if commits else None
     verdicts: list[Verdict | None] = []
@@ -158,7 +158,7 @@ def _cannot_judge(
     """Say why this answer proves nothing about this commit (None: it does)."""
     if commit.server_life.system_identifier != answer.server_life.system_identifier:
         return "a server of another database cluster took over"
-    if commit.server_life != newest_old_life:
+    if not commit.server_life.same_history(newest_old_life):
         return "the server failed over (or crashed) more than once before it was asked"
     if answer.fork_lsn is None:
         return (
@@ -200,6 +200,15 @@ class Remembered:
         """Remember an acknowledged commit; return whether a check is due now."""
         life = pending.server_life
         with self._lock:
+            newest = self._newest_life
+            if newest is not None and (newest is life or newest.same_history(life)):
+                # One object per history: a stats reset or a clean restart since the first
+                # commit of it makes a life that differs but is the same history.
+                life = newest
+            else:
+                if newest is not None:
+                    self._due = True
+                self._newest_life = life
             slot = self._next % self.size
             self._next += 1
             self._xids[slot] = pending.xid
@@ -207,11 +216,6 @@ class Remembered:
             self._times[slot] = committed_at
             self._units[slot] = unit
             self._lives[slot] = life
-            newest = self._newest_life
-            if newest is not life and newest != life:
-                if newest is not None:
-                    self._due = True
-                self._newest_life = life
             return self._due
 
     def take_older(self) -> tuple[list[_Commit], ServerLife | None]:
@@ -227,7 +231,7 @@ class Remembered:
             for number in range(first, self._next):
                 slot = number % self.size
                 life = self._lives[slot]
-                if life is None or life == newest:
+                if life is None or life is newest:
                     continue
                 taken.append(
                     _Commit(
@@ -334,7 +338,7 @@ def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
         connection.close()
     statuses = str(row[4]).split(",") if row[4] else []
     return ServerAnswer(
-        ServerLife(text_or_none(row[0]), text_or_none(row[1])),
+        ServerLife.read(row[0], row[1]),
         bool(row[2]),
         None if row[3] is None else lsn_number(row[3]),
         statuses,

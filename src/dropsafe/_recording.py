@@ -38,7 +38,6 @@ from dropsafe._server_life import (
     doubt_server_life,
     remember_server_life,
     server_life_of,
-    text_or_none,
     wal_position_readable,
 )
 
@@ -207,7 +206,7 @@ def _read_before_commit(conn: Connection) -> None:
             doubt_server_life(conn.engine)
         conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
     if server_life is None:
-        server_life = ServerLife(text_or_none(row[2]), text_or_none(row[3]))
+        server_life = ServerLife.read(row[2], row[3])
         remember_server_life(conn.engine, driver_connection, server_life)
     recorder.server_life = server_life
     # No xid: the transaction wrote nothing, and running it again is harmless.

@@ -30,7 +30,7 @@ from dropsafe._classify import classify, sqlstate_of
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
-from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife, text_or_none
+from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife
 from dropsafe._watchdog import bounded
 from dropsafe.events import CommitResolved
 
@@ -124,8 +124,8 @@ class _Resolution:
         self.standby_answered = answer.in_recovery
         if answer.in_recovery:
             return "again"  # a standby may lag its primary: only a primary can vouch
-        same_history = ours.provable and theirs == ours
-        other_history = ours.provable and theirs != ours
+        same_history = ours.same_history(theirs)
+        other_history = ours.provable and not same_history
         status = answer.status
         if status == "aborted" or (other_history and status in ("in progress", "future")):
             # A committed xid is never handed out again: a newer transaction holds ours.
@@ -238,7 +238,7 @@ def resolve_commit(
 def _ask(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> _Answer:
     with _questioning(pool, resolution) as run:
         server = run(f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery()")
-        server_life = ServerLife(text_or_none(server[0]), text_or_none(server[1]))
+        server_life = ServerLife.read(server[0], server[1])
         if server[2]:
             return _Answer(None, server_life, in_recovery=True)  # a standby assigns no xid
         return _Answer(
