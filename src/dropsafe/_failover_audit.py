@@ -273,6 +273,8 @@ def remember_commit(engine: Engine, pending: PendingCommit, unit: str) -> bool:
     """Remember an acknowledged commit of ``engine``; True: call `audit_after_failover` now."""
     if not pending.server_life.provable:
         return False  # no life to tell a failover by
+    if pending.asynchronous:
+        return False  # wrote nothing: the mark gave it an xid (for a NOTIFY it may have queued)
     memory = _MEMORY.get(engine)
     if memory is None:
         with _MEMORY_LOCK:

@@ -11,11 +11,17 @@ The same statement reads the server's WAL insert position (on engines whose serv
 at the first read of its life), a lower bound of the commit record's LSN, which
 `dropsafe._failover_audit` compares with a promoted standby's fork point.
 
-A transaction that wrote has an xid; one that only read has none and may simply run again.
-``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a transaction whose statements
-mention it is given one here (``pg_current_xact_id()``) and counts as having written. If the
-COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of this xid. Why the
-read is not sent in the same flight as COMMIT: docs/guarantees.md.
+A transaction that wrote has an xid. One that did not may still have an effect at COMMIT:
+``NOTIFY`` (spelled in a statement, or queued by a function or a trigger) takes its xid only
+there, and nothing a client can read shows that a notification is queued. So the mark gives
+every transaction on a primary an xid: one whose statements mention "notify" gets a plain one
+(``pg_current_xact_id()``); any other that has none yet gets one with ``synchronous_commit``
+off for that transaction only (``set_config(..., true)``): its COMMIT then writes a commit
+record but waits for no WAL flush and no standby, so a read-only unit pays no flush; after a
+crash such an xid is unknown, never "aborted" (a listener may have heard it before the crash).
+A standby assigns no xid (and refuses NOTIFY): there the transaction has none and may run
+again. If the COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of
+this xid. Why the read is not sent in the same flight as COMMIT: docs/guarantees.md.
 """
 
 from __future__ import annotations
@@ -56,9 +62,32 @@ _NOTIFY = re.compile(r"notify", re.IGNORECASE)
 # [read the WAL insert position: a lower bound of the commit record's LSN, which
 # `dropsafe._failover_audit` compares with a promoted standby's fork point; only on engines
 # whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
+#: What follows an xid that the mark assigned with ``synchronous_commit`` off.
+_ASYNCHRONOUS = " async"
+
+
+def _xid_expression(modern: bool, assign: bool) -> str:
+    """Return the mark's first column: the xid as text, assigning one where there is none.
+
+    ``assign``: a plain xid (a statement mentioned NOTIFY: its COMMIT flushes, as any write's).
+    Otherwise the xid already assigned, or on a primary a new one whose COMMIT waits for no
+    flush, marked `_ASYNCHRONOUS`. (CASE evaluates lazily: a standby never assigns.)
+    """
+    current = "pg_current_xact_id" if modern else "txid_current"
+    if assign:
+        return f"{current}()::text"
+    assigned = f"{current}_if_assigned()"
+    return (
+        f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::text "
+        "WHEN pg_is_in_recovery() THEN NULL "
+        "WHEN set_config('synchronous_commit', 'off', true) = 'off' "
+        f"THEN {current}()::text || '{_ASYNCHRONOUS}' END"
+    )
+
+
 _READS = {
     (modern, assign, with_life, with_wal): (
-        f"SELECT {xid_function}()::text, pg_backend_pid()"
+        f"SELECT {_xid_expression(modern, assign)}, pg_backend_pid()"
         + (f", {SERVER_LIFE_SQL}" if with_life else "")
         + (f", {WAL_POSITION_SQL}" if with_wal else "")
     )
@@ -66,11 +95,6 @@ _READS = {
     for assign in (True, False)
     for with_life in (True, False)
     for with_wal in (True, False)
-    for xid_function in [
-        ("pg_current_xact_id" if assign else "pg_current_xact_id_if_assigned")
-        if modern
-        else ("txid_current" if assign else "txid_current_if_assigned")
-    ]
 }
 
 
@@ -79,13 +103,15 @@ class PendingCommit:
     """A COMMIT that was about to be sent: its xid, its backend and its server's life.
 
     ``wal_lsn`` is the server's WAL insert position read in the same statement, as a number
-    (0: not read): the commit record lies at or after it.
+    (0: not read): the commit record lies at or after it. ``asynchronous``: the mark assigned
+    the xid with ``synchronous_commit`` off (the transaction had none: it wrote nothing).
     """
 
     xid: int
     backend_pid: int
     server_life: ServerLife
     wal_lsn: int = 0
+    asynchronous: bool = False
 
 
 class CommitRecorder:
@@ -214,7 +240,11 @@ def _read_before_commit(conn: Connection) -> None:
         None
         if row[0] is None
         else PendingCommit(
-            int(row[0]), int(row[1]), server_life, lsn_number(row[-1]) if with_wal else 0
+            int(str(row[0]).removesuffix(_ASYNCHRONOUS)),
+            int(row[1]),
+            server_life,
+            lsn_number(row[-1]) if with_wal else 0,
+            asynchronous=str(row[0]).endswith(_ASYNCHRONOUS),
         )
     )
     recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
