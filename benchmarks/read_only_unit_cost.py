@@ -1,0 +1,85 @@
+"""What a unit that only reads pays for its xid: ``python benchmarks/read_only_unit_cost.py``.
+
+The xid read before COMMIT gives every transaction on a primary an xid, so that a NOTIFY queued
+where no statement says so (a function, a trigger) is resolved rather than run twice
+(docs/guarantees.md, "Effects at COMMIT without an xid"). A unit that wrote nothing gets its xid
+with ``synchronous_commit`` off for that transaction: this script measures what that costs,
+per unit, with ``pg_stat_wal`` (WAL records, bytes, writes, flushes) and the xids used, and the
+latency of the unit, for:
+
+- ``read``: a unit of one SELECT (the case this change affects);
+- ``read, flushed xid``: the same unit taking an xid in its own statement
+  (``pg_current_xact_id()``), which commits synchronously: what a plain xid would cost.
+
+Run it with ``PYTHONPATH=<an older src>`` to measure an older dropsafe the same way.
+``--units N`` (3000), ``--driver`` (psycopg2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import sqlalchemy as sa
+
+import dropsafe
+from dropsafe.testing import PostgresServer
+
+ARMS = {
+    "read": "SELECT v FROM t",
+    "read, flushed xid": "SELECT v FROM t, pg_current_xact_id()",
+}
+
+
+def _wal(server: PostgresServer) -> list[float]:
+    row = server.execute("SELECT wal_records, wal_bytes, wal_write, wal_sync FROM pg_stat_wal")
+    return [float(value) for value in row[0]]
+
+
+def _xid(server: PostgresServer) -> int:
+    return int(server.execute("SELECT pg_current_xact_id()")[0][0])
+
+
+def measure(server: PostgresServer, driver: str, statement: str, units: int) -> str:
+    """Run ``units`` units of ``statement``; return one line of per-unit costs."""
+    engine = dropsafe.create_engine(server.url(driver), pool_size=1)
+    query = sa.text(statement)
+    try:
+        for _ in range(200):  # warm: connections, server life, caches
+            dropsafe.run_transaction(engine, lambda c: c.execute(query).all())
+        wal_before, xid_before = _wal(server), _xid(server)
+        latencies = []
+        for _ in range(units):
+            started = time.perf_counter()
+            dropsafe.run_transaction(engine, lambda c: c.execute(query).all())
+            latencies.append(time.perf_counter() - started)
+        wal_after, xid_after = _wal(server), _xid(server)
+    finally:
+        engine.dispose()
+    records, wal_bytes, writes, flushes = (
+        (after - before) / units for before, after in zip(wal_before, wal_after, strict=True)
+    )
+    latencies.sort()
+    return (
+        f"median {statistics.median(latencies) * 1e6:.0f} us, "
+        f"p99 {latencies[int(units * 0.99)] * 1e6:.0f} us; per unit: {records:.2f} WAL records, "
+        f"{wal_bytes:.0f} bytes, {writes:.3f} writes, {flushes:.3f} flushes, "
+        f"{(xid_after - xid_before - 1) / units:.2f} xids"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--units", type=int, default=3000)
+    parser.add_argument("--driver", default="psycopg2")
+    args = parser.parse_args()
+    print(f"dropsafe from {dropsafe.__file__}")
+    with PostgresServer() as server:
+        server.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+        for arm, statement in ARMS.items():
+            print(f"{args.driver}, {arm}: {measure(server, args.driver, statement, args.units)}")
+
+
+if __name__ == "__main__":
+    main()
