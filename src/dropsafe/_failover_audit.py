@@ -12,11 +12,12 @@ How, and why it holds (checked on a real primary and asynchronous standby, Postg
   L0, a lower bound of the commit record's LSN (no round trip: one more column). Each
   acknowledged commit is kept as (server life, xid, L0, unit, time) in a ring of fixed size
   per engine, preallocated: memory stays flat, and the healthy path pays an append.
-- When a unit commits a write on a server life other than the remembered commits', its
-  server is asked once, in one statement: its life, ``pg_last_wal_replay_lsn()`` (F: after a
-  promotion or a crash recovery it stays at the end of the last record replayed, where the new
-  history forked off the old; NULL if the server never recovered since it started) and the
-  status of every remembered xid of the older lives.
+- When a unit commits a write on another history than the remembered commits'
+  (`ServerLife.same_history`: a crash or a failover; a stats reset or a clean restart alone is
+  the same history), its server is asked once, in one statement: its life,
+  ``pg_last_wal_replay_lsn()`` (F: after a promotion or a crash recovery it stays at the end of
+  the last record replayed, where the new history forked off the old; NULL if the server never
+  recovered since it started) and the status of every remembered xid of the older lives.
 - A commit is LOST if L0 >= F: its commit record starts at or after L0, past everything the
   new server replayed. Else its status is the truth: the unit wrote (it has an xid) before its
   mark, so a WAL record carrying its xid ends before L0 < F and was replayed, which advanced
@@ -28,9 +29,10 @@ How, and why it holds (checked on a real primary and asynchronous standby, Postg
   batch (two failovers before a write reached the new server): ``unknown``, never silence.
 
 Not covered (docs/guarantees.md): commits of a process that restarted (the ring is in memory),
-more than the ring holds, a unit whose writes leave no WAL before its mark (only temporary or
-unlogged tables, only NOTIFY), and a new server that restarted cleanly or crashed again before
-a unit committed there.
+more than the ring holds, a unit that wrote nothing (its xid, assigned by the mark without a
+flush, is not remembered), a unit whose writes leave no WAL before its mark (only temporary or
+unlogged tables), a new server that restarted cleanly or crashed again before a unit committed
+there, and a stats reset followed by a clean restart between two commits (reported unknown).
 """
 
 from __future__ import annotations
