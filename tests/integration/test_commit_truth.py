@@ -35,7 +35,7 @@ import dropsafe
 from dropsafe import CommitOutcomeUnknown
 from dropsafe._recording import record_commits
 from dropsafe.events import CommitResolved
-from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
+from dropsafe.testing import ChaosProxy, PgBouncer, PostgresServer, ServerError
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 
@@ -491,6 +491,61 @@ def _backend_pid(engine_connection):
     if info is not None and hasattr(info, "backend_pid"):
         return info.backend_pid
     return driver_connection.get_backend_pid()  # psycopg2
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_silent_notify_behind_a_transaction_mode_pooler_is_heard_once(
+    server, kernel_blackhole, driver
+):
+    # PgBouncer (transaction mode) between: the xid read and the COMMIT may run on any server
+    # connection; PgBouncer's reply to the COMMIT is dropped on its way to the client.
+    server.execute(NOTIFYING_SCHEMA)
+    listener = _listen(server)
+    recorder = Recorder()
+    with PgBouncer(server, pool_mode="transaction") as bouncer:
+        unit = Unit(
+            driver,
+            bouncer.url(driver),
+            SILENT_NOTIFIERS["function"],
+            policy=dropsafe.Policy(
+                connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2, pooler="transaction"),
+                hooks=(recorder,),
+            ),
+        )
+        holes = contextlib.ExitStack()
+        try:
+            with holes:
+                assert (
+                    unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole)) == "done"
+                )
+            heard = _heard(listener, server)
+        finally:
+            listener.close()
+    assert heard == ["function", "end"]
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_unit_on_a_hot_standby_takes_no_xid(server, driver):
+    # A standby assigns no xid: the read before COMMIT must not try (every read-only unit on
+    # a standby would fail), and NOTIFY stays refused there.
+    standby = server.make_standby()
+    try:
+        reader = Unit(
+            driver, standby.url(driver), ["SELECT count(*) FROM ledger"], policy=dropsafe.Policy()
+        )
+        assert reader.run() == "done"
+        notifier = Unit(
+            driver,
+            standby.url(driver),
+            ["SELECT pg_notify('dropsafe_test', 'standby')"],
+            policy=dropsafe.Policy(unit=dropsafe.UnitPolicy(max_attempts=1)),
+        )
+        with pytest.raises(sa.exc.DBAPIError, match="during recovery"):
+            notifier.run()
+    finally:
+        standby.close()
 
 
 # -- 7. routine maintenance is not a crash -------------------------------------------------------
