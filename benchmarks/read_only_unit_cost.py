@@ -5,7 +5,7 @@ where no statement says so (a function, a trigger) is resolved rather than run t
 (docs/guarantees.md, "Effects at COMMIT without an xid"). A unit that wrote nothing gets its xid
 with ``synchronous_commit`` off for that transaction: this script measures what that costs,
 per unit, with ``pg_stat_wal`` (WAL records, bytes, writes, flushes) and the xids used, and the
-latency of the unit, for:
+latency of the unit, on a server with ``fsync`` on, for:
 
 - ``read``: a unit of one SELECT (the case this change affects);
 - ``read, flushed xid``: the same unit taking an xid in its own statement
@@ -54,9 +54,16 @@ def measure(server: PostgresServer, driver: str, statement: str, units: int) -> 
             started = time.perf_counter()
             dropsafe.run_transaction(engine, lambda c: c.execute(query).all())
             latencies.append(time.perf_counter() - started)
-        wal_after, xid_after = _wal(server), _xid(server)
     finally:
         engine.dispose()
+    # A backend reports its WAL counters at most once a second, and when it exits: wait for it.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and server.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE backend_type = 'client backend' "
+        "AND pid <> pg_backend_pid()"
+    ):
+        time.sleep(0.05)
+    wal_after, xid_after = _wal(server), _xid(server)
     records, wal_bytes, writes, flushes = (
         (after - before) / units for before, after in zip(wal_before, wal_after, strict=True)
     )
@@ -75,7 +82,8 @@ def main() -> None:
     parser.add_argument("--driver", default="psycopg2")
     args = parser.parse_args()
     print(f"dropsafe from {dropsafe.__file__}")
-    with PostgresServer() as server:
+    # Durable as in production: the test servers' default turns fsync off.
+    with PostgresServer(settings={"fsync": "on", "full_page_writes": "on"}) as server:
         server.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
         for arm, statement in ARMS.items():
             print(f"{args.driver}, {arm}: {measure(server, args.driver, statement, args.units)}")

@@ -14,11 +14,11 @@ at the first read of its life), a lower bound of the commit record's LSN, which
 A transaction that wrote has an xid. One that did not may still have an effect at COMMIT:
 ``NOTIFY`` (spelled in a statement, or queued by a function or a trigger) takes its xid only
 there, and nothing a client can read shows that a notification is queued. So the mark gives
-every transaction on a primary an xid: one whose statements mention "notify" gets a plain one
-(``pg_current_xact_id()``); any other that has none yet gets one with ``synchronous_commit``
-off for that transaction only (``set_config(..., true)``): its COMMIT then writes a commit
-record but waits for no WAL flush and no standby, so a read-only unit pays no flush; after a
-crash such an xid is unknown, never "aborted" (a listener may have heard it before the crash).
+every transaction on a primary an xid: one that has none yet gets one with
+``synchronous_commit`` off for that transaction only (``set_config(..., true)``): its COMMIT
+writes a commit record but waits for no WAL flush and no standby (PostgreSQL would not flush
+it anyway: it wrote nothing before), so a read-only unit pays no flush; after a crash such an
+xid is unknown, never "aborted" (a listener may have heard it before the crash).
 A standby assigns no xid (and refuses NOTIFY): there the transaction has none and may run
 again. If the COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of
 this xid. Why the read is not sent in the same flight as COMMIT: docs/guarantees.md.
@@ -69,13 +69,15 @@ _ASYNCHRONOUS = " async"
 def _xid_expression(modern: bool, assign: bool) -> str:
     """Return the mark's first column: the xid as text, assigning one where there is none.
 
-    ``assign``: a plain xid (a statement mentioned NOTIFY: its COMMIT flushes, as any write's).
-    Otherwise the xid already assigned, or on a primary a new one whose COMMIT waits for no
-    flush, marked `_ASYNCHRONOUS`. (CASE evaluates lazily: a standby never assigns.)
+    The xid already assigned (the transaction wrote: its COMMIT flushes), or on a primary a new
+    one, marked `_ASYNCHRONOUS`: PostgreSQL flushes no commit record of a transaction that
+    wrote no WAL before it (``RecordTransactionCommit``), and ``synchronous_commit`` off makes
+    that hold too for one that wrote WAL without an xid (a read that pruned a page). So the
+    same for ``assign`` (a statement mentioned NOTIFY) or not: a NOTIFY's COMMIT never waited
+    for a flush. (CASE evaluates lazily: a standby never assigns.)
     """
+    del assign
     current = "pg_current_xact_id" if modern else "txid_current"
-    if assign:
-        return f"{current}()::text"
     assigned = f"{current}_if_assigned()"
     return (
         f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::text "
