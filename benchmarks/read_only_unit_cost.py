@@ -8,8 +8,7 @@ per unit, with ``pg_stat_wal`` (WAL records, bytes, writes, flushes) and the xid
 latency of the unit, on a server with ``fsync`` on, for:
 
 - ``read``: a unit of one SELECT (the case this change affects);
-- ``read, flushed xid``: the same unit taking an xid in its own statement
-  (``pg_current_xact_id()``), which commits synchronously: what a plain xid would cost.
+- ``write``: a unit of one INSERT, for scale: what a COMMIT that flushes costs here.
 
 Run it with ``PYTHONPATH=<an older src>`` to measure an older dropsafe the same way.
 ``--units N`` (3000), ``--driver`` (psycopg2).
@@ -28,7 +27,7 @@ from dropsafe.testing import PostgresServer
 
 ARMS = {
     "read": "SELECT v FROM t",
-    "read, flushed xid": "SELECT v FROM t, pg_current_xact_id()",
+    "write": "INSERT INTO w VALUES (1)",
 }
 
 
@@ -47,12 +46,12 @@ def measure(server: PostgresServer, driver: str, statement: str, units: int) -> 
     query = sa.text(statement)
     try:
         for _ in range(200):  # warm: connections, server life, caches
-            dropsafe.run_transaction(engine, lambda c: c.execute(query).all())
+            dropsafe.run_transaction(engine, lambda c: c.execute(query))
         wal_before, xid_before = _wal(server), _xid(server)
         latencies = []
         for _ in range(units):
             started = time.perf_counter()
-            dropsafe.run_transaction(engine, lambda c: c.execute(query).all())
+            dropsafe.run_transaction(engine, lambda c: c.execute(query))
             latencies.append(time.perf_counter() - started)
     finally:
         engine.dispose()
@@ -84,7 +83,7 @@ def main() -> None:
     print(f"dropsafe from {dropsafe.__file__}")
     # Durable as in production: the test servers' default turns fsync off.
     with PostgresServer(settings={"fsync": "on", "full_page_writes": "on"}) as server:
-        server.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+        server.execute("CREATE TABLE t (v int); INSERT INTO t VALUES (1); CREATE TABLE w (v int)")
         for arm, statement in ARMS.items():
             print(f"{args.driver}, {arm}: {measure(server, args.driver, statement, args.units)}")
 
