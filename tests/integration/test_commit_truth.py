@@ -644,6 +644,58 @@ def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
     assert not life().same_history(after_crash)
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_commit_whose_reply_a_clean_restart_lost_is_still_proven(
+    server, kernel_blackhole, driver
+):
+    # The COMMIT is done, its reply lost; the server restarts cleanly (fast) before the resolver
+    # asks. A clean restart reuses no xid: the new checkpointer is another process, but the
+    # statistics are kept, so "committed" is still proven (as it was before issue 26).
+    recorder = Recorder()
+    unit = Unit(
+        driver,
+        server.url(driver),
+        insert(8),
+        policy=dropsafe.Policy(
+            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
+            unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
+            hooks=(recorder,),
+        ),
+    )
+    holes = contextlib.ExitStack()
+    lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
+    restarts = []
+
+    def restart_once_committed(engine):
+        lose_the_reply(engine)
+
+        @sa.event.listens_for(engine, "commit")
+        def restart_after_it(connection):
+            if restarts:
+                return
+            pid = _backend_pid(connection)
+
+            def restart():
+                _wait(
+                    lambda: server.execute(
+                        f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
+                    ),
+                    20,
+                    "the COMMIT to be done on the server",
+                )
+                server.restart("fast")
+
+            restarts.append(threading.Thread(target=restart, daemon=True))
+            restarts[0].start()
+
+    with holes:
+        assert unit.run(before_commit=restart_once_committed) == "done"
+    restarts[0].join(30)
+    assert rows(server, 8) == 1
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
 # -- 8. a COMMIT that waits for a synchronous standby ------------------------------------------
 
 
