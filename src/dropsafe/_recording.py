@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -54,29 +53,20 @@ if TYPE_CHECKING:
 
 __all__ = ["CommitRecorder", "PendingCommit", "lsn_number", "record_commits", "recording"]
 
-# A statement that may queue a notification: NOTIFY or pg_notify().
-_NOTIFY = re.compile(r"notify", re.IGNORECASE)
-# The backend's pid is read in the mark, not once per connection: behind a transaction-mode
-# pooler each transaction may run on another backend, and the resolver fences that one.
-# The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life]
-# [read the WAL insert position: a lower bound of the commit record's LSN, which
-# `dropsafe._failover_audit` compares with a promoted standby's fork point; only on engines
-# whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 #: What follows an xid that the mark assigned with ``synchronous_commit`` off.
 _ASYNCHRONOUS = " async"
 
 
-def _xid_expression(modern: bool, assign: bool) -> str:
+def _xid_expression(modern: bool) -> str:
     """Return the mark's first column: the xid as text, assigning one where there is none.
 
     The xid already assigned (the transaction wrote: its COMMIT flushes), or on a primary a new
     one, marked `_ASYNCHRONOUS`: PostgreSQL flushes no commit record of a transaction that
     wrote no WAL before it (``RecordTransactionCommit``), and ``synchronous_commit`` off makes
-    that hold too for one that wrote WAL without an xid (a read that pruned a page). So the
-    same for ``assign`` (a statement mentioned NOTIFY) or not: a NOTIFY's COMMIT never waited
-    for a flush. (CASE evaluates lazily: a standby never assigns.)
+    that hold too for one that wrote WAL without an xid (a read that pruned a page). A NOTIFY's
+    COMMIT in a transaction that wrote nothing else never waited for a flush either. (CASE
+    evaluates lazily: a standby never assigns.)
     """
-    del assign
     current = "pg_current_xact_id" if modern else "txid_current"
     assigned = f"{current}_if_assigned()"
     return (
@@ -87,14 +77,19 @@ def _xid_expression(modern: bool, assign: bool) -> str:
     )
 
 
+# The backend's pid is read in the mark, not once per connection: behind a transaction-mode
+# pooler each transaction may run on another backend, and the resolver fences that one.
+# The mark's statements, built once: [PostgreSQL 13+][read the server's life]
+# [read the WAL insert position: a lower bound of the commit record's LSN, which
+# `dropsafe._failover_audit` compares with a promoted standby's fork point; only on engines
+# whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 _READS = {
-    (modern, assign, with_life, with_wal): (
-        f"SELECT {_xid_expression(modern, assign)}, pg_backend_pid()"
+    (modern, with_life, with_wal): (
+        f"SELECT {_xid_expression(modern)}, pg_backend_pid()"
         + (f", {SERVER_LIFE_SQL}" if with_life else "")
         + (f", {WAL_POSITION_SQL}" if with_wal else "")
     )
     for modern in (True, False)
-    for assign in (True, False)
     for with_life in (True, False)
     for with_wal in (True, False)
 }
@@ -124,8 +119,6 @@ class CommitRecorder:
         self.pending: PendingCommit | None = None
         #: COMMITs sent (or about to be) while armed: more than one cannot be retried whole.
         self.commits_sent = 0
-        #: A statement may have queued a NOTIFY, which takes its xid only at COMMIT.
-        self.needs_xid = False
         #: Whether to read the xid (``UnitPolicy.verify_commits``); COMMITs are counted anyway.
         self.read_xid = True
         #: The life of the server the last COMMIT went to (None: not read).
@@ -174,33 +167,19 @@ _INSTALL_LOCK = threading.Lock()
 
 
 def record_commits(engine: Engine) -> None:
-    """Install the listeners that read the xid before each COMMIT of a unit of work.
+    """Install the listener that reads the xid before each COMMIT of a unit of work.
 
     Idempotent; installed by the first unit of work on an engine, never by `harden` (an engine
-    that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work they cost
-    one context-variable read per statement.
+    that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work it costs
+    one context-variable read per COMMIT; statements pay nothing (no per-statement listener:
+    every transaction gets its xid in the mark, whatever its statements say).
     """
     if engine in _RECORDING_ENGINES:  # event.contains costs more than a unit's own work
         return
     with _INSTALL_LOCK:
         if not event.contains(engine, "commit", _read_before_commit):
-            event.listen(engine, "before_cursor_execute", _notice_notify)
             event.listen(engine, "commit", _read_before_commit)
         _RECORDING_ENGINES.add(engine)
-
-
-def _notice_notify(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signature
-    conn: Connection,
-    cursor: object,
-    statement: str,
-    parameters: object,
-    context: object,
-    executemany: bool,
-) -> None:
-    del conn, cursor, parameters, context, executemany
-    recorder = _RECORDER.get()
-    if recorder is not None and not recorder.needs_xid and _NOTIFY.search(statement):
-        recorder.needs_xid = True
 
 
 def _read_before_commit(conn: Connection) -> None:
@@ -216,9 +195,7 @@ def _read_before_commit(conn: Connection) -> None:
     server_life = server_life_of(driver_connection)
     with_life = server_life is None
     with_wal = wal_position_readable(conn.engine)
-    statement = _read_statement(
-        conn.dialect, recorder.needs_xid, with_life=with_life, with_wal=with_wal
-    )
+    statement = _read_statement(conn.dialect, with_life=with_life, with_wal=with_wal)
     cursor: Any = None
     row: Any = None  # one row, always: a SELECT without FROM
     try:
@@ -237,7 +214,7 @@ def _read_before_commit(conn: Connection) -> None:
         server_life = ServerLife.read(row[2], row[3])
         remember_server_life(conn.engine, driver_connection, server_life)
     recorder.server_life = server_life
-    # No xid: the transaction wrote nothing, and running it again is harmless.
+    # No xid: a standby's transaction (it assigns none), which wrote nothing: run it again.
     recorder.pending = (
         None
         if row[0] is None
@@ -260,6 +237,6 @@ def lsn_number(text: object) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
-def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool, with_wal: bool) -> str:
+def _read_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
     version: tuple[int, ...] = getattr(dialect, "server_version_info", None) or (13,)
-    return _READS[version[0] >= 13, assign, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+
+    return _READS[version[0] >= 13, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+
