@@ -11,11 +11,17 @@ The same statement reads the server's WAL insert position (on engines whose serv
 at the first read of its life), a lower bound of the commit record's LSN, which
 `dropsafe._failover_audit` compares with a promoted standby's fork point.
 
-A transaction that wrote has an xid; one that only read has none and may simply run again.
-``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a transaction whose statements
-mention it is given one here (``pg_current_xact_id()``) and counts as having written. If the
-COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of this xid. Why the
-read is not sent in the same flight as COMMIT: docs/guarantees.md.
+A transaction that wrote has an xid. One that did not may still have an effect at COMMIT:
+``NOTIFY`` (spelled in a statement, or queued by a function or a trigger) takes its xid only
+there, and nothing a client can read shows that a notification is queued. So the mark gives
+every transaction on a primary an xid: one that has none yet gets one with
+``synchronous_commit`` off for that transaction only (``set_config(..., true)``): its COMMIT
+writes a commit record but waits for no WAL flush and no standby (PostgreSQL would not flush
+it anyway: it wrote nothing before), so a read-only unit pays no flush; after a crash such an
+xid is unknown, never "aborted" (a listener may have heard it before the crash).
+A standby assigns no xid (and refuses NOTIFY): there the transaction has none and may run
+again. If the COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of
+this xid. Why the read is not sent in the same flight as COMMIT: docs/guarantees.md.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import re
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -41,7 +46,6 @@ from dropsafe._server_life import (
     doubt_server_life,
     remember_server_life,
     server_life_of,
-    text_or_none,
     wal_position_readable,
 )
 
@@ -61,29 +65,45 @@ __all__ = [
     "recording",
 ]
 
-# A statement that may queue a notification: NOTIFY or pg_notify().
-_NOTIFY = re.compile(r"notify", re.IGNORECASE)
+#: What follows an xid that the mark assigned with ``synchronous_commit`` off.
+_ASYNCHRONOUS = " async"
+
+
+def _xid_expression(modern: bool) -> str:
+    """Return the mark's first column: the xid as text, assigning one where there is none.
+
+    The xid already assigned (the transaction wrote: its COMMIT flushes), or on a primary a new
+    one, marked `_ASYNCHRONOUS`: PostgreSQL flushes no commit record of a transaction that
+    wrote no WAL before it (``RecordTransactionCommit``), and ``synchronous_commit`` off makes
+    that hold too for one that wrote WAL without an xid (a read that pruned a page). A NOTIFY's
+    COMMIT in a transaction that wrote nothing else never waited for a flush either. (CASE
+    evaluates lazily: a standby never assigns.)
+    """
+    current = "pg_current_xact_id" if modern else "txid_current"
+    assigned = f"{current}_if_assigned()"
+    return (
+        f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::text "
+        "WHEN pg_is_in_recovery() THEN NULL "
+        "WHEN set_config('synchronous_commit', 'off', true) = 'off' "
+        f"THEN {current}()::text || '{_ASYNCHRONOUS}' END"
+    )
+
+
 # The backend's pid is read in the mark, not once per connection: behind a transaction-mode
 # pooler each transaction may run on another backend, and the resolver fences that one.
-# The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life]
+# The mark's statements, built once: [PostgreSQL 13+][read the server's life]
 # [read the WAL insert position: a lower bound of the commit record's LSN, which
 # `dropsafe._failover_audit` compares with a promoted standby's fork point; only on engines
 # whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 _READS = {
-    (modern, assign, with_life, with_wal): (
-        f"SELECT {xid_function}()::text, pg_backend_pid()"
+    (modern, with_life, with_wal): (
+        f"SELECT {_xid_expression(modern)}, pg_backend_pid()"
         + (f", {SERVER_LIFE_SQL}" if with_life else "")
         + (f", {WAL_POSITION_SQL}" if with_wal else "")
     )
     for modern in (True, False)
-    for assign in (True, False)
     for with_life in (True, False)
     for with_wal in (True, False)
-    for xid_function in [
-        ("pg_current_xact_id" if assign else "pg_current_xact_id_if_assigned")
-        if modern
-        else ("txid_current" if assign else "txid_current_if_assigned")
-    ]
 }
 
 
@@ -92,7 +112,8 @@ class PendingCommit:
     """A COMMIT that was about to be sent: its xid, its backend and its server's life.
 
     ``wal_lsn`` is the server's WAL insert position read in the same statement, as a number
-    (0: not read): the commit record lies at or after it.
+    (0: not read): the commit record lies at or after it. ``asynchronous``: the mark assigned
+    the xid with ``synchronous_commit`` off (the transaction had none: it wrote nothing).
     """
 
     xid: int
@@ -102,6 +123,7 @@ class PendingCommit:
     #: The engine it went through, when not the unit's own (a unit over several engines):
     #: a weak reference, since the failover audit keeps pending commits per engine.
     engine_ref: weakref.ref[Engine] | None = field(default=None, compare=False, repr=False)
+    asynchronous: bool = False
 
 
 class CommitRecorder:
@@ -112,8 +134,6 @@ class CommitRecorder:
         self.pending: PendingCommit | None = None
         #: COMMITs sent (or about to be) while armed: more than one cannot be retried whole.
         self.commits_sent = 0
-        #: A statement may have queued a NOTIFY, which takes its xid only at COMMIT.
-        self.needs_xid = False
         #: Whether to read the xid (``UnitPolicy.verify_commits``); COMMITs are counted anyway.
         self.read_xid = True
         #: The life of the server the last COMMIT went to (None: not read).
@@ -191,17 +211,17 @@ renew_in_child(_renew_install_lock)
 
 
 def record_commits(engine: Engine) -> None:
-    """Install the listeners that read the xid before each COMMIT of a unit of work.
+    """Install the listener that reads the xid before each COMMIT of a unit of work.
 
     Idempotent; installed by the first unit of work on an engine, never by `harden` (an engine
-    that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work they cost
-    one context-variable read per statement.
+    that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work it costs
+    one context-variable read per COMMIT; statements pay nothing (no per-statement listener:
+    every transaction gets its xid in the mark, whatever its statements say).
     """
     if engine in _RECORDING_ENGINES:  # event.contains costs more than a unit's own work
         return
     with _INSTALL_LOCK:
         if not event.contains(engine, "commit", _read_before_commit):
-            event.listen(engine, "before_cursor_execute", _notice_notify)
             event.listen(engine, "commit", _read_before_commit)
         _RECORDING_ENGINES.add(engine)
 
@@ -230,20 +250,6 @@ def _session_began(session: Session, transaction: object, connection: Connection
     del session, transaction
     if _RECORDER.get() is not None:
         record_commits(connection.engine)
-
-
-def _notice_notify(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signature
-    conn: Connection,
-    cursor: object,
-    statement: str,
-    parameters: object,
-    context: object,
-    executemany: bool,
-) -> None:
-    del conn, cursor, parameters, context, executemany
-    recorder = _RECORDER.get()
-    if recorder is not None and not recorder.needs_xid and _NOTIFY.search(statement):
-        recorder.needs_xid = True
 
 
 def _read_before_commit(conn: Connection) -> None:
@@ -277,9 +283,7 @@ def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
     server_life = server_life_of(driver_connection)
     with_life = server_life is None
     with_wal = wal_position_readable(conn.engine)
-    statement = _read_statement(
-        conn.dialect, recorder.needs_xid, with_life=with_life, with_wal=with_wal
-    )
+    statement = _read_statement(conn.dialect, with_life=with_life, with_wal=with_wal)
     cursor: Any = None
     row: Any = None  # one row, always: a SELECT without FROM
     try:
@@ -295,7 +299,7 @@ def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
             doubt_server_life(conn.engine)
         conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
     if server_life is None:
-        server_life = ServerLife(text_or_none(row[2]), text_or_none(row[3]))
+        server_life = ServerLife.read(row[2], row[3])
         remember_server_life(conn.engine, driver_connection, server_life)
     recorder.server_life = server_life
     # No xid: the transaction wrote nothing, and running it again is harmless.
@@ -303,7 +307,11 @@ def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
         None
         if row[0] is None
         else PendingCommit(
-            int(row[0]), int(row[1]), server_life, lsn_number(row[-1]) if with_wal else 0
+            int(str(row[0]).removesuffix(_ASYNCHRONOUS)),
+            int(row[1]),
+            server_life,
+            lsn_number(row[-1]) if with_wal else 0,
+            asynchronous=str(row[0]).endswith(_ASYNCHRONOUS),
         )
     )
 
@@ -342,7 +350,13 @@ def _mark_several(recorder: CommitRecorder, conn: Connection, others: list[Conne
     for connection in (conn, *others):
         record_commits(connection.engine)  # its COMMIT must be seen too
         marks[connection] = _mark(connection, recorder)
-    writers = [connection for connection, pending in marks.items() if pending is not None]
+    # A transaction that had no xid before its mark (`PendingCommit.asynchronous`) wrote
+    # nothing: only a NOTIFY it queued could be lost with its COMMIT (docs/guarantees.md).
+    writers = [
+        connection
+        for connection, pending in marks.items()
+        if pending is not None and not pending.asynchronous
+    ]
     if len(writers) > 1:
         names = ", ".join(
             sorted({w.engine.url.render_as_string(hide_password=True) for w in writers})
@@ -400,6 +414,6 @@ def lsn_number(text: object) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
-def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool, with_wal: bool) -> str:
+def _read_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
     version: tuple[int, ...] = getattr(dialect, "server_version_info", None) or (13,)
-    return _READS[version[0] >= 13, assign, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+
+    return _READS[version[0] >= 13, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+
