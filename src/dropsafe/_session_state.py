@@ -31,11 +31,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dropsafe._drivers import Driver
 
-__all__ = ["CHANGED", "may_change_session", "session_differs", "snapshot"]
+__all__ = ["CHANGED", "USED", "may_change_session", "session_differs", "snapshot"]
 
 # Keys of a connection's SQLAlchemy ``info`` dictionary, which lives as long as the DBAPI
 # connection (the pool clears it when it closes or replaces that connection).
 CHANGED = "dropsafe.session_state_changed"
+# Set once the connection has run any statement: even the whitelist's set the session's
+# sequence state (``nextval``, and so every INSERT into a serial column, sets ``currval`` /
+# ``lastval``), which a statement the whitelist does not admit may read.
+USED = "dropsafe.session_used"
 
 # Statements whose first words are these change no session state (the rest of the text is
 # still read for function calls and temporary tables).
