@@ -43,6 +43,12 @@ UNCHANGED = [
     "SELECT pg_advisory_xact_lock(1)",
     "NOTIFY channel",
     "LOCK TABLE items IN EXCLUSIVE MODE",
+    # Keywords before a parenthesis, which only look like calls.
+    "SELECT count(*) FILTER (WHERE n > 1), string_agg(a, ',') WITHIN GROUP (ORDER BY a) FROM t",
+    "SELECT row_number() OVER (PARTITION BY a ORDER BY (a + 1)) FROM t",
+    "SELECT * FROM a JOIN (SELECT 1 AS x) AS s ON true WHERE a.b LIKE ('x' || a.c)",
+    "INSERT INTO t (n) VALUES (1) ON CONFLICT (n) DO UPDATE SET (n) = ROW (excluded.n)",
+    "SELECT $$it's$$, $tag$-- not a comment$tag$, 'done'",
 ]
 
 CHANGED = [
@@ -76,6 +82,17 @@ CHANGED = [
     "SELECT E'\\'', set_config('role', 'tenant', false)",
     "SELECT \"a--\", set_config('role', 'tenant', false)",
     "",
+    # Read as PostgreSQL's lexer reads them (each ran use_tenant() on PostgreSQL 15, and was
+    # read as unchanging before): a carriage return ends a "--" comment, block comments nest,
+    # a dollar quote may have a tag, and a function of the app's may be named like a keyword.
+    "SELECT 1 -- note\r, use_tenant()",
+    "SELECT /* /* */ ' */ use_tenant(), 'a'",
+    "SELECT $t$it's$t$, use_tenant(), 'done'",
+    "SELECT $q$'$q$, set_config('search_path', 'tenant', false), $q$'$q$",
+    "SELECT filter(1)",
+    "SELECT a, conflict(1) FROM t",
+    "SELECT * FROM t WHERE over(t.a) = 1",
+    "SELECT DISTINCT set(1), (like(2))",
 ]
 
 
