@@ -119,8 +119,9 @@ _COMMENT_STRING_OR_NAME = re.compile(
     r"|(?<![\w$])\$((?:[^\W\d]\w*)?)\$.*?\$\1\$",
     re.DOTALL,
 )
-# A table or alias that a column list follows: INSERT INTO t (a, b), AS t (a, b).
-_COLUMN_LIST = re.compile(r"\b(into|as)\s+[\w$.]+\s*\(")
+# A table or alias that a column list follows: INSERT INTO t (a, b), AS t (a, b), with its
+# schema, either name quoted (read as quoted_name, spaces around it): INTO app."order" (a).
+_COLUMN_LIST = re.compile(r"\b(into|as)\s+(?:[\w$]+\s*\.\s*)*[\w$]+\s*\(")
 # A name before a parenthesis, with its schema if qualified.
 _CALL = re.compile(r"(?:([\w$]+)\s*\.\s*)?([a-z_][\w$]*)\s*\(")
 _TEMPORARY = re.compile(r"\b(temp|temporary|pg_temp\w*)\b")

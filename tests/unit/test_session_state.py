@@ -16,6 +16,9 @@ UNCHANGED = [
     # What the ORM and Core send.
     "INSERT INTO items (n) VALUES (%(n)s) RETURNING items.id",
     'INSERT INTO "Items" ("N", b) VALUES ($1, $2)',
+    # A schema-qualified table whose name SQLAlchemy quotes (a reserved word, capitals).
+    'INSERT INTO app."order" (user_id, total) VALUES (%(user_id)s, %(total)s) RETURNING app."order".id',  # noqa: E501
+    'INSERT INTO "App"."Order" (n) VALUES ($1::INTEGER)',
     "UPDATE items SET n=%(n)s WHERE items.id = %(items_id)s",
     "DELETE FROM items WHERE items.id = %(id)s",
     "SELECT items.id, items.n FROM items WHERE items.n IN (%(p1)s, %(p2)s) FOR UPDATE",
