@@ -13,8 +13,10 @@ lost. Two shapes break that and are refused with a `ConfigurationError` (docs/gu
 - **AUTOCOMMIT** (``isolation_level="AUTOCOMMIT"`` on the engine or in its execution options,
   or the driver connection's own ``autocommit``): each statement commits on its own, so a unit
   cut after its first statement cannot run again whole. Refused at the call when the engine
-  says so, and otherwise at the first statement a unit sends under it, before it is sent (the
-  engine's ``before_cursor_execute`` event; outside a unit it costs one context-variable read).
+  says so, and otherwise when the unit's transaction begins (the engine's ``begin`` event: before
+  the unit's function can write through the driver's own connection) and at each statement a
+  unit sends under it, before it is sent (``before_cursor_execute``, for AUTOCOMMIT set later);
+  outside a unit each costs one context-variable read.
 
 And one shape that must not look like a failure: a Session hook that runs after the COMMIT
 (``after_commit``, ``after_transaction_end``) and raises. The unit has committed; an error from
@@ -175,6 +177,7 @@ def _watch_engine(engine: Engine) -> None:
     with _INSTALL_LOCK:
         if not event.contains(engine, "begin_twophase", _refuse_two_phase):
             event.listen(engine, "begin_twophase", _refuse_two_phase)
+            event.listen(engine, "begin", _refuse_autocommit_at_begin)
             event.listen(engine, "before_cursor_execute", _refuse_autocommit)
             event.listen(engine, "commit", _note_commit)
         _WATCHED_ENGINES.add(engine)
@@ -205,6 +208,18 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
     # The driver's own flag: SQLAlchemy sets it for isolation_level="AUTOCOMMIT" (on the
     # engine or in execution options), and an app may set it on the DBAPI connection itself.
     if getattr(conn.connection.dbapi_connection, "autocommit", False):
+        raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
+
+
+def _refuse_autocommit_at_begin(conn: Connection) -> None:
+    """Engine ``begin`` listener: refuse before the unit's function touches the connection.
+
+    The unit's function may work through the driver's own connection (a COPY, a cursor of its
+    own) before SQLAlchemy sends a statement; under the driver's ``autocommit`` that work has
+    committed alone by then, and a refusal at the first statement would be an error with an
+    effect.
+    """
+    if _WATCH.get() is not None and getattr(conn.connection.dbapi_connection, "autocommit", False):
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
 
 
