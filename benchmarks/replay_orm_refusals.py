@@ -213,7 +213,7 @@ class _Reasons(logging.Handler):
             self.seen.append(message.split("replay this first statement:")[-1].strip())
 
 
-def measure(  # noqa: C901 - one measurement, read top to bottom
+def measure(  # noqa: C901, PLR0915 - one measurement, read top to bottom
     server: PostgresServer, driver: str, trials: int
 ) -> dict[str, collections.Counter]:
     """Warm a pool of four with four threads; then fault each shape ``trials`` times."""
