@@ -46,7 +46,7 @@ from dropsafe._unit import (
     Run,
     unit_of_work,
 )
-from dropsafe._unit_shapes import check_unit_shape, watching
+from dropsafe._unit_shapes import begin_driver_transaction, check_unit_shape, watching
 from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
@@ -296,6 +296,7 @@ async def _run_once_async(
                     if step.verify_commits and must_learn_server_life(sync_connection):  # type: ignore[arg-type]
                         await connection.run_sync(learn_server_life)
                     reached_server = True
+                    await begin_driver_transaction(_dbapi_connection_of(connection))
                     result = await _call_async(fn, handle)
                     _check_still_open(handle.in_transaction())
                     try:

@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from dropsafe.events import Hook
 
-__all__ = ["UnitWatch", "check_unit_shape", "watching"]
+__all__ = ["UnitWatch", "begin_driver_transaction", "check_unit_shape", "watching"]
 
 logger = logging.getLogger("dropsafe")
 
@@ -221,6 +221,27 @@ def _refuse_autocommit_at_begin(conn: Connection) -> None:
     """
     if _WATCH.get() is not None and getattr(conn.connection.dbapi_connection, "autocommit", False):
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
+
+
+async def begin_driver_transaction(dbapi_connection: object) -> None:
+    """Send the BEGIN of SQLAlchemy's asyncpg adapter now, before the unit's function runs.
+
+    The adapter sends BEGIN only at the first statement it is given: asyncpg work the function
+    does before that (``copy_records_to_table``, ``execute`` on the driver's connection) would
+    commit alone, and a unit run again would do it twice. The same round trip, made earlier.
+    Private names of the adapter (``_start_transaction``; ``_transaction`` in SQLAlchemy 2.1,
+    ``_started`` in 2.0), as `dropsafe._drivers` reads them; other drivers begin on the server
+    with the first statement of any kind, and an adapter without these names is left alone.
+    """
+    start = getattr(dbapi_connection, "_start_transaction", None)
+    if start is None:
+        return
+    if hasattr(dbapi_connection, "_transaction"):
+        started = dbapi_connection._transaction is not None  # noqa: SLF001
+    else:
+        started = getattr(dbapi_connection, "_started", True)
+    if not started:
+        await start()
 
 
 def _note_commit(conn: Connection) -> None:

@@ -80,3 +80,29 @@ async def test_async_driver_autocommit_is_refused_before_the_units_own_driver_wo
         assert _rows(server, n) == 0
     finally:
         await engine.dispose()
+
+
+async def test_asyncpg_work_through_the_driver_before_a_statement_is_in_the_units_transaction(
+    server,
+):
+    # SQLAlchemy's asyncpg adapter sends BEGIN lazily, at the first statement it is given: an
+    # asyncpg INSERT (or copy_records_to_table) before it committed alone, and a unit cut after
+    # it ran again and wrote it twice (1 of 1, acknowledged). The unit's BEGIN is sent first.
+    n = 200
+    engine = dropsafe.create_async_engine(server.url("asyncpg"))
+    attempts = []
+
+    async def unit(session):
+        attempts.append(1)
+        raw = await (await session.connection()).get_raw_connection()
+        await raw.driver_connection.execute(f"INSERT INTO raw_autocommit VALUES ({n})")
+        if len(attempts) == 1:  # a real fault: the unit's own backend terminated
+            await session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return "ran"
+
+    try:
+        assert await dropsafe.run_transaction_async(async_sessionmaker(engine), unit) == "ran"
+        assert len(attempts) == 2
+        assert _rows(server, n) == 1
+    finally:
+        await engine.dispose()
