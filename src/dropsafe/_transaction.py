@@ -54,7 +54,12 @@ from dropsafe._unit import (
     Run,
     unit_of_work,
 )
-from dropsafe._unit_shapes import check_engine_shape, check_unit_shape, watching
+from dropsafe._unit_shapes import (
+    begin_driver_transaction,
+    check_engine_shape,
+    check_unit_shape,
+    watching,
+)
 from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
@@ -319,6 +324,7 @@ async def _run_once_async(
                     sync_session = getattr(handle, "sync_session", None)  # an AsyncSession
                     if sync_session is not None:
                         _watch_session(sync_session, recorder)
+                    await begin_driver_transaction(_dbapi_connection_of(connection))
                     result = await _call_async(fn, handle)
                     _check_still_open(handle.in_transaction(), recorder)
                     if recorder.session is not None:
