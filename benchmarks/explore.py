@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,9 @@ def _merge(paths: list[Path]) -> int:
     latest = {record.history.id: record for path in paths for record in read_json(path)}
     merged = list(latest.values())
     wall = max(json.loads(path.read_text()).get("seconds", 0.0) for path in paths)
-    parts = " + ".join(json.loads(path.read_text())["command"] for path in paths)
+    # Name each part's JSON by its file name only: where a machine kept it is no one's business.
+    commands = (json.loads(path.read_text())["command"] for path in paths)
+    parts = " + ".join(re.sub(r"--json \S*/", "--json ", command) for command in commands)
     write_docs(ROOT / "docs/guarantees.md", matrix_lines(merged, command=parts, seconds=wall))
     target = ROOT / "benchmarks/results/explore.json"
     write_json(target, merged, command=parts, seed=0, seconds=wall, full=False)
