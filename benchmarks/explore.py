@@ -6,8 +6,9 @@
     python benchmarks/explore.py --replay session_insert:psycopg2:fin:7
 
 Every violation is printed with the one command that replays it. The whole matrix (no
-``--sample``, no filter) also rewrites the table in docs/guarantees.md; every run writes
-benchmarks/results/explore.json.
+``--sample``, no filter) rewrites the table in docs/guarantees.md and
+benchmarks/results/explore.json; ``--json PATH`` writes any run's every history (a part, which
+``--merge`` reads back).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,7 +88,9 @@ def _merge(paths: list[Path]) -> int:
     latest = {record.history.id: record for path in paths for record in read_json(path)}
     merged = list(latest.values())
     wall = max(json.loads(path.read_text()).get("seconds", 0.0) for path in paths)
-    parts = " + ".join(json.loads(path.read_text())["command"] for path in paths)
+    # Name each part's JSON by its file name only: where a machine kept it is no one's business.
+    commands = (json.loads(path.read_text())["command"] for path in paths)
+    parts = " + ".join(re.sub(r"--json \S*/", "--json ", command) for command in commands)
     write_docs(ROOT / "docs/guarantees.md", matrix_lines(merged, command=parts, seconds=wall))
     target = ROOT / "benchmarks/results/explore.json"
     write_json(target, merged, command=parts, seed=0, seconds=wall, full=False)
@@ -141,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     for record in violations:
         print(f"  {replay_command(record.history.id)}  # {record.violation}")
     whole = not (args.sample or args.shape or args.fault or args.driver or args.replay)
-    name = "explore.json" if whole else "explore-last.json"
-    target = args.json or ROOT / "benchmarks/results" / name
-    full = args.json is not None  # a part, for --merge: every history
-    write_json(target, records, command=command, seed=seed, seconds=seconds, full=full)
+    if args.json is not None:  # a part, for --merge: every history
+        write_json(args.json, records, command=command, seed=seed, seconds=seconds, full=True)
     if whole and not args.no_docs and args.budget is None:
+        target = ROOT / "benchmarks/results/explore.json"
+        write_json(target, records, command=command, seed=seed, seconds=seconds, full=False)
         lines = matrix_lines(records, command=command, seconds=seconds)
         write_docs(ROOT / "docs/guarantees.md", lines)
     return 1 if violations else 0

@@ -464,8 +464,11 @@ class Explorer:
         key = (shape, driver)
         if key not in self.flights:
             record, labels = self._run(History(shape, driver, "none", 0), None)
-            # A healthy run is acknowledged, unless the shape promises no effect (it raises).
-            failed = record.outcome.kind != "ok" and CATALOG[shape].effects(_DRY) != Effects()
+            # A healthy run is acknowledged, unless the shape promises no effect (it raises)
+            # or is refused before anything runs (then it has few flights, maybe none).
+            failed = record.outcome.kind not in ("ok", "refused") and (
+                CATALOG[shape].effects(_DRY) != Effects()
+            )
             broken = record.violation is not None or failed
             if broken and not CATALOG[shape].expected_violation:
                 msg = (
