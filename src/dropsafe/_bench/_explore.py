@@ -257,7 +257,6 @@ FAULTS: dict[str, Fault] = {
             "after",
             "rst",
             "stats_reset",
-            expected_violation="issue 26 item 3",
         ),
         Fault(
             "sigstop",
