@@ -105,7 +105,7 @@ USER_FIXTURE_TEST = """\
 import pytest
 
 
-@pytest.mark.fault
+@pytest.mark.dropsafe_fault
 def test_a_throwaway_server(request, postgres_server):
     assert request.node.get_closest_marker("timeout").args == (120,)
     assert postgres_server.execute("SELECT 1") == [("1",)]
