@@ -42,7 +42,7 @@ class _ColdCopy(PostgresServer):
 def _cold_copy_of(primary: PostgresServer) -> PostgresServer:
     primary.stop("fast")  # writes the statistics file the copy takes along
     copy = _ColdCopy(binaries=primary.binaries, name="copy", _primary=primary)
-    copy._initialize()  # noqa: SLF001 - made now, started at the failover
+    copy._initialize()  # made now, started at the failover
     primary.start()
     return copy
 
