@@ -20,7 +20,7 @@ from dropsafe import CommitOutcomeUnknown
 from dropsafe.events import CommitResolved
 from dropsafe.testing import ChaosProxy, PostgresServer
 
-DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
+DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000"]
 
 pytestmark = pytest.mark.fault
 
