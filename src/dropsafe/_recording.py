@@ -67,6 +67,9 @@ __all__ = [
 
 #: What follows an xid that the mark assigned with ``synchronous_commit`` off.
 _ASYNCHRONOUS = " async"
+#: What follows an xid the transaction had, when its COMMIT waits for no WAL flush either
+#: (``synchronous_commit`` off: the app's ``SET LOCAL``, or its role's, database's, server's).
+_UNFLUSHED = " unflushed"
 
 
 def _xid_expression(modern: bool) -> str:
@@ -77,12 +80,15 @@ def _xid_expression(modern: bool) -> str:
     wrote no WAL before it (``RecordTransactionCommit``), and ``synchronous_commit`` off makes
     that hold too for one that wrote WAL without an xid (a read that pruned a page). A NOTIFY's
     COMMIT in a transaction that wrote nothing else never waited for a flush either. (CASE
-    evaluates lazily: a standby never assigns.)
+    evaluates lazily: a standby never assigns.) An xid the transaction had is marked
+    `_UNFLUSHED` when its COMMIT will not wait for a flush either: listeners hear its NOTIFYs
+    before a crash may lose its commit record.
     """
     current = "pg_current_xact_id" if modern else "txid_current"
     assigned = f"{current}_if_assigned()"
     return (
-        f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::text "
+        f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::text || "
+        f"CASE WHEN current_setting('synchronous_commit') = 'off' THEN '{_UNFLUSHED}' ELSE '' END "
         "WHEN pg_is_in_recovery() THEN NULL "
         "WHEN set_config('synchronous_commit', 'off', true) = 'off' "
         f"THEN {current}()::text || '{_ASYNCHRONOUS}' END"
@@ -124,6 +130,9 @@ class PendingCommit:
     #: a weak reference, since the failover audit keeps pending commits per engine.
     engine_ref: weakref.ref[Engine] | None = field(default=None, compare=False, repr=False)
     asynchronous: bool = False
+    #: The transaction had its xid and commits with ``synchronous_commit`` off: its commit
+    #: record may be lost in a crash after listeners heard its NOTIFYs (`dropsafe._resolution`).
+    unflushed: bool = False
 
 
 class CommitRecorder:
@@ -307,11 +316,12 @@ def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
         None
         if row[0] is None
         else PendingCommit(
-            int(str(row[0]).removesuffix(_ASYNCHRONOUS)),
+            int(str(row[0]).split(" ", 1)[0]),
             int(row[1]),
             server_life,
             lsn_number(row[-1]) if with_wal else 0,
             asynchronous=str(row[0]).endswith(_ASYNCHRONOUS),
+            unflushed=str(row[0]).endswith(_UNFLUSHED),
         )
     )
 

@@ -23,7 +23,8 @@ server's server_life and whether it is in recovery:
   a backend still running its COMMIT is not fenced either (it may enter that wait at any moment);
 - an xid the mark assigned with ``synchronous_commit`` off (a unit that wrote nothing: see
   `dropsafe._recording`) is unknown after a crash or failover, never aborted: its COMMIT let
-  listeners hear its notifications before its commit record was flushed.
+  listeners hear its notifications before its commit record was flushed. The same holds for
+  an xid whose transaction wrote with ``synchronous_commit`` off (``PendingCommit.unflushed``).
 
 Anything that cannot be proven raises `CommitOutcomeUnknown`: never a guess.
 """
@@ -151,7 +152,7 @@ class _Resolution:
         same_history = ours.same_history(theirs)
         other_history = ours.provable and not same_history
         status = answer.status
-        if other_history and self.pending.asynchronous:
+        if other_history and (self.pending.asynchronous or self.pending.unflushed):
             return self._unknown(
                 f"the server crashed, restarted from a crash or failed over since, and xid "
                 f"{self.xid} committed without waiting for its WAL: a notification it queued "

@@ -18,18 +18,25 @@ before the first unit of work it runs, what identifies its server's history:
   time tells apart two servers whose pids are equal (containers: each its own pid namespace,
   and a restarted one hands out the same pids again);
 - ``pg_stat_bgwriter.stats_reset``: PostgreSQL resets its shared statistics at the end of every
-  crash recovery (and a new standby or restored backup starts with its own), but keeps them
+  crash recovery (and a standby made by ``pg_basebackup`` starts with its own), but keeps them
   across a clean restart, after which no xid is reused (the shutdown checkpoint records the next
-  one). An administrator's ``pg_stat_reset_shared('bgwriter')`` moves it too.
+  one). An administrator's ``pg_stat_reset_shared('bgwriter')`` moves it too;
+- the timeline: the newer of the last checkpoint's and the one recovery ended on (a promotion
+  moves the second at once, the first only when its checkpoint ends). A standby copied from a
+  cleanly stopped primary (a cold copy, a snapshot of a stopped server) restores the primary's
+  statistics, ``stats_reset`` included; promoted, it hands out again the xids the old primary
+  gave after the copy, but on a new timeline.
 
-Two reads are of the same history when their system identifiers are equal and either their
-checkpointers are the same process (no crash since: the start time and pid are equal) or their
-``stats_reset`` are equal (no crash since, perhaps a clean restart). A crash moves both, so it
-is always seen; a stats reset or a clean restart moves only one. Only both at once between a
-COMMIT and its resolution (a reset, then a clean restart) make a history look new: the answer
-is then unknown (or aborted where that is proven anyway), never a wrong "committed".
+Two reads are of the same history when their system identifiers and timelines are equal and
+either their checkpointers are the same process (no crash since: the start time and pid are
+equal) or their ``stats_reset`` are equal (no crash since, perhaps a clean restart). A crash
+moves both, so it is always seen; a stats reset or a clean restart moves only one. Only both at
+once between a COMMIT and its resolution (a reset, then a clean restart) make a history look
+new: the answer is then unknown (or aborted where that is proven anyway), never a wrong
+"committed". A promotion always makes a history new.
 Verified on PostgreSQL 15 as a role without privileges (tests/integration/test_commit_truth.py):
-a backend SIGKILLed, an immediate stop, a fast restart, ``pg_stat_reset*``, ``pg_reload_conf``.
+a backend SIGKILLed, an immediate stop, a fast restart, ``pg_stat_reset*``, ``pg_reload_conf``;
+a promoted cold copy (tests/integration/test_commit_truth_failover.py).
 All of it is readable by any role.
 
 Reading it costs a round trip only on an engine's first connections: once one of its servers has
@@ -69,11 +76,13 @@ __all__ = [
 ]
 
 #: Two columns that identify a server's life, for a SELECT list (`ServerLife.read` parses
-#: them): the system identifier, and ``stats_reset|postmaster start|checkpointer pid``.
+#: them): the system identifier, and ``stats_reset|postmaster start|checkpointer pid|timeline``.
 SERVER_LIFE_SQL = (
     "(SELECT system_identifier::text FROM pg_control_system()), "
     "concat((SELECT stats_reset FROM pg_stat_bgwriter), '|', pg_postmaster_start_time(), '|', "
-    "(SELECT min(pid) FROM pg_stat_get_activity(NULL) WHERE datid IS NULL AND usesysid IS NULL))"
+    "(SELECT min(pid) FROM pg_stat_get_activity(NULL) WHERE datid IS NULL AND usesysid IS NULL), "
+    "'|', GREATEST((SELECT timeline_id FROM pg_control_checkpoint()), "
+    "(SELECT min_recovery_end_timeline FROM pg_control_recovery())))"
 )
 
 
@@ -92,17 +101,19 @@ class ServerLife:
     stats_reset: str | None
     postmaster_start: str | None = None
     checkpointer: str | None = None  # its pid, as text
+    timeline: str | None = None  # moved by a promotion (see the module's docstring)
 
     @classmethod
     def read(cls, system_identifier: object, history: object) -> ServerLife:
         """Make a life of the two columns `SERVER_LIFE_SQL` reads (None: unreadable)."""
         parts = [] if history is None else str(history).split("|")
-        stats_reset, postmaster_start, checkpointer = ([*parts, "", "", ""])[:3]
+        stats_reset, postmaster_start, checkpointer, timeline = ([*parts, "", "", "", ""])[:4]
         return cls(
             text_or_none(system_identifier),
             stats_reset or None,
             postmaster_start or None,
             checkpointer or None,
+            timeline or None,
         )
 
     @property
@@ -124,7 +135,7 @@ class ServerLife:
         """
         if other is None or not (self.provable and other.provable):
             return False
-        if self.system_identifier != other.system_identifier:
+        if (self.system_identifier, self.timeline) != (other.system_identifier, other.timeline):
             return False
         same_checkpointer = (
             self._checkpointer_known

@@ -442,10 +442,13 @@ def _commit_failed(
     if recorder.marks is not None:  # several connections, at most one of which wrote
         if recorder.writer_committed():
             return Committed(result, recorder.pending)  # this one wrote nothing: no effect
+        # A connection committed before this one had an xid (every one on a primary does):
+        # perhaps only for a NOTIFY, delivered now; the unit must not run again.
+        committed_before = any(recorder.marks.get(c) is not None for c in recorder.sent[:-1])
         if recorder.sent[-1] is not recorder.writer:
-            # The writer's COMMIT was never sent (or none wrote): nothing committed.
-            return CommitFailed(result, error, None, 1)
-        return CommitFailed(result, error, recorder.pending, 1)
+            # The writer's COMMIT was never sent (or none wrote): no row committed.
+            return CommitFailed(result, error, None, 1, committed_before)
+        return CommitFailed(result, error, recorder.pending, 1, committed_before)
     return CommitFailed(result, error, recorder.pending, recorder.commits_sent)
 
 

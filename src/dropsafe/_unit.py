@@ -110,6 +110,9 @@ class CommitFailed(Generic[_T]):
     error: Exception
     pending: PendingCommit | None  # None: the transaction wrote nothing
     commits_sent: int
+    #: Another connection of the unit committed before (a unit over several engines): a
+    #: ``NOTIFY`` it queued was delivered, so the unit cannot run again (`dropsafe._recording`).
+    committed_before: bool = False
 
 
 Report = Union[Committed[Any], Failed, CommitFailed[Any]]  # noqa: UP007 - runtime alias
@@ -132,6 +135,14 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
                 outcome = yield Resolve(report.pending, report.error, timeout, budget.deadline)
                 if outcome == "committed":
                     return report.result
+            if report.committed_before:
+                raise CommitOutcomeUnknown(
+                    "the connection failed during a COMMIT of a unit of work over several "
+                    "connections after another of them had committed (a NOTIFY it queued was "
+                    "delivered); running the unit again could deliver it twice",
+                    xid=None if report.pending is None else report.pending.xid,
+                    reason="another connection committed before",
+                ) from report.error
             # Aborted, or it wrote nothing: running it again is harmless.
             yield Sleep(budget.next_delay(ErrorKind.DISCONNECT, report.error))
             continue

@@ -14,8 +14,11 @@ import asyncio
 import contextlib
 import itertools
 import os
+import select
 import socket
+import time
 
+import psycopg2
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -440,3 +443,64 @@ def test_a_commit_on_a_connection_the_function_opened_itself_is_not_refused(
     unit = OneEngine(server, driver, face, kind)
     result = unit.run([("apart", ONE.insert().values(v=apart)), ONE.insert().values(v=inside)])
     assert (result, count(server, ONE, apart), count(server, ONE, inside)) == ("done", 1, 1)
+
+
+# -- a NOTIFY on the engine that wrote nothing, committed before the writer's lost COMMIT -------
+
+
+def _listen(server, database):
+    url = server.url("psycopg2", database=database)
+    listener = psycopg2.connect(url.replace("postgresql+psycopg2", "postgresql"))
+    listener.autocommit = True
+    listener.cursor().execute("LISTEN dropsafe_test")
+    return listener
+
+
+def _heard(listener, server, database):
+    """Every payload ``listener`` hears up to a last one sent now (delivered after the rest)."""
+    server.execute("NOTIFY dropsafe_test, 'end'", database=database)
+    heard = []
+    deadline = time.monotonic() + 20
+    while "end" not in heard and time.monotonic() < deadline:
+        select.select([listener], [], [], deadline - time.monotonic())
+        listener.poll()
+        heard += [notify.payload for notify in listener.notifies]
+        listener.notifies.clear()
+    return heard[:-1]
+
+
+@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
+def test_a_notify_committed_before_the_writer_s_lost_commit_is_heard_once(
+    server, kernel_blackhole, driver, face
+):
+    # The engine that only notifies is committed first (SQLAlchemy follows no set order: tried
+    # until it is), then the writer's COMMIT is lost on the way and fenced: aborted. Running the
+    # unit again would send the notification a second time. (A text statement goes to the
+    # main bind: the notifier is ONE's engine, the writer TWO's.)
+    writer, notifier_db = TWO, "db_one"
+    for _ in range(12):
+        value = next(_VALUES)
+        listener = _listen(server, notifier_db)
+        unit = TwoEngines(server, driver, face)
+        fault = LoseCommitReply(kernel_blackhole, nth=2, direction="both")
+        outcome = "acknowledged"
+        try:
+            unit.run(
+                lambda execute, value=value: (
+                    execute(sa.text(f"SELECT pg_notify('dropsafe_test', '{value}')")),
+                    execute(writer.insert().values(v=value)),
+                ),
+                fault,
+            )
+        except dropsafe.CommitOutcomeUnknown:
+            outcome = "unknown"
+        heard = _heard(listener, server, notifier_db)
+        listener.close()
+        if fault.struck_database != notifier_db:  # the writer's COMMIT was the lost one
+            break
+    else:
+        pytest.skip("SQLAlchemy committed the writer first in every trial")
+    rows = count(server, writer, value)
+    assert heard.count(str(value)) <= 1, f"heard {heard}, rows {rows}, runs {unit.calls}"
+    # The writer's COMMIT never arrived: aborted, and the notification was delivered.
+    assert (outcome, rows, heard, unit.calls) == ("unknown", 0, [str(value)], 1)

@@ -65,6 +65,31 @@ def test_a_lost_reply_of_a_transaction_that_wrote_nothing_just_runs_again():
     assert isinstance(core.send(CommitFailed(1, LOST, None, commits_sent=1)), Sleep)
 
 
+def test_a_lost_commit_after_another_connection_committed_never_runs_again():
+    # A unit over several engines: another connection committed first (a NOTIFY it queued was
+    # delivered). The writer's xid committed: acknowledged; aborted, or no writer: unknown.
+    core = _started()
+    core.send(CommitFailed("id-7", LOST, PENDING, commits_sent=1, committed_before=True))
+    assert _result_of(core, "committed") == "id-7"
+    core = _started()
+    core.send(CommitFailed("id-7", LOST, PENDING, commits_sent=1, committed_before=True))
+    with pytest.raises(CommitOutcomeUnknown, match="another of them had committed"):
+        core.send("aborted")
+    core = _started()
+    with pytest.raises(CommitOutcomeUnknown, match="another of them had committed"):
+        core.send(CommitFailed(1, LOST, None, commits_sent=1, committed_before=True))
+
+
+def test_a_promotion_makes_a_server_life_new_whatever_its_statistics():
+    # A standby copied from a cleanly stopped primary keeps its stats_reset; its timeline moves.
+    life = "2026-11-25 12:00:00+00|2026-11-25 11:00:00+00|27|{}"
+    old = ServerLife.read("7712167652585548053", life.format(1))
+    promoted_copy = ServerLife.read("7712167652585548053", life.format(2))
+    assert old.same_history(ServerLife.read("7712167652585548053", life.format(1)))
+    assert not old.same_history(promoted_copy)
+    assert old.timeline == "1"
+
+
 def test_an_apps_own_error_from_a_commit_listener_is_raised_not_resolved():
     mine = ValueError("audit row rejected")
     with pytest.raises(ValueError, match="audit row") as raised:
