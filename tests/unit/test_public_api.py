@@ -34,6 +34,7 @@ PUBLIC = {
     "dropsafe.events": [
         "AcknowledgedCommitLost",
         "CommitResolved",
+        "ConnectWaited",
         "ConnectionInvalidated",
         "DeadConnectionReplaced",
         "Event",
