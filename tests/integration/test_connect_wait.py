@@ -178,6 +178,22 @@ def test_a_missing_database_fails_at_once(server):
     assert events.waits() == []
 
 
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg", "asyncpg"])
+def test_tls_required_of_a_server_without_it_fails_at_once(driver):
+    """The driver reports it like a lost or refused connection; waiting would not fix it."""
+    events = _Events()
+    with PostgresServer(tls=False) as plain:
+        url = plain.url(
+            driver, **({"ssl": "require"} if driver == "asyncpg" else {"sslmode": "require"})
+        )
+        policy = _policy(events, connect_wait=30)
+        started = time.monotonic()
+        with pytest.raises((sa.exc.DBAPIError, OSError)):
+            _checkout_url(url, driver, policy)
+        assert time.monotonic() - started < 1.5
+    assert events.waits() == []
+
+
 def test_connect_wait_zero_fails_at_once(server):
     events = _Events()
     server.stop("fast")
@@ -298,6 +314,10 @@ def _checkout(
     database: str = "postgres",
 ) -> None:
     url = server.url(driver, password=password, database=database)  # type: ignore[arg-type]
+    _checkout_url(url, driver, policy)
+
+
+def _checkout_url(url: str, driver: str, policy: dropsafe.Policy) -> None:
     if driver == "asyncpg":
 
         async def attempt() -> None:
