@@ -225,6 +225,32 @@ def test_a_unit_of_work_waits_once_within_its_deadline(server):
     assert events.waits() == []
 
 
+def test_an_async_unit_of_work_waits_once_within_its_deadline(server):
+    events = _Events()
+
+    async def unit(conn: object) -> None:
+        await conn.execute(sa.text("SELECT 1"))  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        engine = dropsafe.create_async_engine(
+            server.url("asyncpg"), policy=_policy(events, connect_wait=30)
+        )
+        try:
+            await dropsafe.run_transaction_async(engine, unit, deadline=1.5)
+        finally:
+            await engine.dispose()
+
+    server.stop("fast")
+    try:
+        started = time.monotonic()
+        with pytest.raises((sa.exc.OperationalError, OSError)):
+            asyncio.run(scenario())
+        assert time.monotonic() - started <= 1.5 + SLACK
+    finally:
+        server.start()
+    assert events.waits() == []
+
+
 def test_full_pool_waiters_keep_their_pool_timeout(server):
     """A checkout waiting for the server holds its slot; a queued one still times out on time."""
     events = _Events()
