@@ -91,7 +91,7 @@ class ConnectArguments:
     def _on_handle_error(self, context: ExceptionContext) -> None:
         if context.connection is None:  # getting a connection failed: a connect, if one ran
             self._host_order.connect_failed()
-        elif _timed_out(context.original_exception):
+        elif context.is_disconnect and _timed_out(context.original_exception):
             pooled = getattr(context.connection, "_dbapi_connection", None)
             native = self._driver.native(getattr(pooled, "dbapi_connection", None))
             if native is not None:
