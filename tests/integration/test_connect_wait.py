@@ -42,6 +42,13 @@ def server() -> Iterator[PostgresServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def plain() -> Iterator[PostgresServer]:
+    """A server without TLS, for clients that require it."""
+    with PostgresServer(tls=False) as server:
+        yield server
+
+
 class _Events(list):  # type: ignore[type-arg]
     def __call__(self, event: object) -> None:
         self.append(event)
@@ -179,18 +186,16 @@ def test_a_missing_database_fails_at_once(server):
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg", "asyncpg"])
-def test_tls_required_of_a_server_without_it_fails_at_once(driver):
+def test_tls_required_of_a_server_without_it_fails_at_once(plain, driver):
     """The driver reports it like a lost or refused connection; waiting would not fix it."""
     events = _Events()
-    with PostgresServer(tls=False) as plain:
-        url = plain.url(
-            driver, **({"ssl": "require"} if driver == "asyncpg" else {"sslmode": "require"})
-        )
-        policy = _policy(events, connect_wait=30)
-        started = time.monotonic()
-        with pytest.raises((sa.exc.DBAPIError, OSError)):
-            _checkout_url(url, driver, policy)
-        assert time.monotonic() - started < 1.5
+    url = plain.url(
+        driver, **({"ssl": "require"} if driver == "asyncpg" else {"sslmode": "require"})
+    )
+    started = time.monotonic()
+    with pytest.raises((sa.exc.DBAPIError, OSError)):
+        _checkout_url(url, driver, _policy(events, connect_wait=30))
+    assert time.monotonic() - started < 1.5
     assert events.waits() == []
 
 
