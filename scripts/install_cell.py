@@ -32,7 +32,8 @@ FEATURES = ("testing", "prometheus", "demo", "bench")
 
 def main() -> int:
     """Run every check of the cell; raise (so exit non-zero, with a traceback) at the first miss."""
-    cell: dict[str, Any] = json.loads(sys.argv[1])
+    # On stdin, not argv: its URLs carry a password, and command lines are anyone's to read.
+    cell: dict[str, Any] = json.loads(sys.stdin.read())
     check_installed_from_wheel()
     has_asyncio = importlib.util.find_spec("greenlet") is not None
     print(f"asyncio support (greenlet): {has_asyncio}")

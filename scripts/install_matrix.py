@@ -105,7 +105,7 @@ USER_FIXTURE_TEST = """\
 import pytest
 
 
-@pytest.mark.fault
+@pytest.mark.dropsafe_fault
 def test_a_throwaway_server(request, postgres_server):
     assert request.node.get_closest_marker("timeout").args == (120,)
     assert postgres_server.execute("SELECT 1") == [("1",)]
@@ -437,9 +437,10 @@ def run_cell(cell: Cell, where: Path, server: PostgresServer) -> Outcome:
             },
             "ca_file": str(server.ca_file),
         }
-        cell_run(
-            log, [python, "-I", str(CELL_SCRIPT), json.dumps(config)], CHECK_TIMEOUT, cwd=where
-        )
+        # Through stdin: the URLs carry the server's password, and a command line is
+        # readable by every local account (and written to the cell's log).
+        command = [python, "-I", str(CELL_SCRIPT)]
+        cell_run(log, command, CHECK_TIMEOUT, cwd=where, stdin=json.dumps(config))
         step = "the user's pytest suite"
         run_user_suite(log, python, where / "user-app", with_fixtures="testing" in cell.features)
     except StepFailedError as exc:
@@ -506,14 +507,18 @@ def clean_env(venv: Path | None = None) -> dict[str, str]:
     return env
 
 
-def cell_run(log: Path, argv: list[str], timeout: float, cwd: Path | None = None) -> str:
+def cell_run(
+    log: Path, argv: list[str], timeout: float, cwd: Path | None = None, stdin: str | None = None
+) -> str:
     """Run one step, appending its output to the cell's log; raise StepFailedError if it fails.
 
-    A step run in the cell's folder (``cwd``) runs with the cell's venv activated.
+    A step run in the cell's folder (``cwd``) runs with the cell's venv activated; ``stdin`` is
+    its input (secrets go there, not in ``argv``).
     """
     try:
         result = subprocess.run(
             argv,
+            input=stdin,
             cwd=cwd,
             env=clean_env(log.parent / "venv" if cwd else None),
             capture_output=True,

@@ -102,10 +102,11 @@ def main() -> int:
             servers = {"plain": plain_server, "hardened": hardened_server}
             for server in servers.values():
                 _prepare(server)
+            _write_db_config(servers, source)
             differences: list[Difference] = []
             for driver in args.driver or sorted(SUBSETS):
                 differences += _compare(
-                    servers, driver=driver, source=source, out=out, args=args, version=version
+                    driver=driver, source=source, out=out, args=args, version=version
                 )
     unlisted = [d for d in differences if (d.driver, d.test) not in allowed]
     for d in differences:
@@ -198,7 +199,9 @@ def _unpack(sdist: Path, into: Path) -> Path:
 
 def _prepare(server: PostgresServer) -> None:
     """Create what the suite expects: user scott, a UTF8 database ``test``, two schemas."""
-    server.execute("CREATE ROLE scott LOGIN SUPERUSER PASSWORD 'tiger'")
+    # Not the suite's customary 'tiger': a superuser with a known password would be any
+    # local account's while the suite runs.
+    server.execute(f"CREATE ROLE scott LOGIN SUPERUSER PASSWORD '{_scott_password(server)}'")
     server.execute("CREATE DATABASE test OWNER scott ENCODING 'utf8' TEMPLATE template0")
     server.execute(
         "CREATE SCHEMA test_schema AUTHORIZATION scott; "
@@ -213,13 +216,35 @@ def _prepare(server: PostgresServer) -> None:
             print(f"  (no {extension} extension in this PostgreSQL build)", flush=True)
 
 
+def _scott_password(server: PostgresServer) -> str:
+    # Derived from the server's own generated password: one per server, never written down.
+    return hashlib.sha256(f"scott:{server.password}".encode()).hexdigest()[:32]
+
+
 def _dburi(server: PostgresServer, driver: str, database: str) -> str:
     tls = "ssl=require" if driver == "asyncpg" else "sslmode=require"
-    return f"postgresql+{driver}://scott:tiger@{server.host}:{server.port}/{database}?{tls}"
+    password = _scott_password(server)
+    return f"postgresql+{driver}://scott:{password}@{server.host}:{server.port}/{database}?{tls}"
+
+
+def _write_db_config(servers: dict[str, PostgresServer], source: Path) -> None:
+    """Name every URL in the suite's test.cfg (0600), for ``--db``: never on a command line."""
+    lines = ["[db]"] + [
+        f"{_db_name(mode, driver)} = {_dburi(server, driver, 'test')}"
+        for mode, server in servers.items()
+        for driver in SUBSETS
+    ]
+    config = source / "test.cfg"
+    config.touch(mode=0o600)
+    config.chmod(0o600)
+    config.write_text("\n".join(lines) + "\n")
+
+
+def _db_name(mode: str, driver: str) -> str:
+    return f"dropsafe_{mode}_{driver}"
 
 
 def _run(
-    server: PostgresServer,
     driver: str,
     source: Path,
     junit: Path,
@@ -251,8 +276,8 @@ def _run(
         "no:randomly",
         "-p",
         "sqlalchemy_compat_plugin",
-        "--dburi",
-        _dburi(server, driver, "test"),
+        "--db",
+        _db_name(mode, driver),
         "--junitxml",
         str(junit),
         "--maxfail=100000",
@@ -300,7 +325,6 @@ def _outcomes(junit: Path) -> dict[str, str]:
 
 
 def _compare(
-    servers: dict[str, PostgresServer],
     *,
     driver: str,
     source: Path,
@@ -314,7 +338,6 @@ def _compare(
         mode = "hardened" if hardened else "plain"
         junit = out / f"sqlalchemy-{version}-{driver}-{mode}{tag}.xml"
         return _run(
-            servers[mode],
             driver,
             source,
             junit,

@@ -19,11 +19,14 @@ from __future__ import annotations
 import importlib
 import typing
 
+#: The version of this package (also ``dropsafe --version`` and the wheel's metadata).
+__version__ = "0.1.0"
+
 # typing.TYPE_CHECKING, not a bare name: the package exports nothing but its __all__.
 if typing.TYPE_CHECKING:
     from dropsafe._backoff import test_mode
     from dropsafe._classify import ErrorKind, classify
-    from dropsafe._engine import create_async_engine, create_engine, harden
+    from dropsafe._engine import create_async_engine, create_engine, harden, policy_of
     from dropsafe._errors import CommitOutcomeUnknown, ConfigurationError, DropsafeError
     from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
     from dropsafe._request_unit import request_unit
@@ -42,6 +45,7 @@ __all__ = [
     "create_async_engine",
     "create_engine",
     "harden",
+    "policy_of",
     "request_unit",
     "run_transaction",
     "run_transaction_async",
@@ -49,13 +53,13 @@ __all__ = [
     "transactional",
 ]
 
-# Names of dropsafe 0.1 that are gone, and what to use instead: an error that says so beats
-# an AttributeError, and beats keeping a name that no longer means what it did.
+# Names of the pre-release API (before 0.1.0) that are gone, and what to use instead: an error
+# that says so beats an AttributeError, and beats keeping a name that no longer means what it did.
 _GONE = {
     "RetriesExhausted": (
         "dropsafe no longer wraps the last error: when a unit of work runs out of attempts or "
         "time, that error itself is raised (your `except OperationalError:` catches it), with "
-        "a note and a RetriesGaveUp event saying why. See CHANGELOG.md (0.2.0)."
+        "a note and a RetriesGaveUp event saying why. See CHANGELOG.md (0.1.0, Changed)."
     ),
     "Kind": "dropsafe.Kind is now dropsafe.ErrorKind.",
 }
@@ -65,7 +69,7 @@ _GONE = {
 _HOMES = {
     "dropsafe._backoff": ("test_mode",),
     "dropsafe._classify": ("ErrorKind", "classify"),
-    "dropsafe._engine": ("create_async_engine", "create_engine", "harden"),
+    "dropsafe._engine": ("create_async_engine", "create_engine", "harden", "policy_of"),
     "dropsafe._errors": ("CommitOutcomeUnknown", "ConfigurationError", "DropsafeError"),
     "dropsafe._policy": ("ConnectionPolicy", "Policy", "PoolPolicy", "UnitPolicy"),
     "dropsafe._request_unit": ("request_unit",),
@@ -79,6 +83,9 @@ def __getattr__(name: str) -> object:
         for module_name, names in _HOMES.items():
             module = importlib.import_module(module_name)
             globals().update({public: getattr(module, public) for public in names})
+        # ``from dropsafe import test_mode`` in a test module must not be collected by pytest
+        # as a test named test_mode (pytest skips what sets __test__ to False).
+        globals()["test_mode"].__test__ = False
         return globals()[name]
     if name in _GONE:
         # ImportError, not AttributeError: ``from dropsafe import X`` would replace the message.

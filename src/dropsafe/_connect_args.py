@@ -12,7 +12,6 @@ connect starts where `HostOrder` says.
 from __future__ import annotations
 
 import errno
-import logging
 import math
 import socket
 import threading
@@ -20,7 +19,9 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._hosts import HostOrder
+from dropsafe._log import SafeLogger
 from dropsafe._policy import ConnectionPolicy, seconds
+from dropsafe._process import renew_lock_in_child
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ConnectArguments", "tune_socket"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 
 class ConnectArguments:
@@ -46,6 +47,7 @@ class ConnectArguments:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
+        renew_lock_in_child(self)  # another thread may hold it at a fork
         # With several hosts, where connects start (never moved by connects in flight).
         self._host_order = HostOrder(driver)
 

@@ -33,6 +33,7 @@ from sqlalchemy.util import concurrency as _sa_concurrency
 
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import ConnectionPolicy, seconds
+from dropsafe._process import unpatched
 from dropsafe._socket_shutdown import shut_down_at
 
 if TYPE_CHECKING:
@@ -76,6 +77,9 @@ _DSN_KEY = re.compile(r"(?:^|[\s?&])(" + "|".join(_LIBPQ_KEYS) + r")\s*=")
 _WRAPPER_ATTRIBUTES = ("target_connection", "__wrapped__", "_wrapped", "_connection", "_conn")
 _UNWRAP_DEPTH = 3
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
+# The interpreter's own poll, whichever import order: gevent's (after ``monkey.patch_all()``)
+# never reports a hang-up, so every dead idle connection would cost a ping; eventlet's has none.
+_real_poll = unpatched("select", "poll")
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _POLL_MASK = select.POLLIN | _POLL_DEAD
 # struct tcp_info (linux/tcp.h, Linux 4.19+): u32 tcpi_notsent_bytes at 144, u64
@@ -796,7 +800,7 @@ def _is_instance(candidate: object, module: str, name: str) -> bool:
 
 def _poll(source: Any) -> Health:  # noqa: ANN401 - anything with fileno()
     """Poll ``source``'s socket with a zero timeout; one that cannot be polled is dead."""
-    poller = select.poll()
+    poller = _real_poll()
     try:
         poller.register(source.fileno(), _POLL_MASK)
         events = poller.poll(0)
@@ -827,7 +831,7 @@ class _SocketPoll:
 
     def __init__(self, source: Any) -> None:  # noqa: ANN401 - anything with fileno()
         self._source = source
-        self._poller = select.poll()
+        self._poller = _real_poll()
         self._fd = -1
 
     def __call__(self) -> Health:

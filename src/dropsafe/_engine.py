@@ -7,6 +7,7 @@ attaches their listeners to the engine's events. One guard per engine, no shared
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import sys
@@ -26,6 +27,7 @@ from dropsafe._errors import ConfigurationError
 from dropsafe._invalidation import InvalidationScope
 from dropsafe._lifetime import ConnectionLifetime
 from dropsafe._liveness import CheckoutCheck
+from dropsafe._log import SafeLogger
 from dropsafe._policy import Policy
 from dropsafe._quiet_rollback import QuietRollback
 from dropsafe._redaction import redact_url, split_credentials
@@ -43,12 +45,20 @@ __all__ = [
     "guard_of",
     "harden",
     "loaded_asyncio",
+    "policy_of",
     "require_asyncio",
+    "resolve_driver",
 ]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 _GUARD_ATTRIBUTE = "_dropsafe_guard"
+# Drivers a URL without one may get, in order of preference, per face (each driver's module
+# has its name).
+_SYNC_CHOICES = ("psycopg2", "psycopg", "pg8000")
+_ASYNC_CHOICES = ("asyncpg", "psycopg")
+# (URL scheme as given, as read): each reading is logged once per process.
+_SAID: set[tuple[str, str]] = set()
 _E = TypeVar("_E", "Engine", "AsyncEngine")
 
 
@@ -89,7 +99,7 @@ def create_async_engine(
     require_asyncio()
     from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415 - imported on first use
 
-    parsed = _parse(url)
+    parsed = _parse(url, is_async=True)
     try:
         engine = sa_asyncio.create_async_engine(parsed, **engine_kwargs)
     except ImportError as exc:
@@ -110,7 +120,8 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
     """Guard an engine made elsewhere (Flask-SQLAlchemy, a framework's settings); return it.
 
     Idempotent: hardening twice changes nothing. Connect arguments apply to connections
-    opened from now on. Hardening again with a different policy is refused.
+    opened from now on. Hardening again with a different policy is refused. The ``dropsafe``
+    logger says once, at INFO, that the engine is hardened and with what; `policy_of` asks.
     """
     sync_engine: object = getattr(engine, "sync_engine", engine)
     if not isinstance(sync_engine, Engine):
@@ -128,7 +139,49 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
     guard = EngineGuard(policy or Policy(), sync_engine)
     guard.attach(sync_engine)
     setattr(sync_engine, _GUARD_ATTRIBUTE, guard)
+    # One line per engine, so that a log says the guard is on and with what (URL masked).
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(
+            "dropsafe hardened the engine for %s (driver %s): %s",
+            redact_url(sync_engine.url),
+            guard.driver.name,
+            describe(guard.policy),
+        )
     return engine
+
+
+def policy_of(engine: Engine | AsyncEngine) -> Policy | None:
+    """Return the `Policy` an engine is hardened with, or None if dropsafe does not guard it.
+
+    The way to check that ``?plugin=dropsafe`` or `harden` took effect (``engine.url`` no
+    longer shows the plugin), and with which settings.
+
+    Example::
+
+        assert dropsafe.policy_of(engine) is not None
+    """
+    guard = guard_of(engine)
+    return None if guard is None else guard.policy
+
+
+def describe(policy: Policy) -> str:
+    """Say a policy's settings in one line: ``connection: connect_timeout=5, ...; pool: ...``.
+
+    Durations are in seconds, as `Policy` stores them.
+    """
+    layers = []
+    for layer in ("connection", "pool", "unit"):
+        settings = getattr(policy, layer)
+        knobs = ", ".join(
+            f"{each.name}={_shown(getattr(settings, each.name))}"
+            for each in dataclasses.fields(settings)
+        )
+        layers.append(f"{layer}: {knobs}")
+    return "; ".join(layers)
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 class EngineGuard:
@@ -238,7 +291,73 @@ def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:
     )
 
 
-def _parse(url: str | URL) -> URL:
+def resolve_driver(
+    url: URL, *, is_async: bool, installed: Callable[[str], bool] | None = None
+) -> URL:
+    """Return ``url`` with the driver it will really use, for ``postgres://`` and bare URLs.
+
+    SQLAlchemy dropped the ``postgres`` alias that Heroku's and many clouds' ``DATABASE_URL``
+    still write, and a bare ``postgresql://`` gets SQLAlchemy's default driver (psycopg 3
+    since 2.1) even when only another one is installed. So: ``postgres`` reads as
+    ``postgresql``; a URL without a driver keeps SQLAlchemy's default when it is installed,
+    else gets the installed one (the first of psycopg2, psycopg, pg8000; asyncpg, psycopg
+    for an async engine). Each reading is logged once, at INFO, with what to write instead.
+    None installed: a `ConfigurationError` naming the pip command. Other URLs are returned
+    as they are.
+    """
+    backend, _, driver = url.drivername.partition("+")
+    if backend not in ("postgres", "postgresql") or (backend == "postgresql" and driver):
+        return url
+    is_installed = installed or _module_installed
+    if driver and not is_supported(driver):
+        return url  # refused by the caller, who names the supported ones
+    if not driver:
+        chosen = _default_driver(url, is_async=is_async, installed=is_installed)
+        if chosen is None and backend == "postgresql":
+            return url  # SQLAlchemy's own default is installed: nothing to read
+        driver = chosen or url.set(drivername="postgresql").get_dialect().driver
+    resolved = url.set(drivername=f"postgresql+{driver}")
+    _say_once(url.drivername, resolved.drivername)
+    return resolved
+
+
+def _default_driver(url: URL, *, is_async: bool, installed: Callable[[str], bool]) -> str | None:
+    """Name the driver for a URL without one; None when SQLAlchemy's default is installed."""
+    choices = _ASYNC_CHOICES if is_async else _SYNC_CHOICES
+    default = url.set(drivername="postgresql").get_dialect().driver
+    if default in choices and installed(default):
+        return None
+    found = [name for name in choices if installed(name)]
+    if not found:
+        extras = ", ".join(f"dropsafe[{name}]" for name in choices)
+        raise ConfigurationError(
+            f"{redact_url(url)} names no driver and no PostgreSQL driver"
+            f"{' for asyncio' if is_async else ''} is installed: pip install one of "
+            f"{extras}, and write postgresql+{choices[0]}://..."
+        )
+    return found[0]
+
+
+def _module_installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _say_once(given: str, read: str) -> None:
+    if (given, read) in _SAID:
+        return
+    _SAID.add((given, read))
+    logger.info(
+        "dropsafe reads %s:// as %s://; write %s:// to say so yourself",
+        given,
+        read,
+        read,
+    )
+
+
+def _parse(url: str | URL, *, is_async: bool = False) -> URL:
     if not isinstance(url, (str, URL)):
         raise ConfigurationError(
             f"url must be a string or sqlalchemy.URL, not {type(url).__name__}"
@@ -250,9 +369,15 @@ def _parse(url: str | URL) -> URL:
     except (sqlalchemy.exc.ArgumentError, ValueError):
         # Text that is not even scheme://... is not echoed: it may be anything, secrets too.
         named = repr(shown) if "://" in shown else "(not shown: it has no scheme://)"
+        hint = (
+            "; percent-encode the user and password ('@' as %40, '/' as %2F, ':' as %3A, "
+            "'%' as %25)"
+            if _split_by_an_at(str(url))
+            else ""
+        )
         raise ConfigurationError(
             f"malformed database URL {named}; expected "
-            "postgresql+DRIVER://user:password@host:port/database"
+            f"postgresql+DRIVER://user:password@host:port/database{hint}"
         ) from None
     split = split_credentials(url)
     if split is not None:
@@ -262,8 +387,22 @@ def _parse(url: str | URL) -> URL:
             f"dropsafe supports PostgreSQL only, not {parsed.get_backend_name()!r} "
             f"in {shown}; supported: {SUPPORTED}"
         )
+    parsed = resolve_driver(parsed, is_async=is_async)
     if not is_supported(parsed.get_driver_name()):
         raise ConfigurationError(
             f"unsupported driver {parsed.get_driver_name()!r} in {shown}; supported: {SUPPORTED}"
         )
     return parsed
+
+
+def _split_by_an_at(text: str) -> bool:
+    """Whether a URL that did not parse has an '@' before the one that ends its credentials.
+
+    A password holding '@' and '/' unencoded may not parse at all (a piece becomes the
+    port): the message then names the likely cause, as `split_credentials` does for those
+    that parse.
+    """
+    _, _, rest = text.partition("://")
+    rest = rest.split("?", 1)[0]
+    authority = rest.rsplit("@", 1)[0] if "@" in rest else ""
+    return "@" in authority

@@ -12,11 +12,12 @@ How, and why it holds (checked on a real primary and asynchronous standby, Postg
   L0, a lower bound of the commit record's LSN (no round trip: one more column). Each
   acknowledged commit is kept as (server life, xid, L0, unit, time) in a ring of fixed size
   per engine, preallocated: memory stays flat, and the healthy path pays an append.
-- When a unit commits a write on a server life other than the remembered commits', its
-  server is asked once, in one statement: its life, ``pg_last_wal_replay_lsn()`` (F: after a
-  promotion or a crash recovery it stays at the end of the last record replayed, where the new
-  history forked off the old; NULL if the server never recovered since it started) and the
-  status of every remembered xid of the older lives.
+- When a unit commits a write on another history than the remembered commits'
+  (`ServerLife.same_history`: a crash or a failover; a stats reset or a clean restart alone is
+  the same history), its server is asked once, in one statement: its life,
+  ``pg_last_wal_replay_lsn()`` (F: after a promotion or a crash recovery it stays at the end of
+  the last record replayed, where the new history forked off the old; NULL if the server never
+  recovered since it started) and the status of every remembered xid of the older lives.
 - A commit is LOST if L0 >= F: its commit record starts at or after L0, past everything the
   new server replayed. Else its status is the truth: the unit wrote (it has an xid) before its
   mark, so a WAL record carrying its xid ends before L0 < F and was replayed, which advanced
@@ -28,9 +29,10 @@ How, and why it holds (checked on a real primary and asynchronous standby, Postg
   batch (two failovers before a write reached the new server): ``unknown``, never silence.
 
 Not covered (docs/guarantees.md): commits of a process that restarted (the ring is in memory),
-more than the ring holds, a unit whose writes leave no WAL before its mark (only temporary or
-unlogged tables, only NOTIFY), and a new server that restarted cleanly or crashed again before
-a unit committed there.
+more than the ring holds, a unit that wrote nothing (its xid, assigned by the mark without a
+flush, is not remembered), a unit whose writes leave no WAL before its mark (only temporary or
+unlogged tables), a new server that restarted cleanly or crashed again before a unit committed
+there, and a stats reset followed by a clean restart between two commits (reported unknown).
 """
 
 from __future__ import annotations
@@ -44,9 +46,10 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._connect_wait import waits_elsewhere
 from dropsafe._hooks import emit
+from dropsafe._process import renew_in_child, renew_lock_in_child
 from dropsafe._recording import lsn_number
 from dropsafe._redaction import describe_error
-from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife, text_or_none
+from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife
 from dropsafe._watchdog import bounded
 from dropsafe.events import AcknowledgedCommitLost
 
@@ -121,7 +124,7 @@ def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | No
     own life: ask later). Pure: the module's docstring says why each rule holds.
     """
     theirs = answer.server_life
-    if answer.in_recovery or any(commit.server_life == theirs for commit in commits):
+    if answer.in_recovery or any(commit.server_life.same_history(theirs) for commit in commits):
         return None
     newest_old_life = commits[-1].server_life if commits else None
     verdicts: list[Verdict | None] = []
@@ -159,7 +162,7 @@ def _cannot_judge(
     """Say why this answer proves nothing about this commit (None: it does)."""
     if commit.server_life.system_identifier != answer.server_life.system_identifier:
         return "a server of another database cluster took over"
-    if commit.server_life != newest_old_life:
+    if not commit.server_life.same_history(newest_old_life):
         return "the server failed over (or crashed) more than once before it was asked"
     if answer.fork_lsn is None:
         return (
@@ -196,11 +199,21 @@ class Remembered:
         self._held: list[_Commit] = []  # taken out, not answered yet
         self._tries = 0
         self._lock = threading.Lock()
+        renew_lock_in_child(self)  # another thread may hold it at a fork
 
     def add(self, pending: PendingCommit, unit: str, committed_at: float) -> bool:
         """Remember an acknowledged commit; return whether a check is due now."""
         life = pending.server_life
         with self._lock:
+            newest = self._newest_life
+            if newest is not None and (newest is life or newest.same_history(life)):
+                # One object per history: a stats reset or a clean restart since the first
+                # commit of it makes a life that differs but is the same history.
+                life = newest
+            else:
+                if newest is not None:
+                    self._due = True
+                self._newest_life = life
             slot = self._next % self.size
             self._next += 1
             self._xids[slot] = pending.xid
@@ -208,11 +221,6 @@ class Remembered:
             self._times[slot] = committed_at
             self._units[slot] = unit
             self._lives[slot] = life
-            newest = self._newest_life
-            if newest is not life and newest != life:
-                if newest is not None:
-                    self._due = True
-                self._newest_life = life
             return self._due
 
     def take_older(self) -> tuple[list[_Commit], ServerLife | None]:
@@ -228,7 +236,7 @@ class Remembered:
             for number in range(first, self._next):
                 slot = number % self.size
                 life = self._lives[slot]
-                if life is None or life == newest:
+                if life is None or life is newest:
                     continue
                 taken.append(
                     _Commit(
@@ -266,10 +274,20 @@ _MEMORY: weakref.WeakKeyDictionary[Engine, Remembered] = weakref.WeakKeyDictiona
 _MEMORY_LOCK = threading.Lock()
 
 
+def _renew_memory_lock() -> None:
+    global _MEMORY_LOCK  # noqa: PLW0603 - another thread may hold it at a fork
+    _MEMORY_LOCK = threading.Lock()
+
+
+renew_in_child(_renew_memory_lock)
+
+
 def remember_commit(engine: Engine, pending: PendingCommit, unit: str) -> bool:
     """Remember an acknowledged commit of ``engine``; True: call `audit_after_failover` now."""
     if not pending.server_life.provable:
         return False  # no life to tell a failover by
+    if pending.asynchronous:
+        return False  # wrote nothing: the mark gave it an xid (for a NOTIFY it may have queued)
     memory = _MEMORY.get(engine)
     if memory is None:
         with _MEMORY_LOCK:
@@ -336,7 +354,7 @@ def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
         connection.close()
     statuses = str(row[4]).split(",") if row[4] else []
     return ServerAnswer(
-        ServerLife(text_or_none(row[0]), text_or_none(row[1])),
+        ServerLife.read(row[0], row[1]),
         bool(row[2]),
         None if row[3] is None else lsn_number(row[3]),
         statuses,

@@ -16,17 +16,19 @@ moves the start past its host too: a vanished primary is skipped before any conn
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
+
+from dropsafe._log import SafeLogger
+from dropsafe._process import renew_lock_in_child
 
 if TYPE_CHECKING:
     from dropsafe._drivers import Driver
 
 __all__ = ["HostOrder", "rotate"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 
 class HostOrder:
@@ -35,6 +37,7 @@ class HostOrder:
     def __init__(self, driver: Driver) -> None:
         self._driver = driver
         self._lock = threading.Lock()
+        renew_lock_in_child(self)  # another thread may hold it at a fork
         self._hosts: list[tuple[str, str]] = []  # as configured; empty for a single host
         self._start = 0  # index in _hosts where connects start
         # Thread or task -> the start its running connect used; dropped on success.

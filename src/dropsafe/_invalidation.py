@@ -10,11 +10,11 @@ nothing.
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING
 
 from dropsafe._classify import READ_ONLY_SQLSTATE, ErrorKind, classify, sqlstate_of
 from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
 from dropsafe.events import ConnectionInvalidated
 
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = ["POOL_WIDE_SQLSTATES", "InvalidationScope"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 #: SQLSTATEs after which every pooled connection is suspect, not only the one that saw it:
 #: crash_shutdown, cannot_connect_now, and the two a connect fails with. (25006 is pool-wide

@@ -26,6 +26,7 @@ import math
 import random
 
 from dropsafe._policy import PoolPolicy, seconds
+from dropsafe._process import reseed_in_child
 
 __all__ = ["JITTER", "ConnectionLifetime", "draw_limit"]
 
@@ -43,7 +44,8 @@ class ConnectionLifetime:
 
     def __init__(self, policy: PoolPolicy, *, rng: random.Random | None = None) -> None:
         self._max_lifetime = None if policy.max_lifetime is None else seconds(policy.max_lifetime)
-        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        # Reseeded in a forked child: workers would otherwise retire their connections together.
+        self._rng = rng or reseed_in_child(random.Random())  # noqa: S311 - jitter, not cryptography
 
     @property
     def enabled(self) -> bool:

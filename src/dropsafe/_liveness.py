@@ -20,7 +20,6 @@ alive.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import threading
 import time
@@ -31,7 +30,9 @@ import sqlalchemy.exc
 
 from dropsafe._drivers import Driver, Health
 from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
 from dropsafe._policy import PoolPolicy, seconds
+from dropsafe._process import renew_lock_in_child
 from dropsafe._redaction import describe_error
 from dropsafe.events import DeadConnectionReplaced, PingSucceeded
 
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CheckoutCheck"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 
 class _EntryState:
@@ -125,6 +126,7 @@ class CheckoutCheck:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
+        renew_lock_in_child(self)  # another thread may hold it at a fork
         # Set once a connection dropsafe cannot look into was made (a creator= of unknown
         # objects): this pool then gets SQLAlchemy's own pool-wide recycle on a disconnect.
         self._opaque = False

@@ -17,10 +17,13 @@ opened or checked, because those belong to the engine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.events import LoggingHook
@@ -35,6 +38,8 @@ __all__ = [
     "PoolPolicy",
     "Pooler",
     "UnitPolicy",
+    "environment_name",
+    "parse_knob",
     "seconds",
 ]
 
@@ -86,6 +91,88 @@ class _Validated:
             object.__setattr__(self, name, number)
 
 
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+_NONE = frozenset({"none", "off"})
+_ENVIRONMENT_PREFIX = "DROPSAFE_"
+_V = TypeVar("_V", bound=_Validated)
+
+
+def environment_name(knob: str) -> str:
+    """Name the environment variable that sets ``knob``'s default: ``DROPSAFE_DEADLINE``."""
+    return _ENVIRONMENT_PREFIX + knob.upper()
+
+
+def parse_knob(kind: type[_Validated], knob: str, text: str, where: str) -> object:
+    """Parse a knob's text (from a URL or the environment) to its type; the layer checks ranges.
+
+    ``where`` names the text's source in the error: ``URL parameter dropsafe_deadline``.
+    """
+    word = text.strip().lower()
+    choices = kind._CHOICES.get(knob)  # noqa: SLF001 - the layer's own list of its types
+    if choices is not None:
+        return _choice(choices, text, where)
+    if knob in kind._BOOLEANS:  # noqa: SLF001
+        if word not in _TRUE | _FALSE:
+            raise ConfigurationError(f"{where} must be true or false: {text!r}")
+        return word in _TRUE
+    if knob in kind._OPTIONAL and word in _NONE:  # noqa: SLF001
+        return None
+    integer = knob in kind._INTEGERS  # noqa: SLF001
+    try:
+        return int(word) if integer else float(word)
+    except ValueError:
+        off = " (or none)" if knob in kind._OPTIONAL else ""  # noqa: SLF001
+        what = "an integer" if integer else f"a number of seconds{off}"
+        raise ConfigurationError(f"{where} must be {what}: {text!r}") from None
+
+
+def _choice(choices: tuple[object, ...], text: str, where: str) -> object:
+    """Parse a knob that takes one of a few values (``none`` for None, where allowed)."""
+    word = text.strip().lower()
+    if word in _NONE and None in choices:
+        return None
+    if word in choices:
+        return word
+    allowed = ", ".join("none" if choice is None else str(choice) for choice in choices)
+    raise ConfigurationError(f"{where} must be one of {allowed}: {text!r}")
+
+
+def _environment_defaults(kind: type[_V]) -> type[_V]:
+    """Let ``DROPSAFE_<KNOB>`` environment variables set the defaults of ``kind``'s knobs.
+
+    12-factor apps configure by environment. A knob given in code (or by the URL plugin, which
+    passes every knob it reads) wins; the variable only replaces the built-in default, read
+    when the layer is made. A malformed or out-of-range value raises `ConfigurationError`
+    naming the variable, at that call.
+    """
+    init = kind.__init__
+    names = [each.name for each in dataclasses.fields(kind)]  # type: ignore[arg-type]
+
+    @functools.wraps(init)
+    def __init__(self: _V, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401, N807
+        given = set(names[: len(args)]) | set(kwargs)
+        from_environment: dict[str, str] = {}
+        for name in names:
+            text = None if name in given else os.environ.get(environment_name(name))
+            if text is not None:
+                where = f"environment variable {environment_name(name)}"
+                kwargs[name] = parse_knob(kind, name, text, where)
+                from_environment[name] = text
+        try:
+            init(self, *args, **kwargs)
+        except ConfigurationError as exc:
+            named = [name for name in from_environment if re.search(rf"\b{name}\b", str(exc))]
+            if not named:
+                raise
+            variable = f"{environment_name(named[0])}={from_environment[named[0]]!r}"
+            raise ConfigurationError(f"environment variable {variable}: {exc}") from None
+
+    setattr(kind, "__init__", __init__)  # noqa: B010 - mypy refuses assigning a method
+    return kind
+
+
+@_environment_defaults
 @dataclass(frozen=True)
 class ConnectionPolicy(_Validated):
     """How a connection is opened: applied as the driver's connect arguments and socket options.
@@ -139,6 +226,7 @@ class ConnectionPolicy(_Validated):
     pooler: Pooler | None = None
 
 
+@_environment_defaults
 @dataclass(frozen=True)
 class PoolPolicy(_Validated):
     """How a pooled connection is checked out: a free look at its socket, a ping after idle.
@@ -175,6 +263,7 @@ class PoolPolicy(_Validated):
     replay_first_statement: bool = True
 
 
+@_environment_defaults
 @dataclass(frozen=True)
 class UnitPolicy(_Validated):
     """How `run_transaction` runs a unit of work: attempts, backoff, deadline, verified COMMITs.
@@ -204,7 +293,9 @@ class UnitPolicy(_Validated):
     backoff_max: Duration = 1.0
     backoff_multiplier: float = 2.0
     #: Absolute bound on a unit of work: connects, runs, backoff and commit resolution.
-    deadline: Duration = 30.0
+    #: Below the 30 s of gunicorn's worker timeout and Heroku's router, so that the app gets
+    #: to answer with the unit's error before its request is killed (docs/settings.md).
+    deadline: Duration = 20.0
     #: Resolve a COMMIT whose reply was lost by asking the server (write transactions only).
     verify_commits: bool = True
     #: How long to keep asking while the server reports the transaction "in progress".
@@ -219,7 +310,7 @@ class UnitPolicy(_Validated):
             )
 
 
-# Where each knob of the flat Policy of dropsafe 0.1 went, for a helpful error.
+# Where each knob of the pre-release API's flat Policy went, for a helpful error.
 _LAYER_OF = {
     **dict.fromkeys(
         (*ConnectionPolicy._RANGES, *ConnectionPolicy._CHOICES),  # noqa: SLF001

@@ -33,13 +33,13 @@ connection is closed, and closing a connection ends its transaction on the serve
 from __future__ import annotations
 
 import contextvars
-import logging
 import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._classify import ErrorKind, classify
 from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
 from dropsafe.events import RollbackConnectionLost
 
@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = ["QuietRollback"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 # The pool entry whose reset is the next do_rollback in this thread (or greenlet, or task): set
 # by the reset event that fires right before it, taken by do_rollback before it does any I/O.

@@ -11,26 +11,34 @@ The same statement reads the server's WAL insert position (on engines whose serv
 at the first read of its life), a lower bound of the commit record's LSN, which
 `dropsafe._failover_audit` compares with a promoted standby's fork point.
 
-A transaction that wrote has an xid; one that only read has none and may simply run again.
-``NOTIFY`` is the exception: it takes its xid only at COMMIT, so a transaction whose statements
-mention it is given one here (``pg_current_xact_id()``) and counts as having written. If the
-COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of this xid. Why the
-read is not sent in the same flight as COMMIT: docs/guarantees.md.
+A transaction that wrote has an xid. One that did not may still have an effect at COMMIT:
+``NOTIFY`` (spelled in a statement, or queued by a function or a trigger) takes its xid only
+there, and nothing a client can read shows that a notification is queued. So the mark gives
+every transaction on a primary an xid: one that has none yet gets one with
+``synchronous_commit`` off for that transaction only (``set_config(..., true)``): its COMMIT
+writes a commit record but waits for no WAL flush and no standby (PostgreSQL would not flush
+it anyway: it wrote nothing before), so a read-only unit pays no flush; after a crash such an
+xid is unknown, never "aborted" (a listener may have heard it before the crash).
+A standby assigns no xid (and refuses NOTIFY): there the transaction has none and may run
+again. If the COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of
+this xid. Why the read is not sent in the same flight as COMMIT: docs/guarantees.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import re
+import dataclasses
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 
 from dropsafe._classify import classify
+from dropsafe._errors import ConfigurationError
+from dropsafe._process import renew_in_child
 from dropsafe._server_life import (
     SERVER_LIFE_SQL,
     WAL_POSITION_SQL,
@@ -38,7 +46,6 @@ from dropsafe._server_life import (
     doubt_server_life,
     remember_server_life,
     server_life_of,
-    text_or_none,
     wal_position_readable,
 )
 
@@ -46,32 +53,57 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from sqlalchemy.engine import Connection, Dialect, Engine
+    from sqlalchemy.orm import Session
 
-__all__ = ["CommitRecorder", "PendingCommit", "lsn_number", "record_commits", "recording"]
+__all__ = [
+    "CommitRecorder",
+    "PendingCommit",
+    "lsn_number",
+    "other_connections",
+    "record_commits",
+    "record_commits_of_routing",
+    "recording",
+]
 
-# A statement that may queue a notification: NOTIFY or pg_notify().
-_NOTIFY = re.compile(r"notify", re.IGNORECASE)
+#: What follows an xid that the mark assigned with ``synchronous_commit`` off.
+_ASYNCHRONOUS = " async"
+
+
+def _xid_expression(modern: bool) -> str:
+    """Return the mark's first column: the xid as text, assigning one where there is none.
+
+    The xid already assigned (the transaction wrote: its COMMIT flushes), or on a primary a new
+    one, marked `_ASYNCHRONOUS`: PostgreSQL flushes no commit record of a transaction that
+    wrote no WAL before it (``RecordTransactionCommit``), and ``synchronous_commit`` off makes
+    that hold too for one that wrote WAL without an xid (a read that pruned a page). A NOTIFY's
+    COMMIT in a transaction that wrote nothing else never waited for a flush either. (CASE
+    evaluates lazily: a standby never assigns.)
+    """
+    current = "pg_current_xact_id" if modern else "txid_current"
+    assigned = f"{current}_if_assigned()"
+    return (
+        f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::text "
+        "WHEN pg_is_in_recovery() THEN NULL "
+        "WHEN set_config('synchronous_commit', 'off', true) = 'off' "
+        f"THEN {current}()::text || '{_ASYNCHRONOUS}' END"
+    )
+
+
 # The backend's pid is read in the mark, not once per connection: behind a transaction-mode
 # pooler each transaction may run on another backend, and the resolver fences that one.
-# The mark's statements, built once: [PostgreSQL 13+][assign an xid][read the server's life]
+# The mark's statements, built once: [PostgreSQL 13+][read the server's life]
 # [read the WAL insert position: a lower bound of the commit record's LSN, which
 # `dropsafe._failover_audit` compares with a promoted standby's fork point; only on engines
 # whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 _READS = {
-    (modern, assign, with_life, with_wal): (
-        f"SELECT {xid_function}()::text, pg_backend_pid()"
+    (modern, with_life, with_wal): (
+        f"SELECT {_xid_expression(modern)}, pg_backend_pid()"
         + (f", {SERVER_LIFE_SQL}" if with_life else "")
         + (f", {WAL_POSITION_SQL}" if with_wal else "")
     )
     for modern in (True, False)
-    for assign in (True, False)
     for with_life in (True, False)
     for with_wal in (True, False)
-    for xid_function in [
-        ("pg_current_xact_id" if assign else "pg_current_xact_id_if_assigned")
-        if modern
-        else ("txid_current" if assign else "txid_current_if_assigned")
-    ]
 }
 
 
@@ -80,13 +112,18 @@ class PendingCommit:
     """A COMMIT that was about to be sent: its xid, its backend and its server's life.
 
     ``wal_lsn`` is the server's WAL insert position read in the same statement, as a number
-    (0: not read): the commit record lies at or after it.
+    (0: not read): the commit record lies at or after it. ``asynchronous``: the mark assigned
+    the xid with ``synchronous_commit`` off (the transaction had none: it wrote nothing).
     """
 
     xid: int
     backend_pid: int
     server_life: ServerLife
     wal_lsn: int = 0
+    #: The engine it went through, when not the unit's own (a unit over several engines):
+    #: a weak reference, since the failover audit keeps pending commits per engine.
+    engine_ref: weakref.ref[Engine] | None = field(default=None, compare=False, repr=False)
+    asynchronous: bool = False
 
 
 class CommitRecorder:
@@ -97,13 +134,32 @@ class CommitRecorder:
         self.pending: PendingCommit | None = None
         #: COMMITs sent (or about to be) while armed: more than one cannot be retried whole.
         self.commits_sent = 0
-        #: A statement may have queued a NOTIFY, which takes its xid only at COMMIT.
-        self.needs_xid = False
         #: Whether to read the xid (``UnitPolicy.verify_commits``); COMMITs are counted anyway.
         self.read_xid = True
         #: The life of the server the last COMMIT went to (None: not read).
         self.server_life: ServerLife | None = None
         self.armed = False
+        #: The unit's first connection, and its Session (None: a Connection unit).
+        self.connection: Connection | None = None
+        self.session: Session | None = None
+        #: A unit over several connections (None: one): every connection's mark, read before
+        #: the first COMMIT; at most one of them wrote (``writer``).
+        self.marks: dict[Connection, PendingCommit | None] | None = None
+        self.writer: Connection | None = None
+        #: The connections whose COMMIT was sent, in order (only for several connections).
+        self.sent: list[Connection] = []
+        #: The unit's own COMMIT, refused by the listener: raised again after the function
+        #: returns, in case it caught the error.
+        self.refusal: ConfigurationError | None = None
+
+    def writer_committed(self) -> bool:
+        """Whether the writing connection's COMMIT succeeded: another was sent after it.
+
+        SQLAlchemy commits a Session's connections one after another, so a COMMIT sent after
+        the writer's means that the writer's returned.
+        """
+        writer = self.writer
+        return writer is not None and writer in self.sent and self.sent[-1] is not writer
 
     def committing(self) -> CommitRecorder:
         """Record the COMMITs sent inside this ``with`` block (the unit's own, not the user's).
@@ -146,52 +202,88 @@ _RECORDING_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
 _INSTALL_LOCK = threading.Lock()
 
 
+def _renew_install_lock() -> None:
+    global _INSTALL_LOCK  # noqa: PLW0603 - another thread may hold it at a fork
+    _INSTALL_LOCK = threading.Lock()
+
+
+renew_in_child(_renew_install_lock)
+
+
 def record_commits(engine: Engine) -> None:
-    """Install the listeners that read the xid before each COMMIT of a unit of work.
+    """Install the listener that reads the xid before each COMMIT of a unit of work.
 
     Idempotent; installed by the first unit of work on an engine, never by `harden` (an engine
-    that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work they cost
-    one context-variable read per statement.
+    that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work it costs
+    one context-variable read per COMMIT; statements pay nothing (no per-statement listener:
+    every transaction gets its xid in the mark, whatever its statements say).
     """
     if engine in _RECORDING_ENGINES:  # event.contains costs more than a unit's own work
         return
     with _INSTALL_LOCK:
         if not event.contains(engine, "commit", _read_before_commit):
-            event.listen(engine, "before_cursor_execute", _notice_notify)
             event.listen(engine, "commit", _read_before_commit)
         _RECORDING_ENGINES.add(engine)
 
 
-def _notice_notify(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signature
-    conn: Connection,
-    cursor: object,
-    statement: str,
-    parameters: object,
-    context: object,
-    executemany: bool,
-) -> None:
-    del conn, cursor, parameters, context, executemany
-    recorder = _RECORDER.get()
-    if recorder is not None and not recorder.needs_xid and _NOTIFY.search(statement):
-        recorder.needs_xid = True
+_ROUTING_SESSIONS: weakref.WeakSet[type[Session]] = weakref.WeakSet()
+
+
+def record_commits_of_routing(session_class: type[Session]) -> None:
+    """Install the listeners on each engine a routing Session (its own ``get_bind``) begins.
+
+    Such a session may reach an engine that is neither its bind nor in its binds for the first
+    time in the flush at COMMIT, and SQLAlchemy may send that connection's COMMIT first: the
+    engine must be recorded when its connection begins. Sessions with SQLAlchemy's own
+    ``get_bind`` reach only engines known before (the sessionmaker's bind and binds, and those
+    the function used): they pay nothing.
+    """
+    if session_class in _ROUTING_SESSIONS:
+        return
+    with _INSTALL_LOCK:
+        if not event.contains(session_class, "after_begin", _session_began):
+            event.listen(session_class, "after_begin", _session_began)
+        _ROUTING_SESSIONS.add(session_class)
+
+
+def _session_began(session: Session, transaction: object, connection: Connection) -> None:
+    del session, transaction
+    if _RECORDER.get() is not None:
+        record_commits(connection.engine)
 
 
 def _read_before_commit(conn: Connection) -> None:
     """Engine ``commit`` listener: the last moment before COMMIT, after every flush and hook."""
     recorder = _RECORDER.get()
-    if recorder is None or not recorder.armed:
+    if recorder is None:
         return
+    if not recorder.armed:
+        if _is_the_units(recorder, conn):
+            _refuse_own_commit(recorder)
+        return  # a connection the function opened itself: outside the unit
+    if recorder.marks is not None:  # a later COMMIT of a unit over several connections
+        recorder.sent.append(conn)
+        return
+    if recorder.commits_sent == 0 and recorder.session is not None:
+        others = other_connections(recorder.session, conn)
+        if others:
+            _mark_several(recorder, conn, others)
+            return
     if not recorder.read_xid:
         recorder.commits_sent += 1
         return
+    recorder.pending = _mark(conn, recorder)
+    recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
+
+
+def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
+    """Read ``conn``'s xid and backend (and its server's life the first time); None: no xid."""
     fairy = conn.connection
     driver_connection = fairy.driver_connection
     server_life = server_life_of(driver_connection)
     with_life = server_life is None
     with_wal = wal_position_readable(conn.engine)
-    statement = _read_statement(
-        conn.dialect, recorder.needs_xid, with_life=with_life, with_wal=with_wal
-    )
+    statement = _read_statement(conn.dialect, with_life=with_life, with_wal=with_wal)
     cursor: Any = None
     row: Any = None  # one row, always: a SELECT without FROM
     try:
@@ -207,18 +299,111 @@ def _read_before_commit(conn: Connection) -> None:
             doubt_server_life(conn.engine)
         conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
     if server_life is None:
-        server_life = ServerLife(text_or_none(row[2]), text_or_none(row[3]))
+        server_life = ServerLife.read(row[2], row[3])
         remember_server_life(conn.engine, driver_connection, server_life)
     recorder.server_life = server_life
     # No xid: the transaction wrote nothing, and running it again is harmless.
-    recorder.pending = (
+    return (
         None
         if row[0] is None
         else PendingCommit(
-            int(row[0]), int(row[1]), server_life, lsn_number(row[-1]) if with_wal else 0
+            int(str(row[0]).removesuffix(_ASYNCHRONOUS)),
+            int(row[1]),
+            server_life,
+            lsn_number(row[-1]) if with_wal else 0,
+            asynchronous=str(row[0]).endswith(_ASYNCHRONOUS),
         )
     )
-    recorder.commits_sent += 1  # from here on, the COMMIT may reach the server
+
+
+def other_connections(session: Session, conn: Connection | None = None) -> list[Connection]:
+    """Return the connections of ``session``'s transaction other than ``conn``; no I/O.
+
+    Empty when there is only one: the unit's own (the sessionmaker's bind, begun first), or
+    ``conn``. One connection is two keys of SQLAlchemy's map (the engine and the
+    connection): a unit on one engine pays one ``len`` here.
+    """
+    transaction = session.get_transaction()
+    if transaction is None:
+        return []
+    connections = transaction._connections  # noqa: SLF001 - no public way to list them
+    if len(connections) <= 2:  # noqa: PLR2004 - one connection (the unit's own), two keys
+        return []
+    seen: list[Connection] = []
+    for connection, *_ in connections.values():
+        if connection is not conn and connection not in seen:
+            seen.append(connection)
+    return seen
+
+
+def _mark_several(recorder: CommitRecorder, conn: Connection, others: list[Connection]) -> None:
+    """Before the first COMMIT of a unit over several connections: mark them all, or refuse.
+
+    SQLAlchemy commits a Session's connections one after another, in no set order. When at
+    most one of them wrote, that one's COMMIT is resolved as a single engine's would be, and
+    a lost COMMIT on the others is harmless. When two wrote, no resolution can make the unit
+    whole (one may commit and the other not): refused here, before any COMMIT is sent, so that
+    SQLAlchemy rolls them all back. Always read, even with ``verify_commits`` off: without the
+    marks, a partial commit could be retried whole.
+    """
+    marks: dict[Connection, PendingCommit | None] = {}
+    for connection in (conn, *others):
+        record_commits(connection.engine)  # its COMMIT must be seen too
+        marks[connection] = _mark(connection, recorder)
+    # A transaction that had no xid before its mark (`PendingCommit.asynchronous`) wrote
+    # nothing: only a NOTIFY it queued could be lost with its COMMIT (docs/guarantees.md).
+    writers = [
+        connection
+        for connection, pending in marks.items()
+        if pending is not None and not pending.asynchronous
+    ]
+    if len(writers) > 1:
+        names = ", ".join(
+            sorted({w.engine.url.render_as_string(hide_password=True) for w in writers})
+        )
+        recorder.refusal = ConfigurationError(
+            f"the unit of work wrote through {len(writers)} connections ({names}); their "
+            "COMMITs cannot be made all-or-nothing, nor retried whole, without two-phase "
+            "commit, so nothing was committed. Run one unit of work per engine instead "
+            "(one run_transaction call each; see docs/guarantees.md)"
+        )
+        raise recorder.refusal
+    recorder.marks = marks
+    if writers:
+        recorder.writer = writers[0]
+        pending = marks[writers[0]]
+        assert pending is not None  # noqa: S101 - for the type checker
+        recorder.pending = dataclasses.replace(pending, engine_ref=weakref.ref(writers[0].engine))
+    recorder.sent.append(conn)
+    recorder.commits_sent += 1
+
+
+def _is_the_units(recorder: CommitRecorder, conn: Connection) -> bool:
+    """Whether ``conn`` is one of the unit's connections (not one the function opened)."""
+    if conn is recorder.connection:
+        return True
+    session = recorder.session
+    transaction = session.get_transaction() if session is not None else None
+    if transaction is None:
+        return False
+    connections = transaction._connections  # noqa: SLF001 - no public way to list them
+    return any(connection is conn for connection, *_ in connections.values())
+
+
+def _refuse_own_commit(recorder: CommitRecorder) -> None:
+    """Raise for a COMMIT that the unit sends itself, before it is sent.
+
+    Autobegin opens the next transaction at once, so the unit goes on; if its final COMMIT
+    were then lost and the unit retried, the part before its own COMMIT would be written twice.
+    """
+    recorder.refusal = ConfigurationError(
+        "the unit of work committed its own transaction (session.commit() or "
+        "connection.commit() inside the function); retried after a failure, the part before "
+        "that COMMIT would be written twice, so it was rolled back. Leave the COMMIT to "
+        "run_transaction: use session.flush() to send statements early, begin_nested() for a "
+        "savepoint, or split the work into two units of work"
+    )
+    raise recorder.refusal
 
 
 def lsn_number(text: object) -> int:
@@ -229,6 +414,6 @@ def lsn_number(text: object) -> int:
     return (int(high, 16) << 32) | int(low, 16)
 
 
-def _read_statement(dialect: Dialect, assign: bool, *, with_life: bool, with_wal: bool) -> str:
+def _read_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
     version: tuple[int, ...] = getattr(dialect, "server_version_info", None) or (13,)
-    return _READS[version[0] >= 13, assign, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+
+    return _READS[version[0] >= 13, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 from urllib.parse import quote, unquote
 
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, StatementError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -37,13 +37,21 @@ __all__ = [
 
 _MASK = "***"
 # In free text: scheme://user:password@ (the user or the password may hold an @, a / or a :;
-# the password runs to the last @ before the next whitespace).
-_USERINFO_PASSWORD = re.compile(r"(?P<head>://[^:\s]*:)\S*(?=@)")
+# the password runs to the last @ before the next whitespace). Found by hand, not by a regex:
+# ``://[^:\s]*:\S*(?=@)`` backtracks over each word once per ``://`` in it, quadratic time
+# (80 KB of ``://a:`` took 7 s), and the rule runs on every event's error text.
+_WHITESPACE = re.compile(r"(\s+)")
 # key=value forms: libpq DSNs, URL query strings, connect_args rendered as text.
 _PASSWORD_PARAM = re.compile(
     r"(?P<head>\b(?:password|passwd|pwd)['\"]?\s*[=:]\s*['\"]?)('[^']*'|\"[^\"]*\"|[^\s&'\",}]+)",
     re.IGNORECASE,
 )
+# SQL: CREATE/ALTER ROLE ... PASSWORD 'secret' (quotes doubled inside; E'' strings too), as
+# psql's errors, a server's log and SQLAlchemy's messages quote it.
+_SQL_PASSWORD = re.compile(r"(?P<head>\bPASSWORD\s+E?)'(?:[^']|'')*'?", re.IGNORECASE)
+# What SQLAlchemy appends to a message, when it is all on one line: cut there, then the spaces
+# before it stripped (a leading ``\s*`` in the pattern would make a search quadratic).
+_SQLALCHEMY_TAIL = re.compile(r"\[(?:SQL|parameters|SQL parameters hidden)\b")
 # The shortest piece of a secret that `SecretMask` hides; shorter ones are too common in
 # ordinary text (a secret shorter than this is masked only where a rule finds it).
 _MIN_PIECE = 4
@@ -74,13 +82,59 @@ def redact_url(url: str | URL) -> str:
 
 
 def redact_text(text: str) -> str:
-    """Mask passwords in free text that may quote URLs or connection strings."""
-    return _mask_params(_USERINFO_PASSWORD.sub(lambda m: m.group("head") + _MASK, text))
+    """Mask passwords in free text that may quote URLs or connection strings.
+
+    Linear in the length of ``text`` (1 MB of adversarial text in well under a second).
+    """
+    return _mask_params("".join(_mask_userinfo(word) for word in _WHITESPACE.split(text)))
+
+
+def _mask_userinfo(word: str) -> str:
+    """Mask ``word``'s password after its first ``://user:``, up to its last ``@``.
+
+    A word holds at most one: the mask runs to the word's last ``@``, past any later ``://``.
+    Any later ``://`` has its first ``:`` after the first one's, so if the first finds no
+    ``@`` after its colon, none does.
+    """
+    start = word.find("://")
+    if start == -1:
+        return word
+    colon = word.find(":", start + 3)
+    at = word.rfind("@")
+    if colon == -1 or at <= colon:
+        return word
+    return word[: colon + 1] + _MASK + word[at:]
 
 
 def describe_error(error: BaseException) -> str:
-    """Name an error in one masked string (``Type: message``), for events and messages."""
-    return redact_text(f"{type(error).__name__}: {error}")
+    """Name an error in one masked string (``Type: message``), for events and messages.
+
+    Only the primary message, as the driver gives it: SQLAlchemy's ``[SQL: ...]`` and
+    ``[parameters: ...]``, and the server's DETAIL, HINT and CONTEXT, which quote the row
+    values a constraint or a conflict was about, never reach an event or a log line, whatever
+    ``hide_parameters`` says (plain SQLAlchemy logs parameters only with ``echo``)::
+
+        OperationalError: (psycopg2.errors.SerializationFailure) could not serialize access
+    """
+    inner = error.orig if isinstance(error, StatementError) else None
+    if isinstance(inner, BaseException):
+        kind = type(inner)
+        message = f"({kind.__module__}.{kind.__qualname__}) {_primary_message(inner)}"
+    else:
+        message = _primary_message(error)
+    return redact_text(f"{type(error).__name__}: {message}")
+
+
+def _primary_message(error: BaseException) -> str:
+    # pg8000 gives the server's fields as a dict (M: the message; D: DETAIL, with row data).
+    fields = error.args[0] if len(error.args) == 1 else None
+    if isinstance(fields, dict) and isinstance(fields.get("M"), str):
+        return str(fields["M"])
+    # libpq, psycopg and SQLAlchemy put DETAIL, HINT, CONTEXT, SQL and parameters on the lines
+    # after the first, the last two also after the first "[" at the end of the first line.
+    first = str(error).split("\n", 1)[0]
+    tail = _SQLALCHEMY_TAIL.search(first)
+    return (first[: tail.start()] if tail else first).rstrip()
 
 
 def url_password(text: str) -> str | None:
@@ -190,6 +244,7 @@ def masked_output(mask: SecretMask) -> Iterator[None]:
 
 
 def _mask_params(text: str) -> str:
+    text = _SQL_PASSWORD.sub(lambda m: m.group("head") + f"'{_MASK}'", text)
     return _PASSWORD_PARAM.sub(lambda m: m.group("head") + _MASK, text)
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import logging
 import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -52,8 +51,15 @@ from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
-from dropsafe._session_state import CHANGED, may_change_session, session_differs, snapshot
+from dropsafe._session_state import (
+    CHANGED,
+    USED,
+    may_change_session,
+    session_differs,
+    snapshot,
+)
 from dropsafe.events import FirstStatementReplayed
 
 if TYPE_CHECKING:
@@ -67,7 +73,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OPT_OUT", "FirstStatementReplay", "forgo_replay"]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()
 
 #: The execution option that opts a statement (or a Connection, an engine) out of the replay.
 OPT_OUT = "dropsafe_replay"
@@ -159,6 +165,17 @@ def forgo_replay(connection: Connection) -> None:
     socket to its deadline and read its server's life, which a new connection would not have.
     """
     _FIRST.take(connection.connection)  # its answer is not needed: the entry is gone
+
+
+def _mark(checkout: PoolProxiedConnection, *, changes: bool) -> None:
+    """Note on ``checkout``'s pool entry that it ran a statement, and one that ``changes``."""
+    try:
+        info = checkout.info
+    except NotImplementedError:  # the ad hoc connection of a first connect has no pool entry
+        return
+    info[USED] = True
+    if changes:
+        info[CHANGED] = True
 
 
 class FirstStatementReplay:
@@ -280,8 +297,7 @@ class FirstStatementReplay:
         finally:
             # Whether it ran or failed: a session advisory lock outlives the failed transaction
             # that took it. (A replay marks its fresh connection itself.)
-            if changes:
-                checkout.info[CHANGED] = True
+            _mark(checkout, changes=changes)
 
     def _send_first(
         self,
@@ -523,6 +539,17 @@ class FirstStatementReplay:
         fresh_state = (
             None if native is None or self._driver is None else snapshot(self._driver, native)
         )
+        # The pool may hand out another pooled connection, not a new one: what its own
+        # checkouts set on it counts as the lost one's would. A statement the whitelist does not
+        # admit may read its sequence state (currval, lastval), which no whitelisted statement
+        # marks: such a statement is replayed only on a connection that has run nothing.
+        if fresh.info.get(CHANGED) or (changes and fresh.info.get(USED)):
+            logger.debug(
+                "dropsafe will not replay this first statement: the pool's connection for it "
+                "has run statements that may have changed its session state"
+            )
+            fresh.close()
+            return None
         if session_differs(lost_state, fresh_state):
             logger.debug(
                 "dropsafe will not replay this first statement: a fresh connection would "

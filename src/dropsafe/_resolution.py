@@ -14,7 +14,16 @@ server's server_life and whether it is in recovery:
   other session is touched) and the server asked again, which gives a definite answer at once.
   Where fencing is refused, the question is asked again until the time is up. On another
   server_life a running or unassigned ("future") xid is a newer transaction's: ours did not
-  commit there.
+  commit there;
+- a backend that waits for a synchronous standby (``wait_event = 'SyncRep'``) is never fenced:
+  terminated there, PostgreSQL keeps the commit locally only, and a promoted standby lacks it.
+  ``pg_xact_status`` says ``committed`` as soon as the commit record is flushed locally, before
+  any standby confirms: while the backend still waits, the answer is not known yet. Asked
+  again until the time is up, then unknown. On a server with ``synchronous_standby_names`` set,
+  a backend still running its COMMIT is not fenced either (it may enter that wait at any moment);
+- an xid the mark assigned with ``synchronous_commit`` off (a unit that wrote nothing: see
+  `dropsafe._recording`) is unknown after a crash or failover, never aborted: its COMMIT let
+  listeners hear its notifications before its commit record was flushed.
 
 Anything that cannot be proven raises `CommitOutcomeUnknown`: never a guess.
 """
@@ -31,7 +40,7 @@ from dropsafe._connect_wait import waits_elsewhere
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
-from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife, text_or_none
+from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife
 from dropsafe._watchdog import bounded
 from dropsafe.events import CommitResolved
 
@@ -55,16 +64,29 @@ _LAST_QUESTION = 1.0  # the time a question asked after the deadline still gets
 
 # xid8 functions arrived in PostgreSQL 13. Our own new xid is beyond every xid handed out so
 # far: ours is "future" if not below it.
+# The second column: whether the backend still waits for a synchronous standby to confirm
+# this transaction's commit record (its xid stays in the backend's row until the wait ends).
+_SYNC_WAITING = (
+    "EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'SyncRep' "
+    "AND coalesce(backend_xid::text::bigint, {xid32}) = {xid32})"
+)
 _STATUS = (
     "SELECT CASE WHEN '{xid}'::xid8 < pg_current_xact_id() "
-    "THEN pg_xact_status('{xid}'::xid8) ELSE 'future' END"
+    "THEN pg_xact_status('{xid}'::xid8) ELSE 'future' END, " + _SYNC_WAITING
 )
 _STATUS_BEFORE_13 = (
-    "SELECT CASE WHEN {xid} < txid_current() THEN txid_status({xid}) ELSE 'future' END"
+    "SELECT CASE WHEN {xid} < txid_current() THEN txid_status({xid}) ELSE 'future' END, "
+    + _SYNC_WAITING
 )
+# Never a backend in SyncRep; a running one only where no synchronous standby is configured.
 _FENCE = (
     "SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
-    "WHERE pid = {pid} AND backend_xid::text::bigint = {xid32}{only_idle}"
+    "WHERE pid = {pid} AND backend_xid::text::bigint = {xid32} "
+    "AND wait_event IS DISTINCT FROM 'SyncRep' AND {state}"
+)
+_IDLE = "state <> 'active'"
+_IDLE_OR_NO_SYNC_STANDBY = (
+    "(state <> 'active' OR current_setting('synchronous_standby_names') = '')"
 )
 
 
@@ -83,6 +105,7 @@ class _Answer:
     status: object
     server_life: ServerLife
     in_recovery: bool
+    sync_waiting: bool = False  # its backend still waits for a synchronous standby
 
 
 _Decision = Literal["committed", "aborted", "fence", "again"]
@@ -109,6 +132,7 @@ class _Resolution:
         self.fenced_any = False
         self.fencing_refused = False
         self.standby_answered = False
+        self.sync_waiting = False
 
     @property
     def xid(self) -> int:
@@ -125,9 +149,18 @@ class _Resolution:
         self.standby_answered = answer.in_recovery
         if answer.in_recovery:
             return "again"  # a standby may lag its primary: only a primary can vouch
-        same_history = ours.provable and theirs == ours
-        other_history = ours.provable and theirs != ours
+        same_history = ours.same_history(theirs)
+        other_history = ours.provable and not same_history
         status = answer.status
+        if other_history and self.pending.asynchronous:
+            return self._unknown(
+                f"the server crashed, restarted from a crash or failed over since, and xid "
+                f"{self.xid} committed without waiting for its WAL: a notification it queued "
+                f"may have been heard before the crash lost its commit"
+            )
+        self.sync_waiting = answer.sync_waiting and not other_history
+        if self.sync_waiting:
+            return "again"  # committed locally, not yet confirmed by a synchronous standby
         if status == "aborted" or (other_history and status in ("in progress", "future")):
             # A committed xid is never handed out again: a newer transaction holds ours.
             return self._report("aborted")
@@ -154,6 +187,11 @@ class _Resolution:
                 why = f"the server could not be asked in time: {describe_error(failure)}"
             elif self.standby_answered:
                 why = "only a standby answered in time, and a standby may lag its primary"
+            elif self.sync_waiting:
+                why = (
+                    f"xid {self.xid} is committed on the primary but its backend still waits "
+                    f"for a synchronous standby to confirm it: a standby promoted now may lack it"
+                )
             else:
                 why = f"xid {self.xid} was still in progress when the time was up" + (
                     " (terminating its backend was not allowed)" if self.fencing_refused else ""
@@ -166,9 +204,11 @@ class _Resolution:
         """Whether to terminate the backend that holds the transaction now.
 
         A backend idle in its transaction lost its COMMIT on the way and will never commit:
-        it is fenced at once. One still running its COMMIT (a slow trigger, a synchronous
-        standby) is given half the time, then fenced too, for an answer rather than none. Each
-        once: a backend that did not exit when told (stopped, stuck) will not later.
+        it is fenced at once. One still running its COMMIT (a slow trigger) is given half the
+        time, then fenced too, for an answer rather than none, except where a synchronous
+        standby is configured; one waiting for a synchronous standby never is (the fence's
+        statement checks both). Each once: a backend that did not exit when told (stopped,
+        stuck) will not later.
         """
         if self.fencing_refused or self.fenced_any:
             return False
@@ -239,14 +279,15 @@ def resolve_commit(
 def _ask(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> _Answer:
     with _questioning(pool, resolution) as run:
         server = run(f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery()")
-        server_life = ServerLife(text_or_none(server[0]), text_or_none(server[1]))
+        server_life = ServerLife.read(server[0], server[1])
         if server[2]:
             return _Answer(None, server_life, in_recovery=True)  # a standby assigns no xid
-        return _Answer(
-            run(_status_statement(dialect).format(xid=pending.xid))[0],
-            server_life,
-            in_recovery=False,
-        )
+        status, sync_waiting = run(
+            _status_statement(dialect).format(
+                xid=pending.xid, pid=pending.backend_pid, xid32=pending.xid % 2**32
+            )
+        )[:2]
+        return _Answer(status, server_life, in_recovery=False, sync_waiting=bool(sync_waiting))
 
 
 def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> None:
@@ -257,7 +298,7 @@ def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Re
         pid=pending.backend_pid,
         xid32=pending.xid % 2**32,
         wait=wait,
-        only_idle="" if any_state else " AND state <> 'active'",
+        state=_IDLE_OR_NO_SYNC_STANDBY if any_state else _IDLE,
     )
     resolution.fenced_idle = True
     resolution.fenced_any = any_state

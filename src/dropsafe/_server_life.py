@@ -8,12 +8,29 @@ before the first unit of work it runs, what identifies its server's history:
 
 - ``pg_control_system().system_identifier``: set by initdb, shared by a primary and its
   standbys, different on any other cluster;
+- the checkpointer process: ``pg_postmaster_start_time()`` and the checkpointer's pid. A crash
+  restart ends every child of the postmaster and starts new ones (new pids), keeping the
+  start time; a clean restart moves the start time. No routine command (a stats reset, a
+  configuration reload, CHECKPOINT, VACUUM) touches either. A role without
+  ``pg_read_all_stats`` sees other processes' pids but not their type, so the checkpointer is
+  read as the oldest process with neither a database nor a user (checkpointer, background
+  writer, WAL writer, autovacuum launcher: PostgreSQL starts the checkpointer first). The start
+  time tells apart two servers whose pids are equal (containers: each its own pid namespace,
+  and a restarted one hands out the same pids again);
 - ``pg_stat_bgwriter.stats_reset``: PostgreSQL resets its shared statistics at the end of every
   crash recovery (and a new standby or restored backup starts with its own), but keeps them
   across a clean restart, after which no xid is reused (the shutdown checkpoint records the next
-  one). Both are readable by any role. Verified on PostgreSQL 15 by SIGKILLing a backend: the
-  value moves on a crash restart and an immediate stop, and stays on a fast restart. A reset by
-  an administrator (``pg_stat_reset_shared``) also moves it: that only makes answers unknown.
+  one). An administrator's ``pg_stat_reset_shared('bgwriter')`` moves it too.
+
+Two reads are of the same history when their system identifiers are equal and either their
+checkpointers are the same process (no crash since: the start time and pid are equal) or their
+``stats_reset`` are equal (no crash since, perhaps a clean restart). A crash moves both, so it
+is always seen; a stats reset or a clean restart moves only one. Only both at once between a
+COMMIT and its resolution (a reset, then a clean restart) make a history look new: the answer
+is then unknown (or aborted where that is proven anyway), never a wrong "committed".
+Verified on PostgreSQL 15 as a role without privileges (tests/integration/test_commit_truth.py):
+a backend SIGKILLed, an immediate stop, a fast restart, ``pg_stat_reset*``, ``pg_reload_conf``.
+All of it is readable by any role.
 
 Reading it costs a round trip only on an engine's first connections: once one of its servers has
 answered it, each new connection reads it in its first xid mark instead (`dropsafe._recording`,
@@ -33,6 +50,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._classify import classify
+from dropsafe._process import renew_lock_in_child
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -50,10 +68,12 @@ __all__ = [
     "wal_position_readable",
 ]
 
-#: Two columns that identify a server's life, for a SELECT list.
+#: Two columns that identify a server's life, for a SELECT list (`ServerLife.read` parses
+#: them): the system identifier, and ``stats_reset|postmaster start|checkpointer pid``.
 SERVER_LIFE_SQL = (
     "(SELECT system_identifier::text FROM pg_control_system()), "
-    "(SELECT stats_reset::text FROM pg_stat_bgwriter)"
+    "concat((SELECT stats_reset FROM pg_stat_bgwriter), '|', pg_postmaster_start_time(), '|', "
+    "(SELECT min(pid) FROM pg_stat_get_activity(NULL) WHERE datid IS NULL AND usesysid IS NULL))"
 )
 
 
@@ -70,11 +90,50 @@ class ServerLife:
 
     system_identifier: str | None
     stats_reset: str | None
+    postmaster_start: str | None = None
+    checkpointer: str | None = None  # its pid, as text
+
+    @classmethod
+    def read(cls, system_identifier: object, history: object) -> ServerLife:
+        """Make a life of the two columns `SERVER_LIFE_SQL` reads (None: unreadable)."""
+        parts = [] if history is None else str(history).split("|")
+        stats_reset, postmaster_start, checkpointer = ([*parts, "", "", ""])[:3]
+        return cls(
+            text_or_none(system_identifier),
+            stats_reset or None,
+            postmaster_start or None,
+            checkpointer or None,
+        )
 
     @property
     def provable(self) -> bool:
-        """Whether equal server lives prove the same WAL history (both values were read)."""
-        return self.system_identifier is not None and self.stats_reset is not None
+        """Whether this life can prove the same WAL history as another (see `same_history`)."""
+        return self.system_identifier is not None and (
+            self.stats_reset is not None or self._checkpointer_known
+        )
+
+    @property
+    def _checkpointer_known(self) -> bool:
+        return self.postmaster_start is not None and self.checkpointer is not None
+
+    def same_history(self, other: ServerLife | None) -> bool:
+        """Whether no crash happened between these two reads (see the module's docstring).
+
+        Not transitive: a stats reset, then a clean restart, make two lives that each match the
+        one read between them, not each other (answers are then unknown, never wrong).
+        """
+        if other is None or not (self.provable and other.provable):
+            return False
+        if self.system_identifier != other.system_identifier:
+            return False
+        same_checkpointer = (
+            self._checkpointer_known
+            and self.postmaster_start == other.postmaster_start
+            and self.checkpointer == other.checkpointer
+        )
+        return same_checkpointer or (
+            self.stats_reset is not None and self.stats_reset == other.stats_reset
+        )
 
 
 _UNREADABLE = ServerLife(None, None)
@@ -98,6 +157,7 @@ class _ServerLives:
         # Engines one of whose servers answered the WAL position: their marks read it.
         self._wal_readable: weakref.WeakSet[Engine] = weakref.WeakSet()
         self._lock = threading.Lock()
+        renew_lock_in_child(self)  # another thread may hold it at a fork
 
     def learn(self, connection: Connection) -> None:
         """Read the life of ``connection``'s server, once per DBAPI connection, if it must be.
@@ -125,7 +185,7 @@ class _ServerLives:
                 # Perhaps only the WAL position is hidden: the life alone, then.
                 wal_readable = False
                 row = _read_one(dbapi_connection, f"SELECT {SERVER_LIFE_SQL}")
-            server_life = ServerLife(text_or_none(row[0]), text_or_none(row[1]))
+            server_life = ServerLife.read(row[0], row[1])
         except Exception as exc:
             if classify(exc).retryable:
                 connection.invalidate(exc)  # never back to the pool: it is dead

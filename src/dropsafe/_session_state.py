@@ -31,11 +31,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from dropsafe._drivers import Driver
 
-__all__ = ["CHANGED", "may_change_session", "session_differs", "snapshot"]
+__all__ = ["CHANGED", "USED", "may_change_session", "session_differs", "snapshot"]
 
 # Keys of a connection's SQLAlchemy ``info`` dictionary, which lives as long as the DBAPI
 # connection (the pool clears it when it closes or replaces that connection).
 CHANGED = "dropsafe.session_state_changed"
+# Set once the connection has run any statement: even the whitelist's set the session's
+# sequence state (``nextval``, and so every INSERT into a serial column, sets ``currval`` /
+# ``lastval``), which a statement the whitelist does not admit may read.
+USED = "dropsafe.session_used"
 
 # Statements whose first words are these change no session state (the rest of the text is
 # still read for function calls and temporary tables).
@@ -60,6 +64,16 @@ _NOT_FUNCTIONS = frozenset(
         "using", "values", "when", "where", "with", "within",
     }
 )  # fmt: skip
+# Of those, the ones PostgreSQL also takes as the name of a function of the app's, called
+# unquoted (each tried on PostgreSQL 15): a call where an expression starts (_KEYWORD_CALL).
+_KEYWORDS_THAT_NAME_FUNCTIONS = frozenset(
+    {"by", "conflict", "filter", "is", "join", "like", "over", "recursive", "set", "within"}
+)
+# What comes right before a call, and never right before these words used as keywords.
+_KEYWORD_CALL = re.compile(
+    r"(?:[,(=<>+\-*/%|&!~^@#\[]|\b(?:select|distinct|all|where|and|or|then|else|when|case"
+    r"|returning|having|by))\s*$"
+)
 # Built-in functions (and type names with a modifier) that read or compute, and change no
 # session state. Those of dropsafe's own reads are here too. Not here: ``set_config``,
 # ``pg_advisory_lock`` (held by the session), ``currval`` / ``lastval`` (read the session),
@@ -94,14 +108,20 @@ _SAFE_FUNCTIONS = frozenset(
     }
 )  # fmt: skip
 
-# Comments, string literals and quoted names, in one left-to-right scan (a "--" in a string is
-# no comment). Dollar quotes lose only their $$: a DO body or a function's, read as SQL, can
-# only mark more, never less.
+# Comments, string literals, dollar-quoted strings and quoted names, in one left-to-right scan
+# (a "--" in a string is no comment), read as PostgreSQL's lexer reads them: a "--" comment ends
+# at a carriage return too, a dollar quote may carry a tag (case-sensitive: matched before the
+# text is lowercased) and is not one after a name character. Block comments nest in PostgreSQL
+# and not in a regular expression: a nested one makes the reading unsure (_classify). A DO body
+# or a function's is blanked with its quotes: their statements' first words mark them anyway.
 _COMMENT_STRING_OR_NAME = re.compile(
-    r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$\$", re.DOTALL
+    r"--[^\n\r]*|/\*.*?\*/|'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\""
+    r"|(?<![\w$])\$((?:[^\W\d]\w*)?)\$.*?\$\1\$",
+    re.DOTALL,
 )
-# A table or alias that a column list follows: INSERT INTO t (a, b), AS t (a, b).
-_COLUMN_LIST = re.compile(r"\b(into|as)\s+[\w$.]+\s*\(")
+# A table or alias that a column list follows: INSERT INTO t (a, b), AS t (a, b), with its
+# schema, either name quoted (read as quoted_name, spaces around it): INTO app."order" (a).
+_COLUMN_LIST = re.compile(r"\b(into|as)\s+(?:[\w$]+\s*\.\s*)*[\w$]+\s*\(")
 # A name before a parenthesis, with its schema if qualified.
 _CALL = re.compile(r"(?:([\w$]+)\s*\.\s*)?([a-z_][\w$]*)\s*\(")
 _TEMPORARY = re.compile(r"\b(temp|temporary|pg_temp\w*)\b")
@@ -133,16 +153,24 @@ def may_change_session(statement: str) -> bool:
 
 
 def _blank(match: re.Match[str]) -> str:
-    """Read a comment or a string as a space, a quoted name as a name that no list holds."""
-    return " quoted_name " if match.group().startswith('"') else " "
+    """Read a comment or a string as a space, a quoted name as a name that no list holds.
+
+    A block comment that opens another inside is kept whole, so that _classify sees it unsure.
+    """
+    token = match.group()
+    if token.startswith("/*") and "/*" in token[2:]:
+        return token
+    return " quoted_name " if token.startswith('"') else " "
 
 
 def _classify(statement: str) -> bool:
     if "\\" in statement:  # E'\'' strings: the scan below could not tell where they end
         return True
-    text = _COMMENT_STRING_OR_NAME.sub(_blank, statement.lower())
+    text = _COMMENT_STRING_OR_NAME.sub(_blank, statement).lower()
     first = _FIRST_WORDS.match(text)
-    if first is None or ";" in text.strip().rstrip(";"):  # several: each would need a verdict
+    # Several statements (each would need a verdict), or a nested comment (where it ends,
+    # only PostgreSQL's lexer knows).
+    if first is None or ";" in text.strip().rstrip(";") or "/*" in text:
         return True
     word = first.group(1)
     rest = text[first.start(1) :]
@@ -157,9 +185,15 @@ def _classify(statement: str) -> bool:
 
 def _calls_unknown(text: str) -> bool:
     """Whether ``text`` (normalised) calls a function that `_SAFE_FUNCTIONS` does not hold."""
-    for schema, name in _CALL.findall(_COLUMN_LIST.sub(r"\1 (", text)):
+    text = _COLUMN_LIST.sub(r"\1 (", text)
+    for call in _CALL.finditer(text):
+        schema, name = call.group(1) or "", call.group(2)
         if name in _NOT_FUNCTIONS and not schema:
-            continue
+            if name not in _KEYWORDS_THAT_NAME_FUNCTIONS or not _KEYWORD_CALL.search(
+                text, 0, call.start()
+            ):
+                continue
+            return True
         if name not in _SAFE_FUNCTIONS or schema not in {"", "pg_catalog"}:
             return True
     return False

@@ -1,22 +1,23 @@
 """Shut a socket down at its deadline, which ends any read blocked on it, in any thread or loop.
 
-One daemon thread for the whole process keeps the deadlines and, when one passes, shuts the
-socket down (``shutdown(SHUT_RDWR)`` on a duplicate of its file descriptor): the blocked read
-returns end-of-file. This module knows sockets only by file descriptor; which socket a DBAPI
-connection uses is the driver's business (`dropsafe._drivers`), and why dropsafe bounds a wait
-this way is told in `dropsafe._watchdog`.
+One thread for each process (made anew in a forked child) keeps the deadlines and, when one
+passes, shuts the socket down (``shutdown(SHUT_RDWR)`` on a duplicate of its file descriptor):
+the blocked read returns end-of-file. This module knows sockets only by file descriptor; which
+socket a DBAPI connection uses is the driver's business (`dropsafe._drivers`), and why dropsafe
+bounds a wait this way is told in `dropsafe._watchdog`.
 """
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import heapq
 import itertools
 import os
-import socket
-import threading
 import time
 from typing import TYPE_CHECKING
+
+from dropsafe._process import renew_in_child, unpatched
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -25,6 +26,8 @@ __all__ = ["Bound", "shut_down_at"]
 
 # Below this many deadlines kept, released ones are left for the watchdog thread to drop.
 _COMPACT_ABOVE = 64
+# The longest the thread sleeps at once: a lock's timeout is bounded (threading.TIMEOUT_MAX).
+_LONGEST_SLEEP = 3600.0
 
 
 def _identity(fd: int) -> tuple[int, int] | None:
@@ -42,8 +45,12 @@ def _shut_down(fd: int, identity: tuple[int, int]) -> None:
         return
     with contextlib.suppress(OSError):
         duplicate = os.dup(fd)
-        with socket.socket(fileno=duplicate) as sock:
-            sock.shutdown(socket.SHUT_RDWR)
+        # The C socket type: gevent's socket class would reach for a hub in this thread.
+        sock = _socket.socket(fileno=duplicate)
+        try:
+            sock.shutdown(_socket.SHUT_RDWR)
+        finally:
+            sock.close()
 
 
 class Bound:
@@ -54,32 +61,45 @@ class Bound:
 
 
 class _Watchdog:
-    """One thread for the whole process; started on first use."""
+    """The process's one shutdown thread and its deadlines; the thread starts on first use.
+
+    Made of the interpreter's own thread and locks (`dropsafe._process.unpatched`): under
+    gevent or eventlet it stays a real thread, which still ends a wait when a driver without a
+    green wait callback blocks the whole hub, and a lock made before ``monkey.patch_all()`` is
+    never released by a greenlet that did not take it. Its lock is held only for heap
+    operations, never while waiting, so a greenlet that takes it does not stall the hub.
+    """
 
     def __init__(self) -> None:
+        allocate_lock = unpatched("_thread", "allocate_lock")
         # (deadline, ticket, fd, the socket's identity, the block's Bound)
         self._heap: list[tuple[float, int, int, tuple[int, int], Bound]] = []
         self._live: set[int] = set()
         self._tickets = itertools.count()
-        self._wake = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._lock = allocate_lock()
+        # Released to wake the thread early; the thread holds it while it sleeps on it.
+        self._wake = allocate_lock()
+        self._wake.acquire()
+        self._started = False
 
     def watch(self, fd: int, identity: tuple[int, int], deadline: float, bound: Bound) -> int:
-        with self._wake:
+        with self._lock:
             ticket = next(self._tickets)
             heapq.heappush(self._heap, (deadline, ticket, fd, identity, bound))
             self._live.add(ticket)
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="dropsafe-watchdog", daemon=True
-                )
-                self._thread.start()
+            if not self._started:
+                self._started = True
+                unpatched("_thread", "start_new_thread")(self._run, ())
             elif self._heap[0][1] == ticket:
-                self._wake.notify()  # an earlier deadline than the thread sleeps for
+                self._notify()  # an earlier deadline than the thread sleeps for
             return ticket
 
+    def _notify(self) -> None:
+        with contextlib.suppress(RuntimeError):  # woken already, not asleep yet
+            self._wake.release()
+
     def release(self, ticket: int) -> None:
-        with self._wake:
+        with self._lock:
             self._live.discard(ticket)
             # A released deadline stays in the heap until it reaches the top, i.e. until it
             # passes: a busy process would keep rate x deadline of them (60,000 at 1,000 blocks
@@ -91,47 +111,70 @@ class _Watchdog:
 
     def _run(self) -> None:
         while True:
-            with self._wake:
+            with self._lock:
                 while self._heap and self._heap[0][1] not in self._live:
                     heapq.heappop(self._heap)  # released before its time
-                if not self._heap:
-                    self._wake.wait()
+                wait = -1.0 if not self._heap else self._heap[0][0] - time.monotonic()
+                if wait <= 0 and self._heap:
+                    _, ticket, fd, identity, bound = heapq.heappop(self._heap)
+                    self._live.discard(ticket)
+                    # Under the lock: the owner cannot release (and close the fd) meanwhile.
+                    bound.expired = True
+                    _shut_down(fd, identity)
                     continue
-                deadline, ticket, fd, identity, bound = self._heap[0]
-                wait = deadline - time.monotonic()
-                if wait > 0:
-                    self._wake.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
-                self._live.discard(ticket)
-                # Under the lock: the owner cannot release (and close the fd) meanwhile.
-                bound.expired = True
-                _shut_down(fd, identity)
+            # Sleep until the first deadline (or for ever with none), or until woken.
+            self._wake.acquire(timeout=-1 if wait < 0 else min(wait, _LONGEST_SLEEP))
 
 
-_WATCHDOG = _Watchdog()
+_watchdog: _Watchdog | None = None
+
+
+def _current_watchdog() -> _Watchdog:
+    global _watchdog  # noqa: PLW0603 - one per process, made on first use
+    watchdog = _watchdog
+    if watchdog is None:
+        with _MAKING:
+            watchdog = _watchdog
+            if watchdog is None:
+                watchdog = _watchdog = _Watchdog()
+    return watchdog
+
+
+def _forget_in_child() -> None:
+    # The parent's thread is gone, its lock may be held for ever, and its deadlines are the
+    # parent's: the shared sockets they name must not be shut down from here.
+    global _watchdog, _MAKING  # noqa: PLW0603
+    _watchdog = None
+    _MAKING = unpatched("_thread", "allocate_lock")()
+
+
+_MAKING = unpatched("_thread", "allocate_lock")()
+renew_in_child(_forget_in_child)
 
 
 class _Guarded:
     """The block `shut_down_at` guards: a class, not a generator, as it runs on every unit."""
 
-    __slots__ = ("_bound", "_deadline", "_fd", "_ticket")
+    __slots__ = ("_bound", "_deadline", "_fd", "_ticket", "_watchdog")
 
     def __init__(self, fd: int | None, deadline: float) -> None:
         self._fd = fd
         self._deadline = deadline
         self._bound = Bound()
         self._ticket: int | None = None
+        self._watchdog: _Watchdog | None = None
 
     def __enter__(self) -> Bound:
         identity = None if self._fd is None else _identity(self._fd)
         if self._fd is not None and identity is not None:
-            self._ticket = _WATCHDOG.watch(self._fd, identity, self._deadline, self._bound)
+            self._watchdog = _current_watchdog()
+            self._ticket = self._watchdog.watch(self._fd, identity, self._deadline, self._bound)
         return self._bound
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._ticket is not None:
-            _WATCHDOG.release(self._ticket)
+        # The watchdog it was given: after a fork in the block, the parent's (gone) one.
+        if self._ticket is not None and self._watchdog is not None:
+            self._watchdog.release(self._ticket)
 
 
 def shut_down_at(fd: int | None, deadline: float) -> AbstractContextManager[Bound]:

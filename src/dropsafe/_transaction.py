@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import inspect
 import time
+import weakref
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import sqlalchemy as sa
@@ -33,7 +34,14 @@ from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe._errors import ConfigurationError
 from dropsafe._failover_audit import audit_after_failover, remember_commit
 from dropsafe._policy import Duration, Policy, UnitPolicy
-from dropsafe._recording import CommitRecorder, record_commits, recording
+from dropsafe._recording import (
+    CommitRecorder,
+    PendingCommit,
+    other_connections,
+    record_commits,
+    record_commits_of_routing,
+    recording,
+)
 from dropsafe._replay import forgo_replay
 from dropsafe._resolution import resolve_commit
 from dropsafe._server_life import learn_server_life, must_learn_server_life
@@ -47,7 +55,12 @@ from dropsafe._unit import (
     Run,
     unit_of_work,
 )
-from dropsafe._unit_shapes import check_unit_shape, watching
+from dropsafe._unit_shapes import (
+    begin_driver_transaction,
+    check_engine_shape,
+    check_unit_shape,
+    watching,
+)
 from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
@@ -115,7 +128,7 @@ def run_transaction(
     _check_unit(fn, want_async=False)
     check_unit_shape(bind, engine)  # two-phase and AUTOCOMMIT are refused
     unit, hooks = _settings(engine, policy, deadline, max_attempts)
-    record_commits(engine)
+    _record_commits_of(bind, engine)
     core = unit_of_work(unit, hooks)
     reply: Reply = None
     while True:
@@ -125,19 +138,21 @@ def run_transaction(
             return cast("_T", done.value)
         if isinstance(step, Run):
             reply = _run_once(bind, fn, step)
-            if _acknowledged(engine, reply, step, fn):
-                audit_after_failover(engine, hooks)
+            audited = _acknowledged(engine, reply, step, fn)
+            if audited is not None:
+                audit_after_failover(audited, hooks)
         elif isinstance(step, Resolve):
             reply = resolve_commit(
-                engine,
+                _engine_of(step.pending, engine),
                 step.pending,
                 step.error,
                 timeout=step.timeout,
                 deadline=step.deadline,
                 hooks=hooks,
             )
-            if _acknowledged(engine, reply, step, fn):
-                audit_after_failover(engine, hooks)
+            audited = _acknowledged(engine, reply, step, fn)
+            if audited is not None:
+                audit_after_failover(audited, hooks)
         else:
             time.sleep(step.seconds)
             reply = None
@@ -150,6 +165,7 @@ def _run_once(
     token = _IN_UNIT.set(True)
     reached_server = False
     committed: Committed[_T] | None = None
+    recorder: CommitRecorder | None = None
     try:
         with (
             waits_elsewhere(),  # the unit waits for an unreachable server: not its connects
@@ -158,6 +174,7 @@ def _run_once(
             _begun(bind) as begun,
         ):
             handle, connection = begun  # connected: a failure before here never reached it
+            recorder.connection = connection
             # The unit runs again whole; its deadline and server life hold this connection.
             forgo_replay(connection)
             # The server-life read is bounded too: on a connection that a middlebox forgot,
@@ -166,8 +183,12 @@ def _run_once(
                 if step.verify_commits:
                     learn_server_life(connection)
                 reached_server = True
+                if isinstance(handle, Session):
+                    _watch_session(handle, recorder)
                 result = _call_sync(fn, handle)
-                _check_still_open(handle.in_transaction())
+                _check_still_open(handle.in_transaction(), recorder)
+                if recorder.session is not None:
+                    _record_commits_of_session(recorder.session)
                 try:
                     with recorder.committing():
                         handle.commit()
@@ -181,7 +202,7 @@ def _run_once(
         if committed is not None:  # a hook raised as the session closed, after the COMMIT
             shapes.hook_failed(exc)
             return committed
-        return Failed(exc, reached_server)
+        return Failed(_refusal_or(exc, recorder), reached_server)
     finally:
         _IN_UNIT.reset(token)
 
@@ -227,7 +248,8 @@ async def run_transaction_async(
 
     Example::
 
-        post_id = await dropsafe.run_transaction_async(AsyncSession, create_post_async)
+        Sessions = async_sessionmaker(engine)  # not the AsyncSession class: it has no engine
+        post_id = await dropsafe.run_transaction_async(Sessions, create_post_async)
     """
     require_asyncio()
     from sqlalchemy.util import greenlet_spawn  # noqa: PLC0415 - needs greenlet
@@ -236,7 +258,7 @@ async def run_transaction_async(
     _check_unit(fn, want_async=True)
     check_unit_shape(bind, engine.sync_engine)  # two-phase and AUTOCOMMIT are refused
     unit, hooks = _settings(engine.sync_engine, policy, deadline, max_attempts)
-    record_commits(engine.sync_engine)
+    _record_commits_of(bind, engine.sync_engine)
     core = unit_of_work(unit, hooks)
     reply: Reply = None
     while True:
@@ -249,7 +271,7 @@ async def run_transaction_async(
         elif isinstance(step, Resolve):
             reply = await greenlet_spawn(
                 resolve_commit,
-                engine.sync_engine,
+                _engine_of(step.pending, engine.sync_engine),
                 step.pending,
                 step.error,
                 timeout=step.timeout,
@@ -261,8 +283,9 @@ async def run_transaction_async(
             await asyncio.sleep(step.seconds)
             reply = None
             continue
-        if _acknowledged(engine.sync_engine, reply, step, fn):
-            await greenlet_spawn(audit_after_failover, engine.sync_engine, hooks)
+        audited = _acknowledged(engine.sync_engine, reply, step, fn)
+        if audited is not None:
+            await greenlet_spawn(audit_after_failover, audited, hooks)
 
 
 def _sleep_in_greenlet(delay: float) -> None:
@@ -283,6 +306,7 @@ async def _run_once_async(
     token = _IN_UNIT.set(True)
     reached_server = False
     committed: Committed[_T] | None = None
+    recorder: CommitRecorder | None = None
     try:
         with (
             waits_elsewhere(),  # as in `_run_once`
@@ -291,6 +315,7 @@ async def _run_once_async(
         ):
             async with _begun_async(bind) as begun:
                 handle, connection = begun
+                recorder.connection = connection.sync_connection
                 forgo_replay(connection.sync_connection)  # type: ignore[arg-type]
                 # Bounded from the server-life read on, as in `_run_once`.
                 with bounded(_dbapi_connection_of(connection), step.deadline):
@@ -299,11 +324,20 @@ async def _run_once_async(
                     if step.verify_commits and must_learn_server_life(sync_connection):  # type: ignore[arg-type]
                         await connection.run_sync(learn_server_life)
                     reached_server = True
+                    sync_session = getattr(handle, "sync_session", None)  # an AsyncSession
+                    if sync_session is not None:
+                        _watch_session(sync_session, recorder)
+                    await begin_driver_transaction(_dbapi_connection_of(connection))
                     result = await _call_async(fn, handle)
-                    _check_still_open(handle.in_transaction())
+                    _check_still_open(handle.in_transaction(), recorder)
+                    if recorder.session is not None:
+                        _record_commits_of_session(recorder.session)
                     try:
                         with recorder.committing():
                             await handle.commit()
+                    except asyncio.CancelledError as cancel:
+                        _note_cancelled_commit(cancel, recorder)
+                        raise
                     except Exception as exc:  # noqa: BLE001 - reported to the core
                         if not shapes.commit_completed(handle):
                             return _commit_failed(result, exc, recorder)
@@ -314,9 +348,26 @@ async def _run_once_async(
         if committed is not None:  # a hook raised as the session closed, after the COMMIT
             shapes.hook_failed(exc)
             return committed
-        return Failed(exc, reached_server)
+        return Failed(_refusal_or(exc, recorder), reached_server)
     finally:
         _IN_UNIT.reset(token)
+
+
+def _note_cancelled_commit(cancel: BaseException, recorder: CommitRecorder) -> None:
+    """Say on a cancellation that the COMMIT was in flight: nothing else tells the caller.
+
+    A cancelled task must end with ``CancelledError`` (asyncio and anyio depend on it), so the
+    unit cannot end as `CommitOutcomeUnknown`; the caller's ``TimeoutError`` carries this note
+    in its cause. The xid, when recorded, lets an operator ask ``pg_xact_status``.
+    """
+    if not hasattr(cancel, "add_note"):  # Python 3.10
+        return
+    pending = recorder.pending
+    xid = "" if pending is None else f" (xid {pending.xid})"
+    cancel.add_note(
+        f"dropsafe: cancelled while its COMMIT was in flight{xid}: the transaction may or may "
+        "not have committed; check before running it again"
+    )
 
 
 @contextlib.asynccontextmanager
@@ -351,16 +402,30 @@ async def _call_async(fn: Callable[[Any], Awaitable[_T]], handle: object) -> _T:
 # -- shared by both faces --------------------------------------------------------------------
 
 
-def _acknowledged(engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: object) -> bool:
-    """Remember a commit acknowledged to the app; True: a failover audit is due now.
+def _acknowledged(
+    engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: object
+) -> sa.Engine | None:
+    """Remember a commit acknowledged to the app; return the engine to audit for a failover now.
 
-    The healthy path's whole cost of `dropsafe._failover_audit`: a few stores in a ring.
+    The healthy path's whole cost of `dropsafe._failover_audit`: a few stores in a ring. In a
+    unit over several engines, the commit is remembered (and audited) on the engine that wrote.
     """
     if isinstance(step, Resolve):
         pending = step.pending if reply == "committed" else None
     else:
         pending = reply.pending if isinstance(reply, Committed) else None
-    return pending is not None and remember_commit(engine, pending, _unit_name(fn))
+    if pending is None:
+        return None
+    if pending.engine_ref is not None:
+        engine = _engine_of(pending, engine)
+    return engine if remember_commit(engine, pending, _unit_name(fn)) else None
+
+
+def _engine_of(pending: PendingCommit, engine: sa.Engine) -> sa.Engine:
+    """Return the engine ``pending`` went through: the unit's own, or the one that wrote."""
+    if pending.engine_ref is None:
+        return engine
+    return pending.engine_ref() or engine  # alive: the unit's session holds it
 
 
 def _unit_name(fn: object) -> str:
@@ -371,10 +436,19 @@ def _unit_name(fn: object) -> str:
     return name if isinstance(name, str) else type(fn).__qualname__
 
 
-def _commit_failed(result: _T, error: Exception, recorder: CommitRecorder) -> CommitFailed[_T]:
+def _commit_failed(
+    result: _T, error: Exception, recorder: CommitRecorder
+) -> Committed[_T] | CommitFailed[_T]:
     """Report a COMMIT that raised; one that was never sent is an ordinary failure."""
     if not recorder.commits_sent:
         raise error  # before COMMIT was sent: a flush, a before_commit hook, the xid read
+    if recorder.marks is not None:  # several connections, at most one of which wrote
+        if recorder.writer_committed():
+            return Committed(result, recorder.pending)  # this one wrote nothing: no effect
+        if recorder.sent[-1] is not recorder.writer:
+            # The writer's COMMIT was never sent (or none wrote): nothing committed.
+            return CommitFailed(result, error, None, 1)
+        return CommitFailed(result, error, recorder.pending, 1)
     return CommitFailed(result, error, recorder.pending, recorder.commits_sent)
 
 
@@ -523,7 +597,59 @@ def _check_unit(fn: object, *, want_async: bool) -> None:
         )
 
 
-def _check_still_open(in_transaction: bool) -> None:
+def _refusal_or(error: Exception, recorder: CommitRecorder | None) -> Exception:
+    """Return the refusal of the unit's shape, if any, rather than what followed from it.
+
+    A function that caught the refusal of its own COMMIT fails next on the transaction that
+    SQLAlchemy left to be rolled back: the refusal says why.
+    """
+    if recorder is not None and recorder.refusal is not None:
+        return recorder.refusal
+    return error
+
+
+def _record_commits_of(bind: object, engine: sa.Engine) -> None:
+    """Install the recording listeners on the unit's engine and on its sessionmaker's binds."""
+    record_commits(engine)
+    kw = getattr(bind, "kw", None)  # a sessionmaker's (sync or async); an engine has none
+    binds = kw.get("binds") if kw is not None else None
+    if not binds:
+        return
+    seen = (id(binds), len(binds))  # a sessionmaker's binds, as last recorded
+    if _RECORDED_BINDS.get(bind) == seen:
+        return  # many binds (one per model) would otherwise cost a loop per unit
+    for target in binds.values():
+        # An Engine, an AsyncEngine (its sync_engine) or a Connection (its engine).
+        other = getattr(target, "sync_engine", None) or getattr(target, "engine", None)
+        if isinstance(other, sa.Engine):
+            check_engine_shape(other)  # an AUTOCOMMIT bind is refused as the main one is
+            record_commits(other)
+    _RECORDED_BINDS[bind] = seen
+
+
+_RECORDED_BINDS: weakref.WeakKeyDictionary[object, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+def _watch_session(session: Session, recorder: CommitRecorder) -> None:
+    """Let the recorder see ``session``'s connections, and a routing session's new engines."""
+    recorder.session = session
+    if type(session).get_bind is not Session.get_bind:
+        record_commits_of_routing(type(session))
+
+
+def _record_commits_of_session(session: Session) -> None:
+    """Install the listeners on engines the function reached beyond the sessionmaker's binds.
+
+    Before COMMIT: SQLAlchemy sends the COMMITs in no set order, and the first one sent must
+    already be seen. One ``len`` for a unit on one engine.
+    """
+    for connection in other_connections(session):
+        record_commits(connection.engine)
+
+
+def _check_still_open(in_transaction: bool, recorder: CommitRecorder) -> None:
+    if recorder.refusal is not None:
+        raise recorder.refusal  # its own COMMIT was refused, and the function went on
     if not in_transaction:
         raise ConfigurationError(
             "the unit of work committed or rolled back its own transaction; "

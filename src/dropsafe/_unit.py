@@ -28,6 +28,7 @@ from dropsafe._classify import ErrorKind, classify
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._policy import UnitPolicy, seconds
+from dropsafe._process import reseed_in_child
 from dropsafe._redaction import describe_error
 from dropsafe.events import RetriesGaveUp, RetryScheduled
 
@@ -177,8 +178,9 @@ def _retryable_kind(error: Exception) -> ErrorKind:
 
 
 # One generator for the process: seeding one per unit of work (from os.urandom) cost more than
-# the rest of the budget. Its methods are safe to share between threads.
-_JITTER = random.Random()  # noqa: S311 - jitter, not cryptography
+# the rest of the budget. Its methods are safe to share between threads. Reseeded in a forked
+# child: workers forked from one parent would otherwise all retry at the same instants.
+_JITTER = reseed_in_child(random.Random())  # noqa: S311 - jitter, not cryptography
 
 
 class RetryBudget:

@@ -13,8 +13,10 @@ lost. Two shapes break that and are refused with a `ConfigurationError` (docs/gu
 - **AUTOCOMMIT** (``isolation_level="AUTOCOMMIT"`` on the engine or in its execution options,
   or the driver connection's own ``autocommit``): each statement commits on its own, so a unit
   cut after its first statement cannot run again whole. Refused at the call when the engine
-  says so, and otherwise at the first statement a unit sends under it, before it is sent (the
-  engine's ``before_cursor_execute`` event; outside a unit it costs one context-variable read).
+  says so, and otherwise when the unit's transaction begins (the engine's ``begin`` event: before
+  the unit's function can write through the driver's own connection) and at each statement a
+  unit sends under it, before it is sent (``before_cursor_execute``, for AUTOCOMMIT set later);
+  outside a unit each costs one context-variable read.
 
 And one shape that must not look like a failure: a Session hook that runs after the COMMIT
 (``after_commit``, ``after_transaction_end``) and raises. The unit has committed; an error from
@@ -27,7 +29,6 @@ stays on its connection when its COMMIT fails, and only leaves it when the COMMI
 from __future__ import annotations
 
 import contextvars
-import logging
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, final
@@ -38,6 +39,7 @@ from sqlalchemy.orm import Session
 from dropsafe._engine import guard_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
 from dropsafe.events import HookFailedAfterCommit, LoggingHook, format_event
 
@@ -46,9 +48,15 @@ if TYPE_CHECKING:
 
     from dropsafe.events import Hook
 
-__all__ = ["UnitWatch", "check_unit_shape", "watching"]
+__all__ = [
+    "UnitWatch",
+    "begin_driver_transaction",
+    "check_engine_shape",
+    "check_unit_shape",
+    "watching",
+]
 
-logger = logging.getLogger("dropsafe")
+logger = SafeLogger()  # a handler that raises never changes an outcome (issue 31)
 
 _AUTOCOMMIT = "AUTOCOMMIT"
 
@@ -156,6 +164,14 @@ def check_unit_shape(bind: object, engine: Engine) -> None:
     settings: dict[str, Any] | None = getattr(bind, "kw", None)  # a (async_)sessionmaker's
     if settings and settings.get("twophase"):
         raise ConfigurationError(TWO_PHASE_REFUSED)
+    check_engine_shape(engine)
+
+
+def check_engine_shape(engine: Engine) -> None:
+    """Refuse an engine set to AUTOCOMMIT; watch it for the shapes that appear inside a unit.
+
+    For the unit's engine and for every other engine its sessionmaker binds.
+    """
     # SQLAlchemy takes only this spelling (it checks a level against the dialect's list).
     if engine.get_execution_options().get("isolation_level") == _AUTOCOMMIT:
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="the engine's execution_options"))
@@ -175,6 +191,7 @@ def _watch_engine(engine: Engine) -> None:
     with _INSTALL_LOCK:
         if not event.contains(engine, "begin_twophase", _refuse_two_phase):
             event.listen(engine, "begin_twophase", _refuse_two_phase)
+            event.listen(engine, "begin", _refuse_autocommit_at_begin)
             event.listen(engine, "before_cursor_execute", _refuse_autocommit)
             event.listen(engine, "commit", _note_commit)
         _WATCHED_ENGINES.add(engine)
@@ -206,6 +223,39 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
     # engine or in execution options), and an app may set it on the DBAPI connection itself.
     if getattr(conn.connection.dbapi_connection, "autocommit", False):
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
+
+
+def _refuse_autocommit_at_begin(conn: Connection) -> None:
+    """Engine ``begin`` listener: refuse before the unit's function touches the connection.
+
+    The unit's function may work through the driver's own connection (a COPY, a cursor of its
+    own) before SQLAlchemy sends a statement; under the driver's ``autocommit`` that work has
+    committed alone by then, and a refusal at the first statement would be an error with an
+    effect.
+    """
+    if _WATCH.get() is not None and getattr(conn.connection.dbapi_connection, "autocommit", False):
+        raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
+
+
+async def begin_driver_transaction(dbapi_connection: object) -> None:
+    """Send the BEGIN of SQLAlchemy's asyncpg adapter now, before the unit's function runs.
+
+    The adapter sends BEGIN only at the first statement it is given: asyncpg work the function
+    does before that (``copy_records_to_table``, ``execute`` on the driver's connection) would
+    commit alone, and a unit run again would do it twice. The same round trip, made earlier.
+    Private names of the adapter (``_start_transaction``; ``_transaction`` in SQLAlchemy 2.1,
+    ``_started`` in 2.0), as `dropsafe._drivers` reads them; other drivers begin on the server
+    with the first statement of any kind, and an adapter without these names is left alone.
+    """
+    start = getattr(dbapi_connection, "_start_transaction", None)
+    if start is None:
+        return
+    if hasattr(dbapi_connection, "_transaction"):
+        started = dbapi_connection._transaction is not None  # noqa: SLF001
+    else:
+        started = getattr(dbapi_connection, "_started", True)
+    if not started:
+        await start()
 
 
 def _note_commit(conn: Connection) -> None:

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.engine import CreateEnginePlugin
 
 from dropsafe._drivers import SUPPORTED, is_supported
-from dropsafe._engine import harden
+from dropsafe._engine import harden, resolve_driver
 from dropsafe._errors import ConfigurationError
-from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
+from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy, parse_knob
 from dropsafe._redaction import redact_url
 
 if TYPE_CHECKING:
@@ -50,10 +50,6 @@ KNOBS: dict[str, str] = {
     each.name: layer for layer, kind in _LAYERS.items() for each in dataclasses.fields(kind)
 }
 
-_TRUE = frozenset({"true", "yes", "on", "1"})
-_FALSE = frozenset({"false", "no", "off", "0"})
-_NONE = frozenset({"none", "off"})
-
 
 class DropsafePlugin(CreateEnginePlugin):
     """The ``sqlalchemy.plugins`` entry point ``dropsafe``: one instance per `create_engine`.
@@ -66,9 +62,12 @@ class DropsafePlugin(CreateEnginePlugin):
     def __init__(self, url: URL, kwargs: dict[str, Any]) -> None:
         super().__init__(url, kwargs)
         # Checked here, before any engine exists: a bad setting fails create_engine itself.
-        if url.get_backend_name() not in ("postgresql", "postgres") or not is_supported(
-            url.get_driver_name()
-        ):
+        # postgres:// and a URL without a driver are read as create_engine reads them;
+        # update_url hands SQLAlchemy the driver read, before it looks for a dialect.
+        if url.get_backend_name() in ("postgresql", "postgres"):
+            url = resolve_driver(url, is_async=bool(kwargs.get("_is_async")))
+        self.drivername = url.drivername
+        if url.get_backend_name() != "postgresql" or not is_supported(url.get_driver_name()):
             raise ConfigurationError(
                 f"plugin=dropsafe guards PostgreSQL engines only, through a supported driver, "
                 f"not {redact_url(url)}; supported: {SUPPORTED}"
@@ -76,8 +75,12 @@ class DropsafePlugin(CreateEnginePlugin):
         self.policy = policy_from_query(url.query)
 
     def update_url(self, url: URL) -> URL:
-        """Return ``url`` without dropsafe's parameters: the driver would refuse them."""
-        return url.difference_update_query([key for key in url.query if key.startswith(PREFIX)])
+        """Return ``url`` without dropsafe's parameters (the driver would refuse them).
+
+        Its driver is the one read for ``postgres://`` or a URL that names none.
+        """
+        ours = [key for key in url.query if key.startswith(PREFIX)]
+        return url.difference_update_query(ours).set(drivername=self.drivername)
 
     def engine_created(self, engine: Engine) -> None:
         """Guard the new engine (the sync engine, for create_async_engine)."""
@@ -124,38 +127,4 @@ def _parse(
     key: str, kind: type[ConnectionPolicy | PoolPolicy | UnitPolicy], knob: str, text: str
 ) -> object:
     """Parse one parameter's text to the type of its knob; the layer checks its range."""
-    word = text.strip().lower()
-    choices = kind._CHOICES.get(knob)  # noqa: SLF001 - the layer's own list of its types
-    if choices is not None:
-        return _choice(key, choices, text)
-    if knob in kind._BOOLEANS:  # noqa: SLF001 - the layer's own list of its types
-        if word in _TRUE:
-            return True
-        if word in _FALSE:
-            return False
-        raise ConfigurationError(f"URL parameter {key} must be true or false: {text!r}")
-    if knob in kind._OPTIONAL and word in _NONE:  # noqa: SLF001
-        return None
-    if knob in kind._INTEGERS:  # noqa: SLF001
-        try:
-            return int(word)
-        except ValueError:
-            raise ConfigurationError(f"URL parameter {key} must be an integer: {text!r}") from None
-    try:
-        return float(word)
-    except ValueError:
-        off = " (or none)" if knob in kind._OPTIONAL else ""  # noqa: SLF001
-        raise ConfigurationError(
-            f"URL parameter {key} must be a number of seconds{off}: {text!r}"
-        ) from None
-
-
-def _choice(key: str, choices: tuple[object, ...], text: str) -> object:
-    """Parse a knob that takes one of a few values (``none`` for None, where allowed)."""
-    word = text.strip().lower()
-    if word in _NONE and None in choices:
-        return None
-    if word in choices:
-        return word
-    allowed = ", ".join("none" if choice is None else str(choice) for choice in choices)
-    raise ConfigurationError(f"URL parameter {key} must be one of {allowed}: {text!r}")
+    return parse_knob(kind, knob, text, f"URL parameter {key}")

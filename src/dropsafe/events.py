@@ -40,6 +40,7 @@ __all__ = [
     "Hook",
     "HookFailedAfterCommit",
     "LoggingHook",
+    "OpenTelemetryHook",
     "PingSucceeded",
     "PrometheusHook",
     "RetriesGaveUp",
@@ -378,3 +379,72 @@ class PrometheusHook:
             self.lost_commits.labels(outcome=event.outcome).inc()
         elif isinstance(event, HookFailedAfterCommit):
             self.hooks_failed_after_commit.inc()
+
+
+# Fields whose values are few and known: metric attributes. Free text (errors, a lost commit's
+# reason, a unit's name) and numbers go to span events only.
+_OTEL_LABELS = frozenset({"pool_wide", "kind", "during", "why", "outcome"})
+# Durations in seconds, recorded in one histogram per event.
+_OTEL_SECONDS = frozenset({"latency", "elapsed", "delay"})
+
+
+class OpenTelemetryHook:
+    """Report every event to OpenTelemetry: a span event on the current span, and metrics.
+
+    Needs ``pip install 'dropsafe[otel]'`` (the API; your application configures the SDK and
+    its exporters). Each event is added to the span that is current where it happened (the
+    request's, the task's), named as in the log (``dropsafe.retry_scheduled``) with every field
+    as an attribute, passwords already masked. Metrics: the counter ``dropsafe.events``, one
+    per event, with attribute ``event`` and the event's low-cardinality fields (kind, outcome,
+    ...; never an error text, a host or a URL), and the histogram ``dropsafe.event.duration``
+    (seconds) for pings, retries' delays and resolutions. ``meter_provider``: the global one
+    by default.
+
+    Example::
+
+        policy = dropsafe.Policy(hooks=(LoggingHook(), OpenTelemetryHook()))
+    """
+
+    def __init__(self, *, meter_provider: Any = None) -> None:  # noqa: ANN401 - the SDK's type, optional
+        try:
+            from opentelemetry import metrics, trace  # noqa: PLC0415 - an optional extra
+        except ImportError:
+            raise ConfigurationError(
+                "OpenTelemetryHook needs opentelemetry-api: pip install 'dropsafe[otel]'"
+            ) from None
+        self._trace = trace
+        meter = metrics.get_meter("dropsafe", meter_provider=meter_provider)
+        self.events = meter.create_counter(
+            "dropsafe.events", unit="{event}", description="Things dropsafe did, by event."
+        )
+        self.durations = meter.create_histogram(
+            "dropsafe.event.duration",
+            unit="s",
+            description="Pings at checkout, retries' backoff and commit resolutions.",
+        )
+
+    def __call__(self, event: Event, /) -> None:
+        """Add ``event`` to the current span and count it."""
+        name = "dropsafe." + re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
+        attributes: dict[str, str | bool | int | float] = {}
+        labels: dict[str, str | bool] = {"event": name}
+        for field in dataclasses.fields(event):
+            value = getattr(event, field.name)
+            if value is None:
+                continue
+            shown = getattr(value, "value", value)  # an ErrorKind as its text
+            if not isinstance(shown, (str, bool, int, float)):
+                shown = str(shown)
+            attributes[field.name] = shown
+            if field.name in _OTEL_LABELS or (
+                field.name == "reason" and isinstance(event, RetriesGaveUp)
+            ):
+                labels[field.name] = shown if isinstance(shown, bool) else str(shown)
+        span = self._trace.get_current_span()
+        if span.is_recording():
+            span.add_event(name, attributes=attributes)
+        self.events.add(1, labels)
+        for field_name in _OTEL_SECONDS & attributes.keys():
+            seconds = attributes[field_name]
+            if isinstance(seconds, float):
+                self.durations.record(seconds, {"event": name})

@@ -200,7 +200,7 @@ def test_dropsafe_plugin_was_loaded(pytestconfig):
     assert pytestconfig.pluginmanager.hasplugin("dropsafe")
 
 
-@pytest.mark.fault
+@pytest.mark.dropsafe_fault
 def test_marked_fault_without_pytest_timeout(request):
     # The plugin must not add pytest-timeout's marker when pytest-timeout is not there.
     assert request.node.get_closest_marker("timeout") is None

@@ -124,6 +124,22 @@ def test_the_form_needs_its_csrf_token(blog, postgres_server):
     assert "at most 200" in bad.get_data(as_text=True)
 
 
+def test_every_response_forbids_framing_scripts_and_sniffing(blog):
+    client = blog.test_client()
+    for response in (
+        client.get("/"),
+        client.get("/api/posts"),
+        client.get("/posts/999999"),
+        client.post("/posts", data={"title": "x"}),
+    ):
+        csp = response.headers.get("Content-Security-Policy", "")
+        assert "frame-ancestors 'none'" in csp, response
+        assert "default-src 'none'" in csp
+        assert "script-src" not in csp  # none allowed, not some
+        assert response.headers.get("X-Frame-Options") == "DENY"
+        assert response.headers.get("X-Content-Type-Options") == "nosniff"
+
+
 @pytest.mark.fault
 def test_health_and_readiness(blog, chaos_proxy):
     client = blog.test_client()

@@ -1,5 +1,8 @@
 """The command line, run as a user would."""
 
+import subprocess
+import sys
+
 import pytest
 
 from dropsafe._cli import main
@@ -57,3 +60,32 @@ def test_exit_codes(tmp_path, capsys, argv, code, message):
     assert "Traceback" not in err
     if code and not err.startswith("usage:"):  # argparse prints its usage line first
         assert len(err.strip().splitlines()) == 1, err
+
+
+def _cli_without(modules, *argv):
+    """Run the command line in a fresh interpreter where ``modules`` are not installed."""
+    hide = "".join(f"sys.modules[{name!r}] = None\n" for name in modules)
+    code = f"import sys\n{hide}from dropsafe._cli import main\nsys.exit(main({list(argv)!r}))\n"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.fault
+def test_reproduce_without_psycopg2_uses_the_driver_installed():
+    done = _cli_without(("psycopg2",), "reproduce", "--no-tls", "--fault", "terminate")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "plain SQLAlchemy pool (psycopg)" in done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_reproduce_with_a_driver_that_is_not_installed_says_so_before_any_server():
+    done = _cli_without(("psycopg2",), "reproduce", "--driver", "psycopg2")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stdout == ""  # no server was started
+    assert done.stderr.strip().splitlines() == [
+        (
+            "dropsafe reproduce: this command needs the 'psycopg2' extra (psycopg2 missing): "
+            "pip install 'dropsafe[psycopg2]'"
+        )
+    ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import select
 import signal
 import socket
@@ -34,7 +35,7 @@ import dropsafe
 from dropsafe import CommitOutcomeUnknown
 from dropsafe._recording import record_commits
 from dropsafe.events import CommitResolved
-from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
+from dropsafe.testing import ChaosProxy, PgBouncer, PostgresServer, ServerError
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 
@@ -88,7 +89,8 @@ def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
                 )[0][0]
             )
             proxy.refuse()  # the resolver waits until the xid has been handed out again
-            os.kill(bystander_pid, signal.SIGKILL)  # any backend dying hard resets them all
+            # Any backend dying hard resets them all.
+            assert server.signal_backend(bystander_pid, signal.SIGKILL)
             _wait(lambda: server.execute("SELECT 1"), 30, "crash recovery")
             _wait(
                 lambda: int(server.execute("SELECT pg_current_xact_id()")[0][0]) > lost["xid"],
@@ -346,3 +348,404 @@ def test_a_half_open_commit_is_fenced_and_settled_in_bounded_time(server, kernel
     assert unit.calls == 2  # the first never committed: the fenced backend rolled it back
     assert recorder.outcomes() == ["aborted"]
     assert unit.elapsed < 2 + 6, f"took {unit.elapsed:.1f}s"
+
+
+# -- 6. a NOTIFY that no statement spells --------------------------------------------------------
+
+NOTIFYING_SCHEMA = """
+CREATE FUNCTION announce(payload text) RETURNS void LANGUAGE sql
+  AS $$ SELECT pg_notify('dropsafe_test', payload) $$;
+CREATE TABLE watched (v int);
+CREATE FUNCTION watched_changed() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  PERFORM pg_notify('dropsafe_test', 'trigger');
+  RETURN NULL;
+END $$;
+CREATE TRIGGER watched_changed AFTER UPDATE ON watched
+  FOR EACH STATEMENT EXECUTE FUNCTION watched_changed();
+"""
+
+# Each unit queues one notification at COMMIT and writes nothing (no xid before COMMIT).
+SILENT_NOTIFIERS = {
+    "function": ["SELECT announce('function')"],
+    "statement trigger": ["UPDATE watched SET v = v WHERE false"],  # 0 rows, one notification
+    "read only": ["SET TRANSACTION READ ONLY", "SELECT announce('read only')"],
+}
+
+
+def _listen(server):
+    listener = psycopg2.connect(_libpq_url(server))
+    listener.autocommit = True
+    listener.cursor().execute("LISTEN dropsafe_test")
+    return listener
+
+
+def _heard(listener, server):
+    """Every payload ``listener`` hears up to a last one sent now (delivered after the rest)."""
+    server.execute("NOTIFY dropsafe_test, 'end'")
+    heard = []
+    deadline = time.monotonic() + 20
+    while "end" not in heard and time.monotonic() < deadline:
+        select.select([listener], [], [], deadline - time.monotonic())
+        listener.poll()
+        heard += [notify.payload for notify in listener.notifies]
+        listener.notifies.clear()
+    return heard
+
+
+@pytest.mark.parametrize("shape", SILENT_NOTIFIERS)
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_notify_queued_by_a_function_or_trigger_is_heard_once(
+    server, kernel_blackhole, driver, shape
+):
+    # The COMMIT reaches the server and its reply is lost. The statement does not say "notify",
+    # so on the code before this test the transaction had no xid: run again, heard twice.
+    server.execute(NOTIFYING_SCHEMA)
+    listener = _listen(server)
+    recorder = Recorder()
+    unit = Unit(
+        driver,
+        server.url(driver),
+        SILENT_NOTIFIERS[shape],
+        policy=dropsafe.Policy(
+            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2), hooks=(recorder,)
+        ),
+    )
+    holes = contextlib.ExitStack()
+    try:
+        with holes:
+            assert unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole)) == "done"
+        heard = _heard(listener, server)
+    finally:
+        listener.close()
+    payload = (
+        SILENT_NOTIFIERS[shape][-1].split("'")[1] if shape != "statement trigger" else "trigger"
+    )
+    assert heard == [payload, "end"]
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
+@pytest.mark.parametrize("shape", ["function", "spelled"])
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_notify_whose_commit_a_crash_may_have_lost_is_unknown(
+    server, kernel_blackhole, driver, shape
+):
+    # A transaction that wrote nothing but a NOTIFY commits without a WAL flush (PostgreSQL's
+    # rule, and synchronous_commit off in the xid read): listeners may hear it before its
+    # commit record is flushed, so after a crash it is neither committed nor aborted for sure.
+    # Running it again (the code before this test: no xid for a function's NOTIFY, and
+    # "aborted" for a spelled one whose commit record the crash lost) may notify twice.
+    server.execute(NOTIFYING_SCHEMA)
+    bystander = psycopg2.connect(_libpq_url(server))
+    bystander_pid = bystander.get_backend_pid()
+    recorder = Recorder()
+    unit = Unit(
+        driver,
+        server.url(driver),
+        SILENT_NOTIFIERS["function"]
+        if shape == "function"
+        else ["SELECT pg_notify('dropsafe_test', 'spelled')"],
+        policy=dropsafe.Policy(
+            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
+            unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
+            hooks=(recorder,),
+        ),
+    )
+    holes = contextlib.ExitStack()
+    lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
+    crashes = []
+
+    def crash_once_committed(engine):
+        lose_the_reply(engine)
+
+        @sa.event.listens_for(engine, "commit")
+        def crash_after_it(connection):
+            if crashes:
+                return
+            pid = _backend_pid(connection)
+
+            def crash():
+                _wait(
+                    lambda: server.execute(
+                        f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
+                    ),
+                    20,
+                    "the COMMIT to be done on the server",
+                )
+                os.kill(bystander_pid, signal.SIGKILL)  # every backend reset: a crash restart
+
+            crashes.append(threading.Thread(target=crash, daemon=True))
+            crashes[0].start()
+
+    try:
+        with holes, pytest.raises(CommitOutcomeUnknown):
+            unit.run(before_commit=crash_once_committed)
+    finally:
+        with contextlib.suppress(psycopg2.Error):
+            bystander.close()
+    crashes[0].join(30)
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["unknown"]
+
+
+def _backend_pid(engine_connection):
+    driver_connection = engine_connection.connection.driver_connection
+    get_pid = getattr(driver_connection, "get_server_pid", None)  # asyncpg
+    if get_pid is not None:
+        return get_pid()
+    info = getattr(driver_connection, "info", None)  # psycopg 3
+    if info is not None and hasattr(info, "backend_pid"):
+        return info.backend_pid
+    return driver_connection.get_backend_pid()  # psycopg2
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_silent_notify_behind_a_transaction_mode_pooler_is_heard_once(
+    server, kernel_blackhole, driver
+):
+    # PgBouncer (transaction mode) between: the xid read and the COMMIT may run on any server
+    # connection; PgBouncer's reply to the COMMIT is dropped on its way to the client.
+    server.execute(NOTIFYING_SCHEMA)
+    listener = _listen(server)
+    recorder = Recorder()
+    with PgBouncer(server, pool_mode="transaction") as bouncer:
+        unit = Unit(
+            driver,
+            bouncer.url(driver),
+            SILENT_NOTIFIERS["function"],
+            policy=dropsafe.Policy(
+                connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2, pooler="transaction"),
+                hooks=(recorder,),
+            ),
+        )
+        holes = contextlib.ExitStack()
+        try:
+            with holes:
+                assert (
+                    unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole)) == "done"
+                )
+            heard = _heard(listener, server)
+        finally:
+            listener.close()
+    assert heard == ["function", "end"]
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_unit_on_a_hot_standby_takes_no_xid(server, driver):
+    # A standby assigns no xid: the read before COMMIT must not try (every read-only unit on
+    # a standby would fail), and NOTIFY stays refused there.
+    standby = server.make_standby()
+    try:
+        reader = Unit(
+            driver, standby.url(driver), ["SELECT count(*) FROM ledger"], policy=dropsafe.Policy()
+        )
+        assert reader.run() == "done"
+        notifier = Unit(
+            driver,
+            standby.url(driver),
+            ["SELECT pg_notify('dropsafe_test', 'standby')"],
+            policy=dropsafe.Policy(unit=dropsafe.UnitPolicy(max_attempts=1)),
+        )
+        with pytest.raises(sa.exc.DBAPIError, match="during recovery"):
+            notifier.run()
+    finally:
+        standby.close()
+
+
+# -- 7. routine maintenance is not a crash -------------------------------------------------------
+
+
+def _app_role(server):
+    """A role with no privileges beyond its table: what an application connects as."""
+    password = secrets.token_hex(8)
+    server.execute(
+        f"CREATE ROLE app LOGIN PASSWORD '{password}'; GRANT INSERT, SELECT ON ledger TO app"
+    )
+    return lambda driver: server.url(driver, user="app", password=password)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_stats_reset_during_a_slow_commit_is_not_taken_for_a_crash(server, chaos_proxy, driver):
+    # An administrator's pg_stat_reset_shared('bgwriter') while a COMMIT is slow and its
+    # connection is cut: the code before this test read a new server life, called the running
+    # xid "aborted" and ran the unit again (2 rows).
+    app_url = _app_role(server)
+    recorder = Recorder()
+    unit = Unit(
+        driver,
+        chaos_proxy.route(app_url(driver)),
+        insert(7, commit_sleep=2),
+        policy=dropsafe.Policy(hooks=(recorder,)),
+    )
+
+    def reset_then_cut():
+        server.execute("SELECT pg_stat_reset_shared('bgwriter'), pg_stat_reset()")
+        chaos_proxy.cut("rst")
+
+    watcher = WhenCommitRuns(server, reset_then_cut)
+    assert unit.run() == "done"
+    watcher.join(timeout=20)
+    assert rows(server, 7) == 1
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
+def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
+    """As a role without privileges: resets, reload, CHECKPOINT, VACUUM and a fast restart keep
+    the history; a backend SIGKILLed (crash restart: same postmaster) and an immediate stop
+    move it."""
+    from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife  # noqa: PLC0415
+
+    app_url = _app_role(server)("psycopg2").replace("postgresql+psycopg2", "postgresql")
+
+    def life():
+        connection = psycopg2.connect(app_url)
+        try:
+            cursor = connection.cursor()
+            cursor.execute(f"SELECT {SERVER_LIFE_SQL}")
+            return ServerLife.read(*cursor.fetchone())
+        finally:
+            connection.close()
+
+    first = life()
+    assert first.provable
+    assert first.checkpointer is not None, "a role without privileges must see its pid"
+    for routine in [
+        "SELECT pg_stat_reset_shared('bgwriter')",
+        "SELECT pg_stat_reset_shared('wal'), pg_stat_reset_shared('archiver'), pg_stat_reset()",
+        "SELECT pg_stat_reset_slru(NULL)",
+        "SELECT pg_reload_conf()",
+        "CHECKPOINT",
+        "VACUUM",
+    ]:
+        server.execute(routine)
+        assert life().same_history(first), routine
+    before_restart = life()
+    server.restart("fast")
+    after_clean_restart = life()
+    assert after_clean_restart.same_history(before_restart)
+    # A reset and then a clean restart, both between two reads: a new history to the first read
+    # (an answer unknown, never wrong; see dropsafe._server_life).
+    assert not after_clean_restart.same_history(first)
+    bystander = psycopg2.connect(_libpq_url(server))
+    os.kill(bystander.get_backend_pid(), signal.SIGKILL)
+
+    def moved():
+        try:
+            return not life().same_history(after_clean_restart)
+        except psycopg2.OperationalError:
+            return False  # still recovering
+
+    _wait(moved, 30, "a life after the crash restart")
+    after_crash = life()
+    assert after_crash.postmaster_start == after_clean_restart.postmaster_start  # same postmaster
+    server.restart("immediate")
+    assert not life().same_history(after_crash)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_commit_whose_reply_a_clean_restart_lost_is_still_proven(
+    server, kernel_blackhole, driver
+):
+    # The COMMIT is done, its reply lost; the server restarts cleanly (fast) before the resolver
+    # asks. A clean restart reuses no xid: the new checkpointer is another process, but the
+    # statistics are kept, so "committed" is still proven (as it was before issue 26).
+    recorder = Recorder()
+    unit = Unit(
+        driver,
+        server.url(driver),
+        insert(8),
+        policy=dropsafe.Policy(
+            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
+            unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
+            hooks=(recorder,),
+        ),
+    )
+    holes = contextlib.ExitStack()
+    lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
+    restarts = []
+
+    def restart_once_committed(engine):
+        lose_the_reply(engine)
+
+        @sa.event.listens_for(engine, "commit")
+        def restart_after_it(connection):
+            if restarts:
+                return
+            pid = _backend_pid(connection)
+
+            def restart():
+                _wait(
+                    lambda: server.execute(
+                        f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
+                    ),
+                    20,
+                    "the COMMIT to be done on the server",
+                )
+                server.restart("fast")
+
+            restarts.append(threading.Thread(target=restart, daemon=True))
+            restarts[0].start()
+
+    with holes:
+        assert unit.run(before_commit=restart_once_committed) == "done"
+    restarts[0].join(30)
+    assert rows(server, 8) == 1
+    assert unit.calls == 1
+    assert recorder.outcomes() == ["committed"]
+
+
+# -- 8. a COMMIT that waits for a synchronous standby ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def synchronous_pair():
+    with PostgresServer() as primary:
+        primary.execute(SLOW_COMMIT_SCHEMA)
+        standby = primary.make_standby(synchronous=True)
+        try:
+            yield primary, standby
+        finally:
+            standby.close()
+
+
+SYNC_REP_WAITING = "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'"
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_commit_waiting_for_its_synchronous_standby_is_neither_fenced_nor_acknowledged(
+    synchronous_pair, driver
+):
+    # The synchronous standby is down: COMMIT is flushed locally and waits in SyncRep; its
+    # connection is cut. pg_xact_status says "committed" already: the code before this test
+    # acknowledged the unit, though a standby promoted then would lack the row. Now: unknown
+    # when the time is up, and the backend is left waiting (terminating it would keep the
+    # commit locally only), so the commit reaches the standby once it is back.
+    primary, standby = synchronous_pair
+    value = 100 + DRIVERS.index(driver)
+    standby.stop("fast")
+    recorder = Recorder()
+    try:
+        with ChaosProxy(primary.host, primary.port) as proxy:
+            unit = Unit(
+                driver,
+                proxy.route(primary.url(driver)),
+                insert(value),
+                policy=dropsafe.Policy(
+                    unit=dropsafe.UnitPolicy(commit_status_timeout=3), hooks=(recorder,)
+                ),
+            )
+            watcher = WhenCommitRuns(primary, lambda: proxy.cut("rst"), query=SYNC_REP_WAITING)
+            with pytest.raises(CommitOutcomeUnknown, match="synchronous standby"):
+                unit.run()
+            watcher.join(timeout=20)
+        assert unit.calls == 1
+        assert recorder.outcomes() == ["unknown"]
+        assert primary.execute(SYNC_REP_WAITING), "the waiting backend was terminated"
+    finally:
+        standby.start()
+    _wait(lambda: not primary.execute(SYNC_REP_WAITING), 30, "the standby to confirm")
+    _wait(lambda: standby.execute(f"SELECT 1 FROM ledger WHERE v = {value}"), 30, "the row")
+    assert rows(primary, value) == 1

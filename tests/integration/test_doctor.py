@@ -1,6 +1,7 @@
 """`dropsafe doctor` against real servers: what it reports, what it advises, how it fails."""
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -82,6 +83,20 @@ def test_a_standby_is_named(postgres_server, capsys):
         (f"postgresql+psycopg2://app:{SECRET}@127.0.0.1:1/app", 1, "cannot reach 127.0.0.1:1"),
         (f"not-a-url:{SECRET}", 2, "malformed database URL"),
         (f"mysql://app:{SECRET}@db/app", 2, "PostgreSQL only"),
+        # Heroku's DATABASE_URL: read as postgresql+<the installed driver>, nothing listens.
+        (f"postgres://app:{SECRET}@127.0.0.1:1/app", 1, "cannot reach 127.0.0.1:1"),
+        # A password with an unencoded '@' and '/' that does not even parse.
+        (
+            f"postgresql+psycopg2://u:p@{SECRET}:w/rd@127.0.0.1/db",
+            2,
+            "percent-encode the user and password",
+        ),
+        # A parameter the driver refuses is bad input (2), not a problem found (1).
+        *[
+            (f"postgresql+{driver}://app:{SECRET}@127.0.0.1:1/app?sslmode=bogus", 2, "refuses")
+            for driver in ("psycopg2", "psycopg", "asyncpg", "pg8000")
+        ],
+        (f"postgresql+psycopg2://app:{SECRET}@127.0.0.1:1/app?bogus=1", 2, "refuses"),
     ],
 )
 def test_failures_are_one_line(capsys, url, expected_code, message):
@@ -102,3 +117,50 @@ def test_refused_authentication(shared_server, capsys):
         shared_server.execute(f"DROP ROLE {PASSWORD_ROLE}")
     assert code == 1
     assert f"authentication refused for user {PASSWORD_ROLE}" in err
+
+
+def test_a_heroku_url_is_examined(shared_server, capsys):
+    url = shared_server.url("psycopg2").replace("postgresql+psycopg2://", "postgres://")
+    code, out, err = _doctor(capsys, url, shared_server.password)
+    assert code == 0, err
+    assert "database      postgresql+" in out
+
+
+def _paste_into_psql(server, advice: str, user: str) -> subprocess.CompletedProcess[str]:
+    """Paste the advice's SQL into psql, as a user would: through its standard input."""
+    sql = advice.split(": ", 1)[1].split(" (or in your provider", 1)[0]
+    return subprocess.run(
+        [
+            server.binaries.tool("psql"),
+            *("-X", "-v", "ON_ERROR_STOP=1", "-h", str(server.socket_dir)),
+            *("-p", str(server.port), "-U", user, "-d", "postgres"),
+        ],
+        input=sql,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("superuser", [True, False])
+def test_the_advised_settings_paste_into_psql_and_take_effect(postgres_server, capsys, superuser):
+    # A fresh server (the advice changes its settings): OS keepalive defaults and no
+    # idle-in-transaction timeout, as a new server has them.
+    user = "postgres" if superuser else "app_role"
+    if not superuser:
+        postgres_server.execute(f"CREATE ROLE {user} LOGIN PASSWORD '{SECRET}'")
+    url = postgres_server.url(user=user, password=SECRET if not superuser else None)
+    code, out, _ = _doctor(capsys, url, postgres_server.password)
+    assert code == 0
+    advice = [line for line in out.splitlines() if "SET tcp_keepalives_idle" in line]
+    advice += [line for line in out.splitlines() if "SET idle_in_transaction" in line]
+    assert len(advice) == 2, out
+    for line in advice:
+        pasted = _paste_into_psql(postgres_server, line, user)
+        assert pasted.returncode == 0, pasted.stderr
+    code, out, _ = _doctor(capsys, url, postgres_server.password)
+    assert code == 0
+    assert "tcp_keepalives_idle                  60" in out
+    assert "idle_in_transaction_session_timeout  1min" in out
+    assert "SET tcp_keepalives_idle" not in out

@@ -304,3 +304,30 @@ def test_writers_that_meet_the_new_primary_at_once_report_each_lost_commit_once(
         list(writers.map(write_after, range(1000, 1004)))
     assert not set(range(101, 121)) & pair.ids_on_new_primary()
     assert Counter(event.xid for event in lost) == Counter(not_replicated)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_stats_reset_is_no_failover_and_reports_nothing(postgres_server, driver):
+    """An administrator's ``pg_stat_reset_shared('bgwriter')``, no failover: nothing is lost.
+
+    The code before this test took the moved ``stats_reset`` for a new server life and
+    reported each durable commit before it as ``unknown`` (20 of 20).
+    """
+    server = postgres_server
+    server.execute("CREATE TABLE acks (id int PRIMARY KEY)")
+    lost = Lost()
+    units = Units(server.url(driver), driver, lost)
+    try:
+        for op_id in range(20):
+            units.insert(op_id)
+        server.execute("SELECT pg_stat_reset_shared('bgwriter')")
+        if units.is_async:  # new connections: each reads the server's life afresh
+            units.loop.run_until_complete(units.engine.dispose())
+        else:
+            units.engine.dispose()
+        units.insert(100)
+        units.insert(101)
+    finally:
+        units.close()
+    assert lost == []
+    assert int(server.execute("SELECT count(*) FROM acks")[0][0]) == 22

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 
@@ -47,6 +48,101 @@ def test_the_cluster_runs_patroni_4_1_with_the_timings_it_asked_for(patroni_clus
     asked = (cluster.ttl, cluster.loop_wait, cluster.retry_timeout)
     assert (config["ttl"], config["loop_wait"], config["retry_timeout"]) == asked
     assert cluster.loop_wait + 2 * cluster.retry_timeout <= cluster.ttl
+
+
+# What another local account can try: plain HTTP, and TLS without the cluster's certificate.
+_PROBE = r"""
+import ssl, sys, urllib.error, urllib.request
+address, method = sys.argv[1], sys.argv[2]
+context = ssl.create_default_context()
+context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+opener = urllib.request.build_opener(
+    urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+)
+for scheme in ("http", "https"):
+    body = None if method == "GET" else b'{"key": "Lw=="}'
+    request = urllib.request.Request(f"{scheme}://{address}", data=body, method=method)
+    try:
+        with opener.open(request, timeout=5) as response:
+            print("ANSWERED", scheme, response.status, response.read()[:100])
+    except urllib.error.HTTPError as exc:
+        print("ANSWERED", scheme, exc.code)
+    except Exception as exc:
+        print("refused", scheme, type(exc).__name__)
+"""
+
+
+def _as_nobody(address: str, method: str) -> str:
+    result = subprocess.run(
+        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-I", "-c", _PROBE, address, method],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return result.stdout + result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another local user")
+def test_another_local_user_gets_no_answer_from_patroni_or_etcd(patroni_cluster):
+    """Issue 32: nobody read /config, PATCHed in an archive_command, and ran it as postgres."""
+    cluster = patroni_cluster
+    probes = (
+        [
+            (f"{cluster.host}:{node.rest_port}{path}", method)
+            for node in cluster.nodes
+            for path, method in (("/config", "GET"), ("/config", "PATCH"), ("/restart", "POST"))
+        ]
+        + [
+            (f"{cluster.host}:{node.etcd_port}{path}", method)
+            for node in cluster.nodes
+            for path, method in (("/version", "GET"), ("/v3/kv/range", "POST"))
+        ]
+        + [(f"{cluster.host}:{cluster.etcd_peer_port}/members", "GET")]
+    )
+    answered = {
+        f"{method} {address}": out
+        for address, method in probes
+        if "ANSWERED" in (out := _as_nobody(address, method))
+    }
+    assert answered == {}
+    # Nor from PostgreSQL, directly or through HAProxy: every TCP login needs the password.
+    psql = cluster.binaries.tool("psql")
+    for port in [cluster.haproxy_port, cluster.replica_port] + [n.pg_port for n in cluster.nodes]:
+        target = ("-h", cluster.host, "-p", str(port), "-U", "postgres", "-c", "SELECT 1")
+        login = subprocess.run(
+            ["runuser", "-u", "nobody", "--", "env", "-i", psql, "-X", "-w", *target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert login.returncode != 0, f"nobody logged in on port {port}: {login.stdout}"
+    # Its folder is closed to others, and no file in it is readable by them either.
+    assert cluster.base_dir.stat().st_mode & 0o007 == 0
+    readable = [
+        str(path.relative_to(cluster.base_dir))
+        for path in cluster.base_dir.rglob("*")
+        if path.is_file() and path.name != "server.crt" and path.stat().st_mode & 0o044
+    ]
+    assert readable == []
+    # The owner still gets in, with the cluster's certificate.
+    assert cluster.nodes[0].rest("/config")[0] == 200
+
+
+def test_haproxy_listens_on_its_two_routes_only(patroni_cluster):
+    """No stats page or admin socket: HAProxy's own listeners are the two SQL routes."""
+    cluster = patroni_cluster
+    listening = subprocess.run(
+        ["ss", "-ltnpH"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    pid = cluster._haproxy.pid
+    ports = {
+        int(line.split()[3].rsplit(":", 1)[1])
+        for line in listening.splitlines()
+        if f"pid={pid}," in line
+    }
+    assert ports == {cluster.haproxy_port, cluster.replica_port}
 
 
 def test_a_planned_switchover_costs_dropsafe_no_error(patroni_cluster):

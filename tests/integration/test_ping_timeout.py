@@ -10,7 +10,6 @@ another backend that answers.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import threading
 import time
@@ -114,14 +113,14 @@ def test_ping_timeout_bounds_a_checkout_on_a_stopped_backend(shared_server, driv
     try:
         assert scenario.ready.wait(timeout=30), "the first checkout did not happen"
         pid = int(outcome["old"])
-        os.kill(pid, signal.SIGSTOP)
+        assert shared_server.signal_backend(pid, signal.SIGSTOP)
         stopped.append(pid)
         scenario.go.set()
         worker.join(timeout=HANG_LIMIT)
         hung = worker.is_alive()
     finally:
         for pid in stopped:
-            os.kill(pid, signal.SIGCONT)  # also frees a checkout that hung
+            shared_server.signal_backend(pid, signal.SIGCONT)  # also frees a checkout that hung
         scenario.go.set()
         worker.join(timeout=30)
     assert not hung, f"the checkout was still blocked after {HANG_LIMIT}s"

@@ -1051,7 +1051,6 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
     # SIGKILL of a backend makes the postmaster reset every session and recover: the replay's
     # fresh connection may come during recovery (refused) or after. Either way what the app
     # saw must match the server, within bounds.
-    import os  # noqa: PLC0415
     import signal  # noqa: PLC0415
 
     events = []
@@ -1062,7 +1061,9 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
     def kill(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
         if armed[0] and "INSERT INTO attack_items" in statement:
             armed[0] = False
-            os.kill(_backend_pid(conn.connection.dbapi_connection), signal.SIGKILL)
+            assert server.signal_backend(
+                _backend_pid(conn.connection.dbapi_connection), signal.SIGKILL
+            )
 
     try:
         started = time.monotonic()

@@ -5,7 +5,6 @@ retried."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import threading
 import time
@@ -157,9 +156,10 @@ def test_the_deadline_holds_while_the_server_refuses_connections(postgres_server
     assert gave_up.attempts == 1  # no run reached the server: no attempt was used up
 
 
-def _stop_own_backend(stopped):
+def _stop_own_backend(server, stopped):
     def stop(pid):
-        os.kill(pid, signal.SIGSTOP)  # its kernel still acknowledges: no TCP timeout fires
+        # Its kernel still acknowledges: no TCP timeout fires.
+        assert server.signal_backend(pid, signal.SIGSTOP)
         stopped.append(pid)
 
     return stop
@@ -168,7 +168,7 @@ def _stop_own_backend(stopped):
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg", "asyncpg"])
 def test_a_backend_that_hangs_mid_statement_is_left_at_the_deadline(postgres_server, driver):
     stopped = []
-    stop = _stop_own_backend(stopped)
+    stop = _stop_own_backend(postgres_server, stopped)
     policy = dropsafe.Policy(unit=dropsafe.UnitPolicy(deadline=2))
     url = postgres_server.url(driver)
     started = time.monotonic()
@@ -202,7 +202,7 @@ def test_a_backend_that_hangs_mid_statement_is_left_at_the_deadline(postgres_ser
                     engine.dispose()
     finally:
         for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+            postgres_server.signal_backend(pid, signal.SIGCONT)
     elapsed = time.monotonic() - started
     assert stopped, "the backend was never stopped"
     # The deadline, within 10% (the first run holds the only budget), plus one connect timeout.

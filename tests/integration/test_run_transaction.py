@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 
@@ -169,8 +168,10 @@ def test_unit_that_commits_itself_is_refused(server, engine):
         _insert(8)(session)
         session.commit()
 
-    with pytest.raises(ConfigurationError, match="committed or rolled back its own"):
+    # Refused before its own COMMIT is sent: nothing written (it used to be after).
+    with pytest.raises(ConfigurationError, match="committed its own transaction"):
         dropsafe.run_transaction(sessionmaker(engine), unit)
+    assert _values(server) == []
 
 
 def test_wrong_kinds_of_fn_and_bind_are_refused(engine):
@@ -253,7 +254,7 @@ def test_commit_held_by_a_stopped_backend_past_the_bound_is_unknown(server, chao
         (pid,) = server.execute(
             "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
         )[0]
-        os.kill(int(pid), signal.SIGSTOP)
+        assert server.signal_backend(int(pid), signal.SIGSTOP)
         stopped.append(int(pid))
         chaos_proxy.cut("rst")
 
@@ -264,7 +265,7 @@ def test_commit_held_by_a_stopped_backend_past_the_bound_is_unknown(server, chao
         watcher.join(timeout=20)
     finally:
         for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+            server.signal_backend(pid, signal.SIGCONT)
         engine.dispose()
     assert raised.value.xid is not None
     assert [event.outcome for event in recorder.of(CommitResolved)] == ["unknown"]

@@ -17,8 +17,10 @@ SOURCE = Path(__file__).parents[2] / "src"
 
 # Lowest first. A name ending in ".*" is a package layer: the package and all its modules.
 LAYERS: list[tuple[str, ...]] = [
+    # What one process owns alone, renewed in a forked child.
+    ("dropsafe._process",),
     # The exception tree, redaction, and the thread that shuts sockets down: no dropsafe deps.
-    ("dropsafe._errors", "dropsafe._redaction", "dropsafe._socket_shutdown"),
+    ("dropsafe._errors", "dropsafe._redaction", "dropsafe._socket_shutdown", "dropsafe._log"),
     # Vocabulary: the events hooks receive, and the ErrorKind of any error.
     ("dropsafe.events", "dropsafe._classify"),
     # Settings per layer, and handing events to hooks.

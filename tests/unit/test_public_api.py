@@ -25,6 +25,7 @@ PUBLIC = {
         "create_async_engine",
         "create_engine",
         "harden",
+        "policy_of",
         "request_unit",
         "run_transaction",
         "run_transaction_async",
@@ -42,6 +43,7 @@ PUBLIC = {
         "Hook",
         "HookFailedAfterCommit",
         "LoggingHook",
+        "OpenTelemetryHook",
         "PingSucceeded",
         "PrometheusHook",
         "RetriesGaveUp",
@@ -130,3 +132,9 @@ def test_loading_the_pytest_plugin_imports_neither_sqlalchemy_nor_the_bench():
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert loaded.strip() == "['dropsafe.testing', 'dropsafe.testing.pytest_plugin']"
+
+
+def test_the_version_is_public_beside_all():
+    # dropsafe.__version__ is API (users and bug reports read it) without being in __all__.
+    assert isinstance(dropsafe.__version__, str)
+    assert "__version__" not in dropsafe.__all__

@@ -147,3 +147,107 @@ class _DriverError(Exception):
 )
 def test_only_postgresql_s_own_error_refuses_a_commit(error, refused):
     assert server_refused_commit(error) is refused
+
+
+# -- the server's life: a crash moves it, routine commands do not --------------------------------
+
+CHECKPOINTER = ServerLife(
+    "7712167652585548053", "2026-11-25 12:00:00+00", "2026-11-25 11:59:59+00", "4711"
+)
+STATS_RESET = ServerLife(  # pg_stat_reset_shared('bgwriter'): the same checkpointer
+    "7712167652585548053", "2026-11-25 12:30:00+00", "2026-11-25 11:59:59+00", "4711"
+)
+CLEAN_RESTART = ServerLife(  # stats kept, a new postmaster (perhaps the same pids again)
+    "7712167652585548053", "2026-11-25 12:00:00+00", "2026-11-25 13:00:00+00", "4711"
+)
+CRASH_RESTART = ServerLife(  # the same postmaster, new children, stats reset at recovery's end
+    "7712167652585548053", "2026-11-25 14:00:00+00", "2026-11-25 11:59:59+00", "4790"
+)
+PROMOTED_STANDBY = ServerLife(  # its own postmaster and stats; its pids may equal (containers)
+    "7712167652585548053", "2026-11-25 12:00:01+00", "2026-11-25 12:00:01+00", "4711"
+)
+
+
+@pytest.mark.parametrize(
+    ("later", "same"),
+    [
+        (STATS_RESET, True),
+        (CLEAN_RESTART, True),
+        (CRASH_RESTART, False),
+        (PROMOTED_STANDBY, False),
+        (ServerLife("1111111111111111111", *list(vars(CHECKPOINTER).values())[1:]), False),
+        (ServerLife(CHECKPOINTER.system_identifier, None), False),
+        (None, False),
+    ],
+)
+def test_same_history(later, same):
+    assert CHECKPOINTER.same_history(later) is same
+    if later is not None:
+        assert later.same_history(CHECKPOINTER) is same
+
+
+def test_a_life_read_from_the_server_s_two_columns():
+    life = ServerLife.read(
+        7712167652585548053, "2026-11-25 12:00:00+00|2026-11-25 11:59:59+00|4711"
+    )
+    assert life == CHECKPOINTER
+    hidden = ServerLife.read("7712167652585548053", "|2026-11-25 11:59:59+00|4711")
+    assert hidden.stats_reset is None
+    assert hidden.provable
+    assert not ServerLife.read("7712167652585548053", "||").provable
+    assert not ServerLife.read(None, None).provable
+
+
+def test_a_stats_reset_during_a_slow_commit_is_the_same_history():
+    mark = PendingCommit(725, 4242, CHECKPOINTER)
+    assert _resolution([], mark).settle(_primary("in progress", STATS_RESET)) == "fence"
+    assert _resolution([], mark).settle(_primary("committed", STATS_RESET)) == "committed"
+
+
+# -- an xid the mark assigned without a flush (the unit wrote nothing) -----------------------
+
+ASYNCHRONOUS = PendingCommit(725, 4242, HISTORY, asynchronous=True)
+
+
+@pytest.mark.parametrize("status", ["committed", "aborted", "in progress", "future"])
+def test_an_asynchronous_xid_after_a_crash_is_unknown(status):
+    # Listeners may have heard its NOTIFY before its commit record was flushed: neither
+    # "aborted" (run again: heard twice) nor "committed" (perhaps a reuse) is proven.
+    events = []
+    with pytest.raises(CommitOutcomeUnknown, match="without waiting for its WAL"):
+        _resolution(events, ASYNCHRONOUS).settle(_primary(status, AFTER_CRASH))
+    assert [event.outcome for event in events] == ["unknown"]
+
+
+@pytest.mark.parametrize(
+    ("status", "decision"), [("committed", "committed"), ("aborted", "aborted")]
+)
+def test_an_asynchronous_xid_on_its_own_history_is_answered(status, decision):
+    assert _resolution([], ASYNCHRONOUS).settle(_primary(status)) == decision
+
+
+# -- a backend that waits for a synchronous standby ----------------------------------------------
+
+
+def _waiting(status, server_life=HISTORY):
+    return _Answer(status, server_life, in_recovery=False, sync_waiting=True)
+
+
+@pytest.mark.parametrize("status", ["committed", "in progress"])
+def test_a_commit_still_waiting_for_its_synchronous_standby_is_not_known_yet(status):
+    # pg_xact_status says "committed" once the commit record is flushed locally, before the
+    # standby confirms; and such a backend is never fenced.
+    events = []
+    resolution = _resolution(events)
+    assert resolution.settle(_waiting(status)) == "again"
+    assert events == []
+    resolution.deadline = time.monotonic()  # the time is up
+    with pytest.raises(CommitOutcomeUnknown, match="synchronous standby"):
+        resolution.next_pause()
+    assert [event.outcome for event in events] == ["unknown"]
+
+
+def test_a_commit_confirmed_by_its_synchronous_standby_is_committed():
+    resolution = _resolution([])
+    assert resolution.settle(_waiting("committed")) == "again"
+    assert resolution.settle(_primary("committed")) == "committed"

@@ -16,6 +16,9 @@ UNCHANGED = [
     # What the ORM and Core send.
     "INSERT INTO items (n) VALUES (%(n)s) RETURNING items.id",
     'INSERT INTO "Items" ("N", b) VALUES ($1, $2)',
+    # A schema-qualified table whose name SQLAlchemy quotes (a reserved word, capitals).
+    'INSERT INTO app."order" (user_id, total) VALUES (%(user_id)s, %(total)s) RETURNING app."order".id',  # noqa: E501
+    'INSERT INTO "App"."Order" (n) VALUES ($1::INTEGER)',
     "UPDATE items SET n=%(n)s WHERE items.id = %(items_id)s",
     "DELETE FROM items WHERE items.id = %(id)s",
     "SELECT items.id, items.n FROM items WHERE items.n IN (%(p1)s, %(p2)s) FOR UPDATE",
@@ -43,6 +46,12 @@ UNCHANGED = [
     "SELECT pg_advisory_xact_lock(1)",
     "NOTIFY channel",
     "LOCK TABLE items IN EXCLUSIVE MODE",
+    # Keywords before a parenthesis, which only look like calls.
+    "SELECT count(*) FILTER (WHERE n > 1), string_agg(a, ',') WITHIN GROUP (ORDER BY a) FROM t",
+    "SELECT row_number() OVER (PARTITION BY a ORDER BY (a + 1)) FROM t",
+    "SELECT * FROM a JOIN (SELECT 1 AS x) AS s ON true WHERE a.b LIKE ('x' || a.c)",
+    "INSERT INTO t (n) VALUES (1) ON CONFLICT (n) DO UPDATE SET (n) = ROW (excluded.n)",
+    "SELECT $$it's$$, $tag$-- not a comment$tag$, 'done'",
 ]
 
 CHANGED = [
@@ -76,6 +85,17 @@ CHANGED = [
     "SELECT E'\\'', set_config('role', 'tenant', false)",
     "SELECT \"a--\", set_config('role', 'tenant', false)",
     "",
+    # Read as PostgreSQL's lexer reads them (each ran use_tenant() on PostgreSQL 15, and was
+    # read as unchanging before): a carriage return ends a "--" comment, block comments nest,
+    # a dollar quote may have a tag, and a function of the app's may be named like a keyword.
+    "SELECT 1 -- note\r, use_tenant()",
+    "SELECT /* /* */ ' */ use_tenant(), 'a'",
+    "SELECT $t$it's$t$, use_tenant(), 'done'",
+    "SELECT $q$'$q$, set_config('search_path', 'tenant', false), $q$'$q$",
+    "SELECT filter(1)",
+    "SELECT a, conflict(1) FROM t",
+    "SELECT * FROM t WHERE over(t.a) = 1",
+    "SELECT DISTINCT set(1), (like(2))",
 ]
 
 

@@ -1,9 +1,13 @@
 """The watchdog that shuts sockets down at their deadline: what it keeps between blocks."""
 
 import socket
+import subprocess
+import sys
 import time
 
-from dropsafe._socket_shutdown import _WATCHDOG, shut_down_at
+import pytest
+
+from dropsafe._socket_shutdown import _current_watchdog, shut_down_at
 
 
 def test_released_deadlines_are_not_kept_until_they_pass():
@@ -18,7 +22,7 @@ def test_released_deadlines_are_not_kept_until_they_pass():
             with shut_down_at(left.fileno(), far) as bound:
                 pass
             assert not bound.expired
-        kept = len(_WATCHDOG._heap)  # what the watchdog keeps is the point
+        kept = len(_current_watchdog()._heap)  # what the watchdog keeps is the point
     assert kept < 1_000, f"{kept} released deadlines still kept"
 
 
@@ -34,3 +38,20 @@ def test_a_deadline_that_passes_still_shuts_the_socket_down():
             left.settimeout(10)
             assert left.recv(1) == b""  # end-of-file: shut down, not the 10 s timeout
         assert bound.expired
+
+
+@pytest.mark.parametrize("deadline", [60.0, 0.05, 0.0])
+def test_the_interpreter_exits_with_a_deadline_pending(deadline):
+    # The watchdog is a bare thread of the interpreter (not threading's): it must never hold
+    # up the exit, whether its deadline is far, passing during the exit, or passed.
+    code = (
+        "import socket, time\n"
+        "from dropsafe._socket_shutdown import shut_down_at\n"
+        "a, b = socket.socketpair()\n"
+        f"shut_down_at(a.fileno(), time.monotonic() + {deadline}).__enter__()\n"
+        "time.sleep(0.05)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert done.returncode == 0, done.stderr

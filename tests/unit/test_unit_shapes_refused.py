@@ -74,3 +74,16 @@ def test_a_plain_sessionmaker_is_not_refused():
     engine = dropsafe.create_engine(URL, connect_args={"connect_timeout": 1})
     with pytest.raises(sa.exc.OperationalError):  # it tried: db.invalid does not resolve
         dropsafe.run_transaction(sessionmaker(engine), _never_called, deadline=0.5)
+
+
+def test_an_autocommit_engine_among_a_sessionmakers_binds_is_refused_at_the_call():
+    main = dropsafe.create_engine(URL)
+    other = dropsafe.create_engine(URL.replace("/app", "/other"), isolation_level="AUTOCOMMIT")
+
+    class Model:  # binds take any class; no table is needed to be refused
+        pass
+
+    with pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+        dropsafe.run_transaction(sessionmaker(main, binds={Model: other}), _never_called)
+    assert main.pool.checkedout() == 0
+    assert other.pool.checkedout() == 0

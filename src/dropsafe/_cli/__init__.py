@@ -21,6 +21,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING
 
+from dropsafe import __version__
 from dropsafe._errors import ConfigurationError, DropsafeError
 from dropsafe._redaction import SecretMask, masked_output, redact_text
 
@@ -108,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Keep SQLAlchemy applications working when PostgreSQL connections fail.",
         epilog="exit codes: 0 done, 1 a problem found, 2 bad usage or input, 130 interrupted",
     )
+    parser.add_argument("--version", action="version", version=f"dropsafe {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command")
     demo.register(commands)
     doctor.register(commands)

@@ -52,12 +52,27 @@ def run(args: argparse.Namespace) -> int:
         f"[bold]dropsafe demo[/]: the blog twice, {args.duration:g} s of simulated users, "
         "the same faults on both sides"
     )
-    with Live(console=console, refresh_per_second=4) as live:
+    if console.is_terminal:
+        # Transient: the live counts vanish when the run ends, and only the final table, with
+        # every request counted, stays on the screen.
+        with Live(console=console, refresh_per_second=4, transient=True) as live:
 
-        def show(state: Run, elapsed: float, status: dict[str, Any]) -> None:
-            live.update(_progress(state, elapsed, args.duration, status))
+            def show(state: Run, elapsed: float, status: dict[str, Any]) -> None:
+                live.update(_progress(state, elapsed, args.duration, status))
 
-        summary = run_demo(duration=args.duration, seed=args.seed, out=args.out, show=show)
+            summary = run_demo(duration=args.duration, seed=args.seed, out=args.out, show=show)
+    else:
+        # A log or a pipe gets one line per fault, not a table of counts taken mid-run.
+        said: list[str] = []
+
+        def say_faults(state: Run, elapsed: float, status: dict[str, Any]) -> None:
+            del state
+            fault = str(status["last fault"])
+            if not said or said[-1] != fault:
+                said.append(fault)
+                console.print(f"{elapsed:4.0f} s  fault: {fault}")
+
+        summary = run_demo(duration=args.duration, seed=args.seed, out=args.out, show=say_faults)
     console.print()
     console.print(_final_table(summary))
     console.print(

@@ -10,7 +10,9 @@ an unreachable host or refused authentication with one line and exit code 1.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import re
 import statistics
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,7 +31,7 @@ from dropsafe._policy import ConnectionPolicy, Policy
 from dropsafe._redaction import redact_text, redact_url
 
 if TYPE_CHECKING:
-    import argparse
+    from collections.abc import Mapping
 
     from sqlalchemy.engine import URL
 
@@ -51,6 +53,27 @@ _POLICY = Policy(connection=ConnectionPolicy(pooler="transaction"), hooks=())
 # Transactions per session when looking for a transaction-mode pooler.
 _POOLER_ROUNDS = 3
 _BACKEND_PID = sa.text("SELECT pg_backend_pid()")
+# How libpq (psycopg2, psycopg) and the pure-Python drivers refuse a URL's parameter.
+_REFUSED_PARAMETER = re.compile(
+    r"invalid dsn|invalid connection option|invalid \w+ value|unexpected keyword argument"
+)
+# What the doctor advises the server to run with, when it runs without.
+_KEEPALIVES = {"tcp_keepalives_idle": 60, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 6}
+
+
+# The help's text, laid out by hand: argparse would run the lists together.
+_DESCRIPTION = """\
+Connect to a real database (nothing is written) and report:
+  - the server's version, TLS and how the server's identity is checked
+  - the round trip, and what a ping costs
+  - the server's timeouts and keepalives
+  - whether a pooler or proxy is in between, and whether it is in transaction mode
+  - whether the node is a standby
+  - the client settings dropsafe would use
+then recommendations, each with the exact setting to paste. It never prints a password.
+
+exit codes: 0 report printed; 1 the database could not be examined (unreachable,
+authentication refused); 2 bad input (a malformed URL, a parameter the driver refuses)."""
 
 
 class DoctorFailed(CommandFailed):
@@ -62,7 +85,8 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser = commands.add_parser(
         "doctor",
         help="examine a real database and recommend settings",
-        description=__doc__.split("\n\n")[1] if __doc__ else None,
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "url", type=database_url, help="a SQLAlchemy URL, e.g. postgresql+psycopg2://app@db/app"
@@ -168,6 +192,9 @@ class _explained:  # noqa: N801 - used as a context manager, reads like one
         text = redact_text(str(getattr(exc, "orig", None) or exc)).strip().splitlines()
         first = text[0] if text else type(exc).__name__
         lowered = " ".join(text).lower()
+        if _REFUSED_PARAMETER.search(lowered):
+            # The URL's own parameters, refused by the driver before any connection: input.
+            raise ConfigurationError(f"the driver refuses the URL's parameters: {first}") from None
         if "password authentication failed" in lowered or "authentication" in lowered:
             raise DoctorFailed(f"authentication refused for user {self.user}: {first}") from None
         if classify(exc) in (
@@ -205,6 +232,7 @@ def _examine(connection: sa.Connection) -> dict[str, Any]:
     facts["in recovery"] = bool(one("SELECT pg_is_in_recovery()"))
     facts["server port"] = one("SELECT inet_server_port()")
     facts["user"] = one("SELECT current_user")
+    facts["superuser"] = one("SHOW is_superuser") == "on"
     return facts
 
 
@@ -226,13 +254,12 @@ def _recommend(facts: dict[str, Any], url: URL) -> list[str]:
     if facts.get("idle_in_transaction_session_timeout") in ("0", 0):
         advice.append(
             "no idle_in_transaction_session_timeout: "
-            "ALTER SYSTEM SET idle_in_transaction_session_timeout = '60s'"
+            + _settings_sql(facts, {"idle_in_transaction_session_timeout": "'60s'"})
         )
     if _seconds(facts.get("tcp_keepalives_idle")) > 300:  # noqa: PLR2004
         advice.append(
             "the server keeps dead clients' backends for hours (OS keepalive defaults): "
-            "ALTER SYSTEM SET tcp_keepalives_idle = 60; tcp_keepalives_interval = 10; "
-            "tcp_keepalives_count = 6"
+            + _settings_sql(facts, _KEEPALIVES)
         )
     if facts.get("in recovery"):
         advice.append(
@@ -259,6 +286,25 @@ def _recommend(facts: dict[str, Any], url: URL) -> list[str]:
             "dropsafe's checkout check costs none (remove pool_pre_ping)"
         )
     return advice or ["nothing to change"]
+
+
+def _settings_sql(facts: dict[str, Any], settings: Mapping[str, object]) -> str:
+    """Say how to set ``settings``, as statements that can be pasted into psql as they are.
+
+    A superuser sets them for the server (ALTER SYSTEM, then a reload, which these settings
+    need, not a restart). Anyone else, as on most managed services where ALTER SYSTEM is
+    refused, sets them for their own role: new sessions of that role get them.
+    """
+    if facts.get("superuser"):
+        statements = [f"ALTER SYSTEM SET {name} = {value};" for name, value in settings.items()]
+        statements.append("SELECT pg_reload_conf();")
+        return " ".join(statements)
+    role = '"' + str(facts.get("user") or "CURRENT_USER").replace('"', '""') + '"'
+    statements = [f"ALTER ROLE {role} SET {name} = {value};" for name, value in settings.items()]
+    return (
+        " ".join(statements)
+        + " (or in your provider's parameter group; ALTER SYSTEM needs a superuser)"
+    )
 
 
 def _seconds(value: object) -> float:

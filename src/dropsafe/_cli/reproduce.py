@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from dropsafe._cli import EXIT_FOUND_PROBLEM, EXIT_OK
+from dropsafe._cli import EXIT_FOUND_PROBLEM, EXIT_OK, require_extra
+from dropsafe._errors import ConfigurationError
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 if TYPE_CHECKING:
@@ -18,7 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["register", "run"]
 
 _FAULTS = ("fin", "rst", "terminate")
-_SYNC_DRIVERS = ("psycopg2", "psycopg", "pg8000")
+_SYNC_DRIVERS: tuple[Driver, ...] = ("psycopg2", "psycopg", "pg8000")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -31,7 +33,12 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
             "SQLAlchemy pool, break its connection, and show what the next request gets."
         ),
     )
-    parser.add_argument("--driver", choices=_SYNC_DRIVERS, default="psycopg2")
+    parser.add_argument(
+        "--driver",
+        choices=_SYNC_DRIVERS,
+        help="the driver the app uses (default: the first installed of "
+        f"{', '.join(_SYNC_DRIVERS)})",
+    )
     parser.add_argument(
         "--fault",
         choices=_FAULTS,
@@ -45,7 +52,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run(args: argparse.Namespace) -> int:
     """Reproduce the error; exit 0 when the app saw it, 1 (a problem found) when it did not."""
-    driver: Driver = args.driver
+    driver = _driver(args.driver)
     say = _Printer()
     with PostgresServer(tls=not args.no_tls) as server:
         say(
@@ -90,3 +97,21 @@ class _Printer:
 
     def __call__(self, message: str) -> None:
         print(f"[{time.monotonic() - self._start:6.2f}s] {message}", flush=True)  # noqa: T201
+
+
+def _driver(asked: Driver | None) -> Driver:
+    """Return the driver asked for, or the first one installed; refuse one that is not.
+
+    Checked before a server starts: a missing driver costs a line, not a server's start and
+    a traceback.
+    """
+    if asked is not None:
+        require_extra(asked, asked)
+        return asked
+    for name in _SYNC_DRIVERS:
+        if importlib.util.find_spec(name) is not None:
+            return name
+    raise ConfigurationError(
+        "no PostgreSQL driver is installed: pip install 'dropsafe[psycopg2]' "
+        "(or dropsafe[psycopg], dropsafe[pg8000])"
+    )

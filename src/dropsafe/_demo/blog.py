@@ -8,7 +8,8 @@ writes through `dropsafe.run_transaction`. Configured from the environment when 
 
 It validates its input as a real app must: a post is a title (1..200 characters) and a text (up
 to 100 000), strings without NUL, sent as a JSON object or through the page's form; anything else
-gets a 4xx with a message, and a body over 1 MiB is refused before it is read. The form carries
+gets a 4xx with a message, and a body over 1 MiB is refused before it is read. Every response
+forbids framing, scripts and type sniffing (CSP, X-Frame-Options, nosniff). The form carries
 a CSRF token tied to the browser's session (``BLOG_SECRET_KEY`` signs the session cookie; a
 random key is made when it is unset); the JSON API only takes ``application/json``, which a
 cross-site form cannot send.
@@ -52,6 +53,7 @@ TITLE_MAX = 200  # the column's width
 TEXT_MAX = 100_000
 BODY_MAX = 1 << 20  # a request body larger than this is refused unread (413)
 _T = TypeVar("_T")
+_CSP = "default-src 'none'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 
 
 class Base(DeclarativeBase):
@@ -148,6 +150,17 @@ def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask
         if not isinstance(token, str):
             token = session["csrf"] = secrets.token_urlsafe(32)
         return token
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        # The pages load nothing and run no script: a CSP that allows nothing else stops an
+        # injected one; no other site may frame them (clickjacking the form) or have a
+        # response read as another type than the one sent.
+        response.headers.setdefault("Content-Security-Policy", _CSP)
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
 
     @app.errorhandler(HTTPException)
     def api_error(error: HTTPException) -> Response | tuple[Response, int]:

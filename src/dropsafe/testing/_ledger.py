@@ -9,7 +9,6 @@ server holds.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import threading
@@ -174,10 +173,8 @@ def crash_a_backend(server: PostgresServer) -> None:
         "AND pid <> pg_backend_pid() LIMIT 1"
     )
     if rows:
-        try:
-            os.kill(int(rows[0][0]), signal.SIGKILL)
-        except ProcessLookupError:
-            return
+        if not server.signal_backend(int(rows[0][0]), signal.SIGKILL):
+            return  # it ended meanwhile
         # The nemesis waits out the recovery, so that its next fault meets a running server.
         wait_until(lambda: _answers(server), timeout=30, what="crash recovery")
 

@@ -33,8 +33,12 @@ __all__ = [
     "forget_on_sigterm",
     "leftover_processes",
     "owner_is_gone",
+    "parent_of",
+    "postgres_processes",
     "process_tag",
     "remove_on_sigterm",
+    "signal_if",
+    "sweep_orphan_postmasters",
     "sweep_temp_folders",
 ]
 
@@ -43,6 +47,8 @@ TEMP_PREFIX = "dropsafe-pg-"
 _THREAD_PREFIX = "dropsafe-chaos-proxy"
 # A temp folder's name: the prefix, the owner's tag, then what mkdtemp adds.
 _TAGGED_FOLDER = re.compile(rf"^{re.escape(TEMP_PREFIX)}(?P<pid>\d+)_(?P<start>\d+)-")
+# A tagged folder's path anywhere in a command line (a postmaster's "-D DATA_DIR").
+_TAG_IN_PATH = re.compile(rf"{re.escape(TEMP_PREFIX)}(?P<pid>\d+)_(?P<start>\d+)-")
 
 
 def leftover_processes(parent: int | None = None) -> list[str]:
@@ -120,6 +126,138 @@ def sweep_temp_folders() -> list[Path]:
             if not folder.exists():
                 swept.append(folder)
     return swept
+
+
+# -- processes the bench did not start itself -------------------------------------------------
+
+# Patroni starts each postmaster in a session of its own: no Popen handle of ours holds it, and
+# its pid is known from postmaster.pid, a file the server's account writes. As root, signalling
+# whatever that file names would let that account choose what root kills. So a pid read from
+# anywhere is signalled only after the process it names proves to be what we expect (its
+# owner, its program, its data folder), and through a pidfd opened before the check, so that a
+# pid reused in between gets nothing.
+
+
+def signal_if(pid: int, signum: int, expected: Callable[[int], bool]) -> bool:
+    """Send ``signum`` to ``pid`` only if ``expected(pid)`` holds; return whether it was sent."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not expected(pid):
+            return False
+        signal.pidfd_send_signal(pidfd, signum)
+    except OSError:  # ended meanwhile
+        return False
+    finally:
+        os.close(pidfd)
+    return True
+
+
+def runs_as(pid: int, uid: int) -> bool:
+    """Whether ``pid`` runs as ``uid`` (its /proc entry's owner: the effective uid)."""
+    try:
+        return Path(f"/proc/{pid}").stat().st_uid == uid
+    except OSError:
+        return False
+
+
+def parent_of(pid: int) -> int | None:
+    """Return ``pid``'s parent process id, or None when it has ended."""
+    try:
+        return int(_stat_fields(pid)[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def is_postmaster(
+    pid: int, *, uid: int, executable: Path | None = None, data_dir: Path | None = None
+) -> bool:
+    """Whether ``pid`` is a PostgreSQL server run by ``uid`` (from ``executable``, on ``data_dir``).
+
+    Without ``executable``, any program named ``postgres``. The postmaster works in its data
+    folder (its cwd), which names the cluster whatever its command line says.
+    """
+    if not runs_as(pid, uid):
+        return False
+    try:
+        program = Path(f"/proc/{pid}/exe").readlink()
+        cwd = Path(f"/proc/{pid}/cwd").readlink()
+    except OSError:
+        return False
+    if executable is not None and program != Path(os.path.realpath(executable)):
+        return False
+    if executable is None and program.name != "postgres":
+        return False
+    return data_dir is None or cwd == Path(os.path.realpath(data_dir))
+
+
+def postgres_processes(postmaster: int, uid: int) -> list[int]:
+    """Return the postmaster and its children (backends, WAL senders, workers) run by ``uid``."""
+    found = [postmaster]
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int(_stat_fields(int(proc.name))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == postmaster and runs_as(int(proc.name), uid):
+            found.append(int(proc.name))
+    return found
+
+
+def kill_postmaster(
+    pid: int, *, uid: int, executable: Path | None = None, data_dir: Path | None = None
+) -> bool:
+    """SIGKILL a postmaster proved to be ours (see `is_postmaster`), and each of its children.
+
+    Each child too: a backend leads a session of its own, and one SIGSTOPped would never
+    notice its postmaster's death; SIGKILL ends stopped ones too. Returns whether it was one.
+    """
+    if not is_postmaster(pid, uid=uid, executable=executable, data_dir=data_dir):
+        return False
+    children = postgres_processes(pid, uid)[1:]
+    if not signal_if(
+        pid,
+        signal.SIGKILL,
+        lambda p: is_postmaster(p, uid=uid, executable=executable, data_dir=data_dir),
+    ):
+        return False
+    for child in children:
+        signal_if(child, signal.SIGKILL, lambda p: runs_as(p, uid))
+    return True
+
+
+def kill_postmasters(chosen: Callable[[str], bool], *, uid: int) -> list[int]:
+    """SIGKILL every postmaster run by ``uid`` whose command line ``chosen`` picks; their pids."""
+    killed: list[int] = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        # Only postmasters: their command line is the program and "-D DATA_DIR ...".
+        if (
+            cmdline.split(" ", 1)[0].endswith("/postgres")
+            and chosen(cmdline)
+            and kill_postmaster(int(proc.name), uid=uid)
+        ):
+            killed.append(int(proc.name))
+    return killed
+
+
+def sweep_orphan_postmasters(uid: int) -> list[int]:
+    """SIGKILL the postmasters (run by ``uid``) of bench clusters whose owning run is gone.
+
+    A run killed hard takes its own children with it (parent-death signal), not the
+    postmasters Patroni started in sessions of their own: they would listen on until swept.
+    """
+
+    def orphan(cmdline: str) -> bool:
+        found = _TAG_IN_PATH.search(cmdline)
+        return found is not None and owner_is_gone(int(found["pid"]), int(found["start"]))
+
+    return kill_postmasters(orphan, uid=uid)
 
 
 # -- SIGTERM ---------------------------------------------------------------------------------

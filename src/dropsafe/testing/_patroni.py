@@ -13,9 +13,16 @@ Each node's Patroni talks to etcd on a port of its own (etcd listens on one clie
 node): cutting a node off in the kernel then cuts its PostgreSQL, its REST API and its line to
 the store, as a network partition of that machine would, without touching the other nodes.
 
+Only its owner gets in. PostgreSQL takes a generated password over TCP; the REST API (which
+can rewrite the configuration, hence run commands as the server's account) and etcd (which
+holds that configuration) take only clients that present the cluster's certificate, whose key
+only the owner can read; HAProxy's checks present it, and HAProxy has no stats listener.
+
 Patroni starts each postmaster in a session of its own (``setsid``), so a postmaster outlives
-its Patroni: the cluster stops them itself, and a start first kills those a dead run left (their
-command lines carry the owner's tag, see ``_leftovers``).
+its Patroni: the cluster stops them itself, and every bench service's start first kills those
+a dead run left (their command lines carry the owner's tag, see ``_leftovers``). A pid read from
+``postmaster.pid`` (which the server's account writes) is signalled only once proved to be that
+node's postmaster.
 """
 
 from __future__ import annotations
@@ -26,11 +33,11 @@ import os
 import re
 import secrets
 import signal
+import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -39,16 +46,26 @@ from urllib.parse import quote
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._kernel import kernel_blackhole
-from dropsafe.testing._leftovers import TEMP_PREFIX, owner_is_gone, remove_on_sigterm
+from dropsafe.testing._leftovers import (
+    is_postmaster,
+    kill_postmaster,
+    kill_postmasters,
+    postgres_processes,
+    remove_on_sigterm,
+    runs_as,
+    signal_if,
+)
+from dropsafe.testing._leftovers import sweep_orphan_postmasters as _sweep_orphan_postmasters
 from dropsafe.testing._runtime import (
     Owner,
     Service,
     cleanup,
     free_port,
     log_tail,
+    owners_finalizer,
     stop_process,
 )
-from dropsafe.testing._server import ServerError, _make_certificate
+from dropsafe.testing._server import ServerError, _make_certificate, run_psql, url_query
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -70,8 +87,14 @@ _STOP_TIMEOUT = 20.0  # per process: SIGTERM, then SIGKILL
 _TIMINGS_4 = (20, 2, 5)
 _TIMINGS_3 = (10, 2, 3)
 # No proxy for loopback REST calls, whatever http_proxy says.
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-_TAG_IN_PATH = re.compile(rf"{re.escape(TEMP_PREFIX)}(?P<pid>\d+)_(?P<start>\d+)-patroni")
+_NO_PROXY = urllib.request.ProxyHandler({})
+
+
+def _https(context: ssl.SSLContext | None) -> urllib.request.OpenerDirector:
+    """Return an opener that uses no proxy and, given a context, presents its certificate."""
+    if context is None:
+        return urllib.request.build_opener(_NO_PROXY)
+    return urllib.request.build_opener(_NO_PROXY, urllib.request.HTTPSHandler(context=context))
 
 
 def patroni_cluster_unavailable() -> str | None:
@@ -121,6 +144,8 @@ class _Node:
     psql: str
     owner: Owner
     process: subprocess.Popen[bytes] | None = None
+    # The cluster's certificate and key: the REST API admits no one without them.
+    client_tls: ssl.SSLContext | None = None
     crashed: bool = False
     stopped_pids: list[int] = field(default_factory=list)
 
@@ -141,63 +166,53 @@ class _Node:
         return self.base_dir / "patroni.log"
 
     def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
-        """Run SQL through the node's Unix socket (trusted locally; only its owner enters)."""
-        try:
-            result = subprocess.run(
-                [
-                    self.psql,
-                    "-X",
-                    "-q",
-                    "-A",
-                    "-t",
-                    "-F",
-                    "\x1f",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-h",
-                    str(self.socket_dir),
-                    "-p",
-                    str(self.pg_port),
-                    "-U",
-                    "postgres",
-                    "-d",
-                    database,
-                    "-c",
-                    sql,
-                ],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-                user=self.owner.uid,
-                group=self.owner.gid,
-                extra_groups=None if self.owner.uid is None else [],
-            )
-        except subprocess.TimeoutExpired:
-            raise ServerError(f"psql on {self.name} timed out on {sql!r}") from None
-        if result.returncode != 0:
-            raise ServerError(f"psql on {self.name} failed on {sql!r}: {result.stderr.strip()}")
-        return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
+        """Run SQL through the node's Unix socket (trusted locally; only its owner enters).
+
+        Through psql's stdin: a command line is readable by every local account.
+        """
+        server = ["-h", str(self.socket_dir), "-p", str(self.pg_port), "-U", "postgres"]
+        return run_psql(
+            [self.psql, *server, "-d", database],
+            sql,
+            what=f"psql on {self.name}",
+            timeout=30,
+            user=self.owner.uid,
+            group=self.owner.gid,
+        )
+
+    @property
+    def postgres(self) -> Path:
+        """The server program (beside psql)."""
+        return Path(self.psql).with_name("postgres")
+
+    def is_postmaster(self, pid: int) -> bool:
+        """Whether ``pid`` is this node's postmaster: its account, its program, its data."""
+        uid = self.owner.process_uid
+        return is_postmaster(pid, uid=uid, executable=self.postgres, data_dir=self.data_dir)
 
     def postmaster_pid(self) -> int | None:
-        """Return the running postmaster's pid, from its pid file (None when it is not running)."""
+        """Return the running postmaster's pid (None when it is not running).
+
+        Read from its pid file, which the server's account can rewrite: the pid counts only
+        if it names a ``postgres`` of that account working in this node's data folder.
+        """
         try:
             pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-            os.kill(pid, 0)
         except (OSError, ValueError):
             return None
-        return pid
+        return pid if self.is_postmaster(pid) else None
 
     def rest(
         self, path: str, *, method: str = "GET", body: object = None, timeout: float = 2.0
     ) -> tuple[int, str]:
         """Call this node's REST API; (status, body); (0, reason) when it does not answer."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{self.rest_port}{path}", data=data, method=method
+        scheme = "http" if self.client_tls is None else "https"
+        request = urllib.request.Request(  # noqa: S310 - our own loopback URL
+            f"{scheme}://127.0.0.1:{self.rest_port}{path}", data=data, method=method
         )
         try:
-            with _HTTP.open(request, timeout=timeout) as response:
+            with _https(self.client_tls).open(request, timeout=timeout) as response:
                 return int(response.status), response.read().decode(errors="replace")
         except urllib.error.HTTPError as exc:
             return int(exc.code), exc.read().decode(errors="replace")
@@ -216,7 +231,8 @@ class PatroniCluster(Service):
 
     ``url`` goes through HAProxy (one endpoint, as a managed database offers: it routes to the
     node whose REST API answers ``/primary``); ``multi_host_url`` lists the nodes for libpq to
-    pick the writable one. Every connection needs ``password`` (generated; the URLs carry it).
+    pick the writable one. Every connection needs ``password`` (generated; the URLs carry it);
+    the REST API and etcd need the cluster's client certificate (``cert_file``, ``key_file``).
     Patroni is 4.1 from ``/opt/dropsafe-patroni`` (scripts/setup.sh) when it is there, else
     Debian's 3.0.2 (``patroni_version`` and the repr say which); ``patroni_command`` runs another
     one (the config file is appended). Timings: ``ttl`` 20 s, ``loop_wait`` 2 s,
@@ -265,7 +281,6 @@ class PatroniCluster(Service):
         self._password = secrets.token_urlsafe(24)
         self._replication_password = secrets.token_urlsafe(24)
         self._owner = Owner.for_this_process()
-        sweep_orphan_postmasters()
         self.base_dir = self._owner.make_base_dir("patroni")
         self.cert_file = self.base_dir / "server.crt"
         self.key_file = self.base_dir / "server.key"
@@ -289,7 +304,7 @@ class PatroniCluster(Service):
         self._cut: contextlib.ExitStack | None = None
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer kills
         # Not `track`: the postmasters Patroni started are no children of ours, and must go too.
-        self._finalizer = weakref.finalize(self, _cleanup, self._processes, self.base_dir)
+        self._finalizer = owners_finalizer(self, _cleanup, self._processes, self.base_dir)
         remove_on_sigterm(self.base_dir, self._finalizer)
 
     def __repr__(self) -> str:
@@ -343,7 +358,8 @@ class PatroniCluster(Service):
         for node in self.nodes:
             _kill_postmaster_group(node)
         # A postmaster Patroni was starting as it stopped has no pid file yet: found by path.
-        _kill_postmasters(lambda cmdline: str(self.base_dir) in cmdline)
+        uid = self._owner.process_uid
+        kill_postmasters(lambda cmdline: str(self.base_dir) in cmdline, uid=uid)
         self._finalizer()
 
     def wait_healthy(self, timeout: float = _START_TIMEOUT) -> str:
@@ -491,9 +507,8 @@ class PatroniCluster(Service):
         """SIGKILL the leader's postmaster (Patroni restarts it, on a new timeline); its name."""
         node = self._node(self.wait_for_leader())
         pid = node.postmaster_pid()
-        if pid is None:
+        if pid is None or not signal_if(pid, signal.SIGKILL, node.is_postmaster):
             raise ServerError(f"{node.name} has no postmaster running")
-        os.kill(pid, signal.SIGKILL)
         return node.name
 
     def crash_leader_node(self) -> str:
@@ -525,9 +540,9 @@ class PatroniCluster(Service):
             raise ServerError(f"{node.name} has no postmaster running")
         # Every process of it: each backend leads a session of its own (PostgreSQL calls
         # setsid in its children), so no process group holds them all.
-        for process in _postgres_processes(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process, signal.SIGSTOP)
+        uid = self._owner.process_uid
+        for process in postgres_processes(pid, uid):
+            if signal_if(process, signal.SIGSTOP, lambda p: runs_as(p, uid)):
                 node.stopped_pids.append(process)
         return node.name
 
@@ -552,10 +567,10 @@ class PatroniCluster(Service):
 
     def resume(self) -> None:
         """Undo `hang_leader` (SIGCONT) and `cut_leader`; safe when neither was done."""
+        uid = self._owner.process_uid
         for node in self.nodes:
             for pid in node.stopped_pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGCONT)
+                signal_if(pid, signal.SIGCONT, lambda p: runs_as(p, uid))
             node.stopped_pids.clear()
         if self._cut is not None:
             self._cut.close()
@@ -602,12 +617,8 @@ class PatroniCluster(Service):
             query.setdefault("sslmode", "require")
         elif self.tls and driver == "asyncpg":
             query.setdefault("ssl", "require")
-        text = (
-            f"postgresql+{driver}://postgres:{quote(self.password, safe='')}@{address}/{database}"
-        )
-        if query:
-            text += "?" + "&".join(f"{key}={value}" for key, value in query.items())
-        return text
+        secret, path = quote(self.password, safe=""), quote(database, safe="")
+        return f"postgresql+{driver}://postgres:{secret}@{address}/{path}" + url_query(query)
 
     def _wait(
         self, ready: Callable[[], bool], deadline: float, what: str, *, pause: float = 0.1
@@ -633,8 +644,11 @@ class PatroniCluster(Service):
         return process
 
     def _start_etcd(self) -> None:
-        peer = f"http://{self.host}:{self.etcd_peer_port}"
-        clients = ",".join(f"http://{self.host}:{node.etcd_port}" for node in self.nodes)
+        peer = f"https://{self.host}:{self.etcd_peer_port}"
+        clients = ",".join(f"https://{self.host}:{node.etcd_port}" for node in self.nodes)
+        # Client certificates on both ports: a loopback port is every local account's, and
+        # etcd's API holds (and rewrites) Patroni's configuration.
+        cert, key = str(self.cert_file), str(self.key_file)
         self._etcd = self._spawn(
             [
                 "/usr/bin/etcd",
@@ -642,6 +656,10 @@ class PatroniCluster(Service):
                 "etcd0",
                 "--data-dir",
                 str(self.base_dir / "etcd"),
+                *("--cert-file", cert, "--key-file", key, "--trusted-ca-file", cert),
+                "--client-cert-auth",
+                *("--peer-cert-file", cert, "--peer-key-file", key),
+                *("--peer-trusted-ca-file", cert, "--peer-client-cert-auth"),
                 "--listen-client-urls",
                 clients,
                 "--advertise-client-urls",
@@ -660,8 +678,8 @@ class PatroniCluster(Service):
         # Patroni 4 reads etcd's cluster version at its start and dies on "not_decided", what
         # a just-started etcd says for a moment (Debian's 3.0.2 does not care).
         try:
-            with _HTTP.open(
-                f"http://{self.host}:{self.nodes[0].etcd_port}/version", timeout=2
+            with _https(self._client_tls()).open(
+                f"https://{self.host}:{self.nodes[0].etcd_port}/version", timeout=2
             ) as r:
                 version = json.loads(r.read()).get("etcdcluster", "")
         except (OSError, ValueError):
@@ -690,12 +708,26 @@ class PatroniCluster(Service):
         except OSError:
             return False
 
+    def _client_tls(self) -> ssl.SSLContext:
+        # One self-signed certificate is the server's, every client's, and the authority
+        # that vouches for both: only the owner (and root) can read its key.
+        context = ssl.create_default_context(cafile=str(self.cert_file))
+        context.load_cert_chain(self.cert_file, self.key_file)
+        return context
+
     def _prepare_files(self) -> None:
-        if self.tls:
-            _make_certificate(self.cert_file, self.key_file)
-            self._owner.give(self.key_file)
-            self.key_file.chmod(0o600)
-            self.cert_file.chmod(0o644)
+        # Made whatever `tls` says: the REST API, etcd and HAProxy's checks need it.
+        _make_certificate(self.cert_file, self.key_file)
+        self._owner.give(self.key_file)
+        self.key_file.chmod(0o600)
+        self.cert_file.chmod(0o644)
+        pem = self.base_dir / "client.pem"  # HAProxy takes a certificate and its key in one
+        pem.touch(mode=0o600)
+        pem.write_bytes(self.cert_file.read_bytes() + self.key_file.read_bytes())
+        self._owner.give(pem)
+        context = self._client_tls()
+        for node in self.nodes:
+            node.client_tls = context
         (self.base_dir / "etcd").mkdir(mode=0o700)
         self._owner.give(self.base_dir / "etcd")
         for node in self.nodes:
@@ -706,6 +738,7 @@ class PatroniCluster(Service):
             node.config_file.write_text(json.dumps(self._patroni_config(node), indent=1))
             self._owner.give(node.config_file)
         haproxy = self.base_dir / "haproxy.cfg"
+        haproxy.touch(mode=0o600)
         haproxy.write_text(self._haproxy_config())
         self._owner.give(haproxy)
 
@@ -729,13 +762,31 @@ class PatroniCluster(Service):
             "scope": "dropsafe",
             "name": node.name,
             "log": {"level": "INFO"},
+            # Every call needs the cluster's client certificate (reads too: /config is how one
+            # learns what to PATCH); Patroni's own calls to other nodes present it (ctl).
             "restapi": {
                 "listen": f"{self.host}:{node.rest_port}",
                 "connect_address": f"{self.host}:{node.rest_port}",
+                "certfile": str(self.cert_file),
+                "keyfile": str(self.key_file),
+                "cafile": str(self.cert_file),
+                "verify_client": "required",
+            },
+            "ctl": {
+                "certfile": str(self.cert_file),
+                "keyfile": str(self.key_file),
+                "cacert": str(self.cert_file),
             },
             # use_proxies: no discovery of etcd's other client URLs, so that a node cut off
             # from its own port is cut off from the store.
-            "etcd3": {"hosts": f"{self.host}:{node.etcd_port}", "use_proxies": True},
+            "etcd3": {
+                "hosts": f"{self.host}:{node.etcd_port}",
+                "use_proxies": True,
+                "protocol": "https",
+                "cacert": str(self.cert_file),
+                "cert": str(self.cert_file),
+                "key": str(self.key_file),
+            },
             "bootstrap": {
                 "dcs": {
                     "ttl": self.ttl,
@@ -789,8 +840,11 @@ class PatroniCluster(Service):
 
     def _haproxy_config(self) -> str:
         def listener(name: str, port: int, check: str) -> str:
+            # The checks present the cluster's certificate, as the REST API demands.
+            tls = f"check-ssl verify none crt {self.base_dir / 'client.pem'}"
             servers = "".join(
-                f"  server {node.name} {self.host}:{node.pg_port} check port {node.rest_port}\n"
+                f"  server {node.name} {self.host}:{node.pg_port} "
+                f"check port {node.rest_port} {tls}\n"
                 for node in self.nodes
             )
             return (
@@ -817,61 +871,22 @@ def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
     # Only live ones: a dead one's pid (and process group) may belong to another by now.
     for process in [p for p in processes if p.poll() is None]:
         stop_process(process, signal.SIGKILL, timeout=30)
-    _kill_postmasters(lambda cmdline: str(base_dir) in cmdline)
+    uid = Owner.for_this_process().process_uid
+    kill_postmasters(lambda cmdline: str(base_dir) in cmdline, uid=uid)
     cleanup([], base_dir)
 
 
 def _kill_postmaster_group(node: _Node) -> None:
     pid = node.postmaster_pid()
     if pid is not None:
-        _kill_postmaster(pid)
-
-
-def _kill_postmaster(pid: int) -> None:
-    # The postmaster and each of its children (a backend leads a session of its own, and one
-    # SIGSTOPped would never notice its postmaster's death): SIGKILL ends stopped ones too.
-    for process in _postgres_processes(pid):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(process, signal.SIGKILL)
-
-
-def _postgres_processes(postmaster: int) -> list[int]:
-    """Return the postmaster and its children (backends, WAL senders, background workers)."""
-    found = [postmaster]
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            # The fields after the command name (which may hold spaces): state, then ppid.
-            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == postmaster:
-            found.append(int(proc.name))
-    return found
+        kill_postmaster(
+            pid, uid=node.owner.process_uid, executable=node.postgres, data_dir=node.data_dir
+        )
 
 
 def sweep_orphan_postmasters() -> list[int]:
     """SIGKILL the postmasters of clusters whose owning process is gone; return their pids.
 
-    A test run killed hard takes its Patroni processes with it (parent-death signal), not the
-    postmasters they started in sessions of their own.
+    Every start of a bench service does it (`Owner.make_base_dir`); kept for callers.
     """
-
-    def orphan(cmdline: str) -> bool:
-        found = _TAG_IN_PATH.search(cmdline)
-        return found is not None and owner_is_gone(int(found["pid"]), int(found["start"]))
-
-    return _kill_postmasters(orphan)
-
-
-def _kill_postmasters(chosen: Callable[[str], bool]) -> list[int]:
-    killed: list[int] = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        # Only postmasters: their command line is the program and "-D DATA_DIR ...".
-        if cmdline.split(" ", 1)[0].endswith("/postgres") and chosen(cmdline):
-            _kill_postmaster(int(proc.name))
-            killed.append(int(proc.name))
-    return killed
+    return _sweep_orphan_postmasters(Owner.for_this_process().process_uid)

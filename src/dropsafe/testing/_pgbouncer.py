@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +20,7 @@ from dropsafe.testing._runtime import (
     track,
     wait_until,
 )
-from dropsafe.testing._server import ServerError
+from dropsafe.testing._server import ServerError, run_psql
 
 if TYPE_CHECKING:
     from dropsafe.testing._server import Driver, PostgresServer
@@ -155,39 +156,22 @@ class PgBouncer(Service):
         self._finalizer()
 
     def console(self, command: str) -> list[tuple[str, ...]]:
-        """Run an admin command (``RECONNECT``, ``KILL postgres``, ``SHOW POOLS``...)."""
-        result = subprocess.run(
-            [
-                self.server.binaries.tool("psql"),
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-F",
-                "\x1f",
-                "-h",
-                self.host,
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
-                "-d",
-                "pgbouncer",
-                "-c",
+        """Run an admin command (``RECONNECT``, ``KILL postgres``, ``SHOW POOLS``...).
+
+        Through psql's stdin, as `PostgresServer.execute` does: not on a command line.
+        """
+        try:
+            target = ["-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "pgbouncer"]
+            return run_psql(
+                [self.server.binaries.tool("psql"), *target],
                 command,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-            env={**os.environ, "PGPASSWORD": self.server.password},
-        )
-        if result.returncode != 0:
-            died = "" if self.running else f"\npgbouncer has exited:\n{log_tail(self.log_file)}"
-            raise ServerError(
-                f"pgbouncer console failed on {command!r}: {result.stderr.strip()}{died}"
+                what="pgbouncer console",
+                timeout=30,
+                env={**os.environ, "PGPASSWORD": self.server.password},
             )
-        return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
+        except ServerError as exc:
+            died = "" if self.running else f"\npgbouncer has exited:\n{log_tail(self.log_file)}"
+            raise ServerError(f"{exc}{died}") from None
 
     def kill_database(self, database: str = "postgres") -> bool:
         """Drop every client and server connection of ``database`` (``KILL``, then ``RESUME``).
@@ -198,6 +182,11 @@ class PgBouncer(Service):
         PgBouncer that exits within a few seconds of the command is started again on the same
         port, as its supervisor would, and True is returned; False when it lived.
         """
+        # The console takes a bare name: anything else could be a second command.
+        if not re.fullmatch(r"[A-Za-z0-9_]+", database):
+            raise ConfigurationError(
+                f"kill_database takes a database name of letters, digits and _: {database!r}"
+            )
         try:
             self.console(f"KILL {database}")
             self.console(f"RESUME {database}")
@@ -245,7 +234,6 @@ class PgBouncer(Service):
             "default_pool_size = 20",
             "server_reset_query = DISCARD ALL",
             "ignore_startup_parameters = extra_float_digits",
-            f"pidfile = {self.base_dir / 'pgbouncer.pid'}",
         ]
         if self.tls:
             lines += [
@@ -254,7 +242,9 @@ class PgBouncer(Service):
                 f"client_tls_key_file = {self.server.key_file}",
                 "server_tls_sslmode = require",
             ]
+        self.config_file.touch(mode=0o600)  # its paths and settings are no one else's business
         self.config_file.write_text("\n".join(lines) + "\n")
+        # The files, not the folder: we write into it again (a new port), and the server's
+        # account, owning it, could have put a link there for us to write through.
         for path in (self.config_file, self.base_dir / "userlist.txt"):
             self._owner.give(path)
-        self._owner.give(self.base_dir)

@@ -17,7 +17,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._leftovers import (
@@ -25,6 +25,7 @@ from dropsafe.testing._leftovers import (
     forget_on_sigterm,
     process_tag,
     remove_on_sigterm,
+    sweep_orphan_postmasters,
     sweep_temp_folders,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "stop_process",
     "track",
     "wait_until",
+    "write_no_link",
 ]
 
 _PR_SET_PDEATHSIG = 1
@@ -100,6 +102,11 @@ class Owner:
         )
 
     @property
+    def process_uid(self) -> int:
+        """The uid the owner's processes run as (ours when it is no other user)."""
+        return os.geteuid() if self.uid is None else self.uid
+
+    @property
     def is_other_user(self) -> bool:
         """Whether processes run as another user than ours."""
         return self.uid is not None
@@ -107,13 +114,18 @@ class Owner:
     def make_base_dir(self, name: str) -> Path:
         """Create a temp folder for one server, named for its owner, enterable by the server.
 
-        First the folders of dead runs go (see ``_leftovers``): each start sweeps.
+        First what dead runs left goes (see ``_leftovers``): each start sweeps.
         """
+        # Postmasters first: a dead run's Patroni cluster would listen on (see `_leftovers`).
+        sweep_orphan_postmasters(self.process_uid)
         sweep_temp_folders()
         base_dir = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{process_tag()}-{name}"))
-        if self.is_other_user:
-            # mkdtemp folders are 0700: the server's user must be able to enter this one.
-            base_dir.chmod(0o711)
+        if self.is_other_user and self.gid is not None:
+            # mkdtemp folders are 0700: the server's user must be able to enter this one, and
+            # no one else (its path is on `ps`). Ours, not the server's: an account that owned
+            # it could plant a link where we (root) then open a log.
+            os.chown(base_dir, -1, self.gid)
+            base_dir.chmod(0o710)
         return base_dir
 
     def give(self, path: Path) -> None:
@@ -146,7 +158,7 @@ class Owner:
         self, command: list[str], *, log: Path, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
         """Start a long-running process as the owner; it dies with this process."""
-        with log.open("ab") as log_file:
+        with _open_log(log) as log_file:
             return (
                 _spawner()
                 .submit(
@@ -169,6 +181,28 @@ class Owner:
     def _extra_groups(self) -> list[int] | None:
         # As root, drop root's supplementary groups along with its uid.
         return None if self.uid is None else []
+
+
+def _open_log(path: Path) -> BinaryIO:
+    """Open a service's log to append, readable by its owner only (it may quote secrets).
+
+    A log can hold a failed ``ALTER ROLE ... PASSWORD`` statement, or a value a driver
+    inlined into SQL. Never through a link: the folder may be another account's.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
+def write_no_link(path: Path, text: str, *, append: bool = False) -> None:
+    """Write ``text`` to ``path`` in a folder the server's account owns, never through a link.
+
+    A server's data folder is its account's: had it put a link where we (root) write its
+    config, a plain open would write through it, wherever it points.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_APPEND if append else os.O_TRUNC)
+    with os.fdopen(os.open(path, flags, 0o600), "w") as file:
+        file.write(text)
 
 
 def free_port(host: str) -> int:
@@ -218,14 +252,31 @@ def stop_process(
 
 def track(
     service: object, processes: list[subprocess.Popen[bytes]], base_dir: Path
-) -> weakref.finalize[[list[subprocess.Popen[bytes]], Path], object]:
+) -> weakref.finalize[..., object]:
     """Return the finalizer that ends ``service``'s processes and removes its files.
 
     It runs at ``close()``, when the service is garbage, at exit, and on SIGTERM.
     """
-    finalizer = weakref.finalize(service, cleanup, processes, base_dir)
+    finalizer = owners_finalizer(service, cleanup, processes, base_dir)
     remove_on_sigterm(base_dir, finalizer)
     return finalizer
+
+
+def owners_finalizer(
+    service: object, action: Callable[..., object], *args: object
+) -> weakref.finalize[..., object]:
+    """Return ``weakref.finalize(service, action, *args)``, acting only in this process.
+
+    A forked child inherits the finalizer with the service; at its normal exit (a gunicorn
+    worker's, a test's forked helper's) it would kill the parent's servers and remove their
+    files. In any other process than the one that made it, it does nothing.
+    """
+    return weakref.finalize(service, _in_owner, os.getpid(), action, *args)
+
+
+def _in_owner(owner: int, action: Callable[..., object], *args: object) -> None:
+    if os.getpid() == owner:
+        action(*args)
 
 
 def cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:

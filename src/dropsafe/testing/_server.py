@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
 from dropsafe._errors import ConfigurationError, DropsafeError
+from dropsafe._redaction import redact_text
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
+from dropsafe.testing._leftovers import parent_of, runs_as, signal_if
 from dropsafe.testing._runtime import (
     Owner,
     Service,
@@ -28,6 +30,7 @@ from dropsafe.testing._runtime import (
     stop_process,
     track,
     wait_until,
+    write_no_link,
 )
 
 if TYPE_CHECKING:
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-__all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url"]
+__all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url", "run_psql"]
 
 StopMode = Literal["smart", "fast", "immediate"]
 Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
@@ -53,9 +56,16 @@ _STOP_TIMEOUT = 60.0
 
 
 class ServerError(DropsafeError):
-    """The throwaway server could not do what was asked; the message carries its log's tail."""
+    """The throwaway server could not do what was asked; the message carries its log's tail.
+
+    The message is masked (`redact_text`): it may quote SQL such as ``CREATE ROLE ...
+    PASSWORD '...'``, or a log line that does, and errors end up in CI logs.
+    """
 
     __module__ = "dropsafe.testing"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
 
 
 class PostgresServer(Service):
@@ -169,20 +179,17 @@ class PostgresServer(Service):
     # -- SQL -------------------------------------------------------------------------------
 
     def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
-        """Run SQL as the superuser through ``psql`` on the Unix socket; rows come as text."""
+        """Run SQL as the superuser through ``psql`` on the Unix socket; rows come as text.
+
+        The SQL goes through psql's stdin, never its command line, which every local account
+        can read in ``/proc`` (a ``CREATE ROLE ... PASSWORD`` would be anyone's). psql runs it
+        as a script: statements one by one, each one's rows in order, stopping at an error.
+        """
         if not self.running:
             raise ServerError(f"server {self.name!r} is not running")
-        result = subprocess.run(
+        return run_psql(
             [
                 self.binaries.tool("psql"),
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-F",
-                "\x1f",
-                "-v",
-                "ON_ERROR_STOP=1",
                 "-h",
                 str(self.socket_dir),
                 "-p",
@@ -191,17 +198,11 @@ class PostgresServer(Service):
                 "postgres",
                 "-d",
                 database,
-                "-c",
-                sql,
             ],
-            capture_output=True,
-            text=True,
+            sql,
+            what=f"psql on {self.name!r}",
             timeout=60,
-            check=False,
         )
-        if result.returncode != 0:
-            raise ServerError(f"psql failed on {sql!r}: {result.stderr.strip()}")
-        return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
 
     def terminate_backends(self, *, database: str | None = None) -> int:
         """Terminate every client backend (as an administrator would); return how many."""
@@ -214,6 +215,20 @@ class PostgresServer(Service):
             f"FROM pg_stat_activity WHERE {where}"
         )
         return int(rows[0][0])
+
+    def signal_backend(self, pid: int, signum: int) -> bool:
+        """Send ``signum`` to one of this server's processes; False if ``pid`` is none of them.
+
+        For fault tests (SIGSTOP a backend, SIGKILL one as the OOM killer would). A pid the
+        server reported (``pg_stat_activity``, a connection's backend pid) is signalled only
+        if it is a child of this postmaster run by the server's account: the tests may run as
+        root, and a pid from elsewhere could name any process.
+        """
+        postmaster = self.pid
+        if postmaster is None:
+            return False
+        uid = self._owner.process_uid
+        return signal_if(pid, signum, lambda p: runs_as(p, uid) and parent_of(p) == postmaster)
 
     # -- URLs ------------------------------------------------------------------------------
 
@@ -241,12 +256,10 @@ class PostgresServer(Service):
             query.setdefault("ssl", "require")
         host = f"[{self.host}]" if ":" in self.host else self.host
         secret = quote(self.password if password is None else password, safe="")
-        text = (
-            f"postgresql+{driver}://{quote(user, safe='')}:{secret}@{host}:{self.port}/{database}"
-        )
-        if query:
-            text += "?" + "&".join(f"{key}={value}" for key, value in query.items())
-        return text
+        # Every part quoted: a database named "postgres?sslmode=disable" must not turn TLS off.
+        path = quote(database, safe="")
+        text = f"postgresql+{driver}://{quote(user, safe='')}:{secret}@{host}:{self.port}/{path}"
+        return text + url_query(query)
 
     def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
         """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
@@ -265,6 +278,8 @@ class PostgresServer(Service):
 
         With ``synchronous=True`` every COMMIT on this server waits for the standby.
         """
+        if problem := standby_name_problem(name):
+            raise ConfigurationError(problem)
         if not self.running:
             raise ServerError(f"server {self.name!r} must run to make a standby")
         standby = PostgresServer(
@@ -278,11 +293,14 @@ class PostgresServer(Service):
         try:
             standby.start()
             if synchronous:
-                self.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{name}'")
+                # A list of names, each one an identifier: double-quoted, inside a literal.
+                listed = '"' + name.replace('"', '""') + '"'
+                self.execute(f"ALTER SYSTEM SET synchronous_standby_names = {sql_literal(listed)}")
                 self.execute("SELECT pg_reload_conf()")
             state = "sync" if synchronous else "async"
             self._wait_for(
-                f"SELECT 1 FROM pg_stat_replication WHERE application_name = '{name}' "  # noqa: S608
+                "SELECT 1 FROM pg_stat_replication "  # noqa: S608 - quoted
+                f"WHERE application_name = {sql_literal(name)} "
                 f"AND state = 'streaming' AND sync_state = '{state}'",
                 what=f"standby {name!r} streaming ({state})",
             )
@@ -381,12 +399,22 @@ class PostgresServer(Service):
             env=self._password_env(),
         )
         # The data folder (0700) holds it, as the primary's folder holds its password's hash.
-        conninfo = (
-            f"host={primary.host} port={primary.port} user=postgres password={self.password} "
-            f"application_name={self.name} sslmode=disable"
+        conninfo = " ".join(
+            f"{key}={_conninfo_value(value)}"
+            for key, value in (
+                ("host", primary.host),
+                ("port", str(primary.port)),
+                ("user", "postgres"),
+                ("password", self.password),
+                ("application_name", self.name),
+                ("sslmode", "disable"),
+            )
         )
-        with (self.data_dir / "postgresql.auto.conf").open("a") as auto_conf:
-            auto_conf.write(f"primary_conninfo = '{conninfo}'\n")
+        write_no_link(
+            self.data_dir / "postgresql.auto.conf",
+            f"primary_conninfo = {_config_string(conninfo)}\n",
+            append=True,
+        )
 
     def _write_config(self) -> None:
         settings = {
@@ -408,20 +436,20 @@ class PostgresServer(Service):
             settings["ssl_key_file"] = f"'{self.key_file}'"
         settings.update(self.settings)
         lines = ["", "# dropsafe.testing"] + [f"{key} = {value}" for key, value in settings.items()]
-        with (self.data_dir / "postgresql.conf").open("a") as conf:
-            conf.write("\n".join(lines) + "\n")
+        write_no_link(self.data_dir / "postgresql.conf", "\n".join(lines) + "\n", append=True)
         # TCP: a password, since every local account can reach a loopback port. The Unix
         # socket: its folder (0700) already keeps out all but root and the server's account,
         # which own the server's files anyway; a SCRAM exchange per `execute` (~5 ms of CPU on
         # both sides) would buy nothing.
         method = self._auth_method
-        (self.data_dir / "pg_hba.conf").write_text(
+        write_no_link(
+            self.data_dir / "pg_hba.conf",
             "local all all trust\n"
             f"host all all 127.0.0.1/32 {method}\n"
             f"host all all ::1/128 {method}\n"
             "local replication all trust\n"
             f"host replication all 127.0.0.1/32 {method}\n"
-            f"host replication all ::1/128 {method}\n"
+            f"host replication all ::1/128 {method}\n",
         )
 
     def _launch(self) -> None:
@@ -461,6 +489,42 @@ class PostgresServer(Service):
             raise ServerError(f"{exc}:\n{log_tail(self.log_file)}") from None
 
 
+def run_psql(
+    command: list[str],
+    sql: str,
+    *,
+    what: str,
+    timeout: float,
+    user: int | None = None,
+    group: int | None = None,
+    env: dict[str, str] | None = None,
+) -> list[tuple[str, ...]]:
+    """Run ``sql`` through psql's stdin (``command`` names the server); rows come as text.
+
+    Shared by every bench service that speaks SQL to its own server. ``user`` and ``group``
+    run psql as the server's account (a Unix socket its folder keeps for that account);
+    ``env`` carries a password (``PGPASSWORD``), never the command line.
+    """
+    try:
+        result = subprocess.run(
+            [*command, "-X", "-q", "-A", "-t", "-F", "\x1f", "-v", "ON_ERROR_STOP=1", "-f", "-"],
+            input=sql,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            user=user,
+            group=group,
+            extra_groups=None if user is None else [],
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"{what} timed out on {sql!r}") from None
+    if result.returncode != 0:
+        raise ServerError(f"{what} failed on {sql!r}: {result.stderr.strip()}")
+    return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
+
+
 def multi_host_url(
     servers: Sequence[PostgresServer],
     driver: Driver = "psycopg2",
@@ -485,12 +549,52 @@ def multi_host_url(
         raise ConfigurationError("multi_host_url needs at least one server")
     first = servers[0].url(driver, database=database, user=user, password=password, **params)
     query = first.partition("?")[2]
-    hosts = "&".join(f"host={f'[{s.host}]' if ':' in s.host else s.host}:{s.port}" for s in servers)
+    hosts = "&".join(
+        "host=" + quote(f"[{s.host}]" if ":" in s.host else s.host, safe="[]:") + f":{s.port}"
+        for s in servers
+    )
     extra = "" if "target_session_attrs" in params else "&target_session_attrs=read-write"
     userinfo = first.partition("://")[2].partition("@")[0]  # user:password, quoted
-    return f"postgresql+{driver}://{userinfo}@/{database}?{hosts}{extra}" + (
+    path = quote(database, safe="")
+    return f"postgresql+{driver}://{userinfo}@/{path}?{hosts}{extra}" + (
         f"&{query}" if query else ""
     )
+
+
+def url_query(query: dict[str, str]) -> str:
+    """Return ``?key=value&...`` with keys and values percent-encoded ('' when empty)."""
+    if not query:
+        return ""
+    return "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in query.items())
+
+
+def standby_name_problem(name: object) -> str | None:
+    """Say why ``name`` cannot name a standby, or None.
+
+    It becomes ``application_name`` (printable ASCII, at most 63 bytes, else PostgreSQL
+    mangles it and the standby is never seen streaming) in a conninfo inside a config file
+    and in SQL: each is quoted, and a line break, which no config line can hold, refused.
+    """
+    if not isinstance(name, str) or not name:
+        return f"a standby's name must be a non-empty string: {name!r}"
+    if len(name) > 63 or not all(" " <= char <= "~" for char in name):  # noqa: PLR2004
+        return f"a standby's name must be printable ASCII, at most 63 characters: {name!r}"
+    return None
+
+
+def sql_literal(text: str) -> str:
+    """Quote ``text`` as a SQL string literal (standard_conforming_strings is on)."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _conninfo_value(text: str) -> str:
+    # libpq's quoting: single quotes, with backslash before a quote or a backslash.
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _config_string(text: str) -> str:
+    # postgresql.conf's quoting: backslash escapes are read, and a quote is doubled.
+    return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def _make_certificate(cert_file: Path, key_file: Path) -> None:

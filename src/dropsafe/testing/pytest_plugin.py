@@ -1,12 +1,17 @@
 """pytest plugin: fixtures for real PostgreSQL servers and network faults, registered on install.
 
-Fixtures: ``postgres_server`` (a fresh TLS server per test), ``chaos_proxy`` (a proxy in front
-of it), ``kernel_blackhole`` (drops a port's packets in the kernel), ``idle_reaper`` (a
-middlebox in the kernel that forgets a port's idle flows) and ``patroni_cluster`` (a
-three-node Patroni cluster with etcd and HAProxy per test module); these skip where they
-cannot run, or fail when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI. Markers: ``slow`` and
-``fault``; with pytest-timeout installed (``dropsafe[testing]`` brings it), a ``fault`` test
-without its own timeout gets ``DEFAULT_FAULT_TIMEOUT`` seconds.
+Fixtures: ``postgres_server`` (a fresh TLS server per test), ``postgres_session_server`` (one
+server for the whole session) and ``postgres_database`` (a fresh, empty database on it per test,
+for tests that do not stop or break the server), ``chaos_proxy`` (a proxy in front of
+``postgres_server``), ``kernel_blackhole`` (drops a port's packets in the kernel),
+``idle_reaper`` (a middlebox in the kernel that forgets a port's idle flows) and
+``patroni_cluster`` (a three-node Patroni cluster with etcd and HAProxy per test module);
+these skip where they cannot run, or fail when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI.
+Markers:
+``dropsafe_slow`` and ``dropsafe_fault``; with pytest-timeout installed (``dropsafe[testing]``
+brings it), a ``dropsafe_fault`` test without its own timeout gets ``DEFAULT_FAULT_TIMEOUT``
+seconds. Their names carry the prefix because the plugin is loaded into every suite: a user's
+own ``slow`` or ``fault`` marker is theirs, and dropsafe neither registers nor changes it.
 
 The ``pytest11`` entry point loads this module into every pytest run of every project that has
 dropsafe installed, with whatever extras it picked. It stays loaded by default, not opt-in, so
@@ -37,12 +42,16 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from contextlib import AbstractContextManager
 
+    from dropsafe.testing._database import Database
     from dropsafe.testing._middlebox import IdleReaper
     from dropsafe.testing._patroni import PatroniCluster
     from dropsafe.testing._proxy import ChaosProxy
     from dropsafe.testing._server import PostgresServer
 
 DEFAULT_FAULT_TIMEOUT = 120
+# The markers' names: prefixed, so that they never meet a user's own.
+FAULT = "dropsafe_fault"
+SLOW = "dropsafe_slow"
 
 # The name pytest-timeout registers itself under (its pytest11 entry point).
 _TIMEOUT_PLUGIN = "timeout"
@@ -50,13 +59,13 @@ _TIMEOUT_PLUGIN = "timeout"
 
 def pytest_configure(config: pytest.Config) -> None:
     """Register the markers."""
-    config.addinivalue_line("markers", "slow: takes seconds or more")
+    config.addinivalue_line("markers", f"{SLOW}: takes seconds or more (dropsafe's marker)")
     bound = (
         f"bounded by {DEFAULT_FAULT_TIMEOUT}s by default"
         if config.pluginmanager.hasplugin(_TIMEOUT_PLUGIN)
         else "install pytest-timeout to bound it in time"
     )
-    config.addinivalue_line("markers", f"fault: injects a real fault; {bound}")
+    config.addinivalue_line("markers", f"{FAULT}: injects a real fault; {bound}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -64,7 +73,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not config.pluginmanager.hasplugin(_TIMEOUT_PLUGIN):
         return
     for item in items:
-        if item.get_closest_marker("fault") and not item.get_closest_marker("timeout"):
+        if item.get_closest_marker(FAULT) and not item.get_closest_marker("timeout"):
             item.add_marker(pytest.mark.timeout(DEFAULT_FAULT_TIMEOUT))
 
 
@@ -78,6 +87,35 @@ def postgres_server() -> Iterator[PostgresServer]:
 
     with PostgresServer() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def postgres_session_server() -> Iterator[PostgresServer]:
+    """Give the whole session one PostgreSQL server with TLS on, removed at its end.
+
+    For tests that do not stop, restart or break the server; each gets its own database from
+    ``postgres_database``. A test that does break it takes ``postgres_server`` instead.
+    """
+    from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
+
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_database(postgres_session_server: PostgresServer) -> Iterator[Database]:
+    """Give each test a fresh, empty database on the session's server, dropped after the test.
+
+    ``.url(driver)`` reaches it; a test costs a CREATE and a DROP DATABASE, not a server start.
+    """
+    from dropsafe.testing._database import Database  # noqa: PLC0415 - see the module doc
+
+    database = Database(postgres_session_server)
+    database.create()
+    try:
+        yield database
+    finally:
+        database.drop()
 
 
 @pytest.fixture

@@ -1,0 +1,777 @@
+"""The explorer: each catalog shape run healthy, then with each fault at each flight, checked.
+
+Every shape is run once healthy to count its flights, then once per fault and flight, and the
+server is checked after each history (shared/DESIGN.md point 8).
+
+A history is (shape, driver, fault, step). Its id, ``shape:driver:fault:step``, replays it:
+``python benchmarks/explore.py --replay <id>``. The checker's rules:
+
+* acknowledged: every effect exactly once (rows per database and schema, notifications heard
+  by a LISTENer on a direct connection), every row written as the app's role;
+* `dropsafe.ConfigurationError`: a refused shape, correct when nothing was written;
+* `dropsafe.CommitOutcomeUnknown`: counted as an unknown; all effects or none, never twice;
+* any other error: no effect at all. Outside a unit (the zero-code shapes) an error raised
+  after a COMMIT was sent may leave the effects: it is counted with the unknowns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import random
+import select
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator  # noqa: TC003 - a dataclass field's type, at runtime
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import dropsafe
+from dropsafe._bench._flights import FlightProxy, Strike
+from dropsafe._bench._shapes import (
+    APP_ROLE,
+    CATALOG,
+    DRIVERS,
+    OTHER_ROLE,
+    TENANT,
+    Context,
+    Effects,
+    Shape,
+)
+from dropsafe._bench._shapes import run_shape as _run_shape
+from dropsafe.testing._server import PostgresServer, ServerError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+__all__ = [
+    "FAULTS",
+    "Explorer",
+    "Fault",
+    "History",
+    "Outcome",
+    "Verdict",
+    "check",
+    "parse_history",
+]
+
+DATABASES = {"a": "explore_a", "b": "explore_b"}
+_DRY = Context({}, dropsafe.Policy(), "")
+_SCHEMAS = (APP_ROLE, TENANT, "public")
+_WAIT_S = 15.0
+HOLD_S = 1.0
+UNIT_DEADLINE_S = 4.0
+
+
+@dataclass(frozen=True)
+class History:
+    """One run of a shape on a driver with a fault at query flight ``step``."""
+
+    shape: str
+    driver: str
+    fault: str
+    step: int
+
+    @property
+    def id(self) -> str:
+        """The id ``--replay`` takes."""
+        return f"{self.shape}:{self.driver}:{self.fault}:{self.step}"
+
+
+def parse_history(text: str) -> History:
+    """Return the `History` an id names, checked against the catalog."""
+    parts = text.split(":")
+    if len(parts) != 4 or not parts[3].isdigit():  # noqa: PLR2004
+        raise dropsafe.ConfigurationError(f"a history id is shape:driver:fault:step: {text!r}")
+    shape, driver, fault, step = parts
+    if shape not in CATALOG or driver not in DRIVERS or fault not in FAULTS:
+        raise dropsafe.ConfigurationError(f"unknown shape, driver or fault in {text!r}")
+    return History(shape, driver, fault, int(step))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the caller saw: ``ok``, ``refused``, ``unknown`` or ``error`` (with its text)."""
+
+    kind: str
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The checker's word on one history."""
+
+    violation: str | None
+    unknown: bool
+
+
+def check(  # noqa: PLR0911, PLR0917 - one rule per return; the evidence, in order
+    shape: Shape,
+    outcome: Outcome,
+    expected: Effects,
+    rows: Counter[tuple[str, str, str]],
+    notes: Counter[str],
+    roles: set[str],
+    *,
+    commit_sent: bool,
+    crashed: bool = False,
+    server_can_tell: bool = False,
+) -> Verdict:
+    """Judge one history from what the caller saw and what the server holds.
+
+    After a crash restart a notification may be lost (PostgreSQL's queue and its LISTENers
+    do not survive one): then fewer notifications than expected pass, more never do.
+    """
+    if crashed and all(notes[key] <= n for key, n in expected.notes.items()):
+        notes = Counter({key: n for key, n in notes.items() if key not in expected.notes})
+        expected = Effects(expected.rows, Counter(), expected.roles)
+    bad_roles = roles - expected.roles
+    if bad_roles:
+        return Verdict(
+            f"rows written as {sorted(bad_roles)}, not as {sorted(expected.roles)}", unknown=False
+        )
+    seen = Effects(rows, notes, frozenset(roles))
+    whole = rows == expected.rows and notes == expected.notes
+    nothing = not rows and not notes
+    if outcome.kind == "ok":
+        if whole:
+            return Verdict(None, unknown=False)
+        return Verdict(f"acknowledged, but {_difference(expected, seen)}", unknown=False)
+    if outcome.kind == "refused" and nothing:
+        return Verdict(None, unknown=False)
+    if outcome.kind == "unknown" and server_can_tell and "in time" not in outcome.detail:
+        return Verdict(
+            f"CommitOutcomeUnknown, though the server stayed up and could tell ({outcome.detail})",
+            unknown=True,
+        )
+    ambiguous = outcome.kind == "unknown" or (
+        shape.zero_code and outcome.kind == "error" and commit_sent
+    )
+    if ambiguous:
+        if whole or nothing:
+            return Verdict(None, unknown=True)
+        return Verdict(f"{outcome.kind}, and {_difference(expected, seen)}", unknown=True)
+    if nothing:
+        return Verdict(None, unknown=False)
+    return Verdict(
+        f"{outcome.kind} ({outcome.detail}) but effects remain: {_describe(seen)}", unknown=False
+    )
+
+
+def _difference(expected: Effects, seen: Effects) -> str:
+    parts = [
+        f"row {key} {seen.rows[key]}x (want {expected.rows[key]})"
+        for key in sorted(set(expected.rows) | set(seen.rows))
+        if expected.rows[key] != seen.rows[key]
+    ] + [
+        f"notification {key} {seen.notes[key]}x (want {expected.notes[key]})"
+        for key in sorted(set(expected.notes) | set(seen.notes))
+        if expected.notes[key] != seen.notes[key]
+    ]
+    return "; ".join(parts) or "no difference"
+
+
+def _describe(seen: Effects) -> str:
+    return "; ".join(
+        [f"row {key} {n}x" for key, n in sorted(seen.rows.items(), key=str)]
+        + [f"notification {key} {n}x" for key, n in sorted(seen.notes.items())]
+    )
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault family: when it strikes, what it does, what the link does then."""
+
+    name: str
+    what: str
+    phase: str
+    then: str
+    action: str | None = None
+    slow: bool = False
+    #: Needs a unit's deadline to end (the zero-code shapes have none).
+    needs_deadline: bool = False
+    #: A crash restart: notifications in flight may be lost (never duplicated).
+    crashes: bool = False
+    #: The server stays up, same life: a CommitOutcomeUnknown (but "not in time") is a defect.
+    server_can_tell: bool = True
+    #: A known broken history of today's code (issue and item), left out of the CI sample.
+    expected_violation: str | None = None
+
+
+FAULTS: dict[str, Fault] = {
+    fault.name: fault
+    for fault in (
+        Fault("none", "no fault: the healthy run (step 0)", "before", "pass"),
+        Fault(
+            "request_lost",
+            f"flight dropped, link silent, reset after {HOLD_S:.0f} s",
+            "before",
+            "lost",
+        ),
+        Fault(
+            "reply_lost",
+            f"flight delivered, reply dropped, link reset after {HOLD_S:.0f} s",
+            "after",
+            "lost",
+        ),
+        Fault("rst", "link reset before the flight is delivered", "before", "rst"),
+        Fault("fin", "flight delivered, link closed (FIN) instead of the reply", "after", "fin"),
+        Fault(
+            "terminate",
+            "pg_terminate_backend, then the flight is sent",
+            "before",
+            "pass",
+            "terminate",
+        ),
+        Fault(
+            "sigkill",
+            "flight done, backend SIGKILLed (crash restart), reply lost",
+            "after",
+            "fin",
+            "sigkill",
+            slow=True,
+            crashes=True,
+            server_can_tell=False,
+        ),
+        Fault(
+            "restart",
+            "flight done, immediate restart, reply lost",
+            "after",
+            "rst",
+            "restart",
+            slow=True,
+            crashes=True,
+            server_can_tell=False,
+        ),
+        Fault(
+            "stats_reset",
+            "flight done, pg_stat_reset_shared('bgwriter'), reply lost (reset)",
+            "after",
+            "rst",
+            "stats_reset",
+        ),
+        Fault(
+            "sigstop",
+            "backend SIGSTOPped, flight sent, past the unit's deadline",
+            "before",
+            "pass",
+            "sigstop",
+            needs_deadline=True,
+            server_can_tell=False,
+        ),
+    )
+}
+
+
+# -- the server ---------------------------------------------------------------------------------
+
+_SCHEMA_SQL = (
+    f"""
+CREATE SCHEMA {APP_ROLE} AUTHORIZATION {APP_ROLE};
+CREATE SCHEMA {TENANT} AUTHORIZATION {APP_ROLE};
+GRANT USAGE ON SCHEMA {APP_ROLE} TO {OTHER_ROLE};
+"""
+    + "".join(
+        f"""
+CREATE TABLE {schema}.effects (
+    id bigserial PRIMARY KEY,
+    tag text NOT NULL,
+    usr name NOT NULL DEFAULT current_user
+);
+ALTER TABLE {schema}.effects OWNER TO {APP_ROLE};
+"""
+        for schema in _SCHEMAS
+    )
+    + f"""
+GRANT INSERT, SELECT ON {APP_ROLE}.effects TO {OTHER_ROLE};
+GRANT USAGE ON SEQUENCE {APP_ROLE}.effects_id_seq TO {OTHER_ROLE};
+CREATE SEQUENCE {APP_ROLE}.explore_seq;
+ALTER SEQUENCE {APP_ROLE}.explore_seq OWNER TO {APP_ROLE};
+CREATE FUNCTION {APP_ROLE}.announce(payload text) RETURNS void LANGUAGE sql
+  AS $$ SELECT pg_notify('explore', payload) $$;
+CREATE TABLE {APP_ROLE}.announcer (x int);
+ALTER TABLE {APP_ROLE}.announcer OWNER TO {APP_ROLE};
+CREATE FUNCTION {APP_ROLE}.announce_trigger() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  PERFORM pg_notify('explore', current_setting('explore.nonce', true) || ':t');
+  RETURN NULL;
+END $$;
+CREATE TRIGGER announce AFTER UPDATE ON {APP_ROLE}.announcer
+  FOR EACH STATEMENT EXECUTE FUNCTION {APP_ROLE}.announce_trigger();
+"""
+)
+
+
+class _Listener:
+    """A LISTENer on a direct connection (not through the proxy): hears every NOTIFY once."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.connection: Any = None
+
+    def _ensure(self) -> Any:  # noqa: ANN401 - a psycopg2 connection
+        import psycopg2  # noqa: PLC0415
+
+        if self.connection is not None and not self.connection.closed:
+            try:
+                self.connection.poll()
+            except psycopg2.Error:
+                self.connection = None
+            else:
+                return self.connection
+        if self.connection is not None:
+            with contextlib.suppress(psycopg2.Error):
+                self.connection.close()
+        self.connection = psycopg2.connect(self.dsn)
+        self.connection.autocommit = True
+        with self.connection.cursor() as cursor:
+            cursor.execute("LISTEN explore")
+        return self.connection
+
+    def start(self) -> None:
+        """Listen (again, after a crash) and drop anything heard before this history."""
+        connection = self._ensure()
+        connection.poll()
+        connection.notifies.clear()
+
+    def collect(self, sentinel: str) -> Counter[str]:
+        """Every payload heard up to ``sentinel``, sent now from this connection itself.
+
+        A crash restart closes this connection: what it received before is kept, and a new
+        connection sends the sentinel (notifications of a commit after the crash reach it).
+        """
+        import psycopg2  # noqa: PLC0415
+
+        heard: Counter[str] = Counter()
+        old = self.connection
+        with contextlib.suppress(psycopg2.Error):
+            old.poll()
+        if old is not None:
+            for notify in old.notifies:
+                heard[notify.payload] += 1
+            old.notifies.clear()
+        connection = self._ensure()
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify('explore', %s)", (sentinel,))
+        deadline = time.monotonic() + _WAIT_S
+        while time.monotonic() < deadline:
+            connection.poll()
+            while connection.notifies:
+                payload = connection.notifies.pop(0).payload
+                if payload == sentinel:
+                    return heard
+                heard[payload] += 1
+            select.select([connection], [], [], max(0.0, deadline - time.monotonic()))
+        msg = "the LISTENer never heard its own sentinel"
+        raise TimeoutError(msg)
+
+    def close(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                self.connection.close()
+
+
+@dataclass
+class Record:
+    """One history's result, for the matrix and the JSON."""
+
+    history: History
+    outcome: Outcome
+    violation: str | None
+    unknown: bool
+    seconds: float
+    fired: bool
+    expected_violation: str | None
+
+
+@dataclass
+class Explorer:
+    """Owns one server, one proxy and one LISTENer, and runs histories on them."""
+
+    log: Callable[[str], None] = print
+    server: PostgresServer = field(init=False)
+    proxy: FlightProxy = field(init=False)
+    listener: _Listener = field(init=False)
+    flights: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _stopped: list[tuple[int, int]] = field(default_factory=list)
+    _stops: Iterator[int] = field(default_factory=itertools.count)
+    _admin: dict[str, Any] = field(default_factory=dict)
+
+    def __enter__(self) -> Explorer:  # noqa: PYI034 - final in practice
+        self.server = PostgresServer(tls=False, settings={"max_prepared_transactions": "10"})
+        self.server.start()
+        password = self.server.password.replace("'", "''")
+        self.server.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}'")
+        self.server.execute(f"CREATE ROLE {OTHER_ROLE} NOLOGIN")
+        self.server.execute(f"GRANT {OTHER_ROLE} TO {APP_ROLE}")
+        for db in DATABASES.values():
+            self.server.execute(f"CREATE DATABASE {db} OWNER {APP_ROLE}")
+            self.server.execute(_SCHEMA_SQL, database=db)
+        self.proxy = FlightProxy(self.server.port)
+        self.proxy.start()
+        self.listener = _Listener(
+            f"host=127.0.0.1 port={self.server.port} dbname={DATABASES['a']} "
+            f"user=postgres password={self.server.password}"
+        )
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._resume_stopped()
+        for connection in self._admin.values():
+            connection.close()
+        self.listener.close()
+        self.proxy.close()
+        self.server.close()
+
+    # -- URLs and policy ----------------------------------------------------------------------
+
+    def urls(self, driver: str) -> dict[str, str]:
+        """Return the app's URL of each database, through the proxy, without TLS."""
+        name = DRIVERS[driver][0]
+        tls = "ssl=disable" if name == "asyncpg" else "sslmode=disable"
+        secret = self.server.password
+        return {
+            key: f"postgresql+{name}://{APP_ROLE}:{secret}@127.0.0.1:{self.proxy.port}/{db}?{tls}"
+            for key, db in DATABASES.items()
+        }
+
+    @staticmethod
+    def policy() -> dropsafe.Policy:
+        """Short bounds: every hang in a history ends within a few seconds."""
+        return dropsafe.Policy(
+            connection=dropsafe.ConnectionPolicy(connect_timeout=2, tcp_user_timeout=2),
+            unit=dropsafe.UnitPolicy(
+                deadline=UNIT_DEADLINE_S,
+                backoff_initial=0.01,
+                backoff_max=0.05,
+                commit_status_timeout=1.5,
+            ),
+            hooks=(),
+        )
+
+    # -- histories ----------------------------------------------------------------------------
+
+    def steps(self, shape: str, driver: str) -> list[str]:
+        """Return the labels of the shape's query flights on ``driver`` (one healthy run)."""
+        key = (shape, driver)
+        if key not in self.flights:
+            record, labels = self._run(History(shape, driver, "none", 0), None)
+            # A healthy run is acknowledged, unless the shape promises no effect (it raises)
+            # or is refused before anything runs (then it has few flights, maybe none).
+            failed = record.outcome.kind not in ("ok", "refused") and (
+                CATALOG[shape].effects(_DRY) != Effects()
+            )
+            broken = record.violation is not None or failed
+            if broken and not CATALOG[shape].expected_violation:
+                msg = (
+                    f"healthy run of {shape} on {driver} failed: "
+                    f"{record.outcome.kind} {record.outcome.detail} {record.violation or ''}"
+                )
+                raise ServerError(msg)
+            self.flights[key] = labels
+        return self.flights[key]
+
+    def run(self, history: History) -> Record:
+        """Run one history and check it."""
+        fault = FAULTS[history.fault]
+        if fault.name == "none":
+            return self._run(history, None)[0]
+        labels = self.steps(history.shape, history.driver)
+        strike = Strike(
+            history.step,
+            fault.phase,  # type: ignore[arg-type]
+            fault.then,  # type: ignore[arg-type]
+            self._action(fault.action),
+            hold_s=HOLD_S,
+        )
+        # Struck at a COMMIT's own flight, a zero-code request may raise for a done COMMIT.
+        struck = labels[history.step - 1] if 0 < history.step <= len(labels) else ""
+        commit_sent = "COMMIT" in struck.upper()
+        record, _ = self._run(history, strike, commit_sent=commit_sent)
+        return record
+
+    def _run(
+        self, history: History, strike: Strike | None, *, commit_sent: bool = False
+    ) -> tuple[Record, list[str]]:
+        shape = CATALOG[history.shape]
+        self._prepare()
+        nonce = uuid.uuid4().hex[:12]
+        ctx = Context(self.urls(history.driver), self.policy(), nonce, self.proxy.pause)
+        self.proxy.reset(strike)
+        started = time.monotonic()
+        outcome = _call(lambda: _run_shape(shape, history.driver, ctx))
+        seconds = time.monotonic() - started
+        if strike is not None and strike.acting and not strike.done.wait(90):
+            outcome = Outcome(outcome.kind, f"{outcome.detail}; the fault never finished")
+        labels = [flight.label for flight in self.proxy.query_flights()]
+        self.proxy.reset(None)
+        self._resume_stopped()
+        self._wait_app_gone()
+        if strike is not None and strike.error is not None:
+            outcome = Outcome(outcome.kind, f"{outcome.detail}; fault failed: {strike.error!r}")
+        notes = self.listener.collect(f"sentinel:{nonce}")
+        notes = Counter({k: v for k, v in notes.items() if k.startswith(nonce)})
+        rows, roles = self._rows()
+        orphans = self._roll_back_prepared()
+        crashed = FAULTS[history.fault].crashes
+        verdict = check(
+            shape,
+            outcome,
+            shape.effects(ctx),
+            rows,
+            notes,
+            roles,
+            commit_sent=commit_sent,
+            crashed=crashed,
+            server_can_tell=FAULTS[history.fault].server_can_tell,
+        )
+        violation = verdict.violation
+        if orphans:
+            # A PREPARE TRANSACTION left behind holds its locks until someone decides it.
+            violation = (
+                f"{violation + '; ' if violation else ''}prepared transactions left: {orphans}"
+            )
+        record = Record(
+            history,
+            outcome,
+            violation,
+            verdict.unknown,
+            seconds,
+            fired=strike is None or strike.fired,
+            expected_violation=shape.expected_violation or FAULTS[history.fault].expected_violation,
+        )
+        return record, labels
+
+    def _sql(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
+        """Run SQL as the superuser on a kept Unix-socket connection; rows come as text.
+
+        psql per call cost ~30 ms on a loaded machine, five times per history. A lost
+        connection (a crash restart, maybe still under way) is replaced until a deadline.
+        """
+        import psycopg2  # noqa: PLC0415
+
+        deadline = time.monotonic() + _WAIT_S
+        while True:
+            connection = self._admin.get(database)
+            try:
+                if connection is None or connection.closed:
+                    connection = psycopg2.connect(
+                        host=str(self.server.socket_dir),
+                        port=self.server.port,
+                        user="postgres",
+                        dbname=database,
+                    )
+                    connection.autocommit = True
+                    self._admin[database] = connection
+                with connection.cursor() as cursor:
+                    cursor.execute(sql)
+                    if cursor.description is None:
+                        return []
+                    return [tuple(str(value) for value in row) for row in cursor.fetchall()]
+            except psycopg2.Error as exc:
+                # No SQLSTATE, or a dead connection: the link was lost, not the statement.
+                lost = exc.pgcode is None or connection is None or bool(connection.closed)
+                lost = lost or isinstance(exc, psycopg2.OperationalError)
+                if connection is not None:
+                    connection.close()
+                self._admin.pop(database, None)
+                if not lost or time.monotonic() > deadline:
+                    raise ServerError(" ".join(str(exc).split())) from None
+                time.sleep(0.05)  # a crash restart in progress: poll, within a deadline
+
+    def _prepare(self) -> None:
+        self._wait_accepting()
+        # DELETE, not TRUNCATE: a few rows, and TRUNCATE makes new files (80 ms a history).
+        wipe = "; ".join(f"DELETE FROM {schema}.effects" for schema in _SCHEMAS)  # noqa: S608
+        for db in DATABASES.values():
+            self._sql(wipe, database=db)
+        self.listener.start()
+
+    def _rows(self) -> tuple[Counter[tuple[str, str, str]], set[str]]:
+        rows: Counter[tuple[str, str, str]] = Counter()
+        roles: set[str] = set()
+        for key, db in DATABASES.items():
+            union = " UNION ALL ".join(
+                f"SELECT '{schema}', tag, usr FROM {schema}.effects"  # noqa: S608
+                for schema in _SCHEMAS
+            )
+            for schema, tag, usr in self._sql(union, database=db):
+                rows[(key, schema, tag)] += 1
+                roles.add(usr)
+        return rows, roles
+
+    def _roll_back_prepared(self) -> list[str]:
+        """Roll back every prepared transaction left by the history; return their gids."""
+        left = self._sql("SELECT gid, database FROM pg_prepared_xacts")
+        for gid, database in left:
+            quoted = gid.replace("'", "''")
+            self._sql(f"ROLLBACK PREPARED '{quoted}'", database=database)
+        return [gid for gid, _ in left]
+
+    def _wait_accepting(self) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if not self.server.running:
+                    self.server.start()
+                self._sql("SELECT 1")
+            except ServerError:  # noqa: PERF203 - a poll, not a hot loop
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)  # polling a restarting server, within a deadline
+            else:
+                return
+
+    def _wait_app_gone(self) -> None:
+        """Wait until no backend of the app remains: a late COMMIT must be in the check."""
+        deadline = time.monotonic() + _WAIT_S
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ServerError):
+                self._wait_accepting()
+                left = self._sql(
+                    f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{APP_ROLE}'"  # noqa: S608
+                )
+                if left[0][0] == "0":
+                    return
+            time.sleep(0.05)  # polling the server's view, within a deadline
+
+    def _resume(self, stop: tuple[int, int]) -> None:
+        """Resume one stop of one history, if its history has not already (never another's)."""
+        try:
+            self._stopped.remove(stop)
+        except ValueError:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stop[0], signal.SIGCONT)
+
+    def _resume_stopped(self) -> None:
+        while self._stopped:
+            with contextlib.suppress(ProcessLookupError, IndexError):
+                os.kill(self._stopped.pop()[0], signal.SIGCONT)
+
+    # -- fault actions (on the proxy's loop) -------------------------------------------------
+
+    def _action(self, name: str | None) -> Callable[[int], Any] | None:
+        if name is None:
+            return None
+        act: Callable[[int], None] = getattr(self, f"_do_{name}")
+
+        async def action(port: int) -> None:
+            await asyncio.to_thread(act, port)
+
+        return action
+
+    def _backend(self, port: int) -> int:
+        rows = self._sql(
+            f"SELECT pid FROM pg_stat_activity WHERE client_port = {int(port)}"  # noqa: S608
+        )
+        if not rows:
+            msg = f"no backend for client port {port}"
+            raise ServerError(msg)
+        return int(rows[0][0])
+
+    def _do_terminate(self, port: int) -> None:
+        self._sql(f"SELECT pg_terminate_backend({self._backend(port)}, 5000)")
+
+    def _do_sigkill(self, port: int) -> None:
+        pid = self._backend(port)
+        os.kill(pid, signal.SIGKILL)
+        # The postmaster resets every backend and recovers. A SIGKILLed backend stays in
+        # pg_stat_activity until that reset has cleared shared memory: wait for both.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ServerError):
+                if not self._sql(f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"):  # noqa: S608
+                    return
+            time.sleep(0.05)  # polling a recovering server, within a deadline
+
+    def _do_restart(self, port: int) -> None:
+        del port
+        self.server.restart("immediate")
+
+    def _do_stats_reset(self, port: int) -> None:
+        del port
+        self._sql("SELECT pg_stat_reset_shared('bgwriter')")
+
+    def _do_sigstop(self, port: int) -> None:
+        pid = self._backend(port)
+        os.kill(pid, signal.SIGSTOP)
+        stop = (pid, next(self._stops))
+        self._stopped.append(stop)
+        # Resumed past the unit's deadline: a frozen server comes back, late. Until then a
+        # Terminate sent to it (asyncpg's close, on dispose) would wait with no bound.
+        resume = threading.Timer(UNIT_DEADLINE_S + 1.0, self._resume, args=(stop,))
+        resume.daemon = True
+        resume.start()
+
+    # -- the matrix ---------------------------------------------------------------------------
+
+    def cells(
+        self,
+        *,
+        shapes: list[str] | None = None,
+        faults: list[str] | None = None,
+        drivers: list[str] | None = None,
+        include_expected: bool = True,
+    ) -> list[tuple[str, str, str]]:
+        """(shape, driver, fault) triples of the matrix, after the filters."""
+        out = []
+        for shape in CATALOG.values():
+            if shapes and shape.name not in shapes:
+                continue
+            if not include_expected and shape.expected_violation:
+                continue
+            for driver in shape.faces():
+                if drivers and driver not in drivers:
+                    continue
+                for fault in FAULTS.values():
+                    if faults and fault.name not in faults:
+                        continue
+                    if not include_expected and fault.expected_violation:
+                        continue
+                    if fault.needs_deadline and shape.zero_code:
+                        continue
+                    out.append((shape.name, driver, fault.name))
+        return out
+
+    def histories(
+        self, cells: list[tuple[str, str, str]], *, sample: int | None, seed: int
+    ) -> Iterator[History]:
+        """Every history of ``cells`` (steps from healthy runs), or a random ``sample``."""
+        rng = random.Random(seed)  # noqa: S311 - sampling, not cryptography
+        if sample is None:
+            for shape, driver, fault in cells:
+                if fault == "none":
+                    yield History(shape, driver, fault, 0)
+                    continue
+                for step in range(1, len(self.steps(shape, driver)) + 1):
+                    yield History(shape, driver, fault, step)
+            return
+        for _ in range(sample):
+            shape, driver, fault = rng.choice(cells)
+            steps = 0 if fault == "none" else len(self.steps(shape, driver))
+            yield History(shape, driver, fault, rng.randint(1, steps) if steps else 0)
+
+
+def _call(run: Callable[[], object]) -> Outcome:
+    try:
+        run()
+    except dropsafe.CommitOutcomeUnknown as exc:
+        return Outcome("unknown", _short(exc))
+    except dropsafe.ConfigurationError as exc:
+        return Outcome("refused", _short(exc))
+    except Exception as exc:  # noqa: BLE001 - every error is an outcome to check
+        return Outcome("error", _short(exc))
+    return Outcome("ok")
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}"

@@ -1,0 +1,729 @@
+"""The explorer's catalog: units of work drawn from SQLAlchemy's transaction API, as data.
+
+Each `Shape` runs a whole request (engines made, unit run, engines disposed) through a sync
+or an async face, and says which effects it must have once acknowledged: rows per database
+and schema, and notifications. ``expected_violation`` names the issue of a history that today's
+code is known to break; the CI sample leaves those shapes out. Delete that one line of a shape
+once its fix is merged, and the shape joins the sample.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable  # noqa: TC003 - a dataclass field's type, at runtime
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import dropsafe
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+__all__ = ["CATALOG", "DRIVERS", "Context", "Effects", "Shape"]
+
+#: The driver and face of each run: sync for psycopg2 and psycopg, async for psycopg and asyncpg.
+DRIVERS: dict[str, tuple[str, bool]] = {
+    "psycopg2": ("psycopg2", False),
+    "psycopg": ("psycopg", False),
+    "psycopg-async": ("psycopg", True),
+    "asyncpg": ("asyncpg", True),
+}
+APP_ROLE = "explorer_app"
+#: A role the app may SET ROLE to (granted to APP_ROLE).
+OTHER_ROLE = "explorer_other"
+TENANT = "tenant"
+
+
+@dataclass(frozen=True)
+class Effects:
+    """What an acknowledged request leaves: rows (database, schema, tag) and notifications."""
+
+    rows: Counter[tuple[str, str, str]] = field(default_factory=Counter)
+    notes: Counter[str] = field(default_factory=Counter)
+    #: The roles rows may be written as.
+    roles: frozenset[str] = frozenset({APP_ROLE})
+
+
+class Base(DeclarativeBase):
+    """ORM mapping of the effects table, for the shapes that flush objects."""
+
+
+class Effect(Base):
+    """One effect row; ``usr`` and ``sch`` come from column defaults on the server."""
+
+    __tablename__ = "effects"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tag: Mapped[str]
+
+
+@dataclass
+class Context:
+    """What one run of a shape gets: URLs through the proxy, the policy, a per-history nonce."""
+
+    urls: dict[str, str]  # database name -> URL of the run's driver
+    policy: dropsafe.Policy
+    nonce: str
+    #: Pauses the flight count while an engine makes its first connection (dialect setup).
+    pause: Callable[..., None] = lambda **_: None
+    engines: list[Any] = field(default_factory=list)
+
+    def engine(self, db: str = "a", **kw: Any) -> sa.Engine:  # noqa: ANN401 - engine options
+        """Make a dropsafe engine on database ``db``, connected once, disposed after the run."""
+        engine = dropsafe.create_engine(self.urls[db], policy=self.policy, **kw)
+        return self.warm(engine)
+
+    def warm(self, engine: sa.Engine) -> sa.Engine:
+        """Connect once outside the count: the history starts with a ready engine."""
+        self.engines.append(engine)
+        self.pause(paused=True)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            self.pause(paused=False)
+        return engine
+
+    async def aengine(self, db: str = "a", **kw: Any) -> AsyncEngine:  # noqa: ANN401 - engine options
+        """Make an async dropsafe engine on ``db``, connected once, disposed by its run."""
+        engine = dropsafe.create_async_engine(self.urls[db], policy=self.policy, **kw)
+        self.engines.append(engine)
+        self.pause(paused=True)
+        try:
+            async with engine.connect():
+                pass
+        finally:
+            self.pause(paused=False)
+        return engine
+
+    def note(self, name: str) -> str:
+        """Return a notification payload unique to this history."""
+        return f"{self.nonce}:{name}"
+
+    def dispose(self) -> None:
+        """Close every engine of the run (sync ones; async ones are closed by their run)."""
+        for engine in self.engines:
+            if isinstance(engine, sa.Engine):
+                engine.dispose()
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A unit of work as data: how to run it on each face, and what it must leave."""
+
+    name: str
+    what: str
+    effects: Callable[[Context], Effects]
+    sync: Callable[[Context], object] | None = None
+    run_async: Callable[[Context], Awaitable[object]] | None = None
+    drivers: tuple[str, ...] = tuple(DRIVERS)
+    #: The request runs outside any unit (the zero-code path): a raise after a COMMIT was
+    #: sent may leave the effect (the app knows its request failed, not what it did).
+    zero_code: bool = False
+    #: A known broken history of today's code (issue and item), left out of the CI sample.
+    expected_violation: str | None = None
+
+    def faces(self) -> tuple[str, ...]:
+        """Return the drivers this shape runs on (one it has no body for is left out)."""
+        return tuple(
+            d for d in self.drivers if (self.run_async if DRIVERS[d][1] else self.sync) is not None
+        )
+
+
+def _rows(*tags: str, db: str = "a", schema: str = APP_ROLE) -> Counter[tuple[str, str, str]]:
+    return Counter((db, schema, tag) for tag in tags)
+
+
+def _insert(tag: str, *, schema: str | None = None) -> str:
+    table = f"{schema}.effects" if schema else "effects"
+    return f"INSERT INTO {table} (tag) VALUES ('{tag}')"  # noqa: S608 - catalog constants
+
+
+# -- generic: a list of statements in one unit ------------------------------------------------
+
+
+def _statements(
+    name: str,
+    what: str,
+    statements: Callable[[Context], list[str]],
+    effects: Callable[[Context], Effects],
+    *,
+    via: str = "session",
+    drivers: tuple[str, ...] = tuple(DRIVERS),
+    expected_violation: str | None = None,
+    engine_kw: dict[str, Any] | None = None,
+) -> Shape:
+    kw = engine_kw or {}
+
+    def sync(ctx: Context) -> object:
+        engine = ctx.engine(**kw)
+        sqls = statements(ctx)
+
+        def unit(handle: Session | sa.Connection) -> None:
+            for sql in sqls:
+                handle.execute(sa.text(sql))
+
+        if via == "session":
+            return dropsafe.run_transaction(sessionmaker(engine), unit)
+        return dropsafe.run_transaction(engine, unit)
+
+    async def run_async(ctx: Context) -> object:
+        engine = await ctx.aengine(**kw)
+        sqls = statements(ctx)
+
+        async def unit(handle: Any) -> None:  # noqa: ANN401 - AsyncSession or AsyncConnection
+            for sql in sqls:
+                await handle.execute(sa.text(sql))
+
+        try:
+            if via == "session":
+                return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
+            return await dropsafe.run_transaction_async(engine, unit)
+        finally:
+            await engine.dispose()
+
+    return Shape(
+        name,
+        what,
+        effects,
+        sync,
+        run_async,
+        drivers=drivers,
+        expected_violation=expected_violation,
+    )
+
+
+def _one(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a"))
+
+
+def _two(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a", "b"))
+
+
+# -- special shapes -----------------------------------------------------------------------------
+
+
+def _nested_sync(ctx: Context) -> object:
+    engine = ctx.engine()
+
+    def unit(session: Session) -> None:
+        session.execute(sa.text(_insert("a")))
+        with session.begin_nested():
+            session.execute(sa.text(_insert("b")))
+        nested = session.begin_nested()
+        session.execute(sa.text(_insert("gone")))
+        nested.rollback()
+
+    return dropsafe.run_transaction(sessionmaker(engine), unit)
+
+
+async def _nested_async(ctx: Context) -> object:
+    engine = await ctx.aengine()
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(sa.text(_insert("a")))
+        async with session.begin_nested():
+            await session.execute(sa.text(_insert("b")))
+        nested = await session.begin_nested()
+        await session.execute(sa.text(_insert("gone")))
+        await nested.rollback()
+
+    try:
+        return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
+    finally:
+        await engine.dispose()
+
+
+def _orm_sync(ctx: Context) -> object:
+    engine = ctx.engine()
+
+    def unit(session: Session) -> None:
+        session.add_all([Effect(tag="a"), Effect(tag="b")])
+        session.flush()
+
+    return dropsafe.run_transaction(sessionmaker(engine), unit)
+
+
+async def _orm_async(ctx: Context) -> object:
+    engine = await ctx.aengine()
+
+    async def unit(session: AsyncSession) -> None:
+        session.add_all([Effect(tag="a"), Effect(tag="b")])
+        await session.flush()
+
+    try:
+        return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
+    finally:
+        await engine.dispose()
+
+
+def _hooked(hook: str, *, raising: bool) -> Callable[[Session], None]:
+    def listener(session: Session, *args: object) -> None:
+        del args
+        if raising:
+            raise RuntimeError(f"{hook} hook failed")
+        if hook != "after_commit":
+            session.execute(sa.text(_insert("hook")))
+
+    return listener
+
+
+def _hook_shape(hook: str, *, raising: bool, expected_violation: str | None = None) -> Shape:
+    def factory() -> sessionmaker[Session]:
+        made: sessionmaker[Session] = sessionmaker()
+        event.listen(made, hook, _hooked(hook, raising=raising))
+        return made
+
+    def sync(ctx: Context) -> object:
+        made = factory()
+        made.configure(bind=ctx.engine())
+
+        def unit(session: Session) -> None:
+            session.add(Effect(tag="a"))
+
+        return dropsafe.run_transaction(made, unit)
+
+    async def run_async(ctx: Context) -> object:
+        engine = await ctx.aengine()
+        made = async_sessionmaker(engine, sync_session_class=_session_class(hook, raising=raising))
+
+        async def unit(session: AsyncSession) -> None:
+            session.add(Effect(tag="a"))
+
+        try:
+            return await dropsafe.run_transaction_async(made, unit)
+        finally:
+            await engine.dispose()
+
+    def effects(ctx: Context) -> Effects:
+        del ctx
+        if raising and hook != "after_commit":
+            return Effects()  # the unit cannot commit: no effect, an error
+        if hook in ("before_commit", "after_flush") and not raising:
+            return Effects(_rows("a", "hook"))
+        return Effects(_rows("a"))
+
+    return Shape(
+        f"hook_{hook}_{'raising' if raising else 'writing'}",
+        f"Session with a {'raising' if raising else 'writing'} {hook} listener",
+        effects,
+        sync,
+        run_async,
+        expected_violation=expected_violation,
+    )
+
+
+def _session_class(hook: str, *, raising: bool) -> type[Session]:
+    class Hooked(Session):
+        pass
+
+    event.listen(Hooked, hook, _hooked(hook, raising=raising))
+    return Hooked
+
+
+def _two_engines_sync(ctx: Context) -> object:
+    first, second = ctx.engine("a"), ctx.engine("b")
+
+    def unit(session: Session) -> None:
+        session.execute(sa.text(_insert("a")))
+        session.execute(sa.text(_insert("b")), bind_arguments={"bind": second})
+
+    return dropsafe.run_transaction(sessionmaker(first), unit)
+
+
+async def _two_engines_async(ctx: Context) -> object:
+    first, second = await ctx.aengine("a"), await ctx.aengine("b")
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(sa.text(_insert("a")))
+        await session.execute(sa.text(_insert("b")), bind_arguments={"bind": second.sync_engine})
+
+    try:
+        return await dropsafe.run_transaction_async(async_sessionmaker(first), unit)
+    finally:
+        await first.dispose()
+        await second.dispose()
+
+
+def _two_dbs(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a", db="a") + _rows("b", db="b"))
+
+
+def _twophase_sync(ctx: Context) -> object:
+    engine = ctx.engine()
+
+    def unit(session: Session) -> None:
+        session.execute(sa.text(_insert("a")))
+
+    return dropsafe.run_transaction(sessionmaker(engine, twophase=True), unit)
+
+
+def _self_commit_sync(ctx: Context) -> object:
+    engine = ctx.engine()
+
+    def unit(session: Session) -> None:
+        session.execute(sa.text(_insert("a")))
+        session.commit()
+        session.execute(sa.text(_insert("b")))
+
+    return dropsafe.run_transaction(sessionmaker(engine), unit)
+
+
+async def _self_commit_async(ctx: Context) -> object:
+    engine = await ctx.aengine()
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(sa.text(_insert("a")))
+        await session.commit()
+        await session.execute(sa.text(_insert("b")))
+
+    try:
+        return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
+    finally:
+        await engine.dispose()
+
+
+def _copy_sync(ctx: Context) -> object:
+    engine = ctx.engine()
+    driver = engine.dialect.driver
+
+    def unit(connection: sa.Connection) -> None:
+        raw: Any = connection.connection.driver_connection
+        if driver == "psycopg2":
+            import io  # noqa: PLC0415
+
+            with raw.cursor() as cursor:
+                cursor.copy_expert("COPY effects (tag) FROM STDIN", io.StringIO("a\nb\n"))
+        else:
+            with raw.cursor() as cursor, cursor.copy("COPY effects (tag) FROM STDIN") as copy:
+                copy.write_row(("a",))
+                copy.write_row(("b",))
+
+    return dropsafe.run_transaction(engine, unit)
+
+
+def _server_cursor_sync(ctx: Context) -> object:
+    engine = ctx.engine()
+
+    def unit(connection: sa.Connection) -> None:
+        query = sa.text("SELECT g FROM generate_series(1, 50) g")
+        result = connection.execute(query.execution_options(stream_results=True, max_row_buffer=10))
+        total = sum(row[0] for row in result)
+        connection.execute(sa.text(_insert(f"a{total}")))
+
+    return dropsafe.run_transaction(engine, unit)
+
+
+async def _server_cursor_async(ctx: Context) -> object:
+    engine = await ctx.aengine()
+
+    async def unit(connection: Any) -> None:  # noqa: ANN401 - AsyncConnection
+        result = await connection.stream(sa.text("SELECT g FROM generate_series(1, 50) g"))
+        total = 0
+        async for row in result:
+            total += row[0]
+        await connection.execute(sa.text(_insert(f"a{total}")))
+
+    try:
+        return await dropsafe.run_transaction_async(engine, unit)
+    finally:
+        await engine.dispose()
+
+
+def _cursor_effects(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a1275"))
+
+
+def _plain_request_sync(ctx: Context) -> object:
+    engine = ctx.engine()
+    with Session(engine) as session:
+        session.execute(sa.text(_insert("a")))
+        session.commit()
+    return None
+
+
+async def _plain_request_async(ctx: Context) -> object:
+    engine = await ctx.aengine()
+    try:
+        async with AsyncSession(engine) as session:
+            await session.execute(sa.text(_insert("a")))
+            await session.commit()
+    finally:
+        await engine.dispose()
+    return None
+
+
+def _plugin_request_sync(ctx: Context) -> object:
+    url = ctx.urls["a"] + ("&" if "?" in ctx.urls["a"] else "?") + "plugin=dropsafe"
+    engine = ctx.warm(sa.create_engine(url))
+    with Session(engine) as session:
+        session.execute(sa.text(_insert("a")))
+        session.commit()
+    return None
+
+
+def _tenant_request_sync(ctx: Context) -> object:
+    engine = ctx.engine(pool_size=1, max_overflow=0)
+    with Session(engine) as session:
+        session.execute(sa.text(f"SET search_path TO {TENANT}"))
+        session.commit()
+        session.execute(sa.text(_insert("a")))
+        session.commit()
+    return None
+
+
+async def _tenant_request_async(ctx: Context) -> object:
+    engine = await ctx.aengine(pool_size=1, max_overflow=0)
+    try:
+        async with AsyncSession(engine) as session:
+            await session.execute(sa.text(f"SET search_path TO {TENANT}"))
+            await session.commit()
+            await session.execute(sa.text(_insert("a")))
+            await session.commit()
+    finally:
+        await engine.dispose()
+    return None
+
+
+def _harden_request_sync(ctx: Context) -> object:
+    engine = ctx.warm(dropsafe.harden(sa.create_engine(ctx.urls["a"]), ctx.policy))
+    with Session(engine) as session:
+        session.execute(sa.text(_insert("a")))
+        session.commit()
+    return None
+
+
+def _role_request_sync(ctx: Context) -> object:
+    engine = ctx.engine(pool_size=1, max_overflow=0)
+    with Session(engine) as session:
+        session.execute(sa.text(f"SET ROLE {OTHER_ROLE}"))
+        session.commit()
+        session.execute(sa.text(_insert("a", schema=APP_ROLE)))
+        session.commit()
+    return None
+
+
+async def _role_request_async(ctx: Context) -> object:
+    engine = await ctx.aengine(pool_size=1, max_overflow=0)
+    try:
+        async with AsyncSession(engine) as session:
+            await session.execute(sa.text(f"SET ROLE {OTHER_ROLE}"))
+            await session.commit()
+            await session.execute(sa.text(_insert("a", schema=APP_ROLE)))
+            await session.commit()
+    finally:
+        await engine.dispose()
+    return None
+
+
+def _role_effects(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a"), roles=frozenset({OTHER_ROLE}))
+
+
+def _tenant_effects(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a", schema=TENANT))
+
+
+def _notes(*names: str, rows: tuple[str, ...] = ()) -> Callable[[Context], Effects]:
+    def effects(ctx: Context) -> Effects:
+        return Effects(_rows(*rows), Counter(ctx.note(name) for name in names))
+
+    return effects
+
+
+_SYNC = ("psycopg2", "psycopg")
+
+CATALOG: dict[str, Shape] = {
+    shape.name: shape
+    for shape in (
+        _statements("session_insert", "Session, one INSERT", lambda _: [_insert("a")], _one),
+        _statements(
+            "connection_insert",
+            "Connection, one INSERT",
+            lambda _: [_insert("a")],
+            _one,
+            via="connection",
+        ),
+        _statements(
+            "session_two_inserts",
+            "Session, two INSERTs",
+            lambda _: [_insert("a"), _insert("b")],
+            _two,
+        ),
+        Shape("orm_flush", "Session, ORM objects flushed", _two, _orm_sync, _orm_async),
+        Shape(
+            "begin_nested",
+            "Session, savepoints: one released, one rolled back",
+            _two,
+            _nested_sync,
+            _nested_async,
+        ),
+        _statements(
+            "notify_direct",
+            "INSERT and NOTIFY in the statement",
+            lambda c: [_insert("a"), f"NOTIFY explore, '{c.note('n')}'"],
+            _notes("n", rows=("a",)),
+        ),
+        _statements(
+            "notify_function",
+            "NOTIFY through a function, nothing written",
+            lambda c: [f"SELECT announce('{c.note('n')}')"],
+            _notes("n"),
+        ),
+        _statements(
+            "notify_trigger",
+            "NOTIFY from a statement trigger on a 0-row UPDATE",
+            lambda c: [
+                f"SELECT set_config('explore.nonce', '{c.nonce}', true)",
+                "UPDATE announcer SET x = x WHERE false",
+            ],
+            _notes("t"),
+        ),
+        _statements(
+            "sequence_default",
+            "nextval() and an INSERT",
+            lambda _: ["SELECT nextval('explore_seq')", _insert("a")],
+            _one,
+        ),
+        _statements(
+            "multi_statement",
+            "two INSERTs in one execute()",
+            lambda _: [f"{_insert('a')}; {_insert('b')}"],
+            _two,
+            drivers=("psycopg2", "psycopg", "psycopg-async"),
+        ),
+        _statements(
+            "set_local",
+            "SET LOCAL, set_config(is_local) and an INSERT",
+            lambda _: [
+                "SET LOCAL statement_timeout = '20s'",
+                "SELECT set_config('explore.mark', 'x', true)",
+                _insert("a"),
+            ],
+            _one,
+        ),
+        _statements(
+            "advisory_lock",
+            "pg_advisory_xact_lock and an INSERT",
+            lambda _: ["SELECT pg_advisory_xact_lock(26)", _insert("a")],
+            _one,
+        ),
+        Shape(
+            "server_side_cursor",
+            "Connection, a streamed SELECT, then an INSERT",
+            _cursor_effects,
+            _server_cursor_sync,
+            _server_cursor_async,
+        ),
+        Shape("copy_from", "Connection, COPY FROM STDIN", _two, _copy_sync, drivers=_SYNC),
+        _hook_shape("before_commit", raising=False),
+        _hook_shape("after_flush", raising=False),
+        _hook_shape("before_commit", raising=True),
+        _hook_shape("after_commit", raising=True),
+        Shape(
+            "two_engines",
+            "sessionmaker over two engines, a row in each database",
+            _two_dbs,
+            _two_engines_sync,
+            _two_engines_async,
+        ),
+        Shape(
+            "twophase",
+            "sessionmaker(twophase=True)",
+            _one,
+            _twophase_sync,
+            drivers=_SYNC,
+        ),
+        _statements(
+            "autocommit",
+            "AUTOCOMMIT engine, two INSERTs",
+            lambda _: [_insert("a"), _insert("b")],
+            _two,
+            via="connection",
+            engine_kw={"isolation_level": "AUTOCOMMIT"},
+        ),
+        Shape(
+            "self_commit",
+            "Session that commits inside the unit",
+            _two,
+            _self_commit_sync,
+            _self_commit_async,
+        ),
+        Shape(
+            "plain_request",
+            "no unit: a Session request on a dropsafe engine",
+            _one,
+            _plain_request_sync,
+            _plain_request_async,
+            zero_code=True,
+        ),
+        Shape(
+            "plugin_request",
+            "no unit: a Session request on ?plugin=dropsafe",
+            _one,
+            _plugin_request_sync,
+            drivers=_SYNC,
+            zero_code=True,
+        ),
+        Shape(
+            "harden_request",
+            "no unit: a Session request on an engine given to dropsafe.harden",
+            _one,
+            _harden_request_sync,
+            drivers=_SYNC,
+            zero_code=True,
+        ),
+        _statements(
+            "session_settings",
+            "SET and set_config(is_local=false) at session level, and an INSERT",
+            lambda _: [
+                "SET statement_timeout = '25s'",
+                "SELECT set_config('explore.mark', 'x', false)",
+                _insert("a"),
+            ],
+            _one,
+        ),
+        Shape(
+            "role_request",
+            "no unit: SET ROLE, commit, then INSERT (replay under session state)",
+            _role_effects,
+            _role_request_sync,
+            _role_request_async,
+            zero_code=True,
+        ),
+        Shape(
+            "tenant_request",
+            "no unit: SET search_path, commit, then INSERT (replay under session state)",
+            _tenant_effects,
+            _tenant_request_sync,
+            _tenant_request_async,
+            zero_code=True,
+        ),
+    )
+}
+
+
+def run_shape(shape: Shape, driver: str, ctx: Context) -> object:
+    """Run ``shape`` once on ``driver``'s face; engines are disposed whatever happens."""
+    try:
+        if DRIVERS[driver][1]:
+            assert shape.run_async is not None  # noqa: S101 - faces() filters
+            return asyncio.run(shape.run_async(ctx))  # type: ignore[arg-type]
+        assert shape.sync is not None  # noqa: S101 - faces() filters
+        return shape.sync(ctx)
+    finally:
+        ctx.dispose()

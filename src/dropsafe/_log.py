@@ -1,0 +1,60 @@
+"""dropsafe's own log lines, written so that a log handler that raises changes no outcome.
+
+A handler's ``emit`` that raises (a log shipper that is down) propagates out of
+``Logger.log``; dropsafe logs inside SQLAlchemy's events and in the middle of a retry or a
+commit resolution, so such an error would replace the database's error or the unit's result.
+Every failure of an observer (a hook, a handler) is counted and reported once per kind on
+stderr, the one channel left that does not go through the broken observer, then swallowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from typing import Any
+
+__all__ = ["SafeLogger", "observer_failed", "observer_failures"]
+
+_reported: set[tuple[str, str]] = set()
+_failures = [0]
+
+
+def observer_failures() -> int:
+    """How many times a hook or a log handler raised in this process (for tests, benchmarks)."""
+    return _failures[0]
+
+
+def observer_failed(what: str, error: BaseException) -> None:
+    """Count a hook's or a handler's failure; the first of each kind goes to stderr.
+
+    Only the type of the error is written: its text could hold anything the observer saw.
+    """
+    _failures[0] += 1
+    key = (what, f"{type(error).__module__}.{type(error).__qualname__}")
+    if key in _reported:
+        return
+    _reported.add(key)
+    with contextlib.suppress(Exception):  # a closed or broken stderr: nothing left to tell
+        sys.stderr.write(
+            f"dropsafe: {what} raised {key[1]}; ignored, and not reported again "
+            "(no outcome of dropsafe depends on its observers)\n"
+        )
+
+
+class SafeLogger(logging.LoggerAdapter):  # type: ignore[type-arg] # generic only in typeshed
+    """The ``dropsafe`` logger; whatever a handler raises is reported, never propagated."""
+
+    def __init__(self, name: str = "dropsafe") -> None:
+        super().__init__(logging.getLogger(name), None)
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:  # noqa: ANN401 - Logger.log's own
+        """Log as ``Logger.log`` does, unless a handler raises: then report it and go on."""
+        if not self.logger.isEnabledFor(level):
+            return
+        # The caller of debug() or warning(), not this method (logging skips its own frames).
+        kwargs.setdefault("stacklevel", 2)
+        try:
+            self.logger.log(level, msg, *args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any handler's error, by design
+            observer_failed(f"a handler of the {self.logger.name!r} logger", exc)

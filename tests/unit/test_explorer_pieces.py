@@ -1,0 +1,161 @@
+"""The explorer's own pieces: flights counted at direction changes, and a checker that fails."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from collections import Counter
+
+import pytest
+
+from dropsafe._bench._explore import FAULTS, Outcome, check, parse_history
+from dropsafe._bench._flights import FlightProxy, Strike, label_of
+from dropsafe._bench._shapes import APP_ROLE, CATALOG, Effects
+
+READY = b"Z\x00\x00\x00\x05I"
+
+
+def _query(text: str) -> bytes:
+    body = text.encode() + b"\x00"
+    return b"Q" + (4 + len(body)).to_bytes(4, "big") + body
+
+
+class _Replier(threading.Thread):
+    """A loopback server that answers every message it reads with one ReadyForQuery."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.received: list[bytes] = []
+        self.start()
+
+    def run(self) -> None:
+        with self.listener:
+            connection, _ = self.listener.accept()
+        with connection, contextlib.suppress(OSError):  # a reset link ends the server too
+            while data := connection.recv(65536):
+                self.received.append(data)
+                connection.sendall(READY)
+
+
+def _round_trips(port: int, messages: list[bytes]) -> list[bytes]:
+    replies = []
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+        for message in messages:
+            client.sendall(message)
+            try:
+                replies.append(client.recv(65536))
+            except OSError:
+                replies.append(b"")
+    return replies
+
+
+def test_flights_are_counted_per_direction_change_and_startup_is_apart() -> None:
+    replier = _Replier()
+    with FlightProxy(replier.port) as proxy:
+        _round_trips(proxy.port, [b"\x00\x00\x00\x08startup", _query("BEGIN"), _query("COMMIT")])
+        flights = proxy.flights
+    assert [f.startup for f in flights] == [True, False, False]
+    assert [f.label for f in flights if not f.startup] == ["Q BEGIN", "Q COMMIT"]
+
+
+def test_a_strike_after_the_flight_delivers_it_and_withholds_the_reply() -> None:
+    replier = _Replier()
+    with FlightProxy(replier.port) as proxy:
+        proxy.reset(Strike(step=2, phase="after", then="fin"))
+        replies = _round_trips(
+            proxy.port, [b"\x00\x00\x00\x08startup", _query("BEGIN"), _query("COMMIT")]
+        )
+        assert proxy.strike is not None
+        assert proxy.strike.fired
+    assert replies[:2] == [READY, READY]
+    assert replies[2] == b""  # the COMMIT's reply never reached the client
+    assert _query("COMMIT") in b"".join(replier.received)  # but the server had it
+
+
+def test_a_strike_before_the_flight_never_delivers_it() -> None:
+    replier = _Replier()
+    with FlightProxy(replier.port) as proxy:
+        proxy.reset(Strike(step=1, phase="before", then="rst"))
+        _round_trips(proxy.port, [b"\x00\x00\x00\x08startup", _query("INSERT 1")])
+    replier.join(5)
+    assert _query("INSERT 1") not in b"".join(replier.received)
+
+
+def test_labels_name_the_first_message() -> None:
+    assert label_of(_query("COMMIT")) == "Q COMMIT"
+    assert label_of(b"X\x00\x00\x00\x04") == "terminate"
+    assert label_of(b"\x00\x00\x00\x08\x04\xd2\x16\x2f") == "startup"
+
+
+ROW = ("a", APP_ROLE, "a")
+SHAPE = CATALOG["session_insert"]
+WANT = Effects(Counter([ROW]))
+
+
+def _verdict(outcome: str, rows: list[tuple[str, str, str]], *, roles=None, shape=SHAPE):
+    return check(
+        shape,
+        Outcome(outcome),
+        WANT,
+        Counter(rows),
+        Counter(),
+        roles or {APP_ROLE},
+        commit_sent=True,
+    )
+
+
+def test_a_planted_duplicate_row_is_a_violation() -> None:
+    assert _verdict("ok", [ROW]).violation is None
+    verdict = _verdict("ok", [ROW, ROW])
+    assert verdict.violation is not None
+    assert "2x (want 1)" in verdict.violation
+
+
+def test_the_checker_rules() -> None:
+    assert _verdict("ok", []).violation is not None  # acknowledged, row missing
+    assert _verdict("error", [ROW]).violation is not None  # failed, yet written
+    assert _verdict("error", []).violation is None
+    assert _verdict("refused", []).violation is None
+    assert _verdict("refused", [ROW]).violation is not None
+    unknown = _verdict("unknown", [ROW])
+    assert unknown.violation is None
+    assert unknown.unknown
+    assert _verdict("unknown", [ROW, ROW]).violation is not None  # never twice
+    assert _verdict("ok", [ROW], roles={APP_ROLE, "postgres"}).violation is not None
+    wrong_schema = ("a", "public", "a")
+    assert _verdict("ok", [wrong_schema]).violation is not None
+    # CommitOutcomeUnknown from a server that stayed up and could answer is a defect.
+    assert (
+        check(
+            SHAPE,
+            Outcome("unknown", "the server crashed"),
+            WANT,
+            Counter([ROW]),
+            Counter(),
+            {APP_ROLE},
+            commit_sent=True,
+            server_can_tell=True,
+        ).violation
+        is not None
+    )
+    # Outside a unit, a raise for a COMMIT that was sent may leave the effect.
+    zero_code = CATALOG["plain_request"]
+    assert _verdict("error", [ROW], shape=zero_code).unknown
+
+
+def test_history_ids_round_trip_and_bad_ones_are_refused() -> None:
+    history = parse_history("session_insert:psycopg2:fin:7")
+    assert history.id == "session_insert:psycopg2:fin:7"
+    from dropsafe import ConfigurationError  # noqa: PLC0415
+
+    for bad in ("session_insert:psycopg2:fin", "nope:psycopg2:fin:1", "x:y:z:w"):
+        with pytest.raises(ConfigurationError):
+            parse_history(bad)
+
+
+def test_every_shape_has_a_face_and_every_fault_a_known_phase() -> None:
+    assert all(shape.faces() for shape in CATALOG.values())
+    assert {fault.phase for fault in FAULTS.values()} <= {"before", "after"}
