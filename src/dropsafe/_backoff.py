@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import random
     from collections.abc import Iterator
 
-__all__ = ["backoff", "test_mode"]
+__all__ = ["backoff", "full_jitter", "test_mode"]
 
 _MAX_EXPONENT = 64  # backoff_multiplier (at most 10) ** 64 is still a finite float
 _NO_BACKOFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -51,9 +51,22 @@ def backoff(policy: UnitPolicy, failures: int, rng: random.Random) -> float:
     """
     if _NO_BACKOFF.get():
         return 0.0
-    growth = min(failures - 1, _MAX_EXPONENT)
-    bound = min(
+    return full_jitter(
+        seconds(policy.backoff_initial),
         seconds(policy.backoff_max),
-        seconds(policy.backoff_initial) * policy.backoff_multiplier**growth,
+        policy.backoff_multiplier,
+        failures,
+        rng,
     )
-    return rng.uniform(0, bound)
+
+
+def full_jitter(
+    initial: float, maximum: float, multiplier: float, failures: int, rng: random.Random
+) -> float:
+    """Return a wait uniform in [0, min(maximum, initial * multiplier ** (failures - 1))].
+
+    The schedule alone, for every loop that backs off (a unit of work, a checkout that waits
+    for the server); `test_mode` is the unit's switch, not this function's.
+    """
+    growth = min(failures - 1, _MAX_EXPONENT)
+    return rng.uniform(0, min(maximum, initial * multiplier**growth))

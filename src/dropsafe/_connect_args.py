@@ -11,6 +11,7 @@ connect starts where `HostOrder` says.
 
 from __future__ import annotations
 
+import errno
 import math
 import socket
 import threading
@@ -92,6 +93,11 @@ class ConnectArguments:
     def _on_handle_error(self, context: ExceptionContext) -> None:
         if context.connection is None:  # getting a connection failed: a connect, if one ran
             self._host_order.connect_failed()
+        elif context.is_disconnect and _timed_out(context.original_exception):
+            pooled = getattr(context.connection, "_dbapi_connection", None)
+            native = self._driver.native(getattr(pooled, "dbapi_connection", None))
+            if native is not None:
+                self._host_order.timed_out(native)
 
 
 def tune_socket(sock: socket.socket, policy: ConnectionPolicy) -> None:
@@ -110,6 +116,20 @@ def tune_socket(sock: socket.socket, policy: ConnectionPolicy) -> None:
     if policy.tcp_user_timeout is not None and hasattr(socket, "TCP_USER_TIMEOUT"):
         milliseconds = math.ceil(seconds(policy.tcp_user_timeout) * 1000)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, milliseconds)
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Whether TCP gave up on the connection under ``error`` (its peer stopped answering)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ETIMEDOUT:
+            return True
+        if "connection timed out" in str(current).lower():  # libpq has no errno to give
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _weakable(entry: object) -> bool:

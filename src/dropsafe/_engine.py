@@ -21,6 +21,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
 from dropsafe._connect_args import ConnectArguments
+from dropsafe._connect_wait import ConnectWait
 from dropsafe._drivers import SUPPORTED, driver_for, is_supported
 from dropsafe._errors import ConfigurationError
 from dropsafe._invalidation import InvalidationScope
@@ -205,6 +206,7 @@ class EngineGuard:
             after_check=self.replay.on_checked if self.replay.enabled else None,
         )
         self.connects = ConnectArguments(policy.connection, self.driver)
+        self.connect_wait = ConnectWait(policy.connection, policy.hooks, engine)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
         self.quiet_rollback = QuietRollback(policy.hooks, engine.dialect)
 
@@ -224,6 +226,8 @@ class EngineGuard:
                 _run_first(engine, name, listener)
         self.quiet_rollback.wrap_do_rollback()
         self.replay.wrap_execute()
+        if self.connect_wait.enabled:
+            self.connect_wait.wrap(engine.pool)
 
 
 def _run_first(engine: Engine, identifier: str, listener: Callable[..., None]) -> None:

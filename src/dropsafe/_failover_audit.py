@@ -44,6 +44,7 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from dropsafe._connect_wait import waits_elsewhere
 from dropsafe._hooks import emit
 from dropsafe._process import renew_in_child, renew_lock_in_child
 from dropsafe._recording import lsn_number
@@ -333,7 +334,8 @@ def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
 def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
     """One statement on a pooled connection (the unit just committed on one: it works)."""
     statement = _QUESTION.format(statuses=_statuses_statement(engine.dialect, commits))
-    connection = engine.raw_connection()
+    with waits_elsewhere():  # bounded by _CHECK_TIMEOUT, not by the engine's connect_wait
+        connection = engine.raw_connection()
     dbapi_connection: Any = connection.dbapi_connection
     row: Any = None  # one row, always: a SELECT without FROM
     try:

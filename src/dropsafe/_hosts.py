@@ -9,7 +9,8 @@ host all go to it, as with plain SQLAlchemy).
 
 A connect runs in one thread (or asyncio task) from SQLAlchemy's ``do_connect`` event to its
 ``connect`` event; a thread that starts another connect before its previous one reported success
-has seen that one fail.
+has seen that one fail. An open connection that TCP gave up on (its host stopped answering)
+moves the start past its host too: a vanished primary is skipped before any connect waits on it.
 """
 
 from __future__ import annotations
@@ -78,6 +79,24 @@ class HostOrder:
             failed_from = self._in_flight.pop(_current_worker(), None)
             if failed_from is not None:
                 self._move_past(failed_from)
+
+    def timed_out(self, dbapi_connection: Any) -> None:  # noqa: ANN401 - DBAPI connections are untyped
+        """Record that an open connection's host stopped answering (TCP gave up on it).
+
+        Its host is likely gone (a vanished primary): connects that start there would spend
+        their whole connect timeout on it, so the start moves past it at once.
+        """
+        try:
+            server = self._driver.server_of(dbapi_connection)
+        except Exception:
+            logger.debug("dropsafe could not tell which host timed out", exc_info=True)
+            return
+        if server is None:
+            return
+        with self._lock:
+            reached = (server.host, str(server.port))
+            if reached in self._hosts:
+                self._move_past(self._hosts.index(reached))
 
     def _move_past(self, failed_from: int) -> None:
         # Only the first of several connects that failed from the same start moves it: the

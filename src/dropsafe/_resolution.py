@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._classify import classify, sqlstate_of
+from dropsafe._connect_wait import waits_elsewhere
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
@@ -320,7 +321,8 @@ def _questioning(pool: Pool, resolution: _Resolution) -> Iterator[Callable[[str]
     A server that hangs (stopped, frozen) is left when the resolution's time is up, or after a
     second for the one question that is always asked.
     """
-    connection = pool.connect()
+    with waits_elsewhere():  # the resolution's own loop waits, within its deadline
+        connection = pool.connect()
     question_deadline = max(resolution.deadline, time.monotonic() + _LAST_QUESTION)
 
     def run(statement: str) -> tuple[Any, ...]:

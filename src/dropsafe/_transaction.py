@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
+from dropsafe._connect_wait import waits_elsewhere
 from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
 from dropsafe._errors import ConfigurationError
 from dropsafe._failover_audit import audit_after_failover, remember_commit
@@ -167,6 +168,7 @@ def _run_once(
     recorder: CommitRecorder | None = None
     try:
         with (
+            waits_elsewhere(),  # the unit waits for an unreachable server: not its connects
             recording(read_xid=step.verify_commits) as recorder,
             watching(_unit_name(fn)) as shapes,
             _begun(bind) as begun,
@@ -307,6 +309,7 @@ async def _run_once_async(
     recorder: CommitRecorder | None = None
     try:
         with (
+            waits_elsewhere(),  # as in `_run_once`
             recording(read_xid=step.verify_commits) as recorder,
             watching(_unit_name(fn)) as shapes,
         ):

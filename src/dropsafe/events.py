@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = [
     "AcknowledgedCommitLost",
     "CommitResolved",
+    "ConnectWaited",
     "ConnectionInvalidated",
     "DeadConnectionReplaced",
     "Event",
@@ -57,6 +58,23 @@ class DeadConnectionReplaced:
 
     reason: str
     pool_wide: bool  # every older pooled connection was recycled too
+
+
+@dataclass(frozen=True)
+class ConnectWaited:
+    """A checkout could not connect at first because the server was not there; it waited.
+
+    One event per wait, when it ends: ``connected`` (the app never saw the outage) or
+    ``gave_up`` (``ConnectionPolicy.connect_wait`` ran out, or an error came that waiting
+    cannot fix; the last error is raised). Logged at INFO, ``gave_up`` at WARNING.
+    """
+
+    url: str  # the engine's URL, password masked
+    outcome: Literal["connected", "gave_up"]
+    attempts: int  # connects made, the first one included
+    waited: float  # seconds from the first failed connect to the outcome
+    started_at: float  # when the first connect failed (``time.time()``)
+    error: str  # the first failed connect's error, passwords redacted
 
 
 @dataclass(frozen=True)
@@ -171,6 +189,7 @@ class HookFailedAfterCommit:
 
 Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
     DeadConnectionReplaced,
+    ConnectWaited,
     ConnectionInvalidated,
     RollbackConnectionLost,
     FirstStatementReplayed,
@@ -243,8 +262,10 @@ def _level_of(event: Event) -> int:
         return logging.ERROR
     if isinstance(event, (PingSucceeded, RollbackConnectionLost)):
         return logging.DEBUG
-    if isinstance(event, (RetriesGaveUp, AcknowledgedCommitLost)) or (
-        isinstance(event, CommitResolved) and event.outcome == "unknown"
+    if (
+        isinstance(event, (RetriesGaveUp, AcknowledgedCommitLost))
+        or (isinstance(event, CommitResolved) and event.outcome == "unknown")
+        or (isinstance(event, ConnectWaited) and event.outcome == "gave_up")
     ):
         return logging.WARNING
     return logging.INFO
@@ -298,6 +319,12 @@ class PrometheusHook:
             "First statements of a transaction sent again after their connection was lost.",
             **common,
         )
+        self.connect_waits = histogram(
+            "connect_wait_seconds",
+            "Checkouts that waited for an unreachable server, by outcome.",
+            ["outcome"],
+            **common,
+        )
         self.pings = histogram("ping_seconds", "Round trips paid at checkout.", ["why"], **common)
         self.retries = counter(
             "retries", "Units of work run again after a retryable error.", ["kind"], **common
@@ -330,6 +357,8 @@ class PrometheusHook:
         """Record ``event``."""
         if isinstance(event, DeadConnectionReplaced):
             self.dead_connections.labels(pool_wide=str(event.pool_wide).lower()).inc()
+        elif isinstance(event, ConnectWaited):
+            self.connect_waits.labels(outcome=event.outcome).observe(event.waited)
         elif isinstance(event, ConnectionInvalidated):
             pool_wide = str(event.pool_wide).lower()
             self.invalidations.labels(kind=event.kind.value, pool_wide=pool_wide).inc()

@@ -190,7 +190,10 @@ def test_primary_vanishes_then_standby_promoted(pair, driver, kernel_blackhole):
         f"{driver}: first write {first - promoted_at:.2f}s after promotion; "
         f"{len(writes.acknowledged)} acknowledged, {len(writes.unknown)} unknown"
     )
-    assert first - promoted_at <= 20.0
+    # Writes in flight on the vanished primary end at tcp_user_timeout (10 s); the connects
+    # that follow skip the host that timed out instead of spending connect_timeout (5 s) there
+    # first (15.4-15.6 s before, issue 27 item 4).
+    assert first - promoted_at <= 13.0
     _audit(writes, standby)
 
 

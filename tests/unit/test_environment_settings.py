@@ -15,6 +15,7 @@ URL = "postgresql+psycopg2://app:s3cret@127.0.0.1:1/app"
 # A valid text per knob, different from its default.
 TEXTS = {
     "connect_timeout": ("7", 7.0),
+    "connect_wait": ("3", 3.0),
     "tcp_user_timeout": ("none", None),
     "keepalive_idle": ("60", 60.0),
     "keepalive_interval": ("2", 2.0),

@@ -13,6 +13,7 @@ from dropsafe.events import (
     AcknowledgedCommitLost,
     CommitResolved,
     ConnectionInvalidated,
+    ConnectWaited,
     DeadConnectionReplaced,
     FirstStatementReplayed,
     HookFailedAfterCommit,
@@ -38,6 +39,10 @@ EVENTS = [
     RollbackConnectionLost("rollback", "OperationalError: server closed the connection"),
     FirstStatementReplayed("OperationalError: terminating connection"),
     HookFailedAfterCommit("app.place_order", "RuntimeError: the broker is down"),
+    ConnectWaited(
+        "postgresql+psycopg2://app:***@db/app", "connected", 3, 0.41, 1795663776.5, "refused"
+    ),
+    ConnectWaited("postgresql+psycopg2://app:***@db/app", "gave_up", 9, 10.2, 1795663777.5, "x"),
     AcknowledgedCommitLost(731, "app.place_order", 1795663776.0121, "lost", 'past "0/3001218"'),
 ]
 
@@ -70,6 +75,8 @@ def test_logging_hook_levels(caplog):
     assert levels["dropsafe.retries_gave_up"] == "WARNING"
     assert levels["dropsafe.acknowledged_commit_lost"] == "WARNING"
     assert levels["dropsafe.hook_failed_after_commit"] == "ERROR"
+    waits = [r.levelname for r in caplog.records if "connect_waited" in r.getMessage()]
+    assert waits == ["INFO", "WARNING"]  # connected, gave up
     assert [r.levelname for r in caplog.records if "outcome=unknown" in r.getMessage()] == [
         "WARNING"
     ]
@@ -105,6 +112,8 @@ def test_prometheus_hook_counts_every_event():
     assert value("dropsafe_acknowledged_commits_lost_total", {"outcome": "lost"}) == 1
     assert value("dropsafe_commit_resolution_seconds_sum") == pytest.approx(10.05)
     assert value("dropsafe_hooks_failed_after_commit_total") == 1
+    assert value("dropsafe_connect_wait_seconds_count", {"outcome": "connected"}) == 1
+    assert value("dropsafe_connect_wait_seconds_sum", {"outcome": "gave_up"}) == pytest.approx(10.2)
 
 
 def test_prometheus_without_its_extra_says_how_to_install(monkeypatch):

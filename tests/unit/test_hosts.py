@@ -78,3 +78,13 @@ def test_the_host_that_answered_goes_first():
     assert _start(order) == "c"
     order.connected(_reached("elsewhere", 1))  # not one of ours: changes nothing
     assert _start(order) == "c"
+
+
+def test_a_host_whose_connection_timed_out_is_skipped_by_the_next_connects():
+    order = _order()
+    assert _start(order) == "a"
+    order.connected(_reached("a", 5432))
+    order.timed_out(_reached("a", 5432))  # TCP gave up on an open connection to a
+    assert _in_thread(lambda: _start(order)) == "b"
+    order.timed_out(_reached("c", 5434))  # not where connects start: nothing moves
+    assert _in_thread(lambda: _start(order)) == "b"

@@ -37,10 +37,12 @@ LAYERS: list[tuple[str, ...]] = [
         "dropsafe._lifetime",
         "dropsafe._session_state",
     ),
-    # What dropsafe adds to a connect; how much of the pool an error ends; a ROLLBACK that
-    # met a lost connection, absorbed; a transaction's first statement, replayed.
+    # What dropsafe adds to a connect; a connect that waits out a short outage; how much of
+    # the pool an error ends; a ROLLBACK that met a lost connection, absorbed; a
+    # transaction's first statement, replayed.
     (
         "dropsafe._connect_args",
+        "dropsafe._connect_wait",
         "dropsafe._invalidation",
         "dropsafe._quiet_rollback",
         "dropsafe._replay",

@@ -24,6 +24,14 @@ def test_connections_are_retired_after_an_hour_and_no_pooler_is_assumed():
     assert ConnectionPolicy(pooler="transaction").pooler == "transaction"
 
 
+def test_a_checkout_waits_out_a_restart_well_within_a_web_servers_timeout():
+    wait = seconds(ConnectionPolicy().connect_wait)
+    # Outlasts a restart (0.3-0.5 s measured here), well below gunicorn's and Heroku's 30 s.
+    assert 5 <= wait <= 15
+    assert ConnectionPolicy(connect_wait=0).connect_wait == 0.0
+    assert ConnectionPolicy(connect_wait=timedelta(seconds=3)).connect_wait == 3.0
+
+
 def test_durations_take_timedelta_and_store_seconds():
     assert ConnectionPolicy(connect_timeout=timedelta(milliseconds=2500)).connect_timeout == 2.5
     assert UnitPolicy(deadline=timedelta(minutes=1)).deadline == 60.0
@@ -45,6 +53,9 @@ def test_durations_take_timedelta_and_store_seconds():
         (ConnectionPolicy, "pooler", True, "pooler must be one of"),
         (PoolPolicy, "max_lifetime", 0.5, r"max_lifetime must be within 1\.\.604800"),
         (PoolPolicy, "max_lifetime", "1h", "max_lifetime must be a number of seconds"),
+        (ConnectionPolicy, "connect_wait", -1, r"connect_wait must be within 0\.\.600"),
+        (ConnectionPolicy, "connect_wait", None, "connect_wait must be a number of seconds"),
+        (ConnectionPolicy, "connect_wait", float("inf"), "connect_wait must be finite"),
     ],
 )
 def test_bad_values_name_the_layer_the_field_and_the_range(layer, field, value, message):

@@ -35,6 +35,7 @@ PUBLIC = {
     "dropsafe.events": [
         "AcknowledgedCommitLost",
         "CommitResolved",
+        "ConnectWaited",
         "ConnectionInvalidated",
         "DeadConnectionReplaced",
         "Event",

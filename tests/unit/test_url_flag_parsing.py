@@ -30,13 +30,14 @@ def test_values_parse_to_each_knobs_type_and_land_in_its_layer():
             "dropsafe_tcp_user_timeout": "2.5",
             "dropsafe_keepalive_idle": "none",
             "dropsafe_keepalive_count": "4",
+            "dropsafe_connect_wait": "3",
             "dropsafe_ping_after_idle": "0",
             "sslmode": "require",  # not ours: left alone
         }
     )
     assert policy.unit == dropsafe.UnitPolicy(deadline=10, max_attempts=7, verify_commits=False)
     assert policy.connection == dropsafe.ConnectionPolicy(
-        tcp_user_timeout=2.5, keepalive_idle=None, keepalive_count=4
+        tcp_user_timeout=2.5, keepalive_idle=None, keepalive_count=4, connect_wait=3
     )
     assert policy.pool == dropsafe.PoolPolicy(ping_after_idle=0)
     assert policy.hooks == dropsafe.Policy().hooks

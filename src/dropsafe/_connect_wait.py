@@ -1,0 +1,181 @@
+"""A checkout that waits out a short outage instead of failing the request at once.
+
+A restart, a crash recovery or a failover leaves a few seconds in which no connection can be
+made: refused, reset, 57P03 (starting up, in recovery, shutting down), no primary among the
+hosts yet. Without a wait every request that arrives then fails, as with ``pool_pre_ping``.
+`ConnectWait` wraps the pool's creator, so every connect the pool makes (a new connection, a
+dead one replaced at checkout) tries again with full-jitter backoff until
+``ConnectionPolicy.connect_wait`` has passed. The pool's own machinery is untouched: the
+checkout keeps the slot it took, so checkouts queued behind it keep their order and their own
+``pool_timeout``. Each try runs SQLAlchemy's whole connect again (``do_connect`` listeners
+included), so a multi-host target moves past the host that just failed.
+
+Inside a unit of work (and while it resolves a COMMIT) a connect fails at once: the unit waits
+for the server itself, within its deadline, and must not wait twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import random
+import time
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy.util
+
+from dropsafe._backoff import full_jitter
+from dropsafe._classify import classify
+from dropsafe._hooks import emit
+from dropsafe._policy import seconds
+from dropsafe._redaction import describe_error, redact_url
+from dropsafe.events import ConnectWaited
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from sqlalchemy.engine import Engine
+    from sqlalchemy.pool import ConnectionPoolEntry, Pool
+
+    from dropsafe._policy import ConnectionPolicy
+    from dropsafe.events import Hook
+
+__all__ = ["ConnectWait", "waits_elsewhere"]
+
+# The schedule between tries: short first (a restart takes well under a second on a small
+# server), never more than half a second apart, so the app gets the server back promptly.
+_INITIAL = 0.05
+_MAXIMUM = 0.5
+_MULTIPLIER = 2.0
+# Texts of connect errors that name a TLS setting: a retry cannot fix those, although the
+# driver reports some of them as a lost or refused connection.
+_TLS_SETTINGS = (
+    "does not support ssl",  # libpq, sslmode=require against a server without TLS
+    "rejected ssl upgrade",  # asyncpg, ssl=require likewise
+    "certificate",
+    "sslmode",
+)
+_WAITS_ELSEWHERE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dropsafe_connect_waits_elsewhere", default=False
+)
+_JITTER = random.Random()  # noqa: S311 - jitter, not cryptography
+
+
+@contextlib.contextmanager
+def waits_elsewhere() -> Iterator[None]:
+    """Inside this block a failed connect fails at once: the caller waits on its own terms.
+
+    For a unit of work (its loop waits for the server until its deadline) and for what runs
+    within its deadline (commit resolution). Holds for the thread or task, and for the
+    greenlets SQLAlchemy runs an async engine's work in.
+    """
+    token = _WAITS_ELSEWHERE.set(True)
+    try:
+        yield
+    finally:
+        _WAITS_ELSEWHERE.reset(token)
+
+
+def worth_waiting(error: BaseException) -> bool:
+    """Whether ``error`` from a connect means "the server is not there now"."""
+    if not classify(error).retryable:
+        return False  # a wrong password, a missing database, the app's own error...
+    text = str(error).lower()
+    return not any(setting in text for setting in _TLS_SETTINGS)
+
+
+class ConnectWait:
+    """Makes one engine's connects wait up to ``connect_wait`` for a server that is away."""
+
+    def __init__(self, policy: ConnectionPolicy, hooks: tuple[Hook, ...], engine: Engine) -> None:
+        self._wait = seconds(policy.connect_wait)
+        self._hooks = hooks
+        self._url = redact_url(engine.url)
+        self._is_async = bool(engine.dialect.is_async)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether connects wait at all (``connect_wait`` above 0)."""
+        return self._wait > 0
+
+    def wrap(self, pool: Pool) -> None:
+        """Make ``pool`` (and the pools ``recreate()`` makes from it) connect through the wait."""
+        invoke: Callable[[Any], Any] = pool._invoke_creator  # noqa: SLF001 - the creator in its one-argument form
+
+        # SQLAlchemy calls a creator with this exact signature with the pool's entry.
+        def connect(connection_record: ConnectionPoolEntry | None = None) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
+            return self.connect(invoke, connection_record)
+
+        pool._creator = connect  # noqa: SLF001 - the documented creator, kept by recreate()
+
+    def connect(
+        self,
+        invoke: Callable[[Any], Any],
+        entry: ConnectionPoolEntry | None,
+    ) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
+        """Connect; while the server is not there, try again until ``connect_wait`` is over."""
+        if _WAITS_ELSEWHERE.get():
+            return invoke(entry)
+        try:
+            return invoke(entry)
+        except Exception as exc:
+            if not worth_waiting(exc):
+                raise
+            first = exc
+        started, started_at = time.monotonic(), time.time()
+        deadline = started + self._wait
+        attempts = 1
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._give_up(first, first, attempts, started, started_at)
+            delay = full_jitter(_INITIAL, _MAXIMUM, _MULTIPLIER, attempts, _JITTER)
+            self._sleep(min(delay, remaining))
+            attempts += 1
+            try:
+                connection = invoke(entry)
+            except Exception as exc:  # noqa: BLE001 - judged by worth_waiting, raised otherwise
+                if not worth_waiting(exc) or time.monotonic() >= deadline:
+                    self._give_up(exc, first, attempts, started, started_at)
+                continue
+            self._report("connected", first, attempts, started, started_at)
+            return connection
+
+    def _sleep(self, delay: float) -> None:
+        if self._is_async:
+            # An async engine connects in a greenlet inside the event loop: yield to it.
+            sqlalchemy.util.await_only(asyncio.sleep(delay))
+        else:
+            time.sleep(delay)
+
+    def _give_up(
+        self,
+        error: Exception,
+        first: Exception,
+        attempts: int,
+        started: float,
+        started_at: float,
+    ) -> None:
+        waited = self._report("gave_up", first, attempts, started, started_at)
+        if hasattr(error, "add_note"):  # Python 3.11+
+            error.add_note(
+                f"dropsafe: no connection after {attempts} attempt(s) in {waited:.2f}s "
+                f"(ConnectionPolicy.connect_wait={self._wait:g}s)"
+            )
+        raise error
+
+    def _report(
+        self,
+        outcome: Any,  # noqa: ANN401 - Literal["connected", "gave_up"]
+        first: Exception,
+        attempts: int,
+        started: float,
+        started_at: float,
+    ) -> float:
+        waited = time.monotonic() - started
+        event = ConnectWaited(
+            self._url, outcome, attempts, waited, started_at, describe_error(first)
+        )
+        emit(self._hooks, event)
+        return waited
