@@ -54,10 +54,11 @@ from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
 from dropsafe._session_state import (
-    CHANGED,
-    USED,
+    mark_connection,
     may_change_session,
+    session_changed,
     session_differs,
+    session_used,
     snapshot,
 )
 from dropsafe.events import FirstStatementReplayed
@@ -170,12 +171,10 @@ def forgo_replay(connection: Connection) -> None:
 def _mark(checkout: PoolProxiedConnection, *, changes: bool) -> None:
     """Note on ``checkout``'s pool entry that it ran a statement, and one that ``changes``."""
     try:
-        info = checkout.info
+        checkout.info  # noqa: B018 - only to tell the first connect's ad hoc connection
     except NotImplementedError:  # the ad hoc connection of a first connect has no pool entry
         return
-    info[USED] = True
-    if changes:
-        info[CHANGED] = True
+    mark_connection(checkout.driver_connection, changes=changes)
 
 
 class FirstStatementReplay:
@@ -347,7 +346,7 @@ class FirstStatementReplay:
         checkout's ``SET search_path`` (its transaction committed) is still on the connection
         a later checkout gets, and would not be on a fresh one.
         """
-        if checkout.info.get(CHANGED):
+        if session_changed(checkout.driver_connection):
             logger.debug(
                 "dropsafe will not replay this first statement: a statement since its "
                 "connection was made may have changed the session's state"
@@ -543,7 +542,9 @@ class FirstStatementReplay:
         # checkouts set on it counts as the lost one's would. A statement the whitelist does not
         # admit may read its sequence state (currval, lastval), which no whitelisted statement
         # marks: such a statement is replayed only on a connection that has run nothing.
-        if fresh.info.get(CHANGED) or (changes and fresh.info.get(USED)):
+        if session_changed(fresh.driver_connection) or (
+            changes and session_used(fresh.driver_connection)
+        ):
             logger.debug(
                 "dropsafe will not replay this first statement: the pool's connection for it "
                 "has run statements that may have changed its session state"
@@ -558,7 +559,7 @@ class FirstStatementReplay:
             fresh.close()  # back to the pool, as any connection the app is done with
             return None
         if changes:
-            fresh.info[CHANGED] = True
+            mark_connection(fresh.driver_connection, changes=True)
         # The private part (see the module doc): the Connection and the execution context now
         # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
         connection._dbapi_connection = fresh  # noqa: SLF001

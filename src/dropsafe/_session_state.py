@@ -26,20 +26,57 @@ differ; this module says where. Three facts, none of them a round trip:
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from dropsafe._drivers import Driver
 
-__all__ = ["CHANGED", "USED", "may_change_session", "session_differs", "snapshot"]
+__all__ = [
+    "mark_connection",
+    "may_change_session",
+    "session_changed",
+    "session_differs",
+    "session_used",
+    "snapshot",
+]
 
-# Keys of a connection's SQLAlchemy ``info`` dictionary, which lives as long as the DBAPI
-# connection (the pool clears it when it closes or replaces that connection).
-CHANGED = "dropsafe.session_state_changed"
-# Set once the connection has run any statement: even the whitelist's set the session's
-# sequence state (``nextval``, and so every INSERT into a serial column, sets ``currval`` /
-# ``lastval``), which a statement the whitelist does not admit may read.
-USED = "dropsafe.session_used"
+# What each DBAPI connection has run, kept here and not in the pool entry's ``info`` (the
+# user's dictionary: dropsafe adds no key there). Keyed weakly by the driver's connection, which
+# lives exactly as long as the DBAPI connection: a reconnect starts with no marks.
+# ``_USED``: the connection has run a statement; even the whitelist's set the session's sequence
+# state (``nextval``, and so every INSERT into a serial column, sets ``currval`` / ``lastval``),
+# which a statement the whitelist does not admit may read. ``_CHANGED``: a statement may have
+# changed its session state.
+_USED = 1
+_CHANGED = 2
+_MARKS: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def mark_connection(driver_connection: object, *, changes: bool) -> None:
+    """Note that ``driver_connection`` ran a statement, and one that ``changes`` its session."""
+    try:
+        marks = _MARKS.get(driver_connection, 0)
+    except TypeError:  # not weakly referable: never proven unchanged, so never replayed onto
+        return
+    _MARKS[driver_connection] = marks | _USED | (_CHANGED if changes else 0)
+
+
+def session_changed(driver_connection: object) -> bool:
+    """Whether a statement on ``driver_connection`` may have changed its session state."""
+    try:
+        return bool(_MARKS.get(driver_connection, 0) & _CHANGED)
+    except TypeError:
+        return True
+
+
+def session_used(driver_connection: object) -> bool:
+    """Whether ``driver_connection`` has run any statement since it was made."""
+    try:
+        return bool(_MARKS.get(driver_connection, 0) & _USED)
+    except TypeError:
+        return True
+
 
 # Statements whose first words are these change no session state (the rest of the text is
 # still read for function calls and temporary tables).
