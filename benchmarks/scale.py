@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 import dropsafe
 from dropsafe._bench._report import load_average, machine, table
-from dropsafe._engine import guard_of
+from dropsafe._engine.guard import guard_of
 from dropsafe.testing import PostgresServer
 
 RESULTS = Path(__file__).parent / "results"

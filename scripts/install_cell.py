@@ -163,7 +163,7 @@ def check_url_flag(url: str, connect_args: dict[str, object]) -> None:
     """``?plugin=dropsafe`` hardens a plain SQLAlchemy engine: the wheel's entry point works."""
     import sqlalchemy as sa  # noqa: PLC0415
 
-    from dropsafe._engine import guard_of  # noqa: PLC0415
+    from dropsafe._engine.guard import guard_of  # noqa: PLC0415
 
     flagged = sa.engine.make_url(url).update_query_dict(
         {"plugin": "dropsafe", "dropsafe_deadline": "7"}

@@ -225,7 +225,7 @@ def check_wheel(wheel: Path) -> dict[str, str | list[str]]:
     for needed in (
         "[pytest11]\ndropsafe = dropsafe.testing.pytest_plugin",
         "dropsafe = dropsafe._cli:main",
-        "[sqlalchemy.plugins]\ndropsafe = dropsafe._url_plugin:DropsafePlugin",
+        "[sqlalchemy.plugins]\ndropsafe = dropsafe._engine.url_plugin:DropsafePlugin",
     ):
         if needed not in entry_points:
             fail(f"the wheel's entry points lack {needed!r}:\n{entry_points}")

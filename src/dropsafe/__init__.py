@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 if typing.TYPE_CHECKING:
     from dropsafe._backoff import test_mode
     from dropsafe._classify import ErrorKind, classify
-    from dropsafe._engine import create_async_engine, create_engine, harden, policy_of
+    from dropsafe._engine.guard import create_async_engine, create_engine, harden, policy_of
     from dropsafe._errors import CommitOutcomeUnknown, ConfigurationError, DropsafeError
     from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy
     from dropsafe._request_unit import request_unit
@@ -69,7 +69,7 @@ _GONE = {
 _HOMES = {
     "dropsafe._backoff": ("test_mode",),
     "dropsafe._classify": ("ErrorKind", "classify"),
-    "dropsafe._engine": ("create_async_engine", "create_engine", "harden", "policy_of"),
+    "dropsafe._engine.guard": ("create_async_engine", "create_engine", "harden", "policy_of"),
     "dropsafe._errors": ("CommitOutcomeUnknown", "ConfigurationError", "DropsafeError"),
     "dropsafe._policy": ("ConnectionPolicy", "Policy", "PoolPolicy", "UnitPolicy"),
     "dropsafe._request_unit": ("request_unit",),

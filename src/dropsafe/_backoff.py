@@ -1,5 +1,8 @@
 """How long a unit of work waits before it runs again: full-jitter backoff, and `test_mode`.
 
+Also who waits: inside `waits_elsewhere` a connect fails at once, because the caller (a unit of
+work, a commit resolution) waits for the server itself, within its own deadline.
+
 `test_mode` lives here because it is the switch on this one decision: inside it, every wait
 is zero, while attempts and deadlines still apply.
 """
@@ -16,12 +19,35 @@ if TYPE_CHECKING:
     import random
     from collections.abc import Iterator
 
-__all__ = ["backoff", "full_jitter", "test_mode"]
+__all__ = ["backoff", "caller_waits", "full_jitter", "test_mode", "waits_elsewhere"]
 
 _MAX_EXPONENT = 64  # backoff_multiplier (at most 10) ** 64 is still a finite float
 _NO_BACKOFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "dropsafe_no_backoff", default=False
 )
+_WAITS_ELSEWHERE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "dropsafe_connect_waits_elsewhere", default=False
+)
+
+
+@contextlib.contextmanager
+def waits_elsewhere() -> Iterator[None]:
+    """Inside this block a failed connect fails at once: the caller waits on its own terms.
+
+    For a unit of work (its loop waits for the server until its deadline) and for what runs
+    within its deadline (commit resolution). Holds for the thread or task, and for the
+    greenlets SQLAlchemy runs an async engine's work in.
+    """
+    token = _WAITS_ELSEWHERE.set(True)
+    try:
+        yield
+    finally:
+        _WAITS_ELSEWHERE.reset(token)
+
+
+def caller_waits() -> bool:
+    """Whether a connect here must fail at once (see `waits_elsewhere`)."""
+    return _WAITS_ELSEWHERE.get()
 
 
 @contextlib.contextmanager

@@ -53,7 +53,7 @@ class ErrorKind(str, enum.Enum):
 
 
 #: 25006 (read_only_sql_transaction) is a failover only when the server itself is read-only
-#: because it is in recovery (a standby). The pool's error handler (`dropsafe._invalidation`)
+#: because it is in recovery (a standby). The pool's error handler (`dropsafe._engine.invalidation`)
 #: establishes that from the connection and then marks SQLAlchemy's error
 #: ``connection_invalidated``; otherwise 25006 is the user's own read-only transaction, or a
 #: setting of the server: permanent.

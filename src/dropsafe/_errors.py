@@ -8,7 +8,7 @@
       + CommitOutcomeUnknown    (the COMMIT may or may not have happened)
 
 Errors from the database that dropsafe does not handle are raised unchanged, and so is the
-last error of a unit of work that ran out of attempts or time (see `dropsafe._unit`).
+last error of a unit of work that ran out of attempts or time (see `dropsafe._unit.core`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ One thread for each process (made anew in a forked child) keeps the deadlines an
 passes, shuts the socket down (``shutdown(SHUT_RDWR)`` on a duplicate of its file descriptor):
 the blocked read returns end-of-file. This module knows sockets only by file descriptor; which
 socket a DBAPI connection uses is the driver's business (`dropsafe._drivers`), and why dropsafe
-bounds a wait this way is told in `dropsafe._watchdog`.
+bounds a wait this way is told in `dropsafe._drivers.deadline`.
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ Connection (from an ``Engine``) inside an open transaction. dropsafe commits it.
 disconnect, transient or failover error the whole function runs again, after a backoff,
 within ``UnitPolicy.max_attempts`` runs that reached the server and an absolute
 ``UnitPolicy.deadline``; a statement is never replayed in the middle of a transaction. A COMMIT
-whose reply was lost is resolved by asking the server (see `dropsafe._resolution`), so that a
+whose reply was lost is resolved by asking the server (see `dropsafe._unit.resolution`), so that a
 committed unit is not run again and an acknowledged one is never lost. Errors that are not
 the database's, and permanent ones, are raised unchanged after the rollback.
 
-Every decision is made once, in `dropsafe._unit`; this module only performs its steps: the
+Every decision is made once, in `dropsafe._unit.core`; this module only performs its steps: the
 sync face and the async face below differ only where they await. The resolution runs as sync
 code for both (in SQLAlchemy's greenlet for async engines).
 """
@@ -29,23 +29,13 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from dropsafe._connect_wait import waits_elsewhere
-from dropsafe._engine import guard_of, loaded_asyncio, require_asyncio
+from dropsafe._backoff import waits_elsewhere
+from dropsafe._drivers.deadline import bounded
+from dropsafe._engine.guard import guard_of, loaded_asyncio, require_asyncio
+from dropsafe._engine.replay import forgo_replay
 from dropsafe._errors import ConfigurationError
-from dropsafe._failover_audit import audit_after_failover, remember_commit
 from dropsafe._policy import Duration, Policy, UnitPolicy
-from dropsafe._recording import (
-    CommitRecorder,
-    PendingCommit,
-    other_connections,
-    record_commits,
-    record_commits_of_routing,
-    recording,
-)
-from dropsafe._replay import forgo_replay
-from dropsafe._resolution import resolve_commit
-from dropsafe._server_life import learn_server_life, must_learn_server_life
-from dropsafe._unit import (
+from dropsafe._unit.core import (
     CommitFailed,
     Committed,
     Failed,
@@ -55,13 +45,23 @@ from dropsafe._unit import (
     Run,
     unit_of_work,
 )
-from dropsafe._unit_shapes import (
+from dropsafe._unit.failover_audit import audit_after_failover, remember_commit
+from dropsafe._unit.recording import (
+    CommitRecorder,
+    PendingCommit,
+    other_connections,
+    record_commits,
+    record_commits_of_routing,
+    recording,
+)
+from dropsafe._unit.resolution import resolve_commit
+from dropsafe._unit.server_life import learn_server_life, must_learn_server_life
+from dropsafe._unit.shapes import (
     begin_driver_transaction,
     check_engine_shape,
     check_unit_shape,
     watching,
 )
-from dropsafe._watchdog import bounded
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -137,7 +137,7 @@ def run_transaction(
         except StopIteration as done:
             return cast("_T", done.value)
         if isinstance(step, Run):
-            reply = _run_once(bind, fn, step)
+            reply = _run_once(bind, fn, step, hooks)
             audited = _acknowledged(engine, reply, step, fn)
             if audited is not None:
                 audit_after_failover(audited, hooks)
@@ -159,7 +159,10 @@ def run_transaction(
 
 
 def _run_once(
-    bind: sessionmaker[Session] | sa.Engine, fn: Callable[[Any], _T], step: Run
+    bind: sessionmaker[Session] | sa.Engine,
+    fn: Callable[[Any], _T],
+    step: Run,
+    hooks: tuple[Hook, ...],
 ) -> Report:
     """Run ``fn`` once in a new transaction and commit it; report what happened."""
     token = _IN_UNIT.set(True)
@@ -170,7 +173,7 @@ def _run_once(
         with (
             waits_elsewhere(),  # the unit waits for an unreachable server: not its connects
             recording(read_xid=step.verify_commits) as recorder,
-            watching(_unit_name(fn)) as shapes,
+            watching(_unit_name(fn), hooks) as shapes,
             _begun(bind) as begun,
         ):
             handle, connection = begun  # connected: a failure before here never reached it
@@ -267,7 +270,7 @@ async def run_transaction_async(
         except StopIteration as done:
             return cast("_T", done.value)
         if isinstance(step, Run):
-            reply = await _run_once_async(bind, fn, step)
+            reply = await _run_once_async(bind, fn, step, hooks)
         elif isinstance(step, Resolve):
             reply = await greenlet_spawn(
                 resolve_commit,
@@ -301,6 +304,7 @@ async def _run_once_async(
     bind: async_sessionmaker[AsyncSession] | AsyncEngine,
     fn: Callable[[Any], Awaitable[_T]],
     step: Run,
+    hooks: tuple[Hook, ...],
 ) -> Report:
     """`_run_once` for async binds: the same steps, awaited."""
     token = _IN_UNIT.set(True)
@@ -311,7 +315,7 @@ async def _run_once_async(
         with (
             waits_elsewhere(),  # as in `_run_once`
             recording(read_xid=step.verify_commits) as recorder,
-            watching(_unit_name(fn)) as shapes,
+            watching(_unit_name(fn), hooks) as shapes,
         ):
             async with _begun_async(bind) as begun:
                 handle, connection = begun
@@ -407,7 +411,7 @@ def _acknowledged(
 ) -> sa.Engine | None:
     """Remember a commit acknowledged to the app; return the engine to audit for a failover now.
 
-    The healthy path's whole cost of `dropsafe._failover_audit`: a few stores in a ring. In a
+    The healthy path's whole cost of `dropsafe._unit.failover_audit`: a few stores in a ring. In a
     unit over several engines, the commit is remembered (and audited) on the engine that wrote.
     """
     if isinstance(step, Resolve):

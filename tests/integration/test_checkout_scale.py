@@ -18,7 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 import dropsafe
-from dropsafe._engine import guard_of
+from dropsafe._engine.guard import guard_of
 
 POOL = 10
 PID = sa.text("SELECT pg_backend_pid()")

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session
 
 import dropsafe
 from dropsafe import CommitOutcomeUnknown
-from dropsafe._recording import record_commits
+from dropsafe._unit.recording import record_commits
 from dropsafe.events import CommitResolved
 from dropsafe.testing import ChaosProxy, PgBouncer, PostgresServer, ServerError
 
@@ -596,7 +596,7 @@ def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
     """As a role without privileges: resets, reload, CHECKPOINT, VACUUM and a fast restart keep
     the history; a backend SIGKILLed (crash restart: same postmaster) and an immediate stop
     move it."""
-    from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife  # noqa: PLC0415
+    from dropsafe._unit.server_life import SERVER_LIFE_SQL, ServerLife  # noqa: PLC0415
 
     app_url = _app_role(server)("psycopg2").replace("postgresql+psycopg2", "postgresql")
 
@@ -627,7 +627,7 @@ def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
     after_clean_restart = life()
     assert after_clean_restart.same_history(before_restart)
     # A reset and then a clean restart, both between two reads: a new history to the first read
-    # (an answer unknown, never wrong; see dropsafe._server_life).
+    # (an answer unknown, never wrong; see dropsafe._unit.server_life).
     assert not after_clean_restart.same_history(first)
     bystander = psycopg2.connect(_libpq_url(server))
     os.kill(bystander.get_backend_pid(), signal.SIGKILL)

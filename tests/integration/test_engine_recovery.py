@@ -15,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
-from dropsafe._engine import guard_of
+from dropsafe._engine.guard import guard_of
 from dropsafe.events import PingSucceeded
 
 pytestmark = pytest.mark.fault

@@ -21,7 +21,7 @@ from flask import got_request_exception
 from werkzeug.serving import make_server
 
 import dropsafe
-from dropsafe._engine import guard_of
+from dropsafe._engine.guard import guard_of
 from dropsafe.testing._ledger import Ledger, Nemesis
 
 pytest.importorskip("flask_sqlalchemy")

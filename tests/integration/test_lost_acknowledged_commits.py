@@ -5,7 +5,7 @@ The fault: a primary with an asynchronous standby whose replication connection r
 commit on the primary (acknowledged: asynchronous replication does not wait), the primary is
 stopped at once (immediate: a crash), the standby is promoted and the app's proxy switched to it,
 and one more unit commits there. Its COMMIT makes dropsafe ask the new primary about the
-commits it remembers (src/dropsafe/_failover_audit.py).
+commits it remembers (src/dropsafe/_unit/failover_audit.py).
 
 Checked, for psycopg2, psycopg 3 and asyncpg: every acknowledged commit the new primary lacks is
 reported (`AcknowledgedCommitLost`, outcome "lost") exactly once, none that was replicated is,

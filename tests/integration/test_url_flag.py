@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 
 import dropsafe
-from dropsafe._engine import guard_of
+from dropsafe._engine.guard import guard_of
 
 flask_sqlalchemy = pytest.importorskip("flask_sqlalchemy")
 flask = pytest.importorskip("flask")

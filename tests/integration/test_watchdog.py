@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
-from dropsafe._watchdog import bounded
+from dropsafe._drivers.deadline import bounded
 
 pytestmark = pytest.mark.fault
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import sessionmaker
 
 import dropsafe
 from dropsafe._bench._turns import TurnCounter
-from dropsafe._server_life import server_life_of
+from dropsafe._unit.server_life import server_life_of
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 INSERT = sa.text("INSERT INTO guard_cost (v) VALUES (1)")

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import dropsafe
 from dropsafe import ErrorKind, UnitPolicy
 from dropsafe._hooks import emit
-from dropsafe._unit import RetryBudget
+from dropsafe._unit.core import RetryBudget
 from dropsafe.events import RetryScheduled
 
 ERROR = ConnectionResetError(104, "reset by postgresql://app:s3cret@db/app")

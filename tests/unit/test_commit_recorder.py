@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from dropsafe._recording import CommitRecorder, PendingCommit
-from dropsafe._server_life import ServerLife
 from dropsafe._transaction import _commit_failed
-from dropsafe._unit import CommitFailed, Committed
+from dropsafe._unit.core import CommitFailed, Committed
+from dropsafe._unit.recording import CommitRecorder, PendingCommit
+from dropsafe._unit.server_life import ServerLife
 
 WRITER, READER = object(), object()  # stand-ins for two SQLAlchemy connections
 PENDING = PendingCommit(xid=1234, backend_pid=42, server_life=ServerLife("7", "2026-01-01"))

@@ -14,7 +14,7 @@ from dropsafe._drivers import (
     bytes_sent,
     tcp_bytes_sent,
 )
-from dropsafe._hosts import rotate
+from dropsafe._engine.hosts import rotate
 
 LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
 

@@ -10,7 +10,7 @@ from sqlalchemy.orm import scoped_session, sessionmaker
 
 import dropsafe
 from dropsafe import ConfigurationError, Policy, UnitPolicy
-from dropsafe._engine import guard_of
+from dropsafe._engine.guard import guard_of
 from dropsafe._redaction import redact_text, redact_url
 
 URL = "postgresql+psycopg2://app:s3cret@db.invalid/app"

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from dropsafe._failover_audit import Remembered, ServerAnswer, _Commit, judge
-from dropsafe._recording import PendingCommit, lsn_number
-from dropsafe._server_life import ServerLife
+from dropsafe._unit.failover_audit import Remembered, ServerAnswer, _Commit, judge
+from dropsafe._unit.recording import PendingCommit, lsn_number
+from dropsafe._unit.server_life import ServerLife
 
 OLD = ServerLife("7712167652585548053", "2026-11-25 12:00:00+00")
 NEW = ServerLife("7712167652585548053", "2026-11-25 12:05:00+00")  # the promoted standby
@@ -139,7 +139,7 @@ class FakeEngine:
 
 
 def test_each_lost_commit_is_reported_once_through_the_hooks(monkeypatch):
-    from dropsafe import _failover_audit  # noqa: PLC0415
+    from dropsafe._unit import failover_audit as _failover_audit  # noqa: PLC0415
 
     engine, events = FakeEngine(), []
     monkeypatch.setattr(
@@ -154,7 +154,7 @@ def test_each_lost_commit_is_reported_once_through_the_hooks(monkeypatch):
 
 
 def test_a_server_that_cannot_be_asked_makes_the_commits_unknown_after_three_tries(monkeypatch):
-    from dropsafe import _failover_audit  # noqa: PLC0415
+    from dropsafe._unit import failover_audit as _failover_audit  # noqa: PLC0415
 
     engine, events = FakeEngine(), []
 
@@ -193,7 +193,7 @@ def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_argume
 
 
 def test_an_audit_cancelled_midway_leaves_its_commits_for_the_next(monkeypatch):
-    from dropsafe import _failover_audit  # noqa: PLC0415
+    from dropsafe._unit import failover_audit as _failover_audit  # noqa: PLC0415
 
     engine, events = FakeEngine(), []
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import sqlalchemy as sa
 
 from dropsafe._drivers import driver_for
-from dropsafe._hosts import HostOrder
+from dropsafe._engine.hosts import HostOrder
 
 
 def _order():

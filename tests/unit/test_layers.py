@@ -1,9 +1,12 @@
-"""No module imports upward: every module under src/dropsafe sits in a layer written down here.
+"""The house's rule: the engine wing and the unit wing never import each other.
 
-A module may import modules of lower layers. Modules of one layer are peers and do not import
-each other, except inside a package layer (the test bench, the benchmark, the demo, the CLI),
-whose modules are one piece. Imports inside functions count; imports under ``TYPE_CHECKING``
-do not (they never run). A new module must be placed here: the test fails until it is.
+Every module under src/dropsafe belongs to one part (below, lowest first). A module imports
+its own part and the parts below it: the base (errors, redaction, policy, events, classify,
+hooks, backoff, the process's own state) at the bottom, the drivers' knowledge above it, the
+two wings above both and side by side, then the place where they meet (the unit runner and the
+public face), then the tools built on the public face. No module takes part in an import
+circle. Imports inside functions count; imports under ``TYPE_CHECKING`` do not (they never
+run). A new top-level module must be placed here: the test fails until it is.
 """
 
 from __future__ import annotations
@@ -15,61 +18,42 @@ import pytest
 
 SOURCE = Path(__file__).parents[2] / "src"
 
-# Lowest first. A name ending in ".*" is a package layer: the package and all its modules.
-LAYERS: list[tuple[str, ...]] = [
-    # What one process owns alone, renewed in a forked child.
-    ("dropsafe._process",),
-    # The exception tree, redaction, and the thread that shuts sockets down: no dropsafe deps.
-    ("dropsafe._errors", "dropsafe._redaction", "dropsafe._socket_shutdown", "dropsafe._log"),
-    # Vocabulary: the events hooks receive, and the ErrorKind of any error.
-    ("dropsafe.events", "dropsafe._classify"),
-    # Settings per layer, and handing events to hooks.
-    ("dropsafe._policy", "dropsafe._hooks"),
-    # Per-driver facts; the backoff schedule of a unit of work.
-    ("dropsafe._drivers", "dropsafe._backoff"),
-    # Mechanisms built on the driver's facts: the deadline on a wait, the host order, the
-    # checkout check; and the connection lifetime (on the policy alone).
-    # Whether two connections' session states may differ (the replay's proof).
-    (
-        "dropsafe._watchdog",
-        "dropsafe._hosts",
-        "dropsafe._liveness",
-        "dropsafe._lifetime",
-        "dropsafe._session_state",
-    ),
-    # What dropsafe adds to a connect; a connect that waits out a short outage; how much of
-    # the pool an error ends; a ROLLBACK that met a lost connection, absorbed; a
-    # transaction's first statement, replayed.
-    (
-        "dropsafe._connect_args",
-        "dropsafe._connect_wait",
-        "dropsafe._invalidation",
-        "dropsafe._quiet_rollback",
-        "dropsafe._replay",
-    ),
-    # Wiring: the engine and its guard.
-    ("dropsafe._engine",),
-    # ?plugin=dropsafe: an engine made anywhere, hardened by its URL.
-    ("dropsafe._url_plugin",),
-    # The unit of work's side: the server's identity, the commit record, the resolution of an
-    # ambiguous COMMIT, the decisions of a unit of work, and the loops that drive them.
-    ("dropsafe._server_life",),
-    ("dropsafe._recording",),
-    # Acknowledged commits remembered, and checked after a failover.
-    ("dropsafe._failover_audit",),
-    # ... and the shapes a unit of work may take (two-phase and AUTOCOMMIT refused).
-    ("dropsafe._resolution", "dropsafe._unit", "dropsafe._unit_shapes"),
-    ("dropsafe._transaction",),
-    # A request handler that takes a Session, run as one unit of work.
-    ("dropsafe._request_unit",),
-    # The public face.
-    ("dropsafe",),
-    # Built on the public face: the test bench, the benchmark, the demo, the CLI.
-    ("dropsafe.testing.*",),
-    ("dropsafe._bench.*",),
-    ("dropsafe._demo.*",),
-    ("dropsafe._cli.*",),
-]
+BASE = "base"
+DRIVERS = "drivers"
+ENGINE_WING = "engine wing"
+UNIT_WING = "unit wing"
+MEETING = "where the wings meet"
+TOOLS = "tools"
+
+# Lowest first; the two wings share a rank and may not import each other.
+RANKS = {BASE: 0, DRIVERS: 1, ENGINE_WING: 2, UNIT_WING: 2, MEETING: 3, TOOLS: 4}
+
+# Packages, by prefix: every module in them belongs to the part.
+PACKAGES = {
+    "dropsafe._drivers": DRIVERS,
+    "dropsafe._engine": ENGINE_WING,
+    "dropsafe._unit": UNIT_WING,
+    "dropsafe.testing": TOOLS,
+    "dropsafe._bench": TOOLS,
+    "dropsafe._demo": TOOLS,
+    "dropsafe._cli": TOOLS,
+}
+# The modules directly under dropsafe/.
+MODULES_OF_PARTS = {
+    "dropsafe._process": BASE,
+    "dropsafe._errors": BASE,
+    "dropsafe._redaction": BASE,
+    "dropsafe._socket_shutdown": BASE,
+    "dropsafe._log": BASE,
+    "dropsafe.events": BASE,
+    "dropsafe._classify": BASE,
+    "dropsafe._policy": BASE,
+    "dropsafe._hooks": BASE,
+    "dropsafe._backoff": BASE,
+    "dropsafe._transaction": MEETING,
+    "dropsafe._request_unit": MEETING,
+    "dropsafe": MEETING,
+}
 
 
 def _module_name(path: Path) -> str:
@@ -82,20 +66,12 @@ def _module_name(path: Path) -> str:
 MODULES = {_module_name(path): path for path in sorted((SOURCE / "dropsafe").rglob("*.py"))}
 
 
-def _layer_of(module: str) -> int | None:
-    for index, names in enumerate(LAYERS):
-        for name in names:
-            if name.endswith(".*"):
-                package = name.removesuffix(".*")
-                if module == package or module.startswith(package + "."):
-                    return index
-            elif module == name:
-                return index
-    return None
-
-
-def _is_package_layer(index: int) -> bool:
-    return any(name.endswith(".*") for name in LAYERS[index])
+def part_of(module: str) -> str | None:
+    """Return the part ``module`` belongs to, or None if it has none."""
+    for package, part in PACKAGES.items():
+        if module == package or module.startswith(package + "."):
+            return part
+    return MODULES_OF_PARTS.get(module)
 
 
 def _is_type_checking(test: ast.expr) -> bool:
@@ -139,31 +115,83 @@ def imports_of(module: str, source: str, known: set[str]) -> set[str]:
     return {name for name in found if name == "dropsafe" or name.startswith("dropsafe.")}
 
 
-def test_every_module_has_a_layer():
-    unplaced = [module for module in MODULES if _layer_of(module) is None]
-    assert not unplaced, f"place these modules in LAYERS: {unplaced}"
+def _imports() -> dict[str, set[str]]:
+    known = set(MODULES)
+    return {
+        module: imports_of(module, path.read_text(encoding="utf-8"), known) - {module}
+        for module, path in MODULES.items()
+    }
 
 
-def test_every_layer_names_existing_modules():
-    missing = [name for names in LAYERS for name in names if name.removesuffix(".*") not in MODULES]
-    assert not missing, f"LAYERS names modules that do not exist: {missing}"
+def test_every_module_has_a_part():
+    unplaced = [module for module in MODULES if part_of(module) is None]
+    assert not unplaced, f"place these modules in MODULES_OF_PARTS or PACKAGES: {unplaced}"
+
+
+def test_every_part_names_existing_modules():
+    missing = [name for name in [*PACKAGES, *MODULES_OF_PARTS] if name not in MODULES]
+    assert not missing, f"the parts name modules that do not exist: {missing}"
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))
-def test_no_module_imports_upward(module):
-    own = _layer_of(module)
+def test_no_module_imports_a_higher_part_or_the_other_wing(module):
+    own = part_of(module)
     assert own is not None
-    imported = imports_of(module, MODULES[module].read_text(encoding="utf-8"), set(MODULES))
     wrong = []
-    for target in sorted(imported):
-        layer = _layer_of(target)
-        if layer is None:
+    for target in sorted(_imports()[module]):
+        part = part_of(target)
+        if part is None:
             wrong.append(f"{target} (no such module)")
-        elif layer > own:
-            wrong.append(f"{target} (a higher layer)")
-        elif layer == own and not _is_package_layer(own) and target != module:
-            wrong.append(f"{target} (a peer in the same layer)")
+        elif RANKS[part] > RANKS[own]:
+            wrong.append(f"{target} ({part}, above {own})")
+        elif RANKS[part] == RANKS[own] and part != own:
+            wrong.append(f"{target} (the {part}: the wings never import each other)")
     assert not wrong, f"{module} imports {', '.join(wrong)}"
+
+
+def test_no_import_circle():
+    imports = _imports()
+    circles = []
+    # Tarjan's strongly connected components: a component of two or more modules is a circle.
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in imports.get(module, ()):
+            if target not in imports:
+                continue
+            if target not in index:
+                visit(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(imports):
+        if module not in index:
+            visit(module)
+    assert not circles, f"import circles: {circles}"
+
+
+def test_the_rule_catches_a_wing_importing_the_other():
+    assert part_of("dropsafe._engine.replay") == ENGINE_WING
+    assert part_of("dropsafe._unit.recording") == UNIT_WING
+    assert RANKS[ENGINE_WING] == RANKS[UNIT_WING]
+    assert part_of("dropsafe._nowhere") is None
 
 
 def test_the_parser_counts_imports_in_functions_but_not_under_type_checking():
@@ -171,7 +199,7 @@ def test_the_parser_counts_imports_in_functions_but_not_under_type_checking():
 from typing import TYPE_CHECKING
 import dropsafe._errors
 if TYPE_CHECKING:
-    from dropsafe._engine import guard_of
+    from dropsafe._engine.guard import guard_of
 else:
     from dropsafe import _policy
 def later():
@@ -179,7 +207,7 @@ def later():
     from . import _hooks
 """
     known = set(MODULES)
-    assert imports_of("dropsafe._drivers", source, known) == {
+    assert imports_of("dropsafe._errors", source, known) == {
         "dropsafe._errors",
         "dropsafe._policy",
         "dropsafe._transaction",

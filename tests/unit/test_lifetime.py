@@ -9,8 +9,8 @@ from sqlalchemy.dialects import postgresql
 
 from dropsafe import PoolPolicy
 from dropsafe._drivers import _Psycopg2
-from dropsafe._lifetime import JITTER, ConnectionLifetime, draw_limit
-from dropsafe._liveness import CheckoutCheck
+from dropsafe._engine.lifetime import JITTER, ConnectionLifetime, draw_limit
+from dropsafe._engine.liveness import CheckoutCheck
 
 
 def test_limits_are_drawn_within_the_jitter_window_and_fill_it():

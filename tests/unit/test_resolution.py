@@ -6,9 +6,9 @@ import pytest
 
 from dropsafe import CommitOutcomeUnknown
 from dropsafe._classify import server_refused_commit
-from dropsafe._recording import PendingCommit
-from dropsafe._resolution import _Answer, _Resolution
-from dropsafe._server_life import ServerLife
+from dropsafe._unit.recording import PendingCommit
+from dropsafe._unit.resolution import _Answer, _Resolution
+from dropsafe._unit.server_life import ServerLife
 from dropsafe.events import CommitResolved
 
 HISTORY = ServerLife("7712167652585548053", "2026-11-25 12:00:00+00")

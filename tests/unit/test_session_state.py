@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from dropsafe._session_state import _VERDICTS, may_change_session, session_differs
+from dropsafe._engine.session_state import _VERDICTS, may_change_session, session_differs
 
 UNCHANGED = [
     # What the ORM and Core send.

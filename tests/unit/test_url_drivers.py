@@ -17,10 +17,10 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 import dropsafe
-import dropsafe._engine
+import dropsafe._engine.guard
 from dropsafe import ConfigurationError
 from dropsafe._cli import main
-from dropsafe._engine import guard_of
+from dropsafe._engine.guard import guard_of, resolve_driver
 
 SECRET = "Heroku-Needle-7"  # noqa: S105 - the needle the tests search for
 HEROKU = f"postgres://app:{SECRET}@127.0.0.1:1/app"
@@ -45,30 +45,28 @@ def _only(*modules: str):
     ],
 )
 def test_the_driver_read_is_the_one_installed(url, is_async, installed, expected):
-    read = dropsafe._engine.resolve_driver(
-        make_url(url), is_async=is_async, installed=_only(*installed)
-    )
+    read = resolve_driver(make_url(url), is_async=is_async, installed=_only(*installed))
     assert read.drivername == expected
 
 
 def test_sqlalchemys_own_default_is_left_to_it_when_installed():
     url = make_url("postgresql://a@h/d")
     default = url.get_dialect().driver
-    assert dropsafe._engine.resolve_driver(url, is_async=False, installed=_only(default)) is url
+    assert resolve_driver(url, is_async=False, installed=_only(default)) is url
 
 
 @pytest.mark.parametrize("is_async", [False, True])
 def test_no_driver_installed_says_in_one_line_what_to_do(is_async):
     with pytest.raises(ConfigurationError, match=r"pip install one of .*write postgresql\+"):
-        dropsafe._engine.resolve_driver(make_url(HEROKU), is_async=is_async, installed=_only())
+        resolve_driver(make_url(HEROKU), is_async=is_async, installed=_only())
     with pytest.raises(ConfigurationError) as raised:
-        dropsafe._engine.resolve_driver(make_url(HEROKU), is_async=is_async, installed=_only())
+        resolve_driver(make_url(HEROKU), is_async=is_async, installed=_only())
     assert SECRET not in str(raised.value)
     assert "\n" not in str(raised.value)
 
 
 def test_create_engine_takes_a_heroku_url_and_says_so_once(caplog):
-    getattr(dropsafe._engine, "_SAID", set()).clear()
+    getattr(dropsafe._engine.guard, "_SAID", set()).clear()
     with caplog.at_level(logging.INFO, logger="dropsafe"):
         engines = [dropsafe.create_engine(HEROKU) for _ in range(3)]
     assert all(guard_of(engine) is not None for engine in engines)

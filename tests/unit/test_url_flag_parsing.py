@@ -11,8 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 import dropsafe
+from dropsafe._engine.url_plugin import KNOBS, DropsafePlugin, policy_from_query
 from dropsafe._policy import _LAYER_OF
-from dropsafe._url_plugin import KNOBS, DropsafePlugin, policy_from_query
 
 URL = "postgresql+psycopg2://app:s3cret-pw@db.invalid/app?sslmode=require"
 
@@ -117,7 +117,7 @@ def test_engines_of_other_databases_are_refused_by_name_without_the_password():
 def test_the_engine_is_hardened_and_its_url_is_clean_without_connecting():
     engine = sa.create_engine(URL + "&plugin=dropsafe&dropsafe_ping_after_idle=3")
     try:
-        guard = dropsafe._engine.guard_of(engine)
+        guard = dropsafe._engine.guard.guard_of(engine)
         assert guard is not None
         assert guard.policy.pool.ping_after_idle == 3.0
         assert dict(engine.url.query) == {"sslmode": "require"}

@@ -16,12 +16,19 @@ command line (`dropsafe._redaction.masked_output`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import traceback
 from typing import TYPE_CHECKING
 
 from dropsafe import __version__
+from dropsafe._cli._arguments import (
+    EXIT_FOUND_PROBLEM,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    CommandFailed,
+    require_extra,
+)
 from dropsafe._errors import ConfigurationError, DropsafeError
 from dropsafe._redaction import SecretMask, masked_output, redact_text
 
@@ -36,15 +43,6 @@ __all__ = [
     "main",
     "require_extra",
 ]
-
-EXIT_OK = 0
-EXIT_FOUND_PROBLEM = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-
-
-class CommandFailed(DropsafeError):
-    """The command ran and found a problem; the message is the one line to show (exit 1)."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,16 +82,6 @@ def _run(arguments: list[str], mask: SecretMask) -> int:  # noqa: PLR0911 - one 
         traceback.print_exc()
         print(f"{name}: failed (the traceback above says where)", file=sys.stderr)  # noqa: T201
         return EXIT_FOUND_PROBLEM
-
-
-def require_extra(extra: str, *modules: str) -> None:
-    """Raise `ConfigurationError` naming the pip command when a command's extra is missing."""
-    missing = [name for name in modules if importlib.util.find_spec(name) is None]
-    if missing:
-        raise ConfigurationError(
-            f"this command needs the {extra!r} extra ({', '.join(missing)} missing): "
-            f"pip install 'dropsafe[{extra}]'"
-        )
 
 
 def _parser() -> argparse.ArgumentParser:

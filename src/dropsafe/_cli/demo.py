@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dropsafe._cli import EXIT_OK, require_extra
-from dropsafe._cli._arguments import output_folder
+from dropsafe._cli._arguments import EXIT_OK, output_folder, require_extra
 from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:

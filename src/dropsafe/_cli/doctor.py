@@ -22,10 +22,9 @@ from sqlalchemy.pool import NullPool
 
 import dropsafe
 from dropsafe._classify import ErrorKind, classify
-from dropsafe._cli import EXIT_OK, CommandFailed
-from dropsafe._cli._arguments import database_url
+from dropsafe._cli._arguments import EXIT_OK, CommandFailed, database_url
 from dropsafe._drivers import driver_for
-from dropsafe._engine import _parse
+from dropsafe._engine.guard import _parse
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import ConnectionPolicy, Policy
 from dropsafe._redaction import redact_text, redact_url

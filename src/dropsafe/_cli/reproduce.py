@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 
-from dropsafe._cli import EXIT_FOUND_PROBLEM, EXIT_OK, require_extra
+from dropsafe._cli._arguments import EXIT_FOUND_PROBLEM, EXIT_OK, require_extra
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing import ChaosProxy, PostgresServer
 

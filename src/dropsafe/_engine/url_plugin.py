@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.engine import CreateEnginePlugin
 
 from dropsafe._drivers import SUPPORTED, is_supported
-from dropsafe._engine import harden, resolve_driver
+from dropsafe._engine.guard import harden, resolve_driver
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy, parse_knob
 from dropsafe._redaction import redact_url

@@ -86,7 +86,7 @@ class CheckoutCheck:
     """The checkout check of one engine's pool, and what it knows of the idle connections.
 
     It also retires connections past their own lifetime (``draw_lifetime`` gives a new
-    connection's limit in seconds, see `dropsafe._lifetime`), and tells ``after_check`` of
+    connection's limit in seconds, see `dropsafe._engine.lifetime`), and tells ``after_check`` of
     each checkout that passed: one listener per pool event, and one lookup of the entry's
     state, at each checkout and checkin.
     """

@@ -8,7 +8,7 @@ or alert.
 
 How, and why it holds (checked on a real primary and asynchronous standby, PostgreSQL 15):
 
-- A verified unit's mark (`dropsafe._recording`) also reads ``pg_current_wal_insert_lsn()``:
+- A verified unit's mark (`dropsafe._unit.recording`) also reads ``pg_current_wal_insert_lsn()``:
   L0, a lower bound of the commit record's LSN (no round trip: one more column). Each
   acknowledged commit is kept as (server life, xid, L0, unit, time) in a ring of fixed size
   per engine, preallocated: memory stays flat, and the healthy path pays an append.
@@ -44,13 +44,13 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from dropsafe._connect_wait import waits_elsewhere
+from dropsafe._backoff import waits_elsewhere
+from dropsafe._drivers.deadline import bounded
 from dropsafe._hooks import emit
 from dropsafe._process import renew_in_child, renew_lock_in_child
-from dropsafe._recording import lsn_number
 from dropsafe._redaction import describe_error
-from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife
-from dropsafe._watchdog import bounded
+from dropsafe._unit.recording import lsn_number
+from dropsafe._unit.server_life import SERVER_LIFE_SQL, ServerLife
 from dropsafe.events import AcknowledgedCommitLost
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Dialect, Engine
 
-    from dropsafe._recording import PendingCommit
+    from dropsafe._unit.recording import PendingCommit
     from dropsafe.events import Hook
 
 __all__ = [

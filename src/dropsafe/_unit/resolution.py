@@ -22,7 +22,7 @@ server's server_life and whether it is in recovery:
   again until the time is up, then unknown. On a server with ``synchronous_standby_names`` set,
   a backend still running its COMMIT is not fenced either (it may enter that wait at any moment);
 - an xid the mark assigned with ``synchronous_commit`` off (a unit that wrote nothing: see
-  `dropsafe._recording`) is unknown after a crash or failover, never aborted: its COMMIT let
+  `dropsafe._unit.recording`) is unknown after a crash or failover, never aborted: its COMMIT let
   listeners hear its notifications before its commit record was flushed. The same holds for
   an xid whose transaction wrote with ``synchronous_commit`` off (``PendingCommit.unflushed``).
 
@@ -36,13 +36,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
+from dropsafe._backoff import waits_elsewhere
 from dropsafe._classify import classify, sqlstate_of
-from dropsafe._connect_wait import waits_elsewhere
+from dropsafe._drivers.deadline import bounded
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
-from dropsafe._server_life import SERVER_LIFE_SQL, ServerLife
-from dropsafe._watchdog import bounded
+from dropsafe._unit.server_life import SERVER_LIFE_SQL, ServerLife
 from dropsafe.events import CommitResolved
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect, Engine
     from sqlalchemy.pool import Pool
 
-    from dropsafe._recording import PendingCommit
+    from dropsafe._unit.recording import PendingCommit
     from dropsafe.events import Hook
 
 __all__ = ["Outcome", "resolve_commit"]

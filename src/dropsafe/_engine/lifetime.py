@@ -15,9 +15,9 @@ Retired where SQLAlchemy's pool documents it may be: at checkin the entry's conn
 closed (``ConnectionPoolEntry.close``; the pool opens a new one at the next checkout), and at
 checkout an expired idle connection is refused with `DisconnectionError`, upon which the pool
 opens a fresh one. A checked-out connection is never touched. The checkout check
-(`dropsafe._liveness.CheckoutCheck`) does both, with the limit drawn here: it already looks up
-each entry's state at every checkout and checkin, and one listener with one lookup costs less
-than two (a checkout as cheap as a plain pool's is a goal of its own).
+(`dropsafe._engine.liveness.CheckoutCheck`) does both, with the limit drawn here: it already
+looks up each entry's state at every checkout and checkin, and one listener with one lookup
+costs less than two (a checkout as cheap as a plain pool's is a goal of its own).
 """
 
 from __future__ import annotations

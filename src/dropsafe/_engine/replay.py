@@ -34,7 +34,7 @@ the fresh connection with their reset on its pool entry (a third private name,
 Only onto a fresh connection in the lost one's session state (issue 26): every statement marks
 its connection when its text may change session state, and the driver's transaction
 characteristics and the server-reported session parameters of both must agree
-(`dropsafe._session_state`).
+(`dropsafe._engine.session_state`).
 """
 
 from __future__ import annotations
@@ -49,11 +49,7 @@ from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
-from dropsafe._errors import ConfigurationError
-from dropsafe._hooks import emit
-from dropsafe._log import SafeLogger
-from dropsafe._redaction import describe_error
-from dropsafe._session_state import (
+from dropsafe._engine.session_state import (
     mark_connection,
     may_change_session,
     session_changed,
@@ -61,6 +57,10 @@ from dropsafe._session_state import (
     session_used,
     snapshot,
 )
+from dropsafe._errors import ConfigurationError
+from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
+from dropsafe._redaction import describe_error
 from dropsafe.events import FirstStatementReplayed
 
 if TYPE_CHECKING:

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, final
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from dropsafe._engine import guard_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -86,10 +85,11 @@ class UnitWatch:
     unit of work.
     """
 
-    __slots__ = ("_reported", "_token", "committing_connections", "unit")
+    __slots__ = ("_reported", "_token", "committing_connections", "hooks", "unit")
 
-    def __init__(self, unit: str) -> None:
+    def __init__(self, unit: str, hooks: tuple[Hook, ...]) -> None:
         self.unit = unit
+        self.hooks = hooks  # the engine's, given by the unit's runner
         #: Connections whose COMMIT began during the attempt (the unit's own among them).
         self.committing_connections: list[Connection] = []
         self._reported: list[BaseException] = []
@@ -131,25 +131,17 @@ class UnitWatch:
         if any(error is seen for seen in self._reported):
             return
         self._reported.append(error)
-        engine = self.committing_connections[0].engine if self.committing_connections else None
-        hooks = _hooks_of(engine)
+        hooks = self.hooks
         occurred = HookFailedAfterCommit(self.unit, describe_error(error))
         emit(hooks, occurred)
         if not any(isinstance(hook, LoggingHook) for hook in hooks):
             logger.error("%s", format_event(occurred))
 
 
-def _hooks_of(engine: Engine | None) -> tuple[Hook, ...]:
-    guard = guard_of(engine) if engine is not None else None
-    if guard is not None:
-        return guard.policy.hooks
-    return (LoggingHook(),)
-
-
 _WATCH: contextvars.ContextVar[UnitWatch | None] = contextvars.ContextVar(
     "dropsafe_unit_watch", default=None
 )
-watching = UnitWatch  # with watching(unit_name) as shapes: ...
+watching = UnitWatch  # with watching(unit_name, hooks) as shapes: ...
 
 
 # -- at the call -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from dropsafe._hosts import HostOrder
+from dropsafe._engine.hosts import HostOrder
 from dropsafe._log import SafeLogger
 from dropsafe._policy import ConnectionPolicy, seconds
 from dropsafe._process import renew_lock_in_child

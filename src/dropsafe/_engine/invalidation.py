@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import ExceptionContext
 
     from dropsafe._drivers import Driver
-    from dropsafe._liveness import CheckoutCheck
+    from dropsafe._engine.liveness import CheckoutCheck
     from dropsafe.events import Hook
 
 __all__ = ["POOL_WIDE_SQLSTATES", "InvalidationScope"]

@@ -5,8 +5,8 @@ connect arguments carry dropsafe's connection settings, how to recognise its con
 inside known wrappers), where its socket is, how to look at that socket without a round trip,
 how to ping within a timeout, how it takes a multi-host list, and what the server reported to
 it. What dropsafe does with these facts lives elsewhere: the checkout check in
-`dropsafe._liveness`, connect arguments and socket options in `dropsafe._connect_args`, the
-deadline on a wait in `dropsafe._watchdog`.
+`dropsafe._engine.liveness`, connect arguments and socket options in
+`dropsafe._engine.connect_args`, the deadline on a wait in `dropsafe._drivers.deadline`.
 """
 
 from __future__ import annotations
@@ -201,7 +201,7 @@ class Driver:
         """Return a parameter the server last reported, also on a connection found lost.
 
         The first-statement replay compares a lost connection's with a fresh one's
-        (`dropsafe._session_state`). Raises where the driver cannot say.
+        (`dropsafe._engine.session_state`). Raises where the driver cannot say.
         """
         return self._reported_parameter(dbapi_connection, name)
 

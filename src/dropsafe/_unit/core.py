@@ -35,7 +35,7 @@ from dropsafe.events import RetriesGaveUp, RetryScheduled
 if TYPE_CHECKING:
     from collections.abc import Generator
 
-    from dropsafe._recording import PendingCommit
+    from dropsafe._unit.recording import PendingCommit
     from dropsafe.events import Hook
 
 __all__ = [
@@ -111,7 +111,8 @@ class CommitFailed(Generic[_T]):
     pending: PendingCommit | None  # None: the transaction wrote nothing
     commits_sent: int
     #: Another connection of the unit committed before (a unit over several engines): a
-    #: ``NOTIFY`` it queued was delivered, so the unit cannot run again (`dropsafe._recording`).
+    #: ``NOTIFY`` it queued was delivered, so the unit cannot run again
+    #: (`dropsafe._unit.recording`).
     committed_before: bool = False
 
 

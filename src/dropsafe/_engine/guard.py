@@ -20,18 +20,18 @@ import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
-from dropsafe._connect_args import ConnectArguments
-from dropsafe._connect_wait import ConnectWait
 from dropsafe._drivers import SUPPORTED, driver_for, is_supported
+from dropsafe._engine.connect_args import ConnectArguments
+from dropsafe._engine.connect_wait import ConnectWait
+from dropsafe._engine.invalidation import InvalidationScope
+from dropsafe._engine.lifetime import ConnectionLifetime
+from dropsafe._engine.liveness import CheckoutCheck
+from dropsafe._engine.quiet_rollback import QuietRollback
+from dropsafe._engine.replay import FirstStatementReplay
 from dropsafe._errors import ConfigurationError
-from dropsafe._invalidation import InvalidationScope
-from dropsafe._lifetime import ConnectionLifetime
-from dropsafe._liveness import CheckoutCheck
 from dropsafe._log import SafeLogger
 from dropsafe._policy import Policy
-from dropsafe._quiet_rollback import QuietRollback
 from dropsafe._redaction import redact_url, split_credentials
-from dropsafe._replay import FirstStatementReplay
 
 if TYPE_CHECKING:
     from collections.abc import Callable

@@ -17,15 +17,13 @@ for the server itself, within its deadline, and must not wait twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import random
 import time
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy.util
 
-from dropsafe._backoff import full_jitter
+from dropsafe._backoff import caller_waits, full_jitter
 from dropsafe._classify import classify
 from dropsafe._hooks import emit
 from dropsafe._policy import seconds
@@ -33,7 +31,7 @@ from dropsafe._redaction import describe_error, redact_url
 from dropsafe.events import ConnectWaited
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import ConnectionPoolEntry, Pool
@@ -41,7 +39,7 @@ if TYPE_CHECKING:
     from dropsafe._policy import ConnectionPolicy
     from dropsafe.events import Hook
 
-__all__ = ["ConnectWait", "waits_elsewhere"]
+__all__ = ["ConnectWait"]
 
 # The schedule between tries: short first (a restart takes well under a second on a small
 # server), never more than half a second apart, so the app gets the server back promptly.
@@ -56,25 +54,7 @@ _TLS_SETTINGS = (
     "certificate",
     "sslmode",
 )
-_WAITS_ELSEWHERE: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "dropsafe_connect_waits_elsewhere", default=False
-)
 _JITTER = random.Random()  # noqa: S311 - jitter, not cryptography
-
-
-@contextlib.contextmanager
-def waits_elsewhere() -> Iterator[None]:
-    """Inside this block a failed connect fails at once: the caller waits on its own terms.
-
-    For a unit of work (its loop waits for the server until its deadline) and for what runs
-    within its deadline (commit resolution). Holds for the thread or task, and for the
-    greenlets SQLAlchemy runs an async engine's work in.
-    """
-    token = _WAITS_ELSEWHERE.set(True)
-    try:
-        yield
-    finally:
-        _WAITS_ELSEWHERE.reset(token)
 
 
 def worth_waiting(error: BaseException) -> bool:
@@ -115,7 +95,7 @@ class ConnectWait:
         entry: ConnectionPoolEntry | None,
     ) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
         """Connect; while the server is not there, try again until ``connect_wait`` is over."""
-        if _WAITS_ELSEWHERE.get():
+        if caller_waits():
             return invoke(entry)
         try:
             return invoke(entry)

@@ -40,11 +40,11 @@ a promoted cold copy (tests/integration/test_commit_truth_failover.py).
 All of it is readable by any role.
 
 Reading it costs a round trip only on an engine's first connections: once one of its servers has
-answered it, each new connection reads it in its first xid mark instead (`dropsafe._recording`,
+answered it, each new connection reads it in its first xid mark instead (`dropsafe._unit.recording`,
 the same statement, no round trip of its own).
 
 The same first read tries the WAL insert position (`WAL_POSITION_SQL`): only an engine whose
-server answered it has every xid mark read it too (for `dropsafe._failover_audit`), so a server
+server answered it has every xid mark read it too (for `dropsafe._unit.failover_audit`), so a server
 that hides it (a fork without PostgreSQL's WAL) never fails an app's transaction.
 """
 

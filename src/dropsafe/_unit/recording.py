@@ -3,13 +3,13 @@
 SQLAlchemy's engine-level ``commit`` event fires after every flush and every ``before_commit``
 listener, right before the DBAPI COMMIT. There, a unit of work reads its transaction's xid and
 its backend's pid in one round trip (and, on a connection's first mark, its server's life: see
-`dropsafe._server_life`). The read goes through the DBAPI cursor, one fixed string per case: no
+`dropsafe._unit.server_life`). The read goes through the DBAPI cursor, one fixed string per case: no
 statement compilation, no result machinery; a failure still passes through SQLAlchemy's error
 handling (the connection invalidated on a disconnect, the error wrapped), as a statement's would.
 
 The same statement reads the server's WAL insert position (on engines whose server answered it
 at the first read of its life), a lower bound of the commit record's LSN, which
-`dropsafe._failover_audit` compares with a promoted standby's fork point.
+`dropsafe._unit.failover_audit` compares with a promoted standby's fork point.
 
 A transaction that wrote has an xid. One that did not may still have an effect at COMMIT:
 ``NOTIFY`` (spelled in a statement, or queued by a function or a trigger) takes its xid only
@@ -20,7 +20,7 @@ writes a commit record but waits for no WAL flush and no standby (PostgreSQL wou
 it anyway: it wrote nothing before), so a read-only unit pays no flush; after a crash such an
 xid is unknown, never "aborted" (a listener may have heard it before the crash).
 A standby assigns no xid (and refuses NOTIFY): there the transaction has none and may run
-again. If the COMMIT's reply is lost, `dropsafe._resolution` asks the server what became of
+again. If the COMMIT's reply is lost, `dropsafe._unit.resolution` asks the server what became of
 this xid. Why the read is not sent in the same flight as COMMIT: docs/guarantees.md.
 """
 
@@ -39,7 +39,7 @@ from sqlalchemy import event
 from dropsafe._classify import classify
 from dropsafe._errors import ConfigurationError
 from dropsafe._process import renew_in_child
-from dropsafe._server_life import (
+from dropsafe._unit.server_life import (
     SERVER_LIFE_SQL,
     WAL_POSITION_SQL,
     ServerLife,
@@ -99,7 +99,7 @@ def _xid_expression(modern: bool) -> str:
 # pooler each transaction may run on another backend, and the resolver fences that one.
 # The mark's statements, built once: [PostgreSQL 13+][read the server's life]
 # [read the WAL insert position: a lower bound of the commit record's LSN, which
-# `dropsafe._failover_audit` compares with a promoted standby's fork point; only on engines
+# `dropsafe._unit.failover_audit` compares with a promoted standby's fork point; only on engines
 # whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
 _READS = {
     (modern, with_life, with_wal): (
@@ -131,7 +131,8 @@ class PendingCommit:
     engine_ref: weakref.ref[Engine] | None = field(default=None, compare=False, repr=False)
     asynchronous: bool = False
     #: The transaction had its xid and commits with ``synchronous_commit`` off: its commit
-    #: record may be lost in a crash after listeners heard its NOTIFYs (`dropsafe._resolution`).
+    #: record may be lost in a crash after listeners heard its NOTIFYs
+    #: (`dropsafe._unit.resolution`).
     unflushed: bool = False
 
 

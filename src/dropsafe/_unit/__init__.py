@@ -1,0 +1,4 @@
+"""The unit wing: a unit of work run, committed, resolved and run again (docs/architecture.md).
+
+It never imports the engine wing (`dropsafe._engine`); both stand on the drivers and the base.
+"""
