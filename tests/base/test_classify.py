@@ -1,6 +1,6 @@
 """classify() on driver exceptions built the way the drivers build them (no server needed).
 
-tests/integration/test_classify_real_errors.py checks the same on errors real faults raise.
+tests/base/test_classify_real_errors.py checks the same on errors real faults raise.
 """
 
 import ssl

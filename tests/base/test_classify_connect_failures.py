@@ -34,7 +34,7 @@ def _closed_port() -> int:
 def _connect_error(server, driver, port):
     """Connect through a dropsafe engine to ``port``; return the error and how long it took."""
     url = server.url(driver).replace(f":{server.port}/", f":{port}/")
-    # One connect's error is under test: no connect_wait (tests/integration/test_connect_wait.py).
+    # One connect's error is under test: no connect_wait (tests/engine/test_connect_wait.py).
     policy = dropsafe.Policy(
         connection=dropsafe.ConnectionPolicy(connect_timeout=CONNECT_TIMEOUT, connect_wait=0)
     )

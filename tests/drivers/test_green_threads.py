@@ -1,6 +1,6 @@
 """gevent and eventlet in any import order: the watchdog ends a wait, the socket look sees a FIN.
 
-In a fresh interpreter each (tests/unit/green_order.py). Before the fix, dropsafe imported
+In a fresh interpreter each (tests/drivers/green_order.py). Before the fix, dropsafe imported
 before gevent's ``monkey.patch_all()`` made the watchdog's Condition with a real lock and one of
 three greenlets got ``RuntimeError: cannot release un-acquired lock``; in every order gevent's
 own ``select.poll`` said DATA_WAITING of a connection whose peer had closed (a ping each); and

@@ -1,6 +1,6 @@
 """The guarded engine: a warmed pool serves on after real faults, with no error for the app.
 
-The same faults break a plain SQLAlchemy pool (tests/integration/test_the_problem.py).
+The same faults break a plain SQLAlchemy pool (tests/engine/test_the_problem.py).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Fault: a statement that never ends on its own (``pg_sleep(60)``: a hung backend, as the client
 sees it) in children forked after the parent ran a unit of work and a checkout ping, as
 gunicorn ``--preload``, uWSGI and Celery's prefork pool do. Checked, in real forked processes
-(tests/integration/processes/fork_children.py): each child's unit with ``deadline=2`` gives up
+(tests/engine/processes/fork_children.py): each child's unit with ``deadline=2`` gives up
 within a few seconds (before the fix the watchdog thread existed only in the parent: killed at
 15 s), a checkout's ping of a stopped backend gives up at ``ping_timeout=1`` and hands out a
 fresh connection, and the children's backoff delays differ (before: one sequence for all).

@@ -2,7 +2,7 @@
 
 Fault: every request's statement never ends on its own (``pg_sleep(60)``, a hung backend as
 the client sees it), in workers forked after the master ran a unit of work at import
-(tests/integration/processes/gunicorn_app.py). Checked: each request is answered within a few
+(tests/engine/processes/gunicorn_app.py). Checked: each request is answered within a few
 seconds of its unit's 2 s deadline, by every sync worker. Before the fix the watchdog thread existed
 only in the master: a request ran until the client's timeout.
 """

@@ -78,9 +78,9 @@ NOT_RUN_HERE = {
     "dropsafe.request_unit": "a FastAPI app: examples/fastapi_crud and its tests",
     "dropsafe.run_transaction_async": "awaited: test_run_transaction_async_example_runs above",
     "dropsafe.events.LoggingHook": "a log line, not code",
-    "dropsafe.testing.PatroniCluster": "three nodes: tests/integration/test_patroni.py",
-    "dropsafe.testing.PgBouncer": "PgBouncer: tests/integration/test_pgbouncer.py",
-    "dropsafe.testing.multi_host_url": "a standby: tests/integration/test_host_order.py",
+    "dropsafe.testing.PatroniCluster": "three nodes: tests/units/test_patroni.py",
+    "dropsafe.testing.PgBouncer": "PgBouncer: tests/units/test_pgbouncer.py",
+    "dropsafe.testing.multi_host_url": "a standby: tests/engine/test_host_order.py",
 }
 
 

@@ -1,5 +1,5 @@
 """The failover audit's decisions and its ring (pure logic; the real failover is in
-tests/integration/test_lost_acknowledged_commits.py)."""
+tests/units/test_lost_acknowledged_commits.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Faults: a handler on the ``dropsafe`` logger whose ``emit`` raises (a log shippe
 down), and a hook that raises, while (a) a unit of work meets a real serialization failure
 once, and (b) a unit's COMMIT reply is lost (the proxy resets the connection while the server
 runs the COMMIT). Checked: (a) the unit runs twice and returns, the failures are counted (the
-first of each kind goes to stderr: tests/unit/test_log.py); (b) the commit is resolved, the
+first of each kind goes to stderr: tests/base/test_log.py); (b) the commit is resolved, the
 caller gets its result, the row exists once. Before the fix the handler's error came out of
 ``run_transaction``: 1 run instead of 2, and in (b) an error that is not
 `CommitOutcomeUnknown` for a unit that had committed.
