@@ -117,10 +117,12 @@ UNITS = 3_000
 
 
 @pytest.mark.timeout(120)
-def test_units_of_work_leave_nothing_of_dropsafe_behind(shared_server):
+def test_units_of_work_leave_nothing_of_dropsafe_behind(shared_server, disposing):
     shared_server.execute("CREATE TABLE IF NOT EXISTS scale_units (v int)")
-    engine = dropsafe.create_engine(
-        shared_server.url("psycopg2"), policy=dropsafe.Policy(hooks=()), pool_size=3
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"), policy=dropsafe.Policy(hooks=()), pool_size=3
+        )
     )
     insert = sa.text("INSERT INTO scale_units (v) VALUES (1)")
 
@@ -136,25 +138,22 @@ def test_units_of_work_leave_nothing_of_dropsafe_behind(shared_server):
         )
         return sum(stat.size for stat in mine.statistics("filename"))
 
+    for number in range(500):  # warm-up: pool, caches, the watchdog's thread
+        unit(number)
+    gc.collect()
+    tracemalloc.start()
     try:
-        for number in range(500):  # warm-up: pool, caches, the watchdog's thread
+        before = dropsafe_bytes(tracemalloc.take_snapshot())
+        for number in range(UNITS):
             unit(number)
         gc.collect()
-        tracemalloc.start()
-        try:
-            before = dropsafe_bytes(tracemalloc.take_snapshot())
-            for number in range(UNITS):
-                unit(number)
-            gc.collect()
-            grown = dropsafe_bytes(tracemalloc.take_snapshot()) - before
-        finally:
-            tracemalloc.stop()
-        # A few KiB of noise (a cached statement, a dictionary resized); anything kept per
-        # unit of work (~100 bytes x 3,000) is above this.
-        assert grown < 64 * 1024, f"dropsafe's code holds {grown} bytes more after {UNITS} units"
-        assert len(guard_of(engine).check._states) <= 3
+        grown = dropsafe_bytes(tracemalloc.take_snapshot()) - before
     finally:
-        engine.dispose()
+        tracemalloc.stop()
+    # A few KiB of noise (a cached statement, a dictionary resized); anything kept per
+    # unit of work (~100 bytes x 3,000) is above this.
+    assert grown < 64 * 1024, f"dropsafe's code holds {grown} bytes more after {UNITS} units"
+    assert len(guard_of(engine).check._states) <= 3
 
 
 def _python_calls_per_request(engine, requests: int = 200) -> float:
@@ -190,17 +189,13 @@ CALLS_ADDED_AT_MOST = 100
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_hardened_engine_keeps_the_healthy_request_nearly_as_cheap_as_a_plain_pool(
-    shared_server, driver
+    shared_server, driver, disposing
 ):
     url = shared_server.url(driver)
-    plain = sa.create_engine(url, pool_size=1)
-    hardened = dropsafe.create_engine(url, pool_size=1, policy=dropsafe.Policy(hooks=()))
-    try:
-        plain_calls = _python_calls_per_request(plain)
-        hardened_calls = _python_calls_per_request(hardened)
-        # SQLAlchemy's own fast path: no engine-level listener until a unit of work runs.
-        assert hardened._has_events is False
-        assert hardened_calls - plain_calls <= CALLS_ADDED_AT_MOST, (plain_calls, hardened_calls)
-    finally:
-        plain.dispose()
-        hardened.dispose()
+    plain = disposing(sa.create_engine(url, pool_size=1))
+    hardened = disposing(dropsafe.create_engine(url, pool_size=1, policy=dropsafe.Policy(hooks=())))
+    plain_calls = _python_calls_per_request(plain)
+    hardened_calls = _python_calls_per_request(hardened)
+    # SQLAlchemy's own fast path: no engine-level listener until a unit of work runs.
+    assert hardened._has_events is False
+    assert hardened_calls - plain_calls <= CALLS_ADDED_AT_MOST, (plain_calls, hardened_calls)

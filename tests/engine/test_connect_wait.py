@@ -94,25 +94,22 @@ class _Restart:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
-def test_sync_checkout_waits_out_a_restart(server, driver, mode):
+def test_sync_checkout_waits_out_a_restart(server, driver, mode, disposing):
     events = _Events()
-    engine = dropsafe.create_engine(server.url(driver), policy=_policy(events))
+    engine = disposing(dropsafe.create_engine(server.url(driver), policy=_policy(events)))
+    restart = _Restart(server, mode)
     try:
-        restart = _Restart(server, mode)
-        try:
-            started = time.monotonic()
-            with engine.connect() as conn:
-                assert conn.execute(sa.text("SELECT 1")).scalar() == 1
-            waited = time.monotonic() - started
-        finally:
-            restart.join()
-        (wait,) = events.waits()
-        assert wait.outcome == "connected"
-        assert wait.attempts >= 2
-        assert wait.waited <= waited
-        assert server.password not in repr(events)
+        started = time.monotonic()
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+        waited = time.monotonic() - started
     finally:
-        engine.dispose()
+        restart.join()
+    (wait,) = events.waits()
+    assert wait.outcome == "connected"
+    assert wait.attempts >= 2
+    assert wait.waited <= waited
+    assert server.password not in repr(events)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -256,11 +253,13 @@ def test_an_async_unit_of_work_waits_once_within_its_deadline(server):
     assert events.waits() == []
 
 
-def test_full_pool_waiters_keep_their_pool_timeout(server):
+def test_full_pool_waiters_keep_their_pool_timeout(server, disposing):
     """A checkout waiting for the server holds its slot; a queued one still times out on time."""
     events = _Events()
-    engine = dropsafe.create_engine(
-        server.url(), policy=_policy(events), pool_size=1, max_overflow=0, pool_timeout=1
+    engine = disposing(
+        dropsafe.create_engine(
+            server.url(), policy=_policy(events), pool_size=1, max_overflow=0, pool_timeout=1
+        )
     )
     outcomes: dict[str, object] = {}
 
@@ -268,32 +267,31 @@ def test_full_pool_waiters_keep_their_pool_timeout(server):
         with engine.connect() as conn:
             outcomes["first"] = conn.execute(sa.text("SELECT 1")).scalar()
 
+    gate = threading.Event()  # the server stays down until the queued checkout is done
+    restart = _Restart(server, "immediate", gate)
     try:
-        gate = threading.Event()  # the server stays down until the queued checkout is done
-        restart = _Restart(server, "immediate", gate)
-        try:
-            holder = threading.Thread(target=first)
-            holder.start()
-            _wait_until(lambda: engine.pool.checkedout() == 1)
-            started = time.monotonic()
-            with pytest.raises(sa.exc.TimeoutError):
-                engine.connect()
-            queued = time.monotonic() - started
-            gate.set()
-            holder.join(timeout=30)
-        finally:
-            gate.set()
-            restart.join()
-        assert outcomes == {"first": 1}
-        assert 1.0 <= queued <= 1.0 + SLACK, "the queued checkout's pool_timeout changed"
+        holder = threading.Thread(target=first)
+        holder.start()
+        _wait_until(lambda: engine.pool.checkedout() == 1)
+        started = time.monotonic()
+        with pytest.raises(sa.exc.TimeoutError):
+            engine.connect()
+        queued = time.monotonic() - started
+        gate.set()
+        holder.join(timeout=30)
     finally:
-        engine.dispose()
+        gate.set()
+        restart.join()
+    assert outcomes == {"first": 1}
+    assert 1.0 <= queued <= 1.0 + SLACK, "the queued checkout's pool_timeout changed"
 
 
-def test_full_pool_waiters_keep_their_order(server):
+def test_full_pool_waiters_keep_their_order(server, disposing):
     """Checkouts queued behind one that waits for the server are served in arrival order."""
-    engine = dropsafe.create_engine(
-        server.url(), policy=_policy(_Events()), pool_size=1, max_overflow=0, pool_timeout=30
+    engine = disposing(
+        dropsafe.create_engine(
+            server.url(), policy=_policy(_Events()), pool_size=1, max_overflow=0, pool_timeout=30
+        )
     )
     served: list[str] = []
     lock = threading.Lock()
@@ -304,23 +302,20 @@ def test_full_pool_waiters_keep_their_order(server):
             with lock:
                 served.append(name)
 
+    restart = _Restart(server, "fast")
+    threads = []
     try:
-        restart = _Restart(server, "fast")
-        threads = []
-        try:
-            for count, name in enumerate(["first", "second", "third"]):
-                thread = threading.Thread(target=checkout, args=(name,))
-                thread.start()
-                threads.append(thread)
-                # The next one arrives once this one holds the slot or waits in the queue.
-                _wait_until(lambda count=count: _arrived(engine, count + 1))
-            for thread in threads:
-                thread.join(timeout=30)
-        finally:
-            restart.join()
-        assert served == ["first", "second", "third"]
+        for count, name in enumerate(["first", "second", "third"]):
+            thread = threading.Thread(target=checkout, args=(name,))
+            thread.start()
+            threads.append(thread)
+            # The next one arrives once this one holds the slot or waits in the queue.
+            _wait_until(lambda count=count: _arrived(engine, count + 1))
+        for thread in threads:
+            thread.join(timeout=30)
     finally:
-        engine.dispose()
+        restart.join()
+    assert served == ["first", "second", "third"]
 
 
 def _arrived(engine: sa.Engine, count: int) -> bool:

@@ -24,12 +24,14 @@ DEADLINE = 30.0
 
 
 @pytest.mark.timeout(90)
-def test_connections_retire_spread_out_and_never_while_in_use(shared_server):
-    engine = dropsafe.create_engine(
-        shared_server.url("psycopg2"),
-        policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(max_lifetime=LIFETIME), hooks=()),
-        pool_size=POOL,
-        max_overflow=0,
+def test_connections_retire_spread_out_and_never_while_in_use(shared_server, disposing):
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(max_lifetime=LIFETIME), hooks=()),
+            pool_size=POOL,
+            max_overflow=0,
+        )
     )
     # Keyed on the DBAPI connections themselves (kept alive here: an id() would be reused).
     born: dict[object, float] = {}  # when it connected
@@ -50,74 +52,70 @@ def test_connections_retire_spread_out_and_never_while_in_use(shared_server):
     def pid(conn):
         return conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
 
-    try:
-        # Eight connections made together, as at start.
-        first = [engine.connect() for _ in range(POOL)]
-        first_pids = {pid(conn) for conn in first}
-        first_ids = {conn.connection.dbapi_connection for conn in first}
-        held = first.pop()  # in use throughout, inside the transaction pid() began
-        held_id = held.connection.dbapi_connection
-        held_pid = pid(held)
-        for conn in first:
-            conn.close()
+    # Eight connections made together, as at start.
+    first = [engine.connect() for _ in range(POOL)]
+    first_pids = {pid(conn) for conn in first}
+    first_ids = {conn.connection.dbapi_connection for conn in first}
+    held = first.pop()  # in use throughout, inside the transaction pid() began
+    held_id = held.connection.dbapi_connection
+    held_pid = pid(held)
+    for conn in first:
+        conn.close()
 
-        # Requests on the other seven until all seven were retired, and the held one is past
-        # any limit it could have drawn.
-        others = first_ids - {held_id}
-        seen_pids: set[int] = set()
-        stop = time.monotonic() + DEADLINE
-        while not (others <= retired.keys() and time.monotonic() - born[held_id] >= LIFETIME):
-            assert time.monotonic() < stop, f"only {len(others & retired.keys())} of 7 retired"
-            with engine.connect() as conn:
-                seen_pids.add(pid(conn))
-
-        # Never while in use: the held connection still works, on the same backend.
-        assert held_id not in retired
-        assert pid(held) == held_pid
-        held.rollback()
-        held.close()
-        assert held_id in retired  # retired as it came back
-
-        ages = sorted(retired[key] - born[key] for key in others)
-        moments = sorted(retired[key] for key in others)
-        gaps = [later - earlier for earlier, later in itertools.pairwise(moments)]
-        spread = moments[-1] - moments[0]
-        print(
-            f"ages at retirement {ages[0]:.3f}..{ages[-1]:.3f} s (limit {LIFETIME} s), "
-            f"spread {spread * 1000:.0f} ms, smallest gap {min(gaps) * 1000:.1f} ms"
-        )
-        # Never early: each connection's limit is at least 0.9 x max_lifetime.
-        assert ages[0] >= 0.9 * LIFETIME
-        # Each drew its own limit in the jitter window [5.4, 6.0] s. Equal limits would retire
-        # none before 6 s; with jitter all seven drew above 5.95 s with odds of 3 in 100 million.
-        assert ages[0] < LIFETIME - 0.05
-        # And their ages spread over the window (0.45 s on average for 7 draws; below 0.06 s
-        # with odds of 1 in 150 000), so connections made together do not retire together.
-        assert ages[-1] - ages[0] >= 0.06
-        # Each retired connection was replaced by a new backend.
+    # Requests on the other seven until all seven were retired, and the held one is past
+    # any limit it could have drawn.
+    others = first_ids - {held_id}
+    seen_pids: set[int] = set()
+    stop = time.monotonic() + DEADLINE
+    while not (others <= retired.keys() and time.monotonic() - born[held_id] >= LIFETIME):
+        assert time.monotonic() < stop, f"only {len(others & retired.keys())} of 7 retired"
         with engine.connect() as conn:
-            assert pid(conn) not in first_pids
-        assert len(born) >= 2 * POOL - 1
-        assert seen_pids - first_pids, "no request ran on a replacement connection"
-    finally:
-        engine.dispose()
+            seen_pids.add(pid(conn))
 
+    # Never while in use: the held connection still works, on the same backend.
+    assert held_id not in retired
+    assert pid(held) == held_pid
+    held.rollback()
+    held.close()
+    assert held_id in retired  # retired as it came back
 
-def test_without_max_lifetime_connections_stay(shared_server):
-    engine = dropsafe.create_engine(
-        shared_server.url("psycopg2"),
-        policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(max_lifetime=None), hooks=()),
-        pool_size=1,
-        max_overflow=0,
+    ages = sorted(retired[key] - born[key] for key in others)
+    moments = sorted(retired[key] for key in others)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(moments)]
+    spread = moments[-1] - moments[0]
+    print(
+        f"ages at retirement {ages[0]:.3f}..{ages[-1]:.3f} s (limit {LIFETIME} s), "
+        f"spread {spread * 1000:.0f} ms, smallest gap {min(gaps) * 1000:.1f} ms"
     )
-    try:
+    # Never early: each connection's limit is at least 0.9 x max_lifetime.
+    assert ages[0] >= 0.9 * LIFETIME
+    # Each drew its own limit in the jitter window [5.4, 6.0] s. Equal limits would retire
+    # none before 6 s; with jitter all seven drew above 5.95 s with odds of 3 in 100 million.
+    assert ages[0] < LIFETIME - 0.05
+    # And their ages spread over the window (0.45 s on average for 7 draws; below 0.06 s
+    # with odds of 1 in 150 000), so connections made together do not retire together.
+    assert ages[-1] - ages[0] >= 0.06
+    # Each retired connection was replaced by a new backend.
+    with engine.connect() as conn:
+        assert pid(conn) not in first_pids
+    assert len(born) >= 2 * POOL - 1
+    assert seen_pids - first_pids, "no request ran on a replacement connection"
+
+
+def test_without_max_lifetime_connections_stay(shared_server, disposing):
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(max_lifetime=None), hooks=()),
+            pool_size=1,
+            max_overflow=0,
+        )
+    )
+    with engine.connect() as conn:
+        before = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+    for _ in range(20):
         with engine.connect() as conn:
-            before = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar()
-        for _ in range(20):
-            with engine.connect() as conn:
-                assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() == before
-    finally:
-        engine.dispose()
+            assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() == before
 
 
 @pytest.mark.timeout(60)

@@ -75,23 +75,20 @@ def _sync_engine(server, proxy, driver):
 
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
-def test_sync_pool_serves_after_fault_without_errors(
-    postgres_server, chaos_proxy, driver, fault, caplog
+def test_sync_pool_serves_after_fault_without_errors(  # noqa: PLR0917 - fixtures and parameters
+    postgres_server, chaos_proxy, driver, fault, caplog, disposing
 ):
-    engine = _sync_engine(postgres_server, chaos_proxy, driver)
-    try:
-        before = _warm_sync(engine)
-        inject(fault, postgres_server, chaos_proxy)
-        with caplog.at_level(logging.INFO, logger="dropsafe"):
-            after = {_request(engine) for _ in range(POOL)}
-            with ThreadPoolExecutor(POOL) as pool:
-                after |= set(pool.map(lambda _: _request(engine), range(2 * POOL)))
-        assert not before & after, "a connection from before the fault was handed out"
-        # Every idle connection died at once: the first dead one recycled the whole pool.
-        assert "dropsafe.dead_connection_replaced" in caplog.text
-        assert "pool_wide=True" in caplog.text
-    finally:
-        engine.dispose()
+    engine = disposing(_sync_engine(postgres_server, chaos_proxy, driver))
+    before = _warm_sync(engine)
+    inject(fault, postgres_server, chaos_proxy)
+    with caplog.at_level(logging.INFO, logger="dropsafe"):
+        after = {_request(engine) for _ in range(POOL)}
+        with ThreadPoolExecutor(POOL) as pool:
+            after |= set(pool.map(lambda _: _request(engine), range(2 * POOL)))
+    assert not before & after, "a connection from before the fault was handed out"
+    # Every idle connection died at once: the first dead one recycled the whole pool.
+    assert "dropsafe.dead_connection_replaced" in caplog.text
+    assert "pool_wide=True" in caplog.text
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -122,21 +119,20 @@ def test_asyncpg_pool_serves_after_fault_without_errors(postgres_server, chaos_p
 
 
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
-def test_one_terminated_backend_recycles_only_that_connection(postgres_server, chaos_proxy, driver):
-    engine = _sync_engine(postgres_server, chaos_proxy, driver)
-    try:
-        before = _warm_sync(engine)
-        victim = min(before)
-        assert postgres_server.execute(f"SELECT pg_terminate_backend({victim}, 5000)") == [("t",)]
-        _wait_until_a_close_reaches_the_pool(engine)
-        conns = [engine.connect() for _ in range(POOL)]
-        after = {conn.execute(BACKEND_PID).scalar() for conn in conns}
-        for conn in conns:
-            conn.close()
-        assert victim not in after
-        assert before - {victim} <= after, "live connections were thrown away"
-    finally:
-        engine.dispose()
+def test_one_terminated_backend_recycles_only_that_connection(
+    postgres_server, chaos_proxy, driver, disposing
+):
+    engine = disposing(_sync_engine(postgres_server, chaos_proxy, driver))
+    before = _warm_sync(engine)
+    victim = min(before)
+    assert postgres_server.execute(f"SELECT pg_terminate_backend({victim}, 5000)") == [("t",)]
+    _wait_until_a_close_reaches_the_pool(engine)
+    conns = [engine.connect() for _ in range(POOL)]
+    after = {conn.execute(BACKEND_PID).scalar() for conn in conns}
+    for conn in conns:
+        conn.close()
+    assert victim not in after
+    assert before - {victim} <= after, "live connections were thrown away"
 
 
 @pytest.mark.timeout(120)
@@ -243,7 +239,9 @@ def test_a_connection_idle_too_long_is_pinged_not_replaced(shared_server, driver
     assert all(0 < ping.latency < 5 for ping in pings)
 
 
-def test_a_unit_survives_when_the_replacement_connection_dies_too(postgres_server, chaos_proxy):
+def test_a_unit_survives_when_the_replacement_connection_dies_too(
+    postgres_server, chaos_proxy, disposing
+):
     """Fault: the pooled connection is reset, and the connection made to replace it at the same
     checkout is terminated right after its handshake (a storm of faults, as under a restart).
 
@@ -251,8 +249,10 @@ def test_a_unit_survives_when_the_replacement_connection_dies_too(postgres_serve
     InvalidRequestError("This connection is closed"), which is no driver error, so the unit of
     work was not retried and the request failed. Outcome: the unit runs again and succeeds.
     """
-    engine = dropsafe.create_engine(
-        chaos_proxy.route(postgres_server.url("psycopg2")), pool_size=1, max_overflow=0
+    engine = disposing(
+        dropsafe.create_engine(
+            chaos_proxy.route(postgres_server.url("psycopg2")), pool_size=1, max_overflow=0
+        )
     )
     killed: list[int] = []
 
@@ -266,11 +266,8 @@ def test_a_unit_survives_when_the_replacement_connection_dies_too(postgres_serve
         readable, _, _ = select.select([dbapi_connection.fileno()], [], [], 10)
         assert readable
 
-    try:
-        _request(engine)  # one idle connection in the pool
-        assert chaos_proxy.cut("rst") == 1
-        sa.event.listen(engine, "connect", kill_once)
-        assert dropsafe.run_transaction(engine, lambda c: c.execute(BACKEND_PID).scalar())
-        assert len(killed) == 1
-    finally:
-        engine.dispose()
+    _request(engine)  # one idle connection in the pool
+    assert chaos_proxy.cut("rst") == 1
+    sa.event.listen(engine, "connect", kill_once)
+    assert dropsafe.run_transaction(engine, lambda c: c.execute(BACKEND_PID).scalar())
+    assert len(killed) == 1

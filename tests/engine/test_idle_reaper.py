@@ -126,58 +126,58 @@ def test_an_idle_flow_is_forgotten_and_its_next_query_gets_no_answer(shared_serv
 
 
 @pytest.mark.parametrize("pre_ping", [False, True], ids=["plain", "pre_ping"])
-def test_a_plain_pool_hangs_on_a_forgotten_connection(shared_server, idle_reaper, pre_ping):
+def test_a_plain_pool_hangs_on_a_forgotten_connection(
+    shared_server, idle_reaper, pre_ping, disposing
+):
     # libpq's defaults: keepalives after 2 hours, no tcp_user_timeout: about 15 minutes.
-    engine = sa.create_engine(shared_server.url("psycopg2"), pool_size=1, pool_pre_ping=pre_ping)
-    try:
-        with idle_reaper(shared_server.port, IDLE) as reaper:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-                fd = conn.connection.dbapi_connection.fileno()
-            _forgotten(reaper, fd)
+    engine = disposing(
+        sa.create_engine(shared_server.url("psycopg2"), pool_size=1, pool_pre_ping=pre_ping)
+    )
+    with idle_reaper(shared_server.port, IDLE) as reaper:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            fd = conn.connection.dbapi_connection.fileno()
+        _forgotten(reaper, fd)
 
-            def query() -> object:
-                with engine.connect() as conn:  # the ping, if any, is sent here
-                    return conn.execute(sa.text("SELECT 2")).scalar()
+        def query() -> object:
+            with engine.connect() as conn:  # the ping, if any, is sent here
+                return conn.execute(sa.text("SELECT 2")).scalar()
 
-            thread, outcome = _in_thread(query)
-            thread.join(4)
-            # Neither the query nor pre_ping's ping got an answer in 4 s (dropsafe's bound on a
-            # ping is 5 s by default, tcp_user_timeout 10 s; here TCP waits ~15 minutes).
-            assert thread.is_alive(), outcome
-            _shut(fd)
-            thread.join(10)
-            assert not thread.is_alive()
-    finally:
-        engine.dispose()
+        thread, outcome = _in_thread(query)
+        thread.join(4)
+        # Neither the query nor pre_ping's ping got an answer in 4 s (dropsafe's bound on a
+        # ping is 5 s by default, tcp_user_timeout 10 s; here TCP waits ~15 minutes).
+        assert thread.is_alive(), outcome
+        _shut(fd)
+        thread.join(10)
+        assert not thread.is_alive()
 
 
-def test_dropsafe_keepalives_keep_the_flow_remembered(shared_server, idle_reaper):
+def test_dropsafe_keepalives_keep_the_flow_remembered(shared_server, idle_reaper, disposing):
     policy = dropsafe.Policy(
         connection=dropsafe.ConnectionPolicy(keepalive_idle=1, keepalive_interval=1)
     )
-    engine = dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
-    try:
-        with idle_reaper(shared_server.port, IDLE) as reaper:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-                fd = conn.connection.dbapi_connection.fileno()
-            # The clock: a connection without keepalives opened at the same time is forgotten.
-            clock = _libpq(shared_server, keepalives_idle=600, tcp_user_timeout=1000)
-            with closing(clock):
-                clock.cursor().execute("SELECT 1")
-                _forgotten(reaper, clock.fileno())
-            assert reaper.tracked_flows(_client_port(fd)) == 1
-            # (The clock's goodbye, on its forgotten flow, was dropped: count from here.)
-            dropped = reaper.dropped_packets()
-            started = time.monotonic()
-            with engine.connect() as conn:
-                assert conn.connection.dbapi_connection.fileno() == fd  # the same connection
-                assert conn.execute(sa.text("SELECT 2")).scalar() == 2
-            assert time.monotonic() - started < 1
-            assert reaper.dropped_packets() == dropped
-    finally:
-        engine.dispose()
+    engine = disposing(
+        dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
+    )
+    with idle_reaper(shared_server.port, IDLE) as reaper:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            fd = conn.connection.dbapi_connection.fileno()
+        # The clock: a connection without keepalives opened at the same time is forgotten.
+        clock = _libpq(shared_server, keepalives_idle=600, tcp_user_timeout=1000)
+        with closing(clock):
+            clock.cursor().execute("SELECT 1")
+            _forgotten(reaper, clock.fileno())
+        assert reaper.tracked_flows(_client_port(fd)) == 1
+        # (The clock's goodbye, on its forgotten flow, was dropped: count from here.)
+        dropped = reaper.dropped_packets()
+        started = time.monotonic()
+        with engine.connect() as conn:
+            assert conn.connection.dbapi_connection.fileno() == fd  # the same connection
+            assert conn.execute(sa.text("SELECT 2")).scalar() == 2
+        assert time.monotonic() - started < 1
+        assert reaper.dropped_packets() == dropped
 
 
 @pytest.mark.parametrize(
@@ -186,7 +186,7 @@ def test_dropsafe_keepalives_keep_the_flow_remembered(shared_server, idle_reaper
     ids=["keepalives_off", "keepalive_later_than_the_middlebox"],
 )
 def test_dropsafe_bounds_the_wait_and_the_unit_retries_on_a_fresh_connection(
-    shared_server, idle_reaper, keepalive_idle
+    shared_server, idle_reaper, keepalive_idle, disposing
 ):
     # tcp_user_timeout ends the first query on the forgotten flow; the unit of work retries it
     # whole on a new connection, which the middlebox tracks afresh.
@@ -195,24 +195,23 @@ def test_dropsafe_bounds_the_wait_and_the_unit_retries_on_a_fresh_connection(
             tcp_user_timeout=2, keepalive_idle=keepalive_idle, keepalive_interval=1
         )
     )
-    engine = dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
-    try:
-        with idle_reaper(shared_server.port, IDLE) as reaper:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-                fd = conn.connection.dbapi_connection.fileno()
-            _forgotten(reaper, fd)
-            started = time.monotonic()
-            result = dropsafe.run_transaction(
-                engine, lambda conn: conn.execute(sa.text("SELECT 2")).scalar(), deadline=20
-            )
-            elapsed = time.monotonic() - started
-            assert result == 2
-            # About tcp_user_timeout, never TCP's 15 minutes.
-            assert elapsed < 8, elapsed
-            assert reaper.dropped_packets() > 0
-    finally:
-        engine.dispose()
+    engine = disposing(
+        dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
+    )
+    with idle_reaper(shared_server.port, IDLE) as reaper:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            fd = conn.connection.dbapi_connection.fileno()
+        _forgotten(reaper, fd)
+        started = time.monotonic()
+        result = dropsafe.run_transaction(
+            engine, lambda conn: conn.execute(sa.text("SELECT 2")).scalar(), deadline=20
+        )
+        elapsed = time.monotonic() - started
+        assert result == 2
+        # About tcp_user_timeout, never TCP's 15 minutes.
+        assert elapsed < 8, elapsed
+        assert reaper.dropped_packets() > 0
 
 
 def test_bad_arguments_are_refused_before_any_rule(idle_reaper):
@@ -224,7 +223,9 @@ def test_bad_arguments_are_refused_before_any_rule(idle_reaper):
         pass
 
 
-def test_without_tcp_timeouts_the_units_deadline_still_ends_the_wait(shared_server, idle_reaper):
+def test_without_tcp_timeouts_the_units_deadline_still_ends_the_wait(
+    shared_server, idle_reaper, disposing
+):
     # The attack: keepalives later than the middlebox, and no tcp_user_timeout. The query on
     # the forgotten flow is retransmitted for about 15 minutes (keepalives stop once data is
     # unacknowledged); only the unit's deadline ends it, and the deadline is then spent.
@@ -235,31 +236,30 @@ def test_without_tcp_timeouts_the_units_deadline_still_ends_the_wait(shared_serv
             tcp_user_timeout=None, keepalive_idle=4, keepalive_interval=1
         )
     )
-    engine = dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
-    try:
-        with idle_reaper(shared_server.port, IDLE) as reaper:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-                fd = conn.connection.dbapi_connection.fileno()
-            _forgotten(reaper, fd)
-            started = time.monotonic()
-            thread, outcome = _in_thread(
-                lambda: dropsafe.run_transaction(
-                    engine, lambda conn: conn.execute(sa.text("SELECT 2")).scalar(), deadline=3
-                )
+    engine = disposing(
+        dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
+    )
+    with idle_reaper(shared_server.port, IDLE) as reaper:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            fd = conn.connection.dbapi_connection.fileno()
+        _forgotten(reaper, fd)
+        started = time.monotonic()
+        thread, outcome = _in_thread(
+            lambda: dropsafe.run_transaction(
+                engine, lambda conn: conn.execute(sa.text("SELECT 2")).scalar(), deadline=3
             )
+        )
+        thread.join(10)
+        hung = thread.is_alive()
+        if hung:
+            _shut(fd)
             thread.join(10)
-            hung = thread.is_alive()
-            if hung:
-                _shut(fd)
-                thread.join(10)
-            assert not hung, "the unit outlived its deadline"
-            # The socket shut down at the deadline: a lost connection, raised as such.
-            assert "error" in outcome, outcome
-            assert dropsafe.classify(outcome["error"]) is dropsafe.ErrorKind.DISCONNECT
-            assert time.monotonic() - started < 6
-    finally:
-        engine.dispose()
+        assert not hung, "the unit outlived its deadline"
+        # The socket shut down at the deadline: a lost connection, raised as such.
+        assert "error" in outcome, outcome
+        assert dropsafe.classify(outcome["error"]) is dropsafe.ErrorKind.DISCONNECT
+        assert time.monotonic() - started < 6
 
 
 def test_the_same_bound_holds_for_an_async_unit(shared_server, idle_reaper):

@@ -123,10 +123,10 @@ SYNC_PATHS = {
 @pytest.mark.parametrize("path", list(SYNC_PATHS))
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_sync_rollback_on_a_lost_connection_is_quiet(  # noqa: PLR0917 - fixtures and parameters
-    server, proxy, driver, path, fault, caplog
+    server, proxy, driver, path, fault, caplog, disposing
 ):
     events = []
-    engine = _engine(server, proxy, driver, events, pool_size=1, max_overflow=0)
+    engine = disposing(_engine(server, proxy, driver, events, pool_size=1, max_overflow=0))
     run, during = SYNC_PATHS[path]
     killed = []
 
@@ -135,69 +135,57 @@ def test_sync_rollback_on_a_lost_connection_is_quiet(  # noqa: PLR0917 - fixture
         killed.append(pid)
         return pid
 
-    try:
-        with caplog.at_level(logging.DEBUG):
-            run(engine, kill)  # raises the driver's error without dropsafe
-        assert _lost_rollbacks(events) == [during]
-        assert "a ROLLBACK met a lost connection" in caplog.text
-        assert not [
-            r
-            for r in caplog.records
-            if r.levelno >= logging.ERROR and r.name.startswith(("sqlalchemy", "dropsafe"))
-        ]
-        # The pool hands out a working connection next, without the app seeing anything.
-        with engine.connect() as conn:
-            assert conn.execute(BACKEND_PID).scalar() != killed[0]
-    finally:
-        engine.dispose()
+    with caplog.at_level(logging.DEBUG):
+        run(engine, kill)  # raises the driver's error without dropsafe
+    assert _lost_rollbacks(events) == [during]
+    assert "a ROLLBACK met a lost connection" in caplog.text
+    assert not [
+        r
+        for r in caplog.records
+        if r.levelno >= logging.ERROR and r.name.startswith(("sqlalchemy", "dropsafe"))
+    ]
+    # The pool hands out a working connection next, without the app seeing anything.
+    with engine.connect() as conn:
+        assert conn.execute(BACKEND_PID).scalar() != killed[0]
 
 
-def test_a_commit_on_a_lost_connection_stays_loud(server, proxy):
+def test_a_commit_on_a_lost_connection_stays_loud(server, proxy, disposing):
     events = []
-    engine = _engine(server, proxy, "psycopg2", events)
-    try:
-        with Session(engine) as session:
-            pid = session.execute(BACKEND_PID).scalar()
-            _break("terminate", server, proxy, pid)
-            with pytest.raises(sa.exc.OperationalError):
-                session.commit()
-            session.rollback()
-            assert session.execute(BACKEND_PID).scalar() != pid
-        assert _lost_rollbacks(events) == []
-        assert any(isinstance(event, ConnectionInvalidated) for event in events)
-    finally:
-        engine.dispose()
+    engine = disposing(_engine(server, proxy, "psycopg2", events))
+    with Session(engine) as session:
+        pid = session.execute(BACKEND_PID).scalar()
+        _break("terminate", server, proxy, pid)
+        with pytest.raises(sa.exc.OperationalError):
+            session.commit()
+        session.rollback()
+        assert session.execute(BACKEND_PID).scalar() != pid
+    assert _lost_rollbacks(events) == []
+    assert any(isinstance(event, ConnectionInvalidated) for event in events)
 
 
-def test_a_rollback_error_that_is_no_lost_connection_is_raised(server, proxy):
+def test_a_rollback_error_that_is_no_lost_connection_is_raised(server, proxy, disposing):
     # A real driver error on ROLLBACK, the connection alive: psycopg 3 forbids an explicit
     # rollback() inside its own transaction() block.
     events = []
-    engine = _engine(server, proxy, "psycopg", events)
-    try:
-        with engine.connect() as conn:
-            conn.execute(BACKEND_PID)
-            block = conn.connection.driver_connection.transaction()
-            block.__enter__()
-            with pytest.raises(sa.exc.ProgrammingError, match="rollback"):
-                conn.rollback()
-            block.__exit__(None, None, None)
-        assert _lost_rollbacks(events) == []
-    finally:
-        engine.dispose()
+    engine = disposing(_engine(server, proxy, "psycopg", events))
+    with engine.connect() as conn:
+        conn.execute(BACKEND_PID)
+        block = conn.connection.driver_connection.transaction()
+        block.__enter__()
+        with pytest.raises(sa.exc.ProgrammingError, match="rollback"):
+            conn.rollback()
+        block.__exit__(None, None, None)
+    assert _lost_rollbacks(events) == []
 
 
-def test_a_rollback_on_a_live_connection_is_untouched(server, proxy):
+def test_a_rollback_on_a_live_connection_is_untouched(server, proxy, disposing):
     events = []
-    engine = _engine(server, proxy, "psycopg2", events, pool_size=1, max_overflow=0)
-    try:
-        with Session(engine) as session:
-            pid = session.execute(BACKEND_PID).scalar()
-            session.rollback()
-            assert session.execute(BACKEND_PID).scalar() == pid
-        assert events == []
-    finally:
-        engine.dispose()
+    engine = disposing(_engine(server, proxy, "psycopg2", events, pool_size=1, max_overflow=0))
+    with Session(engine) as session:
+        pid = session.execute(BACKEND_PID).scalar()
+        session.rollback()
+        assert session.execute(BACKEND_PID).scalar() == pid
+    assert events == []
 
 
 # -- asyncio -------------------------------------------------------------------------------
@@ -241,9 +229,11 @@ ASYNC_PATHS = {
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("path", list(ASYNC_PATHS))
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-async def test_async_rollback_on_a_lost_connection_is_quiet(server, proxy, driver, path, fault):
+async def test_async_rollback_on_a_lost_connection_is_quiet(  # noqa: PLR0917 - fixtures and parameters
+    server, proxy, driver, path, fault, disposing_async
+):
     events = []
-    engine = _async_engine(server, proxy, driver, events)
+    engine = disposing_async(_async_engine(server, proxy, driver, events))
     killed = []
 
     def kill(pid):
@@ -251,10 +241,7 @@ async def test_async_rollback_on_a_lost_connection_is_quiet(server, proxy, drive
         killed.append(pid)
         return pid
 
-    try:
-        await ASYNC_PATHS[path](engine, kill)  # raises the driver's error without dropsafe
-        assert _lost_rollbacks(events) == ["rollback"]
-        async with engine.connect() as conn:
-            assert (await conn.execute(BACKEND_PID)).scalar() != killed[0]
-    finally:
-        await engine.dispose()
+    await ASYNC_PATHS[path](engine, kill)  # raises the driver's error without dropsafe
+    assert _lost_rollbacks(events) == ["rollback"]
+    async with engine.connect() as conn:
+        assert (await conn.execute(BACKEND_PID)).scalar() != killed[0]

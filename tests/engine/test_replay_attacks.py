@@ -111,60 +111,60 @@ def _raw_cursor_execute(sa_connection, sql):
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(server, proxy, driver):
+def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(
+    server, proxy, driver, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        with Session(engine) as session:
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    with Session(engine) as session:
 
-            @event.listens_for(session, "after_begin")
-            def audit(session, transaction, connection):
-                _raw_cursor_execute(connection, "INSERT INTO attack_audit (what) VALUES ('begun')")
+        @event.listens_for(session, "after_begin")
+        def audit(session, transaction, connection):
+            _raw_cursor_execute(connection, "INSERT INTO attack_audit (what) VALUES ('begun')")
 
-            session.add(Item(n=1))
-            try:
-                session.commit()
-            except sa.exc.DBAPIError:
-                committed = False  # loud: acceptable, nothing may be half-there
-            else:
-                committed = True
-        if committed:
-            assert (_items(server), _audit(server)) == ([1], ["begun"])
-        else:
-            assert (_items(server), _audit(server)) == ([], [])
-    finally:
-        engine.dispose()
-
-
-def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(server, proxy):
-    events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+        session.add(Item(n=1))
         try:
-            with Session(engine) as session:
-                raw = session.connection().connection.dbapi_connection
-                with (
-                    raw.cursor() as cursor,
-                    cursor.copy("COPY attack_audit (what) FROM STDIN") as copy,
-                ):
-                    for what in ("c1", "c2", "c3"):
-                        copy.write_row((what,))
-                session.add(Item(n=7))
-                session.commit()
+            session.commit()
         except sa.exc.DBAPIError:
-            assert (_items(server), _audit(server)) == ([], [])
+            committed = False  # loud: acceptable, nothing may be half-there
         else:
-            assert (_items(server), _audit(server)) == ([7], ["c1", "c2", "c3"])
-    finally:
-        engine.dispose()
+            committed = True
+    if committed:
+        assert (_items(server), _audit(server)) == ([1], ["begun"])
+    else:
+        assert (_items(server), _audit(server)) == ([], [])
+
+
+def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(
+    server, proxy, disposing
+):
+    events = []
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
+    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    try:
+        with Session(engine) as session:
+            raw = session.connection().connection.dbapi_connection
+            with (
+                raw.cursor() as cursor,
+                cursor.copy("COPY attack_audit (what) FROM STDIN") as copy,
+            ):
+                for what in ("c1", "c2", "c3"):
+                    copy.write_row((what,))
+            session.add(Item(n=7))
+            session.commit()
+    except sa.exc.DBAPIError:
+        assert (_items(server), _audit(server)) == ([], [])
+    else:
+        assert (_items(server), _audit(server)) == ([7], ["c1", "c2", "c3"])
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(server, proxy, driver):
+def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(
+    server, proxy, driver, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
+    engine = disposing(replay_engine(server, proxy, driver, events))
     written = [False]
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -173,161 +173,150 @@ def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(server, pr
             written[0] = True
             cursor.execute("INSERT INTO attack_audit (what) VALUES ('before')")
 
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        try:
-            with engine.begin() as conn:
-                conn.execute(ITEMS.insert().values(n=2))
-        except sa.exc.DBAPIError:
-            assert (_items(server), _audit(server)) == ([], [])
-        else:
-            assert (_items(server), _audit(server)) == ([2], ["before"])
-    finally:
-        engine.dispose()
+        with engine.begin() as conn:
+            conn.execute(ITEMS.insert().values(n=2))
+    except sa.exc.DBAPIError:
+        assert (_items(server), _audit(server)) == ([], [])
+    else:
+        assert (_items(server), _audit(server)) == ([2], ["before"])
 
 
-def test_raw_set_transaction_isolation_survives_the_replay(server, proxy):
+def test_raw_set_transaction_isolation_survives_the_replay(server, proxy, disposing):
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
-    try:
-        _lose_before(engine, "transaction_isolation", "cut", server, proxy)
-        with Session(engine) as session:
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
+    _lose_before(engine, "transaction_isolation", "cut", server, proxy)
+    with Session(engine) as session:
 
-            @event.listens_for(session, "after_begin")
-            def serializable(session, transaction, connection):
-                _raw_cursor_execute(connection, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+        @event.listens_for(session, "after_begin")
+        def serializable(session, transaction, connection):
+            _raw_cursor_execute(connection, "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
 
-            try:
-                level = session.execute(ISOLATION).scalar()
-            except sa.exc.DBAPIError:
-                level = "raised"  # loud is fine
-        assert level in ("serializable", "raised")
-    finally:
-        engine.dispose()
+        try:
+            level = session.execute(ISOLATION).scalar()
+        except sa.exc.DBAPIError:
+            level = "raised"  # loud is fine
+    assert level in ("serializable", "raised")
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(server, proxy, driver):
+async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
+    server, proxy, driver, disposing_async
+):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+        )
     )
-    try:
-        _lose_before(engine.sync_engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        async with AsyncSession(engine) as session:
+    _lose_before(engine.sync_engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    async with AsyncSession(engine) as session:
 
-            @event.listens_for(session.sync_session, "after_begin")
-            def audit(session, transaction, connection):
-                _raw_cursor_execute(connection, "INSERT INTO attack_audit (what) VALUES ('async')")
+        @event.listens_for(session.sync_session, "after_begin")
+        def audit(session, transaction, connection):
+            _raw_cursor_execute(connection, "INSERT INTO attack_audit (what) VALUES ('async')")
 
-            session.add(Item(n=3))
-            try:
-                await session.commit()
-            except sa.exc.DBAPIError:
-                committed = False
-            else:
-                committed = True
-        expected = ([3], ["async"]) if committed else ([], [])
-        assert (_items(server), _audit(server)) == expected
-    finally:
-        await engine.dispose()
+        session.add(Item(n=3))
+        try:
+            await session.commit()
+        except sa.exc.DBAPIError:
+            committed = False
+        else:
+            committed = True
+    expected = ([3], ["async"]) if committed else ([], [])
+    assert (_items(server), _audit(server)) == expected
 
 
 # -- what is not a first statement must stay loud -----------------------------------------
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(server, proxy, driver):
+def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(
+    server, proxy, driver, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        with Session(engine) as session:
-            session.execute(sa.text("SET LOCAL search_path TO pg_catalog, public"))
-            session.add(Item(n=1))
-            with pytest.raises(sa.exc.OperationalError):
-                session.flush()
-            session.rollback()
-            # The next use of the same Session must work on a fresh connection.
-            session.add(Item(n=2))
-            session.commit()
-        assert _items(server) == [2]
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    with Session(engine) as session:
+        session.execute(sa.text("SET LOCAL search_path TO pg_catalog, public"))
+        session.add(Item(n=1))
+        with pytest.raises(sa.exc.OperationalError):
+            session.flush()
+        session.rollback()
+        # The next use of the same Session must work on a fresh connection.
+        session.add(Item(n=2))
+        session.commit()
+    assert _items(server) == [2]
+    assert replayed(events) == []
 
 
-def test_statement_after_an_engine_connect_listener_sql_is_notreplayed(server, proxy):
+def test_statement_after_an_engine_connect_listener_sql_is_notreplayed(server, proxy, disposing):
     # The app's listener runs SQL on the SQLAlchemy Connection as soon as it is made: that is
     # the transaction's first statement; the app's INSERT is the second and must stay loud.
     events = []
-    engine = replay_engine(server, proxy, "psycopg2", events)
+    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
 
     @event.listens_for(engine, "engine_connect")
     def stamp(conn):
         conn.exec_driver_sql("INSERT INTO attack_audit (what) VALUES ('connect')")
 
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
-        with engine.connect() as conn:
-            with pytest.raises(sa.exc.OperationalError):
-                conn.execute(ITEMS.insert().values(n=1))
-            conn.rollback()
-        assert (_items(server), _audit(server)) == ([], [])
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    with engine.connect() as conn:
+        with pytest.raises(sa.exc.OperationalError):
+            conn.execute(ITEMS.insert().values(n=1))
+        conn.rollback()
+    assert (_items(server), _audit(server)) == ([], [])
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize("fault", ["terminate", "cut"])
-def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(server, proxy, fault):
+def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(
+    server, proxy, fault, disposing
+):
     # A ROLLBACK TO SAVEPOINT on a lost connection is not the end of a transaction: the app
     # goes on with the outer one. Made quiet, the app's later commit could report success for
     # a transaction the server aborted. It must raise, and nothing may be on the server.
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
-    try:
-        with Session(engine) as session:
-            session.add(Item(n=1))
-            session.flush()
-            nested = session.begin_nested()
-            session.add(Item(n=2))
-            session.flush()
-            lose(fault, server, proxy)
-            try:
-                nested.rollback()
-            except sa.exc.DBAPIError:
-                rolled_back_loudly = True
-            else:
-                rolled_back_loudly = False
-            with pytest.raises(sa.exc.SQLAlchemyError):
-                session.commit()
-        assert _items(server) == []
-        # Whether the savepoint's rollback raised or not, the commit was loud; record which.
-        assert rolled_back_loudly or replayed(events) == []
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
+    with Session(engine) as session:
+        session.add(Item(n=1))
+        session.flush()
+        nested = session.begin_nested()
+        session.add(Item(n=2))
+        session.flush()
+        lose(fault, server, proxy)
+        try:
+            nested.rollback()
+        except sa.exc.DBAPIError:
+            rolled_back_loudly = True
+        else:
+            rolled_back_loudly = False
+        with pytest.raises(sa.exc.SQLAlchemyError):
+            session.commit()
+    assert _items(server) == []
+    # Whether the savepoint's rollback raised or not, the commit was loud; record which.
+    assert rolled_back_loudly or replayed(events) == []
 
 
 # -- replayed, and the same transaction goes on correctly ---------------------------------
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(server, proxy, driver):
+def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(
+    server, proxy, driver, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE")
-    try:
-        _lose_before(engine, "transaction_isolation", "terminate", server, proxy)
-        with Session(engine) as session, session.begin():
-            assert session.execute(ISOLATION).scalar() == "serializable"
-            session.add(Item(n=1))
-        assert _items(server) == [1]
-        assert len(replayed(events)) == 1
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE"))
+    _lose_before(engine, "transaction_isolation", "terminate", server, proxy)
+    with Session(engine) as session, session.begin():
+        assert session.execute(ISOLATION).scalar() == "serializable"
+        session.add(Item(n=1))
+    assert _items(server) == [1]
+    assert len(replayed(events)) == 1
 
 
 @pytest.mark.parametrize(
@@ -335,173 +324,160 @@ def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(serv
     [{"pool_pre_ping": True}, {"poolclass": NullPool}, {"pool_timeout": 1}],
     ids=["pre_ping", "nullpool", "pool-of-one-timeout-1s"],
 )
-def test_replay_with_other_pool_setups(server, proxy, engine_kwargs):
+def test_replay_with_other_pool_setups(server, proxy, engine_kwargs, disposing):
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events, **engine_kwargs)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
-        started = time.monotonic()
+    engine = disposing(replay_engine(server, proxy, "psycopg", events, **engine_kwargs))
+    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    started = time.monotonic()
+    with Session(engine) as session:
+        session.add(Item(n=1))
+        session.commit()
+    assert time.monotonic() - started < 10  # no wait for a pool slot held by itself
+    assert _items(server) == [1]
+    assert len(replayed(events)) == 1
+    # The pool's books balance: nothing is left checked out, and a pool of one still
+    # hands its connection out (twice, so a leaked slot would time out).
+    for n in (2, 3):
         with Session(engine) as session:
-            session.add(Item(n=1))
+            session.add(Item(n=n))
             session.commit()
-        assert time.monotonic() - started < 10  # no wait for a pool slot held by itself
-        assert _items(server) == [1]
-        assert len(replayed(events)) == 1
-        # The pool's books balance: nothing is left checked out, and a pool of one still
-        # hands its connection out (twice, so a leaked slot would time out).
-        for n in (2, 3):
-            with Session(engine) as session:
-                session.add(Item(n=n))
-                session.commit()
-        assert _items(server) == [1, 2, 3]
-        if engine_kwargs.get("poolclass") is not NullPool:
-            assert engine.pool.checkedout() == 0
-    finally:
-        engine.dispose()
+    assert _items(server) == [1, 2, 3]
+    if engine_kwargs.get("poolclass") is not NullPool:
+        assert engine.pool.checkedout() == 0
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(server, proxy, driver):
+def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(
+    server, proxy, driver, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        _lose_before(engine, "SAVEPOINT", "terminate", server, proxy)
-        with Session(engine) as session:
-            with session.begin_nested():  # SAVEPOINT: the transaction's first statement
-                session.add(Item(n=1))
-            session.add(Item(n=2))
-            session.commit()
-        assert _items(server) == [1, 2]
-        assert len(replayed(events)) == 1
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    _lose_before(engine, "SAVEPOINT", "terminate", server, proxy)
+    with Session(engine) as session:
+        with session.begin_nested():  # SAVEPOINT: the transaction's first statement
+            session.add(Item(n=1))
+        session.add(Item(n=2))
+        session.commit()
+    assert _items(server) == [1, 2]
+    assert len(replayed(events)) == 1
 
 
 # The lost connection's server-side cursor is never closed (see the test below).
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_server_side_cursor_first_statementreplayed(server, proxy, driver):
+def test_server_side_cursor_first_statementreplayed(server, proxy, driver, disposing):
     server.execute("INSERT INTO attack_items (n) SELECT g FROM generate_series(1, 50) g")
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
-        with engine.connect() as conn:
-            streamed = sa.select(ITEMS.c.n).order_by(ITEMS.c.n)
-            result = conn.execute(streamed.execution_options(stream_results=True, max_row_buffer=7))
-            assert [n for (n,) in result] == list(range(1, 51))
-            conn.execute(ITEMS.insert().values(n=100))
-            conn.commit()
-        assert _items(server) == [*range(1, 51), 100]
-        assert len(replayed(events)) == 1
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
+    with engine.connect() as conn:
+        streamed = sa.select(ITEMS.c.n).order_by(ITEMS.c.n)
+        result = conn.execute(streamed.execution_options(stream_results=True, max_row_buffer=7))
+        assert [n for (n,) in result] == list(range(1, 51))
+        conn.execute(ITEMS.insert().values(n=100))
+        conn.commit()
+    assert _items(server) == [*range(1, 51), 100]
+    assert len(replayed(events)) == 1
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-async def test_async_run_sync_first_statementreplayed(server, proxy, driver):
+async def test_async_run_sync_first_statementreplayed(server, proxy, driver, disposing_async):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=1,
-        max_overflow=0,
-        pool_timeout=2,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+            pool_timeout=2,
+        )
     )
-    try:
-        _lose_before(engine.sync_engine, "INSERT INTO attack_items", "cut", server, proxy)
-        async with engine.connect() as conn:
-            await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=1)))
-            await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=2)))
-            await conn.commit()
-        assert _items(server) == [1, 2]
-        assert len(replayed(events)) == 1
-        assert engine.sync_engine.pool.checkedout() == 0
-    finally:
-        await engine.dispose()
+    _lose_before(engine.sync_engine, "INSERT INTO attack_items", "cut", server, proxy)
+    async with engine.connect() as conn:
+        await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=1)))
+        await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=2)))
+        await conn.commit()
+    assert _items(server) == [1, 2]
+    assert len(replayed(events)) == 1
+    assert engine.sync_engine.pool.checkedout() == 0
 
 
-def test_psycopg_pipeline_mode_first_statement(server, proxy):
+def test_psycopg_pipeline_mode_first_statement(server, proxy, disposing):
     # The app enters psycopg's pipeline mode on the driver's connection. Whatever happens,
     # what the app sees must match the server: success with the rows, or an error without.
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        try:
-            with engine.connect() as conn:
-                with conn.connection.dbapi_connection.pipeline():
-                    conn.execute(ITEMS.insert().values(n=1))
-                    conn.execute(ITEMS.insert().values(n=2))
-                conn.commit()
-        except sa.exc.SQLAlchemyError:
-            assert _items(server) == []
-        except Exception as exc:
-            assert type(exc).__module__.startswith("psycopg")
-            assert _items(server) == []
-        else:
-            assert _items(server) == [1, 2]
-    finally:
-        engine.dispose()
+        with engine.connect() as conn:
+            with conn.connection.dbapi_connection.pipeline():
+                conn.execute(ITEMS.insert().values(n=1))
+                conn.execute(ITEMS.insert().values(n=2))
+            conn.commit()
+    except sa.exc.SQLAlchemyError:
+        assert _items(server) == []
+    except Exception as exc:
+        assert type(exc).__module__.startswith("psycopg")
+        assert _items(server) == []
+    else:
+        assert _items(server) == [1, 2]
 
 
-def test_replay_closes_the_lost_server_side_cursor(server, proxy):
+def test_replay_closes_the_lost_server_side_cursor(server, proxy, disposing):
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
-    try:
-        _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ResourceWarning)
-            with engine.connect() as conn:
-                streamed = sa.select(ITEMS.c.n).execution_options(stream_results=True)
-                assert conn.execute(streamed).scalars().all() == [1]
-            gc.collect()
-        assert len(replayed(events)) == 1
-        leaked = [w for w in caught if issubclass(w.category, ResourceWarning)]
-        assert leaked == [], [str(w.message) for w in leaked]
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
+    _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        with engine.connect() as conn:
+            streamed = sa.select(ITEMS.c.n).execution_options(stream_results=True)
+            assert conn.execute(streamed).scalars().all() == [1]
+        gc.collect()
+    assert len(replayed(events)) == 1
+    leaked = [w for w in caught if issubclass(w.category, ResourceWarning)]
+    assert leaked == [], [str(w.message) for w in leaked]
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(server, proxy, driver):
+def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(
+    server, proxy, driver, disposing
+):
     server.execute(
         "CREATE SCHEMA IF NOT EXISTS attack_s; "
         "CREATE TABLE IF NOT EXISTS attack_s.attack_items (n int); "
         "TRUNCATE attack_s.attack_items"
     )
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        with engine.connect() as conn:
-            raw = conn.connection.dbapi_connection
-            _raw_cursor_execute(conn, "SET search_path TO attack_s")
-            raw.commit()
-            try:
-                conn.exec_driver_sql("INSERT INTO attack_items (n) VALUES (5)")
-                conn.commit()
-            except sa.exc.DBAPIError:
-                committed = False  # loud: acceptable (the replay refused), nothing written
-            else:
-                committed = True
-        in_schema = server.execute("SELECT count(*) FROM attack_s.attack_items")
-        expected = [("1",)] if committed else [("0",)]
-        assert (in_schema, _items(server), replayed(events)) == (expected, [], [])
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    with engine.connect() as conn:
+        raw = conn.connection.dbapi_connection
+        _raw_cursor_execute(conn, "SET search_path TO attack_s")
+        raw.commit()
+        try:
+            conn.exec_driver_sql("INSERT INTO attack_items (n) VALUES (5)")
+            conn.commit()
+        except sa.exc.DBAPIError:
+            committed = False  # loud: acceptable (the replay refused), nothing written
+        else:
+            committed = True
+    in_schema = server.execute("SELECT count(*) FROM attack_s.attack_items")
+    expected = [("1",)] if committed else [("0",)]
+    assert (in_schema, _items(server), replayed(events)) == (expected, [], [])
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_checkout_listener_raw_session_setting_holds_on_the_replay(server, proxy, driver):
+def test_checkout_listener_raw_session_setting_holds_on_the_replay(
+    server, proxy, driver, disposing
+):
     # A common multi-tenant pattern: the app's checkout listener sets a session variable
     # through the driver's connection. The fresh connection passes the same listener, so a
     # replay sees the setting. (Today it is replayed; a fix for the raw-write bugs above that
     # refuses when the driver's connection is in a transaction makes this loud instead, which
     # is safe too. What must never happen: a replay that lacks the setting.)
     events = []
-    engine = replay_engine(server, proxy, driver, events)
+    engine = disposing(replay_engine(server, proxy, driver, events))
 
     @event.listens_for(engine, "checkout")
     def tenant(dbapi_connection, entry, proxied):
@@ -509,43 +485,37 @@ def test_checkout_listener_raw_session_setting_holds_on_the_replay(server, proxy
         cursor.execute("SELECT set_config('app.tenant', 'acme', false)")
         cursor.close()
 
-    try:
-        _lose_before(engine, "app.tenant", "cut", server, proxy)
-        with Session(engine) as session:
-            try:
-                seen = session.execute(sa.text("SELECT current_setting('app.tenant')")).scalar()
-            except sa.exc.OperationalError:
-                seen = "raised"
-                session.rollback()
-            assert seen in ("acme", "raised")
-            session.add(Item(n=1))
-            session.commit()
-        assert _items(server) == [1]
-        assert len(replayed(events)) == (1 if seen == "acme" else 0)
-    finally:
-        engine.dispose()
+    _lose_before(engine, "app.tenant", "cut", server, proxy)
+    with Session(engine) as session:
+        try:
+            seen = session.execute(sa.text("SELECT current_setting('app.tenant')")).scalar()
+        except sa.exc.OperationalError:
+            seen = "raised"
+            session.rollback()
+        assert seen in ("acme", "raised")
+        session.add(Item(n=1))
+        session.commit()
+    assert _items(server) == [1]
+    assert len(replayed(events)) == (1 if seen == "acme" else 0)
 
 
-def test_first_statement_replayed_once_only(server, proxy):
+def test_first_statement_replayed_once_only(server, proxy, disposing):
     # The first statement itself ends its connection, every time it runs: it is replayed once
     # (the sequence, which no rollback undoes, counts the runs: 2), then the error is raised,
     # and the pool and the Session are fine afterwards.
     server.execute("DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq")
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events, pool_timeout=2)
+    engine = disposing(replay_engine(server, proxy, "psycopg", events, pool_timeout=2))
     suicide = sa.text("SELECT nextval('attack_seq'), pg_terminate_backend(pg_backend_pid())")
-    try:
-        with Session(engine) as session:
-            with pytest.raises(sa.exc.OperationalError):
-                session.execute(suicide)
-            session.rollback()
-            session.add(Item(n=1))
-            session.commit()
-        assert server.execute("SELECT last_value FROM attack_seq") == [("2",)]
-        assert _items(server) == [1]
-        assert engine.pool.checkedout() == 0
-    finally:
-        engine.dispose()
+    with Session(engine) as session:
+        with pytest.raises(sa.exc.OperationalError):
+            session.execute(suicide)
+        session.rollback()
+        session.add(Item(n=1))
+        session.commit()
+    assert server.execute("SELECT last_value FROM attack_seq") == [("2",)]
+    assert _items(server) == [1]
+    assert engine.pool.checkedout() == 0
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
@@ -707,26 +677,23 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
         engine.dispose()
 
 
-def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, proxy):
+def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, proxy, disposing):
     # The app's after_begin listener runs SQL through the SQLAlchemy Connection: that is the
     # first statement; the app's INSERT, lost, is the second and must stay loud.
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        with Session(engine) as session:
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    with Session(engine) as session:
 
-            @event.listens_for(session, "after_begin")
-            def audit(session, transaction, connection):
-                connection.exec_driver_sql("INSERT INTO attack_audit (what) VALUES ('begun')")
+        @event.listens_for(session, "after_begin")
+        def audit(session, transaction, connection):
+            connection.exec_driver_sql("INSERT INTO attack_audit (what) VALUES ('begun')")
 
-            session.add(Item(n=1))
-            with pytest.raises(sa.exc.OperationalError):
-                session.commit()
-        assert (_items(server), _audit(server)) == ([], [])
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+        session.add(Item(n=1))
+        with pytest.raises(sa.exc.OperationalError):
+            session.commit()
+    assert (_items(server), _audit(server)) == ([], [])
+    assert replayed(events) == []
 
 
 # Found by this file on h12's first version (the statement ran twice: nextval counted 2,
@@ -765,9 +732,11 @@ def test_a_server_error_that_reads_like_a_disconnect_is_notreplayed(server, prox
     ),
 )
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(server, proxy, driver):
+def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(
+    server, proxy, driver, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
+    engine = disposing(replay_engine(server, proxy, driver, events))
     seen = []
 
     @event.listens_for(engine, "after_cursor_execute")
@@ -775,14 +744,11 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(serve
         if "INSERT INTO attack_items" in statement:
             seen.append((cursor.rowcount, cursor is context.cursor))
 
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        with engine.begin() as conn:
-            conn.execute(ITEMS.insert().values(n=1))
-        assert len(replayed(events)) == 1
-        assert seen == [(1, True)]
-    finally:
-        engine.dispose()
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    with engine.begin() as conn:
+        conn.execute(ITEMS.insert().values(n=1))
+    assert len(replayed(events)) == 1
+    assert seen == [(1, True)]
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
@@ -820,35 +786,34 @@ def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, pro
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-async def test_concurrent_async_sessions_closing_on_lost_connections(server, proxy, driver):
+async def test_concurrent_async_sessions_closing_on_lost_connections(
+    server, proxy, driver, disposing_async
+):
     # Each task's ROLLBACK is told apart by a context variable set right before it: many
     # tasks closing at once on lost connections must each be absorbed, none raised, none
     # mixed up with another's (a live one among them rolls back for real).
     import asyncio  # noqa: PLC0415 - only this test needs it
 
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=6,
-        max_overflow=0,
-    )
-    try:
-        sessions = [AsyncSession(engine) for _ in range(5)]
-        for number, session in enumerate(sessions):
-            session.add(Item(n=number))
-            await session.flush()
-        assert server.terminate_backends() >= 5
-        live = AsyncSession(engine)
-        live.add(Item(n=99))
-        await live.flush()
-        await asyncio.wait_for(
-            asyncio.gather(*(s.close() for s in sessions), live.close()), timeout=20
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=6,
+            max_overflow=0,
         )
-        assert _items(server) == []
-        assert _lost_rollbacks(events) == ["rollback"] * 5
-    finally:
-        await engine.dispose()
+    )
+    sessions = [AsyncSession(engine) for _ in range(5)]
+    for number, session in enumerate(sessions):
+        session.add(Item(n=number))
+        await session.flush()
+    assert server.terminate_backends() >= 5
+    live = AsyncSession(engine)
+    live.add(Item(n=99))
+    await live.flush()
+    await asyncio.wait_for(asyncio.gather(*(s.close() for s in sessions), live.close()), timeout=20)
+    assert _items(server) == []
+    assert _lost_rollbacks(events) == ["rollback"] * 5
 
 
 def _lost_rollbacks(events):
@@ -857,42 +822,42 @@ def _lost_rollbacks(events):
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 @pytest.mark.parametrize("fault", ["terminate", "cut"])
-def test_quiet_rollback_logs_and_events_hold_no_secret(server, proxy, driver, fault, caplog):
+def test_quiet_rollback_logs_and_events_hold_no_secret(  # noqa: PLR0917 - fixtures and parameters
+    server, proxy, driver, fault, caplog, disposing
+):
     caplog.set_level(logging.DEBUG, logger="dropsafe")
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        with Session(engine) as session:
-            session.add(Item(n=1))
-            session.flush()
-            lose(fault, server, proxy)
-        assert _lost_rollbacks(events) == ["rollback"]
-        assert server.password not in caplog.text
-        assert server.password not in repr(events)
-        assert _items(server) == []
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        session.add(Item(n=1))
+        session.flush()
+        lose(fault, server, proxy)
+    assert _lost_rollbacks(events) == ["rollback"]
+    assert server.password not in caplog.text
+    assert server.password not in repr(events)
+    assert _items(server) == []
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-async def test_async_isolation_level_of_create_engine_holds_in_the_replay(server, proxy, driver):
+async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
+    server, proxy, driver, disposing_async
+):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        isolation_level="REPEATABLE READ",
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            isolation_level="REPEATABLE READ",
+            pool_size=1,
+            max_overflow=0,
+        )
     )
-    try:
-        _lose_before(engine.sync_engine, "transaction_isolation", "terminate", server, proxy)
-        async with AsyncSession(engine) as session, session.begin():
-            assert (await session.execute(ISOLATION)).scalar() == "repeatable read"
-            session.add(Item(n=1))
-        assert _items(server) == [1]
-        assert len(replayed(events)) == 1
-    finally:
-        await engine.dispose()
+    _lose_before(engine.sync_engine, "transaction_isolation", "terminate", server, proxy)
+    async with AsyncSession(engine) as session, session.begin():
+        assert (await session.execute(ISOLATION)).scalar() == "repeatable read"
+        session.add(Item(n=1))
+    assert _items(server) == [1]
+    assert len(replayed(events)) == 1
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
@@ -932,14 +897,14 @@ def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(serve
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, driver):
+def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, driver, disposing):
     # Backends are terminated over and over while sessions write two rows each (the first
     # INSERT is the transaction's first statement, replayable). Whatever the app saw: a
     # transaction it saw commit has both rows exactly once; one that raised before COMMIT has
     # none; one whose COMMIT raised has both or none (ambiguous); never one row alone, never
     # a row twice (attack_audit has no unique key, so a doubled replay would show).
     events = []
-    engine = replay_engine(server, proxy, driver, events, pool_timeout=5)
+    engine = disposing(replay_engine(server, proxy, driver, events, pool_timeout=5))
     stop = threading.Event()
     kills = [0]
 
@@ -976,43 +941,39 @@ def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, d
     finally:
         stop.set()
         killer.join(timeout=40)
-    try:
-        assert not killer.is_alive()
-        rows = [what for (what,) in server.execute("SELECT what FROM attack_audit")]
-        assert len(rows) == len(set(rows)), "a row written twice"
-        for i, seen in outcome.items():
-            mine = sorted(r for r in rows if r in (f"{i}a", f"{i}b"))
-            if seen == "committed":
-                assert mine == [f"{i}a", f"{i}b"], (i, seen, mine)
-            elif seen == "raised":
-                assert mine == [], (i, seen, mine)
-            else:
-                assert mine in ([], [f"{i}a", f"{i}b"]), (i, seen, mine)
-        assert kills[0] > 0
-        assert "committed" in outcome.values()
-    finally:
-        engine.dispose()
+    assert not killer.is_alive()
+    rows = [what for (what,) in server.execute("SELECT what FROM attack_audit")]
+    assert len(rows) == len(set(rows)), "a row written twice"
+    for i, seen in outcome.items():
+        mine = sorted(r for r in rows if r in (f"{i}a", f"{i}b"))
+        if seen == "committed":
+            assert mine == [f"{i}a", f"{i}b"], (i, seen, mine)
+        elif seen == "raised":
+            assert mine == [], (i, seen, mine)
+        else:
+            assert mine in ([], [f"{i}a", f"{i}b"]), (i, seen, mine)
+    assert kills[0] > 0
+    assert "committed" in outcome.values()
 
 
 @pytest.mark.parametrize("value", [0, "false"])
-def test_a_malformed_opt_out_is_refused_or_honoured(server, proxy, value):
+def test_a_malformed_opt_out_is_refused_or_honoured(server, proxy, value, disposing):
     events = []
-    engine = replay_engine(server, proxy, "psycopg2", events)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        opted_out = ITEMS.insert().values(n=1).execution_options(dropsafe_replay=value)
-        with (
-            engine.connect() as conn,
-            pytest.raises((sa.exc.OperationalError, dropsafe.ConfigurationError)),
-        ):
-            conn.execute(opted_out)
-        assert replayed(events) == []
-        assert _items(server) == []
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    opted_out = ITEMS.insert().values(n=1).execution_options(dropsafe_replay=value)
+    with (
+        engine.connect() as conn,
+        pytest.raises((sa.exc.OperationalError, dropsafe.ConfigurationError)),
+    ):
+        conn.execute(opted_out)
+    assert replayed(events) == []
+    assert _items(server) == []
 
 
-def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(server, proxy, caplog):
+def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(
+    server, proxy, caplog, disposing
+):
     caplog.set_level(logging.DEBUG, logger="dropsafe")
     seen = []
 
@@ -1021,22 +982,19 @@ def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(server,
         raise RuntimeError("hook down")
 
     policy = dropsafe.Policy(hooks=(failing_hook,))
-    engine = replay_engine(server, proxy, "psycopg", [], policy=policy)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        with Session(engine) as session:
-            session.add(Item(n=1))
-            session.commit()  # the replay's hook fails: the commit must not
-            session.add(Item(n=2))
-            session.flush()
-            lose("terminate", server, proxy)
-        # Leaving the block rolled back on a lost connection: quiet, though the hook failed.
-        assert "FirstStatementReplayed" in seen
-        assert "RollbackConnectionLost" in seen
-        assert _items(server) == [1]
-        assert server.password not in caplog.text
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, "psycopg", [], policy=policy))
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    with Session(engine) as session:
+        session.add(Item(n=1))
+        session.commit()  # the replay's hook fails: the commit must not
+        session.add(Item(n=2))
+        session.flush()
+        lose("terminate", server, proxy)
+    # Leaving the block rolled back on a lost connection: quiet, though the hook failed.
+    assert "FirstStatementReplayed" in seen
+    assert "RollbackConnectionLost" in seen
+    assert _items(server) == [1]
+    assert server.password not in caplog.text
 
 
 def _backend_pid(dbapi_connection):
@@ -1047,14 +1005,14 @@ def _backend_pid(dbapi_connection):
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver):
+def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver, disposing):
     # SIGKILL of a backend makes the postmaster reset every session and recover: the replay's
     # fresh connection may come during recovery (refused) or after. Either way what the app
     # saw must match the server, within bounds.
     import signal  # noqa: PLC0415
 
     events = []
-    engine = replay_engine(server, proxy, driver, events, pool_timeout=5)
+    engine = disposing(replay_engine(server, proxy, driver, events, pool_timeout=5))
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -1065,35 +1023,34 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
                 _backend_pid(conn.connection.dbapi_connection), signal.SIGKILL
             )
 
+    started = time.monotonic()
     try:
-        started = time.monotonic()
+        with Session(engine) as session:
+            session.add(Item(n=1))
+            session.commit()
+    except sa.exc.DBAPIError:
+        committed = False
+    else:
+        committed = True
+    assert time.monotonic() - started < 30
+    assert not armed[0]
+    deadline = time.monotonic() + 30
+    while True:  # the server recovers from the crash: wait for it, with a deadline
         try:
-            with Session(engine) as session:
-                session.add(Item(n=1))
-                session.commit()
-        except sa.exc.DBAPIError:
-            committed = False
-        else:
-            committed = True
-        assert time.monotonic() - started < 30
-        assert not armed[0]
-        deadline = time.monotonic() + 30
-        while True:  # the server recovers from the crash: wait for it, with a deadline
-            try:
-                rows = _items(server)
-                break
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        assert rows == ([1] if committed else [])
-        assert len(replayed(events)) == (1 if committed else 0)
-    finally:
-        engine.dispose()
+            rows = _items(server)
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert rows == ([1] if committed else [])
+    assert len(replayed(events)) == (1 if committed else 0)
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(server, proxy, driver):
+def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(
+    server, proxy, driver, disposing
+):
     # dblink (like postgres_fdw) reports its own failed connection to a remote server with
     # SQLSTATE 08001, in a reply, on a connection that is fine. That is no lost connection of
     # the app's: the statement must not run twice (the sequence counts the runs).
@@ -1102,54 +1059,48 @@ def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(server,
         "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
     )
     events = []
-    engine = replay_engine(server, proxy, driver, events)
+    engine = disposing(replay_engine(server, proxy, driver, events))
     remote_down = sa.text(
         "SELECT nextval('attack_seq'), "
         "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
     )
-    try:
-        with engine.connect() as conn:
-            with pytest.raises(sa.exc.DBAPIError) as raised:
-                conn.execute(remote_down)
-            orig = raised.value.orig
-            assert (getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)) == "08001"
-        assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            conn.execute(remote_down)
+        orig = raised.value.orig
+        assert (getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)) == "08001"
+    assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize("where", ["option-engine", "orm-execute", "session-connection"])
-def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(server, proxy, where):
+def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(
+    server, proxy, where, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
     insert = ITEMS.insert().values(n=1)
-    try:
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        bind = (
-            engine.execution_options(dropsafe_replay=False) if where == "option-engine" else engine
-        )
-        opted_out = {"dropsafe_replay": False}
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    bind = engine.execution_options(dropsafe_replay=False) if where == "option-engine" else engine
+    opted_out = {"dropsafe_replay": False}
 
-        def run(session):
-            if where == "orm-execute":
-                return session.execute(insert, execution_options=opted_out)
-            if where == "session-connection":
-                return session.connection(execution_options=opted_out).execute(insert)
-            return session.execute(insert)
+    def run(session):
+        if where == "orm-execute":
+            return session.execute(insert, execution_options=opted_out)
+        if where == "session-connection":
+            return session.connection(execution_options=opted_out).execute(insert)
+        return session.execute(insert)
 
-        with Session(bind) as session, pytest.raises(sa.exc.OperationalError):
-            run(session)
-        assert replayed(events) == []
-        assert _items(server) == []
-    finally:
-        engine.dispose()
+    with Session(bind) as session, pytest.raises(sa.exc.OperationalError):
+        run(session)
+    assert replayed(events) == []
+    assert _items(server) == []
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
-    server, proxy, driver, kernel_blackhole
+    server, proxy, driver, kernel_blackhole, disposing
 ):
     # The first statement goes into a path that drops every packet (in the kernel: a
     # userspace blackhole's kernel would acknowledge the data, and nothing would ever time
@@ -1161,31 +1112,28 @@ def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
         connection=dropsafe.ConnectionPolicy(tcp_user_timeout=1, connect_timeout=2),
         hooks=(events.append,),
     )
-    engine = replay_engine(server, proxy, driver, events, policy=policy)
+    engine = disposing(replay_engine(server, proxy, driver, events, policy=policy))
     with engine.connect() as conn:  # the pool's one connection, made before the blackhole
         conn.exec_driver_sql("SELECT 1")
-    try:
-        with kernel_blackhole(proxy.port):
-            started = time.monotonic()
-            with Session(engine) as session:
-                session.add(Item(n=1))
-                with pytest.raises(sa.exc.OperationalError):
-                    session.commit()
-                elapsed = time.monotonic() - started
-                session.rollback()
-        assert elapsed < 20, elapsed
-        assert replayed(events) == []
-        assert _items(server) == []
-    finally:
-        engine.dispose()
+    with kernel_blackhole(proxy.port):
+        started = time.monotonic()
+        with Session(engine) as session:
+            session.add(Item(n=1))
+            with pytest.raises(sa.exc.OperationalError):
+                session.commit()
+            elapsed = time.monotonic() - started
+            session.rollback()
+    assert elapsed < 20, elapsed
+    assert replayed(events) == []
+    assert _items(server) == []
 
 
-def test_a_replay_that_fails_is_raised_and_said(server, proxy):
+def test_a_replay_that_fails_is_raised_and_said(server, proxy, disposing):
     # The connection is lost before the first statement's reply, and no fresh one can be made
     # (the proxy refuses new connections): the app gets the error, and operators get the event
     # with why the replay failed, not silence.
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events, pool_timeout=2)
+    engine = disposing(replay_engine(server, proxy, "psycopg", events, pool_timeout=2))
     armed = [True]
 
     @event.listens_for(engine, "before_cursor_execute")
@@ -1195,43 +1143,37 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy):
             proxy.refuse()
             assert proxy.cut("rst") >= 1
 
-    try:
-        with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
-            conn.execute(ITEMS.insert().values(n=1))
-        assert replayed(events) == []
-        (failed,) = failed_replays(events)
-        assert failed.error
-        assert failed.replay_error
-        proxy.heal()
-        assert _items(server) == []
-    finally:
-        engine.dispose()
+    with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
+        conn.execute(ITEMS.insert().values(n=1))
+    assert replayed(events) == []
+    (failed,) = failed_replays(events)
+    assert failed.error
+    assert failed.replay_error
+    proxy.heal()
+    assert _items(server) == []
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, driver):
+def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, driver, disposing):
     # The refusal of a driver's connection used since checkout counts the bytes its socket
     # wrote: dropsafe's own ping at checkout (every checkout here) must not count as the app's.
     events = []
     policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=0), hooks=(events.append,))
-    engine = replay_engine(server, proxy, driver, events, policy=policy)
-    try:
-        with engine.connect() as conn:  # the pool's one connection, made and returned
-            conn.exec_driver_sql("SELECT 1")
-        _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
-        with Session(engine) as session:
-            session.add(Item(n=1))
-            session.commit()
-        assert any(isinstance(e, PingSucceeded) for e in events)
-        assert len(replayed(events)) == 1
-        assert _items(server) == [1]
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events, policy=policy))
+    with engine.connect() as conn:  # the pool's one connection, made and returned
+        conn.exec_driver_sql("SELECT 1")
+    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    with Session(engine) as session:
+        session.add(Item(n=1))
+        session.commit()
+    assert any(isinstance(e, PingSucceeded) for e in events)
+    assert len(replayed(events)) == 1
+    assert _items(server) == [1]
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_dblink_connection_error_answered_by_the_server_is_notreplayed(
-    server, proxy, driver
+    server, proxy, driver, disposing_async
 ):
     # As above, through SQLAlchemy's async adapters: the error is answered on a connection
     # that asyncpg (is_closed()) and psycopg (closed, broken) still hold open.
@@ -1240,21 +1182,20 @@ async def test_async_dblink_connection_error_answered_by_the_server_is_notreplay
         "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
     )
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+        )
     )
     remote_down = sa.text(
         "SELECT nextval('attack_seq'), "
         "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
     )
-    try:
-        async with engine.connect() as conn:
-            with pytest.raises(sa.exc.DBAPIError):
-                await conn.execute(remote_down)
-        assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
-        assert replayed(events) == []
-    finally:
-        await engine.dispose()
+    async with engine.connect() as conn:
+        with pytest.raises(sa.exc.DBAPIError):
+            await conn.execute(remote_down)
+    assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
+    assert replayed(events) == []

@@ -68,116 +68,108 @@ def _terminate_at_next_checkout(engine, server, pid):
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_a_replay_never_runs_on_a_pooled_connection_another_checkout_changed(server, proxy, driver):
+def test_a_replay_never_runs_on_a_pooled_connection_another_checkout_changed(
+    server, proxy, driver, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events, pool_size=2)
-    try:
-        with engine.connect() as a, engine.connect() as b:
-            pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            b.exec_driver_sql(f"SET search_path TO {TENANT}")  # B only, and B is marked
-            b.commit()
-            a.commit()
-            a.close()  # A goes back first: it is the next checkout, B the one after
-        _terminate_at_next_checkout(engine, server, pid_a)
-        with Session(engine) as session:
-            try:
-                session.execute(INSERT, {"n": 1})  # A's first statement, A lost
-                session.commit()
-                outcome = "committed"
-            except sa.exc.DBAPIError:
-                outcome = "raised"
-        # Either raised (no replay), or replayed where A's own state would have put it.
-        assert (outcome, _rows(server, TENANT), _rows(server, "public")) in [
-            ("raised", [], []),
-            ("committed", [], [1]),
-        ]
-        assert len(replayed(events)) == (outcome == "committed")
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events, pool_size=2))
+    with engine.connect() as a, engine.connect() as b:
+        pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        b.exec_driver_sql(f"SET search_path TO {TENANT}")  # B only, and B is marked
+        b.commit()
+        a.commit()
+        a.close()  # A goes back first: it is the next checkout, B the one after
+    _terminate_at_next_checkout(engine, server, pid_a)
+    with Session(engine) as session:
+        try:
+            session.execute(INSERT, {"n": 1})  # A's first statement, A lost
+            session.commit()
+            outcome = "committed"
+        except sa.exc.DBAPIError:
+            outcome = "raised"
+    # Either raised (no replay), or replayed where A's own state would have put it.
+    assert (outcome, _rows(server, TENANT), _rows(server, "public")) in [
+        ("raised", [], []),
+        ("committed", [], [1]),
+    ]
+    assert len(replayed(events)) == (outcome == "committed")
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_a_replayed_currval_never_reads_another_pooled_connections_sequence(server, proxy, driver):
+def test_a_replayed_currval_never_reads_another_pooled_connections_sequence(
+    server, proxy, driver, disposing
+):
     # nextval is on the whitelist (every INSERT into a serial column calls it), and it sets the
     # session's currval / lastval. A's first statement reads A's currval: on a new connection
     # that is an error, on pooled B it is B's value, silently.
     events = []
-    engine = replay_engine(server, proxy, driver, events, pool_size=2)
-    try:
-        with engine.connect() as a, engine.connect() as b:
-            pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            mine = a.exec_driver_sql("SELECT nextval('attack_seq')").scalar()
-            b.exec_driver_sql("SELECT nextval('attack_seq')")
-            b.commit()
-            a.commit()
-            a.close()
-        _terminate_at_next_checkout(engine, server, pid_a)
-        with Session(engine) as session:
-            try:
-                session.execute(
-                    sa.text("INSERT INTO attack_items (n) VALUES (currval('attack_seq'))")
-                )
-                session.commit()
-            except sa.exc.DBAPIError:
-                pass
-        assert _rows(server, "public") in ([], [mine])
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events, pool_size=2))
+    with engine.connect() as a, engine.connect() as b:
+        pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        mine = a.exec_driver_sql("SELECT nextval('attack_seq')").scalar()
+        b.exec_driver_sql("SELECT nextval('attack_seq')")
+        b.commit()
+        a.commit()
+        a.close()
+    _terminate_at_next_checkout(engine, server, pid_a)
+    with Session(engine) as session:
+        try:
+            session.execute(sa.text("INSERT INTO attack_items (n) VALUES (currval('attack_seq'))"))
+            session.commit()
+        except sa.exc.DBAPIError:
+            pass
+    assert _rows(server, "public") in ([], [mine])
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_a_replay_never_runs_on_a_pooled_connection_another_checkout_changed(
-    server, proxy, driver
+    server, proxy, driver, disposing_async
 ):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=2,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=2,
+            max_overflow=0,
+        )
     )
-    try:
-        async with engine.connect() as a, engine.connect() as b:
-            pid_a = (await a.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
-            await b.exec_driver_sql(f"SET search_path TO {TENANT}")
-            await b.commit()
-            await a.commit()
-            await a.close()
-        _terminate_at_next_checkout(engine.sync_engine, server, pid_a)
-        async with AsyncSession(engine) as session:
-            try:
-                await session.execute(INSERT, {"n": 1})
-                await session.commit()
-                outcome = "committed"
-            except sa.exc.DBAPIError:
-                outcome = "raised"
-        assert (outcome, _rows(server, TENANT), _rows(server, "public")) in [
-            ("raised", [], []),
-            ("committed", [], [1]),
-        ]
-        assert len(replayed(events)) == (outcome == "committed")
-    finally:
-        await engine.dispose()
+    async with engine.connect() as a, engine.connect() as b:
+        pid_a = (await a.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+        await b.exec_driver_sql(f"SET search_path TO {TENANT}")
+        await b.commit()
+        await a.commit()
+        await a.close()
+    _terminate_at_next_checkout(engine.sync_engine, server, pid_a)
+    async with AsyncSession(engine) as session:
+        try:
+            await session.execute(INSERT, {"n": 1})
+            await session.commit()
+            outcome = "committed"
+        except sa.exc.DBAPIError:
+            outcome = "raised"
+    assert (outcome, _rows(server, TENANT), _rows(server, "public")) in [
+        ("raised", [], []),
+        ("committed", [], [1]),
+    ]
+    assert len(replayed(events)) == (outcome == "committed")
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_ordinary_work_on_the_pooled_connection_keeps_the_replay(server, proxy, driver):
+def test_ordinary_work_on_the_pooled_connection_keeps_the_replay(server, proxy, driver, disposing):
     # B ran whitelisted statements only (its sequence state set by a serial-like nextval):
     # A's whitelisted first statement is replayed on B, and lands where A would have put it.
     events = []
-    engine = replay_engine(server, proxy, driver, events, pool_size=2)
-    try:
-        with engine.connect() as a, engine.connect() as b:
-            pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-            b.exec_driver_sql("SELECT nextval('attack_seq'), count(*) FROM attack_items")
-            b.commit()
-            a.commit()
-            a.close()
-        _terminate_at_next_checkout(engine, server, pid_a)
-        with Session(engine) as session:
-            session.execute(INSERT, {"n": 1})
-            session.commit()
-        assert _rows(server, "public") == [1]
-        assert len(replayed(events)) == 1
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events, pool_size=2))
+    with engine.connect() as a, engine.connect() as b:
+        pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        b.exec_driver_sql("SELECT nextval('attack_seq'), count(*) FROM attack_items")
+        b.commit()
+        a.commit()
+        a.close()
+    _terminate_at_next_checkout(engine, server, pid_a)
+    with Session(engine) as session:
+        session.execute(INSERT, {"n": 1})
+        session.commit()
+    assert _rows(server, "public") == [1]
+    assert len(replayed(events)) == 1

@@ -120,97 +120,91 @@ def _set_driver_characteristics(driver, dbapi_connection):
 @pytest.mark.parametrize("how", sorted(SET_TENANT))
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
-    server, proxy, driver, how
+    server, proxy, driver, how, disposing
 ):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        with Session(engine) as session:
-            session.execute(sa.text(SET_TENANT[how]))
-            session.commit()  # the connection goes back to the pool, its search_path set
-            _lose_at_next_checkout(engine, server)
-            with pytest.raises(sa.exc.DBAPIError):
-                session.execute(INSERT, {"n": 1})  # a new checkout: its first statement
-        assert _rows(server, "public") == []
-        assert _rows(server, TENANT) == []
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        session.execute(sa.text(SET_TENANT[how]))
+        session.commit()  # the connection goes back to the pool, its search_path set
+        _lose_at_next_checkout(engine, server)
+        with pytest.raises(sa.exc.DBAPIError):
+            session.execute(INSERT, {"n": 1})  # a new checkout: its first statement
+    assert _rows(server, "public") == []
+    assert _rows(server, TENANT) == []
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
-    server, proxy, driver
+    server, proxy, driver, disposing_async
 ):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+        )
     )
-    try:
-        async with AsyncSession(engine) as session:
-            await session.execute(sa.text(SET_TENANT["function"]))
-            await session.commit()
-            _lose_at_next_checkout(engine.sync_engine, server)
-            with pytest.raises(sa.exc.DBAPIError):
-                await session.execute(INSERT, {"n": 1})
-        assert _rows(server, "public") == []
-        assert _rows(server, TENANT) == []
-        assert replayed(events) == []
-    finally:
-        await engine.dispose()
+    async with AsyncSession(engine) as session:
+        await session.execute(sa.text(SET_TENANT["function"]))
+        await session.commit()
+        _lose_at_next_checkout(engine.sync_engine, server)
+        with pytest.raises(sa.exc.DBAPIError):
+            await session.execute(INSERT, {"n": 1})
+    assert _rows(server, "public") == []
+    assert _rows(server, TENANT) == []
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize("how", ["SET ROLE", "SET SESSION AUTHORIZATION"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(server, proxy, driver, how):
+def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver, how, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        with Session(engine) as session:
-            session.execute(sa.text(f"{how} {ROLE}"))
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        session.execute(sa.text(f"{how} {ROLE}"))
+        session.commit()
+        _lose_at_next_checkout(engine, server)
+        try:
+            ran_as = session.execute(INSERT, {"n": 1}).scalar()
             session.commit()
-            _lose_at_next_checkout(engine, server)
-            try:
-                ran_as = session.execute(INSERT, {"n": 1}).scalar()
-                session.commit()
-            except sa.exc.DBAPIError:
-                ran_as = "raised"
-        assert ran_as == "raised"  # the replay would have run it as the connecting superuser
-        assert _rows(server, "public") == []
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+        except sa.exc.DBAPIError:
+            ran_as = "raised"
+    assert ran_as == "raised"  # the replay would have run it as the connecting superuser
+    assert _rows(server, "public") == []
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
-    server, proxy, driver
+    server, proxy, driver, disposing_async
 ):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+        )
     )
-    try:
-        async with AsyncSession(engine) as session:
-            await session.execute(sa.text(f"SET ROLE {ROLE}"))
+    async with AsyncSession(engine) as session:
+        await session.execute(sa.text(f"SET ROLE {ROLE}"))
+        await session.commit()
+        _lose_at_next_checkout(engine.sync_engine, server)
+        try:
+            ran_as = (await session.execute(INSERT, {"n": 1})).scalar()
             await session.commit()
-            _lose_at_next_checkout(engine.sync_engine, server)
-            try:
-                ran_as = (await session.execute(INSERT, {"n": 1})).scalar()
-                await session.commit()
-            except sa.exc.DBAPIError:
-                ran_as = "raised"
-        assert ran_as == "raised"
-        assert _rows(server, "public") == []
-        assert replayed(events) == []
-    finally:
-        await engine.dispose()
+        except sa.exc.DBAPIError:
+            ran_as = "raised"
+    assert ran_as == "raised"
+    assert _rows(server, "public") == []
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize(
@@ -226,103 +220,95 @@ async def test_async_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     ],
 )
 def test_other_session_state_set_in_an_earlier_transaction_refuses_the_replay(
-    server, proxy, statement
+    server, proxy, statement, disposing
 ):
     # None of these shows in a reported parameter or a driver attribute: the text marks.
     events = []
-    engine = replay_engine(server, proxy, "psycopg2", events)
-    try:
-        with Session(engine) as session:
-            session.execute(sa.text(statement))
-            session.commit()
-            _lose_at_next_checkout(engine, server)
-            with pytest.raises(sa.exc.DBAPIError):
-                session.execute(INSERT, {"n": 1})
-        assert _rows(server, "public") == []
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
+    with Session(engine) as session:
+        session.execute(sa.text(statement))
+        session.commit()
+        _lose_at_next_checkout(engine, server)
+        with pytest.raises(sa.exc.DBAPIError):
+            session.execute(INSERT, {"n": 1})
+    assert _rows(server, "public") == []
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(server, proxy, driver):
+def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(
+    server, proxy, driver, disposing
+):
     # The INSERT's text is on the whitelist; its trigger runs set_config('role', ..., false).
     # PostgreSQL reports is_superuser when the role changes, without a round trip: the lost
     # connection's report differs from the fresh one's, and nothing is replayed.
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        with Session(engine) as session:
-            session.execute(sa.text("INSERT INTO replay_role_switch (n) VALUES (1)"))
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        session.execute(sa.text("INSERT INTO replay_role_switch (n) VALUES (1)"))
+        session.commit()
+        _lose_at_next_checkout(engine, server)
+        try:
+            ran_as = session.execute(INSERT, {"n": 1}).scalar()
             session.commit()
-            _lose_at_next_checkout(engine, server)
-            try:
-                ran_as = session.execute(INSERT, {"n": 1}).scalar()
-                session.commit()
-            except sa.exc.DBAPIError:
-                ran_as = "raised"
-        assert ran_as == "raised"
-        assert _rows(server, "public") == []
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+        except sa.exc.DBAPIError:
+            ran_as = "raised"
+    assert ran_as == "raised"
+    assert _rows(server, "public") == []
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
-    server, proxy, driver
+    server, proxy, driver, disposing
 ):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        with Session(engine) as session:
-            dbapi_connection = session.connection().connection.dbapi_connection
-            session.commit()  # the connection is idle again, the driver told what to begin
-            _set_driver_characteristics(driver, dbapi_connection)
-            _lose_at_next_checkout(engine, server)
-            try:
-                seen = tuple(session.execute(CHARACTERISTICS).one())
-            except sa.exc.DBAPIError:
-                seen = ("raised",)
-        assert seen == ("raised",)  # a replay ran it as ('read committed', 'off')
-        assert replayed(events) == []
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        dbapi_connection = session.connection().connection.dbapi_connection
+        session.commit()  # the connection is idle again, the driver told what to begin
+        _set_driver_characteristics(driver, dbapi_connection)
+        _lose_at_next_checkout(engine, server)
+        try:
+            seen = tuple(session.execute(CHARACTERISTICS).one())
+        except sa.exc.DBAPIError:
+            seen = ("raised",)
+    assert seen == ("raised",)  # a replay ran it as ('read committed', 'off')
+    assert replayed(events) == []
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
-    server, proxy, driver
+    server, proxy, driver, disposing_async
 ):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+        )
     )
-    try:
-        async with AsyncSession(engine) as session:
-            raw = await (await session.connection()).get_raw_connection()
-            dbapi_connection = raw.dbapi_connection
-            await session.commit()
-            if driver == "psycopg":  # its async connection takes them by awaited setters
-                import psycopg  # noqa: PLC0415 - only this driver's test needs it
+    async with AsyncSession(engine) as session:
+        raw = await (await session.connection()).get_raw_connection()
+        dbapi_connection = raw.dbapi_connection
+        await session.commit()
+        if driver == "psycopg":  # its async connection takes them by awaited setters
+            import psycopg  # noqa: PLC0415 - only this driver's test needs it
 
-                native = dbapi_connection.driver_connection
-                await native.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
-                await native.set_read_only(True)
-            else:
-                _set_driver_characteristics(driver, dbapi_connection)
-            _lose_at_next_checkout(engine.sync_engine, server)
-            try:
-                seen = tuple((await session.execute(CHARACTERISTICS)).one())
-            except sa.exc.DBAPIError:
-                seen = ("raised",)
-        assert seen == ("raised",)
-        assert replayed(events) == []
-    finally:
-        await engine.dispose()
+            native = dbapi_connection.driver_connection
+            await native.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            await native.set_read_only(True)
+        else:
+            _set_driver_characteristics(driver, dbapi_connection)
+        _lose_at_next_checkout(engine.sync_engine, server)
+        try:
+            seen = tuple((await session.execute(CHARACTERISTICS)).one())
+        except sa.exc.DBAPIError:
+            seen = ("raised",)
+    assert seen == ("raised",)
+    assert replayed(events) == []
 
 
 # -- state every connection gets, and ordinary work before: still replayed ----------------
@@ -330,10 +316,10 @@ async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_replay(
-    server, proxy, driver
+    server, proxy, driver, disposing
 ):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
+    engine = disposing(replay_engine(server, proxy, driver, events))
 
     @event.listens_for(engine, "connect")
     def tenant(dbapi_connection, record):
@@ -343,24 +329,23 @@ def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_repla
         dbapi_connection.commit()
         _set_driver_characteristics(driver, dbapi_connection)
 
-    try:
-        with Session(engine) as session:
-            # Earlier transactions of ordinary statements leave the session state alone.
-            session.execute(sa.text("SELECT count(*) FROM replay_state_items")).scalar()
-            session.commit()
-            _lose_at_next_checkout(engine, server)
-            seen = tuple(session.execute(CHARACTERISTICS).one())
-            session.commit()
-            assert seen == ("serializable", "on")
-        assert len(replayed(events)) == 1
-    finally:
-        engine.dispose()
+    with Session(engine) as session:
+        # Earlier transactions of ordinary statements leave the session state alone.
+        session.execute(sa.text("SELECT count(*) FROM replay_state_items")).scalar()
+        session.commit()
+        _lose_at_next_checkout(engine, server)
+        seen = tuple(session.execute(CHARACTERISTICS).one())
+        session.commit()
+        assert seen == ("serializable", "on")
+    assert len(replayed(events)) == 1
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(server, proxy, driver):
+def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(
+    server, proxy, driver, disposing
+):
     events = []
-    engine = replay_engine(server, proxy, driver, events)
+    engine = disposing(replay_engine(server, proxy, driver, events))
 
     @event.listens_for(engine, "connect")
     def tenant(dbapi_connection, record):
@@ -369,104 +354,97 @@ def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(server,
         cursor.close()
         dbapi_connection.commit()
 
-    try:
-        with Session(engine) as session:
-            session.execute(INSERT, {"n": 1})
-            session.commit()
-            _lose_at_next_checkout(engine, server)
-            session.execute(INSERT, {"n": 2})
-            session.commit()
-        assert _rows(server, TENANT) == [1, 2]
-        assert _rows(server, "public") == []
-        assert len(replayed(events)) == 1
-    finally:
-        engine.dispose()
+    with Session(engine) as session:
+        session.execute(INSERT, {"n": 1})
+        session.commit()
+        _lose_at_next_checkout(engine, server)
+        session.execute(INSERT, {"n": 2})
+        session.commit()
+    assert _rows(server, TENANT) == [1, 2]
+    assert _rows(server, "public") == []
+    assert len(replayed(events)) == 1
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_replay(
-    server, proxy, driver
+    server, proxy, driver, disposing_async
 ):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        isolation_level="SERIALIZABLE",
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            isolation_level="SERIALIZABLE",
+            pool_size=1,
+            max_overflow=0,
+        )
     )
-    try:
-        async with AsyncSession(engine) as session:
-            await session.execute(INSERT, {"n": 1})
-            await session.commit()
-            _lose_at_next_checkout(engine.sync_engine, server)
-            seen = tuple((await session.execute(CHARACTERISTICS)).one())
-            await session.commit()
-        assert seen == ("serializable", "off")
-        assert _rows(server, "public") == [1]
-        assert len(replayed(events)) == 1
-    finally:
-        await engine.dispose()
+    async with AsyncSession(engine) as session:
+        await session.execute(INSERT, {"n": 1})
+        await session.commit()
+        _lose_at_next_checkout(engine.sync_engine, server)
+        seen = tuple((await session.execute(CHARACTERISTICS)).one())
+        await session.commit()
+    assert seen == ("serializable", "off")
+    assert _rows(server, "public") == [1]
+    assert len(replayed(events)) == 1
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(server, proxy, driver):
+def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
+    server, proxy, driver, disposing
+):
     # isolation_level and postgresql_readonly set by SQLAlchemy on the Connection are set on
     # the fresh connection too; the pool's connection is back to the defaults afterwards.
     events = []
-    engine = replay_engine(server, proxy, driver, events)
-    try:
-        _lose_at_next_checkout(engine, server)
-        options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
-        with Session(engine.execution_options(**options)) as session:
-            seen = tuple(session.execute(CHARACTERISTICS).one())
-        assert seen == ("serializable", "on")
-        assert len(replayed(events)) == 1
-        with engine.connect() as conn:
-            assert tuple(conn.execute(CHARACTERISTICS).one()) == ("read committed", "off")
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    _lose_at_next_checkout(engine, server)
+    options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
+    with Session(engine.execution_options(**options)) as session:
+        seen = tuple(session.execute(CHARACTERISTICS).one())
+    assert seen == ("serializable", "on")
+    assert len(replayed(events)) == 1
+    with engine.connect() as conn:
+        assert tuple(conn.execute(CHARACTERISTICS).one()) == ("read committed", "off")
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
-    server, proxy, driver
+    server, proxy, driver, disposing_async
 ):
     events = []
-    engine = dropsafe.create_async_engine(
-        proxy.route(server.url(driver)),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+        )
     )
-    try:
-        _lose_at_next_checkout(engine.sync_engine, server)
-        options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
-        async with AsyncSession(engine.execution_options(**options)) as session:
-            seen = tuple((await session.execute(CHARACTERISTICS)).one())
-        assert seen == ("serializable", "on")
-        assert len(replayed(events)) == 1
-        async with engine.connect() as conn:
-            assert tuple((await conn.execute(CHARACTERISTICS)).one()) == ("read committed", "off")
-    finally:
-        await engine.dispose()
+    _lose_at_next_checkout(engine.sync_engine, server)
+    options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
+    async with AsyncSession(engine.execution_options(**options)) as session:
+        seen = tuple((await session.execute(CHARACTERISTICS)).one())
+    assert seen == ("serializable", "on")
+    assert len(replayed(events)) == 1
+    async with engine.connect() as conn:
+        assert tuple((await conn.execute(CHARACTERISTICS)).one()) == ("read committed", "off")
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
-def test_session_settings_in_the_connect_arguments_keep_the_replay(server, proxy, driver):
+def test_session_settings_in_the_connect_arguments_keep_the_replay(
+    server, proxy, driver, disposing
+):
     # libpq's options=-c: every connection starts with them, the fresh one too.
     events = []
     connect_args = {"options": f"-c search_path={TENANT}"}
-    engine = replay_engine(server, proxy, driver, events, connect_args=connect_args)
-    try:
-        with Session(engine) as session:
-            session.execute(INSERT, {"n": 1})
-            session.commit()
-            _lose_at_next_checkout(engine, server)
-            session.execute(INSERT, {"n": 2})
-            session.commit()
-        assert _rows(server, TENANT) == [1, 2]
-        assert _rows(server, "public") == []
-        assert len(replayed(events)) == 1
-    finally:
-        engine.dispose()
+    engine = disposing(replay_engine(server, proxy, driver, events, connect_args=connect_args))
+    with Session(engine) as session:
+        session.execute(INSERT, {"n": 1})
+        session.commit()
+        _lose_at_next_checkout(engine, server)
+        session.execute(INSERT, {"n": 2})
+        session.commit()
+    assert _rows(server, TENANT) == [1, 2]
+    assert _rows(server, "public") == []
+    assert len(replayed(events)) == 1

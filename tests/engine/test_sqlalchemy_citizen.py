@@ -50,46 +50,42 @@ def _sessions(server, application_name):
 # -- do_connect without a pool entry -------------------------------------------------------
 
 
-def test_pool_creator_called_directly_gets_dropsafes_connect_arguments(shared_server):
+def test_pool_creator_called_directly_gets_dropsafes_connect_arguments(shared_server, disposing):
     # SQLAlchemy calls do_connect listeners with connection_record=None when the pool's creator
     # is called by hand. Before: AttributeError: 'NoneType' object has no attribute 'info'.
-    engine = dropsafe.create_engine(shared_server.url("psycopg2"))
+    engine = disposing(dropsafe.create_engine(shared_server.url("psycopg2")))
+    raw = engine.pool._creator()
     try:
-        raw = engine.pool._creator()
-        try:
-            assert "tcp_user_timeout=" in raw.dsn
-            with raw.cursor() as cursor:
-                cursor.execute("SELECT 1")
-                assert cursor.fetchone() == (1,)
-        finally:
-            raw.close()
+        assert "tcp_user_timeout=" in raw.dsn
+        with raw.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
     finally:
-        engine.dispose()
+        raw.close()
 
 
 # -- the user's .info dictionaries ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "pg8000"])
-def test_no_dropsafe_keys_in_the_users_info(shared_server, driver):
+def test_no_dropsafe_keys_in_the_users_info(shared_server, driver, disposing):
     # Before: dropsafe.added_connect_args, dropsafe.idle_since, dropsafe.fresh in entry.info.
-    engine = dropsafe.create_engine(
-        shared_server.url(driver), connect_args=shared_server.connect_args(driver)
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url(driver), connect_args=shared_server.connect_args(driver)
+        )
     )
-    try:
-        seen = []
-        for _ in range(3):
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-                seen.append(dict(conn.info))
-                seen.append(dict(conn.connection._connection_record.info))
+    seen = []
+    for _ in range(3):
         with engine.connect() as conn:
-            conn.invalidate()
-            conn.execute(sa.text("SELECT 1"))  # reconnects the same pool entry
+            conn.execute(sa.text("SELECT 1"))
+            seen.append(dict(conn.info))
             seen.append(dict(conn.connection._connection_record.info))
-        assert seen == [{}] * len(seen)
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        conn.invalidate()
+        conn.execute(sa.text("SELECT 1"))  # reconnects the same pool entry
+        seen.append(dict(conn.connection._connection_record.info))
+    assert seen == [{}] * len(seen)
 
 
 # -- the user's handle_error decisions -----------------------------------------------------
@@ -102,10 +98,12 @@ def _break_checked_out(server, conn):
 
 
 @pytest.mark.parametrize("user_says", [None, True])
-def test_users_invalidate_pool_on_disconnect_wins_over_dropsafes(shared_server, user_says):
+def test_users_invalidate_pool_on_disconnect_wins_over_dropsafes(
+    shared_server, user_says, disposing
+):
     # The user's listener is registered before harden(): SQLAlchemy runs listeners in order,
     # so before, dropsafe's ran last and overwrote the user's True with its own False.
-    engine = sa.create_engine(shared_server.url("psycopg2"), pool_size=3, max_overflow=0)
+    engine = disposing(sa.create_engine(shared_server.url("psycopg2"), pool_size=3, max_overflow=0))
     if user_says is not None:
 
         @event.listens_for(engine, "handle_error")
@@ -114,175 +112,166 @@ def test_users_invalidate_pool_on_disconnect_wins_over_dropsafes(shared_server, 
                 context.invalidate_pool_on_disconnect = user_says
 
     dropsafe.harden(engine)
-    try:
-        idle_before = set(_pids(engine, 3))
-        with engine.connect() as conn:
-            broken = _break_checked_out(shared_server, conn)
-            with pytest.raises(sa.exc.OperationalError) as caught:
-                conn.execute(sa.text("SELECT 1"))
-            assert caught.value.connection_invalidated
-        idle_after = set(_pids(engine, 3))
-        kept = (idle_before - {broken}) & idle_after
-        if user_says:
-            assert not kept, "the user asked for the whole pool to be recycled"
-        else:
-            # dropsafe's own default: the other idle connections are alive, so they stay.
-            assert kept == idle_before - {broken}
-    finally:
-        engine.dispose()
+    idle_before = set(_pids(engine, 3))
+    with engine.connect() as conn:
+        broken = _break_checked_out(shared_server, conn)
+        with pytest.raises(sa.exc.OperationalError) as caught:
+            conn.execute(sa.text("SELECT 1"))
+        assert caught.value.connection_invalidated
+    idle_after = set(_pids(engine, 3))
+    kept = (idle_before - {broken}) & idle_after
+    if user_says:
+        assert not kept, "the user asked for the whole pool to be recycled"
+    else:
+        # dropsafe's own default: the other idle connections are alive, so they stay.
+        assert kept == idle_before - {broken}
 
 
-def test_users_is_disconnect_false_is_kept(shared_server):
+def test_users_is_disconnect_false_is_kept(shared_server, disposing):
     # A user who knows better says "not a disconnect"; before, dropsafe flipped it back.
-    engine = sa.create_engine(shared_server.url("psycopg2"), pool_size=1, max_overflow=0)
+    engine = disposing(sa.create_engine(shared_server.url("psycopg2"), pool_size=1, max_overflow=0))
 
     @event.listens_for(engine, "handle_error")
     def decide(context):
         context.is_disconnect = False
 
     dropsafe.harden(engine)
-    try:
-        with engine.connect() as conn:
-            _break_checked_out(shared_server, conn)
-            with pytest.raises(sa.exc.OperationalError) as caught:
-                conn.execute(sa.text("SELECT 1"))
-            assert not caught.value.connection_invalidated
-            conn.invalidate()  # the user's own cleanup, so the pool is left usable
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        _break_checked_out(shared_server, conn)
+        with pytest.raises(sa.exc.OperationalError) as caught:
+            conn.execute(sa.text("SELECT 1"))
+        assert not caught.value.connection_invalidated
+        conn.invalidate()  # the user's own cleanup, so the pool is left usable
 
 
 # -- the user's pool: its class, its pool_pre_ping, detached and soft-invalidated entries ----
 
 
-def test_users_pool_pre_ping_is_not_doubled(shared_server):
+def test_users_pool_pre_ping_is_not_doubled(shared_server, disposing):
     # SQLAlchemy has just pinged the connection at checkout: dropsafe does not ping it again.
     events = []
-    engine = dropsafe.create_engine(
-        shared_server.url("psycopg2"),
-        policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=0), hooks=(events.append,)),
-        pool_pre_ping=True,
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(
+                pool=dropsafe.PoolPolicy(ping_after_idle=0), hooks=(events.append,)
+            ),
+            pool_pre_ping=True,
+        )
     )
-    try:
-        for _ in range(5):
-            _pids(engine, 1)
-        assert [type(e).__name__ for e in events] == []
-    finally:
-        engine.dispose()
+    for _ in range(5):
+        _pids(engine, 1)
+    assert [type(e).__name__ for e in events] == []
 
 
 @pytest.mark.parametrize(
     "pool_class", [sa.pool.NullPool, sa.pool.StaticPool, sa.pool.SingletonThreadPool]
 )
-def test_users_pool_class_is_served(shared_server, pool_class):
+def test_users_pool_class_is_served(shared_server, pool_class, disposing):
     events = []
-    engine = dropsafe.create_engine(
-        shared_server.url("psycopg2"),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        poolclass=pool_class,
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            poolclass=pool_class,
+        )
     )
-    try:
-        pids = {_pids(engine, 1)[0] for _ in range(5)}
-        assert len(pids) == (5 if pool_class is sa.pool.NullPool else 1)
-        assert isinstance(engine.pool, pool_class)
-        assert not events
-    finally:
-        engine.dispose()
+    pids = {_pids(engine, 1)[0] for _ in range(5)}
+    assert len(pids) == (5 if pool_class is sa.pool.NullPool else 1)
+    assert isinstance(engine.pool, pool_class)
+    assert not events
 
 
-def test_detached_and_soft_invalidated_entries(shared_server):
+def test_detached_and_soft_invalidated_entries(shared_server, disposing):
     events = []
-    engine = dropsafe.create_engine(
-        shared_server.url("psycopg2"),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=1,
-        max_overflow=0,
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+        )
     )
-    try:
-        with engine.connect() as conn:
-            conn.connection.detach()  # the DBAPI connection is the user's now
-            detached_pid = conn.execute(BACKEND_PID).scalar()
-        with engine.connect() as conn:
-            soft_pid = conn.execute(BACKEND_PID).scalar()
-            conn.connection.invalidate(soft=True)  # replaced at its next checkout, not now
-            assert conn.execute(BACKEND_PID).scalar() == soft_pid
-        with engine.connect() as conn:
-            fresh_pid = conn.execute(BACKEND_PID).scalar()
-        assert len({detached_pid, soft_pid, fresh_pid}) == 3
-        assert not events, "detaching or soft-invalidating is not a dead connection"
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        conn.connection.detach()  # the DBAPI connection is the user's now
+        detached_pid = conn.execute(BACKEND_PID).scalar()
+    with engine.connect() as conn:
+        soft_pid = conn.execute(BACKEND_PID).scalar()
+        conn.connection.invalidate(soft=True)  # replaced at its next checkout, not now
+        assert conn.execute(BACKEND_PID).scalar() == soft_pid
+    with engine.connect() as conn:
+        fresh_pid = conn.execute(BACKEND_PID).scalar()
+    assert len({detached_pid, soft_pid, fresh_pid}) == 3
+    assert not events, "detaching or soft-invalidating is not a dead connection"
 
 
 # -- the pool: no strong references, no stale snapshot -------------------------------------
 
 
 @pytest.mark.parametrize("hardened", [False, True])
-def test_dispose_without_close_leaves_no_server_connections(shared_server, hardened):
+def test_dispose_without_close_leaves_no_server_connections(shared_server, hardened, disposing):
     # dispose(close=False) drops the old pool; its connections close when collected. Before,
     # the guard's idle set held every idle DBAPI connection: 5 sessions stayed on the server.
     name = f"dispose-{'hardened' if hardened else 'plain'}"
-    engine = sa.create_engine(
-        shared_server.url("psycopg2", application_name=name), pool_size=5, max_overflow=0
+    engine = disposing(
+        sa.create_engine(
+            shared_server.url("psycopg2", application_name=name), pool_size=5, max_overflow=0
+        )
     )
     if hardened:
         dropsafe.harden(engine)
-    try:
-        _pids(engine, 5)
-        assert _sessions(shared_server, name) == 5
-        engine.dispose(close=False)
+    _pids(engine, 5)
+    assert _sessions(shared_server, name) == 5
+    engine.dispose(close=False)
 
-        def closed():
-            gc.collect()
-            return _sessions(shared_server, name) == 0
+    def closed():
+        gc.collect()
+        return _sessions(shared_server, name) == 0
 
-        _wait_until(closed, what=f"the {name} sessions to end")
-    finally:
-        engine.dispose()
+    _wait_until(closed, what=f"the {name} sessions to end")
 
 
-def test_a_connection_the_pool_closes_mid_snapshot_is_no_server_event(shared_server):
+def test_a_connection_the_pool_closes_mid_snapshot_is_no_server_event(shared_server, disposing):
     # One idle connection's backend is terminated; at checkout dropsafe looks at the other idle
     # ones to tell a lone death from a restart. Meanwhile the pool disposes (closes) the other
     # one. Before, the snapshot read it as dead and recycled the whole pool as for a restart.
     events = []
-    engine = dropsafe.create_engine(
-        shared_server.url("psycopg2"),
-        policy=dropsafe.Policy(hooks=(events.append,)),
-        pool_size=2,
-        max_overflow=0,
-    )
-    try:
-        first, second = engine.connect(), engine.connect()
-        victim_pid = first.execute(BACKEND_PID).scalar()
-        victim = first.connection.dbapi_connection
-        other = second.connection.dbapi_connection
-        first.close()  # checked in first: the next checkout takes it (the pool is FIFO)
-        second.close()
-        shared_server.execute(f"SELECT pg_terminate_backend({victim_pid}, 5000)")
-        _wait_until(
-            lambda: select.select([victim.fileno()], [], [], 0)[0],
-            what="the terminated backend's goodbye to reach the client",
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=2,
+            max_overflow=0,
         )
-        guard = guard_of(engine)
-        assert guard is not None
-        real_probe = guard.driver.probe
+    )
+    first, second = engine.connect(), engine.connect()
+    victim_pid = first.execute(BACKEND_PID).scalar()
+    victim = first.connection.dbapi_connection
+    other = second.connection.dbapi_connection
+    first.close()  # checked in first: the next checkout takes it (the pool is FIFO)
+    second.close()
+    shared_server.execute(f"SELECT pg_terminate_backend({victim_pid}, 5000)")
+    _wait_until(
+        lambda: select.select([victim.fileno()], [], [], 0)[0],
+        what="the terminated backend's goodbye to reach the client",
+    )
+    guard = guard_of(engine)
+    assert guard is not None
+    real_probe = guard.driver.probe
 
-        def probe_closing_the_other(connection):
-            # The interleaving a busy pool produces: the look at the other connection comes
-            # right after the pool decided to close it.
-            if connection is other and not other.closed:
-                engine.pool.dispose()
-            return real_probe(connection)
+    def probe_closing_the_other(connection):
+        # The interleaving a busy pool produces: the look at the other connection comes
+        # right after the pool decided to close it.
+        if connection is other and not other.closed:
+            engine.pool.dispose()
+        return real_probe(connection)
 
-        guard.driver.probe = probe_closing_the_other
-        with engine.connect() as conn:
-            assert conn.execute(BACKEND_PID).scalar() != victim_pid
-        assert other.closed, "the scenario did not happen: the pool never closed the other one"
-        replaced = [e for e in events if isinstance(e, DeadConnectionReplaced)]
-        assert [e.pool_wide for e in replaced] == [False]
-    finally:
-        engine.dispose()
+    guard.driver.probe = probe_closing_the_other
+    with engine.connect() as conn:
+        assert conn.execute(BACKEND_PID).scalar() != victim_pid
+    assert other.closed, "the scenario did not happen: the pool never closed the other one"
+    replaced = [e for e in events if isinstance(e, DeadConnectionReplaced)]
+    assert [e.pool_wide for e in replaced] == [False]
 
 
 # -- creator= connections: the driver's own, a known wrapper, an opaque one ----------------
@@ -397,48 +386,46 @@ def _policy_for(kind, events):
 
 
 @pytest.mark.parametrize("kind", CREATOR_KINDS)
-def test_creator_connections_are_not_judged_dead(shared_server, kind):
+def test_creator_connections_are_not_judged_dead(shared_server, kind, disposing):
     events = []
-    engine = _creator_engine(
-        kind,
-        shared_server,
-        host=shared_server.host,
-        port=shared_server.port,
-        policy=_policy_for(kind, events),
+    engine = disposing(
+        _creator_engine(
+            kind,
+            shared_server,
+            host=shared_server.host,
+            port=shared_server.port,
+            policy=_policy_for(kind, events),
+        )
     )
-    try:
-        pids = set(_pids(engine, 4))
-        for _ in range(20):
-            pids.add(_pids(engine, 1)[0])
-        assert len(pids) == 4, "a healthy connection was replaced"
-        assert not [e for e in events if isinstance(e, DeadConnectionReplaced)]
-        pings = [e for e in events if type(e).__name__ == "PingSucceeded"]
-        # The opaque one is pinged at every checkout (idle 0); the others never (idle 30 s).
-        assert bool(pings) == (kind == "public-surface-only")
-    finally:
-        engine.dispose()
+    pids = set(_pids(engine, 4))
+    for _ in range(20):
+        pids.add(_pids(engine, 1)[0])
+    assert len(pids) == 4, "a healthy connection was replaced"
+    assert not [e for e in events if isinstance(e, DeadConnectionReplaced)]
+    pings = [e for e in events if type(e).__name__ == "PingSucceeded"]
+    # The opaque one is pinged at every checkout (idle 0); the others never (idle 30 s).
+    assert bool(pings) == (kind == "public-surface-only")
 
 
 @pytest.mark.fault
 @pytest.mark.parametrize("fault", ["terminate", "fin"])
 @pytest.mark.parametrize("kind", CREATOR_KINDS)
-def test_creator_connections_survive_faults(postgres_server, chaos_proxy, kind, fault):
+def test_creator_connections_survive_faults(postgres_server, chaos_proxy, kind, fault, disposing):
     events = []
-    engine = _creator_engine(
-        kind,
-        postgres_server,
-        host=chaos_proxy.host,
-        port=chaos_proxy.port,
-        policy=_policy_for(kind, events),
+    engine = disposing(
+        _creator_engine(
+            kind,
+            postgres_server,
+            host=chaos_proxy.host,
+            port=chaos_proxy.port,
+            policy=_policy_for(kind, events),
+        )
     )
-    try:
-        before = set(_pids(engine, 4))
-        if fault == "terminate":
-            assert postgres_server.terminate_backends() == 4
-        else:
-            assert chaos_proxy.cut(fault) == 4
-        after = set(_pids(engine, 4))  # no error reaches the app
-        assert not before & after
-        assert [e for e in events if isinstance(e, DeadConnectionReplaced)]
-    finally:
-        engine.dispose()
+    before = set(_pids(engine, 4))
+    if fault == "terminate":
+        assert postgres_server.terminate_backends() == 4
+    else:
+        assert chaos_proxy.cut(fault) == 4
+    after = set(_pids(engine, 4))  # no error reaches the app
+    assert not before & after
+    assert [e for e in events if isinstance(e, DeadConnectionReplaced)]

@@ -93,24 +93,23 @@ def test_asyncpg_says_closed_in_the_middle_of_operation(postgres_server, chaos_p
 
 
 @pytest.mark.timeout(90)
-def test_blackholed_query_hangs_past_the_tests_own_timer(postgres_server, kernel_blackhole):
-    engine = sa.create_engine(postgres_server.url("psycopg2"))
+def test_blackholed_query_hangs_past_the_tests_own_timer(
+    postgres_server, kernel_blackhole, disposing
+):
+    engine = disposing(sa.create_engine(postgres_server.url("psycopg2")))
     outcome: list[object] = []
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-            with kernel_blackhole(postgres_server.port):
-                worker = threading.Thread(
-                    target=lambda: outcome.append(conn.execute(sa.text("SELECT 2")).scalar()),
-                    daemon=True,
-                )
-                worker.start()
-                worker.join(timeout=5)
-                # Five seconds on, the driver has neither an answer nor an error.
-                assert worker.is_alive()
-                assert outcome == []
-            # Once the network heals, TCP's retransmission delivers the query after all.
-            worker.join(timeout=60)
-            assert outcome == [2]
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        with kernel_blackhole(postgres_server.port):
+            worker = threading.Thread(
+                target=lambda: outcome.append(conn.execute(sa.text("SELECT 2")).scalar()),
+                daemon=True,
+            )
+            worker.start()
+            worker.join(timeout=5)
+            # Five seconds on, the driver has neither an answer nor an error.
+            assert worker.is_alive()
+            assert outcome == []
+        # Once the network heals, TCP's retransmission delivers the query after all.
+        worker.join(timeout=60)
+        assert outcome == [2]

@@ -44,7 +44,7 @@ def test_flask_sqlalchemy_engines_with_the_url_flag_are_hardened(shared_server):
 @pytest.mark.fault
 @pytest.mark.parametrize("flag", [True, False], ids=["with-flag", "without-flag"])
 def test_a_cut_between_checkouts_fails_no_query_only_with_the_flag(
-    postgres_server, chaos_proxy, flag
+    postgres_server, chaos_proxy, flag, disposing
 ):
     """Fault: every pooled connection reset (RST) while idle. Outcome: the next query works.
 
@@ -52,33 +52,29 @@ def test_a_cut_between_checkouts_fails_no_query_only_with_the_flag(
     test can fail.
     """
     params = {"plugin": "dropsafe"} if flag else {}
-    engine = sa.create_engine(chaos_proxy.route(postgres_server.url("psycopg2", **params)))
-    try:
+    engine = disposing(
+        sa.create_engine(chaos_proxy.route(postgres_server.url("psycopg2", **params)))
+    )
+    with engine.connect() as connection:
+        connection.scalar(sa.text("SELECT 1"))
+    assert chaos_proxy.cut("rst") >= 1
+    if flag:
         with engine.connect() as connection:
-            connection.scalar(sa.text("SELECT 1"))
-        assert chaos_proxy.cut("rst") >= 1
-        if flag:
-            with engine.connect() as connection:
-                assert connection.scalar(sa.text("SELECT 2")) == 2
-        else:
-            with pytest.raises(sa.exc.OperationalError), engine.connect() as connection:
-                connection.scalar(sa.text("SELECT 2"))
-    finally:
-        engine.dispose()
+            assert connection.scalar(sa.text("SELECT 2")) == 2
+    else:
+        with pytest.raises(sa.exc.OperationalError), engine.connect() as connection:
+            connection.scalar(sa.text("SELECT 2"))
 
 
-def test_the_url_settings_reach_the_driver(shared_server):
+def test_the_url_settings_reach_the_driver(shared_server, disposing):
     url = shared_server.url(
         "psycopg2", plugin="dropsafe", dropsafe_tcp_user_timeout="3", dropsafe_keepalive_idle="8"
     )
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as connection:
-            params = connection.connection.dbapi_connection.get_dsn_parameters()
-        assert params["tcp_user_timeout"] == "3000"
-        assert params["keepalives_idle"] == "8"
-    finally:
-        engine.dispose()
+    engine = disposing(sa.create_engine(url))
+    with engine.connect() as connection:
+        params = connection.connection.dbapi_connection.get_dsn_parameters()
+    assert params["tcp_user_timeout"] == "3000"
+    assert params["keepalives_idle"] == "8"
 
 
 def test_dropsafe_create_engine_accepts_the_flag(shared_server):
@@ -96,28 +92,27 @@ def test_dropsafe_create_engine_accepts_the_flag(shared_server):
 
 
 @pytest.mark.fault
-async def test_async_engines_are_hardened_through_their_sync_engine(postgres_server, chaos_proxy):
+async def test_async_engines_are_hardened_through_their_sync_engine(
+    postgres_server, chaos_proxy, disposing_async
+):
     """create_async_engine hands the plugin its sync engine: the guard lands where it belongs.
 
     Fault: every pooled connection reset (RST) while idle. Outcome: the next unit of work
     succeeds in the one attempt the URL allows.
     """
     url = postgres_server.url("asyncpg", plugin="dropsafe", dropsafe_max_attempts="1")
-    engine = create_async_engine(chaos_proxy.route(url))
-    try:
-        guard = guard_of(engine)
-        assert guard is not None
-        assert guard.policy.unit.max_attempts == 1
-        assert guard_of(engine.sync_engine) is guard
-        sessions = async_sessionmaker(engine)
+    engine = disposing_async(create_async_engine(chaos_proxy.route(url)))
+    guard = guard_of(engine)
+    assert guard is not None
+    assert guard.policy.unit.max_attempts == 1
+    assert guard_of(engine.sync_engine) is guard
+    sessions = async_sessionmaker(engine)
 
-        async def read(session):
-            return await session.scalar(sa.text("SELECT 4"))
+    async def read(session):
+        return await session.scalar(sa.text("SELECT 4"))
 
-        assert await dropsafe.run_transaction_async(sessions, read) == 4
-        assert chaos_proxy.cut("rst") >= 1
-        # One attempt allowed: it succeeds only because the checkout check replaced the dead
-        # connection, not because a retry did.
-        assert await dropsafe.run_transaction_async(sessions, read) == 4
-    finally:
-        await engine.dispose()
+    assert await dropsafe.run_transaction_async(sessions, read) == 4
+    assert chaos_proxy.cut("rst") >= 1
+    # One attempt allowed: it succeeds only because the checkout check replaced the dead
+    # connection, not because a retry did.
+    assert await dropsafe.run_transaction_async(sessions, read) == 4

@@ -114,19 +114,16 @@ def test_engines_of_other_databases_are_refused_by_name_without_the_password():
         sa.create_engine("postgresql+psycopg2cffi://app@db.invalid/app?plugin=dropsafe")
 
 
-def test_the_engine_is_hardened_and_its_url_is_clean_without_connecting():
-    engine = sa.create_engine(URL + "&plugin=dropsafe&dropsafe_ping_after_idle=3")
-    try:
-        guard = dropsafe._engine.guard.guard_of(engine)
-        assert guard is not None
-        assert guard.policy.pool.ping_after_idle == 3.0
-        assert dict(engine.url.query) == {"sslmode": "require"}
-        # Hardening again by hand with the same policy is a no-op; another policy is refused.
-        assert dropsafe.harden(engine, guard.policy) is engine
-        with pytest.raises(dropsafe.ConfigurationError, match="another policy"):
-            dropsafe.harden(engine, dropsafe.Policy())
-    finally:
-        engine.dispose()
+def test_the_engine_is_hardened_and_its_url_is_clean_without_connecting(disposing):
+    engine = disposing(sa.create_engine(URL + "&plugin=dropsafe&dropsafe_ping_after_idle=3"))
+    guard = dropsafe._engine.guard.guard_of(engine)
+    assert guard is not None
+    assert guard.policy.pool.ping_after_idle == 3.0
+    assert dict(engine.url.query) == {"sslmode": "require"}
+    # Hardening again by hand with the same policy is a no-op; another policy is refused.
+    assert dropsafe.harden(engine, guard.policy) is engine
+    with pytest.raises(dropsafe.ConfigurationError, match="another policy"):
+        dropsafe.harden(engine, dropsafe.Policy())
 
 
 def test_the_entry_point_is_registered():

@@ -272,18 +272,19 @@ def test_commit_held_by_a_stopped_backend_past_the_bound_is_unknown(server, chao
 
 
 @pytest.mark.fault
-def test_without_commit_verification_an_ambiguous_commit_is_reported(server, chaos_proxy):
-    engine = dropsafe.create_engine(
-        chaos_proxy.route(server.url("psycopg")),
-        policy=dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=False)),
+def test_without_commit_verification_an_ambiguous_commit_is_reported(
+    server, chaos_proxy, disposing
+):
+    engine = disposing(
+        dropsafe.create_engine(
+            chaos_proxy.route(server.url("psycopg")),
+            policy=dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=False)),
+        )
     )
-    try:
-        watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
-        with pytest.raises(CommitOutcomeUnknown, match="verify_commits is off"):
-            dropsafe.run_transaction(sessionmaker(engine), _insert(12, commit_sleep=0.5))
-        watcher.join(timeout=20)
-    finally:
-        engine.dispose()
+    watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
+    with pytest.raises(CommitOutcomeUnknown, match="verify_commits is off"):
+        dropsafe.run_transaction(sessionmaker(engine), _insert(12, commit_sleep=0.5))
+    watcher.join(timeout=20)
 
 
 @pytest.mark.fault

@@ -41,10 +41,10 @@ def _autocommit_on_checkout(engine):
 @pytest.mark.parametrize("then_sqlalchemy", [False, True])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_driver_autocommit_is_refused_before_the_units_own_driver_work(
-    server, driver, then_sqlalchemy
+    server, driver, then_sqlalchemy, disposing
 ):
     n = 10 * then_sqlalchemy + (driver == "psycopg")
-    engine = dropsafe.create_engine(server.url(driver))
+    engine = disposing(dropsafe.create_engine(server.url(driver)))
     _autocommit_on_checkout(engine)
 
     def unit(session):
@@ -54,18 +54,17 @@ def test_driver_autocommit_is_refused_before_the_units_own_driver_work(
             session.execute(sa.text("SELECT 1"))
         return "ran"
 
-    try:
-        with pytest.raises(dropsafe.ConfigurationError, match="AUTOCOMMIT"):
-            dropsafe.run_transaction(sessionmaker(engine), unit)
-        assert _rows(server, n) == 0
-    finally:
-        engine.dispose()
+    with pytest.raises(dropsafe.ConfigurationError, match="AUTOCOMMIT"):
+        dropsafe.run_transaction(sessionmaker(engine), unit)
+    assert _rows(server, n) == 0
 
 
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
-async def test_async_driver_autocommit_is_refused_before_the_units_own_driver_work(server, driver):
+async def test_async_driver_autocommit_is_refused_before_the_units_own_driver_work(
+    server, driver, disposing_async
+):
     n = 100 + (driver == "psycopg")
-    engine = dropsafe.create_async_engine(server.url(driver))
+    engine = disposing_async(dropsafe.create_async_engine(server.url(driver)))
     _autocommit_on_checkout(engine.sync_engine)
 
     async def unit(session):
@@ -74,22 +73,20 @@ async def test_async_driver_autocommit_is_refused_before_the_units_own_driver_wo
         await session.execute(sa.text("SELECT 1"))
         return "ran"
 
-    try:
-        with pytest.raises(dropsafe.ConfigurationError, match="AUTOCOMMIT"):
-            await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
-        assert _rows(server, n) == 0
-    finally:
-        await engine.dispose()
+    with pytest.raises(dropsafe.ConfigurationError, match="AUTOCOMMIT"):
+        await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
+    assert _rows(server, n) == 0
 
 
 async def test_asyncpg_work_through_the_driver_before_a_statement_is_in_the_units_transaction(
     server,
+    disposing_async,
 ):
     # SQLAlchemy's asyncpg adapter sends BEGIN lazily, at the first statement it is given: an
     # asyncpg INSERT (or copy_records_to_table) before it committed alone, and a unit cut after
     # it ran again and wrote it twice (1 of 1, acknowledged). The unit's BEGIN is sent first.
     n = 200
-    engine = dropsafe.create_async_engine(server.url("asyncpg"))
+    engine = disposing_async(dropsafe.create_async_engine(server.url("asyncpg")))
     attempts = []
 
     async def unit(session):
@@ -100,9 +97,6 @@ async def test_asyncpg_work_through_the_driver_before_a_statement_is_in_the_unit
             await session.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
         return "ran"
 
-    try:
-        assert await dropsafe.run_transaction_async(async_sessionmaker(engine), unit) == "ran"
-        assert len(attempts) == 2
-        assert _rows(server, n) == 1
-    finally:
-        await engine.dispose()
+    assert await dropsafe.run_transaction_async(async_sessionmaker(engine), unit) == "ran"
+    assert len(attempts) == 2
+    assert _rows(server, n) == 1

@@ -135,7 +135,9 @@ def hiding_role(server):
     server.execute("DROP OWNED BY guard_cost_role; DROP ROLE guard_cost_role")
 
 
-def test_a_server_that_stops_answering_the_life_costs_one_unit_at_most(server, hiding_role):
+def test_a_server_that_stops_answering_the_life_costs_one_unit_at_most(
+    server, hiding_role, disposing
+):
     """The first mark of a connection reads the life; if it cannot, the engine stops asking so.
 
     Another host behind the same URL may hide what the first one showed: one unit meets the
@@ -144,26 +146,23 @@ def test_a_server_that_stops_answering_the_life_costs_one_unit_at_most(server, h
     """
     hide, password = hiding_role
     url = server.url("psycopg2", user="guard_cost_role", password=password)
-    engine = dropsafe.create_engine(url, pool_size=1, max_overflow=0)
+    engine = disposing(dropsafe.create_engine(url, pool_size=1, max_overflow=0))
     factory = sessionmaker(engine)
-    try:
-        dropsafe.run_transaction(factory, lambda s: s.execute(INSERT))  # the engine answered
-        hide()
-        failures = 0
-        for _ in range(3):
-            engine.pool.dispose()  # a new connection: its first mark reads the life
-            try:
-                dropsafe.run_transaction(factory, lambda s: s.execute(INSERT))
-            except sa.exc.ProgrammingError as exc:
-                assert "pg_control_system" in str(exc)
-                failures += 1
-        assert failures <= 1
-        with engine.connect() as connection:
-            life = server_life_of(connection.connection.driver_connection)
-            assert life is not None
-            assert not life.provable
-    finally:
-        engine.dispose()
+    dropsafe.run_transaction(factory, lambda s: s.execute(INSERT))  # the engine answered
+    hide()
+    failures = 0
+    for _ in range(3):
+        engine.pool.dispose()  # a new connection: its first mark reads the life
+        try:
+            dropsafe.run_transaction(factory, lambda s: s.execute(INSERT))
+        except sa.exc.ProgrammingError as exc:
+            assert "pg_control_system" in str(exc)
+            failures += 1
+    assert failures <= 1
+    with engine.connect() as connection:
+        life = server_life_of(connection.connection.driver_connection)
+        assert life is not None
+        assert not life.provable
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
