@@ -14,14 +14,20 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from replay_faults import lose, replay_engine, replayed
+from replay_faults import (
+    lose,
+    lose_at_next_checkout,
+    prepared_server,
+    replay_async_engine,
+    replay_engine,
+    replayed,
+)
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import dropsafe
 from dropsafe.events import RetryScheduled
-from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
 
@@ -43,17 +49,8 @@ ITEMS = Item.__table__
 
 @pytest.fixture(scope="module")
 def server():
-    with PostgresServer() as server:
-        engine = sa.create_engine(server.url("psycopg2"))
-        Base.metadata.create_all(engine)
-        engine.dispose()
+    with prepared_server(Base.metadata) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def proxy(server):
-    with ChaosProxy(server.host, server.port) as proxy:
-        yield proxy
 
 
 @pytest.fixture(autouse=True)
@@ -63,19 +60,6 @@ def _empty_table(server):
 
 def _rows(server):
     return sorted(int(n) for (n,) in server.execute("SELECT n FROM replay_items"))
-
-
-def _lose_at_next_checkout(engine, fault, server, proxy):
-    """Lose the connection right after the next checkout (after dropsafe's check passed it)."""
-    armed = [True]
-
-    @event.listens_for(engine, "checkout")
-    def lose_now(dbapi_connection, entry, proxied):
-        if armed[0]:
-            armed[0] = False
-            lose(fault, server, proxy)
-
-    return armed
 
 
 # -- replayed ------------------------------------------------------------------------------
@@ -90,7 +74,7 @@ def test_orm_session_first_statement_replayed_and_commit_keeps_the_write(
     # be deactivated, and its commit would not commit the replayed INSERT. Here it must.
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_at_next_checkout(engine, fault, server, proxy)
+    lose_at_next_checkout(engine, fault, server, proxy)
     with Session(engine) as session:
         session.add(Item(n=1))
         session.commit()  # the flush's INSERT is the transaction's first statement
@@ -104,7 +88,7 @@ def test_orm_session_first_statement_replayed_and_commit_keeps_the_write(
 def test_core_first_statement_with_returningreplayed(server, proxy, driver, disposing):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_at_next_checkout(engine, "terminate", server, proxy)
+    lose_at_next_checkout(engine, "terminate", server, proxy)
     with engine.begin() as conn:
         new_id = conn.execute(ITEMS.insert().values(n=7).returning(ITEMS.c.id)).scalar()
         conn.execute(ITEMS.insert().values(n=8))
@@ -117,7 +101,7 @@ def test_executemany_first_statementreplayed(server, proxy, disposing):
     server.execute("INSERT INTO replay_items (n) VALUES (1), (2), (3)")
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg2", events))
-    _lose_at_next_checkout(engine, "cut", server, proxy)
+    lose_at_next_checkout(engine, "cut", server, proxy)
     with engine.begin() as conn:
         conn.execute(
             ITEMS.update().where(ITEMS.c.n == sa.bindparam("old")).values(n=sa.bindparam("new")),
@@ -132,7 +116,7 @@ def test_psycopg_prepared_server_side_bindingreplayed(server, proxy, disposing):
     engine = disposing(
         replay_engine(server, proxy, "psycopg", events, connect_args={"prepare_threshold": 0})
     )
-    _lose_at_next_checkout(engine, "terminate", server, proxy)
+    lose_at_next_checkout(engine, "terminate", server, proxy)
     with engine.begin() as conn:
         assert conn.execute(sa.text("SELECT CAST(:n AS int) + 1"), {"n": 41}).scalar() == 42
     assert len(replayed(events)) == 1
@@ -143,15 +127,8 @@ async def test_async_first_statement_replayed_with_prepared_statements(
     server, proxy, driver, disposing_async
 ):
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
-    _lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
+    lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
     async with AsyncSession(engine) as session:
         session.add(Item(n=5))
         await session.commit()
@@ -232,7 +209,7 @@ def test_autocommit_is_notreplayed(server, proxy, how):
         engine = replay_engine(server, proxy, "psycopg2", events)
         bind = engine.execution_options(isolation_level="AUTOCOMMIT")
     try:
-        _lose_at_next_checkout(engine, "terminate", server, proxy)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         with bind.connect() as conn, pytest.raises(sa.exc.OperationalError):
             conn.execute(ITEMS.insert().values(n=1))
         assert replayed(events) == []
@@ -243,7 +220,7 @@ def test_autocommit_is_notreplayed(server, proxy, how):
 def test_a_statement_opted_out_is_notreplayed(server, proxy, disposing):
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg2", events))
-    _lose_at_next_checkout(engine, "terminate", server, proxy)
+    lose_at_next_checkout(engine, "terminate", server, proxy)
     with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
         conn.execute(ITEMS.insert().values(n=1).execution_options(dropsafe_replay=False))
     assert replayed(events) == []
@@ -255,7 +232,7 @@ def test_an_engine_opted_out_replays_nothing(server, proxy, disposing):
         pool=dropsafe.PoolPolicy(replay_first_statement=False), hooks=(events.append,)
     )
     engine = disposing(replay_engine(server, proxy, "psycopg2", events, policy=policy))
-    _lose_at_next_checkout(engine, "terminate", server, proxy)
+    lose_at_next_checkout(engine, "terminate", server, proxy)
     with Session(engine) as session, pytest.raises(sa.exc.OperationalError):
         session.execute(BACKEND_PID)
     assert replayed(events) == []
@@ -267,7 +244,7 @@ def test_a_serializable_transaction_is_replayed_as_serializable_only(server, pro
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg2", events))
     isolation = sa.text("SELECT current_setting('transaction_isolation')")
-    _lose_at_next_checkout(engine, "terminate", server, proxy)
+    lose_at_next_checkout(engine, "terminate", server, proxy)
     serializable = engine.execution_options(isolation_level="SERIALIZABLE")
     with serializable.connect() as conn:
         assert conn.execute(isolation).scalar() == "serializable"
@@ -280,7 +257,7 @@ def test_insertmanyvalues_is_notreplayed(server, proxy, disposing):
     # SQLAlchemy sends its batches on a cursor it holds itself: no replay, the error is raised.
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg2", events))
-    _lose_at_next_checkout(engine, "terminate", server, proxy)
+    lose_at_next_checkout(engine, "terminate", server, proxy)
     with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
         conn.execute(ITEMS.insert().returning(ITEMS.c.id), [{"n": 1}, {"n": 2}])
     assert replayed(events) == []

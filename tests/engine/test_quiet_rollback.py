@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 import dropsafe
 from dropsafe.events import ConnectionInvalidated, RollbackConnectionLost
-from dropsafe.testing import ChaosProxy, PostgresServer
+from dropsafe.testing import PostgresServer
 
 pytestmark = pytest.mark.fault
 
@@ -31,12 +31,6 @@ FAULTS = ["terminate", "cut", "crash"]
 def server():
     with PostgresServer() as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def proxy(server):
-    with ChaosProxy(server.host, server.port) as proxy:
-        yield proxy
 
 
 def _break(fault, server, proxy, pid):

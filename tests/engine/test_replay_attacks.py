@@ -18,7 +18,14 @@ import warnings
 
 import pytest
 import sqlalchemy as sa
-from replay_faults import failed_replays, lose, replay_engine, replayed
+from replay_faults import (
+    failed_replays,
+    lose,
+    prepared_server,
+    replay_async_engine,
+    replay_engine,
+    replayed,
+)
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
@@ -26,7 +33,6 @@ from sqlalchemy.pool import NullPool
 
 import dropsafe
 from dropsafe.events import PingSucceeded, RollbackConnectionLost
-from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
 
@@ -54,17 +60,8 @@ ITEMS = Item.__table__
 
 @pytest.fixture(scope="module")
 def server():
-    with PostgresServer() as server:
-        engine = sa.create_engine(server.url("psycopg2"))
-        Base.metadata.create_all(engine)
-        engine.dispose()
+    with prepared_server(Base.metadata) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def proxy(server):
-    with ChaosProxy(server.host, server.port) as proxy:
-        yield proxy
 
 
 @pytest.fixture(autouse=True)
@@ -205,14 +202,7 @@ async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
     server, proxy, driver, disposing_async
 ):
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
     _lose_before(engine.sync_engine, "INSERT INTO attack_items", "terminate", server, proxy)
     async with AsyncSession(engine) as session:
 
@@ -383,15 +373,7 @@ def test_server_side_cursor_first_statementreplayed(server, proxy, driver, dispo
 @pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
 async def test_async_run_sync_first_statementreplayed(server, proxy, driver, disposing_async):
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-            pool_timeout=2,
-        )
-    )
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_timeout=2))
     _lose_before(engine.sync_engine, "INSERT INTO attack_items", "cut", server, proxy)
     async with engine.connect() as conn:
         await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=1)))
@@ -795,14 +777,7 @@ async def test_concurrent_async_sessions_closing_on_lost_connections(
     import asyncio  # noqa: PLC0415 - only this test needs it
 
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=6,
-            max_overflow=0,
-        )
-    )
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_size=6))
     sessions = [AsyncSession(engine) for _ in range(5)]
     for number, session in enumerate(sessions):
         session.add(Item(n=number))
@@ -844,13 +819,7 @@ async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
 ):
     events = []
     engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            isolation_level="REPEATABLE READ",
-            pool_size=1,
-            max_overflow=0,
-        )
+        replay_async_engine(server, proxy, driver, events, isolation_level="REPEATABLE READ")
     )
     _lose_before(engine.sync_engine, "transaction_isolation", "terminate", server, proxy)
     async with AsyncSession(engine) as session, session.begin():
@@ -1182,14 +1151,7 @@ async def test_async_dblink_connection_error_answered_by_the_server_is_notreplay
         "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
     )
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
     remote_down = sa.text(
         "SELECT nextval('attack_seq'), "
         "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from replay_faults import replay_engine, replayed
+from replay_faults import prepared_server, replay_async_engine, replay_engine, replayed
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-
-import dropsafe
-from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
 
@@ -33,18 +30,8 @@ INSERT = sa.text("INSERT INTO attack_items (n) VALUES (:n)")
 
 @pytest.fixture(scope="module")
 def server():
-    with PostgresServer() as server:
-        engine = sa.create_engine(server.url("psycopg2"))
-        with engine.begin() as conn:
-            conn.exec_driver_sql(SETUP)
-        engine.dispose()
+    with prepared_server(SETUP) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def proxy(server):
-    with ChaosProxy(server.host, server.port) as proxy:
-        yield proxy
 
 
 @pytest.fixture(autouse=True)
@@ -126,14 +113,7 @@ async def test_async_a_replay_never_runs_on_a_pooled_connection_another_checkout
     server, proxy, driver, disposing_async
 ):
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=2,
-            max_overflow=0,
-        )
-    )
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_size=2))
     async with engine.connect() as a, engine.connect() as b:
         pid_a = (await a.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
         await b.exec_driver_sql(f"SET search_path TO {TENANT}")

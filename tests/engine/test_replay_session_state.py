@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from replay_faults import replay_engine, replayed
+from replay_faults import (
+    lose_at_next_checkout,
+    prepared_server,
+    replay_async_engine,
+    replay_engine,
+    replayed,
+)
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-
-import dropsafe
-from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
 
@@ -63,18 +66,8 @@ SET_TENANT = {
 
 @pytest.fixture(scope="module")
 def server():
-    with PostgresServer() as server:
-        engine = sa.create_engine(server.url("psycopg2"))
-        with engine.begin() as conn:
-            conn.exec_driver_sql(SCHEMA_SETUP)
-        engine.dispose()
+    with prepared_server(SCHEMA_SETUP) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def proxy(server):
-    with ChaosProxy(server.host, server.port) as proxy:
-        yield proxy
 
 
 @pytest.fixture(autouse=True)
@@ -86,17 +79,6 @@ def _empty_tables(server):
 
 def _rows(server, schema):
     return sorted(int(n) for (n,) in server.execute(f"SELECT n FROM {schema}.replay_state_items"))
-
-
-def _lose_at_next_checkout(engine, server):
-    """Terminate the backend right after the next checkout (after dropsafe's check passed it)."""
-    armed = [True]
-
-    @event.listens_for(engine, "checkout")
-    def lose_now(dbapi_connection, entry, proxied):
-        if armed[0]:
-            armed[0] = False
-            assert server.terminate_backends() >= 1
 
 
 def _set_driver_characteristics(driver, dbapi_connection):
@@ -127,7 +109,7 @@ def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     with Session(engine) as session:
         session.execute(sa.text(SET_TENANT[how]))
         session.commit()  # the connection goes back to the pool, its search_path set
-        _lose_at_next_checkout(engine, server)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         with pytest.raises(sa.exc.DBAPIError):
             session.execute(INSERT, {"n": 1})  # a new checkout: its first statement
     assert _rows(server, "public") == []
@@ -140,18 +122,11 @@ async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_
     server, proxy, driver, disposing_async
 ):
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
     async with AsyncSession(engine) as session:
         await session.execute(sa.text(SET_TENANT["function"]))
         await session.commit()
-        _lose_at_next_checkout(engine.sync_engine, server)
+        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
         with pytest.raises(sa.exc.DBAPIError):
             await session.execute(INSERT, {"n": 1})
     assert _rows(server, "public") == []
@@ -169,7 +144,7 @@ def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     with Session(engine) as session:
         session.execute(sa.text(f"{how} {ROLE}"))
         session.commit()
-        _lose_at_next_checkout(engine, server)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         try:
             ran_as = session.execute(INSERT, {"n": 1}).scalar()
             session.commit()
@@ -185,18 +160,11 @@ async def test_async_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     server, proxy, driver, disposing_async
 ):
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
     async with AsyncSession(engine) as session:
         await session.execute(sa.text(f"SET ROLE {ROLE}"))
         await session.commit()
-        _lose_at_next_checkout(engine.sync_engine, server)
+        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
         try:
             ran_as = (await session.execute(INSERT, {"n": 1})).scalar()
             await session.commit()
@@ -228,7 +196,7 @@ def test_other_session_state_set_in_an_earlier_transaction_refuses_the_replay(
     with Session(engine) as session:
         session.execute(sa.text(statement))
         session.commit()
-        _lose_at_next_checkout(engine, server)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         with pytest.raises(sa.exc.DBAPIError):
             session.execute(INSERT, {"n": 1})
     assert _rows(server, "public") == []
@@ -247,7 +215,7 @@ def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(
     with Session(engine) as session:
         session.execute(sa.text("INSERT INTO replay_role_switch (n) VALUES (1)"))
         session.commit()
-        _lose_at_next_checkout(engine, server)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         try:
             ran_as = session.execute(INSERT, {"n": 1}).scalar()
             session.commit()
@@ -268,7 +236,7 @@ def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
         dbapi_connection = session.connection().connection.dbapi_connection
         session.commit()  # the connection is idle again, the driver told what to begin
         _set_driver_characteristics(driver, dbapi_connection)
-        _lose_at_next_checkout(engine, server)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         try:
             seen = tuple(session.execute(CHARACTERISTICS).one())
         except sa.exc.DBAPIError:
@@ -282,14 +250,7 @@ async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_
     server, proxy, driver, disposing_async
 ):
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
     async with AsyncSession(engine) as session:
         raw = await (await session.connection()).get_raw_connection()
         dbapi_connection = raw.dbapi_connection
@@ -302,7 +263,7 @@ async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_
             await native.set_read_only(True)
         else:
             _set_driver_characteristics(driver, dbapi_connection)
-        _lose_at_next_checkout(engine.sync_engine, server)
+        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
         try:
             seen = tuple((await session.execute(CHARACTERISTICS)).one())
         except sa.exc.DBAPIError:
@@ -333,7 +294,7 @@ def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_repla
         # Earlier transactions of ordinary statements leave the session state alone.
         session.execute(sa.text("SELECT count(*) FROM replay_state_items")).scalar()
         session.commit()
-        _lose_at_next_checkout(engine, server)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         seen = tuple(session.execute(CHARACTERISTICS).one())
         session.commit()
         assert seen == ("serializable", "on")
@@ -357,7 +318,7 @@ def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(
     with Session(engine) as session:
         session.execute(INSERT, {"n": 1})
         session.commit()
-        _lose_at_next_checkout(engine, server)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         session.execute(INSERT, {"n": 2})
         session.commit()
     assert _rows(server, TENANT) == [1, 2]
@@ -371,18 +332,12 @@ async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_rep
 ):
     events = []
     engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            isolation_level="SERIALIZABLE",
-            pool_size=1,
-            max_overflow=0,
-        )
+        replay_async_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE")
     )
     async with AsyncSession(engine) as session:
         await session.execute(INSERT, {"n": 1})
         await session.commit()
-        _lose_at_next_checkout(engine.sync_engine, server)
+        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
         seen = tuple((await session.execute(CHARACTERISTICS)).one())
         await session.commit()
     assert seen == ("serializable", "off")
@@ -398,7 +353,7 @@ def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
     # the fresh connection too; the pool's connection is back to the defaults afterwards.
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_at_next_checkout(engine, server)
+    lose_at_next_checkout(engine, "terminate", server, proxy)
     options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
     with Session(engine.execution_options(**options)) as session:
         seen = tuple(session.execute(CHARACTERISTICS).one())
@@ -413,15 +368,8 @@ async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_
     server, proxy, driver, disposing_async
 ):
     events = []
-    engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
-    _lose_at_next_checkout(engine.sync_engine, server)
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
+    lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
     options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
     async with AsyncSession(engine.execution_options(**options)) as session:
         seen = tuple((await session.execute(CHARACTERISTICS)).one())
@@ -442,7 +390,7 @@ def test_session_settings_in_the_connect_arguments_keep_the_replay(
     with Session(engine) as session:
         session.execute(INSERT, {"n": 1})
         session.commit()
-        _lose_at_next_checkout(engine, server)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
         session.execute(INSERT, {"n": 2})
         session.commit()
     assert _rows(server, TENANT) == [1, 2]
