@@ -1,17 +1,25 @@
 """Shared by the tests of COMMITs under faults: a slow COMMIT on demand, a watcher that strikes
-while it runs, and a unit of work run the same way through psycopg2, psycopg 3 or asyncpg."""
+while it runs, a reply lost on its way back, a strike once the COMMIT is done, and a unit of
+work run the same way through psycopg2, psycopg 3 or asyncpg."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import threading
 import time
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
+from dropsafe._unit.recording import record_commits
+from dropsafe.events import CommitResolved
+from dropsafe.testing import ServerError
 
 # A deferred constraint trigger that sleeps makes COMMIT slow: a fault during it hits a COMMIT
 # the server is still working on (``SET LOCAL test.commit_sleep = '2'`` in the transaction).
@@ -209,3 +217,102 @@ class PoolerErrorAtCommit:
             server_writer.close()
 
         await asyncio.gather(to_server(), to_client())
+
+
+class Recorder(list):
+    """A hook that keeps every event; ``outcomes()`` the resolutions' answers."""
+
+    def __call__(self, event):
+        self.append(event)
+
+    def outcomes(self):
+        return [event.outcome for event in self if isinstance(event, CommitResolved)]
+
+
+def wait_until(condition, timeout, what):
+    """Wait until ``condition()`` is true (a server error counts as not yet), or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ServerError):
+            if condition():
+                return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def libpq_url(server):
+    """The server's URL as libpq (and psycopg2.connect) reads it."""
+    return server.url("psycopg2").replace("postgresql+psycopg2", "postgresql")
+
+
+def local_port(engine_connection):
+    """The client side's port of a pooled connection's socket."""
+    fairy = engine_connection.connection
+    driver_connection = fairy.driver_connection
+    transport = getattr(driver_connection, "_transport", None)
+    if transport is not None:  # asyncpg
+        return transport.get_extra_info("sockname")[1]
+    with socket.socket(fileno=os.dup(fairy.dbapi_connection.fileno())) as sock:
+        return sock.getsockname()[1]
+
+
+def backend_pid(engine_connection):
+    """The server process behind a pooled connection, asked of its driver."""
+    driver_connection = engine_connection.connection.driver_connection
+    get_pid = getattr(driver_connection, "get_server_pid", None)  # asyncpg
+    if get_pid is not None:
+        return get_pid()
+    info = getattr(driver_connection, "info", None)  # psycopg 3
+    if info is not None and hasattr(info, "backend_pid"):
+        return info.backend_pid
+    return driver_connection.get_backend_pid()  # psycopg2
+
+
+def lose_the_first_reply(holes, kernel_blackhole, direction="to"):
+    """A listener after dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
+
+    def install(engine):
+        # dropsafe adds its mark listener at an engine's first unit of work: add it now, so
+        # that this one, added next, runs after the mark.
+        record_commits(engine)
+
+        @sa.event.listens_for(engine, "commit")
+        def cut_off(connection):
+            if not holes._exit_callbacks:
+                port = local_port(connection)
+                holes.enter_context(kernel_blackhole(port, direction=direction))
+
+    return install
+
+
+def once_the_commit_is_done(engine, server, action, strikes):
+    """At the engine's first COMMIT, a thread (in ``strikes``) that waits until the server has
+    done it (its backend idle again, within 20 s), then runs ``action``."""
+
+    @sa.event.listens_for(engine, "commit")
+    def strike_after_it(connection):
+        if strikes:
+            return
+        pid = backend_pid(connection)
+
+        def strike():
+            wait_until(
+                lambda: server.execute(
+                    f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
+                ),
+                20,
+                "the COMMIT to be done on the server",
+            )
+            action()
+
+        strikes.append(threading.Thread(target=strike, daemon=True))
+        strikes[0].start()
+
+
+def resolving_policy(recorder):
+    """A unit's policy whose lost COMMIT replies are noticed in 2 s and resolved within 20 s."""
+    return dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
+        unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
+        hooks=(recorder,),
+    )

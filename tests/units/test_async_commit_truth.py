@@ -11,21 +11,20 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
 
 import psycopg2
 import pytest
-import sqlalchemy as sa
-from commit_faults import SLOW_COMMIT_SCHEMA, Unit, rows
-from test_commit_truth import (
+from commit_faults import (
+    SLOW_COMMIT_SCHEMA,
     Recorder,
-    _backend_pid,
-    _libpq_url,
-    _lose_the_first_reply,
-    _wait,
+    Unit,
+    libpq_url,
+    lose_the_first_reply,
+    once_the_commit_is_done,
+    resolving_policy,
+    rows,
 )
 
-import dropsafe
 from dropsafe import CommitOutcomeUnknown
 from dropsafe.testing import PostgresServer
 
@@ -36,7 +35,7 @@ pytestmark = pytest.mark.fault
 def test_an_asynchronous_write_whose_commit_a_crash_lost_is_unknown(kernel_blackhole, driver):
     with PostgresServer(settings={"wal_writer_delay": "10s"}) as server:  # WAL kept in memory
         server.execute(SLOW_COMMIT_SCHEMA)
-        bystander = psycopg2.connect(_libpq_url(server))
+        bystander = psycopg2.connect(libpq_url(server))
         bystander_pid = bystander.get_backend_pid()
         recorder = Recorder()
         unit = Unit(
@@ -47,37 +46,18 @@ def test_an_asynchronous_write_whose_commit_a_crash_lost_is_unknown(kernel_black
                 "INSERT INTO ledger VALUES (7)",
                 "SELECT pg_notify('dropsafe_test', 'async-write')",
             ],
-            policy=dropsafe.Policy(
-                connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
-                unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
-                hooks=(recorder,),
-            ),
+            policy=resolving_policy(recorder),
         )
         holes = contextlib.ExitStack()
-        lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
+        lose_the_reply = lose_the_first_reply(holes, kernel_blackhole)
         crashes = []
 
         def crash_once_committed(engine):
             lose_the_reply(engine)
-
-            @sa.event.listens_for(engine, "commit")
-            def crash_after_it(connection):
-                if crashes:
-                    return
-                pid = _backend_pid(connection)
-
-                def crash():
-                    _wait(
-                        lambda: server.execute(
-                            f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
-                        ),
-                        20,
-                        "the COMMIT to be done on the server",
-                    )
-                    os.kill(bystander_pid, signal.SIGKILL)  # every backend reset: a crash
-
-                crashes.append(threading.Thread(target=crash, daemon=True))
-                crashes[0].start()
+            # Every backend reset: a crash.
+            once_the_commit_is_done(
+                engine, server, lambda: os.kill(bystander_pid, signal.SIGKILL), crashes
+            )
 
         outcome = "acknowledged"
         try:

@@ -14,7 +14,6 @@ import os
 import secrets
 import select
 import signal
-import socket
 import threading
 import time
 
@@ -24,40 +23,26 @@ import sqlalchemy as sa
 from commit_faults import (
     SLOW_COMMIT_SCHEMA,
     PoolerErrorAtCommit,
+    Recorder,
     Unit,
     WhenCommitRuns,
     insert,
+    libpq_url,
+    lose_the_first_reply,
+    once_the_commit_is_done,
+    resolving_policy,
     rows,
+    wait_until,
 )
 from sqlalchemy.orm import Session
 
 import dropsafe
 from dropsafe import CommitOutcomeUnknown
-from dropsafe._unit.recording import record_commits
-from dropsafe.events import CommitResolved
-from dropsafe.testing import ChaosProxy, PgBouncer, PostgresServer, ServerError
+from dropsafe.testing import ChaosProxy, PgBouncer, PostgresServer
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 
 pytestmark = pytest.mark.fault
-
-
-class Recorder(list):
-    def __call__(self, event):
-        self.append(event)
-
-    def outcomes(self):
-        return [event.outcome for event in self if isinstance(event, CommitResolved)]
-
-
-def _wait(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ServerError):
-            if condition():
-                return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture
@@ -78,7 +63,7 @@ def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
         ChaosProxy(server.host, server.port) as proxy,
     ):
         server.execute(SLOW_COMMIT_SCHEMA)
-        bystander = psycopg2.connect(_libpq_url(server))
+        bystander = psycopg2.connect(libpq_url(server))
         bystander_pid = bystander.get_backend_pid()
         lost = {}
 
@@ -91,8 +76,8 @@ def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
             proxy.refuse()  # the resolver waits until the xid has been handed out again
             # Any backend dying hard resets them all.
             assert server.signal_backend(bystander_pid, signal.SIGKILL)
-            _wait(lambda: server.execute("SELECT 1"), 30, "crash recovery")
-            _wait(
+            wait_until(lambda: server.execute("SELECT 1"), 30, "crash recovery")
+            wait_until(
                 lambda: int(server.execute("SELECT pg_current_xact_id()")[0][0]) > lost["xid"],
                 30,
                 "the lost xid to be committed by another transaction",
@@ -160,7 +145,7 @@ def test_a_write_made_by_a_before_commit_hook_is_resolved_not_run_again(
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_notify_whose_commit_reply_is_lost_is_heard_once(server, kernel_blackhole, driver):
     # NOTIFY takes its xid only at COMMIT. The COMMIT reaches the server, its reply does not.
-    listener = psycopg2.connect(_libpq_url(server))
+    listener = psycopg2.connect(libpq_url(server))
     listener.autocommit = True
     listener.cursor().execute("LISTEN dropsafe_test")
     recorder = Recorder()
@@ -175,7 +160,7 @@ def test_a_notify_whose_commit_reply_is_lost_is_heard_once(server, kernel_blackh
     holes = contextlib.ExitStack()
     try:
         with holes:
-            assert unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole)) == "done"
+            assert unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
         server.execute("NOTIFY dropsafe_test, 'end'")  # delivered after every earlier one
         heard = []
         deadline = time.monotonic() + 20
@@ -189,27 +174,6 @@ def test_a_notify_whose_commit_reply_is_lost_is_heard_once(server, kernel_blackh
     assert heard == ["once", "end"]
     assert unit.calls == 1
     assert recorder.outcomes() == ["committed"]
-
-
-def _lose_the_first_reply(holes, kernel_blackhole, direction="to"):
-    """A listener after dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
-
-    def install(engine):
-        # dropsafe adds its mark listener at an engine's first unit of work: add it now, so
-        # that this one, added next, runs after the mark.
-        record_commits(engine)
-
-        @sa.event.listens_for(engine, "commit")
-        def cut_off(connection):
-            if not holes._exit_callbacks:
-                port = _local_port(connection)
-                holes.enter_context(kernel_blackhole(port, direction=direction))
-
-    return install
-
-
-def _libpq_url(server):
-    return server.url("psycopg2").replace("postgresql+psycopg2", "postgresql")
 
 
 # -- 3. a standby answers the resolver ----------------------------------------------------------
@@ -314,16 +278,6 @@ def test_postgresql_s_own_refusal_of_a_commit_is_not_resolved(server, driver):
 # -- 5. a COMMIT lost on a half-open link -------------------------------------------------------
 
 
-def _local_port(engine_connection):
-    fairy = engine_connection.connection
-    driver_connection = fairy.driver_connection
-    transport = getattr(driver_connection, "_transport", None)
-    if transport is not None:  # asyncpg
-        return transport.get_extra_info("sockname")[1]
-    with socket.socket(fileno=os.dup(fairy.dbapi_connection.fileno())) as sock:
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_half_open_commit_is_fenced_and_settled_in_bounded_time(server, kernel_blackhole, driver):
     # COMMIT goes into a link the kernel drops: the old backend sits idle in its transaction
@@ -342,7 +296,7 @@ def test_a_half_open_commit_is_fenced_and_settled_in_bounded_time(server, kernel
     )
     with holes:
         assert (
-            unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both")) == "done"
+            unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole, "both")) == "done"
         )
     assert rows(server, 5) == 1
     assert unit.calls == 2  # the first never committed: the fenced backend rolled it back
@@ -373,7 +327,7 @@ SILENT_NOTIFIERS = {
 
 
 def _listen(server):
-    listener = psycopg2.connect(_libpq_url(server))
+    listener = psycopg2.connect(libpq_url(server))
     listener.autocommit = True
     listener.cursor().execute("LISTEN dropsafe_test")
     return listener
@@ -413,7 +367,7 @@ def test_a_notify_queued_by_a_function_or_trigger_is_heard_once(
     holes = contextlib.ExitStack()
     try:
         with holes:
-            assert unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole)) == "done"
+            assert unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
         heard = _heard(listener, server)
     finally:
         listener.close()
@@ -436,7 +390,7 @@ def test_a_notify_whose_commit_a_crash_may_have_lost_is_unknown(
     # Running it again (the code before this test: no xid for a function's NOTIFY, and
     # "aborted" for a spelled one whose commit record the crash lost) may notify twice.
     server.execute(NOTIFYING_SCHEMA)
-    bystander = psycopg2.connect(_libpq_url(server))
+    bystander = psycopg2.connect(libpq_url(server))
     bystander_pid = bystander.get_backend_pid()
     recorder = Recorder()
     unit = Unit(
@@ -445,37 +399,18 @@ def test_a_notify_whose_commit_a_crash_may_have_lost_is_unknown(
         SILENT_NOTIFIERS["function"]
         if shape == "function"
         else ["SELECT pg_notify('dropsafe_test', 'spelled')"],
-        policy=dropsafe.Policy(
-            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
-            unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
-            hooks=(recorder,),
-        ),
+        policy=resolving_policy(recorder),
     )
     holes = contextlib.ExitStack()
-    lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
+    lose_the_reply = lose_the_first_reply(holes, kernel_blackhole)
     crashes = []
 
     def crash_once_committed(engine):
         lose_the_reply(engine)
-
-        @sa.event.listens_for(engine, "commit")
-        def crash_after_it(connection):
-            if crashes:
-                return
-            pid = _backend_pid(connection)
-
-            def crash():
-                _wait(
-                    lambda: server.execute(
-                        f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
-                    ),
-                    20,
-                    "the COMMIT to be done on the server",
-                )
-                os.kill(bystander_pid, signal.SIGKILL)  # every backend reset: a crash restart
-
-            crashes.append(threading.Thread(target=crash, daemon=True))
-            crashes[0].start()
+        # Every backend reset: a crash restart.
+        once_the_commit_is_done(
+            engine, server, lambda: os.kill(bystander_pid, signal.SIGKILL), crashes
+        )
 
     try:
         with holes, pytest.raises(CommitOutcomeUnknown):
@@ -486,17 +421,6 @@ def test_a_notify_whose_commit_a_crash_may_have_lost_is_unknown(
     crashes[0].join(30)
     assert unit.calls == 1
     assert recorder.outcomes() == ["unknown"]
-
-
-def _backend_pid(engine_connection):
-    driver_connection = engine_connection.connection.driver_connection
-    get_pid = getattr(driver_connection, "get_server_pid", None)  # asyncpg
-    if get_pid is not None:
-        return get_pid()
-    info = getattr(driver_connection, "info", None)  # psycopg 3
-    if info is not None and hasattr(info, "backend_pid"):
-        return info.backend_pid
-    return driver_connection.get_backend_pid()  # psycopg2
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
@@ -522,7 +446,7 @@ def test_a_silent_notify_behind_a_transaction_mode_pooler_is_heard_once(
         try:
             with holes:
                 assert (
-                    unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole)) == "done"
+                    unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
                 )
             heard = _heard(listener, server)
         finally:
@@ -629,7 +553,7 @@ def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
     # A reset and then a clean restart, both between two reads: a new history to the first read
     # (an answer unknown, never wrong; see dropsafe._unit.server_life).
     assert not after_clean_restart.same_history(first)
-    bystander = psycopg2.connect(_libpq_url(server))
+    bystander = psycopg2.connect(libpq_url(server))
     os.kill(bystander.get_backend_pid(), signal.SIGKILL)
 
     def moved():
@@ -638,7 +562,7 @@ def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
         except psycopg2.OperationalError:
             return False  # still recovering
 
-    _wait(moved, 30, "a life after the crash restart")
+    wait_until(moved, 30, "a life after the crash restart")
     after_crash = life()
     assert after_crash.postmaster_start == after_clean_restart.postmaster_start  # same postmaster
     server.restart("immediate")
@@ -657,37 +581,15 @@ def test_a_commit_whose_reply_a_clean_restart_lost_is_still_proven(
         driver,
         server.url(driver),
         insert(8),
-        policy=dropsafe.Policy(
-            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
-            unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
-            hooks=(recorder,),
-        ),
+        policy=resolving_policy(recorder),
     )
     holes = contextlib.ExitStack()
-    lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
+    lose_the_reply = lose_the_first_reply(holes, kernel_blackhole)
     restarts = []
 
     def restart_once_committed(engine):
         lose_the_reply(engine)
-
-        @sa.event.listens_for(engine, "commit")
-        def restart_after_it(connection):
-            if restarts:
-                return
-            pid = _backend_pid(connection)
-
-            def restart():
-                _wait(
-                    lambda: server.execute(
-                        f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
-                    ),
-                    20,
-                    "the COMMIT to be done on the server",
-                )
-                server.restart("fast")
-
-            restarts.append(threading.Thread(target=restart, daemon=True))
-            restarts[0].start()
+        once_the_commit_is_done(engine, server, lambda: server.restart("fast"), restarts)
 
     with holes:
         assert unit.run(before_commit=restart_once_committed) == "done"
@@ -746,6 +648,6 @@ def test_a_commit_waiting_for_its_synchronous_standby_is_neither_fenced_nor_ackn
         assert primary.execute(SYNC_REP_WAITING), "the waiting backend was terminated"
     finally:
         standby.start()
-    _wait(lambda: not primary.execute(SYNC_REP_WAITING), 30, "the standby to confirm")
-    _wait(lambda: standby.execute(f"SELECT 1 FROM ledger WHERE v = {value}"), 30, "the row")
+    wait_until(lambda: not primary.execute(SYNC_REP_WAITING), 30, "the standby to confirm")
+    wait_until(lambda: standby.execute(f"SELECT 1 FROM ledger WHERE v = {value}"), 30, "the row")
     assert rows(primary, value) == 1

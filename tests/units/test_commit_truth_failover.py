@@ -13,11 +13,10 @@ import contextlib
 
 import psycopg2
 import pytest
-from commit_faults import SLOW_COMMIT_SCHEMA, Unit, WhenCommitRuns, insert, rows
+from commit_faults import SLOW_COMMIT_SCHEMA, Recorder, Unit, WhenCommitRuns, insert, rows
 
 import dropsafe
 from dropsafe import CommitOutcomeUnknown
-from dropsafe.events import CommitResolved
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000"]
@@ -47,14 +46,6 @@ def _cold_copy_of(primary: PostgresServer) -> PostgresServer:
     return copy
 
 
-class _Recorder(list):
-    def __call__(self, event):
-        self.append(event)
-
-    def outcomes(self):
-        return [event.outcome for event in self if isinstance(event, CommitResolved)]
-
-
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_promoted_cold_copy_handing_out_our_xid_again_is_not_believed(driver):
     with (
@@ -81,7 +72,7 @@ def test_a_promoted_cold_copy_handing_out_our_xid_again_is_not_believed(driver):
             proxy.upstream_port = copy.port
             proxy.heal()
 
-        recorder = _Recorder()
+        recorder = Recorder()
         policy = dropsafe.Policy(
             unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
         )

@@ -16,7 +16,6 @@ and the rows on the new primary confirm both. On the code before the audit, noth
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import threading
 import time
@@ -25,10 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
+from commit_faults import wait_until
 from sqlalchemy import event
 
 import dropsafe
-from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
+from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
 
@@ -42,16 +42,6 @@ class Lost(list):
     def __call__(self, event):
         if type(event).__name__ == "AcknowledgedCommitLost":
             self.append(event)
-
-
-def _wait(condition, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(ServerError):
-            if condition():
-                return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
 class Pair:
@@ -73,7 +63,7 @@ class Pair:
         self.standby.execute(f"ALTER SYSTEM SET primary_conninfo = '{conninfo}'")
         self.standby.execute("SELECT pg_reload_conf()")
         # The walreceiver restarts on the new conninfo: streaming again, through the proxy.
-        _wait(
+        wait_until(
             lambda: (
                 self.replication.stats.connections_open >= 1
                 and self.primary.execute(
@@ -86,7 +76,7 @@ class Pair:
 
     def wait_replayed(self):
         lsn = self.primary.execute("SELECT pg_current_wal_insert_lsn()")[0][0]
-        _wait(
+        wait_until(
             lambda: (
                 self.standby.execute(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'")[0][0] == "t"
             ),
