@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dropsafe.testing import ChaosProxy, PostgresServer
-from dropsafe.testing._ledger import (
+from dropsafe._bench._ledger import (
     Faults,
     Ledger,
     failover_faults,

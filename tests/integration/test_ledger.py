@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
 from dropsafe.testing import ChaosProxy
-from dropsafe.testing._ledger import guarded_writers, guarded_writers_async, insert_naively
+from dropsafe._bench._ledger import guarded_writers, guarded_writers_async, insert_naively
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(180)]
 

@@ -19,7 +19,7 @@ from ledger import assert_safe, prepare, run_async, run_sync
 
 import dropsafe
 from dropsafe.testing import ChaosProxy, PgBouncer
-from dropsafe.testing._ledger import guarded_writers, guarded_writers_async
+from dropsafe._bench._ledger import guarded_writers, guarded_writers_async
 
 pytestmark = [
     pytest.mark.fault,

@@ -22,7 +22,7 @@ from dropsafe.testing import (
     kernel_blackhole_unavailable,
     multi_host_url,
 )
-from dropsafe.testing._ledger import (
+from dropsafe._bench._ledger import (
     INSERT,
     guarded_writers,
     prepare,

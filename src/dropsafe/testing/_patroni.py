@@ -40,8 +40,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-from urllib.parse import quote
+from typing import TYPE_CHECKING
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
@@ -58,22 +57,22 @@ from dropsafe.testing._leftovers import (
 from dropsafe.testing._leftovers import sweep_orphan_postmasters as _sweep_orphan_postmasters
 from dropsafe.testing._runtime import (
     Owner,
+    ServerError,
     Service,
     cleanup,
     free_port,
     log_tail,
     owners_finalizer,
+    run_psql,
     stop_process,
 )
-from dropsafe.testing._server import ServerError, _make_certificate, run_psql, url_query
+from dropsafe.testing._urls import Driver, make_certificate, sqlalchemy_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 __all__ = ["PatroniCluster", "patroni_cluster_unavailable", "sweep_orphan_postmasters"]
 
-Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
-_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 _PROGRAMS = {"etcd": "/usr/bin/etcd", "haproxy": "/usr/sbin/haproxy"}
 # Patroni 4.1 in a venv of the system Python (scripts/setup.sh), else Debian's 3.0.2.
 PATRONI_4 = Path("/opt/dropsafe-patroni/bin/patroni")
@@ -170,14 +169,15 @@ class _Node:
 
         Through psql's stdin: a command line is readable by every local account.
         """
-        server = ["-h", str(self.socket_dir), "-p", str(self.pg_port), "-U", "postgres"]
         return run_psql(
-            [self.psql, *server, "-d", database],
+            self.psql,
             sql,
+            host=str(self.socket_dir),
+            port=self.pg_port,
+            database=database,
             what=f"psql on {self.name}",
             timeout=30,
-            user=self.owner.uid,
-            group=self.owner.gid,
+            owner=self.owner,
         )
 
     @property
@@ -465,11 +465,15 @@ class PatroniCluster(Service):
         As `dropsafe.testing.multi_host_url` builds it: libpq (psycopg2, psycopg) or asyncpg
         tries the nodes in order and keeps the writable one; no proxy in between.
         """
-        params.setdefault("target_session_attrs", "read-write")
-        text = self._url(driver, "", database, params)
-        hosts = "&".join(f"host={self.host}:{node.pg_port}" for node in self.nodes)
-        joiner = "&" if "?" in text else "?"
-        return f"{text}{joiner}{hosts}"
+        return sqlalchemy_url(
+            driver,
+            password=self.password,
+            address="",
+            database=database,
+            params=params,
+            tls=self.tls,
+            hosts=[(self.host, node.pg_port) for node in self.nodes],
+        )
 
     # -- faults ----------------------------------------------------------------------------
 
@@ -610,15 +614,14 @@ class PatroniCluster(Service):
         raise ConfigurationError(f"no node named {name!r}")
 
     def _url(self, driver: Driver, address: str, database: str, params: dict[str, str]) -> str:
-        if driver not in _DRIVERS:
-            raise ConfigurationError(f"driver must be one of {', '.join(_DRIVERS)}: {driver!r}")
-        query = dict(params)
-        if self.tls and driver in ("psycopg2", "psycopg"):
-            query.setdefault("sslmode", "require")
-        elif self.tls and driver == "asyncpg":
-            query.setdefault("ssl", "require")
-        secret, path = quote(self.password, safe=""), quote(database, safe="")
-        return f"postgresql+{driver}://postgres:{secret}@{address}/{path}" + url_query(query)
+        return sqlalchemy_url(
+            driver,
+            password=self.password,
+            address=address,
+            database=database,
+            params=params,
+            tls=self.tls,
+        )
 
     def _wait(
         self, ready: Callable[[], bool], deadline: float, what: str, *, pause: float = 0.1
@@ -717,7 +720,7 @@ class PatroniCluster(Service):
 
     def _prepare_files(self) -> None:
         # Made whatever `tls` says: the REST API, etcd and HAProxy's checks need it.
-        _make_certificate(self.cert_file, self.key_file)
+        make_certificate(self.cert_file, self.key_file)
         self._owner.give(self.key_file)
         self.key_file.chmod(0o600)
         self.cert_file.chmod(0o644)

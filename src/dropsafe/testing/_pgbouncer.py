@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -13,17 +12,19 @@ from typing import TYPE_CHECKING, Literal
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._runtime import (
     Owner,
+    ServerError,
     Service,
     free_port,
     log_tail,
+    run_psql,
     stop_process,
     track,
     wait_until,
 )
-from dropsafe.testing._server import ServerError, run_psql
 
 if TYPE_CHECKING:
-    from dropsafe.testing._server import Driver, PostgresServer
+    from dropsafe.testing._server import PostgresServer
+    from dropsafe.testing._urls import Driver
 
 __all__ = ["PgBouncer", "PoolMode"]
 
@@ -161,13 +162,15 @@ class PgBouncer(Service):
         Through psql's stdin, as `PostgresServer.execute` does: not on a command line.
         """
         try:
-            target = ["-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "pgbouncer"]
             return run_psql(
-                [self.server.binaries.tool("psql"), *target],
+                self.server.binaries.tool("psql"),
                 command,
+                host=self.host,
+                port=self.port,
+                database="pgbouncer",
                 what="pgbouncer console",
                 timeout=30,
-                env={**os.environ, "PGPASSWORD": self.server.password},
+                password=self.server.password,
             )
         except ServerError as exc:
             died = "" if self.running else f"\npgbouncer has exited:\n{log_tail(self.log_file)}"

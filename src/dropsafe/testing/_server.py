@@ -11,29 +11,36 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
-import subprocess
 import warnings
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import quote
 
-from dropsafe._errors import ConfigurationError, DropsafeError
-from dropsafe._redaction import redact_text
+from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._leftovers import parent_of, runs_as, signal_if
 from dropsafe.testing._runtime import (
     Owner,
+    Rows,
+    ServerError,
     Service,
     free_port,
     log_tail,
+    run_psql,
     stop_process,
     track,
     wait_until,
     write_no_link,
 )
+from dropsafe.testing._urls import (
+    Driver,
+    bracketed,
+    make_certificate,
+    sqlalchemy_url,
+    tls_connect_args,
+)
 
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Sequence
     from pathlib import Path
 
@@ -41,31 +48,16 @@ if TYPE_CHECKING:
 __all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url", "run_psql"]
 
 StopMode = Literal["smart", "fast", "immediate"]
-Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
 
 _STOP_SIGNALS: dict[str, signal.Signals] = {
     "smart": signal.SIGTERM,
     "fast": signal.SIGINT,
     "immediate": signal.SIGQUIT,
 }
-_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 _START_TIMEOUT = 60.0
 #: A role name for tests of refused authentication (every role's password is checked).
 PASSWORD_ROLE = "dropsafe_password_user"  # noqa: S105 - a role name, not a password
 _STOP_TIMEOUT = 60.0
-
-
-class ServerError(DropsafeError):
-    """The throwaway server could not do what was asked; the message carries its log's tail.
-
-    The message is masked (`redact_text`): it may quote SQL such as ``CREATE ROLE ...
-    PASSWORD '...'``, or a log line that does, and errors end up in CI logs.
-    """
-
-    __module__ = "dropsafe.testing"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact_text(message))
 
 
 class PostgresServer(Service):
@@ -178,7 +170,7 @@ class PostgresServer(Service):
 
     # -- SQL -------------------------------------------------------------------------------
 
-    def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
+    def execute(self, sql: str, *, database: str = "postgres") -> Rows:
         """Run SQL as the superuser through ``psql`` on the Unix socket; rows come as text.
 
         The SQL goes through psql's stdin, never its command line, which every local account
@@ -188,20 +180,12 @@ class PostgresServer(Service):
         if not self.running:
             raise ServerError(f"server {self.name!r} is not running")
         return run_psql(
-            [
-                self.binaries.tool("psql"),
-                "-h",
-                str(self.socket_dir),
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
-                "-d",
-                database,
-            ],
+            self.binaries.tool("psql"),
             sql,
+            host=str(self.socket_dir),
+            port=self.port,
+            database=database,
             what=f"psql on {self.name!r}",
-            timeout=60,
         )
 
     def terminate_backends(self, *, database: str | None = None) -> int:
@@ -247,29 +231,19 @@ class PostgresServer(Service):
         With TLS on, the URL asks for it (``sslmode=require``; ``ssl=require`` for asyncpg).
         pg8000 takes TLS through ``connect_args(driver)`` instead of the URL.
         """
-        if driver not in _DRIVERS:
-            raise ConfigurationError(f"driver must be one of {', '.join(_DRIVERS)}: {driver!r}")
-        query = dict(params)
-        if self.tls and driver in ("psycopg2", "psycopg"):
-            query.setdefault("sslmode", "require")
-        elif self.tls and driver == "asyncpg":
-            query.setdefault("ssl", "require")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        secret = quote(self.password if password is None else password, safe="")
-        # Every part quoted: a database named "postgres?sslmode=disable" must not turn TLS off.
-        path = quote(database, safe="")
-        text = f"postgresql+{driver}://{quote(user, safe='')}:{secret}@{host}:{self.port}/{path}"
-        return text + url_query(query)
+        return sqlalchemy_url(
+            driver,
+            user=user,
+            password=self.password if password is None else password,
+            address=f"{bracketed(self.host)}:{self.port}",
+            database=database,
+            params=params,
+            tls=self.tls,
+        )
 
     def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
         """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
-        if driver == "pg8000" and self.tls:
-            import ssl  # noqa: PLC0415 - only pg8000 users need it
-
-            context = ssl.create_default_context(cafile=str(self.ca_file))
-            context.check_hostname = False
-            return {"ssl_context": context}
-        return {}
+        return tls_connect_args(driver, self.ca_file) if self.tls else {}
 
     # -- replication -----------------------------------------------------------------------
 
@@ -368,7 +342,7 @@ class PostgresServer(Service):
         else:
             self._clone_primary(self._primary)
         if self.tls:
-            _make_certificate(self.cert_file, self.key_file)
+            make_certificate(self.cert_file, self.key_file)
             self._owner.give(self.key_file)
             self.key_file.chmod(0o600)
             self.cert_file.chmod(0o644)
@@ -489,42 +463,6 @@ class PostgresServer(Service):
             raise ServerError(f"{exc}:\n{log_tail(self.log_file)}") from None
 
 
-def run_psql(
-    command: list[str],
-    sql: str,
-    *,
-    what: str,
-    timeout: float,
-    user: int | None = None,
-    group: int | None = None,
-    env: dict[str, str] | None = None,
-) -> list[tuple[str, ...]]:
-    """Run ``sql`` through psql's stdin (``command`` names the server); rows come as text.
-
-    Shared by every bench service that speaks SQL to its own server. ``user`` and ``group``
-    run psql as the server's account (a Unix socket its folder keeps for that account);
-    ``env`` carries a password (``PGPASSWORD``), never the command line.
-    """
-    try:
-        result = subprocess.run(
-            [*command, "-X", "-q", "-A", "-t", "-F", "\x1f", "-v", "ON_ERROR_STOP=1", "-f", "-"],
-            input=sql,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            user=user,
-            group=group,
-            extra_groups=None if user is None else [],
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        raise ServerError(f"{what} timed out on {sql!r}") from None
-    if result.returncode != 0:
-        raise ServerError(f"{what} failed on {sql!r}: {result.stderr.strip()}")
-    return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
-
-
 def multi_host_url(
     servers: Sequence[PostgresServer],
     driver: Driver = "psycopg2",
@@ -537,7 +475,6 @@ def multi_host_url(
     """Return one URL listing every server, the way managed databases hand out failover URLs.
 
     The URL carries ``password`` (default: the first server's; a standby shares its primary's).
-
     ``target_session_attrs`` defaults to ``read-write``: connections go to whichever server is
     the primary. TLS parameters follow the first server.
 
@@ -547,25 +484,17 @@ def multi_host_url(
     """
     if not servers:
         raise ConfigurationError("multi_host_url needs at least one server")
-    first = servers[0].url(driver, database=database, user=user, password=password, **params)
-    query = first.partition("?")[2]
-    hosts = "&".join(
-        "host=" + quote(f"[{s.host}]" if ":" in s.host else s.host, safe="[]:") + f":{s.port}"
-        for s in servers
+    first = servers[0]
+    return sqlalchemy_url(
+        driver,
+        user=user,
+        password=first.password if password is None else password,
+        address="",
+        database=database,
+        params=params,
+        tls=first.tls,
+        hosts=[(server.host, server.port) for server in servers],
     )
-    extra = "" if "target_session_attrs" in params else "&target_session_attrs=read-write"
-    userinfo = first.partition("://")[2].partition("@")[0]  # user:password, quoted
-    path = quote(database, safe="")
-    return f"postgresql+{driver}://{userinfo}@/{path}?{hosts}{extra}" + (
-        f"&{query}" if query else ""
-    )
-
-
-def url_query(query: dict[str, str]) -> str:
-    """Return ``?key=value&...`` with keys and values percent-encoded ('' when empty)."""
-    if not query:
-        return ""
-    return "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in query.items())
 
 
 def standby_name_problem(name: object) -> str | None:
@@ -595,36 +524,3 @@ def _conninfo_value(text: str) -> str:
 def _config_string(text: str) -> str:
     # postgresql.conf's quoting: backslash escapes are read, and a quote is doubled.
     return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def _make_certificate(cert_file: Path, key_file: Path) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise ConfigurationError(
-            "TLS needs the openssl program (apt-get install openssl), or pass tls=False"
-        )
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key_file),
-            "-out",
-            str(cert_file),
-            "-days",
-            "7",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
-        ],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )
