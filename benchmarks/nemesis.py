@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dropsafe.testing import ChaosProxy, PostgresServer
 from dropsafe._bench._ledger import (
     Faults,
     Ledger,
@@ -31,6 +30,7 @@ from dropsafe._bench._ledger import (
     run_sync,
     server_faults,
 )
+from dropsafe.testing import ChaosProxy, PostgresServer
 
 RESULTS = Path(__file__).parent / "results" / "NEMESIS.md"
 CELLS = [

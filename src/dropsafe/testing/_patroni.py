@@ -57,10 +57,10 @@ from dropsafe.testing._leftovers import (
 from dropsafe.testing._leftovers import sweep_orphan_postmasters as _sweep_orphan_postmasters
 from dropsafe.testing._runtime import (
     Owner,
+    PortHolds,
     ServerError,
     Service,
     cleanup,
-    free_port,
     log_tail,
     owners_finalizer,
     run_psql,
@@ -284,16 +284,17 @@ class PatroniCluster(Service):
         self.base_dir = self._owner.make_base_dir("patroni")
         self.cert_file = self.base_dir / "server.crt"
         self.key_file = self.base_dir / "server.key"
-        self.etcd_peer_port = free_port(self.host)
-        self.haproxy_port = free_port(self.host)
-        self.replica_port = free_port(self.host)
+        self._ports = PortHolds(self.host)
+        self.etcd_peer_port = self._ports.take()
+        self.haproxy_port = self._ports.take()
+        self.replica_port = self._ports.take()
         self.nodes = [
             _Node(
                 name=f"node{number}",
                 base_dir=self.base_dir / f"node{number}",
-                pg_port=free_port(self.host),
-                rest_port=free_port(self.host),
-                etcd_port=free_port(self.host),
+                pg_port=self._ports.take(),
+                rest_port=self._ports.take(),
+                etcd_port=self._ports.take(),
                 psql=self.binaries.tool("psql"),
                 owner=self._owner,
             )
@@ -361,6 +362,7 @@ class PatroniCluster(Service):
         uid = self._owner.process_uid
         kill_postmasters(lambda cmdline: str(self.base_dir) in cmdline, uid=uid)
         self._finalizer()
+        self._ports.close()
 
     def wait_healthy(self, timeout: float = _START_TIMEOUT) -> str:
         """Wait until the leader takes writes through HAProxy and every node streams from it.

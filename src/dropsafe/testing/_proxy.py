@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar, overload
 from sqlalchemy.engine import URL, make_url
 
 from dropsafe._errors import ConfigurationError
-from dropsafe.testing._runtime import Service
+from dropsafe.testing._runtime import PortHolds, Service
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -187,6 +187,8 @@ class ChaosProxy(Service):
         # refuse() that ran during that await would find no listener to close.
         self._control = asyncio.Lock()
         self._closing = False
+        # The listening port stays ours while the proxy lives, refused phases included.
+        self._ports: PortHolds | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -194,6 +196,8 @@ class ChaosProxy(Service):
         """Start listening; ``.port`` is set when this returns."""
         if self._thread is not None:
             return
+        self._ports = PortHolds(self.host)
+        self.port = self._ports.take(self.port)
         loop = asyncio.new_event_loop()
         self._control = asyncio.Lock()  # used on this loop only
         self._closing = False
@@ -219,6 +223,8 @@ class ChaosProxy(Service):
         loop.close()
         self._loop = None
         self._thread = None
+        if self._ports is not None:
+            self._ports.close()
 
     @property
     def stats(self) -> ProxyStats:

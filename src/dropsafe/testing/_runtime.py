@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TEMP_PREFIX",
     "Owner",
+    "PortHolds",
     "Rows",
     "ServerError",
     "Service",
@@ -223,11 +224,56 @@ def write_no_link(path: Path, text: str, *, append: bool = False) -> None:
 
 
 def free_port(host: str) -> int:
-    """Return a TCP port that is free on ``host`` now."""
+    """Return a TCP port that is free on ``host`` now, and may be taken the next moment.
+
+    Only for a number that nothing will listen on; a service takes its ports from `PortHolds`.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+class PortHolds:
+    """The ports of one service, each kept from the moment it is taken until `close`.
+
+    A port merely probed as free can be bound by anyone before the service binds it (another
+    run's server, a client's ephemeral port): the service then fails to start, or a client
+    reaches the other process. Here each port stays bound by a socket that never listens: the
+    kernel hands it to no ``bind(0)`` and no ``connect``, and a plain bind of it fails. With
+    SO_REUSEADDR on both sides (which PostgreSQL, PgBouncer, etcd, HAProxy, Patroni's REST
+    API and asyncio set) the service still binds it, and binds it again after a restart:
+    what a grabber would need, SO_REUSEADDR on a port it did not probe, nothing here does.
+    """
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._sockets: list[socket.socket] = []
+        # The sockets, not self: closed when the service is garbage, or at exit.
+        self._finalizer = weakref.finalize(self, _close_all, self._sockets)
+
+    def take(self, port: int = 0) -> int:
+        """Bind and keep a port (``port``, or one the kernel picks); return its number."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        hold = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hold.bind((self.host, port))
+        except BaseException:
+            hold.close()
+            raise
+        self._sockets.append(hold)
+        return int(hold.getsockname()[1])
+
+    def close(self) -> None:
+        """Let every port go; safe to call twice."""
+        self._finalizer()
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for hold in sockets:
+        hold.close()
+    sockets.clear()
 
 
 def run_psql(

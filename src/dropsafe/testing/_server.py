@@ -20,10 +20,10 @@ from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._leftovers import parent_of, runs_as, signal_if
 from dropsafe.testing._runtime import (
     Owner,
+    PortHolds,
     Rows,
     ServerError,
     Service,
-    free_port,
     log_tail,
     run_psql,
     stop_process,
@@ -107,7 +107,8 @@ class PostgresServer(Service):
         self.log_file = self.base_dir / "postgres.log"
         self.cert_file = self.base_dir / "server.crt"
         self.key_file = self.base_dir / "server.key"
-        self.port = free_port(host)
+        self._ports = PortHolds(host)
+        self.port = self._ports.take()
         self._process: subprocess.Popen[bytes] | None = None
         self._initialized = False
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
@@ -164,9 +165,10 @@ class PostgresServer(Service):
         self._launch()
 
     def close(self) -> None:
-        """Stop the server at once and remove its files; safe to call twice."""
+        """Stop the server at once, remove its files and let its port go; safe to call twice."""
         self.stop("immediate")
         self._finalizer()
+        self._ports.close()
 
     # -- SQL -------------------------------------------------------------------------------
 
