@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
+from dropsafe.testing._initdb import copy_template, initdb, password_statement
 from dropsafe.testing._leftovers import parent_of, runs_as, signal_if
 from dropsafe.testing._runtime import (
     Owner,
@@ -71,7 +72,9 @@ class PostgresServer(Service):
     Every connection needs ``password`` (generated per server; the URLs carry it, quoted).
     As root the server runs as the ``postgres`` user (or ``nobody``), since PostgreSQL
     refuses to run as root. The postmaster is a direct child: if the creating thread dies,
-    the kernel kills it, so no server outlives its test run.
+    the kernel kills it, so no server outlives its test run. The cluster is a copy of one
+    initdb made once per process, with a system identifier of its own (``fresh_initdb=True``
+    runs initdb for this server alone).
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class PostgresServer(Service):
         settings: dict[str, str] | None = None,
         binaries: PostgresBinaries | None = None,
         name: str = "primary",
+        fresh_initdb: bool = False,
         _primary: PostgresServer | None = None,
     ) -> None:
         self.binaries = binaries or find_postgres_binaries()
@@ -111,6 +115,8 @@ class PostgresServer(Service):
         self.port = self._ports.take()
         self._process: subprocess.Popen[bytes] | None = None
         self._initialized = False
+        self._fresh_initdb = fresh_initdb
+        self._password_unset = False  # a copied cluster's, until its first start sets it
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
         self._finalizer = track(self, self._processes, self.base_dir)
 
@@ -148,6 +154,9 @@ class PostgresServer(Service):
         if not self._initialized:
             self._initialize()
         self._launch()
+        if self._password_unset:
+            self.execute(password_statement(self.password, auth=self._auth_method))
+            self._password_unset = False
 
     def stop(self, mode: StopMode = "fast") -> None:
         """Stop the server: ``fast`` rolls back and closes sessions, ``immediate`` crashes it."""
@@ -316,31 +325,18 @@ class PostgresServer(Service):
             folder.mkdir(mode=0o700)
             self._owner.give(folder)
         if self._primary is None:
-            password_file = self.base_dir / "password"
-            password_file.touch(mode=0o600)
-            password_file.write_text(self.password + "\n")
-            self._owner.give(password_file)
-            try:
-                self._owner.run(
-                    [
-                        self.binaries.tool("initdb"),
-                        "-D",
-                        str(self.data_dir),
-                        "-U",
-                        "postgres",
-                        "-A",
-                        self._auth_method,
-                        f"--pwfile={password_file}",
-                        "-E",
-                        "UTF8",
-                        "--locale=C",
-                        "--no-sync",
-                    ],
-                    cwd=self.base_dir,
-                    what="initdb",
+            copied = not self._fresh_initdb and copy_template(
+                self.binaries, self._owner, self.data_dir, auth=self._auth_method
+            )
+            self._password_unset = copied
+            if not copied:
+                initdb(
+                    self.binaries,
+                    self._owner,
+                    self.data_dir,
+                    password=self.password,
+                    auth=self._auth_method,
                 )
-            finally:
-                password_file.unlink()
         else:
             self._clone_primary(self._primary)
         if self.tls:
