@@ -94,7 +94,8 @@ def password_statement(password: str, *, auth: str) -> str:
     may log every statement).
     """
     if auth == "md5":
-        verifier = "md5" + hashlib.md5((password + "postgres").encode()).hexdigest()  # noqa: S324 - PostgreSQL's md5 format
+        salted = (password + "postgres").encode()
+        verifier = "md5" + hashlib.md5(salted, usedforsecurity=False).hexdigest()
     else:
         salt = secrets.token_bytes(16)
         salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, _SCRAM_ITERATIONS)

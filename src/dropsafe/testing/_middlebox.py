@@ -52,6 +52,7 @@ _PREFIX = "dropsafe_idlereaper_"
 _TAGGED_NAME = re.compile(rf"\b{_PREFIX}\d+_(?P<pid>\d+)_(?P<start>\d+)_[0-9a-f]+\b")
 # conntrack's timeouts are whole seconds; a day is far beyond any middlebox worth modelling.
 _MAX_IDLE = 86_400
+_PORT_LIMIT = 65536  # ports are 1..65535
 # "counter packets 3 bytes 180 drop"
 _COUNTER = re.compile(r"counter packets (\d+) bytes \d+ drop")
 
@@ -110,7 +111,7 @@ def idle_reaper(port: int, idle_timeout: float) -> Iterator[IdleReaper]:
     are tracked afresh and work. Everything is removed on exit, also when the block raises or
     is interrupted; the dropped packets of a forgotten flow may then be picked up again.
     """
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:  # noqa: PLR2004
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < _PORT_LIMIT:
         raise ConfigurationError(f"port must be an int within 1..65535: {port!r}")
     if (
         isinstance(idle_timeout, bool)

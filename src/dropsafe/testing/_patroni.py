@@ -33,12 +33,14 @@ import os
 import re
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,6 +80,7 @@ _PROGRAMS = {"etcd": "/usr/bin/etcd", "haproxy": "/usr/sbin/haproxy"}
 PATRONI_4 = Path("/opt/dropsafe-patroni/bin/patroni")
 DEBIAN_PATRONI = Path("/usr/bin/patroni")
 _START_TIMEOUT = 90.0
+_MIN_NODES = 2  # a leader and one standby
 _STOP_TIMEOUT = 20.0  # per process: SIGTERM, then SIGKILL
 # ttl, loop_wait, retry_timeout. Patroni 4 raises a ttl below 20 s to 20 s (and refuses a
 # retry_timeout below 3): a node crash fails over in ~22 s. retry_timeout 5 s, not 3: on two
@@ -252,7 +255,7 @@ class PatroniCluster(Service):
         binaries: PostgresBinaries | None = None,
         patroni_command: Sequence[str] | None = None,
     ) -> None:
-        if nodes < 2:  # noqa: PLR2004 - a leader and one standby
+        if nodes < _MIN_NODES:
             raise ConfigurationError(f"a cluster needs at least 2 nodes: {nodes!r}")
         if reason := patroni_cluster_unavailable():
             raise ConfigurationError(reason)
@@ -395,7 +398,7 @@ class PatroniCluster(Service):
             # standby in etcd; until then Patroni fails over to no one (it could lose commits).
             def recorded() -> bool:
                 status, body = self._node(leader).rest("/cluster")
-                return status == 200 and '"sync_standby"' in body  # noqa: PLR2004
+                return status == HTTPStatus.OK and '"sync_standby"' in body
 
             self._wait(recorded, deadline, "Patroni to record the synchronous standby")
         self._wait(self._haproxy_routes, deadline, "HAProxy routing to the leader")
@@ -406,7 +409,7 @@ class PatroniCluster(Service):
     def leader(self) -> str | None:
         """Return the name of the node that holds the leader key and runs as primary, or None."""
         for node in self.nodes:
-            if not node.crashed and node.rest("/primary")[0] == 200:  # noqa: PLR2004
+            if not node.crashed and node.rest("/primary")[0] == HTTPStatus.OK:
                 return node.name
         return None
 
@@ -495,7 +498,7 @@ class PatroniCluster(Service):
         def accepted() -> bool:
             # Patroni answers once the switchover is done (or failed): a long timeout.
             answer[:] = [self._node(old).rest("/switchover", method="POST", body=body, timeout=30)]
-            return answer[0][0] == 200 or self.leader() not in (None, old)  # noqa: PLR2004
+            return answer[0][0] == HTTPStatus.OK or self.leader() not in (None, old)
 
         try:
             self._wait(accepted, deadline, "Patroni to accept the switchover", pause=0.5)
@@ -701,7 +704,6 @@ class PatroniCluster(Service):
             )
 
     def _haproxy_routes(self) -> bool:
-        import socket  # noqa: PLC0415 - only here
 
         # A connection through HAProxy reaches a server once HAProxy has marked the leader up;
         # before that, HAProxy closes it at once. The server answers an SSLRequest with one

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-__all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url", "run_psql"]
+__all__ = ["Driver", "PostgresServer", "ServerError", "StopMode", "multi_host_url", "run_psql"]
 
 StopMode = Literal["smart", "fast", "immediate"]
 
@@ -59,6 +59,10 @@ _START_TIMEOUT = 60.0
 #: A role name for tests of refused authentication (every role's password is checked).
 PASSWORD_ROLE = "dropsafe_password_user"  # noqa: S105 - a role name, not a password
 _STOP_TIMEOUT = 60.0
+# PostgreSQL 14: SCRAM by default, pg_terminate_backend(pid, timeout).
+_SINCE_14 = 14
+_PID_FILE_STATUS = 7  # the line of postmaster.pid that says "ready" (PostgreSQL 10+)
+_NAME_LIMIT = 63  # bytes in a name (NAMEDATALEN - 1)
 
 
 class PostgresServer(Service):
@@ -204,7 +208,7 @@ class PostgresServer(Service):
         where = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
         if database is not None:
             where += f" AND datname = '{database.replace(chr(39), chr(39) * 2)}'"
-        wait = ", 5000" if self.binaries.major_version >= 14 else ""  # noqa: PLR2004
+        wait = ", 5000" if self.binaries.major_version >= _SINCE_14 else ""
         rows = self.execute(
             f"SELECT count(*) FILTER (WHERE pg_terminate_backend(pid{wait})) "  # noqa: S608
             f"FROM pg_stat_activity WHERE {where}"
@@ -317,7 +321,7 @@ class PostgresServer(Service):
     @property
     def _auth_method(self) -> str:
         # Before 14, passwords are stored as md5 by default; "md5" then also accepts SCRAM.
-        return "scram-sha-256" if self.binaries.major_version >= 14 else "md5"  # noqa: PLR2004
+        return "scram-sha-256" if self.binaries.major_version >= _SINCE_14 else "md5"
 
     def _initialize(self) -> None:
         # Both 0700: the socket's folder keeps other accounts off the Unix socket.
@@ -450,9 +454,9 @@ class PostgresServer(Service):
                 return False
             # Line 8 holds the postmaster's status once it is up (PostgreSQL 10+).
             return (
-                len(lines) >= 8  # noqa: PLR2004
+                len(lines) > _PID_FILE_STATUS
                 and lines[0].strip() == str(process.pid)
-                and lines[7].strip() in ("ready", "standby")
+                and lines[_PID_FILE_STATUS].strip() in ("ready", "standby")
             )
 
         try:
@@ -504,7 +508,7 @@ def standby_name_problem(name: object) -> str | None:
     """
     if not isinstance(name, str) or not name:
         return f"a standby's name must be a non-empty string: {name!r}"
-    if len(name) > 63 or not all(" " <= char <= "~" for char in name):  # noqa: PLR2004
+    if len(name) > _NAME_LIMIT or not all(" " <= char <= "~" for char in name):
         return f"a standby's name must be printable ASCII, at most 63 characters: {name!r}"
     return None
 
