@@ -1,28 +1,7 @@
 """A three-node Patroni cluster on loopback: etcd as its store, HAProxy following the leader.
 
-Managed PostgreSQL is such a cluster behind one endpoint: a leader elected through a consensus
-store, streaming standbys, and a proxy that routes to whichever node holds the leader key. This
-is the open form of it (Patroni, Debian's ``etcd-server`` and ``haproxy``), started and torn
-down in bounded time, so that tests can fail it over for real.
-
-Which Patroni: 4.1 from PyPI in ``/opt/dropsafe-patroni`` when scripts/setup.sh built it there,
-else Debian 12's 3.0.2. 3.0.2 loses acknowledged writes when a hung leader resumes (its etcd3
-``_update_leader`` overwrites the new leader's key: upstream pull request 2689); 4.1 does not.
-
-Each node's Patroni talks to etcd on a port of its own (etcd listens on one client port per
-node): cutting a node off in the kernel then cuts its PostgreSQL, its REST API and its line to
-the store, as a network partition of that machine would, without touching the other nodes.
-
-Only its owner gets in. PostgreSQL takes a generated password over TCP; the REST API (which
-can rewrite the configuration, hence run commands as the server's account) and etcd (which
-holds that configuration) take only clients that present the cluster's certificate, whose key
-only the owner can read; HAProxy's checks present it, and HAProxy has no stats listener.
-
-Patroni starts each postmaster in a session of its own (``setsid``), so a postmaster outlives
-its Patroni: the cluster stops them itself, and every bench service's start first kills those
-a dead run left (their command lines carry the owner's tag, see ``_leftovers``). A pid read from
-``postmaster.pid`` (which the server's account writes) is signalled only once proved to be that
-node's postmaster.
+The open form of a managed database's HA endpoint, started and torn down in bounded time, so
+that tests can fail it over for real. Who may get in: docs/reference/testing.md.
 """
 
 from __future__ import annotations
@@ -76,7 +55,9 @@ if TYPE_CHECKING:
 __all__ = ["PatroniCluster", "patroni_cluster_unavailable", "sweep_orphan_postmasters"]
 
 _PROGRAMS = {"etcd": "/usr/bin/etcd", "haproxy": "/usr/sbin/haproxy"}
-# Patroni 4.1 in a venv of the system Python (scripts/setup.sh), else Debian's 3.0.2.
+# Patroni 4.1 in a venv of the system Python (scripts/setup.sh), else Debian's 3.0.2, which
+# loses acknowledged writes when a hung leader resumes (its etcd3 `_update_leader` overwrites
+# the new leader's key: upstream pull request 2689); 4.1 does not.
 PATRONI_4 = Path("/opt/dropsafe-patroni/bin/patroni")
 DEBIAN_PATRONI = Path("/usr/bin/patroni")
 _START_TIMEOUT = 90.0
@@ -297,6 +278,8 @@ class PatroniCluster(Service):
                 base_dir=self.base_dir / f"node{number}",
                 pg_port=self._ports.take(),
                 rest_port=self._ports.take(),
+                # One etcd client port per node: cutting a node off in the kernel then cuts its
+                # line to the store too, as a partition of that machine would.
                 etcd_port=self._ports.take(),
                 psql=self.binaries.tool("psql"),
                 owner=self._owner,
@@ -874,7 +857,11 @@ class PatroniCluster(Service):
 
 
 def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
-    """Kill Patroni (so that it restarts nothing), then its postmasters; remove the files."""
+    """Kill Patroni (so that it restarts nothing), then its postmasters; remove the files.
+
+    Patroni starts each postmaster in a session of its own, so it outlives its Patroni; their
+    command lines carry the owner's tag, so a later start also kills those a dead run left.
+    """
     # Only live ones: a dead one's pid (and process group) may belong to another by now.
     for process in [p for p in processes if p.poll() is None]:
         stop_process(process, signal.SIGKILL, timeout=30)

@@ -1,34 +1,16 @@
-"""pytest plugin: fixtures for real PostgreSQL servers and network faults, registered on install.
+"""pytest plugin: the bench's fixtures and markers, loaded into every run once installed.
 
-Fixtures: ``postgres_server`` (a fresh TLS server per test), ``postgres_session_server`` (one
-server for the whole session) and ``postgres_database`` (a fresh, empty database on it per test,
-for tests that do not stop or break the server), ``chaos_proxy`` (a proxy in front of
-``postgres_server``), ``kernel_blackhole`` (drops a port's packets in the kernel),
-``idle_reaper`` (a middlebox in the kernel that forgets a port's idle flows) and
-``patroni_cluster`` (a three-node Patroni cluster with etcd and HAProxy per test module);
-these skip where they cannot run, or fail when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI.
-Markers:
-``dropsafe_slow`` and ``dropsafe_fault``; with pytest-timeout installed (``dropsafe[testing]``
-brings it), a ``dropsafe_fault`` test without its own timeout gets ``DEFAULT_FAULT_TIMEOUT``
-seconds. Their names carry the prefix because the plugin is loaded into every suite: a user's
-own ``slow`` or ``fault`` marker is theirs, and dropsafe neither registers nor changes it.
+Fixtures: ``postgres_server`` (per test), ``postgres_session_server`` and ``postgres_database``
+(a fresh database per test on a shared server), ``chaos_proxy``, ``kernel_blackhole``,
+``idle_reaper``, ``patroni_cluster`` (per module); they skip where they cannot run, or fail
+with ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``. Markers ``dropsafe_slow`` and ``dropsafe_fault``
+(prefixed: a user's own ``slow`` is theirs); with pytest-timeout a fault test gets
+``DEFAULT_FAULT_TIMEOUT`` seconds unless it sets its own.
 
-The ``pytest11`` entry point loads this module into every pytest run of every project that has
-dropsafe installed, with whatever extras it picked. It stays loaded by default, not opt-in, so
-that ``pip install 'dropsafe[testing]'`` is all a user does to get the fixtures. So loading it
-must stay cheap and must not fail: it imports nothing beyond pytest and the standard library
-(the servers, the proxy and the kernel faults are imported by the fixtures, when a test asks for
-one), and it only uses pytest-timeout's ``timeout`` marker when that plugin is there: with
-``--strict-markers`` an unregistered marker would break collection of the user's whole suite.
-Python imports the packages ``dropsafe`` and ``dropsafe.testing`` first: both import their names
-on first use, so loading the plugin imports neither SQLAlchemy nor the bench (measured: about
-80 ms, pytest's own import included, against 0.7 s or more when ``import dropsafe`` loaded
-SQLAlchemy; tests/unit/test_public_api.py checks it).
-
-Nothing outlives a test, even a killed run: servers die with the test process, and their temp
-folders and the blackholes' kernel rules are named after it, so the next start sweeps those of
-a run that is gone (never those of a live one: two suites may run at once). On SIGTERM the
-process removes its own first, then calls the handler that was there before ours (if any).
+Loaded into every suite of every project that has dropsafe installed, so loading must be cheap
+and must not fail: it imports only pytest and the standard library (about 80 ms with pytest's
+own import; tests/unit/test_public_api.py checks it), and uses pytest-timeout's marker only
+when that plugin is there (``--strict-markers`` would otherwise break the user's collection).
 """
 
 # The fixtures import the bench when they run, never when pytest loads this plugin (above).
