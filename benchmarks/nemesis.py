@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dropsafe.testing import ChaosProxy, PostgresServer
-from dropsafe.testing._ledger import (
+from dropsafe._bench._ledger import (
     Faults,
     Ledger,
     failover_faults,
@@ -31,6 +30,7 @@ from dropsafe.testing._ledger import (
     run_sync,
     server_faults,
 )
+from dropsafe.testing import ChaosProxy, PostgresServer
 
 RESULTS = Path(__file__).parent / "results" / "NEMESIS.md"
 CELLS = [

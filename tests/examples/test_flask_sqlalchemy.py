@@ -21,8 +21,8 @@ from flask import got_request_exception
 from werkzeug.serving import make_server
 
 import dropsafe
+from dropsafe._bench._ledger import Ledger, Nemesis
 from dropsafe._engine.guard import guard_of
-from dropsafe.testing._ledger import Ledger, Nemesis
 
 pytest.importorskip("flask_sqlalchemy")
 

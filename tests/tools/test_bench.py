@@ -25,8 +25,8 @@ from dropsafe._bench._engines import (
 )
 from dropsafe._bench._faults import PRE_PING_TCP, insert_naively
 from dropsafe._bench._healthy import cell_url
+from dropsafe._bench._ledger import prepare
 from dropsafe._cli import main
-from dropsafe.testing._ledger import prepare
 
 CLIENTS = 8
 TCP_PARAMETERS = (

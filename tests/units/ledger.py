@@ -1,10 +1,10 @@
-"""The ledger harness for the tests: dropsafe.testing._ledger, plus the audit's assertions."""
+"""The ledger harness for the tests: dropsafe._bench._ledger, plus the audit's assertions."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from dropsafe.testing._ledger import (
+from dropsafe._bench._ledger import (
     CHAOS_UNIT,
     INSERT,
     WORKERS,

@@ -32,8 +32,8 @@ from ledger import (
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
 from sqlalchemy.orm import sessionmaker
 
+from dropsafe._bench._ledger import guarded_writers, guarded_writers_async, insert_naively
 from dropsafe.testing import ChaosProxy
-from dropsafe.testing._ledger import guarded_writers, guarded_writers_async, insert_naively
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow, pytest.mark.timeout(180)]
 

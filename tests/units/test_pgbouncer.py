@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
 import uuid
 
 import pytest
@@ -18,8 +17,8 @@ import sqlalchemy as sa
 from ledger import assert_safe, prepare, run_async, run_sync
 
 import dropsafe
+from dropsafe._bench._ledger import guarded_writers, guarded_writers_async
 from dropsafe.testing import ChaosProxy, PgBouncer
-from dropsafe.testing._ledger import guarded_writers, guarded_writers_async
 
 pytestmark = [
     pytest.mark.fault,
@@ -174,24 +173,3 @@ def test_kill_database_starts_again_a_pgbouncer_that_died_of_it(postgres_server)
                 assert conn.execute(sa.text("SELECT 1")).scalar() == 1
         finally:
             engine.dispose()
-
-
-@pytest.mark.timeout(60)
-def test_a_port_taken_before_pgbouncer_binds_is_traded_for_another(postgres_server):
-    # free_port's port can be taken by another process before PgBouncer binds it: PgBouncer
-    # then exits ("nowhere to listen on") while a connect to the port reaches the other
-    # process, and start() used to take that for PgBouncer (a CI run under a parallel run:
-    # 400 of 400 transactions refused).
-    bouncer = PgBouncer(postgres_server)
-    taken = bouncer.port
-    with socket.socket() as squatter:
-        squatter.bind((bouncer.host, taken))
-        squatter.listen()
-        with bouncer:
-            assert bouncer.port != taken
-            engine = dropsafe.create_engine(bouncer.url("psycopg2"), pool_size=1, max_overflow=0)
-            try:
-                with engine.connect() as conn:
-                    assert conn.execute(sa.text("SELECT 1")).scalar() == 1
-            finally:
-                engine.dispose()

@@ -14,6 +14,13 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from dropsafe._bench._engines import SCHEMA, Variant, make_async, make_sync
+from dropsafe._bench._ledger import (
+    INSERT,
+    guarded_writers,
+    prepare,
+    run_sync,
+    server_faults,
+)
 from dropsafe._bench._report import bar_plot, table
 from dropsafe.testing import (
     ChaosProxy,
@@ -21,13 +28,6 @@ from dropsafe.testing import (
     kernel_blackhole,
     kernel_blackhole_unavailable,
     multi_host_url,
-)
-from dropsafe.testing._ledger import (
-    INSERT,
-    guarded_writers,
-    prepare,
-    run_sync,
-    server_faults,
 )
 
 if TYPE_CHECKING:

@@ -13,7 +13,8 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from dropsafe.testing._server import Driver, PostgresServer
+    from dropsafe.testing._server import PostgresServer
+    from dropsafe.testing._urls import Driver
 
 __all__ = ["Database"]
 

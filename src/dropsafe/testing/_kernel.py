@@ -32,6 +32,7 @@ Direction = Literal["both", "to"]
 
 __all__ = ["kernel_blackhole", "kernel_blackhole_unavailable", "sweep_blackholes"]
 
+_PORT_LIMIT = 65536  # ports are 1..65535
 _PREFIX = "dropsafe_blackhole_"
 # dropsafe_blackhole_{port}_{owner pid}_{owner start}_{random}
 _TAGGED_NAME = re.compile(rf"\b{_PREFIX}\d+_(?P<pid>\d+)_(?P<start>\d+)_[0-9a-f]+\b")
@@ -62,7 +63,7 @@ def kernel_blackhole(port: int, *, direction: Direction = "both") -> Iterator[No
     back, which is how a reply gets lost. The rules are removed on exit, also when the block
     raises.
     """
-    if not 0 < port < 65536:  # noqa: PLR2004
+    if not 0 < port < _PORT_LIMIT:
         raise ConfigurationError(f"port must be within 1..65535: {port!r}")
     if direction not in ("both", "to"):
         raise ConfigurationError(f"direction must be 'both' or 'to': {direction!r}")

@@ -1,25 +1,9 @@
-"""Forget idle TCP flows in the kernel, as a cloud NAT or load balancer does.
+"""Forget idle TCP flows in the kernel, as a cloud NAT or load balancer does (`idle_reaper`).
 
 Azure's load balancer forgets a flow after 4 idle minutes, AWS's NAT gateway and NLB after
-350 s. Neither tells the peers: the next packet of the forgotten flow is dropped, so a pooled
-connection that sat idle that long hangs on its next query. This module builds that middlebox
-from connection tracking, with a short idle timeout on one loopback port:
-
-- an output chain (after conntrack, which creates loopback entries at the OUTPUT hook,
-  priority -200) gives the port's new flows a ``ct timeout`` whose ``established`` time is the
-  idle timeout; the kernel deletes the entry when it expires;
-- an input chain drops the later packets of a flow whose entry is gone. Which state those
-  packets get depends on ``net.netfilter.nf_conntrack_tcp_loose``: with loose pickup (1, the
-  default) conntrack starts a *new* entry from any packet, so a new flow that does not begin
-  with a bare SYN is dropped; without it (0) the packet is *invalid*, and dropped too. Both
-  rules are there so the machine-wide sysctl is never touched: changing it would break other
-  runs on the machine, and two instances could not restore it correctly.
-
-The first ``ct`` rule turns connection tracking on for the whole machine (every flow is then
-tracked, with the kernel's default timeouts: nothing else is forgotten). The rules outlive a
-process that dies without cleaning up, so, as for ``kernel_blackhole``, the table's name carries
-its owner (see ``_leftovers``): each new instance first removes those of dead owners, and a
-SIGTERM removes this process's own.
+350 s, and tell neither peer: the next query of a pooled connection hangs. Built from
+connection tracking (nftables); how, at `_nft_table`. The rules outlive a dead process, so a
+table's name carries its owner and the next instance removes those of dead owners.
 """
 
 from __future__ import annotations
@@ -52,6 +36,7 @@ _PREFIX = "dropsafe_idlereaper_"
 _TAGGED_NAME = re.compile(rf"\b{_PREFIX}\d+_(?P<pid>\d+)_(?P<start>\d+)_[0-9a-f]+\b")
 # conntrack's timeouts are whole seconds; a day is far beyond any middlebox worth modelling.
 _MAX_IDLE = 86_400
+_PORT_LIMIT = 65536  # ports are 1..65535
 # "counter packets 3 bytes 180 drop"
 _COUNTER = re.compile(r"counter packets (\d+) bytes \d+ drop")
 
@@ -110,7 +95,7 @@ def idle_reaper(port: int, idle_timeout: float) -> Iterator[IdleReaper]:
     are tracked afresh and work. Everything is removed on exit, also when the block raises or
     is interrupted; the dropped packets of a forgotten flow may then be picked up again.
     """
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:  # noqa: PLR2004
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < _PORT_LIMIT:
         raise ConfigurationError(f"port must be an int within 1..65535: {port!r}")
     if (
         isinstance(idle_timeout, bool)
@@ -170,6 +155,15 @@ def _missing_requirement() -> str | None:
 
 
 def _nft_table(name: str, port: int, seconds: int) -> str:
+    # An output chain (after conntrack, which makes loopback entries at the OUTPUT hook,
+    # priority -200) gives the port's new flows a `ct timeout` whose `established` time is the
+    # idle timeout; the kernel deletes the entry when it expires. An input chain drops the later
+    # packets of a flow whose entry is gone. Their state depends on the machine-wide
+    # `nf_conntrack_tcp_loose`: with loose pickup (1, the default) conntrack starts a *new*
+    # entry from any packet, so a new flow that does not begin with a bare SYN is dropped;
+    # without it (0) the packet is *invalid*, and dropped too. Both rules, so that the sysctl
+    # is never touched (other runs share it). The first `ct` rule turns tracking on for the
+    # whole machine, with the kernel's default timeouts: nothing else is forgotten.
     # One timeout object per address family: a ct timeout names its l3proto.
     # "tcp flags & (...) != syn": any packet of a new flow but the opening bare SYN (see the
     # module doc for why both that and "invalid" are dropped).

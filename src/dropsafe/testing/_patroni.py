@@ -1,28 +1,7 @@
 """A three-node Patroni cluster on loopback: etcd as its store, HAProxy following the leader.
 
-Managed PostgreSQL is such a cluster behind one endpoint: a leader elected through a consensus
-store, streaming standbys, and a proxy that routes to whichever node holds the leader key. This
-is the open form of it (Patroni, Debian's ``etcd-server`` and ``haproxy``), started and torn
-down in bounded time, so that tests can fail it over for real.
-
-Which Patroni: 4.1 from PyPI in ``/opt/dropsafe-patroni`` when scripts/setup.sh built it there,
-else Debian 12's 3.0.2. 3.0.2 loses acknowledged writes when a hung leader resumes (its etcd3
-``_update_leader`` overwrites the new leader's key: upstream pull request 2689); 4.1 does not.
-
-Each node's Patroni talks to etcd on a port of its own (etcd listens on one client port per
-node): cutting a node off in the kernel then cuts its PostgreSQL, its REST API and its line to
-the store, as a network partition of that machine would, without touching the other nodes.
-
-Only its owner gets in. PostgreSQL takes a generated password over TCP; the REST API (which
-can rewrite the configuration, hence run commands as the server's account) and etcd (which
-holds that configuration) take only clients that present the cluster's certificate, whose key
-only the owner can read; HAProxy's checks present it, and HAProxy has no stats listener.
-
-Patroni starts each postmaster in a session of its own (``setsid``), so a postmaster outlives
-its Patroni: the cluster stops them itself, and every bench service's start first kills those
-a dead run left (their command lines carry the owner's tag, see ``_leftovers``). A pid read from
-``postmaster.pid`` (which the server's account writes) is signalled only once proved to be that
-node's postmaster.
+The open form of a managed database's HA endpoint, started and torn down in bounded time, so
+that tests can fail it over for real. Who may get in: docs/reference/testing.md.
 """
 
 from __future__ import annotations
@@ -33,15 +12,16 @@ import os
 import re
 import secrets
 import signal
+import socket
 import ssl
 import subprocess
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
-from urllib.parse import quote
+from typing import TYPE_CHECKING
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
@@ -58,27 +38,30 @@ from dropsafe.testing._leftovers import (
 from dropsafe.testing._leftovers import sweep_orphan_postmasters as _sweep_orphan_postmasters
 from dropsafe.testing._runtime import (
     Owner,
+    PortHolds,
+    ServerError,
     Service,
     cleanup,
-    free_port,
     log_tail,
     owners_finalizer,
+    run_psql,
     stop_process,
 )
-from dropsafe.testing._server import ServerError, _make_certificate, run_psql, url_query
+from dropsafe.testing._urls import Driver, make_certificate, sqlalchemy_url
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 __all__ = ["PatroniCluster", "patroni_cluster_unavailable", "sweep_orphan_postmasters"]
 
-Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
-_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 _PROGRAMS = {"etcd": "/usr/bin/etcd", "haproxy": "/usr/sbin/haproxy"}
-# Patroni 4.1 in a venv of the system Python (scripts/setup.sh), else Debian's 3.0.2.
+# Patroni 4.1 in a venv of the system Python (scripts/setup.sh), else Debian's 3.0.2, which
+# loses acknowledged writes when a hung leader resumes (its etcd3 `_update_leader` overwrites
+# the new leader's key: upstream pull request 2689); 4.1 does not.
 PATRONI_4 = Path("/opt/dropsafe-patroni/bin/patroni")
 DEBIAN_PATRONI = Path("/usr/bin/patroni")
 _START_TIMEOUT = 90.0
+_MIN_NODES = 2  # a leader and one standby
 _STOP_TIMEOUT = 20.0  # per process: SIGTERM, then SIGKILL
 # ttl, loop_wait, retry_timeout. Patroni 4 raises a ttl below 20 s to 20 s (and refuses a
 # retry_timeout below 3): a node crash fails over in ~22 s. retry_timeout 5 s, not 3: on two
@@ -170,14 +153,15 @@ class _Node:
 
         Through psql's stdin: a command line is readable by every local account.
         """
-        server = ["-h", str(self.socket_dir), "-p", str(self.pg_port), "-U", "postgres"]
         return run_psql(
-            [self.psql, *server, "-d", database],
+            self.psql,
             sql,
+            host=str(self.socket_dir),
+            port=self.pg_port,
+            database=database,
             what=f"psql on {self.name}",
             timeout=30,
-            user=self.owner.uid,
-            group=self.owner.gid,
+            owner=self.owner,
         )
 
     @property
@@ -252,7 +236,7 @@ class PatroniCluster(Service):
         binaries: PostgresBinaries | None = None,
         patroni_command: Sequence[str] | None = None,
     ) -> None:
-        if nodes < 2:  # noqa: PLR2004 - a leader and one standby
+        if nodes < _MIN_NODES:
             raise ConfigurationError(f"a cluster needs at least 2 nodes: {nodes!r}")
         if reason := patroni_cluster_unavailable():
             raise ConfigurationError(reason)
@@ -284,16 +268,19 @@ class PatroniCluster(Service):
         self.base_dir = self._owner.make_base_dir("patroni")
         self.cert_file = self.base_dir / "server.crt"
         self.key_file = self.base_dir / "server.key"
-        self.etcd_peer_port = free_port(self.host)
-        self.haproxy_port = free_port(self.host)
-        self.replica_port = free_port(self.host)
+        self._ports = PortHolds(self.host)
+        self.etcd_peer_port = self._ports.take()
+        self.haproxy_port = self._ports.take()
+        self.replica_port = self._ports.take()
         self.nodes = [
             _Node(
                 name=f"node{number}",
                 base_dir=self.base_dir / f"node{number}",
-                pg_port=free_port(self.host),
-                rest_port=free_port(self.host),
-                etcd_port=free_port(self.host),
+                pg_port=self._ports.take(),
+                rest_port=self._ports.take(),
+                # One etcd client port per node: cutting a node off in the kernel then cuts its
+                # line to the store too, as a partition of that machine would.
+                etcd_port=self._ports.take(),
                 psql=self.binaries.tool("psql"),
                 owner=self._owner,
             )
@@ -361,6 +348,7 @@ class PatroniCluster(Service):
         uid = self._owner.process_uid
         kill_postmasters(lambda cmdline: str(self.base_dir) in cmdline, uid=uid)
         self._finalizer()
+        self._ports.close()
 
     def wait_healthy(self, timeout: float = _START_TIMEOUT) -> str:
         """Wait until the leader takes writes through HAProxy and every node streams from it.
@@ -393,7 +381,7 @@ class PatroniCluster(Service):
             # standby in etcd; until then Patroni fails over to no one (it could lose commits).
             def recorded() -> bool:
                 status, body = self._node(leader).rest("/cluster")
-                return status == 200 and '"sync_standby"' in body  # noqa: PLR2004
+                return status == HTTPStatus.OK and '"sync_standby"' in body
 
             self._wait(recorded, deadline, "Patroni to record the synchronous standby")
         self._wait(self._haproxy_routes, deadline, "HAProxy routing to the leader")
@@ -404,7 +392,7 @@ class PatroniCluster(Service):
     def leader(self) -> str | None:
         """Return the name of the node that holds the leader key and runs as primary, or None."""
         for node in self.nodes:
-            if not node.crashed and node.rest("/primary")[0] == 200:  # noqa: PLR2004
+            if not node.crashed and node.rest("/primary")[0] == HTTPStatus.OK:
                 return node.name
         return None
 
@@ -465,11 +453,15 @@ class PatroniCluster(Service):
         As `dropsafe.testing.multi_host_url` builds it: libpq (psycopg2, psycopg) or asyncpg
         tries the nodes in order and keeps the writable one; no proxy in between.
         """
-        params.setdefault("target_session_attrs", "read-write")
-        text = self._url(driver, "", database, params)
-        hosts = "&".join(f"host={self.host}:{node.pg_port}" for node in self.nodes)
-        joiner = "&" if "?" in text else "?"
-        return f"{text}{joiner}{hosts}"
+        return sqlalchemy_url(
+            driver,
+            password=self.password,
+            address="",
+            database=database,
+            params=params,
+            tls=self.tls,
+            hosts=[(self.host, node.pg_port) for node in self.nodes],
+        )
 
     # -- faults ----------------------------------------------------------------------------
 
@@ -489,7 +481,7 @@ class PatroniCluster(Service):
         def accepted() -> bool:
             # Patroni answers once the switchover is done (or failed): a long timeout.
             answer[:] = [self._node(old).rest("/switchover", method="POST", body=body, timeout=30)]
-            return answer[0][0] == 200 or self.leader() not in (None, old)  # noqa: PLR2004
+            return answer[0][0] == HTTPStatus.OK or self.leader() not in (None, old)
 
         try:
             self._wait(accepted, deadline, "Patroni to accept the switchover", pause=0.5)
@@ -610,15 +602,14 @@ class PatroniCluster(Service):
         raise ConfigurationError(f"no node named {name!r}")
 
     def _url(self, driver: Driver, address: str, database: str, params: dict[str, str]) -> str:
-        if driver not in _DRIVERS:
-            raise ConfigurationError(f"driver must be one of {', '.join(_DRIVERS)}: {driver!r}")
-        query = dict(params)
-        if self.tls and driver in ("psycopg2", "psycopg"):
-            query.setdefault("sslmode", "require")
-        elif self.tls and driver == "asyncpg":
-            query.setdefault("ssl", "require")
-        secret, path = quote(self.password, safe=""), quote(database, safe="")
-        return f"postgresql+{driver}://postgres:{secret}@{address}/{path}" + url_query(query)
+        return sqlalchemy_url(
+            driver,
+            password=self.password,
+            address=address,
+            database=database,
+            params=params,
+            tls=self.tls,
+        )
 
     def _wait(
         self, ready: Callable[[], bool], deadline: float, what: str, *, pause: float = 0.1
@@ -696,7 +687,6 @@ class PatroniCluster(Service):
             )
 
     def _haproxy_routes(self) -> bool:
-        import socket  # noqa: PLC0415 - only here
 
         # A connection through HAProxy reaches a server once HAProxy has marked the leader up;
         # before that, HAProxy closes it at once. The server answers an SSLRequest with one
@@ -717,7 +707,7 @@ class PatroniCluster(Service):
 
     def _prepare_files(self) -> None:
         # Made whatever `tls` says: the REST API, etcd and HAProxy's checks need it.
-        _make_certificate(self.cert_file, self.key_file)
+        make_certificate(self.cert_file, self.key_file)
         self._owner.give(self.key_file)
         self.key_file.chmod(0o600)
         self.cert_file.chmod(0o644)
@@ -867,7 +857,11 @@ class PatroniCluster(Service):
 
 
 def _cleanup(processes: list[subprocess.Popen[bytes]], base_dir: Path) -> None:
-    """Kill Patroni (so that it restarts nothing), then its postmasters; remove the files."""
+    """Kill Patroni (so that it restarts nothing), then its postmasters; remove the files.
+
+    Patroni starts each postmaster in a session of its own, so it outlives its Patroni; their
+    command lines carry the owner's tag, so a later start also kills those a dead run left.
+    """
     # Only live ones: a dead one's pid (and process group) may belong to another by now.
     for process in [p for p in processes if p.poll() is None]:
         stop_process(process, signal.SIGKILL, timeout=30)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -13,28 +12,25 @@ from typing import TYPE_CHECKING, Literal
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._runtime import (
     Owner,
+    PortHolds,
+    ServerError,
     Service,
-    free_port,
     log_tail,
+    run_psql,
     stop_process,
     track,
     wait_until,
 )
-from dropsafe.testing._server import ServerError, run_psql
 
 if TYPE_CHECKING:
-    from dropsafe.testing._server import Driver, PostgresServer
+    from dropsafe.testing._server import PostgresServer
+    from dropsafe.testing._urls import Driver
 
 __all__ = ["PgBouncer", "PoolMode"]
 
 PoolMode = Literal["session", "transaction"]
 _START_TIMEOUT = 30.0
-_PORT_TRIES = 3
 _EXIT_TIMEOUT = 10.0  # a PgBouncer that refuses its console this long after a KILL lives
-
-
-class _PortTakenError(Exception):
-    """PgBouncer could not bind its port: another process holds it."""
 
 
 class PgBouncer(Service):
@@ -62,14 +58,14 @@ class PgBouncer(Service):
         self.server = server
         self.pool_mode = pool_mode
         self.host = server.host
-        self.port = free_port(self.host)
+        self._ports = PortHolds(self.host)
+        self.port = self._ports.take()
         self.tls = server.tls
         self._owner = Owner.for_this_process()
         self.base_dir = self._owner.make_base_dir("bouncer-")
         self.config_file = self.base_dir / "pgbouncer.ini"
         self.log_file = self.base_dir / "pgbouncer.log"
         self._process: subprocess.Popen[bytes] | None = None
-        self._started = False  # started once: its port is in clients' URLs from then on
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
         self._finalizer = track(self, self._processes, self.base_dir)
         self._write_config()
@@ -80,31 +76,13 @@ class PgBouncer(Service):
         return self._process is not None and self._process.poll() is None
 
     def start(self) -> None:
-        """Start PgBouncer and wait until it accepts connections.
+        """Start PgBouncer and wait until it accepts connections (on the port it always had).
 
-        ``free_port`` only finds a port free at that moment: another process (a parallel test
-        run) may take it before PgBouncer binds. PgBouncer then exits ("nowhere to listen
-        on"), and a connect to the port reaches the other process, so it is not proof: its
-        own log line "listening on" is. At the first start a taken port is traded for a fresh
-        one; a restart keeps its port (clients hold its URL) and fails loudly instead.
+        A connect to the port is no proof (it could reach another process): its own log line
+        "listening on" is.
         """
         if self.running:
             return
-        for _ in range(_PORT_TRIES):
-            if self._start_on_port():
-                self._started = True
-                return
-            if self._started:
-                raise ServerError(
-                    f"pgbouncer's port {self.port} was taken by another process while it was "
-                    f"down:\n{log_tail(self.log_file)}"
-                )
-            self.port = free_port(self.host)
-            self._write_config()
-        raise ServerError(f"pgbouncer found no free port:\n{log_tail(self.log_file)}")
-
-    def _start_on_port(self) -> bool:
-        """Start PgBouncer on ``self.port``; False if another process holds that port."""
         logged_before = self.log_file.stat().st_size if self.log_file.exists() else 0
         process = self._owner.spawn([self.program, str(self.config_file)], log=self.log_file)
         self._process = process
@@ -118,8 +96,6 @@ class PgBouncer(Service):
 
         def accepting() -> bool:
             if process.poll() is not None:
-                if this_start_logged("Address already in use"):
-                    raise _PortTakenError
                 raise ServerError(f"pgbouncer exited at start:\n{log_tail(self.log_file)}")
             if not this_start_logged(listening):
                 return False
@@ -131,13 +107,9 @@ class PgBouncer(Service):
 
         try:
             wait_until(accepting, timeout=_START_TIMEOUT, what="pgbouncer to accept")
-        except _PortTakenError:
-            self._process = None
-            return False
         except TimeoutError as exc:
             self.stop()
             raise ServerError(f"{exc}:\n{log_tail(self.log_file)}") from None
-        return True
 
     def stop(self) -> None:
         """Stop PgBouncer at once (SIGTERM): every client connection is closed."""
@@ -151,9 +123,10 @@ class PgBouncer(Service):
         self.start()
 
     def close(self) -> None:
-        """Stop and remove every file; safe to call twice."""
+        """Stop, remove every file and let the port go; safe to call twice."""
         self.stop()
         self._finalizer()
+        self._ports.close()
 
     def console(self, command: str) -> list[tuple[str, ...]]:
         """Run an admin command (``RECONNECT``, ``KILL postgres``, ``SHOW POOLS``...).
@@ -161,13 +134,15 @@ class PgBouncer(Service):
         Through psql's stdin, as `PostgresServer.execute` does: not on a command line.
         """
         try:
-            target = ["-h", self.host, "-p", str(self.port), "-U", "postgres", "-d", "pgbouncer"]
             return run_psql(
-                [self.server.binaries.tool("psql"), *target],
+                self.server.binaries.tool("psql"),
                 command,
+                host=self.host,
+                port=self.port,
+                database="pgbouncer",
                 what="pgbouncer console",
                 timeout=30,
-                env={**os.environ, "PGPASSWORD": self.server.password},
+                password=self.server.password,
             )
         except ServerError as exc:
             died = "" if self.running else f"\npgbouncer has exited:\n{log_tail(self.log_file)}"
@@ -244,7 +219,7 @@ class PgBouncer(Service):
             ]
         self.config_file.touch(mode=0o600)  # its paths and settings are no one else's business
         self.config_file.write_text("\n".join(lines) + "\n")
-        # The files, not the folder: we write into it again (a new port), and the server's
-        # account, owning it, could have put a link there for us to write through.
+        # The files, not the folder: the server's account, owning it, could put a link there
+        # for us to write through.
         for path in (self.config_file, self.base_dir / "userlist.txt"):
             self._owner.give(path)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar, overload
 from sqlalchemy.engine import URL, make_url
 
 from dropsafe._errors import ConfigurationError
-from dropsafe.testing._runtime import Service
+from dropsafe.testing._runtime import PortHolds, Service
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -29,6 +29,7 @@ __all__ = ["ChaosProxy", "CutMode", "ProxyStats"]
 CutMode = Literal["fin", "rst"]
 _T = TypeVar("_T")
 _CHUNK = 65536
+_PORT_LIMIT = 65536  # ports are 1..65535
 # What one direction of one link may hold (blackholed, delayed or paced) before the proxy stops
 # reading from the sender: then the sender's socket fills and its writes block, as on a real
 # congested path, and the proxy's memory stays bounded whatever the sender pushes.
@@ -161,7 +162,7 @@ class ChaosProxy(Service):
         listen_port: int = 0,
         seed: int | None = None,
     ) -> None:
-        if not 0 < upstream_port < 65536:  # noqa: PLR2004
+        if not 0 < upstream_port < _PORT_LIMIT:
             raise ConfigurationError(f"upstream_port must be within 1..65535: {upstream_port!r}")
         if not _is_loopback(listen_host):
             warnings.warn(
@@ -182,11 +183,15 @@ class ChaosProxy(Service):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
-        self._flowing: asyncio.Event | None = None
+        # Set while data flows: cleared by blackhole(), set again by heal().
+        self._flowing = asyncio.Event()
+        self._flowing.set()
         # Controls run one at a time on the loop: heal() awaits while it listens again, and a
         # refuse() that ran during that await would find no listener to close.
         self._control = asyncio.Lock()
         self._closing = False
+        # The listening port stays ours while the proxy lives, refused phases included.
+        self._ports: PortHolds | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -194,6 +199,8 @@ class ChaosProxy(Service):
         """Start listening; ``.port`` is set when this returns."""
         if self._thread is not None:
             return
+        self._ports = PortHolds(self.host)
+        self.port = self._ports.take(self.port)
         loop = asyncio.new_event_loop()
         self._control = asyncio.Lock()  # used on this loop only
         self._closing = False
@@ -219,6 +226,8 @@ class ChaosProxy(Service):
         loop.close()
         self._loop = None
         self._thread = None
+        if self._ports is not None:
+            self._ports.close()
 
     @property
     def stats(self) -> ProxyStats:
@@ -325,9 +334,6 @@ class ChaosProxy(Service):
             self._faults = change(self._faults)
 
     async def _listen(self) -> None:
-        if self._flowing is None:
-            self._flowing = asyncio.Event()
-            self._flowing.set()
         self._server = await asyncio.start_server(
             self._handle, self.host, self.port, reuse_address=True
         )
@@ -339,7 +345,6 @@ class ChaosProxy(Service):
             self._server = None
 
     async def _set_flowing(self, *, flowing: bool) -> None:
-        assert self._flowing is not None  # noqa: S101 - set by _listen
         if flowing:
             self._flowing.set()
         else:
@@ -435,7 +440,6 @@ class ChaosProxy(Service):
         *,
         to_server: bool,
     ) -> None:
-        assert self._flowing is not None  # noqa: S101 - set by _listen
         pacer = _Pacer()
         while True:
             due, data = await pipe.get()

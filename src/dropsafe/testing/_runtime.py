@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from dropsafe._errors import ConfigurationError
+from dropsafe._errors import ConfigurationError, DropsafeError
+from dropsafe._redaction import redact_text
 from dropsafe.testing._leftovers import (
     TEMP_PREFIX,
     forget_on_sigterm,
@@ -38,17 +39,23 @@ if TYPE_CHECKING:
 __all__ = [
     "TEMP_PREFIX",
     "Owner",
+    "PortHolds",
+    "Rows",
+    "ServerError",
     "Service",
     "cleanup",
     "free_port",
     "kill_group",
     "log_tail",
+    "run_psql",
     "stop_process",
     "track",
     "wait_until",
     "write_no_link",
 ]
 
+#: Rows from psql, every value as text.
+Rows = list[tuple[str, ...]]
 _PR_SET_PDEATHSIG = 1
 _POLL_INTERVAL = 0.02
 
@@ -79,6 +86,19 @@ class Service:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+class ServerError(DropsafeError):
+    """The throwaway server could not do what was asked; the message carries its log's tail.
+
+    The message is masked (`redact_text`): it may quote SQL such as ``CREATE ROLE ...
+    PASSWORD '...'``, or a log line that does, and errors end up in CI logs.
+    """
+
+    __module__ = "dropsafe.testing"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact_text(message))
 
 
 @dataclass(frozen=True)
@@ -137,8 +157,6 @@ class Owner:
         self, command: list[str], *, cwd: Path, what: str, env: dict[str, str] | None = None
     ) -> None:
         """Run a short command as the owner; raise ``DropsafeError`` with its stderr."""
-        from dropsafe.testing._server import ServerError  # noqa: PLC0415 - avoids a cycle
-
         result = subprocess.run(
             command,
             capture_output=True,
@@ -206,11 +224,100 @@ def write_no_link(path: Path, text: str, *, append: bool = False) -> None:
 
 
 def free_port(host: str) -> int:
-    """Return a TCP port that is free on ``host`` now."""
+    """Return a TCP port that is free on ``host`` now, and may be taken the next moment.
+
+    Only for a number that nothing will listen on; a service takes its ports from `PortHolds`.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+class PortHolds:
+    """The ports of one service, each kept from the moment it is taken until `close`.
+
+    A port merely probed as free can be bound by anyone before the service binds it (another
+    run's server, a client's ephemeral port): the service then fails to start, or a client
+    reaches the other process. Here each port stays bound by a socket that never listens: the
+    kernel hands it to no ``bind(0)`` and no ``connect``, and a plain bind of it fails. With
+    SO_REUSEADDR on both sides (which PostgreSQL, PgBouncer, etcd, HAProxy, Patroni's REST
+    API and asyncio set) the service still binds it, and binds it again after a restart:
+    what a grabber would need, SO_REUSEADDR on a port it did not probe, nothing here does.
+    """
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._sockets: list[socket.socket] = []
+        # The sockets, not self: closed when the service is garbage, or at exit.
+        self._finalizer = weakref.finalize(self, _close_all, self._sockets)
+
+    def take(self, port: int = 0) -> int:
+        """Bind and keep a port (``port``, or one the kernel picks); return its number."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        hold = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hold.bind((self.host, port))
+        except BaseException:
+            hold.close()
+            raise
+        self._sockets.append(hold)
+        return int(hold.getsockname()[1])
+
+    def close(self) -> None:
+        """Let every port go; safe to call twice."""
+        self._finalizer()
+
+
+def _close_all(sockets: list[socket.socket]) -> None:
+    for hold in sockets:
+        hold.close()
+    sockets.clear()
+
+
+def run_psql(
+    psql: str,
+    sql: str,
+    *,
+    host: str,
+    port: int,
+    database: str = "postgres",
+    what: str,
+    timeout: float = 60,
+    owner: Owner | None = None,
+    password: str | None = None,
+) -> Rows:
+    """Run ``sql`` as ``postgres`` through psql's stdin; rows come as text.
+
+    The one SQL runner of every bench service. ``host`` is an address or a Unix socket's
+    folder; ``owner`` runs psql as the server's account (a socket whose folder only that
+    account enters); ``password`` goes in the environment (``PGPASSWORD``), never on the
+    command line, which every local account can read in ``/proc``, nor does the SQL.
+    """
+    target = ["-h", host, "-p", str(port), "-U", "postgres", "-d", database]
+    # Unaligned, tuples only, fields split by \x1f; stop at the first error.
+    quiet = ["-X", "-q", "-A", "-t", "-F", "\x1f", "-v", "ON_ERROR_STOP=1", "-f", "-"]
+    env = None if password is None else {**os.environ, "PGPASSWORD": password}
+    user = None if owner is None else owner.uid
+    try:
+        result = subprocess.run(
+            [psql, *target, *quiet],
+            input=sql,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            user=user,
+            group=None if owner is None else owner.gid,
+            extra_groups=None if user is None else [],
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        raise ServerError(f"{what} timed out on {sql!r}") from None
+    if result.returncode != 0:
+        raise ServerError(f"{what} failed on {sql!r}: {result.stderr.strip()}")
+    return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
 
 
 def wait_until(ready: Callable[[], bool], *, timeout: float, what: str) -> None:

@@ -11,61 +11,58 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import signal
-import subprocess
 import warnings
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import quote
 
-from dropsafe._errors import ConfigurationError, DropsafeError
-from dropsafe._redaction import redact_text
+from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
+from dropsafe.testing._initdb import copy_template, initdb, password_statement
 from dropsafe.testing._leftovers import parent_of, runs_as, signal_if
 from dropsafe.testing._runtime import (
     Owner,
+    PortHolds,
+    Rows,
+    ServerError,
     Service,
-    free_port,
     log_tail,
+    run_psql,
     stop_process,
     track,
     wait_until,
     write_no_link,
 )
+from dropsafe.testing._urls import (
+    Driver,
+    bracketed,
+    make_certificate,
+    sqlalchemy_url,
+    tls_connect_args,
+)
 
 if TYPE_CHECKING:
+    import subprocess
     from collections.abc import Sequence
     from pathlib import Path
 
 
-__all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url", "run_psql"]
+__all__ = ["Driver", "PostgresServer", "ServerError", "StopMode", "multi_host_url", "run_psql"]
 
 StopMode = Literal["smart", "fast", "immediate"]
-Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
 
 _STOP_SIGNALS: dict[str, signal.Signals] = {
     "smart": signal.SIGTERM,
     "fast": signal.SIGINT,
     "immediate": signal.SIGQUIT,
 }
-_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 _START_TIMEOUT = 60.0
 #: A role name for tests of refused authentication (every role's password is checked).
 PASSWORD_ROLE = "dropsafe_password_user"  # noqa: S105 - a role name, not a password
 _STOP_TIMEOUT = 60.0
-
-
-class ServerError(DropsafeError):
-    """The throwaway server could not do what was asked; the message carries its log's tail.
-
-    The message is masked (`redact_text`): it may quote SQL such as ``CREATE ROLE ...
-    PASSWORD '...'``, or a log line that does, and errors end up in CI logs.
-    """
-
-    __module__ = "dropsafe.testing"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact_text(message))
+# PostgreSQL 14: SCRAM by default, pg_terminate_backend(pid, timeout).
+_SINCE_14 = 14
+_PID_FILE_STATUS = 7  # the line of postmaster.pid that says "ready" (PostgreSQL 10+)
+_NAME_LIMIT = 63  # bytes in a name (NAMEDATALEN - 1)
 
 
 class PostgresServer(Service):
@@ -79,7 +76,9 @@ class PostgresServer(Service):
     Every connection needs ``password`` (generated per server; the URLs carry it, quoted).
     As root the server runs as the ``postgres`` user (or ``nobody``), since PostgreSQL
     refuses to run as root. The postmaster is a direct child: if the creating thread dies,
-    the kernel kills it, so no server outlives its test run.
+    the kernel kills it, so no server outlives its test run. The cluster is a copy of one
+    initdb made once per process, with a system identifier of its own (``fresh_initdb=True``
+    runs initdb for this server alone).
     """
 
     def __init__(
@@ -90,6 +89,7 @@ class PostgresServer(Service):
         settings: dict[str, str] | None = None,
         binaries: PostgresBinaries | None = None,
         name: str = "primary",
+        fresh_initdb: bool = False,
         _primary: PostgresServer | None = None,
     ) -> None:
         self.binaries = binaries or find_postgres_binaries()
@@ -115,9 +115,12 @@ class PostgresServer(Service):
         self.log_file = self.base_dir / "postgres.log"
         self.cert_file = self.base_dir / "server.crt"
         self.key_file = self.base_dir / "server.key"
-        self.port = free_port(host)
+        self._ports = PortHolds(host)
+        self.port = self._ports.take()
         self._process: subprocess.Popen[bytes] | None = None
         self._initialized = False
+        self._fresh_initdb = fresh_initdb
+        self._password_unset = False  # a copied cluster's, until its first start sets it
         self._processes: list[subprocess.Popen[bytes]] = []  # what the finalizer stops
         self._finalizer = track(self, self._processes, self.base_dir)
 
@@ -155,6 +158,9 @@ class PostgresServer(Service):
         if not self._initialized:
             self._initialize()
         self._launch()
+        if self._password_unset:
+            self.execute(password_statement(self.password, auth=self._auth_method))
+            self._password_unset = False
 
     def stop(self, mode: StopMode = "fast") -> None:
         """Stop the server: ``fast`` rolls back and closes sessions, ``immediate`` crashes it."""
@@ -172,13 +178,14 @@ class PostgresServer(Service):
         self._launch()
 
     def close(self) -> None:
-        """Stop the server at once and remove its files; safe to call twice."""
+        """Stop the server at once, remove its files and let its port go; safe to call twice."""
         self.stop("immediate")
         self._finalizer()
+        self._ports.close()
 
     # -- SQL -------------------------------------------------------------------------------
 
-    def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
+    def execute(self, sql: str, *, database: str = "postgres") -> Rows:
         """Run SQL as the superuser through ``psql`` on the Unix socket; rows come as text.
 
         The SQL goes through psql's stdin, never its command line, which every local account
@@ -188,20 +195,12 @@ class PostgresServer(Service):
         if not self.running:
             raise ServerError(f"server {self.name!r} is not running")
         return run_psql(
-            [
-                self.binaries.tool("psql"),
-                "-h",
-                str(self.socket_dir),
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
-                "-d",
-                database,
-            ],
+            self.binaries.tool("psql"),
             sql,
+            host=str(self.socket_dir),
+            port=self.port,
+            database=database,
             what=f"psql on {self.name!r}",
-            timeout=60,
         )
 
     def terminate_backends(self, *, database: str | None = None) -> int:
@@ -209,7 +208,7 @@ class PostgresServer(Service):
         where = "backend_type = 'client backend' AND pid <> pg_backend_pid()"
         if database is not None:
             where += f" AND datname = '{database.replace(chr(39), chr(39) * 2)}'"
-        wait = ", 5000" if self.binaries.major_version >= 14 else ""  # noqa: PLR2004
+        wait = ", 5000" if self.binaries.major_version >= _SINCE_14 else ""
         rows = self.execute(
             f"SELECT count(*) FILTER (WHERE pg_terminate_backend(pid{wait})) "  # noqa: S608
             f"FROM pg_stat_activity WHERE {where}"
@@ -247,29 +246,19 @@ class PostgresServer(Service):
         With TLS on, the URL asks for it (``sslmode=require``; ``ssl=require`` for asyncpg).
         pg8000 takes TLS through ``connect_args(driver)`` instead of the URL.
         """
-        if driver not in _DRIVERS:
-            raise ConfigurationError(f"driver must be one of {', '.join(_DRIVERS)}: {driver!r}")
-        query = dict(params)
-        if self.tls and driver in ("psycopg2", "psycopg"):
-            query.setdefault("sslmode", "require")
-        elif self.tls and driver == "asyncpg":
-            query.setdefault("ssl", "require")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        secret = quote(self.password if password is None else password, safe="")
-        # Every part quoted: a database named "postgres?sslmode=disable" must not turn TLS off.
-        path = quote(database, safe="")
-        text = f"postgresql+{driver}://{quote(user, safe='')}:{secret}@{host}:{self.port}/{path}"
-        return text + url_query(query)
+        return sqlalchemy_url(
+            driver,
+            user=user,
+            password=self.password if password is None else password,
+            address=f"{bracketed(self.host)}:{self.port}",
+            database=database,
+            params=params,
+            tls=self.tls,
+        )
 
     def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
         """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
-        if driver == "pg8000" and self.tls:
-            import ssl  # noqa: PLC0415 - only pg8000 users need it
-
-            context = ssl.create_default_context(cafile=str(self.ca_file))
-            context.check_hostname = False
-            return {"ssl_context": context}
-        return {}
+        return tls_connect_args(driver, self.ca_file) if self.tls else {}
 
     # -- replication -----------------------------------------------------------------------
 
@@ -332,7 +321,7 @@ class PostgresServer(Service):
     @property
     def _auth_method(self) -> str:
         # Before 14, passwords are stored as md5 by default; "md5" then also accepts SCRAM.
-        return "scram-sha-256" if self.binaries.major_version >= 14 else "md5"  # noqa: PLR2004
+        return "scram-sha-256" if self.binaries.major_version >= _SINCE_14 else "md5"
 
     def _initialize(self) -> None:
         # Both 0700: the socket's folder keeps other accounts off the Unix socket.
@@ -340,35 +329,22 @@ class PostgresServer(Service):
             folder.mkdir(mode=0o700)
             self._owner.give(folder)
         if self._primary is None:
-            password_file = self.base_dir / "password"
-            password_file.touch(mode=0o600)
-            password_file.write_text(self.password + "\n")
-            self._owner.give(password_file)
-            try:
-                self._owner.run(
-                    [
-                        self.binaries.tool("initdb"),
-                        "-D",
-                        str(self.data_dir),
-                        "-U",
-                        "postgres",
-                        "-A",
-                        self._auth_method,
-                        f"--pwfile={password_file}",
-                        "-E",
-                        "UTF8",
-                        "--locale=C",
-                        "--no-sync",
-                    ],
-                    cwd=self.base_dir,
-                    what="initdb",
+            copied = not self._fresh_initdb and copy_template(
+                self.binaries, self._owner, self.data_dir, auth=self._auth_method
+            )
+            self._password_unset = copied
+            if not copied:
+                initdb(
+                    self.binaries,
+                    self._owner,
+                    self.data_dir,
+                    password=self.password,
+                    auth=self._auth_method,
                 )
-            finally:
-                password_file.unlink()
         else:
             self._clone_primary(self._primary)
         if self.tls:
-            _make_certificate(self.cert_file, self.key_file)
+            make_certificate(self.cert_file, self.key_file)
             self._owner.give(self.key_file)
             self.key_file.chmod(0o600)
             self.cert_file.chmod(0o644)
@@ -478,51 +454,15 @@ class PostgresServer(Service):
                 return False
             # Line 8 holds the postmaster's status once it is up (PostgreSQL 10+).
             return (
-                len(lines) >= 8  # noqa: PLR2004
+                len(lines) > _PID_FILE_STATUS
                 and lines[0].strip() == str(process.pid)
-                and lines[7].strip() in ("ready", "standby")
+                and lines[_PID_FILE_STATUS].strip() in ("ready", "standby")
             )
 
         try:
             wait_until(ready, timeout=_START_TIMEOUT, what=f"server {self.name!r} to accept")
         except TimeoutError as exc:
             raise ServerError(f"{exc}:\n{log_tail(self.log_file)}") from None
-
-
-def run_psql(
-    command: list[str],
-    sql: str,
-    *,
-    what: str,
-    timeout: float,
-    user: int | None = None,
-    group: int | None = None,
-    env: dict[str, str] | None = None,
-) -> list[tuple[str, ...]]:
-    """Run ``sql`` through psql's stdin (``command`` names the server); rows come as text.
-
-    Shared by every bench service that speaks SQL to its own server. ``user`` and ``group``
-    run psql as the server's account (a Unix socket its folder keeps for that account);
-    ``env`` carries a password (``PGPASSWORD``), never the command line.
-    """
-    try:
-        result = subprocess.run(
-            [*command, "-X", "-q", "-A", "-t", "-F", "\x1f", "-v", "ON_ERROR_STOP=1", "-f", "-"],
-            input=sql,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            user=user,
-            group=group,
-            extra_groups=None if user is None else [],
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        raise ServerError(f"{what} timed out on {sql!r}") from None
-    if result.returncode != 0:
-        raise ServerError(f"{what} failed on {sql!r}: {result.stderr.strip()}")
-    return [tuple(line.split("\x1f")) for line in result.stdout.splitlines() if line]
 
 
 def multi_host_url(
@@ -537,7 +477,6 @@ def multi_host_url(
     """Return one URL listing every server, the way managed databases hand out failover URLs.
 
     The URL carries ``password`` (default: the first server's; a standby shares its primary's).
-
     ``target_session_attrs`` defaults to ``read-write``: connections go to whichever server is
     the primary. TLS parameters follow the first server.
 
@@ -547,25 +486,17 @@ def multi_host_url(
     """
     if not servers:
         raise ConfigurationError("multi_host_url needs at least one server")
-    first = servers[0].url(driver, database=database, user=user, password=password, **params)
-    query = first.partition("?")[2]
-    hosts = "&".join(
-        "host=" + quote(f"[{s.host}]" if ":" in s.host else s.host, safe="[]:") + f":{s.port}"
-        for s in servers
+    first = servers[0]
+    return sqlalchemy_url(
+        driver,
+        user=user,
+        password=first.password if password is None else password,
+        address="",
+        database=database,
+        params=params,
+        tls=first.tls,
+        hosts=[(server.host, server.port) for server in servers],
     )
-    extra = "" if "target_session_attrs" in params else "&target_session_attrs=read-write"
-    userinfo = first.partition("://")[2].partition("@")[0]  # user:password, quoted
-    path = quote(database, safe="")
-    return f"postgresql+{driver}://{userinfo}@/{path}?{hosts}{extra}" + (
-        f"&{query}" if query else ""
-    )
-
-
-def url_query(query: dict[str, str]) -> str:
-    """Return ``?key=value&...`` with keys and values percent-encoded ('' when empty)."""
-    if not query:
-        return ""
-    return "?" + "&".join(f"{quote(k, safe='')}={quote(v, safe='')}" for k, v in query.items())
 
 
 def standby_name_problem(name: object) -> str | None:
@@ -577,7 +508,7 @@ def standby_name_problem(name: object) -> str | None:
     """
     if not isinstance(name, str) or not name:
         return f"a standby's name must be a non-empty string: {name!r}"
-    if len(name) > 63 or not all(" " <= char <= "~" for char in name):  # noqa: PLR2004
+    if len(name) > _NAME_LIMIT or not all(" " <= char <= "~" for char in name):
         return f"a standby's name must be printable ASCII, at most 63 characters: {name!r}"
     return None
 
@@ -595,36 +526,3 @@ def _conninfo_value(text: str) -> str:
 def _config_string(text: str) -> str:
     # postgresql.conf's quoting: backslash escapes are read, and a quote is doubled.
     return "'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
-
-
-def _make_certificate(cert_file: Path, key_file: Path) -> None:
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise ConfigurationError(
-            "TLS needs the openssl program (apt-get install openssl), or pass tls=False"
-        )
-    subprocess.run(
-        [
-            openssl,
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            str(key_file),
-            "-out",
-            str(cert_file),
-            "-days",
-            "7",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
-        ],
-        capture_output=True,
-        check=True,
-        timeout=60,
-    )

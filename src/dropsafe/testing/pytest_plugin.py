@@ -1,35 +1,20 @@
-"""pytest plugin: fixtures for real PostgreSQL servers and network faults, registered on install.
+"""pytest plugin: the bench's fixtures and markers, loaded into every run once installed.
 
-Fixtures: ``postgres_server`` (a fresh TLS server per test), ``postgres_session_server`` (one
-server for the whole session) and ``postgres_database`` (a fresh, empty database on it per test,
-for tests that do not stop or break the server), ``chaos_proxy`` (a proxy in front of
-``postgres_server``), ``kernel_blackhole`` (drops a port's packets in the kernel),
-``idle_reaper`` (a middlebox in the kernel that forgets a port's idle flows) and
-``patroni_cluster`` (a three-node Patroni cluster with etcd and HAProxy per test module);
-these skip where they cannot run, or fail when ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``, as in CI.
-Markers:
-``dropsafe_slow`` and ``dropsafe_fault``; with pytest-timeout installed (``dropsafe[testing]``
-brings it), a ``dropsafe_fault`` test without its own timeout gets ``DEFAULT_FAULT_TIMEOUT``
-seconds. Their names carry the prefix because the plugin is loaded into every suite: a user's
-own ``slow`` or ``fault`` marker is theirs, and dropsafe neither registers nor changes it.
+Fixtures: ``postgres_server`` (per test), ``postgres_session_server`` and ``postgres_database``
+(a fresh database per test on a shared server), ``chaos_proxy``, ``kernel_blackhole``,
+``idle_reaper``, ``patroni_cluster`` (per module); they skip where they cannot run, or fail
+with ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``. Markers ``dropsafe_slow`` and ``dropsafe_fault``
+(prefixed: a user's own ``slow`` is theirs); with pytest-timeout a fault test gets
+``DEFAULT_FAULT_TIMEOUT`` seconds unless it sets its own.
 
-The ``pytest11`` entry point loads this module into every pytest run of every project that has
-dropsafe installed, with whatever extras it picked. It stays loaded by default, not opt-in, so
-that ``pip install 'dropsafe[testing]'`` is all a user does to get the fixtures. So loading it
-must stay cheap and must not fail: it imports nothing beyond pytest and the standard library
-(the servers, the proxy and the kernel faults are imported by the fixtures, when a test asks for
-one), and it only uses pytest-timeout's ``timeout`` marker when that plugin is there: with
-``--strict-markers`` an unregistered marker would break collection of the user's whole suite.
-Python imports the packages ``dropsafe`` and ``dropsafe.testing`` first: both import their names
-on first use, so loading the plugin imports neither SQLAlchemy nor the bench (measured: about
-80 ms, pytest's own import included, against 0.7 s or more when ``import dropsafe`` loaded
-SQLAlchemy; tests/unit/test_public_api.py checks it).
-
-Nothing outlives a test, even a killed run: servers die with the test process, and their temp
-folders and the blackholes' kernel rules are named after it, so the next start sweeps those of
-a run that is gone (never those of a live one: two suites may run at once). On SIGTERM the
-process removes its own first, then calls the handler that was there before ours (if any).
+Loaded into every suite of every project that has dropsafe installed, so loading must be cheap
+and must not fail: it imports only pytest and the standard library (about 80 ms with pytest's
+own import; tests/unit/test_public_api.py checks it), and uses pytest-timeout's marker only
+when that plugin is there (``--strict-markers`` would otherwise break the user's collection).
 """
+
+# The fixtures import the bench when they run, never when pytest loads this plugin (above).
+# ruff: noqa: PLC0415
 
 from __future__ import annotations
 
@@ -83,7 +68,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 
     Only its URLs let one in: they carry the server's generated password (``.password``).
     """
-    from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing._server import PostgresServer
 
     with PostgresServer() as server:
         yield server
@@ -96,7 +81,7 @@ def postgres_session_server() -> Iterator[PostgresServer]:
     For tests that do not stop, restart or break the server; each gets its own database from
     ``postgres_database``. A test that does break it takes ``postgres_server`` instead.
     """
-    from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing._server import PostgresServer
 
     with PostgresServer() as server:
         yield server
@@ -108,7 +93,7 @@ def postgres_database(postgres_session_server: PostgresServer) -> Iterator[Datab
 
     ``.url(driver)`` reaches it; a test costs a CREATE and a DROP DATABASE, not a server start.
     """
-    from dropsafe.testing._database import Database  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing._database import Database
 
     database = Database(postgres_session_server)
     database.create()
@@ -121,7 +106,7 @@ def postgres_database(postgres_session_server: PostgresServer) -> Iterator[Datab
 @pytest.fixture
 def chaos_proxy(postgres_server: PostgresServer) -> Iterator[ChaosProxy]:
     """Put a `ChaosProxy` in front of ``postgres_server``; route URLs with ``.route``."""
-    from dropsafe.testing._proxy import ChaosProxy  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing._proxy import ChaosProxy
 
     with ChaosProxy(postgres_server.host, postgres_server.port) as proxy:
         yield proxy
@@ -130,7 +115,7 @@ def chaos_proxy(postgres_server: PostgresServer) -> Iterator[ChaosProxy]:
 @pytest.fixture
 def kernel_blackhole() -> Callable[[int], AbstractContextManager[None]]:
     """`dropsafe.testing.kernel_blackhole`, or a skip saying why it cannot run here."""
-    from dropsafe.testing import _kernel  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing import _kernel
 
     reason = _kernel.kernel_blackhole_unavailable()
     if reason is not None:
@@ -143,7 +128,7 @@ def kernel_blackhole() -> Callable[[int], AbstractContextManager[None]]:
 @pytest.fixture
 def idle_reaper() -> Callable[[int, float], AbstractContextManager[IdleReaper]]:
     """`dropsafe.testing.idle_reaper`, or a skip saying why it cannot run here."""
-    from dropsafe.testing import _middlebox  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing import _middlebox
 
     reason = _middlebox.idle_reaper_unavailable()
     if reason is not None:
@@ -160,7 +145,7 @@ def patroni_cluster() -> Iterator[PatroniCluster]:
     Module-scoped: it bootstraps in ~10 s. A test that fails a node over leaves the cluster to
     the next one as it is: call ``revive()`` first to have all three nodes streaming again.
     """
-    from dropsafe.testing import _patroni  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing import _patroni
 
     reason = _patroni.patroni_cluster_unavailable()
     if reason is not None:
