@@ -42,6 +42,7 @@ class EngineState:
     """
 
     __slots__ = (
+        "__weakref__",  # the fork's lock renewal holds it weakly
         "_lock",
         "acknowledged",
         "first_statements",
