@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
-from dropsafe._process import renew_in_child, renew_lock_in_child
+from dropsafe._process import renew_lock_in_child
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -95,27 +95,16 @@ class EngineState:
             return None
 
 
-_MAKING = threading.Lock()
-
-
-def _renew_making_lock() -> None:
-    global _MAKING  # noqa: PLW0603 - another thread may hold it at a fork
-    _MAKING = threading.Lock()
-
-
-renew_in_child(_renew_making_lock)
-
-
 def root_engine(engine: Engine | AsyncEngine) -> Engine:
     """Return the engine that owns ``engine``'s pool: itself, its sync engine, or its parent.
 
     `Engine.execution_options` returns a copy that shares the parent's pool, dialect and events
     (and its listeners see the parent's): one engine for dropsafe.
     """
-    found: Any = getattr(engine, "sync_engine", engine)
+    found: object = getattr(engine, "sync_engine", engine)
     while (parent := getattr(found, "_proxied", None)) is not None:
         found = parent
-    return found  # type: ignore[no-any-return]
+    return cast("Engine", found)
 
 
 def peek_state(engine: Engine | AsyncEngine) -> EngineState | None:
@@ -135,9 +124,7 @@ def state_of(engine: Engine | AsyncEngine) -> EngineState:
     state = getattr(root, _ATTRIBUTE, None)
     if isinstance(state, EngineState):
         return state
-    with _MAKING:
-        state = getattr(root, _ATTRIBUTE, None)
-        if not isinstance(state, EngineState):
-            state = EngineState()
-            setattr(root, _ATTRIBUTE, state)
-    return state
+    # Atomic: two threads that get here at once get the same state, without a lock (which a
+    # forked child would have to renew).
+    made: EngineState = vars(root).setdefault(_ATTRIBUTE, EngineState())
+    return made

@@ -14,7 +14,7 @@ import logging
 import sys
 from collections import deque
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import sqlalchemy
 import sqlalchemy.exc
@@ -61,9 +61,13 @@ _ASYNC_CHOICES = ("asyncpg", "psycopg")
 # (URL scheme as given, as read): each reading is logged once per process.
 _SAID: set[tuple[str, str]] = set()
 _E = TypeVar("_E", "Engine", "AsyncEngine")
+#: Whatever SQLAlchemy's create_engine takes as a keyword argument (passed on unchanged).
+EngineArgument: TypeAlias = Any
 
 
-def create_engine(url: str | URL, *, policy: Policy | None = None, **engine_kwargs: Any) -> Engine:  # noqa: ANN401
+def create_engine(
+    url: str | URL, *, policy: Policy | None = None, **engine_kwargs: EngineArgument
+) -> Engine:
     """Create a SQLAlchemy `Engine` guarded by dropsafe.
 
     ``engine_kwargs`` go to `sqlalchemy.create_engine` unchanged; connect arguments you set
@@ -89,7 +93,7 @@ def create_async_engine(
     url: str | URL,
     *,
     policy: Policy | None = None,
-    **engine_kwargs: Any,  # noqa: ANN401
+    **engine_kwargs: EngineArgument,
 ) -> AsyncEngine:
     """Create a SQLAlchemy `AsyncEngine` guarded by dropsafe (asyncpg or psycopg 3).
 
