@@ -109,7 +109,9 @@ def root_engine(engine: Engine | AsyncEngine) -> Engine:
 
 def peek_state(engine: Engine | AsyncEngine) -> EngineState | None:
     """Return ``engine``'s state if it has one, without making it."""
-    state = getattr(root_engine(engine), _ATTRIBUTE, None)
+    state = getattr(engine, _ATTRIBUTE, None)  # the common case: one attribute read
+    if state is None:
+        state = getattr(root_engine(engine), _ATTRIBUTE, None)
     return state if isinstance(state, EngineState) else None
 
 
@@ -120,11 +122,15 @@ def state_of(engine: Engine | AsyncEngine) -> EngineState:
 
         policy = state_of(engine).policy  # None: not hardened
     """
-    root = root_engine(engine)
-    state = getattr(root, _ATTRIBUTE, None)
+    state = getattr(engine, _ATTRIBUTE, None)  # read on every unit: one attribute read
     if isinstance(state, EngineState):
         return state
-    # Atomic: two threads that get here at once get the same state, without a lock (which a
-    # forked child would have to renew).
-    made: EngineState = vars(root).setdefault(_ATTRIBUTE, EngineState())
+    root = root_engine(engine)
+    made = getattr(root, _ATTRIBUTE, None)
+    if not isinstance(made, EngineState):
+        # Atomic: two threads that get here at once get the same state, without a lock (which
+        # a forked child would have to renew).
+        made = vars(root).setdefault(_ATTRIBUTE, EngineState())
+    if engine is not root and hasattr(engine, "__dict__"):  # a copy: found at once next time
+        vars(engine)[_ATTRIBUTE] = made
     return made
