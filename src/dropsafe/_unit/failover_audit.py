@@ -77,7 +77,7 @@ def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | No
     """Say, per commit, whether the server that answered lost it (None: it has it).
 
     Returns None when this answer cannot judge them (a standby answered, or a server of their
-    own life: ask later). Pure: the module's docstring says why each rule holds.
+    own life: ask later). Pure: docs/guarantees.md says why each rule holds.
     """
     theirs = answer.server_life
     if answer.in_recovery or any(commit.server_life.same_history(theirs) for commit in commits):
