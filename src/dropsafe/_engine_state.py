@@ -5,7 +5,7 @@ server lives, the recording flag and the acknowledged commits, and neither impor
 The object is an attribute of the root engine (an `Engine.execution_options` copy shares its
 parent's pool, dialect and events, so it shares its state too): it goes when the engine goes,
 and what it holds per connection is weakly keyed, so `Engine.dispose` and the garbage collector
-need nothing from it. docs/architecture.md shows who fills which slot.
+need nothing from it. Each slot's comment names the module that fills it.
 """
 
 from __future__ import annotations
