@@ -31,8 +31,8 @@ from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
 from dropsafe._backoff import waits_elsewhere
 from dropsafe._drivers.deadline import bounded
-from dropsafe._engine.guard import guard_of, loaded_asyncio, require_asyncio
-from dropsafe._engine.replay import forgo_replay
+from dropsafe._engine.guard import loaded_asyncio, require_asyncio
+from dropsafe._engine_state import peek_state, state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import Duration, Policy, UnitPolicy
 from dropsafe._unit.core import (
@@ -179,7 +179,7 @@ def _run_once(
             handle, connection = begun  # connected: a failure before here never reached it
             recorder.connection = connection
             # The unit runs again whole; its deadline and server life hold this connection.
-            forgo_replay(connection)
+            state_of(connection.engine).first_statement_sent(connection.connection)
             # The server-life read is bounded too: on a connection that a middlebox forgot,
             # it is the first thing to hang.
             with bounded(connection.connection.dbapi_connection, step.deadline):
@@ -320,12 +320,12 @@ async def _run_once_async(
             async with _begun_async(bind) as begun:
                 handle, connection = begun
                 recorder.connection = connection.sync_connection
-                forgo_replay(connection.sync_connection)  # type: ignore[arg-type]
+                sync_connection = cast("sa.Connection", connection.sync_connection)
+                state_of(sync_connection.engine).first_statement_sent(sync_connection.connection)
                 # Bounded from the server-life read on, as in `_run_once`.
                 with bounded(_dbapi_connection_of(connection), step.deadline):
                     # run_sync spawns a greenlet: only when there is something to read.
-                    sync_connection = connection.sync_connection
-                    if step.verify_commits and must_learn_server_life(sync_connection):  # type: ignore[arg-type]
+                    if step.verify_commits and must_learn_server_life(sync_connection):
                         await connection.run_sync(learn_server_life)
                     reached_server = True
                     sync_session = getattr(handle, "sync_session", None)  # an AsyncSession
@@ -679,8 +679,8 @@ def _settings(
         )
     if policy is not None and not isinstance(policy, UnitPolicy):
         raise ConfigurationError(f"policy must be a dropsafe.UnitPolicy, not {policy!r}")
-    guard = guard_of(engine) if engine is not None else None
-    engine_policy = guard.policy if guard is not None else _default_policy()
+    state = peek_state(engine) if engine is not None else None
+    engine_policy = (state.policy if state is not None else None) or _default_policy()
     unit = policy or engine_policy.unit
     if deadline is not None or max_attempts is not None:
         try:

@@ -18,7 +18,8 @@ from sqlalchemy.orm import sessionmaker
 
 import dropsafe
 from dropsafe._bench._turns import TurnCounter
-from dropsafe._unit.server_life import server_life_of
+from dropsafe._engine_state import state_of
+from dropsafe._unit.server_life import known_server_life
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 INSERT = sa.text("INSERT INTO guard_cost (v) VALUES (1)")
@@ -53,7 +54,9 @@ def _round_trips(server, driver, *, verify, new_connection):
                 dropsafe.run_transaction(factory, lambda s: s.execute(INSERT))
                 turns += counter.turns
                 with engine.connect() as connection:
-                    lives.append(server_life_of(connection.connection.driver_connection))
+                    lives.append(
+                        known_server_life(state_of(engine), connection.connection.driver_connection)
+                    )
         finally:
             engine.dispose()
         _check_lives(lives, verify)
@@ -81,7 +84,7 @@ async def _round_trips_async(url, policy, counter, units, new_connection):
             turns += counter.turns
             async with engine.connect() as connection:
                 raw = await connection.get_raw_connection()
-                lives.append(server_life_of(raw.driver_connection))
+                lives.append(known_server_life(state_of(engine), raw.driver_connection))
     finally:
         await engine.dispose()
     _check_lives(lives, verify=policy.unit.verify_commits)
@@ -160,7 +163,7 @@ def test_a_server_that_stops_answering_the_life_costs_one_unit_at_most(
             failures += 1
     assert failures <= 1
     with engine.connect() as connection:
-        life = server_life_of(connection.connection.driver_connection)
+        life = known_server_life(state_of(engine), connection.connection.driver_connection)
         assert life is not None
         assert not life.provable
 

@@ -1,8 +1,9 @@
 """create_engine, create_async_engine and harden: SQLAlchemy engines with dropsafe's guard.
 
 Wiring only: `EngineGuard` builds the pieces that do the work (`CheckoutCheck`,
-`ConnectArguments`, `InvalidationScope`) from the engine's `Policy` and its driver, and
-attaches their listeners to the engine's events. One guard per engine, no shared state.
+`ConnectArguments`, `InvalidationScope`, ...) from the engine's `Policy` and its driver, and
+attaches their listeners to the engine's events. The guard and the policy are kept in the
+engine's one `EngineState` (`dropsafe._engine_state`), with what the unit wing keeps for it.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import sys
 from collections import deque
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 import sqlalchemy
 import sqlalchemy.exc
@@ -28,6 +29,7 @@ from dropsafe._engine.lifetime import ConnectionLifetime
 from dropsafe._engine.liveness import CheckoutCheck
 from dropsafe._engine.quiet_rollback import QuietRollback
 from dropsafe._engine.replay import FirstStatementReplay
+from dropsafe._engine_state import EngineState, peek_state, root_engine, state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._log import SafeLogger
 from dropsafe._policy import Policy
@@ -52,7 +54,6 @@ __all__ = [
 
 logger = SafeLogger()
 
-_GUARD_ATTRIBUTE = "_dropsafe_guard"
 # Drivers a URL without one may get, in order of preference, per face (each driver's module
 # has its name).
 _SYNC_CHOICES = ("psycopg2", "psycopg", "pg8000")
@@ -60,9 +61,13 @@ _ASYNC_CHOICES = ("asyncpg", "psycopg")
 # (URL scheme as given, as read): each reading is logged once per process.
 _SAID: set[tuple[str, str]] = set()
 _E = TypeVar("_E", "Engine", "AsyncEngine")
+#: Whatever SQLAlchemy's create_engine takes as a keyword argument (passed on unchanged).
+EngineArgument: TypeAlias = Any
 
 
-def create_engine(url: str | URL, *, policy: Policy | None = None, **engine_kwargs: Any) -> Engine:  # noqa: ANN401
+def create_engine(
+    url: str | URL, *, policy: Policy | None = None, **engine_kwargs: EngineArgument
+) -> Engine:
     """Create a SQLAlchemy `Engine` guarded by dropsafe.
 
     ``engine_kwargs`` go to `sqlalchemy.create_engine` unchanged; connect arguments you set
@@ -88,7 +93,7 @@ def create_async_engine(
     url: str | URL,
     *,
     policy: Policy | None = None,
-    **engine_kwargs: Any,  # noqa: ANN401
+    **engine_kwargs: EngineArgument,
 ) -> AsyncEngine:
     """Create a SQLAlchemy `AsyncEngine` guarded by dropsafe (asyncpg or psycopg 3).
 
@@ -128,7 +133,10 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
         raise ConfigurationError(
             f"harden() takes a SQLAlchemy Engine or AsyncEngine, not {type(engine).__name__}"
         )
-    existing = guard_of(engine)
+    # An execution_options() copy is its parent's engine: the parent is hardened, once.
+    sync_engine = root_engine(sync_engine)
+    state = state_of(sync_engine)
+    existing = state.guard
     if existing is not None:
         if policy is not None and policy != existing.policy:
             raise ConfigurationError(
@@ -136,9 +144,10 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
                 "to change it"
             )
         return engine
-    guard = EngineGuard(policy or Policy(), sync_engine)
+    guard = EngineGuard(policy or Policy(), sync_engine, state)
     guard.attach(sync_engine)
-    setattr(sync_engine, _GUARD_ATTRIBUTE, guard)
+    state.policy = guard.policy
+    state.guard = guard
     # One line per engine, so that a log says the guard is on and with what (URL masked).
     if logger.isEnabledFor(logging.INFO):
         logger.info(
@@ -160,8 +169,8 @@ def policy_of(engine: Engine | AsyncEngine) -> Policy | None:
 
         assert dropsafe.policy_of(engine) is not None
     """
-    guard = guard_of(engine)
-    return None if guard is None else guard.policy
+    state = peek_state(engine)
+    return None if state is None else state.policy
 
 
 def describe(policy: Policy) -> str:
@@ -191,11 +200,11 @@ class EngineGuard:
     one `Driver` instance every piece of this engine asks.
     """
 
-    def __init__(self, policy: Policy, engine: Engine) -> None:
+    def __init__(self, policy: Policy, engine: Engine, state: EngineState) -> None:
         self.policy = policy
         self.driver = driver_for(engine.dialect)
         self.lifetime = ConnectionLifetime(policy.pool)
-        self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect)
+        self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect, state)
         self.check = CheckoutCheck(
             policy.pool,
             policy.hooks,
@@ -277,10 +286,9 @@ def loaded_asyncio() -> ModuleType | None:
 
 
 def guard_of(engine: Engine | AsyncEngine) -> EngineGuard | None:
-    """Return the guard dropsafe put on ``engine``, or None if it has none."""
-    sync_engine = getattr(engine, "sync_engine", engine)
-    guard = getattr(sync_engine, _GUARD_ATTRIBUTE, None)
-    return guard if isinstance(guard, EngineGuard) else None
+    """Return the guard dropsafe put on ``engine`` (or on its parent), or None if it has none."""
+    state = peek_state(engine)
+    return None if state is None else state.guard
 
 
 def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from sqlalchemy.engine.interfaces import ExecuteStyle
@@ -69,10 +68,11 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
     from sqlalchemy.pool import PoolProxiedConnection
 
+    from dropsafe._engine_state import EngineState
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
 
-__all__ = ["OPT_OUT", "FirstStatementReplay", "forgo_replay"]
+__all__ = ["OPT_OUT", "FirstStatementReplay", "Unsent"]
 
 logger = SafeLogger()
 
@@ -122,50 +122,12 @@ def _check_opt_out(options: Any) -> None:  # noqa: ANN401 - SQLAlchemy's immutab
         raise ConfigurationError(f"execution option {OPT_OUT} must be True or False, not {value!r}")
 
 
-class _Pending(NamedTuple):
+class Unsent(NamedTuple):
     """A checkout whose first statement has not been sent yet, as it was at checkout."""
 
     native: Any  # the driver's own connection (None if dropsafe cannot read it)
     fd: int | None  # its socket's file descriptor
     sent: int | None  # the bytes its socket had sent at checkout (`tcp_bytes_sent`)
-
-
-class _FirstStatements:
-    """The checkouts whose first statement has not been sent yet.
-
-    Weakly held: a checkout that ends takes its entry along. No lock: a checkout is used by
-    one thread (or task) at a time, and a dictionary's single insertion or removal is atomic.
-    """
-
-    def __init__(self) -> None:
-        self._pending: weakref.WeakKeyDictionary[PoolProxiedConnection, _Pending] = (
-            weakref.WeakKeyDictionary()
-        )
-
-    def add(self, checkout: PoolProxiedConnection, pending: _Pending) -> None:
-        try:  # not contextlib.suppress: this runs at every checkout
-            self._pending[checkout] = pending
-        except TypeError:  # not weakly referable
-            return
-
-    def take(self, checkout: PoolProxiedConnection) -> _Pending | None:
-        """Return what ``checkout`` was like if it had sent nothing yet (from now on, it has)."""
-        try:
-            return self._pending.pop(checkout, None)
-        except TypeError:  # not weakly referable: not a pool checkout (a first connect's)
-            return None
-
-
-_FIRST = _FirstStatements()
-
-
-def forgo_replay(connection: Connection) -> None:
-    """Give up the replay for ``connection``'s current checkout.
-
-    A unit of work calls it: it runs again whole anyway, and it has bound the checkout's
-    socket to its deadline and read its server's life, which a new connection would not have.
-    """
-    _FIRST.take(connection.connection)  # its answer is not needed: the entry is gone
 
 
 def _mark(checkout: PoolProxiedConnection, *, changes: bool) -> None:
@@ -180,7 +142,9 @@ def _mark(checkout: PoolProxiedConnection, *, changes: bool) -> None:
 class FirstStatementReplay:
     """Sends a transaction's first statement again, on one engine, when its connection is lost."""
 
-    def __init__(self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect) -> None:
+    def __init__(
+        self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect, state: EngineState
+    ) -> None:
         # pg8000 reports a connection that timed out and one the server closed with the same
         # bare "network error", and a timed-out one must not be replayed (see _lost).
         # The driver must say, before the statement is sent, whether a transaction is open
@@ -193,6 +157,9 @@ class FirstStatementReplay:
         )
         self._hooks = hooks
         self._dialect = dialect
+        # The engine's checkouts whose first statement is not sent yet (no lock: a checkout is
+        # used by one thread or task at a time, and a single insertion or removal is atomic).
+        self._state = state
 
     @property
     def enabled(self) -> bool:
@@ -206,7 +173,11 @@ class FirstStatementReplay:
         is sent from here to the first statement is the app's (see _driver_busy).
         """
         fd = None if native is None or self._driver is None else socket_fd_of(self._driver, native)
-        _FIRST.add(checkout, _Pending(native, fd, None if fd is None else tcp_bytes_sent(fd)))
+        unsent = Unsent(native, fd, None if fd is None else tcp_bytes_sent(fd))
+        try:  # not contextlib.suppress: this runs at every checkout
+            self._state.first_statements[checkout] = unsent
+        except TypeError:  # not weakly referable
+            return
 
     def wrap_execute(self) -> None:
         """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
@@ -283,7 +254,7 @@ class FirstStatementReplay:
         checkout = connection.connection
         changes = may_change_session(statement)
         try:
-            pending = _FIRST.take(checkout)
+            pending = self._state.first_statement_sent(checkout)
             if pending is None:
                 send(cursor)
                 return
@@ -304,7 +275,7 @@ class FirstStatementReplay:
         context: ExecutionContext,
         send: Callable[[Any], None],
         cursor: Any,  # noqa: ANN401
-        pending: _Pending,
+        pending: Unsent,
         *,
         changes: bool,
     ) -> None:
@@ -338,7 +309,7 @@ class FirstStatementReplay:
             emit(self._hooks, FirstStatementReplayed(text))
 
     def _session_of_lost(
-        self, checkout: PoolProxiedConnection, pending: _Pending
+        self, checkout: PoolProxiedConnection, pending: Unsent
     ) -> tuple[object, ...] | None:
         """Return the lost connection's session state as far as it is known; None if unknowable.
 
@@ -366,7 +337,7 @@ class FirstStatementReplay:
         context: ExecutionContext,
         statement: str,
         checkout: PoolProxiedConnection,
-        pending: _Pending,
+        pending: Unsent,
     ) -> str | None:
         """Why this first statement must not be replayed, or None."""
         options = context.execution_options
@@ -391,7 +362,7 @@ class FirstStatementReplay:
             return "autocommit: the statement may have committed"
         return self._driver_busy(pending)
 
-    def _driver_busy(self, pending: _Pending) -> str | None:
+    def _driver_busy(self, pending: Unsent) -> str | None:
         """Why the driver's connection already holds work of the app's, or None if idle.
 
         SQLAlchemy's first statement on a checkout is not the connection's first: the app may
@@ -525,7 +496,7 @@ class FirstStatementReplay:
             fresh = None
         if fresh is None:
             raise error
-        _FIRST.take(fresh)  # the replay is its first statement
+        self._state.first_statement_sent(fresh)  # the replay is its first statement
         try:
             given = self._give_characteristics(connection, fresh)
         except Exception:  # the lost connection's error is the one to raise

@@ -1,62 +1,35 @@
 """Acknowledged commits that a failover lost: remembered, checked once, each one reported.
 
-With asynchronous replication, a primary acknowledges a COMMIT before any standby has it. If
-it then fails and a standby is promoted, the commits it acknowledged last are not on the new
-timeline: the application was told "committed" and the row is gone. No client can prevent
-that; dropsafe reports it (`dropsafe.events.AcknowledgedCommitLost`), so the app can re-check
-or alert.
-
-How, and why it holds (checked on a real primary and asynchronous standby, PostgreSQL 15):
-
-- A verified unit's mark (`dropsafe._unit.recording`) also reads ``pg_current_wal_insert_lsn()``:
-  L0, a lower bound of the commit record's LSN (no round trip: one more column). Each
-  acknowledged commit is kept as (server life, xid, L0, unit, time) in a ring of fixed size
-  per engine, preallocated: memory stays flat, and the healthy path pays an append.
-- When a unit commits a write on another history than the remembered commits'
-  (`ServerLife.same_history`: a crash or a failover; a stats reset or a clean restart alone is
-  the same history), its server is asked once, in one statement: its life,
-  ``pg_last_wal_replay_lsn()`` (F: after a promotion or a crash recovery it stays at the end of
-  the last record replayed, where the new history forked off the old; NULL if the server never
-  recovered since it started) and the status of every remembered xid of the older lives.
-- A commit is LOST if L0 >= F: its commit record starts at or after L0, past everything the
-  new server replayed. Else its status is the truth: the unit wrote (it has an xid) before its
-  mark, so a WAL record carrying its xid ends before L0 < F and was replayed, which advanced
-  the new server's next xid past it: the new timeline cannot hand that xid out again, so
-  ``committed`` is ours and anything else means lost. (A lost commit with L0 >= F is often
-  reported ``committed`` by the new server: its xid was handed out again. Measured: the first
-  write on the promoted standby took the first lost xid.)
-- Another cluster, a server with no recovery since it started, or older lives in the same
-  batch (two failovers before a write reached the new server): ``unknown``, never silence.
-
-Not covered (docs/guarantees.md): commits of a process that restarted (the ring is in memory),
-more than the ring holds, a unit that wrote nothing (its xid, assigned by the mark without a
-flush, is not remembered), a unit whose writes leave no WAL before its mark (only temporary or
-unlogged tables), a new server that restarted cleanly or crashed again before a unit committed
-there, and a stats reset followed by a clean restart between two commits (reported unknown).
+With asynchronous replication a promoted standby may lack the last commits its primary
+acknowledged. Each verified unit's commit is kept, with the WAL position read in its mark, in a
+fixed ring per engine (`Remembered`, in the engine's `EngineState`); after the first commit on
+another history, the new server is asked once about the older ones (`judge` decides, pure) and
+each lost or unknown one is reported (`dropsafe.events.AcknowledgedCommitLost`). Why each rule
+holds, and what is not covered: docs/guarantees.md, "Commits a failover lost, reported".
 """
 
 from __future__ import annotations
 
 import threading
 import time
-import weakref
 from array import array
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from dropsafe._backoff import waits_elsewhere
-from dropsafe._drivers.deadline import bounded
+from dropsafe._engine_state import peek_state, state_of
 from dropsafe._hooks import emit
-from dropsafe._process import renew_in_child, renew_lock_in_child
+from dropsafe._process import renew_lock_in_child
 from dropsafe._redaction import describe_error
 from dropsafe._unit.recording import lsn_number
-from dropsafe._unit.server_life import SERVER_LIFE_SQL, ServerLife
+from dropsafe._unit.server_life import ServerLife
+from dropsafe._unit.server_sql import audit_question, one_row
 from dropsafe.events import AcknowledgedCommitLost
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from sqlalchemy.engine import Dialect, Engine
+    from sqlalchemy.engine import Engine
 
     from dropsafe._unit.recording import PendingCommit
     from dropsafe.events import Hook
@@ -74,23 +47,6 @@ __all__ = [
 REMEMBERED_COMMITS = 10_000
 _CHECK_TIMEOUT = 5.0  # the one question to the new server: at most this long
 _TRIES = 3  # questions that could not be answered before the commits are reported unknown
-
-# xid8 functions arrived in PostgreSQL 13. A status is read only below the first unassigned
-# xid (pg_xact_status raises for a future one); an xid too old to know reads NULL.
-_STATUSES = (
-    "SELECT array_to_string(ARRAY(SELECT CASE WHEN x < pg_snapshot_xmax(pg_current_snapshot()) "
-    "THEN coalesce(pg_xact_status(x), 'too old') ELSE 'future' END "
-    "FROM unnest('{{{xids}}}'::xid8[]) WITH ORDINALITY AS t(x, n) ORDER BY n), ',')"
-)
-_STATUSES_BEFORE_13 = (
-    "SELECT array_to_string(ARRAY(SELECT CASE "
-    "WHEN x < txid_snapshot_xmax(txid_current_snapshot()) "
-    "THEN coalesce(txid_status(x), 'too old') ELSE 'future' END "
-    "FROM unnest('{{{xids}}}'::bigint[]) WITH ORDINALITY AS t(x, n) ORDER BY n), ',')"
-)
-_QUESTION = (
-    f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, ({{statuses}})"
-)
 
 
 @dataclass(frozen=True)
@@ -121,7 +77,7 @@ def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | No
     """Say, per commit, whether the server that answered lost it (None: it has it).
 
     Returns None when this answer cannot judge them (a standby answered, or a server of their
-    own life: ask later). Pure: the module's docstring says why each rule holds.
+    own life: ask later). Pure: docs/guarantees.md says why each rule holds.
     """
     theirs = answer.server_life
     if answer.in_recovery or any(commit.server_life.same_history(theirs) for commit in commits):
@@ -270,28 +226,19 @@ class Remembered:
             self._due = True
 
 
-_MEMORY: weakref.WeakKeyDictionary[Engine, Remembered] = weakref.WeakKeyDictionary()
-_MEMORY_LOCK = threading.Lock()
-
-
-def _renew_memory_lock() -> None:
-    global _MEMORY_LOCK  # noqa: PLW0603 - another thread may hold it at a fork
-    _MEMORY_LOCK = threading.Lock()
-
-
-renew_in_child(_renew_memory_lock)
-
-
 def remember_commit(engine: Engine, pending: PendingCommit, unit: str) -> bool:
     """Remember an acknowledged commit of ``engine``; True: call `audit_after_failover` now."""
     if not pending.server_life.provable:
         return False  # no life to tell a failover by
     if pending.asynchronous:
         return False  # wrote nothing: the mark gave it an xid (for a NOTIFY it may have queued)
-    memory = _MEMORY.get(engine)
+    state = state_of(engine)
+    memory = state.acknowledged
     if memory is None:
-        with _MEMORY_LOCK:
-            memory = _MEMORY.setdefault(engine, Remembered())
+        with state.lock:
+            memory = state.acknowledged
+            if memory is None:
+                memory = state.acknowledged = Remembered()
     return memory.add(pending, unit, time.time())
 
 
@@ -301,7 +248,8 @@ def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
     Runs once per server change, right after a unit committed on the new server. Never
     raises: the unit it runs after has committed, and reporting must not undo that.
     """
-    memory = _MEMORY.get(engine)
+    state = peek_state(engine)
+    memory = None if state is None else state.acknowledged
     if memory is None:
         return
     commits, _ = memory.take_older()
@@ -333,20 +281,13 @@ def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
 
 def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
     """One statement on a pooled connection (the unit just committed on one: it works)."""
-    statement = _QUESTION.format(statuses=_statuses_statement(engine.dialect, commits))
+    statement = audit_question(engine.dialect, (commit.xid for commit in commits))
     with waits_elsewhere():  # bounded by _CHECK_TIMEOUT, not by the engine's connect_wait
         connection = engine.raw_connection()
-    dbapi_connection: Any = connection.dbapi_connection
-    row: Any = None  # one row, always: a SELECT without FROM
     try:
-        with bounded(dbapi_connection, time.monotonic() + _CHECK_TIMEOUT):
-            cursor = connection.cursor()
-            try:
-                cursor.execute(statement)
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
-            connection.rollback()
+        # One row, always: a SELECT without FROM.
+        deadline = time.monotonic() + _CHECK_TIMEOUT
+        row = one_row(connection, statement, rollback="after", deadline=deadline)
     except BaseException:
         connection.invalidate()
         raise
@@ -359,10 +300,3 @@ def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
         None if row[3] is None else lsn_number(row[3]),
         statuses,
     )
-
-
-def _statuses_statement(dialect: Dialect, commits: Sequence[_Commit]) -> str:
-    version = getattr(dialect, "server_version_info", None) or (13,)
-    template = _STATUSES if version[0] >= 13 else _STATUSES_BEFORE_13  # noqa: PLR2004 - xid8: 13+
-    # Numbers we read ourselves, inlined: no driver's parameter style to follow.
-    return template.format(xids=",".join(str(int(commit.xid)) for commit in commits))

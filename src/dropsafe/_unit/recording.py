@@ -32,27 +32,21 @@ import dataclasses
 import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from sqlalchemy import event
 
 from dropsafe._classify import classify
+from dropsafe._engine_state import root_engine, state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._process import renew_in_child
-from dropsafe._unit.server_life import (
-    SERVER_LIFE_SQL,
-    WAL_POSITION_SQL,
-    ServerLife,
-    doubt_server_life,
-    remember_server_life,
-    server_life_of,
-    wal_position_readable,
-)
+from dropsafe._unit.server_life import ServerLife, known_server_life, remember_server_life
+from dropsafe._unit.server_sql import ASYNCHRONOUS, UNFLUSHED, mark_statement, one_row
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-    from sqlalchemy.engine import Connection, Dialect, Engine
+    from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.orm import Session
 
 __all__ = [
@@ -64,53 +58,6 @@ __all__ = [
     "record_commits_of_routing",
     "recording",
 ]
-
-#: What follows an xid that the mark assigned with ``synchronous_commit`` off.
-_ASYNCHRONOUS = " async"
-#: What follows an xid the transaction had, when its COMMIT waits for no WAL flush either
-#: (``synchronous_commit`` off: the app's ``SET LOCAL``, or its role's, database's, server's).
-_UNFLUSHED = " unflushed"
-
-
-def _xid_expression(modern: bool) -> str:
-    """Return the mark's first column: the xid as text, assigning one where there is none.
-
-    The xid already assigned (the transaction wrote: its COMMIT flushes), or on a primary a new
-    one, marked `_ASYNCHRONOUS`: PostgreSQL flushes no commit record of a transaction that
-    wrote no WAL before it (``RecordTransactionCommit``), and ``synchronous_commit`` off makes
-    that hold too for one that wrote WAL without an xid (a read that pruned a page). A NOTIFY's
-    COMMIT in a transaction that wrote nothing else never waited for a flush either. (CASE
-    evaluates lazily: a standby never assigns.) An xid the transaction had is marked
-    `_UNFLUSHED` when its COMMIT will not wait for a flush either: listeners hear its NOTIFYs
-    before a crash may lose its commit record.
-    """
-    current = "pg_current_xact_id" if modern else "txid_current"
-    assigned = f"{current}_if_assigned()"
-    return (
-        f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::text || "
-        f"CASE WHEN current_setting('synchronous_commit') = 'off' THEN '{_UNFLUSHED}' ELSE '' END "
-        "WHEN pg_is_in_recovery() THEN NULL "
-        "WHEN set_config('synchronous_commit', 'off', true) = 'off' "
-        f"THEN {current}()::text || '{_ASYNCHRONOUS}' END"
-    )
-
-
-# The backend's pid is read in the mark, not once per connection: behind a transaction-mode
-# pooler each transaction may run on another backend, and the resolver fences that one.
-# The mark's statements, built once: [PostgreSQL 13+][read the server's life]
-# [read the WAL insert position: a lower bound of the commit record's LSN, which
-# `dropsafe._unit.failover_audit` compares with a promoted standby's fork point; only on engines
-# whose server answered it before]. (xid8 functions arrived in PostgreSQL 13; txid_* before.)
-_READS = {
-    (modern, with_life, with_wal): (
-        f"SELECT {_xid_expression(modern)}, pg_backend_pid()"
-        + (f", {SERVER_LIFE_SQL}" if with_life else "")
-        + (f", {WAL_POSITION_SQL}" if with_wal else "")
-    )
-    for modern in (True, False)
-    for with_life in (True, False)
-    for with_wal in (True, False)
-}
 
 
 @dataclass(frozen=True)
@@ -208,7 +155,7 @@ def recording(*, read_xid: bool = True) -> Iterator[CommitRecorder]:
         _RECORDER.reset(token)
 
 
-_RECORDING_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+# Process-wide, not per engine: it also guards the routing Session classes below.
 _INSTALL_LOCK = threading.Lock()
 
 
@@ -228,14 +175,18 @@ def record_commits(engine: Engine) -> None:
     one context-variable read per COMMIT; statements pay nothing (no per-statement listener:
     every transaction gets its xid in the mark, whatever its statements say).
     """
-    if engine in _RECORDING_ENGINES:  # event.contains costs more than a unit's own work
+    state = state_of(engine)
+    if state.recording:  # event.contains costs more than a unit's own work
         return
+    # On the root engine: an execution_options() copy shares its events (and its state).
+    root = root_engine(engine)
     with _INSTALL_LOCK:
-        if not event.contains(engine, "commit", _read_before_commit):
-            event.listen(engine, "commit", _read_before_commit)
-        _RECORDING_ENGINES.add(engine)
+        if not event.contains(root, "commit", _read_before_commit):
+            event.listen(root, "commit", _read_before_commit)
+        state.recording = True
 
 
+# Keyed by Session class, not by engine: a routing Session reaches engines unknown before.
 _ROUTING_SESSIONS: weakref.WeakSet[type[Session]] = weakref.WeakSet()
 
 
@@ -290,27 +241,24 @@ def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
     """Read ``conn``'s xid and backend (and its server's life the first time); None: no xid."""
     fairy = conn.connection
     driver_connection = fairy.driver_connection
-    server_life = server_life_of(driver_connection)
+    state = state_of(conn.engine)
+    server_life = known_server_life(state, driver_connection)
     with_life = server_life is None
-    with_wal = wal_position_readable(conn.engine)
-    statement = _read_statement(conn.dialect, with_life=with_life, with_wal=with_wal)
-    cursor: Any = None
-    row: Any = None  # one row, always: a SELECT without FROM
+    with_wal = state.wal_readable
+    statement = mark_statement(conn.dialect, with_life=with_life, with_wal=with_wal)
     try:
-        cursor = fairy.dbapi_connection.cursor()  # type: ignore[union-attr]
-        cursor.execute(statement)
-        row = cursor.fetchone()
-        cursor.close()
+        row = one_row(fairy, statement)  # one row, always: a SELECT without FROM
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy's handling re-raises it (wrapped)
         if server_life is None or (with_wal and not classify(exc).retryable):
             # Perhaps this server hides the life's functions or the WAL position (another
             # host of the engine): then its next connections read them on their own, where
             # failing costs nothing.
-            doubt_server_life(conn.engine)
-        conn._handle_dbapi_exception(exc, statement, (), cursor, None)  # noqa: SLF001
+            with state.lock:
+                state.lives_answered = state.wal_readable = False
+        conn._handle_dbapi_exception(exc, statement, (), None, None)  # noqa: SLF001
     if server_life is None:
         server_life = ServerLife.read(row[2], row[3])
-        remember_server_life(conn.engine, driver_connection, server_life)
+        remember_server_life(state, driver_connection, server_life)
     recorder.server_life = server_life
     # No xid: the transaction wrote nothing, and running it again is harmless.
     return (
@@ -321,8 +269,8 @@ def _mark(conn: Connection, recorder: CommitRecorder) -> PendingCommit | None:
             int(row[1]),
             server_life,
             lsn_number(row[-1]) if with_wal else 0,
-            asynchronous=str(row[0]).endswith(_ASYNCHRONOUS),
-            unflushed=str(row[0]).endswith(_UNFLUSHED),
+            asynchronous=str(row[0]).endswith(ASYNCHRONOUS),
+            unflushed=str(row[0]).endswith(UNFLUSHED),
         )
     )
 
@@ -423,8 +371,3 @@ def lsn_number(text: object) -> int:
         return 0
     high, _, low = str(text).partition("/")
     return (int(high, 16) << 32) | int(low, 16)
-
-
-def _read_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
-    version: tuple[int, ...] = getattr(dialect, "server_version_info", None) or (13,)
-    return _READS[version[0] >= 13, with_life, with_wal]  # noqa: PLR2004 - pg_current_xact_id: 13+

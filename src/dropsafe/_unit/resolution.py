@@ -1,32 +1,11 @@
 """Ask the server what became of a COMMIT whose reply was lost; never guess.
 
-If the connection fails during COMMIT, a *new* connection (never a pooled
-one: it may sit on the same dead path) asks the server, in one statement, the xid's status, the
-server's server_life and whether it is in recovery:
-
-- another cluster answered: unknown;
-- a standby answered (it may lag the primary): ask again, until the time is up;
-- ``committed`` counts only on the same server life; after a crash or failover it is unknown;
-- ``aborted`` is final anywhere: a committed xid is never handed out again;
-- ``in progress`` on the same server life means the old backend still holds the transaction
-  (its COMMIT was lost on the way, or it is still committing): that backend is terminated
-  (fenced: a role may terminate its own backends; the pid and xid must still match, so no
-  other session is touched) and the server asked again, which gives a definite answer at once.
-  Where fencing is refused, the question is asked again until the time is up. On another
-  server_life a running or unassigned ("future") xid is a newer transaction's: ours did not
-  commit there;
-- a backend that waits for a synchronous standby (``wait_event = 'SyncRep'``) is never fenced:
-  terminated there, PostgreSQL keeps the commit locally only, and a promoted standby lacks it.
-  ``pg_xact_status`` says ``committed`` as soon as the commit record is flushed locally, before
-  any standby confirms: while the backend still waits, the answer is not known yet. Asked
-  again until the time is up, then unknown. On a server with ``synchronous_standby_names`` set,
-  a backend still running its COMMIT is not fenced either (it may enter that wait at any moment);
-- an xid the mark assigned with ``synchronous_commit`` off (a unit that wrote nothing: see
-  `dropsafe._unit.recording`) is unknown after a crash or failover, never aborted: its COMMIT let
-  listeners hear its notifications before its commit record was flushed. The same holds for
-  an xid whose transaction wrote with ``synchronous_commit`` off (``PendingCommit.unflushed``).
-
-Anything that cannot be proven raises `CommitOutcomeUnknown`: never a guess.
+A *new* connection (never a pooled one: it may sit on the same dead path) asks the xid's status,
+the server's life and whether it is a standby; `_Resolution.settle` says what the answer means
+(``committed`` only on the same history, ``aborted`` anywhere, ``in progress``: fence the old
+backend, unless it waits for a synchronous standby, and ask again), and anything that cannot be
+proven raises `CommitOutcomeUnknown`. Each case, and why it holds: docs/guarantees.md, "How it
+keeps it"; the statements are in `dropsafe._unit.server_sql`.
 """
 
 from __future__ import annotations
@@ -34,15 +13,21 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from dropsafe._backoff import waits_elsewhere
 from dropsafe._classify import classify, sqlstate_of
-from dropsafe._drivers.deadline import bounded
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._redaction import describe_error
-from dropsafe._unit.server_life import SERVER_LIFE_SQL, ServerLife
+from dropsafe._unit.server_life import ServerLife
+from dropsafe._unit.server_sql import (
+    SERVER_QUESTION,
+    Row,
+    fence_statement,
+    one_row,
+    status_statement,
+)
 from dropsafe.events import CommitResolved
 
 if TYPE_CHECKING:
@@ -62,43 +47,6 @@ _FIRST_POLL = 0.02
 _MAX_POLL = 0.5
 _FENCE_WAIT = 5.0  # at most this long for a fenced backend to exit
 _LAST_QUESTION = 1.0  # the time a question asked after the deadline still gets
-
-# xid8 functions arrived in PostgreSQL 13. Our own new xid is beyond every xid handed out so
-# far: ours is "future" if not below it.
-# The second column: whether the backend still waits for a synchronous standby to confirm
-# this transaction's commit record (its xid stays in the backend's row until the wait ends).
-_SYNC_WAITING = (
-    "EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'SyncRep' "
-    "AND coalesce(backend_xid::text::bigint, {xid32}) = {xid32})"
-)
-_STATUS = (
-    "SELECT CASE WHEN '{xid}'::xid8 < pg_current_xact_id() "
-    "THEN pg_xact_status('{xid}'::xid8) ELSE 'future' END, " + _SYNC_WAITING
-)
-_STATUS_BEFORE_13 = (
-    "SELECT CASE WHEN {xid} < txid_current() THEN txid_status({xid}) ELSE 'future' END, "
-    + _SYNC_WAITING
-)
-# Never a backend in SyncRep; a running one only where no synchronous standby is configured.
-_FENCE = (
-    "SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
-    "WHERE pid = {pid} AND backend_xid::text::bigint = {xid32} "
-    "AND wait_event IS DISTINCT FROM 'SyncRep' AND {state}"
-)
-_IDLE = "state <> 'active'"
-_IDLE_OR_NO_SYNC_STANDBY = (
-    "(state <> 'active' OR current_setting('synchronous_standby_names') = '')"
-)
-
-
-def _status_statement(dialect: Dialect) -> str:
-    version = getattr(dialect, "server_version_info", None) or (13,)
-    return _STATUS if version[0] >= 13 else _STATUS_BEFORE_13  # noqa: PLR2004 - pg_xact_status: 13+
-
-
-def _terminate_waits(dialect: Dialect) -> bool:
-    version = getattr(dialect, "server_version_info", None) or (14,)
-    return bool(version[0] >= 14)  # noqa: PLR2004 - pg_terminate_backend(pid, timeout): 14+
 
 
 @dataclass(frozen=True)
@@ -279,27 +227,25 @@ def resolve_commit(
 
 def _ask(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> _Answer:
     with _questioning(pool, resolution) as run:
-        server = run(f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery()")
+        server = run(SERVER_QUESTION)
         server_life = ServerLife.read(server[0], server[1])
         if server[2]:
             return _Answer(None, server_life, in_recovery=True)  # a standby assigns no xid
         status, sync_waiting = run(
-            _status_statement(dialect).format(
-                xid=pending.xid, pid=pending.backend_pid, xid32=pending.xid % 2**32
-            )
+            status_statement(dialect, xid=pending.xid, backend_pid=pending.backend_pid)
         )[:2]
         return _Answer(status, server_life, in_recovery=False, sync_waiting=bool(sync_waiting))
 
 
 def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> None:
     """Terminate the backend that still holds the pending transaction (if it still does)."""
-    wait = f", {int(resolution.fence_timeout() * 1000)}" if _terminate_waits(dialect) else ""
     any_state = resolution.fence_any_state()
-    statement = _FENCE.format(
-        pid=pending.backend_pid,
-        xid32=pending.xid % 2**32,
-        wait=wait,
-        state=_IDLE_OR_NO_SYNC_STANDBY if any_state else _IDLE,
+    statement = fence_statement(
+        dialect,
+        xid=pending.xid,
+        backend_pid=pending.backend_pid,
+        wait_ms=int(resolution.fence_timeout() * 1000),
+        any_state=any_state,
     )
     resolution.fenced_idle = True
     resolution.fenced_any = any_state
@@ -313,7 +259,7 @@ def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Re
 
 
 @contextlib.contextmanager
-def _questioning(pool: Pool, resolution: _Resolution) -> Iterator[Callable[[str], tuple[Any, ...]]]:
+def _questioning(pool: Pool, resolution: _Resolution) -> Iterator[Callable[[str], Row]]:
     """Give a runner of statements, each in its own transaction, on a new connection.
 
     The connection is closed afterwards, never pooled: the next question must be free to
@@ -325,19 +271,11 @@ def _questioning(pool: Pool, resolution: _Resolution) -> Iterator[Callable[[str]
         connection = pool.connect()
     question_deadline = max(resolution.deadline, time.monotonic() + _LAST_QUESTION)
 
-    def run(statement: str) -> tuple[Any, ...]:
-        cursor = connection.cursor()
-        try:
-            cursor.execute(statement)
-            row = cursor.fetchone()
-        finally:
-            cursor.close()
-        connection.rollback()
-        return tuple(row) if row is not None else (None, None, False)
+    def run(statement: str) -> Row:
+        return one_row(connection, statement, rollback="after", deadline=question_deadline)
 
     try:
-        with bounded(connection.dbapi_connection, question_deadline):
-            yield run
+        yield run
     finally:
         connection.invalidate()
         connection.close()
