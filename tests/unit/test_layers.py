@@ -50,6 +50,7 @@ MODULES_OF_PARTS = {
     "dropsafe._policy": BASE,
     "dropsafe._hooks": BASE,
     "dropsafe._backoff": BASE,
+    "dropsafe._dbapi": BASE,
     "dropsafe._transaction": MEETING,
     "dropsafe._request_unit": MEETING,
     "dropsafe": MEETING,
