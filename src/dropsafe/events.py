@@ -288,7 +288,7 @@ class PrometheusHook:
         self, registry: CollectorRegistry | None = None, *, namespace: str = "dropsafe"
     ) -> None:
         try:
-            import prometheus_client  # noqa: PLC0415 - an optional extra
+            import prometheus_client
         except ImportError:
             raise ConfigurationError(
                 "PrometheusHook needs prometheus-client: pip install 'dropsafe[prometheus]'"
@@ -407,7 +407,7 @@ class OpenTelemetryHook:
 
     def __init__(self, *, meter_provider: Any = None) -> None:  # noqa: ANN401 - the SDK's type, optional
         try:
-            from opentelemetry import metrics, trace  # noqa: PLC0415 - an optional extra
+            from opentelemetry import metrics, trace
         except ImportError:
             raise ConfigurationError(
                 "OpenTelemetryHook needs opentelemetry-api: pip install 'dropsafe[otel]'"

@@ -202,7 +202,7 @@ def make_sync(variant: Variant, url: str, clients: int, **kwargs: Any) -> SyncTa
 
 def make_psycopg_pool(url: str, clients: int, **kwargs: Any) -> SyncTarget:  # noqa: ANN401
     """psycopg_pool with its ``check`` (a round trip per checkout), without SQLAlchemy."""
-    import psycopg_pool  # noqa: PLC0415 - only this variant needs it
+    import psycopg_pool
 
     conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     pool = psycopg_pool.ConnectionPool(

@@ -317,7 +317,7 @@ class _Listener:
         self.connection: Any = None
 
     def _ensure(self) -> Any:  # noqa: ANN401 - a psycopg2 connection
-        import psycopg2  # noqa: PLC0415
+        import psycopg2
 
         if self.connection is not None and not self.connection.closed:
             try:
@@ -347,7 +347,7 @@ class _Listener:
         A crash restart closes this connection: what it received before is kept, and a new
         connection sends the sentinel (notifications of a commit after the crash reach it).
         """
-        import psycopg2  # noqa: PLC0415
+        import psycopg2
 
         heard: Counter[str] = Counter()
         old = self.connection
@@ -555,7 +555,7 @@ class Explorer:
         psql per call cost ~30 ms on a loaded machine, five times per history. A lost
         connection (a crash restart, maybe still under way) is replaced until a deadline.
         """
-        import psycopg2  # noqa: PLC0415
+        import psycopg2
 
         deadline = time.monotonic() + _WAIT_S
         while True:
@@ -622,7 +622,7 @@ class Explorer:
                 if not self.server.running:
                     self.server.start()
                 self._sql("SELECT 1")
-            except ServerError:  # noqa: PERF203 - a poll, not a hot loop
+            except ServerError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)  # polling a restarting server, within a deadline
@@ -745,7 +745,7 @@ class Explorer:
         self, cells: list[tuple[str, str, str]], *, sample: int | None, seed: int
     ) -> Iterator[History]:
         """Every history of ``cells`` (steps from healthy runs), or a random ``sample``."""
-        rng = random.Random(seed)  # noqa: S311 - sampling, not cryptography
+        rng = random.Random(seed)
         if sample is None:
             for shape, driver, fault in cells:
                 if fault == "none":

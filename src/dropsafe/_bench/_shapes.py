@@ -401,7 +401,7 @@ def _copy_sync(ctx: Context) -> object:
     def unit(connection: sa.Connection) -> None:
         raw: Any = connection.connection.driver_connection
         if driver == "psycopg2":
-            import io  # noqa: PLC0415
+            import io
 
             with raw.cursor() as cursor:
                 cursor.copy_expert("COPY effects (tag) FROM STDIN", io.StringIO("a\nb\n"))

@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     if not 5 <= args.duration <= 3600:  # noqa: PLR2004
         raise ConfigurationError(f"--duration must be within 5..3600 seconds: {args.duration}")
     output_folder(args.out)
-    from rich.console import Console  # noqa: PLC0415
-    from rich.live import Live  # noqa: PLC0415
+    from rich.console import Console
+    from rich.live import Live
 
-    from dropsafe._demo.scenario import run_demo  # noqa: PLC0415
+    from dropsafe._demo.scenario import run_demo
 
     console = Console()
     console.print(
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _progress(state: Run, elapsed: float, duration: float, status: dict[str, Any]) -> Any:  # noqa: ANN401 - a rich renderable
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     table = Table(title=f"{elapsed:4.0f}/{duration:g} s   last fault: {status['last fault']}")
     table.add_column("")
@@ -100,7 +100,7 @@ def _progress(state: Run, elapsed: float, duration: float, status: dict[str, Any
 
 
 def _final_table(summary: dict[str, Any]) -> Any:  # noqa: ANN401 - a rich renderable
-    from rich.table import Table  # noqa: PLC0415
+    from rich.table import Table
 
     table = Table(title="side by side")
     table.add_column("")

@@ -74,7 +74,7 @@ def run_demo(
     show: Callable[[Run, float, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the demo; write results.json and timeline.png into ``out``; return the summary."""
-    from dropsafe._demo.blog import create_app, serve, stop  # noqa: PLC0415 - the demo extra
+    from dropsafe._demo.blog import create_app, serve, stop
 
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("waitress").setLevel(logging.CRITICAL)
@@ -149,7 +149,7 @@ def _drive(
     for worker in workers:
         worker.start()
     status: dict[str, Any] = {"last fault": "-"}
-    schedule = _schedule(duration, random.Random(seed))  # noqa: S311 - a demo's fault schedule
+    schedule = _schedule(duration, random.Random(seed))
     for due, fault in schedule:
         while time.monotonic() - started < due:
             if show is not None:
@@ -261,10 +261,10 @@ def _summarise(run: Run, server: PostgresServer, duration: float) -> dict[str, A
 
 
 def _timeline(run: Run, duration: float, path: Path) -> None:
-    import matplotlib as mpl  # noqa: PLC0415 - the demo extra
+    import matplotlib as mpl
 
     mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     seconds = int(duration) + 1
     figure, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)

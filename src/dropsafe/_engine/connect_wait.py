@@ -54,7 +54,7 @@ _TLS_SETTINGS = (
     "certificate",
     "sslmode",
 )
-_JITTER = random.Random()  # noqa: S311 - jitter, not cryptography
+_JITTER = random.Random()
 
 
 def worth_waiting(error: BaseException) -> bool:

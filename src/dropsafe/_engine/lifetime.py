@@ -45,7 +45,7 @@ class ConnectionLifetime:
     def __init__(self, policy: PoolPolicy, *, rng: random.Random | None = None) -> None:
         self._max_lifetime = None if policy.max_lifetime is None else seconds(policy.max_lifetime)
         # Reseeded in a forked child: workers would otherwise retire their connections together.
-        self._rng = rng or reseed_in_child(random.Random())  # noqa: S311 - jitter, not cryptography
+        self._rng = rng or reseed_in_child(random.Random())
 
     @property
     def enabled(self) -> bool:

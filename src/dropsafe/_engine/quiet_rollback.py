@@ -165,7 +165,7 @@ def _rolling_back(proxied: Any, caller: FrameType | None) -> Connection | None: 
     else (no such frame, a Connection already closed or invalidated) gives None, and the error
     stays loud, as without dropsafe.
     """
-    from sqlalchemy.engine import Connection  # noqa: PLC0415 - only on a failed ROLLBACK
+    from sqlalchemy.engine import Connection
 
     frame = caller
     for _ in range(_CALLER_FRAMES):

@@ -127,7 +127,7 @@ class Nemesis(threading.Thread):
     def __init__(self, faults: Faults, ledger: Ledger, seed: int, seconds: float) -> None:
         super().__init__(name="nemesis", daemon=True)
         self.faults, self.ledger, self.seconds = faults, ledger, seconds
-        self.rng = random.Random(seed)  # noqa: S311 - a fault schedule, not cryptography
+        self.rng = random.Random(seed)  # a fault schedule, not cryptography
         self.stop = threading.Event()
         self.error: BaseException | None = None
 

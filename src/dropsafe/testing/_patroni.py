@@ -696,7 +696,7 @@ class PatroniCluster(Service):
             )
 
     def _haproxy_routes(self) -> bool:
-        import socket  # noqa: PLC0415 - only here
+        import socket  # only here
 
         # A connection through HAProxy reaches a server once HAProxy has marked the leader up;
         # before that, HAProxy closes it at once. The server answers an SSLRequest with one

@@ -137,7 +137,7 @@ class Owner:
         self, command: list[str], *, cwd: Path, what: str, env: dict[str, str] | None = None
     ) -> None:
         """Run a short command as the owner; raise ``DropsafeError`` with its stderr."""
-        from dropsafe.testing._server import ServerError  # noqa: PLC0415 - avoids a cycle
+        from dropsafe.testing._server import ServerError  # avoids a cycle
 
         result = subprocess.run(
             command,

@@ -264,7 +264,7 @@ class PostgresServer(Service):
     def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
         """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
         if driver == "pg8000" and self.tls:
-            import ssl  # noqa: PLC0415 - only pg8000 users need it
+            import ssl  # only pg8000 users need it
 
             context = ssl.create_default_context(cafile=str(self.ca_file))
             context.check_hostname = False

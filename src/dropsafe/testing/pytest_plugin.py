@@ -83,7 +83,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 
     Only its URLs let one in: they carry the server's generated password (``.password``).
     """
-    from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing._server import PostgresServer  # see the module doc
 
     with PostgresServer() as server:
         yield server
@@ -96,7 +96,7 @@ def postgres_session_server() -> Iterator[PostgresServer]:
     For tests that do not stop, restart or break the server; each gets its own database from
     ``postgres_database``. A test that does break it takes ``postgres_server`` instead.
     """
-    from dropsafe.testing._server import PostgresServer  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing._server import PostgresServer  # see the module doc
 
     with PostgresServer() as server:
         yield server
@@ -108,7 +108,7 @@ def postgres_database(postgres_session_server: PostgresServer) -> Iterator[Datab
 
     ``.url(driver)`` reaches it; a test costs a CREATE and a DROP DATABASE, not a server start.
     """
-    from dropsafe.testing._database import Database  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing._database import Database  # see the module doc
 
     database = Database(postgres_session_server)
     database.create()
@@ -121,7 +121,7 @@ def postgres_database(postgres_session_server: PostgresServer) -> Iterator[Datab
 @pytest.fixture
 def chaos_proxy(postgres_server: PostgresServer) -> Iterator[ChaosProxy]:
     """Put a `ChaosProxy` in front of ``postgres_server``; route URLs with ``.route``."""
-    from dropsafe.testing._proxy import ChaosProxy  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing._proxy import ChaosProxy  # see the module doc
 
     with ChaosProxy(postgres_server.host, postgres_server.port) as proxy:
         yield proxy
@@ -130,7 +130,7 @@ def chaos_proxy(postgres_server: PostgresServer) -> Iterator[ChaosProxy]:
 @pytest.fixture
 def kernel_blackhole() -> Callable[[int], AbstractContextManager[None]]:
     """`dropsafe.testing.kernel_blackhole`, or a skip saying why it cannot run here."""
-    from dropsafe.testing import _kernel  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing import _kernel  # see the module doc
 
     reason = _kernel.kernel_blackhole_unavailable()
     if reason is not None:
@@ -143,7 +143,7 @@ def kernel_blackhole() -> Callable[[int], AbstractContextManager[None]]:
 @pytest.fixture
 def idle_reaper() -> Callable[[int, float], AbstractContextManager[IdleReaper]]:
     """`dropsafe.testing.idle_reaper`, or a skip saying why it cannot run here."""
-    from dropsafe.testing import _middlebox  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing import _middlebox  # see the module doc
 
     reason = _middlebox.idle_reaper_unavailable()
     if reason is not None:
@@ -160,7 +160,7 @@ def patroni_cluster() -> Iterator[PatroniCluster]:
     Module-scoped: it bootstraps in ~10 s. A test that fails a node over leaves the cluster to
     the next one as it is: call ``revive()`` first to have all three nodes streaming again.
     """
-    from dropsafe.testing import _patroni  # noqa: PLC0415 - see the module doc
+    from dropsafe.testing import _patroni  # see the module doc
 
     reason = _patroni.patroni_cluster_unavailable()
     if reason is not None:
