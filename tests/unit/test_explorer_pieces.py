@@ -149,7 +149,7 @@ def test_the_checker_rules() -> None:
 def test_history_ids_round_trip_and_bad_ones_are_refused() -> None:
     history = parse_history("session_insert:psycopg2:fin:7")
     assert history.id == "session_insert:psycopg2:fin:7"
-    from dropsafe import ConfigurationError  # noqa: PLC0415
+    from dropsafe import ConfigurationError
 
     for bad in ("session_insert:psycopg2:fin", "nope:psycopg2:fin:1", "x:y:z:w"):
         with pytest.raises(ConfigurationError):
