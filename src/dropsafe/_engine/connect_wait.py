@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy.util
 
@@ -28,6 +28,7 @@ from dropsafe._classify import classify
 from dropsafe._hooks import emit
 from dropsafe._policy import seconds
 from dropsafe._redaction import describe_error, redact_url
+from dropsafe._sqlalchemy_private import pool_connect_function, set_pool_creator
 from dropsafe.events import ConnectWaited
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
+    from dropsafe._dbapi import DBAPIConnection
     from dropsafe._policy import ConnectionPolicy
     from dropsafe.events import Hook
 
@@ -81,19 +83,19 @@ class ConnectWait:
 
     def wrap(self, pool: Pool) -> None:
         """Make ``pool`` (and the pools ``recreate()`` makes from it) connect through the wait."""
-        invoke: Callable[[Any], Any] = pool._invoke_creator  # noqa: SLF001 - the creator in its one-argument form
+        invoke = pool_connect_function(pool)
 
         # SQLAlchemy calls a creator with this exact signature with the pool's entry.
-        def connect(connection_record: ConnectionPoolEntry | None = None) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
+        def connect(connection_record: ConnectionPoolEntry | None = None) -> DBAPIConnection:
             return self.connect(invoke, connection_record)
 
-        pool._creator = connect  # noqa: SLF001 - the documented creator, kept by recreate()
+        set_pool_creator(pool, connect)
 
     def connect(
         self,
-        invoke: Callable[[Any], Any],
+        invoke: Callable[..., DBAPIConnection],
         entry: ConnectionPoolEntry | None,
-    ) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
+    ) -> DBAPIConnection:
         """Connect; while the server is not there, try again until ``connect_wait`` is over."""
         if caller_waits():
             return invoke(entry)
@@ -109,15 +111,17 @@ class ConnectWait:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._give_up(first, first, attempts, started, started_at)
+                self._note_gave_up(first, first, attempts, started, started_at)
+                raise first
             delay = full_jitter(_INITIAL, _MAXIMUM, _MULTIPLIER, attempts, _JITTER)
             self._sleep(min(delay, remaining))
             attempts += 1
             try:
                 connection = invoke(entry)
-            except Exception as exc:  # noqa: BLE001 - judged by worth_waiting, raised otherwise
+            except Exception as exc:
                 if not worth_waiting(exc) or time.monotonic() >= deadline:
-                    self._give_up(exc, first, attempts, started, started_at)
+                    self._note_gave_up(exc, first, attempts, started, started_at)
+                    raise
                 continue
             self._report("connected", first, attempts, started, started_at)
             return connection
@@ -129,7 +133,7 @@ class ConnectWait:
         else:
             time.sleep(delay)
 
-    def _give_up(
+    def _note_gave_up(
         self,
         error: Exception,
         first: Exception,
@@ -137,17 +141,17 @@ class ConnectWait:
         started: float,
         started_at: float,
     ) -> None:
+        """Report the wait given up, and note it on ``error``, which the caller raises."""
         waited = self._report("gave_up", first, attempts, started, started_at)
         if hasattr(error, "add_note"):  # Python 3.11+
             error.add_note(
                 f"dropsafe: no connection after {attempts} attempt(s) in {waited:.2f}s "
                 f"(ConnectionPolicy.connect_wait={self._wait:g}s)"
             )
-        raise error
 
     def _report(
         self,
-        outcome: Any,  # noqa: ANN401 - Literal["connected", "gave_up"]
+        outcome: Literal["connected", "gave_up"],
         first: Exception,
         attempts: int,
         started: float,

@@ -33,11 +33,12 @@ connection is closed, and closing a connection ends its transaction on the serve
 from __future__ import annotations
 
 import contextvars
-import sys
+import inspect
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._classify import ErrorKind, classify
+from dropsafe._dbapi import ask
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
@@ -48,8 +49,9 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from sqlalchemy.engine import Connection, Dialect
-    from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
 
+    from dropsafe._dbapi import DBAPIConnection
     from dropsafe.events import Hook
 
 __all__ = ["QuietRollback"]
@@ -89,24 +91,26 @@ class QuietRollback:
         """
         original: Callable[[Any], None] = self._dialect.do_rollback
 
-        def do_rollback(dbapi_connection: Any) -> None:  # noqa: ANN401 - a pool's proxied connection
+        def do_rollback(dbapi_connection: DBAPIConnection) -> None:
             reset = _next_reset.get()
             _next_reset.set(None)
             try:
                 original(dbapi_connection)
             except Exception as exc:
-                if not self._absorbed(reset, dbapi_connection, exc, sys._getframe(1)):  # noqa: SLF001 - see _rolling_back
+                # The frames that called this one hold the Connection (see _rolling_back).
+                if not self._absorbed(reset, dbapi_connection, exc, inspect.currentframe()):
                     raise
 
-        # A documented Dialect method, replaced on this instance only: other engines, and the
-        # dialect class, are untouched. harden() attaches one guard per engine, so never twice.
-        self._dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+        # A documented Dialect method, replaced on this instance only (an attribute of the
+        # instance shadows the class's method): other engines, and the dialect class, are
+        # untouched. harden() attaches one guard per engine, so never twice.
+        vars(self._dialect)["do_rollback"] = do_rollback
 
     # -- the event that fires right before a pool reset's do_rollback -------------------------
 
     def _on_reset(
         self,
-        dbapi_connection: Any,  # noqa: ANN401 - DBAPI connections are untyped
+        dbapi_connection: DBAPIConnection,
         entry: ConnectionPoolEntry,
         reset_state: PoolResetState,
     ) -> None:
@@ -118,11 +122,14 @@ class QuietRollback:
     def _absorbed(
         self,
         reset: weakref.ReferenceType[Any] | None,
-        proxied: Any,  # noqa: ANN401 - a pool's proxied connection
+        proxied: PoolProxiedConnection,
         error: Exception,
-        caller: FrameType | None,
+        do_rollback: FrameType | None,
     ) -> bool:
-        """Invalidate what the failed ROLLBACK was for, if it was a lost connection; say so."""
+        """Invalidate what the failed ROLLBACK was for, if it was a lost connection; say so.
+
+        ``do_rollback``: the frame of the failed call, below the frames that called it.
+        """
         if not self._lost(error, proxied):
             return False
         entry: ConnectionPoolEntry | None = None if reset is None else reset()
@@ -132,7 +139,7 @@ class QuietRollback:
             during: Literal["rollback", "reset"] = "reset"
             entry.invalidate(error)
         else:
-            connection = _rolling_back(proxied, caller)
+            connection = _rolling_back(proxied, None if do_rollback is None else do_rollback.f_back)
             if connection is None:
                 return False
             during = "rollback"
@@ -144,20 +151,21 @@ class QuietRollback:
         emit(self._hooks, RollbackConnectionLost(during, text))
         return True
 
-    def _lost(self, error: Exception, proxied: Any) -> bool:  # noqa: ANN401
+    def _lost(self, error: Exception, proxied: PoolProxiedConnection) -> bool:
         if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
             return True
-        dbapi = self._dialect.loaded_dbapi
-        try:
-            return isinstance(error, dbapi.Error) and bool(
-                self._dialect.is_disconnect(error, proxied, None)
-            )
-        except Exception:  # noqa: BLE001 - an unsure verdict keeps the error loud
-            logger.debug("dropsafe could not tell whether a ROLLBACK lost its connection")
-            return False
+        dialect = self._dialect
+        return ask(  # an unsure verdict keeps the error loud
+            lambda: (
+                isinstance(error, dialect.loaded_dbapi.Error)
+                and bool(dialect.is_disconnect(error, proxied, None))
+            ),
+            unknown=False,
+            what="whether a ROLLBACK lost its connection",
+        )
 
 
-def _rolling_back(proxied: Any, caller: FrameType | None) -> Connection | None:  # noqa: ANN401
+def _rolling_back(proxied: PoolProxiedConnection, caller: FrameType | None) -> Connection | None:
     """Return the open Connection whose ROLLBACK failed on ``proxied``, or None.
 
     Read from the calling frames, only after a ROLLBACK failed (see the module's docstring):

@@ -29,7 +29,10 @@ import re
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from dropsafe._dbapi import ask
+
 if TYPE_CHECKING:
+    from dropsafe._dbapi import DBAPIConnection
     from dropsafe._drivers import Driver
 
 __all__ = [
@@ -254,19 +257,21 @@ _REPORTED = (
 )
 
 
-def snapshot(driver: Driver, dbapi_connection: Any) -> tuple[object, ...] | None:  # noqa: ANN401
+def snapshot(driver: Driver, dbapi_connection: DBAPIConnection) -> tuple[object, ...] | None:
     """Return what of the session state is read without a round trip; None if unknown.
 
     Readable on a connection found lost (before it is closed): the driver keeps both.
     """
-    try:
+
+    def read() -> tuple[object, ...] | None:
         characteristics = driver.transaction_characteristics(dbapi_connection)
         if characteristics is None:
             return None
         reported = tuple(driver.reported_parameter(dbapi_connection, name) for name in _REPORTED)
-    except Exception:  # noqa: BLE001 - a state that cannot be read is not the same state
-        return None
-    return (*characteristics, *reported)
+        return (*characteristics, *reported)
+
+    # A state that cannot be read is not the same state.
+    return ask(read, unknown=None, what="a connection's session state")
 
 
 def session_differs(lost: tuple[object, ...] | None, fresh: tuple[object, ...] | None) -> bool:
