@@ -11,6 +11,7 @@ from dropsafe._bench._engines import (
     SCHEMA,
     Sample,
     Variant,
+    bench_driver,
     drive_async,
     drive_sync,
     make_async,
@@ -50,7 +51,7 @@ def cell_url(server: PostgresServer, proxy: ChaosProxy, rtt: int, driver: str) -
     An in-process proxy caps throughput and takes CPU from the client, hiding what the check
     costs; it is only there to add latency.
     """
-    url = server.url(driver)  # type: ignore[arg-type]
+    url = server.url(bench_driver(driver))
     return url if rtt == 0 else proxy.route(url)
 
 
