@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import datetime  # noqa: TC003 - SQLAlchemy reads the Mapped[...] annotations at run time
+import datetime  # SQLAlchemy reads the Mapped[...] annotations at run time
 import enum
 import logging
 import random

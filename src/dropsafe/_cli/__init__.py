@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(arguments, mask)
 
 
-def _run(arguments: list[str], mask: SecretMask) -> int:  # noqa: PLR0911 - one return per exit code
+def _run(arguments: list[str], mask: SecretMask) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(arguments)
@@ -66,6 +66,11 @@ def _run(arguments: list[str], mask: SecretMask) -> int:  # noqa: PLR0911 - one 
         parser.print_help()
         return EXIT_USAGE
     args.secrets = mask  # a command that makes a secret (a server's URL) adds it here
+    return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command ``args`` name; its errors become an exit code and one masked line."""
     name = f"dropsafe {args.command}"
     try:
         return int(args.run(args))

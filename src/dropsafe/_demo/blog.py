@@ -18,7 +18,7 @@ cross-site form cannot send.
 from __future__ import annotations
 
 import concurrent.futures
-import datetime as dt  # noqa: TC003 - SQLAlchemy resolves the Mapped[] annotations at run time
+import datetime as dt
 import hmac
 import html
 import os
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from flask import Flask
+    from waitress.server import BaseWSGIServer
     from werkzeug.wrappers import Response
 
 __all__ = [
@@ -292,14 +293,14 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> Any:  # noqa: ANN401 - waitress's server
+def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> BaseWSGIServer:
     """Return a waitress server for ``app`` (call ``.run()``; `stop` it from another thread)."""
     import waitress
 
     return waitress.create_server(app, host=host, port=port, threads=16)
 
 
-def stop(server: Any, thread: threading.Thread, timeout: float = 10.0) -> None:  # noqa: ANN401 - waitress's server
+def stop(server: BaseWSGIServer, thread: threading.Thread, timeout: float = 10.0) -> None:
     """Stop a waitress ``server`` whose ``run()`` runs in ``thread``, and wait for it to end.
 
     Its sockets are closed by its own loop, woken by its trigger: closed from another thread
