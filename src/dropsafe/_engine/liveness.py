@@ -1,20 +1,11 @@
 """The checkout check: no dead connection handed out, and no round trip paid by a busy pool.
 
-A busy pool pays nothing: a socket polled with a zero timeout (or the driver's closed flag)
-says whether a FIN, an RST or the server's goodbye arrived while the connection sat idle. Only
-then, or after ``PoolPolicy.ping_after_idle``, is a real round trip spent. A connection found
-dead is replaced by raising SQLAlchemy's `DisconnectionError` from the ``checkout`` event; when
-other idle connections are dead too (a restart, a failover), the whole pool is recycled at once.
-
-A connection dropsafe cannot look into (a ``creator=`` that returns a wrapper or another
-driver's object) is never judged dead by a look: it is pinged when it has sat idle longer than
-``PoolPolicy.ping_after_idle``, as ``pool_pre_ping`` would, with the dialect's own ``do_ping``;
-and since dropsafe cannot tell whether it is alive, a disconnect elsewhere recycles the pool as
-plain SQLAlchemy does. Known wrappers are looked through (`Driver.native`).
-
-The check's per-connection state lives here, weakly keyed on SQLAlchemy's pool entry: nothing
-in the user's ``.info`` dictionaries, and nothing that keeps a connection the pool let go of
-alive.
+A look first (a zero-timeout poll of the socket, or the driver's closed flag); a ping only when
+the look is unsure or the connection sat idle past ``PoolPolicy.ping_after_idle``. A dead one
+is replaced by raising `DisconnectionError` from the ``checkout`` event; dead idle neighbours (a
+restart, a failover) recycle the whole pool. Per-connection state is weakly keyed on the pool
+entry, never in the user's ``.info``. Connections it cannot look into (a ``creator=`` wrapper):
+docs/sqlalchemy-compat.md, "Connections dropsafe cannot look into".
 """
 
 from __future__ import annotations

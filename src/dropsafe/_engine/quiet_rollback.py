@@ -1,33 +1,11 @@
 """A ROLLBACK that meets a lost connection is no error: the server has aborted that transaction.
 
-A connection that dies while a transaction is open takes the transaction with it: PostgreSQL
-aborts it when the backend ends or notices its client is gone. The ROLLBACK an application
-sends afterwards (``session.rollback()``, a ``with Session(...)`` block closing, a Connection
-closed with a transaction open, the pool's reset when a connection is checked in) can only
-confirm that. Plain SQLAlchemy raises the driver's error there, after the request's work was
-done; dropsafe invalidates the connection instead, as SQLAlchemy would have, emits
-`RollbackConnectionLost` and lets the application go on as after a successful rollback: the
-next use gets a fresh connection. A COMMIT is never touched: a lost COMMIT stays loud (and
-inside ``run_transaction`` goes to the resolver).
-
-Why the dialect's ``do_rollback`` is wrapped, on this engine's own dialect instance only:
-SQLAlchemy 2.x lets a ``handle_error`` listener replace an error but never swallow it, and the
-``rollback`` event fires before the ROLLBACK is sent, so no event can absorb a failure that
-happens during it. ``do_rollback`` is the documented Dialect method every ROLLBACK goes
-through (the Connection's, and the pool's reset). What the failed ROLLBACK was for decides what
-is invalidated: a pool entry (``ConnectionPoolEntry.invalidate()``, what the pool itself does
-when a reset fails, without its ERROR log line), named by the pool's ``reset`` event that fires
-just before it; or a Connection (its public ``invalidate()``, so SQLAlchemy's own state is what
-it is after an invalidation), found only once a ROLLBACK has failed, in the frames that called
-``do_rollback`` (SQLAlchemy's ``Connection._rollback_impl`` calls it with its own pool
-connection, which identifies it). Not through the Connection's ``rollback`` event: one
-Connection-level listener turns off SQLAlchemy's event-free fast path for every statement of
-the engine (``Engine._has_events``), about 20 us of CPU per request measured with psycopg2,
-for an error that is rare; a frame lookup costs nothing until a ROLLBACK fails.
-
-A failed ROLLBACK is absorbed only when it is a lost connection;
-any other error is raised as before. Absorbing is safe even if the verdict were wrong: the
-connection is closed, and closing a connection ends its transaction on the server.
+This engine's own dialect instance gets a ``do_rollback`` that runs the original and, when the
+connection was lost, invalidates what the ROLLBACK was for (a pool entry, named by the pool's
+``reset`` event just before it; or the Connection, found in the frames that called it) and
+emits `RollbackConnectionLost` instead of raising. Any other error stays loud; a COMMIT is
+never touched. Why a dialect method and not an event, and what that costs: docs/guarantees.md,
+"A ROLLBACK on a lost connection is not an error".
 """
 
 from __future__ import annotations
