@@ -1,17 +1,12 @@
 """A checkout that waits out a short outage instead of failing the request at once.
 
-A restart, a crash recovery or a failover leaves a few seconds in which no connection can be
-made: refused, reset, 57P03 (starting up, in recovery, shutting down), no primary among the
-hosts yet. Without a wait every request that arrives then fails, as with ``pool_pre_ping``.
 `ConnectWait` wraps the pool's creator, so every connect the pool makes (a new connection, a
 dead one replaced at checkout) tries again with full-jitter backoff until
-``ConnectionPolicy.connect_wait`` has passed. The pool's own machinery is untouched: the
-checkout keeps the slot it took, so checkouts queued behind it keep their order and their own
-``pool_timeout``. Each try runs SQLAlchemy's whole connect again (``do_connect`` listeners
-included), so a multi-host target moves past the host that just failed.
-
-Inside a unit of work (and while it resolves a COMMIT) a connect fails at once: the unit waits
-for the server itself, within its deadline, and must not wait twice.
+``ConnectionPolicy.connect_wait`` has passed, while the error says the server is not there now
+(`worth_waiting`). Each try runs SQLAlchemy's whole connect again (``do_connect`` listeners
+included), so a multi-host target moves past the host that just failed. Inside a unit of work a
+connect fails at once: the unit waits itself. What users see, and why 10 s: docs/settings.md,
+"When the server is not there".
 """
 
 from __future__ import annotations
