@@ -125,19 +125,6 @@ def _check_opt_out(options: Mapping[str, object]) -> None:
         raise ConfigurationError(f"execution option {OPT_OUT} must be True or False, not {value!r}")
 
 
-def _statement_refusal(context: ExecutionContext, statement: str) -> str | None:
-    """Why this statement, wherever it runs, must not be replayed, or None."""
-    if context.execution_options.get(OPT_OUT, True) is False:  # any other value: _check_opt_out
-        return f"{OPT_OUT}=False"
-    style = getattr(context, "execute_style", None)
-    if style not in _REPLAYABLE_STYLES:
-        return f"execute style {getattr(style, 'name', style)}"
-    if ";" in statement.strip().rstrip(";"):
-        # Several statements in one string may hold a COMMIT of their own.
-        return "the text may hold several statements"
-    return None
-
-
 class _Pending(NamedTuple):
     """A checkout whose first statement has not been sent yet, as it was at checkout."""
 
@@ -387,30 +374,33 @@ class FirstStatementReplay:
         checkout: PoolProxiedConnection,
         pending: _Pending,
     ) -> str | None:
-        """Why this first statement must not be replayed, or None."""
-        return _statement_refusal(context, statement) or self._connection_refusal(
-            connection, checkout, pending
-        )
+        """Why this first statement must not be replayed, or None.
 
-    def _connection_refusal(
-        self, connection: Connection, checkout: PoolProxiedConnection, pending: _Pending
-    ) -> str | None:
-        """Why the statement's connection must not have it replayed, or None."""
-        if not connection.in_transaction():
-            return "no transaction"
-        dbapi_connection = checkout.dbapi_connection
-        if dbapi_connection is None:
-            return "no connection"
-        autocommit = ask(
-            lambda: bool(self._dialect.detect_autocommit_setting(dbapi_connection)),
-            unknown=None,
-            what="a connection's autocommit setting",
-        )
-        if autocommit is None:  # a connection we cannot read is not replayed
-            return "its autocommit setting is unknown"
-        if autocommit:
-            return "autocommit: the statement may have committed"
-        return self._driver_busy(pending)
+        It runs at every first statement: no call here that the check does not need (the
+        calls a healthy request pays are counted, tests/integration/test_checkout_scale.py).
+        """
+        style = getattr(context, "execute_style", None)
+        if context.execution_options.get(OPT_OUT, True) is False:  # other values: _check_opt_out
+            reason = f"{OPT_OUT}=False"
+        elif style not in _REPLAYABLE_STYLES:
+            reason = f"execute style {getattr(style, 'name', style)}"
+        elif ";" in statement.strip().rstrip(";"):
+            # Several statements in one string may hold a COMMIT of their own.
+            reason = "the text may hold several statements"
+        elif not connection.in_transaction():
+            reason = "no transaction"
+        elif checkout.dbapi_connection is None:
+            reason = "no connection"
+        else:
+            try:
+                autocommit = self._dialect.detect_autocommit_setting(checkout.dbapi_connection)
+            except Exception:  # a connection we cannot read is not replayed
+                logger.debug("dropsafe could not tell a connection's autocommit", exc_info=True)
+                return "its autocommit setting is unknown"
+            if autocommit:
+                return "autocommit: the statement may have committed"
+            return self._driver_busy(pending)
+        return reason
 
     def _driver_busy(self, pending: _Pending) -> str | None:
         """Why the driver's connection already holds work of the app's, or None if idle.
@@ -425,12 +415,12 @@ class FirstStatementReplay:
         native, driver = pending.native, self._driver
         if native is None or driver is None:
             return "the driver's connection is not one dropsafe can read"
-        idle = ask(
-            lambda: driver.transaction_idle(native),
-            unknown=None,
-            what="a transaction's status",
-        )
-        if idle is None:  # a state we cannot read is not replayed
+        try:
+            idle = driver.transaction_idle(native)
+        except Exception:  # a state we cannot read is not replayed (no call more: see _refusal)
+            logger.debug("dropsafe could not tell a transaction's status", exc_info=True)
+            idle = None
+        if idle is None:
             return "the driver's transaction status is unknown"
         if not idle:
             return "a transaction was already open on the driver's connection"
