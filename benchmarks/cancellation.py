@@ -93,7 +93,7 @@ def _one(
         return outcome, elapsed
 
     if canceller == "uvloop wait_for":
-        import uvloop  # noqa: PLC0415 - optional, only for this row
+        import uvloop  # optional, only for this row
 
         outcome, elapsed = uvloop.run(scenario())
     else:

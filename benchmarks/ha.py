@@ -296,10 +296,10 @@ def _number(value: float) -> str:
 
 def plot(results: dict[tuple[str, str], list[VariantResult]], out: Path) -> None:
     """Unavailability per variant and scenario, one panel per replication mode."""
-    import matplotlib  # noqa: PLC0415 - only the report needs it
+    import matplotlib  # only the report needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     modes = sorted({mode for mode, _ in results})
     figure, axes = plt.subplots(len(modes), 1, figsize=(11, 4.5 * len(modes)), squeeze=False)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import datetime  # noqa: TC003 - SQLAlchemy reads the Mapped[...] annotations at run time
+import datetime  # SQLAlchemy reads the Mapped[...] annotations at run time
 import enum
 import logging
 import random
@@ -295,7 +295,7 @@ def measure(  # noqa: C901, PLR0915 - one measurement, read top to bottom
 
 def _marks(text: str) -> bool:
     try:
-        from dropsafe._engine.session_state import may_change_session  # noqa: PLC0415
+        from dropsafe._engine.session_state import may_change_session
     except ImportError:  # a dropsafe before issue 26's whitelist: nothing is marked
         return False
     return may_change_session(text)

@@ -766,10 +766,10 @@ def part_memory(server: PostgresServer, *, units: int, budget: float) -> dict[st
 
 
 def _plot(healthy: dict[str, Any]) -> None:
-    import matplotlib as mpl  # noqa: PLC0415 - only the report needs it
+    import matplotlib as mpl  # only the report needs it
 
     mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     measures = (("ratios", "throughput ratio"), ("cpu_ratios", "CPU ratio (plain / dropsafe)"))
     figure, axes = plt.subplots(2, len(DRIVERS), figsize=(13, 7), sharey=True, squeeze=False)

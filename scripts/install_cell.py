@@ -63,7 +63,7 @@ def main() -> int:
 
 def check_driver_refused(driver: str) -> None:
     """Check that a driver that is not installed is refused at the call, naming its extra."""
-    import dropsafe  # noqa: PLC0415 - imported by the checks that need it
+    import dropsafe  # imported by the checks that need it
 
     try:
         dropsafe.create_engine(f"postgresql+{driver}://app@db.example/app")
@@ -77,7 +77,7 @@ def check_driver_refused(driver: str) -> None:
 
 def check_installed_from_wheel() -> None:
     """Check that dropsafe comes from this venv's site-packages, not a source tree or egg-link."""
-    import dropsafe  # noqa: PLC0415 - the import is the first check
+    import dropsafe  # the import is the first check
 
     where = Path(dropsafe.__file__).resolve().parent
     site_packages = Path(sysconfig.get_paths()["purelib"]).resolve()
@@ -121,10 +121,10 @@ def check_async_refused() -> None:
 
 def smoke_sync(url: str, driver: str, table: str, ca_file: str) -> None:
     """Run a unit of work that writes a row, and one that reads it back, through ``driver``."""
-    import sqlalchemy as sa  # noqa: PLC0415
-    from sqlalchemy.orm import sessionmaker  # noqa: PLC0415
+    import sqlalchemy as sa
+    from sqlalchemy.orm import sessionmaker
 
-    import dropsafe  # noqa: PLC0415
+    import dropsafe
 
     connect_args: dict[str, object] = {}
     if driver == "pg8000":  # pg8000 takes TLS as an SSLContext, not in the URL
@@ -161,9 +161,9 @@ def smoke_sync(url: str, driver: str, table: str, ca_file: str) -> None:
 
 def check_url_flag(url: str, connect_args: dict[str, object]) -> None:
     """``?plugin=dropsafe`` hardens a plain SQLAlchemy engine: the wheel's entry point works."""
-    import sqlalchemy as sa  # noqa: PLC0415
+    import sqlalchemy as sa
 
-    from dropsafe._engine.guard import guard_of  # noqa: PLC0415
+    from dropsafe._engine.guard import guard_of
 
     flagged = sa.engine.make_url(url).update_query_dict(
         {"plugin": "dropsafe", "dropsafe_deadline": "7"}
@@ -182,10 +182,10 @@ def check_url_flag(url: str, connect_args: dict[str, object]) -> None:
 
 async def smoke_async(url: str, table: str) -> None:
     """Do the same through an async driver and run_transaction_async."""
-    import sqlalchemy as sa  # noqa: PLC0415
-    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker  # noqa: PLC0415
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-    import dropsafe  # noqa: PLC0415
+    import dropsafe
 
     engine = dropsafe.create_async_engine(url)
     try:
@@ -234,7 +234,7 @@ def check_feature(feature: str, *, present: bool, cell_urls: dict[str, str]) -> 
 
 def check_testing(*, present: bool) -> None:
     """Import dropsafe.testing's public names (the cell's pytest suite runs its fixtures)."""
-    import dropsafe.testing  # noqa: PLC0415
+    import dropsafe.testing
 
     names = [getattr(dropsafe.testing, name) for name in dropsafe.testing.__all__]
     print(f"dropsafe.testing: {len(names)} public names, ok")
@@ -244,11 +244,11 @@ def check_testing(*, present: bool) -> None:
 
 def check_prometheus(*, present: bool) -> None:
     """Put PrometheusHook in a policy, or see it name its extra when prometheus is absent."""
-    import dropsafe  # noqa: PLC0415
-    from dropsafe.events import PrometheusHook  # noqa: PLC0415
+    import dropsafe
+    from dropsafe.events import PrometheusHook
 
     if present:
-        from prometheus_client import CollectorRegistry  # noqa: PLC0415
+        from prometheus_client import CollectorRegistry
 
         dropsafe.Policy(hooks=(PrometheusHook(CollectorRegistry()),))
         print("PrometheusHook: ok")
@@ -267,9 +267,9 @@ def check_prometheus(*, present: bool) -> None:
 
 def check_bench() -> None:
     """Import the benchmark and psycopg_pool; draw a report plot; start ``dropsafe bench``."""
-    import psycopg_pool  # noqa: PLC0415, F401 - the bench compares against it
+    import psycopg_pool  # noqa: F401 - the bench compares against it
 
-    from dropsafe._bench._report import bar_plot  # noqa: PLC0415
+    from dropsafe._bench._report import bar_plot
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "plot.png"
@@ -281,12 +281,12 @@ def check_bench() -> None:
 
 def check_demo(url: str) -> None:
     """Post to the blog (Flask) through dropsafe; serve it (waitress); draw (rich, matplotlib)."""
-    import matplotlib as mpl  # noqa: PLC0415
-    from rich.console import Console  # noqa: PLC0415
-    from rich.table import Table  # noqa: PLC0415
+    import matplotlib as mpl
+    from rich.console import Console
+    from rich.table import Table
 
-    from dropsafe._demo import scenario  # noqa: PLC0415, F401 - the demo's driver imports
-    from dropsafe._demo.blog import create_app, serve  # noqa: PLC0415
+    from dropsafe._demo import scenario  # noqa: F401 - the demo's driver imports
+    from dropsafe._demo.blog import create_app, serve
 
     client = create_app(url).test_client()
     created = client.post("/api/posts", json={"title": "installed", "text": "from the wheel"})
@@ -300,7 +300,7 @@ def check_demo(url: str) -> None:
     table.add_row("1")
     Console(file=io.StringIO()).print(table)
     mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "plot.png"

@@ -389,7 +389,7 @@ def find_python(version: str) -> str | None:
 def run_cells(cells: list[Cell], work: Path, jobs: int) -> list[Outcome]:
     """Run the cells ``jobs`` at a time against one throwaway server; report each as it ends."""
     # Imported here: the archive checks above need nothing of dropsafe.
-    from dropsafe.testing import PostgresServer  # noqa: PLC0415
+    from dropsafe.testing import PostgresServer
 
     with PostgresServer() as server, concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(run_cell, cell, work / cell.name, server) for cell in cells]

@@ -211,7 +211,7 @@ def _prepare(server: PostgresServer) -> None:
     for extension in ("hstore", "citext"):
         try:
             server.execute(f"CREATE EXTENSION {extension}", database="test")
-        except ServerError:  # noqa: PERF203 - two statements, once
+        except ServerError:  # two statements, once
             # A build without contrib: the suite skips or fails those tests in both modes.
             print(f"  (no {extension} extension in this PostgreSQL build)", flush=True)
 

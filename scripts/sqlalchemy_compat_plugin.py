@@ -24,8 +24,8 @@ _hardened = 0
 
 def _harden(engine: Any) -> None:  # noqa: ANN401 - a SQLAlchemy Engine of the suite's own lib
     global _hardened  # noqa: PLW0603 - one counter for the session's summary line
-    import dropsafe  # noqa: PLC0415 - only after SQLAlchemy's bootstrap
-    from dropsafe._drivers import is_supported  # noqa: PLC0415
+    import dropsafe  # only after SQLAlchemy's bootstrap
+    from dropsafe._drivers import is_supported
 
     dialect = engine.dialect
     if dialect.name == "postgresql" and is_supported(str(dialect.driver)):
@@ -39,8 +39,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     del session
     if not HARDEN:
         return
-    from sqlalchemy.engine.default import DefaultDialect  # noqa: PLC0415
-    from sqlalchemy.testing import config  # noqa: PLC0415
+    from sqlalchemy.engine.default import DefaultDialect
+    from sqlalchemy.testing import config
 
     original = DefaultDialect.engine_created.__func__  # type: ignore[attr-defined]
 

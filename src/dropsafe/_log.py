@@ -12,7 +12,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from logging import _ExcInfoType
+
+    _Adapter = logging.LoggerAdapter[logging.Logger]  # generic in typeshed, not before 3.11
+else:
+    _Adapter = logging.LoggerAdapter
 
 __all__ = ["SafeLogger", "observer_failed", "observer_failures"]
 
@@ -42,19 +50,36 @@ def observer_failed(what: str, error: BaseException) -> None:
         )
 
 
-class SafeLogger(logging.LoggerAdapter):  # type: ignore[type-arg] # generic only in typeshed
+class SafeLogger(_Adapter):
     """The ``dropsafe`` logger; whatever a handler raises is reported, never propagated."""
 
     def __init__(self, name: str = "dropsafe") -> None:
         super().__init__(logging.getLogger(name), None)
 
-    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:  # noqa: ANN401 - Logger.log's own
+    def log(
+        self,
+        level: int,
+        msg: object,
+        *args: object,
+        exc_info: _ExcInfoType | None = None,
+        stack_info: bool = False,
+        stacklevel: int = 2,  # the caller of debug() or warning(), not this method
+        extra: Mapping[str, object] | None = None,
+        **kwargs: object,
+    ) -> None:
         """Log as ``Logger.log`` does, unless a handler raises: then report it and go on."""
+        del kwargs  # none other reaches Logger.log
         if not self.logger.isEnabledFor(level):
             return
-        # The caller of debug() or warning(), not this method (logging skips its own frames).
-        kwargs.setdefault("stacklevel", 2)
         try:
-            self.logger.log(level, msg, *args, **kwargs)
+            self.logger.log(
+                level,
+                msg,
+                *args,
+                exc_info=exc_info,
+                stack_info=stack_info,
+                stacklevel=stacklevel,
+                extra=extra,
+            )
         except Exception as exc:  # noqa: BLE001 - any handler's error, by design
             observer_failed(f"a handler of the {self.logger.name!r} logger", exc)

@@ -23,12 +23,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
 
 from dropsafe._errors import ConfigurationError
 from dropsafe.events import LoggingHook
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dropsafe.events import Hook
 
 __all__ = [
@@ -43,7 +45,7 @@ __all__ = [
     "seconds",
 ]
 
-Duration = Union[float, timedelta]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
+Duration = float | timedelta
 #: What sits between the application and PostgreSQL, when it is a pooler that matters.
 Pooler = Literal["session", "transaction"]
 
@@ -65,10 +67,11 @@ class _Validated:
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset()  # None is allowed (and means "off")
     _BOOLEANS: ClassVar[frozenset[str]] = frozenset()
     _CHOICES: ClassVar[dict[str, tuple[object, ...]]] = {}  # fields that take one of a few values
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]  # set by @dataclass
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        for each in dataclasses.fields(self):  # type: ignore[arg-type]
+        for each in dataclasses.fields(self):
             name = each.name
             value = getattr(self, name)
             if name in self._CHOICES:
@@ -109,20 +112,20 @@ def parse_knob(kind: type[_Validated], knob: str, text: str, where: str) -> obje
     ``where`` names the text's source in the error: ``URL parameter dropsafe_deadline``.
     """
     word = text.strip().lower()
-    choices = kind._CHOICES.get(knob)  # noqa: SLF001 - the layer's own list of its types
+    choices = kind._CHOICES.get(knob)
     if choices is not None:
         return _choice(choices, text, where)
-    if knob in kind._BOOLEANS:  # noqa: SLF001
+    if knob in kind._BOOLEANS:
         if word not in _TRUE | _FALSE:
             raise ConfigurationError(f"{where} must be true or false: {text!r}")
         return word in _TRUE
-    if knob in kind._OPTIONAL and word in _NONE:  # noqa: SLF001
+    if knob in kind._OPTIONAL and word in _NONE:
         return None
-    integer = knob in kind._INTEGERS  # noqa: SLF001
+    integer = knob in kind._INTEGERS
     try:
         return int(word) if integer else float(word)
     except ValueError:
-        off = " (or none)" if knob in kind._OPTIONAL else ""  # noqa: SLF001
+        off = " (or none)" if knob in kind._OPTIONAL else ""
         what = "an integer" if integer else f"a number of seconds{off}"
         raise ConfigurationError(f"{where} must be {what}: {text!r}") from None
 
@@ -146,11 +149,11 @@ def _environment_defaults(kind: type[_V]) -> type[_V]:
     when the layer is made. A malformed or out-of-range value raises `ConfigurationError`
     naming the variable, at that call.
     """
-    init = kind.__init__
-    names = [each.name for each in dataclasses.fields(kind)]  # type: ignore[arg-type]
+    init: Callable[..., None] = kind.__init__
+    names = [each.name for each in dataclasses.fields(kind)]
 
     @functools.wraps(init)
-    def __init__(self: _V, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401, N807
+    def init_from_environment(self: _V, *args: object, **kwargs: object) -> None:
         given = set(names[: len(args)]) | set(kwargs)
         from_environment: dict[str, str] = {}
         for name in names:
@@ -168,7 +171,7 @@ def _environment_defaults(kind: type[_V]) -> type[_V]:
             variable = f"{environment_name(named[0])}={from_environment[named[0]]!r}"
             raise ConfigurationError(f"environment variable {variable}: {exc}") from None
 
-    setattr(kind, "__init__", __init__)  # noqa: B010 - mypy refuses assigning a method
+    setattr(kind, "__init__", init_from_environment)  # noqa: B010 - mypy refuses assigning a method
     return kind
 
 
@@ -313,14 +316,14 @@ class UnitPolicy(_Validated):
 # Where each knob of the pre-release API's flat Policy went, for a helpful error.
 _LAYER_OF = {
     **dict.fromkeys(
-        (*ConnectionPolicy._RANGES, *ConnectionPolicy._CHOICES),  # noqa: SLF001
+        (*ConnectionPolicy._RANGES, *ConnectionPolicy._CHOICES),
         "connection=ConnectionPolicy",
     ),
     **dict.fromkeys(
-        (*PoolPolicy._RANGES, "replay_first_statement"),  # noqa: SLF001
+        (*PoolPolicy._RANGES, "replay_first_statement"),
         "pool=PoolPolicy",
     ),
-    **dict.fromkeys((*UnitPolicy._RANGES, "verify_commits"), "unit=UnitPolicy"),  # noqa: SLF001
+    **dict.fromkeys((*UnitPolicy._RANGES, "verify_commits"), "unit=UnitPolicy"),
 }
 
 
@@ -353,7 +356,7 @@ class Policy:
         pool: PoolPolicy | None = None,
         unit: UnitPolicy | None = None,
         hooks: tuple[Hook, ...] = (LoggingHook(),),
-        **misplaced: Any,  # noqa: ANN401 - only to name where a knob went
+        **misplaced: object,  # only to name where a knob went
     ) -> None:
         if misplaced:
             name = min(misplaced)

@@ -15,7 +15,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 if TYPE_CHECKING:
     import random
@@ -67,8 +67,8 @@ os.register_at_fork(after_in_child=_in_child)
 _EVENTLET_NAMES = {"_thread": "thread"}
 
 
-def unpatched(module: str, name: str) -> Any:  # noqa: ANN401 - whatever the module holds
-    """Return ``module.name`` as the interpreter made it, even after gevent or eventlet patched it.
+def unpatched(module: str, name: str) -> Callable[..., Any]:
+    """Return the function ``module.name`` as the interpreter made it, even if gevent patched it.
 
     gevent's ``monkey.patch_all()`` (and eventlet's ``monkey_patch()``) replace threads, locks
     and ``select`` with cooperative ones, whether dropsafe was imported before or after. What
@@ -76,12 +76,14 @@ def unpatched(module: str, name: str) -> Any:  # noqa: ANN401 - whatever the mod
     callback blocks the whole hub) or look at a socket without yielding takes the originals.
     """
     gevent_monkey = sys.modules.get("gevent.monkey")
-    if gevent_monkey is not None:
-        return gevent_monkey.get_original(module, name)
     eventlet_patcher = sys.modules.get("eventlet.patcher")
+    if gevent_monkey is not None:
+        original = gevent_monkey.get_original(module, name)
     # eventlet's original() imports a second copy of the module: only when it patched one.
-    if eventlet_patcher is not None and eventlet_patcher.is_monkey_patched(
+    elif eventlet_patcher is not None and eventlet_patcher.is_monkey_patched(
         _EVENTLET_NAMES.get(module, module)
     ):
-        return getattr(eventlet_patcher.original(module), name)
-    return getattr(importlib.import_module(module), name)
+        original = getattr(eventlet_patcher.original(module), name)
+    else:
+        original = getattr(importlib.import_module(module), name)
+    return cast("Callable[..., Any]", original)

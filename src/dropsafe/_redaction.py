@@ -16,7 +16,7 @@ import itertools
 import logging
 import re
 import sys
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import TYPE_CHECKING, TextIO, cast
 from urllib.parse import quote, unquote
 
 from sqlalchemy.engine import URL, make_url
@@ -208,7 +208,7 @@ class _MaskedStream:
         self._stream.write(self._mask(text))
         return len(text)
 
-    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 - whatever the stream has
+    def __getattr__(self, name: str) -> object:  # whatever the stream has
         return getattr(self._stream, name)
 
 
@@ -222,7 +222,7 @@ def masked_output(mask: SecretMask) -> Iterator[None]:
     stdout, stderr = sys.stdout, sys.stderr
     make_record = logging.getLogRecordFactory()
 
-    def masked_record(*args: Any, **kwargs: Any) -> logging.LogRecord:  # noqa: ANN401 - LogRecord's own arguments
+    def masked_record(*args: object, **kwargs: object) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
         with contextlib.suppress(Exception):  # a record that cannot format keeps its own fate
             record.msg, record.args = mask(record.getMessage()), None

@@ -126,30 +126,32 @@ class _Watchdog:
             self._wake.acquire(timeout=-1 if wait < 0 else min(wait, _LONGEST_SLEEP))
 
 
-_watchdog: _Watchdog | None = None
+class _OnePerProcess:
+    """The process's one watchdog, made on first use."""
+
+    def __init__(self) -> None:
+        self.watchdog: _Watchdog | None = None
+        self.making = unpatched("_thread", "allocate_lock")()
+
+    def current(self) -> _Watchdog:
+        watchdog = self.watchdog
+        if watchdog is None:
+            with self.making:
+                watchdog = self.watchdog
+                if watchdog is None:
+                    watchdog = self.watchdog = _Watchdog()
+        return watchdog
+
+    def forget_in_child(self) -> None:
+        # The parent's thread is gone, its lock may be held for ever, and its deadlines are
+        # the parent's: the shared sockets they name must not be shut down from here.
+        self.watchdog = None
+        self.making = unpatched("_thread", "allocate_lock")()
 
 
-def _current_watchdog() -> _Watchdog:
-    global _watchdog  # noqa: PLW0603 - one per process, made on first use
-    watchdog = _watchdog
-    if watchdog is None:
-        with _MAKING:
-            watchdog = _watchdog
-            if watchdog is None:
-                watchdog = _watchdog = _Watchdog()
-    return watchdog
-
-
-def _forget_in_child() -> None:
-    # The parent's thread is gone, its lock may be held for ever, and its deadlines are the
-    # parent's: the shared sockets they name must not be shut down from here.
-    global _watchdog, _MAKING  # noqa: PLW0603
-    _watchdog = None
-    _MAKING = unpatched("_thread", "allocate_lock")()
-
-
-_MAKING = unpatched("_thread", "allocate_lock")()
-renew_in_child(_forget_in_child)
+_PROCESS = _OnePerProcess()
+_current_watchdog = _PROCESS.current
+renew_in_child(_PROCESS.forget_in_child)
 
 
 class _Guarded:

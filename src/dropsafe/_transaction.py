@@ -255,7 +255,7 @@ async def run_transaction_async(
         post_id = await dropsafe.run_transaction_async(Sessions, create_post_async)
     """
     require_asyncio()
-    from sqlalchemy.util import greenlet_spawn  # noqa: PLC0415 - needs greenlet
+    from sqlalchemy.util import greenlet_spawn  # needs greenlet
 
     engine = _async_engine_of(bind)
     _check_unit(fn, want_async=True)
@@ -293,7 +293,7 @@ async def run_transaction_async(
 
 def _sleep_in_greenlet(delay: float) -> None:
     """Sleep without blocking the event loop, from sync code in SQLAlchemy's greenlet."""
-    from sqlalchemy.util import concurrency  # noqa: PLC0415 - needs greenlet
+    from sqlalchemy.util import concurrency  # needs greenlet
 
     # SQLAlchemy 2.1 renamed await_only to await_.
     await_ = getattr(concurrency, "await_", None) or concurrency.await_only
@@ -378,7 +378,7 @@ def _note_cancelled_commit(cancel: BaseException, recorder: CommitRecorder) -> N
 async def _begun_async(
     bind: async_sessionmaker[AsyncSession] | AsyncEngine,
 ) -> AsyncIterator[tuple[AsyncSession | AsyncConnection, AsyncConnection]]:
-    from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: PLC0415 - imported on first use
+    from sqlalchemy.ext.asyncio import AsyncEngine  # imported on first use
 
     if isinstance(bind, AsyncEngine):
         async with bind.connect() as connection:
@@ -565,7 +565,7 @@ def _sync_engine_of(bind: object) -> sa.Engine:
 
 def _async_engine_of(bind: object) -> AsyncEngine:
     require_asyncio()
-    from sqlalchemy.ext.asyncio import (  # noqa: PLC0415
+    from sqlalchemy.ext.asyncio import (
         AsyncEngine,
         async_scoped_session,
         async_sessionmaker,

@@ -20,11 +20,12 @@ import dataclasses
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Union
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
     from prometheus_client import CollectorRegistry
 
     from dropsafe._classify import ErrorKind
@@ -187,19 +188,19 @@ class HookFailedAfterCommit:
     error: str  # the hook's error, passwords redacted
 
 
-Event = Union[  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
-    DeadConnectionReplaced,
-    ConnectWaited,
-    ConnectionInvalidated,
-    RollbackConnectionLost,
-    FirstStatementReplayed,
-    PingSucceeded,
-    RetryScheduled,
-    RetriesGaveUp,
-    CommitResolved,
-    AcknowledgedCommitLost,
-    HookFailedAfterCommit,
-]
+Event = (
+    DeadConnectionReplaced
+    | ConnectWaited
+    | ConnectionInvalidated
+    | RollbackConnectionLost
+    | FirstStatementReplayed
+    | PingSucceeded
+    | RetryScheduled
+    | RetriesGaveUp
+    | CommitResolved
+    | AcknowledgedCommitLost
+    | HookFailedAfterCommit
+)
 
 
 class Hook(Protocol):
@@ -288,7 +289,7 @@ class PrometheusHook:
         self, registry: CollectorRegistry | None = None, *, namespace: str = "dropsafe"
     ) -> None:
         try:
-            import prometheus_client  # noqa: PLC0415 - an optional extra
+            import prometheus_client
         except ImportError:
             raise ConfigurationError(
                 "PrometheusHook needs prometheus-client: pip install 'dropsafe[prometheus]'"
@@ -353,8 +354,13 @@ class PrometheusHook:
             **common,
         )
 
-    def __call__(self, event: Event, /) -> None:  # noqa: C901 - one branch per event type
+    def __call__(self, event: Event, /) -> None:
         """Record ``event``."""
+        if not self._record_engine_event(event):
+            self._record_unit_event(event)
+
+    def _record_engine_event(self, event: Event) -> bool:
+        """Record an event of a hardened engine; False if ``event`` is none of those."""
         if isinstance(event, DeadConnectionReplaced):
             self.dead_connections.labels(pool_wide=str(event.pool_wide).lower()).inc()
         elif isinstance(event, ConnectWaited):
@@ -368,7 +374,13 @@ class PrometheusHook:
             self.replayed_statements.inc()
         elif isinstance(event, PingSucceeded):
             self.pings.labels(why=event.why).observe(event.latency)
-        elif isinstance(event, RetryScheduled):
+        else:
+            return False
+        return True
+
+    def _record_unit_event(self, event: Event) -> None:
+        """Record an event of a unit of work."""
+        if isinstance(event, RetryScheduled):
             self.retries.labels(kind=event.kind.value).inc()
         elif isinstance(event, RetriesGaveUp):
             self.gave_up.labels(reason=event.reason).inc()
@@ -405,9 +417,9 @@ class OpenTelemetryHook:
         policy = dropsafe.Policy(hooks=(LoggingHook(), OpenTelemetryHook()))
     """
 
-    def __init__(self, *, meter_provider: Any = None) -> None:  # noqa: ANN401 - the SDK's type, optional
+    def __init__(self, *, meter_provider: MeterProvider | None = None) -> None:
         try:
-            from opentelemetry import metrics, trace  # noqa: PLC0415 - an optional extra
+            from opentelemetry import metrics, trace
         except ImportError:
             raise ConfigurationError(
                 "OpenTelemetryHook needs opentelemetry-api: pip install 'dropsafe[otel]'"

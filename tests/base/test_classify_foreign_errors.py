@@ -196,7 +196,7 @@ def test_asyncpg_client_side_misuse_is_raised_once():
         connection = await session.connection()
         await connection.exec_driver_sql("SELECT $1::int", ())
 
-    from dropsafe.testing import PostgresServer  # noqa: PLC0415 - its own server, no TLS needed
+    from dropsafe.testing import PostgresServer  # its own server, no TLS needed
 
     with PostgresServer(tls=False) as server:
         counted = Counted()

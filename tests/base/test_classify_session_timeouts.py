@@ -95,7 +95,7 @@ def _errors_sync(server, driver):
                             conn.commit()
                         else:
                             conn.exec_driver_sql(step)
-            except Exception as exc:  # noqa: PERF203 - each case fails on its own
+            except Exception as exc:  # each case fails on its own
                 found[name] = exc
     finally:
         engine.dispose()
@@ -119,7 +119,7 @@ async def _errors_async(server):
                             await conn.commit()
                         else:
                             await conn.exec_driver_sql(step)
-            except Exception as exc:  # noqa: PERF203 - each case fails on its own
+            except Exception as exc:  # each case fails on its own
                 found[name] = exc
     finally:
         await engine.dispose()

@@ -51,6 +51,8 @@ MODULES_OF_PARTS = {
     "dropsafe._hooks": BASE,
     "dropsafe._backoff": BASE,
     "dropsafe._engine_state": BASE,
+    "dropsafe._dbapi": BASE,
+    "dropsafe._sqlalchemy_private": BASE,
     "dropsafe._transaction": MEETING,
     "dropsafe._request_unit": MEETING,
     "dropsafe": MEETING,

@@ -122,7 +122,7 @@ def test_any_number_is_accepted_in_range_or_refused_clearly(value):
 def test_a_per_call_override_is_checked_every_time_though_made_once():
     # The overridden policy is cached (making one costs more than a unit's own work); a value
     # that equals a cached one without being valid (True == 1) is still refused, every time.
-    from dropsafe._transaction import _settings  # noqa: PLC0415 - the cache under test
+    from dropsafe._transaction import _settings  # the cache under test
 
     engine = dropsafe.create_engine("postgresql+psycopg2://app@127.0.0.1:1/app")
     first, _ = _settings(engine, None, 1, 2)

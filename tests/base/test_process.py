@@ -99,10 +99,10 @@ def test_the_watchdog_works_in_a_child_forked_after_it_started():
 def test_what_an_engine_registers_goes_with_it():
     # Every engine registers its locks and its lifetime generator for renewal after a fork:
     # held weakly, so 1,000 engines made and dropped leave nothing behind.
-    import gc  # noqa: PLC0415 - only here
+    import gc  # only here
 
-    import dropsafe  # noqa: PLC0415
-    from dropsafe import _process  # noqa: PLC0415
+    import dropsafe
+    from dropsafe import _process
 
     url = "postgresql+psycopg2://app@127.0.0.1:1/app"
     dropsafe.create_engine(url).dispose()  # what the first engine loads, once per process

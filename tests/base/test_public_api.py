@@ -110,7 +110,7 @@ def test_names_of_version_one_that_are_gone_say_what_replaced_them():
     with pytest.raises(ImportError, match="that error itself is raised"):
         dropsafe.RetriesExhausted  # noqa: B018
     with pytest.raises(ImportError, match=r"now dropsafe\.ErrorKind"):
-        from dropsafe import Kind  # noqa: F401, PLC0415
+        from dropsafe import Kind  # noqa: F401
 
 
 def test_one_exception_tree():

@@ -107,7 +107,7 @@ def test_the_linear_rule_masks_what_the_regex_masked(text):
 
 def redact_text_params_only(text):
     # redact_text also masks password=... forms: apply that half alone to the reference.
-    from dropsafe._redaction import _mask_params  # noqa: PLC0415
+    from dropsafe._redaction import _mask_params
 
     return _mask_params(text)
 

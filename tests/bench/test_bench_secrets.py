@@ -26,7 +26,7 @@ def _command_lines() -> list[str]:
     for proc in Path("/proc").glob("[0-9]*"):
         try:
             lines.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except (OSError, UnicodeDecodeError):  # noqa: PERF203 - a process may end meanwhile
+        except (OSError, UnicodeDecodeError):  # a process may end meanwhile
             continue
     return lines
 
@@ -120,7 +120,7 @@ def test_another_local_user_reads_neither_the_log_nor_the_folder(shared_server):
 
 def test_config_written_into_the_servers_folder_never_goes_through_a_link(tmp_path):
     """The server's account owns its data folder: a link it put there must not be followed."""
-    from dropsafe.testing._runtime import write_no_link  # noqa: PLC0415
+    from dropsafe.testing._runtime import write_no_link
 
     target = tmp_path / "roots-own-file"
     target.write_text("untouched\n")

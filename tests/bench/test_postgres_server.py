@@ -198,10 +198,10 @@ def test_server_restarted_from_a_short_lived_thread_outlives_it(postgres_server)
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
 def test_runs_as_a_normal_user_too():
     """A forked child drops root for the postgres user and runs a server as itself."""
-    import concurrent.futures.thread  # noqa: PLC0415, F401 - the child may not read the stdlib
-    import pwd  # noqa: PLC0415
+    import concurrent.futures.thread  # noqa: F401 - the child may not read the stdlib
+    import pwd
 
-    from dropsafe.testing import _runtime  # noqa: PLC0415
+    from dropsafe.testing import _runtime
 
     user = pwd.getpwnam("postgres")
     read_end, write_end = os.pipe()

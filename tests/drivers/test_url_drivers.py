@@ -89,7 +89,7 @@ def test_the_url_plugin_takes_a_heroku_url(make):
     if make == "sync":
         engine = sa.create_engine(url)
     else:
-        from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415
+        from sqlalchemy.ext.asyncio import create_async_engine
 
         engine = create_async_engine(url)
     guard = guard_of(engine)

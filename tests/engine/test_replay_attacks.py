@@ -774,7 +774,7 @@ async def test_concurrent_async_sessions_closing_on_lost_connections(
     # Each task's ROLLBACK is told apart by a context variable set right before it: many
     # tasks closing at once on lost connections must each be absorbed, none raised, none
     # mixed up with another's (a live one among them rolls back for real).
-    import asyncio  # noqa: PLC0415 - only this test needs it
+    import asyncio  # only this test needs it
 
     events = []
     engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_size=6))
@@ -978,7 +978,7 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
     # SIGKILL of a backend makes the postmaster reset every session and recover: the replay's
     # fresh connection may come during recovery (refused) or after. Either way what the app
     # saw must match the server, within bounds.
-    import signal  # noqa: PLC0415
+    import signal
 
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events, pool_timeout=5))

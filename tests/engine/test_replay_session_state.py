@@ -86,7 +86,7 @@ def _set_driver_characteristics(driver, dbapi_connection):
     if driver == "psycopg2":
         dbapi_connection.set_session(isolation_level="SERIALIZABLE", readonly=True)
     elif driver == "psycopg":
-        import psycopg  # noqa: PLC0415 - only this driver's test needs it
+        import psycopg  # only this driver's test needs it
 
         native = getattr(dbapi_connection, "driver_connection", dbapi_connection)
         native.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
@@ -256,7 +256,7 @@ async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_
         dbapi_connection = raw.dbapi_connection
         await session.commit()
         if driver == "psycopg":  # its async connection takes them by awaited setters
-            import psycopg  # noqa: PLC0415 - only this driver's test needs it
+            import psycopg  # only this driver's test needs it
 
             native = dbapi_connection.driver_connection
             await native.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)

@@ -284,7 +284,7 @@ class CloudSqlLikeConnector:
         self._where = {"host": host, "port": port, **kwargs}
 
     def connect(self):
-        import pg8000  # noqa: PLC0415 - optional driver
+        import pg8000  # optional driver
 
         return pg8000.connect(**self._where)
 
@@ -336,7 +336,7 @@ class PublicSurfaceOnly:
 def _creator_engine(kind, server, *, host, port, policy):
     """An engine whose connections come from creator=, through ``host:port``."""
     if kind == "aws-wrapper-like":
-        import psycopg  # noqa: PLC0415
+        import psycopg
 
         def make():
             return AwsWrapperLike(

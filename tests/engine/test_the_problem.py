@@ -64,7 +64,7 @@ def test_psycopg3_over_tls_says_unexpected_eof(postgres_server, chaos_proxy, fau
 
 
 def test_psycopg3_terminated_backend_is_admin_shutdown(postgres_server, chaos_proxy):
-    import psycopg.errors  # noqa: PLC0415
+    import psycopg.errors
 
     error = _error_after_fault(postgres_server, chaos_proxy, "psycopg", "terminate")
     assert isinstance(error.orig, psycopg.errors.AdminShutdown)

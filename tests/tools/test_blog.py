@@ -161,10 +161,10 @@ def test_health_and_readiness(blog, chaos_proxy):
     not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver"
 )
 def test_a_browser_posts_once_through_cut_connections(blog, postgres_server, chaos_proxy):
-    from selenium import webdriver  # noqa: PLC0415 - only this test needs a browser
-    from selenium.webdriver.common.by import By  # noqa: PLC0415
-    from selenium.webdriver.support import expected_conditions  # noqa: PLC0415
-    from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
+    from selenium import webdriver  # only this test needs a browser
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
 
     web = serve(blog, port=0)
     thread = threading.Thread(target=web.run, daemon=True)

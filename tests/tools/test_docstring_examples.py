@@ -86,8 +86,8 @@ NOT_RUN_HERE = {
 
 def _public_examples() -> dict[str, str]:
     """Every public name's ``Example::`` block (and its module's), as the reference shows it."""
-    import importlib  # noqa: PLC0415
-    import inspect  # noqa: PLC0415
+    import importlib
+    import inspect
 
     found = {}
     for module_name in ("dropsafe", "dropsafe.events", "dropsafe.testing"):
@@ -125,7 +125,7 @@ def test_every_public_example_runs_or_says_where_it_does(posts, tmp_path):
         insert = sa.text("INSERT INTO docstring_posts (title) VALUES (:t) RETURNING id")
         return session.execute(insert, {"t": title}).scalar_one()
 
-    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+    from prometheus_client import CollectorRegistry
 
     ran = []
     for name, example in sorted(examples.items()):

@@ -149,7 +149,7 @@ def test_the_checker_rules() -> None:
 def test_history_ids_round_trip_and_bad_ones_are_refused() -> None:
     history = parse_history("session_insert:psycopg2:fin:7")
     assert history.id == "session_insert:psycopg2:fin:7"
-    from dropsafe import ConfigurationError  # noqa: PLC0415
+    from dropsafe import ConfigurationError
 
     for bad in ("session_insert:psycopg2:fin", "nope:psycopg2:fin:1", "x:y:z:w"):
         with pytest.raises(ConfigurationError):
@@ -159,3 +159,20 @@ def test_history_ids_round_trip_and_bad_ones_are_refused() -> None:
 def test_every_shape_has_a_face_and_every_fault_a_known_phase() -> None:
     assert all(shape.faces() for shape in CATALOG.values())
     assert {fault.phase for fault in FAULTS.values()} <= {"before", "after"}
+
+
+def test_the_bench_refuses_a_driver_it_makes_no_url_for() -> None:
+    from dropsafe import ConfigurationError
+    from dropsafe._bench._engines import bench_driver
+
+    assert bench_driver("asyncpg") == "asyncpg"
+    with pytest.raises(ConfigurationError, match="no URL for the driver 'mysqldb'"):
+        bench_driver("mysqldb")
+
+
+def test_a_history_id_has_four_parts_and_a_numbered_step() -> None:
+    from dropsafe import ConfigurationError
+
+    for text in ("commit_only:psycopg2:rst", "a:b:c:d:1", "commit_only:psycopg2:rst:x"):
+        with pytest.raises(ConfigurationError, match="shape:driver:fault:step"):
+            parse_history(text)

@@ -520,8 +520,8 @@ def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
     """As a role without privileges: resets, reload, CHECKPOINT, VACUUM and a fast restart keep
     the history; a backend SIGKILLed (crash restart: same postmaster) and an immediate stop
     move it."""
-    from dropsafe._unit.server_life import ServerLife  # noqa: PLC0415
-    from dropsafe._unit.server_sql import SERVER_LIFE_SQL  # noqa: PLC0415
+    from dropsafe._unit.server_life import ServerLife
+    from dropsafe._unit.server_sql import SERVER_LIFE_SQL
 
     app_url = _app_role(server)("psycopg2").replace("postgresql+psycopg2", "postgresql")
 

@@ -139,7 +139,7 @@ class FakeEngine:
 
 
 def test_each_lost_commit_is_reported_once_through_the_hooks(monkeypatch):
-    from dropsafe._unit import failover_audit as _failover_audit  # noqa: PLC0415
+    from dropsafe._unit import failover_audit as _failover_audit
 
     engine, events = FakeEngine(), []
     monkeypatch.setattr(
@@ -154,7 +154,7 @@ def test_each_lost_commit_is_reported_once_through_the_hooks(monkeypatch):
 
 
 def test_a_server_that_cannot_be_asked_makes_the_commits_unknown_after_three_tries(monkeypatch):
-    from dropsafe._unit import failover_audit as _failover_audit  # noqa: PLC0415
+    from dropsafe._unit import failover_audit as _failover_audit
 
     engine, events = FakeEngine(), []
 
@@ -174,9 +174,9 @@ def test_a_server_that_cannot_be_asked_makes_the_commits_unknown_after_three_tri
 
 
 def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_arguments():
-    import functools  # noqa: PLC0415
+    import functools
 
-    from dropsafe._transaction import _unit_name  # noqa: PLC0415
+    from dropsafe._transaction import _unit_name
 
     def place_order(session, card_number):
         del session, card_number
@@ -193,7 +193,7 @@ def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_argume
 
 
 def test_an_audit_cancelled_midway_leaves_its_commits_for_the_next(monkeypatch):
-    from dropsafe._unit import failover_audit as _failover_audit  # noqa: PLC0415
+    from dropsafe._unit import failover_audit as _failover_audit
 
     engine, events = FakeEngine(), []
 

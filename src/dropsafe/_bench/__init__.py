@@ -35,8 +35,8 @@ def run(
     ``quick`` finishes in about two minutes (one short round, fewer drivers in the ledger,
     half-open capped at 15 s); the full run takes about a quarter of an hour.
     """
-    from dropsafe._bench._faults import run_half_open, run_ledger, run_recovery  # noqa: PLC0415
-    from dropsafe._bench._healthy import run_healthy  # noqa: PLC0415
+    from dropsafe._bench._faults import run_half_open, run_ledger, run_recovery
+    from dropsafe._bench._healthy import run_healthy
 
     out.mkdir(parents=True, exist_ok=True)
     load_at_start = load_average()

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
+from dropsafe._drivers import socket_fd
 from dropsafe._policy import seconds as to_seconds
+from dropsafe.testing._server import Driver
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from sqlalchemy.ext.asyncio import AsyncSession
+
+    from dropsafe._dbapi import DBAPIConnection
 
 __all__ = [
     "AsyncTarget",
@@ -114,14 +119,21 @@ def _policy(variant: Variant) -> dropsafe.Policy:
     )
 
 
+def bench_driver(name: str) -> Driver:
+    """Return ``name`` as a driver the bench's servers make URLs for; refuse any other."""
+    if name not in get_args(Driver):
+        raise dropsafe.ConfigurationError(f"the bench makes no URL for the driver {name!r}")
+    return cast("Driver", name)
+
+
 def careful_libpq_args() -> dict[str, int]:
     """Return the libpq parameters dropsafe's default `ConnectionPolicy` sets, written out.
 
     What a careful user of psycopg2 or psycopg passes as ``connect_args`` for a fair baseline.
     """
     policy = dropsafe.ConnectionPolicy()
-    assert policy.keepalive_idle is not None  # noqa: S101 - dropsafe's defaults turn them on
-    assert policy.tcp_user_timeout is not None  # noqa: S101
+    if policy.keepalive_idle is None or policy.tcp_user_timeout is None:
+        raise dropsafe.ConfigurationError("the careful baseline copies TCP settings that are off")
     return {
         # libpq rounds connect_timeout down and treats 1 as 2.
         "connect_timeout": max(2, math.ceil(to_seconds(policy.connect_timeout))),
@@ -141,19 +153,24 @@ def _tune_asyncpg_sockets(engine: AsyncEngine) -> None:
     policy = dropsafe.ConnectionPolicy()
     libpq = careful_libpq_args()
 
-    def tune(dbapi_connection: Any, record: object) -> None:  # noqa: ANN401 - DBAPI connection
+    def tune(dbapi_connection: DBAPIConnection, record: object) -> None:
         del record
-        transport = dbapi_connection.driver_connection._transport  # noqa: SLF001 - no public way
-        sock = transport.get_extra_info("socket")
-        if sock is None or sock.family not in {socket.AF_INET, socket.AF_INET6}:
+        fd = socket_fd(dbapi_connection)  # dropsafe's own way to it: asyncpg's is private
+        if fd is None:
             return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, libpq["keepalives_idle"])
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, libpq["keepalives_interval"])
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, policy.keepalive_count)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, libpq["tcp_user_timeout"])
+        with socket.socket(fileno=os.dup(fd)) as sock:  # a copy: closing it leaves the link
+            if sock.family in {socket.AF_INET, socket.AF_INET6}:
+                _set_careful_options(sock, libpq, policy.keepalive_count)
 
     sa.event.listen(engine.sync_engine, "connect", tune)
+
+
+def _set_careful_options(sock: socket.socket, libpq: dict[str, int], count: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, libpq["keepalives_idle"])
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, libpq["keepalives_interval"])
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, libpq["tcp_user_timeout"])
 
 
 def _baseline_kwargs(variant: Variant, driver: str) -> dict[str, Any]:
@@ -175,7 +192,7 @@ def _warm_engine(engine: sa.Engine, clients: int) -> None:
         connection.close()
 
 
-def make_sync(variant: Variant, url: str, clients: int, **kwargs: Any) -> SyncTarget:  # noqa: ANN401
+def make_sync(variant: Variant, url: str, clients: int, **kwargs: object) -> SyncTarget:
     """Return a sync variant's `SyncTarget`; its engine lives until ``dispose()``."""
     pool_kwargs: dict[str, Any] = {"pool_size": clients, "max_overflow": 0, **kwargs}
     if variant.guarded:
@@ -200,9 +217,14 @@ def make_sync(variant: Variant, url: str, clients: int, **kwargs: Any) -> SyncTa
     return SyncTarget(request, lambda n: _warm_engine(engine, n), engine.dispose, engine=engine)
 
 
-def make_psycopg_pool(url: str, clients: int, **kwargs: Any) -> SyncTarget:  # noqa: ANN401
-    """psycopg_pool with its ``check`` (a round trip per checkout), without SQLAlchemy."""
-    import psycopg_pool  # noqa: PLC0415 - only this variant needs it
+def make_psycopg_pool(
+    url: str, clients: int, *, configure: Callable[[Any], None] | None = None
+) -> SyncTarget:
+    """psycopg_pool with its ``check`` (a round trip per checkout), without SQLAlchemy.
+
+    ``configure``: psycopg_pool's own, called with each new connection.
+    """
+    import psycopg_pool
 
     conninfo = sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
     pool = psycopg_pool.ConnectionPool(
@@ -211,7 +233,7 @@ def make_psycopg_pool(url: str, clients: int, **kwargs: Any) -> SyncTarget:  # n
         max_size=clients,
         check=psycopg_pool.ConnectionPool.check_connection,
         open=True,
-        **kwargs,
+        configure=configure,
     )
 
     def request(workload: str) -> object:

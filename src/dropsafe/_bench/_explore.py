@@ -27,9 +27,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator  # noqa: TC003 - a dataclass field's type, at runtime
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, final
 
 import dropsafe
 from dropsafe._bench._flights import FlightProxy, Strike
@@ -47,7 +46,11 @@ from dropsafe._bench._shapes import run_shape as _run_shape
 from dropsafe.testing._server import PostgresServer, ServerError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
+
+    import psycopg2.extensions
+
+    from dropsafe._bench._flights import Phase, Then
 
 __all__ = [
     "FAULTS",
@@ -85,10 +88,12 @@ class History:
 
 def parse_history(text: str) -> History:
     """Return the `History` an id names, checked against the catalog."""
-    parts = text.split(":")
-    if len(parts) != 4 or not parts[3].isdigit():  # noqa: PLR2004
+    try:
+        shape, driver, fault, step = text.split(":")
+    except ValueError:
+        step = ""
+    if not step.isdigit():
         raise dropsafe.ConfigurationError(f"a history id is shape:driver:fault:step: {text!r}")
-    shape, driver, fault, step = parts
     if shape not in CATALOG or driver not in DRIVERS or fault not in FAULTS:
         raise dropsafe.ConfigurationError(f"unknown shape, driver or fault in {text!r}")
     return History(shape, driver, fault, int(step))
@@ -192,8 +197,8 @@ class Fault:
 
     name: str
     what: str
-    phase: str
-    then: str
+    phase: Phase
+    then: Then
     action: str | None = None
     slow: bool = False
     #: Needs a unit's deadline to end (the zero-code shapes have none).
@@ -316,8 +321,8 @@ class _Listener:
         self.dsn = dsn
         self.connection: Any = None
 
-    def _ensure(self) -> Any:  # noqa: ANN401 - a psycopg2 connection
-        import psycopg2  # noqa: PLC0415
+    def _ensure(self) -> psycopg2.extensions.connection:
+        import psycopg2
 
         if self.connection is not None and not self.connection.closed:
             try:
@@ -347,7 +352,7 @@ class _Listener:
         A crash restart closes this connection: what it received before is kept, and a new
         connection sends the sentinel (notifications of a commit after the crash reach it).
         """
-        import psycopg2  # noqa: PLC0415
+        import psycopg2
 
         heard: Counter[str] = Counter()
         old = self.connection
@@ -392,6 +397,7 @@ class Record:
 
 
 @dataclass
+@final
 class Explorer:
     """Owns one server, one proxy and one LISTENer, and runs histories on them."""
 
@@ -404,7 +410,7 @@ class Explorer:
     _stops: Iterator[int] = field(default_factory=itertools.count)
     _admin: dict[str, Any] = field(default_factory=dict)
 
-    def __enter__(self) -> Explorer:  # noqa: PYI034 - final in practice
+    def __enter__(self) -> Explorer:
         self.server = PostgresServer(tls=False, settings={"max_prepared_transactions": "10"})
         self.server.start()
         password = self.server.password.replace("'", "''")
@@ -486,8 +492,8 @@ class Explorer:
         labels = self.steps(history.shape, history.driver)
         strike = Strike(
             history.step,
-            fault.phase,  # type: ignore[arg-type]
-            fault.then,  # type: ignore[arg-type]
+            fault.phase,
+            fault.then,
             self._action(fault.action),
             hold_s=HOLD_S,
         )
@@ -555,7 +561,7 @@ class Explorer:
         psql per call cost ~30 ms on a loaded machine, five times per history. A lost
         connection (a crash restart, maybe still under way) is replaced until a deadline.
         """
-        import psycopg2  # noqa: PLC0415
+        import psycopg2
 
         deadline = time.monotonic() + _WAIT_S
         while True:
@@ -589,7 +595,7 @@ class Explorer:
     def _prepare(self) -> None:
         self._wait_accepting()
         # DELETE, not TRUNCATE: a few rows, and TRUNCATE makes new files (80 ms a history).
-        wipe = "; ".join(f"DELETE FROM {schema}.effects" for schema in _SCHEMAS)  # noqa: S608
+        wipe = "; ".join(f"DELETE FROM {schema}.effects" for schema in _SCHEMAS)
         for db in DATABASES.values():
             self._sql(wipe, database=db)
         self.listener.start()
@@ -599,8 +605,7 @@ class Explorer:
         roles: set[str] = set()
         for key, db in DATABASES.items():
             union = " UNION ALL ".join(
-                f"SELECT '{schema}', tag, usr FROM {schema}.effects"  # noqa: S608
-                for schema in _SCHEMAS
+                f"SELECT '{schema}', tag, usr FROM {schema}.effects" for schema in _SCHEMAS
             )
             for schema, tag, usr in self._sql(union, database=db):
                 rows[(key, schema, tag)] += 1
@@ -622,7 +627,7 @@ class Explorer:
                 if not self.server.running:
                     self.server.start()
                 self._sql("SELECT 1")
-            except ServerError:  # noqa: PERF203 - a poll, not a hot loop
+            except ServerError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)  # polling a restarting server, within a deadline
@@ -636,7 +641,7 @@ class Explorer:
             with contextlib.suppress(ServerError):
                 self._wait_accepting()
                 left = self._sql(
-                    f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{APP_ROLE}'"  # noqa: S608
+                    f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{APP_ROLE}'"
                 )
                 if left[0][0] == "0":
                     return
@@ -669,9 +674,7 @@ class Explorer:
         return action
 
     def _backend(self, port: int) -> int:
-        rows = self._sql(
-            f"SELECT pid FROM pg_stat_activity WHERE client_port = {int(port)}"  # noqa: S608
-        )
+        rows = self._sql(f"SELECT pid FROM pg_stat_activity WHERE client_port = {int(port)}")
         if not rows:
             msg = f"no backend for client port {port}"
             raise ServerError(msg)
@@ -688,7 +691,7 @@ class Explorer:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with contextlib.suppress(ServerError):
-                if not self._sql(f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"):  # noqa: S608
+                if not self._sql(f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"):
                     return
             time.sleep(0.05)  # polling a recovering server, within a deadline
 
@@ -745,7 +748,7 @@ class Explorer:
         self, cells: list[tuple[str, str, str]], *, sample: int | None, seed: int
     ) -> Iterator[History]:
         """Every history of ``cells`` (steps from healthy runs), or a random ``sample``."""
-        rng = random.Random(seed)  # noqa: S311 - sampling, not cryptography
+        rng = random.Random(seed)
         if sample is None:
             for shape, driver, fault in cells:
                 if fault == "none":
@@ -767,7 +770,7 @@ def _call(run: Callable[[], object]) -> Outcome:
         return Outcome("unknown", _short(exc))
     except dropsafe.ConfigurationError as exc:
         return Outcome("refused", _short(exc))
-    except Exception as exc:  # noqa: BLE001 - every error is an outcome to check
+    except Exception as exc:  # every error is an outcome to check
         return Outcome("error", _short(exc))
     return Outcome("ok")
 

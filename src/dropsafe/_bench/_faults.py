@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from dropsafe._bench._engines import SCHEMA, Variant, make_async, make_sync
+from dropsafe._bench._engines import SCHEMA, Variant, bench_driver, make_async, make_sync
 from dropsafe._bench._ledger import (
     INSERT,
     guarded_writers,
@@ -34,6 +34,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
+    from dropsafe._bench._ledger import Ledger
+
 __all__ = [
     "HALF_OPEN_VARIANTS",
     "PRE_PING_TCP",
@@ -53,6 +55,7 @@ HALF_OPEN_VARIANTS = (Variant("plain"), Variant("pre_ping"), PRE_PING_TCP, Varia
 NAIVE_ATTEMPTS = 30
 NAIVE_BACKOFF = (0.05, 0.5)
 _GIVE_UP = 30.0
+_BEFORE_FAULT = 5  # outcomes the client has seen before the fault strikes
 
 
 @dataclass
@@ -82,7 +85,7 @@ def _client(variant: Variant, driver: str, url: str, timeline: Timeline) -> thre
                 while not timeline.stop.is_set():
                     try:
                         await request("write")
-                    except Exception:  # noqa: BLE001, PERF203 - an app-visible error, counted
+                    except Exception:  # an app-visible error, counted
                         timeline.outcomes.append((time.monotonic(), False))
                         await asyncio.sleep(0.01)  # an app would not spin on errors either
                     else:
@@ -99,7 +102,7 @@ def _client(variant: Variant, driver: str, url: str, timeline: Timeline) -> thre
             while not timeline.stop.is_set():
                 try:
                     request("write")
-                except Exception:  # noqa: BLE001, PERF203 - an app-visible error, counted
+                except Exception:  # an app-visible error, counted
                     timeline.outcomes.append((time.monotonic(), False))
                     time.sleep(0.01)
                 else:
@@ -127,14 +130,14 @@ def _recover_once(scenario: str, driver: str, variant: Variant) -> tuple[float, 
         if scenario == "promotion":
             standby = primary.make_standby()
             stack.callback(standby.close)
-            url = multi_host_url([primary, standby], driver)  # type: ignore[arg-type]
+            url = multi_host_url([primary, standby], bench_driver(driver))
         else:
-            url = primary.url(driver)  # type: ignore[arg-type]
+            url = primary.url(bench_driver(driver))
         timeline = Timeline()
         thread = _client(variant, driver, url, timeline)
         thread.start()
         try:
-            if not _wait(lambda: len(timeline.outcomes) >= 5, _GIVE_UP):  # noqa: PLR2004
+            if not _wait(lambda: len(timeline.outcomes) >= _BEFORE_FAULT, _GIVE_UP):
                 return 0.0, None, 0
             fault_at = time.monotonic()
             if scenario == "promotion":
@@ -314,7 +317,7 @@ def _warm(
     variant: Variant, driver: str, server: PostgresServer, cleanups: list[Callable[[], None]]
 ) -> Callable[[], None]:
     """Return a request on a warmed one-connection engine, ready to run in any thread."""
-    url = server.url(driver)  # type: ignore[arg-type]
+    url = server.url(bench_driver(driver))
     if driver != "asyncpg":
         target = make_sync(variant, url, 1)
         target.request("query")
@@ -349,7 +352,9 @@ def run_ledger(
             with PostgresServer() as server, ChaosProxy(server.host, server.port) as proxy:
                 prepare(server)
                 engines: list[Any] = []
-                factory = _ledger_factory(name, proxy.route(server.url(driver)), engines)  # type: ignore[arg-type]
+                factory = _ledger_factory(
+                    name, proxy.route(server.url(bench_driver(driver))), engines
+                )
                 try:
                     ledger = run_sync(server_faults(server, proxy), factory, 31, seconds=seconds)
                 finally:
@@ -437,8 +442,8 @@ def _ledger_comparison(rows: list[list[Any]]) -> str:
 
 def _ledger_factory(
     name: str, url: str, engines: list[Any]
-) -> Callable[[Any], Callable[[str], object]]:
-    def factory(ledger: Any) -> Callable[[str], object]:  # noqa: ANN401 - a Ledger
+) -> Callable[[Ledger], Callable[[str], object]]:
+    def factory(ledger: Ledger) -> Callable[[str], object]:
         if name == "dropsafe":
             return guarded_writers(url, engines)(ledger)
         engine = sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)

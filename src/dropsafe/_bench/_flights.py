@@ -19,7 +19,7 @@ import socket
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, final
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -78,15 +78,18 @@ class _Link:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
+_HEADER = 5  # a protocol message's type byte and length
+
+
 def label_of(data: bytes) -> str:
     """Name a flight by its first protocol message (plaintext only)."""
-    if len(data) >= 5 and data[:1].isalpha():  # noqa: PLR2004 - type byte + length
+    if len(data) >= _HEADER and data[:1].isalpha():
         kind = chr(data[0])
         if kind == "Q":
-            text = data[5:].split(b"\x00", 1)[0].decode("utf-8", "replace")
+            text = data[_HEADER:].split(b"\x00", 1)[0].decode("utf-8", "replace")
             return "Q " + " ".join(text.split())[:60]
         if kind == "P":
-            body = data[5:].split(b"\x00", 2)
+            body = data[_HEADER:].split(b"\x00", 2)
             text = body[1].decode("utf-8", "replace") if len(body) > 1 else ""
             return "P " + " ".join(text.split())[:60]
         return {"X": "terminate", "B": "bind/execute", "S": "sync", "d": "copy data"}.get(
@@ -95,6 +98,7 @@ def label_of(data: bytes) -> str:
     return "startup"
 
 
+@final
 class FlightProxy:
     """Forward loopback TCP to ``upstream_port``, number client flights, strike one of them.
 
@@ -120,7 +124,7 @@ class FlightProxy:
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
 
-    def __enter__(self) -> FlightProxy:  # noqa: PYI034 - final in practice
+    def __enter__(self) -> FlightProxy:
         self.start()
         return self
 
@@ -163,7 +167,8 @@ class FlightProxy:
     # -- loop side ---------------------------------------------------------------------------
 
     def _call(self, coro: Coroutine[object, object, None]) -> None:
-        assert self._loop is not None  # noqa: S101 - started
+        if self._loop is None:
+            raise RuntimeError("the flight proxy is not started")
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(_CALL_TIMEOUT)
 
     async def _listen(self) -> None:
@@ -275,7 +280,7 @@ class FlightProxy:
         try:
             if strike.action is not None:
                 await strike.action(link.upstream_port)
-        except Exception as exc:  # noqa: BLE001 - reported with the history, never lost
+        except Exception as exc:  # reported with the history, never lost
             strike.error = exc
         finally:
             strike.done.set()

@@ -75,7 +75,7 @@ SCENARIOS = (
 TABLE = "ha_ledger"
 # The transaction id comes back with the acknowledgement: a lost write can be named by it.
 INSERT = sa.text(
-    f"INSERT INTO {TABLE} (op_id) VALUES (:op_id) RETURNING pg_current_xact_id()::text"  # noqa: S608 - a constant
+    f"INSERT INTO {TABLE} (op_id) VALUES (:op_id) RETURNING pg_current_xact_id()::text"
 )
 _INTERVAL = 0.05  # between two writes of one writer
 _MAX_OPS = 20_000
@@ -177,7 +177,7 @@ class Writer(threading.Thread):
                 op_id, started = f"{self.variant}-{number}", time.monotonic()
                 try:
                     xid = write(op_id)
-                except Exception as exc:  # noqa: BLE001 - what the app sees is what we count
+                except Exception as exc:  # what the app sees is what we count
                     self._failed(op_id, started, exc)
                 else:
                     self.outcomes.append(Outcome(op_id, started, time.monotonic(), "ack", xid=xid))
@@ -196,7 +196,7 @@ class Writer(threading.Thread):
                 op_id, started = f"{self.variant}-{number}", time.monotonic()
                 try:
                     xid = await _write_async(engine, op_id)
-                except Exception as exc:  # noqa: BLE001 - what the app sees is what we count
+                except Exception as exc:  # what the app sees is what we count
                     self._failed(op_id, started, exc)
                 else:
                     self.outcomes.append(Outcome(op_id, started, time.monotonic(), "ack", xid=xid))
@@ -340,7 +340,7 @@ def run_scenario(
         cluster.wait_healthy(60)
     except ServerError:
         cluster.wait_for_leader(limit)
-    counted = cluster.execute(f"SELECT op_id, count(*) FROM {TABLE} GROUP BY 1")  # noqa: S608
+    counted = cluster.execute(f"SELECT op_id, count(*) FROM {TABLE} GROUP BY 1")
     rows = Counter({op: int(n) for op, n in counted})
     return [_figures(writer, event_at, rows) for writer in writers]
 

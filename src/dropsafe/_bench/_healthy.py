@@ -11,6 +11,7 @@ from dropsafe._bench._engines import (
     SCHEMA,
     Sample,
     Variant,
+    bench_driver,
     drive_async,
     drive_sync,
     make_async,
@@ -50,7 +51,7 @@ def cell_url(server: PostgresServer, proxy: ChaosProxy, rtt: int, driver: str) -
     An in-process proxy caps throughput and takes CPU from the client, hiding what the check
     costs; it is only there to add latency.
     """
-    url = server.url(driver)  # type: ignore[arg-type]
+    url = server.url(bench_driver(driver))
     return url if rtt == 0 else proxy.route(url)
 
 
@@ -100,9 +101,14 @@ def run_healthy(out: Path, *, rounds: int, seconds: float, log: Callable[[str], 
     return _section(samples, keys, out)
 
 
-def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> list[str]:  # noqa: C901 - one table per cell, one plot per workload
+def _rate(samples: dict[Key, list[Sample]], key: Key) -> float:
+    """Return the median throughput of ``key``'s rounds."""
+    return statistics.median(s.rate for s in samples[key])
+
+
+def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> list[str]:
     def rate(key: Key) -> float:
-        return statistics.median(s.rate for s in samples[key])
+        return _rate(samples, key)
 
     def spread(key: Key) -> float:
         """Half the range of the rounds' throughputs, in percent of their median."""
@@ -160,27 +166,34 @@ def _section(samples: dict[Key, list[Sample]], keys: list[Key], out: Path) -> li
         title = f"{workload}, {rtt} ms RTT, {clients} client(s)"
         lines += ["", f"### {title}", "", *table(header, rows, text_columns=2)]
     for workload in ("query", "write"):
-        variant_names = [v.name for v in (PLAIN, PRE_PING, GUARDED, UNVERIFIED, POOL)]
-        group_names = [f"{d}\n{r} ms, {c}c" for r in (0, 10) for c in (1, 8) for d in DRIVERS]
-        series: dict[str, list[float]] = {}
-        for name in variant_names:
-            values = []
-            for rtt in (0, 10):
-                for clients in (1, 8):
-                    for driver in DRIVERS:
-                        cell: Key = (workload, rtt, clients, driver, name)
-                        plain: Key = (workload, rtt, clients, driver, PLAIN.name)
-                        values.append(rate(cell) / rate(plain) if cell in samples else 0.0)
-            if any(values):
-                series[name] = values
-        picture = out / f"healthy_{workload}.png"
-        bar_plot(
-            group_names,
-            series,
-            title=f"{workload}: throughput relative to the plain pool (higher is better)",
-            ylabel="ratio to plain pool",
-            path=picture,
-            baseline=1.0,
-        )
+        picture = _plot(samples, workload, out)
         lines += ["", f"![{workload}]({picture.name})"]
     return lines
+
+
+def _plot(samples: dict[Key, list[Sample]], workload: str, out: Path) -> Path:
+    """Draw each variant's throughput relative to the plain pool's, cell by cell; its path."""
+    variant_names = [v.name for v in (PLAIN, PRE_PING, GUARDED, UNVERIFIED, POOL)]
+    group_names = [f"{d}\n{r} ms, {c}c" for r in (0, 10) for c in (1, 8) for d in DRIVERS]
+    series: dict[str, list[float]] = {}
+    for name in variant_names:
+        values = []
+        for rtt in (0, 10):
+            for clients in (1, 8):
+                for driver in DRIVERS:
+                    cell: Key = (workload, rtt, clients, driver, name)
+                    plain: Key = (workload, rtt, clients, driver, PLAIN.name)
+                    measured = cell in samples
+                    values.append(_rate(samples, cell) / _rate(samples, plain) if measured else 0.0)
+        if any(values):
+            series[name] = values
+    picture = out / f"healthy_{workload}.png"
+    bar_plot(
+        group_names,
+        series,
+        title=f"{workload}: throughput relative to the plain pool (higher is better)",
+        ylabel="ratio to plain pool",
+        path=picture,
+        baseline=1.0,
+    )
+    return picture

@@ -127,7 +127,7 @@ class Nemesis(threading.Thread):
     def __init__(self, faults: Faults, ledger: Ledger, seed: int, seconds: float) -> None:
         super().__init__(name="nemesis", daemon=True)
         self.faults, self.ledger, self.seconds = faults, ledger, seconds
-        self.rng = random.Random(seed)  # noqa: S311 - a fault schedule, not cryptography
+        self.rng = random.Random(seed)  # a fault schedule, not cryptography
         self.stop = threading.Event()
         self.error: BaseException | None = None
 
@@ -146,7 +146,7 @@ class Nemesis(threading.Thread):
                     continue
                 action()
                 self.ledger.faults[name] += 1
-        except Exception as exc:  # noqa: BLE001 - reported by the run that started it
+        except Exception as exc:
             self.error = exc
 
 
@@ -330,7 +330,7 @@ def run_sync(
             error: BaseException | None = None
             try:
                 unit_of_work(op_id)
-            except Exception as exc:  # noqa: BLE001 - counted, not raised
+            except Exception as exc:
                 error = exc
             with lock:
                 ledger.note(op_id, error)
@@ -375,7 +375,7 @@ async def run_async(
             error: BaseException | None = None
             try:
                 await unit_of_work(op_id)
-            except Exception as exc:  # noqa: BLE001 - counted, not raised
+            except Exception as exc:
                 error = exc
             ledger.note(op_id, error)
 

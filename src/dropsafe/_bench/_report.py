@@ -65,10 +65,10 @@ def bar_plot(
     baseline: float | None = None,
 ) -> None:
     """Draw grouped bars (one group per entry of ``groups``, one bar per series)."""
-    import matplotlib as mpl  # noqa: PLC0415 - only the report needs it
+    import matplotlib as mpl
 
     mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(9, 4.8))
     width = 0.8 / max(1, len(series))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable  # noqa: TC003 - a dataclass field's type, at runtime
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,9 +22,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 import dropsafe
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable
+    from collections.abc import Callable, Coroutine
 
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 __all__ = ["CATALOG", "DRIVERS", "Context", "Effects", "Shape"]
 
@@ -75,7 +74,7 @@ class Context:
     pause: Callable[..., None] = lambda **_: None
     engines: list[Any] = field(default_factory=list)
 
-    def engine(self, db: str = "a", **kw: Any) -> sa.Engine:  # noqa: ANN401 - engine options
+    def engine(self, db: str = "a", **kw: object) -> sa.Engine:
         """Make a dropsafe engine on database ``db``, connected once, disposed after the run."""
         engine = dropsafe.create_engine(self.urls[db], policy=self.policy, **kw)
         return self.warm(engine)
@@ -91,7 +90,7 @@ class Context:
             self.pause(paused=False)
         return engine
 
-    async def aengine(self, db: str = "a", **kw: Any) -> AsyncEngine:  # noqa: ANN401 - engine options
+    async def aengine(self, db: str = "a", **kw: object) -> AsyncEngine:
         """Make an async dropsafe engine on ``db``, connected once, disposed by its run."""
         engine = dropsafe.create_async_engine(self.urls[db], policy=self.policy, **kw)
         self.engines.append(engine)
@@ -122,7 +121,7 @@ class Shape:
     what: str
     effects: Callable[[Context], Effects]
     sync: Callable[[Context], object] | None = None
-    run_async: Callable[[Context], Awaitable[object]] | None = None
+    run_async: Callable[[Context], Coroutine[object, object, object]] | None = None
     drivers: tuple[str, ...] = tuple(DRIVERS)
     #: The request runs outside any unit (the zero-code path): a raise after a COMMIT was
     #: sent may leave the effect (the app knows its request failed, not what it did).
@@ -143,7 +142,7 @@ def _rows(*tags: str, db: str = "a", schema: str = APP_ROLE) -> Counter[tuple[st
 
 def _insert(tag: str, *, schema: str | None = None) -> str:
     table = f"{schema}.effects" if schema else "effects"
-    return f"INSERT INTO {table} (tag) VALUES ('{tag}')"  # noqa: S608 - catalog constants
+    return f"INSERT INTO {table} (tag) VALUES ('{tag}')"  # catalog constants
 
 
 # -- generic: a list of statements in one unit ------------------------------------------------
@@ -178,7 +177,7 @@ def _statements(
         engine = await ctx.aengine(**kw)
         sqls = statements(ctx)
 
-        async def unit(handle: Any) -> None:  # noqa: ANN401 - AsyncSession or AsyncConnection
+        async def unit(handle: AsyncSession | AsyncConnection) -> None:
             for sql in sqls:
                 await handle.execute(sa.text(sql))
 
@@ -401,7 +400,7 @@ def _copy_sync(ctx: Context) -> object:
     def unit(connection: sa.Connection) -> None:
         raw: Any = connection.connection.driver_connection
         if driver == "psycopg2":
-            import io  # noqa: PLC0415
+            import io
 
             with raw.cursor() as cursor:
                 cursor.copy_expert("COPY effects (tag) FROM STDIN", io.StringIO("a\nb\n"))
@@ -428,7 +427,7 @@ def _server_cursor_sync(ctx: Context) -> object:
 async def _server_cursor_async(ctx: Context) -> object:
     engine = await ctx.aengine()
 
-    async def unit(connection: Any) -> None:  # noqa: ANN401 - AsyncConnection
+    async def unit(connection: AsyncConnection) -> None:
         result = await connection.stream(sa.text("SELECT g FROM generate_series(1, 50) g"))
         total = 0
         async for row in result:
@@ -721,9 +720,11 @@ def run_shape(shape: Shape, driver: str, ctx: Context) -> object:
     """Run ``shape`` once on ``driver``'s face; engines are disposed whatever happens."""
     try:
         if DRIVERS[driver][1]:
-            assert shape.run_async is not None  # noqa: S101 - faces() filters
-            return asyncio.run(shape.run_async(ctx))  # type: ignore[arg-type]
-        assert shape.sync is not None  # noqa: S101 - faces() filters
+            if shape.run_async is None:  # faces() leaves such shapes out
+                raise dropsafe.ConfigurationError(f"shape {shape.name} has no async face")
+            return asyncio.run(shape.run_async(ctx))
+        if shape.sync is None:
+            raise dropsafe.ConfigurationError(f"shape {shape.name} has no sync face")
         return shape.sync(ctx)
     finally:
         ctx.dispose()

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(arguments, mask)
 
 
-def _run(arguments: list[str], mask: SecretMask) -> int:  # noqa: PLR0911 - one return per exit code
+def _run(arguments: list[str], mask: SecretMask) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(arguments)
@@ -66,26 +66,31 @@ def _run(arguments: list[str], mask: SecretMask) -> int:  # noqa: PLR0911 - one 
         parser.print_help()
         return EXIT_USAGE
     args.secrets = mask  # a command that makes a secret (a server's URL) adds it here
+    return _run_command(args)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command ``args`` name; its errors become an exit code and one masked line."""
     name = f"dropsafe {args.command}"
     try:
         return int(args.run(args))
     except ConfigurationError as exc:
-        print(f"{name}: {redact_text(str(exc))}", file=sys.stderr)  # noqa: T201 - the CLI's own output
+        print(f"{name}: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
     except DropsafeError as exc:
-        print(f"{name}: {redact_text(str(exc))}", file=sys.stderr)  # noqa: T201
+        print(f"{name}: {redact_text(str(exc))}", file=sys.stderr)
         return EXIT_FOUND_PROBLEM
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001 - a bug or a broken machine: shown masked, not re-raised
         # Re-raised, the traceback would be printed after the output mask is gone.
         traceback.print_exc()
-        print(f"{name}: failed (the traceback above says where)", file=sys.stderr)  # noqa: T201
+        print(f"{name}: failed (the traceback above says where)", file=sys.stderr)
         return EXIT_FOUND_PROBLEM
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dropsafe._cli import (  # noqa: PLC0415 - commands load what they need
+    from dropsafe._cli import (
         bench,
         demo,
         doctor,

@@ -34,13 +34,13 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def run(args: argparse.Namespace) -> int:
     """Run the benchmarks; print where the report is."""
     require_extra("all,bench", "matplotlib", "psycopg_pool")
-    from dropsafe._bench import SECTIONS  # noqa: PLC0415
-    from dropsafe._bench import run as run_benchmarks  # noqa: PLC0415
+    from dropsafe._bench import SECTIONS
+    from dropsafe._bench import run as run_benchmarks
 
     sections = tuple(args.only or SECTIONS)
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
         raise ConfigurationError(f"unknown section(s) {unknown}; choose from {list(SECTIONS)}")
     report = run_benchmarks(output_folder(args.out), quick=args.quick, sections=sections)
-    print(f"report written to {report}")  # noqa: T201 - the CLI's own output
+    print(f"report written to {report}")
     return EXIT_OK

@@ -11,6 +11,8 @@ from dropsafe._errors import ConfigurationError
 if TYPE_CHECKING:
     import argparse
 
+    from rich.table import Table
+
     from dropsafe._demo.scenario import Run
 
 __all__ = ["register", "run"]
@@ -35,16 +37,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.set_defaults(run=run)
 
 
+_SHORTEST, _LONGEST = 5, 3600  # seconds a demo may run
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the demo with live progress; print the side-by-side table."""
     require_extra("demo", "flask", "matplotlib", "rich", "waitress")
-    if not 5 <= args.duration <= 3600:  # noqa: PLR2004
-        raise ConfigurationError(f"--duration must be within 5..3600 seconds: {args.duration}")
+    if not _SHORTEST <= args.duration <= _LONGEST:
+        raise ConfigurationError(
+            f"--duration must be within {_SHORTEST}..{_LONGEST} seconds: {args.duration}"
+        )
     output_folder(args.out)
-    from rich.console import Console  # noqa: PLC0415
-    from rich.live import Live  # noqa: PLC0415
+    from rich.console import Console
+    from rich.live import Live
 
-    from dropsafe._demo.scenario import run_demo  # noqa: PLC0415
+    from dropsafe._demo.scenario import run_demo
 
     console = Console()
     console.print(
@@ -80,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _progress(state: Run, elapsed: float, duration: float, status: dict[str, Any]) -> Any:  # noqa: ANN401 - a rich renderable
-    from rich.table import Table  # noqa: PLC0415
+def _progress(state: Run, elapsed: float, duration: float, status: dict[str, Any]) -> Table:
+    from rich.table import Table
 
     table = Table(title=f"{elapsed:4.0f}/{duration:g} s   last fault: {status['last fault']}")
     table.add_column("")
@@ -99,8 +106,8 @@ def _progress(state: Run, elapsed: float, duration: float, status: dict[str, Any
     return table
 
 
-def _final_table(summary: dict[str, Any]) -> Any:  # noqa: ANN401 - a rich renderable
-    from rich.table import Table  # noqa: PLC0415
+def _final_table(summary: dict[str, Any]) -> Table:
+    from rich.table import Table
 
     table = Table(title="side by side")
     table.add_column("")

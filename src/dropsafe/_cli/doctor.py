@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
     from sqlalchemy.engine import URL
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = ["diagnose", "register", "run"]
 
@@ -58,6 +59,10 @@ _REFUSED_PARAMETER = re.compile(
 )
 # What the doctor advises the server to run with, when it runs without.
 _KEEPALIVES = {"tcp_keepalives_idle": 60, "tcp_keepalives_interval": 10, "tcp_keepalives_count": 6}
+# Above this the OS keeps a dead client's backend for hours (Linux: 7200 s); seconds.
+_KEEPALIVE_IDLE_AT_MOST = 300
+# A ping that costs more than this is worth taking off every checkout; milliseconds.
+_PING_MS_WORTH_SAVING = 5
 
 
 # The help's text, laid out by hand: argparse would run the lists together.
@@ -95,7 +100,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 
 def run(args: argparse.Namespace) -> int:
     """Print the report (exit 0); `DoctorFailed` when the database cannot be examined."""
-    print(diagnose(args.url))  # noqa: T201 - the CLI's own output
+    print(diagnose(args.url))
     return EXIT_OK
 
 
@@ -109,7 +114,7 @@ def diagnose(url_text: str) -> str:
     else:
         engine = dropsafe.create_engine(url, poolclass=NullPool, policy=_POLICY)
         try:
-            with _explained(url), engine.connect() as connection:
+            with _Explained(url), engine.connect() as connection:
                 facts["connect ms"] = (time.perf_counter() - started) * 1000
                 facts |= _examine(connection)
                 with engine.connect() as other:
@@ -127,7 +132,7 @@ async def _examine_async(url: URL) -> dict[str, Any]:
     engine = dropsafe.create_async_engine(url, poolclass=NullPool, policy=_POLICY)
     started = time.perf_counter()
     try:
-        with _explained(url):
+        with _Explained(url):
             async with engine.connect() as connection:
                 connect_ms = (time.perf_counter() - started) * 1000
                 facts: dict[str, Any] = await connection.run_sync(_examine)
@@ -143,7 +148,7 @@ async def _examine_async(url: URL) -> dict[str, Any]:
         await engine.dispose()
 
 
-async def _pid_async(connection: Any) -> int:  # noqa: ANN401 - an AsyncConnection
+async def _pid_async(connection: AsyncConnection) -> int:
     pid = int(await connection.scalar(_BACKEND_PID))
     await connection.commit()  # the transaction ends: a transaction-mode pooler lets go
     return pid
@@ -175,7 +180,7 @@ def _pooler_seen(pids: list[tuple[int, int]]) -> str | None:
     return "transaction" if first & second or len(first) > 1 or len(second) > 1 else None
 
 
-class _explained:  # noqa: N801 - used as a context manager, reads like one
+class _Explained:
     """Turn a connection failure into one line that says what went wrong."""
 
     def __init__(self, url: URL) -> None:
@@ -206,7 +211,7 @@ class _explained:  # noqa: N801 - used as a context manager, reads like one
 
 
 def _examine(connection: sa.Connection) -> dict[str, Any]:
-    def one(sql: str) -> Any:  # noqa: ANN401 - whatever the server answers
+    def one(sql: str) -> object:  # whatever the server answers
         return connection.execute(sa.text(sql)).scalar()
 
     facts: dict[str, Any] = {"server version": one("SHOW server_version")}
@@ -255,7 +260,7 @@ def _recommend(facts: dict[str, Any], url: URL) -> list[str]:
             "no idle_in_transaction_session_timeout: "
             + _settings_sql(facts, {"idle_in_transaction_session_timeout": "'60s'"})
         )
-    if _seconds(facts.get("tcp_keepalives_idle")) > 300:  # noqa: PLR2004
+    if _seconds(facts.get("tcp_keepalives_idle")) > _KEEPALIVE_IDLE_AT_MOST:
         advice.append(
             "the server keeps dead clients' backends for hours (OS keepalive defaults): "
             + _settings_sql(facts, _KEEPALIVES)
@@ -279,7 +284,7 @@ def _recommend(facts: dict[str, Any], url: URL) -> list[str]:
             "keep no prepared statements across transactions"
         )
     ping = facts.get("ping ms", 0.0)
-    if ping > 5:  # noqa: PLR2004
+    if ping > _PING_MS_WORTH_SAVING:
         advice.append(
             f"a ping costs {ping:.1f} ms: pool_pre_ping=True would add it to every checkout; "
             "dropsafe's checkout check costs none (remove pool_pre_ping)"

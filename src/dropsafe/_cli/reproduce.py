@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
                         conn.execute(sa.text("SELECT 1"))
                 except sa.exc.DBAPIError as exc:
                     say("the app's next request failed with:")
-                    print(f"\n    {type(exc.orig).__module__}.{type(exc.orig).__name__}: ", end="")  # noqa: T201
-                    print(str(exc.orig).strip().replace("\n", "\n    "), "\n")  # noqa: T201
+                    print(f"\n    {type(exc.orig).__module__}.{type(exc.orig).__name__}: ", end="")
+                    print(str(exc.orig).strip().replace("\n", "\n    "), "\n")
                     say("this is the error dropsafe exists to make disappear")
                     return EXIT_OK
                 say("the request succeeded: the problem did not reproduce")
@@ -96,7 +96,7 @@ class _Printer:
         self._start = time.monotonic()
 
     def __call__(self, message: str) -> None:
-        print(f"[{time.monotonic() - self._start:6.2f}s] {message}", flush=True)  # noqa: T201
+        print(f"[{time.monotonic() - self._start:6.2f}s] {message}", flush=True)
 
 
 def _driver(asked: Driver | None) -> Driver:

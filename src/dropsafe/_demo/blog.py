@@ -18,7 +18,7 @@ cross-site form cannot send.
 from __future__ import annotations
 
 import concurrent.futures
-import datetime as dt  # noqa: TC003 - SQLAlchemy resolves the Mapped[] annotations at run time
+import datetime as dt
 import hmac
 import html
 import os
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from flask import Flask
+    from waitress.server import BaseWSGIServer
     from werkzeug.wrappers import Response
 
 __all__ = [
@@ -84,7 +85,7 @@ class BlogPost(Base):
 
 def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask:  # noqa: C901, PLR0915 - an app factory registers its routes in one place
     """Build the blog; ``robust`` chooses dropsafe or the plain ``pool_pre_ping`` setup."""
-    from flask import (  # noqa: PLC0415 - the demo extra
+    from flask import (
         Flask,
         abort,
         jsonify,
@@ -92,7 +93,7 @@ def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask
         request,
         session,
     )
-    from werkzeug.exceptions import HTTPException  # noqa: PLC0415
+    from werkzeug.exceptions import HTTPException
 
     url = database_url or os.environ.get("DATABASE_URL")
     if not url:
@@ -292,21 +293,21 @@ def _page(title: str, body: str) -> str:
     )
 
 
-def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> Any:  # noqa: ANN401 - waitress's server
+def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> BaseWSGIServer:
     """Return a waitress server for ``app`` (call ``.run()``; `stop` it from another thread)."""
-    import waitress  # noqa: PLC0415 - the demo extra
+    import waitress
 
     return waitress.create_server(app, host=host, port=port, threads=16)
 
 
-def stop(server: Any, thread: threading.Thread, timeout: float = 10.0) -> None:  # noqa: ANN401 - waitress's server
+def stop(server: BaseWSGIServer, thread: threading.Thread, timeout: float = 10.0) -> None:
     """Stop a waitress ``server`` whose ``run()`` runs in ``thread``, and wait for it to end.
 
     Its sockets are closed by its own loop, woken by its trigger: closed from another thread
     while the loop sits in select(), they end the loop with EBADF, a crash of the server thread
     (seen under load). With every socket closed the loop has nothing left to watch and returns.
     """
-    from waitress import wasyncore  # noqa: PLC0415 - the demo extra
+    from waitress import wasyncore
 
     sockets = server._map  # noqa: SLF001 - waitress keeps the loop's sockets there, and only there
     server.trigger.pull_trigger(lambda: wasyncore.close_all(sockets))
@@ -317,5 +318,5 @@ def stop(server: Any, thread: threading.Thread, timeout: float = 10.0) -> None: 
 if __name__ == "__main__":
     robust_flag = os.environ.get("DROPSAFE_ROBUST", "1") not in ("0", "false", "no")
     server = serve(create_app(robust=robust_flag), port=int(os.environ.get("PORT", "8000")))
-    print(f"serving the blog on http://127.0.0.1:{server.effective_port}")  # noqa: T201
+    print(f"serving the blog on http://127.0.0.1:{server.effective_port}")
     server.run()

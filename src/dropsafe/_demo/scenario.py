@@ -74,7 +74,7 @@ def run_demo(
     show: Callable[[Run, float, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run the demo; write results.json and timeline.png into ``out``; return the summary."""
-    from dropsafe._demo.blog import create_app, serve, stop  # noqa: PLC0415 - the demo extra
+    from dropsafe._demo.blog import create_app, serve, stop
 
     out.mkdir(parents=True, exist_ok=True)
     logging.getLogger("waitress").setLevel(logging.CRITICAL)
@@ -149,7 +149,7 @@ def _drive(
     for worker in workers:
         worker.start()
     status: dict[str, Any] = {"last fault": "-"}
-    schedule = _schedule(duration, random.Random(seed))  # noqa: S311 - a demo's fault schedule
+    schedule = _schedule(duration, random.Random(seed))
     for due, fault in schedule:
         while time.monotonic() - started < due:
             if show is not None:
@@ -177,31 +177,39 @@ def _schedule(duration: float, rng: random.Random) -> list[tuple[float, str]]:
     return [(round(step * (i + 1), 2), kind) for i, kind in enumerate(kinds)]
 
 
-def _inject(fault: str, server: PostgresServer, proxies: dict[str, ChaosProxy]) -> None:  # noqa: C901 - one branch per fault
+def _inject(fault: str, server: PostgresServer, proxies: dict[str, ChaosProxy]) -> None:
     both = list(proxies.values())
     if fault in ("cut-fin", "cut-rst"):
         for proxy in both:
-            proxy.cut(fault.removeprefix("cut-"))  # type: ignore[arg-type]
+            proxy.cut("fin" if fault == "cut-fin" else "rst")
     elif fault == "terminate":
         server.terminate_backends()
     elif fault == "restart":
         server.restart("fast")
     elif fault == "blackhole":
-        for proxy in both:
-            proxy.blackhole()
-        time.sleep(3)  # the length of the outage itself
-        for proxy in both:
-            proxy.heal()
-            proxy.latency(5)
+        _blackhole(both)
     elif fault == "commit-cut":
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            if server.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
-            ):
-                break
-        for proxy in both:
-            proxy.cut("rst")
+        _cut_at_commit(server, both)
+
+
+def _blackhole(proxies: list[ChaosProxy]) -> None:
+    for proxy in proxies:
+        proxy.blackhole()
+    time.sleep(3)  # the length of the outage itself
+    for proxy in proxies:
+        proxy.heal()
+        proxy.latency(5)
+
+
+def _cut_at_commit(server: PostgresServer, proxies: list[ChaosProxy]) -> None:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if server.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
+        ):
+            break
+    for proxy in proxies:
+        proxy.cut("rst")
 
 
 def _user(
@@ -227,12 +235,10 @@ def _user(
 
 def _call(url: str, payload: dict[str, str] | None = None) -> tuple[bool, float, dict[str, Any]]:
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(  # noqa: S310 - loopback URLs the demo made itself
-        url, data=data, headers={"Content-Type": "application/json"}
-    )
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     began = time.monotonic()
     try:
-        with urllib.request.urlopen(request, timeout=_REQUEST_TIMEOUT) as response:  # noqa: S310
+        with urllib.request.urlopen(request, timeout=_REQUEST_TIMEOUT) as response:
             body = json.loads(response.read() or b"{}")
     except (urllib.error.URLError, OSError, ValueError):
         return False, time.monotonic() - began, {}
@@ -261,10 +267,10 @@ def _summarise(run: Run, server: PostgresServer, duration: float) -> dict[str, A
 
 
 def _timeline(run: Run, duration: float, path: Path) -> None:
-    import matplotlib as mpl  # noqa: PLC0415 - the demo extra
+    import matplotlib as mpl
 
     mpl.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     seconds = int(duration) + 1
     figure, axes = plt.subplots(2, 1, figsize=(10, 5.5), sharex=True)

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect, ExceptionContext
     from sqlalchemy.pool import ConnectionPoolEntry
 
+    from dropsafe._dbapi import DBAPIConnection
     from dropsafe._drivers import Driver
 
 __all__ = ["ConnectArguments", "tune_socket"]
@@ -74,7 +75,7 @@ class ConnectArguments:
                 self._added[entry] = added
         self._host_order.before_connect(cparams)
 
-    def _on_connect(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401 - DBAPI connections are untyped
+    def _on_connect(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
         with self._lock:
             added = self._added.pop(entry, set()) if _weakable(entry) else set()
         native = self._driver.native(dbapi_connection)

@@ -1,17 +1,12 @@
 """A checkout that waits out a short outage instead of failing the request at once.
 
-A restart, a crash recovery or a failover leaves a few seconds in which no connection can be
-made: refused, reset, 57P03 (starting up, in recovery, shutting down), no primary among the
-hosts yet. Without a wait every request that arrives then fails, as with ``pool_pre_ping``.
 `ConnectWait` wraps the pool's creator, so every connect the pool makes (a new connection, a
 dead one replaced at checkout) tries again with full-jitter backoff until
-``ConnectionPolicy.connect_wait`` has passed. The pool's own machinery is untouched: the
-checkout keeps the slot it took, so checkouts queued behind it keep their order and their own
-``pool_timeout``. Each try runs SQLAlchemy's whole connect again (``do_connect`` listeners
-included), so a multi-host target moves past the host that just failed.
-
-Inside a unit of work (and while it resolves a COMMIT) a connect fails at once: the unit waits
-for the server itself, within its deadline, and must not wait twice.
+``ConnectionPolicy.connect_wait`` has passed, while the error says the server is not there now
+(`worth_waiting`). Each try runs SQLAlchemy's whole connect again (``do_connect`` listeners
+included), so a multi-host target moves past the host that just failed. Inside a unit of work a
+connect fails at once: the unit waits itself. What users see, and why 10 s: docs/settings.md,
+"When the server is not there".
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Literal
 
 import sqlalchemy.util
 
@@ -28,6 +23,7 @@ from dropsafe._classify import classify
 from dropsafe._hooks import emit
 from dropsafe._policy import seconds
 from dropsafe._redaction import describe_error, redact_url
+from dropsafe._sqlalchemy_private import pool_connect_function, set_pool_creator
 from dropsafe.events import ConnectWaited
 
 if TYPE_CHECKING:
@@ -36,6 +32,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
     from sqlalchemy.pool import ConnectionPoolEntry, Pool
 
+    from dropsafe._dbapi import DBAPIConnection
     from dropsafe._policy import ConnectionPolicy
     from dropsafe.events import Hook
 
@@ -54,7 +51,7 @@ _TLS_SETTINGS = (
     "certificate",
     "sslmode",
 )
-_JITTER = random.Random()  # noqa: S311 - jitter, not cryptography
+_JITTER = random.Random()
 
 
 def worth_waiting(error: BaseException) -> bool:
@@ -81,19 +78,19 @@ class ConnectWait:
 
     def wrap(self, pool: Pool) -> None:
         """Make ``pool`` (and the pools ``recreate()`` makes from it) connect through the wait."""
-        invoke: Callable[[Any], Any] = pool._invoke_creator  # noqa: SLF001 - the creator in its one-argument form
+        invoke = pool_connect_function(pool)
 
         # SQLAlchemy calls a creator with this exact signature with the pool's entry.
-        def connect(connection_record: ConnectionPoolEntry | None = None) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
+        def connect(connection_record: ConnectionPoolEntry | None = None) -> DBAPIConnection:
             return self.connect(invoke, connection_record)
 
-        pool._creator = connect  # noqa: SLF001 - the documented creator, kept by recreate()
+        set_pool_creator(pool, connect)
 
     def connect(
         self,
-        invoke: Callable[[Any], Any],
+        invoke: Callable[..., DBAPIConnection],
         entry: ConnectionPoolEntry | None,
-    ) -> Any:  # noqa: ANN401 - DBAPI connections are untyped
+    ) -> DBAPIConnection:
         """Connect; while the server is not there, try again until ``connect_wait`` is over."""
         if caller_waits():
             return invoke(entry)
@@ -109,15 +106,17 @@ class ConnectWait:
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self._give_up(first, first, attempts, started, started_at)
+                self._note_gave_up(first, first, attempts, started, started_at)
+                raise first
             delay = full_jitter(_INITIAL, _MAXIMUM, _MULTIPLIER, attempts, _JITTER)
             self._sleep(min(delay, remaining))
             attempts += 1
             try:
                 connection = invoke(entry)
-            except Exception as exc:  # noqa: BLE001 - judged by worth_waiting, raised otherwise
+            except Exception as exc:
                 if not worth_waiting(exc) or time.monotonic() >= deadline:
-                    self._give_up(exc, first, attempts, started, started_at)
+                    self._note_gave_up(exc, first, attempts, started, started_at)
+                    raise
                 continue
             self._report("connected", first, attempts, started, started_at)
             return connection
@@ -129,7 +128,7 @@ class ConnectWait:
         else:
             time.sleep(delay)
 
-    def _give_up(
+    def _note_gave_up(
         self,
         error: Exception,
         first: Exception,
@@ -137,17 +136,17 @@ class ConnectWait:
         started: float,
         started_at: float,
     ) -> None:
+        """Report the wait given up, and note it on ``error``, which the caller raises."""
         waited = self._report("gave_up", first, attempts, started, started_at)
         if hasattr(error, "add_note"):  # Python 3.11+
             error.add_note(
                 f"dropsafe: no connection after {attempts} attempt(s) in {waited:.2f}s "
                 f"(ConnectionPolicy.connect_wait={self._wait:g}s)"
             )
-        raise error
 
     def _report(
         self,
-        outcome: Any,  # noqa: ANN401 - Literal["connected", "gave_up"]
+        outcome: Literal["connected", "gave_up"],
         first: Exception,
         attempts: int,
         started: float,

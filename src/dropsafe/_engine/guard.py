@@ -102,7 +102,7 @@ def create_async_engine(
         engine = dropsafe.create_async_engine("postgresql+asyncpg://app@db.example/app")
     """
     require_asyncio()
-    from sqlalchemy.ext import asyncio as sa_asyncio  # noqa: PLC0415 - imported on first use
+    from sqlalchemy.ext import asyncio as sa_asyncio  # imported on first use
 
     parsed = _parse(url, is_async=True)
     try:
@@ -265,7 +265,7 @@ def require_asyncio() -> None:
     missing = importlib.util.find_spec("greenlet") is None
     try:
         if not missing:
-            import sqlalchemy.ext.asyncio  # noqa: F401, PLC0415 - needs greenlet
+            import sqlalchemy.ext.asyncio  # noqa: F401 - needs greenlet
     except ImportError:
         missing = True
     if missing:

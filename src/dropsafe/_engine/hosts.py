@@ -24,6 +24,7 @@ from dropsafe._log import SafeLogger
 from dropsafe._process import renew_lock_in_child
 
 if TYPE_CHECKING:
+    from dropsafe._dbapi import DBAPIConnection
     from dropsafe._drivers import Driver
 
 __all__ = ["HostOrder", "rotate"]
@@ -57,7 +58,7 @@ class HostOrder:
         if start:
             rotate(self._driver, cparams, start)
 
-    def connected(self, dbapi_connection: Any) -> None:  # noqa: ANN401 - DBAPI connections are untyped
+    def connected(self, dbapi_connection: DBAPIConnection) -> None:
         """Record that this worker's connect succeeded, and the host it reached."""
         with self._lock:
             self._in_flight.pop(_current_worker(), None)
@@ -80,7 +81,7 @@ class HostOrder:
             if failed_from is not None:
                 self._move_past(failed_from)
 
-    def timed_out(self, dbapi_connection: Any) -> None:  # noqa: ANN401 - DBAPI connections are untyped
+    def timed_out(self, dbapi_connection: DBAPIConnection) -> None:
         """Record that an open connection's host stopped answering (TCP gave up on it).
 
         Its host is likely gone (a vanished primary): connects that start there would spend

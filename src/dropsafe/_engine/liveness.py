@@ -1,20 +1,11 @@
 """The checkout check: no dead connection handed out, and no round trip paid by a busy pool.
 
-A busy pool pays nothing: a socket polled with a zero timeout (or the driver's closed flag)
-says whether a FIN, an RST or the server's goodbye arrived while the connection sat idle. Only
-then, or after ``PoolPolicy.ping_after_idle``, is a real round trip spent. A connection found
-dead is replaced by raising SQLAlchemy's `DisconnectionError` from the ``checkout`` event; when
-other idle connections are dead too (a restart, a failover), the whole pool is recycled at once.
-
-A connection dropsafe cannot look into (a ``creator=`` that returns a wrapper or another
-driver's object) is never judged dead by a look: it is pinged when it has sat idle longer than
-``PoolPolicy.ping_after_idle``, as ``pool_pre_ping`` would, with the dialect's own ``do_ping``;
-and since dropsafe cannot tell whether it is alive, a disconnect elsewhere recycles the pool as
-plain SQLAlchemy does. Known wrappers are looked through (`Driver.native`).
-
-The check's per-connection state lives here, weakly keyed on SQLAlchemy's pool entry: nothing
-in the user's ``.info`` dictionaries, and nothing that keeps a connection the pool let go of
-alive.
+A look first (a zero-timeout poll of the socket, or the driver's closed flag); a ping only when
+the look is unsure or the connection sat idle past ``PoolPolicy.ping_after_idle``. A dead one
+is replaced by raising `DisconnectionError` from the ``checkout`` event; dead idle neighbours (a
+restart, a failover) recycle the whole pool. Per-connection state is weakly keyed on the pool
+entry, never in the user's ``.info``. Connections it cannot look into (a ``creator=`` wrapper):
+docs/sqlalchemy-compat.md, "Connections dropsafe cannot look into".
 """
 
 from __future__ import annotations
@@ -42,6 +33,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+    from dropsafe._dbapi import DBAPIConnection, NativeConnection
     from dropsafe.events import Hook
 
 __all__ = ["CheckoutCheck"]
@@ -60,8 +52,8 @@ class _EntryState:
 
     def __init__(
         self,
-        connection: Any,  # noqa: ANN401 - DBAPI connections are untyped
-        native: Any,  # noqa: ANN401
+        connection: DBAPIConnection,
+        native: NativeConnection,
         probe: Callable[[], Health] | None,
         now: float,
         retire_at: float,
@@ -179,12 +171,12 @@ class CheckoutCheck:
 
     # -- pool events -----------------------------------------------------------------------
 
-    def _on_connect(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401 - DBAPI connections are untyped
+    def _on_connect(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
         self._remember(dbapi_connection, entry, fresh=True)
 
     def _remember(
         self,
-        dbapi_connection: Any,  # noqa: ANN401
+        dbapi_connection: DBAPIConnection,
         entry: ConnectionPoolEntry,
         *,
         fresh: bool,
@@ -207,7 +199,7 @@ class CheckoutCheck:
                 self._states[entry] = state
         return state
 
-    def _on_checkin(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
+    def _on_checkin(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
         if dbapi_connection is None:
             return  # invalidated while checked out: the pool reconnects it on next use
         try:  # _state(), inlined: this runs at every checkin
@@ -227,7 +219,7 @@ class CheckoutCheck:
 
     def _on_checkout(
         self,
-        dbapi_connection: Any,  # noqa: ANN401
+        dbapi_connection: DBAPIConnection,
         entry: ConnectionPoolEntry,
         proxy: PoolProxiedConnection,
     ) -> None:
@@ -235,7 +227,9 @@ class CheckoutCheck:
         if self._after_check is not None:
             self._after_check(proxy, native)
 
-    def _check(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> Any:  # noqa: ANN401
+    def _check(
+        self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry
+    ) -> NativeConnection:
         """Let the checkout through (return the driver's connection) or raise to replace it."""
         now = self._clock()
         try:  # _state(), inlined: this runs at every checkout
@@ -272,8 +266,8 @@ class CheckoutCheck:
 
     def _verify(
         self,
-        dbapi_connection: Any,  # noqa: ANN401
-        native: Any,  # noqa: ANN401
+        dbapi_connection: DBAPIConnection,
+        native: NativeConnection,
         health: Health,
         now: float,
     ) -> None:
@@ -297,7 +291,7 @@ class CheckoutCheck:
             raise sqlalchemy.exc.InvalidatePoolError(reason)
         raise sqlalchemy.exc.DisconnectionError(reason)
 
-    def _forget(self, dbapi_connection: Any, entry: ConnectionPoolEntry) -> None:  # noqa: ANN401
+    def _forget(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
         """Mark the entry not idle: the pool closes, detaches or invalidates its connection."""
         del dbapi_connection
         state = self._state(entry)
@@ -308,7 +302,7 @@ class CheckoutCheck:
 
     def _forget_invalidated(
         self,
-        dbapi_connection: Any,  # noqa: ANN401
+        dbapi_connection: DBAPIConnection,
         entry: ConnectionPoolEntry,
         exception: BaseException | None,
     ) -> None:
@@ -317,7 +311,7 @@ class CheckoutCheck:
 
     # -- looking and pinging ---------------------------------------------------------------
 
-    def _probe(self, native: Any) -> Health:  # noqa: ANN401
+    def _probe(self, native: NativeConnection) -> Health:
         return self._look(functools.partial(self.driver.probe, native))
 
     def _look(self, probe: Callable[[], Health]) -> Health:
@@ -328,7 +322,7 @@ class CheckoutCheck:
             logger.debug("dropsafe could not look into a connection", exc_info=True)
             return Health.UNSEEN
 
-    def _ping(self, dbapi_connection: Any, native: Any) -> None:  # noqa: ANN401
+    def _ping(self, dbapi_connection: DBAPIConnection, native: NativeConnection) -> None:
         """One round trip: the driver's bounded ping, or the dialect's own for unknown objects."""
         self.pings += 1
         if native is not None:

@@ -1,43 +1,22 @@
 """A ROLLBACK that meets a lost connection is no error: the server has aborted that transaction.
 
-A connection that dies while a transaction is open takes the transaction with it: PostgreSQL
-aborts it when the backend ends or notices its client is gone. The ROLLBACK an application
-sends afterwards (``session.rollback()``, a ``with Session(...)`` block closing, a Connection
-closed with a transaction open, the pool's reset when a connection is checked in) can only
-confirm that. Plain SQLAlchemy raises the driver's error there, after the request's work was
-done; dropsafe invalidates the connection instead, as SQLAlchemy would have, emits
-`RollbackConnectionLost` and lets the application go on as after a successful rollback: the
-next use gets a fresh connection. A COMMIT is never touched: a lost COMMIT stays loud (and
-inside ``run_transaction`` goes to the resolver).
-
-Why the dialect's ``do_rollback`` is wrapped, on this engine's own dialect instance only:
-SQLAlchemy 2.x lets a ``handle_error`` listener replace an error but never swallow it, and the
-``rollback`` event fires before the ROLLBACK is sent, so no event can absorb a failure that
-happens during it. ``do_rollback`` is the documented Dialect method every ROLLBACK goes
-through (the Connection's, and the pool's reset). What the failed ROLLBACK was for decides what
-is invalidated: a pool entry (``ConnectionPoolEntry.invalidate()``, what the pool itself does
-when a reset fails, without its ERROR log line), named by the pool's ``reset`` event that fires
-just before it; or a Connection (its public ``invalidate()``, so SQLAlchemy's own state is what
-it is after an invalidation), found only once a ROLLBACK has failed, in the frames that called
-``do_rollback`` (SQLAlchemy's ``Connection._rollback_impl`` calls it with its own pool
-connection, which identifies it). Not through the Connection's ``rollback`` event: one
-Connection-level listener turns off SQLAlchemy's event-free fast path for every statement of
-the engine (``Engine._has_events``), about 20 us of CPU per request measured with psycopg2,
-for an error that is rare; a frame lookup costs nothing until a ROLLBACK fails.
-
-A failed ROLLBACK is absorbed only when it is a lost connection;
-any other error is raised as before. Absorbing is safe even if the verdict were wrong: the
-connection is closed, and closing a connection ends its transaction on the server.
+This engine's own dialect instance gets a ``do_rollback`` that runs the original and, when the
+connection was lost, invalidates what the ROLLBACK was for (a pool entry, named by the pool's
+``reset`` event just before it; or the Connection, found in the frames that called it) and
+emits `RollbackConnectionLost` instead of raising. Any other error stays loud; a COMMIT is
+never touched. Why a dialect method and not an event, and what that costs: docs/guarantees.md,
+"A ROLLBACK on a lost connection is not an error".
 """
 
 from __future__ import annotations
 
 import contextvars
-import sys
+import inspect
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._classify import ErrorKind, classify
+from dropsafe._dbapi import ask
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
@@ -48,8 +27,9 @@ if TYPE_CHECKING:
     from types import FrameType
 
     from sqlalchemy.engine import Connection, Dialect
-    from sqlalchemy.pool import ConnectionPoolEntry, PoolResetState
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
 
+    from dropsafe._dbapi import DBAPIConnection
     from dropsafe.events import Hook
 
 __all__ = ["QuietRollback"]
@@ -89,24 +69,26 @@ class QuietRollback:
         """
         original: Callable[[Any], None] = self._dialect.do_rollback
 
-        def do_rollback(dbapi_connection: Any) -> None:  # noqa: ANN401 - a pool's proxied connection
+        def do_rollback(dbapi_connection: DBAPIConnection) -> None:
             reset = _next_reset.get()
             _next_reset.set(None)
             try:
                 original(dbapi_connection)
             except Exception as exc:
-                if not self._absorbed(reset, dbapi_connection, exc, sys._getframe(1)):  # noqa: SLF001 - see _rolling_back
+                # The frames that called this one hold the Connection (see _rolling_back).
+                if not self._absorbed(reset, dbapi_connection, exc, inspect.currentframe()):
                     raise
 
-        # A documented Dialect method, replaced on this instance only: other engines, and the
-        # dialect class, are untouched. harden() attaches one guard per engine, so never twice.
-        self._dialect.do_rollback = do_rollback  # type: ignore[method-assign]
+        # A documented Dialect method, replaced on this instance only (an attribute of the
+        # instance shadows the class's method): other engines, and the dialect class, are
+        # untouched. harden() attaches one guard per engine, so never twice.
+        vars(self._dialect)["do_rollback"] = do_rollback
 
     # -- the event that fires right before a pool reset's do_rollback -------------------------
 
     def _on_reset(
         self,
-        dbapi_connection: Any,  # noqa: ANN401 - DBAPI connections are untyped
+        dbapi_connection: DBAPIConnection,
         entry: ConnectionPoolEntry,
         reset_state: PoolResetState,
     ) -> None:
@@ -118,11 +100,14 @@ class QuietRollback:
     def _absorbed(
         self,
         reset: weakref.ReferenceType[Any] | None,
-        proxied: Any,  # noqa: ANN401 - a pool's proxied connection
+        proxied: PoolProxiedConnection,
         error: Exception,
-        caller: FrameType | None,
+        do_rollback: FrameType | None,
     ) -> bool:
-        """Invalidate what the failed ROLLBACK was for, if it was a lost connection; say so."""
+        """Invalidate what the failed ROLLBACK was for, if it was a lost connection; say so.
+
+        ``do_rollback``: the frame of the failed call, below the frames that called it.
+        """
         if not self._lost(error, proxied):
             return False
         entry: ConnectionPoolEntry | None = None if reset is None else reset()
@@ -132,7 +117,7 @@ class QuietRollback:
             during: Literal["rollback", "reset"] = "reset"
             entry.invalidate(error)
         else:
-            connection = _rolling_back(proxied, caller)
+            connection = _rolling_back(proxied, None if do_rollback is None else do_rollback.f_back)
             if connection is None:
                 return False
             during = "rollback"
@@ -144,20 +129,21 @@ class QuietRollback:
         emit(self._hooks, RollbackConnectionLost(during, text))
         return True
 
-    def _lost(self, error: Exception, proxied: Any) -> bool:  # noqa: ANN401
+    def _lost(self, error: Exception, proxied: PoolProxiedConnection) -> bool:
         if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
             return True
-        dbapi = self._dialect.loaded_dbapi
-        try:
-            return isinstance(error, dbapi.Error) and bool(
-                self._dialect.is_disconnect(error, proxied, None)
-            )
-        except Exception:  # noqa: BLE001 - an unsure verdict keeps the error loud
-            logger.debug("dropsafe could not tell whether a ROLLBACK lost its connection")
-            return False
+        dialect = self._dialect
+        return ask(  # an unsure verdict keeps the error loud
+            lambda: (
+                isinstance(error, dialect.loaded_dbapi.Error)
+                and bool(dialect.is_disconnect(error, proxied, None))
+            ),
+            unknown=False,
+            what="whether a ROLLBACK lost its connection",
+        )
 
 
-def _rolling_back(proxied: Any, caller: FrameType | None) -> Connection | None:  # noqa: ANN401
+def _rolling_back(proxied: PoolProxiedConnection, caller: FrameType | None) -> Connection | None:
     """Return the open Connection whose ROLLBACK failed on ``proxied``, or None.
 
     Read from the calling frames, only after a ROLLBACK failed (see the module's docstring):
@@ -165,7 +151,7 @@ def _rolling_back(proxied: Any, caller: FrameType | None) -> Connection | None: 
     else (no such frame, a Connection already closed or invalidated) gives None, and the error
     stays loud, as without dropsafe.
     """
-    from sqlalchemy.engine import Connection  # noqa: PLC0415 - only on a failed ROLLBACK
+    from sqlalchemy.engine import Connection
 
     frame = caller
     for _ in range(_CALLER_FRAMES):

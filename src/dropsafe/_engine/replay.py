@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
+from dropsafe._dbapi import ask
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.session_state import (
     mark_connection,
@@ -60,14 +61,16 @@ from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
+from dropsafe._sqlalchemy_private import switch_connection
 from dropsafe.events import FirstStatementReplayed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
     from sqlalchemy.pool import PoolProxiedConnection
 
+    from dropsafe._dbapi import DBAPIConnection, DBAPICursor, DBAPIParameters, NativeConnection
     from dropsafe._engine_state import EngineState
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
@@ -110,7 +113,7 @@ def _timed_out(error: BaseException) -> bool:
 _CONNECTION_ENDED = frozenset({"57P01", "57P02", "25P03", "57P05"})
 
 
-def _check_opt_out(options: Any) -> None:  # noqa: ANN401 - SQLAlchemy's immutabledict
+def _check_opt_out(options: Mapping[str, object]) -> None:
     """Raise unless the opt-out, if given, is True or False.
 
     SQLAlchemy does not look at options it does not know, so a ``dropsafe_replay=0`` or
@@ -133,7 +136,7 @@ class Unsent(NamedTuple):
 def _mark(checkout: PoolProxiedConnection, *, changes: bool) -> None:
     """Note on ``checkout``'s pool entry that it ran a statement, and one that ``changes``."""
     try:
-        checkout.info  # noqa: B018 - only to tell the first connect's ad hoc connection
+        _ = checkout.info  # only to tell the first connect's ad hoc connection
     except NotImplementedError:  # the ad hoc connection of a first connect has no pool entry
         return
     mark_connection(checkout.driver_connection, changes=changes)
@@ -166,7 +169,7 @@ class FirstStatementReplay:
         """Whether this engine replays first statements (its policy and driver allow it)."""
         return self._enabled
 
-    def on_checked(self, checkout: PoolProxiedConnection, native: Any) -> None:  # noqa: ANN401
+    def on_checked(self, checkout: PoolProxiedConnection, native: NativeConnection) -> None:
         """Mark ``checkout``'s next statement as its first; called by the checkout check.
 
         Called last of dropsafe's checkout work (the liveness ping, if any, has been paid): what
@@ -198,9 +201,9 @@ class FirstStatementReplay:
         )
 
         def do_execute(
-            cursor: Any,  # noqa: ANN401 - DBAPI cursors are untyped
+            cursor: DBAPICursor,
             statement: str,
-            parameters: Any,  # noqa: ANN401
+            parameters: DBAPIParameters,
             context: ExecutionContext | None = None,
         ) -> None:
             self._send(
@@ -208,7 +211,7 @@ class FirstStatementReplay:
             )
 
         def do_execute_no_params(
-            cursor: Any,  # noqa: ANN401
+            cursor: DBAPICursor,
             statement: str,
             context: ExecutionContext | None = None,
         ) -> None:
@@ -217,9 +220,9 @@ class FirstStatementReplay:
             )
 
         def do_executemany(
-            cursor: Any,  # noqa: ANN401
+            cursor: DBAPICursor,
             statement: str,
-            parameters: Any,  # noqa: ANN401
+            parameters: DBAPIParameters,
             context: ExecutionContext | None = None,
         ) -> None:
             self._send(
@@ -230,16 +233,19 @@ class FirstStatementReplay:
             )
 
         # Documented Dialect methods, replaced on this instance only (as do_rollback is by
-        # _quiet_rollback): other engines and the dialect class are untouched.
-        dialect.do_execute = do_execute  # type: ignore[method-assign]
-        dialect.do_execute_no_params = do_execute_no_params  # type: ignore[method-assign]
-        dialect.do_executemany = do_executemany  # type: ignore[method-assign]
+        # quiet_rollback): attributes of the instance shadow the class's methods, so other
+        # engines and the dialect class are untouched.
+        vars(dialect).update(
+            do_execute=do_execute,
+            do_execute_no_params=do_execute_no_params,
+            do_executemany=do_executemany,
+        )
 
     # -- sending, and sending again -------------------------------------------------------------
 
     def _send(
         self,
-        cursor: Any,  # noqa: ANN401
+        cursor: DBAPICursor,
         statement: str,
         context: ExecutionContext | None,
         send: Callable[[Any], None],
@@ -274,7 +280,7 @@ class FirstStatementReplay:
         connection: Connection,
         context: ExecutionContext,
         send: Callable[[Any], None],
-        cursor: Any,  # noqa: ANN401
+        cursor: DBAPICursor,
         pending: Unsent,
         *,
         changes: bool,
@@ -331,7 +337,7 @@ class FirstStatementReplay:
             )
         return state
 
-    def _refusal(  # noqa: PLR0911 - one reason per return, in the order they are checked
+    def _refusal(
         self,
         connection: Connection,
         context: ExecutionContext,
@@ -339,28 +345,33 @@ class FirstStatementReplay:
         checkout: PoolProxiedConnection,
         pending: Unsent,
     ) -> str | None:
-        """Why this first statement must not be replayed, or None."""
-        options = context.execution_options
-        if options.get(OPT_OUT, True) is False:  # any other value but True: _check_opt_out
-            return f"{OPT_OUT}=False"
+        """Why this first statement must not be replayed, or None.
+
+        It runs at every first statement: no call here that the check does not need (the
+        calls a healthy request pays are counted, tests/integration/test_checkout_scale.py).
+        """
         style = getattr(context, "execute_style", None)
-        if style not in _REPLAYABLE_STYLES:
-            return f"execute style {getattr(style, 'name', style)}"
-        if ";" in statement.strip().rstrip(";"):
+        if context.execution_options.get(OPT_OUT, True) is False:  # other values: _check_opt_out
+            reason = f"{OPT_OUT}=False"
+        elif style not in _REPLAYABLE_STYLES:
+            reason = f"execute style {getattr(style, 'name', style)}"
+        elif ";" in statement.strip().rstrip(";"):
             # Several statements in one string may hold a COMMIT of their own.
-            return "the text may hold several statements"
-        if not connection.in_transaction():
-            return "no transaction"
-        dbapi_connection = checkout.dbapi_connection
-        if dbapi_connection is None:
-            return "no connection"
-        try:
-            autocommit = bool(self._dialect.detect_autocommit_setting(dbapi_connection))
-        except Exception:  # noqa: BLE001 - a connection we cannot read is not replayed
-            return "its autocommit setting is unknown"
-        if autocommit:
-            return "autocommit: the statement may have committed"
-        return self._driver_busy(pending)
+            reason = "the text may hold several statements"
+        elif not connection.in_transaction():
+            reason = "no transaction"
+        elif checkout.dbapi_connection is None:
+            reason = "no connection"
+        else:
+            try:
+                autocommit = self._dialect.detect_autocommit_setting(checkout.dbapi_connection)
+            except Exception:  # a connection we cannot read is not replayed
+                logger.debug("dropsafe could not tell a connection's autocommit", exc_info=True)
+                return "its autocommit setting is unknown"
+            if autocommit:
+                return "autocommit: the statement may have committed"
+            return self._driver_busy(pending)
+        return reason
 
     def _driver_busy(self, pending: Unsent) -> str | None:
         """Why the driver's connection already holds work of the app's, or None if idle.
@@ -372,12 +383,13 @@ class FirstStatementReplay:
         drop it while the commit succeeds. The driver's local transaction status tells, without
         a round trip; where it cannot be read, nothing is replayed.
         """
-        native = pending.native
-        if native is None or self._driver is None:
+        native, driver = pending.native, self._driver
+        if native is None or driver is None:
             return "the driver's connection is not one dropsafe can read"
         try:
-            idle = self._driver.transaction_idle(native)
-        except Exception:  # noqa: BLE001 - a state we cannot read is not replayed
+            idle = driver.transaction_idle(native)
+        except Exception:  # a state we cannot read is not replayed (no call more: see _refusal)
+            logger.debug("dropsafe could not tell a transaction's status", exc_info=True)
             idle = None
         if idle is None:
             return "the driver's transaction status is unknown"
@@ -416,7 +428,7 @@ class FirstStatementReplay:
         dialect = self._dialect
         characteristics = [known[name] for name in names]
 
-        def reset(dbapi_connection: Any) -> None:  # noqa: ANN401
+        def reset(dbapi_connection: DBAPIConnection) -> None:
             for characteristic in characteristics:
                 characteristic.reset_characteristic(dialect, dbapi_connection)
 
@@ -444,12 +456,15 @@ class FirstStatementReplay:
             return state in _CONNECTION_ENDED or state.startswith("08")
         if classify(error) is ErrorKind.DISCONNECT:
             return True
-        try:
-            return isinstance(error, self._dialect.loaded_dbapi.Error) and bool(
-                self._dialect.is_disconnect(error, checkout, None)
-            )
-        except Exception:  # noqa: BLE001 - an unsure verdict is no lost connection
-            return False
+        dialect = self._dialect
+        return ask(  # an unsure verdict is no lost connection
+            lambda: (
+                isinstance(error, dialect.loaded_dbapi.Error)
+                and bool(dialect.is_disconnect(error, checkout, None))
+            ),
+            unknown=False,
+            what="whether a statement's connection was lost",
+        )
 
     def _gone(self, checkout: PoolProxiedConnection) -> bool:
         """Whether the driver found its connection lost: an error alone does not tell.
@@ -457,14 +472,16 @@ class FirstStatementReplay:
         A server answers SQLSTATE 08001 on a healthy connection when dblink or postgres_fdw
         cannot reach their remote; sent again, such a statement would run twice.
         """
-        dbapi_connection = checkout.dbapi_connection
-        native = None if self._driver is None else self._driver.native(dbapi_connection)
-        if native is None or self._driver is None:
+        driver = self._driver
+        native = None if driver is None else driver.native(checkout.dbapi_connection)
+        if native is None or driver is None:
             return False
-        try:
-            return self._driver.gone(native) is True
-        except Exception:  # noqa: BLE001 - an unsure verdict is no lost connection
-            return False
+        # An unsure verdict is no lost connection.
+        return ask(
+            lambda: driver.gone(native) is True,
+            unknown=False,
+            what="whether a driver lost its connection",
+        )
 
     def _reconnect(
         self,
@@ -474,7 +491,7 @@ class FirstStatementReplay:
         lost_state: tuple[object, ...],
         *,
         changes: bool,
-    ) -> Any:  # noqa: ANN401 - a DBAPI cursor
+    ) -> DBAPICursor | None:
         """Put a fresh connection under ``connection``, keeping its Transaction; a new cursor.
 
         Raises ``error`` when that cannot be done, and returns None when the fresh connection,
@@ -533,8 +550,7 @@ class FirstStatementReplay:
             mark_connection(fresh.driver_connection, changes=True)
         # The private part (see the module doc): the Connection and the execution context now
         # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
-        connection._dbapi_connection = fresh  # noqa: SLF001
-        context._dbapi_connection = fresh  # noqa: SLF001
+        switch_connection(connection, context, fresh)
         # The lost connection's cursor is closed first: psycopg 3 warns of a server-side
         # cursor (stream_results) deleted while open. Its connection is gone: errors are moot.
         with contextlib.suppress(Exception):

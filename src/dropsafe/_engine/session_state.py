@@ -1,26 +1,11 @@
 """Whether a fresh connection is in the session state a lost one was in: the replay's proof.
 
-A pooled connection keeps what any of its checkouts set on it: a ``search_path``, a role, a
-custom setting, a temporary table, a prepared statement, a ``LISTEN``, a session advisory lock,
-the transaction characteristics its driver begins with. A fresh connection has only what its
-connect arguments and the pool's ``connect`` / ``checkout`` listeners give every connection.
-The first-statement replay may run a statement on the fresh one only where the two cannot
-differ; this module says where. Three facts, none of them a round trip:
-
-- **What the lost connection ran since it was made.** Every statement SQLAlchemy sends on an
-  engine that replays is classified by its text (`may_change_session`), once per distinct text,
-  against a short whitelist: plain SELECT / INSERT / UPDATE / DELETE / MERGE / WITH / VALUES
-  that call no function outside a list of built-ins known not to touch session state,
-  transaction control, ``SET LOCAL``. Anything else (``SET``, ``RESET``, ``DISCARD``, DDL,
-  ``DO``, ``CALL``, ``LISTEN``, ``PREPARE``, a function of the app's, which may call
-  ``set_config(..., false)``) marks the connection for the rest of its life.
-- **The transaction characteristics its driver begins with** (psycopg2 ``set_session`` and its
-  attributes, psycopg 3's, SQLAlchemy's asyncpg adapter's), read from both connections when
-  the replay is due (`Driver.transaction_characteristics`).
-- **The parameters the server reports on its own** (ParameterStatus: the session's
-  authorization, superuser status, ``default_transaction_read_only``, time zone, date style,
-  ``application_name``; ``search_path`` from PostgreSQL 18): the driver keeps the last value,
-  so a change made where no text shows it (a trigger, a view's function) is still seen there.
+Three facts, none of them a round trip: what the lost connection ran since it was made (each
+distinct statement text read once against a short whitelist, `may_change_session`; anything
+else marks the connection for life), the transaction characteristics its driver begins with
+(`Driver.transaction_characteristics`), and the parameters the server reports on its own
+(ParameterStatus). What each catches, and what none can see: docs/guarantees.md, "A
+transaction's first statement is replayed, once" (the same session state, or no replay).
 """
 
 from __future__ import annotations
@@ -29,7 +14,10 @@ import re
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from dropsafe._dbapi import ask
+
 if TYPE_CHECKING:
+    from dropsafe._dbapi import DBAPIConnection
     from dropsafe._drivers import Driver
 
 __all__ = [
@@ -254,19 +242,21 @@ _REPORTED = (
 )
 
 
-def snapshot(driver: Driver, dbapi_connection: Any) -> tuple[object, ...] | None:  # noqa: ANN401
+def snapshot(driver: Driver, dbapi_connection: DBAPIConnection) -> tuple[object, ...] | None:
     """Return what of the session state is read without a round trip; None if unknown.
 
     Readable on a connection found lost (before it is closed): the driver keeps both.
     """
-    try:
+
+    def read() -> tuple[object, ...] | None:
         characteristics = driver.transaction_characteristics(dbapi_connection)
         if characteristics is None:
             return None
         reported = tuple(driver.reported_parameter(dbapi_connection, name) for name in _REPORTED)
-    except Exception:  # noqa: BLE001 - a state that cannot be read is not the same state
-        return None
-    return (*characteristics, *reported)
+        return (*characteristics, *reported)
+
+    # A state that cannot be read is not the same state.
+    return ask(read, unknown=None, what="a connection's session state")
 
 
 def session_differs(lost: tuple[object, ...] | None, fresh: tuple[object, ...] | None) -> bool:

@@ -192,7 +192,7 @@ def _retryable_kind(error: Exception) -> ErrorKind:
 # One generator for the process: seeding one per unit of work (from os.urandom) cost more than
 # the rest of the budget. Its methods are safe to share between threads. Reseeded in a forked
 # child: workers forked from one parent would otherwise all retry at the same instants.
-_JITTER = reseed_in_child(random.Random())  # noqa: S311 - jitter, not cryptography
+_JITTER = reseed_in_child(random.Random())  # jitter, not cryptography
 
 
 class RetryBudget:

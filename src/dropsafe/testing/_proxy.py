@@ -174,7 +174,7 @@ class ChaosProxy(Service):
         self.upstream_port = upstream_port
         self.host = listen_host
         self.port = listen_port
-        self._random = random.Random(seed)  # noqa: S311 - jitter, not cryptography
+        self._random = random.Random(seed)  # jitter, not cryptography
         self._faults = _Faults()
         self._links: set[_Link] = set()
         self._connections_total = 0

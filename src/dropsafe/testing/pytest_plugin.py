@@ -14,7 +14,6 @@ when that plugin is there (``--strict-markers`` would otherwise break the user's
 """
 
 # The fixtures import the bench when they run, never when pytest loads this plugin (above).
-# ruff: noqa: PLC0415
 
 from __future__ import annotations
 
