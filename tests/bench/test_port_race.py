@@ -117,10 +117,10 @@ def test_postgres_server_keeps_its_port_while_stopped():
             assert server.execute("SELECT 1") == [("1",)]
 
 
-def test_pgbouncer_keeps_the_port_its_url_named_before_start(postgres_session_server):
+def test_pgbouncer_keeps_the_port_its_url_named_before_start(shared_server):
     # A URL taken before start must reach this PgBouncer: the old start traded a taken port
     # for another, and such a URL then reached the grabber.
-    bouncer = PgBouncer(postgres_session_server)
+    bouncer = PgBouncer(shared_server)
     try:
         url = bouncer.url("psycopg2")
         with _grab_in_process(bouncer.host, bouncer.port) as taken:

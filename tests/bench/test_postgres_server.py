@@ -227,3 +227,25 @@ def test_runs_as_a_normal_user_too():
         answer = pipe.read()
     os.waitpid(pid, 0)
     assert answer == "True on"
+
+
+IDENTITY = "SELECT system_identifier::text FROM pg_control_system()"
+
+
+def test_copied_clusters_are_clusters_of_their_own(shared_server):
+    # Every server but a process's first is a copy of one initdb: dropsafe's commit resolution
+    # tells clusters apart by their system identifier, so each copy needs its own, and its
+    # own password (the template's is thrown away, another server's must not work).
+    with PostgresServer() as copy, PostgresServer(fresh_initdb=True) as fresh:
+        identities = {s.execute(IDENTITY)[0][0] for s in (shared_server, copy, fresh)}
+        assert len(identities) == 3
+        assert _scalar(copy.url("psycopg2"), "SELECT 1") == 1
+        with pytest.raises(sa.exc.OperationalError, match="password authentication failed"):
+            _scalar(copy.url("psycopg2", password=shared_server.password), "SELECT 1")
+        with pytest.raises(sa.exc.OperationalError, match="password authentication failed"):
+            _scalar(fresh.url("psycopg2", password=copy.password), "SELECT 1")
+        standby = copy.make_standby()
+        try:
+            assert standby.execute(IDENTITY) == copy.execute(IDENTITY)
+        finally:
+            standby.close()

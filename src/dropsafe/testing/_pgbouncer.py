@@ -21,6 +21,7 @@ from dropsafe.testing._runtime import (
     track,
     wait_until,
 )
+from dropsafe.testing._urls import bracketed, sqlalchemy_url
 
 if TYPE_CHECKING:
     from dropsafe.testing._server import PostgresServer
@@ -180,9 +181,25 @@ class PgBouncer(Service):
             return True
         return False
 
-    def url(self, driver: Driver = "psycopg2", **params: str) -> str:
+    def url(
+        self,
+        driver: Driver = "psycopg2",
+        *,
+        database: str = "postgres",
+        user: str = "postgres",
+        password: str | None = None,
+        **params: str,
+    ) -> str:
         """Return a SQLAlchemy URL that reaches the server through PgBouncer."""
-        return self.server.url(driver, **params).replace(f":{self.server.port}/", f":{self.port}/")
+        return sqlalchemy_url(
+            driver,
+            user=user,
+            password=self.server.password if password is None else password,
+            address=f"{bracketed(self.host)}:{self.port}",
+            database=database,
+            params=params,
+            tls=self.tls,
+        )
 
     def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
         """Extra ``connect_args`` a driver needs (TLS for pg8000)."""

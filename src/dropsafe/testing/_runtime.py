@@ -1,4 +1,4 @@
-"""Processes for throwaway servers: an unprivileged owner, free ports, and no orphans."""
+"""What every bench service stands on: its owner, its ports, its processes, psql, its error."""
 
 from __future__ import annotations
 
