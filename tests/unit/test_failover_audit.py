@@ -176,7 +176,7 @@ def test_a_server_that_cannot_be_asked_makes_the_commits_unknown_after_three_tri
 def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_arguments():
     import functools  # noqa: PLC0415
 
-    from dropsafe._transaction import _unit_name  # noqa: PLC0415
+    from dropsafe._unit.run_common import unit_name  # noqa: PLC0415
 
     def place_order(session, card_number):
         del session, card_number
@@ -185,11 +185,11 @@ def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_argume
         def __call__(self, session):
             del session
 
-    assert _unit_name(place_order).endswith("place_order")
-    assert _unit_name(functools.partial(place_order, card_number="4111 1111")).endswith(
+    assert unit_name(place_order).endswith("place_order")
+    assert unit_name(functools.partial(place_order, card_number="4111 1111")).endswith(
         "place_order"
     )
-    assert _unit_name(Handler()).endswith("<locals>.Handler")
+    assert unit_name(Handler()).endswith("<locals>.Handler")
 
 
 def test_an_audit_cancelled_midway_leaves_its_commits_for_the_next(monkeypatch):
