@@ -122,7 +122,7 @@ def _check_opt_out(options: Any) -> None:  # noqa: ANN401 - SQLAlchemy's immutab
         raise ConfigurationError(f"execution option {OPT_OUT} must be True or False, not {value!r}")
 
 
-class _Pending(NamedTuple):
+class _UnsentCheckout(NamedTuple):
     """A checkout whose first statement has not been sent yet, as it was at checkout."""
 
     native: Any  # the driver's own connection (None if dropsafe cannot read it)
@@ -138,17 +138,17 @@ class _FirstStatements:
     """
 
     def __init__(self) -> None:
-        self._pending: weakref.WeakKeyDictionary[PoolProxiedConnection, _Pending] = (
+        self._pending: weakref.WeakKeyDictionary[PoolProxiedConnection, _UnsentCheckout] = (
             weakref.WeakKeyDictionary()
         )
 
-    def add(self, checkout: PoolProxiedConnection, pending: _Pending) -> None:
+    def add(self, checkout: PoolProxiedConnection, pending: _UnsentCheckout) -> None:
         try:  # not contextlib.suppress: this runs at every checkout
             self._pending[checkout] = pending
         except TypeError:  # not weakly referable
             return
 
-    def take(self, checkout: PoolProxiedConnection) -> _Pending | None:
+    def take(self, checkout: PoolProxiedConnection) -> _UnsentCheckout | None:
         """Return what ``checkout`` was like if it had sent nothing yet (from now on, it has)."""
         try:
             return self._pending.pop(checkout, None)
@@ -206,7 +206,9 @@ class FirstStatementReplay:
         is sent from here to the first statement is the app's (see _driver_busy).
         """
         fd = None if native is None or self._driver is None else socket_fd_of(self._driver, native)
-        _FIRST.add(checkout, _Pending(native, fd, None if fd is None else tcp_bytes_sent(fd)))
+        _FIRST.add(
+            checkout, _UnsentCheckout(native, fd, None if fd is None else tcp_bytes_sent(fd))
+        )
 
     def wrap_execute(self) -> None:
         """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
@@ -304,7 +306,7 @@ class FirstStatementReplay:
         context: ExecutionContext,
         send: Callable[[Any], None],
         cursor: Any,  # noqa: ANN401
-        pending: _Pending,
+        pending: _UnsentCheckout,
         *,
         changes: bool,
     ) -> None:
@@ -338,7 +340,7 @@ class FirstStatementReplay:
             emit(self._hooks, FirstStatementReplayed(text))
 
     def _session_of_lost(
-        self, checkout: PoolProxiedConnection, pending: _Pending
+        self, checkout: PoolProxiedConnection, pending: _UnsentCheckout
     ) -> tuple[object, ...] | None:
         """Return the lost connection's session state as far as it is known; None if unknowable.
 
@@ -366,7 +368,7 @@ class FirstStatementReplay:
         context: ExecutionContext,
         statement: str,
         checkout: PoolProxiedConnection,
-        pending: _Pending,
+        pending: _UnsentCheckout,
     ) -> str | None:
         """Why this first statement must not be replayed, or None."""
         options = context.execution_options
@@ -391,7 +393,7 @@ class FirstStatementReplay:
             return "autocommit: the statement may have committed"
         return self._driver_busy(pending)
 
-    def _driver_busy(self, pending: _Pending) -> str | None:
+    def _driver_busy(self, pending: _UnsentCheckout) -> str | None:
         """Why the driver's connection already holds work of the app's, or None if idle.
 
         SQLAlchemy's first statement on a checkout is not the connection's first: the app may

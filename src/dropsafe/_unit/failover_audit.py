@@ -63,8 +63,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REMEMBERED_COMMITS",
-    "Remembered",
-    "ServerAnswer",
+    "AcknowledgedCommits",
+    "SuccessorState",
     "audit_after_failover",
     "judge",
     "remember_commit",
@@ -94,7 +94,7 @@ _QUESTION = (
 
 
 @dataclass(frozen=True)
-class ServerAnswer:
+class SuccessorState:
     """What the server that took over says about the remembered commits."""
 
     server_life: ServerLife
@@ -117,7 +117,7 @@ class _Commit:
 Verdict = tuple[Literal["lost", "unknown"], str]
 
 
-def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | None] | None:
+def judge(commits: Sequence[_Commit], answer: SuccessorState) -> list[Verdict | None] | None:
     """Say, per commit, whether the server that answered lost it (None: it has it).
 
     Returns None when this answer cannot judge them (a standby answered, or a server of their
@@ -134,7 +134,7 @@ def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | No
 
 
 def _verdict(
-    commit: _Commit, status: str, answer: ServerAnswer, newest_old_life: ServerLife | None
+    commit: _Commit, status: str, answer: SuccessorState, newest_old_life: ServerLife | None
 ) -> Verdict | None:
     doubt = _cannot_judge(commit, answer, newest_old_life)
     if doubt is not None:
@@ -157,7 +157,7 @@ def _verdict(
 
 
 def _cannot_judge(
-    commit: _Commit, answer: ServerAnswer, newest_old_life: ServerLife | None
+    commit: _Commit, answer: SuccessorState, newest_old_life: ServerLife | None
 ) -> str | None:
     """Say why this answer proves nothing about this commit (None: it does)."""
     if commit.server_life.system_identifier != answer.server_life.system_identifier:
@@ -178,7 +178,7 @@ def _lsn_text(number: int) -> str:
     return f"{number >> 32:X}/{number & 0xFFFFFFFF:X}"
 
 
-class Remembered:
+class AcknowledgedCommits:
     """One engine's acknowledged commits: a ring of fixed size, allocated once.
 
     Parallel arrays rather than an object per commit: the ring is written on every verified
@@ -270,7 +270,7 @@ class Remembered:
             self._due = True
 
 
-_MEMORY: weakref.WeakKeyDictionary[Engine, Remembered] = weakref.WeakKeyDictionary()
+_MEMORY: weakref.WeakKeyDictionary[Engine, AcknowledgedCommits] = weakref.WeakKeyDictionary()
 _MEMORY_LOCK = threading.Lock()
 
 
@@ -291,7 +291,7 @@ def remember_commit(engine: Engine, pending: PendingCommit, unit: str) -> bool:
     memory = _MEMORY.get(engine)
     if memory is None:
         with _MEMORY_LOCK:
-            memory = _MEMORY.setdefault(engine, Remembered())
+            memory = _MEMORY.setdefault(engine, AcknowledgedCommits())
     return memory.add(pending, unit, time.time())
 
 
@@ -331,7 +331,7 @@ def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
             emit(hooks, lost)
 
 
-def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
+def _ask(engine: Engine, commits: Sequence[_Commit]) -> SuccessorState:
     """One statement on a pooled connection (the unit just committed on one: it works)."""
     statement = _QUESTION.format(statuses=_statuses_statement(engine.dialect, commits))
     with waits_elsewhere():  # bounded by _CHECK_TIMEOUT, not by the engine's connect_wait
@@ -353,7 +353,7 @@ def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
     finally:
         connection.close()
     statuses = str(row[4]).split(",") if row[4] else []
-    return ServerAnswer(
+    return SuccessorState(
         ServerLife.read(row[0], row[1]),
         bool(row[2]),
         None if row[3] is None else lsn_number(row[3]),

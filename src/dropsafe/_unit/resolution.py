@@ -102,7 +102,9 @@ def _terminate_waits(dialect: Dialect) -> bool:
 
 
 @dataclass(frozen=True)
-class _Answer:
+class _XidStatus:
+    """What the server said about the pending xid (``pg_xact_status``), and about itself."""
+
     status: object
     server_life: ServerLife
     in_recovery: bool
@@ -139,7 +141,7 @@ class _Resolution:
     def xid(self) -> int:
         return self.pending.xid
 
-    def settle(self, answer: _Answer) -> _Decision:  # noqa: PLR0911 - one return per case
+    def settle(self, answer: _XidStatus) -> _Decision:  # noqa: PLR0911 - one return per case
         """Say what ``answer`` means; raise `CommitOutcomeUnknown` when it cannot be known."""
         ours = self.pending.server_life
         theirs = answer.server_life
@@ -277,18 +279,20 @@ def resolve_commit(
         pool.dispose()
 
 
-def _ask(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> _Answer:
+def _ask(
+    pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution
+) -> _XidStatus:
     with _questioning(pool, resolution) as run:
         server = run(f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery()")
         server_life = ServerLife.read(server[0], server[1])
         if server[2]:
-            return _Answer(None, server_life, in_recovery=True)  # a standby assigns no xid
+            return _XidStatus(None, server_life, in_recovery=True)  # a standby assigns no xid
         status, sync_waiting = run(
             _status_statement(dialect).format(
                 xid=pending.xid, pid=pending.backend_pid, xid32=pending.xid % 2**32
             )
         )[:2]
-        return _Answer(status, server_life, in_recovery=False, sync_waiting=bool(sync_waiting))
+        return _XidStatus(status, server_life, in_recovery=False, sync_waiting=bool(sync_waiting))
 
 
 def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> None:
