@@ -1,27 +1,12 @@
-"""The pending commit: a unit of work's xid and backend, read right before its COMMIT.
+"""The pending commit: a unit's xid and backend, read right before its COMMIT, by one listener.
 
-SQLAlchemy's engine-level ``commit`` event fires after every flush and every ``before_commit``
-listener, right before the DBAPI COMMIT. There, a unit of work reads its transaction's xid and
-its backend's pid in one round trip (and, on a connection's first mark, its server's life: see
-`dropsafe._unit.server_life`). The read goes through the DBAPI cursor, one fixed string per case: no
-statement compilation, no result machinery; a failure still passes through SQLAlchemy's error
-handling (the connection invalidated on a disconnect, the error wrapped), as a statement's would.
-
-The same statement reads the server's WAL insert position (on engines whose server answered it
-at the first read of its life), a lower bound of the commit record's LSN, which
-`dropsafe._unit.failover_audit` compares with a promoted standby's fork point.
-
-A transaction that wrote has an xid. One that did not may still have an effect at COMMIT:
-``NOTIFY`` (spelled in a statement, or queued by a function or a trigger) takes its xid only
-there, and nothing a client can read shows that a notification is queued. So the mark gives
-every transaction on a primary an xid: one that has none yet gets one with
-``synchronous_commit`` off for that transaction only (``set_config(..., true)``): its COMMIT
-writes a commit record but waits for no WAL flush and no standby (PostgreSQL would not flush
-it anyway: it wrote nothing before), so a read-only unit pays no flush; after a crash such an
-xid is unknown, never "aborted" (a listener may have heard it before the crash).
-A standby assigns no xid (and refuses NOTIFY): there the transaction has none and may run
-again. If the COMMIT's reply is lost, `dropsafe._unit.resolution` asks the server what became of
-this xid. Why the read is not sent in the same flight as COMMIT: docs/guarantees.md.
+SQLAlchemy's engine-level ``commit`` event fires after every flush and ``before_commit`` hook,
+right before the DBAPI COMMIT: there one fixed statement reads the xid (giving one, with
+``synchronous_commit`` off, to a transaction on a primary that has none: a NOTIFY takes its xid
+only at COMMIT), the backend's pid, the server's life the first time, and the WAL position. A
+lost reply is then resolved by that xid (`dropsafe._unit.resolution`). `watch_engine` installs
+the unit's listeners, once per engine. Why each part: docs/guarantees.md ("How it keeps it",
+"Why the xid read has a round trip of its own", "Effects at COMMIT without an xid").
 """
 
 from __future__ import annotations
