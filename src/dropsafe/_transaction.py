@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
@@ -158,7 +158,7 @@ def transactional(
             @functools.wraps(fn)
             async def run_async(*args: object, **kwargs: object) -> object:
                 return await run_transaction_async(
-                    bind,  # type: ignore[arg-type]
+                    cast("async_sessionmaker[AsyncSession] | AsyncEngine", bind),  # checked
                     _calling(fn, args, kwargs),
                     **settings,
                 )
@@ -169,7 +169,7 @@ def transactional(
         @functools.wraps(fn)
         def run(*args: object, **kwargs: object) -> object:
             return run_transaction(
-                bind,  # type: ignore[arg-type]
+                cast("sessionmaker[Session] | sa.Engine", bind),  # checked above
                 _calling(fn, args, kwargs),
                 **settings,
             )

@@ -282,13 +282,13 @@ def _mark_several(attempt: AttemptTracker, conn: Connection, others: list[Connec
     # A transaction that had no xid before its mark (`PendingCommit.asynchronous`) wrote
     # nothing: only a NOTIFY it queued could be lost with its COMMIT (docs/guarantees.md).
     writers = [
-        connection
+        (connection, pending)
         for connection, pending in marks.items()
         if pending is not None and not pending.asynchronous
     ]
     if len(writers) > 1:
         names = ", ".join(
-            sorted({w.engine.url.render_as_string(hide_password=True) for w in writers})
+            sorted({w.engine.url.render_as_string(hide_password=True) for w, _ in writers})
         )
         attempt.refusal = ConfigurationError(
             f"the unit of work wrote through {len(writers)} connections ({names}); their "
@@ -299,10 +299,9 @@ def _mark_several(attempt: AttemptTracker, conn: Connection, others: list[Connec
         raise attempt.refusal
     attempt.marks = marks
     if writers:
-        attempt.writer = writers[0]
-        pending = marks[writers[0]]
-        assert pending is not None  # noqa: S101 - for the type checker
-        attempt.pending = dataclasses.replace(pending, engine_ref=weakref.ref(writers[0].engine))
+        writer, pending = writers[0]
+        attempt.writer = writer
+        attempt.pending = dataclasses.replace(pending, engine_ref=weakref.ref(writer.engine))
     attempt.sent.append(conn)
     attempt.commits_sent += 1
 

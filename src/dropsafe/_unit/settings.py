@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dropsafe._errors import ConfigurationError
 from dropsafe._policy import Duration, Policy, UnitPolicy
@@ -83,9 +83,9 @@ def _overridden(
 
 
 def _make(unit: UnitPolicy, deadline: Duration | None, max_attempts: int | None) -> UnitPolicy:
-    overrides: dict[str, object] = {}
+    overrides: dict[str, Any] = {}  # each validated by the policy, naming the knob
     if deadline is not None:
         overrides["deadline"] = deadline
     if max_attempts is not None:
         overrides["max_attempts"] = max_attempts
-    return dataclasses.replace(unit, **overrides)  # type: ignore[arg-type]  # validated again
+    return dataclasses.replace(unit, **overrides)
