@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from dropsafe._engine.guard import EngineGuard
     from dropsafe._engine.replay import Unsent
     from dropsafe._policy import Policy
-    from dropsafe._unit.failover_audit import Remembered
+    from dropsafe._unit.failover_audit import AcknowledgedCommits
     from dropsafe._unit.server_life import ServerLife
 
 __all__ = ["DriverConnection", "EngineState", "peek_state", "root_engine", "state_of"]
@@ -74,7 +74,7 @@ class EngineState:
         #: The unit wing's COMMIT listener is on the engine (`dropsafe._unit.recording`).
         self.recording = False
         #: Its acknowledged commits, for the failover audit; made by the first one.
-        self.acknowledged: Remembered | None = None
+        self.acknowledged: AcknowledgedCommits | None = None
         self._lock = threading.Lock()
         renew_lock_in_child(self)  # another thread may hold it at a fork
 

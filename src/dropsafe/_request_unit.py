@@ -1,23 +1,10 @@
 """request_unit: a request handler's database work, committed once and retried whole.
 
-Apps written as "a session per request, CRUD functions that commit themselves" cannot be
-retried statement by statement: a disconnect after the request's first reads loses the
-transaction, and the request fails. This decorator turns such a handler into one unit of work
-without rewriting it:
-
-- each attempt runs on a fresh connection inside one transaction (`run_transaction` on the
-  session's engine), and the handler gets a new Session of the same class *joined* to that
-  transaction with ``join_transaction_mode="create_savepoint"`` (SQLAlchemy's documented
-  "Joining a Session into an External Transaction"): its ``session.commit()`` only releases a
-  SAVEPOINT, its ``session.rollback()`` rolls back to one;
-- the handler's return value is the unit's result; the unit COMMITs once, after the handler
-  returned, and dropsafe verifies that COMMIT (a lost reply is resolved by asking the server);
-- on a disconnect (or another retryable error) anywhere in the handler the transaction is gone
-  on the server, nothing of it was committed, and the whole handler runs again.
-
-What it cannot make safe (docs/frameworks.md): effects outside the database (an email, an HTTP
-call, a background task added by the handler) happen once per attempt; work done on another
-session or engine is not part of the unit.
+For apps written as "a session per request, CRUD functions that commit themselves": each attempt
+runs `run_transaction` on the session's engine, and the handler gets a new Session of the same
+class joined to that transaction with ``join_transaction_mode="create_savepoint"``, so its
+``session.commit()`` calls release SAVEPOINTs and the request commits once. What it cannot make
+safe (effects outside the database, other sessions): docs/frameworks.md.
 """
 
 from __future__ import annotations
@@ -93,7 +80,7 @@ def request_unit(
             )
 
         @functools.wraps(handler)
-        def run(*args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        def run(*args: object, **kwargs: object) -> object:
             where, given = _the_session(handler, args, kwargs)
             try:
                 engine: object = given.get_bind()
@@ -108,7 +95,7 @@ def request_unit(
             # session.add() or session.merge() those objects into its unit's session.
             given.close()
 
-            def attempt(connection: sa.Connection) -> Any:  # noqa: ANN401
+            def attempt(connection: sa.Connection) -> object:
                 with type(given)(
                     bind=connection,
                     join_transaction_mode="create_savepoint",

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
-from dropsafe._unit.recording import record_commits
+from dropsafe._unit.recording import watch_engine
 from dropsafe.events import CommitResolved
 from dropsafe.testing import ServerError
 
@@ -274,7 +274,7 @@ def lose_the_first_reply(holes, kernel_blackhole, direction="to"):
     def install(engine):
         # dropsafe adds its mark listener at an engine's first unit of work: add it now, so
         # that this one, added next, runs after the mark.
-        record_commits(engine)
+        watch_engine(engine)
 
         @sa.event.listens_for(engine, "commit")
         def cut_off(connection):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dropsafe._unit.failover_audit import Remembered, ServerAnswer, _Commit, judge
+from dropsafe._unit.failover_audit import AcknowledgedCommits, SuccessorState, _Commit, judge
 from dropsafe._unit.recording import PendingCommit, lsn_number
 from dropsafe._unit.server_life import ServerLife
 
@@ -20,7 +20,7 @@ def commit(xid, lsn="0/3001000", life=OLD):
 
 
 def answer(*statuses, life=NEW, fork=FORK, in_recovery=False):
-    return ServerAnswer(life, in_recovery, fork, list(statuses))
+    return SuccessorState(life, in_recovery, fork, list(statuses))
 
 
 def test_lsn_numbers_order_as_postgresql_orders_them():
@@ -99,7 +99,7 @@ def pending(xid, life=OLD):
 
 
 def test_the_ring_asks_for_a_check_once_when_the_life_changes():
-    ring = Remembered(size=8)
+    ring = AcknowledgedCommits(size=8)
     assert not any(ring.add(pending(xid), "unit", 1.0) for xid in range(700, 705))
     assert ring.add(pending(800, NEW), "unit", 2.0)  # the first commit on the new server
     taken, newest = ring.take_older()
@@ -111,7 +111,7 @@ def test_the_ring_asks_for_a_check_once_when_the_life_changes():
 
 
 def test_the_ring_keeps_the_newest_and_never_grows():
-    ring = Remembered(size=4)
+    ring = AcknowledgedCommits(size=4)
     sizes = (len(ring._xids), len(ring._units), len(ring._lives))
     for xid in range(100, 120):
         ring.add(pending(xid), "unit", 1.0)
@@ -122,7 +122,7 @@ def test_the_ring_keeps_the_newest_and_never_grows():
 
 
 def test_commits_put_back_are_asked_about_again():
-    ring = Remembered(size=8)
+    ring = AcknowledgedCommits(size=8)
     ring.add(pending(700), "unit", 1.0)
     assert ring.add(pending(800, NEW), "unit", 1.0)
     taken, _ = ring.take_older()
@@ -176,7 +176,7 @@ def test_a_server_that_cannot_be_asked_makes_the_commits_unknown_after_three_tri
 def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_arguments():
     import functools
 
-    from dropsafe._transaction import _unit_name
+    from dropsafe._unit.run_common import unit_name
 
     def place_order(session, card_number):
         del session, card_number
@@ -185,11 +185,11 @@ def test_the_unit_is_named_by_its_function_never_by_a_repr_that_shows_its_argume
         def __call__(self, session):
             del session
 
-    assert _unit_name(place_order).endswith("place_order")
-    assert _unit_name(functools.partial(place_order, card_number="4111 1111")).endswith(
+    assert unit_name(place_order).endswith("place_order")
+    assert unit_name(functools.partial(place_order, card_number="4111 1111")).endswith(
         "place_order"
     )
-    assert _unit_name(Handler()).endswith("<locals>.Handler")
+    assert unit_name(Handler()).endswith("<locals>.Handler")
 
 
 def test_an_audit_cancelled_midway_leaves_its_commits_for_the_next(monkeypatch):

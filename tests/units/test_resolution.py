@@ -7,7 +7,7 @@ import pytest
 from dropsafe import CommitOutcomeUnknown
 from dropsafe._classify import server_refused_commit
 from dropsafe._unit.recording import PendingCommit
-from dropsafe._unit.resolution import _Answer, _Resolution
+from dropsafe._unit.resolution import _Resolution, _XidStatus
 from dropsafe._unit.server_life import ServerLife
 from dropsafe.events import CommitResolved
 
@@ -24,7 +24,7 @@ def _resolution(events, mark=MARK, budget=10.0):
 
 
 def _primary(status, server_life=HISTORY):
-    return _Answer(status, server_life, in_recovery=False)
+    return _XidStatus(status, server_life, in_recovery=False)
 
 
 @pytest.mark.parametrize(
@@ -40,7 +40,7 @@ def _primary(status, server_life=HISTORY):
         (_primary("in progress", AFTER_CRASH), "aborted"),
         (_primary("future", AFTER_CRASH), "aborted"),
         # A standby may lag: only a primary can vouch.
-        (_Answer("committed", HISTORY, in_recovery=True), "again"),
+        (_XidStatus("committed", HISTORY, in_recovery=True), "again"),
     ],
 )
 def test_settled_answers(answer, decision):
@@ -116,7 +116,7 @@ def test_asking_again_backs_off_then_gives_up():
 
 def test_only_standbys_answering_is_said_so():
     resolution = _resolution([], budget=0.01)
-    assert resolution.settle(_Answer(None, HISTORY, in_recovery=True)) == "again"
+    assert resolution.settle(_XidStatus(None, HISTORY, in_recovery=True)) == "again"
     with pytest.raises(CommitOutcomeUnknown, match="only a standby answered"):
         resolution.next_pause()
 
@@ -230,7 +230,7 @@ def test_an_asynchronous_xid_on_its_own_history_is_answered(status, decision):
 
 
 def _waiting(status, server_life=HISTORY):
-    return _Answer(status, server_life, in_recovery=False, sync_waiting=True)
+    return _XidStatus(status, server_life, in_recovery=False, sync_waiting=True)
 
 
 @pytest.mark.parametrize("status", ["committed", "in progress"])

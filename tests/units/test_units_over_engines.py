@@ -504,3 +504,66 @@ def test_a_notify_committed_before_the_writer_s_lost_commit_is_heard_once(
     assert heard.count(str(value)) <= 1, f"heard {heard}, rows {rows}, runs {unit.calls}"
     # The writer's COMMIT never arrived: aborted, and the notification was delivered.
     assert (outcome, rows, heard, unit.calls) == ("unknown", 0, [str(value)], 1)
+
+
+# -- an engine a routing session reaches is watched as the unit's own -------------------------
+
+
+@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
+def test_an_autocommit_engine_a_routing_session_reaches_is_refused(server, driver, face):
+    # A Session with its own get_bind flushes a row to an AUTOCOMMIT engine the sessionmaker
+    # does not name, then the function fails (the app's error). Under AUTOCOMMIT the row
+    # committed on its own: an error with an effect, and a unit run again writes it twice.
+    # Refused before the INSERT is sent, as on the unit's own engine.
+    value = next(_VALUES)
+    urls = [server.url(driver, database=db) for db in ("db_one", "db_two")]
+
+    class AppError(Exception):
+        pass
+
+    def work(session):
+        session.execute(sa.select(ONE.c.v).limit(1))
+        session.add(TwoRow(value))
+        return session.flush()
+
+    if face == "sync":
+        one = dropsafe.create_engine(urls[0], policy=policy())
+        two = dropsafe.create_engine(urls[1], policy=policy(), isolation_level="AUTOCOMMIT")
+
+        def unit(session):
+            work(session)
+            raise AppError
+
+        try:
+            factory = sessionmaker(bind=one, info={"two": two}, class_=RoutingSession)
+            with pytest.raises((ConfigurationError, AppError)) as raised:
+                dropsafe.run_transaction(factory, unit)
+        finally:
+            one.dispose()
+            two.dispose()
+    else:
+
+        async def run_async():
+            one = dropsafe.create_async_engine(urls[0], policy=policy())
+            two = dropsafe.create_async_engine(
+                urls[1], policy=policy(), isolation_level="AUTOCOMMIT"
+            )
+
+            async def unit(session):
+                await session.run_sync(work)
+                raise AppError
+
+            try:
+                factory = async_sessionmaker(
+                    bind=one, info={"two": two.sync_engine}, sync_session_class=RoutingSession
+                )
+                await dropsafe.run_transaction_async(factory, unit)
+            finally:
+                await one.dispose()
+                await two.dispose()
+
+        with pytest.raises((ConfigurationError, AppError)) as raised:
+            asyncio.run(run_async())
+    written = count(server, TWO, value)
+    assert (raised.type.__name__, written) == ("ConfigurationError", 0), raised.value
+    assert "AUTOCOMMIT" in str(raised.value)

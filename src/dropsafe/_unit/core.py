@@ -1,19 +1,10 @@
 """What a unit of work does next: every decision of `run_transaction`, with no I/O.
 
-The core is a generator, driven by a thin sync loop (`run_transaction`) and a thin async one
-(`run_transaction_async`), as h11 is driven by httpx: it yields a step, the driver performs it
-and sends back what happened.
-
-- `Run`: run the function once on a connection and commit (the driver sends back `Committed`,
-  `Failed` or `CommitFailed`);
-- `Resolve`: the COMMIT's reply was lost; ask the server what became of it (the driver sends
-  back "committed" or "aborted", or lets `CommitOutcomeUnknown` out);
-- `Sleep`: back off before the next run (the driver sends back None).
-
-The generator returns the unit's result, or raises what the caller must see: the error itself
-when it is not retryable or when the attempts or the deadline ran out (with a note saying so),
-`CommitOutcomeUnknown` when a COMMIT cannot be retried whole. Because the two faces drive the
-same generator, they cannot disagree on what an error means or when to give up.
+A generator, driven by two thin runners (`dropsafe._unit.run_sync`, `dropsafe._unit.run_async`)
+as h11 is driven by httpx: it yields a step (`Run`, `Resolve`, `Sleep`), the runner performs it
+and sends back what happened; it returns the unit's result or raises what the caller must see.
+Because both faces drive the same generator, they cannot disagree on what an error means or when
+to give up. The rules: docs/guarantees.md, "How it keeps it".
 """
 
 from __future__ import annotations
@@ -21,7 +12,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from dropsafe._backoff import backoff
 from dropsafe._classify import ErrorKind, classify
@@ -80,7 +71,7 @@ class Sleep:
     seconds: float
 
 
-Step = Union[Run, Resolve, Sleep]  # noqa: UP007 - a runtime alias, evaluated on Python 3.10
+Step = Run | Resolve | Sleep
 
 
 # -- what a run reports back -------------------------------------------------------------------
@@ -116,8 +107,8 @@ class CommitFailed(Generic[_T]):
     committed_before: bool = False
 
 
-Report = Union[Committed[Any], Failed, CommitFailed[Any]]  # noqa: UP007 - runtime alias
-Reply = Union[Report, Literal["committed", "aborted"], None]  # noqa: UP007 - runtime alias
+Report = Committed[Any] | Failed | CommitFailed[Any]
+Reply = Report | Literal["committed", "aborted"] | None
 
 
 # -- the core ----------------------------------------------------------------------------------

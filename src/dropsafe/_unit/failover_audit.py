@@ -1,11 +1,12 @@
 """Acknowledged commits that a failover lost: remembered, checked once, each one reported.
 
 With asynchronous replication a promoted standby may lack the last commits its primary
-acknowledged. Each verified unit's commit is kept, with the WAL position read in its mark, in a
-fixed ring per engine (`Remembered`, in the engine's `EngineState`); after the first commit on
-another history, the new server is asked once about the older ones (`judge` decides, pure) and
-each lost or unknown one is reported (`dropsafe.events.AcknowledgedCommitLost`). Why each rule
-holds, and what is not covered: docs/guarantees.md, "Commits a failover lost, reported".
+acknowledged. Each verified unit's commit is kept, with the WAL position read in its mark, in
+a fixed ring per engine (`AcknowledgedCommits`, in the engine's `EngineState`); after the first
+commit on another history, the new server is asked once about the older ones (`judge`
+decides, pure) and each lost or unknown one is reported
+(`dropsafe.events.AcknowledgedCommitLost`). Why each rule holds, and what is not covered:
+docs/guarantees.md, "Commits a failover lost, reported".
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REMEMBERED_COMMITS",
-    "Remembered",
-    "ServerAnswer",
+    "AcknowledgedCommits",
+    "SuccessorState",
     "audit_after_failover",
     "judge",
     "remember_commit",
@@ -50,7 +51,7 @@ _TRIES = 3  # questions that could not be answered before the commits are report
 
 
 @dataclass(frozen=True)
-class ServerAnswer:
+class SuccessorState:
     """What the server that took over says about the remembered commits."""
 
     server_life: ServerLife
@@ -73,7 +74,7 @@ class _Commit:
 Verdict = tuple[Literal["lost", "unknown"], str]
 
 
-def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | None] | None:
+def judge(commits: Sequence[_Commit], answer: SuccessorState) -> list[Verdict | None] | None:
     """Say, per commit, whether the server that answered lost it (None: it has it).
 
     Returns None when this answer cannot judge them (a standby answered, or a server of their
@@ -90,7 +91,7 @@ def judge(commits: Sequence[_Commit], answer: ServerAnswer) -> list[Verdict | No
 
 
 def _verdict(
-    commit: _Commit, status: str, answer: ServerAnswer, newest_old_life: ServerLife | None
+    commit: _Commit, status: str, answer: SuccessorState, newest_old_life: ServerLife | None
 ) -> Verdict | None:
     doubt = _cannot_judge(commit, answer, newest_old_life)
     if doubt is not None:
@@ -113,7 +114,7 @@ def _verdict(
 
 
 def _cannot_judge(
-    commit: _Commit, answer: ServerAnswer, newest_old_life: ServerLife | None
+    commit: _Commit, answer: SuccessorState, newest_old_life: ServerLife | None
 ) -> str | None:
     """Say why this answer proves nothing about this commit (None: it does)."""
     if commit.server_life.system_identifier != answer.server_life.system_identifier:
@@ -134,7 +135,7 @@ def _lsn_text(number: int) -> str:
     return f"{number >> 32:X}/{number & 0xFFFFFFFF:X}"
 
 
-class Remembered:
+class AcknowledgedCommits:
     """One engine's acknowledged commits: a ring of fixed size, allocated once.
 
     Parallel arrays rather than an object per commit: the ring is written on every verified
@@ -238,7 +239,7 @@ def remember_commit(engine: Engine, pending: PendingCommit, unit: str) -> bool:
         with state.lock:
             memory = state.acknowledged
             if memory is None:
-                memory = state.acknowledged = Remembered()
+                memory = state.acknowledged = AcknowledgedCommits()
     return memory.add(pending, unit, time.time())
 
 
@@ -279,7 +280,7 @@ def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
             emit(hooks, lost)
 
 
-def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
+def _ask(engine: Engine, commits: Sequence[_Commit]) -> SuccessorState:
     """One statement on a pooled connection (the unit just committed on one: it works)."""
     statement = audit_question(engine.dialect, (commit.xid for commit in commits))
     with waits_elsewhere():  # bounded by _CHECK_TIMEOUT, not by the engine's connect_wait
@@ -294,7 +295,7 @@ def _ask(engine: Engine, commits: Sequence[_Commit]) -> ServerAnswer:
     finally:
         connection.close()
     statuses = str(row[4]).split(",") if row[4] else []
-    return ServerAnswer(
+    return SuccessorState(
         ServerLife.read(row[0], row[1]),
         bool(row[2]),
         None if row[3] is None else lsn_number(row[3]),

@@ -50,7 +50,9 @@ _LAST_QUESTION = 1.0  # the time a question asked after the deadline still gets
 
 
 @dataclass(frozen=True)
-class _Answer:
+class _XidStatus:
+    """What the server said about the pending xid (``pg_xact_status``), and about itself."""
+
     status: object
     server_life: ServerLife
     in_recovery: bool
@@ -87,7 +89,7 @@ class _Resolution:
     def xid(self) -> int:
         return self.pending.xid
 
-    def settle(self, answer: _Answer) -> _Decision:  # noqa: PLR0911 - one return per case
+    def settle(self, answer: _XidStatus) -> _Decision:  # noqa: PLR0911 - one return per case
         """Say what ``answer`` means; raise `CommitOutcomeUnknown` when it cannot be known."""
         ours = self.pending.server_life
         theirs = answer.server_life
@@ -225,16 +227,18 @@ def resolve_commit(
         pool.dispose()
 
 
-def _ask(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> _Answer:
+def _ask(
+    pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution
+) -> _XidStatus:
     with _questioning(pool, resolution) as run:
         server = run(SERVER_QUESTION)
         server_life = ServerLife.read(server[0], server[1])
         if server[2]:
-            return _Answer(None, server_life, in_recovery=True)  # a standby assigns no xid
+            return _XidStatus(None, server_life, in_recovery=True)  # a standby assigns no xid
         status, sync_waiting = run(
             status_statement(dialect, xid=pending.xid, backend_pid=pending.backend_pid)
         )[:2]
-        return _Answer(status, server_life, in_recovery=False, sync_waiting=bool(sync_waiting))
+        return _XidStatus(status, server_life, in_recovery=False, sync_waiting=bool(sync_waiting))
 
 
 def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> None:

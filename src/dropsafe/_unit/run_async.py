@@ -1,0 +1,185 @@
+"""The async runner of a unit of work: `dropsafe._unit.run_sync`'s steps, awaited.
+
+The same core decides; only performing a step differs. The resolution and the failover audit run
+as sync code in SQLAlchemy's greenlet. Needs SQLAlchemy's asyncio extension (greenlet), which
+the caller has checked for. Why it begins the asyncpg adapter's transaction early and notes a
+cancelled COMMIT: docs/guarantees.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+from typing import TYPE_CHECKING, TypeVar, cast
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.util import greenlet_spawn
+
+from dropsafe._backoff import waits_elsewhere
+from dropsafe._drivers.deadline import bounded
+from dropsafe._engine_state import state_of
+from dropsafe._errors import ConfigurationError
+from dropsafe._unit.core import Committed, Failed, Resolve, Run, unit_of_work
+from dropsafe._unit.failover_audit import audit_after_failover
+from dropsafe._unit.resolution import resolve_commit
+from dropsafe._unit.run_common import (
+    acknowledged,
+    check_still_open,
+    commit_failed,
+    engine_of,
+    function_name,
+    note_cancelled_commit,
+    refusal_or,
+    unit_name,
+    watch_engines_reached,
+    watch_session,
+)
+from dropsafe._unit.server_life import learn_server_life, must_learn_server_life
+from dropsafe._unit.shapes import begin_driver_transaction
+from dropsafe._unit.tracker import AttemptTracker
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+
+    from dropsafe._policy import UnitPolicy
+    from dropsafe._unit.core import Reply, Report
+    from dropsafe.events import Hook
+
+__all__ = ["run_unit_async"]
+
+_T = TypeVar("_T")
+
+
+async def run_unit_async(
+    bind: async_sessionmaker[AsyncSession] | AsyncEngine,
+    fn: Callable[[AsyncSession | AsyncConnection], Awaitable[_T]],
+    *,
+    engine: sa.Engine,
+    unit: UnitPolicy,
+    hooks: tuple[Hook, ...],
+) -> _T:
+    """`dropsafe._unit.run_sync.run_unit` for async binds; ``engine`` is the sync engine."""
+    core = unit_of_work(unit, hooks)
+    reply: Reply = None
+    while True:
+        try:
+            step = core.send(reply)
+        except StopIteration as done:
+            return cast("_T", done.value)
+        if isinstance(step, Run):
+            reply = await _attempt(bind, fn, step, hooks)
+        elif isinstance(step, Resolve):
+            reply = await greenlet_spawn(
+                resolve_commit,
+                engine_of(step.pending, engine),
+                step.pending,
+                step.error,
+                timeout=step.timeout,
+                deadline=step.deadline,
+                hooks=hooks,
+                sleep=_sleep_in_greenlet,
+            )
+        else:
+            await asyncio.sleep(step.seconds)
+            reply = None
+            continue
+        audited = acknowledged(engine, reply, step, fn)
+        if audited is not None:
+            await greenlet_spawn(audit_after_failover, audited, hooks)
+
+
+def _sleep_in_greenlet(delay: float) -> None:
+    """Sleep without blocking the event loop, from sync code in SQLAlchemy's greenlet."""
+    from sqlalchemy.util import concurrency
+
+    # SQLAlchemy 2.1 renamed await_only to await_.
+    await_ = getattr(concurrency, "await_", None) or concurrency.await_only
+    await_(asyncio.sleep(delay))
+
+
+async def _attempt(
+    bind: async_sessionmaker[AsyncSession] | AsyncEngine,
+    fn: Callable[[AsyncSession | AsyncConnection], Awaitable[_T]],
+    step: Run,
+    hooks: tuple[Hook, ...],
+) -> Report:
+    """`dropsafe._unit.run_sync._attempt` for async binds: the same steps, awaited."""
+    with AttemptTracker(unit_name(fn), hooks, read_xid=step.verify_commits) as attempt:
+        reached_server = False
+        committed: Committed[_T] | None = None
+        try:
+            with waits_elsewhere():  # as in the sync runner
+                async with _begun(bind) as begun:
+                    handle, connection = begun
+                    sync_connection = cast("sa.Connection", connection.sync_connection)
+                    attempt.connection = sync_connection
+                    # The unit runs again whole: the engine's first-statement replay keeps out.
+                    state_of(sync_connection.engine).first_statement_sent(
+                        sync_connection.connection
+                    )
+                    # Bounded from the server-life read on, as in the sync runner.
+                    with bounded(_dbapi_connection_of(sync_connection), step.deadline):
+                        # run_sync spawns a greenlet: only when there is something to read.
+                        if step.verify_commits and must_learn_server_life(sync_connection):
+                            await connection.run_sync(learn_server_life)
+                        reached_server = True
+                        sync_session = getattr(handle, "sync_session", None)  # an AsyncSession
+                        if sync_session is not None:
+                            watch_session(sync_session, attempt)
+                        await begin_driver_transaction(_dbapi_connection_of(sync_connection))
+                        result = await _call(fn, handle)
+                        check_still_open(handle.in_transaction(), attempt)
+                        if attempt.session is not None:
+                            watch_engines_reached(attempt.session)
+                        try:
+                            with attempt.committing():
+                                await handle.commit()
+                        except asyncio.CancelledError as cancel:
+                            note_cancelled_commit(cancel, attempt)
+                            raise
+                        except Exception as exc:  # noqa: BLE001 - reported to the core
+                            if not attempt.commit_completed(handle):
+                                return commit_failed(result, exc, attempt)
+                            attempt.hook_failed(exc)  # a hook raised after the COMMIT
+                        committed = Committed(result, attempt.pending)
+                        return committed  # noqa: RET504 - the except below reads it
+        except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
+            if committed is not None:  # a hook raised as the session closed, after the COMMIT
+                attempt.hook_failed(exc)
+                return committed
+            return Failed(refusal_or(exc, attempt), reached_server)
+
+
+@contextlib.asynccontextmanager
+async def _begun(
+    bind: async_sessionmaker[AsyncSession] | AsyncEngine,
+) -> AsyncIterator[tuple[AsyncSession | AsyncConnection, AsyncConnection]]:
+    """Give ``(what fn gets, its connection)`` inside a begun transaction, connected."""
+    if isinstance(bind, AsyncEngine):
+        async with bind.connect() as connection:
+            await connection.begin()
+            yield connection, connection
+    else:
+        async with bind() as session:
+            await session.begin()
+            yield session, await session.connection()
+
+
+def _dbapi_connection_of(connection: sa.Connection) -> object:
+    return connection.connection.dbapi_connection
+
+
+async def _call(
+    fn: Callable[[AsyncSession | AsyncConnection], Awaitable[_T]],
+    handle: AsyncSession | AsyncConnection,
+) -> _T:
+    result = fn(handle)
+    if not inspect.isawaitable(result):
+        raise ConfigurationError(
+            f"{function_name(fn)} is not async: use run_transaction for plain functions"
+        )
+    return await result

@@ -1,0 +1,219 @@
+"""What the sync and the async runner of a unit share: everything around an attempt but its I/O.
+
+The checks of the unit's function, the engines to watch, the report of a COMMIT that raised,
+and the acknowledgement of a commit (remembered for the failover audit). The runners
+(`dropsafe._unit.run_sync`, `dropsafe._unit.run_async`) only perform the core's steps.
+See docs/guarantees.md ("How it keeps it", "Units over several engines").
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from typing import TYPE_CHECKING, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from dropsafe._errors import ConfigurationError
+from dropsafe._unit.core import CommitFailed, Committed, Resolve, Run
+from dropsafe._unit.failover_audit import remember_commit
+from dropsafe._unit.recording import other_connections, watch_engine, watch_engines_of_routing
+from dropsafe._unit.shapes import check_engine_shape
+from dropsafe._unit.tracker import current_attempt
+
+if TYPE_CHECKING:
+    from dropsafe._unit.core import Reply
+    from dropsafe._unit.recording import PendingCommit
+    from dropsafe._unit.tracker import AttemptTracker
+
+__all__ = [
+    "acknowledged",
+    "check_still_open",
+    "check_unit_function",
+    "commit_failed",
+    "engine_of",
+    "function_name",
+    "not_awaitable",
+    "note_cancelled_commit",
+    "refusal_or",
+    "unit_name",
+    "watch_binds",
+    "watch_engines_reached",
+    "watch_session",
+]
+
+_T = TypeVar("_T")
+
+
+# -- before the unit runs ----------------------------------------------------------------------
+
+
+def check_unit_function(fn: object, *, want_async: bool) -> None:
+    """Refuse what cannot be a unit's function here: not callable, the wrong face, nested."""
+    if not callable(fn):
+        raise ConfigurationError(f"fn must be callable, not {type(fn).__name__}")
+    if want_async is False and inspect.iscoroutinefunction(fn):
+        raise ConfigurationError(
+            f"{function_name(fn)} is async: use await run_transaction_async(...)"
+        )
+    if current_attempt() is not None:
+        raise ConfigurationError(
+            "run_transaction was called inside a unit of work; the inner one could not be "
+            "retried on its own. Do the work with the session you were given instead."
+        )
+
+
+def watch_binds(bind: object, engine: sa.Engine) -> None:
+    """Install the unit's listeners on its engine and on its sessionmaker's other binds."""
+    watch_engine(engine)
+    kw = getattr(bind, "kw", None)  # a sessionmaker's (sync or async); an engine has none
+    binds = kw.get("binds") if kw is not None else None
+    if not binds:
+        return
+    seen = (id(binds), len(binds))  # a sessionmaker's binds, as last watched
+    if _WATCHED_BINDS.get(bind) == seen:
+        return  # many binds (one per model) would otherwise cost a loop per unit
+    for target in binds.values():
+        # An Engine, an AsyncEngine (its sync_engine) or a Connection (its engine).
+        other = getattr(target, "sync_engine", None) or getattr(target, "engine", None)
+        if isinstance(other, sa.Engine):
+            check_engine_shape(other)  # an AUTOCOMMIT bind is refused as the main one is
+            watch_engine(other)
+    _WATCHED_BINDS[bind] = seen
+
+
+_WATCHED_BINDS: weakref.WeakKeyDictionary[object, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+# -- while it runs -----------------------------------------------------------------------------
+
+
+def watch_session(session: Session, attempt: AttemptTracker) -> None:
+    """Let the listeners see ``session``'s connections, and a routing session's new engines."""
+    attempt.session = session
+    if type(session).get_bind is not Session.get_bind:
+        watch_engines_of_routing(type(session))
+
+
+def watch_engines_reached(session: Session) -> None:
+    """Watch the engines the function reached beyond the sessionmaker's binds; before COMMIT.
+
+    SQLAlchemy sends the COMMITs in no set order, and the first one sent must already be seen.
+    One ``len`` for a unit on one engine.
+    """
+    for connection in other_connections(session):
+        watch_engine(connection.engine)
+
+
+def check_still_open(in_transaction: bool, attempt: AttemptTracker) -> None:
+    """Refuse a function that ended its unit's transaction itself (its COMMIT is ours)."""
+    if attempt.refusal is not None:
+        raise attempt.refusal  # its own COMMIT was refused, and the function went on
+    if not in_transaction:
+        raise ConfigurationError(
+            "the unit of work committed or rolled back its own transaction; "
+            "leave that to run_transaction (it must read the xid before COMMIT)"
+        )
+
+
+def refusal_or(error: Exception, attempt: AttemptTracker) -> Exception:
+    """Return the refusal of the unit's shape, if any, rather than what followed from it.
+
+    A function that caught the refusal of its own COMMIT fails next on the transaction that
+    SQLAlchemy left to be rolled back: the refusal says why.
+    """
+    return attempt.refusal if attempt.refusal is not None else error
+
+
+def not_awaitable(result: _T, fn: object) -> _T:
+    """Return a sync function's result; refuse an awaitable (an async function's)."""
+    if result is not None and inspect.isawaitable(result):
+        if inspect.iscoroutine(result):
+            result.close()
+        raise ConfigurationError(
+            f"{function_name(fn)} returned an awaitable: use run_transaction_async for async "
+            "functions"
+        )
+    return result
+
+
+# -- after its COMMIT --------------------------------------------------------------------------
+
+
+def commit_failed(
+    result: _T, error: Exception, attempt: AttemptTracker
+) -> Committed[_T] | CommitFailed[_T]:
+    """Report a COMMIT that raised; one that was never sent is an ordinary failure."""
+    if not attempt.commits_sent:
+        raise error  # before COMMIT was sent: a flush, a before_commit hook, the xid read
+    if attempt.marks is not None:  # several connections, at most one of which wrote
+        if attempt.writer_committed():
+            return Committed(result, attempt.pending)  # this one wrote nothing: no effect
+        # A connection committed before this one had an xid (every one on a primary does):
+        # perhaps only for a NOTIFY, delivered now; the unit must not run again.
+        committed_before = any(attempt.marks.get(c) is not None for c in attempt.sent[:-1])
+        if attempt.sent[-1] is not attempt.writer:
+            # The writer's COMMIT was never sent (or none wrote): no row committed.
+            return CommitFailed(result, error, None, 1, committed_before)
+        return CommitFailed(result, error, attempt.pending, 1, committed_before)
+    return CommitFailed(result, error, attempt.pending, attempt.commits_sent)
+
+
+def note_cancelled_commit(cancel: BaseException, attempt: AttemptTracker) -> None:
+    """Say on a cancellation that the COMMIT was in flight: nothing else tells the caller.
+
+    A cancelled task must end with ``CancelledError`` (asyncio and anyio depend on it), so the
+    unit cannot end as `CommitOutcomeUnknown`; the caller's ``TimeoutError`` carries this note
+    in its cause. The xid, when recorded, lets an operator ask ``pg_xact_status``.
+    """
+    if not hasattr(cancel, "add_note"):  # Python 3.10
+        return
+    pending = attempt.pending
+    xid = "" if pending is None else f" (xid {pending.xid})"
+    cancel.add_note(
+        f"dropsafe: cancelled while its COMMIT was in flight{xid}: the transaction may or may "
+        "not have committed; check before running it again"
+    )
+
+
+def acknowledged(
+    engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: object
+) -> sa.Engine | None:
+    """Remember a commit acknowledged to the app; return the engine to audit for a failover now.
+
+    The healthy path's whole cost of `dropsafe._unit.failover_audit`: a few stores in a ring. In a
+    unit over several engines, the commit is remembered (and audited) on the engine that wrote.
+    """
+    if isinstance(step, Resolve):
+        pending = step.pending if reply == "committed" else None
+    else:
+        pending = reply.pending if isinstance(reply, Committed) else None
+    if pending is None:
+        return None
+    if pending.engine_ref is not None:
+        engine = engine_of(pending, engine)
+    return engine if remember_commit(engine, pending, unit_name(fn)) else None
+
+
+def engine_of(pending: PendingCommit, engine: sa.Engine) -> sa.Engine:
+    """Return the engine ``pending`` went through: the unit's own, or the one that wrote."""
+    if pending.engine_ref is None:
+        return engine
+    return pending.engine_ref() or engine  # alive: the unit's session holds it
+
+
+# -- names -------------------------------------------------------------------------------------
+
+
+def unit_name(fn: object) -> str:
+    """Return the unit's qualified name for the events; never a repr (it may show arguments)."""
+    name = getattr(fn, "__qualname__", None)
+    if name is None:  # a functools.partial: its function's name
+        name = getattr(getattr(fn, "func", None), "__qualname__", None)
+    return name if isinstance(name, str) else type(fn).__qualname__
+
+
+def function_name(fn: object) -> str:
+    """Return ``fn``'s name for a refusal raised to the caller (its repr when it has none)."""
+    return getattr(fn, "__qualname__", None) or repr(fn)

@@ -1,0 +1,144 @@
+"""The sync runner of a unit of work: performs the core's steps, and nothing else decides.
+
+`dropsafe._unit.core` makes every decision; this module runs the function, commits, resolves
+and sleeps when the core says so (its async twin: `dropsafe._unit.run_async`). What an attempt
+does and why: docs/guarantees.md, "How it keeps it".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, TypeVar, cast
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from dropsafe._backoff import waits_elsewhere
+from dropsafe._drivers.deadline import bounded
+from dropsafe._engine_state import state_of
+from dropsafe._unit.core import Committed, Failed, Resolve, Run, unit_of_work
+from dropsafe._unit.failover_audit import audit_after_failover
+from dropsafe._unit.resolution import resolve_commit
+from dropsafe._unit.run_common import (
+    acknowledged,
+    check_still_open,
+    commit_failed,
+    engine_of,
+    not_awaitable,
+    refusal_or,
+    unit_name,
+    watch_engines_reached,
+    watch_session,
+)
+from dropsafe._unit.server_life import learn_server_life
+from dropsafe._unit.tracker import AttemptTracker
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
+    from dropsafe._policy import UnitPolicy
+    from dropsafe._unit.core import Reply, Report
+    from dropsafe.events import Hook
+
+__all__ = ["run_unit"]
+
+_T = TypeVar("_T")
+
+
+def run_unit(
+    bind: sessionmaker[Session] | sa.Engine,
+    fn: Callable[[Session | sa.Connection], _T],
+    *,
+    engine: sa.Engine,
+    unit: UnitPolicy,
+    hooks: tuple[Hook, ...],
+) -> _T:
+    """Run ``fn`` as a unit of work on ``bind``."""
+    core = unit_of_work(unit, hooks)
+    reply: Reply = None
+    while True:
+        try:
+            step = core.send(reply)
+        except StopIteration as done:
+            return cast("_T", done.value)
+        if isinstance(step, Run):
+            reply = _attempt(bind, fn, step, hooks)
+        elif isinstance(step, Resolve):
+            reply = resolve_commit(
+                engine_of(step.pending, engine),
+                step.pending,
+                step.error,
+                timeout=step.timeout,
+                deadline=step.deadline,
+                hooks=hooks,
+            )
+        else:
+            time.sleep(step.seconds)
+            reply = None
+            continue
+        audited = acknowledged(engine, reply, step, fn)
+        if audited is not None:
+            audit_after_failover(audited, hooks)
+
+
+def _attempt(
+    bind: sessionmaker[Session] | sa.Engine,
+    fn: Callable[[Session | sa.Connection], _T],
+    step: Run,
+    hooks: tuple[Hook, ...],
+) -> Report:
+    """Run ``fn`` once in a new transaction and commit it; report what happened."""
+    with AttemptTracker(unit_name(fn), hooks, read_xid=step.verify_commits) as attempt:
+        reached_server = False
+        committed: Committed[_T] | None = None
+        try:
+            with (
+                waits_elsewhere(),  # the unit waits for an unreachable server: not its connects
+                _begun(bind) as begun,
+            ):
+                handle, connection = begun  # connected: a failure before here never reached it
+                attempt.connection = connection
+                # The unit runs again whole: the engine's first-statement replay keeps out.
+                state_of(connection.engine).first_statement_sent(connection.connection)
+                # The server-life read is bounded too: on a connection that a middlebox forgot,
+                # it is the first thing to hang.
+                with bounded(connection.connection.dbapi_connection, step.deadline):
+                    if step.verify_commits:
+                        learn_server_life(connection)
+                    reached_server = True
+                    if isinstance(handle, Session):
+                        watch_session(handle, attempt)
+                    result = not_awaitable(fn(handle), fn)
+                    check_still_open(handle.in_transaction(), attempt)
+                    if attempt.session is not None:
+                        watch_engines_reached(attempt.session)
+                    try:
+                        with attempt.committing():
+                            handle.commit()
+                    except Exception as exc:  # noqa: BLE001 - reported to the core, which decides
+                        if not attempt.commit_completed(handle):
+                            return commit_failed(result, exc, attempt)
+                        attempt.hook_failed(exc)  # a hook raised after the COMMIT: it committed
+                    committed = Committed(result, attempt.pending)
+                    return committed  # noqa: RET504 - the except below reads it
+        except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
+            if committed is not None:  # a hook raised as the session closed, after the COMMIT
+                attempt.hook_failed(exc)
+                return committed
+            return Failed(refusal_or(exc, attempt), reached_server)
+
+
+@contextlib.contextmanager
+def _begun(
+    bind: sessionmaker[Session] | sa.Engine,
+) -> Iterator[tuple[Session | sa.Connection, sa.Connection]]:
+    """Give ``(what fn gets, its connection)`` inside a begun transaction, connected."""
+    if isinstance(bind, sa.Engine):
+        with bind.connect() as connection:
+            connection.begin()
+            yield connection, connection
+    else:
+        with bind() as session:
+            session.begin()
+            yield session, session.connection()
