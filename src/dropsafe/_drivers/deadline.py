@@ -12,7 +12,7 @@ loop is waiting.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dropsafe._drivers import socket_fd
 from dropsafe._socket_shutdown import Bound, shut_down_at
@@ -20,10 +20,12 @@ from dropsafe._socket_shutdown import Bound, shut_down_at
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
+    from dropsafe._drivers.base import DBAPIConnection
+
 __all__ = ["Bound", "bounded"]
 
 
-def bounded(dbapi_connection: Any, deadline: float) -> AbstractContextManager[Bound]:  # noqa: ANN401 - DBAPI connections are untyped
+def bounded(dbapi_connection: DBAPIConnection, deadline: float) -> AbstractContextManager[Bound]:
     """Shut ``dbapi_connection``'s socket down if the block still runs at ``deadline``.
 
     ``deadline`` is a `time.monotonic` value. A connection whose socket cannot be found (not
