@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import dropsafe
+from dropsafe._drivers import async_drivers
 from dropsafe.events import ConnectionInvalidated, RollbackConnectionLost
 from dropsafe.testing import ChaosProxy, PostgresServer
 
@@ -240,7 +241,7 @@ ASYNC_PATHS = {
 
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("path", list(ASYNC_PATHS))
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", async_drivers())
 async def test_async_rollback_on_a_lost_connection_is_quiet(server, proxy, driver, path, fault):
     events = []
     engine = _async_engine(server, proxy, driver, events)

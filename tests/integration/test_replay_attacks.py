@@ -25,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 import dropsafe
+from dropsafe._drivers import driver_names
 from dropsafe.events import PingSucceeded, RollbackConnectionLost
 from dropsafe.testing import ChaosProxy, PostgresServer
 
@@ -110,7 +111,7 @@ def _raw_cursor_execute(sa_connection, sql):
 # -- writes that did not go through SQLAlchemy's execute, before the "first" statement ------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(server, proxy, driver):
     events = []
     engine = replay_engine(server, proxy, driver, events)
@@ -161,7 +162,7 @@ def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(server, proxy, driver):
     events = []
     engine = replay_engine(server, proxy, driver, events)
@@ -239,7 +240,7 @@ async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(server, 
 # -- what is not a first statement must stay loud -----------------------------------------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(server, proxy, driver):
     events = []
     engine = replay_engine(server, proxy, driver, events)
@@ -315,7 +316,7 @@ def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(server,
 # -- replayed, and the same transaction goes on correctly ---------------------------------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(server, proxy, driver):
     events = []
     engine = replay_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE")
@@ -360,7 +361,7 @@ def test_replay_with_other_pool_setups(server, proxy, engine_kwargs):
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(server, proxy, driver):
     events = []
     engine = replay_engine(server, proxy, driver, events)
@@ -379,7 +380,7 @@ def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(server
 
 # The lost connection's server-side cursor is never closed (see the test below).
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_server_side_cursor_first_statementreplayed(server, proxy, driver):
     server.execute("INSERT INTO attack_items (n) SELECT g FROM generate_series(1, 50) g")
     events = []
@@ -464,7 +465,7 @@ def test_replay_closes_the_lost_server_side_cursor(server, proxy):
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(server, proxy, driver):
     server.execute(
         "CREATE SCHEMA IF NOT EXISTS attack_s; "
@@ -493,7 +494,7 @@ def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(server, prox
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_checkout_listener_raw_session_setting_holds_on_the_replay(server, proxy, driver):
     # A common multi-tenant pattern: the app's checkout listener sets a session variable
     # through the driver's connection. The fresh connection passes the same listener, so a
@@ -548,7 +549,7 @@ def test_first_statement_replayed_once_only(server, proxy):
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
     server, proxy, driver, caplog
 ):
@@ -764,7 +765,7 @@ def test_a_server_error_that_reads_like_a_disconnect_is_notreplayed(server, prox
         "after_cursor_execute (and to _handle_dbapi_exception) after the do_execute events."
     ),
 )
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(server, proxy, driver):
     events = []
     engine = replay_engine(server, proxy, driver, events)
@@ -785,7 +786,7 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(serve
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, proxy, driver):
     # The first statement's backend still runs (and holds the row's lock) after its socket
     # was cut; the replay's UPDATE waits for that lock, and must add 100 once, not twice.
@@ -855,7 +856,7 @@ def _lost_rollbacks(events):
     return [e.during for e in events if isinstance(e, RollbackConnectionLost)]
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 @pytest.mark.parametrize("fault", ["terminate", "cut"])
 def test_quiet_rollback_logs_and_events_hold_no_secret(server, proxy, driver, fault, caplog):
     caplog.set_level(logging.DEBUG, logger="dropsafe")
@@ -895,7 +896,7 @@ async def test_async_isolation_level_of_create_engine_holds_in_the_replay(server
         await engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(server, proxy, driver):
     # The replay's fresh connection meets a network that forwards nothing (the proxy
     # blackholed after the cut): the app's statement must fail with the lost connection's
@@ -931,7 +932,7 @@ def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(serve
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, driver):
     # Backends are terminated over and over while sessions write two rows each (the first
     # INSERT is the transaction's first statement, replayable). Whatever the app saw: a
@@ -1046,7 +1047,7 @@ def _backend_pid(dbapi_connection):
     return dbapi_connection.get_backend_pid()  # psycopg2
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver):
     # SIGKILL of a backend makes the postmaster reset every session and recover: the replay's
     # fresh connection may come during recovery (refused) or after. Either way what the app
@@ -1092,7 +1093,7 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(server, proxy, driver):
     # dblink (like postgres_fdw) reports its own failed connection to a remote server with
     # SQLSTATE 08001, in a reply, on a connection that is fine. That is no lost connection of
@@ -1147,7 +1148,7 @@ def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(server, pro
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
     server, proxy, driver, kernel_blackhole
 ):
@@ -1208,7 +1209,7 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy):
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, driver):
     # The refusal of a driver's connection used since checkout counts the bytes its socket
     # wrote: dropsafe's own ping at checkout (every checkout here) must not count as the app's.

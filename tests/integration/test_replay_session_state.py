@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import dropsafe
+from dropsafe._drivers import driver_names
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 pytestmark = pytest.mark.fault
@@ -118,7 +119,7 @@ def _set_driver_characteristics(driver, dbapi_connection):
 
 
 @pytest.mark.parametrize("how", sorted(SET_TENANT))
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     server, proxy, driver, how
 ):
@@ -138,7 +139,7 @@ def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     server, proxy, driver
 ):
@@ -164,7 +165,7 @@ async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_
 
 
 @pytest.mark.parametrize("how", ["SET ROLE", "SET SESSION AUTHORIZATION"])
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(server, proxy, driver, how):
     events = []
     engine = replay_engine(server, proxy, driver, events)
@@ -185,7 +186,7 @@ def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(server, prox
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     server, proxy, driver
 ):
@@ -244,7 +245,7 @@ def test_other_session_state_set_in_an_earlier_transaction_refuses_the_replay(
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(server, proxy, driver):
     # The INSERT's text is on the whitelist; its trigger runs set_config('role', ..., false).
     # PostgreSQL reports is_superuser when the role changes, without a round trip: the lost
@@ -268,7 +269,7 @@ def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(server,
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
     server, proxy, driver
 ):
@@ -290,7 +291,7 @@ def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
     server, proxy, driver
 ):
@@ -328,7 +329,7 @@ async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_
 # -- state every connection gets, and ordinary work before: still replayed ----------------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_replay(
     server, proxy, driver
 ):
@@ -357,7 +358,7 @@ def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_repla
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(server, proxy, driver):
     events = []
     engine = replay_engine(server, proxy, driver, events)
@@ -383,7 +384,7 @@ def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(server,
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_replay(
     server, proxy, driver
 ):
@@ -409,7 +410,7 @@ async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_rep
         await engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(server, proxy, driver):
     # isolation_level and postgresql_readonly set by SQLAlchemy on the Connection are set on
     # the fresh connection too; the pool's connection is back to the defaults afterwards.
@@ -428,7 +429,7 @@ def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(server
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
     server, proxy, driver
 ):
@@ -452,7 +453,7 @@ async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_
         await engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_session_settings_in_the_connect_arguments_keep_the_replay(server, proxy, driver):
     # libpq's options=-c: every connection starts with them, the fresh one too.
     events = []

@@ -32,6 +32,9 @@ __all__ = [
     "bytes_sent",
     "driver_for",
     "driver_named",
+    "driver_names",
+    "face_of",
+    "faces",
     "is_supported",
     "socket_fd",
     "socket_fd_of",
@@ -62,6 +65,41 @@ def async_drivers() -> tuple[str, ...]:
     """Name the drivers with an asyncio face, in order of preference."""
     # asyncio-only drivers first: a sync driver's async face is its second.
     return tuple(driver.name for driver in sorted(DRIVERS, key=lambda d: d.sync) if driver.asyncio)
+
+
+def driver_names(
+    *, sync: bool | None = None, asyncio: bool | None = None, replays: bool | None = None
+) -> tuple[str, ...]:
+    """Name the drivers with (True) or without (False) a sync face, an asyncio face, replay.
+
+    What the tests parametrize over: a test asks for what it needs, not for a list of names.
+    """
+    return tuple(
+        driver.name
+        for driver in DRIVERS
+        if sync in (None, driver.sync)
+        and asyncio in (None, driver.asyncio)
+        and replays in (None, driver.capabilities.replays_first_statement)
+    )
+
+
+def faces() -> tuple[str, ...]:
+    """Name every (driver, face) pair: the sync ones by the driver, then the asyncio ones.
+
+    A driver with both faces has its asyncio one as ``NAME-async`` (`face_of` reads them).
+    """
+    return (*sync_drivers(), *(_async_label(_BY_NAME[name]) for name in async_drivers()))
+
+
+def face_of(label: str) -> tuple[str, bool]:
+    """Return the driver's name and whether it is the asyncio face, for a label of `faces`."""
+    name = label.removesuffix("-async")
+    driver = driver_named(name)
+    return name, label != name or not driver.sync
+
+
+def _async_label(driver: Driver) -> str:
+    return f"{driver.name}-async" if driver.sync else driver.name
 
 
 def is_supported(driver_name: str) -> bool:
