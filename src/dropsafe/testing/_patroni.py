@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
+from dropsafe._drivers import driver_named
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
 from dropsafe.testing._kernel import kernel_blackhole
@@ -73,7 +74,6 @@ if TYPE_CHECKING:
 __all__ = ["PatroniCluster", "patroni_cluster_unavailable", "sweep_orphan_postmasters"]
 
 Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
-_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 _PROGRAMS = {"etcd": "/usr/bin/etcd", "haproxy": "/usr/sbin/haproxy"}
 # Patroni 4.1 in a venv of the system Python (scripts/setup.sh), else Debian's 3.0.2.
 PATRONI_4 = Path("/opt/dropsafe-patroni/bin/patroni")
@@ -610,13 +610,10 @@ class PatroniCluster(Service):
         raise ConfigurationError(f"no node named {name!r}")
 
     def _url(self, driver: Driver, address: str, database: str, params: dict[str, str]) -> str:
-        if driver not in _DRIVERS:
-            raise ConfigurationError(f"driver must be one of {', '.join(_DRIVERS)}: {driver!r}")
+        tls = driver_named(driver).tls  # a ConfigurationError for a driver not supported
         query = dict(params)
-        if self.tls and driver in ("psycopg2", "psycopg"):
-            query.setdefault("sslmode", "require")
-        elif self.tls and driver == "asyncpg":
-            query.setdefault("ssl", "require")
+        for key, value in tls.url_parameters.items() if self.tls else ():
+            query.setdefault(key, value)
         secret, path = quote(self.password, safe=""), quote(database, safe="")
         return f"postgresql+{driver}://postgres:{secret}@{address}/{path}" + url_query(query)
 

@@ -18,6 +18,7 @@ import warnings
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
+from dropsafe._drivers import driver_named
 from dropsafe._errors import ConfigurationError, DropsafeError
 from dropsafe._redaction import redact_text
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
@@ -48,7 +49,6 @@ _STOP_SIGNALS: dict[str, signal.Signals] = {
     "fast": signal.SIGINT,
     "immediate": signal.SIGQUIT,
 }
-_DRIVERS = ("psycopg2", "psycopg", "asyncpg", "pg8000")
 _START_TIMEOUT = 60.0
 #: A role name for tests of refused authentication (every role's password is checked).
 PASSWORD_ROLE = "dropsafe_password_user"  # noqa: S105 - a role name, not a password
@@ -247,13 +247,10 @@ class PostgresServer(Service):
         With TLS on, the URL asks for it (``sslmode=require``; ``ssl=require`` for asyncpg).
         pg8000 takes TLS through ``connect_args(driver)`` instead of the URL.
         """
-        if driver not in _DRIVERS:
-            raise ConfigurationError(f"driver must be one of {', '.join(_DRIVERS)}: {driver!r}")
+        tls = driver_named(driver).tls  # a ConfigurationError for a driver not supported
         query = dict(params)
-        if self.tls and driver in ("psycopg2", "psycopg"):
-            query.setdefault("sslmode", "require")
-        elif self.tls and driver == "asyncpg":
-            query.setdefault("ssl", "require")
+        for key, value in tls.url_parameters.items() if self.tls else ():
+            query.setdefault(key, value)
         host = f"[{self.host}]" if ":" in self.host else self.host
         secret = quote(self.password if password is None else password, safe="")
         # Every part quoted: a database named "postgres?sslmode=disable" must not turn TLS off.
@@ -263,13 +260,7 @@ class PostgresServer(Service):
 
     def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
         """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
-        if driver == "pg8000" and self.tls:
-            import ssl  # noqa: PLC0415 - only pg8000 users need it
-
-            context = ssl.create_default_context(cafile=str(self.ca_file))
-            context.check_hostname = False
-            return {"ssl_context": context}
-        return {}
+        return driver_named(driver).tls_connect_args(str(self.ca_file)) if self.tls else {}
 
     # -- replication -----------------------------------------------------------------------
 
