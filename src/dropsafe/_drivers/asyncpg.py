@@ -73,7 +73,7 @@ class Asyncpg(Driver):
         disconnect_messages=("connection was closed in the middle of operation",),
         failover_messages=("none of the hosts match the target attribute",),
     )
-    tls = Tls(url_parameters={"ssl": "require"})
+    tls = Tls(url_parameters={"ssl": "require"}, off_url_parameters={"ssl": "disable"})
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return isinstance(dbapi_connection, AdaptedConnection) and is_instance(

@@ -93,8 +93,9 @@ class Capabilities:
 class Tls:
     """How a test server's URL asks this driver for TLS (the bench, `dropsafe.testing`)."""
 
-    #: Query parameters that ask for TLS without checking the certificate.
+    #: Query parameters that ask for TLS without checking the certificate, and for no TLS.
     url_parameters: dict[str, str] = field(default_factory=dict)
+    off_url_parameters: dict[str, str] = field(default_factory=dict)
     #: Whether TLS can only be asked for with an ``ssl_context`` connect argument.
     needs_ssl_context: bool = False
 

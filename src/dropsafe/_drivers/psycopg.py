@@ -48,7 +48,7 @@ class Psycopg(libpq.Libpq):
         failover_messages=libpq.FAILOVER_MESSAGES,
     )
     capabilities = Capabilities(pipelines=True)  # libpq 14's pipeline mode
-    tls = Tls(url_parameters={"sslmode": "require"})
+    tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
 
     def connect_defaults(
         self, policy: ConnectionPolicy, cargs: list[object], cparams: ConnectArgs

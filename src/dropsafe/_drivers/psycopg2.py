@@ -28,7 +28,7 @@ class Psycopg2(libpq.Libpq):
         disconnect_messages=(*libpq.DISCONNECT_MESSAGES, "connection already closed"),
         failover_messages=libpq.FAILOVER_MESSAGES,
     )
-    tls = Tls(url_parameters={"sslmode": "require"})
+    tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return is_instance(dbapi_connection, "psycopg2.extensions", "connection")

@@ -109,8 +109,8 @@ def create_async_engine(
         raise _driver_missing(parsed, exc) from None
     except sqlalchemy.exc.InvalidRequestError as exc:
         raise ConfigurationError(
-            f"{redact_url(parsed)} needs an asyncio driver (postgresql+asyncpg or "
-            f"postgresql+psycopg): {exc}"
+            f"{redact_url(parsed)} needs an asyncio driver "
+            f"({' or '.join(f'postgresql+{name}' for name in async_drivers())}): {exc}"
         ) from None
     except (sqlalchemy.exc.ArgumentError, TypeError) as exc:
         raise ConfigurationError(
