@@ -7,7 +7,7 @@ Adding one: docs/architecture.md, "Drivers".
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from dropsafe._classify import learn_driver_errors
 from dropsafe._drivers.asyncpg import Asyncpg
@@ -26,6 +26,7 @@ __all__ = [
     "SUPPORTED",
     "SUPPORTED_DRIVERS",
     "Driver",
+    "DriverName",
     "Health",
     "Server",
     "async_drivers",
@@ -42,6 +43,9 @@ __all__ = [
     "tcp_bytes_sent",
 ]
 
+#: The drivers' names as a type, for signatures that take one (the bench's ``url(driver)``).
+#: A test checks that it names exactly `DRIVERS`.
+DriverName = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
 #: Every supported driver, in the order a URL without one prefers them (per face).
 DRIVERS: tuple[Driver, ...] = (Psycopg2(), Psycopg(), Asyncpg(), Pg8000())
 

@@ -40,9 +40,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from dropsafe._drivers import DriverName as Driver
 from dropsafe._drivers import driver_named
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
@@ -73,7 +74,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PatroniCluster", "patroni_cluster_unavailable", "sweep_orphan_postmasters"]
 
-Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
 _PROGRAMS = {"etcd": "/usr/bin/etcd", "haproxy": "/usr/sbin/haproxy"}
 # Patroni 4.1 in a venv of the system Python (scripts/setup.sh), else Debian's 3.0.2.
 PATRONI_4 = Path("/opt/dropsafe-patroni/bin/patroni")

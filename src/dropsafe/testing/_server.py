@@ -18,7 +18,7 @@ import warnings
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import quote
 
-from dropsafe._drivers import driver_named
+from dropsafe._drivers import DriverName, driver_named
 from dropsafe._errors import ConfigurationError, DropsafeError
 from dropsafe._redaction import redact_text
 from dropsafe.testing._binaries import PostgresBinaries, find_postgres_binaries
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["PostgresServer", "ServerError", "StopMode", "multi_host_url", "run_psql"]
 
 StopMode = Literal["smart", "fast", "immediate"]
-Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
+Driver = DriverName
 
 _STOP_SIGNALS: dict[str, signal.Signals] = {
     "smart": signal.SIGTERM,
