@@ -1,13 +1,9 @@
 """The client's last word on a wait: shut a connection's socket down when its deadline passes.
 
-A server that hangs mid-statement while its kernel still acknowledges (a SIGSTOPped backend, a
-frozen VM, a stuck leader) never trips a TCP timeout, and libpq has no per-call timeout: only
-the client can end the wait. `bounded` asks the connection's driver where its socket is and
-hands it to the process's one shutdown thread (`dropsafe._socket_shutdown`). The driver's
-blocked read then returns end-of-file and raises its ordinary "connection closed" error, which
-the usual machinery handles: the connection is invalidated and the unit of work's deadline
-decides what follows. Works the same for every driver, sync or async, whatever thread or event
-loop is waiting.
+A server that hangs while its kernel still acknowledges never trips a TCP timeout, and libpq
+has no per-call timeout. `bounded` hands the connection's socket to the process's shutdown
+thread (`dropsafe._socket_shutdown`); the driver's blocked read then fails as on any lost
+connection, for every driver, sync or async (a COMMIT, a resolution, a failover audit).
 """
 
 from __future__ import annotations
