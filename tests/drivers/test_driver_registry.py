@@ -1,6 +1,6 @@
 """The drivers' registry is the one place that names drivers, and it is complete.
 
-Each driver's file says everything about it (tests/unit/test_drivers.py checks what they do);
+Each driver's file says everything about it (tests/drivers/test_drivers.py checks what they do);
 here: the classifier learns every driver's error facts before the first public call, the names
 the bench's typed signatures accept are the registry's, each driver's extra exists, and the
 library (base, wings, the face) names no driver outside ``dropsafe._drivers``.

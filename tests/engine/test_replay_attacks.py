@@ -198,7 +198,7 @@ def test_raw_set_transaction_isolation_survives_the_replay(server, proxy, dispos
     assert level in ("serializable", "raised")
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
     server, proxy, driver, disposing_async
 ):
@@ -371,7 +371,7 @@ def test_server_side_cursor_first_statementreplayed(server, proxy, driver, dispo
     assert len(replayed(events)) == 1
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_run_sync_first_statementreplayed(server, proxy, driver, disposing_async):
     events = []
     engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_timeout=2))
@@ -768,7 +768,7 @@ def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, pro
 # -- the quiet ROLLBACK ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_concurrent_async_sessions_closing_on_lost_connections(
     server, proxy, driver, disposing_async
 ):
@@ -814,7 +814,7 @@ def test_quiet_rollback_logs_and_events_hold_no_secret(  # noqa: PLR0917 - fixtu
     assert _items(server) == []
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
     server, proxy, driver, disposing_async
 ):
@@ -1141,7 +1141,7 @@ def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, d
     assert _items(server) == [1]
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_dblink_connection_error_answered_by_the_server_is_notreplayed(
     server, proxy, driver, disposing_async
 ):
