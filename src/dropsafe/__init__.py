@@ -65,8 +65,10 @@ _GONE = {
 }
 
 
-# Where each public name lives.
+# Where each public name lives. The drivers' registry first: importing it hands each driver's
+# error facts to the classifier (`dropsafe._classify` sits below the drivers and cannot ask).
 _HOMES = {
+    "dropsafe._drivers": (),
     "dropsafe._backoff": ("test_mode",),
     "dropsafe._classify": ("ErrorKind", "classify"),
     "dropsafe._engine.guard": ("create_async_engine", "create_engine", "harden", "policy_of"),

@@ -1,12 +1,13 @@
 """Classify any database error into the one `ErrorKind` that decides what happens next.
 
-Only errors the database driver raised (psycopg2, psycopg 3, asyncpg, pg8000; raw or wrapped by
-SQLAlchemy's `DBAPIError`) can be retryable: the application's own exceptions, SQLAlchemy's own
-("This Connection is closed", a pool timeout) and a driver's client-side misuse errors are
-`ErrorKind.PERMANENT`, whatever their text says. Within a driver's error the evidence is read in
-this order: the SQLSTATE the server reported, SQLAlchemy's own disconnect verdict, the type of
-the low-level error the driver wraps, and the message text last, only where no SQLSTATE
-exists (servers speak other languages; the text of an error with a SQLSTATE is never read).
+Only errors a database driver raised (raw or wrapped by SQLAlchemy's `DBAPIError`) can be
+retryable; the evidence is read in this order: the SQLSTATE, SQLAlchemy's disconnect verdict,
+the low-level error's type, the message text last (never where a SQLSTATE exists). See
+docs/guarantees.md. Where each driver keeps a SQLSTATE and what it says without one are the
+drivers' facts (`DriverErrors`, one per file in ``dropsafe._drivers``), handed down here by the
+registry when it is imported: this base module never imports the drivers (the layer rule), and
+the package face imports the registry before any public name, so the table is full before the
+first call.
 """
 
 from __future__ import annotations
@@ -14,18 +15,21 @@ from __future__ import annotations
 import asyncio
 import enum
 import ssl
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import sqlalchemy.exc
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator, Mapping
 
 __all__ = [
     "READ_ONLY_SQLSTATE",
+    "DriverErrors",
     "ErrorKind",
     "classify",
     "is_driver_error",
+    "learn_driver_errors",
     "server_refused_commit",
     "sqlstate_of",
 ]
@@ -78,53 +82,29 @@ _SQLSTATE_KINDS: dict[str, ErrorKind] = {
     "08004": ErrorKind.FAILOVER,  # sqlserver_rejected_establishment_of_sqlconnection
 }
 
-# Packages whose exceptions are "raised by the database driver".
-_DRIVER_PACKAGES = frozenset({"psycopg2", "psycopg", "asyncpg", "pg8000"})
 # SQLAlchemy's DBAPI adapters for asyncio drivers define their own DBAPI error classes.
 _ADAPTER_MODULES = ("sqlalchemy.dialects.", "sqlalchemy.connectors.")
 
 # Errors of the socket and TLS layers (asyncio's TimeoutError is not an OSError before 3.11).
 _LOW_LEVEL = (OSError, EOFError, asyncio.TimeoutError)
 
-# Drivers' client-side errors that carry no SQLSTATE and mean something for a retry, by
-# (package, class name). asyncpg's InterfaceError is not here: it is the caller's misuse (wrong
-# number of arguments, another operation in progress) or a connection already closed, which
-# SQLAlchemy's is_disconnect reports.
-_CLIENT_ERROR_KINDS = {
-    ("asyncpg", "TargetServerAttributeNotMatched"): ErrorKind.FAILOVER,
-    ("psycopg", "ConnectionTimeout"): ErrorKind.FAILOVER,  # connect_timeout expired
-}
+# Messages of any driver (the OS's, OpenSSL's, the server's own); each driver's own are in
+# its `DriverErrors`.
 _DISCONNECT_MESSAGES = (
-    "server closed the connection unexpectedly",
-    "ssl syscall error",
-    "ssl connection has been closed unexpectedly",
     "ssl error: unexpected eof",
     "unexpected eof while reading",
-    "connection already closed",
     "connection not open",
     "connection is closed",
     "the connection is closed",
-    "the connection is lost",
-    "connection was closed in the middle of operation",
-    "could not receive data from server",
-    "could not send data to server",
     "terminating connection",
-    "consuming input failed",
-    "network error",
     "connection reset by peer",
     "broken pipe",
     "connection timed out",
-    "lost synchronization with server",
 )
 _FAILOVER_MESSAGES = (
     "connection refused",
-    "session is read-only",  # libpq, target_session_attrs=read-write met a standby
     "server is in hot standby mode",
-    "none of the hosts match the target attribute",  # asyncpg, target_session_attrs
-    "could not connect to server",
-    "timeout expired",  # libpq's connect_timeout
     "no route to host",
-    "server does not support",  # target_session_attrs found no primary
     "is not accepting connections",
 )
 _TRANSIENT_MESSAGES = (
@@ -142,6 +122,52 @@ _TRANSIENT_MESSAGES = (
     "query_wait_timeout",
     "server conn crashed",
 )
+
+
+def _no_reading(error: BaseException) -> object:
+    del error
+    return None
+
+
+@dataclass(frozen=True)
+class DriverErrors:
+    """What the classifier must know of one driver's exceptions; each driver file gives one."""
+
+    #: The top-level package whose exception classes (and code) are the driver's.
+    package: str
+    #: Where its exceptions keep the server's SQLSTATE, and its untranslated severity.
+    sqlstate: Callable[[BaseException], object] = _no_reading
+    severity: Callable[[BaseException], object] = _no_reading
+    #: Its client-side errors that carry no SQLSTATE and mean something for a retry, by class
+    #: name (in ``package``).
+    client_errors: Mapping[str, ErrorKind] = field(default_factory=dict)
+    #: Its own texts for a lost connection, and for a server not there or not the primary.
+    disconnect_messages: tuple[str, ...] = ()
+    failover_messages: tuple[str, ...] = ()
+
+
+class _Known:
+    """The drivers' errors handed down so far (`learn_driver_errors`)."""
+
+    errors: tuple[DriverErrors, ...] = ()
+    packages: frozenset[str] = frozenset()
+    disconnect_messages: tuple[str, ...] = _DISCONNECT_MESSAGES
+    failover_messages: tuple[str, ...] = _FAILOVER_MESSAGES
+
+
+def learn_driver_errors(errors: DriverErrors) -> None:
+    """Add one driver's error facts (the drivers' registry calls it for each, at its import)."""
+    if errors in _Known.errors:
+        return
+    _Known.errors = (*_Known.errors, errors)
+    _Known.packages = frozenset(known.package for known in _Known.errors)
+    # psycopg2 and psycopg 3 share libpq's texts: each kept once.
+    _Known.disconnect_messages = tuple(
+        dict.fromkeys((*_Known.disconnect_messages, *errors.disconnect_messages))
+    )
+    _Known.failover_messages = tuple(
+        dict.fromkeys((*_Known.failover_messages, *errors.failover_messages))
+    )
 
 
 def classify(exc: BaseException, *, during_commit: bool = False) -> ErrorKind:
@@ -190,7 +216,7 @@ def is_driver_error(exc: BaseException) -> bool:
 def _is_driver_class(cls: type[BaseException]) -> bool:
     for klass in cls.__mro__:
         module = klass.__module__
-        if module.partition(".")[0] in _DRIVER_PACKAGES or module.startswith(_ADAPTER_MODULES):
+        if module.partition(".")[0] in _Known.packages or module.startswith(_ADAPTER_MODULES):
             return True
     return False
 
@@ -199,7 +225,7 @@ def _raised_inside_driver(exc: BaseException) -> bool:
     traceback = exc.__traceback__
     while traceback is not None:
         module = str(traceback.tb_frame.f_globals.get("__name__", ""))
-        if module.partition(".")[0] in _DRIVER_PACKAGES:
+        if module.partition(".")[0] in _Known.packages:
             return True
         traceback = traceback.tb_next
     return False
@@ -223,8 +249,8 @@ def _classify(exc: BaseException) -> ErrorKind:
     text = " ".join(str(error) for error in evidence).lower()
     for messages, kind in (
         (_TRANSIENT_MESSAGES, ErrorKind.TRANSIENT),
-        (_FAILOVER_MESSAGES, ErrorKind.FAILOVER),
-        (_DISCONNECT_MESSAGES, ErrorKind.DISCONNECT),
+        (_Known.failover_messages, ErrorKind.FAILOVER),
+        (_Known.disconnect_messages, ErrorKind.DISCONNECT),
     ):
         if any(message in text for message in messages):
             return kind
@@ -248,18 +274,21 @@ def _kind_by_type(error: BaseException) -> ErrorKind | None:
     ):
         return ErrorKind.DISCONNECT
     package = type(error).__module__.partition(".")[0]
-    return _CLIENT_ERROR_KINDS.get((package, type(error).__name__))
+    for known in _Known.errors:
+        if known.package == package:
+            return known.client_errors.get(type(error).__name__)
+    return None
+
+
+_SQLSTATE_LENGTH = 5
 
 
 def _own_sqlstate(error: BaseException) -> str | None:
-    # psycopg 3 and asyncpg: .sqlstate; psycopg2: .pgcode; pg8000: a dict of fields in args[0].
-    for attribute in ("sqlstate", "pgcode"):
-        value = getattr(error, attribute, None)
-        if isinstance(value, str) and len(value) == 5:  # noqa: PLR2004 - SQLSTATEs are 5 chars
-            return value
-    if error.args and isinstance(error.args[0], dict):
-        value = error.args[0].get("C")
-        if isinstance(value, str) and len(value) == 5:  # noqa: PLR2004
+    # Every driver's reader, whatever the error's class: SQLAlchemy's asyncio adapters copy
+    # the driver's SQLSTATE onto their own exception classes.
+    for known in _Known.errors:
+        value = known.sqlstate(error)
+        if isinstance(value, str) and len(value) == _SQLSTATE_LENGTH:
             return value
     return None
 
@@ -300,13 +329,8 @@ def server_refused_commit(error: BaseException) -> bool:
 def _severity_of(error: BaseException) -> str | None:
     """Return the server's untranslated severity of ``error`` or of what it wraps, if any."""
     for current in _chain(error):
-        diag = getattr(current, "diag", None)  # psycopg2, psycopg 3
-        fields = current.args[0] if current.args and isinstance(current.args[0], dict) else {}
-        for value in (
-            getattr(diag, "severity_nonlocalized", None),
-            getattr(current, "severity_en", None),  # asyncpg
-            fields.get("V"),  # pg8000
-        ):
+        for known in _Known.errors:
+            value = known.severity(current)
             if isinstance(value, str):
                 return value
     return None

@@ -18,10 +18,11 @@ import sqlalchemy as sa
 
 import dropsafe
 from dropsafe import classify
+from dropsafe._drivers import SUPPORTED_DRIVERS
 
 pytestmark = pytest.mark.fault
 
-DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000"]
+DRIVERS = SUPPORTED_DRIVERS
 CONNECT_TIMEOUT = 2.0
 
 

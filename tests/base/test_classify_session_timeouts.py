@@ -19,11 +19,12 @@ import sqlalchemy as sa
 
 import dropsafe
 from dropsafe import ErrorKind, classify
+from dropsafe._drivers import SUPPORTED_DRIVERS
 from dropsafe.testing import PostgresServer
 
 pytestmark = pytest.mark.fault
 
-DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000"]
+DRIVERS = SUPPORTED_DRIVERS
 GERMAN = "de_DE.UTF-8"
 # name: (statements, the kind); "TERMINATE"/"WAIT-GONE" are steps of the test, not SQL.
 CASES: dict[str, tuple[list[str], ErrorKind]] = {

@@ -23,7 +23,7 @@ import warnings
 warnings.simplefilter("ignore")  # eventlet warns that it is deprecated, on import
 LIBRARY, ORDER = sys.argv[1], sys.argv[2]
 if ORDER in ("before", "used-before"):
-    from dropsafe._drivers import _SocketPoll
+    from dropsafe._drivers.sockets import SocketPoll
     from dropsafe._socket_shutdown import shut_down_at
 if ORDER == "used-before":
     # Used before the patch: the watchdog's thread and lock exist already.
@@ -46,7 +46,7 @@ else:
     spawn, sleep = eventlet.spawn, eventlet.sleep
 
 if ORDER == "after":
-    from dropsafe._drivers import _SocketPoll
+    from dropsafe._drivers.sockets import SocketPoll
     from dropsafe._socket_shutdown import shut_down_at
 
 
@@ -76,7 +76,7 @@ def blocked_read() -> object:
 reads = [spawn(blocked_read) for _ in range(3)]
 results = [read.get() if LIBRARY == "gevent" else read.wait() for read in reads]
 client, server = tcp_pair()
-look = _SocketPoll(client)
+look = SocketPoll(client)
 quiet = look().name
 server.close()
 deadline = time.monotonic() + 5

@@ -5,15 +5,11 @@ import socket
 import pytest
 
 from dropsafe import ConnectionPolicy
-from dropsafe._drivers import (
-    Driver,
-    _Asyncpg,
-    _Pg8000,
-    _Psycopg,
-    _Psycopg2,
-    bytes_sent,
-    tcp_bytes_sent,
-)
+from dropsafe._drivers import Driver, bytes_sent, tcp_bytes_sent
+from dropsafe._drivers.asyncpg import Asyncpg
+from dropsafe._drivers.pg8000 import Pg8000
+from dropsafe._drivers.psycopg import Psycopg
+from dropsafe._drivers.psycopg2 import Psycopg2
 from dropsafe._engine.hosts import rotate
 
 LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
@@ -21,7 +17,7 @@ LIBPQ = {"host": "10.0.0.1,10.0.0.2,10.0.0.3", "port": "5432,5433,5434"}
 
 def test_libpq_gets_every_setting_the_user_did_not_give():
     cparams = {"host": "db", "keepalives_idle": "99"}
-    added = _Psycopg2().connect_defaults(ConnectionPolicy(), [], cparams)
+    added = Psycopg2().connect_defaults(ConnectionPolicy(), [], cparams)
     assert cparams["keepalives_idle"] == "99"
     assert "keepalives_idle" not in added
     assert cparams["tcp_user_timeout"] == 10_000
@@ -30,7 +26,7 @@ def test_libpq_gets_every_setting_the_user_did_not_give():
 
 def test_libpq_respects_settings_inside_a_dsn():
     cparams = {"dsn": "host=db tcp_user_timeout=1234 connect_timeout=3"}
-    _Psycopg2().connect_defaults(ConnectionPolicy(), [], cparams)
+    Psycopg2().connect_defaults(ConnectionPolicy(), [], cparams)
     assert "tcp_user_timeout" not in cparams
     assert "connect_timeout" not in cparams
 
@@ -44,19 +40,19 @@ def test_libpq_respects_settings_inside_a_dsn():
 )
 def test_libpq_rotation_keeps_hosts_and_ports_paired(steps, hosts, ports):
     cparams = dict(LIBPQ)
-    rotate(_Psycopg2(), cparams, steps)
+    rotate(Psycopg2(), cparams, steps)
     assert (cparams["host"], cparams["port"]) == (hosts, ports)
 
 
 def test_libpq_single_port_applies_to_every_host():
     cparams = {"host": "a,b", "port": "5432"}
-    rotate(_Psycopg2(), cparams, 1)
+    rotate(Psycopg2(), cparams, 1)
     assert (cparams["host"], cparams["port"]) == ("b,a", "5432,5432")
 
 
 def test_asyncpg_rotation_and_per_host_connect_budget():
     cparams = {"host": ["a", "b"], "port": [5432, 5433]}
-    driver = _Asyncpg()
+    driver = Asyncpg()
     driver.connect_defaults(ConnectionPolicy(connect_timeout=4), [], cparams)
     assert cparams["timeout"] == 4
     rotate(driver, cparams, 3)
@@ -67,14 +63,14 @@ def test_asyncpg_rotation_and_per_host_connect_budget():
 
 def test_single_host_is_left_alone():
     cparams = {"host": "db", "port": 5432}
-    rotate(_Pg8000(), cparams, 1)
-    rotate(_Psycopg2(), cparams, 1)
+    rotate(Pg8000(), cparams, 1)
+    rotate(Psycopg2(), cparams, 1)
     assert cparams == {"host": "db", "port": 5432}
 
 
 def test_a_transaction_mode_pooler_turns_asyncpg_statement_caches_off_with_unique_names():
     cparams = {"host": "db", "statement_cache_size": 7}
-    added = _Asyncpg().connect_defaults(ConnectionPolicy(pooler="transaction"), [], cparams)
+    added = Asyncpg().connect_defaults(ConnectionPolicy(pooler="transaction"), [], cparams)
     assert cparams["statement_cache_size"] == 7  # the user's setting wins
     assert "statement_cache_size" not in added
     assert cparams["prepared_statement_cache_size"] == 0
@@ -87,23 +83,23 @@ def test_a_transaction_mode_pooler_turns_asyncpg_statement_caches_off_with_uniqu
 def test_without_a_transaction_mode_pooler_statements_are_the_drivers_business(pooler):
     policy = ConnectionPolicy(pooler=pooler)
     cparams: dict[str, object] = {"host": "db"}
-    _Asyncpg().connect_defaults(policy, [], cparams)
+    Asyncpg().connect_defaults(policy, [], cparams)
     assert set(cparams) == {"host", "timeout"}
     cparams = {"host": "db"}
-    _Psycopg().connect_defaults(policy, [], cparams)
+    Psycopg().connect_defaults(policy, [], cparams)
     assert "prepare_threshold" not in cparams
 
 
 def test_a_transaction_mode_pooler_stops_psycopg_preparing_but_not_psycopg2():
     policy = ConnectionPolicy(pooler="transaction")
     cparams: dict[str, object] = {"host": "db"}
-    _Psycopg().connect_defaults(policy, [], cparams)
+    Psycopg().connect_defaults(policy, [], cparams)
     assert cparams["prepare_threshold"] is None
     cparams = {"host": "db", "prepare_threshold": 3}
-    _Psycopg().connect_defaults(policy, [], cparams)
+    Psycopg().connect_defaults(policy, [], cparams)
     assert cparams["prepare_threshold"] == 3
     cparams = {"host": "db"}
-    _Psycopg2().connect_defaults(policy, [], cparams)  # libpq would refuse the key
+    Psycopg2().connect_defaults(policy, [], cparams)  # libpq would refuse the key
     assert "prepare_threshold" not in cparams
 
 

@@ -5,7 +5,8 @@ from unittest.mock import MagicMock
 import pg8000.core
 import pytest
 
-from dropsafe._drivers import _Asyncpg, _Pg8000, _Psycopg, _Psycopg2, socket_fd
+from dropsafe._drivers import DRIVERS, socket_fd
+from dropsafe._drivers.pg8000 import Pg8000
 
 
 def _pg8000_connection():
@@ -13,7 +14,7 @@ def _pg8000_connection():
     return pg8000.core.CoreConnection.__new__(pg8000.core.CoreConnection)
 
 
-@pytest.mark.parametrize("driver", [_Psycopg2(), _Psycopg(), _Asyncpg(), _Pg8000()])
+@pytest.mark.parametrize("driver", DRIVERS, ids=lambda driver: driver.name)
 @pytest.mark.parametrize("candidate", [object(), MagicMock(), None, "conn"])
 def test_no_driver_owns_what_is_not_its_connection(driver, candidate):
     # A mock has every attribute (its .closed is truthy): only the type decides.
@@ -32,14 +33,14 @@ class Wrapt:
 
 def test_known_wrappers_are_looked_through():
     native = _pg8000_connection()
-    driver = _Pg8000()
+    driver = Pg8000()
     assert driver.native(native) is native
     assert driver.native(Target(native)) is native
     assert driver.native(Wrapt(Target(native))) is native
 
 
 def test_unknown_objects_stay_unknown():
-    driver = _Pg8000()
+    driver = Pg8000()
     assert driver.native(MagicMock()) is None
     assert driver.native(object()) is None
     # Deeper than three wrappers: not worth the search at every checkout.

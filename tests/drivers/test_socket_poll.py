@@ -6,7 +6,8 @@ connection whose descriptor changes, or that lost it, is looked at as it is now.
 
 import socket
 
-from dropsafe._drivers import Health, _SocketPoll
+from dropsafe._drivers import Health
+from dropsafe._drivers.sockets import SocketPoll
 
 
 class _Source:
@@ -24,7 +25,7 @@ class _Source:
 def test_quiet_then_data_then_hangup():
     left, right = socket.socketpair()
     with left, right:
-        look = _SocketPoll(_Source(left))
+        look = SocketPoll(_Source(left))
         assert look() is Health.QUIET
         assert look() is Health.QUIET  # the same poll object, asked again
         right.send(b"E")
@@ -40,7 +41,7 @@ def test_a_new_descriptor_is_looked_at_not_the_old_one():
     second, second_peer = socket.socketpair()
     with first, first_peer, second, second_peer:
         source = _Source(first)
-        look = _SocketPoll(source)
+        look = SocketPoll(source)
         assert look() is Health.QUIET
         first_peer.send(b"x")  # the old socket has data, the new one none
         source.sock = second
@@ -50,5 +51,5 @@ def test_a_new_descriptor_is_looked_at_not_the_old_one():
 
 
 def test_a_connection_without_a_socket_is_closed():
-    look = _SocketPoll(_Source(None))
+    look = SocketPoll(_Source(None))
     assert look() is Health.CLOSED

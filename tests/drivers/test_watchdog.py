@@ -16,12 +16,13 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
+from dropsafe._drivers import face_of, faces, sync_drivers
 from dropsafe._drivers.deadline import bounded
 
 pytestmark = pytest.mark.fault
 
-SYNC_DRIVERS = ["psycopg2", "psycopg", "pg8000"]
-ASYNC_DRIVERS = ["asyncpg", "psycopg-async"]
+SYNC_DRIVERS = sync_drivers()
+ASYNC_DRIVERS = [face for face in faces() if face_of(face)[1]]
 DEADLINE = 0.5
 # A loaded machine (2 cores shared with other test runs).
 BOUND = 5.0
@@ -52,7 +53,7 @@ def test_a_sync_wait_ends_at_its_deadline(postgres_server, driver):
 
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 def test_an_async_wait_ends_at_its_deadline(postgres_server, driver):
-    url = postgres_server.url("psycopg" if driver == "psycopg-async" else driver)
+    url = postgres_server.url(face_of(driver)[0])
 
     async def scenario():
         engine = dropsafe.create_async_engine(url)

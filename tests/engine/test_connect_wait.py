@@ -20,6 +20,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc
 
 import dropsafe
+from dropsafe._drivers import async_drivers
 from dropsafe.events import ConnectWaited
 from dropsafe.testing import PostgresServer
 
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.fault
 
 SYNC_DRIVERS = ["psycopg2", "psycopg"]
-ASYNC_DRIVERS = ["asyncpg", "psycopg"]
+ASYNC_DRIVERS = async_drivers()
 MODES = ["fast", "immediate"]
 SLACK = 3.0  # scheduling on a loaded 2-core machine
 

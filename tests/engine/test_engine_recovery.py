@@ -15,12 +15,13 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
+from dropsafe._drivers import SUPPORTED_DRIVERS, sync_drivers
 from dropsafe._engine.guard import guard_of
 from dropsafe.events import PingSucceeded
 
 pytestmark = pytest.mark.fault
 
-SYNC_DRIVERS = ["psycopg2", "psycopg", "pg8000"]
+SYNC_DRIVERS = sync_drivers()
 FAULTS = ["terminate", "fin", "rst", "restart-fast", "restart-immediate"]
 POOL = 4
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")
@@ -136,7 +137,7 @@ def test_one_terminated_backend_recycles_only_that_connection(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("driver", [*SYNC_DRIVERS, "asyncpg"])
+@pytest.mark.parametrize("driver", SUPPORTED_DRIVERS)
 def test_blackholed_request_ends_within_the_default_bound(
     postgres_server, kernel_blackhole, driver
 ):
@@ -206,7 +207,7 @@ def test_a_blackholed_request_ends_by_tcp_user_timeout_even_with_keepalives_off(
     assert elapsed < 12, f"the request hung {elapsed:.1f}s with keepalives=0"
 
 
-@pytest.mark.parametrize("driver", [*SYNC_DRIVERS, "asyncpg"])
+@pytest.mark.parametrize("driver", SUPPORTED_DRIVERS)
 def test_a_connection_idle_too_long_is_pinged_not_replaced(shared_server, driver):
     events = []
     policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(ping_after_idle=0), hooks=(events.append,))

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import dropsafe
+from dropsafe._drivers import driver_names
 from dropsafe.events import RetryScheduled
 
 pytestmark = pytest.mark.fault
@@ -66,7 +67,7 @@ def _rows(server):
 
 
 @pytest.mark.parametrize("fault", ["terminate", "cut", "crash"])
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_orm_session_first_statement_replayed_and_commit_keeps_the_write(
     server, proxy, driver, fault, disposing
 ):
@@ -84,7 +85,7 @@ def test_orm_session_first_statement_replayed_and_commit_keeps_the_write(
     assert len(replayed(events)) == 1
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_core_first_statement_with_returningreplayed(server, proxy, driver, disposing):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
@@ -122,7 +123,7 @@ def test_psycopg_prepared_server_side_bindingreplayed(server, proxy, disposing):
     assert len(replayed(events)) == 1
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_first_statement_replayed_with_prepared_statements(
     server, proxy, driver, disposing_async
 ):
@@ -158,7 +159,7 @@ def _wait_until_running(server, needle, timeout=10.0):
     return False
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_reply_lost_after_the_server_ran_it_is_replayed_once(server, proxy, driver, disposing):
     # The server runs the INSERT, and the socket is cut before the reply: the transaction is
     # aborted with its backend, so the replay must not double the row (n is unique too).

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from dropsafe._drivers import sync_drivers
+
 pytestmark = pytest.mark.fault
 
 SCRIPT = Path(__file__).parent / "processes" / "fork_children.py"
-DRIVERS = ["psycopg2", "psycopg", "pg8000"]
+DRIVERS = sync_drivers()
 # The children's deadline is 2 s; a loaded machine (2 cores shared with other runs) adds some.
 BOUND = 6.0
 

@@ -8,7 +8,7 @@ import sqlalchemy.exc
 from sqlalchemy.dialects import postgresql
 
 from dropsafe import PoolPolicy
-from dropsafe._drivers import _Psycopg2
+from dropsafe._drivers.psycopg2 import Psycopg2
 from dropsafe._engine.lifetime import JITTER, ConnectionLifetime, draw_limit
 from dropsafe._engine.liveness import CheckoutCheck
 
@@ -39,7 +39,7 @@ def _check(now: list[float], max_lifetime: float | None = 10) -> CheckoutCheck:
     return CheckoutCheck(
         PoolPolicy(),
         (),
-        _Psycopg2(),
+        Psycopg2(),
         postgresql.dialect(),
         pre_ping=False,
         draw_lifetime=lifetime.draw if lifetime.enabled else None,

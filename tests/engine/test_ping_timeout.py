@@ -18,11 +18,12 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
+from dropsafe._drivers import face_of, faces
 from dropsafe.events import DeadConnectionReplaced
 
 pytestmark = pytest.mark.fault
 
-DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000", "psycopg-async"]
+DRIVERS = faces()
 PING_TIMEOUT = 1.0
 # A fresh TLS connection and a loaded machine (2 cores shared with other test runs).
 MARGIN = 1.5
@@ -49,8 +50,7 @@ class Scenario:
 
     def __init__(self, server, driver, policy):
         self.server = server
-        self.is_async = driver in ("asyncpg", "psycopg-async")
-        self.driver = "psycopg" if driver == "psycopg-async" else driver
+        self.driver, self.is_async = face_of(driver)
         self.policy = policy
         self.ready = threading.Event()
         self.go = threading.Event()

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 
 import dropsafe
+from dropsafe._drivers import async_drivers
 from dropsafe.testing import PgBouncer
 
 pytestmark = [
@@ -91,7 +92,7 @@ def _run_processes(url: str, pooler: str | None) -> tuple[int, int, list[str]]:
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", async_drivers())
 def test_without_the_setting_statements_collide(postgres_server, driver):
     with PgBouncer(postgres_server, pool_mode="transaction") as bouncer:
         done, prepared, failures = _run_processes(bouncer.url(driver), None)
@@ -100,7 +101,7 @@ def test_without_the_setting_statements_collide(postgres_server, driver):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", async_drivers())
 def test_with_pooler_transaction_no_statement_collides(postgres_server, driver):
     with PgBouncer(postgres_server, pool_mode="transaction") as bouncer:
         done, prepared, failures = _run_processes(bouncer.url(driver), "transaction")

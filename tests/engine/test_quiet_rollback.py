@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 import dropsafe
+from dropsafe._drivers import async_drivers
 from dropsafe.events import ConnectionInvalidated, RollbackConnectionLost
 from dropsafe.testing import PostgresServer
 
@@ -222,7 +223,7 @@ ASYNC_PATHS = {
 
 @pytest.mark.parametrize("fault", FAULTS)
 @pytest.mark.parametrize("path", list(ASYNC_PATHS))
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", async_drivers())
 async def test_async_rollback_on_a_lost_connection_is_quiet(  # noqa: PLR0917 - fixtures and parameters
     server, proxy, driver, path, fault, disposing_async
 ):

@@ -32,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 import dropsafe
+from dropsafe._drivers import driver_names
 from dropsafe.events import PingSucceeded, RollbackConnectionLost
 
 pytestmark = pytest.mark.fault
@@ -107,7 +108,7 @@ def _raw_cursor_execute(sa_connection, sql):
 # -- writes that did not go through SQLAlchemy's execute, before the "first" statement ------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(
     server, proxy, driver, disposing
 ):
@@ -156,7 +157,7 @@ def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(
         assert (_items(server), _audit(server)) == ([7], ["c1", "c2", "c3"])
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(
     server, proxy, driver, disposing
 ):
@@ -197,7 +198,7 @@ def test_raw_set_transaction_isolation_survives_the_replay(server, proxy, dispos
     assert level in ("serializable", "raised")
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
     server, proxy, driver, disposing_async
 ):
@@ -224,7 +225,7 @@ async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
 # -- what is not a first statement must stay loud -----------------------------------------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(
     server, proxy, driver, disposing
 ):
@@ -295,7 +296,7 @@ def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(
 # -- replayed, and the same transaction goes on correctly ---------------------------------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(
     server, proxy, driver, disposing
 ):
@@ -336,7 +337,7 @@ def test_replay_with_other_pool_setups(server, proxy, engine_kwargs, disposing):
         assert engine.pool.checkedout() == 0
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(
     server, proxy, driver, disposing
 ):
@@ -354,7 +355,7 @@ def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(
 
 # The lost connection's server-side cursor is never closed (see the test below).
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_server_side_cursor_first_statementreplayed(server, proxy, driver, disposing):
     server.execute("INSERT INTO attack_items (n) SELECT g FROM generate_series(1, 50) g")
     events = []
@@ -370,7 +371,7 @@ def test_server_side_cursor_first_statementreplayed(server, proxy, driver, dispo
     assert len(replayed(events)) == 1
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_run_sync_first_statementreplayed(server, proxy, driver, disposing_async):
     events = []
     engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_timeout=2))
@@ -421,7 +422,7 @@ def test_replay_closes_the_lost_server_side_cursor(server, proxy, disposing):
     assert leaked == [], [str(w.message) for w in leaked]
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(
     server, proxy, driver, disposing
 ):
@@ -449,7 +450,7 @@ def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(
     assert (in_schema, _items(server), replayed(events)) == (expected, [], [])
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_checkout_listener_raw_session_setting_holds_on_the_replay(
     server, proxy, driver, disposing
 ):
@@ -500,7 +501,7 @@ def test_first_statement_replayed_once_only(server, proxy, disposing):
     assert engine.pool.checkedout() == 0
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
     server, proxy, driver, caplog
 ):
@@ -713,7 +714,7 @@ def test_a_server_error_that_reads_like_a_disconnect_is_notreplayed(server, prox
         "after_cursor_execute (and to _handle_dbapi_exception) after the do_execute events."
     ),
 )
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(
     server, proxy, driver, disposing
 ):
@@ -733,7 +734,7 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(
     assert seen == [(1, True)]
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, proxy, driver):
     # The first statement's backend still runs (and holds the row's lock) after its socket
     # was cut; the replay's UPDATE waits for that lock, and must add 100 once, not twice.
@@ -767,7 +768,7 @@ def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, pro
 # -- the quiet ROLLBACK ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_concurrent_async_sessions_closing_on_lost_connections(
     server, proxy, driver, disposing_async
 ):
@@ -795,7 +796,7 @@ def _lost_rollbacks(events):
     return [e.during for e in events if isinstance(e, RollbackConnectionLost)]
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 @pytest.mark.parametrize("fault", ["terminate", "cut"])
 def test_quiet_rollback_logs_and_events_hold_no_secret(  # noqa: PLR0917 - fixtures and parameters
     server, proxy, driver, fault, caplog, disposing
@@ -813,7 +814,7 @@ def test_quiet_rollback_logs_and_events_hold_no_secret(  # noqa: PLR0917 - fixtu
     assert _items(server) == []
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
     server, proxy, driver, disposing_async
 ):
@@ -829,7 +830,7 @@ async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
     assert len(replayed(events)) == 1
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(server, proxy, driver):
     # The replay's fresh connection meets a network that forwards nothing (the proxy
     # blackholed after the cut): the app's statement must fail with the lost connection's
@@ -865,7 +866,7 @@ def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(serve
         engine.dispose()
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, driver, disposing):
     # Backends are terminated over and over while sessions write two rows each (the first
     # INSERT is the transaction's first statement, replayable). Whatever the app saw: a
@@ -973,7 +974,7 @@ def _backend_pid(dbapi_connection):
     return dbapi_connection.get_backend_pid()  # psycopg2
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver, disposing):
     # SIGKILL of a backend makes the postmaster reset every session and recover: the replay's
     # fresh connection may come during recovery (refused) or after. Either way what the app
@@ -1016,7 +1017,7 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
     assert len(replayed(events)) == (1 if committed else 0)
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(
     server, proxy, driver, disposing
 ):
@@ -1067,7 +1068,7 @@ def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
     server, proxy, driver, kernel_blackhole, disposing
 ):
@@ -1122,7 +1123,7 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy, disposing):
     assert _items(server) == []
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, driver, disposing):
     # The refusal of a driver's connection used since checkout counts the bytes its socket
     # wrote: dropsafe's own ping at checkout (every checkout here) must not count as the app's.
@@ -1140,7 +1141,7 @@ def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, d
     assert _items(server) == [1]
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_dblink_connection_error_answered_by_the_server_is_notreplayed(
     server, proxy, driver, disposing_async
 ):

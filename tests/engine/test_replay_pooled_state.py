@@ -16,6 +16,8 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from dropsafe._drivers import driver_names
+
 pytestmark = pytest.mark.fault
 
 TENANT = "attack_tenant"
@@ -54,7 +56,7 @@ def _terminate_at_next_checkout(engine, server, pid):
             server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)")
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_replay_never_runs_on_a_pooled_connection_another_checkout_changed(
     server, proxy, driver, disposing
 ):
@@ -82,7 +84,7 @@ def test_a_replay_never_runs_on_a_pooled_connection_another_checkout_changed(
     assert len(replayed(events)) == (outcome == "committed")
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_replayed_currval_never_reads_another_pooled_connections_sequence(
     server, proxy, driver, disposing
 ):
@@ -108,7 +110,7 @@ def test_a_replayed_currval_never_reads_another_pooled_connections_sequence(
     assert _rows(server, "public") in ([], [mine])
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_a_replay_never_runs_on_a_pooled_connection_another_checkout_changed(
     server, proxy, driver, disposing_async
 ):
@@ -135,7 +137,7 @@ async def test_async_a_replay_never_runs_on_a_pooled_connection_another_checkout
     assert len(replayed(events)) == (outcome == "committed")
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_ordinary_work_on_the_pooled_connection_keeps_the_replay(server, proxy, driver, disposing):
     # B ran whitelisted statements only (its sequence state set by a serial-like nextval):
     # A's whitelisted first statement is replayed on B, and lands where A would have put it.

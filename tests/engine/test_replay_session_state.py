@@ -25,6 +25,8 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from dropsafe._drivers import driver_names
+
 pytestmark = pytest.mark.fault
 
 TENANT = "replay_tenant_a"
@@ -100,7 +102,7 @@ def _set_driver_characteristics(driver, dbapi_connection):
 
 
 @pytest.mark.parametrize("how", sorted(SET_TENANT))
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     server, proxy, driver, how, disposing
 ):
@@ -117,7 +119,7 @@ def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     assert replayed(events) == []
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     server, proxy, driver, disposing_async
 ):
@@ -135,7 +137,7 @@ async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_
 
 
 @pytest.mark.parametrize("how", ["SET ROLE", "SET SESSION AUTHORIZATION"])
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     server, proxy, driver, how, disposing
 ):
@@ -155,7 +157,7 @@ def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     assert replayed(events) == []
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     server, proxy, driver, disposing_async
 ):
@@ -203,7 +205,7 @@ def test_other_session_state_set_in_an_earlier_transaction_refuses_the_replay(
     assert replayed(events) == []
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(
     server, proxy, driver, disposing
 ):
@@ -226,7 +228,7 @@ def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(
     assert replayed(events) == []
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
     server, proxy, driver, disposing
 ):
@@ -245,7 +247,7 @@ def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
     assert replayed(events) == []
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
     server, proxy, driver, disposing_async
 ):
@@ -275,7 +277,7 @@ async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_
 # -- state every connection gets, and ordinary work before: still replayed ----------------
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_replay(
     server, proxy, driver, disposing
 ):
@@ -301,7 +303,7 @@ def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_repla
     assert len(replayed(events)) == 1
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(
     server, proxy, driver, disposing
 ):
@@ -326,7 +328,7 @@ def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(
     assert len(replayed(events)) == 1
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_replay(
     server, proxy, driver, disposing_async
 ):
@@ -345,7 +347,7 @@ async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_rep
     assert len(replayed(events)) == 1
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
     server, proxy, driver, disposing
 ):
@@ -363,7 +365,7 @@ def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
         assert tuple(conn.execute(CHARACTERISTICS).one()) == ("read committed", "off")
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
     server, proxy, driver, disposing_async
 ):
@@ -379,7 +381,7 @@ async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_
         assert tuple((await conn.execute(CHARACTERISTICS)).one()) == ("read committed", "off")
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_session_settings_in_the_connect_arguments_keep_the_replay(
     server, proxy, driver, disposing
 ):

@@ -6,6 +6,7 @@ import subprocess
 import pytest
 
 from dropsafe._cli import main
+from dropsafe._drivers import SUPPORTED_DRIVERS
 from dropsafe.testing import ChaosProxy, PgBouncer
 from dropsafe.testing._server import PASSWORD_ROLE
 
@@ -94,7 +95,7 @@ def test_a_standby_is_named(postgres_server, capsys):
         # A parameter the driver refuses is bad input (2), not a problem found (1).
         *[
             (f"postgresql+{driver}://app:{SECRET}@127.0.0.1:1/app?sslmode=bogus", 2, "refuses")
-            for driver in ("psycopg2", "psycopg", "asyncpg", "pg8000")
+            for driver in SUPPORTED_DRIVERS
         ],
         (f"postgresql+psycopg2://app:{SECRET}@127.0.0.1:1/app?bogus=1", 2, "refuses"),
     ],

@@ -21,6 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 import dropsafe
+from dropsafe._drivers import async_drivers
 
 pytestmark = [
     pytest.mark.fault,
@@ -40,7 +41,7 @@ def _notes(error: BaseException | None) -> list[str]:
     return notes
 
 
-@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+@pytest.mark.parametrize("driver", async_drivers())
 def test_a_cancel_during_commit_says_the_outcome_is_unknown(postgres_server, driver):
     postgres_server.execute(SLOW_COMMIT_SCHEMA)
 

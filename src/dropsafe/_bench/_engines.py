@@ -8,7 +8,6 @@ first use, which would put the connects inside the window), and one request runs
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import socket
 import threading
@@ -21,8 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
-from dropsafe._drivers import socket_fd
-from dropsafe._policy import seconds as to_seconds
+from dropsafe._drivers import driver_named, socket_fd
 from dropsafe.testing._server import Driver
 
 if TYPE_CHECKING:
@@ -37,6 +35,7 @@ __all__ = [
     "Sample",
     "SyncTarget",
     "Variant",
+    "careful_connect_args",
     "careful_libpq_args",
     "drive_async",
     "drive_sync",
@@ -126,23 +125,20 @@ def bench_driver(name: str) -> Driver:
     return cast("Driver", name)
 
 
-def careful_libpq_args() -> dict[str, int]:
-    """Return the libpq parameters dropsafe's default `ConnectionPolicy` sets, written out.
+def careful_connect_args(driver: str = "psycopg2") -> dict[str, Any]:
+    """Return the connect arguments dropsafe's default `ConnectionPolicy` gives ``driver``.
 
-    What a careful user of psycopg2 or psycopg passes as ``connect_args`` for a fair baseline.
+    What a careful user passes as ``connect_args`` for a fair baseline (libpq's keepalives,
+    ``tcp_user_timeout`` and ``connect_timeout``; asyncpg's ``timeout``), asked of the driver.
     """
-    policy = dropsafe.ConnectionPolicy()
-    if policy.keepalive_idle is None or policy.tcp_user_timeout is None:
-        raise dropsafe.ConfigurationError("the careful baseline copies TCP settings that are off")
-    return {
-        # libpq rounds connect_timeout down and treats 1 as 2.
-        "connect_timeout": max(2, math.ceil(to_seconds(policy.connect_timeout))),
-        "keepalives": 1,
-        "keepalives_idle": math.ceil(to_seconds(policy.keepalive_idle)),
-        "keepalives_interval": math.ceil(to_seconds(policy.keepalive_interval)),
-        "keepalives_count": policy.keepalive_count,
-        "tcp_user_timeout": math.ceil(to_seconds(policy.tcp_user_timeout) * 1000),
-    }
+    cparams: dict[str, Any] = {}
+    driver_named(driver).connect_defaults(dropsafe.ConnectionPolicy(), [], cparams)
+    return cparams
+
+
+def careful_libpq_args() -> dict[str, int]:
+    """Return the libpq parameters dropsafe's default `ConnectionPolicy` sets, written out."""
+    return {key: int(value) for key, value in careful_connect_args("psycopg2").items()}
 
 
 def _tune_asyncpg_sockets(engine: AsyncEngine) -> None:
@@ -176,12 +172,8 @@ def _set_careful_options(sock: socket.socket, libpq: dict[str, int], count: int)
 def _baseline_kwargs(variant: Variant, driver: str) -> dict[str, Any]:
     """Return create_engine's arguments for an unguarded variant (pre_ping, TCP settings)."""
     kwargs: dict[str, Any] = {"pool_pre_ping": variant.name.startswith("pre_ping")}
-    if variant.tcp and driver == "asyncpg":
-        kwargs["connect_args"] = {
-            "timeout": to_seconds(dropsafe.ConnectionPolicy().connect_timeout)
-        }
-    elif variant.tcp:
-        kwargs["connect_args"] = careful_libpq_args()
+    if variant.tcp:
+        kwargs["connect_args"] = careful_connect_args(driver)
     return kwargs
 
 

@@ -43,6 +43,7 @@ from dropsafe._bench._shapes import (
     Shape,
 )
 from dropsafe._bench._shapes import run_shape as _run_shape
+from dropsafe._drivers import driver_named
 from dropsafe.testing._server import PostgresServer, ServerError
 
 if TYPE_CHECKING:
@@ -441,7 +442,7 @@ class Explorer:
     def urls(self, driver: str) -> dict[str, str]:
         """Return the app's URL of each database, through the proxy, without TLS."""
         name = DRIVERS[driver][0]
-        tls = "ssl=disable" if name == "asyncpg" else "sslmode=disable"
+        tls = "&".join(f"{k}={v}" for k, v in driver_named(name).tls.off_url_parameters.items())
         secret = self.server.password
         return {
             key: f"postgresql+{name}://{APP_ROLE}:{secret}@127.0.0.1:{self.proxy.port}/{db}?{tls}"

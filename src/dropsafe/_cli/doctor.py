@@ -109,7 +109,7 @@ def diagnose(url_text: str) -> str:
     url = _parse(url_text)
     facts: dict[str, Any] = {"url": redact_url(url)}
     started = time.perf_counter()
-    if url.get_driver_name() == "asyncpg" or url.get_driver_name() == "psycopg_async":
+    if url.get_dialect().is_async:
         facts |= asyncio.run(_examine_async(url))
     else:
         engine = dropsafe.create_engine(url, poolclass=NullPool, policy=_POLICY)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import sqlalchemy as sa
 
 from dropsafe._cli._arguments import EXIT_FOUND_PROBLEM, EXIT_OK, require_extra
+from dropsafe._drivers import driver_named, sync_drivers
 from dropsafe._errors import ConfigurationError
 from dropsafe.testing import ChaosProxy, PostgresServer
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["register", "run"]
 
 _FAULTS = ("fin", "rst", "terminate")
-_SYNC_DRIVERS: tuple[Driver, ...] = ("psycopg2", "psycopg", "pg8000")
+_SYNC_DRIVERS = sync_drivers()
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
             f"TLS {'on' if server.tls else 'off'}"
         )
         with ChaosProxy(server.host, server.port) as proxy:
-            params = {"sslmode": "disable"} if driver != "pg8000" and not server.tls else {}
+            params = {} if server.tls else driver_named(driver).tls.off_url_parameters
             url = proxy.route(server.url(driver, **params))
             args.secrets.add_url(url)  # the throwaway server's password, when it has one
             engine = sa.create_engine(url, connect_args=server.connect_args(driver))
@@ -110,7 +111,7 @@ def _driver(asked: Driver | None) -> Driver:
         return asked
     for name in _SYNC_DRIVERS:
         if importlib.util.find_spec(name) is not None:
-            return name
+            return cast("Driver", name)  # the registry's names are the Literal's (a test checks)
     raise ConfigurationError(
         "no PostgreSQL driver is installed: pip install 'dropsafe[psycopg2]' "
         "(or dropsafe[psycopg], dropsafe[pg8000])"

@@ -1,18 +1,14 @@
 """The client's last word on a wait: shut a connection's socket down when its deadline passes.
 
-A server that hangs mid-statement while its kernel still acknowledges (a SIGSTOPped backend, a
-frozen VM, a stuck leader) never trips a TCP timeout, and libpq has no per-call timeout: only
-the client can end the wait. `bounded` asks the connection's driver where its socket is and
-hands it to the process's one shutdown thread (`dropsafe._socket_shutdown`). The driver's
-blocked read then returns end-of-file and raises its ordinary "connection closed" error, which
-the usual machinery handles: the connection is invalidated and the unit of work's deadline
-decides what follows. Works the same for every driver, sync or async, whatever thread or event
-loop is waiting.
+A server that hangs while its kernel still acknowledges never trips a TCP timeout, and libpq
+has no per-call timeout. `bounded` hands the connection's socket to the process's shutdown
+thread (`dropsafe._socket_shutdown`); the driver's blocked read then fails as on any lost
+connection, for every driver, sync or async (a COMMIT, a resolution, a failover audit).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dropsafe._drivers import socket_fd
 from dropsafe._socket_shutdown import Bound, shut_down_at
@@ -20,10 +16,12 @@ from dropsafe._socket_shutdown import Bound, shut_down_at
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
+    from dropsafe._drivers.base import DBAPIConnection
+
 __all__ = ["Bound", "bounded"]
 
 
-def bounded(dbapi_connection: Any, deadline: float) -> AbstractContextManager[Bound]:  # noqa: ANN401 - DBAPI connections are untyped
+def bounded(dbapi_connection: DBAPIConnection, deadline: float) -> AbstractContextManager[Bound]:
     """Shut ``dbapi_connection``'s socket down if the block still runs at ``deadline``.
 
     ``deadline`` is a `time.monotonic` value. A connection whose socket cannot be found (not

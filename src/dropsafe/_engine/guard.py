@@ -21,7 +21,14 @@ import sqlalchemy.exc
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
 
-from dropsafe._drivers import SUPPORTED, driver_for, is_supported
+from dropsafe._drivers import (
+    SUPPORTED,
+    async_drivers,
+    driver_for,
+    driver_named,
+    is_supported,
+    sync_drivers,
+)
 from dropsafe._engine.connect_args import ConnectArguments
 from dropsafe._engine.connect_wait import ConnectWait
 from dropsafe._engine.invalidation import InvalidationScope
@@ -54,10 +61,6 @@ __all__ = [
 
 logger = SafeLogger()
 
-# Drivers a URL without one may get, in order of preference, per face (each driver's module
-# has its name).
-_SYNC_CHOICES = ("psycopg2", "psycopg", "pg8000")
-_ASYNC_CHOICES = ("asyncpg", "psycopg")
 # (URL scheme as given, as read): each reading is logged once per process.
 _SAID: set[tuple[str, str]] = set()
 _E = TypeVar("_E", "Engine", "AsyncEngine")
@@ -111,8 +114,8 @@ def create_async_engine(
         raise _driver_missing(parsed, exc) from None
     except sqlalchemy.exc.InvalidRequestError as exc:
         raise ConfigurationError(
-            f"{redact_url(parsed)} needs an asyncio driver (postgresql+asyncpg or "
-            f"postgresql+psycopg): {exc}"
+            f"{redact_url(parsed)} needs an asyncio driver "
+            f"({' or '.join(f'postgresql+{name}' for name in async_drivers())}): {exc}"
         ) from None
     except (sqlalchemy.exc.ArgumentError, TypeError) as exc:
         raise ConfigurationError(
@@ -331,13 +334,14 @@ def resolve_driver(
 
 def _default_driver(url: URL, *, is_async: bool, installed: Callable[[str], bool]) -> str | None:
     """Name the driver for a URL without one; None when SQLAlchemy's default is installed."""
-    choices = _ASYNC_CHOICES if is_async else _SYNC_CHOICES
+    # The registry's drivers for this face, in order of preference (each module has its name).
+    choices = async_drivers() if is_async else sync_drivers()
     default = url.set(drivername="postgresql").get_dialect().driver
     if default in choices and installed(default):
         return None
     found = [name for name in choices if installed(name)]
     if not found:
-        extras = ", ".join(f"dropsafe[{name}]" for name in choices)
+        extras = ", ".join(f"dropsafe[{driver_named(name).extra}]" for name in choices)
         raise ConfigurationError(
             f"{redact_url(url)} names no driver and no PostgreSQL driver"
             f"{' for asyncio' if is_async else ''} is installed: pip install one of "

@@ -148,15 +148,14 @@ class FirstStatementReplay:
     def __init__(
         self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect, state: EngineState
     ) -> None:
-        # pg8000 reports a connection that timed out and one the server closed with the same
-        # bare "network error", and a timed-out one must not be replayed (see _lost).
         # The driver must say, before the statement is sent, whether a transaction is open
-        # on its connection, and after an error whether the connection is gone (_drivers.py).
+        # on its connection, and after an error whether the connection is gone, and tell a
+        # lost connection from a timed-out one (`Capabilities.replays_first_statement`).
         self._driver = driver_for(dialect) if is_supported(str(dialect.driver)) else None
         self._enabled = (
             policy.replay_first_statement
-            and dialect.driver != "pg8000"
             and self._driver is not None
+            and self._driver.capabilities.replays_first_statement
         )
         self._hooks = hooks
         self._dialect = dialect

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import ssl
 import subprocess
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, get_args
 from urllib.parse import quote
 
+from dropsafe._drivers import DriverName, driver_named
 from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -24,8 +24,8 @@ __all__ = [
     "url_query",
 ]
 
-Driver = Literal["psycopg2", "psycopg", "asyncpg", "pg8000"]
-DRIVERS: tuple[Driver, ...] = ("psycopg2", "psycopg", "asyncpg", "pg8000")
+Driver = DriverName
+DRIVERS: tuple[Driver, ...] = get_args(DriverName)
 
 
 def sqlalchemy_url(
@@ -69,20 +69,12 @@ def sqlalchemy_url(
 
 def _tls_url_params(driver: Driver) -> dict[str, str]:
     """Return the URL parameters that make ``driver`` insist on TLS (none for pg8000)."""
-    if driver in ("psycopg2", "psycopg"):
-        return {"sslmode": "require"}
-    if driver == "asyncpg":
-        return {"ssl": "require"}
-    return {}
+    return dict(driver_named(driver).tls.url_parameters)
 
 
 def tls_connect_args(driver: Driver, ca_file: Path) -> dict[str, object]:
     """Return the ``connect_args`` that give ``driver`` TLS where its URL cannot (pg8000)."""
-    if driver != "pg8000":
-        return {}
-    context = ssl.create_default_context(cafile=str(ca_file))
-    context.check_hostname = False
-    return {"ssl_context": context}
+    return driver_named(driver).tls_connect_args(str(ca_file))
 
 
 def bracketed(host: str) -> str:

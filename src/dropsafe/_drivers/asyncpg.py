@@ -1,0 +1,207 @@
+"""asyncpg, through SQLAlchemy's adapter: TCP options set after connecting, its protocol state.
+
+asyncpg takes no TCP options, so dropsafe sets them on its socket (`socket_for_options`); its
+errors keep the SQLSTATE in ``sqlstate`` and the severity in ``severity_en``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import AdaptedConnection
+
+from dropsafe._classify import DriverErrors, ErrorKind
+from dropsafe._drivers.base import (
+    DBAPIConnection,
+    Driver,
+    Health,
+    Server,
+    Tls,
+    await_,
+    is_instance,
+    timeout_argument,
+)
+from dropsafe._drivers.sockets import SocketPoll, poll
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Dialect
+
+    from dropsafe._drivers.base import ConnectArgs
+    from dropsafe._policy import ConnectionPolicy
+
+__all__ = ["Asyncpg"]
+
+
+def _sqlstate(error: BaseException) -> object:
+    return getattr(error, "sqlstate", None)
+
+
+def _severity(error: BaseException) -> object:
+    return getattr(error, "severity_en", None)
+
+
+def _socket(native: DBAPIConnection) -> socket.socket | None:
+    """Return the socket under an asyncpg connection's transport (None once it is closed).
+
+    asyncio's TransportSocket, which has the socket methods dropsafe uses.
+    """
+    sock: socket.socket | None = native._transport.get_extra_info("socket")  # noqa: SLF001 - asyncpg keeps it private
+    return sock
+
+
+class Asyncpg(Driver):
+    """asyncpg: the protocol's closed state, and the socket for what the loop has not read yet."""
+
+    name = "asyncpg"
+    dialect_drivers = ("asyncpg",)
+    sync = False
+    asyncio = True
+    extra = "asyncpg"
+    # InterfaceError is not a client error here: it is the caller's misuse (wrong number of
+    # arguments, another operation in progress) or a connection already closed, which
+    # SQLAlchemy's is_disconnect reports.
+    errors = DriverErrors(
+        package="asyncpg",
+        sqlstate=_sqlstate,
+        severity=_severity,
+        client_errors={"TargetServerAttributeNotMatched": ErrorKind.FAILOVER},
+        disconnect_messages=("connection was closed in the middle of operation",),
+        failover_messages=("none of the hosts match the target attribute",),
+    )
+    tls = Tls(url_parameters={"ssl": "require"}, off_url_parameters={"ssl": "disable"})
+
+    def owns(self, dbapi_connection: DBAPIConnection) -> bool:
+        return isinstance(dbapi_connection, AdaptedConnection) and is_instance(
+            dbapi_connection.driver_connection, "asyncpg", "Connection"
+        )
+
+    def connect_defaults(
+        self, policy: ConnectionPolicy, cargs: list[object], cparams: ConnectArgs
+    ) -> set[str]:
+        del cargs
+        # One budget for all hosts in turn (libpq gives each host its own): a vanished first
+        # host eats it all, so after a failed attempt the guard starts from the next host.
+        added = timeout_argument(cparams, policy)
+        if policy.pooler == "transaction":
+            added |= _no_lasting_statements(cparams)
+        return added
+
+    def socket_for_options(self, dbapi_connection: DBAPIConnection) -> socket.socket | None:
+        return _socket(dbapi_connection.driver_connection)
+
+    def socket_fd(self, dbapi_connection: DBAPIConnection) -> int | None:
+        sock = _socket(dbapi_connection.driver_connection)
+        return None if sock is None else int(sock.fileno())
+
+    def server_of(self, dbapi_connection: DBAPIConnection) -> Server | None:
+        address = dbapi_connection.driver_connection._addr  # noqa: SLF001 - asyncpg's private
+        return Server(str(address[0]), int(address[1])) if isinstance(address, tuple) else None
+
+    def _reported_parameter(self, dbapi_connection: DBAPIConnection, name: str) -> str | None:
+        settings = dbapi_connection.driver_connection.get_settings()
+        value = getattr(settings, name, None)
+        return value if isinstance(value, str) else None
+
+    def hosts(self, cparams: ConnectArgs) -> list[tuple[str, str]]:
+        hosts, ports = cparams.get("host"), cparams.get("port")
+        if not isinstance(hosts, list) or not isinstance(ports, list):
+            return []
+        return [(str(host), str(port)) for host, port in zip(hosts, ports, strict=False)]
+
+    def set_hosts(self, cparams: ConnectArgs, pairs: list[tuple[str, str]]) -> None:
+        cparams["host"] = [host for host, _ in pairs]
+        cparams["port"] = [int(port) for _, port in pairs]
+
+    def transaction_idle(self, dbapi_connection: DBAPIConnection) -> bool | None:
+        # SQLAlchemy's adapter sends its BEGIN itself, lazily, at the first statement it is
+        # given, and keeps its asyncpg Transaction (private: ``_transaction`` in SQLAlchemy
+        # 2.1, a ``_started`` flag in 2.0; a SQLAlchemy with neither gets no replay). The
+        # app's own work on the asyncpg connection shows in is_in_transaction().
+        if hasattr(dbapi_connection, "_transaction"):
+            started = dbapi_connection._transaction is not None  # noqa: SLF001
+        elif isinstance(getattr(dbapi_connection, "_started", None), bool):
+            started = dbapi_connection._started  # noqa: SLF001
+        else:
+            return None
+        return not started and not dbapi_connection.driver_connection.is_in_transaction()
+
+    def gone(self, dbapi_connection: DBAPIConnection) -> bool | None:
+        return bool(dbapi_connection.driver_connection.is_closed())
+
+    def transaction_characteristics(
+        self, dbapi_connection: DBAPIConnection
+    ) -> tuple[object, ...] | None:
+        # SQLAlchemy's adapter makes asyncpg's transaction(isolation=, readonly=, deferrable=)
+        # from these (its isolation "autocommit" is the autocommit flag); an adapter without
+        # them is one dropsafe does not know.
+        names = ("isolation_level", "readonly", "deferrable")
+        if not all(hasattr(dbapi_connection, name) for name in names):
+            return None
+        return tuple(getattr(dbapi_connection, name) for name in names)
+
+    def probe(self, dbapi_connection: DBAPIConnection) -> Health:
+        connection = dbapi_connection.driver_connection
+        if connection.is_closed():
+            return Health.CLOSED
+        # The event loop may not have run since the peer hung up: look at the socket too.
+        sock = _socket(connection)
+        return Health.QUIET if sock is None else poll(sock)
+
+    def prober(self, dbapi_connection: DBAPIConnection) -> Callable[[], Health]:
+        connection = dbapi_connection.driver_connection
+        sock = _socket(connection)
+        look = None if sock is None else SocketPoll(sock)
+
+        def probe() -> Health:
+            if connection.is_closed():
+                return Health.CLOSED
+            # The event loop may not have run since the peer hung up: look at the socket too.
+            return Health.QUIET if look is None else look()
+
+        return probe
+
+    def ping(self, dialect: Dialect, dbapi_connection: DBAPIConnection, timeout: float) -> None:
+        del dialect
+        connection = dbapi_connection.driver_connection
+        # execute() without arguments uses the simple query protocol: one round trip, and no
+        # prepared statement for a transaction-mode pooler to lose.
+        try:
+            await_(asyncio.wait_for(connection.execute("SELECT 1"), timeout))
+        except BaseException:
+            # The pool replaces it; closing it politely would wait on the hung server again
+            # (SQLAlchemy gives a graceful close 2 s), so abort it now.
+            connection.terminate()
+            raise
+
+
+def _no_lasting_statements(cparams: ConnectArgs) -> set[str]:
+    """Keep asyncpg's prepared statements inside one transaction, under names no one else has.
+
+    Behind a transaction-mode pooler each transaction may run on another server connection,
+    shared with other clients. asyncpg names statements ``__asyncpg_stmt_N__``, counting per
+    client connection, and keeps them for reuse: two clients then collide on one server
+    connection ("already exists"), and a kept statement is missing on the next one ("does not
+    exist"). So: no statement cache in asyncpg (its own queries go unnamed), none in
+    SQLAlchemy's adapter, and a unique name for each statement SQLAlchemy prepares (it prepares
+    inside the transaction that runs it). What the user set wins.
+    """
+    wanted: dict[str, object] = {
+        "statement_cache_size": 0,  # asyncpg's cache
+        "prepared_statement_cache_size": 0,  # SQLAlchemy's adapter's cache
+        "prepared_statement_name_func": _unique_statement_name,
+    }
+    added = set()
+    for key, value in wanted.items():
+        if key not in cparams:
+            cparams[key] = value
+            added.add(key)
+    return added
+
+
+def _unique_statement_name() -> str:
+    return f"__dropsafe_{uuid.uuid4().hex}__"

@@ -1,0 +1,88 @@
+"""psycopg 3: libpq underneath (libpq.py), sync and asyncio faces, no prepare behind a pooler."""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING
+
+from sqlalchemy.engine import AdaptedConnection
+
+from dropsafe._classify import DriverErrors, ErrorKind
+from dropsafe._drivers import libpq
+from dropsafe._drivers.base import (
+    Capabilities,
+    DBAPIConnection,
+    Tls,
+    driver_connection,
+    is_instance,
+)
+
+if TYPE_CHECKING:
+    from dropsafe._drivers.base import ConnectArgs
+    from dropsafe._policy import ConnectionPolicy
+
+__all__ = ["Psycopg"]
+
+
+def _sqlstate(error: BaseException) -> object:
+    return getattr(error, "sqlstate", None)
+
+
+class Psycopg(libpq.Libpq):
+    """psycopg 3, sync (``postgresql+psycopg``) and asyncio (SQLAlchemy's ``psycopg_async``)."""
+
+    name = "psycopg"
+    dialect_drivers = ("psycopg", "psycopg_async")
+    asyncio = True
+    extra = "psycopg"
+    errors = DriverErrors(
+        package="psycopg",
+        sqlstate=_sqlstate,
+        severity=libpq.diag_severity,
+        client_errors={"ConnectionTimeout": ErrorKind.FAILOVER},  # connect_timeout expired
+        disconnect_messages=(
+            *libpq.DISCONNECT_MESSAGES,
+            "the connection is lost",
+            "consuming input failed",
+        ),
+        failover_messages=libpq.FAILOVER_MESSAGES,
+    )
+    capabilities = Capabilities(pipelines=True)  # libpq 14's pipeline mode
+    tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
+
+    def connect_defaults(
+        self, policy: ConnectionPolicy, cargs: list[object], cparams: ConnectArgs
+    ) -> set[str]:
+        added = super().connect_defaults(policy, cargs, cparams)
+        # psycopg 3 prepares a statement run 5 times on a connection, under a name (_pg3_0...)
+        # that the next transaction's server connection may not have, or have from another
+        # client: behind a transaction-mode pooler it must never prepare.
+        if policy.pooler == "transaction" and "prepare_threshold" not in cparams:
+            cparams["prepare_threshold"] = None
+            added.add("prepare_threshold")
+        return added
+
+    def owns(self, dbapi_connection: DBAPIConnection) -> bool:
+        if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async
+            dbapi_connection = dbapi_connection.driver_connection
+        return is_instance(dbapi_connection, "psycopg", "BaseConnection")
+
+    def transaction_idle(self, dbapi_connection: DBAPIConnection) -> bool | None:
+        # psycopg_async's adapter opens no transaction of its own: the driver's status is all.
+        native = driver_connection(dbapi_connection)
+        status = getattr(sys.modules.get("psycopg.pq"), "TransactionStatus", None)
+        idle = getattr(status, "IDLE", None)
+        if idle is None:
+            return None
+        return bool(native.info.transaction_status == idle)
+
+    def gone(self, dbapi_connection: DBAPIConnection) -> bool | None:
+        native = driver_connection(dbapi_connection)
+        return bool(native.closed or native.broken)
+
+    def transaction_characteristics(
+        self, dbapi_connection: DBAPIConnection
+    ) -> tuple[object, ...] | None:
+        # The attributes (set_* awaited on an async connection) that make psycopg's BEGIN.
+        native = driver_connection(dbapi_connection)
+        return (native.isolation_level, native.read_only, native.deferrable, native.autocommit)

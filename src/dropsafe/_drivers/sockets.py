@@ -1,0 +1,141 @@
+"""Looking at a driver's socket without a round trip: a zero-timeout poll, and TCP_INFO's counts.
+
+Shared by every driver file; the socket itself is each driver's business (`Driver.socket_fd`).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import struct
+from typing import TYPE_CHECKING, Protocol
+
+from dropsafe._drivers.base import Health
+from dropsafe._process import unpatched
+
+if TYPE_CHECKING:
+    from dropsafe._drivers.base import DBAPIConnection, Driver
+
+__all__ = ["HasFileno", "SocketPoll", "borrow_socket", "poll", "socket_fd_of", "tcp_bytes_sent"]
+
+# Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
+# The interpreter's own poll, whichever import order: gevent's (after ``monkey.patch_all()``)
+# never reports a hang-up, so every dead idle connection would cost a ping; eventlet's has none.
+_real_poll = unpatched("select", "poll")
+_POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
+_POLL_MASK = select.POLLIN | _POLL_DEAD
+# struct tcp_info (linux/tcp.h, Linux 4.19+): u32 tcpi_notsent_bytes at 144, u64
+# tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208. The layout only grows at its end, so
+# these offsets hold on later kernels.
+_TCP_INFO_NOTSENT = struct.Struct("=I")
+_TCP_INFO_NOTSENT_AT = 144
+_TCP_INFO_BYTES = struct.Struct("=QQ")
+_TCP_INFO_BYTES_AT = 200
+_TCP_INFO_LENGTH = 256
+_TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux only
+
+
+class HasFileno(Protocol):
+    """A socket, or a driver's connection that says its socket's file descriptor."""
+
+    def fileno(self) -> int:
+        """Return the file descriptor."""
+        ...
+
+
+def socket_fd_of(driver: Driver, native: DBAPIConnection) -> int | None:
+    """Return the fd of the socket of a connection ``driver`` owns, or None (closed, unknown)."""
+    try:
+        return driver.socket_fd(native)
+    except Exception:  # noqa: BLE001 - a closed connection may not say its socket
+        return None
+
+
+def borrow_socket(fd: int) -> socket.socket | None:
+    """Return a socket object on a driver's fd, to be detached, never closed; None if closed.
+
+    The fd may be closed already (a driver that found its connection lost) or -1 (asyncpg's
+    closed transport): Python refuses both when the object is made (EBADF, ValueError).
+    """
+    try:
+        return socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, fd)
+    except (OSError, ValueError):
+        return None
+
+
+def tcp_bytes_sent(fd: int) -> int | None:
+    """Return the data bytes written so far to the TCP socket ``fd``; None if unknown.
+
+    Sent, or queued in the kernel and not sent yet; retransmissions are not counted: the
+    number grows only when the client writes something. One getsockopt (TCP_INFO); None on a
+    Unix socket, on a kernel before 4.19, or on a closed fd. The driver's fd is left open.
+    """
+    if _TCP_INFO is None:
+        return None
+    # A socket object on the driver's own fd, detached (never closed) when done: no dup(2) and
+    # close(2) around the one getsockopt, which runs twice per checkout that sends a statement.
+    sock = borrow_socket(fd)
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+    except OSError:  # not TCP (a Unix socket)
+        return None
+    finally:
+        sock.detach()
+    if len(info) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size:
+        return None
+    sent, retransmitted = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
+    (queued,) = _TCP_INFO_NOTSENT.unpack_from(info, _TCP_INFO_NOTSENT_AT)
+    return int(sent - retransmitted + queued)
+
+
+def poll(source: HasFileno) -> Health:
+    """Poll ``source``'s socket with a zero timeout; one that cannot be polled is dead."""
+    poller = _real_poll()
+    try:
+        poller.register(source.fileno(), _POLL_MASK)
+        events = poller.poll(0)
+    except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
+        return Health.CLOSED
+    return _health_of(events)
+
+
+def _health_of(events: list[tuple[int, int]]) -> Health:
+    """Read a zero-timeout poll's answer for one socket."""
+    if not events:
+        return Health.QUIET
+    revents = events[0][1]
+    if revents & (_POLL_DEAD | select.POLLNVAL):
+        return Health.CLOSED
+    return Health.DATA_WAITING
+
+
+class SocketPoll:
+    """`poll` for one connection's socket, its poll object made once (asked at each checkout).
+
+    The descriptor is asked of the connection at each look, never remembered: a connection
+    that lost its socket says so there (or raises), and a number the kernel gave to another
+    socket since would be looked at otherwise.
+    """
+
+    __slots__ = ("_fd", "_poller", "_source")
+
+    def __init__(self, source: HasFileno) -> None:
+        self._source = source
+        self._poller = _real_poll()
+        self._fd = -1
+
+    def __call__(self) -> Health:
+        try:
+            fd = self._source.fileno()
+            if fd != self._fd:
+                if self._fd >= 0:
+                    self._poller.unregister(self._fd)
+                    self._fd = -1
+                self._poller.register(fd, _POLL_MASK)
+                self._fd = fd
+            events = self._poller.poll(0)
+        except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
+            return Health.CLOSED
+        return _health_of(events)
