@@ -55,7 +55,8 @@ timed mypy .venv/bin/mypy
 # The documentation site, strict: a broken link, anchor or API reference fails the run (seconds).
 NO_MKDOCS_2_WARNING=1 timed mkdocs .venv/bin/mkdocs build --strict --quiet --site-dir site
 status=0
-timed pytest .venv/bin/pytest "$@" || status=$?
+# --durations: the log names the slowest tests, where the suite's minutes go.
+timed pytest .venv/bin/pytest --durations=20 "$@" || status=$?
 if [[ -n $background_pid ]]; then
     background_status=0
     wait "$background_pid" || background_status=$?

@@ -176,6 +176,7 @@ def test_kill_database_starts_again_a_pgbouncer_that_died_of_it(postgres_server)
             engine.dispose()
 
 
+@pytest.mark.shares_server
 @pytest.mark.timeout(60)
 def test_a_port_taken_before_pgbouncer_binds_is_traded_for_another(postgres_server):
     # free_port's port can be taken by another process before PgBouncer binds it: PgBouncer

@@ -28,6 +28,7 @@ BOUND = 5.0
 SLEEP = sa.text("SELECT pg_sleep(60)")
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
 def test_a_sync_wait_ends_at_its_deadline(postgres_server, driver):
     engine = dropsafe.create_engine(
@@ -50,6 +51,7 @@ def test_a_sync_wait_ends_at_its_deadline(postgres_server, driver):
     assert elapsed < BOUND
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 def test_an_async_wait_ends_at_its_deadline(postgres_server, driver):
     url = postgres_server.url("psycopg" if driver == "psycopg-async" else driver)
