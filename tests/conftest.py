@@ -26,13 +26,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[PostgresServer]:
-    """One TLS server for a module whose tests do not stop or break it."""
-    with PostgresServer() as server:
-        yield server
-
-
 class SharedServer:
     """The session's server as one ``shares_server`` test sees it: its own database by default.
 
@@ -69,6 +62,19 @@ class SharedServer:
                 "a test that stops, restarts or signals its server must not be marked shares_server"
             )
         return getattr(self.server, name)
+
+
+@pytest.fixture(scope="module")
+def shared_server(postgres_session_server: PostgresServer) -> Iterator[SharedServer]:
+    """One database on the session's server for a module whose tests do not stop or break it."""
+    from dropsafe.testing._database import Database  # noqa: PLC0415 - as the plugin does
+
+    database = Database(postgres_session_server)
+    database.create()
+    try:
+        yield SharedServer(database)
+    finally:
+        database.drop()
 
 
 @pytest.fixture

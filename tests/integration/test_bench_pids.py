@@ -26,6 +26,13 @@ from dropsafe.testing._runtime import Owner, free_port, wait_until
 INITDB_OPTIONS = ("--auth-local=peer", "--auth-host=reject", "-U", "postgres", "--no-sync")
 
 
+@pytest.fixture(scope="module")
+def shared_server():
+    """A server of this module's own: its tests look at the server's processes, files and log."""
+    with PostgresServer() as server:
+        yield server
+
+
 def _settings(data: Path) -> list[str]:
     return ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data}"]
 
