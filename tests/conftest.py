@@ -65,11 +65,16 @@ class SharedServer:
 
 
 @pytest.fixture(scope="module")
-def shared_server(postgres_session_server: PostgresServer) -> Iterator[SharedServer]:
-    """One database on the session's server for a module whose tests do not stop or break it."""
+def shared_server(request: pytest.FixtureRequest) -> Iterator[PostgresServer | SharedServer]:
+    """One database on the session's server for a module whose tests do not stop or break it;
+    a server of the module's own where the module is marked ``own_server``."""
+    if request.node.get_closest_marker("own_server"):
+        with PostgresServer() as server:
+            yield server
+        return
     from dropsafe.testing._database import Database  # noqa: PLC0415 - as the plugin does
 
-    database = Database(postgres_session_server)
+    database = Database(request.getfixturevalue("postgres_session_server"))
     database.create()
     try:
         yield SharedServer(database)

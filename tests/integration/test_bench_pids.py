@@ -25,12 +25,8 @@ from dropsafe.testing._runtime import Owner, free_port, wait_until
 # Nobody may log in to the leftover: it only has to listen.
 INITDB_OPTIONS = ("--auth-local=peer", "--auth-host=reject", "-U", "postgres", "--no-sync")
 
-
-@pytest.fixture(scope="module")
-def shared_server():
-    """A server of this module's own: its tests look at the server's processes, files and log."""
-    with PostgresServer() as server:
-        yield server
+# shared_server: a server of this module's own: it reads the server's processes.
+pytestmark = pytest.mark.own_server
 
 
 def _settings(data: Path) -> list[str]:

@@ -19,6 +19,9 @@ from dropsafe.testing._patroni import patroni_cluster_unavailable
 EVIL_DATABASE = "postgres?sslmode=disable&x=/y#z"
 EVIL_PARAM = "-c x=1&sslmode=disable"
 
+# shared_server: a server of this module's own: it copies the server into standbys.
+pytestmark = pytest.mark.own_server
+
 
 def _check_url(url: str, tls_key: str) -> None:
     parsed = make_url(url)

@@ -16,16 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from dropsafe.testing import PgBouncer, PostgresServer, ServerError
+from dropsafe.testing import PgBouncer, ServerError
 
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another local user")
 
-
-@pytest.fixture(scope="module")
-def shared_server():
-    """A server of this module's own: its tests look at the server's processes, files and log."""
-    with PostgresServer() as server:
-        yield server
+# shared_server: a server of this module's own: it reads the server's log and folder.
+pytestmark = pytest.mark.own_server
 
 
 def _command_lines() -> list[str]:

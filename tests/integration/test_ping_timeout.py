@@ -20,7 +20,8 @@ import sqlalchemy as sa
 import dropsafe
 from dropsafe.events import DeadConnectionReplaced
 
-pytestmark = pytest.mark.fault
+# shared_server: a server of this module's own: it stops backends with SIGSTOP.
+pytestmark = [pytest.mark.fault, pytest.mark.own_server]
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000", "psycopg-async"]
 PING_TIMEOUT = 1.0

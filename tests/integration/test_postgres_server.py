@@ -17,12 +17,8 @@ from dropsafe.testing import PostgresServer, ServerError, _binaries, find_postgr
 
 SSL_IN_USE = sa.text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
 
-
-@pytest.fixture(scope="module")
-def shared_server():
-    """A server of this module's own: its tests look at the server's processes, files and log."""
-    with PostgresServer() as server:
-        yield server
+# shared_server: a server of this module's own: it stops it, reads its processes and files.
+pytestmark = pytest.mark.own_server
 
 
 def _scalar(url, sql, **engine_kwargs):

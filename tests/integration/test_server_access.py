@@ -16,16 +16,12 @@ import psycopg2
 import pytest
 import sqlalchemy as sa
 
-from dropsafe.testing import PgBouncer, PostgresServer, multi_host_url
+from dropsafe.testing import PgBouncer, multi_host_url
 
 ATTACK = "COPY (SELECT 1) TO PROGRAM 'id'"
 
-
-@pytest.fixture(scope="module")
-def shared_server():
-    """A server of this module's own: its tests look at the server's processes, files and log."""
-    with PostgresServer() as server:
-        yield server
+# shared_server: a server of this module's own: it reads the server's processes and files.
+pytestmark = pytest.mark.own_server
 
 
 def _connect_without_password(host, port):
