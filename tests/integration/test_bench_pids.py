@@ -99,6 +99,7 @@ def _accepts(port: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_killed_runs_cluster_stops_listening_at_the_next_start(tmp_path):
     """A postmaster in a dead run's Patroni folder (as a SIGKILLed run leaves one) is swept."""

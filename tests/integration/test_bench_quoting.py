@@ -57,6 +57,7 @@ def test_a_standby_name_no_config_line_can_hold_is_refused(shared_server, name):
         shared_server.make_standby(name=name)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_standby_name_with_quotes_is_quoted_in_sql_and_in_its_conninfo(postgres_server):
     name = 'it\'s "the" \\ standby'

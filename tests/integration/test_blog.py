@@ -163,6 +163,7 @@ def test_health_and_readiness(blog, chaos_proxy):
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver"

@@ -139,6 +139,7 @@ def test_one_terminated_backend_recycles_only_that_connection(postgres_server, c
         engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("driver", [*SYNC_DRIVERS, "asyncpg"])
 def test_blackholed_request_ends_within_the_default_bound(
@@ -184,6 +185,7 @@ def test_blackholed_request_ends_within_the_default_bound(
     assert served == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_blackholed_request_ends_by_tcp_user_timeout_even_with_keepalives_off(
     postgres_server, kernel_blackhole

@@ -156,6 +156,7 @@ def test_asyncpg_ledger_through_pgbouncer_in_transaction_mode(postgres_server):
     assert_safe(ledger, postgres_server)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_kill_database_starts_again_a_pgbouncer_that_died_of_it(postgres_server):
     # PgBouncer can die of a KILL (seen once in CI with 1.18; pgbouncer#1401). A dead one is
@@ -176,6 +177,7 @@ def test_kill_database_starts_again_a_pgbouncer_that_died_of_it(postgres_server)
             engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.shares_server
 @pytest.mark.timeout(60)
 def test_a_port_taken_before_pgbouncer_binds_is_traded_for_another(postgres_server):

@@ -1146,6 +1146,7 @@ def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(server, pro
         engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(

@@ -100,6 +100,7 @@ def test_asyncpg_says_closed_in_the_middle_of_operation(postgres_server, chaos_p
     assert "connection was closed in the middle of operation" in str(error.orig)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_blackholed_query_hangs_past_the_tests_own_timer(postgres_server, kernel_blackhole):
     engine = sa.create_engine(postgres_server.url("psycopg2"))
