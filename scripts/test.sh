@@ -65,4 +65,5 @@ if [[ -n $background_pid ]]; then
     cat "$logs/background.log"
     ((status)) || status=$background_status
 fi
+echo "test.sh: total: $SECONDS s"
 exit "$status"
