@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
 pytest_plugins = ["pytester"]
 
+# The session's servers, ended before the leftovers check (tests marked last) looks.
+_SESSION_SERVERS: list[PostgresServer] = []
 # What a test that shares the session's server must not do to it: the next tests need it as is.
 _BREAKS_THE_SERVER = frozenset(
     {"start", "stop", "restart", "close", "make_standby", "promote", "signal_backend"}
@@ -24,6 +26,21 @@ _BREAKS_THE_SERVER = frozenset(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Run tests marked ``last`` after all others (the leftovers check must see the end)."""
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """End the session's server before a ``last`` test: the leftovers check must find none."""
+    if item.get_closest_marker("last"):
+        while _SESSION_SERVERS:
+            _SESSION_SERVERS.pop().close()
+
+
+@pytest.fixture(scope="session")
+def postgres_session_server() -> Iterator[PostgresServer]:
+    """The plugin's session server, remembered so that it ends before the leftovers check."""
+    with PostgresServer() as server:
+        _SESSION_SERVERS.append(server)
+        yield server
 
 
 class SharedServer:
