@@ -21,7 +21,12 @@ from dropsafe.events import PingSucceeded
 pytestmark = pytest.mark.fault
 
 SYNC_DRIVERS = ["psycopg2", "psycopg", "pg8000"]
-FAULTS = ["terminate", "fin", "rst", "restart-fast", "restart-immediate"]
+# Cuts and terminations share the session's server; restarts need one of their own.
+FAULTS = [
+    *(pytest.param(f, marks=pytest.mark.shares_server) for f in ("terminate", "fin", "rst")),
+    "restart-fast",
+    "restart-immediate",
+]
 POOL = 4
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")
 
@@ -121,6 +126,7 @@ def test_asyncpg_pool_serves_after_fault_without_errors(postgres_server, chaos_p
     assert not before & after
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
 def test_one_terminated_backend_recycles_only_that_connection(postgres_server, chaos_proxy, driver):
     engine = _sync_engine(postgres_server, chaos_proxy, driver)
@@ -245,6 +251,7 @@ def test_a_connection_idle_too_long_is_pinged_not_replaced(shared_server, driver
     assert all(0 < ping.latency < 5 for ping in pings)
 
 
+@pytest.mark.shares_server
 def test_a_unit_survives_when_the_replacement_connection_dies_too(postgres_server, chaos_proxy):
     """Fault: the pooled connection is reset, and the connection made to replace it at the same
     checkout is terminated right after its handshake (a storm of faults, as under a restart).
