@@ -33,14 +33,7 @@ def _a_file(tmp_path):
     return path
 
 
-@pytest.fixture
-def _no_connect_wait(monkeypatch):
-    # Port 1 refuses at once; the 10 s a checkout waits for a starting server only delays it.
-    monkeypatch.setenv("DROPSAFE_CONNECT_WAIT", "0")
-
-
 # One convention for every command: 0 done, 1 a problem found, 2 bad usage or input.
-@pytest.mark.usefixtures("_no_connect_wait")
 @pytest.mark.parametrize(
     ("argv", "code", "message"),
     [
