@@ -1,6 +1,6 @@
 """The long nemesis matrix: ``python benchmarks/nemesis.py [--seconds 30] [--seeds 2]``.
 
-The ledger of tests/integration/test_ledger.py, run longer and for every combination:
+The ledger of tests/units/test_ledger.py, run longer and for every combination:
 psycopg2, psycopg 3 (sync and async) and asyncpg; the op written by the unit or by a
 ``before_commit`` hook; against one server (cuts mid-COMMIT, terminations, fast, immediate and
 crash restarts) and through a failover to a synchronous standby behind one endpoint. Each run

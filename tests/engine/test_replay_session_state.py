@@ -1,0 +1,398 @@
+"""The first-statement replay never runs a statement under another session's state (issue 26, 9).
+
+A Session's later transaction gets a new checkout of the same pooled connection, which keeps
+whatever session state an earlier checkout set on it. When that connection is lost under the
+transaction's first statement, a replay on a fresh connection would run the statement without
+that state: in another schema, as another role, at another isolation level. Each test sets the
+state in one checkout, commits, loses the connection (backend terminated) at the next checkout,
+and sends the next transaction's first statement. The original error must be raised (as without
+dropsafe), and nothing may land elsewhere. State set the supported way (a ``connect`` listener,
+the engine's ``isolation_level``) is on the fresh connection too, and must keep replaying.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+from replay_faults import (
+    lose_at_next_checkout,
+    prepared_server,
+    replay_async_engine,
+    replay_engine,
+    replayed,
+)
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+pytestmark = pytest.mark.fault
+
+TENANT = "replay_tenant_a"
+ROLE = "replay_tenant_role"
+INSERT = sa.text("INSERT INTO replay_state_items (n) VALUES (:n) RETURNING current_user")
+CHARACTERISTICS = sa.text(
+    "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only')"
+)
+SCHEMA_SETUP = f"""
+CREATE TABLE public.replay_state_items (n int);
+CREATE SCHEMA {TENANT};
+CREATE TABLE {TENANT}.replay_state_items (n int);
+CREATE ROLE {ROLE} NOLOGIN;
+GRANT USAGE ON SCHEMA {TENANT} TO {ROLE};
+GRANT INSERT, SELECT ON public.replay_state_items, {TENANT}.replay_state_items TO {ROLE};
+CREATE FUNCTION public.replay_use_tenant() RETURNS int LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM set_config('search_path', '{TENANT}', false);
+  RETURN 1;
+END $$;
+CREATE TABLE public.replay_role_switch (n int);
+CREATE FUNCTION public.replay_switch_role() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM set_config('role', '{ROLE}', false);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER replay_switch_role AFTER INSERT ON public.replay_role_switch
+  FOR EACH ROW EXECUTE FUNCTION public.replay_switch_role();
+"""
+
+# Ways an app sets a session-level search_path on its connection, through SQLAlchemy.
+SET_TENANT = {
+    "SET": f"SET search_path TO {TENANT}",
+    "set_config": f"SELECT set_config('search_path', '{TENANT}', false)",
+    "function": "SELECT replay_use_tenant()",
+    "DO": f"DO $$ BEGIN PERFORM set_config('search_path', '{TENANT}', false); END $$",
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with prepared_server(SCHEMA_SETUP) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _empty_tables(server):
+    server.execute(
+        f"TRUNCATE public.replay_state_items, {TENANT}.replay_state_items, replay_role_switch"
+    )
+
+
+def _rows(server, schema):
+    return sorted(int(n) for (n,) in server.execute(f"SELECT n FROM {schema}.replay_state_items"))
+
+
+def _set_driver_characteristics(driver, dbapi_connection):
+    """Make the driver begin SERIALIZABLE READ ONLY transactions, through its own attributes."""
+    if driver == "psycopg2":
+        dbapi_connection.set_session(isolation_level="SERIALIZABLE", readonly=True)
+    elif driver == "psycopg":
+        import psycopg  # noqa: PLC0415 - only this driver's test needs it
+
+        native = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        native.isolation_level = psycopg.IsolationLevel.SERIALIZABLE
+        native.read_only = True
+    else:  # SQLAlchemy's asyncpg adapter: the attributes its BEGIN is made from
+        dbapi_connection.set_isolation_level("serializable")
+        dbapi_connection.readonly = True
+
+
+# -- session state set in an earlier checkout: not replayed ------------------------------
+
+
+@pytest.mark.parametrize("how", sorted(SET_TENANT))
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver, how, disposing
+):
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        session.execute(sa.text(SET_TENANT[how]))
+        session.commit()  # the connection goes back to the pool, its search_path set
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+        with pytest.raises(sa.exc.DBAPIError):
+            session.execute(INSERT, {"n": 1})  # a new checkout: its first statement
+    assert _rows(server, "public") == []
+    assert _rows(server, TENANT) == []
+    assert replayed(events) == []
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver, disposing_async
+):
+    events = []
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
+    async with AsyncSession(engine) as session:
+        await session.execute(sa.text(SET_TENANT["function"]))
+        await session.commit()
+        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
+        with pytest.raises(sa.exc.DBAPIError):
+            await session.execute(INSERT, {"n": 1})
+    assert _rows(server, "public") == []
+    assert _rows(server, TENANT) == []
+    assert replayed(events) == []
+
+
+@pytest.mark.parametrize("how", ["SET ROLE", "SET SESSION AUTHORIZATION"])
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver, how, disposing
+):
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        session.execute(sa.text(f"{how} {ROLE}"))
+        session.commit()
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+        try:
+            ran_as = session.execute(INSERT, {"n": 1}).scalar()
+            session.commit()
+        except sa.exc.DBAPIError:
+            ran_as = "raised"
+    assert ran_as == "raised"  # the replay would have run it as the connecting superuser
+    assert _rows(server, "public") == []
+    assert replayed(events) == []
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver, disposing_async
+):
+    events = []
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
+    async with AsyncSession(engine) as session:
+        await session.execute(sa.text(f"SET ROLE {ROLE}"))
+        await session.commit()
+        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
+        try:
+            ran_as = (await session.execute(INSERT, {"n": 1})).scalar()
+            await session.commit()
+        except sa.exc.DBAPIError:
+            ran_as = "raised"
+    assert ran_as == "raised"
+    assert _rows(server, "public") == []
+    assert replayed(events) == []
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "LISTEN replay_channel",
+        "CREATE TEMP TABLE replay_scratch (n int)",
+        "SELECT pg_advisory_lock(4242)",
+        "PREPARE replay_prepared AS SELECT 1",
+        "SELECT set_config('app.tenant', 'acme', false)",
+        "RESET ALL",
+    ],
+)
+def test_other_session_state_set_in_an_earlier_transaction_refuses_the_replay(
+    server, proxy, statement, disposing
+):
+    # None of these shows in a reported parameter or a driver attribute: the text marks.
+    events = []
+    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
+    with Session(engine) as session:
+        session.execute(sa.text(statement))
+        session.commit()
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+        with pytest.raises(sa.exc.DBAPIError):
+            session.execute(INSERT, {"n": 1})
+    assert _rows(server, "public") == []
+    assert replayed(events) == []
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(
+    server, proxy, driver, disposing
+):
+    # The INSERT's text is on the whitelist; its trigger runs set_config('role', ..., false).
+    # PostgreSQL reports is_superuser when the role changes, without a round trip: the lost
+    # connection's report differs from the fresh one's, and nothing is replayed.
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        session.execute(sa.text("INSERT INTO replay_role_switch (n) VALUES (1)"))
+        session.commit()
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+        try:
+            ran_as = session.execute(INSERT, {"n": 1}).scalar()
+            session.commit()
+        except sa.exc.DBAPIError:
+            ran_as = "raised"
+    assert ran_as == "raised"
+    assert _rows(server, "public") == []
+    assert replayed(events) == []
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
+    server, proxy, driver, disposing
+):
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with Session(engine) as session:
+        dbapi_connection = session.connection().connection.dbapi_connection
+        session.commit()  # the connection is idle again, the driver told what to begin
+        _set_driver_characteristics(driver, dbapi_connection)
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+        try:
+            seen = tuple(session.execute(CHARACTERISTICS).one())
+        except sa.exc.DBAPIError:
+            seen = ("raised",)
+    assert seen == ("raised",)  # a replay ran it as ('read committed', 'off')
+    assert replayed(events) == []
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
+    server, proxy, driver, disposing_async
+):
+    events = []
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
+    async with AsyncSession(engine) as session:
+        raw = await (await session.connection()).get_raw_connection()
+        dbapi_connection = raw.dbapi_connection
+        await session.commit()
+        if driver == "psycopg":  # its async connection takes them by awaited setters
+            import psycopg  # noqa: PLC0415 - only this driver's test needs it
+
+            native = dbapi_connection.driver_connection
+            await native.set_isolation_level(psycopg.IsolationLevel.SERIALIZABLE)
+            await native.set_read_only(True)
+        else:
+            _set_driver_characteristics(driver, dbapi_connection)
+        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
+        try:
+            seen = tuple((await session.execute(CHARACTERISTICS)).one())
+        except sa.exc.DBAPIError:
+            seen = ("raised",)
+    assert seen == ("raised",)
+    assert replayed(events) == []
+
+
+# -- state every connection gets, and ordinary work before: still replayed ----------------
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_replay(
+    server, proxy, driver, disposing
+):
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+
+    @event.listens_for(engine, "connect")
+    def tenant(dbapi_connection, record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET search_path TO {TENANT}")
+        cursor.close()
+        dbapi_connection.commit()
+        _set_driver_characteristics(driver, dbapi_connection)
+
+    with Session(engine) as session:
+        # Earlier transactions of ordinary statements leave the session state alone.
+        session.execute(sa.text("SELECT count(*) FROM replay_state_items")).scalar()
+        session.commit()
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+        seen = tuple(session.execute(CHARACTERISTICS).one())
+        session.commit()
+        assert seen == ("serializable", "on")
+    assert len(replayed(events)) == 1
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(
+    server, proxy, driver, disposing
+):
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+
+    @event.listens_for(engine, "connect")
+    def tenant(dbapi_connection, record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET search_path TO {TENANT}")
+        cursor.close()
+        dbapi_connection.commit()
+
+    with Session(engine) as session:
+        session.execute(INSERT, {"n": 1})
+        session.commit()
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+        session.execute(INSERT, {"n": 2})
+        session.commit()
+    assert _rows(server, TENANT) == [1, 2]
+    assert _rows(server, "public") == []
+    assert len(replayed(events)) == 1
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_replay(
+    server, proxy, driver, disposing_async
+):
+    events = []
+    engine = disposing_async(
+        replay_async_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE")
+    )
+    async with AsyncSession(engine) as session:
+        await session.execute(INSERT, {"n": 1})
+        await session.commit()
+        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
+        seen = tuple((await session.execute(CHARACTERISTICS)).one())
+        await session.commit()
+    assert seen == ("serializable", "off")
+    assert _rows(server, "public") == [1]
+    assert len(replayed(events)) == 1
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
+    server, proxy, driver, disposing
+):
+    # isolation_level and postgresql_readonly set by SQLAlchemy on the Connection are set on
+    # the fresh connection too; the pool's connection is back to the defaults afterwards.
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    lose_at_next_checkout(engine, "terminate", server, proxy)
+    options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
+    with Session(engine.execution_options(**options)) as session:
+        seen = tuple(session.execute(CHARACTERISTICS).one())
+    assert seen == ("serializable", "on")
+    assert len(replayed(events)) == 1
+    with engine.connect() as conn:
+        assert tuple(conn.execute(CHARACTERISTICS).one()) == ("read committed", "off")
+
+
+@pytest.mark.parametrize("driver", ["asyncpg", "psycopg"])
+async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
+    server, proxy, driver, disposing_async
+):
+    events = []
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
+    lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
+    options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
+    async with AsyncSession(engine.execution_options(**options)) as session:
+        seen = tuple((await session.execute(CHARACTERISTICS)).one())
+    assert seen == ("serializable", "on")
+    assert len(replayed(events)) == 1
+    async with engine.connect() as conn:
+        assert tuple((await conn.execute(CHARACTERISTICS)).one()) == ("read committed", "off")
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_session_settings_in_the_connect_arguments_keep_the_replay(
+    server, proxy, driver, disposing
+):
+    # libpq's options=-c: every connection starts with them, the fresh one too.
+    events = []
+    connect_args = {"options": f"-c search_path={TENANT}"}
+    engine = disposing(replay_engine(server, proxy, driver, events, connect_args=connect_args))
+    with Session(engine) as session:
+        session.execute(INSERT, {"n": 1})
+        session.commit()
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+        session.execute(INSERT, {"n": 2})
+        session.commit()
+    assert _rows(server, TENANT) == [1, 2]
+    assert _rows(server, "public") == []
+    assert len(replayed(events)) == 1

@@ -1,0 +1,66 @@
+"""docs/architecture.md's "where to make a change" table names files that exist.
+
+The table is how a newcomer finds the file to change; a row naming a file that a refactor moved
+or removed sends them nowhere, and nothing else would notice. Every path in it is written from
+the repository's root (``src/dropsafe/_unit/core.py``, ``tests/...``); a ``*`` in a path is a
+glob that must match at least one file.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+HEADING = "## Where to make a change"
+# A path: from a known top-level folder, or a top-level file.
+PATH = re.compile(r"`((?:src|tests|docs|benchmarks|scripts|examples)/[^`\s]+|README\.md)`")
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """Return the cells of each body row of the first table under `HEADING`."""
+    section = text.split(HEADING, 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    body = rows[2:]  # the header and its rule first
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in body]
+
+
+def missing_paths(rows: list[list[str]], root: Path) -> list[str]:
+    """Return every path of ``rows`` that names nothing under ``root``."""
+    missing = []
+    for row in rows:
+        for cell in row[1:]:
+            for path in PATH.findall(cell):
+                found = list(root.glob(path)) if "*" in path else [root / path]
+                if not any(candidate.exists() for candidate in found):
+                    missing.append(path)
+    return missing
+
+
+def test_every_row_names_a_file_to_change_and_a_test():
+    rows = table_rows(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert len(rows) >= 10
+    for row in rows:
+        assert len(row) == 3, row
+        assert PATH.search(row[1]), f"no file to change in {row[0]!r}"
+        assert any(p.startswith("tests/") for p in PATH.findall(row[2])), f"no test in {row[0]!r}"
+
+
+def test_every_path_in_the_table_exists():
+    rows = table_rows(ARCHITECTURE.read_text(encoding="utf-8"))
+    assert missing_paths(rows, ROOT) == []
+
+
+@pytest.mark.parametrize(
+    ("cell", "missing"),
+    [
+        ("`src/dropsafe/no_such_module.py`", ["src/dropsafe/no_such_module.py"]),
+        ("`tests/no_such_folder/test_*.py`", ["tests/no_such_folder/test_*.py"]),
+        ("`src/dropsafe/events.py` (a dataclass)", []),
+    ],
+)
+def test_a_missing_path_is_caught(cell, missing):
+    assert missing_paths([["you want", cell, "`tests/`"]], ROOT) == missing

@@ -1,0 +1,318 @@
+"""Shared by the tests of COMMITs under faults: a slow COMMIT on demand, a watcher that strikes
+while it runs, a reply lost on its way back, a strike once the COMMIT is done, and a unit of
+work run the same way through psycopg2, psycopg 3 or asyncpg."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
+
+import dropsafe
+from dropsafe._unit.recording import record_commits
+from dropsafe.events import CommitResolved
+from dropsafe.testing import ServerError
+
+# A deferred constraint trigger that sleeps makes COMMIT slow: a fault during it hits a COMMIT
+# the server is still working on (``SET LOCAL test.commit_sleep = '2'`` in the transaction).
+
+
+def slow_commit_schema(table, *, unique=False):
+    """A table of ints whose COMMITs take ``test.commit_sleep`` seconds.
+
+    Without ``unique`` a duplicate write shows as a second row; with it, as an error.
+    """
+    return f"""
+CREATE TABLE {table} (v int NOT NULL{" UNIQUE" if unique else ""});
+CREATE FUNCTION slow_commit_{table}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  PERFORM pg_sleep(coalesce(nullif(current_setting('test.commit_sleep', true), '')::float, 0));
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON {table}
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit_{table}();
+"""
+
+
+SLOW_COMMIT_SCHEMA = slow_commit_schema("ledger")
+COMMIT_RUNNING = "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
+
+
+def insert(value, commit_sleep=0.0):
+    """The statements of a unit of work that writes ``value``, with a COMMIT this slow."""
+    return [
+        f"SET LOCAL test.commit_sleep = '{commit_sleep}'",
+        f"INSERT INTO ledger VALUES ({int(value)})",
+    ]
+
+
+def rows(server, value):
+    return int(server.execute(f"SELECT count(*) FROM ledger WHERE v = {int(value)}")[0][0])
+
+
+class WhenCommitRuns(threading.Thread):
+    """Run ``action`` once the server shows ``query`` returning a row (within 20 s)."""
+
+    def __init__(self, server, action, query=COMMIT_RUNNING):
+        super().__init__(daemon=True)
+        self.server, self.action, self.query = server, action, query
+        self.fired = False
+        self.error = None
+        self.start()
+
+    def run(self):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.server.execute(self.query):
+                try:
+                    self.action()
+                except BaseException as exc:
+                    self.error = exc
+                self.fired = True
+                return
+
+    def join(self, timeout=None):
+        super().join(timeout)
+        assert self.fired, "the fault never struck: no COMMIT was seen in progress"
+        if self.error is not None:
+            raise self.error
+
+
+class Unit:
+    """A unit of work run through dropsafe with one driver; counts its runs."""
+
+    def __init__(self, driver, url, statements, *, policy, session_class=Session, **engine_kw):
+        self.driver, self.url, self.statements = driver, url, statements
+        self.policy, self.session_class, self.engine_kw = policy, session_class, engine_kw
+        self.calls = 0
+        self.elapsed = None
+
+    def run(self, before_commit=None):
+        """Run the unit; ``before_commit(engine)`` may add listeners after dropsafe's own."""
+        started = time.monotonic()
+        try:
+            if self.driver == "asyncpg":
+                return asyncio.run(self._run_async(before_commit))
+            return self._run_sync(before_commit)
+        finally:
+            self.elapsed = time.monotonic() - started
+
+    def _run_sync(self, before_commit):
+        engine = dropsafe.create_engine(self.url, policy=self.policy, **self.engine_kw)
+        if before_commit is not None:
+            before_commit(engine)
+
+        def unit(session):
+            self.calls += 1
+            for statement in self.statements:
+                session.execute(sa.text(statement))
+            return "done"
+
+        try:
+            factory = sessionmaker(engine, class_=self.session_class)
+            return dropsafe.run_transaction(factory, unit)
+        finally:
+            engine.dispose()
+
+    async def _run_async(self, before_commit):
+        engine = dropsafe.create_async_engine(self.url, policy=self.policy, **self.engine_kw)
+        if before_commit is not None:
+            before_commit(engine.sync_engine)
+
+        async def unit(session):
+            self.calls += 1
+            for statement in self.statements:
+                await session.execute(sa.text(statement))
+            return "done"
+
+        try:
+            factory = async_sessionmaker(engine, sync_session_class=self.session_class)
+            return await dropsafe.run_transaction_async(factory, unit)
+        finally:
+            await engine.dispose()
+
+
+class PoolerErrorAtCommit:
+    """A plaintext middlebox that answers the first COMMIT with a pooler's own FATAL error.
+
+    It forwards the COMMIT, waits for the server's reply (so the COMMIT did take effect), and
+    sends the client ``FATAL 08P01 server conn crashed?`` instead, as PgBouncer does when it
+    loses its server connection, then closes. A real server, a real COMMIT, a real error on
+    the wire: only the decision of the client is under test.
+    """
+
+    _FIELDS = b"SFATAL\x00VFATAL\x00C08P01\x00Mserver conn crashed?\x00\x00"
+    ERROR = b"E" + (4 + len(_FIELDS)).to_bytes(4, "big") + _FIELDS
+
+    def __init__(self, upstream_port):
+        self.upstream_port = upstream_port
+        self.struck = threading.Event()
+        self.links = set()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(
+            asyncio.start_server(self._link, "127.0.0.1", 0), self.loop
+        ).result(10)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def close(self):
+        async def stop():
+            self.server.close()
+            for task in list(self.links):
+                task.cancel()  # links still open (the client's, the resolver's): end them
+            await asyncio.gather(*self.links, return_exceptions=True)
+            await self.server.wait_closed()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    async def _link(self, client_reader, client_writer):
+        task = asyncio.current_task()
+        self.links.add(task)
+        server_writer = None
+        try:
+            server_reader, server_writer = await asyncio.open_connection(
+                "127.0.0.1", self.upstream_port
+            )
+            await self._forward(client_reader, client_writer, server_reader, server_writer)
+        except (OSError, asyncio.CancelledError):
+            pass
+        finally:
+            for writer in (client_writer, server_writer):
+                if writer is not None:
+                    writer.close()
+            self.links.discard(task)
+
+    async def _forward(self, client_reader, client_writer, server_reader, server_writer):
+        commit_sent = asyncio.Event()
+
+        async def to_server():
+            while data := await client_reader.read(65536):
+                if not self.struck.is_set() and b"COMMIT" in data:
+                    commit_sent.set()
+                server_writer.write(data)
+                await server_writer.drain()
+            server_writer.close()
+
+        async def to_client():
+            while data := await server_reader.read(65536):
+                if commit_sent.is_set() and not self.struck.is_set():
+                    self.struck.set()  # the server's reply to COMMIT: swallowed
+                    client_writer.write(self.ERROR)
+                    await client_writer.drain()
+                    break
+                client_writer.write(data)
+                await client_writer.drain()
+            client_writer.close()
+            server_writer.close()
+
+        await asyncio.gather(to_server(), to_client())
+
+
+class Recorder(list):
+    """A hook that keeps every event; ``outcomes()`` the resolutions' answers."""
+
+    def __call__(self, event):
+        self.append(event)
+
+    def outcomes(self):
+        return [event.outcome for event in self if isinstance(event, CommitResolved)]
+
+
+def wait_until(condition, timeout, what):
+    """Wait until ``condition()`` is true (a server error counts as not yet), or fail the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ServerError):
+            if condition():
+                return
+        time.sleep(0.05)
+    pytest.fail(f"timed out after {timeout}s waiting for {what}")
+
+
+def libpq_url(server):
+    """The server's URL as libpq (and psycopg2.connect) reads it."""
+    return server.url("psycopg2").replace("postgresql+psycopg2", "postgresql")
+
+
+def local_port(engine_connection):
+    """The client side's port of a pooled connection's socket."""
+    fairy = engine_connection.connection
+    driver_connection = fairy.driver_connection
+    transport = getattr(driver_connection, "_transport", None)
+    if transport is not None:  # asyncpg
+        return transport.get_extra_info("sockname")[1]
+    with socket.socket(fileno=os.dup(fairy.dbapi_connection.fileno())) as sock:
+        return sock.getsockname()[1]
+
+
+def backend_pid(engine_connection):
+    """The server process behind a pooled connection, asked of its driver."""
+    driver_connection = engine_connection.connection.driver_connection
+    get_pid = getattr(driver_connection, "get_server_pid", None)  # asyncpg
+    if get_pid is not None:
+        return get_pid()
+    info = getattr(driver_connection, "info", None)  # psycopg 3
+    if info is not None and hasattr(info, "backend_pid"):
+        return info.backend_pid
+    return driver_connection.get_backend_pid()  # psycopg2
+
+
+def lose_the_first_reply(holes, kernel_blackhole, direction="to"):
+    """A listener after dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
+
+    def install(engine):
+        # dropsafe adds its mark listener at an engine's first unit of work: add it now, so
+        # that this one, added next, runs after the mark.
+        record_commits(engine)
+
+        @sa.event.listens_for(engine, "commit")
+        def cut_off(connection):
+            if not holes._exit_callbacks:
+                port = local_port(connection)
+                holes.enter_context(kernel_blackhole(port, direction=direction))
+
+    return install
+
+
+def once_the_commit_is_done(engine, server, action, strikes):
+    """At the engine's first COMMIT, a thread (in ``strikes``) that waits until the server has
+    done it (its backend idle again, within 20 s), then runs ``action``."""
+
+    @sa.event.listens_for(engine, "commit")
+    def strike_after_it(connection):
+        if strikes:
+            return
+        pid = backend_pid(connection)
+
+        def strike():
+            wait_until(
+                lambda: server.execute(
+                    f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
+                ),
+                20,
+                "the COMMIT to be done on the server",
+            )
+            action()
+
+        strikes.append(threading.Thread(target=strike, daemon=True))
+        strikes[0].start()
+
+
+def resolving_policy(recorder):
+    """A unit's policy whose lost COMMIT replies are noticed in 2 s and resolved within 20 s."""
+    return dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
+        unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
+        hooks=(recorder,),
+    )
