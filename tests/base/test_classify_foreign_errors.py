@@ -23,7 +23,8 @@ from dropsafe import ErrorKind, classify
 from dropsafe._classify import sqlstate_of
 from dropsafe.events import ConnectionInvalidated
 
-pytestmark = pytest.mark.fault
+# shared_server: a server of this module's own: it copies the server into a standby.
+pytestmark = [pytest.mark.fault, pytest.mark.own_server]
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000"]
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")

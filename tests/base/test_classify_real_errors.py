@@ -107,6 +107,7 @@ def _errors(server, proxy, driver):
     return found
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_real_errors_are_classified(postgres_server, chaos_proxy, driver):
     errors = _errors(postgres_server, chaos_proxy, driver)

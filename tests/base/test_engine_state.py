@@ -111,7 +111,7 @@ def test_units_on_an_engine_and_its_copy_mark_each_commit_once(shared_server, dr
         copy = engine.execution_options(tag="copy")
         for bind in (engine, copy, engine):
             dropsafe.run_transaction(sessionmaker(bind), lambda s: s.execute(sa.text("SELECT 1")))
-        marks = [fn for fn in copy.dispatch.commit if fn is recording._read_before_commit]
+        marks = [fn for fn in copy.dispatch.commit if fn is recording._before_commit]
         assert len(marks) == 1, "a COMMIT on the copy would be marked twice"
     finally:
         engine.dispose()

@@ -25,6 +25,9 @@ from dropsafe.testing._runtime import Owner, free_port, wait_until
 # Nobody may log in to the leftover: it only has to listen.
 INITDB_OPTIONS = ("--auth-local=peer", "--auth-host=reject", "-U", "postgres", "--no-sync")
 
+# shared_server: a server of this module's own: it reads the server's processes.
+pytestmark = pytest.mark.own_server
+
 
 def _settings(data: Path) -> list[str]:
     return ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={data}"]
@@ -96,6 +99,7 @@ def _accepts(port: int) -> bool:
     return True
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_killed_runs_cluster_stops_listening_at_the_next_start(tmp_path):
     """A postmaster in a dead run's Patroni folder (as a SIGKILLed run leaves one) is swept."""

@@ -19,6 +19,9 @@ from dropsafe.testing._patroni import patroni_cluster_unavailable
 EVIL_DATABASE = "postgres?sslmode=disable&x=/y#z"
 EVIL_PARAM = "-c x=1&sslmode=disable"
 
+# shared_server: a server of this module's own: it copies the server into standbys.
+pytestmark = pytest.mark.own_server
+
 
 def _check_url(url: str, tls_key: str) -> None:
     parsed = make_url(url)
@@ -54,6 +57,7 @@ def test_a_standby_name_no_config_line_can_hold_is_refused(shared_server, name):
         shared_server.make_standby(name=name)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_standby_name_with_quotes_is_quoted_in_sql_and_in_its_conninfo(postgres_server):
     name = 'it\'s "the" \\ standby'

@@ -20,6 +20,9 @@ from dropsafe.testing import PgBouncer, ServerError
 
 AS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another local user")
 
+# shared_server: a server of this module's own: it reads the server's log and folder.
+pytestmark = pytest.mark.own_server
+
 
 def _command_lines() -> list[str]:
     lines = []

@@ -19,7 +19,7 @@ import pytest
 from dropsafe.testing import PostgresServer
 from dropsafe.testing._runtime import free_port, wait_until
 
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(180)]
 
 CHILD = textwrap.dedent(
     """

@@ -17,6 +17,9 @@ from dropsafe.testing import PostgresServer, ServerError, _binaries, find_postgr
 
 SSL_IN_USE = sa.text("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
 
+# shared_server: a server of this module's own: it stops it, reads its processes and files.
+pytestmark = pytest.mark.own_server
+
 
 def _scalar(url, sql, **engine_kwargs):
     engine = sa.create_engine(url, **engine_kwargs)

@@ -20,6 +20,9 @@ from dropsafe.testing import PgBouncer, multi_host_url
 
 ATTACK = "COPY (SELECT 1) TO PROGRAM 'id'"
 
+# shared_server: a server of this module's own: it reads the server's processes and files.
+pytestmark = pytest.mark.own_server
+
 
 def _connect_without_password(host, port):
     # No password, no password file: what any local program can try.

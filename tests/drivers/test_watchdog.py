@@ -29,6 +29,7 @@ BOUND = 5.0
 SLEEP = sa.text("SELECT pg_sleep(60)")
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
 def test_a_sync_wait_ends_at_its_deadline(postgres_server, driver):
     engine = dropsafe.create_engine(
@@ -51,6 +52,7 @@ def test_a_sync_wait_ends_at_its_deadline(postgres_server, driver):
     assert elapsed < BOUND
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", ASYNC_DRIVERS)
 def test_an_async_wait_ends_at_its_deadline(postgres_server, driver):
     url = postgres_server.url(face_of(driver)[0])

@@ -68,6 +68,7 @@ def _check_out_all(engine) -> list[int]:
             connection.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_one_dead_connection_costs_one_look_per_pooled_connection_and_no_round_trip(
@@ -92,6 +93,7 @@ def test_one_dead_connection_costs_one_look_per_pooled_connection_and_no_round_t
         engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_pool_of_dead_connections_costs_two_looks_and_one_refusal(shared_server, driver):
@@ -116,6 +118,7 @@ def test_a_pool_of_dead_connections_costs_two_looks_and_one_refusal(shared_serve
 UNITS = 3_000
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_units_of_work_leave_nothing_of_dropsafe_behind(shared_server, disposing):
     shared_server.execute("CREATE TABLE IF NOT EXISTS scale_units (v int)")
@@ -186,6 +189,7 @@ def _python_calls_per_request(engine, requests: int = 200) -> float:
 CALLS_ADDED_AT_MOST = 100
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_hardened_engine_keeps_the_healthy_request_nearly_as_cheap_as_a_plain_pool(

@@ -23,6 +23,7 @@ LIFETIME = 6.0
 DEADLINE = 30.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_connections_retire_spread_out_and_never_while_in_use(shared_server, disposing):
     engine = disposing(
@@ -118,6 +119,7 @@ def test_without_max_lifetime_connections_stay(shared_server, disposing):
             assert conn.execute(sa.text("SELECT pg_backend_pid()")).scalar() == before
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_async_connections_retire_cleanly(shared_server, caplog):
     # asyncpg closes inside SQLAlchemy's greenlet: a close at checkin must not go wrong there.

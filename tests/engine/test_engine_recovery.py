@@ -22,7 +22,12 @@ from dropsafe.events import PingSucceeded
 pytestmark = pytest.mark.fault
 
 SYNC_DRIVERS = sync_drivers()
-FAULTS = ["terminate", "fin", "rst", "restart-fast", "restart-immediate"]
+# Cuts and terminations share the session's server; restarts need one of their own.
+FAULTS = [
+    *(pytest.param(f, marks=pytest.mark.shares_server) for f in ("terminate", "fin", "rst")),
+    "restart-fast",
+    "restart-immediate",
+]
 POOL = 4
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")
 
@@ -119,6 +124,7 @@ def test_asyncpg_pool_serves_after_fault_without_errors(postgres_server, chaos_p
     assert not before & after
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
 def test_one_terminated_backend_recycles_only_that_connection(
     postgres_server, chaos_proxy, driver, disposing
@@ -136,6 +142,7 @@ def test_one_terminated_backend_recycles_only_that_connection(
     assert before - {victim} <= after, "live connections were thrown away"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("driver", SUPPORTED_DRIVERS)
 def test_blackholed_request_ends_within_the_default_bound(
@@ -181,6 +188,7 @@ def test_blackholed_request_ends_within_the_default_bound(
     assert served == 2
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_blackholed_request_ends_by_tcp_user_timeout_even_with_keepalives_off(
     postgres_server, kernel_blackhole
@@ -240,6 +248,7 @@ def test_a_connection_idle_too_long_is_pinged_not_replaced(shared_server, driver
     assert all(0 < ping.latency < 5 for ping in pings)
 
 
+@pytest.mark.shares_server
 def test_a_unit_survives_when_the_replacement_connection_dies_too(
     postgres_server, chaos_proxy, disposing
 ):

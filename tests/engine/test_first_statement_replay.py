@@ -296,6 +296,7 @@ def test_an_error_the_server_answered_is_notreplayed(server, proxy, disposing):
     assert replayed(events) == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_connection_that_timed_out_is_notreplayed(server, kernel_blackhole, disposing):
     # The server may still hold the transaction (and its locks) until it notices: no replay,

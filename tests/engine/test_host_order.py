@@ -18,7 +18,8 @@ import sqlalchemy as sa
 import dropsafe
 from dropsafe.testing import multi_host_url
 
-pytestmark = pytest.mark.fault
+# shared_server: a server of this module's own: it copies the server into a standby.
+pytestmark = [pytest.mark.fault, pytest.mark.own_server]
 
 CONCURRENT = 20
 SERVER_PORT = sa.text("SELECT inet_server_port()")

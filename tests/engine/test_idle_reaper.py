@@ -31,7 +31,7 @@ from dropsafe.testing._runtime import free_port
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(60)]
+pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(60)]
 
 IDLE = 2  # seconds of silence after which the middlebox forgets a flow
 

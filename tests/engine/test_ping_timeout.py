@@ -21,7 +21,8 @@ import dropsafe
 from dropsafe._drivers import face_of, faces
 from dropsafe.events import DeadConnectionReplaced
 
-pytestmark = pytest.mark.fault
+# shared_server: a server of this module's own: it stops backends with SIGSTOP.
+pytestmark = [pytest.mark.fault, pytest.mark.own_server]
 
 DRIVERS = faces()
 PING_TIMEOUT = 1.0

@@ -91,6 +91,8 @@ def _run_processes(url: str, pooler: str | None) -> tuple[int, int, list[str]]:
     return done, prepared, failures
 
 
+@pytest.mark.slow
+@pytest.mark.shares_server
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("driver", async_drivers())
 def test_without_the_setting_statements_collide(postgres_server, driver):
@@ -100,6 +102,8 @@ def test_without_the_setting_statements_collide(postgres_server, driver):
     assert prepared > 0, f"the trap did not show: {failures[:3]}"
 
 
+@pytest.mark.slow
+@pytest.mark.shares_server
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("driver", async_drivers())
 def test_with_pooler_transaction_no_statement_collides(postgres_server, driver):

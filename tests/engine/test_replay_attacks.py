@@ -1067,6 +1067,7 @@ def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(
     assert _items(server) == []
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(

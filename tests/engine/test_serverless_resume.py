@@ -34,6 +34,7 @@ def _policy(events: list[object]) -> dropsafe.Policy:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(60)
 def test_a_server_that_starts_listening_late_is_waited_for(postgres_server):
@@ -56,6 +57,7 @@ def test_a_server_that_starts_listening_late_is_waited_for(postgres_server):
     assert any(isinstance(event, RetryScheduled) for event in events)
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(60)
 async def test_a_front_end_that_holds_connections_while_resuming_is_waited_for(postgres_server):

@@ -14,6 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 pytestmark = pytest.mark.fault
+# The proxy's cuts and terminated backends break connections, never the server.
+shares_server = pytest.mark.shares_server
 
 
 def _break(fault, server, proxy):
@@ -36,6 +38,7 @@ def _error_after_fault(server, proxy, driver, fault, **params):
         engine.dispose()
 
 
+@shares_server
 @pytest.mark.parametrize("fault", ["fin", "rst"])
 def test_psycopg2_over_tls_says_ssl_syscall_eof(postgres_server, chaos_proxy, fault):
     error = _error_after_fault(postgres_server, chaos_proxy, "psycopg2", fault)
@@ -44,17 +47,20 @@ def test_psycopg2_over_tls_says_ssl_syscall_eof(postgres_server, chaos_proxy, fa
     assert error.connection_invalidated
 
 
+@shares_server
 @pytest.mark.parametrize("fault", ["fin", "rst", "terminate"])
 def test_psycopg2_without_tls_says_server_closed(postgres_server, chaos_proxy, fault):
     error = _error_after_fault(postgres_server, chaos_proxy, "psycopg2", fault, sslmode="disable")
     assert "server closed the connection unexpectedly" in str(error.orig)
 
 
+@shares_server
 def test_psycopg2_over_tls_terminated_backend(postgres_server, chaos_proxy):
     error = _error_after_fault(postgres_server, chaos_proxy, "psycopg2", "terminate")
     assert "SSL connection has been closed unexpectedly" in str(error.orig)
 
 
+@shares_server
 @pytest.mark.parametrize("fault", ["fin", "rst"])
 def test_psycopg3_over_tls_says_unexpected_eof(postgres_server, chaos_proxy, fault):
     error = _error_after_fault(postgres_server, chaos_proxy, "psycopg", fault)
@@ -63,6 +69,7 @@ def test_psycopg3_over_tls_says_unexpected_eof(postgres_server, chaos_proxy, fau
     assert error.orig.sqlstate is None
 
 
+@shares_server
 def test_psycopg3_terminated_backend_is_admin_shutdown(postgres_server, chaos_proxy):
     import psycopg.errors
 
@@ -71,6 +78,7 @@ def test_psycopg3_terminated_backend_is_admin_shutdown(postgres_server, chaos_pr
     assert error.orig.sqlstate == "57P01"
 
 
+@shares_server
 @pytest.mark.parametrize("fault", ["fin", "rst", "terminate"])
 def test_asyncpg_says_closed_in_the_middle_of_operation(postgres_server, chaos_proxy, fault):
     async def scenario():
@@ -92,6 +100,7 @@ def test_asyncpg_says_closed_in_the_middle_of_operation(postgres_server, chaos_p
     assert "connection was closed in the middle of operation" in str(error.orig)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_blackholed_query_hangs_past_the_tests_own_timer(
     postgres_server, kernel_blackhole, disposing

@@ -41,6 +41,7 @@ def test_flask_sqlalchemy_engines_with_the_url_flag_are_hardened(shared_server):
                 engine.dispose()
 
 
+@pytest.mark.shares_server
 @pytest.mark.fault
 @pytest.mark.parametrize("flag", [True, False], ids=["with-flag", "without-flag"])
 def test_a_cut_between_checkouts_fails_no_query_only_with_the_flag(
@@ -91,6 +92,7 @@ def test_dropsafe_create_engine_accepts_the_flag(shared_server):
         dropsafe.create_engine(url, policy=dropsafe.Policy())
 
 
+@pytest.mark.shares_server
 @pytest.mark.fault
 async def test_async_engines_are_hardened_through_their_sync_engine(
     postgres_server, chaos_proxy, disposing_async

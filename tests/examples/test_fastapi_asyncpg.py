@@ -38,6 +38,7 @@ def _load_app_module():
     return module
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(150)
 async def test_no_request_fails_and_no_note_is_lost_or_doubled(postgres_server):  # noqa: PLR0915 - one scenario

@@ -109,6 +109,7 @@ async def _requests_after_terminating_backends(server, app, rounds=3):
     return statuses
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(90)
 async def test_backends_terminated_between_requests_fail_no_request_with_harden(shared_server):
@@ -123,6 +124,7 @@ async def test_backends_terminated_between_requests_fail_no_request_with_harden(
     app.state.engine.dispose()
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("fault", ["terminate", "cut-rst", "cut-fin"])
@@ -176,6 +178,7 @@ def _terminate_after_next_select(server, engine):
     return armed
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(90)
 async def test_a_signup_whose_backend_dies_after_its_read_succeeds_with_request_unit(

@@ -104,6 +104,7 @@ def test_a_cut_between_requests_fails_no_request_on_any_engine(postgres_server, 
         _dispose(app)
 
 
+@pytest.mark.shares_server
 def test_a_bad_url_setting_fails_at_startup_naming_it(postgres_server):
     url = postgres_server.url("psycopg2", plugin="dropsafe", dropsafe_deadline="soon")
     with pytest.raises(dropsafe.ConfigurationError, match="dropsafe_deadline"):

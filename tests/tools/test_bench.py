@@ -206,6 +206,7 @@ def test_pre_ping_tcp_variant_tunes_asyncpg_sockets_like_dropsafe(shared_server)
     assert fair == asyncio.run(socket_options(Variant("dropsafe")))
 
 
+@pytest.mark.shares_server
 def test_zero_ms_cells_connect_straight_to_the_server(postgres_server, chaos_proxy):
     """The in-process proxy caps throughput and hides CPU cost: only latency needs it."""
     direct = sa.make_url(cell_url(postgres_server, chaos_proxy, 0, "psycopg2"))

@@ -36,6 +36,7 @@ def _csrf_token(client):
     return match.group(1)
 
 
+@pytest.mark.shares_server
 def test_pages_and_json_api(blog, postgres_server):
     client = blog.test_client()
     created = client.post("/api/posts", json={"title": "hello", "text": "world"})
@@ -71,6 +72,7 @@ _BAD_POSTS = [
 ]
 
 
+@pytest.mark.shares_server
 def test_bad_posts_get_a_4xx_with_a_message(blog, postgres_server):
     client = blog.test_client()
     for body, message in _BAD_POSTS:
@@ -80,6 +82,7 @@ def test_bad_posts_get_a_4xx_with_a_message(blog, postgres_server):
     assert int(postgres_server.execute("SELECT count(*) FROM blog_posts")[0][0]) == 0
 
 
+@pytest.mark.shares_server
 def test_bodies_that_are_not_json_are_refused(blog):
     client = blog.test_client()
     # A cross-site form can send text/plain or a form body, never application/json.
@@ -92,6 +95,7 @@ def test_bodies_that_are_not_json_are_refused(blog):
     assert "JSON" in response.get_json()["error"]
 
 
+@pytest.mark.shares_server
 def test_a_huge_post_is_refused_before_it_is_read(blog, postgres_server):
     client = blog.test_client()
     response = client.post("/api/posts", json={"title": "big", "text": "x" * (50 << 20)})
@@ -102,6 +106,7 @@ def test_a_huge_post_is_refused_before_it_is_read(blog, postgres_server):
     assert _count(postgres_server, "big") == 0
 
 
+@pytest.mark.shares_server
 def test_the_form_needs_its_csrf_token(blog, postgres_server):
     client = blog.test_client()
     token = _csrf_token(client)
@@ -124,6 +129,7 @@ def test_the_form_needs_its_csrf_token(blog, postgres_server):
     assert "at most 200" in bad.get_data(as_text=True)
 
 
+@pytest.mark.shares_server
 def test_every_response_forbids_framing_scripts_and_sniffing(blog):
     client = blog.test_client()
     for response in (
@@ -140,6 +146,7 @@ def test_every_response_forbids_framing_scripts_and_sniffing(blog):
         assert response.headers.get("X-Content-Type-Options") == "nosniff"
 
 
+@pytest.mark.shares_server
 @pytest.mark.fault
 def test_health_and_readiness(blog, chaos_proxy):
     client = blog.test_client()
@@ -156,6 +163,7 @@ def test_health_and_readiness(blog, chaos_proxy):
     assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and chromium-driver"

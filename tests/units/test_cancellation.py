@@ -41,6 +41,7 @@ def _notes(error: BaseException | None) -> list[str]:
     return notes
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", async_drivers())
 def test_a_cancel_during_commit_says_the_outcome_is_unknown(postgres_server, driver):
     postgres_server.execute(SLOW_COMMIT_SCHEMA)

@@ -122,6 +122,7 @@ def _write_audit_row(session):
     session.execute(sa.text("INSERT INTO ledger VALUES (2)"))
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_write_made_by_a_before_commit_hook_is_resolved_not_run_again(
     server, chaos_proxy, driver
@@ -246,6 +247,7 @@ CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER INSERT ON refusals
 """
 
 
+@pytest.mark.shares_server
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_postgresql_s_own_refusal_of_a_commit_is_not_resolved(server, driver):
     # A constraint checked at COMMIT: PostgreSQL's own ERROR, nothing committed. It is raised

@@ -30,7 +30,7 @@ from sqlalchemy import event
 import dropsafe
 from dropsafe.testing import ChaosProxy, PostgresServer
 
-pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.slow, pytest.mark.fault, pytest.mark.timeout(120)]
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 INSERT = sa.text("INSERT INTO acks (id) VALUES (:id) RETURNING pg_current_xact_id()::text")

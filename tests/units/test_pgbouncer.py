@@ -155,6 +155,7 @@ def test_asyncpg_ledger_through_pgbouncer_in_transaction_mode(postgres_server):
     assert_safe(ledger, postgres_server)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_kill_database_starts_again_a_pgbouncer_that_died_of_it(postgres_server):
     # PgBouncer can die of a KILL (seen once in CI with 1.18; pgbouncer#1401). A dead one is

@@ -87,6 +87,7 @@ def _commits_then_dies_once(
     return handler
 
 
+@pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(120)
 def test_a_disconnect_after_a_commit_inside_runs_the_whole_handler_again(shared_server, engine):

@@ -104,6 +104,7 @@ async def _make_async_engine(url):
     return dropsafe.create_async_engine(url)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
 def test_outages_of_1_4_and_8_seconds_are_waited_out(postgres_server, driver):

@@ -70,11 +70,13 @@ def _values(server):
 # -- the plain path -------------------------------------------------------------------------
 
 
+@pytest.mark.shares_server
 def test_session_unit_is_committed_and_its_value_returned(server, engine):
     assert dropsafe.run_transaction(sessionmaker(engine), _insert(1)) == 1
     assert _values(server) == [1]
 
 
+@pytest.mark.shares_server
 def test_engine_bind_gives_a_connection(server, engine):
     def unit(connection):
         assert isinstance(connection, sa.Connection)
@@ -84,6 +86,7 @@ def test_engine_bind_gives_a_connection(server, engine):
     assert _values(server) == [2]
 
 
+@pytest.mark.shares_server
 def test_transactional_decorator_passes_the_session_first(server, engine):
     @dropsafe.transactional(sessionmaker(engine))
     def add(session, value, *, twice=False):
@@ -100,6 +103,7 @@ def test_transactional_decorator_passes_the_session_first(server, engine):
 # -- retries and refusals -------------------------------------------------------------------
 
 
+@pytest.mark.shares_server
 def test_permanent_error_is_raised_unchanged_and_not_retried(server, engine):
     calls = []
 
@@ -112,6 +116,7 @@ def test_permanent_error_is_raised_unchanged_and_not_retried(server, engine):
     assert len(calls) == 1
 
 
+@pytest.mark.shares_server
 def test_transient_error_reruns_the_whole_unit(server, engine, recorder):
     calls = []
 
@@ -129,6 +134,7 @@ def test_transient_error_reruns_the_whole_unit(server, engine, recorder):
     assert (retry.attempt, retry.kind) == (1, ErrorKind.TRANSIENT)
 
 
+@pytest.mark.shares_server
 def test_out_of_attempts_raises_the_last_error_itself_with_a_note(engine, recorder):
     policy = dropsafe.UnitPolicy(max_attempts=3)
     with dropsafe.test_mode(), pytest.raises(sa.exc.OperationalError) as raised:
@@ -140,6 +146,7 @@ def test_out_of_attempts_raises_the_last_error_itself_with_a_note(engine, record
     assert recorder.of(RetriesGaveUp)[0].reason == "attempts"
 
 
+@pytest.mark.shares_server
 def test_deadline_ends_the_retries(engine, recorder):
     policy = dropsafe.UnitPolicy(
         deadline=0.5, max_attempts=1000, backoff_initial=0.2, backoff_max=0.2, backoff_multiplier=1
@@ -151,6 +158,7 @@ def test_deadline_ends_the_retries(engine, recorder):
     assert recorder.of(RetriesGaveUp)[0].elapsed < 1.0
 
 
+@pytest.mark.shares_server
 def test_nested_unit_of_work_is_refused(server, engine):
     session_factory = sessionmaker(engine)
 
@@ -163,6 +171,7 @@ def test_nested_unit_of_work_is_refused(server, engine):
     assert _values(server) == []
 
 
+@pytest.mark.shares_server
 def test_unit_that_commits_itself_is_refused(server, engine):
     def unit(session):
         _insert(8)(session)
@@ -174,6 +183,7 @@ def test_unit_that_commits_itself_is_refused(server, engine):
     assert _values(server) == []
 
 
+@pytest.mark.shares_server
 def test_wrong_kinds_of_fn_and_bind_are_refused(engine):
     async def async_unit(session):
         return 1
@@ -198,6 +208,7 @@ def test_wrong_kinds_of_fn_and_bind_are_refused(engine):
 # -- COMMITs cut mid-way --------------------------------------------------------------------
 
 
+@pytest.mark.shares_server
 @pytest.mark.fault
 def test_commit_cut_after_the_server_committed_is_not_run_again(
     server, engine, chaos_proxy, recorder
@@ -219,6 +230,7 @@ def test_commit_cut_after_the_server_committed_is_not_run_again(
     assert resolved.elapsed > 0.1
 
 
+@pytest.mark.shares_server
 @pytest.mark.fault
 def test_commit_cut_and_aborted_runs_the_unit_again(server, engine, chaos_proxy, recorder):
     calls = []
@@ -271,6 +283,7 @@ def test_commit_held_by_a_stopped_backend_past_the_bound_is_unknown(server, chao
     assert [event.outcome for event in recorder.of(CommitResolved)] == ["unknown"]
 
 
+@pytest.mark.shares_server
 @pytest.mark.fault
 def test_without_commit_verification_an_ambiguous_commit_is_reported(
     server, chaos_proxy, disposing
@@ -287,6 +300,7 @@ def test_without_commit_verification_an_ambiguous_commit_is_reported(
     watcher.join(timeout=20)
 
 
+@pytest.mark.shares_server
 @pytest.mark.fault
 def test_async_commit_cut_after_the_server_committed_is_not_run_again(
     server, chaos_proxy, recorder
@@ -317,6 +331,7 @@ def test_async_commit_cut_after_the_server_committed_is_not_run_again(
     assert [event.outcome for event in recorder.of(CommitResolved)] == ["committed"]
 
 
+@pytest.mark.shares_server
 def test_async_transactional_decorator(server, chaos_proxy):
     async def scenario():
         engine = dropsafe.create_async_engine(chaos_proxy.route(server.url("asyncpg")))
@@ -335,6 +350,7 @@ def test_async_transactional_decorator(server, chaos_proxy):
     assert _values(server) == [14]
 
 
+@pytest.mark.shares_server
 def test_decorator_refuses_a_bind_of_the_wrong_kind(engine):
     with pytest.raises(ConfigurationError, match="is not async"):
 
