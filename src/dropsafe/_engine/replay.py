@@ -1,40 +1,10 @@
 """A transaction's first statement, lost with its connection before any reply, is sent again.
 
-When the connection a statement was sent on is lost before its reply, and that statement was
-the first one the connection was given since it was checked out, in a transaction (not
-autocommit), nothing of the app's is on that connection: the server aborts the transaction
-the statement opened (it was not committed: the driver's BEGIN came first, and the statement
-is one statement), and nothing ran before it. So dropsafe replaces the connection under the
-SQLAlchemy Connection, keeping its Transaction and the ORM's SessionTransaction as they are,
-and sends the same statement once more. The app never knows. The safety argument, and what
-happens to effects outside transactions (``nextval``, dblink, session advisory locks), is in
-docs/guarantees.md; ``execution_options(dropsafe_replay=False)`` opts a statement out,
-``PoolPolicy(replay_first_statement=False)`` an engine. The first statement SQLAlchemy sends must
-also be the driver connection's first since checkout: an app that wrote through the driver's
-own connection is seen (its transaction status, the bytes its socket wrote), and not replayed.
-
-How, and what of SQLAlchemy's private state it needs: the statement is sent by this engine's
-dialect instance's ``do_execute`` / ``do_execute_no_params`` / ``do_executemany``, documented
-Dialect methods, wrapped here (not SQLAlchemy's ``do_execute`` events: a listener that sends the
-statement hides it from the app's own listeners after it). SQLAlchemy's FAQ recipe "How Do I
-Retry a Statement Execution Automatically?" rolls the Connection back before it retries, which
-ends the Transaction that the ORM's SessionTransaction holds: inside a transaction, a later
-``commit()`` would then not commit the statements it ran. No public API replaces the connection
-under an open Transaction: ``Connection.invalidate()`` is public, but the next use of an
-invalidated Connection with a Transaction raises ``PendingRollbackError``
-(``Connection._revalidate_connection``). So two private attributes are set, and only here:
-``Connection._dbapi_connection`` (the new pool checkout, from the public
-``Engine.raw_connection()``) and the execution context's ``_dbapi_connection`` (from which its
-documented ``create_cursor()`` makes the new cursor). Where either is missing (a future
-SQLAlchemy), nothing is replayed: the error is raised as without dropsafe. A Connection's
-``isolation_level`` / ``postgresql_readonly`` / ``postgresql_deferrable`` options are given to
-the fresh connection with their reset on its pool entry (a third private name,
-``_connection_record.finalize_callback``, see `_give_characteristics`).
-
-Only onto a fresh connection in the lost one's session state (issue 26): every statement marks
-its connection when its text may change session state, and the driver's transaction
-characteristics and the server-reported session parameters of both must agree
-(`dropsafe._engine.session_state`).
+Nothing of the app's was on that connection yet, so dropsafe puts a fresh connection in the
+same session state under the SQLAlchemy Connection (its Transaction and the ORM's kept) and
+sends the statement once more. Why that is safe, what is refused, the opt-outs and the two
+private SQLAlchemy attributes it needs: docs/guarantees.md, "A transaction's first statement is
+replayed, once". The session-state proof: `dropsafe._engine.session_state`.
 """
 
 from __future__ import annotations
@@ -50,6 +20,7 @@ from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._dbapi import ask
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.session_state import (
+    give_characteristics,
     mark_connection,
     may_change_session,
     session_changed,
@@ -70,7 +41,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
     from sqlalchemy.pool import PoolProxiedConnection
 
-    from dropsafe._dbapi import DBAPIConnection, DBAPICursor, DBAPIParameters, NativeConnection
+    from dropsafe._dbapi import DBAPICursor, DBAPIParameters, NativeConnection
     from dropsafe._engine_state import EngineState
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
@@ -82,12 +53,6 @@ logger = SafeLogger()
 #: The execution option that opts a statement (or a Connection, an engine) out of the replay.
 OPT_OUT = "dropsafe_replay"
 
-# Execution options that set something on the driver's connection when the SQLAlchemy
-# Connection is made: a fresh connection gets them the same way before a replay (a SERIALIZABLE
-# or READ ONLY transaction must not go on as something else; _give_characteristics).
-_CONNECTION_CHARACTERISTICS = frozenset(
-    {"isolation_level", "postgresql_readonly", "postgresql_deferrable"}
-)
 # insertmanyvalues (the third style) sends batches on a cursor SQLAlchemy holds itself.
 _REPLAYABLE_STYLES = frozenset({ExecuteStyle.EXECUTE, ExecuteStyle.EXECUTEMANY})
 
@@ -404,38 +369,6 @@ class FirstStatementReplay:
             return f"the driver's connection sent {sent - pending.sent} bytes since checkout"
         return None
 
-    def _give_characteristics(self, connection: Connection, fresh: PoolProxiedConnection) -> bool:
-        """Set ``connection``'s isolation level, read only, deferrable options on ``fresh``.
-
-        SQLAlchemy set them on the lost connection when the Connection was made
-        (``execution_options(isolation_level=...)``, ``postgresql_readonly``, an engine's
-        options), and resets them as the connection goes back to the pool, by a callback on its
-        pool entry. The same is done for ``fresh``, with the dialect's own characteristic
-        objects (``DefaultDialect.connection_characteristics``); the reset callback goes on
-        ``fresh``'s pool entry (private: ``_connection_record.finalize_callback``). False
-        where this SQLAlchemy lacks either: no replay.
-        """
-        options = connection.get_execution_options()
-        names = sorted(_CONNECTION_CHARACTERISTICS.intersection(options))
-        if not names:
-            return True
-        known = getattr(self._dialect, "connection_characteristics", None)
-        record = getattr(fresh, "_connection_record", None)
-        finalize = getattr(record, "finalize_callback", None)
-        if known is None or finalize is None or not all(name in known for name in names):
-            return False
-        dialect = self._dialect
-        characteristics = [known[name] for name in names]
-
-        def reset(dbapi_connection: DBAPIConnection) -> None:
-            for characteristic in characteristics:
-                characteristic.reset_characteristic(dialect, dbapi_connection)
-
-        finalize.append(reset)  # first: a set that fails half-way is undone as well
-        for name, characteristic in zip(names, characteristics, strict=True):
-            characteristic.set_characteristic(dialect, fresh.dbapi_connection, options[name])
-        return True
-
     def _lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
         """Whether ``error`` says the connection was lost before the server replied.
 
@@ -514,7 +447,7 @@ class FirstStatementReplay:
             raise error
         self._state.first_statement_sent(fresh)  # the replay is its first statement
         try:
-            given = self._give_characteristics(connection, fresh)
+            given = give_characteristics(self._dialect, connection, fresh)
         except Exception:  # the lost connection's error is the one to raise
             logger.debug("dropsafe could not set up a fresh connection", exc_info=True)
             given = False

@@ -17,10 +17,14 @@ from typing import TYPE_CHECKING, Any
 from dropsafe._dbapi import ask
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Dialect
+    from sqlalchemy.pool import PoolProxiedConnection
+
     from dropsafe._dbapi import DBAPIConnection
     from dropsafe._drivers import Driver
 
 __all__ = [
+    "give_characteristics",
     "mark_connection",
     "may_change_session",
     "session_changed",
@@ -262,3 +266,45 @@ def snapshot(driver: Driver, dbapi_connection: DBAPIConnection) -> tuple[object,
 def session_differs(lost: tuple[object, ...] | None, fresh: tuple[object, ...] | None) -> bool:
     """Whether the fresh connection's snapshot may differ from the lost one's."""
     return lost is None or fresh is None or lost != fresh
+
+
+# Execution options that set something on the driver's connection when the SQLAlchemy
+# Connection is made: a fresh connection gets them the same way before a replay (a SERIALIZABLE
+# or READ ONLY transaction must not go on as something else).
+_CONNECTION_CHARACTERISTICS = frozenset(
+    {"isolation_level", "postgresql_readonly", "postgresql_deferrable"}
+)
+
+
+def give_characteristics(
+    dialect: Dialect, connection: Connection, fresh: PoolProxiedConnection
+) -> bool:
+    """Set ``connection``'s isolation level, read only, deferrable options on ``fresh``.
+
+    SQLAlchemy set them on the lost connection when the Connection was made
+    (``execution_options(isolation_level=...)``, ``postgresql_readonly``, an engine's
+    options), and resets them as the connection goes back to the pool, by a callback on its
+    pool entry. The same is done for ``fresh``, with the dialect's own characteristic
+    objects (``DefaultDialect.connection_characteristics``); the reset callback goes on
+    ``fresh``'s pool entry (private: ``_connection_record.finalize_callback``). False
+    where this SQLAlchemy lacks either: no replay.
+    """
+    options = connection.get_execution_options()
+    names = sorted(_CONNECTION_CHARACTERISTICS.intersection(options))
+    if not names:
+        return True
+    known = getattr(dialect, "connection_characteristics", None)
+    record = getattr(fresh, "_connection_record", None)
+    finalize = getattr(record, "finalize_callback", None)
+    if known is None or finalize is None or not all(name in known for name in names):
+        return False
+    characteristics = [known[name] for name in names]
+
+    def reset(dbapi_connection: DBAPIConnection) -> None:
+        for characteristic in characteristics:
+            characteristic.reset_characteristic(dialect, dbapi_connection)
+
+    finalize.append(reset)  # first: a set that fails half-way is undone as well
+    for name, characteristic in zip(names, characteristics, strict=True):
+        characteristic.set_characteristic(dialect, fresh.dbapi_connection, options[name])
+    return True
