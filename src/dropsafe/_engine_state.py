@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
 
 from dropsafe._process import renew_lock_in_child
 
@@ -21,13 +21,9 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.pool import PoolProxiedConnection
 
-    from dropsafe._engine.guard import EngineGuard
-    from dropsafe._engine.replay import Unsent
     from dropsafe._policy import Policy
-    from dropsafe._unit.failover_audit import AcknowledgedCommits
-    from dropsafe._unit.server_life import ServerLife
 
-__all__ = ["DriverConnection", "EngineState", "peek_state", "root_engine", "state_of"]
+__all__ = ["DriverConnection", "EngineState", "Unsent", "peek_state", "root_engine", "state_of"]
 
 #: The driver's own connection object (psycopg2's, asyncpg's, ...): untyped, only hashed here.
 DriverConnection: TypeAlias = Any
@@ -35,10 +31,20 @@ DriverConnection: TypeAlias = Any
 _ATTRIBUTE = "_dropsafe_state"
 
 
+class Unsent(NamedTuple):
+    """A checkout whose first statement has not been sent yet, as it was at checkout."""
+
+    native: Any  # the driver's own connection (None if dropsafe cannot read it)
+    fd: int | None  # its socket's file descriptor
+    sent: int | None  # the bytes its socket had sent at checkout (`tcp_bytes_sent`)
+
+
 class EngineState:
     """One engine's state, a slot per concern; each slot is filled by the part that owns it.
 
-    ``lock`` guards the two maps and the slots filled on first use (``acknowledged``).
+    ``lock`` guards the two maps and the slots filled on first use (``acknowledged``). The
+    slots a wing's own class fills are typed ``object`` here, so that the base imports no wing
+    (the owner's one accessor says what it holds: `guard_of`, `known_server_life`, ...).
     """
 
     __slots__ = (
@@ -58,13 +64,13 @@ class EngineState:
         #: The policy `harden` gave the engine; None: dropsafe does not guard it.
         self.policy: Policy | None = None
         #: The engine wing's listeners (`dropsafe._engine.guard.EngineGuard`).
-        self.guard: EngineGuard | None = None
+        self.guard: object = None
         #: Checkouts whose first statement is not sent yet (`dropsafe._engine.replay`).
         self.first_statements: weakref.WeakKeyDictionary[PoolProxiedConnection, Unsent] = (
             weakref.WeakKeyDictionary()
         )
         #: Each connection's server life, read once (`dropsafe._unit.server_life`).
-        self.server_lives: weakref.WeakKeyDictionary[DriverConnection, ServerLife] = (
+        self.server_lives: weakref.WeakKeyDictionary[DriverConnection, object] = (
             weakref.WeakKeyDictionary()
         )
         #: A server of this engine answered the life read: new connections read it in their mark.
@@ -74,7 +80,7 @@ class EngineState:
         #: The unit wing's COMMIT listener is on the engine (`dropsafe._unit.recording`).
         self.recording = False
         #: Its acknowledged commits, for the failover audit; made by the first one.
-        self.acknowledged: AcknowledgedCommits | None = None
+        self.acknowledged: object = None
         self._lock = threading.Lock()
         renew_lock_in_child(self)  # another thread may hold it at a fork
 

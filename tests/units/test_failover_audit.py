@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dropsafe._unit.failover_audit import AcknowledgedCommits, SuccessorState, _Commit, judge
-from dropsafe._unit.recording import PendingCommit, lsn_number
+from dropsafe._unit.pending_commit import PendingCommit, lsn_number
 from dropsafe._unit.server_life import ServerLife
 
 OLD = ServerLife("7712167652585548053", "2026-11-25 12:00:00+00")

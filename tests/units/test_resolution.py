@@ -6,7 +6,7 @@ import pytest
 
 from dropsafe import CommitOutcomeUnknown
 from dropsafe._classify import server_refused_commit
-from dropsafe._unit.recording import PendingCommit
+from dropsafe._unit.pending_commit import PendingCommit
 from dropsafe._unit.resolution import _Resolution, _XidStatus
 from dropsafe._unit.server_life import ServerLife
 from dropsafe.events import CommitResolved

@@ -5,7 +5,7 @@ import pytest
 
 from dropsafe import CommitOutcomeUnknown, UnitPolicy
 from dropsafe._unit.core import CommitFailed, Committed, Failed, Resolve, Run, Sleep, unit_of_work
-from dropsafe._unit.recording import PendingCommit
+from dropsafe._unit.pending_commit import PendingCommit
 from dropsafe._unit.server_life import ServerLife
 
 LOST = psycopg2.OperationalError("server closed the connection unexpectedly")

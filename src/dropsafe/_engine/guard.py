@@ -139,7 +139,7 @@ def harden(engine: _E, policy: Policy | None = None) -> _E:
     # An execution_options() copy is its parent's engine: the parent is hardened, once.
     sync_engine = root_engine(sync_engine)
     state = state_of(sync_engine)
-    existing = state.guard
+    existing = guard_of(sync_engine)
     if existing is not None:
         if policy is not None and policy != existing.policy:
             raise ConfigurationError(
@@ -291,7 +291,8 @@ def loaded_asyncio() -> ModuleType | None:
 def guard_of(engine: Engine | AsyncEngine) -> EngineGuard | None:
     """Return the guard dropsafe put on ``engine`` (or on its parent), or None if it has none."""
     state = peek_state(engine)
-    return None if state is None else state.guard
+    guard = None if state is None else state.guard
+    return guard if isinstance(guard, EngineGuard) else None
 
 
 def _driver_missing(url: URL, error: ImportError) -> ConfigurationError:

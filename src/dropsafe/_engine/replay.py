@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
@@ -28,6 +28,7 @@ from dropsafe._engine.session_state import (
     session_used,
     snapshot,
 )
+from dropsafe._engine_state import Unsent
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
 
-__all__ = ["OPT_OUT", "FirstStatementReplay", "Unsent"]
+__all__ = ["OPT_OUT", "FirstStatementReplay"]
 
 logger = SafeLogger()
 
@@ -88,14 +89,6 @@ def _check_opt_out(options: Mapping[str, object]) -> None:
     value = options.get(OPT_OUT, True)
     if value is not True and value is not False:
         raise ConfigurationError(f"execution option {OPT_OUT} must be True or False, not {value!r}")
-
-
-class Unsent(NamedTuple):
-    """A checkout whose first statement has not been sent yet, as it was at checkout."""
-
-    native: Any  # the driver's own connection (None if dropsafe cannot read it)
-    fd: int | None  # its socket's file descriptor
-    sent: int | None  # the bytes its socket had sent at checkout (`tcp_bytes_sent`)
 
 
 def _mark(checkout: PoolProxiedConnection, *, changes: bool) -> None:

@@ -22,7 +22,7 @@ from dropsafe._engine_state import peek_state, state_of
 from dropsafe._hooks import emit
 from dropsafe._process import renew_lock_in_child
 from dropsafe._redaction import describe_error
-from dropsafe._unit.recording import lsn_number
+from dropsafe._unit.pending_commit import lsn_number
 from dropsafe._unit.server_life import ServerLife
 from dropsafe._unit.server_sql import audit_question, one_row
 from dropsafe.events import AcknowledgedCommitLost
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Engine
 
-    from dropsafe._unit.recording import PendingCommit
+    from dropsafe._engine_state import EngineState
+    from dropsafe._unit.pending_commit import PendingCommit
     from dropsafe.events import Hook
 
 __all__ = [
@@ -234,13 +235,19 @@ def remember_commit(engine: Engine, pending: PendingCommit, unit: str) -> bool:
     if pending.asynchronous:
         return False  # wrote nothing: the mark gave it an xid (for a NOTIFY it may have queued)
     state = state_of(engine)
-    memory = state.acknowledged
+    memory = _acknowledged_of(state)
     if memory is None:
         with state.lock:
-            memory = state.acknowledged
+            memory = _acknowledged_of(state)
             if memory is None:
                 memory = state.acknowledged = AcknowledgedCommits()
     return memory.add(pending, unit, time.time())
+
+
+def _acknowledged_of(state: EngineState | None) -> AcknowledgedCommits | None:
+    """Return the ring in ``state``'s slot for it (its one reader), if made."""
+    memory = None if state is None else state.acknowledged
+    return memory if isinstance(memory, AcknowledgedCommits) else None
 
 
 def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
@@ -249,8 +256,7 @@ def audit_after_failover(engine: Engine, hooks: tuple[Hook, ...]) -> None:
     Runs once per server change, right after a unit committed on the new server. Never
     raises: the unit it runs after has committed, and reporting must not undo that.
     """
-    state = peek_state(engine)
-    memory = None if state is None else state.acknowledged
+    memory = _acknowledged_of(peek_state(engine))
     if memory is None:
         return
     commits, _ = memory.take_older()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import threading
 import weakref
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from sqlalchemy import event
@@ -23,6 +22,7 @@ from dropsafe._classify import classify
 from dropsafe._engine_state import root_engine, state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._process import renew_in_child
+from dropsafe._unit.pending_commit import PendingCommit, lsn_number
 from dropsafe._unit.server_life import ServerLife, known_server_life, remember_server_life
 from dropsafe._unit.server_sql import ASYNCHRONOUS, UNFLUSHED, mark_statement, one_row
 from dropsafe._unit.shapes import SHAPE_LISTENERS
@@ -33,35 +33,10 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 __all__ = [
-    "PendingCommit",
-    "lsn_number",
     "other_connections",
     "watch_engine",
     "watch_engines_of_routing",
 ]
-
-
-@dataclass(frozen=True)
-class PendingCommit:
-    """A COMMIT that was about to be sent: its xid, its backend and its server's life.
-
-    ``wal_lsn`` is the server's WAL insert position read in the same statement, as a number
-    (0: not read): the commit record lies at or after it. ``asynchronous``: the mark assigned
-    the xid with ``synchronous_commit`` off (the transaction had none: it wrote nothing).
-    """
-
-    xid: int
-    backend_pid: int
-    server_life: ServerLife
-    wal_lsn: int = 0
-    #: The engine it went through, when not the unit's own (a unit over several engines):
-    #: a weak reference, since the failover audit keeps pending commits per engine.
-    engine_ref: weakref.ref[Engine] | None = field(default=None, compare=False, repr=False)
-    asynchronous: bool = False
-    #: The transaction had its xid and commits with ``synchronous_commit`` off: its commit
-    #: record may be lost in a crash after listeners heard its NOTIFYs
-    #: (`dropsafe._unit.resolution`).
-    unflushed: bool = False
 
 
 # Process-wide, not per engine: it also guards the routing Session classes below.
@@ -280,11 +255,3 @@ def _refuse_own_commit(attempt: AttemptTracker) -> None:
         "savepoint, or split the work into two units of work"
     )
     raise attempt.refusal
-
-
-def lsn_number(text: object) -> int:
-    """Return a ``pg_lsn`` read as text (``16/B374D848``) as a number; 0 for None."""
-    if text is None:
-        return 0
-    high, _, low = str(text).partition("/")
-    return (int(high, 16) << 32) | int(low, 16)

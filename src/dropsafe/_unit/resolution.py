@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect, Engine
     from sqlalchemy.pool import Pool
 
-    from dropsafe._unit.recording import PendingCommit
+    from dropsafe._unit.pending_commit import PendingCommit
     from dropsafe.events import Hook
 
 __all__ = ["Outcome", "resolve_commit"]

@@ -24,7 +24,7 @@ from dropsafe._unit.tracker import current_attempt
 
 if TYPE_CHECKING:
     from dropsafe._unit.core import Reply
-    from dropsafe._unit.recording import PendingCommit
+    from dropsafe._unit.pending_commit import PendingCommit
     from dropsafe._unit.tracker import AttemptTracker
 
 __all__ = [

@@ -154,7 +154,8 @@ def must_learn_server_life(connection: Connection) -> bool:
 def known_server_life(state: EngineState, driver_connection: DriverConnection) -> ServerLife | None:
     """Return what was read for this driver connection; None: not read yet (read it now)."""
     with contextlib.suppress(TypeError), state.lock:
-        return state.server_lives.get(driver_connection)
+        life = state.server_lives.get(driver_connection)
+        return life if isinstance(life, ServerLife) else None
     return UNREADABLE  # not weakly referable: never remembered, never read in a mark
 
 

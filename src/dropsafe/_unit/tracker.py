@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
     from dropsafe._errors import ConfigurationError
-    from dropsafe._unit.recording import PendingCommit
+    from dropsafe._unit.pending_commit import PendingCommit
     from dropsafe._unit.server_life import ServerLife
     from dropsafe.events import Hook
 

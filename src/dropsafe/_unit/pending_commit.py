@@ -1,0 +1,50 @@
+"""A COMMIT about to be sent, as the mark read it: what a lost reply is resolved by.
+
+Filled by `dropsafe._unit.recording`, carried by the attempt's tracker, read by the resolution
+and the failover audit (docs/guarantees.md, "Verified commits").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import weakref
+
+    from sqlalchemy.engine import Engine
+
+    from dropsafe._unit.server_life import ServerLife
+
+__all__ = ["PendingCommit", "lsn_number"]
+
+
+@dataclass(frozen=True)
+class PendingCommit:
+    """A COMMIT that was about to be sent: its xid, its backend and its server's life.
+
+    ``wal_lsn`` is the server's WAL insert position read in the same statement, as a number
+    (0: not read): the commit record lies at or after it. ``asynchronous``: the mark assigned
+    the xid with ``synchronous_commit`` off (the transaction had none: it wrote nothing).
+    """
+
+    xid: int
+    backend_pid: int
+    server_life: ServerLife
+    wal_lsn: int = 0
+    #: The engine it went through, when not the unit's own (a unit over several engines):
+    #: a weak reference, since the failover audit keeps pending commits per engine.
+    engine_ref: weakref.ref[Engine] | None = field(default=None, compare=False, repr=False)
+    asynchronous: bool = False
+    #: The transaction had its xid and commits with ``synchronous_commit`` off: its commit
+    #: record may be lost in a crash after listeners heard its NOTIFYs
+    #: (`dropsafe._unit.resolution`).
+    unflushed: bool = False
+
+
+def lsn_number(text: object) -> int:
+    """Return a ``pg_lsn`` read as text (``16/B374D848``) as a number; 0 for None."""
+    if text is None:
+        return 0
+    high, _, low = str(text).partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
