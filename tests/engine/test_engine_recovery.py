@@ -189,20 +189,19 @@ def test_blackholed_request_ends_within_the_default_bound(
 
 @pytest.mark.timeout(60)
 def test_a_blackholed_request_ends_by_tcp_user_timeout_even_with_keepalives_off(
-    postgres_server, kernel_blackhole
+    postgres_server, kernel_blackhole, disposing
 ):
     # libpq applies tcp_user_timeout only with keepalives on; a user's keepalives=0 made this
     # request hang until TCP gave up (about 15 minutes): the test timed out on that code.
     policy = dropsafe.Policy(
         connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2, connect_timeout=2)
     )
-    engine = dropsafe.create_engine(postgres_server.url("psycopg2", keepalives="0"), policy=policy)
-    try:
-        # Sent into the void; then the replay's fresh connect, refused by its timeout.
-        elapsed, served = _request_into_a_blackhole(engine, postgres_server, kernel_blackhole)
-        assert served == 2
-    finally:
-        engine.dispose()
+    engine = disposing(
+        dropsafe.create_engine(postgres_server.url("psycopg2", keepalives="0"), policy=policy)
+    )
+    # Sent into the void; then the replay's fresh connect, refused by its timeout.
+    elapsed, served = _request_into_a_blackhole(engine, postgres_server, kernel_blackhole)
+    assert served == 2
     assert elapsed < 12, f"the request hung {elapsed:.1f}s with keepalives=0"
 
 
