@@ -2,16 +2,16 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import pytest
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dropsafe.testing import PostgresServer
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
     from dropsafe.testing._database import Database
     from dropsafe.testing._server import Driver
@@ -124,8 +124,12 @@ def _collect_garbage() -> Iterator[None]:
     gc.collect()
 
 
-EngineT = TypeVar("EngineT", bound=sa.Engine)
-AsyncEngineT = TypeVar("AsyncEngineT", bound=AsyncEngine)
+class _Disposable(Protocol):
+    def dispose(self) -> object: ...
+
+
+EngineT = TypeVar("EngineT", bound=_Disposable)  # an Engine, or a bench target that disposes
+AsyncEngineT = TypeVar("AsyncEngineT", bound="AsyncEngine")
 
 
 @pytest.fixture

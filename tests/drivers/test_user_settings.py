@@ -18,28 +18,28 @@ pytestmark = pytest.mark.fault
 LIBPQ_DRIVERS = ["psycopg2", "psycopg"]
 
 
-def _libpq_parameters(engine: sa.Engine) -> dict[str, str]:
-    """The connection parameters libpq used for a new connection (PQconninfo)."""
-    with engine.connect() as conn:
-        conn.execute(sa.text("SELECT 1"))
-        dbapi_connection = conn.connection.dbapi_connection
-        if hasattr(dbapi_connection, "pgconn"):  # psycopg 3
-            return {
-                option.keyword.decode(): option.val.decode()
-                for option in dbapi_connection.pgconn.info
-                if option.val is not None
-            }
-        return dict(dbapi_connection.info.dsn_parameters)  # psycopg2
+def _libpq_parameters_of(url: str) -> dict[str, str]:
+    """The connection parameters libpq used for a dropsafe engine's new connection (PQconninfo)."""
+    engine = dropsafe.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+            dbapi_connection = conn.connection.dbapi_connection
+            if hasattr(dbapi_connection, "pgconn"):  # psycopg 3
+                return {
+                    option.keyword.decode(): option.val.decode()
+                    for option in dbapi_connection.pgconn.info
+                    if option.val is not None
+                }
+            return dict(dbapi_connection.info.dsn_parameters)  # psycopg2
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.parametrize("driver", LIBPQ_DRIVERS)
 def test_pgconnect_timeout_from_the_environment_wins(shared_server, driver, monkeypatch):
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "30")
-    engine = dropsafe.create_engine(shared_server.url(driver))
-    try:
-        used = _libpq_parameters(engine)
-    finally:
-        engine.dispose()
+    used = _libpq_parameters_of(shared_server.url(driver))
     assert used["connect_timeout"] == "30"
     # What the user did not set still gets dropsafe's default.
     assert used["keepalives_idle"] == "10"
@@ -66,11 +66,7 @@ def test_a_service_files_values_win(shared_server, driver, monkeypatch, tmp_path
         "tcp_user_timeout=4321\n"
     )
     monkeypatch.setenv("PGSERVICEFILE", str(service_file))
-    engine = dropsafe.create_engine(f"postgresql+{driver}:///?service=app")
-    try:
-        used = _libpq_parameters(engine)
-    finally:
-        engine.dispose()
+    used = _libpq_parameters_of(f"postgresql+{driver}:///?service=app")
     assert used["port"] == str(shared_server.port)  # the service file was used at all
     assert used["connect_timeout"] == "33"
     assert used["keepalives_idle"] == "77"
@@ -87,10 +83,6 @@ def test_pgservice_from_the_environment_selects_the_service(
     service_file.write_text("[app]\nconnect_timeout=44\n")
     monkeypatch.setenv("PGSERVICEFILE", str(service_file))
     monkeypatch.setenv("PGSERVICE", "app")
-    engine = dropsafe.create_engine(shared_server.url(driver))
-    try:
-        used = _libpq_parameters(engine)
-    finally:
-        engine.dispose()
+    used = _libpq_parameters_of(shared_server.url(driver))
     assert used["connect_timeout"] == "44"
     assert used["keepalives_idle"] == "10"

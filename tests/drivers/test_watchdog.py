@@ -31,23 +31,22 @@ SLEEP = sa.text("SELECT pg_sleep(60)")
 
 @pytest.mark.shares_server
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
-def test_a_sync_wait_ends_at_its_deadline(postgres_server, driver):
-    engine = dropsafe.create_engine(
-        postgres_server.url(driver), connect_args=postgres_server.connect_args(driver)
+def test_a_sync_wait_ends_at_its_deadline(postgres_server, driver, disposing):
+    engine = disposing(
+        dropsafe.create_engine(
+            postgres_server.url(driver), connect_args=postgres_server.connect_args(driver)
+        )
     )
-    try:
-        with engine.connect() as conn:
-            conn.exec_driver_sql("SET statement_timeout = '30s'")  # ends a failed test too
-            dbapi_connection = conn.connection.dbapi_connection
-            started = time.monotonic()
-            with (
-                pytest.raises(sa.exc.DBAPIError),
-                bounded(dbapi_connection, started + DEADLINE) as bound,
-            ):
-                conn.execute(SLEEP)
-            elapsed = time.monotonic() - started
-    finally:
-        engine.dispose()
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SET statement_timeout = '30s'")  # ends a failed test too
+        dbapi_connection = conn.connection.dbapi_connection
+        started = time.monotonic()
+        with (
+            pytest.raises(sa.exc.DBAPIError),
+            bounded(dbapi_connection, started + DEADLINE) as bound,
+        ):
+            conn.execute(SLEEP)
+        elapsed = time.monotonic() - started
     assert bound.expired
     assert elapsed < BOUND
 

@@ -142,6 +142,21 @@ def test_one_terminated_backend_recycles_only_that_connection(
     assert before - {victim} <= after, "live connections were thrown away"
 
 
+def _request_into_a_blackhole(engine, server, kernel_blackhole):
+    """A warm connection's request sent into a blackhole (it must raise), then one after it:
+    the seconds the first took to end, and what the next one served."""
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+    started = time.monotonic()
+    with kernel_blackhole(server.port):
+        with pytest.raises(sa.exc.DBAPIError), engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+        elapsed = time.monotonic() - started
+    with engine.connect() as conn:
+        served = conn.execute(sa.text("SELECT 2")).scalar()
+    return elapsed, served
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("driver", SUPPORTED_DRIVERS)
@@ -173,15 +188,7 @@ def test_blackholed_request_ends_within_the_default_bound(
     else:
         engine = dropsafe.create_engine(url, connect_args=postgres_server.connect_args(driver))
         try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-            started = time.monotonic()
-            with kernel_blackhole(postgres_server.port):
-                with pytest.raises(sa.exc.DBAPIError), engine.connect() as conn:
-                    conn.execute(sa.text("SELECT 1"))
-                elapsed = time.monotonic() - started
-            with engine.connect() as conn:
-                served = conn.execute(sa.text("SELECT 2")).scalar()
+            elapsed, served = _request_into_a_blackhole(engine, postgres_server, kernel_blackhole)
         finally:
             engine.dispose()
     assert elapsed < bound, f"the request hung {elapsed:.1f}s on a half-open connection"
@@ -191,27 +198,19 @@ def test_blackholed_request_ends_within_the_default_bound(
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_blackholed_request_ends_by_tcp_user_timeout_even_with_keepalives_off(
-    postgres_server, kernel_blackhole
+    postgres_server, kernel_blackhole, disposing
 ):
     # libpq applies tcp_user_timeout only with keepalives on; a user's keepalives=0 made this
     # request hang until TCP gave up (about 15 minutes): the test timed out on that code.
     policy = dropsafe.Policy(
         connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2, connect_timeout=2)
     )
-    engine = dropsafe.create_engine(postgres_server.url("psycopg2", keepalives="0"), policy=policy)
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-        started = time.monotonic()
-        with kernel_blackhole(postgres_server.port):
-            # Sent into the void; then the replay's fresh connect, refused by its timeout.
-            with pytest.raises(sa.exc.DBAPIError), engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-            elapsed = time.monotonic() - started
-        with engine.connect() as conn:
-            assert conn.execute(sa.text("SELECT 2")).scalar() == 2
-    finally:
-        engine.dispose()
+    engine = disposing(
+        dropsafe.create_engine(postgres_server.url("psycopg2", keepalives="0"), policy=policy)
+    )
+    # Sent into the void; then the replay's fresh connect, refused by its timeout.
+    elapsed, served = _request_into_a_blackhole(engine, postgres_server, kernel_blackhole)
+    assert served == 2
     assert elapsed < 12, f"the request hung {elapsed:.1f}s with keepalives=0"
 
 

@@ -9,40 +9,28 @@ writers have made progress since the last (no sleeps); every step is bounded in 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-import dropsafe  # noqa: E402 - after the skips: the module needs fastapi
+from example_apps import load_example  # noqa: E402 - after the skips: the app needs fastapi
+
+import dropsafe  # noqa: E402
 from dropsafe.testing import ChaosProxy  # noqa: E402
 
-APP = Path(__file__).parents[2] / "examples" / "fastapi_asyncpg" / "app.py"
 WRITERS = 4
 PROGRESS = 5  # notes acknowledged between two faults
 STEP_TIMEOUT = 40.0
-
-
-def _load_app_module():
-    spec = importlib.util.spec_from_file_location("fastapi_asyncpg_example", APP)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # pydantic resolves the models' annotations through it
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
 @pytest.mark.fault
 @pytest.mark.timeout(150)
 async def test_no_request_fails_and_no_note_is_lost_or_doubled(postgres_server):  # noqa: PLR0915 - one scenario
-    example = _load_app_module()
+    example = load_example("fastapi_asyncpg", "fastapi_asyncpg_example")
     with ChaosProxy(postgres_server.host, postgres_server.port) as proxy:
         app = example.create_app(
             proxy.route(postgres_server.url("asyncpg")),

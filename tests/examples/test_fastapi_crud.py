@@ -10,34 +10,18 @@ is closed, or after a signup's first read.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 import sqlalchemy as sa  # noqa: E402 - after the skips: the module needs fastapi
+from example_apps import load_example  # noqa: E402
 from sqlalchemy import event  # noqa: E402
 
 from dropsafe.testing import ChaosProxy  # noqa: E402
 
-APP = Path(__file__).parents[2] / "examples" / "fastapi_crud" / "app.py"
-
-
-def _load_app_module():
-    spec = importlib.util.spec_from_file_location("fastapi_crud_example", APP)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # pydantic resolves the models' annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-example = _load_app_module()
+example = load_example("fastapi_crud", "fastapi_crud_example")
 
 
 def _app(server, engine_mode="harden", *, units=False, url=None):

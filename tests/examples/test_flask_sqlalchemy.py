@@ -6,17 +6,15 @@ database cuts every connection and the server terminates backends and restarts.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import pytest
+from example_apps import load_example
 from flask import got_request_exception
 from werkzeug.serving import make_server
 
@@ -26,13 +24,7 @@ from dropsafe._engine.guard import guard_of
 
 pytest.importorskip("flask_sqlalchemy")
 
-EXAMPLE = Path(__file__).parents[2] / "examples" / "flask_sqlalchemy" / "app.py"
-_spec = importlib.util.spec_from_file_location("dropsafe_example_flask_sqlalchemy", EXAMPLE)
-assert _spec is not None
-assert _spec.loader is not None
-example = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = example
-_spec.loader.exec_module(example)
+example = load_example("flask_sqlalchemy", "dropsafe_example_flask_sqlalchemy")
 
 DATABASES = ("notes", "accounts", "audit")
 # COMMITs of notes and deposits take a while, so that cuts land while they are in flight.

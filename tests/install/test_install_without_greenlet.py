@@ -9,21 +9,18 @@ matrix of extras is scripts/install_matrix.py.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 import textwrap
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from wheel_venv import UV, python_in, run, wheel_venv
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from dropsafe.testing import PostgresServer
 
-ROOT = Path(__file__).resolve().parents[2]
-UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
 
 pytestmark = [
     pytest.mark.slow,
@@ -31,53 +28,10 @@ pytestmark = [
 ]
 
 
-def clean_env(venv: Path | None = None) -> dict[str, str]:
-    """A user's shell, with ``venv`` activated: nothing of this test run's Python or pytest."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PYTHON", "PYTEST", "VIRTUAL_ENV"))
-    }
-    env["UV_PYTHON_DOWNLOADS"] = "never"
-    if venv is not None:
-        env["VIRTUAL_ENV"] = str(venv)
-        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    return env
-
-
-def run(argv: list[str], *, cwd: Path | None = None, venv: Path | None = None, timeout=120):
-    return subprocess.run(
-        argv,
-        cwd=cwd,
-        env=clean_env(venv),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
     """A fresh venv with the built wheel, psycopg2, SQLAlchemy 2.1 and pytest, and no greenlet."""
-    assert UV is not None
-    where = tmp_path_factory.mktemp("no-greenlet")
-    built = run([UV, "build", "--quiet", "--wheel", "--out-dir", str(where / "dist"), str(ROOT)])
-    assert built.returncode == 0, built.stderr
-    (wheel,) = (where / "dist").glob("dropsafe-*.whl")
-    venv = where / "venv"
-    made = run([UV, "venv", "--quiet", "--python", sys.executable, str(venv)])
-    assert made.returncode == 0, made.stderr
-    installed = run(
-        [
-            *(UV, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python")),
-            f"{wheel}[psycopg2]",
-            "sqlalchemy>=2.1,<2.2",
-            "pytest",  # the user's own test runner, without pytest-timeout
-        ],
-        timeout=300,
-    )
-    assert installed.returncode == 0, installed.stderr
+    venv = wheel_venv(tmp_path_factory.mktemp("no-greenlet"))
     # The conditions of the bug, or this module proves nothing.
     probe = run(
         [str(venv / "bin" / "python"), "-c", "import sqlalchemy; print(sqlalchemy.__version__)"]
@@ -86,10 +40,6 @@ def venv(tmp_path_factory) -> Path:
     for absent in ("greenlet", "pytest_timeout"):
         assert run([str(venv / "bin" / "python"), "-c", f"import {absent}"]).returncode != 0
     return venv
-
-
-def python_in(venv: Path, code: str, **kwargs):
-    return run([str(venv / "bin" / "python"), "-I", "-c", textwrap.dedent(code)], **kwargs)
 
 
 def test_import_dropsafe_without_greenlet(venv):

@@ -7,17 +7,15 @@ Each test is one item of the issue's checklist, checked the way the newcomer met
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from wheel_venv import THIS_RUN, UV, python_in, run, wheel_venv
 
-ROOT = Path(__file__).resolve().parents[2]
-UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+if TYPE_CHECKING:
+    from pathlib import Path
+
 SECRET = "Newcomer-Needle-9"  # noqa: S105 - the needle the tests search for
 
 pytestmark = [
@@ -26,58 +24,24 @@ pytestmark = [
 ]
 
 
-def _env(venv: Path | None = None, **extra: str) -> dict[str, str]:
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("PYTHON", "PYTEST", "VIRTUAL_ENV", "DROPSAFE_"))
-    }
-    env["UV_PYTHON_DOWNLOADS"] = "never"
-    if venv is not None:
-        env["VIRTUAL_ENV"] = str(venv)
-        env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"
-    return {**env, **extra}
+# A newcomer's shell has no dropsafe settings of this test run either.
+USER_SHELL = (*THIS_RUN, "DROPSAFE_")
 
 
-def _run(argv, *, cwd=None, venv=None, timeout=120, **extra):
-    return subprocess.run(
-        argv,
-        cwd=cwd,
-        env=_env(venv, **extra),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def _run(argv, **kwargs):
+    return run(argv, drop=USER_SHELL, **kwargs)
+
+
+def _python(venv: Path, code: str, **extra: str):
+    return python_in(venv, code, drop=USER_SHELL, **extra)
 
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory) -> Path:
-    assert UV is not None
-    where = tmp_path_factory.mktemp("newcomer")
-    built = _run([UV, "build", "--quiet", "--wheel", "--out-dir", str(where / "dist"), str(ROOT)])
-    assert built.returncode == 0, built.stderr
-    (wheel,) = (where / "dist").glob("dropsafe-*.whl")
-    venv = where / "venv"
-    made = _run([UV, "venv", "--quiet", "--python", sys.executable, str(venv)])
-    assert made.returncode == 0, made.stderr
-    installed = _run(
-        [
-            *(UV, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python")),
-            f"{wheel}[psycopg2]",
-            "sqlalchemy>=2.1,<2.2",
-            "pytest",
-        ],
-        timeout=300,
-    )
-    assert installed.returncode == 0, installed.stderr
+    venv = wheel_venv(tmp_path_factory.mktemp("newcomer"), drop=USER_SHELL)
     # The conditions of the issue: only psycopg2, on a SQLAlchemy that defaults to psycopg 3.
     assert _python(venv, "import psycopg").returncode != 0
     return venv
-
-
-def _python(venv: Path, code: str, **extra: str):
-    return _run([str(venv / "bin" / "python"), "-I", "-c", textwrap.dedent(code)], **extra)
 
 
 def test_postgres_and_bare_urls_use_the_driver_installed_and_say_so_once(venv):

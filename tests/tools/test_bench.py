@@ -75,15 +75,12 @@ def test_unknown_section_is_refused(capsys):
     ("driver", "variant"),
     [("psycopg2", Variant("plain")), ("psycopg", Variant("dropsafe"))],
 )
-def test_sync_pool_is_warm_before_the_timed_window(shared_server, driver, variant):
+def test_sync_pool_is_warm_before_the_timed_window(shared_server, driver, variant, disposing):
     """Connects inside the window would count their cost in one variant's p99 and not another's."""
-    target = make_sync(variant, shared_server.url(driver), CLIENTS)
+    target = disposing(make_sync(variant, shared_server.url(driver), CLIENTS))
     connects: list[float] = []
     sa.event.listen(target.engine, "connect", lambda *_: connects.append(time.perf_counter()))
-    try:
-        sample = drive_sync(target, "query", CLIENTS, 0.3)
-    finally:
-        target.dispose()
+    sample = drive_sync(target, "query", CLIENTS, 0.3)
     assert sample.latencies
     assert len(connects) == CLIENTS
     assert [t for t in connects if t >= sample.started] == []
@@ -108,18 +105,17 @@ def test_async_pool_is_warm_before_the_timed_window(shared_server):
     assert [t for t in connects if t >= sample.started] == []
 
 
-def test_psycopg_pool_is_full_before_the_timed_window(shared_server):
+def test_psycopg_pool_is_full_before_the_timed_window(shared_server, disposing):
     """psycopg_pool fills itself in the background: the bench waits until it holds them all."""
     connects: list[float] = []
-    target = make_psycopg_pool(
-        shared_server.url("psycopg"),
-        CLIENTS,
-        configure=lambda _: connects.append(time.perf_counter()),
+    target = disposing(
+        make_psycopg_pool(
+            shared_server.url("psycopg"),
+            CLIENTS,
+            configure=lambda _: connects.append(time.perf_counter()),
+        )
     )
-    try:
-        sample = drive_sync(target, "query", CLIENTS, 0.3)
-    finally:
-        target.dispose()
+    sample = drive_sync(target, "query", CLIENTS, 0.3)
     assert len(connects) == CLIENTS
     assert [t for t in connects if t >= sample.started] == []
 

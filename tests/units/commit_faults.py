@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import socket
 import threading
 import time
 
+import psycopg2
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -240,9 +242,31 @@ def wait_until(condition, timeout, what):
     pytest.fail(f"timed out after {timeout}s waiting for {what}")
 
 
-def libpq_url(server):
+def libpq_url(server, **url_kw):
     """The server's URL as libpq (and psycopg2.connect) reads it."""
-    return server.url("psycopg2").replace("postgresql+psycopg2", "postgresql")
+    return server.url("psycopg2", **url_kw).replace("postgresql+psycopg2", "postgresql")
+
+
+def listen(server, **url_kw):
+    """A psycopg2 connection that listens on ``dropsafe_test``."""
+    listener = psycopg2.connect(libpq_url(server, **url_kw))
+    listener.autocommit = True
+    listener.cursor().execute("LISTEN dropsafe_test")
+    return listener
+
+
+def heard_until_end(listener, server, **execute_kw):
+    """Every payload ``listener`` hears up to a last one, ``end``, sent now (delivered after
+    the rest, and the last in the list)."""
+    server.execute("NOTIFY dropsafe_test, 'end'", **execute_kw)
+    payloads = []
+    deadline = time.monotonic() + 20
+    while "end" not in payloads and time.monotonic() < deadline:
+        select.select([listener], [], [], deadline - time.monotonic())
+        listener.poll()
+        payloads += [notify.payload for notify in listener.notifies]
+        listener.notifies.clear()
+    return payloads
 
 
 def local_port(engine_connection):
@@ -266,6 +290,18 @@ def backend_pid(engine_connection):
     if info is not None and hasattr(info, "backend_pid"):
         return info.backend_pid
     return driver_connection.get_backend_pid()  # psycopg2
+
+
+def lose_the_reply_then(holes, kernel_blackhole, server, action, strikes):
+    """``before_commit`` for ``Unit.run``: the first COMMIT's reply lost (``lose_the_first_reply``),
+    then ``action`` run once the server has done that COMMIT (``once_the_commit_is_done``)."""
+    lose_the_reply = lose_the_first_reply(holes, kernel_blackhole)
+
+    def install(engine):
+        lose_the_reply(engine)
+        once_the_commit_is_done(engine, server, action, strikes)
+
+    return install
 
 
 def lose_the_first_reply(holes, kernel_blackhole, direction="to"):

@@ -19,8 +19,7 @@ from commit_faults import (
     Recorder,
     Unit,
     libpq_url,
-    lose_the_first_reply,
-    once_the_commit_is_done,
+    lose_the_reply_then,
     resolving_policy,
     rows,
 )
@@ -49,15 +48,15 @@ def test_an_asynchronous_write_whose_commit_a_crash_lost_is_unknown(kernel_black
             policy=resolving_policy(recorder),
         )
         holes = contextlib.ExitStack()
-        lose_the_reply = lose_the_first_reply(holes, kernel_blackhole)
         crashes = []
-
-        def crash_once_committed(engine):
-            lose_the_reply(engine)
-            # Every backend reset: a crash.
-            once_the_commit_is_done(
-                engine, server, lambda: os.kill(bystander_pid, signal.SIGKILL), crashes
-            )
+        # Every backend reset: a crash.
+        crash_once_committed = lose_the_reply_then(
+            holes,
+            kernel_blackhole,
+            server,
+            lambda: os.kill(bystander_pid, signal.SIGKILL),
+            crashes,
+        )
 
         outcome = "acknowledged"
         try:

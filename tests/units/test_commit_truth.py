@@ -12,10 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import select
 import signal
 import threading
-import time
 
 import psycopg2
 import pytest
@@ -26,10 +24,12 @@ from commit_faults import (
     Recorder,
     Unit,
     WhenCommitRuns,
+    heard_until_end,
     insert,
     libpq_url,
+    listen,
     lose_the_first_reply,
-    once_the_commit_is_done,
+    lose_the_reply_then,
     resolving_policy,
     rows,
     wait_until,
@@ -146,9 +146,7 @@ def test_a_write_made_by_a_before_commit_hook_is_resolved_not_run_again(
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_notify_whose_commit_reply_is_lost_is_heard_once(server, kernel_blackhole, driver):
     # NOTIFY takes its xid only at COMMIT. The COMMIT reaches the server, its reply does not.
-    listener = psycopg2.connect(libpq_url(server))
-    listener.autocommit = True
-    listener.cursor().execute("LISTEN dropsafe_test")
+    listener = listen(server)
     recorder = Recorder()
     unit = Unit(
         driver,
@@ -162,17 +160,10 @@ def test_a_notify_whose_commit_reply_is_lost_is_heard_once(server, kernel_blackh
     try:
         with holes:
             assert unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
-        server.execute("NOTIFY dropsafe_test, 'end'")  # delivered after every earlier one
-        heard = []
-        deadline = time.monotonic() + 20
-        while "end" not in heard and time.monotonic() < deadline:
-            select.select([listener], [], [], deadline - time.monotonic())
-            listener.poll()
-            heard += [notify.payload for notify in listener.notifies]
-            listener.notifies.clear()
+        payloads = heard_until_end(listener, server)
     finally:
         listener.close()
-    assert heard == ["once", "end"]
+    assert payloads == ["once", "end"]
     assert unit.calls == 1
     assert recorder.outcomes() == ["committed"]
 
@@ -328,26 +319,6 @@ SILENT_NOTIFIERS = {
 }
 
 
-def _listen(server):
-    listener = psycopg2.connect(libpq_url(server))
-    listener.autocommit = True
-    listener.cursor().execute("LISTEN dropsafe_test")
-    return listener
-
-
-def _heard(listener, server):
-    """Every payload ``listener`` hears up to a last one sent now (delivered after the rest)."""
-    server.execute("NOTIFY dropsafe_test, 'end'")
-    heard = []
-    deadline = time.monotonic() + 20
-    while "end" not in heard and time.monotonic() < deadline:
-        select.select([listener], [], [], deadline - time.monotonic())
-        listener.poll()
-        heard += [notify.payload for notify in listener.notifies]
-        listener.notifies.clear()
-    return heard
-
-
 @pytest.mark.parametrize("shape", SILENT_NOTIFIERS)
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_notify_queued_by_a_function_or_trigger_is_heard_once(
@@ -356,7 +327,7 @@ def test_a_notify_queued_by_a_function_or_trigger_is_heard_once(
     # The COMMIT reaches the server and its reply is lost. The statement does not say "notify",
     # so on the code before this test the transaction had no xid: run again, heard twice.
     server.execute(NOTIFYING_SCHEMA)
-    listener = _listen(server)
+    listener = listen(server)
     recorder = Recorder()
     unit = Unit(
         driver,
@@ -370,13 +341,13 @@ def test_a_notify_queued_by_a_function_or_trigger_is_heard_once(
     try:
         with holes:
             assert unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
-        heard = _heard(listener, server)
+        payloads = heard_until_end(listener, server)
     finally:
         listener.close()
     payload = (
         SILENT_NOTIFIERS[shape][-1].split("'")[1] if shape != "statement trigger" else "trigger"
     )
-    assert heard == [payload, "end"]
+    assert payloads == [payload, "end"]
     assert unit.calls == 1
     assert recorder.outcomes() == ["committed"]
 
@@ -404,15 +375,11 @@ def test_a_notify_whose_commit_a_crash_may_have_lost_is_unknown(
         policy=resolving_policy(recorder),
     )
     holes = contextlib.ExitStack()
-    lose_the_reply = lose_the_first_reply(holes, kernel_blackhole)
     crashes = []
-
-    def crash_once_committed(engine):
-        lose_the_reply(engine)
-        # Every backend reset: a crash restart.
-        once_the_commit_is_done(
-            engine, server, lambda: os.kill(bystander_pid, signal.SIGKILL), crashes
-        )
+    # Every backend reset: a crash restart.
+    crash_once_committed = lose_the_reply_then(
+        holes, kernel_blackhole, server, lambda: os.kill(bystander_pid, signal.SIGKILL), crashes
+    )
 
     try:
         with holes, pytest.raises(CommitOutcomeUnknown):
@@ -432,7 +399,7 @@ def test_a_silent_notify_behind_a_transaction_mode_pooler_is_heard_once(
     # PgBouncer (transaction mode) between: the xid read and the COMMIT may run on any server
     # connection; PgBouncer's reply to the COMMIT is dropped on its way to the client.
     server.execute(NOTIFYING_SCHEMA)
-    listener = _listen(server)
+    listener = listen(server)
     recorder = Recorder()
     with PgBouncer(server, pool_mode="transaction") as bouncer:
         unit = Unit(
@@ -450,10 +417,10 @@ def test_a_silent_notify_behind_a_transaction_mode_pooler_is_heard_once(
                 assert (
                     unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
                 )
-            heard = _heard(listener, server)
+            payloads = heard_until_end(listener, server)
         finally:
             listener.close()
-    assert heard == ["function", "end"]
+    assert payloads == ["function", "end"]
     assert unit.calls == 1
     assert recorder.outcomes() == ["committed"]
 
@@ -587,12 +554,10 @@ def test_a_commit_whose_reply_a_clean_restart_lost_is_still_proven(
         policy=resolving_policy(recorder),
     )
     holes = contextlib.ExitStack()
-    lose_the_reply = lose_the_first_reply(holes, kernel_blackhole)
     restarts = []
-
-    def restart_once_committed(engine):
-        lose_the_reply(engine)
-        once_the_commit_is_done(engine, server, lambda: server.restart("fast"), restarts)
+    restart_once_committed = lose_the_reply_then(
+        holes, kernel_blackhole, server, lambda: server.restart("fast"), restarts
+    )
 
     with holes:
         assert unit.run(before_commit=restart_once_committed) == "done"

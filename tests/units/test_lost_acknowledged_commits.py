@@ -245,7 +245,9 @@ def wal_hiding_role(postgres_server):
 
 
 @pytest.mark.parametrize("answered_first", [False, True])
-def test_a_server_that_hides_the_wal_position_still_commits_units(wal_hiding_role, answered_first):
+def test_a_server_that_hides_the_wal_position_still_commits_units(
+    wal_hiding_role, answered_first, disposing
+):
     """The WAL position is read in the marks only once a server of the engine answered it.
 
     Hidden from the start: no unit fails (the engine's first read, outside the app's
@@ -253,24 +255,21 @@ def test_a_server_that_hides_the_wal_position_still_commits_units(wal_hiding_rol
     behind the same URL): one unit at most meets the error, as for the server's life.
     """
     url, hide = wal_hiding_role
-    engine = dropsafe.create_engine(url, pool_size=1, max_overflow=0)
+    engine = disposing(dropsafe.create_engine(url, pool_size=1, max_overflow=0))
     insert = sa.text("INSERT INTO acks (id) VALUES (:id)")
     failures = 0
-    try:
-        if answered_first:
-            dropsafe.run_transaction(engine, lambda c: c.execute(insert, {"id": 0}))
-        hide()
-        for op_id in range(1, 4):
-            engine.pool.dispose()  # a new connection each time
-            try:
-                dropsafe.run_transaction(
-                    engine, lambda c, op_id=op_id: c.execute(insert, {"id": op_id})
-                )
-            except sa.exc.ProgrammingError as exc:
-                assert "pg_current_wal_insert_lsn" in str(exc)
-                failures += 1
-    finally:
-        engine.dispose()
+    if answered_first:
+        dropsafe.run_transaction(engine, lambda c: c.execute(insert, {"id": 0}))
+    hide()
+    for op_id in range(1, 4):
+        engine.pool.dispose()  # a new connection each time
+        try:
+            dropsafe.run_transaction(
+                engine, lambda c, op_id=op_id: c.execute(insert, {"id": op_id})
+            )
+        except sa.exc.ProgrammingError as exc:
+            assert "pg_current_wal_insert_lsn" in str(exc)
+            failures += 1
     assert failures <= (1 if answered_first else 0)
 
 

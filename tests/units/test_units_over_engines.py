@@ -14,13 +14,11 @@ import asyncio
 import contextlib
 import itertools
 import os
-import select
 import socket
-import time
 
-import psycopg2
 import pytest
 import sqlalchemy as sa
+from commit_faults import heard_until_end, listen
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -448,27 +446,6 @@ def test_a_commit_on_a_connection_the_function_opened_itself_is_not_refused(
 # -- a NOTIFY on the engine that wrote nothing, committed before the writer's lost COMMIT -------
 
 
-def _listen(server, database):
-    url = server.url("psycopg2", database=database)
-    listener = psycopg2.connect(url.replace("postgresql+psycopg2", "postgresql"))
-    listener.autocommit = True
-    listener.cursor().execute("LISTEN dropsafe_test")
-    return listener
-
-
-def _heard(listener, server, database):
-    """Every payload ``listener`` hears up to a last one sent now (delivered after the rest)."""
-    server.execute("NOTIFY dropsafe_test, 'end'", database=database)
-    heard = []
-    deadline = time.monotonic() + 20
-    while "end" not in heard and time.monotonic() < deadline:
-        select.select([listener], [], [], deadline - time.monotonic())
-        listener.poll()
-        heard += [notify.payload for notify in listener.notifies]
-        listener.notifies.clear()
-    return heard[:-1]
-
-
 @pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
 def test_a_notify_committed_before_the_writer_s_lost_commit_is_heard_once(
     server, kernel_blackhole, driver, face
@@ -480,7 +457,7 @@ def test_a_notify_committed_before_the_writer_s_lost_commit_is_heard_once(
     writer, notifier_db = TWO, "db_one"
     for _ in range(12):
         value = next(_VALUES)
-        listener = _listen(server, notifier_db)
+        listener = listen(server, database=notifier_db)
         unit = TwoEngines(server, driver, face)
         fault = LoseCommitReply(kernel_blackhole, nth=2, direction="both")
         outcome = "acknowledged"
@@ -494,7 +471,7 @@ def test_a_notify_committed_before_the_writer_s_lost_commit_is_heard_once(
             )
         except dropsafe.CommitOutcomeUnknown:
             outcome = "unknown"
-        heard = _heard(listener, server, notifier_db)
+        heard = heard_until_end(listener, server, database=notifier_db)[:-1]
         listener.close()
         if fault.struck_database != notifier_db:  # the writer's COMMIT was the lost one
             break

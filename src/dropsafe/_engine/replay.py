@@ -305,7 +305,7 @@ class FirstStatementReplay:
         """Why this first statement must not be replayed, or None.
 
         It runs at every first statement: no call here that the check does not need (the
-        calls a healthy request pays are counted, tests/integration/test_checkout_scale.py).
+        calls a healthy request pays are counted, tests/engine/test_checkout_scale.py).
         """
         style = getattr(context, "execute_style", None)
         if context.execution_options.get(OPT_OUT, True) is False:  # other values: _check_opt_out

@@ -140,7 +140,7 @@ class AcknowledgedCommits:
     """One engine's acknowledged commits: a ring of fixed size, allocated once.
 
     Parallel arrays rather than an object per commit: the ring is written on every verified
-    unit's commit and must not grow the process (tests/integration/test_checkout_scale.py).
+    unit's commit and must not grow the process (tests/engine/test_checkout_scale.py).
     A slot whose life is None is empty, or was taken out to be checked.
     """
 

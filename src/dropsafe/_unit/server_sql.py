@@ -3,7 +3,7 @@
 The server's life, the mark before COMMIT, the xid's status and the SyncRep wait, the fence, the
 failover audit's question: the PostgreSQL-version switch is written once (`_at_least`), and each
 statement is sent by `one_row` on a cursor of its own. What each one proves is in
-docs/guarantees.md; tests/integration/test_commit_truth.py checks them on real servers.
+docs/guarantees.md; tests/units/test_commit_truth.py checks them on real servers.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ with ``DROPSAFE_REQUIRE_KERNEL_FAULTS=1``. Markers ``dropsafe_slow`` and ``drops
 
 Loaded into every suite of every project that has dropsafe installed, so loading must be cheap
 and must not fail: it imports only pytest and the standard library (about 80 ms with pytest's
-own import; tests/unit/test_public_api.py checks it), and uses pytest-timeout's marker only
+own import; tests/base/test_public_api.py checks it), and uses pytest-timeout's marker only
 when that plugin is there (``--strict-markers`` would otherwise break the user's collection).
 """
 
