@@ -215,7 +215,7 @@ async def _count_async(
 
 
 def count(
-    proxy: FlightProxy, driver: str, variant: str, shape: str, url: str, requests: int
+    proxy: FlightProxy, driver: str, variant: str, shape: str, url: str, *, requests: int
 ) -> Count:
     """Round trips per request of ``shape`` on ``variant``, counted on ``proxy``."""
     if driver == "asyncpg":
@@ -288,7 +288,9 @@ def main() -> None:
                     for shape in SHAPES:
                         if shape == "unit verified" and variant != "dropsafe":
                             continue  # only dropsafe verifies; the plain unit is "unverified"
-                        found = count(proxy, driver, variant, shape, rendered, args.requests)
+                        found = count(
+                            proxy, driver, variant, shape, rendered, requests=args.requests
+                        )
                         counts[driver, variant, shape] = found
                         print(
                             f"{driver:9} {variant:19} {shape:16} {found.per_request:5.2f}  "

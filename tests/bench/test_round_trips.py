@@ -25,7 +25,8 @@ _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "round_trips.py"
 @pytest.fixture(scope="module")
 def round_trips():
     spec = importlib.util.spec_from_file_location("round_trips_bench", _PATH)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -45,21 +46,21 @@ def proxied(shared_server, round_trips):
 
 def test_a_plain_query_in_a_session_is_begin_query_rollback(round_trips, proxied) -> None:
     proxy, url = proxied
-    found = round_trips.count(proxy, "psycopg2", "plain", "query", url, 3)
+    found = round_trips.count(proxy, "psycopg2", "plain", "query", url, requests=3)
     assert found.per_request == 3
     assert found.labels == ["Q BEGIN", "Q SELECT 1", "Q ROLLBACK"]
 
 
 def test_pre_ping_pays_one_round_trip_more(round_trips, proxied) -> None:
     proxy, url = proxied
-    found = round_trips.count(proxy, "psycopg2", "pre_ping", "query", url, 3)
+    found = round_trips.count(proxy, "psycopg2", "pre_ping", "query", url, requests=3)
     assert found.per_request == 4
     assert found.labels[1:] == ["Q BEGIN", "Q SELECT 1", "Q ROLLBACK"]
 
 
 def test_a_verified_unit_reads_its_xid_in_a_round_trip_of_its_own(round_trips, proxied) -> None:
     proxy, url = proxied
-    found = round_trips.count(proxy, "psycopg2", "dropsafe", "unit verified", url, 3)
+    found = round_trips.count(proxy, "psycopg2", "dropsafe", "unit verified", url, requests=3)
     assert found.per_request == 4
     assert found.labels[0] == "Q BEGIN"
     assert found.labels[1].startswith("Q INSERT")
