@@ -245,7 +245,9 @@ class PoolPolicy(_Validated):
         "max_lifetime": (1, 7 * 86400),
     }
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"max_lifetime"})
-    _BOOLEANS: ClassVar[frozenset[str]] = frozenset({"replay_first_statement"})
+    _BOOLEANS: ClassVar[frozenset[str]] = frozenset(
+        {"replay_first_statement", "defer_checkin_rollback"}
+    )
 
     #: A connection idle longer than this is pinged at checkout (a round trip);
     #: a busier one is checked by looking at its socket only, which costs nothing.
@@ -264,6 +266,11 @@ class PoolPolicy(_Validated):
     #: docs/guarantees.md for statements with effects outside transactions, and for the
     #: per-statement opt-out ``execution_options(dropsafe_replay=False)``.
     replay_first_statement: bool = True
+    #: The ROLLBACK that ends a request (a Session's or Connection's close, the pool's reset at
+    #: checkin) is sent without waiting for its reply, which is read before the connection is
+    #: used again: a request that ends with a ROLLBACK saves a round trip. A ROLLBACK that fails
+    #: there has its connection replaced, unseen. psycopg 3 (sync) only; see docs/guarantees.md.
+    defer_checkin_rollback: bool = True
 
 
 @_environment_defaults

@@ -39,7 +39,7 @@ from dropsafe._engine.replay import FirstStatementReplay
 from dropsafe._engine_state import EngineState, peek_state, root_engine, state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._log import SafeLogger
-from dropsafe._policy import Policy
+from dropsafe._policy import Policy, seconds
 from dropsafe._redaction import redact_url, split_credentials
 
 if TYPE_CHECKING:
@@ -208,6 +208,12 @@ class EngineGuard:
         self.driver = driver_for(engine.dialect)
         self.lifetime = ConnectionLifetime(policy.pool)
         self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect, state)
+        self.quiet_rollback = QuietRollback(
+            policy.hooks,
+            engine.dialect,
+            defer=policy.pool.defer_checkin_rollback,
+            settle_timeout=seconds(policy.pool.ping_timeout),
+        )
         self.check = CheckoutCheck(
             policy.pool,
             policy.hooks,
@@ -216,11 +222,11 @@ class EngineGuard:
             pre_ping=bool(getattr(engine.pool, "_pre_ping", False)),
             draw_lifetime=self.lifetime.draw if self.lifetime.enabled else None,
             after_check=self.replay.on_checked if self.replay.enabled else None,
+            settle=self.quiet_rollback.settle if self.quiet_rollback.defers else None,
         )
         self.connects = ConnectArguments(policy.connection, self.driver)
         self.connect_wait = ConnectWait(policy.connection, policy.hooks, engine)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
-        self.quiet_rollback = QuietRollback(policy.hooks, engine.dialect)
 
     def attach(self, engine: Engine) -> None:
         """Listen to the engine's connect, pool, transaction and error events."""

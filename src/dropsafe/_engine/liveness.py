@@ -15,7 +15,7 @@ import math
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import sqlalchemy.exc
 
@@ -93,6 +93,7 @@ class CheckoutCheck:
         pre_ping: bool,
         draw_lifetime: Callable[[], float] | None = None,
         after_check: Callable[[PoolProxiedConnection, Any], None] | None = None,
+        settle: Callable[[NativeConnection], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.driver = driver
@@ -107,6 +108,9 @@ class CheckoutCheck:
         # first-statement replay's mark, in this listener rather than one of its own, since
         # every checkout listener costs each checkout a call.
         self._after_check = after_check
+        # Reads the reply of a ROLLBACK sent at checkin without waiting (quiet_rollback), before
+        # anything else looks at the connection; a raise means it died and was closed.
+        self._settle = settle
         self._clock = clock
         # Weakly keyed on the pool entry: an entry the pool drops (dispose(close=False), a
         # collected pool) takes its state along, and its connection is closed as without us.
@@ -246,6 +250,11 @@ class CheckoutCheck:
             # connection for this entry draws its own limit.
             state.connection = None
             raise sqlalchemy.exc.DisconnectionError("the connection reached its max_lifetime")
+        if self._settle is not None:
+            try:
+                self._settle(state.native)
+            except Exception as exc:  # noqa: BLE001 - any failure of the ROLLBACK: replace it
+                self._replace(f"the ROLLBACK at checkin failed: {describe_error(exc)}")
         if state.fresh:
             # Made for this checkout: its handshake just proved it. And never refused, even if
             # it died since: SQLAlchemy gives a checkout two tries, the second always on a
@@ -284,6 +293,10 @@ class CheckoutCheck:
                 )
                 emit(self._hooks, PingSucceeded(self._clock() - now, why))
                 return
+        self._replace(reason)
+
+    def _replace(self, reason: str) -> NoReturn:
+        """Refuse this checkout's connection (the pool fetches another), or the whole pool."""
         self.replaced += 1
         pool_wide = self.other_idle_connections_dead()
         emit(self._hooks, DeadConnectionReplaced(reason, pool_wide=pool_wide))

@@ -6,12 +6,22 @@ connection was lost, invalidates what the ROLLBACK was for (a pool entry, named 
 emits `RollbackConnectionLost` instead of raising. Any other error stays loud; a COMMIT is
 never touched. Why a dialect method and not an event, and what that costs: docs/guarantees.md,
 "A ROLLBACK on a lost connection is not an error".
+
+On psycopg 3 (sync) the ROLLBACK is not awaited (``PoolPolicy.defer_checkin_rollback``): it is
+sent at once and its reply read before the connection's next use, whoever makes it: the next
+checkout (`settle`, from the checkout check), or psycopg itself (every operation of a psycopg
+connection goes through its ``wait``, which is shadowed until the reply is read). A request
+that ends with a ROLLBACK then does not wait for it. A reply that is an error, late past
+``ping_timeout``, or read in another process than the one that sent it closes the connection:
+at checkout it is replaced like any dead one, never shown to the request.
 """
 
 from __future__ import annotations
 
 import contextvars
 import inspect
+import os
+import sys
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,7 +39,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
 
-    from dropsafe._dbapi import DBAPIConnection
+    from dropsafe._dbapi import DBAPIConnection, NativeConnection
     from dropsafe.events import Hook
 
 __all__ = ["QuietRollback"]
@@ -53,9 +63,20 @@ _CALLER_FRAMES = 4
 class QuietRollback:
     """Absorbs a lost connection during ROLLBACK on one engine: invalidated, never raised."""
 
-    def __init__(self, hooks: tuple[Hook, ...], dialect: Dialect) -> None:
+    def __init__(
+        self, hooks: tuple[Hook, ...], dialect: Dialect, *, defer: bool, settle_timeout: float
+    ) -> None:
         self._hooks = hooks
         self._dialect = dialect
+        # psycopg 3's sync connection only: the one whose protocol state the library can send
+        # a query beneath, and whose every later use passes one shadowable method (wait).
+        self._defer = defer and dialect.driver == "psycopg" and not dialect.is_async
+        self._settle_timeout = settle_timeout
+
+    @property
+    def defers(self) -> bool:
+        """Whether this engine's ROLLBACKs are sent without waiting for their reply."""
+        return self._defer
 
     def listeners(self) -> dict[str, Callable[..., None]]:
         """Return the pool event that says a pool entry's reset is the next ROLLBACK, by name."""
@@ -68,12 +89,15 @@ class QuietRollback:
         is what runs inside.
         """
         original: Callable[[Any], None] = self._dialect.do_rollback
+        defer = self._defer
+        timeout = self._settle_timeout
 
         def do_rollback(dbapi_connection: DBAPIConnection) -> None:
             reset = _next_reset.get()
             _next_reset.set(None)
             try:
-                original(dbapi_connection)
+                if not (defer and _send_rollback(_unproxied(dbapi_connection), timeout)):
+                    original(dbapi_connection)
             except Exception as exc:
                 # The frames that called this one hold the Connection (see _rolling_back).
                 if not self._absorbed(reset, dbapi_connection, exc, inspect.currentframe()):
@@ -129,6 +153,17 @@ class QuietRollback:
         emit(self._hooks, RollbackConnectionLost(during, text))
         return True
 
+    @staticmethod
+    def settle(native: NativeConnection) -> None:
+        """Read the reply of a ROLLBACK sent without waiting, if one is due; raise if it failed.
+
+        Called by the checkout check before anything else looks at the connection; a raise
+        means the connection is closed and must be replaced.
+        """
+        shadow = getattr(native, "__dict__", {}).get("wait")
+        if isinstance(shadow, _PendingRollback):
+            shadow.settle()
+
     def _lost(self, error: Exception, proxied: PoolProxiedConnection) -> bool:
         if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
             return True
@@ -164,3 +199,91 @@ def _rolling_back(proxied: PoolProxiedConnection, caller: FrameType | None) -> C
             return owner
         frame = frame.f_back
     return None
+
+
+# -- psycopg 3: a ROLLBACK sent now, its reply read before the connection's next use --------
+
+
+def _unproxied(connection: DBAPIConnection) -> object:
+    """Return the DBAPI connection under the pool's proxy (do_rollback's argument), or itself."""
+    return getattr(connection, "dbapi_connection", connection)
+
+
+def _send_rollback(native: Any, timeout: float) -> bool:  # noqa: ANN401 - a psycopg Connection
+    """Send ROLLBACK on a psycopg 3 connection without waiting; False: run psycopg's own.
+
+    What psycopg's own rollback() would refuse or do more of (a transaction() block, two-phase
+    commit, pipeline mode) and any state it would not send ROLLBACK in is left to it.
+    """
+    psycopg = sys.modules.get("psycopg")
+    if psycopg is None or type(native) is not psycopg.Connection:
+        return False
+    if isinstance(vars(native).get("wait"), _PendingRollback):
+        # A ROLLBACK is on its way and nothing was sent since (anything would have read its
+        # reply first): the transaction is ending already, as the pool's reset after a
+        # Session's close finds it.
+        return True
+    if (
+        getattr(native, "_num_transactions", 1)
+        or getattr(native, "_tpc", True)
+        or getattr(native, "_pipeline", True)
+    ):
+        return False
+    pgconn = native.pgconn
+    status = pgconn.transaction_status
+    states = psycopg.pq.TransactionStatus
+    if status == states.IDLE:
+        return True  # psycopg's own sends nothing either
+    if status not in (states.INTRANS, states.INERROR):
+        return False
+    pgconn.send_query(b"ROLLBACK")
+    # Shadowed before the flush: from here on, the reply is read before any other use.
+    vars(native)["wait"] = _PendingRollback(native, timeout)
+    try:
+        type(native).wait(native, psycopg.generators.send(pgconn), timeout=timeout)
+    except BaseException:
+        vars(native).pop("wait", None)  # no reply will come: the error says why, as psycopg's
+        raise
+    return True
+
+
+class _PendingRollback:
+    """Stands in for a psycopg connection's ``wait`` until its ROLLBACK's reply is read."""
+
+    __slots__ = ("_connection", "_pid", "_timeout")
+
+    def __init__(self, connection: Any, timeout: float) -> None:  # noqa: ANN401 - psycopg's
+        self._connection = connection
+        self._timeout = timeout
+        # A forked child shares the socket: the reply is the parent's to read, never its own.
+        self._pid = os.getpid()
+
+    def __call__(self, gen: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg's
+        """Run psycopg's wait after reading the ROLLBACK's reply: the next use comes here."""
+        self.settle()
+        return type(self._connection).wait(self._connection, gen, *args, **kwargs)
+
+    def settle(self) -> None:
+        """Read the ROLLBACK's reply (psycopg's own rollback, its second half); close on failure."""
+        psycopg = sys.modules["psycopg"]
+        connection = self._connection
+        vars(connection).pop("wait", None)
+        try:
+            if os.getpid() != self._pid:
+                msg = "a ROLLBACK sent by another process is still unanswered here"
+                raise psycopg.OperationalError(msg)  # noqa: TRY301 - closed below, as any failure
+            results = type(connection).wait(
+                connection, psycopg.generators.fetch_many(connection.pgconn), timeout=self._timeout
+            )
+            for result in results:
+                if result.status == psycopg.pq.ExecStatus.FATAL_ERROR:
+                    raise psycopg.errors.error_from_result(result)  # noqa: TRY301
+            # As psycopg's rollback(): statements prepared in the transaction are forgotten.
+            prepared = connection._prepared  # noqa: SLF001 - psycopg's own second half
+            if prepared.clear():
+                type(connection).wait(connection, prepared.maintain_gen(connection))
+        except BaseException:
+            # Its protocol state is unknown: closed, so that nothing is sent on it again (in a
+            # forked child the pool closes it anyway when it replaces it).
+            connection.close()
+            raise
