@@ -19,6 +19,7 @@ at checkout it is replaced like any dead one, never shown to the request.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 import os
 import sys
@@ -34,7 +35,7 @@ from dropsafe.events import RollbackConnectionLost
 
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from types import FrameType
+    from types import CodeType, FrameType
 
     from sqlalchemy.engine import Connection, Dialect
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
@@ -96,7 +97,12 @@ class QuietRollback:
             reset = _next_reset.get()
             _next_reset.set(None)
             try:
-                if not (defer and _send_rollback(_unproxied(dbapi_connection), timeout)):
+                # Deferred only where the connection is checked in right after (see _ending).
+                if not (
+                    defer
+                    and (during := _ending(dbapi_connection, reset, sys._getframe(1)))  # noqa: SLF001
+                    and _send_rollback(dbapi_connection, during, timeout)
+                ):
                     original(dbapi_connection)
             except Exception as exc:
                 # The frames that called this one hold the Connection (see _rolling_back).
@@ -153,16 +159,25 @@ class QuietRollback:
         emit(self._hooks, RollbackConnectionLost(during, text))
         return True
 
-    @staticmethod
-    def settle(native: NativeConnection) -> None:
+    def settle(self, native: NativeConnection) -> None:
         """Read the reply of a ROLLBACK sent without waiting, if one is due; raise if it failed.
 
         Called by the checkout check before anything else looks at the connection; a raise
         means the connection is closed and must be replaced.
         """
-        shadow = getattr(native, "__dict__", {}).get("wait")
-        if isinstance(shadow, _PendingRollback):
-            shadow.settle()
+        pending = _pending(native)
+        if pending is not None:
+            self._settle(pending)
+
+    def _settle(self, pending: _PendingRollback) -> None:
+        try:
+            pending.settle()
+        except Exception as exc:
+            # Closed by settle(): lost, as an awaited ROLLBACK's connection would have been.
+            text = describe_error(exc)
+            logger.debug("dropsafe: a ROLLBACK met a lost connection, invalidated it: %s", text)
+            emit(self._hooks, RollbackConnectionLost(pending.during, text))
+            raise
 
     def _lost(self, error: Exception, proxied: PoolProxiedConnection) -> bool:
         if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
@@ -204,17 +219,74 @@ def _rolling_back(proxied: PoolProxiedConnection, caller: FrameType | None) -> C
 # -- psycopg 3: a ROLLBACK sent now, its reply read before the connection's next use --------
 
 
-def _unproxied(connection: DBAPIConnection) -> object:
-    """Return the DBAPI connection under the pool's proxy (do_rollback's argument), or itself."""
-    return getattr(connection, "dbapi_connection", connection)
+#: Frames between do_rollback and what called a Connection's closing ROLLBACK (SQLAlchemy 2:
+#: Connection._rollback_impl, RootTransaction._connection_rollback_impl, ._close_impl,
+#: ._do_close, Transaction.close, then Connection.close or SessionTransaction.close).
+_TO_CLOSER = 5
 
 
-def _send_rollback(native: Any, timeout: float) -> bool:  # noqa: ANN401 - a psycopg Connection
+@functools.cache
+def _closer_codes() -> tuple[CodeType, CodeType, CodeType]:
+    from sqlalchemy.engine.base import Connection, Transaction
+    from sqlalchemy.orm.session import SessionTransaction
+
+    return (
+        Transaction.close.__code__,
+        Connection.close.__code__,
+        inspect.unwrap(SessionTransaction.close).__code__,
+    )
+
+
+def _ending(
+    proxied: DBAPIConnection, reset: weakref.ReferenceType[Any] | None, caller: FrameType
+) -> Literal["rollback", "reset"] | None:
+    """Say whose ROLLBACK this is if its connection is checked in right after it, else None.
+
+    The pool's reset at checkin (its reset event named this very connection: a stale one names
+    another), or a Connection's ROLLBACK that closes it (`_ends_connection`).
+    """
+    entry = None if reset is None else reset()
+    if entry is not None and entry.dbapi_connection is getattr(proxied, "dbapi_connection", None):
+        return "reset"
+    return "rollback" if _ends_connection(caller) else None
+
+
+def _ends_connection(rollback_impl: FrameType) -> bool:
+    """Whether this ROLLBACK closes its Connection for good (its transaction's close, then it).
+
+    ``Connection.close()``, or a Session's close of a connection it opened (``autoclose``):
+    nothing can be sent on that Connection after it. An explicit ``rollback()``, or a Session
+    bound to the app's own Connection, may be followed by a statement on the same Connection,
+    which would meet a failed ROLLBACK's error: those wait for their reply, as before. Any
+    other shape of SQLAlchemy's frames (another version) waits too.
+    """
+    transaction_close, connection_close, session_close = _closer_codes()
+    frame: FrameType | None = rollback_impl
+    for _ in range(_TO_CLOSER - 1):
+        frame = None if frame is None else frame.f_back
+    if frame is None or frame.f_code is not transaction_close or frame.f_back is None:
+        return False
+    closer = frame.f_back
+    if closer.f_code is connection_close:
+        return True
+    return closer.f_code is session_close and closer.f_locals.get("autoclose") is True
+
+
+def _pending(native: object) -> _PendingRollback | None:
+    """Return the ROLLBACK a psycopg connection still owes a reply to, or None."""
+    shadow = getattr(native, "__dict__", {}).get("wait")
+    return shadow if isinstance(shadow, _PendingRollback) else None
+
+
+def _send_rollback(
+    proxied: DBAPIConnection, during: Literal["rollback", "reset"], timeout: float
+) -> bool:
     """Send ROLLBACK on a psycopg 3 connection without waiting; False: run psycopg's own.
 
     What psycopg's own rollback() would refuse or do more of (a transaction() block, two-phase
     commit, pipeline mode) and any state it would not send ROLLBACK in is left to it.
     """
+    native: Any = getattr(proxied, "dbapi_connection", proxied)
     psycopg = sys.modules.get("psycopg")
     if psycopg is None or type(native) is not psycopg.Connection:
         return False
@@ -238,7 +310,7 @@ def _send_rollback(native: Any, timeout: float) -> bool:  # noqa: ANN401 - a psy
         return False
     pgconn.send_query(b"ROLLBACK")
     # Shadowed before the flush: from here on, the reply is read before any other use.
-    vars(native)["wait"] = _PendingRollback(native, timeout)
+    vars(native)["wait"] = _PendingRollback(native, timeout, during)
     try:
         type(native).wait(native, psycopg.generators.send(pgconn), timeout=timeout)
     except BaseException:
@@ -250,11 +322,18 @@ def _send_rollback(native: Any, timeout: float) -> bool:  # noqa: ANN401 - a psy
 class _PendingRollback:
     """Stands in for a psycopg connection's ``wait`` until its ROLLBACK's reply is read."""
 
-    __slots__ = ("_connection", "_pid", "_timeout")
+    __slots__ = ("_connection", "_pid", "_timeout", "during")
 
-    def __init__(self, connection: Any, timeout: float) -> None:  # noqa: ANN401 - psycopg's
+    def __init__(
+        self,
+        connection: Any,  # noqa: ANN401 - psycopg's Connection
+        timeout: float,
+        during: Literal["rollback", "reset"],
+    ) -> None:
         self._connection = connection
         self._timeout = timeout
+        #: Whose ROLLBACK it is: a Connection's, or the pool's reset at checkin.
+        self.during = during
         # A forked child shares the socket: the reply is the parent's to read, never its own.
         self._pid = os.getpid()
 
