@@ -236,7 +236,6 @@ class EngineGuard:
             *self.connects.listeners().items(),
             ("handle_error", self.invalidation.on_handle_error),
             *self.check.listeners().items(),
-            *self.quiet_rollback.listeners().items(),
         ]
         for name, listener in listeners:
             event.listen(engine, name, listener)

@@ -1,9 +1,9 @@
 """A ROLLBACK that meets a lost connection is no error: the server has aborted that transaction.
 
 This engine's own dialect instance gets a ``do_rollback`` that runs the original and, when the
-connection was lost, invalidates what the ROLLBACK was for (a pool entry, named by the pool's
-``reset`` event just before it; or the Connection, found in the frames that called it) and
-emits `RollbackConnectionLost` instead of raising. Any other error stays loud; a COMMIT is
+connection was lost, invalidates what the ROLLBACK was for (a pool entry, when the pool's reset
+called it; or the Connection, found in the frames that called it) and emits
+`RollbackConnectionLost` instead of raising. Any other error stays loud; a COMMIT is
 never touched. Why a dialect method and not an event, and what that costs: docs/guarantees.md,
 "A ROLLBACK on a lost connection is not an error".
 
@@ -18,12 +18,10 @@ at checkout it is replaced like any dead one, never shown to the request.
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import inspect
 import os
 import sys
-import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._classify import ErrorKind, classify
@@ -38,7 +36,7 @@ if TYPE_CHECKING:
     from types import CodeType, FrameType
 
     from sqlalchemy.engine import Connection, Dialect
-    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, PoolResetState
+    from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
     from dropsafe._dbapi import DBAPIConnection, NativeConnection
     from dropsafe.events import Hook
@@ -46,15 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["QuietRollback"]
 
 logger = SafeLogger()
-
-# The pool entry whose reset is the next do_rollback in this thread (or greenlet, or task): set
-# by the reset event that fires right before it, taken by do_rollback before it does any I/O.
-# A context variable, not a thread-local: an async ROLLBACK awaits inside do_rollback, and
-# other tasks' ROLLBACKs run on the same thread meanwhile; each reads its own before its first
-# await.
-_next_reset: contextvars.ContextVar[weakref.ReferenceType[Any] | None] = contextvars.ContextVar(
-    "dropsafe_next_reset", default=None
-)
 
 #: How many frames above do_rollback to look for the Connection rolling back: SQLAlchemy's
 #: _rollback_impl calls it directly; a few more leave room for a wrapper of someone else's.
@@ -79,10 +68,6 @@ class QuietRollback:
         """Whether this engine's ROLLBACKs are sent without waiting for their reply."""
         return self._defer
 
-    def listeners(self) -> dict[str, Callable[..., None]]:
-        """Return the pool event that says a pool entry's reset is the next ROLLBACK, by name."""
-        return {"reset": self._on_reset}
-
     def wrap_do_rollback(self) -> None:
         """Put the absorbing ``do_rollback`` on this engine's dialect instance (not its class).
 
@@ -94,19 +79,19 @@ class QuietRollback:
         timeout = self._settle_timeout
 
         def do_rollback(dbapi_connection: DBAPIConnection) -> None:
-            reset = _next_reset.get()
-            _next_reset.set(None)
+            # Who called it (the pool's reset, or a Connection): read before any I/O, as an
+            # async ROLLBACK awaits inside and other tasks' run on this thread meanwhile.
+            caller = sys._getframe(1)  # noqa: SLF001 - a frame read, no lookup by name
             try:
                 # Deferred only where the connection is checked in right after (see _ending).
                 if not (
                     defer
-                    and (during := _ending(dbapi_connection, reset, sys._getframe(1)))  # noqa: SLF001
+                    and (during := _ending(caller))
                     and _send_rollback(dbapi_connection, during, timeout)
                 ):
                     original(dbapi_connection)
             except Exception as exc:
-                # The frames that called this one hold the Connection (see _rolling_back).
-                if not self._absorbed(reset, dbapi_connection, exc, inspect.currentframe()):
+                if not self._absorbed(caller, dbapi_connection, exc):
                     raise
 
         # A documented Dialect method, replaced on this instance only (an attribute of the
@@ -114,40 +99,23 @@ class QuietRollback:
         # untouched. harden() attaches one guard per engine, so never twice.
         vars(self._dialect)["do_rollback"] = do_rollback
 
-    # -- the event that fires right before a pool reset's do_rollback -------------------------
-
-    def _on_reset(
-        self,
-        dbapi_connection: DBAPIConnection,
-        entry: ConnectionPoolEntry,
-        reset_state: PoolResetState,
-    ) -> None:
-        del dbapi_connection, reset_state
-        _next_reset.set(weakref.ref(entry))
-
     # -- deciding -----------------------------------------------------------------------------
 
     def _absorbed(
-        self,
-        reset: weakref.ReferenceType[Any] | None,
-        proxied: PoolProxiedConnection,
-        error: Exception,
-        do_rollback: FrameType | None,
+        self, caller: FrameType, proxied: PoolProxiedConnection, error: Exception
     ) -> bool:
         """Invalidate what the failed ROLLBACK was for, if it was a lost connection; say so.
 
-        ``do_rollback``: the frame of the failed call, below the frames that called it.
+        ``caller``: the frame that called do_rollback (the pool's reset, or a Connection's).
         """
         if not self._lost(error, proxied):
             return False
-        entry: ConnectionPoolEntry | None = None if reset is None else reset()
-        # A reset event that no ROLLBACK followed (its transaction was already reset) leaves a
-        # stale entry behind: only the entry of this very connection counts.
+        entry = _resetting(caller)
         if entry is not None and entry.dbapi_connection is proxied.dbapi_connection:
             during: Literal["rollback", "reset"] = "reset"
             entry.invalidate(error)
         else:
-            connection = _rolling_back(proxied, None if do_rollback is None else do_rollback.f_back)
+            connection = _rolling_back(proxied, caller)
             if connection is None:
                 return False
             during = "rollback"
@@ -165,9 +133,9 @@ class QuietRollback:
         Called by the checkout check before anything else looks at the connection; a raise
         means the connection is closed and must be replaced.
         """
-        pending = _pending(native)
-        if pending is not None:
-            self._settle(pending)
+        shadow = native.__dict__.get("wait")  # _pending(), inlined: at every checkout
+        if shadow.__class__ is _PendingRollback:
+            self._settle(shadow)
 
     def _settle(self, pending: _PendingRollback) -> None:
         try:
@@ -226,29 +194,42 @@ _TO_CLOSER = 5
 
 
 @functools.cache
-def _closer_codes() -> tuple[CodeType, CodeType, CodeType]:
+def _closer_codes() -> tuple[CodeType | None, CodeType, CodeType, CodeType]:
+    """Return the code of the pool's reset, and of what closes a Connection and its transaction.
+
+    SQLAlchemy's pool calls do_rollback from ``_ConnectionFairy._reset`` (private: a version
+    without it has its resets' ROLLBACKs awaited, and a lost one raised there, as without us).
+    """
     from sqlalchemy.engine.base import Connection, Transaction
     from sqlalchemy.orm.session import SessionTransaction
+    from sqlalchemy.pool.base import _ConnectionFairy
 
+    reset = getattr(_ConnectionFairy, "_reset", None)
     return (
+        getattr(reset, "__code__", None),
         Transaction.close.__code__,
         Connection.close.__code__,
         inspect.unwrap(SessionTransaction.close).__code__,
     )
 
 
-def _ending(
-    proxied: DBAPIConnection, reset: weakref.ReferenceType[Any] | None, caller: FrameType
-) -> Literal["rollback", "reset"] | None:
+def _ending(caller: FrameType) -> Literal["rollback", "reset"] | None:
     """Say whose ROLLBACK this is if its connection is checked in right after it, else None.
 
-    The pool's reset at checkin (its reset event named this very connection: a stale one names
-    another), or a Connection's ROLLBACK that closes it (`_ends_connection`).
+    The pool's reset at checkin, or a Connection's ROLLBACK that closes it (`_ends_connection`).
     """
-    entry = None if reset is None else reset()
-    if entry is not None and entry.dbapi_connection is getattr(proxied, "dbapi_connection", None):
+    if caller.f_code is _closer_codes()[0]:
         return "reset"
     return "rollback" if _ends_connection(caller) else None
+
+
+def _resetting(caller: FrameType) -> ConnectionPoolEntry | None:
+    """Return the pool entry whose reset called do_rollback from ``caller``, or None."""
+    if caller.f_code is not _closer_codes()[0]:
+        return None
+    fairy = caller.f_locals.get("self")
+    entry: ConnectionPoolEntry | None = getattr(fairy, "_connection_record", None)
+    return entry
 
 
 def _ends_connection(rollback_impl: FrameType) -> bool:
@@ -260,7 +241,7 @@ def _ends_connection(rollback_impl: FrameType) -> bool:
     which would meet a failed ROLLBACK's error: those wait for their reply, as before. Any
     other shape of SQLAlchemy's frames (another version) waits too.
     """
-    transaction_close, connection_close, session_close = _closer_codes()
+    _, transaction_close, connection_close, session_close = _closer_codes()
     frame: FrameType | None = rollback_impl
     for _ in range(_TO_CLOSER - 1):
         frame = None if frame is None else frame.f_back
@@ -274,8 +255,20 @@ def _ends_connection(rollback_impl: FrameType) -> bool:
 
 def _pending(native: object) -> _PendingRollback | None:
     """Return the ROLLBACK a psycopg connection still owes a reply to, or None."""
-    shadow = getattr(native, "__dict__", {}).get("wait")
-    return shadow if isinstance(shadow, _PendingRollback) else None
+    shadow = getattr(native, "__dict__", _NOTHING).get("wait")
+    return shadow if shadow.__class__ is _PendingRollback else None
+
+
+_NOTHING: dict[str, object] = {}
+
+
+@functools.cache
+def _psycopg() -> tuple[Any, int, int, int]:
+    """Psycopg's sync Connection class and the transaction states: looked up once."""
+    import psycopg
+
+    states = psycopg.pq.TransactionStatus
+    return psycopg.Connection, int(states.IDLE), int(states.INTRANS), int(states.INERROR)
 
 
 def _send_rollback(
@@ -284,39 +277,43 @@ def _send_rollback(
     """Send ROLLBACK on a psycopg 3 connection without waiting; False: run psycopg's own.
 
     What psycopg's own rollback() would refuse or do more of (a transaction() block, two-phase
-    commit, pipeline mode) and any state it would not send ROLLBACK in is left to it.
+    commit, pipeline mode) and any state it would not send ROLLBACK in is left to it. This
+    runs at every request's end: attribute reads, no lookups by name.
     """
     native: Any = getattr(proxied, "dbapi_connection", proxied)
-    psycopg = sys.modules.get("psycopg")
-    if psycopg is None or type(native) is not psycopg.Connection:
+    connection_class, idle, in_transaction, in_error = _psycopg()
+    if type(native) is not connection_class or _left_to_psycopg(native):
         return False
-    if isinstance(vars(native).get("wait"), _PendingRollback):
+    shadows = native.__dict__
+    if shadows.get("wait").__class__ is _PendingRollback:
         # A ROLLBACK is on its way and nothing was sent since (anything would have read its
         # reply first): the transaction is ending already, as the pool's reset after a
         # Session's close finds it.
         return True
-    if (
-        getattr(native, "_num_transactions", 1)
-        or getattr(native, "_tpc", True)
-        or getattr(native, "_pipeline", True)
-    ):
-        return False
     pgconn = native.pgconn
     status = pgconn.transaction_status
-    states = psycopg.pq.TransactionStatus
-    if status == states.IDLE:
+    if status == idle:
         return True  # psycopg's own sends nothing either
-    if status not in (states.INTRANS, states.INERROR):
+    if status != in_transaction and status != in_error:  # noqa: PLR1714 - ints, no set built
         return False
     pgconn.send_query(b"ROLLBACK")
     # Shadowed before the flush: from here on, the reply is read before any other use.
-    vars(native)["wait"] = _PendingRollback(native, timeout, during)
-    try:
-        type(native).wait(native, psycopg.generators.send(pgconn), timeout=timeout)
-    except BaseException:
-        vars(native).pop("wait", None)  # no reply will come: the error says why, as psycopg's
-        raise
+    shadows["wait"] = _PendingRollback(native, timeout, during)
+    if pgconn.flush():  # not all sent yet (a nonblocking socket that is full): finish it
+        try:
+            connection_class.wait(native, sys.modules["psycopg"].generators.send(pgconn))
+        except BaseException:
+            shadows.pop("wait", None)  # no reply will come: the error says why, as psycopg's
+            raise
     return True
+
+
+def _left_to_psycopg(native: Any) -> bool:  # noqa: ANN401 - a psycopg Connection
+    """Whether psycopg's own rollback() must run: a transaction() block, 2PC, pipeline mode."""
+    try:  # psycopg's own state (3.1 to 3.3): a version without it keeps psycopg's rollback
+        return bool(native._num_transactions or native._tpc or native._pipeline)  # noqa: SLF001
+    except AttributeError:
+        return True
 
 
 class _PendingRollback:
