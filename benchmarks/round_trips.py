@@ -12,6 +12,11 @@ table says which statements made the round trips. Shapes:
 - ``orm5``: a 5-statement ORM request in one transaction (get by key, a filtered query, an
   INSERT, an UPDATE and a DELETE flushed by the ORM, COMMIT).
 
+``--rtt-ms 10`` also times single-query requests through a `ChaosProxy` that delays each
+direction by half that, one client on a pool of 4 warmed connections, for the plain pool,
+``pool_pre_ping`` and dropsafe with and without ``defer_checkin_rollback``, variants interleaved
+(best of ``--rounds``): what a request that does not wait for its ROLLBACK gains.
+
 psycopg_pool (psycopg 3 only) runs the same statements on its own connections with its
 ``check`` (``check_connection``, a round trip at every getconn). Connecting is not counted (the
 pool is warmed first); a pool's closing ``terminate`` is not a round trip. Example::
@@ -35,7 +40,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 import dropsafe
 from dropsafe._bench._flights import Flight, FlightProxy
-from dropsafe.testing import PostgresServer
+from dropsafe.testing import ChaosProxy, PostgresServer
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -244,6 +249,71 @@ def _counted(proxy: FlightProxy, start: int, requests: int) -> Count:
     return Count(len(flights) / requests, [flight.label for flight in last])
 
 
+TIMED = ("plain", "pre_ping", "dropsafe", "dropsafe, ROLLBACK awaited")
+
+
+def _timed_engine(variant: str, url: str) -> sa.Engine:
+    if variant == "plain" or variant == "pre_ping":  # noqa: PLR1714 - two names, one shape
+        return sa.create_engine(url, pool_size=4, pool_pre_ping=variant == "pre_ping")
+    pool = dropsafe.PoolPolicy(defer_checkin_rollback=variant == "dropsafe")
+    return dropsafe.create_engine(url, pool_size=4, policy=dropsafe.Policy(pool=pool))
+
+
+def requests_per_second(url: str, variant: str, seconds: float) -> float:
+    """Single-query requests in a Session, back to back, one client, 4 connections warmed."""
+    engine = _timed_engine(variant, url)
+    factory = sessionmaker(engine)
+    try:
+        sessions = [factory() for _ in range(4)]
+        for session in sessions:
+            session.execute(SELECT_ONE)
+        for session in sessions:
+            session.close()
+        done = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            with factory() as session:
+                session.execute(SELECT_ONE).scalar()
+            done += 1
+        return done / (time.perf_counter() - started)
+    finally:
+        engine.dispose()
+
+
+def timed(server: PostgresServer, driver: str, rtt_ms: float, rounds: int) -> dict[str, float]:
+    """Time each of `TIMED` at ``rtt_ms``: requests per second, the best of ``rounds``."""
+    best = dict.fromkeys(TIMED, 0.0)
+    with ChaosProxy(server.host, server.port) as proxy:
+        proxy.latency(rtt_ms / 2)
+        url = proxy.route(server.url(driver))  # type: ignore[arg-type]
+        for _ in range(rounds):
+            for variant in TIMED:
+                best[variant] = max(best[variant], requests_per_second(url, variant, 3.0))
+    return best
+
+
+def timed_table(drivers: list[str], rtt_ms: float, rounds: int) -> str:
+    """Markdown: requests per second of each of `TIMED` per driver, and over plain."""
+    title = (
+        f"Single-query requests per second at {rtt_ms:g} ms RTT (one client, pool of 4, "
+        f"best of {rounds}), and over plain:"
+    )
+    lines = [
+        "",
+        "",
+        title,
+        "",
+        "| driver | " + " | ".join(TIMED) + " |",
+        "| --- | " + " | ".join("---:" for _ in TIMED) + " |",
+    ]
+    with PostgresServer() as server:
+        for driver in drivers:
+            rates = timed(server, driver, rtt_ms, rounds)
+            cells = [f"{rates[v]:.1f} ({rates[v] / rates['plain']:.2f}x)" for v in TIMED]
+            lines.append(f"| {driver} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(counts: dict[tuple[str, str, str], Count]) -> str:
     """Markdown: one row per driver and shape, one column per variant."""
     lines = [
@@ -272,6 +342,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=5, help="requests counted per cell")
     parser.add_argument("--drivers", default=",".join(DRIVERS))
     parser.add_argument("--write", action="store_true", help="write docs and results")
+    parser.add_argument("--rtt-ms", type=float, default=0.0, help="also time requests at it")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds; best kept")
     args = parser.parse_args()
     counts: dict[tuple[str, str, str], Count] = {}
     # Plaintext: the proxy names each flight by its first protocol message.
@@ -297,6 +369,8 @@ def main() -> None:
                             + ", ".join(found.labels)
                         )
     text = table(counts)
+    if args.rtt_ms:
+        text += timed_table(args.drivers.split(","), args.rtt_ms, args.rounds)
     print(text)
     if args.write:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
