@@ -327,7 +327,7 @@ _LAYER_OF = {
         "connection=ConnectionPolicy",
     ),
     **dict.fromkeys(
-        (*PoolPolicy._RANGES, "replay_first_statement"),
+        (*PoolPolicy._RANGES, *PoolPolicy._BOOLEANS),
         "pool=PoolPolicy",
     ),
     **dict.fromkeys((*UnitPolicy._RANGES, "verify_commits"), "unit=UnitPolicy"),

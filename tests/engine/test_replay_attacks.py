@@ -808,6 +808,8 @@ def test_quiet_rollback_logs_and_events_hold_no_secret(  # noqa: PLR0917 - fixtu
         session.add(Item(n=1))
         session.flush()
         lose(fault, server, proxy)
+    with engine.connect():  # a ROLLBACK not awaited (psycopg 3) is found lost here
+        pass
     assert _lost_rollbacks(events) == ["rollback"]
     assert server.password not in caplog.text
     assert server.password not in repr(events)
@@ -960,6 +962,8 @@ def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(
         session.add(Item(n=2))
         session.flush()
         lose("terminate", server, proxy)
+    with engine.connect():  # a ROLLBACK not awaited (psycopg 3) is found lost here
+        pass
     # Leaving the block rolled back on a lost connection: quiet, though the hook failed.
     assert "FirstStatementReplayed" in seen
     assert "RollbackConnectionLost" in seen

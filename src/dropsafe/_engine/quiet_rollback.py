@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import select
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -295,6 +296,10 @@ def _send_rollback(
     if status == idle:
         return True  # psycopg's own sends nothing either
     if status != in_transaction and status != in_error:  # noqa: PLR1714 - ints, no set built
+        return False
+    if select.select((pgconn.socket,), (), (), 0)[0]:
+        # The server spoke since the last reply (an error, its goodbye, a notice): psycopg's
+        # own ROLLBACK reads it now, and a lost connection is absorbed here, as before.
         return False
     pgconn.send_query(b"ROLLBACK")
     # Shadowed before the flush: from here on, the reply is read before any other use.
