@@ -135,7 +135,14 @@ def sync_request(
                 return _orm5(session)
             return session.execute(INSERT)
 
-    return request, engine.dispose
+    def close() -> None:
+        # A checkout reads a ROLLBACK's reply that its request did not wait for (dropsafe on
+        # psycopg 3) and sends nothing: the pool's goodbye is then a flight of its own.
+        with engine.connect():
+            pass
+        engine.dispose()
+
+    return request, close
 
 
 def _psycopg_pool_request(shape: str, url: str) -> tuple[Callable[[], object], Callable[[], None]]:
@@ -215,6 +222,8 @@ async def _count_async(
         for _ in range(requests):
             await request()
     finally:
+        async with engine.connect():  # as in sync_request's close
+            pass
         await engine.dispose()
     return _counted(proxy, start, requests)
 
