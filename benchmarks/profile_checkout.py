@@ -6,7 +6,12 @@ throwaway server over loopback (0 ms RTT: what the guard's CPU costs shows in fu
 the time per request of each and the guard's own share (the functions of dropsafe's modules,
 from cProfile), and writes each profile's top functions as text to
 benchmarks/results/profiles/ (``--tag=-after`` names the files). With ``--py-spy`` (py-spy
-installed) it also records a flame graph of each hardened run as SVG there.
+installed) it also records a flame graph of each hardened run as SVG there. ``--cpu`` measures
+instead the process's CPU time per request (the least of ``--rounds`` interleaved runs) of the
+plain pool, dropsafe's defaults and dropsafe without the first-statement replay, with each
+one's ratio to plain, and splits dropsafe's own profiled time by module: the first-statement
+replay's marks (replay, session_state, the socket reads) apart from the checkout check and the
+quiet ROLLBACK.
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ DRIVERS = ("psycopg2", "psycopg", "asyncpg")
 SELECT_ONE = sa.text("SELECT 1")
 
 
-def _sync_loop(url: str, *, guarded: bool, requests: int) -> float:
+def _policy(*, replay: bool = True) -> dropsafe.Policy:
+    return dropsafe.Policy(hooks=(), pool=dropsafe.PoolPolicy(replay_first_statement=replay))
+
+
+def _sync_loop(url: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
     engine = (
-        dropsafe.create_engine(url, policy=dropsafe.Policy(hooks=()), pool_size=1)
+        dropsafe.create_engine(url, policy=_policy(replay=replay), pool_size=1)
         if guarded
         else sa.create_engine(url, pool_size=1)
     )
@@ -53,10 +62,10 @@ def _sync_loop(url: str, *, guarded: bool, requests: int) -> float:
         engine.dispose()
 
 
-def _async_loop(url: str, *, guarded: bool, requests: int) -> float:
+def _async_loop(url: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
     async def run() -> float:
         engine = (
-            dropsafe.create_async_engine(url, policy=dropsafe.Policy(hooks=()), pool_size=1)
+            dropsafe.create_async_engine(url, policy=_policy(replay=replay), pool_size=1)
             if guarded
             else create_async_engine(url, pool_size=1)
         )
@@ -74,10 +83,42 @@ def _async_loop(url: str, *, guarded: bool, requests: int) -> float:
     return asyncio.run(run())
 
 
-def measure(url: str, driver: str, *, guarded: bool, requests: int) -> float:
+def measure(url: str, driver: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
     """Return the wall time of ``requests`` requests on one engine."""
     loop = _async_loop if driver == "asyncpg" else _sync_loop
-    return loop(url, guarded=guarded, requests=requests)
+    return loop(url, guarded=guarded, requests=requests, replay=replay)
+
+
+#: The modules of the first-statement replay's marks (issue 28 counts them apart).
+REPLAY_MODULES = ("replay.py", "session_state.py", "sockets.py")
+
+
+def cpu_ratios(url: str, driver: str, requests: int, rounds: int) -> str:
+    """CPU per request of plain, dropsafe and dropsafe without replay, and the ratios."""
+    variants = {"plain": (False, True), "dropsafe": (True, True), "no replay": (True, False)}
+    best = dict.fromkeys(variants, float("inf"))
+    for _ in range(rounds):
+        for name, (guarded, replay) in variants.items():
+            started = time.process_time()
+            measure(url, driver, guarded=guarded, requests=requests, replay=replay)
+            best[name] = min(best[name], time.process_time() - started)
+    cells = [
+        f"{name} {best[name] / requests * 1e6:.1f} us ({best['plain'] / best[name]:.2f}x)"
+        for name in variants
+    ]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    measure(url, driver, guarded=True, requests=requests)
+    profiler.disable()
+    shares: dict[str, float] = {}
+    stats = pstats.Stats(profiler)
+    for (filename, _line, _name), row in stats.stats.items():  # type: ignore[attr-defined]
+        if "/dropsafe/" in filename and "/testing/" not in filename:
+            name = Path(filename).name
+            group = "replay marks" if name in REPLAY_MODULES else "check and ROLLBACK"
+            shares[group] = shares.get(group, 0.0) + row[2]
+    split = ", ".join(f"{group} {t / requests * 1e6:.1f} us" for group, t in shares.items())
+    return f"{driver}: CPU per request {'; '.join(cells)}; dropsafe's own, profiled: {split}"
 
 
 def _relative(text: str) -> str:
@@ -131,8 +172,15 @@ def main() -> int:
     parser.add_argument("--py-spy", action="store_true", help="flame graphs with py-spy")
     parser.add_argument("--drivers", default=",".join(DRIVERS))
     parser.add_argument("--flame-only", action="store_true", help="only the flame graphs")
+    parser.add_argument("--cpu", action="store_true", help="CPU ratios to plain, and shares")
+    parser.add_argument("--rounds", type=int, default=5, help="--cpu: interleaved rounds")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.cpu:
+        with PostgresServer() as server:
+            for driver in args.drivers.split(","):
+                print(cpu_ratios(server.url(driver), driver, args.requests, args.rounds))
+        return 0
     with PostgresServer() as server:
         for driver in args.drivers.split(",") if not args.flame_only else ():
             url = server.url(driver)  # type: ignore[arg-type]
