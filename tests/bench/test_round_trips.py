@@ -8,7 +8,7 @@ counted connecting or the pool's goodbye, these counts would move.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
@@ -24,14 +24,12 @@ _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "round_trips.py"
 
 @pytest.fixture(scope="module")
 def round_trips():
-    spec = importlib.util.spec_from_file_location("round_trips_bench", _PATH)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    sys.path.insert(0, str(_PATH.parent))
+    try:
+        yield importlib.import_module(_PATH.stem)
+    finally:
+        sys.path.remove(str(_PATH.parent))
+        sys.modules.pop(_PATH.stem, None)
 
 
 @pytest.fixture(scope="module")
