@@ -37,12 +37,16 @@ def proxy(shared_server):
         yield proxy
 
 
-def _engine(disposing, url, events=None, **pool):
+def _engine(disposing, url, events=None, *, pre_ping=False):
     policy = dropsafe.Policy(
         hooks=() if events is None else (events.append,),
-        pool=dropsafe.PoolPolicy(ping_timeout=5, **pool),
+        pool=dropsafe.PoolPolicy(ping_timeout=5),
     )
-    return disposing(dropsafe.create_engine(url, policy=policy, pool_size=1, max_overflow=0))
+    return disposing(
+        dropsafe.create_engine(
+            url, policy=policy, pool_size=1, max_overflow=0, pool_pre_ping=pre_ping
+        )
+    )
 
 
 def _idle_at_checkout(engine):
@@ -79,13 +83,18 @@ def test_a_request_ends_without_waiting_for_its_rollback(shared_server, proxy, d
     assert _idle_at_checkout(engine) == pid
 
 
+@pytest.mark.parametrize("pre_ping", [False, True], ids=["", "pre_ping"])
 @pytest.mark.parametrize("fault", ["cut", "terminate"])
 def test_a_rollback_that_fails_after_checkin_is_never_seen(
-    shared_server, proxy, disposing, fault
+    shared_server, proxy, disposing, fault, pre_ping
 ) -> None:
-    """The ROLLBACK unanswered, then the link cut or the backend terminated: replaced, unseen."""
+    """The ROLLBACK unanswered, then the link cut or the backend terminated: replaced, unseen.
+
+    With ``pool_pre_ping`` SQLAlchemy's ping comes first, and reads the reply through psycopg.
+    """
     events: list[object] = []
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg")), events)
+    url = proxy.route(shared_server.url("psycopg"))
+    engine = _engine(disposing, url, events, pre_ping=pre_ping)
     session = Session(engine)
     pid = session.execute(BACKEND_PID).scalar()
     proxy.blackhole()

@@ -78,6 +78,7 @@ class QuietRollback:
         original: Callable[[Any], None] = self._dialect.do_rollback
         defer = self._defer
         timeout = self._settle_timeout
+        report = self._report
 
         def do_rollback(dbapi_connection: DBAPIConnection) -> None:
             # Who called it (the pool's reset, or a Connection): read before any I/O, as an
@@ -88,7 +89,7 @@ class QuietRollback:
                 if not (
                     defer
                     and (during := _ending(caller))
-                    and _send_rollback(dbapi_connection, during, timeout)
+                    and _send_rollback(dbapi_connection, during, timeout, report)
                 ):
                     original(dbapi_connection)
             except Exception as exc:
@@ -136,17 +137,13 @@ class QuietRollback:
         """
         shadow = native.__dict__.get("wait")  # _pending(), inlined: at every checkout
         if shadow.__class__ is _PendingRollback:
-            self._settle(shadow)
+            shadow.settle()
 
-    def _settle(self, pending: _PendingRollback) -> None:
-        try:
-            pending.settle()
-        except Exception as exc:
-            # Closed by settle(): lost, as an awaited ROLLBACK's connection would have been.
-            text = describe_error(exc)
-            logger.debug("dropsafe: a ROLLBACK met a lost connection, invalidated it: %s", text)
-            emit(self._hooks, RollbackConnectionLost(pending.during, text))
-            raise
+    def _report(self, during: Literal["rollback", "reset"], error: BaseException) -> None:
+        """Say that a ROLLBACK not awaited failed; its connection is closed, as if lost."""
+        text = describe_error(error)
+        logger.debug("dropsafe: a ROLLBACK met a lost connection, invalidated it: %s", text)
+        emit(self._hooks, RollbackConnectionLost(during, text))
 
     def _lost(self, error: Exception, proxied: PoolProxiedConnection) -> bool:
         if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
@@ -273,7 +270,10 @@ def _psycopg() -> tuple[Any, int, int, int]:
 
 
 def _send_rollback(
-    proxied: DBAPIConnection, during: Literal["rollback", "reset"], timeout: float
+    proxied: DBAPIConnection,
+    during: Literal["rollback", "reset"],
+    timeout: float,
+    report: Callable[[Literal["rollback", "reset"], BaseException], None],
 ) -> bool:
     """Send ROLLBACK on a psycopg 3 connection without waiting; False: run psycopg's own.
 
@@ -303,7 +303,7 @@ def _send_rollback(
         return False
     pgconn.send_query(b"ROLLBACK")
     # Shadowed before the flush: from here on, the reply is read before any other use.
-    shadows["wait"] = _PendingRollback(native, timeout, during)
+    shadows["wait"] = _PendingRollback(native, timeout, during, report)
     if pgconn.flush():  # not all sent yet (a nonblocking socket that is full): finish it
         try:
             connection_class.wait(native, sys.modules["psycopg"].generators.send(pgconn))
@@ -324,16 +324,19 @@ def _left_to_psycopg(native: Any) -> bool:  # noqa: ANN401 - a psycopg Connectio
 class _PendingRollback:
     """Stands in for a psycopg connection's ``wait`` until its ROLLBACK's reply is read."""
 
-    __slots__ = ("_connection", "_pid", "_timeout", "during")
+    __slots__ = ("_connection", "_pid", "_report", "_timeout", "during")
 
     def __init__(
         self,
         connection: Any,  # noqa: ANN401 - psycopg's Connection
         timeout: float,
         during: Literal["rollback", "reset"],
+        report: Callable[[Literal["rollback", "reset"], BaseException], None],
     ) -> None:
         self._connection = connection
         self._timeout = timeout
+        #: Says a failure (the event and the log line), whoever reads the reply.
+        self._report = report
         #: Whose ROLLBACK it is: a Connection's, or the pool's reset at checkin.
         self.during = during
         # A forked child shares the socket: the reply is the parent's to read, never its own.
@@ -363,8 +366,9 @@ class _PendingRollback:
             prepared = connection._prepared  # noqa: SLF001 - psycopg's own second half
             if prepared.clear():
                 type(connection).wait(connection, prepared.maintain_gen(connection))
-        except BaseException:
+        except BaseException as exc:
             # Its protocol state is unknown: closed, so that nothing is sent on it again (in a
             # forked child the pool closes it anyway when it replaces it).
             connection.close()
+            self._report(self.during, exc)
             raise
