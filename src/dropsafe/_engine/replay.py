@@ -128,6 +128,11 @@ class FirstStatementReplay:
             weakref.WeakKeyDictionary()
         )
         self._records = self._enabled and policy.replay_transaction
+        self._caps = (
+            int(policy.replay_max_statements),
+            int(policy.replay_max_rows),
+            int(policy.replay_max_bytes),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -240,12 +245,14 @@ class FirstStatementReplay:
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
                 if self._records:  # kept to say why, should the transaction lose its connection
-                    self._begin_transcript(connection, context, statement, send, refusal)
+                    self._begin_transcript(
+                        connection, context, statement, send, pending, refusal=refusal
+                    )
                 send(cursor)
                 return
             self._send_first(connection, context, send, cursor, pending, changes=changes)
             if self._records:
-                self._begin_transcript(connection, context, statement, send)
+                self._begin_transcript(connection, context, statement, send, pending)
         finally:
             # Whether it ran or failed: a session advisory lock outlives the failed transaction
             # that took it. (A replay marks its fresh connection itself.)
@@ -518,6 +525,8 @@ class FirstStatementReplay:
         context: ExecutionContext,
         statement: str,
         send: Callable[[Any], None],
+        pending: Unsent,
+        *,
         refusal: str | None = None,
     ) -> None:
         """Start recording the transaction whose first statement was just sent (or replayed).
@@ -529,19 +538,15 @@ class FirstStatementReplay:
         if driver is None or policy is None or policy.connection.pooler is not None:
             return
         checkout = connection.connection
-        native = driver.native(checkout.dbapi_connection)
-        fd = None if native is None else socket_fd_of(driver, native)
-        pool = self._policy
-        transcript = Transcript(
-            connection.get_transaction(),
-            native,
-            fd,
-            max_statements=int(pool.replay_max_statements),
-            max_rows=int(pool.replay_max_rows),
-            max_bytes=int(pool.replay_max_bytes),
-        )
-        with contextlib.suppress(TypeError):  # not weakly referable: not recorded
+        native, fd = pending.native, pending.fd  # read at checkout, unless since replayed
+        if native is not driver.native(checkout.dbapi_connection):
+            native = driver.native(checkout.dbapi_connection)
+            fd = None if native is None else socket_fd_of(driver, native)
+        transcript = Transcript(connection.get_transaction(), native, fd, self._caps)
+        try:  # not contextlib.suppress: this runs at every transaction
             self._transcripts[checkout] = transcript
+        except TypeError:  # not weakly referable: not recorded
+            return
         if refusal is None:
             self._record(transcript, context, statement, send)
         else:

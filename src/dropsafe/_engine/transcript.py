@@ -10,6 +10,7 @@ and nothing of the replay is kept. Why that is enough, and what is refused: docs
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -61,33 +62,30 @@ def refusal_of_text(statement: str) -> str | None:
     return None
 
 
-def _row_digest(row: Sequence[object]) -> int:
-    """One row's digest: its values with their types, so that 1, 1.0, True and Decimal differ."""
-    values = tuple(row)
-    types = tuple(map(type, values))
-    try:
-        return hash((types, values))
-    except TypeError:  # a list or a dict (arrays, JSON): only these pay a repr
-        return hash((types, repr(values)))
-
-
 def rows_digest(rows: Sequence[Sequence[object]], digest: int = 0) -> int:
-    """Fold ``rows`` into ``digest``, in order."""
-    for row in rows:
-        digest = hash((digest, _row_digest(row)))
-    return digest
+    """Fold one fetch's ``rows`` into ``digest``: values with their types, in order.
+
+    With the types, 1, 1.0, True and Decimal('1.00') differ (Python hashes them alike). One
+    hash per fetch, not per row: the replay fetches in the same batches (`Statement.batches`).
+    """
+    types = tuple(map(type, itertools.chain.from_iterable(rows)))
+    try:
+        return hash((digest, types, tuple(map(tuple, rows))))
+    except TypeError:  # a list or a dict (arrays, JSON): only these pay a repr
+        return hash((digest, types, repr(tuple(map(tuple, rows)))))
 
 
 class Statement:
     """One statement sent in the transaction, and what the app received from it."""
 
-    __slots__ = ("digest", "fetched", "reader", "rowcount", "send", "transcript")
+    __slots__ = ("batches", "digest", "fetched", "reader", "rowcount", "send", "transcript")
 
     def __init__(self, transcript: Transcript, send: Callable[[Any], None], rowcount: int) -> None:
         self.transcript = transcript
         self.send = send  # sends it again on a given cursor (its context and parameters kept)
         self.rowcount = rowcount
         self.fetched = 0
+        self.batches: list[int] = []  # the size of each fetch the app made
         self.digest = 0
         self.reader: RecordingCursor | None = None  # what the app reads the result through
 
@@ -96,11 +94,13 @@ class Statement:
         transcript = self.transcript
         if transcript.refused is not None or not rows:
             return
-        self.fetched += len(rows)
-        transcript.rows += len(rows)
+        count = len(rows)
+        self.fetched += count
+        transcript.rows += count
         if transcript.rows > transcript.max_rows:
             transcript.refuse(f"more than {transcript.max_rows} rows fetched (the cap)")
             return
+        self.batches.append(count)
         self.digest = rows_digest(rows, self.digest)
 
 
@@ -180,10 +180,7 @@ class Transcript:
         transaction: object,
         native: NativeConnection,
         fd: int | None,
-        *,
-        max_statements: int,
-        max_rows: int,
-        max_bytes: int,
+        caps: tuple[int, int, int],
     ) -> None:
         self.transaction = transaction  # SQLAlchemy's root Transaction: another one ends this
         self.native = native  # the driver's connection the transaction runs on
@@ -191,7 +188,8 @@ class Transcript:
         self.statements: list[Statement] = []
         self.rows = 0
         self.bytes = 0
-        self.max_statements, self.max_rows, self.max_bytes = max_statements, max_rows, max_bytes
+        # At most: statements, rows fetched, bytes of statements and parameters.
+        self.max_statements, self.max_rows, self.max_bytes = caps
         self.refused: str | None = None
         self.sent_after: int | None = None  # the socket's bytes sent after the last statement
 
@@ -232,10 +230,14 @@ class Transcript:
             rowcount = int(cursor.rowcount)
             if rowcount != statement.rowcount:
                 return f"statement {number}'s rowcount was {statement.rowcount}, now {rowcount}"
-            if statement.fetched:
-                rows = cursor.fetchmany(statement.fetched)
-                if len(rows) != statement.fetched or rows_digest(rows) != statement.digest:
-                    return f"statement {number}'s rows differ from those the app received"
+            digest = 0
+            for size in statement.batches:
+                rows = cursor.fetchmany(size)
+                if len(rows) != size:
+                    break
+                digest = rows_digest(rows, digest)
+            if digest != statement.digest:
+                return f"statement {number}'s rows differ from those the app received"
             fresh.append(cursor)
         for statement, cursor in zip(self.statements, fresh, strict=True):
             if statement.reader is not None:
