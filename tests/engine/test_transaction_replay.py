@@ -10,6 +10,8 @@ written.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from decimal import Decimal
 
 import pytest
@@ -20,6 +22,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import dropsafe
 from dropsafe._drivers import driver_names
+from dropsafe._engine.replay import REPLAY_LOCK_TIMEOUT_MS
 from dropsafe._engine.transcript import rows_digest
 from dropsafe._engine.url_plugin import policy_from_query
 from dropsafe.events import TransactionReplayed
@@ -381,3 +384,35 @@ def test_the_url_turns_it_on():
     assert policy.pool.replay_max_rows == 10
     with pytest.raises(dropsafe.ConfigurationError):
         policy_from_query({"dropsafe_replay_transaction": "maybe"})
+
+
+def test_a_lock_the_old_backend_still_holds_bounds_the_replay(server, proxy, disposing):
+    # The old backend of a connection cut where the server did not see it (half-open) keeps
+    # the transaction's locks until it notices. Stood in for by another transaction that takes
+    # the lock the replayed UPDATE needs: the replay gives up after its lock bound, raises the
+    # original error and writes nothing, instead of waiting for as long as the lock is held.
+    events = []
+    engine = disposing(_engine(server, proxy, "psycopg2", events))
+    locker = disposing(sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool))
+
+    def update_then_locked_elsewhere(conn):
+        conn.execute(ITEMS.update().where(ITEMS.c.n == 1).values(note="mine"))
+
+    with contextlib.ExitStack() as stack:
+        started = []
+
+        def lose_then_lock():
+            lose("terminate", server, proxy)  # every backend: the locker connects after
+            other = stack.enter_context(locker.connect())
+            other.execute(sa.text("SELECT 1 FROM txreplay_items WHERE n = 1 FOR UPDATE")).all()
+            started.append(time.monotonic())
+
+        with pytest.raises(sa.exc.DBAPIError):
+            _lose_then_write(engine, update_then_locked_elsewhere, lose_then_lock)
+        waited = time.monotonic() - started[0]
+    assert waited < REPLAY_LOCK_TIMEOUT_MS / 1000 + 3
+    assert _rows(server) == [1]
+    assert server.execute("SELECT note FROM txreplay_items") == [("first",)]
+    (outcome,) = _outcomes(events)
+    assert outcome[0] == "failed"
+    assert "lock timeout" in outcome[1]

@@ -591,6 +591,10 @@ class FirstStatementReplay:
             send(cursor)
         except Exception as exc:
             if not self._lost(exc, connection.connection):
+                if transcript.refused is None and _timed_out(exc):
+                    # The old backend may still hold the transaction and its locks: a replay
+                    # would wait on them (fencing it is not built).
+                    emit(self._hooks, _timed_out_event(exc, transcript))
                 transcript.refuse("the statement failed on a connection that was not lost")
                 raise
             self._replay_transaction(connection, context, send, exc, transcript)
@@ -625,13 +629,17 @@ class FirstStatementReplay:
             refused("the lost connection's session state is unknown")
             raise error
         del self._transcripts[lost]
-        fresh_cursor = self._reconnect(connection, context, error, lost_state, changes=False)
+        try:
+            fresh_cursor = self._reconnect(connection, context, error, lost_state, changes=False)
+        except Exception:
+            refused("no fresh connection could be set up for it", "failed")
+            raise
         if fresh_cursor is None:
             refused("a fresh connection would not be in the same session state")
             raise error
         fresh = connection.connection
         try:
-            difference = transcript.replay_onto(fresh.cursor)
+            difference = _replay_bounded(transcript, fresh)
             if difference is None:
                 send(fresh_cursor)
         except Exception as again:  # the original error is the one to raise
@@ -653,6 +661,43 @@ class FirstStatementReplay:
             self._transcripts[fresh] = transcript
         logger.debug("dropsafe replayed a transaction on a fresh connection: %s", text)
         emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
+
+
+# A replay waits this long at most for a lock (milliseconds): the old backend of a connection
+# lost to a cut the server did not see may hold the transaction's locks until it notices.
+REPLAY_LOCK_TIMEOUT_MS = 2000
+
+
+def _replay_bounded(transcript: Transcript, fresh: PoolProxiedConnection) -> str | None:
+    """Replay ``transcript`` on ``fresh``, its lock waits bounded; the difference, or None.
+
+    Two round trips more, on the replay only: the transaction's lock_timeout is set for the
+    replay, then put back to what it was, before the app's statement goes on.
+    """
+    cursor = fresh.cursor()
+    cursor.execute(
+        "SELECT current_setting('lock_timeout'), "
+        f"set_config('lock_timeout', '{REPLAY_LOCK_TIMEOUT_MS}', true)"
+    )
+    (before, _), *_ = cursor.fetchall()
+    difference = transcript.replay_onto(fresh.cursor)
+    if difference is None:
+        quoted = str(before).replace("'", "''")  # the server's own value
+        cursor.execute(f"SELECT set_config('lock_timeout', '{quoted}', true)")
+        cursor.fetchall()
+    cursor.close()
+    return difference
+
+
+def _timed_out_event(error: Exception, transcript: Transcript) -> TransactionReplayed:
+    return TransactionReplayed(
+        describe_error(error),
+        "refused",
+        len(transcript.statements),
+        transcript.rows,
+        transcript.bytes,
+        reason="the connection timed out: the old backend may still hold the transaction's locks",
+    )
 
 
 def _statement_refusal(context: ExecutionContext, statement: str) -> str | None:
