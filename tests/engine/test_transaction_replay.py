@@ -416,3 +416,44 @@ def test_a_lock_the_old_backend_still_holds_bounds_the_replay(server, proxy, dis
     (outcome,) = _outcomes(events)
     assert outcome[0] == "failed"
     assert "lock timeout" in outcome[1]
+
+
+@pytest.mark.parametrize("control", ["COMMIT", "END", "/* c */ commit", "ROLLBACK", "BEGIN"])
+@pytest.mark.parametrize("driver", SYNC)
+def test_transaction_control_sent_as_text_refuses(server, proxy, driver, control):
+    # A COMMIT sent as a statement (not through the DBAPI's commit()) ends the transaction on
+    # the server: a replay sent after it would run its statements a second time.
+    events = []
+
+    def update_then_commit_as_text(conn):
+        conn.execute(ITEMS.update().values(note=ITEMS.c.note + "+"))
+        conn.exec_driver_sql(control)
+
+    outcomes = _fails_and_writes_nothing(
+        server, proxy, "psycopg2", events, update_then_commit_as_text
+    )
+    assert [outcome for outcome, _ in outcomes] == ["refused"]
+    assert server.execute("SELECT note FROM txreplay_items") in ([("first+",)], [("first",)])
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_later_transaction_on_the_same_connection_is_not_replayed(server, proxy, driver):
+    # Only a checkout's first transaction is proven to start with nothing of the app's on the
+    # connection; the first transaction's statements must never be sent again for the second.
+    events = []
+    engine = _engine(server, proxy, driver, events)
+    with engine.connect() as conn:
+        conn.execute(ITEMS.update().values(note=ITEMS.c.note + "+"))
+        conn.commit()
+        with pytest.raises(sa.exc.DBAPIError):
+            _write_after(conn, lambda: lose("terminate", server, proxy))
+    engine.dispose()
+    assert server.execute("SELECT note FROM txreplay_items") == [("first+",)]
+    assert _rows(server) == [1]
+    assert _outcomes(events) == []
+
+
+def _write_after(conn, fault):
+    conn.execute(sa.select(ITEMS.c.n)).all()
+    fault()
+    conn.execute(ITEMS.insert().values(n=99))

@@ -37,6 +37,14 @@ _NOT_REPEATABLE = re.compile(
     re.IGNORECASE | re.VERBOSE,
 )
 
+# Transaction control sent as a statement: a COMMIT (END) there ended the transaction on the
+# server, and a replay would run its statements again in another one. Read after any leading
+# comments; SAVEPOINT and RELEASE are not matched (replayed in order).
+_TRANSACTION_CONTROL = re.compile(
+    r"(?:\s|--[^\n\r]*|/\*.*?\*/)*(?:commit|end|abort|rollback|begin|start)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
 _REASONS = {
     "sequence": "a sequence function (nextval, setval, currval, lastval): its value is not rolled "
     "back, a replay would hand the app another one",
@@ -50,15 +58,17 @@ def refusal_of_text(statement: str) -> str | None:
     """Why a statement with this text turns the transaction's replay off, or None (read once)."""
     if ";" in statement.strip().rstrip(";"):
         return "the text may hold several statements"
+    found = _NOT_REPEATABLE.search(statement)
+    if found is not None and found.lastgroup is not None:
+        return _REASONS[found.lastgroup]
+    if _TRANSACTION_CONTROL.match(statement):
+        return "transaction control sent as a statement (COMMIT, ROLLBACK, BEGIN, END, ...)"
     if may_change_session(statement):
         return (
             "a statement that may change the session or act outside the transaction "
             "(session SET, advisory session lock, LISTEN, DECLARE, COPY, PREPARE, dblink, "
             "a function of the app's, ...)"
         )
-    found = _NOT_REPEATABLE.search(statement)
-    if found is not None and found.lastgroup is not None:
-        return _REASONS[found.lastgroup]
     return None
 
 
