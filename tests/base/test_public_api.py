@@ -49,6 +49,7 @@ PUBLIC = {
         "RetriesGaveUp",
         "RetryScheduled",
         "RollbackConnectionLost",
+        "TransactionReplayed",
         "format_event",
     ],
     "dropsafe.testing": [

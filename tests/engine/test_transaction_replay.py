@@ -11,6 +11,7 @@ written.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from decimal import Decimal
 
@@ -22,6 +23,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import dropsafe
 from dropsafe._drivers import driver_names
+from dropsafe._engine.guard import guard_of
 from dropsafe._engine.replay import REPLAY_LOCK_TIMEOUT_MS
 from dropsafe._engine.transcript import rows_digest
 from dropsafe._engine.url_plugin import policy_from_query
@@ -457,3 +459,19 @@ def _write_after(conn, fault):
     conn.execute(sa.select(ITEMS.c.n)).all()
     fault()
     conn.execute(ITEMS.insert().values(n=99))
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_the_record_goes_with_its_transaction(server, proxy, driver, disposing):
+    # Held by the engine for as long as the transaction lives, not longer: before, each record
+    # (its statements' contexts, and through them the checkout) stayed for the engine's life.
+    events = []
+    engine = disposing(_engine(server, proxy, driver, events))
+    for _ in range(20):
+        with Session(engine) as session:
+            session.scalars(sa.select(Item)).all()
+            session.commit()
+        with engine.begin() as conn:
+            conn.execute(sa.select(ITEMS.c.n)).all()
+    gc.collect()
+    assert len(guard_of(engine).replay._transcripts) == 0

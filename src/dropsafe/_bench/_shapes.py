@@ -575,7 +575,12 @@ def _mid_transaction_sync(ctx: Context) -> object:
 
 async def _mid_transaction_async(ctx: Context) -> object:
     engine = dropsafe.create_async_engine(ctx.urls["a"], policy=_replaying(ctx))
-    ctx.engines.append(engine)
+    ctx.pause(paused=True)  # connected once outside the count, as ctx.aengine does
+    try:
+        async with engine.connect():
+            pass
+    finally:
+        ctx.pause(paused=False)
     try:
         async with AsyncSession(engine) as session:
             (await session.execute(sa.text(_READ))).all()

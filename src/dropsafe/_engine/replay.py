@@ -123,8 +123,10 @@ class FirstStatementReplay:
         # used by one thread or task at a time, and a single insertion or removal is atomic).
         self._state = state
         self._policy = policy
-        # Each checkout's transaction, recorded for a replay past its first statement.
-        self._transcripts: weakref.WeakKeyDictionary[PoolProxiedConnection, Transcript] = (
+        # Each SQLAlchemy root Transaction's record, for a replay past its first statement:
+        # gone with the Transaction (its COMMIT or ROLLBACK ends it; the record holds no
+        # reference to it, so that it can be collected).
+        self._transcripts: weakref.WeakKeyDictionary[object, Transcript] = (
             weakref.WeakKeyDictionary()
         )
         self._records = self._enabled and policy.replay_transaction
@@ -232,12 +234,11 @@ class FirstStatementReplay:
         try:
             pending = self._state.first_statement_sent(checkout)
             if pending is None:
-                transcript = self._transcript_of(checkout) if self._records else None
+                # Only a checkout's first transaction is recorded: it alone is proven to start
+                # with nothing of the app's on the connection.
+                transcript = self._transcript_of(connection) if self._records else None
                 if transcript is None:
                     send(cursor)
-                elif transcript.transaction is not connection.get_transaction():
-                    del self._transcripts[checkout]  # its transaction ended: a new one is not
-                    send(cursor)  # recorded (only a checkout's first is proven to start clean)
                 else:
                     self._send_later(connection, context, statement, send, cursor, transcript)
                 return
@@ -512,12 +513,10 @@ class FirstStatementReplay:
 
     # -- the transaction past its first statement ---------------------------------------------
 
-    def _transcript_of(self, checkout: PoolProxiedConnection) -> Transcript | None:
-        """Return what ``checkout``'s transaction recorded, if anything."""
-        try:  # not contextlib.suppress: this runs at every statement
-            return self._transcripts.get(checkout)
-        except TypeError:  # not weakly referable: a first connect's ad hoc connection
-            return None
+    def _transcript_of(self, connection: Connection) -> Transcript | None:
+        """Return what ``connection``'s transaction recorded, if anything."""
+        transaction = connection.get_transaction()
+        return None if transaction is None else self._transcripts.get(transaction)
 
     def _begin_transcript(
         self,
@@ -542,11 +541,11 @@ class FirstStatementReplay:
         if native is not driver.native(checkout.dbapi_connection):
             native = driver.native(checkout.dbapi_connection)
             fd = None if native is None else socket_fd_of(driver, native)
-        transcript = Transcript(connection.get_transaction(), native, fd, self._caps)
-        try:  # not contextlib.suppress: this runs at every transaction
-            self._transcripts[checkout] = transcript
-        except TypeError:  # not weakly referable: not recorded
+        transaction = connection.get_transaction()
+        if transaction is None:  # autocommit: nothing to replay
             return
+        transcript = Transcript(native, fd, self._caps)
+        self._transcripts[transaction] = transcript
         if refusal is None:
             self._record(transcript, context, statement, send)
         else:
@@ -628,7 +627,6 @@ class FirstStatementReplay:
         if lost_state is None:
             refused("the lost connection's session state is unknown")
             raise error
-        del self._transcripts[lost]
         try:
             fresh_cursor = self._reconnect(connection, context, error, lost_state, changes=False)
         except Exception:
@@ -657,8 +655,6 @@ class FirstStatementReplay:
             if transcript.native is None or driver is None
             else socket_fd_of(driver, transcript.native)
         )
-        with contextlib.suppress(TypeError):
-            self._transcripts[fresh] = transcript
         logger.debug("dropsafe replayed a transaction on a fresh connection: %s", text)
         emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
 

@@ -182,17 +182,14 @@ class Transcript:
         "rows",
         "sent_after",
         "statements",
-        "transaction",
     )
 
     def __init__(
         self,
-        transaction: object,
         native: NativeConnection,
         fd: int | None,
         caps: tuple[int, int, int],
     ) -> None:
-        self.transaction = transaction  # SQLAlchemy's root Transaction: another one ends this
         self.native = native  # the driver's connection the transaction runs on
         self.fd = fd  # its socket's
         self.statements: list[Statement] = []
