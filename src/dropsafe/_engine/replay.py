@@ -533,9 +533,12 @@ class FirstStatementReplay:
         With a ``refusal``, before it is sent: nothing is recorded, the reason is kept.
         """
         policy, driver = self._state.policy, self._driver
-        # Behind a pooler the backend pid and the session are the pooler's: not proven.
-        if driver is None or policy is None or policy.connection.pooler is not None:
+        if driver is None or policy is None:
             return
+        if policy.connection.pooler is not None and refusal is None:
+            # A pooler's sessions are its own: what a fresh client connection lands on, and
+            # whether the lost one's server transaction has ended, are not proven.
+            refusal = f"behind a pooler (ConnectionPolicy.pooler={policy.connection.pooler!r})"
         checkout = connection.connection
         native, fd = pending.native, pending.fd  # read at checkout, unless since replayed
         if native is not driver.native(checkout.dbapi_connection):
