@@ -275,29 +275,22 @@ def test_notify_is_replayed_it_is_delivered_at_commit_only(server, proxy, dispos
     assert _outcomes(events) == [("replayed", None)]
 
 
-def test_the_opt_out_and_a_server_side_cursor_refuse(server, proxy):
+@pytest.mark.parametrize(
+    ("options", "fetch", "reason"),
+    [
+        ({"dropsafe_replay": False}, "all", "dropsafe_replay=False"),
+        ({"stream_results": True}, "fetchone", "server-side cursor"),
+    ],
+)
+def test_the_opt_out_and_a_server_side_cursor_refuse(server, proxy, options, fetch, reason):
     events = []
-    _fails_and_writes_nothing(
-        server,
-        proxy,
-        "psycopg2",
-        events,
-        lambda conn: conn.execute(
-            sa.select(ITEMS.c.n).execution_options(dropsafe_replay=False)
-        ).all(),
-    )
-    _fails_and_writes_nothing(
-        server,
-        proxy,
-        "psycopg2",
-        events,
-        lambda conn: conn.execute(
-            sa.select(ITEMS.c.n).execution_options(stream_results=True)
-        ).fetchone(),
-    )
-    assert [outcome for outcome, _ in _outcomes(events)] == ["refused", "refused"]
-    assert "dropsafe_replay=False" in _outcomes(events)[0][1]
-    assert "server-side cursor" in _outcomes(events)[1][1]
+
+    def read(conn):
+        getattr(conn.execute(sa.select(ITEMS.c.n).execution_options(**options)), fetch)()
+
+    outcomes = _fails_and_writes_nothing(server, proxy, "psycopg2", events, read)
+    assert [outcome for outcome, _ in outcomes] == ["refused"]
+    assert reason in outcomes[0][1]
 
 
 def test_past_the_cap_the_replay_is_off(server, proxy):
