@@ -138,9 +138,10 @@ def test_a_result_partly_read_goes_on_after_the_replay(server, proxy, driver, di
     assert _outcomes(events) == [("replayed", None)]
 
 
+@pytest.mark.parametrize("fault", ["terminate", "cut", "crash"])
 @pytest.mark.parametrize("driver", ASYNC)
-async def test_async_read_then_write_survives_a_terminated_backend(
-    server, proxy, driver, disposing_async
+async def test_async_read_then_write_survives_a_lost_connection(
+    server, proxy, driver, fault, disposing_async
 ):
     events = []
     engine = disposing_async(
@@ -150,12 +151,20 @@ async def test_async_read_then_write_survives_a_terminated_backend(
     )
     async with AsyncSession(engine) as session:
         seen = [i.n for i in (await session.scalars(sa.select(Item).order_by(Item.n))).all()]
-        lose("terminate", server, proxy)
+        lose(fault, server, proxy)
         session.add(Item(n=2))
         await session.commit()
+    async with engine.begin() as conn:  # Core: write, read, lose, write
+        await conn.execute(ITEMS.update().where(ITEMS.c.n == 1).values(note="async"))
+        assert (await conn.execute(sa.select(ITEMS.c.note).where(ITEMS.c.n == 1))).scalar() == (
+            "async"
+        )
+        lose(fault, server, proxy)
+        await conn.execute(ITEMS.insert().values(id=3, n=3))
     assert seen == [1]
-    assert _rows(server) == [1, 2]
-    assert _outcomes(events) == [("replayed", None)]
+    assert _rows(server) == [1, 2, 3]
+    assert server.execute("SELECT note FROM txreplay_items WHERE n = 1") == [("async",)]
+    assert _outcomes(events) == [("replayed", None)] * 2
 
 
 # -- refused: the original error, nothing written ------------------------------------------
