@@ -53,8 +53,11 @@ def _sync_runner(engine: sa.Engine, statement: sa.TextClause) -> Callable[[int],
     return run
 
 
+_LOOP = asyncio.new_event_loop()  # one for every async engine: each is disposed on it
+
+
 def _async_runner(engine: object, statement: sa.TextClause) -> Callable[[int], None]:
-    loop = asyncio.new_event_loop()
+    loop = _LOOP
 
     async def many(n: int) -> None:
         for _ in range(n):
@@ -96,7 +99,7 @@ def measure(url: str, driver: str, requests: int, rounds: int) -> dict[tuple[str
             out[name, variant] = (cpu, wall)
         for engine in engines.values():
             if is_async:
-                asyncio.run(engine.dispose())  # type: ignore[attr-defined]
+                _LOOP.run_until_complete(engine.dispose())  # type: ignore[attr-defined]
             else:
                 engine.dispose()  # type: ignore[attr-defined]
     return out

@@ -79,8 +79,8 @@ def rows_digest(rows: Sequence[Sequence[object]], digest: int = 0) -> int:
     hash per fetch, not per row: the replay fetches in the same batches (`Statement.batches`).
     """
     types = tuple(map(type, itertools.chain.from_iterable(rows)))
-    try:
-        return hash((digest, types, tuple(map(tuple, rows))))
+    try:  # the rows as the driver gives them: tuples, or rows that hash as tuples do
+        return hash((digest, types, tuple(rows)))
     except TypeError:  # a list or a dict (arrays, JSON): only these pay a repr
         return hash((digest, types, repr(tuple(map(tuple, rows)))))
 
