@@ -477,3 +477,41 @@ def test_the_record_goes_with_its_transaction(server, proxy, driver, disposing):
             conn.execute(sa.select(ITEMS.c.n)).all()
     gc.collect()
     assert len(guard_of(engine).replay._transcripts) == 0
+
+
+ASYNC_REFUSALS = {
+    "row changed": ("changed", "failed", "statement 1's rows differ"),
+    "session SET": ("SET statement_timeout = '1min'", "refused", "may change the session"),
+    "sequence": ("SELECT nextval('txreplay_seq')", "refused", "a sequence function"),
+}
+
+
+async def _async_lose_then_write(engine, before, server, proxy):
+    async with engine.begin() as conn:
+        if before == "changed":
+            (await conn.execute(sa.select(ITEMS.c.note))).all()
+            server.execute("UPDATE txreplay_items SET note = 'changed' WHERE n = 1")
+        else:
+            await conn.exec_driver_sql(before)
+        lose("terminate", server, proxy)
+        await conn.execute(ITEMS.insert().values(n=99))
+
+
+@pytest.mark.parametrize("case", ASYNC_REFUSALS)
+@pytest.mark.parametrize("driver", ASYNC)
+async def test_async_refusals_raise_the_original_error(
+    server, proxy, driver, case, disposing_async
+):
+    before, outcome, reason = ASYNC_REFUSALS[case]
+    events = []
+    engine = disposing_async(
+        dropsafe.create_async_engine(
+            proxy.route(server.url(driver)), policy=_policy(events), pool_size=1, max_overflow=0
+        )
+    )
+    with pytest.raises(sa.exc.DBAPIError):
+        await _async_lose_then_write(engine, before, server, proxy)
+    assert 99 not in _rows(server)
+    ((got, why),) = _outcomes(events)
+    assert got == outcome
+    assert why.startswith(reason) or reason in why
