@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import signal
 import time
 from decimal import Decimal
 
@@ -62,6 +63,22 @@ def _one_row(server):
     server.execute("INSERT INTO txreplay_items (id, n, note) VALUES (1000, 1, 'first')")
 
 
+def _lose(fault, server, proxy):
+    """``replay_faults.lose``, and ``sigkill``: a backend killed as the OOM killer would.
+
+    The postmaster then ends every backend and runs crash recovery (a crash restart).
+    """
+    if fault != "sigkill":
+        lose(fault, server, proxy)
+        return
+    pids = server.execute(
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+    )
+    assert pids
+    assert server.signal_backend(int(pids[0][0]), signal.SIGKILL)
+
+
 def _rows(server):
     return sorted(int(n) for (n,) in server.execute("SELECT n FROM txreplay_items"))
 
@@ -88,14 +105,14 @@ def _outcomes(events):
 # -- replayed ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fault", ["terminate", "cut", "crash"])
+@pytest.mark.parametrize("fault", ["terminate", "cut", "crash", "sigkill"])
 @pytest.mark.parametrize("driver", SYNC)
 def test_orm_read_then_write_survives_a_lost_connection(server, proxy, driver, fault, disposing):
     events = []
     engine = disposing(_engine(server, proxy, driver, events))
     with Session(engine) as session:
         seen = [(i.n, i.note) for i in session.scalars(sa.select(Item).order_by(Item.n))]
-        lose(fault, server, proxy)
+        _lose(fault, server, proxy)
         session.add(Item(n=2))
         session.commit()  # the flush's INSERT finds the connection lost: replayed, then sent
         again = [(i.n, i.note) for i in session.scalars(sa.select(Item).order_by(Item.n))]
