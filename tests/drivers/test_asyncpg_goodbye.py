@@ -54,16 +54,17 @@ class CloseHoldingRelay:
         self.closed_by_server = 0
         self.port = 0
 
-    async def __aenter__(self) -> CloseHoldingRelay:
+    async def start(self) -> None:
+        """Listen on a free loopback port."""
         self._server = await asyncio.start_server(self._link, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
     def release(self) -> None:
         """Let the held closes through (before the pool closes its connections gracefully)."""
         self._release.set()
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def stop(self) -> None:
+        """Close every link and stop listening."""
         self.release()
         assert self._server is not None
         self._server.close()
@@ -74,7 +75,12 @@ class CloseHoldingRelay:
 
     def route(self, url: str) -> str:
         """The URL through this relay, without TLS."""
-        return make_url(url).set(port=self.port).update_query_dict({"ssl": "disable"}).render_as_string(hide_password=False)
+        return (
+            make_url(url)
+            .set(port=self.port)
+            .update_query_dict({"ssl": "disable"})
+            .render_as_string(hide_password=False)
+        )
 
     async def _link(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -149,24 +155,25 @@ async def _goodbye_to(server: object, relay: CloseHoldingRelay, natives: list[ob
 
 
 @contextlib.asynccontextmanager
-async def _engine(
-    relay: CloseHoldingRelay, url: str, size: int, **options: object
-) -> AsyncIterator[AsyncEngine]:
-    engine = dropsafe.create_async_engine(
-        relay.route(url), pool_size=size, max_overflow=0, **options
-    )
+async def _relayed_engine(
+    server: object, size: int, **options: object
+) -> AsyncIterator[tuple[CloseHoldingRelay, AsyncEngine]]:
+    """An engine of ``size`` pooled connections to ``server`` through a close-holding relay."""
+    relay = CloseHoldingRelay(server.host, server.port)  # type: ignore[attr-defined]
+    await relay.start()
+    url = relay.route(server.url("asyncpg"))  # type: ignore[attr-defined]
+    engine = dropsafe.create_async_engine(url, pool_size=size, max_overflow=0, **options)
     try:
-        yield engine
+        yield relay, engine
     finally:
         relay.release()  # a graceful close waits for the server's close
         await engine.dispose()
+        await relay.stop()
 
 
 async def test_probe_sees_the_goodbye_of_an_idle_connection(shared_server):
     """The look at checkout says CLOSED, not QUIET, for a connection the server said FATAL to."""
-    async with CloseHoldingRelay(shared_server.host, shared_server.port) as relay, _engine(
-        relay, shared_server.url("asyncpg"), 2
-    ) as engine:
+    async with _relayed_engine(shared_server, 2) as (relay, engine):
         natives = await _pooled(engine, 2)
         driver = Asyncpg()
         probers = [driver.prober(native) for native in natives]
@@ -180,11 +187,8 @@ async def test_a_first_statement_after_goodbyes_to_the_whole_pool_succeeds(share
     """Zero code: every pooled connection heard FATAL (a restart, terminated backends), and the
     next request's first statement still runs, on a fresh connection."""
     events: list[object] = []
-    async with CloseHoldingRelay(shared_server.host, shared_server.port) as relay, _engine(
-        relay, shared_server.url("asyncpg"),
-        3,
-        policy=dropsafe.Policy(hooks=(events.append,)),
-    ) as engine:
+    policy = dropsafe.Policy(hooks=(events.append,))
+    async with _relayed_engine(shared_server, 3, policy=policy) as (relay, engine):
         natives = await _pooled(engine, 3)
         await _goodbye_to(shared_server, relay, natives)
         async with engine.connect() as connection:
@@ -198,9 +202,7 @@ async def test_a_first_statement_after_goodbyes_to_the_whole_pool_succeeds(share
 
 async def test_a_unit_never_gets_a_connection_that_heard_goodbye(shared_server):
     """One attempt is enough: no attempt is spent on a connection the server has left."""
-    async with CloseHoldingRelay(shared_server.host, shared_server.port) as relay, _engine(
-        relay, shared_server.url("asyncpg"), 3
-    ) as engine:
+    async with _relayed_engine(shared_server, 3) as (relay, engine):
         natives = await _pooled(engine, 3)
         await _goodbye_to(shared_server, relay, natives)
 
@@ -215,14 +217,14 @@ async def test_a_unit_never_gets_a_connection_that_heard_goodbye(shared_server):
 async def test_a_goodbye_in_the_middle_of_a_transaction_is_a_disconnect(shared_server):
     """The connection was checked out, between statements: the next statement fails, with an
     error the unit machinery retries (a disconnect), and the connection is invalidated."""
-    async with CloseHoldingRelay(shared_server.host, shared_server.port) as relay, _engine(
-        relay, shared_server.url("asyncpg"), 1
-    ) as engine:
-        async with engine.connect() as connection:
-            await connection.execute(sa.text("SELECT 1"))
-            raw = await connection.get_raw_connection()
-            await _goodbye_to(shared_server, relay, [raw.dbapi_connection])
-            with pytest.raises(sa.exc.DBAPIError) as caught:
-                await connection.execute(sa.text("SELECT 2"))
-            assert caught.value.connection_invalidated
-            assert dropsafe.classify(caught.value) is dropsafe.ErrorKind.DISCONNECT
+    async with (
+        _relayed_engine(shared_server, 1) as (relay, engine),
+        engine.connect() as connection,
+    ):
+        await connection.execute(sa.text("SELECT 1"))
+        raw = await connection.get_raw_connection()
+        await _goodbye_to(shared_server, relay, [raw.dbapi_connection])
+        with pytest.raises(sa.exc.DBAPIError) as caught:
+            await connection.execute(sa.text("SELECT 2"))
+        assert caught.value.connection_invalidated
+        assert dropsafe.classify(caught.value) is dropsafe.ErrorKind.DISCONNECT
