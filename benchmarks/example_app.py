@@ -85,15 +85,16 @@ class WhereErrorsHappen:
     with no statement when COMMIT or ROLLBACK fails.
     """
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, *engines: sa.Engine) -> None:
         self.by_request: dict[int, list[tuple[str, str]]] = defaultdict(list)
         self.outside_requests: list[tuple[str, str]] = []
         self.round_trips = 0  # statements, COMMITs and ROLLBACKs sent: the cost of a variant
-        event.listen(engine, "begin", self._begin)
-        event.listen(engine, "before_cursor_execute", self._statement)
-        event.listen(engine, "commit", self._commit)
-        event.listen(engine, "rollback", self._rollback)
-        event.listen(engine, "handle_error", self._error)
+        for engine in engines:  # an app's engines (binds) and an async engine's sync_engine
+            event.listen(engine, "begin", self._begin)
+            event.listen(engine, "before_cursor_execute", self._statement)
+            event.listen(engine, "commit", self._commit)
+            event.listen(engine, "rollback", self._rollback)
+            event.listen(engine, "handle_error", self._error)
 
     @staticmethod
     def _info(connection: sa.Connection) -> dict[str, Any]:
@@ -192,23 +193,39 @@ class Observed:
             self._classify(number, status, raised)
 
     def _classify(self, number: int, status: int | None, raised: BaseException | None) -> None:
-        errors = self.recorder.by_request.pop(number, [])
-        result = self.result
-        result.requests += 1
-        failed = status is None or status >= 500
-        place, what = errors[-1] if errors else ("other", f"{type(raised).__name__}: {raised}")
-        if failed:
-            result.failed[place] += 1
-            result.examples.setdefault(place, what)
+        record_request(self.recorder, self.result, number, status, raised)
+
+
+def record_request(
+    recorder: WhereErrorsHappen,
+    result: RunResult,
+    number: int,
+    status: int | None,
+    raised: BaseException | None,
+) -> None:
+    """Count request ``number`` in ``result``: answered, or failed where its last error was."""
+    errors = recorder.by_request.pop(number, [])
+    result.requests += 1
+    failed = status is None or status >= 500
+    if errors:
+        place, what = errors[-1]
+    else:
+        # No database error seen by the engine's events: asyncpg lets a failed connect's
+        # OSError through unwrapped, and SQLAlchemy's handle_error does not see it.
+        place = "connect" if isinstance(raised, OSError) else "other"
+        what = f"{type(raised).__name__}: {raised}"
+    if failed:
+        result.failed[place] += 1
+        result.examples.setdefault(place, what)
+        errors = errors[:-1]
+    else:
+        result.ok += 1
+        if raised is not None:
+            result.raised_after_reply[place] += 1
+            result.examples.setdefault(f"after reply: {place}", what)
             errors = errors[:-1]
-        else:
-            result.ok += 1
-            if raised is not None:
-                result.raised_after_reply[place] += 1
-                result.examples.setdefault(f"after reply: {place}", what)
-                errors = errors[:-1]
-        for absorbed_place, _ in errors:
-            result.absorbed[absorbed_place] += 1
+    for absorbed_place, _ in errors:
+        result.absorbed[absorbed_place] += 1
 
 
 async def drive(client: httpx.AsyncClient, result: RunResult, stop: asyncio.Event) -> None:  # noqa: C901 - the request mix, one closure per request
