@@ -24,12 +24,9 @@ Writes benchmarks/results/CONTINUITY.md (a section per ``--label``), machine nam
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import itertools
 import logging
-import os
-import platform
 import random
 import threading
 import time
@@ -42,7 +39,20 @@ from typing import Annotated, Any
 
 import httpx
 import sqlalchemy as sa
-from example_app import _REQUEST, PLACES, Observed, RunResult, WhereErrorsHappen, record_request
+from example_app import (
+    _REQUEST,
+    PLACES,
+    Observed,
+    RunResult,
+    WhereErrorsHappen,
+    bench_arguments,
+    failure_cells,
+    machine_line,
+    parse_bounded,
+    publish,
+    record_request,
+    report_run,
+)
 from fastapi import Depends, FastAPI, HTTPException, Request
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
@@ -409,19 +419,10 @@ def table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
     ]
     for app_name, fault, variant, outcomes in rows:
         results = [outcome.result for outcome in outcomes]
-        failed: Counter[str] = Counter()
-        after: Counter[str] = Counter()
-        for result in results:
-            failed += result.failed
-            after += result.raised_after_reply
-        per_run = ", ".join(str(sum(result.failed.values())) for result in results)
         requests = sum(result.requests for result in results)
         lines.append(
-            f"| {app_name} | {fault} | {variant} | {len(results)} | {requests} | "
-            f"{sum(r.faults for r in results)} | {sum(failed.values())} ({per_run}) | "
-            + " | ".join(str(failed[place]) for place in PLACES)
-            + f" | {sum(after.values())} | {sum(o.acknowledged for o in outcomes)} | "
-            f"{sum(o.lost for o in outcomes)} | "
+            f"| {app_name} | {fault} | {variant} | {failure_cells(results)} | "
+            f"{sum(o.acknowledged for o in outcomes)} | {sum(o.lost for o in outcomes)} | "
             f"{sum(o.doubled for o in outcomes)} | "
             f"{requests / max(sum(r.seconds for r in results), 1e-9):.0f} |"
         )
@@ -443,13 +444,12 @@ def measure(
                     for run in range(runs):
                         outcome = one_run(server, app_name, variant, fault, seconds)
                         result = outcome.result
-                        print(
-                            f"{app_name} {fault} {variant} run {run}: {result.requests} requests, "
-                            f"{result.faults} faults, failed {dict(result.failed)}, "
-                            f"after reply {dict(result.raised_after_reply)}, "
-                            f"answers {dict(outcome.statuses)}, "
-                            f"lost {outcome.lost}, doubled {outcome.doubled}",
-                            flush=True,
+                        report_run(
+                            f"{app_name} {fault} {variant} run {run}",
+                            result,
+                            answers=dict(outcome.statuses),
+                            lost=outcome.lost,
+                            doubled=outcome.doubled,
                         )
                         outcomes.append(outcome)
                         for place, what in result.examples.items():
@@ -460,41 +460,17 @@ def measure(
 
 def main() -> None:
     """Measure and append a section to the results file."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=15.0)
-    parser.add_argument("--label", default="this branch", help="the code measured, for the file")
+    parser = bench_arguments(__doc__.splitlines()[0], runs=2, output=RESULTS)
     parser.add_argument("--apps", nargs="+", choices=APPS, default=list(APPS))
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    arguments = parser.parse_args()
-    if not 1 <= arguments.runs <= 20 or not 1 <= arguments.seconds <= 300:
-        parser.error("--runs must be 1..20 and --seconds 1..300 (the loops are bounded)")
+    arguments = parse_bounded(parser)
     rows, examples = measure(
         arguments.apps, arguments.faults, arguments.variants, arguments.runs, arguments.seconds
     )
-    lines = [
-        f"## {arguments.label}",
-        "",
-        (
-            f"Machine: {platform.node() or 'unknown'}, {platform.machine()}, "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"SQLAlchemy {sa.__version__}; {arguments.runs} runs of {arguments.seconds:g} s "
-            f"each, {CLIENTS} clients."
-        ),
-        "",
-        *table(rows),
-        "",
-        "One error of each kind, as the app saw it:",
-        "",
-        *(f"- {where}: `{what}`" for where, what in sorted(examples.items())),
-        "",
-    ]
-    output: Path = arguments.output
-    before = output.read_text() if output.exists() else "# Issue 27's apps under faults\n\n"
-    output.write_text(before + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    setup = machine_line(arguments.runs, arguments.seconds) + f" each, {CLIENTS} clients."
+    seen = [f"- {where}: `{what}`" for where, what in sorted(examples.items())]
+    publish(arguments, "Issue 27's apps under faults", setup, table(rows), seen)
 
 
 if __name__ == "__main__":
