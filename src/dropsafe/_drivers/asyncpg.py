@@ -96,10 +96,10 @@ _HEADER = 5  # the message type and its length
 
 def _ends_session(data: bytes) -> bool:
     """Whether ``data`` starts with an ErrorResponse whose severity ends the session."""
-    length = int.from_bytes(data[1:_HEADER], "big")
-    # Each field ends with a zero byte; one in front lets the first field match too.
-    fields = b"\x00" + bytes(data[_HEADER : 1 + length])
-    return any(marker in fields for marker in _SESSION_ENDING)
+    message = bytes(data)  # asyncio hands bytes; anything else is copied, on this rare path
+    end = 1 + int.from_bytes(message[1:_HEADER], "big")
+    # From the header's last byte: the fields start after it, the severity (S) always first.
+    return any(message.find(marker, _HEADER - 1, end) != -1 for marker in _SESSION_ENDING)
 
 
 def _goodbye_watch(native: DBAPIConnection) -> _GoodbyeWatch | None:
