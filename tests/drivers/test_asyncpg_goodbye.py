@@ -201,8 +201,10 @@ async def test_a_first_statement_after_goodbyes_to_the_whole_pool_succeeds(share
 
 
 async def test_a_unit_never_gets_a_connection_that_heard_goodbye(shared_server):
-    """One attempt is enough: no attempt is spent on a connection the server has left."""
-    async with _relayed_engine(shared_server, 3) as (relay, engine):
+    """The unit's one attempt runs on a fresh connection: nothing fails, nothing is replayed."""
+    events: list[object] = []
+    policy = dropsafe.Policy(hooks=(events.append,))
+    async with _relayed_engine(shared_server, 3, policy=policy) as (relay, engine):
         natives = await _pooled(engine, 3)
         await _goodbye_to(shared_server, relay, natives)
 
@@ -212,6 +214,10 @@ async def test_a_unit_never_gets_a_connection_that_heard_goodbye(shared_server):
         sessions = async_sessionmaker(engine)
         one_attempt = dropsafe.UnitPolicy(max_attempts=1)
         assert await dropsafe.run_transaction_async(sessions, unit, policy=one_attempt) == 1
+    kinds = {type(event).__name__ for event in events}
+    assert "DeadConnectionReplaced" in kinds
+    # Met by a statement, a goodbye'd connection is invalidated (and the statement replayed).
+    assert not kinds & {"ConnectionInvalidated", "FirstStatementReplayed", "RetryScheduled"}
 
 
 async def test_a_goodbye_in_the_middle_of_a_transaction_is_a_disconnect(shared_server):
