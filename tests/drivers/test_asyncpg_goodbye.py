@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
 import dropsafe
 from dropsafe._drivers import Health
-from dropsafe._drivers.asyncpg import Asyncpg
+from dropsafe._drivers.asyncpg import Asyncpg, _ends_session
 from dropsafe._drivers.sockets import poll
 
 if TYPE_CHECKING:
@@ -234,3 +234,28 @@ async def test_a_goodbye_in_the_middle_of_a_transaction_is_a_disconnect(shared_s
             await connection.execute(sa.text("SELECT 2"))
         assert caught.value.connection_invalidated
         assert dropsafe.classify(caught.value) is dropsafe.ErrorKind.DISCONNECT
+
+
+def _error_response(*fields: bytes) -> bytes:
+    body = b"".join(field + b"\x00" for field in fields) + b"\x00"
+    return b"E" + (4 + len(body)).to_bytes(4, "big") + body
+
+
+@pytest.mark.parametrize(
+    ("message", "ends"),
+    [
+        (_error_response(b"SFATAL", b"VFATAL", b"C57P01", b"Mterminating connection"), True),
+        (_error_response(b"SPANIC", b"VPANIC", b"CXX000", b"Mboom"), True),
+        # A server speaking German: only the untranslated V says FATAL.
+        (_error_response(b"SSCHWERWIEGEND", b"VFATAL", b"C57P01", b"Mbeende"), True),
+        # PgBouncer sends no V field.
+        (_error_response(b"SFATAL", b"C08P01", b"Mclient_idle_timeout"), True),
+        (_error_response(b"SERROR", b"VERROR", b"C23505", b"Mduplicate key"), False),
+        # FATAL in a message's text, or in the next message, is not this message's severity.
+        (_error_response(b"SERROR", b"VERROR", b"C22000", b"Mwas VFATAL"), False),
+        (_error_response(b"SERROR", b"VERROR", b"C22000") + _error_response(b"SFATAL"), False),
+    ],
+)
+def test_a_message_that_ends_the_session_is_told_by_its_severity(message, ends):
+    """The watch's test of what the loop read (logic only: the faults are above)."""
+    assert _ends_session(message) is ends

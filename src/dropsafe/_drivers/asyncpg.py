@@ -88,9 +88,11 @@ class _GoodbyeWatch(asyncio.Protocol):
         self.inner.resume_writing()
 
 
-#: The ErrorResponse's untranslated severity field (``V``, PostgreSQL 9.6+) for the two that end
-#: the session; the translated one (``S``) may be in another language.
-_SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00")
+#: The severities that end the session, in the ErrorResponse's untranslated field (``V``,
+#: PostgreSQL 9.6+), and in its ``S`` field for a pooler that sends no ``V`` (PgBouncer's
+#: goodbyes: ``SFATAL`` and a SQLSTATE); PostgreSQL may translate ``S``, never ``V``.
+_SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00", b"\x00SFATAL\x00", b"\x00SPANIC\x00")
+_FIRST_FIELD = tuple(marker[1:] for marker in _SESSION_ENDING)
 _HEADER = 5  # the message type and its length
 
 
@@ -98,8 +100,10 @@ def _ends_session(data: bytes) -> bool:
     """Whether ``data`` starts with an ErrorResponse whose severity ends the session."""
     message = bytes(data)  # asyncio hands bytes; anything else is copied, on this rare path
     end = 1 + int.from_bytes(message[1:_HEADER], "big")
-    # From the header's last byte: the fields start after it, the severity (S) always first.
-    return any(message.find(marker, _HEADER - 1, end) != -1 for marker in _SESSION_ENDING)
+    # A field starts the fields, or follows another's terminating zero byte.
+    return message.startswith(_FIRST_FIELD, _HEADER) or any(
+        message.find(marker, _HEADER, end) != -1 for marker in _SESSION_ENDING
+    )
 
 
 def _goodbye_watch(native: DBAPIConnection) -> _GoodbyeWatch | None:
