@@ -16,7 +16,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -72,6 +72,8 @@ NAIVE_ATTEMPTS = 30
 NAIVE_BACKOFF = (0.05, 0.5)
 # What a policy facing many faults a second, for seconds, needs.
 CHAOS_UNIT = dropsafe.UnitPolicy(max_attempts=30, deadline=60, backoff_max=0.5)
+
+_Unit = TypeVar("_Unit")
 
 # name -> (action, the most times it may run or None, its weight in the draw)
 Faults = dict[str, tuple["Callable[[], object]", "int | None", int]]
@@ -332,6 +334,19 @@ def insert_naively(engine: sa.Engine, op_id: str) -> None:
     raise RuntimeError(msg)
 
 
+def _set_up(
+    faults: Faults, unit_of_work_factory: Callable[[Ledger], _Unit], seed: int, seconds: float
+) -> tuple[Ledger, _Unit, Nemesis, float]:
+    """Make a run's ledger, the writers' unit of work and the nemesis (not started).
+
+    The run starts now: the last item is when the writers stop (monotonic).
+    """
+    ledger = Ledger()
+    unit_of_work = unit_of_work_factory(ledger)
+    nemesis = Nemesis(faults, ledger, seed, seconds)
+    return ledger, unit_of_work, nemesis, time.monotonic() + seconds
+
+
 def _op_ids(seed: int, worker: int, stop_at: float) -> Iterator[str]:
     """Give a writer's op ids, unique across the run, until ``stop_at`` (monotonic)."""
     for n in range(MAX_OPS_PER_WORKER):
@@ -354,11 +369,7 @@ def run_sync(
     workers: int = WORKERS,
 ) -> Ledger:
     """Run writer threads for ``seconds`` under the nemesis; return the ledger."""
-    ledger = Ledger()
-    unit_of_work = unit_of_work_factory(ledger)
-    nemesis = Nemesis(faults, ledger, seed, seconds)
-    started = time.monotonic()
-    stop_at = started + seconds
+    ledger, unit_of_work, nemesis, stop_at = _set_up(faults, unit_of_work_factory, seed, seconds)
 
     def worker(number: int) -> None:
         for op_id in _op_ids(seed, number, stop_at):
@@ -373,7 +384,7 @@ def run_sync(
         thread.join(timeout=seconds + 120)
     nemesis.stop.set()
     nemesis.join(timeout=60)
-    ledger.seconds = time.monotonic() - started
+    ledger.seconds = time.monotonic() - (stop_at - seconds)
     if nemesis.error is not None:
         raise nemesis.error
     if any(thread.is_alive() for thread in threads):
@@ -390,11 +401,7 @@ async def run_async(
     workers: int = WORKERS,
 ) -> Ledger:
     """`run_sync` with writer tasks on the running event loop."""
-    ledger = Ledger()
-    unit_of_work = unit_of_work_factory(ledger)
-    nemesis = Nemesis(faults, ledger, seed, seconds)
-    started = time.monotonic()
-    stop_at = started + seconds
+    ledger, unit_of_work, nemesis, stop_at = _set_up(faults, unit_of_work_factory, seed, seconds)
 
     async def worker(number: int) -> None:
         for op_id in _op_ids(seed, number, stop_at):
@@ -407,7 +414,7 @@ async def run_async(
     finally:
         nemesis.stop.set()
         await asyncio.to_thread(nemesis.join, 60)
-    ledger.seconds = time.monotonic() - started
+    ledger.seconds = time.monotonic() - (stop_at - seconds)
     if nemesis.error is not None:
         raise nemesis.error
     return ledger
