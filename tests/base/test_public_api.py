@@ -1,4 +1,5 @@
-"""The public surface: what users may import. A change here is a change of API, on purpose."""
+"""The public surface: what users may import. Its one list is docs/reference: a change of API is
+made there too, on purpose."""
 
 import importlib
 import pkgutil
