@@ -10,6 +10,8 @@ in its reason. The others are the proof that the guarantee held.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gc
 import logging
 import threading
@@ -79,8 +81,9 @@ def _audit(server):
     return sorted(what for (what,) in server.execute("SELECT what FROM attack_audit"))
 
 
-def _lose_before(engine, needle, fault, server, proxy):
-    """Lose the connection right before the first statement that contains ``needle`` is sent.
+def _before(engine, needle, fault):
+    """Call ``fault(conn)`` once, right before the first statement that contains ``needle``
+    is sent: the returned list holds False once it ran.
 
     ``before_cursor_execute`` fires after the cursor is made and before the driver is given
     the statement: the statement then meets a dead connection, before any reply.
@@ -91,9 +94,39 @@ def _lose_before(engine, needle, fault, server, proxy):
     def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
         if armed[0] and needle in statement:
             armed[0] = False
-            lose(fault, server, proxy)
+            fault(conn)
 
     return armed
+
+
+def _lose_before(engine, needle, fault, server, proxy):
+    """Lose the connection right before the first statement that contains ``needle`` is sent."""
+    return _before(engine, needle, lambda conn: lose(fault, server, proxy))
+
+
+def _refuse_and_cut(proxy):
+    """No fresh connection can be made, and the ones there are cut."""
+    proxy.refuse()
+    assert proxy.cut("rst") >= 1
+
+
+def _policy_noting(events, **connection):
+    """A policy with these ConnectionPolicy settings, its events appended to ``events``."""
+    return dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(**connection), hooks=(events.append,)
+    )
+
+
+def _seconds_to_a_loud_commit(engine):
+    """Add an item and commit in a Session: the commit must raise; how long until it did."""
+    started = time.monotonic()
+    with Session(engine) as session:
+        session.add(Item(n=1))
+        with pytest.raises(sa.exc.OperationalError):
+            session.commit()
+        elapsed = time.monotonic() - started
+        session.rollback()
+    return elapsed
 
 
 def _raw_cursor_execute(sa_connection, sql):
@@ -511,15 +544,7 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
     caplog.set_level(logging.DEBUG, logger="dropsafe")
     events = []
     engine = replay_engine(server, proxy, driver, events, pool_timeout=2)
-    armed = [True]
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            proxy.refuse()
-            assert proxy.cut("rst") >= 1
-
+    _before(engine, "INSERT INTO attack_items", lambda conn: _refuse_and_cut(proxy))
     try:
         started = time.monotonic()
         with Session(engine) as session:
@@ -575,45 +600,54 @@ def _wait_until_running(server, needle, timeout=10.0):
     )
 
 
+@contextlib.contextmanager
+def _cut_from_another_thread_once(proxy, ready):
+    """Cut the proxy's connections from a thread once ``ready()`` (a bounded wait) returned:
+    yields a list that holds what it returned by the end of the block."""
+    seen = []
+
+    def cut():
+        seen.append(ready())
+        proxy.cut("rst")
+
+    cutter = threading.Thread(target=cut)
+    cutter.start()
+    try:
+        yield seen
+    finally:
+        cutter.join(timeout=10)
+    assert not cutter.is_alive()
+
+
 @pytest.mark.parametrize("opted_out", [False, True], ids=["default", "opted-out"])
-def test_dblink_exec_first_statement_effect_outside_the_transaction(server, proxy, opted_out):
+def test_dblink_exec_first_statement_effect_outside_the_transaction(
+    server, proxy, opted_out, disposing
+):
     # docs/guarantees.md says a first statement with an effect outside its transaction (here a
     # dblink_exec that commits on its own connection) runs twice when the reply is lost after
     # the server ran it, and that dropsafe_replay=False prevents it. Both halves are checked.
     server.execute("CREATE EXTENSION IF NOT EXISTS dblink")
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
     target = f"host={server.socket_dir} port={server.port} user=postgres dbname=postgres"
     remote = sa.text(
         "SELECT dblink_exec(:target, 'INSERT INTO attack_audit (what) VALUES (''remote'')'), "
         "pg_sleep(2) /* dblink_slow */"
     ).execution_options(dropsafe_replay=not opted_out)
-
-    seen = []
-
-    def cut_once_the_remote_write_committed():
-        # Only then is this "the server ran it, the reply was lost" (the backend is in
-        # pg_sleep by now); cutting earlier could let the app's error race the remote commit.
-        seen.append(_poll(server, "SELECT count(*) FROM attack_audit"))
-        proxy.cut("rst")
-
-    cutter = threading.Thread(target=cut_once_the_remote_write_committed)
-    try:
-        with engine.connect() as conn:
-            cutter.start()
-            if opted_out:
-                with pytest.raises(sa.exc.OperationalError):
-                    conn.execute(remote, {"target": target})
-            else:
+    # Cut only once the remote write committed: then this is "the server ran it, the reply was
+    # lost" (the backend is in pg_sleep by now); cutting earlier could let the app's error race
+    # the remote commit.
+    remote_committed = functools.partial(_poll, server, "SELECT count(*) FROM attack_audit")
+    with engine.connect() as conn, _cut_from_another_thread_once(proxy, remote_committed) as seen:
+        if opted_out:
+            with pytest.raises(sa.exc.OperationalError):
                 conn.execute(remote, {"target": target})
-                conn.commit()
-        cutter.join(timeout=10)
-        assert seen == [True]
-        assert _audit(server) == (["remote"] if opted_out else ["remote", "remote"])
-        assert len(replayed(events)) == (0 if opted_out else 1)
-    finally:
-        cutter.join(timeout=10)
-        engine.dispose()
+        else:
+            conn.execute(remote, {"target": target})
+            conn.commit()
+    assert seen == [True]
+    assert _audit(server) == (["remote"] if opted_out else ["remote", "remote"])
+    assert len(replayed(events)) == (0 if opted_out else 1)
 
 
 def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
@@ -630,19 +664,16 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
             waiter_result.append(conn.execute(sa.text("SELECT 42")).scalar())
 
     waiter = threading.Thread(target=wait_for_the_slot)
-    armed = [True]
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            waiter.start()
-            deadline = time.monotonic() + 5
-            while not waiting._waiters and time.monotonic() < deadline:
-                time.sleep(0.005)  # polling a condition with a deadline, not a sleep-wait
-            assert waiting._waiters, "the other thread never waited for the pool"
-            lose("terminate", server, proxy)
+    def lose_once_the_waiter_waits(conn):
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while not waiting._waiters and time.monotonic() < deadline:
+            time.sleep(0.005)  # polling a condition with a deadline, not a sleep-wait
+        assert waiting._waiters, "the other thread never waited for the pool"
+        lose("terminate", server, proxy)
 
+    _before(engine, "INSERT INTO attack_items", lose_once_the_waiter_waits)
     try:
         started = time.monotonic()
         with Session(engine) as session:
@@ -735,34 +766,24 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, proxy, driver):
+def test_replayed_update_waits_for_the_lost_backend_and_applies_once(
+    server, proxy, driver, disposing
+):
     # The first statement's backend still runs (and holds the row's lock) after its socket
     # was cut; the replay's UPDATE waits for that lock, and must add 100 once, not twice.
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
     events = []
-    engine = replay_engine(server, proxy, driver, events)
+    engine = disposing(replay_engine(server, proxy, driver, events))
     bump = sa.text(
         "UPDATE attack_items SET n = n + 100 WHERE n = 1 RETURNING n, pg_sleep(2) /* attack_bump */"
     )
-    seen = []
-
-    def cut_while_it_runs():
-        seen.append(_wait_until_running(server, "attack_bump"))
-        proxy.cut("rst")
-
-    cutter = threading.Thread(target=cut_while_it_runs)
-    try:
-        with engine.connect() as conn:
-            cutter.start()
-            assert [n for (n, _) in conn.execute(bump)] == [101]
-            conn.commit()
-        cutter.join(timeout=10)
-        assert seen == [True]
-        assert _items(server) == [101]
-        assert len(replayed(events)) == 1
-    finally:
-        cutter.join(timeout=10)
-        engine.dispose()
+    running = functools.partial(_wait_until_running, server, "attack_bump")
+    with engine.connect() as conn, _cut_from_another_thread_once(proxy, running) as seen:
+        assert [n for (n, _) in conn.execute(bump)] == [101]
+        conn.commit()
+    assert seen == [True]
+    assert _items(server) == [101]
+    assert len(replayed(events)) == 1
 
 
 # -- the quiet ROLLBACK ----------------------------------------------------------------------
@@ -831,39 +852,29 @@ async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(server, proxy, driver):
+def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(
+    server, proxy, driver, disposing
+):
     # The replay's fresh connection meets a network that forwards nothing (the proxy
     # blackholed after the cut): the app's statement must fail with the lost connection's
     # error within the connect timeout, not hang.
     events = []
-    policy = dropsafe.Policy(
-        connection=dropsafe.ConnectionPolicy(connect_timeout=2), hooks=(events.append,)
-    )
-    engine = replay_engine(server, proxy, driver, events, policy=policy, pool_timeout=2)
-    armed = [True]
+    policy = _policy_noting(events, connect_timeout=2)
+    engine = disposing(replay_engine(server, proxy, driver, events, policy=policy, pool_timeout=2))
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            assert proxy.cut("rst") >= 1
-            proxy.blackhole()
+    def cut_then_blackhole(conn):
+        assert proxy.cut("rst") >= 1
+        proxy.blackhole()
 
+    _before(engine, "INSERT INTO attack_items", cut_then_blackhole)
     try:
-        started = time.monotonic()
-        with Session(engine) as session:
-            session.add(Item(n=1))
-            with pytest.raises(sa.exc.OperationalError):
-                session.commit()
-            elapsed = time.monotonic() - started
-            session.rollback()
+        elapsed = _seconds_to_a_loud_commit(engine)
         assert elapsed < 15, elapsed
         assert replayed(events) == []
         proxy.heal()
         assert _items(server) == []
     finally:
         proxy.heal()
-        engine.dispose()
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
@@ -983,16 +994,12 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
 
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events, pool_timeout=5))
-    armed = [True]
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def kill(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            assert server.signal_backend(
-                _backend_pid(conn.connection.dbapi_connection), signal.SIGKILL
-            )
+    def kill(conn):
+        pid = _backend_pid(conn.connection.dbapi_connection)
+        assert server.signal_backend(pid, signal.SIGKILL)
 
+    armed = _before(engine, "INSERT INTO attack_items", kill)
     started = time.monotonic()
     try:
         with Session(engine) as session:
@@ -1017,6 +1024,17 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
     assert len(replayed(events)) == (1 if committed else 0)
 
 
+DBLINK_AND_A_COUNTER = (
+    "CREATE EXTENSION IF NOT EXISTS dblink; "
+    "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
+)
+# dblink's own connection fails, answered by the server; nextval counts the statement's runs.
+REMOTE_DOWN = sa.text(
+    "SELECT nextval('attack_seq'), "
+    "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
+)
+
+
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(
     server, proxy, driver, disposing
@@ -1024,19 +1042,12 @@ def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(
     # dblink (like postgres_fdw) reports its own failed connection to a remote server with
     # SQLSTATE 08001, in a reply, on a connection that is fine. That is no lost connection of
     # the app's: the statement must not run twice (the sequence counts the runs).
-    server.execute(
-        "CREATE EXTENSION IF NOT EXISTS dblink; "
-        "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
-    )
+    server.execute(DBLINK_AND_A_COUNTER)
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    remote_down = sa.text(
-        "SELECT nextval('attack_seq'), "
-        "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
-    )
     with engine.connect() as conn:
         with pytest.raises(sa.exc.DBAPIError) as raised:
-            conn.execute(remote_down)
+            conn.execute(REMOTE_DOWN)
         orig = raised.value.orig
         assert (getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)) == "08001"
     assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
@@ -1079,21 +1090,12 @@ def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
     # transaction and its locks, so it is not replayed: the app gets the error within the
     # timeout, and nothing is written.
     events = []
-    policy = dropsafe.Policy(
-        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=1, connect_timeout=2),
-        hooks=(events.append,),
-    )
+    policy = _policy_noting(events, tcp_user_timeout=1, connect_timeout=2)
     engine = disposing(replay_engine(server, proxy, driver, events, policy=policy))
     with engine.connect() as conn:  # the pool's one connection, made before the blackhole
         conn.exec_driver_sql("SELECT 1")
     with kernel_blackhole(proxy.port):
-        started = time.monotonic()
-        with Session(engine) as session:
-            session.add(Item(n=1))
-            with pytest.raises(sa.exc.OperationalError):
-                session.commit()
-            elapsed = time.monotonic() - started
-            session.rollback()
+        elapsed = _seconds_to_a_loud_commit(engine)
     assert elapsed < 20, elapsed
     assert replayed(events) == []
     assert _items(server) == []
@@ -1105,15 +1107,7 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy, disposing):
     # with why the replay failed, not silence.
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events, pool_timeout=2))
-    armed = [True]
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_for_good(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            proxy.refuse()
-            assert proxy.cut("rst") >= 1
-
+    _before(engine, "INSERT INTO attack_items", lambda conn: _refuse_and_cut(proxy))
     with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
         conn.execute(ITEMS.insert().values(n=1))
     assert replayed(events) == []
@@ -1148,18 +1142,11 @@ async def test_async_dblink_connection_error_answered_by_the_server_is_notreplay
 ):
     # As above, through SQLAlchemy's async adapters: the error is answered on a connection
     # that asyncpg (is_closed()) and psycopg (closed, broken) still hold open.
-    server.execute(
-        "CREATE EXTENSION IF NOT EXISTS dblink; "
-        "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
-    )
+    server.execute(DBLINK_AND_A_COUNTER)
     events = []
     engine = disposing_async(replay_async_engine(server, proxy, driver, events))
-    remote_down = sa.text(
-        "SELECT nextval('attack_seq'), "
-        "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
-    )
     async with engine.connect() as conn:
         with pytest.raises(sa.exc.DBAPIError):
-            await conn.execute(remote_down)
+            await conn.execute(REMOTE_DOWN)
     assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
     assert replayed(events) == []
