@@ -10,7 +10,6 @@ in its reason. The others are the proof that the guarantee held.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import logging
@@ -21,16 +20,23 @@ import warnings
 import pytest
 import sqlalchemy as sa
 from replay_faults import (
+    before_statement,
+    cut_from_another_thread_once,
     failed_replays,
+    items_model,
     lose,
-    prepared_server,
+    lose_before,
+    module_server,
+    numbers,
+    poll_until,
     replay_async_engine,
     replay_engine,
     replayed,
+    wait_until_running,
 )
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 import dropsafe
@@ -42,14 +48,7 @@ pytestmark = pytest.mark.fault
 ISOLATION = sa.text("SELECT current_setting('transaction_isolation')")
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "attack_items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    n: Mapped[int] = mapped_column(unique=True)
+Base, Item = items_model("attack_items")
 
 
 class Audit(Base):
@@ -61,47 +60,15 @@ class Audit(Base):
 ITEMS = Item.__table__
 
 
-@pytest.fixture(scope="module")
-def server():
-    with prepared_server(Base.metadata) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _empty_tables(server, proxy):
-    proxy.heal()
-    server.execute("TRUNCATE attack_items, attack_audit")
+server, _empty = module_server(Base.metadata, empty="TRUNCATE attack_items, attack_audit")
 
 
 def _items(server):
-    return sorted(int(n) for (n,) in server.execute("SELECT n FROM attack_items"))
+    return numbers(server, "attack_items")
 
 
 def _audit(server):
     return sorted(what for (what,) in server.execute("SELECT what FROM attack_audit"))
-
-
-def _before(engine, needle, fault):
-    """Call ``fault(conn)`` once, right before the first statement that contains ``needle``
-    is sent: the returned list holds False once it ran.
-
-    ``before_cursor_execute`` fires after the cursor is made and before the driver is given
-    the statement: the statement then meets a dead connection, before any reply.
-    """
-    armed = [True]
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and needle in statement:
-            armed[0] = False
-            fault(conn)
-
-    return armed
-
-
-def _lose_before(engine, needle, fault, server, proxy):
-    """Lose the connection right before the first statement that contains ``needle`` is sent."""
-    return _before(engine, needle, lambda conn: lose(fault, server, proxy))
 
 
 def _refuse_and_cut(proxy):
@@ -147,7 +114,7 @@ def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(
 ):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -172,7 +139,7 @@ def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(
 ):
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
     try:
         with Session(engine) as session:
             raw = session.connection().connection.dbapi_connection
@@ -204,7 +171,7 @@ def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(
             written[0] = True
             cursor.execute("INSERT INTO attack_audit (what) VALUES ('before')")
 
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     try:
         with engine.begin() as conn:
             conn.execute(ITEMS.insert().values(n=2))
@@ -217,7 +184,7 @@ def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(
 def test_raw_set_transaction_isolation_survives_the_replay(server, proxy, disposing):
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "transaction_isolation", "cut", server, proxy)
+    lose_before(engine, "transaction_isolation", "cut", server, proxy)
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -237,7 +204,7 @@ async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
 ):
     events = []
     engine = disposing_async(replay_async_engine(server, proxy, driver, events))
-    _lose_before(engine.sync_engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine.sync_engine, "INSERT INTO attack_items", "terminate", server, proxy)
     async with AsyncSession(engine) as session:
 
         @event.listens_for(session.sync_session, "after_begin")
@@ -264,7 +231,7 @@ def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(
 ):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with Session(engine) as session:
         session.execute(sa.text("SET LOCAL search_path TO pg_catalog, public"))
         session.add(Item(n=1))
@@ -288,7 +255,7 @@ def test_statement_after_an_engine_connect_listener_sql_is_notreplayed(server, p
     def stamp(conn):
         conn.exec_driver_sql("INSERT INTO attack_audit (what) VALUES ('connect')")
 
-    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
     with engine.connect() as conn:
         with pytest.raises(sa.exc.OperationalError):
             conn.execute(ITEMS.insert().values(n=1))
@@ -335,7 +302,7 @@ def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(
 ):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE"))
-    _lose_before(engine, "transaction_isolation", "terminate", server, proxy)
+    lose_before(engine, "transaction_isolation", "terminate", server, proxy)
     with Session(engine) as session, session.begin():
         assert session.execute(ISOLATION).scalar() == "serializable"
         session.add(Item(n=1))
@@ -351,7 +318,7 @@ def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(
 def test_replay_with_other_pool_setups(server, proxy, engine_kwargs, disposing):
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events, **engine_kwargs))
-    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
     started = time.monotonic()
     with Session(engine) as session:
         session.add(Item(n=1))
@@ -376,7 +343,7 @@ def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(
 ):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "SAVEPOINT", "terminate", server, proxy)
+    lose_before(engine, "SAVEPOINT", "terminate", server, proxy)
     with Session(engine) as session:
         with session.begin_nested():  # SAVEPOINT: the transaction's first statement
             session.add(Item(n=1))
@@ -393,7 +360,7 @@ def test_server_side_cursor_first_statementreplayed(server, proxy, driver, dispo
     server.execute("INSERT INTO attack_items (n) SELECT g FROM generate_series(1, 50) g")
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
+    lose_before(engine, "FROM attack_items", "terminate", server, proxy)
     with engine.connect() as conn:
         streamed = sa.select(ITEMS.c.n).order_by(ITEMS.c.n)
         result = conn.execute(streamed.execution_options(stream_results=True, max_row_buffer=7))
@@ -408,7 +375,7 @@ def test_server_side_cursor_first_statementreplayed(server, proxy, driver, dispo
 async def test_async_run_sync_first_statementreplayed(server, proxy, driver, disposing_async):
     events = []
     engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_timeout=2))
-    _lose_before(engine.sync_engine, "INSERT INTO attack_items", "cut", server, proxy)
+    lose_before(engine.sync_engine, "INSERT INTO attack_items", "cut", server, proxy)
     async with engine.connect() as conn:
         await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=1)))
         await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=2)))
@@ -423,7 +390,7 @@ def test_psycopg_pipeline_mode_first_statement(server, proxy, disposing):
     # what the app sees must match the server: success with the rows, or an error without.
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     try:
         with engine.connect() as conn:
             with conn.connection.dbapi_connection.pipeline():
@@ -443,7 +410,7 @@ def test_replay_closes_the_lost_server_side_cursor(server, proxy, disposing):
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
+    lose_before(engine, "FROM attack_items", "terminate", server, proxy)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         with engine.connect() as conn:
@@ -466,7 +433,7 @@ def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(
     )
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with engine.connect() as conn:
         raw = conn.connection.dbapi_connection
         _raw_cursor_execute(conn, "SET search_path TO attack_s")
@@ -501,7 +468,7 @@ def test_checkout_listener_raw_session_setting_holds_on_the_replay(
         cursor.execute("SELECT set_config('app.tenant', 'acme', false)")
         cursor.close()
 
-    _lose_before(engine, "app.tenant", "cut", server, proxy)
+    lose_before(engine, "app.tenant", "cut", server, proxy)
     with Session(engine) as session:
         try:
             seen = session.execute(sa.text("SELECT current_setting('app.tenant')")).scalar()
@@ -544,7 +511,7 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
     caplog.set_level(logging.DEBUG, logger="dropsafe")
     events = []
     engine = replay_engine(server, proxy, driver, events, pool_timeout=2)
-    _before(engine, "INSERT INTO attack_items", lambda conn: _refuse_and_cut(proxy))
+    before_statement(engine, "INSERT INTO attack_items", lambda conn: _refuse_and_cut(proxy))
     try:
         started = time.monotonic()
         with Session(engine) as session:
@@ -570,55 +537,6 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
         engine.dispose()
 
 
-def _poll(server, sql, timeout=10.0):
-    """Poll ``sql`` (a count) on a direct connection until it is non-zero, with a deadline.
-
-    A direct connection answers in milliseconds; a psql per poll can take longer than the
-    statement being watched on a loaded machine.
-    """
-    watcher = sa.create_engine(server.url("psycopg2"), poolclass=NullPool)
-    try:
-        with watcher.connect() as conn:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if conn.execute(sa.text(sql)).scalar():
-                    return True
-                conn.rollback()
-                time.sleep(0.005)  # polling a condition with a deadline
-    finally:
-        watcher.dispose()
-    return False
-
-
-def _wait_until_running(server, needle, timeout=10.0):
-    """Wait until a statement holding ``needle`` runs on the server."""
-    return _poll(
-        server,
-        "SELECT count(*) FROM pg_stat_activity "
-        f"WHERE state = 'active' AND query LIKE '%{needle}%' AND pid <> pg_backend_pid()",
-        timeout,
-    )
-
-
-@contextlib.contextmanager
-def _cut_from_another_thread_once(proxy, ready):
-    """Cut the proxy's connections from a thread once ``ready()`` (a bounded wait) returned:
-    yields a list that holds what it returned by the end of the block."""
-    seen = []
-
-    def cut():
-        seen.append(ready())
-        proxy.cut("rst")
-
-    cutter = threading.Thread(target=cut)
-    cutter.start()
-    try:
-        yield seen
-    finally:
-        cutter.join(timeout=10)
-    assert not cutter.is_alive()
-
-
 @pytest.mark.parametrize("opted_out", [False, True], ids=["default", "opted-out"])
 def test_dblink_exec_first_statement_effect_outside_the_transaction(
     server, proxy, opted_out, disposing
@@ -637,8 +555,8 @@ def test_dblink_exec_first_statement_effect_outside_the_transaction(
     # Cut only once the remote write committed: then this is "the server ran it, the reply was
     # lost" (the backend is in pg_sleep by now); cutting earlier could let the app's error race
     # the remote commit.
-    remote_committed = functools.partial(_poll, server, "SELECT count(*) FROM attack_audit")
-    with engine.connect() as conn, _cut_from_another_thread_once(proxy, remote_committed) as seen:
+    remote_committed = functools.partial(poll_until, server, "SELECT count(*) FROM attack_audit")
+    with engine.connect() as conn, cut_from_another_thread_once(proxy, remote_committed) as seen:
         if opted_out:
             with pytest.raises(sa.exc.OperationalError):
                 conn.execute(remote, {"target": target})
@@ -673,7 +591,7 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
         assert waiting._waiters, "the other thread never waited for the pool"
         lose("terminate", server, proxy)
 
-    _before(engine, "INSERT INTO attack_items", lose_once_the_waiter_waits)
+    before_statement(engine, "INSERT INTO attack_items", lose_once_the_waiter_waits)
     try:
         started = time.monotonic()
         with Session(engine) as session:
@@ -696,7 +614,7 @@ def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, 
     # first statement; the app's INSERT, lost, is the second and must stay loud.
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -758,7 +676,7 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(
         if "INSERT INTO attack_items" in statement:
             seen.append((cursor.rowcount, cursor is context.cursor))
 
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with engine.begin() as conn:
         conn.execute(ITEMS.insert().values(n=1))
     assert len(replayed(events)) == 1
@@ -777,8 +695,8 @@ def test_replayed_update_waits_for_the_lost_backend_and_applies_once(
     bump = sa.text(
         "UPDATE attack_items SET n = n + 100 WHERE n = 1 RETURNING n, pg_sleep(2) /* attack_bump */"
     )
-    running = functools.partial(_wait_until_running, server, "attack_bump")
-    with engine.connect() as conn, _cut_from_another_thread_once(proxy, running) as seen:
+    running = functools.partial(wait_until_running, server, "attack_bump")
+    with engine.connect() as conn, cut_from_another_thread_once(proxy, running) as seen:
         assert [n for (n, _) in conn.execute(bump)] == [101]
         conn.commit()
     assert seen == [True]
@@ -843,7 +761,7 @@ async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
     engine = disposing_async(
         replay_async_engine(server, proxy, driver, events, isolation_level="REPEATABLE READ")
     )
-    _lose_before(engine.sync_engine, "transaction_isolation", "terminate", server, proxy)
+    lose_before(engine.sync_engine, "transaction_isolation", "terminate", server, proxy)
     async with AsyncSession(engine) as session, session.begin():
         assert (await session.execute(ISOLATION)).scalar() == "repeatable read"
         session.add(Item(n=1))
@@ -866,7 +784,7 @@ def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(
         assert proxy.cut("rst") >= 1
         proxy.blackhole()
 
-    _before(engine, "INSERT INTO attack_items", cut_then_blackhole)
+    before_statement(engine, "INSERT INTO attack_items", cut_then_blackhole)
     try:
         elapsed = _seconds_to_a_loud_commit(engine)
         assert elapsed < 15, elapsed
@@ -941,7 +859,7 @@ def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, d
 def test_a_malformed_opt_out_is_refused_or_honoured(server, proxy, value, disposing):
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg2", events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     opted_out = ITEMS.insert().values(n=1).execution_options(dropsafe_replay=value)
     with (
         engine.connect() as conn,
@@ -964,7 +882,7 @@ def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(
 
     policy = dropsafe.Policy(hooks=(failing_hook,))
     engine = disposing(replay_engine(server, proxy, "psycopg", [], policy=policy))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with Session(engine) as session:
         session.add(Item(n=1))
         session.commit()  # the replay's hook fails: the commit must not
@@ -999,7 +917,7 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
         pid = _backend_pid(conn.connection.dbapi_connection)
         assert server.signal_backend(pid, signal.SIGKILL)
 
-    armed = _before(engine, "INSERT INTO attack_items", kill)
+    armed = before_statement(engine, "INSERT INTO attack_items", kill)
     started = time.monotonic()
     try:
         with Session(engine) as session:
@@ -1061,7 +979,7 @@ def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events))
     insert = ITEMS.insert().values(n=1)
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     bind = engine.execution_options(dropsafe_replay=False) if where == "option-engine" else engine
     opted_out = {"dropsafe_replay": False}
 
@@ -1107,7 +1025,7 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy, disposing):
     # with why the replay failed, not silence.
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events, pool_timeout=2))
-    _before(engine, "INSERT INTO attack_items", lambda conn: _refuse_and_cut(proxy))
+    before_statement(engine, "INSERT INTO attack_items", lambda conn: _refuse_and_cut(proxy))
     with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
         conn.execute(ITEMS.insert().values(n=1))
     assert replayed(events) == []
@@ -1127,7 +1045,7 @@ def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, d
     engine = disposing(replay_engine(server, proxy, driver, events, policy=policy))
     with engine.connect() as conn:  # the pool's one connection, made and returned
         conn.exec_driver_sql("SELECT 1")
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with Session(engine) as session:
         session.add(Item(n=1))
         session.commit()

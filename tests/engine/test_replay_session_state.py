@@ -16,7 +16,8 @@ import pytest
 import sqlalchemy as sa
 from replay_faults import (
     lose_at_next_checkout,
-    prepared_server,
+    module_server,
+    numbers,
     replay_async_engine,
     replay_engine,
     replayed,
@@ -66,21 +67,14 @@ SET_TENANT = {
 }
 
 
-@pytest.fixture(scope="module")
-def server():
-    with prepared_server(SCHEMA_SETUP) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _empty_tables(server):
-    server.execute(
-        f"TRUNCATE public.replay_state_items, {TENANT}.replay_state_items, replay_role_switch"
-    )
+server, _empty = module_server(
+    SCHEMA_SETUP,
+    empty=f"TRUNCATE public.replay_state_items, {TENANT}.replay_state_items, replay_role_switch",
+)
 
 
 def _rows(server, schema):
-    return sorted(int(n) for (n,) in server.execute(f"SELECT n FROM {schema}.replay_state_items"))
+    return numbers(server, f"{schema}.replay_state_items")
 
 
 def _set_driver_characteristics(driver, dbapi_connection):
