@@ -63,6 +63,26 @@ ITEMS = Item.__table__
 server, _empty = module_server(Base.metadata, empty="TRUNCATE attack_items, attack_audit")
 
 
+@pytest.fixture
+def events():
+    """What the test's engine said."""
+    return []
+
+
+@pytest.fixture
+def losing_engine(server, proxy, events, disposing):
+    """``losing_engine(driver, needle, fault="terminate", **engine_kwargs)``: a replay engine
+    (disposed at the test's end, its events in ``events``) whose connection is lost right
+    before the first statement holding ``needle``."""
+
+    def make(driver, needle, fault="terminate", **engine_kwargs):
+        engine = disposing(replay_engine(server, proxy, driver, events, **engine_kwargs))
+        lose_before(engine, needle, fault, server, proxy)
+        return engine
+
+    return make
+
+
 def _items(server):
     return numbers(server, "attack_items")
 
@@ -96,6 +116,12 @@ def _seconds_to_a_loud_commit(engine):
     return elapsed
 
 
+def _the_same_session_writes_again(session):
+    """The next use of a Session whose statement failed works (on a fresh connection): 2."""
+    session.add(Item(n=2))
+    session.commit()
+
+
 def _raw_cursor_execute(sa_connection, sql):
     """Run ``sql`` on the driver's connection under ``sa_connection``, as apps do for COPY."""
     cursor = sa_connection.connection.dbapi_connection.cursor()
@@ -109,12 +135,8 @@ def _raw_cursor_execute(sa_connection, sql):
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(
-    server, proxy, driver, disposing
-):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(server, driver, losing_engine):
+    engine = losing_engine(driver, "INSERT INTO attack_items")
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -135,11 +157,9 @@ def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(
 
 
 def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(
-    server, proxy, disposing
+    server, losing_engine
 ):
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    engine = losing_engine("psycopg", "INSERT INTO attack_items", fault="cut")
     try:
         with Session(engine) as session:
             raw = session.connection().connection.dbapi_connection
@@ -181,10 +201,8 @@ def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(
         assert (_items(server), _audit(server)) == ([2], ["before"])
 
 
-def test_raw_set_transaction_isolation_survives_the_replay(server, proxy, disposing):
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    lose_before(engine, "transaction_isolation", "cut", server, proxy)
+def test_raw_set_transaction_isolation_survives_the_replay(losing_engine):
+    engine = losing_engine("psycopg", "transaction_isolation", fault="cut")
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -227,20 +245,16 @@ async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(
-    server, proxy, driver, disposing
+    server, driver, losing_engine, events
 ):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_engine(driver, "INSERT INTO attack_items")
     with Session(engine) as session:
         session.execute(sa.text("SET LOCAL search_path TO pg_catalog, public"))
         session.add(Item(n=1))
         with pytest.raises(sa.exc.OperationalError):
             session.flush()
         session.rollback()
-        # The next use of the same Session must work on a fresh connection.
-        session.add(Item(n=2))
-        session.commit()
+        _the_same_session_writes_again(session)
     assert _items(server) == [2]
     assert replayed(events) == []
 
@@ -298,11 +312,9 @@ def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(
-    server, proxy, driver, disposing
+    server, driver, losing_engine, events
 ):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE"))
-    lose_before(engine, "transaction_isolation", "terminate", server, proxy)
+    engine = losing_engine(driver, "transaction_isolation", isolation_level="SERIALIZABLE")
     with Session(engine) as session, session.begin():
         assert session.execute(ISOLATION).scalar() == "serializable"
         session.add(Item(n=1))
@@ -315,10 +327,8 @@ def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(
     [{"pool_pre_ping": True}, {"poolclass": NullPool}, {"pool_timeout": 1}],
     ids=["pre_ping", "nullpool", "pool-of-one-timeout-1s"],
 )
-def test_replay_with_other_pool_setups(server, proxy, engine_kwargs, disposing):
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events, **engine_kwargs))
-    lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+def test_replay_with_other_pool_setups(server, engine_kwargs, losing_engine, events):
+    engine = losing_engine("psycopg", "INSERT INTO attack_items", fault="cut", **engine_kwargs)
     started = time.monotonic()
     with Session(engine) as session:
         session.add(Item(n=1))
@@ -339,11 +349,9 @@ def test_replay_with_other_pool_setups(server, proxy, engine_kwargs, disposing):
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(
-    server, proxy, driver, disposing
+    server, driver, losing_engine, events
 ):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    lose_before(engine, "SAVEPOINT", "terminate", server, proxy)
+    engine = losing_engine(driver, "SAVEPOINT")
     with Session(engine) as session:
         with session.begin_nested():  # SAVEPOINT: the transaction's first statement
             session.add(Item(n=1))
@@ -356,11 +364,9 @@ def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(
 # The lost connection's server-side cursor is never closed (see the test below).
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_server_side_cursor_first_statementreplayed(server, proxy, driver, disposing):
+def test_server_side_cursor_first_statementreplayed(server, driver, losing_engine, events):
     server.execute("INSERT INTO attack_items (n) SELECT g FROM generate_series(1, 50) g")
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    lose_before(engine, "FROM attack_items", "terminate", server, proxy)
+    engine = losing_engine(driver, "FROM attack_items")
     with engine.connect() as conn:
         streamed = sa.select(ITEMS.c.n).order_by(ITEMS.c.n)
         result = conn.execute(streamed.execution_options(stream_results=True, max_row_buffer=7))
@@ -385,12 +391,10 @@ async def test_async_run_sync_first_statementreplayed(server, proxy, driver, dis
     assert engine.sync_engine.pool.checkedout() == 0
 
 
-def test_psycopg_pipeline_mode_first_statement(server, proxy, disposing):
+def test_psycopg_pipeline_mode_first_statement(server, losing_engine):
     # The app enters psycopg's pipeline mode on the driver's connection. Whatever happens,
     # what the app sees must match the server: success with the rows, or an error without.
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_engine("psycopg", "INSERT INTO attack_items")
     try:
         with engine.connect() as conn:
             with conn.connection.dbapi_connection.pipeline():
@@ -406,11 +410,9 @@ def test_psycopg_pipeline_mode_first_statement(server, proxy, disposing):
         assert _items(server) == [1, 2]
 
 
-def test_replay_closes_the_lost_server_side_cursor(server, proxy, disposing):
+def test_replay_closes_the_lost_server_side_cursor(server, losing_engine, events):
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    lose_before(engine, "FROM attack_items", "terminate", server, proxy)
+    engine = losing_engine("psycopg", "FROM attack_items")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         with engine.connect() as conn:
@@ -424,16 +426,14 @@ def test_replay_closes_the_lost_server_side_cursor(server, proxy, disposing):
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(
-    server, proxy, driver, disposing
+    server, driver, losing_engine, events
 ):
     server.execute(
         "CREATE SCHEMA IF NOT EXISTS attack_s; "
         "CREATE TABLE IF NOT EXISTS attack_s.attack_items (n int); "
         "TRUNCATE attack_s.attack_items"
     )
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_engine(driver, "INSERT INTO attack_items")
     with engine.connect() as conn:
         raw = conn.connection.dbapi_connection
         _raw_cursor_execute(conn, "SET search_path TO attack_s")
@@ -521,8 +521,7 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
             assert time.monotonic() - started < 20
             session.rollback()
             proxy.heal()
-            session.add(Item(n=2))
-            session.commit()
+            _the_same_session_writes_again(session)
         assert _items(server) == [2]
         assert replayed(events) == []
         texts = [caplog.text, str(raised.value), repr(events)]
@@ -609,12 +608,12 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
         engine.dispose()
 
 
-def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, proxy, disposing):
+def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(
+    server, losing_engine, events
+):
     # The app's after_begin listener runs SQL through the SQLAlchemy Connection: that is the
     # first statement; the app's INSERT, lost, is the second and must stay loud.
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_engine("psycopg", "INSERT INTO attack_items")
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -856,10 +855,8 @@ def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, d
 
 
 @pytest.mark.parametrize("value", [0, "false"])
-def test_a_malformed_opt_out_is_refused_or_honoured(server, proxy, value, disposing):
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
-    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+def test_a_malformed_opt_out_is_refused_or_honoured(server, value, losing_engine, events):
+    engine = losing_engine("psycopg2", "INSERT INTO attack_items")
     opted_out = ITEMS.insert().values(n=1).execution_options(dropsafe_replay=value)
     with (
         engine.connect() as conn,
