@@ -69,18 +69,29 @@ def events():
     return []
 
 
+def _losing(create, disposing, server, proxy, events):
+    """``create`` (a replay engine factory) made into ``losing_engine``'s ``make``."""
+
+    def make(driver, needle, fault="terminate", **engine_kwargs):
+        engine = disposing(create(server, proxy, driver, events, **engine_kwargs))
+        lose_before(getattr(engine, "sync_engine", engine), needle, fault, server, proxy)
+        return engine
+
+    return make
+
+
 @pytest.fixture
 def losing_engine(server, proxy, events, disposing):
     """``losing_engine(driver, needle, fault="terminate", **engine_kwargs)``: a replay engine
     (disposed at the test's end, its events in ``events``) whose connection is lost right
     before the first statement holding ``needle``."""
+    return _losing(replay_engine, disposing, server, proxy, events)
 
-    def make(driver, needle, fault="terminate", **engine_kwargs):
-        engine = disposing(replay_engine(server, proxy, driver, events, **engine_kwargs))
-        lose_before(engine, needle, fault, server, proxy)
-        return engine
 
-    return make
+@pytest.fixture
+def losing_async_engine(server, proxy, events, disposing_async):
+    """``losing_engine``'s async twin."""
+    return _losing(replay_async_engine, disposing_async, server, proxy, events)
 
 
 def _items(server):
@@ -218,11 +229,9 @@ def test_raw_set_transaction_isolation_survives_the_replay(losing_engine):
 
 @pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
-    server, proxy, driver, disposing_async
+    server, driver, losing_async_engine
 ):
-    events = []
-    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
-    lose_before(engine.sync_engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_async_engine(driver, "INSERT INTO attack_items")
     async with AsyncSession(engine) as session:
 
         @event.listens_for(session.sync_session, "after_begin")
@@ -378,10 +387,8 @@ def test_server_side_cursor_first_statementreplayed(server, driver, losing_engin
 
 
 @pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
-async def test_async_run_sync_first_statementreplayed(server, proxy, driver, disposing_async):
-    events = []
-    engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_timeout=2))
-    lose_before(engine.sync_engine, "INSERT INTO attack_items", "cut", server, proxy)
+async def test_async_run_sync_first_statementreplayed(server, driver, losing_async_engine, events):
+    engine = losing_async_engine(driver, "INSERT INTO attack_items", fault="cut", pool_timeout=2)
     async with engine.connect() as conn:
         await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=1)))
         await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=2)))
@@ -754,13 +761,9 @@ def test_quiet_rollback_logs_and_events_hold_no_secret(  # noqa: PLR0917 - fixtu
 
 @pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
-    server, proxy, driver, disposing_async
+    server, driver, losing_async_engine, events
 ):
-    events = []
-    engine = disposing_async(
-        replay_async_engine(server, proxy, driver, events, isolation_level="REPEATABLE READ")
-    )
-    lose_before(engine.sync_engine, "transaction_isolation", "terminate", server, proxy)
+    engine = losing_async_engine(driver, "transaction_isolation", isolation_level="REPEATABLE READ")
     async with AsyncSession(engine) as session, session.begin():
         assert (await session.execute(ISOLATION)).scalar() == "repeatable read"
         session.add(Item(n=1))
