@@ -46,7 +46,7 @@ class Writer:
             while not self.stop.is_set():
                 try:
                     dropsafe.run_transaction(factory, lambda s: s.execute(INSERT))
-                except Exception:  # noqa: BLE001, S112 - a failed write is retried by the loop
+                except Exception:  # noqa: S112 - a failed write is retried by the loop
                     continue
                 self.acked.append(time.monotonic())
         finally:
@@ -64,7 +64,7 @@ class Writer:
                 while not self.stop.is_set():
                     try:
                         await dropsafe.run_transaction_async(factory, insert)
-                    except Exception:  # noqa: BLE001, S112 - retried by the loop
+                    except Exception:  # noqa: S112 - retried by the loop
                         continue
                     self.acked.append(time.monotonic())
             finally:
