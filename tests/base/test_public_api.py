@@ -42,6 +42,8 @@ PUBLIC = {
         "FirstStatementReplayed",
         "Hook",
         "HookFailedAfterCommit",
+        "HostRetried",
+        "HostSkipped",
         "LoggingHook",
         "OpenTelemetryHook",
         "PingSucceeded",
