@@ -272,40 +272,32 @@ def slow_link_run(
     and ``pg_sleep(sleep)`` both through it and on ``direct_url`` (the server computes while
     only keepalives cross the link).
     """
-    statements: list[tuple[str, str, str, dict[str, Any]]] = [
+    slow: list[tuple[str, str, dict[str, Any]]] = [
         (
             "large_result",
-            url,
-            (
-                "SELECT sum(length(r)) FROM (SELECT repeat('x', 1048576) AS r "
-                "FROM generate_series(1, :n)) AS rows"
-            ),
+            "SELECT repeat('x', 1048576) FROM generate_series(1, :n)",  # rows sent
             {"n": megabytes},
         ),
-        ("large_upload", url, "SELECT length(:blob)", {"blob": "x" * (megabytes * _MEGABYTE)}),
-        ("long_query_slow_link", url, "SELECT pg_sleep(:s)", {"s": sleep}),
+        ("large_upload", "SELECT length(:blob)", {"blob": "x" * (megabytes * _MEGABYTE)}),
+        ("long_query_slow_link", "SELECT pg_sleep(:s)", {"s": sleep}),
     ]
-    if direct_url is not None:
-        statements.append(("long_query_direct", direct_url, "SELECT pg_sleep(:s)", {"s": sleep}))
     run = SlowLinkRun()
-    for name, target, sql, params in statements:
-        started = time.monotonic()
-        try:
-            if driver == "asyncpg":
-                asyncio.run(_fetch_async(target, policy, sql, params))
-            else:
-                _fetch_sync(target, policy, sql, params, connect_args or {})
-        except Exception as exc:
-            run.errors[name] = describe_error(exc)
-        run.seconds[name] = time.monotonic() - started
+    targets = [(url, slow)]
+    if direct_url is not None:
+        targets.append((direct_url, [("long_query_direct", "SELECT pg_sleep(:s)", {"s": sleep})]))
+    for target, statements in targets:
+        if driver == "asyncpg":
+            asyncio.run(_run_async(target, policy, statements, run))
+        else:
+            _run_sync(target, policy, statements, run, connect_args or {})
     return run
 
 
-def _fetch_sync(
+def _run_sync(
     url: str,
     policy: dropsafe.Policy | None,
-    sql: str,
-    params: dict[str, Any],
+    statements: list[tuple[str, str, dict[str, Any]]],
+    run: SlowLinkRun,
     connect_args: dict[str, object],
 ) -> None:
     kwargs: dict[str, Any] = {"connect_args": connect_args}
@@ -314,18 +306,39 @@ def _fetch_sync(
     engine = dropsafe.create_engine(url, **kwargs)
     try:
         with engine.connect() as conn:
-            conn.execute(sa.text(sql), params).all()
+            conn.execute(sa.text("SELECT 1"))  # connected before the clock starts
+            conn.commit()
+        for name, sql, params in statements:
+            started = time.monotonic()
+            try:
+                with engine.connect() as conn:
+                    conn.execute(sa.text(sql), params).all()
+            except Exception as exc:
+                run.errors[name] = describe_error(exc)
+            run.seconds[name] = time.monotonic() - started
     finally:
         engine.dispose()
 
 
-async def _fetch_async(
-    url: str, policy: dropsafe.Policy | None, sql: str, params: dict[str, Any]
+async def _run_async(
+    url: str,
+    policy: dropsafe.Policy | None,
+    statements: list[tuple[str, str, dict[str, Any]]],
+    run: SlowLinkRun,
 ) -> None:
     kwargs = {} if policy is None else {"policy": policy}
     engine = dropsafe.create_async_engine(url, **kwargs)
     try:
         async with engine.connect() as conn:
-            (await conn.execute(sa.text(sql), params)).all()
+            await conn.execute(sa.text("SELECT 1"))  # connected before the clock starts
+            await conn.commit()
+        for name, sql, params in statements:
+            started = time.monotonic()
+            try:
+                async with engine.connect() as conn:
+                    (await conn.execute(sa.text(sql), params)).all()
+            except Exception as exc:
+                run.errors[name] = describe_error(exc)
+            run.seconds[name] = time.monotonic() - started
     finally:
         await engine.dispose()
