@@ -54,6 +54,7 @@ _LIBPQ_TIMED_OUT = re.compile(
 _PSYCOPG_TIMED_OUT = re.compile(
     r"host: '(?P<host>[^']*)', port: '(?P<port>\d+)'[^\n]*?: (?:connection )?timeout expired"
 )
+_now = time.monotonic  # the clock of the time outs (a test's fake clock replaces it)
 Cause = Literal["connect_timed_out", "connection_timed_out"]
 
 
@@ -90,7 +91,7 @@ class HostOrder:
             if failed is not None:  # this worker's previous connect never succeeded
                 self._move_past(failed.start)
             start = self._start if self._start < len(hosts) else 0
-            events += self._retry_due(time.monotonic())
+            events += self._retry_due(_now())
             order = hosts[start:] + hosts[:start]
             usable = [host for host in order if host not in self._skipped] or order
             self._in_flight[worker] = _Attempt(start, usable[0] if usable else None)
@@ -146,7 +147,7 @@ class HostOrder:
     def skipped(self) -> set[tuple[str, str]]:
         """Return the hosts connects leave out now (host, port)."""
         with self._lock:
-            return {host for host, (_, until) in self._skipped.items() if until > time.monotonic()}
+            return {host for host, (_, until) in self._skipped.items() if until > _now()}
 
     def _emit(self, events: list[Event]) -> None:
         for event in events:  # outside the lock: a hook may take its time
@@ -162,7 +163,7 @@ class HostOrder:
 
     def _skip(self, hosts: set[tuple[str, str]], cause: Cause) -> list[Event]:
         """Leave ``hosts`` out of connects for `SKIP_FOR` seconds; return the events to emit."""
-        now = time.monotonic()
+        now = _now()
         new = {host for host in hosts if host not in self._skipped}
         if not new:
             return []
