@@ -94,6 +94,8 @@ class HostOrder:
             events += self._retry_due(_now())
             order = hosts[start:] + hosts[:start]
             usable = [host for host in order if host not in self._skipped] or order
+            if "hostaddr" in cparams:  # libpq pairs it by position: a shorter list would not match
+                usable = order
             self._in_flight[worker] = _Attempt(start, usable[0] if usable else None)
         self._emit(events)
         if usable != hosts:
