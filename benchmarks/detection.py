@@ -179,6 +179,10 @@ def main() -> None:
     result["seconds"] = round(time.monotonic() - started, 1)
     path = RESULTS / "detection.json"
     everything = json.loads(path.read_text()) if path.exists() else {}
+    previous = everything.get(args.label, {})
+    for section in ("half_open", "vanished", "slow_link"):  # a skipped one keeps its last run
+        if not result[section] and previous.get(section):
+            result[section] = previous[section]
     everything[args.label] = result
     path.write_text(json.dumps(everything, indent=1) + "\n")
     (RESULTS / "DETECTION.md").write_text("\n".join(report(everything)) + "\n")

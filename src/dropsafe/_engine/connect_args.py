@@ -62,6 +62,7 @@ class ConnectArguments:
             "do_connect": self._on_do_connect,
             "connect": self._on_connect,
             "handle_error": self._on_handle_error,
+            "invalidate": self._on_invalidate,
         }
 
     def _on_do_connect(
@@ -101,6 +102,20 @@ class ConnectArguments:
         elif context.is_disconnect and _timed_out(context.original_exception):
             pooled = getattr(context.connection, "_dbapi_connection", None)
             native = self._driver.native(getattr(pooled, "dbapi_connection", None))
+            if native is not None:
+                self._host_order.timed_out(native)
+
+    def _on_invalidate(
+        self,
+        dbapi_connection: DBAPIConnection,
+        entry: ConnectionPoolEntry,
+        exception: BaseException | None,
+    ) -> None:
+        # Every path that drops a connection TCP gave up on, also those that raise nothing
+        # (a ROLLBACK absorbed on a lost connection, a pool reset at checkin).
+        del entry
+        if exception is not None and _timed_out(exception):
+            native = self._driver.native(dbapi_connection)
             if native is not None:
                 self._host_order.timed_out(native)
 
