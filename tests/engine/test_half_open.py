@@ -8,8 +8,8 @@ peers' sockets left open, as a vanished host or a dead NAT leaves them. Two mome
   everything and waits for a reply (nothing unacknowledged: keepalive probes end it).
 Measured: the time from the blackhole to the driver's error. On the policy before issue 27
 (tcp_user_timeout 10 s, keepalives 10/5/3) mid-idle took 10.4-10.7 s and mid-query 10.4-15.2 s
-on every driver; now about 4.4 s. The statement is the transaction's second, so no first-statement replay
-reconnects (this measures the detection, not what follows it).
+on every driver; now about 4.4 s and 4.0 s. The statement is the transaction's second, so no
+first-statement replay reconnects (this measures the detection, not what follows it).
 """
 
 from __future__ import annotations
