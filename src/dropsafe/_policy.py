@@ -252,9 +252,17 @@ class PoolPolicy(_Validated):
         "ping_after_idle": (0, 86400),
         "ping_timeout": (0.05, 300),
         "max_lifetime": (1, 7 * 86400),
+        "replay_max_statements": (1, 10_000),
+        "replay_max_rows": (0, 10_000_000),
+        "replay_max_bytes": (0, 1 << 30),
     }
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"max_lifetime"})
-    _BOOLEANS: ClassVar[frozenset[str]] = frozenset({"replay_first_statement"})
+    _INTEGERS: ClassVar[frozenset[str]] = frozenset(
+        {"replay_max_statements", "replay_max_rows", "replay_max_bytes"}
+    )
+    _BOOLEANS: ClassVar[frozenset[str]] = frozenset(
+        {"replay_first_statement", "replay_transaction"}
+    )
 
     #: A connection idle longer than this is pinged at checkout (a round trip);
     #: a busier one is checked by looking at its socket only, which costs nothing.
@@ -273,6 +281,19 @@ class PoolPolicy(_Validated):
     #: docs/guarantees.md for statements with effects outside transactions, and for the
     #: per-statement opt-out ``execution_options(dropsafe_replay=False)``.
     replay_first_statement: bool = True
+    #: A connection lost later in such a transaction, before its COMMIT was sent: its
+    #: statements so far are sent again on a fresh connection, and each result compared with
+    #: what the app received (rowcount, a digest of the rows it fetched); all the same, the
+    #: statement goes on there. Any difference, or a statement that may act outside the
+    #: transaction, and the original error is raised (docs/mid-transaction.md). Needs
+    #: ``replay_first_statement``; off behind a pooler.
+    replay_transaction: bool = False
+    #: What one transaction records at most; past it, the replay is off for that transaction.
+    replay_max_statements: int = 100
+    #: Rows the app fetched (hashed, not kept).
+    replay_max_rows: int = 100_000
+    #: Statement text and parameter bytes (kept, to send them again).
+    replay_max_bytes: int = 1_000_000
 
 
 @_environment_defaults
@@ -329,7 +350,7 @@ _LAYER_OF = {
         "connection=ConnectionPolicy",
     ),
     **dict.fromkeys(
-        (*PoolPolicy._RANGES, "replay_first_statement"),
+        (*PoolPolicy._RANGES, *PoolPolicy._BOOLEANS),
         "pool=PoolPolicy",
     ),
     **dict.fromkeys((*UnitPolicy._RANGES, "verify_commits"), "unit=UnitPolicy"),

@@ -49,6 +49,7 @@ __all__ = [
     "RetriesGaveUp",
     "RetryScheduled",
     "RollbackConnectionLost",
+    "TransactionReplayed",
     "format_event",
 ]
 
@@ -191,6 +192,25 @@ class HookFailedAfterCommit:
 
 
 @dataclass(frozen=True)
+class TransactionReplayed:
+    """A transaction lost its connection before its COMMIT was sent, past its first statement.
+
+    ``replayed``: its statements were sent again on a fresh connection, every result the same
+    as what the app had received, and the lost statement then ran there: the app never knew.
+    ``refused``: the transaction did something a replay cannot repeat (``reason``, one line).
+    ``failed``: the replay ran and something differed or failed (``reason``). In both the app
+    got the original error, and nothing of the replay was kept (docs/mid-transaction.md).
+    """
+
+    error: str  # the lost connection's error, passwords redacted
+    outcome: Literal["replayed", "refused", "failed"]
+    statements: int  # statements sent again (before the lost one)
+    rows: int  # rows compared
+    bytes: int  # statement and parameter bytes recorded
+    reason: str | None = None  # why refused or failed
+
+
+@dataclass(frozen=True)
 class HostSkipped:
     """A host of a multi-host URL stopped answering: connects leave it out for a while.
 
@@ -230,6 +250,7 @@ Event = (
     | CommitResolved
     | AcknowledgedCommitLost
     | HookFailedAfterCommit
+    | TransactionReplayed
     | HostSkipped
     | HostRetried
 )

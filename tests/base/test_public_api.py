@@ -51,6 +51,7 @@ PUBLIC = {
         "RetriesGaveUp",
         "RetryScheduled",
         "RollbackConnectionLost",
+        "TransactionReplayed",
         "format_event",
     ],
     "dropsafe.testing": [

@@ -10,6 +10,7 @@ once its fix is merged, and the shape joins the sample.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -544,6 +545,64 @@ def _notes(*names: str, rows: tuple[str, ...] = ()) -> Callable[[Context], Effec
     return effects
 
 
+# -- no unit, the transaction replay on: a connection lost between statements ------------------
+
+
+def _replaying(ctx: Context) -> dropsafe.Policy:
+    """Return the run's policy with the transaction replay on (the mid-transaction shapes)."""
+    policy = ctx.policy
+    return dropsafe.Policy(
+        connection=policy.connection,
+        pool=dataclasses.replace(policy.pool, replay_transaction=True),
+        unit=policy.unit,
+        hooks=policy.hooks,
+    )
+
+
+_READ = "SELECT tag FROM effects ORDER BY tag"
+
+
+def _mid_transaction_sync(ctx: Context) -> object:
+    engine = ctx.warm(dropsafe.create_engine(ctx.urls["a"], policy=_replaying(ctx)))
+    with Session(engine) as session:
+        session.execute(sa.text(_READ)).all()
+        session.execute(sa.text(_insert("a")))
+        session.execute(sa.text(_READ)).all()
+        session.execute(sa.text(_insert("b")))
+        session.commit()
+    return None
+
+
+async def _mid_transaction_async(ctx: Context) -> object:
+    engine = dropsafe.create_async_engine(ctx.urls["a"], policy=_replaying(ctx))
+    ctx.pause(paused=True)  # connected once outside the count, as ctx.aengine does
+    try:
+        async with engine.connect():
+            pass
+    finally:
+        ctx.pause(paused=False)
+    try:
+        async with AsyncSession(engine) as session:
+            (await session.execute(sa.text(_READ))).all()
+            await session.execute(sa.text(_insert("a")))
+            (await session.execute(sa.text(_READ))).all()
+            await session.execute(sa.text(_insert("b")))
+            await session.commit()
+    finally:
+        await engine.dispose()
+    return None
+
+
+def _mid_transaction_orm_sync(ctx: Context) -> object:
+    engine = ctx.warm(dropsafe.create_engine(ctx.urls["a"], policy=_replaying(ctx)))
+    with Session(engine) as session:
+        session.add(Effect(tag="a"))
+        session.flush()  # its generated id: a loss after it is refused (the id would differ)
+        session.add(Effect(tag="b"))
+        session.commit()
+    return None
+
+
 _SYNC = ("psycopg2", "psycopg")
 
 CATALOG: dict[str, Shape] = {
@@ -702,6 +761,22 @@ CATALOG: dict[str, Shape] = {
             _role_effects,
             _role_request_sync,
             _role_request_async,
+            zero_code=True,
+        ),
+        Shape(
+            "mid_transaction_request",
+            "no unit, transaction replay on: read, INSERT, read, INSERT, commit",
+            _two,
+            _mid_transaction_sync,
+            _mid_transaction_async,
+            zero_code=True,
+        ),
+        Shape(
+            "mid_transaction_orm",
+            "no unit, transaction replay on: ORM flush (generated id), then another, commit",
+            _two,
+            _mid_transaction_orm_sync,
+            drivers=_SYNC,
             zero_code=True,
         ),
         Shape(
