@@ -66,7 +66,7 @@ def test_without_variables_the_defaults_are_the_built_in_ones(monkeypatch):
     for knob in TEXTS:
         monkeypatch.delenv(f"DROPSAFE_{knob.upper()}", raising=False)
     assert UnitPolicy().deadline == 20
-    assert ConnectionPolicy().tcp_user_timeout == 10
+    assert ConnectionPolicy().tcp_user_timeout == 4
     assert PoolPolicy().max_lifetime == 3600
 
 
