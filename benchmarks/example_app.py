@@ -85,15 +85,16 @@ class WhereErrorsHappen:
     with no statement when COMMIT or ROLLBACK fails.
     """
 
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, *engines: sa.Engine) -> None:
         self.by_request: dict[int, list[tuple[str, str]]] = defaultdict(list)
         self.outside_requests: list[tuple[str, str]] = []
         self.round_trips = 0  # statements, COMMITs and ROLLBACKs sent: the cost of a variant
-        event.listen(engine, "begin", self._begin)
-        event.listen(engine, "before_cursor_execute", self._statement)
-        event.listen(engine, "commit", self._commit)
-        event.listen(engine, "rollback", self._rollback)
-        event.listen(engine, "handle_error", self._error)
+        for engine in engines:  # an app's engines (binds) and an async engine's sync_engine
+            event.listen(engine, "begin", self._begin)
+            event.listen(engine, "before_cursor_execute", self._statement)
+            event.listen(engine, "commit", self._commit)
+            event.listen(engine, "rollback", self._rollback)
+            event.listen(engine, "handle_error", self._error)
 
     @staticmethod
     def _info(connection: sa.Connection) -> dict[str, Any]:
@@ -192,23 +193,39 @@ class Observed:
             self._classify(number, status, raised)
 
     def _classify(self, number: int, status: int | None, raised: BaseException | None) -> None:
-        errors = self.recorder.by_request.pop(number, [])
-        result = self.result
-        result.requests += 1
-        failed = status is None or status >= 500
-        place, what = errors[-1] if errors else ("other", f"{type(raised).__name__}: {raised}")
-        if failed:
-            result.failed[place] += 1
-            result.examples.setdefault(place, what)
+        record_request(self.recorder, self.result, number, status, raised)
+
+
+def record_request(
+    recorder: WhereErrorsHappen,
+    result: RunResult,
+    number: int,
+    status: int | None,
+    raised: BaseException | None,
+) -> None:
+    """Count request ``number`` in ``result``: answered, or failed where its last error was."""
+    errors = recorder.by_request.pop(number, [])
+    result.requests += 1
+    failed = status is None or status >= 500
+    if errors:
+        place, what = errors[-1]
+    else:
+        # No database error seen by the engine's events: asyncpg lets a failed connect's
+        # OSError through unwrapped, and SQLAlchemy's handle_error does not see it.
+        place = "connect" if isinstance(raised, OSError) else "other"
+        what = f"{type(raised).__name__}: {raised}"
+    if failed:
+        result.failed[place] += 1
+        result.examples.setdefault(place, what)
+        errors = errors[:-1]
+    else:
+        result.ok += 1
+        if raised is not None:
+            result.raised_after_reply[place] += 1
+            result.examples.setdefault(f"after reply: {place}", what)
             errors = errors[:-1]
-        else:
-            result.ok += 1
-            if raised is not None:
-                result.raised_after_reply[place] += 1
-                result.examples.setdefault(f"after reply: {place}", what)
-                errors = errors[:-1]
-        for absorbed_place, _ in errors:
-            result.absorbed[absorbed_place] += 1
+    for absorbed_place, _ in errors:
+        result.absorbed[absorbed_place] += 1
 
 
 async def drive(client: httpx.AsyncClient, result: RunResult, stop: asyncio.Event) -> None:  # noqa: C901 - the request mix, one closure per request
@@ -337,20 +354,10 @@ def table(rows: list[tuple[str, list[RunResult]]]) -> list[str]:
         "|---" * (10 + len(PLACES)) + "|",
     ]
     for name, results in rows:
-        failed: Counter[str] = Counter()
-        after: Counter[str] = Counter()
-        absorbed: Counter[str] = Counter()
-        for result in results:
-            failed += result.failed
-            after += result.raised_after_reply
-            absorbed += result.absorbed
-        per_run = ", ".join(str(sum(result.failed.values())) for result in results)
+        absorbed: Counter[str] = sum((result.absorbed for result in results), Counter())
         requests = sum(result.requests for result in results)
         lines.append(
-            f"| {name} | {len(results)} | {requests} | "
-            f"{sum(r.faults for r in results)} | {sum(failed.values())} ({per_run}) | "
-            + " | ".join(str(failed[place]) for place in PLACES)
-            + f" | {sum(after.values())} | {sum(absorbed.values())} | "
+            f"| {name} | {failure_cells(results)} | {sum(absorbed.values())} | "
             f"{sum(r.doubled_signups for r in results)} | "
             f"{requests / sum(r.seconds for r in results):.0f} | "
             f"{sum(r.round_trips for r in results) / max(requests, 1):.1f} |"
@@ -358,19 +365,94 @@ def table(rows: list[tuple[str, list[RunResult]]]) -> list[str]:
     return lines
 
 
-def main() -> None:
-    """Run every variant ``--runs`` times and write the results."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+def report_run(what: str, result: RunResult, **more: object) -> None:
+    """Print one run's counts as it ends (a long measurement shows its progress)."""
+    extra = "".join(f", {key} {value}" for key, value in more.items())
+    print(
+        f"{what}: {result.requests} requests, {result.faults} faults, "
+        f"5xx {dict(result.failed)}, after reply {dict(result.raised_after_reply)}{extra}",
+        flush=True,
+    )
+
+
+def bench_arguments(description: str, *, runs: int, output: Path) -> argparse.ArgumentParser:
+    """Return a parser with the options every fault benchmark here takes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--runs", type=int, default=runs)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--label", default="this branch", help="the code measured, for the file")
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    parser.add_argument(
-        "--no-faults", action="store_true", help="no fault loop: what each variant costs"
-    )
+    parser.add_argument("--output", type=Path, default=output)
+    return parser
+
+
+def parse_bounded(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Parse the command line; refuse runs and seconds out of bounds (the loops are bounded)."""
     arguments = parser.parse_args()
     if not 1 <= arguments.runs <= 20 or not 1 <= arguments.seconds <= 300:
         parser.error("--runs must be 1..20 and --seconds 1..300 (the loops are bounded)")
+    return arguments
+
+
+def failure_cells(results: list[RunResult]) -> str:
+    """Return the cells every fault table has: runs, requests, faults, failed, by place, after.
+
+    Failed requests in total (and per run), then by where they failed (``PLACES``), then the
+    errors raised after a 2xx reply.
+    """
+    failed: Counter[str] = sum((result.failed for result in results), Counter())
+    after: Counter[str] = sum((result.raised_after_reply for result in results), Counter())
+    per_run = ", ".join(str(sum(result.failed.values())) for result in results)
+    return (
+        f"{len(results)} | {sum(result.requests for result in results)} | "
+        f"{sum(result.faults for result in results)} | {sum(failed.values())} ({per_run}) | "
+        + " | ".join(str(failed[place]) for place in PLACES)
+        + f" | {sum(after.values())}"
+    )
+
+
+def machine_line(runs: int, seconds: float) -> str:
+    """Return the line that names the machine and the software measured (ends without a dot)."""
+    return (
+        f"Machine: {platform.node() or 'unknown'}, {platform.machine()}, "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"SQLAlchemy {sa.__version__}; {runs} runs of {seconds:g} s"
+    )
+
+
+def publish(
+    arguments: argparse.Namespace, title: str, setup: str, table_lines: list[str], seen: list[str]
+) -> None:
+    """Append a section for ``--label`` to ``--output`` (made with ``title`` if new); print it.
+
+    The section: how it was measured (``setup``, the machine named), the table, and an error
+    of each kind as the app saw it (``seen``).
+    """
+    lines = [
+        f"## {arguments.label}",
+        "",
+        setup,
+        "",
+        *table_lines,
+        "",
+        "One error of each kind, as the app saw it:",
+        "",
+        *seen,
+        "",
+    ]
+    output: Path = arguments.output
+    output.parent.mkdir(parents=True, exist_ok=True)
+    before = output.read_text() if output.exists() else f"# {title}\n\n"
+    output.write_text(before + "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    """Run every variant ``--runs`` times and write the results."""
+    parser = bench_arguments(__doc__.splitlines()[0], runs=3, output=RESULTS)
+    parser.add_argument(
+        "--no-faults", action="store_true", help="no fault loop: what each variant costs"
+    )
+    arguments = parse_bounded(parser)
     example = load_app_module()
     rows: list[tuple[str, list[RunResult]]] = []
     examples: dict[str, dict[str, str]] = {}
@@ -389,11 +471,11 @@ def main() -> None:
                         faults_on=not arguments.no_faults,
                     )
                 )
-                print(
-                    f"{name} run {run}: {result.requests} requests, {result.faults} faults, "
-                    f"5xx {dict(result.failed)}, after reply {dict(result.raised_after_reply)}, "
-                    f"absorbed {dict(result.absorbed)}, doubled {result.doubled_signups}",
-                    flush=True,
+                report_run(
+                    f"{name} run {run}",
+                    result,
+                    absorbed=dict(result.absorbed),
+                    doubled=result.doubled_signups,
                 )
                 results.append(result)
                 for place, what in result.examples.items():
@@ -408,30 +490,17 @@ def write(
     examples: dict[str, dict[str, str]],
 ) -> None:
     """Append this measurement to the results file (one section per ``--label``)."""
-    lines = [
-        f"## {arguments.label}",
-        "",
-        (
-            f"Machine: {platform.node() or 'unknown'}, {platform.machine()}, "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}, "
-            f"SQLAlchemy {sa.__version__}; {arguments.runs} runs of {arguments.seconds:g} s "
-            f"per variant, {CLIENTS} clients" + (", no faults." if arguments.no_faults else ".")
-        ),
-        "",
-        *table(rows),
-        "",
-        "One error of each kind, as the app saw it:",
-        "",
+    setup = (
+        machine_line(arguments.runs, arguments.seconds)
+        + f" per variant, {CLIENTS} clients"
+        + (", no faults." if arguments.no_faults else ".")
+    )
+    seen = [
+        f"- {name}, {place}: `{what}`"
+        for name, places in examples.items()
+        for place, what in sorted(places.items())
     ]
-    for name, places in examples.items():
-        for place, what in sorted(places.items()):
-            lines.append(f"- {name}, {place}: `{what}`")
-    lines.append("")
-    output: Path = arguments.output
-    output.parent.mkdir(parents=True, exist_ok=True)
-    before = output.read_text() if output.exists() else "# examples/fastapi_crud under faults\n\n"
-    output.write_text(before + "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    publish(arguments, "examples/fastapi_crud under faults", setup, table(rows), seen)
 
 
 if __name__ == "__main__":

@@ -180,8 +180,8 @@ def _environment_defaults(kind: type[_V]) -> type[_V]:
 class ConnectionPolicy(_Validated):
     """How a connection is opened: applied as the driver's connect arguments and socket options.
 
-    The defaults notice a dead peer within about 10 s even in the middle of a query, and keep
-    an idle connection alive through NAT and load balancers with a keepalive every 10 s.
+    The defaults notice a dead peer within about 5 s even in the middle of a query, and keep
+    an idle connection alive through NAT and load balancers with a keepalive every 2 s.
 
     Example::
 
@@ -212,13 +212,22 @@ class ConnectionPolicy(_Validated):
     #: (a wrong password, a missing database, a TLS setting) fail at once; inside a unit of
     #: work the unit does the waiting, within its deadline. 0 fails at once, as before.
     connect_wait: Duration = 10.0
-    #: Time sent data may stay unacknowledged before the kernel drops the connection;
-    #: this is what ends a request on a half-open socket. None leaves the OS default (~15 min).
-    tcp_user_timeout: Duration | None = 10.0
-    #: Idle time before the first TCP keepalive probe; None turns keepalives off.
-    keepalive_idle: Duration | None = 10.0
+    #: Time sent data (or a keepalive probe) may stay unacknowledged before the kernel drops
+    #: the connection; this is what ends a request on a half-open socket: about 4.5 s after
+    #: the link died, idle or mid-query. Linux counts it from the sending of the oldest data
+    #: still unacknowledged once that data needed a retransmission, never a transfer's total
+    #: time: data acknowledged slowly but steadily (a slow link, a large result or upload) is
+    #: not cut, nor is a long query (the server's kernel answers keepalives). On a link with
+    #: more than 100 ms of round trip or frequent loss, raise it (300 ms: 12 s, see
+    #: docs/guarantees.md). None leaves the OS default (~15 min).
+    tcp_user_timeout: Duration | None = 4.0
+    #: Idle time before the first TCP keepalive probe; None turns keepalives off. 2 s: a query
+    #: that runs while the link dies is found by probes (tcp_user_timeout ends it at the first
+    #: unanswered probe past it); one small packet per 2 s per idle connection, answered by the
+    #: server's kernel.
+    keepalive_idle: Duration | None = 2.0
     #: Time between keepalive probes.
-    keepalive_interval: Duration = 5.0
+    keepalive_interval: Duration = 1.0
     #: Unanswered probes before the connection is declared dead.
     keepalive_count: int = 3
     #: The pooler between the application and PostgreSQL, if any. ``"transaction"`` (PgBouncer,
@@ -243,10 +252,16 @@ class PoolPolicy(_Validated):
         "ping_after_idle": (0, 86400),
         "ping_timeout": (0.05, 300),
         "max_lifetime": (1, 7 * 86400),
+        "replay_max_statements": (1, 10_000),
+        "replay_max_rows": (0, 10_000_000),
+        "replay_max_bytes": (0, 1 << 30),
     }
     _OPTIONAL: ClassVar[frozenset[str]] = frozenset({"max_lifetime"})
+    _INTEGERS: ClassVar[frozenset[str]] = frozenset(
+        {"replay_max_statements", "replay_max_rows", "replay_max_bytes"}
+    )
     _BOOLEANS: ClassVar[frozenset[str]] = frozenset(
-        {"replay_first_statement", "defer_checkin_rollback"}
+        {"replay_first_statement", "replay_transaction", "defer_checkin_rollback"}
     )
 
     #: A connection idle longer than this is pinged at checkout (a round trip);
@@ -266,6 +281,19 @@ class PoolPolicy(_Validated):
     #: docs/guarantees.md for statements with effects outside transactions, and for the
     #: per-statement opt-out ``execution_options(dropsafe_replay=False)``.
     replay_first_statement: bool = True
+    #: A connection lost later in such a transaction, before its COMMIT was sent: its
+    #: statements so far are sent again on a fresh connection, and each result compared with
+    #: what the app received (rowcount, a digest of the rows it fetched); all the same, the
+    #: statement goes on there. Any difference, or a statement that may act outside the
+    #: transaction, and the original error is raised (docs/mid-transaction.md). Needs
+    #: ``replay_first_statement``; off behind a pooler.
+    replay_transaction: bool = False
+    #: What one transaction records at most; past it, the replay is off for that transaction.
+    replay_max_statements: int = 100
+    #: Rows the app fetched (hashed, not kept).
+    replay_max_rows: int = 100_000
+    #: Statement text and parameter bytes (kept, to send them again).
+    replay_max_bytes: int = 1_000_000
     #: The ROLLBACK that ends a request (a Session's or Connection's close, the pool's reset at
     #: checkin) is sent without waiting for its reply, which is read before the connection is
     #: used again: a request that ends with a ROLLBACK saves a round trip. A ROLLBACK that fails

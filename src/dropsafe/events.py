@@ -40,6 +40,8 @@ __all__ = [
     "FirstStatementReplayed",
     "Hook",
     "HookFailedAfterCommit",
+    "HostRetried",
+    "HostSkipped",
     "LoggingHook",
     "OpenTelemetryHook",
     "PingSucceeded",
@@ -47,6 +49,7 @@ __all__ = [
     "RetriesGaveUp",
     "RetryScheduled",
     "RollbackConnectionLost",
+    "TransactionReplayed",
     "format_event",
 ]
 
@@ -188,6 +191,53 @@ class HookFailedAfterCommit:
     error: str  # the hook's error, passwords redacted
 
 
+@dataclass(frozen=True)
+class TransactionReplayed:
+    """A transaction lost its connection before its COMMIT was sent, past its first statement.
+
+    ``replayed``: its statements were sent again on a fresh connection, every result the same
+    as what the app had received, and the lost statement then ran there: the app never knew.
+    ``refused``: the transaction did something a replay cannot repeat (``reason``, one line).
+    ``failed``: the replay ran and something differed or failed (``reason``). In both the app
+    got the original error, and nothing of the replay was kept (docs/mid-transaction.md).
+    """
+
+    error: str  # the lost connection's error, passwords redacted
+    outcome: Literal["replayed", "refused", "failed"]
+    statements: int  # statements sent again (before the lost one)
+    rows: int  # rows compared
+    bytes: int  # statement and parameter bytes recorded
+    reason: str | None = None  # why refused or failed
+
+
+@dataclass(frozen=True)
+class HostSkipped:
+    """A host of a multi-host URL stopped answering: connects leave it out for a while.
+
+    ``cause``: a connect timed out there (``connect_timed_out``), or TCP gave up on an open
+    connection to it (``connection_timed_out``). For ``seconds`` the engine's connects try the
+    other hosts only, so a vanished primary costs no connect its ``connect_timeout`` while a
+    standby is promoted; then `HostRetried`. Never every host at once: when all of them time
+    out, connects try them in order. Logged at INFO.
+    """
+
+    url: str  # the engine's URL, password masked
+    host: str
+    port: int
+    cause: Literal["connect_timed_out", "connection_timed_out"]
+    seconds: float  # how long connects leave it out
+
+
+@dataclass(frozen=True)
+class HostRetried:
+    """A host that `HostSkipped` left out is tried again by connects (its time out is over)."""
+
+    url: str  # the engine's URL, password masked
+    host: str
+    port: int
+    skipped_for: float  # seconds it was left out
+
+
 Event = (
     DeadConnectionReplaced
     | ConnectWaited
@@ -200,6 +250,9 @@ Event = (
     | CommitResolved
     | AcknowledgedCommitLost
     | HookFailedAfterCommit
+    | TransactionReplayed
+    | HostSkipped
+    | HostRetried
 )
 
 
@@ -353,6 +406,15 @@ class PrometheusHook:
             "Session hooks that raised after a unit of work had committed (result returned).",
             **common,
         )
+        self.hosts_skipped = counter(
+            "hosts_skipped",
+            "Hosts of a multi-host URL left out of connects after a timeout, by cause.",
+            ["cause"],
+            **common,
+        )
+        self.hosts_retried = counter(
+            "hosts_retried", "Hosts left out of connects that connects try again.", **common
+        )
 
     def __call__(self, event: Event, /) -> None:
         """Record ``event``."""
@@ -374,6 +436,10 @@ class PrometheusHook:
             self.replayed_statements.inc()
         elif isinstance(event, PingSucceeded):
             self.pings.labels(why=event.why).observe(event.latency)
+        elif isinstance(event, HostSkipped):
+            self.hosts_skipped.labels(cause=event.cause).inc()
+        elif isinstance(event, HostRetried):
+            self.hosts_retried.inc()
         else:
             return False
         return True
@@ -395,7 +461,7 @@ class PrometheusHook:
 
 # Fields whose values are few and known: metric attributes. Free text (errors, a lost commit's
 # reason, a unit's name) and numbers go to span events only.
-_OTEL_LABELS = frozenset({"pool_wide", "kind", "during", "why", "outcome"})
+_OTEL_LABELS = frozenset({"pool_wide", "kind", "during", "why", "outcome", "cause"})
 # Durations in seconds, recorded in one histogram per event.
 _OTEL_SECONDS = frozenset({"latency", "elapsed", "delay"})
 

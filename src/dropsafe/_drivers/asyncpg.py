@@ -2,6 +2,16 @@
 
 asyncpg takes no TCP options, so dropsafe sets them on its socket (`socket_for_options`); its
 errors keep the SQLSTATE in ``sqlstate`` and the severity in ``severity_en``.
+
+The server's goodbye. PostgreSQL sends an ErrorResponse of severity FATAL (a terminated
+backend, a shutdown) before it closes the socket. asyncpg's event loop reads it at once; with
+no operation running, its protocol has no one to give it to and waits for a ReadyForQuery that
+never comes (``protocol/coreproto.pyx``: "cannot process message" in ``_read_server_messages``,
+then ``PROTOCOL_ERROR_CONSUME``). Until the close arrives, ``is_closed()`` is False and the
+socket is quiet, yet the next operation fails with ``InternalClientError: cannot switch to
+state 15; another operation (2) is in progress``. So dropsafe stands a thin watch between the
+transport and asyncpg's protocol (`_GoodbyeWatch`) that notes a goodbye, and the checkout look
+reports such a connection closed.
 """
 
 from __future__ import annotations
@@ -43,6 +53,76 @@ def _sqlstate(error: BaseException) -> object:
 
 def _severity(error: BaseException) -> object:
     return getattr(error, "severity_en", None)
+
+
+class _GoodbyeWatch(asyncio.Protocol):
+    """Passes everything to asyncpg's protocol; notes a FATAL or PANIC ErrorResponse.
+
+    Only a message that starts what the loop read is looked at: the goodbye to an idle
+    connection comes alone, and one inside an operation's replies is asyncpg's to handle (it
+    fails that operation). A byte test per read, no parsing of the stream.
+    """
+
+    __slots__ = ("goodbye", "inner")
+
+    def __init__(self, inner: asyncio.Protocol) -> None:
+        self.inner = inner
+        #: The server said FATAL (or PANIC): the session is over, whatever the socket says.
+        self.goodbye = False
+
+    def data_received(self, data: bytes) -> None:
+        if data[:1] == b"E" and _ends_session(data):
+            self.goodbye = True
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+#: The severities that end the session, in the ErrorResponse's untranslated field (``V``,
+#: PostgreSQL 9.6+), and in its ``S`` field for a pooler that sends no ``V`` (PgBouncer's
+#: goodbyes: ``SFATAL`` and a SQLSTATE); PostgreSQL may translate ``S``, never ``V``.
+_SESSION_ENDING = (b"\x00VFATAL\x00", b"\x00VPANIC\x00", b"\x00SFATAL\x00", b"\x00SPANIC\x00")
+_FIRST_FIELD = tuple(marker[1:] for marker in _SESSION_ENDING)
+_HEADER = 5  # the message type and its length
+
+
+def _ends_session(data: bytes) -> bool:
+    """Whether ``data`` starts with an ErrorResponse whose severity ends the session."""
+    message = bytes(data)  # asyncio hands bytes; anything else is copied, on this rare path
+    end = 1 + int.from_bytes(message[1:_HEADER], "big")
+    # A field starts the fields, or follows another's terminating zero byte.
+    return message.startswith(_FIRST_FIELD, _HEADER) or any(
+        message.find(marker, _HEADER, end) != -1 for marker in _SESSION_ENDING
+    )
+
+
+def _goodbye_watch(native: DBAPIConnection) -> _GoodbyeWatch | None:
+    """Return the watch on an asyncpg connection, put in place the first time (None: none fits).
+
+    The transport's protocol is swapped (asyncio's documented ``set_protocol``) only while it
+    is asyncpg's own: someone else's wrapper there is left alone.
+    """
+    transport = native._transport  # noqa: SLF001 - asyncpg keeps it private
+    if transport is None or transport.is_closing():
+        return None
+    current = transport.get_protocol()
+    if isinstance(current, _GoodbyeWatch):
+        return current
+    if current is not native._protocol:  # noqa: SLF001
+        return None
+    watch = _GoodbyeWatch(current)
+    transport.set_protocol(watch)
+    return watch
 
 
 def _socket(native: DBAPIConnection) -> socket.socket | None:
@@ -148,17 +228,22 @@ class Asyncpg(Driver):
         connection = dbapi_connection.driver_connection
         if connection.is_closed():
             return Health.CLOSED
+        watch = _goodbye_watch(connection)
+        if watch is not None and watch.goodbye:
+            return Health.CLOSED
         # The event loop may not have run since the peer hung up: look at the socket too.
         sock = _socket(connection)
         return Health.QUIET if sock is None else poll(sock)
 
     def prober(self, dbapi_connection: DBAPIConnection) -> Callable[[], Health]:
         connection = dbapi_connection.driver_connection
+        # Made when the pool connects: the watch is in place before the connection idles.
+        watch = _goodbye_watch(connection)
         sock = _socket(connection)
         look = None if sock is None else SocketPoll(sock)
 
         def probe() -> Health:
-            if connection.is_closed():
+            if connection.is_closed() or (watch is not None and watch.goodbye):
                 return Health.CLOSED
             # The event loop may not have run since the peer hung up: look at the socket too.
             return Health.QUIET if look is None else look()

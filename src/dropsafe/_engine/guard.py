@@ -224,7 +224,9 @@ class EngineGuard:
             after_check=self.replay.on_checked if self.replay.enabled else None,
             settle=self.quiet_rollback.settle if self.quiet_rollback.defers else None,
         )
-        self.connects = ConnectArguments(policy.connection, self.driver)
+        self.connects = ConnectArguments(
+            policy.connection, self.driver, policy.hooks, redact_url(engine.url)
+        )
         self.connect_wait = ConnectWait(policy.connection, policy.hooks, engine)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
 

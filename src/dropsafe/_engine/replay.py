@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-from typing import TYPE_CHECKING, Any
+import weakref
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
@@ -28,13 +29,14 @@ from dropsafe._engine.session_state import (
     session_used,
     snapshot,
 )
+from dropsafe._engine.transcript import Transcript, refusal_of_text
 from dropsafe._engine_state import Unsent
 from dropsafe._errors import ConfigurationError
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
 from dropsafe._sqlalchemy_private import switch_connection
-from dropsafe.events import FirstStatementReplayed
+from dropsafe.events import FirstStatementReplayed, TransactionReplayed
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
@@ -120,6 +122,19 @@ class FirstStatementReplay:
         # The engine's checkouts whose first statement is not sent yet (no lock: a checkout is
         # used by one thread or task at a time, and a single insertion or removal is atomic).
         self._state = state
+        self._policy = policy
+        # Each SQLAlchemy root Transaction's record, for a replay past its first statement:
+        # gone with the Transaction (its COMMIT or ROLLBACK ends it; the record holds no
+        # reference to it, so that it can be collected).
+        self._transcripts: weakref.WeakKeyDictionary[object, Transcript] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._records = self._enabled and policy.replay_transaction
+        self._caps = (
+            int(policy.replay_max_statements),
+            int(policy.replay_max_rows),
+            int(policy.replay_max_bytes),
+        )
 
     @property
     def enabled(self) -> bool:
@@ -219,14 +234,26 @@ class FirstStatementReplay:
         try:
             pending = self._state.first_statement_sent(checkout)
             if pending is None:
-                send(cursor)
+                # Only a checkout's first transaction is recorded: it alone is proven to start
+                # with nothing of the app's on the connection.
+                transcript = self._transcript_of(connection) if self._records else None
+                if transcript is None:
+                    send(cursor)
+                else:
+                    self._send_later(connection, context, statement, send, cursor, transcript)
                 return
             refusal = self._refusal(connection, context, statement, checkout, pending)
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
+                if self._records:  # kept to say why, should the transaction lose its connection
+                    self._begin_transcript(
+                        connection, context, statement, send, pending, refusal=refusal
+                    )
                 send(cursor)
                 return
             self._send_first(connection, context, send, cursor, pending, changes=changes)
+            if self._records:
+                self._begin_transcript(connection, context, statement, send, pending)
         finally:
             # Whether it ran or failed: a session advisory lock outlives the failed transaction
             # that took it. (A replay marks its fresh connection itself.)
@@ -251,7 +278,7 @@ class FirstStatementReplay:
         except Exception as exc:
             if not self._lost(exc, connection.connection):
                 raise
-            lost_state = self._session_of_lost(connection.connection, pending)
+            lost_state = self._session_of_lost(connection.connection, pending.native)
             if lost_state is None:
                 raise
             text = describe_error(exc)
@@ -272,7 +299,7 @@ class FirstStatementReplay:
             emit(self._hooks, FirstStatementReplayed(text))
 
     def _session_of_lost(
-        self, checkout: PoolProxiedConnection, pending: Unsent
+        self, checkout: PoolProxiedConnection, native: NativeConnection
     ) -> tuple[object, ...] | None:
         """Return the lost connection's session state as far as it is known; None if unknowable.
 
@@ -286,7 +313,7 @@ class FirstStatementReplay:
                 "connection was made may have changed the session's state"
             )
             return None
-        state = None if self._driver is None else snapshot(self._driver, pending.native)
+        state = None if self._driver is None else snapshot(self._driver, native)
         if state is None:
             logger.debug(
                 "dropsafe will not replay this first statement: its connection's "
@@ -483,3 +510,224 @@ class FirstStatementReplay:
         cursor = context.create_cursor()
         context.cursor = cursor  # documented; set as SQLAlchemy's FAQ recipe does
         return cursor
+
+    # -- the transaction past its first statement ---------------------------------------------
+
+    def _transcript_of(self, connection: Connection) -> Transcript | None:
+        """Return what ``connection``'s transaction recorded, if anything."""
+        transaction = connection.get_transaction()
+        return None if transaction is None else self._transcripts.get(transaction)
+
+    def _begin_transcript(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        statement: str,
+        send: Callable[[Any], None],
+        pending: Unsent,
+        *,
+        refusal: str | None = None,
+    ) -> None:
+        """Start recording the transaction whose first statement was just sent (or replayed).
+
+        With a ``refusal``, before it is sent: nothing is recorded, the reason is kept.
+        """
+        policy, driver = self._state.policy, self._driver
+        if driver is None or policy is None:
+            return
+        if policy.connection.pooler is not None and refusal is None:
+            # A pooler's sessions are its own: what a fresh client connection lands on, and
+            # whether the lost one's server transaction has ended, are not proven.
+            refusal = f"behind a pooler (ConnectionPolicy.pooler={policy.connection.pooler!r})"
+        checkout = connection.connection
+        native, fd = pending.native, pending.fd  # read at checkout, unless since replayed
+        if native is not driver.native(checkout.dbapi_connection):
+            native = driver.native(checkout.dbapi_connection)
+            fd = None if native is None else socket_fd_of(driver, native)
+        transaction = connection.get_transaction()
+        if transaction is None:  # autocommit: nothing to replay
+            return
+        transcript = Transcript(native, fd, self._caps)
+        self._transcripts[transaction] = transcript
+        if refusal is None:
+            self._record(transcript, context, statement, send)
+        else:
+            transcript.refuse(refusal)
+
+    def _record(
+        self,
+        transcript: Transcript,
+        context: ExecutionContext,
+        statement: str,
+        send: Callable[[Any], None],
+    ) -> None:
+        """Record a statement just sent; the app reads its result through the recording."""
+        reason = _statement_refusal(context, statement)
+        if reason is not None:
+            transcript.refuse(reason)
+            return
+        reader = transcript.record(send, context.cursor, _size(statement, context))
+        if reader is not None:
+            context.cursor = cast(
+                "DBAPICursor", reader
+            )  # documented; what SQLAlchemy reads the result from
+            fd = transcript.fd
+            transcript.sent_after = None if fd is None else tcp_bytes_sent(fd)
+
+    def _send_later(  # noqa: PLR0917 # _send_first's arguments, and the transcript
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        statement: str,
+        send: Callable[[Any], None],
+        cursor: DBAPICursor,
+        transcript: Transcript,
+    ) -> None:
+        """Send a statement past the transaction's first; if its connection is lost, replay."""
+        if transcript.refused is None:
+            reason = _statement_refusal(context, statement) or _sent_around(transcript)
+            if reason is not None:
+                logger.debug("dropsafe will not replay this transaction: %s", reason)
+                transcript.refuse(reason)
+        try:
+            send(cursor)
+        except Exception as exc:
+            if not self._lost(exc, connection.connection):
+                if transcript.refused is None and _timed_out(exc):
+                    # The old backend may still hold the transaction and its locks: a replay
+                    # would wait on them (fencing it is not built).
+                    emit(self._hooks, _timed_out_event(exc, transcript))
+                transcript.refuse("the statement failed on a connection that was not lost")
+                raise
+            self._replay_transaction(connection, context, send, exc, transcript)
+        self._record(transcript, context, statement, send)
+
+    def _replay_transaction(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        send: Callable[[Any], None],
+        error: Exception,
+        transcript: Transcript,
+    ) -> None:
+        """Replay the transaction on a fresh connection and send the lost statement; else raise.
+
+        Raises ``error`` (the original) when the replay is refused or anything in it differs or
+        fails; the fresh connection is then invalidated, so nothing of the replay is kept.
+        """
+        text = describe_error(error)
+        counts = (len(transcript.statements), transcript.rows, transcript.bytes)
+
+        def refused(reason: str, outcome: Literal["refused", "failed"] = "refused") -> None:
+            logger.debug("dropsafe did not replay a transaction (%s): %s", outcome, reason)
+            emit(self._hooks, TransactionReplayed(text, outcome, *counts, reason=reason))
+
+        if transcript.refused is not None:
+            refused(transcript.refused)
+            raise error
+        lost = connection.connection
+        lost_state = self._session_of_lost(lost, transcript.native)
+        if lost_state is None:
+            refused("the lost connection's session state is unknown")
+            raise error
+        try:
+            fresh_cursor = self._reconnect(connection, context, error, lost_state, changes=False)
+        except Exception:
+            refused("no fresh connection could be set up for it", "failed")
+            raise
+        if fresh_cursor is None:
+            refused("a fresh connection would not be in the same session state")
+            raise error
+        fresh = connection.connection
+        try:
+            difference = _replay_bounded(transcript, fresh)
+            if difference is None:
+                send(fresh_cursor)
+        except Exception as again:  # the original error is the one to raise
+            logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
+            difference = f"the replay failed: {describe_error(again)}"
+        if difference is not None:
+            connection.invalidate(error)  # the fresh connection, and the replay with it
+            refused(difference, "failed")
+            raise error
+        mark_connection(fresh.driver_connection, changes=False)
+        driver = self._driver
+        transcript.native = None if driver is None else driver.native(fresh.dbapi_connection)
+        transcript.fd = (
+            None
+            if transcript.native is None or driver is None
+            else socket_fd_of(driver, transcript.native)
+        )
+        logger.debug("dropsafe replayed a transaction on a fresh connection: %s", text)
+        emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
+
+
+# A replay waits this long at most for a lock (milliseconds): the old backend of a connection
+# lost to a cut the server did not see may hold the transaction's locks until it notices.
+REPLAY_LOCK_TIMEOUT_MS = 2000
+
+
+def _replay_bounded(transcript: Transcript, fresh: PoolProxiedConnection) -> str | None:
+    """Replay ``transcript`` on ``fresh``, its lock waits bounded; the difference, or None.
+
+    Two round trips more, on the replay only: the transaction's lock_timeout is set for the
+    replay, then put back to what it was, before the app's statement goes on.
+    """
+    cursor = fresh.cursor()
+    cursor.execute(
+        "SELECT current_setting('lock_timeout'), "
+        f"set_config('lock_timeout', '{REPLAY_LOCK_TIMEOUT_MS}', true)"
+    )
+    (before, _), *_ = cursor.fetchall()
+    difference = transcript.replay_onto(fresh.cursor)
+    if difference is None:
+        quoted = str(before).replace("'", "''")  # the server's own value
+        cursor.execute(f"SELECT set_config('lock_timeout', '{quoted}', true)")
+        cursor.fetchall()
+    cursor.close()
+    return difference
+
+
+def _timed_out_event(error: Exception, transcript: Transcript) -> TransactionReplayed:
+    return TransactionReplayed(
+        describe_error(error),
+        "refused",
+        len(transcript.statements),
+        transcript.rows,
+        transcript.bytes,
+        reason="the connection timed out: the old backend may still hold the transaction's locks",
+    )
+
+
+def _statement_refusal(context: ExecutionContext, statement: str) -> str | None:
+    """Why a statement turns its transaction's replay off, or None."""
+    options = context.execution_options
+    if options.get(OPT_OUT, True) is False:
+        return f"{OPT_OUT}=False"
+    if options.get("stream_results") or options.get("yield_per"):
+        return "a server-side cursor (stream_results): its rows are read as the app goes"
+    style = getattr(context, "execute_style", None)
+    if style not in _REPLAYABLE_STYLES:
+        return f"execute style {getattr(style, 'name', style)}"
+    return refusal_of_text(statement)
+
+
+def _sent_around(transcript: Transcript) -> str | None:
+    """Why the driver's connection sent bytes that are not in the transcript, or None."""
+    fd, before = transcript.fd, transcript.sent_after
+    now = None if fd is None else tcp_bytes_sent(fd)
+    if now is None or before is None:
+        return "the bytes sent on its socket are unknown (not TCP?)"
+    if now != before:
+        return f"the driver's connection sent {now - before} bytes around SQLAlchemy"
+    return None
+
+
+def _size(statement: str, context: ExecutionContext) -> int:
+    """Estimate the bytes a recorded statement keeps: its text and its parameters."""
+    size = len(statement)
+    for parameters in getattr(context, "parameters", ()) or ():
+        values = parameters.values() if isinstance(parameters, dict) else parameters
+        for value in values:
+            size += len(value) if isinstance(value, (str, bytes)) else 8
+    return size

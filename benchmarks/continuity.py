@@ -1,0 +1,477 @@
+"""Issue 27's must-show: two apps with unchanged handlers, under faults, per engine variant.
+
+``python benchmarks/continuity.py --runs 2 --seconds 15 --label "main at abc123"``
+
+The apps are what a new user writes, with no dropsafe code in the handlers:
+
+- ``flask``: Flask-SQLAlchemy with a bind (psycopg2): notes on the default engine, deposits on
+  the ``accounts`` bind (a read of the balance, then an insert: two statements), reads; each
+  write is ``db.session.add(...)`` and ``db.session.commit()``;
+- ``fastapi``: FastAPI with asyncpg, an ``AsyncSession`` per request from a ``yield``
+  dependency, the same writes and reads.
+
+Variants of the engines only: ``plain``, ``pre_ping`` (``pool_pre_ping=True``) and ``flag``
+(``?plugin=dropsafe`` in each URL). Faults, while 4 clients send requests: ``kill`` terminates
+every backend once a second; ``restart`` restarts the server, fast and immediate in turn,
+1.5 s after it is back each time. The server is real (TLS, loopback).
+
+A request that failed (5xx) is counted where its last database error happened, as
+benchmarks/example_app.py does: at connect, on a transaction's first statement, mid-transaction,
+at COMMIT, at the ROLLBACK that closes a session. Every write carries a token: an acknowledged
+write missing from the database is "lost", one stored twice "doubled" (both must stay 0).
+Writes benchmarks/results/CONTINUITY.md (a section per ``--label``), machine named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable  # noqa: TC003 - FastAPI reads them
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import sqlalchemy as sa
+from example_app import (
+    _REQUEST,
+    PLACES,
+    Observed,
+    RunResult,
+    WhereErrorsHappen,
+    bench_arguments,
+    failure_cells,
+    machine_line,
+    parse_bounded,
+    publish,
+    record_request,
+    report_run,
+)
+from fastapi import Depends, FastAPI, HTTPException, Request
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from dropsafe.testing import PostgresServer
+
+RESULTS = Path(__file__).parent / "results" / "CONTINUITY.md"
+CLIENTS = 4
+APPS = ("flask", "fastapi")
+VARIANTS = ("plain", "pre_ping", "flag")
+FAULTS = ("kill", "restart")
+KILL_EVERY_S = 1.0
+RESTART_AFTER_S = 1.5
+REQUEST_TIMEOUT_S = 60.0
+
+
+# -- the apps ---------------------------------------------------------------------------------
+
+
+class NotesBase(DeclarativeBase):
+    """The default engine's tables."""
+
+
+class AccountsBase(DeclarativeBase):
+    """The ``accounts`` bind's tables (Flask-SQLAlchemy reads the key from their metadata)."""
+
+    metadata = sa.MetaData(info={"bind_key": "accounts"})
+
+
+class Note(NotesBase):
+    """A note; ``token`` is the client's id for the request."""
+
+    __tablename__ = "notes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str] = mapped_column(sa.String(64), index=True)
+    body: Mapped[str]
+
+
+class Deposit(AccountsBase):
+    """A deposit to an account (on the accounts bind in Flask; FastAPI's app has one engine)."""
+
+    __tablename__ = "deposits"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str] = mapped_column(sa.String(64), index=True)
+    account: Mapped[str]
+    amount: Mapped[int]
+
+
+def engine_options(variant: str) -> dict[str, Any]:
+    """Return the engine keyword arguments of a variant (the flag is in the URL instead)."""
+    return {"pool_pre_ping": True} if variant == "pre_ping" else {}
+
+
+def variant_url(url: str, variant: str) -> str:
+    """``url`` with ``?plugin=dropsafe`` for the flag variant."""
+    if variant != "flag":
+        return url
+    flagged = make_url(url).update_query_dict({"plugin": "dropsafe"})
+    return flagged.render_as_string(hide_password=False)
+
+
+def flask_app(urls: dict[str, str], variant: str) -> Any:  # noqa: ANN401 - a Flask app
+    """Flask-SQLAlchemy, a bind, handlers that add and commit with ``db.session``."""
+    from flask import Flask, abort, jsonify, request
+    from flask_sqlalchemy import SQLAlchemy
+
+    db = SQLAlchemy()
+    app = Flask("continuity")
+    app.config["SQLALCHEMY_DATABASE_URI"] = variant_url(urls["notes"], variant)
+    app.config["SQLALCHEMY_BINDS"] = {"accounts": variant_url(urls["accounts"], variant)}
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options(variant)
+    db.init_app(app)
+    app.logger.setLevel(logging.CRITICAL)  # a traceback per failed request otherwise
+
+    @app.post("/notes")
+    def add_note() -> Any:  # noqa: ANN401
+        note = Note(token=request.json["token"], body="hello")
+        db.session.add(note)
+        db.session.commit()
+        return jsonify(id=note.id), 201
+
+    @app.post("/deposits")
+    def deposit() -> Any:  # noqa: ANN401
+        account, token = request.json["account"], request.json["token"]
+        balance = db.session.scalar(
+            sa.select(sa.func.coalesce(sa.func.sum(Deposit.amount), 0)).where(
+                Deposit.account == account
+            )
+        )
+        db.session.add(Deposit(token=token, account=account, amount=1))
+        db.session.commit()
+        return jsonify(balance=int(balance) + 1), 201
+
+    @app.get("/notes/<int:note_id>")
+    def show_note(note_id: int) -> Any:  # noqa: ANN401
+        note = db.session.get(Note, note_id)
+        if note is None:
+            abort(404)
+        return jsonify(id=note.id)
+
+    with app.app_context():
+        engines = [db.engines[None], db.engines["accounts"]]
+    app.extensions["continuity_engines"] = engines
+    return app
+
+
+async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """Yield the request's session (a ``yield`` dependency), closed after the reply."""
+    async with request.app.state.sessions() as session:
+        yield session
+
+
+SessionDependency = Annotated[AsyncSession, Depends(get_session)]
+
+
+def fastapi_app(urls: dict[str, str], variant: str) -> FastAPI:
+    """FastAPI on asyncpg, an ``AsyncSession`` per request from a ``yield`` dependency."""
+    engine = create_async_engine(variant_url(urls["notes"], variant), **engine_options(variant))
+    app = FastAPI()
+    app.state.engine = engine
+    app.state.sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @app.post("/notes", status_code=201)
+    async def add_note(request: Request, session: SessionDependency) -> dict[str, int]:
+        note = Note(token=(await request.json())["token"], body="hello")
+        session.add(note)
+        await session.commit()
+        return {"id": note.id}
+
+    @app.post("/deposits", status_code=201)
+    async def deposit(request: Request, session: SessionDependency) -> dict[str, int]:
+        body = await request.json()
+        balance = await session.scalar(
+            sa.select(sa.func.coalesce(sa.func.sum(Deposit.amount), 0)).where(
+                Deposit.account == body["account"]
+            )
+        )
+        session.add(Deposit(token=body["token"], account=body["account"], amount=1))
+        await session.commit()
+        return {"balance": int(balance or 0) + 1}
+
+    @app.get("/notes/{note_id}")
+    async def show_note(note_id: int, session: SessionDependency) -> dict[str, int]:
+        note = await session.get(Note, note_id)
+        if note is None:
+            raise HTTPException(status_code=404)
+        return {"id": note.id}
+
+    return app
+
+
+# -- the load and the faults ------------------------------------------------------------------
+
+
+@dataclass
+class Tokens:
+    """What each write was answered, by token (thread-safe enough: one writer per token)."""
+
+    statuses: Counter[int] = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    acknowledged: dict[str, set[str]] = field(
+        default_factory=lambda: {"notes": set(), "deposits": set()}
+    )
+
+
+def requests_of(number: int) -> Iterable[tuple[str, str, dict[str, Any] | None]]:
+    """Client ``number``'s endless request mix: (method, path, JSON body)."""
+    rng = random.Random(number)  # a request mix, not cryptography
+    while True:
+        roll = rng.random()
+        if roll < 0.4:  # the mix
+            yield "POST", "/notes", {"token": uuid.uuid4().hex}
+        elif roll < 0.7:
+            yield "POST", "/deposits", {"token": uuid.uuid4().hex, "account": f"a{number}"}
+        else:
+            yield "GET", f"/notes/{rng.randint(1, 50)}", None
+
+
+def note_answer(tokens: Tokens, path: str, body: dict[str, Any] | None, status: int) -> None:
+    """Remember an acknowledged write's token; count every answer by status."""
+    with tokens.lock:
+        tokens.statuses[status] += 1
+        if body is not None and status == 201:
+            tokens.acknowledged[path.strip("/")].add(body["token"])
+
+
+class ObservedWsgi:
+    """WSGI wrapper: numbers each request and counts how it ended (``record_request``)."""
+
+    def __init__(self, app: Any, recorder: WhereErrorsHappen, result: RunResult) -> None:  # noqa: ANN401
+        self.app, self.recorder, self.result = app, recorder, result
+        self.numbers = itertools.count()
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        with self.lock:
+            number = next(self.numbers)
+        token = _REQUEST.set(number)
+        status: int | None = None
+        raised: BaseException | None = None
+
+        def observe(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:  # noqa: ANN401
+            nonlocal status
+            status = int(line.split(maxsplit=1)[0])
+            return start_response(line, headers, exc_info)
+
+        try:
+            # Flask closes the request's session (its ROLLBACK) before returning the body.
+            return list(self.app(environ, observe))
+        except Exception as exc:  # noqa: BLE001 - a server answers 500 to whatever the app raised
+            raised = exc
+            if status is None:
+                observe("500 Internal Server Error", [("content-type", "text/plain")])
+            return [b""]
+        finally:
+            _REQUEST.reset(token)
+            with self.lock:
+                record_request(self.recorder, self.result, number, status, raised)
+
+
+def fault_loop(
+    server: PostgresServer, fault: str, stop: threading.Event, result: RunResult
+) -> None:
+    """Terminate every backend once a second, or restart the server (fast, immediate, ...)."""
+    modes = itertools.cycle(("fast", "immediate"))
+    pause = KILL_EVERY_S if fault == "kill" else RESTART_AFTER_S
+    while not stop.wait(pause):  # paces the faults; synchronises nothing
+        if fault == "kill":
+            server.terminate_backends()
+        else:
+            server.restart(next(modes))  # type: ignore[arg-type]
+        result.faults += 1
+
+
+def run_flask(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> None:  # noqa: ANN401
+    """4 client threads through httpx's WSGI transport for ``seconds``."""
+    recorder = WhereErrorsHappen(*app.extensions["continuity_engines"])
+    transport = httpx.WSGITransport(app=ObservedWsgi(app.wsgi_app, recorder, result))
+    deadline = time.monotonic() + seconds
+
+    def client(number: int) -> None:
+        with httpx.Client(
+            transport=transport, base_url="http://app", timeout=REQUEST_TIMEOUT_S
+        ) as http:
+            for method, path, body in requests_of(number):
+                if time.monotonic() > deadline:
+                    return
+                reply = http.request(method, path, json=body)
+                note_answer(tokens, path, body, reply.status_code)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=seconds + 2 * REQUEST_TIMEOUT_S)
+    result.round_trips = recorder.round_trips
+
+
+async def run_fastapi(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> None:  # noqa: ANN401
+    """4 client tasks through httpx's ASGI transport for ``seconds``."""
+    recorder = WhereErrorsHappen(app.state.engine.sync_engine)
+    transport = httpx.ASGITransport(app=Observed(app, recorder, result), raise_app_exceptions=False)
+    deadline = time.monotonic() + seconds
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://app", timeout=REQUEST_TIMEOUT_S
+    ) as http:
+
+        async def client(number: int) -> None:
+            for method, path, body in requests_of(number):
+                if time.monotonic() > deadline:
+                    return
+                reply = await http.request(method, path, json=body)
+                note_answer(tokens, path, body, reply.status_code)
+
+        await asyncio.wait_for(
+            asyncio.gather(*(client(n) for n in range(CLIENTS))), seconds + 2 * REQUEST_TIMEOUT_S
+        )
+    result.round_trips = recorder.round_trips
+    await app.state.engine.dispose()
+
+
+@dataclass
+class Outcome:
+    """One run: the requests' result, and the writes' audit."""
+
+    result: RunResult
+    statuses: Counter[int] = field(default_factory=Counter)
+    acknowledged: int = 0
+    lost: int = 0
+    doubled: int = 0
+
+
+def one_run(
+    server: PostgresServer, app_name: str, variant: str, fault: str, seconds: float
+) -> Outcome:
+    """Fresh tables, a fresh app, ``seconds`` of load under ``fault``; then the audit."""
+    urls = {name: server.url(driver_of(app_name), database=name) for name in ("notes", "accounts")}
+    if app_name == "fastapi":
+        urls["accounts"] = urls["notes"]
+    reset_tables(server)
+    result, tokens = RunResult(), Tokens()
+    stop = threading.Event()
+    faults = threading.Thread(target=fault_loop, args=(server, fault, stop, result))
+    started = time.monotonic()
+    faults.start()
+    try:
+        if app_name == "flask":
+            app = flask_app(urls, variant)
+            run_flask(app, result, tokens, seconds)
+            for engine in app.extensions["continuity_engines"]:
+                engine.dispose()
+        else:
+            asyncio.run(run_fastapi(fastapi_app(urls, variant), result, tokens, seconds))
+    finally:
+        stop.set()
+        faults.join(timeout=120)
+    result.seconds = time.monotonic() - started
+    return audit(server, app_name, result, tokens)
+
+
+def driver_of(app_name: str) -> str:
+    """Return the driver an app uses."""
+    return "psycopg2" if app_name == "flask" else "asyncpg"
+
+
+def reset_tables(server: PostgresServer) -> None:
+    """Fresh tables in both databases (FastAPI's app keeps both in ``notes``)."""
+    for database in ("notes", "accounts"):
+        engine = sa.create_engine(server.url("psycopg2", database=database))
+        with engine.begin() as connection:
+            for table in (Note.__table__, Deposit.__table__):
+                table.drop(connection, checkfirst=True)
+                table.create(connection)
+        engine.dispose()
+
+
+def audit(server: PostgresServer, app_name: str, result: RunResult, tokens: Tokens) -> Outcome:
+    """Count acknowledged writes missing, and writes stored twice."""
+    outcome = Outcome(result, tokens.statuses)
+    deposits_in = "accounts" if app_name == "flask" else "notes"
+    for table, database in (("notes", "notes"), ("deposits", deposits_in)):
+        query = f"SELECT token, count(*) FROM {table} GROUP BY token"  # noqa: S608 - ours
+        rows = server.execute(query, database=database)
+        stored = {token: int(count) for token, count in rows}
+        outcome.acknowledged += len(tokens.acknowledged[table])
+        outcome.lost += sum(1 for token in tokens.acknowledged[table] if token not in stored)
+        outcome.doubled += sum(1 for count in stored.values() if count > 1)
+    return outcome
+
+
+# -- the table ----------------------------------------------------------------------------------
+
+
+def table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
+    """Totals per app, fault and variant over the runs."""
+    lines = [
+        "| App | Fault | Variant | Runs | Requests | Faults | Failed | "
+        + " | ".join(f"at {place}" for place in PLACES)
+        + " | Raised after a 2xx | Writes acknowledged | Lost | Doubled | Requests/s |",
+        "|---" * (12 + len(PLACES)) + "|",
+    ]
+    for app_name, fault, variant, outcomes in rows:
+        results = [outcome.result for outcome in outcomes]
+        requests = sum(result.requests for result in results)
+        lines.append(
+            f"| {app_name} | {fault} | {variant} | {failure_cells(results)} | "
+            f"{sum(o.acknowledged for o in outcomes)} | {sum(o.lost for o in outcomes)} | "
+            f"{sum(o.doubled for o in outcomes)} | "
+            f"{requests / max(sum(r.seconds for r in results), 1e-9):.0f} |"
+        )
+    return lines
+
+
+def measure(
+    apps: Iterable[str], faults: Iterable[str], variants: Iterable[str], runs: int, seconds: float
+) -> tuple[list[tuple[str, str, str, list[Outcome]]], dict[str, str]]:
+    """Run every combination ``runs`` times on one server; return the rows and examples."""
+    rows, examples = [], {}
+    with PostgresServer() as server:
+        for database in ("notes", "accounts"):
+            server.execute(f"CREATE DATABASE {database}")
+        for app_name in apps:
+            for fault in faults:
+                for variant in variants:
+                    outcomes = []
+                    for run in range(runs):
+                        outcome = one_run(server, app_name, variant, fault, seconds)
+                        result = outcome.result
+                        report_run(
+                            f"{app_name} {fault} {variant} run {run}",
+                            result,
+                            answers=dict(outcome.statuses),
+                            lost=outcome.lost,
+                            doubled=outcome.doubled,
+                        )
+                        outcomes.append(outcome)
+                        for place, what in result.examples.items():
+                            examples.setdefault(f"{app_name}, {variant}, {place}", what)
+                    rows.append((app_name, fault, variant, outcomes))
+    return rows, examples
+
+
+def main() -> None:
+    """Measure and append a section to the results file."""
+    parser = bench_arguments(__doc__.splitlines()[0], runs=2, output=RESULTS)
+    parser.add_argument("--apps", nargs="+", choices=APPS, default=list(APPS))
+    parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    arguments = parse_bounded(parser)
+    rows, examples = measure(
+        arguments.apps, arguments.faults, arguments.variants, arguments.runs, arguments.seconds
+    )
+    setup = machine_line(arguments.runs, arguments.seconds) + f" each, {CLIENTS} clients."
+    seen = [f"- {where}: `{what}`" for where, what in sorted(examples.items())]
+    publish(arguments, "Issue 27's apps under faults", setup, table(rows), seen)
+
+
+if __name__ == "__main__":
+    main()

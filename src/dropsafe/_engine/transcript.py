@@ -1,0 +1,252 @@
+"""What a transaction sent and what the app received from it: the record a replay is checked by.
+
+Per transaction on a checkout: each statement (how to send it again) and, for each, the rowcount
+and a digest of the rows the app fetched: hashed as they pass, never kept. A replay sends the
+statements again on a fresh connection and compares (`Transcript.replay_onto`); any difference
+and nothing of the replay is kept. Why that is enough, and what is refused: docs/guarantees.md,
+"A transaction lost before its COMMIT is replayed".
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+from typing import TYPE_CHECKING, Any
+
+from dropsafe._engine.session_state import may_change_session
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from dropsafe._dbapi import DBAPICursor, NativeConnection
+
+    Row = Sequence[object]
+
+__all__ = ["RecordingCursor", "Transcript", "refusal_of_text", "rows_digest"]
+
+# Statements a replay must not send again, or whose result cannot repeat, that the session-state
+# whitelist admits (it marks the others: session SET, LISTEN, DECLARE, COPY, PREPARE, dblink,
+# pg_advisory_lock, ...). A sequence's value is not rolled back: the app would get another one.
+_NOT_REPEATABLE = re.compile(
+    r"""\b(?:
+        (?P<sequence>nextval|setval|currval|lastval)\s*\(
+      | (?P<rollback_to>rollback\s+(?:transaction\s+|work\s+)?to)\b
+      | (?P<two_phase>prepare\s+transaction|commit\s+prepared|rollback\s+prepared)\b
+    )""",
+    re.IGNORECASE | re.VERBOSE,
+)
+
+# Transaction control sent as a statement: a COMMIT (END) there ended the transaction on the
+# server, and a replay would run its statements again in another one. Read after any leading
+# comments; SAVEPOINT and RELEASE are not matched (replayed in order).
+_TRANSACTION_CONTROL = re.compile(
+    r"(?:\s|--[^\n\r]*|/\*.*?\*/)*(?:commit|end|abort|rollback|begin|start)\b",
+    re.IGNORECASE | re.DOTALL,
+)
+
+_REASONS = {
+    "sequence": "a sequence function (nextval, setval, currval, lastval): its value is not rolled "
+    "back, a replay would hand the app another one",
+    "rollback_to": "ROLLBACK TO a savepoint: what the app received is no longer the transaction's",
+    "two_phase": "two-phase commit",
+}
+
+
+@functools.lru_cache(maxsize=1024)
+def refusal_of_text(statement: str) -> str | None:
+    """Why a statement with this text turns the transaction's replay off, or None (read once)."""
+    if ";" in statement.strip().rstrip(";"):
+        return "the text may hold several statements"
+    found = _NOT_REPEATABLE.search(statement)
+    if found is not None and found.lastgroup is not None:
+        return _REASONS[found.lastgroup]
+    if _TRANSACTION_CONTROL.match(statement):
+        return "transaction control sent as a statement (COMMIT, ROLLBACK, BEGIN, END, ...)"
+    if may_change_session(statement):
+        return (
+            "a statement that may change the session or act outside the transaction "
+            "(session SET, advisory session lock, LISTEN, DECLARE, COPY, PREPARE, dblink, "
+            "a function of the app's, ...)"
+        )
+    return None
+
+
+def rows_digest(rows: Sequence[Sequence[object]], digest: int = 0) -> int:
+    """Fold one fetch's ``rows`` into ``digest``: values with their types, in order.
+
+    With the types, 1, 1.0, True and Decimal('1.00') differ (Python hashes them alike). One
+    hash per fetch, not per row: the replay fetches in the same batches (`Statement.batches`).
+    """
+    types = tuple(map(type, itertools.chain.from_iterable(rows)))
+    try:  # the rows as the driver gives them: tuples, or rows that hash as tuples do
+        return hash((digest, types, tuple(rows)))
+    except TypeError:  # a list or a dict (arrays, JSON): only these pay a repr
+        return hash((digest, types, repr(tuple(map(tuple, rows)))))
+
+
+class Statement:
+    """One statement sent in the transaction, and what the app received from it."""
+
+    __slots__ = ("batches", "digest", "fetched", "reader", "rowcount", "send", "transcript")
+
+    def __init__(self, transcript: Transcript, send: Callable[[Any], None], rowcount: int) -> None:
+        self.transcript = transcript
+        self.send = send  # sends it again on a given cursor (its context and parameters kept)
+        self.rowcount = rowcount
+        self.fetched = 0
+        self.batches: list[int] = []  # the size of each fetch the app made
+        self.digest = 0
+        self.reader: RecordingCursor | None = None  # what the app reads the result through
+
+    def saw(self, rows: Sequence[Sequence[object]]) -> None:
+        """Note ``rows`` as received by the app (past the cap, the replay is off)."""
+        transcript = self.transcript
+        if transcript.refused is not None or not rows:
+            return
+        count = len(rows)
+        self.fetched += count
+        transcript.rows += count
+        if transcript.rows > transcript.max_rows:
+            transcript.refuse(f"more than {transcript.max_rows} rows fetched (the cap)")
+            return
+        self.batches.append(count)
+        self.digest = rows_digest(rows, self.digest)
+
+
+class RecordingCursor:
+    """The DBAPI cursor SQLAlchemy reads a result from, seen on the way: set as context.cursor.
+
+    After a replay it reads from the replayed cursor, past the rows already fetched, so a result
+    the app holds goes on where it was.
+    """
+
+    __slots__ = ("cursor", "statement")
+
+    def __init__(self, cursor: DBAPICursor, statement: Statement) -> None:
+        self.cursor = cursor
+        self.statement = statement
+
+    @property
+    def description(self) -> object:
+        """The wrapped cursor's."""
+        return self.cursor.description
+
+    @property
+    def rowcount(self) -> int:
+        """The wrapped cursor's."""
+        return int(self.cursor.rowcount)
+
+    def fetchone(self) -> Any:  # noqa: ANN401 # the driver's row
+        """Fetch one row and note it."""
+        row = self.cursor.fetchone()
+        if row is not None:
+            self.statement.saw((row,))
+        return row
+
+    def fetchmany(self, size: int | None = None) -> Any:  # noqa: ANN401 # the driver's rows
+        """Fetch some rows and note them."""
+        rows = self.cursor.fetchmany() if size is None else self.cursor.fetchmany(size)
+        self.statement.saw(rows)
+        return rows
+
+    def fetchall(self) -> Any:  # noqa: ANN401 # the driver's rows
+        """Fetch the rest and note them."""
+        rows = self.cursor.fetchall()
+        self.statement.saw(rows)
+        return rows
+
+    def close(self) -> None:
+        """Close the wrapped cursor."""
+        self.cursor.close()
+
+    def __iter__(self) -> Iterator[Row]:
+        while (row := self.fetchone()) is not None:
+            yield row
+
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401 # the wrapped cursor's
+        return getattr(self.cursor, name)
+
+
+class Transcript:
+    """One transaction's statements on one checkout, bounded; ``refused`` says why it is off."""
+
+    __slots__ = (
+        "bytes",
+        "fd",
+        "max_bytes",
+        "max_rows",
+        "max_statements",
+        "native",
+        "refused",
+        "rows",
+        "sent_after",
+        "statements",
+    )
+
+    def __init__(
+        self,
+        native: NativeConnection,
+        fd: int | None,
+        caps: tuple[int, int, int],
+    ) -> None:
+        self.native = native  # the driver's connection the transaction runs on
+        self.fd = fd  # its socket's
+        self.statements: list[Statement] = []
+        self.rows = 0
+        self.bytes = 0
+        # At most: statements, rows fetched, bytes of statements and parameters.
+        self.max_statements, self.max_rows, self.max_bytes = caps
+        self.refused: str | None = None
+        self.sent_after: int | None = None  # the socket's bytes sent after the last statement
+
+    def refuse(self, reason: str) -> None:
+        """Turn the replay off for this transaction; forget what was recorded."""
+        if self.refused is None:
+            self.refused = reason
+            self.statements = []
+
+    def record(
+        self, send: Callable[[Any], None], cursor: DBAPICursor, size: int
+    ) -> RecordingCursor | None:
+        """Record a statement just sent on ``cursor``; the cursor to read its result through."""
+        if self.refused is not None:
+            return None
+        self.bytes += size
+        if len(self.statements) >= self.max_statements:
+            self.refuse(f"more than {self.max_statements} statements (the cap)")
+            return None
+        if self.bytes > self.max_bytes:
+            self.refuse(f"more than {self.max_bytes} bytes of statements (the cap)")
+            return None
+        statement = Statement(self, send, int(cursor.rowcount))
+        self.statements.append(statement)
+        statement.reader = RecordingCursor(cursor, statement)
+        return statement.reader
+
+    def replay_onto(self, new_cursor: Callable[[], DBAPICursor]) -> str | None:
+        """Send every statement again on fresh cursors; None if all results are the same.
+
+        Else the first difference, in words. The app's results are moved to the fresh cursors
+        only when every one matched: never a partial replay.
+        """
+        fresh: list[DBAPICursor] = []
+        for number, statement in enumerate(self.statements, 1):
+            cursor = new_cursor()
+            statement.send(cursor)
+            rowcount = int(cursor.rowcount)
+            if rowcount != statement.rowcount:
+                return f"statement {number}'s rowcount was {statement.rowcount}, now {rowcount}"
+            digest = 0
+            for size in statement.batches:
+                rows = cursor.fetchmany(size)
+                if len(rows) != size:
+                    break
+                digest = rows_digest(rows, digest)
+            if digest != statement.digest:
+                return f"statement {number}'s rows differ from those the app received"
+            fresh.append(cursor)
+        for statement, cursor in zip(self.statements, fresh, strict=True):
+            if statement.reader is not None:
+                statement.reader.cursor = cursor
+        return None
