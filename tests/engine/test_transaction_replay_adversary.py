@@ -14,7 +14,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
-from replay_faults import lose, prepared_server
+from replay_faults import lose, lose_at_next_checkout, prepared_server
 from sqlalchemy import event
 
 import dropsafe
@@ -32,7 +32,8 @@ ASYNC = driver_names(asyncio=True, replays=True)
 
 SETUP = """
 CREATE TABLE adv_accounts (
-    id int PRIMARY KEY, balance numeric(10, 2) NOT NULL, note text NOT NULL DEFAULT '');
+    id int PRIMARY KEY, balance numeric(10, 2) NOT NULL, note text NOT NULL DEFAULT '',
+    big bigint NOT NULL DEFAULT 5);
 CREATE TABLE adv_log (id serial PRIMARY KEY, what text NOT NULL);
 CREATE TABLE adv_orders (id int PRIMARY KEY, what text NOT NULL);
 CREATE TABLE adv_audit (id serial PRIMARY KEY, what text NOT NULL);
@@ -113,23 +114,33 @@ def _log(server):
 
 # -- stale reads: a result the app saw that the replayed transaction would not give -----------
 
-HASH_ALIKE = "the digest is Python's hash(): -1 and -2 hash alike (hash(-1) == -2)"
+# Pairs of values Python's hash() gives alike: -1 hashes as -2, and an int hashes modulo the
+# Mersenne prime 2**61 - 1 (a bigint holds values past it).
+HASH_ALIKE = {
+    "numeric -1.00 then -2.00": ("balance", "-2.00"),
+    "bigint 5 then 5 + 2**61 - 1": ("big", str(5 + 2**61 - 1)),
+}
 
 
 @pytest.mark.xfail(
     strict=True,
-    reason="broke: a balance read as -1.00, changed by another transaction to -2.00 before the "
-    "replay, passes the digest (hash(Decimal('-1.00')) == hash(Decimal('-2.00')) == -2): the "
-    "replay goes on and the app commits a write based on the stale -1.00",
+    reason="broke: a value read, changed by another transaction before the replay to one "
+    "Python's hash() gives alike, passes the digest (hash(Decimal('-1.00')) == "
+    "hash(Decimal('-2.00')) == -2; hash(5) == hash(5 + 2**61 - 1)): the replay goes on and "
+    "the app commits a write based on the stale value",
 )
+@pytest.mark.parametrize("case", HASH_ALIKE)
 @pytest.mark.parametrize("driver", SYNC)
-def test_a_changed_value_that_hashes_alike_refuses_the_replay(server, proxy, driver, disposing):
+def test_a_changed_value_that_hashes_alike_refuses_the_replay(
+    server, proxy, driver, case, disposing
+):
+    column, changed = HASH_ALIKE[case]
     events = []
     engine = disposing(_engine(server, proxy, driver, events))
 
     def request(conn):
-        seen = conn.exec_driver_sql("SELECT balance FROM adv_accounts WHERE id = 1").scalar()
-        server.execute("UPDATE adv_accounts SET balance = -2.00 WHERE id = 1")  # committed
+        seen = conn.exec_driver_sql(f"SELECT {column} FROM adv_accounts WHERE id = 1").scalar()
+        server.execute(f"UPDATE adv_accounts SET {column} = {changed} WHERE id = 1")  # committed
         lose("terminate", server, proxy)
         conn.execute(
             sa.text("INSERT INTO adv_log (what) VALUES (:what)"),
@@ -516,3 +527,40 @@ def test_a_replay_does_not_land_on_a_hot_standby(server, proxy, standby, driver,
     assert isinstance(raised.value, sa.exc.OperationalError), describe_error(raised.value)
     assert [outcome for outcome, _ in _outcomes(events)] != ["replayed"]
     assert server.execute("SELECT note FROM adv_accounts WHERE id = 2") == [("replicated",)]
+
+
+VOLATILE = ["txid_current()", "pg_backend_pid()", "inet_client_port()", "statement_timestamp()"]
+
+
+@pytest.mark.parametrize("function", VOLATILE)
+def test_a_volatile_value_the_app_saw_refuses_the_replay(server, proxy, function, disposing):
+    # Held: refused by the whitelist, or caught by the digest (the value differs).
+    events = []
+    engine = disposing(_engine(server, proxy, "psycopg2", events))
+
+    def request(conn):
+        conn.exec_driver_sql(f"SELECT {function}").all()
+        lose("terminate", server, proxy)
+        conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('volatile')"))
+
+    with pytest.raises(sa.exc.DBAPIError):
+        _in_transaction(engine, request)
+    assert _log(server) == []
+    assert [outcome for outcome, _ in _outcomes(events)] in (["refused"], ["failed"])
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_first_statement_replay_then_a_loss_later_lands_once(server, proxy, driver, disposing):
+    # Two faults in one transaction: at checkout (the first statement replayed), then before
+    # the write. The record must follow the first statement onto its fresh connection.
+    events = []
+    engine = disposing(_engine(server, proxy, driver, events))
+    lose_at_next_checkout(engine, "terminate", server, proxy)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE adv_accounts SET note = note || '+' WHERE id = 1"))
+        lose("terminate", server, proxy)
+        conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('twice lost')"))
+    assert server.execute("SELECT note FROM adv_accounts WHERE id = 1") == [("one+",)]
+    assert _log(server) == ["twice lost"]
+    assert [type(e).__name__ for e in events] == ["FirstStatementReplayed", "TransactionReplayed"]
+    assert _outcomes(events) == [("replayed", None)]
