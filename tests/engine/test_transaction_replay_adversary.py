@@ -9,6 +9,7 @@ real server with a real fault. A test whose history breaks the promise today is 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -564,3 +565,41 @@ def test_a_first_statement_replay_then_a_loss_later_lands_once(server, proxy, dr
     assert _log(server) == ["twice lost"]
     assert [type(e).__name__ for e in events] == ["FirstStatementReplayed", "TransactionReplayed"]
     assert _outcomes(events) == [("replayed", None)]
+
+
+@pytest.mark.parametrize("driver", ASYNC)
+async def test_a_replay_cancelled_by_the_apps_timeout_leaves_nothing(
+    server, proxy, driver, disposing_async
+):
+    # The app's own deadline (asyncio.timeout, a web server's request timeout) cancels the
+    # request while the replay waits on a lock. Nothing of the replay may stay: no write, no
+    # connection left checked out, no backend of ours left in a transaction or waiting.
+    events = []
+    engine = disposing_async(_async_engine(server, proxy, driver, events))
+    locker = sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool)
+    try:
+        async with engine.connect() as conn:
+            await conn.begin()
+            await conn.execute(sa.text("UPDATE adv_accounts SET note = 'mine' WHERE id = 1"))
+            lose("terminate", server, proxy)  # every backend: the locker connects after
+            with locker.connect() as other:
+                other.exec_driver_sql("SELECT 1 FROM adv_accounts WHERE id = 1 FOR UPDATE").all()
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(0.5):
+                        await conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('late')"))
+                with contextlib.suppress(sa.exc.DBAPIError):
+                    await conn.rollback()
+                other.rollback()
+    finally:
+        locker.dispose()
+    assert engine.pool.checkedout() == 0
+    ours = server.execute(
+        "SELECT state, wait_event_type FROM pg_stat_activity "
+        "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
+        "AND query LIKE '%adv_accounts%'"
+    )
+    assert ours == []
+    assert _log(server) == []
+    assert server.execute("SELECT note FROM adv_accounts WHERE id = 1") == [("one",)]
+    async with engine.begin() as conn:  # the engine goes on
+        assert (await conn.exec_driver_sql("SELECT count(*) FROM adv_log")).scalar() == 0
