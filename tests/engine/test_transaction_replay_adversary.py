@@ -95,6 +95,23 @@ def _async_engine(server, proxy, driver, events):
     )
 
 
+def _broke(reason):
+    """Mark a test whose history breaks the replay's promise today: the fixer flips it."""
+    return pytest.mark.xfail(strict=True, reason=f"broke: {reason}")
+
+
+def _replaying(disposing, server, proxy, driver):
+    """A replaying engine disposed at the test's end, and the list its events go to."""
+    events = []
+    return disposing(_engine(server, proxy, driver, events)), events
+
+
+def _replaying_async(disposing_async, server, proxy, driver):
+    """``_replaying`` for an async engine."""
+    events = []
+    return disposing_async(_async_engine(server, proxy, driver, events)), events
+
+
 def _outcomes(events):
     return [(e.outcome, e.reason) for e in events if isinstance(e, TransactionReplayed)]
 
@@ -125,9 +142,8 @@ HASH_ALIKE = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: a value read, changed by another transaction before the replay to one "
+@_broke(
+    "a value read, changed by another transaction before the replay to one "
     "Python's hash() gives alike, passes the digest (hash(Decimal('-1.00')) == "
     "hash(Decimal('-2.00')) == -2; hash(5) == hash(5 + 2**61 - 1)): the replay goes on and "
     "the app commits a write based on the stale value",
@@ -138,8 +154,7 @@ def test_a_changed_value_that_hashes_alike_refuses_the_replay(
     server, proxy, driver, case, disposing
 ):
     column, changed = HASH_ALIKE[case]
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, _ = _replaying(disposing, server, proxy, driver)
 
     def request(conn):
         seen = conn.exec_driver_sql(f"SELECT {column} FROM adv_accounts WHERE id = 1").scalar()
@@ -180,8 +195,7 @@ async def test_a_phantom_in_a_read_refuses_the_replay_async(
     # rowcount, which every driver gives (SQLAlchemy's asyncpg cursor reads it from the
     # command tag). A driver that gave -1 for a SELECT would let this phantom through.
     read, change = _phantom(case)
-    events = []
-    engine = disposing_async(_async_engine(server, proxy, driver, events))
+    engine, events = _replaying_async(disposing_async, server, proxy, driver)
 
     async def request(conn):
         seen = (await conn.exec_driver_sql(read)).all()
@@ -202,8 +216,7 @@ async def test_a_phantom_in_a_read_refuses_the_replay_async(
 def test_a_phantom_in_a_read_refuses_the_replay(server, proxy, driver, case, disposing):
     # Held: psycopg2 and psycopg give a SELECT's rowcount, which the replay compares.
     read, change = _phantom(case)
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     seen = []
 
     def request(conn):
@@ -222,16 +235,14 @@ def test_a_phantom_in_a_read_refuses_the_replay(server, proxy, driver, case, dis
 # -- the transaction's own settings, and the replay's bound on locks --------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: the replay puts lock_timeout back to its value before the replay, which "
+@_broke(
+    "the replay puts lock_timeout back to its value before the replay, which "
     "undoes the app's own SET LOCAL lock_timeout: after the replay SHOW lock_timeout gives 0 "
     "(no bound) where the app set 7s",
 )
 @pytest.mark.parametrize("driver", SYNC)
 def test_the_apps_set_local_survives_the_replay(server, proxy, driver, disposing):
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     with engine.begin() as conn:
         conn.exec_driver_sql("SET LOCAL lock_timeout = '7s'")
         conn.exec_driver_sql("SELECT id FROM adv_accounts ORDER BY id").all()
@@ -241,15 +252,13 @@ def test_the_apps_set_local_survives_the_replay(server, proxy, driver, disposing
     assert after == "7s"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: the app's SET LOCAL lock_timeout = 0 is replayed after the replay's own "
+@_broke(
+    "the app's SET LOCAL lock_timeout = 0 is replayed after the replay's own "
     "2 s bound and replaces it: the replay waited on the lock for as long as it was held "
     "(6 s here, until the server ended the holder), not 2 s",
 )
 def test_the_replay_lock_bound_holds_under_the_apps_set_local(server, proxy, disposing):
-    events = []
-    engine = disposing(_engine(server, proxy, "psycopg2", events))
+    engine, _ = _replaying(disposing, server, proxy, "psycopg2")
     locker = disposing(sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool))
     with contextlib.ExitStack() as stack:
         with engine.begin() as conn:
@@ -273,16 +282,14 @@ def test_the_replay_lock_bound_holds_under_the_apps_set_local(server, proxy, dis
 # -- effects outside the transaction --------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: an INSERT whose trigger writes through dblink (an autonomous audit row) is "
+@_broke(
+    "an INSERT whose trigger writes through dblink (an autonomous audit row) is "
     "replayed: the audit row is written twice (2 rows, 1 order); nothing in the statement's "
     "text shows the dblink",
 )
 @pytest.mark.parametrize("driver", SYNC)
 def test_a_trigger_that_writes_elsewhere_is_not_run_twice(server, proxy, driver, disposing):
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, _ = _replaying(disposing, server, proxy, driver)
     with contextlib.suppress(sa.exc.DBAPIError), engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO adv_orders (id, what) VALUES (1, 'order 1')"))
         lose("terminate", server, proxy)
@@ -296,8 +303,7 @@ def test_a_trigger_that_writes_elsewhere_is_not_run_twice(server, proxy, driver,
 def test_a_serial_the_app_never_saw_is_replayed_once(server, proxy, driver, disposing):
     # Held: the id from the sequence is another one after the replay (a gap), but the app never
     # received it; the row is written once.
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     with engine.begin() as conn:
         conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('first')"))
         lose("terminate", server, proxy)
@@ -316,8 +322,7 @@ def test_a_second_loss_during_the_replay_raises_the_original_error(
 ):
     # Held: the fresh connection is lost too, as the replay starts; the app gets the first
     # error, nothing is written, and no connection is left checked out.
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     armed = [False]
 
     @event.listens_for(engine, "checkout")
@@ -348,8 +353,7 @@ def test_a_second_loss_during_the_replay_raises_the_original_error(
 async def test_a_result_partly_read_goes_on_after_the_replay_async(
     server, proxy, driver, disposing_async
 ):
-    events = []
-    engine = disposing_async(_async_engine(server, proxy, driver, events))
+    engine, events = _replaying_async(disposing_async, server, proxy, driver)
     server.execute(
         "INSERT INTO adv_accounts (id, balance) SELECT g, g FROM generate_series(3, 6) g"
     )
@@ -364,17 +368,15 @@ async def test_a_result_partly_read_goes_on_after_the_replay_async(
     assert _outcomes(events) == [("replayed", None)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: as on the sync drivers, -1.00 read, -2.00 at the replay, the same digest "
+@_broke(
+    "as on the sync drivers, -1.00 read, -2.00 at the replay, the same digest "
     "(hash(-1) == hash(-2)): the async app commits on the stale value",
 )
 @pytest.mark.parametrize("driver", ASYNC)
 async def test_a_changed_value_that_hashes_alike_refuses_the_replay_async(
     server, proxy, driver, disposing_async
 ):
-    events = []
-    engine = disposing_async(_async_engine(server, proxy, driver, events))
+    engine, _ = _replaying_async(disposing_async, server, proxy, driver)
 
     async def request(conn):
         result = await conn.exec_driver_sql("SELECT balance FROM adv_accounts WHERE id = 1")
@@ -395,8 +397,7 @@ async def test_a_changed_value_that_hashes_alike_refuses_the_replay_async(
 def test_an_executemany_rowcount_that_shrank_refuses_the_replay(server, proxy, driver, disposing):
     # The ORM checks an executemany UPDATE's rowcount (StaleDataError): the replay must not go
     # on where fewer rows match than the app was told.
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, _ = _replaying(disposing, server, proxy, driver)
 
     def request(conn):
         result = conn.execute(
@@ -424,8 +425,7 @@ def test_an_executemany_rowcount_that_shrank_refuses_the_replay(server, proxy, d
 def test_a_transaction_that_starts_with_set_transaction_is_replayed(
     server, proxy, driver, disposing
 ):
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     with engine.begin() as conn:
         conn.exec_driver_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         conn.exec_driver_sql("SELECT id FROM adv_accounts ORDER BY id").all()
@@ -440,17 +440,15 @@ def test_a_transaction_that_starts_with_set_transaction_is_replayed(
 # -- bounded memory ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: the byte cap counts a parameter that is not str or bytes as 8 bytes: a "
+@_broke(
+    "the byte cap counts a parameter that is not str or bytes as 8 bytes: a "
     "list of 200,000 ids (1,288,889 bytes of SQL text on psycopg2; 7.2 MB of Python objects "
     "the record holds until the transaction ends) counts as 8, under the 1,000,000-byte cap, "
     "and the transaction is replayed",
 )
 @pytest.mark.parametrize("driver", SYNC)
 def test_a_large_array_parameter_counts_against_the_byte_cap(server, proxy, driver, disposing):
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     ids = list(range(200_000))
     with engine.begin() as conn:
         found = conn.execute(
@@ -467,8 +465,7 @@ def test_a_large_array_parameter_counts_against_the_byte_cap(server, proxy, driv
 @pytest.mark.parametrize("driver", SYNC)
 def test_a_temporary_table_refuses_the_replay(server, proxy, driver, disposing):
     # Held: CREATE TEMP TABLE (even ON COMMIT DROP) is DDL, outside the whitelist.
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
 
     def request(conn):
         conn.exec_driver_sql("CREATE TEMP TABLE adv_scratch (n int) ON COMMIT DROP")
@@ -492,9 +489,8 @@ def standby(server):
     standby.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: with target_session_attrs=any and the primary unreachable, the replay's "
+@_broke(
+    "with target_session_attrs=any and the primary unreachable, the replay's "
     "fresh connection lands on the hot standby; the session check does not compare "
     "in_hot_standby or the transaction's read-only state, so the reads replay there and the "
     "app's next write fails with ReadOnlySqlTransaction (25006), not the original error",
@@ -538,8 +534,7 @@ VOLATILE = ["txid_current()", "pg_backend_pid()", "inet_client_port()", "stateme
 @pytest.mark.parametrize("function", VOLATILE)
 def test_a_volatile_value_the_app_saw_refuses_the_replay(server, proxy, function, disposing):
     # Held: refused by the whitelist, or caught by the digest (the value differs).
-    events = []
-    engine = disposing(_engine(server, proxy, "psycopg2", events))
+    engine, events = _replaying(disposing, server, proxy, "psycopg2")
 
     def request(conn):
         conn.exec_driver_sql(f"SELECT {function}").all()
@@ -556,8 +551,7 @@ def test_a_volatile_value_the_app_saw_refuses_the_replay(server, proxy, function
 def test_a_first_statement_replay_then_a_loss_later_lands_once(server, proxy, driver, disposing):
     # Two faults in one transaction: at checkout (the first statement replayed), then before
     # the write. The record must follow the first statement onto its fresh connection.
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     lose_at_next_checkout(engine, "terminate", server, proxy)
     with engine.begin() as conn:
         conn.execute(sa.text("UPDATE adv_accounts SET note = note || '+' WHERE id = 1"))
@@ -576,8 +570,7 @@ async def test_a_replay_cancelled_by_the_apps_timeout_leaves_nothing(
     # The app's own deadline (asyncio.timeout, a web server's request timeout) cancels the
     # request while the replay waits on a lock. Nothing of the replay may stay: no write, no
     # connection left checked out, no backend of ours left in a transaction or waiting.
-    events = []
-    engine = disposing_async(_async_engine(server, proxy, driver, events))
+    engine, _ = _replaying_async(disposing_async, server, proxy, driver)
     locker = sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool)
     try:
         async with engine.connect() as conn:
@@ -612,9 +605,8 @@ def _rss():
         return int(statm.read().split()[1]) * 4096
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: results the app closed after one row (.first()) are all executed again and "
+@_broke(
+    "results the app closed after one row (.first()) are all executed again and "
     "kept open on fresh cursors until the transaction ends: 10 results of 5,000 rows of 1 kB "
     "each, 50,000 rows buffered at once (the original held one result at a time; the "
     "process grew 98 MiB in the replay, psycopg2 and psycopg alike), while replay_max_rows "
@@ -622,8 +614,7 @@ def _rss():
 )
 @pytest.mark.parametrize("driver", SYNC)
 def test_a_replay_holds_no_more_than_the_original(server, proxy, driver, disposing):
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     server.execute(
         "CREATE TABLE IF NOT EXISTS adv_wide AS "
         "SELECT g AS id, repeat('x', 1000) AS filler FROM generate_series(1, 5000) g"
@@ -646,9 +637,8 @@ def test_a_replay_holds_no_more_than_the_original(server, proxy, driver, disposi
     assert held <= 5000, f"{held} rows buffered after the replay; memory grew {grown >> 20} MiB"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: the role's default search_path changed (ALTER ROLE ... SET, as a deploy "
+@_broke(
+    "the role's default search_path changed (ALTER ROLE ... SET, as a deploy "
     "does) after the lost connection was made; the fresh connection takes the new default, "
     "which the session check cannot see before PostgreSQL 18 (search_path is not reported), "
     "and the replayed INSERT and the app's next one land in schema adv_other, not public",
@@ -660,8 +650,7 @@ def test_a_replay_writes_in_the_lost_connections_schema(server, proxy, driver, d
         "CREATE TABLE IF NOT EXISTS adv_other.adv_log (id serial PRIMARY KEY, what text); "
         "TRUNCATE adv_other.adv_log"
     )
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, _ = _replaying(disposing, server, proxy, driver)
     try:
         with engine.begin() as conn:
             conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('first')"))
@@ -677,9 +666,8 @@ def test_a_replay_writes_in_the_lost_connections_schema(server, proxy, driver, d
     assert _log(server) in (["first", "second"], [])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="broke: the replay's failure is logged at DEBUG with exc_info=True, and the "
+@_broke(
+    "the replay's failure is logged at DEBUG with exc_info=True, and the "
     "traceback is not redacted: the server's error quotes the dblink trigger's statement "
     "(CONTEXT), so 'password=<the server password>' reaches the dropsafe logger's handlers "
     "(the event's one-line reason is clean)",
@@ -689,8 +677,7 @@ def test_a_failed_replay_logs_no_password(server, proxy, driver, disposing, capl
     # The replay fails inside the dblink trigger: the server's error quotes the trigger's
     # statement, connection string and password included (CONTEXT). dropsafe's log lines and
     # events must not carry it.
-    events = []
-    engine = disposing(_engine(server, proxy, driver, events))
+    engine, events = _replaying(disposing, server, proxy, driver)
     caplog.set_level(logging.DEBUG, logger="dropsafe")
 
     def request(conn):
