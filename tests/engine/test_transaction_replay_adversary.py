@@ -697,3 +697,31 @@ def test_a_failed_replay_logs_no_password(server, proxy, driver, disposing, capl
     assert "adv_once" in caplog.text  # the failure was logged
     assert server.password not in repr(events)
     assert server.password not in caplog.text
+
+
+def test_a_transaction_the_server_ended_for_idling_is_replayed(server, proxy, disposing):
+    # What happens today (a question for the design, not a break of the written promise):
+    # the server ends a transaction left idle past idle_in_transaction_session_timeout
+    # (SQLSTATE 25P03, a DBA's guard against held locks), and the replay revives it: the app
+    # never learns it idled past the limit.
+    events = []
+    url = proxy.route(server.url("psycopg2"))
+    engine = disposing(
+        dropsafe.create_engine(
+            url,
+            policy=_policy(events),
+            pool_size=1,
+            max_overflow=0,
+            connect_args={
+                "options": "-c idle_in_transaction_session_timeout=300",
+                "application_name": "adv_idle",
+            },
+        )
+    )
+    mine = "SELECT 1 FROM pg_stat_activity WHERE application_name = 'adv_idle'"
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SELECT id FROM adv_accounts ORDER BY id").all()
+        wait_until(lambda: server.execute(mine) == [], timeout=10, what="the session ended")
+        conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('idled')"))
+    assert _log(server) == ["idled"]
+    assert _outcomes(events) == [("replayed", None)]
