@@ -725,3 +725,26 @@ def test_a_transaction_the_server_ended_for_idling_is_replayed(server, proxy, di
         conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('idled')"))
     assert _log(server) == ["idled"]
     assert _outcomes(events) == [("replayed", None)]
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_serializable_transaction_is_replayed_serializable(server, proxy, driver, disposing):
+    # Held: the replay's fresh connection begins the transaction as the lost one did.
+    events = []
+    engine = disposing(
+        dropsafe.create_engine(
+            proxy.route(server.url(driver)),
+            policy=_policy(events),
+            pool_size=1,
+            max_overflow=0,
+            isolation_level="SERIALIZABLE",
+        )
+    )
+    with engine.begin() as conn:
+        conn.exec_driver_sql("SELECT id FROM adv_accounts ORDER BY id").all()
+        lose("terminate", server, proxy)
+        level = conn.exec_driver_sql("SHOW transaction_isolation").scalar()
+        conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('serial')"))
+    assert level == "serializable"
+    assert _log(server) == ["serial"]
+    assert _outcomes(events) == [("replayed", None)]
