@@ -748,3 +748,28 @@ def test_a_serializable_transaction_is_replayed_serializable(server, proxy, driv
     assert level == "serializable"
     assert _log(server) == ["serial"]
     assert _outcomes(events) == [("replayed", None)]
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_listener_writing_through_the_driver_refuses_the_replay(server, proxy, driver, disposing):
+    # Held: an audit INSERT sent by a before_cursor_execute listener on the driver's own
+    # connection is not in the record; the bytes its socket sent tell, and the replay is off.
+    engine, events = _replaying(disposing, server, proxy, driver)
+
+    @event.listens_for(engine, "before_cursor_execute", named=True)
+    def audit(conn, statement, **_):
+        if statement.startswith("UPDATE"):
+            raw = conn.connection.dbapi_connection.cursor()
+            raw.execute("INSERT INTO adv_audit (what) VALUES ('listener')")
+            raw.close()
+
+    def request(conn):
+        conn.execute(sa.text("UPDATE adv_accounts SET note = 'audited' WHERE id = 1"))
+        lose("terminate", server, proxy)
+        conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('after audit')"))
+
+    with pytest.raises(sa.exc.DBAPIError):
+        _in_transaction(engine, request)
+    assert server.execute("SELECT count(*) FROM adv_audit") == [("0",)]
+    assert _log(server) == []
+    assert [outcome for outcome, _ in _outcomes(events)] == ["refused"]
