@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import traceback
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,6 +51,24 @@ def observer_failed(what: str, error: BaseException) -> None:
         )
 
 
+def _with_traceback(
+    msg: object, args: tuple[object, ...], exc_info: _ExcInfoType
+) -> tuple[str, tuple[object, ...]]:
+    """Return ``msg`` and ``args`` extended with the traceback of ``exc_info``, passwords masked."""
+    from dropsafe._redaction import redact_text
+
+    if isinstance(exc_info, BaseException):
+        error: BaseException | None = exc_info
+    elif isinstance(exc_info, tuple):
+        error = exc_info[1]
+    else:
+        error = sys.exc_info()[1]
+    text = "" if error is None else "".join(traceback.format_exception(error))
+    if not args:  # the message is not a format then: its own % signs stay as they are
+        msg = str(msg).replace("%", "%%")
+    return f"{msg}\n%s", (*args, redact_text(text.rstrip("\n")))
+
+
 class SafeLogger(_Adapter):
     """The ``dropsafe`` logger; whatever a handler raises is reported, never propagated."""
 
@@ -71,6 +90,11 @@ class SafeLogger(_Adapter):
         del kwargs  # none other reaches Logger.log
         if not self.logger.isEnabledFor(level):
             return
+        if exc_info:
+            # A traceback quotes the server's errors whole (a CONTEXT line may hold a dblink
+            # connection string): written here, masked, never handed to handlers raw.
+            msg, args = _with_traceback(msg, args, exc_info)
+            exc_info = None
         try:
             self.logger.log(
                 level,

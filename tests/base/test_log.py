@@ -52,3 +52,31 @@ def test_a_raising_hook_does_not_stop_the_others(monkeypatch, capsys):
     emit((broken, seen.append), "another")
     assert seen == ["an event", "another"]
     assert capsys.readouterr().err.count("_Down") == 1
+
+
+@pytest.mark.parametrize("exc_info", [True, "error", "tuple"])
+def test_a_traceback_is_logged_with_its_passwords_masked(caplog, exc_info):
+    # A server's error quotes a dblink connection string in its CONTEXT line; a handler given
+    # the raw exc_info would format it whole.
+    logger = SafeLogger("dropsafe.test_log")
+    caplog.set_level(logging.DEBUG, logger="dropsafe.test_log")
+    try:
+        raise RuntimeError("CONTEXT: SQL statement dblink_exec('host=db password=Hunter2Secret')")
+    except RuntimeError as error:
+        given = {True: True, "error": error, "tuple": (type(error), error, None)}[exc_info]
+        logger.debug("a 100%% sure %s failed", "replay", exc_info=given)
+    assert "Hunter2Secret" not in caplog.text
+    assert "a 100% sure replay failed" in caplog.text
+    assert "dblink_exec" in caplog.text  # the traceback is there, masked
+    assert all(record.exc_info is None for record in caplog.records)
+
+
+def test_a_traceback_after_a_message_without_arguments_keeps_its_percent_signs(caplog):
+    logger = SafeLogger("dropsafe.test_log")
+    caplog.set_level(logging.DEBUG, logger="dropsafe.test_log")
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logger.debug("100% of it failed", exc_info=True)
+    assert "100% of it failed" in caplog.text
+    assert "ValueError: boom" in caplog.text

@@ -142,12 +142,6 @@ HASH_ALIKE = {
 }
 
 
-@_broke(
-    "a value read, changed by another transaction before the replay to one "
-    "Python's hash() gives alike, passes the digest (hash(Decimal('-1.00')) == "
-    "hash(Decimal('-2.00')) == -2; hash(5) == hash(5 + 2**61 - 1)): the replay goes on and "
-    "the app commits a write based on the stale value",
-)
 @pytest.mark.parametrize("case", HASH_ALIKE)
 @pytest.mark.parametrize("driver", SYNC)
 def test_a_changed_value_that_hashes_alike_refuses_the_replay(
@@ -368,10 +362,6 @@ async def test_a_result_partly_read_goes_on_after_the_replay_async(
     assert _outcomes(events) == [("replayed", None)]
 
 
-@_broke(
-    "as on the sync drivers, -1.00 read, -2.00 at the replay, the same digest "
-    "(hash(-1) == hash(-2)): the async app commits on the stale value",
-)
 @pytest.mark.parametrize("driver", ASYNC)
 async def test_a_changed_value_that_hashes_alike_refuses_the_replay_async(
     server, proxy, driver, disposing_async
@@ -666,12 +656,6 @@ def test_a_replay_writes_in_the_lost_connections_schema(server, proxy, driver, d
     assert _log(server) in (["first", "second"], [])
 
 
-@_broke(
-    "the replay's failure is logged at DEBUG with exc_info=True, and the "
-    "traceback is not redacted: the server's error quotes the dblink trigger's statement "
-    "(CONTEXT), so 'password=<the server password>' reaches the dropsafe logger's handlers "
-    "(the event's one-line reason is clean)",
-)
 @pytest.mark.parametrize("driver", SYNC)
 def test_a_failed_replay_logs_no_password(server, proxy, driver, disposing, caplog):
     # The replay fails inside the dblink trigger: the server's error quotes the trigger's

@@ -10,7 +10,8 @@ and nothing of the replay is kept. Why that is enough, and what is refused: docs
 from __future__ import annotations
 
 import functools
-import itertools
+import hashlib
+import pickle
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -72,17 +73,31 @@ def refusal_of_text(statement: str) -> str | None:
     return None
 
 
-def rows_digest(rows: Sequence[Sequence[object]], digest: int = 0) -> int:
-    """Fold one fetch's ``rows`` into ``digest``: values with their types, in order.
+def rows_digest(rows: Sequence[Sequence[object]], digest: bytes = b"") -> bytes:
+    """Fold one fetch's ``rows`` into ``digest``: the values exactly, with their types, in order.
 
-    With the types, 1, 1.0, True and Decimal('1.00') differ (Python hashes them alike). One
-    hash per fetch, not per row: the replay fetches in the same batches (`Statement.batches`).
+    Not Python's ``hash()``: it gives -1 and -2 alike, and ints alike modulo 2**61 - 1, so a value
+    another transaction changed could pass as the one the app saw. The pickle of the values
+    tells 1, 1.0, True and Decimal('1.00') apart; BLAKE2b folds it. One digest per fetch, not
+    per row: the replay fetches in the same batches (`Statement.batches`). A value that cannot
+    be pickled is digested by its repr: one whose repr is not its value (an address) makes the
+    replay differ, and so refused, never wrongly accepted.
     """
-    types = tuple(map(type, itertools.chain.from_iterable(rows)))
-    try:  # the rows as the driver gives them: tuples, or rows that hash as tuples do
-        return hash((digest, types, tuple(rows)))
-    except TypeError:  # a list or a dict (arrays, JSON): only these pay a repr
-        return hash((digest, types, repr(tuple(map(tuple, rows)))))
+    folded = hashlib.blake2b(digest, digest_size=16)
+    values = tuple(map(tuple, rows))
+    try:
+        folded.update(pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:  # noqa: BLE001 - any value pickle refuses (a driver's own type)
+        folded.update(repr(tuple(_plain(row) for row in values)).encode())
+    return folded.digest()
+
+
+def _plain(row: tuple[object, ...]) -> tuple[object, ...]:
+    """``row`` with bytea as bytes (psycopg2 gives memoryviews), each value with its type."""
+    return tuple(
+        (type(value).__qualname__, bytes(value) if isinstance(value, memoryview) else value)
+        for value in row
+    )
 
 
 class Statement:
@@ -96,7 +111,7 @@ class Statement:
         self.rowcount = rowcount
         self.fetched = 0
         self.batches: list[int] = []  # the size of each fetch the app made
-        self.digest = 0
+        self.digest = b""
         self.reader: RecordingCursor | None = None  # what the app reads the result through
 
     def saw(self, rows: Sequence[Sequence[object]]) -> None:
@@ -237,7 +252,7 @@ class Transcript:
             rowcount = int(cursor.rowcount)
             if rowcount != statement.rowcount:
                 return f"statement {number}'s rowcount was {statement.rowcount}, now {rowcount}"
-            digest = 0
+            digest = b""
             for size in statement.batches:
                 rows = cursor.fetchmany(size)
                 if len(rows) != size:
