@@ -479,12 +479,6 @@ def standby(server):
     standby.close()
 
 
-@_broke(
-    "with target_session_attrs=any and the primary unreachable, the replay's "
-    "fresh connection lands on the hot standby; the session check does not compare "
-    "in_hot_standby or the transaction's read-only state, so the reads replay there and the "
-    "app's next write fails with ReadOnlySqlTransaction (25006), not the original error",
-)
 @pytest.mark.parametrize("driver", SYNC)
 def test_a_replay_does_not_land_on_a_hot_standby(server, proxy, standby, driver, disposing):
     server.execute("UPDATE adv_accounts SET note = 'replicated' WHERE id = 2")

@@ -229,8 +229,8 @@ def _calls_unknown(text: str) -> bool:
 
 
 # ParameterStatus values that a session can change (SET, set_config, SET ROLE, SET SESSION
-# AUTHORIZATION, SET SESSION CHARACTERISTICS): server facts (version, encoding,
-# in_hot_standby) are left out.
+# AUTHORIZATION, SET SESSION CHARACTERISTICS), and whether the server is a hot standby; other
+# server facts (version, encoding) are left out.
 _REPORTED = (
     "session_authorization",
     "is_superuser",
@@ -243,6 +243,9 @@ _REPORTED = (
     "client_encoding",
     "standard_conforming_strings",
     "scram_iterations",
+    # A fresh connection that reached a hot standby (PostgreSQL 14+ reports it) is not the
+    # lost one's server: a write replayed there fails as read-only, not with the original error.
+    "in_hot_standby",
 )
 
 
