@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 import pytest
 
 from dropsafe.testing import PostgresServer, leftover_processes
+from dropsafe.testing._leftovers import leftover_rules
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
@@ -54,7 +55,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """In an xdist worker, once its fixtures are torn down: hand its leftovers to the controller."""
     if _is_worker(session.config):
         output: dict[str, object] = session.config.workeroutput  # type: ignore[attr-defined]
-        output[_LEFTOVERS_KEY] = leftover_processes()
+        output[_LEFTOVERS_KEY] = leftover_processes() + leftover_rules()
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -66,7 +67,7 @@ _LEFTOVERS_KEY = "dropsafe_leftovers"
 
 class _WorkersLeftovers:
     """The leftovers check of a run split over xdist workers: it fails the run if any worker
-    ended with a server process or proxy thread of dropsafe.testing still alive.
+    ended with a server process, proxy thread or kernel rule of dropsafe.testing still alive.
 
     Each worker's servers are its own children (they die with it), so only the worker can see
     them, after its last test (`pytest_sessionfinish` above); this gathers what they saw.

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from dropsafe.testing._kernel import kernel_blackhole_unavailable, sweep_blackholes
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
 CONFTEST = (Path(__file__).parents[1] / "conftest.py").read_text()
@@ -25,7 +27,8 @@ markers =
 
 TESTS = """
 import pytest
-from dropsafe.testing import ChaosProxy, PostgresServer, leftover_processes
+from dropsafe.testing import ChaosProxy, PostgresServer, kernel_blackhole, leftover_processes
+from dropsafe.testing._leftovers import leftover_rules
 
 LEAK = {leak!r}
 KEPT = []  # a reference, or the garbage collector's finalizer would close what leaks
@@ -50,11 +53,14 @@ def test_maybe_leaves_something():
     elif LEAK == "proxy":
         KEPT.append(ChaosProxy("127.0.0.1", 9))
         KEPT[-1].start()  # never stopped
+    elif LEAK == "rule":
+        KEPT.append(kernel_blackhole(9))
+        KEPT[-1].__enter__()  # never left
 
 
 @pytest.mark.last
 def test_no_leftovers():
-    assert leftover_processes() == []
+    assert leftover_processes() + leftover_rules() == []
 """
 
 
@@ -63,19 +69,29 @@ def test_no_leftovers():
     [
         ("server", ["-n", "2"], True),
         ("proxy", ["-n", "2"], True),
+        ("rule", ["-n", "2"], True),
         ("nothing", ["-n", "2"], False),
         ("server", ["-p", "no:xdist"], True),
     ],
 )
 def test_a_run_that_leaves_something_fails(pytester, leak, args, fails):
+    if leak == "rule":
+        reason = kernel_blackhole_unavailable()
+        if reason is not None:
+            pytest.skip(reason)
     pytester.makeconftest(CONFTEST)
     pytester.makeini(INI)
     pytester.makepyfile(test_leaky=TESTS.format(leak=leak))
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=150)
+    try:
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *args, timeout=150)
+    finally:
+        sweep_blackholes()  # the rule a dead worker left
     output = result.stdout.str()
     if fails:
         assert result.ret == pytest.ExitCode.TESTS_FAILED, output
-        what = "dropsafe-pg-" if leak == "server" else "thread dropsafe-chaos-proxy"
+        what = {"server": "dropsafe-pg-", "proxy": "thread dropsafe-chaos-proxy"}.get(
+            leak, "dropsafe_blackhole_9_"
+        )
         assert what in output, output
     else:
         assert result.ret == pytest.ExitCode.OK, output
