@@ -56,7 +56,13 @@ timed mypy .venv/bin/mypy
 NO_MKDOCS_2_WARNING=1 timed mkdocs .venv/bin/mkdocs build --strict --quiet --site-dir site
 status=0
 # --durations: the log names the slowest tests, where the suite's minutes go.
-timed pytest .venv/bin/pytest --durations=20 "$@" || status=$?
+# -n: the suite mostly waits (timeouts, servers starting), so WORKERS processes, each with its
+# own session server, share the cores. loadfile keeps a module on one worker, which starts its
+# module's servers and clusters once (loadgroup would split finer, but pytest 9.2 broke its
+# groups: pytest-xdist issue 1386). Each worker checks its own leftovers at its end
+# (tests/conftest.py). DROPSAFE_TEST_WORKERS=0: one process, as plain pytest.
+workers=${DROPSAFE_TEST_WORKERS:-4}
+timed pytest .venv/bin/pytest -n "$workers" --dist loadfile --durations=20 "$@" || status=$?
 if [[ -n $background_pid ]]; then
     background_status=0
     wait "$background_pid" || background_status=$?

@@ -6,12 +6,14 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import pytest
 
-from dropsafe.testing import PostgresServer
+from dropsafe.testing import PostgresServer, leftover_processes
+from dropsafe.testing._leftovers import leftover_rules
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterator
 
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from xdist.workermanage import WorkerController
 
     from dropsafe.testing._database import Database
     from dropsafe.testing._server import Driver
@@ -26,9 +28,71 @@ _BREAKS_THE_SERVER = frozenset(
 )
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run tests marked ``last`` after all others (the leftovers check must see the end)."""
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, have the controller gather each worker's leftovers (see below)."""
+    if config.pluginmanager.hasplugin("xdist") and not _is_worker(config):
+        config.pluginmanager.register(_WorkersLeftovers(), "dropsafe-workers-leftovers")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run tests marked ``last`` after all others (the leftovers check must see the end).
+
+    An xdist worker drops them instead: one worker's ``last`` test would run while the others
+    still work, see only its own processes, and end the server its later tests need. Each
+    worker checks its own leftovers once its session has ended (`pytest_sessionfinish`).
+    """
+    if _is_worker(config):
+        last = [item for item in items if item.get_closest_marker("last")]
+        if last:
+            config.hook.pytest_deselected(items=last)
+            items[:] = [item for item in items if not item.get_closest_marker("last")]
+        return
     items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker, once its fixtures are torn down: hand its leftovers to the controller."""
+    if _is_worker(session.config):
+        output: dict[str, object] = session.config.workeroutput  # type: ignore[attr-defined]
+        output[_LEFTOVERS_KEY] = leftover_processes() + leftover_rules()
+
+
+def _is_worker(config: pytest.Config) -> bool:
+    return hasattr(config, "workerinput")
+
+
+_LEFTOVERS_KEY = "dropsafe_leftovers"
+
+
+class _WorkersLeftovers:
+    """The leftovers check of a run split over xdist workers: it fails the run if any worker
+    ended with a server process, proxy thread or kernel rule of dropsafe.testing still alive.
+
+    Each worker's servers are its own children (they die with it), so only the worker can see
+    them, after its last test (`pytest_sessionfinish` above); this gathers what they saw.
+    """
+
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def pytest_testnodedown(self, node: WorkerController) -> None:
+        """Keep what a finished worker left (a crashed one sends nothing; its crash fails)."""
+        output = getattr(node, "workeroutput", {})
+        worker = node.gateway.id
+        self.found.extend(f"{worker}: {line}" for line in output.get(_LEFTOVERS_KEY, ()))
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        """Fail the run when a worker left something alive."""
+        if self.found:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        """Name what was left, as the serial run's leftovers test would."""
+        if self.found:
+            terminalreporter.section("dropsafe leftovers after the workers ended", red=True)
+            for line in self.found:
+                terminalreporter.line(line, red=True)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

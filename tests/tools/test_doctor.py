@@ -2,6 +2,7 @@
 
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -100,9 +101,13 @@ def test_a_standby_is_named(postgres_server, capsys):
         (f"postgresql+psycopg2://app:{SECRET}@127.0.0.1:1/app?bogus=1", 2, "refuses"),
     ],
 )
-def test_failures_are_one_line(capsys, url, expected_code, message):
+def test_failures_are_one_line(capsys, monkeypatch, url, expected_code, message):
     # Exit 2 for a URL that is wrong on its face, 1 for a database that cannot be examined.
+    # The doctor reads DROPSAFE_* when it runs: nothing waits out the default connect_wait (10 s).
+    monkeypatch.setenv("DROPSAFE_CONNECT_WAIT", "0.5")
+    started = time.monotonic()
     code, out, err = _doctor(capsys, url)
+    assert time.monotonic() - started < 8
     assert code == expected_code
     assert out == ""
     assert message in err

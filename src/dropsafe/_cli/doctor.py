@@ -47,9 +47,15 @@ _SETTINGS = (
 )
 
 
-# The doctor's own connections work through any pooler: no prepared statement outlives its
-# transaction (see ConnectionPolicy.pooler). Its events are its report, not log lines.
-_POLICY = Policy(connection=ConnectionPolicy(pooler="transaction"), hooks=())
+def _policy() -> Policy:
+    """Build the doctor's own policy per call: DROPSAFE_* variables set since import count.
+
+    Its connections work through any pooler: no prepared statement outlives its transaction
+    (see ConnectionPolicy.pooler). Its events are its report, not log lines.
+    """
+    return Policy(connection=ConnectionPolicy(pooler="transaction"), hooks=())
+
+
 # Transactions per session when looking for a transaction-mode pooler.
 _POOLER_ROUNDS = 3
 _BACKEND_PID = sa.text("SELECT pg_backend_pid()")
@@ -112,7 +118,7 @@ def diagnose(url_text: str) -> str:
     if url.get_dialect().is_async:
         facts |= asyncio.run(_examine_async(url))
     else:
-        engine = dropsafe.create_engine(url, poolclass=NullPool, policy=_POLICY)
+        engine = dropsafe.create_engine(url, poolclass=NullPool, policy=_policy())
         try:
             with _Explained(url), engine.connect() as connection:
                 facts["connect ms"] = (time.perf_counter() - started) * 1000
@@ -129,7 +135,7 @@ def diagnose(url_text: str) -> str:
 
 
 async def _examine_async(url: URL) -> dict[str, Any]:
-    engine = dropsafe.create_async_engine(url, poolclass=NullPool, policy=_POLICY)
+    engine = dropsafe.create_async_engine(url, poolclass=NullPool, policy=_policy())
     started = time.perf_counter()
     try:
         with _Explained(url):

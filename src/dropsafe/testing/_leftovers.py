@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import threading
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "TEMP_PREFIX",
     "forget_on_sigterm",
     "leftover_processes",
+    "leftover_rules",
     "owner_is_gone",
     "parent_of",
     "postgres_processes",
@@ -72,6 +74,30 @@ def leftover_processes(parent: int | None = None) -> list[str]:
         for thread in threading.enumerate()
         if thread.name.startswith(_THREAD_PREFIX)
     )
+    return found
+
+
+def leftover_rules() -> list[str]:
+    """Name the kernel rules (blackholes, idle reapers) this process made and still holds.
+
+    They carry their owner's tag (`process_tag`); without nft or iptables, or without the right
+    to list rules, there is nothing to find.
+    """
+    owned = f"_{process_tag()}_"
+    if shutil.which("nft") is not None:
+        commands = [["nft", "list", "tables", "inet"]]
+    else:
+        commands = [
+            [tool, "-S", "INPUT"] for tool in ("iptables", "ip6tables") if shutil.which(tool)
+        ]
+    found: list[str] = []
+    for command in commands:
+        listing = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+        found.extend(
+            f"rule: {line.strip()}"
+            for line in listing.stdout.splitlines()
+            if "dropsafe_" in line and owned in line
+        )
     return found
 
 
