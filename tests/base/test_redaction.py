@@ -112,6 +112,10 @@ def redact_text_params_only(text):
     return _mask_params(text)
 
 
+# CPU seconds for 1 MB: a linear pass takes well under one, a quadratic one hundreds.
+_LINEAR_BOUND = 10.0
+
+
 @pytest.mark.parametrize(
     "unit",
     [
@@ -127,18 +131,23 @@ def redact_text_params_only(text):
     ],
 )
 def test_redaction_is_linear_on_pathological_text(unit):
-    """1 MB of each pattern: the regex rule took 0.42 s on 20 KB and 7.2 s on 80 KB."""
+    """1 MB of each pattern: the regex rule took 0.42 s on 20 KB and 7.2 s on 80 KB.
+
+    Quadratic would be some 1,000 s on 1 MB; linear is well under a second. The bound is on
+    this process's CPU time, so that other processes on a loaded machine (parallel test
+    workers) do not count, and leaves room for a slow machine.
+    """
     text = "postgresql://u@h/db?sslmode=" + unit * (1_000_000 // len(unit))
-    began = time.perf_counter()
+    began = time.process_time()
     redact_text(text)
     redact_url(text)
-    assert time.perf_counter() - began < 2.0
+    assert time.process_time() - began < _LINEAR_BOUND
 
 
 @pytest.mark.parametrize("unit", ["://a:", " ", "\t[", "password "])
 def test_describing_an_error_is_linear_on_pathological_text(unit):
-    """Every event's error text goes through describe_error: 1 MB must take well under 2 s."""
+    """Every event's error text goes through describe_error: 1 MB in seconds, not minutes."""
     error = RuntimeError("x" + unit * (1_000_000 // len(unit)) + "y")
-    began = time.perf_counter()
+    began = time.process_time()
     describe_error(error)
-    assert time.perf_counter() - began < 2.0
+    assert time.process_time() - began < _LINEAR_BOUND
