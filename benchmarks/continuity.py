@@ -10,14 +10,18 @@ The apps are what a new user writes, with no dropsafe code in the handlers:
 - ``fastapi``: FastAPI with asyncpg, an ``AsyncSession`` per request from a ``yield``
   dependency, the same writes and reads.
 
-Variants of the engines only: ``plain``, ``pre_ping`` (``pool_pre_ping=True``) and ``flag``
-(``?plugin=dropsafe`` in each URL). Faults, while 4 clients send requests: ``kill`` terminates
-every backend once a second; ``restart`` restarts the server, fast and immediate in turn,
-1.5 s after it is back each time. The server is real (TLS, loopback).
+Variants of the engines only: ``plain``, ``pre_ping`` (``pool_pre_ping=True``), ``flag``
+(``?plugin=dropsafe`` in each URL) and ``flag_replay`` (the flag and
+``dropsafe_replay_transaction=true``: the transaction replay, still in the URL only). Faults,
+while 4 clients send requests: ``kill`` terminates every backend once a second; ``restart``
+restarts the server, fast and immediate in turn, 1.5 s after it is back each time. The server
+is real (TLS, loopback).
 
 A request that failed (5xx) is counted where its last database error happened, as
 benchmarks/example_app.py does: at connect, on a transaction's first statement, mid-transaction,
-at COMMIT, at the ROLLBACK that closes a session. Every write carries a token: an acknowledged
+at COMMIT, at the ROLLBACK that closes a session; with the flag, each failed request also by
+the ``TransactionReplayed`` event it met (its outcome and reason, read from the ``dropsafe``
+logger as a user would), or none. Every write carries a token: an acknowledged
 write missing from the database is "lost", one stored twice "doubled" (both must stay 0).
 Writes benchmarks/results/CONTINUITY.md (a section per ``--label``), machine named.
 """
@@ -28,6 +32,7 @@ import asyncio
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -35,7 +40,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable  # noqa: TC003 - FastAPI reads them
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import httpx
 import sqlalchemy as sa
@@ -63,7 +68,7 @@ from dropsafe.testing import PostgresServer
 RESULTS = Path(__file__).parent / "results" / "CONTINUITY.md"
 CLIENTS = 4
 APPS = ("flask", "fastapi")
-VARIANTS = ("plain", "pre_ping", "flag")
+VARIANTS = ("plain", "pre_ping", "flag", "flag_replay")
 FAULTS = ("kill", "restart")
 KILL_EVERY_S = 1.0
 RESTART_AFTER_S = 1.5
@@ -110,10 +115,13 @@ def engine_options(variant: str) -> dict[str, Any]:
 
 
 def variant_url(url: str, variant: str) -> str:
-    """``url`` with ``?plugin=dropsafe`` for the flag variant."""
-    if variant != "flag":
+    """``url`` with ``?plugin=dropsafe`` for the flag variants (and the replay's parameter)."""
+    if not variant.startswith("flag"):
         return url
-    flagged = make_url(url).update_query_dict({"plugin": "dropsafe"})
+    query = {"plugin": "dropsafe"}
+    if variant == "flag_replay":
+        query["dropsafe_replay_transaction"] = "true"
+    flagged = make_url(url).update_query_dict(query)
     return flagged.render_as_string(hide_password=False)
 
 
@@ -207,6 +215,91 @@ def fastapi_app(urls: dict[str, str], variant: str) -> FastAPI:
     return app
 
 
+# -- the replay events --------------------------------------------------------------------------
+
+NO_EVENT = "no replay event"
+_REPLAYED_LINE = re.compile(
+    r'^dropsafe\.transaction_replayed .*?outcome=(\w+).*?(?: reason="(.*)")?$'
+)
+
+
+class ReplayLog(logging.Handler):
+    """The ``dropsafe`` logger's ``TransactionReplayed`` lines, by request (``_REQUEST``).
+
+    What a user sees with the default ``LoggingHook``: no code in the app. A failed request is
+    then counted by where it failed and by the last replay event it met (``failed_why``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.by_request: dict[int, list[str]] = {}
+        self.outcomes: Counter[str] = Counter()  # every event of the run, by outcome
+        self.failed_why: Counter[tuple[str, str]] = Counter()  # (place, event) of 5xx
+        self.examples: dict[tuple[str, str], str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep a ``TransactionReplayed`` line's outcome and reason (logging holds the lock)."""
+        match = _REPLAYED_LINE.match(record.getMessage())
+        if match is None:
+            return
+        outcome, reason = match.groups()
+        self.outcomes[outcome] += 1
+        request = _REQUEST.get()
+        if request is not None:
+            why = outcome if reason is None else f"{outcome}: {reason}"
+            self.by_request.setdefault(request, []).append(why)
+
+    def count(
+        self,
+        recorder: WhereErrorsHappen,
+        result: RunResult,
+        number: int,
+        status: int | None,
+        raised: BaseException | None,
+    ) -> None:
+        """``record_request``, and a failed request's place and last replay event."""
+        errors = recorder.by_request.get(number, [])
+        failed_before = result.failed.copy()
+        record_request(recorder, result, number, status, raised)
+        events = self.by_request.pop(number, [])
+        for place in result.failed - failed_before:  # where record_request counted it, if 5xx
+            key = (place, events[-1] if events else NO_EVENT)
+            self.failed_why[key] += 1
+            what = errors[-1][1] if errors else f"{type(raised).__name__}: {raised}"
+            self.examples.setdefault(key, what)
+
+    def __enter__(self) -> Self:
+        logger = logging.getLogger("dropsafe")
+        self._before = (logger.level, logger.propagate)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # the events of a run are counted here, not printed
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        logger = logging.getLogger("dropsafe")
+        logger.removeHandler(self)
+        logger.setLevel(self._before[0])
+        logger.propagate = self._before[1]
+
+
+class ObservedAsgi(Observed):
+    """``Observed``, counting each failed request's replay event too."""
+
+    def __init__(
+        self,
+        app: Any,  # noqa: ANN401 - an ASGI app
+        recorder: WhereErrorsHappen,
+        result: RunResult,
+        replays: ReplayLog,
+    ) -> None:
+        super().__init__(app, recorder, result)
+        self.replays = replays
+
+    def _classify(self, number: int, status: int | None, raised: BaseException | None) -> None:
+        self.replays.count(self.recorder, self.result, number, status, raised)
+
+
 # -- the load and the faults ------------------------------------------------------------------
 
 
@@ -245,8 +338,14 @@ def note_answer(tokens: Tokens, path: str, body: dict[str, Any] | None, status: 
 class ObservedWsgi:
     """WSGI wrapper: numbers each request and counts how it ended (``record_request``)."""
 
-    def __init__(self, app: Any, recorder: WhereErrorsHappen, result: RunResult) -> None:  # noqa: ANN401
-        self.app, self.recorder, self.result = app, recorder, result
+    def __init__(
+        self,
+        app: Any,  # noqa: ANN401 - a WSGI app
+        recorder: WhereErrorsHappen,
+        result: RunResult,
+        replays: ReplayLog,
+    ) -> None:
+        self.app, self.recorder, self.result, self.replays = app, recorder, result, replays
         self.numbers = itertools.count()
         self.lock = threading.Lock()
 
@@ -273,7 +372,7 @@ class ObservedWsgi:
         finally:
             _REQUEST.reset(token)
             with self.lock:
-                record_request(self.recorder, self.result, number, status, raised)
+                self.replays.count(self.recorder, self.result, number, status, raised)
 
 
 def fault_loop(
@@ -290,10 +389,16 @@ def fault_loop(
         result.faults += 1
 
 
-def run_flask(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> None:  # noqa: ANN401
+def run_flask(
+    app: Any,  # noqa: ANN401 - a Flask app
+    result: RunResult,
+    tokens: Tokens,
+    seconds: float,
+    replays: ReplayLog,
+) -> None:
     """4 client threads through httpx's WSGI transport for ``seconds``."""
     recorder = WhereErrorsHappen(*app.extensions["continuity_engines"])
-    transport = httpx.WSGITransport(app=ObservedWsgi(app.wsgi_app, recorder, result))
+    transport = httpx.WSGITransport(app=ObservedWsgi(app.wsgi_app, recorder, result, replays))
     deadline = time.monotonic() + seconds
 
     def client(number: int) -> None:
@@ -314,10 +419,17 @@ def run_flask(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> No
     result.round_trips = recorder.round_trips
 
 
-async def run_fastapi(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> None:  # noqa: ANN401
+async def run_fastapi(
+    app: Any,  # noqa: ANN401 - a FastAPI app
+    result: RunResult,
+    tokens: Tokens,
+    seconds: float,
+    replays: ReplayLog,
+) -> None:
     """4 client tasks through httpx's ASGI transport for ``seconds``."""
     recorder = WhereErrorsHappen(app.state.engine.sync_engine)
-    transport = httpx.ASGITransport(app=Observed(app, recorder, result), raise_app_exceptions=False)
+    observed = ObservedAsgi(app, recorder, result, replays)
+    transport = httpx.ASGITransport(app=observed, raise_app_exceptions=False)
     deadline = time.monotonic() + seconds
     async with httpx.AsyncClient(
         transport=transport, base_url="http://app", timeout=REQUEST_TIMEOUT_S
@@ -346,6 +458,7 @@ class Outcome:
     acknowledged: int = 0
     lost: int = 0
     doubled: int = 0
+    replays: ReplayLog = field(default_factory=ReplayLog)
 
 
 def one_run(
@@ -356,24 +469,28 @@ def one_run(
     if app_name == "fastapi":
         urls["accounts"] = urls["notes"]
     reset_tables(server)
-    result, tokens = RunResult(), Tokens()
+    result, tokens, replays = RunResult(), Tokens(), ReplayLog()
     stop = threading.Event()
     faults = threading.Thread(target=fault_loop, args=(server, fault, stop, result))
     started = time.monotonic()
     faults.start()
     try:
-        if app_name == "flask":
-            app = flask_app(urls, variant)
-            run_flask(app, result, tokens, seconds)
-            for engine in app.extensions["continuity_engines"]:
-                engine.dispose()
-        else:
-            asyncio.run(run_fastapi(fastapi_app(urls, variant), result, tokens, seconds))
+        with replays:
+            if app_name == "flask":
+                app = flask_app(urls, variant)
+                run_flask(app, result, tokens, seconds, replays)
+                for engine in app.extensions["continuity_engines"]:
+                    engine.dispose()
+            else:
+                app = fastapi_app(urls, variant)
+                asyncio.run(run_fastapi(app, result, tokens, seconds, replays))
     finally:
         stop.set()
         faults.join(timeout=120)
     result.seconds = time.monotonic() - started
-    return audit(server, app_name, result, tokens)
+    outcome = audit(server, app_name, result, tokens)
+    outcome.replays = replays
+    return outcome
 
 
 def driver_of(app_name: str) -> str:
@@ -429,6 +546,28 @@ def table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
     return lines
 
 
+def replay_table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
+    """Return the flag variants' failed requests by place and the last replay event they met."""
+    header = "| App | Fault | Variant | Replay events (all requests) | Failed at | Replay event"
+    lines = [header + " | Failed | An error |", "|---" * 8 + "|"]
+    for app_name, fault, variant, outcomes in rows:
+        if not variant.startswith("flag"):
+            continue
+        events: Counter[str] = sum((o.replays.outcomes for o in outcomes), Counter())
+        seen = ", ".join(f"{what} {count}" for what, count in sorted(events.items())) or "none"
+        why: Counter[tuple[str, str]] = sum((o.replays.failed_why for o in outcomes), Counter())
+        examples = {key: o.replays.examples[key] for o in outcomes for key in o.replays.examples}
+        if not why:
+            lines.append(f"| {app_name} | {fault} | {variant} | {seen} | - | - | 0 | |")
+        for (place, event), count in sorted(why.items(), key=lambda item: -item[1]):
+            error = examples[place, event][:80].replace("|", "/")
+            lines.append(
+                f"| {app_name} | {fault} | {variant} | {seen} | {place} | {event} | "
+                f"{count} | `{error}` |"
+            )
+    return lines
+
+
 def measure(
     apps: Iterable[str], faults: Iterable[str], variants: Iterable[str], runs: int, seconds: float
 ) -> tuple[list[tuple[str, str, str, list[Outcome]]], dict[str, str]]:
@@ -439,9 +578,11 @@ def measure(
             server.execute(f"CREATE DATABASE {database}")
         for app_name in apps:
             for fault in faults:
-                for variant in variants:
-                    outcomes = []
-                    for run in range(runs):
+                # Variants side by side in each run: the shared machine's load moves in
+                # minutes, and each variant then meets the same.
+                outcomes: dict[str, list[Outcome]] = {variant: [] for variant in variants}
+                for run in range(runs):
+                    for variant in variants:
                         outcome = one_run(server, app_name, variant, fault, seconds)
                         result = outcome.result
                         report_run(
@@ -450,11 +591,13 @@ def measure(
                             answers=dict(outcome.statuses),
                             lost=outcome.lost,
                             doubled=outcome.doubled,
+                            replay_events=dict(outcome.replays.outcomes),
+                            failed_why=dict(outcome.replays.failed_why),
                         )
-                        outcomes.append(outcome)
+                        outcomes[variant].append(outcome)
                         for place, what in result.examples.items():
                             examples.setdefault(f"{app_name}, {variant}, {place}", what)
-                    rows.append((app_name, fault, variant, outcomes))
+                rows.extend((app_name, fault, variant, outcomes[variant]) for variant in variants)
     return rows, examples
 
 
@@ -470,7 +613,11 @@ def main() -> None:
     )
     setup = machine_line(arguments.runs, arguments.seconds) + f" each, {CLIENTS} clients."
     seen = [f"- {where}: `{what}`" for where, what in sorted(examples.items())]
-    publish(arguments, "Issue 27's apps under faults", setup, table(rows), seen)
+    lines = table(rows)
+    if any(variant.startswith("flag") for variant in arguments.variants):
+        lines += ["", "The flag's failed requests by the replay event they met:", ""]
+        lines += replay_table(rows)
+    publish(arguments, "Issue 27's apps under faults", setup, lines, seen)
 
 
 if __name__ == "__main__":
