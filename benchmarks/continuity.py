@@ -228,23 +228,29 @@ class ReplayLog(logging.Handler):
 
     What a user sees with the default ``LoggingHook``: no code in the app. A failed request is
     then counted by where it failed and by the last replay event it met (``failed_why``).
+    ``debug``: for a failed request that met no event, dropsafe's last DEBUG line about a
+    replay instead (why it did not start one); costs a little, so a run of its own.
     """
 
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
+    def __init__(self, *, debug: bool = False) -> None:
+        super().__init__(logging.DEBUG if debug else logging.INFO)
+        self.debug = debug
         self.by_request: dict[int, list[str]] = {}
+        self.debug_lines: dict[int, list[str]] = {}
         self.outcomes: Counter[str] = Counter()  # every event of the run, by outcome
         self.failed_why: Counter[tuple[str, str]] = Counter()  # (place, event) of 5xx
         self.examples: dict[tuple[str, str], str] = {}
 
     def emit(self, record: logging.LogRecord) -> None:
         """Keep a ``TransactionReplayed`` line's outcome and reason (logging holds the lock)."""
-        match = _REPLAYED_LINE.match(record.getMessage())
+        message, request = record.getMessage(), _REQUEST.get()
+        match = _REPLAYED_LINE.match(message)
         if match is None:
+            if self.debug and request is not None and "replay" in message:
+                self.debug_lines.setdefault(request, []).append(f"debug: {message}")
             return
         outcome, reason = match.groups()
         self.outcomes[outcome] += 1
-        request = _REQUEST.get()
         if request is not None:
             why = outcome if reason is None else f"{outcome}: {reason}"
             self.by_request.setdefault(request, []).append(why)
@@ -261,7 +267,8 @@ class ReplayLog(logging.Handler):
         errors = recorder.by_request.get(number, [])
         failed_before = result.failed.copy()
         record_request(recorder, result, number, status, raised)
-        events = self.by_request.pop(number, [])
+        events = self.by_request.pop(number, []) or self.debug_lines.pop(number, [])
+        self.debug_lines.pop(number, None)
         for place in result.failed - failed_before:  # where record_request counted it, if 5xx
             key = (place, events[-1] if events else NO_EVENT)
             self.failed_why[key] += 1
@@ -271,7 +278,7 @@ class ReplayLog(logging.Handler):
     def __enter__(self) -> Self:
         logger = logging.getLogger("dropsafe")
         self._before = (logger.level, logger.propagate)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(self.level)
         logger.propagate = False  # the events of a run are counted here, not printed
         logger.addHandler(self)
         return self
@@ -462,14 +469,23 @@ class Outcome:
 
 
 def one_run(
-    server: PostgresServer, app_name: str, variant: str, fault: str, seconds: float
+    server: PostgresServer,
+    app_name: str,
+    variant: str,
+    fault: str,
+    seconds: float,
+    *,
+    debug: bool = False,
 ) -> Outcome:
-    """Fresh tables, a fresh app, ``seconds`` of load under ``fault``; then the audit."""
+    """Fresh tables, a fresh app, ``seconds`` of load under ``fault``; then the audit.
+
+    ``debug``: ``ReplayLog``'s, why a failed request met no replay event.
+    """
     urls = {name: server.url(driver_of(app_name), database=name) for name in ("notes", "accounts")}
     if app_name == "fastapi":
         urls["accounts"] = urls["notes"]
     reset_tables(server)
-    result, tokens, replays = RunResult(), Tokens(), ReplayLog()
+    result, tokens, replays = RunResult(), Tokens(), ReplayLog(debug=debug)
     stop = threading.Event()
     faults = threading.Thread(target=fault_loop, args=(server, fault, stop, result))
     started = time.monotonic()
@@ -569,7 +585,13 @@ def replay_table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
 
 
 def measure(
-    apps: Iterable[str], faults: Iterable[str], variants: Iterable[str], runs: int, seconds: float
+    apps: Iterable[str],
+    faults: Iterable[str],
+    variants: Iterable[str],
+    runs: int,
+    seconds: float,
+    *,
+    debug: bool = False,
 ) -> tuple[list[tuple[str, str, str, list[Outcome]]], dict[str, str]]:
     """Run every combination ``runs`` times on one server; return the rows and examples."""
     rows, examples = [], {}
@@ -583,7 +605,7 @@ def measure(
                 outcomes: dict[str, list[Outcome]] = {variant: [] for variant in variants}
                 for run in range(runs):
                     for variant in variants:
-                        outcome = one_run(server, app_name, variant, fault, seconds)
+                        outcome = one_run(server, app_name, variant, fault, seconds, debug=debug)
                         result = outcome.result
                         report_run(
                             f"{app_name} {fault} {variant} run {run}",
@@ -607,11 +629,23 @@ def main() -> None:
     parser.add_argument("--apps", nargs="+", choices=APPS, default=list(APPS))
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--debug-replays",
+        action="store_true",
+        help="why a failed request met no replay event: dropsafe's DEBUG lines (costs a little)",
+    )
     arguments = parse_bounded(parser)
     rows, examples = measure(
-        arguments.apps, arguments.faults, arguments.variants, arguments.runs, arguments.seconds
+        arguments.apps,
+        arguments.faults,
+        arguments.variants,
+        arguments.runs,
+        arguments.seconds,
+        debug=arguments.debug_replays,
     )
     setup = machine_line(arguments.runs, arguments.seconds) + f" each, {CLIENTS} clients."
+    if arguments.debug_replays:
+        setup += " dropsafe's DEBUG lines captured (--debug-replays)."
     seen = [f"- {where}: `{what}`" for where, what in sorted(examples.items())]
     lines = table(rows)
     if any(variant.startswith("flag") for variant in arguments.variants):
