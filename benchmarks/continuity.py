@@ -29,6 +29,7 @@ Writes benchmarks/results/CONTINUITY.md (a section per ``--label``), machine nam
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import random
@@ -218,6 +219,11 @@ def fastapi_app(urls: dict[str, str], variant: str) -> FastAPI:
 # -- the replay events --------------------------------------------------------------------------
 
 NO_EVENT = "no replay event"
+# The write a client is sending (table, token): set by the client, read by the app's wrapper
+# (httpx's WSGI and ASGI transports call the app in the client's own context).
+_WRITE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "write", default=None
+)
 _REPLAYED_LINE = re.compile(
     r'^dropsafe\.transaction_replayed .*?outcome=(\w+).*?(?: reason="(.*)")?$'
 )
@@ -227,7 +233,9 @@ class ReplayLog(logging.Handler):
     """The ``dropsafe`` logger's ``TransactionReplayed`` lines, by request (``_REQUEST``).
 
     What a user sees with the default ``LoggingHook``: no code in the app. A failed request is
-    then counted by where it failed and by the last replay event it met (``failed_why``).
+    then counted by where it failed, the last replay event it met and its error
+    (``failed_why``), and a failed write by whether it was stored all the same (``stored``,
+    filled by ``audit``: a COMMIT that took effect though the app got an error).
     ``debug``: for a failed request that met no event, dropsafe's last DEBUG line about a
     replay instead (why it did not start one); costs a little, so a run of its own.
     """
@@ -238,8 +246,9 @@ class ReplayLog(logging.Handler):
         self.by_request: dict[int, list[str]] = {}
         self.debug_lines: dict[int, list[str]] = {}
         self.outcomes: Counter[str] = Counter()  # every event of the run, by outcome
-        self.failed_why: Counter[tuple[str, str]] = Counter()  # (place, event) of 5xx
-        self.examples: dict[tuple[str, str], str] = {}
+        self.failed_why: Counter[tuple[str, str, str]] = Counter()  # (place, event, error)
+        self.failed_writes: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+        self.stored: Counter[tuple[str, str, str]] = Counter()  # failed writes stored anyway
 
     def emit(self, record: logging.LogRecord) -> None:
         """Keep a ``TransactionReplayed`` line's outcome and reason (logging holds the lock)."""
@@ -270,10 +279,12 @@ class ReplayLog(logging.Handler):
         events = self.by_request.pop(number, []) or self.debug_lines.pop(number, [])
         self.debug_lines.pop(number, None)
         for place in result.failed - failed_before:  # where record_request counted it, if 5xx
-            key = (place, events[-1] if events else NO_EVENT)
-            self.failed_why[key] += 1
             what = errors[-1][1] if errors else f"{type(raised).__name__}: {raised}"
-            self.examples.setdefault(key, what)
+            key = (place, events[-1] if events else NO_EVENT, what[:72])
+            self.failed_why[key] += 1
+            write = _WRITE.get()
+            if write is not None:
+                self.failed_writes.setdefault(key, []).append(write)
 
     def __enter__(self) -> Self:
         logger = logging.getLogger("dropsafe")
@@ -415,6 +426,7 @@ def run_flask(
             for method, path, body in requests_of(number):
                 if time.monotonic() > deadline:
                     return
+                _WRITE.set(None if body is None else (path.strip("/"), body["token"]))
                 reply = http.request(method, path, json=body)
                 note_answer(tokens, path, body, reply.status_code)
 
@@ -446,6 +458,7 @@ async def run_fastapi(
             for method, path, body in requests_of(number):
                 if time.monotonic() > deadline:
                     return
+                _WRITE.set(None if body is None else (path.strip("/"), body["token"]))
                 reply = await http.request(method, path, json=body)
                 note_answer(tokens, path, body, reply.status_code)
 
@@ -504,9 +517,7 @@ def one_run(
         stop.set()
         faults.join(timeout=120)
     result.seconds = time.monotonic() - started
-    outcome = audit(server, app_name, result, tokens)
-    outcome.replays = replays
-    return outcome
+    return audit(server, app_name, result, tokens, replays)
 
 
 def driver_of(app_name: str) -> str:
@@ -525,9 +536,11 @@ def reset_tables(server: PostgresServer) -> None:
         engine.dispose()
 
 
-def audit(server: PostgresServer, app_name: str, result: RunResult, tokens: Tokens) -> Outcome:
-    """Count acknowledged writes missing, and writes stored twice."""
-    outcome = Outcome(result, tokens.statuses)
+def audit(
+    server: PostgresServer, app_name: str, result: RunResult, tokens: Tokens, replays: ReplayLog
+) -> Outcome:
+    """Count acknowledged writes missing, writes stored twice, failed writes stored."""
+    outcome = Outcome(result, tokens.statuses, replays=replays)
     deposits_in = "accounts" if app_name == "flask" else "notes"
     for table, database in (("notes", "notes"), ("deposits", deposits_in)):
         query = f"SELECT token, count(*) FROM {table} GROUP BY token"  # noqa: S608 - ours
@@ -536,6 +549,8 @@ def audit(server: PostgresServer, app_name: str, result: RunResult, tokens: Toke
         outcome.acknowledged += len(tokens.acknowledged[table])
         outcome.lost += sum(1 for token in tokens.acknowledged[table] if token not in stored)
         outcome.doubled += sum(1 for count in stored.values() if count > 1)
+        for key, writes in replays.failed_writes.items():
+            replays.stored[key] += sum(1 for (t, token) in writes if t == table and token in stored)
     return outcome
 
 
@@ -565,21 +580,22 @@ def table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
 def replay_table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
     """Return the flag variants' failed requests by place and the last replay event they met."""
     header = "| App | Fault | Variant | Replay events (all requests) | Failed at | Replay event"
-    lines = [header + " | Failed | An error |", "|---" * 8 + "|"]
+    lines = [header + " | Error | Failed | Of them, writes stored |", "|---" * 9 + "|"]
     for app_name, fault, variant, outcomes in rows:
         if not variant.startswith("flag"):
             continue
         events: Counter[str] = sum((o.replays.outcomes for o in outcomes), Counter())
         seen = ", ".join(f"{what} {count}" for what, count in sorted(events.items())) or "none"
-        why: Counter[tuple[str, str]] = sum((o.replays.failed_why for o in outcomes), Counter())
-        examples = {key: o.replays.examples[key] for o in outcomes for key in o.replays.examples}
+        why: Counter[tuple[str, str, str]] = sum(
+            (o.replays.failed_why for o in outcomes), Counter()
+        )
+        stored: Counter[tuple[str, str, str]] = sum((o.replays.stored for o in outcomes), Counter())
         if not why:
-            lines.append(f"| {app_name} | {fault} | {variant} | {seen} | - | - | 0 | |")
-        for (place, event), count in sorted(why.items(), key=lambda item: -item[1]):
-            error = examples[place, event][:80].replace("|", "/")
+            lines.append(f"| {app_name} | {fault} | {variant} | {seen} | - | - | - | 0 | 0 |")
+        for (place, event, error), count in sorted(why.items(), key=lambda item: -item[1]):
             lines.append(
                 f"| {app_name} | {fault} | {variant} | {seen} | {place} | {event} | "
-                f"{count} | `{error}` |"
+                f"`{error.replace('|', '/')}` | {count} | {stored[place, event, error]} |"
             )
     return lines
 
@@ -615,6 +631,7 @@ def measure(
                             doubled=outcome.doubled,
                             replay_events=dict(outcome.replays.outcomes),
                             failed_why=dict(outcome.replays.failed_why),
+                            failed_writes_stored=sum(outcome.replays.stored.values()),
                         )
                         outcomes[variant].append(outcome)
                         for place, what in result.examples.items():
