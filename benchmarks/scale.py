@@ -32,7 +32,7 @@ import threading
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -41,6 +41,9 @@ import dropsafe
 from dropsafe._bench._report import load_average, machine, table
 from dropsafe._engine.guard import guard_of
 from dropsafe.testing import PostgresServer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
 
 RESULTS = Path(__file__).parent / "results"
 STORE = RESULTS / "scale.json"
@@ -173,18 +176,30 @@ VARIANTS = ("plain", "dropsafe")
 COST_VARIANTS = ("plain", "dropsafe", "no replay")
 
 
-def part_healthy(server: PostgresServer, *, rounds: int, seconds: float) -> dict[str, Any]:
-    cells: dict[str, Cell] = {}
+_Result = TypeVar("_Result")
+
+
+def _on_each_face(
+    server: PostgresServer,
+    sync_part: Callable[..., _Result],
+    async_part: Callable[..., _Result],
+    *args: float,
+) -> Iterator[tuple[str, int, _Result]]:
+    """Run a part at each driver and pool size, through the driver's own face (async: asyncpg)."""
     for driver in DRIVERS:
         url = server.url(driver)  # type: ignore[arg-type]
         for pool in POOLS:
-            block = (
-                _block_async(url, pool, rounds, seconds)
-                if driver == "asyncpg"
-                else _block_sync(url, driver, pool, rounds, seconds)
-            )
-            cells |= {f"{driver}|{pool}|{key}": cell for key, cell in block.items()}
-            print(f"healthy: {driver} pool {pool} done, load {load_average()}", flush=True)
+            if driver == "asyncpg":
+                yield driver, pool, async_part(url, pool, *args)
+            else:
+                yield driver, pool, sync_part(url, driver, pool, *args)
+
+
+def part_healthy(server: PostgresServer, *, rounds: int, seconds: float) -> dict[str, Any]:
+    cells: dict[str, Cell] = {}
+    for driver, pool, block in _on_each_face(server, _block_sync, _block_async, rounds, seconds):
+        cells |= {f"{driver}|{pool}|{key}": cell for key, cell in block.items()}
+        print(f"healthy: {driver} pool {pool} done, load {load_average()}", flush=True)
     rows, ratios, cpu_ratios = [], {}, {}
     for driver in DRIVERS:
         for pool in POOLS:
@@ -382,34 +397,27 @@ def _cost_async(url: str, pool: int, calls: int, repeats: int) -> dict[str, floa
 
 def part_cost(server: PostgresServer, *, calls: int, repeats: int) -> dict[str, Any]:
     rows, costs = [], {}
-    for driver in DRIVERS:
-        url = server.url(driver)  # type: ignore[arg-type]
-        for pool in POOLS:
-            cost = (
-                _cost_async(url, pool, calls, repeats)
-                if driver == "asyncpg"
-                else _cost_sync(url, driver, pool, calls, repeats)
-            )
-            costs[f"{driver}|{pool}"] = cost
-            guard = cost["checkout|dropsafe"] - cost["checkout|plain"]
-            plain_request = cost["request|plain"]
-            rows.append(
-                [
-                    driver,
-                    pool,
-                    f"{cost['checkout|plain']:.2f}",
-                    f"{cost['checkout|dropsafe']:.2f}",
-                    f"{guard:+.2f}",
-                    f"{plain_request:.1f}",
-                    f"{cost['request|dropsafe']:.1f}",
-                    f"{cost['request|no replay']:.1f}",
-                    f"{plain_request / (plain_request + guard):.3f}x",
-                    f"{plain_request / cost['request|dropsafe']:.3f}x",
-                    f"{plain_request / cost['request|no replay']:.3f}x",
-                    " / ".join(f"{cost[f'calls|{v}']:.0f}" for v in COST_VARIANTS),
-                ]
-            )
-            print(f"cost: {driver} pool {pool} done", flush=True)
+    for driver, pool, cost in _on_each_face(server, _cost_sync, _cost_async, calls, repeats):
+        costs[f"{driver}|{pool}"] = cost
+        guard = cost["checkout|dropsafe"] - cost["checkout|plain"]
+        plain_request = cost["request|plain"]
+        rows.append(
+            [
+                driver,
+                pool,
+                f"{cost['checkout|plain']:.2f}",
+                f"{cost['checkout|dropsafe']:.2f}",
+                f"{guard:+.2f}",
+                f"{plain_request:.1f}",
+                f"{cost['request|dropsafe']:.1f}",
+                f"{cost['request|no replay']:.1f}",
+                f"{plain_request / (plain_request + guard):.3f}x",
+                f"{plain_request / cost['request|dropsafe']:.3f}x",
+                f"{plain_request / cost['request|no replay']:.3f}x",
+                " / ".join(f"{cost[f'calls|{v}']:.0f}" for v in COST_VARIANTS),
+            ]
+        )
+        print(f"cost: {driver} pool {pool} done", flush=True)
     lines = [
         "## The guard's CPU per checkout, by pool size",
         "",

@@ -6,11 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || command -v postgres >/dev/null \
-    || need_apt+=(postgresql)
-# The throwaway server's TLS certificate is made with it.
-command -v openssl >/dev/null || need_apt+=(openssl)
+source scripts/base_packages.sh
 PYTHON=${PYTHON:-python3}
 "$PYTHON" -c "import venv, ensurepip" 2>/dev/null || need_apt+=(python3-venv)
 extras=demo

@@ -4,10 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_apt=()
-compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || command -v postgres >/dev/null \
-    || need_apt+=(postgresql)
-command -v openssl >/dev/null || need_apt+=(openssl)
+source scripts/base_packages.sh
 command -v nft >/dev/null || need_apt+=(nftables)
 command -v iptables >/dev/null || need_apt+=(iptables)
 # idle_reaper lists the kernel's tracked flows with it.

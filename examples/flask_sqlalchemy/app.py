@@ -117,9 +117,7 @@ def add_note() -> ResponseReturnValue:
 
 def show_note(note_id: int) -> ResponseReturnValue:
     """Read a note with ``db.session``, as Flask-SQLAlchemy apps do."""
-    note = db.session.get(Note, note_id)
-    if note is None:
-        abort(404)
+    note = db.get_or_404(Note, note_id)
     return jsonify(id=note.id, body=note.body)
 
 
@@ -148,9 +146,7 @@ def deposit(name: str) -> ResponseReturnValue:
 
 def show_account(name: str) -> ResponseReturnValue:
     """Read a balance with ``db.session`` (the ``accounts`` bind)."""
-    account = db.session.get(Account, name)
-    if account is None:
-        abort(404)
+    account = db.get_or_404(Account, name)
     return jsonify(name=account.name, balance=account.balance)
 
 

@@ -180,8 +180,8 @@ def _environment_defaults(kind: type[_V]) -> type[_V]:
 class ConnectionPolicy(_Validated):
     """How a connection is opened: applied as the driver's connect arguments and socket options.
 
-    The defaults notice a dead peer within about 10 s even in the middle of a query, and keep
-    an idle connection alive through NAT and load balancers with a keepalive every 10 s.
+    The defaults notice a dead peer within about 5 s even in the middle of a query, and keep
+    an idle connection alive through NAT and load balancers with a keepalive every 2 s.
 
     Example::
 
@@ -212,13 +212,22 @@ class ConnectionPolicy(_Validated):
     #: (a wrong password, a missing database, a TLS setting) fail at once; inside a unit of
     #: work the unit does the waiting, within its deadline. 0 fails at once, as before.
     connect_wait: Duration = 10.0
-    #: Time sent data may stay unacknowledged before the kernel drops the connection;
-    #: this is what ends a request on a half-open socket. None leaves the OS default (~15 min).
-    tcp_user_timeout: Duration | None = 10.0
-    #: Idle time before the first TCP keepalive probe; None turns keepalives off.
-    keepalive_idle: Duration | None = 10.0
+    #: Time sent data (or a keepalive probe) may stay unacknowledged before the kernel drops
+    #: the connection; this is what ends a request on a half-open socket: about 4.5 s after
+    #: the link died, idle or mid-query. Linux counts it from the sending of the oldest data
+    #: still unacknowledged once that data needed a retransmission, never a transfer's total
+    #: time: data acknowledged slowly but steadily (a slow link, a large result or upload) is
+    #: not cut, nor is a long query (the server's kernel answers keepalives). On a link with
+    #: more than 100 ms of round trip or frequent loss, raise it (300 ms: 12 s, see
+    #: docs/guarantees.md). None leaves the OS default (~15 min).
+    tcp_user_timeout: Duration | None = 4.0
+    #: Idle time before the first TCP keepalive probe; None turns keepalives off. 2 s: a query
+    #: that runs while the link dies is found by probes (tcp_user_timeout ends it at the first
+    #: unanswered probe past it); one small packet per 2 s per idle connection, answered by the
+    #: server's kernel.
+    keepalive_idle: Duration | None = 2.0
     #: Time between keepalive probes.
-    keepalive_interval: Duration = 5.0
+    keepalive_interval: Duration = 1.0
     #: Unanswered probes before the connection is declared dead.
     keepalive_count: int = 3
     #: The pooler between the application and PostgreSQL, if any. ``"transaction"`` (PgBouncer,

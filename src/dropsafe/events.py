@@ -40,6 +40,8 @@ __all__ = [
     "FirstStatementReplayed",
     "Hook",
     "HookFailedAfterCommit",
+    "HostRetried",
+    "HostSkipped",
     "LoggingHook",
     "OpenTelemetryHook",
     "PingSucceeded",
@@ -208,6 +210,34 @@ class TransactionReplayed:
     reason: str | None = None  # why refused or failed
 
 
+@dataclass(frozen=True)
+class HostSkipped:
+    """A host of a multi-host URL stopped answering: connects leave it out for a while.
+
+    ``cause``: a connect timed out there (``connect_timed_out``), or TCP gave up on an open
+    connection to it (``connection_timed_out``). For ``seconds`` the engine's connects try the
+    other hosts only, so a vanished primary costs no connect its ``connect_timeout`` while a
+    standby is promoted; then `HostRetried`. Never every host at once: when all of them time
+    out, connects try them in order. Logged at INFO.
+    """
+
+    url: str  # the engine's URL, password masked
+    host: str
+    port: int
+    cause: Literal["connect_timed_out", "connection_timed_out"]
+    seconds: float  # how long connects leave it out
+
+
+@dataclass(frozen=True)
+class HostRetried:
+    """A host that `HostSkipped` left out is tried again by connects (its time out is over)."""
+
+    url: str  # the engine's URL, password masked
+    host: str
+    port: int
+    skipped_for: float  # seconds it was left out
+
+
 Event = (
     DeadConnectionReplaced
     | ConnectWaited
@@ -221,6 +251,8 @@ Event = (
     | AcknowledgedCommitLost
     | HookFailedAfterCommit
     | TransactionReplayed
+    | HostSkipped
+    | HostRetried
 )
 
 
@@ -374,6 +406,15 @@ class PrometheusHook:
             "Session hooks that raised after a unit of work had committed (result returned).",
             **common,
         )
+        self.hosts_skipped = counter(
+            "hosts_skipped",
+            "Hosts of a multi-host URL left out of connects after a timeout, by cause.",
+            ["cause"],
+            **common,
+        )
+        self.hosts_retried = counter(
+            "hosts_retried", "Hosts left out of connects that connects try again.", **common
+        )
 
     def __call__(self, event: Event, /) -> None:
         """Record ``event``."""
@@ -395,6 +436,10 @@ class PrometheusHook:
             self.replayed_statements.inc()
         elif isinstance(event, PingSucceeded):
             self.pings.labels(why=event.why).observe(event.latency)
+        elif isinstance(event, HostSkipped):
+            self.hosts_skipped.labels(cause=event.cause).inc()
+        elif isinstance(event, HostRetried):
+            self.hosts_retried.inc()
         else:
             return False
         return True
@@ -416,7 +461,7 @@ class PrometheusHook:
 
 # Fields whose values are few and known: metric attributes. Free text (errors, a lost commit's
 # reason, a unit's name) and numbers go to span events only.
-_OTEL_LABELS = frozenset({"pool_wide", "kind", "during", "why", "outcome"})
+_OTEL_LABELS = frozenset({"pool_wide", "kind", "during", "why", "outcome", "cause"})
 # Durations in seconds, recorded in one histogram per event.
 _OTEL_SECONDS = frozenset({"latency", "elapsed", "delay"})
 

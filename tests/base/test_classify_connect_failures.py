@@ -9,12 +9,12 @@ of work waits the outage out instead of failing.
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import time
 
 import pytest
 import sqlalchemy as sa
+from one_statement import error_of_one_statement
 
 import dropsafe
 from dropsafe import classify
@@ -40,33 +40,13 @@ def _connect_error(server, driver, port):
         connection=dropsafe.ConnectionPolicy(connect_timeout=CONNECT_TIMEOUT, connect_wait=0)
     )
     started = time.monotonic()
-    if driver == "asyncpg":
-
-        async def attempt():
-            engine = dropsafe.create_async_engine(url, policy=policy)
-            try:
-                async with engine.connect() as conn:
-                    await conn.execute(sa.text("SELECT 1"))
-            except Exception as exc:
-                return exc
-            finally:
-                await engine.dispose()
-            return None
-
-        error = asyncio.run(attempt())
-    else:
-        engine = dropsafe.create_engine(
-            url, policy=policy, connect_args=server.connect_args(driver)
-        )
-        try:
-            with engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        except Exception as exc:
-            error = exc
-        else:
-            error = None
-        finally:
-            engine.dispose()
+    error = error_of_one_statement(
+        url,
+        driver,
+        sa.text("SELECT 1"),
+        policy=policy,
+        connect_args=server.connect_args(driver),
+    )
     return error, time.monotonic() - started
 
 

@@ -15,6 +15,7 @@ import asyncio
 import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc
+from one_statement import error_of_one_statement
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
@@ -240,39 +241,15 @@ def standby(table):
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_write_reaching_a_standby_is_a_failover(standby, driver):
     counted = Counted()
-    insert = sa.text("INSERT INTO notes VALUES (1)")
-    if driver == "asyncpg":
-
-        async def write():
-            engine = dropsafe.create_async_engine(standby.url(driver), policy=counted.policy())
-            counted.listen(engine.sync_engine)
-            try:
-                async with engine.connect() as connection:
-                    await connection.execute(insert)
-            except sqlalchemy.exc.DBAPIError as exc:
-                return exc
-            finally:
-                await engine.dispose()
-            return None
-
-        error = asyncio.run(write())
-    else:
-        engine = dropsafe.create_engine(
-            standby.url(driver),
-            policy=counted.policy(),
-            connect_args=standby.connect_args(driver),
-        )
-        counted.listen(engine)
-        try:
-            with engine.connect() as connection:
-                connection.execute(insert)
-        except sqlalchemy.exc.DBAPIError as exc:
-            error = exc
-        else:
-            error = None
-        finally:
-            engine.dispose()
-    assert error is not None
+    error = error_of_one_statement(
+        standby.url(driver),
+        driver,
+        sa.text("INSERT INTO notes VALUES (1)"),
+        policy=counted.policy(),
+        connect_args=standby.connect_args(driver),
+        listen=counted.listen,
+    )
+    assert isinstance(error, sqlalchemy.exc.DBAPIError), repr(error)
     assert sqlstate_of(error) == "25006", repr(error)
     assert error.connection_invalidated
     assert classify(error) is ErrorKind.FAILOVER

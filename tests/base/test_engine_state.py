@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import threading
 import weakref
 
 import pytest
 import sqlalchemy as sa
+from forking import held_by_another_thread, in_child
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
@@ -140,29 +140,6 @@ def test_an_engines_state_goes_with_the_engine(shared_server):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_forked_child_gets_the_engine_state_lock_another_thread_held():
     engine = sa.create_engine("postgresql+psycopg2://app@127.0.0.1:9/app")
-    state = state_of(engine)
-    held, release = threading.Event(), threading.Event()
-
-    def hold():
-        with state.lock:
-            held.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert held.wait(10)
-        pid = os.fork()
-        if pid == 0:  # the child: the holding thread does not exist here
-            got = state_of(engine).lock.acquire(timeout=2)
-            os._exit(0 if got else 1)
-        killer = threading.Timer(10, os.kill, (pid, 9))  # a child stuck on the lock
-        killer.start()
-        try:
-            _, status = os.waitpid(pid, 0)
-        finally:
-            killer.cancel()
-        assert os.waitstatus_to_exitcode(status) == 0
-    finally:
-        release.set()
-        holder.join(10)
+    with held_by_another_thread(state_of(engine).lock):
+        # In the child the holding thread does not exist; a child stuck on the lock is killed.
+        assert in_child(lambda: state_of(engine).lock.acquire(timeout=2)) == 0

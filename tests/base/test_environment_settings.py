@@ -25,6 +25,10 @@ TEXTS = {
     "ping_timeout": ("1.5", 1.5),
     "max_lifetime": ("none", None),
     "replay_first_statement": ("off", False),
+    "replay_transaction": ("on", True),
+    "replay_max_statements": ("7", 7),
+    "replay_max_rows": ("0", 0),
+    "replay_max_bytes": ("4096", 4096),
     "max_attempts": ("11", 11),
     "backoff_initial": ("0.2", 0.2),
     "backoff_max": ("4", 4.0),
@@ -66,7 +70,7 @@ def test_without_variables_the_defaults_are_the_built_in_ones(monkeypatch):
     for knob in TEXTS:
         monkeypatch.delenv(f"DROPSAFE_{knob.upper()}", raising=False)
     assert UnitPolicy().deadline == 20
-    assert ConnectionPolicy().tcp_user_timeout == 10
+    assert ConnectionPolicy().tcp_user_timeout == 4
     assert PoolPolicy().max_lifetime == 3600
 
 

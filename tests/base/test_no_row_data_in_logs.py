@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 import dropsafe
 from dropsafe.events import LoggingHook, PrometheusHook
+from log_capture import dropsafe_logger_at_debug
 
 prometheus_client = pytest.importorskip("prometheus_client")
 
@@ -61,14 +62,8 @@ class _Lines(logging.Handler):
 
 @pytest.fixture
 def lines():
-    handler = _Lines()
-    logger = logging.getLogger("dropsafe")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield handler.lines
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with dropsafe_logger_at_debug(_Lines()) as handler:
+        yield handler.lines
 
 
 def _policy(events, registry):

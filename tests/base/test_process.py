@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import os
 import random
-import select
 import socket
 import threading
 import time
 
 import pytest
+from forking import CHILD_BOUND, held_by_another_thread, in_child
 
 from dropsafe._process import renew_lock_in_child, reseed_in_child
 from dropsafe._socket_shutdown import shut_down_at
@@ -20,28 +20,6 @@ from dropsafe._socket_shutdown import shut_down_at
 # Python 3.12+ warns that forking a process with threads may deadlock the child: that is what
 # these tests fork on purpose, and what dropsafe's renewal is for.
 pytestmark = pytest.mark.filterwarnings("ignore:.*multi-threaded.*fork:DeprecationWarning")
-
-CHILD_BOUND = 10.0
-
-
-def _in_child(action) -> int:
-    """Run ``action`` in a forked child; return its exit status (-1: killed at the bound)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        os.close(read_end)
-        status = 1
-        try:
-            status = 0 if action() else 2
-        finally:
-            os._exit(status)
-    os.close(write_end)
-    ready, _, _ = select.select([read_end], [], [], CHILD_BOUND)  # EOF when the child exits
-    os.close(read_end)
-    if not ready:
-        os.kill(pid, 9)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status) if ready else -1
 
 
 class _Owner:
@@ -51,28 +29,16 @@ class _Owner:
 
 
 def test_a_lock_another_thread_holds_at_the_fork_is_free_in_the_child():
-    owner, taken, release = _Owner(), threading.Event(), threading.Event()
-
-    def hold():
-        with owner._lock:
-            taken.set()
-            release.wait(30)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    assert taken.wait(10)
-    try:
-        assert _in_child(lambda: owner._lock.acquire(timeout=2)) == 0
-    finally:
-        release.set()
-        holder.join(10)
+    owner = _Owner()
+    with held_by_another_thread(owner._lock):
+        assert in_child(lambda: owner._lock.acquire(timeout=2)) == 0
 
 
 def test_children_draw_different_numbers():
     rng = reseed_in_child(random.Random(42))
     read_end, write_end = os.pipe()
     for _ in range(4):
-        _in_child(lambda: os.write(write_end, f"{rng.random()!r}\n".encode()) > 0)
+        in_child(lambda: os.write(write_end, f"{rng.random()!r}\n".encode()) > 0)
     os.close(write_end)
     with os.fdopen(read_end) as drawn:
         numbers = drawn.read().split()
@@ -93,7 +59,7 @@ def test_the_watchdog_works_in_a_child_forked_after_it_started():
             a.settimeout(CHILD_BOUND * 2)  # the bound kills the child first
             return a.recv(1) == b"" and bound.expired
 
-    assert _in_child(child_wait) == 0
+    assert in_child(child_wait) == 0
 
 
 def test_what_an_engine_registers_goes_with_it():

@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 
 from dropsafe import ConfigurationError
 from dropsafe.testing import ChaosProxy
+from dropsafe.testing._runtime import wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -253,7 +254,9 @@ def test_blackhole_holds_back_the_sender_not_memory():
             _connect(proxy) as sock,
         ):
             sock.sendall(b"x")  # the link is up before the blackhole
-            _wait_for(lambda: proxy.stats.bytes_to_server == 1, "the first byte crossed")
+            wait_until(
+                lambda: proxy.stats.bytes_to_server == 1, timeout=30, what="the first byte crossed"
+            )
             proxy.blackhole()
             before = _rss_bytes()
             # A blocked send ends the push: 2 s without progress (200 MiB at most).
@@ -264,19 +267,16 @@ def test_blackhole_holds_back_the_sender_not_memory():
                     pushed += len(chunk)
             grown = _rss_bytes() - before
             proxy.heal()
-            _wait_for(lambda: proxy.stats.bytes_to_server >= pushed + 1, "the held bytes crossed")
+            wait_until(
+                lambda: proxy.stats.bytes_to_server >= pushed + 1,
+                timeout=30,
+                what="the held bytes crossed",
+            )
     finally:
         sink.shutdown()
         sink.server_close()
     assert pushed < 200 << 20, f"the sender was never held back (grew {grown >> 20} MiB)"
     assert grown < 48 << 20, f"the process grew by {grown >> 20} MiB during the blackhole"
-
-
-def _wait_for(condition, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def test_controls_from_many_threads_leave_a_consistent_proxy(proxy):
@@ -332,7 +332,11 @@ def test_bandwidth_is_near_its_target_one_way():
             with _connect(proxy) as sock:
                 started = time.monotonic()
                 sock.sendall(payload)
-                _wait_for(lambda: proxy.stats.bytes_to_server == len(payload), "all crossed")
+                wait_until(
+                    lambda: proxy.stats.bytes_to_server == len(payload),
+                    timeout=30,
+                    what="all crossed",
+                )
                 elapsed = time.monotonic() - started
     finally:
         sink.shutdown()

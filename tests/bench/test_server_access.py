@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import subprocess
 from pathlib import Path
 
 import psycopg2
 import pytest
 import sqlalchemy as sa
 
+from children import psql_as_nobody
 from dropsafe.testing import PgBouncer, multi_host_url
 
 ATTACK = "COPY (SELECT 1) TO PROGRAM 'id'"
@@ -29,18 +29,6 @@ def _connect_without_password(host, port):
     return psycopg2.connect(
         host=host, port=port, user="postgres", dbname="postgres", passfile=os.devnull
     )
-
-
-def _as_nobody(psql, *target):
-    """Run psql as ``nobody`` with an empty environment; return (exit code, output)."""
-    result = subprocess.run(
-        ["runuser", "-u", "nobody", "--", "env", "-i", psql, "-X", "-w", *target],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    return result.returncode, result.stdout + result.stderr
 
 
 def test_tcp_without_the_password_is_refused(shared_server):
@@ -65,7 +53,8 @@ def test_another_local_user_cannot_enter_by_tcp_or_socket(shared_server):
     if Path(f"/proc/{shared_server.pid}").stat().st_uid != pwd.getpwnam("nobody").pw_uid:
         hosts.append(str(shared_server.socket_dir))
     for host in hosts:
-        code, output = _as_nobody(psql, "-h", host, "-p", port, "-U", "postgres", "-c", ATTACK)
+        target = ("-h", host, "-p", port, "-U", "postgres", "-c", ATTACK)
+        code, output = psql_as_nobody(psql, *target, timeout=30)
         assert code != 0, f"nobody entered through {host}: {output}"
         assert "uid=" not in output
 

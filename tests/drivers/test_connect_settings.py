@@ -31,7 +31,7 @@ def test_psycopg2_gets_libpq_settings_and_user_values_win(shared_server, disposi
     params = _raw_connection(engine).get_dsn_parameters()
     assert params["tcp_user_timeout"] == "2500"  # the user's
     assert params["keepalives"] == "1"
-    assert params["keepalives_idle"] == "10"
+    assert params["keepalives_idle"] == "2"
     assert params["connect_timeout"] == "5"
 
 
@@ -52,7 +52,7 @@ def test_pg8000_socket_is_tuned_and_reads_are_not_timed_out(shared_server, dispo
         )
     )
     raw = _raw_connection(engine)
-    assert _sockopts(raw._usock) == {"keepalive": 1, "idle": 10, "user_timeout": 10000}
+    assert _sockopts(raw._usock) == {"keepalive": 1, "idle": 2, "user_timeout": 4000}
     # pg8000's connect timeout would also cut long queries: it is lifted after connecting.
     assert raw._usock.gettimeout() is None
 
@@ -68,7 +68,7 @@ def test_asyncpg_socket_is_tuned(shared_server):
         finally:
             await engine.dispose()
 
-    assert asyncio.run(sockopts()) == {"keepalive": 1, "idle": 10, "user_timeout": 10000}
+    assert asyncio.run(sockopts()) == {"keepalive": 1, "idle": 2, "user_timeout": 4000}
 
 
 def test_policy_without_keepalives_or_user_timeout(shared_server, disposing):
@@ -90,7 +90,7 @@ def _socket_of(dbapi_connection):
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 @pytest.mark.parametrize(
     ("query", "expected"),
-    [({"keepalives": "0"}, 10_000), ({"keepalives": "0", "tcp_user_timeout": "3000"}, 3000)],
+    [({"keepalives": "0"}, 4_000), ({"keepalives": "0", "tcp_user_timeout": "3000"}, 3000)],
     ids=["dropsafe-timeout", "user-timeout"],
 )
 def test_keepalives_off_still_gets_its_tcp_user_timeout(

@@ -20,7 +20,7 @@ def test_libpq_gets_every_setting_the_user_did_not_give():
     added = Psycopg2().connect_defaults(ConnectionPolicy(), [], cparams)
     assert cparams["keepalives_idle"] == "99"
     assert "keepalives_idle" not in added
-    assert cparams["tcp_user_timeout"] == 10_000
+    assert cparams["tcp_user_timeout"] == 4_000
     assert cparams["connect_timeout"] == 5
 
 

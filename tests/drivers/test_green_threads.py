@@ -10,12 +10,12 @@ under eventlet, which removes ``select.poll``, the socket look raised AttributeE
 from __future__ import annotations
 
 import importlib.util
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from children import json_report
 
 SCRIPT = Path(__file__).with_name("green_order.py")
 
@@ -26,15 +26,7 @@ def test_green_threads_in_any_import_order(library, order):
     # Never imported here: importing eventlet into the test process changes what it runs on.
     if importlib.util.find_spec(library) is None:
         pytest.skip(f"{library} is not installed (pip install -e '.[dev]')")
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), library, order],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.splitlines()[-1])
+    report = json_report(sys.executable, str(SCRIPT), library, order, timeout=60)
     assert all(isinstance(elapsed, float) and elapsed < 5 for elapsed in report["deadline"]), report
     assert report["quiet"] == "QUIET"
     assert report["hangup"] == "CLOSED"

@@ -42,8 +42,8 @@ def test_pgconnect_timeout_from_the_environment_wins(shared_server, driver, monk
     used = _libpq_parameters_of(shared_server.url(driver))
     assert used["connect_timeout"] == "30"
     # What the user did not set still gets dropsafe's default.
-    assert used["keepalives_idle"] == "10"
-    assert used["tcp_user_timeout"] == "10000"
+    assert used["keepalives_idle"] == "2"
+    assert used["tcp_user_timeout"] == "4000"
 
 
 @pytest.mark.parametrize("driver", LIBPQ_DRIVERS)
@@ -72,7 +72,7 @@ def test_a_service_files_values_win(shared_server, driver, monkeypatch, tmp_path
     assert used["keepalives_idle"] == "77"
     assert used["tcp_user_timeout"] == "4321"
     # Not in this service (only in another one): dropsafe's default.
-    assert used["keepalives_interval"] == "5"
+    assert used["keepalives_interval"] == "1"
 
 
 @pytest.mark.parametrize("driver", LIBPQ_DRIVERS)
@@ -85,4 +85,4 @@ def test_pgservice_from_the_environment_selects_the_service(
     monkeypatch.setenv("PGSERVICE", "app")
     used = _libpq_parameters_of(shared_server.url(driver))
     assert used["connect_timeout"] == "44"
-    assert used["keepalives_idle"] == "10"
+    assert used["keepalives_idle"] == "2"

@@ -1,12 +1,17 @@
-"""What the replay tests share: a prepared server, losing a connection for real, a hardened
-engine, the events. (The ChaosProxy in front of the server is tests/engine/conftest.py's.)"""
+"""What the replay tests share: a prepared server, a table of numbers, losing a connection for
+real (at a checkout, before a statement, while one runs), a hardened engine, the events. (The
+ChaosProxy in front of the server is tests/engine/conftest.py's.)"""
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 
+import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import NullPool
 
 import dropsafe
@@ -26,6 +31,43 @@ def prepared_server(setup):
             setup.create_all(engine)
         engine.dispose()
         yield server
+
+
+def module_server(setup, *, empty):
+    """A test module's fixtures: ``server`` (prepared once with ``setup``) and an autouse one that
+    runs ``empty`` (SQL) and heals the proxy before each test. Assign both:
+    ``server, _empty = module_server(...)``."""
+
+    @pytest.fixture(scope="module", name="server")
+    def server_fixture():
+        with prepared_server(setup) as server:
+            yield server
+
+    @pytest.fixture(autouse=True, name="_empty")
+    def empty_fixture(server, proxy):
+        proxy.heal()
+        server.execute(empty)
+
+    return server_fixture, empty_fixture
+
+
+def items_model(tablename):
+    """A declarative base and its ORM class ``Item`` of a table of unique numbers ``n``."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Item(Base):
+        __tablename__ = tablename
+        id: Mapped[int] = mapped_column(primary_key=True)
+        n: Mapped[int] = mapped_column(unique=True)
+
+    return Base, Item
+
+
+def numbers(server, table):
+    """The numbers ``n`` in ``table``, sorted, read on the server directly."""
+    return sorted(int(n) for (n,) in server.execute(f"SELECT n FROM {table}"))
 
 
 def lose(fault, server, proxy):
@@ -49,6 +91,77 @@ def lose_at_next_checkout(engine, fault, server, proxy):
             lose(fault, server, proxy)
 
     return armed
+
+
+def before_statement(engine, needle, fault):
+    """Call ``fault(conn)`` once, right before the first statement holding ``needle`` is sent;
+    the returned list holds False once it ran.
+
+    ``before_cursor_execute`` fires after the cursor is made and before the driver is given the
+    statement: the statement then meets a dead connection, before any reply.
+    """
+    armed = [True]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
+        if armed[0] and needle in statement:
+            armed[0] = False
+            fault(conn)
+
+    return armed
+
+
+def lose_before(engine, needle, fault, server, proxy):
+    """Lose the connection right before the first statement holding ``needle`` is sent."""
+    return before_statement(engine, needle, lambda conn: lose(fault, server, proxy))
+
+
+def poll_until(server, sql, timeout=10.0, **params):
+    """Poll ``sql`` (a count) until it is non-zero, within ``timeout``: whether it did. Polled
+    on a direct connection (milliseconds; a psql per poll can take longer than what it watches
+    on a loaded machine)."""
+    watcher = sa.create_engine(server.url("psycopg2"), poolclass=NullPool)
+    try:
+        with watcher.connect() as conn:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if conn.execute(sa.text(sql), params).scalar():
+                    return True
+                conn.rollback()
+                time.sleep(0.005)  # polling a condition with a deadline
+    finally:
+        watcher.dispose()
+    return False
+
+
+def wait_until_running(server, needle, timeout=10.0):
+    """Wait until a statement holding ``needle`` runs on the server."""
+    return poll_until(
+        server,
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE state = 'active' AND query LIKE :like AND pid <> pg_backend_pid()",
+        timeout,
+        like=f"%{needle}%",
+    )
+
+
+@contextlib.contextmanager
+def cut_from_another_thread_once(proxy, ready):
+    """Cut the proxy's connections from a thread once ``ready()`` (a bounded wait) returned:
+    yields a list that holds what it returned by the end of the block."""
+    seen = []
+
+    def cut():
+        seen.append(ready())
+        proxy.cut("rst")
+
+    cutter = threading.Thread(target=cut)
+    cutter.start()
+    try:
+        yield seen
+    finally:
+        cutter.join(timeout=10)
+    assert not cutter.is_alive()
 
 
 def replay_engine(server, proxy, driver, events, *, policy=None, **kwargs):
@@ -85,11 +198,19 @@ def failed_replays(events):
 
 
 __all__ = [
+    "before_statement",
+    "cut_from_another_thread_once",
     "failed_replays",
+    "items_model",
     "lose",
     "lose_at_next_checkout",
+    "lose_before",
+    "module_server",
+    "numbers",
+    "poll_until",
     "prepared_server",
     "replay_async_engine",
     "replay_engine",
     "replayed",
+    "wait_until_running",
 ]

@@ -15,6 +15,7 @@ import tracemalloc
 
 import pytest
 import sqlalchemy as sa
+from pooled import held_backend_pids
 from sqlalchemy import event
 
 import dropsafe
@@ -58,16 +59,6 @@ def _full_pool(server, driver: str):
     return engine, pids, connects, check
 
 
-def _check_out_all(engine) -> list[int]:
-    """Check every pooled connection out at once (no error allowed); return their pids."""
-    held = [engine.connect() for _ in range(POOL)]
-    try:
-        return [connection.execute(PID).scalar_one() for connection in held]
-    finally:
-        for connection in held:
-            connection.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
@@ -79,7 +70,7 @@ def test_one_dead_connection_costs_one_look_per_pooled_connection_and_no_round_t
     try:
         shared_server.execute(f"SELECT pg_terminate_backend({pids[0]}, 5000)")
         _wait_gone(shared_server, [pids[0]])
-        now = _check_out_all(engine)
+        now = held_backend_pids(engine, POOL)
         # Its own look, then one at each other idle connection (all alive: not a restart),
         # then one at each of the other nine as they are checked out. No ping, no error.
         assert check.probes == 1 + (POOL - 1) + (POOL - 1)
@@ -102,7 +93,7 @@ def test_a_pool_of_dead_connections_costs_two_looks_and_one_refusal(shared_serve
     try:
         shared_server.terminate_backends()
         _wait_gone(shared_server, pids)
-        now = _check_out_all(engine)
+        now = held_backend_pids(engine, POOL)
         # The first look finds its connection dead, the second another one: a server event,
         # so the pool is recycled at once, and every later checkout gets a new connection,
         # proven by its handshake, without a look. Whatever the size of the pool.

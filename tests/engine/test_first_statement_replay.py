@@ -9,22 +9,27 @@ replayed, each of the positive cases raised the driver's error to the app. The n
 
 from __future__ import annotations
 
-import threading
+import functools
 import time
 
 import pytest
 import sqlalchemy as sa
 from replay_faults import (
+    cut_from_another_thread_once,
+    items_model,
     lose,
     lose_at_next_checkout,
-    prepared_server,
+    lose_before,
+    module_server,
+    numbers,
     replay_async_engine,
     replay_engine,
     replayed,
+    wait_until_running,
 )
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 import dropsafe
 from dropsafe._drivers import driver_names
@@ -35,32 +40,13 @@ pytestmark = pytest.mark.fault
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "replay_items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    n: Mapped[int] = mapped_column(unique=True)
-
-
+Base, Item = items_model("replay_items")
 ITEMS = Item.__table__
-
-
-@pytest.fixture(scope="module")
-def server():
-    with prepared_server(Base.metadata) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _empty_table(server):
-    server.execute("TRUNCATE replay_items")
+server, _empty = module_server(Base.metadata, empty="TRUNCATE replay_items")
 
 
 def _rows(server):
-    return sorted(int(n) for (n,) in server.execute("SELECT n FROM replay_items"))
+    return numbers(server, "replay_items")
 
 
 # -- replayed ------------------------------------------------------------------------------
@@ -139,26 +125,6 @@ async def test_async_first_statement_replayed_with_prepared_statements(
     assert len(replayed(events)) == 1
 
 
-def _wait_until_running(server, needle, timeout=10.0):
-    """Wait until a statement holding ``needle`` runs on the server (polled directly, fast)."""
-    watcher = sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool)
-    query = sa.text(
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE state = 'active' AND query LIKE :like AND pid <> pg_backend_pid()"
-    )
-    try:
-        with watcher.connect() as conn:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if conn.execute(query, {"like": f"%{needle}%"}).scalar():
-                    return True
-                conn.rollback()
-                time.sleep(0.005)
-    finally:
-        watcher.dispose()
-    return False
-
-
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_reply_lost_after_the_server_ran_it_is_replayed_once(server, proxy, driver, disposing):
     # The server runs the INSERT, and the socket is cut before the reply: the transaction is
@@ -168,18 +134,10 @@ def test_reply_lost_after_the_server_ran_it_is_replayed_once(server, proxy, driv
     slow = sa.text(
         "INSERT INTO replay_items (n) SELECT 9 FROM pg_sleep(2) /* replay_slow */ RETURNING n"
     )
-    seen = []
-
-    def cut_while_it_runs():
-        seen.append(_wait_until_running(server, "replay_slow"))
-        proxy.cut("rst")
-
-    cutter = threading.Thread(target=cut_while_it_runs)
-    with engine.connect() as conn:
-        cutter.start()
+    running = functools.partial(wait_until_running, server, "replay_slow")
+    with engine.connect() as conn, cut_from_another_thread_once(proxy, running) as seen:
         assert conn.execute(slow).scalar() == 9
         conn.commit()
-    cutter.join(timeout=10)
     assert seen == [True]
     assert _rows(server) == [9]
     assert len(replayed(events)) == 1
@@ -268,14 +226,7 @@ def test_inside_a_unit_of_work_the_unit_runs_again_instead(server, proxy, dispos
     # Lost right before the app's first statement, after the unit read its server's life.
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg2", events))
-    armed = [True]
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "replay_items" in statement:
-            armed[0] = False
-            lose("terminate", server, proxy)
-
+    lose_before(engine, "replay_items", "terminate", server, proxy)
     dropsafe.run_transaction(engine, lambda conn: conn.execute(ITEMS.insert().values(n=4)))
     assert _rows(server) == [4]
     assert replayed(events) == []

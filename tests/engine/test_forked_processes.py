@@ -11,13 +11,12 @@ fresh connection, and the children's backoff delays differ (before: one sequence
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from children import json_report
 from dropsafe._drivers import sync_drivers
 
 pytestmark = pytest.mark.fault
@@ -31,15 +30,7 @@ BOUND = 6.0
 @pytest.fixture(scope="module", params=DRIVERS)
 def children(request, shared_server):
     driver = request.param
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), shared_server.url(driver)],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return json_report(sys.executable, str(SCRIPT), shared_server.url(driver), timeout=90)
 
 
 def test_a_forked_child_gives_up_at_its_deadline(children):
@@ -63,30 +54,16 @@ def test_forked_children_back_off_differently(children):
 
 def test_a_forked_child_leaves_its_parents_servers_alone():
     # Fault: a child forked while the parent runs a PostgresServer exits normally.
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "fork_and_exit.py")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == {"alive": True, "folder_kept": True}
+    report = json_report(sys.executable, str(SCRIPT.parent / "fork_and_exit.py"), timeout=120)
+    assert report == {"alive": True, "folder_kept": True}
 
 
 def test_a_child_without_the_after_fork_step_is_no_worse_than_plain(shared_server):
     # Fault: a child uses the connection its parent pooled, then exits (closing it). Plain
     # SQLAlchemy: the child's transaction works, the parent's next query fails on the closed
     # connection. dropsafe must do no worse in either process.
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT.parent / "fork_without_dispose.py"), shared_server.url()],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.splitlines()[-1])
+    script = SCRIPT.parent / "fork_without_dispose.py"
+    report = json_report(sys.executable, str(script), shared_server.url(), timeout=120)
     plain, guarded = report["plain"], report["dropsafe"]
     for process in ("child", "parent_after"):
         assert guarded[process] == "ok" or guarded[process] == plain[process], report

@@ -79,6 +79,26 @@ def _in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, dict[str, ob
     return thread, outcome
 
 
+def _pooled_fd(engine) -> int:
+    """Make the pool's one connection (a query on it), give it back: its socket's fd."""
+    with engine.connect() as conn:
+        conn.execute(sa.text("SELECT 1"))
+        return conn.connection.dbapi_connection.fileno()
+
+
+def _hardened_pool_of_one(server, disposing, **connection: object):
+    """A dropsafe engine, a pool of one, with these ConnectionPolicy settings."""
+    policy = dropsafe.Policy(connection=dropsafe.ConnectionPolicy(**connection))
+    return disposing(dropsafe.create_engine(server.url("psycopg2"), policy=policy, pool_size=1))
+
+
+def _select_2(engine, deadline: float) -> object:
+    """A unit of work that reads 2, within ``deadline``."""
+    return dropsafe.run_transaction(
+        engine, lambda conn: conn.execute(sa.text("SELECT 2")).scalar(), deadline=deadline
+    )
+
+
 def _nft_tables() -> str:
     return subprocess.run(
         ["nft", "list", "tables"], capture_output=True, text=True, check=False
@@ -134,9 +154,7 @@ def test_a_plain_pool_hangs_on_a_forgotten_connection(
         sa.create_engine(shared_server.url("psycopg2"), pool_size=1, pool_pre_ping=pre_ping)
     )
     with idle_reaper(shared_server.port, IDLE) as reaper:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-            fd = conn.connection.dbapi_connection.fileno()
+        fd = _pooled_fd(engine)
         _forgotten(reaper, fd)
 
         def query() -> object:
@@ -154,16 +172,9 @@ def test_a_plain_pool_hangs_on_a_forgotten_connection(
 
 
 def test_dropsafe_keepalives_keep_the_flow_remembered(shared_server, idle_reaper, disposing):
-    policy = dropsafe.Policy(
-        connection=dropsafe.ConnectionPolicy(keepalive_idle=1, keepalive_interval=1)
-    )
-    engine = disposing(
-        dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
-    )
+    engine = _hardened_pool_of_one(shared_server, disposing, keepalive_idle=1, keepalive_interval=1)
     with idle_reaper(shared_server.port, IDLE) as reaper:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-            fd = conn.connection.dbapi_connection.fileno()
+        fd = _pooled_fd(engine)
         # The clock: a connection without keepalives opened at the same time is forgotten.
         clock = _libpq(shared_server, keepalives_idle=600, tcp_user_timeout=1000)
         with closing(clock):
@@ -190,23 +201,17 @@ def test_dropsafe_bounds_the_wait_and_the_unit_retries_on_a_fresh_connection(
 ):
     # tcp_user_timeout ends the first query on the forgotten flow; the unit of work retries it
     # whole on a new connection, which the middlebox tracks afresh.
-    policy = dropsafe.Policy(
-        connection=dropsafe.ConnectionPolicy(
-            tcp_user_timeout=2, keepalive_idle=keepalive_idle, keepalive_interval=1
-        )
-    )
-    engine = disposing(
-        dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
+    engine = _hardened_pool_of_one(
+        shared_server,
+        disposing,
+        tcp_user_timeout=2,
+        keepalive_idle=keepalive_idle,
+        keepalive_interval=1,
     )
     with idle_reaper(shared_server.port, IDLE) as reaper:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-            fd = conn.connection.dbapi_connection.fileno()
-        _forgotten(reaper, fd)
+        _forgotten(reaper, _pooled_fd(engine))
         started = time.monotonic()
-        result = dropsafe.run_transaction(
-            engine, lambda conn: conn.execute(sa.text("SELECT 2")).scalar(), deadline=20
-        )
+        result = _select_2(engine, deadline=20)
         elapsed = time.monotonic() - started
         assert result == 2
         # About tcp_user_timeout, never TCP's 15 minutes.
@@ -231,25 +236,14 @@ def test_without_tcp_timeouts_the_units_deadline_still_ends_the_wait(
     # unacknowledged); only the unit's deadline ends it, and the deadline is then spent.
     # The connection has run no unit yet, so the unit first reads its server's life: that
     # read must be bounded too (it was not: it hung past the deadline).
-    policy = dropsafe.Policy(
-        connection=dropsafe.ConnectionPolicy(
-            tcp_user_timeout=None, keepalive_idle=4, keepalive_interval=1
-        )
-    )
-    engine = disposing(
-        dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
+    engine = _hardened_pool_of_one(
+        shared_server, disposing, tcp_user_timeout=None, keepalive_idle=4, keepalive_interval=1
     )
     with idle_reaper(shared_server.port, IDLE) as reaper:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT 1"))
-            fd = conn.connection.dbapi_connection.fileno()
+        fd = _pooled_fd(engine)
         _forgotten(reaper, fd)
         started = time.monotonic()
-        thread, outcome = _in_thread(
-            lambda: dropsafe.run_transaction(
-                engine, lambda conn: conn.execute(sa.text("SELECT 2")).scalar(), deadline=3
-            )
-        )
+        thread, outcome = _in_thread(lambda: _select_2(engine, deadline=3))
         thread.join(10)
         hung = thread.is_alive()
         if hung:

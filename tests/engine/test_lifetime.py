@@ -53,12 +53,20 @@ def _retire_at(check: CheckoutCheck, entry: _Entry) -> float:
     return state.retire_at
 
 
-def test_a_connection_is_closed_at_checkin_only_once_past_its_own_limit():
-    now = [0.0]
-    check = _check(now)
+def _connected(
+    now: list[float], max_lifetime: float | None = 10
+) -> tuple[CheckoutCheck, dict, _Entry, object]:
+    """A check on the clock ``now``, its listeners, and a pool entry it saw connect."""
+    check = _check(now, max_lifetime)
     listeners = check.listeners()
     entry, connection = _Entry(), object()
     listeners["connect"](connection, entry)
+    return check, listeners, entry, connection
+
+
+def test_a_connection_is_closed_at_checkin_only_once_past_its_own_limit():
+    now = [0.0]
+    check, listeners, entry, connection = _connected(now)
     expiry = _retire_at(check, entry)
     assert 9.0 <= expiry <= 10.0
     now[0] = expiry - 0.001
@@ -73,10 +81,7 @@ def test_a_connection_is_closed_at_checkin_only_once_past_its_own_limit():
 
 def test_an_expired_idle_connection_is_refused_at_checkout():
     now = [0.0]
-    check = _check(now)
-    listeners = check.listeners()
-    entry, connection = _Entry(), object()
-    listeners["connect"](connection, entry)
+    check, listeners, entry, connection = _connected(now)
     listeners["checkout"](connection, entry, None)  # young: handed out
     listeners["checkin"](connection, entry)
     now[0] = 10.0
@@ -91,10 +96,7 @@ def test_an_expired_idle_connection_is_refused_at_checkout():
 
 def test_max_lifetime_none_never_retires():
     now = [0.0]
-    check = _check(now, max_lifetime=None)
-    listeners = check.listeners()
-    entry, connection = _Entry(), object()
-    listeners["connect"](connection, entry)
+    check, listeners, entry, connection = _connected(now, max_lifetime=None)
     assert _retire_at(check, entry) == math.inf
     now[0] = 1e9
     listeners["checkin"](connection, entry)

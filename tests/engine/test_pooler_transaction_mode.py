@@ -94,22 +94,17 @@ def _run_processes(url: str, pooler: str | None) -> tuple[int, int, list[str]]:
 @pytest.mark.slow
 @pytest.mark.shares_server
 @pytest.mark.timeout(240)
+@pytest.mark.parametrize(
+    "pooler", [None, "transaction"], ids=["without-the-setting", "pooler-transaction"]
+)
 @pytest.mark.parametrize("driver", async_drivers())
-def test_without_the_setting_statements_collide(postgres_server, driver):
+def test_prepared_statements_collide_unless_pooler_is_transaction(postgres_server, driver, pooler):
     with PgBouncer(postgres_server, pool_mode="transaction") as bouncer:
-        done, prepared, failures = _run_processes(bouncer.url(driver), None)
-    print(f"without pooler= ({driver}): {done} transactions done, {prepared} errors")
-    assert prepared > 0, f"the trap did not show: {failures[:3]}"
-
-
-@pytest.mark.slow
-@pytest.mark.shares_server
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("driver", async_drivers())
-def test_with_pooler_transaction_no_statement_collides(postgres_server, driver):
-    with PgBouncer(postgres_server, pool_mode="transaction") as bouncer:
-        done, prepared, failures = _run_processes(bouncer.url(driver), "transaction")
-    print(f"pooler='transaction' ({driver}): {done} transactions done, {prepared} errors")
-    assert prepared == 0, failures[:3]
-    assert failures == []
-    assert done == PROCESSES * TASKS * ROUNDS
+        done, prepared, failures = _run_processes(bouncer.url(driver), pooler)
+    print(f"pooler={pooler!r} ({driver}): {done} transactions done, {prepared} errors")
+    if pooler is None:  # the trap shows
+        assert prepared > 0, f"the trap did not show: {failures[:3]}"
+    else:  # and the setting closes it
+        assert prepared == 0, failures[:3]
+        assert failures == []
+        assert done == PROCESSES * TASKS * ROUNDS

@@ -10,6 +10,7 @@ in its reason. The others are the proof that the guarantee held.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import threading
@@ -19,16 +20,23 @@ import warnings
 import pytest
 import sqlalchemy as sa
 from replay_faults import (
+    before_statement,
+    cut_from_another_thread_once,
     failed_replays,
+    items_model,
     lose,
-    prepared_server,
+    lose_before,
+    module_server,
+    numbers,
+    poll_until,
     replay_async_engine,
     replay_engine,
     replayed,
+    wait_until_running,
 )
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Mapped, Session, mapped_column
 from sqlalchemy.pool import NullPool
 
 import dropsafe
@@ -40,14 +48,7 @@ pytestmark = pytest.mark.fault
 ISOLATION = sa.text("SELECT current_setting('transaction_isolation')")
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "attack_items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    n: Mapped[int] = mapped_column(unique=True)
+Base, Item = items_model("attack_items")
 
 
 class Audit(Base):
@@ -59,41 +60,77 @@ class Audit(Base):
 ITEMS = Item.__table__
 
 
-@pytest.fixture(scope="module")
-def server():
-    with prepared_server(Base.metadata) as server:
-        yield server
+server, _empty = module_server(Base.metadata, empty="TRUNCATE attack_items, attack_audit")
 
 
-@pytest.fixture(autouse=True)
-def _empty_tables(server, proxy):
-    proxy.heal()
-    server.execute("TRUNCATE attack_items, attack_audit")
+@pytest.fixture
+def events():
+    """What the test's engine said."""
+    return []
+
+
+def _losing(create, disposing, server, proxy, events):
+    """``create`` (a replay engine factory) made into ``losing_engine``'s ``make``."""
+
+    def make(driver, needle, fault="terminate", **engine_kwargs):
+        engine = disposing(create(server, proxy, driver, events, **engine_kwargs))
+        lose_before(getattr(engine, "sync_engine", engine), needle, fault, server, proxy)
+        return engine
+
+    return make
+
+
+@pytest.fixture
+def losing_engine(server, proxy, events, disposing):
+    """``losing_engine(driver, needle, fault="terminate", **engine_kwargs)``: a replay engine
+    (disposed at the test's end, its events in ``events``) whose connection is lost right
+    before the first statement holding ``needle``."""
+    return _losing(replay_engine, disposing, server, proxy, events)
+
+
+@pytest.fixture
+def losing_async_engine(server, proxy, events, disposing_async):
+    """``losing_engine``'s async twin."""
+    return _losing(replay_async_engine, disposing_async, server, proxy, events)
 
 
 def _items(server):
-    return sorted(int(n) for (n,) in server.execute("SELECT n FROM attack_items"))
+    return numbers(server, "attack_items")
 
 
 def _audit(server):
     return sorted(what for (what,) in server.execute("SELECT what FROM attack_audit"))
 
 
-def _lose_before(engine, needle, fault, server, proxy):
-    """Lose the connection right before the first statement that contains ``needle`` is sent.
+def _refuse_and_cut(proxy):
+    """No fresh connection can be made, and the ones there are cut."""
+    proxy.refuse()
+    assert proxy.cut("rst") >= 1
 
-    ``before_cursor_execute`` fires after the cursor is made and before the driver is given
-    the statement: the statement then meets a dead connection, before any reply.
-    """
-    armed = [True]
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and needle in statement:
-            armed[0] = False
-            lose(fault, server, proxy)
+def _policy_noting(events, **connection):
+    """A policy with these ConnectionPolicy settings, its events appended to ``events``."""
+    return dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(**connection), hooks=(events.append,)
+    )
 
-    return armed
+
+def _seconds_to_a_loud_commit(engine):
+    """Add an item and commit in a Session: the commit must raise; how long until it did."""
+    started = time.monotonic()
+    with Session(engine) as session:
+        session.add(Item(n=1))
+        with pytest.raises(sa.exc.OperationalError):
+            session.commit()
+        elapsed = time.monotonic() - started
+        session.rollback()
+    return elapsed
+
+
+def _the_same_session_writes_again(session):
+    """The next use of a Session whose statement failed works (on a fresh connection): 2."""
+    session.add(Item(n=2))
+    session.commit()
 
 
 def _raw_cursor_execute(sa_connection, sql):
@@ -109,12 +146,8 @@ def _raw_cursor_execute(sa_connection, sql):
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(
-    server, proxy, driver, disposing
-):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(server, driver, losing_engine):
+    engine = losing_engine(driver, "INSERT INTO attack_items")
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -135,11 +168,9 @@ def test_raw_driver_write_in_after_begin_is_not_lost_by_the_replay(
 
 
 def test_copy_through_the_driver_then_first_statement_is_not_lost_by_the_replay(
-    server, proxy, disposing
+    server, losing_engine
 ):
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    engine = losing_engine("psycopg", "INSERT INTO attack_items", fault="cut")
     try:
         with Session(engine) as session:
             raw = session.connection().connection.dbapi_connection
@@ -171,7 +202,7 @@ def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(
             written[0] = True
             cursor.execute("INSERT INTO attack_audit (what) VALUES ('before')")
 
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     try:
         with engine.begin() as conn:
             conn.execute(ITEMS.insert().values(n=2))
@@ -181,10 +212,8 @@ def test_raw_write_in_before_cursor_execute_is_not_lost_by_the_replay(
         assert (_items(server), _audit(server)) == ([2], ["before"])
 
 
-def test_raw_set_transaction_isolation_survives_the_replay(server, proxy, disposing):
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "transaction_isolation", "cut", server, proxy)
+def test_raw_set_transaction_isolation_survives_the_replay(losing_engine):
+    engine = losing_engine("psycopg", "transaction_isolation", fault="cut")
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -200,11 +229,9 @@ def test_raw_set_transaction_isolation_survives_the_replay(server, proxy, dispos
 
 @pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
-    server, proxy, driver, disposing_async
+    server, driver, losing_async_engine
 ):
-    events = []
-    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
-    _lose_before(engine.sync_engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_async_engine(driver, "INSERT INTO attack_items")
     async with AsyncSession(engine) as session:
 
         @event.listens_for(session.sync_session, "after_begin")
@@ -227,20 +254,16 @@ async def test_async_raw_write_in_after_begin_is_not_lost_by_the_replay(
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_statement_after_set_local_is_not_replayed_and_the_session_recovers(
-    server, proxy, driver, disposing
+    server, driver, losing_engine, events
 ):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_engine(driver, "INSERT INTO attack_items")
     with Session(engine) as session:
         session.execute(sa.text("SET LOCAL search_path TO pg_catalog, public"))
         session.add(Item(n=1))
         with pytest.raises(sa.exc.OperationalError):
             session.flush()
         session.rollback()
-        # The next use of the same Session must work on a fresh connection.
-        session.add(Item(n=2))
-        session.commit()
+        _the_same_session_writes_again(session)
     assert _items(server) == [2]
     assert replayed(events) == []
 
@@ -255,7 +278,7 @@ def test_statement_after_an_engine_connect_listener_sql_is_notreplayed(server, p
     def stamp(conn):
         conn.exec_driver_sql("INSERT INTO attack_audit (what) VALUES ('connect')")
 
-    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
     with engine.connect() as conn:
         with pytest.raises(sa.exc.OperationalError):
             conn.execute(ITEMS.insert().values(n=1))
@@ -298,11 +321,9 @@ def test_lost_rollback_to_savepoint_stays_loud_and_commit_cannot_succeed(
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(
-    server, proxy, driver, disposing
+    server, driver, losing_engine, events
 ):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events, isolation_level="SERIALIZABLE"))
-    _lose_before(engine, "transaction_isolation", "terminate", server, proxy)
+    engine = losing_engine(driver, "transaction_isolation", isolation_level="SERIALIZABLE")
     with Session(engine) as session, session.begin():
         assert session.execute(ISOLATION).scalar() == "serializable"
         session.add(Item(n=1))
@@ -315,10 +336,8 @@ def test_isolation_level_of_create_engine_holds_in_the_replayed_transaction(
     [{"pool_pre_ping": True}, {"poolclass": NullPool}, {"pool_timeout": 1}],
     ids=["pre_ping", "nullpool", "pool-of-one-timeout-1s"],
 )
-def test_replay_with_other_pool_setups(server, proxy, engine_kwargs, disposing):
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events, **engine_kwargs))
-    _lose_before(engine, "INSERT INTO attack_items", "cut", server, proxy)
+def test_replay_with_other_pool_setups(server, engine_kwargs, losing_engine, events):
+    engine = losing_engine("psycopg", "INSERT INTO attack_items", fault="cut", **engine_kwargs)
     started = time.monotonic()
     with Session(engine) as session:
         session.add(Item(n=1))
@@ -339,11 +358,9 @@ def test_replay_with_other_pool_setups(server, proxy, engine_kwargs, disposing):
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(
-    server, proxy, driver, disposing
+    server, driver, losing_engine, events
 ):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "SAVEPOINT", "terminate", server, proxy)
+    engine = losing_engine(driver, "SAVEPOINT")
     with Session(engine) as session:
         with session.begin_nested():  # SAVEPOINT: the transaction's first statement
             session.add(Item(n=1))
@@ -356,11 +373,9 @@ def test_begin_nested_as_first_statement_replayed_then_both_levels_commit(
 # The lost connection's server-side cursor is never closed (see the test below).
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_server_side_cursor_first_statementreplayed(server, proxy, driver, disposing):
+def test_server_side_cursor_first_statementreplayed(server, driver, losing_engine, events):
     server.execute("INSERT INTO attack_items (n) SELECT g FROM generate_series(1, 50) g")
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
+    engine = losing_engine(driver, "FROM attack_items")
     with engine.connect() as conn:
         streamed = sa.select(ITEMS.c.n).order_by(ITEMS.c.n)
         result = conn.execute(streamed.execution_options(stream_results=True, max_row_buffer=7))
@@ -372,10 +387,8 @@ def test_server_side_cursor_first_statementreplayed(server, proxy, driver, dispo
 
 
 @pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
-async def test_async_run_sync_first_statementreplayed(server, proxy, driver, disposing_async):
-    events = []
-    engine = disposing_async(replay_async_engine(server, proxy, driver, events, pool_timeout=2))
-    _lose_before(engine.sync_engine, "INSERT INTO attack_items", "cut", server, proxy)
+async def test_async_run_sync_first_statementreplayed(server, driver, losing_async_engine, events):
+    engine = losing_async_engine(driver, "INSERT INTO attack_items", fault="cut", pool_timeout=2)
     async with engine.connect() as conn:
         await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=1)))
         await conn.run_sync(lambda c: c.execute(ITEMS.insert().values(n=2)))
@@ -385,12 +398,10 @@ async def test_async_run_sync_first_statementreplayed(server, proxy, driver, dis
     assert engine.sync_engine.pool.checkedout() == 0
 
 
-def test_psycopg_pipeline_mode_first_statement(server, proxy, disposing):
+def test_psycopg_pipeline_mode_first_statement(server, losing_engine):
     # The app enters psycopg's pipeline mode on the driver's connection. Whatever happens,
     # what the app sees must match the server: success with the rows, or an error without.
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_engine("psycopg", "INSERT INTO attack_items")
     try:
         with engine.connect() as conn:
             with conn.connection.dbapi_connection.pipeline():
@@ -406,11 +417,9 @@ def test_psycopg_pipeline_mode_first_statement(server, proxy, disposing):
         assert _items(server) == [1, 2]
 
 
-def test_replay_closes_the_lost_server_side_cursor(server, proxy, disposing):
+def test_replay_closes_the_lost_server_side_cursor(server, losing_engine, events):
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "FROM attack_items", "terminate", server, proxy)
+    engine = losing_engine("psycopg", "FROM attack_items")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
         with engine.connect() as conn:
@@ -424,16 +433,14 @@ def test_replay_closes_the_lost_server_side_cursor(server, proxy, disposing):
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_raw_session_set_on_this_checkout_is_not_lost_by_the_replay(
-    server, proxy, driver, disposing
+    server, driver, losing_engine, events
 ):
     server.execute(
         "CREATE SCHEMA IF NOT EXISTS attack_s; "
         "CREATE TABLE IF NOT EXISTS attack_s.attack_items (n int); "
         "TRUNCATE attack_s.attack_items"
     )
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_engine(driver, "INSERT INTO attack_items")
     with engine.connect() as conn:
         raw = conn.connection.dbapi_connection
         _raw_cursor_execute(conn, "SET search_path TO attack_s")
@@ -468,7 +475,7 @@ def test_checkout_listener_raw_session_setting_holds_on_the_replay(
         cursor.execute("SELECT set_config('app.tenant', 'acme', false)")
         cursor.close()
 
-    _lose_before(engine, "app.tenant", "cut", server, proxy)
+    lose_before(engine, "app.tenant", "cut", server, proxy)
     with Session(engine) as session:
         try:
             seen = session.execute(sa.text("SELECT current_setting('app.tenant')")).scalar()
@@ -511,15 +518,7 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
     caplog.set_level(logging.DEBUG, logger="dropsafe")
     events = []
     engine = replay_engine(server, proxy, driver, events, pool_timeout=2)
-    armed = [True]
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            proxy.refuse()
-            assert proxy.cut("rst") >= 1
-
+    before_statement(engine, "INSERT INTO attack_items", lambda conn: _refuse_and_cut(proxy))
     try:
         started = time.monotonic()
         with Session(engine) as session:
@@ -529,8 +528,7 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
             assert time.monotonic() - started < 20
             session.rollback()
             proxy.heal()
-            session.add(Item(n=2))
-            session.commit()
+            _the_same_session_writes_again(session)
         assert _items(server) == [2]
         assert replayed(events) == []
         texts = [caplog.text, str(raised.value), repr(events)]
@@ -545,75 +543,35 @@ def test_no_fresh_connection_raises_the_original_error_and_leaks_no_secret(
         engine.dispose()
 
 
-def _poll(server, sql, timeout=10.0):
-    """Poll ``sql`` (a count) on a direct connection until it is non-zero, with a deadline.
-
-    A direct connection answers in milliseconds; a psql per poll can take longer than the
-    statement being watched on a loaded machine.
-    """
-    watcher = sa.create_engine(server.url("psycopg2"), poolclass=NullPool)
-    try:
-        with watcher.connect() as conn:
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                if conn.execute(sa.text(sql)).scalar():
-                    return True
-                conn.rollback()
-                time.sleep(0.005)  # polling a condition with a deadline
-    finally:
-        watcher.dispose()
-    return False
-
-
-def _wait_until_running(server, needle, timeout=10.0):
-    """Wait until a statement holding ``needle`` runs on the server."""
-    return _poll(
-        server,
-        "SELECT count(*) FROM pg_stat_activity "
-        f"WHERE state = 'active' AND query LIKE '%{needle}%' AND pid <> pg_backend_pid()",
-        timeout,
-    )
-
-
 @pytest.mark.parametrize("opted_out", [False, True], ids=["default", "opted-out"])
-def test_dblink_exec_first_statement_effect_outside_the_transaction(server, proxy, opted_out):
+def test_dblink_exec_first_statement_effect_outside_the_transaction(
+    server, proxy, opted_out, disposing
+):
     # docs/guarantees.md says a first statement with an effect outside its transaction (here a
     # dblink_exec that commits on its own connection) runs twice when the reply is lost after
     # the server ran it, and that dropsafe_replay=False prevents it. Both halves are checked.
     server.execute("CREATE EXTENSION IF NOT EXISTS dblink")
     events = []
-    engine = replay_engine(server, proxy, "psycopg", events)
+    engine = disposing(replay_engine(server, proxy, "psycopg", events))
     target = f"host={server.socket_dir} port={server.port} user=postgres dbname=postgres"
     remote = sa.text(
         "SELECT dblink_exec(:target, 'INSERT INTO attack_audit (what) VALUES (''remote'')'), "
         "pg_sleep(2) /* dblink_slow */"
     ).execution_options(dropsafe_replay=not opted_out)
-
-    seen = []
-
-    def cut_once_the_remote_write_committed():
-        # Only then is this "the server ran it, the reply was lost" (the backend is in
-        # pg_sleep by now); cutting earlier could let the app's error race the remote commit.
-        seen.append(_poll(server, "SELECT count(*) FROM attack_audit"))
-        proxy.cut("rst")
-
-    cutter = threading.Thread(target=cut_once_the_remote_write_committed)
-    try:
-        with engine.connect() as conn:
-            cutter.start()
-            if opted_out:
-                with pytest.raises(sa.exc.OperationalError):
-                    conn.execute(remote, {"target": target})
-            else:
+    # Cut only once the remote write committed: then this is "the server ran it, the reply was
+    # lost" (the backend is in pg_sleep by now); cutting earlier could let the app's error race
+    # the remote commit.
+    remote_committed = functools.partial(poll_until, server, "SELECT count(*) FROM attack_audit")
+    with engine.connect() as conn, cut_from_another_thread_once(proxy, remote_committed) as seen:
+        if opted_out:
+            with pytest.raises(sa.exc.OperationalError):
                 conn.execute(remote, {"target": target})
-                conn.commit()
-        cutter.join(timeout=10)
-        assert seen == [True]
-        assert _audit(server) == (["remote"] if opted_out else ["remote", "remote"])
-        assert len(replayed(events)) == (0 if opted_out else 1)
-    finally:
-        cutter.join(timeout=10)
-        engine.dispose()
+        else:
+            conn.execute(remote, {"target": target})
+            conn.commit()
+    assert seen == [True]
+    assert _audit(server) == (["remote"] if opted_out else ["remote", "remote"])
+    assert len(replayed(events)) == (0 if opted_out else 1)
 
 
 def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
@@ -630,19 +588,16 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
             waiter_result.append(conn.execute(sa.text("SELECT 42")).scalar())
 
     waiter = threading.Thread(target=wait_for_the_slot)
-    armed = [True]
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            waiter.start()
-            deadline = time.monotonic() + 5
-            while not waiting._waiters and time.monotonic() < deadline:
-                time.sleep(0.005)  # polling a condition with a deadline, not a sleep-wait
-            assert waiting._waiters, "the other thread never waited for the pool"
-            lose("terminate", server, proxy)
+    def lose_once_the_waiter_waits(conn):
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while not waiting._waiters and time.monotonic() < deadline:
+            time.sleep(0.005)  # polling a condition with a deadline, not a sleep-wait
+        assert waiting._waiters, "the other thread never waited for the pool"
+        lose("terminate", server, proxy)
 
+    before_statement(engine, "INSERT INTO attack_items", lose_once_the_waiter_waits)
     try:
         started = time.monotonic()
         with Session(engine) as session:
@@ -660,12 +615,12 @@ def test_pool_of_one_with_a_waiter_does_not_deadlock_the_replay(server, proxy):
         engine.dispose()
 
 
-def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(server, proxy, disposing):
+def test_after_begin_listener_sql_makes_the_apps_statement_a_second_one(
+    server, losing_engine, events
+):
     # The app's after_begin listener runs SQL through the SQLAlchemy Connection: that is the
     # first statement; the app's INSERT, lost, is the second and must stay loud.
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg", events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    engine = losing_engine("psycopg", "INSERT INTO attack_items")
     with Session(engine) as session:
 
         @event.listens_for(session, "after_begin")
@@ -727,7 +682,7 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(
         if "INSERT INTO attack_items" in statement:
             seen.append((cursor.rowcount, cursor is context.cursor))
 
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with engine.begin() as conn:
         conn.execute(ITEMS.insert().values(n=1))
     assert len(replayed(events)) == 1
@@ -735,34 +690,24 @@ def test_after_cursor_execute_listeners_see_the_cursor_that_ran_the_replay(
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_replayed_update_waits_for_the_lost_backend_and_applies_once(server, proxy, driver):
+def test_replayed_update_waits_for_the_lost_backend_and_applies_once(
+    server, proxy, driver, disposing
+):
     # The first statement's backend still runs (and holds the row's lock) after its socket
     # was cut; the replay's UPDATE waits for that lock, and must add 100 once, not twice.
     server.execute("INSERT INTO attack_items (n) VALUES (1)")
     events = []
-    engine = replay_engine(server, proxy, driver, events)
+    engine = disposing(replay_engine(server, proxy, driver, events))
     bump = sa.text(
         "UPDATE attack_items SET n = n + 100 WHERE n = 1 RETURNING n, pg_sleep(2) /* attack_bump */"
     )
-    seen = []
-
-    def cut_while_it_runs():
-        seen.append(_wait_until_running(server, "attack_bump"))
-        proxy.cut("rst")
-
-    cutter = threading.Thread(target=cut_while_it_runs)
-    try:
-        with engine.connect() as conn:
-            cutter.start()
-            assert [n for (n, _) in conn.execute(bump)] == [101]
-            conn.commit()
-        cutter.join(timeout=10)
-        assert seen == [True]
-        assert _items(server) == [101]
-        assert len(replayed(events)) == 1
-    finally:
-        cutter.join(timeout=10)
-        engine.dispose()
+    running = functools.partial(wait_until_running, server, "attack_bump")
+    with engine.connect() as conn, cut_from_another_thread_once(proxy, running) as seen:
+        assert [n for (n, _) in conn.execute(bump)] == [101]
+        conn.commit()
+    assert seen == [True]
+    assert _items(server) == [101]
+    assert len(replayed(events)) == 1
 
 
 # -- the quiet ROLLBACK ----------------------------------------------------------------------
@@ -816,13 +761,9 @@ def test_quiet_rollback_logs_and_events_hold_no_secret(  # noqa: PLR0917 - fixtu
 
 @pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
 async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
-    server, proxy, driver, disposing_async
+    server, driver, losing_async_engine, events
 ):
-    events = []
-    engine = disposing_async(
-        replay_async_engine(server, proxy, driver, events, isolation_level="REPEATABLE READ")
-    )
-    _lose_before(engine.sync_engine, "transaction_isolation", "terminate", server, proxy)
+    engine = losing_async_engine(driver, "transaction_isolation", isolation_level="REPEATABLE READ")
     async with AsyncSession(engine) as session, session.begin():
         assert (await session.execute(ISOLATION)).scalar() == "repeatable read"
         session.add(Item(n=1))
@@ -831,39 +772,29 @@ async def test_async_isolation_level_of_create_engine_holds_in_the_replay(
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(server, proxy, driver):
+def test_no_answer_from_the_fresh_connection_is_bounded_by_connect_timeout(
+    server, proxy, driver, disposing
+):
     # The replay's fresh connection meets a network that forwards nothing (the proxy
     # blackholed after the cut): the app's statement must fail with the lost connection's
     # error within the connect timeout, not hang.
     events = []
-    policy = dropsafe.Policy(
-        connection=dropsafe.ConnectionPolicy(connect_timeout=2), hooks=(events.append,)
-    )
-    engine = replay_engine(server, proxy, driver, events, policy=policy, pool_timeout=2)
-    armed = [True]
+    policy = _policy_noting(events, connect_timeout=2)
+    engine = disposing(replay_engine(server, proxy, driver, events, policy=policy, pool_timeout=2))
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_now(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            assert proxy.cut("rst") >= 1
-            proxy.blackhole()
+    def cut_then_blackhole(conn):
+        assert proxy.cut("rst") >= 1
+        proxy.blackhole()
 
+    before_statement(engine, "INSERT INTO attack_items", cut_then_blackhole)
     try:
-        started = time.monotonic()
-        with Session(engine) as session:
-            session.add(Item(n=1))
-            with pytest.raises(sa.exc.OperationalError):
-                session.commit()
-            elapsed = time.monotonic() - started
-            session.rollback()
+        elapsed = _seconds_to_a_loud_commit(engine)
         assert elapsed < 15, elapsed
         assert replayed(events) == []
         proxy.heal()
         assert _items(server) == []
     finally:
         proxy.heal()
-        engine.dispose()
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
@@ -927,10 +858,8 @@ def test_storm_of_terminations_no_duplicate_no_half_transaction(server, proxy, d
 
 
 @pytest.mark.parametrize("value", [0, "false"])
-def test_a_malformed_opt_out_is_refused_or_honoured(server, proxy, value, disposing):
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+def test_a_malformed_opt_out_is_refused_or_honoured(server, value, losing_engine, events):
+    engine = losing_engine("psycopg2", "INSERT INTO attack_items")
     opted_out = ITEMS.insert().values(n=1).execution_options(dropsafe_replay=value)
     with (
         engine.connect() as conn,
@@ -953,7 +882,7 @@ def test_a_failing_hook_breaks_neither_the_replay_nor_the_quiet_rollback(
 
     policy = dropsafe.Policy(hooks=(failing_hook,))
     engine = disposing(replay_engine(server, proxy, "psycopg", [], policy=policy))
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with Session(engine) as session:
         session.add(Item(n=1))
         session.commit()  # the replay's hook fails: the commit must not
@@ -983,16 +912,12 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
 
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events, pool_timeout=5))
-    armed = [True]
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def kill(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            assert server.signal_backend(
-                _backend_pid(conn.connection.dbapi_connection), signal.SIGKILL
-            )
+    def kill(conn):
+        pid = _backend_pid(conn.connection.dbapi_connection)
+        assert server.signal_backend(pid, signal.SIGKILL)
 
+    armed = before_statement(engine, "INSERT INTO attack_items", kill)
     started = time.monotonic()
     try:
         with Session(engine) as session:
@@ -1017,6 +942,17 @@ def test_sigkill_of_the_backend_before_the_first_statement(server, proxy, driver
     assert len(replayed(events)) == (1 if committed else 0)
 
 
+DBLINK_AND_A_COUNTER = (
+    "CREATE EXTENSION IF NOT EXISTS dblink; "
+    "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
+)
+# dblink's own connection fails, answered by the server; nextval counts the statement's runs.
+REMOTE_DOWN = sa.text(
+    "SELECT nextval('attack_seq'), "
+    "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
+)
+
+
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(
     server, proxy, driver, disposing
@@ -1024,19 +960,12 @@ def test_a_dblink_connection_error_answered_by_the_server_is_notreplayed(
     # dblink (like postgres_fdw) reports its own failed connection to a remote server with
     # SQLSTATE 08001, in a reply, on a connection that is fine. That is no lost connection of
     # the app's: the statement must not run twice (the sequence counts the runs).
-    server.execute(
-        "CREATE EXTENSION IF NOT EXISTS dblink; "
-        "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
-    )
+    server.execute(DBLINK_AND_A_COUNTER)
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    remote_down = sa.text(
-        "SELECT nextval('attack_seq'), "
-        "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
-    )
     with engine.connect() as conn:
         with pytest.raises(sa.exc.DBAPIError) as raised:
-            conn.execute(remote_down)
+            conn.execute(REMOTE_DOWN)
         orig = raised.value.orig
         assert (getattr(orig, "pgcode", None) or getattr(orig, "sqlstate", None)) == "08001"
     assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
@@ -1050,7 +979,7 @@ def test_opt_outs_reach_the_replay_from_every_place_an_app_sets_them(
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events))
     insert = ITEMS.insert().values(n=1)
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     bind = engine.execution_options(dropsafe_replay=False) if where == "option-engine" else engine
     opted_out = {"dropsafe_replay": False}
 
@@ -1079,21 +1008,12 @@ def test_first_statement_into_a_blackhole_times_out_loud_and_bounded(
     # transaction and its locks, so it is not replayed: the app gets the error within the
     # timeout, and nothing is written.
     events = []
-    policy = dropsafe.Policy(
-        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=1, connect_timeout=2),
-        hooks=(events.append,),
-    )
+    policy = _policy_noting(events, tcp_user_timeout=1, connect_timeout=2)
     engine = disposing(replay_engine(server, proxy, driver, events, policy=policy))
     with engine.connect() as conn:  # the pool's one connection, made before the blackhole
         conn.exec_driver_sql("SELECT 1")
     with kernel_blackhole(proxy.port):
-        started = time.monotonic()
-        with Session(engine) as session:
-            session.add(Item(n=1))
-            with pytest.raises(sa.exc.OperationalError):
-                session.commit()
-            elapsed = time.monotonic() - started
-            session.rollback()
+        elapsed = _seconds_to_a_loud_commit(engine)
     assert elapsed < 20, elapsed
     assert replayed(events) == []
     assert _items(server) == []
@@ -1105,15 +1025,7 @@ def test_a_replay_that_fails_is_raised_and_said(server, proxy, disposing):
     # with why the replay failed, not silence.
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg", events, pool_timeout=2))
-    armed = [True]
-
-    @event.listens_for(engine, "before_cursor_execute")
-    def lose_for_good(conn, cursor, statement, parameters, context, executemany):  # noqa: PLR0917
-        if armed[0] and "INSERT INTO attack_items" in statement:
-            armed[0] = False
-            proxy.refuse()
-            assert proxy.cut("rst") >= 1
-
+    before_statement(engine, "INSERT INTO attack_items", lambda conn: _refuse_and_cut(proxy))
     with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
         conn.execute(ITEMS.insert().values(n=1))
     assert replayed(events) == []
@@ -1133,7 +1045,7 @@ def test_the_liveness_ping_at_checkout_does_not_stop_the_replay(server, proxy, d
     engine = disposing(replay_engine(server, proxy, driver, events, policy=policy))
     with engine.connect() as conn:  # the pool's one connection, made and returned
         conn.exec_driver_sql("SELECT 1")
-    _lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
+    lose_before(engine, "INSERT INTO attack_items", "terminate", server, proxy)
     with Session(engine) as session:
         session.add(Item(n=1))
         session.commit()
@@ -1148,18 +1060,11 @@ async def test_async_dblink_connection_error_answered_by_the_server_is_notreplay
 ):
     # As above, through SQLAlchemy's async adapters: the error is answered on a connection
     # that asyncpg (is_closed()) and psycopg (closed, broken) still hold open.
-    server.execute(
-        "CREATE EXTENSION IF NOT EXISTS dblink; "
-        "DROP SEQUENCE IF EXISTS attack_seq; CREATE SEQUENCE attack_seq"
-    )
+    server.execute(DBLINK_AND_A_COUNTER)
     events = []
     engine = disposing_async(replay_async_engine(server, proxy, driver, events))
-    remote_down = sa.text(
-        "SELECT nextval('attack_seq'), "
-        "dblink_exec('host=/nonexistent-dir port=1 dbname=x connect_timeout=1', 'SELECT 1')"
-    )
     async with engine.connect() as conn:
         with pytest.raises(sa.exc.DBAPIError):
-            await conn.execute(remote_down)
+            await conn.execute(REMOTE_DOWN)
     assert server.execute("SELECT last_value FROM attack_seq") == [("1",)]
     assert replayed(events) == []

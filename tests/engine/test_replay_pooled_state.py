@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import sqlalchemy as sa
-from replay_faults import prepared_server, replay_async_engine, replay_engine, replayed
+from replay_faults import module_server, numbers, replay_async_engine, replay_engine, replayed
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
@@ -30,19 +30,15 @@ CREATE SEQUENCE public.attack_seq;
 INSERT = sa.text("INSERT INTO attack_items (n) VALUES (:n)")
 
 
-@pytest.fixture(scope="module")
-def server():
-    with prepared_server(SETUP) as server:
-        yield server
+server, _empty = module_server(SETUP, empty=f"TRUNCATE public.attack_items, {TENANT}.attack_items")
 
-
-@pytest.fixture(autouse=True)
-def _empty_tables(server):
-    server.execute(f"TRUNCATE public.attack_items, {TENANT}.attack_items")
+# What a replay on A's lost connection may have done: raised (no replay), or run where A's own
+# state would have put it.
+RAISED_OR_REPLAYED_AS_A = [("raised", [], []), ("committed", [], [1])]
 
 
 def _rows(server, schema):
-    return sorted(int(n) for (n,) in server.execute(f"SELECT n FROM {schema}.attack_items"))
+    return numbers(server, f"{schema}.attack_items")
 
 
 def _terminate_at_next_checkout(engine, server, pid):
@@ -56,31 +52,41 @@ def _terminate_at_next_checkout(engine, server, pid):
             server.execute(f"SELECT pg_terminate_backend({int(pid)}, 5000)")
 
 
+def _b_changed_then_a_lost(engine, server, on_b, on_a=None):
+    """Check out two pooled connections, A and B; run ``on_b`` on B only (and ``on_a`` on A),
+    give A back first (it is the next checkout, B the one after), and terminate A's backend
+    right after that next checkout: what ``on_a`` returned."""
+    with engine.connect() as a, engine.connect() as b:
+        pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        seen_on_a = a.exec_driver_sql(on_a).scalar() if on_a else None
+        b.exec_driver_sql(on_b)
+        b.commit()
+        a.commit()
+        a.close()
+    _terminate_at_next_checkout(engine, server, pid_a)
+    return seen_on_a
+
+
+def _outcome(session, statement, params=None):
+    """Send ``statement`` as the session's first and commit: "committed" or "raised"."""
+    try:
+        session.execute(statement, params)
+        session.commit()
+    except sa.exc.DBAPIError:
+        return "raised"
+    return "committed"
+
+
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_a_replay_never_runs_on_a_pooled_connection_another_checkout_changed(
     server, proxy, driver, disposing
 ):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events, pool_size=2))
-    with engine.connect() as a, engine.connect() as b:
-        pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        b.exec_driver_sql(f"SET search_path TO {TENANT}")  # B only, and B is marked
-        b.commit()
-        a.commit()
-        a.close()  # A goes back first: it is the next checkout, B the one after
-    _terminate_at_next_checkout(engine, server, pid_a)
+    _b_changed_then_a_lost(engine, server, f"SET search_path TO {TENANT}")  # B only, B marked
     with Session(engine) as session:
-        try:
-            session.execute(INSERT, {"n": 1})  # A's first statement, A lost
-            session.commit()
-            outcome = "committed"
-        except sa.exc.DBAPIError:
-            outcome = "raised"
-    # Either raised (no replay), or replayed where A's own state would have put it.
-    assert (outcome, _rows(server, TENANT), _rows(server, "public")) in [
-        ("raised", [], []),
-        ("committed", [], [1]),
-    ]
+        outcome = _outcome(session, INSERT, {"n": 1})  # A's first statement, A lost
+    assert (outcome, _rows(server, TENANT), _rows(server, "public")) in RAISED_OR_REPLAYED_AS_A
     assert len(replayed(events)) == (outcome == "committed")
 
 
@@ -93,20 +99,10 @@ def test_a_replayed_currval_never_reads_another_pooled_connections_sequence(
     # that is an error, on pooled B it is B's value, silently.
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events, pool_size=2))
-    with engine.connect() as a, engine.connect() as b:
-        pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        mine = a.exec_driver_sql("SELECT nextval('attack_seq')").scalar()
-        b.exec_driver_sql("SELECT nextval('attack_seq')")
-        b.commit()
-        a.commit()
-        a.close()
-    _terminate_at_next_checkout(engine, server, pid_a)
+    nextval = "SELECT nextval('attack_seq')"
+    mine = _b_changed_then_a_lost(engine, server, on_b=nextval, on_a=nextval)
     with Session(engine) as session:
-        try:
-            session.execute(sa.text("INSERT INTO attack_items (n) VALUES (currval('attack_seq'))"))
-            session.commit()
-        except sa.exc.DBAPIError:
-            pass
+        _outcome(session, sa.text("INSERT INTO attack_items (n) VALUES (currval('attack_seq'))"))
     assert _rows(server, "public") in ([], [mine])
 
 
@@ -130,10 +126,7 @@ async def test_async_a_replay_never_runs_on_a_pooled_connection_another_checkout
             outcome = "committed"
         except sa.exc.DBAPIError:
             outcome = "raised"
-    assert (outcome, _rows(server, TENANT), _rows(server, "public")) in [
-        ("raised", [], []),
-        ("committed", [], [1]),
-    ]
+    assert (outcome, _rows(server, TENANT), _rows(server, "public")) in RAISED_OR_REPLAYED_AS_A
     assert len(replayed(events)) == (outcome == "committed")
 
 
@@ -143,13 +136,9 @@ def test_ordinary_work_on_the_pooled_connection_keeps_the_replay(server, proxy, 
     # A's whitelisted first statement is replayed on B, and lands where A would have put it.
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events, pool_size=2))
-    with engine.connect() as a, engine.connect() as b:
-        pid_a = a.exec_driver_sql("SELECT pg_backend_pid()").scalar()
-        b.exec_driver_sql("SELECT nextval('attack_seq'), count(*) FROM attack_items")
-        b.commit()
-        a.commit()
-        a.close()
-    _terminate_at_next_checkout(engine, server, pid_a)
+    _b_changed_then_a_lost(
+        engine, server, "SELECT nextval('attack_seq'), count(*) FROM attack_items"
+    )
     with Session(engine) as session:
         session.execute(INSERT, {"n": 1})
         session.commit()

@@ -16,7 +16,8 @@ import pytest
 import sqlalchemy as sa
 from replay_faults import (
     lose_at_next_checkout,
-    prepared_server,
+    module_server,
+    numbers,
     replay_async_engine,
     replay_engine,
     replayed,
@@ -66,21 +67,14 @@ SET_TENANT = {
 }
 
 
-@pytest.fixture(scope="module")
-def server():
-    with prepared_server(SCHEMA_SETUP) as server:
-        yield server
-
-
-@pytest.fixture(autouse=True)
-def _empty_tables(server):
-    server.execute(
-        f"TRUNCATE public.replay_state_items, {TENANT}.replay_state_items, replay_role_switch"
-    )
+server, _empty = module_server(
+    SCHEMA_SETUP,
+    empty=f"TRUNCATE public.replay_state_items, {TENANT}.replay_state_items, replay_role_switch",
+)
 
 
 def _rows(server, schema):
-    return sorted(int(n) for (n,) in server.execute(f"SELECT n FROM {schema}.replay_state_items"))
+    return numbers(server, f"{schema}.replay_state_items")
 
 
 def _set_driver_characteristics(driver, dbapi_connection):
@@ -100,132 +94,101 @@ def _set_driver_characteristics(driver, dbapi_connection):
 
 # -- session state set in an earlier checkout: not replayed ------------------------------
 
+RAISED = ("raised",)
 
-@pytest.mark.parametrize("how", sorted(SET_TENANT))
-@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
-    server, proxy, driver, how, disposing
-):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    with Session(engine) as session:
-        session.execute(sa.text(SET_TENANT[how]))
-        session.commit()  # the connection goes back to the pool, its search_path set
-        lose_at_next_checkout(engine, "terminate", server, proxy)
-        with pytest.raises(sa.exc.DBAPIError):
-            session.execute(INSERT, {"n": 1})  # a new checkout: its first statement
-    assert _rows(server, "public") == []
-    assert _rows(server, TENANT) == []
-    assert replayed(events) == []
-
-
-@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
-async def test_async_search_path_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
-    server, proxy, driver, disposing_async
-):
-    events = []
-    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
-    async with AsyncSession(engine) as session:
-        await session.execute(sa.text(SET_TENANT["function"]))
-        await session.commit()
-        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
-        with pytest.raises(sa.exc.DBAPIError):
-            await session.execute(INSERT, {"n": 1})
-    assert _rows(server, "public") == []
-    assert _rows(server, TENANT) == []
-    assert replayed(events) == []
-
-
-@pytest.mark.parametrize("how", ["SET ROLE", "SET SESSION AUTHORIZATION"])
-@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
-    server, proxy, driver, how, disposing
-):
-    events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-    with Session(engine) as session:
-        session.execute(sa.text(f"{how} {ROLE}"))
-        session.commit()
-        lose_at_next_checkout(engine, "terminate", server, proxy)
-        try:
-            ran_as = session.execute(INSERT, {"n": 1}).scalar()
-            session.commit()
-        except sa.exc.DBAPIError:
-            ran_as = "raised"
-    assert ran_as == "raised"  # the replay would have run it as the connecting superuser
-    assert _rows(server, "public") == []
-    assert replayed(events) == []
-
-
-@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
-async def test_async_role_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
-    server, proxy, driver, disposing_async
-):
-    events = []
-    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
-    async with AsyncSession(engine) as session:
-        await session.execute(sa.text(f"SET ROLE {ROLE}"))
-        await session.commit()
-        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
-        try:
-            ran_as = (await session.execute(INSERT, {"n": 1})).scalar()
-            await session.commit()
-        except sa.exc.DBAPIError:
-            ran_as = "raised"
-    assert ran_as == "raised"
-    assert _rows(server, "public") == []
-    assert replayed(events) == []
-
-
-@pytest.mark.parametrize(
-    "statement",
-    [
-        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
-        "LISTEN replay_channel",
-        "CREATE TEMP TABLE replay_scratch (n int)",
-        "SELECT pg_advisory_lock(4242)",
-        "PREPARE replay_prepared AS SELECT 1",
-        "SELECT set_config('app.tenant', 'acme', false)",
-        "RESET ALL",
-    ],
-)
-def test_other_session_state_set_in_an_earlier_transaction_refuses_the_replay(
-    server, proxy, statement, disposing
-):
-    # None of these shows in a reported parameter or a driver attribute: the text marks.
-    events = []
-    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
-    with Session(engine) as session:
-        session.execute(sa.text(statement))
-        session.commit()
-        lose_at_next_checkout(engine, "terminate", server, proxy)
-        with pytest.raises(sa.exc.DBAPIError):
-            session.execute(INSERT, {"n": 1})
-    assert _rows(server, "public") == []
-    assert replayed(events) == []
-
-
-@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_a_role_switched_by_a_trigger_is_seen_in_the_reported_parameters(
-    server, proxy, driver, disposing
-):
+# Statements of an earlier transaction that leave session state on the pooled connection.
+EARLIER_STATE = {
+    **{f"search_path-{how}": sql for how, sql in SET_TENANT.items()},
+    # A replay would run the next statement as the connecting superuser.
+    "SET ROLE": f"SET ROLE {ROLE}",
+    "SET SESSION AUTHORIZATION": f"SET SESSION AUTHORIZATION {ROLE}",
     # The INSERT's text is on the whitelist; its trigger runs set_config('role', ..., false).
     # PostgreSQL reports is_superuser when the role changes, without a round trip: the lost
     # connection's report differs from the fresh one's, and nothing is replayed.
+    "role-by-trigger": "INSERT INTO replay_role_switch (n) VALUES (1)",
+}
+# None of these shows in a reported parameter or a driver attribute: the text marks.
+OTHER_STATE = [
+    "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+    "LISTEN replay_channel",
+    "CREATE TEMP TABLE replay_scratch (n int)",
+    "SELECT pg_advisory_lock(4242)",
+    "PREPARE replay_prepared AS SELECT 1",
+    "SELECT set_config('app.tenant', 'acme', false)",
+    "RESET ALL",
+]
+EARLIER_CASES = [
+    *(
+        pytest.param(driver, EARLIER_STATE[name], id=f"{name}-{driver}")
+        for name in EARLIER_STATE
+        for driver in driver_names(sync=True, replays=True)
+    ),
+    *(pytest.param("psycopg2", statement, id=statement) for statement in OTHER_STATE),
+]
+
+
+def _after_a_lost_checkout(engine, server, proxy, session, statement, *, params=None):
+    """Lose the connection at the session's next checkout, then send ``statement`` as its new
+    transaction's first and commit: the row it returned, or ``RAISED`` (no replay)."""
+    lose_at_next_checkout(engine, "terminate", server, proxy)
+    try:
+        row = tuple(session.execute(statement, params).one())
+        session.commit()
+    except sa.exc.DBAPIError:
+        return RAISED
+    return row
+
+
+async def _after_a_lost_checkout_async(engine, server, proxy, session, statement, *, params=None):
+    """``_after_a_lost_checkout`` through an AsyncSession."""
+    lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
+    try:
+        row = tuple((await session.execute(statement, params)).one())
+        await session.commit()
+    except sa.exc.DBAPIError:
+        return RAISED
+    return row
+
+
+def _assert_not_replayed(server, events, outcome):
+    """The original error was raised (as without dropsafe), and nothing landed anywhere."""
+    assert outcome == RAISED
+    assert _rows(server, "public") == []
+    assert _rows(server, TENANT) == []
+    assert replayed(events) == []
+
+
+@pytest.mark.parametrize(("driver", "earlier"), EARLIER_CASES)
+def test_session_state_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver, earlier, disposing
+):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
     with Session(engine) as session:
-        session.execute(sa.text("INSERT INTO replay_role_switch (n) VALUES (1)"))
-        session.commit()
-        lose_at_next_checkout(engine, "terminate", server, proxy)
-        try:
-            ran_as = session.execute(INSERT, {"n": 1}).scalar()
-            session.commit()
-        except sa.exc.DBAPIError:
-            ran_as = "raised"
-    assert ran_as == "raised"
-    assert _rows(server, "public") == []
-    assert replayed(events) == []
+        session.execute(sa.text(earlier))
+        session.commit()  # the connection goes back to the pool, its session state set
+        outcome = _after_a_lost_checkout(engine, server, proxy, session, INSERT, params={"n": 1})
+    _assert_not_replayed(server, events, outcome)
+
+
+@pytest.mark.parametrize(
+    "earlier",
+    [SET_TENANT["function"], f"SET ROLE {ROLE}"],
+    ids=["search_path-function", "SET ROLE"],
+)
+@pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
+async def test_async_session_state_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
+    server, proxy, driver, earlier, disposing_async
+):
+    events = []
+    engine = disposing_async(replay_async_engine(server, proxy, driver, events))
+    async with AsyncSession(engine) as session:
+        await session.execute(sa.text(earlier))
+        await session.commit()
+        outcome = await _after_a_lost_checkout_async(
+            engine, server, proxy, session, INSERT, params={"n": 1}
+        )
+    _assert_not_replayed(server, events, outcome)
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
@@ -238,13 +201,8 @@ def test_transaction_characteristics_set_on_the_driver_are_not_lost_by_a_replay(
         dbapi_connection = session.connection().connection.dbapi_connection
         session.commit()  # the connection is idle again, the driver told what to begin
         _set_driver_characteristics(driver, dbapi_connection)
-        lose_at_next_checkout(engine, "terminate", server, proxy)
-        try:
-            seen = tuple(session.execute(CHARACTERISTICS).one())
-        except sa.exc.DBAPIError:
-            seen = ("raised",)
-    assert seen == ("raised",)  # a replay ran it as ('read committed', 'off')
-    assert replayed(events) == []
+        seen = _after_a_lost_checkout(engine, server, proxy, session, CHARACTERISTICS)
+    _assert_not_replayed(server, events, seen)  # a replay ran it as ('read committed', 'off')
 
 
 @pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
@@ -265,16 +223,25 @@ async def test_async_transaction_characteristics_set_on_the_driver_are_not_lost_
             await native.set_read_only(True)
         else:
             _set_driver_characteristics(driver, dbapi_connection)
-        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
-        try:
-            seen = tuple((await session.execute(CHARACTERISTICS)).one())
-        except sa.exc.DBAPIError:
-            seen = ("raised",)
-    assert seen == ("raised",)
-    assert replayed(events) == []
+        seen = await _after_a_lost_checkout_async(engine, server, proxy, session, CHARACTERISTICS)
+    _assert_not_replayed(server, events, seen)
 
 
 # -- state every connection gets, and ordinary work before: still replayed ----------------
+
+
+def _tenant_on_connect(engine, driver=None):
+    """Set the tenant's search_path (and, given ``driver``, its characteristics) on every new
+    connection, as a ``connect`` listener does."""
+
+    @event.listens_for(engine, "connect")
+    def tenant(dbapi_connection, record):
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET search_path TO {TENANT}")
+        cursor.close()
+        dbapi_connection.commit()
+        if driver is not None:
+            _set_driver_characteristics(driver, dbapi_connection)
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
@@ -283,46 +250,39 @@ def test_state_set_by_a_connect_listener_and_ordinary_work_before_keep_the_repla
 ):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-
-    @event.listens_for(engine, "connect")
-    def tenant(dbapi_connection, record):
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"SET search_path TO {TENANT}")
-        cursor.close()
-        dbapi_connection.commit()
-        _set_driver_characteristics(driver, dbapi_connection)
-
+    _tenant_on_connect(engine, driver)
     with Session(engine) as session:
         # Earlier transactions of ordinary statements leave the session state alone.
         session.execute(sa.text("SELECT count(*) FROM replay_state_items")).scalar()
         session.commit()
-        lose_at_next_checkout(engine, "terminate", server, proxy)
-        seen = tuple(session.execute(CHARACTERISTICS).one())
-        session.commit()
+        seen = _after_a_lost_checkout(engine, server, proxy, session, CHARACTERISTICS)
         assert seen == ("serializable", "on")
     assert len(replayed(events)) == 1
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        "connect-listener",
+        # libpq's options=-c: every connection starts with them, the fresh one too.
+        "connect-arguments",
+    ],
+)
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_search_path_from_a_connect_listener_keeps_the_replay_of_a_write(
-    server, proxy, driver, disposing
+def test_search_path_every_connection_gets_keeps_the_replay_of_a_write(
+    server, proxy, driver, where, disposing
 ):
     events = []
-    engine = disposing(replay_engine(server, proxy, driver, events))
-
-    @event.listens_for(engine, "connect")
-    def tenant(dbapi_connection, record):
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"SET search_path TO {TENANT}")
-        cursor.close()
-        dbapi_connection.commit()
-
+    if where == "connect-arguments":
+        connect_args = {"options": f"-c search_path={TENANT}"}
+        engine = disposing(replay_engine(server, proxy, driver, events, connect_args=connect_args))
+    else:
+        engine = disposing(replay_engine(server, proxy, driver, events))
+        _tenant_on_connect(engine)
     with Session(engine) as session:
         session.execute(INSERT, {"n": 1})
         session.commit()
-        lose_at_next_checkout(engine, "terminate", server, proxy)
-        session.execute(INSERT, {"n": 2})
-        session.commit()
+        _after_a_lost_checkout(engine, server, proxy, session, INSERT, params={"n": 2})
     assert _rows(server, TENANT) == [1, 2]
     assert _rows(server, "public") == []
     assert len(replayed(events)) == 1
@@ -339,12 +299,14 @@ async def test_async_isolation_level_of_the_engine_and_earlier_work_keep_the_rep
     async with AsyncSession(engine) as session:
         await session.execute(INSERT, {"n": 1})
         await session.commit()
-        lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
-        seen = tuple((await session.execute(CHARACTERISTICS)).one())
-        await session.commit()
+        seen = await _after_a_lost_checkout_async(engine, server, proxy, session, CHARACTERISTICS)
     assert seen == ("serializable", "off")
     assert _rows(server, "public") == [1]
     assert len(replayed(events)) == 1
+
+
+EXECUTION_OPTIONS = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
+DEFAULTS = ("read committed", "off")
 
 
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
@@ -355,14 +317,11 @@ def test_sqlalchemy_execution_options_keep_the_replay_and_are_reset_after(
     # the fresh connection too; the pool's connection is back to the defaults afterwards.
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    lose_at_next_checkout(engine, "terminate", server, proxy)
-    options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
-    with Session(engine.execution_options(**options)) as session:
-        seen = tuple(session.execute(CHARACTERISTICS).one())
-    assert seen == ("serializable", "on")
-    assert len(replayed(events)) == 1
+    with Session(engine.execution_options(**EXECUTION_OPTIONS)) as session:
+        seen = _after_a_lost_checkout(engine, server, proxy, session, CHARACTERISTICS)
+    assert (seen, len(replayed(events))) == (("serializable", "on"), 1)
     with engine.connect() as conn:
-        assert tuple(conn.execute(CHARACTERISTICS).one()) == ("read committed", "off")
+        assert tuple(conn.execute(CHARACTERISTICS).one()) == DEFAULTS
 
 
 @pytest.mark.parametrize("driver", driver_names(asyncio=True, replays=True))
@@ -371,30 +330,8 @@ async def test_async_sqlalchemy_execution_options_keep_the_replay_and_are_reset_
 ):
     events = []
     engine = disposing_async(replay_async_engine(server, proxy, driver, events))
-    lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
-    options = {"isolation_level": "SERIALIZABLE", "postgresql_readonly": True}
-    async with AsyncSession(engine.execution_options(**options)) as session:
-        seen = tuple((await session.execute(CHARACTERISTICS)).one())
-    assert seen == ("serializable", "on")
-    assert len(replayed(events)) == 1
+    async with AsyncSession(engine.execution_options(**EXECUTION_OPTIONS)) as session:
+        seen = await _after_a_lost_checkout_async(engine, server, proxy, session, CHARACTERISTICS)
+    assert (seen, len(replayed(events))) == (("serializable", "on"), 1)
     async with engine.connect() as conn:
-        assert tuple((await conn.execute(CHARACTERISTICS)).one()) == ("read committed", "off")
-
-
-@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
-def test_session_settings_in_the_connect_arguments_keep_the_replay(
-    server, proxy, driver, disposing
-):
-    # libpq's options=-c: every connection starts with them, the fresh one too.
-    events = []
-    connect_args = {"options": f"-c search_path={TENANT}"}
-    engine = disposing(replay_engine(server, proxy, driver, events, connect_args=connect_args))
-    with Session(engine) as session:
-        session.execute(INSERT, {"n": 1})
-        session.commit()
-        lose_at_next_checkout(engine, "terminate", server, proxy)
-        session.execute(INSERT, {"n": 2})
-        session.commit()
-    assert _rows(server, TENANT) == [1, 2]
-    assert _rows(server, "public") == []
-    assert len(replayed(events)) == 1
+        assert tuple((await conn.execute(CHARACTERISTICS)).one()) == DEFAULTS

@@ -12,13 +12,12 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from pooled import BACKEND_PID, held_backend_pids
 from sqlalchemy import event
 
 import dropsafe
 from dropsafe._engine.guard import guard_of
 from dropsafe.events import DeadConnectionReplaced
-
-BACKEND_PID = sa.text("SELECT pg_backend_pid()")
 
 
 def _wait_until(condition, *, timeout=10.0, what="the condition"):
@@ -29,14 +28,10 @@ def _wait_until(condition, *, timeout=10.0, what="the condition"):
         time.sleep(0.02)
 
 
-def _pids(engine, count):
-    """Hold ``count`` connections at once; return their backend pids (checked in afterwards)."""
-    conns = [engine.connect() for _ in range(count)]
-    try:
-        return [conn.execute(BACKEND_PID).scalar() for conn in conns]
-    finally:
-        for conn in conns:
-            conn.close()
+def _noting_engine(server, events, **kwargs):
+    """A dropsafe engine on ``server`` (psycopg2), its events appended to ``events``."""
+    policy = dropsafe.Policy(hooks=(events.append,))
+    return dropsafe.create_engine(server.url("psycopg2"), policy=policy, **kwargs)
 
 
 def _sessions(server, application_name):
@@ -112,13 +107,13 @@ def test_users_invalidate_pool_on_disconnect_wins_over_dropsafes(
                 context.invalidate_pool_on_disconnect = user_says
 
     dropsafe.harden(engine)
-    idle_before = set(_pids(engine, 3))
+    idle_before = set(held_backend_pids(engine, 3))
     with engine.connect() as conn:
         broken = _break_checked_out(shared_server, conn)
         with pytest.raises(sa.exc.OperationalError) as caught:
             conn.execute(sa.text("SELECT 1"))
         assert caught.value.connection_invalidated
-    idle_after = set(_pids(engine, 3))
+    idle_after = set(held_backend_pids(engine, 3))
     kept = (idle_before - {broken}) & idle_after
     if user_says:
         assert not kept, "the user asked for the whole pool to be recycled"
@@ -160,7 +155,7 @@ def test_users_pool_pre_ping_is_not_doubled(shared_server, disposing):
         )
     )
     for _ in range(5):
-        _pids(engine, 1)
+        held_backend_pids(engine, 1)
     assert [type(e).__name__ for e in events] == []
 
 
@@ -169,14 +164,8 @@ def test_users_pool_pre_ping_is_not_doubled(shared_server, disposing):
 )
 def test_users_pool_class_is_served(shared_server, pool_class, disposing):
     events = []
-    engine = disposing(
-        dropsafe.create_engine(
-            shared_server.url("psycopg2"),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            poolclass=pool_class,
-        )
-    )
-    pids = {_pids(engine, 1)[0] for _ in range(5)}
+    engine = disposing(_noting_engine(shared_server, events, poolclass=pool_class))
+    pids = {held_backend_pids(engine, 1)[0] for _ in range(5)}
     assert len(pids) == (5 if pool_class is sa.pool.NullPool else 1)
     assert isinstance(engine.pool, pool_class)
     assert not events
@@ -184,14 +173,7 @@ def test_users_pool_class_is_served(shared_server, pool_class, disposing):
 
 def test_detached_and_soft_invalidated_entries(shared_server, disposing):
     events = []
-    engine = disposing(
-        dropsafe.create_engine(
-            shared_server.url("psycopg2"),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
+    engine = disposing(_noting_engine(shared_server, events, pool_size=1, max_overflow=0))
     with engine.connect() as conn:
         conn.connection.detach()  # the DBAPI connection is the user's now
         detached_pid = conn.execute(BACKEND_PID).scalar()
@@ -220,7 +202,7 @@ def test_dispose_without_close_leaves_no_server_connections(shared_server, harde
     )
     if hardened:
         dropsafe.harden(engine)
-    _pids(engine, 5)
+    held_backend_pids(engine, 5)
     assert _sessions(shared_server, name) == 5
     engine.dispose(close=False)
 
@@ -236,14 +218,7 @@ def test_a_connection_the_pool_closes_mid_snapshot_is_no_server_event(shared_ser
     # ones to tell a lone death from a restart. Meanwhile the pool disposes (closes) the other
     # one. Before, the snapshot read it as dead and recycled the whole pool as for a restart.
     events = []
-    engine = disposing(
-        dropsafe.create_engine(
-            shared_server.url("psycopg2"),
-            policy=dropsafe.Policy(hooks=(events.append,)),
-            pool_size=2,
-            max_overflow=0,
-        )
-    )
+    engine = disposing(_noting_engine(shared_server, events, pool_size=2, max_overflow=0))
     first, second = engine.connect(), engine.connect()
     victim_pid = first.execute(BACKEND_PID).scalar()
     victim = first.connection.dbapi_connection
@@ -333,8 +308,11 @@ class PublicSurfaceOnly:
         setattr(self._inner, name, value)
 
 
-def _creator_engine(kind, server, *, host, port, policy):
-    """An engine whose connections come from creator=, through ``host:port``."""
+def _creator_engine(kind, server, through, events):
+    """An engine whose connections come from creator=, through ``through`` (the server or a
+    proxy: its host and port), its events in ``events``."""
+    host, port = through.host, through.port
+    policy = _policy_for(kind, events)
     if kind == "aws-wrapper-like":
         import psycopg
 
@@ -388,18 +366,10 @@ def _policy_for(kind, events):
 @pytest.mark.parametrize("kind", CREATOR_KINDS)
 def test_creator_connections_are_not_judged_dead(shared_server, kind, disposing):
     events = []
-    engine = disposing(
-        _creator_engine(
-            kind,
-            shared_server,
-            host=shared_server.host,
-            port=shared_server.port,
-            policy=_policy_for(kind, events),
-        )
-    )
-    pids = set(_pids(engine, 4))
+    engine = disposing(_creator_engine(kind, shared_server, shared_server, events))
+    pids = set(held_backend_pids(engine, 4))
     for _ in range(20):
-        pids.add(_pids(engine, 1)[0])
+        pids.add(held_backend_pids(engine, 1)[0])
     assert len(pids) == 4, "a healthy connection was replaced"
     assert not [e for e in events if isinstance(e, DeadConnectionReplaced)]
     pings = [e for e in events if type(e).__name__ == "PingSucceeded"]
@@ -412,20 +382,12 @@ def test_creator_connections_are_not_judged_dead(shared_server, kind, disposing)
 @pytest.mark.parametrize("kind", CREATOR_KINDS)
 def test_creator_connections_survive_faults(postgres_server, chaos_proxy, kind, fault, disposing):
     events = []
-    engine = disposing(
-        _creator_engine(
-            kind,
-            postgres_server,
-            host=chaos_proxy.host,
-            port=chaos_proxy.port,
-            policy=_policy_for(kind, events),
-        )
-    )
-    before = set(_pids(engine, 4))
+    engine = disposing(_creator_engine(kind, postgres_server, chaos_proxy, events))
+    before = set(held_backend_pids(engine, 4))
     if fault == "terminate":
         assert postgres_server.terminate_backends() == 4
     else:
         assert chaos_proxy.cut(fault) == 4
-    after = set(_pids(engine, 4))  # no error reaches the app
+    after = set(held_backend_pids(engine, 4))  # no error reaches the app
     assert not before & after
     assert [e for e in events if isinstance(e, DeadConnectionReplaced)]

@@ -38,12 +38,20 @@ def _error_after_fault(server, proxy, driver, fault, **params):
         engine.dispose()
 
 
+def _operational_error_saying(words, server, proxy, driver, fault):
+    """The error after ``fault`` (``_error_after_fault``): an OperationalError, the driver's
+    own ``words`` in it."""
+    error = _error_after_fault(server, proxy, driver, fault)
+    assert isinstance(error, sa.exc.OperationalError)
+    assert words in str(error.orig)
+    return error
+
+
 @shares_server
 @pytest.mark.parametrize("fault", ["fin", "rst"])
 def test_psycopg2_over_tls_says_ssl_syscall_eof(postgres_server, chaos_proxy, fault):
-    error = _error_after_fault(postgres_server, chaos_proxy, "psycopg2", fault)
-    assert isinstance(error, sa.exc.OperationalError)
-    assert "SSL SYSCALL error: EOF detected" in str(error.orig)
+    words = "SSL SYSCALL error: EOF detected"
+    error = _operational_error_saying(words, postgres_server, chaos_proxy, "psycopg2", fault)
     assert error.connection_invalidated
 
 
@@ -63,9 +71,8 @@ def test_psycopg2_over_tls_terminated_backend(postgres_server, chaos_proxy):
 @shares_server
 @pytest.mark.parametrize("fault", ["fin", "rst"])
 def test_psycopg3_over_tls_says_unexpected_eof(postgres_server, chaos_proxy, fault):
-    error = _error_after_fault(postgres_server, chaos_proxy, "psycopg", fault)
-    assert isinstance(error, sa.exc.OperationalError)
-    assert "SSL error: unexpected eof while reading" in str(error.orig)
+    words = "SSL error: unexpected eof while reading"
+    error = _operational_error_saying(words, postgres_server, chaos_proxy, "psycopg", fault)
     assert error.orig.sqlstate is None
 
 

@@ -14,7 +14,7 @@ import textwrap
 from typing import TYPE_CHECKING
 
 import pytest
-from wheel_venv import UV, python_in, run, wheel_venv
+from wheel_venv import UV, install_matrix, python_in, run, wheel_venv
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -128,16 +128,6 @@ def test_async_entry_points_refuse_every_time_not_just_the_first(venv):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-USER_PYPROJECT = """\
-[project]
-name = "user-app"
-version = "0"
-
-[tool.pytest.ini_options]
-addopts = ["--strict-markers", "--strict-config", "-p", "no:cacheprovider"]
-filterwarnings = ["error"]
-"""
-
 USER_TESTS = """\
 import pytest
 
@@ -158,7 +148,8 @@ def test_marked_fault_without_pytest_timeout(request):
 
 
 def test_a_users_pytest_run_is_not_broken_by_the_plugin(venv, tmp_path):
-    (tmp_path / "pyproject.toml").write_text(USER_PYPROJECT)
+    # The matrix's user project: strict pytest options, warnings are errors.
+    (tmp_path / "pyproject.toml").write_text(install_matrix().USER_PYPROJECT)
     (tmp_path / "test_app.py").write_text(USER_TESTS)
     result = run([str(venv / "bin" / "python"), "-m", "pytest", "-q"], cwd=tmp_path, venv=venv)
     assert result.returncode == 0, result.stdout + result.stderr

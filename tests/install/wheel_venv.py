@@ -3,12 +3,17 @@ and a venv made by uv from the built wheel, never an editable install."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[2]
 UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
@@ -68,3 +73,15 @@ def wheel_venv(where: Path, *, drop=THIS_RUN) -> Path:
     )
     assert installed.returncode == 0, installed.stderr
     return venv
+
+
+def install_matrix() -> ModuleType:
+    """scripts/install_matrix.py (the full matrix of extras), for what these tests share with it."""
+    if "install_matrix" not in sys.modules:  # its dataclasses look their module up there
+        path = ROOT / "scripts" / "install_matrix.py"
+        spec = importlib.util.spec_from_file_location("install_matrix", path)
+        assert spec is not None
+        assert spec.loader is not None
+        sys.modules["install_matrix"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["install_matrix"]

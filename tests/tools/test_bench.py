@@ -23,20 +23,13 @@ from dropsafe._bench._engines import (
     make_psycopg_pool,
     make_sync,
 )
-from dropsafe._bench._faults import PRE_PING_TCP, insert_naively
+from dropsafe._bench._faults import PRE_PING_TCP
 from dropsafe._bench._healthy import cell_url
-from dropsafe._bench._ledger import prepare
+from dropsafe._bench._ledger import insert_naively, prepare
 from dropsafe._cli import main
+from dropsafe._drivers.libpq import LIBPQ_KEYS
 
 CLIENTS = 8
-TCP_PARAMETERS = (
-    "keepalives",
-    "keepalives_idle",
-    "keepalives_interval",
-    "keepalives_count",
-    "tcp_user_timeout",
-    "connect_timeout",
-)
 
 
 def _wait_for(ready, timeout: float) -> bool:
@@ -163,7 +156,7 @@ def test_pre_ping_tcp_variant_has_dropsafes_libpq_settings(shared_server):
         try:
             with target.engine.connect() as connection:
                 dsn = connection.connection.dbapi_connection.info.dsn_parameters
-                return {name: dsn.get(name) for name in TCP_PARAMETERS} | {
+                return {name: dsn.get(name) for name in LIBPQ_KEYS} | {
                     "pre_ping": target.engine.pool._pre_ping
                 }
         finally:

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import select
+import signal
 import socket
 import threading
 import time
@@ -352,3 +353,86 @@ def resolving_policy(recorder):
         unit=dropsafe.UnitPolicy(commit_status_timeout=20, deadline=40),
         hooks=(recorder,),
     )
+
+
+def heard_with_the_commit_reply_lost(server, kernel_blackhole, driver, statements, **options):
+    """Run a unit of ``statements`` whose first COMMIT reply is lost (noticed in 2 s), a
+    listener on ``server``: what the listener heard (up to ``end``), how many times the unit
+    ran, the resolver's outcomes. ``url`` (default the server's) and ConnectionPolicy fields
+    go in ``options``."""
+    url = options.pop("url", None) or server.url(driver)
+    recorder = Recorder()
+    connection = dropsafe.ConnectionPolicy(tcp_user_timeout=2, **options)
+    unit = Unit(
+        driver, url, statements, policy=dropsafe.Policy(connection=connection, hooks=(recorder,))
+    )
+    listener = listen(server)
+    holes = contextlib.ExitStack()
+    try:
+        with holes:
+            assert unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
+        payloads = heard_until_end(listener, server)
+    finally:
+        listener.close()
+    return payloads, unit.calls, recorder.outcomes()
+
+
+def struck_once_the_commit_is_done(server, kernel_blackhole, driver, statements, action):
+    """Run a unit of ``statements`` (``resolving_policy``) whose first COMMIT reply is lost, and
+    ``action`` once the server has done that COMMIT: ("acknowledged" or "unknown", how many
+    times the unit ran, the resolver's outcomes)."""
+    recorder = Recorder()
+    unit = Unit(driver, server.url(driver), statements, policy=resolving_policy(recorder))
+    holes = contextlib.ExitStack()
+    strikes = []
+    strike_once_committed = lose_the_reply_then(holes, kernel_blackhole, server, action, strikes)
+    outcome = "acknowledged"
+    try:
+        with holes:
+            unit.run(before_commit=strike_once_committed)
+    except dropsafe.CommitOutcomeUnknown:
+        outcome = "unknown"
+    strikes[0].join(30)
+    return outcome, unit.calls, recorder.outcomes()
+
+
+def crash_once_the_commit_is_done(server, kernel_blackhole, driver, statements):
+    """``struck_once_the_commit_is_done`` with a crash restart (a backend SIGKILLed: every
+    backend reset) as the strike."""
+    bystander = psycopg2.connect(libpq_url(server))
+    bystander_pid = bystander.get_backend_pid()
+    try:
+        return struck_once_the_commit_is_done(
+            server,
+            kernel_blackhole,
+            driver,
+            statements,
+            lambda: os.kill(bystander_pid, signal.SIGKILL),
+        )
+    finally:
+        with contextlib.suppress(psycopg2.Error):
+            bystander.close()
+
+
+def committing_xid(server):
+    """The xid of the COMMIT running on ``server`` now."""
+    sql = "SELECT backend_xid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%'"
+    return int(server.execute(sql)[0][0])
+
+
+def acknowledged_when_struck_at_commit(server, url, driver, strike):
+    """Run a unit inserting 1 (a 3 s COMMIT, resolved within 30 s) through ``url``, ``strike``
+    run while that COMMIT runs on ``server``: whether the unit was acknowledged, and the
+    resolver's outcomes."""
+    recorder = Recorder()
+    policy = dropsafe.Policy(
+        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
+    )
+    unit = Unit(driver, url, insert(1, commit_sleep=3), policy=policy)
+    watcher = WhenCommitRuns(server, strike)
+    try:
+        acknowledged = unit.run() == "done"
+    except dropsafe.CommitOutcomeUnknown:
+        acknowledged = False
+    watcher.join(timeout=60)
+    return acknowledged, recorder.outcomes()

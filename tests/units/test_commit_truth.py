@@ -10,6 +10,7 @@ and asyncpg.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -24,14 +25,15 @@ from commit_faults import (
     Recorder,
     Unit,
     WhenCommitRuns,
-    heard_until_end,
+    acknowledged_when_struck_at_commit,
+    committing_xid,
+    crash_once_the_commit_is_done,
+    heard_with_the_commit_reply_lost,
     insert,
     libpq_url,
-    listen,
     lose_the_first_reply,
-    lose_the_reply_then,
-    resolving_policy,
     rows,
+    struck_once_the_commit_is_done,
     wait_until,
 )
 from sqlalchemy.orm import Session
@@ -68,11 +70,7 @@ def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
         lost = {}
 
         def crash_and_reuse_the_xid():
-            lost["xid"] = int(
-                server.execute(
-                    "SELECT backend_xid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%'"
-                )[0][0]
-            )
+            lost["xid"] = committing_xid(server)
             proxy.refuse()  # the resolver waits until the xid has been handed out again
             # Any backend dying hard resets them all.
             assert server.signal_backend(bystander_pid, signal.SIGKILL)
@@ -84,19 +82,10 @@ def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
             )
             proxy.heal()
 
-        recorder = Recorder()
-        policy = dropsafe.Policy(
-            unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
+        url = proxy.route(server.url(driver))
+        acknowledged, outcomes = acknowledged_when_struck_at_commit(
+            server, url, driver, crash_and_reuse_the_xid
         )
-        unit = Unit(
-            driver, proxy.route(server.url(driver)), insert(1, commit_sleep=3), policy=policy
-        )
-        watcher = WhenCommitRuns(server, crash_and_reuse_the_xid)
-        try:
-            acknowledged = unit.run() == "done"
-        except CommitOutcomeUnknown:
-            acknowledged = False
-        watcher.join(timeout=60)
         with contextlib.suppress(psycopg2.Error):
             bystander.close()
         written = rows(server, 1)
@@ -106,7 +95,7 @@ def test_crash_restart_during_commit_never_acknowledges_a_lost_write(driver):
     # The history really was the dangerous one: ours lost, its xid committed by another.
     assert (written, status) == (0, "committed")
     assert not acknowledged
-    assert recorder.outcomes() == ["unknown"]
+    assert outcomes == ["unknown"]
 
 
 # -- 2. writes made at COMMIT time ------------------------------------------------------------
@@ -146,26 +135,9 @@ def test_a_write_made_by_a_before_commit_hook_is_resolved_not_run_again(
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_notify_whose_commit_reply_is_lost_is_heard_once(server, kernel_blackhole, driver):
     # NOTIFY takes its xid only at COMMIT. The COMMIT reaches the server, its reply does not.
-    listener = listen(server)
-    recorder = Recorder()
-    unit = Unit(
-        driver,
-        server.url(driver),
-        ["SELECT pg_notify('dropsafe_test', 'once')"],
-        policy=dropsafe.Policy(
-            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2), hooks=(recorder,)
-        ),
-    )
-    holes = contextlib.ExitStack()
-    try:
-        with holes:
-            assert unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
-        payloads = heard_until_end(listener, server)
-    finally:
-        listener.close()
-    assert payloads == ["once", "end"]
-    assert unit.calls == 1
-    assert recorder.outcomes() == ["committed"]
+    notify = ["SELECT pg_notify('dropsafe_test', 'once')"]
+    heard = heard_with_the_commit_reply_lost(server, kernel_blackhole, driver, notify)
+    assert heard == (["once", "end"], 1, ["committed"])  # heard once, run once, resolved
 
 
 # -- 3. a standby answers the resolver ----------------------------------------------------------
@@ -246,21 +218,19 @@ def test_postgresql_s_own_refusal_of_a_commit_is_not_resolved(server, driver):
     server.execute(DEFERRED_REFUSALS)
     recorder = Recorder()
     policy = dropsafe.Policy(hooks=(recorder,))
-    refused = Unit(
-        driver,
-        server.url(driver),
-        ["SET LOCAL test.refuse = 'unique'", "INSERT INTO refusals VALUES (1)"],
-        policy=policy,
-    )
+
+    def refused_at_commit(refusal, value):
+        statements = [
+            f"SET LOCAL test.refuse = '{refusal}'",
+            f"INSERT INTO refusals VALUES ({value})",
+        ]
+        return Unit(driver, server.url(driver), statements, policy=policy)
+
+    refused = refused_at_commit("unique", 1)
     with pytest.raises(sa.exc.IntegrityError, match="duplicate at commit"):
         refused.run()
     assert refused.calls == 1
-    conflicted = Unit(
-        driver,
-        server.url(driver),
-        ["SET LOCAL test.refuse = 'serialization'", "INSERT INTO refusals VALUES (2)"],
-        policy=policy,
-    )
+    conflicted = refused_at_commit("serialization", 2)
     with pytest.raises(sa.exc.DBAPIError, match="conflict at commit"):
         conflicted.run()
     assert conflicted.calls == policy.unit.max_attempts
@@ -327,29 +297,10 @@ def test_a_notify_queued_by_a_function_or_trigger_is_heard_once(
     # The COMMIT reaches the server and its reply is lost. The statement does not say "notify",
     # so on the code before this test the transaction had no xid: run again, heard twice.
     server.execute(NOTIFYING_SCHEMA)
-    listener = listen(server)
-    recorder = Recorder()
-    unit = Unit(
-        driver,
-        server.url(driver),
-        SILENT_NOTIFIERS[shape],
-        policy=dropsafe.Policy(
-            connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2), hooks=(recorder,)
-        ),
-    )
-    holes = contextlib.ExitStack()
-    try:
-        with holes:
-            assert unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
-        payloads = heard_until_end(listener, server)
-    finally:
-        listener.close()
-    payload = (
-        SILENT_NOTIFIERS[shape][-1].split("'")[1] if shape != "statement trigger" else "trigger"
-    )
-    assert payloads == [payload, "end"]
-    assert unit.calls == 1
-    assert recorder.outcomes() == ["committed"]
+    notifier = SILENT_NOTIFIERS[shape]
+    heard = heard_with_the_commit_reply_lost(server, kernel_blackhole, driver, notifier)
+    payload = notifier[-1].split("'")[1] if shape != "statement trigger" else "trigger"
+    assert heard == ([payload, "end"], 1, ["committed"])
 
 
 @pytest.mark.parametrize("shape", ["function", "spelled"])
@@ -363,33 +314,13 @@ def test_a_notify_whose_commit_a_crash_may_have_lost_is_unknown(
     # Running it again (the code before this test: no xid for a function's NOTIFY, and
     # "aborted" for a spelled one whose commit record the crash lost) may notify twice.
     server.execute(NOTIFYING_SCHEMA)
-    bystander = psycopg2.connect(libpq_url(server))
-    bystander_pid = bystander.get_backend_pid()
-    recorder = Recorder()
-    unit = Unit(
-        driver,
-        server.url(driver),
+    notify = (
         SILENT_NOTIFIERS["function"]
         if shape == "function"
-        else ["SELECT pg_notify('dropsafe_test', 'spelled')"],
-        policy=resolving_policy(recorder),
+        else ["SELECT pg_notify('dropsafe_test', 'spelled')"]
     )
-    holes = contextlib.ExitStack()
-    crashes = []
-    # Every backend reset: a crash restart.
-    crash_once_committed = lose_the_reply_then(
-        holes, kernel_blackhole, server, lambda: os.kill(bystander_pid, signal.SIGKILL), crashes
-    )
-
-    try:
-        with holes, pytest.raises(CommitOutcomeUnknown):
-            unit.run(before_commit=crash_once_committed)
-    finally:
-        with contextlib.suppress(psycopg2.Error):
-            bystander.close()
-    crashes[0].join(30)
-    assert unit.calls == 1
-    assert recorder.outcomes() == ["unknown"]
+    crashed = crash_once_the_commit_is_done(server, kernel_blackhole, driver, notify)
+    assert crashed == ("unknown", 1, ["unknown"])  # CommitOutcomeUnknown raised, run once
 
 
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
@@ -399,30 +330,16 @@ def test_a_silent_notify_behind_a_transaction_mode_pooler_is_heard_once(
     # PgBouncer (transaction mode) between: the xid read and the COMMIT may run on any server
     # connection; PgBouncer's reply to the COMMIT is dropped on its way to the client.
     server.execute(NOTIFYING_SCHEMA)
-    listener = listen(server)
-    recorder = Recorder()
     with PgBouncer(server, pool_mode="transaction") as bouncer:
-        unit = Unit(
+        heard = heard_with_the_commit_reply_lost(
+            server,
+            kernel_blackhole,
             driver,
-            bouncer.url(driver),
             SILENT_NOTIFIERS["function"],
-            policy=dropsafe.Policy(
-                connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2, pooler="transaction"),
-                hooks=(recorder,),
-            ),
+            url=bouncer.url(driver),
+            pooler="transaction",
         )
-        holes = contextlib.ExitStack()
-        try:
-            with holes:
-                assert (
-                    unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole)) == "done"
-                )
-            payloads = heard_until_end(listener, server)
-        finally:
-            listener.close()
-    assert payloads == ["function", "end"]
-    assert unit.calls == 1
-    assert recorder.outcomes() == ["committed"]
+    assert heard == (["function", "end"], 1, ["committed"])
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
@@ -546,25 +463,10 @@ def test_a_commit_whose_reply_a_clean_restart_lost_is_still_proven(
     # The COMMIT is done, its reply lost; the server restarts cleanly (fast) before the resolver
     # asks. A clean restart reuses no xid: the new checkpointer is another process, but the
     # statistics are kept, so "committed" is still proven (as it was before issue 26).
-    recorder = Recorder()
-    unit = Unit(
-        driver,
-        server.url(driver),
-        insert(8),
-        policy=resolving_policy(recorder),
-    )
-    holes = contextlib.ExitStack()
-    restarts = []
-    restart_once_committed = lose_the_reply_then(
-        holes, kernel_blackhole, server, lambda: server.restart("fast"), restarts
-    )
-
-    with holes:
-        assert unit.run(before_commit=restart_once_committed) == "done"
-    restarts[0].join(30)
+    restart = functools.partial(server.restart, "fast")
+    struck = struck_once_the_commit_is_done(server, kernel_blackhole, driver, insert(8), restart)
+    assert struck == ("acknowledged", 1, ["committed"])
     assert rows(server, 8) == 1
-    assert unit.calls == 1
-    assert recorder.outcomes() == ["committed"]
 
 
 # -- 8. a COMMIT that waits for a synchronous standby ------------------------------------------

@@ -13,10 +13,13 @@ import contextlib
 
 import psycopg2
 import pytest
-from commit_faults import SLOW_COMMIT_SCHEMA, Recorder, Unit, WhenCommitRuns, insert, rows
+from commit_faults import (
+    SLOW_COMMIT_SCHEMA,
+    acknowledged_when_struck_at_commit,
+    committing_xid,
+    rows,
+)
 
-import dropsafe
-from dropsafe import CommitOutcomeUnknown
 from dropsafe.testing import ChaosProxy, PostgresServer
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg", "pg8000"]
@@ -57,11 +60,7 @@ def test_a_promoted_cold_copy_handing_out_our_xid_again_is_not_believed(driver):
         lost = {}
 
         def fail_over_to_the_copy():
-            lost["xid"] = int(
-                primary.execute(
-                    "SELECT backend_xid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%'"
-                )[0][0]
-            )
+            lost["xid"] = committing_xid(primary)
             proxy.refuse()  # the resolver waits until the copy has handed the xid out again
             primary.stop("immediate")
             copy.start()
@@ -72,20 +71,10 @@ def test_a_promoted_cold_copy_handing_out_our_xid_again_is_not_believed(driver):
             proxy.upstream_port = copy.port
             proxy.heal()
 
-        recorder = Recorder()
-        policy = dropsafe.Policy(
-            unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
-        )
-        unit = Unit(
-            driver, proxy.route(primary.url(driver)), insert(1, commit_sleep=3), policy=policy
-        )
-        watcher = WhenCommitRuns(primary, fail_over_to_the_copy)
         try:
-            try:
-                acknowledged = unit.run() == "done"
-            except CommitOutcomeUnknown:
-                acknowledged = False
-            watcher.join(timeout=60)
+            acknowledged, outcomes = acknowledged_when_struck_at_commit(
+                primary, proxy.route(primary.url(driver)), driver, fail_over_to_the_copy
+            )
             written = rows(copy, 1)
             status = copy.execute(f"SELECT pg_xact_status('{lost['xid']}'::xid8)")[0][0]
         finally:
@@ -94,4 +83,4 @@ def test_a_promoted_cold_copy_handing_out_our_xid_again_is_not_believed(driver):
     # The history really was the dangerous one: ours lost, its xid committed by another.
     assert (written, status) == (0, "committed")
     assert not acknowledged, "an acknowledged write does not exist"
-    assert recorder.outcomes() == ["unknown"]
+    assert outcomes == ["unknown"]

@@ -30,7 +30,6 @@ from ledger import (
     summary,
 )
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import sessionmaker
 
 from dropsafe._bench._ledger import guarded_writers, guarded_writers_async, insert_naively
 from dropsafe.testing import ChaosProxy
@@ -121,11 +120,10 @@ def test_naive_retry_loop_writes_twice(postgres_server, chaos_proxy, driver):
         pool_size=WORKERS,
         max_overflow=WORKERS,
     )
-    session_factory = sessionmaker(engine)
     try:
         ledger = run_sync(
             server_faults(postgres_server, chaos_proxy),
-            lambda _: lambda op: insert_naively(session_factory, op),
+            lambda _: lambda op: insert_naively(engine, op),
             11,
         )
     finally:

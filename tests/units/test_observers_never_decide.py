@@ -21,6 +21,7 @@ from commit_faults import SLOW_COMMIT_SCHEMA, Unit, WhenCommitRuns, insert, rows
 import dropsafe
 from dropsafe._log import observer_failures
 from dropsafe.events import LoggingHook
+from log_capture import dropsafe_logger_at_debug
 
 pytestmark = pytest.mark.fault
 
@@ -43,14 +44,8 @@ def _raising_hook(event: object) -> None:
 
 @pytest.fixture
 def broken_logging():
-    handler = _RaisingHandler()
-    logger = logging.getLogger("dropsafe")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    yield
-    logger.removeHandler(handler)
-    logger.setLevel(level)
+    with dropsafe_logger_at_debug(_RaisingHandler()):
+        yield
 
 
 POLICY = dropsafe.Policy(

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from commit_faults import slow_commit_schema
 
 import dropsafe
+from children import as_nobody, psql_as_nobody
 from dropsafe._bench._ha import UNIT_DEADLINE, hold_of, run_scenario
 from dropsafe.testing import PatroniCluster, ServerError
 from dropsafe.testing._patroni import PATRONI_4, patroni_cluster_unavailable
@@ -72,15 +73,9 @@ for scheme in ("http", "https"):
 """
 
 
-def _as_nobody(address: str, method: str) -> str:
-    result = subprocess.run(
-        ["runuser", "-u", "nobody", "--", "/usr/bin/python3", "-I", "-c", _PROBE, address, method],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    return result.stdout + result.stderr
+def _probe_as_nobody(address: str, method: str) -> str:
+    """What ``nobody`` gets asking ``address`` over HTTP and HTTPS (_PROBE)."""
+    return as_nobody("/usr/bin/python3", "-I", "-c", _PROBE, address, method)[1]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another local user")
@@ -103,21 +98,15 @@ def test_another_local_user_gets_no_answer_from_patroni_or_etcd(patroni_cluster)
     answered = {
         f"{method} {address}": out
         for address, method in probes
-        if "ANSWERED" in (out := _as_nobody(address, method))
+        if "ANSWERED" in (out := _probe_as_nobody(address, method))
     }
     assert answered == {}
     # Nor from PostgreSQL, directly or through HAProxy: every TCP login needs the password.
     psql = cluster.binaries.tool("psql")
     for port in [cluster.haproxy_port, cluster.replica_port] + [n.pg_port for n in cluster.nodes]:
         target = ("-h", cluster.host, "-p", str(port), "-U", "postgres", "-c", "SELECT 1")
-        login = subprocess.run(
-            ["runuser", "-u", "nobody", "--", "env", "-i", psql, "-X", "-w", *target],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        assert login.returncode != 0, f"nobody logged in on port {port}: {login.stdout}"
+        code, output = psql_as_nobody(psql, *target)
+        assert code != 0, f"nobody logged in on port {port}: {output}"
     # Its folder is closed to others, and no file in it is readable by them either.
     assert cluster.base_dir.stat().st_mode & 0o007 == 0
     readable = [

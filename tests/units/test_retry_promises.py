@@ -16,6 +16,7 @@ from sqlalchemy.orm import sessionmaker
 
 import dropsafe
 from dropsafe.events import RetriesGaveUp
+from dropsafe.testing._runtime import wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -114,24 +115,25 @@ def test_outages_of_1_4_and_8_seconds_are_waited_out(postgres_server, driver):
     try:
         with _Writers(write) as writers:
             for down in (1, 4, 8):
-                _wait_for(lambda: len(writers.acknowledged) >= 10, "writes before the outage")
+                wait_until(
+                    lambda: len(writers.acknowledged) >= 10,
+                    timeout=60,
+                    what="writes before the outage",
+                )
                 writers.acknowledged.clear()
                 postgres_server.stop("fast")
                 time.sleep(down)  # the outage's length: a fault schedule, not a synchronisation
                 postgres_server.start()
-            _wait_for(lambda: len(writers.acknowledged) >= 10, "writes after the last outage")
+            wait_until(
+                lambda: len(writers.acknowledged) >= 10,
+                timeout=60,
+                what="writes after the last outage",
+            )
     finally:
         engine.dispose()
     ops = _ops(postgres_server)
     assert writers.failed == []
     assert len(ops) == len(set(ops)), "an op was written twice"
-
-
-def _wait_for(condition, what, timeout=60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 # -- the deadline is absolute -----------------------------------------------------------------

@@ -189,6 +189,22 @@ class TwoEngines:
 # -- history 1: two engines in one unit -------------------------------------------------------
 
 
+def _outcome(unit, steps, fault):
+    """Run ``unit`` under ``fault``: "acknowledged", or "refused: <why>" (a ConfigurationError)."""
+    try:
+        unit.run(steps, fault)
+    except ConfigurationError as exc:
+        return f"refused: {exc}"
+    return "acknowledged"
+
+
+def _assert_refused_not_acknowledged(outcome, rows, unit):
+    """Refused; an acknowledgement must at least have written both rows once (said first)."""
+    if outcome == "acknowledged":
+        assert rows == (1, 1), f"acknowledged, rows {rows}, runs {unit.calls}"
+    assert outcome.startswith("refused"), f"not refused: rows {rows}, runs {unit.calls}"
+
+
 @pytest.mark.parametrize("direction", ["to", "both"], ids=["reply-lost", "commit-lost"])
 @pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
 def test_a_unit_that_writes_through_two_engines_is_refused_before_any_commit(
@@ -199,21 +215,16 @@ def test_a_unit_that_writes_through_two_engines_is_refused_before_any_commit(
     value = next(_VALUES)
     unit = TwoEngines(server, driver, face)
     fault = LoseCommitReply(kernel_blackhole, nth=2, direction=direction)
-    outcome = "acknowledged"
-    try:
-        unit.run(
-            lambda execute: (
-                execute(ONE.insert().values(v=value)),
-                execute(TWO.insert().values(v=value)),
-            ),
-            fault,
-        )
-    except ConfigurationError as exc:
-        outcome = f"refused: {exc}"
+    outcome = _outcome(
+        unit,
+        lambda execute: (
+            execute(ONE.insert().values(v=value)),
+            execute(TWO.insert().values(v=value)),
+        ),
+        fault,
+    )
     rows = (count(server, ONE, value), count(server, TWO, value))
-    if outcome == "acknowledged":
-        assert rows == (1, 1), f"acknowledged, rows {rows}, runs {unit.calls}"
-    assert outcome.startswith("refused"), f"not refused: rows {rows}, runs {unit.calls}"
+    _assert_refused_not_acknowledged(outcome, rows, unit)
     assert "one unit of work per engine" in outcome
     assert server.password not in outcome  # the engines are named by redacted URLs
     assert rows == (0, 0)
@@ -360,37 +371,31 @@ class OneEngine:
 KINDS = ["session", "connection"]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
-def test_a_unit_that_commits_itself_is_refused_before_its_commit(
-    server, kernel_blackhole, driver, face, kind
-):
+@pytest.fixture(
+    params=[(driver, face, kind) for driver, face in FACES for kind in KINDS],
+    ids=[f"{face_id}-{kind}" for face_id in FACE_IDS for kind in KINDS],
+)
+def unit(request, server):
+    """A unit of work over one engine: every driver's face, through a session or a connection."""
+    return OneEngine(server, *request.param)
+
+
+def test_a_unit_that_commits_itself_is_refused_before_its_commit(server, kernel_blackhole, unit):
     # The unit commits, autobegin opens the next transaction, the unit writes more; the final
     # COMMIT is lost both ways, so the fenced backend rolls it back and the unit runs again:
     # the part before its own COMMIT would be written twice. Refused before that COMMIT.
     first, second = next(_VALUES), next(_VALUES)
-    unit = OneEngine(server, driver, face, kind)
     fault = LoseCommitReply(kernel_blackhole, nth=2, direction="both")
-    outcome = "acknowledged"
-    try:
-        unit.run([ONE.insert().values(v=first), "commit", ONE.insert().values(v=second)], fault)
-    except ConfigurationError as exc:
-        outcome = f"refused: {exc}"
+    steps = [ONE.insert().values(v=first), "commit", ONE.insert().values(v=second)]
+    outcome = _outcome(unit, steps, fault)
     rows = (count(server, ONE, first), count(server, ONE, second))
-    if outcome == "acknowledged":
-        assert rows == (1, 1), f"acknowledged, rows {rows}, runs {unit.calls}"
-    assert outcome.startswith("refused"), f"not refused: rows {rows}, runs {unit.calls}"
+    _assert_refused_not_acknowledged(outcome, rows, unit)
     assert "committed its own transaction" in outcome
     assert (rows, unit.calls, fault.sent) == ((0, 0), 1, 0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
-def test_a_unit_that_swallows_the_refusal_of_its_own_commit_is_still_refused(
-    server, driver, face, kind
-):
+def test_a_unit_that_swallows_the_refusal_of_its_own_commit_is_still_refused(server, unit):
     first, second = next(_VALUES), next(_VALUES)
-    unit = OneEngine(server, driver, face, kind)
     with pytest.raises(ConfigurationError, match="committed its own transaction"):
         unit.run(
             [ONE.insert().values(v=first), ("swallow", "commit"), ONE.insert().values(v=second)]
@@ -398,28 +403,20 @@ def test_a_unit_that_swallows_the_refusal_of_its_own_commit_is_still_refused(
     assert (count(server, ONE, first), count(server, ONE, second), unit.calls) == (0, 0, 1)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
-def test_a_savepoint_is_not_a_commit(server, kernel_blackhole, driver, face, kind):
+def test_a_savepoint_is_not_a_commit(server, kernel_blackhole, unit):
     # begin_nested() releases a SAVEPOINT, which is no COMMIT; the final COMMIT's reply is
     # lost and resolved: the row exists once, the unit ran once.
     value = next(_VALUES)
-    unit = OneEngine(server, driver, face, kind)
     fault = LoseCommitReply(kernel_blackhole, nth=1)
     assert unit.run([("nested", ONE.insert().values(v=value))], fault) == "done"
     assert fault.struck
     assert (count(server, ONE, value), unit.calls) == (1, 1)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
-def test_work_after_a_rollback_in_the_unit_is_committed_once(
-    server, kernel_blackhole, driver, face, kind
-):
+def test_work_after_a_rollback_in_the_unit_is_committed_once(server, kernel_blackhole, unit):
     # The unit rolls back (say, after catching an error) and goes on: only what follows is
     # committed. The final COMMIT is lost both ways: fenced, aborted, the unit runs again.
     first, second = next(_VALUES), next(_VALUES)
-    unit = OneEngine(server, driver, face, kind)
     fault = LoseCommitReply(kernel_blackhole, nth=1, direction="both")
     result = unit.run(
         [ONE.insert().values(v=first), "rollback", ONE.insert().values(v=second)], fault
@@ -430,15 +427,10 @@ def test_work_after_a_rollback_in_the_unit_is_committed_once(
     assert unit.calls == 2
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize(("driver", "face"), FACES, ids=FACE_IDS)
-def test_a_commit_on_a_connection_the_function_opened_itself_is_not_refused(
-    server, driver, face, kind
-):
+def test_a_commit_on_a_connection_the_function_opened_itself_is_not_refused(server, unit):
     # Outside the unit (an audit row meant to survive its rollback): committed as the app
     # asked, not retried with the unit, and not refused.
     apart, inside = next(_VALUES), next(_VALUES)
-    unit = OneEngine(server, driver, face, kind)
     result = unit.run([("apart", ONE.insert().values(v=apart)), ONE.insert().values(v=inside)])
     assert (result, count(server, ONE, apart), count(server, ONE, inside)) == ("done", 1, 1)
 

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Session
 
 from dropsafe._bench._engines import SCHEMA, Variant, bench_driver, make_async, make_sync
 from dropsafe._bench._ledger import (
-    INSERT,
+    NAIVE_ATTEMPTS,
+    NAIVE_BACKOFF,
     guarded_writers,
+    insert_naively,
     prepare,
     run_sync,
     server_faults,
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 __all__ = [
     "HALF_OPEN_VARIANTS",
     "PRE_PING_TCP",
-    "insert_naively",
     "run_half_open",
     "run_ledger",
     "run_recovery",
@@ -51,9 +51,6 @@ VARIANTS = (Variant("plain"), Variant("pre_ping"), Variant("dropsafe"))
 #: set by hand: the baseline a careful user would run against half-open connections.
 PRE_PING_TCP = Variant("pre_ping + TCP settings", tcp=True)
 HALF_OPEN_VARIANTS = (Variant("plain"), Variant("pre_ping"), PRE_PING_TCP, Variant("dropsafe"))
-#: The naive ledger loop's attempts, and its backoff after a failed connect (doubling, capped).
-NAIVE_ATTEMPTS = 30
-NAIVE_BACKOFF = (0.05, 0.5)
 _GIVE_UP = 30.0
 _BEFORE_FAULT = 5  # outcomes the client has seen before the fault strikes
 
@@ -451,29 +448,3 @@ def _ledger_factory(
         return lambda op_id: insert_naively(engine, op_id)
 
     return factory
-
-
-def insert_naively(engine: sa.Engine, op_id: str) -> None:
-    """Insert one op as careful teams do today; with pre_ping, the ledger's baseline.
-
-    A connect that fails (refused, or the server starting up or shutting down) sent nothing, so
-    it is tried again after a short backoff; a unit cut by a disconnect is run again at once.
-    The second is what duplicates ops: nothing here asks whether the lost COMMIT happened.
-    """
-    for attempt in range(NAIVE_ATTEMPTS):
-        try:
-            connection = engine.connect()
-        except sa.exc.OperationalError:
-            first, most = NAIVE_BACKOFF
-            time.sleep(min(first * 2**attempt, most))
-            continue
-        try:
-            with connection, Session(connection) as session, session.begin():
-                session.execute(INSERT, {"op_id": op_id})
-        except sa.exc.DBAPIError as exc:
-            if exc.connection_invalidated:
-                continue
-            raise
-        return
-    msg = f"gave up after {NAIVE_ATTEMPTS} attempts"
-    raise RuntimeError(msg)

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
-import struct
 import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, final
+
+from dropsafe.testing._proxy import send_rst
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Coroutine
@@ -212,13 +212,8 @@ class FlightProxy:
 
     async def _from_client(self, link: _Link, reader: asyncio.StreamReader) -> None:
         while not link.dead:
-            try:
-                data = await reader.read(_CHUNK)
-            except OSError:
-                data = b""
+            data = await _read_or_pass_eof(reader, link.upstream)
             if not data:
-                with contextlib.suppress(OSError):
-                    link.upstream.write_eof()
                 return
             if not link.last_from_client:
                 link.last_from_client = True
@@ -253,13 +248,8 @@ class FlightProxy:
 
     async def _from_server(self, link: _Link, reader: asyncio.StreamReader) -> None:
         while not link.dead:
-            try:
-                data = await reader.read(_CHUNK)
-            except OSError:
-                data = b""
+            data = await _read_or_pass_eof(reader, link.client)
             if not data:
-                with contextlib.suppress(OSError):
-                    link.client.write_eof()
                 return
             link.last_from_client = False
             if link.startup and _READY_FOR_QUERY in data:
@@ -298,6 +288,18 @@ class FlightProxy:
         return False
 
 
+async def _read_or_pass_eof(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """Read the next chunk; at its end (or a reset), pass the end on to ``writer`` and give b""."""
+    try:
+        data = await reader.read(_CHUNK)
+    except OSError:
+        data = b""
+    if not data:
+        with contextlib.suppress(OSError):
+            writer.write_eof()
+    return data
+
+
 def _cut(link: _Link, mode: Literal["rst", "fin", "lost", "pass"]) -> None:
     link.dead = True
     for writer in (link.client, link.upstream):
@@ -309,10 +311,6 @@ def _cut(link: _Link, mode: Literal["rst", "fin", "lost", "pass"]) -> None:
 
 def _abort(writer: asyncio.StreamWriter, mode: Literal["rst", "fin"]) -> None:
     if mode == "rst":
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        writer.transport.abort()
+        send_rst(writer)
     else:
         writer.close()

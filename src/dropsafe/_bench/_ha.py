@@ -35,7 +35,7 @@ from dropsafe.events import AcknowledgedCommitLost
 from dropsafe.testing._server import ServerError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -171,16 +171,13 @@ class Writer(threading.Thread):
         engine = _engine(self.kind, self.url, self._count_report)
         write = _writer(self.kind, engine)
         try:
-            for number in range(_MAX_OPS):
-                if self.stop.is_set() or time.monotonic() > self.stop_at:
-                    return
-                op_id, started = f"{self.variant}-{number}", time.monotonic()
+            for op_id, started in self._ops():
                 try:
                     xid = write(op_id)
                 except Exception as exc:  # what the app sees is what we count
                     self._failed(op_id, started, exc)
                 else:
-                    self.outcomes.append(Outcome(op_id, started, time.monotonic(), "ack", xid=xid))
+                    self._acknowledged(op_id, started, xid)
                 # Paces the writes; it synchronises nothing.
                 self.stop.wait(_INTERVAL)
         finally:
@@ -190,20 +187,27 @@ class Writer(threading.Thread):
     async def _run_async(self) -> None:
         engine = _async_engine(self.url, self._count_report)
         try:
-            for number in range(_MAX_OPS):
-                if self.stop.is_set() or time.monotonic() > self.stop_at:
-                    return
-                op_id, started = f"{self.variant}-{number}", time.monotonic()
+            for op_id, started in self._ops():
                 try:
                     xid = await _write_async(engine, op_id)
                 except Exception as exc:  # what the app sees is what we count
                     self._failed(op_id, started, exc)
                 else:
-                    self.outcomes.append(Outcome(op_id, started, time.monotonic(), "ack", xid=xid))
+                    self._acknowledged(op_id, started, xid)
                 await asyncio.sleep(_INTERVAL)  # paces the writes
         finally:
             with contextlib.suppress(Exception):
                 await engine.dispose()
+
+    def _ops(self) -> Iterator[tuple[str, float]]:
+        """Give each op to write and when it started, until stopped, ``stop_at`` or ``_MAX_OPS``."""
+        for number in range(_MAX_OPS):
+            if self.stop.is_set() or time.monotonic() > self.stop_at:
+                return
+            yield f"{self.variant}-{number}", time.monotonic()
+
+    def _acknowledged(self, op_id: str, started: float, xid: str) -> None:
+        self.outcomes.append(Outcome(op_id, started, time.monotonic(), "ack", xid=xid))
 
     def _failed(self, op_id: str, started: float, exc: Exception) -> None:
         if isinstance(exc, CommitOutcomeUnknown):

@@ -9,13 +9,14 @@ server holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -28,7 +29,7 @@ from dropsafe.testing._runtime import wait_until
 from dropsafe.testing._server import ServerError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
     from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAOS_UNIT",
     "INSERT",
+    "NAIVE_ATTEMPTS",
+    "NAIVE_BACKOFF",
     "WORKERS",
     "Faults",
     "HookWritingSession",
@@ -64,8 +67,13 @@ CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS
 CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON ledger
   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit();
 """
+#: The naive loop's attempts, and its backoff after a failed connect (doubling, capped).
+NAIVE_ATTEMPTS = 30
+NAIVE_BACKOFF = (0.05, 0.5)
 # What a policy facing many faults a second, for seconds, needs.
 CHAOS_UNIT = dropsafe.UnitPolicy(max_attempts=30, deadline=60, backoff_max=0.5)
+
+_Unit = TypeVar("_Unit")
 
 # name -> (action, the most times it may run or None, its weight in the draw)
 Faults = dict[str, tuple["Callable[[], object]", "int | None", int]]
@@ -83,6 +91,24 @@ class Ledger:
     resolved: list[CommitResolved] = field(default_factory=list)
     faults: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def writing(self, op_id: str) -> Iterator[None]:
+        """Count ``op_id`` as attempted, then as the ``with`` block's write of it ended.
+
+        Safe from several threads; what the app sees of an error is what is counted.
+        """
+        with self._lock:
+            self.attempted.append(op_id)
+        error: BaseException | None = None
+        try:
+            yield
+        except Exception as exc:  # the op's outcome, as the app saw it
+            error = exc
+        with self._lock:
+            self.note(op_id, error)
 
     def note(self, op_id: str, error: BaseException | None) -> None:
         """Count one op: acknowledged (no error), unknown, or failed."""
@@ -282,21 +308,51 @@ def guarded_writers_async(
     return factory
 
 
-def insert_naively(session_factory: sessionmaker[Session], op_id: str) -> None:
-    """Insert one op the way careful teams do today: run it again after a disconnect.
+def insert_naively(engine: sa.Engine, op_id: str) -> None:
+    """Insert one op as careful teams do today; with pre_ping, the ledger's baseline.
 
-    With ``pool_pre_ping=True`` on the engine, this is the baseline dropsafe is compared with.
+    A connect that fails (refused, or the server starting up or shutting down) sent nothing, so
+    it is tried again after a short backoff; a unit cut by a disconnect is run again at once.
+    The second is what duplicates ops: nothing here asks whether the lost COMMIT happened.
     """
-    for _ in range(30):
+    for attempt in range(NAIVE_ATTEMPTS):
         try:
-            with session_factory() as session, session.begin():
+            connection = engine.connect()
+        except sa.exc.OperationalError:
+            first, most = NAIVE_BACKOFF
+            time.sleep(min(first * 2**attempt, most))
+            continue
+        try:
+            with connection, Session(connection) as session, session.begin():
                 session.execute(INSERT, {"op_id": op_id})
         except sa.exc.DBAPIError as exc:
             if exc.connection_invalidated:
                 continue
             raise
         return
-    raise RuntimeError("gave up after 30 attempts")
+    msg = f"gave up after {NAIVE_ATTEMPTS} attempts"
+    raise RuntimeError(msg)
+
+
+def _set_up(
+    faults: Faults, unit_of_work_factory: Callable[[Ledger], _Unit], seed: int, seconds: float
+) -> tuple[Ledger, _Unit, Nemesis, float]:
+    """Make a run's ledger, the writers' unit of work and the nemesis (not started).
+
+    The run starts now: the last item is when the writers stop (monotonic).
+    """
+    ledger = Ledger()
+    unit_of_work = unit_of_work_factory(ledger)
+    nemesis = Nemesis(faults, ledger, seed, seconds)
+    return ledger, unit_of_work, nemesis, time.monotonic() + seconds
+
+
+def _op_ids(seed: int, worker: int, stop_at: float) -> Iterator[str]:
+    """Give a writer's op ids, unique across the run, until ``stop_at`` (monotonic)."""
+    for n in range(MAX_OPS_PER_WORKER):
+        if time.monotonic() > stop_at:
+            return
+        yield f"{seed}-{worker}-{n}"
 
 
 def prepare(server: PostgresServer) -> None:
@@ -313,27 +369,12 @@ def run_sync(
     workers: int = WORKERS,
 ) -> Ledger:
     """Run writer threads for ``seconds`` under the nemesis; return the ledger."""
-    ledger = Ledger()
-    unit_of_work = unit_of_work_factory(ledger)
-    nemesis = Nemesis(faults, ledger, seed, seconds)
-    started = time.monotonic()
-    stop_at = started + seconds
-    lock = threading.Lock()
+    ledger, unit_of_work, nemesis, stop_at = _set_up(faults, unit_of_work_factory, seed, seconds)
 
     def worker(number: int) -> None:
-        for n in range(MAX_OPS_PER_WORKER):
-            if time.monotonic() > stop_at:
-                return
-            op_id = f"{seed}-{number}-{n}"
-            with lock:
-                ledger.attempted.append(op_id)
-            error: BaseException | None = None
-            try:
+        for op_id in _op_ids(seed, number, stop_at):
+            with ledger.writing(op_id):
                 unit_of_work(op_id)
-            except Exception as exc:
-                error = exc
-            with lock:
-                ledger.note(op_id, error)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(workers)]
     nemesis.start()
@@ -343,7 +384,7 @@ def run_sync(
         thread.join(timeout=seconds + 120)
     nemesis.stop.set()
     nemesis.join(timeout=60)
-    ledger.seconds = time.monotonic() - started
+    ledger.seconds = time.monotonic() - (stop_at - seconds)
     if nemesis.error is not None:
         raise nemesis.error
     if any(thread.is_alive() for thread in threads):
@@ -360,24 +401,12 @@ async def run_async(
     workers: int = WORKERS,
 ) -> Ledger:
     """`run_sync` with writer tasks on the running event loop."""
-    ledger = Ledger()
-    unit_of_work = unit_of_work_factory(ledger)
-    nemesis = Nemesis(faults, ledger, seed, seconds)
-    started = time.monotonic()
-    stop_at = started + seconds
+    ledger, unit_of_work, nemesis, stop_at = _set_up(faults, unit_of_work_factory, seed, seconds)
 
     async def worker(number: int) -> None:
-        for n in range(MAX_OPS_PER_WORKER):
-            if time.monotonic() > stop_at:
-                return
-            op_id = f"{seed}-{number}-{n}"
-            ledger.attempted.append(op_id)
-            error: BaseException | None = None
-            try:
+        for op_id in _op_ids(seed, number, stop_at):
+            with ledger.writing(op_id):
                 await unit_of_work(op_id)
-            except Exception as exc:
-                error = exc
-            ledger.note(op_id, error)
 
     nemesis.start()
     try:
@@ -385,7 +414,7 @@ async def run_async(
     finally:
         nemesis.stop.set()
         await asyncio.to_thread(nemesis.join, 60)
-    ledger.seconds = time.monotonic() - started
+    ledger.seconds = time.monotonic() - (stop_at - seconds)
     if nemesis.error is not None:
         raise nemesis.error
     return ledger

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import dropsafe
@@ -25,7 +25,7 @@ import dropsafe
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
 
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = ["CATALOG", "DRIVERS", "Context", "Effects", "Shape"]
 
@@ -92,7 +92,7 @@ class Context:
         return engine
 
     async def aengine(self, db: str = "a", **kw: object) -> AsyncEngine:
-        """Make an async dropsafe engine on ``db``, connected once, disposed by its run."""
+        """Make an async dropsafe engine on ``db``, connected once, disposed after the run."""
         engine = dropsafe.create_async_engine(self.urls[db], policy=self.policy, **kw)
         self.engines.append(engine)
         self.pause(paused=True)
@@ -108,10 +108,16 @@ class Context:
         return f"{self.nonce}:{name}"
 
     def dispose(self) -> None:
-        """Close every engine of the run (sync ones; async ones are closed by their run)."""
+        """Close every sync engine of the run."""
         for engine in self.engines:
             if isinstance(engine, sa.Engine):
                 engine.dispose()
+
+    async def dispose_async(self) -> None:
+        """Close every async engine of the run, in its event loop (they cannot outlive it)."""
+        for engine in self.engines:
+            if isinstance(engine, AsyncEngine):
+                await engine.dispose()
 
 
 @dataclass(frozen=True)
@@ -182,12 +188,9 @@ def _statements(
             for sql in sqls:
                 await handle.execute(sa.text(sql))
 
-        try:
-            if via == "session":
-                return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
-            return await dropsafe.run_transaction_async(engine, unit)
-        finally:
-            await engine.dispose()
+        if via == "session":
+            return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
+        return await dropsafe.run_transaction_async(engine, unit)
 
     return Shape(
         name,
@@ -238,10 +241,7 @@ async def _nested_async(ctx: Context) -> object:
         await session.execute(sa.text(_insert("gone")))
         await nested.rollback()
 
-    try:
-        return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
-    finally:
-        await engine.dispose()
+    return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
 
 
 def _orm_sync(ctx: Context) -> object:
@@ -261,10 +261,7 @@ async def _orm_async(ctx: Context) -> object:
         session.add_all([Effect(tag="a"), Effect(tag="b")])
         await session.flush()
 
-    try:
-        return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
-    finally:
-        await engine.dispose()
+    return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
 
 
 def _hooked(hook: str, *, raising: bool) -> Callable[[Session], None]:
@@ -300,10 +297,7 @@ def _hook_shape(hook: str, *, raising: bool, expected_violation: str | None = No
         async def unit(session: AsyncSession) -> None:
             session.add(Effect(tag="a"))
 
-        try:
-            return await dropsafe.run_transaction_async(made, unit)
-        finally:
-            await engine.dispose()
+        return await dropsafe.run_transaction_async(made, unit)
 
     def effects(ctx: Context) -> Effects:
         del ctx
@@ -348,11 +342,7 @@ async def _two_engines_async(ctx: Context) -> object:
         await session.execute(sa.text(_insert("a")))
         await session.execute(sa.text(_insert("b")), bind_arguments={"bind": second.sync_engine})
 
-    try:
-        return await dropsafe.run_transaction_async(async_sessionmaker(first), unit)
-    finally:
-        await first.dispose()
-        await second.dispose()
+    return await dropsafe.run_transaction_async(async_sessionmaker(first), unit)
 
 
 def _two_dbs(ctx: Context) -> Effects:
@@ -388,10 +378,7 @@ async def _self_commit_async(ctx: Context) -> object:
         await session.commit()
         await session.execute(sa.text(_insert("b")))
 
-    try:
-        return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
-    finally:
-        await engine.dispose()
+    return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
 
 
 def _copy_sync(ctx: Context) -> object:
@@ -435,10 +422,7 @@ async def _server_cursor_async(ctx: Context) -> object:
             total += row[0]
         await connection.execute(sa.text(_insert(f"a{total}")))
 
-    try:
-        return await dropsafe.run_transaction_async(engine, unit)
-    finally:
-        await engine.dispose()
+    return await dropsafe.run_transaction_async(engine, unit)
 
 
 def _cursor_effects(ctx: Context) -> Effects:
@@ -446,86 +430,48 @@ def _cursor_effects(ctx: Context) -> Effects:
     return Effects(_rows("a1275"))
 
 
-def _plain_request_sync(ctx: Context) -> object:
-    engine = ctx.engine()
+def _request(engine: sa.Engine, *transactions: str) -> object:
+    """Run a request outside any unit (the zero-code path): one Session, a COMMIT a statement."""
     with Session(engine) as session:
-        session.execute(sa.text(_insert("a")))
-        session.commit()
+        for sql in transactions:
+            session.execute(sa.text(sql))
+            session.commit()
     return None
 
 
-async def _plain_request_async(ctx: Context) -> object:
-    engine = await ctx.aengine()
-    try:
+def _request_faces(
+    *transactions: str, engine_kw: dict[str, Any] | None = None
+) -> tuple[Callable[[Context], object], Callable[[Context], Coroutine[object, object, object]]]:
+    """Both faces of `_request` on a dropsafe engine made with ``engine_kw``."""
+    kw = engine_kw or {}
+
+    def sync(ctx: Context) -> object:
+        return _request(ctx.engine(**kw), *transactions)
+
+    async def run_async(ctx: Context) -> object:
+        engine = await ctx.aengine(**kw)
         async with AsyncSession(engine) as session:
-            await session.execute(sa.text(_insert("a")))
-            await session.commit()
-    finally:
-        await engine.dispose()
-    return None
+            for sql in transactions:
+                await session.execute(sa.text(sql))
+                await session.commit()
+        return None
+
+    return sync, run_async
 
 
 def _plugin_request_sync(ctx: Context) -> object:
     url = ctx.urls["a"] + ("&" if "?" in ctx.urls["a"] else "?") + "plugin=dropsafe"
-    engine = ctx.warm(sa.create_engine(url))
-    with Session(engine) as session:
-        session.execute(sa.text(_insert("a")))
-        session.commit()
-    return None
-
-
-def _tenant_request_sync(ctx: Context) -> object:
-    engine = ctx.engine(pool_size=1, max_overflow=0)
-    with Session(engine) as session:
-        session.execute(sa.text(f"SET search_path TO {TENANT}"))
-        session.commit()
-        session.execute(sa.text(_insert("a")))
-        session.commit()
-    return None
-
-
-async def _tenant_request_async(ctx: Context) -> object:
-    engine = await ctx.aengine(pool_size=1, max_overflow=0)
-    try:
-        async with AsyncSession(engine) as session:
-            await session.execute(sa.text(f"SET search_path TO {TENANT}"))
-            await session.commit()
-            await session.execute(sa.text(_insert("a")))
-            await session.commit()
-    finally:
-        await engine.dispose()
-    return None
+    return _request(ctx.warm(sa.create_engine(url)), _insert("a"))
 
 
 def _harden_request_sync(ctx: Context) -> object:
-    engine = ctx.warm(dropsafe.harden(sa.create_engine(ctx.urls["a"]), ctx.policy))
-    with Session(engine) as session:
-        session.execute(sa.text(_insert("a")))
-        session.commit()
-    return None
+    engine = dropsafe.harden(sa.create_engine(ctx.urls["a"]), ctx.policy)
+    return _request(ctx.warm(engine), _insert("a"))
 
 
-def _role_request_sync(ctx: Context) -> object:
-    engine = ctx.engine(pool_size=1, max_overflow=0)
-    with Session(engine) as session:
-        session.execute(sa.text(f"SET ROLE {OTHER_ROLE}"))
-        session.commit()
-        session.execute(sa.text(_insert("a", schema=APP_ROLE)))
-        session.commit()
-    return None
-
-
-async def _role_request_async(ctx: Context) -> object:
-    engine = await ctx.aengine(pool_size=1, max_overflow=0)
-    try:
-        async with AsyncSession(engine) as session:
-            await session.execute(sa.text(f"SET ROLE {OTHER_ROLE}"))
-            await session.commit()
-            await session.execute(sa.text(_insert("a", schema=APP_ROLE)))
-            await session.commit()
-    finally:
-        await engine.dispose()
-    return None
+# Session state set in a transaction of its own, then a write: what a replay must restore. One
+# connection in the pool, so that the write runs on the connection that has the state.
+_ONE_CONNECTION: dict[str, Any] = {"pool_size": 1, "max_overflow": 0}
 
 
 def _role_effects(ctx: Context) -> Effects:
@@ -725,8 +671,7 @@ CATALOG: dict[str, Shape] = {
             "plain_request",
             "no unit: a Session request on a dropsafe engine",
             _one,
-            _plain_request_sync,
-            _plain_request_async,
+            *_request_faces(_insert("a")),
             zero_code=True,
         ),
         Shape(
@@ -759,8 +704,9 @@ CATALOG: dict[str, Shape] = {
             "role_request",
             "no unit: SET ROLE, commit, then INSERT (replay under session state)",
             _role_effects,
-            _role_request_sync,
-            _role_request_async,
+            *_request_faces(
+                f"SET ROLE {OTHER_ROLE}", _insert("a", schema=APP_ROLE), engine_kw=_ONE_CONNECTION
+            ),
             zero_code=True,
         ),
         Shape(
@@ -783,12 +729,23 @@ CATALOG: dict[str, Shape] = {
             "tenant_request",
             "no unit: SET search_path, commit, then INSERT (replay under session state)",
             _tenant_effects,
-            _tenant_request_sync,
-            _tenant_request_async,
+            *_request_faces(
+                f"SET search_path TO {TENANT}", _insert("a"), engine_kw=_ONE_CONNECTION
+            ),
             zero_code=True,
         ),
     )
 }
+
+
+async def _disposing(
+    run_async: Callable[[Context], Coroutine[object, object, object]], ctx: Context
+) -> object:
+    """Run an async face, then close its engines whatever happened, before its loop ends."""
+    try:
+        return await run_async(ctx)
+    finally:
+        await ctx.dispose_async()
 
 
 def run_shape(shape: Shape, driver: str, ctx: Context) -> object:
@@ -797,7 +754,7 @@ def run_shape(shape: Shape, driver: str, ctx: Context) -> object:
         if DRIVERS[driver][1]:
             if shape.run_async is None:  # faces() leaves such shapes out
                 raise dropsafe.ConfigurationError(f"shape {shape.name} has no async face")
-            return asyncio.run(shape.run_async(ctx))
+            return asyncio.run(_disposing(shape.run_async, ctx))
         if shape.sync is None:
             raise dropsafe.ConfigurationError(f"shape {shape.name} has no sync face")
         return shape.sync(ctx)

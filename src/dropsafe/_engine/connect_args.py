@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from dropsafe._dbapi import DBAPIConnection
     from dropsafe._drivers import Driver
+    from dropsafe.events import Hook
 
 __all__ = ["ConnectArguments", "tune_socket"]
 
@@ -40,7 +41,9 @@ logger = SafeLogger()
 class ConnectArguments:
     """Applies one engine's `ConnectionPolicy` to each connect, and routes among its hosts."""
 
-    def __init__(self, policy: ConnectionPolicy, driver: Driver) -> None:
+    def __init__(
+        self, policy: ConnectionPolicy, driver: Driver, hooks: tuple[Hook, ...] = (), url: str = ""
+    ) -> None:
         self._policy = policy
         self._driver = driver
         # Connect arguments dropsafe added, from do_connect to the pool's connect event.
@@ -49,8 +52,9 @@ class ConnectArguments:
         )
         self._lock = threading.Lock()
         renew_lock_in_child(self)  # another thread may hold it at a fork
-        # With several hosts, where connects start (never moved by connects in flight).
-        self._host_order = HostOrder(driver)
+        # With several hosts, where connects start (never moved by connects in flight) and
+        # which hosts they leave out for a while (those that stopped answering).
+        self._host_order = HostOrder(driver, hooks, url)
 
     def listeners(self) -> dict[str, Callable[..., None]]:
         """Return the engine and pool events this listens to, by name."""
@@ -58,6 +62,7 @@ class ConnectArguments:
             "do_connect": self._on_do_connect,
             "connect": self._on_connect,
             "handle_error": self._on_handle_error,
+            "invalidate": self._on_invalidate,
         }
 
     def _on_do_connect(
@@ -93,10 +98,24 @@ class ConnectArguments:
 
     def _on_handle_error(self, context: ExceptionContext) -> None:
         if context.connection is None:  # getting a connection failed: a connect, if one ran
-            self._host_order.connect_failed()
+            self._host_order.connect_failed(context.original_exception)
         elif context.is_disconnect and _timed_out(context.original_exception):
             pooled = getattr(context.connection, "_dbapi_connection", None)
             native = self._driver.native(getattr(pooled, "dbapi_connection", None))
+            if native is not None:
+                self._host_order.timed_out(native)
+
+    def _on_invalidate(
+        self,
+        dbapi_connection: DBAPIConnection,
+        entry: ConnectionPoolEntry,
+        exception: BaseException | None,
+    ) -> None:
+        # Every path that drops a connection TCP gave up on, also those that raise nothing
+        # (a ROLLBACK absorbed on a lost connection, a pool reset at checkin).
+        del entry
+        if exception is not None and _timed_out(exception):
+            native = self._driver.native(dbapi_connection)
             if native is not None:
                 self._host_order.timed_out(native)
 

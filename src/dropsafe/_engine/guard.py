@@ -217,7 +217,9 @@ class EngineGuard:
             draw_lifetime=self.lifetime.draw if self.lifetime.enabled else None,
             after_check=self.replay.on_checked if self.replay.enabled else None,
         )
-        self.connects = ConnectArguments(policy.connection, self.driver)
+        self.connects = ConnectArguments(
+            policy.connection, self.driver, policy.hooks, redact_url(engine.url)
+        )
         self.connect_wait = ConnectWait(policy.connection, policy.hooks, engine)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
         self.quiet_rollback = QuietRollback(policy.hooks, engine.dialect)

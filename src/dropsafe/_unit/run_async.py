@@ -18,22 +18,18 @@ from sqlalchemy.util import greenlet_spawn
 
 from dropsafe._backoff import waits_elsewhere
 from dropsafe._drivers.deadline import bounded
-from dropsafe._engine_state import state_of
 from dropsafe._errors import ConfigurationError
-from dropsafe._unit.core import Committed, Failed, Resolve, Run, unit_of_work
+from dropsafe._unit.core import Resolve, Run, unit_of_work
 from dropsafe._unit.failover_audit import audit_after_failover
-from dropsafe._unit.resolution import resolve_commit
 from dropsafe._unit.run_common import (
+    Attempt,
+    Done,
     acknowledged,
-    check_still_open,
-    commit_failed,
-    engine_of,
     function_name,
+    next_step,
     note_cancelled_commit,
-    refusal_or,
+    resolution,
     unit_name,
-    watch_engines_reached,
-    watch_session,
 )
 from dropsafe._unit.server_life import learn_server_life, must_learn_server_life
 from dropsafe._unit.shapes import begin_driver_transaction
@@ -65,24 +61,11 @@ async def run_unit_async(
     """`dropsafe._unit.run_sync.run_unit` for async binds; ``engine`` is the sync engine."""
     core = unit_of_work(unit, hooks)
     reply: Reply = None
-    while True:
-        try:
-            step = core.send(reply)
-        except StopIteration as done:
-            return cast("_T", done.value)
+    while not isinstance(step := next_step(core, reply), Done):
         if isinstance(step, Run):
             reply = await _attempt(bind, fn, step, hooks)
         elif isinstance(step, Resolve):
-            reply = await greenlet_spawn(
-                resolve_commit,
-                engine_of(step.pending, engine),
-                step.pending,
-                step.error,
-                timeout=step.timeout,
-                deadline=step.deadline,
-                hooks=hooks,
-                sleep=_sleep_in_greenlet,
-            )
+            reply = await greenlet_spawn(resolution(step, engine, hooks), sleep=_sleep_in_greenlet)
         else:
             await asyncio.sleep(step.seconds)
             reply = None
@@ -90,6 +73,7 @@ async def run_unit_async(
         audited = acknowledged(engine, reply, step, fn)
         if audited is not None:
             await greenlet_spawn(audit_after_failover, audited, hooks)
+    return cast("_T", step.value)
 
 
 def _sleep_in_greenlet(delay: float) -> None:
@@ -108,50 +92,35 @@ async def _attempt(
     hooks: tuple[Hook, ...],
 ) -> Report:
     """`dropsafe._unit.run_sync._attempt` for async binds: the same steps, awaited."""
-    with AttemptTracker(unit_name(fn), hooks, read_xid=step.verify_commits) as attempt:
-        reached_server = False
-        committed: Committed[_T] | None = None
+    with AttemptTracker(unit_name(fn), hooks, read_xid=step.verify_commits) as tracker:
+        attempt = Attempt(tracker)
         try:
             with waits_elsewhere():  # as in the sync runner
-                async with _begun(bind) as begun:
-                    handle, connection = begun
+                async with _begun(bind) as (handle, connection):
                     sync_connection = cast("sa.Connection", connection.sync_connection)
-                    attempt.connection = sync_connection
-                    # The unit runs again whole: the engine's first-statement replay keeps out.
-                    state_of(sync_connection.engine).first_statement_sent(
-                        sync_connection.connection
-                    )
+                    attempt.connected(sync_connection)
+                    dbapi_connection = sync_connection.connection.dbapi_connection
                     # Bounded from the server-life read on, as in the sync runner.
-                    with bounded(_dbapi_connection_of(sync_connection), step.deadline):
+                    with bounded(dbapi_connection, step.deadline):
                         # run_sync spawns a greenlet: only when there is something to read.
                         if step.verify_commits and must_learn_server_life(sync_connection):
                             await connection.run_sync(learn_server_life)
-                        reached_server = True
-                        sync_session = getattr(handle, "sync_session", None)  # an AsyncSession
-                        if sync_session is not None:
-                            watch_session(sync_session, attempt)
-                        await begin_driver_transaction(_dbapi_connection_of(sync_connection))
+                        # An AsyncSession's Session; an AsyncConnection has none.
+                        attempt.reached_server(getattr(handle, "sync_session", None))
+                        await begin_driver_transaction(dbapi_connection)
                         result = await _call(fn, handle)
-                        check_still_open(handle.in_transaction(), attempt)
-                        if attempt.session is not None:
-                            watch_engines_reached(attempt.session)
+                        attempt.ran(handle.in_transaction())
                         try:
-                            with attempt.committing():
+                            with tracker.committing():
                                 await handle.commit()
                         except asyncio.CancelledError as cancel:
-                            note_cancelled_commit(cancel, attempt)
+                            note_cancelled_commit(cancel, tracker)
                             raise
                         except Exception as exc:  # noqa: BLE001 - reported to the core
-                            if not attempt.commit_completed(handle):
-                                return commit_failed(result, exc, attempt)
-                            attempt.hook_failed(exc)  # a hook raised after the COMMIT
-                        committed = Committed(result, attempt.pending)
-                        return committed  # noqa: RET504 - the except below reads it
+                            return attempt.commit_raised(result, exc, handle)
+                        return attempt.committed(result)
         except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
-            if committed is not None:  # a hook raised as the session closed, after the COMMIT
-                attempt.hook_failed(exc)
-                return committed
-            return Failed(refusal_or(exc, attempt), reached_server)
+            return attempt.failed(exc)
 
 
 @contextlib.asynccontextmanager
@@ -167,10 +136,6 @@ async def _begun(
         async with bind() as session:
             await session.begin()
             yield session, await session.connection()
-
-
-def _dbapi_connection_of(connection: sa.Connection) -> object:
-    return connection.connection.dbapi_connection
 
 
 async def _call(

@@ -1,42 +1,55 @@
 """What the sync and the async runner of a unit share: everything around an attempt but its I/O.
 
-The checks of the unit's function, the engines to watch, the report of a COMMIT that raised,
-and the acknowledgement of a commit (remembered for the failover audit). The runners
-(`dropsafe._unit.run_sync`, `dropsafe._unit.run_async`) only perform the core's steps.
-See docs/guarantees.md ("How it keeps it", "Units over several engines").
+The checks of the unit's function, the loop over the core's steps, an attempt's report (the
+engines to watch, a COMMIT that raised), and the acknowledgement of a commit (remembered for
+the failover audit). The runners (`dropsafe._unit.run_sync`, `dropsafe._unit.run_async`) only
+perform the steps, each with its own awaits. See docs/guarantees.md ("How it keeps it",
+"Units over several engines").
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from dropsafe._engine_state import state_of
 from dropsafe._errors import ConfigurationError
-from dropsafe._unit.core import CommitFailed, Committed, Resolve, Run
+from dropsafe._unit.core import CommitFailed, Committed, Failed, Resolve, Run
 from dropsafe._unit.failover_audit import remember_commit
 from dropsafe._unit.recording import other_connections, watch_engine, watch_engines_of_routing
+from dropsafe._unit.resolution import resolve_commit
 from dropsafe._unit.shapes import check_engine_shape
 from dropsafe._unit.tracker import current_attempt
 
 if TYPE_CHECKING:
-    from dropsafe._unit.core import Reply
+    from collections.abc import Generator
+
+    from dropsafe._unit.core import Reply, Report, Step
     from dropsafe._unit.pending_commit import PendingCommit
+    from dropsafe._unit.resolution import Outcome
     from dropsafe._unit.tracker import AttemptTracker
+    from dropsafe.events import Hook
 
 __all__ = [
+    "Attempt",
+    "Done",
     "acknowledged",
     "check_still_open",
     "check_unit_function",
     "commit_failed",
     "engine_of",
     "function_name",
+    "next_step",
     "not_awaitable",
     "note_cancelled_commit",
     "refusal_or",
+    "resolution",
     "unit_name",
     "watch_binds",
     "watch_engines_reached",
@@ -84,6 +97,95 @@ def watch_binds(bind: object, engine: sa.Engine) -> None:
 
 
 _WATCHED_BINDS: weakref.WeakKeyDictionary[object, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+# -- the loop over the core's steps ------------------------------------------------------------
+
+
+@final
+@dataclass(frozen=True)
+class Done:
+    """The core has returned: ``value`` is the unit's result."""
+
+    value: Any
+
+
+def next_step(core: Generator[Step, Reply, Any], reply: Reply) -> Step | Done:
+    """Send ``reply`` to the core; its next step, or `Done`: a face's loop has a single exit."""
+    try:
+        return core.send(reply)
+    except StopIteration as done:
+        return Done(done.value)
+
+
+def resolution(
+    step: Resolve, engine: sa.Engine, hooks: tuple[Hook, ...]
+) -> functools.partial[Outcome]:
+    """`resolve_commit` with what ``step`` asks: the sync face calls it, the async one spawns it."""
+    return functools.partial(
+        resolve_commit,
+        engine_of(step.pending, engine),
+        step.pending,
+        step.error,
+        timeout=step.timeout,
+        deadline=step.deadline,
+        hooks=hooks,
+    )
+
+
+# -- one attempt -------------------------------------------------------------------------------
+
+
+@final
+class Attempt:
+    """An attempt's report to the core, built alike by both faces around their own I/O.
+
+    A face connects, runs the function and commits (awaiting where it must), and tells this
+    object each stage it reached; what each stage means for the report is decided here once.
+    """
+
+    __slots__ = ("_committed", "_reached_server", "tracker")
+
+    def __init__(self, tracker: AttemptTracker) -> None:
+        self.tracker = tracker
+        self._reached_server = False  # a failure before the server answered is not an attempt
+        self._committed: Committed[Any] | None = None
+
+    def connected(self, connection: sa.Connection) -> None:
+        """Note the attempt's connection; keep the engine's replay out: the unit reruns whole."""
+        self.tracker.connection = connection
+        state_of(connection.engine).first_statement_sent(connection.connection)
+
+    def reached_server(self, session: Session | None) -> None:
+        """Count the attempt from here: the server answered (``session``: None on a Connection)."""
+        self._reached_server = True
+        if session is not None:
+            watch_session(session, self.tracker)
+
+    def ran(self, in_transaction: bool) -> None:
+        """Check that the function left its transaction to us; watch the engines it reached."""
+        check_still_open(in_transaction, self.tracker)
+        if self.tracker.session is not None:
+            watch_engines_reached(self.tracker.session)
+
+    def commit_raised(self, result: _T, error: Exception, handle: object) -> Report:
+        """Report the unit's commit that raised: in its COMMIT, or in a hook after it."""
+        if not self.tracker.commit_completed(handle):
+            return commit_failed(result, error, self.tracker)
+        self.tracker.hook_failed(error)  # a hook raised after the COMMIT: it committed
+        return self.committed(result)
+
+    def committed(self, result: _T) -> Committed[_T]:
+        """Report a commit; kept, should closing the session raise after it."""
+        self._committed = Committed(result, self.tracker.pending)
+        return self._committed
+
+    def failed(self, error: Exception) -> Report:
+        """Report what the attempt raised; after its commit, only a hook's error (reported)."""
+        if self._committed is not None:  # a hook raised as the session closed, after the COMMIT
+            self.tracker.hook_failed(error)
+            return self._committed
+        return Failed(refusal_or(error, self.tracker), self._reached_server)
 
 
 # -- while it runs -----------------------------------------------------------------------------

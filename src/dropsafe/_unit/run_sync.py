@@ -16,20 +16,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dropsafe._backoff import waits_elsewhere
 from dropsafe._drivers.deadline import bounded
-from dropsafe._engine_state import state_of
-from dropsafe._unit.core import Committed, Failed, Resolve, Run, unit_of_work
+from dropsafe._unit.core import Resolve, Run, unit_of_work
 from dropsafe._unit.failover_audit import audit_after_failover
-from dropsafe._unit.resolution import resolve_commit
 from dropsafe._unit.run_common import (
+    Attempt,
+    Done,
     acknowledged,
-    check_still_open,
-    commit_failed,
-    engine_of,
+    next_step,
     not_awaitable,
-    refusal_or,
+    resolution,
     unit_name,
-    watch_engines_reached,
-    watch_session,
 )
 from dropsafe._unit.server_life import learn_server_life
 from dropsafe._unit.tracker import AttemptTracker
@@ -57,22 +53,11 @@ def run_unit(
     """Run ``fn`` as a unit of work on ``bind``."""
     core = unit_of_work(unit, hooks)
     reply: Reply = None
-    while True:
-        try:
-            step = core.send(reply)
-        except StopIteration as done:
-            return cast("_T", done.value)
+    while not isinstance(step := next_step(core, reply), Done):
         if isinstance(step, Run):
             reply = _attempt(bind, fn, step, hooks)
         elif isinstance(step, Resolve):
-            reply = resolve_commit(
-                engine_of(step.pending, engine),
-                step.pending,
-                step.error,
-                timeout=step.timeout,
-                deadline=step.deadline,
-                hooks=hooks,
-            )
+            reply = resolution(step, engine, hooks)()
         else:
             time.sleep(step.seconds)
             reply = None
@@ -80,6 +65,7 @@ def run_unit(
         audited = acknowledged(engine, reply, step, fn)
         if audited is not None:
             audit_after_failover(audited, hooks)
+    return cast("_T", step.value)
 
 
 def _attempt(
@@ -89,44 +75,30 @@ def _attempt(
     hooks: tuple[Hook, ...],
 ) -> Report:
     """Run ``fn`` once in a new transaction and commit it; report what happened."""
-    with AttemptTracker(unit_name(fn), hooks, read_xid=step.verify_commits) as attempt:
-        reached_server = False
-        committed: Committed[_T] | None = None
+    with AttemptTracker(unit_name(fn), hooks, read_xid=step.verify_commits) as tracker:
+        attempt = Attempt(tracker)
         try:
             with (
                 waits_elsewhere(),  # the unit waits for an unreachable server: not its connects
-                _begun(bind) as begun,
+                _begun(bind) as (handle, connection),
             ):
-                handle, connection = begun  # connected: a failure before here never reached it
-                attempt.connection = connection
-                # The unit runs again whole: the engine's first-statement replay keeps out.
-                state_of(connection.engine).first_statement_sent(connection.connection)
+                attempt.connected(connection)
                 # The server-life read is bounded too: on a connection that a middlebox forgot,
                 # it is the first thing to hang.
                 with bounded(connection.connection.dbapi_connection, step.deadline):
                     if step.verify_commits:
                         learn_server_life(connection)
-                    reached_server = True
-                    if isinstance(handle, Session):
-                        watch_session(handle, attempt)
+                    attempt.reached_server(handle if isinstance(handle, Session) else None)
                     result = not_awaitable(fn(handle), fn)
-                    check_still_open(handle.in_transaction(), attempt)
-                    if attempt.session is not None:
-                        watch_engines_reached(attempt.session)
+                    attempt.ran(handle.in_transaction())
                     try:
-                        with attempt.committing():
+                        with tracker.committing():
                             handle.commit()
                     except Exception as exc:  # noqa: BLE001 - reported to the core, which decides
-                        if not attempt.commit_completed(handle):
-                            return commit_failed(result, exc, attempt)
-                        attempt.hook_failed(exc)  # a hook raised after the COMMIT: it committed
-                    committed = Committed(result, attempt.pending)
-                    return committed  # noqa: RET504 - the except below reads it
+                        return attempt.commit_raised(result, exc, handle)
+                    return attempt.committed(result)
         except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
-            if committed is not None:  # a hook raised as the session closed, after the COMMIT
-                attempt.hook_failed(exc)
-                return committed
-            return Failed(refusal_or(exc, attempt), reached_server)
+            return attempt.failed(exc)
 
 
 @contextlib.contextmanager

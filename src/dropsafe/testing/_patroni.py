@@ -131,22 +131,17 @@ class _Node:
     client_tls: ssl.SSLContext | None = None
     crashed: bool = False
     stopped_pids: list[int] = field(default_factory=list)
+    # Where the node keeps its things, all in base_dir.
+    data_dir: Path = field(init=False, repr=False)
+    socket_dir: Path = field(init=False, repr=False)
+    config_file: Path = field(init=False, repr=False)
+    log_file: Path = field(init=False, repr=False)
 
-    @property
-    def data_dir(self) -> Path:
-        return self.base_dir / "data"
-
-    @property
-    def socket_dir(self) -> Path:
-        return self.base_dir / "run"
-
-    @property
-    def config_file(self) -> Path:
-        return self.base_dir / "patroni.yml"
-
-    @property
-    def log_file(self) -> Path:
-        return self.base_dir / "patroni.log"
+    def __post_init__(self) -> None:
+        self.data_dir = self.base_dir / "data"
+        self.socket_dir = self.base_dir / "run"
+        self.config_file = self.base_dir / "patroni.yml"
+        self.log_file = self.base_dir / "patroni.log"
 
     def execute(self, sql: str, *, database: str = "postgres") -> list[tuple[str, ...]]:
         """Run SQL through the node's Unix socket (trusted locally; only its owner enters).

@@ -491,11 +491,18 @@ class ChaosProxy(Service):
 
 def _abort(writer: asyncio.StreamWriter, mode: CutMode) -> None:
     if mode == "rst":
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            # A zero linger makes close() send RST instead of FIN.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        send_rst(writer)
+    else:
+        writer.transport.abort()
+
+
+def send_rst(writer: asyncio.StreamWriter) -> None:
+    """Close ``writer``'s connection at once with a RST (the flight proxy cuts links so too)."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        # A zero linger makes close() send RST instead of FIN.
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 
 

@@ -116,11 +116,7 @@ def kernel_blackhole() -> Callable[[int], AbstractContextManager[None]]:
     """`dropsafe.testing.kernel_blackhole`, or a skip saying why it cannot run here."""
     from dropsafe.testing import _kernel
 
-    reason = _kernel.kernel_blackhole_unavailable()
-    if reason is not None:
-        if os.environ.get("DROPSAFE_REQUIRE_KERNEL_FAULTS") == "1":
-            pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
-        pytest.skip(reason)
+    _skip_if_unavailable(_kernel.kernel_blackhole_unavailable())
     return _kernel.kernel_blackhole
 
 
@@ -129,12 +125,16 @@ def idle_reaper() -> Callable[[int, float], AbstractContextManager[IdleReaper]]:
     """`dropsafe.testing.idle_reaper`, or a skip saying why it cannot run here."""
     from dropsafe.testing import _middlebox
 
-    reason = _middlebox.idle_reaper_unavailable()
+    _skip_if_unavailable(_middlebox.idle_reaper_unavailable())
+    return _middlebox.idle_reaper
+
+
+def _skip_if_unavailable(reason: str | None) -> None:
+    """Skip a fault's test, saying why it cannot run here; fail it where faults must run."""
     if reason is not None:
         if os.environ.get("DROPSAFE_REQUIRE_KERNEL_FAULTS") == "1":
             pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
         pytest.skip(reason)
-    return _middlebox.idle_reaper
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +146,6 @@ def patroni_cluster() -> Iterator[PatroniCluster]:
     """
     from dropsafe.testing import _patroni
 
-    reason = _patroni.patroni_cluster_unavailable()
-    if reason is not None:
-        if os.environ.get("DROPSAFE_REQUIRE_KERNEL_FAULTS") == "1":
-            pytest.fail(f"DROPSAFE_REQUIRE_KERNEL_FAULTS=1 but {reason}")
-        pytest.skip(reason)
+    _skip_if_unavailable(_patroni.patroni_cluster_unavailable())
     with _patroni.PatroniCluster() as cluster:
         yield cluster
