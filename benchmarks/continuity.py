@@ -10,14 +10,18 @@ The apps are what a new user writes, with no dropsafe code in the handlers:
 - ``fastapi``: FastAPI with asyncpg, an ``AsyncSession`` per request from a ``yield``
   dependency, the same writes and reads.
 
-Variants of the engines only: ``plain``, ``pre_ping`` (``pool_pre_ping=True``) and ``flag``
-(``?plugin=dropsafe`` in each URL). Faults, while 4 clients send requests: ``kill`` terminates
-every backend once a second; ``restart`` restarts the server, fast and immediate in turn,
-1.5 s after it is back each time. The server is real (TLS, loopback).
+Variants of the engines only: ``plain``, ``pre_ping`` (``pool_pre_ping=True``), ``flag``
+(``?plugin=dropsafe`` in each URL) and ``flag_replay`` (the flag and
+``dropsafe_replay_transaction=true``: the transaction replay, still in the URL only). Faults,
+while 4 clients send requests: ``kill`` terminates every backend once a second; ``restart``
+restarts the server, fast and immediate in turn, 1.5 s after it is back each time. The server
+is real (TLS, loopback).
 
 A request that failed (5xx) is counted where its last database error happened, as
 benchmarks/example_app.py does: at connect, on a transaction's first statement, mid-transaction,
-at COMMIT, at the ROLLBACK that closes a session. Every write carries a token: an acknowledged
+at COMMIT, at the ROLLBACK that closes a session; with the flag, each failed request also by
+the ``TransactionReplayed`` event it met (its outcome and reason, read from the ``dropsafe``
+logger as a user would), or none. Every write carries a token: an acknowledged
 write missing from the database is "lost", one stored twice "doubled" (both must stay 0).
 Writes benchmarks/results/CONTINUITY.md (a section per ``--label``), machine named.
 """
@@ -25,9 +29,11 @@ Writes benchmarks/results/CONTINUITY.md (a section per ``--label``), machine nam
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import random
+import re
 import threading
 import time
 import uuid
@@ -35,7 +41,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable  # noqa: TC003 - FastAPI reads them
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 import httpx
 import sqlalchemy as sa
@@ -63,7 +69,7 @@ from dropsafe.testing import PostgresServer
 RESULTS = Path(__file__).parent / "results" / "CONTINUITY.md"
 CLIENTS = 4
 APPS = ("flask", "fastapi")
-VARIANTS = ("plain", "pre_ping", "flag")
+VARIANTS = ("plain", "pre_ping", "flag", "flag_replay")
 FAULTS = ("kill", "restart")
 KILL_EVERY_S = 1.0
 RESTART_AFTER_S = 1.5
@@ -110,10 +116,13 @@ def engine_options(variant: str) -> dict[str, Any]:
 
 
 def variant_url(url: str, variant: str) -> str:
-    """``url`` with ``?plugin=dropsafe`` for the flag variant."""
-    if variant != "flag":
+    """``url`` with ``?plugin=dropsafe`` for the flag variants (and the replay's parameter)."""
+    if not variant.startswith("flag"):
         return url
-    flagged = make_url(url).update_query_dict({"plugin": "dropsafe"})
+    query = {"plugin": "dropsafe"}
+    if variant == "flag_replay":
+        query["dropsafe_replay_transaction"] = "true"
+    flagged = make_url(url).update_query_dict(query)
     return flagged.render_as_string(hide_password=False)
 
 
@@ -207,6 +216,108 @@ def fastapi_app(urls: dict[str, str], variant: str) -> FastAPI:
     return app
 
 
+# -- the replay events --------------------------------------------------------------------------
+
+NO_EVENT = "no replay event"
+# The write a client is sending (table, token): set by the client, read by the app's wrapper
+# (httpx's WSGI and ASGI transports call the app in the client's own context).
+_WRITE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
+    "write", default=None
+)
+_REPLAYED_LINE = re.compile(
+    r'^dropsafe\.transaction_replayed .*?outcome=(\w+).*?(?: reason="(.*)")?$'
+)
+
+
+class ReplayLog(logging.Handler):
+    """The ``dropsafe`` logger's ``TransactionReplayed`` lines, by request (``_REQUEST``).
+
+    What a user sees with the default ``LoggingHook``: no code in the app. A failed request is
+    then counted by where it failed, the last replay event it met and its error
+    (``failed_why``), and a failed write by whether it was stored all the same (``stored``,
+    filled by ``audit``: a COMMIT that took effect though the app got an error).
+    ``debug``: for a failed request that met no event, dropsafe's last DEBUG line about a
+    replay instead (why it did not start one); costs a little, so a run of its own.
+    """
+
+    def __init__(self, *, debug: bool = False) -> None:
+        super().__init__(logging.DEBUG if debug else logging.INFO)
+        self.debug = debug
+        self.by_request: dict[int, list[str]] = {}
+        self.debug_lines: dict[int, list[str]] = {}
+        self.outcomes: Counter[str] = Counter()  # every event of the run, by outcome
+        self.failed_why: Counter[tuple[str, str, str]] = Counter()  # (place, event, error)
+        self.failed_writes: dict[tuple[str, str, str], list[tuple[str, str]]] = {}
+        self.stored: Counter[tuple[str, str, str]] = Counter()  # failed writes stored anyway
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Keep a ``TransactionReplayed`` line's outcome and reason (logging holds the lock)."""
+        message, request = record.getMessage(), _REQUEST.get()
+        match = _REPLAYED_LINE.match(message)
+        if match is None:
+            if self.debug and request is not None and "replay" in message:
+                self.debug_lines.setdefault(request, []).append(f"debug: {message}")
+            return
+        outcome, reason = match.groups()
+        self.outcomes[outcome] += 1
+        if request is not None:
+            why = outcome if reason is None else f"{outcome}: {reason}"
+            self.by_request.setdefault(request, []).append(why)
+
+    def count(
+        self,
+        recorder: WhereErrorsHappen,
+        result: RunResult,
+        number: int,
+        status: int | None,
+        raised: BaseException | None,
+    ) -> None:
+        """``record_request``, and a failed request's place and last replay event."""
+        errors = recorder.by_request.get(number, [])
+        failed_before = result.failed.copy()
+        record_request(recorder, result, number, status, raised)
+        events = self.by_request.pop(number, []) or self.debug_lines.pop(number, [])
+        self.debug_lines.pop(number, None)
+        for place in result.failed - failed_before:  # where record_request counted it, if 5xx
+            what = errors[-1][1] if errors else f"{type(raised).__name__}: {raised}"
+            key = (place, events[-1] if events else NO_EVENT, what[:72])
+            self.failed_why[key] += 1
+            write = _WRITE.get()
+            if write is not None:
+                self.failed_writes.setdefault(key, []).append(write)
+
+    def __enter__(self) -> Self:
+        logger = logging.getLogger("dropsafe")
+        self._before = (logger.level, logger.propagate)
+        logger.setLevel(self.level)
+        logger.propagate = False  # the events of a run are counted here, not printed
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        logger = logging.getLogger("dropsafe")
+        logger.removeHandler(self)
+        logger.setLevel(self._before[0])
+        logger.propagate = self._before[1]
+
+
+class ObservedAsgi(Observed):
+    """``Observed``, counting each failed request's replay event too."""
+
+    def __init__(
+        self,
+        app: Any,  # noqa: ANN401 - an ASGI app
+        recorder: WhereErrorsHappen,
+        result: RunResult,
+        replays: ReplayLog,
+    ) -> None:
+        super().__init__(app, recorder, result)
+        self.replays = replays
+
+    def _classify(self, number: int, status: int | None, raised: BaseException | None) -> None:
+        self.replays.count(self.recorder, self.result, number, status, raised)
+
+
 # -- the load and the faults ------------------------------------------------------------------
 
 
@@ -245,8 +356,14 @@ def note_answer(tokens: Tokens, path: str, body: dict[str, Any] | None, status: 
 class ObservedWsgi:
     """WSGI wrapper: numbers each request and counts how it ended (``record_request``)."""
 
-    def __init__(self, app: Any, recorder: WhereErrorsHappen, result: RunResult) -> None:  # noqa: ANN401
-        self.app, self.recorder, self.result = app, recorder, result
+    def __init__(
+        self,
+        app: Any,  # noqa: ANN401 - a WSGI app
+        recorder: WhereErrorsHappen,
+        result: RunResult,
+        replays: ReplayLog,
+    ) -> None:
+        self.app, self.recorder, self.result, self.replays = app, recorder, result, replays
         self.numbers = itertools.count()
         self.lock = threading.Lock()
 
@@ -273,7 +390,7 @@ class ObservedWsgi:
         finally:
             _REQUEST.reset(token)
             with self.lock:
-                record_request(self.recorder, self.result, number, status, raised)
+                self.replays.count(self.recorder, self.result, number, status, raised)
 
 
 def fault_loop(
@@ -290,10 +407,16 @@ def fault_loop(
         result.faults += 1
 
 
-def run_flask(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> None:  # noqa: ANN401
+def run_flask(
+    app: Any,  # noqa: ANN401 - a Flask app
+    result: RunResult,
+    tokens: Tokens,
+    seconds: float,
+    replays: ReplayLog,
+) -> None:
     """4 client threads through httpx's WSGI transport for ``seconds``."""
     recorder = WhereErrorsHappen(*app.extensions["continuity_engines"])
-    transport = httpx.WSGITransport(app=ObservedWsgi(app.wsgi_app, recorder, result))
+    transport = httpx.WSGITransport(app=ObservedWsgi(app.wsgi_app, recorder, result, replays))
     deadline = time.monotonic() + seconds
 
     def client(number: int) -> None:
@@ -303,6 +426,7 @@ def run_flask(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> No
             for method, path, body in requests_of(number):
                 if time.monotonic() > deadline:
                     return
+                _WRITE.set(None if body is None else (path.strip("/"), body["token"]))
                 reply = http.request(method, path, json=body)
                 note_answer(tokens, path, body, reply.status_code)
 
@@ -314,10 +438,17 @@ def run_flask(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> No
     result.round_trips = recorder.round_trips
 
 
-async def run_fastapi(app: Any, result: RunResult, tokens: Tokens, seconds: float) -> None:  # noqa: ANN401
+async def run_fastapi(
+    app: Any,  # noqa: ANN401 - a FastAPI app
+    result: RunResult,
+    tokens: Tokens,
+    seconds: float,
+    replays: ReplayLog,
+) -> None:
     """4 client tasks through httpx's ASGI transport for ``seconds``."""
     recorder = WhereErrorsHappen(app.state.engine.sync_engine)
-    transport = httpx.ASGITransport(app=Observed(app, recorder, result), raise_app_exceptions=False)
+    observed = ObservedAsgi(app, recorder, result, replays)
+    transport = httpx.ASGITransport(app=observed, raise_app_exceptions=False)
     deadline = time.monotonic() + seconds
     async with httpx.AsyncClient(
         transport=transport, base_url="http://app", timeout=REQUEST_TIMEOUT_S
@@ -327,6 +458,7 @@ async def run_fastapi(app: Any, result: RunResult, tokens: Tokens, seconds: floa
             for method, path, body in requests_of(number):
                 if time.monotonic() > deadline:
                     return
+                _WRITE.set(None if body is None else (path.strip("/"), body["token"]))
                 reply = await http.request(method, path, json=body)
                 note_answer(tokens, path, body, reply.status_code)
 
@@ -346,34 +478,46 @@ class Outcome:
     acknowledged: int = 0
     lost: int = 0
     doubled: int = 0
+    replays: ReplayLog = field(default_factory=ReplayLog)
 
 
 def one_run(
-    server: PostgresServer, app_name: str, variant: str, fault: str, seconds: float
+    server: PostgresServer,
+    app_name: str,
+    variant: str,
+    fault: str,
+    seconds: float,
+    *,
+    debug: bool = False,
 ) -> Outcome:
-    """Fresh tables, a fresh app, ``seconds`` of load under ``fault``; then the audit."""
+    """Fresh tables, a fresh app, ``seconds`` of load under ``fault``; then the audit.
+
+    ``debug``: ``ReplayLog``'s, why a failed request met no replay event.
+    """
     urls = {name: server.url(driver_of(app_name), database=name) for name in ("notes", "accounts")}
     if app_name == "fastapi":
         urls["accounts"] = urls["notes"]
     reset_tables(server)
-    result, tokens = RunResult(), Tokens()
+    result, tokens, replays = RunResult(), Tokens(), ReplayLog(debug=debug)
     stop = threading.Event()
     faults = threading.Thread(target=fault_loop, args=(server, fault, stop, result))
     started = time.monotonic()
     faults.start()
     try:
-        if app_name == "flask":
-            app = flask_app(urls, variant)
-            run_flask(app, result, tokens, seconds)
-            for engine in app.extensions["continuity_engines"]:
-                engine.dispose()
-        else:
-            asyncio.run(run_fastapi(fastapi_app(urls, variant), result, tokens, seconds))
+        with replays:
+            if app_name == "flask":
+                app = flask_app(urls, variant)
+                run_flask(app, result, tokens, seconds, replays)
+                for engine in app.extensions["continuity_engines"]:
+                    engine.dispose()
+            else:
+                app = fastapi_app(urls, variant)
+                asyncio.run(run_fastapi(app, result, tokens, seconds, replays))
     finally:
         stop.set()
         faults.join(timeout=120)
     result.seconds = time.monotonic() - started
-    return audit(server, app_name, result, tokens)
+    return audit(server, app_name, result, tokens, replays)
 
 
 def driver_of(app_name: str) -> str:
@@ -392,9 +536,11 @@ def reset_tables(server: PostgresServer) -> None:
         engine.dispose()
 
 
-def audit(server: PostgresServer, app_name: str, result: RunResult, tokens: Tokens) -> Outcome:
-    """Count acknowledged writes missing, and writes stored twice."""
-    outcome = Outcome(result, tokens.statuses)
+def audit(
+    server: PostgresServer, app_name: str, result: RunResult, tokens: Tokens, replays: ReplayLog
+) -> Outcome:
+    """Count acknowledged writes missing, writes stored twice, failed writes stored."""
+    outcome = Outcome(result, tokens.statuses, replays=replays)
     deposits_in = "accounts" if app_name == "flask" else "notes"
     for table, database in (("notes", "notes"), ("deposits", deposits_in)):
         query = f"SELECT token, count(*) FROM {table} GROUP BY token"  # noqa: S608 - ours
@@ -403,6 +549,8 @@ def audit(server: PostgresServer, app_name: str, result: RunResult, tokens: Toke
         outcome.acknowledged += len(tokens.acknowledged[table])
         outcome.lost += sum(1 for token in tokens.acknowledged[table] if token not in stored)
         outcome.doubled += sum(1 for count in stored.values() if count > 1)
+        for key, writes in replays.failed_writes.items():
+            replays.stored[key] += sum(1 for (t, token) in writes if t == table and token in stored)
     return outcome
 
 
@@ -429,8 +577,37 @@ def table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
     return lines
 
 
+def replay_table(rows: list[tuple[str, str, str, list[Outcome]]]) -> list[str]:
+    """Return the flag variants' failed requests by place and the last replay event they met."""
+    header = "| App | Fault | Variant | Replay events (all requests) | Failed at | Replay event"
+    lines = [header + " | Error | Failed | Of them, writes stored |", "|---" * 9 + "|"]
+    for app_name, fault, variant, outcomes in rows:
+        if not variant.startswith("flag"):
+            continue
+        events: Counter[str] = sum((o.replays.outcomes for o in outcomes), Counter())
+        seen = ", ".join(f"{what} {count}" for what, count in sorted(events.items())) or "none"
+        why: Counter[tuple[str, str, str]] = sum(
+            (o.replays.failed_why for o in outcomes), Counter()
+        )
+        stored: Counter[tuple[str, str, str]] = sum((o.replays.stored for o in outcomes), Counter())
+        if not why:
+            lines.append(f"| {app_name} | {fault} | {variant} | {seen} | - | - | - | 0 | 0 |")
+        for (place, event, error), count in sorted(why.items(), key=lambda item: -item[1]):
+            lines.append(
+                f"| {app_name} | {fault} | {variant} | {seen} | {place} | {event} | "
+                f"`{error.replace('|', '/')}` | {count} | {stored[place, event, error]} |"
+            )
+    return lines
+
+
 def measure(
-    apps: Iterable[str], faults: Iterable[str], variants: Iterable[str], runs: int, seconds: float
+    apps: Iterable[str],
+    faults: Iterable[str],
+    variants: Iterable[str],
+    runs: int,
+    seconds: float,
+    *,
+    debug: bool = False,
 ) -> tuple[list[tuple[str, str, str, list[Outcome]]], dict[str, str]]:
     """Run every combination ``runs`` times on one server; return the rows and examples."""
     rows, examples = [], {}
@@ -439,10 +616,12 @@ def measure(
             server.execute(f"CREATE DATABASE {database}")
         for app_name in apps:
             for fault in faults:
-                for variant in variants:
-                    outcomes = []
-                    for run in range(runs):
-                        outcome = one_run(server, app_name, variant, fault, seconds)
+                # Variants side by side in each run: the shared machine's load moves in
+                # minutes, and each variant then meets the same.
+                outcomes: dict[str, list[Outcome]] = {variant: [] for variant in variants}
+                for run in range(runs):
+                    for variant in variants:
+                        outcome = one_run(server, app_name, variant, fault, seconds, debug=debug)
                         result = outcome.result
                         report_run(
                             f"{app_name} {fault} {variant} run {run}",
@@ -450,11 +629,14 @@ def measure(
                             answers=dict(outcome.statuses),
                             lost=outcome.lost,
                             doubled=outcome.doubled,
+                            replay_events=dict(outcome.replays.outcomes),
+                            failed_why=dict(outcome.replays.failed_why),
+                            failed_writes_stored=sum(outcome.replays.stored.values()),
                         )
-                        outcomes.append(outcome)
+                        outcomes[variant].append(outcome)
                         for place, what in result.examples.items():
                             examples.setdefault(f"{app_name}, {variant}, {place}", what)
-                    rows.append((app_name, fault, variant, outcomes))
+                rows.extend((app_name, fault, variant, outcomes[variant]) for variant in variants)
     return rows, examples
 
 
@@ -464,13 +646,29 @@ def main() -> None:
     parser.add_argument("--apps", nargs="+", choices=APPS, default=list(APPS))
     parser.add_argument("--faults", nargs="+", choices=FAULTS, default=list(FAULTS))
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--debug-replays",
+        action="store_true",
+        help="why a failed request met no replay event: dropsafe's DEBUG lines (costs a little)",
+    )
     arguments = parse_bounded(parser)
     rows, examples = measure(
-        arguments.apps, arguments.faults, arguments.variants, arguments.runs, arguments.seconds
+        arguments.apps,
+        arguments.faults,
+        arguments.variants,
+        arguments.runs,
+        arguments.seconds,
+        debug=arguments.debug_replays,
     )
     setup = machine_line(arguments.runs, arguments.seconds) + f" each, {CLIENTS} clients."
+    if arguments.debug_replays:
+        setup += " dropsafe's DEBUG lines captured (--debug-replays)."
     seen = [f"- {where}: `{what}`" for where, what in sorted(examples.items())]
-    publish(arguments, "Issue 27's apps under faults", setup, table(rows), seen)
+    lines = table(rows)
+    if any(variant.startswith("flag") for variant in arguments.variants):
+        lines += ["", "The flag's failed requests by the replay event they met:", ""]
+        lines += replay_table(rows)
+    publish(arguments, "Issue 27's apps under faults", setup, lines, seen)
 
 
 if __name__ == "__main__":

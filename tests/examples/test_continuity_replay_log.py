@@ -1,0 +1,60 @@
+"""benchmarks/continuity.py reads the replay's events from the ``dropsafe`` logger: the lines
+``LoggingHook`` writes must keep parsing, and the ``flag_replay`` variant must turn the replay on
+from the URL alone (no database: what is parsed and what the URL says).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from dropsafe._engine.url_plugin import policy_from_query
+from dropsafe.events import LoggingHook, TransactionReplayed
+
+pytest.importorskip("fastapi")
+pytest.importorskip("flask_sqlalchemy")
+
+BENCHMARKS = Path(__file__).parents[2] / "benchmarks"
+
+
+@pytest.fixture
+def continuity(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("continuity")
+
+
+def test_the_replay_log_reads_each_outcome_and_reason_by_request(continuity):
+    example_app = importlib.import_module("example_app")
+    hook = LoggingHook()  # the default: the ``dropsafe`` logger, which ReplayLog listens to
+    events = [
+        TransactionReplayed('OperationalError: "closed"', "replayed", 2, 1, 90),
+        TransactionReplayed("OperationalError: closed", "refused", 1, 0, 40, reason='a "SET"'),
+        TransactionReplayed("Error: x", "failed", 3, 2, 120, reason="the replay failed: y"),
+    ]
+    level = logging.getLogger("dropsafe").level
+    with continuity.ReplayLog() as replays:
+        token = example_app._REQUEST.set(7)
+        for event in events:
+            hook(event)
+        example_app._REQUEST.reset(token)
+        hook(events[0])  # outside a request: counted, not attributed
+    assert replays not in logging.getLogger("dropsafe").handlers
+    assert logging.getLogger("dropsafe").level == level
+    assert replays.outcomes == {"replayed": 2, "refused": 1, "failed": 1}
+    assert replays.by_request == {
+        7: ["replayed", 'refused: a \\"SET\\"', "failed: the replay failed: y"]
+    }
+
+
+def test_the_flag_replay_variant_turns_the_replay_on_in_the_url_only(continuity):
+    url = "postgresql+psycopg2://app:secret@127.0.0.1:5432/notes"
+    assert continuity.engine_options("flag_replay") == {}
+    flagged = make_url(continuity.variant_url(url, "flag_replay"))
+    assert flagged.query["plugin"] == "dropsafe"
+    assert policy_from_query(flagged.query).pool.replay_transaction is True
+    plain_flag = make_url(continuity.variant_url(url, "flag"))
+    assert policy_from_query(plain_flag.query).pool.replay_transaction is False
