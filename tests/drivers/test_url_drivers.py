@@ -166,7 +166,7 @@ def test_a_hardened_engine_says_so_once_and_can_be_asked(caplog, make):
     assert SECRET not in caplog.text
     assert "app:***@127.0.0.1:1/app" in line
     assert f"(driver {engine.dialect.driver})" in line
-    assert "tcp_user_timeout=10" in line
+    assert "tcp_user_timeout=4" in line
     policy = dropsafe.policy_of(engine)
     assert policy is not None
     assert f"deadline={policy.unit.deadline:g}" in line

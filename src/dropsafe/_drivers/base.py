@@ -10,7 +10,7 @@ import enum
 import functools
 import sys
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from sqlalchemy.engine import AdaptedConnection
 from sqlalchemy.util import concurrency as _sa_concurrency
@@ -87,6 +87,9 @@ class Capabilities:
     #: Whether the driver can send several statements before reading replies (libpq's
     #: pipeline mode). Not used yet: issue 28 (BEGIN and the xid mark in one flight).
     pipelines: bool = False
+    #: Whether a sync connection's ROLLBACK can be sent now and its reply read before the
+    #: connection's next use (`Driver.send_rollback`, `Driver.settle_rollback`).
+    defers_rollback: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,26 @@ class Driver:
         """
         del dbapi_connection
         return None
+
+    def send_rollback(
+        self,
+        dbapi_connection: DBAPIConnection,
+        during: Literal["rollback", "reset"],
+        timeout: float,
+        report: Callable[[Literal["rollback", "reset"], BaseException], None],
+    ) -> bool:
+        """Send ROLLBACK without waiting for its reply; False: nothing sent, roll back as usual.
+
+        Only where `Capabilities.defers_rollback` says so. The reply is read before the
+        connection's next use, bounded by ``timeout``; a failure closes the connection and is
+        given to ``report`` (``during``: whose ROLLBACK it was).
+        """
+        del dbapi_connection, during, timeout, report
+        return False
+
+    def settle_rollback(self, native: DBAPIConnection) -> None:
+        """Read the reply of a ROLLBACK `send_rollback` sent, if one is due; raise if it failed."""
+        del native
 
     def gone(self, dbapi_connection: DBAPIConnection) -> bool | None:
         """Whether the driver has found the connection lost (closed under it); None if unknown.

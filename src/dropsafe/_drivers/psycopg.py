@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from sqlalchemy.engine import AdaptedConnection
 
 from dropsafe._classify import DriverErrors, ErrorKind
-from dropsafe._drivers import libpq
+from dropsafe._drivers import libpq, psycopg_rollback
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
@@ -18,6 +18,9 @@ from dropsafe._drivers.base import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dropsafe._dbapi import NativeConnection
     from dropsafe._drivers.base import ConnectArgs
     from dropsafe._policy import ConnectionPolicy
 
@@ -47,7 +50,8 @@ class Psycopg(libpq.Libpq):
         ),
         failover_messages=libpq.FAILOVER_MESSAGES,
     )
-    capabilities = Capabilities(pipelines=True)  # libpq 14's pipeline mode
+    # libpq 14's pipeline mode; a ROLLBACK sent beneath psycopg, its reply read later.
+    capabilities = Capabilities(pipelines=True, defers_rollback=True)
     tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
 
     def connect_defaults(
@@ -75,6 +79,18 @@ class Psycopg(libpq.Libpq):
         if idle is None:
             return None
         return bool(native.info.transaction_status == idle)
+
+    def send_rollback(
+        self,
+        dbapi_connection: DBAPIConnection,
+        during: Literal["rollback", "reset"],
+        timeout: float,
+        report: Callable[[Literal["rollback", "reset"], BaseException], None],
+    ) -> bool:
+        return psycopg_rollback.send_rollback(dbapi_connection, during, timeout, report)
+
+    def settle_rollback(self, native: NativeConnection) -> None:
+        psycopg_rollback.settle(native)
 
     def gone(self, dbapi_connection: DBAPIConnection) -> bool | None:
         native = driver_connection(dbapi_connection)

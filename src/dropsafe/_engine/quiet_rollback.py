@@ -7,10 +7,10 @@ called it; or the Connection, found in the frames that called it) and emits
 never touched. Why a dialect method and not an event, and what that costs: docs/guarantees.md,
 "A ROLLBACK on a lost connection is not an error".
 
-On psycopg 3 (sync) the ROLLBACK is not awaited (``PoolPolicy.defer_checkin_rollback``): it is
-sent at once and its reply read before the connection's next use, whoever makes it: the next
-checkout (`settle`, from the checkout check), or psycopg itself (every operation of a psycopg
-connection goes through its ``wait``, which is shadowed until the reply is read). A request
+Where the driver can (`Capabilities.defers_rollback`: psycopg 3, sync), the ROLLBACK is not
+awaited (``PoolPolicy.defer_checkin_rollback``): it is sent at once and its reply read before
+the connection's next use, whoever makes it: the next checkout (`settle`, from the checkout
+check), or the driver itself (`dropsafe._drivers.psycopg_rollback`). A request
 that ends with a ROLLBACK then does not wait for it. A reply that is an error, late past
 ``ping_timeout``, or read in another process than the one that sent it closes the connection:
 at checkout it is replaced like any dead one, never shown to the request.
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
-import select
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._classify import ErrorKind, classify
 from dropsafe._dbapi import ask
+from dropsafe._drivers import driver_for, is_supported
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
@@ -59,9 +58,16 @@ class QuietRollback:
     ) -> None:
         self._hooks = hooks
         self._dialect = dialect
-        # psycopg 3's sync connection only: the one whose protocol state the library can send
-        # a query beneath, and whose every later use passes one shadowable method (wait).
-        self._defer = defer and dialect.driver == "psycopg" and not dialect.is_async
+        # A sync connection of a driver that can send a ROLLBACK beneath itself (psycopg 3:
+        # `Capabilities.defers_rollback`); SQLAlchemy's async adapters track their own state.
+        driver = driver_for(dialect) if is_supported(str(dialect.driver)) else None
+        self._driver = driver
+        self._defer = (
+            defer
+            and driver is not None
+            and driver.capabilities.defers_rollback
+            and not dialect.is_async
+        )
         self._settle_timeout = settle_timeout
 
     @property
@@ -76,7 +82,8 @@ class QuietRollback:
         is what runs inside.
         """
         original: Callable[[Any], None] = self._dialect.do_rollback
-        defer = self._defer
+        send_rollback = self._driver.send_rollback if self._driver is not None else None
+        defer = self._defer and send_rollback is not None
         timeout = self._settle_timeout
         report = self._report
 
@@ -89,7 +96,8 @@ class QuietRollback:
                 if not (
                     defer
                     and (during := _ending(caller))
-                    and _send_rollback(dbapi_connection, during, timeout, report)
+                    and send_rollback is not None
+                    and send_rollback(dbapi_connection, during, timeout, report)
                 ):
                     original(dbapi_connection)
             except Exception as exc:
@@ -135,9 +143,8 @@ class QuietRollback:
         Called by the checkout check before anything else looks at the connection; a raise
         means the connection is closed and must be replaced.
         """
-        shadow = native.__dict__.get("wait")  # _pending(), inlined: at every checkout
-        if shadow.__class__ is _PendingRollback:
-            shadow.settle()
+        if self._driver is not None:
+            self._driver.settle_rollback(native)
 
     def _report(self, during: Literal["rollback", "reset"], error: BaseException) -> None:
         """Say that a ROLLBACK not awaited failed; its connection is closed, as if lost."""
@@ -182,7 +189,7 @@ def _rolling_back(proxied: PoolProxiedConnection, caller: FrameType | None) -> C
     return None
 
 
-# -- psycopg 3: a ROLLBACK sent now, its reply read before the connection's next use --------
+# -- when a ROLLBACK may go unawaited: its connection is checked in right after it --------
 
 
 #: Frames between do_rollback and what called a Connection's closing ROLLBACK (SQLAlchemy 2:
@@ -249,126 +256,3 @@ def _ends_connection(rollback_impl: FrameType) -> bool:
     if closer.f_code is connection_close:
         return True
     return closer.f_code is session_close and closer.f_locals.get("autoclose") is True
-
-
-def _pending(native: object) -> _PendingRollback | None:
-    """Return the ROLLBACK a psycopg connection still owes a reply to, or None."""
-    shadow = getattr(native, "__dict__", _NOTHING).get("wait")
-    return shadow if shadow.__class__ is _PendingRollback else None
-
-
-_NOTHING: dict[str, object] = {}
-
-
-@functools.cache
-def _psycopg() -> tuple[Any, int, int, int]:
-    """Psycopg's sync Connection class and the transaction states: looked up once."""
-    import psycopg
-
-    states = psycopg.pq.TransactionStatus
-    return psycopg.Connection, int(states.IDLE), int(states.INTRANS), int(states.INERROR)
-
-
-def _send_rollback(
-    proxied: DBAPIConnection,
-    during: Literal["rollback", "reset"],
-    timeout: float,
-    report: Callable[[Literal["rollback", "reset"], BaseException], None],
-) -> bool:
-    """Send ROLLBACK on a psycopg 3 connection without waiting; False: run psycopg's own.
-
-    What psycopg's own rollback() would refuse or do more of (a transaction() block, two-phase
-    commit, pipeline mode) and any state it would not send ROLLBACK in is left to it. This
-    runs at every request's end: attribute reads, no lookups by name.
-    """
-    native: Any = getattr(proxied, "dbapi_connection", proxied)
-    connection_class, idle, in_transaction, in_error = _psycopg()
-    if type(native) is not connection_class or _left_to_psycopg(native):
-        return False
-    shadows = native.__dict__
-    if shadows.get("wait").__class__ is _PendingRollback:
-        # A ROLLBACK is on its way and nothing was sent since (anything would have read its
-        # reply first): the transaction is ending already, as the pool's reset after a
-        # Session's close finds it.
-        return True
-    pgconn = native.pgconn
-    status = pgconn.transaction_status
-    if status == idle:
-        return True  # psycopg's own sends nothing either
-    if status != in_transaction and status != in_error:  # noqa: PLR1714 - ints, no set built
-        return False
-    if select.select((pgconn.socket,), (), (), 0)[0]:
-        # The server spoke since the last reply (an error, its goodbye, a notice): psycopg's
-        # own ROLLBACK reads it now, and a lost connection is absorbed here, as before.
-        return False
-    pgconn.send_query(b"ROLLBACK")
-    # Shadowed before the flush: from here on, the reply is read before any other use.
-    shadows["wait"] = _PendingRollback(native, timeout, during, report)
-    if pgconn.flush():  # not all sent yet (a nonblocking socket that is full): finish it
-        try:
-            connection_class.wait(native, sys.modules["psycopg"].generators.send(pgconn))
-        except BaseException:
-            shadows.pop("wait", None)  # no reply will come: the error says why, as psycopg's
-            raise
-    return True
-
-
-def _left_to_psycopg(native: Any) -> bool:  # noqa: ANN401 - a psycopg Connection
-    """Whether psycopg's own rollback() must run: a transaction() block, 2PC, pipeline mode."""
-    try:  # psycopg's own state (3.1 to 3.3): a version without it keeps psycopg's rollback
-        return bool(native._num_transactions or native._tpc or native._pipeline)  # noqa: SLF001
-    except AttributeError:
-        return True
-
-
-class _PendingRollback:
-    """Stands in for a psycopg connection's ``wait`` until its ROLLBACK's reply is read."""
-
-    __slots__ = ("_connection", "_pid", "_report", "_timeout", "during")
-
-    def __init__(
-        self,
-        connection: Any,  # noqa: ANN401 - psycopg's Connection
-        timeout: float,
-        during: Literal["rollback", "reset"],
-        report: Callable[[Literal["rollback", "reset"], BaseException], None],
-    ) -> None:
-        self._connection = connection
-        self._timeout = timeout
-        #: Says a failure (the event and the log line), whoever reads the reply.
-        self._report = report
-        #: Whose ROLLBACK it is: a Connection's, or the pool's reset at checkin.
-        self.during = during
-        # A forked child shares the socket: the reply is the parent's to read, never its own.
-        self._pid = os.getpid()
-
-    def __call__(self, gen: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg's
-        """Run psycopg's wait after reading the ROLLBACK's reply: the next use comes here."""
-        self.settle()
-        return type(self._connection).wait(self._connection, gen, *args, **kwargs)
-
-    def settle(self) -> None:
-        """Read the ROLLBACK's reply (psycopg's own rollback, its second half); close on failure."""
-        psycopg = sys.modules["psycopg"]
-        connection = self._connection
-        vars(connection).pop("wait", None)
-        try:
-            if os.getpid() != self._pid:
-                msg = "a ROLLBACK sent by another process is still unanswered here"
-                raise psycopg.OperationalError(msg)  # noqa: TRY301 - closed below, as any failure
-            results = type(connection).wait(
-                connection, psycopg.generators.fetch_many(connection.pgconn), timeout=self._timeout
-            )
-            for result in results:
-                if result.status == psycopg.pq.ExecStatus.FATAL_ERROR:
-                    raise psycopg.errors.error_from_result(result)  # noqa: TRY301
-            # As psycopg's rollback(): statements prepared in the transaction are forgotten.
-            prepared = connection._prepared  # noqa: SLF001 - psycopg's own second half
-            if prepared.clear():
-                type(connection).wait(connection, prepared.maintain_gen(connection))
-        except BaseException as exc:
-            # Its protocol state is unknown: closed, so that nothing is sent on it again (in a
-            # forked child the pool closes it anyway when it replaces it).
-            connection.close()
-            self._report(self.during, exc)
-            raise
