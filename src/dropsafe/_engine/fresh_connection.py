@@ -79,13 +79,42 @@ class FreshConnections:
     ) -> DBAPICursor | None:
         """Put a fresh connection under ``connection``, keeping its Transaction; a new cursor.
 
-        Raises ``error`` when that cannot be done, and returns None when the fresh connection,
-        after its ``connect`` and ``checkout`` listeners, is not in ``lost_state`` (the lost
-        one's session state): the Connection is then invalidated, as after any lost
-        connection, and its Transaction must be rolled back.
+        Raises ``error`` when that cannot be done, and returns None when the fresh connection
+        is not in ``lost_state`` (`take`).
         """
-        if not hasattr(connection, "_dbapi_connection") or not hasattr(
-            context, "_dbapi_connection"
+        fresh = self.take(connection, context, error, lost_state, changes=changes)
+        if fresh is None:
+            return None
+        # The private part (see the module doc): the Connection and the execution context now
+        # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
+        switch_connection(connection, context, fresh)
+        # The lost connection's cursor is closed first: psycopg 3 warns of a server-side
+        # cursor (stream_results) deleted while open. Its connection is gone: errors are moot.
+        with contextlib.suppress(Exception):
+            context.cursor.close()
+        cursor = context.create_cursor()
+        context.cursor = cursor  # documented; set as SQLAlchemy's FAQ recipe does
+        return cursor
+
+    def take(
+        self,
+        connection: Connection,
+        context: ExecutionContext | None,
+        error: Exception,
+        lost_state: tuple[object, ...],
+        *,
+        changes: bool,
+    ) -> PoolProxiedConnection | None:
+        """Invalidate ``connection``'s lost connection; a fresh one in ``lost_state``, or None.
+
+        Raises ``error`` when none can be had, and returns None when the fresh connection,
+        after its ``connect`` and ``checkout`` listeners, is not in ``lost_state`` (the lost
+        one's session state): it is then left closed under the Connection (`leave_dead`),
+        which SQLAlchemy invalidates as after any lost connection; its Transaction must be
+        rolled back. ``context`` is None at a COMMIT.
+        """
+        if not hasattr(connection, "_dbapi_connection") or (
+            context is not None and not hasattr(context, "_dbapi_connection")
         ):
             raise error
         # Public: closes the lost connection and checks its pool entry back in (so a pool of
@@ -105,7 +134,7 @@ class FreshConnections:
             logger.debug("dropsafe could not set up a fresh connection", exc_info=True)
             given = False
         if not given:
-            fresh.close()  # its characteristics are reset as it goes back to the pool
+            self.leave_dead(connection, context, fresh, error)
             raise error
         native = None if self._driver is None else self._driver.native(fresh.dbapi_connection)
         fresh_state = (
@@ -122,27 +151,40 @@ class FreshConnections:
                 "dropsafe will not replay this first statement: the pool's connection for it "
                 "has run statements that may have changed its session state"
             )
-            fresh.close()
+            self.leave_dead(connection, context, fresh, error)
             return None
         if session_differs(lost_state, fresh_state):
             logger.debug(
                 "dropsafe will not replay this first statement: a fresh connection would "
                 "run it with other transaction characteristics or session parameters"
             )
-            fresh.close()  # back to the pool, as any connection the app is done with
+            self.leave_dead(connection, context, fresh, error)
             return None
         if changes:
             mark_connection(fresh.driver_connection, changes=True)
-        # The private part (see the module doc): the Connection and the execution context now
-        # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
+        return fresh
+
+    def leave_dead(
+        self,
+        connection: Connection,
+        context: ExecutionContext | None,
+        fresh: PoolProxiedConnection,
+        error: Exception,
+    ) -> None:
+        """Leave ``fresh`` closed under ``connection``: SQLAlchemy invalidates it as the lost one.
+
+        The original ``error`` is about to be raised. SQLAlchemy invalidates the Connection's
+        connection, and the whole pool if the app's ``handle_error`` listeners ask for it
+        (``invalidate_pool_on_disconnect``), only when the Connection is not invalidated
+        already: the lost one is, so a connection is put back under it. Closed, nothing of a
+        replay on it can commit (the server ends its transaction with it).
+        """
         switch_connection(connection, context, fresh)
-        # The lost connection's cursor is closed first: psycopg 3 warns of a server-side
-        # cursor (stream_results) deleted while open. Its connection is gone: errors are moot.
-        with contextlib.suppress(Exception):
-            context.cursor.close()
-        cursor = context.create_cursor()
-        context.cursor = cursor  # documented; set as SQLAlchemy's FAQ recipe does
-        return cursor
+        try:
+            fresh.dbapi_connection.close()  # type: ignore[union-attr] # a checkout has one
+        except Exception:  # the error to raise is the original; the Connection still must end
+            logger.debug("dropsafe could not close a fresh connection", exc_info=True)
+            connection.invalidate(error)
 
 
 # A replay waits this long at most for a lock (milliseconds): the old backend of a connection

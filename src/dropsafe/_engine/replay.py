@@ -24,6 +24,7 @@ from dropsafe._engine.replay_refusals import (
 )
 from dropsafe._engine.session_state import mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript
+from dropsafe._engine.unsent_commit import UnsentCommit
 from dropsafe._engine_state import Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -89,6 +90,12 @@ class FirstStatementReplay:
             int(policy.replay_max_statements),
             int(policy.replay_max_rows),
             int(policy.replay_max_bytes),
+        )
+        # A COMMIT about to go on a connection known gone: the transaction is done elsewhere.
+        self._commits = (
+            None
+            if not self._records or self._driver is None
+            else UnsentCommit(dialect, self._driver, self._fresh, hooks, self._transcript_of)
         )
 
     @property
@@ -167,6 +174,8 @@ class FirstStatementReplay:
             do_execute_no_params=do_execute_no_params,
             do_executemany=do_executemany,
         )
+        if self._commits is not None:
+            self._commits.wrap_commit()
 
     # -- sending, and sending again -------------------------------------------------------------
 
@@ -294,6 +303,8 @@ class FirstStatementReplay:
         transcript = Transcript(native, fd, self._caps)
         self._transcripts[transaction] = transcript
         if refusal is None:
+            if self._commits is not None:
+                self._commits.note(checkout, connection)
             self._record(transcript, context, statement, send)
         else:
             transcript.refuse(refusal)
@@ -393,10 +404,12 @@ class FirstStatementReplay:
             logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
             difference = f"the replay failed: {describe_error(again)}"
         if difference is not None:
-            connection.invalidate(error)  # the fresh connection, and the replay with it
+            self._fresh.leave_dead(connection, context, fresh, error)  # the replay with it
             refused(difference, "failed")
             raise error
         mark_connection(fresh.driver_connection, changes=False)
+        if self._commits is not None:
+            self._commits.note(fresh, connection)
         driver = self._driver
         transcript.native = None if driver is None else driver.native(fresh.dbapi_connection)
         transcript.fd = (
