@@ -10,7 +10,7 @@ replayed, once". The session-state proof: `dropsafe._engine.session_state`.
 from __future__ import annotations
 
 import weakref
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections, replay_bounded
@@ -217,9 +217,11 @@ class FirstStatementReplay:
                     )
                 send(cursor)
                 return
-            self._send_first(connection, context, send, cursor, pending, changes=changes)
+            replayed = self._send_first(connection, context, send, cursor, pending, changes=changes)
             if self._records:
-                self._begin_transcript(connection, context, statement, send, pending)
+                self._begin_transcript(
+                    connection, context, statement, send, pending, replayed=replayed
+                )
         finally:
             # Whether it ran or failed: a session advisory lock outlives the failed transaction
             # that took it. (A replay marks its fresh connection itself.)
@@ -234,10 +236,11 @@ class FirstStatementReplay:
         pending: Unsent,
         *,
         changes: bool,
-    ) -> None:
+    ) -> bool:
         """Send a first statement that may be replayed; replay it if its connection is lost.
 
-        ``changes``: whether the statement may change its connection's session state.
+        ``changes``: whether the statement may change its connection's session state. Returns
+        whether it was replayed (on a fresh connection).
         """
         try:
             send(cursor)
@@ -263,6 +266,8 @@ class FirstStatementReplay:
                 raise
             logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
             emit(self._hooks, FirstStatementReplayed(text))
+            return True
+        return False
 
     # -- the transaction past its first statement ---------------------------------------------
 
@@ -279,9 +284,10 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
         pending: Unsent,
         *,
+        replayed: bool = False,
         refusal: str | None = None,
     ) -> None:
-        """Start recording the transaction whose first statement was just sent (or replayed).
+        """Start recording the transaction whose first statement was just sent (or ``replayed``).
 
         With a ``refusal``, before it is sent: nothing is recorded, the reason is kept.
         """
@@ -294,7 +300,7 @@ class FirstStatementReplay:
             refusal = f"behind a pooler (ConnectionPolicy.pooler={policy.connection.pooler!r})"
         checkout = connection.connection
         native, fd = pending.native, pending.fd  # read at checkout, unless since replayed
-        if native is not driver.native(checkout.dbapi_connection):
+        if replayed:
             native = driver.native(checkout.dbapi_connection)
             fd = None if native is None else socket_fd_of(driver, native)
         transaction = connection.get_transaction()
@@ -323,9 +329,8 @@ class FirstStatementReplay:
             return
         reader = transcript.record(send, context.cursor, _size(statement, context))
         if reader is not None:
-            context.cursor = cast(
-                "DBAPICursor", reader
-            )  # documented; what SQLAlchemy reads the result from
+            # Documented; what SQLAlchemy reads the result from (no cast(): a call per statement).
+            context.cursor = reader  # type: ignore[assignment]
             fd = transcript.fd
             transcript.sent_after = None if fd is None else tcp_bytes_sent(fd)
 

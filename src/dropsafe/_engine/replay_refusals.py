@@ -46,8 +46,9 @@ logger = SafeLogger()
 #: The execution option that opts a statement (or a Connection, an engine) out of the replay.
 OPT_OUT = "dropsafe_replay"
 
-# insertmanyvalues (the third style) sends batches on a cursor SQLAlchemy holds itself.
-REPLAYABLE_STYLES = frozenset({ExecuteStyle.EXECUTE, ExecuteStyle.EXECUTEMANY})
+# insertmanyvalues (the third style) sends batches on a cursor SQLAlchemy holds itself. Told
+# by identity, not a set: an Enum's hash is a Python call, paid at every recorded statement.
+_EXECUTE, _EXECUTEMANY = ExecuteStyle.EXECUTE, ExecuteStyle.EXECUTEMANY
 
 
 def timed_out(error: BaseException) -> bool:
@@ -91,7 +92,7 @@ def statement_refusal(context: ExecutionContext, statement: str) -> str | None:
     if options.get("stream_results") or options.get("yield_per"):
         return "a server-side cursor (stream_results): its rows are read as the app goes"
     style = getattr(context, "execute_style", None)
-    if style not in REPLAYABLE_STYLES:
+    if style is not _EXECUTE and style is not _EXECUTEMANY:
         return f"execute style {getattr(style, 'name', style)}"
     return refusal_of_text(statement)
 
@@ -130,7 +131,7 @@ class ReplayRefusals:
         style = getattr(context, "execute_style", None)
         if context.execution_options.get(OPT_OUT, True) is False:  # other values: _check_opt_out
             reason = f"{OPT_OUT}=False"
-        elif style not in REPLAYABLE_STYLES:
+        elif style is not _EXECUTE and style is not _EXECUTEMANY:
             reason = f"execute style {getattr(style, 'name', style)}"
         elif ";" in statement.strip().rstrip(";"):
             # Several statements in one string may hold a COMMIT of their own.
