@@ -39,9 +39,11 @@ def set_pool_creator(pool: Pool, creator: Callable[..., DBAPIConnection]) -> Non
 
 
 def switch_connection(
-    connection: Connection, context: ExecutionContext, fresh: PoolProxiedConnection
+    connection: Connection, context: ExecutionContext | None, fresh: PoolProxiedConnection
 ) -> None:
     """Put ``fresh`` under ``connection`` and its execution ``context``, their Transaction kept.
+
+    No ``context`` at a COMMIT (the dialect's ``do_commit``): the Connection's alone.
 
     No public API replaces the connection under an open ``Transaction``: ``invalidate()``
     makes its next use raise ``PendingRollbackError``. ``Connection._dbapi_connection`` is the
@@ -50,4 +52,5 @@ def switch_connection(
     where a SQLAlchemy lacks either, it does not replay.
     """
     connection._dbapi_connection = fresh
-    context._dbapi_connection = fresh  # type: ignore[attr-defined] # on its default class only
+    if context is not None:
+        context._dbapi_connection = fresh  # type: ignore[attr-defined] # its default class only

@@ -192,6 +192,9 @@ def test_no_import_circle():
 
 def test_the_rule_catches_a_wing_importing_the_other():
     assert part_of("dropsafe._engine.replay") == ENGINE_WING
+    assert part_of("dropsafe._engine.replay_refusals") == ENGINE_WING
+    assert part_of("dropsafe._engine.fresh_connection") == ENGINE_WING
+    assert part_of("dropsafe._engine.unsent_commit") == ENGINE_WING
     assert part_of("dropsafe._unit.recording") == UNIT_WING
     assert RANKS[ENGINE_WING] == RANKS[UNIT_WING]
     assert part_of("dropsafe._nowhere") is None

@@ -24,8 +24,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import dropsafe
 from dropsafe._drivers import driver_names
+from dropsafe._engine.fresh_connection import REPLAY_LOCK_TIMEOUT_MS
 from dropsafe._engine.guard import guard_of
-from dropsafe._engine.replay import REPLAY_LOCK_TIMEOUT_MS
 from dropsafe._engine.transcript import rows_digest
 from dropsafe._engine.url_plugin import policy_from_query
 from dropsafe.events import TransactionReplayed

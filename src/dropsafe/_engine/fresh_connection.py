@@ -1,0 +1,213 @@
+"""Putting a fresh connection under a SQLAlchemy Connection whose own was lost.
+
+The fresh connection must be in the lost one's session state (`dropsafe._engine.session_state`
+proves it) before a replay sends anything on it; the Connection's Transaction, and the ORM's,
+stay as they are (`dropsafe._sqlalchemy_private.switch_connection`). A replay's lock waits are
+bounded here too. Why that is safe: docs/guarantees.md, "A transaction's first statement is
+replayed, once".
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING
+
+from dropsafe._engine.session_state import (
+    give_characteristics,
+    mark_connection,
+    session_changed,
+    session_differs,
+    session_used,
+    snapshot,
+)
+from dropsafe._log import SafeLogger
+from dropsafe._sqlalchemy_private import switch_connection
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Dialect, ExecutionContext
+    from sqlalchemy.pool import PoolProxiedConnection
+
+    from dropsafe._dbapi import DBAPICursor, NativeConnection
+    from dropsafe._drivers.base import Driver
+    from dropsafe._engine.transcript import Transcript
+    from dropsafe._engine_state import EngineState
+
+__all__ = ["REPLAY_LOCK_TIMEOUT_MS", "FreshConnections", "replay_bounded"]
+
+logger = SafeLogger()
+
+
+class FreshConnections:
+    """Takes one engine's fresh connections for its replays, in the lost ones' session state."""
+
+    def __init__(self, dialect: Dialect, driver: Driver | None, state: EngineState) -> None:
+        self._dialect = dialect
+        self._driver = driver
+        self._state = state
+
+    def session_of_lost(
+        self, checkout: PoolProxiedConnection, native: NativeConnection
+    ) -> tuple[object, ...] | None:
+        """Return the lost connection's session state as far as it is known; None if unknowable.
+
+        Unknowable once any statement since its connect may have changed it: an earlier
+        checkout's ``SET search_path`` (its transaction committed) is still on the connection
+        a later checkout gets, and would not be on a fresh one.
+        """
+        if session_changed(checkout.driver_connection):
+            logger.debug(
+                "dropsafe will not replay this first statement: a statement since its "
+                "connection was made may have changed the session's state"
+            )
+            return None
+        state = None if self._driver is None else snapshot(self._driver, native)
+        if state is None:
+            logger.debug(
+                "dropsafe will not replay this first statement: its connection's "
+                "transaction characteristics are unknown"
+            )
+        return state
+
+    def reconnect(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        error: Exception,
+        lost_state: tuple[object, ...],
+        *,
+        changes: bool,
+    ) -> DBAPICursor | None:
+        """Put a fresh connection under ``connection``, keeping its Transaction; a new cursor.
+
+        Raises ``error`` when that cannot be done, and returns None when the fresh connection
+        is not in ``lost_state`` (`take`).
+        """
+        fresh = self.take(connection, context, error, lost_state, changes=changes)
+        if fresh is None:
+            return None
+        # The private part (see the module doc): the Connection and the execution context now
+        # use the fresh checkout; the Connection's Transaction, and the ORM's, are untouched.
+        switch_connection(connection, context, fresh)
+        # The lost connection's cursor is closed first: psycopg 3 warns of a server-side
+        # cursor (stream_results) deleted while open. Its connection is gone: errors are moot.
+        with contextlib.suppress(Exception):
+            context.cursor.close()
+        cursor = context.create_cursor()
+        context.cursor = cursor  # documented; set as SQLAlchemy's FAQ recipe does
+        return cursor
+
+    def take(
+        self,
+        connection: Connection,
+        context: ExecutionContext | None,
+        error: Exception,
+        lost_state: tuple[object, ...],
+        *,
+        changes: bool,
+    ) -> PoolProxiedConnection | None:
+        """Invalidate ``connection``'s lost connection; a fresh one in ``lost_state``, or None.
+
+        Raises ``error`` when none can be had, and returns None when the fresh connection,
+        after its ``connect`` and ``checkout`` listeners, is not in ``lost_state`` (the lost
+        one's session state): it is then left closed under the Connection (`leave_dead`),
+        which SQLAlchemy invalidates as after any lost connection; its Transaction must be
+        rolled back. ``context`` is None at a COMMIT.
+        """
+        if not hasattr(connection, "_dbapi_connection") or (
+            context is not None and not hasattr(context, "_dbapi_connection")
+        ):
+            raise error
+        # Public: closes the lost connection and checks its pool entry back in (so a pool of
+        # one can hand it out again, reconnected); the Transaction stays open.
+        connection.invalidate(error)
+        try:
+            fresh = connection.engine.raw_connection()
+        except Exception:  # the lost connection's error is the one to raise
+            logger.debug("dropsafe found no fresh connection to replay on", exc_info=True)
+            fresh = None
+        if fresh is None:
+            raise error
+        self._state.first_statement_sent(fresh)  # the replay is its first statement
+        try:
+            given = give_characteristics(self._dialect, connection, fresh)
+        except Exception:  # the lost connection's error is the one to raise
+            logger.debug("dropsafe could not set up a fresh connection", exc_info=True)
+            given = False
+        if not given:
+            self.leave_dead(connection, context, fresh, error)
+            raise error
+        native = None if self._driver is None else self._driver.native(fresh.dbapi_connection)
+        fresh_state = (
+            None if native is None or self._driver is None else snapshot(self._driver, native)
+        )
+        # The pool may hand out another pooled connection, not a new one: what its own
+        # checkouts set on it counts as the lost one's would. A statement the whitelist does not
+        # admit may read its sequence state (currval, lastval), which no whitelisted statement
+        # marks: such a statement is replayed only on a connection that has run nothing.
+        if session_changed(fresh.driver_connection) or (
+            changes and session_used(fresh.driver_connection)
+        ):
+            logger.debug(
+                "dropsafe will not replay this first statement: the pool's connection for it "
+                "has run statements that may have changed its session state"
+            )
+            self.leave_dead(connection, context, fresh, error)
+            return None
+        if session_differs(lost_state, fresh_state):
+            logger.debug(
+                "dropsafe will not replay this first statement: a fresh connection would "
+                "run it with other transaction characteristics or session parameters"
+            )
+            self.leave_dead(connection, context, fresh, error)
+            return None
+        if changes:
+            mark_connection(fresh.driver_connection, changes=True)
+        return fresh
+
+    def leave_dead(
+        self,
+        connection: Connection,
+        context: ExecutionContext | None,
+        fresh: PoolProxiedConnection,
+        error: Exception,
+    ) -> None:
+        """Leave ``fresh`` closed under ``connection``: SQLAlchemy invalidates it as the lost one.
+
+        The original ``error`` is about to be raised. SQLAlchemy invalidates the Connection's
+        connection, and the whole pool if the app's ``handle_error`` listeners ask for it
+        (``invalidate_pool_on_disconnect``), only when the Connection is not invalidated
+        already: the lost one is, so a connection is put back under it. Closed, nothing of a
+        replay on it can commit (the server ends its transaction with it).
+        """
+        switch_connection(connection, context, fresh)
+        try:
+            fresh.dbapi_connection.close()  # type: ignore[union-attr] # a checkout has one
+        except Exception:  # the error to raise is the original; the Connection still must end
+            logger.debug("dropsafe could not close a fresh connection", exc_info=True)
+            connection.invalidate(error)
+
+
+# A replay waits this long at most for a lock (milliseconds): the old backend of a connection
+# lost to a cut the server did not see may hold the transaction's locks until it notices.
+REPLAY_LOCK_TIMEOUT_MS = 2000
+
+
+def replay_bounded(transcript: Transcript, fresh: PoolProxiedConnection) -> str | None:
+    """Replay ``transcript`` on ``fresh``, its lock waits bounded; the difference, or None.
+
+    Two round trips more, on the replay only: the transaction's lock_timeout is set for the
+    replay, then put back to what it was, before the app's statement goes on.
+    """
+    cursor = fresh.cursor()
+    cursor.execute(
+        "SELECT current_setting('lock_timeout'), "
+        f"set_config('lock_timeout', '{REPLAY_LOCK_TIMEOUT_MS}', true)"
+    )
+    (before, _), *_ = cursor.fetchall()
+    difference = transcript.replay_onto(fresh.cursor)
+    if difference is None:
+        quoted = str(before).replace("'", "''")  # the server's own value
+        cursor.execute(f"SELECT set_config('lock_timeout', '{quoted}', true)")
+        cursor.fetchall()
+    cursor.close()
+    return difference

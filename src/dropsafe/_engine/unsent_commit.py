@@ -1,0 +1,148 @@
+"""A COMMIT about to go on a connection known gone: replay the transaction, commit it elsewhere.
+
+Before the COMMIT is sent, the connection's socket is looked at (no round trip): the server's
+goodbye and its close already arrived (a terminated backend, a restart), or asyncpg's goodbye
+watch saw them. The backend has then exited: nothing it was sent after can commit, so the
+transaction certainly did not. The COMMIT is still sent (it fails at once, with the driver's
+own error: the one raised if the replay cannot be done), then the recorded transaction is
+replayed on a fresh connection under the same verified rules, and committed there. Never when
+the connection looked alive before the COMMIT left: its bytes may have reached the server, and
+whether it committed is then unknown (not this module's to guess). docs/guarantees.md, "A
+transaction lost before its COMMIT is replayed".
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Literal
+
+from dropsafe._drivers.base import Health
+from dropsafe._engine.fresh_connection import replay_bounded
+from dropsafe._engine.session_state import mark_connection
+from dropsafe._hooks import emit
+from dropsafe._log import SafeLogger
+from dropsafe._redaction import describe_error
+from dropsafe._sqlalchemy_private import switch_connection
+from dropsafe.events import TransactionReplayed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Connection, Dialect
+    from sqlalchemy.pool import PoolProxiedConnection
+
+    from dropsafe._drivers.base import Driver
+    from dropsafe._engine.fresh_connection import FreshConnections
+    from dropsafe._engine.transcript import Transcript
+    from dropsafe.events import Hook
+
+__all__ = ["UnsentCommit"]
+
+logger = SafeLogger()
+
+
+class UnsentCommit:
+    """Wraps one engine's ``do_commit``: a COMMIT on a connection known gone is done elsewhere."""
+
+    def __init__(
+        self,
+        dialect: Dialect,
+        driver: Driver,
+        fresh: FreshConnections,
+        hooks: tuple[Hook, ...],
+        transcript_of: Callable[[Connection], Transcript | None],
+    ) -> None:
+        self._dialect = dialect
+        self._driver = driver
+        self._fresh = fresh
+        self._hooks = hooks
+        self._transcript_of = transcript_of
+        # Each recorded checkout's Connection (do_commit is given the checkout alone); weak
+        # both ways, gone with the checkout.
+        self._connections: weakref.WeakKeyDictionary[object, weakref.ref[Connection]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def note(self, checkout: PoolProxiedConnection, connection: Connection) -> None:
+        """Remember which Connection ``checkout`` runs under (a transaction is recorded)."""
+        self._connections[checkout] = weakref.ref(connection)
+
+    def wrap_commit(self) -> None:
+        """Put a ``do_commit`` on this engine's dialect instance (as replay's ``do_execute``)."""
+        dialect = self._dialect
+        commit = dialect.do_commit
+
+        def do_commit(dbapi_connection: PoolProxiedConnection) -> None:
+            found = self._connections.get(dbapi_connection)
+            connection = None if found is None else found()
+            transcript = None if connection is None else self._transcript_of(connection)
+            if (
+                connection is None
+                or transcript is None
+                or transcript.refused is not None
+                or not self._gone(dbapi_connection)
+            ):
+                commit(dbapi_connection)
+                return
+            try:
+                commit(dbapi_connection)
+            except Exception as error:  # noqa: BLE001 # gone before the COMMIT left: not committed
+                self._commit_elsewhere(connection, dbapi_connection, error, transcript, commit)
+                return
+            # A COMMIT that succeeded on a connection seen closed: not possible; nothing to do.
+
+        vars(dialect)["do_commit"] = do_commit
+
+    def _gone(self, checkout: PoolProxiedConnection) -> bool:
+        """Whether the socket says the server already closed the connection (no round trip)."""
+        try:
+            return self._driver.probe(checkout.dbapi_connection) is Health.CLOSED
+        except Exception:  # a look that fails proves nothing: the COMMIT goes as usual
+            logger.debug("dropsafe could not look at a connection before COMMIT", exc_info=True)
+            return False
+
+    def _commit_elsewhere(  # the commit's connection, error, record and sender
+        self,
+        connection: Connection,
+        checkout: PoolProxiedConnection,
+        error: Exception,
+        transcript: Transcript,
+        commit: Callable[[PoolProxiedConnection], None],
+    ) -> None:
+        """Replay ``transcript`` on a fresh connection and commit it there; else raise ``error``."""
+        text = describe_error(error)
+        counts = (len(transcript.statements), transcript.rows, transcript.bytes)
+
+        def refused(reason: str, outcome: Literal["refused", "failed"] = "refused") -> None:
+            logger.debug(
+                "dropsafe did not replay a transaction at COMMIT (%s): %s", outcome, reason
+            )
+            emit(self._hooks, TransactionReplayed(text, outcome, *counts, reason=reason))
+
+        lost_state = self._fresh.session_of_lost(checkout, transcript.native)
+        if lost_state is None:
+            refused("the lost connection's session state is unknown")
+            raise error
+        try:
+            fresh = self._fresh.take(connection, None, error, lost_state, changes=False)
+        except Exception:
+            refused("no fresh connection could be set up for it", "failed")
+            raise
+        if fresh is None:
+            refused("a fresh connection would not be in the same session state")
+            raise error
+        switch_connection(connection, None, fresh)
+        try:
+            difference = replay_bounded(transcript, fresh)
+        except Exception as again:  # the original error is the one to raise
+            logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
+            difference = f"the replay failed: {describe_error(again)}"
+        if difference is not None:
+            self._fresh.leave_dead(connection, None, fresh, error)
+            refused(difference, "failed")
+            raise error
+        mark_connection(fresh.driver_connection, changes=False)
+        # This COMMIT's own error, if any, is raised as it is: its bytes were sent.
+        commit(fresh)
+        logger.debug("dropsafe replayed a transaction and committed it elsewhere: %s", text)
+        emit(self._hooks, TransactionReplayed(text, "replayed", *counts))

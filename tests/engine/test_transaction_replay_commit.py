@@ -1,0 +1,165 @@
+"""A COMMIT about to go on a connection already known gone: the transaction is replayed and
+committed on a fresh connection; a COMMIT cut while in flight is never replayed.
+
+The backend is terminated between the transaction's last statement and its COMMIT, and the
+client sees the server's goodbye and close before the COMMIT is sent: the transaction cannot
+have committed. Before, the request failed at COMMIT (about ten per run of
+benchmarks/continuity.py with the transaction replay on). The negative: a COMMIT the server is
+working on (a deferred constraint trigger that sleeps) when its backend is terminated may have
+committed as far as the client knows; it must raise, never be replayed.
+"""
+
+from __future__ import annotations
+
+import select
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+from replay_faults import prepared_server
+
+import dropsafe
+from dropsafe._drivers import driver_names, socket_fd_of
+from dropsafe._engine.guard import guard_of
+from dropsafe.events import TransactionReplayed
+
+pytestmark = pytest.mark.fault
+
+SYNC = driver_names(sync=True, replays=True)
+ASYNC = driver_names(asyncio=True, replays=True)
+INSERT = sa.text("INSERT INTO unsent_commit (v) VALUES (:v)")
+SCHEMA = """
+CREATE TABLE unsent_commit (v int NOT NULL);
+CREATE FUNCTION unsent_commit_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF NEW.v < 0 THEN PERFORM pg_sleep(3); END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER unsent_commit_slow AFTER INSERT ON unsent_commit
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION unsent_commit_slow();
+"""
+COMMIT_RUNNING = "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with prepared_server(SCHEMA) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _empty(server):
+    server.execute("TRUNCATE unsent_commit")
+
+
+def _count(server, v: int) -> int:
+    return int(server.execute(f"SELECT count(*) FROM unsent_commit WHERE v = {v}")[0][0])
+
+
+def _engine(create, server, driver, events):
+    """A hardened engine (sync or async, by ``create``), replay on, a pool of one."""
+    policy = dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(replay_transaction=True), hooks=(events.append,)
+    )
+    return create(server.url(driver), policy=policy, pool_size=1, max_overflow=0)
+
+
+def _outcomes(events):
+    return [(e.outcome, e.reason) for e in events if isinstance(e, TransactionReplayed)]
+
+
+def _goodbye_arrived(sync_engine, dbapi_connection) -> None:
+    """Wait (bounded) until the terminated backend's goodbye is readable on the client."""
+    driver = guard_of(sync_engine).driver
+    fd = socket_fd_of(driver, driver.native(dbapi_connection))
+    assert fd is not None
+    readable, _, _ = select.select([fd], [], [], 10)
+    assert readable, "the server's goodbye never reached the client"
+
+
+def _terminate_all(server) -> None:
+    assert server.terminate_backends() >= 1  # waits until they have exited
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_backend_gone_before_commit_lands_the_write_once(server, driver, disposing):
+    events = []
+    engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
+    with engine.begin() as conn:
+        conn.execute(sa.text("SELECT count(*) FROM unsent_commit")).scalar()
+        conn.execute(INSERT, {"v": 1})
+        _terminate_all(server)
+        _goodbye_arrived(engine, conn.connection.dbapi_connection)
+    assert _count(server, 1) == 1
+    assert _outcomes(events) == [("replayed", None)]
+
+
+@pytest.mark.parametrize("driver", ASYNC)
+async def test_async_a_backend_gone_before_commit_lands_the_write_once(
+    server, driver, disposing_async
+):
+    events = []
+    engine = disposing_async(_engine(dropsafe.create_async_engine, server, driver, events))
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("SELECT count(*) FROM unsent_commit"))
+        await conn.execute(INSERT, {"v": 2})
+        _terminate_all(server)
+        raw = await conn.get_raw_connection()
+        _goodbye_arrived(engine.sync_engine, raw.dbapi_connection)
+    assert _count(server, 2) == 1
+    assert _outcomes(events) == [("replayed", None)]
+
+
+def _terminate_when_commit_runs(server, done: threading.Event) -> threading.Thread:
+    def run() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not done.is_set():
+            pids = server.execute(COMMIT_RUNNING)
+            if pids:
+                server.execute(f"SELECT pg_terminate_backend({int(pids[0][0])})")
+                return
+            time.sleep(0.01)  # polling a condition, with a deadline
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_commit_cut_in_flight_is_never_replayed(server, driver, disposing):
+    events = []
+    engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
+    done = threading.Event()
+    conn = engine.connect()
+    try:
+        conn.execute(sa.text("SELECT count(*) FROM unsent_commit")).scalar()
+        conn.execute(INSERT, {"v": -1})  # its COMMIT sleeps in the deferred trigger
+        killer = _terminate_when_commit_runs(server, done)
+        with pytest.raises(sa.exc.DBAPIError):
+            conn.commit()
+    finally:
+        done.set()
+        conn.close()
+    killer.join(10)
+    assert _count(server, -1) == 0
+    assert [outcome for outcome, _ in _outcomes(events)] == []
+
+
+@pytest.mark.parametrize("driver", ASYNC)
+async def test_async_a_commit_cut_in_flight_is_never_replayed(server, driver, disposing_async):
+    events = []
+    engine = disposing_async(_engine(dropsafe.create_async_engine, server, driver, events))
+    done = threading.Event()
+    conn = await engine.connect()
+    try:
+        await conn.execute(sa.text("SELECT count(*) FROM unsent_commit"))
+        await conn.execute(INSERT, {"v": -2})  # its COMMIT sleeps in the deferred trigger
+        killer = _terminate_when_commit_runs(server, done)
+        with pytest.raises(sa.exc.DBAPIError):
+            await conn.commit()
+    finally:
+        done.set()
+        await conn.close()
+    killer.join(10)
+    assert _count(server, -2) == 0
+    assert [outcome for outcome, _ in _outcomes(events)] == []
