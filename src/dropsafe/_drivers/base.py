@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Capabilities",
     "DBAPIConnection",
+    "DeferredRollback",
     "Driver",
     "Health",
     "Server",
@@ -87,9 +88,21 @@ class Capabilities:
     #: Whether the driver can send several statements before reading replies (libpq's
     #: pipeline mode). Not used yet: issue 28 (BEGIN and the xid mark in one flight).
     pipelines: bool = False
-    #: Whether a sync connection's ROLLBACK can be sent now and its reply read before the
-    #: connection's next use (`Driver.send_rollback`, `Driver.settle_rollback`).
-    defers_rollback: bool = False
+
+
+@dataclass(frozen=True)
+class DeferredRollback:
+    """How a driver sends a sync connection's ROLLBACK now and reads its reply before its next use.
+
+    ``send(dbapi_connection, during, timeout, report)`` sends it; False: nothing sent, roll back
+    as usual. ``settle(native)`` reads a reply that is due (bounded by the ``timeout`` given to
+    ``send``); a failure closes the connection, is given to ``report`` and raised.
+    """
+
+    send: Callable[
+        [DBAPIConnection, Literal["rollback", "reset"], float, Callable[..., None]], bool
+    ]
+    settle: Callable[[DBAPIConnection], None]
 
 
 @dataclass(frozen=True)
@@ -118,6 +131,8 @@ class Driver:
     #: What the classifier must know of its exceptions (`dropsafe._classify.DriverErrors`).
     errors: ClassVar[DriverErrors]
     capabilities: ClassVar[Capabilities] = Capabilities()
+    #: Where a sync connection's ROLLBACK may go unawaited (PoolPolicy.defer_checkin_rollback).
+    deferred_rollback: ClassVar[DeferredRollback | None] = None
     tls: ClassVar[Tls] = Tls()
 
     def connect_defaults(
@@ -236,26 +251,6 @@ class Driver:
         """
         del dbapi_connection
         return None
-
-    def send_rollback(
-        self,
-        dbapi_connection: DBAPIConnection,
-        during: Literal["rollback", "reset"],
-        timeout: float,
-        report: Callable[[Literal["rollback", "reset"], BaseException], None],
-    ) -> bool:
-        """Send ROLLBACK without waiting for its reply; False: nothing sent, roll back as usual.
-
-        Only where `Capabilities.defers_rollback` says so. The reply is read before the
-        connection's next use, bounded by ``timeout``; a failure closes the connection and is
-        given to ``report`` (``during``: whose ROLLBACK it was).
-        """
-        del dbapi_connection, during, timeout, report
-        return False
-
-    def settle_rollback(self, native: DBAPIConnection) -> None:
-        """Read the reply of a ROLLBACK `send_rollback` sent, if one is due; raise if it failed."""
-        del native
 
     def gone(self, dbapi_connection: DBAPIConnection) -> bool | None:
         """Whether the driver has found the connection lost (closed under it); None if unknown.

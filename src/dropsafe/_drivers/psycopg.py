@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import AdaptedConnection
 
@@ -12,15 +12,13 @@ from dropsafe._drivers import libpq, psycopg_rollback
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
+    DeferredRollback,
     Tls,
     driver_connection,
     is_instance,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
-    from dropsafe._dbapi import NativeConnection
     from dropsafe._drivers.base import ConnectArgs
     from dropsafe._policy import ConnectionPolicy
 
@@ -50,8 +48,9 @@ class Psycopg(libpq.Libpq):
         ),
         failover_messages=libpq.FAILOVER_MESSAGES,
     )
-    # libpq 14's pipeline mode; a ROLLBACK sent beneath psycopg, its reply read later.
-    capabilities = Capabilities(pipelines=True, defers_rollback=True)
+    capabilities = Capabilities(pipelines=True)  # libpq 14's pipeline mode
+    # A ROLLBACK sent beneath psycopg, its reply read before the connection's next use.
+    deferred_rollback = DeferredRollback(psycopg_rollback.send_rollback, psycopg_rollback.settle)
     tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
 
     def connect_defaults(
@@ -79,18 +78,6 @@ class Psycopg(libpq.Libpq):
         if idle is None:
             return None
         return bool(native.info.transaction_status == idle)
-
-    def send_rollback(
-        self,
-        dbapi_connection: DBAPIConnection,
-        during: Literal["rollback", "reset"],
-        timeout: float,
-        report: Callable[[Literal["rollback", "reset"], BaseException], None],
-    ) -> bool:
-        return psycopg_rollback.send_rollback(dbapi_connection, during, timeout, report)
-
-    def settle_rollback(self, native: NativeConnection) -> None:
-        psycopg_rollback.settle(native)
 
     def gone(self, dbapi_connection: DBAPIConnection) -> bool | None:
         native = driver_connection(dbapi_connection)

@@ -7,7 +7,7 @@ called it; or the Connection, found in the frames that called it) and emits
 never touched. Why a dialect method and not an event, and what that costs: docs/guarantees.md,
 "A ROLLBACK on a lost connection is not an error".
 
-Where the driver can (`Capabilities.defers_rollback`: psycopg 3, sync), the ROLLBACK is not
+Where the driver can (`Driver.deferred_rollback`: psycopg 3, sync), the ROLLBACK is not
 awaited (``PoolPolicy.defer_checkin_rollback``): it is sent at once and its reply read before
 the connection's next use, whoever makes it: the next checkout (`settle`, from the checkout
 check), or the driver itself (`dropsafe._drivers.psycopg_rollback`). A request
@@ -59,15 +59,11 @@ class QuietRollback:
         self._hooks = hooks
         self._dialect = dialect
         # A sync connection of a driver that can send a ROLLBACK beneath itself (psycopg 3:
-        # `Capabilities.defers_rollback`); SQLAlchemy's async adapters track their own state.
+        # `Driver.deferred_rollback`); SQLAlchemy's async adapters track their own state.
         driver = driver_for(dialect) if is_supported(str(dialect.driver)) else None
-        self._driver = driver
-        self._defer = (
-            defer
-            and driver is not None
-            and driver.capabilities.defers_rollback
-            and not dialect.is_async
-        )
+        deferred = None if driver is None or dialect.is_async else driver.deferred_rollback
+        self._deferred = deferred if defer else None
+        self._defer = self._deferred is not None
         self._settle_timeout = settle_timeout
 
     @property
@@ -82,8 +78,8 @@ class QuietRollback:
         is what runs inside.
         """
         original: Callable[[Any], None] = self._dialect.do_rollback
-        send_rollback = self._driver.send_rollback if self._driver is not None else None
-        defer = self._defer and send_rollback is not None
+        send_rollback = None if self._deferred is None else self._deferred.send
+        defer = send_rollback is not None
         timeout = self._settle_timeout
         report = self._report
 
@@ -143,8 +139,8 @@ class QuietRollback:
         Called by the checkout check before anything else looks at the connection; a raise
         means the connection is closed and must be replaced.
         """
-        if self._driver is not None:
-            self._driver.settle_rollback(native)
+        if self._deferred is not None:
+            self._deferred.settle(native)
 
     def _report(self, during: Literal["rollback", "reset"], error: BaseException) -> None:
         """Say that a ROLLBACK not awaited failed; its connection is closed, as if lost."""
