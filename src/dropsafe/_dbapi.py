@@ -16,7 +16,16 @@ from dropsafe._log import SafeLogger
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["DBAPIConnection", "DBAPICursor", "DBAPIParameters", "NativeConnection", "ask"]
+    from sqlalchemy.engine import Dialect
+
+__all__ = [
+    "DBAPIConnection",
+    "DBAPICursor",
+    "DBAPIParameters",
+    "NativeConnection",
+    "ask",
+    "dialect_says_disconnect",
+]
 
 logger = SafeLogger()
 _Answer = TypeVar("_Answer")
@@ -45,3 +54,21 @@ def ask(question: Callable[[], _Answer], *, unknown: _Unknown, what: str) -> _An
     except Exception:
         logger.debug("dropsafe could not tell %s", what, exc_info=True)
         return unknown
+
+
+def dialect_says_disconnect(
+    dialect: Dialect, error: BaseException, connection: DBAPIConnection, *, what: str
+) -> bool:
+    """Whether the dialect's ``is_disconnect`` calls ``error`` a lost connection; unsure: no.
+
+    The dialect's verdict (which a user may have widened) is the last word dropsafe asks for
+    when its own reading of the error says nothing; a verdict that raises counts as no.
+    """
+    return ask(
+        lambda: (
+            isinstance(error, dialect.loaded_dbapi.Error)
+            and bool(dialect.is_disconnect(error, connection, None))
+        ),
+        unknown=False,
+        what=what,
+    )

@@ -24,7 +24,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._classify import ErrorKind, classify
-from dropsafe._dbapi import ask
+from dropsafe._dbapi import dialect_says_disconnect
 from dropsafe._drivers import driver_for, is_supported
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -151,14 +151,9 @@ class QuietRollback:
     def _lost(self, error: Exception, proxied: PoolProxiedConnection) -> bool:
         if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
             return True
-        dialect = self._dialect
-        return ask(  # an unsure verdict keeps the error loud
-            lambda: (
-                isinstance(error, dialect.loaded_dbapi.Error)
-                and bool(dialect.is_disconnect(error, proxied, None))
-            ),
-            unknown=False,
-            what="whether a ROLLBACK lost its connection",
+        # An unsure verdict keeps the error loud.
+        return dialect_says_disconnect(
+            self._dialect, error, proxied, what="whether a ROLLBACK lost its connection"
         )
 
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
-from dropsafe._dbapi import ask
+from dropsafe._dbapi import ask, dialect_says_disconnect
 from dropsafe._drivers import tcp_bytes_sent
 from dropsafe._engine.transcript import refusal_of_text
 from dropsafe._errors import ConfigurationError
@@ -202,14 +202,9 @@ class ReplayRefusals:
             return state in CONNECTION_ENDED or state.startswith("08")
         if classify(error) is ErrorKind.DISCONNECT:
             return True
-        dialect = self._dialect
-        return ask(  # an unsure verdict is no lost connection
-            lambda: (
-                isinstance(error, dialect.loaded_dbapi.Error)
-                and bool(dialect.is_disconnect(error, checkout, None))
-            ),
-            unknown=False,
-            what="whether a statement's connection was lost",
+        # An unsure verdict is no lost connection.
+        return dialect_says_disconnect(
+            self._dialect, error, checkout, what="whether a statement's connection was lost"
         )
 
     def _gone(self, checkout: PoolProxiedConnection) -> bool:
