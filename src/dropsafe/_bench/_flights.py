@@ -98,6 +98,20 @@ def label_of(data: bytes) -> str:
     return "startup"
 
 
+def _run_until_stopped(loop: asyncio.AbstractEventLoop) -> None:
+    """Run ``loop`` until stopped, then end its tasks: none is left pending when it closes.
+
+    A link's handler still running at close would otherwise be destroyed pending, and its
+    coroutine's GeneratorExit reported in whatever test the garbage collector runs next.
+    """
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+    pending = asyncio.all_tasks(loop)
+    for task in pending:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+
 @final
 class FlightProxy:
     """Forward loopback TCP to ``upstream_port``, number client flights, strike one of them.
@@ -136,7 +150,7 @@ class FlightProxy:
         loop = asyncio.new_event_loop()
         self._loop = loop
         self._thread = threading.Thread(
-            target=loop.run_forever, name="dropsafe-flight-proxy", daemon=True
+            target=_run_until_stopped, args=(loop,), name="dropsafe-flight-proxy", daemon=True
         )
         self._thread.start()
         self._call(self._listen())
