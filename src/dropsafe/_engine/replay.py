@@ -442,6 +442,20 @@ def _size(statement: str, context: ExecutionContext) -> int:
     size = len(statement)
     for parameters in getattr(context, "parameters", ()) or ():
         values = parameters.values() if isinstance(parameters, dict) else parameters
-        for value in values:
-            size += len(value) if isinstance(value, (str, bytes)) else 8
+        size += sum(map(_weight, values))
     return size
+
+
+def _weight(value: object) -> int:
+    """Estimate the bytes of one parameter: text and bytes by length, an array by its items.
+
+    An array (a list of 200,000 ids for ``= ANY(:ids)``) is kept whole to be sent again: it
+    counts item by item against ``replay_max_bytes``, not as one 8-byte scalar.
+    """
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return 8 + sum(map(_weight, value))
+    if isinstance(value, dict):  # JSON
+        return 8 + sum(map(_weight, value)) + sum(map(_weight, value.values()))
+    return 8
