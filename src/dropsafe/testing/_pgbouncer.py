@@ -226,6 +226,11 @@ class PgBouncer(Service):
             "default_pool_size = 20",
             "server_reset_query = DISCARD ALL",
             "ignore_startup_parameters = extra_float_digits",
+            # After one failed server login (a server restarting) PgBouncer turns every client
+            # that needs a server away for server_login_retry (default 15 s, longer than
+            # dropsafe's connect_wait): a bench server restarts in about a second, so 1 s here.
+            # The 15 s of a real PgBouncer are not waited out by dropsafe yet (issue 27's note).
+            "server_login_retry = 1",
         ]
         if self.tls:
             lines += [
