@@ -34,6 +34,8 @@ class PrometheusHook:
         policy = dropsafe.Policy(hooks=(LoggingHook(), metrics))
     """
 
+    __module__ = "dropsafe.events"  # where users import it
+
     def __init__(
         self, registry: CollectorRegistry | None = None, *, namespace: str = "dropsafe"
     ) -> None:
@@ -178,6 +180,8 @@ class OpenTelemetryHook:
 
         policy = dropsafe.Policy(hooks=(LoggingHook(), OpenTelemetryHook()))
     """
+
+    __module__ = "dropsafe.events"  # where users import it
 
     def __init__(self, *, meter_provider: MeterProvider | None = None) -> None:
         try:
