@@ -6,7 +6,8 @@ Users import them from `dropsafe.events`; they live here so that the events modu
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+import functools
+from typing import TYPE_CHECKING
 
 from dropsafe import _event_types as events
 from dropsafe._errors import ConfigurationError
@@ -46,72 +47,68 @@ class PrometheusHook:
                 "PrometheusHook needs prometheus-client: pip install 'dropsafe[prometheus]'"
             ) from None
         registry = registry or prometheus_client.REGISTRY
-        counter, histogram = prometheus_client.Counter, prometheus_client.Histogram
-        common: dict[str, Any] = {"namespace": namespace, "registry": registry}
+        # Every metric in ``namespace``, registered in ``registry``.
+        counter = functools.partial(
+            prometheus_client.Counter, namespace=namespace, registry=registry
+        )
+        histogram = functools.partial(
+            prometheus_client.Histogram, namespace=namespace, registry=registry
+        )
         self.dead_connections = counter(
             "dead_connections",
             "Pooled connections found dead at checkout and replaced before use.",
             ["pool_wide"],
-            **common,
         )
         self.invalidations = counter(
             "invalidated_connections",
             "Connections lost under a statement (the unit of work may be retried).",
             ["kind", "pool_wide"],
-            **common,
         )
         self.lost_rollbacks = counter(
             "lost_rollbacks",
             "ROLLBACKs that met a lost connection: invalidated, not raised.",
             ["during"],
-            **common,
         )
         self.replayed_statements = counter(
             "replayed_statements",
             "First statements of a transaction sent again after their connection was lost.",
-            **common,
         )
         self.connect_waits = histogram(
             "connect_wait_seconds",
             "Checkouts that waited for an unreachable server, by outcome.",
             ["outcome"],
-            **common,
         )
-        self.pings = histogram("ping_seconds", "Round trips paid at checkout.", ["why"], **common)
+        self.pings = histogram("ping_seconds", "Round trips paid at checkout.", ["why"])
         self.retries = counter(
-            "retries", "Units of work run again after a retryable error.", ["kind"], **common
+            "retries", "Units of work run again after a retryable error.", ["kind"]
         )
         self.gave_up = counter(
-            "units_gave_up", "Units of work out of attempts or of time.", ["reason"], **common
+            "units_gave_up", "Units of work out of attempts or of time.", ["reason"]
         )
         self.commits_resolved = counter(
             "commits_resolved",
             "COMMITs whose reply was lost, by what the server said.",
             ["outcome"],
-            **common,
         )
         self.lost_commits = counter(
             "acknowledged_commits_lost",
             "Acknowledged COMMITs a failover lost (lost) or may have lost (unknown).",
             ["outcome"],
-            **common,
         )
         self.resolution_seconds = histogram(
-            "commit_resolution_seconds", "Time spent resolving an ambiguous COMMIT.", **common
+            "commit_resolution_seconds", "Time spent resolving an ambiguous COMMIT."
         )
         self.hooks_failed_after_commit = counter(
             "hooks_failed_after_commit",
             "Session hooks that raised after a unit of work had committed (result returned).",
-            **common,
         )
         self.hosts_skipped = counter(
             "hosts_skipped",
             "Hosts of a multi-host URL left out of connects after a timeout, by cause.",
             ["cause"],
-            **common,
         )
         self.hosts_retried = counter(
-            "hosts_retried", "Hosts left out of connects that connects try again.", **common
+            "hosts_retried", "Hosts left out of connects that connects try again."
         )
 
     def __call__(self, event: Event, /) -> None:
