@@ -21,7 +21,7 @@ from dropsafe.testing._runtime import (
     track,
     wait_until,
 )
-from dropsafe.testing._server import Reachable
+from dropsafe.testing._urls import Reachable
 
 if TYPE_CHECKING:
     from dropsafe.testing._server import PostgresServer

@@ -34,10 +34,9 @@ from dropsafe.testing._runtime import (
 )
 from dropsafe.testing._urls import (
     Driver,
-    bracketed,
+    Reachable,
     make_certificate,
     sqlalchemy_url,
-    tls_connect_args,
 )
 
 if TYPE_CHECKING:
@@ -63,51 +62,6 @@ _STOP_TIMEOUT = 60.0
 _SINCE_14 = 14
 _PID_FILE_STATUS = 7  # the line of postmaster.pid that says "ready" (PostgreSQL 10+)
 _NAME_LIMIT = 63  # bytes in a name (NAMEDATALEN - 1)
-
-
-class Reachable:
-    """A bench service clients reach over TCP: `PostgresServer`, and `PgBouncer` in front of one.
-
-    One ``url`` and ``connect_args`` for both (the reference pages show them on each class).
-    """
-
-    host: str
-    port: int
-    tls: bool
-
-    def _login_server(self) -> PostgresServer:
-        """Return the server whose password and certificate clients use."""
-        raise NotImplementedError
-
-    def url(
-        self,
-        driver: Driver = "psycopg2",
-        *,
-        database: str = "postgres",
-        user: str = "postgres",
-        password: str | None = None,
-        **params: str,
-    ) -> str:
-        """Return a SQLAlchemy URL for ``driver`` that reaches this server over TCP.
-
-        The URL carries ``password`` (default: the server's own), so treat it as a secret.
-        With TLS on, the URL asks for it (``sslmode=require``; ``ssl=require`` for asyncpg).
-        pg8000 takes TLS through ``connect_args(driver)`` instead of the URL. A `PgBouncer`'s
-        URL reaches its server through it.
-        """
-        return sqlalchemy_url(
-            driver,
-            user=user,
-            password=self._login_server().password if password is None else password,
-            address=f"{bracketed(self.host)}:{self.port}",
-            database=database,
-            params=params,
-            tls=self.tls,
-        )
-
-    def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
-        """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
-        return tls_connect_args(driver, self._login_server().ca_file) if self.tls else {}
 
 
 class PostgresServer(Service, Reachable):
