@@ -73,6 +73,11 @@ class PrometheusHook:
             "replayed_statements",
             "First statements of a transaction sent again after their connection was lost.",
         )
+        self.replayed_transactions = counter(
+            "replayed_transactions",
+            "Transactions that lost their connection before COMMIT, by what the replay did.",
+            ["outcome"],
+        )
         self.connect_waits = histogram(
             "connect_wait_seconds",
             "Checkouts that waited for an unreachable server, by outcome.",
@@ -129,6 +134,8 @@ class PrometheusHook:
             self.lost_rollbacks.labels(during=event.during).inc()
         elif isinstance(event, events.FirstStatementReplayed):
             self.replayed_statements.inc()
+        elif isinstance(event, events.TransactionReplayed):
+            self.replayed_transactions.labels(outcome=event.outcome).inc()
         elif isinstance(event, events.PingSucceeded):
             self.pings.labels(why=event.why).observe(event.latency)
         elif isinstance(event, events.HostSkipped):

@@ -2,6 +2,7 @@ import logging
 import pickle
 import string
 import sys
+import typing
 
 import pytest
 from hypothesis import given
@@ -115,6 +116,30 @@ def test_prometheus_hook_counts_every_event():
     assert value("dropsafe_hooks_failed_after_commit_total") == 1
     assert value("dropsafe_connect_wait_seconds_count", {"outcome": "connected"}) == 1
     assert value("dropsafe_connect_wait_seconds_sum", {"outcome": "gave_up"}) == pytest.approx(10.2)
+
+
+def test_prometheus_hook_moves_a_metric_for_every_kind_of_event():
+    url, kinds = "postgresql+psycopg2://app:***@db/app", dropsafe.events
+    events = [
+        *EVENTS,
+        kinds.TransactionReplayed("OperationalError: closed", "refused", 1, 0, 40, reason="SET"),
+        kinds.HostSkipped(url, "db1", 5432, "connect_timed_out", 30.0),
+        kinds.HostRetried(url, "db1", 5432, 30.0),
+    ]
+    assert {type(event) for event in events} == set(typing.get_args(kinds.Event))
+    registry = CollectorRegistry()
+    hook = PrometheusHook(registry)
+
+    def total():
+        samples = (sample for metric in registry.collect() for sample in metric.samples)
+        return sum(sample.value for sample in samples if not sample.name.endswith("_created"))
+
+    for event in events:
+        before = total()
+        hook(event)
+        assert total() > before, type(event).__name__
+    refused = {"outcome": "refused"}
+    assert registry.get_sample_value("dropsafe_replayed_transactions_total", refused) == 1
 
 
 def test_every_class_of_the_events_module_names_it_as_its_home():
