@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from dropsafe.testing._runtime import PortHolds
 
 pytestmark = pytest.mark.fault
 
@@ -33,12 +34,6 @@ REQUESTS = 4
 CLIENT_TIMEOUT = 30.0
 # The unit's deadline is 2 s; a loaded machine (2 cores shared with other runs) adds some.
 BOUND = 6.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _get(url: str) -> tuple[int, dict[str, object], float]:
@@ -61,7 +56,11 @@ def gunicorn(request, shared_server):
     if worker_class == "gevent":
         pytest.importorskip("gevent")
         pytest.importorskip("psycogreen")
-    port = _free_port()
+    # Held from here until gunicorn has exited: a port merely probed as free can be bound by
+    # another process (a parallel run's server, a proxy) before gunicorn binds it. gunicorn
+    # sets SO_REUSEADDR, so it still binds the held port (dropsafe.testing._runtime.PortHolds).
+    ports = PortHolds("127.0.0.1")
+    port = ports.take()
     env = dict(
         os.environ,
         DATABASE_URL=shared_server.url("psycopg2"),
@@ -102,6 +101,7 @@ def gunicorn(request, shared_server):
             process.kill()
             process.wait()
         process.stderr.close()
+        ports.close()
 
 
 def test_every_request_is_bounded_by_its_deadline(gunicorn):
