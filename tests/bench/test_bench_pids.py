@@ -20,7 +20,7 @@ from dropsafe.testing import PostgresServer
 from dropsafe.testing._binaries import find_postgres_binaries
 from dropsafe.testing._leftovers import TEMP_PREFIX, _start_time
 from dropsafe.testing._patroni import _kill_postmaster_group, _Node
-from dropsafe.testing._runtime import Owner, free_port, wait_until
+from dropsafe.testing._runtime import Owner, PortHolds, wait_until
 
 # Nobody may log in to the leftover: it only has to listen.
 INITDB_OPTIONS = ("--auth-local=peer", "--auth-host=reject", "-U", "postgres", "--no-sync")
@@ -108,6 +108,11 @@ def test_a_killed_runs_cluster_stops_listening_at_the_next_start(tmp_path):
     run, tag = _owner_to_kill()
     folder = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{tag}-patroni"))
     leftover = None
+    # Held for the whole test: a port merely probed as free can be bound by another process
+    # before the postmaster binds it (which then exits, while the other process answers
+    # _accepts), or after the sweep (and answers the last check). PostgreSQL sets
+    # SO_REUSEADDR, so it binds the held port.
+    ports = PortHolds("127.0.0.1")
     try:
         folder.chmod(0o755)
         data = folder / "node1" / "data"
@@ -118,7 +123,7 @@ def test_a_killed_runs_cluster_stops_listening_at_the_next_start(tmp_path):
             cwd=folder,
             what="initdb",
         )
-        port = free_port("127.0.0.1")
+        port = ports.take()
         # A session of its own and no parent-death signal: as Patroni starts a postmaster.
         leftover = subprocess.Popen(
             [binaries.tool("postgres"), "-D", str(data), "-p", str(port), *_settings(data)],
@@ -142,6 +147,7 @@ def test_a_killed_runs_cluster_stops_listening_at_the_next_start(tmp_path):
         if leftover is not None and leftover.poll() is None:
             leftover.kill()
             leftover.wait()
+        ports.close()
         shutil.rmtree(folder, ignore_errors=True)
 
 
