@@ -9,7 +9,6 @@ of work waits the outage out instead of failing.
 
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
@@ -19,17 +18,12 @@ from one_statement import error_of_one_statement
 import dropsafe
 from dropsafe import classify
 from dropsafe._drivers import SUPPORTED_DRIVERS
+from dropsafe.testing._runtime import closed_port
 
 pytestmark = pytest.mark.fault
 
 DRIVERS = SUPPORTED_DRIVERS
 CONNECT_TIMEOUT = 2.0
-
-
-def _closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _connect_error(server, driver, port):
@@ -52,7 +46,8 @@ def _connect_error(server, driver, port):
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_refused_connect_is_retryable(shared_server, driver):
-    error, _ = _connect_error(shared_server, driver, _closed_port())
+    with closed_port("127.0.0.1") as port:
+        error, _ = _connect_error(shared_server, driver, port)
     assert error is not None
     assert classify(error).retryable, repr(error)
 

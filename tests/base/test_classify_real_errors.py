@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import pytest
 import sqlalchemy as sa
@@ -11,6 +10,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from dropsafe import ErrorKind, classify
 from dropsafe._classify import sqlstate_of
+from dropsafe.testing._runtime import closed_port
 
 pytestmark = pytest.mark.fault
 
@@ -41,16 +41,13 @@ STATEMENTS = {
 }
 
 
-def _closed_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _errors(server, proxy, driver, closed):
+    """Run each failing statement and each fault through a plain engine; collect the errors.
 
-
-def _errors(server, proxy, driver):
-    """Run each failing statement and each fault through a plain engine; collect the errors."""
+    ``closed``: a port nothing listens on, for the refused connect.
+    """
     url = proxy.route(server.url(driver))
-    refused_url = server.url(driver).replace(f":{server.port}/", f":{_closed_port()}/")
+    refused_url = server.url(driver).replace(f":{server.port}/", f":{closed}/")
     connect_args = server.connect_args(driver)
 
     if driver == "asyncpg":
@@ -110,7 +107,8 @@ def _errors(server, proxy, driver):
 @pytest.mark.shares_server
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_real_errors_are_classified(postgres_server, chaos_proxy, driver):
-    errors = _errors(postgres_server, chaos_proxy, driver)
+    with closed_port("127.0.0.1") as closed:
+        errors = _errors(postgres_server, chaos_proxy, driver, closed)
     for name, (_, state, _) in STATEMENTS.items():
         assert sqlstate_of(errors[name]) == state, repr(errors[name])
     expected = {name: kind for name, (_, _, kind) in STATEMENTS.items()} | {

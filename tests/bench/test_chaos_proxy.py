@@ -17,7 +17,7 @@ from sqlalchemy.engine import make_url
 
 from dropsafe import ConfigurationError
 from dropsafe.testing import ChaosProxy
-from dropsafe.testing._runtime import wait_until
+from dropsafe.testing._runtime import closed_port, wait_until
 
 pytestmark = pytest.mark.fault
 
@@ -169,13 +169,11 @@ def test_die_after_cuts_mid_stream(proxy):
 
 
 def test_unreachable_upstream_resets_the_client():
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        dead_port = closed.getsockname()[1]
     # The reset can arrive before the client's connect() has returned (the proxy accepts in
     # the kernel's backlog, fails upstream and resets at once: a loaded machine may not have
     # run the client in between), or after, at its first read: either way, reset.
     with (
+        closed_port("127.0.0.1") as dead_port,
         ChaosProxy("127.0.0.1", dead_port) as proxy,
         pytest.raises(ConnectionResetError),
         _connect(proxy) as sock,

@@ -21,6 +21,7 @@ import pytest
 
 from dropsafe.testing import ChaosProxy, PatroniCluster, PgBouncer, PostgresServer
 from dropsafe.testing._patroni import patroni_cluster_unavailable
+from dropsafe.testing._runtime import closed_port
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -161,3 +162,14 @@ def test_patroni_cluster_keeps_every_port_from_construction():
                 assert not taken, port
     finally:
         cluster.close()
+
+
+@pytest.mark.parametrize("grabber", sorted(GRABBERS))
+def test_a_closed_port_stays_closed_until_its_block_ends(grabber):
+    # A port only probed as closed was listened on by another process meanwhile: a connect
+    # meant to be refused reached it (test_chaos_proxy's unreachable upstream then timed out).
+    with closed_port("127.0.0.1") as port:
+        with GRABBERS[grabber]("127.0.0.1", port) as taken:
+            assert not taken
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -31,7 +31,7 @@ from dropsafe.testing._leftovers import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
     from types import TracebackType
 
     from typing_extensions import Self
@@ -44,6 +44,7 @@ __all__ = [
     "ServerError",
     "Service",
     "cleanup",
+    "closed_port",
     "free_port",
     "kill_group",
     "log_tail",
@@ -232,6 +233,20 @@ def free_port(host: str) -> int:
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def closed_port(host: str) -> Iterator[int]:
+    """Give a port on ``host`` that nothing listens on, kept so until the block ends.
+
+    A connect to it is refused. A port merely probed as closed can be listened on by another
+    process the next moment (a parallel run's server), and the connect then reaches it.
+    """
+    holds = PortHolds(host)
+    try:
+        yield holds.take()
+    finally:
+        holds.close()
 
 
 class PortHolds:
