@@ -1,8 +1,9 @@
 """asyncpg: the question that resolves a lost COMMIT meets the server's goodbye.
 
-Seen under load in test_pgbouncer's asyncpg ledger (3 of 23 runs): a COMMIT cut in flight was
-resolved as unknown, "asking the server failed: InternalClientError: cannot switch to state 12;
-another operation (2) is in progress", with no fault that loses WAL. The server (or PgBouncer)
+Seen under load in test_pgbouncer's asyncpg ledger (1 of 2 full runs, 2 of 29 runs of its
+file alone): a COMMIT cut in flight was resolved as unknown, "asking the server failed:
+InternalClientError: cannot switch to state 12; another operation (2) is in progress", with no
+fault that loses WAL. The server (or PgBouncer)
 had said FATAL to the resolution's fresh connection between the reply to its question's
 prepare and its bind: asyncpg read the goodbye with no operation running, its protocol waits
 for a ReadyForQuery that never comes, and the bind fails with a client error that is not
