@@ -22,6 +22,7 @@ from dropsafe._engine.replay_refusals import (
     statement_refusal,
     timed_out,
 )
+from dropsafe._engine.server_facts import learn_session
 from dropsafe._engine.session_state import mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript
 from dropsafe._engine.unsent_commit import UnsentCommit
@@ -78,14 +79,14 @@ class FirstStatementReplay:
         self._state = state
         self._policy = policy
         self._refusals = ReplayRefusals(dialect, self._driver)
-        self._fresh = FreshConnections(dialect, self._driver, state)
+        self._records = self._enabled and policy.replay_transaction
+        self._fresh = FreshConnections(dialect, self._driver, state, learns=self._records)
         # Each SQLAlchemy root Transaction's record, for a replay past its first statement:
         # gone with the Transaction (its COMMIT or ROLLBACK ends it; the record holds no
         # reference to it, so that it can be collected).
         self._transcripts: weakref.WeakKeyDictionary[object, Transcript] = (
             weakref.WeakKeyDictionary()
         )
-        self._records = self._enabled and policy.replay_transaction
         self._caps = (
             int(policy.replay_max_statements),
             int(policy.replay_max_rows),
@@ -102,6 +103,14 @@ class FirstStatementReplay:
     def enabled(self) -> bool:
         """Whether this engine replays first statements (its policy and driver allow it)."""
         return self._enabled
+
+    def listeners(self) -> dict[str, Callable[..., None]]:
+        """Return the pool events this replay listens to, by name.
+
+        With the transaction replay on, each new connection's session start is learned at
+        connect (one query per connection made, none per checkout: `server_facts`).
+        """
+        return {"connect": learn_session} if self._records else {}
 
     def on_checked(self, checkout: PoolProxiedConnection, native: NativeConnection) -> None:
         """Mark ``checkout``'s next statement as its first; called by the checkout check.
@@ -128,21 +137,25 @@ class FirstStatementReplay:
         if not self._enabled:
             return
         dialect = self._dialect
-        execute, execute_no_params, executemany = (
-            dialect.do_execute,
-            dialect.do_execute_no_params,
-            dialect.do_executemany,
-        )
+        execute_no_params = dialect.do_execute_no_params
 
-        def do_execute(
-            cursor: DBAPICursor,
-            statement: str,
-            parameters: DBAPIParameters,
-            context: ExecutionContext | None = None,
-        ) -> None:
-            self._send(
-                cursor, statement, context, lambda on: execute(on, statement, parameters, context)
-            )
+        def with_parameters(method: Callable[..., None]) -> Callable[..., None]:
+            """``do_execute`` or ``do_executemany``, sent through `_send`."""
+
+            def send_with_parameters(
+                cursor: DBAPICursor,
+                statement: str,
+                parameters: DBAPIParameters,
+                context: ExecutionContext | None = None,
+            ) -> None:
+                self._send(
+                    cursor,
+                    statement,
+                    context,
+                    lambda on: method(on, statement, parameters, context),
+                )
+
+            return send_with_parameters
 
         def do_execute_no_params(
             cursor: DBAPICursor,
@@ -153,26 +166,13 @@ class FirstStatementReplay:
                 cursor, statement, context, lambda on: execute_no_params(on, statement, context)
             )
 
-        def do_executemany(
-            cursor: DBAPICursor,
-            statement: str,
-            parameters: DBAPIParameters,
-            context: ExecutionContext | None = None,
-        ) -> None:
-            self._send(
-                cursor,
-                statement,
-                context,
-                lambda on: executemany(on, statement, parameters, context),
-            )
-
         # Documented Dialect methods, replaced on this instance only (as do_rollback is by
         # quiet_rollback): attributes of the instance shadow the class's methods, so other
         # engines and the dialect class are untouched.
         vars(dialect).update(
-            do_execute=do_execute,
+            do_execute=with_parameters(dialect.do_execute),
             do_execute_no_params=do_execute_no_params,
-            do_executemany=do_executemany,
+            do_executemany=with_parameters(dialect.do_executemany),
         )
         if self._commits is not None:
             self._commits.wrap_commit()
@@ -402,15 +402,16 @@ class FirstStatementReplay:
             raise error
         fresh = connection.connection
         try:
-            difference = replay_bounded(transcript, fresh)
+            difference = replay_bounded(transcript, fresh, lost_state)
             if difference is None:
                 send(fresh_cursor)
         except Exception as again:  # the original error is the one to raise
             logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
-            difference = f"the replay failed: {describe_error(again)}"
+            difference = ("failed", f"the replay failed: {describe_error(again)}")
         if difference is not None:
             self._fresh.leave_dead(connection, context, fresh, error)  # the replay with it
-            refused(difference, "failed")
+            outcome, reason = difference
+            refused(reason, outcome)
             raise error
         mark_connection(fresh.driver_connection, changes=False)
         if self._commits is not None:
