@@ -45,13 +45,19 @@ _MEMBERSHIP = (
 # Every setting a role's or a database's default can give a session (contexts user, superuser,
 # backend), as one digest; the transaction's own three are left out (the fresh connection's
 # transaction may already be set up as SERIALIZABLE or READ ONLY, the lost one's was not at
-# connect). A placeholder setting (``app.tenant``) is listed too.
+# connect). A placeholder setting (``app.tenant``) is in no view of settings: the defaults
+# that apply to the session (ALTER ROLE / DATABASE ... SET) are digested as they stand.
 _SESSION_START = (
     "SELECT session_user::text, current_user::text, current_setting('search_path'), "  # noqa: S608 # constants only
     "md5(coalesce((SELECT string_agg(name || '=' || coalesce(setting, ''), E'\\n' "
     "ORDER BY name) FROM pg_settings WHERE context IN "
     "('user', 'superuser', 'backend', 'superuser-backend') AND name NOT IN "
-    "('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')), '')), "
+    "('transaction_isolation', 'transaction_read_only', 'transaction_deferrable')), '') "
+    "|| coalesce((SELECT string_agg(setdatabase || ':' || setrole || ':' "
+    "|| array_to_string(setconfig, E'\\n'), E'\\n' ORDER BY setdatabase, setrole) "
+    "FROM pg_db_role_setting WHERE setrole IN (0, (SELECT oid FROM pg_roles "
+    "WHERE rolname = session_user)) AND setdatabase IN (0, (SELECT oid FROM pg_database "
+    "WHERE datname = current_database()))), '')), "
     f"{_MEMBERSHIP}"
 )
 
