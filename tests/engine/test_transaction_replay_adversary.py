@@ -803,46 +803,89 @@ def test_a_replay_writes_in_the_lost_connections_schema(server, proxy, driver, d
     assert _log(server) in (["first", "second"], [])
 
 
-@pytest.mark.parametrize("driver", SYNC)
-def test_a_replay_keeps_the_lost_sessions_unreported_settings(server, proxy, driver, disposing):
-    # ALTER DATABASE ... SET of a setting no driver is told of (a custom app.tenant, read by a
-    # column default) after the lost connection was made: before the fix the replayed INSERT
-    # took the fresh session's tenant, 'b', where the app's session had 'a'.
+NOT_THE_SAME_SESSION = "a fresh connection would not be in the same session state"
+
+# A session that started otherwise than the lost one, by a change made between the app's
+# INSERT and the loss: (URL keywords, whether the fresh connection is one pooled before the
+# change, the INSERT, the change, its undoing, what the INSERT wrote, the refusal).
+# - ALTER DATABASE ... SET of a setting no driver is told of (a custom app.tenant, read by a
+#   column default): before the fix the replayed INSERT took the fresh session's tenant 'b'
+#   where the app's session had 'a'.
+# - REVOKE of a role the session's user had (a column default reads the membership): before the
+#   fix the replay wrote 'plain' where the app's transaction had written 'vip'; seen at the
+#   fresh connection's connect, or, for one pooled before the REVOKE, asked before the replay.
+STARTED_OTHERWISE = {
+    "ALTER DATABASE SET app.tenant": (
+        {},
+        False,
+        "INSERT INTO adv_tenanted (id) VALUES (1)",
+        "ALTER DATABASE postgres SET app.tenant = 'b'",
+        "ALTER DATABASE postgres SET app.tenant = 'a'",
+        "SELECT tenant FROM adv_tenanted",
+        NOT_THE_SAME_SESSION,
+    ),
+    "REVOKE of a role": (
+        {"user": "adv_app"},
+        False,
+        "INSERT INTO adv_members (id) VALUES (1)",
+        "REVOKE adv_vip FROM adv_app",
+        "GRANT adv_vip TO adv_app",
+        "SELECT kind FROM adv_members",
+        NOT_THE_SAME_SESSION,
+    ),
+    "REVOKE of a role, the fresh connection pooled before it": (
+        {"user": "adv_app"},
+        True,
+        "INSERT INTO adv_members (id) VALUES (1)",
+        "REVOKE adv_vip FROM adv_app",
+        "GRANT adv_vip TO adv_app",
+        "SELECT kind FROM adv_members",
+        "the session user's role membership changed since the lost connection was made",
+    ),
+}
+
+
+def _terminate_only(server, conn):
+    """Terminate ``conn``'s backend alone (its pid read from the driver: no statement)."""
+    native = conn.connection.driver_connection
+    pid = native.info.backend_pid if hasattr(native, "info") else native.get_backend_pid()
+    assert server.execute(f"SELECT pg_terminate_backend({pid}, 5000)") == [("t",)]
+
+
+@pytest.fixture
+def _tenant_a(server):
     server.execute("ALTER DATABASE postgres SET app.tenant = 'a'")
-    engine, events = _replaying(disposing, server, proxy, driver)
-    try:
-        with contextlib.suppress(sa.exc.DBAPIError), engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO adv_tenanted (id) VALUES (1)"))
-            server.execute("ALTER DATABASE postgres SET app.tenant = 'b'")
-            lose("terminate", server, proxy)
-            conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('tenant')"))
-    finally:
-        server.execute("ALTER DATABASE postgres RESET app.tenant")
-    assert server.execute("SELECT tenant FROM adv_tenanted") == []
-    assert _outcomes(events) == [
-        ("refused", "a fresh connection would not be in the same session state")
-    ]
+    yield
+    server.execute("ALTER DATABASE postgres RESET app.tenant")
 
 
+@pytest.mark.usefixtures("_tenant_a")
+@pytest.mark.parametrize("case", STARTED_OTHERWISE)
 @pytest.mark.parametrize("driver", SYNC)
-def test_a_replay_refuses_a_changed_role_membership(server, proxy, driver, disposing):
-    # The session's user lost a role (REVOKE) between its INSERT and the loss; a column
-    # default reads the membership. Before the fix the replay wrote 'plain' where the app's
-    # transaction had written 'vip'.
-    engine, events = _replaying(disposing, server, proxy, driver, user="adv_app")
+def test_a_replay_refuses_a_session_that_started_otherwise(server, proxy, driver, case, disposing):
+    url, pooled, insert, change, undo, written, refusal = STARTED_OTHERWISE[case]
+    events = []
+    engine = disposing(
+        dropsafe.create_engine(
+            proxy.route(server.url(driver, **url)), policy=_policy(events), pool_size=2
+        )
+    )
+    if pooled:  # two connections made now, before the change; the replay gets the other one
+        with engine.connect(), engine.connect():
+            pass
     try:
         with contextlib.suppress(sa.exc.DBAPIError), engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO adv_members (id) VALUES (1)"))
-            server.execute("REVOKE adv_vip FROM adv_app")
-            lose("terminate", server, proxy)
-            conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('member')"))
+            conn.exec_driver_sql(insert)
+            server.execute(change)
+            if pooled:  # this connection's backend alone: the pooled one lives on
+                _terminate_only(server, conn)
+            else:
+                lose("terminate", server, proxy)
+            conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('started otherwise')"))
     finally:
-        server.execute("GRANT adv_vip TO adv_app")
-    assert server.execute("SELECT kind FROM adv_members") == []
-    # The fresh connection, made after the REVOKE, started otherwise: seen at its connect.
-    assert _outcomes(events) == [
-        ("refused", "a fresh connection would not be in the same session state")
-    ]
+        server.execute(undo)
+    assert server.execute(written) == []
+    assert _outcomes(events) == [("refused", refusal)]
 
 
 @pytest.mark.parametrize("driver", SYNC)
