@@ -400,8 +400,9 @@ async def test_the_replay_lock_bound_holds_under_the_apps_set_local_async(
 
 def _lines_written(server, name):
     """How many lines the server's file ``name`` (in its data directory) holds; 0 if none."""
-    rows = server.execute(f"SELECT coalesce(pg_read_file('{name}', 0, 10000, true), '')")
-    return len(rows[0][0].split()) if rows and rows[0] and rows[0][0] else 0
+    text = f"coalesce(pg_read_file('{name}', 0, 10000, true), '')"
+    ((count,),) = server.execute(f"SELECT length({text}) - length(replace({text}, E'\\n', ''))")
+    return int(count)
 
 
 def _order_then_loss(engine, server, proxy):
