@@ -337,62 +337,72 @@ def test_the_apps_set_local_survives_the_replay(server, proxy, driver, disposing
     assert after == "7s"
 
 
-@pytest.mark.parametrize("driver", SYNC)
-def test_the_replay_lock_bound_holds_under_the_apps_set_local(server, proxy, driver, disposing):
-    # Before the fix the app's SET LOCAL lock_timeout = 0, replayed after the replay's own 2 s
-    # bound (a GUC), replaced it: the replay waited on the lock as long as it was held (6 s
-    # here, until the server ended the holder). The bound is now the client's own deadline.
-    engine, events = _replaying(disposing, server, proxy, driver)
-    locker = disposing(sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool))
-    with contextlib.ExitStack() as stack:
-        with engine.connect() as conn:  # its close rolls the failed transaction back
-            conn.begin()
-            conn.exec_driver_sql("SET LOCAL lock_timeout = 0")  # e.g. to undo a role's default
-            conn.execute(sa.text("UPDATE adv_accounts SET note = 'mine' WHERE id = 1"))
-            lose("terminate", server, proxy)
-            other = stack.enter_context(locker.connect())
-            _hold_the_row_lock(other)
+# Before the fix the app's SET LOCAL lock_timeout = 0, replayed after the replay's own 2 s
+# bound (a GUC), replaced it: the replay waited on the lock as long as it was held (6 s here,
+# until the server ended the holder). The bound is now the client's own deadline, in the event
+# loop too for the async drivers.
+BEFORE_THE_LOCK = (
+    "SET LOCAL lock_timeout = 0",  # e.g. to undo a role's default
+    "UPDATE adv_accounts SET note = 'mine' WHERE id = 1",
+)
+AFTER_THE_LOCK = "INSERT INTO adv_log (what) VALUES ('after')"
+
+
+@contextlib.contextmanager
+def _the_old_backend_holds_the_lock(server, proxy):
+    """Lose the connection, lock its row elsewhere (for 6 s at most) and time the block.
+
+    Stands in for the old backend of a half-open connection, still holding the lock. Yields
+    a list that holds the seconds the block took once it is done; the block's error is the
+    replay's to raise and is swallowed.
+    """
+    lose("terminate", server, proxy)
+    locker = sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool)
+    waited = []
+    try:
+        with locker.connect() as other:
+            other.exec_driver_sql("SET idle_in_transaction_session_timeout = '6s'")
+            other.exec_driver_sql("SELECT 1 FROM adv_accounts WHERE id = 1 FOR UPDATE").all()
             started = time.monotonic()
             with contextlib.suppress(sa.exc.DBAPIError):
-                conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('after')"))
-            waited = time.monotonic() - started
-        with contextlib.suppress(sa.exc.DBAPIError):
-            other.close()
-    assert waited < REPLAY_LOCK_TIMEOUT_MS / 1000 + 2, f"the replay waited {waited:.1f} s"
+                yield waited
+            waited.append(time.monotonic() - started)
+            with contextlib.suppress(sa.exc.DBAPIError):
+                other.rollback()
+    finally:
+        locker.dispose()
+
+
+def _assert_bounded(waited, events, server):
+    assert waited[0] < REPLAY_LOCK_TIMEOUT_MS / 1000 + 2, f"the replay waited {waited[0]:.1f} s"
     assert [outcome for outcome, _ in _outcomes(events)] == ["failed"]
     assert _log(server) == []
 
 
-def _hold_the_row_lock(other):
-    """Lock account 1 as the old backend of a half-open connection would, for 6 s at most."""
-    other.exec_driver_sql("SET idle_in_transaction_session_timeout = '6s'")
-    other.exec_driver_sql("SELECT 1 FROM adv_accounts WHERE id = 1 FOR UPDATE").all()
+@pytest.mark.parametrize("driver", SYNC)
+def test_the_replay_lock_bound_holds_under_the_apps_set_local(server, proxy, driver, disposing):
+    engine, events = _replaying(disposing, server, proxy, driver)
+    with engine.connect() as conn:  # its close rolls the failed transaction back
+        conn.begin()
+        for statement in BEFORE_THE_LOCK:
+            conn.exec_driver_sql(statement)
+        with _the_old_backend_holds_the_lock(server, proxy) as waited:
+            conn.exec_driver_sql(AFTER_THE_LOCK)
+    _assert_bounded(waited, events, server)
 
 
 @pytest.mark.parametrize("driver", ASYNC)
 async def test_the_replay_lock_bound_holds_under_the_apps_set_local_async(
-    server, proxy, driver, disposing_async, disposing
+    server, proxy, driver, disposing_async
 ):
-    # The same bound on the async drivers: the deadline ends the wait in the event loop.
     engine, events = _replaying_async(disposing_async, server, proxy, driver)
-    locker = disposing(sa.create_engine(server.url("psycopg2"), poolclass=sa.pool.NullPool))
-    with contextlib.ExitStack() as stack:
-        async with engine.connect() as conn:
-            await conn.begin()
-            await conn.exec_driver_sql("SET LOCAL lock_timeout = 0")
-            await conn.execute(sa.text("UPDATE adv_accounts SET note = 'mine' WHERE id = 1"))
-            lose("terminate", server, proxy)
-            other = stack.enter_context(locker.connect())
-            _hold_the_row_lock(other)
-            started = time.monotonic()
-            with contextlib.suppress(sa.exc.DBAPIError):
-                await conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('after')"))
-            waited = time.monotonic() - started
-        with contextlib.suppress(sa.exc.DBAPIError):
-            other.close()
-    assert waited < REPLAY_LOCK_TIMEOUT_MS / 1000 + 2, f"the replay waited {waited:.1f} s"
-    assert [outcome for outcome, _ in _outcomes(events)] == ["failed"]
-    assert _log(server) == []
+    async with engine.connect() as conn:
+        await conn.begin()
+        for statement in BEFORE_THE_LOCK:
+            await conn.exec_driver_sql(statement)
+        with _the_old_backend_holds_the_lock(server, proxy) as waited:
+            await conn.exec_driver_sql(AFTER_THE_LOCK)
+    _assert_bounded(waited, events, server)
 
 
 # -- effects outside the transaction --------------------------------------------------------
