@@ -69,7 +69,7 @@ _SESSION_START = (
 SAFE_EXTENSIONS = frozenset(
     {
         "amcheck", "bloom", "btree_gin", "btree_gist", "citext", "cube", "dict_int",
-        "dict_xsyn", "earthdistance", "file_fdw", "fuzzystrmatch", "hstore", "intagg",
+        "dict_xsyn", "earthdistance", "fuzzystrmatch", "hstore", "intagg",
         "intarray", "isn", "lo", "ltree", "pageinspect", "pg_buffercache", "pg_prewarm",
         "pg_stat_statements", "pg_trgm", "pg_visibility", "pgcrypto", "pgrowlocks",
         "pgstattuple", "plpgsql", "postgis", "postgres_fdw", "seg", "sslinfo", "tablefunc",
