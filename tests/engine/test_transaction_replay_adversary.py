@@ -68,6 +68,8 @@ CREATE TRIGGER adv_orders_audit AFTER INSERT ON adv_orders
     FOR EACH ROW EXECUTE FUNCTION adv_audit_remote();
 CREATE VIEW adv_remote_audit AS
     SELECT * FROM dblink({connstr}, 'SELECT count(*) FROM adv_audit') AS t(n bigint);
+CREATE FUNCTION adv_remote_audit_count() RETURNS bigint LANGUAGE sql
+    RETURN (SELECT n FROM adv_remote_audit);
 """
 
 # The same trail written to a file on the server (COPY TO PROGRAM appends a line), built with
@@ -182,9 +184,9 @@ def _engine(server, proxy, driver, events, **url):
     )
 
 
-def _async_engine(server, proxy, driver, events):
+def _async_engine(server, proxy, driver, events, **url):
     return dropsafe.create_async_engine(
-        proxy.route(server.url(driver)), policy=_policy(events), pool_size=1, max_overflow=0
+        proxy.route(server.url(driver, **url)), policy=_policy(events), pool_size=1, max_overflow=0
     )
 
 
@@ -202,10 +204,10 @@ def _replaying(disposing, server, proxy, driver, **url):
     return disposing(_engine(server, proxy, driver, events, **url)), events
 
 
-def _replaying_async(disposing_async, server, proxy, driver):
+def _replaying_async(disposing_async, server, proxy, driver, **url):
     """``_replaying`` for an async engine."""
     events = []
-    return disposing_async(_async_engine(server, proxy, driver, events)), events
+    return disposing_async(_async_engine(server, proxy, driver, events, **url)), events
 
 
 def _outcomes(events):
@@ -440,17 +442,52 @@ def test_a_trigger_that_writes_elsewhere_is_not_run_twice(server, proxy, driver,
     assert "extensions that may act outside a transaction: dblink" in reason
 
 
+# A SELECT of the app's that reads through dblink: the remote query runs again on a replay,
+# whatever it does there. Through a view (nothing in the text says so: the database is asked),
+# and through a function of the app's (the text's whitelist refuses it already).
+DBLINK_READS = {
+    "a view": "SELECT n FROM adv_remote_audit",
+    "a function": "SELECT adv_remote_audit_count()",
+}
+
+
+@pytest.mark.parametrize("read", DBLINK_READS)
 @pytest.mark.parametrize("driver", SYNC)
-def test_a_plain_select_of_a_view_over_dblink_refuses_the_replay(server, proxy, driver, disposing):
-    # A SELECT of the app's with no function in its text reads through dblink (a view): the
-    # remote query runs again on a replay, whatever it does there.
+def test_a_select_that_reads_through_dblink_refuses_the_replay(
+    server, proxy, driver, read, disposing
+):
     engine, events = _replaying(disposing, server, proxy, driver, database="adv_dblink")
     with contextlib.suppress(sa.exc.DBAPIError), engine.begin() as conn:
-        conn.exec_driver_sql("SELECT n FROM adv_remote_audit").all()
+        conn.exec_driver_sql(DBLINK_READS[read]).all()
         lose("terminate", server, proxy)
         conn.execute(sa.text("INSERT INTO adv_orders (id, what) VALUES (2, 'order 2')"))
     assert _orders(server, "adv_dblink") == 0
     assert [outcome for outcome, _ in _outcomes(events)] == ["refused"]
+
+
+# Each database above, on the async drivers: (database, the outcome, the orders written).
+ASKED = {
+    "adv_dblink": ("refused", 0),
+    "adv_file": ("refused", 0),
+    "adv_adminpack": ("refused", 0),
+    "adv_fdw": ("replayed", 2),
+}
+
+
+@pytest.mark.parametrize("database", ASKED)
+@pytest.mark.parametrize("driver", ASYNC)
+async def test_the_database_is_asked_before_a_replay_async(
+    server, proxy, driver, database, disposing_async
+):
+    engine, events = _replaying_async(disposing_async, server, proxy, driver, database=database)
+    outcome, orders = ASKED[database]
+    with contextlib.suppress(sa.exc.DBAPIError):
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("INSERT INTO adv_orders (id, what) VALUES (1, 'one')"))
+            lose("terminate", server, proxy)
+            await conn.execute(sa.text("INSERT INTO adv_orders (id, what) VALUES (2, 'two')"))
+    assert _orders(server, database) == orders
+    assert [seen for seen, _ in _outcomes(events)] == [outcome]
 
 
 @pytest.mark.parametrize("driver", SYNC)
@@ -897,6 +934,26 @@ def test_a_replay_refuses_a_session_that_started_otherwise(server, proxy, driver
         server.execute(undo)
     assert server.execute(written) == []
     assert _outcomes(events) == [("refused", refusal)]
+
+
+@pytest.mark.usefixtures("_tenant_a")
+@pytest.mark.parametrize("case", ["ALTER DATABASE SET app.tenant", "REVOKE of a role"])
+@pytest.mark.parametrize("driver", ASYNC)
+async def test_a_replay_refuses_a_session_that_started_otherwise_async(
+    server, proxy, driver, case, disposing_async
+):
+    url, _, insert, change, undo, written, refusal = STARTED_OTHERWISE[case]
+    engine, events = _replaying_async(disposing_async, server, proxy, driver, **url)
+    try:
+        with contextlib.suppress(sa.exc.DBAPIError):
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(insert)
+                server.execute(change)
+                lose("terminate", server, proxy)
+                await conn.exec_driver_sql("INSERT INTO adv_log (what) VALUES ('otherwise')")
+    finally:
+        server.execute(undo)
+    assert (server.execute(written), _outcomes(events)) == ([], [("refused", refusal)])
 
 
 @pytest.mark.parametrize("driver", SYNC)
