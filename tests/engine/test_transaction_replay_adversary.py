@@ -4,7 +4,8 @@ The promise (docs/mid-transaction.md, docs/guarantees.md): a transaction lost be
 was sent is replayed only when the replay cannot be told from the original; otherwise the
 original error is raised and nothing of the replay is kept. Each test here is one history, on a
 real server with a real fault. A test whose history breaks the promise today is marked
-``xfail(strict=True)`` with the break in its reason: the fixer flips it.
+``xfail(strict=True)`` with the break in its reason (`_broke`): the fixer flips it. The five
+breaks of session 8 are fixed; their tests, and the attacks on each fix, are plain tests.
 """
 
 from __future__ import annotations
