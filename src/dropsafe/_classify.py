@@ -32,6 +32,7 @@ __all__ = [
     "learn_driver_errors",
     "server_refused_commit",
     "sqlstate_of",
+    "turned_away",
 ]
 
 
@@ -107,6 +108,10 @@ _FAILOVER_MESSAGES = (
     "no route to host",
     "is not accepting connections",
 )
+# PgBouncer's answers to a client that needs a server while its last server login failed, and
+# to the clients waiting when a login fails: the client's statement is still in PgBouncer's
+# buffer, never given to a server (`turned_away`).
+_TURNED_AWAY_MESSAGES = ("server login has been failing", "pgbouncer cannot connect to server")
 _TRANSIENT_MESSAGES = (
     "the database system is starting up",
     "the database system is shutting down",
@@ -116,8 +121,7 @@ _TRANSIENT_MESSAGES = (
     "remaining connection slots are reserved",
     # PgBouncer, which reports its own trouble without a useful SQLSTATE:
     "database removed",  # KILL, or the database left its config
-    "pgbouncer cannot connect to server",
-    "server login has been failing",
+    *_TURNED_AWAY_MESSAGES,
     "no more connections allowed",
     "query_wait_timeout",
     "server conn crashed",
@@ -306,6 +310,18 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         if isinstance(error, sqlalchemy.exc.StatementError):
             pending.append(error.orig)
         pending.append(error.__cause__)
+
+
+def turned_away(error: BaseException, *more_texts: str) -> bool:
+    """Whether a pooler closed the connection before it gave the statement to any server.
+
+    Read from the texts of ``error``'s chain and ``more_texts`` (what the driver's connection
+    kept: psycopg2's exception holds only libpq's last line). Such a statement ran nowhere: it
+    may be sent again on a fresh connection once the pooler has a server again.
+    """
+    texts = [str(current).lower() for current in _chain(error)]
+    texts += [text.lower() for text in more_texts]
+    return any(message in text for text in texts for message in _TURNED_AWAY_MESSAGES)
 
 
 # An ERROR in these SQLSTATE classes speaks of the connection or the server, not of the COMMIT.

@@ -68,7 +68,9 @@ class DeadConnectionReplaced:
 class ConnectWaited:
     """A checkout could not connect at first because the server was not there; it waited.
 
-    One event per wait, when it ends: ``connected`` (the app never saw the outage) or
+    Also when a pooler (PgBouncer) turned a checkout's first statement away for want of a
+    server and the statement was sent again on fresh connections. One event per wait, when it
+    ends: ``connected`` (the app never saw the outage) or
     ``gave_up`` (``ConnectionPolicy.connect_wait`` ran out, or an error came that waiting
     cannot fix; the last error is raised). Logged at INFO, ``gave_up`` at WARNING.
     """

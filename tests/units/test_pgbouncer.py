@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 import uuid
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from ledger import assert_safe, prepare, run_async, run_sync
@@ -19,6 +21,7 @@ from ledger import assert_safe, prepare, run_async, run_sync
 import dropsafe
 from dropsafe._bench._ledger import guarded_writers, guarded_writers_async
 from dropsafe.testing import ChaosProxy, PgBouncer
+from dropsafe.testing._runtime import wait_until
 
 pytestmark = [
     pytest.mark.fault,
@@ -174,3 +177,118 @@ def test_kill_database_starts_again_a_pgbouncer_that_died_of_it(postgres_server)
                 assert conn.execute(sa.text("SELECT 1")).scalar() == 1
         finally:
             engine.dispose()
+
+
+def _make_logins_fail(server, bouncer):
+    """Stop ``server``, make PgBouncer fail a server login, then start ``server`` again.
+
+    PgBouncer then turns away every client that needs a server ("server login has been
+    failing") for its ``server_login_retry``, though the server is back. The login is asked for
+    by a client of its own that sends a query and leaves without waiting for the answer.
+    """
+    server.stop("fast")
+    url = sa.engine.make_url(bouncer.url("psycopg"))
+    asking = psycopg.connect(
+        host=url.host,
+        port=url.port,
+        user=url.username,
+        password=url.password,
+        dbname=url.database,
+        connect_timeout=10,
+        **url.query,
+    )
+    try:
+        asking.pgconn.send_query(b"SELECT 1")
+        while asking.pgconn.flush():
+            pass
+        wait_until(
+            lambda: "closing because: connect failed" in bouncer.log_file.read_text(),
+            timeout=10,
+            what="PgBouncer to fail a server login",
+        )
+    finally:
+        asking.close()
+    server.start()
+
+
+def _waiting_policy(events, connect_wait=10.0):
+    return dropsafe.Policy(
+        connection=dropsafe.ConnectionPolicy(connect_wait=connect_wait), hooks=(events.append,)
+    )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("driver", "mode"),
+    [("psycopg2", "transaction"), ("psycopg", "transaction"), ("psycopg", "session")],
+)
+def test_a_pooler_turning_clients_away_is_waited_out(postgres_server, driver, mode):
+    # A server restart makes PgBouncer turn clients away for server_login_retry after its first
+    # failed login; the pooled connection's next statement, and a fresh one's, hear "server login
+    # has been failing" though the server is back (psycopg2's exception says only "SSL connection
+    # has been closed unexpectedly"). Nothing reached a server: dropsafe waits it out within
+    # connect_wait (10 s) and the requests succeed.
+    events = []
+    with PgBouncer(postgres_server, pool_mode=mode, server_login_retry=3) as bouncer:
+        engine = dropsafe.create_engine(
+            bouncer.url(driver), pool_size=2, max_overflow=0, policy=_waiting_policy(events)
+        )
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+            _make_logins_fail(postgres_server, bouncer)
+            started = time.monotonic()
+            for _ in range(2):  # the pooled connection, then (a pool of 2) a new one
+                with engine.connect() as conn:
+                    assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+            assert time.monotonic() - started < 10
+        finally:
+            engine.dispose()
+    waits = [event for event in events if isinstance(event, dropsafe.events.ConnectWaited)]
+    assert [wait.outcome for wait in waits] == ["connected"]
+    assert "server login has been failing" in waits[0].error or driver == "psycopg2"
+
+
+@pytest.mark.timeout(60)
+def test_a_pooler_turning_clients_away_is_not_waited_out_without_connect_wait(postgres_server):
+    events = []
+    with PgBouncer(postgres_server, pool_mode="transaction", server_login_retry=3) as bouncer:
+        engine = dropsafe.create_engine(
+            bouncer.url("psycopg"), policy=_waiting_policy(events, connect_wait=0)
+        )
+        try:
+            with engine.connect() as conn:
+                assert conn.execute(sa.text("SELECT 1")).scalar() == 1
+            _make_logins_fail(postgres_server, bouncer)
+            with (
+                pytest.raises(sa.exc.OperationalError, match="server login has been failing"),
+                engine.connect() as conn,
+            ):
+                conn.execute(sa.text("SELECT 1"))
+        finally:
+            engine.dispose()
+    replays = [e for e in events if isinstance(e, dropsafe.events.FirstStatementReplayed)]
+    assert [bool(replay.replay_error) for replay in replays] == [True]
+    assert not [e for e in events if isinstance(e, dropsafe.events.ConnectWaited)]
+
+
+@pytest.mark.timeout(60)
+def test_asyncpg_waits_out_a_pooler_turning_clients_away(postgres_server):
+    async def scenario(bouncer):
+        engine = dropsafe.create_async_engine(
+            _asyncpg_url(bouncer), pool_size=2, max_overflow=0, **_asyncpg_kwargs()
+        )
+        try:
+            async with engine.connect() as conn:
+                assert (await conn.execute(sa.text("SELECT 1"))).scalar() == 1
+            await asyncio.to_thread(_make_logins_fail, postgres_server, bouncer)
+            results = []
+            for _ in range(2):
+                async with engine.connect() as conn:
+                    results.append((await conn.execute(sa.text("SELECT 1"))).scalar())
+            return results
+        finally:
+            await engine.dispose()
+
+    with PgBouncer(postgres_server, pool_mode="transaction", server_login_retry=3) as bouncer:
+        assert asyncio.run(scenario(bouncer)) == [1, 1]

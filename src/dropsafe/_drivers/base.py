@@ -262,6 +262,14 @@ class Driver:
         del dbapi_connection
         return None
 
+    def last_error_text(self, dbapi_connection: DBAPIConnection) -> str:
+        """Return what the connection kept of its last error ("" if nothing), beyond the exception.
+
+        A pooler's FATAL just before it closes the connection may be only there.
+        """
+        del dbapi_connection
+        return ""
+
     def tls_connect_args(self, ca_file: str) -> dict[str, object]:
         """Return the connect arguments that ask for TLS where the URL cannot (`Tls`)."""
         del ca_file

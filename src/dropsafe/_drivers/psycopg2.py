@@ -42,6 +42,12 @@ class Psycopg2(libpq.Libpq):
         # 0 open; 1 closed by the app; 2 found broken by libpq.
         return bool(dbapi_connection.closed)
 
+    def last_error_text(self, dbapi_connection: DBAPIConnection) -> str:
+        # libpq's whole message (PQerrorMessage): psycopg2's exception keeps only its last line,
+        # "SSL connection has been closed unexpectedly" after a pooler's FATAL goodbye.
+        text = dbapi_connection.info.error_message
+        return text if isinstance(text, str) else ""
+
     def reported_parameter(self, dbapi_connection: DBAPIConnection, name: str) -> str | None:
         # get_parameter_status() refuses a connection libpq found broken; info still answers.
         value = dbapi_connection.info.parameter_status(name)

@@ -3,10 +3,11 @@
 `ConnectWait` wraps the pool's creator, so every connect the pool makes (a new connection, a
 dead one replaced at checkout) tries again with full-jitter backoff until
 ``ConnectionPolicy.connect_wait`` has passed, while the error says the server is not there now
-(`worth_waiting`). Each try runs SQLAlchemy's whole connect again (``do_connect`` listeners
-included), so a multi-host target moves past the host that just failed. Inside a unit of work a
-connect fails at once: the unit waits itself. What users see, and why 10 s: docs/settings.md,
-"When the server is not there".
+(`worth_waiting`); the first-statement replay waits the same way for a pooler that turns its
+clients away (`ConnectWait.try_again`). Each try runs SQLAlchemy's whole connect again
+(``do_connect`` listeners included), so a multi-host target moves past the host that just
+failed. Inside a unit of work a connect fails at once: the unit waits itself. What users see,
+and why 10 s: docs/settings.md, "When the server is not there".
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import sqlalchemy.util
 
@@ -52,6 +53,7 @@ _TLS_SETTINGS = (
     "sslmode",
 )
 _JITTER = random.Random()
+T = TypeVar("T")
 
 
 def worth_waiting(error: BaseException) -> bool:
@@ -99,7 +101,22 @@ class ConnectWait:
         except Exception as exc:
             if not worth_waiting(exc):
                 raise
-            first = exc
+            return self.try_again(lambda: invoke(entry), exc, worth_waiting)
+
+    def try_again(
+        self,
+        attempt: Callable[[], T],
+        first: Exception,
+        worth: Callable[[Exception], bool],
+    ) -> T:
+        """Call ``attempt`` again after it failed with ``first``, until it succeeds or gives up.
+
+        It is called again while its errors are ``worth`` waiting out and ``connect_wait`` is
+        not over; the last error is raised then. ``first`` is raised at once when connects do
+        not wait (``connect_wait`` is 0, or a unit of work waits itself).
+        """
+        if not self.enabled or caller_waits():
+            raise first
         started, started_at = time.monotonic(), time.time()
         deadline = started + self._wait
         attempts = 1
@@ -112,14 +129,14 @@ class ConnectWait:
             self._sleep(min(delay, remaining))
             attempts += 1
             try:
-                connection = invoke(entry)
+                result = attempt()
             except Exception as exc:
-                if not worth_waiting(exc) or time.monotonic() >= deadline:
+                if not worth(exc) or time.monotonic() >= deadline:
                     self._note_gave_up(exc, first, attempts, started, started_at)
                     raise
                 continue
             self._report("connected", first, attempts, started, started_at)
-            return connection
+            return result
 
     def _sleep(self, delay: float) -> None:
         if self._is_async:

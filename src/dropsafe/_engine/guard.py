@@ -207,7 +207,10 @@ class EngineGuard:
         self.policy = policy
         self.driver = driver_for(engine.dialect)
         self.lifetime = ConnectionLifetime(policy.pool)
-        self.replay = FirstStatementReplay(policy.pool, policy.hooks, engine.dialect, state)
+        self.connect_wait = ConnectWait(policy.connection, policy.hooks, engine)
+        self.replay = FirstStatementReplay(
+            policy.pool, policy.hooks, engine.dialect, state, self.connect_wait
+        )
         self.quiet_rollback = QuietRollback(
             policy.hooks,
             engine.dialect,
@@ -227,7 +230,6 @@ class EngineGuard:
         self.connects = ConnectArguments(
             policy.connection, self.driver, policy.hooks, redact_url(engine.url)
         )
-        self.connect_wait = ConnectWait(policy.connection, policy.hooks, engine)
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
 
     def attach(self, engine: Engine) -> None:

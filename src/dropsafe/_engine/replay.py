@@ -12,6 +12,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
+from dropsafe._classify import turned_away
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections, replay_bounded
 from dropsafe._engine.replay_refusals import (
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import PoolProxiedConnection
 
     from dropsafe._dbapi import DBAPICursor, DBAPIParameters, NativeConnection
+    from dropsafe._engine.connect_wait import ConnectWait
     from dropsafe._engine_state import EngineState
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
@@ -61,7 +63,12 @@ class FirstStatementReplay:
     """Sends a transaction's first statement again, on one engine, when its connection is lost."""
 
     def __init__(
-        self, policy: PoolPolicy, hooks: tuple[Hook, ...], dialect: Dialect, state: EngineState
+        self,
+        policy: PoolPolicy,
+        hooks: tuple[Hook, ...],
+        dialect: Dialect,
+        state: EngineState,
+        waits: ConnectWait,
     ) -> None:
         # The driver must say, before the statement is sent, whether a transaction is open
         # on its connection, and after an error whether the connection is gone, and tell a
@@ -74,6 +81,7 @@ class FirstStatementReplay:
         )
         self._hooks = hooks
         self._dialect = dialect
+        self._waits = waits  # a pooler with no server yet is waited out as a connect is
         # The engine's checkouts whose first statement is not sent yet (no lock: a checkout is
         # used by one thread or task at a time, and a single insertion or removal is atomic).
         self._state = state
@@ -252,22 +260,66 @@ class FirstStatementReplay:
                 raise
             text = describe_error(exc)
             try:
-                fresh_cursor = self._fresh.reconnect(
-                    connection, context, exc, lost_state, changes=changes
+                replayed = self._replay_first(
+                    connection, context, send, exc, lost_state, changes=changes
                 )
-                if fresh_cursor is not None:
-                    send(fresh_cursor)
             except Exception as again:  # raised as usual; said, so that operators see it
                 failed = describe_error(again)
                 logger.debug("dropsafe's replay of a first statement failed: %s", failed)
                 emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
                 raise
-            if fresh_cursor is None:  # not the same session: not replayed, nothing to say
+            if not replayed:  # not the same session: not replayed, nothing to say
                 raise
             logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
             emit(self._hooks, FirstStatementReplayed(text))
             return True
         return False
+
+    def _replay_first(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        send: Callable[[Any], None],
+        error: Exception,
+        lost_state: tuple[object, ...],
+        *,
+        changes: bool,
+    ) -> bool:
+        """Send the first statement again on a fresh connection; whether it was (`reconnect`).
+
+        A pooler with no server yet (its server restarting) closes the fresh connection before
+        it gives the statement to any server: the statement ran nowhere, so it is sent again on
+        another fresh connection while the pooler says so, until connect_wait is over.
+        """
+        sent_on: list[PoolProxiedConnection] = []
+
+        def replay() -> bool:
+            sent_on.clear()
+            fresh_cursor = self._fresh.reconnect(
+                connection, context, error, lost_state, changes=changes
+            )
+            if fresh_cursor is None:
+                return False
+            sent_on[:] = [connection.connection]
+            send(fresh_cursor)
+            return True
+
+        def turned_away_again(again: Exception) -> bool:
+            if again is error:  # no fresh connection at all: the connects waited already
+                return False
+            kept = (
+                self._driver.last_error_text(sent_on[0].dbapi_connection)
+                if sent_on and self._driver is not None
+                else ""
+            )
+            return turned_away(again, kept)
+
+        try:
+            return replay()
+        except Exception as again:
+            if not turned_away_again(again):
+                raise
+            return self._waits.try_again(replay, again, turned_away_again)
 
     # -- the transaction past its first statement ---------------------------------------------
 

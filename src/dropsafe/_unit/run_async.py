@@ -107,7 +107,7 @@ async def _attempt(
                             await connection.run_sync(learn_server_life)
                         # An AsyncSession's Session; an AsyncConnection has none.
                         attempt.reached_server(getattr(handle, "sync_session", None))
-                        await begin_driver_transaction(dbapi_connection)
+                        await begin_driver_transaction(connection)
                         result = await _call(fn, handle)
                         attempt.ran(handle.in_transaction())
                         try:

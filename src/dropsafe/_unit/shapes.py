@@ -9,13 +9,15 @@ after the COMMIT is reported as: docs/guarantees.md, "Shapes a unit of work may 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
+from dropsafe._classify import ErrorKind, classify
 from dropsafe._errors import ConfigurationError
 from dropsafe._unit.tracker import current_attempt
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = [
     "SHAPE_LISTENERS",
@@ -111,7 +113,7 @@ def _refuse_autocommit_at_begin(conn: Connection) -> None:
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
 
 
-async def begin_driver_transaction(dbapi_connection: object) -> None:
+async def begin_driver_transaction(connection: AsyncConnection) -> None:
     """Send the BEGIN of SQLAlchemy's asyncpg adapter now, before the unit's function runs.
 
     The adapter sends BEGIN only at the first statement it is given: asyncpg work the function
@@ -120,7 +122,14 @@ async def begin_driver_transaction(dbapi_connection: object) -> None:
     Private names of the adapter (``_start_transaction``; ``_transaction`` in SQLAlchemy 2.1,
     ``_started`` in 2.0), as `dropsafe._drivers` reads them; other drivers begin on the server
     with the first statement of any kind, and an adapter without these names is left alone.
+
+    This BEGIN is sent past SQLAlchemy's execute, so a lost connection is reported here as
+    SQLAlchemy reports a lost statement's: the Connection is invalidated with the error. The
+    engine's listeners then see why it was lost (a host that stopped answering is left out of
+    connects) and the pool drops it at once.
     """
+    sync_connection = cast("Connection", connection.sync_connection)  # an open one's
+    dbapi_connection: object = sync_connection.connection.dbapi_connection
     start = getattr(dbapi_connection, "_start_transaction", None)
     if start is None:
         return
@@ -128,8 +137,14 @@ async def begin_driver_transaction(dbapi_connection: object) -> None:
         started = dbapi_connection._transaction is not None  # noqa: SLF001
     else:
         started = getattr(dbapi_connection, "_started", True)
-    if not started:
+    if started:
+        return
+    try:
         await start()
+    except Exception as exc:
+        if classify(exc) is ErrorKind.DISCONNECT:
+            await connection.invalidate(exc)
+        raise
 
 
 #: The engine listeners that refuse a unit's shape inside it, as (event name, listener).

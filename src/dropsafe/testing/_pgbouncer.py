@@ -31,6 +31,7 @@ __all__ = ["PgBouncer", "PoolMode"]
 
 PoolMode = Literal["session", "transaction"]
 _START_TIMEOUT = 30.0
+_LONGEST_LOGIN_RETRY = 60  # seconds: a bench has no use for longer
 _EXIT_TIMEOUT = 10.0  # a PgBouncer that refuses its console this long after a KILL lives
 
 
@@ -47,11 +48,31 @@ class PgBouncer(Service):
     server's password (SCRAM), as the server itself demands: a pooler that trusted its clients
     would let any local account in as the server's superuser. ``postgres`` is the console's
     admin user; there is no Unix socket. Needs Debian's ``pgbouncer`` (or one on PATH).
+
+    ``server_login_retry``: for how many seconds after a failed server login PgBouncer turns away
+    every client that needs a server (its own default is 15; here 1, as a bench server restarts
+    in about a second).
     """
 
-    def __init__(self, server: PostgresServer, *, pool_mode: PoolMode = "session") -> None:
+    def __init__(
+        self,
+        server: PostgresServer,
+        *,
+        pool_mode: PoolMode = "session",
+        server_login_retry: float = 1,
+    ) -> None:
         if pool_mode not in ("session", "transaction"):
             raise ConfigurationError(f"pool_mode must be 'session' or 'transaction': {pool_mode!r}")
+        if (
+            isinstance(server_login_retry, bool)
+            or not isinstance(server_login_retry, (int, float))
+            or not 0 < server_login_retry <= _LONGEST_LOGIN_RETRY
+        ):
+            raise ConfigurationError(
+                f"server_login_retry must be seconds, above 0 and at most 60: "
+                f"{server_login_retry!r}"
+            )
+        self.server_login_retry = float(server_login_retry)
         program = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
         if program is None:
             raise ConfigurationError("PgBouncer is not installed: apt-get install pgbouncer")
@@ -227,10 +248,9 @@ class PgBouncer(Service):
             "server_reset_query = DISCARD ALL",
             "ignore_startup_parameters = extra_float_digits",
             # After one failed server login (a server restarting) PgBouncer turns every client
-            # that needs a server away for server_login_retry (default 15 s, longer than
-            # dropsafe's connect_wait): a bench server restarts in about a second, so 1 s here.
-            # The 15 s of a real PgBouncer are not waited out by dropsafe yet (issue 27's note).
-            "server_login_retry = 1",
+            # that needs a server away for server_login_retry (PgBouncer's default 15 s; dropsafe
+            # waits it out within connect_wait): a bench server restarts in about a second.
+            f"server_login_retry = {self.server_login_retry:g}",
         ]
         if self.tls:
             lines += [
