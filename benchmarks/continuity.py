@@ -264,27 +264,21 @@ class ReplayLog(logging.Handler):
             why = outcome if reason is None else f"{outcome}: {reason}"
             self.by_request.setdefault(request, []).append(why)
 
-    def count(
-        self,
-        recorder: WhereErrorsHappen,
-        result: RunResult,
-        number: int,
-        status: int | None,
-        raised: BaseException | None,
-    ) -> None:
-        """``record_request``, and a failed request's place and last replay event."""
-        errors = recorder.by_request.get(number, [])
-        failed_before = result.failed.copy()
-        record_request(recorder, result, number, status, raised)
+    def count(self, number: int, failure: tuple[str, str] | None) -> None:
+        """Take request ``number``'s replay events; a failed one's place, last event and error.
+
+        ``failure``: what ``record_request`` returned for it (None: it was answered).
+        """
         events = self.by_request.pop(number, []) or self.debug_lines.pop(number, [])
         self.debug_lines.pop(number, None)
-        for place in result.failed - failed_before:  # where record_request counted it, if 5xx
-            what = errors[-1][1] if errors else f"{type(raised).__name__}: {raised}"
-            key = (place, events[-1] if events else NO_EVENT, what[:72])
-            self.failed_why[key] += 1
-            write = _WRITE.get()
-            if write is not None:
-                self.failed_writes.setdefault(key, []).append(write)
+        if failure is None:
+            return
+        place, what = failure
+        key = (place, events[-1] if events else NO_EVENT, what[:72])
+        self.failed_why[key] += 1
+        write = _WRITE.get()
+        if write is not None:
+            self.failed_writes.setdefault(key, []).append(write)
 
     def __enter__(self) -> Self:
         logger = logging.getLogger("dropsafe")
@@ -315,7 +309,8 @@ class ObservedAsgi(Observed):
         self.replays = replays
 
     def _classify(self, number: int, status: int | None, raised: BaseException | None) -> None:
-        self.replays.count(self.recorder, self.result, number, status, raised)
+        failure = record_request(self.recorder, self.result, number, status, raised)
+        self.replays.count(number, failure)
 
 
 # -- the load and the faults ------------------------------------------------------------------
@@ -390,7 +385,8 @@ class ObservedWsgi:
         finally:
             _REQUEST.reset(token)
             with self.lock:
-                self.replays.count(self.recorder, self.result, number, status, raised)
+                failure = record_request(self.recorder, self.result, number, status, raised)
+                self.replays.count(number, failure)
 
 
 def fault_loop(

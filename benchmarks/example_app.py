@@ -202,8 +202,11 @@ def record_request(
     number: int,
     status: int | None,
     raised: BaseException | None,
-) -> None:
-    """Count request ``number`` in ``result``: answered, or failed where its last error was."""
+) -> tuple[str, str] | None:
+    """Count request ``number`` in ``result``: answered, or failed where its last error was.
+
+    Return where it failed and its error (None: answered), for a caller that counts more.
+    """
     errors = recorder.by_request.pop(number, [])
     result.requests += 1
     failed = status is None or status >= 500
@@ -226,6 +229,7 @@ def record_request(
             errors = errors[:-1]
     for absorbed_place, _ in errors:
         result.absorbed[absorbed_place] += 1
+    return (place, what) if failed else None
 
 
 async def drive(client: httpx.AsyncClient, result: RunResult, stop: asyncio.Event) -> None:  # noqa: C901 - the request mix, one closure per request

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import pstats
 import time
@@ -39,7 +40,7 @@ from dropsafe._bench._turns import TurnCounter
 from dropsafe.testing import PostgresServer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
 INSERT = sa.text("INSERT INTO bench (v) VALUES (1)")
 VARIANTS = ("plain", "unverified", "verified")
@@ -65,6 +66,35 @@ class Result:
             f"round trips {self.turns / self.counted:5.2f}/unit  "
             f"Python calls {self.calls:5.0f}/unit"
         )
+
+
+class _Tally:
+    """What one measuring loop, sync or async, counts: CPU, wall time and the units' round trips.
+
+    Started after the warm-up unit. Connecting (TLS, authentication) is not a unit's: the round
+    trips made under `not_counted` are left out.
+    """
+
+    def __init__(self, counter: TurnCounter | None) -> None:
+        self.counter = counter
+        self.turns = 0
+        if counter is not None:
+            counter.reset()
+        self.cpu, self.wall = time.process_time(), time.perf_counter()
+
+    @contextlib.contextmanager
+    def not_counted(self) -> Iterator[None]:
+        """Leave out the round trips made inside the block."""
+        if self.counter is not None:
+            self.turns += self.counter.turns
+        yield
+        if self.counter is not None:
+            self.counter.reset()
+
+    def result(self) -> tuple[float, float, int]:
+        """Return the CPU and wall seconds since the start, and the units' round trips."""
+        cpu, wall = time.process_time() - self.cpu, time.perf_counter() - self.wall
+        return cpu, wall, self.turns + (self.counter.turns if self.counter else 0)
 
 
 def _policy(variant: str) -> dropsafe.Policy:
@@ -96,25 +126,14 @@ def _measure_sync(
     unit, engine = _sync_unit(variant, url)
     try:
         unit()  # connect and warm up outside the measurement
-        if counter is not None:
-            counter.reset()
-        turns = 0
-        cpu, wall = time.process_time(), time.perf_counter()
+        tally = _Tally(counter)
         for _ in range(units):
             if fresh:
                 engine.pool.dispose()  # the next unit opens its connection
-                if counter is not None:
-                    # Connecting (TLS, authentication) is not the unit's: count only the unit.
-                    turns += counter.turns
-                    with engine.connect():
-                        pass
-                    counter.reset()
+                with tally.not_counted(), engine.connect():
+                    pass
             unit()
-        return (
-            time.process_time() - cpu,
-            time.perf_counter() - wall,
-            turns + (counter.turns if counter else 0),
-        )
+        return tally.result()
     finally:
         engine.dispose()
 
@@ -141,24 +160,15 @@ async def _measure_async(
 
     try:
         await unit()
-        if counter is not None:
-            counter.reset()
-        turns = 0
-        cpu, wall = time.process_time(), time.perf_counter()
+        tally = _Tally(counter)
         for _ in range(units):
             if fresh:
                 await engine.dispose()
-                if counter is not None:
-                    turns += counter.turns
+                with tally.not_counted():
                     async with engine.connect():
                         pass
-                    counter.reset()
             await unit()
-        return (
-            time.process_time() - cpu,
-            time.perf_counter() - wall,
-            turns + (counter.turns if counter else 0),
-        )
+        return tally.result()
     finally:
         await engine.dispose()
 

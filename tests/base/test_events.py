@@ -1,6 +1,8 @@
 import logging
+import pickle
 import string
 import sys
+import typing
 
 import pytest
 from hypothesis import given
@@ -114,6 +116,40 @@ def test_prometheus_hook_counts_every_event():
     assert value("dropsafe_hooks_failed_after_commit_total") == 1
     assert value("dropsafe_connect_wait_seconds_count", {"outcome": "connected"}) == 1
     assert value("dropsafe_connect_wait_seconds_sum", {"outcome": "gave_up"}) == pytest.approx(10.2)
+
+
+def test_prometheus_hook_moves_a_metric_for_every_kind_of_event():
+    url, kinds = "postgresql+psycopg2://app:***@db/app", dropsafe.events
+    events = [
+        *EVENTS,
+        kinds.TransactionReplayed("OperationalError: closed", "refused", 1, 0, 40, reason="SET"),
+        kinds.HostSkipped(url, "db1", 5432, "connect_timed_out", 30.0),
+        kinds.HostRetried(url, "db1", 5432, 30.0),
+    ]
+    assert {type(event) for event in events} == set(typing.get_args(kinds.Event))
+    registry = CollectorRegistry()
+    hook = PrometheusHook(registry)
+
+    def total():
+        samples = (sample for metric in registry.collect() for sample in metric.samples)
+        return sum(sample.value for sample in samples if not sample.name.endswith("_created"))
+
+    for event in events:
+        before = total()
+        hook(event)
+        assert total() > before, type(event).__name__
+    refused = {"outcome": "refused"}
+    assert registry.get_sample_value("dropsafe_replayed_transactions_total", refused) == 1
+
+
+def test_every_class_of_the_events_module_names_it_as_its_home():
+    # The events and the metrics hooks are defined below dropsafe.events (no import circle);
+    # reprs, pickles and tracebacks still name the module users import them from.
+    classes = [getattr(dropsafe.events, name) for name in dropsafe.events.__all__]
+    homes = {cls.__name__: cls.__module__ for cls in classes if isinstance(cls, type)}
+    assert set(homes.values()) == {"dropsafe.events"}, homes
+    assert len(homes) >= 17
+    assert [pickle.loads(pickle.dumps(e)) for e in EVENTS] == EVENTS  # noqa: S301 - our own bytes
 
 
 def test_prometheus_without_its_extra_says_how_to_install(monkeypatch):

@@ -45,6 +45,8 @@ MODULES_OF_PARTS = {
     "dropsafe._redaction": BASE,
     "dropsafe._socket_shutdown": BASE,
     "dropsafe._log": BASE,
+    "dropsafe._event_types": BASE,
+    "dropsafe._metrics": BASE,
     "dropsafe.events": BASE,
     "dropsafe._classify": BASE,
     "dropsafe._policy": BASE,

@@ -58,3 +58,20 @@ def test_the_flag_replay_variant_turns_the_replay_on_in_the_url_only(continuity)
     assert policy_from_query(flagged.query).pool.replay_transaction is True
     plain_flag = make_url(continuity.variant_url(url, "flag"))
     assert policy_from_query(plain_flag.query).pool.replay_transaction is False
+
+
+def test_a_failed_request_is_counted_by_place_last_replay_event_and_error(continuity):
+    example_app = importlib.import_module("example_app")
+    recorder, result = example_app.WhereErrorsHappen(), example_app.RunResult()
+    recorder.by_request[1].append(("mid-transaction", "OperationalError: closed"))
+    recorder.by_request[2].append(("first statement", "OperationalError: reset"))
+    with continuity.ReplayLog() as replays:
+        replays.by_request.update({1: ["replayed", "refused: a SET"], 2: ["replayed"]})
+        for number, status in ((1, 500), (2, 200)):
+            failure = example_app.record_request(recorder, result, number, status, None)
+            replays.count(number, failure)
+    key = ("mid-transaction", "refused: a SET", "OperationalError: closed")
+    assert replays.failed_why == {key: 1}
+    assert replays.by_request == {}
+    assert (result.requests, result.ok, result.failed) == (2, 1, {"mid-transaction": 1})
+    assert result.absorbed == {"first statement": 1}

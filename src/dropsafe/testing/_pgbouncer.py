@@ -21,11 +21,10 @@ from dropsafe.testing._runtime import (
     track,
     wait_until,
 )
-from dropsafe.testing._urls import bracketed, sqlalchemy_url
+from dropsafe.testing._urls import Reachable
 
 if TYPE_CHECKING:
     from dropsafe.testing._server import PostgresServer
-    from dropsafe.testing._urls import Driver
 
 __all__ = ["PgBouncer", "PoolMode"]
 
@@ -35,7 +34,7 @@ _LONGEST_LOGIN_RETRY = 60  # seconds: a bench has no use for longer
 _EXIT_TIMEOUT = 10.0  # a PgBouncer that refuses its console this long after a KILL lives
 
 
-class PgBouncer(Service):
+class PgBouncer(Service, Reachable):
     """PgBouncer on a free loopback port, pooling connections to ``server``.
 
     Example::
@@ -202,29 +201,8 @@ class PgBouncer(Service):
             return True
         return False
 
-    def url(
-        self,
-        driver: Driver = "psycopg2",
-        *,
-        database: str = "postgres",
-        user: str = "postgres",
-        password: str | None = None,
-        **params: str,
-    ) -> str:
-        """Return a SQLAlchemy URL that reaches the server through PgBouncer."""
-        return sqlalchemy_url(
-            driver,
-            user=user,
-            password=self.server.password if password is None else password,
-            address=f"{bracketed(self.host)}:{self.port}",
-            database=database,
-            params=params,
-            tls=self.tls,
-        )
-
-    def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
-        """Extra ``connect_args`` a driver needs (TLS for pg8000)."""
-        return self.server.connect_args(driver)
+    def _login_server(self) -> PostgresServer:
+        return self.server
 
     def _write_config(self) -> None:
         # In plain text, the server's password both checks clients (SCRAM) and logs PgBouncer in

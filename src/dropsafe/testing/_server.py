@@ -34,10 +34,9 @@ from dropsafe.testing._runtime import (
 )
 from dropsafe.testing._urls import (
     Driver,
-    bracketed,
+    Reachable,
     make_certificate,
     sqlalchemy_url,
-    tls_connect_args,
 )
 
 if TYPE_CHECKING:
@@ -65,7 +64,7 @@ _PID_FILE_STATUS = 7  # the line of postmaster.pid that says "ready" (PostgreSQL
 _NAME_LIMIT = 63  # bytes in a name (NAMEDATALEN - 1)
 
 
-class PostgresServer(Service):
+class PostgresServer(Service, Reachable):
     """A PostgreSQL cluster that lives as long as this object, for tests and demos.
 
     Example::
@@ -229,36 +228,8 @@ class PostgresServer(Service):
         uid = self._owner.process_uid
         return signal_if(pid, signum, lambda p: runs_as(p, uid) and parent_of(p) == postmaster)
 
-    # -- URLs ------------------------------------------------------------------------------
-
-    def url(
-        self,
-        driver: Driver = "psycopg2",
-        *,
-        database: str = "postgres",
-        user: str = "postgres",
-        password: str | None = None,
-        **params: str,
-    ) -> str:
-        """Return a SQLAlchemy URL for ``driver`` that reaches this server over TCP.
-
-        The URL carries ``password`` (default: the server's own), so treat it as a secret.
-        With TLS on, the URL asks for it (``sslmode=require``; ``ssl=require`` for asyncpg).
-        pg8000 takes TLS through ``connect_args(driver)`` instead of the URL.
-        """
-        return sqlalchemy_url(
-            driver,
-            user=user,
-            password=self.password if password is None else password,
-            address=f"{bracketed(self.host)}:{self.port}",
-            database=database,
-            params=params,
-            tls=self.tls,
-        )
-
-    def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
-        """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
-        return tls_connect_args(driver, self.ca_file) if self.tls else {}
+    def _login_server(self) -> PostgresServer:
+        return self
 
     # -- replication -----------------------------------------------------------------------
 

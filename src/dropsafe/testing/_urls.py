@@ -1,10 +1,10 @@
-"""How a client reaches a bench server: the one SQLAlchemy URL builder, and TLS per driver."""
+"""How a client reaches a bench server: the one URL builder, the url every server shares, TLS."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Protocol, get_args
 from urllib.parse import quote
 
 from dropsafe._drivers import DriverName, driver_named
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 __all__ = [
     "DRIVERS",
     "Driver",
+    "LoginServer",
+    "Reachable",
     "bracketed",
     "make_certificate",
     "sqlalchemy_url",
@@ -26,6 +28,63 @@ __all__ = [
 
 Driver = DriverName
 DRIVERS: tuple[Driver, ...] = get_args(DriverName)
+
+
+class LoginServer(Protocol):
+    """What clients log in to a bench server with: its password, and its certificate for TLS."""
+
+    @property
+    def password(self) -> str:
+        """The password of the server's superuser."""
+
+    @property
+    def ca_file(self) -> Path:
+        """The certificate clients verify the server with."""
+
+
+class Reachable:
+    """A bench service clients reach over TCP: `PostgresServer`, and `PgBouncer` in front of one.
+
+    One ``url`` and ``connect_args`` for both (the reference pages show them on each class).
+    """
+
+    host: str
+    port: int
+    tls: bool
+
+    def _login_server(self) -> LoginServer:
+        """Return the server whose password and certificate clients use."""
+        raise NotImplementedError
+
+    def url(
+        self,
+        driver: Driver = "psycopg2",
+        *,
+        database: str = "postgres",
+        user: str = "postgres",
+        password: str | None = None,
+        **params: str,
+    ) -> str:
+        """Return a SQLAlchemy URL for ``driver`` that reaches this server over TCP.
+
+        The URL carries ``password`` (default: the server's own), so treat it as a secret.
+        With TLS on, the URL asks for it (``sslmode=require``; ``ssl=require`` for asyncpg).
+        pg8000 takes TLS through ``connect_args(driver)`` instead of the URL. A `PgBouncer`'s
+        URL reaches its server through it.
+        """
+        return sqlalchemy_url(
+            driver,
+            user=user,
+            password=self._login_server().password if password is None else password,
+            address=f"{bracketed(self.host)}:{self.port}",
+            database=database,
+            params=params,
+            tls=self.tls,
+        )
+
+    def connect_args(self, driver: Driver = "psycopg2") -> dict[str, object]:
+        """Extra ``connect_args`` a driver needs for this server (TLS for pg8000)."""
+        return tls_connect_args(driver, self._login_server().ca_file) if self.tls else {}
 
 
 def sqlalchemy_url(
