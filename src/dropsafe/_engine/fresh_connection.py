@@ -3,16 +3,18 @@
 The fresh connection must be in the lost one's session state (`dropsafe._engine.session_state`
 proves it) before a replay sends anything on it; the Connection's Transaction, and the ORM's,
 stay as they are (`dropsafe._sqlalchemy_private.switch_connection`). A replay's lock waits are
-bounded here too. Why that is safe: docs/guarantees.md, "A transaction's first statement is
-replayed, once".
+bounded here too, and a first statement a pooler turned away (it reached no server) is sent
+again while the pooler says so (`FreshConnections.send_again`). Why that is safe:
+docs/guarantees.md, "A transaction's first statement is replayed, once".
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from dropsafe._classify import turned_away
 from dropsafe._drivers import socket_fd
 from dropsafe._drivers.deadline import bounded
 from dropsafe._engine.server_facts import learned_session, outside_effects
@@ -28,13 +30,14 @@ from dropsafe._log import SafeLogger
 from dropsafe._sqlalchemy_private import switch_connection
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
     from sqlalchemy.pool import PoolProxiedConnection
 
     from dropsafe._dbapi import DBAPICursor, NativeConnection
     from dropsafe._drivers.base import Driver
+    from dropsafe._engine.connect_wait import ConnectWait
     from dropsafe._engine.transcript import Transcript
     from dropsafe._engine_state import EngineState
 
@@ -88,6 +91,51 @@ class FreshConnections:
                 "transaction characteristics or session start are unknown"
             )
         return state
+
+    def send_again(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        send: Callable[[Any], None],
+        error: Exception,
+        lost_state: tuple[object, ...],
+        *,
+        changes: bool,
+        waits: ConnectWait,
+    ) -> bool:
+        """Send the first statement again on a fresh connection; whether it was (`reconnect`).
+
+        A pooler with no server yet (its server restarting) closes the fresh connection before
+        it gives the statement to any server: the statement ran nowhere, so it is sent again on
+        another fresh connection while the pooler says so, as ``waits`` waits for a connect.
+        """
+        sent_on: list[PoolProxiedConnection] = []
+
+        def replay() -> bool:
+            sent_on.clear()
+            fresh_cursor = self.reconnect(connection, context, error, lost_state, changes=changes)
+            if fresh_cursor is None:
+                return False
+            sent_on[:] = [connection.connection]
+            send(fresh_cursor)
+            return True
+
+        def turned_away_again(again: Exception) -> bool:
+            if again is error:  # no fresh connection at all: the connects waited already
+                return False
+            kept = (
+                self._driver.last_error_text(sent_on[0].dbapi_connection)
+                if sent_on and self._driver is not None
+                else ""
+            )
+            return turned_away(again, kept)
+
+        try:
+            return replay()
+        except Exception as again:
+            if not turned_away_again(again):
+                raise
+            return waits.try_again(replay, again, turned_away_again)
 
     def reconnect(
         self,

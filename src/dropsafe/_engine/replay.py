@@ -12,7 +12,6 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
-from dropsafe._classify import turned_away
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections, replay_bounded
 from dropsafe._engine.replay_refusals import (
@@ -260,8 +259,8 @@ class FirstStatementReplay:
                 raise
             text = describe_error(exc)
             try:
-                replayed = self._replay_first(
-                    connection, context, send, exc, lost_state, changes=changes
+                replayed = self._fresh.send_again(
+                    connection, context, send, exc, lost_state, changes=changes, waits=self._waits
                 )
             except Exception as again:  # raised as usual; said, so that operators see it
                 failed = describe_error(again)
@@ -274,52 +273,6 @@ class FirstStatementReplay:
             emit(self._hooks, FirstStatementReplayed(text))
             return True
         return False
-
-    def _replay_first(
-        self,
-        connection: Connection,
-        context: ExecutionContext,
-        send: Callable[[Any], None],
-        error: Exception,
-        lost_state: tuple[object, ...],
-        *,
-        changes: bool,
-    ) -> bool:
-        """Send the first statement again on a fresh connection; whether it was (`reconnect`).
-
-        A pooler with no server yet (its server restarting) closes the fresh connection before
-        it gives the statement to any server: the statement ran nowhere, so it is sent again on
-        another fresh connection while the pooler says so, until connect_wait is over.
-        """
-        sent_on: list[PoolProxiedConnection] = []
-
-        def replay() -> bool:
-            sent_on.clear()
-            fresh_cursor = self._fresh.reconnect(
-                connection, context, error, lost_state, changes=changes
-            )
-            if fresh_cursor is None:
-                return False
-            sent_on[:] = [connection.connection]
-            send(fresh_cursor)
-            return True
-
-        def turned_away_again(again: Exception) -> bool:
-            if again is error:  # no fresh connection at all: the connects waited already
-                return False
-            kept = (
-                self._driver.last_error_text(sent_on[0].dbapi_connection)
-                if sent_on and self._driver is not None
-                else ""
-            )
-            return turned_away(again, kept)
-
-        try:
-            return replay()
-        except Exception as again:
-            if not turned_away_again(again):
-                raise
-            return self._waits.try_again(replay, again, turned_away_again)
 
     # -- the transaction past its first statement ---------------------------------------------
 
