@@ -3,15 +3,21 @@
 The fresh connection must be in the lost one's session state (`dropsafe._engine.session_state`
 proves it) before a replay sends anything on it; the Connection's Transaction, and the ORM's,
 stay as they are (`dropsafe._sqlalchemy_private.switch_connection`). A replay's lock waits are
-bounded here too. Why that is safe: docs/guarantees.md, "A transaction's first statement is
-replayed, once".
+bounded here too, and a first statement a pooler turned away (it reached no server) is sent
+again while the pooler says so (`FreshConnections.send_again`). Why that is safe:
+docs/guarantees.md, "A transaction's first statement is replayed, once".
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any, Literal
 
+from dropsafe._classify import turned_away
+from dropsafe._drivers import socket_fd
+from dropsafe._drivers.deadline import bounded
+from dropsafe._engine.server_facts import learned_session, outside_effects
 from dropsafe._engine.session_state import (
     give_characteristics,
     mark_connection,
@@ -24,11 +30,14 @@ from dropsafe._log import SafeLogger
 from dropsafe._sqlalchemy_private import switch_connection
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
     from sqlalchemy.pool import PoolProxiedConnection
 
     from dropsafe._dbapi import DBAPICursor, NativeConnection
     from dropsafe._drivers.base import Driver
+    from dropsafe._engine.connect_wait import ConnectWait
     from dropsafe._engine.transcript import Transcript
     from dropsafe._engine_state import EngineState
 
@@ -40,10 +49,25 @@ logger = SafeLogger()
 class FreshConnections:
     """Takes one engine's fresh connections for its replays, in the lost ones' session state."""
 
-    def __init__(self, dialect: Dialect, driver: Driver | None, state: EngineState) -> None:
+    def __init__(
+        self, dialect: Dialect, driver: Driver | None, state: EngineState, *, learns: bool
+    ) -> None:
         self._dialect = dialect
         self._driver = driver
         self._state = state
+        # Whether this engine learns each session's start at connect (`server_facts`): then
+        # it is part of the session state compared, and its last item.
+        self._learns = learns
+
+    def _state_of(
+        self, checkout: PoolProxiedConnection, native: NativeConnection
+    ) -> tuple[object, ...] | None:
+        """Return what of ``checkout``'s session state is known without a round trip, or None."""
+        state = None if self._driver is None else snapshot(self._driver, native)
+        if state is None or not self._learns:
+            return state
+        learned = learned_session(checkout)
+        return None if learned is None else (*state, learned)
 
     def session_of_lost(
         self, checkout: PoolProxiedConnection, native: NativeConnection
@@ -60,13 +84,58 @@ class FreshConnections:
                 "connection was made may have changed the session's state"
             )
             return None
-        state = None if self._driver is None else snapshot(self._driver, native)
+        state = self._state_of(checkout, native)
         if state is None:
             logger.debug(
                 "dropsafe will not replay this first statement: its connection's "
-                "transaction characteristics are unknown"
+                "transaction characteristics or session start are unknown"
             )
         return state
+
+    def send_again(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        send: Callable[[Any], None],
+        error: Exception,
+        lost_state: tuple[object, ...],
+        *,
+        changes: bool,
+        waits: ConnectWait,
+    ) -> bool:
+        """Send the first statement again on a fresh connection; whether it was (`reconnect`).
+
+        A pooler with no server yet (its server restarting) closes the fresh connection before
+        it gives the statement to any server: the statement ran nowhere, so it is sent again on
+        another fresh connection while the pooler says so, as ``waits`` waits for a connect.
+        """
+        sent_on: list[PoolProxiedConnection] = []
+
+        def replay() -> bool:
+            sent_on.clear()
+            fresh_cursor = self.reconnect(connection, context, error, lost_state, changes=changes)
+            if fresh_cursor is None:
+                return False
+            sent_on[:] = [connection.connection]
+            send(fresh_cursor)
+            return True
+
+        def turned_away_again(again: Exception) -> bool:
+            if again is error:  # no fresh connection at all: the connects waited already
+                return False
+            kept = (
+                self._driver.last_error_text(sent_on[0].dbapi_connection)
+                if sent_on and self._driver is not None
+                else ""
+            )
+            return turned_away(again, kept)
+
+        try:
+            return replay()
+        except Exception as again:
+            if not turned_away_again(again):
+                raise
+            return waits.try_again(replay, again, turned_away_again)
 
     def reconnect(
         self,
@@ -137,9 +206,7 @@ class FreshConnections:
             self.leave_dead(connection, context, fresh, error)
             raise error
         native = None if self._driver is None else self._driver.native(fresh.dbapi_connection)
-        fresh_state = (
-            None if native is None or self._driver is None else snapshot(self._driver, native)
-        )
+        fresh_state = None if native is None else self._state_of(fresh, native)
         # The pool may hand out another pooled connection, not a new one: what its own
         # checkouts set on it counts as the lost one's would. A statement the whitelist does not
         # admit may read its sequence state (currval, lastval), which no whitelisted statement
@@ -156,7 +223,8 @@ class FreshConnections:
         if session_differs(lost_state, fresh_state):
             logger.debug(
                 "dropsafe will not replay this first statement: a fresh connection would "
-                "run it with other transaction characteristics or session parameters"
+                "run it with other transaction characteristics, session parameters, or a "
+                "session that started otherwise (a role's or database's defaults changed)"
             )
             self.leave_dead(connection, context, fresh, error)
             return None
@@ -187,27 +255,51 @@ class FreshConnections:
             connection.invalidate(error)
 
 
-# A replay waits this long at most for a lock (milliseconds): the old backend of a connection
+# A replayed statement runs this long at most (milliseconds): the old backend of a connection
 # lost to a cut the server did not see may hold the transaction's locks until it notices.
 REPLAY_LOCK_TIMEOUT_MS = 2000
 
 
-def replay_bounded(transcript: Transcript, fresh: PoolProxiedConnection) -> str | None:
-    """Replay ``transcript`` on ``fresh``, its lock waits bounded; the difference, or None.
+def replay_bounded(
+    transcript: Transcript, fresh: PoolProxiedConnection, lost_state: tuple[object, ...]
+) -> tuple[Literal["refused", "failed"], str] | None:
+    """Replay ``transcript`` on ``fresh``, each statement bounded; why not, or None if it did.
 
-    Two round trips more, on the replay only: the transaction's lock_timeout is set for the
-    replay, then put back to what it was, before the app's statement goes on.
+    First, on the replay path only, one round trip before the transaction begins: whether the
+    database lets a statement act outside its transaction, and whether the session user's role
+    membership is still what it was (`outside_effects`). Then each replayed statement gets
+    `REPLAY_LOCK_TIMEOUT_MS`: a client-side deadline that shuts the fresh connection's socket
+    down (`dropsafe._drivers.deadline`), so that the bound holds whatever the transaction sets
+    (its own ``SET LOCAL lock_timeout`` is replayed as it was, and left as it was).
     """
-    cursor = fresh.cursor()
-    cursor.execute(
-        "SELECT current_setting('lock_timeout'), "
-        f"set_config('lock_timeout', '{REPLAY_LOCK_TIMEOUT_MS}', true)"
-    )
-    (before, _), *_ = cursor.fetchall()
-    difference = transcript.replay_onto(fresh.cursor)
-    if difference is None:
-        quoted = str(before).replace("'", "''")  # the server's own value
-        cursor.execute(f"SELECT set_config('lock_timeout', '{quoted}', true)")
-        cursor.fetchall()
-    cursor.close()
-    return difference
+    learned = lost_state[-1]
+    if not isinstance(learned, tuple):  # replay_transaction on: learned at connect, or unknown
+        return "refused", "the lost connection's session start is unknown"
+    reason = outside_effects(fresh, learned)
+    if reason is not None:
+        return "refused", reason
+    connection = fresh.dbapi_connection
+    if connection is None or socket_fd(connection) is None:
+        return "refused", "the replay's waits cannot be bounded (no socket to watch)"
+    struck: list[bool] = []
+
+    @contextlib.contextmanager
+    def each_statement() -> Iterator[None]:
+        deadline = time.monotonic() + REPLAY_LOCK_TIMEOUT_MS / 1000
+        with bounded(connection, deadline) as bound:
+            try:
+                yield
+            finally:
+                struck.append(bound.expired)
+
+    try:
+        difference = transcript.replay_onto(fresh.cursor, each_statement)
+    except Exception:
+        if any(struck):
+            logger.debug("dropsafe's replay of a transaction ran out of time", exc_info=True)
+            return "failed", (
+                f"a replayed statement ran past {REPLAY_LOCK_TIMEOUT_MS} ms (a lock the old "
+                "backend may still hold): the fresh connection was closed"
+            )
+        raise
+    return None if difference is None else ("failed", difference)

@@ -240,6 +240,7 @@ class EngineGuard:
             *self.connects.listeners().items(),
             ("handle_error", self.invalidation.on_handle_error),
             *self.check.listeners().items(),
+            *self.replay.listeners().items(),
         ]
         for name, listener in listeners:
             event.listen(engine, name, listener)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
-from dropsafe._classify import turned_away
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections, replay_bounded
 from dropsafe._engine.replay_refusals import (
@@ -23,6 +22,7 @@ from dropsafe._engine.replay_refusals import (
     statement_refusal,
     timed_out,
 )
+from dropsafe._engine.server_facts import learn_session
 from dropsafe._engine.session_state import mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript
 from dropsafe._engine.unsent_commit import UnsentCommit
@@ -86,14 +86,14 @@ class FirstStatementReplay:
         self._state = state
         self._policy = policy
         self._refusals = ReplayRefusals(dialect, self._driver)
-        self._fresh = FreshConnections(dialect, self._driver, state)
+        self._records = self._enabled and policy.replay_transaction
+        self._fresh = FreshConnections(dialect, self._driver, state, learns=self._records)
         # Each SQLAlchemy root Transaction's record, for a replay past its first statement:
         # gone with the Transaction (its COMMIT or ROLLBACK ends it; the record holds no
         # reference to it, so that it can be collected).
         self._transcripts: weakref.WeakKeyDictionary[object, Transcript] = (
             weakref.WeakKeyDictionary()
         )
-        self._records = self._enabled and policy.replay_transaction
         self._caps = (
             int(policy.replay_max_statements),
             int(policy.replay_max_rows),
@@ -110,6 +110,14 @@ class FirstStatementReplay:
     def enabled(self) -> bool:
         """Whether this engine replays first statements (its policy and driver allow it)."""
         return self._enabled
+
+    def listeners(self) -> dict[str, Callable[..., None]]:
+        """Return the pool events this replay listens to, by name.
+
+        With the transaction replay on, each new connection's session start is learned at
+        connect (one query per connection made, none per checkout: `server_facts`).
+        """
+        return {"connect": learn_session} if self._records else {}
 
     def on_checked(self, checkout: PoolProxiedConnection, native: NativeConnection) -> None:
         """Mark ``checkout``'s next statement as its first; called by the checkout check.
@@ -136,21 +144,25 @@ class FirstStatementReplay:
         if not self._enabled:
             return
         dialect = self._dialect
-        execute, execute_no_params, executemany = (
-            dialect.do_execute,
-            dialect.do_execute_no_params,
-            dialect.do_executemany,
-        )
+        execute_no_params = dialect.do_execute_no_params
 
-        def do_execute(
-            cursor: DBAPICursor,
-            statement: str,
-            parameters: DBAPIParameters,
-            context: ExecutionContext | None = None,
-        ) -> None:
-            self._send(
-                cursor, statement, context, lambda on: execute(on, statement, parameters, context)
-            )
+        def with_parameters(method: Callable[..., None]) -> Callable[..., None]:
+            """``do_execute`` or ``do_executemany``, sent through `_send`."""
+
+            def send_with_parameters(
+                cursor: DBAPICursor,
+                statement: str,
+                parameters: DBAPIParameters,
+                context: ExecutionContext | None = None,
+            ) -> None:
+                self._send(
+                    cursor,
+                    statement,
+                    context,
+                    lambda on: method(on, statement, parameters, context),
+                )
+
+            return send_with_parameters
 
         def do_execute_no_params(
             cursor: DBAPICursor,
@@ -161,26 +173,13 @@ class FirstStatementReplay:
                 cursor, statement, context, lambda on: execute_no_params(on, statement, context)
             )
 
-        def do_executemany(
-            cursor: DBAPICursor,
-            statement: str,
-            parameters: DBAPIParameters,
-            context: ExecutionContext | None = None,
-        ) -> None:
-            self._send(
-                cursor,
-                statement,
-                context,
-                lambda on: executemany(on, statement, parameters, context),
-            )
-
         # Documented Dialect methods, replaced on this instance only (as do_rollback is by
         # quiet_rollback): attributes of the instance shadow the class's methods, so other
         # engines and the dialect class are untouched.
         vars(dialect).update(
-            do_execute=do_execute,
+            do_execute=with_parameters(dialect.do_execute),
             do_execute_no_params=do_execute_no_params,
-            do_executemany=do_executemany,
+            do_executemany=with_parameters(dialect.do_executemany),
         )
         if self._commits is not None:
             self._commits.wrap_commit()
@@ -260,8 +259,8 @@ class FirstStatementReplay:
                 raise
             text = describe_error(exc)
             try:
-                replayed = self._replay_first(
-                    connection, context, send, exc, lost_state, changes=changes
+                replayed = self._fresh.send_again(
+                    connection, context, send, exc, lost_state, changes=changes, waits=self._waits
                 )
             except Exception as again:  # raised as usual; said, so that operators see it
                 failed = describe_error(again)
@@ -274,52 +273,6 @@ class FirstStatementReplay:
             emit(self._hooks, FirstStatementReplayed(text))
             return True
         return False
-
-    def _replay_first(
-        self,
-        connection: Connection,
-        context: ExecutionContext,
-        send: Callable[[Any], None],
-        error: Exception,
-        lost_state: tuple[object, ...],
-        *,
-        changes: bool,
-    ) -> bool:
-        """Send the first statement again on a fresh connection; whether it was (`reconnect`).
-
-        A pooler with no server yet (its server restarting) closes the fresh connection before
-        it gives the statement to any server: the statement ran nowhere, so it is sent again on
-        another fresh connection while the pooler says so, until connect_wait is over.
-        """
-        sent_on: list[PoolProxiedConnection] = []
-
-        def replay() -> bool:
-            sent_on.clear()
-            fresh_cursor = self._fresh.reconnect(
-                connection, context, error, lost_state, changes=changes
-            )
-            if fresh_cursor is None:
-                return False
-            sent_on[:] = [connection.connection]
-            send(fresh_cursor)
-            return True
-
-        def turned_away_again(again: Exception) -> bool:
-            if again is error:  # no fresh connection at all: the connects waited already
-                return False
-            kept = (
-                self._driver.last_error_text(sent_on[0].dbapi_connection)
-                if sent_on and self._driver is not None
-                else ""
-            )
-            return turned_away(again, kept)
-
-        try:
-            return replay()
-        except Exception as again:
-            if not turned_away_again(again):
-                raise
-            return self._waits.try_again(replay, again, turned_away_again)
 
     # -- the transaction past its first statement ---------------------------------------------
 
@@ -454,15 +407,16 @@ class FirstStatementReplay:
             raise error
         fresh = connection.connection
         try:
-            difference = replay_bounded(transcript, fresh)
+            difference = replay_bounded(transcript, fresh, lost_state)
             if difference is None:
                 send(fresh_cursor)
         except Exception as again:  # the original error is the one to raise
             logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
-            difference = f"the replay failed: {describe_error(again)}"
+            difference = ("failed", f"the replay failed: {describe_error(again)}")
         if difference is not None:
             self._fresh.leave_dead(connection, context, fresh, error)  # the replay with it
-            refused(difference, "failed")
+            outcome, reason = difference
+            refused(reason, outcome)
             raise error
         mark_connection(fresh.driver_connection, changes=False)
         if self._commits is not None:

@@ -9,6 +9,7 @@ and nothing of the replay is kept. Why that is enough, and what is refused: docs
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import pickle
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from dropsafe._engine.session_state import may_change_session
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from contextlib import AbstractContextManager
 
     from dropsafe._dbapi import DBAPICursor, NativeConnection
 
@@ -136,11 +138,14 @@ class RecordingCursor:
     the app holds goes on where it was.
     """
 
-    __slots__ = ("cursor", "statement")
+    __slots__ = ("closed_by_app", "cursor", "statement")
 
     def __init__(self, cursor: DBAPICursor, statement: Statement) -> None:
         self.cursor = cursor
         self.statement = statement
+        # SQLAlchemy closes the cursor when the app closes its result (``.first()``, a
+        # result read to its end): a replay then keeps no cursor for it.
+        self.closed_by_app = False
 
     @property
     def description(self) -> object:
@@ -172,7 +177,8 @@ class RecordingCursor:
         return rows
 
     def close(self) -> None:
-        """Close the wrapped cursor."""
+        """Close the wrapped cursor; a replay will hold none for it."""
+        self.closed_by_app = True
         self.cursor.close()
 
     def __iter__(self) -> Iterator[Row]:
@@ -239,29 +245,59 @@ class Transcript:
         statement.reader = RecordingCursor(cursor, statement)
         return statement.reader
 
-    def replay_onto(self, new_cursor: Callable[[], DBAPICursor]) -> str | None:
+    def replay_onto(
+        self,
+        new_cursor: Callable[[], DBAPICursor],
+        bound: Callable[[], AbstractContextManager[None]],
+    ) -> str | None:
         """Send every statement again on fresh cursors; None if all results are the same.
 
-        Else the first difference, in words. The app's results are moved to the fresh cursors
-        only when every one matched: never a partial replay.
+        Else the first difference, in words. Each statement is sent inside ``bound()`` (the
+        replay's deadline). The app's results are moved to the fresh cursors only when every
+        one matched: never a partial replay. A result the app had closed gets no fresh cursor:
+        its cursor is closed once compared, so that the replay holds no more results at once
+        than the app did (ten ``.first()`` of large results: one at a time, not ten).
         """
-        fresh: list[DBAPICursor] = []
-        for number, statement in enumerate(self.statements, 1):
-            cursor = new_cursor()
-            statement.send(cursor)
-            rowcount = int(cursor.rowcount)
-            if rowcount != statement.rowcount:
-                return f"statement {number}'s rowcount was {statement.rowcount}, now {rowcount}"
-            digest = b""
-            for size in statement.batches:
-                rows = cursor.fetchmany(size)
-                if len(rows) != size:
-                    break
-                digest = rows_digest(rows, digest)
-            if digest != statement.digest:
-                return f"statement {number}'s rows differ from those the app received"
-            fresh.append(cursor)
-        for statement, cursor in zip(self.statements, fresh, strict=True):
-            if statement.reader is not None:
-                statement.reader.cursor = cursor
+        fresh: list[tuple[RecordingCursor, DBAPICursor]] = []
+        try:
+            for number, statement in enumerate(self.statements, 1):
+                cursor = new_cursor()
+                reader = statement.reader
+                if reader is not None and not reader.closed_by_app:
+                    fresh.append((reader, cursor))
+                with bound():
+                    statement.send(cursor)
+                difference = _compare(number, statement, cursor)
+                if difference is not None:
+                    return difference
+                if reader is None or reader.closed_by_app:
+                    cursor.close()
+        except BaseException:
+            _close_all(kept for _, kept in fresh)
+            raise
+        for reader, cursor in fresh:
+            reader.cursor = cursor
         return None
+
+
+def _compare(number: int, statement: Statement, cursor: DBAPICursor) -> str | None:
+    """How a replayed statement's result differs from what the app received, or None."""
+    rowcount = int(cursor.rowcount)
+    if rowcount != statement.rowcount:
+        return f"statement {number}'s rowcount was {statement.rowcount}, now {rowcount}"
+    digest = b""
+    for size in statement.batches:
+        rows = cursor.fetchmany(size)
+        if len(rows) != size:
+            break
+        digest = rows_digest(rows, digest)
+    if digest != statement.digest:
+        return f"statement {number}'s rows differ from those the app received"
+    return None
+
+
+def _close_all(cursors: Iterable[DBAPICursor]) -> None:
+    """Close the cursors of a replay that did not succeed (its connection is closed next)."""
+    for cursor in cursors:
+        with contextlib.suppress(Exception):
+            cursor.close()

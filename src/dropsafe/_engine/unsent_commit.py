@@ -133,13 +133,13 @@ class UnsentCommit:
             raise error
         switch_connection(connection, None, fresh)
         try:
-            difference = replay_bounded(transcript, fresh)
+            difference = replay_bounded(transcript, fresh, lost_state)
         except Exception as again:  # the original error is the one to raise
             logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
-            difference = f"the replay failed: {describe_error(again)}"
+            difference = ("failed", f"the replay failed: {describe_error(again)}")
         if difference is not None:
             self._fresh.leave_dead(connection, None, fresh, error)
-            refused(difference, "failed")
+            refused(*difference[::-1])
             raise error
         mark_connection(fresh.driver_connection, changes=False)
         # This COMMIT's own error, if any, is raised as it is: its bytes were sent.
