@@ -8,7 +8,8 @@ had said FATAL to the resolution's fresh connection between the reply to its que
 prepare and its bind: asyncpg read the goodbye with no operation running, its protocol waits
 for a ReadyForQuery that never comes, and the bind fails with a client error that is not
 classified as a lost connection, so the resolution gave up at once instead of asking again on
-another connection. The question was never sent: asking again is safe.
+another connection. The question was never sent: asking again is safe. asyncpg's "another
+operation (2) is in progress" (its error-consuming state) now reads as a lost connection.
 
 Here a relay makes that moment every time: it cuts the link right after the unit's COMMIT
 has passed (the server commits; the client loses the reply), then, on the resolution's
@@ -108,12 +109,6 @@ async def _relayed(server: object) -> AsyncIterator[_Relay]:
         await relay.stop()
 
 
-@pytest.mark.xfail(
-    raises=dropsafe.CommitOutcomeUnknown,
-    strict=True,
-    reason="library: asyncpg's InternalClientError after a goodbye is not retryable in "
-    "dropsafe._unit.resolution (the question was never sent); see the module's docstring",
-)
 async def test_a_goodbye_to_the_resolutions_question_is_asked_again(shared_server):
     shared_server.execute("CREATE TABLE IF NOT EXISTS goodbye_ledger (v int)")
     events: list[object] = []

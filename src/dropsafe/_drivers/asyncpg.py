@@ -150,7 +150,13 @@ class Asyncpg(Driver):
         sqlstate=_sqlstate,
         severity=_severity,
         client_errors={"TargetServerAttributeNotMatched": ErrorKind.FAILOVER},
-        disconnect_messages=("connection was closed in the middle of operation",),
+        disconnect_messages=(
+            "connection was closed in the middle of operation",
+            # The next operation on a connection whose server (or pooler) said goodbye while
+            # it sat idle: asyncpg read the FATAL with no operation running, stays in its
+            # error-consuming state (2) and refuses the operation before sending anything.
+            "another operation (2) is in progress",
+        ),
         failover_messages=("none of the hosts match the target attribute",),
     )
     tls = Tls(url_parameters={"ssl": "require"}, off_url_parameters={"ssl": "disable"})
