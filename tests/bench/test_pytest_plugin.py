@@ -1,5 +1,7 @@
 """The pytest plugin, as a user's suite sees it once dropsafe is installed."""
 
+import pytest
+
 USER_TEST = """
 import pytest
 import sqlalchemy as sa
@@ -21,6 +23,8 @@ def test_markers_are_registered():
 """
 
 
+# A hang guard: a user's suite in a subprocess took 75 s under two CPU burners (default 120).
+@pytest.mark.timeout(300)
 def test_fixtures_and_markers_reach_a_users_suite(pytester):
     pytester.makepyfile(test_user=USER_TEST)
     result = pytester.runpytest_subprocess("--strict-markers", "-p", "no:cacheprovider")
