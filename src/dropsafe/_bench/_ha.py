@@ -125,6 +125,8 @@ class VariantResult:
     lost_writes: list[Outcome] = field(default_factory=list)
     # dropsafe's AcknowledgedCommitLost events: acknowledged writes it reported a failover lost.
     reported_lost: int = 0
+    # When the event began (``time.monotonic()``, as each write's ``started`` and ``ended``).
+    event_at: float = float("nan")
 
 
 def variant_name(kind: Kind, driver: Driver, route: Route) -> str:
@@ -396,4 +398,5 @@ def _figures(writer: Writer, event_at: float, rows: Counter[str]) -> VariantResu
         error_kinds=dict(Counter(o.error for o in outcomes if o.result == "error")),
         lost_writes=lost,
         reported_lost=writer.reported_lost,
+        event_at=event_at,
     )
