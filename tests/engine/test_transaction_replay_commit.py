@@ -4,13 +4,17 @@ committed on a fresh connection; a COMMIT cut while in flight is never replayed.
 The backend is terminated between the transaction's last statement and its COMMIT, and the
 client sees the server's goodbye and close before the COMMIT is sent: the transaction cannot
 have committed. Before, the request failed at COMMIT (about ten per run of
-benchmarks/continuity.py with the transaction replay on). The negative: a COMMIT the server is
+benchmarks/continuity.py with the transaction replay on). The goodbye may also be there before
+the close (the backend sends its FATAL, then aborts, then closes): a relay that holds the close
+shows that window for as long as the test wants. The negative: a COMMIT the server is
 working on (a deferred constraint trigger that sleeps) when its backend is terminated may have
 committed as far as the client knows; it must raise, never be replayed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import select
 import threading
 import time
@@ -18,11 +22,14 @@ import time
 import pytest
 import sqlalchemy as sa
 from replay_faults import prepared_server
+from sqlalchemy.engine import make_url
 
 import dropsafe
 from dropsafe._drivers import driver_names, socket_fd_of
 from dropsafe._engine.guard import guard_of
 from dropsafe.events import TransactionReplayed
+from dropsafe.testing._runtime import wait_until
+from relays import CloseHoldingRelay
 
 pytestmark = pytest.mark.fault
 
@@ -107,6 +114,77 @@ async def test_async_a_backend_gone_before_commit_lands_the_write_once(
         raw = await conn.get_raw_connection()
         _goodbye_arrived(engine.sync_engine, raw.dbapi_connection)
     assert _count(server, 2) == 1
+    assert _outcomes(events) == [("replayed", None)]
+
+
+@contextlib.contextmanager
+def _close_holding_relay(server):
+    """A CloseHoldingRelay to ``server`` on a loop of its own (the sync drivers block theirs)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    relay = CloseHoldingRelay(server.host, server.port)
+    try:
+        asyncio.run_coroutine_threadsafe(relay.start(), loop).result(10)
+        yield relay
+    finally:
+        asyncio.run_coroutine_threadsafe(relay.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+def _goodbye_without_close(server, relay, sync_engine, dbapi_connection) -> None:
+    """Terminate the backend; return once its goodbye is readable and its close held back."""
+    _terminate_all(server)
+    wait_until(lambda: relay.closed_by_server >= 1, timeout=10, what="the server's close")
+    _goodbye_arrived(sync_engine, dbapi_connection)
+
+
+def _relayed_url(server, relay, driver: str) -> str:
+    """The server's URL (TLS kept: the relay passes bytes) through ``relay``."""
+    url = make_url(server.url(driver)).set(port=relay.port)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_goodbye_read_before_commit_but_no_close_lands_the_write_once(server, driver, disposing):
+    events = []
+    policy = dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(replay_transaction=True), hooks=(events.append,)
+    )
+    with _close_holding_relay(server) as relay:
+        url = _relayed_url(server, relay, driver)
+        engine = disposing(dropsafe.create_engine(url, policy=policy, pool_size=1))
+        with engine.begin() as conn:
+            conn.execute(sa.text("SELECT count(*) FROM unsent_commit")).scalar()
+            conn.execute(INSERT, {"v": 3})
+            _goodbye_without_close(server, relay, engine, conn.connection.dbapi_connection)
+        relay.release()
+        engine.dispose()
+    assert _count(server, 3) == 1
+    assert _outcomes(events) == [("replayed", None)]
+
+
+@pytest.mark.parametrize("driver", ASYNC)
+async def test_async_a_goodbye_read_before_commit_but_no_close_lands_the_write_once(
+    server, driver, disposing_async
+):
+    events = []
+    policy = dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(replay_transaction=True), hooks=(events.append,)
+    )
+    with _close_holding_relay(server) as relay:
+        url = _relayed_url(server, relay, driver)
+        engine = disposing_async(dropsafe.create_async_engine(url, policy=policy, pool_size=1))
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("SELECT count(*) FROM unsent_commit"))
+            await conn.execute(INSERT, {"v": 4})
+            raw = await conn.get_raw_connection()
+            _goodbye_without_close(server, relay, engine.sync_engine, raw.dbapi_connection)
+        relay.release()
+        await engine.dispose()
+    assert _count(server, 4) == 1
     assert _outcomes(events) == [("replayed", None)]
 
 

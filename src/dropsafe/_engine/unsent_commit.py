@@ -1,7 +1,7 @@
 """A COMMIT about to go on a connection known gone: replay the transaction, commit it elsewhere.
 
 Before the COMMIT is sent, the connection's socket is looked at (no round trip): the server's
-goodbye and its close already arrived (a terminated backend, a restart), or asyncpg's goodbye
+goodbye or its close already arrived (a terminated backend, a restart), or asyncpg's goodbye
 watch saw them. The backend has then exited: nothing it was sent after can commit, so the
 transaction certainly did not. The COMMIT is still sent (it fails at once, with the driver's
 own error: the one raised if the replay cannot be done), then the recorded transaction is
@@ -39,6 +39,9 @@ if TYPE_CHECKING:
 __all__ = ["UnsentCommit"]
 
 logger = SafeLogger()
+
+# What a look at a connection idle in a transaction, every reply read, sees of a backend gone.
+_GONE = frozenset({Health.CLOSED, Health.DATA_WAITING})
 
 
 class UnsentCommit:
@@ -94,9 +97,18 @@ class UnsentCommit:
         vars(dialect)["do_commit"] = do_commit
 
     def _gone(self, checkout: PoolProxiedConnection) -> bool:
-        """Whether the socket says the server already closed the connection (no round trip)."""
+        """Whether the socket says the backend already said goodbye or closed (no round trip).
+
+        Bytes waiting count as a goodbye: every reply of the transaction's statements was read
+        (a valid transcript means they went through SQLAlchemy, which reads them whole), and a
+        backend idle in a transaction sends nothing unasked but its goodbye before it exits
+        (FATAL: terminated, idle-in-transaction timeout, recovery conflict, shutdown; or the
+        WARNING of a crash); notifications wait for the transaction's end. The close follows
+        the goodbye only once the backend has aborted (milliseconds): without this, a COMMIT
+        sent in that window failed the request though it could not have committed.
+        """
         try:
-            return self._driver.probe(checkout.dbapi_connection) is Health.CLOSED
+            return self._driver.probe(checkout.dbapi_connection) in _GONE
         except Exception:  # a look that fails proves nothing: the COMMIT goes as usual
             logger.debug("dropsafe could not look at a connection before COMMIT", exc_info=True)
             return False
