@@ -23,6 +23,8 @@ import pytest
 import sqlalchemy as sa
 from replay_faults import prepared_server
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 import dropsafe
 from dropsafe._drivers import driver_names, socket_fd_of
@@ -44,6 +46,7 @@ CREATE FUNCTION unsent_commit_slow() RETURNS trigger LANGUAGE plpgsql AS $$ BEGI
 END $$;
 CREATE CONSTRAINT TRIGGER unsent_commit_slow AFTER INSERT ON unsent_commit
   DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION unsent_commit_slow();
+CREATE TABLE pinned_note (id serial PRIMARY KEY, token text NOT NULL);
 """
 COMMIT_RUNNING = "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'COMMIT%' AND state = 'active'"
 
@@ -56,7 +59,7 @@ def server():
 
 @pytest.fixture(autouse=True)
 def _empty(server):
-    server.execute("TRUNCATE unsent_commit")
+    server.execute("TRUNCATE unsent_commit, pinned_note")
 
 
 def _count(server, v: int) -> int:
@@ -241,3 +244,83 @@ async def test_async_a_commit_cut_in_flight_is_never_replayed(server, driver, di
     killer.join(10)
     assert _count(server, -2) == 0
     assert [outcome for outcome, _ in _outcomes(events)] == []
+
+
+# -- the ORM's generated id: the INSERT is replayed with the id the app already holds ---------
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class PinnedNote(_Base):
+    """A row whose id the database generates (serial) and the ORM reads back (RETURNING)."""
+
+    __tablename__ = "pinned_note"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token: Mapped[str]
+
+
+def _stored(server, token: str) -> list[tuple[str, ...]]:
+    return server.execute(f"SELECT id FROM pinned_note WHERE token = '{token}'")
+
+
+@pytest.mark.parametrize("later", ["commit", "statement"])
+@pytest.mark.parametrize("driver", SYNC)
+def test_an_orm_insert_is_replayed_with_the_id_the_app_holds(server, driver, later, disposing):
+    events = []
+    engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
+    with Session(engine) as session:
+        note = PinnedNote(token=f"sync-{driver}-{later}")
+        session.add(note)
+        session.flush()  # INSERT ... RETURNING id: the app holds the id now
+        held = note.id
+        _terminate_all(server)
+        _goodbye_arrived(engine, session.connection().connection.dbapi_connection)
+        if later == "statement":  # lost at a later statement: replayed there
+            assert session.scalar(sa.select(sa.func.count()).select_from(PinnedNote)) == 1
+        session.commit()
+    assert _stored(server, f"sync-{driver}-{later}") == [(str(held),)]
+    assert _outcomes(events) == [("replayed", None)]
+
+
+@pytest.mark.parametrize("driver", ASYNC)
+async def test_async_an_orm_insert_is_replayed_with_the_id_the_app_holds(
+    server, driver, disposing_async
+):
+    events = []
+    engine = disposing_async(_engine(dropsafe.create_async_engine, server, driver, events))
+    async with AsyncSession(engine) as session:
+        note = PinnedNote(token=f"async-{driver}")
+        session.add(note)
+        await session.flush()
+        held = note.id
+        _terminate_all(server)
+        raw = await (await session.connection()).get_raw_connection()
+        _goodbye_arrived(engine.sync_engine, raw.dbapi_connection)
+        await session.commit()
+    assert _stored(server, f"async-{driver}") == [(str(held),)]
+    assert _outcomes(events) == [("replayed", None)]
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_an_id_taken_meanwhile_fails_the_replay_with_the_original_error(server, driver, disposing):
+    events = []
+    engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
+    with Session(engine) as session:
+        note = PinnedNote(token="mine")  # noqa: S106 # a row tag, not a secret
+        session.add(note)
+        session.flush()
+        held = note.id
+        _terminate_all(server)
+        _goodbye_arrived(engine, session.connection().connection.dbapi_connection)
+        server.execute(f"INSERT INTO pinned_note (id, token) VALUES ({held}, 'theirs')")
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            session.commit()
+    assert raised.value.connection_invalidated
+    assert _stored(server, "mine") == []
+    assert _stored(server, "theirs") == [(str(held),)]
+    [(outcome, reason)] = _outcomes(events)
+    assert outcome == "failed"
+    assert "duplicate key" in reason or "unique" in reason

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections, replay_bounded
+from dropsafe._engine.pinned_insert import pinned_insert
 from dropsafe._engine.replay_refusals import (
     OPT_OUT,
     ReplayRefusals,
@@ -332,7 +333,8 @@ class FirstStatementReplay:
         if reason is not None:
             transcript.refuse(reason)
             return
-        reader = transcript.record(send, context.cursor, _size(statement, context))
+        pin = pinned_insert(context, statement) if context.isinsert else None
+        reader = transcript.record(send, context.cursor, _size(statement, context), pin)
         if reader is not None:
             # Documented; what SQLAlchemy reads the result from (no cast(): a call per statement).
             context.cursor = reader  # type: ignore[assignment]
