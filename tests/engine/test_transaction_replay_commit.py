@@ -25,6 +25,7 @@ from replay_faults import prepared_server
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.util import await_
 
 import dropsafe
 from dropsafe._drivers import driver_names, socket_fd_of
@@ -188,6 +189,46 @@ async def test_async_a_goodbye_read_before_commit_but_no_close_lands_the_write_o
         relay.release()
         await engine.dispose()
     assert _count(server, 4) == 1
+    assert _outcomes(events) == [("replayed", None)]
+
+
+async def test_asyncpg_a_goodbye_read_as_the_commit_goes_lands_the_write_once(
+    server, disposing_async, monkeypatch
+):
+    """The look before COMMIT saw nothing; the goodbye arrived, and asyncpg read it, just after.
+
+    asyncpg then refuses the COMMIT before sending it (``cannot switch to state 15; another
+    operation (2) is in progress``): provably not committed (4 of the 5 COMMIT failures of
+    benchmarks/continuity.py's FastAPI app under killed backends, with the replay on).
+    """
+    events = []
+    policy = dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(replay_transaction=True), hooks=(events.append,)
+    )
+    with _close_holding_relay(server) as relay:
+        url = _relayed_url(server, relay, "asyncpg")
+        engine = disposing_async(dropsafe.create_async_engine(url, policy=policy, pool_size=1))
+        driver = guard_of(engine.sync_engine).driver
+        look = driver.probe
+
+        def look_then_goodbye(dbapi_connection):
+            health = look(dbapi_connection)
+            _goodbye_without_close(server, relay, engine.sync_engine, dbapi_connection)
+            for _ in range(2):  # the event loop runs before the COMMIT: asyncpg reads it
+                await_(asyncio.sleep(0))
+            return health
+
+        async with engine.connect() as conn:
+            await conn.execute(sa.text("SELECT count(*) FROM unsent_commit"))
+            await conn.execute(INSERT, {"v": 5})
+            monkeypatch.setattr(driver, "probe", look_then_goodbye)
+            try:
+                await conn.commit()
+            finally:
+                monkeypatch.undo()
+        relay.release()
+        await engine.dispose()
+    assert _count(server, 5) == 1
     assert _outcomes(events) == [("replayed", None)]
 
 

@@ -97,7 +97,7 @@ class PinnedInsert:
         variant: Any = statement.compile(dialect=dialect, column_keys=columns)
         if _returning(variant.string) != returning:
             try:
-                variant = statement.returning(*compiled.effective_returning).compile(
+                variant = statement.returning(*(compiled.effective_returning or ())).compile(
                     dialect=dialect, column_keys=columns
                 )
             except InvalidRequestError:  # return_defaults(): not pinned
