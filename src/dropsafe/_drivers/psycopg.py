@@ -83,6 +83,12 @@ class Psycopg(libpq.Libpq):
         native = driver_connection(dbapi_connection)
         return bool(native.closed or native.broken)
 
+    def last_error_text(self, dbapi_connection: DBAPIConnection) -> str:
+        # libpq's whole message, kept after the connection closed: a later operation raises
+        # only "the connection is lost", without the server's FATAL that ended it.
+        text = getattr(driver_connection(dbapi_connection).info, "error_message", "")
+        return text if isinstance(text, str) else ""
+
     def transaction_characteristics(
         self, dbapi_connection: DBAPIConnection
     ) -> tuple[object, ...] | None:
