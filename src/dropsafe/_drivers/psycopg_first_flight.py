@@ -34,6 +34,8 @@ __all__ = ["cursor_classes", "install", "rides_first_flight"]
 _RIDES = re.compile(r"\s*(?:select|insert|update|delete|with)\b", re.IGNORECASE)
 #: libpq's CONNECTION_OK (psycopg.pq.ConnStatus.OK): a connection not lost.
 _OK = 0
+#: libpq's PGRES_FATAL_ERROR (psycopg.pq.ExecStatus.FATAL_ERROR).
+_FATAL_ERROR = 7
 
 
 def rides_first_flight(query: object) -> bool:
@@ -111,7 +113,7 @@ def _private(psycopg: Any) -> Any:  # noqa: ANN401 - modules and classes of psyc
         psycopg.Cursor: ("_execute_gen", "_start_query", "_convert_query", "_maybe_prepare_gen"),
         psycopg.AsyncCursor: ("_execute_gen",),
         psycopg.Connection: ("_get_tx_start_command", "_start_query", "_check_connection_ok"),
-        BasePipeline: ("_enqueue_sync", "_communicate_gen", "_fetch_gen"),
+        psycopg.generators: ("send", "fetch_many"),
     }
     if all(hasattr(owner, name) for owner, names in needed.items() for name in names):
         return BasePipeline
@@ -126,64 +128,82 @@ def _begin_with(  # noqa: PLR0917 - execute's own arguments
     prepare: bool | None,
     binary: bool | None,
 ) -> Generator[Any, Any, None]:
-    """``Cursor._execute_gen`` with its transaction's BEGIN in the statement's pipeline."""
+    """``Cursor._execute_gen`` with its transaction's BEGIN in the statement's pipeline.
+
+    psycopg's cursor steps queue the statement on ``pipeline`` (set as the connection's, as
+    ``conn.pipeline()`` sets it); the flight is sent and read here, with psycopg's own
+    generators, one result set per queued entry as its pipeline reads them.
+    """
     conn = cursor._conn  # noqa: SLF001 - psycopg's steps, in the order its own execute runs them
     pgconn = conn.pgconn
+    generators = _generators()
     conn._check_connection_ok()  # noqa: SLF001
     pgconn.enter_pipeline_mode()
-    pipeline.level = 1
-    conn._pipeline = pipeline  # noqa: SLF001 - its cursor steps queue the statement on it
+    conn._pipeline = pipeline  # noqa: SLF001
+    unsent: Exception | None = None
     try:
         # Sent (into libpq's buffer) rather than queued: the status libpq reports is ACTIVE
         # from here, so psycopg's own _start_query below sends no BEGIN of its own.
         pgconn.send_query_params(conn._get_tx_start_command(), None)  # noqa: SLF001
-        pipeline.result_queue.append(None)
         try:
             yield from cursor._start_query(query)  # noqa: SLF001
             pgq = cursor._convert_query(query, params)  # noqa: SLF001
             yield from cursor._maybe_prepare_gen(pgq, prepare=prepare, binary=binary)  # noqa: SLF001
-        except Exception:
+        except Exception as exc:  # noqa: BLE001 - raised below, after BEGIN's reply
             # Nothing of the statement goes; BEGIN does, as psycopg's own runs it before it
-            # converts the parameters: the connection is left in the state psycopg leaves.
-            pipeline.command_queue.clear()
+            # converts the parameters: the connection is left as psycopg leaves it.
             pipeline.result_queue.clear()
-            pipeline.result_queue.append(None)
-            yield from _sync(pipeline)
-            raise
-        yield from _sync(pipeline)
+            unsent = exc
+        else:
+            for command in pipeline.command_queue:  # into libpq's buffer, all sent at once
+                command()
+        pgconn.pipeline_sync()
+        yield from generators.send(pgconn)
+        began = yield from generators.fetch_many(pgconn)
+        replies = []
+        for _ in pipeline.result_queue:
+            replies.append((yield from generators.fetch_many(pgconn)))  # noqa: PERF401 - yields
+        yield from generators.fetch_many(pgconn)  # the Sync's
     finally:
         conn._pipeline = None  # noqa: SLF001
-        pipeline.level = 0
         if pgconn.status == _OK and pgconn.pipeline_status:
             pgconn.exit_pipeline_mode()
+    # The first error is BEGIN's when BEGIN failed (the statement is then only "aborted").
+    _raise_if_failed(began, pgconn)
+    if unsent is not None:
+        raise unsent
+    for queued, results in zip(pipeline.result_queue, replies, strict=True):
+        if queued is None:  # a Parse of psycopg's, for a statement prepared from now on
+            _raise_if_failed(results, pgconn)
+            continue
+        owner, prepared = queued
+        if prepared:
+            conn._prepared.validate(*prepared, results)  # noqa: SLF001
+        owner._check_results(results)  # noqa: SLF001
+        owner._set_results(results)  # noqa: SLF001
     cursor._last_query = query  # noqa: SLF001
     yield from conn._prepared.maintain_gen(conn)  # noqa: SLF001
 
 
-def _sync(pipeline: Any) -> Generator[Any, Any, None]:  # noqa: ANN401 - psycopg's BasePipeline
-    """Send what is queued and one Sync in one flight; read every reply; raise the first error.
+def _raise_if_failed(results: list[Any], pgconn: Any) -> None:  # noqa: ANN401 - psycopg's
+    """Raise the error one queued command's results hold, as psycopg's pipeline does."""
+    for result in results:
+        if result.status == _FATAL_ERROR:
+            raise _psycopg_errors().error_from_result(result, encoding=pgconn._encoding)  # noqa: SLF001
 
-    The first error is BEGIN's when BEGIN failed (the statement then reports only that the
-    pipeline was aborted), else the statement's.
-    """
-    queue = pipeline.command_queue
-    while queue:  # into libpq's buffer: the flush below sends them all at once
-        queue.popleft()()
-    pipeline._enqueue_sync()  # noqa: SLF001
-    first: Exception | None = None
-    try:
-        yield from pipeline._communicate_gen()  # noqa: SLF001
-    except Exception as exc:  # noqa: BLE001 - raised below, once the rest is read
-        first = exc
-    if pipeline.pgconn.status == _OK:
-        try:
-            yield from pipeline._fetch_gen(flush=False)  # noqa: SLF001
-        except Exception as exc:
-            if first is None:
-                raise
-            raise first from exc
-    if first is not None:
-        raise first
+
+@functools.cache
+def _generators() -> Any:  # noqa: ANN401 - psycopg.generators
+    import psycopg
+
+    return psycopg.generators
+
+
+@functools.cache
+def _psycopg_errors() -> Any:  # noqa: ANN401 - psycopg.errors
+    import psycopg
+
+    return psycopg.errors
 
 
 def install(native: Any) -> bool:  # noqa: ANN401 - a psycopg connection
