@@ -437,3 +437,64 @@ def test_which_statements_ride() -> None:
     assert not rides_first_flight("SET LOCAL x = 1")
     assert not rides_first_flight(b"SELECT 1")
     assert not rides_first_flight("selecting")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_standby_refusing_read_write_is_the_error_on_both_paths(face) -> None:
+    """``postgresql_readonly=False`` on a hot standby: BEGIN READ WRITE refused, as before.
+
+    The statement would have run alone (a session setting): it did not, and the error raised,
+    with the option on, is the one psycopg's own BEGIN gets with it off.
+    """
+    mark = sa.text("SELECT set_config('application_name', 'the statement ran', false)")
+    with PostgresServer(tls=False) as primary, primary.make_standby() as standby:
+        url = sa.make_url(standby.url("psycopg", sslmode="disable"))
+        if face == "async":
+            url = url.set(drivername="postgresql+psycopg_async")
+        seen = []
+        for on in (True, False):
+            if face == "sync":
+                engine = dropsafe.create_engine(url, policy=_policy(first_flight=on))
+                try:
+                    seen.append(_refused_sync(engine, mark))
+                finally:
+                    engine.dispose()
+            else:
+                seen.append(asyncio.run(asyncio.wait_for(_refused_async(url, on, mark), 30)))
+    assert seen[0] == seen[1]
+    _kind, _sqlstate, message, name = seen[0]
+    assert "read-write" in message, seen
+    assert name != "the statement ran"
+
+
+def _refused_sync(engine, mark):
+    with engine.connect() as connection:
+        tuned = connection.execution_options(postgresql_readonly=False)
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            tuned.execute(mark)
+        tuned.rollback()
+        native = connection.connection.dbapi_connection
+        native.autocommit = True  # no BEGIN: the standby refuses READ WRITE ones
+        name = native.execute("SHOW application_name").fetchone()[0]
+        native.autocommit = False
+    error = raised.value.orig
+    return type(error).__name__, error.sqlstate, str(error).splitlines()[0], name
+
+
+async def _refused_async(url, on, mark):
+    engine = dropsafe.create_async_engine(url, policy=_policy(first_flight=on), pool_size=1)
+    try:
+        async with engine.connect() as connection:
+            tuned = await connection.execution_options(postgresql_readonly=False)
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                await tuned.execute(mark)
+            await tuned.rollback()
+            native = (await connection.get_raw_connection()).driver_connection
+            await native.set_autocommit(True)  # no BEGIN: the standby refuses READ WRITE ones
+            name = (await (await native.execute("SHOW application_name")).fetchone())[0]
+            await native.set_autocommit(False)
+    finally:
+        await engine.dispose()
+    error = raised.value.orig
+    return type(error).__name__, error.sqlstate, str(error).splitlines()[0], name
