@@ -309,6 +309,20 @@ def _shapes(table):
             cursor.execute(f"SELECT 1; INSERT INTO {table} VALUES (60)")
             return cursor.statusmessage, native.info.transaction_status
 
+    def large_statement(session):
+        big = "x" * 2_000_000  # past libpq's output buffer: flushed in several writes
+        return session.execute(sa.text("SELECT length(:big)"), {"big": big}).scalar()
+
+    def notice(session):
+        session.execute(
+            sa.text(
+                "CREATE FUNCTION pg_temp.noisy() RETURNS int LANGUAGE plpgsql"
+                " AS $$BEGIN RAISE NOTICE 'hello'; RETURN 1; END$$"
+            )
+        )
+        session.commit()
+        return session.execute(sa.text("SELECT pg_temp.noisy()")).scalar()
+
     return {
         name: shape
         for name, shape in locals().items()
@@ -498,3 +512,46 @@ async def _refused_async(url, on, mark):
         await engine.dispose()
     error = raised.value.orig
     return type(error).__name__, error.sqlstate, str(error).splitlines()[0], name
+
+
+@pytest.mark.parametrize("first_flight", [True, False], ids=["first-flight", "begin-alone"])
+def test_a_cancelled_first_flight_leaves_the_connection_as_psycopg_does(
+    shared_server, first_flight
+) -> None:
+    """asyncio cancels a first statement in flight: psycopg cancels it on the server, reads
+    the rest, and the connection goes on (failed transaction, then a new one), either way."""
+    classes = cursor_classes()
+    assert classes is not None
+    url = sa.make_url(shared_server.url("psycopg")).set(drivername="postgresql")
+    conninfo = url.render_as_string(hide_password=False)
+    factory = classes[1] if first_flight else psycopg.AsyncCursor
+
+    async def main():
+        native = await psycopg.AsyncConnection.connect(conninfo, cursor_factory=factory)
+        async with native:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(native.execute("SELECT pg_sleep(20)"), 0.3)
+            failed = native.info.transaction_status
+            await native.rollback()
+            answer = (await (await native.execute("SELECT 42")).fetchone())[0]
+            return int(failed), answer, int(native.pgconn.pipeline_status)
+
+    failed, answer, pipeline = asyncio.run(asyncio.wait_for(main(), DEADLINE_S))
+    assert (failed, answer, pipeline) == (int(psycopg.pq.TransactionStatus.INERROR), 42, 0)
+
+
+def test_a_flight_abandoned_midway_closes_its_connection(shared_server) -> None:
+    """Its wait given up with replies unread: nothing more is sent on it (closed, not reused)."""
+    classes = cursor_classes()
+    assert classes is not None
+    url = sa.make_url(shared_server.url("psycopg")).set(drivername="postgresql")
+    with psycopg.connect(
+        url.render_as_string(hide_password=False), cursor_factory=classes[0]
+    ) as native:
+        cursor = native.cursor()
+        flight = cursor._execute_gen("SELECT pg_sleep(2)")
+        next(flight)  # sent; waiting for the replies
+        flight.close()
+        assert native.broken or native.closed
+        with pytest.raises(psycopg.OperationalError):
+            native.execute("SELECT 1")

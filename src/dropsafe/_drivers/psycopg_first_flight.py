@@ -166,8 +166,7 @@ def _begin_with(  # noqa: PLR0917 - execute's own arguments
         yield from generators.fetch_many(pgconn)  # the Sync's
     finally:
         conn._pipeline = None  # noqa: SLF001
-        if pgconn.status == _OK and pgconn.pipeline_status:
-            pgconn.exit_pipeline_mode()
+        _leave_pipeline(pgconn)
     # The first error is BEGIN's when BEGIN failed (the statement is then only "aborted").
     _raise_if_failed(began, pgconn)
     if unsent is not None:
@@ -183,6 +182,22 @@ def _begin_with(  # noqa: PLR0917 - execute's own arguments
         owner._set_results(results)  # noqa: SLF001
     cursor._last_query = query  # noqa: SLF001
     yield from conn._prepared.maintain_gen(conn)  # noqa: SLF001
+
+
+def _leave_pipeline(pgconn: Any) -> None:  # noqa: ANN401 - psycopg's PGconn
+    """Leave libpq's pipeline mode; a connection that cannot (replies left unread) is closed.
+
+    Replies are left unread only when the flight was abandoned midway (its wait given up):
+    nothing can tell which of them belong to what, so nothing more is sent on it, and the app
+    gets psycopg's "the connection is closed" at its next use, which SQLAlchemy takes for a
+    lost connection.
+    """
+    if pgconn.status != _OK or not pgconn.pipeline_status:
+        return
+    try:
+        pgconn.exit_pipeline_mode()
+    except Exception:  # noqa: BLE001 - closed, said by its next use
+        pgconn.finish()
 
 
 def _raise_if_failed(results: list[Any], pgconn: Any) -> None:  # noqa: ANN401 - psycopg's
