@@ -136,7 +136,6 @@ def _begin_with(  # noqa: PLR0917 - execute's own arguments
     """
     conn = cursor._conn  # noqa: SLF001 - psycopg's steps, in the order its own execute runs them
     pgconn = conn.pgconn
-    generators = _generators()
     conn._check_connection_ok()  # noqa: SLF001
     pgconn.enter_pipeline_mode()
     conn._pipeline = pipeline  # noqa: SLF001
@@ -158,12 +157,8 @@ def _begin_with(  # noqa: PLR0917 - execute's own arguments
             for command in pipeline.command_queue:  # into libpq's buffer, all sent at once
                 command()
         pgconn.pipeline_sync()
-        yield from generators.send(pgconn)
-        began = yield from generators.fetch_many(pgconn)
-        replies = []
-        for _ in pipeline.result_queue:
-            replies.append((yield from generators.fetch_many(pgconn)))  # noqa: PERF401 - yields
-        yield from generators.fetch_many(pgconn)  # the Sync's
+        # BEGIN's, one per queued entry, the Sync's.
+        began, *replies, _ = yield from _read_flight(pgconn, 2 + len(pipeline.result_queue))
     finally:
         conn._pipeline = None  # noqa: SLF001
         _leave_pipeline(pgconn)
@@ -182,6 +177,26 @@ def _begin_with(  # noqa: PLR0917 - execute's own arguments
         owner._set_results(results)  # noqa: SLF001
     cursor._last_query = query  # noqa: SLF001
     yield from conn._prepared.maintain_gen(conn)  # noqa: SLF001
+
+
+def _read_flight(pgconn: Any, count: int) -> Generator[Any, Any, list[list[Any]]]:  # noqa: ANN401
+    """Send the flight and read ``count`` result sets; on a lost connection, the server's words.
+
+    A server (or a pooler: PgBouncer's "server login has been failing") that answers with an
+    error and then closes the connection: that error is raised, not the closed connection's,
+    as psycopg's own ``fetch_many`` does when an error came before the connection went.
+    """
+    generators = _generators()
+    replies: list[list[Any]] = []
+    try:
+        yield from generators.send(pgconn)
+        for _ in range(count):
+            replies.append((yield from generators.fetch_many(pgconn)))  # noqa: PERF401 - yields
+    except _psycopg_errors().DatabaseError:
+        for results in replies:
+            _raise_if_failed(results, pgconn)
+        raise
+    return replies
 
 
 def _leave_pipeline(pgconn: Any) -> None:  # noqa: ANN401 - psycopg's PGconn
