@@ -48,7 +48,7 @@ def cursor_classes() -> tuple[type[Any], type[Any]] | None:
     """Return cursor classes for psycopg (sync, async) that send BEGIN in the first flight.
 
     None where psycopg or its libpq cannot (no pipeline mode: libpq before 14), or where
-    psycopg's private steps this relies on are not there (a version not tried: 3.1 to 3.3 are).
+    psycopg's private steps this relies on are not there (a version not tried: 3.3 is).
     """
     import psycopg
     from psycopg import pq
@@ -95,6 +95,7 @@ def cursor_classes() -> tuple[type[Any], type[Any]] | None:
 
     for cls in (FirstFlightCursor, AsyncFirstFlightCursor):
         cls.__module__ = __name__
+        cls.__qualname__ = cls.__name__
     return FirstFlightCursor, AsyncFirstFlightCursor
 
 
