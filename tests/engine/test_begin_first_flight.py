@@ -309,6 +309,14 @@ def _shapes(table):
             cursor.execute(f"SELECT 1; INSERT INTO {table} VALUES (60)")
             return cursor.statusmessage, native.info.transaction_status
 
+    def driver_pipeline(session):
+        native = session.connection().connection.dbapi_connection
+        native.rollback()  # SQLAlchemy's transaction has not sent anything yet
+        with native.pipeline():
+            native.execute(insert, (90,))
+            native.execute(insert, (91,))
+        return native.execute(f"SELECT count(*) FROM {table} WHERE v >= 90").fetchone()[0]
+
     def large_statement(session):
         big = "x" * 2_000_000  # past libpq's output buffer: flushed in several writes
         return session.execute(sa.text("SELECT length(:big)"), {"big": big}).scalar()
