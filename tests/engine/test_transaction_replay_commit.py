@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import select
+import signal
 import threading
 import time
 
@@ -31,6 +32,7 @@ import dropsafe
 from dropsafe._drivers import driver_names, socket_fd_of
 from dropsafe._engine.guard import guard_of
 from dropsafe.events import TransactionReplayed
+from dropsafe.testing import PostgresServer, ServerError
 from dropsafe.testing._runtime import wait_until
 from relays import CloseHoldingRelay
 
@@ -404,3 +406,44 @@ def test_an_id_taken_meanwhile_fails_the_replay_with_the_original_error(server, 
     [(outcome, reason)] = _outcomes(events)
     assert outcome == "failed"
     assert "duplicate key" in reason or "unique" in reason
+
+
+@pytest.mark.own_server
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_key_a_crash_gave_back_to_its_sequence_is_not_kept(driver, disposing):
+    """A crash restart loses the sequence's advance still in WAL buffers: it draws the key again.
+
+    Kept on replay, that key's row would make the next INSERT fail on the primary key (seen in
+    benchmarks/continuity.py's FastAPI app under immediate restarts: a later request failed with
+    "duplicate key value violates unique constraint notes_pkey"). The replay is refused instead.
+    """
+    with PostgresServer(settings={"wal_writer_delay": "10s"}) as server:  # WAL kept in memory
+        server.execute("CREATE TABLE pinned_note (id serial PRIMARY KEY, token text NOT NULL)")
+        server.execute("CHECKPOINT")  # the sequence's next advance is a WAL record of its own
+        events = []
+        engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
+        with Session(engine) as session:
+            session.add(PinnedNote(token="kept"))  # noqa: S106 # a row tag
+            session.flush()
+            dbapi_connection = session.connection().connection.dbapi_connection
+            assert server.signal_backend(_backend_pid(dbapi_connection), signal.SIGKILL)
+            _goodbye_arrived(engine, dbapi_connection)
+            wait_until(_answers(server), timeout=30, what="crash recovery")
+            with pytest.raises(sa.exc.DBAPIError):
+                session.commit()
+        assert server.execute("SELECT count(*) FROM pinned_note") == [("0",)]
+        server.execute("INSERT INTO pinned_note (token) VALUES ('next')")  # no duplicate key
+        [(outcome, reason)] = _outcomes(events)
+    assert outcome == "failed"
+    assert "sequence" in reason
+
+
+def _answers(server):
+    def ready() -> bool:
+        try:
+            server.execute("SELECT 1")
+        except ServerError:
+            return False
+        return True
+
+    return ready

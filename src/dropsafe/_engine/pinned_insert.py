@@ -17,6 +17,8 @@ differs refuses the replay.
 Only where that holds plainly: one row (not executemany, not a batch of rows), SQLAlchemy's own
 compiled ``Insert`` sent as compiled (no schema translation), the table's autoincrement integer
 key not given by the app and returned, an integer with no conversion on its way to the driver.
+And only while the key's sequence is past the key: a crash restart can give the key back to the
+sequence (its advance was still in WAL buffers), and the next INSERT would draw it again.
 """
 
 from __future__ import annotations
@@ -58,8 +60,12 @@ class PinnedInsert:
         if type(value) is int:
             self.value = value
 
-    def send(self, cursor: DBAPICursor) -> bool:
-        """Send the INSERT with the kept key on ``cursor``; False (nothing sent) if it cannot."""
+    def send(self, cursor: DBAPICursor) -> bool | str:
+        """Send the INSERT with the kept key on ``cursor``: True if sent.
+
+        False (nothing sent) where it cannot be pinned: the INSERT is then sent as it was. A
+        reason (nothing sent) where the key must not be kept: the replay is refused.
+        """
         value = self.value
         if value is None:
             return False
@@ -78,8 +84,31 @@ class PinnedInsert:
             parameters = type(self._sent)(by_name[name] for name in order)
         else:
             return False
+        if not self._sequence_past(cursor, value):
+            return (
+                f"the sequence of {self._column} is not past the key the app holds, {value} "
+                "(a crash restart lost its advance): kept, it would be drawn again"
+            )
         cursor.execute(variant.string, parameters)
         return True
+
+    def _sequence_past(self, cursor: DBAPICursor, value: int) -> bool:
+        """Whether the key's sequence has moved past ``value`` (one value is drawn to see).
+
+        A crash restart loses a sequence's advance still in WAL buffers: it then draws the
+        lost transaction's key again, and a row kept with that key fails the next INSERT.
+        Past it, the advance is in WAL that this replay's COMMIT flushes. No sequence of its
+        own (a key set by a trigger, a default of another sequence): not past.
+        """
+        table = self._context.dialect.identifier_preparer.format_table(self._column.table)
+        names = (_literal(table), _literal(self._column.name))
+        if None in names:
+            return False
+        cursor.execute(  # no parameters: the values are in the text, quoted
+            f"SELECT nextval(pg_get_serial_sequence({names[0]}, {names[1]})) > {int(value)}"
+        )
+        row = cursor.fetchone()
+        return row is not None and row[0] is True
 
     def _variant(self) -> SQLCompiler | None:
         """Compile the INSERT with the key among its columns, returning what it returned.
@@ -105,6 +134,13 @@ class PinnedInsert:
         if returning is None or _returning(variant.string) != returning:
             return None
         return variant  # type: ignore[no-any-return]
+
+
+def _literal(text: str) -> str | None:
+    """``text`` as an SQL string literal; None where quoting alone may not do (a backslash)."""
+    if "\\" in text:
+        return None
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _returning(sql: str) -> str | None:

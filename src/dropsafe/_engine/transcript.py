@@ -289,9 +289,11 @@ class Transcript:
                 if reader is not None and not reader.closed_by_app:
                     fresh.append((reader, cursor))
                 with bound():
-                    pin = statement.pin
-                    if pin is None or not pin.send(cursor):
+                    pinned = False if statement.pin is None else statement.pin.send(cursor)
+                    if not pinned:
                         statement.send(cursor)
+                if isinstance(pinned, str):
+                    return f"statement {number} cannot be sent again as the app saw it: {pinned}"
                 difference = _compare(number, statement, cursor)
                 if difference is not None:
                     return difference
