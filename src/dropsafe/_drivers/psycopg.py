@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import AdaptedConnection
 
 from dropsafe._classify import DriverErrors, ErrorKind
-from dropsafe._drivers import libpq, psycopg_rollback
+from dropsafe._drivers import libpq, psycopg_first_flight, psycopg_rollback
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
@@ -64,6 +64,10 @@ class Psycopg(libpq.Libpq):
             cparams["prepare_threshold"] = None
             added.add("prepare_threshold")
         return added
+
+    def begin_in_first_flight(self, dbapi_connection: DBAPIConnection) -> bool:
+        # BEGIN sent in a pipeline with the transaction's first statement: one flight, not two.
+        return psycopg_first_flight.install(driver_connection(dbapi_connection))
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async
