@@ -313,6 +313,36 @@ def test_a_fresh_connection_lost_once_the_replay_began_is_not_replaced(
     assert [outcome for outcome, _ in _outcomes(events)] == ["failed"]
 
 
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_new_connection_lost_while_its_start_is_read_is_not_left_in_autocommit(
+    server, driver, disposing
+):
+    """The session's start is read at connect in autocommit, then autocommit is put back.
+
+    On a connection lost meanwhile, psycopg2 refuses to put it back: the connection stayed in
+    autocommit, and the next unit of work on it was refused as one run under AUTOCOMMIT
+    (a ConfigurationError, never retried: tests/examples/test_flask_sqlalchemy.py under
+    faults with the URL flag's transaction replay). It is closed instead: the pool replaces it.
+    """
+    events = []
+    engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
+    lost = []
+
+    def lose_the_first(dbapi_connection, _record):
+        if not lost:
+            lost.append(_backend_pid(dbapi_connection))
+            server.execute(f"SELECT pg_terminate_backend({lost[0]}, 5000)")
+            _goodbye_arrived(engine, dbapi_connection)
+
+    with engine.connect():  # SQLAlchemy's first connect initializes its dialect: done
+        pass
+    engine.pool.dispose()
+    sa.event.listen(engine.pool, "connect", lose_the_first, insert=True)  # before dropsafe's
+    dropsafe.run_transaction(engine, lambda conn: conn.execute(INSERT, {"v": 9}))
+    assert lost
+    assert _count(server, 9) == 1
+
+
 def _terminate_when_commit_runs(server, done: threading.Event) -> threading.Thread:
     def run() -> None:
         deadline = time.monotonic() + 10
