@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import pytest
+
 from dropsafe._cli import main
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
-
-    import pytest
 
 # Each section's heading, rows that show the fair comparisons, and its pictures.
 SECTIONS = {
@@ -52,3 +53,19 @@ def check_quick_section(section: str, out: Path, capsys: pytest.CaptureFixture[s
     for picture in pictures:
         assert (out / picture).stat().st_size > 10_000
     assert str(out / "RESULTS.md") in capsys.readouterr().out
+
+
+def quick_section_test(section: str) -> Callable[..., None]:
+    """Return the test that runs ``section``, for its file to hold as a ``test_`` name."""
+    if section == "half-open":
+
+        def test(tmp_path: Path, capsys: pytest.CaptureFixture[str], kernel_blackhole) -> None:
+            del kernel_blackhole  # a skip where the packet filter cannot be changed
+            check_quick_section(section, tmp_path, capsys)
+
+    else:
+
+        def test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+            check_quick_section(section, tmp_path, capsys)
+
+    return pytest.mark.slow(pytest.mark.fault(pytest.mark.timeout(400)(test)))

@@ -1,20 +1,9 @@
 """The quick benchmark's half-open section: how long a request on a blackholed link lasts.
 
-A file of its own, so that pytest-xdist's loadfile spreads the quick benchmark's sections
-over the workers (tests/tools/bench_sections.py says why).
+A file of its own: loadfile then spreads the sections over the workers (see bench_sections).
 """
 
-from __future__ import annotations
-
-import pytest
-from bench_sections import check_quick_section
+from bench_sections import quick_section_test
 
 SECTION = "half-open"
-
-
-@pytest.mark.slow
-@pytest.mark.fault
-@pytest.mark.timeout(400)
-def test_quick_benchmark_writes_its_section(tmp_path, capsys, kernel_blackhole) -> None:
-    del kernel_blackhole  # a skip where the packet filter cannot be changed
-    check_quick_section(SECTION, tmp_path, capsys)
+test_quick_benchmark_writes_its_section = quick_section_test(SECTION)

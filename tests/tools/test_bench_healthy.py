@@ -1,19 +1,9 @@
 """The quick benchmark's healthy path: every variant's throughput and latency, side by side.
 
-A file of its own, so that pytest-xdist's loadfile spreads the quick benchmark's sections
-over the workers (tests/tools/bench_sections.py says why).
+A file of its own: loadfile then spreads the sections over the workers (see bench_sections).
 """
 
-from __future__ import annotations
-
-import pytest
-from bench_sections import check_quick_section
+from bench_sections import quick_section_test
 
 SECTION = "healthy"
-
-
-@pytest.mark.slow
-@pytest.mark.fault
-@pytest.mark.timeout(400)
-def test_quick_benchmark_writes_its_section(tmp_path, capsys) -> None:
-    check_quick_section(SECTION, tmp_path, capsys)
+test_quick_benchmark_writes_its_section = quick_section_test(SECTION)

@@ -2,7 +2,8 @@
 
 A history through PgBouncer runs on the explorer's own server with PgBouncer (transaction or
 session mode) between the app and it; the fault strikes a flight on one side of the pooler,
-and the same checker judges the server afterwards.
+and the same checker judges the server afterwards (tests/tools/test_explorer.py plants a
+duplicate behind PgBouncer and sees it reported).
 """
 
 from __future__ import annotations
@@ -10,13 +11,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import sqlalchemy as sa
 
-import dropsafe
-from dropsafe._bench import _shapes
 from dropsafe._bench._explore import Explorer, History
 from dropsafe._bench._pooler import ROUTES
-from dropsafe._bench._shapes import CATALOG, Effects, Shape
+from dropsafe._bench._shapes import CATALOG
 
 pytestmark = [
     pytest.mark.fault,
@@ -79,29 +77,3 @@ def test_a_backend_behind_pgbouncer_is_found_and_terminated(explorer) -> None:
     assert record.fired
     assert "fault failed" not in record.outcome.detail
     assert (record.outcome.kind, record.violation) == ("ok", None), record.outcome.detail
-
-
-def _inserts_twice(ctx: _shapes.Context) -> object:
-    engine = ctx.engine()
-
-    def unit(session: sa.orm.Session) -> None:
-        session.execute(sa.text("INSERT INTO effects (tag) VALUES ('a')"))
-        session.execute(sa.text("INSERT INTO effects (tag) VALUES ('a')"))
-
-    return dropsafe.run_transaction(sa.orm.sessionmaker(engine), unit)
-
-
-def test_a_planted_duplicate_through_pgbouncer_is_reported(explorer, monkeypatch) -> None:
-    planted = Shape(
-        "planted_duplicate_pooled",
-        "a unit that writes its row twice, through PgBouncer",
-        lambda ctx: Effects(_shapes._rows("a")),
-        _inserts_twice,
-        drivers=("psycopg2",),
-        route="pgbouncer_tx",
-    )
-    monkeypatch.setitem(CATALOG, planted.name, planted)
-    record = explorer.run(History(planted.name, "psycopg2", "none", 0))
-    assert record.outcome.kind == "ok"
-    assert record.violation is not None
-    assert "2x (want 1)" in record.violation
