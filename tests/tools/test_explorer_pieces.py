@@ -179,14 +179,19 @@ def test_a_pooler_gives_drivers_what_transaction_mode_needs() -> None:
 
     assert driver_kw("asyncpg", ROUTES["direct"]) == {}
     assert driver_kw("asyncpg", ROUTES["pgbouncer_session"]) == {}
-    asyncpg = driver_kw("asyncpg", ROUTES["pgbouncer_tx"])["connect_args"]
+    # Declared to dropsafe (ConnectionPolicy.pooler): dropsafe sets the drivers up.
+    assert ROUTES["pgbouncer_tx"].pooler == "transaction"
+    assert driver_kw("asyncpg", ROUTES["pgbouncer_tx"]) == {}
+    assert driver_kw("psycopg", ROUTES["pgbouncer_tx_upstream"]) == {}
+    # Not declared: the app sets them up by hand, as their documentation says.
+    undeclared = ROUTES["pgbouncer_tx_undeclared"]
+    assert undeclared.pooler is None
+    asyncpg = driver_kw("asyncpg", undeclared)["connect_args"]
     assert asyncpg["statement_cache_size"] == 0
     names = asyncpg["prepared_statement_name_func"]
     assert names() != names()  # one backend's statement is never another's
-    assert driver_kw("psycopg", ROUTES["pgbouncer_tx_upstream"]) == {
-        "connect_args": {"prepare_threshold": None}
-    }
-    assert driver_kw("psycopg2", ROUTES["pgbouncer_tx"]) == {}
+    assert driver_kw("psycopg", undeclared) == {"connect_args": {"prepare_threshold": None}}
+    assert driver_kw("psycopg2", undeclared) == {}
 
 
 def test_the_bench_refuses_a_driver_it_makes_no_url_for() -> None:

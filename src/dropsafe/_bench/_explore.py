@@ -471,8 +471,8 @@ class Explorer:
         name = DRIVERS[driver][0]
         parameters = dict(driver_named(name).tls.off_url_parameters)
         pooler = self._pooler(ROUTES[route])
-        if pooler is not None and ROUTES[route].pool_mode == "transaction" and name == "asyncpg":
-            parameters["prepared_statement_cache_size"] = "0"  # SQLAlchemy's, as documented
+        if driver_kw(name, ROUTES[route]) and name == "asyncpg":
+            parameters["prepared_statement_cache_size"] = "0"  # by hand, as SQLAlchemy says
         query = "&".join(f"{k}={v}" for k, v in parameters.items())
         port = self.proxy.port if pooler is None else pooler.front.port
         secret = self.server.password
@@ -482,10 +482,12 @@ class Explorer:
         }
 
     @staticmethod
-    def policy() -> dropsafe.Policy:
-        """Short bounds: every hang in a history ends within a few seconds."""
+    def policy(route: Route = ROUTES["direct"]) -> dropsafe.Policy:
+        """Short bounds: every hang in a history ends within a few seconds; the route's pooler."""
         return dropsafe.Policy(
-            connection=dropsafe.ConnectionPolicy(connect_timeout=2, tcp_user_timeout=2),
+            connection=dropsafe.ConnectionPolicy(
+                connect_timeout=2, tcp_user_timeout=2, pooler=route.pooler
+            ),
             unit=dropsafe.UnitPolicy(
                 deadline=UNIT_DEADLINE_S,
                 backoff_initial=0.01,
@@ -546,10 +548,11 @@ class Explorer:
         struck, *others = proxies = self._proxies(route)
         ctx = Context(
             self.urls(history.driver, route.name),
-            self.policy(),
+            self.policy(route),
             nonce,
             struck.pause,
             engine_kw=driver_kw(DRIVERS[history.driver][0], route),
+            pooler=route.pooler,
         )
         for proxy in others:
             proxy.reset(None)

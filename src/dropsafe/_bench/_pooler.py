@@ -2,10 +2,16 @@
 
 A *route* says how a shape's app reaches the server, and on which side its faults strike::
 
-    direct:                 app -> flight proxy -> server
-    pgbouncer_tx:           app -> flight proxy (struck) -> PgBouncer -> flight proxy -> server
-    pgbouncer_tx_upstream:  app -> flight proxy -> PgBouncer -> flight proxy (struck) -> server
-    pgbouncer_session:      as pgbouncer_tx, PgBouncer in session mode
+    direct:                   app -> flight proxy -> server
+    pgbouncer_tx:             app -> flight proxy (struck) -> PgBouncer -> flight proxy -> server
+    pgbouncer_tx_upstream:    app -> flight proxy -> PgBouncer -> flight proxy (struck) -> server
+    pgbouncer_session:        as pgbouncer_tx, PgBouncer in session mode
+    pgbouncer_tx_undeclared:  as pgbouncer_tx, the pooler not told to dropsafe
+
+The app tells dropsafe about the pooler as docs/settings.md says (``ConnectionPolicy.pooler``,
+``dropsafe_pooler`` in a plugin URL): dropsafe then sets the drivers up for it and replays no
+transaction behind it. ``pgbouncer_tx_undeclared`` is the app that does not: it sets its
+drivers up by hand as their own documentation says, and dropsafe's replays stay on.
 
 Struck on the client's side, a flight's link is the app's link to PgBouncer: behind a
 transaction-mode pooler that link has a backend only while a transaction runs. A fault aimed
@@ -42,6 +48,13 @@ class Route:
     name: str
     pool_mode: PoolMode | None = None
     struck: Literal["client", "server"] = "client"
+    #: The app tells dropsafe about the pooler (`dropsafe.ConnectionPolicy.pooler`).
+    declared: bool = True
+
+    @property
+    def pooler(self) -> PoolMode | None:
+        """Return what the app sets `dropsafe.ConnectionPolicy.pooler` to."""
+        return self.pool_mode if self.declared else None
 
 
 ROUTES: dict[str, Route] = {
@@ -51,6 +64,7 @@ ROUTES: dict[str, Route] = {
         Route("pgbouncer_tx", "transaction"),
         Route("pgbouncer_tx_upstream", "transaction", "server"),
         Route("pgbouncer_session", "session"),
+        Route("pgbouncer_tx_undeclared", "transaction", declared=False),
     )
 }
 
@@ -65,13 +79,14 @@ def pgbouncer_missing() -> str | None:
 
 
 def driver_kw(driver: str, route: Route) -> dict[str, Any]:
-    """Return the engine arguments an app gives ``driver`` behind ``route``'s pooler.
+    """Return the engine arguments an app gives ``driver`` by hand behind ``route``'s pooler.
 
     In transaction mode a prepared statement lives on one backend and the next transaction
     may run on another: asyncpg's and psycopg's server-side statements are turned off, as
-    SQLAlchemy and psycopg document for PgBouncer (1.18 here tracks none of them).
+    SQLAlchemy and psycopg document for PgBouncer (1.18 here tracks none of them). An app that
+    declares its pooler leaves this to dropsafe.
     """
-    if route.pool_mode != "transaction":
+    if route.pool_mode != "transaction" or route.declared:
         return {}
     if driver == "asyncpg":
         return {

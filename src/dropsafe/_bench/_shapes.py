@@ -76,6 +76,8 @@ class Context:
     engines: list[Any] = field(default_factory=list)
     #: What every engine of the run is made with besides its URL (a pooler's driver settings).
     engine_kw: dict[str, Any] = field(default_factory=dict)
+    #: The pooler the app declares (in ``policy``, and in a plugin URL as ``dropsafe_pooler``).
+    pooler: str | None = None
 
     def engine(self, db: str = "a", **kw: object) -> sa.Engine:
         """Make a dropsafe engine on database ``db``, connected once, disposed after the run."""
@@ -468,6 +470,8 @@ def _request_faces(
 
 def _plugin_request_sync(ctx: Context) -> object:
     url = ctx.urls["a"] + ("&" if "?" in ctx.urls["a"] else "?") + "plugin=dropsafe"
+    if ctx.pooler is not None:
+        url += f"&dropsafe_pooler={ctx.pooler}"
     return _request(ctx.warm(sa.create_engine(url, **ctx.engine_kw)), _insert("a"))
 
 
@@ -764,11 +768,21 @@ POOLED: dict[str, tuple[str, ...]] = {
     ),
     "pgbouncer_tx_upstream": ("session_insert", "plain_request", "mid_transaction_request"),
     "pgbouncer_session": ("session_insert", "plain_request", "mid_transaction_request"),
+    "pgbouncer_tx_undeclared": (
+        "session_insert",
+        "plain_request",
+        "mid_transaction_request",
+        "mid_transaction_orm",
+    ),
 }
 _ROUTE_WHAT = {
     "pgbouncer_tx": "PgBouncer in transaction mode, struck between the app and it",
     "pgbouncer_tx_upstream": "PgBouncer in transaction mode, struck between it and the server",
     "pgbouncer_session": "PgBouncer in session mode, struck between the app and it",
+    "pgbouncer_tx_undeclared": (
+        "PgBouncer in transaction mode not told to dropsafe (drivers set up by hand), "
+        "struck between the app and it"
+    ),
 }
 CATALOG.update(
     {
