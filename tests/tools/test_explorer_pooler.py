@@ -47,6 +47,7 @@ def _step(explorer: Explorer, shape: str, driver: str, label: str) -> int:
         ("plain_request_via_pgbouncer_tx", "psycopg"),
         ("mid_transaction_request_via_pgbouncer_tx_upstream", "psycopg2"),
         ("session_insert_via_pgbouncer_session", "psycopg-async"),
+        ("mid_transaction_request_via_pgbouncer_tx_undeclared", "asyncpg"),
     ],
 )
 def test_a_pooled_shape_runs_through_pgbouncer_and_is_checked(explorer, shape, driver) -> None:
