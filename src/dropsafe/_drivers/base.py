@@ -262,6 +262,15 @@ class Driver:
         del dbapi_connection
         return None
 
+    def refused_unsent(self, error: BaseException) -> bool:
+        """Whether ``error`` is the driver refusing an operation, unsent, on a lost connection.
+
+        Proof that nothing of the operation left the client, where a driver gives it (a COMMIT
+        so refused cannot have committed); False when unsure.
+        """
+        del error
+        return False
+
     def last_error_text(self, dbapi_connection: DBAPIConnection) -> str:
         """Return what the connection kept of its last error ("" if nothing), beyond the exception.
 

@@ -27,6 +27,7 @@ from dropsafe._engine.session_state import (
     snapshot,
 )
 from dropsafe._log import SafeLogger
+from dropsafe._redaction import describe_error
 from dropsafe._sqlalchemy_private import switch_connection
 
 if TYPE_CHECKING:
@@ -136,6 +137,46 @@ class FreshConnections:
             if not turned_away_again(again):
                 raise
             return waits.try_again(replay, again, turned_away_again)
+
+    def replay(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        lost: tuple[Callable[[Any], None], Exception, tuple[object, ...], Transcript],
+        refused: Callable[..., None],
+        also_lost: Callable[[Exception, PoolProxiedConnection], bool],
+    ) -> tuple[PoolProxiedConnection, tuple[Literal["refused", "failed"], str] | None]:
+        """Replay a transaction, then its lost statement, on a fresh connection (a second if lost).
+
+        ``lost`` is what was lost: the statement's sender, its error, the lost connection's
+        session state, the transaction's transcript. Returns the fresh connection and why the
+        replay did not hold (None: it did). Raises the lost statement's error when no fresh
+        connection in that session state can be had. A fresh connection lost while the replay
+        runs on it (``also_lost``: the server restarting again) had no COMMIT sent: nothing of
+        the replay can have committed there, so the replay runs once more on another.
+        """
+        send, error, lost_state, transcript = lost
+        for attempt in range(1, REPLAY_ATTEMPTS + 1):
+            try:
+                fresh_cursor = self.reconnect(connection, context, error, lost_state, changes=False)
+            except Exception:
+                refused("no fresh connection could be set up for it", "failed")
+                raise
+            if fresh_cursor is None:
+                refused("a fresh connection would not be in the same session state")
+                raise error
+            fresh = connection.connection
+            try:
+                difference = replay_bounded(transcript, fresh, lost_state)
+                if difference is None:
+                    send(fresh_cursor)
+            except Exception as again:  # the original error is the one to raise
+                logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
+                if attempt < REPLAY_ATTEMPTS and also_lost(again, fresh):
+                    continue
+                difference = ("failed", f"the replay failed: {describe_error(again)}")
+            return fresh, difference
+        raise AssertionError  # the last attempt returns
 
     def reconnect(
         self,
@@ -254,6 +295,10 @@ class FreshConnections:
             logger.debug("dropsafe could not close a fresh connection", exc_info=True)
             connection.invalidate(error)
 
+
+#: Fresh connections one transaction replay may use: a second when the first is lost while the
+#: replay runs on it (a restart after a restart), no more (each waits out connects on its own).
+REPLAY_ATTEMPTS = 2
 
 # A replayed statement runs this long at most (milliseconds): the old backend of a connection
 # lost to a cut the server did not see may hold the transaction's locks until it notices.
