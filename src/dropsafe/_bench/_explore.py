@@ -70,6 +70,9 @@ _DRY = Context({}, dropsafe.Policy(), "")
 _SCHEMAS = (APP_ROLE, TENANT, "public")
 _WAIT_S = 15.0
 HOLD_S = 1.0
+#: How long the ``outage`` fault keeps the server down: as long as a fast restart here, and as
+#: long as the bench's PgBouncer turns clients away after a failed server login.
+OUTAGE_S = 1.0
 UNIT_DEADLINE_S = 4.0
 
 
@@ -259,6 +262,17 @@ FAULTS: dict[str, Fault] = {
             server_can_tell=False,
         ),
         Fault(
+            "outage",
+            f"flight done, immediate stop, reply lost (reset); the server is back {OUTAGE_S:.0f} s"
+            " later (a checkout waits; behind PgBouncer, its failed login turns clients away)",
+            "after",
+            "rst",
+            "outage",
+            slow=True,
+            crashes=True,
+            server_can_tell=False,
+        ),
+        Fault(
             "stats_reset",
             "flight done, pg_stat_reset_shared('bgwriter'), reply lost (reset)",
             "after",
@@ -415,6 +429,8 @@ class Explorer:
     poolers: dict[str, Pooler] = field(default_factory=dict)
     #: The route of the history running now (its fault actions find backends through it).
     _route: Route = ROUTES["direct"]
+    #: Starts of the server after an ``outage``, pending until the history's end.
+    _outages: list[threading.Timer] = field(default_factory=list)
 
     def __enter__(self) -> Explorer:
         self.server = PostgresServer(tls=False, settings={"max_prepared_transactions": "10"})
@@ -435,6 +451,7 @@ class Explorer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._end_outages()
         self._resume_stopped()
         for connection in self._admin.values():
             connection.close()
@@ -563,6 +580,7 @@ class Explorer:
         if strike is not None and strike.acting and not strike.done.wait(90):
             outcome = Outcome(outcome.kind, f"{outcome.detail}; the fault never finished")
         labels = [flight.label for flight in struck.query_flights()]
+        self._end_outages()
         for proxy in proxies:
             proxy.reset(None)
         self._resume_stopped()
@@ -762,6 +780,24 @@ class Explorer:
     def _do_restart(self, port: int) -> None:
         del port
         self.server.restart("immediate")
+
+    def _do_outage(self, port: int) -> None:
+        del port
+        self.server.stop("immediate")
+        back = threading.Timer(OUTAGE_S, self._start_server)
+        back.daemon = True
+        back.start()
+        self._outages.append(back)
+
+    def _start_server(self) -> None:
+        # A start that failed is made again, and reported, by the check's _wait_accepting.
+        with contextlib.suppress(ServerError):
+            self.server.start()
+
+    def _end_outages(self) -> None:
+        """Wait for the server's start after each outage (before anyone else starts it)."""
+        while self._outages:
+            self._outages.pop().join(_WAIT_S + OUTAGE_S)
 
     def _do_stats_reset(self, port: int) -> None:
         del port
