@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from dropsafe._bench._explore import Explorer, History
+from dropsafe._bench._explore import OUTAGE_S, Explorer, History
 from dropsafe._bench._pooler import ROUTES
 from dropsafe._bench._shapes import CATALOG
 
@@ -78,3 +78,13 @@ def test_a_backend_behind_pgbouncer_is_found_and_terminated(explorer) -> None:
     assert record.fired
     assert "fault failed" not in record.outcome.detail
     assert (record.outcome.kind, record.violation) == ("ok", None), record.outcome.detail
+
+
+def test_an_outage_behind_pgbouncer_is_waited_out(explorer) -> None:
+    """The server down for a second: PgBouncer's server login fails, the unit waits it out."""
+    shape, driver = "session_insert_via_pgbouncer_tx", "psycopg2"
+    step = _step(explorer, shape, driver, "Q BEGIN")
+    record = explorer.run(History(shape, driver, "outage", step))
+    assert record.fired
+    assert (record.outcome.kind, record.violation) == ("ok", None), record.outcome.detail
+    assert record.seconds >= OUTAGE_S  # it met the server down, and waited
