@@ -30,9 +30,10 @@ from sqlalchemy.util import await_
 
 import dropsafe
 from dropsafe._drivers import driver_names, socket_fd_of
+from dropsafe._engine import fresh_connection
 from dropsafe._engine.guard import guard_of
 from dropsafe.events import TransactionReplayed
-from dropsafe.testing import PostgresServer, ServerError
+from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
 from dropsafe.testing._runtime import wait_until
 from relays import CloseHoldingRelay
 
@@ -271,6 +272,75 @@ def test_a_replay_whose_fresh_connection_is_lost_too_goes_on_on_another(server, 
     assert len(connects) == 2
     assert _count(server, 6) == 1
     assert _outcomes(events) == [("replayed", None)]
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_fresh_connection_lost_once_the_replay_began_is_not_replaced(
+    server, driver, disposing, monkeypatch
+):
+    """A replayed statement that crashes its backend would crash the server again and again.
+
+    So a fresh connection lost after the replay began sending the transaction on it is not
+    replaced: here the link is cut right after the replay's first question, and the original
+    error is raised, with one fresh connection made.
+    """
+    events = []
+    asked = fresh_connection.ask_before_replay
+    with ChaosProxy(server.host, server.port) as proxy:
+
+        def ask_then_cut(fresh, lost_state):
+            reason = asked(fresh, lost_state)
+            proxy.cut("rst")
+            return reason
+
+        monkeypatch.setattr(fresh_connection, "ask_before_replay", ask_then_cut)
+        policy = dropsafe.Policy(
+            pool=dropsafe.PoolPolicy(replay_transaction=True), hooks=(events.append,)
+        )
+        url = proxy.route(server.url(driver))
+        engine = disposing(dropsafe.create_engine(url, policy=policy, pool_size=1))
+        connects = []
+        sa.event.listen(engine, "connect", lambda dbapi_connection, _: connects.append(1))
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT count(*) FROM unsent_commit")).scalar()
+            conn.execute(INSERT, {"v": 8})
+            proxy.cut("rst")
+            with pytest.raises(sa.exc.DBAPIError) as raised:
+                conn.execute(sa.text("SELECT count(*) FROM unsent_commit"))
+            assert raised.value.connection_invalidated
+    assert len(connects) == 2  # the first connection, and one fresh one
+    assert _count(server, 8) == 0
+    assert [outcome for outcome, _ in _outcomes(events)] == ["failed"]
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_new_connection_lost_while_its_start_is_read_is_not_left_in_autocommit(
+    server, driver, disposing
+):
+    """The session's start is read at connect in autocommit, then autocommit is put back.
+
+    On a connection lost meanwhile, psycopg2 refuses to put it back: the connection stayed in
+    autocommit, and the next unit of work on it was refused as one run under AUTOCOMMIT
+    (a ConfigurationError, never retried: tests/examples/test_flask_sqlalchemy.py under
+    faults with the URL flag's transaction replay). It is closed instead: the pool replaces it.
+    """
+    events = []
+    engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
+    lost = []
+
+    def lose_the_first(dbapi_connection, _record):
+        if not lost:
+            lost.append(_backend_pid(dbapi_connection))
+            server.execute(f"SELECT pg_terminate_backend({lost[0]}, 5000)")
+            _goodbye_arrived(engine, dbapi_connection)
+
+    with engine.connect():  # SQLAlchemy's first connect initializes its dialect: done
+        pass
+    engine.pool.dispose()
+    sa.event.listen(engine.pool, "connect", lose_the_first, insert=True)  # before dropsafe's
+    dropsafe.run_transaction(engine, lambda conn: conn.execute(INSERT, {"v": 9}))
+    assert lost
+    assert _count(server, 9) == 1
 
 
 def _terminate_when_commit_runs(server, done: threading.Event) -> threading.Thread:

@@ -18,7 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Literal
 
 from dropsafe._drivers.base import Health
-from dropsafe._engine.fresh_connection import replay_bounded
+from dropsafe._engine.fresh_connection import ask_before_replay, replay_bounded
 from dropsafe._engine.session_state import mark_connection
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -144,7 +144,7 @@ class UnsentCommit:
             raise error
         switch_connection(connection, None, fresh)
         try:
-            difference = replay_bounded(transcript, fresh, lost_state)
+            difference = ask_before_replay(fresh, lost_state) or replay_bounded(transcript, fresh)
         except Exception as again:  # the original error is the one to raise
             logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
             difference = ("failed", f"the replay failed: {describe_error(again)}")
