@@ -8,12 +8,15 @@ baseline with dropsafe's TCP settings, and 0 ms cells that bypass the proxy.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from bench_sections import SECTIONS, file_running
 
 from dropsafe._bench._engines import (
     Variant,
@@ -41,47 +44,22 @@ def _wait_for(ready, timeout: float) -> bool:
     return ready()
 
 
-# What each section of the quick run must write: its heading, rows that show the fair
-# comparisons, and its pictures. One test per section: parallel workers run them side by side.
-SECTIONS = {
-    "healthy": (
-        "## Healthy path",
-        ("| psycopg | psycopg_pool check |",),
-        ("healthy_query.png", "healthy_write.png"),
-    ),
-    "recovery": ("## Recovery", (), ("recovery.png",)),
-    "half-open": (
-        "## Half-open",
-        # With libpq's defaults, a half-open request outlasts the cap.
-        ("| psycopg2 | pre_ping + TCP settings |", "> 15 (capped)"),
-        ("half_open.png",),
-    ),
-    "ledger": ("## Chaos ledger", (), ()),
-}
-
-
-@pytest.mark.slow
-@pytest.mark.fault
-@pytest.mark.timeout(400)
-@pytest.mark.parametrize("section", list(SECTIONS))
-def test_quick_benchmark_writes_every_section(tmp_path, capsys, kernel_blackhole, section):
-    heading, rows, pictures = SECTIONS[section]
-    assert main(["bench", "--quick", "--only", section, "--out", str(tmp_path)]) == 0
-    report = (tmp_path / "RESULTS.md").read_text()
-    assert heading in report
-    for row in rows:
-        assert row in report
-    assert report.count("Fairness:") == 1  # one per section
-    assert "load average" in report
-    for picture in pictures:
-        assert (tmp_path / picture).stat().st_size > 10_000
-    assert str(tmp_path / "RESULTS.md") in capsys.readouterr().out
-
-
 def test_every_section_of_the_quick_benchmark_is_checked():
+    """Every section of `dropsafe bench` has its expectations and a test file that runs it."""
     from dropsafe._bench import SECTIONS as ALL
 
     assert set(SECTIONS) == set(ALL)
+    here = Path(__file__).parent
+    for section in ALL:
+        path = here / file_running(section)
+        assert path.exists(), f"no test file runs the {section} section: {path.name}"
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert section == module.SECTION
+        assert callable(module.test_quick_benchmark_writes_its_section)
 
 
 def test_unknown_section_is_refused(capsys):

@@ -18,6 +18,7 @@ import dropsafe
 from dropsafe._bench import _shapes
 from dropsafe._bench._explore import Explorer, History
 from dropsafe._bench._explore_report import replay_command
+from dropsafe._bench._pooler import pgbouncer_missing
 from dropsafe._bench._shapes import CATALOG, Effects, Shape
 
 BUDGET_S = 60.0
@@ -67,13 +68,22 @@ def _inserts_twice(ctx: _shapes.Context) -> object:
     return dropsafe.run_transaction(sa.orm.sessionmaker(engine), unit)
 
 
-def test_a_planted_duplicate_is_reported_on_a_real_server(explorer, monkeypatch) -> None:
+_WITHOUT_PGBOUNCER = pytest.mark.skipif(
+    pgbouncer_missing() is not None, reason=str(pgbouncer_missing())
+)
+
+
+@pytest.mark.parametrize(
+    "route", ["direct", pytest.param("pgbouncer_tx", marks=_WITHOUT_PGBOUNCER)]
+)
+def test_a_planted_duplicate_is_reported_on_a_real_server(explorer, monkeypatch, route) -> None:
     planted = Shape(
         "planted_duplicate",
         "a unit that writes its row twice",
         lambda ctx: Effects(_shapes._rows("a")),
         _inserts_twice,
         drivers=("psycopg2",),
+        route=route,
     )
     monkeypatch.setitem(CATALOG, planted.name, planted)
     record = explorer.run(History(planted.name, "psycopg2", "none", 0))

@@ -161,6 +161,39 @@ def test_every_shape_has_a_face_and_every_fault_a_known_phase() -> None:
     assert {fault.phase for fault in FAULTS.values()} <= {"before", "after"}
 
 
+def test_every_shape_goes_a_known_route_and_the_pooled_ones_are_in_the_catalog() -> None:
+    from dropsafe._bench._pooler import ROUTES
+    from dropsafe._bench._shapes import POOLED
+
+    assert {shape.route for shape in CATALOG.values()} == set(ROUTES)
+    for route, bases in POOLED.items():
+        for base in bases:
+            pooled = CATALOG[f"{base}_via_{route}"]
+            assert pooled.route == route
+            assert pooled.faces() == CATALOG[base].faces()
+            assert pooled.zero_code == CATALOG[base].zero_code
+
+
+def test_a_pooler_gives_drivers_what_transaction_mode_needs() -> None:
+    from dropsafe._bench._pooler import ROUTES, driver_kw
+
+    assert driver_kw("asyncpg", ROUTES["direct"]) == {}
+    assert driver_kw("asyncpg", ROUTES["pgbouncer_session"]) == {}
+    # Declared to dropsafe (ConnectionPolicy.pooler): dropsafe sets the drivers up.
+    assert ROUTES["pgbouncer_tx"].pooler == "transaction"
+    assert driver_kw("asyncpg", ROUTES["pgbouncer_tx"]) == {}
+    assert driver_kw("psycopg", ROUTES["pgbouncer_tx_upstream"]) == {}
+    # Not declared: the app sets them up by hand, as their documentation says.
+    undeclared = ROUTES["pgbouncer_tx_undeclared"]
+    assert undeclared.pooler is None
+    asyncpg = driver_kw("asyncpg", undeclared)["connect_args"]
+    assert asyncpg["statement_cache_size"] == 0
+    names = asyncpg["prepared_statement_name_func"]
+    assert names() != names()  # one backend's statement is never another's
+    assert driver_kw("psycopg", undeclared) == {"connect_args": {"prepare_threshold": None}}
+    assert driver_kw("psycopg2", undeclared) == {}
+
+
 def test_the_bench_refuses_a_driver_it_makes_no_url_for() -> None:
     from dropsafe import ConfigurationError
     from dropsafe._bench._engines import bench_driver

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import dropsafe
 from dropsafe._bench._flights import FlightProxy, Strike
+from dropsafe._bench._pooler import ROUTES, Pooler, Route, driver_kw, pgbouncer_missing
 from dropsafe._bench._shapes import (
     APP_ROLE,
     CATALOG,
@@ -69,6 +70,9 @@ _DRY = Context({}, dropsafe.Policy(), "")
 _SCHEMAS = (APP_ROLE, TENANT, "public")
 _WAIT_S = 15.0
 HOLD_S = 1.0
+#: How long the ``outage`` fault keeps the server down: as long as a fast restart here, and as
+#: long as the bench's PgBouncer turns clients away after a failed server login.
+OUTAGE_S = 1.0
 UNIT_DEADLINE_S = 4.0
 
 
@@ -258,6 +262,17 @@ FAULTS: dict[str, Fault] = {
             server_can_tell=False,
         ),
         Fault(
+            "outage",
+            f"flight done, immediate stop, reply lost (reset); the server is back {OUTAGE_S:.0f} s"
+            " later (a checkout waits; behind PgBouncer, its failed login turns clients away)",
+            "after",
+            "rst",
+            "outage",
+            slow=True,
+            crashes=True,
+            server_can_tell=False,
+        ),
+        Fault(
             "stats_reset",
             "flight done, pg_stat_reset_shared('bgwriter'), reply lost (reset)",
             "after",
@@ -410,6 +425,12 @@ class Explorer:
     _stopped: list[tuple[int, int]] = field(default_factory=list)
     _stops: Iterator[int] = field(default_factory=itertools.count)
     _admin: dict[str, Any] = field(default_factory=dict)
+    #: A PgBouncer per pool mode, started when a shape first goes through it.
+    poolers: dict[str, Pooler] = field(default_factory=dict)
+    #: The route of the history running now (its fault actions find backends through it).
+    _route: Route = ROUTES["direct"]
+    #: Starts of the server after an ``outage``, pending until the history's end.
+    _outages: list[threading.Timer] = field(default_factory=list)
 
     def __enter__(self) -> Explorer:
         self.server = PostgresServer(tls=False, settings={"max_prepared_transactions": "10"})
@@ -430,30 +451,60 @@ class Explorer:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._end_outages()
         self._resume_stopped()
         for connection in self._admin.values():
             connection.close()
         self.listener.close()
+        for pooler in self.poolers.values():
+            pooler.close()
         self.proxy.close()
         self.server.close()
 
+    # -- routes -------------------------------------------------------------------------------
+
+    def _pooler(self, route: Route) -> Pooler | None:
+        """Return the route's PgBouncer (started on first use), or None for a direct route."""
+        if route.pool_mode is None:
+            return None
+        if route.pool_mode not in self.poolers:
+            self.poolers[route.pool_mode] = Pooler(
+                self.server, route.pool_mode, {APP_ROLE: self.server.password}
+            )
+        return self.poolers[route.pool_mode]
+
+    def _proxies(self, route: Route) -> tuple[FlightProxy, ...]:
+        """Return the route's flight proxies, the struck one first."""
+        pooler = self._pooler(route)
+        if pooler is None:
+            return (self.proxy,)
+        struck = pooler.proxy(route)
+        return (struck, pooler.front if struck is pooler.upstream else pooler.upstream)
+
     # -- URLs and policy ----------------------------------------------------------------------
 
-    def urls(self, driver: str) -> dict[str, str]:
-        """Return the app's URL of each database, through the proxy, without TLS."""
+    def urls(self, driver: str, route: str = "direct") -> dict[str, str]:
+        """Return the app's URL of each database, through ``route``'s front, without TLS."""
         name = DRIVERS[driver][0]
-        tls = "&".join(f"{k}={v}" for k, v in driver_named(name).tls.off_url_parameters.items())
+        parameters = dict(driver_named(name).tls.off_url_parameters)
+        pooler = self._pooler(ROUTES[route])
+        if driver_kw(name, ROUTES[route]) and name == "asyncpg":
+            parameters["prepared_statement_cache_size"] = "0"  # by hand, as SQLAlchemy says
+        query = "&".join(f"{k}={v}" for k, v in parameters.items())
+        port = self.proxy.port if pooler is None else pooler.front.port
         secret = self.server.password
         return {
-            key: f"postgresql+{name}://{APP_ROLE}:{secret}@127.0.0.1:{self.proxy.port}/{db}?{tls}"
+            key: f"postgresql+{name}://{APP_ROLE}:{secret}@127.0.0.1:{port}/{db}?{query}"
             for key, db in DATABASES.items()
         }
 
     @staticmethod
-    def policy() -> dropsafe.Policy:
-        """Short bounds: every hang in a history ends within a few seconds."""
+    def policy(route: Route = ROUTES["direct"]) -> dropsafe.Policy:
+        """Short bounds: every hang in a history ends within a few seconds; the route's pooler."""
         return dropsafe.Policy(
-            connection=dropsafe.ConnectionPolicy(connect_timeout=2, tcp_user_timeout=2),
+            connection=dropsafe.ConnectionPolicy(
+                connect_timeout=2, tcp_user_timeout=2, pooler=route.pooler
+            ),
             unit=dropsafe.UnitPolicy(
                 deadline=UNIT_DEADLINE_S,
                 backoff_initial=0.01,
@@ -508,17 +559,30 @@ class Explorer:
         self, history: History, strike: Strike | None, *, commit_sent: bool = False
     ) -> tuple[Record, list[str]]:
         shape = CATALOG[history.shape]
+        self._route = route = ROUTES[shape.route]
         self._prepare()
         nonce = uuid.uuid4().hex[:12]
-        ctx = Context(self.urls(history.driver), self.policy(), nonce, self.proxy.pause)
-        self.proxy.reset(strike)
+        struck, *others = proxies = self._proxies(route)
+        ctx = Context(
+            self.urls(history.driver, route.name),
+            self.policy(route),
+            nonce,
+            struck.pause,
+            engine_kw=driver_kw(DRIVERS[history.driver][0], route),
+            pooler=route.pooler,
+        )
+        for proxy in others:
+            proxy.reset(None)
+        struck.reset(strike)
         started = time.monotonic()
         outcome = _call(lambda: _run_shape(shape, history.driver, ctx))
         seconds = time.monotonic() - started
         if strike is not None and strike.acting and not strike.done.wait(90):
             outcome = Outcome(outcome.kind, f"{outcome.detail}; the fault never finished")
-        labels = [flight.label for flight in self.proxy.query_flights()]
-        self.proxy.reset(None)
+        labels = [flight.label for flight in struck.query_flights()]
+        self._end_outages()
+        for proxy in proxies:
+            proxy.reset(None)
         self._resume_stopped()
         self._wait_app_gone()
         if strike is not None and strike.error is not None:
@@ -636,15 +700,21 @@ class Explorer:
                 return
 
     def _wait_app_gone(self) -> None:
-        """Wait until no backend of the app remains: a late COMMIT must be in the check."""
+        """Wait until no backend of the app remains: a late COMMIT must be in the check.
+
+        Behind PgBouncer the app's backends stay, pooled: then wait until PgBouncer holds no
+        client of the app and none of its backends is in a transaction or a statement.
+        """
+        pooler = self._pooler(self._route)
+        busy = "" if pooler is None else " AND state IS DISTINCT FROM 'idle'"
         deadline = time.monotonic() + _WAIT_S
         while time.monotonic() < deadline:
             with contextlib.suppress(ServerError):
                 self._wait_accepting()
                 left = self._sql(
-                    f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{APP_ROLE}'"
+                    f"SELECT count(*) FROM pg_stat_activity WHERE usename = '{APP_ROLE}'{busy}"
                 )
-                if left[0][0] == "0":
+                if left[0][0] == "0" and (pooler is None or pooler.clients_of(APP_ROLE) == 0):
                     return
             time.sleep(0.05)  # polling the server's view, within a deadline
 
@@ -674,18 +744,29 @@ class Explorer:
 
         return action
 
-    def _backend(self, port: int) -> int:
-        rows = self._sql(f"SELECT pid FROM pg_stat_activity WHERE client_port = {int(port)}")
-        if not rows:
-            msg = f"no backend for client port {port}"
+    def _backends(self, port: int) -> list[int]:
+        """Return the backends behind the struck link (its client port on the next hop).
+
+        Struck in front of PgBouncer: the backend linked to that client, or else the idle
+        ones it may be given (see `dropsafe._bench._pooler`).
+        """
+        pooler = self._pooler(self._route)
+        if pooler is not None and self._route.struck == "client":
+            pids = pooler.backends(port, APP_ROLE)
+        else:
+            rows = self._sql(f"SELECT pid FROM pg_stat_activity WHERE client_port = {int(port)}")
+            pids = [int(row[0]) for row in rows]
+        if not pids:
+            msg = f"no backend for client port {port} ({self._route.name})"
             raise ServerError(msg)
-        return int(rows[0][0])
+        return pids
 
     def _do_terminate(self, port: int) -> None:
-        self._sql(f"SELECT pg_terminate_backend({self._backend(port)}, 5000)")
+        pids = ", ".join(map(str, self._backends(port)))
+        self._sql(f"SELECT pg_terminate_backend(pid, 5000) FROM unnest(ARRAY[{pids}]) AS pid")
 
     def _do_sigkill(self, port: int) -> None:
-        pid = self._backend(port)
+        pid = self._backends(port)[0]
         os.kill(pid, signal.SIGKILL)
         # The postmaster resets every backend and recovers. A SIGKILLed backend stays in
         # pg_stat_activity until that reset has cleared shared memory: wait for both.
@@ -700,20 +781,38 @@ class Explorer:
         del port
         self.server.restart("immediate")
 
+    def _do_outage(self, port: int) -> None:
+        del port
+        self.server.stop("immediate")
+        back = threading.Timer(OUTAGE_S, self._start_server)
+        back.daemon = True
+        back.start()
+        self._outages.append(back)
+
+    def _start_server(self) -> None:
+        # A start that failed is made again, and reported, by the check's _wait_accepting.
+        with contextlib.suppress(ServerError):
+            self.server.start()
+
+    def _end_outages(self) -> None:
+        """Wait for the server's start after each outage (before anyone else starts it)."""
+        while self._outages:
+            self._outages.pop().join(_WAIT_S + OUTAGE_S)
+
     def _do_stats_reset(self, port: int) -> None:
         del port
         self._sql("SELECT pg_stat_reset_shared('bgwriter')")
 
     def _do_sigstop(self, port: int) -> None:
-        pid = self._backend(port)
-        os.kill(pid, signal.SIGSTOP)
-        stop = (pid, next(self._stops))
-        self._stopped.append(stop)
-        # Resumed past the unit's deadline: a frozen server comes back, late. Until then a
-        # Terminate sent to it (asyncpg's close, on dispose) would wait with no bound.
-        resume = threading.Timer(UNIT_DEADLINE_S + 1.0, self._resume, args=(stop,))
-        resume.daemon = True
-        resume.start()
+        for pid in self._backends(port):
+            os.kill(pid, signal.SIGSTOP)
+            stop = (pid, next(self._stops))
+            self._stopped.append(stop)
+            # Resumed past the unit's deadline: a frozen server comes back, late. Until then a
+            # Terminate sent to it (asyncpg's close, on dispose) would wait with no bound.
+            resume = threading.Timer(UNIT_DEADLINE_S + 1.0, self._resume, args=(stop,))
+            resume.daemon = True
+            resume.start()
 
     # -- the matrix ---------------------------------------------------------------------------
 
@@ -727,11 +826,7 @@ class Explorer:
     ) -> list[tuple[str, str, str]]:
         """(shape, driver, fault) triples of the matrix, after the filters."""
         out = []
-        for shape in CATALOG.values():
-            if shapes and shape.name not in shapes:
-                continue
-            if not include_expected and shape.expected_violation:
-                continue
+        for shape in _shapes_wanted(shapes, include_expected=include_expected):
             for driver in shape.faces():
                 if drivers and driver not in drivers:
                     continue
@@ -762,6 +857,18 @@ class Explorer:
             shape, driver, fault = rng.choice(cells)
             steps = 0 if fault == "none" else len(self.steps(shape, driver))
             yield History(shape, driver, fault, rng.randint(1, steps) if steps else 0)
+
+
+def _shapes_wanted(names: list[str] | None, *, include_expected: bool) -> list[Shape]:
+    """Return the catalog's shapes after the filters; none through a missing PgBouncer."""
+    pooled_runs = pgbouncer_missing() is None
+    return [
+        shape
+        for shape in CATALOG.values()
+        if (not names or shape.name in names)
+        and (include_expected or not shape.expected_violation)
+        and (pooled_runs or ROUTES[shape.route].pool_mode is None)
+    ]
 
 
 def _call(run: Callable[[], object]) -> Outcome:

@@ -29,6 +29,7 @@ __all__ = ["Flight", "FlightProxy", "Strike", "label_of"]
 _CHUNK = 65536
 _READY_FOR_QUERY = b"Z\x00\x00\x00\x05"
 _CALL_TIMEOUT = 30.0
+_HANDLERS_END_S = 5.0  # a cut link's handler ends on the loop's next turns
 
 #: When a strike acts: before flight k is forwarded, or once the server's reply to it arrives
 #: (the reply is then withheld from the client: the server did it, the client cannot know).
@@ -193,6 +194,11 @@ class FlightProxy:
         if self._server is not None:
             self._server.close()
         await self._reset(None)
+        # Let each link's handler see its cut and end: one still pending when the loop stops
+        # is cancelled, and Python 3.11's stream callback logs the cancellation as an error.
+        handlers = asyncio.all_tasks() - {asyncio.current_task()}
+        if handlers:
+            await asyncio.wait(handlers, timeout=_HANDLERS_END_S)
 
     async def _reset(self, strike: Strike | None) -> None:
         for link in list(self._links.values()):

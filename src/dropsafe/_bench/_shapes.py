@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["CATALOG", "DRIVERS", "Context", "Effects", "Shape"]
+__all__ = ["CATALOG", "DRIVERS", "POOLED", "Context", "Effects", "Shape"]
 
 #: The driver and face of each run: sync for psycopg2 and psycopg, async for psycopg and asyncpg.
 DRIVERS: dict[str, tuple[str, bool]] = {
@@ -74,10 +74,14 @@ class Context:
     #: Pauses the flight count while an engine makes its first connection (dialect setup).
     pause: Callable[..., None] = lambda **_: None
     engines: list[Any] = field(default_factory=list)
+    #: What every engine of the run is made with besides its URL (a pooler's driver settings).
+    engine_kw: dict[str, Any] = field(default_factory=dict)
+    #: The pooler the app declares (in ``policy``, and in a plugin URL as ``dropsafe_pooler``).
+    pooler: str | None = None
 
     def engine(self, db: str = "a", **kw: object) -> sa.Engine:
         """Make a dropsafe engine on database ``db``, connected once, disposed after the run."""
-        engine = dropsafe.create_engine(self.urls[db], policy=self.policy, **kw)
+        engine = dropsafe.create_engine(self.urls[db], policy=self.policy, **self.engine_kw, **kw)
         return self.warm(engine)
 
     def warm(self, engine: sa.Engine) -> sa.Engine:
@@ -93,7 +97,9 @@ class Context:
 
     async def aengine(self, db: str = "a", **kw: object) -> AsyncEngine:
         """Make an async dropsafe engine on ``db``, connected once, disposed after the run."""
-        engine = dropsafe.create_async_engine(self.urls[db], policy=self.policy, **kw)
+        engine = dropsafe.create_async_engine(
+            self.urls[db], policy=self.policy, **self.engine_kw, **kw
+        )
         self.engines.append(engine)
         self.pause(paused=True)
         try:
@@ -135,6 +141,9 @@ class Shape:
     zero_code: bool = False
     #: A known broken history of today's code (issue and item), left out of the CI sample.
     expected_violation: str | None = None
+    #: How the app reaches the server (`dropsafe._bench._pooler.ROUTES`): straight, or
+    #: through PgBouncer, struck on the client's or on the server's side of it.
+    route: str = "direct"
 
     def faces(self) -> tuple[str, ...]:
         """Return the drivers this shape runs on (one it has no body for is left out)."""
@@ -461,11 +470,13 @@ def _request_faces(
 
 def _plugin_request_sync(ctx: Context) -> object:
     url = ctx.urls["a"] + ("&" if "?" in ctx.urls["a"] else "?") + "plugin=dropsafe"
-    return _request(ctx.warm(sa.create_engine(url)), _insert("a"))
+    if ctx.pooler is not None:
+        url += f"&dropsafe_pooler={ctx.pooler}"
+    return _request(ctx.warm(sa.create_engine(url, **ctx.engine_kw)), _insert("a"))
 
 
 def _harden_request_sync(ctx: Context) -> object:
-    engine = dropsafe.harden(sa.create_engine(ctx.urls["a"]), ctx.policy)
+    engine = dropsafe.harden(sa.create_engine(ctx.urls["a"], **ctx.engine_kw), ctx.policy)
     return _request(ctx.warm(engine), _insert("a"))
 
 
@@ -509,7 +520,9 @@ _READ = "SELECT tag FROM effects ORDER BY tag"
 
 
 def _mid_transaction_sync(ctx: Context) -> object:
-    engine = ctx.warm(dropsafe.create_engine(ctx.urls["a"], policy=_replaying(ctx)))
+    engine = ctx.warm(
+        dropsafe.create_engine(ctx.urls["a"], policy=_replaying(ctx), **ctx.engine_kw)
+    )
     with Session(engine) as session:
         session.execute(sa.text(_READ)).all()
         session.execute(sa.text(_insert("a")))
@@ -520,14 +533,14 @@ def _mid_transaction_sync(ctx: Context) -> object:
 
 
 async def _mid_transaction_async(ctx: Context) -> object:
-    engine = dropsafe.create_async_engine(ctx.urls["a"], policy=_replaying(ctx))
-    ctx.pause(paused=True)  # connected once outside the count, as ctx.aengine does
+    engine = dropsafe.create_async_engine(ctx.urls["a"], policy=_replaying(ctx), **ctx.engine_kw)
     try:
-        async with engine.connect():
-            pass
-    finally:
-        ctx.pause(paused=False)
-    try:
+        ctx.pause(paused=True)  # connected once outside the count, as ctx.aengine does
+        try:
+            async with engine.connect():
+                pass
+        finally:
+            ctx.pause(paused=False)
         async with AsyncSession(engine) as session:
             (await session.execute(sa.text(_READ))).all()
             await session.execute(sa.text(_insert("a")))
@@ -540,7 +553,9 @@ async def _mid_transaction_async(ctx: Context) -> object:
 
 
 def _mid_transaction_orm_sync(ctx: Context) -> object:
-    engine = ctx.warm(dropsafe.create_engine(ctx.urls["a"], policy=_replaying(ctx)))
+    engine = ctx.warm(
+        dropsafe.create_engine(ctx.urls["a"], policy=_replaying(ctx), **ctx.engine_kw)
+    )
     with Session(engine) as session:
         session.add(Effect(tag="a"))
         session.flush()  # its generated id: a loss after it is refused (the id would differ)
@@ -736,6 +751,51 @@ CATALOG: dict[str, Shape] = {
         ),
     )
 }
+
+#: Shapes run again through PgBouncer, by route (`dropsafe._bench._pooler.ROUTES`): units and
+#: the zero-code requests, struck on the app's side of the pooler; a few struck on the
+#: server's side. Session state set by the app is PgBouncer's trap in transaction mode (and
+#: the role and tenant shapes set it): those stay direct.
+POOLED: dict[str, tuple[str, ...]] = {
+    "pgbouncer_tx": (
+        "session_insert",
+        "notify_direct",
+        "plain_request",
+        "plugin_request",
+        "harden_request",
+        "mid_transaction_request",
+        "mid_transaction_orm",
+    ),
+    "pgbouncer_tx_upstream": ("session_insert", "plain_request", "mid_transaction_request"),
+    "pgbouncer_session": ("session_insert", "plain_request", "mid_transaction_request"),
+    "pgbouncer_tx_undeclared": (
+        "session_insert",
+        "plain_request",
+        "mid_transaction_request",
+        "mid_transaction_orm",
+    ),
+}
+_ROUTE_WHAT = {
+    "pgbouncer_tx": "PgBouncer in transaction mode, struck between the app and it",
+    "pgbouncer_tx_upstream": "PgBouncer in transaction mode, struck between it and the server",
+    "pgbouncer_session": "PgBouncer in session mode, struck between the app and it",
+    "pgbouncer_tx_undeclared": (
+        "PgBouncer in transaction mode not told to dropsafe (drivers set up by hand), "
+        "struck between the app and it"
+    ),
+}
+CATALOG.update(
+    {
+        f"{base}_via_{route}": dataclasses.replace(
+            CATALOG[base],
+            name=f"{base}_via_{route}",
+            what=f"{CATALOG[base].what}; through {_ROUTE_WHAT[route]}",
+            route=route,
+        )
+        for route, bases in POOLED.items()
+        for base in bases
+    }
+)
 
 
 async def _disposing(
