@@ -25,14 +25,17 @@ _real_poll = unpatched("select", "poll")
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _POLL_MASK = select.POLLIN | _POLL_DEAD
 # struct tcp_info (linux/tcp.h, Linux 4.19+): u32 tcpi_notsent_bytes at 144, u64
-# tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208. The layout only grows at its end, so
-# these offsets hold on later kernels.
-_TCP_INFO_NOTSENT = struct.Struct("=I")
-_TCP_INFO_NOTSENT_AT = 144
-_TCP_INFO_BYTES = struct.Struct("=QQ")
-_TCP_INFO_BYTES_AT = 200
-_TCP_INFO_LENGTH = 256
+# tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208, read in one unpack. The layout only
+# grows at its end, so these offsets hold on later kernels.
+_TCP_INFO_COUNTS = struct.Struct("=I52xQQ")
+_TCP_INFO_COUNTS_AT = 144
+_TCP_INFO_LENGTH = _TCP_INFO_COUNTS_AT + _TCP_INFO_COUNTS.size
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux only
+# The C socket type (socket.socket is its Python subclass, whose __init__ and detach() are
+# Python calls): a borrowed fd is wrapped and let go at every TCP_INFO read, twice a request.
+_SocketType = socket.SocketType
+_IPPROTO_TCP = socket.IPPROTO_TCP
+_AF_INET, _SOCK_STREAM = socket.AF_INET, socket.SOCK_STREAM
 
 
 class HasFileno(Protocol):
@@ -73,21 +76,24 @@ def tcp_bytes_sent(fd: int) -> int | None:
     if _TCP_INFO is None:
         return None
     # A socket object on the driver's own fd, detached (never closed) when done: no dup(2) and
-    # close(2) around the one getsockopt, which runs twice per checkout that sends a statement.
-    sock = borrow_socket(fd)
-    if sock is None:
+    # close(2) around the one getsockopt. The family given, Python makes no syscall to learn
+    # it: a closed fd fails the getsockopt (EBADF), -1 the constructor (ValueError).
+    try:
+        sock = _SocketType(_AF_INET, _SOCK_STREAM, 0, fd)
+    except (OSError, ValueError):
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
-    except OSError:  # not TCP (a Unix socket)
+        info = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+    except OSError:  # not TCP (a Unix socket), or closed
         return None
     finally:
         sock.detach()
-    if len(info) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size:
+    try:
+        queued, sent, retransmitted = _TCP_INFO_COUNTS.unpack_from(info, _TCP_INFO_COUNTS_AT)
+    except struct.error:  # a kernel before 4.19: a shorter struct
         return None
-    sent, retransmitted = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
-    (queued,) = _TCP_INFO_NOTSENT.unpack_from(info, _TCP_INFO_NOTSENT_AT)
-    return int(sent - retransmitted + queued)
+    written: int = sent - retransmitted + queued  # no int(): a call at each read
+    return written
 
 
 def poll(source: HasFileno) -> Health:

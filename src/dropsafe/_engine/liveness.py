@@ -15,7 +15,7 @@ import math
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import sqlalchemy.exc
 
@@ -36,19 +36,29 @@ if TYPE_CHECKING:
     from dropsafe._dbapi import DBAPIConnection, NativeConnection
     from dropsafe.events import Hook
 
-__all__ = ["CheckoutCheck"]
+__all__ = ["CheckoutCheck", "EntryState"]
 
 logger = SafeLogger()
 
 
-class _EntryState:
+class EntryState:
     """What the check knows about the connection a pool entry holds now.
 
     Made when the pool connects the entry, so that a checkout only reads it: the driver's own
     connection inside it is found once per connection, not once per checkout.
     """
 
-    __slots__ = ("connection", "fresh", "idle", "idle_since", "native", "probe", "retire_at")
+    __slots__ = (
+        "connection",
+        "fileno",
+        "fresh",
+        "idle",
+        "idle_since",
+        "native",
+        "probe",
+        "retire_at",
+        "used",
+    )
 
     def __init__(
         self,
@@ -65,6 +75,13 @@ class _EntryState:
         self.native = native
         #: The driver's look at this connection's socket (None: it cannot be looked into).
         self.probe = probe
+        #: Asks the connection its socket's descriptor (`Driver.fileno_reader`), for
+        #: ``after_check``; it returns None where dropsafe cannot read the connection.
+        self.fileno: Callable[[], int | None] = _no_fd
+        #: The first-statement replay marked the connection as having run a statement
+        #: (`dropsafe._engine.session_state.mark_connection`): kept here, read at no cost,
+        #: so that its later checkouts need not mark it again.
+        self.used = False
         self.idle_since = now
         #: When the connection retires (``PoolPolicy.max_lifetime``); infinite if never.
         self.retire_at = retire_at
@@ -92,7 +109,7 @@ class CheckoutCheck:
         *,
         pre_ping: bool,
         draw_lifetime: Callable[[], float] | None = None,
-        after_check: Callable[[PoolProxiedConnection, Any], None] | None = None,
+        after_check: Callable[[PoolProxiedConnection, EntryState], None] | None = None,
         settle: Callable[[NativeConnection], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -104,7 +121,7 @@ class CheckoutCheck:
         # The user's pool_pre_ping already pays a round trip at each checkout: no second one.
         self._pre_ping = pre_ping
         self._draw_lifetime = draw_lifetime
-        # Told of each checkout that passed, with the driver's own connection (or None): the
+        # Told of each checkout that passed, with what is known of its connection: the
         # first-statement replay's mark, in this listener rather than one of its own, since
         # every checkout listener costs each checkout a call.
         self._after_check = after_check
@@ -118,7 +135,7 @@ class CheckoutCheck:
         # in the pool's events for that entry, which the pool runs one at a time); insertions
         # and the snapshot of the idle ones take it, since iterating must not see the
         # dictionary change size.
-        self._states: weakref.WeakKeyDictionary[ConnectionPoolEntry, _EntryState] = (
+        self._states: weakref.WeakKeyDictionary[ConnectionPoolEntry, EntryState] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
@@ -184,7 +201,7 @@ class CheckoutCheck:
         entry: ConnectionPoolEntry,
         *,
         fresh: bool,
-    ) -> _EntryState:
+    ) -> EntryState:
         """Make the state of the entry's (new) connection, and keep it if the entry allows."""
         native = self.driver.native(dbapi_connection)
         probe = None
@@ -197,7 +214,12 @@ class CheckoutCheck:
                 logger.debug("dropsafe could not look into a connection", exc_info=True)
         now = self._clock()
         lifetime = math.inf if self._draw_lifetime is None else self._draw_lifetime()
-        state = _EntryState(dbapi_connection, native, probe, now, now + lifetime, fresh=fresh)
+        state = EntryState(dbapi_connection, native, probe, now, now + lifetime, fresh=fresh)
+        if native is not None and self._after_check is not None:
+            try:
+                state.fileno = self.driver.fileno_reader(native)
+            except Exception:  # a socket it cannot say: the replay then refuses (not TCP)
+                logger.debug("dropsafe could not find a connection's socket", exc_info=True)
         if _weakable(entry):
             with self._lock:
                 self._states[entry] = state
@@ -227,14 +249,12 @@ class CheckoutCheck:
         entry: ConnectionPoolEntry,
         proxy: PoolProxiedConnection,
     ) -> None:
-        native = self._check(dbapi_connection, entry)
+        state = self._check(dbapi_connection, entry)
         if self._after_check is not None:
-            self._after_check(proxy, native)
+            self._after_check(proxy, state)
 
-    def _check(
-        self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry
-    ) -> NativeConnection:
-        """Let the checkout through (return the driver's connection) or raise to replace it."""
+    def _check(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> EntryState:
+        """Let the checkout through (return what is known of its connection) or raise."""
         now = self._clock()
         try:  # _state(), inlined: this runs at every checkout
             state = self._states.get(entry)
@@ -263,7 +283,7 @@ class CheckoutCheck:
             # retry it. Let through, a dead one fails the first statement with the driver's
             # disconnect error instead, which invalidates it and is retried.
             state.fresh = False
-            return state.native
+            return state
         probe = state.probe
         if probe is None:
             health = Health.UNSEEN
@@ -278,9 +298,9 @@ class CheckoutCheck:
         if (health is Health.QUIET or health is Health.UNSEEN) and (
             self._pre_ping or now - state.idle_since <= self._ping_after_idle
         ):
-            return state.native
+            return state
         self._verify(dbapi_connection, state.native, health, now)
-        return state.native
+        return state
 
     def _verify(
         self,
@@ -321,6 +341,7 @@ class CheckoutCheck:
             state.idle = False
             # Nothing kept of a connection let go.
             state.connection = state.native = state.probe = None
+            state.fileno = _no_fd
 
     def _forget_invalidated(
         self,
@@ -352,11 +373,15 @@ class CheckoutCheck:
         elif not self._dialect.do_ping(dbapi_connection):
             raise sqlalchemy.exc.DisconnectionError("the dialect's ping found it disconnected")
 
-    def _state(self, entry: ConnectionPoolEntry) -> _EntryState | None:
+    def _state(self, entry: ConnectionPoolEntry) -> EntryState | None:
         try:
             return self._states.get(entry)
         except TypeError:  # a stand-in entry that takes no weak reference
             return None
+
+
+def _no_fd() -> None:
+    """Return no descriptor: dropsafe cannot read the connection."""
 
 
 def _weakable(entry: object) -> bool:

@@ -30,6 +30,7 @@ from dropsafe._engine_state import Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
+from dropsafe._sqlalchemy_private import POOL_CHECKOUT
 from dropsafe.events import FirstStatementReplayed, TransactionReplayed
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
     from sqlalchemy.pool import PoolProxiedConnection
 
-    from dropsafe._dbapi import DBAPICursor, DBAPIParameters, NativeConnection
+    from dropsafe._dbapi import DBAPICursor, DBAPIParameters
     from dropsafe._engine.connect_wait import ConnectWait
+    from dropsafe._engine.liveness import EntryState
     from dropsafe._engine_state import EngineState
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
@@ -49,8 +51,18 @@ __all__ = ["OPT_OUT", "FirstStatementReplay"]
 logger = SafeLogger()
 
 
+# Set in a pool checkout's own ``__dict__`` (`EngineState.first_statement_pending` says why
+# there) once its connection is marked as having run a statement: the checkout's later
+# statements that change no session state then mark nothing (a dictionary look-up, no call).
+_MARKED = "_dropsafe_marked"
+
+
 def _mark(checkout: PoolProxiedConnection, *, changes: bool) -> None:
-    """Note on ``checkout``'s pool entry that it ran a statement, and one that ``changes``."""
+    """Note on ``checkout``'s connection that it ran a statement, and one that ``changes``."""
+    if checkout.__class__ is POOL_CHECKOUT:
+        mark_connection(checkout.driver_connection, changes=changes)
+        checkout.__dict__[_MARKED] = True
+        return
     try:
         _ = checkout.info  # only to tell the first connect's ad hoc connection
     except NotImplementedError:  # the ad hoc connection of a first connect has no pool entry
@@ -119,18 +131,22 @@ class FirstStatementReplay:
         """
         return {"connect": learn_session} if self._records else {}
 
-    def on_checked(self, checkout: PoolProxiedConnection, native: NativeConnection) -> None:
+    def on_checked(self, checkout: PoolProxiedConnection, entry: EntryState) -> None:
         """Mark ``checkout``'s next statement as its first; called by the checkout check.
 
         Called last of dropsafe's checkout work (the liveness ping, if any, has been paid): what
-        is sent from here to the first statement is the app's (see _driver_busy).
+        is sent from here to the first statement is the app's (see _driver_busy). ``entry`` is
+        what the check knows of the connection (made once per connection: the driver's own
+        connection and what asks its socket's descriptor).
         """
-        fd = None if native is None or self._driver is None else socket_fd_of(self._driver, native)
-        unsent = Unsent(native, fd, None if fd is None else tcp_bytes_sent(fd))
-        try:  # not contextlib.suppress: this runs at every checkout
-            self._state.first_statements[checkout] = unsent
-        except TypeError:  # not weakly referable
-            return
+        try:
+            fd = entry.fileno()
+        except Exception:  # noqa: BLE001 - a closed connection may not say its socket
+            fd = None
+        sent = None if fd is None else tcp_bytes_sent(fd)
+        # tuple.__new__: a NamedTuple's own __new__ is a Python call, at every checkout.
+        unsent = tuple.__new__(Unsent, (entry.native, fd, sent, entry))
+        self._state.first_statement_pending(checkout, unsent)
 
     def wrap_execute(self) -> None:
         """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
@@ -186,7 +202,7 @@ class FirstStatementReplay:
 
     # -- sending, and sending again -------------------------------------------------------------
 
-    def _send(
+    def _send(  # noqa: C901, PLR0912 - one function: a helper is a call at every statement
         self,
         cursor: DBAPICursor,
         statement: str,
@@ -194,14 +210,19 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
     ) -> None:
         """Send the statement; if it may be replayed and its connection is lost, replay it."""
-        if context is not None:
-            check_opt_out(context.execution_options)
-        connection = None if context is None else context.root_connection
-        if context is None or connection is None:
+        if context is None:
+            send(cursor)
+            return
+        options = context.execution_options
+        if OPT_OUT in options:  # an option not given needs no check (no call, at every statement)
+            check_opt_out(options)
+        connection = context.root_connection
+        if connection is None:
             send(cursor)
             return
         checkout = connection.connection
         changes = may_change_session(statement)
+        pending = None
         try:
             pending = self._state.first_statement_sent(checkout)
             if pending is None:
@@ -231,8 +252,20 @@ class FirstStatementReplay:
                 )
         finally:
             # Whether it ran or failed: a session advisory lock outlives the failed transaction
-            # that took it. (A replay marks its fresh connection itself.)
-            _mark(checkout, changes=changes)
+            # that took it. (A replay marks its fresh connection itself.) A statement that
+            # changes nothing needs no mark on a connection marked already: at an earlier
+            # checkout (the check's entry says so), or by this checkout's earlier statement.
+            if changes:
+                _mark(checkout, changes=True)
+                if pending is not None:
+                    pending.entry.used = True
+            elif pending is not None:
+                if not pending.entry.used:
+                    _mark(checkout, changes=False)
+                    pending.entry.used = True
+                checkout.__dict__[_MARKED] = True  # a pool checkout: the check's
+            elif checkout.__class__ is not POOL_CHECKOUT or _MARKED not in checkout.__dict__:
+                _mark(checkout, changes=False)
 
     def _send_first(
         self,
