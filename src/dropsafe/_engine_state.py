@@ -24,14 +24,26 @@ if TYPE_CHECKING:
 
     from dropsafe._policy import Policy
 
-__all__ = ["DriverConnection", "EngineState", "Unsent", "peek_state", "root_engine", "state_of"]
+__all__ = [
+    "UNSENT_KEY",
+    "DriverConnection",
+    "EngineState",
+    "Unsent",
+    "peek_state",
+    "root_engine",
+    "state_of",
+]
 
 #: The driver's own connection object (psycopg2's, asyncpg's, ...): untyped, only hashed here.
 DriverConnection: TypeAlias = Any
 
 _ATTRIBUTE = "_dropsafe_state"
-#: Where a pool checkout keeps its `Unsent` entry (`EngineState.first_statement_pending`).
-_UNSENT = "_dropsafe_unsent"
+#: Where a pool checkout whose first statement is not sent yet keeps its `Unsent` entry
+#: (`dropsafe._engine.replay` puts it there): in the checkout's own ``__dict__``
+#: (SQLAlchemy's ``_ConnectionFairy`` has one, and makes one per checkout), under a name of
+#: dropsafe's. It goes with the checkout, and a store and a pop cost no Python call, where a
+#: weak map costs four at every checkout.
+UNSENT_KEY = "_dropsafe_unsent"
 
 
 class Unsent(NamedTuple):
@@ -90,17 +102,6 @@ class EngineState:
         """The lock of this engine's maps and slots filled on first use."""
         return self._lock
 
-    def first_statement_pending(self, checkout: PoolProxiedConnection, unsent: Unsent) -> None:
-        """Note that ``checkout`` has not sent its first statement yet, as it was at checkout.
-
-        ``checkout`` is a pool checkout, never the first connect's ad hoc connection (the
-        replay's checkout listener sees it: `dropsafe._engine.replay`). Kept in the checkout's
-        own ``__dict__`` (SQLAlchemy's ``_ConnectionFairy`` has one, and makes one per
-        checkout), under a name of dropsafe's: it goes with the checkout, and a store and a
-        pop cost no Python call, where a weak map costs four at every checkout.
-        """
-        checkout.__dict__[_UNSENT] = unsent
-
     def first_statement_sent(self, checkout: PoolProxiedConnection) -> Unsent | None:
         """Say that ``checkout`` sends (or gave up) its first statement; return its entry.
 
@@ -109,7 +110,7 @@ class EngineState:
         """
         if checkout.__class__ is not POOL_CHECKOUT:  # the first connect's ad hoc connection
             return None
-        pending: Unsent | None = checkout.__dict__.pop(_UNSENT, None)
+        pending: Unsent | None = checkout.__dict__.pop(UNSENT_KEY, None)
         return pending
 
 

@@ -11,6 +11,7 @@ docs/sqlalchemy-compat.md, "Connections dropsafe cannot look into".
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 import time
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["CheckoutCheck", "EntryState"]
 
 logger = SafeLogger()
+
+_CHECKS = itertools.count()
 
 
 class EntryState:
@@ -140,6 +143,8 @@ class CheckoutCheck:
         )
         self._lock = threading.Lock()
         renew_lock_in_child(self)  # another thread may hold it at a fork
+        # This check's name in a pool entry's __dict__ (two engines may share one pool).
+        self._key = f"_dropsafe_check_{next(_CHECKS)}"
         # Set once a connection dropsafe cannot look into was made (a creator= of unknown
         # objects): this pool then gets SQLAlchemy's own pool-wide recycle on a disconnect.
         self._opaque = False
@@ -223,15 +228,21 @@ class CheckoutCheck:
         if _weakable(entry):
             with self._lock:
                 self._states[entry] = state
+            # Also in the entry's own __dict__ (SQLAlchemy's entries have one), under this
+            # check's name: read there at each checkout and checkin with no Python call, where
+            # the weak map costs two (it stays, for the look at every idle connection).
+            entry_dict = getattr(entry, "__dict__", None)
+            if isinstance(entry_dict, dict):
+                entry_dict[self._key] = state
         return state
 
     def _on_checkin(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
         if dbapi_connection is None:
             return  # invalidated while checked out: the pool reconnects it on next use
         try:  # _state(), inlined: this runs at every checkin
-            state = self._states.get(entry)
-        except TypeError:  # a stand-in entry that takes no weak reference
-            return
+            state = entry.__dict__.get(self._key)
+        except AttributeError:  # an entry without a __dict__ of its own (a stand-in)
+            state = self._state(entry)
         if state is None:
             return
         now = self._clock()
@@ -243,23 +254,18 @@ class CheckoutCheck:
             logger.debug("dropsafe retires a connection that reached its max_lifetime")
             entry.close()
 
-    def _on_checkout(
+    def _on_checkout(  # noqa: C901 - one listener: a helper is a call at every checkout
         self,
         dbapi_connection: DBAPIConnection,
         entry: ConnectionPoolEntry,
         proxy: PoolProxiedConnection,
     ) -> None:
-        state = self._check(dbapi_connection, entry)
-        if self._after_check is not None:
-            self._after_check(proxy, state)
-
-    def _check(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> EntryState:
-        """Let the checkout through (return what is known of its connection) or raise."""
+        """Let the checkout through (and tell ``after_check``) or raise to replace it."""
         now = self._clock()
         try:  # _state(), inlined: this runs at every checkout
-            state = self._states.get(entry)
-        except TypeError:
-            state = None
+            state = entry.__dict__.get(self._key)
+        except AttributeError:  # an entry without a __dict__ of its own (a stand-in)
+            state = self._state(entry)
         if state is None or state.connection is not dbapi_connection:
             # An entry made before harden(), one we cannot key on, or a connection the
             # connect event did not show us: not fresh, so looked at like any idle one.
@@ -283,24 +289,25 @@ class CheckoutCheck:
             # retry it. Let through, a dead one fails the first statement with the driver's
             # disconnect error instead, which invalidates it and is retried.
             state.fresh = False
-            return state
-        probe = state.probe
-        if probe is None:
-            health = Health.UNSEEN
-        else:  # _look(), inlined: this runs at every checkout
-            self.probes += 1
-            try:
-                health = probe()
-            except Exception:  # a look that fails proves nothing: ping instead
-                logger.debug("dropsafe could not look into a connection", exc_info=True)
+        else:
+            probe = state.probe
+            if probe is None:
                 health = Health.UNSEEN
-        # The user's pool_pre_ping has just proven this one.
-        if (health is Health.QUIET or health is Health.UNSEEN) and (
-            self._pre_ping or now - state.idle_since <= self._ping_after_idle
-        ):
-            return state
-        self._verify(dbapi_connection, state.native, health, now)
-        return state
+            else:  # _look(), inlined: this runs at every checkout
+                self.probes += 1
+                try:
+                    health = probe()
+                except Exception:  # a look that fails proves nothing: ping instead
+                    logger.debug("dropsafe could not look into a connection", exc_info=True)
+                    health = Health.UNSEEN
+            # The user's pool_pre_ping has just proven this one.
+            if not (
+                (health is Health.QUIET or health is Health.UNSEEN)
+                and (self._pre_ping or now - state.idle_since <= self._ping_after_idle)
+            ):
+                self._verify(dbapi_connection, state.native, health, now)
+        if self._after_check is not None:
+            self._after_check(proxy, state)
 
     def _verify(
         self,

@@ -26,7 +26,7 @@ from dropsafe._engine.server_facts import learn_session
 from dropsafe._engine.session_state import mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript
 from dropsafe._engine.unsent_commit import UnsentCommit
-from dropsafe._engine_state import Unsent
+from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
@@ -145,8 +145,7 @@ class FirstStatementReplay:
             fd = None
         sent = None if fd is None else tcp_bytes_sent(fd)
         # tuple.__new__: a NamedTuple's own __new__ is a Python call, at every checkout.
-        unsent = tuple.__new__(Unsent, (entry.native, fd, sent, entry))
-        self._state.first_statement_pending(checkout, unsent)
+        checkout.__dict__[UNSENT_KEY] = tuple.__new__(Unsent, (entry.native, fd, sent, entry))
 
     def wrap_execute(self) -> None:
         """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
@@ -224,7 +223,9 @@ class FirstStatementReplay:
         changes = may_change_session(statement)
         pending = None
         try:
-            pending = self._state.first_statement_sent(checkout)
+            # EngineState.first_statement_sent, inlined: this runs at every statement.
+            if checkout.__class__ is POOL_CHECKOUT:
+                pending = checkout.__dict__.pop(UNSENT_KEY, None)
             if pending is None:
                 # Only a checkout's first transaction is recorded: it alone is proven to start
                 # with nothing of the app's on the connection.
@@ -480,6 +481,8 @@ def _size(statement: str, context: ExecutionContext) -> int:
     """Estimate the bytes a recorded statement keeps: its text and its parameters."""
     size = len(statement)
     for parameters in getattr(context, "parameters", ()) or ():
+        if not parameters:  # a statement without any (``[{}]``): no call for nothing
+            continue
         values = parameters.values() if isinstance(parameters, dict) else parameters
         size += sum(map(_weight, values))
     return size

@@ -86,10 +86,12 @@ def check_opt_out(options: Mapping[str, object]) -> None:
 
 def statement_refusal(context: ExecutionContext, statement: str) -> str | None:
     """Why a statement turns its transaction's replay off, or None."""
-    options = context.execution_options
-    if options.get(OPT_OUT, True) is False:
+    options = context.execution_options  # read with `in` first: no call at every statement
+    if OPT_OUT in options and options[OPT_OUT] is False:
         return f"{OPT_OUT}=False"
-    if options.get("stream_results") or options.get("yield_per"):
+    if ("stream_results" in options and options["stream_results"]) or (
+        "yield_per" in options and options["yield_per"]
+    ):
         return "a server-side cursor (stream_results): its rows are read as the app goes"
     style = getattr(context, "execute_style", None)
     if style is not _EXECUTE and style is not _EXECUTEMANY:
@@ -129,11 +131,12 @@ class ReplayRefusals:
         calls a healthy request pays are counted, tests/engine/test_checkout_scale.py).
         """
         style = getattr(context, "execute_style", None)
-        if context.execution_options.get(OPT_OUT, True) is False:  # other values: _check_opt_out
+        options = context.execution_options
+        if OPT_OUT in options and options[OPT_OUT] is False:  # other values: check_opt_out
             reason = f"{OPT_OUT}=False"
         elif style is not _EXECUTE and style is not _EXECUTEMANY:
             reason = f"execute style {getattr(style, 'name', style)}"
-        elif ";" in statement.strip().rstrip(";"):
+        elif ";" in statement and ";" in statement.strip().rstrip(";"):  # no call without one
             # Several statements in one string may hold a COMMIT of their own.
             reason = "the text may hold several statements"
         elif not connection.in_transaction():
