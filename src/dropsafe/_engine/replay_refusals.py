@@ -89,8 +89,8 @@ def statement_refusal(context: ExecutionContext, statement: str) -> str | None:
     options = context.execution_options  # read with `in` first: no call at every statement
     if OPT_OUT in options and options[OPT_OUT] is False:
         return f"{OPT_OUT}=False"
-    if ("stream_results" in options and options["stream_results"]) or (
-        "yield_per" in options and options["yield_per"]
+    if ("stream_results" in options and options["stream_results"]) or (  # noqa: RUF019 - no call
+        "yield_per" in options and options["yield_per"]  # noqa: RUF019
     ):
         return "a server-side cursor (stream_results): its rows are read as the app goes"
     style = getattr(context, "execute_style", None)
