@@ -8,10 +8,12 @@ from cProfile), and writes each profile's top functions as text to
 benchmarks/results/profiles/ (``--tag=-after`` names the files). With ``--py-spy`` (py-spy
 installed) it also records a flame graph of each hardened run as SVG there. ``--cpu`` measures
 instead the process's CPU time per request (the least of ``--rounds`` interleaved runs) of the
-plain pool, dropsafe's defaults and dropsafe without the first-statement replay, with each
-one's ratio to plain, and splits dropsafe's own profiled time by module: the first-statement
-replay's marks (replay, session_state, the socket reads) apart from the checkout check and the
-quiet ROLLBACK.
+plain pool, dropsafe's defaults, dropsafe without the first-statement replay and dropsafe with
+the transaction replay (``PoolPolicy(replay_transaction=True)``: every statement recorded),
+with each one's ratio to plain, and splits dropsafe's own profiled time by module: the
+first-statement replay's marks (replay, session_state, the socket reads) apart from the
+checkout check and the quiet ROLLBACK. ``--calls`` counts instead the Python calls per request
+of the same four (``sys.setprofile``: a figure the machine's load cannot move).
 """
 
 from __future__ import annotations
@@ -40,42 +42,92 @@ DRIVERS = ("psycopg2", "psycopg", "asyncpg")
 SELECT_ONE = sa.text("SELECT 1")
 
 
-def _policy(*, replay: bool = True) -> dropsafe.Policy:
-    return dropsafe.Policy(hooks=(), pool=dropsafe.PoolPolicy(replay_first_statement=replay))
+#: The engines compared: guarded or not, first-statement replay, transaction replay.
+VARIANTS = {
+    "plain": (False, True, False),
+    "dropsafe": (True, True, False),
+    "no replay": (True, False, False),
+    "replay_transaction": (True, True, True),
+}
 
 
-def _sync_loop(url: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
+def _policy(*, replay: bool = True, records: bool = False) -> dropsafe.Policy:
+    pool = dropsafe.PoolPolicy(replay_first_statement=replay, replay_transaction=records)
+    return dropsafe.Policy(hooks=(), pool=pool)
+
+
+class _Calls:
+    """Counts Python calls (and C calls) while on: ``sys.setprofile``, no timing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, frame: object, what: str, arg: object) -> None:
+        del frame, arg
+        if what in ("call", "c_call"):
+            self.count += 1
+
+
+def _sync_loop(
+    url: str,
+    *,
+    guarded: bool,
+    requests: int,
+    replay: bool = True,
+    records: bool = False,
+    calls: _Calls | None = None,
+) -> float:
     engine = (
-        dropsafe.create_engine(url, policy=_policy(replay=replay), pool_size=1)
+        dropsafe.create_engine(url, policy=_policy(replay=replay, records=records), pool_size=1)
         if guarded
         else sa.create_engine(url, pool_size=1)
     )
     try:
-        with engine.connect() as connection:  # the connect is not what is measured
-            connection.execute(SELECT_ONE)
-        started = time.perf_counter()
-        for _ in range(requests):
+        for _ in range(20):  # the connect, the statement cache: not what is measured
             with engine.connect() as connection:
-                connection.execute(SELECT_ONE).scalar()
+                connection.execute(SELECT_ONE)
+        started = time.perf_counter()
+        sys.setprofile(calls)
+        try:
+            for _ in range(requests):
+                with engine.connect() as connection:
+                    connection.execute(SELECT_ONE).scalar()
+        finally:
+            sys.setprofile(None)
         return time.perf_counter() - started
     finally:
         engine.dispose()
 
 
-def _async_loop(url: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
+def _async_loop(
+    url: str,
+    *,
+    guarded: bool,
+    requests: int,
+    replay: bool = True,
+    records: bool = False,
+    calls: _Calls | None = None,
+) -> float:
     async def run() -> float:
         engine = (
-            dropsafe.create_async_engine(url, policy=_policy(replay=replay), pool_size=1)
+            dropsafe.create_async_engine(
+                url, policy=_policy(replay=replay, records=records), pool_size=1
+            )
             if guarded
             else create_async_engine(url, pool_size=1)
         )
         try:
-            async with engine.connect() as connection:
-                await connection.execute(SELECT_ONE)
-            started = time.perf_counter()
-            for _ in range(requests):
+            for _ in range(20):
                 async with engine.connect() as connection:
-                    (await connection.execute(SELECT_ONE)).scalar()
+                    await connection.execute(SELECT_ONE)
+            started = time.perf_counter()
+            sys.setprofile(calls)
+            try:
+                for _ in range(requests):
+                    async with engine.connect() as connection:
+                        (await connection.execute(SELECT_ONE)).scalar()
+            finally:
+                sys.setprofile(None)
             return time.perf_counter() - started
         finally:
             await engine.dispose()
@@ -83,10 +135,43 @@ def _async_loop(url: str, *, guarded: bool, requests: int, replay: bool = True) 
     return asyncio.run(run())
 
 
-def measure(url: str, driver: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
+def measure(
+    url: str,
+    driver: str,
+    *,
+    guarded: bool,
+    requests: int,
+    replay: bool = True,
+    records: bool = False,
+    calls: _Calls | None = None,
+) -> float:
     """Return the wall time of ``requests`` requests on one engine."""
     loop = _async_loop if driver == "asyncpg" else _sync_loop
-    return loop(url, guarded=guarded, requests=requests, replay=replay)
+    return loop(
+        url, guarded=guarded, requests=requests, replay=replay, records=records, calls=calls
+    )
+
+
+def calls_per_request(url: str, driver: str, requests: int = 300) -> str:
+    """Python calls per request of each variant, and dropsafe's over plain."""
+    counted = {}
+    for name, (guarded, replay, records) in VARIANTS.items():
+        calls = _Calls()
+        measure(
+            url,
+            driver,
+            guarded=guarded,
+            requests=requests,
+            replay=replay,
+            records=records,
+            calls=calls,
+        )
+        counted[name] = calls.count / requests
+    cells = [
+        f"{name} {count:.0f}" + ("" if name == "plain" else f" (+{count - counted['plain']:.0f})")
+        for name, count in counted.items()
+    ]
+    return f"{driver}: Python calls per request: {'; '.join(cells)}"
 
 
 #: The modules of the first-statement replay's marks (issue 28 counts them apart).
@@ -95,16 +180,15 @@ REPLAY_MODULES = ("replay.py", "session_state.py", "sockets.py")
 
 def cpu_ratios(url: str, driver: str, requests: int, rounds: int) -> str:
     """CPU per request of plain, dropsafe and dropsafe without replay, and the ratios."""
-    variants = {"plain": (False, True), "dropsafe": (True, True), "no replay": (True, False)}
-    best = dict.fromkeys(variants, float("inf"))
+    best = dict.fromkeys(VARIANTS, float("inf"))
     for _ in range(rounds):
-        for name, (guarded, replay) in variants.items():
+        for name, (guarded, replay, records) in VARIANTS.items():
             started = time.process_time()
-            measure(url, driver, guarded=guarded, requests=requests, replay=replay)
+            measure(url, driver, guarded=guarded, requests=requests, replay=replay, records=records)
             best[name] = min(best[name], time.process_time() - started)
     cells = [
         f"{name} {best[name] / requests * 1e6:.1f} us ({best['plain'] / best[name]:.2f}x)"
-        for name in variants
+        for name in VARIANTS
     ]
     # CPU time, not wall: on loopback a send can run the server's backend on this core (the
     # wall clock would charge its work to the function that sent).
@@ -176,8 +260,14 @@ def main() -> int:
     parser.add_argument("--flame-only", action="store_true", help="only the flame graphs")
     parser.add_argument("--cpu", action="store_true", help="CPU ratios to plain, and shares")
     parser.add_argument("--rounds", type=int, default=5, help="--cpu: interleaved rounds")
+    parser.add_argument("--calls", action="store_true", help="Python calls per request")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.calls:
+        with PostgresServer() as server:
+            for driver in args.drivers.split(","):
+                print(calls_per_request(server.url(driver), driver))
+        return 0
     if args.cpu:
         with PostgresServer() as server:
             for driver in args.drivers.split(","):
