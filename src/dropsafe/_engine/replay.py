@@ -170,23 +170,26 @@ class FirstStatementReplay:
                 parameters: DBAPIParameters,
                 context: ExecutionContext | None = None,
             ) -> None:
-                self._send(
-                    cursor,
-                    statement,
-                    context,
-                    lambda on: method(on, statement, parameters, context),
-                )
+                self._send(cursor, statement, parameters, context, method)
 
             return send_with_parameters
+
+        def without_parameters(
+            cursor: DBAPICursor,
+            statement: str,
+            parameters: DBAPIParameters,
+            context: ExecutionContext | None,
+        ) -> None:
+            """``do_execute_no_params`` in ``do_execute``'s shape (``parameters`` unused)."""
+            del parameters
+            execute_no_params(cursor, statement, context)
 
         def do_execute_no_params(
             cursor: DBAPICursor,
             statement: str,
             context: ExecutionContext | None = None,
         ) -> None:
-            self._send(
-                cursor, statement, context, lambda on: execute_no_params(on, statement, context)
-            )
+            self._send(cursor, statement, (), context, without_parameters)
 
         # Documented Dialect methods, replaced on this instance only (as do_rollback is by
         # quiet_rollback): attributes of the instance shadow the class's methods, so other
@@ -201,23 +204,28 @@ class FirstStatementReplay:
 
     # -- sending, and sending again -------------------------------------------------------------
 
-    def _send(  # noqa: C901, PLR0912 - one function: a helper is a call at every statement
+    def _send(  # noqa: C901, PLR0912, PLR0915 - one function: a helper is a call per statement
         self,
         cursor: DBAPICursor,
         statement: str,
+        parameters: DBAPIParameters,
         context: ExecutionContext | None,
-        send: Callable[[Any], None],
+        method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
     ) -> None:
-        """Send the statement; if it may be replayed and its connection is lost, replay it."""
+        """Send the statement with ``method``; replay it if it may be and its connection is lost.
+
+        How to send it again (`_sender`) is made only where it is kept or needed: a recorded
+        statement, a lost first statement; the healthy first statement makes nothing.
+        """
         if context is None:
-            send(cursor)
+            method(cursor, statement, parameters, context)
             return
         options = context.execution_options
         if OPT_OUT in options:  # an option not given needs no check (no call, at every statement)
             check_opt_out(options)
         connection = context.root_connection
         if connection is None:
-            send(cursor)
+            method(cursor, statement, parameters, context)
             return
         checkout = connection.connection
         changes = may_change_session(statement)
@@ -231,8 +239,9 @@ class FirstStatementReplay:
                 # with nothing of the app's on the connection.
                 transcript = self._transcript_of(connection) if self._records else None
                 if transcript is None:
-                    send(cursor)
+                    method(cursor, statement, parameters, context)
                 else:
+                    send = _sender(method, statement, parameters, context)
                     self._send_later(connection, context, statement, send, cursor, transcript)
                 return
             refusal = self._refusals.first_statement(
@@ -241,13 +250,21 @@ class FirstStatementReplay:
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
                 if self._records:  # kept to say why, should the transaction lose its connection
+                    send = _sender(method, statement, parameters, context)
                     self._begin_transcript(
                         connection, context, statement, send, pending, refusal=refusal
                     )
-                send(cursor)
+                method(cursor, statement, parameters, context)
                 return
-            replayed = self._send_first(connection, context, send, cursor, pending, changes=changes)
+            try:
+                method(cursor, statement, parameters, context)
+            except Exception as exc:  # noqa: BLE001 - raised again unless it is replayed
+                send = _sender(method, statement, parameters, context)
+                replayed = self._replay_first(connection, context, send, exc, pending, changes)
+            else:
+                replayed = False
             if self._records:
+                send = _sender(method, statement, parameters, context)
                 self._begin_transcript(
                     connection, context, statement, send, pending, replayed=replayed
                 )
@@ -268,45 +285,41 @@ class FirstStatementReplay:
             elif checkout.__class__ is not POOL_CHECKOUT or _MARKED not in checkout.__dict__:
                 _mark(checkout, changes=False)
 
-    def _send_first(
+    def _replay_first(  # noqa: PLR0917 - the lost statement's connection, sender and error
         self,
         connection: Connection,
         context: ExecutionContext,
         send: Callable[[Any], None],
-        cursor: DBAPICursor,
+        error: Exception,
         pending: Unsent,
-        *,
         changes: bool,
     ) -> bool:
-        """Send a first statement that may be replayed; replay it if its connection is lost.
+        """Replay a first statement that failed with ``error``; return True, or raise ``error``.
 
-        ``changes``: whether the statement may change its connection's session state. Returns
-        whether it was replayed (on a fresh connection).
+        ``changes``: whether the statement may change its connection's session state. Raises
+        ``error`` unless its connection was lost and the statement was sent again on a fresh
+        connection in the same session state.
         """
+        if not self._refusals.lost(error, connection.connection):
+            raise error
+        lost_state = self._fresh.session_of_lost(connection.connection, pending.native)
+        if lost_state is None:
+            raise error
+        text = describe_error(error)
         try:
-            send(cursor)
-        except Exception as exc:
-            if not self._refusals.lost(exc, connection.connection):
-                raise
-            lost_state = self._fresh.session_of_lost(connection.connection, pending.native)
-            if lost_state is None:
-                raise
-            text = describe_error(exc)
-            try:
-                replayed = self._fresh.send_again(
-                    connection, context, send, exc, lost_state, changes=changes, waits=self._waits
-                )
-            except Exception as again:  # raised as usual; said, so that operators see it
-                failed = describe_error(again)
-                logger.debug("dropsafe's replay of a first statement failed: %s", failed)
-                emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
-                raise
-            if not replayed:  # not the same session: not replayed, nothing to say
-                raise
-            logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
-            emit(self._hooks, FirstStatementReplayed(text))
-            return True
-        return False
+            replayed = self._fresh.send_again(
+                connection, context, send, error, lost_state, changes=changes, waits=self._waits
+            )
+        except Exception as again:  # raised as usual; said, so that operators see it
+            failed = describe_error(again)
+            logger.debug("dropsafe's replay of a first statement failed: %s", failed)
+            emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
+            raise
+        if not replayed:  # not the same session: not replayed, nothing to say
+            raise error
+        logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
+        emit(self._hooks, FirstStatementReplayed(text))
+        return True
 
     # -- the transaction past its first statement ---------------------------------------------
 
@@ -464,6 +477,16 @@ class FirstStatementReplay:
         )
         logger.debug("dropsafe replayed a transaction on a fresh connection: %s", text)
         emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
+
+
+def _sender(
+    method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
+    statement: str,
+    parameters: DBAPIParameters,
+    context: ExecutionContext | None,
+) -> Callable[[Any], None]:
+    """Return how to send the statement again on a given cursor (its arguments kept)."""
+    return lambda on: method(on, statement, parameters, context)
 
 
 def _timed_out_event(error: Exception, transcript: Transcript) -> TransactionReplayed:
