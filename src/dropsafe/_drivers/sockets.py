@@ -16,7 +16,15 @@ from dropsafe._process import unpatched
 if TYPE_CHECKING:
     from dropsafe._drivers.base import DBAPIConnection, Driver
 
-__all__ = ["HasFileno", "SocketPoll", "borrow_socket", "poll", "socket_fd_of", "tcp_bytes_sent"]
+__all__ = [
+    "HasFileno",
+    "SentBytes",
+    "SocketPoll",
+    "borrow_socket",
+    "poll",
+    "socket_fd_of",
+    "tcp_bytes_sent",
+]
 
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
 # The interpreter's own poll, whichever import order: gevent's (after ``monkey.patch_all()``)
@@ -94,6 +102,65 @@ def tcp_bytes_sent(fd: int) -> int | None:
         return None
     written: int = sent - retransmitted + queued  # no int(): a call at each read
     return written
+
+
+class _Borrowed(_SocketType):
+    """A socket object on a driver's own fd: detached, never closed, whenever it goes.
+
+    Its finalizer (this ``__del__``, which takes the place of the C type's, the one that would
+    close the fd) lets the fd go, also when the garbage collector ends it in a cycle.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
+class SentBytes:
+    """`tcp_bytes_sent` for one connection's socket, its socket object made once, not per read.
+
+    Read twice per request by the first-statement replay (at checkout and before the first
+    statement): a socket object made and detached at each read costs about a third of it.
+    The fd is the caller's, asked of the connection at each checkout (never remembered by
+    the caller either); the object is remade when it changes, and let go (`release`) with
+    the connection. One connection is used by one thread at a time: no lock.
+    """
+
+    __slots__ = ("_fd", "_sock")
+
+    def __init__(self) -> None:
+        self._sock: _Borrowed | None = None
+        self._fd = -1
+
+    def __call__(self, fd: int) -> int | None:
+        """Return the data bytes written so far to the TCP socket ``fd``; None if unknown."""
+        if _TCP_INFO is None:
+            return None
+        sock = self._sock
+        if sock is None or fd != self._fd:
+            self.release()
+            try:
+                sock = _Borrowed(_AF_INET, _SOCK_STREAM, 0, fd)
+            except (OSError, ValueError):  # -1: a closed transport
+                return None
+            self._sock, self._fd = sock, fd
+        try:
+            info = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+        except OSError:  # not TCP (a Unix socket), or closed
+            return None
+        try:
+            queued, sent, retransmitted = _TCP_INFO_COUNTS.unpack_from(info, _TCP_INFO_COUNTS_AT)
+        except struct.error:  # a kernel before 4.19: a shorter struct
+            return None
+        written: int = sent - retransmitted + queued
+        return written
+
+    def release(self) -> None:
+        """Let the socket object go now (detached: the fd stays the driver's)."""
+        sock, self._sock, self._fd = self._sock, None, -1
+        if sock is not None:
+            sock.detach()
 
 
 def poll(source: HasFileno) -> Health:

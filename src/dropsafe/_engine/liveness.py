@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal, NoReturn
 
 import sqlalchemy.exc
 
-from dropsafe._drivers import Driver, Health
+from dropsafe._drivers import Driver, Health, SentBytes
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._policy import PoolPolicy, seconds
@@ -42,6 +42,9 @@ __all__ = ["CheckoutCheck", "EntryState"]
 logger = SafeLogger()
 
 _CHECKS = itertools.count()
+# The bytes counter of a connection whose socket is unknown: never given an fd (fileno says
+# None), so it holds no socket.
+_NO_SOCKET = SentBytes()
 
 
 class EntryState:
@@ -60,6 +63,7 @@ class EntryState:
         "native",
         "probe",
         "retire_at",
+        "sent_bytes",
         "used",
     )
 
@@ -81,6 +85,8 @@ class EntryState:
         #: Asks the connection its socket's descriptor (`Driver.fileno_reader`), for
         #: ``after_check``; it returns None where dropsafe cannot read the connection.
         self.fileno: Callable[[], int | None] = _no_fd
+        #: Reads the bytes its socket sent (`SentBytes`), for ``after_check``.
+        self.sent_bytes = _NO_SOCKET
         #: The first-statement replay marked the connection as having run a statement
         #: (`dropsafe._engine.session_state.mark_connection`): kept here, read at no cost,
         #: so that its later checkouts need not mark it again.
@@ -225,6 +231,8 @@ class CheckoutCheck:
                 state.fileno = self.driver.fileno_reader(native)
             except Exception:  # a socket it cannot say: the replay then refuses (not TCP)
                 logger.debug("dropsafe could not find a connection's socket", exc_info=True)
+            else:
+                state.sent_bytes = SentBytes()
         if _weakable(entry):
             with self._lock:
                 self._states[entry] = state
@@ -349,6 +357,7 @@ class CheckoutCheck:
             # Nothing kept of a connection let go.
             state.connection = state.native = state.probe = None
             state.fileno = _no_fd
+            state.sent_bytes.release()
 
     def _forget_invalidated(
         self,

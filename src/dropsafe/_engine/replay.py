@@ -143,7 +143,7 @@ class FirstStatementReplay:
             fd = entry.fileno()
         except Exception:  # noqa: BLE001 - a closed connection may not say its socket
             fd = None
-        sent = None if fd is None else tcp_bytes_sent(fd)
+        sent = None if fd is None else entry.sent_bytes(fd)
         # tuple.__new__: a NamedTuple's own __new__ is a Python call, at every checkout.
         checkout.__dict__[UNSENT_KEY] = tuple.__new__(Unsent, (entry.native, fd, sent, entry))
 

@@ -179,7 +179,7 @@ class ReplayRefusals:
         # Work committed through the driver's connection (a session SET, then commit) leaves
         # it idle: only the bytes its socket sent since checkout tell. The same fd as at
         # checkout: a driver that closed it since is not idle (above).
-        sent = None if pending.fd is None else tcp_bytes_sent(pending.fd)
+        sent = None if pending.fd is None else pending.entry.sent_bytes(pending.fd)
         if sent is None or pending.sent is None:
             return "the bytes sent on its socket since checkout are unknown (not TCP?)"
         if sent != pending.sent:
