@@ -73,73 +73,6 @@ class _Calls:
             self.count += 1
 
 
-def _sync_loop(
-    url: str,
-    *,
-    guarded: bool,
-    requests: int,
-    replay: bool = True,
-    records: bool = False,
-    calls: _Calls | None = None,
-) -> float:
-    engine = (
-        dropsafe.create_engine(url, policy=_policy(replay=replay, records=records), pool_size=1)
-        if guarded
-        else sa.create_engine(url, pool_size=1)
-    )
-    try:
-        for _ in range(20):  # the connect, the statement cache: not what is measured
-            with engine.connect() as connection:
-                connection.execute(SELECT_ONE)
-        started = time.perf_counter()
-        sys.setprofile(calls)
-        try:
-            for _ in range(requests):
-                with engine.connect() as connection:
-                    connection.execute(SELECT_ONE).scalar()
-        finally:
-            sys.setprofile(None)
-        return time.perf_counter() - started
-    finally:
-        engine.dispose()
-
-
-def _async_loop(
-    url: str,
-    *,
-    guarded: bool,
-    requests: int,
-    replay: bool = True,
-    records: bool = False,
-    calls: _Calls | None = None,
-) -> float:
-    async def run() -> float:
-        engine = (
-            dropsafe.create_async_engine(
-                url, policy=_policy(replay=replay, records=records), pool_size=1
-            )
-            if guarded
-            else create_async_engine(url, pool_size=1)
-        )
-        try:
-            for _ in range(20):
-                async with engine.connect() as connection:
-                    await connection.execute(SELECT_ONE)
-            started = time.perf_counter()
-            sys.setprofile(calls)
-            try:
-                for _ in range(requests):
-                    async with engine.connect() as connection:
-                        (await connection.execute(SELECT_ONE)).scalar()
-            finally:
-                sys.setprofile(None)
-            return time.perf_counter() - started
-        finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
-
-
 def measure(
     url: str,
     driver: str,
@@ -148,29 +81,29 @@ def measure(
     requests: int,
     replay: bool = True,
     records: bool = False,
-    calls: _Calls | None = None,
 ) -> float:
-    """Return the wall time of ``requests`` requests on one engine."""
-    loop = _async_loop if driver == "asyncpg" else _sync_loop
-    return loop(
-        url, guarded=guarded, requests=requests, replay=replay, records=records, calls=calls
-    )
+    """Return the wall time of ``requests`` requests on one engine (made and warmed first)."""
+    run, close = _runner(url, driver, guarded=guarded, replay=replay, records=records)
+    try:
+        started = time.perf_counter()
+        run(requests)
+        return time.perf_counter() - started
+    finally:
+        close()
 
 
 def calls_per_request(url: str, driver: str, requests: int = 300) -> str:
     """Python calls per request of each variant, and dropsafe's over plain."""
     counted = {}
     for name, (guarded, replay, records) in VARIANTS.items():
+        run, close = _runner(url, driver, guarded=guarded, replay=replay, records=records)
         calls = _Calls()
-        measure(
-            url,
-            driver,
-            guarded=guarded,
-            requests=requests,
-            replay=replay,
-            records=records,
-            calls=calls,
-        )
+        sys.setprofile(calls)
+        try:
+            run(requests)
+        finally:
+            sys.setprofile(None)
+            close()
         counted[name] = calls.count / requests
     cells = [
         f"{name} {count:.0f}" + ("" if name == "plain" else f" (+{count - counted['plain']:.0f})")
