@@ -180,6 +180,17 @@ LATER_CHANGE = {
 }
 
 
+def _after_marked_checkouts(engine, server, proxy, transactions, *, statement, params=None):
+    """Run ``transactions`` (each its own checkout of the one pooled connection), then
+    ``_after_a_lost_checkout`` with ``statement``."""
+    with Session(engine) as session:
+        for transaction in transactions:
+            for text in transaction:
+                session.execute(sa.text(text))
+            session.commit()
+        return _after_a_lost_checkout(engine, server, proxy, session, statement, params=params)
+
+
 @pytest.mark.parametrize("where", LATER_CHANGE)
 @pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
 def test_session_state_set_after_the_connection_was_marked_is_not_lost_by_a_replay(
@@ -187,12 +198,9 @@ def test_session_state_set_after_the_connection_was_marked_is_not_lost_by_a_repl
 ):
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    with Session(engine) as session:
-        for transaction in LATER_CHANGE[where]:  # each its own checkout of the one connection
-            for statement in transaction:
-                session.execute(sa.text(statement))
-            session.commit()
-        outcome = _after_a_lost_checkout(engine, server, proxy, session, INSERT, params={"n": 1})
+    outcome = _after_marked_checkouts(
+        engine, server, proxy, LATER_CHANGE[where], statement=INSERT, params={"n": 1}
+    )
     _assert_not_replayed(server, events, outcome)
 
 
@@ -203,14 +211,8 @@ def test_a_connection_marked_before_keeps_replaying_statements_that_change_nothi
     # The other side of the skipped mark: plain statements on a marked connection still replay.
     events = []
     engine = disposing(replay_engine(server, proxy, driver, events))
-    with Session(engine) as session:
-        for _ in range(3):
-            session.execute(sa.text("SELECT 1"))
-            session.execute(sa.text("SELECT 2"))
-            session.commit()
-        outcome = _after_a_lost_checkout(
-            engine, server, proxy, session, sa.text("SELECT 7"), params=None
-        )
+    plain = [["SELECT 1", "SELECT 2"]] * 3
+    outcome = _after_marked_checkouts(engine, server, proxy, plain, statement=sa.text("SELECT 7"))
     assert outcome == (7,)
     assert len(replayed(events)) == 1
 
