@@ -359,6 +359,8 @@ class FirstStatementReplay:
         if transaction is None:  # autocommit: nothing to replay
             return
         transcript = Transcript(native, fd, self._caps)
+        if not replayed:  # on the checkout's own connection: its counter, socket object kept
+            transcript.count_sent = pending.entry.sent_bytes
         self._transcripts[transaction] = transcript
         if refusal is None:
             if self._commits is not None:
@@ -384,7 +386,7 @@ class FirstStatementReplay:
             # Documented; what SQLAlchemy reads the result from (no cast(): a call per statement).
             context.cursor = reader  # type: ignore[assignment]
             fd = transcript.fd
-            transcript.sent_after = None if fd is None else tcp_bytes_sent(fd)
+            transcript.sent_after = None if fd is None else transcript.count_sent(fd)
 
     def _send_later(  # noqa: PLR0917 # _send_first's arguments, and the transcript
         self,
@@ -470,6 +472,7 @@ class FirstStatementReplay:
             self._commits.note(fresh, connection)
         driver = self._driver
         transcript.native = None if driver is None else driver.native(fresh.dbapi_connection)
+        transcript.count_sent = tcp_bytes_sent  # the fresh connection's entry is not at hand
         transcript.fd = (
             None
             if transcript.native is None or driver is None

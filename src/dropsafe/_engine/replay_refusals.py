@@ -16,7 +16,6 @@ from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._dbapi import ask, dialect_says_disconnect
-from dropsafe._drivers import tcp_bytes_sent
 from dropsafe._engine.transcript import refusal_of_text
 from dropsafe._errors import ConfigurationError
 from dropsafe._log import SafeLogger
@@ -102,7 +101,7 @@ def statement_refusal(context: ExecutionContext, statement: str) -> str | None:
 def sent_around(transcript: Transcript) -> str | None:
     """Why the driver's connection sent bytes that are not in the transcript, or None."""
     fd, before = transcript.fd, transcript.sent_after
-    now = None if fd is None else tcp_bytes_sent(fd)
+    now = None if fd is None else transcript.count_sent(fd)
     if now is None or before is None:
         return "the bytes sent on its socket are unknown (not TCP?)"
     if now != before:
