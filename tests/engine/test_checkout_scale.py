@@ -172,20 +172,20 @@ def _python_calls_per_request(engine, requests: int = 200) -> float:
     return calls[0] / requests
 
 
-# Python calls dropsafe may add to a single-query request over the plain pool's (156 calls with
-# psycopg2, 257 with psycopg 3, for SQLAlchemy and the driver), with the defaults and with the
-# transaction replay on (every statement recorded). Measured (issue 28): +42 and +55 with the
-# defaults (before: +79 and +92), of which the first-statement replay's marks are +26 and +36
-# (two TCP_INFO reads, the driver's transaction status) and the checkout check the rest; +69
-# and +81 with the transaction replay (before: +117 and +129). Issue 20's Connection-level
+# Python calls dropsafe may add to a single-query request over the plain pool's (147 calls with
+# psycopg2, 243 with psycopg 3, for SQLAlchemy and the driver), with the defaults and with the
+# transaction replay on (every statement recorded). Measured (issue 28): +38 and +43 with the
+# defaults (before: +79 and +92), of which the first-statement replay's marks are +22 and +24
+# (two TCP_INFO reads, the driver's transaction status) and the checkout check the rest; +65
+# and +69 with the transaction replay (before: +117 and +129). Issue 20's Connection-level
 # rollback listener took psycopg2 to +111 and ~20 us of CPU: a listener of that kind turns off
 # SQLAlchemy's event-free statement path for the whole engine. A few calls of margin, for
 # other versions of Python and SQLAlchemy.
 CALLS_ADDED_AT_MOST = {
-    ("psycopg2", False): 47,
-    ("psycopg", False): 60,
-    ("psycopg2", True): 74,
-    ("psycopg", True): 86,
+    ("psycopg2", False): 42,
+    ("psycopg", False): 47,
+    ("psycopg2", True): 70,
+    ("psycopg", True): 74,
 }
 
 
