@@ -188,9 +188,13 @@ def cpu_ratios(url: str, driver: str, requests: int, rounds: int) -> str:
     # CPU time, not wall: on loopback a send can run the server's backend on this core (the
     # wall clock would charge its work to the function that sent).
     profiler = cProfile.Profile(time.process_time)
-    profiler.enable()
-    measure(url, driver, guarded=True, requests=requests)
-    profiler.disable()
+    run, close = _runner(url, driver, guarded=True, replay=True, records=False)
+    try:  # the requests only: not the engine's connect and warm-up
+        profiler.enable()
+        run(requests)
+        profiler.disable()
+    finally:
+        close()
     shares: dict[str, float] = {}
     stats = pstats.Stats(profiler)
     for (filename, _line, _name), row in stats.stats.items():  # type: ignore[attr-defined]
