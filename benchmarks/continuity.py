@@ -11,8 +11,9 @@ The apps are what a new user writes, with no dropsafe code in the handlers:
   dependency, the same writes and reads.
 
 Variants of the engines only: ``plain``, ``pre_ping`` (``pool_pre_ping=True``), ``flag``
-(``?plugin=dropsafe`` in each URL) and ``flag_replay`` (the flag and
-``dropsafe_replay_transaction=true``: the transaction replay, still in the URL only). Faults,
+(``?plugin=dropsafe`` in each URL: the transaction replay on, as the flag turns it on) and
+``flag_no_replay`` (the flag and ``dropsafe_replay_transaction=false``: the flag as it was
+before it turned the replay on). Faults,
 while 4 clients send requests: ``kill`` terminates every backend once a second; ``restart``
 restarts the server, fast and immediate in turn, 1.5 s after it is back each time. The server
 is real (TLS, loopback).
@@ -69,7 +70,7 @@ from dropsafe.testing import PostgresServer
 RESULTS = Path(__file__).parent / "results" / "CONTINUITY.md"
 CLIENTS = 4
 APPS = ("flask", "fastapi")
-VARIANTS = ("plain", "pre_ping", "flag", "flag_replay")
+VARIANTS = ("plain", "pre_ping", "flag", "flag_no_replay")
 FAULTS = ("kill", "restart")
 KILL_EVERY_S = 1.0
 RESTART_AFTER_S = 1.5
@@ -116,12 +117,12 @@ def engine_options(variant: str) -> dict[str, Any]:
 
 
 def variant_url(url: str, variant: str) -> str:
-    """``url`` with ``?plugin=dropsafe`` for the flag variants (and the replay's parameter)."""
+    """``url`` with ``?plugin=dropsafe`` for the flag variants (and the replay's opt-out)."""
     if not variant.startswith("flag"):
         return url
     query = {"plugin": "dropsafe"}
-    if variant == "flag_replay":
-        query["dropsafe_replay_transaction"] = "true"
+    if variant == "flag_no_replay":
+        query["dropsafe_replay_transaction"] = "false"
     flagged = make_url(url).update_query_dict(query)
     return flagged.render_as_string(hide_password=False)
 

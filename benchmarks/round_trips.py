@@ -14,8 +14,9 @@ table says which statements made the round trips. Shapes:
 
 ``--rtt-ms 10`` also times single-query requests through a `ChaosProxy` that delays each
 direction by half that, one client on a pool of 4 warmed connections, for the plain pool,
-``pool_pre_ping`` and dropsafe with and without ``defer_checkin_rollback``, variants interleaved
-(best of ``--rounds``): what a request that does not wait for its ROLLBACK gains.
+``pool_pre_ping`` and dropsafe, also with ``begin_in_first_flight`` off and with
+``defer_checkin_rollback`` off, variants interleaved (best of ``--rounds``): what BEGIN in the
+first statement's flight, and a request that does not wait for its ROLLBACK, each gain.
 
 psycopg_pool (psycopg 3 only) runs the same statements on its own connections with its
 ``check`` (``check_connection``, a round trip at every getconn). Connecting is not counted (the
@@ -260,13 +261,22 @@ def _counted(proxy: FlightProxy, start: int, requests: int) -> Count:
     return Count(len(flights) / requests, [flight.label for flight in last])
 
 
-TIMED = ("plain", "pre_ping", "dropsafe", "dropsafe, ROLLBACK awaited")
+TIMED = (
+    "plain",
+    "pre_ping",
+    "dropsafe",
+    "dropsafe, BEGIN alone",
+    "dropsafe, ROLLBACK awaited",
+)
 
 
 def _timed_engine(variant: str, url: str) -> sa.Engine:
     if variant == "plain" or variant == "pre_ping":  # noqa: PLR1714 - two names, one shape
         return sa.create_engine(url, pool_size=4, pool_pre_ping=variant == "pre_ping")
-    pool = dropsafe.PoolPolicy(defer_checkin_rollback=variant == "dropsafe")
+    pool = dropsafe.PoolPolicy(
+        defer_checkin_rollback=variant != "dropsafe, ROLLBACK awaited",
+        begin_in_first_flight=variant != "dropsafe, BEGIN alone",
+    )
     return dropsafe.create_engine(url, pool_size=4, policy=dropsafe.Policy(pool=pool))
 
 
@@ -346,6 +356,10 @@ def table(counts: dict[tuple[str, str, str], Count]) -> str:
 
 
 def _short(label: str) -> str:
+    if label.startswith("P BEGIN"):
+        # BEGIN in the extended protocol: sent in a pipeline with the statement that follows
+        # it in the same flight (psycopg 3 with dropsafe); a driver's own BEGIN is "Q BEGIN".
+        return "BEGIN+statement"
     words = re.sub(r"^[QP] ", "", label).split()
     return " ".join(words[:2]) if words else label
 

@@ -261,7 +261,12 @@ class PoolPolicy(_Validated):
         {"replay_max_statements", "replay_max_rows", "replay_max_bytes"}
     )
     _BOOLEANS: ClassVar[frozenset[str]] = frozenset(
-        {"replay_first_statement", "replay_transaction", "defer_checkin_rollback"}
+        {
+            "replay_first_statement",
+            "replay_transaction",
+            "defer_checkin_rollback",
+            "begin_in_first_flight",
+        }
     )
 
     #: A connection idle longer than this is pinged at checkout (a round trip);
@@ -299,6 +304,11 @@ class PoolPolicy(_Validated):
     #: used again: a request that ends with a ROLLBACK saves a round trip. A ROLLBACK that fails
     #: there has its connection replaced, unseen. psycopg 3 (sync) only; see docs/guarantees.md.
     defer_checkin_rollback: bool = True
+    #: A transaction's BEGIN is sent in the same flight as its first statement (a pipeline:
+    #: BEGIN, the statement, one Sync), so that a one-query request waits for one round trip,
+    #: not two. A BEGIN that fails is the error raised, and the statement does not run.
+    #: psycopg 3 (sync and async) only; see docs/guarantees.md.
+    begin_in_first_flight: bool = True
 
 
 @_environment_defaults

@@ -22,7 +22,7 @@ from sqlalchemy import event
 
 import dropsafe
 from dropsafe._drivers import driver_names
-from dropsafe._engine.fresh_connection import REPLAY_LOCK_TIMEOUT_MS
+from dropsafe._engine.fresh_connection import REPLAY_ATTEMPTS, REPLAY_LOCK_TIMEOUT_MS
 from dropsafe._engine.guard import guard_of
 from dropsafe._redaction import describe_error
 from dropsafe.events import TransactionReplayed
@@ -551,31 +551,51 @@ def test_a_serial_the_app_never_saw_is_replayed_once(server, proxy, driver, disp
 # -- a second fault, under the replay itself ------------------------------------------------
 
 
-@pytest.mark.parametrize("driver", SYNC)
-def test_a_second_loss_during_the_replay_raises_the_original_error(
-    server, proxy, driver, disposing
-):
-    # Held: the fresh connection is lost too, as the replay starts; the app gets the first
-    # error, nothing is written, and no connection is left checked out.
-    engine, events = _replaying(disposing, server, proxy, driver)
-    armed = [False]
+def _losing_fresh_connections(engine, server, proxy, losses: int):
+    """Arm a loss of the next ``losses`` connections checked out (the replay's fresh ones)."""
+    armed = [0]
 
     @event.listens_for(engine, "checkout")
     def lose_again(dbapi_connection, entry, proxied):
         if armed[0]:
-            armed[0] = False
+            armed[0] -= 1
             lose("terminate", server, proxy)
 
     def request(conn):
         conn.execute(sa.text("UPDATE adv_accounts SET note = 'x' WHERE id = 1"))
         lose("terminate", server, proxy)
-        armed[0] = True
+        armed[0] = losses
         conn.execute(sa.text("INSERT INTO adv_log (what) VALUES ('lost')"))
 
+    return armed, request
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_second_loss_during_the_replay_replays_on_another_connection(
+    server, proxy, driver, disposing
+):
+    # Held: the fresh connection is lost too, as the replay starts (a restart after a restart);
+    # no COMMIT was sent on it, so the replay runs again on another, and the write lands once.
+    engine, events = _replaying(disposing, server, proxy, driver)
+    armed, request = _losing_fresh_connections(engine, server, proxy, 1)
+    _in_transaction(engine, request)
+    assert armed == [0]  # the replay did check out a fresh connection, and lost it
+    assert _log(server) == ["lost"]
+    assert server.execute("SELECT note FROM adv_accounts WHERE id = 1") == [("x",)]
+    assert _outcomes(events) == [("replayed", None)]
+    assert engine.pool.checkedout() == 0
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_every_fresh_connection_lost_raises_the_original_error(server, proxy, driver, disposing):
+    # Held: each fresh connection the replay may take is lost too; the app gets the first
+    # error, nothing is written, and no connection is left checked out.
+    engine, events = _replaying(disposing, server, proxy, driver)
+    armed, request = _losing_fresh_connections(engine, server, proxy, REPLAY_ATTEMPTS)
     with pytest.raises(sa.exc.DBAPIError) as raised:
         _in_transaction(engine, request)
     assert raised.value.connection_invalidated
-    assert not armed[0]  # the replay did check out a fresh connection
+    assert armed == [0]
     assert _log(server) == []
     assert server.execute("SELECT note FROM adv_accounts WHERE id = 1") == [("one",)]
     assert [outcome for outcome, _ in _outcomes(events)] == ["failed"]

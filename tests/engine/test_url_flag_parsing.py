@@ -39,7 +39,7 @@ def test_values_parse_to_each_knobs_type_and_land_in_its_layer():
     assert policy.connection == dropsafe.ConnectionPolicy(
         tcp_user_timeout=2.5, keepalive_idle=None, keepalive_count=4, connect_wait=3
     )
-    assert policy.pool == dropsafe.PoolPolicy(ping_after_idle=0)
+    assert policy.pool == dropsafe.PoolPolicy(ping_after_idle=0, replay_transaction=True)
     assert policy.hooks == dropsafe.Policy().hooks
 
 
@@ -48,14 +48,32 @@ def test_a_knob_of_a_few_values_and_an_optional_duration_parse_too():
     assert policy.connection.pooler == "transaction"
     assert policy.pool.max_lifetime == 600
     no_replay = policy_from_query({"dropsafe_replay_first_statement": "off"})
-    assert no_replay.pool == dropsafe.PoolPolicy(replay_first_statement=False)
+    assert no_replay.pool == dropsafe.PoolPolicy(
+        replay_first_statement=False, replay_transaction=True
+    )
     policy = policy_from_query({"dropsafe_pooler": "none", "dropsafe_max_lifetime": "none"})
     assert policy.connection.pooler is None
     assert policy.pool.max_lifetime is None
 
 
-def test_no_parameters_give_the_default_policy():
-    assert policy_from_query({}) == dropsafe.Policy()
+def test_no_parameters_give_the_default_policy_and_the_transaction_replay():
+    # The flag is the zero-code path: its requests are not units of work.
+    assert policy_from_query({}) == dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(replay_transaction=True)
+    )
+
+
+@pytest.mark.parametrize("value", ["false", "off", "0"])
+def test_the_flags_transaction_replay_is_turned_off_by_the_url(value):
+    policy = policy_from_query({"dropsafe_replay_transaction": value})
+    assert policy == dropsafe.Policy()
+
+
+def test_the_flags_transaction_replay_is_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("DROPSAFE_REPLAY_TRANSACTION", "false")
+    assert policy_from_query({}).pool.replay_transaction is False
+    monkeypatch.setenv("DROPSAFE_REPLAY_TRANSACTION", "true")
+    assert policy_from_query({}).pool.replay_transaction is True
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """benchmarks/continuity.py reads the replay's events from the ``dropsafe`` logger: the lines
-``LoggingHook`` writes must keep parsing, and the ``flag_replay`` variant must turn the replay on
-from the URL alone (no database: what is parsed and what the URL says).
+``LoggingHook`` writes must keep parsing, and the ``flag`` variant must have the replay on
+from the URL flag alone, ``flag_no_replay`` off (no database: what is parsed and the URL says).
 """
 
 from __future__ import annotations
@@ -50,14 +50,15 @@ def test_the_replay_log_reads_each_outcome_and_reason_by_request(continuity):
     }
 
 
-def test_the_flag_replay_variant_turns_the_replay_on_in_the_url_only(continuity):
+def test_the_flag_variant_has_the_replay_on_and_the_no_replay_variant_off(continuity):
     url = "postgresql+psycopg2://app:secret@127.0.0.1:5432/notes"
-    assert continuity.engine_options("flag_replay") == {}
-    flagged = make_url(continuity.variant_url(url, "flag_replay"))
-    assert flagged.query["plugin"] == "dropsafe"
+    assert continuity.engine_options("flag") == {}
+    flagged = make_url(continuity.variant_url(url, "flag"))
+    assert flagged.query == {"plugin": "dropsafe"}  # the flag alone
     assert policy_from_query(flagged.query).pool.replay_transaction is True
-    plain_flag = make_url(continuity.variant_url(url, "flag"))
-    assert policy_from_query(plain_flag.query).pool.replay_transaction is False
+    no_replay = make_url(continuity.variant_url(url, "flag_no_replay"))
+    assert no_replay.query["plugin"] == "dropsafe"
+    assert policy_from_query(no_replay.query).pool.replay_transaction is False
 
 
 def test_a_failed_request_is_counted_by_place_last_replay_event_and_error(continuity):

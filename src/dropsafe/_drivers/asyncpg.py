@@ -35,6 +35,9 @@ from dropsafe._drivers.base import (
 )
 from dropsafe._drivers.sockets import SocketPoll, poll
 
+# What asyncpg says of an operation refused after it read the server's goodbye (its state 2).
+_REFUSED_AFTER_GOODBYE = "another operation (2) is in progress"
+
 if TYPE_CHECKING:
     import socket
     from collections.abc import Callable
@@ -155,7 +158,7 @@ class Asyncpg(Driver):
             # The next operation on a connection whose server (or pooler) said goodbye while
             # it sat idle: asyncpg read the FATAL with no operation running, stays in its
             # error-consuming state (2) and refuses the operation before sending anything.
-            "another operation (2) is in progress",
+            _REFUSED_AFTER_GOODBYE,
         ),
         failover_messages=("none of the hosts match the target attribute",),
     )
@@ -237,6 +240,16 @@ class Asyncpg(Driver):
         if not all(hasattr(dbapi_connection, name) for name in names):
             return None
         return tuple(getattr(dbapi_connection, name) for name in names)
+
+    def refused_unsent(self, error: BaseException) -> bool:
+        # asyncpg read the server's goodbye with no operation running (its error-consuming
+        # state, 2) and refuses the next operation in `_set_state`, before writing anything.
+        seen: BaseException | None = error
+        while seen is not None:
+            if type(seen).__name__ == "InternalClientError" and _REFUSED_AFTER_GOODBYE in str(seen):
+                return True
+            seen = seen.__cause__
+        return False
 
     def probe(self, dbapi_connection: DBAPIConnection) -> Health:
         connection = dbapi_connection.driver_connection

@@ -155,6 +155,14 @@ class Driver:
         """Undo what a connect argument dropsafe ``added`` would do beyond the connect."""
         del dbapi_connection, added
 
+    def begin_in_first_flight(self, dbapi_connection: DBAPIConnection) -> bool:
+        """Make a new connection send BEGIN in its first statement's flight; whether it does.
+
+        PoolPolicy.begin_in_first_flight; a driver that cannot keeps its own BEGIN.
+        """
+        del dbapi_connection
+        return False
+
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         """Whether ``dbapi_connection`` is this driver's own, that `probe` can look into."""
         del dbapi_connection
@@ -270,6 +278,15 @@ class Driver:
         """
         del dbapi_connection
         return None
+
+    def refused_unsent(self, error: BaseException) -> bool:
+        """Whether ``error`` is the driver refusing an operation, unsent, on a lost connection.
+
+        Proof that nothing of the operation left the client, where a driver gives it (a COMMIT
+        so refused cannot have committed); False when unsure.
+        """
+        del error
+        return False
 
     def last_error_text(self, dbapi_connection: DBAPIConnection) -> str:
         """Return what the connection kept of its last error ("" if nothing), beyond the exception.

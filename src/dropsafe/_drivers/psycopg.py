@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import AdaptedConnection
 
 from dropsafe._classify import DriverErrors, ErrorKind
-from dropsafe._drivers import libpq, psycopg_rollback
+from dropsafe._drivers import libpq, psycopg_first_flight, psycopg_rollback
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
@@ -67,6 +67,10 @@ class Psycopg(libpq.Libpq):
             added.add("prepare_threshold")
         return added
 
+    def begin_in_first_flight(self, dbapi_connection: DBAPIConnection) -> bool:
+        # BEGIN sent in a pipeline with the transaction's first statement: one flight, not two.
+        return psycopg_first_flight.install(driver_connection(dbapi_connection))
+
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async
             dbapi_connection = dbapi_connection.driver_connection
@@ -82,6 +86,12 @@ class Psycopg(libpq.Libpq):
     def gone(self, dbapi_connection: DBAPIConnection) -> bool | None:
         native = driver_connection(dbapi_connection)
         return bool(native.closed or native.broken)
+
+    def last_error_text(self, dbapi_connection: DBAPIConnection) -> str:
+        # libpq's whole message, kept after the connection closed: a later operation raises
+        # only "the connection is lost", without the server's FATAL that ended it.
+        text = getattr(driver_connection(dbapi_connection).info, "error_message", "")
+        return text if isinstance(text, str) else ""
 
     def transaction_characteristics(
         self, dbapi_connection: DBAPIConnection

@@ -27,6 +27,7 @@ from dropsafe._engine.session_state import (
     snapshot,
 )
 from dropsafe._log import SafeLogger
+from dropsafe._redaction import describe_error
 from dropsafe._sqlalchemy_private import switch_connection
 
 if TYPE_CHECKING:
@@ -41,7 +42,13 @@ if TYPE_CHECKING:
     from dropsafe._engine.transcript import Transcript
     from dropsafe._engine_state import EngineState
 
-__all__ = ["REPLAY_LOCK_TIMEOUT_MS", "FreshConnections", "replay_bounded"]
+__all__ = [
+    "REPLAY_ATTEMPTS",
+    "REPLAY_LOCK_TIMEOUT_MS",
+    "FreshConnections",
+    "ask_before_replay",
+    "replay_bounded",
+]
 
 logger = SafeLogger()
 
@@ -136,6 +143,52 @@ class FreshConnections:
             if not turned_away_again(again):
                 raise
             return waits.try_again(replay, again, turned_away_again)
+
+    def replay(
+        self,
+        connection: Connection,
+        context: ExecutionContext,
+        lost: tuple[Callable[[Any], None], Exception, tuple[object, ...], Transcript],
+        refused: Callable[..., None],
+        also_lost: Callable[[Exception, PoolProxiedConnection], bool],
+    ) -> tuple[PoolProxiedConnection, tuple[Literal["refused", "failed"], str] | None]:
+        """Replay a transaction, then its lost statement, on a fresh connection (a second if lost).
+
+        ``lost`` is what was lost: the statement's sender, its error, the lost connection's
+        session state, the transaction's transcript. Returns the fresh connection and why the
+        replay did not hold (None: it did). Raises the lost statement's error when no fresh
+        connection in that session state can be had. A fresh connection found lost
+        (``also_lost``) by the replay's first question, before anything of the transaction was
+        sent on it, is replaced once (a pooled connection the same restart ended, a restart
+        right after the connect): its loss cannot be the transaction's doing. Lost later, it is
+        not: a replayed statement that crashes its backend would crash the server again.
+        """
+        send, error, lost_state, transcript = lost
+        for attempt in range(1, REPLAY_ATTEMPTS + 1):
+            try:
+                fresh_cursor = self.reconnect(connection, context, error, lost_state, changes=False)
+            except Exception:
+                refused("no fresh connection could be set up for it", "failed")
+                raise
+            if fresh_cursor is None:
+                refused("a fresh connection would not be in the same session state")
+                raise error
+            fresh = connection.connection
+            asked = False
+            try:
+                difference = ask_before_replay(fresh, lost_state)
+                asked = True
+                if difference is None:
+                    difference = replay_bounded(transcript, fresh)
+                if difference is None:
+                    send(fresh_cursor)
+            except Exception as again:  # the original error is the one to raise
+                logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
+                if not asked and attempt < REPLAY_ATTEMPTS and also_lost(again, fresh):
+                    continue
+                difference = ("failed", f"the replay failed: {describe_error(again)}")
+            return fresh, difference
+        raise AssertionError  # the last attempt returns
 
     def reconnect(
         self,
@@ -255,22 +308,24 @@ class FreshConnections:
             connection.invalidate(error)
 
 
+#: Fresh connections one transaction replay may use: a second when the first is found lost
+#: before anything of the transaction was sent on it (a restart after a restart).
+REPLAY_ATTEMPTS = 2
+
 # A replayed statement runs this long at most (milliseconds): the old backend of a connection
 # lost to a cut the server did not see may hold the transaction's locks until it notices.
 REPLAY_LOCK_TIMEOUT_MS = 2000
 
 
-def replay_bounded(
-    transcript: Transcript, fresh: PoolProxiedConnection, lost_state: tuple[object, ...]
+def ask_before_replay(
+    fresh: PoolProxiedConnection, lost_state: tuple[object, ...]
 ) -> tuple[Literal["refused", "failed"], str] | None:
-    """Replay ``transcript`` on ``fresh``, each statement bounded; why not, or None if it did.
+    """Why ``fresh`` must not replay the lost transaction, or None (one round trip).
 
-    First, on the replay path only, one round trip before the transaction begins: whether the
-    database lets a statement act outside its transaction, and whether the session user's role
-    membership is still what it was (`outside_effects`). Then each replayed statement gets
-    `REPLAY_LOCK_TIMEOUT_MS`: a client-side deadline that shuts the fresh connection's socket
-    down (`dropsafe._drivers.deadline`), so that the bound holds whatever the transaction sets
-    (its own ``SET LOCAL lock_timeout`` is replayed as it was, and left as it was).
+    On the replay path only, before the transaction begins: whether the database lets a
+    statement act outside its transaction, and whether the session user's role membership is
+    still what it was (`outside_effects`). Nothing of the transaction is sent on ``fresh``
+    before it.
     """
     learned = lost_state[-1]
     if not isinstance(learned, tuple):  # replay_transaction on: learned at connect, or unknown
@@ -278,6 +333,19 @@ def replay_bounded(
     reason = outside_effects(fresh, learned)
     if reason is not None:
         return "refused", reason
+    return None
+
+
+def replay_bounded(
+    transcript: Transcript, fresh: PoolProxiedConnection
+) -> tuple[Literal["refused", "failed"], str] | None:
+    """Replay ``transcript`` on ``fresh``, each statement bounded; why not, or None if it did.
+
+    Asked first: `ask_before_replay`. Each replayed statement gets `REPLAY_LOCK_TIMEOUT_MS`:
+    a client-side deadline that shuts the fresh connection's socket down
+    (`dropsafe._drivers.deadline`), so that the bound holds whatever the transaction sets (its
+    own ``SET LOCAL lock_timeout`` is replayed as it was, and left as it was).
+    """
     connection = fresh.dbapi_connection
     if connection is None or socket_fd(connection) is None:
         return "refused", "the replay's waits cannot be bounded (no socket to watch)"

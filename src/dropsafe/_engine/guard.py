@@ -31,6 +31,7 @@ from dropsafe._drivers import (
 )
 from dropsafe._engine.connect_args import ConnectArguments
 from dropsafe._engine.connect_wait import ConnectWait
+from dropsafe._engine.first_flight import FirstFlight
 from dropsafe._engine.invalidation import InvalidationScope
 from dropsafe._engine.lifetime import ConnectionLifetime
 from dropsafe._engine.liveness import CheckoutCheck
@@ -231,6 +232,7 @@ class EngineGuard:
             policy.connection, self.driver, policy.hooks, redact_url(engine.url)
         )
         self.invalidation = InvalidationScope(policy.hooks, self.driver, self.check)
+        self.first_flight = FirstFlight(policy.pool, self.driver)
 
     def attach(self, engine: Engine) -> None:
         """Listen to the engine's connect, pool, transaction and error events."""
@@ -241,6 +243,7 @@ class EngineGuard:
             ("handle_error", self.invalidation.on_handle_error),
             *self.check.listeners().items(),
             *self.replay.listeners().items(),
+            *self.first_flight.listeners().items(),
         ]
         for name, listener in listeners:
             event.listen(engine, name, listener)

@@ -13,7 +13,8 @@ import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
-from dropsafe._engine.fresh_connection import FreshConnections, replay_bounded
+from dropsafe._engine.fresh_connection import FreshConnections
+from dropsafe._engine.pinned_insert import pinned_insert
 from dropsafe._engine.replay_refusals import (
     OPT_OUT,
     ReplayRefusals,
@@ -381,7 +382,8 @@ class FirstStatementReplay:
         if reason is not None:
             transcript.refuse(reason)
             return
-        reader = transcript.record(send, context.cursor, _size(statement, context))
+        pin = pinned_insert(context, statement) if context.isinsert else None
+        reader = transcript.record(send, context.cursor, _size(statement, context), pin)
         if reader is not None:
             # Documented; what SQLAlchemy reads the result from (no cast(): a call per statement).
             context.cursor = reader  # type: ignore[assignment]
@@ -444,24 +446,13 @@ class FirstStatementReplay:
         if lost_state is None:
             refused("the lost connection's session state is unknown")
             raise error
-        try:
-            fresh_cursor = self._fresh.reconnect(
-                connection, context, error, lost_state, changes=False
-            )
-        except Exception:
-            refused("no fresh connection could be set up for it", "failed")
-            raise
-        if fresh_cursor is None:
-            refused("a fresh connection would not be in the same session state")
-            raise error
-        fresh = connection.connection
-        try:
-            difference = replay_bounded(transcript, fresh, lost_state)
-            if difference is None:
-                send(fresh_cursor)
-        except Exception as again:  # the original error is the one to raise
-            logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
-            difference = ("failed", f"the replay failed: {describe_error(again)}")
+        fresh, difference = self._fresh.replay(
+            connection,
+            context,
+            (send, error, lost_state, transcript),
+            refused,
+            self._refusals.lost,
+        )
         if difference is not None:
             self._fresh.leave_dead(connection, context, fresh, error)  # the replay with it
             outcome, reason = difference

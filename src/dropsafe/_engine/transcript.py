@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
     from dropsafe._dbapi import DBAPICursor, NativeConnection
+    from dropsafe._engine.pinned_insert import PinnedInsert
 
     Row = Sequence[object]
 
@@ -106,11 +107,27 @@ def _plain(row: tuple[object, ...]) -> tuple[object, ...]:
 class Statement:
     """One statement sent in the transaction, and what the app received from it."""
 
-    __slots__ = ("batches", "digest", "fetched", "reader", "rowcount", "send", "transcript")
+    __slots__ = (
+        "batches",
+        "digest",
+        "fetched",
+        "pin",
+        "reader",
+        "rowcount",
+        "send",
+        "transcript",
+    )
 
-    def __init__(self, transcript: Transcript, send: Callable[[Any], None], rowcount: int) -> None:
+    def __init__(
+        self,
+        transcript: Transcript,
+        send: Callable[[Any], None],
+        rowcount: int,
+        pin: PinnedInsert | None,
+    ) -> None:
         self.transcript = transcript
         self.send = send  # sends it again on a given cursor (its context and parameters kept)
+        self.pin = pin  # an INSERT sent again with the generated key the app saw
         self.rowcount = rowcount
         self.fetched = 0
         self.batches: list[int] = []  # the size of each fetch the app made
@@ -128,6 +145,8 @@ class Statement:
         if transcript.rows > transcript.max_rows:
             transcript.refuse(f"more than {transcript.max_rows} rows fetched (the cap)")
             return
+        if self.pin is not None and not self.batches:
+            self.pin.saw(rows[0])
         self.batches.append(count)
         self.digest = rows_digest(rows, self.digest)
 
@@ -233,7 +252,11 @@ class Transcript:
             self.statements = []
 
     def record(
-        self, send: Callable[[Any], None], cursor: DBAPICursor, size: int
+        self,
+        send: Callable[[Any], None],
+        cursor: DBAPICursor,
+        size: int,
+        pin: PinnedInsert | None = None,
     ) -> RecordingCursor | None:
         """Record a statement just sent on ``cursor``; the cursor to read its result through."""
         if self.refused is not None:
@@ -245,7 +268,7 @@ class Transcript:
         if self.bytes > self.max_bytes:
             self.refuse(f"more than {self.max_bytes} bytes of statements (the cap)")
             return None
-        statement = Statement(self, send, int(cursor.rowcount))
+        statement = Statement(self, send, int(cursor.rowcount), pin)
         self.statements.append(statement)
         statement.reader = RecordingCursor(cursor, statement)
         return statement.reader
@@ -271,7 +294,11 @@ class Transcript:
                 if reader is not None and not reader.closed_by_app:
                     fresh.append((reader, cursor))
                 with bound():
-                    statement.send(cursor)
+                    pinned = False if statement.pin is None else statement.pin.send(cursor)
+                    if not pinned:
+                        statement.send(cursor)
+                if isinstance(pinned, str):
+                    return f"statement {number} cannot be sent again as the app saw it: {pinned}"
                 difference = _compare(number, statement, cursor)
                 if difference is not None:
                     return difference

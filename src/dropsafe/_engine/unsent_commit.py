@@ -1,14 +1,15 @@
 """A COMMIT about to go on a connection known gone: replay the transaction, commit it elsewhere.
 
 Before the COMMIT is sent, the connection's socket is looked at (no round trip): the server's
-goodbye and its close already arrived (a terminated backend, a restart), or asyncpg's goodbye
-watch saw them. The backend has then exited: nothing it was sent after can commit, so the
-transaction certainly did not. The COMMIT is still sent (it fails at once, with the driver's
-own error: the one raised if the replay cannot be done), then the recorded transaction is
-replayed on a fresh connection under the same verified rules, and committed there. Never when
-the connection looked alive before the COMMIT left: its bytes may have reached the server, and
-whether it committed is then unknown (not this module's to guess). docs/guarantees.md, "A
-transaction lost before its COMMIT is replayed".
+goodbye or its close already arrived (a terminated backend, a restart), or asyncpg's goodbye
+watch saw them. Or the driver refused to send the COMMIT at all (asyncpg, having read the
+goodbye in between: `Driver.refused_unsent`). The backend has then exited: nothing it was
+sent after can commit, so the transaction certainly did not. The COMMIT is still sent (it
+fails at once, with the driver's own error: the one raised if the replay cannot be done), then
+the recorded transaction is replayed on a fresh connection under the same verified rules, and
+committed there. Never when the connection looked alive and the driver sent the COMMIT: its
+bytes may have reached the server, and whether it committed is then unknown (not this
+module's to guess). docs/guarantees.md, "A transaction lost before its COMMIT is replayed".
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import weakref
 from typing import TYPE_CHECKING, Literal
 
 from dropsafe._drivers.base import Health
-from dropsafe._engine.fresh_connection import replay_bounded
+from dropsafe._engine.fresh_connection import ask_before_replay, replay_bounded
 from dropsafe._engine.session_state import mark_connection
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -39,6 +40,9 @@ if TYPE_CHECKING:
 __all__ = ["UnsentCommit"]
 
 logger = SafeLogger()
+
+# What a look at a connection idle in a transaction, every reply read, sees of a backend gone.
+_GONE = frozenset({Health.CLOSED, Health.DATA_WAITING})
 
 
 class UnsentCommit:
@@ -76,27 +80,34 @@ class UnsentCommit:
             found = self._connections.get(dbapi_connection)
             connection = None if found is None else found()
             transcript = None if connection is None else self._transcript_of(connection)
-            if (
-                connection is None
-                or transcript is None
-                or transcript.refused is not None
-                or not self._gone(dbapi_connection)
-            ):
+            if connection is None or transcript is None or transcript.refused is not None:
                 commit(dbapi_connection)
                 return
+            gone = self._gone(dbapi_connection)
             try:
                 commit(dbapi_connection)
-            except Exception as error:  # noqa: BLE001 # gone before the COMMIT left: not committed
+            except Exception as error:
+                if not gone and not self._driver.refused_unsent(error):
+                    raise  # it may have reached the server: not this module's to guess
+                # Gone before the COMMIT left, or the driver refused to send it: not committed.
                 self._commit_elsewhere(connection, dbapi_connection, error, transcript, commit)
-                return
-            # A COMMIT that succeeded on a connection seen closed: not possible; nothing to do.
+            # A COMMIT that succeeded on a connection seen gone: not possible; nothing to do.
 
         vars(dialect)["do_commit"] = do_commit
 
     def _gone(self, checkout: PoolProxiedConnection) -> bool:
-        """Whether the socket says the server already closed the connection (no round trip)."""
+        """Whether the socket says the backend already said goodbye or closed (no round trip).
+
+        Bytes waiting count as a goodbye: every reply of the transaction's statements was read
+        (a valid transcript means they went through SQLAlchemy, which reads them whole), and a
+        backend idle in a transaction sends nothing unasked but its goodbye before it exits
+        (FATAL: terminated, idle-in-transaction timeout, recovery conflict, shutdown; or the
+        WARNING of a crash); notifications wait for the transaction's end. The close follows
+        the goodbye only once the backend has aborted (milliseconds): without this, a COMMIT
+        sent in that window failed the request though it could not have committed.
+        """
         try:
-            return self._driver.probe(checkout.dbapi_connection) is Health.CLOSED
+            return self._driver.probe(checkout.dbapi_connection) in _GONE
         except Exception:  # a look that fails proves nothing: the COMMIT goes as usual
             logger.debug("dropsafe could not look at a connection before COMMIT", exc_info=True)
             return False
@@ -133,7 +144,7 @@ class UnsentCommit:
             raise error
         switch_connection(connection, None, fresh)
         try:
-            difference = replay_bounded(transcript, fresh, lost_state)
+            difference = ask_before_replay(fresh, lost_state) or replay_bounded(transcript, fresh)
         except Exception as again:  # the original error is the one to raise
             logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
             difference = ("failed", f"the replay failed: {describe_error(again)}")

@@ -6,6 +6,9 @@ the ``sqlalchemy.plugins`` entry point named by ``plugin=`` in a URL (only that 
 then) and hands it the URL, then the finished engine: `DropsafePlugin` reads its settings from
 the URL, removes them before the driver sees them, and calls `harden` on the engine.
 
+The flag is the zero-code path: beyond the library's defaults it turns on the transaction
+replay (`FLAG_DEFAULTS`), since its requests are not units of work.
+
 Settings are the knobs of the three layers, flat, prefixed with ``dropsafe_``::
 
     postgresql+psycopg2://app@db/app?plugin=dropsafe&dropsafe_deadline=10&dropsafe_tcp_user_timeout=5
@@ -18,6 +21,7 @@ a URL: the engine gets the default `Policy.hooks` (the logging hook).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy.engine import CreateEnginePlugin
@@ -25,7 +29,14 @@ from sqlalchemy.engine import CreateEnginePlugin
 from dropsafe._drivers import SUPPORTED, is_supported
 from dropsafe._engine.guard import harden, resolve_driver
 from dropsafe._errors import ConfigurationError
-from dropsafe._policy import ConnectionPolicy, Policy, PoolPolicy, UnitPolicy, parse_knob
+from dropsafe._policy import (
+    ConnectionPolicy,
+    Policy,
+    PoolPolicy,
+    UnitPolicy,
+    environment_name,
+    parse_knob,
+)
 from dropsafe._redaction import redact_url
 
 if TYPE_CHECKING:
@@ -33,7 +44,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import URL, Engine
 
-__all__ = ["PREFIX", "DropsafePlugin", "policy_from_query"]
+__all__ = ["FLAG_DEFAULTS", "PREFIX", "DropsafePlugin", "policy_from_query"]
 
 PREFIX = "dropsafe_"
 _L = TypeVar("_L", ConnectionPolicy, PoolPolicy, UnitPolicy)
@@ -87,10 +98,17 @@ class DropsafePlugin(CreateEnginePlugin):
         harden(engine, self.policy)
 
 
+#: What the flag turns on beyond the library's own defaults: it is the zero-code path, whose
+#: requests are not units of work, so the transaction replay (docs/mid-transaction.md) is on.
+#: ``dropsafe_replay_transaction=false`` (or ``DROPSAFE_REPLAY_TRANSACTION``) turns it off.
+FLAG_DEFAULTS: dict[str, dict[str, object]] = {"pool": {"replay_transaction": True}}
+
+
 def policy_from_query(query: Mapping[str, str | tuple[str, ...]]) -> Policy:
     """Build the `Policy` that a URL's ``dropsafe_*`` parameters describe.
 
-    Example: ``{"dropsafe_deadline": "10"}`` gives ``Policy(unit=UnitPolicy(deadline=10.0))``.
+    Example: ``{"dropsafe_deadline": "10"}`` gives ``Policy(unit=UnitPolicy(deadline=10.0))``
+    with `FLAG_DEFAULTS` (the transaction replay on).
     """
     per_layer: dict[str, dict[str, Any]] = {layer: {} for layer in _LAYERS}
     for key in sorted(query):
@@ -107,6 +125,10 @@ def policy_from_query(query: Mapping[str, str | tuple[str, ...]]) -> Policy:
         if not isinstance(value, str):
             raise ConfigurationError(f"URL parameter {key} is given {len(value)} times")
         per_layer[layer][knob] = _parse(key, _LAYERS[layer], knob, value)
+    for layer, defaults in FLAG_DEFAULTS.items():
+        for knob, default in defaults.items():
+            if environment_name(knob) not in os.environ:  # the environment's default wins
+                per_layer[layer].setdefault(knob, default)
     return Policy(
         connection=_layer(ConnectionPolicy, per_layer["connection"]),
         pool=_layer(PoolPolicy, per_layer["pool"]),

@@ -95,7 +95,7 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
         return
     # The driver's own flag: SQLAlchemy sets it for isolation_level="AUTOCOMMIT" (on the
     # engine or in execution options), and an app may set it on the DBAPI connection itself.
-    if getattr(conn.connection.dbapi_connection, "autocommit", False):
+    if _under_autocommit(conn.connection.dbapi_connection):
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
 
 
@@ -107,10 +107,21 @@ def _refuse_autocommit_at_begin(conn: Connection) -> None:
     committed alone by then, and a refusal at the first statement would be an error with an
     effect.
     """
-    if current_attempt() is not None and getattr(
-        conn.connection.dbapi_connection, "autocommit", False
-    ):
+    if current_attempt() is not None and _under_autocommit(conn.connection.dbapi_connection):
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
+
+
+def _under_autocommit(dbapi_connection: object) -> bool:
+    """Whether the driver's connection is open and in its ``autocommit`` mode.
+
+    A closed one is not refused: psycopg2 and psycopg keep the flag they had when the
+    connection was lost (they refuse to change it on a closed connection: dropsafe's question
+    at connect, asked in autocommit, cannot put it back), and such a connection must fail its
+    first statement as lost, which a unit retries, not as a unit under AUTOCOMMIT.
+    """
+    return bool(getattr(dbapi_connection, "autocommit", False)) and not getattr(
+        dbapi_connection, "closed", False
+    )
 
 
 async def begin_driver_transaction(connection: AsyncConnection) -> None:
