@@ -8,10 +8,12 @@ from cProfile), and writes each profile's top functions as text to
 benchmarks/results/profiles/ (``--tag=-after`` names the files). With ``--py-spy`` (py-spy
 installed) it also records a flame graph of each hardened run as SVG there. ``--cpu`` measures
 instead the process's CPU time per request (the least of ``--rounds`` interleaved runs) of the
-plain pool, dropsafe's defaults and dropsafe without the first-statement replay, with each
-one's ratio to plain, and splits dropsafe's own profiled time by module: the first-statement
-replay's marks (replay, session_state, the socket reads) apart from the checkout check and the
-quiet ROLLBACK.
+plain pool, dropsafe's defaults, dropsafe without the first-statement replay and dropsafe with
+the transaction replay (``PoolPolicy(replay_transaction=True)``: every statement recorded),
+with each one's ratio to plain, and splits dropsafe's own profiled time by module: the
+first-statement replay's marks (replay, session_state, the socket reads) apart from the
+checkout check and the quiet ROLLBACK. ``--calls`` counts instead the Python calls per request
+of the same four (``sys.setprofile``: a figure the machine's load cannot move).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -35,83 +39,162 @@ from sqlalchemy.ext.asyncio import create_async_engine
 import dropsafe
 from dropsafe.testing import PostgresServer
 
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 OUT = Path(__file__).parent / "results" / "profiles"
 DRIVERS = ("psycopg2", "psycopg", "asyncpg")
 SELECT_ONE = sa.text("SELECT 1")
 
 
-def _policy(*, replay: bool = True) -> dropsafe.Policy:
-    return dropsafe.Policy(hooks=(), pool=dropsafe.PoolPolicy(replay_first_statement=replay))
+#: The engines compared: guarded or not, first-statement replay, transaction replay.
+VARIANTS = {
+    "plain": (False, True, False),
+    "dropsafe": (True, True, False),
+    "no replay": (True, False, False),
+    "replay_transaction": (True, True, True),
+}
 
 
-def _sync_loop(url: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
-    engine = (
-        dropsafe.create_engine(url, policy=_policy(replay=replay), pool_size=1)
-        if guarded
-        else sa.create_engine(url, pool_size=1)
-    )
+def _policy(*, replay: bool = True, records: bool = False) -> dropsafe.Policy:
+    pool = dropsafe.PoolPolicy(replay_first_statement=replay, replay_transaction=records)
+    return dropsafe.Policy(hooks=(), pool=pool)
+
+
+class _Calls:
+    """Counts Python calls (and C calls) while on: ``sys.setprofile``, no timing."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, frame: object, what: str, arg: object) -> None:
+        del frame, arg
+        if what in ("call", "c_call"):
+            self.count += 1
+
+
+def measure(
+    url: str,
+    driver: str,
+    *,
+    guarded: bool,
+    requests: int,
+    replay: bool = True,
+    records: bool = False,
+) -> float:
+    """Return the wall time of ``requests`` requests on one engine (made and warmed first)."""
+    run, close = _runner(url, driver, guarded=guarded, replay=replay, records=records)
     try:
-        with engine.connect() as connection:  # the connect is not what is measured
-            connection.execute(SELECT_ONE)
         started = time.perf_counter()
-        for _ in range(requests):
-            with engine.connect() as connection:
-                connection.execute(SELECT_ONE).scalar()
+        run(requests)
         return time.perf_counter() - started
     finally:
-        engine.dispose()
+        close()
 
 
-def _async_loop(url: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
-    async def run() -> float:
-        engine = (
-            dropsafe.create_async_engine(url, policy=_policy(replay=replay), pool_size=1)
-            if guarded
-            else create_async_engine(url, pool_size=1)
-        )
+def calls_per_request(url: str, driver: str, requests: int = 300) -> str:
+    """Python calls per request of each variant, and dropsafe's over plain."""
+    counted = {}
+    for name, (guarded, replay, records) in VARIANTS.items():
+        run, close = _runner(url, driver, guarded=guarded, replay=replay, records=records)
+        calls = _Calls()
+        sys.setprofile(calls)
         try:
-            async with engine.connect() as connection:
-                await connection.execute(SELECT_ONE)
-            started = time.perf_counter()
-            for _ in range(requests):
-                async with engine.connect() as connection:
-                    (await connection.execute(SELECT_ONE)).scalar()
-            return time.perf_counter() - started
+            run(requests)
         finally:
-            await engine.dispose()
-
-    return asyncio.run(run())
-
-
-def measure(url: str, driver: str, *, guarded: bool, requests: int, replay: bool = True) -> float:
-    """Return the wall time of ``requests`` requests on one engine."""
-    loop = _async_loop if driver == "asyncpg" else _sync_loop
-    return loop(url, guarded=guarded, requests=requests, replay=replay)
+            sys.setprofile(None)
+            close()
+        counted[name] = calls.count / requests
+    cells = [
+        f"{name} {count:.0f}" + ("" if name == "plain" else f" (+{count - counted['plain']:.0f})")
+        for name, count in counted.items()
+    ]
+    return f"{driver}: Python calls per request: {'; '.join(cells)}"
 
 
 #: The modules of the first-statement replay's marks (issue 28 counts them apart).
 REPLAY_MODULES = ("replay.py", "session_state.py", "sockets.py")
 
 
+def _runner(
+    url: str, driver: str, *, guarded: bool, replay: bool, records: bool
+) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """Open one engine (warmed); return a function that runs N requests on it, and its close."""
+    policy = _policy(replay=replay, records=records)
+    if driver != "asyncpg":
+        engine = (
+            dropsafe.create_engine(url, policy=policy, pool_size=1)
+            if guarded
+            else sa.create_engine(url, pool_size=1)
+        )
+
+        def run(requests: int) -> None:
+            for _ in range(requests):
+                with engine.connect() as connection:
+                    connection.execute(SELECT_ONE).scalar()
+
+        run(20)
+        return run, engine.dispose
+    aengine = (
+        dropsafe.create_async_engine(url, policy=policy, pool_size=1)
+        if guarded
+        else create_async_engine(url, pool_size=1)
+    )
+
+    async def many(requests: int) -> None:
+        for _ in range(requests):
+            async with aengine.connect() as connection:
+                (await connection.execute(SELECT_ONE)).scalar()
+
+    def run_async(requests: int) -> None:
+        _LOOP.run_until_complete(many(requests))
+
+    run_async(20)
+    return run_async, lambda: _LOOP.run_until_complete(aengine.dispose())
+
+
+_LOOP = asyncio.new_event_loop()  # one for every async engine: each is disposed on it
+
+
 def cpu_ratios(url: str, driver: str, requests: int, rounds: int) -> str:
-    """CPU per request of plain, dropsafe and dropsafe without replay, and the ratios."""
-    variants = {"plain": (False, True), "dropsafe": (True, True), "no replay": (True, False)}
-    best = dict.fromkeys(variants, float("inf"))
-    for _ in range(rounds):
-        for name, (guarded, replay) in variants.items():
-            started = time.process_time()
-            measure(url, driver, guarded=guarded, requests=requests, replay=replay)
-            best[name] = min(best[name], time.process_time() - started)
+    """CPU per request of each variant, and its ratio to plain.
+
+    The engines are made once and warmed; each round runs every variant in turn, and each
+    variant's least CPU time of the rounds is kept: the machine's load, which only adds, falls
+    on each alike.
+    """
+    runners = {
+        name: _runner(url, driver, guarded=guarded, replay=replay, records=records)
+        for name, (guarded, replay, records) in VARIANTS.items()
+    }
+    best = dict.fromkeys(VARIANTS, float("inf"))
+    try:
+        for _ in range(rounds):
+            for name, (run, _close) in runners.items():
+                # Each run starts with nothing for the cycle collector: the transaction
+                # replay's records leave cyclic garbage, whose collection would otherwise fall
+                # on the variant that runs next (up to +20% on it, measured).
+                gc.collect()
+                started = time.process_time()
+                run(requests)
+                best[name] = min(best[name], time.process_time() - started)
+    finally:
+        for _run, close in runners.values():
+            close()
     cells = [
         f"{name} {best[name] / requests * 1e6:.1f} us ({best['plain'] / best[name]:.2f}x)"
-        for name in variants
+        for name in VARIANTS
     ]
     # CPU time, not wall: on loopback a send can run the server's backend on this core (the
     # wall clock would charge its work to the function that sent).
     profiler = cProfile.Profile(time.process_time)
-    profiler.enable()
-    measure(url, driver, guarded=True, requests=requests)
-    profiler.disable()
+    run, close = _runner(url, driver, guarded=True, replay=True, records=False)
+    try:  # the requests only: not the engine's connect and warm-up
+        profiler.enable()
+        run(requests)
+        profiler.disable()
+    finally:
+        close()
     shares: dict[str, float] = {}
     stats = pstats.Stats(profiler)
     for (filename, _line, _name), row in stats.stats.items():  # type: ignore[attr-defined]
@@ -175,9 +258,15 @@ def main() -> int:
     parser.add_argument("--drivers", default=",".join(DRIVERS))
     parser.add_argument("--flame-only", action="store_true", help="only the flame graphs")
     parser.add_argument("--cpu", action="store_true", help="CPU ratios to plain, and shares")
-    parser.add_argument("--rounds", type=int, default=5, help="--cpu: interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=15, help="--cpu: interleaved rounds")
+    parser.add_argument("--calls", action="store_true", help="Python calls per request")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if args.calls:
+        with PostgresServer() as server:
+            for driver in args.drivers.split(","):
+                print(calls_per_request(server.url(driver), driver))
+        return 0
     if args.cpu:
         with PostgresServer() as server:
             for driver in args.drivers.split(","):

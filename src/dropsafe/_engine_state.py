@@ -15,6 +15,7 @@ import weakref
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeAlias, cast
 
 from dropsafe._process import renew_lock_in_child
+from dropsafe._sqlalchemy_private import POOL_CHECKOUT
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -23,12 +24,26 @@ if TYPE_CHECKING:
 
     from dropsafe._policy import Policy
 
-__all__ = ["DriverConnection", "EngineState", "Unsent", "peek_state", "root_engine", "state_of"]
+__all__ = [
+    "UNSENT_KEY",
+    "DriverConnection",
+    "EngineState",
+    "Unsent",
+    "peek_state",
+    "root_engine",
+    "state_of",
+]
 
 #: The driver's own connection object (psycopg2's, asyncpg's, ...): untyped, only hashed here.
 DriverConnection: TypeAlias = Any
 
 _ATTRIBUTE = "_dropsafe_state"
+#: Where a pool checkout whose first statement is not sent yet keeps its `Unsent` entry
+#: (`dropsafe._engine.replay` puts it there): in the checkout's own ``__dict__``
+#: (SQLAlchemy's ``_ConnectionFairy`` has one, and makes one per checkout), under a name of
+#: dropsafe's. It goes with the checkout, and a store and a pop cost no Python call, where a
+#: weak map costs four at every checkout.
+UNSENT_KEY = "_dropsafe_unsent"
 
 
 class Unsent(NamedTuple):
@@ -37,6 +52,9 @@ class Unsent(NamedTuple):
     native: Any  # the driver's own connection (None if dropsafe cannot read it)
     fd: int | None  # its socket's file descriptor
     sent: int | None  # the bytes its socket had sent at checkout (`tcp_bytes_sent`)
+    # What the checkout check knows of the connection (`dropsafe._engine.liveness`): its
+    # ``used`` says the replay marked it as having run a statement, at an earlier checkout.
+    entry: Any
 
 
 class EngineState:
@@ -51,7 +69,6 @@ class EngineState:
         "__weakref__",  # the fork's lock renewal holds it weakly
         "_lock",
         "acknowledged",
-        "first_statements",
         "guard",
         "lives_answered",
         "policy",
@@ -65,10 +82,6 @@ class EngineState:
         self.policy: Policy | None = None
         #: The engine wing's listeners (`dropsafe._engine.guard.EngineGuard`).
         self.guard: object = None
-        #: Checkouts whose first statement is not sent yet (`dropsafe._engine.replay`).
-        self.first_statements: weakref.WeakKeyDictionary[PoolProxiedConnection, Unsent] = (
-            weakref.WeakKeyDictionary()
-        )
         #: Each connection's server life, read once (`dropsafe._unit.server_life`).
         self.server_lives: weakref.WeakKeyDictionary[DriverConnection, object] = (
             weakref.WeakKeyDictionary()
@@ -95,10 +108,10 @@ class EngineState:
         The replay takes it as it sends; a unit of work gives the replay up (it runs again
         whole, and its deadline and server life hold this connection, not a fresh one's).
         """
-        try:
-            return self.first_statements.pop(checkout, None)
-        except TypeError:  # not weakly referable: not a pool checkout (a first connect's)
+        if checkout.__class__ is not POOL_CHECKOUT:  # the first connect's ad hoc connection
             return None
+        pending: Unsent | None = checkout.__dict__.pop(UNSENT_KEY, None)
+        return pending
 
 
 def root_engine(engine: Engine | AsyncEngine) -> Engine:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sqlalchemy.pool import _ConnectionFairy
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -16,7 +18,12 @@ if TYPE_CHECKING:
 
     from dropsafe._dbapi import DBAPIConnection
 
-__all__ = ["pool_connect_function", "set_pool_creator", "switch_connection"]
+__all__ = ["POOL_CHECKOUT", "pool_connect_function", "set_pool_creator", "switch_connection"]
+
+#: The class of a pool checkout (``sqlalchemy.pool._ConnectionFairy``, one made per checkout,
+#: with a ``__dict__``), told from the first connect's ad hoc connection (whose unknown
+#: attributes reach the DBAPI connection's) by identity: no call, at every statement.
+POOL_CHECKOUT: type = _ConnectionFairy
 
 
 def pool_connect_function(pool: Pool) -> Callable[..., DBAPIConnection]:

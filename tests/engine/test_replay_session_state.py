@@ -171,6 +171,52 @@ def test_session_state_set_in_an_earlier_transaction_is_not_lost_by_a_replay(
     _assert_not_replayed(server, events, outcome)
 
 
+# Where, in checkouts of a connection that has run statements already, one that changes the
+# session comes: the replay marks a connection once and then skips the mark of every statement
+# that changes nothing (issue 28: a healthy request pays no mark), never of one that changes.
+LATER_CHANGE = {
+    "second statement": [["SELECT 1"], ["SELECT 1", SET_TENANT["SET"]]],
+    "first statement of a later checkout": [["SELECT 1"], ["SELECT 1"], [SET_TENANT["SET"]]],
+}
+
+
+def _after_marked_checkouts(engine, server, proxy, transactions, *, statement, params=None):
+    """Run ``transactions`` (each its own checkout of the one pooled connection), then
+    ``_after_a_lost_checkout`` with ``statement``."""
+    with Session(engine) as session:
+        for transaction in transactions:
+            for text in transaction:
+                session.execute(sa.text(text))
+            session.commit()
+        return _after_a_lost_checkout(engine, server, proxy, session, statement, params=params)
+
+
+@pytest.mark.parametrize("where", LATER_CHANGE)
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
+def test_session_state_set_after_the_connection_was_marked_is_not_lost_by_a_replay(
+    server, proxy, driver, where, disposing
+):
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    outcome = _after_marked_checkouts(
+        engine, server, proxy, LATER_CHANGE[where], statement=INSERT, params={"n": 1}
+    )
+    _assert_not_replayed(server, events, outcome)
+
+
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
+def test_a_connection_marked_before_keeps_replaying_statements_that_change_nothing(
+    server, proxy, driver, disposing
+):
+    # The other side of the skipped mark: plain statements on a marked connection still replay.
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    plain = [["SELECT 1", "SELECT 2"]] * 3
+    outcome = _after_marked_checkouts(engine, server, proxy, plain, statement=sa.text("SELECT 7"))
+    assert outcome == (7,)
+    assert len(replayed(events)) == 1
+
+
 @pytest.mark.parametrize(
     "earlier",
     [SET_TENANT["function"], f"SET ROLE {ROLE}"],

@@ -15,7 +15,7 @@ from dropsafe._drivers.base import DBAPIConnection, Driver, Health, Server
 from dropsafe._drivers.pg8000 import Pg8000
 from dropsafe._drivers.psycopg import Psycopg
 from dropsafe._drivers.psycopg2 import Psycopg2
-from dropsafe._drivers.sockets import socket_fd_of, tcp_bytes_sent
+from dropsafe._drivers.sockets import SentBytes, socket_fd_of, tcp_bytes_sent
 from dropsafe._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -28,6 +28,7 @@ __all__ = [
     "Driver",
     "DriverName",
     "Health",
+    "SentBytes",
     "Server",
     "async_drivers",
     "bytes_sent",

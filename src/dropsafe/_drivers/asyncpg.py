@@ -187,6 +187,14 @@ class Asyncpg(Driver):
         sock = _socket(dbapi_connection.driver_connection)
         return None if sock is None else int(sock.fileno())
 
+    def fileno_reader(self, dbapi_connection: DBAPIConnection) -> Callable[[], int | None]:
+        # The transport's socket is the connection's for life; closed, it says -1.
+        sock = _socket(dbapi_connection.driver_connection)
+        if sock is None:
+            return _no_fd
+        fileno: Callable[[], int | None] = sock.fileno
+        return fileno
+
     def server_of(self, dbapi_connection: DBAPIConnection) -> Server | None:
         address = dbapi_connection.driver_connection._addr  # noqa: SLF001 - asyncpg's private
         return Server(str(address[0]), int(address[1])) if isinstance(address, tuple) else None
@@ -281,6 +289,10 @@ class Asyncpg(Driver):
             # (SQLAlchemy gives a graceful close 2 s), so abort it now.
             connection.terminate()
             raise
+
+
+def _no_fd() -> None:
+    """Return no descriptor: the connection's transport had no socket."""
 
 
 def _no_lasting_statements(cparams: ConnectArgs) -> set[str]:

@@ -188,6 +188,15 @@ class Driver:
         """Return the file descriptor of the socket of a connection that `owns` accepts."""
         raise NotImplementedError
 
+    def fileno_reader(self, dbapi_connection: DBAPIConnection) -> Callable[[], int | None]:
+        """Return `socket_fd` for one connection, with what can be found once already found.
+
+        Made once per connection (the checkout check keeps it), called at each checkout that
+        the first-statement replay marks: the descriptor is asked each time, never remembered
+        (a connection that lost its socket says so, or raises).
+        """
+        return functools.partial(self.socket_fd, dbapi_connection)
+
     def probe(self, dbapi_connection: DBAPIConnection) -> Health:
         """Look at an idle connection without a round trip (only one that `owns` accepts)."""
         raise NotImplementedError

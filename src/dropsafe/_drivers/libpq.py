@@ -148,6 +148,11 @@ class Libpq(Driver):
         # psycopg's async connection sits in SQLAlchemy's adapter; both drivers say fileno().
         return int(_own(dbapi_connection).fileno())
 
+    def fileno_reader(self, dbapi_connection: DBAPIConnection) -> Callable[[], int | None]:
+        # The driver's own method (a C call on psycopg2; psycopg 3's raises once closed).
+        fileno: Callable[[], int | None] = _own(dbapi_connection).fileno
+        return fileno
+
     def probe(self, dbapi_connection: DBAPIConnection) -> Health:
         connection = _own(dbapi_connection)
         if connection.closed or getattr(connection, "broken", False):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import AdaptedConnection
@@ -23,6 +22,9 @@ if TYPE_CHECKING:
     from dropsafe._policy import ConnectionPolicy
 
 __all__ = ["Psycopg"]
+
+
+_PQTRANS_IDLE = 0  # libpq's PGTransactionStatusType: PQTRANS_IDLE (psycopg.pq.TransactionStatus)
 
 
 def _sqlstate(error: BaseException) -> object:
@@ -76,12 +78,10 @@ class Psycopg(libpq.Libpq):
 
     def transaction_idle(self, dbapi_connection: DBAPIConnection) -> bool | None:
         # psycopg_async's adapter opens no transaction of its own: the driver's status is all.
+        # Read from the documented ``pgconn`` (libpq's PQtransactionStatus, an int): ``info``'s
+        # property makes a TransactionStatus enum of it, a Python call at every first statement.
         native = driver_connection(dbapi_connection)
-        status = getattr(sys.modules.get("psycopg.pq"), "TransactionStatus", None)
-        idle = getattr(status, "IDLE", None)
-        if idle is None:
-            return None
-        return bool(native.info.transaction_status == idle)
+        return bool(native.pgconn.transaction_status == _PQTRANS_IDLE)
 
     def gone(self, dbapi_connection: DBAPIConnection) -> bool | None:
         native = driver_connection(dbapi_connection)

@@ -16,7 +16,15 @@ from dropsafe._process import unpatched
 if TYPE_CHECKING:
     from dropsafe._drivers.base import DBAPIConnection, Driver
 
-__all__ = ["HasFileno", "SocketPoll", "borrow_socket", "poll", "socket_fd_of", "tcp_bytes_sent"]
+__all__ = [
+    "HasFileno",
+    "SentBytes",
+    "SocketPoll",
+    "borrow_socket",
+    "poll",
+    "socket_fd_of",
+    "tcp_bytes_sent",
+]
 
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
 # The interpreter's own poll, whichever import order: gevent's (after ``monkey.patch_all()``)
@@ -25,14 +33,17 @@ _real_poll = unpatched("select", "poll")
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _POLL_MASK = select.POLLIN | _POLL_DEAD
 # struct tcp_info (linux/tcp.h, Linux 4.19+): u32 tcpi_notsent_bytes at 144, u64
-# tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208. The layout only grows at its end, so
-# these offsets hold on later kernels.
-_TCP_INFO_NOTSENT = struct.Struct("=I")
-_TCP_INFO_NOTSENT_AT = 144
-_TCP_INFO_BYTES = struct.Struct("=QQ")
-_TCP_INFO_BYTES_AT = 200
-_TCP_INFO_LENGTH = 256
+# tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208, read in one unpack. The layout only
+# grows at its end, so these offsets hold on later kernels.
+_TCP_INFO_COUNTS = struct.Struct("=I52xQQ")
+_TCP_INFO_COUNTS_AT = 144
+_TCP_INFO_LENGTH = _TCP_INFO_COUNTS_AT + _TCP_INFO_COUNTS.size
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux only
+# The C socket type (socket.socket is its Python subclass, whose __init__ and detach() are
+# Python calls): a borrowed fd is wrapped and let go at every TCP_INFO read, twice a request.
+_SocketType = socket.SocketType
+_IPPROTO_TCP = socket.IPPROTO_TCP
+_AF_INET, _SOCK_STREAM = socket.AF_INET, socket.SOCK_STREAM
 
 
 class HasFileno(Protocol):
@@ -73,21 +84,83 @@ def tcp_bytes_sent(fd: int) -> int | None:
     if _TCP_INFO is None:
         return None
     # A socket object on the driver's own fd, detached (never closed) when done: no dup(2) and
-    # close(2) around the one getsockopt, which runs twice per checkout that sends a statement.
-    sock = borrow_socket(fd)
-    if sock is None:
+    # close(2) around the one getsockopt. The family given, Python makes no syscall to learn
+    # it: a closed fd fails the getsockopt (EBADF), -1 the constructor (ValueError).
+    try:
+        sock = _SocketType(_AF_INET, _SOCK_STREAM, 0, fd)
+    except (OSError, ValueError):
         return None
     try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
-    except OSError:  # not TCP (a Unix socket)
+        info = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+    except OSError:  # not TCP (a Unix socket), or closed
         return None
     finally:
         sock.detach()
-    if len(info) < _TCP_INFO_BYTES_AT + _TCP_INFO_BYTES.size:
+    try:
+        queued, sent, retransmitted = _TCP_INFO_COUNTS.unpack_from(info, _TCP_INFO_COUNTS_AT)
+    except struct.error:  # a kernel before 4.19: a shorter struct
         return None
-    sent, retransmitted = _TCP_INFO_BYTES.unpack_from(info, _TCP_INFO_BYTES_AT)
-    (queued,) = _TCP_INFO_NOTSENT.unpack_from(info, _TCP_INFO_NOTSENT_AT)
-    return int(sent - retransmitted + queued)
+    written: int = sent - retransmitted + queued  # no int(): a call at each read
+    return written
+
+
+class _Borrowed(_SocketType):
+    """A socket object on a driver's own fd: detached, never closed, whenever it goes.
+
+    Its finalizer (this ``__del__``, which takes the place of the C type's, the one that would
+    close the fd) lets the fd go, also when the garbage collector ends it in a cycle.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
+class SentBytes:
+    """`tcp_bytes_sent` for one connection's socket, its socket object made once, not per read.
+
+    Read twice per request by the first-statement replay (at checkout and before the first
+    statement): a socket object made and detached at each read costs about a third of it.
+    The fd is the caller's, asked of the connection at each checkout (never remembered by
+    the caller either); the object is remade when it changes, and let go (`release`) with
+    the connection. One connection is used by one thread at a time: no lock.
+    """
+
+    __slots__ = ("_fd", "_sock")
+
+    def __init__(self) -> None:
+        self._sock: _Borrowed | None = None
+        self._fd = -1
+
+    def __call__(self, fd: int) -> int | None:
+        """Return the data bytes written so far to the TCP socket ``fd``; None if unknown."""
+        if _TCP_INFO is None:
+            return None
+        sock = self._sock
+        if sock is None or fd != self._fd:
+            self.release()
+            try:
+                sock = _Borrowed(_AF_INET, _SOCK_STREAM, 0, fd)
+            except (OSError, ValueError):  # -1: a closed transport
+                return None
+            self._sock, self._fd = sock, fd
+        try:
+            info = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+        except OSError:  # not TCP (a Unix socket), or closed
+            return None
+        try:
+            queued, sent, retransmitted = _TCP_INFO_COUNTS.unpack_from(info, _TCP_INFO_COUNTS_AT)
+        except struct.error:  # a kernel before 4.19: a shorter struct
+            return None
+        written: int = sent - retransmitted + queued
+        return written
+
+    def release(self) -> None:
+        """Let the socket object go now (detached: the fd stays the driver's)."""
+        sock, self._sock, self._fd = self._sock, None, -1
+        if sock is not None:
+            sock.detach()
 
 
 def poll(source: HasFileno) -> Health:
@@ -138,4 +211,6 @@ class SocketPoll:
             events = self._poller.poll(0)
         except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
             return Health.CLOSED
+        if not events:  # _health_of's first case, inlined: the answer at nearly every checkout
+            return Health.QUIET
         return _health_of(events)

@@ -11,15 +11,16 @@ docs/sqlalchemy-compat.md, "Connections dropsafe cannot look into".
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import sqlalchemy.exc
 
-from dropsafe._drivers import Driver, Health
+from dropsafe._drivers import Driver, Health, SentBytes
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._policy import PoolPolicy, seconds
@@ -36,19 +37,35 @@ if TYPE_CHECKING:
     from dropsafe._dbapi import DBAPIConnection, NativeConnection
     from dropsafe.events import Hook
 
-__all__ = ["CheckoutCheck"]
+__all__ = ["CheckoutCheck", "EntryState"]
 
 logger = SafeLogger()
 
+_CHECKS = itertools.count()
+# The bytes counter of a connection whose socket is unknown: never given an fd (fileno says
+# None), so it holds no socket.
+_NO_SOCKET = SentBytes()
 
-class _EntryState:
+
+class EntryState:
     """What the check knows about the connection a pool entry holds now.
 
     Made when the pool connects the entry, so that a checkout only reads it: the driver's own
     connection inside it is found once per connection, not once per checkout.
     """
 
-    __slots__ = ("connection", "fresh", "idle", "idle_since", "native", "probe", "retire_at")
+    __slots__ = (
+        "connection",
+        "fileno",
+        "fresh",
+        "idle",
+        "idle_since",
+        "native",
+        "probe",
+        "retire_at",
+        "sent_bytes",
+        "used",
+    )
 
     def __init__(
         self,
@@ -65,6 +82,15 @@ class _EntryState:
         self.native = native
         #: The driver's look at this connection's socket (None: it cannot be looked into).
         self.probe = probe
+        #: Asks the connection its socket's descriptor (`Driver.fileno_reader`), for
+        #: ``after_check``; it returns None where dropsafe cannot read the connection.
+        self.fileno: Callable[[], int | None] = _no_fd
+        #: Reads the bytes its socket sent (`SentBytes`), for ``after_check``.
+        self.sent_bytes = _NO_SOCKET
+        #: The first-statement replay marked the connection as having run a statement
+        #: (`dropsafe._engine.session_state.mark_connection`): kept here, read at no cost,
+        #: so that its later checkouts need not mark it again.
+        self.used = False
         self.idle_since = now
         #: When the connection retires (``PoolPolicy.max_lifetime``); infinite if never.
         self.retire_at = retire_at
@@ -92,7 +118,7 @@ class CheckoutCheck:
         *,
         pre_ping: bool,
         draw_lifetime: Callable[[], float] | None = None,
-        after_check: Callable[[PoolProxiedConnection, Any], None] | None = None,
+        after_check: Callable[[PoolProxiedConnection, EntryState], None] | None = None,
         settle: Callable[[NativeConnection], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -104,7 +130,7 @@ class CheckoutCheck:
         # The user's pool_pre_ping already pays a round trip at each checkout: no second one.
         self._pre_ping = pre_ping
         self._draw_lifetime = draw_lifetime
-        # Told of each checkout that passed, with the driver's own connection (or None): the
+        # Told of each checkout that passed, with what is known of its connection: the
         # first-statement replay's mark, in this listener rather than one of its own, since
         # every checkout listener costs each checkout a call.
         self._after_check = after_check
@@ -118,11 +144,13 @@ class CheckoutCheck:
         # in the pool's events for that entry, which the pool runs one at a time); insertions
         # and the snapshot of the idle ones take it, since iterating must not see the
         # dictionary change size.
-        self._states: weakref.WeakKeyDictionary[ConnectionPoolEntry, _EntryState] = (
+        self._states: weakref.WeakKeyDictionary[ConnectionPoolEntry, EntryState] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
         renew_lock_in_child(self)  # another thread may hold it at a fork
+        # This check's name in a pool entry's __dict__ (two engines may share one pool).
+        self._key = f"_dropsafe_check_{next(_CHECKS)}"
         # Set once a connection dropsafe cannot look into was made (a creator= of unknown
         # objects): this pool then gets SQLAlchemy's own pool-wide recycle on a disconnect.
         self._opaque = False
@@ -184,7 +212,7 @@ class CheckoutCheck:
         entry: ConnectionPoolEntry,
         *,
         fresh: bool,
-    ) -> _EntryState:
+    ) -> EntryState:
         """Make the state of the entry's (new) connection, and keep it if the entry allows."""
         native = self.driver.native(dbapi_connection)
         probe = None
@@ -197,19 +225,32 @@ class CheckoutCheck:
                 logger.debug("dropsafe could not look into a connection", exc_info=True)
         now = self._clock()
         lifetime = math.inf if self._draw_lifetime is None else self._draw_lifetime()
-        state = _EntryState(dbapi_connection, native, probe, now, now + lifetime, fresh=fresh)
+        state = EntryState(dbapi_connection, native, probe, now, now + lifetime, fresh=fresh)
+        if native is not None and self._after_check is not None:
+            try:
+                state.fileno = self.driver.fileno_reader(native)
+            except Exception:  # a socket it cannot say: the replay then refuses (not TCP)
+                logger.debug("dropsafe could not find a connection's socket", exc_info=True)
+            else:
+                state.sent_bytes = SentBytes()
         if _weakable(entry):
             with self._lock:
                 self._states[entry] = state
+            # Also in the entry's own __dict__ (SQLAlchemy's entries have one), under this
+            # check's name: read there at each checkout and checkin with no Python call, where
+            # the weak map costs two (it stays, for the look at every idle connection).
+            entry_dict = getattr(entry, "__dict__", None)
+            if isinstance(entry_dict, dict):
+                entry_dict[self._key] = state
         return state
 
     def _on_checkin(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
         if dbapi_connection is None:
             return  # invalidated while checked out: the pool reconnects it on next use
         try:  # _state(), inlined: this runs at every checkin
-            state = self._states.get(entry)
-        except TypeError:  # a stand-in entry that takes no weak reference
-            return
+            state = entry.__dict__.get(self._key)
+        except AttributeError:  # an entry without a __dict__ of its own (a stand-in)
+            state = self._state(entry)
         if state is None:
             return
         now = self._clock()
@@ -221,25 +262,18 @@ class CheckoutCheck:
             logger.debug("dropsafe retires a connection that reached its max_lifetime")
             entry.close()
 
-    def _on_checkout(
+    def _on_checkout(  # noqa: C901 - one listener: a helper is a call at every checkout
         self,
         dbapi_connection: DBAPIConnection,
         entry: ConnectionPoolEntry,
         proxy: PoolProxiedConnection,
     ) -> None:
-        native = self._check(dbapi_connection, entry)
-        if self._after_check is not None:
-            self._after_check(proxy, native)
-
-    def _check(
-        self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry
-    ) -> NativeConnection:
-        """Let the checkout through (return the driver's connection) or raise to replace it."""
+        """Let the checkout through (and tell ``after_check``) or raise to replace it."""
         now = self._clock()
         try:  # _state(), inlined: this runs at every checkout
-            state = self._states.get(entry)
-        except TypeError:
-            state = None
+            state = entry.__dict__.get(self._key)
+        except AttributeError:  # an entry without a __dict__ of its own (a stand-in)
+            state = self._state(entry)
         if state is None or state.connection is not dbapi_connection:
             # An entry made before harden(), one we cannot key on, or a connection the
             # connect event did not show us: not fresh, so looked at like any idle one.
@@ -263,24 +297,25 @@ class CheckoutCheck:
             # retry it. Let through, a dead one fails the first statement with the driver's
             # disconnect error instead, which invalidates it and is retried.
             state.fresh = False
-            return state.native
-        probe = state.probe
-        if probe is None:
-            health = Health.UNSEEN
-        else:  # _look(), inlined: this runs at every checkout
-            self.probes += 1
-            try:
-                health = probe()
-            except Exception:  # a look that fails proves nothing: ping instead
-                logger.debug("dropsafe could not look into a connection", exc_info=True)
+        else:
+            probe = state.probe
+            if probe is None:
                 health = Health.UNSEEN
-        # The user's pool_pre_ping has just proven this one.
-        if (health is Health.QUIET or health is Health.UNSEEN) and (
-            self._pre_ping or now - state.idle_since <= self._ping_after_idle
-        ):
-            return state.native
-        self._verify(dbapi_connection, state.native, health, now)
-        return state.native
+            else:  # _look(), inlined: this runs at every checkout
+                self.probes += 1
+                try:
+                    health = probe()
+                except Exception:  # a look that fails proves nothing: ping instead
+                    logger.debug("dropsafe could not look into a connection", exc_info=True)
+                    health = Health.UNSEEN
+            # The user's pool_pre_ping has just proven this one.
+            if not (
+                (health is Health.QUIET or health is Health.UNSEEN)
+                and (self._pre_ping or now - state.idle_since <= self._ping_after_idle)
+            ):
+                self._verify(dbapi_connection, state.native, health, now)
+        if self._after_check is not None:
+            self._after_check(proxy, state)
 
     def _verify(
         self,
@@ -321,6 +356,8 @@ class CheckoutCheck:
             state.idle = False
             # Nothing kept of a connection let go.
             state.connection = state.native = state.probe = None
+            state.fileno = _no_fd
+            state.sent_bytes.release()
 
     def _forget_invalidated(
         self,
@@ -352,11 +389,15 @@ class CheckoutCheck:
         elif not self._dialect.do_ping(dbapi_connection):
             raise sqlalchemy.exc.DisconnectionError("the dialect's ping found it disconnected")
 
-    def _state(self, entry: ConnectionPoolEntry) -> _EntryState | None:
+    def _state(self, entry: ConnectionPoolEntry) -> EntryState | None:
         try:
             return self._states.get(entry)
         except TypeError:  # a stand-in entry that takes no weak reference
             return None
+
+
+def _no_fd() -> None:
+    """Return no descriptor: dropsafe cannot read the connection."""
 
 
 def _weakable(entry: object) -> bool:

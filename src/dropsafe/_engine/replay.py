@@ -27,10 +27,11 @@ from dropsafe._engine.server_facts import learn_session
 from dropsafe._engine.session_state import mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript
 from dropsafe._engine.unsent_commit import UnsentCommit
-from dropsafe._engine_state import Unsent
+from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
+from dropsafe._sqlalchemy_private import POOL_CHECKOUT
 from dropsafe.events import FirstStatementReplayed, TransactionReplayed
 
 if TYPE_CHECKING:
@@ -39,8 +40,9 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
     from sqlalchemy.pool import PoolProxiedConnection
 
-    from dropsafe._dbapi import DBAPICursor, DBAPIParameters, NativeConnection
+    from dropsafe._dbapi import DBAPICursor, DBAPIParameters
     from dropsafe._engine.connect_wait import ConnectWait
+    from dropsafe._engine.liveness import EntryState
     from dropsafe._engine_state import EngineState
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
@@ -50,8 +52,18 @@ __all__ = ["OPT_OUT", "FirstStatementReplay"]
 logger = SafeLogger()
 
 
+# Set in a pool checkout's own ``__dict__`` (`EngineState.first_statement_pending` says why
+# there) once its connection is marked as having run a statement: the checkout's later
+# statements that change no session state then mark nothing (a dictionary look-up, no call).
+_MARKED = "_dropsafe_marked"
+
+
 def _mark(checkout: PoolProxiedConnection, *, changes: bool) -> None:
-    """Note on ``checkout``'s pool entry that it ran a statement, and one that ``changes``."""
+    """Note on ``checkout``'s connection that it ran a statement, and one that ``changes``."""
+    if checkout.__class__ is POOL_CHECKOUT:
+        mark_connection(checkout.driver_connection, changes=changes)
+        checkout.__dict__[_MARKED] = True
+        return
     try:
         _ = checkout.info  # only to tell the first connect's ad hoc connection
     except NotImplementedError:  # the ad hoc connection of a first connect has no pool entry
@@ -120,18 +132,21 @@ class FirstStatementReplay:
         """
         return {"connect": learn_session} if self._records else {}
 
-    def on_checked(self, checkout: PoolProxiedConnection, native: NativeConnection) -> None:
+    def on_checked(self, checkout: PoolProxiedConnection, entry: EntryState) -> None:
         """Mark ``checkout``'s next statement as its first; called by the checkout check.
 
         Called last of dropsafe's checkout work (the liveness ping, if any, has been paid): what
-        is sent from here to the first statement is the app's (see _driver_busy).
+        is sent from here to the first statement is the app's (see _driver_busy). ``entry`` is
+        what the check knows of the connection (made once per connection: the driver's own
+        connection and what asks its socket's descriptor).
         """
-        fd = None if native is None or self._driver is None else socket_fd_of(self._driver, native)
-        unsent = Unsent(native, fd, None if fd is None else tcp_bytes_sent(fd))
-        try:  # not contextlib.suppress: this runs at every checkout
-            self._state.first_statements[checkout] = unsent
-        except TypeError:  # not weakly referable
-            return
+        try:
+            fd = entry.fileno()
+        except Exception:  # noqa: BLE001 - a closed connection may not say its socket
+            fd = None
+        sent = None if fd is None else entry.sent_bytes(fd)
+        # tuple.__new__: a NamedTuple's own __new__ is a Python call, at every checkout.
+        checkout.__dict__[UNSENT_KEY] = tuple.__new__(Unsent, (entry.native, fd, sent, entry))
 
     def wrap_execute(self) -> None:
         """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
@@ -156,23 +171,26 @@ class FirstStatementReplay:
                 parameters: DBAPIParameters,
                 context: ExecutionContext | None = None,
             ) -> None:
-                self._send(
-                    cursor,
-                    statement,
-                    context,
-                    lambda on: method(on, statement, parameters, context),
-                )
+                self._send(cursor, statement, parameters, context, method)
 
             return send_with_parameters
+
+        def without_parameters(
+            cursor: DBAPICursor,
+            statement: str,
+            parameters: DBAPIParameters,
+            context: ExecutionContext | None,
+        ) -> None:
+            """``do_execute_no_params`` in ``do_execute``'s shape (``parameters`` unused)."""
+            del parameters
+            execute_no_params(cursor, statement, context)
 
         def do_execute_no_params(
             cursor: DBAPICursor,
             statement: str,
             context: ExecutionContext | None = None,
         ) -> None:
-            self._send(
-                cursor, statement, context, lambda on: execute_no_params(on, statement, context)
-            )
+            self._send(cursor, statement, (), context, without_parameters)
 
         # Documented Dialect methods, replaced on this instance only (as do_rollback is by
         # quiet_rollback): attributes of the instance shadow the class's methods, so other
@@ -187,31 +205,44 @@ class FirstStatementReplay:
 
     # -- sending, and sending again -------------------------------------------------------------
 
-    def _send(
+    def _send(  # noqa: C901, PLR0912, PLR0915 - one function: a helper is a call per statement
         self,
         cursor: DBAPICursor,
         statement: str,
+        parameters: DBAPIParameters,
         context: ExecutionContext | None,
-        send: Callable[[Any], None],
+        method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
     ) -> None:
-        """Send the statement; if it may be replayed and its connection is lost, replay it."""
-        if context is not None:
-            check_opt_out(context.execution_options)
-        connection = None if context is None else context.root_connection
-        if context is None or connection is None:
-            send(cursor)
+        """Send the statement with ``method``; replay it if it may be and its connection is lost.
+
+        How to send it again (`_sender`) is made only where it is kept or needed: a recorded
+        statement, a lost first statement; the healthy first statement makes nothing.
+        """
+        if context is None:
+            method(cursor, statement, parameters, context)
+            return
+        options = context.execution_options
+        if OPT_OUT in options:  # an option not given needs no check (no call, at every statement)
+            check_opt_out(options)
+        connection = context.root_connection
+        if connection is None:
+            method(cursor, statement, parameters, context)
             return
         checkout = connection.connection
         changes = may_change_session(statement)
+        pending = None
         try:
-            pending = self._state.first_statement_sent(checkout)
+            # EngineState.first_statement_sent, inlined: this runs at every statement.
+            if checkout.__class__ is POOL_CHECKOUT:
+                pending = checkout.__dict__.pop(UNSENT_KEY, None)
             if pending is None:
                 # Only a checkout's first transaction is recorded: it alone is proven to start
                 # with nothing of the app's on the connection.
                 transcript = self._transcript_of(connection) if self._records else None
                 if transcript is None:
-                    send(cursor)
+                    method(cursor, statement, parameters, context)
                 else:
+                    send = _sender(method, statement, parameters, context)
                     self._send_later(connection, context, statement, send, cursor, transcript)
                 return
             refusal = self._refusals.first_statement(
@@ -220,60 +251,76 @@ class FirstStatementReplay:
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
                 if self._records:  # kept to say why, should the transaction lose its connection
+                    send = _sender(method, statement, parameters, context)
                     self._begin_transcript(
                         connection, context, statement, send, pending, refusal=refusal
                     )
-                send(cursor)
+                method(cursor, statement, parameters, context)
                 return
-            replayed = self._send_first(connection, context, send, cursor, pending, changes=changes)
+            try:
+                method(cursor, statement, parameters, context)
+            except Exception as exc:  # noqa: BLE001 - raised again unless it is replayed
+                send = _sender(method, statement, parameters, context)
+                replayed = self._replay_first(connection, context, send, exc, pending, changes)
+            else:
+                replayed = False
             if self._records:
+                send = _sender(method, statement, parameters, context)
                 self._begin_transcript(
                     connection, context, statement, send, pending, replayed=replayed
                 )
         finally:
             # Whether it ran or failed: a session advisory lock outlives the failed transaction
-            # that took it. (A replay marks its fresh connection itself.)
-            _mark(checkout, changes=changes)
+            # that took it. (A replay marks its fresh connection itself.) A statement that
+            # changes nothing needs no mark on a connection marked already: at an earlier
+            # checkout (the check's entry says so), or by this checkout's earlier statement.
+            if changes:
+                _mark(checkout, changes=True)
+                if pending is not None:
+                    pending.entry.used = True
+            elif pending is not None:
+                if not pending.entry.used:
+                    _mark(checkout, changes=False)
+                    pending.entry.used = True
+                checkout.__dict__[_MARKED] = True  # a pool checkout: the check's
+            elif checkout.__class__ is not POOL_CHECKOUT or _MARKED not in checkout.__dict__:
+                _mark(checkout, changes=False)
 
-    def _send_first(
+    def _replay_first(  # noqa: PLR0917 - the lost statement's connection, sender and error
         self,
         connection: Connection,
         context: ExecutionContext,
         send: Callable[[Any], None],
-        cursor: DBAPICursor,
+        error: Exception,
         pending: Unsent,
-        *,
         changes: bool,
     ) -> bool:
-        """Send a first statement that may be replayed; replay it if its connection is lost.
+        """Replay a first statement that failed with ``error``; return True, or raise ``error``.
 
-        ``changes``: whether the statement may change its connection's session state. Returns
-        whether it was replayed (on a fresh connection).
+        ``changes``: whether the statement may change its connection's session state. Raises
+        ``error`` unless its connection was lost and the statement was sent again on a fresh
+        connection in the same session state.
         """
+        if not self._refusals.lost(error, connection.connection):
+            raise error
+        lost_state = self._fresh.session_of_lost(connection.connection, pending.native)
+        if lost_state is None:
+            raise error
+        text = describe_error(error)
         try:
-            send(cursor)
-        except Exception as exc:
-            if not self._refusals.lost(exc, connection.connection):
-                raise
-            lost_state = self._fresh.session_of_lost(connection.connection, pending.native)
-            if lost_state is None:
-                raise
-            text = describe_error(exc)
-            try:
-                replayed = self._fresh.send_again(
-                    connection, context, send, exc, lost_state, changes=changes, waits=self._waits
-                )
-            except Exception as again:  # raised as usual; said, so that operators see it
-                failed = describe_error(again)
-                logger.debug("dropsafe's replay of a first statement failed: %s", failed)
-                emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
-                raise
-            if not replayed:  # not the same session: not replayed, nothing to say
-                raise
-            logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
-            emit(self._hooks, FirstStatementReplayed(text))
-            return True
-        return False
+            replayed = self._fresh.send_again(
+                connection, context, send, error, lost_state, changes=changes, waits=self._waits
+            )
+        except Exception as again:  # raised as usual; said, so that operators see it
+            failed = describe_error(again)
+            logger.debug("dropsafe's replay of a first statement failed: %s", failed)
+            emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
+            raise
+        if not replayed:  # not the same session: not replayed, nothing to say
+            raise error
+        logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
+        emit(self._hooks, FirstStatementReplayed(text))
+        return True
 
     # -- the transaction past its first statement ---------------------------------------------
 
@@ -313,6 +360,8 @@ class FirstStatementReplay:
         if transaction is None:  # autocommit: nothing to replay
             return
         transcript = Transcript(native, fd, self._caps)
+        if not replayed:  # on the checkout's own connection: its counter, socket object kept
+            transcript.count_sent = pending.entry.sent_bytes
         self._transcripts[transaction] = transcript
         if refusal is None:
             if self._commits is not None:
@@ -339,7 +388,7 @@ class FirstStatementReplay:
             # Documented; what SQLAlchemy reads the result from (no cast(): a call per statement).
             context.cursor = reader  # type: ignore[assignment]
             fd = transcript.fd
-            transcript.sent_after = None if fd is None else tcp_bytes_sent(fd)
+            transcript.sent_after = None if fd is None else transcript.count_sent(fd)
 
     def _send_later(  # noqa: PLR0917 # _send_first's arguments, and the transcript
         self,
@@ -414,6 +463,7 @@ class FirstStatementReplay:
             self._commits.note(fresh, connection)
         driver = self._driver
         transcript.native = None if driver is None else driver.native(fresh.dbapi_connection)
+        transcript.count_sent = tcp_bytes_sent  # the fresh connection's entry is not at hand
         transcript.fd = (
             None
             if transcript.native is None or driver is None
@@ -421,6 +471,16 @@ class FirstStatementReplay:
         )
         logger.debug("dropsafe replayed a transaction on a fresh connection: %s", text)
         emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
+
+
+def _sender(
+    method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
+    statement: str,
+    parameters: DBAPIParameters,
+    context: ExecutionContext | None,
+) -> Callable[[Any], None]:
+    """Return how to send the statement again on a given cursor (its arguments kept)."""
+    return lambda on: method(on, statement, parameters, context)
 
 
 def _timed_out_event(error: Exception, transcript: Transcript) -> TransactionReplayed:
@@ -438,6 +498,8 @@ def _size(statement: str, context: ExecutionContext) -> int:
     """Estimate the bytes a recorded statement keeps: its text and its parameters."""
     size = len(statement)
     for parameters in getattr(context, "parameters", ()) or ():
+        if not parameters:  # a statement without any (``[{}]``): no call for nothing
+            continue
         values = parameters.values() if isinstance(parameters, dict) else parameters
         size += sum(map(_weight, values))
     return size

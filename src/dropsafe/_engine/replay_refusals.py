@@ -16,7 +16,6 @@ from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._dbapi import ask, dialect_says_disconnect
-from dropsafe._drivers import tcp_bytes_sent
 from dropsafe._engine.transcript import refusal_of_text
 from dropsafe._errors import ConfigurationError
 from dropsafe._log import SafeLogger
@@ -86,10 +85,12 @@ def check_opt_out(options: Mapping[str, object]) -> None:
 
 def statement_refusal(context: ExecutionContext, statement: str) -> str | None:
     """Why a statement turns its transaction's replay off, or None."""
-    options = context.execution_options
-    if options.get(OPT_OUT, True) is False:
+    options = context.execution_options  # read with `in` first: no call at every statement
+    if OPT_OUT in options and options[OPT_OUT] is False:
         return f"{OPT_OUT}=False"
-    if options.get("stream_results") or options.get("yield_per"):
+    if ("stream_results" in options and options["stream_results"]) or (  # noqa: RUF019 - no call
+        "yield_per" in options and options["yield_per"]  # noqa: RUF019
+    ):
         return "a server-side cursor (stream_results): its rows are read as the app goes"
     style = getattr(context, "execute_style", None)
     if style is not _EXECUTE and style is not _EXECUTEMANY:
@@ -100,7 +101,7 @@ def statement_refusal(context: ExecutionContext, statement: str) -> str | None:
 def sent_around(transcript: Transcript) -> str | None:
     """Why the driver's connection sent bytes that are not in the transcript, or None."""
     fd, before = transcript.fd, transcript.sent_after
-    now = None if fd is None else tcp_bytes_sent(fd)
+    now = None if fd is None else transcript.count_sent(fd)
     if now is None or before is None:
         return "the bytes sent on its socket are unknown (not TCP?)"
     if now != before:
@@ -129,11 +130,12 @@ class ReplayRefusals:
         calls a healthy request pays are counted, tests/engine/test_checkout_scale.py).
         """
         style = getattr(context, "execute_style", None)
-        if context.execution_options.get(OPT_OUT, True) is False:  # other values: _check_opt_out
+        options = context.execution_options
+        if OPT_OUT in options and options[OPT_OUT] is False:  # other values: check_opt_out
             reason = f"{OPT_OUT}=False"
         elif style is not _EXECUTE and style is not _EXECUTEMANY:
             reason = f"execute style {getattr(style, 'name', style)}"
-        elif ";" in statement.strip().rstrip(";"):
+        elif ";" in statement and ";" in statement.strip().rstrip(";"):  # no call without one
             # Several statements in one string may hold a COMMIT of their own.
             reason = "the text may hold several statements"
         elif not connection.in_transaction():
@@ -176,7 +178,7 @@ class ReplayRefusals:
         # Work committed through the driver's connection (a session SET, then commit) leaves
         # it idle: only the bytes its socket sent since checkout tell. The same fd as at
         # checkout: a driver that closed it since is not idle (above).
-        sent = None if pending.fd is None else tcp_bytes_sent(pending.fd)
+        sent = None if pending.fd is None else pending.entry.sent_bytes(pending.fd)
         if sent is None or pending.sent is None:
             return "the bytes sent on its socket since checkout are unknown (not TCP?)"
         if sent != pending.sent:

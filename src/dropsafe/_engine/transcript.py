@@ -16,6 +16,7 @@ import pickle
 import re
 from typing import TYPE_CHECKING, Any
 
+from dropsafe._drivers import tcp_bytes_sent
 from dropsafe._engine.session_state import may_change_session
 
 if TYPE_CHECKING:
@@ -213,6 +214,7 @@ class Transcript:
 
     __slots__ = (
         "bytes",
+        "count_sent",
         "fd",
         "max_bytes",
         "max_rows",
@@ -239,6 +241,9 @@ class Transcript:
         self.max_statements, self.max_rows, self.max_bytes = caps
         self.refused: str | None = None
         self.sent_after: int | None = None  # the socket's bytes sent after the last statement
+        #: Reads the bytes sent on a socket (``fd``): `tcp_bytes_sent`, or the connection's
+        #: own counter (`SentBytes`, its socket object kept) while the transaction is on it.
+        self.count_sent: Callable[[int], int | None] = tcp_bytes_sent
 
     def refuse(self, reason: str) -> None:
         """Turn the replay off for this transaction; forget what was recorded."""
