@@ -25,7 +25,7 @@ from dropsafe._engine.replay_refusals import (
 )
 from dropsafe._engine.server_facts import learn_session
 from dropsafe._engine.session_state import mark_connection, may_change_session
-from dropsafe._engine.transcript import Transcript
+from dropsafe._engine.transcript import Transcript, recorded_size
 from dropsafe._engine.unsent_commit import UnsentCommit
 from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
@@ -383,7 +383,7 @@ class FirstStatementReplay:
             transcript.refuse(reason)
             return
         pin = pinned_insert(context, statement) if context.isinsert else None
-        reader = transcript.record(send, context.cursor, _size(statement, context), pin)
+        reader = transcript.record(send, context.cursor, recorded_size(statement, context), pin)
         if reader is not None:
             # Documented; what SQLAlchemy reads the result from (no cast(): a call per statement).
             context.cursor = reader  # type: ignore[assignment]
@@ -492,29 +492,3 @@ def _timed_out_event(error: Exception, transcript: Transcript) -> TransactionRep
         transcript.bytes,
         reason="the connection timed out: the old backend may still hold the transaction's locks",
     )
-
-
-def _size(statement: str, context: ExecutionContext) -> int:
-    """Estimate the bytes a recorded statement keeps: its text and its parameters."""
-    size = len(statement)
-    for parameters in getattr(context, "parameters", ()) or ():
-        if not parameters:  # a statement without any (``[{}]``): no call for nothing
-            continue
-        values = parameters.values() if isinstance(parameters, dict) else parameters
-        size += sum(map(_weight, values))
-    return size
-
-
-def _weight(value: object) -> int:
-    """Estimate the bytes of one parameter: text and bytes by length, an array by its items.
-
-    An array (a list of 200,000 ids for ``= ANY(:ids)``) is kept whole to be sent again: it
-    counts item by item against ``replay_max_bytes``, not as one 8-byte scalar.
-    """
-    if isinstance(value, (str, bytes, bytearray, memoryview)):
-        return len(value)
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return 8 + sum(map(_weight, value))
-    if isinstance(value, dict):  # JSON
-        return 8 + sum(map(_weight, value)) + sum(map(_weight, value.values()))
-    return 8

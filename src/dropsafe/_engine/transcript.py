@@ -23,12 +23,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator, Sequence
     from contextlib import AbstractContextManager
 
+    from sqlalchemy.engine import ExecutionContext
+
     from dropsafe._dbapi import DBAPICursor, NativeConnection
     from dropsafe._engine.pinned_insert import PinnedInsert
 
     Row = Sequence[object]
 
-__all__ = ["RecordingCursor", "Transcript", "refusal_of_text", "rows_digest"]
+__all__ = ["RecordingCursor", "Transcript", "recorded_size", "refusal_of_text", "rows_digest"]
 
 # Statements a replay must not send again, or whose result cannot repeat, that the session-state
 # whitelist admits (it marks the others: session SET, LISTEN, DECLARE, COPY, PREPARE, dblink,
@@ -333,3 +335,29 @@ def _close_all(cursors: Iterable[DBAPICursor]) -> None:
     for cursor in cursors:
         with contextlib.suppress(Exception):
             cursor.close()
+
+
+def recorded_size(statement: str, context: ExecutionContext) -> int:
+    """Estimate the bytes a recorded statement keeps: its text and its parameters."""
+    size = len(statement)
+    for parameters in getattr(context, "parameters", ()) or ():
+        if not parameters:  # a statement without any (``[{}]``): no call for nothing
+            continue
+        values = parameters.values() if isinstance(parameters, dict) else parameters
+        size += sum(map(_weight, values))
+    return size
+
+
+def _weight(value: object) -> int:
+    """Estimate the bytes of one parameter: text and bytes by length, an array by its items.
+
+    An array (a list of 200,000 ids for ``= ANY(:ids)``) is kept whole to be sent again: it
+    counts item by item against ``replay_max_bytes``, not as one 8-byte scalar.
+    """
+    if isinstance(value, (str, bytes, bytearray, memoryview)):
+        return len(value)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return 8 + sum(map(_weight, value))
+    if isinstance(value, dict):  # JSON
+        return 8 + sum(map(_weight, value)) + sum(map(_weight, value.values()))
+    return 8
