@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy import insert
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.sql.dml import Insert
 
@@ -114,23 +115,30 @@ class PinnedInsert:
         """Compile the INSERT with the key among its columns, returning what it returned.
 
         The ORM's INSERT returns the key only because the key is not given (the compiler's
-        implicit RETURNING): given, it must be asked for. Both are compiled by one dialect, so
-        the same columns read the same: the RETURNING clauses must be equal, word for word.
+        implicit RETURNING, or ``return_defaults()`` for a server default such as an identity
+        column): given, it must be asked for. Both are compiled by one dialect, so the same
+        columns read the same: the RETURNING clauses must be equal, word for word. Where the
+        statement cannot take ``returning()`` (``return_defaults()``), a plain INSERT of its
+        table returning those columns stands in, only if it compiles, without the key, to the
+        very text that was sent.
         """
         compiled, key = self._compiled, self._column.key
         statement = compiled.statement
         assert isinstance(statement, Insert)  # noqa: S101 # pinned_insert() checked it
-        columns = [*(compiled.column_keys or ()), key]
+        given = list(compiled.column_keys or ())
+        returned = list(compiled.effective_returning or ())
         dialect = self._context.dialect
         returning = _returning(compiled.string)
-        variant: Any = statement.compile(dialect=dialect, column_keys=columns)
+        variant: Any = statement.compile(dialect=dialect, column_keys=[*given, key])
         if _returning(variant.string) != returning:
             try:
-                variant = statement.returning(*(compiled.effective_returning or ())).compile(
-                    dialect=dialect, column_keys=columns
-                )
-            except InvalidRequestError:  # return_defaults(): not pinned
-                return None
+                asking = statement.returning(*returned)
+            except InvalidRequestError:  # return_defaults(): the plain INSERT, if the same
+                asking = insert(statement.table).returning(*returned)
+                same = asking.compile(dialect=dialect, column_keys=given)
+                if same.string != compiled.string:
+                    return None
+            variant = asking.compile(dialect=dialect, column_keys=[*given, key])
         if returning is None or _returning(variant.string) != returning:
             return None
         return variant  # type: ignore[no-any-return]
