@@ -111,7 +111,14 @@ def _private(psycopg: Any) -> Any:  # noqa: ANN401 - modules and classes of psyc
         except ImportError:
             return None
     needed = {
-        psycopg.Cursor: ("_execute_gen", "_start_query", "_convert_query", "_maybe_prepare_gen"),
+        psycopg.Cursor: (
+            "_execute_gen",
+            "_start_query",
+            "_convert_query",
+            "_maybe_prepare_gen",
+            "_check_results",
+            "_set_results",  # not in psycopg 3.1 (the lower bound): psycopg's own BEGIN there
+        ),
         psycopg.AsyncCursor: ("_execute_gen",),
         psycopg.Connection: ("_get_tx_start_command", "_start_query", "_check_connection_ok"),
         psycopg.generators: ("send", "fetch_many"),
