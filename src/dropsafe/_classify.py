@@ -28,6 +28,7 @@ __all__ = [
     "DriverErrors",
     "ErrorKind",
     "classify",
+    "error_chain",
     "is_driver_error",
     "learn_driver_errors",
     "server_refused_commit",
@@ -193,7 +194,7 @@ def classify(exc: BaseException, *, during_commit: bool = False) -> ErrorKind:
 
 def sqlstate_of(exc: BaseException) -> str | None:
     """Return the SQLSTATE carried by ``exc`` or by what it wraps, if any."""
-    for error in _chain(exc):
+    for error in error_chain(exc):
         state = _own_sqlstate(error)
         if state:
             return state
@@ -240,7 +241,7 @@ def _classify(exc: BaseException) -> ErrorKind:
         return ErrorKind.PERMANENT
     # SQLAlchemy's verdict (its dialect's is_disconnect, possibly revised by handle_error).
     invalidated = isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated
-    evidence = list(_chain(exc))
+    evidence = list(error_chain(exc))
     state = next(filter(None, map(_own_sqlstate, evidence)), None)
     if state is not None:
         return _kind_by_sqlstate(state, invalidated=invalidated)
@@ -297,7 +298,7 @@ def _own_sqlstate(error: BaseException) -> str | None:
     return None
 
 
-def _chain(exc: BaseException) -> Iterator[BaseException]:
+def error_chain(exc: BaseException) -> Iterator[BaseException]:
     """Yield ``exc``, what a SQLAlchemy error wraps, and their causes, each once."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [exc]
@@ -319,7 +320,7 @@ def turned_away(error: BaseException, *more_texts: str) -> bool:
     kept: psycopg2's exception holds only libpq's last line). Such a statement ran nowhere: it
     may be sent again on a fresh connection once the pooler has a server again.
     """
-    texts = [str(current).lower() for current in _chain(error)]
+    texts = [str(current).lower() for current in error_chain(error)]
     texts += [text.lower() for text in more_texts]
     return any(message in text for text in texts for message in _TURNED_AWAY_MESSAGES)
 
@@ -344,7 +345,7 @@ def server_refused_commit(error: BaseException) -> bool:
 
 def _severity_of(error: BaseException) -> str | None:
     """Return the server's untranslated severity of ``error`` or of what it wraps, if any."""
-    for current in _chain(error):
+    for current in error_chain(error):
         for known in _Known.errors:
             value = known.severity(current)
             if isinstance(value, str):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import AdaptedConnection
 
-from dropsafe._classify import DriverErrors, ErrorKind
+from dropsafe._classify import DriverErrors, ErrorKind, error_chain
 from dropsafe._drivers.base import (
     DBAPIConnection,
     Driver,
@@ -244,12 +244,10 @@ class Asyncpg(Driver):
     def refused_unsent(self, error: BaseException) -> bool:
         # asyncpg read the server's goodbye with no operation running (its error-consuming
         # state, 2) and refuses the next operation in `_set_state`, before writing anything.
-        seen: BaseException | None = error
-        while seen is not None:
-            if type(seen).__name__ == "InternalClientError" and _REFUSED_AFTER_GOODBYE in str(seen):
-                return True
-            seen = seen.__cause__
-        return False
+        return any(
+            type(seen).__name__ == "InternalClientError" and _REFUSED_AFTER_GOODBYE in str(seen)
+            for seen in error_chain(error)
+        )
 
     def probe(self, dbapi_connection: DBAPIConnection) -> Health:
         connection = dbapi_connection.driver_connection
