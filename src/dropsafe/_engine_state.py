@@ -82,7 +82,7 @@ class EngineState:
         self.policy: Policy | None = None
         #: The engine wing's listeners (`dropsafe._engine.guard.EngineGuard`).
         self.guard: object = None
-        #: Each connection's server life, read once (`dropsafe._unit.server_life`).
+        #: Each connection's server life, read once (`dropsafe._commit_truth.server_life`).
         self.server_lives: weakref.WeakKeyDictionary[DriverConnection, object] = (
             weakref.WeakKeyDictionary()
         )

@@ -3,7 +3,8 @@
 Every module under src/dropsafe belongs to one part (below, lowest first). A module imports
 its own part and the parts below it: the base (errors, redaction, policy, events, classify,
 hooks, backoff, the process's own state) at the bottom, the drivers' knowledge above it, the
-two wings above both and side by side, then the place where they meet (the unit runner and the
+commit truth (what became of a COMMIT whose reply was lost) above them, the two wings above
+all three and side by side, then the place where they meet (the unit runner and the
 public face), then the tools built on the public face. No module takes part in an import
 circle. Imports inside functions count; imports under ``TYPE_CHECKING`` do not (they never
 run). A new top-level module must be placed here: the test fails until it is.
@@ -20,17 +21,19 @@ SOURCE = Path(__file__).parents[2] / "src"
 
 BASE = "base"
 DRIVERS = "drivers"
+COMMIT_TRUTH = "commit truth"
 ENGINE_WING = "engine wing"
 UNIT_WING = "unit wing"
 MEETING = "where the wings meet"
 TOOLS = "tools"
 
 # Lowest first; the two wings share a rank and may not import each other.
-RANKS = {BASE: 0, DRIVERS: 1, ENGINE_WING: 2, UNIT_WING: 2, MEETING: 3, TOOLS: 4}
+RANKS = {BASE: 0, DRIVERS: 1, COMMIT_TRUTH: 2, ENGINE_WING: 3, UNIT_WING: 3, MEETING: 4, TOOLS: 5}
 
 # Packages, by prefix: every module in them belongs to the part.
 PACKAGES = {
     "dropsafe._drivers": DRIVERS,
+    "dropsafe._commit_truth": COMMIT_TRUTH,
     "dropsafe._engine": ENGINE_WING,
     "dropsafe._unit": UNIT_WING,
     "dropsafe.testing": TOOLS,

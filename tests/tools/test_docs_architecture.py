@@ -65,7 +65,7 @@ def test_a_module_missing_from_the_picture_is_caught():
     undrawn = undrawn_modules(text, ROOT)
     assert "src/dropsafe/_unit/shapes.py" in undrawn  # named only below the picture
     assert "src/dropsafe/_unit/core.py" not in undrawn
-    assert "src/dropsafe/_unit/pending_commit.py" not in undrawn
+    assert "src/dropsafe/_commit_truth/pending_commit.py" not in undrawn
     assert "src/dropsafe/_unit/recording.py" in undrawn
     assert "src/dropsafe/_engine/__init__.py" not in undrawn
 

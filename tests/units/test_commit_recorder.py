@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 
+from dropsafe._commit_truth.pending_commit import PendingCommit
+from dropsafe._commit_truth.server_life import ServerLife
 from dropsafe._unit.core import CommitFailed, Committed
-from dropsafe._unit.pending_commit import PendingCommit
 from dropsafe._unit.run_common import commit_failed
-from dropsafe._unit.server_life import ServerLife
 from dropsafe._unit.tracker import AttemptTracker
 
 WRITER, READER = object(), object()  # stand-ins for two SQLAlchemy connections

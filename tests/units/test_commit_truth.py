@@ -406,8 +406,8 @@ def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
     """As a role without privileges: resets, reload, CHECKPOINT, VACUUM and a fast restart keep
     the history; a backend SIGKILLed (crash restart: same postmaster) and an immediate stop
     move it."""
-    from dropsafe._unit.server_life import ServerLife
-    from dropsafe._unit.server_sql import SERVER_LIFE_SQL
+    from dropsafe._commit_truth.server_life import ServerLife
+    from dropsafe._commit_truth.server_sql import SERVER_LIFE_SQL
 
     app_url = _app_role(server)("psycopg2").replace("postgresql+psycopg2", "postgresql")
 
@@ -438,7 +438,7 @@ def test_a_server_life_moves_on_a_crash_and_on_nothing_routine(server):
     after_clean_restart = life()
     assert after_clean_restart.same_history(before_restart)
     # A reset and then a clean restart, both between two reads: a new history to the first read
-    # (an answer unknown, never wrong; see dropsafe._unit.server_life).
+    # (an answer unknown, never wrong; see dropsafe._commit_truth.server_life).
     assert not after_clean_restart.same_history(first)
     bystander = psycopg2.connect(libpq_url(server))
     os.kill(bystander.get_backend_pid(), signal.SIGKILL)

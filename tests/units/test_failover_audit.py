@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from dropsafe._commit_truth.pending_commit import PendingCommit, lsn_number
+from dropsafe._commit_truth.server_life import ServerLife
 from dropsafe._unit.failover_audit import AcknowledgedCommits, SuccessorState, _Commit, judge
-from dropsafe._unit.pending_commit import PendingCommit, lsn_number
-from dropsafe._unit.server_life import ServerLife
 
 OLD = ServerLife("7712167652585548053", "2026-11-25 12:00:00+00")
 NEW = ServerLife("7712167652585548053", "2026-11-25 12:05:00+00")  # the promoted standby

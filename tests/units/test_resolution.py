@@ -6,9 +6,9 @@ import pytest
 
 from dropsafe import CommitOutcomeUnknown
 from dropsafe._classify import server_refused_commit
-from dropsafe._unit.pending_commit import PendingCommit
-from dropsafe._unit.resolution import _Resolution, _XidStatus
-from dropsafe._unit.server_life import ServerLife
+from dropsafe._commit_truth.pending_commit import PendingCommit
+from dropsafe._commit_truth.resolution import _Resolution, _XidStatus
+from dropsafe._commit_truth.server_life import ServerLife
 from dropsafe.events import CommitResolved
 
 HISTORY = ServerLife("7712167652585548053", "2026-11-25 12:00:00+00")

@@ -2,8 +2,8 @@
 
 The explorer's histories and the commit-truth tests were measured with these statements: a
 change to one must be deliberate. The digests were taken from the statements as
-_unit/server_life.py, recording.py, resolution.py and failover_audit.py built them before the
-catalog (sha256, first 16 hex digits); a deliberate change updates its digest here.
+_commit_truth/server_life.py, recording.py, resolution.py and failover_audit.py built them before
+the catalog (sha256, first 16 hex digits); a deliberate change updates its digest here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from dropsafe._unit import server_sql
+from dropsafe._commit_truth import server_sql
 
 VERSIONS = {"16": (16, 1), "13": (13, 0), "12": (12, 5), "none": None}
 XID = 5_000_000_123  # past 2**32: the 32-bit comparisons must wrap it

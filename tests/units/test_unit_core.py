@@ -4,9 +4,9 @@ import psycopg2
 import pytest
 
 from dropsafe import CommitOutcomeUnknown, UnitPolicy
+from dropsafe._commit_truth.pending_commit import PendingCommit
+from dropsafe._commit_truth.server_life import ServerLife
 from dropsafe._unit.core import CommitFailed, Committed, Failed, Resolve, Run, Sleep, unit_of_work
-from dropsafe._unit.pending_commit import PendingCommit
-from dropsafe._unit.server_life import ServerLife
 
 LOST = psycopg2.OperationalError("server closed the connection unexpectedly")
 PENDING = PendingCommit(725, 4242, ServerLife("7712167652585548053", "2026-11-25 12:00:00+00"))

@@ -18,8 +18,8 @@ from sqlalchemy.orm import sessionmaker
 
 import dropsafe
 from dropsafe._bench._turns import TurnCounter
+from dropsafe._commit_truth.server_life import known_server_life
 from dropsafe._engine_state import state_of
-from dropsafe._unit.server_life import known_server_life
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 INSERT = sa.text("INSERT INTO guard_cost (v) VALUES (1)")

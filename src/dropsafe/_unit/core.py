@@ -26,7 +26,7 @@ from dropsafe.events import RetriesGaveUp, RetryScheduled
 if TYPE_CHECKING:
     from collections.abc import Generator
 
-    from dropsafe._unit.pending_commit import PendingCommit
+    from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe.events import Hook
 
 __all__ = [

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from dropsafe._backoff import waits_elsewhere
+from dropsafe._commit_truth.pending_commit import lsn_number
+from dropsafe._commit_truth.server_life import ServerLife
+from dropsafe._commit_truth.server_sql import audit_question, one_row
 from dropsafe._engine_state import peek_state, state_of
 from dropsafe._hooks import emit
 from dropsafe._process import renew_lock_in_child
 from dropsafe._redaction import describe_error
-from dropsafe._unit.pending_commit import lsn_number
-from dropsafe._unit.server_life import ServerLife
-from dropsafe._unit.server_sql import audit_question, one_row
 from dropsafe.events import AcknowledgedCommitLost
 
 if TYPE_CHECKING:
@@ -32,8 +32,8 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Engine
 
+    from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe._engine_state import EngineState
-    from dropsafe._unit.pending_commit import PendingCommit
     from dropsafe.events import Hook
 
 __all__ = [

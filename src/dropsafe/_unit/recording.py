@@ -4,9 +4,9 @@ SQLAlchemy's engine-level ``commit`` event fires after every flush and ``before_
 right before the DBAPI COMMIT: there one fixed statement reads the xid (giving one, with
 ``synchronous_commit`` off, to a transaction on a primary that has none: a NOTIFY takes its xid
 only at COMMIT), the backend's pid, the server's life the first time, and the WAL position. A
-lost reply is then resolved by that xid (`dropsafe._unit.resolution`). `watch_engine` installs
-the unit's listeners, once per engine. Why each part: docs/guarantees.md ("How it keeps it",
-"Why the xid read has a round trip of its own", "Effects at COMMIT without an xid").
+lost reply is then resolved by that xid (`dropsafe._commit_truth.resolution`). `watch_engine`
+installs the unit's listeners, once per engine. Why each part: docs/guarantees.md ("How it
+keeps it", "Why the xid read has a round trip of its own", "Effects at COMMIT without an xid").
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 from sqlalchemy import event
 
 from dropsafe._classify import classify
+from dropsafe._commit_truth.pending_commit import PendingCommit, lsn_number
+from dropsafe._commit_truth.server_life import ServerLife, known_server_life, remember_server_life
+from dropsafe._commit_truth.server_sql import ASYNCHRONOUS, UNFLUSHED, mark_statement, one_row
 from dropsafe._engine_state import root_engine, state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._process import renew_in_child
-from dropsafe._unit.pending_commit import PendingCommit, lsn_number
-from dropsafe._unit.server_life import ServerLife, known_server_life, remember_server_life
-from dropsafe._unit.server_sql import ASYNCHRONOUS, UNFLUSHED, mark_statement, one_row
 from dropsafe._unit.shapes import SHAPE_LISTENERS
 from dropsafe._unit.tracker import AttemptTracker, current_attempt
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from dropsafe._backoff import waits_elsewhere
+from dropsafe._commit_truth.server_life import learn_server_life, must_learn_server_life
 from dropsafe._drivers.deadline import bounded
 from dropsafe._errors import ConfigurationError
 from dropsafe._unit.core import Resolve, Run, unit_of_work
@@ -31,7 +32,6 @@ from dropsafe._unit.run_common import (
     resolution,
     unit_name,
 )
-from dropsafe._unit.server_life import learn_server_life, must_learn_server_life
 from dropsafe._unit.shapes import begin_driver_transaction
 from dropsafe._unit.tracker import AttemptTracker
 

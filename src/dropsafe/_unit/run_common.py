@@ -18,21 +18,21 @@ from typing import TYPE_CHECKING, Any, TypeVar, final
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from dropsafe._commit_truth.resolution import resolve_commit
 from dropsafe._engine_state import state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._unit.core import CommitFailed, Committed, Failed, Resolve, Run
 from dropsafe._unit.failover_audit import remember_commit
 from dropsafe._unit.recording import other_connections, watch_engine, watch_engines_of_routing
-from dropsafe._unit.resolution import resolve_commit
 from dropsafe._unit.shapes import check_engine_shape
 from dropsafe._unit.tracker import current_attempt
 
 if TYPE_CHECKING:
     from collections.abc import Generator
 
+    from dropsafe._commit_truth.pending_commit import PendingCommit
+    from dropsafe._commit_truth.resolution import Outcome
     from dropsafe._unit.core import Reply, Report, Step
-    from dropsafe._unit.pending_commit import PendingCommit
-    from dropsafe._unit.resolution import Outcome
     from dropsafe._unit.tracker import AttemptTracker
     from dropsafe.events import Hook
 

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from dropsafe._backoff import waits_elsewhere
+from dropsafe._commit_truth.server_life import learn_server_life
 from dropsafe._drivers.deadline import bounded
 from dropsafe._unit.core import Resolve, Run, unit_of_work
 from dropsafe._unit.failover_audit import audit_after_failover
@@ -27,7 +28,6 @@ from dropsafe._unit.run_common import (
     resolution,
     unit_name,
 )
-from dropsafe._unit.server_life import learn_server_life
 from dropsafe._unit.tracker import AttemptTracker
 
 if TYPE_CHECKING:

@@ -22,9 +22,9 @@ from dropsafe.events import HookFailedAfterCommit, LoggingHook, format_event
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
+    from dropsafe._commit_truth.pending_commit import PendingCommit
+    from dropsafe._commit_truth.server_life import ServerLife
     from dropsafe._errors import ConfigurationError
-    from dropsafe._unit.pending_commit import PendingCommit
-    from dropsafe._unit.server_life import ServerLife
     from dropsafe.events import Hook
 
 __all__ = ["AttemptTracker", "current_attempt"]

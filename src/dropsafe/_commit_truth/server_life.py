@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dropsafe._classify import classify
+from dropsafe._commit_truth.server_sql import LIFE, LIFE_AND_WAL, one_row
 from dropsafe._engine_state import EngineState, state_of
-from dropsafe._unit.server_sql import LIFE, LIFE_AND_WAL, one_row
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection

@@ -50,7 +50,7 @@ def _at_least(dialect: Dialect, major: int) -> bool:
     return not version or version[0] >= major
 
 
-# -- the server's life (dropsafe._unit.server_life) ------------------------------------------
+# -- the server's life (dropsafe._commit_truth.server_life) ---------------------------------
 
 #: Two columns that identify a server's life, for a SELECT list (`ServerLife.read` parses
 #: them): the system identifier, and ``stats_reset|postmaster start|checkpointer pid|timeline``.
@@ -126,7 +126,7 @@ def mark_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
     return _MARKS[_at_least(dialect, _XID8), with_life, with_wal]
 
 
-# -- the resolution of a lost COMMIT (dropsafe._unit.resolution) -----------------------------
+# -- the resolution of a lost COMMIT (dropsafe._commit_truth.resolution) --------------------
 
 #: Which server answers: its life, and whether it is a standby.
 SERVER_QUESTION = f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery()"

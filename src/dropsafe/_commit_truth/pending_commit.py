@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Engine
 
-    from dropsafe._unit.server_life import ServerLife
+    from dropsafe._commit_truth.server_life import ServerLife
 
 __all__ = ["PendingCommit", "lsn_number"]
 
@@ -38,7 +38,7 @@ class PendingCommit:
     asynchronous: bool = False
     #: The transaction had its xid and commits with ``synchronous_commit`` off: its commit
     #: record may be lost in a crash after listeners heard its NOTIFYs
-    #: (`dropsafe._unit.resolution`).
+    #: (`dropsafe._commit_truth.resolution`).
     unflushed: bool = False
 
 

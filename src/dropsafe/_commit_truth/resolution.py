@@ -5,7 +5,7 @@ the server's life and whether it is a standby; `_Resolution.settle` says what th
 (``committed`` only on the same history, ``aborted`` anywhere, ``in progress``: fence the old
 backend, unless it waits for a synchronous standby, and ask again), and anything that cannot be
 proven raises `CommitOutcomeUnknown`. Each case, and why it holds: docs/guarantees.md, "How it
-keeps it"; the statements are in `dropsafe._unit.server_sql`.
+keeps it"; the statements are in `dropsafe._commit_truth.server_sql`.
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Literal
 
 from dropsafe._backoff import waits_elsewhere
 from dropsafe._classify import classify, sqlstate_of
-from dropsafe._errors import CommitOutcomeUnknown
-from dropsafe._hooks import emit
-from dropsafe._redaction import describe_error
-from dropsafe._unit.server_life import ServerLife
-from dropsafe._unit.server_sql import (
+from dropsafe._commit_truth.server_life import ServerLife
+from dropsafe._commit_truth.server_sql import (
     SERVER_QUESTION,
     Row,
     fence_statement,
     one_row,
     status_statement,
 )
+from dropsafe._errors import CommitOutcomeUnknown
+from dropsafe._hooks import emit
+from dropsafe._redaction import describe_error
 from dropsafe.events import CommitResolved
 
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect, Engine
     from sqlalchemy.pool import Pool
 
-    from dropsafe._unit.pending_commit import PendingCommit
+    from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe.events import Hook
 
 __all__ = ["Outcome", "resolve_commit"]
