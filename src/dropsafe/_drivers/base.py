@@ -33,6 +33,8 @@ __all__ = [
     "Health",
     "Server",
     "Tls",
+    "XidQuestion",
+    "XidReading",
     "await_",
     "driver_connection",
     "is_instance",
@@ -88,6 +90,30 @@ class Capabilities:
     #: Whether the driver can send several statements before reading replies (libpq's
     #: pipeline mode). Not used yet: issue 28 (BEGIN and the xid mark in one flight).
     pipelines: bool = False
+    #: Whether `Driver.send_reading_xid` reads the xid in the statement's own flight.
+    reads_xid_in_flight: bool = False
+
+
+@dataclass(frozen=True)
+class XidQuestion:
+    """What to read of a transaction in a statement's own flight (issue 27 item 3).
+
+    Two SELECT lists (`dropsafe._commit_truth.server_sql` builds them) of the same columns,
+    the xid first: ``before`` is read before the statement runs and gives the transaction an
+    xid if it has none; ``after`` is read after it and gives none.
+    """
+
+    before: str
+    after: str
+
+
+@dataclass(frozen=True)
+class XidReading:
+    """What a `XidQuestion` read: its columns, each as text (None for NULL)."""
+
+    values: tuple[str | None, ...]
+    #: Read with ``before``: the read gave the transaction its xid if it had none.
+    assigned: bool
 
 
 @dataclass(frozen=True)
@@ -287,6 +313,29 @@ class Driver:
         """
         del error
         return False
+
+    def send_reading_xid(
+        self,
+        send: Callable[[str], None],
+        dbapi_connection: DBAPIConnection,
+        statement: str,
+        question: XidQuestion,
+    ) -> XidReading | None:
+        """Send ``statement`` and read ``question`` in the same flight; None: not read.
+
+        ``send`` sends a text with the app's parameters, SQLAlchemy's way. What the app receives
+        (rows, rowcount, description, the statement's own error) must be exactly what
+        ``send(statement)`` gives. Only where ``capabilities.reads_xid_in_flight``: the default
+        cannot, and sends the statement alone.
+        """
+        del dbapi_connection, question
+        send(statement)
+        return None
+
+    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+        """Return the connection's backend pid as the driver knows it (no round trip)."""
+        del dbapi_connection
+        return None
 
     def last_error_text(self, dbapi_connection: DBAPIConnection) -> str:
         """Return what the connection kept of its last error ("" if nothing), beyond the exception.
