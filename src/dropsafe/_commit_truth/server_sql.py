@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
+from dropsafe._drivers.base import XidQuestion
 from dropsafe._drivers.deadline import bounded
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ __all__ = [
     "mark_statement",
     "one_row",
     "status_statement",
+    "xid_question",
 ]
 
 #: One row as the driver returns it (a tuple, a list, asyncpg's record): read by position.
@@ -124,6 +126,32 @@ _MARKS = {
 def mark_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
     """Return the mark: xid, backend pid[, the server's life (two columns)][, WAL position]."""
     return _MARKS[_at_least(dialect, _XID8), with_life, with_wal]
+
+
+# -- the xid read in a statement's own flight (a plain transaction's COMMIT) ----------------
+
+#: Its columns: the xid as text (NULL: none), ``synchronous_commit``[, the server's life]. The
+#: read before the statement gives the transaction its xid (the statement may write: it would
+#: take one anyway); a standby assigns none (the statement then fails there on its own).
+_IN_FLIGHT = (
+    "{xid}::text, current_setting('synchronous_commit')",
+    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE {current}() END",
+    "{current}_if_assigned()",
+)
+
+
+def xid_question(dialect: Dialect, *, with_life: bool) -> XidQuestion:
+    """Return what a driver reads of the transaction in a statement's flight (`XidQuestion`).
+
+    ``with_life``: the server's life too (two more columns), not known yet for the connection.
+    """
+    current = "pg_current_xact_id" if _at_least(dialect, _XID8) else "txid_current"
+    columns, before, after = _IN_FLIGHT
+    life = f", {SERVER_LIFE_SQL}" if with_life else ""
+    return XidQuestion(
+        before=columns.format(xid=f"({before.format(current=current)})") + life,
+        after=columns.format(xid=after.format(current=current)) + life,
+    )
 
 
 # -- the resolution of a lost COMMIT (dropsafe._commit_truth.resolution) --------------------
