@@ -177,6 +177,7 @@ def test_the_read_makes_no_flight_more(face, flights, shared_server) -> None:
     (xid,) = xids
     assert shared_server.execute(f"SELECT pg_xact_status('{xid}'::xid8)")[0][0] == "committed"
     assert pid == native_pid > 0
+    assert DRIVER.capabilities.reads_xid_in_flight
 
 
 def test_a_read_only_statement_reads_no_xid_and_the_life_when_asked(face) -> None:

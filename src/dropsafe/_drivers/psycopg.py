@@ -53,7 +53,8 @@ class Psycopg(libpq.Libpq):
         ),
         failover_messages=libpq.FAILOVER_MESSAGES,
     )
-    capabilities = Capabilities(pipelines=True)  # libpq 14's pipeline mode
+    # libpq 14's pipeline mode; the xid read in a statement's flight (psycopg_first_flight).
+    capabilities = Capabilities(pipelines=True, reads_xid_in_flight=True)
     # A ROLLBACK sent beneath psycopg, its reply read before the connection's next use.
     deferred_rollback = DeferredRollback(psycopg_rollback.send_rollback, psycopg_rollback.settle)
     tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
