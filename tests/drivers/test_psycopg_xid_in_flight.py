@@ -25,7 +25,7 @@ import dropsafe
 from dropsafe._bench._flights import FlightProxy, Strike
 from dropsafe._commit_truth.server_sql import xid_question
 from dropsafe._drivers import driver_named
-from dropsafe._drivers.base import driver_connection
+from dropsafe._drivers.base import Capabilities, driver_connection
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -442,3 +442,56 @@ def test_a_cancelled_task_leaves_the_connection_as_before(shared_server, flights
     plain = asyncio.run(asyncio.wait_for(outcome(read=False), DEADLINE_S))
     assert asyncio.run(asyncio.wait_for(outcome(read=True), DEADLINE_S)) == plain
     assert plain == (pq.TransactionStatus.INERROR, 10)
+
+
+# -- through the engine: a plain transaction ------------------------------------------------
+
+
+def test_the_engines_read_makes_no_flight_more(request, shared_server, flights, monkeypatch):
+    """A plain transaction through a hardened engine (replay on: INSERT, UPDATE, COMMIT), sync and
+    async: the engine reads the xid in the INSERT's flight, and the transaction makes as many
+    flights as with the read turned off (the driver's capability off): 3 (BEGIN+INSERT,
+    UPDATE, COMMIT)."""
+    url = sa.make_url(shared_server.url("psycopg", sslmode="disable"))
+    url = url.set(host="127.0.0.1", port=flights.port)
+    readings: list[object] = []
+    real = DRIVER.send_reading_xid
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        reading = real(*args, **kwargs)
+        readings.append(reading)
+        return reading
+
+    def transaction(connection: sa.Connection) -> list[str]:
+        start = len(flights.query_flights())
+        connection.execute(sa.text(f"INSERT INTO {TABLE} VALUES (:n, 1)"), {"n": 7})
+        connection.execute(sa.text(f"UPDATE {TABLE} SET v = 2 WHERE n = 7"))
+        connection.commit()
+        return [flight.label for flight in flights.query_flights()[start:]]
+
+    counted: dict[tuple[str, bool], list[str]] = {}
+    for name in FACES:
+        for reads in (False, True):
+            _fill(shared_server)
+            with monkeypatch.context() as patch:
+                patch.setattr(DRIVER, "send_reading_xid", spy)
+                if not reads:
+                    patch.setattr(DRIVER, "capabilities", Capabilities(pipelines=True))
+                policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(replay_transaction=True))
+                made = Face(url, name, pool_size=1, policy=policy)
+                try:
+                    made.run(lambda connection: None)  # connected, its first reads made
+                    readings.clear()
+                    counted[name, reads] = made.run(transaction)
+                finally:
+                    made.close()
+            if reads:
+                assert len(readings) == 1, readings  # the INSERT's flight; the UPDATE's not
+                assert readings[0] is not None
+                assert readings[0].values[0] is not None
+            else:
+                assert readings == []
+    for name in FACES:
+        assert len(counted[name, True]) == len(counted[name, False]) == 3, counted
+        assert counted[name, True][0].startswith("P BEGIN"), counted
+    del request
