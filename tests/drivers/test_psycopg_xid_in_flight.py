@@ -44,6 +44,7 @@ class Face:
 
     def __init__(self, url: sa.URL, face: str, **kwargs: Any) -> None:
         self.is_async = face == "async"
+        self.flights: FlightProxy | None = None
         if self.is_async:
             self._runner = asyncio.Runner()
             self.engine: Any = dropsafe.create_async_engine(url, **kwargs)
@@ -93,6 +94,7 @@ def _empty(shared_server, flights):
 def face(request, shared_server, flights):
     url = sa.make_url(shared_server.url("psycopg", sslmode="disable"))
     made = Face(url.set(host="127.0.0.1", port=flights.port), request.param, pool_size=1)
+    made.flights = flights
     yield made
     made.close()
 
@@ -399,7 +401,8 @@ def test_a_statement_cut_mid_flight_raises_as_before(face, flights, cut, positio
     assert outcome(read=True) == plain
 
 
-def test_a_cancelled_task_leaves_the_connection_as_before(shared_server, flights) -> None:
+@pytest.mark.parametrize("position", ["first", "later"])
+def test_a_cancelled_task_leaves_the_connection_as_before(shared_server, flights, position):
     """asyncio: the task cancelled while its statement sleeps on the server: CancelledError,
     the transaction failed (psycopg cancels the query), the connection usable after ROLLBACK."""
     url = sa.make_url(shared_server.url("psycopg", sslmode="disable"))
@@ -412,6 +415,8 @@ def test_a_cancelled_task_leaves_the_connection_as_before(shared_server, flights
                 pid = await connection.run_sync(
                     lambda c: driver_connection(c.connection.dbapi_connection).pgconn.backend_pid
                 )
+                if position == "later":
+                    await connection.run_sync(lambda c: _send(c, "SELECT 1", read=False))
                 task = asyncio.ensure_future(
                     connection.run_sync(
                         lambda c: _send(
@@ -495,3 +500,34 @@ def test_the_engines_read_makes_no_flight_more(request, shared_server, flights, 
         assert len(counted[name, True]) == len(counted[name, False]) == 3, counted
         assert counted[name, True][0].startswith("P BEGIN"), counted
     del request
+
+
+def test_a_statement_psycopg_prepares_reads_the_same(face) -> None:
+    """psycopg prepares a statement at its fifth execution (a Parse in the same flight): 7
+    executions in one transaction see the same rowcounts, one flight each (psycopg's own
+    makes one more for the Parse), one xid."""
+
+    def run_seven(read: bool):
+        def run(connection: sa.Connection):
+            start = len(face_flights.query_flights())
+            seen = []
+            for n in range(7):
+                cursor, reading = _send(
+                    connection, f"UPDATE {TABLE} SET v = %(v)s WHERE n = 1", {"v": n}, read=read
+                )
+                seen.append((cursor.rowcount, None if reading is None else reading.values[0]))
+            flights_made = len(face_flights.query_flights()) - start
+            _end(connection)
+            return seen, flights_made
+
+        return face.run(run)
+
+    face_flights = face.flights
+    plain, plain_flights = run_seven(read=False)
+    marked, marked_flights = run_seven(read=True)
+    assert [rowcount for rowcount, _ in marked] == [rowcount for rowcount, _ in plain]
+    # psycopg's own sends the fifth one's Parse in a flight of its own (Parse, Sync); with
+    # the read, the Parse rides the statement's pipeline: one flight fewer, never one more.
+    assert (marked_flights, plain_flights) == (7, 8)
+    assert len({xid for _, xid in marked}) == 1
+    assert marked[0][1] is not None
