@@ -531,3 +531,28 @@ def test_a_statement_psycopg_prepares_reads_the_same(face) -> None:
     assert (marked_flights, plain_flights) == (7, 8)
     assert len({xid for _, xid in marked}) == 1
     assert marked[0][1] is not None
+
+
+def test_a_read_that_fails_after_its_statement_is_raised_at_the_statement(face, shared_server):
+    """The statement succeeds and the read after it fails (a lock timeout the statement set,
+    on a view the read's server-life columns name, held by another session): the read's error
+    is raised at the statement and the transaction is failed, so the app never takes an
+    INSERT that COMMIT would silently drop (a failed transaction's COMMIT says ROLLBACK)."""
+    statement = (
+        "WITH s AS (SELECT set_config('lock_timeout', '200ms', true)) "
+        f"INSERT INTO {TABLE} SELECT 9, 9 FROM s"
+    )
+    holder_url = sa.make_url(shared_server.url("psycopg")).set(drivername="postgresql")
+    with psycopg.connect(holder_url.render_as_string(hide_password=False)) as holder:
+        holder.execute("LOCK TABLE pg_catalog.pg_stat_bgwriter IN ACCESS EXCLUSIVE MODE")
+
+        def run(connection: sa.Connection):
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                _send(connection, statement, read=True, with_life=True)
+            status = _status(connection)
+            _end(connection, commit=True)
+            return status
+
+        assert face.run(run) == pq.TransactionStatus.INERROR
+        holder.rollback()
+    assert int(shared_server.execute(f"SELECT count(*) FROM {TABLE} WHERE n = 9")[0][0]) == 0
