@@ -99,8 +99,8 @@ class XidQuestion:
     """What to read of a transaction in a statement's own flight (issue 27 item 3).
 
     Two SELECT lists (`dropsafe._commit_truth.server_sql` builds them) of the same columns,
-    the xid first: ``before`` is read before the statement runs and gives the transaction an
-    xid if it has none; ``after`` is read after it and gives none.
+    the xid first, then ``synchronous_commit``: ``before`` is read before the statement runs
+    and gives the transaction an xid if it has none; ``after`` is read after it and gives none.
     """
 
     before: str

@@ -140,10 +140,17 @@ class FirstStatementReplay:
     def listeners(self) -> dict[str, Callable[..., None]]:
         """Return the pool events this replay listens to, by name.
 
-        With the transaction replay on, each new connection's session start is learned at
-        connect (one query per connection made, none per checkout: `server_facts`).
+        With the transaction replay on, each new connection's session start and server life are
+        learned at connect (one query per connection made, none per checkout: `server_facts`).
         """
-        return {"connect": learn_session} if self._records else {}
+        if not self._records:
+            return {}
+        state = self._state
+
+        def learn(dbapi_connection: Any, entry: Any) -> None:  # noqa: ANN401 - pool event's
+            learn_session(dbapi_connection, entry, state)
+
+        return {"connect": learn}
 
     def on_checked(self, checkout: PoolProxiedConnection, entry: EntryState) -> None:
         """Mark ``checkout``'s next statement as its first; called by the checkout check.

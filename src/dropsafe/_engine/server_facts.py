@@ -22,12 +22,15 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from dropsafe._commit_truth.server_life import ServerLife, remember_server_life
+from dropsafe._commit_truth.server_sql import LIFE, SERVER_LIFE_SQL
 from dropsafe._dbapi import ask
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
     from dropsafe._dbapi import DBAPIConnection
+    from dropsafe._engine_state import EngineState
 
 __all__ = [
     "SAFE_EXTENSIONS",
@@ -60,6 +63,7 @@ _SESSION_START = (
     "WHERE datname = current_database()))), '')), "
     f"{_MEMBERSHIP}"
 )
+_SESSION_START_AND_LIFE = f"{_SESSION_START}, {SERVER_LIFE_SQL}"
 
 #: Extensions whose functions act inside the transaction only (reads, types, indexes, and
 #: postgres_fdw: its remote transaction commits at the local COMMIT and aborts with the local
@@ -135,17 +139,49 @@ def _ask_outside_a_transaction(dbapi_connection: DBAPIConnection, sql: str) -> t
     return tuple(row)
 
 
-def learn_session(dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
+def learn_session(
+    dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry, state: EngineState
+) -> None:
     """Read and keep what the new connection's session started as (a pool ``connect`` event).
 
     A connection whose start cannot be read keeps nothing: it is never replayed onto, nor is
-    its transaction replayed (`learned_session` gives None).
+    its transaction replayed (`learned_session` gives None). The server's life is read with
+    it (`dropsafe._commit_truth.server_life`): a COMMIT lost later is resolved by its xid, and
+    'committed' means something only on the same life. In the same question once a server of
+    the engine answered it; until then on its own, so that a server that hides it (it needs
+    no privilege on PostgreSQL, a managed service may still) fails that question alone.
     """
+    native = entry.driver_connection
+    if state.lives_answered:
+        both = ask(
+            lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START_AND_LIFE),
+            unknown=None,
+            what="a new session's user, search_path, settings and server life",
+        )
+        if both is not None:
+            _keep_life(state, native, both[-2], both[-1])
+            _keep_start(entry, both[:-2])
+            return
+    life = ask(
+        lambda: _ask_outside_a_transaction(dbapi_connection, LIFE),
+        unknown=None,
+        what="a new session's server life",
+    )
+    if life is not None:
+        _keep_life(state, native, life[0], life[1])
     start = ask(
         lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START),
         unknown=None,
         what="a new session's user, search_path and settings",
     )
+    _keep_start(entry, start)
+
+
+def _keep_life(state: EngineState, native: DBAPIConnection, *columns: object) -> None:
+    remember_server_life(state, native, ServerLife.read(columns[0], columns[1]))
+
+
+def _keep_start(entry: ConnectionPoolEntry, start: tuple[Any, ...] | None) -> None:
     if start is not None:
         try:
             _LEARNED[entry.driver_connection] = tuple(map(str, start))

@@ -21,12 +21,7 @@ from typing import TYPE_CHECKING
 from dropsafe._classify import ErrorKind, classify
 from dropsafe._commit_truth.pending_commit import PendingCommit
 from dropsafe._commit_truth.resolution import Outcome, resolve_commit
-from dropsafe._commit_truth.server_life import (
-    UNREADABLE,
-    ServerLife,
-    known_server_life,
-    remember_server_life,
-)
+from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
 from dropsafe._commit_truth.server_sql import xid_question
 from dropsafe._drivers.base import await_
 from dropsafe._policy import seconds
@@ -70,7 +65,7 @@ class XidInFlight:
         self._driver = driver
         self._state = state
         self._hooks = hooks
-        self._questions: dict[bool, XidQuestion] = {}
+        self._question: XidQuestion | None = None  # built at the first read
 
     def send(
         self,
@@ -83,21 +78,17 @@ class XidInFlight:
 
         Returns the COMMIT's pending state, or None: not read, or no xid yet (nothing written).
         """
-        state = self._state
-        life = known_server_life(state, native)
-        with_life = life is None and state.lives_answered
-        question = self._questions.get(with_life)
+        question = self._question
         if question is None:
-            question = self._questions[with_life] = xid_question(self._dialect, with_life=with_life)
+            question = self._question = xid_question(self._dialect)
         reading = self._driver.send_reading_xid(send_text, native, statement, question)
         if reading is None:
             return None
         values = reading.values
         if values[0] is None:  # nothing written yet: the next statement that may write reads
             return None
-        if with_life and len(values) >= 4:  # noqa: PLR2004 - xid, setting, the life's two
-            life = ServerLife.read(values[2], values[3])
-            remember_server_life(state, native, life)
+        # Learned at connect (`server_facts.learn_session`); unknown, 'committed' is unknown.
+        life = known_server_life(self._state, native)
         return PendingCommit(
             int(values[0]),
             self._driver.backend_pid(native) or 0,
