@@ -261,3 +261,33 @@ def test_the_read_makes_no_round_trip_of_its_own(server, driver, disposing):
             return relay.turns
 
     assert turns(reads=True) == turns(reads=False)
+
+
+@pytest.mark.skipif(NO_BLACKHOLE is not None, reason=str(NO_BLACKHOLE))
+@pytest.mark.parametrize("driver", READS)
+def test_a_session_refused_do_blocks_is_not_read_and_works_as_before(server, driver, disposing):
+    """Where the read needs a DO block (psycopg2) and the role may not run one, nothing is read:
+    the app's statements run as without dropsafe, and a lost COMMIT raises as before."""
+    server.execute(
+        "DROP ROLE IF EXISTS no_plpgsql; CREATE ROLE no_plpgsql LOGIN PASSWORD 'pw'; "
+        "GRANT ALL ON lost_commit TO no_plpgsql; REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC"
+    )
+    try:
+        url = sa.make_url(server.url(driver)).set(username="no_plpgsql", password="pw")  # noqa: S106 - a test role
+        events = []
+        engine = disposing(_engine(server, driver, events, url=url))
+        with engine.connect() as conn:
+            conn.execute(INSERT, {"v": 1})  # a DO block here: permission denied for language
+            conn.commit()
+        needs_do = driver_named(driver).capabilities.xid_read_runs_do_block
+        with engine.connect() as conn, _lost_at_commit(engine, "to"):
+            conn.execute(INSERT, {"v": 2})
+            if needs_do:
+                with pytest.raises(sa.exc.OperationalError):
+                    conn.commit()  # not read, so not resolved: as before
+            else:
+                conn.commit()
+        assert _resolved(events) == ([] if needs_do else ["committed"])
+        assert _count(server) == 2
+    finally:
+        server.execute("GRANT USAGE ON LANGUAGE plpgsql TO PUBLIC")

@@ -92,6 +92,8 @@ class Capabilities:
     pipelines: bool = False
     #: Whether `Driver.send_reading_xid` reads the xid in the statement's own flight.
     reads_xid_in_flight: bool = False
+    #: Whether that read runs a DO block (plpgsql): only on sessions allowed to run one.
+    xid_read_runs_do_block: bool = False
 
 
 @dataclass(frozen=True)

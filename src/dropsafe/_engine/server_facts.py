@@ -19,6 +19,7 @@ Why these and not less: docs/guarantees.md, "A transaction lost before its COMMI
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ __all__ = [
     "SAFE_EXTENSIONS",
     "learn_session",
     "learned_session",
+    "may_run_do_blocks",
     "outside_effects",
 ]
 
@@ -63,7 +65,15 @@ _SESSION_START = (
     "WHERE datname = current_database()))), '')), "
     f"{_MEMBERSHIP}"
 )
-_SESSION_START_AND_LIFE = f"{_SESSION_START}, {SERVER_LIFE_SQL}"
+# Whether the session may run a DO block (plpgsql, and USAGE on it): psycopg2 reads a
+# transaction's xid in a statement's flight with one (`dropsafe._engine.xid_in_flight`), and a
+# DO block refused would fail the app's transaction. Asked with the session's start, kept apart.
+_DO_BLOCKS = (
+    "EXISTS (SELECT FROM pg_language WHERE lanname = 'plpgsql' "
+    "AND has_language_privilege(oid, 'USAGE'))"
+)
+_SESSION_START_AND_DO = f"{_SESSION_START}, {_DO_BLOCKS}"
+_SESSION_START_DO_AND_LIFE = f"{_SESSION_START_AND_DO}, {SERVER_LIFE_SQL}"
 
 #: Extensions whose functions act inside the transaction only (reads, types, indexes, and
 #: postgres_fdw: its remote transaction commits at the local COMMIT and aborts with the local
@@ -115,6 +125,7 @@ SELECT
 # What each driver connection's session started as (`learn_session`), keyed weakly as the
 # session marks are (`dropsafe._engine.session_state`): gone with the connection.
 _LEARNED: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+_DO_BLOCKS_ALLOWED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _ask_outside_a_transaction(dbapi_connection: DBAPIConnection, sql: str) -> tuple[Any, ...]:
@@ -154,7 +165,7 @@ def learn_session(
     native = entry.driver_connection
     if state.lives_answered:
         both = ask(
-            lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START_AND_LIFE),
+            lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START_DO_AND_LIFE),
             unknown=None,
             what="a new session's user, search_path, settings and server life",
         )
@@ -170,7 +181,7 @@ def learn_session(
     if life is not None:
         _keep_life(state, native, life[0], life[1])
     start = ask(
-        lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START),
+        lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START_AND_DO),
         unknown=None,
         what="a new session's user, search_path and settings",
     )
@@ -181,12 +192,25 @@ def _keep_life(state: EngineState, native: DBAPIConnection, *columns: object) ->
     remember_server_life(state, native, ServerLife.read(columns[0], columns[1]))
 
 
-def _keep_start(entry: ConnectionPoolEntry, start: tuple[Any, ...] | None) -> None:
-    if start is not None:
+def _keep_start(entry: ConnectionPoolEntry, answer: tuple[Any, ...] | None) -> None:
+    """Keep the session's start, and apart from it whether it may run DO blocks (last)."""
+    if answer is not None:
+        start = answer[:-1]
+        if answer[-1] is True:
+            with contextlib.suppress(TypeError):  # not weakly referable: none run
+                _DO_BLOCKS_ALLOWED[entry.driver_connection] = True
         try:
             _LEARNED[entry.driver_connection] = tuple(map(str, start))
         except TypeError:  # not weakly referable: unknown, so never replayed
             return
+
+
+def may_run_do_blocks(native: DBAPIConnection) -> bool:
+    """Whether the connection's session was seen at connect to be allowed DO blocks."""
+    try:
+        return _DO_BLOCKS_ALLOWED.get(native, False)
+    except TypeError:
+        return False
 
 
 def learned_session(checkout: PoolProxiedConnection) -> tuple[str, ...] | None:

@@ -24,6 +24,7 @@ from dropsafe._commit_truth.resolution import Outcome, resolve_commit
 from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
 from dropsafe._commit_truth.server_sql import xid_question
 from dropsafe._drivers.base import await_
+from dropsafe._engine.server_facts import may_run_do_blocks
 from dropsafe._policy import seconds
 
 if TYPE_CHECKING:
@@ -66,6 +67,7 @@ class XidInFlight:
         self._state = state
         self._hooks = hooks
         self._question: XidQuestion | None = None  # built at the first read
+        self._needs_do_blocks = driver.capabilities.xid_read_runs_do_block
 
     def send(
         self,
@@ -78,6 +80,9 @@ class XidInFlight:
 
         Returns the COMMIT's pending state, or None: not read, or no xid yet (nothing written).
         """
+        if self._needs_do_blocks and not may_run_do_blocks(native):
+            send_text(statement)  # a refused DO block would fail the app's transaction
+            return None
         question = self._question
         if question is None:
             question = self._question = xid_question(self._dialect)
