@@ -264,7 +264,7 @@ class FirstStatementReplay:
                 else:
                     send = _sender(method, statement, parameters, context)
                     reading = None
-                    if transcript.xid_wanted and self._wants_xid(context, statement):
+                    if transcript.xid_wanted and may_write(context, statement):
                         reading = self._reading_xid(
                             transcript, cursor, statement, parameters, context, method
                         )
@@ -279,7 +279,11 @@ class FirstStatementReplay:
             )
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
-                xid = self._send_first(pending, cursor, statement, parameters, context, method)
+                xid = None
+                if self._xid is None or not may_write(context, statement):
+                    method(cursor, statement, parameters, context)
+                else:
+                    xid = self._send_first(pending, cursor, statement, parameters, context, method)
                 if self._records:  # kept to say why, should the transaction lose its connection
                     send = _sender(method, statement, parameters, context)
                     self._begin_transcript(
@@ -288,7 +292,10 @@ class FirstStatementReplay:
                 return
             xid = None
             try:
-                xid = self._send_first(pending, cursor, statement, parameters, context, method)
+                if self._xid is None or not may_write(context, statement):
+                    method(cursor, statement, parameters, context)
+                else:
+                    xid = self._send_first(pending, cursor, statement, parameters, context, method)
             except Exception as exc:  # noqa: BLE001 - raised again unless it is replayed
                 send = _sender(method, statement, parameters, context)
                 replayed = self._replay_first(connection, context, send, exc, pending, changes)
@@ -316,10 +323,6 @@ class FirstStatementReplay:
             elif checkout.__class__ is not POOL_CHECKOUT or _MARKED not in checkout.__dict__:
                 _mark(checkout, changes=False)
 
-    def _wants_xid(self, context: ExecutionContext, statement: str) -> bool:
-        """Whether this statement should read its transaction's xid in its flight."""
-        return self._xid is not None and not context.executemany and may_write(context, statement)
-
     def _send_first(  # noqa: PLR0917 - do_execute's arguments, and the checkout's first facts
         self,
         pending: Unsent,
@@ -329,9 +332,9 @@ class FirstStatementReplay:
         context: ExecutionContext,
         method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
     ) -> PendingCommit | None:
-        """Send a transaction's first statement; read its xid in the flight if it may write."""
+        """Send a transaction's first statement that may write, reading its xid in the flight."""
         xid_reads = self._xid
-        if xid_reads is None or pending.native is None or not self._wants_xid(context, statement):
+        if xid_reads is None or pending.native is None or context.executemany:
             method(cursor, statement, parameters, context)
             return None
         return xid_reads.send(
@@ -355,7 +358,7 @@ class FirstStatementReplay:
         None where it is not read. Its first sending alone reads: a replay sends it plainly.
         """
         xid_reads, native = self._xid, transcript.native
-        if xid_reads is None or native is None:
+        if xid_reads is None or native is None or context.executemany:
             return None
 
         def send_reading(on: DBAPICursor) -> None:

@@ -49,11 +49,18 @@ _SYNCHRONOUS_COMMIT = re.compile("synchronous_commit", re.IGNORECASE)
 
 
 def may_write(context: ExecutionContext, statement: str) -> bool:
-    """Whether the statement may give its transaction an xid (an INSERT, UPDATE, DELETE, ...)."""
+    """Whether the statement may give its transaction an xid (an INSERT, UPDATE, DELETE, ...).
+
+    Asked of every statement until the xid is read: the compiled statement's flags, else one
+    match of the text (a C call).
+    """
     # DefaultExecutionContext's flags (the interface declares only some of them).
-    if context.isinsert or context.isupdate or getattr(context, "isdelete", False):
-        return True
-    return _WRITES.match(statement) is not None
+    return (
+        context.isinsert
+        or context.isupdate
+        or context.isdelete  # type: ignore[attr-defined]
+        or _WRITES.match(statement) is not None
+    )
 
 
 class XidInFlight:
