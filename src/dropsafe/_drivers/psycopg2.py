@@ -52,7 +52,7 @@ class Psycopg2(libpq.Libpq):
         failover_messages=libpq.FAILOVER_MESSAGES,
     )
     tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
-    capabilities = Capabilities(reads_xid_in_flight=True)
+    capabilities = Capabilities(reads_xid_in_flight=True, xid_read_runs_do_block=True)
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return is_instance(dbapi_connection, "psycopg2.extensions", "connection")

@@ -140,10 +140,17 @@ class FirstStatementReplay:
     def listeners(self) -> dict[str, Callable[..., None]]:
         """Return the pool events this replay listens to, by name.
 
-        With the transaction replay on, each new connection's session start is learned at
-        connect (one query per connection made, none per checkout: `server_facts`).
+        With the transaction replay on, each new connection's session start and server life are
+        learned at connect (one query per connection made, none per checkout: `server_facts`).
         """
-        return {"connect": learn_session} if self._records else {}
+        if not self._records:
+            return {}
+        state = self._state
+
+        def learn(dbapi_connection: Any, entry: Any) -> None:  # noqa: ANN401 - pool event's
+            learn_session(dbapi_connection, entry, state)
+
+        return {"connect": learn}
 
     def on_checked(self, checkout: PoolProxiedConnection, entry: EntryState) -> None:
         """Mark ``checkout``'s next statement as its first; called by the checkout check.
@@ -257,7 +264,7 @@ class FirstStatementReplay:
                 else:
                     send = _sender(method, statement, parameters, context)
                     reading = None
-                    if transcript.xid_wanted and self._wants_xid(context, statement):
+                    if transcript.xid_wanted and may_write(context, statement):
                         reading = self._reading_xid(
                             transcript, cursor, statement, parameters, context, method
                         )
@@ -272,7 +279,11 @@ class FirstStatementReplay:
             )
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
-                xid = self._send_first(pending, cursor, statement, parameters, context, method)
+                xid = None
+                if self._xid is None or not may_write(context, statement):
+                    method(cursor, statement, parameters, context)
+                else:
+                    xid = self._send_first(pending, cursor, statement, parameters, context, method)
                 if self._records:  # kept to say why, should the transaction lose its connection
                     send = _sender(method, statement, parameters, context)
                     self._begin_transcript(
@@ -281,7 +292,10 @@ class FirstStatementReplay:
                 return
             xid = None
             try:
-                xid = self._send_first(pending, cursor, statement, parameters, context, method)
+                if self._xid is None or not may_write(context, statement):
+                    method(cursor, statement, parameters, context)
+                else:
+                    xid = self._send_first(pending, cursor, statement, parameters, context, method)
             except Exception as exc:  # noqa: BLE001 - raised again unless it is replayed
                 send = _sender(method, statement, parameters, context)
                 replayed = self._replay_first(connection, context, send, exc, pending, changes)
@@ -309,10 +323,6 @@ class FirstStatementReplay:
             elif checkout.__class__ is not POOL_CHECKOUT or _MARKED not in checkout.__dict__:
                 _mark(checkout, changes=False)
 
-    def _wants_xid(self, context: ExecutionContext, statement: str) -> bool:
-        """Whether this statement should read its transaction's xid in its flight."""
-        return self._xid is not None and not context.executemany and may_write(context, statement)
-
     def _send_first(  # noqa: PLR0917 - do_execute's arguments, and the checkout's first facts
         self,
         pending: Unsent,
@@ -322,9 +332,9 @@ class FirstStatementReplay:
         context: ExecutionContext,
         method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
     ) -> PendingCommit | None:
-        """Send a transaction's first statement; read its xid in the flight if it may write."""
+        """Send a transaction's first statement that may write, reading its xid in the flight."""
         xid_reads = self._xid
-        if xid_reads is None or pending.native is None or not self._wants_xid(context, statement):
+        if xid_reads is None or pending.native is None or context.executemany:
             method(cursor, statement, parameters, context)
             return None
         return xid_reads.send(
@@ -348,7 +358,7 @@ class FirstStatementReplay:
         None where it is not read. Its first sending alone reads: a replay sends it plainly.
         """
         xid_reads, native = self._xid, transcript.native
-        if xid_reads is None or native is None:
+        if xid_reads is None or native is None or context.executemany:
             return None
 
         def send_reading(on: DBAPICursor) -> None:

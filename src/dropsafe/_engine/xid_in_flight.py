@@ -21,14 +21,10 @@ from typing import TYPE_CHECKING
 from dropsafe._classify import ErrorKind, classify
 from dropsafe._commit_truth.pending_commit import PendingCommit
 from dropsafe._commit_truth.resolution import Outcome, resolve_commit
-from dropsafe._commit_truth.server_life import (
-    UNREADABLE,
-    ServerLife,
-    known_server_life,
-    remember_server_life,
-)
+from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
 from dropsafe._commit_truth.server_sql import xid_question
 from dropsafe._drivers.base import await_
+from dropsafe._engine.server_facts import may_run_do_blocks
 from dropsafe._policy import seconds
 
 if TYPE_CHECKING:
@@ -53,11 +49,18 @@ _SYNCHRONOUS_COMMIT = re.compile("synchronous_commit", re.IGNORECASE)
 
 
 def may_write(context: ExecutionContext, statement: str) -> bool:
-    """Whether the statement may give its transaction an xid (an INSERT, UPDATE, DELETE, ...)."""
+    """Whether the statement may give its transaction an xid (an INSERT, UPDATE, DELETE, ...).
+
+    Asked of every statement until the xid is read: the compiled statement's flags, else one
+    match of the text (a C call).
+    """
     # DefaultExecutionContext's flags (the interface declares only some of them).
-    if context.isinsert or context.isupdate or getattr(context, "isdelete", False):
-        return True
-    return _WRITES.match(statement) is not None
+    return (
+        context.isinsert
+        or context.isupdate
+        or context.isdelete  # type: ignore[attr-defined]
+        or _WRITES.match(statement) is not None
+    )
 
 
 class XidInFlight:
@@ -70,7 +73,8 @@ class XidInFlight:
         self._driver = driver
         self._state = state
         self._hooks = hooks
-        self._questions: dict[bool, XidQuestion] = {}
+        self._question: XidQuestion | None = None  # built at the first read
+        self._needs_do_blocks = driver.capabilities.xid_read_runs_do_block
 
     def send(
         self,
@@ -83,21 +87,20 @@ class XidInFlight:
 
         Returns the COMMIT's pending state, or None: not read, or no xid yet (nothing written).
         """
-        state = self._state
-        life = known_server_life(state, native)
-        with_life = life is None and state.lives_answered
-        question = self._questions.get(with_life)
+        if self._needs_do_blocks and not may_run_do_blocks(native):
+            send_text(statement)  # a refused DO block would fail the app's transaction
+            return None
+        question = self._question
         if question is None:
-            question = self._questions[with_life] = xid_question(self._dialect, with_life=with_life)
+            question = self._question = xid_question(self._dialect)
         reading = self._driver.send_reading_xid(send_text, native, statement, question)
         if reading is None:
             return None
         values = reading.values
         if values[0] is None:  # nothing written yet: the next statement that may write reads
             return None
-        if with_life and len(values) >= 4:  # noqa: PLR2004 - xid, setting, the life's two
-            life = ServerLife.read(values[2], values[3])
-            remember_server_life(state, native, life)
+        # Learned at connect (`server_facts.learn_session`); unknown, 'committed' is unknown.
+        life = known_server_life(self._state, native)
         return PendingCommit(
             int(values[0]),
             self._driver.backend_pid(native) or 0,
