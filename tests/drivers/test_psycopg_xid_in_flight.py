@@ -26,6 +26,7 @@ from dropsafe._bench._flights import FlightProxy, Strike
 from dropsafe._commit_truth.server_sql import SERVER_LIFE_SQL, xid_question
 from dropsafe._drivers import driver_named
 from dropsafe._drivers.base import Capabilities, XidQuestion, driver_connection
+from dropsafe.events import CommitResolved
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -564,3 +565,34 @@ def test_a_read_that_fails_after_its_statement_is_raised_at_the_statement(face, 
         assert face.run(run) == pq.TransactionStatus.INERROR
         holder.rollback()
     assert int(shared_server.execute(f"SELECT count(*) FROM {TABLE} WHERE n = 9")[0][0]) == 0
+
+
+@pytest.mark.parametrize("name", FACES)
+def test_a_commit_whose_reply_is_lost_is_resolved_committed(shared_server, flights, name):
+    """Through a hardened engine (replay on): the server commits, the reply is withheld and
+    the link reset. The xid read in the INSERT's flight resolves it: the COMMIT returns, the
+    row is there once. (On the async face the server's life was looked up by SQLAlchemy's
+    adapter instead of psycopg's connection it is kept by: 'committed' was unknown there.)"""
+    url = sa.make_url(shared_server.url("psycopg", sslmode="disable"))
+    url = url.set(host="127.0.0.1", port=flights.port)
+    events: list[object] = []
+    policy = dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(replay_transaction=True), hooks=(events.append,)
+    )
+    made = Face(url, name, pool_size=1, policy=policy)
+
+    def transaction(connection: sa.Connection) -> None:
+        connection.execute(sa.text(f"INSERT INTO {TABLE} VALUES (8, 8)"))
+        flights.strike = Strike(step=len(flights.query_flights()) + 1, phase="after", then="rst")
+        try:
+            connection.commit()  # the reply withheld: resolved by the xid
+        finally:
+            flights.strike = None
+
+    try:
+        made.run(lambda connection: None)  # connected, its session learned
+        made.run(transaction)
+    finally:
+        made.close()
+    assert [e.outcome for e in events if isinstance(e, CommitResolved)] == ["committed"]
+    assert int(shared_server.execute(f"SELECT count(*) FROM {TABLE} WHERE n = 8")[0][0]) == 1

@@ -23,7 +23,7 @@ from dropsafe._commit_truth.pending_commit import PendingCommit
 from dropsafe._commit_truth.resolution import Outcome, resolve_commit
 from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
 from dropsafe._commit_truth.server_sql import xid_question
-from dropsafe._drivers.base import await_
+from dropsafe._drivers.base import await_, driver_connection
 from dropsafe._engine.server_facts import may_run_do_blocks
 from dropsafe._policy import seconds
 
@@ -100,7 +100,8 @@ class XidInFlight:
         if values[0] is None:  # nothing written yet: the next statement that may write reads
             return None
         # Learned at connect (`server_facts.learn_session`); unknown, 'committed' is unknown.
-        life = known_server_life(self._state, native)
+        # Kept by the driver's connection (the pool entry's), which an async adapter wraps.
+        life = known_server_life(self._state, driver_connection(native))
         return PendingCommit(
             int(values[0]),
             self._driver.backend_pid(native) or 0,
