@@ -354,6 +354,35 @@ def test_what_does_not_ride_is_sent_as_psycopg_sends_it(face, shared_server) -> 
         assert marked[1] is None, case.__name__
 
 
+def test_executemany_reads_nothing(face) -> None:
+    """executemany (psycopg's own pipeline of its own): nothing read, the same rowcount."""
+    update = f"UPDATE {TABLE} SET v = v + %(d)s WHERE n = 1"
+
+    def outcome(read: bool):
+        def run(connection: sa.Connection):
+            dbapi_connection = connection.connection.dbapi_connection
+            cursor = connection.connection.cursor()
+
+            def send(text: str) -> None:
+                connection.dialect.do_executemany(cursor, text, [{"d": 1}, {"d": 2}], None)  # type: ignore[arg-type]
+
+            question = xid_question(connection.dialect)
+            reading = None
+            if read:
+                reading = DRIVER.send_reading_xid(send, dbapi_connection, update, question)
+            else:
+                send(update)
+            seen = (cursor.rowcount, _status(connection))
+            _end(connection)
+            return seen, reading
+
+        return face.run(run)
+
+    plain = outcome(read=False)
+    assert outcome(read=True) == plain
+    assert plain[1] is None
+
+
 def test_without_the_first_flight_cursors_nothing_is_read(shared_server) -> None:
     """``begin_in_first_flight=False``: psycopg's own cursors; the statement alone, None."""
     engine = dropsafe.create_engine(
