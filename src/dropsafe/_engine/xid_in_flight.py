@@ -87,7 +87,7 @@ class XidInFlight:
 
         Returns the COMMIT's pending state, or None: not read, or no xid yet (nothing written).
         """
-        if self._needs_do_blocks and not may_run_do_blocks(native):
+        if self._needs_do_blocks and not may_run_do_blocks(driver_connection(native)):
             send_text(statement)  # a refused DO block would fail the app's transaction
             return None
         question = self._question
