@@ -43,6 +43,8 @@ __all__ = ["XidInFlight", "may_write"]
 # A text statement that may write: what the server would give an xid for. A SELECT that calls
 # a function that writes is not read (its transaction's COMMIT stays unresolvable, as before).
 _WRITES = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|MERGE|WITH)\b", re.IGNORECASE)
+# A WITH's rowcount is its main statement's: a SELECT's rows count though nothing was written.
+_WITH = re.compile(r"\s*WITH\b", re.IGNORECASE)
 # A statement that may turn synchronous_commit off after the read: its COMMIT may then not wait
 # for its WAL (`PendingCommit.unflushed`).
 _SYNCHRONOUS_COMMIT = re.compile("synchronous_commit", re.IGNORECASE)
@@ -106,9 +108,11 @@ class XidInFlight:
             int(values[0]),
             self._driver.backend_pid(native) or 0,
             life or UNREADABLE,
-            # An xid the read gave before the statement: if the statement changed no row, the
-            # transaction may write no WAL and its COMMIT then waits for no flush.
-            asynchronous=reading.assigned and int(cursor.rowcount) <= 0,
+            # An xid the read gave before the statement: if the statement changed no row (or
+            # its rowcount may count rows it did not write: a WITH), the transaction may write
+            # no WAL and its COMMIT then waits for no flush.
+            asynchronous=reading.assigned
+            and (int(cursor.rowcount) <= 0 or _WITH.match(statement) is not None),
             unflushed=values[1] == "off",
         )
 
