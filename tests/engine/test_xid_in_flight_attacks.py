@@ -47,6 +47,13 @@ CREATE FUNCTION attack_relax() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
 END $$;
 CREATE TRIGGER attack_relax AFTER INSERT ON attack_relaxing
   FOR EACH ROW EXECUTE FUNCTION attack_relax();
+CREATE TABLE attack_noted (note text NOT NULL);
+CREATE FUNCTION attack_note() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  RAISE NOTICE '%', NEW.note;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER attack_note AFTER INSERT ON attack_noted
+  FOR EACH ROW EXECUTE FUNCTION attack_note();
 CREATE VIEW attack_view AS SELECT v FROM attack;
 CREATE FUNCTION attack_instead() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
   PERFORM pg_notify('dropsafe_attack', 'instead');
@@ -481,3 +488,84 @@ def test_errors_are_the_same_with_the_read(server, driver, statement, disposing,
         disposing(_engine(server, driver, [], reads=False)), [(statement, {})], nested=False
     )
     assert with_read == without
+
+
+# -- the read's answer forged by the app's own data (psycopg2's NOTICE) -----------------------
+
+@needs_blackhole
+@pytest.mark.parametrize("driver", READS)
+def test_a_notice_of_the_app_s_data_cannot_forge_the_xid(server, driver, disposing):
+    """A trigger echoes a row's text as a NOTICE (an audit log); the row's text, a user's,
+    looks like the read's NOTICE and names an old committed xid. The COMMIT never arrives.
+    Before the fix (psycopg2): the forged xid was believed, 'committed', and commit() returned
+    with the row missing."""
+    old = int(server.execute("SELECT txid_current()")[0][0])  # committed, long done
+    forged = f'dropsafe-xid ["{old}", "on"]'  # each test's own: no TRUNCATE (a fenced lock)
+    events: list[object] = []
+    engine = disposing(_engine(server, driver, events))
+    with engine.connect() as conn, _lost_at_commit(engine, "both"):
+        conn.execute(sa.text("INSERT INTO attack_noted VALUES (:note)"), {"note": forged})
+        try:
+            conn.commit()
+            outcome = "returned"
+        except sa.exc.DBAPIError as error:
+            outcome = type(error.orig).__name__
+    kept = _count(server, "attack_noted", f"note = '{forged}'")
+    assert (outcome, kept) in [("returned", 1), ("OperationalError", 0)], _resolved(events)
+    assert all(e.xid != old for e in events if isinstance(e, CommitResolved))
+
+
+# -- the COMMIT lost again, and after a replay -------------------------------------------------
+
+
+@needs_blackhole
+@pytest.mark.parametrize("driver", READS)
+def test_the_replay_s_own_commit_lost_too(server, driver, disposing):
+    """The COMMIT never arrives (aborted: replayed on a fresh connection), and the replay's
+    COMMIT reply is lost too: never a write twice, never acknowledged and missing."""
+    events: list[object] = []
+    engine = disposing(_engine(server, driver, events))
+    holes = contextlib.ExitStack()
+    cuts = []
+
+    def cut(conn):
+        direction = "both" if not cuts else "to"
+        cuts.append(direction)
+        holes.enter_context(kernel_blackhole(_client_port(conn), direction=direction))
+
+    def cut_fresh(dbapi_connection, connection_record):
+        del connection_record
+        if cuts == ["both"]:  # the replay's connection: its COMMIT's reply is lost
+            fd = dbapi_connection.fileno()
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                port = int(sock.getsockname()[1])
+            cuts.append("fresh")
+            fresh_ports.append(port)
+
+    fresh_ports: list[int] = []
+    sa.event.listen(engine, "commit", cut)
+    sa.event.listen(engine.pool, "connect", cut_fresh)
+    original = engine.dialect.do_commit
+
+    def do_commit(dbapi_connection):
+        if fresh_ports and cuts[-1] == "fresh":
+            cuts.append("to-fresh")
+            holes.enter_context(kernel_blackhole(fresh_ports[-1], direction="to"))
+        original(dbapi_connection)
+
+    with holes:
+        with engine.connect() as conn:
+            conn.execute(sa.text("INSERT INTO attack_unique VALUES (21)"))
+            vars(engine.dialect)["do_commit"] = do_commit
+            try:
+                conn.commit()
+                outcome = "returned"
+            except dropsafe.CommitOutcomeUnknown:
+                outcome = "unknown"
+            except sa.exc.DBAPIError as error:
+                outcome = type(error.orig).__name__
+        del vars(engine.dialect)["do_commit"]
+    kept = _count(server, "attack_unique")
+    assert kept <= 1
+    assert outcome != "returned" or kept == 1
+    assert (outcome, kept, cuts, _resolved(events), _replays(events)) == ("?",)

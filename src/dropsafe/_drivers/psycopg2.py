@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import secrets
 from typing import TYPE_CHECKING
 
 from dropsafe._classify import DriverErrors
@@ -27,7 +28,9 @@ _PQTRANS_IDLE = 0  # libpq's PGTransactionStatusType: PQTRANS_IDLE
 # last statement's result only, so the read comes first and answers as a NOTICE. No ``%`` in it
 # (psycopg2 formats the whole string when there are parameters); a line of its own, so that an
 # error's context line ("LINE 2: ...") still shows the app's statement alone.
-_NOTICE_TAG = "dropsafe-xid "
+# The tag carries a token of this process's: a NOTICE of the app's (a trigger echoing a row's
+# text, a user's) could otherwise spell the tag and hand the resolver an xid of its choosing.
+_NOTICE_TAG = f"dropsafe-xid {secrets.token_hex(8)} "
 _READ_FIRST = (
     "DO $dropsafe$BEGIN RAISE NOTICE USING MESSAGE = '" + _NOTICE_TAG + "' || "
     "json_build_array({columns})::text; END$dropsafe$;\n"
