@@ -10,6 +10,7 @@ is a break found and not fixed; its reason says why.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import select
 import signal
@@ -658,3 +659,36 @@ async def test_async_psycopg_a_savepoint_and_a_hook_then_the_commit_lost(
     rows = [int(r[0]) for r in server.execute("SELECT v FROM attack_unique ORDER BY v")]
     assert rows == [value + 1, value + 5]
     assert _resolved(events) == (["committed"] if direction == "to" else ["aborted"])
+
+
+# -- psycopg2: the app's own notices container ---------------------------------------------
+
+
+class _Notices(list):
+    """An app's own notices list (psycopg2 takes any appendable; SQLAlchemy slices it)."""
+
+
+def _notices_kept(engine, caplog):
+    """The notices the app's own list kept, and the ones SQLAlchemy logged from it."""
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="sqlalchemy.dialects.postgresql"),
+        engine.connect() as conn,
+    ):
+        dbapi = conn.connection.dbapi_connection
+        dbapi.notices = _Notices()
+        conn.execute(sa.text("INSERT INTO attack VALUES (1)"))
+        kept = list(dbapi.notices)
+        conn.rollback()
+        dbapi.notices = []
+    return kept, [r.getMessage() for r in caplog.records if "NOTICE" in r.getMessage()]
+
+
+def test_psycopg2_an_app_s_own_notices_container_gets_no_notice_of_the_read(
+    server, disposing, caplog
+):
+    """Before the fix: the read sent its NOTICE, then found the container not a list and left
+    the NOTICE there, for SQLAlchemy to log as the app's ('NOTICE:  dropsafe-xid ...')."""
+    with_read = _notices_kept(disposing(_engine(server, "psycopg2", [])), caplog)
+    without = _notices_kept(disposing(_engine(server, "psycopg2", [], reads=False)), caplog)
+    assert with_read == without == ([], [])

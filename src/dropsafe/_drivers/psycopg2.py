@@ -100,12 +100,13 @@ class Psycopg2(libpq.Libpq):
         question: XidQuestion,
     ) -> XidReading | None:
         # The NOTICE is taken out of ``connection.notices`` (the app never sees it). None where
-        # the server sent none (``client_min_messages`` above NOTICE) or the app replaced the
-        # list with another kind of container.
+        # the server sent none (``client_min_messages`` above NOTICE); nothing read where the
+        # app replaced the list with a container of its own (its append could see the NOTICE).
         notices = dbapi_connection.notices
-        send(_READ_FIRST.format(columns=question.before) + statement)
         if type(notices) is not list:
+            send(statement)
             return None
+        send(_READ_FIRST.format(columns=question.before) + statement)
         for index in range(len(notices) - 1, -1, -1):
             text = notices[index]
             at = text.find(_NOTICE_TAG) if isinstance(text, str) else -1
