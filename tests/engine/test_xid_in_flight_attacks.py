@@ -447,11 +447,13 @@ def _seen(engine, statements, *, nested=True):
             except sa.exc.DBAPIError as error:
                 orig = error.orig
                 diag = getattr(orig, "diag", None)
-                seen.append((
-                    type(orig).__name__,
-                    str(orig),
-                    getattr(diag, "statement_position", None),
-                ))
+                seen.append(
+                    (
+                        type(orig).__name__,
+                        str(orig),
+                        getattr(diag, "statement_position", None),
+                    )
+                )
         conn.rollback()
     return seen
 
@@ -501,6 +503,7 @@ def test_errors_are_the_same_with_the_read(server, driver, statement, disposing,
 
 
 # -- the read's answer forged by the app's own data (psycopg2's NOTICE) -----------------------
+
 
 @needs_blackhole
 @pytest.mark.parametrize("driver", READS)
@@ -692,3 +695,30 @@ def test_psycopg2_an_app_s_own_notices_container_gets_no_notice_of_the_read(
     with_read = _notices_kept(disposing(_engine(server, "psycopg2", [])), caplog)
     without = _notices_kept(disposing(_engine(server, "psycopg2", [], reads=False)), caplog)
     assert with_read == without == ([], [])
+
+
+# -- AUTOCOMMIT and read-only transactions -------------------------------------------------
+
+
+def _autocommit_and_read_only(engine):
+    seen = []
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        seen.append(conn.execute(sa.text("INSERT INTO attack VALUES (81) RETURNING v")).all())
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            conn.execute(sa.text("INSERT INTO attack_unique VALUES (1/0)"))
+        seen.append(str(raised.value.orig).splitlines()[0])
+    with engine.connect().execution_options(postgresql_readonly=True) as conn:
+        with pytest.raises(sa.exc.DBAPIError) as raised:
+            conn.execute(sa.text("INSERT INTO attack VALUES (82)"))
+        seen.append((type(raised.value.orig).__name__, str(raised.value.orig).splitlines()[0]))
+        conn.rollback()
+    return seen
+
+
+@pytest.mark.parametrize("driver", READS)
+def test_autocommit_and_read_only_see_the_same(server, driver, disposing):
+    with_read = _autocommit_and_read_only(disposing(_engine(server, driver, [])))
+    assert _count(server, where="v = 81") == 1  # AUTOCOMMIT: written once, kept
+    without = _autocommit_and_read_only(disposing(_engine(server, driver, [], reads=False)))
+    assert with_read == without
+    assert _count(server, where="v = 81") == 2
