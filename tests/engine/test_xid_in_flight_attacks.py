@@ -534,12 +534,6 @@ def test_a_notice_of_the_app_s_data_cannot_forge_the_xid(server, driver, disposi
 @needs_blackhole
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", READS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="the replay's own COMMIT is sent plainly (the fresh transaction's xid is not read) "
-    "and its error raised as it is: a lost reply there gives the app the driver's "
-    "OperationalError, not CommitOutcomeUnknown, though the write is committed",
-)
 def test_the_replay_s_own_commit_lost_too(server, driver, disposing):
     """The COMMIT never arrives (aborted: replayed on a fresh connection), and the replay's
     COMMIT (a 1 s deferred trigger) has its reply lost too: never a write twice, never
@@ -581,8 +575,8 @@ def test_the_replay_s_own_commit_lost_too(server, driver, disposing):
     kept = _count(server, "attack_slow", f"v = {value}")
     assert kept == 1  # the replay's COMMIT was done
     assert _resolved(events) == ["aborted"]
-    # The replay's lost COMMIT is not resolved (it reads no xid): the driver's error, not
-    # CommitOutcomeUnknown, though the write is there.
+    # The replay's lost COMMIT is not resolved (it reads no xid): unknown. Before the fix: the
+    # driver's OperationalError, though the write is there (the app would write it again).
     assert outcome == "unknown"
 
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Literal
 
+from dropsafe._classify import ErrorKind, classify
 from dropsafe._drivers.base import Health
 from dropsafe._engine.fresh_connection import ask_before_replay, replay_bounded
 from dropsafe._engine.session_state import mark_connection
+from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
@@ -173,8 +175,20 @@ class UnsentCommit:
             refused(*difference[::-1])
             raise error
         mark_connection(fresh.driver_connection, changes=False)
-        # This COMMIT's own error, if any, is raised as it is: its bytes were sent.
-        commit(fresh)
+        try:
+            commit(fresh)
+        except Exception as again:
+            # Its bytes were sent and its xid was not read: lost on the way, it may have
+            # committed (the app must not take it for failed and write again). One the server
+            # refused (a deferred constraint) is raised as it is.
+            if classify(again, during_commit=True) is not ErrorKind.COMMIT_UNKNOWN:
+                raise
+            reason = "the replay's COMMIT was sent and its reply lost; its xid was not read"
+            raise CommitOutcomeUnknown(
+                f"the connection failed during COMMIT of a replayed transaction: {reason}",
+                xid=None,
+                reason=reason,
+            ) from again
         logger.debug("dropsafe replayed a transaction and committed it elsewhere: %s", text)
         emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
 
