@@ -16,18 +16,18 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import threading
 
 import psycopg2
 import pytest
 import sqlalchemy as sa
+from xid_faults import lost_at_commit, wait_committed
 
 import dropsafe
 from dropsafe._bench._turns import TurnCounter
 from dropsafe._drivers import driver_named, driver_names
 from dropsafe.events import CommitResolved, TransactionReplayed
-from dropsafe.testing import PostgresServer, kernel_blackhole, kernel_blackhole_unavailable
+from dropsafe.testing import PostgresServer, kernel_blackhole_unavailable
 from dropsafe.testing._runtime import wait_until
 
 pytestmark = pytest.mark.fault
@@ -85,30 +85,6 @@ def _replays(events):
     return [e.outcome for e in events if isinstance(e, TransactionReplayed)]
 
 
-def _client_port(conn) -> int:
-    fd = conn.connection.dbapi_connection.fileno()
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _lost_at_commit(engine, direction):
-    """The COMMIT's packets dropped by the kernel from the moment it is sent (``direction``
-    "to": the reply lost, the COMMIT done; "both": the COMMIT never reaches the server)."""
-    holes = contextlib.ExitStack()
-
-    def cut(conn):
-        if not holes._exit_callbacks:
-            holes.enter_context(kernel_blackhole(_client_port(conn), direction=direction))
-
-    sa.event.listen(engine, "commit", cut)
-    try:
-        with holes:
-            yield
-    finally:
-        sa.event.remove(engine, "commit", cut)
-
-
 # -- a lost COMMIT, resolved -------------------------------------------------------------------
 
 
@@ -117,7 +93,7 @@ def _lost_at_commit(engine, direction):
 def test_a_committed_write_whose_reply_was_lost_returns(server, driver, disposing):
     events = []
     engine = disposing(_engine(server, driver, events))
-    with engine.connect() as conn, _lost_at_commit(engine, "to"):
+    with engine.connect() as conn, lost_at_commit(engine, "to"):
         conn.execute(INSERT, {"v": 1})
         conn.commit()  # before: OperationalError (the reply timed out)
     assert _count(server) == 1
@@ -135,7 +111,7 @@ def test_a_commit_that_never_arrived_is_fenced_replayed_and_committed_once(
     """The old backend still holds the transaction (and its unique key): fenced first."""
     events = []
     engine = disposing(_engine(server, driver, events))
-    with engine.connect() as conn, _lost_at_commit(engine, "both"):
+    with engine.connect() as conn, lost_at_commit(engine, "both"):
         conn.execute(sa.text("INSERT INTO lost_commit_unique (v) VALUES (7)"))
         conn.commit()  # before: OperationalError
     assert _count(server, "lost_commit_unique") == 1
@@ -158,15 +134,7 @@ def test_a_commit_lost_then_a_crash_is_unknown(server, driver, disposing):
         pid = conn.connection.dbapi_connection.info.backend_pid
 
         def crash():
-            wait_until(
-                lambda: bool(
-                    server.execute(
-                        f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
-                    )
-                ),
-                timeout=20,
-                what="the COMMIT to be done",
-            )
+            wait_committed(server, pid)
             os.kill(bystander.get_backend_pid(), signal.SIGKILL)  # every backend reset
             crashed.set()
 
@@ -174,7 +142,7 @@ def test_a_commit_lost_then_a_crash_is_unknown(server, driver, disposing):
 
     sa.event.listen(engine, "commit", crash_once_committed)
     try:
-        with engine.connect() as conn, _lost_at_commit(engine, "to"):
+        with engine.connect() as conn, lost_at_commit(engine, "to"):
             conn.execute(INSERT, {"v": 3})
             with pytest.raises(dropsafe.CommitOutcomeUnknown) as raised:
                 conn.commit()
@@ -284,7 +252,7 @@ def test_a_session_refused_do_blocks_is_not_read_and_works_as_before(server, dri
             conn.execute(INSERT, {"v": 1})  # a DO block here: permission denied for language
             conn.commit()
         needs_do = driver_named(driver).capabilities.xid_read_runs_do_block
-        with engine.connect() as conn, _lost_at_commit(engine, "to"):
+        with engine.connect() as conn, lost_at_commit(engine, "to"):
             conn.execute(INSERT, {"v": 2})
             if needs_do:
                 with pytest.raises(sa.exc.OperationalError):

@@ -21,6 +21,7 @@ import psycopg2
 import pytest
 import sqlalchemy as sa
 from sqlalchemy import orm
+from xid_faults import client_port, lost_at_commit, wait_committed
 
 import dropsafe
 from dropsafe._drivers import driver_named, driver_names
@@ -117,28 +118,15 @@ def _replays(events):
     return [e.outcome for e in events if isinstance(e, TransactionReplayed)]
 
 
-def _client_port(conn) -> int:
-    fd = conn.connection.dbapi_connection.fileno()
-    with socket.socket(fileno=os.dup(fd)) as sock:
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _lost_at_commit(engine, direction):
-    """The COMMIT's packets dropped by the kernel from the moment it is sent ("to": its reply
-    lost, the COMMIT done; "both": it never reaches the server)."""
-    holes = contextlib.ExitStack()
-
-    def cut(conn):
-        if not holes._exit_callbacks:
-            holes.enter_context(kernel_blackhole(_client_port(conn), direction=direction))
-
-    sa.event.listen(engine, "commit", cut)
+def _commit(conn) -> str:
+    """Commit ``conn``: "returned", "unknown" (CommitOutcomeUnknown), or the driver error's."""
     try:
-        with holes:
-            yield
-    finally:
-        sa.event.remove(engine, "commit", cut)
+        conn.commit()
+    except dropsafe.CommitOutcomeUnknown:
+        return "unknown"
+    except sa.exc.DBAPIError as error:
+        return type(error.orig).__name__
+    return "returned"
 
 
 def _libpq(server) -> str:
@@ -178,15 +166,7 @@ def _crash_once_committed(server, engine, listener):
 
         def crash():
             try:
-                wait_until(
-                    lambda: bool(
-                        server.execute(
-                            f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid} AND state = 'idle'"
-                        )
-                    ),
-                    timeout=20,
-                    what="the COMMIT to be done",
-                )
+                wait_committed(server, pid)
                 listener.hear(5)  # delivered at the COMMIT, before the crash
             finally:
                 os.kill(bystander.get_backend_pid(), signal.SIGKILL)
@@ -206,16 +186,10 @@ def _commit_lost_then_crash(server, driver, statements):
     engine = _engine(server, driver, events)
     crashed, bystander = _crash_once_committed(server, engine, listener)
     try:
-        with engine.connect() as conn, _lost_at_commit(engine, "to"):
+        with engine.connect() as conn, lost_at_commit(engine, "to"):
             for statement in statements:
                 conn.execute(sa.text(statement))
-            try:
-                conn.commit()
-                outcome = "returned"
-            except dropsafe.CommitOutcomeUnknown:
-                outcome = "unknown"
-            except sa.exc.DBAPIError as error:
-                outcome = type(error.orig).__name__
+            outcome = _commit(conn)
         assert crashed.wait(30)
     finally:
         engine.dispose()
@@ -312,18 +286,12 @@ def test_an_update_of_no_row_that_notifies_is_not_replayed_after_a_crash(crashab
 def test_a_write_in_a_rolled_back_savepoint(server, driver, direction, disposing):
     events: list[object] = []
     engine = disposing(_engine(server, driver, events))
-    with engine.connect() as conn, _lost_at_commit(engine, direction):
+    with engine.connect() as conn, lost_at_commit(engine, direction):
         savepoint = conn.begin_nested()
         conn.execute(sa.text("INSERT INTO attack_unique VALUES (1)"))
         savepoint.rollback()
         conn.execute(sa.text("INSERT INTO attack_unique VALUES (2)"))
-        try:
-            conn.commit()
-            outcome = "returned"
-        except dropsafe.CommitOutcomeUnknown:
-            outcome = "unknown"
-        except sa.exc.DBAPIError as error:
-            outcome = type(error.orig).__name__
+        outcome = _commit(conn)
     rows = [int(r[0]) for r in server.execute("SELECT v FROM attack_unique ORDER BY v")]
     # Done: it returns, the transaction's row alone. Never done: proven aborted, and a
     # transcript with a savepoint is not replayed: the driver's error, nothing written.
@@ -342,20 +310,14 @@ def test_a_failed_statement_in_a_savepoint_after_the_read(server, driver, direct
     server.execute("INSERT INTO attack_unique VALUES (5)")
     events: list[object] = []
     engine = disposing(_engine(server, driver, events))
-    with engine.connect() as conn, _lost_at_commit(engine, direction):
+    with engine.connect() as conn, lost_at_commit(engine, direction):
         conn.execute(sa.text("INSERT INTO attack VALUES (1)"))
         savepoint = conn.begin_nested()
         with pytest.raises(sa.exc.IntegrityError):
             conn.execute(sa.text("INSERT INTO attack_unique VALUES (5)"))
         savepoint.rollback()
         conn.execute(sa.text("INSERT INTO attack VALUES (2)"))
-        try:
-            conn.commit()
-            outcome = "returned"
-        except dropsafe.CommitOutcomeUnknown:
-            outcome = "unknown"
-        except sa.exc.DBAPIError as error:
-            outcome = type(error.orig).__name__
+        outcome = _commit(conn)
     count = _count(server)
     if outcome == "returned":
         assert count == 2
@@ -387,7 +349,7 @@ def test_a_before_commit_hook_that_writes_after_the_read(server, driver, directi
         sess.execute(sa.text("INSERT INTO attack VALUES (100)"))
 
     sa.event.listen(session, "before_commit", also)
-    with session, _lost_at_commit(engine, direction):
+    with session, lost_at_commit(engine, direction):
         session.add(_Attack(v=1))
         session.flush()
         session.execute(sa.text("UPDATE attack SET v = v + 1 WHERE v = 1"))
@@ -402,16 +364,12 @@ def test_the_app_s_own_client_min_messages_warning(server, driver, disposing):
     """The app hides notices: psycopg2's NOTICE is not sent, nothing read; never resolved wrong."""
     events: list[object] = []
     engine = disposing(_engine(server, driver, events))
-    with engine.connect() as conn, _lost_at_commit(engine, "to"):
+    with engine.connect() as conn, lost_at_commit(engine, "to"):
         conn.execute(sa.text("SET client_min_messages = warning"))
         conn.execute(sa.text("INSERT INTO attack VALUES (1)"))
-        try:
-            conn.commit()
-            outcome = "returned"
-        except sa.exc.OperationalError:
-            outcome = "raised"
+        outcome = _commit(conn)
     assert _count(server) == 1
-    assert (outcome, _resolved(events)) in [("returned", ["committed"]), ("raised", [])]
+    assert (outcome, _resolved(events)) in [("returned", ["committed"]), ("OperationalError", [])]
 
 
 @needs_blackhole
@@ -422,7 +380,7 @@ def test_an_isolation_level_s_commit_that_never_arrived(server, driver, isolatio
     engine = disposing(_engine(server, driver, events))
     with (
         engine.connect().execution_options(isolation_level=isolation) as conn,
-        _lost_at_commit(engine, "both"),
+        lost_at_commit(engine, "both"),
     ):
         conn.execute(sa.text("INSERT INTO attack_unique VALUES (3)"))
         conn.execute(sa.text("SELECT count(*) FROM attack")).scalar()
@@ -516,13 +474,9 @@ def test_a_notice_of_the_app_s_data_cannot_forge_the_xid(server, driver, disposi
     forged = f'dropsafe-xid ["{old}", "on"]'  # each test's own: no TRUNCATE (a fenced lock)
     events: list[object] = []
     engine = disposing(_engine(server, driver, events))
-    with engine.connect() as conn, _lost_at_commit(engine, "both"):
+    with engine.connect() as conn, lost_at_commit(engine, "both"):
         conn.execute(sa.text("INSERT INTO attack_noted VALUES (:note)"), {"note": forged})
-        try:
-            conn.commit()
-            outcome = "returned"
-        except sa.exc.DBAPIError as error:
-            outcome = type(error.orig).__name__
+        outcome = _commit(conn)
     kept = _count(server, "attack_noted", f"note = '{forged}'")
     assert (outcome, kept) in [("returned", 1), ("OperationalError", 0)], _resolved(events)
     assert all(e.xid != old for e in events if isinstance(e, CommitResolved))
@@ -558,19 +512,13 @@ def test_the_replay_s_own_commit_lost_too(server, driver, disposing):
 
         def cut(conn):
             pid = conn.connection.dbapi_connection.info.backend_pid
-            holes.enter_context(kernel_blackhole(_client_port(conn), direction="both"))
+            holes.enter_context(kernel_blackhole(client_port(conn), direction="both"))
             threading.Thread(target=cut_the_replay_s_commit, args=(pid,), daemon=True).start()
 
         sa.event.listen(engine, "commit", cut)
         with engine.connect() as conn:
             conn.execute(sa.text(f"INSERT INTO attack_slow VALUES ({value})"))
-            try:
-                conn.commit()
-                outcome = "returned"
-            except dropsafe.CommitOutcomeUnknown:
-                outcome = "unknown"
-            except sa.exc.DBAPIError as error:
-                outcome = type(error.orig).__name__
+            outcome = _commit(conn)
         assert cut_fresh.is_set()
     kept = _count(server, "attack_slow", f"v = {value}")
     assert kept == 1  # the replay's COMMIT was done
@@ -603,7 +551,7 @@ def test_a_transaction_replayed_midway_then_its_commit_lost(server, driver, dire
         )
         conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({base + 2})"))  # replayed
         conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({base + 3})"))  # reads again
-        with _lost_at_commit(engine, direction):
+        with lost_at_commit(engine, direction):
             conn.commit()
     rows = [int(r[0]) for r in server.execute("SELECT v FROM attack_unique ORDER BY v")]
     assert rows == [base + 1, base + 2, base + 3]
