@@ -664,3 +664,32 @@ def test_autocommit_and_read_only_see_the_same(server, driver, disposing):
     without = _autocommit_and_read_only(disposing(_engine(server, driver, [], reads=False)))
     assert with_read == without
     assert _count(server, where="v = 81") == 2
+
+
+# -- the ORM's batched INSERT (insertmanyvalues) -------------------------------------------
+
+
+@needs_blackhole
+@pytest.mark.parametrize("driver", READS)
+@pytest.mark.parametrize("direction", ["to", "both"])
+def test_an_orm_batch_insert_then_the_commit_lost(server, driver, direction, disposing):
+    """Several objects flushed at once: SQLAlchemy's insertmanyvalues (each batch one
+    ``execute`` on psycopg2). Before: not read, so never resolved (the driver's error); now
+    its first batch reads: committed returns; aborted raises (a batch is not replayed),
+    nothing written."""
+    events: list[object] = []
+    engine = disposing(_engine(server, driver, events))
+    base = {"psycopg2": 100, "psycopg": 200}[driver] + (0 if direction == "to" else 50)
+    with orm.Session(engine) as session, lost_at_commit(engine, direction):
+        session.add_all([_Attack(v=base + i) for i in range(3)])
+        session.flush()
+        outcome = _commit(session)
+    kept = _count(server, where=f"v BETWEEN {base} AND {base + 2}")
+    expected = (
+        ("returned", 3, ["committed"])
+        if direction == "to"
+        else ("OperationalError", 0, ["aborted"])
+    )
+    if driver == "psycopg":  # SQLAlchemy sends it by psycopg's executemany: not read, as before
+        expected = ("OperationalError", 3 if direction == "to" else 0, [])
+    assert (outcome, kept, _resolved(events)) == expected

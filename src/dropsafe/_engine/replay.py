@@ -12,6 +12,8 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
+from sqlalchemy.engine.interfaces import ExecuteStyle
+
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections
 from dropsafe._engine.pinned_insert import pinned_insert
@@ -52,6 +54,8 @@ if TYPE_CHECKING:
 __all__ = ["OPT_OUT", "FirstStatementReplay"]
 
 logger = SafeLogger()
+
+_INSERTMANYVALUES = ExecuteStyle.INSERTMANYVALUES
 
 
 # Set in a pool checkout's own ``__dict__`` (`EngineState.first_statement_pending` says why
@@ -334,7 +338,7 @@ class FirstStatementReplay:
     ) -> PendingCommit | None:
         """Send a transaction's first statement that may write, reading its xid in the flight."""
         xid_reads = self._xid
-        if xid_reads is None or pending.native is None or context.executemany:
+        if xid_reads is None or pending.native is None or _many(context):
             method(cursor, statement, parameters, context)
             return None
         return xid_reads.send(
@@ -358,7 +362,7 @@ class FirstStatementReplay:
         None where it is not read. Its first sending alone reads: a replay sends it plainly.
         """
         xid_reads, native = self._xid, transcript.native
-        if xid_reads is None or native is None or context.executemany:
+        if xid_reads is None or native is None or _many(context):
             return None
 
         def send_reading(on: DBAPICursor) -> None:
@@ -566,6 +570,15 @@ class FirstStatementReplay:
         )
         logger.debug("dropsafe replayed a transaction on a fresh connection: %s", text)
         emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
+
+
+def _many(context: ExecutionContext) -> bool:
+    """Whether the statement is sent by the driver's ``executemany`` (the xid is not read).
+
+    SQLAlchemy's batched INSERT (insertmanyvalues: the ORM's flush of several objects) sends
+    each batch as one ``execute``: its first batch reads.
+    """
+    return context.executemany and context.execute_style is not _INSERTMANYVALUES
 
 
 def _sender(
