@@ -693,3 +693,30 @@ def test_an_orm_batch_insert_then_the_commit_lost(server, driver, direction, dis
     if driver == "psycopg":  # SQLAlchemy sends it by psycopg's executemany: not read, as before
         expected = ("OperationalError", 3 if direction == "to" else 0, [])
     assert (outcome, kept, _resolved(events)) == expected
+
+
+# -- the app's own functions on its search_path --------------------------------------------
+
+SHADOW = """
+CREATE SCHEMA IF NOT EXISTS attack_shadow;
+CREATE OR REPLACE FUNCTION attack_shadow.current_setting(text) RETURNS text LANGUAGE sql
+  AS $$ SELECT 'the app''s own current_setting' $$;
+"""
+
+
+@pytest.mark.parametrize("driver", READS)
+def test_an_app_function_named_like_the_read_s_changes_nothing(server, driver, disposing):
+    """The app's schema before pg_catalog on its search_path, with a function of the name the
+    read calls: the read must call PostgreSQL's, and change nothing the app sees."""
+    server.execute(SHADOW)
+
+    def seen(engine):
+        with engine.connect() as conn:
+            conn.execute(sa.text("SET LOCAL search_path = attack_shadow, pg_catalog, public"))
+            rows = conn.execute(sa.text("INSERT INTO attack VALUES (91) RETURNING v")).all()
+            conn.rollback()
+        return rows
+
+    assert seen(disposing(_engine(server, driver, []))) == seen(
+        disposing(_engine(server, driver, [], reads=False))
+    )
