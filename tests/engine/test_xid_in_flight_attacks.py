@@ -720,3 +720,42 @@ def test_an_app_function_named_like_the_read_s_changes_nothing(server, driver, d
     assert seen(disposing(_engine(server, driver, []))) == seen(
         disposing(_engine(server, driver, [], reads=False))
     )
+
+
+# -- transaction control sent as a statement -----------------------------------------------
+
+
+@needs_blackhole
+@pytest.mark.parametrize("driver", READS)
+@pytest.mark.parametrize(
+    "ends", ["COMMIT", "INSERT INTO attack_unique VALUES ({a2}); COMMIT"], ids=["commit", "multi"]
+)
+def test_a_commit_sent_as_a_statement_then_more_writes_then_the_commit_lost(
+    server, driver, ends, disposing
+):
+    """The app ends the server's transaction itself (``text("COMMIT")``, or inside a text of
+    several statements), writes more (the driver opens another server transaction, another
+    xid), and the final COMMIT never arrives: the xid read belongs to the transaction already
+    committed; the later writes were never committed and must not be acknowledged."""
+    events: list[object] = []
+    engine = disposing(_engine(server, driver, events))
+    a = {"psycopg2": 300, "psycopg": 400}[driver] + (0 if ends == "COMMIT" else 50)
+    with engine.connect() as conn, lost_at_commit(engine, "both"):
+        conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({a})"))
+        try:
+            conn.execute(sa.text(ends.format(a2=a + 1)))
+        except sa.exc.DBAPIError:
+            pytest.skip("the driver refuses several statements in one text")
+        conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({a + 5})"))
+        outcome = _commit(conn)
+    later = _count(server, "attack_unique", f"v = {a + 5}")
+    # Before the fix (psycopg 3, 2 of 2): ('returned', 0), resolved 'committed' by the xid of
+    # the transaction the app's own COMMIT had ended. Now the later write reads its own
+    # transaction's xid. psycopg 3 opened one (BEGIN): the COMMIT never arrived, aborted,
+    # not replayed (transaction control in the text). psycopg2 sent no BEGIN (it believes its
+    # transaction open): the write committed on its own, and its xid says so.
+    assert (outcome, later, _resolved(events)) == (
+        ("returned", 1, ["committed"])
+        if driver == "psycopg2"
+        else ("OperationalError", 0, ["aborted"])
+    )

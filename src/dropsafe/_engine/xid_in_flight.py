@@ -45,6 +45,14 @@ __all__ = ["XidInFlight", "may_write"]
 _WRITES = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|MERGE|WITH)\b", re.IGNORECASE)
 # A WITH's rowcount is its main statement's: a SELECT's rows count though nothing was written.
 _WITH = re.compile(r"\s*WITH\b", re.IGNORECASE)
+# Transaction control sent as a statement, alone or among several in one text (ROLLBACK TO a
+# savepoint aside): the server's transaction ended there, and the next statement runs in
+# another, with another xid; the xid read before is not the one the final COMMIT ends.
+_ENDS = re.compile(
+    r"(?:^|;)(?:\s|--[^\n\r]*|/\*.*?\*/)*(?:commit|end|abort|prepare\s+transaction"
+    r"|rollback(?!\s+(?:work\s+|transaction\s+)?to\b))\b",
+    re.IGNORECASE | re.DOTALL,
+)
 # A statement that may turn synchronous_commit off after the read: its COMMIT may then not wait
 # for its WAL (`PendingCommit.unflushed`).
 _SYNCHRONOUS_COMMIT = re.compile("synchronous_commit", re.IGNORECASE)
@@ -99,7 +107,9 @@ class XidInFlight:
         if reading is None:
             return None
         values = reading.values
-        if values[0] is None:  # nothing written yet: the next statement that may write reads
+        if values[0] is None or _ENDS.search(statement) is not None:
+            # Nothing written yet, or the server's transaction ended in the statement: the next
+            # statement that may write reads.
             return None
         # Learned at connect (`server_facts.learn_session`); unknown, 'committed' is unknown.
         # Kept by the driver's connection (the pool entry's), which an async adapter wraps.
@@ -118,7 +128,15 @@ class XidInFlight:
 
     @staticmethod
     def note_statement(transcript: Transcript, statement: str) -> None:
-        """After the read, a statement that names ``synchronous_commit`` may turn it off."""
+        """After the read, a statement that names ``synchronous_commit`` may turn it off.
+
+        One that ends the server's transaction (a text ``COMMIT``) drops the xid read: the
+        next write reads the next transaction's (before, a COMMIT that never arrived was
+        resolved by the committed one's, its later writes acknowledged and missing).
+        """
+        if _ENDS.search(statement) is not None:
+            transcript.pending, transcript.xid_wanted = None, True
+            return
         pending = transcript.pending
         if pending is not None and not pending.unflushed and _SYNCHRONOUS_COMMIT.search(statement):
             transcript.pending = PendingCommit(
