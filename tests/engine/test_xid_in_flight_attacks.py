@@ -759,3 +759,29 @@ def test_a_commit_sent_as_a_statement_then_more_writes_then_the_commit_lost(
         if driver == "psycopg2"
         else ("OperationalError", 0, ["aborted"])
     )
+
+
+@needs_blackhole
+@pytest.mark.parametrize("driver", READS)
+def test_a_commit_sent_around_sqlalchemy_then_more_writes_then_the_commit_lost(
+    server, driver, disposing
+):
+    """The app commits on the driver's connection itself, around SQLAlchemy (a raw cursor),
+    then writes more through SQLAlchemy; the final COMMIT never arrives. Before the fix
+    (psycopg 3): ('returned', 0), resolved 'committed' by the ended transaction's xid."""
+    events: list[object] = []
+    engine = disposing(_engine(server, driver, events))
+    a = {"psycopg2": 500, "psycopg": 600}[driver]
+    with engine.connect() as conn, lost_at_commit(engine, "both"):
+        conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({a})"))
+        raw = conn.connection.dbapi_connection.cursor()
+        raw.execute("COMMIT")
+        raw.close()
+        conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({a + 5})"))
+        outcome = _commit(conn)
+    later = _count(server, "attack_unique", f"v = {a + 5}")
+    assert (outcome, later, _resolved(events)) == (
+        ("returned", 1, ["committed"])  # psycopg2 sent no BEGIN: the write committed alone
+        if driver == "psycopg2"
+        else ("OperationalError", 0, ["aborted"])
+    )

@@ -268,12 +268,12 @@ class FirstStatementReplay:
                 else:
                     send = _sender(method, statement, parameters, context)
                     reading = None
+                    if transcript.pending is not None and self._xid is not None:
+                        self._xid.note_statement(transcript, statement)  # may drop it
                     if transcript.xid_wanted and may_write(context, statement):
                         reading = self._reading_xid(
                             transcript, cursor, statement, parameters, context, method
                         )
-                    elif transcript.pending is not None:
-                        XidInFlight.note_statement(transcript, statement)
                     self._send_later(
                         connection, context, statement, send, cursor, transcript, reading
                     )

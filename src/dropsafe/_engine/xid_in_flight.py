@@ -126,15 +126,16 @@ class XidInFlight:
             unflushed=values[1] == "off",
         )
 
-    @staticmethod
-    def note_statement(transcript: Transcript, statement: str) -> None:
+    def note_statement(self, transcript: Transcript, statement: str) -> None:
         """After the read, a statement that names ``synchronous_commit`` may turn it off.
 
-        One that ends the server's transaction (a text ``COMMIT``) drops the xid read: the
-        next write reads the next transaction's (before, a COMMIT that never arrived was
-        resolved by the committed one's, its later writes acknowledged and missing).
+        One that ends the server's transaction (a text ``COMMIT``), or a connection found out
+        of its transaction before the statement (a COMMIT sent around SQLAlchemy), drops the
+        xid read: the next write reads its own transaction's (before, a COMMIT that never
+        arrived was resolved by the ended one's xid, its later writes acknowledged and
+        missing).
         """
-        if _ENDS.search(statement) is not None:
+        if _ENDS.search(statement) is not None or self._ended(transcript):
             transcript.pending, transcript.xid_wanted = None, True
             return
         pending = transcript.pending
@@ -146,6 +147,19 @@ class XidInFlight:
                 asynchronous=pending.asynchronous,
                 unflushed=True,
             )
+
+    def _ended(self, transcript: Transcript) -> bool:
+        """Whether the server's transaction ended before the next statement (around us).
+
+        libpq's status, no round trip.
+        """
+        native = transcript.native
+        if native is None:
+            return False
+        try:
+            return self._driver.transaction_idle(native) is True
+        except Exception:  # noqa: BLE001 - a closed connection: its statement fails on its own
+            return False
 
     def resolve(self, connection: Connection, pending: PendingCommit, error: Exception) -> Outcome:
         """Ask the server what became of the COMMIT ``error`` interrupted.
