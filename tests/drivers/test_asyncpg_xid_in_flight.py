@@ -1,0 +1,291 @@
+"""asyncpg reads the transaction's xid in the statement's own flight, and the app sees nothing.
+
+`Asyncpg.send_reading_xid` (``dropsafe._drivers.asyncpg_flight``) puts the question's Parse,
+Bind and Execute in front of the statement's Bind, in the same write, and takes their replies
+out of the stream before asyncpg reads it. Proven against a real server, each statement run
+twice from the same state (rolled back between), with the read and without: the same rows,
+rowcount, description and error (class, SQLSTATE, message); the same round trips counted on
+the wire (`TurnCounter`); the xid read is the transaction's. And under faults: a backend
+terminated, the connection reset at each byte of the flight, the task cancelled: the app sees
+what it sees without the read, and the connection stays in step with its server. On dropsafe
+before this, asyncpg read nothing (the default `Driver.send_reading_xid`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from dropsafe._bench._turns import TurnCounter
+from dropsafe._commit_truth.server_sql import xid_question
+from dropsafe._drivers.asyncpg import Asyncpg
+from dropsafe._drivers.base import XidReading
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+pytest.importorskip("asyncpg")
+
+pytestmark = [pytest.mark.timeout(60)]
+
+ASYNCPG = Asyncpg()
+STEP_TIMEOUT = 10.0
+
+# Statements that may write, as SQLAlchemy's asyncpg dialect sends them ($n parameters).
+STATEMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
+    "insert": ("INSERT INTO flight (id, v) VALUES ($1, $2)", (100, "a")),
+    "insert returning many": (
+        "INSERT INTO flight (id, v) SELECT g, 'x' || g FROM generate_series($1::int, $2::int) g "
+        "RETURNING id, v",
+        (200, 1200),
+    ),
+    "update": ("UPDATE flight SET v = v || $1 WHERE id < $2", ("!", 4)),
+    "update returning": ("UPDATE flight SET v = $1 WHERE id = $2 RETURNING id, v", ("b", 2)),
+    "delete none": ("DELETE FROM flight WHERE id = $1", (-1,)),
+    "delete returning": ("DELETE FROM flight WHERE id >= $1 RETURNING *", (3,)),
+    "with cte": (
+        "WITH moved AS (DELETE FROM flight WHERE id = $1 RETURNING id, v) "
+        "INSERT INTO flight (id, v) SELECT id + 1000, v FROM moved RETURNING id",
+        (1,),
+    ),
+    "with read only": ("WITH r AS (SELECT id FROM flight) SELECT count(*) FROM r", ()),
+    "merge": (
+        "MERGE INTO flight f USING (VALUES ($1::int, $2::text)) s(id, v) ON f.id = s.id "
+        "WHEN MATCHED THEN UPDATE SET v = s.v WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)",
+        (2, "m"),
+    ),
+}
+
+ERRORS: dict[str, tuple[str, tuple[object, ...]]] = {
+    "unique violation": ("INSERT INTO flight (id, v) VALUES ($1, $2)", (1, "dup")),
+    "division by zero": ("UPDATE flight SET v = (1 / $1)::text WHERE id = 1", (0,)),
+    "bad cast": ("INSERT INTO flight (id, v) VALUES ($1::text::int, 'x')", ("nope",)),
+    "check violation": ("INSERT INTO flight (id, v) VALUES ($1, $2)", (-5, "neg")),
+}
+
+
+@dataclass
+class Seen:
+    """What the app sees of one statement."""
+
+    rows: list[tuple[object, ...]] | None
+    rowcount: int
+    description: object
+    error: tuple[str, object, str] | None = None
+
+
+@pytest.fixture(scope="module")
+def server(shared_server: Any) -> Any:
+    shared_server.execute(
+        "CREATE TABLE IF NOT EXISTS flight (id int PRIMARY KEY CHECK (id >= 0), v text); "
+        "TRUNCATE flight; INSERT INTO flight SELECT g, 'v' || g FROM generate_series(1, 5) g"
+    )
+    return shared_server
+
+
+async def _until(condition: Callable[[], object], what: str) -> None:
+    """Wait (yielding to the loop) until ``condition()``, bounded."""
+    deadline = time.monotonic() + STEP_TIMEOUT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.005)
+
+
+def _question(connection: AsyncConnection) -> Any:
+    return xid_question(connection.dialect, with_life=True)
+
+
+def _run(
+    sync_connection: sa.Connection, statement: str, params: tuple[object, ...], *, read: bool
+) -> tuple[Seen, XidReading | None]:
+    """Send ``statement`` as SQLAlchemy's cursor does, with the xid read or without."""
+    dbapi_connection = sync_connection.connection.dbapi_connection
+    assert dbapi_connection is not None
+    cursor = dbapi_connection.cursor()
+
+    def send(text: str) -> None:
+        cursor.execute(text, params)
+
+    reading = None
+    try:
+        if read:
+            question = xid_question(sync_connection.dialect, with_life=True)
+            reading = ASYNCPG.send_reading_xid(send, dbapi_connection, statement, question)
+        else:
+            send(statement)
+    except Exception as error:  # noqa: BLE001 - what the app sees is what is compared
+        return Seen(None, -1, None, _error_facts(error)), None
+    rows = [tuple(row) for row in cursor.fetchall()] if cursor.description else None
+    return Seen(rows, cursor.rowcount, cursor.description), reading
+
+
+def _error_facts(error: BaseException) -> tuple[str, object, str]:
+    cause = error.__cause__ or error
+    return (type(error).__name__, getattr(cause, "sqlstate", None), str(cause))
+
+
+def _current_xid(sync_connection: sa.Connection) -> str | None:
+    value = sync_connection.exec_driver_sql(
+        "SELECT pg_current_xact_id_if_assigned()::text"
+    ).scalar()
+    return None if value is None else str(value)
+
+
+async def _once(
+    engine: AsyncEngine,
+    statement: str,
+    params: tuple[object, ...],
+    *,
+    read: bool,
+    first: str | None = None,
+) -> tuple[Seen, XidReading | None, str | None]:
+    """One transaction: ``first`` (if any), the statement, the xid; rolled back."""
+    async with engine.connect() as connection:
+
+        def work(sync_connection: sa.Connection) -> tuple[Seen, XidReading | None, str | None]:
+            if first is not None:
+                sync_connection.exec_driver_sql(first)
+            seen, reading = _run(sync_connection, statement, params, read=read)
+            xid = None if seen.error else _current_xid(sync_connection)
+            return seen, reading, xid
+
+        try:
+            return await connection.run_sync(work)
+        finally:
+            await connection.rollback()
+
+
+@pytest.fixture
+async def engine(server: Any) -> Any:
+    engine = create_async_engine(server.url("asyncpg"), pool_size=1, max_overflow=0)
+    yield engine
+    await engine.dispose()
+
+
+@pytest.mark.parametrize("name", list(STATEMENTS))
+async def test_the_app_sees_the_same_and_the_xid_is_the_transactions(
+    engine: AsyncEngine, name: str
+) -> None:
+    statement, params = STATEMENTS[name]
+    plain, _, _ = await _once(engine, statement, params, read=False)
+    for attempt in ("first execution", "prepared statement reused"):
+        seen, reading, xid = await _once(engine, statement, params, read=True)
+        assert seen == plain, attempt
+        assert reading is not None, attempt
+        assert reading.assigned
+        assert reading.values[0] == xid, attempt
+        assert reading.values[1] == "on"  # synchronous_commit
+        assert reading.values[2] is not None  # the server's life, asked for
+
+
+async def test_the_first_statement_after_begin_and_one_after_another(engine: AsyncEngine) -> None:
+    statement, params = STATEMENTS["update returning"]
+    first = "SELECT count(*) FROM flight"
+    plain, _, _ = await _once(engine, statement, params, read=False, first=first)
+    seen, reading, xid = await _once(engine, statement, params, read=True, first=first)
+    assert seen == plain
+    assert reading is not None
+    assert reading.values[0] == xid
+
+
+@pytest.mark.parametrize("name", list(ERRORS))
+async def test_a_statement_error_is_the_statements_own(engine: AsyncEngine, name: str) -> None:
+    statement, params = ERRORS[name]
+    plain, _, _ = await _once(engine, statement, params, read=False)
+    assert plain.error is not None
+    seen, reading, _ = await _once(engine, statement, params, read=True)
+    assert seen == plain
+    assert reading is None
+    # The stream stayed in step: the same connection answers the next statement right.
+    again, reading, xid = await _once(engine, *STATEMENTS["update returning"], read=True)
+    assert again.rows == [(2, "b")]
+    assert reading is not None
+    assert reading.values[0] == xid
+
+
+async def test_in_an_aborted_transaction_the_error_is_the_one_without_the_read(
+    engine: AsyncEngine,
+) -> None:
+    statement, params = STATEMENTS["update returning"]
+    await _once(engine, statement, params, read=False)  # prepared: its Bind is the first write
+    results = []
+    for read in (False, True):
+        async with engine.connect() as connection:
+
+            def work(sync_connection: sa.Connection, read: bool = read) -> tuple[Seen, object]:
+                with pytest.raises(sa.exc.DBAPIError):
+                    sync_connection.exec_driver_sql("SELECT 1 / 0")
+                return _run(sync_connection, statement, params, read=read)
+
+            results.append(await connection.run_sync(work))
+            await connection.rollback()
+    (plain, _), (seen, reading) = results
+    assert plain.error is not None
+    assert plain.error[1] == "25P02"
+    assert seen == plain
+    assert reading is None
+    again, reading, _ = await _once(engine, statement, params, read=True)
+    assert again.rows == [(2, "b")]
+    assert reading is not None
+
+
+async def test_round_trips_on_the_wire_are_the_same(server: Any) -> None:
+    statement, params = STATEMENTS["insert returning many"]
+    counts: dict[tuple[str, bool], int] = {}
+    with TurnCounter(server.host, server.port) as counter:
+        engine = create_async_engine(counter.route(server.url("asyncpg")), pool_size=1)
+        try:
+            for read in (False, True):
+                async with engine.connect() as connection:
+                    await connection.exec_driver_sql("SELECT 1")
+                    await connection.rollback()
+                    for attempt in ("first", "again"):
+
+                        def work(sync_connection: sa.Connection, read: bool = read) -> object:
+                            sync_connection.begin()  # what the raw cursor does, rolled back
+                            counter.reset()
+                            seen, reading = _run(sync_connection, statement, params, read=read)
+                            assert seen.error is None
+                            assert (reading is not None) is read
+                            return counter.turns
+
+                        counts[attempt, read] = await connection.run_sync(work)
+                        await connection.rollback()
+                await engine.dispose()  # each pass prepares the statement anew
+        finally:
+            await engine.dispose()
+    # BEGIN, Parse and Describe, Bind and Execute; then the prepared statement: BEGIN, Bind.
+    assert counts == {("first", False): 3, ("first", True): 3, ("again", False): 2, ("again", True): 2}
+
+
+async def test_the_transport_is_given_back(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        native = raw.driver_connection
+        assert native is not None
+        await connection.run_sync(lambda c: _run(c, *STATEMENTS["insert"], read=True))
+        transport = native._transport  # noqa: SLF001
+        assert "write" not in vars(transport)
+        assert "writelines" not in vars(transport)
+        assert ASYNCPG.backend_pid(raw.dbapi_connection) == (
+            await connection.exec_driver_sql("SELECT pg_backend_pid()")
+        ).scalar()
+        await connection.rollback()
+
+
+async def test_autocommit_reads_nothing(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        seen, reading = await connection.run_sync(
+            lambda c: _run(c, *STATEMENTS["delete none"], read=True)
+        )
+        assert seen.error is None
+        assert reading is None
