@@ -25,12 +25,13 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from dropsafe._bench._turns import TurnCounter
 from dropsafe._commit_truth.server_sql import xid_question
 from dropsafe._drivers.asyncpg import Asyncpg
-from dropsafe._drivers.base import XidReading
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from dropsafe._drivers.base import XidReading
 
 pytest.importorskip("asyncpg")
 
@@ -43,8 +44,10 @@ STEP_TIMEOUT = 10.0
 STATEMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
     "insert": ("INSERT INTO flight (id, v) VALUES ($1, $2)", (100, "a")),
     "insert returning many": (
-        "INSERT INTO flight (id, v) SELECT g, 'x' || g FROM generate_series($1::int, $2::int) g "
-        "RETURNING id, v",
+        (
+            "INSERT INTO flight (id, v) SELECT g, 'x' || g "
+            "FROM generate_series($1::int, $2::int) g RETURNING id, v"
+        ),
         (200, 1200),
     ),
     "update": ("UPDATE flight SET v = v || $1 WHERE id < $2", ("!", 4)),
@@ -52,14 +55,18 @@ STATEMENTS: dict[str, tuple[str, tuple[object, ...]]] = {
     "delete none": ("DELETE FROM flight WHERE id = $1", (-1,)),
     "delete returning": ("DELETE FROM flight WHERE id >= $1 RETURNING *", (3,)),
     "with cte": (
-        "WITH moved AS (DELETE FROM flight WHERE id = $1 RETURNING id, v) "
-        "INSERT INTO flight (id, v) SELECT id + 1000, v FROM moved RETURNING id",
+        (
+            "WITH moved AS (DELETE FROM flight WHERE id = $1 RETURNING id, v) "
+            "INSERT INTO flight (id, v) SELECT id + 1000, v FROM moved RETURNING id"
+        ),
         (1,),
     ),
     "with read only": ("WITH r AS (SELECT id FROM flight) SELECT count(*) FROM r", ()),
     "merge": (
-        "MERGE INTO flight f USING (VALUES ($1::int, $2::text)) s(id, v) ON f.id = s.id "
-        "WHEN MATCHED THEN UPDATE SET v = s.v WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)",
+        (
+            "MERGE INTO flight f USING (VALUES ($1::int, $2::text)) s(id, v) ON f.id = s.id "
+            "WHEN MATCHED THEN UPDATE SET v = s.v WHEN NOT MATCHED THEN INSERT VALUES (s.id, s.v)"
+        ),
         (2, "m"),
     ),
 }
@@ -99,10 +106,6 @@ async def _until(condition: Callable[[], object], what: str) -> None:
         await asyncio.sleep(0.005)
 
 
-def _question(connection: AsyncConnection) -> Any:
-    return xid_question(connection.dialect, with_life=True)
-
-
 def _run(
     sync_connection: sa.Connection, statement: str, params: tuple[object, ...], *, read: bool
 ) -> tuple[Seen, XidReading | None]:
@@ -121,7 +124,7 @@ def _run(
             reading = ASYNCPG.send_reading_xid(send, dbapi_connection, statement, question)
         else:
             send(statement)
-    except Exception as error:  # noqa: BLE001 - what the app sees is what is compared
+    except Exception as error:
         return Seen(None, -1, None, _error_facts(error)), None
     rows = [tuple(row) for row in cursor.fetchall()] if cursor.description else None
     return Seen(rows, cursor.rowcount, cursor.description), reading
@@ -163,9 +166,15 @@ async def _once(
             await connection.rollback()
 
 
-@pytest.fixture
-async def engine(server: Any) -> Any:
-    engine = create_async_engine(server.url("asyncpg"), pool_size=1, max_overflow=0)
+@pytest.fixture(params=["tls", "plain"])
+async def engine(server: Any, request: pytest.FixtureRequest) -> Any:
+    """One pooled connection over TLS (asyncio's SSL transport) or plain TCP."""
+    params = {"ssl": "disable"} if request.param == "plain" else {}
+    engine = create_async_engine(server.url("asyncpg", **params), pool_size=1, max_overflow=0)
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        ssl = raw.driver_connection._transport.get_extra_info("ssl_object")  # type: ignore[union-attr]
+        assert (ssl is not None) is (request.param == "tls")
     yield engine
     await engine.dispose()
 
@@ -263,7 +272,12 @@ async def test_round_trips_on_the_wire_are_the_same(server: Any) -> None:
         finally:
             await engine.dispose()
     # BEGIN, Parse and Describe, Bind and Execute; then the prepared statement: BEGIN, Bind.
-    assert counts == {("first", False): 3, ("first", True): 3, ("again", False): 2, ("again", True): 2}
+    assert counts == {
+        ("first", False): 3,
+        ("first", True): 3,
+        ("again", False): 2,
+        ("again", True): 2,
+    }
 
 
 async def test_the_transport_is_given_back(engine: AsyncEngine) -> None:
@@ -272,12 +286,13 @@ async def test_the_transport_is_given_back(engine: AsyncEngine) -> None:
         native = raw.driver_connection
         assert native is not None
         await connection.run_sync(lambda c: _run(c, *STATEMENTS["insert"], read=True))
-        transport = native._transport  # noqa: SLF001
+        transport = native._transport
         assert "write" not in vars(transport)
         assert "writelines" not in vars(transport)
-        assert ASYNCPG.backend_pid(raw.dbapi_connection) == (
-            await connection.exec_driver_sql("SELECT pg_backend_pid()")
-        ).scalar()
+        assert (
+            ASYNCPG.backend_pid(raw.dbapi_connection)
+            == (await connection.exec_driver_sql("SELECT pg_backend_pid()")).scalar()
+        )
         await connection.rollback()
 
 
