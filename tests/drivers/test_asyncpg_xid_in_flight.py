@@ -107,15 +107,24 @@ async def _until(condition: Callable[[], object], what: str) -> None:
 
 
 def _run(
-    sync_connection: sa.Connection, statement: str, params: tuple[object, ...], *, read: bool
+    sync_connection: sa.Connection,
+    statement: str,
+    params: Any,
+    *,
+    read: bool,
+    server_side: bool = False,
+    many: bool = False,
 ) -> tuple[Seen, XidReading | None]:
     """Send ``statement`` as SQLAlchemy's cursor does, with the xid read or without."""
     dbapi_connection = sync_connection.connection.dbapi_connection
     assert dbapi_connection is not None
-    cursor = dbapi_connection.cursor()
+    cursor = dbapi_connection.cursor(server_side=server_side)
 
     def send(text: str) -> None:
-        cursor.execute(text, params)
+        if many:
+            cursor.executemany(text, params)
+        else:
+            cursor.execute(text, params)
 
     reading = None
     try:
@@ -145,19 +154,26 @@ def _current_xid(sync_connection: sa.Connection) -> str | None:
 async def _once(
     engine: AsyncEngine,
     statement: str,
-    params: tuple[object, ...],
+    params: Any,
     *,
     read: bool,
     first: str | None = None,
+    **how: bool,
 ) -> tuple[Seen, XidReading | None, str | None]:
-    """One transaction: ``first`` (if any), the statement, the xid; rolled back."""
+    """One transaction: ``first`` (if any), the statement, the xid; rolled back.
+
+    ``how``: a server-side cursor, or executemany (its Seen's rows: the table after it).
+    """
     async with engine.connect() as connection:
 
         def work(sync_connection: sa.Connection) -> tuple[Seen, XidReading | None, str | None]:
             if first is not None:
                 sync_connection.exec_driver_sql(first)
-            seen, reading = _run(sync_connection, statement, params, read=read)
+            seen, reading = _run(sync_connection, statement, params, read=read, **how)
             xid = None if seen.error else _current_xid(sync_connection)
+            if how.get("many") and not seen.error:
+                table = sync_connection.exec_driver_sql("SELECT * FROM flight ORDER BY id")
+                seen.rows = [tuple(row) for row in table]
             return seen, reading, xid
 
         try:
@@ -193,6 +209,47 @@ async def test_the_app_sees_the_same_and_the_xid_is_the_transactions(
         assert reading.values[0] == xid, attempt
         assert reading.values[1] == "on"  # synchronous_commit
         assert reading.values[2] is not None  # the server's life, asked for
+
+
+async def test_a_server_side_cursor(engine: AsyncEngine) -> None:
+    statement, params = STATEMENTS["insert returning many"]
+    plain, _, _ = await _once(engine, statement, params, read=False, server_side=True)
+    assert plain.rows is not None
+    assert len(plain.rows) == 1001
+    seen, reading, xid = await _once(engine, statement, params, read=True, server_side=True)
+    assert seen == plain
+    assert reading is not None
+    assert reading.values[0] == xid
+
+
+async def test_executemany(engine: AsyncEngine) -> None:
+    statement = "UPDATE flight SET v = $1 WHERE id = $2"
+    params = [(f"many{n}", n) for n in range(1, 5)]
+    plain, _, _ = await _once(engine, statement, params, read=False, many=True)
+    seen, reading, xid = await _once(engine, statement, params, read=True, many=True)
+    assert seen == plain
+    assert plain.rows is not None
+    assert plain.rows[0][1:] == ("many1",)
+    assert reading is not None
+    assert reading.values[0] == xid
+
+
+def test_on_uvloop_nothing_is_read_and_the_statement_runs(server: Any) -> None:
+    """uvloop's transport cannot be hooked: the statement goes alone, as without dropsafe."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> tuple[Seen, XidReading | None]:
+        engine = create_async_engine(server.url("asyncpg"), pool_size=1)
+        try:
+            seen, reading, _ = await _once(engine, *STATEMENTS["update returning"], read=True)
+        finally:
+            await engine.dispose()
+        return seen, reading
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        seen, reading = runner.run(main())
+    assert seen.rows == [(2, "b")]
+    assert reading is None
 
 
 async def test_the_first_statement_after_begin_and_one_after_another(engine: AsyncEngine) -> None:
