@@ -365,3 +365,52 @@ async def test_autocommit_reads_nothing(engine: AsyncEngine) -> None:
         )
         assert seen.error is None
         assert reading is None
+
+
+async def test_notices_between_the_replies(engine: AsyncEngine) -> None:
+    """The server's DEBUG notices come between the question's replies: passed on, in order."""
+    statement, params = STATEMENTS["update returning"]
+    first = "SET LOCAL client_min_messages = debug5"
+    notices: list[str] = []
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        native = raw.driver_connection
+        assert native is not None
+        native.add_log_listener(lambda _connection, message: notices.append(str(message)))
+    plain, _, _ = await _once(engine, statement, params, read=False, first=first)
+    await _until(lambda: notices, "the notices")
+    without = len(notices)
+    seen, reading, xid = await _once(engine, statement, params, read=True, first=first)
+    assert seen == plain
+    assert reading is not None
+    assert reading.values[0] == xid
+    # The question's own DEBUG notices came between its replies, passed on in order (a
+    # difference only a listener at DEBUG2 or below sees), then the statement's.
+    ours = "bind <unnamed> to <unnamed>"
+    await _until(lambda: any(ours in notice for notice in notices[without:]), "the notices")
+    after = notices[without:]
+    first_ours = next(n for n, notice in enumerate(after) if ours in notice)
+    assert any("to __asyncpg_stmt" in notice for notice in after[first_ours:])
+
+
+async def test_connections_side_by_side_read_their_own(server: Any) -> None:
+    engine = create_async_engine(server.url("asyncpg"), pool_size=4, max_overflow=0)
+    try:
+        results = await asyncio.gather(
+            *(
+                _once(
+                    engine,
+                    "UPDATE flight SET v = $1 WHERE id = $2 RETURNING v",
+                    (f"s{n}", n),
+                    read=True,
+                )
+                for n in range(1, 5)
+            )
+        )
+    finally:
+        await engine.dispose()
+    for n, (seen, reading, xid) in enumerate(results, start=1):
+        assert seen.rows == [(f"s{n}",)]
+        assert reading is not None
+        assert reading.values[0] == xid
+    assert len({xid for _, _, xid in results}) == 4
