@@ -14,7 +14,9 @@ before this, asyncpg read nothing (the default `Driver.send_reading_xid`).
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -414,3 +416,33 @@ async def test_connections_side_by_side_read_their_own(server: Any) -> None:
         assert reading is not None
         assert reading.values[0] == xid
     assert len({xid for _, _, xid in results}) == 4
+
+
+@pytest.mark.skipif(
+    shutil.which("pgbouncer", path="/usr/sbin:/usr/bin") is None,
+    reason="PgBouncer is not installed (apt-get install pgbouncer)",
+)
+async def test_through_pgbouncer_in_transaction_mode(server: Any) -> None:
+    """asyncpg set up for a transaction-mode pooler (what ``pooler="transaction"`` sets:
+    no statement caches, a unique name per prepared statement): the statement is still named,
+    the question rides in front of it through PgBouncer."""
+    from dropsafe.testing import PgBouncer
+
+    connect_args = {
+        "statement_cache_size": 0,
+        "prepared_statement_cache_size": 0,
+        "prepared_statement_name_func": lambda: f"__flight_{uuid.uuid4().hex}__",
+    }
+    with PgBouncer(server.server, pool_mode="transaction") as bouncer:
+        url = bouncer.url("asyncpg", database=server.database.name)
+        engine = create_async_engine(url, connect_args=connect_args, pool_size=1)
+        try:
+            for name in ("insert returning many", "update returning", "with cte"):
+                statement, params = STATEMENTS[name]
+                plain, _, _ = await _once(engine, statement, params, read=False)
+                seen, reading, xid = await _once(engine, statement, params, read=True)
+                assert seen == plain, name
+                assert reading is not None, name
+                assert reading.values[0] == xid, name
+        finally:
+            await engine.dispose()
