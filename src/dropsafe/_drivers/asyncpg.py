@@ -68,7 +68,9 @@ class _GoodbyeWatch(asyncio.Protocol):
 
     Only a message that starts what the loop read is looked at: the goodbye to an idle
     connection comes alone, and one inside an operation's replies is asyncpg's to handle (it
-    fails that operation). A byte test per read, no parsing of the stream.
+    fails that operation). A byte test per read, no parsing of the stream, except while the
+    replies to an xid question sent in a statement's flight are due (`asyncpg_flight`): those
+    are taken out before asyncpg reads.
     """
 
     __slots__ = ("goodbye", "inner", "replies")
