@@ -228,6 +228,9 @@ _WRITE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
 _REPLAYED_LINE = re.compile(
     r'^dropsafe\.transaction_replayed .*?outcome=(\w+).*?(?: reason="(.*)")?$'
 )
+# A lost COMMIT resolved by asking the server (a unit's, or a plain one's by the xid read in
+# flight): counted as "commit <outcome>" beside the replays.
+_RESOLVED_LINE = re.compile(r"^dropsafe\.commit_resolved .*?outcome=(\w+)")
 
 
 class ReplayLog(logging.Handler):
@@ -254,6 +257,13 @@ class ReplayLog(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         """Keep a ``TransactionReplayed`` line's outcome and reason (logging holds the lock)."""
         message, request = record.getMessage(), _REQUEST.get()
+        resolved = _RESOLVED_LINE.match(message)
+        if resolved is not None:
+            outcome = f"commit {resolved.group(1)}"
+            self.outcomes[outcome] += 1
+            if request is not None:
+                self.by_request.setdefault(request, []).append(outcome)
+            return
         match = _REPLAYED_LINE.match(message)
         if match is None:
             if self.debug and request is not None and "replay" in message:
@@ -275,7 +285,8 @@ class ReplayLog(logging.Handler):
         if failure is None:
             return
         place, what = failure
-        key = (place, events[-1] if events else NO_EVENT, what[:72])
+        unknown = what.partition("cannot be known: ")[2]  # CommitOutcomeUnknown: its reason
+        key = (place, events[-1] if events else NO_EVENT, unknown[:100] or what[:72])
         self.failed_why[key] += 1
         write = _WRITE.get()
         if write is not None:

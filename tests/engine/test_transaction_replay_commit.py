@@ -1,5 +1,7 @@
 """A COMMIT about to go on a connection already known gone: the transaction is replayed and
-committed on a fresh connection; a COMMIT cut while in flight is never replayed.
+committed on a fresh connection; a COMMIT cut while in flight is replayed only once the
+server said its transaction aborted (where the xid was read in a statement's flight), else
+never.
 
 The backend is terminated between the transaction's last statement and its COMMIT, and the
 client sees the server's goodbye and close before the COMMIT is sent: the transaction cannot
@@ -29,10 +31,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from sqlalchemy.util import await_
 
 import dropsafe
-from dropsafe._drivers import driver_names, socket_fd_of
+from dropsafe._drivers import driver_named, driver_names, socket_fd_of
 from dropsafe._engine import fresh_connection
 from dropsafe._engine.guard import guard_of
-from dropsafe.events import TransactionReplayed
+from dropsafe.events import CommitResolved, TransactionReplayed
 from dropsafe.testing import ChaosProxy, PostgresServer, ServerError
 from dropsafe.testing._runtime import wait_until
 from relays import CloseHoldingRelay
@@ -362,8 +364,26 @@ def _terminate_when_commit_runs(server, done: threading.Event) -> threading.Thre
     return thread
 
 
+def _reads_xid(driver: str) -> bool:
+    return driver_named(driver).capabilities.reads_xid_in_flight
+
+
+def _cut_commit_outcome(server, driver, events, v):
+    """A COMMIT cut while the server runs it: resolved by the xid where the driver read it
+    in a statement's flight (aborted: replayed, committed elsewhere, once); else raised."""
+    resolved = [e.outcome for e in events if isinstance(e, CommitResolved)]
+    if _reads_xid(driver):
+        assert resolved == ["aborted"]
+        assert _count(server, v) == 1
+        assert [outcome for outcome, _ in _outcomes(events)] == ["replayed"]
+    else:
+        assert resolved == []
+        assert _count(server, v) == 0
+        assert [outcome for outcome, _ in _outcomes(events)] == []
+
+
 @pytest.mark.parametrize("driver", SYNC)
-def test_a_commit_cut_in_flight_is_never_replayed(server, driver, disposing):
+def test_a_commit_cut_in_flight_is_replayed_only_once_known_aborted(server, driver, disposing):
     events = []
     engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
     done = threading.Event()
@@ -372,18 +392,22 @@ def test_a_commit_cut_in_flight_is_never_replayed(server, driver, disposing):
         conn.execute(sa.text("SELECT count(*) FROM unsent_commit")).scalar()
         conn.execute(INSERT, {"v": -1})  # its COMMIT sleeps in the deferred trigger
         killer = _terminate_when_commit_runs(server, done)
-        with pytest.raises(sa.exc.DBAPIError):
+        if _reads_xid(driver):
             conn.commit()
+        else:
+            with pytest.raises(sa.exc.DBAPIError):
+                conn.commit()
     finally:
         done.set()
         conn.close()
     killer.join(10)
-    assert _count(server, -1) == 0
-    assert [outcome for outcome, _ in _outcomes(events)] == []
+    _cut_commit_outcome(server, driver, events, -1)
 
 
 @pytest.mark.parametrize("driver", ASYNC)
-async def test_async_a_commit_cut_in_flight_is_never_replayed(server, driver, disposing_async):
+async def test_async_a_commit_cut_in_flight_is_replayed_only_once_known_aborted(
+    server, driver, disposing_async
+):
     events = []
     engine = disposing_async(_engine(dropsafe.create_async_engine, server, driver, events))
     done = threading.Event()
@@ -392,14 +416,16 @@ async def test_async_a_commit_cut_in_flight_is_never_replayed(server, driver, di
         await conn.execute(sa.text("SELECT count(*) FROM unsent_commit"))
         await conn.execute(INSERT, {"v": -2})  # its COMMIT sleeps in the deferred trigger
         killer = _terminate_when_commit_runs(server, done)
-        with pytest.raises(sa.exc.DBAPIError):
+        if _reads_xid(driver):
             await conn.commit()
+        else:
+            with pytest.raises(sa.exc.DBAPIError):
+                await conn.commit()
     finally:
         done.set()
         await conn.close()
     killer.join(10)
-    assert _count(server, -2) == 0
-    assert [outcome for outcome, _ in _outcomes(events)] == []
+    _cut_commit_outcome(server, driver, events, -2)
 
 
 # -- the ORM's generated id: the INSERT is replayed with the id the app already holds ---------

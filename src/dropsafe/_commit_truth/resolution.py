@@ -103,11 +103,17 @@ class _Resolution:
         same_history = ours.same_history(theirs)
         other_history = ours.provable and not same_history
         status = answer.status
-        if other_history and (self.pending.asynchronous or self.pending.unflushed):
+        if (other_history or not ours.provable) and (
+            self.pending.asynchronous or self.pending.unflushed
+        ):
+            since = (
+                "the server crashed, restarted from a crash or failed over since"
+                if other_history
+                else "the server's history could not be read (a crash since cannot be ruled out)"
+            )
             return self._unknown(
-                f"the server crashed, restarted from a crash or failed over since, and xid "
-                f"{self.xid} committed without waiting for its WAL: a notification it queued "
-                f"may have been heard before the crash lost its commit"
+                f"{since}, and xid {self.xid} committed without waiting for its WAL: a "
+                f"notification it queued may have been heard before a crash lost its commit"
             )
         self.sync_waiting = answer.sync_waiting and not other_history
         if self.sync_waiting:

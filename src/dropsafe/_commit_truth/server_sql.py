@@ -130,27 +130,22 @@ def mark_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
 
 # -- the xid read in a statement's own flight (a plain transaction's COMMIT) ----------------
 
-#: Its columns: the xid as text (NULL: none), ``synchronous_commit``[, the server's life]. The
-#: read before the statement gives the transaction its xid (the statement may write: it would
-#: take one anyway); a standby assigns none (the statement then fails there on its own).
-_IN_FLIGHT = (
-    "{xid}::text, current_setting('synchronous_commit')",
-    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE {current}() END",
-    "{current}_if_assigned()",
-)
+#: Its columns: the xid as text (NULL: none) and ``synchronous_commit``. The read before the
+#: statement gives the transaction its xid (the statement may write: it would take one anyway);
+#: a standby assigns none (the statement then fails there on its own). The server's life is not
+#: read here: it is learned at connect (`dropsafe._engine.server_facts`), and a read that failed
+#: in flight (a server that hides it) would fail the app's transaction.
+_IN_FLIGHT = "{xid}::text, current_setting('synchronous_commit')"
 
 
-def xid_question(dialect: Dialect, *, with_life: bool) -> XidQuestion:
-    """Return what a driver reads of the transaction in a statement's flight (`XidQuestion`).
-
-    ``with_life``: the server's life too (two more columns), not known yet for the connection.
-    """
+def xid_question(dialect: Dialect) -> XidQuestion:
+    """Return what a driver reads of the transaction in a statement's flight (`XidQuestion`)."""
     current = "pg_current_xact_id" if _at_least(dialect, _XID8) else "txid_current"
-    columns, before, after = _IN_FLIGHT
-    life = f", {SERVER_LIFE_SQL}" if with_life else ""
     return XidQuestion(
-        before=columns.format(xid=f"({before.format(current=current)})") + life,
-        after=columns.format(xid=after.format(current=current)) + life,
+        before=_IN_FLIGHT.format(
+            xid=f"(CASE WHEN pg_is_in_recovery() THEN NULL ELSE {current}() END)"
+        ),
+        after=_IN_FLIGHT.format(xid=f"{current}_if_assigned()"),
     )
 
 

@@ -92,6 +92,8 @@ class Capabilities:
     pipelines: bool = False
     #: Whether `Driver.send_reading_xid` reads the xid in the statement's own flight.
     reads_xid_in_flight: bool = False
+    #: Whether that read runs a DO block (plpgsql): only on sessions allowed to run one.
+    xid_read_runs_do_block: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,8 @@ class XidQuestion:
     """What to read of a transaction in a statement's own flight (issue 27 item 3).
 
     Two SELECT lists (`dropsafe._commit_truth.server_sql` builds them) of the same columns,
-    the xid first: ``before`` is read before the statement runs and gives the transaction an
-    xid if it has none; ``after`` is read after it and gives none.
+    the xid first, then ``synchronous_commit``: ``before`` is read before the statement runs
+    and gives the transaction an xid if it has none; ``after`` is read after it and gives none.
     """
 
     before: str

@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+import json
+from typing import TYPE_CHECKING
+
 from dropsafe._classify import DriverErrors
 from dropsafe._drivers import libpq
-from dropsafe._drivers.base import DBAPIConnection, Tls, is_instance
+from dropsafe._drivers.base import (
+    Capabilities,
+    DBAPIConnection,
+    Tls,
+    XidQuestion,
+    XidReading,
+    is_instance,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["Psycopg2"]
 
 _PQTRANS_IDLE = 0  # libpq's PGTransactionStatusType: PQTRANS_IDLE
+
+# The xid read rides the statement's own query string (simple protocol): psycopg2 returns the
+# last statement's result only, so the read comes first and answers as a NOTICE. No ``%`` in it
+# (psycopg2 formats the whole string when there are parameters); a line of its own, so that an
+# error's context line ("LINE 2: ...") still shows the app's statement alone.
+_NOTICE_TAG = "dropsafe-xid "
+_READ_FIRST = (
+    "DO $dropsafe$BEGIN RAISE NOTICE USING MESSAGE = '" + _NOTICE_TAG + "' || "
+    "json_build_array({columns})::text; END$dropsafe$;\n"
+)
 
 
 def _pgcode(error: BaseException) -> object:
@@ -29,6 +52,7 @@ class Psycopg2(libpq.Libpq):
         failover_messages=libpq.FAILOVER_MESSAGES,
     )
     tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
+    capabilities = Capabilities(reads_xid_in_flight=True, xid_read_runs_do_block=True)
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return is_instance(dbapi_connection, "psycopg2.extensions", "connection")
@@ -64,3 +88,34 @@ class Psycopg2(libpq.Libpq):
             connection.deferrable,
             connection.autocommit,
         )
+
+    def send_reading_xid(
+        self,
+        send: Callable[[str], None],
+        dbapi_connection: DBAPIConnection,
+        statement: str,
+        question: XidQuestion,
+    ) -> XidReading | None:
+        # The NOTICE is taken out of ``connection.notices`` (the app never sees it). None where
+        # the server sent none (``client_min_messages`` above NOTICE) or the app replaced the
+        # list with another kind of container.
+        notices = dbapi_connection.notices
+        send(_READ_FIRST.format(columns=question.before) + statement)
+        if type(notices) is not list:
+            return None
+        for index in range(len(notices) - 1, -1, -1):
+            text = notices[index]
+            at = text.find(_NOTICE_TAG) if isinstance(text, str) else -1
+            if at >= 0:
+                del notices[index]
+                values = json.loads(text[at + len(_NOTICE_TAG) :])
+                return XidReading(tuple(_text_or_none(v) for v in values), assigned=True)
+        return None
+
+    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+        pid = dbapi_connection.info.backend_pid  # libpq's PQbackendPID: no round trip
+        return pid if isinstance(pid, int) and pid > 0 else None
+
+
+def _text_or_none(value: object) -> str | None:
+    return None if value is None else str(value)

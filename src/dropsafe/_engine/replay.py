@@ -27,6 +27,7 @@ from dropsafe._engine.server_facts import learn_session
 from dropsafe._engine.session_state import mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript, recorded_size
 from dropsafe._engine.unsent_commit import UnsentCommit
+from dropsafe._engine.xid_in_flight import XidInFlight, may_write
 from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
     from sqlalchemy.pool import PoolProxiedConnection
 
+    from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe._dbapi import DBAPICursor, DBAPIParameters
     from dropsafe._engine.connect_wait import ConnectWait
     from dropsafe._engine.liveness import EntryState
@@ -112,11 +114,22 @@ class FirstStatementReplay:
             int(policy.replay_max_rows),
             int(policy.replay_max_bytes),
         )
-        # A COMMIT about to go on a connection known gone: the transaction is done elsewhere.
+        # The xid read in a writing statement's flight, where the driver can (none: not read).
+        self._xid = (
+            XidInFlight(dialect, self._driver, state, hooks)
+            if self._records
+            and self._driver is not None
+            and self._driver.capabilities.reads_xid_in_flight
+            else None
+        )
+        # A COMMIT about to go on a connection known gone, or lost and resolved by its xid as
+        # aborted: the transaction is done elsewhere.
         self._commits = (
             None
             if not self._records or self._driver is None
-            else UnsentCommit(dialect, self._driver, self._fresh, hooks, self._transcript_of)
+            else UnsentCommit(
+                dialect, self._driver, self._fresh, hooks, self._transcript_of, xid=self._xid
+            )
         )
 
     @property
@@ -127,10 +140,17 @@ class FirstStatementReplay:
     def listeners(self) -> dict[str, Callable[..., None]]:
         """Return the pool events this replay listens to, by name.
 
-        With the transaction replay on, each new connection's session start is learned at
-        connect (one query per connection made, none per checkout: `server_facts`).
+        With the transaction replay on, each new connection's session start and server life are
+        learned at connect (one query per connection made, none per checkout: `server_facts`).
         """
-        return {"connect": learn_session} if self._records else {}
+        if not self._records:
+            return {}
+        state = self._state
+
+        def learn(dbapi_connection: Any, entry: Any) -> None:  # noqa: ANN401 - pool event's
+            learn_session(dbapi_connection, entry, state)
+
+        return {"connect": learn}
 
     def on_checked(self, checkout: PoolProxiedConnection, entry: EntryState) -> None:
         """Mark ``checkout``'s next statement as its first; called by the checkout check.
@@ -243,22 +263,39 @@ class FirstStatementReplay:
                     method(cursor, statement, parameters, context)
                 else:
                     send = _sender(method, statement, parameters, context)
-                    self._send_later(connection, context, statement, send, cursor, transcript)
+                    reading = None
+                    if transcript.xid_wanted and may_write(context, statement):
+                        reading = self._reading_xid(
+                            transcript, cursor, statement, parameters, context, method
+                        )
+                    elif transcript.pending is not None:
+                        XidInFlight.note_statement(transcript, statement)
+                    self._send_later(
+                        connection, context, statement, send, cursor, transcript, reading
+                    )
                 return
             refusal = self._refusals.first_statement(
                 connection, context, statement, checkout, pending
             )
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
+                xid = None
+                if self._xid is None or not may_write(context, statement):
+                    method(cursor, statement, parameters, context)
+                else:
+                    xid = self._send_first(pending, cursor, statement, parameters, context, method)
                 if self._records:  # kept to say why, should the transaction lose its connection
                     send = _sender(method, statement, parameters, context)
                     self._begin_transcript(
-                        connection, context, statement, send, pending, refusal=refusal
+                        connection, context, statement, send, pending, refusal=refusal, xid=xid
                     )
-                method(cursor, statement, parameters, context)
                 return
+            xid = None
             try:
-                method(cursor, statement, parameters, context)
+                if self._xid is None or not may_write(context, statement):
+                    method(cursor, statement, parameters, context)
+                else:
+                    xid = self._send_first(pending, cursor, statement, parameters, context, method)
             except Exception as exc:  # noqa: BLE001 - raised again unless it is replayed
                 send = _sender(method, statement, parameters, context)
                 replayed = self._replay_first(connection, context, send, exc, pending, changes)
@@ -267,7 +304,7 @@ class FirstStatementReplay:
             if self._records:
                 send = _sender(method, statement, parameters, context)
                 self._begin_transcript(
-                    connection, context, statement, send, pending, replayed=replayed
+                    connection, context, statement, send, pending, replayed=replayed, xid=xid
                 )
         finally:
             # Whether it ran or failed: a session advisory lock outlives the failed transaction
@@ -285,6 +322,54 @@ class FirstStatementReplay:
                 checkout.__dict__[_MARKED] = True  # a pool checkout: the check's
             elif checkout.__class__ is not POOL_CHECKOUT or _MARKED not in checkout.__dict__:
                 _mark(checkout, changes=False)
+
+    def _send_first(  # noqa: PLR0917 - do_execute's arguments, and the checkout's first facts
+        self,
+        pending: Unsent,
+        cursor: DBAPICursor,
+        statement: str,
+        parameters: DBAPIParameters,
+        context: ExecutionContext,
+        method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
+    ) -> PendingCommit | None:
+        """Send a transaction's first statement that may write, reading its xid in the flight."""
+        xid_reads = self._xid
+        if xid_reads is None or pending.native is None or context.executemany:
+            method(cursor, statement, parameters, context)
+            return None
+        return xid_reads.send(
+            pending.native,
+            statement,
+            lambda text: method(cursor, text, parameters, context),
+            cursor,
+        )
+
+    def _reading_xid(  # noqa: PLR0917 - do_execute's arguments, and the transcript
+        self,
+        transcript: Transcript,
+        cursor: DBAPICursor,
+        statement: str,
+        parameters: DBAPIParameters,
+        context: ExecutionContext,
+        method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
+    ) -> Callable[[Any], None] | None:
+        """Return how to send a statement past the first, reading the xid in its flight.
+
+        None where it is not read. Its first sending alone reads: a replay sends it plainly.
+        """
+        xid_reads, native = self._xid, transcript.native
+        if xid_reads is None or native is None or context.executemany:
+            return None
+
+        def send_reading(on: DBAPICursor) -> None:
+            xid = xid_reads.send(
+                native, statement, lambda text: method(on, text, parameters, context), on
+            )
+            if xid is not None:
+                transcript.pending, transcript.xid_wanted = xid, False
+
+        del cursor
+        return send_reading
 
     def _replay_first(  # noqa: PLR0917 - the lost statement's connection, sender and error
         self,
@@ -339,10 +424,12 @@ class FirstStatementReplay:
         *,
         replayed: bool = False,
         refusal: str | None = None,
+        xid: PendingCommit | None = None,
     ) -> None:
         """Start recording the transaction whose first statement was just sent (or ``replayed``).
 
-        With a ``refusal``, before it is sent: nothing is recorded, the reason is kept.
+        With a ``refusal``: nothing is recorded, the reason is kept. ``xid``: the transaction's,
+        read in the first statement's flight.
         """
         policy, driver = self._state.policy, self._driver
         if driver is None or policy is None:
@@ -363,9 +450,11 @@ class FirstStatementReplay:
         if not replayed:  # on the checkout's own connection: its counter, socket object kept
             transcript.count_sent = pending.entry.sent_bytes
         self._transcripts[transaction] = transcript
+        transcript.pending = xid
+        transcript.xid_wanted = xid is None and self._xid is not None
+        if self._commits is not None:  # a refused one too: its lost COMMIT may be resolved
+            self._commits.note(checkout, connection)
         if refusal is None:
-            if self._commits is not None:
-                self._commits.note(checkout, connection)
             self._record(transcript, context, statement, send)
         else:
             transcript.refuse(refusal)
@@ -398,15 +487,19 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
         cursor: DBAPICursor,
         transcript: Transcript,
+        reading: Callable[[Any], None] | None = None,
     ) -> None:
-        """Send a statement past the transaction's first; if its connection is lost, replay."""
+        """Send a statement past the transaction's first; if its connection is lost, replay.
+
+        ``reading``: how to send it this once, reading the xid in its flight (`_reading_xid`).
+        """
         if transcript.refused is None:
             reason = statement_refusal(context, statement) or sent_around(transcript)
             if reason is not None:
                 logger.debug("dropsafe will not replay this transaction: %s", reason)
                 transcript.refuse(reason)
         try:
-            send(cursor)
+            (send if reading is None else reading)(cursor)
         except Exception as exc:
             if not self._refusals.lost(exc, connection.connection):
                 if transcript.refused is None and timed_out(exc):
@@ -461,6 +554,8 @@ class FirstStatementReplay:
         mark_connection(fresh.driver_connection, changes=False)
         if self._commits is not None:
             self._commits.note(fresh, connection)
+        # The fresh connection's transaction has another xid, not read yet.
+        transcript.pending, transcript.xid_wanted = None, self._xid is not None
         driver = self._driver
         transcript.native = None if driver is None else driver.native(fresh.dbapi_connection)
         transcript.count_sent = tcp_bytes_sent  # the fresh connection's entry is not at hand

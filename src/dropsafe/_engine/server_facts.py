@@ -19,20 +19,25 @@ Why these and not less: docs/guarantees.md, "A transaction lost before its COMMI
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from dropsafe._commit_truth.server_life import ServerLife, remember_server_life
+from dropsafe._commit_truth.server_sql import LIFE, SERVER_LIFE_SQL
 from dropsafe._dbapi import ask
 
 if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
     from dropsafe._dbapi import DBAPIConnection
+    from dropsafe._engine_state import EngineState
 
 __all__ = [
     "SAFE_EXTENSIONS",
     "learn_session",
     "learned_session",
+    "may_run_do_blocks",
     "outside_effects",
 ]
 
@@ -60,6 +65,15 @@ _SESSION_START = (
     "WHERE datname = current_database()))), '')), "
     f"{_MEMBERSHIP}"
 )
+# Whether the session may run a DO block (plpgsql, and USAGE on it): psycopg2 reads a
+# transaction's xid in a statement's flight with one (`dropsafe._engine.xid_in_flight`), and a
+# DO block refused would fail the app's transaction. Asked with the session's start, kept apart.
+_DO_BLOCKS = (
+    "EXISTS (SELECT FROM pg_language WHERE lanname = 'plpgsql' "
+    "AND has_language_privilege(oid, 'USAGE'))"
+)
+_SESSION_START_AND_DO = f"{_SESSION_START}, {_DO_BLOCKS}"
+_SESSION_START_DO_AND_LIFE = f"{_SESSION_START_AND_DO}, {SERVER_LIFE_SQL}"
 
 #: Extensions whose functions act inside the transaction only (reads, types, indexes, and
 #: postgres_fdw: its remote transaction commits at the local COMMIT and aborts with the local
@@ -111,6 +125,7 @@ SELECT
 # What each driver connection's session started as (`learn_session`), keyed weakly as the
 # session marks are (`dropsafe._engine.session_state`): gone with the connection.
 _LEARNED: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+_DO_BLOCKS_ALLOWED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def _ask_outside_a_transaction(dbapi_connection: DBAPIConnection, sql: str) -> tuple[Any, ...]:
@@ -135,22 +150,67 @@ def _ask_outside_a_transaction(dbapi_connection: DBAPIConnection, sql: str) -> t
     return tuple(row)
 
 
-def learn_session(dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
+def learn_session(
+    dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry, state: EngineState
+) -> None:
     """Read and keep what the new connection's session started as (a pool ``connect`` event).
 
     A connection whose start cannot be read keeps nothing: it is never replayed onto, nor is
-    its transaction replayed (`learned_session` gives None).
+    its transaction replayed (`learned_session` gives None). The server's life is read with
+    it (`dropsafe._commit_truth.server_life`): a COMMIT lost later is resolved by its xid, and
+    'committed' means something only on the same life. In the same question once a server of
+    the engine answered it; until then on its own, so that a server that hides it (it needs
+    no privilege on PostgreSQL, a managed service may still) fails that question alone.
     """
+    native = entry.driver_connection
+    if state.lives_answered:
+        both = ask(
+            lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START_DO_AND_LIFE),
+            unknown=None,
+            what="a new session's user, search_path, settings and server life",
+        )
+        if both is not None:
+            _keep_life(state, native, both[-2], both[-1])
+            _keep_start(entry, both[:-2])
+            return
+    life = ask(
+        lambda: _ask_outside_a_transaction(dbapi_connection, LIFE),
+        unknown=None,
+        what="a new session's server life",
+    )
+    if life is not None:
+        _keep_life(state, native, life[0], life[1])
     start = ask(
-        lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START),
+        lambda: _ask_outside_a_transaction(dbapi_connection, _SESSION_START_AND_DO),
         unknown=None,
         what="a new session's user, search_path and settings",
     )
-    if start is not None:
+    _keep_start(entry, start)
+
+
+def _keep_life(state: EngineState, native: DBAPIConnection, *columns: object) -> None:
+    remember_server_life(state, native, ServerLife.read(columns[0], columns[1]))
+
+
+def _keep_start(entry: ConnectionPoolEntry, answer: tuple[Any, ...] | None) -> None:
+    """Keep the session's start, and apart from it whether it may run DO blocks (last)."""
+    if answer is not None:
+        start = answer[:-1]
+        if answer[-1] is True:
+            with contextlib.suppress(TypeError):  # not weakly referable: none run
+                _DO_BLOCKS_ALLOWED[entry.driver_connection] = True
         try:
             _LEARNED[entry.driver_connection] = tuple(map(str, start))
         except TypeError:  # not weakly referable: unknown, so never replayed
             return
+
+
+def may_run_do_blocks(native: DBAPIConnection) -> bool:
+    """Whether the connection's session was seen at connect to be allowed DO blocks."""
+    try:
+        return _DO_BLOCKS_ALLOWED.get(native, False)
+    except TypeError:
+        return False
 
 
 def learned_session(checkout: PoolProxiedConnection) -> tuple[str, ...] | None:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import ExecutionContext
 
+    from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe._dbapi import DBAPICursor, NativeConnection
     from dropsafe._engine.pinned_insert import PinnedInsert
 
@@ -222,10 +223,12 @@ class Transcript:
         "max_rows",
         "max_statements",
         "native",
+        "pending",
         "refused",
         "rows",
         "sent_after",
         "statements",
+        "xid_wanted",
     )
 
     def __init__(
@@ -246,6 +249,11 @@ class Transcript:
         #: Reads the bytes sent on a socket (``fd``): `tcp_bytes_sent`, or the connection's
         #: own counter (`SentBytes`, its socket object kept) while the transaction is on it.
         self.count_sent: Callable[[int], int | None] = tcp_bytes_sent
+        #: The transaction's xid as read in a writing statement's flight (`dropsafe._engine.
+        #: xid_in_flight`): a lost COMMIT reply is resolved by it. None: not read.
+        self.pending: PendingCommit | None = None
+        #: Whether the next statement that may write reads the xid in its flight.
+        self.xid_wanted = False
 
     def refuse(self, reason: str) -> None:
         """Turn the replay off for this transaction; forget what was recorded."""

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from dropsafe._drivers.base import Driver
     from dropsafe._engine.fresh_connection import FreshConnections
     from dropsafe._engine.transcript import Transcript
+    from dropsafe._engine.xid_in_flight import XidInFlight
     from dropsafe.events import Hook
 
 __all__ = ["UnsentCommit"]
@@ -55,12 +56,15 @@ class UnsentCommit:
         fresh: FreshConnections,
         hooks: tuple[Hook, ...],
         transcript_of: Callable[[Connection], Transcript | None],
+        *,
+        xid: XidInFlight | None = None,
     ) -> None:
         self._dialect = dialect
         self._driver = driver
         self._fresh = fresh
         self._hooks = hooks
         self._transcript_of = transcript_of
+        self._xid = xid  # resolves a COMMIT lost after it was sent, where the xid was read
         # Each recorded checkout's Connection (do_commit is given the checkout alone); weak
         # both ways, gone with the checkout.
         self._connections: weakref.WeakKeyDictionary[object, weakref.ref[Connection]] = (
@@ -80,16 +84,32 @@ class UnsentCommit:
             found = self._connections.get(dbapi_connection)
             connection = None if found is None else found()
             transcript = None if connection is None else self._transcript_of(connection)
-            if connection is None or transcript is None or transcript.refused is not None:
+            if (
+                connection is None
+                or transcript is None
+                or (transcript.refused is not None and transcript.pending is None)
+            ):
                 commit(dbapi_connection)
                 return
-            gone = self._gone(dbapi_connection)
+            replayable = transcript.refused is None
+            gone = replayable and self._gone(dbapi_connection)
             try:
                 commit(dbapi_connection)
             except Exception as error:
-                if not gone and not self._driver.refused_unsent(error):
-                    raise  # it may have reached the server: not this module's to guess
-                # Gone before the COMMIT left, or the driver refused to send it: not committed.
+                if gone or (replayable and self._driver.refused_unsent(error)):
+                    # Gone before the COMMIT left, or the driver refused to send it: it did not
+                    # commit.
+                    self._commit_elsewhere(connection, dbapi_connection, error, transcript, commit)
+                    return
+                pending = transcript.pending
+                if pending is None or self._xid is None:
+                    raise  # it may have reached the server, and nothing can ask about it
+                # Sent, and perhaps committed: the server is asked about the xid (or raises).
+                if self._xid.resolve(connection, pending, error) == "committed":
+                    _drop(dbapi_connection, error)
+                    return
+                if not replayable:
+                    raise  # it did not commit, and cannot be done again
                 self._commit_elsewhere(connection, dbapi_connection, error, transcript, commit)
             # A COMMIT that succeeded on a connection seen gone: not possible; nothing to do.
 
@@ -157,3 +177,11 @@ class UnsentCommit:
         commit(fresh)
         logger.debug("dropsafe replayed a transaction and committed it elsewhere: %s", text)
         emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
+
+
+def _drop(checkout: PoolProxiedConnection, error: Exception) -> None:
+    """Invalidate the lost connection of a COMMIT that committed: the pool must not reuse it."""
+    try:
+        checkout.invalidate(error)
+    except Exception:  # a connection that cannot even be closed is gone all the same
+        logger.debug("dropsafe could not invalidate a lost connection", exc_info=True)

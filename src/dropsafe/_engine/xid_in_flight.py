@@ -1,0 +1,151 @@
+"""A plain transaction's xid, read in a writing statement's flight; a lost COMMIT resolved by it.
+
+A COMMIT whose reply is lost may or may not have committed; only the transaction's xid lets the
+server say which (`dropsafe._commit_truth.resolution`, as for a unit's COMMIT). A unit reads it
+in a round trip of its own; a request must not pay one. So the first statement that may write
+carries the read in its own flight (`Driver.send_reading_xid`: on psycopg2 a ``DO`` block's
+NOTICE in the same query string, on psycopg 3 a pipelined ``SELECT``), until an xid is known.
+A lost COMMIT reply is then resolved: committed, the COMMIT returns as if its reply had come;
+aborted, the transaction is replayed (verified) on a fresh connection and committed there;
+unknown, `CommitOutcomeUnknown`. Why each case is safe: docs/guarantees.md, "A COMMIT lost
+outside a unit of work".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import TYPE_CHECKING
+
+from dropsafe._classify import ErrorKind, classify
+from dropsafe._commit_truth.pending_commit import PendingCommit
+from dropsafe._commit_truth.resolution import Outcome, resolve_commit
+from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
+from dropsafe._commit_truth.server_sql import xid_question
+from dropsafe._drivers.base import await_
+from dropsafe._engine.server_facts import may_run_do_blocks
+from dropsafe._policy import seconds
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Connection, Dialect, ExecutionContext
+
+    from dropsafe._dbapi import DBAPICursor, NativeConnection
+    from dropsafe._drivers.base import Driver, XidQuestion
+    from dropsafe._engine.transcript import Transcript
+    from dropsafe._engine_state import EngineState
+    from dropsafe.events import Hook
+
+__all__ = ["XidInFlight", "may_write"]
+
+# A text statement that may write: what the server would give an xid for. A SELECT that calls
+# a function that writes is not read (its transaction's COMMIT stays unresolvable, as before).
+_WRITES = re.compile(r"\s*(?:INSERT|UPDATE|DELETE|MERGE|WITH)\b", re.IGNORECASE)
+# A statement that may turn synchronous_commit off after the read: its COMMIT may then not wait
+# for its WAL (`PendingCommit.unflushed`).
+_SYNCHRONOUS_COMMIT = re.compile("synchronous_commit", re.IGNORECASE)
+
+
+def may_write(context: ExecutionContext, statement: str) -> bool:
+    """Whether the statement may give its transaction an xid (an INSERT, UPDATE, DELETE, ...).
+
+    Asked of every statement until the xid is read: the compiled statement's flags, else one
+    match of the text (a C call).
+    """
+    # DefaultExecutionContext's flags (the interface declares only some of them).
+    return (
+        context.isinsert
+        or context.isupdate
+        or context.isdelete  # type: ignore[attr-defined]
+        or _WRITES.match(statement) is not None
+    )
+
+
+class XidInFlight:
+    """One engine's xid reads in a writing statement's flight, and the resolution they allow."""
+
+    def __init__(
+        self, dialect: Dialect, driver: Driver, state: EngineState, hooks: tuple[Hook, ...]
+    ) -> None:
+        self._dialect = dialect
+        self._driver = driver
+        self._state = state
+        self._hooks = hooks
+        self._question: XidQuestion | None = None  # built at the first read
+        self._needs_do_blocks = driver.capabilities.xid_read_runs_do_block
+
+    def send(
+        self,
+        native: NativeConnection,
+        statement: str,
+        send_text: Callable[[str], None],
+        cursor: DBAPICursor,
+    ) -> PendingCommit | None:
+        """Send ``statement`` (``send_text``) and read the transaction's xid in its flight.
+
+        Returns the COMMIT's pending state, or None: not read, or no xid yet (nothing written).
+        """
+        if self._needs_do_blocks and not may_run_do_blocks(native):
+            send_text(statement)  # a refused DO block would fail the app's transaction
+            return None
+        question = self._question
+        if question is None:
+            question = self._question = xid_question(self._dialect)
+        reading = self._driver.send_reading_xid(send_text, native, statement, question)
+        if reading is None:
+            return None
+        values = reading.values
+        if values[0] is None:  # nothing written yet: the next statement that may write reads
+            return None
+        # Learned at connect (`server_facts.learn_session`); unknown, 'committed' is unknown.
+        life = known_server_life(self._state, native)
+        return PendingCommit(
+            int(values[0]),
+            self._driver.backend_pid(native) or 0,
+            life or UNREADABLE,
+            # An xid the read gave before the statement: if the statement changed no row, the
+            # transaction may write no WAL and its COMMIT then waits for no flush.
+            asynchronous=reading.assigned and int(cursor.rowcount) <= 0,
+            unflushed=values[1] == "off",
+        )
+
+    @staticmethod
+    def note_statement(transcript: Transcript, statement: str) -> None:
+        """After the read, a statement that names ``synchronous_commit`` may turn it off."""
+        pending = transcript.pending
+        if pending is not None and not pending.unflushed and _SYNCHRONOUS_COMMIT.search(statement):
+            transcript.pending = PendingCommit(
+                pending.xid,
+                pending.backend_pid,
+                pending.server_life,
+                asynchronous=pending.asynchronous,
+                unflushed=True,
+            )
+
+    def resolve(self, connection: Connection, pending: PendingCommit, error: Exception) -> Outcome:
+        """Ask the server what became of the COMMIT ``error`` interrupted.
+
+        Returns ``committed`` or ``aborted``; raises `CommitOutcomeUnknown` (from ``error``)
+        when it cannot be known, and ``error`` itself when the server refused the COMMIT (a
+        deferred constraint: nothing was committed, nothing to ask).
+        """
+        if classify(error, during_commit=True) is not ErrorKind.COMMIT_UNKNOWN:
+            raise error
+        policy = self._state.policy
+        timeout = 10.0 if policy is None else seconds(policy.unit.commit_status_timeout)
+        return resolve_commit(
+            connection.engine,
+            pending,
+            error,
+            timeout=timeout,
+            deadline=time.monotonic() + timeout,
+            hooks=self._hooks,
+            sleep=_awaiting_sleep if self._dialect.is_async else time.sleep,
+        )
+
+
+def _awaiting_sleep(seconds: float) -> None:
+    """Sleep inside SQLAlchemy's greenlet of an asyncio engine: the event loop runs meanwhile."""
+    await_(asyncio.sleep(seconds))
