@@ -84,7 +84,7 @@ def _send(
 
     reading = None
     if read:
-        question = xid_question(sync_connection.dialect, with_life=False)
+        question = xid_question(sync_connection.dialect)
         reading = ASYNCPG.send_reading_xid(send, dbapi_connection, statement, question)
     else:
         send(statement)
