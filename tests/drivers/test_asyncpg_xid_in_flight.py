@@ -132,7 +132,9 @@ def _run(
     try:
         if read:
             question = xid_question(sync_connection.dialect)
-            reading = ASYNCPG.send_reading_xid(send, dbapi_connection, statement, question)
+            # As the engine does: asyncpg's own connection.
+            native = ASYNCPG.native(dbapi_connection)
+            reading = ASYNCPG.send_reading_xid(send, native, statement, question)
         else:
             send(statement)
     except Exception as error:

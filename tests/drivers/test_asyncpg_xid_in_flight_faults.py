@@ -85,7 +85,9 @@ def _send(
     reading = None
     if read:
         question = xid_question(sync_connection.dialect)
-        reading = ASYNCPG.send_reading_xid(send, dbapi_connection, statement, question)
+        # As the engine does: asyncpg's own connection.
+        native = ASYNCPG.native(dbapi_connection)
+        reading = ASYNCPG.send_reading_xid(send, native, statement, question)
     else:
         send(statement)
     rows = [tuple(row) for row in cursor.fetchall()] if cursor.description else []

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Dialect
 
+    from dropsafe._dbapi import NativeConnection
     from dropsafe._drivers.base import ConnectArgs
     from dropsafe._policy import ConnectionPolicy
 
@@ -284,16 +285,19 @@ class Asyncpg(Driver):
     ) -> XidReading | None:
         # asyncpg_flight: the question's Parse, Bind and Execute ride in front of the
         # statement's Bind, in its write; its replies are taken out before asyncpg reads.
+        # The engine hands asyncpg's own connection (SQLAlchemy's adapter is taken too).
+        native = _asyncpg_connection(dbapi_connection)
+        watch = _goodbye_watch(native)
         flight = None
-        if not getattr(dbapi_connection, "autocommit", True):  # in autocommit: no transaction
-            native = dbapi_connection.driver_connection
-            watch = _goodbye_watch(native)
-            if watch is not None and watch.replies is None:
-                flight = QuestionFlight.install(
-                    native._transport,  # noqa: SLF001 - asyncpg keeps it private
-                    _messages(question),
-                    watch.expect,
-                )
+        if watch is not None and watch.replies is None:
+            flight = QuestionFlight.install(
+                native._transport,  # noqa: SLF001 - asyncpg keeps it private
+                _messages(question),
+                watch.expect,
+                # Asked when the Bind goes: BEGIN is done by then, and in autocommit there is
+                # no transaction to read (the question would join the statement's own).
+                native.is_in_transaction,
+            )
         if flight is None:
             send(statement)
             return None
@@ -304,7 +308,7 @@ class Asyncpg(Driver):
         return flight.reading()
 
     def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
-        pid = dbapi_connection.driver_connection.get_server_pid()
+        pid = _asyncpg_connection(dbapi_connection).get_server_pid()
         return pid if isinstance(pid, int) and pid > 0 else None
 
     def probe(self, dbapi_connection: DBAPIConnection) -> Health:
@@ -351,6 +355,13 @@ class Asyncpg(Driver):
 def _messages(question: XidQuestion) -> bytes:
     """Build the question's messages once per question (a handful per process)."""
     return question_messages(question)
+
+
+def _asyncpg_connection(connection: DBAPIConnection) -> NativeConnection:
+    """Return asyncpg's own connection: the engine hands it, SQLAlchemy's adapter holds it."""
+    if isinstance(connection, AdaptedConnection):
+        return connection.driver_connection
+    return connection
 
 
 def _no_fd() -> None:

@@ -132,20 +132,30 @@ class QuestionFlight:
     """The transport's ``write`` and ``writelines`` while one statement is sent (then restored).
 
     ``arm`` is handed the replies' taker when the question goes out, before the server can
-    answer it.
+    answer it; ``in_transaction`` says, when the Bind goes, whether there is a transaction.
     """
 
-    __slots__ = ("_arm", "_messages", "_transport", "_write", "_writelines", "replies")
+    __slots__ = (
+        "_arm",
+        "_in_transaction",
+        "_messages",
+        "_transport",
+        "_write",
+        "_writelines",
+        "replies",
+    )
 
     def __init__(
         self,
         transport: Any,  # noqa: ANN401 - asyncio's write transport (plain or TLS)
         messages: bytes,
         arm: Callable[[InFlightReplies], None],
+        in_transaction: Callable[[], bool],
     ) -> None:
         self._transport = transport
         self._messages = messages
         self._arm = arm
+        self._in_transaction = in_transaction
         self._write = transport.write
         self._writelines = transport.writelines
         #: The question's replies, once it was sent.
@@ -157,11 +167,12 @@ class QuestionFlight:
         transport: Any,  # noqa: ANN401
         messages: bytes,
         arm: Callable[[InFlightReplies], None],
+        in_transaction: Callable[[], bool],
     ) -> QuestionFlight | None:
         """Put the flight on ``transport`` (None: its ``write`` cannot be replaced, uvloop's)."""
         if "write" in getattr(transport, "__dict__", ("write",)):
             return None  # not a plain Python transport, or someone else's hook is there
-        flight = cls(transport, messages, arm)
+        flight = cls(transport, messages, arm, in_transaction)
         transport.write = flight.write
         transport.writelines = flight.writelines
         return flight
@@ -172,7 +183,7 @@ class QuestionFlight:
         vars(self._transport).pop("writelines", None)
 
     def _question_first(self, first: Any) -> bool:  # noqa: ANN401
-        if self.replies is not None or not _opens_named_bind(first):
+        if self.replies is not None or not _opens_named_bind(first) or not self._in_transaction():
             return False
         self.replies = InFlightReplies()
         self._arm(self.replies)
