@@ -99,8 +99,10 @@ class XidInFlight:
         values = reading.values
         if values[0] is None:  # nothing written yet: the next statement that may write reads
             return None
-        # Learned at connect (`server_facts.learn_session`); unknown, 'committed' is unknown.
-        life = known_server_life(self._state, native)
+        # Learned at connect (`server_facts.learn_session`), kept under the pool entry's
+        # driver_connection: asyncpg's own connection, where ``native`` is SQLAlchemy's
+        # adapter (what `Asyncpg.owns` accepts). Unknown, 'committed' is unknown.
+        life = known_server_life(self._state, getattr(native, "driver_connection", native))
         return PendingCommit(
             int(values[0]),
             self._driver.backend_pid(native) or 0,
