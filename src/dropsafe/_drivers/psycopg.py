@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import AdaptedConnection
 
@@ -13,12 +13,15 @@ from dropsafe._drivers.base import (
     DBAPIConnection,
     DeferredRollback,
     Tls,
+    XidReading,
     driver_connection,
     is_instance,
 )
 
 if TYPE_CHECKING:
-    from dropsafe._drivers.base import ConnectArgs
+    from collections.abc import Callable
+
+    from dropsafe._drivers.base import ConnectArgs, XidQuestion
     from dropsafe._policy import ConnectionPolicy
 
 __all__ = ["Psycopg"]
@@ -50,7 +53,8 @@ class Psycopg(libpq.Libpq):
         ),
         failover_messages=libpq.FAILOVER_MESSAGES,
     )
-    capabilities = Capabilities(pipelines=True)  # libpq 14's pipeline mode
+    # libpq 14's pipeline mode; the xid read in a statement's flight (psycopg_first_flight).
+    capabilities = Capabilities(pipelines=True, reads_xid_in_flight=True)
     # A ROLLBACK sent beneath psycopg, its reply read before the connection's next use.
     deferred_rollback = DeferredRollback(psycopg_rollback.send_rollback, psycopg_rollback.settle)
     tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
@@ -70,6 +74,23 @@ class Psycopg(libpq.Libpq):
     def begin_in_first_flight(self, dbapi_connection: DBAPIConnection) -> bool:
         # BEGIN sent in a pipeline with the transaction's first statement: one flight, not two.
         return psycopg_first_flight.install(driver_connection(dbapi_connection))
+
+    def send_reading_xid(
+        self,
+        send: Callable[[str], None],
+        dbapi_connection: DBAPIConnection,
+        statement: str,
+        question: XidQuestion,
+    ) -> XidReading | None:
+        # ``question.after`` in the statement's pipeline, before its one Sync: no flight more.
+        native = driver_connection(dbapi_connection)
+        values = psycopg_first_flight.send_reading_xid(send, native, statement, question.after)
+        return None if values is None else XidReading(values, assigned=False)
+
+    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+        pgconn: Any = getattr(driver_connection(dbapi_connection), "pgconn", None)
+        pid = getattr(pgconn, "backend_pid", 0)
+        return pid if isinstance(pid, int) and pid > 0 else None
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         if isinstance(dbapi_connection, AdaptedConnection):  # psycopg_async

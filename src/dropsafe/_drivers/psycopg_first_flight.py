@@ -1,4 +1,4 @@
-"""psycopg 3: a transaction's BEGIN sent in the same flight as its first statement.
+"""psycopg 3: a transaction's BEGIN, and the xid read, sent in the flight of a statement.
 
 psycopg sends BEGIN in a round trip of its own: ``BaseConnection._start_query`` runs
 ``_exec_command(_get_tx_start_command())`` and waits for its reply, and in pipeline mode it
@@ -10,25 +10,33 @@ flight, as pgjdbc's ``QueryExecutorImpl.sendQueryPreamble`` does. psycopg learns
 transaction is open from the server's own ReadyForQuery, as always, so its ``commit()`` and
 ``rollback()`` send COMMIT and ROLLBACK unchanged.
 
+The same cursors read a transaction's xid in a statement's own flight when asked
+(`send_reading_xid`, issue 27 item 3): the statement, then ``SELECT <question.after>``, then
+the one Sync. The statement's results are read as psycopg reads them; the mark's row is read
+after them and never reaches the app. A statement that fails aborts the pipeline: the mark is
+skipped and the statement's own error is raised, its transaction failed as before.
+
 Only where the outcome is the one psycopg's own execute would give (anything else runs
 psycopg's own, unchanged): a plain ``execute`` (not executemany, COPY, stream, a server-side
-cursor), a connection in no transaction, not in autocommit nor in a pipeline of its own, one
-statement whose first word is SELECT, INSERT, UPDATE, DELETE or WITH and with no ``;`` (the
-pipeline uses the extended protocol: one statement, never COPY). A failed BEGIN aborts the
-pipeline: the statement does not run and the error raised is BEGIN's. Why it is safe and what
-it saves: docs/guarantees.md, "BEGIN rides the first statement's flight".
+cursor), a connection in no transaction (or, with the xid read, in a healthy one), not in
+autocommit nor in a pipeline of its own, one statement whose first word is SELECT, INSERT,
+UPDATE, DELETE or WITH and with no ``;`` (the pipeline uses the extended protocol: one
+statement, never COPY). A failed BEGIN aborts the pipeline: the statement does not run and the
+error raised is BEGIN's. Why it is safe and what it saves: docs/guarantees.md, "BEGIN rides the
+first statement's flight" and "The xid read in a statement's own flight (psycopg 3)".
 """
 
 from __future__ import annotations
 
 import functools
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from collections.abc import Generator
+    from collections.abc import Callable, Generator
 
-__all__ = ["cursor_classes", "install", "rides_first_flight"]
+__all__ = ["XidMark", "cursor_classes", "install", "rides_first_flight", "send_reading_xid"]
 
 #: The statements that ride: one statement, never COPY, as SQLAlchemy writes DML and queries.
 _RIDES = re.compile(r"\s*(?:select|insert|update|delete|with)\b", re.IGNORECASE)
@@ -36,6 +44,57 @@ _RIDES = re.compile(r"\s*(?:select|insert|update|delete|with)\b", re.IGNORECASE)
 _OK = 0
 #: libpq's PGRES_FATAL_ERROR (psycopg.pq.ExecStatus.FATAL_ERROR).
 _FATAL_ERROR = 7
+#: libpq's PGRES_TUPLES_OK (psycopg.pq.ExecStatus.TUPLES_OK).
+_TUPLES_OK = 2
+#: libpq's PQTRANS_INTRANS (psycopg.pq.TransactionStatus.INTRANS): a healthy open transaction.
+_INTRANS = 2
+#: Where a connection holds the xid read asked for one of its statements (`XidMark`).
+_MARK_ATTRIBUTE = "_dropsafe_xid_mark"
+
+
+@dataclass
+class XidMark:
+    """The xid read asked for the flight of one statement, and the row it read (text)."""
+
+    #: The very text the app's execute sends: no other statement takes the mark.
+    statement: str
+    #: ``SELECT <question.after>``, encoded.
+    select: bytes
+    values: tuple[str | None, ...] | None = None
+
+
+def send_reading_xid(
+    send: Callable[[str], None],
+    native: Any,  # noqa: ANN401 - a psycopg connection
+    statement: str,
+    after: str,
+) -> tuple[str | None, ...] | None:
+    """Send ``statement`` with ``SELECT <after>`` in its flight; return the row read, or None.
+
+    The mark is left on the connection for the cursor's ``execute`` of that very text, which
+    takes it (`execute_gen`); None where the statement went psycopg's own way (a connection
+    with cursors of the app's, a statement or a state that does not ride), and nothing read.
+    """
+    classes = cursor_classes()
+    if classes is None or getattr(native, "cursor_factory", None) not in classes:
+        send(statement)
+        return None
+    mark = XidMark(statement, b"SELECT " + after.encode())
+    setattr(native, _MARK_ATTRIBUTE, mark)
+    try:
+        send(statement)
+    finally:
+        setattr(native, _MARK_ATTRIBUTE, None)
+    return mark.values
+
+
+def _take_mark(conn: Any, query: object) -> XidMark | None:  # noqa: ANN401 - psycopg's
+    """Return (and take off ``conn``) the xid read asked for ``query``'s flight, if any."""
+    mark: XidMark | None = getattr(conn, _MARK_ATTRIBUTE, None)
+    if mark is None or mark.statement != query:
+        return None
+    setattr(conn, _MARK_ATTRIBUTE, None)
+    return mark
 
 
 def rides_first_flight(query: object) -> bool:
@@ -69,17 +128,21 @@ def cursor_classes() -> tuple[type[Any], type[Any]] | None:
     ) -> Generator[Any, Any, None]:
         conn = cursor._conn  # noqa: SLF001 - psycopg's own step, run with the lock held
         pgconn = conn.pgconn
+        mark = _take_mark(conn, query)
+        status = pgconn.transaction_status
         if (
             conn._autocommit  # noqa: SLF001
             or conn._pipeline is not None  # noqa: SLF001
-            or pgconn.transaction_status != idle
+            or not (status == idle or (mark is not None and status == _INTRANS))
             or pgconn.pipeline_status != pipeline_off
             or cursor.closed
             or not rides_first_flight(query)
         ):
             yield from cursor.plain_execute_gen(query, params, prepare=prepare, binary=binary)
             return
-        yield from _begin_with(cursor, base_pipeline(conn), query, params, prepare, binary)
+        yield from _one_flight(
+            cursor, base_pipeline(conn), query, params, prepare, binary, status == idle, mark
+        )
 
     class FirstFlightCursor(psycopg.Cursor):
         """psycopg's Cursor, its transaction's BEGIN sent with its first statement."""
@@ -128,15 +191,17 @@ def _private(psycopg: Any) -> Any:  # noqa: ANN401 - modules and classes of psyc
     return None
 
 
-def _begin_with(  # noqa: PLR0917 - execute's own arguments
+def _one_flight(  # noqa: PLR0917 - execute's own arguments, and what rides with it
     cursor: Any,  # noqa: ANN401 - a psycopg cursor
     pipeline: Any,  # noqa: ANN401 - psycopg's BasePipeline
     query: str,
     params: Any,  # noqa: ANN401 - psycopg's Params
     prepare: bool | None,
     binary: bool | None,
+    begin: bool,
+    mark: XidMark | None,
 ) -> Generator[Any, Any, None]:
-    """``Cursor._execute_gen`` with its transaction's BEGIN in the statement's pipeline.
+    """``Cursor._execute_gen`` in one flight: [BEGIN,] the statement[, the xid read], Sync.
 
     psycopg's cursor steps queue the statement on ``pipeline`` (set as the connection's, as
     ``conn.pipeline()`` sets it); the flight is sent and read here, with psycopg's own
@@ -148,10 +213,12 @@ def _begin_with(  # noqa: PLR0917 - execute's own arguments
     pgconn.enter_pipeline_mode()
     conn._pipeline = pipeline  # noqa: SLF001
     unsent: Exception | None = None
+    replies: list[list[Any]] = []
     try:
-        # Sent (into libpq's buffer) rather than queued: the status libpq reports is ACTIVE
-        # from here, so psycopg's own _start_query below sends no BEGIN of its own.
-        pgconn.send_query_params(conn._get_tx_start_command(), None)  # noqa: SLF001
+        if begin:
+            # Sent (into libpq's buffer) rather than queued: the status libpq reports is
+            # ACTIVE from here, so psycopg's own _start_query below sends no BEGIN of its own.
+            pgconn.send_query_params(conn._get_tx_start_command(), None)  # noqa: SLF001
         try:
             yield from cursor._start_query(query)  # noqa: SLF001
             pgq = cursor._convert_query(query, params)  # noqa: SLF001
@@ -161,30 +228,58 @@ def _begin_with(  # noqa: PLR0917 - execute's own arguments
             # converts the parameters: the connection is left as psycopg leaves it.
             pipeline.result_queue.clear()
             unsent = exc
+            mark = None
         else:
             for command in pipeline.command_queue:  # into libpq's buffer, all sent at once
                 command()
-        pgconn.pipeline_sync()
-        # BEGIN's, one per queued entry, the Sync's.
-        began, *replies, _ = yield from _read_flight(pgconn, 2 + len(pipeline.result_queue))
+            if mark is not None:
+                # After the statement: it reads the xid the statement took, and assigns none.
+                pgconn.send_query_params(mark.select, None)
+        if begin or unsent is None:
+            pgconn.pipeline_sync()
+            # BEGIN's, one per queued entry, the mark's, the Sync's.
+            count = begin + len(pipeline.result_queue) + (mark is not None) + 1
+            replies = yield from _read_flight(pgconn, count)
     finally:
         conn._pipeline = None  # noqa: SLF001
         _leave_pipeline(pgconn)
-    # The first error is BEGIN's when BEGIN failed (the statement is then only "aborted").
-    _raise_if_failed(began, pgconn)
+    if begin:
+        # The first error is BEGIN's when BEGIN failed (the statement is then only "aborted").
+        _raise_if_failed(replies[0], pgconn)
     if unsent is not None:
         raise unsent
-    for queued, results in zip(pipeline.result_queue, replies, strict=True):
+    _set_results(conn, pipeline.result_queue, replies[begin : begin + len(pipeline.result_queue)])
+    cursor._last_query = query  # noqa: SLF001
+    if mark is not None:
+        mark.values = _row_of(replies[-2], pgconn)
+    yield from conn._prepared.maintain_gen(conn)  # noqa: SLF001
+
+
+def _set_results(conn: Any, queue: Any, replies: list[list[Any]]) -> None:  # noqa: ANN401
+    """Hand each queued entry its results, or raise their error, as psycopg's pipeline does."""
+    for queued, results in zip(queue, replies, strict=True):
         if queued is None:  # a Parse of psycopg's, for a statement prepared from now on
-            _raise_if_failed(results, pgconn)
+            _raise_if_failed(results, conn.pgconn)
             continue
         owner, prepared = queued
         if prepared:
             conn._prepared.validate(*prepared, results)  # noqa: SLF001
         owner._check_results(results)  # noqa: SLF001
         owner._set_results(results)  # noqa: SLF001
-    cursor._last_query = query  # noqa: SLF001
-    yield from conn._prepared.maintain_gen(conn)  # noqa: SLF001
+
+
+def _row_of(results: list[Any], pgconn: Any) -> tuple[str | None, ...] | None:  # noqa: ANN401
+    """Return the xid read's one row as text (None: no row), or raise its error.
+
+    The app's statement succeeded, but its transaction cannot commit: the app must hear it
+    now, as if its statement had failed, never later as a COMMIT that says ROLLBACK.
+    """
+    _raise_if_failed(results, pgconn)
+    (result,) = results
+    if result.status != _TUPLES_OK or result.ntuples != 1:
+        return None
+    raw = (result.get_value(0, column) for column in range(result.nfields))
+    return tuple(None if value is None else bytes(value).decode() for value in raw)
 
 
 def _read_flight(pgconn: Any, count: int) -> Generator[Any, Any, list[list[Any]]]:  # noqa: ANN401
@@ -256,6 +351,7 @@ def install(native: Any) -> bool:  # noqa: ANN401 - a psycopg connection
     import psycopg  # imported already: ``native`` is one of its connections
 
     current = getattr(native, "cursor_factory", None)
+    setattr(native, _MARK_ATTRIBUTE, None)
     if current is psycopg.Cursor:
         native.cursor_factory = classes[0]
     elif current is psycopg.AsyncCursor:

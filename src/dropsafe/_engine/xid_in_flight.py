@@ -23,7 +23,7 @@ from dropsafe._commit_truth.pending_commit import PendingCommit
 from dropsafe._commit_truth.resolution import Outcome, resolve_commit
 from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
 from dropsafe._commit_truth.server_sql import xid_question
-from dropsafe._drivers.base import await_
+from dropsafe._drivers.base import await_, driver_connection
 from dropsafe._engine.server_facts import may_run_do_blocks
 from dropsafe._policy import seconds
 
@@ -87,7 +87,7 @@ class XidInFlight:
 
         Returns the COMMIT's pending state, or None: not read, or no xid yet (nothing written).
         """
-        if self._needs_do_blocks and not may_run_do_blocks(native):
+        if self._needs_do_blocks and not may_run_do_blocks(driver_connection(native)):
             send_text(statement)  # a refused DO block would fail the app's transaction
             return None
         question = self._question
@@ -99,10 +99,9 @@ class XidInFlight:
         values = reading.values
         if values[0] is None:  # nothing written yet: the next statement that may write reads
             return None
-        # Learned at connect (`server_facts.learn_session`), kept under the pool entry's
-        # driver_connection: asyncpg's own connection, where ``native`` is SQLAlchemy's
-        # adapter (what `Asyncpg.owns` accepts). Unknown, 'committed' is unknown.
-        life = known_server_life(self._state, getattr(native, "driver_connection", native))
+        # Learned at connect (`server_facts.learn_session`); unknown, 'committed' is unknown.
+        # Kept by the driver's connection (the pool entry's), which an async adapter wraps.
+        life = known_server_life(self._state, driver_connection(native))
         return PendingCommit(
             int(values[0]),
             self._driver.backend_pid(native) or 0,
