@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
+from asyncpg_sending import send_statement
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from dropsafe._bench._turns import TurnCounter
-from dropsafe._commit_truth.server_sql import xid_question
 from dropsafe._drivers.asyncpg import Asyncpg
 
 if TYPE_CHECKING:
@@ -118,25 +118,10 @@ def _run(
     many: bool = False,
 ) -> tuple[Seen, XidReading | None]:
     """Send ``statement`` as SQLAlchemy's cursor does, with the xid read or without."""
-    dbapi_connection = sync_connection.connection.dbapi_connection
-    assert dbapi_connection is not None
-    cursor = dbapi_connection.cursor(server_side=server_side)
-
-    def send(text: str) -> None:
-        if many:
-            cursor.executemany(text, params)
-        else:
-            cursor.execute(text, params)
-
-    reading = None
     try:
-        if read:
-            question = xid_question(sync_connection.dialect)
-            # As the engine does: asyncpg's own connection.
-            native = ASYNCPG.native(dbapi_connection)
-            reading = ASYNCPG.send_reading_xid(send, native, statement, question)
-        else:
-            send(statement)
+        cursor, reading = send_statement(
+            sync_connection, statement, params, read=read, server_side=server_side, many=many
+        )
     except Exception as error:
         return Seen(None, -1, None, _error_facts(error)), None
     rows = [tuple(row) for row in cursor.fetchall()] if cursor.description else None

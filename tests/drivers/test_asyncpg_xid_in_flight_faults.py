@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
+from asyncpg_sending import send_statement
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from dropsafe._commit_truth.server_sql import xid_question
 from dropsafe._drivers.asyncpg import Asyncpg, _goodbye_watch
 
 if TYPE_CHECKING:
@@ -71,25 +71,9 @@ def _send(
     before: Callable[[], None] | None = None,
     begin: bool = True,
 ) -> tuple[list[tuple[object, ...]], object]:
-    dbapi_connection = sync_connection.connection.dbapi_connection
-    assert dbapi_connection is not None
     if begin:
         sync_connection.begin()
-    cursor = dbapi_connection.cursor()
-
-    def send(text: str) -> None:
-        if before is not None:
-            before()
-        cursor.execute(text, params)
-
-    reading = None
-    if read:
-        question = xid_question(sync_connection.dialect)
-        # As the engine does: asyncpg's own connection.
-        native = ASYNCPG.native(dbapi_connection)
-        reading = ASYNCPG.send_reading_xid(send, native, statement, question)
-    else:
-        send(statement)
+    cursor, reading = send_statement(sync_connection, statement, params, read=read, before=before)
     rows = [tuple(row) for row in cursor.fetchall()] if cursor.description else []
     return rows, reading
 

@@ -35,6 +35,7 @@ from dropsafe._drivers.base import (
     XidQuestion,
     XidReading,
     await_,
+    driver_connection,
     is_instance,
     timeout_argument,
 )
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Dialect
 
-    from dropsafe._dbapi import NativeConnection
     from dropsafe._drivers.base import ConnectArgs
     from dropsafe._policy import ConnectionPolicy
 
@@ -286,7 +286,7 @@ class Asyncpg(Driver):
         # asyncpg_flight: the question's Parse, Bind and Execute ride in front of the
         # statement's Bind, in its write; its replies are taken out before asyncpg reads.
         # The engine hands asyncpg's own connection (SQLAlchemy's adapter is taken too).
-        native = _asyncpg_connection(dbapi_connection)
+        native = driver_connection(dbapi_connection)
         watch = _goodbye_watch(native)
         flight = None
         if watch is not None and watch.replies is None:
@@ -308,7 +308,7 @@ class Asyncpg(Driver):
         return flight.reading()
 
     def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
-        pid = _asyncpg_connection(dbapi_connection).get_server_pid()
+        pid = driver_connection(dbapi_connection).get_server_pid()
         return pid if isinstance(pid, int) and pid > 0 else None
 
     def probe(self, dbapi_connection: DBAPIConnection) -> Health:
@@ -355,13 +355,6 @@ class Asyncpg(Driver):
 def _messages(question: XidQuestion) -> bytes:
     """Build the question's messages once per question (a handful per process)."""
     return question_messages(question)
-
-
-def _asyncpg_connection(connection: DBAPIConnection) -> NativeConnection:
-    """Return asyncpg's own connection: the engine hands it, SQLAlchemy's adapter holds it."""
-    if isinstance(connection, AdaptedConnection):
-        return connection.driver_connection
-    return connection
 
 
 def _no_fd() -> None:
