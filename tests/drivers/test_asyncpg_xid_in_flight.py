@@ -109,19 +109,11 @@ async def _until(condition: Callable[[], object], what: str) -> None:
 
 
 def _run(
-    sync_connection: sa.Connection,
-    statement: str,
-    params: Any,
-    *,
-    read: bool,
-    server_side: bool = False,
-    many: bool = False,
+    sync_connection: sa.Connection, statement: str, params: Any, *, read: bool, **how: bool
 ) -> tuple[Seen, XidReading | None]:
     """Send ``statement`` as SQLAlchemy's cursor does, with the xid read or without."""
     try:
-        cursor, reading = send_statement(
-            sync_connection, statement, params, read=read, server_side=server_side, many=many
-        )
+        cursor, reading = send_statement(sync_connection, statement, params, read=read, **how)
     except Exception as error:
         return Seen(None, -1, None, _error_facts(error)), None
     rows = [tuple(row) for row in cursor.fetchall()] if cursor.description else None
