@@ -29,6 +29,7 @@ def send_statement(
     server_side: bool = False,
     many: bool = False,
     before: Callable[[], None] | None = None,
+    with_wal: bool = False,
 ) -> tuple[Any, XidReading | None]:
     """Return the cursor the statement was sent on, and what the read read (None: not asked).
 
@@ -49,7 +50,7 @@ def send_statement(
     if not read:
         send(statement)
         return cursor, None
-    question = xid_question(sync_connection.dialect)
+    question = xid_question(sync_connection.dialect, with_wal=with_wal)
     # As the engine does: asyncpg's own connection.
     native = ASYNCPG.native(dbapi_connection)
     return cursor, ASYNCPG.send_reading_xid(send, native, statement, question)

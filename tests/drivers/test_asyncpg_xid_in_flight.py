@@ -14,6 +14,7 @@ before this, asyncpg read nothing (the default `Driver.send_reading_xid`).
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import time
 import uuid
@@ -193,6 +194,17 @@ async def test_the_app_sees_the_same_and_the_xid_is_the_transactions(
         assert reading.assigned
         assert reading.values[0] == xid, attempt
         assert reading.values[1] == "on"  # synchronous_commit
+
+
+async def test_the_wal_position_too(engine: AsyncEngine) -> None:
+    statement, params = STATEMENTS["insert returning many"]
+    plain, _, _ = await _once(engine, statement, params, read=False)
+    seen, reading, xid = await _once(engine, statement, params, read=True, with_wal=True)
+    assert seen == plain
+    assert reading is not None
+    assert reading.values[0] == xid
+    assert len(reading.values) == 3
+    assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]+", reading.values[2] or "")
 
 
 async def test_a_server_side_cursor(engine: AsyncEngine) -> None:
