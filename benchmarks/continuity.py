@@ -285,8 +285,7 @@ class ReplayLog(logging.Handler):
         if failure is None:
             return
         place, what = failure
-        unknown = what.partition("cannot be known: ")[2]  # CommitOutcomeUnknown: its reason
-        key = (place, events[-1] if events else NO_EVENT, unknown[:100] or what[:72])
+        key = (place, events[-1] if events else NO_EVENT, what[:140])
         self.failed_why[key] += 1
         write = _WRITE.get()
         if write is not None:

@@ -134,7 +134,9 @@ class WhereErrorsHappen:
         else:
             place = "mid-transaction"
         error = context.original_exception
-        text = str(error).strip().splitlines()[0][:90] if str(error).strip() else ""
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        # A CommitOutcomeUnknown's reason is what tells one from another: kept, not its head.
+        text = text.partition("cannot be known: ")[2][:120] or text[:90]
         what = f"{type(error).__name__}: {text}"
         request = _REQUEST.get()
         if request is None:

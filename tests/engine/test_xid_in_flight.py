@@ -21,13 +21,18 @@ import threading
 import psycopg2
 import pytest
 import sqlalchemy as sa
-from xid_faults import lost_at_commit, wait_committed
+from xid_faults import client_port, lost_at_commit, wait_committed
 
 import dropsafe
 from dropsafe._bench._turns import TurnCounter
 from dropsafe._drivers import driver_named, driver_names
 from dropsafe.events import CommitResolved, TransactionReplayed
-from dropsafe.testing import PostgresServer, kernel_blackhole_unavailable
+from dropsafe.testing import (
+    PostgresServer,
+    ServerError,
+    kernel_blackhole,
+    kernel_blackhole_unavailable,
+)
 from dropsafe.testing._runtime import wait_until
 
 pytestmark = pytest.mark.fault
@@ -75,6 +80,12 @@ def _engine(server, driver, events, *, reads=True, url=None, **pool):
 
 def _count(server, table="lost_commit") -> int:
     return int(server.execute(f"SELECT count(*) FROM {table}")[0][0])
+
+
+def _answers(server) -> bool:
+    with contextlib.suppress(ServerError):
+        return bool(server.execute("SELECT 1"))
+    return False
 
 
 def _resolved(events):
@@ -263,3 +274,45 @@ def test_a_session_refused_do_blocks_is_not_read_and_works_as_before(server, dri
         assert _count(server) == 2
     finally:
         server.execute("GRANT USAGE ON LANGUAGE plpgsql TO PUBLIC")
+
+
+@pytest.mark.skipif(NO_BLACKHOLE is not None, reason=str(NO_BLACKHOLE))
+@pytest.mark.parametrize("driver", READS)
+def test_a_commit_a_crash_lost_is_told_from_its_xid_handed_out_again(driver, disposing):
+    """The COMMIT never arrives; the server crashes with the write's WAL still in memory
+    (``wal_writer_delay = 10s``) and hands its xid out again to a transaction that commits:
+    'committed' on another life. The last checkpoint (the one that ends a crash recovery) is
+    redone at or before the WAL position read with the xid: the COMMIT record was not
+    recovered, so the transaction did not commit. Before: `CommitOutcomeUnknown`."""
+    with PostgresServer(name="xid-reuse", settings={"wal_writer_delay": "10s"}) as server:
+        server.execute("CREATE TABLE lost_commit (v int NOT NULL); CHECKPOINT")
+        events = []
+        engine = disposing(_engine(server, driver, events))
+        libpq = server.url("psycopg2").replace("postgresql+psycopg2", "postgresql")
+        bystander = psycopg2.connect(libpq)
+        holes = contextlib.ExitStack()
+        xids = []
+
+        def crash_and_hand_the_xid_out_again(conn):
+            holes.enter_context(kernel_blackhole(client_port(conn), direction="both"))
+            os.kill(bystander.get_backend_pid(), signal.SIGKILL)  # every backend reset
+            wait_until(lambda: _answers(server), timeout=30, what="the server back after its crash")
+            for _ in range(20):  # the lost xid is handed out again, to one of these
+                server.execute("INSERT INTO lost_commit VALUES (-1)")
+            xids.append(int(server.execute("SELECT pg_current_xact_id()::text::bigint")[0][0]))
+
+        sa.event.listen(engine, "commit", crash_and_hand_the_xid_out_again)
+        try:
+            with holes, engine.connect() as conn:
+                conn.execute(INSERT, {"v": 1})
+                conn.commit()  # before: CommitOutcomeUnknown
+        finally:
+            with contextlib.suppress(psycopg2.Error):
+                bystander.close()
+        resolved = [e for e in events if isinstance(e, CommitResolved)]
+        assert [e.outcome for e in resolved] == ["aborted"]
+        assert resolved[0].xid < xids[0]  # its xid was handed out again, and committed
+        status = server.execute(f"SELECT pg_xact_status('{resolved[0].xid}'::xid8)")[0][0]
+        assert status == "committed"
+        assert int(server.execute("SELECT count(*) FROM lost_commit WHERE v = 1")[0][0]) == 1
+        assert _replays(events) == ["replayed"]

@@ -22,7 +22,7 @@ PID = 4242
 BEFORE = {
     "life_and_wal": "1a7f453f677a8718",
     "life": "5e2ee069bd8e7e36",
-    "server_question": "c7d43e00275f7816",
+    "server_question": "fde1566f739f158c",  # + the last checkpoint's redo (session 11)
     "mark/16/True/True": "99066e5b1848cc8c",
     "mark/16/True/False": "6ec526bea27e8591",
     "mark/16/False/True": "2c53986ccd226a6b",

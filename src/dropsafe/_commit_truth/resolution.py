@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from dropsafe._backoff import waits_elsewhere
 from dropsafe._classify import classify, sqlstate_of
+from dropsafe._commit_truth.pending_commit import lsn_number
 from dropsafe._commit_truth.server_life import ServerLife
 from dropsafe._commit_truth.server_sql import (
     SERVER_QUESTION,
@@ -57,6 +58,8 @@ class _XidStatus:
     server_life: ServerLife
     in_recovery: bool
     sync_waiting: bool = False  # its backend still waits for a synchronous standby
+    #: The redo position of the server's last checkpoint, as a number (0: not read).
+    checkpoint_redo: int = 0
 
 
 _Decision = Literal["committed", "aborted", "fence", "again"]
@@ -123,6 +126,8 @@ class _Resolution:
             return self._report("aborted")
         if status == "committed" and same_history:
             return self._report("committed")
+        if status == "committed" and self._commit_record_lost_in_a_crash(answer):
+            return self._report("aborted")  # the 'committed' xid is a newer transaction's
         if status == "in progress" and not other_history:
             return "fence" if self.should_fence() else "again"
         if status == "committed":
@@ -134,6 +139,28 @@ class _Resolution:
                 f"{self.xid} cannot be told from a reuse of it after a crash"
             )
         return self._unknown(f"the server reports status {status!r} for xid {self.xid}")
+
+    def _commit_record_lost_in_a_crash(self, answer: _XidStatus) -> bool:
+        """Whether the server's WAL, as its crash recovery left it, ends before our COMMIT.
+
+        Our COMMIT record lies after ``wal_lsn`` (the insert position read before it was
+        sent). A crash recovery ends with a checkpoint whose redo position is where the
+        recovered WAL ended (PostgreSQL waits for it before it takes connections); any later
+        checkpoint's is further. So a last checkpoint redone at or before ``wal_lsn``, on the
+        same timeline (no promotion: a standby's WAL may hold what the old primary lost), and
+        on a connection made in the life before (no crash between it and the read), proves
+        the record was not recovered: the xid, handed out again, is another transaction's.
+        """
+        ours, theirs = self.pending.server_life, answer.server_life
+        return (
+            self.pending.wal_lsn > 0
+            and 0 < answer.checkpoint_redo <= self.pending.wal_lsn
+            and ours.provable
+            and theirs.provable
+            and ours.system_identifier == theirs.system_identifier
+            and ours.timeline is not None
+            and ours.timeline == theirs.timeline
+        )
 
     def next_pause(self, failure: BaseException | None = None) -> float:
         """Return how long to wait before asking again, or raise when time is up."""
@@ -244,7 +271,13 @@ def _ask(
         status, sync_waiting = run(
             status_statement(dialect, xid=pending.xid, backend_pid=pending.backend_pid)
         )[:2]
-        return _XidStatus(status, server_life, in_recovery=False, sync_waiting=bool(sync_waiting))
+        return _XidStatus(
+            status,
+            server_life,
+            in_recovery=False,
+            sync_waiting=bool(sync_waiting),
+            checkpoint_redo=lsn_number(server[3]),
+        )
 
 
 def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> None:

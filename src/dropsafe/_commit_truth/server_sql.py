@@ -138,21 +138,29 @@ def mark_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
 _IN_FLIGHT = "{xid}::text, current_setting('synchronous_commit')"
 
 
-def xid_question(dialect: Dialect) -> XidQuestion:
-    """Return what a driver reads of the transaction in a statement's flight (`XidQuestion`)."""
+def xid_question(dialect: Dialect, *, with_wal: bool = False) -> XidQuestion:
+    """Return what a driver reads of the transaction in a statement's flight (`XidQuestion`).
+
+    ``with_wal``: the WAL insert position too (a third column), where the engine's servers
+    were seen at connect to answer it: a lower bound of the COMMIT record's position.
+    """
     current = "pg_current_xact_id" if _at_least(dialect, _XID8) else "txid_current"
+    wal = f", {WAL_POSITION_SQL}" if with_wal else ""
     return XidQuestion(
         before=_IN_FLIGHT.format(
             xid=f"(CASE WHEN pg_is_in_recovery() THEN NULL ELSE {current}() END)"
-        ),
-        after=_IN_FLIGHT.format(xid=f"{current}_if_assigned()"),
+        )
+        + wal,
+        after=_IN_FLIGHT.format(xid=f"{current}_if_assigned()") + wal,
     )
 
 
 # -- the resolution of a lost COMMIT (dropsafe._commit_truth.resolution) --------------------
 
-#: Which server answers: its life, and whether it is a standby.
-SERVER_QUESTION = f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery()"
+#: Which server answers: its life, whether it is a standby, and its last checkpoint's redo
+#: position (after a crash, at most where the recovery of its WAL ended: docs/guarantees.md).
+_REDO = "(SELECT redo_lsn::text FROM pg_control_checkpoint())"
+SERVER_QUESTION = f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery(), {_REDO}"
 
 # The second column: whether the backend still waits for a synchronous standby to confirm
 # this transaction's commit record (its xid stays in the backend's row until the wait ends).

@@ -17,19 +17,25 @@ reports such a connection closed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import AdaptedConnection
 
 from dropsafe._classify import DriverErrors, ErrorKind, error_chain
+from dropsafe._drivers.asyncpg_flight import InFlightReplies, QuestionFlight, question_messages
 from dropsafe._drivers.base import (
+    Capabilities,
     DBAPIConnection,
     Driver,
     Health,
     Server,
     Tls,
+    XidQuestion,
+    XidReading,
     await_,
+    driver_connection,
     is_instance,
     timeout_argument,
 )
@@ -63,17 +69,29 @@ class _GoodbyeWatch(asyncio.Protocol):
 
     Only a message that starts what the loop read is looked at: the goodbye to an idle
     connection comes alone, and one inside an operation's replies is asyncpg's to handle (it
-    fails that operation). A byte test per read, no parsing of the stream.
+    fails that operation). A byte test per read, no parsing of the stream, except while the
+    replies to an xid question sent in a statement's flight are due (`asyncpg_flight`): those
+    are taken out before asyncpg reads.
     """
 
-    __slots__ = ("goodbye", "inner")
+    __slots__ = ("goodbye", "inner", "replies")
 
     def __init__(self, inner: asyncio.Protocol) -> None:
         self.inner = inner
         #: The server said FATAL (or PANIC): the session is over, whatever the socket says.
         self.goodbye = False
+        #: The replies to an xid question sent ahead of asyncpg's messages, still to take out
+        #: of the stream (`dropsafe._drivers.asyncpg_flight`).
+        self.replies: InFlightReplies | None = None
 
     def data_received(self, data: bytes) -> None:
+        replies = self.replies
+        if replies is not None:
+            data = replies.take(data)
+            if replies.done:
+                self.replies = None
+            if not data:
+                return
         if data[:1] == b"E" and _ends_session(data):
             self.goodbye = True
         self.inner.data_received(data)
@@ -82,7 +100,14 @@ class _GoodbyeWatch(asyncio.Protocol):
         return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.replies is not None:
+            self.replies.lost()
+            self.replies = None
         self.inner.connection_lost(exc)
+
+    def expect(self, replies: InFlightReplies) -> None:
+        """Take the replies to a question just sent out of the stream, before asyncpg reads."""
+        self.replies = replies
 
     def pause_writing(self) -> None:
         self.inner.pause_writing()
@@ -163,6 +188,8 @@ class Asyncpg(Driver):
         failover_messages=("none of the hosts match the target attribute",),
     )
     tls = Tls(url_parameters={"ssl": "require"}, off_url_parameters={"ssl": "disable"})
+    # On asyncio's own transports (plain and TLS); uvloop's cannot be hooked and read nothing.
+    capabilities = Capabilities(reads_xid_in_flight=True)
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return isinstance(dbapi_connection, AdaptedConnection) and is_instance(
@@ -249,6 +276,41 @@ class Asyncpg(Driver):
             for seen in error_chain(error)
         )
 
+    def send_reading_xid(
+        self,
+        send: Callable[[str], None],
+        dbapi_connection: DBAPIConnection,
+        statement: str,
+        question: XidQuestion,
+    ) -> XidReading | None:
+        # asyncpg_flight: the question's Parse, Bind and Execute ride in front of the
+        # statement's Bind, in its write; its replies are taken out before asyncpg reads.
+        # The engine hands asyncpg's own connection (SQLAlchemy's adapter is taken too).
+        native = driver_connection(dbapi_connection)
+        watch = _goodbye_watch(native)
+        flight = None
+        if watch is not None and watch.replies is None:
+            flight = QuestionFlight.install(
+                native._transport,  # noqa: SLF001 - asyncpg keeps it private
+                _messages(question),
+                watch.expect,
+                # Asked when the Bind goes: BEGIN is done by then, and in autocommit there is
+                # no transaction to read (the question would join the statement's own).
+                native.is_in_transaction,
+            )
+        if flight is None:
+            send(statement)
+            return None
+        try:
+            send(statement)
+        finally:
+            flight.remove()
+        return flight.reading()
+
+    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+        pid = driver_connection(dbapi_connection).get_server_pid()
+        return pid if isinstance(pid, int) and pid > 0 else None
+
     def probe(self, dbapi_connection: DBAPIConnection) -> Health:
         connection = dbapi_connection.driver_connection
         if connection.is_closed():
@@ -287,6 +349,12 @@ class Asyncpg(Driver):
             # (SQLAlchemy gives a graceful close 2 s), so abort it now.
             connection.terminate()
             raise
+
+
+@functools.lru_cache(maxsize=8)
+def _messages(question: XidQuestion) -> bytes:
+    """Build the question's messages once per question (a handful per process)."""
+    return question_messages(question)
 
 
 def _no_fd() -> None:

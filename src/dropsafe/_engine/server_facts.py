@@ -24,7 +24,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._commit_truth.server_life import ServerLife, remember_server_life
-from dropsafe._commit_truth.server_sql import LIFE, SERVER_LIFE_SQL
+from dropsafe._commit_truth.server_sql import LIFE, LIFE_AND_WAL, SERVER_LIFE_SQL
 from dropsafe._dbapi import ask
 
 if TYPE_CHECKING:
@@ -174,10 +174,18 @@ def learn_session(
             _keep_start(entry, both[:-2])
             return
     life = ask(
-        lambda: _ask_outside_a_transaction(dbapi_connection, LIFE),
+        lambda: _ask_outside_a_transaction(dbapi_connection, LIFE_AND_WAL),
         unknown=None,
-        what="a new session's server life",
+        what="a new session's server life and WAL position",
     )
+    if life is None:  # perhaps the WAL position alone is hidden
+        life = ask(
+            lambda: _ask_outside_a_transaction(dbapi_connection, LIFE),
+            unknown=None,
+            what="a new session's server life",
+        )
+    elif life[2] is not None:  # a primary answered it: the xid's reads in flight may ask it
+        state.wal_readable = True
     if life is not None:
         _keep_life(state, native, life[0], life[1])
     start = ask(

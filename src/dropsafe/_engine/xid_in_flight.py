@@ -14,12 +14,13 @@ outside a unit of work".
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import time
 from typing import TYPE_CHECKING
 
 from dropsafe._classify import ErrorKind, classify
-from dropsafe._commit_truth.pending_commit import PendingCommit
+from dropsafe._commit_truth.pending_commit import PendingCommit, lsn_number
 from dropsafe._commit_truth.resolution import Outcome, resolve_commit
 from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
 from dropsafe._commit_truth.server_sql import xid_question
@@ -83,7 +84,7 @@ class XidInFlight:
         self._driver = driver
         self._state = state
         self._hooks = hooks
-        self._question: XidQuestion | None = None  # built at the first read
+        self._questions: dict[bool, XidQuestion] = {}  # built at the first read
         self._needs_do_blocks = driver.capabilities.xid_read_runs_do_block
 
     def send(
@@ -100,9 +101,10 @@ class XidInFlight:
         if self._needs_do_blocks and not may_run_do_blocks(driver_connection(native)):
             send_text(statement)  # a refused DO block would fail the app's transaction
             return None
-        question = self._question
+        with_wal = self._state.wal_readable  # seen at connect (`server_facts`)
+        question = self._questions.get(with_wal)
         if question is None:
-            question = self._question = xid_question(self._dialect)
+            question = self._questions[with_wal] = xid_question(self._dialect, with_wal=with_wal)
         reading = self._driver.send_reading_xid(send_text, native, statement, question)
         if reading is None:
             return None
@@ -118,6 +120,7 @@ class XidInFlight:
             int(values[0]),
             self._driver.backend_pid(native) or 0,
             life or UNREADABLE,
+            lsn_number(values[2]) if with_wal and len(values) > 2 else 0,  # noqa: PLR2004
             # An xid the read gave before the statement: if the statement changed no row (or
             # its rowcount may count rows it did not write: a WITH), the transaction may write
             # no WAL and its COMMIT then waits for no flush.
@@ -140,13 +143,7 @@ class XidInFlight:
             return
         pending = transcript.pending
         if pending is not None and not pending.unflushed and _SYNCHRONOUS_COMMIT.search(statement):
-            transcript.pending = PendingCommit(
-                pending.xid,
-                pending.backend_pid,
-                pending.server_life,
-                asynchronous=pending.asynchronous,
-                unflushed=True,
-            )
+            transcript.pending = dataclasses.replace(pending, unflushed=True)
 
     def _ended(self, transcript: Transcript) -> bool:
         """Whether the server's transaction ended before the next statement (around us).
