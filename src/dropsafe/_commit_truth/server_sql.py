@@ -135,7 +135,16 @@ def mark_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
 #: a standby assigns none (the statement then fails there on its own). The server's life is not
 #: read here: it is learned at connect (`dropsafe._engine.server_facts`), and a read that failed
 #: in flight (a server that hides it) would fail the app's transaction.
-_IN_FLIGHT = "{xid}::text, current_setting('synchronous_commit')"
+# Read inside the app's own session: every name is schema-qualified, so that an app's function
+# or type of the same name earlier on its search_path (``SET search_path = app, pg_catalog``)
+# cannot answer in PostgreSQL's place (a wrong xid would resolve another transaction's COMMIT).
+_IN_FLIGHT = (
+    "{xid}::pg_catalog.text, pg_catalog.current_setting('synchronous_commit'::pg_catalog.text)"
+)
+_IN_FLIGHT_WAL = (
+    "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
+    "ELSE pg_catalog.pg_current_wal_insert_lsn()::pg_catalog.text END"
+)
 
 
 def xid_question(dialect: Dialect, *, with_wal: bool = False) -> XidQuestion:
@@ -144,11 +153,13 @@ def xid_question(dialect: Dialect, *, with_wal: bool = False) -> XidQuestion:
     ``with_wal``: the WAL insert position too (a third column), where the engine's servers
     were seen at connect to answer it: a lower bound of the COMMIT record's position.
     """
-    current = "pg_current_xact_id" if _at_least(dialect, _XID8) else "txid_current"
-    wal = f", {WAL_POSITION_SQL}" if with_wal else ""
+    current = "pg_catalog." + (
+        "pg_current_xact_id" if _at_least(dialect, _XID8) else "txid_current"
+    )
+    wal = f", {_IN_FLIGHT_WAL}" if with_wal else ""
     return XidQuestion(
         before=_IN_FLIGHT.format(
-            xid=f"(CASE WHEN pg_is_in_recovery() THEN NULL ELSE {current}() END)"
+            xid=f"(CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL ELSE {current}() END)"
         )
         + wal,
         after=_IN_FLIGHT.format(xid=f"{current}_if_assigned()") + wal,

@@ -32,8 +32,9 @@ _PQTRANS_IDLE = 0  # libpq's PGTransactionStatusType: PQTRANS_IDLE
 # text, a user's) could otherwise spell the tag and hand the resolver an xid of its choosing.
 _NOTICE_TAG = f"dropsafe-xid {secrets.token_hex(8)} "
 _READ_FIRST = (
-    "DO $dropsafe$BEGIN RAISE NOTICE USING MESSAGE = '" + _NOTICE_TAG + "' || "
-    "json_build_array({columns})::text; END$dropsafe$;\n"
+    "DO $dropsafe$BEGIN RAISE NOTICE USING MESSAGE = '" + _NOTICE_TAG + "' "
+    "OPERATOR(pg_catalog.||) pg_catalog.json_build_array({columns})::pg_catalog.text; "
+    "END$dropsafe$;\n"
 )
 
 
