@@ -88,10 +88,9 @@ def send_reading_xid(
     return mark.values
 
 
-def _take_mark(conn: Any, query: object) -> XidMark | None:  # noqa: ANN401 - psycopg's
-    """Return (and take off ``conn``) the xid read asked for ``query``'s flight, if any."""
-    mark: XidMark | None = getattr(conn, _MARK_ATTRIBUTE, None)
-    if mark is None or mark.statement != query:
+def _take_mark(conn: Any, query: object, mark: XidMark) -> XidMark | None:  # noqa: ANN401
+    """Return (and take off ``conn``) ``mark``, the xid read asked of it, if it is ``query``'s."""
+    if mark.statement != query:
         return None
     setattr(conn, _MARK_ATTRIBUTE, None)
     return mark
@@ -128,7 +127,10 @@ def cursor_classes() -> tuple[type[Any], type[Any]] | None:
     ) -> Generator[Any, Any, None]:
         conn = cursor._conn  # noqa: SLF001 - psycopg's own step, run with the lock held
         pgconn = conn.pgconn
-        mark = _take_mark(conn, query)
+        # One attribute read per execute: a call only where a read was asked.
+        mark = getattr(conn, _MARK_ATTRIBUTE, None)
+        if mark is not None:
+            mark = _take_mark(conn, query, mark)
         status = pgconn.transaction_status
         if (
             conn._autocommit  # noqa: SLF001
@@ -191,7 +193,7 @@ def _private(psycopg: Any) -> Any:  # noqa: ANN401 - modules and classes of psyc
     return None
 
 
-def _one_flight(  # noqa: PLR0917 - execute's own arguments, and what rides with it
+def _one_flight(  # noqa: C901, PLR0912, PLR0917 - one function (a helper is a call per first statement); execute's arguments
     cursor: Any,  # noqa: ANN401 - a psycopg cursor
     pipeline: Any,  # noqa: ANN401 - psycopg's BasePipeline
     query: str,
@@ -248,24 +250,22 @@ def _one_flight(  # noqa: PLR0917 - execute's own arguments, and what rides with
         _raise_if_failed(replies[0], pgconn)
     if unsent is not None:
         raise unsent
-    _set_results(conn, pipeline.result_queue, replies[begin : begin + len(pipeline.result_queue)])
-    cursor._last_query = query  # noqa: SLF001
-    if mark is not None:
-        mark.values = _row_of(replies[-2], pgconn)
-    yield from conn._prepared.maintain_gen(conn)  # noqa: SLF001
-
-
-def _set_results(conn: Any, queue: Any, replies: list[list[Any]]) -> None:  # noqa: ANN401
-    """Hand each queued entry its results, or raise their error, as psycopg's pipeline does."""
-    for queued, results in zip(queue, replies, strict=True):
+    # Each queued entry its results, or their error, as psycopg's pipeline does (inline: this
+    # runs at every transaction's first statement).
+    queue = pipeline.result_queue
+    for queued, results in zip(queue, replies[begin : begin + len(queue)], strict=True):
         if queued is None:  # a Parse of psycopg's, for a statement prepared from now on
-            _raise_if_failed(results, conn.pgconn)
+            _raise_if_failed(results, pgconn)
             continue
         owner, prepared = queued
         if prepared:
             conn._prepared.validate(*prepared, results)  # noqa: SLF001
         owner._check_results(results)  # noqa: SLF001
         owner._set_results(results)  # noqa: SLF001
+    cursor._last_query = query  # noqa: SLF001
+    if mark is not None:
+        mark.values = _row_of(replies[-2], pgconn)
+    yield from conn._prepared.maintain_gen(conn)  # noqa: SLF001
 
 
 def _row_of(results: list[Any], pgconn: Any) -> tuple[str | None, ...] | None:  # noqa: ANN401
