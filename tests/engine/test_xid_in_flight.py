@@ -25,7 +25,7 @@ from xid_faults import client_port, lost_at_commit, wait_committed
 
 import dropsafe
 from dropsafe._bench._turns import TurnCounter
-from dropsafe._drivers import driver_named, driver_names
+from dropsafe._drivers import driver_named, driver_names, tcp_bytes_sent
 from dropsafe.events import CommitResolved, TransactionReplayed
 from dropsafe.testing import (
     PostgresServer,
@@ -68,10 +68,10 @@ def _empty(server):
     server.execute("TRUNCATE lost_commit, lost_commit_unique")
 
 
-def _engine(server, driver, events, *, reads=True, url=None, **pool):
+def _engine(server, driver, events, *, reads=True, url=None, tcp_user_timeout=2, **pool):
     """A hardened engine, a pool of one; ``reads``: the transaction replay (and the read) on."""
     policy = dropsafe.Policy(
-        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=2),
+        connection=dropsafe.ConnectionPolicy(tcp_user_timeout=tcp_user_timeout),
         pool=dropsafe.PoolPolicy(replay_transaction=reads, **pool),
         unit=dropsafe.UnitPolicy(commit_status_timeout=20),
         hooks=(events.append,),
@@ -290,28 +290,47 @@ def test_a_commit_a_crash_lost_is_told_from_its_xid_handed_out_again(driver, dis
     with PostgresServer(name="xid-reuse", settings={"wal_writer_delay": "10s"}) as server:
         server.execute("CREATE TABLE lost_commit (v int NOT NULL); CHECKPOINT")
         events = []
-        engine = disposing(_engine(server, driver, events))
+        # The COMMIT's lost reply is noticed after 10 s: the crash and the xid's new owner
+        # (a few seconds under load) come first, so the resolution asks after them.
+        engine = disposing(_engine(server, driver, events, tcp_user_timeout=10))
         libpq = server.url("psycopg2").replace("postgresql+psycopg2", "postgresql")
         bystander = psycopg2.connect(libpq)
         holes = contextlib.ExitStack()
         xids = []
+        threads = []
 
-        def crash_and_hand_the_xid_out_again(conn):
-            holes.enter_context(kernel_blackhole(client_port(conn), direction="both"))
+        def crash_and_hand_the_xid_out_again(fd, before):
+            # Once the COMMIT is on its way (into the blackhole): so that the socket looked
+            # alive when it left, whatever the crash's goodbye does (`unsent_commit`).
+            wait_until(
+                lambda: (tcp_bytes_sent(fd) or 0) > before, timeout=20, what="the COMMIT sent"
+            )
             os.kill(bystander.get_backend_pid(), signal.SIGKILL)  # every backend reset
             wait_until(lambda: _answers(server), timeout=30, what="the server back after its crash")
             for _ in range(20):  # the lost xid is handed out again, to one of these
                 server.execute("INSERT INTO lost_commit VALUES (-1)")
             xids.append(int(server.execute("SELECT pg_current_xact_id()::text::bigint")[0][0]))
 
-        sa.event.listen(engine, "commit", crash_and_hand_the_xid_out_again)
+        def at_commit(conn):
+            holes.enter_context(kernel_blackhole(client_port(conn), direction="both"))
+            fd = conn.connection.dbapi_connection.fileno()
+            thread = threading.Thread(
+                target=crash_and_hand_the_xid_out_again, args=(fd, tcp_bytes_sent(fd) or 0)
+            )
+            threads.append(thread)
+            thread.start()
+
+        sa.event.listen(engine, "commit", at_commit)
         try:
             with holes, engine.connect() as conn:
                 conn.execute(INSERT, {"v": 1})
                 conn.commit()  # before: CommitOutcomeUnknown
         finally:
+            for thread in threads:
+                thread.join(60)
             with contextlib.suppress(psycopg2.Error):
                 bystander.close()
+        assert xids, "the crash and the xid's new owner did not happen"
         resolved = [e for e in events if isinstance(e, CommitResolved)]
         assert [e.outcome for e in resolved] == ["aborted"]
         assert resolved[0].xid < xids[0]  # its xid was handed out again, and committed
