@@ -1,7 +1,8 @@
 """How long a unit of work waits before it runs again: full-jitter backoff, and `test_mode`.
 
 Also who waits: inside `waits_elsewhere` a connect fails at once, because the caller (a unit of
-work, a commit resolution) waits for the server itself, within its own deadline.
+work, a commit resolution) waits for the server itself, within its own deadline; and how a
+wait in SQLAlchemy's asyncio greenlet sleeps (`sleep_in_greenlet`).
 
 `test_mode` lives here because it is the switch on this one decision: inside it, every wait
 is zero, while attempts and deadlines still apply.
@@ -9,9 +10,12 @@ is zero, while attempts and deadlines still apply.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 from typing import TYPE_CHECKING
+
+from sqlalchemy.util import concurrency
 
 from dropsafe._policy import UnitPolicy, seconds
 
@@ -19,7 +23,14 @@ if TYPE_CHECKING:
     import random
     from collections.abc import Iterator
 
-__all__ = ["backoff", "caller_waits", "full_jitter", "test_mode", "waits_elsewhere"]
+__all__ = [
+    "backoff",
+    "caller_waits",
+    "full_jitter",
+    "sleep_in_greenlet",
+    "test_mode",
+    "waits_elsewhere",
+]
 
 _MAX_EXPONENT = 64  # backoff_multiplier (at most 10) ** 64 is still a finite float
 _NO_BACKOFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
@@ -28,6 +39,18 @@ _NO_BACKOFF: contextvars.ContextVar[bool] = contextvars.ContextVar(
 _WAITS_ELSEWHERE: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "dropsafe_connect_waits_elsewhere", default=False
 )
+
+
+# Runs a coroutine from SQLAlchemy's greenlet; SQLAlchemy 2.1 renamed await_only to await_.
+_await = getattr(concurrency, "await_", None) or concurrency.await_only
+
+
+def sleep_in_greenlet(delay: float) -> None:
+    """Sleep without blocking the event loop, from sync code in SQLAlchemy's asyncio greenlet.
+
+    An async engine's connect, a unit's resolution and a plain COMMIT's resolution run there.
+    """
+    _await(asyncio.sleep(delay))
 
 
 @contextlib.contextmanager

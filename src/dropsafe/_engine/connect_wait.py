@@ -12,14 +12,11 @@ and why 10 s: docs/settings.md, "When the server is not there".
 
 from __future__ import annotations
 
-import asyncio
 import random
 import time
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-import sqlalchemy.util
-
-from dropsafe._backoff import caller_waits, full_jitter
+from dropsafe._backoff import caller_waits, full_jitter, sleep_in_greenlet
 from dropsafe._classify import classify
 from dropsafe._hooks import emit
 from dropsafe._policy import seconds
@@ -141,7 +138,7 @@ class ConnectWait:
     def _sleep(self, delay: float) -> None:
         if self._is_async:
             # An async engine connects in a greenlet inside the event loop: yield to it.
-            sqlalchemy.util.await_only(asyncio.sleep(delay))
+            sleep_in_greenlet(delay)
         else:
             time.sleep(delay)
 

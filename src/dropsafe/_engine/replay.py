@@ -272,7 +272,7 @@ class FirstStatementReplay:
                         self._xid.note_statement(transcript, statement)  # may drop it
                     if transcript.xid_wanted and may_write(context, statement):
                         reading = self._reading_xid(
-                            transcript, cursor, statement, parameters, context, method
+                            transcript, statement, parameters, context, method
                         )
                     self._send_later(
                         connection, context, statement, send, cursor, transcript, reading
@@ -348,10 +348,9 @@ class FirstStatementReplay:
             cursor,
         )
 
-    def _reading_xid(  # noqa: PLR0917 - do_execute's arguments, and the transcript
+    def _reading_xid(
         self,
         transcript: Transcript,
-        cursor: DBAPICursor,
         statement: str,
         parameters: DBAPIParameters,
         context: ExecutionContext,
@@ -372,7 +371,6 @@ class FirstStatementReplay:
             if xid is not None:
                 transcript.pending, transcript.xid_wanted = xid, False
 
-        del cursor
         return send_reading
 
     def _replay_first(  # noqa: PLR0917 - the lost statement's connection, sender and error

@@ -13,18 +13,18 @@ outside a unit of work".
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 import time
 from typing import TYPE_CHECKING
 
+from dropsafe._backoff import sleep_in_greenlet
 from dropsafe._classify import ErrorKind, classify
 from dropsafe._commit_truth.pending_commit import PendingCommit, lsn_number
 from dropsafe._commit_truth.resolution import Outcome, resolve_commit
 from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
 from dropsafe._commit_truth.server_sql import xid_question
-from dropsafe._drivers.base import await_, driver_connection
+from dropsafe._drivers.base import driver_connection
 from dropsafe._engine.server_facts import may_run_do_blocks
 from dropsafe._policy import seconds
 
@@ -176,10 +176,5 @@ class XidInFlight:
             timeout=timeout,
             deadline=time.monotonic() + timeout,
             hooks=self._hooks,
-            sleep=_awaiting_sleep if self._dialect.is_async else time.sleep,
+            sleep=sleep_in_greenlet if self._dialect.is_async else time.sleep,
         )
-
-
-def _awaiting_sleep(seconds: float) -> None:
-    """Sleep inside SQLAlchemy's greenlet of an asyncio engine: the event loop runs meanwhile."""
-    await_(asyncio.sleep(seconds))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
-from dropsafe._backoff import waits_elsewhere
+from dropsafe._backoff import sleep_in_greenlet, waits_elsewhere
 from dropsafe._commit_truth.server_life import learn_server_life, must_learn_server_life
 from dropsafe._drivers.deadline import bounded
 from dropsafe._errors import ConfigurationError
@@ -65,7 +65,7 @@ async def run_unit_async(
         if isinstance(step, Run):
             reply = await _attempt(bind, fn, step, hooks)
         elif isinstance(step, Resolve):
-            reply = await greenlet_spawn(resolution(step, engine, hooks), sleep=_sleep_in_greenlet)
+            reply = await greenlet_spawn(resolution(step, engine, hooks), sleep=sleep_in_greenlet)
         else:
             await asyncio.sleep(step.seconds)
             reply = None
@@ -74,15 +74,6 @@ async def run_unit_async(
         if audited is not None:
             await greenlet_spawn(audit_after_failover, audited, hooks)
     return cast("_T", step.value)
-
-
-def _sleep_in_greenlet(delay: float) -> None:
-    """Sleep without blocking the event loop, from sync code in SQLAlchemy's greenlet."""
-    from sqlalchemy.util import concurrency
-
-    # SQLAlchemy 2.1 renamed await_only to await_.
-    await_ = getattr(concurrency, "await_", None) or concurrency.await_only
-    await_(asyncio.sleep(delay))
 
 
 async def _attempt(
