@@ -45,6 +45,8 @@ def _feed(stream: bytes, cuts: list[int]) -> tuple[bytes, InFlightReplies]:
     for end in [*cuts, len(stream)]:
         chunk = stream[start:end]
         start = end
+        if replies.malformed:
+            continue  # the watch ends the connection: nothing more is read
         passed += replies.take(chunk) if not replies.done else chunk
     return passed, replies
 
@@ -83,3 +85,41 @@ def test_the_question_rides_only_in_front_of_a_named_statements_bind() -> None:
     messages = question_messages(XidQuestion(before="1, 2", after="3, 4"))
     assert messages.startswith(b"P")
     assert b"SELECT 1, 2\x00" in messages
+
+
+# What a pooler's garbage or a corrupted link may put where a reply is due (PgBouncer 1.18 once
+# sent 16 KB of its heap, starting with a zero byte, then a FATAL). asyncpg loops forever in C
+# on a message whose type byte is zero: none of these may reach it.
+GARBAGE = {
+    "type zero": b"\x00\x00\x00\x00\x01\x00\x00\x00A\x00\x00\x00\x00",
+    "length below four": _message(b"1", b"")[:1] + struct.pack("!i", 2) + b"\x00" * 8,
+    "a reply never due here": _message(b"Z", b"T"),
+    "ParseComplete with a body": _message(b"1", b"\x00" * 4),
+    "a DataRow's length from garbage": b"D" + struct.pack("!i", 1 << 24) + b"\x00" * 8,
+    "an error's length from garbage": b"E" + struct.pack("!i", 1 << 24) + b"\x00" * 8,
+}
+
+
+@pytest.mark.parametrize("garbage", list(GARBAGE))
+@pytest.mark.parametrize("at", [0, 1, 2, 3], ids=["for Parse", "for Bind", "for row", "for tag"])
+def test_a_broken_stream_is_never_handed_to_asyncpg(garbage: str, at: int) -> None:
+    """In place of any of the four replies, at any split: asyncpg gets the whole messages
+    before it (a notice), none of the garbage, and the taking says the stream is broken."""
+    boundaries = [0, 5, 10, 10 + len(_data_row(b"742", b"on", None)), len(OURS)]
+    stream = NOTICE + OURS[: boundaries[at]] + GARBAGE[garbage] + THEIRS + READY
+    for cut in range(len(stream) + 1):
+        passed, replies = _feed(stream, [cut])
+        assert passed == NOTICE, cut
+        assert replies.done
+        assert replies.malformed
+        assert replies.failed
+    passed, replies = _feed(stream, list(range(1, len(stream))))
+    assert passed == NOTICE
+    assert replies.malformed
+
+
+def test_an_error_in_place_of_a_reply_is_not_malformed() -> None:
+    passed, replies = _feed(OURS[:5] + ERROR + READY, [])
+    assert passed == ERROR + READY
+    assert replies.failed
+    assert not replies.malformed

@@ -74,10 +74,14 @@ class _GoodbyeWatch(asyncio.Protocol):
     are taken out before asyncpg reads.
     """
 
-    __slots__ = ("goodbye", "inner", "replies")
+    __slots__ = ("broken", "goodbye", "inner", "replies", "transport")
 
-    def __init__(self, inner: asyncio.Protocol) -> None:
+    def __init__(self, inner: asyncio.Protocol, transport: asyncio.Transport) -> None:
         self.inner = inner
+        self.transport = transport
+        #: A reply to the question came malformed: the connection was aborted, and nothing
+        #: more is read (`asyncpg_flight`: asyncpg's parser may loop forever on such bytes).
+        self.broken = False
         #: The server said FATAL (or PANIC): the session is over, whatever the socket says.
         self.goodbye = False
         #: The replies to an xid question sent ahead of asyncpg's messages, still to take out
@@ -90,11 +94,27 @@ class _GoodbyeWatch(asyncio.Protocol):
             data = replies.take(data)
             if replies.done:
                 self.replies = None
+                if replies.malformed:
+                    self._break(data)
+                    return
             if not data:
                 return
+        elif self.broken:
+            return
         if data[:1] == b"E" and _ends_session(data):
             self.goodbye = True
         self.inner.data_received(data)
+
+    def _break(self, whole: bytes) -> None:
+        """End the connection on a broken stream; asyncpg gets the whole messages before it.
+
+        The statement then fails as on a cut connection (asyncpg's "closed in the middle of
+        operation", a disconnect: the pool discards the connection).
+        """
+        self.broken = True
+        if whole:
+            self.inner.data_received(whole)
+        self.transport.abort()
 
     def eof_received(self) -> bool | None:
         return self.inner.eof_received()
@@ -148,7 +168,7 @@ def _goodbye_watch(native: DBAPIConnection) -> _GoodbyeWatch | None:
         return current
     if current is not native._protocol:  # noqa: SLF001
         return None
-    watch = _GoodbyeWatch(current)
+    watch = _GoodbyeWatch(current, transport)
     transport.set_protocol(watch)
     return watch
 

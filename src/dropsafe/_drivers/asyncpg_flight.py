@@ -17,6 +17,14 @@ will bind (asyncpg parses its unnamed statements right before binding them, in o
 a reply that is not one of the four expected (an ErrorResponse: the transaction was already
 aborted, the backend was cancelled or terminated) ends the taking, and asyncpg reads it as the
 reply to its own Bind, the one it would have read there (the server skips to Sync either way).
+
+Why a broken stream ends the connection. Anything else where a reply is due (a type no server
+sends there, a length no reply has: a pooler's garbage, a corrupted link) is never handed to
+asyncpg: its parser loops forever in C on some malformed messages (a message whose type byte is
+zero is never finished: ``ReadBuffer.finish_message`` returns early and ``take_message`` hands
+it out again), with the event loop stuck and no timeout able to fire. The taking stops there,
+``malformed`` says so, and the watch aborts the connection: the statement fails as on a
+connection cut, and the pool discards it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,15 @@ _EXPECTED = b"12DC"
 _ASYNCHRONOUS = frozenset(b"SAN")
 #: A Bind's portal and statement names are short; look no further for the statement's.
 _BIND_HEAD = 5 + 2 * 256
+#: Where one of the four replies is due, the one other reply a server may send: the
+#: ErrorResponse that ends them (passed on as asyncpg's own).
+_ERROR = ord("E")
+#: The longest each may be: ParseComplete and BindComplete have no body, the DataRow holds the
+#: question's few short columns, the CommandComplete its tag, the error is the question's (or
+#: the goodbye's). Longer, the length was read from garbage.
+_LONGEST = {ord("1"): 4, ord("2"): 4, ord("D"): 1 << 16, ord("C"): 1 << 10, _ERROR: 1 << 16}
+#: A notice may be as long as the server allows a message (MaxAllocSize).
+_LONGEST_ASYNCHRONOUS = (1 << 30) - 1
 
 
 def question_messages(question: XidQuestion) -> bytes:
@@ -66,7 +83,7 @@ def _opens_named_bind(data: Any) -> bool:  # noqa: ANN401 - bytes, memoryview or
 class InFlightReplies:
     """Takes the replies to dropsafe's question out of what the server sends, the rest passed on."""
 
-    __slots__ = ("_held", "_step", "failed", "values")
+    __slots__ = ("_held", "_step", "failed", "malformed", "values")
 
     def __init__(self) -> None:
         self._held = bytearray()
@@ -75,6 +92,9 @@ class InFlightReplies:
         self.values: tuple[str | None, ...] | None = None
         #: Something else came where a reply to the question was due (or the connection ended).
         self.failed = False
+        #: What came is no message a server sends there: the stream is broken, and the
+        #: connection must end before asyncpg reads any of it (`take` handed out none of it).
+        self.malformed = False
 
     @property
     def done(self) -> bool:
@@ -86,10 +106,17 @@ class InFlightReplies:
         held += data
         passed = bytearray()
         while not self.done and len(held) >= _HEADER:
-            end = 1 + int.from_bytes(held[1:_HEADER], "big")
+            kind = held[0]
+            length = int.from_bytes(held[1:_HEADER], "big")
+            if not _well_formed(kind, length, _EXPECTED[self._step]):
+                # Handed to asyncpg, it could loop forever: nothing of it is (the module's
+                # docstring); what was passed before it was whole messages.
+                self.failed = self.malformed = True
+                held.clear()
+                return bytes(passed)
+            end = 1 + length
             if len(held) < end:
                 break
-            kind = held[0]
             if kind in _ASYNCHRONOUS:
                 passed += held[:end]
             elif kind == _EXPECTED[self._step]:
@@ -110,6 +137,15 @@ class InFlightReplies:
         """Note that the connection ended: nothing more comes."""
         self.failed = True
         self._held.clear()
+
+
+def _well_formed(kind: int, length: int, due: int) -> bool:
+    """Whether a message of ``kind`` and ``length`` may come where the reply ``due`` is due."""
+    if length < 4:  # noqa: PLR2004 - the length counts itself
+        return False
+    if kind in _ASYNCHRONOUS:
+        return length <= _LONGEST_ASYNCHRONOUS
+    return kind in (due, _ERROR) and length <= _LONGEST[kind]
 
 
 def _columns(body: bytes) -> tuple[str | None, ...]:
