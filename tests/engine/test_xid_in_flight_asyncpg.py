@@ -28,14 +28,7 @@ if TYPE_CHECKING:
 
 pytest.importorskip("asyncpg")
 
-pytestmark = [
-    pytest.mark.fault,
-    pytest.mark.timeout(90),
-    pytest.mark.skip(
-        reason="asyncpg's read in flight is off (Capabilities.reads_xid_in_flight=False): it "
-        "once left asyncpg's parser looping under a PgBouncer ledger run with faults"
-    ),
-]
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(90)]
 
 NO_BLACKHOLE = kernel_blackhole_unavailable()
 INSERT = sa.text("INSERT INTO lost_commit_a (v) VALUES (:v)")

@@ -208,11 +208,11 @@ class Asyncpg(Driver):
         failover_messages=("none of the hosts match the target attribute",),
     )
     tls = Tls(url_parameters={"ssl": "require"}, off_url_parameters={"ssl": "disable"})
-    # Off: the read (`send_reading_xid`, on asyncio's own transports) once left asyncpg's
-    # parser looping in C (ReadBuffer.finish_message) under a PgBouncer ledger run with faults
-    # (tests/units/test_pgbouncer.py, CI of 1d3d747): a lost COMMIT on asyncpg raises the
-    # driver's error until that is understood. The driver's tests still exercise the read.
-    capabilities = Capabilities(reads_xid_in_flight=False)
+    # On asyncio's own transports (plain and TLS); uvloop's cannot be hooked and read nothing.
+    # (The parser loop once seen under PgBouncer with faults was asyncpg's own, at connect, on
+    # PgBouncer's garbage: no question is sent there. A malformed reply to the question ends
+    # the connection, never reaches asyncpg: `asyncpg_flight`.)
+    capabilities = Capabilities(reads_xid_in_flight=True)
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return isinstance(dbapi_connection, AdaptedConnection) and is_instance(
