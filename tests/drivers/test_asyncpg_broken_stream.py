@@ -108,17 +108,14 @@ class ZeroingRelay:
         return chunk[:at] + b"\x00" + chunk[at + 1 :]
 
 
-@pytest.fixture(scope="module")
-def server(shared_server: Any) -> Any:
-    shared_server.execute(
+@pytest.fixture
+async def relay(shared_server: Any) -> AsyncIterator[tuple[ZeroingRelay, str]]:
+    """The relay in front of the module's database, whose one row the app updates."""
+    server = shared_server
+    server.execute(
         "CREATE TABLE IF NOT EXISTS broken (id int PRIMARY KEY, v text); "
         "INSERT INTO broken VALUES (1, 'a') ON CONFLICT DO NOTHING"
     )
-    return shared_server
-
-
-@pytest.fixture
-async def relay(server: Any) -> AsyncIterator[tuple[ZeroingRelay, str]]:
     relay = ZeroingRelay(server.host, server.port)
     host, port = await relay.start()
     # Plain TCP: the relay reads the messages (TLS would end at the server).
