@@ -74,14 +74,23 @@ class _Resolution:
         hooks: tuple[Hook, ...],
         error: BaseException,
         deadline: float,
+        *,
+        reach_until: float | None = None,
     ) -> None:
         self.pending = pending
         self.hooks = hooks
         self.error = error
         self.started = time.monotonic()
+        #: Until when answers that say nothing yet ("in progress", a standby) are waited on.
         self.deadline = deadline
+        #: Until when a server that cannot be asked at all is waited for (never before
+        #: ``deadline``): a restart outlasting the asking time is an outage, as for a connect.
+        self.reach_until = max(deadline, reach_until or deadline)
+        self._answering_time = max(0.0, deadline - self.started)
+        self._answered = False
+        self._unreached = False  # a question failed before the server's first answer
         self.pause = _FIRST_POLL
-        self.budget = max(0.0, deadline - self.started)
+        self.budget = self._answering_time
         self.fenced_idle = False
         self.fenced_any = False
         self.fencing_refused = False
@@ -162,11 +171,29 @@ class _Resolution:
             and ours.timeline == theirs.timeline
         )
 
+    def answered(self) -> None:
+        """Note that the server answered; the asking time starts at its first answer.
+
+        Until then the server could not be asked (stopped, restarting, refusing): that was
+        an outage, waited for until ``reach_until``, and the time to ask begins now, bounded by
+        ``reach_until`` still.
+        """
+        if self._answered:
+            return
+        self._answered = True
+        now = time.monotonic()
+        if self._unreached:
+            self.deadline = max(self.deadline, min(now + self._answering_time, self.reach_until))
+            self.budget = max(0.0, self.deadline - now)
+
     def next_pause(self, failure: BaseException | None = None) -> float:
         """Return how long to wait before asking again, or raise when time is up."""
         if failure is not None and not classify(failure).retryable:
             self._unknown(f"asking the server failed: {describe_error(failure)}", failure)
-        if time.monotonic() + self.pause > self.deadline:
+        if failure is not None and not self._answered:
+            self._unreached = True
+        until = self.reach_until if failure is not None else self.deadline
+        if time.monotonic() + self.pause > until:
             if failure is not None:
                 why = f"the server could not be asked in time: {describe_error(failure)}"
             elif self.standby_answered:
@@ -235,16 +262,22 @@ def resolve_commit(
 ) -> Outcome:
     """Ask the server (new connections) whether the pending commit's transaction committed.
 
-    Keeps asking for ``timeout`` seconds (``UnitPolicy.commit_status_timeout``) and never past
-    ``deadline``, but always asks at least once.
+    Keeps asking for ``timeout`` seconds (``UnitPolicy.commit_status_timeout``) from the
+    server's first answer, and never past ``deadline``, but always asks at least once. A server
+    that cannot be asked (stopped, restarting: connects refused) is waited for until
+    ``deadline``: a lost COMMIT in a restart longer than ``timeout`` is still resolved.
     Async engines run this in SQLAlchemy's greenlet with an awaiting ``sleep``.
     """
-    resolution = _Resolution(pending, hooks, error, min(time.monotonic() + timeout, deadline))
+    resolution = _Resolution(
+        pending, hooks, error, min(time.monotonic() + timeout, deadline), reach_until=deadline
+    )
     pool = engine.pool.recreate()  # new connections, with the engine's creator and listeners
     try:
         while True:
             try:
-                decision = resolution.settle(_ask(pool, engine.dialect, pending, resolution))
+                answer = _ask(pool, engine.dialect, pending, resolution)
+                resolution.answered()
+                decision = resolution.settle(answer)
                 if decision == "fence":
                     _fence(pool, engine.dialect, pending, resolution)
                     continue
