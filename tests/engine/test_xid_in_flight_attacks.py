@@ -227,13 +227,11 @@ def test_a_with_that_writes_nothing_and_notifies_is_not_replayed_after_a_crash(c
 @needs_blackhole
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", READS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="synchronous_commit turned off after the read by a trigger (no statement names it): "
-    "the COMMIT is not marked unflushed; a crash loses its commit record after its NOTIFY "
-    "was delivered, the xid reads aborted, and the replay notifies again",
-)
 def test_synchronous_commit_off_in_a_trigger_after_the_read_is_not_replayed(crashable, driver):
+    """A trigger turns synchronous_commit off after the read (no statement names it), and
+    notifies: a crash lost its commit record after the NOTIFY was delivered. Before the fix:
+    the xid read aborted, and the replay notified again (both drivers). The database's code
+    may notify or turn synchronous_commit off: after a crash, unknown."""
     outcome, resolved, replays, heard = _commit_lost_then_crash(
         crashable,
         driver,
@@ -245,14 +243,11 @@ def test_synchronous_commit_off_in_a_trigger_after_the_read_is_not_replayed(cras
 
 @needs_blackhole
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="psycopg2's read assigns the xid before the statement; an INSERT into a view whose "
-    "INSTEAD OF trigger only notifies counts a row but writes no WAL: the COMMIT does not "
-    "flush its commit record, a crash loses it, the xid reads aborted, and the replay "
-    "notifies again",
-)
 def test_an_insert_into_a_view_that_only_notifies_is_not_replayed_after_a_crash(crashable):
+    """psycopg2's read assigns the xid before the statement; an INSERT into a view whose
+    INSTEAD OF trigger only notifies counts a row but writes no WAL: its COMMIT flushed
+    nothing, a crash lost it. Before the fix: the xid read aborted, and the replay notified
+    again. The database's code may notify: after a crash, unknown."""
     outcome, resolved, replays, heard = _commit_lost_then_crash(
         crashable, "psycopg2", ["INSERT INTO attack_view VALUES (1)"]
     )

@@ -115,7 +115,6 @@ def test_asking_again_backs_off_then_gives_up():
     assert pauses == [0.02, 0.04]  # 0.06 s spent; the next 0.08 s would pass the bound
 
 
-
 def test_a_server_that_cannot_be_asked_is_waited_for_past_the_asking_time():
     refused = psycopg2.OperationalError(
         'connection to server at "127.0.0.1", port 5432 failed: Connection refused'
@@ -131,6 +130,21 @@ def test_a_server_that_cannot_be_asked_is_waited_for_past_the_asking_time():
     resolution.reach_until = resolution.deadline = time.monotonic()
     with pytest.raises(CommitOutcomeUnknown, match="could not be asked in time"):
         resolution.next_pause(refused)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _XidStatus("aborted", AFTER_CRASH, in_recovery=False, server_code_may_notify=True),
+        _XidStatus("future", AFTER_CRASH, in_recovery=False, server_code_may_notify=True),
+    ],
+)
+def test_aborted_by_a_crash_where_the_database_s_code_may_notify_is_unknown(answer):
+    with pytest.raises(CommitOutcomeUnknown, match="functions or rules that notify"):
+        _resolution([]).settle(answer)
+    # Without a crash the commit record was never lost: aborted is aborted.
+    same = _XidStatus("aborted", HISTORY, in_recovery=False, server_code_may_notify=True)
+    assert _resolution([]).settle(same) == "aborted"
 
 
 def test_only_standbys_answering_is_said_so():

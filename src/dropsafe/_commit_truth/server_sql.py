@@ -200,10 +200,31 @@ _IDLE_OR_NO_SYNC_STANDBY = (
 )
 
 
-def status_statement(dialect: Dialect, *, xid: int, backend_pid: int) -> str:
-    """Return the question: the xid's status (or ``future``), and does it wait in SyncRep."""
+# Whether code in the database may notify, or turn synchronous_commit off, where no statement
+# of the app names it: a function's body or its own settings (a trigger's, an INSTEAD OF
+# trigger's), a rule's action. Where it may, a COMMIT may not have waited for its WAL (off, or
+# no WAL written: a transaction that only notifies) though the xid read said otherwise, and its
+# notification is delivered at once: a crash may then lose a commit that was already heard.
+_SERVER_CODE_MAY_NOTIFY = (
+    "EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace NOT IN "
+    "('pg_catalog'::regnamespace, 'information_schema'::regnamespace) "
+    "AND (prosrc ~* '(notify|synchronous_commit)' "
+    "OR pg_catalog.array_to_string(proconfig, ' ') ~* 'synchronous_commit')) "
+    "OR EXISTS (SELECT FROM pg_catalog.pg_rules WHERE definition ~* 'notify')"
+)
+
+
+def status_statement(
+    dialect: Dialect, *, xid: int, backend_pid: int, asks_server_code: bool = False
+) -> str:
+    """Return the question: the xid's status (or ``future``), and does it wait in SyncRep.
+
+    ``asks_server_code``: a third column, whether the database's own code may notify or turn
+    synchronous_commit off (asked only after a crash may have lost the commit record).
+    """
     template = _STATUS if _at_least(dialect, _XID8) else _STATUS_BEFORE_13
-    return template.format(xid=xid, pid=backend_pid, xid32=xid % 2**32)
+    statement = template.format(xid=xid, pid=backend_pid, xid32=xid % 2**32)
+    return f"{statement}, {_SERVER_CODE_MAY_NOTIFY}" if asks_server_code else statement
 
 
 def fence_statement(
