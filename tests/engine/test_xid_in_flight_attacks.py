@@ -255,6 +255,33 @@ def test_an_insert_into_a_view_that_only_notifies_is_not_replayed_after_a_crash(
     assert (outcome, resolved, replays) == ("unknown", ["unknown"], [])
 
 
+@pytest.fixture
+def crashable_tcn():
+    """``crashable`` whose only code that notifies is contrib's tcn trigger (a C function)."""
+    with PostgresServer(name="xid-attacks-tcn", settings={"wal_writer_delay": "10s"}) as server:
+        server.execute(
+            "CREATE EXTENSION tcn; CREATE UNLOGGED TABLE attack_tcn (v int PRIMARY KEY); "
+            "CREATE TRIGGER attack_tcn AFTER INSERT ON attack_tcn FOR EACH ROW "
+            f"EXECUTE FUNCTION triggered_change_notification('{CHANNEL}')"
+        )
+        yield server
+
+
+@needs_blackhole
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", READS)
+def test_an_unlogged_write_that_tcn_announces_is_not_replayed_after_a_crash(crashable_tcn, driver):
+    """An INSERT into an unlogged table writes no WAL: its COMMIT waited for no flush, and
+    contrib's tcn trigger (C: its body is ``triggered_change_notification``) notified. A crash
+    lost the commit after the notification was heard: unknown, never replayed (the question
+    looks for 'notif', not only 'notify')."""
+    outcome, resolved, replays, heard = _commit_lost_then_crash(
+        crashable_tcn, driver, ["INSERT INTO attack_tcn VALUES (1)"]
+    )
+    assert len(heard) == 1
+    assert (outcome, resolved, replays) == ("unknown", ["unknown"], [])
+
+
 @needs_blackhole
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", READS)
