@@ -209,11 +209,12 @@ _IDLE_OR_NO_SYNC_STANDBY = (
 # trigger's), a rule's action. Where it may, a COMMIT may not have waited for its WAL (off, or
 # no WAL written: a transaction that only notifies) though the xid read said otherwise, and its
 # notification is delivered at once: a crash may then lose a commit that was already heard.
-# 'notif', not 'notify': contrib's tcn trigger is a C function named triggered_change_notification.
+# 'notif', not 'notify': contrib's tcn trigger is a C function named triggered_change_notification;
+# and a body's EXECUTE, whose SQL (built at run time) may be either.
 _SERVER_CODE_MAY_NOTIFY = (
     "EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace NOT IN "
     "('pg_catalog'::regnamespace, 'information_schema'::regnamespace) "
-    "AND (prosrc ~* '(notif|synchronous_commit)' "
+    "AND (prosrc ~* '(notif|synchronous_commit|\\mexecute\\M)' "
     "OR pg_catalog.array_to_string(proconfig, ' ') ~* 'synchronous_commit')) "
     "OR EXISTS (SELECT FROM pg_catalog.pg_rules WHERE definition ~* 'notif')"
 )
