@@ -292,3 +292,21 @@ def test_a_connection_closed_with_no_error_is_not_tried_again(server, proxy, fau
     # A cut's old backend may still run: it takes the lock once released, and its transaction
     # aborts when it finds no client; a killed one's never committed.
     assert _bumped(server) == 0
+
+
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_statement_that_ends_its_own_backend_is_not_tried_again(server, proxy, driver):
+    # Its 57P01 is its own doing: sent again, it would end the next backend too (and any other
+    # it names). Replayed once as a first statement (docs/guarantees.md), then the error.
+    events = []
+    engine = dropsafe.create_engine(
+        proxy.route(server.url(driver)), policy=_policy(events), pool_size=1, max_overflow=0
+    )
+    lose_at_next_checkout(engine, "terminate", server, proxy)
+    try:
+        with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
+            conn.execute(sa.text("SELECT pg_terminate_backend(pg_backend_pid())"))
+    finally:
+        engine.dispose()
+    [event] = _first_statement_events(events)
+    assert (event.replay_error is not None, event.attempts) == (True, 1)

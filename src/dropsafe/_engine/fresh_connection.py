@@ -154,21 +154,28 @@ class FreshConnections:
                 if not (
                     sent_on
                     and attempts[0] < REPLAY_ATTEMPTS
-                    and self._ended(again, sent_on[0], deadline)
+                    and self._ended(again, sent_on[0], deadline, context)
                 ):
                     raise
                 logger.debug("dropsafe sends a first statement again: %s", describe_error(again))
 
     def _ended(
-        self, again: Exception, fresh: PoolProxiedConnection, deadline: float | None
+        self,
+        again: Exception,
+        fresh: PoolProxiedConnection,
+        deadline: float | None,
+        context: ExecutionContext,
     ) -> bool:
         """Whether a statement lost with ``fresh`` may be sent on another fresh connection now.
 
-        Only when the server ended ``fresh`` (`ended_by_the_server`) and the connect wait's
-        ``deadline`` (None: connects do not wait) is not over.
+        Only when the server ended ``fresh`` (`ended_by_the_server`), the connect wait's
+        ``deadline`` (None: connects do not wait) is not over, and the lost statement (the one
+        in ``context``) does not name ``pg_terminate_backend``.
         """
         if deadline is None or time.monotonic() >= deadline:
             return False
+        if _ENDS_BACKENDS in str(getattr(context, "statement", "")).lower():
+            return False  # its 57P01 may be its own doing: pg_terminate_backend(pg_backend_pid())
         kept = "" if self._driver is None else self._driver.last_error_text(fresh.dbapi_connection)
         return ended_by_the_server(again, kept)
 
@@ -220,7 +227,7 @@ class FreshConnections:
                 if (
                     attempt < REPLAY_ATTEMPTS
                     and also_lost(again, fresh)
-                    and (not asked or self._ended(again, fresh, deadline))
+                    and (not asked or self._ended(again, fresh, deadline, context))
                 ):
                     continue
                 difference = ("failed", f"the replay failed: {describe_error(again)}")
@@ -355,6 +362,8 @@ REPLAY_ATTEMPTS = 3
 # exception then carries no SQLSTATE, and its connection keeps the text alone (lc_messages
 # other than English: not recognised, so not sent again).
 _ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
+# A statement that names it may end its own backend with 57P01: never sent again for that.
+_ENDS_BACKENDS = "pg_terminate_backend"
 
 
 def ended_by_the_server(error: BaseException, kept: str = "") -> bool:
