@@ -370,7 +370,7 @@ def ended_by_the_server(error: BaseException, kept: str = "") -> bool:
     """Whether the server ended the connection, not the statement it ran: SQLSTATE 57P01.
 
     57P01 (admin_shutdown) is what a backend sends when it is told to end (SIGTERM: an
-    administrator's pg_terminate_backend, a smart or fast shutdown): the statement's
+    administrator's pg_terminate_backend, a fast shutdown): the statement's
     transaction aborts with it, and nothing the statement does makes its own backend end
     this way (unless it calls pg_terminate_backend on itself). Not 57P02 (crash_shutdown: another
     backend crashed, maybe a replay of this statement) nor a connection closed with no error
