@@ -14,12 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 import time
 
 import pytest
 import sqlalchemy as sa
-from replay_faults import lose, lose_at_next_checkout, prepared_server, wait_until_running
+from replay_faults import (
+    in_another_thread,
+    lose,
+    lose_at_next_checkout,
+    prepared_server,
+    wait_until_running,
+)
 from sqlalchemy.pool import NullPool
 
 import dropsafe
@@ -65,11 +70,12 @@ def _bumped(server):
             time.sleep(0.05)  # polling a condition (the server is up) with a deadline
 
 
-def _policy(events):
-    """The flag's policy: both replays on."""
-    return dropsafe.Policy(
+def _engine(server, proxy, driver, events, *, make=dropsafe.create_engine):
+    """A pool of one through ``proxy``, with the flag's policy (both replays on)."""
+    policy = dropsafe.Policy(
         pool=dropsafe.PoolPolicy(replay_transaction=True), hooks=(events.append,)
     )
+    return make(proxy.route(server.url(driver)), policy=policy, pool_size=1, max_overflow=0)
 
 
 class RowLock:
@@ -124,13 +130,8 @@ def fault_while_running(server, proxy, fault):
         finally:
             lock.release()
 
-    attacker = threading.Thread(target=attack)
-    attacker.start()
-    try:
+    with in_another_thread(attack, timeout=60):
         yield seen
-    finally:
-        attacker.join(timeout=60)
-        assert not attacker.is_alive()
 
 
 def _first_statement_events(events):
@@ -144,48 +145,48 @@ def _transaction_events(events):
 # -- sent again: the server ended the fresh connection (57P01) --------------------------------
 
 
+@contextlib.contextmanager
+def lost_before_bump(engine, replay, server, proxy):
+    """A Connection whose next statement (``BUMP``) meets its connection lost: as the
+    transaction's first statement (``replay="first statement"``) or its second."""
+    if replay == "first statement":
+        lose_at_next_checkout(engine, "terminate", server, proxy)
+    with engine.connect() as conn:
+        if replay == "transaction":
+            assert conn.execute(READ).scalar() == 20
+            lose("terminate", server, proxy)
+        yield conn
+
+
+def _replay_outcome(events, replay):
+    """Whether the one replay event says it held, and its attempts."""
+    if replay == "first statement":
+        [event] = _first_statement_events(events)
+        return event.replay_error is None, event.attempts
+    [event] = _transaction_events(events)
+    return event.outcome == "replayed", event.attempts
+
+
+REPLAYS = ["first statement", "transaction"]
+
+
+@pytest.mark.parametrize("replay", REPLAYS)
 @pytest.mark.parametrize("fault", ["terminate", "restart"])
 @pytest.mark.parametrize("driver", SYNC)
-def test_first_statement_replay_ended_by_the_server_is_sent_again(
-    server, proxy, driver, fault, disposing
+def test_a_replay_ended_by_the_server_is_sent_again(  # noqa: PLR0917 - fixtures and parameters
+    server, proxy, driver, fault, replay, disposing
 ):
     events = []
-    engine = disposing(
-        dropsafe.create_engine(
-            proxy.route(server.url(driver)), policy=_policy(events), pool_size=1, max_overflow=0
-        )
-    )
-    lose_at_next_checkout(engine, "terminate", server, proxy)  # the first statement meets it
-    with engine.connect() as conn, fault_while_running(server, proxy, fault) as seen:
+    engine = disposing(_engine(server, proxy, driver, events))
+    with (
+        lost_before_bump(engine, replay, server, proxy) as conn,
+        fault_while_running(server, proxy, fault) as seen,
+    ):
         assert conn.execute(BUMP).scalar() == 1
         conn.commit()
     assert seen == [True]
     assert _bumped(server) == 1
-    [replay] = _first_statement_events(events)
-    assert (replay.replay_error, replay.attempts) == (None, 2)
-
-
-@pytest.mark.parametrize("fault", ["terminate", "restart"])
-@pytest.mark.parametrize("driver", SYNC)
-def test_transaction_replay_ended_by_the_server_is_sent_again(
-    server, proxy, driver, fault, disposing
-):
-    events = []
-    engine = disposing(
-        dropsafe.create_engine(
-            proxy.route(server.url(driver)), policy=_policy(events), pool_size=1, max_overflow=0
-        )
-    )
-    with engine.connect() as conn:
-        assert conn.execute(READ).scalar() == 20
-        lose("terminate", server, proxy)  # the lost statement is the transaction's second
-        with fault_while_running(server, proxy, fault) as seen:
-            assert conn.execute(BUMP).scalar() == 1
-            conn.commit()
-    assert seen == [True]
-    assert _bumped(server) == 1
-    [replay] = _transaction_events(events)
-    assert (replay.outcome, replay.reason, replay.attempts) == ("replayed", None, 2)
+    assert _replay_outcome(events, replay) == (True, 2)
 
 
 @pytest.mark.parametrize("driver", ASYNC)
@@ -194,9 +195,7 @@ async def test_async_replays_ended_by_the_server_are_sent_again(
 ):
     events = []
     engine = disposing_async(
-        dropsafe.create_async_engine(
-            proxy.route(server.url(driver)), policy=_policy(events), pool_size=1, max_overflow=0
-        )
+        _engine(server, proxy, driver, events, make=dropsafe.create_async_engine)
     )
     lose_at_next_checkout(engine.sync_engine, "terminate", server, proxy)
     async with engine.connect() as conn:
@@ -221,14 +220,7 @@ def test_the_attempts_are_bounded(server, proxy, disposing):
     # Every fresh connection ended while the statement runs: REPLAY_ATTEMPTS of them, then
     # the error reaches the app.
     events = []
-    engine = disposing(
-        dropsafe.create_engine(
-            proxy.route(server.url("psycopg2")),
-            policy=_policy(events),
-            pool_size=1,
-            max_overflow=0,
-        )
-    )
+    engine = disposing(_engine(server, proxy, "psycopg2", events))
     ended = []
 
     def attack():
@@ -242,13 +234,8 @@ def test_the_attempts_are_bounded(server, proxy, disposing):
     lose_at_next_checkout(engine, "terminate", server, proxy)
     with engine.connect() as conn:  # its connection ended at checkout, before the lock is held
         lock = RowLock(server)
-        attacker = threading.Thread(target=attack)
-        attacker.start()
-        try:
-            with pytest.raises(sa.exc.OperationalError):
-                conn.execute(BUMP)
-        finally:
-            attacker.join(timeout=60)
+        with in_another_thread(attack, timeout=60), pytest.raises(sa.exc.OperationalError):
+            conn.execute(BUMP)
     assert len(ended) == REPLAY_ATTEMPTS
     assert _bumped(server) == 0
     [replay] = _first_statement_events(events)
@@ -260,35 +247,23 @@ def test_the_attempts_are_bounded(server, proxy, disposing):
 
 
 @pytest.mark.parametrize("fault", ["cut", "sigkill"])
-@pytest.mark.parametrize("replay", ["first statement", "transaction"])
+@pytest.mark.parametrize("replay", REPLAYS)
 def test_a_connection_closed_with_no_error_is_not_tried_again(server, proxy, fault, replay):
     # A backend the statement crashed closes its connection with no error, as a cut does: the
     # statement could crash it again. The original error reaches the app, the row untouched.
     events = []
-    engine = dropsafe.create_engine(
-        proxy.route(server.url("psycopg2")), policy=_policy(events), pool_size=1, max_overflow=0
-    )
+    engine = _engine(server, proxy, "psycopg2", events)
     try:
-        if replay == "first statement":
-            lose_at_next_checkout(engine, "terminate", server, proxy)
-        with engine.connect() as conn:
-            if replay == "transaction":
-                conn.execute(READ)
-                lose("terminate", server, proxy)
-            with (
-                fault_while_running(server, proxy, fault) as seen,
-                pytest.raises(sa.exc.OperationalError),
-            ):
-                conn.execute(BUMP)
+        with (
+            lost_before_bump(engine, replay, server, proxy) as conn,
+            fault_while_running(server, proxy, fault) as seen,
+            pytest.raises(sa.exc.OperationalError),
+        ):
+            conn.execute(BUMP)
     finally:
         engine.dispose()
     assert seen == [True]
-    if replay == "first statement":
-        [event] = _first_statement_events(events)
-        assert (event.replay_error is not None, event.attempts) == (True, 1)
-    else:
-        [event] = _transaction_events(events)
-        assert (event.outcome, event.attempts) == ("failed", 1)
+    assert _replay_outcome(events, replay) == (False, 1)
     # A cut's old backend may still run: it takes the lock once released, and its transaction
     # aborts when it finds no client; a killed one's never committed.
     assert _bumped(server) == 0
@@ -299,9 +274,7 @@ def test_a_statement_that_ends_its_own_backend_is_not_tried_again(server, proxy,
     # Its 57P01 is its own doing: sent again, it would end the next backend too (and any other
     # it names). Replayed once as a first statement (docs/guarantees.md), then the error.
     events = []
-    engine = dropsafe.create_engine(
-        proxy.route(server.url(driver)), policy=_policy(events), pool_size=1, max_overflow=0
-    )
+    engine = _engine(server, proxy, driver, events)
     lose_at_next_checkout(engine, "terminate", server, proxy)
     try:
         with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
