@@ -105,8 +105,8 @@ def _end_the_running_statement(fault, server, proxy):
             f"SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) {running}"
         )
         assert int(ended[0][0]) >= 1
-    elif fault == "restart":
-        server.restart("fast")
+    elif fault in {"fast", "immediate"}:
+        server.restart(fault)
     elif fault == "cut":
         assert proxy.cut("rst") >= 1
     else:  # "sigkill": the statement's own backend killed, as a crash would end it
@@ -171,11 +171,13 @@ REPLAYS = ["first statement", "transaction"]
 
 
 @pytest.mark.parametrize("replay", REPLAYS)
-@pytest.mark.parametrize("fault", ["terminate", "restart"])
+@pytest.mark.parametrize("fault", ["terminate", "fast", "immediate"])
 @pytest.mark.parametrize("driver", SYNC)
 def test_a_replay_ended_by_the_server_is_sent_again(  # noqa: PLR0917 - fixtures and parameters
     server, proxy, driver, fault, replay, disposing
 ):
+    if fault == "immediate" and driver != "psycopg2":
+        pytest.skip("its WARNING before the close is read on psycopg2 only (connection.notices)")
     events = []
     engine = disposing(_engine(server, proxy, driver, events))
     with (

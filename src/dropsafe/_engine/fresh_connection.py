@@ -357,11 +357,16 @@ class FreshConnections:
 #: while the replay ran (`ended_by_the_server`).
 REPLAY_ATTEMPTS = 3
 
-# PostgreSQL's text for 57P01 (ERRCODE_ADMIN_SHUTDOWN) as a FATAL: pg_terminate_backend and a
-# smart or fast shutdown (SIGTERM, src/backend/tcop/postgres.c, ProcessInterrupts). psycopg2's
-# exception then carries no SQLSTATE, and its connection keeps the text alone (lc_messages
-# other than English: not recognised, so not sent again).
-_ADMIN_SHUTDOWN_TEXT = "terminating connection due to administrator command"
+# PostgreSQL's texts for 57P01 (ERRCODE_ADMIN_SHUTDOWN), with libpq's severity in front: the
+# FATAL of pg_terminate_backend and a fast shutdown (SIGTERM; src/backend/tcop/postgres.c,
+# ProcessInterrupts), and the WARNING of an immediate shutdown (SIGQUIT, PostgreSQL 14+;
+# postgres.c, quickdie, PMQUIT_FOR_STOP). psycopg2's exception then carries no SQLSTATE, and
+# its connection keeps the text alone (its message, its last notice). PL/pgSQL raises no
+# FATAL. lc_messages other than English: not recognised, so not sent again.
+_ADMIN_SHUTDOWN_TEXTS = (
+    "fatal:  terminating connection due to administrator command",
+    "warning:  terminating connection due to immediate shutdown command",
+)
 # A statement that names it may end its own backend with 57P01: never sent again for that.
 _ENDS_BACKENDS = "pg_terminate_backend"
 
@@ -381,7 +386,8 @@ def ended_by_the_server(error: BaseException, kept: str = "") -> bool:
     states = {sqlstate_of(current) for current in error_chain(error)} - {None}
     if states:
         return "57P01" in states and "57P02" not in states
-    return _ADMIN_SHUTDOWN_TEXT in kept.lower()
+    kept = kept.lower()
+    return any(text in kept for text in _ADMIN_SHUTDOWN_TEXTS)
 
 
 # A replayed statement runs this long at most (milliseconds): the old backend of a connection
