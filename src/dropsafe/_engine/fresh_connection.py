@@ -4,8 +4,10 @@ The fresh connection must be in the lost one's session state (`dropsafe._engine.
 proves it) before a replay sends anything on it; the Connection's Transaction, and the ORM's,
 stay as they are (`dropsafe._sqlalchemy_private.switch_connection`). A replay's lock waits are
 bounded here too, and a first statement a pooler turned away (it reached no server) is sent
-again while the pooler says so (`FreshConnections.send_again`). Why that is safe:
-docs/guarantees.md, "A transaction's first statement is replayed, once".
+again while the pooler says so (`FreshConnections.send_again`); a replay whose fresh connection
+the server ended (`ended_by_the_server`) runs again on another. Why that is safe:
+docs/guarantees.md, "A transaction's first statement is replayed, once" and "A fresh
+connection lost too".
 """
 
 from __future__ import annotations
