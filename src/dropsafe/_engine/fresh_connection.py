@@ -178,7 +178,12 @@ class FreshConnections:
             return False
         if _ENDS_BACKENDS in str(getattr(context, "statement", "")).lower():
             return False  # its 57P01 may be its own doing: pg_terminate_backend(pg_backend_pid())
-        kept = "" if self._driver is None else self._driver.last_error_text(fresh.dbapi_connection)
+        dbapi_connection = fresh.dbapi_connection
+        kept = (
+            ""
+            if self._driver is None or dbapi_connection is None
+            else self._driver.last_error_text(dbapi_connection)
+        )
         return ended_by_the_server(again, kept)
 
     def replay(
