@@ -341,17 +341,12 @@ def test_a_commit_a_crash_lost_is_told_from_its_xid_handed_out_again(driver, dis
 
 
 @pytest.mark.skipif(NO_BLACKHOLE is not None, reason=str(NO_BLACKHOLE))
-@pytest.mark.xfail(
-    strict=True,
-    reason="the read names pg_catalog's functions, but the resolution's questions (units' too) "
-    "do not yet: on the app's search_path a shadowing pg_current_xact_id makes the xid read "
-    "'future' (unknown, the old backend never fenced)",
-)
 @pytest.mark.parametrize("driver", READS)
 def test_an_apps_functions_of_the_same_names_never_answer_the_read(server, driver, disposing):
     """A session whose search_path puts an app's schema before pg_catalog, with functions named
     as the read's: an xid of theirs (an old committed one) would resolve a COMMIT that never
-    arrived as committed, the row missing. The read names pg_catalog's own."""
+    arrived as committed, the row missing. The read names pg_catalog's own, and so does every
+    question of the resolver (before: 'future', unknown, the old backend never fenced)."""
     server.execute(
         "DROP SCHEMA IF EXISTS shadow CASCADE; CREATE SCHEMA shadow; "
         "CREATE FUNCTION shadow.pg_current_xact_id() RETURNS xid8 LANGUAGE sql "

@@ -326,6 +326,24 @@ def test_a_notify_whose_commit_a_crash_may_have_lost_is_unknown(
     assert crashed == ("unknown", 1, ["unknown"])  # CommitOutcomeUnknown raised, run once
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_notify_after_a_write_of_no_row_whose_commit_a_crash_lost_is_unknown(
+    kernel_blackhole, driver
+):
+    # A 0-row UPDATE writes no WAL, so the transaction's COMMIT (it notifies) waits for no
+    # flush either. Where the engine reads the xid in the UPDATE's flight (psycopg2's read
+    # gives the transaction its xid before the statement), the mark before COMMIT finds an xid
+    # already assigned and must still not take the COMMIT for one that flushed.
+    with PostgresServer(settings={"wal_writer_delay": "10s"}) as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        statements = [
+            "UPDATE ledger SET v = 0 WHERE false",
+            "SELECT pg_notify('dropsafe_test', 'zero')",
+        ]
+        crashed = crash_once_the_commit_is_done(server, kernel_blackhole, driver, statements)
+    assert crashed == ("unknown", 1, ["unknown"])  # CommitOutcomeUnknown raised, run once
+
+
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_silent_notify_behind_a_transaction_mode_pooler_is_heard_once(
     server, kernel_blackhole, driver

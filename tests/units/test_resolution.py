@@ -2,6 +2,7 @@
 
 import time
 
+import psycopg2
 import pytest
 
 from dropsafe import CommitOutcomeUnknown
@@ -112,6 +113,38 @@ def test_asking_again_backs_off_then_gives_up():
             pauses.append(resolution.next_pause())
             resolution.deadline -= pauses[-1]  # time passes without sleeping
     assert pauses == [0.02, 0.04]  # 0.06 s spent; the next 0.08 s would pass the bound
+
+
+def test_a_server_that_cannot_be_asked_is_waited_for_past_the_asking_time():
+    refused = psycopg2.OperationalError(
+        'connection to server at "127.0.0.1", port 5432 failed: Connection refused'
+    )
+    resolution = _Resolution(
+        MARK, (), ERROR, time.monotonic() + 0.5, reach_until=time.monotonic() + 10
+    )
+    resolution.deadline -= 1  # the asking time has passed (without sleeping)
+    assert resolution.next_pause(refused) == 0.02  # the server is still waited for
+    resolution.answered()  # the server is back: the asking time starts now
+    assert resolution.deadline > time.monotonic() + 0.4
+    assert resolution.next_pause() > 0  # "in progress": asked again within the asking time
+    resolution.reach_until = resolution.deadline = time.monotonic()
+    with pytest.raises(CommitOutcomeUnknown, match="could not be asked in time"):
+        resolution.next_pause(refused)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        _XidStatus("aborted", AFTER_CRASH, in_recovery=False, server_code_may_notify=True),
+        _XidStatus("future", AFTER_CRASH, in_recovery=False, server_code_may_notify=True),
+    ],
+)
+def test_aborted_by_a_crash_where_the_database_s_code_may_notify_is_unknown(answer):
+    with pytest.raises(CommitOutcomeUnknown, match="functions or rules that notify"):
+        _resolution([]).settle(answer)
+    # Without a crash the commit record was never lost: aborted is aborted.
+    same = _XidStatus("aborted", HISTORY, in_recovery=False, server_code_may_notify=True)
+    assert _resolution([]).settle(same) == "aborted"
 
 
 def test_only_standbys_answering_is_said_so():

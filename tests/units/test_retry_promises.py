@@ -11,6 +11,7 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from commit_faults import SLOW_COMMIT_SCHEMA, Recorder, Unit, WhenCommitRuns, insert, rows
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import sessionmaker
 
@@ -134,6 +135,36 @@ def test_outages_of_1_4_and_8_seconds_are_waited_out(postgres_server, driver):
     ops = _ops(postgres_server)
     assert writers.failed == []
     assert len(ops) == len(set(ops)), "an op was written twice"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+def test_a_lost_commit_is_resolved_once_its_server_is_back_within_the_deadline(
+    postgres_server, driver
+):
+    """``commit_status_timeout`` bounds how long an answer of "in progress" is waited on; a
+    server that cannot be asked at all (stopped during the COMMIT, down for longer than that
+    timeout) is waited for until the unit's deadline, as a connect is (before: unknown after the
+    timeout, with the server back 2 s later)."""
+    postgres_server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    policy = dropsafe.Policy(
+        unit=dropsafe.UnitPolicy(commit_status_timeout=1, deadline=40), hooks=(recorder,)
+    )
+    unit = Unit(driver, postgres_server.url(driver), insert(1, commit_sleep=3), policy=policy)
+
+    def outage():
+        postgres_server.stop("fast")  # the slow COMMIT's backend terminated mid-COMMIT
+        time.sleep(3)  # the outage's length: a fault schedule, not a synchronisation
+        postgres_server.start()
+
+    striker = WhenCommitRuns(postgres_server, outage)
+    assert unit.run() == "done"
+    striker.join(30)
+    assert rows(postgres_server, 1) == 1
+    assert unit.calls == 2  # the stopped COMMIT was resolved aborted, then run again
+    assert recorder.outcomes() == ["aborted"]
 
 
 # -- the deadline is absolute -----------------------------------------------------------------

@@ -60,6 +60,9 @@ class _XidStatus:
     sync_waiting: bool = False  # its backend still waits for a synchronous standby
     #: The redo position of the server's last checkpoint, as a number (0: not read).
     checkpoint_redo: int = 0
+    #: Whether the database's own code may notify or turn synchronous_commit off (read only
+    #: where the server's history is not ours: a crash may have lost the commit record).
+    server_code_may_notify: bool = False
 
 
 _Decision = Literal["committed", "aborted", "fence", "again"]
@@ -74,14 +77,23 @@ class _Resolution:
         hooks: tuple[Hook, ...],
         error: BaseException,
         deadline: float,
+        *,
+        reach_until: float | None = None,
     ) -> None:
         self.pending = pending
         self.hooks = hooks
         self.error = error
         self.started = time.monotonic()
+        #: Until when answers that say nothing yet ("in progress", a standby) are waited on.
         self.deadline = deadline
+        #: Until when a server that cannot be asked at all is waited for (never before
+        #: ``deadline``): a restart outlasting the asking time is an outage, as for a connect.
+        self.reach_until = max(deadline, reach_until or deadline)
+        self._answering_time = max(0.0, deadline - self.started)
+        self._answered = False
+        self._unreached = False  # a question failed before the server's first answer
         self.pause = _FIRST_POLL
-        self.budget = max(0.0, deadline - self.started)
+        self.budget = self._answering_time
         self.fenced_idle = False
         self.fenced_any = False
         self.fencing_refused = False
@@ -123,11 +135,11 @@ class _Resolution:
             return "again"  # committed locally, not yet confirmed by a synchronous standby
         if status == "aborted" or (other_history and status in ("in progress", "future")):
             # A committed xid is never handed out again: a newer transaction holds ours.
-            return self._report("aborted")
+            return self._aborted(answer, same_history)
         if status == "committed" and same_history:
             return self._report("committed")
         if status == "committed" and self._commit_record_lost_in_a_crash(answer):
-            return self._report("aborted")  # the 'committed' xid is a newer transaction's
+            return self._aborted(answer, same_history)  # the xid is a newer transaction's
         if status == "in progress" and not other_history:
             return "fence" if self.should_fence() else "again"
         if status == "committed":
@@ -139,6 +151,26 @@ class _Resolution:
                 f"{self.xid} cannot be told from a reuse of it after a crash"
             )
         return self._unknown(f"the server reports status {status!r} for xid {self.xid}")
+
+    def _aborted(self, answer: _XidStatus, same_history: bool) -> _Decision:
+        """Report ``aborted``, unless a crash may have lost a commit already heard of.
+
+        A crash loses a commit record only before it was flushed: a COMMIT that waited for its
+        WAL was not acknowledged, and its notification was not delivered (listeners see a
+        commit once it is durable). One that waited for nothing (synchronous_commit off, or a
+        transaction that wrote no WAL: one that only notifies) delivered its notification at
+        once. The read says whether the app's statements did that, not whether the database's
+        own code did (a trigger that turns synchronous_commit off, an INSTEAD OF trigger or a
+        rule that only notifies): where it may have, the answer is unknown.
+        """
+        if not same_history and answer.server_code_may_notify:
+            return self._unknown(
+                "the server crashed or restarted from a crash since, and the database has "
+                "functions or rules that notify or turn synchronous_commit off: this "
+                f"transaction's COMMIT (xid {self.xid}) may have waited for no WAL, and a "
+                "notification it queued may have been heard before the crash lost it"
+            )
+        return self._report("aborted")
 
     def _commit_record_lost_in_a_crash(self, answer: _XidStatus) -> bool:
         """Whether the server's WAL, as its crash recovery left it, ends before our COMMIT.
@@ -162,11 +194,29 @@ class _Resolution:
             and ours.timeline == theirs.timeline
         )
 
+    def answered(self) -> None:
+        """Note that the server answered; the asking time starts at its first answer.
+
+        Until then the server could not be asked (stopped, restarting, refusing): that was
+        an outage, waited for until ``reach_until``, and the time to ask begins now, bounded by
+        ``reach_until`` still.
+        """
+        if self._answered:
+            return
+        self._answered = True
+        now = time.monotonic()
+        if self._unreached:
+            self.deadline = max(self.deadline, min(now + self._answering_time, self.reach_until))
+            self.budget = max(0.0, self.deadline - now)
+
     def next_pause(self, failure: BaseException | None = None) -> float:
         """Return how long to wait before asking again, or raise when time is up."""
         if failure is not None and not classify(failure).retryable:
             self._unknown(f"asking the server failed: {describe_error(failure)}", failure)
-        if time.monotonic() + self.pause > self.deadline:
+        if failure is not None and not self._answered:
+            self._unreached = True
+        until = self.reach_until if failure is not None else self.deadline
+        if time.monotonic() + self.pause > until:
             if failure is not None:
                 why = f"the server could not be asked in time: {describe_error(failure)}"
             elif self.standby_answered:
@@ -235,16 +285,22 @@ def resolve_commit(
 ) -> Outcome:
     """Ask the server (new connections) whether the pending commit's transaction committed.
 
-    Keeps asking for ``timeout`` seconds (``UnitPolicy.commit_status_timeout``) and never past
-    ``deadline``, but always asks at least once.
+    Keeps asking for ``timeout`` seconds (``UnitPolicy.commit_status_timeout``) from the
+    server's first answer, and never past ``deadline``, but always asks at least once. A server
+    that cannot be asked (stopped, restarting: connects refused) is waited for until
+    ``deadline``: a lost COMMIT in a restart longer than ``timeout`` is still resolved.
     Async engines run this in SQLAlchemy's greenlet with an awaiting ``sleep``.
     """
-    resolution = _Resolution(pending, hooks, error, min(time.monotonic() + timeout, deadline))
+    resolution = _Resolution(
+        pending, hooks, error, min(time.monotonic() + timeout, deadline), reach_until=deadline
+    )
     pool = engine.pool.recreate()  # new connections, with the engine's creator and listeners
     try:
         while True:
             try:
-                decision = resolution.settle(_ask(pool, engine.dialect, pending, resolution))
+                answer = _ask(pool, engine.dialect, pending, resolution)
+                resolution.answered()
+                decision = resolution.settle(answer)
                 if decision == "fence":
                     _fence(pool, engine.dialect, pending, resolution)
                     continue
@@ -268,15 +324,22 @@ def _ask(
         server_life = ServerLife.read(server[0], server[1])
         if server[2]:
             return _XidStatus(None, server_life, in_recovery=True)  # a standby assigns no xid
-        status, sync_waiting = run(
-            status_statement(dialect, xid=pending.xid, backend_pid=pending.backend_pid)
-        )[:2]
+        crash_possible = not pending.server_life.same_history(server_life)
+        row = run(
+            status_statement(
+                dialect,
+                xid=pending.xid,
+                backend_pid=pending.backend_pid,
+                asks_server_code=crash_possible,
+            )
+        )
         return _XidStatus(
-            status,
+            row[0],
             server_life,
             in_recovery=False,
-            sync_waiting=bool(sync_waiting),
+            sync_waiting=bool(row[1]),
             checkpoint_redo=lsn_number(server[3]),
+            server_code_may_notify=crash_possible and bool(row[2]),
         )
 
 

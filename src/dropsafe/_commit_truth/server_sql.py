@@ -57,17 +57,19 @@ def _at_least(dialect: Dialect, major: int) -> bool:
 #: Two columns that identify a server's life, for a SELECT list (`ServerLife.read` parses
 #: them): the system identifier, and ``stats_reset|postmaster start|checkpointer pid|timeline``.
 SERVER_LIFE_SQL = (
-    "(SELECT system_identifier::text FROM pg_control_system()), "
-    "concat((SELECT stats_reset FROM pg_stat_bgwriter), '|', pg_postmaster_start_time(), '|', "
-    "(SELECT min(pid) FROM pg_stat_get_activity(NULL) WHERE datid IS NULL AND usesysid IS NULL), "
-    "'|', GREATEST((SELECT timeline_id FROM pg_control_checkpoint()), "
-    "(SELECT min_recovery_end_timeline FROM pg_control_recovery())))"
+    "(SELECT system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system()), "
+    "pg_catalog.concat((SELECT stats_reset FROM pg_catalog.pg_stat_bgwriter), '|', "
+    "pg_catalog.pg_postmaster_start_time(), '|', (SELECT pg_catalog.min(pid) "
+    "FROM pg_catalog.pg_stat_get_activity(NULL) WHERE datid IS NULL AND usesysid IS NULL), "
+    "'|', GREATEST((SELECT timeline_id FROM pg_catalog.pg_control_checkpoint()), "
+    "(SELECT min_recovery_end_timeline FROM pg_catalog.pg_control_recovery())))"
 )
 
 #: The WAL insert position, for a SELECT list: a lower bound of a coming commit record's LSN.
 #: A standby has none (the function would raise there).
 WAL_POSITION_SQL = (
-    "CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn()::text END"
+    "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
+    "ELSE pg_catalog.pg_current_wal_insert_lsn()::pg_catalog.text END"
 )
 
 #: A connection's first read: its server's life and WAL position; the life alone where the
@@ -96,14 +98,15 @@ def _xid_expression(modern: bool) -> str:
     `UNFLUSHED` when its COMMIT will not wait for a flush either: listeners hear its NOTIFYs
     before a crash may lose its commit record.
     """
-    current = "pg_current_xact_id" if modern else "txid_current"
+    current = "pg_catalog." + ("pg_current_xact_id" if modern else "txid_current")
     assigned = f"{current}_if_assigned()"
     return (
-        f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::text || "
-        f"CASE WHEN current_setting('synchronous_commit') = 'off' THEN '{UNFLUSHED}' ELSE '' END "
-        "WHEN pg_is_in_recovery() THEN NULL "
-        "WHEN set_config('synchronous_commit', 'off', true) = 'off' "
-        f"THEN {current}()::text || '{ASYNCHRONOUS}' END"
+        f"CASE WHEN {assigned} IS NOT NULL THEN {assigned}::pg_catalog.text || "
+        "CASE WHEN pg_catalog.current_setting('synchronous_commit') = 'off' "
+        f"THEN '{UNFLUSHED}' ELSE '' END "
+        "WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
+        "WHEN pg_catalog.set_config('synchronous_commit', 'off', true) = 'off' "
+        f"THEN {current}()::pg_catalog.text || '{ASYNCHRONOUS}' END"
     )
 
 
@@ -113,7 +116,7 @@ def _xid_expression(modern: bool) -> str:
 # engines whose server answered it before]. (xid8 functions arrived in PostgreSQL 13.)
 _MARKS = {
     (modern, with_life, with_wal): (
-        f"SELECT {_xid_expression(modern)}, pg_backend_pid()"
+        f"SELECT {_xid_expression(modern)}, pg_catalog.pg_backend_pid()"
         + (f", {SERVER_LIFE_SQL}" if with_life else "")
         + (f", {WAL_POSITION_SQL}" if with_wal else "")
     )
@@ -170,40 +173,64 @@ def xid_question(dialect: Dialect, *, with_wal: bool = False) -> XidQuestion:
 
 #: Which server answers: its life, whether it is a standby, and its last checkpoint's redo
 #: position (after a crash, at most where the recovery of its WAL ended: docs/guarantees.md).
-_REDO = "(SELECT redo_lsn::text FROM pg_control_checkpoint())"
-SERVER_QUESTION = f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery(), {_REDO}"
+_REDO = "(SELECT redo_lsn::pg_catalog.text FROM pg_catalog.pg_control_checkpoint())"
+SERVER_QUESTION = f"SELECT {SERVER_LIFE_SQL}, pg_catalog.pg_is_in_recovery(), {_REDO}"
 
 # The second column: whether the backend still waits for a synchronous standby to confirm
 # this transaction's commit record (its xid stays in the backend's row until the wait ends).
 _SYNC_WAITING = (
-    "EXISTS (SELECT FROM pg_stat_activity WHERE pid = {pid} AND wait_event = 'SyncRep' "
-    "AND coalesce(backend_xid::text::bigint, {xid32}) = {xid32})"
+    "EXISTS (SELECT FROM pg_catalog.pg_stat_activity "
+    "WHERE pid = {pid} AND wait_event = 'SyncRep' "
+    "AND coalesce(backend_xid::pg_catalog.text::bigint, {xid32}) = {xid32})"
 )
 # Our own new xid is beyond every xid handed out so far: ours is "future" if not below it.
 _STATUS = (
-    "SELECT CASE WHEN '{xid}'::xid8 < pg_current_xact_id() "
-    "THEN pg_xact_status('{xid}'::xid8) ELSE 'future' END, " + _SYNC_WAITING
+    "SELECT CASE WHEN '{xid}'::pg_catalog.xid8 < pg_catalog.pg_current_xact_id() "
+    "THEN pg_catalog.pg_xact_status('{xid}'::pg_catalog.xid8) ELSE 'future' END, " + _SYNC_WAITING
 )
 _STATUS_BEFORE_13 = (
-    "SELECT CASE WHEN {xid} < txid_current() THEN txid_status({xid}) ELSE 'future' END, "
-    + _SYNC_WAITING
+    "SELECT CASE WHEN {xid} < pg_catalog.txid_current() "
+    "THEN pg_catalog.txid_status({xid}) ELSE 'future' END, " + _SYNC_WAITING
 )
 # Never a backend in SyncRep; a running one only where no synchronous standby is configured.
 _FENCE = (
-    "SELECT pg_terminate_backend(pid{wait}) FROM pg_stat_activity "
-    "WHERE pid = {pid} AND backend_xid::text::bigint = {xid32} "
+    "SELECT pg_catalog.pg_terminate_backend(pid{wait}) FROM pg_catalog.pg_stat_activity "
+    "WHERE pid = {pid} AND backend_xid::pg_catalog.text::bigint = {xid32} "
     "AND wait_event IS DISTINCT FROM 'SyncRep' AND {state}"
 )
 _IDLE = "state <> 'active'"
 _IDLE_OR_NO_SYNC_STANDBY = (
-    "(state <> 'active' OR current_setting('synchronous_standby_names') = '')"
+    "(state <> 'active' OR pg_catalog.current_setting('synchronous_standby_names') = '')"
 )
 
 
-def status_statement(dialect: Dialect, *, xid: int, backend_pid: int) -> str:
-    """Return the question: the xid's status (or ``future``), and does it wait in SyncRep."""
+# Whether code in the database may notify, or turn synchronous_commit off, where no statement
+# of the app names it: a function's body or its own settings (a trigger's, an INSTEAD OF
+# trigger's), a rule's action. Where it may, a COMMIT may not have waited for its WAL (off, or
+# no WAL written: a transaction that only notifies) though the xid read said otherwise, and its
+# notification is delivered at once: a crash may then lose a commit that was already heard.
+# 'notif', not 'notify': contrib's tcn trigger is a C function named triggered_change_notification;
+# and a body's EXECUTE, whose SQL (built at run time) may be either.
+_SERVER_CODE_MAY_NOTIFY = (
+    "EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace NOT IN "
+    "('pg_catalog'::regnamespace, 'information_schema'::regnamespace) "
+    "AND (prosrc ~* '(notif|synchronous_commit|\\mexecute\\M)' "
+    "OR pg_catalog.array_to_string(proconfig, ' ') ~* 'synchronous_commit')) "
+    "OR EXISTS (SELECT FROM pg_catalog.pg_rules WHERE definition ~* 'notif')"
+)
+
+
+def status_statement(
+    dialect: Dialect, *, xid: int, backend_pid: int, asks_server_code: bool = False
+) -> str:
+    """Return the question: the xid's status (or ``future``), and does it wait in SyncRep.
+
+    ``asks_server_code``: a third column, whether the database's own code may notify or turn
+    synchronous_commit off (asked only after a crash may have lost the commit record).
+    """
     template = _STATUS if _at_least(dialect, _XID8) else _STATUS_BEFORE_13
-    return template.format(xid=xid, pid=backend_pid, xid32=xid % 2**32)
+    statement = template.format(xid=xid, pid=backend_pid, xid32=xid % 2**32)
+    return f"{statement}, {_SERVER_CODE_MAY_NOTIFY}" if asks_server_code else statement
 
 
 def fence_statement(
@@ -226,18 +253,22 @@ def fence_statement(
 # A status is read only below the first unassigned xid (pg_xact_status raises for a future
 # one); an xid too old to know reads NULL.
 _STATUSES = (
-    "SELECT array_to_string(ARRAY(SELECT CASE WHEN x < pg_snapshot_xmax(pg_current_snapshot()) "
-    "THEN coalesce(pg_xact_status(x), 'too old') ELSE 'future' END "
-    "FROM unnest('{{{xids}}}'::xid8[]) WITH ORDINALITY AS t(x, n) ORDER BY n), ',')"
+    "SELECT pg_catalog.array_to_string(ARRAY(SELECT CASE "
+    "WHEN x < pg_catalog.pg_snapshot_xmax(pg_catalog.pg_current_snapshot()) "
+    "THEN coalesce(pg_catalog.pg_xact_status(x), 'too old') ELSE 'future' END "
+    "FROM pg_catalog.unnest('{{{xids}}}'::pg_catalog.xid8[]) WITH ORDINALITY AS t(x, n) "
+    "ORDER BY n), ',')"
 )
 _STATUSES_BEFORE_13 = (
-    "SELECT array_to_string(ARRAY(SELECT CASE "
-    "WHEN x < txid_snapshot_xmax(txid_current_snapshot()) "
-    "THEN coalesce(txid_status(x), 'too old') ELSE 'future' END "
-    "FROM unnest('{{{xids}}}'::bigint[]) WITH ORDINALITY AS t(x, n) ORDER BY n), ',')"
+    "SELECT pg_catalog.array_to_string(ARRAY(SELECT CASE "
+    "WHEN x < pg_catalog.txid_snapshot_xmax(pg_catalog.txid_current_snapshot()) "
+    "THEN coalesce(pg_catalog.txid_status(x), 'too old') ELSE 'future' END "
+    "FROM pg_catalog.unnest('{{{xids}}}'::bigint[]) WITH ORDINALITY AS t(x, n) "
+    "ORDER BY n), ',')"
 )
 _AUDIT = (
-    f"SELECT {SERVER_LIFE_SQL}, pg_is_in_recovery(), pg_last_wal_replay_lsn()::text, ({{statuses}})"
+    f"SELECT {SERVER_LIFE_SQL}, pg_catalog.pg_is_in_recovery(), "
+    "pg_catalog.pg_last_wal_replay_lsn()::pg_catalog.text, ({statuses})"
 )
 
 

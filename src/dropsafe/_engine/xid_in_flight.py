@@ -169,12 +169,15 @@ class XidInFlight:
             raise error
         policy = self._state.policy
         timeout = 10.0 if policy is None else seconds(policy.unit.commit_status_timeout)
+        # No unit's deadline here: a server that cannot be asked is waited for as long as a
+        # checkout waits out an outage, and then asked for the usual time.
+        outage = 10.0 if policy is None else seconds(policy.connection.connect_wait)
         return resolve_commit(
             connection.engine,
             pending,
             error,
             timeout=timeout,
-            deadline=time.monotonic() + timeout,
+            deadline=time.monotonic() + outage + timeout,
             hooks=self._hooks,
             sleep=sleep_in_greenlet if self._dialect.is_async else time.sleep,
         )
