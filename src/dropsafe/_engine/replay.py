@@ -26,7 +26,7 @@ from dropsafe._engine.replay_refusals import (
     timed_out,
 )
 from dropsafe._engine.server_facts import learn_session
-from dropsafe._engine.session_state import mark_connection, may_change_session
+from dropsafe._engine.session_state import VERDICTS, mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript, recorded_size
 from dropsafe._engine.unsent_commit import UnsentCommit
 from dropsafe._engine.xid_in_flight import XidInFlight, may_write
@@ -253,7 +253,10 @@ class FirstStatementReplay:
             method(cursor, statement, parameters, context)
             return
         checkout = connection.connection
-        changes = may_change_session(statement)
+        # may_change_session's cache read here (a C call): its Python call only for a new text.
+        changes = VERDICTS.get(statement)
+        if changes is None:
+            changes = may_change_session(statement)
         pending = None
         try:
             # EngineState.first_statement_sent, inlined: this runs at every statement.
