@@ -225,7 +225,7 @@ class EngineGuard:
             engine.dialect,
             pre_ping=bool(getattr(engine.pool, "_pre_ping", False)),
             draw_lifetime=self.lifetime.draw if self.lifetime.enabled else None,
-            after_check=self.replay.on_checked if self.replay.enabled else None,
+            marks_unsent=self.replay.enabled,
             settle=self.quiet_rollback.settle if self.quiet_rollback.defers else None,
         )
         self.connects = ConnectArguments(
