@@ -133,14 +133,16 @@ class QuietRollback:
         emit(self._hooks, RollbackConnectionLost(during, text))
         return True
 
-    def settle(self, native: NativeConnection) -> None:
-        """Read the reply of a ROLLBACK sent without waiting, if one is due; raise if it failed.
+    @property
+    def settler(self) -> Callable[[NativeConnection], None] | None:
+        """How to read the reply of a ROLLBACK sent without waiting, if one is due; or None.
 
-        Called by the checkout check before anything else looks at the connection; a raise
-        means the connection is closed and must be replaced.
+        The driver's own function (`DeferredRollback.settle`), handed to the checkout check
+        as it is (no wrapper: a call at every checkout), which calls it before anything else
+        looks at the connection; a raise means the connection is closed and must be replaced.
+        None where this engine's ROLLBACKs are awaited.
         """
-        if self._deferred is not None:
-            self._deferred.settle(native)
+        return None if self._deferred is None else self._deferred.settle
 
     def _report(self, during: Literal["rollback", "reset"], error: BaseException) -> None:
         """Say that a ROLLBACK not awaited failed; its connection is closed, as if lost."""
