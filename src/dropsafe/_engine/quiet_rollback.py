@@ -88,12 +88,19 @@ class QuietRollback:
             # async ROLLBACK awaits inside and other tasks' run on this thread meanwhile.
             caller = sys._getframe(1)  # noqa: SLF001 - a frame read, no lookup by name
             try:
-                # Deferred only where the connection is checked in right after (see _ending).
-                if not (
-                    defer
-                    and (during := _ending(caller))
-                    and send_rollback is not None
-                    and send_rollback(dbapi_connection, during, timeout, report)
+                # Deferred only where the connection is checked in right after: the pool's
+                # reset at checkin, or a Connection's ROLLBACK that closes it (_ends_connection).
+                # Decided here, not in a helper: a call at every request that ends.
+                during: Literal["rollback", "reset"] | None = None
+                if defer:
+                    if caller.f_code is _closer_codes()[0]:
+                        during = "reset"
+                    elif _ends_connection(caller):
+                        during = "rollback"
+                if (
+                    during is None
+                    or send_rollback is None
+                    or not send_rollback(dbapi_connection, during, timeout, report)
                 ):
                     original(dbapi_connection)
             except Exception as exc:
@@ -209,16 +216,6 @@ def _closer_codes() -> tuple[CodeType | None, CodeType, CodeType, CodeType]:
         Connection.close.__code__,
         inspect.unwrap(SessionTransaction.close).__code__,
     )
-
-
-def _ending(caller: FrameType) -> Literal["rollback", "reset"] | None:
-    """Say whose ROLLBACK this is if its connection is checked in right after it, else None.
-
-    The pool's reset at checkin, or a Connection's ROLLBACK that closes it (`_ends_connection`).
-    """
-    if caller.f_code is _closer_codes()[0]:
-        return "reset"
-    return "rollback" if _ends_connection(caller) else None
 
 
 def _resetting(caller: FrameType) -> ConnectionPoolEntry | None:
