@@ -9,7 +9,7 @@ never touched. Why a dialect method and not an event, and what that costs: docs/
 
 Where the driver can (`Driver.deferred_rollback`: psycopg 3, sync), the ROLLBACK is not
 awaited (``PoolPolicy.defer_checkin_rollback``): it is sent at once and its reply read before
-the connection's next use, whoever makes it: the next checkout (`settle`, from the checkout
+the connection's next use, whoever makes it: the next checkout (`settler`, from the checkout
 check), or the driver itself (`dropsafe._drivers.psycopg_rollback`). A request
 that ends with a ROLLBACK then does not wait for it. A reply that is an error, late past
 ``ping_timeout``, or read in another process than the one that sent it closes the connection:
