@@ -226,7 +226,7 @@ _WRITE: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar(
     "write", default=None
 )
 _REPLAYED_LINE = re.compile(
-    r'^dropsafe\.transaction_replayed .*?outcome=(\w+).*?(?: reason="(.*)")?$'
+    r'^dropsafe\.transaction_replayed .*?outcome=(\w+).*?(?: reason="(.*)")?(?: attempts=\d+)?$'
 )
 # A lost COMMIT resolved by asking the server (a unit's, or a plain one's by the xid read in
 # flight): counted as "commit <outcome>" beside the replays.

@@ -75,6 +75,9 @@ class FirstStatementReplayed:
 
     error: str  # the lost connection's error, passwords redacted
     replay_error: str | None = None  # None: the replay succeeded
+    # Fresh connections it was sent on: more than 1 when the server ended one while the
+    # statement ran (57P01: a restart, pg_terminate_backend), at most 3.
+    attempts: int = 1
 
 
 @dataclass(frozen=True)
@@ -168,6 +171,9 @@ class TransactionReplayed:
     rows: int  # rows compared
     bytes: int  # statement and parameter bytes recorded
     reason: str | None = None  # why refused or failed
+    # Fresh connections used: more than 1 when one was lost before the replay sent anything,
+    # or the server ended it during the replay (57P01: a restart, pg_terminate_backend).
+    attempts: int = 1
 
 
 @dataclass(frozen=True)

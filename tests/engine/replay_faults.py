@@ -146,6 +146,18 @@ def wait_until_running(server, needle, timeout=10.0):
 
 
 @contextlib.contextmanager
+def in_another_thread(work, timeout=10):
+    """Run ``work()`` in a thread during the block; joined (within ``timeout``) at its end."""
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        yield
+    finally:
+        worker.join(timeout=timeout)
+    assert not worker.is_alive()
+
+
+@contextlib.contextmanager
 def cut_from_another_thread_once(proxy, ready):
     """Cut the proxy's connections from a thread once ``ready()`` (a bounded wait) returned:
     yields a list that holds what it returned by the end of the block."""
@@ -155,13 +167,8 @@ def cut_from_another_thread_once(proxy, ready):
         seen.append(ready())
         proxy.cut("rst")
 
-    cutter = threading.Thread(target=cut)
-    cutter.start()
-    try:
+    with in_another_thread(cut):
         yield seen
-    finally:
-        cutter.join(timeout=10)
-    assert not cutter.is_alive()
 
 
 def replay_engine(server, proxy, driver, events, *, policy=None, **kwargs):
@@ -201,6 +208,7 @@ __all__ = [
     "before_statement",
     "cut_from_another_thread_once",
     "failed_replays",
+    "in_another_thread",
     "items_model",
     "lose",
     "lose_at_next_checkout",

@@ -72,9 +72,14 @@ class Psycopg2(libpq.Libpq):
 
     def last_error_text(self, dbapi_connection: DBAPIConnection) -> str:
         # libpq's whole message (PQerrorMessage): psycopg2's exception keeps only its last line,
-        # "SSL connection has been closed unexpectedly" after a pooler's FATAL goodbye.
+        # "SSL connection has been closed unexpectedly" after a pooler's FATAL goodbye. After
+        # the last notice: an immediate shutdown's goodbye is a WARNING just before the close.
         text = dbapi_connection.info.error_message
-        return text if isinstance(text, str) else ""
+        text = text if isinstance(text, str) else ""
+        notices = getattr(dbapi_connection, "notices", None)
+        if type(notices) is list and notices and isinstance(notices[-1], str):
+            return notices[-1] + text
+        return text
 
     def reported_parameter(self, dbapi_connection: DBAPIConnection, name: str) -> str | None:
         # get_parameter_status() refuses a connection libpq found broken; info still answers.

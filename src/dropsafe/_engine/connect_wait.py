@@ -75,6 +75,16 @@ class ConnectWait:
         """Whether connects wait at all (``connect_wait`` above 0)."""
         return self._wait > 0
 
+    def deadline(self) -> float | None:
+        """When a wait that starts now ends (``time.monotonic()``); None if connects do not wait.
+
+        A replay whose fresh connection the server ended sends its statement again only
+        until then (`dropsafe._engine.fresh_connection`).
+        """
+        if not self.enabled or caller_waits():
+            return None
+        return time.monotonic() + self._wait
+
     def wrap(self, pool: Pool) -> None:
         """Make ``pool`` (and the pools ``recreate()`` makes from it) connect through the wait."""
         invoke = pool_connect_function(pool)

@@ -4,8 +4,10 @@ The fresh connection must be in the lost one's session state (`dropsafe._engine.
 proves it) before a replay sends anything on it; the Connection's Transaction, and the ORM's,
 stay as they are (`dropsafe._sqlalchemy_private.switch_connection`). A replay's lock waits are
 bounded here too, and a first statement a pooler turned away (it reached no server) is sent
-again while the pooler says so (`FreshConnections.send_again`). Why that is safe:
-docs/guarantees.md, "A transaction's first statement is replayed, once".
+again while the pooler says so (`FreshConnections.send_again`); a replay whose fresh connection
+the server ended (`ended_by_the_server`) runs again on another. Why that is safe:
+docs/guarantees.md, "A transaction's first statement is replayed, once" and "A fresh
+connection lost too".
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import time
 from typing import TYPE_CHECKING, Any, Literal
 
-from dropsafe._classify import turned_away
+from dropsafe._classify import error_chain, sqlstate_of, turned_away
 from dropsafe._drivers import socket_fd
 from dropsafe._drivers.deadline import bounded
 from dropsafe._engine.server_facts import learned_session, outside_effects
@@ -47,6 +49,7 @@ __all__ = [
     "REPLAY_LOCK_TIMEOUT_MS",
     "FreshConnections",
     "ask_before_replay",
+    "ended_by_the_server",
     "replay_bounded",
 ]
 
@@ -109,14 +112,19 @@ class FreshConnections:
         *,
         changes: bool,
         waits: ConnectWait,
+        attempts: list[int],
     ) -> bool:
         """Send the first statement again on a fresh connection; whether it was (`reconnect`).
 
         A pooler with no server yet (its server restarting) closes the fresh connection before
         it gives the statement to any server: the statement ran nowhere, so it is sent again on
         another fresh connection while the pooler says so, as ``waits`` waits for a connect.
+        A fresh connection the server ended while the statement ran (`ended_by_the_server`)
+        is replaced too, `REPLAY_ATTEMPTS` fresh connections in all, until the connect wait's
+        deadline. ``attempts`` gets one item: the fresh connections it was sent on.
         """
         sent_on: list[PoolProxiedConnection] = []
+        attempts[:] = [0]
 
         def replay() -> bool:
             sent_on.clear()
@@ -124,6 +132,7 @@ class FreshConnections:
             if fresh_cursor is None:
                 return False
             sent_on[:] = [connection.connection]
+            attempts[0] += 1
             send(fresh_cursor)
             return True
 
@@ -137,12 +146,45 @@ class FreshConnections:
             )
             return turned_away(again, kept)
 
-        try:
-            return replay()
-        except Exception as again:
-            if not turned_away_again(again):
-                raise
-            return waits.try_again(replay, again, turned_away_again)
+        deadline = waits.deadline()
+        while True:
+            try:
+                return replay()
+            except Exception as again:
+                if turned_away_again(again):
+                    return waits.try_again(replay, again, turned_away_again)
+                if not (
+                    sent_on
+                    and attempts[0] < REPLAY_ATTEMPTS
+                    and self._ended(again, sent_on[0], deadline, context)
+                ):
+                    raise
+                logger.debug("dropsafe sends a first statement again: %s", describe_error(again))
+
+    def _ended(
+        self,
+        again: Exception,
+        fresh: PoolProxiedConnection,
+        deadline: float | None,
+        context: ExecutionContext,
+    ) -> bool:
+        """Whether a statement lost with ``fresh`` may be sent on another fresh connection now.
+
+        Only when the server ended ``fresh`` (`ended_by_the_server`), the connect wait's
+        ``deadline`` (None: connects do not wait) is not over, and the lost statement (the one
+        in ``context``) does not name ``pg_terminate_backend``.
+        """
+        if deadline is None or time.monotonic() >= deadline:
+            return False
+        if _ENDS_BACKENDS in str(getattr(context, "statement", "")).lower():
+            return False  # its 57P01 may be its own doing: pg_terminate_backend(pg_backend_pid())
+        dbapi_connection = fresh.dbapi_connection
+        kept = (
+            ""
+            if self._driver is None or dbapi_connection is None
+            else self._driver.last_error_text(dbapi_connection)
+        )
+        return ended_by_the_server(again, kept)
 
     def replay(
         self,
@@ -151,19 +193,24 @@ class FreshConnections:
         lost: tuple[Callable[[Any], None], Exception, tuple[object, ...], Transcript],
         refused: Callable[..., None],
         also_lost: Callable[[Exception, PoolProxiedConnection], bool],
-    ) -> tuple[PoolProxiedConnection, tuple[Literal["refused", "failed"], str] | None]:
-        """Replay a transaction, then its lost statement, on a fresh connection (a second if lost).
+        *,
+        waits: ConnectWait,
+    ) -> tuple[PoolProxiedConnection, tuple[Literal["refused", "failed"], str] | None, int]:
+        """Replay a transaction, then its lost statement, on a fresh connection (another if lost).
 
         ``lost`` is what was lost: the statement's sender, its error, the lost connection's
-        session state, the transaction's transcript. Returns the fresh connection and why the
-        replay did not hold (None: it did). Raises the lost statement's error when no fresh
-        connection in that session state can be had. A fresh connection found lost
-        (``also_lost``) by the replay's first question, before anything of the transaction was
-        sent on it, is replaced once (a pooled connection the same restart ended, a restart
-        right after the connect): its loss cannot be the transaction's doing. Lost later, it is
-        not: a replayed statement that crashes its backend would crash the server again.
+        session state, the transaction's transcript. Returns the fresh connection, why the
+        replay did not hold (None: it did) and the fresh connections used. Raises the lost
+        statement's error when no fresh connection in that session state can be had. A fresh
+        connection found lost (``also_lost``) by the replay's first question, before anything
+        of the transaction was sent on it, is replaced (a pooled connection the same restart
+        ended, a restart right after the connect): its loss cannot be the transaction's doing.
+        Lost later, it is replaced only when the server ended it (`ended_by_the_server`), until
+        the connect wait's deadline: nothing of it was committed (its COMMIT is not sent), and
+        a replayed statement that crashed its backend would not show that error.
         """
         send, error, lost_state, transcript = lost
+        deadline = waits.deadline()
         for attempt in range(1, REPLAY_ATTEMPTS + 1):
             try:
                 fresh_cursor = self.reconnect(connection, context, error, lost_state, changes=False)
@@ -184,10 +231,14 @@ class FreshConnections:
                     send(fresh_cursor)
             except Exception as again:  # the original error is the one to raise
                 logger.debug("dropsafe's replay of a transaction failed", exc_info=True)
-                if not asked and attempt < REPLAY_ATTEMPTS and also_lost(again, fresh):
+                if (
+                    attempt < REPLAY_ATTEMPTS
+                    and also_lost(again, fresh)
+                    and (not asked or self._ended(again, fresh, deadline, context))
+                ):
                     continue
                 difference = ("failed", f"the replay failed: {describe_error(again)}")
-            return fresh, difference
+            return fresh, difference, attempt
         raise AssertionError  # the last attempt returns
 
     def reconnect(
@@ -308,9 +359,43 @@ class FreshConnections:
             connection.invalidate(error)
 
 
-#: Fresh connections one transaction replay may use: a second when the first is found lost
-#: before anything of the transaction was sent on it (a restart after a restart).
-REPLAY_ATTEMPTS = 2
+#: Fresh connections one replay may use: another when one is found lost before anything of
+#: the transaction was sent on it (a restart after a restart), or was ended by the server
+#: while the replay ran (`ended_by_the_server`).
+REPLAY_ATTEMPTS = 3
+
+# PostgreSQL's texts for 57P01 (ERRCODE_ADMIN_SHUTDOWN), with libpq's severity in front: the
+# FATAL of pg_terminate_backend and a fast shutdown (SIGTERM; src/backend/tcop/postgres.c,
+# ProcessInterrupts), and the WARNING of an immediate shutdown (SIGQUIT, PostgreSQL 14+;
+# postgres.c, quickdie, PMQUIT_FOR_STOP). psycopg2's exception then carries no SQLSTATE, and
+# its connection keeps the text alone (its message, its last notice). PL/pgSQL raises no
+# FATAL. lc_messages other than English: not recognised, so not sent again.
+_ADMIN_SHUTDOWN_TEXTS = (
+    "fatal:  terminating connection due to administrator command",
+    "warning:  terminating connection due to immediate shutdown command",
+)
+# A statement that names it may end its own backend with 57P01: never sent again for that.
+_ENDS_BACKENDS = "pg_terminate_backend"
+
+
+def ended_by_the_server(error: BaseException, kept: str = "") -> bool:
+    """Whether the server ended the connection, not the statement it ran: SQLSTATE 57P01.
+
+    57P01 (admin_shutdown) is what a backend sends when it is told to end (SIGTERM: an
+    administrator's pg_terminate_backend, a fast shutdown): the statement's
+    transaction aborts with it, and nothing the statement does makes its own backend end
+    this way (unless it calls pg_terminate_backend on itself). Not 57P02 (crash_shutdown: another
+    backend crashed, maybe a replay of this statement) nor a connection closed with no error
+    (what a backend the statement crashed leaves behind): the statement could crash the server
+    again. Read in ``error``'s chain (asyncpg keeps the server's error as the cause of its
+    own), else in the connection's ``kept`` text when no SQLSTATE is in the chain.
+    """
+    states = {sqlstate_of(current) for current in error_chain(error)} - {None}
+    if states:
+        return "57P01" in states and "57P02" not in states
+    kept = kept.lower()
+    return any(text in kept for text in _ADMIN_SHUTDOWN_TEXTS)
+
 
 # A replayed statement runs this long at most (milliseconds): the old backend of a connection
 # lost to a cut the server did not see may hold the transaction's locks until it notices.

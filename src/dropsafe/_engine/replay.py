@@ -380,19 +380,30 @@ class FirstStatementReplay:
         if lost_state is None:
             raise error
         text = describe_error(error)
+        attempts = [0]
         try:
             replayed = self._fresh.send_again(
-                connection, context, send, error, lost_state, changes=changes, waits=self._waits
+                connection,
+                context,
+                send,
+                error,
+                lost_state,
+                changes=changes,
+                waits=self._waits,
+                attempts=attempts,
             )
         except Exception as again:  # raised as usual; said, so that operators see it
             failed = describe_error(again)
             logger.debug("dropsafe's replay of a first statement failed: %s", failed)
-            emit(self._hooks, FirstStatementReplayed(text, replay_error=failed))
+            emit(
+                self._hooks,
+                FirstStatementReplayed(text, replay_error=failed, attempts=max(attempts[0], 1)),
+            )
             raise
         if not replayed:  # not the same session: not replayed, nothing to say
             raise error
         logger.debug("dropsafe replayed a first statement on a fresh connection: %s", text)
-        emit(self._hooks, FirstStatementReplayed(text))
+        emit(self._hooks, FirstStatementReplayed(text, attempts=attempts[0]))
         return True
 
     # -- the transaction past its first statement ---------------------------------------------
@@ -515,9 +526,12 @@ class FirstStatementReplay:
         text = describe_error(error)
         counts = (len(transcript.statements), transcript.rows, transcript.bytes)
 
-        def refused(reason: str, outcome: Literal["refused", "failed"] = "refused") -> None:
+        def refused(
+            reason: str, outcome: Literal["refused", "failed"] = "refused", attempts: int = 1
+        ) -> None:
             logger.debug("dropsafe did not replay a transaction (%s): %s", outcome, reason)
-            emit(self._hooks, TransactionReplayed(text, outcome, *counts, reason=reason))
+            event = TransactionReplayed(text, outcome, *counts, reason=reason, attempts=attempts)
+            emit(self._hooks, event)
 
         if transcript.refused is not None:
             refused(transcript.refused)
@@ -527,17 +541,18 @@ class FirstStatementReplay:
         if lost_state is None:
             refused("the lost connection's session state is unknown")
             raise error
-        fresh, difference = self._fresh.replay(
+        fresh, difference, attempts = self._fresh.replay(
             connection,
             context,
             (send, error, lost_state, transcript),
             refused,
             self._refusals.lost,
+            waits=self._waits,
         )
         if difference is not None:
             self._fresh.leave_dead(connection, context, fresh, error)  # the replay with it
             outcome, reason = difference
-            refused(reason, outcome)
+            refused(reason, outcome, attempts)
             raise error
         mark_connection(fresh.driver_connection, changes=False)
         if self._commits is not None:
@@ -553,7 +568,7 @@ class FirstStatementReplay:
             else socket_fd_of(driver, transcript.native)
         )
         logger.debug("dropsafe replayed a transaction on a fresh connection: %s", text)
-        emit(self._hooks, TransactionReplayed(text, "replayed", *counts))
+        emit(self._hooks, TransactionReplayed(text, "replayed", *counts, attempts=attempts))
 
 
 def _many(context: ExecutionContext) -> bool:
