@@ -53,3 +53,27 @@ def test_a_new_descriptor_is_looked_at_not_the_old_one():
 def test_a_connection_without_a_socket_is_closed():
     look = SocketPoll(_Source(None))
     assert look() is Health.CLOSED
+
+
+class _Flagged(_Source):
+    """A libpq driver's connection: its ``closed`` and ``broken`` flags beside its socket."""
+
+    closed = 0
+    broken = False
+
+
+def test_a_connection_that_says_it_is_closed_or_broken_is_closed_though_its_socket_is_quiet():
+    # The libpq drivers' look (no wrapper since issue 28's cuts): the flags come first.
+    left, right = socket.socketpair()
+    with left, right:
+        source = _Flagged(left)
+        look = SocketPoll(source, ("closed", "broken"))
+        assert look() is Health.QUIET
+        source.broken = True
+        assert look() is Health.CLOSED
+        source.broken, source.closed = False, 2  # psycopg2's "closed by the driver"
+        assert look() is Health.CLOSED
+        source.closed = 0
+        assert SocketPoll(source, ("closed",))() is Health.QUIET
+        source.broken = True  # psycopg2 has no broken flag: not read without "broken"
+        assert SocketPoll(source, ("closed",))() is Health.QUIET

@@ -8,7 +8,7 @@ from __future__ import annotations
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from dropsafe._drivers.base import Health
 from dropsafe._process import unpatched
@@ -189,17 +189,26 @@ class SocketPoll:
 
     The descriptor is asked of the connection at each look, never remembered: a connection
     that lost its socket says so there (or raises), and a number the kernel gave to another
-    socket since would be looked at otherwise.
+    socket since would be looked at otherwise. ``flags``: the source is a driver's connection
+    whose ``closed`` (and, with ``"broken"``, ``broken``) attribute says it is closed before
+    any poll (libpq's drivers): read here, not in a wrapper, since a call is paid at every look.
     """
 
-    __slots__ = ("_fd", "_poller", "_source")
+    __slots__ = ("_broken", "_closed", "_fd", "_poller", "_source")
 
-    def __init__(self, source: HasFileno) -> None:
+    def __init__(
+        self, source: HasFileno, flags: tuple[Literal["closed", "broken"], ...] = ()
+    ) -> None:
         self._source = source
         self._poller = _real_poll()
         self._fd = -1
+        self._closed = "closed" in flags
+        self._broken = "broken" in flags
 
     def __call__(self) -> Health:
+        source: Any = self._source
+        if self._closed and (source.closed or (self._broken and source.broken)):
+            return Health.CLOSED
         try:
             fd = self._source.fileno()
             if fd != self._fd:

@@ -225,8 +225,8 @@ class EngineGuard:
             engine.dialect,
             pre_ping=bool(getattr(engine.pool, "_pre_ping", False)),
             draw_lifetime=self.lifetime.draw if self.lifetime.enabled else None,
-            after_check=self.replay.on_checked if self.replay.enabled else None,
-            settle=self.quiet_rollback.settle if self.quiet_rollback.defers else None,
+            marks_unsent=self.replay.enabled,
+            settle=self.quiet_rollback.settler,
         )
         self.connects = ConnectArguments(
             policy.connection, self.driver, policy.hooks, redact_url(engine.url)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Literal, NoReturn
 import sqlalchemy.exc
 
 from dropsafe._drivers import Driver, Health, SentBytes
+from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._policy import PoolPolicy, seconds
@@ -82,10 +83,10 @@ class EntryState:
         self.native = native
         #: The driver's look at this connection's socket (None: it cannot be looked into).
         self.probe = probe
-        #: Asks the connection its socket's descriptor (`Driver.fileno_reader`), for
-        #: ``after_check``; it returns None where dropsafe cannot read the connection.
+        #: Asks the connection its socket's descriptor (`Driver.fileno_reader`), for the
+        #: replay's mark; it returns None where dropsafe cannot read the connection.
         self.fileno: Callable[[], int | None] = _no_fd
-        #: Reads the bytes its socket sent (`SentBytes`), for ``after_check``.
+        #: Reads the bytes its socket sent (`SentBytes`), for the replay's mark.
         self.sent_bytes = _NO_SOCKET
         #: The first-statement replay marked the connection as having run a statement
         #: (`dropsafe._engine.session_state.mark_connection`): kept here, read at no cost,
@@ -104,8 +105,9 @@ class CheckoutCheck:
     """The checkout check of one engine's pool, and what it knows of the idle connections.
 
     It also retires connections past their own lifetime (``draw_lifetime`` gives a new
-    connection's limit in seconds, see `dropsafe._engine.lifetime`), and tells ``after_check`` of
-    each checkout that passed: one listener per pool event, and one lookup of the entry's
+    connection's limit in seconds, see `dropsafe._engine.lifetime`), and, with
+    ``marks_unsent``, notes on each checkout that passed what its first statement needs
+    (`dropsafe._engine.replay`): one listener per pool event, and one lookup of the entry's
     state, at each checkout and checkin.
     """
 
@@ -118,7 +120,7 @@ class CheckoutCheck:
         *,
         pre_ping: bool,
         draw_lifetime: Callable[[], float] | None = None,
-        after_check: Callable[[PoolProxiedConnection, EntryState], None] | None = None,
+        marks_unsent: bool = False,
         settle: Callable[[NativeConnection], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -130,10 +132,10 @@ class CheckoutCheck:
         # The user's pool_pre_ping already pays a round trip at each checkout: no second one.
         self._pre_ping = pre_ping
         self._draw_lifetime = draw_lifetime
-        # Told of each checkout that passed, with what is known of its connection: the
-        # first-statement replay's mark, in this listener rather than one of its own, since
-        # every checkout listener costs each checkout a call.
-        self._after_check = after_check
+        # The first-statement replay's mark (`Unsent`), made here rather than in a listener
+        # or a function of the replay's: every checkout listener, and every call, costs each
+        # checkout a Python frame.
+        self._marks_unsent = marks_unsent
         # Reads the reply of a ROLLBACK sent at checkin without waiting (quiet_rollback), before
         # anything else looks at the connection; a raise means it died and was closed.
         self._settle = settle
@@ -226,7 +228,7 @@ class CheckoutCheck:
         now = self._clock()
         lifetime = math.inf if self._draw_lifetime is None else self._draw_lifetime()
         state = EntryState(dbapi_connection, native, probe, now, now + lifetime, fresh=fresh)
-        if native is not None and self._after_check is not None:
+        if native is not None and self._marks_unsent:
             try:
                 state.fileno = self.driver.fileno_reader(native)
             except Exception:  # a socket it cannot say: the replay then refuses (not TCP)
@@ -262,13 +264,13 @@ class CheckoutCheck:
             logger.debug("dropsafe retires a connection that reached its max_lifetime")
             entry.close()
 
-    def _on_checkout(  # noqa: C901 - one listener: a helper is a call at every checkout
+    def _on_checkout(  # noqa: C901, PLR0912 - one listener: a helper is a call at every checkout
         self,
         dbapi_connection: DBAPIConnection,
         entry: ConnectionPoolEntry,
         proxy: PoolProxiedConnection,
     ) -> None:
-        """Let the checkout through (and tell ``after_check``) or raise to replace it."""
+        """Let the checkout through (and mark it for the replay) or raise to replace it."""
         now = self._clock()
         try:  # _state(), inlined: this runs at every checkout
             state = entry.__dict__.get(self._key)
@@ -314,8 +316,16 @@ class CheckoutCheck:
                 and (self._pre_ping or now - state.idle_since <= self._ping_after_idle)
             ):
                 self._verify(dbapi_connection, state.native, health, now)
-        if self._after_check is not None:
-            self._after_check(proxy, state)
+        if self._marks_unsent:
+            # Last of dropsafe's checkout work (the ping, if any, is paid): what the socket
+            # sends from here to the first statement is the app's (replay_refusals' _driver_busy).
+            try:
+                fd = state.fileno()
+            except Exception:  # noqa: BLE001 - a closed connection may not say its socket
+                fd = None
+            sent = None if fd is None else state.sent_bytes(fd)
+            # tuple.__new__: a NamedTuple's own __new__ is a Python call, at every checkout.
+            proxy.__dict__[UNSENT_KEY] = tuple.__new__(Unsent, (state.native, fd, sent, state))
 
     def _verify(
         self,

@@ -9,7 +9,7 @@ never touched. Why a dialect method and not an event, and what that costs: docs/
 
 Where the driver can (`Driver.deferred_rollback`: psycopg 3, sync), the ROLLBACK is not
 awaited (``PoolPolicy.defer_checkin_rollback``): it is sent at once and its reply read before
-the connection's next use, whoever makes it: the next checkout (`settle`, from the checkout
+the connection's next use, whoever makes it: the next checkout (`settler`, from the checkout
 check), or the driver itself (`dropsafe._drivers.psycopg_rollback`). A request
 that ends with a ROLLBACK then does not wait for it. A reply that is an error, late past
 ``ping_timeout``, or read in another process than the one that sent it closes the connection:
@@ -88,12 +88,19 @@ class QuietRollback:
             # async ROLLBACK awaits inside and other tasks' run on this thread meanwhile.
             caller = sys._getframe(1)  # noqa: SLF001 - a frame read, no lookup by name
             try:
-                # Deferred only where the connection is checked in right after (see _ending).
-                if not (
-                    defer
-                    and (during := _ending(caller))
-                    and send_rollback is not None
-                    and send_rollback(dbapi_connection, during, timeout, report)
+                # Deferred only where the connection is checked in right after: the pool's
+                # reset at checkin, or a Connection's ROLLBACK that closes it (_ends_connection).
+                # Decided here, not in a helper: a call at every request that ends.
+                during: Literal["rollback", "reset"] | None = None
+                if defer:
+                    if caller.f_code is _closer_codes()[0]:
+                        during = "reset"
+                    elif _ends_connection(caller):
+                        during = "rollback"
+                if (
+                    during is None
+                    or send_rollback is None
+                    or not send_rollback(dbapi_connection, during, timeout, report)
                 ):
                     original(dbapi_connection)
             except Exception as exc:
@@ -133,14 +140,16 @@ class QuietRollback:
         emit(self._hooks, RollbackConnectionLost(during, text))
         return True
 
-    def settle(self, native: NativeConnection) -> None:
-        """Read the reply of a ROLLBACK sent without waiting, if one is due; raise if it failed.
+    @property
+    def settler(self) -> Callable[[NativeConnection], None] | None:
+        """How to read the reply of a ROLLBACK sent without waiting, if one is due; or None.
 
-        Called by the checkout check before anything else looks at the connection; a raise
-        means the connection is closed and must be replaced.
+        The driver's own function (`DeferredRollback.settle`), handed to the checkout check
+        as it is (no wrapper: a call at every checkout), which calls it before anything else
+        looks at the connection; a raise means the connection is closed and must be replaced.
+        None where this engine's ROLLBACKs are awaited.
         """
-        if self._deferred is not None:
-            self._deferred.settle(native)
+        return None if self._deferred is None else self._deferred.settle
 
     def _report(self, during: Literal["rollback", "reset"], error: BaseException) -> None:
         """Say that a ROLLBACK not awaited failed; its connection is closed, as if lost."""
@@ -207,16 +216,6 @@ def _closer_codes() -> tuple[CodeType | None, CodeType, CodeType, CodeType]:
         Connection.close.__code__,
         inspect.unwrap(SessionTransaction.close).__code__,
     )
-
-
-def _ending(caller: FrameType) -> Literal["rollback", "reset"] | None:
-    """Say whose ROLLBACK this is if its connection is checked in right after it, else None.
-
-    The pool's reset at checkin, or a Connection's ROLLBACK that closes it (`_ends_connection`).
-    """
-    if caller.f_code is _closer_codes()[0]:
-        return "reset"
-    return "rollback" if _ends_connection(caller) else None
 
 
 def _resetting(caller: FrameType) -> ConnectionPoolEntry | None:

@@ -26,7 +26,7 @@ from dropsafe._engine.replay_refusals import (
     timed_out,
 )
 from dropsafe._engine.server_facts import learn_session
-from dropsafe._engine.session_state import mark_connection, may_change_session
+from dropsafe._engine.session_state import VERDICTS, mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript, recorded_size
 from dropsafe._engine.unsent_commit import UnsentCommit
 from dropsafe._engine.xid_in_flight import XidInFlight, may_write
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe._dbapi import DBAPICursor, DBAPIParameters
     from dropsafe._engine.connect_wait import ConnectWait
-    from dropsafe._engine.liveness import EntryState
     from dropsafe._engine_state import EngineState
     from dropsafe._policy import PoolPolicy
     from dropsafe.events import Hook
@@ -156,22 +155,6 @@ class FirstStatementReplay:
 
         return {"connect": learn}
 
-    def on_checked(self, checkout: PoolProxiedConnection, entry: EntryState) -> None:
-        """Mark ``checkout``'s next statement as its first; called by the checkout check.
-
-        Called last of dropsafe's checkout work (the liveness ping, if any, has been paid): what
-        is sent from here to the first statement is the app's (see _driver_busy). ``entry`` is
-        what the check knows of the connection (made once per connection: the driver's own
-        connection and what asks its socket's descriptor).
-        """
-        try:
-            fd = entry.fileno()
-        except Exception:  # noqa: BLE001 - a closed connection may not say its socket
-            fd = None
-        sent = None if fd is None else entry.sent_bytes(fd)
-        # tuple.__new__: a NamedTuple's own __new__ is a Python call, at every checkout.
-        checkout.__dict__[UNSENT_KEY] = tuple.__new__(Unsent, (entry.native, fd, sent, entry))
-
     def wrap_execute(self) -> None:
         """Put replaying ``do_execute*`` methods on this engine's dialect instance (not its class).
 
@@ -253,7 +236,10 @@ class FirstStatementReplay:
             method(cursor, statement, parameters, context)
             return
         checkout = connection.connection
-        changes = may_change_session(statement)
+        # may_change_session's cache read here (a C call): its Python call only for a new text.
+        changes = VERDICTS.get(statement)
+        if changes is None:
+            changes = may_change_session(statement)
         pending = None
         try:
             # EngineState.first_statement_sent, inlined: this runs at every statement.

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from dropsafe._drivers import Driver
 
 __all__ = [
+    "VERDICTS",
     "give_characteristics",
     "mark_connection",
     "may_change_session",
@@ -160,6 +161,9 @@ _FIRST_WORDS = re.compile(r"[\s(]*([a-z_]+)")
 # in entries (texts with literals inlined would grow it without end) and in the length of a
 # text kept (a bulk INSERT's megabytes are read each time rather than held).
 _VERDICTS: dict[str, bool] = {}
+#: The verdicts by text, read by the replay's ``_send`` before it calls `may_change_session`
+#: (a dictionary read where a call per statement costs a Python frame). Cleared in place.
+VERDICTS = _VERDICTS
 _MAX_VERDICTS = 4096
 _MAX_KEPT_LENGTH = 8192
 
