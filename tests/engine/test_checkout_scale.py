@@ -188,13 +188,13 @@ def _python_calls_per_request(engine, requests: int = 200) -> float:
 # healthy request's CPU) measured +38, +50, +66.9 and +78.4 here and cut 3 to 5: the replay's
 # checkout mark made in the check's own listener, may_change_session's cache read in _send,
 # the libpq look with no wrapper, and on psycopg 3 the deferred ROLLBACK's settle called
-# directly and its decision inlined: +35, +45, +63.9 and +73.4 after; the budgets keep 1 to
-# 1.6 calls of margin, so that each fails on the code before those cuts.
+# directly and its decision inlined: +35, +45, +63.9 and +73.4 after; the budgets keep 2 to
+# 2.6 calls of margin (a CI once measured .02 above a local count: no tighter).
 CALLS_ADDED_AT_MOST = {
-    ("psycopg2", False): 36,
-    ("psycopg", False): 46,
-    ("psycopg2", True): 65,
-    ("psycopg", True): 75,
+    ("psycopg2", False): 37,
+    ("psycopg", False): 47,
+    ("psycopg2", True): 66,
+    ("psycopg", True): 76,
 }
 
 
