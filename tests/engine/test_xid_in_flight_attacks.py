@@ -255,6 +255,38 @@ def test_an_insert_into_a_view_that_only_notifies_is_not_replayed_after_a_crash(
     assert (outcome, resolved, replays) == ("unknown", ["unknown"], [])
 
 
+@pytest.fixture
+def crashable_plain():
+    """``crashable`` with one table and no code of its own."""
+    with PostgresServer(name="xid-attacks-plain", settings={"wal_writer_delay": "10s"}) as server:
+        server.execute("CREATE TABLE attack (v int NOT NULL)")
+        yield server
+
+
+@needs_blackhole
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", READS)
+def test_synchronous_commit_off_by_a_reload_after_the_read_is_not_replayed(
+    crashable_plain, driver
+):
+    """``ALTER SYSTEM SET synchronous_commit = off`` reloaded while the transaction runs: its
+    backend applies it before its next statement, which names nothing. The COMMIT then waits
+    for no flush, its NOTIFY is heard, a crash loses it. Before the fix: read aborted, replayed,
+    heard twice. The resolver's session sees the server's setting: off, after a crash, unknown."""
+    crashable_plain.execute("ALTER SYSTEM SET synchronous_commit = off")
+    outcome, resolved, replays, heard = _commit_lost_then_crash(
+        crashable_plain,
+        driver,
+        [
+            "INSERT INTO attack VALUES (1)",
+            "SELECT pg_reload_conf()",
+            "SELECT pg_notify('" + CHANNEL + "', 'reloaded')",
+        ],
+    )
+    assert heard == ["reloaded"]
+    assert (outcome, resolved, replays) == ("unknown", ["unknown"], [])
+
+
 # The only code of each database that notifies, where no body says NOTIFY: contrib's tcn
 # trigger (a C function named triggered_change_notification), and a NOTIFY built at run time.
 ANNOUNCERS = {

@@ -210,13 +210,17 @@ _IDLE_OR_NO_SYNC_STANDBY = (
 # no WAL written: a transaction that only notifies) though the xid read said otherwise, and its
 # notification is delivered at once: a crash may then lose a commit that was already heard.
 # 'notif', not 'notify': contrib's tcn trigger is a C function named triggered_change_notification;
-# and a body's EXECUTE, whose SQL (built at run time) may be either.
+# and a body's EXECUTE, whose SQL (built at run time) may be either; and the setting as a new
+# session of the app's role and database gets it now.
 _SERVER_CODE_MAY_NOTIFY = (
     "EXISTS (SELECT FROM pg_catalog.pg_proc WHERE pronamespace NOT IN "
     "('pg_catalog'::regnamespace, 'information_schema'::regnamespace) "
     "AND (prosrc ~* '(notif|synchronous_commit|\\mexecute\\M)' "
     "OR pg_catalog.array_to_string(proconfig, ' ') ~* 'synchronous_commit')) "
-    "OR EXISTS (SELECT FROM pg_catalog.pg_rules WHERE definition ~* 'notif')"
+    "OR EXISTS (SELECT FROM pg_catalog.pg_rules WHERE definition ~* 'notif') "
+    # A reload (ALTER SYSTEM, the role's or database's default) that turned it off: a backend
+    # applies a reload before its next statement, even inside a transaction, naming nothing.
+    "OR pg_catalog.current_setting('synchronous_commit') = 'off'"
 )
 
 
