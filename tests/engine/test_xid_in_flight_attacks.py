@@ -266,9 +266,7 @@ def crashable_plain():
 @needs_blackhole
 @pytest.mark.slow
 @pytest.mark.parametrize("driver", READS)
-def test_synchronous_commit_off_by_a_reload_after_the_read_is_not_replayed(
-    crashable_plain, driver
-):
+def test_synchronous_commit_off_by_a_reload_after_the_read_is_not_replayed(crashable_plain, driver):
     """``ALTER SYSTEM SET synchronous_commit = off`` reloaded while the transaction runs: its
     backend applies it before its next statement, which names nothing. The COMMIT then waits
     for no flush, its NOTIFY is heard, a crash loses it. Before the fix: read aborted, replayed,
