@@ -18,10 +18,13 @@ from dropsafe._process import renew_lock_in_child
 from dropsafe._sqlalchemy_private import POOL_CHECKOUT
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
+    from collections.abc import Callable
+
+    from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.pool import PoolProxiedConnection
 
+    from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe._policy import Policy
 
 __all__ = [
@@ -69,6 +72,7 @@ class EngineState:
         "__weakref__",  # the fork's lock renewal holds it weakly
         "_lock",
         "acknowledged",
+        "flight_xid",
         "guard",
         "lives_answered",
         "policy",
@@ -94,6 +98,9 @@ class EngineState:
         self.recording = False
         #: Its acknowledged commits, for the failover audit; made by the first one.
         self.acknowledged: object = None
+        #: The xid a Connection's transaction read in a statement's flight, for a unit's COMMIT
+        #: (`dropsafe._engine.replay`, `dropsafe._commit_truth.flight_xid`); None: never read.
+        self.flight_xid: Callable[[Connection], PendingCommit | None] | None = None
         self._lock = threading.Lock()
         renew_lock_in_child(self)  # another thread may hold it at a fork
 

@@ -210,7 +210,12 @@ class EngineGuard:
         self.lifetime = ConnectionLifetime(policy.pool)
         self.connect_wait = ConnectWait(policy.connection, policy.hooks, engine)
         self.replay = FirstStatementReplay(
-            policy.pool, policy.hooks, engine.dialect, state, self.connect_wait
+            policy.pool,
+            policy.hooks,
+            engine.dialect,
+            state,
+            self.connect_wait,
+            behind_pooler=policy.connection.pooler is not None,
         )
         self.quiet_rollback = QuietRollback(
             policy.hooks,

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
+from dropsafe._commit_truth.flight_xid import UNIT_READS_XID, FlightXid
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections
 from dropsafe._engine.pinned_insert import pinned_insert
@@ -86,6 +87,8 @@ class FirstStatementReplay:
         dialect: Dialect,
         state: EngineState,
         waits: ConnectWait,
+        *,
+        behind_pooler: bool = False,
     ) -> None:
         # The driver must say, before the statement is sent, whether a transaction is open
         # on its connection, and after an error whether the connection is gone, and tell a
@@ -117,14 +120,26 @@ class FirstStatementReplay:
             int(policy.replay_max_rows),
             int(policy.replay_max_bytes),
         )
-        # The xid read in a writing statement's flight, where the driver can (none: not read).
-        self._xid = (
+        # The xid read in a writing statement's flight, where the driver can (none: not read):
+        # for every transaction with the transaction replay on (its lost COMMIT resolved), and
+        # for a verifying unit's transactions (its mark, without a round trip of its own:
+        # `dropsafe._commit_truth.flight_xid`). Not for a unit behind a pooler: the driver's
+        # backend pid is the pooler's, and the resolver would fence another client's backend.
+        reads = (
             XidInFlight(dialect, self._driver, state, hooks)
-            if self._records
+            if self._enabled
             and self._driver is not None
             and self._driver.capabilities.reads_xid_in_flight
             else None
         )
+        self._xid = reads if self._records else None
+        self._unit_xid = None if behind_pooler else reads
+        # A unit's transactions that no transcript records: what their statements read.
+        self._flight_xids: weakref.WeakKeyDictionary[object, FlightXid] = (
+            weakref.WeakKeyDictionary()
+        )
+        if reads is not None:
+            state.flight_xid = self._flight_xid_of
         # A COMMIT about to go on a connection known gone, or lost and resolved by its xid as
         # aborted: the transaction is done elsewhere.
         self._commits = (
@@ -144,14 +159,17 @@ class FirstStatementReplay:
         """Return the pool events this replay listens to, by name.
 
         With the transaction replay on, each new connection's session start and server life are
-        learned at connect (one query per connection made, none per checkout: `server_facts`).
+        learned at connect (one query per connection made, none per checkout: `server_facts`);
+        so they are on an engine that ran a verified unit, whose xid is read in flight: the
+        read needs the server's life (and on psycopg2, leave to run a DO block).
         """
-        if not self._records:
+        if not self._records and self._unit_xid is None:
             return {}
-        state = self._state
+        state, records = self._state, self._records
 
         def learn(dbapi_connection: Any, entry: Any) -> None:  # noqa: ANN401 - pool event's
-            learn_session(dbapi_connection, entry, state)
+            if records or state.recording:
+                learn_session(dbapi_connection, entry, state)
 
         return {"connect": learn}
 
@@ -250,7 +268,12 @@ class FirstStatementReplay:
                 # with nothing of the app's on the connection.
                 transcript = self._transcript_of(connection) if self._records else None
                 if transcript is None:
-                    method(cursor, statement, parameters, context)
+                    if self._unit_xid is None or not UNIT_READS_XID.get():
+                        method(cursor, statement, parameters, context)
+                    else:
+                        self._send_in_unit(
+                            connection, cursor, statement, parameters, context, method
+                        )
                 else:
                     send = _sender(method, statement, parameters, context)
                     reading = None
@@ -270,10 +293,14 @@ class FirstStatementReplay:
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
                 xid = None
-                if self._xid is None or not may_write(context, statement):
+                reads = self._first_reads()
+                if reads is None or not may_write(context, statement):
                     method(cursor, statement, parameters, context)
                 else:
-                    xid = self._send_first(pending, cursor, statement, parameters, context, method)
+                    xid = self._send_first(
+                        reads, pending, cursor, statement, parameters, context, method
+                    )
+                    self._keep_for_unit(connection, xid, pending)
                 if self._records:  # kept to say why, should the transaction lose its connection
                     send = _sender(method, statement, parameters, context)
                     self._begin_transcript(
@@ -282,10 +309,14 @@ class FirstStatementReplay:
                 return
             xid = None
             try:
-                if self._xid is None or not may_write(context, statement):
+                reads = self._first_reads()
+                if reads is None or not may_write(context, statement):
                     method(cursor, statement, parameters, context)
                 else:
-                    xid = self._send_first(pending, cursor, statement, parameters, context, method)
+                    xid = self._send_first(
+                        reads, pending, cursor, statement, parameters, context, method
+                    )
+                    self._keep_for_unit(connection, xid, pending)
             except Exception as exc:  # noqa: BLE001 - raised again unless it is replayed
                 send = _sender(method, statement, parameters, context)
                 replayed = self._replay_first(connection, context, send, exc, pending, changes)
@@ -313,8 +344,90 @@ class FirstStatementReplay:
             elif checkout.__class__ is not POOL_CHECKOUT or _MARKED not in checkout.__dict__:
                 _mark(checkout, changes=False)
 
+    def _first_reads(self) -> XidInFlight | None:
+        """Who reads the xid in a first statement's flight: for every transaction, for a unit's."""
+        if self._xid is not None:
+            return self._xid
+        return self._unit_xid if UNIT_READS_XID.get() else None
+
+    def _keep_for_unit(
+        self, connection: Connection, xid: PendingCommit | None, pending: Unsent
+    ) -> None:
+        """Keep a unit's xid read by its transaction's first statement, where no transcript does.
+
+        With the transaction replay on, the transcript keeps it (`_begin_transcript`).
+        """
+        if xid is None or self._records:
+            return
+        transaction = connection.get_transaction()
+        if transaction is not None:
+            record = self._flight_xids[transaction] = FlightXid()
+            record.pending, record.xid_wanted, record.native = xid, False, pending.native
+
+    def _send_in_unit(  # noqa: PLR0917 - do_execute's arguments, and its Connection
+        self,
+        connection: Connection,
+        cursor: DBAPICursor,
+        statement: str,
+        parameters: DBAPIParameters,
+        context: ExecutionContext,
+        method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
+    ) -> None:
+        """Send a unit's statement past its transaction's first; read the xid if it may write.
+
+        Only where no transcript records the transaction (the transaction replay off, or not a
+        checkout's first transaction). After the read, each statement may drop it
+        (`XidInFlight.note_statement`: one that ends the server's transaction, or names
+        ``synchronous_commit``), as a transcript's would.
+        """
+        reads, driver = self._unit_xid, self._driver
+        transaction = connection.get_transaction()
+        if reads is None or driver is None or transaction is None:  # autocommit: no COMMIT
+            method(cursor, statement, parameters, context)
+            return
+        record = self._flight_xids.get(transaction)
+        if record is None:
+            record = self._flight_xids[transaction] = FlightXid()
+        if record.pending is not None:
+            reads.note_statement(record, statement)
+        native = None
+        if record.xid_wanted and may_write(context, statement) and not _many(context):
+            # Read from the checkout each time: a first-statement replay may have moved it.
+            native = driver.native(connection.connection.dbapi_connection)
+        if native is None:
+            method(cursor, statement, parameters, context)
+            return
+        read = reads.send(
+            native, statement, lambda text: method(cursor, text, parameters, context), cursor
+        )
+        if read is not None:
+            record.pending, record.xid_wanted, record.native = read, False, native
+
+    def _flight_xid_of(self, connection: Connection) -> PendingCommit | None:
+        """Return the xid ``connection``'s open transaction read in a statement's flight, if any.
+
+        For a unit's COMMIT listener (`EngineState.flight_xid`), right before the COMMIT: None
+        if nothing was read, or if the server's transaction is no longer open on the
+        connection it was read on (ended around SQLAlchemy: the read is another transaction's).
+        """
+        transaction = connection.get_transaction()
+        if transaction is None or self._unit_xid is None:  # behind a pooler: no backend pid
+            return None
+        holder: Transcript | FlightXid | None = self._transcripts.get(transaction)
+        if holder is None:
+            holder = self._flight_xids.get(transaction)
+        if holder is None or holder.pending is None or holder.native is None:
+            return None
+        driver = self._driver
+        try:
+            ended = driver is None or driver.transaction_idle(holder.native) is not False
+        except Exception:  # noqa: BLE001 - a closed connection: the mark's statement fails too
+            ended = True
+        return None if ended else holder.pending
+
     def _send_first(  # noqa: PLR0917 - do_execute's arguments, and the checkout's first facts
         self,
+        reads: XidInFlight,
         pending: Unsent,
         cursor: DBAPICursor,
         statement: str,
@@ -323,8 +436,8 @@ class FirstStatementReplay:
         method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
     ) -> PendingCommit | None:
         """Send a transaction's first statement that may write, reading its xid in the flight."""
-        xid_reads = self._xid
-        if xid_reads is None or pending.native is None or _many(context):
+        xid_reads = reads
+        if pending.native is None or _many(context):
             method(cursor, statement, parameters, context)
             return None
         return xid_reads.send(

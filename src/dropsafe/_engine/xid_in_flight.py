@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.engine import Connection, Dialect, ExecutionContext
 
+    from dropsafe._commit_truth.flight_xid import FlightXid
     from dropsafe._dbapi import DBAPICursor, NativeConnection
     from dropsafe._drivers.base import Driver, XidQuestion
     from dropsafe._engine.transcript import Transcript
@@ -129,7 +130,7 @@ class XidInFlight:
             unflushed=values[1] == "off",
         )
 
-    def note_statement(self, transcript: Transcript, statement: str) -> None:
+    def note_statement(self, transcript: Transcript | FlightXid, statement: str) -> None:
         """After the read, a statement that names ``synchronous_commit`` may turn it off.
 
         One that ends the server's transaction (a text ``COMMIT``), or a connection found out
@@ -145,7 +146,7 @@ class XidInFlight:
         if pending is not None and not pending.unflushed and _SYNCHRONOUS_COMMIT.search(statement):
             transcript.pending = dataclasses.replace(pending, unflushed=True)
 
-    def _ended(self, transcript: Transcript) -> bool:
+    def _ended(self, transcript: Transcript | FlightXid) -> bool:
         """Whether the server's transaction ended before the next statement (around us).
 
         libpq's status, no round trip.

@@ -20,7 +20,12 @@ from sqlalchemy import event
 
 from dropsafe._classify import classify
 from dropsafe._commit_truth.pending_commit import PendingCommit, lsn_number
-from dropsafe._commit_truth.server_life import ServerLife, known_server_life, remember_server_life
+from dropsafe._commit_truth.server_life import (
+    UNREADABLE,
+    ServerLife,
+    known_server_life,
+    remember_server_life,
+)
 from dropsafe._commit_truth.server_sql import ASYNCHRONOUS, UNFLUSHED, mark_statement, one_row
 from dropsafe._engine_state import root_engine, state_of
 from dropsafe._errors import ConfigurationError
@@ -126,8 +131,23 @@ def _before_commit(conn: Connection) -> None:
     if not attempt.read_xid:
         attempt.commits_sent += 1
         return
-    attempt.pending = _mark(conn, attempt)
+    attempt.pending = _read_in_flight(conn, attempt) or _mark(conn, attempt)
     attempt.commits_sent += 1  # from here on, the COMMIT may reach the server
+
+
+def _read_in_flight(conn: Connection, attempt: AttemptTracker) -> PendingCommit | None:
+    """Return the xid read in a writing statement's flight, where it can stand as the mark.
+
+    It stands where it knows what the mark would read: a backend pid (not behind a pooler:
+    the engine reads none there) and its server's life (learned at connect, or by an earlier
+    mark on the connection). Otherwise, or where nothing was read, the mark reads it.
+    """
+    read_by = state_of(conn.engine).flight_xid
+    pending = None if read_by is None else read_by(conn)
+    if pending is None or pending.backend_pid == 0 or pending.server_life is UNREADABLE:
+        return None
+    attempt.server_life = pending.server_life
+    return pending
 
 
 def _mark(conn: Connection, attempt: AttemptTracker) -> PendingCommit | None:

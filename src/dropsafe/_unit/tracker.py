@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, final
 
 from sqlalchemy.orm import Session
 
+from dropsafe._commit_truth.flight_xid import UNIT_READS_XID
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
 from dropsafe._redaction import describe_error
@@ -41,6 +42,7 @@ class AttemptTracker:
     """
 
     __slots__ = (
+        "_reads_token",
         "_reported",
         "_token",
         "armed",
@@ -90,15 +92,21 @@ class AttemptTracker:
         self.committing_connections: list[Connection] = []
         self._reported: list[BaseException] = []
         self._token: contextvars.Token[AttemptTracker | None] | None = None
+        self._reads_token: contextvars.Token[bool] | None = None
 
     def __enter__(self) -> AttemptTracker:
         self._token = _CURRENT.set(self)
+        # Its engines read the xid in its first writing statement's flight, in place of a mark.
+        self._reads_token = UNIT_READS_XID.set(self.read_xid)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._token is not None:
             _CURRENT.reset(self._token)
             self._token = None
+        if self._reads_token is not None:
+            UNIT_READS_XID.reset(self._reads_token)
+            self._reads_token = None
 
     def committing(self) -> _Armed:
         """Arm the tracker inside this ``with`` block: the unit's own COMMIT, not the user's."""
