@@ -273,6 +273,33 @@ def test_a_server_that_hides_the_wal_position_still_commits_units(
     assert failures <= (1 if answered_first else 0)
 
 
+def test_a_wal_position_hidden_later_fails_one_plain_transaction_at_most(
+    wal_hiding_role, disposing
+):
+    """The same for a plain transaction whose xid is read in flight (the transaction replay on).
+
+    The read in the INSERT's flight asked for the WAL position on every new connection once
+    the engine's server had answered it: hidden later, every transaction failed (3 of 3).
+    """
+    url, hide = wal_hiding_role
+    policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(replay_transaction=True))
+    engine = disposing(dropsafe.create_engine(url, policy=policy, pool_size=1, max_overflow=0))
+    insert = sa.text("INSERT INTO acks (id) VALUES (:id)")
+    with engine.begin() as connection:
+        connection.execute(insert, {"id": 10})
+    hide()
+    failures = 0
+    for op_id in range(11, 14):
+        engine.pool.dispose()  # a new connection each time
+        try:
+            with engine.begin() as connection:
+                connection.execute(insert, {"id": op_id})
+        except sa.exc.ProgrammingError as exc:
+            assert "pg_current_wal_insert_lsn" in str(exc)
+            failures += 1
+    assert failures <= 1
+
+
 def test_writers_that_meet_the_new_primary_at_once_report_each_lost_commit_once(pair, units_for):
     """Four threads commit on the new primary at the same moment: one report per lost commit."""
     lost = Lost()

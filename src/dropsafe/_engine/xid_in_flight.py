@@ -55,6 +55,8 @@ _ENDS = re.compile(
     r"|rollback(?!\s+(?:work\s+|transaction\s+)?to\b))\b",
     re.IGNORECASE | re.DOTALL,
 )
+# What a server that hides the WAL position names in its refusal (42501, permission denied).
+_WAL_FUNCTION = "pg_current_wal_insert_lsn"
 # A statement that may turn synchronous_commit off after the read: its COMMIT may then not wait
 # for its WAL (`PendingCommit.unflushed`).
 _SYNCHRONOUS_COMMIT = re.compile("synchronous_commit", re.IGNORECASE)
@@ -106,7 +108,15 @@ class XidInFlight:
         question = self._questions.get(with_wal)
         if question is None:
             question = self._questions[with_wal] = xid_question(self._dialect, with_wal=with_wal)
-        reading = self._driver.send_reading_xid(send_text, native, statement, question)
+        try:
+            reading = self._driver.send_reading_xid(send_text, native, statement, question)
+        except Exception as exc:
+            if with_wal and _WAL_FUNCTION in str(exc):
+                # Another host behind the engine's URL hides what the first one showed: the
+                # app's statement failed with it, once; the next reads go without it.
+                with self._state.lock:
+                    self._state.wal_readable = False
+            raise
         if reading is None:
             return None
         values = reading.values
