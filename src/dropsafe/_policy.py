@@ -266,6 +266,7 @@ class PoolPolicy(_Validated):
             "replay_transaction",
             "defer_checkin_rollback",
             "begin_in_first_flight",
+            "read_xid_in_flight",
         }
     )
 
@@ -309,6 +310,12 @@ class PoolPolicy(_Validated):
     #: not two. A BEGIN that fails is the error raised, and the statement does not run.
     #: psycopg 3 (sync and async) only; see docs/guarantees.md.
     begin_in_first_flight: bool = True
+    #: A verified unit of work's xid is read in the flight of its first statement that may
+    #: write, instead of by a statement of its own before COMMIT (the mark): a verified unit
+    #: makes no round trip more than an unverified one. Needs ``replay_first_statement``;
+    #: psycopg2, psycopg 3 and asyncpg; not behind a pooler. See docs/guarantees.md, "The xid
+    #: read in the flight of the unit's first write".
+    read_xid_in_flight: bool = True
 
 
 @_environment_defaults

@@ -19,6 +19,7 @@ from sqlalchemy.orm import sessionmaker
 import dropsafe
 from dropsafe._bench._turns import TurnCounter
 from dropsafe._commit_truth.server_life import known_server_life
+from dropsafe._engine.guard import guard_of
 from dropsafe._engine_state import state_of
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
@@ -31,11 +32,14 @@ def server(shared_server):
     return shared_server
 
 
-def _round_trips(server, driver, *, verify, new_connection):
+def _round_trips(server, driver, *, verify, new_connection, in_flight=True):
     """Round trips of one unit (the mean of a few), after a unit that warmed the engine."""
     units = 8
     with TurnCounter(server.host, server.port) as counter:
-        policy = dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=verify, deadline=20))
+        policy = dropsafe.Policy(
+            pool=dropsafe.PoolPolicy(read_xid_in_flight=in_flight),
+            unit=dropsafe.UnitPolicy(verify_commits=verify, deadline=20),
+        )
         url = counter.route(server.url(driver))
         if driver == "asyncpg":
             return asyncio.run(_round_trips_async(url, policy, counter, units, new_connection))
@@ -109,6 +113,27 @@ def test_a_verified_unit_costs_no_round_trip_more_than_an_unverified_one(server,
     # (A stray turn of the conversation, a driver's reply read in two pieces, moves a mean of 8
     # by 1/8: the guard's own round trip moves it by 1.)
     assert abs(verified - plain) <= 0.25, (plain, verified)
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_without_the_read_in_flight_the_mark_costs_one_round_trip(server, driver):
+    """``PoolPolicy(read_xid_in_flight=False)``: the mark before COMMIT, as before issue 28."""
+    plain = _round_trips(server, driver, verify=False, new_connection=False)
+    marked = _round_trips(server, driver, verify=True, new_connection=False, in_flight=False)
+    assert abs(marked - plain - 1) <= 0.25, (plain, marked)
+
+
+def test_the_read_in_flight_is_turned_off_by_the_url_and_strictly(server):
+    url = server.url("psycopg2")
+    flagged = sa.create_engine(f"{url}&plugin=dropsafe&dropsafe_read_xid_in_flight=false")
+    try:
+        assert guard_of(flagged).policy.pool.read_xid_in_flight is False
+    finally:
+        flagged.dispose()
+    with pytest.raises(dropsafe.ConfigurationError, match="read_xid_in_flight"):
+        sa.create_engine(f"{url}&plugin=dropsafe&dropsafe_read_xid_in_flight=maybe")
+    with pytest.raises(dropsafe.ConfigurationError, match="read_xid_in_flight"):
+        dropsafe.PoolPolicy(read_xid_in_flight="no")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("driver", DRIVERS)

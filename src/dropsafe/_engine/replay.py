@@ -133,7 +133,7 @@ class FirstStatementReplay:
             else None
         )
         self._xid = reads if self._records else None
-        self._unit_xid = None if behind_pooler else reads
+        self._unit_xid = reads if policy.read_xid_in_flight and not behind_pooler else None
         # A unit's transactions that no transcript records: what their statements read.
         self._flight_xids: weakref.WeakKeyDictionary[object, FlightXid] = (
             weakref.WeakKeyDictionary()
