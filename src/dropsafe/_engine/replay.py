@@ -268,7 +268,12 @@ class FirstStatementReplay:
                 # with nothing of the app's on the connection.
                 transcript = self._transcript_of(connection) if self._records else None
                 if transcript is None:
-                    if self._unit_xid is None or not UNIT_READS_XID.get():
+                    # (No call for an engine that never ran a unit: attribute reads only.)
+                    if (
+                        self._unit_xid is None
+                        or not self._state.recording
+                        or not UNIT_READS_XID.get()
+                    ):
                         method(cursor, statement, parameters, context)
                     else:
                         self._send_in_unit(
@@ -293,7 +298,9 @@ class FirstStatementReplay:
             if refusal is not None:
                 logger.debug("dropsafe will not replay this first statement: %s", refusal)
                 xid = None
-                reads = self._first_reads()
+                reads = self._xid
+                if reads is None and self._state.recording and UNIT_READS_XID.get():
+                    reads = self._unit_xid
                 if reads is None or not may_write(context, statement):
                     method(cursor, statement, parameters, context)
                 else:
@@ -309,7 +316,11 @@ class FirstStatementReplay:
                 return
             xid = None
             try:
-                reads = self._first_reads()
+                # Inlined (no call at every first statement): for every transaction with the
+                # transaction replay on, else for a verifying unit's.
+                reads = self._xid
+                if reads is None and self._state.recording and UNIT_READS_XID.get():
+                    reads = self._unit_xid
                 if reads is None or not may_write(context, statement):
                     method(cursor, statement, parameters, context)
                 else:
@@ -343,12 +354,6 @@ class FirstStatementReplay:
                 checkout.__dict__[_MARKED] = True  # a pool checkout: the check's
             elif checkout.__class__ is not POOL_CHECKOUT or _MARKED not in checkout.__dict__:
                 _mark(checkout, changes=False)
-
-    def _first_reads(self) -> XidInFlight | None:
-        """Who reads the xid in a first statement's flight: for every transaction, for a unit's."""
-        if self._xid is not None:
-            return self._xid
-        return self._unit_xid if UNIT_READS_XID.get() else None
 
     def _keep_for_unit(
         self, connection: Connection, xid: PendingCommit | None, pending: Unsent
