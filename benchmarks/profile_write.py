@@ -7,7 +7,10 @@ pool and the server (`dropsafe._bench._turns`). Variants:
 
 - ``plain``: SQLAlchemy's pool, ``with Session.begin()``;
 - ``unverified``: ``dropsafe.run_transaction`` with ``verify_commits=False``;
-- ``verified``: ``dropsafe.run_transaction`` with the commit guard (the default).
+- ``verified``: ``dropsafe.run_transaction`` with the commit guard (the default: its xid read
+  in its INSERT's flight);
+- ``marked``: the same with ``read_xid_in_flight=False`` (its xid read by a statement
+  of its own before COMMIT, as before issue 28).
 
 ``--profile DIR`` also writes one cProfile dump per driver and variant (``*.pstats``) and
 prints the functions that take the most time in the verified one; for a flame graph:
@@ -43,7 +46,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 INSERT = sa.text("INSERT INTO bench (v) VALUES (1)")
-VARIANTS = ("plain", "unverified", "verified")
+VARIANTS = ("plain", "unverified", "verified", "marked")
 DRIVERS = ("psycopg2", "psycopg", "asyncpg")
 
 
@@ -60,7 +63,7 @@ class Result:
 
     def line(self) -> str:
         return (
-            f"{self.driver:9} {self.variant:11} "
+            f"{self.driver:9} {self.variant:14} "
             f"cpu {self.cpu_s / self.units * 1e6:7.0f} us/unit  "
             f"wall {self.wall_s / self.units * 1e6:7.0f} us/unit  "
             f"round trips {self.turns / self.counted:5.2f}/unit  "
@@ -98,7 +101,11 @@ class _Tally:
 
 
 def _policy(variant: str) -> dropsafe.Policy:
-    return dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=variant == "verified"))
+    # "marked": the xid read by a statement of its own before COMMIT (issue 28's before).
+    return dropsafe.Policy(
+        pool=dropsafe.PoolPolicy(read_xid_in_flight=variant != "marked"),
+        unit=dropsafe.UnitPolicy(verify_commits=variant in ("verified", "marked")),
+    )
 
 
 def _sync_unit(variant: str, url: str) -> tuple[Callable[[], object], sa.Engine]:
