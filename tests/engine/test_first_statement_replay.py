@@ -195,6 +195,18 @@ def test_autocommit_set_by_hand_on_the_drivers_connection_is_notreplayed(
     assert (replayed(events), _rows(server)) == ([], [])
 
 
+def test_a_dialect_that_says_autocommit_after_harden_is_asked(server, proxy, disposing):
+    # The refusal reads the driver's flag itself where the dialect's method is SQLAlchemy's
+    # own (a call less per request); a dialect told otherwise, even after harden, is asked.
+    events = []
+    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
+    engine.dialect.detect_autocommit_setting = lambda dbapi_connection: True
+    lose_at_next_checkout(engine, "terminate", server, proxy)
+    with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
+        conn.execute(ITEMS.insert().values(n=1))
+    assert (replayed(events), _rows(server)) == ([], [])
+
+
 def test_a_statement_opted_out_is_notreplayed(server, proxy, disposing):
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg2", events))

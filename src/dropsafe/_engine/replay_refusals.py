@@ -111,12 +111,37 @@ def sent_around(transcript: Transcript) -> str | None:
     return None
 
 
+# SQLAlchemy's own detect_autocommit_setting of each PostgreSQL dialect dropsafe replays on:
+# each returns ``bool(dbapi_connection.autocommit)`` (SQLAlchemy 2.0 and 2.1).
+_FLAG_READERS = frozenset(
+    {
+        (
+            "sqlalchemy.dialects.postgresql._psycopg_common",
+            "_PGDialect_common_psycopg.detect_autocommit_setting",
+        ),
+        ("sqlalchemy.dialects.postgresql.asyncpg", "PGDialect_asyncpg.detect_autocommit_setting"),
+        ("sqlalchemy.dialects.postgresql.pg8000", "PGDialect_pg8000.detect_autocommit_setting"),
+    }
+)
+
+
 class ReplayRefusals:
     """What one engine's dialect and driver say of a statement and of a lost connection."""
 
     def __init__(self, dialect: Dialect, driver: Driver | None) -> None:
         self._dialect = dialect
         self._driver = driver
+        # Where the dialect's detect_autocommit_setting is SQLAlchemy's own (each PostgreSQL
+        # dialect's returns ``bool(dbapi_connection.autocommit)``), the flag is read here: a
+        # call less at every first statement. A dialect whose class or instance says it
+        # otherwise, even once hardened, is asked (checked at each statement, with no call).
+        method = getattr(type(dialect), "detect_autocommit_setting", None)
+        self._flag_reader = (
+            method
+            if (getattr(method, "__module__", None), getattr(method, "__qualname__", None))
+            in _FLAG_READERS
+            else None
+        )
 
     def first_statement(  # noqa: C901, PLR0911, PLR0912 - one function: a call less per request
         self,
@@ -146,7 +171,14 @@ class ReplayRefusals:
             reason = "no connection"
         else:
             try:
-                autocommit = self._dialect.detect_autocommit_setting(checkout.dbapi_connection)
+                dialect = self._dialect
+                if (
+                    dialect.__class__.detect_autocommit_setting is self._flag_reader
+                    and "detect_autocommit_setting" not in dialect.__dict__
+                ):
+                    autocommit = checkout.dbapi_connection.autocommit
+                else:
+                    autocommit = dialect.detect_autocommit_setting(checkout.dbapi_connection)
             except Exception:  # a connection we cannot read is not replayed
                 logger.debug("dropsafe could not tell a connection's autocommit", exc_info=True)
                 return "its autocommit setting is unknown"
