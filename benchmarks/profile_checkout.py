@@ -7,10 +7,11 @@ the time per request of each and the guard's own share (the functions of dropsaf
 from cProfile), and writes each profile's top functions as text to
 benchmarks/results/profiles/ (``--tag=-after`` names the files). With ``--py-spy`` (py-spy
 installed) it also records a flame graph of each hardened run as SVG there. ``--cpu`` measures
-instead the process's CPU time per request (the least of ``--rounds`` interleaved runs) of the
-plain pool, dropsafe's defaults, dropsafe without the first-statement replay and dropsafe with
-the transaction replay (``PoolPolicy(replay_transaction=True)``: every statement recorded),
-with each one's ratio to plain, and splits dropsafe's own profiled time by module: the
+instead the process's CPU time per request (the least of ``--rounds`` interleaved runs; and
+the median of each round's own ratio to plain) of the plain pool, dropsafe's defaults,
+dropsafe without the first-statement replay and dropsafe with the transaction replay
+(``PoolPolicy(replay_transaction=True)``: every statement recorded), with each one's ratio to
+plain, and splits dropsafe's own profiled time by module: the
 first-statement replay's marks (replay, session_state, the socket reads) apart from the
 checkout check and the quiet ROLLBACK. ``--calls`` counts instead the Python calls per request
 of the same four (``sys.setprofile``: a figure the machine's load cannot move).
@@ -25,8 +26,10 @@ import gc
 import io
 import os
 import pstats
+import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -159,32 +162,44 @@ _LOOP = asyncio.new_event_loop()  # one for every async engine: each is disposed
 def cpu_ratios(url: str, driver: str, requests: int, rounds: int) -> str:
     """CPU per request of each variant, and its ratio to plain.
 
-    The engines are made once and warmed; each round runs every variant in turn, and each
-    variant's least CPU time of the rounds is kept: the machine's load, which only adds, falls
-    on each alike.
+    The engines are made once and warmed; each round runs every variant once, in an order
+    shuffled per round (seeded: the same orders at each run), and each variant's least CPU time
+    of the rounds is kept: the machine's load, which only adds, falls on each alike. The ratio
+    is also given as the median, over the rounds, of each round's own ratio (plain's time in
+    that round over the variant's), with its quartiles: the load of a shared machine drifts
+    over a run's minutes, and a round's variants ran within a second of each other.
     """
     runners = {
         name: _runner(url, driver, guarded=guarded, replay=replay, records=records)
         for name, (guarded, replay, records) in VARIANTS.items()
     }
-    best = dict.fromkeys(VARIANTS, float("inf"))
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    order = list(runners)
+    shuffle = random.Random(28).shuffle
     try:
         for _ in range(rounds):
-            for name, (run, _close) in runners.items():
+            shuffle(order)
+            for name in order:
+                run = runners[name][0]
                 # Each run starts with nothing for the cycle collector: the transaction
                 # replay's records leave cyclic garbage, whose collection would otherwise fall
                 # on the variant that runs next (up to +20% on it, measured).
                 gc.collect()
                 started = time.process_time()
                 run(requests)
-                best[name] = min(best[name], time.process_time() - started)
+                times[name].append(time.process_time() - started)
     finally:
         for _run, close in runners.values():
             close()
-    cells = [
-        f"{name} {best[name] / requests * 1e6:.1f} us ({best['plain'] / best[name]:.2f}x)"
-        for name in VARIANTS
-    ]
+    best = {name: min(spent) for name, spent in times.items()}
+    cells = []
+    for name in VARIANTS:
+        cell = f"{name} {best[name] / requests * 1e6:.1f} us ({best['plain'] / best[name]:.2f}x"
+        if name != "plain":
+            paired = [plain / mine for plain, mine in zip(times["plain"], times[name], strict=True)]
+            low, middle, high = statistics.quantiles(paired, n=4)
+            cell += f", paired median {middle:.2f}x [{low:.2f}-{high:.2f}]"
+        cells.append(cell + ")")
     # CPU time, not wall: on loopback a send can run the server's backend on this core (the
     # wall clock would charge its work to the function that sent).
     profiler = cProfile.Profile(time.process_time)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import gc
 import socket
+import struct
 
 import pytest
 
 from dropsafe._drivers import SentBytes, tcp_bytes_sent
+from dropsafe._drivers.sockets import TCP_COUNTS_AT, unpack_counts
 
 
 @pytest.fixture
@@ -83,3 +85,52 @@ def test_a_closed_a_negative_or_a_unix_fd_is_unknown_not_an_error():
     left, right = socket.socketpair()
     with left, right:
         assert counter(left.fileno()) is None
+
+
+def _inlined_read(counter: SentBytes, fd: int) -> int | None:
+    """What the checkout check and the first statement's refusal do, without a call of it."""
+    if fd != counter.fd:
+        return counter(fd)
+    try:
+        queued, sent, retransmitted = unpack_counts(counter.tcp_info(), TCP_COUNTS_AT)
+    except (OSError, struct.error):
+        return None
+    return sent - retransmitted + queued
+
+
+def test_the_inlined_read_reads_what_a_call_reads_and_nothing_once_released(pair):
+    client, server_side = pair
+    counter = SentBytes()
+    fd = client.fileno()
+    assert counter.fd == -1
+    with pytest.raises(OSError):  # holding no socket: never a number
+        counter.tcp_info()
+    first = _inlined_read(counter, fd)  # not held yet: the call, which makes the object
+    assert first is not None
+    assert counter.fd == fd
+    client.sendall(b"q" * 300)
+    assert _inlined_read(counter, fd) == first + 300 == tcp_bytes_sent(fd) == counter(fd)
+    assert server_side.recv(300, socket.MSG_WAITALL) == b"q" * 300
+    server_side.sendall(b"r" * 40)  # received, not sent: no change
+    assert client.recv(40)
+    assert _inlined_read(counter, fd) == first + 300
+    counter.release()
+    assert counter.fd == -1
+    with pytest.raises(OSError):
+        counter.tcp_info()
+    assert _inlined_read(counter, -1) is None  # asyncpg's closed transport says -1
+    assert _still_open(client, server_side)
+
+
+def test_the_inlined_read_of_a_closed_or_unix_socket_is_unknown():
+    counter = SentBytes()
+    left, right = socket.socketpair()
+    with left, right:
+        assert _inlined_read(counter, left.fileno()) is None  # made, then refused: not TCP
+        assert counter.fd == left.fileno()
+        assert _inlined_read(counter, left.fileno()) is None  # the inlined path refuses too
+    with socket.socket() as sock:  # a TCP socket, connected to nothing, then closed
+        fd = sock.fileno()
+        assert _inlined_read(counter, fd) is not None
+    assert _inlined_read(counter, fd) is None  # closed under the held object: EBADF
+    counter.release()

@@ -176,6 +176,37 @@ def test_autocommit_is_notreplayed(server, proxy, how):
         engine.dispose()
 
 
+@pytest.mark.parametrize("driver", driver_names(sync=True, replays=True))
+def test_autocommit_set_by_hand_on_the_drivers_connection_is_notreplayed(
+    server, proxy, driver, disposing
+):
+    # The flag set on the driver's connection, not through SQLAlchemy: the statement may have
+    # committed before its connection was lost, so it must be raised, not sent again. Two
+    # checks refuse it: the first statement's (detect_autocommit_setting, read right before
+    # the statement) and the fresh connection's comparison of the two sessions' transaction
+    # characteristics (with the first removed, the second still refused it: measured).
+    events = []
+    engine = disposing(replay_engine(server, proxy, driver, events))
+    with engine.connect() as conn:
+        conn.connection.dbapi_connection.autocommit = True
+        lose("terminate", server, proxy)
+        with pytest.raises(sa.exc.OperationalError):
+            conn.execute(ITEMS.insert().values(n=1))
+    assert (replayed(events), _rows(server)) == ([], [])
+
+
+def test_a_dialect_that_says_autocommit_after_harden_is_asked(server, proxy, disposing):
+    # The refusal reads the driver's flag itself where the dialect's method is SQLAlchemy's
+    # own (a call less per request); a dialect told otherwise, even after harden, is asked.
+    events = []
+    engine = disposing(replay_engine(server, proxy, "psycopg2", events))
+    engine.dialect.detect_autocommit_setting = lambda dbapi_connection: True
+    lose_at_next_checkout(engine, "terminate", server, proxy)
+    with engine.connect() as conn, pytest.raises(sa.exc.OperationalError):
+        conn.execute(ITEMS.insert().values(n=1))
+    assert (replayed(events), _rows(server)) == ([], [])
+
+
 def test_a_statement_opted_out_is_notreplayed(server, proxy, disposing):
     events = []
     engine = disposing(replay_engine(server, proxy, "psycopg2", events))

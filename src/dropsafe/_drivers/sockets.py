@@ -5,18 +5,23 @@ Shared by every driver file; the socket itself is each driver's business (`Drive
 
 from __future__ import annotations
 
+import errno
+import functools
 import select
 import socket
 import struct
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
 
 from dropsafe._drivers.base import Health
 from dropsafe._process import unpatched
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dropsafe._drivers.base import DBAPIConnection, Driver
 
 __all__ = [
+    "TCP_COUNTS_AT",
     "HasFileno",
     "SentBytes",
     "SocketPoll",
@@ -24,6 +29,7 @@ __all__ = [
     "poll",
     "socket_fd_of",
     "tcp_bytes_sent",
+    "unpack_counts",
 ]
 
 # Readable means data or EOF waits; the others mean the peer hung up or the socket failed.
@@ -36,8 +42,12 @@ _POLL_MASK = select.POLLIN | _POLL_DEAD
 # tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208, read in one unpack. The layout only
 # grows at its end, so these offsets hold on later kernels.
 _TCP_INFO_COUNTS = struct.Struct("=I52xQQ")
-_TCP_INFO_COUNTS_AT = 144
-_TCP_INFO_LENGTH = _TCP_INFO_COUNTS_AT + _TCP_INFO_COUNTS.size
+#: Where `unpack_counts` reads in struct tcp_info.
+TCP_COUNTS_AT = 144
+#: ``(queued, sent, retransmitted)`` of a struct tcp_info (raises struct.error if shorter): the
+#: bytes written are ``sent - retransmitted + queued`` (`tcp_bytes_sent`).
+unpack_counts = _TCP_INFO_COUNTS.unpack_from
+_TCP_INFO_LENGTH = TCP_COUNTS_AT + _TCP_INFO_COUNTS.size
 _TCP_INFO: int | None = getattr(socket, "TCP_INFO", None)  # Linux only
 # The C socket type (socket.socket is its Python subclass, whose __init__ and detach() are
 # Python calls): a borrowed fd is wrapped and let go at every TCP_INFO read, twice a request.
@@ -97,7 +107,7 @@ def tcp_bytes_sent(fd: int) -> int | None:
     finally:
         sock.detach()
     try:
-        queued, sent, retransmitted = _TCP_INFO_COUNTS.unpack_from(info, _TCP_INFO_COUNTS_AT)
+        queued, sent, retransmitted = unpack_counts(info, TCP_COUNTS_AT)
     except struct.error:  # a kernel before 4.19: a shorter struct
         return None
     written: int = sent - retransmitted + queued  # no int(): a call at each read
@@ -125,32 +135,44 @@ class SentBytes:
     The fd is the caller's, asked of the connection at each checkout (never remembered by
     the caller either); the object is remade when it changes, and let go (`release`) with
     the connection. One connection is used by one thread at a time: no lock.
+
+    Those two reads run at every request, so they are made without a Python call of their
+    own: where ``fd`` is the descriptor read last, the caller calls ``tcp_info()`` (the socket
+    object's own getsockopt, its arguments bound: C calls only) and `unpack_counts` itself;
+    any other descriptor goes through a call of this object, which remakes the socket object
+    on it. ``fd`` is -1 when no socket object is held.
     """
 
-    __slots__ = ("_fd", "_sock")
+    __slots__ = ("_sock", "fd", "tcp_info")
 
     def __init__(self) -> None:
         self._sock: _Borrowed | None = None
-        self._fd = -1
+        #: The descriptor ``tcp_info`` reads; -1 while no socket object is held.
+        self.fd = -1
+        #: Reads the socket's raw struct tcp_info (raises OSError once the fd is closed).
+        self.tcp_info: Callable[[], bytes] = _no_tcp_info
 
     def __call__(self, fd: int) -> int | None:
         """Return the data bytes written so far to the TCP socket ``fd``; None if unknown."""
         if _TCP_INFO is None:
             return None
-        sock = self._sock
-        if sock is None or fd != self._fd:
+        if self._sock is None or fd != self.fd:
             self.release()
             try:
                 sock = _Borrowed(_AF_INET, _SOCK_STREAM, 0, fd)
             except (OSError, ValueError):  # -1: a closed transport
                 return None
-            self._sock, self._fd = sock, fd
+            self._sock = sock
+            # getsockopt with a length returns bytes (typeshed's overload for it is an int).
+            self.tcp_info = cast(
+                "Callable[[], bytes]",
+                functools.partial(sock.getsockopt, _IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH),
+            )
+            self.fd = fd
         try:
-            info = sock.getsockopt(_IPPROTO_TCP, _TCP_INFO, _TCP_INFO_LENGTH)
+            queued, sent, retransmitted = unpack_counts(self.tcp_info(), TCP_COUNTS_AT)
         except OSError:  # not TCP (a Unix socket), or closed
             return None
-        try:
-            queued, sent, retransmitted = _TCP_INFO_COUNTS.unpack_from(info, _TCP_INFO_COUNTS_AT)
         except struct.error:  # a kernel before 4.19: a shorter struct
             return None
         written: int = sent - retransmitted + queued
@@ -158,9 +180,14 @@ class SentBytes:
 
     def release(self) -> None:
         """Let the socket object go now (detached: the fd stays the driver's)."""
-        sock, self._sock, self._fd = self._sock, None, -1
+        sock, self._sock, self.fd, self.tcp_info = self._sock, None, -1, _no_tcp_info
         if sock is not None:
             sock.detach()
+
+
+def _no_tcp_info() -> bytes:
+    """Read no socket: a `SentBytes` that holds none (its ``fd`` is -1, never a caller's)."""
+    raise OSError(errno.EBADF, "no socket")
 
 
 def poll(source: HasFileno) -> Health:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import struct
 import threading
 import time
 import weakref
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Literal, NoReturn
 import sqlalchemy.exc
 
 from dropsafe._drivers import Driver, Health, SentBytes
+from dropsafe._drivers.sockets import TCP_COUNTS_AT, unpack_counts
 from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -323,7 +325,20 @@ class CheckoutCheck:
                 fd = state.fileno()
             except Exception:  # noqa: BLE001 - a closed connection may not say its socket
                 fd = None
-            sent = None if fd is None else state.sent_bytes(fd)
+            sent = None
+            if fd is not None:
+                counter = state.sent_bytes
+                if fd != counter.fd:  # a new socket object on it (SentBytes, its slow path)
+                    sent = counter(fd)
+                else:  # SentBytes's read, inlined (C calls only): it runs at every checkout
+                    try:
+                        queued, sent, retransmitted = unpack_counts(
+                            counter.tcp_info(), TCP_COUNTS_AT
+                        )
+                    except (OSError, struct.error):  # closed, not TCP, or an older kernel
+                        sent = None
+                    else:
+                        sent = sent - retransmitted + queued
             # tuple.__new__: a NamedTuple's own __new__ is a Python call, at every checkout.
             proxy.__dict__[UNSENT_KEY] = tuple.__new__(Unsent, (state.native, fd, sent, state))
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import struct
 from typing import TYPE_CHECKING
 
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._dbapi import ask, dialect_says_disconnect
+from dropsafe._drivers.sockets import TCP_COUNTS_AT, unpack_counts
 from dropsafe._engine.transcript import refusal_of_text
 from dropsafe._errors import ConfigurationError
 from dropsafe._log import SafeLogger
@@ -109,14 +111,39 @@ def sent_around(transcript: Transcript) -> str | None:
     return None
 
 
+# SQLAlchemy's own detect_autocommit_setting of each PostgreSQL dialect dropsafe replays on:
+# each returns ``bool(dbapi_connection.autocommit)`` (SQLAlchemy 2.0 and 2.1).
+_FLAG_READERS = frozenset(
+    {
+        (
+            "sqlalchemy.dialects.postgresql._psycopg_common",
+            "_PGDialect_common_psycopg.detect_autocommit_setting",
+        ),
+        ("sqlalchemy.dialects.postgresql.asyncpg", "PGDialect_asyncpg.detect_autocommit_setting"),
+        ("sqlalchemy.dialects.postgresql.pg8000", "PGDialect_pg8000.detect_autocommit_setting"),
+    }
+)
+
+
 class ReplayRefusals:
     """What one engine's dialect and driver say of a statement and of a lost connection."""
 
     def __init__(self, dialect: Dialect, driver: Driver | None) -> None:
         self._dialect = dialect
         self._driver = driver
+        # Where the dialect's detect_autocommit_setting is SQLAlchemy's own (each PostgreSQL
+        # dialect's returns ``bool(dbapi_connection.autocommit)``), the flag is read here: a
+        # call less at every first statement. A dialect whose class or instance says it
+        # otherwise, even once hardened, is asked (checked at each statement, with no call).
+        method = getattr(type(dialect), "detect_autocommit_setting", None)
+        self._flag_reader = (
+            method
+            if (getattr(method, "__module__", None), getattr(method, "__qualname__", None))
+            in _FLAG_READERS
+            else None
+        )
 
-    def first_statement(
+    def first_statement(  # noqa: C901, PLR0911, PLR0912 - one function: a call less per request
         self,
         connection: Connection,
         context: ExecutionContext,
@@ -144,46 +171,61 @@ class ReplayRefusals:
             reason = "no connection"
         else:
             try:
-                autocommit = self._dialect.detect_autocommit_setting(checkout.dbapi_connection)
+                dialect = self._dialect
+                if (
+                    dialect.__class__.detect_autocommit_setting is self._flag_reader
+                    and "detect_autocommit_setting" not in dialect.__dict__
+                ):
+                    autocommit = checkout.dbapi_connection.autocommit
+                else:
+                    autocommit = dialect.detect_autocommit_setting(checkout.dbapi_connection)
             except Exception:  # a connection we cannot read is not replayed
                 logger.debug("dropsafe could not tell a connection's autocommit", exc_info=True)
                 return "its autocommit setting is unknown"
             if autocommit:
                 return "autocommit: the statement may have committed"
-            return self._driver_busy(pending)
+            # Whether the driver's connection already holds work of the app's, inlined (a
+            # call less at every first statement). SQLAlchemy's first statement on a checkout
+            # is not the connection's first: the app may have written through the driver's
+            # own connection (a cursor of its own, a COPY, an ``after_begin`` or
+            # ``before_cursor_execute`` listener, SET TRANSACTION) before it. That work is in
+            # the transaction the driver opened, and a replay on a fresh connection would drop
+            # it while the commit succeeds. The driver's local transaction status tells,
+            # without a round trip; where it cannot be read, nothing is replayed.
+            native, driver = pending.native, self._driver
+            if native is None or driver is None:
+                return "the driver's connection is not one dropsafe can read"
+            try:
+                idle = driver.transaction_idle(native)
+            except Exception:  # a state we cannot read is not replayed
+                logger.debug("dropsafe could not tell a transaction's status", exc_info=True)
+                idle = None
+            if idle is None:
+                return "the driver's transaction status is unknown"
+            if not idle:
+                return "a transaction was already open on the driver's connection"
+            # Work committed through the driver's connection (a session SET, then commit)
+            # leaves it idle: only the bytes its socket sent since checkout tell. The same fd
+            # as at checkout: a driver that closed it since is not idle (above).
+            fd, before = pending.fd, pending.sent
+            if fd is None or before is None:
+                return "the bytes sent on its socket since checkout are unknown (not TCP?)"
+            counter = pending.entry.sent_bytes
+            if fd != counter.fd:  # let go since checkout: a new socket object (SentBytes)
+                sent = counter(fd)
+            else:  # SentBytes's read, inlined (C calls only): it runs at every first statement
+                try:
+                    queued, sent, retransmitted = unpack_counts(counter.tcp_info(), TCP_COUNTS_AT)
+                except (OSError, struct.error):  # closed, not TCP, or an older kernel
+                    sent = None
+                else:
+                    sent = sent - retransmitted + queued
+            if sent is None:
+                return "the bytes sent on its socket since checkout are unknown (not TCP?)"
+            if sent != before:
+                return f"the driver's connection sent {sent - before} bytes since checkout"
+            return None
         return reason
-
-    def _driver_busy(self, pending: Unsent) -> str | None:
-        """Why the driver's connection already holds work of the app's, or None if idle.
-
-        SQLAlchemy's first statement on a checkout is not the connection's first: the app may
-        have written through the driver's own connection (a cursor of its own, a COPY, an
-        ``after_begin`` or ``before_cursor_execute`` listener, SET TRANSACTION) before it. That
-        work is in the transaction the driver opened, and a replay on a fresh connection would
-        drop it while the commit succeeds. The driver's local transaction status tells, without
-        a round trip; where it cannot be read, nothing is replayed.
-        """
-        native, driver = pending.native, self._driver
-        if native is None or driver is None:
-            return "the driver's connection is not one dropsafe can read"
-        try:
-            idle = driver.transaction_idle(native)
-        except Exception:  # a state we cannot read is not replayed (no call more: see _refusal)
-            logger.debug("dropsafe could not tell a transaction's status", exc_info=True)
-            idle = None
-        if idle is None:
-            return "the driver's transaction status is unknown"
-        if not idle:
-            return "a transaction was already open on the driver's connection"
-        # Work committed through the driver's connection (a session SET, then commit) leaves
-        # it idle: only the bytes its socket sent since checkout tell. The same fd as at
-        # checkout: a driver that closed it since is not idle (above).
-        sent = None if pending.fd is None else pending.entry.sent_bytes(pending.fd)
-        if sent is None or pending.sent is None:
-            return "the bytes sent on its socket since checkout are unknown (not TCP?)"
-        if sent != pending.sent:
-            return f"the driver's connection sent {sent - pending.sent} bytes since checkout"
-        return None
 
     def lost(self, error: Exception, checkout: PoolProxiedConnection) -> bool:
         """Whether ``error`` says the connection was lost before the server replied.
