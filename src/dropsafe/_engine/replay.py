@@ -9,6 +9,7 @@ replayed, once". The session-state proof: `dropsafe._engine.session_state`.
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -188,17 +189,11 @@ class FirstStatementReplay:
         execute_no_params = dialect.do_execute_no_params
 
         def with_parameters(method: Callable[..., None]) -> Callable[..., None]:
-            """``do_execute`` or ``do_executemany``, sent through `_send`."""
+            """``do_execute`` or ``do_executemany``, sent through `_send`.
 
-            def send_with_parameters(
-                cursor: DBAPICursor,
-                statement: str,
-                parameters: DBAPIParameters,
-                context: ExecutionContext | None = None,
-            ) -> None:
-                self._send(cursor, statement, parameters, context, method)
-
-            return send_with_parameters
+            A partial (C), not a closure: one Python call less at every statement.
+            """
+            return functools.partial(self._send, method=method)
 
         def without_parameters(
             cursor: DBAPICursor,
@@ -215,7 +210,7 @@ class FirstStatementReplay:
             statement: str,
             context: ExecutionContext | None = None,
         ) -> None:
-            self._send(cursor, statement, (), context, without_parameters)
+            self._send(cursor, statement, (), context, method=without_parameters)
 
         # Documented Dialect methods, replaced on this instance only (as do_rollback is by
         # quiet_rollback): attributes of the instance shadow the class's methods, so other
@@ -235,7 +230,8 @@ class FirstStatementReplay:
         cursor: DBAPICursor,
         statement: str,
         parameters: DBAPIParameters,
-        context: ExecutionContext | None,
+        context: ExecutionContext | None = None,
+        *,
         method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
     ) -> None:
         """Send the statement with ``method``; replay it if it may be and its connection is lost.
