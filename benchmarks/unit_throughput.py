@@ -15,8 +15,11 @@ Fairness: every pool is warmed (its connections open, 10 units per client run) b
 clock starts; the variants are interleaved within each round and each cell keeps the best of
 ``--rounds`` (a shared machine's noise only ever lowers a rate); the proxy runs in a process
 of its own, so its event loop does not take the clients' GIL. The clients' CPU per unit
-(``time.process_time`` of this process over the units) is printed too: at 0 ms it is what
-separates the variants, and the machine's load moves it less than the rate.
+(``time.process_time`` of this process over the units) and the server's (every process of the
+server, from ``/proc/<pid>/schedstat``) are printed too: at 0 ms they are what separates the
+variants, and the machine's load moves them less than the rate. Each RTT's table also gives a
+``SELECT 1``'s measured round trip: the proxy's event loop sleeps in whole milliseconds of
+epoll and is scheduled late on a loaded machine, so "1 ms" is about 2.5 ms on the wire.
 
 ``--write`` writes the tables, the machine (``uname -a``, CPU model) and the load average at
 the start and the end into ``benchmarks/results/UNIT_THROUGHPUT.md``. Example (about 15 min
@@ -69,6 +72,7 @@ class Cell:
 
     rate: float
     cpu_us: float
+    server_us: float
 
 
 def _variants(driver: str, wanted: list[str]) -> list[str]:
@@ -77,6 +81,44 @@ def _variants(driver: str, wanted: list[str]) -> list[str]:
 
 def _policy(variant: str) -> dropsafe.Policy:
     return dropsafe.Policy(unit=dropsafe.UnitPolicy(verify_commits=variant == "verified"))
+
+
+class ServerCpu:
+    """The CPU seconds the server's processes (the postmaster and its children) have used.
+
+    Read from ``/proc/<pid>/schedstat`` (nanoseconds on the CPU), where it can be read; 0
+    elsewhere. At 0 ms RTT the server's share of a unit's time is what the client cannot see.
+    """
+
+    def __init__(self) -> None:
+        self.postmaster: int | None = None
+
+    def watch(self, server: PostgresServer) -> None:
+        try:
+            first = (server.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]
+            self.postmaster = int(first)
+        except (OSError, ValueError):
+            self.postmaster = None
+
+    def __call__(self) -> float:
+        if self.postmaster is None:
+            return 0.0
+        total = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+                parent = int(stat.rpartition(")")[2].split()[1])  # after the name: state, ppid
+                if parent != self.postmaster and int(entry.name) != self.postmaster:
+                    continue
+                total += int(Path(entry.path, "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue  # a process that ended meanwhile
+        return total / 1e9
+
+
+server_cpu = ServerCpu()
 
 
 # -- the proxy, in a process of its own --------------------------------------------------------
@@ -170,6 +212,7 @@ def _time_sync(variant: str, url: str, clients: int, seconds: float) -> Cell:
         clock: dict[str, float] = {}
 
         def started() -> None:  # run once, by the last client to arrive, before any goes on
+            clock["server"] = server_cpu()
             clock["cpu"], clock["began"] = time.process_time(), time.perf_counter()
             clock["stop_at"] = clock["began"] + seconds
 
@@ -203,8 +246,9 @@ def _time_sync(variant: str, url: str, clients: int, seconds: float) -> Cell:
             raise TimeoutError(msg)
         wall = time.perf_counter() - clock["began"]
         cpu = time.process_time() - clock["cpu"]
+        server = server_cpu() - clock["server"]
         units = sum(done)
-        return Cell(units / wall, cpu / units * 1e6)
+        return Cell(units / wall, cpu / units * 1e6, server / units * 1e6)
     finally:
         close()
 
@@ -245,14 +289,16 @@ async def _time_async(variant: str, url: str, clients: int, seconds: float) -> C
 
     try:
         await asyncio.wait_for(asyncio.gather(*(warm() for _ in range(clients))), _DEADLINE)
+        server = server_cpu()
         cpu, began = time.process_time(), time.perf_counter()
         counts = await asyncio.wait_for(
             asyncio.gather(*(client(began + seconds) for _ in range(clients))),
             seconds + _DEADLINE,
         )
         wall, cpu = time.perf_counter() - began, time.process_time() - cpu
+        server = server_cpu() - server
         units = sum(counts)
-        return Cell(units / wall, cpu / units * 1e6)
+        return Cell(units / wall, cpu / units * 1e6, server / units * 1e6)
     finally:
         await engine.dispose()
 
@@ -329,7 +375,9 @@ def run_rtt(server: PostgresServer, plan: Plan, rtt_ms: float) -> Table:
                         old = best.get((driver, clients, variant), cell)
                         # The best rate and the least CPU, each over the rounds.
                         best[driver, clients, variant] = Cell(
-                            max(old.rate, cell.rate), min(old.cpu_us, cell.cpu_us)
+                            max(old.rate, cell.rate),
+                            min(old.cpu_us, cell.cpu_us),
+                            min(old.server_us, cell.server_us),
                         )
                 for variant in variants:
                     cell = best[driver, clients, variant]
@@ -337,7 +385,8 @@ def run_rtt(server: PostgresServer, plan: Plan, rtt_ms: float) -> Table:
                     print(
                         f"{rtt_ms:4g} ms  {driver:9} {clients} client(s)  {variant:19} "
                         f"{cell.rate:8.1f} units/s ({cell.rate / plain.rate:4.2f}x)  "
-                        f"cpu {cell.cpu_us:6.0f} us/unit ({cell.cpu_us / plain.cpu_us:4.2f}x)",
+                        f"cpu {cell.cpu_us:6.0f} us/unit ({cell.cpu_us / plain.cpu_us:4.2f}x)  "
+                        f"server cpu {cell.server_us:6.0f} us/unit",
                         flush=True,
                     )
     finally:
@@ -347,7 +396,7 @@ def run_rtt(server: PostgresServer, plan: Plan, rtt_ms: float) -> Table:
 
 
 def _rows(table: Table, plan: Plan, metric: str) -> list[str]:
-    """Markdown rows of ``metric`` ("rate" or "cpu_us") per driver and client count."""
+    """Markdown rows of ``metric`` (a `Cell` field) per driver and client count."""
     rows = []
     for driver in plan.drivers:
         for clients in plan.clients:
@@ -390,6 +439,15 @@ def markdown(table: Table, plan: Plan) -> str:
             f"| driver | clients | {head} |",
             f"| --- | ---: | {rule} |",
             *_rows(table, plan, "cpu_us"),
+            "",
+            (
+                "The server's CPU per unit (µs; every process of the server, the least of the "
+                "rounds), and over plain:"
+            ),
+            "",
+            f"| driver | clients | {head} |",
+            f"| --- | ---: | {rule} |",
+            *_rows(table, plan, "server_us"),
         ]
     )
 
@@ -434,6 +492,7 @@ def main() -> None:
     tables = []
     with PostgresServer(tls=not args.no_tls) as server:
         server.execute("CREATE TABLE IF NOT EXISTS unit_bench (v int)")
+        server_cpu.watch(server)
         for rtt in args.rtt_ms.split(","):
             tables.append(run_rtt(server, plan, float(rtt)))
             server.execute("TRUNCATE unit_bench")
