@@ -480,6 +480,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per cell per round")
     parser.add_argument("--no-tls", action="store_true", help="a server without TLS")
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
+    parser.add_argument(
+        "--append", action="store_true", help=f"add this run to {RESULTS.name}, after the last"
+    )
     args = parser.parse_args()
     plan = Plan(
         args.drivers.split(","),
@@ -500,7 +503,8 @@ def main() -> None:
     text = "\n\n".join(markdown(table, plan) for table in tables)
     command = (
         f"python benchmarks/unit_throughput.py --rtt-ms {args.rtt_ms} --rounds {args.rounds} "
-        f"--seconds {args.seconds:g}{' --no-tls' if args.no_tls else ''} --write"
+        f"--seconds {args.seconds:g} --drivers {args.drivers} --clients {args.clients}"
+        f"{' --no-tls' if args.no_tls else ''} {'--append' if args.append else '--write'}"
     )
     header = [
         "# One-INSERT units per second: plain, pre_ping, psycopg_pool check, dropsafe",
@@ -515,7 +519,12 @@ def main() -> None:
         "",
     ]
     print(text)
-    if args.write:
+    if args.append and RESULTS.exists():
+        # A later run of some cells (more rounds, a quieter machine), kept apart from the first.
+        header[0] = "## A later run"
+        with RESULTS.open("a") as results:
+            results.write("\n" + "\n".join(header) + "\n" + text + "\n")
+    elif args.write or args.append:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text("\n".join(header) + "\n" + text + "\n")
 
