@@ -39,7 +39,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -310,6 +310,86 @@ def time_cell(driver: str, variant: str, url: str, clients: int, seconds: float)
     return _time_sync(variant, url, clients, seconds)
 
 
+# -- what the psycopg2 read costs the server -------------------------------------------------
+
+
+def read_costs(server: PostgresServer, transactions: int, rounds: int) -> str:
+    """Markdown: the server's CPU and the client's wake-ups per psycopg2 transaction, per shape.
+
+    BEGIN, a statement and COMMIT on one psycopg2 connection, no SQLAlchemy: the INSERT alone,
+    with dropsafe's read in its flight (a ``DO`` block whose NOTICE carries the columns), and
+    the parts of that read apart (the same columns computed in a ``DO`` block without a NOTICE,
+    a NOTICE of a constant, an empty block, the columns as a ``SELECT`` before the INSERT).
+    The least of ``rounds`` of ``transactions``, shapes interleaved.
+    """
+    from dropsafe._commit_truth.server_sql import xid_question
+    from dropsafe._drivers.psycopg2 import _READ_FIRST
+
+    engine = sa.create_engine(server.url("psycopg2"), poolclass=sa.NullPool)
+    try:
+        with engine.connect() as connection:
+            columns = xid_question(engine.dialect, with_wal=True).before
+            dbapi: Any = connection.connection.dbapi_connection
+            backend = int(dbapi.info.backend_pid)
+            cursor = dbapi.cursor()
+            shapes = {
+                "INSERT": INSERT_SQL,
+                "dropsafe's read; INSERT": _READ_FIRST.format(columns=columns) + INSERT_SQL,
+                "DO: the columns, no NOTICE; INSERT": (
+                    f"DO $x$BEGIN PERFORM pg_catalog.json_build_array({columns}); END$x$;\n"
+                    + INSERT_SQL
+                ),
+                "DO: a constant's NOTICE; INSERT": (
+                    "DO $x$BEGIN RAISE NOTICE 'x'; END$x$;\n" + INSERT_SQL
+                ),
+                "DO: empty; INSERT": "DO $x$BEGIN END$x$;\n" + INSERT_SQL,
+                "SELECT the columns; INSERT": f"SELECT {columns};\n" + INSERT_SQL,
+            }
+            best: dict[str, tuple[float, float]] = {}
+            for _ in range(rounds):
+                for name, sql in shapes.items():
+                    cpu_ns, woken = _server_ns(backend), _wake_ups()
+                    for _ in range(transactions):
+                        cursor.execute(sql)  # psycopg2 sends BEGIN first
+                        dbapi.commit()
+                        del dbapi.notices[:]
+                    cell = (
+                        (_server_ns(backend) - cpu_ns) / transactions / 1e3,
+                        (_wake_ups() - woken) / transactions,
+                    )
+                    old = best.get(name, cell)
+                    best[name] = (min(old[0], cell[0]), min(old[1], cell[1]))
+    finally:
+        engine.dispose()
+    lines = [
+        "## What psycopg2's read in flight costs the server",
+        "",
+        (
+            f"BEGIN, the statement and COMMIT on one psycopg2 connection (no SQLAlchemy), the "
+            f"least of {rounds} interleaved rounds of {transactions}: the server backend's CPU "
+            "and the client's wake-ups (voluntary context switches) per transaction."
+        ),
+        "",
+        "| statement | server CPU µs | over the INSERT alone | client wake-ups |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    alone = best["INSERT"][0]
+    for name, (server_us, wakes) in best.items():
+        lines.append(f"| {name} | {server_us:.0f} | {server_us - alone:+.0f} | {wakes:.2f} |")
+    return "\n".join(lines)
+
+
+def _server_ns(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/schedstat").read_text().split()[0])
+
+
+def _wake_ups() -> int:
+    for line in Path("/proc/thread-self/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches"):
+            return int(line.split()[1])
+    return 0
+
+
 # -- the run -----------------------------------------------------------------------------------
 
 
@@ -479,6 +559,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; best kept")
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds per cell per round")
     parser.add_argument("--no-tls", action="store_true", help="a server without TLS")
+    parser.add_argument(
+        "--read-costs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also time N psycopg2 transactions per shape of the xid read (server CPU)",
+    )
     parser.add_argument("--write", action="store_true", help=f"write {RESULTS.name}")
     parser.add_argument(
         "--append", action="store_true", help=f"add this run to {RESULTS.name}, after the last"
@@ -496,14 +583,16 @@ def main() -> None:
     with PostgresServer(tls=not args.no_tls) as server:
         server.execute("CREATE TABLE IF NOT EXISTS unit_bench (v int)")
         server_cpu.watch(server)
-        for rtt in args.rtt_ms.split(","):
+        for rtt in filter(None, args.rtt_ms.split(",")):
             tables.append(run_rtt(server, plan, float(rtt)))
             server.execute("TRUNCATE unit_bench")
+        costs = read_costs(server, args.read_costs, args.rounds) if args.read_costs else ""
         tls = "TLS" if server.tls else "no TLS"
-    text = "\n\n".join(markdown(table, plan) for table in tables)
+    text = "\n\n".join([*(markdown(table, plan) for table in tables), *([costs] if costs else [])])
     command = (
         f"python benchmarks/unit_throughput.py --rtt-ms {args.rtt_ms} --rounds {args.rounds} "
         f"--seconds {args.seconds:g} --drivers {args.drivers} --clients {args.clients}"
+        f"{f' --read-costs {args.read_costs}' if args.read_costs else ''}"
         f"{' --no-tls' if args.no_tls else ''} {'--append' if args.append else '--write'}"
     )
     header = [
