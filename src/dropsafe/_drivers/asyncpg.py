@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import AdaptedConnection
 
 from dropsafe._classify import DriverErrors, ErrorKind, error_chain
+from dropsafe._drivers import asyncpg_rollback
 from dropsafe._drivers.asyncpg_flight import InFlightReplies, QuestionFlight, question_messages
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
+    DeferredRollback,
     Driver,
     Health,
     Server,
@@ -213,6 +215,9 @@ class Asyncpg(Driver):
     # PgBouncer's garbage: no question is sent there. A malformed reply to the question ends
     # the connection, never reaches asyncpg: `asyncpg_flight`.)
     capabilities = Capabilities(reads_xid_in_flight=True)
+    async_deferred_rollback = DeferredRollback(
+        asyncpg_rollback.send_rollback, asyncpg_rollback.settle, asyncpg_rollback.close_settled
+    )
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return isinstance(dbapi_connection, AdaptedConnection) and is_instance(
