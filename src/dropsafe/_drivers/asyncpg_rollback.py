@@ -49,8 +49,12 @@ __all__ = ["PendingRollback", "close_settled", "send_rollback", "settle"]
 During = Literal["rollback", "reset"]
 
 
-class RollbackNotRead(Exception):
-    """The ROLLBACK's reply could not be read here (another process, another event loop)."""
+class RollbackLost(Exception):
+    """The ROLLBACK's outcome cannot be trusted here.
+
+    It was sent by another process, or on another event loop, or the connection was lost
+    right behind its reply.
+    """
 
 
 #: Where a pending ROLLBACK is kept: in the ``__dict__`` of the asyncpg connection's transport
@@ -97,7 +101,7 @@ def close_settled(dbapi_connection: DBAPIConnection) -> None:
         pending.settle(quiet=True)
 
 
-def send_rollback(  # noqa: PLR0911 - one return per case left to the adapter
+def send_rollback(  # noqa: C901, PLR0911 - one return per case left to the adapter
     proxied: DBAPIConnection,
     during: During,
     timeout: float,
@@ -129,6 +133,10 @@ def send_rollback(  # noqa: PLR0911 - one return per case left to the adapter
     watch = connection._transport.get_protocol()  # noqa: SLF001
     if getattr(watch, "goodbye", False) or getattr(watch, "broken", False):
         return False
+    # A goodbye right behind the reply, in the same read, is noted too (the watch's docstring).
+    scan = getattr(watch, "scan_to_ready", None)
+    if scan is not None:
+        scan()
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
@@ -239,14 +247,19 @@ class PendingRollback:
         try:
             if os.getpid() != self._pid:
                 msg = "a ROLLBACK sent by another process is still unanswered here"
-                raise RollbackNotRead(msg)  # noqa: TRY301 - aborted below, as any failure
+                raise RollbackLost(msg)  # noqa: TRY301 - aborted below, as any failure
             if not self.finished.done():
                 if _running_loop() is not self._loop or (quiet and not in_greenlet()):
                     msg = "a ROLLBACK sent on another event loop is still unanswered here"
-                    raise RollbackNotRead(msg)  # noqa: TRY301 - aborted below
+                    raise RollbackLost(msg)  # noqa: TRY301 - aborted below
                 await_(asyncio.wait_for(self.finished, self._timeout))
             if self.error is not None:
                 raise self.error  # noqa: TRY301 - aborted below, as any failure
+            if self._connection._transport.is_closing():  # noqa: SLF001 - asyncpg's
+                # Lost right behind the reply (a cut, a reset), and asyncio has begun to say so
+                # (its TLS transport tells asyncpg a loop iteration later): closed anyway.
+                msg = "the connection was lost right after the ROLLBACK's reply"
+                raise RollbackLost(msg)  # noqa: TRY301
         except BaseException as exc:
             self._abort()
             if not quiet:
