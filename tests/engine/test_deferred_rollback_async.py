@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import time
 
 import pytest
@@ -291,3 +292,46 @@ async def test_the_opt_out_waits_as_before(shared_server, proxy, disposing_async
     started = time.monotonic()
     await asyncio.wait_for(session.close(), DEADLINE_S)
     assert time.monotonic() - started >= 0.5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_child_forked_with_a_reply_due_never_reads_it(shared_server, proxy, driver) -> None:
+    """A process forked with a ROLLBACK's reply due (its loop ended, as ``asyncio.run`` before
+    a pre-fork server forks): the child's first request gets a connection of its own, and the
+    parent goes on (replacing its connection if the child's close ended it)."""
+    engine = _engine(proxy.route(shared_server.url(driver)))
+
+    async def first():
+        session, pid = await _session_pid(engine)
+        proxy.blackhole()  # the reply stays due when the loop ends
+        await asyncio.wait_for(session.close(), PROMPT_S)
+        return pid
+
+    async def request():
+        async with AsyncSession(engine) as session:
+            return (await session.execute(sa.text("SELECT 41 + 1"))).scalar()
+
+    asyncio.run(first())
+    proxy.heal()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports by its exit status
+        try:
+            ok = asyncio.run(asyncio.wait_for(request(), DEADLINE_S)) == 42
+        except BaseException:  # any failure is the child's answer
+            ok = False
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + DEADLINE_S
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0:
+        assert time.monotonic() < deadline, "the child did not end"
+        time.sleep(0.01)  # polling the child's end, with a deadline
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+    async def second():
+        try:
+            return await asyncio.wait_for(request(), DEADLINE_S)
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(second()) == 42
+    gc.collect()
