@@ -87,7 +87,7 @@ def settle(native: NativeConnection) -> None:
 
 
 def close_settled(dbapi_connection: DBAPIConnection) -> None:
-    """Before the pool pings, closes or terminates a connection: settle a reply that is due.
+    """Before the pool closes or terminates a connection: settle a reply that is due.
 
     Inside SQLAlchemy's greenlet on the ROLLBACK's own loop, the reply is awaited (bounded by
     ``ping_timeout``), so that the close that follows is the usual polite one; anywhere else (a
@@ -133,14 +133,14 @@ def send_rollback(  # noqa: C901, PLR0911 - one return per case left to the adap
     watch = connection._transport.get_protocol()  # noqa: SLF001
     if getattr(watch, "goodbye", False) or getattr(watch, "broken", False):
         return False
-    # A goodbye right behind the reply, in the same read, is noted too (the watch's docstring).
-    scan = getattr(watch, "scan_to_ready", None)
-    if scan is not None:
-        scan()
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return False
+    # A goodbye right behind the reply, in the same read, is noted too (the watch's docstring).
+    scan = getattr(watch, "scan_to_ready", None)
+    if scan is not None:
+        scan()
     # As the adapter's _call_and_discard: once asyncpg's rollback is called, whatever it
     # says, the transaction is done.
     adapter._transaction = None  # noqa: SLF001
