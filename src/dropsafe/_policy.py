@@ -303,7 +303,8 @@ class PoolPolicy(_Validated):
     #: The ROLLBACK that ends a request (a Session's or Connection's close, the pool's reset at
     #: checkin) is sent without waiting for its reply, which is read before the connection is
     #: used again: a request that ends with a ROLLBACK saves a round trip. A ROLLBACK that fails
-    #: there has its connection replaced, unseen. psycopg 3 (sync) only; see docs/guarantees.md.
+    #: there has its connection replaced, unseen. psycopg 3 (sync and async) and asyncpg; see
+    #: docs/guarantees.md.
     defer_checkin_rollback: bool = True
     #: A transaction's BEGIN is sent in the same flight as its first statement (a pipeline:
     #: BEGIN, the statement, one Sync), so that a one-query request waits for one round trip,

@@ -189,16 +189,10 @@ def test_the_opt_out_waits_as_before(shared_server) -> None:
         dropsafe.PoolPolicy(defer_checkin_rollback="no")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg", "psycopg-async"])
-def test_other_drivers_keep_their_own_rollback(shared_server, driver) -> None:
-    """psycopg2 keeps its transaction state in C; asyncpg's and psycopg's async ROLLBACKs run
-    in SQLAlchemy's adapters: none has a ROLLBACK sent beneath it (docs/guarantees.md)."""
-    if driver != "psycopg2":
-        pytest.importorskip("greenlet")
-        url = shared_server.url(driver.removesuffix("-async"))  # type: ignore[arg-type]
-        engine = dropsafe.create_async_engine(url).sync_engine
-    else:
-        engine = dropsafe.create_engine(shared_server.url(driver))
+def test_psycopg2_keeps_its_own_rollback(shared_server) -> None:
+    """psycopg2 keeps its transaction state in C: no ROLLBACK is sent beneath it
+    (docs/guarantees.md). asyncio's: tests/engine/test_deferred_rollback_async.py."""
+    engine = dropsafe.create_engine(shared_server.url("psycopg2"))
     try:
         assert not guard_of(engine).quiet_rollback.defers
     finally:

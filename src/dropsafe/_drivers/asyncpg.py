@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import AdaptedConnection
 
 from dropsafe._classify import DriverErrors, ErrorKind, error_chain
+from dropsafe._drivers import asyncpg_rollback
 from dropsafe._drivers.asyncpg_flight import InFlightReplies, QuestionFlight, question_messages
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
+    DeferredRollback,
     Driver,
     Health,
     Server,
@@ -71,10 +73,13 @@ class _GoodbyeWatch(asyncio.Protocol):
     connection comes alone, and one inside an operation's replies is asyncpg's to handle (it
     fails that operation). A byte test per read, no parsing of the stream, except while the
     replies to an xid question sent in a statement's flight are due (`asyncpg_flight`): those
-    are taken out before asyncpg reads.
+    are taken out before asyncpg reads; and while the reply to a ROLLBACK not awaited is due
+    (`asyncpg_rollback`): a goodbye may then come in the same read right behind it (the
+    backend terminated as the request ended), after which asyncpg, idle again, refuses every
+    operation; so each message of those reads is looked at (`scan_to_ready`).
     """
 
-    __slots__ = ("broken", "goodbye", "inner", "replies", "transport")
+    __slots__ = ("broken", "goodbye", "inner", "replies", "scanned", "transport")
 
     def __init__(self, inner: asyncio.Protocol, transport: asyncio.Transport) -> None:
         self.inner = inner
@@ -87,8 +92,17 @@ class _GoodbyeWatch(asyncio.Protocol):
         #: The replies to an xid question sent ahead of asyncpg's messages, still to take out
         #: of the stream (`dropsafe._drivers.asyncpg_flight`).
         self.replies: InFlightReplies | None = None
+        #: While a ROLLBACK's reply is due: what was read of the stream and not yet looked at
+        #: (a message cut by the read); None when messages are not looked at.
+        self.scanned: bytearray | None = None
+
+    def scan_to_ready(self) -> None:
+        """Look at each message the server sends, up to a ReadyForQuery and its read's end."""
+        self.scanned = bytearray()
 
     def data_received(self, data: bytes) -> None:
+        if self.scanned is not None:
+            self._scan(data)
         replies = self.replies
         if replies is not None:
             data = replies.take(data)
@@ -104,6 +118,27 @@ class _GoodbyeWatch(asyncio.Protocol):
         if data[:1] == b"E" and _ends_session(data):
             self.goodbye = True
         self.inner.data_received(data)
+
+    def _scan(self, data: bytes) -> None:
+        """Note a goodbye anywhere in what was read; stop after a ReadyForQuery's read."""
+        held = self.scanned
+        if held is None:
+            return
+        held += data
+        at = 0
+        ready = False
+        while len(held) - at >= _HEADER:
+            end = at + 1 + int.from_bytes(held[at + 1 : at + _HEADER], "big")
+            if end > len(held):
+                break
+            kind = held[at]
+            if kind == ord("E") and _ends_session(bytes(held[at:end])):
+                self.goodbye = True
+            ready = ready or kind == ord("Z")
+            at = end
+        del held[:at]
+        if ready and not held:
+            self.scanned = None
 
     def _break(self, whole: bytes) -> None:
         """End the connection on a broken stream; asyncpg gets the whole messages before it.
@@ -213,6 +248,9 @@ class Asyncpg(Driver):
     # PgBouncer's garbage: no question is sent there. A malformed reply to the question ends
     # the connection, never reaches asyncpg: `asyncpg_flight`.)
     capabilities = Capabilities(reads_xid_in_flight=True)
+    async_deferred_rollback = DeferredRollback(
+        asyncpg_rollback.send_rollback, asyncpg_rollback.settle, asyncpg_rollback.close_settled
+    )
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return isinstance(dbapi_connection, AdaptedConnection) and is_instance(

@@ -120,17 +120,21 @@ class XidReading:
 
 @dataclass(frozen=True)
 class DeferredRollback:
-    """How a driver sends a sync connection's ROLLBACK now and reads its reply before its next use.
+    """How a driver sends a connection's ROLLBACK now and reads its reply before its next use.
 
     ``send(dbapi_connection, during, timeout, report)`` sends it; False: nothing sent, roll back
     as usual. ``settle(native)`` reads a reply that is due (bounded by the ``timeout`` given to
     ``send``); a failure closes the connection, is given to ``report`` and raised.
+    ``before_close(dbapi_connection)``, where the driver has one, runs before the dialect pings,
+    closes or terminates a connection (uses that do not pass through the driver's own hook, as
+    SQLAlchemy's asyncio adapters): it settles a reply that is due and never raises.
     """
 
     send: Callable[
         [DBAPIConnection, Literal["rollback", "reset"], float, Callable[..., None]], bool
     ]
     settle: Callable[[DBAPIConnection], None]
+    before_close: Callable[[DBAPIConnection], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +165,8 @@ class Driver:
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: Where a sync connection's ROLLBACK may go unawaited (PoolPolicy.defer_checkin_rollback).
     deferred_rollback: ClassVar[DeferredRollback | None] = None
+    #: The same for its asyncio face (SQLAlchemy's async adapter).
+    async_deferred_rollback: ClassVar[DeferredRollback | None] = None
     tls: ClassVar[Tls] = Tls()
 
     def connect_defaults(

@@ -7,7 +7,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.engine import AdaptedConnection
 
 from dropsafe._classify import DriverErrors, ErrorKind
-from dropsafe._drivers import libpq, psycopg_first_flight, psycopg_rollback
+from dropsafe._drivers import (
+    libpq,
+    psycopg_async_rollback,
+    psycopg_first_flight,
+    psycopg_rollback,
+)
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
@@ -57,6 +62,9 @@ class Psycopg(libpq.Libpq):
     capabilities = Capabilities(pipelines=True, reads_xid_in_flight=True)
     # A ROLLBACK sent beneath psycopg, its reply read before the connection's next use.
     deferred_rollback = DeferredRollback(psycopg_rollback.send_rollback, psycopg_rollback.settle)
+    async_deferred_rollback = DeferredRollback(
+        psycopg_async_rollback.send_rollback, psycopg_async_rollback.settle
+    )
     tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
 
     def connect_defaults(

@@ -7,10 +7,13 @@ called it; or the Connection, found in the frames that called it) and emits
 never touched. Why a dialect method and not an event, and what that costs: docs/guarantees.md,
 "A ROLLBACK on a lost connection is not an error".
 
-Where the driver can (`Driver.deferred_rollback`: psycopg 3, sync), the ROLLBACK is not
-awaited (``PoolPolicy.defer_checkin_rollback``): it is sent at once and its reply read before
-the connection's next use, whoever makes it: the next checkout (`settler`, from the checkout
-check), or the driver itself (`dropsafe._drivers.psycopg_rollback`). A request
+Where the driver can (`Driver.deferred_rollback`: psycopg 3, sync;
+`Driver.async_deferred_rollback`: asyncpg), the ROLLBACK is not awaited
+(``PoolPolicy.defer_checkin_rollback``): it is sent at once and its reply read before the
+connection's next use, whoever makes it: the next checkout (`settler`, from the checkout
+check), the driver itself (`dropsafe._drivers.psycopg_rollback`), or the dialect's pre-ping,
+close and terminate, wrapped here where the driver asks (`dropsafe._drivers.asyncpg_rollback`,
+whose connection has no hook every use passes). A request
 that ends with a ROLLBACK then does not wait for it. A reply that is an error, late past
 ``ping_timeout``, or read in another process than the one that sent it closes the connection:
 at checkout it is replaced like any dead one, never shown to the request.
@@ -22,6 +25,8 @@ import functools
 import inspect
 import sys
 from typing import TYPE_CHECKING, Any, Literal
+
+import sqlalchemy.exc
 
 from dropsafe._classify import ErrorKind, classify
 from dropsafe._dbapi import dialect_says_disconnect
@@ -58,10 +63,16 @@ class QuietRollback:
     ) -> None:
         self._hooks = hooks
         self._dialect = dialect
-        # A sync connection of a driver that can send a ROLLBACK beneath itself (psycopg 3:
-        # `Driver.deferred_rollback`); SQLAlchemy's async adapters track their own state.
+        # A driver that can send a ROLLBACK and read its reply later (psycopg 3 sync, its
+        # `Driver.deferred_rollback`; asyncpg through SQLAlchemy's adapter, its
+        # `Driver.async_deferred_rollback`).
         driver = driver_for(dialect) if is_supported(str(dialect.driver)) else None
-        deferred = None if driver is None or dialect.is_async else driver.deferred_rollback
+        if driver is None:
+            deferred = None
+        elif dialect.is_async:
+            deferred = driver.async_deferred_rollback
+        else:
+            deferred = driver.deferred_rollback
         self._deferred = deferred if defer else None
         self._defer = self._deferred is not None
         self._settle_timeout = settle_timeout
@@ -111,6 +122,42 @@ class QuietRollback:
         # instance shadows the class's method): other engines, and the dialect class, are
         # untouched. harden() attaches one guard per engine, so never twice.
         vars(self._dialect)["do_rollback"] = do_rollback
+        if self._deferred is not None and self._deferred.before_close is not None:
+            self._settle_before_other_uses(self._deferred.before_close)
+
+    def _settle_before_other_uses(self, before_close: Callable[[Any], None]) -> None:
+        """Read a reply that is due before the dialect pings, closes or terminates a connection.
+
+        Where the driver's connection offers no hook of its own that every use passes
+        (SQLAlchemy's asyncio adapters: ``__slots__``), the uses that come before the checkout
+        check are the dialect's: the pool's pre-ping, and its closes (dispose, overflow, an
+        invalidation). A ROLLBACK that failed fails the pre-ping as a dead connection (this one
+        replaced, not the whole pool); a close goes on after it.
+        """
+        dialect = self._dialect
+        ping: Callable[[Any], bool] = dialect.do_ping
+        close: Callable[[Any], None] = dialect.do_close
+        terminate: Callable[[Any], None] = dialect.do_terminate
+        settle = self._deferred.settle if self._deferred is not None else None
+
+        def do_ping(dbapi_connection: DBAPIConnection) -> bool:
+            if settle is not None:
+                try:
+                    settle(dbapi_connection)
+                except Exception as exc:  # noqa: BLE001 - any failure: a dead connection
+                    text = f"the ROLLBACK at checkin failed: {describe_error(exc)}"
+                    raise sqlalchemy.exc.DisconnectionError(text) from None
+            return ping(dbapi_connection)
+
+        def do_close(dbapi_connection: DBAPIConnection) -> None:
+            before_close(dbapi_connection)
+            close(dbapi_connection)
+
+        def do_terminate(dbapi_connection: DBAPIConnection) -> None:
+            before_close(dbapi_connection)
+            terminate(dbapi_connection)
+
+        vars(dialect).update(do_ping=do_ping, do_close=do_close, do_terminate=do_terminate)
 
     # -- deciding -----------------------------------------------------------------------------
 
