@@ -137,7 +137,9 @@ class XidInFlight:
             # no WAL and its COMMIT then waits for no flush.
             asynchronous=reading.assigned
             and (int(cursor.rowcount) <= 0 or _WITH.match(statement) is not None),
-            unflushed=values[1] == "off",
+            # Read before the statement (psycopg2, asyncpg), the setting is the one before it: a
+            # statement that itself may turn it off is noted as the statements after it are.
+            unflushed=values[1] == "off" or _SYNCHRONOUS_COMMIT.search(statement) is not None,
         )
 
     def note_statement(self, transcript: Transcript | FlightXid, statement: str) -> None:
