@@ -24,6 +24,7 @@ from commit_faults import (
     Recorder,
     Unit,
     WhenCommitRuns,
+    backend_pid,
     libpq_url,
     lose_the_first_reply,
     lose_the_reply_then,
@@ -34,7 +35,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
-from dropsafe.testing import PostgresServer
+from dropsafe.testing import PgBouncer, PostgresServer
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 
@@ -285,3 +286,78 @@ def test_a_first_write_in_a_savepoint_rolled_back_is_resolved_by_the_top_transac
     watcher.join(timeout=30)
     assert (rows(server, 1), rows(server, 7), unit.calls) == (1, 0, 1)
     assert recorder.outcomes() == ["committed"]
+
+
+# -- a pooler the policy was not told of (PgBouncer in session mode, pooler=None) ---------------
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(
+            True,
+            id="in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: behind PgBouncer in session mode with "
+                    "ConnectionPolicy.pooler left None (docs/settings.md: 'session' and None "
+                    "change nothing), the read in flight takes the backend pid from the driver "
+                    "(PgBouncer's BackendKeyData: a random number, not the server backend's "
+                    "pid). A COMMIT lost before it reached the server leaves the backend idle in "
+                    "its transaction; the resolver's fence names the wrong pid, terminates "
+                    "nothing, and the xid stays 'in progress' until commit_status_timeout: "
+                    "CommitOutcomeUnknown, where the mark (pg_backend_pid(), the server's) "
+                    "fenced it, read 'aborted', and ran the unit again, acknowledged once."
+                ),
+            ),
+        ),
+        pytest.param(False, id="mark"),
+    ],
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_again(
+    postgres_server, kernel_blackhole, driver, reads
+):
+    """PgBouncer hands each client a random BackendKeyData; the driver reads its pid half as
+    a positive number (the read in flight then stands), half not (the mark reads): the engine's
+    one connection is made until it is positive, so the attack is the same every run."""
+    recorder = Recorder()
+    postgres_server.execute(SLOW_COMMIT_SCHEMA)
+    holes = contextlib.ExitStack()
+    calls = []
+
+    def unit(session):
+        calls.append(1)
+        session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+
+    with PgBouncer(postgres_server, pool_mode="session") as bouncer:
+        engine = dropsafe.create_engine(
+            bouncer.url(driver), policy=_policy(recorder, reads), pool_size=1, max_overflow=0
+        )
+        try:
+            for _ in range(40):  # each try a new client of PgBouncer: 2**-40 all non-positive
+                # A unit first: a connection made once the engine ran one learns at connect
+                # what the read needs (its server's life; on psycopg2, leave to run DO).
+                dropsafe.run_transaction(
+                    sessionmaker(engine), lambda s: s.execute(sa.text("SELECT 1"))
+                )
+                with engine.connect() as connection:
+                    if backend_pid(connection) > 0:
+                        break
+                engine.dispose()
+            else:
+                pytest.fail("PgBouncer never handed out a positive pid")
+            lose_the_first_reply(holes, kernel_blackhole, "both")(engine)
+            outcome = "unknown"
+            with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+                dropsafe.run_transaction(sessionmaker(engine), unit)
+                outcome = "acknowledged"
+        finally:
+            engine.dispose()
+    assert (outcome, len(calls), recorder.outcomes(), rows(postgres_server, 1)) == (
+        "acknowledged",
+        2,
+        ["aborted"],
+        1,
+    )
