@@ -361,3 +361,94 @@ def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_aga
         ["aborted"],
         1,
     )
+
+
+# -- a first write that writes no WAL, then a NOTIFY; a crash once the COMMIT is done ----------
+
+# A view whose INSTEAD OF trigger writes only a value not there yet (an idempotent "put"): the
+# INSERT counts its row, and writes nothing when the value is there. Its body neither notifies
+# nor names synchronous_commit (the resolver's question about the server's code says no).
+ONCE_VIEW = """
+CREATE VIEW ledger_once AS SELECT v FROM ledger;
+CREATE FUNCTION ledger_once_put() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF NOT EXISTS (SELECT FROM ledger WHERE v = NEW.v) THEN
+    INSERT INTO ledger VALUES (NEW.v);
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER ledger_once_put INSTEAD OF INSERT ON ledger_once
+  FOR EACH ROW EXECUTE FUNCTION ledger_once_put();
+INSERT INTO ledger VALUES (4);
+"""
+# Hint bits set and a checkpoint taken now: the unit's read of the page writes no WAL of its own.
+QUIET_PAGES = "SELECT count(*) FROM ledger; CHECKPOINT"
+
+_READ_BEFORE = (
+    "issue 28 attack: the unit's first write is an INSERT into a view whose INSTEAD OF trigger "
+    "wrote nothing (the value was there: rowcount 1, no WAL), then a NOTIFY. psycopg2 and "
+    "asyncpg read the xid BEFORE the statement, so the read gave the transaction its xid with "
+    "synchronous_commit on and, the rowcount being 1, did not mark it asynchronous; its "
+    "COMMIT waited for no WAL (no WAL written before the commit record), the crash lost it, the "
+    "xid read 'aborted' and the unit ran again ('acknowledged', 2, ['aborted']): NOTIFY sent "
+    "twice. The mark found no xid, gave one with synchronous_commit off, marked it "
+    "asynchronous: unknown, run once. (psycopg 3 reads after the statement: none, the mark.)"
+)
+
+
+@pytest.mark.parametrize(
+    ("driver", "reads"),
+    [
+        pytest.param(
+            "psycopg2",
+            True,
+            id="psycopg2-in_flight",
+            marks=pytest.mark.xfail(strict=True, reason=_READ_BEFORE),
+        ),
+        pytest.param(
+            "asyncpg",
+            True,
+            id="asyncpg-in_flight",
+            marks=pytest.mark.xfail(strict=True, reason=_READ_BEFORE),
+        ),
+        pytest.param("psycopg", True, id="psycopg-in_flight"),
+        pytest.param("psycopg2", False, id="psycopg2-mark"),
+        pytest.param("asyncpg", False, id="asyncpg-mark"),
+    ],
+)
+def test_a_first_write_that_wrote_nothing_then_a_notify_leaves_a_crashed_commit_unknown(
+    kernel_blackhole, driver, reads
+):
+    steps = ["INSERT INTO ledger_once VALUES (4)", "SELECT pg_notify('dropsafe_test', 'put')"]
+    with PostgresServer(settings=CRASH_SETTINGS) as server:
+        server.execute(SLOW_COMMIT_SCHEMA + ONCE_VIEW)
+        server.execute(QUIET_PAGES)
+        crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
+    assert crashed == ("unknown", 1, ["unknown"])
+
+
+_UNLOGGED = (
+    "found while attacking issue 28, but older than it (the mark too): a unit whose only "
+    "write is to an UNLOGGED table, then a NOTIFY. The write takes an xid but writes no WAL, so "
+    "PostgreSQL's COMMIT waits for no flush (RecordTransactionCommit: no WAL before the "
+    "record); the crash lost the commit record after the NOTIFY could be heard, the xid read "
+    "'aborted' (neither asynchronous nor unflushed: it had an xid, synchronous_commit on) and "
+    "the unit ran again ('acknowledged', 2, ['aborted']): NOTIFY sent twice."
+)
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(True, id="in_flight", marks=pytest.mark.xfail(strict=True, reason=_UNLOGGED)),
+        pytest.param(False, id="mark", marks=pytest.mark.xfail(strict=True, reason=_UNLOGGED)),
+    ],
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_an_unlogged_write_then_a_notify_leaves_a_crashed_commit_unknown(
+    kernel_blackhole, driver, reads
+):
+    steps = ["INSERT INTO scratch VALUES (1)", "SELECT pg_notify('dropsafe_test', 'scratch')"]
+    with PostgresServer(settings=CRASH_SETTINGS) as server:
+        server.execute(SLOW_COMMIT_SCHEMA + "CREATE UNLOGGED TABLE scratch (v int);")
+        crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
+    assert crashed == ("unknown", 1, ["unknown"])
