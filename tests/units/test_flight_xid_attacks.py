@@ -30,6 +30,7 @@ from commit_faults import (
     lose_the_reply_then,
     resolving_policy,
     rows,
+    wait_until,
 )
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
@@ -452,3 +453,93 @@ def test_an_unlogged_write_then_a_notify_leaves_a_crashed_commit_unknown(
         server.execute(SLOW_COMMIT_SCHEMA + "CREATE UNLOGGED TABLE scratch (v int);")
         crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
     assert crashed == ("unknown", 1, ["unknown"])
+
+
+# -- the unit's connection lost under it: the unit runs again on a fresh connection ---------
+
+
+def _terminate_backend(server, connection):
+    """Terminate ``connection``'s backend from the server, and wait until it is gone."""
+    pid = backend_pid(connection)
+    server.execute(f"SELECT pg_terminate_backend({pid}, 10000)")
+    wait_until(
+        lambda: not server.execute(f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"),
+        10,
+        "the backend to exit",
+    )
+
+
+def _terminate_own_backend_once(server):
+    """A step: the unit's backend terminated (and gone) before its next step; its first run
+    only."""
+    done = []
+
+    def step(session):
+        if not done:
+            done.append(1)
+            _terminate_backend(server, session.connection())
+
+    return step
+
+
+def _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder, **pool):
+    """Run a unit of ``steps`` whose first COMMIT reply is lost (the server did it): its
+    outcome, its runs, the resolver's outcomes. ``pool``: PoolPolicy fields."""
+    policy = dataclasses.replace(resolving_policy(recorder), pool=dropsafe.PoolPolicy(**pool))
+    unit = StepUnit(driver, server.url(driver), steps, policy=policy)
+    holes = contextlib.ExitStack()
+    outcome = "unknown"
+    with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+        unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole))
+        outcome = "acknowledged"
+    return outcome, unit.calls, recorder.outcomes()
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_unit_whose_connection_died_mid_transaction_is_resolved_by_the_new_xid(
+    postgres_server, kernel_blackhole, driver
+):
+    """INSERT 1 (xid A read in flight), the backend terminated, INSERT 2, with the transaction
+    replay on: the unit's attempt fails there and the unit runs again on a fresh connection
+    (xid B; the transaction replay stays out of a unit, TransactionReplayed never emitted),
+    then the COMMIT's reply is lost. A (aborted with its backend) would have it run a third
+    time, or, kept by a transcript across the attempts, acknowledged with rows missing.
+    """
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    steps = [
+        "INSERT INTO ledger VALUES (1)",
+        _terminate_own_backend_once(server),
+        "INSERT INTO ledger VALUES (2)",
+    ]
+    recorder = Recorder()
+    resolved = _lost_reply_unit(
+        server, kernel_blackhole, driver, steps, recorder, replay_transaction=True
+    )
+    assert (resolved, rows(server, 1), rows(server, 2)) == (
+        ("acknowledged", 2, ["committed"]),
+        1,
+        1,
+    )
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("replay_transaction", [False, True], ids=["first", "transaction"])
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_first_write_lost_with_its_connection_then_run_again_is_resolved_by_the_new_xid(
+    postgres_server, kernel_blackhole, driver, replay_transaction
+):
+    """The unit's backend ends after its checkout, before its first statement: that INSERT,
+    which carries the read, fails on the lost connection; the unit runs again on a fresh one
+    (no FirstStatementReplayed inside a unit: the unit's own retry), and that COMMIT's reply is
+    lost. Whatever the lost connection's attempt read must not resolve it: the fresh
+    transaction is committed, its row there once."""
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    steps = [_terminate_own_backend_once(server), "INSERT INTO ledger VALUES (1)"]
+    resolved = _lost_reply_unit(
+        server, kernel_blackhole, driver, steps, recorder, replay_transaction=replay_transaction
+    )
+    assert (resolved, rows(server, 1)) == (("acknowledged", 2, ["committed"]), 1)
