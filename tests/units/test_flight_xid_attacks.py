@@ -543,3 +543,109 @@ def test_a_first_write_lost_with_its_connection_then_run_again_is_resolved_by_th
         server, kernel_blackhole, driver, steps, recorder, replay_transaction=replay_transaction
     )
     assert (resolved, rows(server, 1)) == (("acknowledged", 2, ["committed"]), 1)
+
+
+# -- the transaction ended around SQLAlchemy by a raw ROLLBACK, then written again --------------
+
+
+def _raw_rollback_then_slow_raw_write(session):
+    """ROLLBACK through the DBAPI connection, then a write (with a 2 s COMMIT) through a raw
+    cursor: a new transaction SQLAlchemy never sees begin."""
+    dbapi_connection = session.connection().connection.dbapi_connection
+    dbapi_connection.rollback()
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET LOCAL test.commit_sleep = '2'")
+    cursor.execute("INSERT INTO ledger VALUES (1)")
+    cursor.close()
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(
+            True,
+            id="in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: INSERT 7 (xid A read in flight), the DBAPI connection's "
+                    "own rollback() (A aborted; no SQLAlchemy event), INSERT 1 through a raw "
+                    "cursor (xid B: the connection is in a transaction again, so _flight_xid_of "
+                    "keeps A), the COMMIT cut while the server ran it: the server committed B, "
+                    "the resolver asked about A, read 'aborted', and the unit ran again: row 1 "
+                    "twice. The mark read B: committed, run once."
+                ),
+            ),
+        ),
+        pytest.param(False, id="mark"),
+    ],
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_raw_dbapi_rollback_then_a_raw_write_is_resolved_by_the_new_transaction(
+    postgres_server, chaos_proxy, driver, reads
+):
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    policy = dropsafe.Policy(
+        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60),
+        pool=dropsafe.PoolPolicy(read_xid_in_flight=reads),
+        hooks=(recorder,),
+    )
+    steps = ["INSERT INTO ledger VALUES (7)", _raw_rollback_then_slow_raw_write]
+    watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
+    unit = StepUnit(driver, chaos_proxy.route(server.url(driver)), steps, policy=policy)
+    assert unit.run() == "done"
+    watcher.join(timeout=30)
+    assert (rows(server, 1), rows(server, 7), unit.calls, recorder.outcomes()) == (
+        1,
+        0,
+        1,
+        ["committed"],
+    )
+
+
+# -- the role changed inside the unit: may it still run the read? -------------------------------
+
+TENANT = """
+CREATE ROLE tenant NOLOGIN;
+GRANT INSERT, SELECT ON ledger TO tenant;
+REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
+"""
+
+
+@pytest.mark.parametrize(
+    ("driver", "reads"),
+    [
+        pytest.param(
+            "psycopg2",
+            True,
+            id="psycopg2-in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: 'SET LOCAL ROLE tenant' (row-level security's usual "
+                    "shape) to a role without USAGE on plpgsql (REVOKE ... FROM PUBLIC, a common "
+                    "hardening), then the unit's first INSERT: psycopg2's read is a DO block in "
+                    "front of it, allowed for the session's user at connect, refused for the "
+                    "current role: the app's INSERT fails with 'permission denied for language "
+                    "plpgsql' (42501, not retried), a unit that worked before issue 28."
+                ),
+            ),
+        ),
+        pytest.param("psycopg2", False, id="psycopg2-mark"),
+        pytest.param("psycopg", True, id="psycopg-in_flight"),
+        pytest.param("asyncpg", True, id="asyncpg-in_flight"),
+    ],
+)
+def test_a_unit_that_sets_a_role_without_plpgsql_writes_as_before(driver, reads):
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA + TENANT)
+        unit = StepUnit(
+            driver,
+            server.url(driver),
+            ["SET LOCAL ROLE tenant", "INSERT INTO ledger VALUES (1)"],
+            policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(read_xid_in_flight=reads)),
+        )
+        assert unit.run() == "done"
+        assert (rows(server, 1), unit.calls) == (1, 1)
