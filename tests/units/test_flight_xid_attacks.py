@@ -33,9 +33,10 @@ from commit_faults import (
     wait_until,
 )
 from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 import dropsafe
+from dropsafe._unit import recording
 from dropsafe.testing import PgBouncer, PostgresServer
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
@@ -649,3 +650,42 @@ def test_a_unit_that_sets_a_role_without_plpgsql_writes_as_before(driver, reads)
         )
         assert unit.run() == "done"
         assert (rows(server, 1), unit.calls) == (1, 1)
+
+
+# -- the ORM's flush at COMMIT as the unit's only write -----------------------------------------
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Row(_Base):
+    __tablename__ = "orm_ledger"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    v: Mapped[int]
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_an_orm_flush_at_commit_as_the_only_write_is_resolved_by_its_xid(
+    postgres_server, kernel_blackhole, driver, monkeypatch
+):
+    """The function only adds an object: its INSERT is sent by the flush inside the unit's
+    COMMIT (after the function returned), and carries the read (no mark sent: the COMMIT
+    listener runs after the flush); that COMMIT's reply is lost. Resolved committed by the
+    flush's xid, run once."""
+    marks = []
+    mark = recording._mark
+
+    def counted(conn, attempt):
+        marks.append(1)
+        return mark(conn, attempt)
+
+    monkeypatch.setattr(recording, "_mark", counted)
+    server = postgres_server
+    server.execute("CREATE TABLE orm_ledger (id serial PRIMARY KEY, v int NOT NULL)")
+    recorder = Recorder()
+    steps = [lambda session: session.add(_Row(v=1))]
+    resolved = _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder)
+    count = server.execute("SELECT count(*) FROM orm_ledger WHERE v = 1")[0][0]
+    assert (resolved, int(count), len(marks)) == (("acknowledged", 1, ["committed"]), 1, 0)
