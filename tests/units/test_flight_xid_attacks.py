@@ -652,6 +652,52 @@ def test_a_unit_that_sets_a_role_without_plpgsql_writes_as_before(driver, reads)
         assert (rows(server, 1), unit.calls) == (1, 1)
 
 
+def _set_role_at_connect(engine):
+    """The app's own pool listener, added after dropsafe's: each new session as ``tenant``."""
+
+    @sa.event.listens_for(engine, "connect")
+    def as_tenant(dbapi_connection, record):
+        del record
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET ROLE tenant")
+        cursor.close()
+        dbapi_connection.commit()
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(
+            True,
+            id="in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: the app's own 'connect' listener (added after dropsafe's, "
+                    "as any app's is) runs SET ROLE tenant, a role without USAGE on plpgsql: "
+                    "dropsafe learned at connect, before it, that the session may run DO "
+                    "blocks, so psycopg2's read goes in front of every unit's first write and "
+                    "each fails with 'permission denied for language plpgsql' (42501): no "
+                    "verified unit can write on such an engine any more."
+                ),
+            ),
+        ),
+        pytest.param(False, id="mark"),
+    ],
+)
+def test_a_session_whose_role_the_app_sets_at_connect_writes_as_before(reads):
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA + TENANT)
+        unit = StepUnit(
+            "psycopg2",
+            server.url("psycopg2"),
+            ["INSERT INTO ledger VALUES (1)"],
+            policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(read_xid_in_flight=reads)),
+        )
+        assert unit.run(before_commit=_set_role_at_connect) == "done"
+        assert (rows(server, 1), unit.calls) == (1, 1)
+
+
 # -- the ORM's flush at COMMIT as the unit's only write -----------------------------------------
 
 
