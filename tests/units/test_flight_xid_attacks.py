@@ -11,10 +11,12 @@ which the ``mark`` cases show.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
 import signal
+import socket
 
 import psycopg2
 import pytest
@@ -26,8 +28,8 @@ from commit_faults import (
     WhenCommitRuns,
     backend_pid,
     libpq_url,
-    lose_the_first_reply,
-    lose_the_reply_then,
+    local_port,
+    once_the_commit_is_done,
     resolving_policy,
     rows,
     wait_until,
@@ -37,16 +39,23 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 import dropsafe
 from dropsafe._unit import recording
+from dropsafe._unit.recording import watch_engine
 from dropsafe.testing import PgBouncer, PostgresServer
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
+ALL_FACES = [*DRIVERS, "psycopg-async"]
 
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
 
 
 class StepUnit(Unit):
     """A `Unit` whose steps are SQL texts, ``(text, parameters)`` pairs, or callables given
-    the (sync) Session."""
+    the (sync) Session. ``psycopg-async``: psycopg 3 through the async engine."""
+
+    def run(self, before_commit=None):
+        if self.driver != "psycopg-async":
+            return super().run(before_commit)
+        return asyncio.run(self._run_async(before_commit))
 
     def _run_sync(self, before_commit):
         engine = dropsafe.create_engine(self.url, policy=self.policy, **self.engine_kw)
@@ -91,6 +100,44 @@ class StepUnit(Unit):
             await engine.dispose()
 
 
+def _local_port(connection):
+    """`commit_faults.local_port`, and psycopg 3's async connection's too."""
+    driver_connection = connection.connection.driver_connection
+    if not hasattr(driver_connection, "_transport") and hasattr(driver_connection, "fileno"):
+        with socket.socket(fileno=os.dup(driver_connection.fileno())) as sock:
+            return sock.getsockname()[1]
+    return local_port(connection)
+
+
+def _lose_the_first_reply(holes, kernel_blackhole, direction="to"):
+    """`commit_faults.lose_the_first_reply` for every face (psycopg 3 async too)."""
+
+    def install(engine):
+        watch_engine(engine)  # dropsafe's listener first: this one runs after its mark
+
+        @sa.event.listens_for(engine, "commit")
+        def cut_off(connection):
+            if not holes._exit_callbacks:
+                holes.enter_context(kernel_blackhole(_local_port(connection), direction=direction))
+
+    return install
+
+
+def _lose_the_reply_then(holes, kernel_blackhole, server, action, strikes):
+    """`commit_faults.lose_the_reply_then` for every face."""
+    lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
+
+    def install(engine):
+        lose_the_reply(engine)
+        once_the_commit_is_done(engine, server, action, strikes)
+
+    return install
+
+
+def _url_of(server, driver):
+    return server.url(driver.removesuffix("-async"))
+
+
 def _policy(recorder, reads):
     """``resolving_policy``, the xid read in flight (``reads``) or by the mark (as before 28)."""
     return dataclasses.replace(
@@ -102,12 +149,12 @@ def _crashed_after_commit(server, kernel_blackhole, driver, steps, *, reads):
     """Run a unit of ``steps`` whose COMMIT reply is lost, then crash-restart the server once
     that COMMIT is done (a bystander SIGKILLed): ("acknowledged" or "unknown", runs, outcomes)."""
     recorder = Recorder()
-    unit = StepUnit(driver, server.url(driver), steps, policy=_policy(recorder, reads))
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=_policy(recorder, reads))
     bystander = psycopg2.connect(libpq_url(server))
     bystander_pid = bystander.get_backend_pid()
     holes = contextlib.ExitStack()
     strikes = []
-    strike = lose_the_reply_then(
+    strike = _lose_the_reply_then(
         holes, kernel_blackhole, server, lambda: os.kill(bystander_pid, signal.SIGKILL), strikes
     )
     outcome = "acknowledged"
@@ -151,7 +198,7 @@ CRASH_SETTINGS = {"wal_writer_delay": "10s"}  # the unflushed commit record stay
         pytest.param(False, id="mark"),
     ],
 )
-@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("driver", ALL_FACES)
 def test_synchronous_commit_off_by_a_bound_setting_name_leaves_a_crashed_commit_unknown(
     kernel_blackhole, driver, reads
 ):
@@ -167,7 +214,7 @@ def test_synchronous_commit_off_by_a_bound_setting_name_leaves_a_crashed_commit_
 
 
 @pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
-@pytest.mark.parametrize("driver", DRIVERS)
+@pytest.mark.parametrize("driver", ALL_FACES)
 def test_the_reading_statement_itself_turning_synchronous_commit_off_leaves_it_unknown(
     kernel_blackhole, driver, reads
 ):
@@ -236,12 +283,12 @@ def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
     steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_raw_write]
     with PostgresServer() as server:
         server.execute(SLOW_COMMIT_SCHEMA)
-        unit = StepUnit(driver, server.url(driver), steps, policy=_policy(recorder, reads))
+        unit = StepUnit(driver, _url_of(server, driver), steps, policy=_policy(recorder, reads))
         holes = contextlib.ExitStack()
         acknowledged = False
         with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
             # both ways: the COMMIT itself never reaches the server
-            unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole, "both"))
+            unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both"))
             acknowledged = True
         last_write = rows(server, 2)
     assert not acknowledged or last_write == 1, (unit.calls, recorder.outcomes())
@@ -350,7 +397,7 @@ def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_aga
                 engine.dispose()
             else:
                 pytest.fail("PgBouncer never handed out a positive pid")
-            lose_the_first_reply(holes, kernel_blackhole, "both")(engine)
+            _lose_the_first_reply(holes, kernel_blackhole, "both")(engine)
             outcome = "unknown"
             with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
                 dropsafe.run_transaction(sessionmaker(engine), unit)
@@ -491,7 +538,7 @@ def _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder, **pool):
     holes = contextlib.ExitStack()
     outcome = "unknown"
     with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
-        unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole))
+        unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole))
         outcome = "acknowledged"
     return outcome, unit.calls, recorder.outcomes()
 
