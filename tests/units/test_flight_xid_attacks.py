@@ -782,3 +782,35 @@ def test_an_orm_flush_at_commit_as_the_only_write_is_resolved_by_its_xid(
     resolved = _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder)
     count = server.execute("SELECT count(*) FROM orm_ledger WHERE v = 1")[0][0]
     assert (resolved, int(count), len(marks)) == (("acknowledged", 1, ["committed"]), 1, 0)
+
+
+# -- an executemany (not read), then a single write (read) --------------------------------------
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_an_executemany_then_a_single_write_is_resolved_by_the_single_writes_read(
+    postgres_server, kernel_blackhole, driver
+):
+    """The driver's own batch carries no read; the single INSERT after it does, in the same
+    transaction (the xid the batch took): a lost COMMIT reply resolved committed, run once."""
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    steps = [
+        ("INSERT INTO ledger VALUES (:v)", [{"v": 1}, {"v": 2}]),
+        "INSERT INTO ledger VALUES (3)",
+    ]
+    policy = resolving_policy(recorder)
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+    holes = contextlib.ExitStack()
+    outcome = "unknown"
+    with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+        unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole))
+        outcome = "acknowledged"
+    assert (outcome, unit.calls, recorder.outcomes(), [rows(server, v) for v in (1, 2, 3)]) == (
+        "acknowledged",
+        1,
+        ["committed"],
+        [1, 1, 1],
+    )
