@@ -175,33 +175,17 @@ def _crashed_after_commit(server, kernel_blackhole, driver, steps, *, reads):
 CRASH_SETTINGS = {"wal_writer_delay": "10s"}  # the unflushed commit record stays in memory
 
 
-@pytest.mark.parametrize(
-    "reads",
-    [
-        pytest.param(
-            True,
-            id="in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: synchronous_commit turned off after the read by "
-                    "set_config() whose NAME is a bound parameter (a generic 'apply these "
-                    "settings' helper): XidInFlight.note_statement looks only at the statement's "
-                    "text, which does not name it, and no function in the database does; the "
-                    "COMMIT waited for no WAL, the crash lost it, the xid read 'aborted', and the "
-                    "unit ran again and was acknowledged ('acknowledged', 2, ['aborted']): its "
-                    "NOTIFY sent twice, the first free to be heard before the crash. The mark "
-                    "read current_setting() at COMMIT: unknown, run once."
-                ),
-            ),
-        ),
-        pytest.param(False, id="mark"),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
 @pytest.mark.parametrize("driver", ALL_FACES)
 def test_synchronous_commit_off_by_a_bound_setting_name_leaves_a_crashed_commit_unknown(
     kernel_blackhole, driver, reads
 ):
+    """INSERT (the read), ``SELECT set_config(:name, :value, true)`` with synchronous_commit
+    as the bound name (a generic "apply these settings" helper), NOTIFY; a crash once the
+    COMMIT is done. The statement's text does not name the setting, nor does any function of
+    the database: before the fix (XidInFlight.note_statement notes a set_config whose name is
+    not a literal) the xid read 'aborted' and the unit ran again, its NOTIFY sent twice,
+    every face; the mark read current_setting() at COMMIT: unknown, run once."""
     steps = [
         "INSERT INTO ledger VALUES (4)",
         ("SELECT set_config(:name, :value, true)", {"name": "synchronous_commit", "value": "off"}),

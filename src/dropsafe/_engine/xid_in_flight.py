@@ -58,8 +58,10 @@ _ENDS = re.compile(
 # What a server that hides the WAL position names in its refusal (42501, permission denied).
 _WAL_FUNCTION = "pg_current_wal_insert_lsn"
 # A statement that may turn synchronous_commit off after the read: its COMMIT may then not wait
-# for its WAL (`PendingCommit.unflushed`).
-_SYNCHRONOUS_COMMIT = re.compile("synchronous_commit", re.IGNORECASE)
+# for its WAL (`PendingCommit.unflushed`). One that names it, or a set_config whose name is not
+# a string literal (a bound parameter, a column: `SELECT set_config(%(name)s, ...)` names
+# nothing, and ran a crashed unit again, its NOTIFY twice; tests/units/test_flight_xid_attacks.py).
+_SYNCHRONOUS_COMMIT = re.compile(r"synchronous_commit|set_config\s*\((?!\s*')", re.IGNORECASE)
 
 
 def may_write(context: ExecutionContext, statement: str) -> bool:
