@@ -197,6 +197,37 @@ def test_synchronous_commit_off_by_a_bound_setting_name_leaves_a_crashed_commit_
     assert crashed == ("unknown", 1, ["unknown"])  # CommitOutcomeUnknown raised, run once
 
 
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_literal_setting_name_after_the_read_lets_a_crashed_commit_run_again(driver):
+    """``set_config('app.tenant', :id, true)`` (row-level security's usual shape) names its
+    setting: it is not noted as turning synchronous_commit off. A crash while the COMMIT runs
+    (it waited for its WAL: never acknowledged) is then resolved 'aborted' and the unit runs
+    again, as with the mark; noted, it would end as CommitOutcomeUnknown."""
+    recorder = Recorder()
+    policy = dropsafe.Policy(
+        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
+    )
+    steps = [
+        "SET LOCAL test.commit_sleep = '3'",
+        "INSERT INTO ledger VALUES (1)",
+        ("SELECT set_config('app.tenant', :id, true)", {"id": "7"}),
+    ]
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        bystander = psycopg2.connect(libpq_url(server))
+        bystander_pid = bystander.get_backend_pid()
+        watcher = WhenCommitRuns(server, lambda: os.kill(bystander_pid, signal.SIGKILL))
+        unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+        try:
+            outcome = unit.run()
+        finally:
+            watcher.join(timeout=60)
+            with contextlib.suppress(psycopg2.Error):
+                bystander.close()
+        written = rows(server, 1)
+    assert (outcome, unit.calls, recorder.outcomes(), written) == ("done", 2, ["aborted"], 1)
+
+
 @pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
 @pytest.mark.parametrize("driver", ALL_FACES)
 def test_the_reading_statement_itself_turning_synchronous_commit_off_leaves_it_unknown(
