@@ -58,8 +58,10 @@ _ENDS = re.compile(
 # What a server that hides the WAL position names in its refusal (42501, permission denied).
 _WAL_FUNCTION = "pg_current_wal_insert_lsn"
 # A statement that may turn synchronous_commit off after the read: its COMMIT may then not wait
-# for its WAL (`PendingCommit.unflushed`).
-_SYNCHRONOUS_COMMIT = re.compile("synchronous_commit", re.IGNORECASE)
+# for its WAL (`PendingCommit.unflushed`). One that names it, or a set_config whose name is not
+# a string literal (a bound parameter, a column: `SELECT set_config(%(name)s, ...)` names
+# nothing, and ran a crashed unit again, its NOTIFY twice; tests/units/test_flight_xid_attacks.py).
+_SYNCHRONOUS_COMMIT = re.compile(r"synchronous_commit|set_config\s*\((?!\s*')", re.IGNORECASE)
 
 
 def may_write(context: ExecutionContext, statement: str) -> bool:
@@ -137,7 +139,9 @@ class XidInFlight:
             # no WAL and its COMMIT then waits for no flush.
             asynchronous=reading.assigned
             and (int(cursor.rowcount) <= 0 or _WITH.match(statement) is not None),
-            unflushed=values[1] == "off",
+            # Read before the statement (psycopg2, asyncpg), the setting is the one before it: a
+            # statement that itself may turn it off is noted as the statements after it are.
+            unflushed=values[1] == "off" or _SYNCHRONOUS_COMMIT.search(statement) is not None,
         )
 
     def note_statement(self, transcript: Transcript | FlightXid, statement: str) -> None:

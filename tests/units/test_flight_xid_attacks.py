@@ -1,0 +1,831 @@
+"""Attacks on a verified unit's xid read in its first writing statement's flight (issue 28).
+
+The mark, read right before COMMIT, saw everything the transaction did; the read in flight sees
+it at its first write. Each test here is a history between that read and the COMMIT that the
+mark saw for free, against real servers with real faults (a COMMIT reply lost in the kernel, a
+crash restart once the COMMIT is done, a cut through the chaos proxy while it runs). Where the
+read in flight breaks the promise, the test is a strict xfail saying what happened; run with
+``PoolPolicy(read_xid_in_flight=False)`` (the mark, as before issue 28) the same history holds,
+which the ``mark`` cases show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import socket
+
+import psycopg2
+import pytest
+import sqlalchemy as sa
+from commit_faults import (
+    SLOW_COMMIT_SCHEMA,
+    Recorder,
+    Unit,
+    WhenCommitRuns,
+    backend_pid,
+    libpq_url,
+    local_port,
+    once_the_commit_is_done,
+    resolving_policy,
+    rows,
+    wait_until,
+)
+from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+import dropsafe
+from dropsafe._unit import recording
+from dropsafe._unit.recording import watch_engine
+from dropsafe.testing import PgBouncer, PostgresServer
+
+DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
+ALL_FACES = [*DRIVERS, "psycopg-async"]
+
+pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
+
+
+class StepUnit(Unit):
+    """A `Unit` whose steps are SQL texts, ``(text, parameters)`` pairs, or callables given
+    the (sync) Session. ``psycopg-async``: psycopg 3 through the async engine."""
+
+    def run(self, before_commit=None):
+        if self.driver != "psycopg-async":
+            return super().run(before_commit)
+        return asyncio.run(self._run_async(before_commit))
+
+    def _run_sync(self, before_commit):
+        engine = dropsafe.create_engine(self.url, policy=self.policy, **self.engine_kw)
+        if before_commit is not None:
+            before_commit(engine)
+
+        def unit(session):
+            self.calls += 1
+            for step in self.statements:
+                if callable(step):
+                    step(session)
+                elif isinstance(step, tuple):
+                    session.execute(sa.text(step[0]), step[1])
+                else:
+                    session.execute(sa.text(step))
+            return "done"
+
+        try:
+            return dropsafe.run_transaction(sessionmaker(engine, class_=Session), unit)
+        finally:
+            engine.dispose()
+
+    async def _run_async(self, before_commit):
+        engine = dropsafe.create_async_engine(self.url, policy=self.policy, **self.engine_kw)
+        if before_commit is not None:
+            before_commit(engine.sync_engine)
+
+        async def unit(session):
+            self.calls += 1
+            for step in self.statements:
+                if callable(step):
+                    await session.run_sync(step)
+                elif isinstance(step, tuple):
+                    await session.execute(sa.text(step[0]), step[1])
+                else:
+                    await session.execute(sa.text(step))
+            return "done"
+
+        try:
+            return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
+        finally:
+            await engine.dispose()
+
+
+def _local_port(connection):
+    """`commit_faults.local_port`, and psycopg 3's async connection's too."""
+    driver_connection = connection.connection.driver_connection
+    if not hasattr(driver_connection, "_transport") and hasattr(driver_connection, "fileno"):
+        with socket.socket(fileno=os.dup(driver_connection.fileno())) as sock:
+            return sock.getsockname()[1]
+    return local_port(connection)
+
+
+def _lose_the_first_reply(holes, kernel_blackhole, direction="to"):
+    """`commit_faults.lose_the_first_reply` for every face (psycopg 3 async too)."""
+
+    def install(engine):
+        watch_engine(engine)  # dropsafe's listener first: this one runs after its mark
+
+        @sa.event.listens_for(engine, "commit")
+        def cut_off(connection):
+            if not holes._exit_callbacks:
+                holes.enter_context(kernel_blackhole(_local_port(connection), direction=direction))
+
+    return install
+
+
+def _lose_the_reply_then(holes, kernel_blackhole, server, action, strikes):
+    """`commit_faults.lose_the_reply_then` for every face."""
+    lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
+
+    def install(engine):
+        lose_the_reply(engine)
+        once_the_commit_is_done(engine, server, action, strikes)
+
+    return install
+
+
+def _url_of(server, driver):
+    return server.url(driver.removesuffix("-async"))
+
+
+def _policy(recorder, reads):
+    """``resolving_policy``, the xid read in flight (``reads``) or by the mark (as before 28)."""
+    return dataclasses.replace(
+        resolving_policy(recorder), pool=dropsafe.PoolPolicy(read_xid_in_flight=reads)
+    )
+
+
+def _crashed_after_commit(server, kernel_blackhole, driver, steps, *, reads):
+    """Run a unit of ``steps`` whose COMMIT reply is lost, then crash-restart the server once
+    that COMMIT is done (a bystander SIGKILLed): ("acknowledged" or "unknown", runs, outcomes)."""
+    recorder = Recorder()
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=_policy(recorder, reads))
+    bystander = psycopg2.connect(libpq_url(server))
+    bystander_pid = bystander.get_backend_pid()
+    holes = contextlib.ExitStack()
+    strikes = []
+    strike = _lose_the_reply_then(
+        holes, kernel_blackhole, server, lambda: os.kill(bystander_pid, signal.SIGKILL), strikes
+    )
+    outcome = "acknowledged"
+    try:
+        with holes:
+            unit.run(before_commit=strike)
+    except dropsafe.CommitOutcomeUnknown:
+        outcome = "unknown"
+    finally:
+        strikes[0].join(30)
+        with contextlib.suppress(psycopg2.Error):
+            bystander.close()
+    return outcome, unit.calls, recorder.outcomes()
+
+
+# -- synchronous_commit turned off where no statement's text names it ---------------------------
+
+CRASH_SETTINGS = {"wal_writer_delay": "10s"}  # the unflushed commit record stays in memory
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_synchronous_commit_off_by_a_bound_setting_name_leaves_a_crashed_commit_unknown(
+    kernel_blackhole, driver, reads
+):
+    """INSERT (the read), ``SELECT set_config(:name, :value, true)`` with synchronous_commit
+    as the bound name (a generic "apply these settings" helper), NOTIFY; a crash once the
+    COMMIT is done. The statement's text does not name the setting, nor does any function of
+    the database: before the fix (XidInFlight.note_statement notes a set_config whose name is
+    not a literal) the xid read 'aborted' and the unit ran again, its NOTIFY sent twice,
+    every face; the mark read current_setting() at COMMIT: unknown, run once."""
+    steps = [
+        "INSERT INTO ledger VALUES (4)",
+        ("SELECT set_config(:name, :value, true)", {"name": "synchronous_commit", "value": "off"}),
+        "SELECT pg_notify('dropsafe_test', 'relaxed')",
+    ]
+    with PostgresServer(settings=CRASH_SETTINGS) as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
+    assert crashed == ("unknown", 1, ["unknown"])  # CommitOutcomeUnknown raised, run once
+
+
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_literal_setting_name_after_the_read_lets_a_crashed_commit_run_again(driver):
+    """``set_config('app.tenant', :id, true)`` (row-level security's usual shape) names its
+    setting: it is not noted as turning synchronous_commit off. A crash while the COMMIT runs
+    (it waited for its WAL: never acknowledged) is then resolved 'aborted' and the unit runs
+    again, as with the mark; noted, it would end as CommitOutcomeUnknown."""
+    recorder = Recorder()
+    policy = dropsafe.Policy(
+        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
+    )
+    steps = [
+        "SET LOCAL test.commit_sleep = '3'",
+        "INSERT INTO ledger VALUES (1)",
+        ("SELECT set_config('app.tenant', :id, true)", {"id": "7"}),
+    ]
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        bystander = psycopg2.connect(libpq_url(server))
+        bystander_pid = bystander.get_backend_pid()
+        watcher = WhenCommitRuns(server, lambda: os.kill(bystander_pid, signal.SIGKILL))
+        unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+        try:
+            outcome = unit.run()
+        finally:
+            watcher.join(timeout=60)
+            with contextlib.suppress(psycopg2.Error):
+                bystander.close()
+        written = rows(server, 1)
+    assert (outcome, unit.calls, recorder.outcomes(), written) == ("done", 2, ["aborted"], 1)
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_the_reading_statement_itself_turning_synchronous_commit_off_leaves_it_unknown(
+    kernel_blackhole, driver, reads
+):
+    """The unit's first write turns synchronous_commit off itself (a subquery's set_config).
+
+    psycopg2 and asyncpg read before the statement (a DO block in front of it; a Parse, Bind,
+    Execute in front of its Bind), so the read says 'on';
+    the statement that carries the read was not looked at for the name (only the statements
+    after it were): the crash's 'aborted' ran the unit again and notified twice, before the fix
+    in XidInFlight.send (the carrying statement's text is checked too).
+    """
+    steps = [
+        (
+            "INSERT INTO ledger SELECT 4 FROM "
+            "(SELECT set_config('synchronous_commit', 'off', true)) AS relaxed"
+        ),
+        "SELECT pg_notify('dropsafe_test', 'relaxed')",
+    ]
+    with PostgresServer(settings=CRASH_SETTINGS) as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
+    assert crashed == ("unknown", 1, ["unknown"])
+
+
+# -- the transaction ended around SQLAlchemy, then written again without it ---------------------
+
+
+def _raw_commit_then_raw_write(session):
+    """COMMIT through the DBAPI connection, then a write through a raw cursor: SQLAlchemy sees
+    neither (the engine's ``commit`` event does not fire: nothing refuses it)."""
+    dbapi_connection = session.connection().connection.dbapi_connection
+    dbapi_connection.commit()
+    cursor = dbapi_connection.cursor()
+    cursor.execute("INSERT INTO ledger VALUES (2)")
+    cursor.close()
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(
+            True,
+            id="in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: INSERT 1 (xid A read in flight), the DBAPI connection's own "
+                    "commit() (A committed; SQLAlchemy's commit event does not fire), INSERT 2 "
+                    "through a raw cursor (xid B, a new transaction: the connection is in a "
+                    "transaction again, so _flight_xid_of's idle check passes), then the unit's "
+                    "COMMIT lost before it reached the server: resolved by A ('committed') and "
+                    "acknowledged, row 2 missing. The mark read B (aborted: the unit ran again; "
+                    "row 1 twice, which the app's own commit() made unavoidable, but never an "
+                    "acknowledged unit whose last write is missing)."
+                ),
+            ),
+        ),
+        pytest.param(False, id="mark"),
+    ],
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
+    kernel_blackhole, driver, reads
+):
+    recorder = Recorder()
+    steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_raw_write]
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        unit = StepUnit(driver, _url_of(server, driver), steps, policy=_policy(recorder, reads))
+        holes = contextlib.ExitStack()
+        acknowledged = False
+        with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+            # both ways: the COMMIT itself never reaches the server
+            unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both"))
+            acknowledged = True
+        last_write = rows(server, 2)
+    assert not acknowledged or last_write == 1, (unit.calls, recorder.outcomes())
+
+
+# -- savepoints: the xid read inside one, the savepoint rolled back -----------------------------
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("nested", ["text", "begin_nested"])
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_first_write_in_a_savepoint_rolled_back_is_resolved_by_the_top_transaction(
+    postgres_server, chaos_proxy, driver, nested
+):
+    """The first write (the read) inside a savepoint that is rolled back, then the real write.
+
+    The xid read inside a subtransaction must be the top transaction's (the one COMMIT ends),
+    so a COMMIT cut while the server runs it is resolved as committed, run once.
+    """
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    policy = dropsafe.Policy(
+        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
+    )
+
+    def in_a_rolled_back_savepoint(session):
+        savepoint = session.begin_nested()
+        session.execute(sa.text("INSERT INTO ledger VALUES (7)"))
+        savepoint.rollback()
+
+    if nested == "text":
+        steps = [
+            "SAVEPOINT before_seven",
+            "INSERT INTO ledger VALUES (7)",
+            "ROLLBACK TO SAVEPOINT before_seven",
+        ]
+    else:
+        steps = [in_a_rolled_back_savepoint]
+    steps += ["SET LOCAL test.commit_sleep = '2'", "INSERT INTO ledger VALUES (1)"]
+    watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
+    unit = StepUnit(driver, chaos_proxy.route(server.url(driver)), steps, policy=policy)
+    assert unit.run() == "done"
+    watcher.join(timeout=30)
+    assert (rows(server, 1), rows(server, 7), unit.calls) == (1, 0, 1)
+    assert recorder.outcomes() == ["committed"]
+
+
+# -- a pooler the policy was not told of (PgBouncer in session mode, pooler=None) ---------------
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(
+            True,
+            id="in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: behind PgBouncer in session mode with "
+                    "ConnectionPolicy.pooler left None (docs/settings.md: 'session' and None "
+                    "change nothing), the read in flight takes the backend pid from the driver "
+                    "(PgBouncer's BackendKeyData: a random number, not the server backend's "
+                    "pid). A COMMIT lost before it reached the server leaves the backend idle in "
+                    "its transaction; the resolver's fence names the wrong pid, terminates "
+                    "nothing, and the xid stays 'in progress' until commit_status_timeout: "
+                    "CommitOutcomeUnknown, where the mark (pg_backend_pid(), the server's) "
+                    "fenced it, read 'aborted', and ran the unit again, acknowledged once."
+                ),
+            ),
+        ),
+        pytest.param(False, id="mark"),
+    ],
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_again(
+    postgres_server, kernel_blackhole, driver, reads
+):
+    """PgBouncer hands each client a random BackendKeyData; the driver reads its pid half as
+    a positive number (the read in flight then stands), half not (the mark reads): the engine's
+    one connection is made until it is positive, so the attack is the same every run."""
+    recorder = Recorder()
+    postgres_server.execute(SLOW_COMMIT_SCHEMA)
+    holes = contextlib.ExitStack()
+    calls = []
+
+    def unit(session):
+        calls.append(1)
+        session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
+
+    with PgBouncer(postgres_server, pool_mode="session") as bouncer:
+        engine = dropsafe.create_engine(
+            bouncer.url(driver), policy=_policy(recorder, reads), pool_size=1, max_overflow=0
+        )
+        try:
+            for _ in range(40):  # each try a new client of PgBouncer: 2**-40 all non-positive
+                # A unit first: a connection made once the engine ran one learns at connect
+                # what the read needs (its server's life; on psycopg2, leave to run DO).
+                dropsafe.run_transaction(
+                    sessionmaker(engine), lambda s: s.execute(sa.text("SELECT 1"))
+                )
+                with engine.connect() as connection:
+                    if backend_pid(connection) > 0:
+                        break
+                engine.dispose()
+            else:
+                pytest.fail("PgBouncer never handed out a positive pid")
+            _lose_the_first_reply(holes, kernel_blackhole, "both")(engine)
+            outcome = "unknown"
+            with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+                dropsafe.run_transaction(sessionmaker(engine), unit)
+                outcome = "acknowledged"
+        finally:
+            engine.dispose()
+    assert (outcome, len(calls), recorder.outcomes(), rows(postgres_server, 1)) == (
+        "acknowledged",
+        2,
+        ["aborted"],
+        1,
+    )
+
+
+# -- a first write that writes no WAL, then a NOTIFY; a crash once the COMMIT is done ----------
+
+# A view whose INSTEAD OF trigger writes only a value not there yet (an idempotent "put"): the
+# INSERT counts its row, and writes nothing when the value is there. Its body neither notifies
+# nor names synchronous_commit (the resolver's question about the server's code says no).
+ONCE_VIEW = """
+CREATE VIEW ledger_once AS SELECT v FROM ledger;
+CREATE FUNCTION ledger_once_put() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF NOT EXISTS (SELECT FROM ledger WHERE v = NEW.v) THEN
+    INSERT INTO ledger VALUES (NEW.v);
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER ledger_once_put INSTEAD OF INSERT ON ledger_once
+  FOR EACH ROW EXECUTE FUNCTION ledger_once_put();
+INSERT INTO ledger VALUES (4);
+"""
+# Hint bits set and a checkpoint taken now: the unit's read of the page writes no WAL of its own.
+QUIET_PAGES = "SELECT count(*) FROM ledger; CHECKPOINT"
+
+_READ_BEFORE = (
+    "issue 28 attack: the unit's first write is an INSERT into a view whose INSTEAD OF trigger "
+    "wrote nothing (the value was there: rowcount 1, no WAL), then a NOTIFY. psycopg2 and "
+    "asyncpg read the xid BEFORE the statement, so the read gave the transaction its xid with "
+    "synchronous_commit on and, the rowcount being 1, did not mark it asynchronous; its "
+    "COMMIT waited for no WAL (no WAL written before the commit record), the crash lost it, the "
+    "xid read 'aborted' and the unit ran again ('acknowledged', 2, ['aborted']): NOTIFY sent "
+    "twice. The mark found no xid, gave one with synchronous_commit off, marked it "
+    "asynchronous: unknown, run once. (psycopg 3 reads after the statement: none, the mark.)"
+)
+
+
+@pytest.mark.parametrize(
+    ("driver", "reads"),
+    [
+        pytest.param(
+            "psycopg2",
+            True,
+            id="psycopg2-in_flight",
+            marks=pytest.mark.xfail(strict=True, reason=_READ_BEFORE),
+        ),
+        pytest.param(
+            "asyncpg",
+            True,
+            id="asyncpg-in_flight",
+            marks=pytest.mark.xfail(strict=True, reason=_READ_BEFORE),
+        ),
+        pytest.param("psycopg", True, id="psycopg-in_flight"),
+        pytest.param("psycopg2", False, id="psycopg2-mark"),
+        pytest.param("asyncpg", False, id="asyncpg-mark"),
+    ],
+)
+def test_a_first_write_that_wrote_nothing_then_a_notify_leaves_a_crashed_commit_unknown(
+    kernel_blackhole, driver, reads
+):
+    steps = ["INSERT INTO ledger_once VALUES (4)", "SELECT pg_notify('dropsafe_test', 'put')"]
+    with PostgresServer(settings=CRASH_SETTINGS) as server:
+        server.execute(SLOW_COMMIT_SCHEMA + ONCE_VIEW)
+        server.execute(QUIET_PAGES)
+        crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
+    assert crashed == ("unknown", 1, ["unknown"])
+
+
+_UNLOGGED = (
+    "found while attacking issue 28, but older than it (the mark too): a unit whose only "
+    "write is to an UNLOGGED table, then a NOTIFY. The write takes an xid but writes no WAL, so "
+    "PostgreSQL's COMMIT waits for no flush (RecordTransactionCommit: no WAL before the "
+    "record); the crash lost the commit record after the NOTIFY could be heard, the xid read "
+    "'aborted' (neither asynchronous nor unflushed: it had an xid, synchronous_commit on) and "
+    "the unit ran again ('acknowledged', 2, ['aborted']): NOTIFY sent twice."
+)
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(True, id="in_flight", marks=pytest.mark.xfail(strict=True, reason=_UNLOGGED)),
+        pytest.param(False, id="mark", marks=pytest.mark.xfail(strict=True, reason=_UNLOGGED)),
+    ],
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_an_unlogged_write_then_a_notify_leaves_a_crashed_commit_unknown(
+    kernel_blackhole, driver, reads
+):
+    steps = ["INSERT INTO scratch VALUES (1)", "SELECT pg_notify('dropsafe_test', 'scratch')"]
+    with PostgresServer(settings=CRASH_SETTINGS) as server:
+        server.execute(SLOW_COMMIT_SCHEMA + "CREATE UNLOGGED TABLE scratch (v int);")
+        crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
+    assert crashed == ("unknown", 1, ["unknown"])
+
+
+# -- the unit's connection lost under it: the unit runs again on a fresh connection ---------
+
+
+def _terminate_backend(server, connection):
+    """Terminate ``connection``'s backend from the server, and wait until it is gone."""
+    pid = backend_pid(connection)
+    server.execute(f"SELECT pg_terminate_backend({pid}, 10000)")
+    wait_until(
+        lambda: not server.execute(f"SELECT 1 FROM pg_stat_activity WHERE pid = {pid}"),
+        10,
+        "the backend to exit",
+    )
+
+
+def _terminate_own_backend_once(server):
+    """A step: the unit's backend terminated (and gone) before its next step; its first run
+    only."""
+    done = []
+
+    def step(session):
+        if not done:
+            done.append(1)
+            _terminate_backend(server, session.connection())
+
+    return step
+
+
+def _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder, **pool):
+    """Run a unit of ``steps`` whose first COMMIT reply is lost (the server did it): its
+    outcome, its runs, the resolver's outcomes. ``pool``: PoolPolicy fields."""
+    policy = dataclasses.replace(resolving_policy(recorder), pool=dropsafe.PoolPolicy(**pool))
+    unit = StepUnit(driver, server.url(driver), steps, policy=policy)
+    holes = contextlib.ExitStack()
+    outcome = "unknown"
+    with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+        unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole))
+        outcome = "acknowledged"
+    return outcome, unit.calls, recorder.outcomes()
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_unit_whose_connection_died_mid_transaction_is_resolved_by_the_new_xid(
+    postgres_server, kernel_blackhole, driver
+):
+    """INSERT 1 (xid A read in flight), the backend terminated, INSERT 2, with the transaction
+    replay on: the unit's attempt fails there and the unit runs again on a fresh connection
+    (xid B; the transaction replay stays out of a unit, TransactionReplayed never emitted),
+    then the COMMIT's reply is lost. A (aborted with its backend) would have it run a third
+    time, or, kept by a transcript across the attempts, acknowledged with rows missing.
+    """
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    steps = [
+        "INSERT INTO ledger VALUES (1)",
+        _terminate_own_backend_once(server),
+        "INSERT INTO ledger VALUES (2)",
+    ]
+    recorder = Recorder()
+    resolved = _lost_reply_unit(
+        server, kernel_blackhole, driver, steps, recorder, replay_transaction=True
+    )
+    assert (resolved, rows(server, 1), rows(server, 2)) == (
+        ("acknowledged", 2, ["committed"]),
+        1,
+        1,
+    )
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("replay_transaction", [False, True], ids=["first", "transaction"])
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_first_write_lost_with_its_connection_then_run_again_is_resolved_by_the_new_xid(
+    postgres_server, kernel_blackhole, driver, replay_transaction
+):
+    """The unit's backend ends after its checkout, before its first statement: that INSERT,
+    which carries the read, fails on the lost connection; the unit runs again on a fresh one
+    (no FirstStatementReplayed inside a unit: the unit's own retry), and that COMMIT's reply is
+    lost. Whatever the lost connection's attempt read must not resolve it: the fresh
+    transaction is committed, its row there once."""
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    steps = [_terminate_own_backend_once(server), "INSERT INTO ledger VALUES (1)"]
+    resolved = _lost_reply_unit(
+        server, kernel_blackhole, driver, steps, recorder, replay_transaction=replay_transaction
+    )
+    assert (resolved, rows(server, 1)) == (("acknowledged", 2, ["committed"]), 1)
+
+
+# -- the transaction ended around SQLAlchemy by a raw ROLLBACK, then written again --------------
+
+
+def _raw_rollback_then_slow_raw_write(session):
+    """ROLLBACK through the DBAPI connection, then a write (with a 2 s COMMIT) through a raw
+    cursor: a new transaction SQLAlchemy never sees begin."""
+    dbapi_connection = session.connection().connection.dbapi_connection
+    dbapi_connection.rollback()
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET LOCAL test.commit_sleep = '2'")
+    cursor.execute("INSERT INTO ledger VALUES (1)")
+    cursor.close()
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(
+            True,
+            id="in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: INSERT 7 (xid A read in flight), the DBAPI connection's "
+                    "own rollback() (A aborted; no SQLAlchemy event), INSERT 1 through a raw "
+                    "cursor (xid B: the connection is in a transaction again, so _flight_xid_of "
+                    "keeps A), the COMMIT cut while the server ran it: the server committed B, "
+                    "the resolver asked about A, read 'aborted', and the unit ran again: row 1 "
+                    "twice. The mark read B: committed, run once."
+                ),
+            ),
+        ),
+        pytest.param(False, id="mark"),
+    ],
+)
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_raw_dbapi_rollback_then_a_raw_write_is_resolved_by_the_new_transaction(
+    postgres_server, chaos_proxy, driver, reads
+):
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    policy = dropsafe.Policy(
+        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60),
+        pool=dropsafe.PoolPolicy(read_xid_in_flight=reads),
+        hooks=(recorder,),
+    )
+    steps = ["INSERT INTO ledger VALUES (7)", _raw_rollback_then_slow_raw_write]
+    watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
+    unit = StepUnit(driver, chaos_proxy.route(server.url(driver)), steps, policy=policy)
+    assert unit.run() == "done"
+    watcher.join(timeout=30)
+    assert (rows(server, 1), rows(server, 7), unit.calls, recorder.outcomes()) == (
+        1,
+        0,
+        1,
+        ["committed"],
+    )
+
+
+# -- the role changed inside the unit: may it still run the read? -------------------------------
+
+TENANT = """
+CREATE ROLE tenant NOLOGIN;
+GRANT INSERT, SELECT ON ledger TO tenant;
+REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
+"""
+
+
+@pytest.mark.parametrize(
+    ("driver", "reads"),
+    [
+        pytest.param(
+            "psycopg2",
+            True,
+            id="psycopg2-in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: 'SET LOCAL ROLE tenant' (row-level security's usual "
+                    "shape) to a role without USAGE on plpgsql (REVOKE ... FROM PUBLIC, a common "
+                    "hardening), then the unit's first INSERT: psycopg2's read is a DO block in "
+                    "front of it, allowed for the session's user at connect, refused for the "
+                    "current role: the app's INSERT fails with 'permission denied for language "
+                    "plpgsql' (42501, not retried), a unit that worked before issue 28."
+                ),
+            ),
+        ),
+        pytest.param("psycopg2", False, id="psycopg2-mark"),
+        pytest.param("psycopg", True, id="psycopg-in_flight"),
+        pytest.param("asyncpg", True, id="asyncpg-in_flight"),
+    ],
+)
+def test_a_unit_that_sets_a_role_without_plpgsql_writes_as_before(driver, reads):
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA + TENANT)
+        unit = StepUnit(
+            driver,
+            server.url(driver),
+            ["SET LOCAL ROLE tenant", "INSERT INTO ledger VALUES (1)"],
+            policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(read_xid_in_flight=reads)),
+        )
+        assert unit.run() == "done"
+        assert (rows(server, 1), unit.calls) == (1, 1)
+
+
+def _set_role_at_connect(engine):
+    """The app's own pool listener, added after dropsafe's: each new session as ``tenant``."""
+
+    @sa.event.listens_for(engine, "connect")
+    def as_tenant(dbapi_connection, record):
+        del record
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET ROLE tenant")
+        cursor.close()
+        dbapi_connection.commit()
+
+
+@pytest.mark.parametrize(
+    "reads",
+    [
+        pytest.param(
+            True,
+            id="in_flight",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "issue 28 attack: the app's own 'connect' listener (added after dropsafe's, "
+                    "as any app's is) runs SET ROLE tenant, a role without USAGE on plpgsql: "
+                    "dropsafe learned at connect, before it, that the session may run DO "
+                    "blocks, so psycopg2's read goes in front of every unit's first write and "
+                    "each fails with 'permission denied for language plpgsql' (42501): no "
+                    "verified unit can write on such an engine any more."
+                ),
+            ),
+        ),
+        pytest.param(False, id="mark"),
+    ],
+)
+def test_a_session_whose_role_the_app_sets_at_connect_writes_as_before(reads):
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA + TENANT)
+        unit = StepUnit(
+            "psycopg2",
+            server.url("psycopg2"),
+            ["INSERT INTO ledger VALUES (1)"],
+            policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(read_xid_in_flight=reads)),
+        )
+        assert unit.run(before_commit=_set_role_at_connect) == "done"
+        assert (rows(server, 1), unit.calls) == (1, 1)
+
+
+# -- the ORM's flush at COMMIT as the unit's only write -----------------------------------------
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Row(_Base):
+    __tablename__ = "orm_ledger"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    v: Mapped[int]
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_an_orm_flush_at_commit_as_the_only_write_is_resolved_by_its_xid(
+    postgres_server, kernel_blackhole, driver, monkeypatch
+):
+    """The function only adds an object: its INSERT is sent by the flush inside the unit's
+    COMMIT (after the function returned), and carries the read (no mark sent: the COMMIT
+    listener runs after the flush); that COMMIT's reply is lost. Resolved committed by the
+    flush's xid, run once."""
+    marks = []
+    mark = recording._mark
+
+    def counted(conn, attempt):
+        marks.append(1)
+        return mark(conn, attempt)
+
+    monkeypatch.setattr(recording, "_mark", counted)
+    server = postgres_server
+    server.execute("CREATE TABLE orm_ledger (id serial PRIMARY KEY, v int NOT NULL)")
+    recorder = Recorder()
+    steps = [lambda session: session.add(_Row(v=1))]
+    resolved = _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder)
+    count = server.execute("SELECT count(*) FROM orm_ledger WHERE v = 1")[0][0]
+    assert (resolved, int(count), len(marks)) == (("acknowledged", 1, ["committed"]), 1, 0)
+
+
+# -- an executemany (not read), then a single write (read) --------------------------------------
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_an_executemany_then_a_single_write_is_resolved_by_the_single_writes_read(
+    postgres_server, kernel_blackhole, driver
+):
+    """The driver's own batch carries no read; the single INSERT after it does, in the same
+    transaction (the xid the batch took): a lost COMMIT reply resolved committed, run once."""
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    steps = [
+        ("INSERT INTO ledger VALUES (:v)", [{"v": 1}, {"v": 2}]),
+        "INSERT INTO ledger VALUES (3)",
+    ]
+    policy = resolving_policy(recorder)
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+    holes = contextlib.ExitStack()
+    outcome = "unknown"
+    with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+        unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole))
+        outcome = "acknowledged"
+    assert (outcome, unit.calls, recorder.outcomes(), [rows(server, v) for v in (1, 2, 3)]) == (
+        "acknowledged",
+        1,
+        ["committed"],
+        [1, 1, 1],
+    )
