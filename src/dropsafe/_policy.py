@@ -313,10 +313,12 @@ class PoolPolicy(_Validated):
     begin_in_first_flight: bool = True
     #: A verified unit of work's xid is read in the flight of its first statement that may
     #: write, instead of by a statement of its own before COMMIT (the mark): a verified unit
-    #: makes no round trip more than an unverified one. Needs ``replay_first_statement``;
-    #: psycopg2, psycopg 3 and asyncpg; not behind a pooler. See docs/guarantees.md, "The xid
-    #: read in the flight of the unit's first write".
-    read_xid_in_flight: bool = True
+    #: makes no round trip more than an unverified one. Off by default until the histories
+    #: listed in docs/guarantees.md ("The xid read in the flight of the unit's first write")
+    #: are closed: raw DBAPI transaction control inside a unit, an undeclared session pooler,
+    #: a first write that writes no WAL, a role without plpgsql on psycopg2. Needs
+    #: ``replay_first_statement``; psycopg2, psycopg 3 and asyncpg; not behind a pooler.
+    read_xid_in_flight: bool = False
 
 
 @_environment_defaults

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -377,12 +378,17 @@ def heard_with_the_commit_reply_lost(server, kernel_blackhole, driver, statement
     return payloads, unit.calls, recorder.outcomes()
 
 
-def struck_once_the_commit_is_done(server, kernel_blackhole, driver, statements, action):
-    """Run a unit of ``statements`` (``resolving_policy``) whose first COMMIT reply is lost, and
-    ``action`` once the server has done that COMMIT: ("acknowledged" or "unknown", how many
-    times the unit ran, the resolver's outcomes)."""
+def struck_once_the_commit_is_done(  # noqa: PLR0917 - the fixtures, the unit, the strike
+    server, kernel_blackhole, driver, statements, action, pool=None
+):
+    """Run a unit of ``statements`` (``resolving_policy``, with ``pool`` if given) whose first
+    COMMIT reply is lost, and ``action`` once the server has done that COMMIT: ("acknowledged"
+    or "unknown", how many times the unit ran, the resolver's outcomes)."""
     recorder = Recorder()
-    unit = Unit(driver, server.url(driver), statements, policy=resolving_policy(recorder))
+    policy = resolving_policy(recorder)
+    if pool is not None:
+        policy = dataclasses.replace(policy, pool=pool)
+    unit = Unit(driver, server.url(driver), statements, policy=policy)
     holes = contextlib.ExitStack()
     strikes = []
     strike_once_committed = lose_the_reply_then(holes, kernel_blackhole, server, action, strikes)
@@ -396,7 +402,7 @@ def struck_once_the_commit_is_done(server, kernel_blackhole, driver, statements,
     return outcome, unit.calls, recorder.outcomes()
 
 
-def crash_once_the_commit_is_done(server, kernel_blackhole, driver, statements):
+def crash_once_the_commit_is_done(server, kernel_blackhole, driver, statements, pool=None):
     """``struck_once_the_commit_is_done`` with a crash restart (a backend SIGKILLed: every
     backend reset) as the strike."""
     bystander = psycopg2.connect(libpq_url(server))
@@ -408,6 +414,7 @@ def crash_once_the_commit_is_done(server, kernel_blackhole, driver, statements):
             driver,
             statements,
             lambda: os.kill(bystander_pid, signal.SIGKILL),
+            pool,
         )
     finally:
         with contextlib.suppress(psycopg2.Error):

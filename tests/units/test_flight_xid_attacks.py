@@ -205,7 +205,9 @@ def test_a_literal_setting_name_after_the_read_lets_a_crashed_commit_run_again(d
     again, as with the mark; noted, it would end as CommitOutcomeUnknown."""
     recorder = Recorder()
     policy = dropsafe.Policy(
-        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
+        pool=dropsafe.PoolPolicy(read_xid_in_flight=True),
+        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60),
+        hooks=(recorder,),
     )
     steps = [
         "SET LOCAL test.commit_sleep = '3'",
@@ -327,7 +329,9 @@ def test_a_first_write_in_a_savepoint_rolled_back_is_resolved_by_the_top_transac
     server.execute(SLOW_COMMIT_SCHEMA)
     recorder = Recorder()
     policy = dropsafe.Policy(
-        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60), hooks=(recorder,)
+        pool=dropsafe.PoolPolicy(read_xid_in_flight=True),
+        unit=dropsafe.UnitPolicy(commit_status_timeout=30, deadline=60),
+        hooks=(recorder,),
     )
 
     def in_a_rolled_back_savepoint(session):
@@ -547,7 +551,9 @@ def _terminate_own_backend_once(server):
 
 def _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder, **pool):
     """Run a unit of ``steps`` whose first COMMIT reply is lost (the server did it): its
-    outcome, its runs, the resolver's outcomes. ``pool``: PoolPolicy fields."""
+    outcome, its runs, the resolver's outcomes. ``pool``: PoolPolicy fields (the read in
+    flight on unless said: it is off by default)."""
+    pool.setdefault("read_xid_in_flight", True)
     policy = dataclasses.replace(resolving_policy(recorder), pool=dropsafe.PoolPolicy(**pool))
     unit = StepUnit(driver, server.url(driver), steps, policy=policy)
     holes = contextlib.ExitStack()
@@ -794,7 +800,9 @@ def test_an_orm_flush_at_commit_as_the_only_write_is_resolved_by_its_xid(
     server.execute("CREATE TABLE orm_ledger (id serial PRIMARY KEY, v int NOT NULL)")
     recorder = Recorder()
     steps = [lambda session: session.add(_Row(v=1))]
-    resolved = _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder)
+    resolved = _lost_reply_unit(
+        server, kernel_blackhole, driver, steps, recorder, read_xid_in_flight=True
+    )
     count = server.execute("SELECT count(*) FROM orm_ledger WHERE v = 1")[0][0]
     assert (resolved, int(count), len(marks)) == (("acknowledged", 1, ["committed"]), 1, 0)
 
