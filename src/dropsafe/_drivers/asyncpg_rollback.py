@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import os
 from typing import TYPE_CHECKING, Any, Literal
-
-from sqlalchemy.util.concurrency import in_greenlet
 
 from dropsafe._drivers.base import await_
 
@@ -44,7 +43,23 @@ if TYPE_CHECKING:
 
     from dropsafe._dbapi import DBAPIConnection, NativeConnection
 
+
 __all__ = ["PendingRollback", "close_settled", "send_rollback", "settle"]
+
+
+def in_greenlet() -> bool:
+    """Whether this runs in SQLAlchemy's asyncio greenlet (its ``await_only`` may be used).
+
+    SQLAlchemy's own ``in_greenlet`` arrived after 2.0.0 (the oldest version supported): its
+    greenlet says so by an attribute, or, before that, by its class.
+    """
+    # SQLAlchemy's asyncio extra (only async engines get here), untyped.
+    current = importlib.import_module("greenlet").getcurrent()
+    return bool(
+        getattr(current, "__sqlalchemy_greenlet_provider__", False)
+        or type(current).__name__ == "_AsyncIoGreenlet"
+    )
+
 
 During = Literal["rollback", "reset"]
 
