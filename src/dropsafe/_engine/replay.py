@@ -10,6 +10,7 @@ replayed, once". The session-state proof: `dropsafe._engine.session_state`.
 from __future__ import annotations
 
 import functools
+import re
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -57,6 +58,8 @@ __all__ = ["OPT_OUT", "FirstStatementReplay"]
 logger = SafeLogger()
 
 _INSERTMANYVALUES = ExecuteStyle.INSERTMANYVALUES
+# A statement that may notify (NOTIFY, pg_notify): `Transcript.notifies`.
+_NOTIFIES = re.compile("notify", re.IGNORECASE).search
 
 
 # Set in a pool checkout's own ``__dict__`` (`EngineState.first_statement_pending` says why
@@ -580,6 +583,8 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
     ) -> None:
         """Record a statement just sent; the app reads its result through the recording."""
+        if _NOTIFIES(statement) is not None:
+            transcript.notifies = True  # its lost COMMIT may have waited for no WAL
         reason = statement_refusal(context, statement)
         if reason is not None:
             transcript.refuse(reason)

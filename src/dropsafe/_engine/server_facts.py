@@ -68,9 +68,17 @@ _SESSION_START = (
 # Whether the session may run a DO block (plpgsql, and USAGE on it): psycopg2 reads a
 # transaction's xid in a statement's flight with one (`dropsafe._engine.xid_in_flight`), and a
 # DO block refused would fail the app's transaction. Asked with the session's start, kept apart.
+# A DO block runs as the current role, which the app may change after this question: SET
+# [LOCAL] ROLE in a transaction, set_config('role', ...), SET SESSION AUTHORIZATION, or its own
+# connect listener (run after dropsafe's). So the leave is asked of every role the session's
+# user may become: each role it is a member of (a superuser: every role). One without USAGE
+# (``REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC``, then a tenant role) and no DO block is
+# sent on the connection: the mark reads the xid instead. (With PUBLIC's USAGE, the default,
+# every role has it.)
 _DO_BLOCKS = (
-    "EXISTS (SELECT FROM pg_language WHERE lanname = 'plpgsql' "
-    "AND has_language_privilege(oid, 'USAGE'))"
+    "EXISTS (SELECT FROM pg_language l WHERE l.lanname = 'plpgsql' "
+    "AND NOT EXISTS (SELECT FROM pg_roles r WHERE pg_has_role(session_user, r.oid, 'MEMBER') "
+    "AND NOT has_language_privilege(r.oid, l.oid, 'USAGE')))"
 )
 _SESSION_START_AND_DO = f"{_SESSION_START}, {_DO_BLOCKS}"
 _SESSION_START_DO_AND_LIFE = f"{_SESSION_START_AND_DO}, {SERVER_LIFE_SQL}"

@@ -9,6 +9,7 @@ after the COMMIT is reported as: docs/guarantees.md, "Shapes a unit of work may 
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, cast
 
 from dropsafe._classify import ErrorKind, classify
@@ -27,6 +28,11 @@ __all__ = [
 ]
 
 _AUTOCOMMIT = "AUTOCOMMIT"
+
+# A statement that may notify: NOTIFY, pg_notify(), a DO block or a WITH that does either. A
+# function of the database's own that notifies is asked about by the resolution itself
+# (`dropsafe._commit_truth.server_sql`, the server's code). One C search per statement.
+_NOTIFIES = re.compile("notify", re.IGNORECASE).search
 
 TWO_PHASE_REFUSED = (
     "a unit of work cannot be two-phase (twophase=True, begin_twophase()): a prepared "
@@ -89,10 +95,17 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
     context: object,
     executemany: bool,
 ) -> None:
-    """Engine ``before_cursor_execute`` listener: refuse a statement that would commit alone."""
-    del cursor, statement, parameters, context, executemany
-    if current_attempt() is None:
+    """Engine ``before_cursor_execute`` listener: refuse a statement that would commit alone.
+
+    It also notes a statement that may notify (`AttemptTracker.notifies`): the one listener
+    every statement of a unit already pays for.
+    """
+    del cursor, parameters, context, executemany
+    attempt = current_attempt()
+    if attempt is None:
         return
+    if _NOTIFIES(statement) is not None:
+        attempt.notifies = True
     # The driver's own flag: SQLAlchemy sets it for isolation_level="AUTOCOMMIT" (on the
     # engine or in execution options), and an app may set it on the DBAPI connection itself.
     if _under_autocommit(conn.connection.dbapi_connection):
