@@ -786,3 +786,18 @@ def test_an_executemany_then_a_single_write_is_resolved_by_the_single_writes_rea
         ["committed"],
         [1, 1, 1],
     )
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+def test_an_unlogged_write_that_notifies_nothing_runs_again_after_a_crash(
+    kernel_blackhole, driver, reads
+):
+    """The same unit without its NOTIFY: the crash lost its commit (no WAL, no flush), and
+    nobody heard of it, so 'aborted' stands and the unit runs again, once more, as before the
+    rule for units that may notify (which must not take every unit for one)."""
+    steps = ["INSERT INTO scratch VALUES (1)"]
+    with PostgresServer(settings=CRASH_SETTINGS) as server:
+        server.execute(SLOW_COMMIT_SCHEMA + "CREATE UNLOGGED TABLE scratch (v int);")
+        crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
+    assert crashed == ("acknowledged", 2, ["aborted"])

@@ -10,13 +10,13 @@ replayed, once". The session-state proof: `dropsafe._engine.session_state`.
 from __future__ import annotations
 
 import functools
-import re
 import weakref
 from typing import TYPE_CHECKING, Any, Literal
 
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from dropsafe._commit_truth.flight_xid import UNIT_READS_XID, FlightXid
+from dropsafe._commit_truth.pending_commit import may_notify
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections
 from dropsafe._engine.pinned_insert import pinned_insert
@@ -58,8 +58,6 @@ __all__ = ["OPT_OUT", "FirstStatementReplay"]
 logger = SafeLogger()
 
 _INSERTMANYVALUES = ExecuteStyle.INSERTMANYVALUES
-# A statement that may notify (NOTIFY, pg_notify): `Transcript.notifies`.
-_NOTIFIES = re.compile("notify", re.IGNORECASE).search
 
 
 # Set in a pool checkout's own ``__dict__`` (`EngineState.first_statement_pending` says why
@@ -583,7 +581,7 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
     ) -> None:
         """Record a statement just sent; the app reads its result through the recording."""
-        if _NOTIFIES(statement) is not None:
+        if may_notify(statement):
             transcript.notifies = True  # its lost COMMIT may have waited for no WAL
         reason = statement_refusal(context, statement)
         if reason is not None:

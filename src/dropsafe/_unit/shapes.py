@@ -9,10 +9,10 @@ after the COMMIT is reported as: docs/guarantees.md, "Shapes a unit of work may 
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any, cast
 
 from dropsafe._classify import ErrorKind, classify
+from dropsafe._commit_truth.pending_commit import may_notify
 from dropsafe._errors import ConfigurationError
 from dropsafe._unit.tracker import current_attempt
 
@@ -28,11 +28,6 @@ __all__ = [
 ]
 
 _AUTOCOMMIT = "AUTOCOMMIT"
-
-# A statement that may notify: NOTIFY, pg_notify(), a DO block or a WITH that does either. A
-# function of the database's own that notifies is asked about by the resolution itself
-# (`dropsafe._commit_truth.server_sql`, the server's code). One C search per statement.
-_NOTIFIES = re.compile("notify", re.IGNORECASE).search
 
 TWO_PHASE_REFUSED = (
     "a unit of work cannot be two-phase (twophase=True, begin_twophase()): a prepared "
@@ -104,7 +99,7 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
     attempt = current_attempt()
     if attempt is None:
         return
-    if _NOTIFIES(statement) is not None:
+    if may_notify(statement):
         attempt.notifies = True
     # The driver's own flag: SQLAlchemy sets it for isolation_level="AUTOCOMMIT" (on the
     # engine or in execution options), and an app may set it on the DBAPI connection itself.
