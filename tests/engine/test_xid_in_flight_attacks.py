@@ -952,3 +952,33 @@ def test_a_role_without_plpgsql_set_by_the_app_writes_as_before(crashable_plain,
     finally:
         engine.dispose()
     assert _count(crashable_plain, where="v = 1") == 1
+
+
+def test_a_role_without_plpgsql_made_after_connect_fails_one_transaction_at_most(crashable_plain):
+    """The leave was learned at connect, when every role had USAGE on plpgsql; then a role
+    without it is made and reached by ``SET LOCAL ROLE``. The DO block in front of the INSERT is
+    refused (42501): that transaction fails, once; the connection's leave is taken back, and
+    its next transaction writes as before (no read in flight: the COMMIT is plain). Before
+    the fix every transaction on that connection failed with 42501."""
+    events: list[object] = []
+    engine = _engine(crashable_plain, "psycopg2", events)
+    failures = []
+    try:
+        with engine.connect() as conn:  # the pool's one connection, learned now
+            conn.execute(sa.text("INSERT INTO attack VALUES (1)"))
+            conn.commit()
+        crashable_plain.execute(TENANT)
+        for value in (2, 3, 4):
+            with engine.connect() as conn:
+                conn.execute(sa.text("SET LOCAL ROLE tenant"))
+                try:
+                    conn.execute(sa.text(f"INSERT INTO attack VALUES ({value})"))
+                except sa.exc.ProgrammingError as error:
+                    failures.append(error.orig.pgcode)
+                    conn.rollback()
+                    continue
+                conn.commit()
+    finally:
+        engine.dispose()
+    assert failures == ["42501"]
+    assert [_count(crashable_plain, where=f"v = {v}") for v in (1, 2, 3, 4)] == [1, 0, 1, 1]

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SAFE_EXTENSIONS",
+    "forget_do_blocks",
     "learn_session",
     "learned_session",
     "may_run_do_blocks",
@@ -219,6 +220,12 @@ def _keep_start(entry: ConnectionPoolEntry, answer: tuple[Any, ...] | None) -> N
             _LEARNED[entry.driver_connection] = tuple(map(str, start))
         except TypeError:  # not weakly referable: unknown, so never replayed
             return
+
+
+def forget_do_blocks(native: DBAPIConnection) -> None:
+    """Take back the connection's leave to run DO blocks: one was refused (42501)."""
+    with contextlib.suppress(TypeError):
+        _DO_BLOCKS_ALLOWED.pop(native, None)
 
 
 def may_run_do_blocks(native: DBAPIConnection) -> bool:
