@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave out shapes marked expected_violation (known, not yet fixed)",
     )
+    parser.add_argument(
+        "--at-commit",
+        action="store_true",
+        help="only the steps whose flight carries a COMMIT (a targeted run)",
+    )
     parser.add_argument("--budget", type=float, default=None, help="stop after this many s")
     parser.add_argument("--no-docs", action="store_true", help="never rewrite the docs table")
     parser.add_argument("--json", type=Path, default=None, help="where to write the JSON")
@@ -140,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
                 reads=_READ_CHOICES[args.read_xid_in_flight],
             )
             print(f"seed {seed}: {len(cells)} cells (shape x driver x fault)", flush=True)
-            histories = explorer.histories(cells, sample=args.sample, seed=seed)
+            histories = explorer.histories(
+                cells, sample=args.sample, seed=seed, at_commit=args.at_commit
+            )
         for history in histories:
             if args.budget is not None and time.monotonic() - started > args.budget:
                 print(f"budget of {args.budget:.0f} s spent: stopping", flush=True)
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     for record in violations:
         print(f"  {replay_command(record.history.id)}  # {record.violation}")
     whole = not (args.sample or args.shape or args.fault or args.driver or args.replay)
-    whole = whole and args.read_xid_in_flight == "both"
+    whole = whole and args.read_xid_in_flight == "both" and not args.at_commit
     if args.json is not None:  # a part, for --merge: every history
         write_json(args.json, records, command=command, seed=seed, seconds=seconds, full=True)
     if whole and not args.no_docs and args.budget is None:

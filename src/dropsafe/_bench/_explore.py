@@ -929,22 +929,38 @@ class Explorer:
         return out
 
     def histories(
-        self, cells: list[tuple[str, str, str, str]], *, sample: int | None, seed: int
+        self,
+        cells: list[tuple[str, str, str, str]],
+        *,
+        sample: int | None,
+        seed: int,
+        at_commit: bool = False,
     ) -> Iterator[History]:
-        """Every history of ``cells`` (steps from healthy runs), or a random ``sample``."""
+        """Every history of ``cells`` (steps from healthy runs), or a random ``sample``.
+
+        ``at_commit``: only the steps whose flight carries a COMMIT (the ones a lost reply
+        makes a question for the resolver).
+        """
         rng = random.Random(seed)
+
+        def steps(shape: str, driver: str, read: str) -> list[int]:
+            labels = self.steps(shape, driver, read)
+            return [
+                k for k, label in enumerate(labels, 1) if not at_commit or "COMMIT" in label.upper()
+            ]
+
         if sample is None:
             for shape, driver, fault, read in cells:
                 if fault == "none":
                     yield History(shape, driver, fault, 0, read)
                     continue
-                for step in range(1, len(self.steps(shape, driver, read)) + 1):
+                for step in steps(shape, driver, read):
                     yield History(shape, driver, fault, step, read)
             return
         for _ in range(sample):
             shape, driver, fault, read = rng.choice(cells)
-            steps = 0 if fault == "none" else len(self.steps(shape, driver, read))
-            yield History(shape, driver, fault, rng.randint(1, steps) if steps else 0, read)
+            some = [] if fault == "none" else steps(shape, driver, read)
+            yield History(shape, driver, fault, rng.choice(some) if some else 0, read)
 
 
 def _shapes_wanted(names: list[str] | None, *, include_expected: bool) -> list[Shape]:
