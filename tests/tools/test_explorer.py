@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 import dropsafe
 from dropsafe._bench import _shapes
-from dropsafe._bench._explore import Explorer, History
+from dropsafe._bench._explore import Explorer, History, parse_history
 from dropsafe._bench._explore_report import replay_command
 from dropsafe._bench._pooler import pgbouncer_missing
 from dropsafe._bench._shapes import CATALOG, Effects, Shape
@@ -90,3 +90,18 @@ def test_a_planted_duplicate_is_reported_on_a_real_server(explorer, monkeypatch,
     assert record.outcome.kind == "ok"
     assert record.violation is not None
     assert "2x (want 1)" in record.violation
+
+
+def test_a_flight_history_reads_the_xid_in_its_first_writes_flight(explorer) -> None:
+    """The policy axis reaches the engine: with ``:flight`` psycopg2's unit sends its first
+    write inside a DO block that reads the xid, and no mark; the four-field id marks."""
+    mark = explorer.steps("session_insert", "psycopg2")
+    flight = explorer.steps("session_insert", "psycopg2", "flight")
+    assert any("pg_current_xact_id_if_assigned" in label for label in mark)
+    assert any(label.startswith("Q DO") for label in flight)
+    assert not any("pg_current_xact_id_if_assigned" in label for label in flight)
+    commit = next(k for k, label in enumerate(flight, 1) if "COMMIT" in label.upper())
+    history = parse_history(f"session_insert:psycopg2:reply_lost:{commit}:flight")
+    record = explorer.run(history)
+    assert record.fired
+    assert (record.outcome.kind, record.violation) == ("ok", None), record.outcome.detail

@@ -26,6 +26,7 @@ import os
 import random
 import select
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -70,7 +71,11 @@ __all__ = [
     "parse_history",
 ]
 
-DATABASES = {"a": "explore_a", "b": "explore_b"}
+DATABASES = {"a": "explore_a", "b": "explore_b", "q": "explore_quiet"}
+#: The databases with no code of their own that notifies (`_NOTIFYING_SQL` is left out): after
+#: a crash the resolver asks whether the database's code may notify, and where it may, a lost
+#: COMMIT ends unknown; issue 28's crash histories need a database where it may not.
+QUIET = ("q",)
 _DRY = Context({}, dropsafe.Policy(), "")
 _SCHEMAS = (APP_ROLE, TENANT, "public")
 _WAIT_S = 15.0
@@ -331,22 +336,12 @@ ALTER TABLE {schema}.effects OWNER TO {APP_ROLE};
     + f"""
 GRANT INSERT, SELECT ON {APP_ROLE}.effects TO {OTHER_ROLE};
 GRANT USAGE ON SEQUENCE {APP_ROLE}.effects_id_seq TO {OTHER_ROLE};
-CREATE SEQUENCE {APP_ROLE}.explore_seq;
-ALTER SEQUENCE {APP_ROLE}.explore_seq OWNER TO {APP_ROLE};
-CREATE FUNCTION {APP_ROLE}.announce(payload text) RETURNS void LANGUAGE sql
-  AS $$ SELECT pg_notify('explore', payload) $$;
-CREATE TABLE {APP_ROLE}.announcer (x int);
-ALTER TABLE {APP_ROLE}.announcer OWNER TO {APP_ROLE};
-CREATE FUNCTION {APP_ROLE}.announce_trigger() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
-  PERFORM pg_notify('explore', current_setting('explore.nonce', true) || ':t');
-  RETURN NULL;
-END $$;
-CREATE TRIGGER announce AFTER UPDATE ON {APP_ROLE}.announcer
-  FOR EACH STATEMENT EXECUTE FUNCTION {APP_ROLE}.announce_trigger();
 """
+)
+_FLIGHT_SQL = (
     # Issue 28's histories (tests/units/test_flight_xid_attacks.py). A role without plpgsql:
     # revoked from PUBLIC (a common hardening), kept by the app's own roles.
-    + f"""
+    f"""
 REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
 GRANT USAGE ON LANGUAGE plpgsql TO {APP_ROLE}, {OTHER_ROLE};
 GRANT USAGE ON SCHEMA {APP_ROLE} TO {BARE_ROLE};
@@ -355,7 +350,7 @@ GRANT USAGE ON SEQUENCE {APP_ROLE}.effects_id_seq TO {BARE_ROLE};
 """
     # A view whose INSTEAD OF trigger puts a value only when it is not there (4 is): the
     # INSERT counts its row and writes nothing (no xid, no WAL).
-    + f"""
+    f"""
 CREATE TABLE {APP_ROLE}.once_values (v int);
 INSERT INTO {APP_ROLE}.once_values VALUES (4);
 CREATE VIEW {APP_ROLE}.once_put AS SELECT v FROM {APP_ROLE}.once_values;
@@ -370,8 +365,30 @@ CREATE TRIGGER once_put INSTEAD OF INSERT ON {APP_ROLE}.once_put
 ALTER TABLE {APP_ROLE}.once_values OWNER TO {APP_ROLE};
 ALTER VIEW {APP_ROLE}.once_put OWNER TO {APP_ROLE};
 """
+    # An UNLOGGED table (its rows are no effect the checker counts: a crash empties it).
+    f"""
+CREATE UNLOGGED TABLE {APP_ROLE}.scratch (v int);
+ALTER TABLE {APP_ROLE}.scratch OWNER TO {APP_ROLE};
+"""
+)
+
+_NOTIFYING_SQL = (
+    f"""
+CREATE SEQUENCE {APP_ROLE}.explore_seq;
+ALTER SEQUENCE {APP_ROLE}.explore_seq OWNER TO {APP_ROLE};
+CREATE FUNCTION {APP_ROLE}.announce(payload text) RETURNS void LANGUAGE sql
+  AS $$ SELECT pg_notify('explore', payload) $$;
+CREATE TABLE {APP_ROLE}.announcer (x int);
+ALTER TABLE {APP_ROLE}.announcer OWNER TO {APP_ROLE};
+CREATE FUNCTION {APP_ROLE}.announce_trigger() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  PERFORM pg_notify('explore', current_setting('explore.nonce', true) || ':t');
+  RETURN NULL;
+END $$;
+CREATE TRIGGER announce AFTER UPDATE ON {APP_ROLE}.announcer
+  FOR EACH STATEMENT EXECUTE FUNCTION {APP_ROLE}.announce_trigger();
+"""
     # A view whose INSTEAD OF trigger only notifies: the INSERT counts its row, writes nothing.
-    + f"""
+    f"""
 CREATE VIEW {APP_ROLE}.notify_put AS SELECT NULL::text AS payload WHERE false;
 CREATE FUNCTION {APP_ROLE}.notify_put_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
   PERFORM pg_notify('explore', NEW.payload);
@@ -381,11 +398,8 @@ CREATE TRIGGER notify_put INSTEAD OF INSERT ON {APP_ROLE}.notify_put
   FOR EACH ROW EXECUTE FUNCTION {APP_ROLE}.notify_put_row();
 ALTER VIEW {APP_ROLE}.notify_put OWNER TO {APP_ROLE};
 """
-    # An UNLOGGED table (its rows are no effect the checker counts: a crash empties it), and a
-    # SECURITY DEFINER function that writes an effect as its owner, OTHER_ROLE.
-    + f"""
-CREATE UNLOGGED TABLE {APP_ROLE}.scratch (v int);
-ALTER TABLE {APP_ROLE}.scratch OWNER TO {APP_ROLE};
+    # A SECURITY DEFINER function that writes an effect as its owner, OTHER_ROLE.
+    f"""
 CREATE FUNCTION {APP_ROLE}.put_effect(tag text) RETURNS void LANGUAGE sql SECURITY DEFINER
   SET search_path = pg_catalog, pg_temp
   AS $$ INSERT INTO {APP_ROLE}.effects (tag) VALUES (tag) $$;
@@ -395,11 +409,20 @@ ALTER FUNCTION {APP_ROLE}.put_effect(text) OWNER TO {OTHER_ROLE};
 
 
 class _Listener:
-    """A LISTENer on a direct connection (not through the proxy): hears every NOTIFY once."""
+    """A LISTENer on a direct connection (not through the proxy): hears every NOTIFY once.
+
+    While a history runs a thread reads each notification as it arrives: a crash restart's
+    end of the link read in the same read as a notification would drop it unparsed (psycopg2
+    parses nothing of a read that failed), and a NOTIFY heard before a crash that lost its
+    COMMIT, then sent again by the unit's next run, would be counted once, not twice.
+    """
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.connection: Any = None
+        self._heard: Counter[str] = Counter()
+        self._watcher: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
 
     def _ensure(self) -> psycopg2.extensions.connection:
         import psycopg2
@@ -422,9 +445,68 @@ class _Listener:
 
     def start(self) -> None:
         """Listen (again, after a crash) and drop anything heard before this history."""
+        self._unwatch()
         connection = self._ensure()
         connection.poll()
         connection.notifies.clear()
+        self._heard.clear()
+        self._wake_r.settimeout(0)
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(64):  # a wake-up left by a watcher that had ended
+                pass
+        self._wake_r.settimeout(None)
+        self._watcher = threading.Thread(target=self._watch, args=(connection,), daemon=True)
+        self._watcher.start()
+
+    def _watch(self, connection: psycopg2.extensions.connection | None) -> None:
+        import psycopg2
+
+        while connection is not None:
+            ready, _, _ = select.select([connection, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                connection.poll()
+            except psycopg2.Error:
+                # The link is gone (a crash restart): listen again at once, so that a unit run
+                # again after it is heard too (its NOTIFY twice is a violation to see).
+                with contextlib.suppress(psycopg2.Error):
+                    connection.close()
+                connection = self._listen_again()
+                continue
+            while connection.notifies:
+                self._heard[connection.notifies.pop(0).payload] += 1
+
+    def _listen_again(self) -> psycopg2.extensions.connection | None:
+        """Connect and LISTEN as soon as the server takes connections; None: woken first."""
+        import psycopg2
+
+        deadline = time.monotonic() + 4 * _WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                connection = psycopg2.connect(self.dsn, connect_timeout=2)
+                connection.autocommit = True
+                with connection.cursor() as cursor:
+                    cursor.execute("LISTEN explore")
+            except psycopg2.Error:
+                # Not up yet: wait a little, or for collect() to wake this thread.
+                if select.select([self._wake_r], [], [], 0.02)[0]:
+                    return None
+                continue
+            self.connection = connection
+            return connection
+        return None
+
+    def _unwatch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is None:
+            return
+        if watcher.is_alive():
+            self._wake_w.send(b"x")
+        watcher.join(_WAIT_S)
+        if watcher.is_alive():
+            msg = "the LISTENer's thread did not stop"
+            raise TimeoutError(msg)
 
     def collect(self, sentinel: str) -> Counter[str]:
         """Every payload heard up to ``sentinel``, sent now from this connection itself.
@@ -434,7 +516,9 @@ class _Listener:
         """
         import psycopg2
 
-        heard: Counter[str] = Counter()
+        self._unwatch()
+        heard: Counter[str] = Counter(self._heard)
+        self._heard.clear()
         old = self.connection
         with contextlib.suppress(psycopg2.Error):
             old.poll()
@@ -458,6 +542,9 @@ class _Listener:
         raise TimeoutError(msg)
 
     def close(self) -> None:
+        self._unwatch()
+        self._wake_r.close()
+        self._wake_w.close()
         if self.connection is not None:
             with contextlib.suppress(Exception):
                 self.connection.close()
@@ -479,12 +566,12 @@ class Record:
 @dataclass
 @final
 class Explorer:
-    """Owns one server, one proxy and one LISTENer, and runs histories on them."""
+    """Owns one server, one proxy and its LISTENers, and runs histories on them."""
 
     log: Callable[[str], None] = print
     server: PostgresServer = field(init=False)
     proxy: FlightProxy = field(init=False)
-    listener: _Listener = field(init=False)
+    listeners: list[_Listener] = field(init=False)
     flights: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
     _stopped: list[tuple[int, int]] = field(default_factory=list)
     _stops: Iterator[int] = field(default_factory=itertools.count)
@@ -505,18 +592,23 @@ class Explorer:
         self.server.execute(f"GRANT {OTHER_ROLE} TO {APP_ROLE}")
         self.server.execute(f"CREATE ROLE {BARE_ROLE} NOLOGIN")
         self.server.execute(f"GRANT {BARE_ROLE} TO {APP_ROLE}")
-        for db in DATABASES.values():
+        for key, db in DATABASES.items():
             self.server.execute(f"CREATE DATABASE {db} OWNER {APP_ROLE}")
-            self.server.execute(_SCHEMA_SQL, database=db)
+            notifying = "" if key in QUIET else _NOTIFYING_SQL
+            self.server.execute(_SCHEMA_SQL + _FLIGHT_SQL + notifying, database=db)
             # Hint bits set, then kept on disk: a unit's read of the view's table writes no WAL.
             self.server.execute(f"SELECT count(*) FROM {APP_ROLE}.once_values", database=db)
         self.server.execute("CHECKPOINT")
         self.proxy = FlightProxy(self.server.port)
         self.proxy.start()
-        self.listener = _Listener(
-            f"host=127.0.0.1 port={self.server.port} dbname={DATABASES['a']} "
-            f"user=postgres password={self.server.password}"
-        )
+        # A NOTIFY is heard in its own database only: a LISTENer in the app's and the quiet ones.
+        self.listeners = [
+            _Listener(
+                f"host=127.0.0.1 port={self.server.port} dbname={DATABASES[key]} "
+                f"user=postgres password={self.server.password}"
+            )
+            for key in ("a", *QUIET)
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -524,7 +616,8 @@ class Explorer:
         self._resume_stopped()
         for connection in self._admin.values():
             connection.close()
-        self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         for pooler in self.poolers.values():
             pooler.close()
         self.proxy.close()
@@ -664,7 +757,9 @@ class Explorer:
         self._wait_app_gone()
         if strike is not None and strike.error is not None:
             outcome = Outcome(outcome.kind, f"{outcome.detail}; fault failed: {strike.error!r}")
-        notes = self.listener.collect(f"sentinel:{nonce}")
+        notes = sum(
+            (listener.collect(f"sentinel:{nonce}") for listener in self.listeners), Counter()
+        )
         notes = Counter({k: v for k, v in notes.items() if k.startswith(nonce)})
         rows, roles = self._rows()
         orphans = self._roll_back_prepared()
@@ -744,7 +839,8 @@ class Explorer:
         wipe = "; ".join(f"DELETE FROM {schema}.effects" for schema in _SCHEMAS)
         for db in DATABASES.values():
             self._sql(wipe, database=db)
-        self.listener.start()
+        for listener in self.listeners:
+            listener.start()
 
     def _rows(self) -> tuple[Counter[tuple[str, str, str]], set[str]]:
         rows: Counter[tuple[str, str, str]] = Counter()
