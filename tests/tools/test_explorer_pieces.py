@@ -313,6 +313,8 @@ def test_the_issue_28_shapes_are_in_the_catalog_and_the_broken_ones_known() -> N
         "unlogged_notify",
         "set_local_role_bare",
         "role_at_connect_bare",
+        "replayed_role_bare",
+        "replayed_once_view_notify",
     }
     assert all("issue 28" in CATALOG[name].expected_violation for name in known)
     assert CATALOG["session_insert_via_pgbouncer_session_undeclared"].route == (

@@ -699,6 +699,37 @@ def _other_effects(ctx: Context) -> Effects:
     return Effects(_rows("a"), roles=frozenset({OTHER_ROLE}))
 
 
+def _replayed_request(
+    statements: Callable[[Context], list[str]], db: str = "a"
+) -> tuple[Callable[[Context], object], Callable[[Context], Coroutine[object, object, object]]]:
+    """Return both faces of a request outside any unit, ``statements`` in one transaction.
+
+    The transaction replay is on: its xid is read in flight (the plain transaction's read).
+    """
+
+    def sync(ctx: Context) -> object:
+        engine = ctx.warm(
+            dropsafe.create_engine(ctx.urls[db], policy=_replaying(ctx), **ctx.engine_kw)
+        )
+        with Session(engine) as session:
+            for sql in statements(ctx):
+                session.execute(sa.text(sql))
+            session.commit()
+        return None
+
+    async def run_async(ctx: Context) -> object:
+        engine = await ctx.awarm(
+            dropsafe.create_async_engine(ctx.urls[db], policy=_replaying(ctx), **ctx.engine_kw)
+        )
+        async with AsyncSession(engine) as session:
+            for sql in statements(ctx):
+                await session.execute(sa.text(sql))
+            await session.commit()
+        return None
+
+    return sync, run_async
+
+
 _H1 = (
     "issue 28 history 1: a raw DBAPI commit() inside the unit, then a raw write; read in "
     "flight: acknowledged, the raw write missing; the mark: the unit runs again, its first row "
@@ -715,6 +746,14 @@ _H4 = (
 _H5 = (
     "issue 28 history 5: psycopg2, a role without USAGE on plpgsql; read in flight: its DO "
     "block fails the unit's first write (42501)"
+)
+_H4_PLAIN = (
+    "issue 28 history 4, the plain transaction's read (transaction replay on): psycopg2, "
+    "asyncpg; a first write with no WAL, a NOTIFY, a crash: the request replayed, heard twice"
+)
+_H5_PLAIN = (
+    "issue 28 history 5, the plain transaction's read (transaction replay on): psycopg2, a "
+    "role without USAGE on plpgsql; its DO block fails the request's first write (42501)"
 )
 _H6 = (
     "issue 28 history 6 (the mark too): an UNLOGGED-table-only write, a NOTIFY, a crash: the "
@@ -789,6 +828,26 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
         _role_at_connect_sync,
         _role_at_connect_async,
         expected_violation=_H5,
+    ),
+    Shape(
+        "replayed_role_bare",
+        "no unit, transaction replay on: SET LOCAL ROLE to a role without plpgsql, INSERT",
+        _bare_effects,
+        *_replayed_request(
+            lambda _: [f"SET LOCAL ROLE {BARE_ROLE}", _insert("a", schema=APP_ROLE)]
+        ),
+        zero_code=True,
+        expected_violation=_H5_PLAIN,
+    ),
+    Shape(
+        "replayed_once_view_notify",
+        "no unit, transaction replay on: INSERT into the view that writes nothing, NOTIFY",
+        _notes("n"),
+        *_replayed_request(
+            lambda c: ["INSERT INTO once_put VALUES (4)", f"NOTIFY explore, '{c.note('n')}'"],
+            db="q",
+        ),
+        zero_code=True,
     ),
     _statements(
         "security_definer_write",
