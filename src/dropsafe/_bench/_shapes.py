@@ -848,6 +848,7 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
             db="q",
         ),
         zero_code=True,
+        expected_violation=_H4_PLAIN,
     ),
     _statements(
         "security_definer_write",
