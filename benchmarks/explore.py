@@ -103,6 +103,7 @@ def _list() -> int:
         note = f"  [expected violation: {fault.expected_violation}]"
         print(f"fault  {fault.name}: {fault.what}{note if fault.expected_violation else ''}")
     print(f"driver {', '.join(DRIVERS)}")
+    print(f"read   {', '.join(READS)} (--read-xid-in-flight off, on, both; ':flight' ends an id)")
     return 0
 
 
