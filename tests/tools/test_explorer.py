@@ -7,6 +7,7 @@ in the catalog (known histories whose fixes are not merged yet) are left out of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -105,3 +106,53 @@ def test_a_flight_history_reads_the_xid_in_its_first_writes_flight(explorer) -> 
     record = explorer.run(history)
     assert record.fired
     assert (record.outcome.kind, record.violation) == ("ok", None), record.outcome.detail
+
+
+def _listening_again(explorer, before: object) -> bool:
+    """Whether the LISTENer listens on a connection made after ``before`` (the server's view)."""
+    listener = explorer.listeners[0]
+    connection = listener.connection
+    if connection is None or connection is before or connection.closed:
+        return False
+    pid = connection.get_backend_pid()
+    rows = explorer._sql(
+        f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND query = 'LISTEN explore'"
+    )
+    return rows[0][0] == "1"
+
+
+def test_a_notify_sent_again_after_a_crash_restart_is_heard_twice(explorer) -> None:
+    """The LISTENer listens again as soon as the server is back, not only at the check: a
+    unit run again after a crash restart (its first NOTIFY heard before it) is seen twice."""
+    import os
+    import signal
+
+    import psycopg2
+
+    from dropsafe._bench._explore import _WAIT_S
+
+    explorer._prepare()  # the LISTENers start, as for a history
+    dsn = explorer.listeners[0].dsn
+
+    def notify() -> None:
+        with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify('explore', 'twice')")
+        connection.close()
+
+    notify()
+    before = explorer.listeners[0].connection
+    bystander = psycopg2.connect(dsn)
+    os.kill(bystander.get_backend_pid(), signal.SIGKILL)  # a crash restart
+    with contextlib.suppress(psycopg2.Error):
+        bystander.close()
+    deadline = time.monotonic() + 4 * _WAIT_S
+    listening = False
+    while not listening and time.monotonic() < deadline:
+        # Polling the server's view until the LISTENer is back, within a deadline.
+        with contextlib.suppress(Exception):
+            listening = _listening_again(explorer, before)
+        time.sleep(0.05)
+    assert listening, "the LISTENer did not listen again after the crash restart"
+    notify()
+    heard = explorer.listeners[0].collect("sentinel:twice")
+    assert heard["twice"] == 2
