@@ -156,3 +156,29 @@ def test_a_notify_sent_again_after_a_crash_restart_is_heard_twice(explorer) -> N
     notify()
     heard = explorer.listeners[0].collect("sentinel:twice")
     assert heard["twice"] == 2
+
+
+def _fails_to_write(ctx: _shapes.Context) -> object:
+    engine = ctx.engine()
+
+    def unit(session: sa.orm.Session) -> None:
+        session.execute(sa.text("INSERT INTO no_such_table (tag) VALUES ('a')"))
+
+    return dropsafe.run_transaction(sa.orm.sessionmaker(engine), unit)
+
+
+def test_a_healthy_run_that_fails_is_reported(explorer, monkeypatch) -> None:
+    """No fault, an error, nothing written: a unit that should have worked did not (as issue
+    28's read did to a role without plpgsql). Outside the healthy run that is allowed."""
+    planted = Shape(
+        "planted_failure",
+        "a unit whose write fails",
+        lambda ctx: Effects(_shapes._rows("a")),
+        _fails_to_write,
+        drivers=("psycopg2",),
+    )
+    monkeypatch.setitem(CATALOG, planted.name, planted)
+    record = explorer._run(History(planted.name, "psycopg2", "none", 0), None)[0]
+    assert record.outcome.kind == "error"
+    assert record.violation is not None
+    assert record.violation.startswith("the healthy run failed")
