@@ -309,12 +309,6 @@ def test_the_issue_28_shapes_are_in_the_catalog_and_the_broken_ones_known() -> N
     assert known == {
         "raw_commit_then_raw_write",
         "raw_rollback_then_raw_write",
-        "once_view_notify",
-        "unlogged_notify",
-        "set_local_role_bare",
-        "role_at_connect_bare",
-        "replayed_role_bare",
-        "replayed_once_view_notify",
     }
     assert all("issue 28" in CATALOG[name].expected_violation for name in known)
     assert CATALOG["session_insert_via_pgbouncer_session_undeclared"].route == (

@@ -739,26 +739,6 @@ _H2 = (
     "issue 28 history 2: a raw DBAPI rollback() then a raw write, the COMMIT cut while it "
     "runs; read in flight: resolved by the rolled-back xid, the unit ran twice"
 )
-_H4 = (
-    "issue 28 history 4: a first write that counts a row and writes no WAL, a NOTIFY, a crash; "
-    "read in flight (psycopg2, asyncpg: read before the statement): the NOTIFY heard twice"
-)
-_H5 = (
-    "issue 28 history 5: psycopg2, a role without USAGE on plpgsql; read in flight: its DO "
-    "block fails the unit's first write (42501)"
-)
-_H4_PLAIN = (
-    "issue 28 history 4, the plain transaction's read (transaction replay on): psycopg2, "
-    "asyncpg; a first write with no WAL, a NOTIFY, a crash: the request replayed, heard twice"
-)
-_H5_PLAIN = (
-    "issue 28 history 5, the plain transaction's read (transaction replay on): psycopg2, a "
-    "role without USAGE on plpgsql; its DO block fails the request's first write (42501)"
-)
-_H6 = (
-    "issue 28 history 6 (the mark too): an UNLOGGED-table-only write, a NOTIFY, a crash: the "
-    "commit waited for no flush, the unit ran again, the NOTIFY heard twice"
-)
 
 FLIGHT_SHAPES: tuple[Shape, ...] = (
     _raw_shape(
@@ -791,7 +771,6 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
         "INSERT into a view whose INSTEAD OF trigger writes nothing (counted, no WAL), NOTIFY",
         lambda c: ["INSERT INTO once_put VALUES (4)", f"NOTIFY explore, '{c.note('n')}'"],
         _notes("n"),
-        expected_violation=_H4,
         db="q",  # no code that notifies: after a crash the resolver decides, not "unknown"
     ),
     _statements(
@@ -805,7 +784,6 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
         "INSERT into an UNLOGGED table (no WAL), NOTIFY",
         lambda c: ["INSERT INTO scratch VALUES (1)", f"NOTIFY explore, '{c.note('n')}'"],
         _notes("n"),
-        expected_violation=_H6,
         db="q",
     ),
     _statements(
@@ -813,7 +791,6 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
         "SET LOCAL ROLE to a role without USAGE on plpgsql, INSERT",
         lambda _: [f"SET LOCAL ROLE {BARE_ROLE}", _insert("a", schema=APP_ROLE)],
         _bare_effects,
-        expected_violation=_H5,
     ),
     _statements(
         "set_local_role_plpgsql",
@@ -827,7 +804,6 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
         _bare_effects,
         _role_at_connect_sync,
         _role_at_connect_async,
-        expected_violation=_H5,
     ),
     Shape(
         "replayed_role_bare",
@@ -837,7 +813,6 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
             lambda _: [f"SET LOCAL ROLE {BARE_ROLE}", _insert("a", schema=APP_ROLE)]
         ),
         zero_code=True,
-        expected_violation=_H5_PLAIN,
     ),
     Shape(
         "replayed_once_view_notify",
@@ -848,7 +823,6 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
             db="q",
         ),
         zero_code=True,
-        expected_violation=_H4_PLAIN,
     ),
     _statements(
         "security_definer_write",
