@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import dropsafe
 from dropsafe._bench._flights import FlightProxy, Strike
+from dropsafe._bench._turns import TurnCounter
 from dropsafe._drivers import asyncpg_begin
 from dropsafe._drivers.asyncpg import Asyncpg
 
@@ -588,3 +589,32 @@ def test_sqlalchemys_statement_cache_off(shared_server: Any, flights: Any) -> No
 
     labels = _run(main)
     assert labels[0] == "P BEGIN;", labels
+
+
+def test_over_tls_a_single_query_waits_for_a_round_trip_less(shared_server: Any) -> None:
+    """Over TLS (the server's default URL), counted by a relay: a round trip less per request."""
+
+    async def turns(*, first_flight: bool) -> int:
+        with TurnCounter(shared_server.host, shared_server.port) as relay:
+            url = sa.make_url(relay.route(shared_server.url("asyncpg")))
+            engine = _engine(url, first_flight=first_flight)
+            try:
+                async with engine.connect() as connection:  # connected, first questions asked
+                    assert (await connection.execute(SELECT_ONE)).scalar() == 1
+                async with engine.connect():  # its ROLLBACK's reply read
+                    pass
+                relay.reset()
+                for _ in range(3):
+                    async with AsyncSession(engine) as session:
+                        assert (await session.execute(SELECT_ONE)).scalar() == 1
+                async with engine.connect():  # the last ROLLBACK's reply read
+                    pass
+                return relay.turns
+            finally:
+                await engine.dispose()
+
+    async def main() -> tuple[int, int]:
+        return await turns(first_flight=True), await turns(first_flight=False)
+
+    on, off = _run(main)
+    assert (on, off) == (6, 9), (on, off)
