@@ -304,7 +304,8 @@ class Asyncpg(Driver):
 
     def transaction_idle(self, dbapi_connection: DBAPIConnection) -> bool | None:
         # SQLAlchemy's adapter sends its BEGIN itself, lazily, at the first statement it is
-        # given, and keeps its asyncpg Transaction (private: ``_transaction`` in SQLAlchemy
+        # given (or arms it to ride that statement's flight: asyncpg_begin, the transaction
+        # started all the same), and keeps its asyncpg Transaction (private: ``_transaction`` in SQLAlchemy
         # 2.1, a ``_started`` flag in 2.0; a SQLAlchemy with neither gets no replay). The
         # app's own work on the asyncpg connection shows in is_in_transaction().
         if hasattr(dbapi_connection, "_transaction"):

@@ -1,4 +1,8 @@
-"""asyncpg: the transaction's xid read in a statement's own flight (issue 27 item 3, issue 28).
+"""asyncpg: the xid read, and BEGIN, in a statement's own flight (issue 27 item 3, issue 28).
+
+(BEGIN: `Flight`'s docstring and `dropsafe._drivers.asyncpg_begin`; what follows is the xid
+read's, and holds for BEGIN's Parse, Bind and Execute alike, their replies ParseComplete,
+BindComplete and CommandComplete.)
 
 SQLAlchemy's adapter sends each statement as asyncpg's prepared statement, named: Parse and
 Describe once (ended by Flush, no Sync), then for each execution one write of Bind, Execute and
