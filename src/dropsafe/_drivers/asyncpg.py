@@ -305,9 +305,9 @@ class Asyncpg(Driver):
     def transaction_idle(self, dbapi_connection: DBAPIConnection) -> bool | None:
         # SQLAlchemy's adapter sends its BEGIN itself, lazily, at the first statement it is
         # given (or arms it to ride that statement's flight: asyncpg_begin, the transaction
-        # started all the same), and keeps its asyncpg Transaction (private: ``_transaction`` in SQLAlchemy
-        # 2.1, a ``_started`` flag in 2.0; a SQLAlchemy with neither gets no replay). The
-        # app's own work on the asyncpg connection shows in is_in_transaction().
+        # started all the same), and keeps its asyncpg Transaction (private: ``_transaction``
+        # in SQLAlchemy 2.1, a ``_started`` flag in 2.0; a SQLAlchemy with neither gets no
+        # replay). The app's own work on the asyncpg connection shows in is_in_transaction().
         if hasattr(dbapi_connection, "_transaction"):
             started = dbapi_connection._transaction is not None  # noqa: SLF001
         elif isinstance(getattr(dbapi_connection, "_started", None), bool):
