@@ -28,6 +28,7 @@ from dropsafe._bench._flights import FlightProxy, Strike
 from dropsafe._bench._turns import TurnCounter
 from dropsafe._drivers import asyncpg_begin
 from dropsafe._drivers.asyncpg import Asyncpg
+from dropsafe._drivers.asyncpg_flight import Flight
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -618,3 +619,49 @@ def test_over_tls_a_single_query_waits_for_a_round_trip_less(shared_server: Any)
 
     on, off = _run(main)
     assert (on, off) == (6, 9), (on, off)
+
+
+@pytest.mark.fault
+def test_a_task_cancelled_while_begin_and_the_insert_are_held(
+    shared_server: Any, chaos_proxy: Any, table: str
+) -> None:
+    """BEGIN and the INSERT held in the network, the task cancelled: no row; the connection in
+    step after (asyncpg asks the server to cancel and reads on, BEGIN's replies taken out)."""
+    shared_server.execute(f"DELETE FROM {table} WHERE v = 86")
+    insert = sa.text(f"INSERT INTO {table} VALUES (86)")
+
+    async def until(condition: Callable[[], object], what: str) -> None:
+        deadline = asyncio.get_running_loop().time() + DEADLINE_S
+        while not condition():
+            assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.005)
+
+    async def main() -> None:
+        engine = _engine(sa.make_url(chaos_proxy.route(shared_server.url("asyncpg"))))
+        try:
+            async with engine.connect() as connection:  # connected, the INSERT prepared
+                await connection.execute(insert)
+                await connection.rollback()
+                raw = await connection.get_raw_connection()
+                transport = raw.driver_connection._transport  # type: ignore[union-attr]
+            async with engine.connect() as connection:
+                chaos_proxy.blackhole()
+                try:
+                    task = asyncio.create_task(connection.execute(insert))
+                    # The flight went: BEGIN no longer armed on the transport.
+                    await until(lambda: Flight.on(transport) is None, "the flight to go")
+                    task.cancel()
+                finally:
+                    chaos_proxy.heal()
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(task, DEADLINE_S)
+            async with engine.connect() as connection:  # the next request works, in step
+                assert (await connection.execute(SELECT_ONE)).scalar() == 1
+                first = (await connection.execute(WRITE_XID)).scalar()
+                assert (await connection.execute(XID)).scalar() == first
+                await connection.rollback()
+        finally:
+            await engine.dispose()
+
+    _run(main)
+    assert _rows(shared_server, "v = 86") == 0
