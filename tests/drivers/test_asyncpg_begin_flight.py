@@ -110,10 +110,19 @@ def test_begin_then_the_question_in_one_write() -> None:
     transport, flight, armed = _armed()
     flight.question = QUESTION
     transport.write(PARSE)  # a first use: BEGIN rides the Parse, the question waits for the Bind
+    assert armed[0].take(BEGIN_OK) == b""  # asyncpg awaits its Parse's replies: BEGIN's first
     transport.write(NAMED_BIND + EXECUTE_SYNC)
     flight.question = None
     flight.settle()
     assert transport.sent == [unnamed_messages(BEGIN) + PARSE, QUESTION + NAMED_BIND + EXECUTE_SYNC]
+    # BEGIN's replies still due (a Parse and a Bind written in one step): no question then,
+    # the watch taking one sequence at a time.
+    transport, flight, armed = _armed()
+    flight.question = QUESTION
+    transport.write(PARSE)
+    transport.write(NAMED_BIND + EXECUTE_SYNC)
+    assert transport.sent == [unnamed_messages(BEGIN) + PARSE, NAMED_BIND + EXECUTE_SYNC]
+    assert len(armed) == 1
     transport, flight, armed = _armed()
     flight.question = QUESTION
     transport.write(NAMED_BIND + EXECUTE_SYNC)

@@ -167,7 +167,8 @@ def _begin_alone(adapter: Any) -> None:  # noqa: ANN401
         return
     flight = Flight.on(transport)
     if flight is None or flight.begin is None:
-        found[_ALONE] = True
+        if adapter._transaction is None or getattr(adapter, "_started", True) is False:  # noqa: SLF001
+            found[_ALONE] = True  # for the transaction this cursor's statement begins
         return
     if in_greenlet():
         # BEGIN armed and nothing sent (the transaction's first statement failed before

@@ -217,6 +217,7 @@ class Flight:
 
     __slots__ = (
         "_arm",
+        "_begin_replies",
         "_in_transaction",
         "_transport",
         "_write",
@@ -238,6 +239,7 @@ class Flight:
         self._in_transaction = in_transaction
         self._write = transport.write
         self._writelines = transport.writelines
+        self._begin_replies: InFlightReplies | None = None
         #: BEGIN's text (asyncpg's, ``;`` ended), until it is sent.
         self.begin: str | None = None
         #: BEGIN went (its replies are due or read): the server has the transaction open.
@@ -311,7 +313,10 @@ class Flight:
             and self.replies is None
             and _opens_named_bind(data)
             and (self.begun or self._in_transaction())
+            and (expected or self._begin_replies is None or self._begin_replies.done)
         ):
+            # (Never while BEGIN's replies, sent in an earlier write, are still due: the watch
+            # takes one sequence at a time.)
             prefix += question
             expected += QUESTION_REPLIES
         if not expected:
@@ -319,6 +324,8 @@ class Flight:
         replies = InFlightReplies(expected)
         if expected.endswith(QUESTION_REPLIES):
             self.replies = replies
+        else:
+            self._begin_replies = replies
         self._arm(replies)
         return prefix + bytes(data) if prefix else data  # one write: one segment, one flight
 
