@@ -35,6 +35,7 @@ UNNAMED_BIND = _message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
 PARSE = _message(b"P", b"__asyncpg_stmt_2__\x00SELECT 1\x00\x00\x00")
 QUERY = _message(b"Q", b"ROLLBACK;\x00")
 TERMINATE = _message(b"X", b"")
+CLOSE = _message(b"C", b"S__asyncpg_stmt_3__\x00") + _message(b"S", b"")
 QUESTION = unnamed_messages("SELECT 1, 2")
 
 
@@ -64,7 +65,9 @@ def _armed(*, in_transaction: bool = False) -> tuple[Transport, Flight, list[InF
     return transport, flight, armed
 
 
-@pytest.mark.parametrize("first", [PARSE, NAMED_BIND + EXECUTE_SYNC], ids=["parse", "bind"])
+@pytest.mark.parametrize(
+    "first", [PARSE, NAMED_BIND + EXECUTE_SYNC, CLOSE], ids=["parse", "bind", "close"]
+)
 @pytest.mark.parametrize("lines", [False, True], ids=["write", "writelines"])
 def test_begin_goes_in_front_of_a_parse_or_a_named_bind(first: bytes, *, lines: bool) -> None:
     transport, _, armed = _armed()

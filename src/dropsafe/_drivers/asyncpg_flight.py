@@ -188,6 +188,10 @@ def _columns(body: bytes) -> tuple[str | None, ...]:
     return tuple(values)
 
 
+#: The first messages BEGIN's Parse, Bind and Execute may go in front of: a Parse (which
+#: replaces the unnamed statement after BEGIN's ran), a Close (asyncpg's closing of statements
+#: it let go, ended by its Sync).
+_BEGIN_IN_FRONT = (b"P", b"C")
 #: Where the flight on a transport is kept (asyncio's transports have a ``__dict__``).
 _KEY = "_dropsafe_flight"
 
@@ -204,8 +208,8 @@ class Flight:
 
     Where BEGIN goes, by asyncpg's first write (an operation's first message):
 
-    - a Parse, or a Bind of a named statement: BEGIN's Parse, Bind and Execute on the unnamed
-      statement, in front, with no Sync between: if BEGIN fails, the server skips asyncpg's
+    - a Parse, a Close, or a Bind of a named statement: BEGIN's Parse, Bind and Execute on the
+      unnamed statement, in front, with no Sync between: if BEGIN fails, the server skips asyncpg's
       messages up to its Sync and asyncpg reads BEGIN's error as its own;
     - a simple Query (asyncpg's ``execute()`` without arguments, its COMMIT and ROLLBACK):
       BEGIN's text at the head of the query's, one Query: a BEGIN that fails runs nothing of it;
@@ -298,7 +302,7 @@ class Flight:
         if begin is not None:
             self.begin = None
             kind = bytes(memoryview(data)[:1])
-            if kind == b"P" or _opens_named_bind(data):
+            if kind in _BEGIN_IN_FRONT or _opens_named_bind(data):
                 prefix, expected = unnamed_messages(begin), BEGIN_REPLIES
             elif kind == b"Q":
                 data = _begin_in_query(begin, bytes(data))
