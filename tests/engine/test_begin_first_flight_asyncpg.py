@@ -432,25 +432,28 @@ def test_a_terminated_backend_before_the_first_statement(shared_server: Any, tab
     assert _rows(shared_server, "v = 81") == 0
 
 
-def test_a_statement_that_fails_before_sending_leaves_begin_for_the_next(
+def test_a_statement_that_fails_before_sending_begins_nothing(
     shared_server: Any, flights: Any, table: str
 ) -> None:
-    """Nothing sent (a parameter asyncpg cannot encode): BEGIN rides the next Query or statement.
+    """Nothing sent (a parameter asyncpg cannot encode): the transaction is dropped unbegun.
 
-    The ROLLBACK of a transaction whose BEGIN never went carries it (one Query: BEGIN;
-    ROLLBACK;): no warning, the connection idle after. A statement after the failed one runs
-    in the transaction, and its COMMIT commits it.
+    Its ROLLBACK sends nothing; a statement after the failed one begins a transaction of its
+    own (BEGIN riding it), and its COMMIT commits it. The next operation could otherwise be one
+    that reads ``is_in_transaction()`` before the server said so (an executemany failing
+    midway): the executemany then fails midway too, and the statement after it still runs in
+    a transaction.
     """
     insert = sa.text(f"INSERT INTO {table} VALUES (:v)")
-    shared_server.execute(f"DELETE FROM {table} WHERE v = 82")
+    shared_server.execute(f"DELETE FROM {table} WHERE v IN (82, 89)")
 
-    async def main() -> list[str]:
+    async def main() -> tuple[list[str], list[str]]:
         engine = _engine(_url(shared_server, flights))
         try:
             async with engine.connect() as connection:  # prepared, cached: the Bind goes first
                 await connection.execute(insert, {"v": 82})
                 await connection.rollback()
-            start = len(flights.query_flights())
+            async with engine.connect():  # the ROLLBACK's reply read
+                start = len(flights.query_flights())
             async with engine.connect() as connection:
                 with pytest.raises(sa.exc.DBAPIError):
                     await connection.execute(insert, {"v": "not a number"})
@@ -458,21 +461,32 @@ def test_a_statement_that_fails_before_sending_leaves_begin_for_the_next(
                 native = (await connection.get_raw_connection()).driver_connection
                 assert native is not None
                 assert not native.is_in_transaction()
+                middle = len(flights.query_flights())
             async with engine.connect() as connection:
                 with pytest.raises(sa.exc.DBAPIError):
                     await connection.execute(insert, {"v": "not a number"})
+                with pytest.raises(sa.exc.DBAPIError):
+                    await connection.execute(insert, [{"v": 89}] * 5000 + [{"v": "x"}])
                 await connection.execute(insert, {"v": 82})
                 assert (await connection.execute(XID)).scalar() is not None
                 await connection.commit()
-            async with engine.connect() as connection:  # a checkout reads any reply left
-                pass
-            return [flight.label for flight in flights.query_flights()[start:]]
+            async with engine.connect():  # a checkout reads any reply left
+                end = len(flights.query_flights())
+            labels = [flight.label for flight in flights.query_flights()]
+            return labels[start:middle], labels[middle:end]
         finally:
             await engine.dispose()
 
-    labels = _run(main)
-    assert labels[0] == "Q BEGIN; ROLLBACK;", labels
+    unsent, after = _run(main)
+    assert unsent == [], unsent
+    assert after[0] == "Q BEGIN;", after  # the executemany's, alone
     assert _rows(shared_server, "v = 82") == 1
+    assert _rows(shared_server, "v = 89") > 0  # the batches sent before the one that failed
+    # One transaction: the executemany's rows and the INSERT after it.
+    xmins = shared_server.execute(
+        f"SELECT count(DISTINCT xmin::text) FROM {table} WHERE v IN (82, 89)"
+    )
+    assert int(xmins[0][0]) == 1
 
 
 # -- the other first operations -------------------------------------------------------------
@@ -517,8 +531,37 @@ def test_executemany_first(shared_server: Any, flights: Any, table: str) -> None
         return (xid is not None, _rows(shared_server, "v = 83"))
 
     labels = _run(lambda: _compare(shared_server, flights, work))
-    assert labels[0] == "P BEGIN;", labels
+    # Alone: asyncpg's executemany, failing midway, asks is_in_transaction() (below).
+    assert labels[0] == "Q BEGIN;", labels
     assert _rows(shared_server, "v = 83") == 0
+
+
+def test_executemany_failing_midway_keeps_the_transaction(
+    shared_server: Any, flights: Any, table: str
+) -> None:
+    """A parameter set asyncpg cannot encode after the first batch went: the transaction stays.
+
+    asyncpg then asks ``is_in_transaction()``: in an explicit transaction it sends a Sync, in
+    none a ROLLBACK (of the implicit one). Had BEGIN ridden the first Bind, the server would
+    have said nothing yet, and that ROLLBACK would end the app's transaction, every statement
+    after it running outside of one. Caught, the app goes on and commits: the same rows.
+    """
+    insert = sa.text(f"INSERT INTO {table} VALUES (:v)")
+    many = [{"v": 87}] * 5000 + [{"v": "not a number"}]  # a batch or more sent before it
+
+    async def work(engine: AsyncEngine) -> tuple[Any, ...]:
+        shared_server.execute(f"DELETE FROM {table} WHERE v IN (87, 88)")
+        async with engine.connect() as connection:
+            with pytest.raises(sa.exc.DBAPIError):
+                await connection.execute(insert, many)
+            in_transaction = (await connection.execute(XID)).scalar()
+            await connection.execute(insert, {"v": 88})
+            xid = (await connection.execute(XID)).scalar()
+            await connection.rollback()
+        return (in_transaction is None, xid is not None, _rows(shared_server, "v IN (87, 88)"))
+
+    _run(lambda: _compare(shared_server, flights, work))
+    assert _rows(shared_server, "v IN (87, 88)") == 0
 
 
 def test_a_server_side_cursor_first(shared_server: Any, flights: Any) -> None:

@@ -26,6 +26,7 @@ Why it is safe: docs/guarantees.md, "BEGIN rides the first statement's flight".
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._drivers.asyncpg_flight import Flight
@@ -46,6 +47,9 @@ _ISOLATION = {
 }
 #: What the adapter keeps of its transaction (SQLAlchemy 2.1: ``_transaction`` alone; 2.0
 #: also a ``_started`` flag, which its cursor reads).
+#: The adapter cursor's coroutine that starts a transaction for an executemany (SQLAlchemy 2.0
+#: and 2.1): its BEGIN goes alone.
+_EXECUTEMANY = "_executemany"
 #: In the transport's ``__dict__``: the next transaction sends its BEGIN alone.
 _ALONE = "_dropsafe_begin_alone"
 _NEEDED = ("_transaction", "_connection", "isolation_level", "readonly", "deferrable")
@@ -94,8 +98,21 @@ def _subclass(cls: type, watch_of: Callable[[Any], Any]) -> type:
     own_cursor = cls.cursor  # type: ignore[attr-defined]
 
     async def _start_transaction(self: Any) -> None:  # noqa: ANN401
-        if self.isolation_level == "autocommit" or not _defer(self, watch_of):
+        if (
+            self.isolation_level == "autocommit"
+            # The adapter's cursor's executemany (its frame awaits this one): asyncpg's
+            # executemany, failing midway, asks is_in_transaction() and, if the server has
+            # not said so yet, sends a ROLLBACK that would end the transaction unseen.
+            or sys._getframe(1).f_code.co_name == _EXECUTEMANY  # noqa: SLF001
+            or not _defer(self, watch_of)
+        ):
             await own(self)
+
+    own_handle = cls._handle_exception  # type: ignore[attr-defined]
+
+    def _handle_exception(self: Any, error: Exception) -> None:  # noqa: ANN401
+        _unstart(self)
+        own_handle(self, error)
 
     def cursor(self: Any, server_side: bool = False) -> Any:  # noqa: ANN401 - the adapter's
         if server_side:
@@ -112,6 +129,7 @@ def _subclass(cls: type, watch_of: Callable[[Any], Any]) -> type:
             "__module__": __name__,
             "_start_transaction": _start_transaction,
             "cursor": cursor,
+            "_handle_exception": _handle_exception,
             "_dropsafe_begin": True,
         },
     )
@@ -157,6 +175,33 @@ def _defer(adapter: Any, watch_of: Callable[[Any], Any]) -> bool:  # noqa: ANN40
     if "_started" in _slots(type(adapter)):
         adapter._started = True  # noqa: SLF001 - SQLAlchemy 2.0's flag
     return True
+
+
+def _unstart(adapter: Any) -> None:  # noqa: ANN401
+    """Forget a transaction whose BEGIN is still armed: its first operation failed unsent.
+
+    Nothing reached the server since the transaction was started (BEGIN rides the first
+    write), so the transaction is dropped as if it had never begun: its next statement begins
+    a new one (and rides with its BEGIN, or sends it alone where it must: an executemany), its
+    ROLLBACK sends nothing. Left armed instead, the next operation could be one that reads
+    ``is_in_transaction()`` before the server said so (an executemany failing midway sends a
+    ROLLBACK that would end the transaction unseen).
+    """
+    connection = adapter._connection  # noqa: SLF001
+    flight = Flight.on(getattr(connection, "_transport", None))
+    transaction = adapter._transaction  # noqa: SLF001
+    if flight is None or flight.begin is None or transaction is None:
+        return
+    flight.begin = None
+    flight.settle()
+    if connection._top_xact is transaction:  # noqa: SLF001 - asyncpg's own
+        connection._top_xact = None  # noqa: SLF001
+    rolled_back = getattr(type(transaction._state), "ROLLEDBACK", None)  # noqa: SLF001
+    if rolled_back is not None:
+        transaction._state = rolled_back  # noqa: SLF001 - as after its rollback()
+    adapter._transaction = None  # noqa: SLF001
+    if "_started" in _slots(type(adapter)):
+        adapter._started = False  # noqa: SLF001 - SQLAlchemy 2.0's flag
 
 
 def _begin_alone(adapter: Any) -> None:  # noqa: ANN401
