@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from dropsafe._drivers import asyncpg_begin
 from dropsafe._drivers.asyncpg_flight import (
     BEGIN_REPLIES,
     QUESTION_REPLIES,
@@ -173,3 +174,21 @@ def test_every_split_hands_asyncpg_its_own_bytes(
         assert replies.done
         assert replies.values == values
         assert replies.failed == (values is None and stream.startswith(b"E"))
+
+
+def test_the_adapters_slots_are_read_through_dropsafes_subclass() -> None:
+    """SQLAlchemy 2.0's adapter keeps a ``_started`` flag in its slots; dropsafe's subclass of it
+    (`asyncpg_begin`) has none of its own. Read from the class alone, the flag was missed: the
+    ROLLBACK not awaited left ``_started`` True, and on SQLAlchemy 2.0.59 every transaction
+    after a connection's first ran with no BEGIN at all (found by hand: the second statement of
+    a transaction saw no xid). The slots are read over the bases."""
+    from dropsafe._drivers import asyncpg_rollback
+
+    class Adapter:
+        __slots__ = ("_connection", "_started", "_transaction")
+
+    class Subclass(Adapter):
+        __slots__ = ()
+
+    assert "_started" in asyncpg_rollback._slots(Subclass())
+    assert "_started" in asyncpg_begin._slots(Subclass)
