@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import AdaptedConnection
 
 from dropsafe._classify import DriverErrors, ErrorKind, error_chain
-from dropsafe._drivers import asyncpg_rollback
-from dropsafe._drivers.asyncpg_flight import InFlightReplies, QuestionFlight, question_messages
+from dropsafe._drivers import asyncpg_begin, asyncpg_rollback
+from dropsafe._drivers.asyncpg_flight import Flight, InFlightReplies, question_messages
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
@@ -304,9 +304,10 @@ class Asyncpg(Driver):
 
     def transaction_idle(self, dbapi_connection: DBAPIConnection) -> bool | None:
         # SQLAlchemy's adapter sends its BEGIN itself, lazily, at the first statement it is
-        # given, and keeps its asyncpg Transaction (private: ``_transaction`` in SQLAlchemy
-        # 2.1, a ``_started`` flag in 2.0; a SQLAlchemy with neither gets no replay). The
-        # app's own work on the asyncpg connection shows in is_in_transaction().
+        # given (or arms it to ride that statement's flight: asyncpg_begin, the transaction
+        # started all the same), and keeps its asyncpg Transaction (private: ``_transaction``
+        # in SQLAlchemy 2.1, a ``_started`` flag in 2.0; a SQLAlchemy with neither gets no
+        # replay). The app's own work on the asyncpg connection shows in is_in_transaction().
         if hasattr(dbapi_connection, "_transaction"):
             started = dbapi_connection._transaction is not None  # noqa: SLF001
         elif isinstance(getattr(dbapi_connection, "_started", None), bool):
@@ -351,22 +352,31 @@ class Asyncpg(Driver):
         watch = _goodbye_watch(native)
         flight = None
         if watch is not None and watch.replies is None:
-            flight = QuestionFlight.install(
+            # BEGIN armed on it (asyncpg_begin) goes first, in the same write when it is the
+            # Bind's; "in a transaction" is asked when the Bind goes: BEGIN is done (or went
+            # ahead) by then, and in autocommit there is no transaction to read (the question
+            # would join the statement's own).
+            flight = Flight.install(
                 native._transport,  # noqa: SLF001 - asyncpg keeps it private
-                _messages(question),
                 watch.expect,
-                # Asked when the Bind goes: BEGIN is done by then, and in autocommit there is
-                # no transaction to read (the question would join the statement's own).
                 native.is_in_transaction,
             )
         if flight is None:
             send(statement)
             return None
+        flight.question = _messages(question)
+        flight.replies = None
         try:
             send(statement)
         finally:
-            flight.remove()
+            flight.question = None
+            flight.settle()
         return flight.reading()
+
+    def begin_in_first_flight(self, dbapi_connection: DBAPIConnection) -> bool:
+        # The adapter's _start_transaction arms BEGIN ahead of the next operation's first
+        # message, in the same write (asyncpg_begin): one flight, not two.
+        return asyncpg_begin.install(dbapi_connection, _goodbye_watch)
 
     def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
         pid = driver_connection(dbapi_connection).get_server_pid()

@@ -181,8 +181,11 @@ def _started(adapter: Any, transaction: object) -> bool | None:  # noqa: ANN401
 
 
 def _slots(adapter: Any) -> tuple[str, ...]:  # noqa: ANN401
-    slots: tuple[str, ...] = getattr(type(adapter), "__slots__", ())
-    return slots
+    # Over the class's bases too: the adapter's class may be dropsafe's subclass of
+    # SQLAlchemy's, with no slots of its own (`asyncpg_begin`).
+    return tuple(
+        name for klass in type(adapter).__mro__ for name in getattr(klass, "__slots__", ())
+    )
 
 
 class PendingRollback:

@@ -1,6 +1,7 @@
 """A transaction's BEGIN sent in its first statement's flight, on the engines that allow it.
 
-The driver does it (`Driver.begin_in_first_flight`: psycopg 3's cursors, sync and async); this
+The driver does it (`Driver.begin_in_first_flight`: psycopg 3's cursors, sync and async;
+asyncpg's adapter, its BEGIN armed on the transport); this
 turns it on for each new connection of an engine whose policy asks for it
 (``PoolPolicy.begin_in_first_flight``). Why it is safe: docs/guarantees.md, "BEGIN rides the
 first statement's flight".
