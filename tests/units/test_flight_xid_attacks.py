@@ -269,33 +269,19 @@ def _raw_commit_then_raw_write(session):
     cursor.close()
 
 
-@pytest.mark.parametrize(
-    "reads",
-    [
-        pytest.param(
-            True,
-            id="in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: INSERT 1 (xid A read in flight), the DBAPI connection's own "
-                    "commit() (A committed; SQLAlchemy's commit event does not fire), INSERT 2 "
-                    "through a raw cursor (xid B, a new transaction: the connection is in a "
-                    "transaction again, so _flight_xid_of's idle check passes), then the unit's "
-                    "COMMIT lost before it reached the server: resolved by A ('committed') and "
-                    "acknowledged, row 2 missing. The mark read B (aborted: the unit ran again; "
-                    "row 1 twice, which the app's own commit() made unavoidable, but never an "
-                    "acknowledged unit whose last write is missing)."
-                ),
-            ),
-        ),
-        pytest.param(False, id="mark"),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
     kernel_blackhole, driver, reads
 ):
+    """INSERT 1 (xid A read in flight), the DBAPI connection's own commit() (A committed;
+    SQLAlchemy's commit event does not fire), INSERT 2 through a raw cursor (xid B: the
+    connection is in a transaction again), then the unit's COMMIT lost before it reached the
+    server. Before the fix (the socket's bytes sent counted after each statement through
+    SQLAlchemy: more at COMMIT, the mark reads) it was resolved by A ('committed') and
+    acknowledged, row 2 missing. The mark reads B (aborted: the unit runs again; row 1 twice,
+    which the app's own commit() made unavoidable, but never acknowledged with a write
+    missing)."""
     recorder = Recorder()
     steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_raw_write]
     with PostgresServer() as server:
@@ -359,37 +345,20 @@ def test_a_first_write_in_a_savepoint_rolled_back_is_resolved_by_the_top_transac
 # -- a pooler the policy was not told of (PgBouncer in session mode, pooler=None) ---------------
 
 
-@pytest.mark.parametrize(
-    "reads",
-    [
-        pytest.param(
-            True,
-            id="in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: behind PgBouncer in session mode with "
-                    "ConnectionPolicy.pooler left None (docs/settings.md: 'session' and None "
-                    "change nothing), the read in flight takes the backend pid from the driver "
-                    "(PgBouncer's BackendKeyData: a random number, not the server backend's "
-                    "pid). A COMMIT lost before it reached the server leaves the backend idle in "
-                    "its transaction; the resolver's fence names the wrong pid, terminates "
-                    "nothing, and the xid stays 'in progress' until commit_status_timeout: "
-                    "CommitOutcomeUnknown, where the mark (pg_backend_pid(), the server's) "
-                    "fenced it, read 'aborted', and ran the unit again, acknowledged once."
-                ),
-            ),
-        ),
-        pytest.param(False, id="mark"),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_again(
     postgres_server, kernel_blackhole, driver, reads
 ):
-    """PgBouncer hands each client a random BackendKeyData; the driver reads its pid half as
-    a positive number (the read in flight then stands), half not (the mark reads): the engine's
-    one connection is made until it is positive, so the attack is the same every run."""
+    """Behind PgBouncer in session mode with ConnectionPolicy.pooler left None, a COMMIT lost
+    before it reached the server leaves the backend idle in its transaction: fenced, 'aborted',
+    run again. Before the fix (the read in flight reads pg_backend_pid() with the xid) its pid
+    was the driver's, PgBouncer's BackendKeyData (a random number): the fence terminated
+    nothing, and the xid stayed 'in progress' until commit_status_timeout:
+    CommitOutcomeUnknown. PgBouncer's random pid is read by the driver half as a positive
+    number (before the fix the read in flight then stood), half not (the mark read): the
+    engine's one connection is made until it is positive, so the attack is the same every
+    run."""
     recorder = Recorder()
     postgres_server.execute(SLOW_COMMIT_SCHEMA)
     holes = contextlib.ExitStack()
@@ -628,31 +597,15 @@ def _raw_rollback_then_slow_raw_write(session):
     cursor.close()
 
 
-@pytest.mark.parametrize(
-    "reads",
-    [
-        pytest.param(
-            True,
-            id="in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: INSERT 7 (xid A read in flight), the DBAPI connection's "
-                    "own rollback() (A aborted; no SQLAlchemy event), INSERT 1 through a raw "
-                    "cursor (xid B: the connection is in a transaction again, so _flight_xid_of "
-                    "keeps A), the COMMIT cut while the server ran it: the server committed B, "
-                    "the resolver asked about A, read 'aborted', and the unit ran again: row 1 "
-                    "twice. The mark read B: committed, run once."
-                ),
-            ),
-        ),
-        pytest.param(False, id="mark"),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_raw_dbapi_rollback_then_a_raw_write_is_resolved_by_the_new_transaction(
     postgres_server, chaos_proxy, driver, reads
 ):
+    """INSERT 7 (xid A read in flight), the DBAPI connection's own rollback() (A aborted; no
+    SQLAlchemy event), INSERT 1 through a raw cursor (xid B), the COMMIT cut while the server
+    ran it: the server committed B. Before the fix (bytes sent around SQLAlchemy drop the
+    read) the resolver asked about A, read 'aborted', and the unit ran again: row 1 twice."""
     server = postgres_server
     server.execute(SLOW_COMMIT_SCHEMA)
     recorder = Recorder()
