@@ -297,6 +297,65 @@ def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
     assert not acknowledged or last_write == 1, (unit.calls, recorder.outcomes())
 
 
+def _raw_commit_then_raw_insert(value):
+    """`_raw_commit_then_raw_write` of ``value``, through the DBAPI connection every face has
+    (SQLAlchemy's adapter on the async ones: its commit() and cursor go straight to asyncpg or
+    psycopg, never through the dialect's do_execute)."""
+
+    def step(session):
+        dbapi_connection = session.connection().connection.dbapi_connection
+        dbapi_connection.commit()
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"INSERT INTO ledger VALUES ({int(value)})")
+        cursor.close()
+
+    return step
+
+
+THEN = {
+    "nothing": [],
+    # through SQLAlchemy after the raw write: its bytes counted would hide the raw ones
+    "select": ["SELECT 1"],
+    "insert": ["INSERT INTO ledger VALUES (3)"],  # reads the xid again: the new transaction's
+}
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("replay_transaction", [False, True], ids=["unit", "transcript"])
+@pytest.mark.parametrize("then", sorted(THEN))
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_raw_commit_and_write_then_statements_through_sqlalchemy_are_resolved_by_the_new_xid(
+    postgres_server, kernel_blackhole, driver, then, replay_transaction
+):
+    """INSERT 1 (xid A read in flight), the DBAPI connection's commit() and a raw INSERT 2 (xid
+    B), then nothing, a SELECT or an INSERT 3 through SQLAlchemy, and the COMMIT lost before
+    it reached the server: resolved by B (fenced, 'aborted'), the unit runs again; never by A
+    ('committed': acknowledged, rows 2 and 3 missing). With the transaction replay on, the
+    transcript keeps the read and a lost COMMIT's own resolution (`UnsentCommit`) asks by it:
+    the same. Every face, asyncpg's and psycopg's async adapters too."""
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_raw_insert(2), *THEN[then]]
+    policy = dataclasses.replace(
+        resolving_policy(recorder),
+        pool=dropsafe.PoolPolicy(read_xid_in_flight=True, replay_transaction=replay_transaction),
+    )
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+    holes = contextlib.ExitStack()
+    outcome = "unknown"
+    with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+        unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both"))
+        outcome = "acknowledged"
+    written = [rows(server, 2), rows(server, 3)]
+    assert (outcome, unit.calls, recorder.outcomes(), written) == (
+        "acknowledged",
+        2,
+        ["aborted"],
+        [1, 1 if then == "insert" else 0],
+    )
+
+
 # -- savepoints: the xid read inside one, the savepoint rolled back -----------------------------
 
 
