@@ -356,6 +356,56 @@ def test_a_raw_commit_and_write_then_statements_through_sqlalchemy_are_resolved_
     )
 
 
+def _a_duplicate_in_a_savepoint(session):
+    """A savepoint whose INSERT fails (a duplicate key), rolled back: the unit goes on."""
+    savepoint = session.begin_nested()
+    try:
+        session.execute(sa.text("INSERT INTO once VALUES (5)"))
+    except sa.exc.IntegrityError:
+        savepoint.rollback()
+    else:
+        pytest.fail("the duplicate key was accepted")
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("replay_transaction", [False, True], ids=["unit", "transcript"])
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_statement_that_failed_in_a_savepoint_keeps_the_read(
+    postgres_server, kernel_blackhole, driver, replay_transaction, monkeypatch
+):
+    """INSERT 1 (the read), a savepoint whose INSERT fails and is rolled back, INSERT 3, the
+    COMMIT's reply lost: resolved 'committed' by the read, no mark sent. The failed statement's
+    bytes are the engine's: counted after it as any statement's, never taken for bytes sent
+    around SQLAlchemy (that would drop the read and pay the mark's round trip)."""
+    marks = []
+    mark = recording._mark
+
+    def counted(conn, attempt):
+        marks.append(1)
+        return mark(conn, attempt)
+
+    monkeypatch.setattr(recording, "_mark", counted)
+    server = postgres_server
+    server.execute(
+        SLOW_COMMIT_SCHEMA + "CREATE TABLE once (v int PRIMARY KEY); INSERT INTO once VALUES (5);"
+    )
+    recorder = Recorder()
+    steps = [
+        "INSERT INTO ledger VALUES (1)",
+        _a_duplicate_in_a_savepoint,
+        "INSERT INTO ledger VALUES (3)",
+    ]
+    resolved = _lost_reply_unit(
+        server, kernel_blackhole, driver, steps, recorder, replay_transaction=replay_transaction
+    )
+    assert (resolved, rows(server, 1), rows(server, 3), len(marks)) == (
+        ("acknowledged", 1, ["committed"]),
+        1,
+        1,
+        0,
+    )
+
+
 # -- savepoints: the xid read inside one, the savepoint rolled back -----------------------------
 
 
@@ -583,7 +633,7 @@ def _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder, **pool):
     flight on unless said: it is off by default)."""
     pool.setdefault("read_xid_in_flight", True)
     policy = dataclasses.replace(resolving_policy(recorder), pool=dropsafe.PoolPolicy(**pool))
-    unit = StepUnit(driver, server.url(driver), steps, policy=policy)
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
     holes = contextlib.ExitStack()
     outcome = "unknown"
     with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:

@@ -406,17 +406,24 @@ class FirstStatementReplay:
             # Its socket's bytes sent are what tells a statement sent around SQLAlchemy: none
             # to count (not TCP), no read (the mark reads).
             fd = None if native is None else socket_fd_of(driver, native)
-        if native is None or fd is None:
-            method(cursor, statement, parameters, context)
-        else:
-            read = reads.send(
-                native, statement, lambda text: method(cursor, text, parameters, context), cursor
-            )
-            if read is not None:
-                record.pending, record.xid_wanted, record.native = read, False, native
-                record.fd, record.count_sent = fd, tcp_bytes_sent
-        if record.pending is not None:
-            note_sent(record)
+        try:
+            if native is None or fd is None:
+                method(cursor, statement, parameters, context)
+            else:
+                read = reads.send(
+                    native,
+                    statement,
+                    lambda text: method(cursor, text, parameters, context),
+                    cursor,
+                )
+                if read is not None:
+                    record.pending, record.xid_wanted, record.native = read, False, native
+                    record.fd, record.count_sent = fd, tcp_bytes_sent
+        finally:
+            # Failed too (a duplicate key in a savepoint the app rolls back): its bytes are the
+            # engine's, not sent around it.
+            if record.pending is not None:
+                note_sent(record)
 
     def _flight_xid_of(self, connection: Connection) -> PendingCommit | None:
         """Return the xid ``connection``'s open transaction read in a statement's flight, if any.
@@ -479,7 +486,8 @@ class FirstStatementReplay:
         None where it is not read. Its first sending alone reads: a replay sends it plainly.
         """
         xid_reads, native = self._xid, transcript.native
-        if xid_reads is None or native is None or _many(context):
+        # No socket to count its bytes sent on: the read could not stand (`sent_around_read`).
+        if xid_reads is None or native is None or transcript.fd is None or _many(context):
             return None
 
         def send_reading(on: DBAPICursor) -> None:
@@ -640,6 +648,8 @@ class FirstStatementReplay:
                     # would wait on them (fencing it is not built).
                     emit(self._hooks, _timed_out_event(exc, transcript))
                 transcript.refuse("the statement failed on a connection that was not lost")
+                if transcript.pending is not None:  # its bytes are the engine's
+                    note_sent(transcript)
                 raise
             self._replay_transaction(connection, context, send, exc, transcript)
         self._record(transcript, context, statement, send)
