@@ -447,9 +447,10 @@ def test_a_first_write_in_a_savepoint_rolled_back_is_resolved_by_the_top_transac
 
 
 @pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_again(
-    postgres_server, kernel_blackhole, driver, reads
+    postgres_server, kernel_blackhole, driver, reads, pool_mode
 ):
     """Behind PgBouncer in session mode with ConnectionPolicy.pooler left None, a COMMIT lost
     before it reached the server leaves the backend idle in its transaction: fenced, 'aborted',
@@ -459,7 +460,8 @@ def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_aga
     CommitOutcomeUnknown. PgBouncer's random pid is read by the driver half as a positive
     number (before the fix the read in flight then stood), half not (the mark read): the
     engine's one connection is made until it is positive, so the attack is the same every
-    run."""
+    run. In transaction mode too (each transaction may run on another backend: the pid read
+    with the xid is the one its transaction ran on; before, 'unknown' there as well)."""
     recorder = Recorder()
     postgres_server.execute(SLOW_COMMIT_SCHEMA)
     holes = contextlib.ExitStack()
@@ -469,7 +471,7 @@ def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_aga
         calls.append(1)
         session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
 
-    with PgBouncer(postgres_server, pool_mode="session") as bouncer:
+    with PgBouncer(postgres_server, pool_mode=pool_mode) as bouncer:
         engine = dropsafe.create_engine(
             bouncer.url(driver), policy=_policy(recorder, reads), pool_size=1, max_overflow=0
         )
