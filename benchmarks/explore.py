@@ -4,6 +4,13 @@
     python benchmarks/explore.py --sample 200 --seed 7
     python benchmarks/explore.py --shape two_engines --fault fin --driver psycopg2
     python benchmarks/explore.py --replay session_insert:psycopg2:fin:7
+    python benchmarks/explore.py --replay session_insert:psycopg2:fin:7:flight
+    python benchmarks/explore.py --sample 200 --read-xid-in-flight on
+
+A verified unit's xid is read by the mark (``off``, the default policy) or in its first
+write's flight (``on``: ``PoolPolicy(read_xid_in_flight=True)``); ``--read-xid-in-flight``
+says which the matrix runs (``both`` unless told), and a ``flight`` history's id ends in
+``:flight``.
 
 Every violation is printed with the one command that replays it. The whole matrix (no
 ``--sample``, no filter) rewrites the table in docs/guarantees.md and
@@ -21,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from dropsafe._bench._explore import FAULTS, Explorer, Record, parse_history
+from dropsafe._bench._explore import FAULTS, READS, Explorer, Record, parse_history
 from dropsafe._bench._explore_report import (
     matrix_lines,
     read_json,
@@ -44,6 +51,9 @@ def _names(text: str | None, known: dict[str, object], what: str) -> list[str] |
     return names
 
 
+_READ_CHOICES = {"off": ("mark",), "on": ("flight",), "both": READS}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seed", type=int, default=None, help="seed of --sample")
@@ -51,11 +61,25 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", help="comma-separated shapes")
     parser.add_argument("--fault", help="comma-separated faults")
     parser.add_argument("--driver", help="comma-separated drivers")
-    parser.add_argument("--replay", help="run one history by its id (shape:driver:fault:step)")
+    parser.add_argument(
+        "--replay", help="run one history by its id (shape:driver:fault:step[:flight])"
+    )
+    parser.add_argument(
+        "--read-xid-in-flight",
+        choices=sorted(_READ_CHOICES),
+        default="both",
+        help="a verified unit's xid read by the mark (off), in its first write's flight (on), "
+        "or both: the policy axis of the matrix (zero-code shapes run off only)",
+    )
     parser.add_argument(
         "--skip-expected",
         action="store_true",
         help="leave out shapes marked expected_violation (known, not yet fixed)",
+    )
+    parser.add_argument(
+        "--at-commit",
+        action="store_true",
+        help="only the steps whose flight carries a COMMIT (a targeted run)",
     )
     parser.add_argument("--budget", type=float, default=None, help="stop after this many s")
     parser.add_argument("--no-docs", action="store_true", help="never rewrite the docs table")
@@ -79,6 +103,7 @@ def _list() -> int:
         note = f"  [expected violation: {fault.expected_violation}]"
         print(f"fault  {fault.name}: {fault.what}{note if fault.expected_violation else ''}")
     print(f"driver {', '.join(DRIVERS)}")
+    print(f"read   {', '.join(READS)} (--read-xid-in-flight off, on, both; ':flight' ends an id)")
     return 0
 
 
@@ -118,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
                 faults=_names(args.fault, FAULTS, "fault"),  # type: ignore[arg-type]
                 drivers=_names(args.driver, DRIVERS, "driver"),  # type: ignore[arg-type]
                 include_expected=not args.skip_expected,
+                reads=_READ_CHOICES[args.read_xid_in_flight],
             )
             print(f"seed {seed}: {len(cells)} cells (shape x driver x fault)", flush=True)
-            histories = explorer.histories(cells, sample=args.sample, seed=seed)
+            histories = explorer.histories(
+                cells, sample=args.sample, seed=seed, at_commit=args.at_commit
+            )
         for history in histories:
             if args.budget is not None and time.monotonic() - started > args.budget:
                 print(f"budget of {args.budget:.0f} s spent: stopping", flush=True)
@@ -145,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     for record in violations:
         print(f"  {replay_command(record.history.id)}  # {record.violation}")
     whole = not (args.sample or args.shape or args.fault or args.driver or args.replay)
+    whole = whole and args.read_xid_in_flight == "both" and not args.at_commit
     if args.json is not None:  # a part, for --merge: every history
         write_json(args.json, records, command=command, seed=seed, seconds=seconds, full=True)
     if whole and not args.no_docs and args.budget is None:

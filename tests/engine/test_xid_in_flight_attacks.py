@@ -856,6 +856,134 @@ def test_a_commit_sent_around_sqlalchemy_then_more_writes_then_the_commit_lost(
     )
 
 
+# -- a NOTIFY of the app's own after a write that wrote no WAL (no code of the database's) -------
+
+# A view whose INSTEAD OF trigger writes only a value not there yet: the INSERT counts its row
+# and writes nothing when the value is there. Its body neither notifies nor names
+# synchronous_commit (the resolver's question about the database's code says no).
+ONCE_VIEW = """
+CREATE UNLOGGED TABLE attack_scratch (v int NOT NULL);
+CREATE VIEW attack_once AS SELECT v FROM attack;
+CREATE FUNCTION attack_once_put() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF NOT EXISTS (SELECT FROM attack WHERE v = NEW.v) THEN
+    INSERT INTO attack VALUES (NEW.v);
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER attack_once_put INSTEAD OF INSERT ON attack_once
+  FOR EACH ROW EXECUTE FUNCTION attack_once_put();
+INSERT INTO attack VALUES (4);
+SELECT count(*) FROM attack;
+CHECKPOINT;
+"""
+
+_NOTIFY = "SELECT pg_notify('" + CHANNEL + "', 'app')"
+NO_WAL_WRITES = {
+    # The write takes its xid but writes no WAL: the COMMIT waits for no flush.
+    "unlogged": ["INSERT INTO attack_scratch VALUES (1)", _NOTIFY],
+    # The NOTIFY before the write that reads the xid.
+    "notify_first": [_NOTIFY, "INSERT INTO attack_scratch VALUES (1)"],
+    # psycopg2's read assigns the xid before a statement that then writes nothing (rowcount 1).
+    "view_wrote_nothing": ["INSERT INTO attack_once VALUES (4)", _NOTIFY],
+}
+
+
+@needs_blackhole
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", sorted(NO_WAL_WRITES))
+@pytest.mark.parametrize("driver", READS)
+def test_a_notify_after_a_write_of_no_wal_is_not_replayed_after_a_crash(
+    crashable_plain, driver, shape
+):
+    """The app's own NOTIFY in a transaction whose writes wrote no WAL (an UNLOGGED table; a
+    view's INSTEAD OF trigger that found its value there, the xid given by psycopg2's read):
+    PostgreSQL's COMMIT then waits for no flush (RecordTransactionCommit: no WAL written, no
+    flush), the NOTIFY is heard, a crash loses the commit record. Before the fix: the xid read
+    'aborted' (synchronous_commit on, an xid, no code of the database's that notifies), the
+    transaction was replayed and its NOTIFY heard twice. Now: unknown, never replayed."""
+    crashable_plain.execute(ONCE_VIEW)
+    outcome, resolved, replays, heard = _commit_lost_then_crash(
+        crashable_plain, driver, NO_WAL_WRITES[shape]
+    )
+    assert heard == ["app"]
+    if driver == "psycopg" and shape == "view_wrote_nothing":
+        # psycopg 3 reads after the statement: no xid yet, nothing to resolve by: the
+        # driver's error, never replayed.
+        assert (outcome, resolved, replays) == ("OperationalError", [], [])
+        return
+    assert (outcome, resolved, replays) == ("unknown", ["unknown"], [])
+
+
+# -- a role without USAGE on plpgsql: psycopg2's read is a DO block -----------------------------
+
+TENANT = """
+CREATE ROLE tenant NOLOGIN;
+GRANT INSERT, SELECT ON attack TO tenant;
+REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
+"""
+
+
+@pytest.mark.parametrize("where", ["transaction", "connect"])
+def test_a_role_without_plpgsql_set_by_the_app_writes_as_before(crashable_plain, where):
+    """``SET LOCAL ROLE tenant`` in the transaction (or ``SET ROLE`` in the app's own connect
+    listener, which runs after dropsafe's learning), a role without USAGE on plpgsql, then an
+    INSERT: psycopg2's read is a DO block in front of it. Before the fix the session's leave
+    was learned for the user at connect, and the app's INSERT failed with 42501."""
+    crashable_plain.execute(TENANT)
+    events: list[object] = []
+    engine = _engine(crashable_plain, "psycopg2", events)
+    if where == "connect":
+
+        @sa.event.listens_for(engine, "connect")
+        def as_tenant(dbapi_connection, record):
+            del record
+            cursor = dbapi_connection.cursor()
+            cursor.execute("SET ROLE tenant")
+            cursor.close()
+            dbapi_connection.commit()
+
+    try:
+        with engine.connect() as conn:
+            if where == "transaction":
+                conn.execute(sa.text("SET LOCAL ROLE tenant"))
+            conn.execute(sa.text("INSERT INTO attack VALUES (1)"))
+            assert conn.execute(sa.text("SELECT current_user")).scalar() == "tenant"
+            conn.commit()
+    finally:
+        engine.dispose()
+    assert _count(crashable_plain, where="v = 1") == 1
+
+
+def test_a_role_without_plpgsql_made_after_connect_fails_one_transaction_at_most(crashable_plain):
+    """The leave was learned at connect, when every role had USAGE on plpgsql; then a role
+    without it is made and reached by ``SET LOCAL ROLE``. The DO block in front of the INSERT is
+    refused (42501): that transaction fails, once; the connection's leave is taken back, and
+    its next transaction writes as before (no read in flight: the COMMIT is plain). Before
+    the fix every transaction on that connection failed with 42501."""
+    events: list[object] = []
+    engine = _engine(crashable_plain, "psycopg2", events)
+    failures = []
+    try:
+        with engine.connect() as conn:  # the pool's one connection, learned now
+            conn.execute(sa.text("INSERT INTO attack VALUES (1)"))
+            conn.commit()
+        crashable_plain.execute(TENANT)
+        for value in (2, 3, 4):
+            with engine.connect() as conn:
+                conn.execute(sa.text("SET LOCAL ROLE tenant"))
+                try:
+                    conn.execute(sa.text(f"INSERT INTO attack VALUES ({value})"))
+                except sa.exc.ProgrammingError as error:
+                    failures.append(error.orig.pgcode)
+                    conn.rollback()
+                    continue
+                conn.commit()
+    finally:
+        engine.dispose()
+    assert failures == ["42501"]
+    assert [_count(crashable_plain, where=f"v = {v}") for v in (1, 2, 3, 4)] == [1, 0, 1, 1]
+
+
 @needs_blackhole
 @pytest.mark.parametrize("then", ["nothing", "select"])
 @pytest.mark.parametrize("driver", READS)

@@ -7,6 +7,7 @@ in the catalog (known histories whose fixes are not merged yet) are left out of 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -16,7 +17,7 @@ import sqlalchemy as sa
 
 import dropsafe
 from dropsafe._bench import _shapes
-from dropsafe._bench._explore import Explorer, History
+from dropsafe._bench._explore import Explorer, History, parse_history
 from dropsafe._bench._explore_report import replay_command
 from dropsafe._bench._pooler import pgbouncer_missing
 from dropsafe._bench._shapes import CATALOG, Effects, Shape
@@ -90,3 +91,94 @@ def test_a_planted_duplicate_is_reported_on_a_real_server(explorer, monkeypatch,
     assert record.outcome.kind == "ok"
     assert record.violation is not None
     assert "2x (want 1)" in record.violation
+
+
+def test_a_flight_history_reads_the_xid_in_its_first_writes_flight(explorer) -> None:
+    """The policy axis reaches the engine: with ``:flight`` psycopg2's unit sends its first
+    write inside a DO block that reads the xid, and no mark; the four-field id marks."""
+    mark = explorer.steps("session_insert", "psycopg2")
+    flight = explorer.steps("session_insert", "psycopg2", "flight")
+    assert any("pg_current_xact_id_if_assigned" in label for label in mark)
+    assert any(label.startswith("Q DO") for label in flight)
+    assert not any("pg_current_xact_id_if_assigned" in label for label in flight)
+    commit = next(k for k, label in enumerate(flight, 1) if "COMMIT" in label.upper())
+    history = parse_history(f"session_insert:psycopg2:reply_lost:{commit}:flight")
+    record = explorer.run(history)
+    assert record.fired
+    assert (record.outcome.kind, record.violation) == ("ok", None), record.outcome.detail
+
+
+def _listening_again(explorer, before: object) -> bool:
+    """Whether the LISTENer listens on a connection made after ``before`` (the server's view)."""
+    listener = explorer.listeners[0]
+    connection = listener.connection
+    if connection is None or connection is before or connection.closed:
+        return False
+    pid = connection.get_backend_pid()
+    rows = explorer._sql(
+        f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND query = 'LISTEN explore'"
+    )
+    return rows[0][0] == "1"
+
+
+def test_a_notify_sent_again_after_a_crash_restart_is_heard_twice(explorer) -> None:
+    """The LISTENer listens again as soon as the server is back, not only at the check: a
+    unit run again after a crash restart (its first NOTIFY heard before it) is seen twice."""
+    import os
+    import signal
+
+    import psycopg2
+
+    from dropsafe._bench._explore import _WAIT_S
+
+    explorer._prepare()  # the LISTENers start, as for a history
+    dsn = explorer.listeners[0].dsn
+
+    def notify() -> None:
+        with psycopg2.connect(dsn) as connection, connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify('explore', 'twice')")
+        connection.close()
+
+    notify()
+    before = explorer.listeners[0].connection
+    bystander = psycopg2.connect(dsn)
+    os.kill(bystander.get_backend_pid(), signal.SIGKILL)  # a crash restart
+    with contextlib.suppress(psycopg2.Error):
+        bystander.close()
+    deadline = time.monotonic() + 4 * _WAIT_S
+    listening = False
+    while not listening and time.monotonic() < deadline:
+        # Polling the server's view until the LISTENer is back, within a deadline.
+        with contextlib.suppress(Exception):
+            listening = _listening_again(explorer, before)
+        time.sleep(0.05)
+    assert listening, "the LISTENer did not listen again after the crash restart"
+    notify()
+    heard = explorer.listeners[0].collect("sentinel:twice")
+    assert heard["twice"] == 2
+
+
+def _fails_to_write(ctx: _shapes.Context) -> object:
+    engine = ctx.engine()
+
+    def unit(session: sa.orm.Session) -> None:
+        session.execute(sa.text("INSERT INTO no_such_table (tag) VALUES ('a')"))
+
+    return dropsafe.run_transaction(sa.orm.sessionmaker(engine), unit)
+
+
+def test_a_healthy_run_that_fails_is_reported(explorer, monkeypatch) -> None:
+    """No fault, an error, nothing written: a unit that should have worked did not (as issue
+    28's read did to a role without plpgsql). Outside the healthy run that is allowed."""
+    planted = Shape(
+        "planted_failure",
+        "a unit whose write fails",
+        lambda ctx: Effects(_shapes._rows("a")),
+        _fails_to_write,
+        drivers=("psycopg2",),
+    )
+    monkeypatch.setitem(CATALOG, planted.name, planted)
+    record = explorer._run(History(planted.name, "psycopg2", "none", 0), None)[0]
+    assert record.outcome.kind == "error"
+    assert record.violation is not None
+    assert record.violation.startswith("the healthy run failed")

@@ -209,3 +209,114 @@ def test_a_history_id_has_four_parts_and_a_numbered_step() -> None:
     for text in ("commit_only:psycopg2:rst", "a:b:c:d:1", "commit_only:psycopg2:rst:x"):
         with pytest.raises(ConfigurationError, match="shape:driver:fault:step"):
             parse_history(text)
+
+
+def test_the_xid_read_axis_is_a_fifth_field_and_old_ids_still_parse() -> None:
+    from dropsafe import ConfigurationError
+
+    old = parse_history("session_insert:psycopg2:fin:7")
+    assert (old.read, old.id) == ("mark", "session_insert:psycopg2:fin:7")
+    flight = parse_history("session_insert:psycopg2:fin:7:flight")
+    assert (flight.read, flight.id) == ("flight", "session_insert:psycopg2:fin:7:flight")
+    assert parse_history(flight.id) == flight
+    # The default spelled out is the four-field id (one id per history).
+    assert parse_history("session_insert:psycopg2:fin:7:mark") == old
+    for bad in ("session_insert:psycopg2:fin:7:on", "session_insert:psycopg2:fin:7:flight:x"):
+        with pytest.raises(ConfigurationError, match="shape:driver:fault:step"):
+            parse_history(bad)
+
+
+def test_the_xid_read_axis_reaches_the_policy_and_a_plugin_url() -> None:
+    from dropsafe._bench._explore import Explorer
+    from dropsafe._bench._shapes import Context, _plugin_request_sync
+
+    assert Explorer.policy().pool.read_xid_in_flight is False
+    assert Explorer.policy(read="flight").pool.read_xid_in_flight is True
+    from dropsafe._engine_state import state_of
+
+    seen = []
+
+    class _Stop(Exception):
+        pass
+
+    def warm(engine):
+        seen.append(state_of(engine).policy.pool.read_xid_in_flight)
+        raise _Stop
+
+    ctx = Context({"a": "postgresql+psycopg2://u@h/d"}, Explorer.policy(), "n")
+    ctx.read_xid_in_flight = True
+    ctx.warm = warm  # type: ignore[method-assign]
+    with pytest.raises(_Stop):
+        _plugin_request_sync(ctx)
+    assert seen == [True]  # the plugin read dropsafe_read_xid_in_flight=true from the URL
+
+
+def test_the_sample_draws_both_reads_and_zero_code_shapes_read_by_the_mark() -> None:
+    from dropsafe._bench._explore import READS, Explorer
+
+    explorer = Explorer()  # cells() needs no server
+    cells = explorer.cells(faults=["none"], include_expected=False)
+    assert {read for *_, read in cells} == set(READS)
+    zero_code = {name for name, shape in CATALOG.items() if shape.zero_code}
+    assert all(read == "mark" for shape, _, _, read in cells if shape in zero_code)
+    assert all(shape in cells_of(cells, "mark") for shape in cells_of(cells, "flight"))
+    marks = explorer.cells(faults=["none"], reads=("mark",))
+    assert {read for *_, read in marks} == {"mark"}
+
+
+def cells_of(cells, read):
+    return {shape for shape, _, _, r in cells if r == read}
+
+
+def test_the_matrix_shows_the_xid_read_and_the_json_keeps_it() -> None:
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from dropsafe._bench._explore import Record
+    from dropsafe._bench._explore_report import matrix_lines, read_json, write_json
+
+    records = [
+        Record(
+            parse_history(text),
+            Outcome("ok"),
+            None,
+            unknown=False,
+            seconds=0.1,
+            fired=True,
+            expected_violation=None,
+        )
+        for text in ("session_insert:psycopg2:fin:3", "session_insert:psycopg2:fin:3:flight")
+    ]
+    lines = matrix_lines(records, command="x", seconds=1.0)
+    assert any(line.startswith("| shape | xid read | drivers |") for line in lines)
+    assert any(line.startswith("| session_insert | flight |") for line in lines)
+    assert any(line.startswith("| session_insert | mark |") for line in lines)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "part.json"
+        write_json(path, records, command="x", seed=1)
+        assert [r.history for r in read_json(path)] == [r.history for r in records]
+        cells = json.loads(path.read_text())["cells [histories, violations, unknowns, seconds]"]
+        assert set(cells) == {"session_insert:psycopg2:fin", "session_insert:psycopg2:fin:flight"}
+
+
+def test_the_issue_28_shapes_are_in_the_catalog_and_the_broken_ones_known() -> None:
+    from dropsafe._bench._shapes import FLIGHT_SHAPES
+
+    names = {shape.name for shape in FLIGHT_SHAPES}
+    assert names <= set(CATALOG)
+    known = {shape.name for shape in FLIGHT_SHAPES if shape.expected_violation}
+    assert known == {
+        "raw_commit_then_raw_write",
+        "raw_rollback_then_raw_write",
+        "once_view_notify",
+        "unlogged_notify",
+        "set_local_role_bare",
+        "role_at_connect_bare",
+        "replayed_role_bare",
+        "replayed_once_view_notify",
+    }
+    assert all("issue 28" in CATALOG[name].expected_violation for name in known)
+    assert CATALOG["session_insert_via_pgbouncer_session_undeclared"].route == (
+        "pgbouncer_session_undeclared"
+    )

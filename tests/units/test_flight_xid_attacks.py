@@ -523,41 +523,19 @@ INSERT INTO ledger VALUES (4);
 # Hint bits set and a checkpoint taken now: the unit's read of the page writes no WAL of its own.
 QUIET_PAGES = "SELECT count(*) FROM ledger; CHECKPOINT"
 
-_READ_BEFORE = (
-    "issue 28 attack: the unit's first write is an INSERT into a view whose INSTEAD OF trigger "
-    "wrote nothing (the value was there: rowcount 1, no WAL), then a NOTIFY. psycopg2 and "
-    "asyncpg read the xid BEFORE the statement, so the read gave the transaction its xid with "
-    "synchronous_commit on and, the rowcount being 1, did not mark it asynchronous; its "
-    "COMMIT waited for no WAL (no WAL written before the commit record), the crash lost it, the "
-    "xid read 'aborted' and the unit ran again ('acknowledged', 2, ['aborted']): NOTIFY sent "
-    "twice. The mark found no xid, gave one with synchronous_commit off, marked it "
-    "asynchronous: unknown, run once. (psycopg 3 reads after the statement: none, the mark.)"
-)
 
-
-@pytest.mark.parametrize(
-    ("driver", "reads"),
-    [
-        pytest.param(
-            "psycopg2",
-            True,
-            id="psycopg2-in_flight",
-            marks=pytest.mark.xfail(strict=True, reason=_READ_BEFORE),
-        ),
-        pytest.param(
-            "asyncpg",
-            True,
-            id="asyncpg-in_flight",
-            marks=pytest.mark.xfail(strict=True, reason=_READ_BEFORE),
-        ),
-        pytest.param("psycopg", True, id="psycopg-in_flight"),
-        pytest.param("psycopg2", False, id="psycopg2-mark"),
-        pytest.param("asyncpg", False, id="asyncpg-mark"),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_a_first_write_that_wrote_nothing_then_a_notify_leaves_a_crashed_commit_unknown(
     kernel_blackhole, driver, reads
 ):
+    """The unit's first write is an INSERT into a view whose INSTEAD OF trigger wrote nothing
+    (the value was there: rowcount 1, no WAL), then a NOTIFY. psycopg2 and asyncpg read the xid
+    BEFORE the statement, so the read gave the transaction its xid with synchronous_commit on
+    and, the rowcount being 1, did not mark it asynchronous; its COMMIT waited for no WAL (none
+    written before the commit record), the crash lost it. Before the fix the xid read 'aborted'
+    and the unit ran again ('acknowledged', 2, ['aborted']): NOTIFY sent twice. Now a unit that
+    may notify is unflushed (`recording._unflushed_if_notifying`): unknown, run once."""
     steps = ["INSERT INTO ledger_once VALUES (4)", "SELECT pg_notify('dropsafe_test', 'put')"]
     with PostgresServer(settings=CRASH_SETTINGS) as server:
         server.execute(SLOW_COMMIT_SCHEMA + ONCE_VIEW)
@@ -566,27 +544,16 @@ def test_a_first_write_that_wrote_nothing_then_a_notify_leaves_a_crashed_commit_
     assert crashed == ("unknown", 1, ["unknown"])
 
 
-_UNLOGGED = (
-    "found while attacking issue 28, but older than it (the mark too): a unit whose only "
-    "write is to an UNLOGGED table, then a NOTIFY. The write takes an xid but writes no WAL, so "
-    "PostgreSQL's COMMIT waits for no flush (RecordTransactionCommit: no WAL before the "
-    "record); the crash lost the commit record after the NOTIFY could be heard, the xid read "
-    "'aborted' (neither asynchronous nor unflushed: it had an xid, synchronous_commit on) and "
-    "the unit ran again ('acknowledged', 2, ['aborted']): NOTIFY sent twice."
-)
-
-
-@pytest.mark.parametrize(
-    "reads",
-    [
-        pytest.param(True, id="in_flight", marks=pytest.mark.xfail(strict=True, reason=_UNLOGGED)),
-        pytest.param(False, id="mark", marks=pytest.mark.xfail(strict=True, reason=_UNLOGGED)),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_an_unlogged_write_then_a_notify_leaves_a_crashed_commit_unknown(
     kernel_blackhole, driver, reads
 ):
+    """Found while attacking issue 28, but older than it (the mark too): a unit whose only write
+    is to an UNLOGGED table, then a NOTIFY. The write takes an xid but writes no WAL, so
+    PostgreSQL's COMMIT waits for no flush (RecordTransactionCommit: no WAL before the record);
+    the crash lost the commit record after the NOTIFY could be heard. Before the fix the xid
+    read 'aborted' (an xid, synchronous_commit on) and the unit ran again: NOTIFY sent twice."""
     steps = ["INSERT INTO scratch VALUES (1)", "SELECT pg_notify('dropsafe_test', 'scratch')"]
     with PostgresServer(settings=CRASH_SETTINGS) as server:
         server.execute(SLOW_COMMIT_SCHEMA + "CREATE UNLOGGED TABLE scratch (v int);")
@@ -742,28 +709,19 @@ REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
 @pytest.mark.parametrize(
     ("driver", "reads"),
     [
-        pytest.param(
-            "psycopg2",
-            True,
-            id="psycopg2-in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: 'SET LOCAL ROLE tenant' (row-level security's usual "
-                    "shape) to a role without USAGE on plpgsql (REVOKE ... FROM PUBLIC, a common "
-                    "hardening), then the unit's first INSERT: psycopg2's read is a DO block in "
-                    "front of it, allowed for the session's user at connect, refused for the "
-                    "current role: the app's INSERT fails with 'permission denied for language "
-                    "plpgsql' (42501, not retried), a unit that worked before issue 28."
-                ),
-            ),
-        ),
+        pytest.param("psycopg2", True, id="psycopg2-in_flight"),
         pytest.param("psycopg2", False, id="psycopg2-mark"),
         pytest.param("psycopg", True, id="psycopg-in_flight"),
         pytest.param("asyncpg", True, id="asyncpg-in_flight"),
     ],
 )
 def test_a_unit_that_sets_a_role_without_plpgsql_writes_as_before(driver, reads):
+    """'SET LOCAL ROLE tenant' (row-level security's usual shape) to a role without USAGE on
+    plpgsql (REVOKE ... FROM PUBLIC, a common hardening), then the unit's first INSERT:
+    psycopg2's read is a DO block in front of it. Before the fix the leave was learned at
+    connect for the session's user alone, and the app's INSERT failed with 'permission denied
+    for language plpgsql' (42501, not retried). Now it is learned for every role the user may
+    become (`server_facts._DO_BLOCKS`): none here, the mark reads the xid."""
     with PostgresServer() as server:
         server.execute(SLOW_COMMIT_SCHEMA + TENANT)
         unit = StepUnit(
@@ -791,25 +749,16 @@ def _set_role_at_connect(engine):
 @pytest.mark.parametrize(
     "reads",
     [
-        pytest.param(
-            True,
-            id="in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: the app's own 'connect' listener (added after dropsafe's, "
-                    "as any app's is) runs SET ROLE tenant, a role without USAGE on plpgsql: "
-                    "dropsafe learned at connect, before it, that the session may run DO "
-                    "blocks, so psycopg2's read goes in front of every unit's first write and "
-                    "each fails with 'permission denied for language plpgsql' (42501): no "
-                    "verified unit can write on such an engine any more."
-                ),
-            ),
-        ),
+        pytest.param(True, id="in_flight"),
         pytest.param(False, id="mark"),
     ],
 )
 def test_a_session_whose_role_the_app_sets_at_connect_writes_as_before(reads):
+    """The app's own 'connect' listener (added after dropsafe's, as any app's is) runs SET ROLE
+    tenant, a role without USAGE on plpgsql. Before the fix dropsafe learned at connect, before
+    it, that the session may run DO blocks, so psycopg2's read went in front of every unit's
+    first write and each failed with 42501. Now the leave covers every role the session's user
+    may become: no DO block on such a server, the mark."""
     with PostgresServer() as server:
         server.execute(SLOW_COMMIT_SCHEMA + TENANT)
         unit = StepUnit(
@@ -893,3 +842,18 @@ def test_an_executemany_then_a_single_write_is_resolved_by_the_single_writes_rea
         ["committed"],
         [1, 1, 1],
     )
+
+
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
+@pytest.mark.parametrize("driver", ["psycopg2", "asyncpg"])
+def test_an_unlogged_write_that_notifies_nothing_runs_again_after_a_crash(
+    kernel_blackhole, driver, reads
+):
+    """The same unit without its NOTIFY: the crash lost its commit (no WAL, no flush), and
+    nobody heard of it, so 'aborted' stands and the unit runs again, once more, as before the
+    rule for units that may notify (which must not take every unit for one)."""
+    steps = ["INSERT INTO scratch VALUES (1)"]
+    with PostgresServer(settings=CRASH_SETTINGS) as server:
+        server.execute(SLOW_COMMIT_SCHEMA + "CREATE UNLOGGED TABLE scratch (v int);")
+        crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
+    assert crashed == ("acknowledged", 2, ["aborted"])

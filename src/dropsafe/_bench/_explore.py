@@ -3,9 +3,12 @@
 Every shape is run once healthy to count its flights, then once per fault and flight, and the
 server is checked after each history (shared/DESIGN.md point 8).
 
-A history is (shape, driver, fault, step). Its id, ``shape:driver:fault:step``, replays it:
-``python benchmarks/explore.py --replay <id>``. The checker's rules:
+A history is (shape, driver, fault, step, read). Its id, ``shape:driver:fault:step``, or
+``shape:driver:fault:step:flight`` when the unit's xid is read in the flight of its first write
+(`dropsafe.PoolPolicy.read_xid_in_flight`; without the fifth field, by the mark, the default),
+replays it: ``python benchmarks/explore.py --replay <id>``. The checker's rules:
 
+* a healthy run (no fault) of a shape that promises effects: acknowledged;
 * acknowledged: every effect exactly once (rows per database and schema, notifications heard
   by a LISTENer on a direct connection), every row written as the app's role;
 * `dropsafe.ConfigurationError`: a refused shape, correct when nothing was written;
@@ -23,6 +26,7 @@ import os
 import random
 import select
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -35,6 +39,7 @@ from dropsafe._bench._flights import FlightProxy, Strike
 from dropsafe._bench._pooler import ROUTES, Pooler, Route, driver_kw, pgbouncer_missing
 from dropsafe._bench._shapes import (
     APP_ROLE,
+    BARE_ROLE,
     CATALOG,
     DRIVERS,
     OTHER_ROLE,
@@ -56,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FAULTS",
+    "READS",
     "Explorer",
     "Fault",
     "History",
@@ -65,7 +71,11 @@ __all__ = [
     "parse_history",
 ]
 
-DATABASES = {"a": "explore_a", "b": "explore_b"}
+DATABASES = {"a": "explore_a", "b": "explore_b", "q": "explore_quiet"}
+#: The databases with no code of their own that notifies (`_NOTIFYING_SQL` is left out): after
+#: a crash the resolver asks whether the database's code may notify, and where it may, a lost
+#: COMMIT ends unknown; issue 28's crash histories need a database where it may not.
+QUIET = ("q",)
 _DRY = Context({}, dropsafe.Policy(), "")
 _SCHEMAS = (APP_ROLE, TENANT, "public")
 _WAIT_S = 15.0
@@ -74,6 +84,11 @@ HOLD_S = 1.0
 #: long as the bench's PgBouncer turns clients away after a failed server login.
 OUTAGE_S = 1.0
 UNIT_DEADLINE_S = 4.0
+#: How a verified unit reads its xid: ``mark`` (a statement of its own before COMMIT, the
+#: default) or ``flight`` (in its first write's flight: ``PoolPolicy(read_xid_in_flight=True)``,
+#: and ``dropsafe_read_xid_in_flight=true`` in a plugin URL). A history id names ``flight`` in a
+#: fifth field; an id of four fields is a ``mark`` history (the ids before the axis).
+READS = ("mark", "flight")
 
 
 @dataclass(frozen=True)
@@ -84,24 +99,31 @@ class History:
     driver: str
     fault: str
     step: int
+    #: How a verified unit reads its xid (`READS`).
+    read: str = "mark"
 
     @property
     def id(self) -> str:
-        """The id ``--replay`` takes."""
-        return f"{self.shape}:{self.driver}:{self.fault}:{self.step}"
+        """The id ``--replay`` takes (a ``mark`` history's without a fifth field)."""
+        tail = "" if self.read == "mark" else f":{self.read}"
+        return f"{self.shape}:{self.driver}:{self.fault}:{self.step}{tail}"
 
 
 def parse_history(text: str) -> History:
     """Return the `History` an id names, checked against the catalog."""
+    parts = text.split(":")
+    read = parts.pop() if len(parts) == 5 and parts[4] in READS else "mark"  # noqa: PLR2004
     try:
-        shape, driver, fault, step = text.split(":")
+        shape, driver, fault, step = parts
     except ValueError:
         step = ""
     if not step.isdigit():
-        raise dropsafe.ConfigurationError(f"a history id is shape:driver:fault:step: {text!r}")
+        raise dropsafe.ConfigurationError(
+            f"a history id is shape:driver:fault:step[:{'|'.join(READS)}]: {text!r}"
+        )
     if shape not in CATALOG or driver not in DRIVERS or fault not in FAULTS:
         raise dropsafe.ConfigurationError(f"unknown shape, driver or fault in {text!r}")
-    return History(shape, driver, fault, int(step))
+    return History(shape, driver, fault, int(step), read)
 
 
 @dataclass(frozen=True)
@@ -314,6 +336,44 @@ ALTER TABLE {schema}.effects OWNER TO {APP_ROLE};
     + f"""
 GRANT INSERT, SELECT ON {APP_ROLE}.effects TO {OTHER_ROLE};
 GRANT USAGE ON SEQUENCE {APP_ROLE}.effects_id_seq TO {OTHER_ROLE};
+"""
+)
+_FLIGHT_SQL = (
+    # Issue 28's histories (tests/units/test_flight_xid_attacks.py). A role without plpgsql:
+    # revoked from PUBLIC (a common hardening), kept by the app's own roles.
+    f"""
+REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
+GRANT USAGE ON LANGUAGE plpgsql TO {APP_ROLE}, {OTHER_ROLE};
+GRANT USAGE ON SCHEMA {APP_ROLE} TO {BARE_ROLE};
+GRANT INSERT, SELECT ON {APP_ROLE}.effects TO {BARE_ROLE};
+GRANT USAGE ON SEQUENCE {APP_ROLE}.effects_id_seq TO {BARE_ROLE};
+"""
+    # A view whose INSTEAD OF trigger puts a value only when it is not there (4 is): the
+    # INSERT counts its row and writes nothing (no xid, no WAL).
+    f"""
+CREATE TABLE {APP_ROLE}.once_values (v int);
+INSERT INTO {APP_ROLE}.once_values VALUES (4);
+CREATE VIEW {APP_ROLE}.once_put AS SELECT v FROM {APP_ROLE}.once_values;
+CREATE FUNCTION {APP_ROLE}.once_put_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF NOT EXISTS (SELECT FROM {APP_ROLE}.once_values WHERE v = NEW.v) THEN
+    INSERT INTO {APP_ROLE}.once_values VALUES (NEW.v);
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER once_put INSTEAD OF INSERT ON {APP_ROLE}.once_put
+  FOR EACH ROW EXECUTE FUNCTION {APP_ROLE}.once_put_row();
+ALTER TABLE {APP_ROLE}.once_values OWNER TO {APP_ROLE};
+ALTER VIEW {APP_ROLE}.once_put OWNER TO {APP_ROLE};
+"""
+    # An UNLOGGED table (its rows are no effect the checker counts: a crash empties it).
+    f"""
+CREATE UNLOGGED TABLE {APP_ROLE}.scratch (v int);
+ALTER TABLE {APP_ROLE}.scratch OWNER TO {APP_ROLE};
+"""
+)
+
+_NOTIFYING_SQL = (
+    f"""
 CREATE SEQUENCE {APP_ROLE}.explore_seq;
 ALTER SEQUENCE {APP_ROLE}.explore_seq OWNER TO {APP_ROLE};
 CREATE FUNCTION {APP_ROLE}.announce(payload text) RETURNS void LANGUAGE sql
@@ -327,15 +387,42 @@ END $$;
 CREATE TRIGGER announce AFTER UPDATE ON {APP_ROLE}.announcer
   FOR EACH STATEMENT EXECUTE FUNCTION {APP_ROLE}.announce_trigger();
 """
+    # A view whose INSTEAD OF trigger only notifies: the INSERT counts its row, writes nothing.
+    f"""
+CREATE VIEW {APP_ROLE}.notify_put AS SELECT NULL::text AS payload WHERE false;
+CREATE FUNCTION {APP_ROLE}.notify_put_row() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  PERFORM pg_notify('explore', NEW.payload);
+  RETURN NEW;
+END $$;
+CREATE TRIGGER notify_put INSTEAD OF INSERT ON {APP_ROLE}.notify_put
+  FOR EACH ROW EXECUTE FUNCTION {APP_ROLE}.notify_put_row();
+ALTER VIEW {APP_ROLE}.notify_put OWNER TO {APP_ROLE};
+"""
+    # A SECURITY DEFINER function that writes an effect as its owner, OTHER_ROLE.
+    f"""
+CREATE FUNCTION {APP_ROLE}.put_effect(tag text) RETURNS void LANGUAGE sql SECURITY DEFINER
+  SET search_path = pg_catalog, pg_temp
+  AS $$ INSERT INTO {APP_ROLE}.effects (tag) VALUES (tag) $$;
+ALTER FUNCTION {APP_ROLE}.put_effect(text) OWNER TO {OTHER_ROLE};
+"""
 )
 
 
 class _Listener:
-    """A LISTENer on a direct connection (not through the proxy): hears every NOTIFY once."""
+    """A LISTENer on a direct connection (not through the proxy): hears every NOTIFY once.
+
+    While a history runs a thread reads each notification as it arrives: a crash restart's
+    end of the link read in the same read as a notification would drop it unparsed (psycopg2
+    parses nothing of a read that failed), and a NOTIFY heard before a crash that lost its
+    COMMIT, then sent again by the unit's next run, would be counted once, not twice.
+    """
 
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.connection: Any = None
+        self._heard: Counter[str] = Counter()
+        self._watcher: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
 
     def _ensure(self) -> psycopg2.extensions.connection:
         import psycopg2
@@ -358,9 +445,68 @@ class _Listener:
 
     def start(self) -> None:
         """Listen (again, after a crash) and drop anything heard before this history."""
+        self._unwatch()
         connection = self._ensure()
         connection.poll()
         connection.notifies.clear()
+        self._heard.clear()
+        self._wake_r.settimeout(0)
+        with contextlib.suppress(BlockingIOError):
+            while self._wake_r.recv(64):  # a wake-up left by a watcher that had ended
+                pass
+        self._wake_r.settimeout(None)
+        self._watcher = threading.Thread(target=self._watch, args=(connection,), daemon=True)
+        self._watcher.start()
+
+    def _watch(self, connection: psycopg2.extensions.connection | None) -> None:
+        import psycopg2
+
+        while connection is not None:
+            ready, _, _ = select.select([connection, self._wake_r], [], [])
+            if self._wake_r in ready:
+                return
+            try:
+                connection.poll()
+            except psycopg2.Error:
+                # The link is gone (a crash restart): listen again at once, so that a unit run
+                # again after it is heard too (its NOTIFY twice is a violation to see).
+                with contextlib.suppress(psycopg2.Error):
+                    connection.close()
+                connection = self._listen_again()
+                continue
+            while connection.notifies:
+                self._heard[connection.notifies.pop(0).payload] += 1
+
+    def _listen_again(self) -> psycopg2.extensions.connection | None:
+        """Connect and LISTEN as soon as the server takes connections; None: woken first."""
+        import psycopg2
+
+        deadline = time.monotonic() + 4 * _WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                connection = psycopg2.connect(self.dsn, connect_timeout=2)
+                connection.autocommit = True
+                with connection.cursor() as cursor:
+                    cursor.execute("LISTEN explore")
+            except psycopg2.Error:
+                # Not up yet: wait a little, or for collect() to wake this thread.
+                if select.select([self._wake_r], [], [], 0.02)[0]:
+                    return None
+                continue
+            self.connection = connection
+            return connection
+        return None
+
+    def _unwatch(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is None:
+            return
+        if watcher.is_alive():
+            self._wake_w.send(b"x")
+        watcher.join(_WAIT_S)
+        if watcher.is_alive():
+            msg = "the LISTENer's thread did not stop"
+            raise TimeoutError(msg)
 
     def collect(self, sentinel: str) -> Counter[str]:
         """Every payload heard up to ``sentinel``, sent now from this connection itself.
@@ -370,7 +516,9 @@ class _Listener:
         """
         import psycopg2
 
-        heard: Counter[str] = Counter()
+        self._unwatch()
+        heard: Counter[str] = Counter(self._heard)
+        self._heard.clear()
         old = self.connection
         with contextlib.suppress(psycopg2.Error):
             old.poll()
@@ -394,6 +542,9 @@ class _Listener:
         raise TimeoutError(msg)
 
     def close(self) -> None:
+        self._unwatch()
+        self._wake_r.close()
+        self._wake_w.close()
         if self.connection is not None:
             with contextlib.suppress(Exception):
                 self.connection.close()
@@ -415,13 +566,13 @@ class Record:
 @dataclass
 @final
 class Explorer:
-    """Owns one server, one proxy and one LISTENer, and runs histories on them."""
+    """Owns one server, one proxy and its LISTENers, and runs histories on them."""
 
     log: Callable[[str], None] = print
     server: PostgresServer = field(init=False)
     proxy: FlightProxy = field(init=False)
-    listener: _Listener = field(init=False)
-    flights: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    listeners: list[_Listener] = field(init=False)
+    flights: dict[tuple[str, str, str], list[str]] = field(default_factory=dict)
     _stopped: list[tuple[int, int]] = field(default_factory=list)
     _stops: Iterator[int] = field(default_factory=itertools.count)
     _admin: dict[str, Any] = field(default_factory=dict)
@@ -439,15 +590,25 @@ class Explorer:
         self.server.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}'")
         self.server.execute(f"CREATE ROLE {OTHER_ROLE} NOLOGIN")
         self.server.execute(f"GRANT {OTHER_ROLE} TO {APP_ROLE}")
-        for db in DATABASES.values():
+        self.server.execute(f"CREATE ROLE {BARE_ROLE} NOLOGIN")
+        self.server.execute(f"GRANT {BARE_ROLE} TO {APP_ROLE}")
+        for key, db in DATABASES.items():
             self.server.execute(f"CREATE DATABASE {db} OWNER {APP_ROLE}")
-            self.server.execute(_SCHEMA_SQL, database=db)
+            notifying = "" if key in QUIET else _NOTIFYING_SQL
+            self.server.execute(_SCHEMA_SQL + _FLIGHT_SQL + notifying, database=db)
+            # Hint bits set, then kept on disk: a unit's read of the view's table writes no WAL.
+            self.server.execute(f"SELECT count(*) FROM {APP_ROLE}.once_values", database=db)
+        self.server.execute("CHECKPOINT")
         self.proxy = FlightProxy(self.server.port)
         self.proxy.start()
-        self.listener = _Listener(
-            f"host=127.0.0.1 port={self.server.port} dbname={DATABASES['a']} "
-            f"user=postgres password={self.server.password}"
-        )
+        # A NOTIFY is heard in its own database only: a LISTENer in the app's and the quiet ones.
+        self.listeners = [
+            _Listener(
+                f"host=127.0.0.1 port={self.server.port} dbname={DATABASES[key]} "
+                f"user=postgres password={self.server.password}"
+            )
+            for key in ("a", *QUIET)
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -455,7 +616,8 @@ class Explorer:
         self._resume_stopped()
         for connection in self._admin.values():
             connection.close()
-        self.listener.close()
+        for listener in self.listeners:
+            listener.close()
         for pooler in self.poolers.values():
             pooler.close()
         self.proxy.close()
@@ -499,9 +661,13 @@ class Explorer:
         }
 
     @staticmethod
-    def policy(route: Route = ROUTES["direct"]) -> dropsafe.Policy:
-        """Short bounds: every hang in a history ends within a few seconds; the route's pooler."""
+    def policy(route: Route = ROUTES["direct"], read: str = "mark") -> dropsafe.Policy:
+        """Short bounds: every hang in a history ends within a few seconds; the route's pooler.
+
+        A verified unit's xid is read as ``read`` says (`READS`).
+        """
         return dropsafe.Policy(
+            pool=dropsafe.PoolPolicy(read_xid_in_flight=read == "flight"),
             connection=dropsafe.ConnectionPolicy(
                 connect_timeout=2, tcp_user_timeout=2, pooler=route.pooler
             ),
@@ -516,11 +682,14 @@ class Explorer:
 
     # -- histories ----------------------------------------------------------------------------
 
-    def steps(self, shape: str, driver: str) -> list[str]:
-        """Return the labels of the shape's query flights on ``driver`` (one healthy run)."""
-        key = (shape, driver)
+    def steps(self, shape: str, driver: str, read: str = "mark") -> list[str]:
+        """Return the labels of the shape's query flights on ``driver`` (one healthy run).
+
+        ``read``: the xid read in flight sends other flights (psycopg2's DO block, ...).
+        """
+        key = (shape, driver, read)
         if key not in self.flights:
-            record, labels = self._run(History(shape, driver, "none", 0), None)
+            record, labels = self._run(History(shape, driver, "none", 0, read), None)
             # A healthy run is acknowledged, unless the shape promises no effect (it raises)
             # or is refused before anything runs (then it has few flights, maybe none).
             failed = record.outcome.kind not in ("ok", "refused") and (
@@ -541,7 +710,7 @@ class Explorer:
         fault = FAULTS[history.fault]
         if fault.name == "none":
             return self._run(history, None)[0]
-        labels = self.steps(history.shape, history.driver)
+        labels = self.steps(history.shape, history.driver, history.read)
         strike = Strike(
             history.step,
             fault.phase,
@@ -565,11 +734,12 @@ class Explorer:
         struck, *others = proxies = self._proxies(route)
         ctx = Context(
             self.urls(history.driver, route.name),
-            self.policy(route),
+            self.policy(route, history.read),
             nonce,
             struck.pause,
             engine_kw=driver_kw(DRIVERS[history.driver][0], route),
             pooler=route.pooler,
+            read_xid_in_flight=history.read == "flight",
         )
         for proxy in others:
             proxy.reset(None)
@@ -587,7 +757,9 @@ class Explorer:
         self._wait_app_gone()
         if strike is not None and strike.error is not None:
             outcome = Outcome(outcome.kind, f"{outcome.detail}; fault failed: {strike.error!r}")
-        notes = self.listener.collect(f"sentinel:{nonce}")
+        notes = sum(
+            (listener.collect(f"sentinel:{nonce}") for listener in self.listeners), Counter()
+        )
         notes = Counter({k: v for k, v in notes.items() if k.startswith(nonce)})
         rows, roles = self._rows()
         orphans = self._roll_back_prepared()
@@ -604,6 +776,10 @@ class Explorer:
             server_can_tell=FAULTS[history.fault].server_can_tell,
         )
         violation = verdict.violation
+        promised = shape.effects(ctx) != Effects()
+        if strike is None and promised and outcome.kind not in ("ok", "refused") and not violation:
+            # No fault: a unit that worked before must work (a read that fails the app's write).
+            violation = f"the healthy run failed: {outcome.kind} ({outcome.detail})"
         if orphans:
             # A PREPARE TRANSACTION left behind holds its locks until someone decides it.
             violation = (
@@ -663,7 +839,8 @@ class Explorer:
         wipe = "; ".join(f"DELETE FROM {schema}.effects" for schema in _SCHEMAS)
         for db in DATABASES.values():
             self._sql(wipe, database=db)
-        self.listener.start()
+        for listener in self.listeners:
+            listener.start()
 
     def _rows(self) -> tuple[Counter[tuple[str, str, str]], set[str]]:
         rows: Counter[tuple[str, str, str]] = Counter()
@@ -823,8 +1000,12 @@ class Explorer:
         faults: list[str] | None = None,
         drivers: list[str] | None = None,
         include_expected: bool = True,
-    ) -> list[tuple[str, str, str]]:
-        """(shape, driver, fault) triples of the matrix, after the filters."""
+        reads: tuple[str, ...] = READS,
+    ) -> list[tuple[str, str, str, str]]:
+        """(shape, driver, fault, read) cells of the matrix, after the filters.
+
+        A zero-code shape runs no unit: it has no ``flight`` cells (the read is a unit's).
+        """
         out = []
         for shape in _shapes_wanted(shapes, include_expected=include_expected):
             for driver in shape.faces():
@@ -837,26 +1018,45 @@ class Explorer:
                         continue
                     if fault.needs_deadline and shape.zero_code:
                         continue
-                    out.append((shape.name, driver, fault.name))
+                    for read in reads:
+                        if read != "mark" and shape.zero_code:
+                            continue
+                        out.append((shape.name, driver, fault.name, read))
         return out
 
     def histories(
-        self, cells: list[tuple[str, str, str]], *, sample: int | None, seed: int
+        self,
+        cells: list[tuple[str, str, str, str]],
+        *,
+        sample: int | None,
+        seed: int,
+        at_commit: bool = False,
     ) -> Iterator[History]:
-        """Every history of ``cells`` (steps from healthy runs), or a random ``sample``."""
+        """Every history of ``cells`` (steps from healthy runs), or a random ``sample``.
+
+        ``at_commit``: only the steps whose flight carries a COMMIT (the ones a lost reply
+        makes a question for the resolver).
+        """
         rng = random.Random(seed)
+
+        def steps(shape: str, driver: str, read: str) -> list[int]:
+            labels = self.steps(shape, driver, read)
+            return [
+                k for k, label in enumerate(labels, 1) if not at_commit or "COMMIT" in label.upper()
+            ]
+
         if sample is None:
-            for shape, driver, fault in cells:
+            for shape, driver, fault, read in cells:
                 if fault == "none":
-                    yield History(shape, driver, fault, 0)
+                    yield History(shape, driver, fault, 0, read)
                     continue
-                for step in range(1, len(self.steps(shape, driver)) + 1):
-                    yield History(shape, driver, fault, step)
+                for step in steps(shape, driver, read):
+                    yield History(shape, driver, fault, step, read)
             return
         for _ in range(sample):
-            shape, driver, fault = rng.choice(cells)
-            steps = 0 if fault == "none" else len(self.steps(shape, driver))
-            yield History(shape, driver, fault, rng.randint(1, steps) if steps else 0)
+            shape, driver, fault, read = rng.choice(cells)
+            some = [] if fault == "none" else steps(shape, driver, read)
+            yield History(shape, driver, fault, rng.choice(some) if some else 0, read)
 
 
 def _shapes_wanted(names: list[str] | None, *, include_expected: bool) -> list[Shape]:

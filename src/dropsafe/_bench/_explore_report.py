@@ -34,27 +34,31 @@ def replay_command(history_id: str) -> str:
 
 
 def matrix_lines(records: list[Record], *, command: str, seconds: float) -> list[str]:
-    """Return the matrix: a row per shape, a cell per fault (violations/unknowns/histories)."""
-    cells: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    shape_seconds: dict[str, float] = defaultdict(float)
-    drivers: dict[str, set[str]] = defaultdict(set)
+    """Return the matrix: a row per shape and xid read, a cell per fault.
+
+    Each cell: violations/unknowns/histories.
+    """
+    cells: dict[tuple[tuple[str, str], str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    shape_seconds: dict[tuple[str, str], float] = defaultdict(float)
+    drivers: dict[tuple[str, str], set[str]] = defaultdict(set)
     for record in records:
-        cell = cells[(record.history.shape, record.history.fault)]
+        key = (record.history.shape, record.history.read)
+        cell = cells[(key, record.history.fault)]
         cell[0] += record.violation is not None
         cell[1] += record.unknown
         cell[2] += 1
-        shape_seconds[record.history.shape] += record.seconds
-        drivers[record.history.shape].add(record.history.driver)
+        shape_seconds[key] += record.seconds
+        drivers[key].add(record.history.driver)
     faults = [name for name in FAULTS if any(key[1] == name for key in cells)]
     rows = []
-    for shape in sorted(shape_seconds):
+    for shape, read in sorted(shape_seconds):
         known = CATALOG[shape].expected_violation if shape in CATALOG else None
         name = f"{shape} (known: {known.removeprefix('issue ')})" if known else shape
-        row: list[object] = [name, " ".join(sorted(drivers[shape]))]
+        row: list[object] = [name, read, " ".join(sorted(drivers[(shape, read)]))]
         for fault in faults:
-            v, u, n = cells.get((shape, fault), [0, 0, 0])
+            v, u, n = cells.get(((shape, read), fault), [0, 0, 0])
             row.append(f"{'**' if v else ''}{v}/{u}/{n}{'**' if v else ''}" if n else "")
-        row.append(f"{shape_seconds[shape]:.0f}")
+        row.append(f"{shape_seconds[(shape, read)]:.0f}")
         rows.append(row)
     total = len(records)
     violations = sum(r.violation is not None for r in records)
@@ -68,12 +72,16 @@ def matrix_lines(records: list[Record], *, command: str, seconds: float) -> list
             f"{machine()}, load {load_average()}. Made by `{command}`. "
             "Each cell: violations / unknowns (`CommitOutcomeUnknown`, or a zero-code request "
             "that raised after its COMMIT was sent) / histories, over every step and driver. "
+            "xid read: how a verified unit reads its xid, `mark` (a statement of its own before "
+            "COMMIT, the default) or `flight` (`read_xid_in_flight=True`, issue 28; zero-code "
+            "shapes run no unit, `mark` only). "
             "Shapes marked known, and the stats_reset fault (issue 26 item 3), break on the "
             "code this ran on; every other cell must read 0 violations."
         ),
         "",
     ]
-    return [*head, *table(["shape", "drivers", *faults, "s"], rows, text_columns=2), "", END]
+    header = ["shape", "xid read", "drivers", *faults, "s"]
+    return [*head, *table(header, rows, text_columns=3), "", END]
 
 
 def write_docs(path: Path, lines: list[str]) -> None:
@@ -106,7 +114,8 @@ def write_json(
     path.parent.mkdir(parents=True, exist_ok=True)
     cells: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
     for r in records:
-        cell = cells[f"{r.history.shape}:{r.history.driver}:{r.history.fault}"]
+        tail = "" if r.history.read == "mark" else f":{r.history.read}"
+        cell = cells[f"{r.history.shape}:{r.history.driver}:{r.history.fault}{tail}"]
         cell[0] += 1
         cell[1] += r.violation is not None
         cell[2] += r.unknown

@@ -7,6 +7,7 @@ A *route* says how a shape's app reaches the server, and on which side its fault
     pgbouncer_tx_upstream:    app -> flight proxy -> PgBouncer -> flight proxy (struck) -> server
     pgbouncer_session:        as pgbouncer_tx, PgBouncer in session mode
     pgbouncer_tx_undeclared:  as pgbouncer_tx, the pooler not told to dropsafe
+    pgbouncer_session_undeclared: as pgbouncer_session, the pooler not told to dropsafe
 
 The app tells dropsafe about the pooler as docs/settings.md says (``ConnectionPolicy.pooler``,
 ``dropsafe_pooler`` in a plugin URL): dropsafe then sets the drivers up for it and replays no
@@ -65,6 +66,7 @@ ROUTES: dict[str, Route] = {
         Route("pgbouncer_tx_upstream", "transaction", "server"),
         Route("pgbouncer_session", "session"),
         Route("pgbouncer_tx_undeclared", "transaction", declared=False),
+        Route("pgbouncer_session_undeclared", "session", declared=False),
     )
 }
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["CATALOG", "DRIVERS", "POOLED", "Context", "Effects", "Shape"]
+__all__ = ["CATALOG", "DRIVERS", "FLIGHT_SHAPES", "POOLED", "Context", "Effects", "Shape"]
 
 #: The driver and face of each run: sync for psycopg2 and psycopg, async for psycopg and asyncpg.
 DRIVERS: dict[str, tuple[str, bool]] = {
@@ -40,6 +40,9 @@ APP_ROLE = "explorer_app"
 #: A role the app may SET ROLE to (granted to APP_ROLE).
 OTHER_ROLE = "explorer_other"
 TENANT = "tenant"
+#: A role the app may SET ROLE to that has no USAGE on plpgsql (granted to APP_ROLE; the
+#: explorer's databases revoke plpgsql from PUBLIC and grant it to APP_ROLE and OTHER_ROLE).
+BARE_ROLE = "explorer_bare"
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ class Context:
     engine_kw: dict[str, Any] = field(default_factory=dict)
     #: The pooler the app declares (in ``policy``, and in a plugin URL as ``dropsafe_pooler``).
     pooler: str | None = None
+    #: A verified unit's xid read in its first write's flight (in ``policy``, and in a plugin
+    #: URL as ``dropsafe_read_xid_in_flight``).
+    read_xid_in_flight: bool = False
 
     def engine(self, db: str = "a", **kw: object) -> sa.Engine:
         """Make a dropsafe engine on database ``db``, connected once, disposed after the run."""
@@ -85,12 +91,21 @@ class Context:
         return self.warm(engine)
 
     def warm(self, engine: sa.Engine) -> sa.Engine:
-        """Connect once outside the count: the history starts with a ready engine."""
+        """Connect once outside the count: the history starts with a ready engine.
+
+        With the xid read in flight, the engine is a long-lived app's: it ran a unit, and its
+        connection was made after that (`_SEASONING`).
+        """
         self.engines.append(engine)
         self.pause(paused=True)
         try:
             with engine.connect():
                 pass
+            if self.read_xid_in_flight:
+                dropsafe.run_transaction(engine, _seasoning)
+                engine.dispose()
+                with engine.connect():
+                    pass
         finally:
             self.pause(paused=False)
         return engine
@@ -100,11 +115,20 @@ class Context:
         engine = dropsafe.create_async_engine(
             self.urls[db], policy=self.policy, **self.engine_kw, **kw
         )
+        return await self.awarm(engine)
+
+    async def awarm(self, engine: AsyncEngine) -> AsyncEngine:
+        """`warm` an async engine."""
         self.engines.append(engine)
         self.pause(paused=True)
         try:
             async with engine.connect():
                 pass
+            if self.read_xid_in_flight:
+                await dropsafe.run_transaction_async(engine, _aseasoning)
+                await engine.dispose()
+                async with engine.connect():
+                    pass
         finally:
             self.pause(paused=False)
         return engine
@@ -124,6 +148,20 @@ class Context:
         for engine in self.engines:
             if isinstance(engine, AsyncEngine):
                 await engine.dispose()
+
+
+# An engine's first unit makes its later connections learn at connect what the xid read in
+# flight needs (the server's life; on psycopg2, leave to run a DO block): without it a fresh
+# engine's psycopg2 unit would read by the mark, and the explorer would never see its read.
+_SEASONING = "SELECT 1"
+
+
+def _seasoning(connection: sa.Connection) -> None:
+    connection.execute(sa.text(_SEASONING))
+
+
+async def _aseasoning(connection: AsyncConnection) -> None:
+    await connection.execute(sa.text(_SEASONING))
 
 
 @dataclass(frozen=True)
@@ -174,11 +212,12 @@ def _statements(
     drivers: tuple[str, ...] = tuple(DRIVERS),
     expected_violation: str | None = None,
     engine_kw: dict[str, Any] | None = None,
+    db: str = "a",
 ) -> Shape:
     kw = engine_kw or {}
 
     def sync(ctx: Context) -> object:
-        engine = ctx.engine(**kw)
+        engine = ctx.engine(db, **kw)
         sqls = statements(ctx)
 
         def unit(handle: Session | sa.Connection) -> None:
@@ -190,7 +229,7 @@ def _statements(
         return dropsafe.run_transaction(engine, unit)
 
     async def run_async(ctx: Context) -> object:
-        engine = await ctx.aengine(**kw)
+        engine = await ctx.aengine(db, **kw)
         sqls = statements(ctx)
 
         async def unit(handle: AsyncSession | AsyncConnection) -> None:
@@ -472,6 +511,8 @@ def _plugin_request_sync(ctx: Context) -> object:
     url = ctx.urls["a"] + ("&" if "?" in ctx.urls["a"] else "?") + "plugin=dropsafe"
     if ctx.pooler is not None:
         url += f"&dropsafe_pooler={ctx.pooler}"
+    if ctx.read_xid_in_flight:
+        url += "&dropsafe_read_xid_in_flight=true"
     return _request(ctx.warm(sa.create_engine(url, **ctx.engine_kw)), _insert("a"))
 
 
@@ -565,6 +606,257 @@ def _mid_transaction_orm_sync(ctx: Context) -> object:
 
 
 _SYNC = ("psycopg2", "psycopg")
+
+
+# -- issue 28: histories between the xid read in flight and the COMMIT ----------------------
+# (tests/units/test_flight_xid_attacks.py; "history N" is the brief's numbering, docs/guarantees.md
+# "The xid read in the flight of the unit's first write" lists them.)
+
+
+def _raw(session: Session, *sqls: str, end: str | None = None) -> None:
+    """Run ``sqls`` through a raw cursor, after ``end`` (commit, rollback) of the DBAPI connection.
+
+    SQLAlchemy sees none of it.
+    """
+    dbapi_connection: Any = session.connection().connection.dbapi_connection
+    if end is not None:
+        getattr(dbapi_connection, end)()
+    cursor = dbapi_connection.cursor()
+    for sql in sqls:
+        cursor.execute(sql)
+    cursor.close()
+
+
+def _raw_shape(  # noqa: PLR0917 - the shape, and the unit's statements in order
+    name: str,
+    what: str,
+    effects: Callable[[Context], Effects],
+    before: tuple[str, ...] = (),
+    raw: tuple[str, ...] = (),
+    after: tuple[str, ...] = (),
+    *,
+    end: str | None = None,
+    expected_violation: str | None = None,
+) -> Shape:
+    """Return a Session unit: ``before`` through the Session, `_raw`, ``after``."""
+
+    def sync(ctx: Context) -> object:
+        engine = ctx.engine()
+
+        def unit(session: Session) -> None:
+            for sql in before:
+                session.execute(sa.text(sql))
+            _raw(session, *raw, end=end)
+            for sql in after:
+                session.execute(sa.text(sql))
+
+        return dropsafe.run_transaction(sessionmaker(engine), unit)
+
+    return Shape(name, what, effects, sync, drivers=_SYNC, expected_violation=expected_violation)
+
+
+def _as_tenant_at_connect(engine: sa.Engine) -> None:
+    """Add the app's own pool listener, after dropsafe's: each new session as BARE_ROLE."""
+
+    @event.listens_for(engine, "connect")
+    def as_bare(dbapi_connection: Any, record: object) -> None:  # noqa: ANN401 - any driver's
+        del record
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET ROLE {BARE_ROLE}")
+        cursor.close()
+        dbapi_connection.commit()
+
+
+def _role_at_connect_sync(ctx: Context) -> object:
+    engine = dropsafe.create_engine(ctx.urls["a"], policy=ctx.policy, **ctx.engine_kw)
+    _as_tenant_at_connect(engine)
+    ctx.warm(engine)
+
+    def unit(session: Session) -> None:
+        session.execute(sa.text(_insert("a", schema=APP_ROLE)))
+
+    return dropsafe.run_transaction(sessionmaker(engine), unit)
+
+
+async def _role_at_connect_async(ctx: Context) -> object:
+    engine = dropsafe.create_async_engine(ctx.urls["a"], policy=ctx.policy, **ctx.engine_kw)
+    _as_tenant_at_connect(engine.sync_engine)
+    await ctx.awarm(engine)
+
+    async def unit(session: AsyncSession) -> None:
+        await session.execute(sa.text(_insert("a", schema=APP_ROLE)))
+
+    return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
+
+
+def _bare_effects(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a"), roles=frozenset({BARE_ROLE}))
+
+
+def _other_effects(ctx: Context) -> Effects:
+    del ctx
+    return Effects(_rows("a"), roles=frozenset({OTHER_ROLE}))
+
+
+def _replayed_request(
+    statements: Callable[[Context], list[str]], db: str = "a"
+) -> tuple[Callable[[Context], object], Callable[[Context], Coroutine[object, object, object]]]:
+    """Return both faces of a request outside any unit, ``statements`` in one transaction.
+
+    The transaction replay is on: its xid is read in flight (the plain transaction's read).
+    """
+
+    def sync(ctx: Context) -> object:
+        engine = ctx.warm(
+            dropsafe.create_engine(ctx.urls[db], policy=_replaying(ctx), **ctx.engine_kw)
+        )
+        with Session(engine) as session:
+            for sql in statements(ctx):
+                session.execute(sa.text(sql))
+            session.commit()
+        return None
+
+    async def run_async(ctx: Context) -> object:
+        engine = await ctx.awarm(
+            dropsafe.create_async_engine(ctx.urls[db], policy=_replaying(ctx), **ctx.engine_kw)
+        )
+        async with AsyncSession(engine) as session:
+            for sql in statements(ctx):
+                await session.execute(sa.text(sql))
+            await session.commit()
+        return None
+
+    return sync, run_async
+
+
+_H1 = (
+    "issue 28 history 1: a raw DBAPI commit() inside the unit, then a raw write; read in "
+    "flight: acknowledged, the raw write missing; the mark: the unit runs again, its first row "
+    "twice (the app's own commit made that unavoidable)"
+)
+_H2 = (
+    "issue 28 history 2: a raw DBAPI rollback() then a raw write, the COMMIT cut while it "
+    "runs; read in flight: resolved by the rolled-back xid, the unit ran twice"
+)
+_H4 = (
+    "issue 28 history 4: a first write that counts a row and writes no WAL, a NOTIFY, a crash; "
+    "read in flight (psycopg2, asyncpg: read before the statement): the NOTIFY heard twice"
+)
+_H5 = (
+    "issue 28 history 5: psycopg2, a role without USAGE on plpgsql; read in flight: its DO "
+    "block fails the unit's first write (42501)"
+)
+_H4_PLAIN = (
+    "issue 28 history 4, the plain transaction's read (transaction replay on): psycopg2, "
+    "asyncpg; a first write with no WAL, a NOTIFY, a crash: the request replayed, heard twice"
+)
+_H5_PLAIN = (
+    "issue 28 history 5, the plain transaction's read (transaction replay on): psycopg2, a "
+    "role without USAGE on plpgsql; its DO block fails the request's first write (42501)"
+)
+_H6 = (
+    "issue 28 history 6 (the mark too): an UNLOGGED-table-only write, a NOTIFY, a crash: the "
+    "commit waited for no flush, the unit ran again, the NOTIFY heard twice"
+)
+
+FLIGHT_SHAPES: tuple[Shape, ...] = (
+    _raw_shape(
+        "raw_commit_then_raw_write",
+        "Session INSERT, the DBAPI connection's commit(), a raw cursor's INSERT",
+        _two,
+        before=(_insert("a"),),
+        raw=(_insert("b"),),
+        end="commit",
+        expected_violation=_H1,
+    ),
+    _raw_shape(
+        "raw_rollback_then_raw_write",
+        "Session INSERT, the DBAPI connection's rollback(), a raw cursor's INSERT",
+        _one,
+        before=(_insert("gone"),),
+        raw=(_insert("a"),),
+        end="rollback",
+        expected_violation=_H2,
+    ),
+    _raw_shape(
+        "raw_write",
+        "a raw cursor's INSERT (no raw transaction control), then a Session INSERT",
+        _two,
+        raw=(_insert("a"),),
+        after=(_insert("b"),),
+    ),
+    _statements(
+        "once_view_notify",
+        "INSERT into a view whose INSTEAD OF trigger writes nothing (counted, no WAL), NOTIFY",
+        lambda c: ["INSERT INTO once_put VALUES (4)", f"NOTIFY explore, '{c.note('n')}'"],
+        _notes("n"),
+        expected_violation=_H4,
+        db="q",  # no code that notifies: after a crash the resolver decides, not "unknown"
+    ),
+    _statements(
+        "view_trigger_notify",
+        "INSERT into a view whose INSTEAD OF trigger only notifies (counted, no WAL)",
+        lambda c: [f"INSERT INTO notify_put VALUES ('{c.note('v')}')"],
+        _notes("v"),
+    ),
+    _statements(
+        "unlogged_notify",
+        "INSERT into an UNLOGGED table (no WAL), NOTIFY",
+        lambda c: ["INSERT INTO scratch VALUES (1)", f"NOTIFY explore, '{c.note('n')}'"],
+        _notes("n"),
+        expected_violation=_H6,
+        db="q",
+    ),
+    _statements(
+        "set_local_role_bare",
+        "SET LOCAL ROLE to a role without USAGE on plpgsql, INSERT",
+        lambda _: [f"SET LOCAL ROLE {BARE_ROLE}", _insert("a", schema=APP_ROLE)],
+        _bare_effects,
+        expected_violation=_H5,
+    ),
+    _statements(
+        "set_local_role_plpgsql",
+        "SET LOCAL ROLE to a role that keeps USAGE on plpgsql, INSERT",
+        lambda _: [f"SET LOCAL ROLE {OTHER_ROLE}", _insert("a", schema=APP_ROLE)],
+        _other_effects,
+    ),
+    Shape(
+        "role_at_connect_bare",
+        "the app's connect listener SETs ROLE to one without plpgsql; a Session INSERT",
+        _bare_effects,
+        _role_at_connect_sync,
+        _role_at_connect_async,
+        expected_violation=_H5,
+    ),
+    Shape(
+        "replayed_role_bare",
+        "no unit, transaction replay on: SET LOCAL ROLE to a role without plpgsql, INSERT",
+        _bare_effects,
+        *_replayed_request(
+            lambda _: [f"SET LOCAL ROLE {BARE_ROLE}", _insert("a", schema=APP_ROLE)]
+        ),
+        zero_code=True,
+        expected_violation=_H5_PLAIN,
+    ),
+    Shape(
+        "replayed_once_view_notify",
+        "no unit, transaction replay on: INSERT into the view that writes nothing, NOTIFY",
+        _notes("n"),
+        *_replayed_request(
+            lambda c: ["INSERT INTO once_put VALUES (4)", f"NOTIFY explore, '{c.note('n')}'"],
+            db="q",
+        ),
+        zero_code=True,
+        expected_violation=_H4_PLAIN,
+    ),
+    _statements(
+        "security_definer_write",
+        "SELECT of a SECURITY DEFINER function that writes as its owner (no INSERT text)",
+        lambda _: ["SELECT put_effect('a')"],
+        _other_effects,
+    ),
+)
 
 CATALOG: dict[str, Shape] = {
     shape.name: shape
@@ -752,6 +1044,8 @@ CATALOG: dict[str, Shape] = {
     )
 }
 
+CATALOG.update({shape.name: shape for shape in FLIGHT_SHAPES})
+
 #: Shapes run again through PgBouncer, by route (`dropsafe._bench._pooler.ROUTES`): units and
 #: the zero-code requests, struck on the app's side of the pooler; a few struck on the
 #: server's side. Session state set by the app is PgBouncer's trap in transaction mode (and
@@ -774,6 +1068,8 @@ POOLED: dict[str, tuple[str, ...]] = {
         "mid_transaction_request",
         "mid_transaction_orm",
     ),
+    # Issue 28 history 3: the driver's backend pid is PgBouncer's (random) one.
+    "pgbouncer_session_undeclared": ("session_insert", "notify_direct"),
 }
 _ROUTE_WHAT = {
     "pgbouncer_tx": "PgBouncer in transaction mode, struck between the app and it",
@@ -782,6 +1078,10 @@ _ROUTE_WHAT = {
     "pgbouncer_tx_undeclared": (
         "PgBouncer in transaction mode not told to dropsafe (drivers set up by hand), "
         "struck between the app and it"
+    ),
+    "pgbouncer_session_undeclared": (
+        "PgBouncer in session mode not told to dropsafe (pooler=None: the settings say session "
+        "mode needs nothing), struck between the app and it"
     ),
 }
 CATALOG.update(

@@ -6,6 +6,7 @@ and the failover audit (docs/guarantees.md, "Verified commits").
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ if TYPE_CHECKING:
 
     from dropsafe._commit_truth.server_life import ServerLife
 
-__all__ = ["PendingCommit", "lsn_number"]
+__all__ = ["PendingCommit", "lsn_number", "may_notify"]
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,9 @@ class PendingCommit:
     #: a weak reference, since the failover audit keeps pending commits per engine.
     engine_ref: weakref.ref[Engine] | None = field(default=None, compare=False, repr=False)
     asynchronous: bool = False
-    #: The transaction had its xid and commits with ``synchronous_commit`` off: its commit
-    #: record may be lost in a crash after listeners heard its NOTIFYs
+    #: The transaction had its xid and its COMMIT may wait for no WAL flush: ``synchronous_commit``
+    #: off, or a transaction that may notify and may have written no WAL (`may_notify`): its
+    #: commit record may be lost in a crash after listeners heard its NOTIFYs
     #: (`dropsafe._commit_truth.resolution`).
     unflushed: bool = False
 
@@ -48,3 +50,32 @@ def lsn_number(text: object) -> int:
         return 0
     high, _, low = str(text).partition("/")
     return (int(high, 16) << 32) | int(low, 16)
+
+
+# A statement that may notify: its text says so (NOTIFY, pg_notify(), a DO block or a WITH that
+# does either; a function of the database's own is asked about by the resolution). Verdicts by
+# text, as `dropsafe._engine.session_state`'s: an app sends few distinct texts, and a search per
+# statement costs a microsecond where a dictionary read costs tens of nanoseconds. Bounded.
+_NOTIFY = re.compile("notify", re.IGNORECASE).search
+_NOTIFY_VERDICTS: dict[str, bool] = {}
+_MAX_VERDICTS = 4096
+_MAX_KEPT_LENGTH = 8192
+
+
+def may_notify(statement: str) -> bool:
+    """Whether ``statement`` may queue a notification (its text names ``notify``).
+
+    PostgreSQL flushes a commit record only after WAL the transaction wrote itself (xact.c,
+    ``RecordTransactionCommit``): a transaction whose writes wrote none (an UNLOGGED table, a
+    trigger that wrote nothing, an xid assigned by a read) delivers its notifications before a
+    crash may lose its commit. docs/guarantees.md, "A unit that may notify".
+    """
+    verdict = _NOTIFY_VERDICTS.get(statement)
+    if verdict is None:
+        verdict = _NOTIFY(statement) is not None
+        if len(statement) > _MAX_KEPT_LENGTH:
+            return verdict
+        if len(_NOTIFY_VERDICTS) >= _MAX_VERDICTS:
+            _NOTIFY_VERDICTS.clear()
+        _NOTIFY_VERDICTS[statement] = verdict
+    return verdict

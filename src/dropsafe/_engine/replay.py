@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from sqlalchemy.engine.interfaces import ExecuteStyle
 
 from dropsafe._commit_truth.flight_xid import UNIT_READS_XID, FlightXid
+from dropsafe._commit_truth.pending_commit import may_notify
 from dropsafe._drivers import driver_for, is_supported, socket_fd_of, tcp_bytes_sent
 from dropsafe._engine.fresh_connection import FreshConnections
 from dropsafe._engine.pinned_insert import pinned_insert
@@ -608,6 +609,8 @@ class FirstStatementReplay:
         send: Callable[[Any], None],
     ) -> None:
         """Record a statement just sent; the app reads its result through the recording."""
+        if may_notify(statement):
+            transcript.notifies = True  # its lost COMMIT may have waited for no WAL
         reason = statement_refusal(context, statement)
         if reason is not None:
             transcript.refuse(reason)

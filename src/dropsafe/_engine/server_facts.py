@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SAFE_EXTENSIONS",
+    "forget_do_blocks",
     "learn_session",
     "learned_session",
     "may_run_do_blocks",
@@ -68,9 +69,17 @@ _SESSION_START = (
 # Whether the session may run a DO block (plpgsql, and USAGE on it): psycopg2 reads a
 # transaction's xid in a statement's flight with one (`dropsafe._engine.xid_in_flight`), and a
 # DO block refused would fail the app's transaction. Asked with the session's start, kept apart.
+# A DO block runs as the current role, which the app may change after this question: SET
+# [LOCAL] ROLE in a transaction, set_config('role', ...), SET SESSION AUTHORIZATION, or its own
+# connect listener (run after dropsafe's). So the leave is asked of every role the session's
+# user may become: each role it is a member of (a superuser: every role). One without USAGE
+# (``REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC``, then a tenant role) and no DO block is
+# sent on the connection: the mark reads the xid instead. (With PUBLIC's USAGE, the default,
+# every role has it.)
 _DO_BLOCKS = (
-    "EXISTS (SELECT FROM pg_language WHERE lanname = 'plpgsql' "
-    "AND has_language_privilege(oid, 'USAGE'))"
+    "EXISTS (SELECT FROM pg_language l WHERE l.lanname = 'plpgsql' "
+    "AND NOT EXISTS (SELECT FROM pg_roles r WHERE pg_has_role(session_user, r.oid, 'MEMBER') "
+    "AND NOT has_language_privilege(r.oid, l.oid, 'USAGE')))"
 )
 _SESSION_START_AND_DO = f"{_SESSION_START}, {_DO_BLOCKS}"
 _SESSION_START_DO_AND_LIFE = f"{_SESSION_START_AND_DO}, {SERVER_LIFE_SQL}"
@@ -211,6 +220,12 @@ def _keep_start(entry: ConnectionPoolEntry, answer: tuple[Any, ...] | None) -> N
             _LEARNED[entry.driver_connection] = tuple(map(str, start))
         except TypeError:  # not weakly referable: unknown, so never replayed
             return
+
+
+def forget_do_blocks(native: DBAPIConnection) -> None:
+    """Take back the connection's leave to run DO blocks: one was refused (42501)."""
+    with contextlib.suppress(TypeError):
+        _DO_BLOCKS_ALLOWED.pop(native, None)
 
 
 def may_run_do_blocks(native: DBAPIConnection) -> bool:

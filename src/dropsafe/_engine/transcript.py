@@ -223,6 +223,7 @@ class Transcript:
         "max_rows",
         "max_statements",
         "native",
+        "notifies",
         "pending",
         "refused",
         "rows",
@@ -254,6 +255,9 @@ class Transcript:
         self.pending: PendingCommit | None = None
         #: Whether the next statement that may write reads the xid in its flight.
         self.xid_wanted = False
+        #: Whether a statement of it may notify: a lost COMMIT is then resolved as one that
+        #: may have waited for no WAL (`PendingCommit.unflushed`; `UnsentCommit`).
+        self.notifies = False
 
     def refuse(self, reason: str) -> None:
         """Turn the replay off for this transaction; forget what was recorded."""

@@ -14,6 +14,7 @@ module's to guess). docs/guarantees.md, "A transaction lost before its COMMIT is
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from typing import TYPE_CHECKING, Literal
 
@@ -111,6 +112,11 @@ class UnsentCommit:
                 pending = None if around else transcript.pending
                 if pending is None or self._xid is None:
                     raise  # it may have reached the server, and nothing can ask about it
+                if transcript.notifies and not (pending.unflushed or pending.asynchronous):
+                    # Its writes may have written no WAL (an UNLOGGED table, a view's trigger
+                    # that wrote nothing): its COMMIT then waited for no flush, its NOTIFY was
+                    # heard, and a crash may lose the commit record. No read proves WAL.
+                    pending = dataclasses.replace(pending, unflushed=True)
                 # Sent, and perhaps committed: the server is asked about the xid (or raises).
                 if self._xid.resolve(connection, pending, error) == "committed":
                     _drop(dbapi_connection, error)

@@ -19,13 +19,13 @@ import time
 from typing import TYPE_CHECKING
 
 from dropsafe._backoff import sleep_in_greenlet
-from dropsafe._classify import ErrorKind, classify
+from dropsafe._classify import ErrorKind, classify, sqlstate_of
 from dropsafe._commit_truth.pending_commit import PendingCommit, lsn_number
 from dropsafe._commit_truth.resolution import Outcome, resolve_commit
 from dropsafe._commit_truth.server_life import UNREADABLE, known_server_life
 from dropsafe._commit_truth.server_sql import xid_question
 from dropsafe._drivers.base import driver_connection
-from dropsafe._engine.server_facts import may_run_do_blocks
+from dropsafe._engine.server_facts import forget_do_blocks, may_run_do_blocks
 from dropsafe._policy import seconds
 
 if TYPE_CHECKING:
@@ -57,6 +57,8 @@ _ENDS = re.compile(
 )
 # What a server that hides the WAL position names in its refusal (42501, permission denied).
 _WAL_FUNCTION = "pg_current_wal_insert_lsn"
+# What PostgreSQL's refusal of the DO block names (42501, in any lc_messages).
+_PLPGSQL = "plpgsql"
 # A statement that may turn synchronous_commit off after the read: its COMMIT may then not wait
 # for its WAL (`PendingCommit.unflushed`). One that names it, or a set_config whose name is not
 # a string literal (a bound parameter, a column: `SELECT set_config(%(name)s, ...)` names
@@ -137,6 +139,11 @@ class XidInFlight:
                 # app's statement failed with it, once; the next reads go without it.
                 with self._state.lock:
                     self._state.wal_readable = False
+            if self._needs_do_blocks and sqlstate_of(exc) == "42501" and _PLPGSQL in str(exc):
+                # A role the session's user became a member of (or USAGE revoked) after
+                # connect: the app's statement failed with it, once; this connection's next
+                # transactions read their xid with the mark (`server_facts._DO_BLOCKS`).
+                forget_do_blocks(driver_connection(native))
             raise
         if reading is None:
             return None

@@ -131,8 +131,30 @@ def _before_commit(conn: Connection) -> None:
     if not attempt.read_xid:
         attempt.commits_sent += 1
         return
-    attempt.pending = _read_in_flight(conn, attempt) or _mark(conn, attempt)
+    attempt.pending = _unflushed_if_notifying(
+        attempt, _read_in_flight(conn, attempt) or _mark(conn, attempt)
+    )
     attempt.commits_sent += 1  # from here on, the COMMIT may reach the server
+
+
+def _unflushed_if_notifying(
+    attempt: AttemptTracker, pending: PendingCommit | None
+) -> PendingCommit | None:
+    """Mark ``pending`` unflushed where the unit may notify: its COMMIT may wait for no WAL.
+
+    PostgreSQL flushes a commit record only after WAL the transaction wrote itself
+    (``RecordTransactionCommit``: ``wrote_xlog``); an xid is no proof of it. A write that wrote
+    none (an UNLOGGED or temporary table, a view's INSTEAD OF trigger that found its row there,
+    an xid the read in flight assigned before a statement that then wrote nothing) commits
+    asynchronously, and its NOTIFY is delivered before a crash may lose the commit record.
+    Neither the mark nor the read in flight can tell (no function says whether a transaction
+    wrote WAL), so a unit that may notify is unknown after a crash, never run again (its
+    notification heard twice); a unit that notifies nothing runs again as before (a lost
+    asynchronous commit that nobody heard of is safe to redo).
+    """
+    if pending is None or not attempt.notifies or pending.asynchronous or pending.unflushed:
+        return pending
+    return dataclasses.replace(pending, unflushed=True)
 
 
 def _read_in_flight(conn: Connection, attempt: AttemptTracker) -> PendingCommit | None:
@@ -244,7 +266,9 @@ def _mark_several(attempt: AttemptTracker, conn: Connection, others: list[Connec
     if writers:
         writer, pending = writers[0]
         attempt.writer = writer
-        attempt.pending = dataclasses.replace(pending, engine_ref=weakref.ref(writer.engine))
+        attempt.pending = _unflushed_if_notifying(
+            attempt, dataclasses.replace(pending, engine_ref=weakref.ref(writer.engine))
+        )
     attempt.sent.append(conn)
     attempt.commits_sent += 1
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, cast
 
 from dropsafe._classify import ErrorKind, classify
+from dropsafe._commit_truth.pending_commit import may_notify
 from dropsafe._errors import ConfigurationError
 from dropsafe._unit.tracker import current_attempt
 
@@ -89,10 +90,17 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
     context: object,
     executemany: bool,
 ) -> None:
-    """Engine ``before_cursor_execute`` listener: refuse a statement that would commit alone."""
-    del cursor, statement, parameters, context, executemany
-    if current_attempt() is None:
+    """Engine ``before_cursor_execute`` listener: refuse a statement that would commit alone.
+
+    It also notes a statement that may notify (`AttemptTracker.notifies`): the one listener
+    every statement of a unit already pays for.
+    """
+    del cursor, parameters, context, executemany
+    attempt = current_attempt()
+    if attempt is None:
         return
+    if may_notify(statement):
+        attempt.notifies = True
     # The driver's own flag: SQLAlchemy sets it for isolation_level="AUTOCOMMIT" (on the
     # engine or in execution options), and an app may set it on the DBAPI connection itself.
     if _under_autocommit(conn.connection.dbapi_connection):

@@ -51,6 +51,7 @@ class AttemptTracker:
         "connection",
         "hooks",
         "marks",
+        "notifies",
         "pending",
         "read_xid",
         "refusal",
@@ -90,6 +91,10 @@ class AttemptTracker:
         self.refusal: ConfigurationError | None = None
         #: Connections whose COMMIT began during the attempt (the unit's own among them).
         self.committing_connections: list[Connection] = []
+        #: A statement of the attempt may notify (NOTIFY, pg_notify): its COMMIT, if it wrote no
+        #: WAL, delivers the notification before its commit record is flushed
+        #: (`dropsafe._unit.shapes` notes it, `dropsafe._unit.recording` reads it).
+        self.notifies = False
         self._reported: list[BaseException] = []
         self._token: contextvars.Token[AttemptTracker | None] | None = None
         self._reads_token: contextvars.Token[bool] | None = None
