@@ -199,13 +199,16 @@ def test_a_read_only_statement_reads_no_xid_and_more_columns_when_asked(face) ->
             more=f", {SERVER_LIFE_SQL}",
         )
         server_xid = connection.exec_driver_sql("SELECT pg_current_xact_id()::text").scalar()
+        server_pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
         _end(connection)
-        return first, second, server_xid
+        return first, second, server_xid, server_pid
 
-    first, second, server_xid = face.run(run)
+    first, second, server_xid, server_pid = face.run(run)
     assert first.values[0] is None, first
-    assert len(second.values) == 4, second
+    # xid, synchronous_commit, the backend's pid (the server's), the server's life (two)
+    assert len(second.values) == 5, second
     assert second.values[0] == server_xid
+    assert second.values[2] == str(server_pid)
     assert all(value is not None for value in second.values[2:]), second
 
 

@@ -982,3 +982,30 @@ def test_a_role_without_plpgsql_made_after_connect_fails_one_transaction_at_most
         engine.dispose()
     assert failures == ["42501"]
     assert [_count(crashable_plain, where=f"v = {v}") for v in (1, 2, 3, 4)] == [1, 0, 1, 1]
+
+
+@needs_blackhole
+@pytest.mark.parametrize("then", ["nothing", "select"])
+@pytest.mark.parametrize("driver", READS)
+def test_a_raw_commit_and_a_raw_write_then_the_commit_lost(server, driver, then, disposing):
+    """The app commits with the DBAPI connection's own commit() and writes through a raw
+    cursor (a new server transaction, another xid), perhaps a SELECT through SQLAlchemy after,
+    and the final COMMIT never arrives: the raw write was never committed. Before the fix
+    (what the socket sent since the last statement through SQLAlchemy is counted: more, and
+    the xid read is dropped) it was resolved 'committed' by the ended transaction's xid and
+    returned, the raw write missing, both drivers."""
+    events: list[object] = []
+    engine = disposing(_engine(server, driver, events))
+    a = {"psycopg2": 700, "psycopg": 800}[driver] + (0 if then == "nothing" else 50)
+    with engine.connect() as conn, lost_at_commit(engine, "both"):
+        conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({a})"))
+        dbapi_connection = conn.connection.dbapi_connection
+        dbapi_connection.commit()
+        raw = dbapi_connection.cursor()
+        raw.execute(f"INSERT INTO attack_unique VALUES ({a + 5})")
+        raw.close()
+        if then == "select":
+            conn.execute(sa.text("SELECT 1"))
+        outcome = _commit(conn)
+    later = _count(server, "attack_unique", f"v = {a + 5}")
+    assert (outcome, later, _resolved(events)) == ("OperationalError", 0, [])

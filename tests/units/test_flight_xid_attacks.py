@@ -269,33 +269,19 @@ def _raw_commit_then_raw_write(session):
     cursor.close()
 
 
-@pytest.mark.parametrize(
-    "reads",
-    [
-        pytest.param(
-            True,
-            id="in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: INSERT 1 (xid A read in flight), the DBAPI connection's own "
-                    "commit() (A committed; SQLAlchemy's commit event does not fire), INSERT 2 "
-                    "through a raw cursor (xid B, a new transaction: the connection is in a "
-                    "transaction again, so _flight_xid_of's idle check passes), then the unit's "
-                    "COMMIT lost before it reached the server: resolved by A ('committed') and "
-                    "acknowledged, row 2 missing. The mark read B (aborted: the unit ran again; "
-                    "row 1 twice, which the app's own commit() made unavoidable, but never an "
-                    "acknowledged unit whose last write is missing)."
-                ),
-            ),
-        ),
-        pytest.param(False, id="mark"),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
     kernel_blackhole, driver, reads
 ):
+    """INSERT 1 (xid A read in flight), the DBAPI connection's own commit() (A committed;
+    SQLAlchemy's commit event does not fire), INSERT 2 through a raw cursor (xid B: the
+    connection is in a transaction again), then the unit's COMMIT lost before it reached the
+    server. Before the fix (the socket's bytes sent counted after each statement through
+    SQLAlchemy: more at COMMIT, the mark reads) it was resolved by A ('committed') and
+    acknowledged, row 2 missing. The mark reads B (aborted: the unit runs again; row 1 twice,
+    which the app's own commit() made unavoidable, but never acknowledged with a write
+    missing)."""
     recorder = Recorder()
     steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_raw_write]
     with PostgresServer() as server:
@@ -309,6 +295,107 @@ def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
             acknowledged = True
         last_write = rows(server, 2)
     assert not acknowledged or last_write == 1, (unit.calls, recorder.outcomes())
+
+
+def _raw_commit_then_raw_insert(value):
+    """`_raw_commit_then_raw_write` of ``value``, through the DBAPI connection every face has
+    (SQLAlchemy's adapter on the async ones: its commit() and cursor go straight to asyncpg or
+    psycopg, never through the dialect's do_execute)."""
+
+    def step(session):
+        dbapi_connection = session.connection().connection.dbapi_connection
+        dbapi_connection.commit()
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"INSERT INTO ledger VALUES ({int(value)})")
+        cursor.close()
+
+    return step
+
+
+THEN = {
+    "nothing": [],
+    # through SQLAlchemy after the raw write: its bytes counted would hide the raw ones
+    "select": ["SELECT 1"],
+    "insert": ["INSERT INTO ledger VALUES (3)"],  # reads the xid again: the new transaction's
+}
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("replay_transaction", [False, True], ids=["unit", "transcript"])
+@pytest.mark.parametrize("then", sorted(THEN))
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_raw_commit_and_write_then_statements_through_sqlalchemy_are_resolved_by_the_new_xid(
+    postgres_server, kernel_blackhole, driver, then, replay_transaction
+):
+    """INSERT 1 (xid A read in flight), the DBAPI connection's commit() and a raw INSERT 2 (xid
+    B), then nothing, a SELECT or an INSERT 3 through SQLAlchemy, and the COMMIT lost before
+    it reached the server: resolved by B (fenced, 'aborted'), the unit runs again; never by A
+    ('committed': acknowledged, rows 2 and 3 missing). With the transaction replay on, the
+    transcript keeps the read and a lost COMMIT's own resolution (`UnsentCommit`) asks by it:
+    the same. Every face, asyncpg's and psycopg's async adapters too."""
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_raw_insert(2), *THEN[then]]
+    policy = dataclasses.replace(
+        resolving_policy(recorder),
+        pool=dropsafe.PoolPolicy(read_xid_in_flight=True, replay_transaction=replay_transaction),
+    )
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+    holes = contextlib.ExitStack()
+    outcome = "unknown"
+    with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
+        unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both"))
+        outcome = "acknowledged"
+    written = [rows(server, 2), rows(server, 3)]
+    assert (outcome, unit.calls, recorder.outcomes(), written) == (
+        "acknowledged",
+        2,
+        ["aborted"],
+        [1, 1 if then == "insert" else 0],
+    )
+
+
+def _a_duplicate_in_a_savepoint(session):
+    """A savepoint whose INSERT fails (a duplicate key), rolled back: the unit goes on."""
+    savepoint = session.begin_nested()
+    try:
+        session.execute(sa.text("INSERT INTO once VALUES (5)"))
+    except sa.exc.IntegrityError:
+        savepoint.rollback()
+    else:
+        pytest.fail("the duplicate key was accepted")
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("replay_transaction", [False, True], ids=["unit", "transcript"])
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_statement_that_failed_in_a_savepoint_keeps_the_read(
+    postgres_server, kernel_blackhole, driver, replay_transaction, monkeypatch
+):
+    """INSERT 1 (the read), a savepoint whose INSERT fails and is rolled back, a SELECT (no
+    write after: nothing would read again), the COMMIT's reply lost: resolved 'committed' by
+    the read, no mark sent. The failed statement's bytes are the engine's: counted after it as
+    any statement's, never taken for bytes sent around SQLAlchemy (before that count, the read
+    was dropped and the mark paid its round trip: 1 mark, psycopg2)."""
+    marks = []
+    mark = recording._mark
+
+    def counted(conn, attempt):
+        marks.append(1)
+        return mark(conn, attempt)
+
+    monkeypatch.setattr(recording, "_mark", counted)
+    server = postgres_server
+    server.execute(
+        SLOW_COMMIT_SCHEMA + "CREATE TABLE once (v int PRIMARY KEY); INSERT INTO once VALUES (5);"
+    )
+    recorder = Recorder()
+    steps = ["INSERT INTO ledger VALUES (1)", _a_duplicate_in_a_savepoint, "SELECT 1"]
+    resolved = _lost_reply_unit(
+        server, kernel_blackhole, driver, steps, recorder, replay_transaction=replay_transaction
+    )
+    assert (resolved, rows(server, 1), len(marks)) == (("acknowledged", 1, ["committed"]), 1, 0)
 
 
 # -- savepoints: the xid read inside one, the savepoint rolled back -----------------------------
@@ -359,37 +446,22 @@ def test_a_first_write_in_a_savepoint_rolled_back_is_resolved_by_the_top_transac
 # -- a pooler the policy was not told of (PgBouncer in session mode, pooler=None) ---------------
 
 
-@pytest.mark.parametrize(
-    "reads",
-    [
-        pytest.param(
-            True,
-            id="in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: behind PgBouncer in session mode with "
-                    "ConnectionPolicy.pooler left None (docs/settings.md: 'session' and None "
-                    "change nothing), the read in flight takes the backend pid from the driver "
-                    "(PgBouncer's BackendKeyData: a random number, not the server backend's "
-                    "pid). A COMMIT lost before it reached the server leaves the backend idle in "
-                    "its transaction; the resolver's fence names the wrong pid, terminates "
-                    "nothing, and the xid stays 'in progress' until commit_status_timeout: "
-                    "CommitOutcomeUnknown, where the mark (pg_backend_pid(), the server's) "
-                    "fenced it, read 'aborted', and ran the unit again, acknowledged once."
-                ),
-            ),
-        ),
-        pytest.param(False, id="mark"),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
+@pytest.mark.parametrize("pool_mode", ["session", "transaction"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_again(
-    postgres_server, kernel_blackhole, driver, reads
+    postgres_server, kernel_blackhole, driver, reads, pool_mode
 ):
-    """PgBouncer hands each client a random BackendKeyData; the driver reads its pid half as
-    a positive number (the read in flight then stands), half not (the mark reads): the engine's
-    one connection is made until it is positive, so the attack is the same every run."""
+    """Behind PgBouncer in session mode with ConnectionPolicy.pooler left None, a COMMIT lost
+    before it reached the server leaves the backend idle in its transaction: fenced, 'aborted',
+    run again. Before the fix (the read in flight reads pg_backend_pid() with the xid) its pid
+    was the driver's, PgBouncer's BackendKeyData (a random number): the fence terminated
+    nothing, and the xid stayed 'in progress' until commit_status_timeout:
+    CommitOutcomeUnknown. PgBouncer's random pid is read by the driver half as a positive
+    number (before the fix the read in flight then stood), half not (the mark read): the
+    engine's one connection is made until it is positive, so the attack is the same every
+    run. In transaction mode too (each transaction may run on another backend: the pid read
+    with the xid is the one its transaction ran on; before, 'unknown' there as well)."""
     recorder = Recorder()
     postgres_server.execute(SLOW_COMMIT_SCHEMA)
     holes = contextlib.ExitStack()
@@ -399,7 +471,7 @@ def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_aga
         calls.append(1)
         session.execute(sa.text("INSERT INTO ledger VALUES (1)"))
 
-    with PgBouncer(postgres_server, pool_mode="session") as bouncer:
+    with PgBouncer(postgres_server, pool_mode=pool_mode) as bouncer:
         engine = dropsafe.create_engine(
             bouncer.url(driver), policy=_policy(recorder, reads), pool_size=1, max_overflow=0
         )
@@ -522,7 +594,7 @@ def _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder, **pool):
     flight on unless said: it is off by default)."""
     pool.setdefault("read_xid_in_flight", True)
     policy = dataclasses.replace(resolving_policy(recorder), pool=dropsafe.PoolPolicy(**pool))
-    unit = StepUnit(driver, server.url(driver), steps, policy=policy)
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
     holes = contextlib.ExitStack()
     outcome = "unknown"
     with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
@@ -595,31 +667,15 @@ def _raw_rollback_then_slow_raw_write(session):
     cursor.close()
 
 
-@pytest.mark.parametrize(
-    "reads",
-    [
-        pytest.param(
-            True,
-            id="in_flight",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "issue 28 attack: INSERT 7 (xid A read in flight), the DBAPI connection's "
-                    "own rollback() (A aborted; no SQLAlchemy event), INSERT 1 through a raw "
-                    "cursor (xid B: the connection is in a transaction again, so _flight_xid_of "
-                    "keeps A), the COMMIT cut while the server ran it: the server committed B, "
-                    "the resolver asked about A, read 'aborted', and the unit ran again: row 1 "
-                    "twice. The mark read B: committed, run once."
-                ),
-            ),
-        ),
-        pytest.param(False, id="mark"),
-    ],
-)
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_raw_dbapi_rollback_then_a_raw_write_is_resolved_by_the_new_transaction(
     postgres_server, chaos_proxy, driver, reads
 ):
+    """INSERT 7 (xid A read in flight), the DBAPI connection's own rollback() (A aborted; no
+    SQLAlchemy event), INSERT 1 through a raw cursor (xid B), the COMMIT cut while the server
+    ran it: the server committed B. Before the fix (bytes sent around SQLAlchemy drop the
+    read) the resolver asked about A, read 'aborted', and the unit ran again: row 1 twice."""
     server = postgres_server
     server.execute(SLOW_COMMIT_SCHEMA)
     recorder = Recorder()

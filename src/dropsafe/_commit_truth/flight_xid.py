@@ -18,6 +18,8 @@ import contextvars
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe._dbapi import NativeConnection
 
@@ -36,12 +38,24 @@ class FlightXid:
 
     ``xid_wanted``: the next statement that may write reads it (none read yet, or the one read
     was dropped: the server's transaction ended under it). ``native``: the driver connection it
-    was read on, whose status says whether that transaction is still open.
+    was read on, whose status says whether that transaction is still open. ``fd``,
+    ``count_sent``, ``sent_after``: its socket, how to read the bytes it sent, and what it had
+    sent when the last statement through SQLAlchemy was; more sent since is the app's own,
+    around SQLAlchemy (a DBAPI ``commit()`` and a raw cursor's write): the read is then dropped.
     """
 
-    __slots__ = ("native", "pending", "xid_wanted")
+    __slots__ = ("count_sent", "fd", "native", "pending", "sent_after", "xid_wanted")
 
     def __init__(self) -> None:
         self.pending: PendingCommit | None = None
         self.xid_wanted = True
         self.native: NativeConnection | None = None
+        self.fd: int | None = None
+        self.sent_after: int | None = None
+        self.count_sent: Callable[[int], int | None] = _unknown
+
+
+def _unknown(fd: int) -> int | None:
+    """Count nothing: a socket whose bytes sent cannot be read (the read is dropped)."""
+    del fd
+    return None

@@ -133,8 +133,10 @@ def mark_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
 
 # -- the xid read in a statement's own flight (a plain transaction's COMMIT) ----------------
 
-#: Its columns: the xid as text (NULL: none) and ``synchronous_commit``. The read before the
-#: statement gives the transaction its xid (the statement may write: it would take one anyway);
+#: Its columns: the xid as text (NULL: none), ``synchronous_commit`` and the backend's pid (the
+#: server's, as the mark reads it: behind a pooler the driver knows only the pooler's, which
+#: the resolver's fence would miss). The read before the statement gives the transaction its
+#: xid (the statement may write: it would take one anyway);
 #: a standby assigns none (the statement then fails there on its own). The server's life is not
 #: read here: it is learned at connect (`dropsafe._engine.server_facts`), and a read that failed
 #: in flight (a server that hides it) would fail the app's transaction.
@@ -142,7 +144,8 @@ def mark_statement(dialect: Dialect, *, with_life: bool, with_wal: bool) -> str:
 # or type of the same name earlier on its search_path (``SET search_path = app, pg_catalog``)
 # cannot answer in PostgreSQL's place (a wrong xid would resolve another transaction's COMMIT).
 _IN_FLIGHT = (
-    "{xid}::pg_catalog.text, pg_catalog.current_setting('synchronous_commit'::pg_catalog.text)"
+    "{xid}::pg_catalog.text, pg_catalog.current_setting('synchronous_commit'::pg_catalog.text), "
+    "pg_catalog.pg_backend_pid()"
 )
 _IN_FLIGHT_WAL = (
     "CASE WHEN pg_catalog.pg_is_in_recovery() THEN NULL "
@@ -153,7 +156,7 @@ _IN_FLIGHT_WAL = (
 def xid_question(dialect: Dialect, *, with_wal: bool = False) -> XidQuestion:
     """Return what a driver reads of the transaction in a statement's flight (`XidQuestion`).
 
-    ``with_wal``: the WAL insert position too (a third column), where the engine's servers
+    ``with_wal``: the WAL insert position too (a fourth column), where the engine's servers
     were seen at connect to answer it: a lower bound of the COMMIT record's position.
     """
     current = "pg_catalog." + (

@@ -32,7 +32,12 @@ from dropsafe._engine.server_facts import learn_session
 from dropsafe._engine.session_state import VERDICTS, mark_connection, may_change_session
 from dropsafe._engine.transcript import Transcript, recorded_size
 from dropsafe._engine.unsent_commit import UnsentCommit
-from dropsafe._engine.xid_in_flight import XidInFlight, may_write
+from dropsafe._engine.xid_in_flight import (
+    XidInFlight,
+    may_write,
+    note_sent,
+    sent_around_read,
+)
 from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -357,7 +362,8 @@ class FirstStatementReplay:
     ) -> None:
         """Keep a unit's xid read by its transaction's first statement, where no transcript does.
 
-        With the transaction replay on, the transcript keeps it (`_begin_transcript`).
+        With the transaction replay on, the transcript keeps it (`_begin_transcript`). What the
+        socket sent once the statement went is kept with it (`sent_around_read`).
         """
         if xid is None or self._records:
             return
@@ -365,6 +371,8 @@ class FirstStatementReplay:
         if transaction is not None:
             record = self._flight_xids[transaction] = FlightXid()
             record.pending, record.xid_wanted, record.native = xid, False, pending.native
+            record.fd, record.count_sent = pending.fd, pending.entry.sent_bytes
+            note_sent(record)
 
     def _send_in_unit(  # noqa: PLR0917 - do_execute's arguments, and its Connection
         self,
@@ -392,18 +400,31 @@ class FirstStatementReplay:
             record = self._flight_xids[transaction] = FlightXid()
         if record.pending is not None:
             reads.note_statement(record, statement)
-        native = None
+        native = fd = None
         if record.xid_wanted and may_write(context, statement) and not _many(context):
             # Read from the checkout each time: a first-statement replay may have moved it.
             native = driver.native(connection.connection.dbapi_connection)
-        if native is None:
-            method(cursor, statement, parameters, context)
-            return
-        read = reads.send(
-            native, statement, lambda text: method(cursor, text, parameters, context), cursor
-        )
-        if read is not None:
-            record.pending, record.xid_wanted, record.native = read, False, native
+            # Its socket's bytes sent are what tells a statement sent around SQLAlchemy: none
+            # to count (not TCP), no read (the mark reads).
+            fd = None if native is None else socket_fd_of(driver, native)
+        try:
+            if native is None or fd is None:
+                method(cursor, statement, parameters, context)
+            else:
+                read = reads.send(
+                    native,
+                    statement,
+                    lambda text: method(cursor, text, parameters, context),
+                    cursor,
+                )
+                if read is not None:
+                    record.pending, record.xid_wanted, record.native = read, False, native
+                    record.fd, record.count_sent = fd, tcp_bytes_sent
+        finally:
+            # Failed too (a duplicate key in a savepoint the app rolls back): its bytes are the
+            # engine's, not sent around it.
+            if record.pending is not None:
+                note_sent(record)
 
     def _flight_xid_of(self, connection: Connection) -> PendingCommit | None:
         """Return the xid ``connection``'s open transaction read in a statement's flight, if any.
@@ -425,7 +446,9 @@ class FirstStatementReplay:
             ended = driver is None or driver.transaction_idle(holder.native) is not False
         except Exception:  # noqa: BLE001 - a closed connection: the mark's statement fails too
             ended = True
-        return None if ended else holder.pending
+        # In a transaction, but perhaps another one: bytes sent around SQLAlchemy since its
+        # last statement (a DBAPI commit() or rollback(), then a raw cursor's write).
+        return None if ended or sent_around_read(holder) else holder.pending
 
     def _send_first(  # noqa: PLR0917 - do_execute's arguments, and the checkout's first facts
         self,
@@ -439,7 +462,9 @@ class FirstStatementReplay:
     ) -> PendingCommit | None:
         """Send a transaction's first statement that may write, reading its xid in the flight."""
         xid_reads = reads
-        if pending.native is None or _many(context):
+        # No socket to count the bytes sent on (not TCP): a read could not tell a statement
+        # sent around SQLAlchemy after it (`sent_around_read`), so none is made.
+        if pending.native is None or pending.fd is None or _many(context):
             method(cursor, statement, parameters, context)
             return None
         return xid_reads.send(
@@ -462,7 +487,8 @@ class FirstStatementReplay:
         None where it is not read. Its first sending alone reads: a replay sends it plainly.
         """
         xid_reads, native = self._xid, transcript.native
-        if xid_reads is None or native is None or _many(context):
+        # No socket to count its bytes sent on: the read could not stand (`sent_around_read`).
+        if xid_reads is None or native is None or transcript.fd is None or _many(context):
             return None
 
         def send_reading(on: DBAPICursor) -> None:
@@ -572,6 +598,8 @@ class FirstStatementReplay:
             self._record(transcript, context, statement, send)
         else:
             transcript.refuse(refusal)
+        if xid is not None and transcript.refused is not None:  # else _record counted
+            note_sent(transcript)
 
     def _record(
         self,
@@ -623,9 +651,13 @@ class FirstStatementReplay:
                     # would wait on them (fencing it is not built).
                     emit(self._hooks, _timed_out_event(exc, transcript))
                 transcript.refuse("the statement failed on a connection that was not lost")
+                if transcript.pending is not None:  # its bytes are the engine's
+                    note_sent(transcript)
                 raise
             self._replay_transaction(connection, context, send, exc, transcript)
         self._record(transcript, context, statement, send)
+        if transcript.pending is not None and transcript.refused is not None:  # else _record's
+            note_sent(transcript)  # what a COMMIT's resolution checks (`sent_around_read`)
 
     def _replay_transaction(
         self,

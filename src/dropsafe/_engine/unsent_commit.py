@@ -22,6 +22,7 @@ from dropsafe._classify import ErrorKind, classify
 from dropsafe._drivers.base import Health
 from dropsafe._engine.fresh_connection import ask_before_replay, replay_bounded
 from dropsafe._engine.session_state import mark_connection
+from dropsafe._engine.xid_in_flight import sent_around_read
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -96,6 +97,10 @@ class UnsentCommit:
                 return
             replayable = transcript.refused is None
             gone = replayable and self._gone(dbapi_connection)
+            # Bytes sent around SQLAlchemy since the last statement (a DBAPI commit(), then a
+            # raw cursor's write): the xid read may be an ended transaction's, and resolve
+            # nothing. Counted before the COMMIT adds its own.
+            around = transcript.pending is not None and sent_around_read(transcript)
             try:
                 commit(dbapi_connection)
             except Exception as error:
@@ -104,7 +109,7 @@ class UnsentCommit:
                     # commit.
                     self._commit_elsewhere(connection, dbapi_connection, error, transcript, commit)
                     return
-                pending = transcript.pending
+                pending = None if around else transcript.pending
                 if pending is None or self._xid is None:
                     raise  # it may have reached the server, and nothing can ask about it
                 if transcript.notifies and not (pending.unflushed or pending.asynchronous):

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from dropsafe._engine_state import EngineState
     from dropsafe.events import Hook
 
-__all__ = ["XidInFlight", "may_write"]
+__all__ = ["XidInFlight", "may_write", "note_sent", "sent_around_read"]
 
 # A text statement that may write: what the server would give an xid for. A SELECT that calls
 # a function that writes is not read (its transaction's COMMIT stays unresolvable, as before).
@@ -79,6 +79,25 @@ def may_write(context: ExecutionContext, statement: str) -> bool:
         or context.isdelete  # type: ignore[attr-defined]
         or _WRITES.match(statement) is not None
     )
+
+
+def sent_around_read(holder: Transcript | FlightXid) -> bool:
+    """Whether the socket sent bytes since the last statement through SQLAlchemy, or may have.
+
+    Once the xid is read, ``holder.sent_after`` is what the socket had sent after each
+    statement the engine sent; anything more went around SQLAlchemy (the DBAPI connection's own
+    ``commit()`` or ``rollback()``, a raw cursor's write: the server's transaction may have
+    ended and another begun, whose COMMIT the read's xid would resolve). Unknown (not TCP, a
+    closed socket) counts as sent. One getsockopt (TCP_INFO).
+    """
+    fd, before = holder.fd, holder.sent_after
+    return fd is None or before is None or holder.count_sent(fd) != before
+
+
+def note_sent(holder: Transcript | FlightXid) -> None:
+    """Keep what ``holder``'s socket sent so far: a statement through SQLAlchemy just went."""
+    fd = holder.fd
+    holder.sent_after = None if fd is None else holder.count_sent(fd)
 
 
 class XidInFlight:
@@ -138,9 +157,11 @@ class XidInFlight:
         life = known_server_life(self._state, driver_connection(native))
         return PendingCommit(
             int(values[0]),
-            self._driver.backend_pid(native) or 0,
+            # The server's pid, read with the xid: behind a pooler the driver's is the pooler's
+            # (PgBouncer's BackendKeyData), and a fence by it terminated nothing.
+            int(values[2] or 0),
             life or UNREADABLE,
-            lsn_number(values[2]) if with_wal and len(values) > 2 else 0,  # noqa: PLR2004
+            lsn_number(values[3]) if with_wal and len(values) > 3 else 0,  # noqa: PLR2004
             # An xid the read gave before the statement: if the statement changed no row (or
             # its rowcount may count rows it did not write: a WITH), the transaction may write
             # no WAL and its COMMIT then waits for no flush.
@@ -154,13 +175,18 @@ class XidInFlight:
     def note_statement(self, transcript: Transcript | FlightXid, statement: str) -> None:
         """After the read, a statement that names ``synchronous_commit`` may turn it off.
 
-        One that ends the server's transaction (a text ``COMMIT``), or a connection found out
-        of its transaction before the statement (a COMMIT sent around SQLAlchemy), drops the
-        xid read: the next write reads its own transaction's (before, a COMMIT that never
-        arrived was resolved by the ended one's xid, its later writes acknowledged and
-        missing).
+        One that ends the server's transaction (a text ``COMMIT``), a connection found out
+        of its transaction before the statement (a COMMIT sent around SQLAlchemy), or a socket
+        that sent bytes since the last statement (a DBAPI ``commit()`` then a raw cursor's
+        write: in a transaction again, `sent_around_read`) drops the xid read: the next write
+        reads its own transaction's (before, a COMMIT that never arrived was resolved by the
+        ended one's xid, its later writes acknowledged and missing).
         """
-        if _ENDS.search(statement) is not None or self._ended(transcript):
+        if (
+            _ENDS.search(statement) is not None
+            or self._ended(transcript)
+            or sent_around_read(transcript)
+        ):
             transcript.pending, transcript.xid_wanted = None, True
             return
         pending = transcript.pending
