@@ -313,12 +313,13 @@ class PoolPolicy(_Validated):
     begin_in_first_flight: bool = True
     #: A verified unit of work's xid is read in the flight of its first statement that may
     #: write, instead of by a statement of its own before COMMIT (the mark): a verified unit
-    #: makes no round trip more than an unverified one. Off by default until the histories
-    #: listed in docs/guarantees.md ("The xid read in the flight of the unit's first write")
-    #: are closed: raw DBAPI transaction control inside a unit, an undeclared session pooler,
-    #: a first write that writes no WAL, a role without plpgsql on psycopg2. Needs
-    #: ``replay_first_statement``; psycopg2, psycopg 3 and asyncpg; not behind a pooler.
-    read_xid_in_flight: bool = False
+    #: makes no round trip more than an unverified one. Where nothing can be read there (no
+    #: TCP socket to count bytes on, a declared pooler, bytes sent around SQLAlchemy after the
+    #: read, psycopg2 without leave to run a DO block, ...) the mark reads, as with False.
+    #: Needs ``replay_first_statement``; psycopg2, psycopg 3 and asyncpg. The histories that
+    #: kept it off in session 13 are closed: docs/guarantees.md, "The xid read in the flight
+    #: of the unit's first write".
+    read_xid_in_flight: bool = True
 
 
 @_environment_defaults

@@ -31,7 +31,7 @@ TEXTS = {
     "replay_max_bytes": ("4096", 4096),
     "defer_checkin_rollback": ("off", False),
     "begin_in_first_flight": ("off", False),
-    "read_xid_in_flight": ("on", True),
+    "read_xid_in_flight": ("off", False),
     "max_attempts": ("11", 11),
     "backoff_initial": ("0.2", 0.2),
     "backoff_max": ("4", 4.0),

@@ -125,11 +125,12 @@ def test_without_the_read_in_flight_the_mark_costs_one_round_trip(server, driver
     assert abs(marked - plain - 1) <= 0.25, (plain, marked)
 
 
-def test_the_read_in_flight_is_turned_on_by_the_url_and_strictly(server):
+def test_the_read_in_flight_is_on_by_default_turned_off_by_the_url_and_strictly(server):
     url = server.url("psycopg2")
-    flagged = sa.create_engine(f"{url}&plugin=dropsafe&dropsafe_read_xid_in_flight=true")
+    assert dropsafe.PoolPolicy().read_xid_in_flight is True
+    flagged = sa.create_engine(f"{url}&plugin=dropsafe&dropsafe_read_xid_in_flight=false")
     try:
-        assert guard_of(flagged).policy.pool.read_xid_in_flight is True
+        assert guard_of(flagged).policy.pool.read_xid_in_flight is False
     finally:
         flagged.dispose()
     with pytest.raises(dropsafe.ConfigurationError, match="read_xid_in_flight"):

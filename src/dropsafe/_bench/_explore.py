@@ -5,7 +5,7 @@ server is checked after each history (shared/DESIGN.md point 8).
 
 A history is (shape, driver, fault, step, read). Its id, ``shape:driver:fault:step``, or
 ``shape:driver:fault:step:flight`` when the unit's xid is read in the flight of its first write
-(`dropsafe.PoolPolicy.read_xid_in_flight`; without the fifth field, by the mark, the default),
+(`dropsafe.PoolPolicy.read_xid_in_flight`; without the fifth field, by the mark),
 replays it: ``python benchmarks/explore.py --replay <id>``. The checker's rules:
 
 * a healthy run (no fault) of a shape that promises effects: acknowledged;
@@ -84,10 +84,11 @@ HOLD_S = 1.0
 #: long as the bench's PgBouncer turns clients away after a failed server login.
 OUTAGE_S = 1.0
 UNIT_DEADLINE_S = 4.0
-#: How a verified unit reads its xid: ``mark`` (a statement of its own before COMMIT, the
-#: default) or ``flight`` (in its first write's flight: ``PoolPolicy(read_xid_in_flight=True)``,
-#: and ``dropsafe_read_xid_in_flight=true`` in a plugin URL). A history id names ``flight`` in a
-#: fifth field; an id of four fields is a ``mark`` history (the ids before the axis).
+#: How a verified unit reads its xid: ``mark`` (a statement of its own before COMMIT:
+#: ``read_xid_in_flight=False``) or ``flight`` (in its first write's flight, the default since
+#: session 14: ``read_xid_in_flight=True``; in a plugin URL, ``dropsafe_read_xid_in_flight``).
+#: A history id names ``flight`` in a fifth field; an id of four fields is a ``mark`` history
+#: (the ids before the axis).
 READS = ("mark", "flight")
 
 
