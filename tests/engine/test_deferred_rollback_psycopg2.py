@@ -39,6 +39,7 @@ BACKEND_PID = sa.text("SELECT pg_backend_pid()")
 PROMPT_S = 2.0
 DEADLINE_S = 20.0
 IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
+ACTIVE = 1  # TRANSACTION_STATUS_ACTIVE: a command in progress
 
 
 @pytest.fixture
@@ -198,7 +199,8 @@ def test_dispose_while_a_rollback_is_under_way(shared_server, proxy, disposing, 
         proxy.blackhole()
     else:
         proxy.latency(300)
-    session.close()
+    closing = _close_in_background(session)
+    assert not closing.is_alive(), "the close waited for the ROLLBACK"
     started = time.monotonic()
     engine.dispose()
     took = time.monotonic() - started
@@ -260,8 +262,12 @@ def test_a_fork_while_a_rollback_is_under_way(shared_server, proxy, disposing) -
         session.execute(BACKEND_PID)
     proxy.latency(300)
     with Session(engine) as session:
-        session.execute(BACKEND_PID)  # ends with a ROLLBACK under way for 300 ms more
-    assert psycopg2_rollback._PENDING
+        session.execute(BACKEND_PID)  # ends with a ROLLBACK under way for 600 ms more
+        native = session.connection().connection.dbapi_connection
+    # Forked once the worker is inside psycopg2's rollback (libpq's PQTRANS_ACTIVE: a command
+    # in progress, its lock held), not before it began.
+    _until(lambda: native.get_transaction_status() == ACTIVE, "the ROLLBACK never began")
+    assert native in psycopg2_rollback._PENDING
     child = os.fork()
     if child == 0:  # pragma: no cover - the child reports by its exit status
         try:
