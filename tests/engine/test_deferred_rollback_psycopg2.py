@@ -42,6 +42,12 @@ IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
 ACTIVE = 1  # TRANSACTION_STATUS_ACTIVE: a command in progress
 
 
+@pytest.fixture(autouse=True)
+def always_deferred(monkeypatch):
+    """Every ROLLBACK deferred, however quick (the heuristic's own test sets it back)."""
+    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0)
+
+
 @pytest.fixture
 def proxy(shared_server):
     with ChaosProxy(shared_server.host, shared_server.port) as proxy:
@@ -333,3 +339,32 @@ def test_many_threads_many_requests(shared_server, proxy, disposing) -> None:
     assert errors == []
     assert len(pids) <= 4
     assert events == []
+
+
+def test_a_quick_rollback_is_awaited_a_slow_one_deferred(
+    shared_server, proxy, disposing, monkeypatch
+) -> None:
+    """Where the ROLLBACK is mostly CPU (a database next to the app) the thread hand-off costs
+    more than it saves: awaited, measured again once in 32; slower (5 ms each way), deferred."""
+    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0005)
+    monkeypatch.setattr(psycopg2_rollback, "REMEASURE_EVERY", 4)
+
+    def deferred(session) -> bool:
+        native = session.connection().connection.dbapi_connection
+        session.execute(BACKEND_PID)
+        session.close()
+        found = native in psycopg2_rollback._PENDING
+        psycopg2_rollback.settle(native)  # as the next checkout does
+        assert native.get_transaction_status() == IDLE
+        return found
+
+    # Quick: the first ROLLBACK of a connection is measured (deferred), then awaited but for
+    # one in REMEASURE_EVERY (a 10 ms threshold: quicker than any rollback through the proxy).
+    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.010)
+    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")))
+    seen = [deferred(Session(engine)) for _ in range(9)]
+    assert seen == [True, False, False, False, True, False, False, False, True]
+    # Slow: every one deferred, once measured slow.
+    proxy.latency(5)
+    seen = [deferred(Session(engine)) for _ in range(6)]
+    assert seen[-3:] == [True, True, True]

@@ -63,6 +63,17 @@ _PENDING: dict[Any, PendingRollback] = {}
 _EXIT_WAIT_S = 1.0
 #: How long a ROLLBACK whose socket was shut down may take to end (it fails at once).
 _ABORT_WAIT_S = 2.0
+#: A ROLLBACK quicker than this (its whole call, measured in the worker) is awaited: it is
+#: mostly CPU, the client's and the server's (a database next to the app), which a hand-off to a
+#: thread does not save and adds to. Slower, it is mostly the network's round trip: deferred.
+SLOW_ROLLBACK_S = 0.0005
+#: Awaited, a connection's ROLLBACK is still deferred once in this many, to measure it again.
+REMEASURE_EVERY = 32
+#: What a connection's ROLLBACKs took: [seconds, awaited ones left before the next measure],
+#: by ``id()`` of the connection (a hint: an id reused by a new connection only costs one
+#: wrong guess). Forgotten at close; emptied if it grows past `_TIMES_AT_MOST`.
+_TIMES: dict[int, list[float]] = {}
+_TIMES_AT_MOST = 10_000
 # libpq's PGTransactionStatusType (psycopg2.extensions.TRANSACTION_STATUS_*).
 _PQTRANS_INTRANS = 2
 _PQTRANS_INERROR = 3
@@ -88,7 +99,9 @@ def settle(native: NativeConnection) -> None:
 
 def close_settled(dbapi_connection: DBAPIConnection) -> None:
     """Before the pool pings, closes or terminates a connection: settle a ROLLBACK. Never raises."""
-    pending = _PENDING.get(getattr(dbapi_connection, "dbapi_connection", dbapi_connection))
+    native = getattr(dbapi_connection, "dbapi_connection", dbapi_connection)
+    _TIMES.pop(id(native), None)
+    pending = _PENDING.get(native)
     if pending is not None:
         with contextlib.suppress(Exception):  # closed already; the close goes on
             pending.settle(quiet=True)
@@ -102,13 +115,16 @@ def send_rollback(
 ) -> bool:
     """Start psycopg2's ``rollback()`` in a worker thread; False: run it here, awaited.
 
-    Left awaited: a connection closed or in no transaction as libpq knows it (psycopg2's own
+    Left awaited: a connection whose last ROLLBACK measured took less than `SLOW_ROLLBACK_S`
+    (a database next to the app: the hand-off would cost more than it saves; one in
+    `REMEASURE_EVERY` is deferred anyway, to measure it again), a connection closed or in no
+    transaction as libpq knows it (psycopg2's own
     rollback then sends nothing, or fixes its own state: it must run), a psycopg2 with a wait
     callback (green), a connection of another class (a ``connection_factory``'s).
     """
     native: Any = getattr(proxied, "dbapi_connection", proxied)
     connection_class, wait_callback = _psycopg2()
-    if type(native) is not connection_class or native.closed or wait_callback() is not None:
+    if type(native) is not connection_class or native.closed:
         return False
     if native in _PENDING:
         # A ROLLBACK is under way and nothing was sent since (anything would have waited for
@@ -116,6 +132,13 @@ def send_rollback(
         return True
     status = native.get_transaction_status()
     if status != _PQTRANS_INTRANS and status != _PQTRANS_INERROR:  # noqa: PLR1714 - ints
+        return False
+    times = _TIMES.get(id(native))
+    if times is not None and times[0] < SLOW_ROLLBACK_S:
+        times[1] -= 1
+        if times[1] > 0:
+            return False  # quick: awaited; measured again once in REMEASURE_EVERY
+    if wait_callback() is not None:
         return False
     pending = PendingRollback(native, timeout, during, report)
     _PENDING[native] = pending
@@ -151,8 +174,13 @@ class PendingRollback:
     def run(self) -> None:
         """In the worker: psycopg2's rollback; the error, if any, kept for the settle."""
         connection = self._connection
+        started = time.monotonic()
         try:
             connection.rollback()
+            took = time.monotonic() - started
+            if len(_TIMES) >= _TIMES_AT_MOST:
+                _TIMES.clear()
+            _TIMES[id(connection)] = [took, REMEASURE_EVERY]
         except BaseException as exc:  # noqa: BLE001 - kept, raised by the settle
             self.error = exc
         else:
