@@ -185,7 +185,7 @@ class PendingRollback:
             self.error = exc
         else:
             if _PENDING.get(connection) is self:
-                del _PENDING[connection]
+                _PENDING.pop(connection, None)  # never raises: settle may take it meanwhile
         finally:
             self._done.release()
 
@@ -216,7 +216,7 @@ class PendingRollback:
         """
         connection = self._connection
         if _PENDING.get(connection) is self:
-            del _PENDING[connection]
+            _PENDING.pop(connection, None)  # never raises: settle may take it meanwhile
         try:
             if os.getpid() != self.pid:
                 msg = "a ROLLBACK run by another process is under way or unread here"
