@@ -245,7 +245,7 @@ class PendingRollback:
 
 
 class _StillRunning(Exception):
-    """A rollback that neither ended nor ended when its socket was shut down."""
+    """A rollback still inside psycopg2 after its socket was shut down under it."""
 
 
 def _operational_error(message: str) -> Exception:
