@@ -63,17 +63,19 @@ _PENDING: dict[Any, PendingRollback] = {}
 _EXIT_WAIT_S = 1.0
 #: How long a ROLLBACK whose socket was shut down may take to end (it fails at once).
 _ABORT_WAIT_S = 2.0
-#: A ROLLBACK quicker than this (its whole call, measured in the worker) is awaited: it is
-#: mostly CPU, the client's and the server's (a database next to the app), which a hand-off to a
-#: thread does not save and adds to. Slower, it is mostly the network's round trip: deferred.
+#: A ROLLBACK quicker than this (psycopg2's whole call, timed in the request's thread) is
+#: awaited: it is mostly CPU, the client's and the server's (a database next to the app), which
+#: a hand-off to a thread does not save and adds to (about 100 us a request, measured). Slower,
+#: it is mostly the network's round trip: deferred.
 SLOW_ROLLBACK_S = 0.0005
-#: Awaited, a connection's ROLLBACK is still deferred once in this many, to measure it again.
+#: Deferred, a connection's ROLLBACK is still awaited once in this many, to time it again.
 REMEASURE_EVERY = 32
-#: What a connection's ROLLBACKs took: [seconds, awaited ones left before the next measure],
+#: What a connection's last awaited ROLLBACK took: [seconds, deferred ones left before the next],
 #: by ``id()`` of the connection (a hint: an id reused by a new connection only costs one
 #: wrong guess). Forgotten at close; emptied if it grows past `_TIMES_AT_MOST`.
 _TIMES: dict[int, list[float]] = {}
 _TIMES_AT_MOST = 10_000
+_NOT_TIMED = float("inf")
 # libpq's PGTransactionStatusType (psycopg2.extensions.TRANSACTION_STATUS_*).
 _PQTRANS_INTRANS = 2
 _PQTRANS_INERROR = 3
@@ -113,14 +115,15 @@ def send_rollback(
     timeout: float,
     report: Callable[[During, BaseException], None],
 ) -> bool:
-    """Start psycopg2's ``rollback()`` in a worker thread; False: run it here, awaited.
+    """Start psycopg2's ``rollback()`` in a worker thread; True also when run here, timed.
 
-    Left awaited: a connection whose last ROLLBACK measured took less than `SLOW_ROLLBACK_S`
-    (a database next to the app: the hand-off would cost more than it saves; one in
-    `REMEASURE_EVERY` is deferred anyway, to measure it again), a connection closed or in no
-    transaction as libpq knows it (psycopg2's own
-    rollback then sends nothing, or fixes its own state: it must run), a psycopg2 with a wait
-    callback (green), a connection of another class (a ``connection_factory``'s).
+    Run here, awaited, and timed (in the request's thread: a worker's timing would count its
+    wait for the GIL): one in `REMEASURE_EVERY` of a connection's ROLLBACKs, and all of them
+    while its last timed one took less than `SLOW_ROLLBACK_S` (a database next to the app: the
+    hand-off would cost more than it saves). False, left to the dialect's own: a connection
+    closed or in no transaction as libpq knows it (psycopg2's own rollback then sends nothing,
+    or fixes its own state: it must run), a psycopg2 with a wait callback (green), a connection
+    of another class (a ``connection_factory``'s).
     """
     native: Any = getattr(proxied, "dbapi_connection", proxied)
     connection_class, wait_callback = _psycopg2()
@@ -133,13 +136,24 @@ def send_rollback(
     status = native.get_transaction_status()
     if status != _PQTRANS_INTRANS and status != _PQTRANS_INERROR:  # noqa: PLR1714 - ints
         return False
-    times = _TIMES.get(id(native))
-    if times is not None and times[0] < SLOW_ROLLBACK_S:
-        times[1] -= 1
-        if times[1] > 0:
-            return False  # quick: awaited; measured again once in REMEASURE_EVERY
     if wait_callback() is not None:
         return False
+    times = _TIMES.get(id(native))
+    if times is None:
+        # Not timed yet: deferred, until REMEASURE_EVERY have been.
+        if len(_TIMES) >= _TIMES_AT_MOST:
+            _TIMES.clear()
+        times = _TIMES[id(native)] = [_NOT_TIMED, REMEASURE_EVERY]
+    if times[0] < SLOW_ROLLBACK_S or times[1] <= 0:
+        # Awaited here and timed in the request's own thread (a worker's timing would count
+        # its wait for the GIL): psycopg2's own rollback, as the dialect's; its error is
+        # the caller's to absorb, as ever.
+        started = time.monotonic()
+        native.rollback()
+        times[0] = time.monotonic() - started
+        times[1] = REMEASURE_EVERY
+        return True
+    times[1] -= 1
     pending = PendingRollback(native, timeout, during, report)
     _PENDING[native] = pending
     _WORKERS[0].run(pending)
@@ -174,13 +188,8 @@ class PendingRollback:
     def run(self) -> None:
         """In the worker: psycopg2's rollback; the error, if any, kept for the settle."""
         connection = self._connection
-        started = time.monotonic()
         try:
             connection.rollback()
-            took = time.monotonic() - started
-            if len(_TIMES) >= _TIMES_AT_MOST:
-                _TIMES.clear()
-            _TIMES[id(connection)] = [took, REMEASURE_EVERY]
         except BaseException as exc:  # noqa: BLE001 - kept, raised by the settle
             self.error = exc
         else:
