@@ -348,6 +348,7 @@ def test_a_quick_rollback_is_awaited_a_slow_one_deferred(
     more than it saves: awaited; slower (5 ms each way), deferred, timed again one in N."""
     monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0005)
     monkeypatch.setattr(psycopg2_rollback, "REMEASURE_EVERY", 4)
+    monkeypatch.setattr(psycopg2_rollback, "DEFERRED_BEFORE_TIMING", 4)
 
     def deferred(session) -> bool:
         native = session.connection().connection.dbapi_connection
@@ -359,7 +360,7 @@ def test_a_quick_rollback_is_awaited_a_slow_one_deferred(
         return found
 
     # Quick (a 10 ms threshold: quicker than any rollback through the proxy): deferred until
-    # REMEASURE_EVERY were, then timed in the request's thread, and awaited.
+    # DEFERRED_BEFORE_TIMING were, then timed in the request's thread, and awaited.
     monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.010)
     engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")))
     seen = [deferred(Session(engine)) for _ in range(8)]

@@ -70,6 +70,8 @@ _ABORT_WAIT_S = 2.0
 SLOW_ROLLBACK_S = 0.0005
 #: Deferred, a connection's ROLLBACK is still awaited once in this many, to time it again.
 REMEASURE_EVERY = 32
+#: A new connection's first ROLLBACKs deferred before one is timed.
+DEFERRED_BEFORE_TIMING = 4
 #: What a connection's last awaited ROLLBACK took: [seconds, deferred ones left before the next],
 #: by ``id()`` of the connection (a hint: an id reused by a new connection only costs one
 #: wrong guess). Forgotten at close; emptied if it grows past `_TIMES_AT_MOST`.
@@ -136,14 +138,12 @@ def send_rollback(
     status = native.get_transaction_status()
     if status != _PQTRANS_INTRANS and status != _PQTRANS_INERROR:  # noqa: PLR1714 - ints
         return False
-    if wait_callback() is not None:
-        return False
     times = _TIMES.get(id(native))
     if times is None:
-        # Not timed yet: deferred, until REMEASURE_EVERY have been.
+        # Not timed yet: its first few deferred (a request's first ROLLBACKs wait for nothing).
         if len(_TIMES) >= _TIMES_AT_MOST:
             _TIMES.clear()
-        times = _TIMES[id(native)] = [_NOT_TIMED, REMEASURE_EVERY]
+        times = _TIMES[id(native)] = [_NOT_TIMED, DEFERRED_BEFORE_TIMING]
     if times[0] < SLOW_ROLLBACK_S or times[1] <= 0:
         # Awaited here and timed in the request's own thread (a worker's timing would count
         # its wait for the GIL): psycopg2's own rollback, as the dialect's; its error is
@@ -153,6 +153,8 @@ def send_rollback(
         times[0] = time.monotonic() - started
         times[1] = REMEASURE_EVERY
         return True
+    if wait_callback() is not None:
+        return False  # green: awaited by the dialect's own, in this greenlet
     times[1] -= 1
     pending = PendingRollback(native, timeout, during, report)
     _PENDING[native] = pending
