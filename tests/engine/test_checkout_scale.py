@@ -19,6 +19,7 @@ from pooled import held_backend_pids
 from sqlalchemy import event
 
 import dropsafe
+from dropsafe._drivers import psycopg2_rollback
 from dropsafe._engine.guard import guard_of
 
 POOL = 10
@@ -193,11 +194,14 @@ def _python_calls_per_request(engine, requests: int = 200) -> float:
 # replay's two TCP_INFO reads made with C calls only and inlined where they run, _driver_busy
 # inlined, the autocommit flag read without the dialect's call where that is SQLAlchemy's own):
 # +29, +39, +56.9 and +66.3; the budgets keep 2 to 2.7 calls of margin, and each fails on the
-# code before (+35, +45, +63.9, +73.3).
+# code before (+35, +45, +63.9, +73.3). Session 14 (psycopg2's ROLLBACK in a worker thread:
+# its decision and timing at each checkin, awaited here as quick, and the settle at each
+# checkout; a connection's first 4 deferred, before the count): psycopg2 +29 -> +35.0 and +56.9
+# -> +63.0 (the budgets keep 2 calls of margin).
 CALLS_ADDED_AT_MOST = {
-    ("psycopg2", False): 31,
+    ("psycopg2", False): 37,
     ("psycopg", False): 41,
-    ("psycopg2", True): 59,
+    ("psycopg2", True): 65,
     ("psycopg", True): 69,
 }
 
@@ -207,8 +211,12 @@ CALLS_ADDED_AT_MOST = {
 @pytest.mark.parametrize("records", [False, True], ids=["defaults", "replay_transaction"])
 @pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
 def test_a_hardened_engine_keeps_the_healthy_request_nearly_as_cheap_as_a_plain_pool(
-    shared_server, driver, records, disposing
+    shared_server, driver, records, disposing, monkeypatch
 ):
+    # psycopg2's ROLLBACK is awaited where it is quick (under 0.5 ms), deferred where slower: a
+    # loaded machine can make a local one slower, and the count move. Pinned to the awaited
+    # path, the one a database next to the app takes.
+    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 1.0)
     url = shared_server.url(driver)
     plain = disposing(sa.create_engine(url, pool_size=1))
     policy = dropsafe.Policy(hooks=(), pool=dropsafe.PoolPolicy(replay_transaction=records))

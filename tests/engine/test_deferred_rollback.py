@@ -4,8 +4,8 @@ psycopg 3 (sync) sends it and returns; its reply is read before the connection i
 (the next checkout, or the same Connection's next statement). Each fault is real, through a
 `ChaosProxy`: the link blackholed while the ROLLBACK is unanswered (on the unchanged code the
 Session's close then waited: the first test fails there after 2 s), the link cut or the backend
-terminated before the reply, a reply 300 ms late, a fork after checkin. psycopg2 and asyncpg
-still wait (docs/guarantees.md says why).
+terminated before the reply, a reply 300 ms late, a fork after checkin. psycopg2's (its own
+rollback in a worker thread): test_deferred_rollback_psycopg2.py; asyncpg's: _async.py.
 """
 
 from __future__ import annotations
@@ -189,11 +189,17 @@ def test_the_opt_out_waits_as_before(shared_server) -> None:
         dropsafe.PoolPolicy(defer_checkin_rollback="no")  # type: ignore[arg-type]
 
 
-def test_psycopg2_keeps_its_own_rollback(shared_server) -> None:
-    """psycopg2 keeps its transaction state in C: no ROLLBACK is sent beneath it
-    (docs/guarantees.md). asyncio's: tests/engine/test_deferred_rollback_async.py."""
+def test_psycopg2_defers_through_its_own_rollback(shared_server) -> None:
+    """psycopg2 keeps its transaction state in C: its own rollback() runs in a worker thread
+    (tests/engine/test_deferred_rollback_psycopg2.py); the opt-out holds there too."""
     engine = dropsafe.create_engine(shared_server.url("psycopg2"))
+    opted_out = dropsafe.create_engine(
+        shared_server.url("psycopg2"),
+        policy=dropsafe.Policy(pool=dropsafe.PoolPolicy(defer_checkin_rollback=False)),
+    )
     try:
-        assert not guard_of(engine).quiet_rollback.defers
+        assert guard_of(engine).quiet_rollback.defers
+        assert not guard_of(opted_out).quiet_rollback.defers
     finally:
         engine.dispose()
+        opted_out.dispose()

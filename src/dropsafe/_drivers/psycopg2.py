@@ -7,10 +7,11 @@ import secrets
 from typing import TYPE_CHECKING
 
 from dropsafe._classify import DriverErrors
-from dropsafe._drivers import libpq
+from dropsafe._drivers import libpq, psycopg2_rollback
 from dropsafe._drivers.base import (
     Capabilities,
     DBAPIConnection,
+    DeferredRollback,
     Tls,
     XidQuestion,
     XidReading,
@@ -57,6 +58,10 @@ class Psycopg2(libpq.Libpq):
     )
     tls = Tls(url_parameters={"sslmode": "require"}, off_url_parameters={"sslmode": "disable"})
     capabilities = Capabilities(reads_xid_in_flight=True, xid_read_runs_do_block=True)
+    # psycopg2's own rollback() in a worker thread, its end awaited before the next use.
+    deferred_rollback = DeferredRollback(
+        psycopg2_rollback.send_rollback, psycopg2_rollback.settle, psycopg2_rollback.close_settled
+    )
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return is_instance(dbapi_connection, "psycopg2.extensions", "connection")

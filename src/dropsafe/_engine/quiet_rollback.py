@@ -7,14 +7,14 @@ called it; or the Connection, found in the frames that called it) and emits
 never touched. Why a dialect method and not an event, and what that costs: docs/guarantees.md,
 "A ROLLBACK on a lost connection is not an error".
 
-Where the driver can (`Driver.deferred_rollback`: psycopg 3, sync;
-`Driver.async_deferred_rollback`: asyncpg), the ROLLBACK is not awaited
+Where the driver can (`Driver.deferred_rollback`: psycopg 3 and psycopg2, sync;
+`Driver.async_deferred_rollback`: asyncpg, psycopg 3), the ROLLBACK is not awaited
 (``PoolPolicy.defer_checkin_rollback``): it is sent at once and its reply read before the
 connection's next use, whoever makes it: the next checkout (`settler`, from the checkout
 check), the driver itself (`dropsafe._drivers.psycopg_rollback`), or the dialect's pre-ping,
 close and terminate, wrapped here where the driver asks (`dropsafe._drivers.asyncpg_rollback`,
-whose connection has no hook every use passes). A request
-that ends with a ROLLBACK then does not wait for it. A reply that is an error, late past
+`dropsafe._drivers.psycopg2_rollback`: no hook on their connections that every use passes). A
+request that ends with a ROLLBACK then does not wait for it. A reply that is an error, late past
 ``ping_timeout``, or read in another process than the one that sent it closes the connection:
 at checkout it is replaced like any dead one, never shown to the request.
 """
