@@ -170,7 +170,7 @@ async def test_a_connection_reset_at_any_byte_of_the_flight(
         finally:
             await engine.dispose()
     assert seen[True] <= seen[False], (seen[True], seen[False])
-    assert readings == {(2, True)}  # every read came whole: the xid, synchronous_commit
+    assert readings == {(3, True)}  # every read came whole: the xid, synchronous_commit, the pid
     # The question's bytes were cut too (its flight is longer), and each cut was a plain one.
     assert max(cut[True]) > max(cut[False])
     assert {facts for facts in seen[True] if facts[0] != "ok"} == {

@@ -197,11 +197,14 @@ def _python_calls_per_request(engine, requests: int = 200) -> float:
 # code before (+35, +45, +63.9, +73.3). Session 14 (psycopg2's ROLLBACK in a worker thread:
 # its decision and timing at each checkin, awaited here as quick, and the settle at each
 # checkout; a connection's first 4 deferred, before the count): psycopg2 +29 -> +35.0 and +56.9
-# -> +63.0 (the budgets keep 2 calls of margin).
+# -> +63.0 (the budgets keep 2 calls of margin). Merged with the read in flight's byte count
+# (the transcript keeps the socket's bytes sent after each statement the engine sent itself:
+# raw DBAPI writes around SQLAlchemy drop the read): psycopg2 with the replay +65.0 (CI) ->
+# budget 67.
 CALLS_ADDED_AT_MOST = {
     ("psycopg2", False): 37,
     ("psycopg", False): 41,
-    ("psycopg2", True): 65,
+    ("psycopg2", True): 67,
     ("psycopg", True): 69,
 }
 

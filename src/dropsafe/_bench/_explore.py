@@ -40,6 +40,7 @@ from dropsafe._bench._pooler import ROUTES, Pooler, Route, driver_kw, pgbouncer_
 from dropsafe._bench._shapes import (
     APP_ROLE,
     BARE_ROLE,
+    BARE_SHAPES,
     CATALOG,
     DRIVERS,
     OTHER_ROLE,
@@ -341,10 +342,12 @@ GRANT USAGE ON SEQUENCE {APP_ROLE}.effects_id_seq TO {OTHER_ROLE};
 )
 _FLIGHT_SQL = (
     # Issue 28's histories (tests/units/test_flight_xid_attacks.py). A role without plpgsql:
-    # revoked from PUBLIC (a common hardening), kept by the app's own roles.
+    # revoked from PUBLIC (a common hardening), kept by the app's own roles and by
+    # pg_database_owner (the app owns the database: psycopg2's DO-block leave is asked of
+    # every role the session may become, and without it no psycopg2 history reads in flight).
     f"""
 REVOKE USAGE ON LANGUAGE plpgsql FROM PUBLIC;
-GRANT USAGE ON LANGUAGE plpgsql TO {APP_ROLE}, {OTHER_ROLE};
+GRANT USAGE ON LANGUAGE plpgsql TO {APP_ROLE}, {OTHER_ROLE}, pg_database_owner;
 GRANT USAGE ON SCHEMA {APP_ROLE} TO {BARE_ROLE};
 GRANT INSERT, SELECT ON {APP_ROLE}.effects TO {BARE_ROLE};
 GRANT USAGE ON SEQUENCE {APP_ROLE}.effects_id_seq TO {BARE_ROLE};
@@ -583,6 +586,8 @@ class Explorer:
     _route: Route = ROUTES["direct"]
     #: Starts of the server after an ``outage``, pending until the history's end.
     _outages: list[threading.Timer] = field(default_factory=list)
+    #: Whether the app's role is a member of BARE_ROLE now (`BARE_SHAPES`).
+    _bare_member: bool = False
 
     def __enter__(self) -> Explorer:
         self.server = PostgresServer(tls=False, settings={"max_prepared_transactions": "10"})
@@ -591,8 +596,7 @@ class Explorer:
         self.server.execute(f"CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{password}'")
         self.server.execute(f"CREATE ROLE {OTHER_ROLE} NOLOGIN")
         self.server.execute(f"GRANT {OTHER_ROLE} TO {APP_ROLE}")
-        self.server.execute(f"CREATE ROLE {BARE_ROLE} NOLOGIN")
-        self.server.execute(f"GRANT {BARE_ROLE} TO {APP_ROLE}")
+        self.server.execute(f"CREATE ROLE {BARE_ROLE} NOLOGIN")  # a member only when needed
         for key, db in DATABASES.items():
             self.server.execute(f"CREATE DATABASE {db} OWNER {APP_ROLE}")
             notifying = "" if key in QUIET else _NOTIFYING_SQL
@@ -731,6 +735,11 @@ class Explorer:
         shape = CATALOG[history.shape]
         self._route = route = ROUTES[shape.route]
         self._prepare()
+        bare = history.shape in BARE_SHAPES
+        if bare is not self._bare_member:
+            verb = "GRANT {} TO {}" if bare else "REVOKE {} FROM {}"
+            self.server.execute(verb.format(BARE_ROLE, APP_ROLE))
+            self._bare_member = bare
         nonce = uuid.uuid4().hex[:12]
         struck, *others = proxies = self._proxies(route)
         ctx = Context(

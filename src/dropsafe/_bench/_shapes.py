@@ -27,7 +27,16 @@ if TYPE_CHECKING:
 
     from sqlalchemy.ext.asyncio import AsyncConnection
 
-__all__ = ["CATALOG", "DRIVERS", "FLIGHT_SHAPES", "POOLED", "Context", "Effects", "Shape"]
+__all__ = [
+    "BARE_SHAPES",
+    "CATALOG",
+    "DRIVERS",
+    "FLIGHT_SHAPES",
+    "POOLED",
+    "Context",
+    "Effects",
+    "Shape",
+]
 
 #: The driver and face of each run: sync for psycopg2 and psycopg, async for psycopg and asyncpg.
 DRIVERS: dict[str, tuple[str, bool]] = {
@@ -736,6 +745,11 @@ _H1 = (
     "made part of it durable; the read in flight falls back to the mark there since session 14, "
     "which acknowledged the raw write missing before)"
 )
+
+#: The shapes whose sessions become BARE_ROLE: only while one runs is the app's role a member
+#: of it. psycopg2's DO-block leave is asked of every role the session's user may become, so a
+#: membership held for every history would keep psycopg2's flight histories on the mark.
+BARE_SHAPES = frozenset({"set_local_role_bare", "role_at_connect_bare", "replayed_role_bare"})
 
 FLIGHT_SHAPES: tuple[Shape, ...] = (
     _raw_shape(

@@ -217,8 +217,10 @@ def _begin_alone(adapter: Any) -> None:  # noqa: ANN401
         return
     if in_greenlet():
         # BEGIN armed and nothing sent (the transaction's first statement failed before
-        # anything went): it rides a Query of nothing, awaited here.
-        await_(adapter._connection.execute(";"))  # noqa: SLF001
+        # anything went, or a server-side cursor is its first): it rides a Query that reads
+        # nothing, awaited here. Not an empty query (";"): its EmptyQueryResponse has no
+        # command tag, and asyncpg's simple-query result handler fails on it (AttributeError).
+        await_(adapter._connection.execute("SELECT"))  # noqa: SLF001
 
 
 def _started_state(transaction: Any) -> object:  # noqa: ANN401
