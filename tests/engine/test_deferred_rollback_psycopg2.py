@@ -106,6 +106,30 @@ def test_a_request_ends_without_waiting_for_its_rollback(shared_server, proxy, d
     assert _idle_at_checkout(engine) == pid
 
 
+def test_characteristics_are_reset_after_the_rollback(shared_server, proxy, disposing) -> None:
+    """A Connection's readonly and deferrable options are undone at checkin by SQLAlchemy's
+    finalizer, after the pool's ROLLBACK: psycopg2 refused it while the ROLLBACK ran in the
+    worker ("set_session cannot be used inside a transaction"; SQLAlchemy's own readonly and
+    deferrable tests failed under load). The link delays the ROLLBACK's reply, so the finalizer
+    runs while it is under way, every time."""
+    events: list[object] = []
+    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")), events)
+    for _ in range(3):
+        with engine.connect() as plain:
+            connection = plain.execution_options(
+                postgresql_readonly=True, postgresql_deferrable=True
+            )
+            assert connection.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
+            proxy.latency(200)
+        proxy.latency(0)
+        with engine.connect() as connection:
+            native = connection.connection.dbapi_connection
+            assert not native.readonly
+            assert not native.deferrable
+            assert connection.execute(sa.text("SHOW transaction_read_only")).scalar() == "off"
+    assert not [e for e in events if isinstance(e, DeadConnectionReplaced)], events
+
+
 def test_the_rollback_still_rolls_back(shared_server, disposing) -> None:
     """What the request wrote and did not commit is gone, and the next request begins anew."""
     shared_server.execute("CREATE TABLE IF NOT EXISTS deferred_rb2 (v int)")

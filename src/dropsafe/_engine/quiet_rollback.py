@@ -21,6 +21,7 @@ at checkout it is replaced like any dead one, never shown to the request.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import sys
@@ -158,6 +159,32 @@ class QuietRollback:
             terminate(dbapi_connection)
 
         vars(dialect).update(do_ping=do_ping, do_close=do_close, do_terminate=do_terminate)
+        if settle is not None and not dialect.is_async:
+            self._settle_before_resets(settle)
+
+    def _settle_before_resets(self, settle: Callable[[Any], None]) -> None:
+        """Read a ROLLBACK run at checkin before SQLAlchemy resets the connection's characteristics.
+
+        A Connection's ``execution_options(postgresql_readonly=..., isolation_level=...)`` are
+        undone at checkin by a finalizer that runs after the pool's ROLLBACK
+        (``DefaultDialect._reset_characteristics``, bound when the option is set): psycopg2
+        refuses ``set_session`` while its ROLLBACK still runs in the worker ("cannot be used
+        inside a transaction"; SQLAlchemy's own readonly and deferrable tests, 7 of them, under
+        load). A failed ROLLBACK has closed the connection: nothing is reset on it.
+        """
+        dialect = self._dialect
+        reset: Callable[[Any, Any], None] | None = getattr(dialect, "_reset_characteristics", None)
+        if reset is None:  # a SQLAlchemy that resets nothing this way
+            return
+
+        def _reset_characteristics(characteristics: Any, dbapi_connection: Any) -> None:  # noqa: ANN401
+            with contextlib.suppress(Exception):  # a failed ROLLBACK closed it: skipped below
+                settle(dbapi_connection)
+            if getattr(dbapi_connection, "closed", 0):
+                return
+            reset(characteristics, dbapi_connection)
+
+        vars(dialect)["_reset_characteristics"] = _reset_characteristics
 
     # -- deciding -----------------------------------------------------------------------------
 
