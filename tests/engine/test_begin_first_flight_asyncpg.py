@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
+from first_flight import CHARACTERISTICS, flight_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import dropsafe
-from dropsafe._bench._flights import FlightProxy, Strike
+from dropsafe._bench._flights import Strike
 from dropsafe._bench._turns import TurnCounter
 from dropsafe._drivers import asyncpg_begin
 from dropsafe._drivers.asyncpg import Asyncpg
@@ -48,21 +49,13 @@ WRITE_XID = sa.text("SELECT pg_current_xact_id()::text")
 
 
 @pytest.fixture(scope="module")
-def flights(shared_server: Any) -> Any:
-    """A flight-counting proxy in front of the module's server (plaintext: it reads messages)."""
-    with FlightProxy(shared_server.port) as proxy:
-        yield proxy
-
-
-@pytest.fixture(scope="module")
 def table(shared_server: Any) -> str:
     shared_server.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (v int)")
     return TABLE
 
 
 def _url(server: Any, proxy: Any, **query: str) -> sa.URL:
-    url = sa.make_url(server.url("asyncpg", ssl="disable")).set(host="127.0.0.1", port=proxy.port)
-    return url.update_query_dict(query)
+    return flight_url(server, proxy, "asyncpg", **query)
 
 
 def _engine(
@@ -252,18 +245,7 @@ def test_the_first_statement_runs_inside_the_transaction(shared_server: Any, fli
 
 @pytest.mark.parametrize(
     "options",
-    [
-        {},
-        {"isolation_level": "SERIALIZABLE"},
-        {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True},
-        {
-            "isolation_level": "SERIALIZABLE",
-            "postgresql_readonly": True,
-            "postgresql_deferrable": True,
-        },
-        {"isolation_level": "READ COMMITTED"},
-    ],
-    ids=["default", "serializable", "rr-readonly", "ser-ro-deferrable", "read-committed"],
+    [*CHARACTERISTICS, pytest.param({"isolation_level": "READ COMMITTED"}, id="read-committed")],
 )
 def test_transaction_characteristics_are_the_same(
     shared_server: Any, flights: Any, options: dict[str, object]
