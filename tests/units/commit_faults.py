@@ -90,7 +90,11 @@ class WhenCommitRuns(threading.Thread):
 
 
 class Unit:
-    """A unit of work run through dropsafe with one driver; counts its runs."""
+    """A unit of work run through dropsafe with one driver; counts its runs.
+
+    Its steps are SQL texts, ``(text, parameters)`` pairs, or callables given the (sync)
+    Session. ``driver`` is a face (`url_of`): ``psycopg-async`` is psycopg 3 through the async
+    engine."""
 
     def __init__(self, driver, url, statements, *, policy, session_class=Session, **engine_kw):
         self.driver, self.url, self.statements = driver, url, statements
@@ -102,7 +106,7 @@ class Unit:
         """Run the unit; ``before_commit(engine)`` may add listeners after dropsafe's own."""
         started = time.monotonic()
         try:
-            if self.driver == "asyncpg":
+            if self.driver in {"asyncpg", "psycopg-async"}:
                 return asyncio.run(self._run_async(before_commit))
             return self._run_sync(before_commit)
         finally:
@@ -115,8 +119,13 @@ class Unit:
 
         def unit(session):
             self.calls += 1
-            for statement in self.statements:
-                session.execute(sa.text(statement))
+            for step in self.statements:
+                if callable(step):
+                    step(session)
+                elif isinstance(step, tuple):
+                    session.execute(sa.text(step[0]), step[1])
+                else:
+                    session.execute(sa.text(step))
             return "done"
 
         try:
@@ -132,8 +141,13 @@ class Unit:
 
         async def unit(session):
             self.calls += 1
-            for statement in self.statements:
-                await session.execute(sa.text(statement))
+            for step in self.statements:
+                if callable(step):
+                    await session.run_sync(step)
+                elif isinstance(step, tuple):
+                    await session.execute(sa.text(step[0]), step[1])
+                else:
+                    await session.execute(sa.text(step))
             return "done"
 
         try:
@@ -141,6 +155,11 @@ class Unit:
             return await dropsafe.run_transaction_async(factory, unit)
         finally:
             await engine.dispose()
+
+
+def url_of(server, driver):
+    """The server's URL for a `Unit`'s face (``psycopg-async``: psycopg 3's, run async)."""
+    return server.url(driver.removesuffix("-async"))
 
 
 class PoolerErrorAtCommit:
@@ -273,12 +292,12 @@ def heard_until_end(listener, server, **execute_kw):
 
 def local_port(engine_connection):
     """The client side's port of a pooled connection's socket."""
-    fairy = engine_connection.connection
-    driver_connection = fairy.driver_connection
+    driver_connection = engine_connection.connection.driver_connection
     transport = getattr(driver_connection, "_transport", None)
     if transport is not None:  # asyncpg
         return transport.get_extra_info("sockname")[1]
-    with socket.socket(fileno=os.dup(fairy.dbapi_connection.fileno())) as sock:
+    # psycopg2's and psycopg 3's own connections (its async one too: not SQLAlchemy's adapter)
+    with socket.socket(fileno=os.dup(driver_connection.fileno())) as sock:
         return sock.getsockname()[1]
 
 
@@ -388,7 +407,7 @@ def struck_once_the_commit_is_done(  # noqa: PLR0917 - the fixtures, the unit, t
     policy = resolving_policy(recorder)
     if pool is not None:
         policy = dataclasses.replace(policy, pool=pool)
-    unit = Unit(driver, server.url(driver), statements, policy=policy)
+    unit = Unit(driver, url_of(server, driver), statements, policy=policy)
     holes = contextlib.ExitStack()
     strikes = []
     strike_once_committed = lose_the_reply_then(holes, kernel_blackhole, server, action, strikes)
