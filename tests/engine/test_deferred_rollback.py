@@ -97,6 +97,27 @@ def _until(condition, what):
         time.sleep(0.005)  # polling a condition, with a deadline
 
 
+def _a_request_in_a_child(engine):
+    """Fork: the child runs a request on the inherited pool, and says by its exit status
+    whether it was answered; assert it was, within the deadline (killed there: it hung)."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports by its exit status
+        try:
+            with Session(engine) as session:
+                ok = session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
+        except BaseException:  # any failure is the child's answer
+            ok = False
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + DEADLINE_S
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            pytest.fail("the child hung")
+        time.sleep(0.01)  # polling the child's end, with a deadline
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
 # -- both drivers -----------------------------------------------------------------------------
 
 
@@ -195,19 +216,7 @@ def test_a_child_forked_after_checkin_never_reads_its_parents_reply(
     engine = _engine(disposing, shared_server.url("psycopg"))
     with Session(engine) as session:
         session.execute(BACKEND_PID)  # ends with a ROLLBACK sent, its reply unread
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child reports by its exit status
-        try:
-            with Session(engine) as session:
-                ok = session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
-        except BaseException:  # any failure is the child's answer
-            ok = False
-        os._exit(0 if ok else 1)
-    deadline = time.monotonic() + DEADLINE_S
-    while (done := os.waitpid(child, os.WNOHANG))[0] == 0:
-        assert time.monotonic() < deadline, "the child did not end"
-        time.sleep(0.01)  # polling the child's end, with a deadline
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    _a_request_in_a_child(engine)
     # The child's replacement said goodbye on the shared socket: the parent replaces it too.
     with Session(engine) as session:
         assert session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
@@ -402,22 +411,7 @@ def test_a_fork_while_a_rollback_is_under_way(shared_server, proxy, disposing) -
     # in progress, its lock held), not before it began.
     _until(lambda: native.get_transaction_status() == ACTIVE, "the ROLLBACK never began")
     assert native in psycopg2_rollback._PENDING
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child reports by its exit status
-        try:
-            with Session(engine) as session:
-                ok = session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
-        except BaseException:  # any failure is the child's answer
-            ok = False
-        os._exit(0 if ok else 1)
-    deadline = time.monotonic() + DEADLINE_S
-    while (done := os.waitpid(child, os.WNOHANG))[0] == 0:
-        if time.monotonic() > deadline:
-            os.kill(child, 9)
-            os.waitpid(child, 0)
-            pytest.fail("the child hung")
-        time.sleep(0.01)  # polling the child's end, with a deadline
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    _a_request_in_a_child(engine)
     proxy.heal()
     with Session(engine) as session:
         assert session.execute(sa.text("SELECT 41 + 1")).scalar() == 42

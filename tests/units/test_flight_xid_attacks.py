@@ -485,7 +485,7 @@ def _terminate_own_backend_once(server):
 def _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder, **pool):
     """Run a unit of ``steps`` whose first COMMIT reply is lost (the server did it): its
     outcome, its runs, the resolver's outcomes. ``pool``: PoolPolicy fields (the read in
-    flight on unless said: it is off by default)."""
+    flight on unless said)."""
     pool.setdefault("read_xid_in_flight", True)
     policy = dataclasses.replace(resolving_policy(recorder), pool=dropsafe.PoolPolicy(**pool))
     unit = Unit(driver, url_of(server, driver), steps, policy=policy)
@@ -715,17 +715,9 @@ def test_an_executemany_then_a_single_write_is_resolved_by_the_single_writes_rea
         ("INSERT INTO ledger VALUES (:v)", [{"v": 1}, {"v": 2}]),
         "INSERT INTO ledger VALUES (3)",
     ]
-    policy = resolving_policy(recorder)
-    unit = Unit(driver, url_of(server, driver), steps, policy=policy)
-    holes = contextlib.ExitStack()
-    outcome = "unknown"
-    with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
-        unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole))
-        outcome = "acknowledged"
-    assert (outcome, unit.calls, recorder.outcomes(), [rows(server, v) for v in (1, 2, 3)]) == (
-        "acknowledged",
-        1,
-        ["committed"],
+    resolved = _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder)
+    assert (resolved, [rows(server, v) for v in (1, 2, 3)]) == (
+        ("acknowledged", 1, ["committed"]),
         [1, 1, 1],
     )
 
