@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
+from dropsafe._unit import dialect_hooks
 from dropsafe._unit.recording import watch_engine
 from dropsafe.events import CommitResolved
 from dropsafe.testing import ServerError
@@ -325,19 +326,48 @@ def lose_the_reply_then(holes, kernel_blackhole, server, action, strikes):
     return install
 
 
+class _OnCheckout:
+    """What `local_port` and `backend_pid` read of a Connection: its pool checkout."""
+
+    def __init__(self, checkout):
+        self.connection = checkout
+
+
+def right_before_commit(engine, action):
+    """Run ``action(connection)`` right before each COMMIT on ``engine`` is sent, after
+    dropsafe's mark: the mark is read inside the dialect's ``do_commit``
+    (`dropsafe._unit.dialect_hooks`), so an engine ``commit`` listener would run before it.
+    Put under the unit's hooks: they wrap what the dialect had when the first unit ran, so
+    on an engine that ran one this goes in their place (the closure's ``commit``)."""
+    dialect = engine.dialect
+    hooked = dialect.do_commit if dialect_hooks.hooked(dialect) else None
+    cell = None
+    if hooked is not None:
+        cells = dict(zip(hooked.__code__.co_freevars, hooked.__closure__, strict=True))
+        cell = cells["commit"]
+    commit = dialect.do_commit if cell is None else cell.cell_contents
+
+    def do_commit(dbapi_connection):
+        action(_OnCheckout(dbapi_connection))
+        commit(dbapi_connection)
+
+    if cell is None:
+        vars(dialect)["do_commit"] = do_commit
+    else:
+        cell.cell_contents = do_commit
+
+
 def lose_the_first_reply(holes, kernel_blackhole, direction="to"):
-    """A listener after dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
+    """After dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
 
     def install(engine):
-        # dropsafe adds its mark listener at an engine's first unit of work: add it now, so
-        # that this one, added next, runs after the mark.
-        watch_engine(engine)
-
-        @sa.event.listens_for(engine, "commit")
         def cut_off(connection):
             if not holes._exit_callbacks:
                 port = local_port(connection)
                 holes.enter_context(kernel_blackhole(port, direction=direction))
+
+        right_before_commit(engine, cut_off)
+        watch_engine(engine)  # its hooks around this one: the mark is read before the cut
 
     return install
 
