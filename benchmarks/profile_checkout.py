@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import sessionmaker
 
 import dropsafe
 from dropsafe.testing import PostgresServer
@@ -57,6 +58,10 @@ VARIANTS = {
     "no replay": (True, False, False),
     "replay_transaction": (True, True, True),
 }
+#: Variants whose engine ran one unit of work before the requests (as an app that runs both):
+#: the unit's hooks are then on the engine (`dropsafe._unit.dialect_hooks`).
+AFTER_A_UNIT = {"dropsafe after a unit": "dropsafe"}
+VARIANTS.update({name: VARIANTS[like] for name, like in AFTER_A_UNIT.items()})
 
 
 def _policy(*, replay: bool = True, records: bool = False) -> dropsafe.Policy:
@@ -99,7 +104,14 @@ def calls_per_request(url: str, driver: str, requests: int = 300) -> str:
     """Python calls per request of each variant, and dropsafe's over plain."""
     counted = {}
     for name, (guarded, replay, records) in VARIANTS.items():
-        run, close = _runner(url, driver, guarded=guarded, replay=replay, records=records)
+        run, close = _runner(
+            url,
+            driver,
+            guarded=guarded,
+            replay=replay,
+            records=records,
+            after_unit=name in AFTER_A_UNIT,
+        )
         calls = _Calls()
         sys.setprofile(calls)
         try:
@@ -120,7 +132,13 @@ REPLAY_MODULES = ("replay.py", "session_state.py", "sockets.py")
 
 
 def _runner(
-    url: str, driver: str, *, guarded: bool, replay: bool, records: bool
+    url: str,
+    driver: str,
+    *,
+    guarded: bool,
+    replay: bool,
+    records: bool,
+    after_unit: bool = False,
 ) -> tuple[Callable[[int], None], Callable[[], None]]:
     """Open one engine (warmed); return a function that runs N requests on it, and its close."""
     policy = _policy(replay=replay, records=records)
@@ -130,6 +148,8 @@ def _runner(
             if guarded
             else sa.create_engine(url, pool_size=1)
         )
+        if after_unit:
+            dropsafe.run_transaction(sessionmaker(engine), lambda s: s.execute(SELECT_ONE))
 
         def run(requests: int) -> None:
             for _ in range(requests):
@@ -143,6 +163,12 @@ def _runner(
         if guarded
         else create_async_engine(url, pool_size=1)
     )
+    if after_unit:
+
+        async def unit(session: AsyncSession) -> object:
+            return await session.execute(SELECT_ONE)
+
+        _LOOP.run_until_complete(dropsafe.run_transaction_async(async_sessionmaker(aengine), unit))
 
     async def many(requests: int) -> None:
         for _ in range(requests):
@@ -170,7 +196,14 @@ def cpu_ratios(url: str, driver: str, requests: int, rounds: int) -> str:
     over a run's minutes, and a round's variants ran within a second of each other.
     """
     runners = {
-        name: _runner(url, driver, guarded=guarded, replay=replay, records=records)
+        name: _runner(
+            url,
+            driver,
+            guarded=guarded,
+            replay=replay,
+            records=records,
+            after_unit=name in AFTER_A_UNIT,
+        )
         for name, (guarded, replay, records) in VARIANTS.items()
     }
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
