@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe.events import Hook
 
-__all__ = ["Outcome", "resolve_commit"]
+__all__ = ["APP_COMMITTED", "APP_ENDED_UNKNOWN", "Outcome", "resolve_commit"]
 
 Outcome = Literal["committed", "aborted"]
 
@@ -309,11 +309,93 @@ def resolve_commit(
             except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
                 sleep(resolution.next_pause(exc))
                 continue
+            if decision == "aborted" and pending.earlier:
+                _settle_earlier(pool, engine.dialect, resolution, sleep)
             if decision != "again":
                 return decision
             sleep(resolution.next_pause())
     finally:
         pool.dispose()
+
+
+#: `CommitOutcomeUnknown.reason` when the COMMIT did not commit but an earlier transaction of
+#: the same work, which the app ended itself around SQLAlchemy, did.
+APP_COMMITTED = "the app committed an earlier transaction of the work itself"
+#: ... and when whether it committed cannot be known.
+APP_ENDED_UNKNOWN = "an earlier transaction the app ended itself may have committed"
+
+
+def _settle_earlier(
+    pool: Pool, dialect: Dialect, resolution: _Resolution, sleep: Callable[[float], None]
+) -> None:
+    """Return if every earlier transaction of the work aborted; raise if one may have committed.
+
+    The COMMIT just resolved 'aborted', but its work began in transactions the app ended
+    itself around SQLAlchemy (`PendingCommit.earlier`: the DBAPI connection's ``commit()``,
+    then a raw write; the read in flight dropped their xids). One that committed made part of
+    the work durable: running it again would write that part twice, acknowledging it would
+    hide the rest missing. Each is asked as the COMMIT's own xid is (the same rules: committed
+    only on the same history); anything but 'aborted' raises `CommitOutcomeUnknown`. One that
+    aborted (the DBAPI connection's ``rollback()``) leaves the work to run again whole.
+    """
+    pending = resolution.pending
+    for earlier in pending.earlier:
+        if earlier.xid == pending.xid:
+            continue  # read twice in one transaction (a read dropped on an unknown byte count)
+        try:
+            outcome = _earlier_outcome(pool, dialect, earlier, resolution, sleep)
+        except CommitOutcomeUnknown as unknown:
+            raise CommitOutcomeUnknown(
+                f"the connection failed during COMMIT of transaction {pending.xid}, which did "
+                "not commit; but the work had ended an earlier transaction of its own around "
+                f"SQLAlchemy (xid {earlier.xid}), and whether that one committed cannot be "
+                f"known: {unknown.reason}",
+                xid=pending.xid,
+                reason=APP_ENDED_UNKNOWN,
+            ) from resolution.error
+        if outcome == "committed":
+            raise CommitOutcomeUnknown(
+                f"the connection failed during COMMIT of transaction {pending.xid}, which did "
+                "not commit; but the work had ended an earlier transaction of its own around "
+                "SQLAlchemy (the DBAPI connection's commit(), or a COMMIT statement), and that "
+                f"one (xid {earlier.xid}) committed: part of the work is durable, so it was "
+                "neither run again nor acknowledged. Leave the COMMIT to dropsafe "
+                "(session.flush() sends statements early; two commits are two units of work)",
+                xid=pending.xid,
+                reason=APP_COMMITTED,
+            ) from resolution.error
+
+
+def _earlier_outcome(
+    pool: Pool,
+    dialect: Dialect,
+    earlier: PendingCommit,
+    resolution: _Resolution,
+    sleep: Callable[[float], None],
+) -> Outcome:
+    """Ask what became of ``earlier`` (`_settle_earlier`); raise `CommitOutcomeUnknown`.
+
+    Never fenced: its backend sent the COMMIT just resolved after it, so it had ended
+    ('in progress': a prepared transaction, unknown). Emits no event (not the COMMIT's xid).
+    """
+    asking = _Resolution(
+        earlier, (), resolution.error, resolution.deadline, reach_until=resolution.reach_until
+    )
+    while True:
+        try:
+            answer = _ask(pool, dialect, earlier, asking)
+            asking.answered()
+            decision = asking.settle(answer)
+        except CommitOutcomeUnknown:
+            raise
+        except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
+            sleep(asking.next_pause(exc))
+            continue
+        if decision == "fence":
+            asking._unknown(f"xid {earlier.xid} is still in progress")  # noqa: SLF001
+        if decision != "again":
+            return "committed" if decision == "committed" else "aborted"
+        sleep(asking.next_pause())  # a standby answered: the primary is asked again
 
 
 def _ask(

@@ -37,6 +37,7 @@ from dropsafe._engine.xid_in_flight import (
     may_write,
     note_sent,
     sent_around_read,
+    with_dropped,
 )
 from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
@@ -147,6 +148,7 @@ class FirstStatementReplay:
         )
         if reads is not None:
             state.flight_xid = self._flight_xid_of
+            state.flight_dropped = self._dropped_xids_of
         # A COMMIT about to go on a connection known gone, or lost and resolved by its xid as
         # aborted: the transaction is done elsewhere.
         self._commits = (
@@ -448,7 +450,26 @@ class FirstStatementReplay:
             ended = True
         # In a transaction, but perhaps another one: bytes sent around SQLAlchemy since its
         # last statement (a DBAPI commit() or rollback(), then a raw cursor's write).
-        return None if ended or sent_around_read(holder) else holder.pending
+        if ended or sent_around_read(holder):
+            return None
+        return with_dropped(holder.pending, holder)  # itself where nothing was dropped
+
+    def _dropped_xids_of(self, connection: Connection) -> tuple[PendingCommit, ...]:
+        """Return the reads ``connection``'s transaction dropped, for a COMMIT the mark reads.
+
+        Asked only where `_flight_xid_of` gave nothing: the read it holds, if any, did not
+        stand (its transaction ended around SQLAlchemy) and is one of them.
+        """
+        transaction = connection.get_transaction()
+        if transaction is None or self._unit_xid is None:
+            return ()
+        holder: Transcript | FlightXid | None = self._transcripts.get(transaction)
+        if holder is None:
+            holder = self._flight_xids.get(transaction)
+        if holder is None:
+            return ()
+        pending = holder.pending
+        return holder.dropped if pending is None else (*holder.dropped, pending)
 
     def _send_first(  # noqa: PLR0917 - do_execute's arguments, and the checkout's first facts
         self,

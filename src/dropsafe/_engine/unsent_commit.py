@@ -22,7 +22,7 @@ from dropsafe._classify import ErrorKind, classify
 from dropsafe._drivers.base import Health
 from dropsafe._engine.fresh_connection import ask_before_replay, replay_bounded
 from dropsafe._engine.session_state import mark_connection
-from dropsafe._engine.xid_in_flight import sent_around_read
+from dropsafe._engine.xid_in_flight import sent_around_read, with_dropped
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -112,6 +112,9 @@ class UnsentCommit:
                 pending = None if around else transcript.pending
                 if pending is None or self._xid is None:
                     raise  # it may have reached the server, and nothing can ask about it
+                # With the reads dropped before it (the app ended a transaction around
+                # SQLAlchemy): if this COMMIT did not commit, they are asked about too.
+                pending = with_dropped(pending, transcript)
                 if transcript.notifies and not (pending.unflushed or pending.asynchronous):
                     # Its writes may have written no WAL (an UNLOGGED table, a view's trigger
                     # that wrote nothing): its COMMIT then waited for no flush, its NOTIFY was

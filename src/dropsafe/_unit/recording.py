@@ -131,9 +131,10 @@ def _before_commit(conn: Connection) -> None:
     if not attempt.read_xid:
         attempt.commits_sent += 1
         return
-    attempt.pending = _unflushed_if_notifying(
-        attempt, _read_in_flight(conn, attempt) or _mark(conn, attempt)
-    )
+    pending = _read_in_flight(conn, attempt)  # with the reads it dropped before, if any
+    if pending is None:
+        pending = _with_dropped(conn, _mark(conn, attempt))
+    attempt.pending = _unflushed_if_notifying(attempt, pending)
     attempt.commits_sent += 1  # from here on, the COMMIT may reach the server
 
 
@@ -170,6 +171,24 @@ def _read_in_flight(conn: Connection, attempt: AttemptTracker) -> PendingCommit 
         return None
     attempt.server_life = pending.server_life
     return pending
+
+
+def _with_dropped(conn: Connection, pending: PendingCommit | None) -> PendingCommit | None:
+    """Return the mark's ``pending`` carrying the xids the engine read in flight and dropped.
+
+    A read is dropped where the function ended the server's transaction around SQLAlchemy
+    (the DBAPI connection's own ``commit()``, then a raw write: the mark reads the new one's
+    xid). The old one may have committed part of the unit: a lost COMMIT resolved 'aborted'
+    asks about it too, and the unit does not run again if it committed
+    (`dropsafe._commit_truth.resolution`). The mark alone (``read_xid_in_flight`` off) reads
+    nothing before the COMMIT: there is nothing to ask about. No xid at the mark (a standby:
+    nothing written, nothing read in flight either): nothing to carry.
+    """
+    dropped_by = state_of(conn.engine).flight_dropped
+    if pending is None or dropped_by is None:
+        return pending
+    earlier = dropped_by(conn)
+    return dataclasses.replace(pending, earlier=earlier) if earlier else pending
 
 
 def _mark(conn: Connection, attempt: AttemptTracker) -> PendingCommit | None:
