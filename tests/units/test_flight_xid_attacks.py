@@ -719,6 +719,42 @@ def test_a_raw_dbapi_rollback_then_a_raw_write_is_resolved_by_the_new_transactio
     )
 
 
+def _raw_rollback_then_raw_write(session):
+    """ROLLBACK through the DBAPI connection, then a write through a raw cursor."""
+    dbapi_connection = session.connection().connection.dbapi_connection
+    dbapi_connection.rollback()
+    cursor = dbapi_connection.cursor()
+    cursor.execute("INSERT INTO ledger VALUES (2)")
+    cursor.close()
+
+
+@pytest.mark.shares_server
+@pytest.mark.parametrize("reads", [True, False], ids=["in_flight", "mark"])
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_raw_dbapi_rollback_then_a_raw_write_whose_commit_is_lost_runs_again(
+    postgres_server, kernel_blackhole, driver, reads
+):
+    """INSERT 7 (xid A read in flight), the DBAPI connection's own rollback() (A aborted),
+    INSERT 2 through a raw cursor (xid B), the COMMIT lost before it reached the server: B
+    aborted, and A, dropped and asked about too, aborted: nothing of the unit is durable, and
+    it runs again whole (the dropped read must not turn a rollback into an error): row 2
+    once, row 7 never (the app rolls it back in each run)."""
+    server = postgres_server
+    server.execute(SLOW_COMMIT_SCHEMA)
+    recorder = Recorder()
+    steps = ["INSERT INTO ledger VALUES (7)", _raw_rollback_then_raw_write]
+    unit = StepUnit(driver, _url_of(server, driver), steps, policy=_policy(recorder, reads))
+    holes = contextlib.ExitStack()
+    with holes:
+        assert unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both"))
+    assert (unit.calls, recorder.outcomes(), rows(server, 2), rows(server, 7)) == (
+        2,
+        ["aborted"],
+        1,
+        0,
+    )
+
+
 # -- the role changed inside the unit: may it still run the read? -------------------------------
 
 TENANT = """

@@ -452,7 +452,8 @@ class FirstStatementReplay:
         # last statement (a DBAPI commit() or rollback(), then a raw cursor's write).
         if ended or sent_around_read(holder):
             return None
-        return with_dropped(holder.pending, holder)  # itself where nothing was dropped
+        # With the reads it dropped before (a call only where there are some).
+        return with_dropped(holder.pending, holder) if holder.dropped else holder.pending
 
     def _dropped_xids_of(self, connection: Connection) -> tuple[PendingCommit, ...]:
         """Return the reads ``connection``'s transaction dropped, for a COMMIT the mark reads.
