@@ -104,7 +104,9 @@ class EngineState:
         self.flight_xid: Callable[[Connection], PendingCommit | None] | None = None
         #: The reads a Connection's transaction dropped (ended around SQLAlchemy), for a unit's
         #: COMMIT that the mark reads: its resolution asks about them too.
-        self.flight_dropped: Callable[[Connection], tuple[PendingCommit, ...]] | None = None
+        self.flight_dropped: (
+            Callable[[Connection], tuple[tuple[PendingCommit, ...], PendingCommit | None]] | None
+        ) = None
         self._lock = threading.Lock()
         renew_lock_in_child(self)  # another thread may hold it at a fork
 

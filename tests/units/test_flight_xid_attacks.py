@@ -315,6 +315,53 @@ def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
         assert (outcome, recorder.outcomes(), written[1]) == (APP_COMMITTED, ["aborted"], 0)
 
 
+def _raw_commit_whose_reply_is_lost(holes, kernel_blackhole, direction):
+    """A step: the DBAPI connection's own commit(), its reply (``to``) or its request
+    (``both``) lost in the kernel, the first run only; the driver's error escapes the unit."""
+
+    def step(session):
+        connection = session.connection()
+        if not holes._exit_callbacks:
+            holes.enter_context(kernel_blackhole(_local_port(connection), direction=direction))
+        connection.connection.dbapi_connection.commit()
+
+    return step
+
+
+@pytest.mark.parametrize("direction", ["to", "both"], ids=["reply_lost", "request_lost"])
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_raw_dbapi_commit_lost_inside_the_unit_is_never_run_again_if_it_committed(
+    kernel_blackhole, driver, direction
+):
+    """INSERT 1 (xid A read in flight), then the DBAPI connection's own commit(), its reply
+    lost (the server committed A) or its request (it did not): the driver's error escapes the
+    function, before the unit's own COMMIT. Before the fix the unit ran again as after any
+    lost connection: row 1 twice where A had committed. Now A is asked about before a rerun:
+    committed, `CommitOutcomeUnknown` (the app committed inside the unit), run once; aborted
+    (fenced), the unit runs again, row 1 once."""
+    recorder = Recorder()
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        holes = contextlib.ExitStack()
+        steps = [
+            "INSERT INTO ledger VALUES (1)",
+            _raw_commit_whose_reply_is_lost(holes, kernel_blackhole, direction),
+        ]
+        policy = _policy(recorder, reads=True)
+        unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+        outcome = "acknowledged"
+        try:
+            with holes:
+                unit.run()
+        except dropsafe.CommitOutcomeUnknown as unknown:
+            outcome = unknown.reason
+        written = rows(server, 1)
+    if direction == "to":
+        assert (outcome, unit.calls, written) == (APP_COMMITTED, 1, 1), recorder.outcomes()
+    else:
+        assert (outcome, unit.calls, written) == ("acknowledged", 2, 1), recorder.outcomes()
+
+
 def _raw_commit_then_raw_insert(value):
     """`_raw_commit_then_raw_write` of ``value``, through the DBAPI connection every face has
     (SQLAlchemy's adapter on the async ones: its commit() and cursor go straight to asyncpg or

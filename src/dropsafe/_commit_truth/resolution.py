@@ -282,6 +282,7 @@ def resolve_commit(
     deadline: float,
     hooks: tuple[Hook, ...],
     sleep: Callable[[float], None] = time.sleep,
+    app_ended: bool = False,
 ) -> Outcome:
     """Ask the server (new connections) whether the pending commit's transaction committed.
 
@@ -290,6 +291,12 @@ def resolve_commit(
     that cannot be asked (stopped, restarting: connects refused) is waited for until
     ``deadline``: a lost COMMIT in a restart longer than ``timeout`` is still resolved.
     Async engines run this in SQLAlchemy's greenlet with an awaiting ``sleep``.
+
+    Where it did not commit, the transactions the app ended itself before it, around
+    SQLAlchemy (`PendingCommit.earlier`), are asked about too: one that committed raises
+    `CommitOutcomeUnknown` (`_settle_earlier`). ``app_ended``: ``pending`` is itself one (a
+    unit's function whose own COMMIT through the DBAPI connection was lost): committed or
+    unknown raises, never returns 'committed'.
     """
     resolution = _Resolution(
         pending, hooks, error, min(time.monotonic() + timeout, deadline), reach_until=deadline
@@ -304,13 +311,18 @@ def resolve_commit(
                 if decision == "fence":
                     _fence(pool, engine.dialect, pending, resolution)
                     continue
-            except CommitOutcomeUnknown:
+            except CommitOutcomeUnknown as unknown:
+                if app_ended:
+                    raise _app_ended_unknown(None, pending.xid, unknown.reason) from error
                 raise
             except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
                 sleep(resolution.next_pause(exc))
                 continue
+            if decision == "committed" and app_ended:
+                raise _app_committed(None, pending.xid) from error
             if decision == "aborted" and pending.earlier:
-                _settle_earlier(pool, engine.dialect, resolution, sleep)
+                commit_xid = None if app_ended else pending.xid
+                _settle_earlier(pool, engine.dialect, resolution, sleep, commit_xid)
             if decision != "again":
                 return decision
             sleep(resolution.next_pause())
@@ -318,15 +330,53 @@ def resolve_commit(
         pool.dispose()
 
 
-#: `CommitOutcomeUnknown.reason` when the COMMIT did not commit but an earlier transaction of
-#: the same work, which the app ended itself around SQLAlchemy, did.
+#: `CommitOutcomeUnknown.reason` when the unit's COMMIT did not commit (or was never sent) but
+#: a transaction of the same work, which the app ended itself around SQLAlchemy, did.
 APP_COMMITTED = "the app committed an earlier transaction of the work itself"
 #: ... and when whether it committed cannot be known.
 APP_ENDED_UNKNOWN = "an earlier transaction the app ended itself may have committed"
 
 
+def _app_committed(commit_xid: int | None, xid: int) -> CommitOutcomeUnknown:
+    """Return the error for a transaction the app ended itself that committed.
+
+    ``commit_xid``: the unit's COMMIT, which did not commit; None: it was never sent.
+    """
+    if commit_xid is None:
+        lost = "the unit's own COMMIT was never sent"
+    else:
+        lost = f"the connection failed during COMMIT of transaction {commit_xid}, which did not"
+    return CommitOutcomeUnknown(
+        f"{lost}; but the work had ended a transaction of its own around SQLAlchemy (the DBAPI "
+        f"connection's commit(), or a COMMIT statement), and that one (xid {xid}) committed: "
+        "part of the work is durable, so it was neither run again nor acknowledged. Leave the "
+        "COMMIT to dropsafe (session.flush() sends statements early; two commits are two "
+        "units of work)",
+        xid=xid,
+        reason=APP_COMMITTED,
+    )
+
+
+def _app_ended_unknown(commit_xid: int | None, xid: int, reason: str) -> CommitOutcomeUnknown:
+    """Return the error for a transaction the app ended itself that may have committed."""
+    if commit_xid is None:
+        lost = "the unit's own COMMIT was never sent"
+    else:
+        lost = f"the connection failed during COMMIT of transaction {commit_xid}, which did not"
+    return CommitOutcomeUnknown(
+        f"{lost}; but the work had ended a transaction of its own around SQLAlchemy (xid "
+        f"{xid}), and whether that one committed cannot be known: {reason}",
+        xid=xid,
+        reason=APP_ENDED_UNKNOWN,
+    )
+
+
 def _settle_earlier(
-    pool: Pool, dialect: Dialect, resolution: _Resolution, sleep: Callable[[float], None]
+    pool: Pool,
+    dialect: Dialect,
+    resolution: _Resolution,
+    sleep: Callable[[float], None],
+    commit_xid: int | None,
 ) -> None:
     """Return if every earlier transaction of the work aborted; raise if one may have committed.
 
@@ -337,6 +387,7 @@ def _settle_earlier(
     hide the rest missing. Each is asked as the COMMIT's own xid is (the same rules: committed
     only on the same history); anything but 'aborted' raises `CommitOutcomeUnknown`. One that
     aborted (the DBAPI connection's ``rollback()``) leaves the work to run again whole.
+    ``commit_xid``: the unit's COMMIT just resolved (None: never sent, ``app_ended``).
     """
     pending = resolution.pending
     for earlier in pending.earlier:
@@ -345,25 +396,9 @@ def _settle_earlier(
         try:
             outcome = _earlier_outcome(pool, dialect, earlier, resolution, sleep)
         except CommitOutcomeUnknown as unknown:
-            raise CommitOutcomeUnknown(
-                f"the connection failed during COMMIT of transaction {pending.xid}, which did "
-                "not commit; but the work had ended an earlier transaction of its own around "
-                f"SQLAlchemy (xid {earlier.xid}), and whether that one committed cannot be "
-                f"known: {unknown.reason}",
-                xid=pending.xid,
-                reason=APP_ENDED_UNKNOWN,
-            ) from resolution.error
+            raise _app_ended_unknown(commit_xid, earlier.xid, unknown.reason) from resolution.error
         if outcome == "committed":
-            raise CommitOutcomeUnknown(
-                f"the connection failed during COMMIT of transaction {pending.xid}, which did "
-                "not commit; but the work had ended an earlier transaction of its own around "
-                "SQLAlchemy (the DBAPI connection's commit(), or a COMMIT statement), and that "
-                f"one (xid {earlier.xid}) committed: part of the work is durable, so it was "
-                "neither run again nor acknowledged. Leave the COMMIT to dropsafe "
-                "(session.flush() sends statements early; two commits are two units of work)",
-                xid=pending.xid,
-                reason=APP_COMMITTED,
-            ) from resolution.error
+            raise _app_committed(commit_xid, earlier.xid) from resolution.error
 
 
 def _earlier_outcome(

@@ -455,22 +455,24 @@ class FirstStatementReplay:
         # With the reads it dropped before (a call only where there are some).
         return with_dropped(holder.pending, holder) if holder.dropped else holder.pending
 
-    def _dropped_xids_of(self, connection: Connection) -> tuple[PendingCommit, ...]:
-        """Return the reads ``connection``'s transaction dropped, for a COMMIT the mark reads.
+    def _dropped_xids_of(
+        self, connection: Connection
+    ) -> tuple[tuple[PendingCommit, ...], PendingCommit | None]:
+        """Return the reads ``connection``'s transaction dropped, and the one it holds now.
 
-        Asked only where `_flight_xid_of` gave nothing: the read it holds, if any, did not
-        stand (its transaction ended around SQLAlchemy) and is one of them.
+        For a unit's COMMIT that the mark reads (`_flight_xid_of` gave nothing: the read held,
+        if any, did not stand), and for a unit whose function raised around SQLAlchemy (the
+        DBAPI connection's own ``commit()`` lost: the read held may have committed).
         """
         transaction = connection.get_transaction()
         if transaction is None or self._unit_xid is None:
-            return ()
+            return (), None
         holder: Transcript | FlightXid | None = self._transcripts.get(transaction)
         if holder is None:
             holder = self._flight_xids.get(transaction)
         if holder is None:
-            return ()
-        pending = holder.pending
-        return holder.dropped if pending is None else (*holder.dropped, pending)
+            return (), None
+        return holder.dropped, holder.pending
 
     def _send_first(  # noqa: PLR0917 - do_execute's arguments, and the checkout's first facts
         self,

@@ -17,6 +17,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 
 from dropsafe._classify import classify
 from dropsafe._commit_truth.pending_commit import PendingCommit, lsn_number
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 __all__ = [
+    "ended_around",
     "other_connections",
     "watch_engine",
     "watch_engines_of_routing",
@@ -187,8 +189,31 @@ def _with_dropped(conn: Connection, pending: PendingCommit | None) -> PendingCom
     dropped_by = state_of(conn.engine).flight_dropped
     if pending is None or dropped_by is None:
         return pending
-    earlier = dropped_by(conn)
+    dropped, held = dropped_by(conn)  # the one held did not stand: ended around us too
+    earlier = dropped if held is None else (*dropped, held)
     return dataclasses.replace(pending, earlier=earlier) if earlier else pending
+
+
+def ended_around(conn: Connection, error: BaseException) -> tuple[PendingCommit, ...]:
+    """Return the xids of ``conn``'s transaction the function may have committed itself.
+
+    For a unit's function that raised: the reads dropped (the server's transaction ended
+    around SQLAlchemy since), and, where the error is the driver's own, not SQLAlchemy's
+    (raised by the DBAPI connection's ``commit()``, a raw cursor: around SQLAlchemy), the read
+    held too: the function's own COMMIT may have been lost after it committed. Empty for an
+    error of a statement through SQLAlchemy with nothing dropped: nothing of the app's own
+    may have committed (a unit's COMMIT through SQLAlchemy is refused).
+    """
+    dropped_by = state_of(conn.engine).flight_dropped
+    if dropped_by is None:
+        return ()
+    try:
+        dropped, held = dropped_by(conn)
+    except Exception:  # noqa: BLE001 - a connection SQLAlchemy closed: nothing to ask
+        return ()
+    if held is not None and not isinstance(error, sa_exc.StatementError):
+        return (*dropped, held)
+    return dropped
 
 
 def _mark(conn: Connection, attempt: AttemptTracker) -> PendingCommit | None:
