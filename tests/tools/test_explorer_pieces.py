@@ -149,6 +149,22 @@ def test_the_checker_rules() -> None:
             SHAPE, Outcome("partial"), two, Counter(seen), Counter(), {APP_ROLE}, commit_sent=True
         )
         assert (partial.violation is not None, partial.unknown) == (broken, True)
+    # Whether the app's own commit committed cannot be known: a defect where the server could
+    # have told, as for any unknown.
+    from dropsafe._commit_truth.resolution import APP_ENDED_UNKNOWN
+
+    for can_tell in (False, True):
+        doubt = check(
+            SHAPE,
+            Outcome("partial", f"{APP_ENDED_UNKNOWN}: ...the server crashed"),
+            two,
+            Counter([ROW]),
+            Counter(),
+            {APP_ROLE},
+            commit_sent=True,
+            server_can_tell=can_tell,
+        )
+        assert (doubt.violation is not None, doubt.unknown) == (can_tell, True)
     # Outside a unit, a raise for a COMMIT that was sent may leave the effect.
     zero_code = CATALOG["plain_request"]
     assert _verdict("error", [ROW], shape=zero_code).unknown

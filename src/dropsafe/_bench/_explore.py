@@ -52,7 +52,7 @@ from dropsafe._bench._shapes import (
     Shape,
 )
 from dropsafe._bench._shapes import run_shape as _run_shape
-from dropsafe._commit_truth.resolution import APP_COMMITTED
+from dropsafe._commit_truth.resolution import APP_COMMITTED, APP_ENDED_UNKNOWN
 from dropsafe._drivers import driver_named
 from dropsafe.testing._server import PostgresServer, ServerError
 
@@ -182,7 +182,7 @@ def check(  # noqa: C901, PLR0911, PLR0917 - one rule per return; the evidence, 
     if outcome.kind == "refused" and nothing:
         return Verdict(None, unknown=False)
     if outcome.kind == "partial":
-        return _partly_committed(expected, seen)
+        return _partly_committed(expected, seen, outcome, server_can_tell=server_can_tell)
     if outcome.kind == "unknown" and server_can_tell and "in time" not in outcome.detail:
         return Verdict(
             f"CommitOutcomeUnknown, though the server stayed up and could tell ({outcome.detail})",
@@ -202,13 +202,23 @@ def check(  # noqa: C901, PLR0911, PLR0917 - one rule per return; the evidence, 
     )
 
 
-def _partly_committed(expected: Effects, seen: Effects) -> Verdict:
+def _partly_committed(
+    expected: Effects, seen: Effects, outcome: Outcome, *, server_can_tell: bool
+) -> Verdict:
     """Judge a `CommitOutcomeUnknown` saying the app committed part of the work itself.
 
     Its reason is `APP_COMMITTED` (the DBAPI connection's ``commit()`` inside the unit, then
-    the unit's COMMIT lost and aborted): any part of the effects, each at most once; counted
-    with the unknowns.
+    the unit's COMMIT lost and aborted, or that commit's own reply lost), or
+    `APP_ENDED_UNKNOWN` (whether it committed cannot be known: a defect where the server
+    stayed up and could tell, as for any unknown): any part of the effects, each at most once;
+    counted with the unknowns.
     """
+    detail = outcome.detail
+    if detail.startswith(APP_ENDED_UNKNOWN) and server_can_tell and "in time" not in detail:
+        return Verdict(
+            f"CommitOutcomeUnknown, though the server stayed up and could tell ({detail})",
+            unknown=True,
+        )
     if not (seen.rows - expected.rows) and not (seen.notes - expected.notes):
         return Verdict(None, unknown=True)
     return Verdict(f"partly committed by the app, and {_difference(expected, seen)}", unknown=True)
@@ -1107,9 +1117,13 @@ def _call(run: Callable[[], object]) -> Outcome:
     try:
         run()
     except dropsafe.CommitOutcomeUnknown as exc:
-        # The COMMIT did not commit, but the app had committed part of the work itself
-        # (the DBAPI connection's commit() inside the unit): partly durable, not run again.
-        return Outcome("partial" if exc.reason == APP_COMMITTED else "unknown", _short(exc))
+        if exc.reason in (APP_COMMITTED, APP_ENDED_UNKNOWN):
+            # The unit's COMMIT did not commit (or never left), but the app had ended a
+            # transaction of the work itself (the DBAPI connection's commit() inside the
+            # unit), which committed or may have: partly durable, not run again. Its reason
+            # first, and the message's end (the inner reason, where unknown).
+            return Outcome("partial", f"{exc.reason}: ...{' '.join(str(exc).split())[-120:]}")
+        return Outcome("unknown", _short(exc))
     except dropsafe.ConfigurationError as exc:
         return Outcome("refused", _short(exc))
     except Exception as exc:  # every error is an outcome to check
