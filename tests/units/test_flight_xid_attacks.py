@@ -329,16 +329,16 @@ def _raw_commit_whose_reply_is_lost(holes, kernel_blackhole, direction):
 
 
 @pytest.mark.parametrize("direction", ["to", "both"], ids=["reply_lost", "request_lost"])
-@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize("driver", ALL_FACES)
 def test_a_raw_dbapi_commit_lost_inside_the_unit_is_never_run_again_if_it_committed(
     kernel_blackhole, driver, direction
 ):
     """INSERT 1 (xid A read in flight), then the DBAPI connection's own commit(), its reply
     lost (the server committed A) or its request (it did not): the driver's error escapes the
     function, before the unit's own COMMIT. Before the fix the unit ran again as after any
-    lost connection: row 1 twice where A had committed. Now A is asked about before a rerun:
-    committed, `CommitOutcomeUnknown` (the app committed inside the unit), run once; aborted
-    (fenced), the unit runs again, row 1 once."""
+    lost connection: row 1 twice where A had committed (every face: 4 of 4 reply_lost). Now
+    A is asked about before a rerun: committed, `CommitOutcomeUnknown` (the app committed
+    inside the unit), run once; aborted (fenced), the unit runs again, row 1 once."""
     recorder = Recorder()
     with PostgresServer() as server:
         server.execute(SLOW_COMMIT_SCHEMA)
