@@ -24,7 +24,7 @@ from sqlalchemy.orm import sessionmaker
 import dropsafe
 from dropsafe import Policy, UnitPolicy
 from dropsafe._engine_state import state_of
-from dropsafe._unit import recording
+from dropsafe._unit import dialect_hooks
 from dropsafe.events import RetryScheduled
 
 FACES = [("psycopg2", "sync"), ("psycopg", "sync"), ("psycopg", "async"), ("asyncpg", "async")]
@@ -111,10 +111,27 @@ def test_units_on_an_engine_and_its_copy_mark_each_commit_once(shared_server, dr
         copy = engine.execution_options(tag="copy")
         for bind in (engine, copy, engine):
             dropsafe.run_transaction(sessionmaker(bind), lambda s: s.execute(sa.text("SELECT 1")))
-        marks = [fn for fn in copy.dispatch.commit if fn is recording._before_commit]
-        assert len(marks) == 1, "a COMMIT on the copy would be marked twice"
+        assert copy.dialect is engine.dialect
+        assert dialect_hooks.hooked(copy.dialect)
+        assert _hooked_commits(copy.dialect.do_commit) == 1, "a COMMIT would be marked twice"
+        assert not copy._has_events, "a unit's hooks must keep SQLAlchemy's event-free path"
     finally:
         engine.dispose()
+
+
+def _hooked_commits(method):
+    """How many of the unit's ``do_commit`` hooks ``method`` is made of, each around the next."""
+    count = 0
+    while method is not None:
+        code = getattr(method, "__code__", None)
+        if code is None or code.co_name != "do_commit":
+            return count
+        if code.co_filename == dialect_hooks.__file__:
+            count += 1
+        cells = dict(zip(code.co_freevars, method.__closure__ or (), strict=True))
+        inner = cells.get("commit")
+        method = None if inner is None else inner.cell_contents
+    return count
 
 
 def test_an_engines_state_goes_with_the_engine(shared_server):

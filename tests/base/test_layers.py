@@ -57,6 +57,7 @@ MODULES_OF_PARTS = {
     "dropsafe._backoff": BASE,
     "dropsafe._engine_state": BASE,
     "dropsafe._dbapi": BASE,
+    "dropsafe._verdicts": BASE,
     "dropsafe._sqlalchemy_private": BASE,
     "dropsafe._transaction": MEETING,
     "dropsafe._request_unit": MEETING,

@@ -18,6 +18,7 @@ import asyncio
 import psycopg
 import pytest
 import sqlalchemy as sa
+from first_flight import CHARACTERISTICS, flight_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -35,21 +36,13 @@ DEADLINE_S = 30.0
 
 
 @pytest.fixture(scope="module")
-def flights(shared_server):
-    """A flight-counting proxy in front of the module's server (plaintext: it reads messages)."""
-    with FlightProxy(shared_server.port) as proxy:
-        yield proxy
-
-
-@pytest.fixture(scope="module")
 def table(shared_server):
     shared_server.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (v int)")
     return TABLE
 
 
-def _url(server, proxy, driver="psycopg", **query):
-    url = sa.make_url(server.url(driver, sslmode="disable")).set(host="127.0.0.1", port=proxy.port)
-    return url.update_query_dict(query)
+def _url(server, proxy, **query):
+    return flight_url(server, proxy, "psycopg", **query)
 
 
 def _policy(*, first_flight=True, events=None):
@@ -225,18 +218,7 @@ def _characteristics(engine, **options):
 
 @pytest.mark.parametrize(
     "options",
-    [
-        {},
-        {"isolation_level": "SERIALIZABLE"},
-        {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True},
-        {
-            "isolation_level": "SERIALIZABLE",
-            "postgresql_readonly": True,
-            "postgresql_deferrable": True,
-        },
-        {"isolation_level": "AUTOCOMMIT"},
-    ],
-    ids=["default", "serializable", "rr-readonly", "deferrable", "autocommit"],
+    [*CHARACTERISTICS, pytest.param({"isolation_level": "AUTOCOMMIT"}, id="autocommit")],
 )
 def test_transaction_characteristics_are_the_same(
     shared_server, flights, disposing, options

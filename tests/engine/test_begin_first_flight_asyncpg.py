@@ -17,14 +17,16 @@ lost with BEGIN and the INSERT in flight (one row), the xid question in the same
 from __future__ import annotations
 
 import asyncio
+import types
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import sqlalchemy as sa
+from first_flight import CHARACTERISTICS, flight_url
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import dropsafe
-from dropsafe._bench._flights import FlightProxy, Strike
+from dropsafe._bench._flights import Strike
 from dropsafe._bench._turns import TurnCounter
 from dropsafe._drivers import asyncpg_begin
 from dropsafe._drivers.asyncpg import Asyncpg
@@ -48,21 +50,13 @@ WRITE_XID = sa.text("SELECT pg_current_xact_id()::text")
 
 
 @pytest.fixture(scope="module")
-def flights(shared_server: Any) -> Any:
-    """A flight-counting proxy in front of the module's server (plaintext: it reads messages)."""
-    with FlightProxy(shared_server.port) as proxy:
-        yield proxy
-
-
-@pytest.fixture(scope="module")
 def table(shared_server: Any) -> str:
     shared_server.execute(f"CREATE TABLE IF NOT EXISTS {TABLE} (v int)")
     return TABLE
 
 
 def _url(server: Any, proxy: Any, **query: str) -> sa.URL:
-    url = sa.make_url(server.url("asyncpg", ssl="disable")).set(host="127.0.0.1", port=proxy.port)
-    return url.update_query_dict(query)
+    return flight_url(server, proxy, "asyncpg", **query)
 
 
 def _engine(
@@ -252,18 +246,7 @@ def test_the_first_statement_runs_inside_the_transaction(shared_server: Any, fli
 
 @pytest.mark.parametrize(
     "options",
-    [
-        {},
-        {"isolation_level": "SERIALIZABLE"},
-        {"isolation_level": "REPEATABLE READ", "postgresql_readonly": True},
-        {
-            "isolation_level": "SERIALIZABLE",
-            "postgresql_readonly": True,
-            "postgresql_deferrable": True,
-        },
-        {"isolation_level": "READ COMMITTED"},
-    ],
-    ids=["default", "serializable", "rr-readonly", "ser-ro-deferrable", "read-committed"],
+    [*CHARACTERISTICS, pytest.param({"isolation_level": "READ COMMITTED"}, id="read-committed")],
 )
 def test_transaction_characteristics_are_the_same(
     shared_server: Any, flights: Any, options: dict[str, object]
@@ -534,6 +517,80 @@ def test_executemany_first(shared_server: Any, flights: Any, table: str) -> None
     # Alone: asyncpg's executemany, failing midway, asks is_in_transaction() (below).
     assert labels[0] == "Q BEGIN;", labels
     assert _rows(shared_server, "v = 83") == 0
+
+
+def _renamed(monkeypatch: pytest.MonkeyPatch, cursor: Any, name: str) -> None:
+    """SQLAlchemy's cursor's ``_executemany`` coroutine renamed ``name``, as a later SQLAlchemy
+    may: the same code under another name, its ``executemany`` calling it."""
+    from sqlalchemy.util import await_only
+
+    own = cursor._executemany
+    code = own.__code__.replace(co_name=name, co_qualname=f"{cursor.__name__}.{name}")
+    renamed = types.FunctionType(code, own.__globals__, name, own.__defaults__, own.__closure__)
+    monkeypatch.delattr(cursor, "_executemany")
+    monkeypatch.setattr(cursor, name, renamed, raising=False)
+    monkeypatch.setattr(
+        cursor,
+        "executemany",
+        lambda self, operation, many: await_only(renamed(self, operation, many)),
+    )
+
+
+def test_executemany_first_under_another_name(
+    shared_server: Any, flights: Any, table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLAlchemy's executemany coroutine renamed: its transaction's BEGIN still goes alone.
+
+    Told by the awaiting frame's name (before), the renamed coroutine was not recognised and
+    BEGIN rode its first batch ("P BEGIN;" first, the test failed there): asyncpg's
+    executemany, failing midway, would then send a ROLLBACK ending the transaction unseen. Now
+    an adapter whose cursor has no ``_executemany`` gets no deferred BEGIN at all.
+    """
+    from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
+
+    _renamed(monkeypatch, sa_asyncpg.AsyncAdapt_asyncpg_cursor, "_executemany_renamed")
+    insert = sa.text(f"INSERT INTO {table} VALUES (:v)")
+    shared_server.execute(f"DELETE FROM {table} WHERE v = 91")
+
+    async def main() -> list[str]:
+        engine = _engine(_url(shared_server, flights))
+        try:
+            async with engine.connect():  # connected, the dialect's first questions asked
+                pass
+            start = len(flights.query_flights())
+            async with engine.connect() as connection:
+                await connection.execute(insert, [{"v": 91}, {"v": 91}])
+                await connection.rollback()
+            return [flight.label for flight in flights.query_flights()[start:]]
+        finally:
+            await engine.dispose()
+
+    labels = _run(main)
+    assert labels[0] == "Q BEGIN;", labels
+    assert _rows(shared_server, "v = 91") == 0
+
+
+def test_the_executemany_coroutine_is_found_on_sqlalchemys_cursor() -> None:
+    """`asyncpg_begin.cursor_class` finds the coroutine whose BEGIN goes alone on the installed
+    SQLAlchemy (this fails if it is gone or renamed: the deferred BEGIN is then off for asyncpg,
+    a round trip more per transaction, never a wrong one); without it, none is found."""
+    from sqlalchemy.dialects.postgresql import asyncpg as sa_asyncpg
+
+    adapter = sa_asyncpg.AsyncAdapt_asyncpg_connection
+    found = asyncpg_begin.cursor_class(adapter)
+    assert found is not None
+    assert issubclass(found, sa_asyncpg.AsyncAdapt_asyncpg_cursor)
+    assert found._executemany.__code__.co_name == "_executemany"
+
+    class Renamed(sa_asyncpg.AsyncAdapt_asyncpg_cursor):
+        __slots__ = ()
+        _executemany = None
+
+    class Adapter(adapter):  # type: ignore[misc,valid-type]
+        __slots__ = ()
+        _cursor_cls = Renamed
+
+    assert asyncpg_begin.cursor_class(Adapter) is None
 
 
 def test_executemany_failing_midway_keeps_the_transaction(

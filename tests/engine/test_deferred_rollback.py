@@ -1,34 +1,57 @@
 """The ROLLBACK that ends a request is not awaited, and a failed one is never seen (issue 28).
 
 psycopg 3 (sync) sends it and returns; its reply is read before the connection is used again
-(the next checkout, or the same Connection's next statement). Each fault is real, through a
-`ChaosProxy`: the link blackholed while the ROLLBACK is unanswered (on the unchanged code the
-Session's close then waited: the first test fails there after 2 s), the link cut or the backend
-terminated before the reply, a reply 300 ms late, a fork after checkin. psycopg2's (its own
-rollback in a worker thread): test_deferred_rollback_psycopg2.py; asyncpg's: _async.py.
+(the next checkout, or the same Connection's next statement). psycopg2 has no way to send a
+query and read its reply later on a sync connection, so its own ``rollback()`` runs in a
+background thread and the next use of the connection waits for it
+(`dropsafe._drivers.psycopg2_rollback`). Each fault is real, through a `ChaosProxy`, and the
+tests that hold for both drivers run with each (``driver``): the link blackholed while the
+ROLLBACK is unanswered (on the unchanged code the Session's close then waited: the first test
+fails there after 2 s), the link cut or the backend terminated before the reply, a reply 300 ms
+late, a fork after checkin. psycopg2's own (below the psycopg 3 ones): a reply later than
+``ping_timeout`` (its socket shut down, the connection replaced), a fork while one is under way
+(psycopg2's lock held by a thread the child does not have: without the wait before the fork
+the child hangs), dispose and interpreter exit while one is under way (no hang, no traceback),
+and a green wait callback (kept awaited). asyncpg's and psycopg's async: _async.py.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 import dropsafe
+from dropsafe._drivers import psycopg2_rollback
 from dropsafe._engine.guard import guard_of
 from dropsafe.events import DeadConnectionReplaced, RollbackConnectionLost
 from dropsafe.testing import ChaosProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.shares_server]
 
+psycopg2 = pytest.importorskip("psycopg2")
+
 BACKEND_PID = sa.text("SELECT pg_backend_pid()")
 #: Longer than a close that does not wait for the server can take on a loaded machine.
 PROMPT_S = 2.0
 DEADLINE_S = 20.0
+IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
+ACTIVE = 1  # TRANSACTION_STATUS_ACTIVE: a command in progress
+DRIVERS = ["psycopg", "psycopg2"]
+
+
+@pytest.fixture(autouse=True)
+def always_deferred(monkeypatch):
+    """Every psycopg2 ROLLBACK deferred, however quick (the heuristic's own test sets it back)."""
+    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0)
 
 
 @pytest.fixture
@@ -37,25 +60,26 @@ def proxy(shared_server):
         yield proxy
 
 
-def _engine(disposing, url, events=None, *, pre_ping=False):
+def _engine(disposing, url, events=None, *, pre_ping=False, ping_timeout=5.0, size=1):
     policy = dropsafe.Policy(
         hooks=() if events is None else (events.append,),
-        pool=dropsafe.PoolPolicy(ping_timeout=5),
+        pool=dropsafe.PoolPolicy(ping_timeout=ping_timeout),
     )
     return disposing(
         dropsafe.create_engine(
-            url, policy=policy, pool_size=1, max_overflow=0, pool_pre_ping=pre_ping
+            url, policy=policy, pool_size=size, max_overflow=0, pool_pre_ping=pre_ping
         )
     )
 
 
 def _idle_at_checkout(engine):
     """Check a connection out; return its backend pid, after asserting it is in no transaction."""
-    import psycopg
-
     with engine.connect() as connection:
         native = connection.connection.dbapi_connection
-        assert native.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if isinstance(native, psycopg.Connection):
+            assert native.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        else:
+            assert native.get_transaction_status() == IDLE
         return connection.execute(BACKEND_PID).scalar()
 
 
@@ -66,9 +90,44 @@ def _close_in_background(session):
     return closing
 
 
-def test_a_request_ends_without_waiting_for_its_rollback(shared_server, proxy, disposing) -> None:
+def _until(condition, what):
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)  # polling a condition, with a deadline
+
+
+def _a_request_in_a_child(engine):
+    """Fork: the child runs a request on the inherited pool, and says by its exit status
+    whether it was answered; assert it was, within the deadline (killed there: it hung)."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports by its exit status
+        try:
+            with Session(engine) as session:
+                ok = session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
+        except BaseException:  # any failure is the child's answer
+            ok = False
+        os._exit(0 if ok else 1)
+    deadline = time.monotonic() + DEADLINE_S
+    while (done := os.waitpid(child, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            pytest.fail("the child hung")
+        time.sleep(0.01)  # polling the child's end, with a deadline
+    assert os.waitstatus_to_exitcode(done[1]) == 0
+
+
+# -- both drivers -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_request_ends_without_waiting_for_its_rollback(
+    shared_server, proxy, disposing, driver
+) -> None:
     """Blackholed after the last reply: the close returns at once (it waited before)."""
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg")))
+    engine = _engine(disposing, proxy.route(shared_server.url(driver)))
+    assert guard_of(engine).quiet_rollback.defers
     session = Session(engine)
     pid = session.execute(BACKEND_PID).scalar()
     proxy.blackhole()
@@ -79,21 +138,22 @@ def test_a_request_ends_without_waiting_for_its_rollback(shared_server, proxy, d
     closing.join(DEADLINE_S)
     assert not closing.is_alive()
     assert waited < PROMPT_S, f"the close waited {waited:.1f} s for the ROLLBACK's reply"
-    # The reply, read at the next checkout: the same connection, in no transaction.
+    # The reply, read (psycopg2: awaited) at the next checkout: the same connection, idle.
     assert _idle_at_checkout(engine) == pid
 
 
 @pytest.mark.parametrize("pre_ping", [False, True], ids=["", "pre_ping"])
 @pytest.mark.parametrize("fault", ["cut", "terminate"])
-def test_a_rollback_that_fails_after_checkin_is_never_seen(
-    shared_server, proxy, disposing, fault, pre_ping
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_a_rollback_that_fails_after_checkin_is_never_seen(  # noqa: PLR0917
+    shared_server, proxy, disposing, driver, fault, pre_ping
 ) -> None:
     """The ROLLBACK unanswered, then the link cut or the backend terminated: replaced, unseen.
 
-    With ``pool_pre_ping`` SQLAlchemy's ping comes first, and reads the reply through psycopg.
+    With ``pool_pre_ping`` SQLAlchemy's ping comes first, and reads the reply (psycopg2: awaits it).
     """
     events: list[object] = []
-    url = proxy.route(shared_server.url("psycopg"))
+    url = proxy.route(shared_server.url(driver))
     engine = _engine(disposing, url, events, pre_ping=pre_ping)
     session = Session(engine)
     pid = session.execute(BACKEND_PID).scalar()
@@ -106,19 +166,22 @@ def test_a_rollback_that_fails_after_checkin_is_never_seen(
     proxy.heal()
     closing.join(DEADLINE_S)
     assert not closing.is_alive()
-    # The next request: no error, a new backend, in no transaction.
+    # The next requests: no error, a new backend, in no transaction.
     assert _idle_at_checkout(engine) != pid
+    with Session(engine) as session:
+        assert session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
     # Said as a replaced connection (a ROLLBACK that was awaited says it lost its connection).
     assert any(
         isinstance(event, (DeadConnectionReplaced, RollbackConnectionLost)) for event in events
     )
 
 
+@pytest.mark.parametrize("driver", DRIVERS)
 def test_a_late_reply_is_read_before_the_next_checkout_sends(
-    shared_server, proxy, disposing
+    shared_server, proxy, disposing, driver
 ) -> None:
     """300 ms each way: the next request checks out at once, and waits for the reply first."""
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg")))
+    engine = _engine(disposing, proxy.route(shared_server.url(driver)))
     with Session(engine) as session:
         pid = session.execute(BACKEND_PID).scalar()
     proxy.latency(300)
@@ -127,6 +190,9 @@ def test_a_late_reply_is_read_before_the_next_checkout_sends(
         session.execute(sa.text("SELECT 1"))
     # Checked out while that ROLLBACK was in flight: read first, nothing sent before it.
     assert _idle_at_checkout(engine) == pid
+
+
+# -- psycopg 3 --------------------------------------------------------------------------------
 
 
 def test_the_same_connection_goes_on_after_its_own_rollback(shared_server, disposing) -> None:
@@ -150,19 +216,7 @@ def test_a_child_forked_after_checkin_never_reads_its_parents_reply(
     engine = _engine(disposing, shared_server.url("psycopg"))
     with Session(engine) as session:
         session.execute(BACKEND_PID)  # ends with a ROLLBACK sent, its reply unread
-    child = os.fork()
-    if child == 0:  # pragma: no cover - the child reports by its exit status
-        try:
-            with Session(engine) as session:
-                ok = session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
-        except BaseException:  # any failure is the child's answer
-            ok = False
-        os._exit(0 if ok else 1)
-    deadline = time.monotonic() + DEADLINE_S
-    while (done := os.waitpid(child, os.WNOHANG))[0] == 0:
-        assert time.monotonic() < deadline, "the child did not end"
-        time.sleep(0.01)  # polling the child's end, with a deadline
-    assert os.waitstatus_to_exitcode(done[1]) == 0
+    _a_request_in_a_child(engine)
     # The child's replacement said goodbye on the shared socket: the parent replaces it too.
     with Session(engine) as session:
         assert session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
@@ -191,7 +245,7 @@ def test_the_opt_out_waits_as_before(shared_server) -> None:
 
 def test_psycopg2_defers_through_its_own_rollback(shared_server) -> None:
     """psycopg2 keeps its transaction state in C: its own rollback() runs in a worker thread
-    (tests/engine/test_deferred_rollback_psycopg2.py); the opt-out holds there too."""
+    (the psycopg2 tests below); the opt-out holds there too."""
     engine = dropsafe.create_engine(shared_server.url("psycopg2"))
     opted_out = dropsafe.create_engine(
         shared_server.url("psycopg2"),
@@ -203,3 +257,237 @@ def test_psycopg2_defers_through_its_own_rollback(shared_server) -> None:
     finally:
         engine.dispose()
         opted_out.dispose()
+
+
+# -- psycopg2: its own rollback() in a worker thread -------------------------------------------
+
+
+def test_characteristics_are_reset_after_the_rollback(shared_server, proxy, disposing) -> None:
+    """A Connection's readonly and deferrable options are undone at checkin by SQLAlchemy's
+    finalizer, after the pool's ROLLBACK: psycopg2 refused it while the ROLLBACK ran in the
+    worker ("set_session cannot be used inside a transaction"; SQLAlchemy's own readonly and
+    deferrable tests failed under load). The link delays the ROLLBACK's reply, so the finalizer
+    runs while it is under way, every time."""
+    events: list[object] = []
+    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")), events)
+    for _ in range(3):
+        with engine.connect() as plain:
+            connection = plain.execution_options(
+                postgresql_readonly=True, postgresql_deferrable=True
+            )
+            assert connection.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
+            proxy.latency(200)
+        proxy.latency(0)
+        with engine.connect() as connection:
+            native = connection.connection.dbapi_connection
+            assert not native.readonly
+            assert not native.deferrable
+            assert connection.execute(sa.text("SHOW transaction_read_only")).scalar() == "off"
+    assert not [e for e in events if isinstance(e, DeadConnectionReplaced)], events
+
+
+def test_the_rollback_still_rolls_back(shared_server, disposing) -> None:
+    """What the request wrote and did not commit is gone, and the next request begins anew."""
+    shared_server.execute("CREATE TABLE IF NOT EXISTS deferred_rb2 (v int)")
+    engine = _engine(disposing, shared_server.url("psycopg2"))
+    for _ in range(3):
+        with Session(engine) as session:
+            session.execute(sa.text("INSERT INTO deferred_rb2 VALUES (1)"))
+        with engine.connect() as connection:
+            assert connection.execute(sa.text("SELECT count(*) FROM deferred_rb2")).scalar() == 0
+            connection.execute(sa.text("INSERT INTO deferred_rb2 VALUES (2)"))
+            connection.commit()
+            connection.execute(sa.text("DELETE FROM deferred_rb2"))
+            connection.commit()
+    assert shared_server.execute("SELECT count(*) FROM deferred_rb2") == [("0",)]
+
+
+def test_a_rollback_past_ping_timeout_is_cut_and_replaced(shared_server, proxy, disposing) -> None:
+    """Blackholed for good: the next checkout waits ping_timeout, shuts it down, gets a new one."""
+    events: list[object] = []
+    engine = _engine(
+        disposing, proxy.route(shared_server.url("psycopg2")), events, ping_timeout=0.5, size=2
+    )
+    session = Session(engine)
+    pid = session.execute(BACKEND_PID).scalar()
+    proxy.blackhole()
+    closing = _close_in_background(session)
+    assert not closing.is_alive()
+    found: list[object] = []
+    started = time.monotonic()
+    checking_out = threading.Thread(target=lambda: found.append(_idle_at_checkout(engine)))
+    checking_out.start()
+    # Given up after ping_timeout (0.5 s): said, and its socket shut down. A fresh connection
+    # cannot be made through the blackhole: healed once the old one is given up.
+    _until(
+        lambda: any(isinstance(event, RollbackConnectionLost) for event in events),
+        "the ROLLBACK was never given up",
+    )
+    waited = time.monotonic() - started
+    proxy.heal()
+    checking_out.join(DEADLINE_S)
+    assert not checking_out.is_alive()
+    assert 0.4 < waited < PROMPT_S, f"given up after {waited:.1f} s"
+    assert found
+    assert found[0] != pid
+
+
+@pytest.mark.parametrize("blackholed", [False, True], ids=["late", "blackholed"])
+def test_dispose_while_a_rollback_is_under_way(shared_server, proxy, disposing, blackholed) -> None:
+    """dispose() right after a request: no hang (bounded by ping_timeout), no error."""
+    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")), ping_timeout=1.0)
+    session = Session(engine)
+    session.execute(BACKEND_PID)
+    if blackholed:
+        proxy.blackhole()
+    else:
+        proxy.latency(300)
+    closing = _close_in_background(session)
+    assert not closing.is_alive(), "the close waited for the ROLLBACK"
+    started = time.monotonic()
+    engine.dispose()
+    took = time.monotonic() - started
+    assert took < 1.0 + 2.0 + PROMPT_S, f"dispose took {took:.1f} s"
+    assert not psycopg2_rollback._PENDING
+
+
+_EXIT_SCRIPT = """
+import sys, time
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+import dropsafe
+engine = dropsafe.create_engine(sys.argv[1], pool_size=1, max_overflow=0)
+session = Session(engine)
+session.execute(sa.text("SELECT 1"))
+print("queried", flush=True)
+sys.stdin.readline()
+session.close()
+print("closed", flush=True)
+"""
+
+
+def test_interpreter_exit_while_a_rollback_is_under_way(shared_server, proxy) -> None:
+    """An app that exits (no dispose) with its ROLLBACK unanswered: exits in time, silently."""
+    url = shared_server.url("psycopg2")
+    child = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_EXIT_SCRIPT), proxy.route(url)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdin is not None
+        assert child.stdout.readline().strip() == "queried"
+        proxy.blackhole()
+        child.stdin.write("\n")
+        child.stdin.flush()
+        started = time.monotonic()
+        out, err = child.communicate(timeout=DEADLINE_S)
+        took = time.monotonic() - started
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == 0, err
+    assert out.strip() == "closed"
+    assert err == ""
+    assert took < 1.0 + 2.0 + PROMPT_S, f"the exit took {took:.1f} s"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_fork_while_a_rollback_is_under_way(shared_server, proxy, disposing) -> None:
+    """Forked while a worker thread holds psycopg2's lock: the fork waits for it; the child,
+    which never has that thread, uses the pool (a new connection) and ends; the parent goes on.
+    """
+    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")))
+    with Session(engine) as session:
+        session.execute(BACKEND_PID)
+    proxy.latency(300)
+    with Session(engine) as session:
+        session.execute(BACKEND_PID)  # ends with a ROLLBACK under way for 600 ms more
+        native = session.connection().connection.dbapi_connection
+    # Forked once the worker is inside psycopg2's rollback (libpq's PQTRANS_ACTIVE: a command
+    # in progress, its lock held), not before it began.
+    _until(lambda: native.get_transaction_status() == ACTIVE, "the ROLLBACK never began")
+    assert native in psycopg2_rollback._PENDING
+    _a_request_in_a_child(engine)
+    proxy.heal()
+    with Session(engine) as session:
+        assert session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
+
+
+def test_a_green_wait_callback_keeps_it_awaited(shared_server, proxy, disposing) -> None:
+    """With a wait callback set (psycogreen's way), the ROLLBACK is awaited in the request."""
+    from psycopg2.extras import wait_select
+
+    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")))
+    psycopg2.extensions.set_wait_callback(wait_select)
+    try:
+        session = Session(engine)
+        connection = session.connection()
+        native = connection.connection.dbapi_connection
+        session.execute(BACKEND_PID)
+        proxy.latency(100)
+        session.close()
+        assert native not in psycopg2_rollback._PENDING
+        assert native.get_transaction_status() == IDLE
+    finally:
+        psycopg2.extensions.set_wait_callback(None)
+
+
+def test_many_threads_many_requests(shared_server, proxy, disposing) -> None:
+    """8 threads on a pool of 4 at 10 ms RTT: every request answered, every connection reused."""
+    events: list[object] = []
+    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")), events, size=4)
+    proxy.latency(5)
+    errors: list[BaseException] = []
+    pids: set[int] = set()
+
+    def client() -> None:
+        try:
+            for _ in range(15):
+                with Session(engine) as session:
+                    pids.add(session.execute(BACKEND_PID).scalar())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE_S * 3)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    assert len(pids) <= 4
+    assert events == []
+
+
+def test_a_quick_rollback_is_awaited_a_slow_one_deferred(
+    shared_server, proxy, disposing, monkeypatch
+) -> None:
+    """Where the ROLLBACK is mostly CPU (a database next to the app) the thread hand-off costs
+    more than it saves: awaited; slower (5 ms each way), deferred, timed again one in N."""
+    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0005)
+    monkeypatch.setattr(psycopg2_rollback, "REMEASURE_EVERY", 4)
+    monkeypatch.setattr(psycopg2_rollback, "DEFERRED_BEFORE_TIMING", 4)
+
+    def deferred(session) -> bool:
+        native = session.connection().connection.dbapi_connection
+        session.execute(BACKEND_PID)
+        session.close()
+        found = native in psycopg2_rollback._PENDING
+        psycopg2_rollback.settle(native)  # as the next checkout does
+        assert native.get_transaction_status() == IDLE
+        return found
+
+    # Quick (a 10 ms threshold: quicker than any rollback through the proxy): deferred until
+    # DEFERRED_BEFORE_TIMING were, then timed in the request's thread, and awaited.
+    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.010)
+    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")))
+    seen = [deferred(Session(engine)) for _ in range(8)]
+    assert seen == [True, True, True, True, False, False, False, False]
+    # Slow (5 ms each way): timed slow once, then deferred, but for one in REMEASURE_EVERY.
+    proxy.latency(5)
+    seen = [deferred(Session(engine)) for _ in range(7)]
+    assert seen == [False, True, True, True, True, False, True]

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
+from dropsafe._unit import dialect_hooks
 from dropsafe._unit.recording import watch_engine
 from dropsafe.events import CommitResolved
 from dropsafe.testing import ServerError
@@ -90,7 +91,11 @@ class WhenCommitRuns(threading.Thread):
 
 
 class Unit:
-    """A unit of work run through dropsafe with one driver; counts its runs."""
+    """A unit of work run through dropsafe with one driver; counts its runs.
+
+    Its steps are SQL texts, ``(text, parameters)`` pairs, or callables given the (sync)
+    Session. ``driver`` is a face (`url_of`): ``psycopg-async`` is psycopg 3 through the async
+    engine."""
 
     def __init__(self, driver, url, statements, *, policy, session_class=Session, **engine_kw):
         self.driver, self.url, self.statements = driver, url, statements
@@ -102,7 +107,7 @@ class Unit:
         """Run the unit; ``before_commit(engine)`` may add listeners after dropsafe's own."""
         started = time.monotonic()
         try:
-            if self.driver == "asyncpg":
+            if self.driver in {"asyncpg", "psycopg-async"}:
                 return asyncio.run(self._run_async(before_commit))
             return self._run_sync(before_commit)
         finally:
@@ -115,8 +120,13 @@ class Unit:
 
         def unit(session):
             self.calls += 1
-            for statement in self.statements:
-                session.execute(sa.text(statement))
+            for step in self.statements:
+                if callable(step):
+                    step(session)
+                elif isinstance(step, tuple):
+                    session.execute(sa.text(step[0]), step[1])
+                else:
+                    session.execute(sa.text(step))
             return "done"
 
         try:
@@ -132,8 +142,13 @@ class Unit:
 
         async def unit(session):
             self.calls += 1
-            for statement in self.statements:
-                await session.execute(sa.text(statement))
+            for step in self.statements:
+                if callable(step):
+                    await session.run_sync(step)
+                elif isinstance(step, tuple):
+                    await session.execute(sa.text(step[0]), step[1])
+                else:
+                    await session.execute(sa.text(step))
             return "done"
 
         try:
@@ -141,6 +156,11 @@ class Unit:
             return await dropsafe.run_transaction_async(factory, unit)
         finally:
             await engine.dispose()
+
+
+def url_of(server, driver):
+    """The server's URL for a `Unit`'s face (``psycopg-async``: psycopg 3's, run async)."""
+    return server.url(driver.removesuffix("-async"))
 
 
 class PoolerErrorAtCommit:
@@ -273,12 +293,12 @@ def heard_until_end(listener, server, **execute_kw):
 
 def local_port(engine_connection):
     """The client side's port of a pooled connection's socket."""
-    fairy = engine_connection.connection
-    driver_connection = fairy.driver_connection
+    driver_connection = engine_connection.connection.driver_connection
     transport = getattr(driver_connection, "_transport", None)
     if transport is not None:  # asyncpg
         return transport.get_extra_info("sockname")[1]
-    with socket.socket(fileno=os.dup(fairy.dbapi_connection.fileno())) as sock:
+    # psycopg2's and psycopg 3's own connections (its async one too: not SQLAlchemy's adapter)
+    with socket.socket(fileno=os.dup(driver_connection.fileno())) as sock:
         return sock.getsockname()[1]
 
 
@@ -306,19 +326,48 @@ def lose_the_reply_then(holes, kernel_blackhole, server, action, strikes):
     return install
 
 
+class _OnCheckout:
+    """What `local_port` and `backend_pid` read of a Connection: its pool checkout."""
+
+    def __init__(self, checkout):
+        self.connection = checkout
+
+
+def right_before_commit(engine, action):
+    """Run ``action(connection)`` right before each COMMIT on ``engine`` is sent, after
+    dropsafe's mark: the mark is read inside the dialect's ``do_commit``
+    (`dropsafe._unit.dialect_hooks`), so an engine ``commit`` listener would run before it.
+    Put under the unit's hooks: they wrap what the dialect had when the first unit ran, so
+    on an engine that ran one this goes in their place (the closure's ``commit``)."""
+    dialect = engine.dialect
+    hooked = dialect.do_commit if dialect_hooks.hooked(dialect) else None
+    cell = None
+    if hooked is not None:
+        cells = dict(zip(hooked.__code__.co_freevars, hooked.__closure__, strict=True))
+        cell = cells["commit"]
+    commit = dialect.do_commit if cell is None else cell.cell_contents
+
+    def do_commit(dbapi_connection):
+        action(_OnCheckout(dbapi_connection))
+        commit(dbapi_connection)
+
+    if cell is None:
+        vars(dialect)["do_commit"] = do_commit
+    else:
+        cell.cell_contents = do_commit
+
+
 def lose_the_first_reply(holes, kernel_blackhole, direction="to"):
-    """A listener after dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
+    """After dropsafe's mark: COMMIT goes out next, into a one-way blackhole."""
 
     def install(engine):
-        # dropsafe adds its mark listener at an engine's first unit of work: add it now, so
-        # that this one, added next, runs after the mark.
-        watch_engine(engine)
-
-        @sa.event.listens_for(engine, "commit")
         def cut_off(connection):
             if not holes._exit_callbacks:
                 port = local_port(connection)
                 holes.enter_context(kernel_blackhole(port, direction=direction))
+
+        right_before_commit(engine, cut_off)
+        watch_engine(engine)  # its hooks around this one: the mark is read before the cut
 
     return install
 
@@ -388,7 +437,7 @@ def struck_once_the_commit_is_done(  # noqa: PLR0917 - the fixtures, the unit, t
     policy = resolving_policy(recorder)
     if pool is not None:
         policy = dataclasses.replace(policy, pool=pool)
-    unit = Unit(driver, server.url(driver), statements, policy=policy)
+    unit = Unit(driver, url_of(server, driver), statements, policy=policy)
     holes = contextlib.ExitStack()
     strikes = []
     strike_once_committed = lose_the_reply_then(holes, kernel_blackhole, server, action, strikes)

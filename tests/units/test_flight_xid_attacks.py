@@ -11,12 +11,10 @@ which the ``mark`` cases show.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import os
 import signal
-import socket
 
 import psycopg2
 import pytest
@@ -27,20 +25,20 @@ from commit_faults import (
     Unit,
     WhenCommitRuns,
     backend_pid,
+    crash_once_the_commit_is_done,
     libpq_url,
     local_port,
-    once_the_commit_is_done,
+    lose_the_first_reply,
     resolving_policy,
     rows,
+    url_of,
     wait_until,
 )
-from sqlalchemy.ext.asyncio import async_sessionmaker
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import dropsafe
 from dropsafe._commit_truth.resolution import APP_COMMITTED
 from dropsafe._unit import recording
-from dropsafe._unit.recording import watch_engine
 from dropsafe.testing import PgBouncer, PostgresServer
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
@@ -49,94 +47,18 @@ ALL_FACES = [*DRIVERS, "psycopg-async"]
 pytestmark = [pytest.mark.fault, pytest.mark.timeout(120)]
 
 
-class StepUnit(Unit):
-    """A `Unit` whose steps are SQL texts, ``(text, parameters)`` pairs, or callables given
-    the (sync) Session. ``psycopg-async``: psycopg 3 through the async engine."""
+@pytest.fixture
+def marks(monkeypatch):
+    """The marks the units send (one item each): `recording._mark`, counted."""
+    sent = []
+    mark = recording._mark
 
-    def run(self, before_commit=None):
-        if self.driver != "psycopg-async":
-            return super().run(before_commit)
-        return asyncio.run(self._run_async(before_commit))
+    def counted(conn, attempt):
+        sent.append(1)
+        return mark(conn, attempt)
 
-    def _run_sync(self, before_commit):
-        engine = dropsafe.create_engine(self.url, policy=self.policy, **self.engine_kw)
-        if before_commit is not None:
-            before_commit(engine)
-
-        def unit(session):
-            self.calls += 1
-            for step in self.statements:
-                if callable(step):
-                    step(session)
-                elif isinstance(step, tuple):
-                    session.execute(sa.text(step[0]), step[1])
-                else:
-                    session.execute(sa.text(step))
-            return "done"
-
-        try:
-            return dropsafe.run_transaction(sessionmaker(engine, class_=Session), unit)
-        finally:
-            engine.dispose()
-
-    async def _run_async(self, before_commit):
-        engine = dropsafe.create_async_engine(self.url, policy=self.policy, **self.engine_kw)
-        if before_commit is not None:
-            before_commit(engine.sync_engine)
-
-        async def unit(session):
-            self.calls += 1
-            for step in self.statements:
-                if callable(step):
-                    await session.run_sync(step)
-                elif isinstance(step, tuple):
-                    await session.execute(sa.text(step[0]), step[1])
-                else:
-                    await session.execute(sa.text(step))
-            return "done"
-
-        try:
-            return await dropsafe.run_transaction_async(async_sessionmaker(engine), unit)
-        finally:
-            await engine.dispose()
-
-
-def _local_port(connection):
-    """`commit_faults.local_port`, and psycopg 3's async connection's too."""
-    driver_connection = connection.connection.driver_connection
-    if not hasattr(driver_connection, "_transport") and hasattr(driver_connection, "fileno"):
-        with socket.socket(fileno=os.dup(driver_connection.fileno())) as sock:
-            return sock.getsockname()[1]
-    return local_port(connection)
-
-
-def _lose_the_first_reply(holes, kernel_blackhole, direction="to"):
-    """`commit_faults.lose_the_first_reply` for every face (psycopg 3 async too)."""
-
-    def install(engine):
-        watch_engine(engine)  # dropsafe's listener first: this one runs after its mark
-
-        @sa.event.listens_for(engine, "commit")
-        def cut_off(connection):
-            if not holes._exit_callbacks:
-                holes.enter_context(kernel_blackhole(_local_port(connection), direction=direction))
-
-    return install
-
-
-def _lose_the_reply_then(holes, kernel_blackhole, server, action, strikes):
-    """`commit_faults.lose_the_reply_then` for every face."""
-    lose_the_reply = _lose_the_first_reply(holes, kernel_blackhole)
-
-    def install(engine):
-        lose_the_reply(engine)
-        once_the_commit_is_done(engine, server, action, strikes)
-
-    return install
-
-
-def _url_of(server, driver):
-    return server.url(driver.removesuffix("-async"))
+    monkeypatch.setattr(recording, "_mark", counted)
+    return sent
 
 
 def _policy(recorder, reads):
@@ -147,28 +69,9 @@ def _policy(recorder, reads):
 
 
 def _crashed_after_commit(server, kernel_blackhole, driver, steps, *, reads):
-    """Run a unit of ``steps`` whose COMMIT reply is lost, then crash-restart the server once
-    that COMMIT is done (a bystander SIGKILLed): ("acknowledged" or "unknown", runs, outcomes)."""
-    recorder = Recorder()
-    unit = StepUnit(driver, _url_of(server, driver), steps, policy=_policy(recorder, reads))
-    bystander = psycopg2.connect(libpq_url(server))
-    bystander_pid = bystander.get_backend_pid()
-    holes = contextlib.ExitStack()
-    strikes = []
-    strike = _lose_the_reply_then(
-        holes, kernel_blackhole, server, lambda: os.kill(bystander_pid, signal.SIGKILL), strikes
-    )
-    outcome = "acknowledged"
-    try:
-        with holes:
-            unit.run(before_commit=strike)
-    except dropsafe.CommitOutcomeUnknown:
-        outcome = "unknown"
-    finally:
-        strikes[0].join(30)
-        with contextlib.suppress(psycopg2.Error):
-            bystander.close()
-    return outcome, unit.calls, recorder.outcomes()
+    """`crash_once_the_commit_is_done`, the xid read in flight (``reads``) or by the mark."""
+    pool = dropsafe.PoolPolicy(read_xid_in_flight=reads)
+    return crash_once_the_commit_is_done(server, kernel_blackhole, driver, steps, pool=pool)
 
 
 # -- synchronous_commit turned off where no statement's text names it ---------------------------
@@ -220,7 +123,7 @@ def test_a_literal_setting_name_after_the_read_lets_a_crashed_commit_run_again(d
         bystander = psycopg2.connect(libpq_url(server))
         bystander_pid = bystander.get_backend_pid()
         watcher = WhenCommitRuns(server, lambda: os.kill(bystander_pid, signal.SIGKILL))
-        unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+        unit = Unit(driver, url_of(server, driver), steps, policy=policy)
         try:
             outcome = unit.run()
         finally:
@@ -299,13 +202,13 @@ def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
     steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_raw_write]
     with PostgresServer() as server:
         server.execute(SLOW_COMMIT_SCHEMA)
-        unit = StepUnit(driver, _url_of(server, driver), steps, policy=_policy(recorder, reads))
+        unit = Unit(driver, url_of(server, driver), steps, policy=_policy(recorder, reads))
         holes = contextlib.ExitStack()
         outcome = "acknowledged"
         try:
             with holes:
                 # both ways: the COMMIT itself never reaches the server
-                unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both"))
+                unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole, "both"))
         except dropsafe.CommitOutcomeUnknown as unknown:
             outcome = unknown.reason
         written = [rows(server, 1), rows(server, 2)]
@@ -322,7 +225,7 @@ def _raw_commit_whose_reply_is_lost(holes, kernel_blackhole, direction):
     def step(session):
         connection = session.connection()
         if not holes._exit_callbacks:
-            holes.enter_context(kernel_blackhole(_local_port(connection), direction=direction))
+            holes.enter_context(kernel_blackhole(local_port(connection), direction=direction))
         connection.connection.dbapi_connection.commit()
 
     return step
@@ -348,7 +251,7 @@ def test_a_raw_dbapi_commit_lost_inside_the_unit_is_never_run_again_if_it_commit
             _raw_commit_whose_reply_is_lost(holes, kernel_blackhole, direction),
         ]
         policy = _policy(recorder, reads=True)
-        unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+        unit = Unit(driver, url_of(server, driver), steps, policy=policy)
         outcome = "acknowledged"
         try:
             with holes:
@@ -408,12 +311,12 @@ def test_a_raw_commit_and_write_then_statements_through_sqlalchemy_are_resolved_
         resolving_policy(recorder),
         pool=dropsafe.PoolPolicy(read_xid_in_flight=True, replay_transaction=replay_transaction),
     )
-    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+    unit = Unit(driver, url_of(server, driver), steps, policy=policy)
     holes = contextlib.ExitStack()
     outcome = "acknowledged"
     try:
         with holes:
-            unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both"))
+            unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole, "both"))
     except dropsafe.CommitOutcomeUnknown as unknown:
         outcome = unknown.reason
     written = [rows(server, 1), rows(server, 2), rows(server, 3)]
@@ -440,21 +343,13 @@ def _a_duplicate_in_a_savepoint(session):
 @pytest.mark.parametrize("replay_transaction", [False, True], ids=["unit", "transcript"])
 @pytest.mark.parametrize("driver", ALL_FACES)
 def test_a_statement_that_failed_in_a_savepoint_keeps_the_read(
-    postgres_server, kernel_blackhole, driver, replay_transaction, monkeypatch
+    postgres_server, kernel_blackhole, driver, replay_transaction, marks
 ):
     """INSERT 1 (the read), a savepoint whose INSERT fails and is rolled back, a SELECT (no
     write after: nothing would read again), the COMMIT's reply lost: resolved 'committed' by
     the read, no mark sent. The failed statement's bytes are the engine's: counted after it as
     any statement's, never taken for bytes sent around SQLAlchemy (before that count, the read
     was dropped and the mark paid its round trip: 1 mark, psycopg2)."""
-    marks = []
-    mark = recording._mark
-
-    def counted(conn, attempt):
-        marks.append(1)
-        return mark(conn, attempt)
-
-    monkeypatch.setattr(recording, "_mark", counted)
     server = postgres_server
     server.execute(
         SLOW_COMMIT_SCHEMA + "CREATE TABLE once (v int PRIMARY KEY); INSERT INTO once VALUES (5);"
@@ -505,7 +400,7 @@ def test_a_first_write_in_a_savepoint_rolled_back_is_resolved_by_the_top_transac
         steps = [in_a_rolled_back_savepoint]
     steps += ["SET LOCAL test.commit_sleep = '2'", "INSERT INTO ledger VALUES (1)"]
     watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
-    unit = StepUnit(driver, chaos_proxy.route(server.url(driver)), steps, policy=policy)
+    unit = Unit(driver, chaos_proxy.route(server.url(driver)), steps, policy=policy)
     assert unit.run() == "done"
     watcher.join(timeout=30)
     assert (rows(server, 1), rows(server, 7), unit.calls) == (1, 0, 1)
@@ -557,7 +452,7 @@ def test_a_commit_lost_behind_an_undeclared_session_pooler_is_fenced_and_run_aga
                 engine.dispose()
             else:
                 pytest.fail("PgBouncer never handed out a positive pid")
-            _lose_the_first_reply(holes, kernel_blackhole, "both")(engine)
+            lose_the_first_reply(holes, kernel_blackhole, "both")(engine)
             outcome = "unknown"
             with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
                 dropsafe.run_transaction(sessionmaker(engine), unit)
@@ -660,14 +555,14 @@ def _terminate_own_backend_once(server):
 def _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder, **pool):
     """Run a unit of ``steps`` whose first COMMIT reply is lost (the server did it): its
     outcome, its runs, the resolver's outcomes. ``pool``: PoolPolicy fields (the read in
-    flight on unless said: it is off by default)."""
+    flight on unless said)."""
     pool.setdefault("read_xid_in_flight", True)
     policy = dataclasses.replace(resolving_policy(recorder), pool=dropsafe.PoolPolicy(**pool))
-    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
+    unit = Unit(driver, url_of(server, driver), steps, policy=policy)
     holes = contextlib.ExitStack()
     outcome = "unknown"
     with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
-        unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole))
+        unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole))
         outcome = "acknowledged"
     return outcome, unit.calls, recorder.outcomes()
 
@@ -755,7 +650,7 @@ def test_a_raw_dbapi_rollback_then_a_raw_write_is_resolved_by_the_new_transactio
     )
     steps = ["INSERT INTO ledger VALUES (7)", _raw_rollback_then_slow_raw_write]
     watcher = WhenCommitRuns(server, lambda: chaos_proxy.cut("rst"))
-    unit = StepUnit(driver, chaos_proxy.route(server.url(driver)), steps, policy=policy)
+    unit = Unit(driver, chaos_proxy.route(server.url(driver)), steps, policy=policy)
     assert unit.run() == "done"
     watcher.join(timeout=30)
     assert (rows(server, 1), rows(server, 7), unit.calls, recorder.outcomes()) == (
@@ -790,10 +685,10 @@ def test_a_raw_dbapi_rollback_then_a_raw_write_whose_commit_is_lost_runs_again(
     server.execute(SLOW_COMMIT_SCHEMA)
     recorder = Recorder()
     steps = ["INSERT INTO ledger VALUES (7)", _raw_rollback_then_raw_write]
-    unit = StepUnit(driver, _url_of(server, driver), steps, policy=_policy(recorder, reads))
+    unit = Unit(driver, url_of(server, driver), steps, policy=_policy(recorder, reads))
     holes = contextlib.ExitStack()
     with holes:
-        assert unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole, "both"))
+        assert unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole, "both"))
     assert (unit.calls, recorder.outcomes(), rows(server, 2), rows(server, 7)) == (
         2,
         ["aborted"],
@@ -829,7 +724,7 @@ def test_a_unit_that_sets_a_role_without_plpgsql_writes_as_before(driver, reads)
     become (`server_facts._DO_BLOCKS`): none here, the mark reads the xid."""
     with PostgresServer() as server:
         server.execute(SLOW_COMMIT_SCHEMA + TENANT)
-        unit = StepUnit(
+        unit = Unit(
             driver,
             server.url(driver),
             ["SET LOCAL ROLE tenant", "INSERT INTO ledger VALUES (1)"],
@@ -866,7 +761,7 @@ def test_a_session_whose_role_the_app_sets_at_connect_writes_as_before(reads):
     may become: no DO block on such a server, the mark."""
     with PostgresServer() as server:
         server.execute(SLOW_COMMIT_SCHEMA + TENANT)
-        unit = StepUnit(
+        unit = Unit(
             "psycopg2",
             server.url("psycopg2"),
             ["INSERT INTO ledger VALUES (1)"],
@@ -892,20 +787,12 @@ class _Row(_Base):
 @pytest.mark.shares_server
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_an_orm_flush_at_commit_as_the_only_write_is_resolved_by_its_xid(
-    postgres_server, kernel_blackhole, driver, monkeypatch
+    postgres_server, kernel_blackhole, driver, marks
 ):
     """The function only adds an object: its INSERT is sent by the flush inside the unit's
     COMMIT (after the function returned), and carries the read (no mark sent: the COMMIT
     listener runs after the flush); that COMMIT's reply is lost. Resolved committed by the
     flush's xid, run once."""
-    marks = []
-    mark = recording._mark
-
-    def counted(conn, attempt):
-        marks.append(1)
-        return mark(conn, attempt)
-
-    monkeypatch.setattr(recording, "_mark", counted)
     server = postgres_server
     server.execute("CREATE TABLE orm_ledger (id serial PRIMARY KEY, v int NOT NULL)")
     recorder = Recorder()
@@ -934,17 +821,9 @@ def test_an_executemany_then_a_single_write_is_resolved_by_the_single_writes_rea
         ("INSERT INTO ledger VALUES (:v)", [{"v": 1}, {"v": 2}]),
         "INSERT INTO ledger VALUES (3)",
     ]
-    policy = resolving_policy(recorder)
-    unit = StepUnit(driver, _url_of(server, driver), steps, policy=policy)
-    holes = contextlib.ExitStack()
-    outcome = "unknown"
-    with contextlib.suppress(dropsafe.CommitOutcomeUnknown), holes:
-        unit.run(before_commit=_lose_the_first_reply(holes, kernel_blackhole))
-        outcome = "acknowledged"
-    assert (outcome, unit.calls, recorder.outcomes(), [rows(server, v) for v in (1, 2, 3)]) == (
-        "acknowledged",
-        1,
-        ["committed"],
+    resolved = _lost_reply_unit(server, kernel_blackhole, driver, steps, recorder)
+    assert (resolved, [rows(server, v) for v in (1, 2, 3)]) == (
+        ("acknowledged", 1, ["committed"]),
         [1, 1, 1],
     )
 

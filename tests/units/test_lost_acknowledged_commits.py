@@ -24,8 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
-from commit_faults import wait_until
-from sqlalchemy import event
+from commit_faults import right_before_commit, wait_until
 
 import dropsafe
 from dropsafe.testing import ChaosProxy, PostgresServer
@@ -195,16 +194,15 @@ def test_a_lost_commit_whose_mark_lies_before_the_fork_is_told_by_its_status(
     """The mark (L0) lies below the fork point, but the COMMIT itself was not replicated.
 
     Between the unit's mark and its COMMIT, another transaction commits and is replicated
-    (an engine ``commit`` listener of the test's, which runs after dropsafe's mark): the
+    (the test's, run right before the COMMIT is sent, after dropsafe's mark): the
     standby replays past L0, then the replication stops and the COMMIT is sent. The new
     primary has the unit's INSERT record (and so its xid) but no commit: it says "aborted".
     """
     lost = Lost()
     units = units_for(driver, lost)
-    units.insert(1)  # dropsafe's listeners are in place: the test's runs after them
+    units.insert(1)  # dropsafe's hooks are in place: the test's goes under them
     armed = {"on": True}
 
-    @event.listens_for(units.sync_engine, "commit")
     def replicate_someone_else_then_cut(connection):
         if not armed["on"]:
             return
@@ -213,6 +211,7 @@ def test_a_lost_commit_whose_mark_lies_before_the_fork_is_told_by_its_status(
         pair.wait_replayed()
         pair.replication.blackhole()
 
+    right_before_commit(units.sync_engine, replicate_someone_else_then_cut)
     xid = units.insert(2)
     assert not armed["on"]
     pair.fail_over()

@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from dropsafe._verdicts import kept_by_text
+
 if TYPE_CHECKING:
     import weakref
 
@@ -64,10 +66,9 @@ def lsn_number(text: object) -> int:
 # statement costs a microsecond where a dictionary read costs tens of nanoseconds. Bounded.
 _NOTIFY = re.compile("notify", re.IGNORECASE).search
 _NOTIFY_VERDICTS: dict[str, bool] = {}
-_MAX_VERDICTS = 4096
-_MAX_KEPT_LENGTH = 8192
 
 
+@kept_by_text(_NOTIFY_VERDICTS)
 def may_notify(statement: str) -> bool:
     """Whether ``statement`` may queue a notification (its text names ``notify``).
 
@@ -76,12 +77,4 @@ def may_notify(statement: str) -> bool:
     trigger that wrote nothing, an xid assigned by a read) delivers its notifications before a
     crash may lose its commit. docs/guarantees.md, "A unit that may notify".
     """
-    verdict = _NOTIFY_VERDICTS.get(statement)
-    if verdict is None:
-        verdict = _NOTIFY(statement) is not None
-        if len(statement) > _MAX_KEPT_LENGTH:
-            return verdict
-        if len(_NOTIFY_VERDICTS) >= _MAX_VERDICTS:
-            _NOTIFY_VERDICTS.clear()
-        _NOTIFY_VERDICTS[statement] = verdict
-    return verdict
+    return _NOTIFY(statement) is not None

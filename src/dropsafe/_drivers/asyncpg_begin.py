@@ -48,7 +48,9 @@ _ISOLATION = {
 #: What the adapter keeps of its transaction (SQLAlchemy 2.1: ``_transaction`` alone; 2.0
 #: also a ``_started`` flag, which its cursor reads).
 #: The adapter cursor's coroutine that starts a transaction for an executemany (SQLAlchemy 2.0
-#: and 2.1): its BEGIN goes alone.
+#: and 2.1): its BEGIN goes alone. Told by its code object, read from the cursor class (a
+#: frame's name alone would miss it, silently, once renamed); an adapter whose cursor class has
+#: none gets no deferred BEGIN (`install`).
 _EXECUTEMANY = "_executemany"
 #: In the transport's ``__dict__``: the next transaction sends its BEGIN alone.
 _ALONE = "_dropsafe_begin_alone"
@@ -75,7 +77,11 @@ def install(adapter: Any, watch_of: Callable[[Any], Any]) -> bool:  # noqa: ANN4
     cls = type(adapter)
     if getattr(cls, "_dropsafe_begin", False):
         return True
-    if not all(name in _slots(cls) for name in _NEEDED) or not hasattr(cls, "_start_transaction"):
+    if (
+        not all(name in _slots(cls) for name in _NEEDED)
+        or not hasattr(cls, "_start_transaction")
+        or cursor_class(cls) is None
+    ):
         return False
     adapter.__class__ = _deferring(cls, watch_of)
     return True
@@ -93,17 +99,34 @@ def _deferring(cls: type, watch_of: Callable[[Any], Any]) -> type:
     return found
 
 
+def cursor_class(cls: type) -> Any:  # noqa: ANN401 - SQLAlchemy's cursor class
+    """Return the cursor class of the adapter class ``cls`` (None: it has no ``_executemany``).
+
+    SQLAlchemy 2.1 names it on the adapter (``_cursor_cls``); 2.0's adapter makes the dialect
+    module's ``AsyncAdapt_asyncpg_cursor``.
+    """
+    found = getattr(cls, "_cursor_cls", None)
+    if found is None:
+        found = getattr(sys.modules.get(cls.__module__), "AsyncAdapt_asyncpg_cursor", None)
+    code = getattr(getattr(found, _EXECUTEMANY, None), "__code__", None)
+    return found if code is not None else None
+
+
 def _subclass(cls: type, watch_of: Callable[[Any], Any]) -> type:
     own = cls._start_transaction  # type: ignore[attr-defined] # SQLAlchemy's adapter, checked
     own_cursor = cls.cursor  # type: ignore[attr-defined]
+    cursors = cursor_class(cls)  # checked by install: has an _executemany
 
     async def _start_transaction(self: Any) -> None:  # noqa: ANN401
         if (
             self.isolation_level == "autocommit"
             # The adapter's cursor's executemany (its frame awaits this one): asyncpg's
             # executemany, failing midway, asks is_in_transaction() and, if the server has
-            # not said so yet, sends a ROLLBACK that would end the transaction unseen.
-            or sys._getframe(1).f_code.co_name == _EXECUTEMANY  # noqa: SLF001
+            # not said so yet, sends a ROLLBACK that would end the transaction unseen. Told by
+            # its code object, the cursor class's now; by its name too, should a wrapper stand
+            # in the class for it (the frame is still the coroutine's own).
+            or (code := sys._getframe(1).f_code) is cursors._executemany.__code__  # noqa: SLF001
+            or code.co_name == _EXECUTEMANY
             or not _defer(self, watch_of)
         ):
             await own(self)

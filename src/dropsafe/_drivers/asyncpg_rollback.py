@@ -34,9 +34,10 @@ import asyncio
 import contextlib
 import importlib
 import os
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from dropsafe._drivers.base import await_
+from dropsafe._drivers.deferred_rollback import FORKED, DeferredRollback, During
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine
@@ -59,9 +60,6 @@ def in_greenlet() -> bool:
         getattr(current, "__sqlalchemy_greenlet_provider__", False)
         or type(current).__name__ == "_AsyncIoGreenlet"
     )
-
-
-During = Literal["rollback", "reset"]
 
 
 class RollbackLost(Exception):
@@ -161,7 +159,11 @@ def send_rollback(  # noqa: C901, PLR0911 - one return per case left to the adap
     adapter._transaction = None  # noqa: SLF001
     if "_started" in _slots(adapter):
         adapter._started = False  # noqa: SLF001 - SQLAlchemy 2.0's flag
-    pending = PendingRollback(transaction.rollback(), connection, loop, timeout, during, report)
+    pending = PendingRollback(connection, timeout, during, report)
+    # Its own state, set here (an __init__ of its own would be a call more a request).
+    pending._coroutine = transaction.rollback()  # noqa: SLF001 - this module's class
+    pending._loop = loop  # noqa: SLF001
+    pending.finished = loop.create_future()
     pending.step()
     if pending.finished.done() and pending.error is not None:
         # Failed before anything was sent (asyncpg refused the operation): as the adapter's
@@ -188,42 +190,18 @@ def _slots(adapter: Any) -> tuple[str, ...]:  # noqa: ANN401
     )
 
 
-class PendingRollback:
-    """asyncpg's ``Transaction.rollback()`` coroutine, stepped as its futures complete."""
+class PendingRollback(DeferredRollback):
+    """asyncpg's ``Transaction.rollback()`` coroutine, stepped as its futures complete.
 
-    __slots__ = (
-        "_connection",
-        "_coroutine",
-        "_loop",
-        "_pid",
-        "_report",
-        "_timeout",
-        "during",
-        "error",
-        "finished",
-    )
+    Besides the core's: the coroutine, the loop it runs on, and ``finished``, done once
+    asyncpg's rollback returned or raised (``error``); all set by `send_rollback`.
+    """
 
-    def __init__(  # noqa: PLR0917 - what the pending reply needs, once per request
-        self,
-        coroutine: Coroutine[Any, Any, object],
-        connection: Any,  # noqa: ANN401 - asyncpg's Connection
-        loop: asyncio.AbstractEventLoop,
-        timeout: float,
-        during: During,
-        report: Callable[[During, BaseException], None],
-    ) -> None:
-        self._coroutine = coroutine
-        self._connection = connection
-        self._loop = loop
-        self._timeout = timeout
-        self._report = report
-        #: Whose ROLLBACK it is: a Connection's, or the pool's reset at checkin.
-        self.during = during
-        #: Done once asyncpg's rollback returned or raised (``error``).
-        self.finished: asyncio.Future[None] = loop.create_future()
-        self.error: BaseException | None = None
-        # A forked child shares the socket: the reply is the parent's to read, never its own.
-        self._pid = os.getpid()
+    __slots__ = ("_coroutine", "_loop", "finished")
+
+    _coroutine: Coroutine[Any, Any, object]
+    _loop: asyncio.AbstractEventLoop
+    finished: asyncio.Future[None]
 
     def step(self, _done: object = None) -> None:
         """Run the coroutine up to its next await (asyncio's Task does the same, less)."""
@@ -264,8 +242,7 @@ class PendingRollback:
             del found[_KEY]
         try:
             if os.getpid() != self._pid:
-                msg = "a ROLLBACK sent by another process is still unanswered here"
-                raise RollbackLost(msg)  # noqa: TRY301 - aborted below, as any failure
+                raise RollbackLost(FORKED)  # noqa: TRY301 - aborted below, as any failure
             if not self.finished.done():
                 if _running_loop() is not self._loop or (quiet and not in_greenlet()):
                     msg = "a ROLLBACK sent on another event loop is still unanswered here"
@@ -279,12 +256,10 @@ class PendingRollback:
                 msg = "the connection was lost right after the ROLLBACK's reply"
                 raise RollbackLost(msg)  # noqa: TRY301
         except BaseException as exc:
-            self._abort()
-            if not quiet:
-                self._report(self.during, exc)
+            self._failed(exc, quiet=quiet)
             raise
 
-    def _abort(self) -> None:
+    def _close(self) -> None:
         """End the connection without a word: its protocol state is unknown.
 
         On its own loop, asyncpg's ``terminate()``; the coroutine is left to read what asyncpg

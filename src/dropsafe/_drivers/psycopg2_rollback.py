@@ -43,8 +43,9 @@ import queue
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
+from dropsafe._drivers.deferred_rollback import DeferredRollback, During
 from dropsafe._process import renew_in_child, unpatched
 
 if TYPE_CHECKING:
@@ -53,8 +54,6 @@ if TYPE_CHECKING:
     from dropsafe._dbapi import DBAPIConnection, NativeConnection
 
 __all__ = ["PendingRollback", "close_settled", "send_rollback", "settle"]
-
-During = Literal["rollback", "reset"]
 
 #: A ROLLBACK under way (or one that failed, not yet settled), by psycopg2 connection. A
 #: connection is keyed by identity (psycopg2's has no ``__dict__`` to keep it in).
@@ -157,35 +156,27 @@ def send_rollback(
         return False  # green: awaited by the dialect's own, in this greenlet
     times[1] -= 1
     pending = PendingRollback(native, timeout, during, report)
+    # Its own state, set here (an __init__ of its own would be a call more a request).
+    pending.deadline = time.monotonic() + timeout
+    pending._done = done = _allocate_lock()  # noqa: SLF001 - this module's class
+    done.acquire()
     _PENDING[native] = pending
     _WORKERS[0].run(pending)
     return True
 
 
-class PendingRollback:
-    """psycopg2's ``rollback()`` of one connection, run by a worker thread."""
+class PendingRollback(DeferredRollback):
+    """psycopg2's ``rollback()`` of one connection, run by a worker thread.
 
-    __slots__ = ("_connection", "_done", "_report", "deadline", "during", "error", "pid")
+    Besides the core's: ``deadline``, when the settle stops waiting (``ping_timeout`` after
+    the checkin), and ``_done``, held until the rollback has returned or raised (a lock:
+    cheaper than an Event); both set by `send_rollback`.
+    """
 
-    def __init__(
-        self,
-        connection: Any,  # noqa: ANN401 - psycopg2's connection
-        timeout: float,
-        during: During,
-        report: Callable[[During, BaseException], None],
-    ) -> None:
-        self._connection = connection
-        self.deadline = time.monotonic() + timeout
-        #: Says a failure (the event and the log line), whoever settles it.
-        self._report = report
-        #: Whose ROLLBACK it is: a Connection's, or the pool's reset at checkin.
-        self.during = during
-        self.error: BaseException | None = None
-        #: Held until the rollback has returned or raised (a lock: cheaper than an Event).
-        self._done = _allocate_lock()
-        self._done.acquire()
-        # A forked child has the connection but not the thread: never its to wait for.
-        self.pid = os.getpid()
+    __slots__ = ("_done", "deadline")
+
+    deadline: float
+    _done: Any
 
     def run(self) -> None:
         """In the worker: psycopg2's rollback; the error, if any, kept for the settle."""
@@ -212,7 +203,7 @@ class PendingRollback:
 
         Only in the process that started it: a forked child's shutdown would cut its parent's.
         """
-        if os.getpid() != self.pid:
+        if os.getpid() != self._pid:
             return False
         with contextlib.suppress(Exception):  # closed meanwhile: nothing to shut down
             fd = self._connection.fileno()  # libpq's PQsocket: psycopg2 takes no lock for it
@@ -229,7 +220,7 @@ class PendingRollback:
         if _PENDING.get(connection) is self:
             _PENDING.pop(connection, None)  # never raises: settle may take it meanwhile
         try:
-            if os.getpid() != self.pid:
+            if os.getpid() != self._pid:
                 msg = "a ROLLBACK run by another process is under way or unread here"
                 raise _operational_error(msg)  # noqa: TRY301 - closed below, as any failure
             if not self.wait(self.deadline - time.monotonic()):
@@ -246,13 +237,14 @@ class PendingRollback:
                 self._report(self.during, exc)
             raise
         except BaseException as exc:
-            # Its state is unknown: closed, so that nothing is sent on it again. In a forked
-            # child the rollback ended before the fork (`_before_fork`): its lock is free.
-            with contextlib.suppress(Exception):
-                connection.close()
-            if not quiet:
-                self._report(self.during, exc)
+            self._failed(exc, quiet=quiet)
             raise
+
+    def _close(self) -> None:
+        # In a forked child the rollback ended before the fork (`_before_fork`): its lock is
+        # free.
+        with contextlib.suppress(Exception):
+            self._connection.close()
 
 
 class _StillRunning(Exception):
@@ -333,7 +325,7 @@ def _end_all(seconds: float) -> None:
     """Wait for every rollback under way in this process (at most ``seconds`` each), else abort."""
     pid = os.getpid()
     for pending in list(_PENDING.values()):
-        if pending.pid != pid:
+        if pending._pid != pid:  # noqa: SLF001 - this module's class
             continue
         if not pending.wait(min(seconds, pending.deadline - time.monotonic())):
             pending.abort()

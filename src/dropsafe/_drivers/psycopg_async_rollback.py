@@ -13,14 +13,14 @@ Why and what it costs: docs/guarantees.md, "The ROLLBACK that ends a request is 
 
 from __future__ import annotations
 
-import functools
 import os
 import select
 import sys
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from dropsafe._drivers.base import await_
-from dropsafe._drivers.psycopg_rollback import _left_to_psycopg
+from dropsafe._drivers.deferred_rollback import FORKED, DeferredRollback, During
+from dropsafe._drivers.psycopg_rollback import _left_to_psycopg, psycopg_states
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -28,8 +28,6 @@ if TYPE_CHECKING:
     from dropsafe._dbapi import DBAPIConnection, NativeConnection
 
 __all__ = ["PendingAsyncRollback", "send_rollback", "settle"]
-
-During = Literal["rollback", "reset"]
 
 
 def settle(native: NativeConnection) -> None:
@@ -41,15 +39,6 @@ def settle(native: NativeConnection) -> None:
 
 
 _NOTHING: dict[str, object] = {}
-
-
-@functools.cache
-def _psycopg() -> tuple[Any, int, int, int]:
-    """Psycopg's AsyncConnection class and the transaction states: looked up once."""
-    import psycopg
-
-    states = psycopg.pq.TransactionStatus
-    return psycopg.AsyncConnection, int(states.IDLE), int(states.INTRANS), int(states.INERROR)
 
 
 def send_rollback(
@@ -65,7 +54,7 @@ def send_rollback(
     """
     adapter: Any = getattr(proxied, "dbapi_connection", proxied)
     native: Any = getattr(adapter, "_connection", None)
-    connection_class, idle, in_transaction, in_error = _psycopg()
+    connection_class, idle, in_transaction, in_error = psycopg_states("AsyncConnection")
     if type(native) is not connection_class or _left_to_psycopg(native):
         return False
     shadows = native.__dict__
@@ -93,26 +82,10 @@ def send_rollback(
     return True
 
 
-class PendingAsyncRollback:
+class PendingAsyncRollback(DeferredRollback):
     """Stands in for a psycopg async connection's ``wait`` until its ROLLBACK's reply is read."""
 
-    __slots__ = ("_connection", "_pid", "_report", "_timeout", "during")
-
-    def __init__(
-        self,
-        connection: Any,  # noqa: ANN401 - psycopg's AsyncConnection
-        timeout: float,
-        during: During,
-        report: Callable[[During, BaseException], None],
-    ) -> None:
-        self._connection = connection
-        self._timeout = timeout
-        #: Says a failure (the event and the log line), whoever reads the reply.
-        self._report = report
-        #: Whose ROLLBACK it is: a Connection's, or the pool's reset at checkin.
-        self.during = during
-        # A forked child shares the socket: the reply is the parent's to read, never its own.
-        self._pid = os.getpid()
+    __slots__ = ()
 
     async def __call__(self, gen: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
         """Run psycopg's wait after reading the ROLLBACK's reply: the next use comes here."""
@@ -127,8 +100,7 @@ class PendingAsyncRollback:
         wait = type(connection).wait
         try:
             if os.getpid() != self._pid:
-                msg = "a ROLLBACK sent by another process is still unanswered here"
-                raise psycopg.OperationalError(msg)  # noqa: TRY301 - closed below, as any failure
+                raise psycopg.OperationalError(FORKED)  # noqa: TRY301 - closed below, as any failure
             results = await wait(
                 connection, psycopg.generators.fetch_many(connection.pgconn), timeout=self._timeout
             )
@@ -140,8 +112,9 @@ class PendingAsyncRollback:
             if prepared.clear():
                 await wait(connection, prepared.maintain_gen(connection))
         except BaseException as exc:
-            # Its protocol state is unknown: closed (libpq's finish, as psycopg's close, no
-            # await needed), so that nothing is sent on it again; psycopg then says it broken.
-            connection.pgconn.finish()
-            self._report(self.during, exc)
+            self._failed(exc)
             raise
+
+    def _close(self) -> None:
+        # libpq's finish, as psycopg's close, no await needed; psycopg then says it broken.
+        self._connection.pgconn.finish()

@@ -13,7 +13,9 @@ import functools
 import os
 import select
 import sys
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
+
+from dropsafe._drivers.deferred_rollback import FORKED, DeferredRollback, During
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,19 +36,19 @@ _NOTHING: dict[str, object] = {}
 
 
 @functools.cache
-def _psycopg() -> tuple[Any, int, int, int]:
-    """Psycopg's sync Connection class and the transaction states: looked up once."""
+def psycopg_states(name: str) -> tuple[Any, int, int, int]:
+    """Psycopg's connection class ``name`` (sync or async), the transaction states: once."""
     import psycopg
 
     states = psycopg.pq.TransactionStatus
-    return psycopg.Connection, int(states.IDLE), int(states.INTRANS), int(states.INERROR)
+    return getattr(psycopg, name), int(states.IDLE), int(states.INTRANS), int(states.INERROR)
 
 
 def send_rollback(
     proxied: DBAPIConnection,
-    during: Literal["rollback", "reset"],
+    during: During,
     timeout: float,
-    report: Callable[[Literal["rollback", "reset"], BaseException], None],
+    report: Callable[[During, BaseException], None],
 ) -> bool:
     """Send ROLLBACK on a psycopg 3 connection without waiting; False: run psycopg's own.
 
@@ -55,7 +57,7 @@ def send_rollback(
     runs at every request's end: attribute reads, no lookups by name.
     """
     native: Any = getattr(proxied, "dbapi_connection", proxied)
-    connection_class, idle, in_transaction, in_error = _psycopg()
+    connection_class, idle, in_transaction, in_error = psycopg_states("Connection")
     if type(native) is not connection_class or _left_to_psycopg(native):
         return False
     shadows = native.__dict__
@@ -94,26 +96,10 @@ def _left_to_psycopg(native: Any) -> bool:  # noqa: ANN401 - a psycopg Connectio
         return True
 
 
-class PendingRollback:
+class PendingRollback(DeferredRollback):
     """Stands in for a psycopg connection's ``wait`` until its ROLLBACK's reply is read."""
 
-    __slots__ = ("_connection", "_pid", "_report", "_timeout", "during")
-
-    def __init__(
-        self,
-        connection: Any,  # noqa: ANN401 - psycopg's Connection
-        timeout: float,
-        during: Literal["rollback", "reset"],
-        report: Callable[[Literal["rollback", "reset"], BaseException], None],
-    ) -> None:
-        self._connection = connection
-        self._timeout = timeout
-        #: Says a failure (the event and the log line), whoever reads the reply.
-        self._report = report
-        #: Whose ROLLBACK it is: a Connection's, or the pool's reset at checkin.
-        self.during = during
-        # A forked child shares the socket: the reply is the parent's to read, never its own.
-        self._pid = os.getpid()
+    __slots__ = ()
 
     def __call__(self, gen: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg's
         """Run psycopg's wait after reading the ROLLBACK's reply: the next use comes here."""
@@ -127,8 +113,7 @@ class PendingRollback:
         vars(connection).pop("wait", None)
         try:
             if os.getpid() != self._pid:
-                msg = "a ROLLBACK sent by another process is still unanswered here"
-                raise psycopg.OperationalError(msg)  # noqa: TRY301 - closed below, as any failure
+                raise psycopg.OperationalError(FORKED)  # noqa: TRY301 - closed below, as any failure
             results = type(connection).wait(
                 connection, psycopg.generators.fetch_many(connection.pgconn), timeout=self._timeout
             )
@@ -140,8 +125,9 @@ class PendingRollback:
             if prepared.clear():
                 type(connection).wait(connection, prepared.maintain_gen(connection))
         except BaseException as exc:
-            # Its protocol state is unknown: closed, so that nothing is sent on it again (in a
-            # forked child the pool closes it anyway when it replaces it).
-            connection.close()
-            self._report(self.during, exc)
+            self._failed(exc)
             raise
+
+    def _close(self) -> None:
+        # psycopg's close (in a forked child the pool closes it anyway when it replaces it).
+        self._connection.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sqlalchemy.exc import DBAPIError
+
 from dropsafe._classify import READ_ONLY_SQLSTATE, ErrorKind, classify, sqlstate_of
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -48,8 +50,12 @@ class InvalidationScope:
 
         Only ever narrows SQLAlchemy's decision to recycle the pool: it keeps the pool on an
         interrupt (KeyboardInterrupt, a cancelled task), and this listener runs first, so a
-        listener of the user's sees dropsafe's decision and can overrule it.
+        listener of the user's sees dropsafe's decision and can overrule it. An error that
+        SQLAlchemy wrapped already was judged where it was raised (a unit's mark read before
+        COMMIT, on its own connection: `dropsafe._unit.dialect_hooks`): left alone here.
         """
+        if isinstance(context.original_exception, DBAPIError):
+            return
         kind = classify(context.original_exception)
         if self._turned_standby(context):
             kind = ErrorKind.FAILOVER  # classify() then sees connection_invalidated: a failover too

@@ -15,6 +15,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._dbapi import ask
+from dropsafe._verdicts import kept_by_text
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Dialect
@@ -164,25 +165,16 @@ _VERDICTS: dict[str, bool] = {}
 #: The verdicts by text, read by the replay's ``_send`` before it calls `may_change_session`
 #: (a dictionary read where a call per statement costs a Python frame). Cleared in place.
 VERDICTS = _VERDICTS
-_MAX_VERDICTS = 4096
-_MAX_KEPT_LENGTH = 8192
 
 
+@kept_by_text(_VERDICTS)
 def may_change_session(statement: str) -> bool:
     """Whether ``statement`` may change its connection's session state (True when unsure).
 
     Called for every statement an engine that replays sends; a dictionary look-up once a text
     has been seen.
     """
-    verdict = _VERDICTS.get(statement)
-    if verdict is None:
-        verdict = _classify(statement)
-        if len(statement) > _MAX_KEPT_LENGTH:
-            return verdict
-        if len(_VERDICTS) >= _MAX_VERDICTS:
-            _VERDICTS.clear()
-        _VERDICTS[statement] = verdict
-    return verdict
+    return _classify(statement)
 
 
 def _blank(match: re.Match[str]) -> str:

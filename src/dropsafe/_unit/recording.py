@@ -1,11 +1,12 @@
-"""The pending commit: a unit's xid and backend, read right before its COMMIT, by one listener.
+"""The pending commit: a unit's xid and backend, read right before its COMMIT.
 
-SQLAlchemy's engine-level ``commit`` event fires after every flush and ``before_commit`` hook,
-right before the DBAPI COMMIT: there one fixed statement reads the xid (giving one, with
+The engine's ``do_commit`` (`dropsafe._unit.dialect_hooks`) runs after every flush and
+``before_commit`` hook, right before the DBAPI COMMIT: there the xid read in a statement's
+flight is taken, or else one fixed statement reads the xid (giving one, with
 ``synchronous_commit`` off, to a transaction on a primary that has none: a NOTIFY takes its xid
 only at COMMIT), the backend's pid, the server's life the first time, and the WAL position. A
 lost reply is then resolved by that xid (`dropsafe._commit_truth.resolution`). `watch_engine`
-installs the unit's listeners, once per engine. Why each part: docs/guarantees.md ("How it
+puts the unit's hooks on an engine, once per engine. Why each part: docs/guarantees.md ("How it
 keeps it", "Why the xid read has a round trip of its own", "Effects at COMMIT without an xid").
 """
 
@@ -31,7 +32,12 @@ from dropsafe._commit_truth.server_sql import ASYNCHRONOUS, UNFLUSHED, mark_stat
 from dropsafe._engine_state import root_engine, state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._process import renew_in_child
-from dropsafe._unit.shapes import SHAPE_LISTENERS
+from dropsafe._unit.dialect_hooks import UnitHooks, hook_dialect
+from dropsafe._unit.shapes import (
+    refuse_autocommit,
+    refuse_autocommit_at_begin,
+    refuse_two_phase,
+)
 from dropsafe._unit.tracker import AttemptTracker, current_attempt
 
 if TYPE_CHECKING:
@@ -59,25 +65,21 @@ renew_in_child(_renew_install_lock)
 
 
 def watch_engine(engine: Engine) -> None:
-    """Install the listeners a unit of work needs on ``engine``: one set per engine.
+    """Put the hooks a unit of work needs on ``engine``'s dialect: once per engine.
 
-    One ``commit`` listener (it notes the connections an attempt commits and reads the xid
-    before each COMMIT of a unit) and the shape refusals of `dropsafe._unit.shapes`.
-    Idempotent; installed by the first unit of work on an engine, never by `harden` (an engine
-    that runs none keeps SQLAlchemy's event-free fast path). Outside a unit of work each costs
-    one context-variable read per COMMIT, BEGIN or statement: no decision is made per statement
-    (every transaction gets its xid in the mark, whatever its statements say).
+    One before each COMMIT (it notes the connections an attempt commits and reads the xid
+    before each COMMIT of a unit) and the shape refusals of `dropsafe._unit.shapes`
+    (`dropsafe._unit.dialect_hooks` says why not SQLAlchemy's events). Idempotent; put there by
+    the first unit of work on an engine. Outside a unit of work each costs one call and one
+    context-variable read per COMMIT, BEGIN or statement: no decision is made.
     """
     state = state_of(engine)
-    if state.recording:  # event.contains costs more than a unit's own work
+    if state.recording:
         return
-    # On the root engine: an execution_options() copy shares its events (and its state).
+    # On the root engine's dialect: an execution_options() copy shares it (and its state).
     root = root_engine(engine)
     with _INSTALL_LOCK:
-        if not event.contains(root, "commit", _before_commit):
-            event.listen(root, "commit", _before_commit)
-            for name, listener in SHAPE_LISTENERS:
-                event.listen(root, name, listener)
+        hook_dialect(root.dialect, _HOOKS)
         state.recording = True
 
 
@@ -109,7 +111,7 @@ def _session_began(session: Session, transaction: object, connection: Connection
 
 
 def _before_commit(conn: Connection) -> None:
-    """Engine ``commit`` listener: the last moment before COMMIT, after every flush and hook.
+    """Before each COMMIT on a watched engine: the last moment, after every flush and hook.
 
     A COMMIT the unit's function made itself, on the same connection, is noted too and harmless
     there: once the unit's own COMMIT succeeded, that connection's transaction is gone as well.
@@ -216,8 +218,17 @@ def ended_around(conn: Connection, error: BaseException) -> tuple[PendingCommit,
     return dropped
 
 
-def _mark(conn: Connection, attempt: AttemptTracker) -> PendingCommit | None:
-    """Read ``conn``'s xid and backend (and its server's life the first time); None: no xid."""
+def _mark(
+    conn: Connection, attempt: AttemptTracker, *, committing: bool = True
+) -> PendingCommit | None:
+    """Read ``conn``'s xid and backend (and its server's life the first time); None: no xid.
+
+    Read inside ``do_commit`` (`dropsafe._unit.dialect_hooks`): on the ``committing``
+    connection a failure is raised as the driver raised it, and SQLAlchemy's handling of a
+    failed COMMIT judges it once (a disconnect invalidates the connection; ``handle_error``
+    listeners see it once, as the COMMIT's, with no statement). Another connection of the unit
+    judges its own first; the committing one's handling then sees it again, wrapped.
+    """
     fairy = conn.connection
     driver_connection = fairy.driver_connection
     state = state_of(conn.engine)
@@ -227,13 +238,15 @@ def _mark(conn: Connection, attempt: AttemptTracker) -> PendingCommit | None:
     statement = mark_statement(conn.dialect, with_life=with_life, with_wal=with_wal)
     try:
         row = one_row(fairy, statement)  # one row, always: a SELECT without FROM
-    except Exception as exc:  # noqa: BLE001 - SQLAlchemy's handling re-raises it (wrapped)
+    except Exception as exc:  # SQLAlchemy's handling raises it again (wrapped)
         if server_life is None or (with_wal and not classify(exc).retryable):
             # Perhaps this server hides the life's functions or the WAL position (another
             # host of the engine): then its next connections read them on their own, where
             # failing costs nothing.
             with state.lock:
                 state.lives_answered = state.wal_readable = False
+        if committing:
+            raise
         conn._handle_dbapi_exception(exc, statement, (), None, None)  # noqa: SLF001
     if server_life is None:
         server_life = ServerLife.read(row[2], row[3])
@@ -287,7 +300,7 @@ def _mark_several(attempt: AttemptTracker, conn: Connection, others: list[Connec
     marks: dict[Connection, PendingCommit | None] = {}
     for connection in (conn, *others):
         watch_engine(connection.engine)  # its COMMIT must be seen too
-        marks[connection] = _mark(connection, attempt)
+        marks[connection] = _mark(connection, attempt, committing=connection is conn)
     # A transaction that had no xid before its mark (`PendingCommit.asynchronous`) wrote
     # nothing: only a NOTIFY it queued could be lost with its COMMIT (docs/guarantees.md).
     writers = [
@@ -329,6 +342,26 @@ def _is_the_units(attempt: AttemptTracker, conn: Connection) -> bool:
     return any(connection is conn for connection, *_ in connections.values())
 
 
+def _unit_connection_of(checkout: object) -> Connection | None:
+    """Return the current unit's Connection on pool ``checkout``, or None (`dialect_hooks`)."""
+    attempt = current_attempt()
+    if attempt is None:
+        return None
+    session = attempt.session
+    others = other_connections(session) if session is not None else []
+    for connection in (attempt.connection, *others):
+        if connection is not None and _runs_on(connection, checkout):
+            return connection
+    return None
+
+
+def _runs_on(connection: Connection, checkout: object) -> bool:
+    try:
+        return connection.connection is checkout
+    except Exception:  # noqa: BLE001 - closed or invalidated: not the one committing
+        return False
+
+
 def _refuse_own_commit(attempt: AttemptTracker) -> None:
     """Raise for a COMMIT that the unit sends itself, before it is sent.
 
@@ -343,3 +376,13 @@ def _refuse_own_commit(attempt: AttemptTracker) -> None:
         "savepoint, or split the work into two units of work"
     )
     raise attempt.refusal
+
+
+_HOOKS = UnitHooks(
+    current=current_attempt,
+    at_begin=refuse_autocommit_at_begin,
+    at_begin_twophase=refuse_two_phase,
+    before_statement=refuse_autocommit,
+    before_commit=_before_commit,
+    connection_of=_unit_connection_of,
+)

@@ -1,9 +1,9 @@
 """Which shapes a unit of work may take: those it cannot guard are refused before they run.
 
 Two-phase and AUTOCOMMIT units are refused with a `ConfigurationError`: at the call when the
-bind says so, otherwise by engine listeners (installed with the unit's others by
-`dropsafe._unit.recording.watch_engine`) before BEGIN, before the function touches its
-connection, and before each statement. Why each shape breaks a unit, and what a hook that raises
+bind says so, otherwise by the unit's hooks on the engine's dialect (`dropsafe._unit.dialect_hooks`,
+put there by `dropsafe._unit.recording.watch_engine`) before BEGIN, before the function touches
+its connection, and before each statement. Why each shape breaks a unit, and what a hook that raises
 after the COMMIT is reported as: docs/guarantees.md, "Shapes a unit of work may take".
 """
 
@@ -21,10 +21,12 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
 __all__ = [
-    "SHAPE_LISTENERS",
     "begin_driver_transaction",
     "check_engine_shape",
     "check_unit_shape",
+    "refuse_autocommit",
+    "refuse_autocommit_at_begin",
+    "refuse_two_phase",
 ]
 
 _AUTOCOMMIT = "AUTOCOMMIT"
@@ -53,7 +55,7 @@ AUTOCOMMIT_REFUSED = (
 def check_unit_shape(bind: object, engine: Engine) -> None:
     """Refuse, at the call, a unit whose bind says it is two-phase or AUTOCOMMIT.
 
-    The listeners below refuse the same shapes when they appear later, inside the unit.
+    The hooks below refuse the same shapes when they appear later, inside the unit.
     """
     settings: dict[str, Any] | None = getattr(bind, "kw", None)  # a (async_)sessionmaker's
     if settings and settings.get("twophase"):
@@ -75,27 +77,17 @@ def check_engine_shape(engine: Engine) -> None:
 # -- inside the unit ---------------------------------------------------------------------------
 
 
-def _refuse_two_phase(conn: Connection, xid: object) -> None:
-    """Engine ``begin_twophase`` listener: before BEGIN, so nothing has been sent."""
-    del conn, xid
-    if current_attempt() is not None:
-        raise ConfigurationError(TWO_PHASE_REFUSED)
+def refuse_two_phase() -> None:
+    """Before BEGIN TWOPHASE inside a unit (`dialect_hooks`): nothing has been sent."""
+    raise ConfigurationError(TWO_PHASE_REFUSED)
 
 
-def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute signature
-    conn: Connection,
-    cursor: object,
-    statement: str,
-    parameters: object,
-    context: object,
-    executemany: bool,
-) -> None:
-    """Engine ``before_cursor_execute`` listener: refuse a statement that would commit alone.
+def refuse_autocommit(dbapi_connection: object, statement: str) -> None:
+    """Before each statement inside a unit (`dialect_hooks`): refuse one that commits alone.
 
-    It also notes a statement that may notify (`AttemptTracker.notifies`): the one listener
-    every statement of a unit already pays for.
+    It also notes a statement that may notify (`AttemptTracker.notifies`): the one hook every
+    statement of a unit already pays for.
     """
-    del cursor, parameters, context, executemany
     attempt = current_attempt()
     if attempt is None:
         return
@@ -103,19 +95,19 @@ def _refuse_autocommit(  # noqa: PLR0917 - SQLAlchemy's before_cursor_execute si
         attempt.notifies = True
     # The driver's own flag: SQLAlchemy sets it for isolation_level="AUTOCOMMIT" (on the
     # engine or in execution options), and an app may set it on the DBAPI connection itself.
-    if _under_autocommit(conn.connection.dbapi_connection):
+    if _under_autocommit(dbapi_connection):
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
 
 
-def _refuse_autocommit_at_begin(conn: Connection) -> None:
-    """Engine ``begin`` listener: refuse before the unit's function touches the connection.
+def refuse_autocommit_at_begin(dbapi_connection: object) -> None:
+    """Before BEGIN inside a unit (`dialect_hooks`): before the function touches the connection.
 
     The unit's function may work through the driver's own connection (a COPY, a cursor of its
     own) before SQLAlchemy sends a statement; under the driver's ``autocommit`` that work has
     committed alone by then, and a refusal at the first statement would be an error with an
     effect.
     """
-    if current_attempt() is not None and _under_autocommit(conn.connection.dbapi_connection):
+    if _under_autocommit(dbapi_connection):
         raise ConfigurationError(AUTOCOMMIT_REFUSED.format(where="set on its connection"))
 
 
@@ -164,11 +156,3 @@ async def begin_driver_transaction(connection: AsyncConnection) -> None:
         if classify(exc) is ErrorKind.DISCONNECT:
             await connection.invalidate(exc)
         raise
-
-
-#: The engine listeners that refuse a unit's shape inside it, as (event name, listener).
-SHAPE_LISTENERS = (
-    ("begin_twophase", _refuse_two_phase),
-    ("begin", _refuse_autocommit_at_begin),
-    ("before_cursor_execute", _refuse_autocommit),
-)
