@@ -72,6 +72,7 @@ class EngineState:
         "__weakref__",  # the fork's lock renewal holds it weakly
         "_lock",
         "acknowledged",
+        "flight_dropped",
         "flight_xid",
         "guard",
         "lives_answered",
@@ -101,6 +102,11 @@ class EngineState:
         #: The xid a Connection's transaction read in a statement's flight, for a unit's COMMIT
         #: (`dropsafe._engine.replay`, `dropsafe._commit_truth.flight_xid`); None: never read.
         self.flight_xid: Callable[[Connection], PendingCommit | None] | None = None
+        #: The reads a Connection's transaction dropped (ended around SQLAlchemy), for a unit's
+        #: COMMIT that the mark reads: its resolution asks about them too.
+        self.flight_dropped: (
+            Callable[[Connection], tuple[tuple[PendingCommit, ...], PendingCommit | None]] | None
+        ) = None
         self._lock = threading.Lock()
         renew_lock_in_child(self)  # another thread may hold it at a fork
 

@@ -597,3 +597,38 @@ def _answers(server):
         return True
 
     return ready
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback", None])
+@pytest.mark.parametrize("driver", SYNC)
+def test_a_backend_gone_before_commit_after_bytes_sent_around_is_never_replayed(
+    server, driver, end, disposing
+):
+    """INSERT 1 through SQLAlchemy (recorded), then the DBAPI connection's own commit() (or
+    rollback(), or nothing) and a raw cursor's INSERT 2, the backend terminated, the COMMIT.
+
+    The transcript holds INSERT 1 alone, and no statement through SQLAlchemy came after the
+    raw ones to refuse it: before the fix the COMMIT, seen gone, replayed INSERT 1 on a fresh
+    connection and committed it there: acknowledged, row 2 missing (and, after the app's own
+    commit(), row 1 twice). Bytes sent around SQLAlchemy since its last statement make the
+    transcript unreplayable: the COMMIT raises, nothing is written again.
+    """
+    events = []
+    engine = disposing(_engine(dropsafe.create_engine, server, driver, events))
+    acknowledged = False
+    with contextlib.suppress(sa.exc.DBAPIError):
+        with engine.begin() as conn:
+            conn.execute(INSERT, {"v": 1})
+            dbapi_connection = conn.connection.dbapi_connection
+            if end is not None:
+                getattr(dbapi_connection, end)()
+            cursor = dbapi_connection.cursor()
+            cursor.execute("INSERT INTO unsent_commit (v) VALUES (2)")
+            cursor.close()
+            _terminate_all(server)
+            _goodbye_arrived(engine, dbapi_connection)
+        acknowledged = True
+    committed_by_the_app = 1 if end == "commit" else 0
+    assert not acknowledged, _outcomes(events)
+    assert (_count(server, 1), _count(server, 2)) == (committed_by_the_app, 0)
+    assert not any(outcome == "replayed" for outcome, _ in _outcomes(events))

@@ -13,6 +13,8 @@ replays it: ``python benchmarks/explore.py --replay <id>``. The checker's rules:
   by a LISTENer on a direct connection), every row written as the app's role;
 * `dropsafe.ConfigurationError`: a refused shape, correct when nothing was written;
 * `dropsafe.CommitOutcomeUnknown`: counted as an unknown; all effects or none, never twice;
+  one that says the app committed part of the work itself (its reason `APP_COMMITTED`: the
+  DBAPI connection's commit() inside the unit), any part of them, never twice;
 * any other error: no effect at all. Outside a unit (the zero-code shapes) an error raised
   after a COMMIT was sent may leave the effects: it is counted with the unknowns.
 """
@@ -50,6 +52,7 @@ from dropsafe._bench._shapes import (
     Shape,
 )
 from dropsafe._bench._shapes import run_shape as _run_shape
+from dropsafe._commit_truth.resolution import APP_COMMITTED, APP_ENDED_UNKNOWN
 from dropsafe._drivers import driver_named
 from dropsafe.testing._server import PostgresServer, ServerError
 
@@ -144,7 +147,7 @@ class Verdict:
     unknown: bool
 
 
-def check(  # noqa: PLR0911, PLR0917 - one rule per return; the evidence, in order
+def check(  # noqa: C901, PLR0911, PLR0917 - one rule per return; the evidence, in order
     shape: Shape,
     outcome: Outcome,
     expected: Effects,
@@ -178,6 +181,8 @@ def check(  # noqa: PLR0911, PLR0917 - one rule per return; the evidence, in ord
         return Verdict(f"acknowledged, but {_difference(expected, seen)}", unknown=False)
     if outcome.kind == "refused" and nothing:
         return Verdict(None, unknown=False)
+    if outcome.kind == "partial":
+        return _partly_committed(expected, seen, outcome, server_can_tell=server_can_tell)
     if outcome.kind == "unknown" and server_can_tell and "in time" not in outcome.detail:
         return Verdict(
             f"CommitOutcomeUnknown, though the server stayed up and could tell ({outcome.detail})",
@@ -195,6 +200,28 @@ def check(  # noqa: PLR0911, PLR0917 - one rule per return; the evidence, in ord
     return Verdict(
         f"{outcome.kind} ({outcome.detail}) but effects remain: {_describe(seen)}", unknown=False
     )
+
+
+def _partly_committed(
+    expected: Effects, seen: Effects, outcome: Outcome, *, server_can_tell: bool
+) -> Verdict:
+    """Judge a `CommitOutcomeUnknown` saying the app committed part of the work itself.
+
+    Its reason is `APP_COMMITTED` (the DBAPI connection's ``commit()`` inside the unit, then
+    the unit's COMMIT lost and aborted, or that commit's own reply lost), or
+    `APP_ENDED_UNKNOWN` (whether it committed cannot be known: a defect where the server
+    stayed up and could tell, as for any unknown): any part of the effects, each at most once;
+    counted with the unknowns.
+    """
+    detail = outcome.detail
+    if detail.startswith(APP_ENDED_UNKNOWN) and server_can_tell and "in time" not in detail:
+        return Verdict(
+            f"CommitOutcomeUnknown, though the server stayed up and could tell ({detail})",
+            unknown=True,
+        )
+    if not (seen.rows - expected.rows) and not (seen.notes - expected.notes):
+        return Verdict(None, unknown=True)
+    return Verdict(f"partly committed by the app, and {_difference(expected, seen)}", unknown=True)
 
 
 def _difference(expected: Effects, seen: Effects) -> str:
@@ -701,7 +728,7 @@ class Explorer:
                 CATALOG[shape].effects(_DRY) != Effects()
             )
             broken = record.violation is not None or failed
-            if broken and not CATALOG[shape].expected_violation:
+            if broken and not record.expected_violation:
                 msg = (
                     f"healthy run of {shape} on {driver} failed: "
                     f"{record.outcome.kind} {record.outcome.detail} {record.violation or ''}"
@@ -802,7 +829,9 @@ class Explorer:
             verdict.unknown,
             seconds,
             fired=strike is None or strike.fired,
-            expected_violation=shape.expected_violation or FAULTS[history.fault].expected_violation,
+            expected_violation=shape.expected_violation
+            or (shape.mark_violation if history.read == "mark" else None)
+            or FAULTS[history.fault].expected_violation,
         )
         return record, labels
 
@@ -1029,7 +1058,10 @@ class Explorer:
                     if fault.needs_deadline and shape.zero_code:
                         continue
                     for read in reads:
-                        if read != "mark" and shape.zero_code:
+                        if (read != "mark" and shape.zero_code) or (
+                            # the mark's known break, out with the other known ones
+                            not include_expected and read == "mark" and shape.mark_violation
+                        ):
                             continue
                         out.append((shape.name, driver, fault.name, read))
         return out
@@ -1085,6 +1117,12 @@ def _call(run: Callable[[], object]) -> Outcome:
     try:
         run()
     except dropsafe.CommitOutcomeUnknown as exc:
+        if exc.reason in (APP_COMMITTED, APP_ENDED_UNKNOWN):
+            # The unit's COMMIT did not commit (or never left), but the app had ended a
+            # transaction of the work itself (the DBAPI connection's commit() inside the
+            # unit), which committed or may have: partly durable, not run again. Its reason
+            # first, and the message's end (the inner reason, where unknown).
+            return Outcome("partial", f"{exc.reason}: ...{' '.join(str(exc).split())[-120:]}")
         return Outcome("unknown", _short(exc))
     except dropsafe.ConfigurationError as exc:
         return Outcome("refused", _short(exc))

@@ -52,7 +52,10 @@ def matrix_lines(records: list[Record], *, command: str, seconds: float) -> list
     faults = [name for name in FAULTS if any(key[1] == name for key in cells)]
     rows = []
     for shape, read in sorted(shape_seconds):
-        known = CATALOG[shape].expected_violation if shape in CATALOG else None
+        catalog = CATALOG.get(shape)
+        known = None if catalog is None else catalog.expected_violation
+        if catalog is not None and read == "mark":
+            known = known or catalog.mark_violation
         name = f"{shape} (known: {known.removeprefix('issue ')})" if known else shape
         row: list[object] = [name, read, " ".join(sorted(drivers[(shape, read)]))]
         for fault in faults:

@@ -42,12 +42,14 @@ class FlightXid:
     ``count_sent``, ``sent_after``: its socket, how to read the bytes it sent, and what it had
     sent when the last statement through SQLAlchemy was; more sent since is the app's own,
     around SQLAlchemy (a DBAPI ``commit()`` and a raw cursor's write): the read is then dropped.
+    ``dropped``: the reads dropped so, kept: the COMMIT's resolution asks about them as well.
     """
 
-    __slots__ = ("count_sent", "fd", "native", "pending", "sent_after", "xid_wanted")
+    __slots__ = ("count_sent", "dropped", "fd", "native", "pending", "sent_after", "xid_wanted")
 
     def __init__(self) -> None:
         self.pending: PendingCommit | None = None
+        self.dropped: tuple[PendingCommit, ...] = ()
         self.xid_wanted = True
         self.native: NativeConnection | None = None
         self.fd: int | None = None

@@ -44,6 +44,12 @@ class PendingCommit:
     #: commit record may be lost in a crash after listeners heard its NOTIFYs
     #: (`dropsafe._commit_truth.resolution`).
     unflushed: bool = False
+    #: Xids read earlier in the same SQLAlchemy transaction and dropped: the server's
+    #: transaction ended under it, around SQLAlchemy (the DBAPI connection's own ``commit()``
+    #: or ``rollback()``, a ``COMMIT`` statement), and another began. Where this COMMIT did
+    #: not commit, the resolution asks about them too: one that committed made part of the
+    #: work durable, and it must not run again (`dropsafe._commit_truth.resolution`).
+    earlier: tuple[PendingCommit, ...] = field(default=(), compare=False, repr=False)
 
 
 def lsn_number(text: object) -> int:

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from dropsafe._commit_truth.pending_commit import PendingCommit
     from dropsafe.events import Hook
 
-__all__ = ["Outcome", "resolve_commit"]
+__all__ = ["APP_COMMITTED", "APP_ENDED_UNKNOWN", "Outcome", "resolve_commit"]
 
 Outcome = Literal["committed", "aborted"]
 
@@ -282,6 +282,7 @@ def resolve_commit(
     deadline: float,
     hooks: tuple[Hook, ...],
     sleep: Callable[[float], None] = time.sleep,
+    app_ended: bool = False,
 ) -> Outcome:
     """Ask the server (new connections) whether the pending commit's transaction committed.
 
@@ -290,6 +291,12 @@ def resolve_commit(
     that cannot be asked (stopped, restarting: connects refused) is waited for until
     ``deadline``: a lost COMMIT in a restart longer than ``timeout`` is still resolved.
     Async engines run this in SQLAlchemy's greenlet with an awaiting ``sleep``.
+
+    Where it did not commit, the transactions the app ended itself before it, around
+    SQLAlchemy (`PendingCommit.earlier`), are asked about too: one that committed raises
+    `CommitOutcomeUnknown` (`_settle_earlier`). ``app_ended``: ``pending`` is itself one (a
+    unit's function whose own COMMIT through the DBAPI connection was lost): committed or
+    unknown raises, never returns 'committed'.
     """
     resolution = _Resolution(
         pending, hooks, error, min(time.monotonic() + timeout, deadline), reach_until=deadline
@@ -304,16 +311,126 @@ def resolve_commit(
                 if decision == "fence":
                     _fence(pool, engine.dialect, pending, resolution)
                     continue
-            except CommitOutcomeUnknown:
+            except CommitOutcomeUnknown as unknown:
+                if app_ended:
+                    raise _app_ended_unknown(None, pending.xid, unknown.reason) from error
                 raise
             except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
                 sleep(resolution.next_pause(exc))
                 continue
+            if decision == "committed" and app_ended:
+                raise _app_committed(None, pending.xid) from error
+            if decision == "aborted" and pending.earlier:
+                commit_xid = None if app_ended else pending.xid
+                _settle_earlier(pool, engine.dialect, resolution, sleep, commit_xid)
             if decision != "again":
                 return decision
             sleep(resolution.next_pause())
     finally:
         pool.dispose()
+
+
+#: `CommitOutcomeUnknown.reason` when the unit's COMMIT did not commit (or was never sent) but
+#: a transaction of the same work, which the app ended itself around SQLAlchemy, did.
+APP_COMMITTED = "the app committed an earlier transaction of the work itself"
+#: ... and when whether it committed cannot be known.
+APP_ENDED_UNKNOWN = "an earlier transaction the app ended itself may have committed"
+
+
+def _app_committed(commit_xid: int | None, xid: int) -> CommitOutcomeUnknown:
+    """Return the error for a transaction the app ended itself that committed.
+
+    ``commit_xid``: the unit's COMMIT, which did not commit; None: it was never sent.
+    """
+    if commit_xid is None:
+        lost = "the unit's own COMMIT was never sent"
+    else:
+        lost = f"the connection failed during COMMIT of transaction {commit_xid}, which did not"
+    return CommitOutcomeUnknown(
+        f"{lost}; but the work had ended a transaction of its own around SQLAlchemy (the DBAPI "
+        f"connection's commit(), or a COMMIT statement), and that one (xid {xid}) committed: "
+        "part of the work is durable, so it was neither run again nor acknowledged. Leave the "
+        "COMMIT to dropsafe (session.flush() sends statements early; two commits are two "
+        "units of work)",
+        xid=xid,
+        reason=APP_COMMITTED,
+    )
+
+
+def _app_ended_unknown(commit_xid: int | None, xid: int, reason: str) -> CommitOutcomeUnknown:
+    """Return the error for a transaction the app ended itself that may have committed."""
+    if commit_xid is None:
+        lost = "the unit's own COMMIT was never sent"
+    else:
+        lost = f"the connection failed during COMMIT of transaction {commit_xid}, which did not"
+    return CommitOutcomeUnknown(
+        f"{lost}; but the work had ended a transaction of its own around SQLAlchemy (xid "
+        f"{xid}), and whether that one committed cannot be known: {reason}",
+        xid=xid,
+        reason=APP_ENDED_UNKNOWN,
+    )
+
+
+def _settle_earlier(
+    pool: Pool,
+    dialect: Dialect,
+    resolution: _Resolution,
+    sleep: Callable[[float], None],
+    commit_xid: int | None,
+) -> None:
+    """Return if every earlier transaction of the work aborted; raise if one may have committed.
+
+    The COMMIT just resolved 'aborted', but its work began in transactions the app ended
+    itself around SQLAlchemy (`PendingCommit.earlier`: the DBAPI connection's ``commit()``,
+    then a raw write; the read in flight dropped their xids). One that committed made part of
+    the work durable: running it again would write that part twice, acknowledging it would
+    hide the rest missing. Each is asked as the COMMIT's own xid is (the same rules: committed
+    only on the same history); anything but 'aborted' raises `CommitOutcomeUnknown`. One that
+    aborted (the DBAPI connection's ``rollback()``) leaves the work to run again whole.
+    ``commit_xid``: the unit's COMMIT just resolved (None: never sent, ``app_ended``).
+    """
+    pending = resolution.pending
+    for earlier in pending.earlier:
+        if earlier.xid == pending.xid:
+            continue  # read twice in one transaction (a read dropped on an unknown byte count)
+        try:
+            outcome = _earlier_outcome(pool, dialect, earlier, resolution, sleep)
+        except CommitOutcomeUnknown as unknown:
+            raise _app_ended_unknown(commit_xid, earlier.xid, unknown.reason) from resolution.error
+        if outcome == "committed":
+            raise _app_committed(commit_xid, earlier.xid) from resolution.error
+
+
+def _earlier_outcome(
+    pool: Pool,
+    dialect: Dialect,
+    earlier: PendingCommit,
+    resolution: _Resolution,
+    sleep: Callable[[float], None],
+) -> Outcome:
+    """Ask what became of ``earlier`` (`_settle_earlier`); raise `CommitOutcomeUnknown`.
+
+    Never fenced: its backend sent the COMMIT just resolved after it, so it had ended
+    ('in progress': a prepared transaction, unknown). Emits no event (not the COMMIT's xid).
+    """
+    asking = _Resolution(
+        earlier, (), resolution.error, resolution.deadline, reach_until=resolution.reach_until
+    )
+    while True:
+        try:
+            answer = _ask(pool, dialect, earlier, asking)
+            asking.answered()
+            decision = asking.settle(answer)
+        except CommitOutcomeUnknown:
+            raise
+        except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
+            sleep(asking.next_pause(exc))
+            continue
+        if decision == "fence":
+            asking._unknown(f"xid {earlier.xid} is still in progress")  # noqa: SLF001
+        if decision != "again":
+            return "committed" if decision == "committed" else "aborted"
+        sleep(asking.next_pause())  # a standby answered: the primary is asked again
 
 
 def _ask(

@@ -37,6 +37,7 @@ from dropsafe._engine.xid_in_flight import (
     may_write,
     note_sent,
     sent_around_read,
+    with_dropped,
 )
 from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
@@ -147,6 +148,7 @@ class FirstStatementReplay:
         )
         if reads is not None:
             state.flight_xid = self._flight_xid_of
+            state.flight_dropped = self._dropped_xids_of
         # A COMMIT about to go on a connection known gone, or lost and resolved by its xid as
         # aborted: the transaction is done elsewhere.
         self._commits = (
@@ -448,7 +450,29 @@ class FirstStatementReplay:
             ended = True
         # In a transaction, but perhaps another one: bytes sent around SQLAlchemy since its
         # last statement (a DBAPI commit() or rollback(), then a raw cursor's write).
-        return None if ended or sent_around_read(holder) else holder.pending
+        if ended or sent_around_read(holder):
+            return None
+        # With the reads it dropped before (a call only where there are some).
+        return with_dropped(holder.pending, holder) if holder.dropped else holder.pending
+
+    def _dropped_xids_of(
+        self, connection: Connection
+    ) -> tuple[tuple[PendingCommit, ...], PendingCommit | None]:
+        """Return the reads ``connection``'s transaction dropped, and the one it holds now.
+
+        For a unit's COMMIT that the mark reads (`_flight_xid_of` gave nothing: the read held,
+        if any, did not stand), and for a unit whose function raised around SQLAlchemy (the
+        DBAPI connection's own ``commit()`` lost: the read held may have committed).
+        """
+        transaction = connection.get_transaction()
+        if transaction is None or self._unit_xid is None:
+            return (), None
+        holder: Transcript | FlightXid | None = self._transcripts.get(transaction)
+        if holder is None:
+            holder = self._flight_xids.get(transaction)
+        if holder is None:
+            return (), None
+        return holder.dropped, holder.pending
 
     def _send_first(  # noqa: PLR0917 - do_execute's arguments, and the checkout's first facts
         self,

@@ -218,6 +218,7 @@ class Transcript:
     __slots__ = (
         "bytes",
         "count_sent",
+        "dropped",
         "fd",
         "max_bytes",
         "max_rows",
@@ -253,6 +254,9 @@ class Transcript:
         #: The transaction's xid as read in a writing statement's flight (`dropsafe._engine.
         #: xid_in_flight`): a lost COMMIT reply is resolved by it. None: not read.
         self.pending: PendingCommit | None = None
+        #: Reads dropped since (the server's transaction ended around SQLAlchemy): a lost
+        #: COMMIT that did not commit asks about them too (`PendingCommit.earlier`).
+        self.dropped: tuple[PendingCommit, ...] = ()
         #: Whether the next statement that may write reads the xid in its flight.
         self.xid_wanted = False
         #: Whether a statement of it may notify: a lost COMMIT is then resolved as one that

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Literal
 from dropsafe._classify import ErrorKind, classify
 from dropsafe._drivers.base import Health
 from dropsafe._engine.fresh_connection import ask_before_replay, replay_bounded
+from dropsafe._engine.replay_refusals import sent_around
 from dropsafe._engine.session_state import mark_connection
-from dropsafe._engine.xid_in_flight import sent_around_read
+from dropsafe._engine.xid_in_flight import sent_around_read, with_dropped
 from dropsafe._errors import CommitOutcomeUnknown
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -97,6 +98,12 @@ class UnsentCommit:
                 return
             replayable = transcript.refused is None
             gone = replayable and self._gone(dbapi_connection)
+            if gone and sent_around(transcript) is not None:
+                # Bytes sent around SQLAlchemy since its last statement (a DBAPI commit(),
+                # a raw cursor's write): the transcript lacks them, and the app may have
+                # committed part of it. Looked at only once the backend is seen gone.
+                transcript.refuse("bytes were sent around SQLAlchemy before its COMMIT")
+                replayable = gone = False
             # Bytes sent around SQLAlchemy since the last statement (a DBAPI commit(), then a
             # raw cursor's write): the xid read may be an ended transaction's, and resolve
             # nothing. Counted before the COMMIT adds its own.
@@ -112,6 +119,9 @@ class UnsentCommit:
                 pending = None if around else transcript.pending
                 if pending is None or self._xid is None:
                     raise  # it may have reached the server, and nothing can ask about it
+                # With the reads dropped before it (the app ended a transaction around
+                # SQLAlchemy): if this COMMIT did not commit, they are asked about too.
+                pending = with_dropped(pending, transcript)
                 if transcript.notifies and not (pending.unflushed or pending.asynchronous):
                     # Its writes may have written no WAL (an UNLOGGED table, a view's trigger
                     # that wrote nothing): its COMMIT then waited for no flush, its NOTIFY was

@@ -40,7 +40,14 @@ if TYPE_CHECKING:
     from dropsafe._engine_state import EngineState
     from dropsafe.events import Hook
 
-__all__ = ["XidInFlight", "may_write", "note_sent", "sent_around_read"]
+__all__ = [
+    "XidInFlight",
+    "drop_read",
+    "may_write",
+    "note_sent",
+    "sent_around_read",
+    "with_dropped",
+]
 
 # A text statement that may write: what the server would give an xid for. A SELECT that calls
 # a function that writes is not read (its transaction's COMMIT stays unresolvable, as before).
@@ -92,6 +99,27 @@ def sent_around_read(holder: Transcript | FlightXid) -> bool:
     """
     fd, before = holder.fd, holder.sent_after
     return fd is None or before is None or holder.count_sent(fd) != before
+
+
+def drop_read(holder: Transcript | FlightXid) -> None:
+    """Drop ``holder``'s read, its transaction ended around SQLAlchemy; keep it in ``dropped``.
+
+    The app ended that transaction itself (the DBAPI connection's ``commit()`` or
+    ``rollback()``, a ``COMMIT`` statement): it may have committed, part of the work with it.
+    A lost COMMIT that did not commit asks about it too (`PendingCommit.earlier`).
+    """
+    pending = holder.pending
+    if pending is not None:
+        holder.dropped = (*holder.dropped, pending)
+    holder.pending, holder.xid_wanted = None, True
+
+
+def with_dropped(pending: PendingCommit, holder: Transcript | FlightXid) -> PendingCommit:
+    """Return ``pending`` carrying the reads ``holder`` dropped before it (`drop_read`)."""
+    dropped = holder.dropped
+    if not dropped:
+        return pending
+    return dataclasses.replace(pending, earlier=(*pending.earlier, *dropped))
 
 
 def note_sent(holder: Transcript | FlightXid) -> None:
@@ -180,14 +208,15 @@ class XidInFlight:
         that sent bytes since the last statement (a DBAPI ``commit()`` then a raw cursor's
         write: in a transaction again, `sent_around_read`) drops the xid read: the next write
         reads its own transaction's (before, a COMMIT that never arrived was resolved by the
-        ended one's xid, its later writes acknowledged and missing).
+        ended one's xid, its later writes acknowledged and missing). The dropped read is kept
+        (`drop_read`): the app may have committed it.
         """
         if (
             _ENDS.search(statement) is not None
             or self._ended(transcript)
             or sent_around_read(transcript)
         ):
-            transcript.pending, transcript.xid_wanted = None, True
+            drop_read(transcript)
             return
         pending = transcript.pending
         if pending is not None and not pending.unflushed and _SYNCHRONOUS_COMMIT.search(statement):

@@ -9,6 +9,7 @@ to give up. The rules: docs/guarantees.md, "How it keeps it".
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass
@@ -62,6 +63,10 @@ class Resolve:
     error: Exception
     timeout: float
     deadline: float
+    #: ``pending`` is a transaction the function ended itself around SQLAlchemy (its own
+    #: COMMIT through the DBAPI connection, lost): committed or unknown raises
+    #: `CommitOutcomeUnknown`, never 'committed' (the unit's own COMMIT was never sent).
+    app_ended: bool = False
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,9 @@ class Failed:
 
     error: Exception
     reached_server: bool
+    #: Xids read in the attempt's transaction that the function may have committed itself,
+    #: around SQLAlchemy (`dropsafe._unit.recording.ended_around`): asked about before a rerun.
+    earlier: tuple[PendingCommit, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,14 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
             raise TypeError(f"a Run is answered with a report, not {report!r}")
         reached_server = report.reached_server if isinstance(report, Failed) else True
         kind = _retryable_kind(report.error)
+        if isinstance(report, Failed) and report.earlier:
+            # The function ended a transaction itself around SQLAlchemy (the DBAPI
+            # connection's commit()), and it may have committed: asked before a rerun;
+            # committed or unknown raises (`Resolve.app_ended`), aborted runs it again.
+            first, *rest = report.earlier
+            pending = dataclasses.replace(first, earlier=tuple(rest))
+            timeout = seconds(policy.commit_status_timeout)
+            yield Resolve(pending, report.error, timeout, budget.deadline, app_ended=True)
         yield Sleep(budget.next_delay(kind, report.error, reached_server=reached_server))
 
 

@@ -18,6 +18,7 @@ import weakref
 from typing import TYPE_CHECKING
 
 from sqlalchemy import event
+from sqlalchemy import exc as sa_exc
 
 from dropsafe._classify import classify
 from dropsafe._commit_truth.pending_commit import PendingCommit, lsn_number
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 __all__ = [
+    "ended_around",
     "other_connections",
     "watch_engine",
     "watch_engines_of_routing",
@@ -133,9 +135,10 @@ def _before_commit(conn: Connection) -> None:
     if not attempt.read_xid:
         attempt.commits_sent += 1
         return
-    attempt.pending = _unflushed_if_notifying(
-        attempt, _read_in_flight(conn, attempt) or _mark(conn, attempt)
-    )
+    pending = _read_in_flight(conn, attempt)  # with the reads it dropped before, if any
+    if pending is None:
+        pending = _with_dropped(conn, _mark(conn, attempt))
+    attempt.pending = _unflushed_if_notifying(attempt, pending)
     attempt.commits_sent += 1  # from here on, the COMMIT may reach the server
 
 
@@ -172,6 +175,47 @@ def _read_in_flight(conn: Connection, attempt: AttemptTracker) -> PendingCommit 
         return None
     attempt.server_life = pending.server_life
     return pending
+
+
+def _with_dropped(conn: Connection, pending: PendingCommit | None) -> PendingCommit | None:
+    """Return the mark's ``pending`` carrying the xids the engine read in flight and dropped.
+
+    A read is dropped where the function ended the server's transaction around SQLAlchemy
+    (the DBAPI connection's own ``commit()``, then a raw write: the mark reads the new one's
+    xid). The old one may have committed part of the unit: a lost COMMIT resolved 'aborted'
+    asks about it too, and the unit does not run again if it committed
+    (`dropsafe._commit_truth.resolution`). The mark alone (``read_xid_in_flight`` off) reads
+    nothing before the COMMIT: there is nothing to ask about. No xid at the mark (a standby:
+    nothing written, nothing read in flight either): nothing to carry.
+    """
+    dropped_by = state_of(conn.engine).flight_dropped
+    if pending is None or dropped_by is None:
+        return pending
+    dropped, held = dropped_by(conn)  # the one held did not stand: ended around us too
+    earlier = dropped if held is None else (*dropped, held)
+    return dataclasses.replace(pending, earlier=earlier) if earlier else pending
+
+
+def ended_around(conn: Connection, error: BaseException) -> tuple[PendingCommit, ...]:
+    """Return the xids of ``conn``'s transaction the function may have committed itself.
+
+    For a unit's function that raised: the reads dropped (the server's transaction ended
+    around SQLAlchemy since), and, where the error is the driver's own, not SQLAlchemy's
+    (raised by the DBAPI connection's ``commit()``, a raw cursor: around SQLAlchemy), the read
+    held too: the function's own COMMIT may have been lost after it committed. Empty for an
+    error of a statement through SQLAlchemy with nothing dropped: nothing of the app's own
+    may have committed (a unit's COMMIT through SQLAlchemy is refused).
+    """
+    dropped_by = state_of(conn.engine).flight_dropped
+    if dropped_by is None:
+        return ()
+    try:
+        dropped, held = dropped_by(conn)
+    except Exception:  # noqa: BLE001 - a connection SQLAlchemy closed: nothing to ask
+        return ()
+    if held is not None and not isinstance(error, sa_exc.StatementError):
+        return (*dropped, held)
+    return dropped
 
 
 def _mark(

@@ -99,7 +99,11 @@ async def _attempt(
                         # An AsyncSession's Session; an AsyncConnection has none.
                         attempt.reached_server(getattr(handle, "sync_session", None))
                         await begin_driver_transaction(connection)
-                        result = await _call(fn, handle)
+                        try:
+                            result = await _call(fn, handle)
+                        except Exception as exc:
+                            attempt.function_raised(sync_connection, exc)
+                            raise
                         attempt.ran(handle.in_transaction())
                         try:
                             with tracker.committing():

@@ -23,7 +23,12 @@ from dropsafe._engine_state import state_of
 from dropsafe._errors import ConfigurationError
 from dropsafe._unit.core import CommitFailed, Committed, Failed, Resolve, Run
 from dropsafe._unit.failover_audit import remember_commit
-from dropsafe._unit.recording import other_connections, watch_engine, watch_engines_of_routing
+from dropsafe._unit.recording import (
+    ended_around,
+    other_connections,
+    watch_engine,
+    watch_engines_of_routing,
+)
 from dropsafe._unit.shapes import check_engine_shape
 from dropsafe._unit.tracker import current_attempt
 
@@ -130,6 +135,7 @@ def resolution(
         timeout=step.timeout,
         deadline=step.deadline,
         hooks=hooks,
+        app_ended=step.app_ended,
     )
 
 
@@ -144,12 +150,21 @@ class Attempt:
     object each stage it reached; what each stage means for the report is decided here once.
     """
 
-    __slots__ = ("_committed", "_reached_server", "tracker")
+    __slots__ = ("_committed", "_ended_around", "_reached_server", "tracker")
 
     def __init__(self, tracker: AttemptTracker) -> None:
         self.tracker = tracker
         self._reached_server = False  # a failure before the server answered is not an attempt
         self._committed: Committed[Any] | None = None
+        self._ended_around: tuple[PendingCommit, ...] = ()
+
+    def function_raised(self, connection: sa.Connection, error: Exception) -> None:
+        """Note what the function may have committed itself before it raised ``error``.
+
+        Read while its transaction is still open (`ended_around`): a rerun asks about it first.
+        """
+        if self.tracker.read_xid:
+            self._ended_around = ended_around(connection, error)
 
     def connected(self, connection: sa.Connection) -> None:
         """Note the attempt's connection; keep the engine's replay out: the unit reruns whole."""
@@ -185,7 +200,7 @@ class Attempt:
         if self._committed is not None:  # a hook raised as the session closed, after the COMMIT
             self.tracker.hook_failed(error)
             return self._committed
-        return Failed(refusal_or(error, self.tracker), self._reached_server)
+        return Failed(refusal_or(error, self.tracker), self._reached_server, self._ended_around)
 
 
 # -- while it runs -----------------------------------------------------------------------------
@@ -288,7 +303,7 @@ def acknowledged(
     unit over several engines, the commit is remembered (and audited) on the engine that wrote.
     """
     if isinstance(step, Resolve):
-        pending = step.pending if reply == "committed" else None
+        pending = step.pending if reply == "committed" and not step.app_ended else None
     else:
         pending = reply.pending if isinstance(reply, Committed) else None
     if pending is None:

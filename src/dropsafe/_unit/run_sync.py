@@ -89,7 +89,11 @@ def _attempt(
                     if step.verify_commits:
                         learn_server_life(connection)
                     attempt.reached_server(handle if isinstance(handle, Session) else None)
-                    result = not_awaitable(fn(handle), fn)
+                    try:
+                        result = not_awaitable(fn(handle), fn)
+                    except Exception as exc:
+                        attempt.function_raised(connection, exc)
+                        raise
                     attempt.ran(handle.in_transaction())
                     try:
                         with tracker.committing():
