@@ -103,15 +103,8 @@ def measure(
 def calls_per_request(url: str, driver: str, requests: int = 300) -> str:
     """Python calls per request of each variant, and dropsafe's over plain."""
     counted = {}
-    for name, (guarded, replay, records) in VARIANTS.items():
-        run, close = _runner(
-            url,
-            driver,
-            guarded=guarded,
-            replay=replay,
-            records=records,
-            after_unit=name in AFTER_A_UNIT,
-        )
+    for name in VARIANTS:
+        run, close = _variant_runner(url, driver, name)
         calls = _Calls()
         sys.setprofile(calls)
         try:
@@ -182,6 +175,21 @@ def _runner(
     return run_async, lambda: _LOOP.run_until_complete(aengine.dispose())
 
 
+def _variant_runner(
+    url: str, driver: str, name: str
+) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """`_runner` of the variant ``name`` (`VARIANTS`, `AFTER_A_UNIT`)."""
+    guarded, replay, records = VARIANTS[name]
+    return _runner(
+        url,
+        driver,
+        guarded=guarded,
+        replay=replay,
+        records=records,
+        after_unit=name in AFTER_A_UNIT,
+    )
+
+
 _LOOP = asyncio.new_event_loop()  # one for every async engine: each is disposed on it
 
 
@@ -195,17 +203,7 @@ def cpu_ratios(url: str, driver: str, requests: int, rounds: int) -> str:
     that round over the variant's), with its quartiles: the load of a shared machine drifts
     over a run's minutes, and a round's variants ran within a second of each other.
     """
-    runners = {
-        name: _runner(
-            url,
-            driver,
-            guarded=guarded,
-            replay=replay,
-            records=records,
-            after_unit=name in AFTER_A_UNIT,
-        )
-        for name, (guarded, replay, records) in VARIANTS.items()
-    }
+    runners = {name: _variant_runner(url, driver, name) for name in VARIANTS}
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     order = list(runners)
     shuffle = random.Random(28).shuffle

@@ -163,6 +163,18 @@ def test_the_reading_statement_itself_turning_synchronous_commit_off_leaves_it_u
 # -- the transaction ended around SQLAlchemy, then written again without it ---------------------
 
 
+def _run_with_the_commit_lost(unit, kernel_blackhole):
+    """Run ``unit``, its first COMMIT blackholed both ways (it never reaches the server):
+    "acknowledged", or the reason of the `CommitOutcomeUnknown` it raised."""
+    holes = contextlib.ExitStack()
+    try:
+        with holes:
+            unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole, "both"))
+    except dropsafe.CommitOutcomeUnknown as unknown:
+        return unknown.reason
+    return "acknowledged"
+
+
 def _raw_commit_then_raw_write(session):
     """COMMIT through the DBAPI connection, then a write through a raw cursor: SQLAlchemy sees
     neither (the engine's ``commit`` event does not fire: nothing refuses it)."""
@@ -203,14 +215,7 @@ def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
     with PostgresServer() as server:
         server.execute(SLOW_COMMIT_SCHEMA)
         unit = Unit(driver, url_of(server, driver), steps, policy=_policy(recorder, reads))
-        holes = contextlib.ExitStack()
-        outcome = "acknowledged"
-        try:
-            with holes:
-                # both ways: the COMMIT itself never reaches the server
-                unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole, "both"))
-        except dropsafe.CommitOutcomeUnknown as unknown:
-            outcome = unknown.reason
+        outcome = _run_with_the_commit_lost(unit, kernel_blackhole)
         written = [rows(server, 1), rows(server, 2)]
     assert (unit.calls, written[0]) == (1, 1), (outcome, recorder.outcomes())
     assert outcome != "acknowledged" or written[1] == 1, recorder.outcomes()
@@ -312,13 +317,7 @@ def test_a_raw_commit_and_write_then_statements_through_sqlalchemy_are_resolved_
         pool=dropsafe.PoolPolicy(read_xid_in_flight=True, replay_transaction=replay_transaction),
     )
     unit = Unit(driver, url_of(server, driver), steps, policy=policy)
-    holes = contextlib.ExitStack()
-    outcome = "acknowledged"
-    try:
-        with holes:
-            unit.run(before_commit=lose_the_first_reply(holes, kernel_blackhole, "both"))
-    except dropsafe.CommitOutcomeUnknown as unknown:
-        outcome = unknown.reason
+    outcome = _run_with_the_commit_lost(unit, kernel_blackhole)
     written = [rows(server, 1), rows(server, 2), rows(server, 3)]
     assert (outcome, unit.calls, recorder.outcomes(), written) == (
         APP_COMMITTED,

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
     from dropsafe._dbapi import DBAPICursor, DBAPIParameters
 
-__all__ = ["UnitHooks", "hook_dialect"]
+__all__ = ["UnitHooks", "hook_dialect", "hooked"]
 
 
 class UnitHooks(NamedTuple):
@@ -89,7 +89,6 @@ def hook_dialect(dialect: Dialect, hooks: UnitHooks) -> None:  # noqa: C901 - on
         dialect.do_begin_twophase,
         dialect.do_commit,
     )
-    execute, executemany = dialect.do_execute, dialect.do_executemany
     execute_no_params = dialect.do_execute_no_params
 
     def do_begin(dbapi_connection: PoolProxiedConnection) -> None:
@@ -107,25 +106,22 @@ def hook_dialect(dialect: Dialect, hooks: UnitHooks) -> None:  # noqa: C901 - on
         if connection is not None:
             hooks.before_statement(connection.connection.dbapi_connection, statement)
 
-    def do_execute(
-        cursor: DBAPICursor,
-        statement: str,
-        parameters: DBAPIParameters,
-        context: ExecutionContext | None = None,
-    ) -> None:
-        if current() is not None:
-            statement_seen(statement, context)
-        execute(cursor, statement, parameters, context)
+    def with_parameters(
+        method: Callable[[DBAPICursor, str, DBAPIParameters, ExecutionContext | None], None],
+    ) -> Callable[..., None]:
+        """``do_execute`` or ``do_executemany`` (the same arguments), the unit looking first."""
 
-    def do_executemany(
-        cursor: DBAPICursor,
-        statement: str,
-        parameters: DBAPIParameters,
-        context: ExecutionContext | None = None,
-    ) -> None:
-        if current() is not None:
-            statement_seen(statement, context)
-        executemany(cursor, statement, parameters, context)
+        def hooked(
+            cursor: DBAPICursor,
+            statement: str,
+            parameters: DBAPIParameters,
+            context: ExecutionContext | None = None,
+        ) -> None:
+            if current() is not None:
+                statement_seen(statement, context)
+            method(cursor, statement, parameters, context)
+
+        return hooked
 
     def do_execute_no_params(
         cursor: DBAPICursor, statement: str, context: ExecutionContext | None = None
@@ -149,8 +145,8 @@ def hook_dialect(dialect: Dialect, hooks: UnitHooks) -> None:  # noqa: C901 - on
     vars(dialect).update(
         do_begin=do_begin,
         do_begin_twophase=do_begin_twophase,
-        do_execute=do_execute,
-        do_executemany=do_executemany,
+        do_execute=with_parameters(dialect.do_execute),
+        do_executemany=with_parameters(dialect.do_executemany),
         do_execute_no_params=do_execute_no_params,
         do_commit=do_commit,
     )
