@@ -223,6 +223,121 @@ def test_a_raw_dbapi_commit_then_a_raw_write_is_never_acknowledged_missing(
         assert (outcome, recorder.outcomes(), written[1]) == (APP_COMMITTED, ["aborted"], 0)
 
 
+def _lose_the_mark(holes, kernel_blackhole):
+    """``before_commit`` for ``Unit.run``: the first COMMIT's mark (read inside ``do_commit``,
+    after every engine ``commit`` listener) blackholed both ways: it never reaches the server,
+    and the unit's COMMIT is never sent."""
+
+    def install(engine):
+        @sa.event.listens_for(engine, "commit")
+        def cut_off(connection):
+            if not holes._exit_callbacks:
+                holes.enter_context(kernel_blackhole(local_port(connection), direction="both"))
+
+    return install
+
+
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_raw_dbapi_commit_then_a_raw_write_whose_mark_is_lost_is_never_run_again(
+    kernel_blackhole, driver
+):
+    """INSERT 1 (xid A read in flight), the DBAPI connection's commit() (A committed), a raw
+    INSERT 2 (xid B), then the mark read before the unit's COMMIT lost: the COMMIT is never
+    sent. Before session 16 that was an ordinary failure (the read A, held but no longer
+    standing, was asked about only with a COMMIT that was sent): the unit ran again, row 1
+    twice (the explorer's ``raw_commit_then_raw_write:psycopg2:request_lost:6:flight``). Now
+    A is asked about before a rerun: committed by the app, `CommitOutcomeUnknown`, run once."""
+    recorder = Recorder()
+    steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_raw_insert(2)]
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        unit = Unit(driver, url_of(server, driver), steps, policy=_policy(recorder, reads=True))
+        holes = contextlib.ExitStack()
+        outcome = "acknowledged"
+        try:
+            with holes:
+                unit.run(before_commit=_lose_the_mark(holes, kernel_blackhole))
+        except dropsafe.CommitOutcomeUnknown as unknown:
+            outcome = unknown.reason
+        written = [rows(server, 1), rows(server, 2)]
+    assert (outcome, unit.calls, written) == (APP_COMMITTED, 1, [1, 0]), recorder.outcomes()
+
+
+def _raw_commit_only(session):
+    """The DBAPI connection's own commit(), nothing after: the unit's COMMIT commits nothing."""
+    session.connection().connection.dbapi_connection.commit()
+
+
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_raw_dbapi_commit_then_nothing_is_never_run_again_when_the_units_commit_is_lost(
+    kernel_blackhole, driver
+):
+    """INSERT 1 (xid A read in flight), the DBAPI connection's commit() (A committed), nothing
+    after; the unit's COMMIT (of an empty transaction: the mark reads no xid) lost before it
+    reached the server. Before session 16 a COMMIT with no xid was harmless to redo, and A,
+    dropped, was carried only by a mark that read an xid: the unit ran again, row 1 twice.
+    Now A is asked about before the rerun: committed, `CommitOutcomeUnknown`, run once."""
+    recorder = Recorder()
+    steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_only]
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        unit = Unit(driver, url_of(server, driver), steps, policy=_policy(recorder, reads=True))
+        outcome = _run_with_the_commit_lost(unit, kernel_blackhole)
+        written = rows(server, 1)
+    assert (outcome, unit.calls, written) == (APP_COMMITTED, 1, 1), recorder.outcomes()
+
+
+FAILING_COMMIT_SCHEMA = """
+CREATE FUNCTION conflict_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN
+  IF current_setting('test.commit_conflict', true) = 'on' THEN
+    RAISE EXCEPTION 'a conflict found at COMMIT' USING ERRCODE = '40001';
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER conflict_at_commit AFTER INSERT ON ledger
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION conflict_at_commit();
+"""
+
+
+def _raw_commit_then_a_write_whose_commit_conflicts(runs):
+    """The DBAPI connection's commit(), then a raw INSERT 2 whose COMMIT fails with a
+    serialization failure (retryable, certainly not committed) on the first run only."""
+
+    def step(session):
+        runs.append(1)
+        dbapi_connection = session.connection().connection.dbapi_connection
+        dbapi_connection.commit()
+        cursor = dbapi_connection.cursor()
+        if len(runs) == 1:
+            cursor.execute("SET LOCAL test.commit_conflict = 'on'")
+        cursor.execute("INSERT INTO ledger VALUES (2)")
+        cursor.close()
+
+    return step
+
+
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_raw_dbapi_commit_then_a_unit_commit_that_surely_failed_is_never_run_again(driver):
+    """INSERT 1 (xid A read in flight), the DBAPI connection's commit() (A committed), a raw
+    INSERT 2, then the unit's COMMIT refused by the server with a serialization failure: no
+    fault, no doubt about B, and a failure a unit retries. Before session 16 the unit ran
+    again (A was asked about only after a COMMIT whose outcome was unknown): row 1 twice. Now
+    A is asked about before any rerun: committed by the app, `CommitOutcomeUnknown`."""
+    recorder = Recorder()
+    runs = []
+    steps = ["INSERT INTO ledger VALUES (1)", _raw_commit_then_a_write_whose_commit_conflicts(runs)]
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA + FAILING_COMMIT_SCHEMA)
+        unit = Unit(driver, url_of(server, driver), steps, policy=_policy(recorder, reads=True))
+        outcome = "acknowledged"
+        try:
+            unit.run()
+        except dropsafe.CommitOutcomeUnknown as unknown:
+            outcome = unknown.reason
+        written = [rows(server, 1), rows(server, 2)]
+    assert (outcome, unit.calls, written) == (APP_COMMITTED, 1, [1, 0]), recorder.outcomes()
+
+
 def _raw_commit_whose_reply_is_lost(holes, kernel_blackhole, direction):
     """A step: the DBAPI connection's own commit(), its reply (``to``) or its request
     (``both``) lost in the kernel, the first run only; the driver's error escapes the unit."""

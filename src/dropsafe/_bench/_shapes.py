@@ -753,9 +753,11 @@ def _replayed_request(
 
 _H1 = (
     "issue 28 history 1, the mark only: a raw DBAPI commit() inside the unit, then a raw "
-    "write, the COMMIT lost and resolved aborted: the unit runs again, its first row twice (the "
-    "app's own commit made part of it durable; the mark reads no xid before it). In flight, the "
-    "dropped read is asked about too since session 15: CommitOutcomeUnknown, run once"
+    "write, then any failure (a statement, the mark or the COMMIT lost, a COMMIT resolved "
+    "aborted): the unit runs again, its first row twice (the app's own commit made part of it "
+    "durable; the mark reads no xid before it). In flight, the dropped read is asked about "
+    "before any rerun (session 15: after a COMMIT resolved aborted; session 16: after a lost "
+    "mark or a refused COMMIT too): CommitOutcomeUnknown, run once"
 )
 
 #: The shapes whose sessions become BARE_ROLE: only while one runs is the app's role a member

@@ -97,7 +97,9 @@ class Failed:
     error: Exception
     reached_server: bool
     #: Xids read in the attempt's transaction that the function may have committed itself,
-    #: around SQLAlchemy (`dropsafe._unit.recording.ended_around`): asked about before a rerun.
+    #: around SQLAlchemy (`dropsafe._unit.recording`: ``ended_around`` when the function
+    #: raised, the reads dropped before the mark when it or the COMMIT failed): asked about
+    #: before a rerun.
     earlier: tuple[PendingCommit, ...] = ()
 
 
@@ -113,6 +115,9 @@ class CommitFailed(Generic[_T]):
     #: ``NOTIFY`` it queued was delivered, so the unit cannot run again
     #: (`dropsafe._unit.recording`).
     committed_before: bool = False
+    #: As `Failed.earlier`: the transactions the function ended itself before this COMMIT
+    #: (``pending`` carries them too, and its resolution asks about them).
+    earlier: tuple[PendingCommit, ...] = ()
 
 
 Report = Committed[Any] | Failed | CommitFailed[Any]
@@ -143,6 +148,8 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
                     xid=None if report.pending is None else report.pending.xid,
                     reason="another connection committed before",
                 ) from report.error
+            if report.pending is None:  # the ones it carries were asked about with it
+                yield from _ask_about_earlier(report, policy, budget)
             # Aborted, or it wrote nothing: running it again is harmless.
             yield Sleep(budget.next_delay(ErrorKind.DISCONNECT, report.error))
             continue
@@ -150,15 +157,27 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
             raise TypeError(f"a Run is answered with a report, not {report!r}")
         reached_server = report.reached_server if isinstance(report, Failed) else True
         kind = _retryable_kind(report.error)
-        if isinstance(report, Failed) and report.earlier:
-            # The function ended a transaction itself around SQLAlchemy (the DBAPI
-            # connection's commit()), and it may have committed: asked before a rerun;
-            # committed or unknown raises (`Resolve.app_ended`), aborted runs it again.
-            first, *rest = report.earlier
-            pending = dataclasses.replace(first, earlier=tuple(rest))
-            timeout = seconds(policy.commit_status_timeout)
-            yield Resolve(pending, report.error, timeout, budget.deadline, app_ended=True)
+        yield from _ask_about_earlier(report, policy, budget)
         yield Sleep(budget.next_delay(kind, report.error, reached_server=reached_server))
+
+
+def _ask_about_earlier(
+    report: Failed | CommitFailed[Any], policy: UnitPolicy, budget: RetryBudget
+) -> Generator[Step, Reply, None]:
+    """Before a rerun, ask about the transactions the function ended itself (``earlier``).
+
+    The function ended them around SQLAlchemy (the DBAPI connection's ``commit()``), and one
+    may have committed part of the unit: running it again would write that part twice,
+    whatever became of the rest (the function raised, the mark was lost before the COMMIT was
+    sent, the COMMIT was refused or carried no xid). Committed or unknown raises
+    `CommitOutcomeUnknown` (`Resolve.app_ended`); all aborted, the unit runs again.
+    """
+    if not report.earlier:
+        return
+    first, *rest = report.earlier
+    pending = dataclasses.replace(first, earlier=tuple(rest))
+    timeout = seconds(policy.commit_status_timeout)
+    yield Resolve(pending, report.error, timeout, budget.deadline, app_ended=True)
 
 
 def _may_have_committed(report: CommitFailed[Any], policy: UnitPolicy) -> bool:

@@ -137,7 +137,9 @@ def _before_commit(conn: Connection) -> None:
         return
     pending = _read_in_flight(conn, attempt)  # with the reads it dropped before, if any
     if pending is None:
-        pending = _with_dropped(conn, _mark(conn, attempt))
+        pending = _mark(conn, attempt)
+        if pending is not None and attempt.earlier:
+            pending = dataclasses.replace(pending, earlier=attempt.earlier)
     attempt.pending = _unflushed_if_notifying(attempt, pending)
     attempt.commits_sent += 1  # from here on, the COMMIT may reach the server
 
@@ -168,32 +170,37 @@ def _read_in_flight(conn: Connection, attempt: AttemptTracker) -> PendingCommit 
     It stands where it knows what the mark would read: a backend pid (not behind a pooler:
     the engine reads none there) and its server's life (learned at connect, or by an earlier
     mark on the connection). Otherwise, or where nothing was read, the mark reads it.
+
+    Notes the reads the engine dropped in ``attempt.earlier``, before the mark is sent (it may
+    fail, or read no xid): a read is dropped where the function ended the server's transaction
+    around SQLAlchemy (the DBAPI connection's own ``commit()``, then perhaps a raw write), and
+    the one held too when it no longer stands (ended around SQLAlchemy as well). The old
+    transaction may have committed part of the unit: it is asked about before a rerun, and with
+    a lost COMMIT resolved 'aborted' (`dropsafe._commit_truth.resolution`). The mark alone
+    (``read_xid_in_flight`` off) reads nothing before the COMMIT: nothing to ask about.
     """
-    read_by = state_of(conn.engine).flight_xid
-    pending = None if read_by is None else read_by(conn)
-    if pending is None or pending.backend_pid == 0 or pending.server_life is UNREADABLE:
+    state = state_of(conn.engine)
+    read_by = state.flight_xid
+    if read_by is None:
+        return None
+    pending = read_by(conn)
+    if pending is None:
+        attempt.earlier = _dropped_and_held(conn)
+        return None
+    attempt.earlier = pending.earlier
+    if pending.backend_pid == 0 or pending.server_life is UNREADABLE:
         return None
     attempt.server_life = pending.server_life
     return pending
 
 
-def _with_dropped(conn: Connection, pending: PendingCommit | None) -> PendingCommit | None:
-    """Return the mark's ``pending`` carrying the xids the engine read in flight and dropped.
-
-    A read is dropped where the function ended the server's transaction around SQLAlchemy
-    (the DBAPI connection's own ``commit()``, then a raw write: the mark reads the new one's
-    xid). The old one may have committed part of the unit: a lost COMMIT resolved 'aborted'
-    asks about it too, and the unit does not run again if it committed
-    (`dropsafe._commit_truth.resolution`). The mark alone (``read_xid_in_flight`` off) reads
-    nothing before the COMMIT: there is nothing to ask about. No xid at the mark (a standby:
-    nothing written, nothing read in flight either): nothing to carry.
-    """
+def _dropped_and_held(conn: Connection) -> tuple[PendingCommit, ...]:
+    """Return the reads ``conn``'s transaction dropped, and the one it holds (not standing)."""
     dropped_by = state_of(conn.engine).flight_dropped
-    if pending is None or dropped_by is None:
-        return pending
-    dropped, held = dropped_by(conn)  # the one held did not stand: ended around us too
-    earlier = dropped if held is None else (*dropped, held)
-    return dataclasses.replace(pending, earlier=earlier) if earlier else pending
+    if dropped_by is None:
+        return ()
+    dropped, held = dropped_by(conn)
+    return dropped if held is None else (*dropped, held)
 
 
 def ended_around(conn: Connection, error: BaseException) -> tuple[PendingCommit, ...]:

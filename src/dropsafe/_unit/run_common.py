@@ -150,13 +150,12 @@ class Attempt:
     object each stage it reached; what each stage means for the report is decided here once.
     """
 
-    __slots__ = ("_committed", "_ended_around", "_reached_server", "tracker")
+    __slots__ = ("_committed", "_reached_server", "tracker")
 
     def __init__(self, tracker: AttemptTracker) -> None:
         self.tracker = tracker
         self._reached_server = False  # a failure before the server answered is not an attempt
         self._committed: Committed[Any] | None = None
-        self._ended_around: tuple[PendingCommit, ...] = ()
 
     def function_raised(self, connection: sa.Connection, error: Exception) -> None:
         """Note what the function may have committed itself before it raised ``error``.
@@ -164,7 +163,7 @@ class Attempt:
         Read while its transaction is still open (`ended_around`): a rerun asks about it first.
         """
         if self.tracker.read_xid:
-            self._ended_around = ended_around(connection, error)
+            self.tracker.earlier = ended_around(connection, error)
 
     def connected(self, connection: sa.Connection) -> None:
         """Note the attempt's connection; keep the engine's replay out: the unit reruns whole."""
@@ -200,7 +199,8 @@ class Attempt:
         if self._committed is not None:  # a hook raised as the session closed, after the COMMIT
             self.tracker.hook_failed(error)
             return self._committed
-        return Failed(refusal_or(error, self.tracker), self._reached_server, self._ended_around)
+        tracker = self.tracker
+        return Failed(refusal_or(error, tracker), self._reached_server, tracker.earlier)
 
 
 # -- while it runs -----------------------------------------------------------------------------
@@ -274,7 +274,8 @@ def commit_failed(
             # The writer's COMMIT was never sent (or none wrote): no row committed.
             return CommitFailed(result, error, None, 1, committed_before)
         return CommitFailed(result, error, attempt.pending, 1, committed_before)
-    return CommitFailed(result, error, attempt.pending, attempt.commits_sent)
+    earlier = attempt.earlier
+    return CommitFailed(result, error, attempt.pending, attempt.commits_sent, earlier=earlier)
 
 
 def note_cancelled_commit(cancel: BaseException, attempt: AttemptTracker) -> None:

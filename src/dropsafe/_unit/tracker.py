@@ -49,6 +49,7 @@ class AttemptTracker:
         "commits_sent",
         "committing_connections",
         "connection",
+        "earlier",
         "hooks",
         "marks",
         "notifies",
@@ -71,6 +72,10 @@ class AttemptTracker:
         self.read_xid = read_xid
         #: The last COMMIT's xid and backend; None when that transaction wrote nothing.
         self.pending: PendingCommit | None = None
+        #: Xids read in flight in the attempt's transaction whose server transaction the
+        #: function ended itself, around SQLAlchemy: it may have committed part of the unit, so
+        #: they are asked about before any rerun (`dropsafe._unit.core`).
+        self.earlier: tuple[PendingCommit, ...] = ()
         #: COMMITs sent (or about to be) while armed: more than one cannot be retried whole.
         self.commits_sent = 0
         #: The life of the server the last COMMIT went to (None: not read).
