@@ -776,6 +776,23 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
         mark_violation=_H1,
     ),
     _raw_shape(
+        "raw_commit_then_write",
+        "Session INSERT, the DBAPI connection's commit(), a Session INSERT (a new read)",
+        _two,
+        before=(_insert("a"),),
+        end="commit",
+        after=(_insert("b"),),
+        mark_violation=_H1,
+    ),
+    _raw_shape(
+        "raw_commit_only",
+        "Session INSERT, the DBAPI connection's commit(), nothing after (an empty COMMIT)",
+        _one,
+        before=(_insert("a"),),
+        end="commit",
+        mark_violation=_H1,
+    ),
+    _raw_shape(
         "raw_rollback_then_raw_write",
         "Session INSERT, the DBAPI connection's rollback(), a raw cursor's INSERT",
         _one,
