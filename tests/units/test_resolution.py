@@ -284,3 +284,13 @@ def test_a_commit_confirmed_by_its_synchronous_standby_is_committed():
     resolution = _resolution([])
     assert resolution.settle(_waiting("committed")) == "again"
     assert resolution.settle(_primary("committed")) == "committed"
+
+
+def test_a_transaction_never_fenced_is_unknown_while_in_progress():
+    # An earlier transaction the app ended: its backend went on to send the COMMIT after it.
+    events = []
+    resolution = _Resolution(MARK, (events.append,), ERROR, time.monotonic() + 10, fences=False)
+    with pytest.raises(CommitOutcomeUnknown, match="xid 725 is still in progress") as raised:
+        resolution.settle(_primary("in progress"))
+    assert raised.value.__cause__ is ERROR
+    assert [event.outcome for event in events] == ["unknown"]

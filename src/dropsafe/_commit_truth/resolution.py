@@ -32,7 +32,7 @@ from dropsafe._redaction import describe_error
 from dropsafe.events import CommitResolved
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable, Iterable, Iterator
 
     from sqlalchemy.engine import Dialect, Engine
     from sqlalchemy.pool import Pool
@@ -48,6 +48,7 @@ _FIRST_POLL = 0.02
 _MAX_POLL = 0.5
 _FENCE_WAIT = 5.0  # at most this long for a fenced backend to exit
 _LAST_QUESTION = 1.0  # the time a question asked after the deadline still gets
+_CRASHED_SINCE = "the server crashed, restarted from a crash or failed over since"
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,12 @@ _Decision = Literal["committed", "aborted", "fence", "again"]
 
 
 class _Resolution:
-    """The decision half of resolving: what an answer means, and how long to keep asking."""
+    """The decision half of resolving: what an answer means, and how long to keep asking.
+
+    ``hooks`` hear its outcome (`CommitResolved`); ``fences``: whether a backend that still
+    holds the transaction is terminated for an answer, or 'in progress' is unknown at once
+    (`_settled` says why each differs between a COMMIT and an earlier transaction).
+    """
 
     def __init__(
         self,
@@ -79,10 +85,12 @@ class _Resolution:
         deadline: float,
         *,
         reach_until: float | None = None,
+        fences: bool = True,
     ) -> None:
         self.pending = pending
         self.hooks = hooks
         self.error = error
+        self.fences = fences
         self.started = time.monotonic()
         #: Until when answers that say nothing yet ("in progress", a standby) are waited on.
         self.deadline = deadline
@@ -104,6 +112,19 @@ class _Resolution:
     def xid(self) -> int:
         return self.pending.xid
 
+    def earlier(self) -> Iterator[_Resolution]:
+        """Yield the resolutions of the transactions the app ended before this one's.
+
+        `PendingCommit.earlier`, each made as it is asked: within the same time, the server
+        waited for as long; no events, never fenced (`_settled` says why).
+        """
+        for ended in self.pending.earlier:
+            if ended.xid == self.xid:
+                continue  # read twice in one transaction (a read dropped on an unknown byte count)
+            yield _Resolution(
+                ended, (), self.error, self.deadline, reach_until=self.reach_until, fences=False
+            )
+
     def settle(self, answer: _XidStatus) -> _Decision:  # noqa: PLR0911 - one return per case
         """Say what ``answer`` means; raise `CommitOutcomeUnknown` when it cannot be known."""
         ours = self.pending.server_life
@@ -122,7 +143,7 @@ class _Resolution:
             self.pending.asynchronous or self.pending.unflushed
         ):
             since = (
-                "the server crashed, restarted from a crash or failed over since"
+                _CRASHED_SINCE
                 if other_history
                 else "the server's history could not be read (a crash since cannot be ruled out)"
             )
@@ -141,16 +162,22 @@ class _Resolution:
         if status == "committed" and self._commit_record_lost_in_a_crash(answer):
             return self._aborted(answer, same_history)  # the xid is a newer transaction's
         if status == "in progress" and not other_history:
-            return "fence" if self.should_fence() else "again"
+            return self._in_progress()
         if status == "committed":
             return self._unknown(
-                f"the server crashed, restarted from a crash or failed over since, and "
-                f"'committed' for xid {self.xid} may be a newer transaction that reused it"
+                f"{_CRASHED_SINCE}, and 'committed' for xid {self.xid} may be a newer "
+                "transaction that reused it"
                 if ours.provable
                 else f"the server's history could not be read, so 'committed' for xid "
                 f"{self.xid} cannot be told from a reuse of it after a crash"
             )
         return self._unknown(f"the server reports status {status!r} for xid {self.xid}")
+
+    def _in_progress(self) -> _Decision:
+        """Fence the backend that holds the transaction, or ask again; never fenced: unknown."""
+        if not self.fences:
+            return self._unknown(f"xid {self.xid} is still in progress")
+        return "fence" if self.should_fence() else "again"
 
     def _aborted(self, answer: _XidStatus, same_history: bool) -> _Decision:
         """Report ``aborted``, unless a crash may have lost a commit already heard of.
@@ -294,7 +321,7 @@ def resolve_commit(
 
     Where it did not commit, the transactions the app ended itself before it, around
     SQLAlchemy (`PendingCommit.earlier`), are asked about too: one that committed raises
-    `CommitOutcomeUnknown` (`_settle_earlier`). ``app_ended``: ``pending`` is itself one (a
+    `CommitOutcomeUnknown` (`_settle_app_ended`). ``app_ended``: ``pending`` is itself one (a
     unit's function whose own COMMIT through the DBAPI connection was lost): committed or
     unknown raises, never returns 'committed'.
     """
@@ -303,31 +330,53 @@ def resolve_commit(
     )
     pool = engine.pool.recreate()  # new connections, with the engine's creator and listeners
     try:
-        while True:
-            try:
-                answer = _ask(pool, engine.dialect, pending, resolution)
-                resolution.answered()
-                decision = resolution.settle(answer)
-                if decision == "fence":
-                    _fence(pool, engine.dialect, pending, resolution)
-                    continue
-            except CommitOutcomeUnknown as unknown:
-                if app_ended:
-                    raise _app_ended_unknown(None, pending.xid, unknown.reason) from error
-                raise
-            except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
-                sleep(resolution.next_pause(exc))
-                continue
-            if decision == "committed" and app_ended:
-                raise _app_committed(None, pending.xid) from error
-            if decision == "aborted" and pending.earlier:
-                commit_xid = None if app_ended else pending.xid
-                _settle_earlier(pool, engine.dialect, resolution, sleep, commit_xid)
-            if decision != "again":
-                return decision
-            sleep(resolution.next_pause())
+        if app_ended:
+            _settle_app_ended(pool, engine.dialect, sleep, [resolution], commit_xid=None)
+            outcome: Outcome = "aborted"
+        else:
+            outcome = _settled(pool, engine.dialect, resolution, sleep)
+        if outcome == "aborted":
+            commit_xid = None if app_ended else pending.xid
+            _settle_app_ended(
+                pool, engine.dialect, sleep, resolution.earlier(), commit_xid=commit_xid
+            )
+        return outcome
     finally:
         pool.dispose()
+
+
+def _settled(
+    pool: Pool, dialect: Dialect, resolution: _Resolution, sleep: Callable[[float], None]
+) -> Outcome:
+    """Ask until the server's answers settle ``resolution``; raise `CommitOutcomeUnknown`.
+
+    Serves the unit's COMMIT (`resolve_commit`) and each transaction the app ended itself
+    before it (`_settle_app_ended`: `_Resolution.earlier`). They differ in two ways, both
+    held by the resolution:
+
+    - fencing (``fences``): the COMMIT's backend may still hold its transaction (its COMMIT
+      lost on the way, or still running) and is terminated, then asked again, for an answer
+      rather than none; an earlier transaction's backend went on to send the COMMIT after it,
+      so it had ended: 'in progress' there (a prepared transaction) is unknown at once;
+    - events (``hooks``): `CommitResolved` reports the COMMIT the app sees resolved; an
+      earlier transaction's xid is not that COMMIT's, so its resolution has none.
+    """
+    while True:
+        try:
+            answer = _ask(pool, dialect, resolution)
+            resolution.answered()
+            decision = resolution.settle(answer)
+            if decision == "fence":
+                _fence(pool, dialect, resolution)
+                continue
+        except CommitOutcomeUnknown:
+            raise
+        except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
+            sleep(resolution.next_pause(exc))
+            continue
+        if decision != "again":
+            return decision
+        sleep(resolution.next_pause())  # in progress, a standby, a synchronous standby's wait
 
 
 #: `CommitOutcomeUnknown.reason` when the unit's COMMIT did not commit (or was never sent) but
@@ -337,21 +386,54 @@ APP_COMMITTED = "the app committed an earlier transaction of the work itself"
 APP_ENDED_UNKNOWN = "an earlier transaction the app ended itself may have committed"
 
 
-def _app_committed(commit_xid: int | None, xid: int) -> CommitOutcomeUnknown:
-    """Return the error for a transaction the app ended itself that committed.
+def _settle_app_ended(
+    pool: Pool,
+    dialect: Dialect,
+    sleep: Callable[[float], None],
+    resolutions: Iterable[_Resolution],
+    *,
+    commit_xid: int | None,
+) -> None:
+    """Return if every transaction the app ended itself aborted; raise if one may have committed.
 
-    ``commit_xid``: the unit's COMMIT, which did not commit; None: it was never sent.
+    The unit's COMMIT did not commit (or was never sent), but its work began in transactions
+    the app ended itself around SQLAlchemy (`PendingCommit.earlier`: the DBAPI connection's
+    ``commit()``, then a raw write; the read in flight dropped their xids). One that committed
+    made part of the work durable: running it again would write that part twice,
+    acknowledging it would hide the rest missing. Each is asked as the COMMIT's own xid is
+    (the same rules: committed only on the same history); anything but 'aborted' raises
+    `CommitOutcomeUnknown`. One that aborted (the DBAPI connection's ``rollback()``) leaves the
+    work to run again whole. ``commit_xid``: the unit's COMMIT, which did not commit; None: it
+    was never sent (``app_ended``: the app's own lost COMMIT is asked so too, with its fence
+    and its events).
     """
+    for resolution in resolutions:
+        try:
+            outcome = _settled(pool, dialect, resolution, sleep)
+        except CommitOutcomeUnknown as unknown:
+            raise _app_ended_unknown(
+                commit_xid, resolution.xid, unknown.reason
+            ) from resolution.error
+        if outcome == "committed":
+            raise _app_committed(commit_xid, resolution.xid) from resolution.error
+
+
+def _app_ended(commit_xid: int | None) -> str:
+    """Return the start of either error below: what became of the unit's COMMIT."""
     if commit_xid is None:
         lost = "the unit's own COMMIT was never sent"
     else:
         lost = f"the connection failed during COMMIT of transaction {commit_xid}, which did not"
+    return f"{lost}; but the work had ended a transaction of its own around SQLAlchemy"
+
+
+def _app_committed(commit_xid: int | None, xid: int) -> CommitOutcomeUnknown:
+    """Return the error for a transaction the app ended itself that committed."""
     return CommitOutcomeUnknown(
-        f"{lost}; but the work had ended a transaction of its own around SQLAlchemy (the DBAPI "
-        f"connection's commit(), or a COMMIT statement), and that one (xid {xid}) committed: "
-        "part of the work is durable, so it was neither run again nor acknowledged. Leave the "
-        "COMMIT to dropsafe (session.flush() sends statements early; two commits are two "
-        "units of work)",
+        f"{_app_ended(commit_xid)} (the DBAPI connection's commit(), or a COMMIT statement), "
+        f"and that one (xid {xid}) committed: part of the work is durable, so it was neither "
+        "run again nor acknowledged. Leave the COMMIT to dropsafe (session.flush() sends "
+        "statements early; two commits are two units of work)",
         xid=xid,
         reason=APP_COMMITTED,
     )
@@ -359,83 +441,16 @@ def _app_committed(commit_xid: int | None, xid: int) -> CommitOutcomeUnknown:
 
 def _app_ended_unknown(commit_xid: int | None, xid: int, reason: str) -> CommitOutcomeUnknown:
     """Return the error for a transaction the app ended itself that may have committed."""
-    if commit_xid is None:
-        lost = "the unit's own COMMIT was never sent"
-    else:
-        lost = f"the connection failed during COMMIT of transaction {commit_xid}, which did not"
     return CommitOutcomeUnknown(
-        f"{lost}; but the work had ended a transaction of its own around SQLAlchemy (xid "
-        f"{xid}), and whether that one committed cannot be known: {reason}",
+        f"{_app_ended(commit_xid)} (xid {xid}), and whether that one committed cannot be "
+        f"known: {reason}",
         xid=xid,
         reason=APP_ENDED_UNKNOWN,
     )
 
 
-def _settle_earlier(
-    pool: Pool,
-    dialect: Dialect,
-    resolution: _Resolution,
-    sleep: Callable[[float], None],
-    commit_xid: int | None,
-) -> None:
-    """Return if every earlier transaction of the work aborted; raise if one may have committed.
-
-    The COMMIT just resolved 'aborted', but its work began in transactions the app ended
-    itself around SQLAlchemy (`PendingCommit.earlier`: the DBAPI connection's ``commit()``,
-    then a raw write; the read in flight dropped their xids). One that committed made part of
-    the work durable: running it again would write that part twice, acknowledging it would
-    hide the rest missing. Each is asked as the COMMIT's own xid is (the same rules: committed
-    only on the same history); anything but 'aborted' raises `CommitOutcomeUnknown`. One that
-    aborted (the DBAPI connection's ``rollback()``) leaves the work to run again whole.
-    ``commit_xid``: the unit's COMMIT just resolved (None: never sent, ``app_ended``).
-    """
+def _ask(pool: Pool, dialect: Dialect, resolution: _Resolution) -> _XidStatus:
     pending = resolution.pending
-    for earlier in pending.earlier:
-        if earlier.xid == pending.xid:
-            continue  # read twice in one transaction (a read dropped on an unknown byte count)
-        try:
-            outcome = _earlier_outcome(pool, dialect, earlier, resolution, sleep)
-        except CommitOutcomeUnknown as unknown:
-            raise _app_ended_unknown(commit_xid, earlier.xid, unknown.reason) from resolution.error
-        if outcome == "committed":
-            raise _app_committed(commit_xid, earlier.xid) from resolution.error
-
-
-def _earlier_outcome(
-    pool: Pool,
-    dialect: Dialect,
-    earlier: PendingCommit,
-    resolution: _Resolution,
-    sleep: Callable[[float], None],
-) -> Outcome:
-    """Ask what became of ``earlier`` (`_settle_earlier`); raise `CommitOutcomeUnknown`.
-
-    Never fenced: its backend sent the COMMIT just resolved after it, so it had ended
-    ('in progress': a prepared transaction, unknown). Emits no event (not the COMMIT's xid).
-    """
-    asking = _Resolution(
-        earlier, (), resolution.error, resolution.deadline, reach_until=resolution.reach_until
-    )
-    while True:
-        try:
-            answer = _ask(pool, dialect, earlier, asking)
-            asking.answered()
-            decision = asking.settle(answer)
-        except CommitOutcomeUnknown:
-            raise
-        except Exception as exc:  # noqa: BLE001 - next_pause decides (retryable or not)
-            sleep(asking.next_pause(exc))
-            continue
-        if decision == "fence":
-            asking._unknown(f"xid {earlier.xid} is still in progress")  # noqa: SLF001
-        if decision != "again":
-            return "committed" if decision == "committed" else "aborted"
-        sleep(asking.next_pause())  # a standby answered: the primary is asked again
-
-
-def _ask(
-    pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution
-) -> _XidStatus:
     with _questioning(pool, resolution) as run:
         server = run(SERVER_QUESTION)
         server_life = ServerLife.read(server[0], server[1])
@@ -460,8 +475,9 @@ def _ask(
         )
 
 
-def _fence(pool: Pool, dialect: Dialect, pending: PendingCommit, resolution: _Resolution) -> None:
+def _fence(pool: Pool, dialect: Dialect, resolution: _Resolution) -> None:
     """Terminate the backend that still holds the pending transaction (if it still does)."""
+    pending = resolution.pending
     any_state = resolution.fence_any_state()
     statement = fence_statement(
         dialect,
