@@ -22,7 +22,7 @@ from dropsafe._process import renew_in_child, unpatched
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
 
-__all__ = ["Bound", "shut_down_at"]
+__all__ = ["Bound", "identity_of", "shut_down_at"]
 
 # Below this many deadlines kept, released ones are left for the watchdog thread to drop.
 _COMPACT_ABOVE = 64
@@ -31,7 +31,11 @@ _LONGEST_SLEEP = 3600.0
 
 
 def _identity(fd: int) -> tuple[int, int] | None:
-    """Return the socket behind ``fd`` as (device, inode): a reused number differs."""
+    """Return the socket behind ``fd`` as (device, inode): a reused number differs.
+
+    None when ``fd`` is not open. A socket's pair never changes while it is open, and the
+    kernel gives no other open socket the same one.
+    """
     try:
         status = os.fstat(fd)
     except OSError:
@@ -56,8 +60,7 @@ def _shut_down(fd: int, identity: tuple[int, int]) -> None:
 class Bound:
     """One guarded block: ``expired`` tells whether the watchdog shut its socket down."""
 
-    def __init__(self) -> None:
-        self.expired = False
+    expired = False  # set on the instance by the watchdog; no __init__: one call fewer a block
 
 
 class _Watchdog:
@@ -157,17 +160,22 @@ renew_in_child(_PROCESS.forget_in_child)
 class _Guarded:
     """The block `shut_down_at` guards: a class, not a generator, as it runs on every unit."""
 
-    __slots__ = ("_bound", "_deadline", "_fd", "_ticket", "_watchdog")
+    __slots__ = ("_bound", "_deadline", "_fd", "_identity", "_ticket", "_watchdog")
 
-    def __init__(self, fd: int | None, deadline: float) -> None:
+    def __init__(
+        self, fd: int | None, deadline: float, identity: tuple[int, int] | None = None
+    ) -> None:
         self._fd = fd
         self._deadline = deadline
+        self._identity = identity
         self._bound = Bound()
         self._ticket: int | None = None
         self._watchdog: _Watchdog | None = None
 
     def __enter__(self) -> Bound:
-        identity = None if self._fd is None else _identity(self._fd)
+        identity = self._identity
+        if identity is None and self._fd is not None:
+            identity = _identity(self._fd)
         if self._fd is not None and identity is not None:
             self._watchdog = _current_watchdog()
             self._ticket = self._watchdog.watch(self._fd, identity, self._deadline, self._bound)
@@ -179,10 +187,20 @@ class _Guarded:
             self._watchdog.release(self._ticket)
 
 
-def shut_down_at(fd: int | None, deadline: float) -> AbstractContextManager[Bound]:
+def shut_down_at(
+    fd: int | None, deadline: float, identity: tuple[int, int] | None = None
+) -> AbstractContextManager[Bound]:
     """Shut the socket with file descriptor ``fd`` down if the block still runs at ``deadline``.
 
     ``deadline`` is a `time.monotonic` value. With no ``fd`` (or one that is not open) the
     block runs unbounded. The `Bound` given says afterwards whether the deadline struck.
+    ``identity``: the socket's (`identity_of`), read earlier by a caller that keeps it for the
+    socket's life; it spares an ``fstat`` at each block, and is checked again before the
+    shutdown, as a read one is: a socket closed meanwhile (its number perhaps reused) is left
+    alone.
     """
-    return _Guarded(fd, deadline)
+    return _Guarded(fd, deadline, identity)
+
+
+#: The identity of the socket behind an fd, as `shut_down_at` takes it; None if not open.
+identity_of = _identity

@@ -145,6 +145,8 @@ def remember_server_life(
 def must_learn_server_life(connection: Connection) -> bool:
     """Whether `learn_server_life` would read anything (cheap: no I/O, no greenlet needed)."""
     state = state_of(connection.engine)
+    if state.lives_answered:  # the usual answer at every verified unit: one read, no lock
+        return False  # (read unlocked as under the lock: another thread may change it next)
     driver_connection = connection.connection.driver_connection
     with contextlib.suppress(TypeError), state.lock:  # TypeError: not weakly referable
         return not (driver_connection in state.server_lives or state.lives_answered)

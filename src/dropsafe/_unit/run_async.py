@@ -9,16 +9,15 @@ cancelled COMMIT: docs/guarantees.md.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
-from typing import TYPE_CHECKING, TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast, final
 
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.util import greenlet_spawn
 
 from dropsafe._backoff import sleep_in_greenlet, waits_elsewhere
 from dropsafe._commit_truth.server_life import learn_server_life, must_learn_server_life
-from dropsafe._drivers.deadline import bounded
+from dropsafe._drivers.deadline import bounded_checkout
 from dropsafe._errors import ConfigurationError
 from dropsafe._unit.core import Resolve, Run, unit_of_work
 from dropsafe._unit.failover_audit import audit_after_failover
@@ -36,10 +35,10 @@ from dropsafe._unit.shapes import begin_driver_transaction
 from dropsafe._unit.tracker import AttemptTracker
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import Awaitable, Callable
 
     import sqlalchemy as sa
-    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from dropsafe._policy import UnitPolicy
     from dropsafe._unit.core import Reply, Report
@@ -60,17 +59,18 @@ async def run_unit_async(
 ) -> _T:
     """`dropsafe._unit.run_sync.run_unit` for async binds; ``engine`` is the sync engine."""
     core = unit_of_work(unit, hooks)
+    name = unit_name(fn)  # once per unit, as in the sync runner
     reply: Reply = None
     while not isinstance(step := next_step(core, reply), Done):
         if isinstance(step, Run):
-            reply = await _attempt(bind, fn, step, hooks)
+            reply = await _attempt(bind, fn, step, hooks, name)
         elif isinstance(step, Resolve):
             reply = await greenlet_spawn(resolution(step, engine, hooks), sleep=sleep_in_greenlet)
         else:
             await asyncio.sleep(step.seconds)
             reply = None
             continue
-        audited = acknowledged(engine, reply, step, fn)
+        audited = acknowledged(engine, reply, step, name)
         if audited is not None:
             await greenlet_spawn(audit_after_failover, audited, hooks)
     return cast("_T", step.value)
@@ -81,18 +81,18 @@ async def _attempt(
     fn: Callable[[AsyncSession | AsyncConnection], Awaitable[_T]],
     step: Run,
     hooks: tuple[Hook, ...],
+    name: str,
 ) -> Report:
     """`dropsafe._unit.run_sync._attempt` for async binds: the same steps, awaited."""
-    with AttemptTracker(unit_name(fn), hooks, read_xid=step.verify_commits) as tracker:
+    with AttemptTracker(name, hooks, read_xid=step.verify_commits) as tracker:
         attempt = Attempt(tracker)
         try:
             with waits_elsewhere():  # as in the sync runner
-                async with _begun(bind) as (handle, connection):
+                async with _Begun(bind) as (handle, connection):
                     sync_connection = cast("sa.Connection", connection.sync_connection)
                     attempt.connected(sync_connection)
-                    dbapi_connection = sync_connection.connection.dbapi_connection
                     # Bounded from the server-life read on, as in the sync runner.
-                    with bounded(dbapi_connection, step.deadline):
+                    with bounded_checkout(sync_connection.connection, step.deadline):
                         # run_sync spawns a greenlet: only when there is something to read.
                         if step.verify_commits and must_learn_server_life(sync_connection):
                             await connection.run_sync(learn_server_life)
@@ -105,32 +105,52 @@ async def _attempt(
                             attempt.function_raised(sync_connection, exc)
                             raise
                         attempt.ran(handle.in_transaction())
+                        tracker.armed = True  # as in the sync runner
                         try:
-                            with tracker.committing():
-                                await handle.commit()
+                            await handle.commit()
                         except asyncio.CancelledError as cancel:
+                            tracker.armed = False
                             note_cancelled_commit(cancel, tracker)
                             raise
                         except Exception as exc:  # noqa: BLE001 - reported to the core
+                            tracker.armed = False
                             return attempt.commit_raised(result, exc, handle)
+                        finally:
+                            tracker.armed = False
                         return attempt.committed(result)
         except Exception as exc:  # noqa: BLE001 - reported to the core, which re-raises the rest
             return attempt.failed(exc)
 
 
-@contextlib.asynccontextmanager
-async def _begun(
-    bind: async_sessionmaker[AsyncSession] | AsyncEngine,
-) -> AsyncIterator[tuple[AsyncSession | AsyncConnection, AsyncConnection]]:
-    """Give ``(what fn gets, its connection)`` inside a begun transaction, connected."""
-    if isinstance(bind, AsyncEngine):
-        async with bind.connect() as connection:
-            await connection.begin()
-            yield connection, connection
-    else:
-        async with bind() as session:
-            await session.begin()
-            yield session, await session.connection()
+@final
+class _Begun:
+    """``async with _Begun(bind) as (what fn gets, its connection):`` in a begun transaction.
+
+    A class, not an async generator (entered at every attempt), around the AsyncSession's (or
+    AsyncConnection's) own ``async with``, whose exit it awaits also when BEGIN raised.
+    """
+
+    __slots__ = ("_bind", "_opened")
+
+    def __init__(self, bind: async_sessionmaker[AsyncSession] | AsyncEngine) -> None:
+        self._bind = bind
+
+    async def __aenter__(self) -> tuple[AsyncSession | AsyncConnection, AsyncConnection]:
+        bind = self._bind
+        opened: AsyncSession | AsyncConnection
+        opened = self._opened = bind.connect() if isinstance(bind, AsyncEngine) else bind()
+        await opened.__aenter__()
+        try:
+            await opened.begin()
+            if isinstance(opened, AsyncConnection):
+                return opened, opened
+            return opened, await opened.connection()
+        except BaseException as exc:
+            await opened.__aexit__(type(exc), exc, exc.__traceback__)
+            raise
+
+    async def __aexit__(self, type_: object, value: object, traceback: object) -> None:
+        await self._opened.__aexit__(type_, value, traceback)
 
 
 async def _call(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, final
@@ -63,15 +64,29 @@ __all__ = [
 
 _T = TypeVar("_T")
 
+_FunctionType = types.FunctionType
+#: The flag of an ``async def`` function's code, which `inspect.iscoroutinefunction` reads.
+_ASYNC_CODE = inspect.CO_COROUTINE
+
 
 # -- before the unit runs ----------------------------------------------------------------------
 
 
 def check_unit_function(fn: object, *, want_async: bool) -> None:
-    """Refuse what cannot be a unit's function here: not callable, the wrong face, nested."""
-    if not callable(fn):
+    """Refuse what cannot be a unit's function here: not callable, the wrong face, nested.
+
+    A plain function (the usual ``fn``) is known sync by its code's flags alone, as
+    `inspect.iscoroutinefunction` reads them (with its marker, Python 3.12+): one call where
+    the full checks make seven, at every unit. Read at every call, never cached: a function's
+    ``__code__`` may be replaced.
+    """
+    if type(fn) is _FunctionType and not (
+        fn.__code__.co_flags & _ASYNC_CODE or "_is_coroutine_marker" in fn.__dict__
+    ):
+        pass  # callable, and not async
+    elif not callable(fn):
         raise ConfigurationError(f"fn must be callable, not {type(fn).__name__}")
-    if want_async is False and inspect.iscoroutinefunction(fn):
+    elif want_async is False and inspect.iscoroutinefunction(fn):
         raise ConfigurationError(
             f"{function_name(fn)} is async: use await run_transaction_async(...)"
         )
@@ -296,12 +311,13 @@ def note_cancelled_commit(cancel: BaseException, attempt: AttemptTracker) -> Non
 
 
 def acknowledged(
-    engine: sa.Engine, reply: Reply, step: Run | Resolve, fn: object
+    engine: sa.Engine, reply: Reply, step: Run | Resolve, name: str
 ) -> sa.Engine | None:
     """Remember a commit acknowledged to the app; return the engine to audit for a failover now.
 
     The healthy path's whole cost of `dropsafe._unit.failover_audit`: a few stores in a ring. In a
     unit over several engines, the commit is remembered (and audited) on the engine that wrote.
+    ``name`` is the unit's (`unit_name`).
     """
     if isinstance(step, Resolve):
         pending = step.pending if reply == "committed" and not step.app_ended else None
@@ -311,7 +327,7 @@ def acknowledged(
         return None
     if pending.engine_ref is not None:
         engine = engine_of(pending, engine)
-    return engine if remember_commit(engine, pending, unit_name(fn)) else None
+    return engine if remember_commit(engine, pending, name) else None
 
 
 def engine_of(pending: PendingCommit, engine: sa.Engine) -> sa.Engine:

@@ -38,7 +38,8 @@ class AttemptTracker:
     """One attempt of a unit of work, as the engines' listeners see it; ``with`` it around one.
 
     Its own context manager (a class: a generator-based one costs a few microseconds per
-    attempt). ``committing()`` arms it around the unit's own COMMIT.
+    attempt). A runner sets ``armed`` around the unit's own COMMIT (and clears it in a
+    ``finally``): a flag, not a context manager, as it is set at every attempt.
     """
 
     __slots__ = (
@@ -118,10 +119,6 @@ class AttemptTracker:
             UNIT_READS_XID.reset(self._reads_token)
             self._reads_token = None
 
-    def committing(self) -> _Armed:
-        """Arm the tracker inside this ``with`` block: the unit's own COMMIT, not the user's."""
-        return _Armed(self)
-
     def writer_committed(self) -> bool:
         """Whether the writing connection's COMMIT succeeded: another was sent after it.
 
@@ -163,23 +160,6 @@ class AttemptTracker:
         emit(self.hooks, occurred)
         if not any(isinstance(hook, LoggingHook) for hook in self.hooks):
             logger.error("%s", format_event(occurred))
-
-
-@final
-class _Armed:
-    """``with tracker.committing():`` the unit's own COMMIT is sent inside."""
-
-    __slots__ = ("_tracker",)
-
-    def __init__(self, tracker: AttemptTracker) -> None:
-        self._tracker = tracker
-
-    def __enter__(self) -> AttemptTracker:
-        self._tracker.armed = True
-        return self._tracker
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._tracker.armed = False
 
 
 _CURRENT: contextvars.ContextVar[AttemptTracker | None] = contextvars.ContextVar(
