@@ -335,7 +335,12 @@ def test_the_issue_28_shapes_are_in_the_catalog_and_the_broken_ones_known() -> N
     assert not {shape.name for shape in FLIGHT_SHAPES if shape.expected_violation}
     # Only the mark reads no xid before the app's own commit(): its histories stay known.
     known = {shape.name for shape in FLIGHT_SHAPES if shape.mark_violation}
-    assert known == {"raw_commit_then_raw_write", "raw_commit_then_write", "raw_commit_only"}
+    assert known == {
+        "raw_commit_then_raw_write",
+        "raw_commit_then_write",
+        "raw_commit_only",
+        "two_engines_raw_commit",
+    }
     assert all("issue 28" in CATALOG[name].mark_violation for name in known)
 
 

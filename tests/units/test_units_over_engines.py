@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import dropsafe
 from dropsafe import ConfigurationError
+from dropsafe._commit_truth.resolution import APP_COMMITTED
 
 pytestmark = pytest.mark.fault
 
@@ -536,3 +537,52 @@ def test_an_autocommit_engine_a_routing_session_reaches_is_refused(server, drive
     written = count(server, TWO, value)
     assert (raised.type.__name__, written) == ("ConfigurationError", 0), raised.value
     assert "AUTOCOMMIT" in str(raised.value)
+
+
+# -- a raw commit() on one engine's connection, then the other engine's COMMIT lost ------------
+
+
+class LoseCommitOf(LoseCommitReply):
+    """`LoseCommitReply` on ``database``'s engine only: its first COMMIT never arrives."""
+
+    def __init__(self, kernel_blackhole, database):
+        super().__init__(kernel_blackhole, nth=1, direction="both")
+        self.database = database
+
+    def install(self, *engines):
+        super().install(*(e for e in engines if e.url.database == self.database))
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_a_raw_commit_on_one_engine_then_the_other_engines_lost_commit_never_runs_it_again(
+    server, kernel_blackhole, driver
+):
+    """A unit over two engines: a read of TWO (its connection begins first, so SQLAlchemy
+    commits it first), an INSERT on ONE (its xid read in flight), ONE's DBAPI connection's own
+    commit() (the row committed), an INSERT on TWO; TWO's COMMIT never arrives (fenced,
+    aborted). Before session 16 the marks of a unit over several connections noted no read the
+    function had ended itself: the unit ran again, ONE's row twice (psycopg2). Now ONE's
+    dropped read is asked about on ONE's own server before a rerun: committed by the app,
+    `CommitOutcomeUnknown`, run once."""
+    one, two = next(_VALUES), next(_VALUES)
+    unit = TwoEngines(server, driver, "sync")
+    fault = LoseCommitOf(kernel_blackhole, "db_two")
+
+    def work(execute):
+        session = execute.__self__
+        execute(sa.select(TWO.c.v).limit(1))
+        execute(ONE.insert().values(v=one))
+        session.connection().connection.dbapi_connection.commit()
+        execute(TWO.insert().values(v=two))
+
+    outcome = "acknowledged"
+    try:
+        unit.run(work, fault)
+    except dropsafe.CommitOutcomeUnknown as unknown:
+        outcome = unknown.reason
+    rows = (count(server, ONE, one), count(server, TWO, two))
+    assert fault.struck
+    # SQLAlchemy follows no set order: ONE's COMMIT first, the rule for a connection that
+    # committed before the writer's lost one raises first ("another connection ...").
+    assert outcome in {APP_COMMITTED, "another connection committed before"}, outcome
+    assert (unit.calls, rows) == (1, (1, 0))

@@ -405,6 +405,20 @@ async def _two_engines_async(ctx: Context) -> object:
     return await dropsafe.run_transaction_async(async_sessionmaker(first), unit)
 
 
+def _two_engines_raw_commit_sync(ctx: Context) -> object:
+    first, second = ctx.engine("a"), ctx.engine("b")
+
+    def unit(session: Session) -> None:
+        # The second engine's connection begins first: SQLAlchemy commits it first.
+        session.execute(sa.text(_READ), bind_arguments={"bind": second})
+        session.execute(sa.text(_insert("a")))
+        dbapi_connection: Any = session.connection().connection.dbapi_connection
+        dbapi_connection.commit()
+        session.execute(sa.text(_insert("b")), bind_arguments={"bind": second})
+
+    return dropsafe.run_transaction(sessionmaker(first), unit)
+
+
 def _two_dbs(ctx: Context) -> Effects:
     del ctx
     return Effects(_rows("a", db="a") + _rows("b", db="b"))
@@ -790,6 +804,15 @@ FLIGHT_SHAPES: tuple[Shape, ...] = (
         _one,
         before=(_insert("a"),),
         end="commit",
+        mark_violation=_H1,
+    ),
+    Shape(
+        "two_engines_raw_commit",
+        "sessionmaker over two engines: a read of the second, an INSERT in the first, its "
+        "DBAPI connection's commit(), an INSERT in the second",
+        _two_dbs,
+        _two_engines_raw_commit_sync,
+        drivers=_SYNC,
         mark_violation=_H1,
     ),
     _raw_shape(

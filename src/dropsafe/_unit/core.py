@@ -135,11 +135,13 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
         if isinstance(report, Committed):
             return report.result
         if isinstance(report, CommitFailed) and _may_have_committed(report, policy):
+            asked: tuple[PendingCommit, ...] = ()
             if report.pending is not None:
                 timeout = seconds(policy.commit_status_timeout)
                 outcome = yield Resolve(report.pending, report.error, timeout, budget.deadline)
                 if outcome == "committed":
                     return report.result
+                asked = report.pending.earlier  # its resolution asked about them
             if report.committed_before:
                 raise CommitOutcomeUnknown(
                     "the connection failed during a COMMIT of a unit of work over several "
@@ -148,8 +150,7 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
                     xid=None if report.pending is None else report.pending.xid,
                     reason="another connection committed before",
                 ) from report.error
-            if report.pending is None:  # the ones it carries were asked about with it
-                yield from _ask_about_earlier(report, policy, budget)
+            yield from _ask_about_earlier(report, policy, budget, asked)
             # Aborted, or it wrote nothing: running it again is harmless.
             yield Sleep(budget.next_delay(ErrorKind.DISCONNECT, report.error))
             continue
@@ -162,7 +163,10 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
 
 
 def _ask_about_earlier(
-    report: Failed | CommitFailed[Any], policy: UnitPolicy, budget: RetryBudget
+    report: Failed | CommitFailed[Any],
+    policy: UnitPolicy,
+    budget: RetryBudget,
+    asked: tuple[PendingCommit, ...] = (),
 ) -> Generator[Step, Reply, None]:
     """Before a rerun, ask about the transactions the function ended itself (``earlier``).
 
@@ -170,14 +174,20 @@ def _ask_about_earlier(
     may have committed part of the unit: running it again would write that part twice,
     whatever became of the rest (the function raised, the mark was lost before the COMMIT was
     sent, the COMMIT was refused or carried no xid). Committed or unknown raises
-    `CommitOutcomeUnknown` (`Resolve.app_ended`); all aborted, the unit runs again.
+    `CommitOutcomeUnknown` (`Resolve.app_ended`); all aborted, the unit runs again. Those
+    ``asked`` already (with the COMMIT that carried them) are not asked twice. Each engine's
+    are asked on its own server (a unit over several: `PendingCommit.engine_ref`), in one
+    resolution per engine.
     """
-    if not report.earlier:
-        return
-    first, *rest = report.earlier
-    pending = dataclasses.replace(first, earlier=tuple(rest))
+    earlier = [ended for ended in report.earlier if ended not in asked]
     timeout = seconds(policy.commit_status_timeout)
-    yield Resolve(pending, report.error, timeout, budget.deadline, app_ended=True)
+    while earlier:
+        first = earlier[0]
+        ref = first.engine_ref
+        same = [ended for ended in earlier if ended.engine_ref is ref]
+        earlier = [ended for ended in earlier if ended.engine_ref is not ref]
+        pending = dataclasses.replace(first, earlier=tuple(same[1:]))
+        yield Resolve(pending, report.error, timeout, budget.deadline, app_ended=True)
 
 
 def _may_have_committed(report: CommitFailed[Any], policy: UnitPolicy) -> bool:

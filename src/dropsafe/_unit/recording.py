@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ended_around",
+    "on_its_engine",
     "other_connections",
     "watch_engine",
     "watch_engines_of_routing",
@@ -194,6 +195,31 @@ def _read_in_flight(conn: Connection, attempt: AttemptTracker) -> PendingCommit 
     return pending
 
 
+def _ended_before_the_mark(conn: Connection) -> tuple[PendingCommit, ...]:
+    """Return the reads of ``conn``'s transaction the function may have ended itself.
+
+    `_read_in_flight`'s note, for each connection of a unit over several (`_mark_several`,
+    which reads every mark): the reads dropped, and the one held when it no longer stands.
+    """
+    read_by = state_of(conn.engine).flight_xid
+    if read_by is None:
+        return ()
+    standing = read_by(conn)
+    return _dropped_and_held(conn) if standing is None else standing.earlier
+
+
+def on_its_engine(reads: tuple[PendingCommit, ...], conn: Connection) -> tuple[PendingCommit, ...]:
+    """Return ``reads`` marked with ``conn``'s engine: asked about on its own server.
+
+    In a unit over several engines, a transaction the function ended itself on one of them is
+    asked about there, not on the unit's own engine (`PendingCommit.engine_ref`).
+    """
+    if not reads:
+        return reads
+    ref = weakref.ref(conn.engine)
+    return tuple(dataclasses.replace(read, engine_ref=ref) for read in reads)
+
+
 def _dropped_and_held(conn: Connection) -> tuple[PendingCommit, ...]:
     """Return the reads ``conn``'s transaction dropped, and the one it holds (not standing)."""
     dropped_by = state_of(conn.engine).flight_dropped
@@ -305,9 +331,12 @@ def _mark_several(attempt: AttemptTracker, conn: Connection, others: list[Connec
     marks, a partial commit could be retried whole.
     """
     marks: dict[Connection, PendingCommit | None] = {}
+    earlier: list[PendingCommit] = []
     for connection in (conn, *others):
         watch_engine(connection.engine)  # its COMMIT must be seen too
+        earlier += on_its_engine(_ended_before_the_mark(connection), connection)
         marks[connection] = _mark(connection, attempt, committing=connection is conn)
+    attempt.earlier = tuple(earlier)
     # A transaction that had no xid before its mark (`PendingCommit.asynchronous`) wrote
     # nothing: only a NOTIFY it queued could be lost with its COMMIT (docs/guarantees.md).
     writers = [

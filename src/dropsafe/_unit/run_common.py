@@ -26,6 +26,7 @@ from dropsafe._unit.core import CommitFailed, Committed, Failed, Resolve, Run
 from dropsafe._unit.failover_audit import remember_commit
 from dropsafe._unit.recording import (
     ended_around,
+    on_its_engine,
     other_connections,
     watch_engine,
     watch_engines_of_routing,
@@ -177,8 +178,14 @@ class Attempt:
 
         Read while its transaction is still open (`ended_around`): a rerun asks about it first.
         """
-        if self.tracker.read_xid:
-            self.tracker.earlier = ended_around(connection, error)
+        tracker = self.tracker
+        if not tracker.read_xid:
+            return
+        earlier = ended_around(connection, error)
+        if tracker.session is not None:  # a unit over several engines: each one's, on its own
+            for other in other_connections(tracker.session, connection):
+                earlier += on_its_engine(ended_around(other, error), other)
+        tracker.earlier = earlier
 
     def connected(self, connection: sa.Connection) -> None:
         """Note the attempt's connection; keep the engine's replay out: the unit reruns whole."""
@@ -287,8 +294,8 @@ def commit_failed(
         committed_before = any(attempt.marks.get(c) is not None for c in attempt.sent[:-1])
         if attempt.sent[-1] is not attempt.writer:
             # The writer's COMMIT was never sent (or none wrote): no row committed.
-            return CommitFailed(result, error, None, 1, committed_before)
-        return CommitFailed(result, error, attempt.pending, 1, committed_before)
+            return CommitFailed(result, error, None, 1, committed_before, attempt.earlier)
+        return CommitFailed(result, error, attempt.pending, 1, committed_before, attempt.earlier)
     earlier = attempt.earlier
     return CommitFailed(result, error, attempt.pending, attempt.commits_sent, earlier=earlier)
 
