@@ -955,3 +955,43 @@ def test_an_unlogged_write_that_notifies_nothing_runs_again_after_a_crash(
         server.execute(SLOW_COMMIT_SCHEMA + "CREATE UNLOGGED TABLE scratch (v int);")
         crashed = _crashed_after_commit(server, kernel_blackhole, driver, steps, reads=reads)
     assert crashed == ("acknowledged", 2, ["aborted"])
+
+
+def _a_conflict_on_the_first_run(runs):
+    """A step: a serialization failure raised through the Session (retryable), first run only."""
+
+    def step(session):
+        runs.append(1)
+        if len(runs) == 1:
+            session.execute(
+                sa.text("DO $$BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END$$")
+            )
+
+    return step
+
+
+@pytest.mark.parametrize("driver", ALL_FACES)
+def test_a_raw_dbapi_commit_then_a_retryable_error_through_sqlalchemy_is_never_run_again(driver):
+    """INSERT 1 (xid A read in flight), the DBAPI connection's commit() (A committed), a raw
+    INSERT 2, then a statement through the Session that fails with a serialization failure
+    (retryable; the connection stays up): committed by the app, `CommitOutcomeUnknown`, run
+    once. Held since session 15 (the Session's statement drops A before it is sent, and a
+    dropped read is asked about); kept as the single-engine neighbour of the unit over two
+    engines whose other connection raised (tests/units/test_units_over_engines.py)."""
+    recorder = Recorder()
+    runs = []
+    steps = [
+        "INSERT INTO ledger VALUES (1)",
+        _raw_commit_then_raw_insert(2),
+        _a_conflict_on_the_first_run(runs),
+    ]
+    with PostgresServer() as server:
+        server.execute(SLOW_COMMIT_SCHEMA)
+        unit = Unit(driver, url_of(server, driver), steps, policy=_policy(recorder, reads=True))
+        outcome = "acknowledged"
+        try:
+            unit.run()
+        except dropsafe.CommitOutcomeUnknown as unknown:
+            outcome = unknown.reason
+        written = [rows(server, 1), rows(server, 2)]
+    assert (outcome, unit.calls, written) == (APP_COMMITTED, 1, [1, 0]), recorder.outcomes()

@@ -142,6 +142,9 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
                 if outcome == "committed":
                     return report.result
                 asked = report.pending.earlier  # its resolution asked about them
+            # First: a transaction the app committed itself says more than "another
+            # connection committed" (which may have been only a NOTIFY).
+            yield from _ask_about_earlier(report, policy, budget, asked)
             if report.committed_before:
                 raise CommitOutcomeUnknown(
                     "the connection failed during a COMMIT of a unit of work over several "
@@ -150,7 +153,6 @@ def unit_of_work(policy: UnitPolicy, hooks: tuple[Hook, ...]) -> Generator[Step,
                     xid=None if report.pending is None else report.pending.xid,
                     reason="another connection committed before",
                 ) from report.error
-            yield from _ask_about_earlier(report, policy, budget, asked)
             # Aborted, or it wrote nothing: running it again is harmless.
             yield Sleep(budget.next_delay(ErrorKind.DISCONNECT, report.error))
             continue

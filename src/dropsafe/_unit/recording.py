@@ -233,22 +233,35 @@ def ended_around(conn: Connection, error: BaseException) -> tuple[PendingCommit,
     """Return the xids of ``conn``'s transaction the function may have committed itself.
 
     For a unit's function that raised: the reads dropped (the server's transaction ended
-    around SQLAlchemy since), and, where the error is the driver's own, not SQLAlchemy's
-    (raised by the DBAPI connection's ``commit()``, a raw cursor: around SQLAlchemy), the read
-    held too: the function's own COMMIT may have been lost after it committed. Empty for an
-    error of a statement through SQLAlchemy with nothing dropped: nothing of the app's own
-    may have committed (a unit's COMMIT through SQLAlchemy is refused).
+    around SQLAlchemy since), and the read held where it may have ended so too: where the
+    error is the driver's own, not SQLAlchemy's (raised by the DBAPI connection's ``commit()``,
+    a raw cursor: around SQLAlchemy; the function's own COMMIT may have been lost after it
+    committed), or where the connection is alive and the read no longer stands (a unit over
+    several engines: another connection raised; or a retryable error after the app's own
+    ``commit()``). Not on a connection that failed a statement through SQLAlchemy (it is
+    invalidated, its read cannot be checked): nothing of the app's own may have committed there
+    since its last read (a unit's COMMIT through SQLAlchemy is refused).
     """
-    dropped_by = state_of(conn.engine).flight_dropped
+    state = state_of(conn.engine)
+    dropped_by = state.flight_dropped
     if dropped_by is None:
         return ()
     try:
         dropped, held = dropped_by(conn)
     except Exception:  # noqa: BLE001 - a connection SQLAlchemy closed: nothing to ask
         return ()
-    if held is not None and not isinstance(error, sa_exc.StatementError):
+    if held is None:
+        return dropped
+    if not isinstance(error, sa_exc.StatementError):
         return (*dropped, held)
-    return dropped
+    if conn.invalidated:
+        return dropped
+    read_by = state.flight_xid
+    try:
+        stands = read_by is not None and read_by(conn) is not None
+    except Exception:  # noqa: BLE001 - a state that cannot be read: asked about
+        stands = False
+    return dropped if stands else (*dropped, held)
 
 
 def _mark(
@@ -330,13 +343,15 @@ def _mark_several(attempt: AttemptTracker, conn: Connection, others: list[Connec
     SQLAlchemy rolls them all back. Always read, even with ``verify_commits`` off: without the
     marks, a partial commit could be retried whole.
     """
-    marks: dict[Connection, PendingCommit | None] = {}
+    connections = (conn, *others)
     earlier: list[PendingCommit] = []
-    for connection in (conn, *others):
+    for connection in connections:  # all noted before any mark is sent: one may fail
         watch_engine(connection.engine)  # its COMMIT must be seen too
         earlier += on_its_engine(_ended_before_the_mark(connection), connection)
-        marks[connection] = _mark(connection, attempt, committing=connection is conn)
     attempt.earlier = tuple(earlier)
+    marks: dict[Connection, PendingCommit | None] = {}
+    for connection in connections:
+        marks[connection] = _mark(connection, attempt, committing=connection is conn)
     # A transaction that had no xid before its mark (`PendingCommit.asynchronous`) wrote
     # nothing: only a NOTIFY it queued could be lost with its COMMIT (docs/guarantees.md).
     writers = [
