@@ -189,6 +189,13 @@ class Driver:
         """Undo what a connect argument dropsafe ``added`` would do beyond the connect."""
         del dbapi_connection, added
 
+    def first_flight_connect_args(self, cparams: ConnectArgs) -> None:
+        """Add to a connect's arguments what its connection needs to send BEGIN in the flight.
+
+        Before the connect (PoolPolicy.begin_in_first_flight): psycopg2's connection class.
+        """
+        del cparams
+
     def begin_in_first_flight(self, dbapi_connection: DBAPIConnection) -> bool:
         """Make a new connection send BEGIN in its first statement's flight; whether it does.
 

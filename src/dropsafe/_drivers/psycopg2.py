@@ -7,9 +7,10 @@ import secrets
 from typing import TYPE_CHECKING
 
 from dropsafe._classify import DriverErrors
-from dropsafe._drivers import libpq, psycopg2_rollback
+from dropsafe._drivers import libpq, psycopg2_first_flight, psycopg2_rollback
 from dropsafe._drivers.base import (
     Capabilities,
+    ConnectArgs,
     DBAPIConnection,
     DeferredRollback,
     Tls,
@@ -62,6 +63,18 @@ class Psycopg2(libpq.Libpq):
     deferred_rollback = DeferredRollback(
         psycopg2_rollback.send_rollback, psycopg2_rollback.settle, psycopg2_rollback.close_settled
     )
+
+    def first_flight_connect_args(self, cparams: ConnectArgs) -> None:
+        # A connection class of dropsafe's (psycopg2 keeps its transaction in C): where the
+        # app gave none, and not for psycopg2's asynchronous connections (always autocommit).
+        if not {"connection_factory", "async", "async_"} & cparams.keys():
+            cls = psycopg2_first_flight.connection_class()
+            if cls is not None:
+                cparams["connection_factory"] = cls
+
+    def begin_in_first_flight(self, dbapi_connection: DBAPIConnection) -> bool:
+        # BEGIN in the query string of the first statement: one flight, not two.
+        return psycopg2_first_flight.uses_first_flight(self.native(dbapi_connection))
 
     def owns(self, dbapi_connection: DBAPIConnection) -> bool:
         return is_instance(dbapi_connection, "psycopg2.extensions", "connection")

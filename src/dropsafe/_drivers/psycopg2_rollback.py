@@ -45,6 +45,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from dropsafe._drivers import psycopg2_first_flight
 from dropsafe._drivers.deferred_rollback import DeferredRollback, During
 from dropsafe._process import renew_in_child, unpatched
 
@@ -83,11 +84,15 @@ _PQTRANS_INERROR = 3
 
 
 @functools.cache
-def _psycopg2() -> tuple[Any, Callable[[], object]]:
-    """psycopg2's connection class and its ``get_wait_callback``: looked up once."""
+def _psycopg2() -> tuple[tuple[type[Any], ...], Callable[[], object]]:
+    """Return psycopg2's connection classes (its own, dropsafe's) and its wait callback getter.
+
+    Looked up once: dropsafe's class is `psycopg2_first_flight`'s.
+    """
     import psycopg2.extensions
 
-    return psycopg2.extensions.connection, psycopg2.extensions.get_wait_callback
+    classes = (psycopg2.extensions.connection, psycopg2_first_flight.connection_class())
+    return tuple(cls for cls in classes if cls is not None), psycopg2.extensions.get_wait_callback
 
 
 def settle(native: NativeConnection) -> None:
@@ -124,11 +129,12 @@ def send_rollback(
     hand-off would cost more than it saves). False, left to the dialect's own: a connection
     closed or in no transaction as libpq knows it (psycopg2's own rollback then sends nothing,
     or fixes its own state: it must run), a psycopg2 with a wait callback (green), a connection
-    of another class (a ``connection_factory``'s).
+    of another class (a ``connection_factory`` of the app's; dropsafe's own is deferred: its
+    ``rollback()`` sends ROLLBACK where libpq says a transaction is open).
     """
     native: Any = getattr(proxied, "dbapi_connection", proxied)
-    connection_class, wait_callback = _psycopg2()
-    if type(native) is not connection_class or native.closed:
+    connection_classes, wait_callback = _psycopg2()
+    if type(native) not in connection_classes or native.closed:
         return False
     if native in _PENDING:
         # A ROLLBACK is under way and nothing was sent since (anything would have waited for

@@ -1,7 +1,8 @@
 """A transaction's BEGIN sent in its first statement's flight, on the engines that allow it.
 
 The driver does it (`Driver.begin_in_first_flight`: psycopg 3's cursors, sync and async;
-asyncpg's adapter, its BEGIN armed on the transport); this
+asyncpg's adapter, its BEGIN armed on the transport; psycopg2's connection class, given at
+connect by `Driver.first_flight_connect_args`); this
 turns it on for each new connection of an engine whose policy asks for it
 (``PoolPolicy.begin_in_first_flight``). Why it is safe: docs/guarantees.md, "BEGIN rides the
 first statement's flight".
@@ -14,10 +15,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Callable
 
+    from sqlalchemy.engine import Dialect
     from sqlalchemy.pool import ConnectionPoolEntry
 
     from dropsafe._dbapi import DBAPIConnection
-    from dropsafe._drivers.base import Driver
+    from dropsafe._drivers.base import ConnectArgs, Driver
     from dropsafe._policy import PoolPolicy
 
 __all__ = ["FirstFlight"]
@@ -27,11 +29,9 @@ class FirstFlight:
     """Gives one engine's new connections the driver's BEGIN-in-the-first-flight."""
 
     def __init__(self, policy: PoolPolicy, driver: Driver | None) -> None:
-        self._install = (
-            driver.begin_in_first_flight
-            if driver is not None and policy.begin_in_first_flight
-            else None
-        )
+        wanted = driver if policy.begin_in_first_flight else None
+        self._install = wanted.begin_in_first_flight if wanted is not None else None
+        self._connect_args = wanted.first_flight_connect_args if wanted is not None else None
 
     @property
     def enabled(self) -> bool:
@@ -40,7 +40,16 @@ class FirstFlight:
 
     def listeners(self) -> dict[str, Callable[..., None]]:
         """Return the pool events this listens to, by name: none where it is off."""
-        return {"connect": self._on_connect} if self._install is not None else {}
+        if self._install is None:
+            return {}
+        return {"do_connect": self._on_do_connect, "connect": self._on_connect}
+
+    def _on_do_connect(
+        self, dialect: Dialect, entry: object, cargs: list[object], cparams: ConnectArgs
+    ) -> None:
+        del dialect, entry, cargs
+        if self._connect_args is not None:
+            self._connect_args(cparams)
 
     def _on_connect(self, dbapi_connection: DBAPIConnection, entry: ConnectionPoolEntry) -> None:
         del entry
