@@ -107,8 +107,9 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                     query = begin + ";\n" + query
                 elif type(query) is bytes and query.strip():
                     query = begin.encode() + b";\n" + query
-                else:  # psycopg2's sql.Composable, an empty query: BEGIN alone, as psycopg2
+                elif query:  # psycopg2's sql.Composable, only blanks: BEGIN alone, as psycopg2
                     conn._dropsafe_run(begin)  # noqa: SLF001
+                # An empty query: psycopg2 refuses it before its BEGIN.
             return super().execute(query, vars)  # type: ignore[misc]
 
         def executemany(self, query: Any, vars_list: Any) -> Any:  # noqa: ANN401 - psycopg2's
@@ -222,7 +223,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         @autocommit.setter
         def autocommit(self, value: object) -> None:
-            self._dropsafe_in_own_mode("autocommit", lambda: autocommit_of.__set__(self, value))
+            self._dropsafe_in_own_mode("set_session", lambda: autocommit_of.__set__(self, value))
 
         @property
         def isolation_level(self) -> object:
@@ -232,7 +233,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         @isolation_level.setter
         def isolation_level(self, value: object) -> None:
-            self._dropsafe_in_own_mode("isolation_level", lambda: isolation_of.__set__(self, value))
+            self._dropsafe_in_own_mode("set_session", lambda: isolation_of.__set__(self, value))
 
         @property
         def readonly(self) -> object:
@@ -242,7 +243,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         @readonly.setter
         def readonly(self, value: object) -> None:
-            self._dropsafe_in_own_mode("readonly", lambda: readonly_of.__set__(self, value))
+            self._dropsafe_in_own_mode("set_session", lambda: readonly_of.__set__(self, value))
 
         @property
         def deferrable(self) -> object:
@@ -252,7 +253,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         @deferrable.setter
         def deferrable(self, value: object) -> None:
-            self._dropsafe_in_own_mode("deferrable", lambda: deferrable_of.__set__(self, value))
+            self._dropsafe_in_own_mode("set_session", lambda: deferrable_of.__set__(self, value))
 
         def set_session(self, *args: Any, **kwargs: Any) -> None:  # noqa: ANN401 - psycopg2's
             self._dropsafe_in_own_mode(
@@ -263,9 +264,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             # psycopg2 rolls back the transaction under way first, whatever the level.
             if not self._dropsafe_native and self._dropsafe_in_transaction():
                 self._dropsafe_run("ROLLBACK")
-            self._dropsafe_in_own_mode(
-                "set_isolation_level", lambda: base.set_isolation_level(self, level)
-            )
+            self._dropsafe_in_own_mode("set_session", lambda: base.set_isolation_level(self, level))
 
         def set_client_encoding(self, encoding: object) -> None:
             # psycopg2 rolls back the transaction under way first, where the encoding changes.
