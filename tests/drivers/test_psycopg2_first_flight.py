@@ -295,3 +295,23 @@ def test_the_begin_is_psycopg2s() -> None:
         "BEGIN ISOLATION LEVEL READ UNCOMMITTED READ WRITE NOT DEFERRABLE"
     )
     assert begin_text((1, None, None)) == "BEGIN ISOLATION LEVEL READ COMMITTED"
+
+
+def test_a_refused_begin_is_the_error_and_the_statement_does_not_run(shared_server) -> None:
+    """The server refuses BEGIN (as a standby refuses READ WRITE): its error, nothing run.
+
+    ``_dropsafe_begin`` is where the class keeps the BEGIN it builds from the connection's
+    characteristics; a bogus one is one the server refuses.
+    """
+    conn = psycopg2.connect(_dsn(shared_server), connection_factory=connection_class())
+    try:
+        conn._dropsafe_begin = "BEGIN ISOLATION LEVEL BOGUS"
+        cur = conn.cursor()
+        with pytest.raises(psycopg2.errors.SyntaxError, match="BOGUS"):
+            cur.execute("SELECT set_config('application_name', 'the statement ran', false)")
+        assert conn.get_transaction_status() == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        conn._dropsafe_begin = "BEGIN"
+        cur.execute("SHOW application_name")
+        assert cur.fetchone()[0] != "the statement ran"
+    finally:
+        conn.close()
