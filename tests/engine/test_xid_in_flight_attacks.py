@@ -794,21 +794,35 @@ def test_an_app_function_named_like_the_read_s_changes_nothing(server, driver, d
 # -- transaction control sent as a statement -----------------------------------------------
 
 
+#: psycopg2 with its own BEGIN (``begin_in_first_flight=False``), beside the default: the
+#: driver's BEGIN decides where a write after the app's own COMMIT lands.
+OWN_BEGIN = [pytest.param(False, id="first-flight"), pytest.param(True, id="own-begin")]
+
+
+def _psycopg2_own_begin(driver, own_begin):
+    """Whether psycopg2's own BEGIN runs (a psycopg 3 engine has no such variant: skipped)."""
+    if own_begin and driver != "psycopg2":
+        pytest.skip("psycopg2 only")
+    return own_begin
+
+
 @needs_blackhole
 @pytest.mark.parametrize("driver", READS)
+@pytest.mark.parametrize("own_begin", OWN_BEGIN)
 @pytest.mark.parametrize(
     "ends", ["COMMIT", "INSERT INTO attack_unique VALUES ({a2}); COMMIT"], ids=["commit", "multi"]
 )
 def test_a_commit_sent_as_a_statement_then_more_writes_then_the_commit_lost(
-    server, driver, ends, disposing
+    server, driver, own_begin, ends, disposing
 ):
     """The app ends the server's transaction itself (``text("COMMIT")``, or inside a text of
     several statements), writes more (the driver opens another server transaction, another
     xid), and the final COMMIT never arrives: the xid read belongs to the transaction already
     committed; the later writes were never committed and must not be acknowledged."""
     events: list[object] = []
-    engine = disposing(_engine(server, driver, events))
-    a = {"psycopg2": 300, "psycopg": 400}[driver] + (0 if ends == "COMMIT" else 50)
+    own = _psycopg2_own_begin(driver, own_begin)
+    engine = disposing(_engine(server, driver, events, begin_in_first_flight=not own))
+    a = {"psycopg2": 300, "psycopg": 400}[driver] + (0 if ends == "COMMIT" else 50) + 20 * own
     with engine.connect() as conn, lost_at_commit(engine, "both"):
         conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({a})"))
         try:
@@ -821,27 +835,30 @@ def test_a_commit_sent_as_a_statement_then_more_writes_then_the_commit_lost(
     # Before the fix (psycopg 3, 2 of 2): ('returned', 0), resolved 'committed' by the xid of
     # the transaction the app's own COMMIT had ended. Now the later write reads its own
     # transaction's xid. psycopg 3 opened one (BEGIN): the COMMIT never arrived, aborted,
-    # not replayed (transaction control in the text). psycopg2 sent no BEGIN (it believes its
-    # transaction open): the write committed on its own, and its xid says so. The dropped read
-    # (the transaction the app's COMMIT ended) is asked about too since session 15: committed,
-    # so CommitOutcomeUnknown says the app committed part of the work (the driver's error
-    # before, as if nothing had).
+    # not replayed (transaction control in the text); so does psycopg2 with BEGIN in the first
+    # flight (its connection class reads libpq's status). psycopg2's own BEGIN is not sent (it
+    # believes its transaction open): the write committed on its own, and its xid says so. The
+    # dropped read (the transaction the app's COMMIT ended) is asked about too since session
+    # 15: committed, so CommitOutcomeUnknown says the app committed part of the work (the
+    # driver's error before, as if nothing had).
     assert (outcome, later, _resolved(events)) == (
-        ("returned", 1, ["committed"]) if driver == "psycopg2" else ("unknown", 0, ["aborted"])
+        ("returned", 1, ["committed"]) if own else ("unknown", 0, ["aborted"])
     )
 
 
 @needs_blackhole
 @pytest.mark.parametrize("driver", READS)
+@pytest.mark.parametrize("own_begin", OWN_BEGIN)
 def test_a_commit_sent_around_sqlalchemy_then_more_writes_then_the_commit_lost(
-    server, driver, disposing
+    server, driver, own_begin, disposing
 ):
     """The app commits on the driver's connection itself, around SQLAlchemy (a raw cursor),
     then writes more through SQLAlchemy; the final COMMIT never arrives. Before the fix
     (psycopg 3): ('returned', 0), resolved 'committed' by the ended transaction's xid."""
     events: list[object] = []
-    engine = disposing(_engine(server, driver, events))
-    a = {"psycopg2": 500, "psycopg": 600}[driver]
+    own = _psycopg2_own_begin(driver, own_begin)
+    engine = disposing(_engine(server, driver, events, begin_in_first_flight=not own))
+    a = {"psycopg2": 500, "psycopg": 600}[driver] + 20 * own
     with engine.connect() as conn, lost_at_commit(engine, "both"):
         conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({a})"))
         raw = conn.connection.dbapi_connection.cursor()
@@ -851,8 +868,8 @@ def test_a_commit_sent_around_sqlalchemy_then_more_writes_then_the_commit_lost(
         outcome = _commit(conn)
     later = _count(server, "attack_unique", f"v = {a + 5}")
     assert (outcome, later, _resolved(events)) == (
-        ("returned", 1, ["committed"])  # psycopg2 sent no BEGIN: the write committed alone
-        if driver == "psycopg2"
+        ("returned", 1, ["committed"])  # psycopg2's own: no BEGIN, the write committed alone
+        if own
         else ("unknown", 0, ["aborted"])  # the raw COMMIT's (dropped read) committed: said
     )
 

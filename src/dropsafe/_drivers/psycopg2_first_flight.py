@@ -97,20 +97,11 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
     mixed: dict[type[Any], type[Any]] = {}
 
     class FirstFlightCursor:
-        """What every cursor of the connection does before psycopg2's own steps."""
+        """What every cursor of the connection does before psycopg2's own steps.
 
-        def execute(self, query: Any, vars: Any = None) -> Any:  # noqa: A002, ANN401 - psycopg2's
-            conn = self.connection  # type: ignore[attr-defined]
-            if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
-                begin = conn._dropsafe_begin  # noqa: SLF001
-                if type(query) is str and query.strip():
-                    query = begin + ";\n" + query
-                elif type(query) is bytes and query.strip():
-                    query = begin.encode() + b";\n" + query
-                elif query:  # psycopg2's sql.Composable, only blanks: BEGIN alone, as psycopg2
-                    conn._dropsafe_run(begin)  # noqa: SLF001
-                # An empty query: psycopg2 refuses it before its BEGIN.
-            return super().execute(query, vars)  # type: ignore[misc]
+        `cursor_class` gives each class its own ``execute``, which calls the next class's
+        directly (a ``super()`` call less at every statement).
+        """
 
         def executemany(self, query: Any, vars_list: Any) -> Any:  # noqa: ANN401 - psycopg2's
             items = iter(vars_list)
@@ -141,6 +132,28 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
                 conn._dropsafe_run(conn._dropsafe_begin)  # noqa: SLF001
 
+    def execute_of(next_execute: Callable[..., Any]) -> Callable[..., Any]:
+        """Return an ``execute`` that puts BEGIN in front of the statement, then runs the next.
+
+        ``next_execute`` is the next class's in the cursor's order (the factory's own).
+        """
+
+        def execute(self: Any, query: Any, vars: Any = None) -> Any:  # noqa: A002, ANN401 - psycopg2's
+            conn = self.connection
+            if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
+                begin = conn._dropsafe_begin  # noqa: SLF001
+                kind = type(query)
+                if kind is str and query.strip():
+                    query = begin + ";\n" + query
+                elif kind is bytes and query.strip():
+                    query = begin.encode() + b";\n" + query
+                elif query:  # psycopg2's sql.Composable, only blanks: BEGIN alone, as psycopg2
+                    conn._dropsafe_run(begin)  # noqa: SLF001
+                # An empty query: psycopg2 refuses it before its BEGIN.
+            return next_execute(self, query, vars)
+
+        return execute
+
     def cursor_class(factory: object) -> type[Any] | None:
         """Return ``factory`` with `FirstFlightCursor` in front of it (made once per class).
 
@@ -151,9 +164,15 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             return None
         cls = mixed.get(factory)
         if cls is None:
-            cls = mixed[factory] = type(factory.__name__, (FirstFlightCursor, factory), {})
+            execute = execute_of(factory.execute)  # type: ignore[attr-defined]
+            cls = type(factory.__name__, (FirstFlightCursor, factory), {"execute": execute})
             cls.__module__ = __name__
+            mixed[factory] = cls
         return cls
+
+    new_cursor = base.cursor
+    cursor_execute = base_cursor.execute
+    plain_cursor = cursor_class(base_cursor)
 
     class FirstFlightConnection(base):  # type: ignore[misc, valid-type]
         """psycopg2's connection, its transaction's BEGIN sent with its first statement."""
@@ -176,16 +195,26 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
         def commit(self) -> None:
             if self._dropsafe_native or self.closed or self.get_transaction_status() == _IDLE:
                 base.commit(self)  # psycopg2's own: its error on a closed connection
-                self._dropsafe_back()
-            else:
-                self._dropsafe_run("COMMIT")
+                if self._dropsafe_native:
+                    self._dropsafe_back()
+                return
+            cursor = new_cursor(self, None, base_cursor)  # `_dropsafe_run`, inline
+            try:
+                cursor_execute(cursor, "COMMIT")
+            finally:
+                cursor.close()
 
         def rollback(self) -> None:
             if self._dropsafe_native or self.closed or self.get_transaction_status() == _IDLE:
                 base.rollback(self)
-                self._dropsafe_back()
-            else:
-                self._dropsafe_run("ROLLBACK")
+                if self._dropsafe_native:
+                    self._dropsafe_back()
+                return
+            cursor = new_cursor(self, None, base_cursor)  # `_dropsafe_run`, inline
+            try:
+                cursor_execute(cursor, "ROLLBACK")
+            finally:
+                cursor.close()
 
         def __enter__(self) -> Any:  # noqa: ANN401 - the connection
             # psycopg2's own, in autocommit, would send a BEGIN of its own inside the block.
@@ -294,16 +323,16 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             scrollable: object = None,
         ) -> Any:  # noqa: ANN401 - psycopg2's cursor
             if name is None:
-                factory = cursor_factory or self.cursor_factory or base_cursor
-                cls = mixed.get(factory) or cursor_class(factory)
+                factory = cursor_factory or self.cursor_factory
+                cls = plain_cursor if factory is None else cursor_class(factory)
                 if cls is not None:
-                    return base.cursor(self, None, cls, withhold, scrollable)
+                    return new_cursor(self, None, cls, withhold, scrollable)
                 # A factory that is no cursor class: its cursors cannot send BEGIN, even
                 # later, after psycopg2's own transaction: psycopg2's mode for good.
                 self._dropsafe_for_good = True
             if not self._dropsafe_native:
                 self._dropsafe_to_native()
-            return base.cursor(self, name, cursor_factory, withhold, scrollable)
+            return new_cursor(self, name, cursor_factory, withhold, scrollable)
 
         def lobject(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg2's
             if not self._dropsafe_native:
@@ -331,9 +360,9 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         def _dropsafe_run(self, command: str) -> None:
             """Send ``command`` (BEGIN, COMMIT, ROLLBACK) and wait for its reply."""
-            cursor = base.cursor(self, None, base_cursor)
+            cursor = new_cursor(self, None, base_cursor)
             try:
-                base_cursor.execute(cursor, command)
+                cursor_execute(cursor, command)
             finally:
                 cursor.close()
 
