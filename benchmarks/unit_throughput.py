@@ -58,6 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "UNIT_THROUGHPUT.md"
 DRIVERS = ("psycopg2", "psycopg", "asyncpg")
 VARIANTS = ("plain", "pre_ping", "psycopg_pool check", "unverified", "verified")
+#: Not run unless asked (``--variants``): verified, with the driver's own BEGIN in a flight of
+#: its own (``begin_in_first_flight=False``), what BEGIN in the first flight gains.
+BEGIN_ALONE = "verified, BEGIN alone"
 INSERT_SQL = "INSERT INTO unit_bench (v) VALUES (1)"
 INSERT = sa.text(INSERT_SQL)
 #: Units each client runs before the clock starts (psycopg 3 prepares at the fifth).
@@ -83,8 +86,10 @@ def _policy(variant: str) -> dropsafe.Policy:
     # "verified": with its xid read in its INSERT's flight (read_xid_in_flight, off by default
     # since these results: docs/guarantees.md says why), as UNIT_THROUGHPUT.md was measured.
     return dropsafe.Policy(
-        pool=dropsafe.PoolPolicy(read_xid_in_flight=True),
-        unit=dropsafe.UnitPolicy(verify_commits=variant == "verified"),
+        pool=dropsafe.PoolPolicy(
+            read_xid_in_flight=True, begin_in_first_flight=variant != BEGIN_ALONE
+        ),
+        unit=dropsafe.UnitPolicy(verify_commits=variant in {"verified", BEGIN_ALONE}),
     )
 
 
