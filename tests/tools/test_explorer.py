@@ -182,3 +182,20 @@ def test_a_healthy_run_that_fails_is_reported(explorer, monkeypatch) -> None:
     assert record.outcome.kind == "error"
     assert record.violation is not None
     assert record.violation.startswith("the healthy run failed")
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+def test_an_unknown_commit_after_the_apps_own_commit_says_part_is_durable(explorer, driver) -> None:
+    """The app commits on the DBAPI connection inside the unit, writes again, and the unit's
+    COMMIT meets a stopped backend (SIGSTOP): its outcome cannot be known in time. The app's own
+    commit is durable, so the error must say so (a part of the work), never a plain "unknown"
+    that reads as all or nothing (found by the explorer, sigstop, both drivers failed before:
+    "unknown, and row b 0x")."""
+    steps = explorer.steps("raw_commit_then_raw_write", driver, "flight")
+    commit = max(k for k, label in enumerate(steps, 1) if label.upper().startswith("Q COMMIT"))
+    record = explorer.run(
+        parse_history(f"raw_commit_then_raw_write:{driver}:sigstop:{commit}:flight")
+    )
+    assert record.fired
+    assert record.outcome.kind == "partial", record.outcome.detail
+    assert record.violation is None, record.violation

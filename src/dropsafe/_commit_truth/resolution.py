@@ -334,7 +334,11 @@ def resolve_commit(
             _settle_app_ended(pool, engine.dialect, sleep, [resolution], commit_xid=None)
             outcome: Outcome = "aborted"
         else:
-            outcome = _settled(pool, engine.dialect, resolution, sleep)
+            try:
+                outcome = _settled(pool, engine.dialect, resolution, sleep)
+            except CommitOutcomeUnknown as unknown:
+                _raise_if_app_ended_beside(pool, engine.dialect, sleep, resolution, unknown)
+                raise
         if outcome == "aborted":
             commit_xid = None if app_ended else pending.xid
             _settle_app_ended(
@@ -416,6 +420,44 @@ def _settle_app_ended(
             ) from resolution.error
         if outcome == "committed":
             raise _app_committed(commit_xid, resolution.xid) from resolution.error
+
+
+def _raise_if_app_ended_beside(
+    pool: Pool,
+    dialect: Dialect,
+    sleep: Callable[[float], None],
+    resolution: _Resolution,
+    unknown: CommitOutcomeUnknown,
+) -> None:
+    """Raise what the app's own earlier commits add to the COMMIT's ``unknown`` outcome.
+
+    An earlier transaction the app ended itself around SQLAlchemy that committed made part of
+    the work durable whatever became of the COMMIT: a plain "unknown" would read as all or
+    nothing, and an app that runs the work again would write that part twice. Each is asked
+    once more (the COMMIT's time is up: one answer, not a wait); committed raises
+    `APP_COMMITTED`, unknown `APP_ENDED_UNKNOWN`, both saying the COMMIT's own reason; all
+    aborted leaves ``unknown`` as it is.
+    """
+    for earlier in resolution.earlier():
+        try:
+            outcome = _settled(pool, dialect, earlier, sleep)
+        except CommitOutcomeUnknown as also:
+            raise CommitOutcomeUnknown(
+                f"{unknown}; and the work had ended a transaction of its own around SQLAlchemy "
+                f"(xid {earlier.xid}), and whether that one committed cannot be known either: "
+                f"{also.reason}",
+                xid=unknown.xid,
+                reason=APP_ENDED_UNKNOWN,
+            ) from resolution.error
+        if outcome == "committed":
+            raise CommitOutcomeUnknown(
+                f"{unknown}; and the work had ended a transaction of its own around SQLAlchemy "
+                f"(the DBAPI connection's commit(), or a COMMIT statement), and that one (xid "
+                f"{earlier.xid}) committed: part of the work is durable, so it was neither run "
+                "again nor acknowledged",
+                xid=unknown.xid,
+                reason=APP_COMMITTED,
+            ) from resolution.error
 
 
 def _app_ended(commit_xid: int | None) -> str:
