@@ -60,7 +60,7 @@ DRIVERS = ("psycopg2", "psycopg", "asyncpg")
 VARIANTS = ("plain", "pre_ping", "psycopg_pool check", "unverified", "verified")
 #: Not run unless asked (``--variants``): verified, with the driver's own BEGIN in a flight of
 #: its own (``begin_in_first_flight=False``), what BEGIN in the first flight gains.
-BEGIN_ALONE = "verified, BEGIN alone"
+BEGIN_ALONE = "verified (BEGIN alone)"
 INSERT_SQL = "INSERT INTO unit_bench (v) VALUES (1)"
 INSERT = sa.text(INSERT_SQL)
 #: Units each client runs before the clock starts (psycopg 3 prepares at the fifth).
