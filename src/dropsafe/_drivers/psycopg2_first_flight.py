@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import functools
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from dropsafe._process import unpatched
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -86,6 +88,8 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
     base = ext.connection
     base_cursor = ext.cursor
+    get_wait_callback = ext.get_wait_callback
+    new_lock = unpatched("_thread", "RLock")
     needed = ("autocommit", "isolation_level", "readonly", "deferrable", "status", "set_session")
     if not all(hasattr(base, name) for name in needed):
         return None
@@ -99,47 +103,114 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
     class FirstFlightCursor:
         """What every cursor of the connection does before psycopg2's own steps."""
 
+        #: The BEGIN the last ``execute`` put in front of the app's query, as sent.
+        _dropsafe_cut = b""
+
         def execute(self, query: Any, vars: Any = None) -> Any:  # noqa: A002, ANN401 - psycopg2's
             conn = self.connection  # type: ignore[attr-defined]
-            if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
-                begin = conn._dropsafe_begin  # noqa: SLF001
-                if type(query) is str and query.strip():
-                    query = begin + ";\n" + query
-                elif type(query) is bytes and query.strip():
-                    query = begin.encode() + b";\n" + query
-                elif query:  # psycopg2's sql.Composable, only blanks: BEGIN alone, as psycopg2
-                    conn._dropsafe_run(begin)  # noqa: SLF001
-                # An empty query: psycopg2 refuses it before its BEGIN.
-            return super().execute(query, vars)  # type: ignore[misc]
+            # The status read and the query sent under one lock: another thread's COMMIT
+            # ending in between would leave the statement outside any transaction.
+            held = conn._dropsafe_acquire()  # noqa: SLF001
+            try:
+                cut, sent = b"", query
+                if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
+                    begin = conn._dropsafe_begin  # noqa: SLF001
+                    if type(query) is str and _has_statement(query):
+                        sent = begin + ";\n" + query
+                        cut = begin.encode() + b";\n"
+                    elif type(query) is bytes and _has_statement(query.decode("latin-1")):
+                        cut = begin.encode() + b";\n"
+                        sent = cut + query
+                    elif query:
+                        # No statement in it (blanks, comments, semicolons), or psycopg2's
+                        # sql.Composable: BEGIN alone, as psycopg2 sends it (and then its
+                        # error for a query without a statement).
+                        conn._dropsafe_run(begin)  # noqa: SLF001
+                    # An empty query: psycopg2 refuses it before its BEGIN.
+                self._dropsafe_cut = cut
+                if not cut:
+                    return super().execute(query, vars)  # type: ignore[misc]
+                try:
+                    return super().execute(sent, vars)  # type: ignore[misc]
+                except psycopg2.Error as exc:
+                    if not _unparsed(conn, exc):
+                        raise
+                # The server parses the whole string before it runs any of it: a syntax
+                # error anywhere in it left BEGIN unrun, where psycopg2's own BEGIN had opened
+                # the transaction that the error then aborts. BEGIN alone, then the query
+                # alone, as psycopg2 sends them: its error, its text (nothing of it ran).
+                conn._dropsafe_run(conn._dropsafe_begin)  # noqa: SLF001
+                self._dropsafe_cut = b""
+                return super().execute(query, vars)  # type: ignore[misc]
+            finally:
+                if held:
+                    conn._dropsafe_lock.release()  # noqa: SLF001
+
+        @property
+        def query(self) -> Any:  # noqa: ANN401 - psycopg2's: bytes or None
+            """The query sent, as psycopg2's would read it: without the BEGIN put in front."""
+            sent = base_cursor.query.__get__(self)
+            cut = self._dropsafe_cut
+            if cut and sent is not None and sent.startswith(cut):
+                return sent[len(cut) :]
+            return sent
 
         def executemany(self, query: Any, vars_list: Any) -> Any:  # noqa: ANN401 - psycopg2's
             items = iter(vars_list)
             first = next(items, _NOTHING)
             if first is _NOTHING:
                 return super().executemany(query, ())  # type: ignore[misc]
-            self._dropsafe_begin_if_idle()
-            return super().executemany(query, _chain(first, items))  # type: ignore[misc]
+            return self._dropsafe_in_transaction(
+                super().executemany,  # type: ignore[misc]
+                query,
+                _chain(first, items),
+            )
 
         def callproc(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg2's
-            self._dropsafe_begin_if_idle()
-            return super().callproc(*args, **kwargs)  # type: ignore[misc]
+            return self._dropsafe_in_transaction(
+                super().callproc,  # type: ignore[misc]
+                *args,
+                **kwargs,
+            )
 
         def copy_from(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg2's
-            self._dropsafe_begin_if_idle()
-            return super().copy_from(*args, **kwargs)  # type: ignore[misc]
+            return self._dropsafe_in_transaction(
+                super().copy_from,  # type: ignore[misc]
+                *args,
+                **kwargs,
+            )
 
         def copy_to(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg2's
-            self._dropsafe_begin_if_idle()
-            return super().copy_to(*args, **kwargs)  # type: ignore[misc]
+            return self._dropsafe_in_transaction(
+                super().copy_to,  # type: ignore[misc]
+                *args,
+                **kwargs,
+            )
 
         def copy_expert(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg2's
-            self._dropsafe_begin_if_idle()
-            return super().copy_expert(*args, **kwargs)  # type: ignore[misc]
+            return self._dropsafe_in_transaction(
+                super().copy_expert,  # type: ignore[misc]
+                *args,
+                **kwargs,
+            )
 
-        def _dropsafe_begin_if_idle(self) -> None:
+        def _dropsafe_in_transaction(
+            self,
+            run: Callable[..., Any],
+            *args: Any,  # noqa: ANN401 - psycopg2's
+            **kwargs: Any,  # noqa: ANN401 - psycopg2's
+        ) -> Any:  # noqa: ANN401 - psycopg2's
+            """``run`` (psycopg2's own, in C) after BEGIN alone where no transaction is open."""
             conn = self.connection  # type: ignore[attr-defined]
-            if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
-                conn._dropsafe_run(conn._dropsafe_begin)  # noqa: SLF001
+            held = conn._dropsafe_acquire()  # noqa: SLF001
+            try:
+                if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
+                    conn._dropsafe_run(conn._dropsafe_begin)  # noqa: SLF001
+                self._dropsafe_cut = b""
+                return run(*args, **kwargs)
+            finally:
+                if held:
+                    conn._dropsafe_lock.release()  # noqa: SLF001
 
     def cursor_class(factory: object) -> type[Any] | None:
         """Return ``factory`` with `FirstFlightCursor` in front of it (made once per class).
@@ -169,10 +240,29 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             #: (isolation_level, readonly, deferrable) as psycopg2 would read them; its BEGIN.
             self._dropsafe_characteristics: tuple[object, object, object] = (None, None, None)
             self._dropsafe_begin = "BEGIN"
+            #: Held while the transaction status is read and acted on (a query, a COMMIT, a
+            #: change of mode): psycopg2 does both under its own lock, in C, out of reach.
+            self._dropsafe_lock = new_lock()
             autocommit_of.__set__(self, True)  # noqa: FBT003 - a new connection: no SQL sent
+
+        def _dropsafe_acquire(self) -> bool:
+            """Take this class's lock; False, not taken, where a green thread holds it.
+
+            Another green thread (a wait callback: psycogreen) holds it only while its query
+            is under way: psycopg2 refuses a second query meanwhile, as it does without this
+            class, where a real lock would block the hub for ever.
+            """
+            lock = self._dropsafe_lock
+            if lock.acquire(False):  # noqa: FBT003 - _thread's
+                return True
+            if get_wait_callback() is not None:
+                return False
+            lock.acquire()
+            return True
 
         # -- transactions ---------------------------------------------------------------
 
+        @_locked
         def commit(self) -> None:
             if self._dropsafe_native or self.closed or self.get_transaction_status() == _IDLE:
                 base.commit(self)  # psycopg2's own: its error on a closed connection
@@ -180,6 +270,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             else:
                 self._dropsafe_run("COMMIT")
 
+        @_locked
         def rollback(self) -> None:
             if self._dropsafe_native or self.closed or self.get_transaction_status() == _IDLE:
                 base.rollback(self)
@@ -260,12 +351,14 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 "set_session", lambda: base.set_session(self, *args, **kwargs)
             )
 
+        @_locked
         def set_isolation_level(self, level: object) -> None:
             # psycopg2 rolls back the transaction under way first, whatever the level.
             if not self._dropsafe_native and self._dropsafe_in_transaction():
                 self._dropsafe_run("ROLLBACK")
             self._dropsafe_in_own_mode("set_session", lambda: base.set_isolation_level(self, level))
 
+        @_locked
         def set_client_encoding(self, encoding: object) -> None:
             # psycopg2 rolls back the transaction under way first, where the encoding changes.
             if (
@@ -277,6 +370,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 self._dropsafe_run("ROLLBACK")
             base.set_client_encoding(self, encoding)
 
+        @_locked
         def reset(self) -> None:
             if not self._dropsafe_native and self._dropsafe_in_transaction():
                 self._dropsafe_run("ROLLBACK")  # psycopg2's ABORT
@@ -286,6 +380,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         # -- what needs psycopg2's own transaction -----------------------------------------
 
+        @_locked
         def cursor(
             self,
             name: object = None,
@@ -305,6 +400,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 self._dropsafe_to_native()
             return base.cursor(self, name, cursor_factory, withhold, scrollable)
 
+        @_locked
         def lobject(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - psycopg2's
             if not self._dropsafe_native:
                 self._dropsafe_to_native()
@@ -319,6 +415,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
         def tpc_rollback(self, *args: Any) -> None:  # noqa: ANN401 - psycopg2's
             self._dropsafe_in_own_mode("tpc_rollback", lambda: base.tpc_rollback(self, *args))
 
+        @_locked
         def tpc_recover(self) -> Any:  # noqa: ANN401 - psycopg2's list of Xids
             if self._dropsafe_native or self._dropsafe_in_transaction():
                 # In a transaction psycopg2 reads inside it and leaves it open: so does this.
@@ -340,6 +437,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
         def _dropsafe_in_transaction(self) -> bool:
             return not self.closed and self.get_transaction_status() != _IDLE
 
+        @_locked
         def _dropsafe_in_own_mode(self, what: str, apply: Callable[[], None]) -> None:
             """Run psycopg2's own ``apply`` in psycopg2's own mode, then come back if it can.
 
@@ -406,6 +504,69 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
 
 _NOTHING = object()
+#: What PostgreSQL's lexer takes for white space.
+_BLANKS = frozenset(" \t\n\r\f\v;")
+_Method = TypeVar("_Method", bound="Callable[..., Any]")
+
+
+def _has_statement(query: str) -> bool:
+    """Whether ``query`` holds anything but blanks, semicolons and comments (nested ``/*``).
+
+    After ``BEGIN;`` a query without a statement would read as BEGIN's success, where
+    psycopg2's own query, sent alone, is refused ("can't execute an empty query").
+    """
+    at, end = 0, len(query)
+    while at < end:
+        char = query[at]
+        if char in _BLANKS:
+            at += 1
+        elif query.startswith("--", at):
+            at = query.find("\n", at)
+            if at < 0:
+                return False
+        elif query.startswith("/*", at):
+            depth, at = 1, at + 2
+            while depth:
+                opens, closes = query.find("/*", at), query.find("*/", at)
+                if closes < 0:
+                    return True  # unterminated: the server's error, after BEGIN
+                if 0 <= opens < closes:
+                    depth, at = depth + 1, opens + 2
+                else:
+                    depth, at = depth - 1, closes + 2
+        else:
+            return True
+    return False
+
+
+def _unparsed(conn: Any, exc: Any) -> bool:  # noqa: ANN401 - psycopg2's
+    """Whether the query string ``exc`` refused was not run at all: a syntax error, no BEGIN.
+
+    A syntax error (42601) at a position of the string, the connection in no transaction:
+    the parser's (a syntax error raised while running, by a function's dynamic SQL, has no
+    such position, and BEGIN ran before it).
+    """
+    return bool(
+        exc.pgcode == "42601"
+        and not conn.closed
+        and conn.get_transaction_status() == _IDLE
+        and exc.diag.statement_position is not None
+    )
+
+
+def _locked(method: _Method) -> _Method:
+    """Run the connection's ``method`` under its lock (`_dropsafe_acquire`)."""
+
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the method's
+        held = self._dropsafe_acquire()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            if held:
+                self._dropsafe_lock.release()
+
+    return locked  # type: ignore[return-value]
 
 
 def _chain(first: object, rest: Any) -> Any:  # noqa: ANN401 - an iterator of parameters
