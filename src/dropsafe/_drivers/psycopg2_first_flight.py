@@ -240,6 +240,9 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             #: (isolation_level, readonly, deferrable) as psycopg2 would read them; its BEGIN.
             self._dropsafe_characteristics: tuple[object, object, object] = (None, None, None)
             self._dropsafe_begin = "BEGIN"
+            #: In psycopg2's own mode inside a transaction this class began: its
+            #: characteristics held back from psycopg2 until it ends (`_dropsafe_to_native`).
+            self._dropsafe_unset = False
             #: Held while the transaction status is read and acted on (a query, a COMMIT, a
             #: change of mode): psycopg2 does both under its own lock, in C, out of reach.
             self._dropsafe_lock = new_lock()
@@ -318,7 +321,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         @property
         def isolation_level(self) -> object:
-            if self._dropsafe_native:
+            if self._dropsafe_native and not self._dropsafe_unset:
                 return isolation_of.__get__(self)
             return self._dropsafe_characteristics[0]
 
@@ -328,7 +331,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         @property
         def readonly(self) -> object:
-            if self._dropsafe_native:
+            if self._dropsafe_native and not self._dropsafe_unset:
                 return readonly_of.__get__(self)
             return self._dropsafe_characteristics[1]
 
@@ -338,7 +341,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         @property
         def deferrable(self) -> object:
-            if self._dropsafe_native:
+            if self._dropsafe_native and not self._dropsafe_unset:
                 return deferrable_of.__get__(self)
             return self._dropsafe_characteristics[2]
 
@@ -376,6 +379,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 self._dropsafe_run("ROLLBACK")  # psycopg2's ABORT
             base.reset(self)  # DISCARD ALL; psycopg2's defaults: not in autocommit
             self._dropsafe_native = True
+            self._dropsafe_unset = False
             self._dropsafe_back()
 
         # -- what needs psycopg2's own transaction -----------------------------------------
@@ -465,7 +469,16 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 return
             autocommit_of.__set__(self, False)  # noqa: FBT003 - a descriptor's
             isolation, readonly, deferrable = self._dropsafe_characteristics
-            if (isolation, readonly, deferrable) != (None, None, None):
+            if (isolation, readonly, deferrable) == (None, None, None):
+                pass
+            elif self.get_transaction_status() != _IDLE:
+                # In a transaction this class began, psycopg2 sends a BEGIN of its own: with
+                # DEFERRABLE in it the server refuses it after the first query ("SET
+                # TRANSACTION [NOT] DEFERRABLE must be called before any query") and aborts
+                # the transaction. A bare BEGIN there (a warning only); psycopg2 gets them
+                # when the transaction is over (`_dropsafe_back`).
+                self._dropsafe_unset = True
+            else:
                 base.set_session(
                     self,
                     isolation_level=_DEFAULT if isolation is None else isolation,
@@ -478,12 +491,24 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             """Leave psycopg2's own mode where its transaction is over and autocommit off."""
             if (
                 not self._dropsafe_native
-                or self._dropsafe_for_good
                 or self.closed
                 or autocommit_of.__get__(self)
                 or status_of.__get__(self) != _STATUS_READY
                 or self.get_transaction_status() != _IDLE
             ):
+                return
+            if self._dropsafe_unset:
+                # The characteristics held back from psycopg2's BEGIN inside a transaction
+                # this class began: psycopg2's now (outside autocommit: no SQL sent).
+                self._dropsafe_unset = False
+                isolation, readonly, deferrable = self._dropsafe_characteristics
+                base.set_session(
+                    self,
+                    isolation_level=_DEFAULT if isolation is None else isolation,
+                    readonly=_DEFAULT if readonly is None else readonly,
+                    deferrable=_DEFAULT if deferrable is None else deferrable,
+                )
+            if self._dropsafe_for_good:
                 return
             characteristics = (
                 isolation_of.__get__(self),
