@@ -402,3 +402,45 @@ def test_an_errors_position_reads_as_psycopg2s(shared_server) -> None:
         finally:
             conn.close()
     assert seen[0] == seen[1]
+
+
+def _terminate(server, conn) -> None:
+    """Terminate ``conn``'s backend and wait until it is gone."""
+    pid = conn.get_backend_pid()
+    server.execute(f"SELECT pg_terminate_backend({pid})")
+    deadline = time.monotonic() + DEADLINE_S
+    while server.execute(f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") != [("0",)]:
+        assert time.monotonic() < deadline, "the backend outlived its termination"
+
+
+def _after_a_kill(conn, seen):
+    seen.append((conn.closed, _outcome(conn.rollback), _outcome(conn.commit), conn.closed))
+    seen.append(_outcome(lambda: setattr(conn, "autocommit", True)))
+    seen.append(_outcome(lambda: conn.cursor("named")))
+    seen.append(_outcome(lambda: conn.set_session(readonly=True)))
+
+
+@pytest.mark.parametrize("at", ["commit", "rollback", "first_statement", "next_statement"])
+def test_a_terminated_backend_reads_as_psycopg2s(shared_server, at) -> None:
+    """The backend terminated between statements: the same errors, flags and closed state.
+
+    At ``commit()``/``rollback()`` (the class's own COMMIT and ROLLBACK through a cursor), at
+    the first statement (BEGIN in its query string) and at one inside the transaction.
+    """
+    outcomes = []
+    for factory in (None, connection_class()):
+        conn = psycopg2.connect(_dsn(shared_server), connection_factory=factory)
+        seen: list[object] = []
+        try:
+            cur = conn.cursor()
+            if at != "first_statement":
+                cur.execute("SELECT 1")
+            _terminate(shared_server, conn)
+            end = {"commit": conn.commit, "rollback": conn.rollback}
+            seen.append(_outcome(end.get(at, lambda c=cur: c.execute("SELECT 2"))))
+            _after_a_kill(conn, seen)
+        finally:
+            conn.close()
+        outcomes.append(seen)
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0][:2] == ("raised", "OperationalError")
