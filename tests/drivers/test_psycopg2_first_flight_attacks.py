@@ -158,6 +158,31 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         seen.append((cur.fetchall(), _flags(conn)))
         conn.rollback()
 
+    def the_apps_own_transaction_statements(conn, table, seen):
+        # psycopg2's status is its own, not the server's: after the app's COMMIT statement
+        # (Alembic's old op.execute("COMMIT") before CREATE INDEX CONCURRENTLY) it still reads
+        # "in a transaction", sends no BEGIN, and the next statements run alone.
+        cur = conn.cursor()
+        for end in ("COMMIT", "ROLLBACK", "END", "ABORT", "COMMIT AND CHAIN"):
+            cur.execute(f"INSERT INTO {table} VALUES (50)")
+            cur.execute(end)
+            seen.append((end, cur.statusmessage, _flags(conn)))
+            seen.append(
+                _outcome(lambda c=cur: c.execute(f"CREATE INDEX CONCURRENTLY ON {table} (v)"))
+            )
+            seen.append(_outcome(lambda c=cur: c.execute(f"INSERT INTO {table} VALUES (51)")))
+            seen.append(_flags(conn))
+            conn.rollback()
+            seen.append((list(conn.notices), _flags(conn)))
+            del conn.notices[:]
+        cur.execute("BEGIN")  # the app's own BEGIN, first: psycopg2's BEGIN before it
+        cur.execute(f"INSERT INTO {table} VALUES (52)")
+        cur.execute("COMMIT")
+        seen.append(_outcome(conn.commit))
+        cur.execute(f"INSERT INTO {table} VALUES (53)")
+        conn.rollback()
+        seen.append((list(conn.notices), _flags(conn)))
+
     def what_the_cursor_reads(conn, table, seen):
         cur = conn.cursor()
         for query, params in (

@@ -46,7 +46,6 @@ __all__ = ["connection_class", "uses_first_flight"]
 
 # libpq's PGTransactionStatusType (psycopg2.extensions.TRANSACTION_STATUS_*).
 _IDLE = 0
-_UNKNOWN = 4
 # psycopg2.extensions.STATUS_READY, STATUS_BEGIN.
 _STATUS_READY = 1
 _STATUS_BEGIN = 2
@@ -113,7 +112,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             held = conn._dropsafe_acquire()  # noqa: SLF001
             try:
                 cut, sent = b"", query
-                if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
+                if not conn._dropsafe_native and not conn._dropsafe_open:  # noqa: SLF001
                     begin = conn._dropsafe_begin  # noqa: SLF001
                     if type(query) is str and _has_statement(query):
                         sent = begin + ";\n" + query
@@ -131,10 +130,16 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 if not cut:
                     return super().execute(query, vars)  # type: ignore[misc]
                 try:
-                    return super().execute(sent, vars)  # type: ignore[misc]
+                    result = super().execute(sent, vars)  # type: ignore[misc]
                 except psycopg2.Error as exc:
                     if not _unparsed(conn, exc):
+                        # BEGIN ran if a transaction is open (or the connection was lost
+                        # after it): psycopg2's status after its own BEGIN.
+                        conn._dropsafe_open = conn.get_transaction_status() != _IDLE  # noqa: SLF001
                         raise
+                else:
+                    conn._dropsafe_open = True  # noqa: SLF001
+                    return result
                 # The server parses the whole string before it runs any of it: a syntax
                 # error anywhere in it left BEGIN unrun, where psycopg2's own BEGIN had opened
                 # the transaction that the error then aborts. BEGIN alone, then the query
@@ -204,7 +209,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             conn = self.connection  # type: ignore[attr-defined]
             held = conn._dropsafe_acquire()  # noqa: SLF001
             try:
-                if not conn._dropsafe_native and conn.get_transaction_status() == _IDLE:  # noqa: SLF001
+                if not conn._dropsafe_native and not conn._dropsafe_open:  # noqa: SLF001
                     conn._dropsafe_run(conn._dropsafe_begin)  # noqa: SLF001
                 self._dropsafe_cut = b""
                 return run(*args, **kwargs)
@@ -240,6 +245,11 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             #: (isolation_level, readonly, deferrable) as psycopg2 would read them; its BEGIN.
             self._dropsafe_characteristics: tuple[object, object, object] = (None, None, None)
             self._dropsafe_begin = "BEGIN"
+            #: psycopg2's status (its ``conn->status``), kept outside its own mode: in a
+            #: transaction from the BEGIN this class sent until ``commit()`` or ``rollback()``,
+            #: whatever libpq says meanwhile (an app's own COMMIT statement ends the server's
+            #: transaction, not psycopg2's: the next statements run alone, as psycopg2's).
+            self._dropsafe_open = False
             #: In psycopg2's own mode inside a transaction this class began: its
             #: characteristics held back from psycopg2 until it ends (`_dropsafe_to_native`).
             self._dropsafe_unset = False
@@ -267,15 +277,17 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         @_locked
         def commit(self) -> None:
-            if self._dropsafe_native or self.closed or self.get_transaction_status() == _IDLE:
+            if self._dropsafe_native or self.closed or not self._dropsafe_open:
                 base.commit(self)  # psycopg2's own: its error on a closed connection
                 self._dropsafe_back()
             else:
+                # Even where the app's own SQL ended the transaction (libpq idle): psycopg2
+                # sends its COMMIT (the server's warning "there is no transaction in progress").
                 self._dropsafe_run("COMMIT")
 
         @_locked
         def rollback(self) -> None:
-            if self._dropsafe_native or self.closed or self.get_transaction_status() == _IDLE:
+            if self._dropsafe_native or self.closed or not self._dropsafe_open:
                 base.rollback(self)
                 self._dropsafe_back()
             else:
@@ -306,8 +318,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
         def status(self) -> int:
             if self._dropsafe_native:
                 return int(status_of.__get__(self))
-            state = self.get_transaction_status()
-            return _STATUS_READY if state in {_IDLE, _UNKNOWN} else _STATUS_BEGIN
+            return _STATUS_BEGIN if self._dropsafe_open else _STATUS_READY
 
         # -- the session's characteristics -------------------------------------------------
 
@@ -431,15 +442,25 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
         # -- this class's own steps ----------------------------------------------------------
 
         def _dropsafe_run(self, command: str) -> None:
-            """Send ``command`` (BEGIN, COMMIT, ROLLBACK) and wait for its reply."""
+            """Send ``command`` (BEGIN, COMMIT, ROLLBACK) and wait for its reply.
+
+            psycopg2's status follows: in a transaction after a BEGIN that succeeded, out of
+            it after a COMMIT or ROLLBACK, even one that failed (psycopg2's ``pq_commit``).
+            """
             cursor = base.cursor(self, None, base_cursor)
+            beginning = command.startswith("BEGIN")
             try:
                 base_cursor.execute(cursor, command)
             finally:
                 cursor.close()
+                if not beginning:
+                    self._dropsafe_open = False
+            if beginning:
+                self._dropsafe_open = True
 
         def _dropsafe_in_transaction(self) -> bool:
-            return not self.closed and self.get_transaction_status() != _IDLE
+            """Whether psycopg2's status would read "in a transaction" (not libpq's)."""
+            return self._dropsafe_open and not self.closed
 
         @_locked
         def _dropsafe_in_own_mode(self, what: str, apply: Callable[[], None]) -> None:
@@ -468,6 +489,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 self._dropsafe_native = True
                 return
             autocommit_of.__set__(self, False)  # noqa: FBT003 - a descriptor's
+            self._dropsafe_open = False  # psycopg2's own status from now on: ready
             isolation, readonly, deferrable = self._dropsafe_characteristics
             if (isolation, readonly, deferrable) == (None, None, None):
                 pass
