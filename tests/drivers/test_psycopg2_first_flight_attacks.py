@@ -23,6 +23,7 @@ import psycopg2.sql
 import pytest
 import sqlalchemy as sa
 
+import dropsafe
 from dropsafe._drivers import psycopg2_first_flight
 from dropsafe._drivers.psycopg2_first_flight import connection_class
 
@@ -469,3 +470,55 @@ def test_a_terminated_backend_reads_as_psycopg2s(shared_server, at) -> None:
         outcomes.append(seen)
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][0][:2] == ("raised", "OperationalError")
+
+
+def _sqlalchemy_requests(engine, table):
+    """What an app does through SQLAlchemy where psycopg2 sends a BEGIN of its own."""
+    seen = []
+    view = sa.text(SERVER_VIEW)
+    options = {"postgresql_deferrable": True, "isolation_level": "SERIALIZABLE"}
+    with engine.connect().execution_options(**options) as conn:
+        conn.execute(sa.text(f"INSERT INTO {table} VALUES (60)"))
+        streamed = conn.execution_options(stream_results=True, yield_per=2)
+        seen.append([row[0] for row in streamed.execute(sa.text("SELECT generate_series(1, 5)"))])
+        seen.append(conn.execute(view).all())
+        conn.commit()
+        seen.append(conn.execute(view).all())
+        conn.rollback()
+    with engine.connect() as conn:  # the characteristics reset at checkin
+        seen.append(conn.execute(view).all())
+        conn.execute(sa.text(f"INSERT INTO {table} VALUES (61)"))
+        conn.exec_driver_sql("COMMIT")  # the app's own, as Alembic's op.execute("COMMIT")
+        conn.execute(sa.text(f"CREATE INDEX CONCURRENTLY ON {table} (v)"))
+        conn.execute(sa.text(f"INSERT INTO {table} VALUES (62)"))
+        conn.rollback()
+    return seen
+
+
+@pytest.mark.parametrize("first_flight", [False, True])
+def test_through_sqlalchemy_it_reads_as_psycopg2s(shared_server, disposing, first_flight) -> None:
+    """Streamed results in a DEFERRABLE transaction; an app's COMMIT before a statement that
+    cannot run in a transaction block: the same rows, values and committed rows, option on
+    and off (psycopg2's own BEGIN inside a transaction the class began was refused; the
+    CREATE INDEX CONCURRENTLY ran in a new transaction block, refused).
+    """
+    table = f"ff2_attack_sqlalchemy_{first_flight}"
+    shared_server.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (v int)")
+    policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(begin_in_first_flight=first_flight))
+    engine = disposing(
+        dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
+    )
+    seen = _sqlalchemy_requests(engine, table)
+    with engine.connect() as conn:
+        native = conn.connection.dbapi_connection
+        assert (type(native) is connection_class()) is first_flight
+    rows = sorted(shared_server.execute(f"SELECT v FROM {table}"))
+    assert (seen, rows) == (
+        [
+            [1, 2, 3, 4, 5],
+            [("serializable", "off", "on")],
+            [("serializable", "off", "on")],
+            [("read committed", "off", "off")],
+        ],
+        [("60",), ("61",), ("62",)],
+    )
