@@ -9,10 +9,15 @@ runs the statement in one round trip, and libpq's transaction status (the server
 ReadyForQuery) says that a transaction is open.
 
 So the connections made with this module's class (``connection_factory``, where the app gave
-none) are psycopg2's in ``autocommit`` underneath, and this class keeps the transaction that
-psycopg2 would have kept, from libpq's transaction status:
+none) are psycopg2's in ``autocommit`` underneath, and this class keeps the transaction status
+that psycopg2 would have kept, as psycopg2 keeps it ("in a transaction" from the BEGIN it sends
+until ``commit()`` or ``rollback()``, whatever the server says meanwhile: an app's own COMMIT
+statement ends the server's transaction, not psycopg2's), read and acted on under a lock of the
+connection's, as psycopg2 does under its own:
 - a cursor's ``execute`` on a connection in no transaction puts the very BEGIN psycopg2 would
-  send (isolation level, read only, deferrable) in front of the statement, on a line of its own;
+  send (isolation level, read only, deferrable) in front of the statement, on a line of its own
+  (a query without a statement gets BEGIN alone; a syntax error, the whole string unrun, BEGIN
+  then the query again, alone); ``cursor.query`` reads without it;
   ``executemany``, ``callproc`` and the COPY methods, which psycopg2 runs in C, get BEGIN
   alone first, as psycopg2 sends it;
 - ``commit()`` and ``rollback()`` send COMMIT and ROLLBACK where a transaction is open (an
@@ -26,7 +31,7 @@ psycopg2 would have kept, from libpq's transaction status:
   back in psycopg2's own mode, until its transaction ends; a named cursor or a large object
   opened inside a transaction this class began makes psycopg2 send its own BEGIN (the server
   answers with a WARNING "there is already a transaction in progress"), one round trip as
-  before.
+  before, bare (with DEFERRABLE in it the server would refuse it after the first query).
 Why it is safe and what it saves: docs/guarantees.md, "BEGIN rides the first statement's
 flight" (psycopg2).
 """
