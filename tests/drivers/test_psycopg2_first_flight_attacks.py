@@ -184,6 +184,25 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         conn.rollback()
         seen.append((list(conn.notices), _flags(conn)))
 
+    def register_helpers(conn, table, seen):
+        # psycopg2.extras' helpers read conn.status, query the catalog, and roll back only
+        # where they opened the transaction themselves.
+        del table
+        cur = conn.cursor()
+        cur.execute("DROP TYPE IF EXISTS ff2_pair; CREATE TYPE ff2_pair AS (a int, b text)")
+        conn.commit()
+        psycopg2.extras.register_composite("ff2_pair", conn)
+        seen.append(_flags(conn))
+        cur.execute("SELECT (1, 'x')::ff2_pair")
+        seen.append((tuple(cur.fetchone()[0]), _flags(conn)))
+        psycopg2.extras.register_composite("ff2_pair", cur)  # inside: left open
+        seen.append(_flags(conn))
+        conn.rollback()
+        psycopg2.extras.register_default_jsonb(conn)
+        seen.append(_flags(conn))
+        cur.execute("DROP TYPE ff2_pair")
+        conn.commit()
+
     def what_the_cursor_reads(conn, table, seen):
         cur = conn.cursor()
         for query, params in (
@@ -522,3 +541,43 @@ def test_through_sqlalchemy_it_reads_as_psycopg2s(shared_server, disposing, firs
         ],
         [("60",), ("61",), ("62",)],
     )
+
+
+@pytest.mark.parametrize("factory", ["psycopg2", "first_flight"])
+def test_a_cancel_during_the_first_flight(shared_server, factory) -> None:
+    """``cancel()`` from another thread while BEGIN and a long statement are in flight.
+
+    The statement is canceled, the transaction open and failed (BEGIN ran), as psycopg2's;
+    the cancel does not wait for the connection's lock.
+    """
+    dsn = _dsn(shared_server)
+    conn = psycopg2.connect(
+        dsn, connection_factory=connection_class() if factory == "first_flight" else None
+    )
+    seen: dict[str, object] = {}
+    try:
+        pid = conn.get_backend_pid()
+
+        def sleep() -> None:
+            seen["outcome"] = _outcome(lambda: conn.cursor().execute("SELECT pg_sleep(60)"))
+
+        sleeper = threading.Thread(target=sleep, daemon=True)
+        sleeper.start()
+        deadline = time.monotonic() + DEADLINE_S
+        while shared_server.execute(
+            f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND state = 'active'"
+            " AND query LIKE '%pg_sleep%'"
+        ) != [("1",)]:
+            assert time.monotonic() < deadline, "the statement never ran"
+        conn.cancel()
+        sleeper.join(DEADLINE_S)
+        assert not sleeper.is_alive()
+        after = _flags(conn)
+        conn.rollback()
+        assert (seen["outcome"][:3], after, _flags(conn)) == (
+            ("raised", "QueryCanceled", "57014"),
+            (False, 2, None, None, None, 3),
+            (False, 1, None, None, None, 0),
+        )
+    finally:
+        conn.close()
