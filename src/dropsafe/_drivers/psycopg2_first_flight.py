@@ -119,7 +119,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 cut, sent = b"", query
                 if not conn._dropsafe_native and not conn._dropsafe_open:  # noqa: SLF001
                     begin = conn._dropsafe_begin  # noqa: SLF001
-                    if type(query) is str and _has_statement(query):
+                    if type(query) is str and (query[:1].isalpha() or _has_statement(query)):
                         sent = begin + ";\n" + query
                         cut = begin.encode() + b";\n"
                     elif type(query) is bytes and _has_statement(query.decode("latin-1")):
