@@ -581,3 +581,83 @@ def test_a_cancel_during_the_first_flight(shared_server, factory) -> None:
         )
     finally:
         conn.close()
+
+
+@pytest.mark.parametrize("factory", ["psycopg2", "first_flight"])
+def test_under_a_wait_callback_a_rollback_waits_for_another_threads_statement(
+    shared_server, green, factory
+) -> None:
+    """A wait callback (psycopg2.extras.wait_select, for Ctrl-C) and two threads.
+
+    psycopg2's ``rollback()`` from another thread waits for the statement under way (its
+    lock), then rolls back. The class's, which let go of its lock under a wait callback (for
+    green threads), sent its ROLLBACK through a cursor that psycopg2 refused ("execute cannot
+    be used while an asynchronous query is underway") and believed the transaction over.
+    """
+    del green
+    dsn = _dsn(shared_server)
+    holder = psycopg2.connect(dsn)
+    holder.autocommit = True
+    conn = psycopg2.connect(
+        dsn, connection_factory=connection_class() if factory == "first_flight" else None
+    )
+    seen: dict[str, object] = {}
+    threads: list[threading.Thread] = []
+    try:
+        holder.cursor().execute("SELECT pg_advisory_lock(7718)")
+        conn.cursor().execute("SELECT 1")
+
+        def wait_for_the_lock() -> None:
+            seen["statement"] = _outcome(
+                lambda: conn.cursor().execute("SELECT pg_advisory_xact_lock(7718)")
+            )
+
+        def roll_back() -> None:
+            seen["rollback"] = _outcome(conn.rollback)
+
+        statement = threading.Thread(target=wait_for_the_lock, daemon=True)
+        threads.append(statement)
+        statement.start()
+        deadline = time.monotonic() + DEADLINE_S
+        look = holder.cursor()
+        while True:
+            look.execute(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                (conn.get_backend_pid(),),
+            )
+            if look.fetchone()[0] == "Lock":
+                break
+            assert time.monotonic() < deadline, "the statement never waited on the lock"
+        rollback = threading.Thread(target=roll_back, daemon=True)
+        threads.append(rollback)
+        rollback.start()
+        while not _waiting_to_roll_back(rollback):
+            assert rollback.is_alive(), f"the rollback did not wait: {seen}"
+            assert time.monotonic() < deadline, "the rollback never waited"
+        holder.cursor().execute("SELECT pg_advisory_unlock(7718)")
+        for thread in threads:
+            thread.join(DEADLINE_S)
+            assert not thread.is_alive()
+        assert (seen, _flags(conn)) == (
+            {"statement": ("returned", None), "rollback": ("returned", None)},
+            (False, 1, None, None, None, 0),
+        )
+    finally:
+        holder.close()
+        conn.close()
+
+
+def _waiting_to_roll_back(thread: threading.Thread) -> bool:
+    """Whether ``thread`` waits in ``rollback()``: on the class's lock, or in psycopg2's."""
+    frame = sys._current_frames().get(thread.ident)
+    if frame is None:
+        return False
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno)
+    if frame.f_code.co_filename == psycopg2_first_flight.__file__:
+        return "with self._dropsafe_lock" in line
+    caller = frame.f_back  # psycopg2's rollback, called by _outcome, in C
+    return (
+        frame.f_code is _outcome.__code__
+        and caller is not None
+        and "_outcome(conn.rollback)" in linecache.getline(__file__, caller.f_lineno)
+    )

@@ -40,9 +40,8 @@ from __future__ import annotations
 
 import functools
 import re
+import threading
 from typing import TYPE_CHECKING, Any, TypeVar
-
-from dropsafe._process import unpatched
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -92,8 +91,6 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
     base = ext.connection
     base_cursor = ext.cursor
-    get_wait_callback = ext.get_wait_callback
-    new_lock = unpatched("_thread", "RLock")
     needed = ("autocommit", "isolation_level", "readonly", "deferrable", "status", "set_session")
     if not all(hasattr(base, name) for name in needed):
         return None
@@ -114,7 +111,8 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             conn = self.connection  # type: ignore[attr-defined]
             # The status read and the query sent under one lock: another thread's COMMIT
             # ending in between would leave the statement outside any transaction.
-            held = conn._dropsafe_acquire()  # noqa: SLF001
+            lock = conn._dropsafe_lock  # noqa: SLF001
+            lock.acquire()
             try:
                 cut, sent = b"", query
                 if not conn._dropsafe_native and not conn._dropsafe_open:  # noqa: SLF001
@@ -153,8 +151,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 self._dropsafe_cut = b""
                 return super().execute(query, vars)  # type: ignore[misc]
             finally:
-                if held:
-                    conn._dropsafe_lock.release()  # noqa: SLF001
+                lock.release()
 
         @property
         def query(self) -> Any:  # noqa: ANN401 - psycopg2's: bytes or None
@@ -212,15 +209,15 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
         ) -> Any:  # noqa: ANN401 - psycopg2's
             """``run`` (psycopg2's own, in C) after BEGIN alone where no transaction is open."""
             conn = self.connection  # type: ignore[attr-defined]
-            held = conn._dropsafe_acquire()  # noqa: SLF001
+            lock = conn._dropsafe_lock  # noqa: SLF001
+            lock.acquire()
             try:
                 if not conn._dropsafe_native and not conn._dropsafe_open:  # noqa: SLF001
                     conn._dropsafe_run(conn._dropsafe_begin)  # noqa: SLF001
                 self._dropsafe_cut = b""
                 return run(*args, **kwargs)
             finally:
-                if held:
-                    conn._dropsafe_lock.release()  # noqa: SLF001
+                lock.release()
 
     def cursor_class(factory: object) -> type[Any] | None:
         """Return ``factory`` with `FirstFlightCursor` in front of it (made once per class).
@@ -260,23 +257,10 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             self._dropsafe_unset = False
             #: Held while the transaction status is read and acted on (a query, a COMMIT, a
             #: change of mode): psycopg2 does both under its own lock, in C, out of reach.
-            self._dropsafe_lock = new_lock()
+            #: threading's at the connect: gevent's or eventlet's where they patched it (a
+            #: green thread waits for another's query, never blocking the hub).
+            self._dropsafe_lock = threading.RLock()
             autocommit_of.__set__(self, True)  # noqa: FBT003 - a new connection: no SQL sent
-
-        def _dropsafe_acquire(self) -> bool:
-            """Take this class's lock; False, not taken, where a green thread holds it.
-
-            Another green thread (a wait callback: psycogreen) holds it only while its query
-            is under way: psycopg2 refuses a second query meanwhile, as it does without this
-            class, where a real lock would block the hub for ever.
-            """
-            lock = self._dropsafe_lock
-            if lock.acquire(False):  # noqa: FBT003 - _thread's
-                return True
-            if get_wait_callback() is not None:
-                return False
-            lock.acquire()
-            return True
 
         # -- transactions ---------------------------------------------------------------
 
@@ -400,7 +384,6 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         # -- what needs psycopg2's own transaction -----------------------------------------
 
-        @_locked
         def cursor(
             self,
             name: object = None,
@@ -416,8 +399,11 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 # A factory that is no cursor class: its cursors cannot send BEGIN, even
                 # later, after psycopg2's own transaction: psycopg2's mode for good.
                 self._dropsafe_for_good = True
-            if not self._dropsafe_native:
-                self._dropsafe_to_native()
+            # A cursor of the class's takes no lock, as psycopg2's takes none: only a change
+            # of mode does (another thread's first flight or COMMIT ends first).
+            with self._dropsafe_lock:
+                if not self._dropsafe_native:
+                    self._dropsafe_to_native()
             return base.cursor(self, name, cursor_factory, withhold, scrollable)
 
         @_locked
@@ -607,16 +593,12 @@ def _unparsed(conn: Any, exc: Any) -> bool:  # noqa: ANN401 - psycopg2's
 
 
 def _locked(method: _Method) -> _Method:
-    """Run the connection's ``method`` under its lock (`_dropsafe_acquire`)."""
+    """Run the connection's ``method`` under its lock (``_dropsafe_lock``)."""
 
     @functools.wraps(method)
     def locked(self: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401 - the method's
-        held = self._dropsafe_acquire()
-        try:
+        with self._dropsafe_lock:
             return method(self, *args, **kwargs)
-        finally:
-            if held:
-                self._dropsafe_lock.release()
 
     return locked  # type: ignore[return-value]
 
