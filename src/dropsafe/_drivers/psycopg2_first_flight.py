@@ -120,7 +120,9 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                     if type(query) is str and (query[:1].isalpha() or _has_statement(query)):
                         sent = begin + ";\n" + query
                         cut = begin.encode() + b";\n"
-                    elif type(query) is bytes and _has_statement(query.decode("latin-1")):
+                    elif type(query) is bytes and (
+                        query[:1].isalpha() or _has_statement(query.decode("latin-1"))
+                    ):
                         cut = begin.encode() + b";\n"
                         sent = cut + query
                     elif query:
