@@ -726,3 +726,37 @@ def test_greenlets_under_gevents_monkey_patching(shared_server, defer) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the greenlets' requests hung")
     assert done.stdout.strip() == "DONE", done.stderr[-2000:]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the deferred checkin ROLLBACK (src/dropsafe/_drivers/psycopg2_rollback.py) is "
+    "still under way, or not started, when SQLAlchemy's checkin listeners run: psycopg2 "
+    "refuses a setter there ('set_session cannot be used inside a transaction'), with the "
+    "option on or off (not this class's); awaited, the ROLLBACK has ended first",
+)
+@pytest.mark.parametrize("first_flight", [False, True])
+def test_a_checkin_listener_sets_a_characteristic(shared_server, disposing, first_flight) -> None:
+    """An app's ``checkin`` listener that resets a session characteristic on the driver's
+    connection, after requests whose ROLLBACK at checkin is deferred (a new connection's first
+    few are)."""
+    refused = []
+    for _ in range(3):
+        policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(begin_in_first_flight=first_flight))
+        engine = disposing(
+            dropsafe.create_engine(shared_server.url("psycopg2"), policy=policy, pool_size=1)
+        )
+
+        @sa.event.listens_for(engine, "checkin")
+        def reset_readonly(dbapi_connection, record) -> None:
+            del record
+            try:
+                dbapi_connection.readonly = None
+            except psycopg2.ProgrammingError as exc:
+                refused.append(str(exc))
+
+        for _ in range(6):
+            with engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1")).all()
+        engine.dispose()
+    assert refused == []
