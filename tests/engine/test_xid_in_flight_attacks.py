@@ -795,7 +795,8 @@ def test_an_app_function_named_like_the_read_s_changes_nothing(server, driver, d
 
 
 #: psycopg2 with its own BEGIN (``begin_in_first_flight=False``), beside the default: the
-#: driver's BEGIN decides where a write after the app's own COMMIT lands.
+#: connection class keeps psycopg2's status, so a write after the app's own COMMIT statement
+#: lands where psycopg2's own lands (alone).
 OWN_BEGIN = [pytest.param(False, id="first-flight"), pytest.param(True, id="own-begin")]
 
 
@@ -835,14 +836,15 @@ def test_a_commit_sent_as_a_statement_then_more_writes_then_the_commit_lost(
     # Before the fix (psycopg 3, 2 of 2): ('returned', 0), resolved 'committed' by the xid of
     # the transaction the app's own COMMIT had ended. Now the later write reads its own
     # transaction's xid. psycopg 3 opened one (BEGIN): the COMMIT never arrived, aborted,
-    # not replayed (transaction control in the text); so does psycopg2 with BEGIN in the first
-    # flight (its connection class reads libpq's status). psycopg2's own BEGIN is not sent (it
-    # believes its transaction open): the write committed on its own, and its xid says so. The
-    # dropped read (the transaction the app's COMMIT ended) is asked about too since session
-    # 15: committed, so CommitOutcomeUnknown says the app committed part of the work (the
-    # driver's error before, as if nothing had).
+    # not replayed (transaction control in the text). psycopg2 sent no BEGIN (it believes its
+    # transaction open), with its own BEGIN or with BEGIN in the first flight (its connection
+    # class keeps psycopg2's status as psycopg2 keeps it): the write committed on its own, and
+    # its xid says so. The dropped read (the transaction the app's COMMIT ended) is asked about
+    # too since session 15: committed, so CommitOutcomeUnknown says the app committed part of
+    # the work (the driver's error before, as if nothing had).
+    assert not own or driver == "psycopg2"
     assert (outcome, later, _resolved(events)) == (
-        ("returned", 1, ["committed"]) if own else ("unknown", 0, ["aborted"])
+        ("returned", 1, ["committed"]) if driver == "psycopg2" else ("unknown", 0, ["aborted"])
     )
 
 
@@ -867,9 +869,10 @@ def test_a_commit_sent_around_sqlalchemy_then_more_writes_then_the_commit_lost(
         conn.execute(sa.text(f"INSERT INTO attack_unique VALUES ({a + 5})"))
         outcome = _commit(conn)
     later = _count(server, "attack_unique", f"v = {a + 5}")
+    assert not own or driver == "psycopg2"
     assert (outcome, later, _resolved(events)) == (
-        ("returned", 1, ["committed"])  # psycopg2's own: no BEGIN, the write committed alone
-        if own
+        ("returned", 1, ["committed"])  # psycopg2 sent no BEGIN: the write committed alone
+        if driver == "psycopg2"
         else ("unknown", 0, ["aborted"])  # the raw COMMIT's (dropped read) committed: said
     )
 
