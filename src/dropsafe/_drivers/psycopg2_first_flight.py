@@ -119,11 +119,11 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                     begin = conn._dropsafe_begin  # noqa: SLF001
                     if type(query) is str and (query[:1].isalpha() or _has_statement(query)):
                         sent = begin + ";\n" + query
-                        cut = begin.encode() + b";\n"
+                        cut = conn._dropsafe_begin_cut  # noqa: SLF001
                     elif type(query) is bytes and (
                         query[:1].isalpha() or _has_statement(query.decode("latin-1"))
                     ):
-                        cut = begin.encode() + b";\n"
+                        cut = conn._dropsafe_begin_cut  # noqa: SLF001
                         sent = cut + query
                     elif query:
                         # No statement in it (blanks, comments, semicolons), or psycopg2's
@@ -249,6 +249,8 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             #: (isolation_level, readonly, deferrable) as psycopg2 would read them; its BEGIN.
             self._dropsafe_characteristics: tuple[object, object, object] = (None, None, None)
             self._dropsafe_begin = "BEGIN"
+            #: The same with its line's end, as sent in front of a query (encoded: ASCII).
+            self._dropsafe_begin_cut = b"BEGIN;\n"
             #: psycopg2's status (its ``conn->status``), kept outside its own mode: in a
             #: transaction from the BEGIN this class sent until ``commit()`` or ``rollback()``,
             #: whatever libpq says meanwhile (an app's own COMMIT statement ends the server's
@@ -266,23 +268,33 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
 
         # -- transactions ---------------------------------------------------------------
 
-        @_locked
         def commit(self) -> None:
-            if self._dropsafe_native or self.closed or not self._dropsafe_open:
-                base.commit(self)  # psycopg2's own: its error on a closed connection
-                self._dropsafe_back()
-            else:
-                # Even where the app's own SQL ended the transaction (libpq idle): psycopg2
-                # sends its COMMIT (the server's warning "there is no transaction in progress").
-                self._dropsafe_run("COMMIT")
+            if not (self._dropsafe_open or self._dropsafe_native):
+                # No transaction, as psycopg2 would read it: its own commit() sends nothing
+                # (or raises on a closed connection). Read without the lock, as the pool's
+                # reset after every request finds it: once the lock is free, nothing more.
+                base.commit(self)
+                return
+            with self._dropsafe_lock:
+                if self._dropsafe_native or self.closed or not self._dropsafe_open:
+                    base.commit(self)  # psycopg2's own: its error on a closed connection
+                    self._dropsafe_back()
+                else:
+                    # Even where the app's own SQL ended the transaction (libpq idle):
+                    # psycopg2 sends its COMMIT (the server's warning "there is no
+                    # transaction in progress").
+                    self._dropsafe_run("COMMIT")
 
-        @_locked
         def rollback(self) -> None:
-            if self._dropsafe_native or self.closed or not self._dropsafe_open:
-                base.rollback(self)
-                self._dropsafe_back()
-            else:
-                self._dropsafe_run("ROLLBACK")
+            if not (self._dropsafe_open or self._dropsafe_native):
+                base.rollback(self)  # as commit(): nothing to end
+                return
+            with self._dropsafe_lock:
+                if self._dropsafe_native or self.closed or not self._dropsafe_open:
+                    base.rollback(self)
+                    self._dropsafe_back()
+                else:
+                    self._dropsafe_run("ROLLBACK")
 
         def __enter__(self) -> Any:  # noqa: ANN401 - the connection
             # psycopg2's own, in autocommit, would send a BEGIN of its own inside the block.
@@ -441,7 +453,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             it after a COMMIT or ROLLBACK, even one that failed (psycopg2's ``pq_commit``).
             """
             cursor = base.cursor(self, None, base_cursor)
-            beginning = command.startswith("BEGIN")
+            beginning = command[:5] == "BEGIN"
             try:
                 base_cursor.execute(cursor, command)
             finally:
@@ -537,6 +549,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
             autocommit_of.__set__(self, True)  # noqa: FBT003 - a descriptor's
             self._dropsafe_characteristics = characteristics
             self._dropsafe_begin = begin_text(characteristics)
+            self._dropsafe_begin_cut = self._dropsafe_begin.encode() + b";\n"
             self._dropsafe_native = False
 
     FirstFlightConnection.__module__ = __name__
