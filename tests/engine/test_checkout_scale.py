@@ -205,9 +205,8 @@ def _python_calls_per_request(engine, requests: int = 200) -> float:
 # sent through a cursor, three calls where psycopg2's own was one, libpq's status read at each):
 # psycopg2 +35.0 -> +46.0 and +65.0 -> +76.0; then a lock around the status and the query
 # (another thread's statement during a COMMIT ran alone): +49.0 and +78.9 (the budgets keep 2
-# calls of margin). The
-# round trip it saves (psycopg2's BEGIN: a PQexec, its send, poll and read, in C) costs more
-# CPU than these calls do: docs/benchmarks.md, "psycopg2's BEGIN in the first flight".
+# calls of margin). The round trip it saves (psycopg2's BEGIN: a PQexec, its send, poll and
+# read, in C) is not in the count: docs/benchmarks.md, "psycopg2's BEGIN in the first flight".
 CALLS_ADDED_AT_MOST = {
     ("psycopg2", False): 51,
     ("psycopg", False): 41,
