@@ -15,7 +15,7 @@ import psycopg2.extensions
 import psycopg2.extras
 import psycopg2.sql
 import pytest
-import sqlalchemy as sa
+from psycopg2_connections import dsn, flags
 
 from dropsafe._drivers.psycopg2_first_flight import begin_text, connection_class
 
@@ -28,37 +28,21 @@ SERVER_VIEW = (
 )
 
 
-def _dsn(server):
-    url = sa.make_url(server.url("psycopg2"))
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _flags(conn):
-    return (
-        conn.autocommit,
-        conn.status,
-        conn.isolation_level,
-        conn.readonly,
-        conn.deferrable,
-        conn.get_transaction_status(),
-    )
-
-
 def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the test ids
     def commit_and_rollback(conn, table, seen):
         cur = conn.cursor()
         cur.execute(f"INSERT INTO {table} VALUES (1)")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.commit()
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur.execute(f"INSERT INTO {table} VALUES (2)")
         conn.rollback()
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
 
     def session_characteristics(conn, table, seen):
         del table
         conn.set_session(isolation_level="SERIALIZABLE", readonly=True, deferrable=True)
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur = conn.cursor()
         cur.execute(SERVER_VIEW)
         seen.append(cur.fetchone())
@@ -66,7 +50,7 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         conn.isolation_level = "REPEATABLE READ"
         conn.readonly = False
         conn.deferrable = None
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur.execute(SERVER_VIEW)
         seen.append(cur.fetchone())
         conn.rollback()
@@ -75,13 +59,13 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         # psycopg2 sets the session's defaults when characteristics are set in autocommit.
         conn.autocommit = True
         conn.set_session(isolation_level="SERIALIZABLE")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur = conn.cursor()
         cur.execute(SERVER_VIEW)
         seen.append(cur.fetchone())
         cur.execute(f"INSERT INTO {table} VALUES (3)")  # committed alone
         conn.autocommit = False
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur.execute(SERVER_VIEW)
         seen.append(cur.fetchone())
         conn.rollback()
@@ -90,10 +74,10 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         cur = conn.cursor()
         cur.execute(f"INSERT INTO {table} VALUES (4)")
         conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)  # rolls back
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur.execute(f"INSERT INTO {table} VALUES (5)")
         conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE)
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur.execute(SERVER_VIEW)
         seen.append(cur.fetchone())
         conn.commit()
@@ -110,7 +94,7 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
             with pytest.raises(psycopg2.ProgrammingError) as raised:
                 change()
             seen.append(str(raised.value))
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.commit()
 
     def bad_values(conn, table, seen):
@@ -123,25 +107,25 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
             with pytest.raises((ValueError, TypeError)) as raised:
                 change()
             seen.append((type(raised.value).__name__, str(raised.value)))
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
 
     def errors(conn, table, seen):
         cur = conn.cursor()
         with pytest.raises(psycopg2.Error) as raised:
             cur.execute("SELECT no_such_column")
-        seen.append((type(raised.value).__name__, raised.value.pgcode, _flags(conn)))
+        seen.append((type(raised.value).__name__, raised.value.pgcode, flags(conn)))
         with pytest.raises(psycopg2.Error) as raised:
             cur.execute("SELECT 1")
         seen.append((type(raised.value).__name__, raised.value.pgcode))
         conn.rollback()
         with pytest.raises(psycopg2.ProgrammingError) as raised:
             cur.execute("")
-        seen.append((str(raised.value), _flags(conn)))
+        seen.append((str(raised.value), flags(conn)))
         cur.execute(
             psycopg2.sql.SQL("INSERT INTO {} VALUES (%s)").format(psycopg2.sql.Identifier(table)),
             (7,),
         )
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.commit()
 
     def cursor_classes(conn, table, seen):
@@ -157,10 +141,10 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
 
         cur = conn.cursor(cursor_factory=make)  # a function: psycopg2's own mode for good
         cur.execute(f"INSERT INTO {table} VALUES (9)")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.rollback()
         cur.execute(f"INSERT INTO {table} VALUES (10)")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.commit()
 
     def named_cursors(conn, table, seen):
@@ -168,55 +152,55 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         cur.execute(f"INSERT INTO {table} VALUES (11)")
         named = conn.cursor("inside")
         named.execute("SELECT generate_series(1, 3)")
-        seen.append((named.fetchall(), _flags(conn)))
+        seen.append((named.fetchall(), flags(conn)))
         conn.commit()
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         named = conn.cursor("first", withhold=True)
         named.execute("SELECT generate_series(1, 2)")
         conn.commit()
-        seen.append((named.fetchall(), _flags(conn)))
+        seen.append((named.fetchall(), flags(conn)))
         named.close()
         cur.execute(f"INSERT INTO {table} VALUES (12)")  # a cursor made before: BEGIN again
         conn.rollback()
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
 
     def a_cursor_made_in_autocommit(conn, table, seen):
         conn.autocommit = True
         cur = conn.cursor()
         conn.autocommit = False
         cur.execute(f"INSERT INTO {table} VALUES (13)")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.rollback()  # not committed: the cursor's statement was in a transaction
 
     def many_and_procedures(conn, table, seen):
         cur = conn.cursor()
         cur.executemany(f"INSERT INTO {table} VALUES (%s)", [])
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur.executemany(f"INSERT INTO {table} VALUES (%s)", ((v,) for v in (14, 15)))
-        seen.append((cur.rowcount, _flags(conn)))
+        seen.append((cur.rowcount, flags(conn)))
         conn.rollback()
         cur.callproc("pg_backend_pid")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.rollback()
         psycopg2.extras.execute_values(cur, f"INSERT INTO {table} VALUES %s", [(16,), (17,)])
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.commit()
 
     def with_blocks(conn, table, seen):
         with conn, conn.cursor() as cur:
             cur.execute(f"INSERT INTO {table} VALUES (18)")
-            seen.append(_flags(conn))
-        seen.append(_flags(conn))
+            seen.append(flags(conn))
+        seen.append(flags(conn))
         try:
             with conn, conn.cursor() as cur:
                 cur.execute(f"INSERT INTO {table} VALUES (19)")
                 raise ZeroDivisionError
         except ZeroDivisionError:
-            seen.append(_flags(conn))
+            seen.append(flags(conn))
         conn.autocommit = True
         with conn, conn.cursor() as cur:  # psycopg2 2.9: a transaction even in autocommit
             cur.execute(f"INSERT INTO {table} VALUES (20)")
-            seen.append(_flags(conn))
+            seen.append(flags(conn))
         conn.autocommit = False
         with pytest.raises(psycopg2.ProgrammingError), conn, conn:
             pass
@@ -226,35 +210,35 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         cur = conn.cursor()
         cur.execute("SELECT 1")
         conn.reset()
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur = conn.cursor()
         cur.execute(f"INSERT INTO {table} VALUES (21)")
         conn.set_client_encoding("UTF8")  # the same: nothing sent, the transaction kept
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.set_client_encoding("LATIN1")  # another: psycopg2 rolls back first
-        seen.append((conn.encoding, _flags(conn)))
+        seen.append((conn.encoding, flags(conn)))
         conn.set_client_encoding("UTF8")
         cur.execute(f"INSERT INTO {table} VALUES (22)")
         seen.append(conn.tpc_recover())
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.commit()
         seen.append(conn.tpc_recover())
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
 
     def two_phase_and_large_objects(conn, table, seen):
         conn.tpc_begin(conn.xid(1, "dropsafe", "b"))
         cur = conn.cursor()
         cur.execute(f"INSERT INTO {table} VALUES (23)")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.tpc_rollback()
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         lob = conn.lobject(0, "wb")
         lob.write(b"x")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.rollback()
         cur.execute(f"INSERT INTO {table} VALUES (24)")
         conn.commit()
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
 
     return {
         name: scenario
@@ -269,16 +253,16 @@ SCENARIOS = _scenarios()
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_the_connection_reads_as_psycopg2s(shared_server, scenario) -> None:
     """The same values, errors, flags and committed rows, with the class and without."""
-    dsn = _dsn(shared_server)
+    conninfo = dsn(shared_server)
     outcomes = []
     for factory in (None, connection_class()):
         table = f"ff2_dbapi_{scenario}"
         shared_server.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (v int)")
-        conn = psycopg2.connect(dsn, connection_factory=factory)
+        conn = psycopg2.connect(conninfo, connection_factory=factory)
         try:
-            seen: list[object] = [_flags(conn)]
+            seen: list[object] = [flags(conn)]
             SCENARIOS[scenario](conn, table, seen)
-            seen.append(_flags(conn))
+            seen.append(flags(conn))
         finally:
             conn.close()
         rows = sorted(shared_server.execute(f"SELECT v FROM {table}"))
@@ -303,7 +287,7 @@ def test_a_refused_begin_is_the_error_and_the_statement_does_not_run(shared_serv
     ``_dropsafe_begin`` is where the class keeps the BEGIN it builds from the connection's
     characteristics; a bogus one is one the server refuses.
     """
-    conn = psycopg2.connect(_dsn(shared_server), connection_factory=connection_class())
+    conn = psycopg2.connect(dsn(shared_server), connection_factory=connection_class())
     try:
         conn._dropsafe_begin = "BEGIN ISOLATION LEVEL BOGUS"
         cur = conn.cursor()

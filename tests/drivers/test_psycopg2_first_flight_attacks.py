@@ -23,6 +23,7 @@ import psycopg2.extras
 import psycopg2.sql
 import pytest
 import sqlalchemy as sa
+from psycopg2_connections import dsn, flags
 
 import dropsafe
 from dropsafe._drivers import psycopg2_first_flight
@@ -35,22 +36,6 @@ SERVER_VIEW = (
     "SELECT current_setting('transaction_isolation'), current_setting('transaction_read_only'),"
     " current_setting('transaction_deferrable')"
 )
-
-
-def _dsn(server):
-    url = sa.make_url(server.url("psycopg2"))
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
-def _flags(conn):
-    return (
-        conn.autocommit,
-        conn.status,
-        conn.isolation_level,
-        conn.readonly,
-        conn.deferrable,
-        conn.get_transaction_status(),
-    )
 
 
 def _outcome(run):
@@ -90,7 +75,7 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
             b"-- bytes",
             "\t",
         ):
-            seen.append((query, _outcome(lambda q=query: cur.execute(q)), _flags(conn)))
+            seen.append((query, _outcome(lambda q=query: cur.execute(q)), flags(conn)))
             conn.rollback()
         # Statements after blanks and comments.
         for query in ("-- a\nSELECT 1", "/* a */ SELECT 2", ";SELECT 3"):
@@ -98,7 +83,7 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
                 (
                     query,
                     _outcome(lambda q=query: (cur.execute(q), cur.fetchall())[1]),
-                    _flags(conn),
+                    flags(conn),
                 )
             )
             conn.rollback()
@@ -116,13 +101,13 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
             b"SELEC 5",
             "DO $$BEGIN EXECUTE 'SELEC 6'; END$$",  # while running: BEGIN ran
         ):
-            seen.append((query, _outcome(lambda q=query: cur.execute(q)), _flags(conn)))
+            seen.append((query, _outcome(lambda q=query: cur.execute(q)), flags(conn)))
             seen.append(_outcome(lambda: cur.execute(f"INSERT INTO {table} VALUES (2)")))
-            seen.append((cur.query, _flags(conn)))
+            seen.append((cur.query, flags(conn)))
             conn.commit()
         # Parameters: the query sent again, the same.
         seen.append(_outcome(lambda: cur.execute("SELECT %s FROM", (3,))))
-        seen.append((cur.query, _flags(conn)))
+        seen.append((cur.query, flags(conn)))
         conn.rollback()
 
     def psycopg2s_own_begin_inside_with_characteristics(conn, table, seen):
@@ -141,10 +126,10 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
             named = conn.cursor("streamed")
             seen.append(_outcome(lambda n=named: (n.execute("SELECT 1"), n.fetchall())[1]))
             seen.append(_outcome(lambda c=cur: c.execute(SERVER_VIEW) or c.fetchall()))
-            seen.append(_flags(conn))
+            seen.append(flags(conn))
             conn.rollback()
             cur.execute(SERVER_VIEW)  # the characteristics kept for the next transaction
-            seen.append((cur.fetchall(), _flags(conn)))
+            seen.append((cur.fetchall(), flags(conn)))
             conn.rollback()
             conn.set_session(isolation_level="DEFAULT", readonly="DEFAULT", deferrable="DEFAULT")
 
@@ -154,10 +139,10 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         cur.execute(f"INSERT INTO {table} VALUES (40)")
         lob = conn.lobject(0, "wb")
         lob.write(b"x")
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.commit()
         cur.execute(SERVER_VIEW)
-        seen.append((cur.fetchall(), _flags(conn)))
+        seen.append((cur.fetchall(), flags(conn)))
         conn.rollback()
 
     def the_apps_own_transaction_statements(conn, table, seen):
@@ -168,14 +153,14 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         for end in ("COMMIT", "ROLLBACK", "END", "ABORT", "COMMIT AND CHAIN"):
             cur.execute(f"INSERT INTO {table} VALUES (50)")
             cur.execute(end)
-            seen.append((end, cur.statusmessage, _flags(conn)))
+            seen.append((end, cur.statusmessage, flags(conn)))
             seen.append(
                 _outcome(lambda c=cur: c.execute(f"CREATE INDEX CONCURRENTLY ON {table} (v)"))
             )
             seen.append(_outcome(lambda c=cur: c.execute(f"INSERT INTO {table} VALUES (51)")))
-            seen.append(_flags(conn))
+            seen.append(flags(conn))
             conn.rollback()
-            seen.append((list(conn.notices), _flags(conn)))
+            seen.append((list(conn.notices), flags(conn)))
             del conn.notices[:]
         cur.execute("BEGIN")  # the app's own BEGIN, first: psycopg2's BEGIN before it
         cur.execute(f"INSERT INTO {table} VALUES (52)")
@@ -183,7 +168,7 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         seen.append(_outcome(conn.commit))
         cur.execute(f"INSERT INTO {table} VALUES (53)")
         conn.rollback()
-        seen.append((list(conn.notices), _flags(conn)))
+        seen.append((list(conn.notices), flags(conn)))
 
     def register_helpers(conn, table, seen):
         # psycopg2.extras' helpers read conn.status, query the catalog, and roll back only
@@ -193,14 +178,14 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         cur.execute("DROP TYPE IF EXISTS ff2_pair; CREATE TYPE ff2_pair AS (a int, b text)")
         conn.commit()
         psycopg2.extras.register_composite("ff2_pair", conn)
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur.execute("SELECT (1, 'x')::ff2_pair")
-        seen.append((tuple(cur.fetchone()[0]), _flags(conn)))
+        seen.append((tuple(cur.fetchone()[0]), flags(conn)))
         psycopg2.extras.register_composite("ff2_pair", cur)  # inside: left open
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         conn.rollback()
         psycopg2.extras.register_default_jsonb(conn)
-        seen.append(_flags(conn))
+        seen.append(flags(conn))
         cur.execute("DROP TYPE ff2_pair")
         conn.commit()
 
@@ -229,16 +214,16 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         psycopg2.extras.execute_batch(
             cur, f"INSERT INTO {table} VALUES (%s)", [(v,) for v in range(6, 11)], page_size=2
         )
-        seen.append((cur.query, cur.rowcount, _flags(conn)))
+        seen.append((cur.query, cur.rowcount, flags(conn)))
         conn.rollback()
         psycopg2.extras.execute_values(
             cur, f"INSERT INTO {table} VALUES %s", [(v,) for v in range(11, 16)], page_size=2
         )
-        seen.append((cur.query, cur.rowcount, _flags(conn)))
+        seen.append((cur.query, cur.rowcount, flags(conn)))
         conn.commit()
         with pytest.raises(IndexError):  # psycopg2's own error, before anything is sent
             cur.execute("SELECT %s, %s", (1,))
-        seen.append((cur.query, _flags(conn)))
+        seen.append((cur.query, flags(conn)))
 
     def a_cursor_that_logs_its_query(conn, table, seen):
         # As psycopg2.extras.LoggingCursor: the query read after psycopg2's execute.
@@ -256,7 +241,7 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         cur = conn.cursor()
         for query in (f"VACUUM {table}", "CREATE DATABASE never_made"):
             seen.append(_outcome(lambda q=query: cur.execute(q)))
-            seen.append(_flags(conn))
+            seen.append(flags(conn))
             conn.rollback()
 
     def commit_after_an_error(conn, table, seen):
@@ -264,7 +249,7 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         cur.execute(f"INSERT INTO {table} VALUES (30)")
         seen.append(_outcome(lambda: cur.execute("SELECT 1/0")))
         seen.append(_outcome(conn.commit))  # the server answers ROLLBACK: nothing committed
-        seen.append((cur.statusmessage, _flags(conn)))
+        seen.append((cur.statusmessage, flags(conn)))
 
     def notices_and_notifies(conn, table, seen):
         del table
@@ -272,12 +257,12 @@ def _scenarios():  # noqa: PLR0915 - one function per scenario, named by the tes
         cur.execute("DO $$BEGIN RAISE NOTICE 'first'; END$$")
         cur.execute("LISTEN dropsafe_ff")
         cur.execute("NOTIFY dropsafe_ff, 'payload'")
-        seen.append((list(conn.notices), list(conn.notifies), _flags(conn)))
+        seen.append((list(conn.notices), list(conn.notifies), flags(conn)))
         conn.commit()
         conn.poll()
-        seen.append(([(n.channel, n.payload) for n in conn.notifies], _flags(conn)))
+        seen.append(([(n.channel, n.payload) for n in conn.notifies], flags(conn)))
         cur.execute("BEGIN")  # the app's own: a transaction is open already, in both
-        seen.append((list(conn.notices), cur.statusmessage, _flags(conn)))
+        seen.append((list(conn.notices), cur.statusmessage, flags(conn)))
         conn.rollback()
 
     return {
@@ -291,16 +276,16 @@ SCENARIOS = _scenarios()
 
 
 def _compare(server, scenario, name):
-    dsn = _dsn(server)
+    conninfo = dsn(server)
     outcomes = []
     for factory in (None, connection_class()):
         table = f"ff2_attack_{name}"
         server.execute(f"DROP TABLE IF EXISTS {table}; CREATE TABLE {table} (v int)")
-        conn = psycopg2.connect(dsn, connection_factory=factory)
+        conn = psycopg2.connect(conninfo, connection_factory=factory)
         try:
-            seen: list[object] = [_flags(conn)]
+            seen: list[object] = [flags(conn)]
             scenario(conn, table, seen)
-            seen.append(_flags(conn))
+            seen.append(flags(conn))
         finally:
             conn.close()
         rows = sorted(server.execute(f"SELECT v FROM {table}"))
@@ -365,6 +350,19 @@ def _blocked_in_c(thread: threading.Thread) -> bool:
     return frame.f_code.co_filename == __file__ and "VALUES (2)" in line
 
 
+def _until_waiting_on_a_lock(holder, conn, what, deadline) -> None:
+    """Wait until ``conn``'s backend waits on a lock, as ``holder`` sees it, by ``deadline``."""
+    look = holder.cursor()
+    while True:
+        look.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+            (conn.get_backend_pid(),),
+        )
+        if look.fetchone()[0] == "Lock":
+            return
+        assert time.monotonic() < deadline, f"{what} never waited on the lock"
+
+
 @pytest.mark.parametrize("factory", ["psycopg2", "first_flight"])
 def test_a_statement_while_another_thread_commits_is_in_a_transaction(
     shared_server, factory
@@ -384,11 +382,11 @@ def test_a_statement_while_another_thread_commits_is_in_a_transaction(
         f" CREATE CONSTRAINT TRIGGER hold AFTER INSERT ON {table} DEFERRABLE INITIALLY DEFERRED"
         f" FOR EACH ROW WHEN (NEW.v = 1) EXECUTE FUNCTION {table}_hold()"
     )
-    dsn = _dsn(shared_server)
-    holder = psycopg2.connect(dsn)
+    conninfo = dsn(shared_server)
+    holder = psycopg2.connect(conninfo)
     holder.autocommit = True
     conn = psycopg2.connect(
-        dsn, connection_factory=connection_class() if factory == "first_flight" else None
+        conninfo, connection_factory=connection_class() if factory == "first_flight" else None
     )
     threads: list[threading.Thread] = []
     seen: dict[str, object] = {}
@@ -399,19 +397,11 @@ def test_a_statement_while_another_thread_commits_is_in_a_transaction(
         threads.append(committer)
         committer.start()
         deadline = time.monotonic() + DEADLINE_S
-        look = holder.cursor()
-        while True:
-            look.execute(
-                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                (conn.get_backend_pid(),),
-            )
-            if look.fetchone()[0] == "Lock":
-                break
-            assert time.monotonic() < deadline, "the COMMIT never waited on the lock"
+        _until_waiting_on_a_lock(holder, conn, "the COMMIT", deadline)
 
         def insert() -> None:
             conn.cursor().execute(f"INSERT INTO {table} VALUES (2)")
-            seen["flags"] = _flags(conn)
+            seen["flags"] = flags(conn)
 
         inserter = threading.Thread(target=insert, daemon=True)
         threads.append(inserter)
@@ -440,7 +430,7 @@ def test_an_errors_position_reads_as_psycopg2s(shared_server) -> None:
     """An error's text and ``diag.statement_position`` point into the app's statement."""
     seen = []
     for factory in (None, connection_class()):
-        conn = psycopg2.connect(_dsn(shared_server), connection_factory=factory)
+        conn = psycopg2.connect(dsn(shared_server), connection_factory=factory)
         try:
             with pytest.raises(psycopg2.errors.UndefinedColumn) as raised:
                 conn.cursor().execute("SELECT no_such_column")
@@ -475,7 +465,7 @@ def test_a_terminated_backend_reads_as_psycopg2s(shared_server, at) -> None:
     """
     outcomes = []
     for factory in (None, connection_class()):
-        conn = psycopg2.connect(_dsn(shared_server), connection_factory=factory)
+        conn = psycopg2.connect(dsn(shared_server), connection_factory=factory)
         seen: list[object] = []
         try:
             cur = conn.cursor()
@@ -551,9 +541,9 @@ def test_a_cancel_during_the_first_flight(shared_server, factory) -> None:
     The statement is canceled, the transaction open and failed (BEGIN ran), as psycopg2's;
     the cancel does not wait for the connection's lock.
     """
-    dsn = _dsn(shared_server)
+    conninfo = dsn(shared_server)
     conn = psycopg2.connect(
-        dsn, connection_factory=connection_class() if factory == "first_flight" else None
+        conninfo, connection_factory=connection_class() if factory == "first_flight" else None
     )
     seen: dict[str, object] = {}
     try:
@@ -573,9 +563,9 @@ def test_a_cancel_during_the_first_flight(shared_server, factory) -> None:
         conn.cancel()
         sleeper.join(DEADLINE_S)
         assert not sleeper.is_alive()
-        after = _flags(conn)
+        after = flags(conn)
         conn.rollback()
-        assert (seen["outcome"][:3], after, _flags(conn)) == (
+        assert (seen["outcome"][:3], after, flags(conn)) == (
             ("raised", "QueryCanceled", "57014"),
             (False, 2, None, None, None, 3),
             (False, 1, None, None, None, 0),
@@ -596,11 +586,11 @@ def test_under_a_wait_callback_a_rollback_waits_for_another_threads_statement(
     be used while an asynchronous query is underway") and believed the transaction over.
     """
     del green
-    dsn = _dsn(shared_server)
-    holder = psycopg2.connect(dsn)
+    conninfo = dsn(shared_server)
+    holder = psycopg2.connect(conninfo)
     holder.autocommit = True
     conn = psycopg2.connect(
-        dsn, connection_factory=connection_class() if factory == "first_flight" else None
+        conninfo, connection_factory=connection_class() if factory == "first_flight" else None
     )
     seen: dict[str, object] = {}
     threads: list[threading.Thread] = []
@@ -620,15 +610,7 @@ def test_under_a_wait_callback_a_rollback_waits_for_another_threads_statement(
         threads.append(statement)
         statement.start()
         deadline = time.monotonic() + DEADLINE_S
-        look = holder.cursor()
-        while True:
-            look.execute(
-                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
-                (conn.get_backend_pid(),),
-            )
-            if look.fetchone()[0] == "Lock":
-                break
-            assert time.monotonic() < deadline, "the statement never waited on the lock"
+        _until_waiting_on_a_lock(holder, conn, "the statement", deadline)
         rollback = threading.Thread(target=roll_back, daemon=True)
         threads.append(rollback)
         rollback.start()
@@ -639,7 +621,7 @@ def test_under_a_wait_callback_a_rollback_waits_for_another_threads_statement(
         for thread in threads:
             thread.join(DEADLINE_S)
             assert not thread.is_alive()
-        assert (seen, _flags(conn)) == (
+        assert (seen, flags(conn)) == (
             {"statement": ("returned", None), "rollback": ("returned", None)},
             (False, 1, None, None, None, 0),
         )

@@ -33,3 +33,24 @@ def flight_url(server: Any, proxy: Any, driver: str, **query: str) -> sa.URL:
     plaintext = {"ssl": "disable"} if driver == "asyncpg" else {"sslmode": "disable"}
     url = sa.make_url(server.url(driver, **plaintext)).set(host="127.0.0.1", port=proxy.port)
     return url.update_query_dict(query)
+
+
+def counted(proxy: Any, engine: Any, request: Any, times: int = 3) -> tuple[float, list[str]]:
+    """Run ``request`` once to connect, then ``times`` more; return the flights per request.
+
+    Each count follows a checkout of the engine's one connection, which reads (or waits for)
+    the reply of the ROLLBACK left unread at checkin: the proxy has forwarded (counted) it then.
+    """
+
+    def settled() -> int:
+        with engine.connect():
+            pass
+        return len(proxy.query_flights())
+
+    request()
+    start = settled()
+    for _ in range(times):
+        request()
+    end = settled()
+    labels = [flight.label for flight in proxy.query_flights()[start:end]]
+    return len(labels) / times, labels

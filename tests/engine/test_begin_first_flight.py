@@ -18,7 +18,7 @@ import asyncio
 import psycopg
 import pytest
 import sqlalchemy as sa
-from first_flight import CHARACTERISTICS, flight_url
+from first_flight import CHARACTERISTICS, counted, flight_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
@@ -60,27 +60,6 @@ def _engine(disposing, url, *, first_flight=True, events=None, **kwargs):
     )
 
 
-def _counted(proxy, engine, request, times=3):
-    """Run ``request`` once to connect, then ``times`` more; return the flights per request.
-
-    Each count follows a checkout of the engine's one connection, which sends nothing of its
-    own and reads a ROLLBACK's reply left unread: the proxy has forwarded (counted) it then.
-    """
-
-    def settled():
-        with engine.connect():
-            pass
-        return len(proxy.query_flights())
-
-    request()
-    start = settled()
-    for _ in range(times):
-        request()
-    end = settled()
-    labels = [flight.label for flight in proxy.query_flights()[start:end]]
-    return len(labels) / times, labels
-
-
 def _rows(server, table):
     return server.execute(f"SELECT count(*) FROM {table}")[0][0]
 
@@ -96,7 +75,7 @@ def test_a_single_query_in_a_session_is_two_flights(shared_server, flights, disp
         with Session(engine) as session:
             assert session.execute(SELECT_ONE).scalar() == 1
 
-    per_request, labels = _counted(flights, engine, request)
+    per_request, labels = counted(flights, engine, request)
     assert per_request == 2, labels
     assert labels[0].startswith("P BEGIN"), labels
 
@@ -114,7 +93,7 @@ def test_a_one_insert_unit_is_two_flights(shared_server, flights, table, disposi
             policy=dropsafe.UnitPolicy(verify_commits=False),
         )
 
-    per_request, labels = _counted(flights, engine, request)
+    per_request, labels = counted(flights, engine, request)
     assert per_request == 2, labels
     assert int(_rows(shared_server, table)) == before + 4
 
@@ -166,7 +145,7 @@ def test_the_opt_out_sends_begin_alone(shared_server, flights, disposing) -> Non
             with Session(engine) as session:
                 session.execute(SELECT_ONE)
 
-        per_request, labels = _counted(flights, engine, request)
+        per_request, labels = counted(flights, engine, request)
         assert per_request == 3, labels
         assert labels[0] == "Q BEGIN", labels
 
@@ -192,7 +171,7 @@ def test_the_apps_own_cursor_factory_is_kept(shared_server, flights, disposing) 
         with Session(engine) as session:
             session.execute(SELECT_ONE)
 
-    per_request, labels = _counted(flights, engine, request)
+    per_request, labels = counted(flights, engine, request)
     assert per_request == 3, labels
 
 

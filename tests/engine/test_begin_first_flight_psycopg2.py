@@ -19,7 +19,7 @@ import psycopg2
 import psycopg2.extras
 import pytest
 import sqlalchemy as sa
-from first_flight import CHARACTERISTICS, flight_url
+from first_flight import CHARACTERISTICS, counted, flight_url
 from sqlalchemy.orm import Session
 
 import dropsafe
@@ -53,27 +53,6 @@ def _engine(disposing, url, *, first_flight=True, events=None, **kwargs):
     return disposing(dropsafe.create_engine(url, policy=policy, pool_size=1, **kwargs))
 
 
-def _counted(proxy, engine, request, times=3):
-    """Run ``request`` once to connect, then ``times`` more; return the flights per request.
-
-    Each count follows a checkout of the engine's one connection, which waits for a ROLLBACK
-    left under way at checkin: the proxy has forwarded (counted) it then.
-    """
-
-    def settled():
-        with engine.connect():
-            pass
-        return len(proxy.query_flights())
-
-    request()
-    start = settled()
-    for _ in range(times):
-        request()
-    end = settled()
-    labels = [flight.label for flight in proxy.query_flights()[start:end]]
-    return len(labels) / times, labels
-
-
 def _rows(server, table):
     return int(server.execute(f"SELECT count(*) FROM {table}")[0][0])
 
@@ -89,7 +68,7 @@ def test_a_single_query_in_a_session_is_two_flights(shared_server, flights, disp
         with Session(engine) as session:
             assert session.execute(SELECT_ONE).scalar() == 1
 
-    per_request, labels = _counted(flights, engine, request)
+    per_request, labels = counted(flights, engine, request)
     assert per_request == 2, labels
     assert labels[0] == "Q BEGIN; SELECT 1", labels
 
@@ -110,7 +89,7 @@ def test_a_one_insert_unit_is_two_flights(
             policy=dropsafe.UnitPolicy(verify_commits=verified),
         )
 
-    per_request, labels = _counted(flights, engine, request)
+    per_request, labels = counted(flights, engine, request)
     assert per_request == 2, labels
     assert labels[0].startswith("Q BEGIN; DO" if verified else "Q BEGIN; INSERT"), labels
     assert _rows(shared_server, table) == before + 4
@@ -137,7 +116,7 @@ def test_the_opt_out_sends_begin_alone(shared_server, flights, disposing) -> Non
             with Session(engine) as session:
                 session.execute(SELECT_ONE)
 
-        per_request, labels = _counted(flights, engine, request)
+        per_request, labels = counted(flights, engine, request)
         assert per_request == 3, labels
         assert labels[0] == "Q BEGIN", labels
         with engine.connect() as connection:
@@ -162,7 +141,7 @@ def test_the_apps_own_connection_factory_is_kept(shared_server, flights, disposi
         with Session(engine) as session:
             session.execute(SELECT_ONE)
 
-    per_request, labels = _counted(flights, engine, request)
+    per_request, labels = counted(flights, engine, request)
     assert per_request == 3, labels
 
 
