@@ -286,6 +286,43 @@ def test_characteristics_are_reset_after_the_rollback(shared_server, proxy, disp
     assert not [e for e in events if isinstance(e, DeadConnectionReplaced)], events
 
 
+@pytest.mark.parametrize("first_flight", [True, False], ids=["first-flight", "own-begin"])
+def test_a_rollback_that_failed_before_the_pools_reset_is_said_once_as_the_sessions(
+    shared_server, disposing, first_flight
+) -> None:
+    """The Session's ROLLBACK, deferred, fails at once (backend gone) and psycopg2 closes the
+    connection before the pool's reset runs: the reset found a closed connection first, ran
+    psycopg2's own rollback on it and said "connection already closed" as the reset's, the
+    Session's real error never said (seen once under load, a server crash; made certain here
+    by a pool ``reset`` listener that waits for the worker to end)."""
+    events: list[object] = []
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+            connect_args={}
+            if first_flight
+            else {"connection_factory": psycopg2.extensions.connection},
+        )
+    )
+
+    @sa.event.listens_for(engine, "reset")
+    def the_worker_has_ended(dbapi_connection, record, reset_state) -> None:
+        pending = psycopg2_rollback._PENDING.get(dbapi_connection)
+        if pending is not None:
+            assert pending.wait(DEADLINE_S)
+
+    with Session(engine) as session:
+        pid = session.execute(BACKEND_PID).scalar()
+        assert shared_server.execute(f"SELECT pg_terminate_backend({pid}, 5000)") == [("t",)]
+    assert _idle_at_checkout(engine) != pid
+    lost = [event for event in events if isinstance(event, RollbackConnectionLost)]
+    assert [event.during for event in lost] == ["rollback"], lost
+    assert "already closed" not in str(lost)
+
+
 def test_the_rollback_still_rolls_back(shared_server, disposing) -> None:
     """What the request wrote and did not commit is gone, and the next request begins anew."""
     shared_server.execute("CREATE TABLE IF NOT EXISTS deferred_rb2 (v int)")

@@ -134,12 +134,14 @@ def send_rollback(
     """
     native: Any = getattr(proxied, "dbapi_connection", proxied)
     connection_classes, wait_callback = _psycopg2()
+    if native in _PENDING:
+        # A ROLLBACK is under way, or failed and unread, and nothing was sent since (anything
+        # would have waited for it): the transaction is ending already, as the pool's reset
+        # after a close finds it. Asked before ``closed``: a ROLLBACK that failed has closed
+        # the connection, and its error is the one to say, once, where it is read.
+        return True
     if type(native) not in connection_classes or native.closed:
         return False
-    if native in _PENDING:
-        # A ROLLBACK is under way and nothing was sent since (anything would have waited for
-        # it): the transaction is ending already, as the pool's reset after a close finds it.
-        return True
     status = native.get_transaction_status()
     if status != _PQTRANS_INTRANS and status != _PQTRANS_INERROR:  # noqa: PLR1714 - ints
         return False
