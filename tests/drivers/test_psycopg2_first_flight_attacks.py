@@ -673,26 +673,12 @@ print("DONE")
 """
 
 
-@pytest.mark.parametrize(
-    "defer",
-    [
-        "no_defer",
-        pytest.param(
-            "defer",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="gevent's monkey patching without a wait callback: the deferred checkin "
-                "ROLLBACK (src/dropsafe/_drivers/psycopg2_rollback.py) hangs six greenlets on "
-                "three connections after about a dozen requests, with the option on or off "
-                "(not this class's: the same on the code before it); defer_checkin_rollback="
-                "False runs them all",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("defer", ["no_defer", "defer"])
 def test_greenlets_under_gevents_monkey_patching(shared_server, defer) -> None:
     """120 requests of six greenlets on three psycopg2 connections, gevent patched, no wait
-    callback (psycopg2 blocks the hub on its I/O): all end within the deadline."""
+    callback (psycopg2 blocks the hub on its I/O): all end within the deadline. Deferred, they
+    hung after about a dozen requests until session 18 (the worker waited on gevent's queue,
+    parked on a hub of its own thread that the app's hub never woke)."""
     pytest.importorskip("gevent")
     import subprocess
 
@@ -710,18 +696,13 @@ def test_greenlets_under_gevents_monkey_patching(shared_server, defer) -> None:
     assert done.stdout.strip() == "DONE", done.stderr[-2000:]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the deferred checkin ROLLBACK (src/dropsafe/_drivers/psycopg2_rollback.py) is "
-    "still under way, or not started, when SQLAlchemy's checkin listeners run: psycopg2 "
-    "refuses a setter there ('set_session cannot be used inside a transaction'), with the "
-    "option on or off (not this class's); awaited, the ROLLBACK has ended first",
-)
 @pytest.mark.parametrize("first_flight", [False, True])
 def test_a_checkin_listener_sets_a_characteristic(shared_server, disposing, first_flight) -> None:
     """An app's ``checkin`` listener that resets a session characteristic on the driver's
     connection, after requests whose ROLLBACK at checkin is deferred (a new connection's first
-    few are)."""
+    few are). psycopg2 refused it while the ROLLBACK ran in the worker ("set_session cannot be
+    used inside a transaction") until session 18: on a pool with the app's checkin listeners
+    that ROLLBACK is awaited."""
     refused = []
     for _ in range(3):
         policy = dropsafe.Policy(pool=dropsafe.PoolPolicy(begin_in_first_flight=first_flight))

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import Dialect
 
     from dropsafe._classify import DriverErrors
+    from dropsafe._drivers.deferred_rollback import Reporter
 
 __all__ = [
     "Capabilities",
@@ -123,16 +124,15 @@ class DeferredRollback:
     """How a driver sends a connection's ROLLBACK now and reads its reply before its next use.
 
     ``send(dbapi_connection, during, timeout, report)`` sends it; False: nothing sent, roll back
-    as usual. ``settle(native)`` reads a reply that is due (bounded by the ``timeout`` given to
-    ``send``); a failure closes the connection, is given to ``report`` and raised.
+    as usual (``report``: the engine's `Reporter`). ``settle(native)`` reads a reply that is
+    due (bounded by the ``timeout`` given to ``send``); a failure closes the connection, is
+    given to ``report`` and raised.
     ``before_close(dbapi_connection)``, where the driver has one, runs before the dialect pings,
     closes or terminates a connection (uses that do not pass through the driver's own hook, as
     SQLAlchemy's asyncio adapters): it settles a reply that is due and never raises.
     """
 
-    send: Callable[
-        [DBAPIConnection, Literal["rollback", "reset"], float, Callable[..., None]], bool
-    ]
+    send: Callable[[DBAPIConnection, Literal["rollback", "reset"], float, Reporter], bool]
     settle: Callable[[DBAPIConnection], None]
     before_close: Callable[[DBAPIConnection], None] | None = None
 

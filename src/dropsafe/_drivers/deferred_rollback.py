@@ -17,18 +17,32 @@ set by its module's ``send_rollback`` right after it is made.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-__all__ = ["FORKED", "DeferredRollback", "During"]
+__all__ = ["FORKED", "DeferredRollback", "During", "Reporter"]
 
 #: Whose ROLLBACK it is: a Connection's, or the pool's reset at checkin.
 During = Literal["rollback", "reset"]
 
 #: Why a reply due in another process is never read there.
 FORKED = "a ROLLBACK sent by another process is still unanswered here"
+
+
+class Reporter(Protocol):
+    """The engine a ROLLBACK not awaited belongs to: what the driver tells it, and asks it."""
+
+    def __call__(self, during: During, error: BaseException) -> None:
+        """Say that a ROLLBACK not awaited failed: its connection is closed, as if lost."""
+
+    def app_listens_to_checkin(self, proxied: Any) -> bool:  # noqa: ANN401 - a pool's entry
+        """Whether the pool of ``proxied`` runs ``checkin`` listeners of the app's (or may).
+
+        They run right after the pool's reset: a driver whose connection refuses what they may
+        do to it while its ROLLBACK is under way (psycopg2) awaits that ROLLBACK there.
+        """
 
 
 class DeferredRollback:

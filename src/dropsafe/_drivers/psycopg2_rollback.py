@@ -43,7 +43,7 @@ import queue
 import socket
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dropsafe._drivers import psycopg2_first_flight
 from dropsafe._drivers.deferred_rollback import DeferredRollback, During
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from dropsafe._dbapi import DBAPIConnection, NativeConnection
+    from dropsafe._drivers.deferred_rollback import Reporter
 
 __all__ = ["PendingRollback", "close_settled", "send_rollback", "settle"]
 
@@ -119,7 +120,7 @@ def send_rollback(
     proxied: DBAPIConnection,
     during: During,
     timeout: float,
-    report: Callable[[During, BaseException], None],
+    report: Reporter,
 ) -> bool:
     """Start psycopg2's ``rollback()`` in a worker thread; True also when run here, timed.
 
@@ -130,7 +131,8 @@ def send_rollback(
     closed or in no transaction as libpq knows it (psycopg2's own rollback then sends nothing,
     or fixes its own state: it must run), a psycopg2 with a wait callback (green), a connection
     of another class (a ``connection_factory`` of the app's; dropsafe's own is deferred: its
-    ``rollback()`` sends ROLLBACK where libpq says a transaction is open).
+    ``rollback()`` sends ROLLBACK where libpq says a transaction is open). Awaited here on a
+    pool with ``checkin`` listeners of the app's (`Reporter.app_listens_to_checkin`).
     """
     native: Any = getattr(proxied, "dbapi_connection", proxied)
     connection_classes, wait_callback = _psycopg2()
@@ -160,8 +162,11 @@ def send_rollback(
         times[0] = time.monotonic() - started
         times[1] = REMEASURE_EVERY
         return True
-    if wait_callback() is not None:
-        return False  # green: awaited by the dialect's own, in this greenlet
+    if wait_callback() is not None or report.app_listens_to_checkin(proxied):
+        # Awaited by the dialect's own: green (in this greenlet), or the app's checkin
+        # listeners run right after the reset and psycopg2 refuses a setter (``readonly``...)
+        # while its ROLLBACK is under way ("set_session cannot be used inside a transaction").
+        return False
     times[1] -= 1
     pending = PendingRollback(native, timeout, during, report)
     # Its own state, set here (an __init__ of its own would be a call more a request).
@@ -284,7 +289,7 @@ class _Workers:
         try:
             inbox = self._idle.pop()
         except IndexError:
-            inbox = queue.SimpleQueue()
+            inbox = _simple_queue()
             inbox.put(pending)
             _start_thread(self._work, (inbox,))
         else:
@@ -310,6 +315,18 @@ def _start_thread(target: Callable[..., None], args: tuple[object, ...]) -> None
     # A real thread even under gevent's or eventlet's monkey patching (no wait callback there:
     # psycopg2 blocks the thread it runs in, which must not be the hub's).
     unpatched("_thread", "start_new_thread")(target, args)
+
+
+@functools.cache
+def _queue_class() -> type[queue.SimpleQueue[Any]]:
+    return cast("type[queue.SimpleQueue[Any]]", unpatched("queue", "SimpleQueue"))
+
+
+def _simple_queue() -> queue.SimpleQueue[PendingRollback]:
+    # The interpreter's, even under gevent's monkey patching: gevent's queue parks a getter on
+    # the hub of the thread that waits, here a real worker thread's, which a put from the app's
+    # hub never wakes (six greenlets hung after a dozen requests).
+    return _queue_class()()
 
 
 @functools.cache

@@ -77,6 +77,7 @@ class QuietRollback:
         self._deferred = deferred if defer else None
         self._defer = self._deferred is not None
         self._settle_timeout = settle_timeout
+        self.reporter = _Reporter(hooks)
 
     @property
     def defers(self) -> bool:
@@ -93,7 +94,7 @@ class QuietRollback:
         send_rollback = None if self._deferred is None else self._deferred.send
         defer = send_rollback is not None
         timeout = self._settle_timeout
-        report = self._report
+        report = self.reporter
 
         def do_rollback(dbapi_connection: DBAPIConnection) -> None:
             # Who called it (the pool's reset, or a Connection): read before any I/O, as an
@@ -225,12 +226,6 @@ class QuietRollback:
         """
         return None if self._deferred is None else self._deferred.settle
 
-    def _report(self, during: Literal["rollback", "reset"], error: BaseException) -> None:
-        """Say that a ROLLBACK not awaited failed; its connection is closed, as if lost."""
-        text = describe_error(error)
-        logger.debug("dropsafe: a ROLLBACK met a lost connection, invalidated it: %s", text)
-        emit(self._hooks, RollbackConnectionLost(during, text))
-
     def _lost(self, error: Exception, proxied: PoolProxiedConnection) -> bool:
         if classify(error) in (ErrorKind.DISCONNECT, ErrorKind.FAILOVER):
             return True
@@ -238,6 +233,27 @@ class QuietRollback:
         return dialect_says_disconnect(
             self._dialect, error, proxied, what="whether a ROLLBACK lost its connection"
         )
+
+
+class _Reporter:
+    """What a driver's ROLLBACK not awaited tells this engine, and asks it (`Reporter`)."""
+
+    __slots__ = ("_hooks", "own_checkin_listeners")
+
+    def __init__(self, hooks: tuple[Hook, ...]) -> None:
+        self._hooks = hooks
+        #: How many of the pool's ``checkin`` listeners are dropsafe's own (``attach`` counts).
+        self.own_checkin_listeners = 0
+
+    def __call__(self, during: Literal["rollback", "reset"], error: BaseException) -> None:
+        text = describe_error(error)
+        logger.debug("dropsafe: a ROLLBACK met a lost connection, invalidated it: %s", text)
+        emit(self._hooks, RollbackConnectionLost(during, text))
+
+    def app_listens_to_checkin(self, proxied: Any) -> bool:  # noqa: ANN401 - a pool's entry
+        # SQLAlchemy's _ConnectionFairy knows its pool; anything else: assume listeners.
+        pool = getattr(proxied, "_pool", None)
+        return pool is None or len(pool.dispatch.checkin) > self.own_checkin_listeners
 
 
 def _rolling_back(proxied: PoolProxiedConnection, caller: FrameType | None) -> Connection | None:
