@@ -25,7 +25,7 @@ from dropsafe._engine_state import state_of
 
 DRIVERS = ["psycopg2", "psycopg", "asyncpg"]
 INSERT = sa.text("INSERT INTO guard_cost (v) VALUES (1)")
-# The unit's xid read in its first write's flight (off by default for now: docs/guarantees.md).
+# The unit's xid read in its first write's flight (the default; docs/guarantees.md says why).
 IN_FLIGHT = dropsafe.Policy(pool=dropsafe.PoolPolicy(read_xid_in_flight=True))
 
 
