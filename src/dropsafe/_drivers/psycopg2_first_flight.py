@@ -495,8 +495,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 return
             autocommit_of.__set__(self, False)  # noqa: FBT003 - a descriptor's
             self._dropsafe_open = False  # psycopg2's own status from now on: ready
-            isolation, readonly, deferrable = self._dropsafe_characteristics
-            if (isolation, readonly, deferrable) == (None, None, None):
+            if self._dropsafe_characteristics == (None, None, None):
                 pass
             elif self.get_transaction_status() != _IDLE:
                 # In a transaction this class began, psycopg2 sends a BEGIN of its own: with
@@ -506,13 +505,18 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 # when the transaction is over (`_dropsafe_back`).
                 self._dropsafe_unset = True
             else:
-                base.set_session(
-                    self,
-                    isolation_level=_DEFAULT if isolation is None else isolation,
-                    readonly=_DEFAULT if readonly is None else readonly,
-                    deferrable=_DEFAULT if deferrable is None else deferrable,
-                )
+                self._dropsafe_hand_characteristics()
             self._dropsafe_native = True
+
+        def _dropsafe_hand_characteristics(self) -> None:
+            """Give psycopg2 the characteristics this class kept (outside autocommit: no SQL)."""
+            isolation, readonly, deferrable = self._dropsafe_characteristics
+            base.set_session(
+                self,
+                isolation_level=_DEFAULT if isolation is None else isolation,
+                readonly=_DEFAULT if readonly is None else readonly,
+                deferrable=_DEFAULT if deferrable is None else deferrable,
+            )
 
         def _dropsafe_back(self) -> None:
             """Leave psycopg2's own mode where its transaction is over and autocommit off."""
@@ -528,13 +532,7 @@ def connection_class() -> type[Any] | None:  # noqa: C901 - one class, its metho
                 # The characteristics held back from psycopg2's BEGIN inside a transaction
                 # this class began: psycopg2's now (outside autocommit: no SQL sent).
                 self._dropsafe_unset = False
-                isolation, readonly, deferrable = self._dropsafe_characteristics
-                base.set_session(
-                    self,
-                    isolation_level=_DEFAULT if isolation is None else isolation,
-                    readonly=_DEFAULT if readonly is None else readonly,
-                    deferrable=_DEFAULT if deferrable is None else deferrable,
-                )
+                self._dropsafe_hand_characteristics()
             if self._dropsafe_for_good:
                 return
             characteristics = (
