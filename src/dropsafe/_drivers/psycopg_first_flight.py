@@ -278,8 +278,13 @@ def _row_of(results: list[Any], pgconn: Any) -> tuple[str | None, ...] | None:  
     (result,) = results
     if result.status != _TUPLES_OK or result.ntuples != 1:
         return None
-    raw = (result.get_value(0, column) for column in range(result.nfields))
-    return tuple(None if value is None else bytes(value).decode() for value in raw)
+    # One comprehension, not generators: a generator is a call per value (ten a unit).
+    return tuple(
+        [
+            None if (value := result.get_value(0, column)) is None else bytes(value).decode()
+            for column in range(result.nfields)
+        ]
+    )
 
 
 def _read_flight(pgconn: Any, count: int) -> Generator[Any, Any, list[list[Any]]]:  # noqa: ANN401
