@@ -137,13 +137,11 @@ class Psycopg2(libpq.Libpq):
             if at >= 0:
                 del notices[index]
                 values = json.loads(text[at + len(_NOTICE_TAG) :])
-                return XidReading(tuple(_text_or_none(v) for v in values), assigned=True)
+                # One comprehension: a generator and a helper were two calls per value.
+                texts = tuple([None if value is None else str(value) for value in values])
+                return XidReading(texts, assigned=True)
         return None
 
     def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
         pid = dbapi_connection.info.backend_pid  # libpq's PQbackendPID: no round trip
         return pid if isinstance(pid, int) and pid > 0 else None
-
-
-def _text_or_none(value: object) -> str | None:
-    return None if value is None else str(value)
