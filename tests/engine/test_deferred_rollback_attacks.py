@@ -1,0 +1,249 @@
+"""Attacks on psycopg2's deferred checkin ROLLBACK (session 18), after its three fixes.
+
+`dropsafe._drivers.psycopg2_rollback` runs psycopg2's own ``rollback()`` in a worker thread
+and settles it before the connection's next use. Each test here is an attack on one promise of
+docs/guarantees.md ("The ROLLBACK that ends a request is not awaited") with a real server and
+real faults (a backend terminated, a link slowed or cut through a `ChaosProxy`): an app's pool
+listeners added in every way (awaited where the app listens to ``checkin``, deferred again
+once it stops), its listeners of the next checkout, gevent and eventlet without a wait
+callback, and many threads meeting terminated backends mid-ROLLBACK.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import dropsafe
+from dropsafe._drivers import psycopg2_rollback
+from dropsafe.events import RollbackConnectionLost
+from dropsafe.testing import ChaosProxy
+
+pytestmark = [pytest.mark.fault, pytest.mark.shares_server]
+
+psycopg2 = pytest.importorskip("psycopg2")
+
+BACKEND_PID = sa.text("SELECT pg_backend_pid()")
+DEADLINE_S = 20.0
+#: Longer than a close that does not wait for the server can take on a loaded machine.
+PROMPT_S = 2.0
+IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+
+@pytest.fixture(autouse=True)
+def always_deferred(monkeypatch):
+    """Every psycopg2 ROLLBACK deferred, however quick."""
+    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0)
+
+
+@pytest.fixture
+def proxy(shared_server):
+    with ChaosProxy(shared_server.host, shared_server.port) as proxy:
+        yield proxy
+
+
+def _until(condition, what):
+    deadline = time.monotonic() + DEADLINE_S
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)  # polling a condition, with a deadline
+
+
+def _deferred(engine) -> bool:
+    """Run a request; whether its ROLLBACK at checkin was left to the worker (then settled)."""
+    with engine.connect() as connection:
+        native = connection.connection.dbapi_connection
+        connection.execute(BACKEND_PID)
+    found = native in psycopg2_rollback._PENDING
+    psycopg2_rollback.settle(native)  # as the next checkout does
+    assert native.get_transaction_status() == IDLE
+    return found
+
+
+def _noop(*args) -> None:
+    del args
+
+
+# -- the app's listeners of the next checkout -------------------------------------------------
+
+
+def _hardened_after(url, listen, events, **kwargs):
+    """An engine made by SQLAlchemy, ``listen(engine)`` called, then hardened."""
+    engine = sa.create_engine(url, pool_size=1, max_overflow=0, **kwargs)
+    listen(engine)
+    return dropsafe.harden(engine, dropsafe.Policy(hooks=(events.append,)))
+
+
+@pytest.mark.parametrize("where", ["engine", "pool_class"])
+def test_an_app_checkout_listener_before_harden_sets_a_characteristic(
+    shared_server, proxy, disposing, where
+) -> None:
+    """The app's ``checkout`` listener, registered before harden() (so it runs before the
+    checkout check that settles the ROLLBACK) or on the Pool class (always first), sets
+    ``readonly`` on the next checkout while the last request's ROLLBACK is still under way
+    (its reply 200 ms late): psycopg2 refuses a setter while its ROLLBACK runs in the worker."""
+    events: list[object] = []
+    refused: list[str] = []
+    calls: list[bool] = []
+
+    def set_readonly(dbapi_connection, record, proxied) -> None:
+        del record, proxied
+        if not hasattr(dbapi_connection, "get_transaction_status"):
+            return  # another test's engine, on the Pool class
+        calls.append(dbapi_connection in psycopg2_rollback._PENDING)
+        try:
+            dbapi_connection.readonly = False
+        except psycopg2.ProgrammingError as exc:
+            refused.append(str(exc))
+
+    target = sa.pool.Pool if where == "pool_class" else None
+    engine = disposing(
+        _hardened_after(
+            proxy.route(shared_server.url("psycopg2")),
+            lambda engine: sa.event.listen(target or engine, "checkout", set_readonly),
+            events,
+        )
+    )
+    try:
+        with engine.connect() as connection:
+            pid = connection.execute(BACKEND_PID).scalar()
+        for _ in range(3):
+            proxy.latency(200)
+            with engine.connect() as connection:
+                connection.execute(sa.text("SELECT 1"))
+            proxy.latency(0)
+            with engine.connect() as connection:
+                assert connection.execute(BACKEND_PID).scalar() == pid
+    finally:
+        if target is not None:
+            sa.event.remove(target, "checkout", set_readonly)
+    # Its listener never met a ROLLBACK under way (awaited at checkin: it runs first).
+    assert len(calls) == 7
+    assert not any(calls), calls
+    assert refused == []
+    assert events == []
+
+
+def test_an_app_checkout_listener_before_harden_after_a_failed_rollback(
+    shared_server, disposing
+) -> None:
+    """The last request's ROLLBACK failed (its backend terminated while the request ran): the
+    next checkout's listener of the app's, registered before harden(), runs before the
+    checkout check; it must meet a working connection (awaited, the failed ROLLBACK's
+    connection was replaced at checkin, as without dropsafe), never 'connection already
+    closed'."""
+    events: list[object] = []
+    errors: list[str] = []
+
+    def set_name(dbapi_connection, record, proxied) -> None:
+        del record, proxied
+        try:
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SET application_name = 'app'")
+        except psycopg2.Error as exc:
+            errors.append(str(exc))
+            raise
+
+    engine = disposing(
+        _hardened_after(
+            shared_server.url("psycopg2"),
+            lambda engine: sa.event.listen(engine, "checkout", set_name),
+            events,
+        )
+    )
+    for _ in range(2):
+        with Session(engine) as session:
+            pid = session.execute(BACKEND_PID).scalar()
+            assert shared_server.execute(f"SELECT pg_terminate_backend({pid}, 5000)") == [("t",)]
+        with Session(engine) as session:
+            assert session.execute(BACKEND_PID).scalar() != pid
+    assert errors == []
+    lost = [event for event in events if isinstance(event, RollbackConnectionLost)]
+    assert len(lost) == 2, events
+    assert "already closed" not in str(lost)
+
+
+# -- deferred, or awaited where the app listens: every way a listener gets there ---------------
+
+#: How an app's listener gets onto an engine's pool, by name: (when: "before" or "after"
+#: harden(); on what; which event) or None, and whether the ROLLBACK at checkin is deferred.
+WAYS = {
+    "none": (None, True),
+    "checkin-before-harden": (("before", "engine", "checkin"), False),
+    "checkin-after-harden": (("after", "engine", "checkin"), False),
+    "checkin-on-the-pool": (("after", "pool", "checkin"), False),
+    "checkin-on-the-pool-class": (("after", "pool_class", "checkin"), False),
+    "checkin-on-an-options-engine": (("after", "options", "checkin"), False),
+    "checkin-before-dispose": (("after", "engine-then-dispose", "checkin"), False),
+    "checkin-through-pool-events": (("before", "pool_events", "checkin"), False),
+    "checkout-after-harden": (("after", "engine", "checkout"), True),
+    "checkout-on-the-pool-after-harden": (("after", "pool", "checkout"), True),
+    "checkout-before-harden": (("before", "engine", "checkout"), False),
+    "checkout-on-the-pool-class": (("after", "pool_class", "checkout"), False),
+    "reset-before-harden": (("before", "engine", "reset"), True),
+    "close-before-harden": (("before", "engine", "close"), True),
+    "invalidate-before-harden": (("before", "engine", "invalidate"), True),
+}
+
+
+@pytest.mark.parametrize("way", list(WAYS))
+def test_deferred_unless_the_app_listens_before_the_rollback_is_read(
+    shared_server, disposing, monkeypatch, way
+) -> None:
+    """Each way an app's listener reaches the pool: ``checkin`` ones, and ``checkout`` ones
+    that run before dropsafe's checkout check, have the ROLLBACK awaited; the others leave it
+    deferred. Removed again (event.remove), it is deferred again."""
+    monkeypatch.setattr(psycopg2_rollback, "DEFERRED_BEFORE_TIMING", 1000)
+    how, deferred = WAYS[way]
+    listened: list[str] = []
+
+    def listener(*args) -> None:
+        del args
+        listened.append(way)
+
+    url = shared_server.url("psycopg2")
+    kwargs = {}
+    if how is not None and how[1] == "pool_events":
+        kwargs["pool_events"] = [(listener, how[2])]
+    engine = sa.create_engine(url, pool_size=1, max_overflow=0, **kwargs)
+    removed: list[tuple[object, str]] = []
+
+    def listen() -> None:
+        assert how is not None
+        _, on, name = how
+        target: object = {
+            "engine": engine,
+            "engine-then-dispose": engine,
+            "pool": engine.pool,
+            "pool_class": sa.pool.Pool,
+            "options": engine.execution_options(app_option=True),
+        }.get(on)
+        if target is not None:
+            sa.event.listen(target, name, listener)
+            if on != "engine-then-dispose":
+                removed.append((target, name))
+
+    try:
+        if how is not None and how[0] == "before":
+            listen()
+        engine = disposing(dropsafe.harden(engine))
+        if how is not None and how[0] == "after":
+            listen()
+        if how is not None and how[1] == "engine-then-dispose":
+            engine.dispose()  # a new pool, with the old one's listeners
+        assert [_deferred(engine) for _ in range(3)] == [deferred] * 3
+        if how is not None and how[2] in ("checkin", "checkout"):
+            assert listened, "the app's listener never ran"
+        if how is None or how[1] in ("pool_events", "engine-then-dispose"):
+            # SQLAlchemy cannot remove these (a pool's own, or one copied to the new pool).
+            return
+        for target, name in removed:
+            sa.event.remove(target, name, listener)
+        removed.clear()
+        assert [_deferred(engine) for _ in range(3)] == [True] * 3
+    finally:
+        for target, name in removed:
+            sa.event.remove(target, name, listener)
