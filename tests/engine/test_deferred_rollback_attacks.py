@@ -11,6 +11,7 @@ callback, and many threads meeting terminated backends mid-ROLLBACK.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from sqlalchemy.orm import Session
 
 import dropsafe
 from dropsafe._drivers import psycopg2_rollback
-from dropsafe.events import RollbackConnectionLost
+from dropsafe.events import DeadConnectionReplaced, RollbackConnectionLost
 from dropsafe.testing import ChaosProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.shares_server]
@@ -247,3 +248,116 @@ def test_deferred_unless_the_app_listens_before_the_rollback_is_read(
     finally:
         for target, name in removed:
             sa.event.remove(target, name, listener)
+
+
+def test_the_plugins_engine(shared_server, disposing, monkeypatch) -> None:
+    """``?plugin=dropsafe``: hardened as SQLAlchemy makes the engine; deferred, awaited while the
+    app listens to checkin, deferred again once it stops."""
+    monkeypatch.setattr(psycopg2_rollback, "DEFERRED_BEFORE_TIMING", 1000)
+    url = f"{shared_server.url('psycopg2')}&plugin=dropsafe"
+    engine = disposing(sa.create_engine(url, pool_size=1, max_overflow=0))
+    assert [_deferred(engine) for _ in range(2)] == [True, True]
+    sa.event.listen(engine, "checkin", _noop)
+    assert [_deferred(engine) for _ in range(2)] == [False, False]
+    sa.event.remove(engine, "checkin", _noop)
+    sa.event.listen(engine, "checkout", _noop)  # after dropsafe's check: still deferred
+    assert [_deferred(engine) for _ in range(2)] == [True, True]
+
+
+def test_a_checkin_listener_that_raises(shared_server, disposing) -> None:
+    """The app's checkin listener raises: as without dropsafe (the ROLLBACK awaited, the error
+    the app's), and the next request finds the connection idle, its transaction rolled back."""
+    engine = disposing(
+        dropsafe.create_engine(shared_server.url("psycopg2"), pool_size=1, max_overflow=0)
+    )
+    plain = disposing(sa.create_engine(shared_server.url("psycopg2"), pool_size=1, max_overflow=0))
+
+    def fails(dbapi_connection, record) -> None:
+        del dbapi_connection, record
+        raise RuntimeError("the app's checkin listener")
+
+    outcomes = []
+    for each in (engine, plain):
+        sa.event.listen(each, "checkin", fails)
+        session = Session(each)
+        session.execute(sa.text("SELECT 1"))
+        native = session.connection().connection.dbapi_connection
+        try:
+            session.close()
+            outcomes.append("closed")
+        except RuntimeError as exc:  # SQLAlchemy's: the connection is not returned to the pool
+            outcomes.append(str(exc))
+        # Its ROLLBACK was awaited before the listener ran: nothing left under way or open.
+        assert native not in psycopg2_rollback._PENDING
+        assert native.get_transaction_status() == IDLE
+        native.close()
+    assert outcomes[0] == outcomes[1]
+
+
+# -- threads: backends terminated before the deferred ROLLBACK --------------------------------
+
+
+def test_many_threads_each_rollback_failed_said_once_with_its_own_error(
+    shared_server, disposing, monkeypatch
+) -> None:
+    """6 threads, 8 requests each, on a pool of 3: every request's backend is terminated
+    before its Session closes, so every deferred ROLLBACK fails in the worker. Each failure is
+    said exactly once, as the Session's ('rollback'), with its real error (never "connection
+    already closed"); no request sees an error; the pool ends with working connections."""
+    monkeypatch.setattr(psycopg2_rollback, "DEFERRED_BEFORE_TIMING", 1000)
+    events: list[object] = []
+    size, threads_n, requests_n = 3, 6, 8
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=size,
+            max_overflow=0,
+            pool_timeout=DEADLINE_S,
+        )
+    )
+    admin = disposing(sa.create_engine(shared_server.url("psycopg2"), poolclass=sa.pool.NullPool))
+    errors: list[BaseException] = []
+    deferred: list[bool] = []
+
+    def client() -> None:
+        try:
+            with admin.connect() as killer:
+                for _ in range(requests_n):
+                    session = Session(engine)
+                    pid = session.execute(BACKEND_PID).scalar()
+                    native = session.connection().connection.dbapi_connection
+                    ended = killer.execute(sa.text(f"SELECT pg_terminate_backend({pid}, 5000)"))
+                    assert ended.scalar() is True
+                    session.close()
+                    deferred.append(native in psycopg2_rollback._PENDING or native.closed != 0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(threads_n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(DEADLINE_S * 3)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == []
+    # Every connection checked out at once: each ROLLBACK still unread is read (and said).
+    held = [engine.connect() for _ in range(size)]
+    try:
+        for connection in held:
+            assert connection.execute(sa.text("SELECT 41 + 1")).scalar() == 42
+    finally:
+        for connection in held:
+            connection.close()
+    total = threads_n * requests_n
+    assert deferred == [True] * total
+    lost = [event for event in events if isinstance(event, RollbackConnectionLost)]
+    # Each failed ROLLBACK said once, as its own, where the next checkout read it; one that the
+    # pool closed first (every idle connection found dead by a checkout: replaced pool-wide, the
+    # pool recycles them, and a close reads a ROLLBACK quietly) is said by that replacement.
+    pool_wide = [e for e in events if isinstance(e, DeadConnectionReplaced) and e.pool_wide]
+    assert total - size * len(pool_wide) <= len(lost) <= total, events
+    assert {event.during for event in lost} == {"rollback"}
+    assert "already closed" not in str(lost)
+    replaced = [e for e in events if isinstance(e, DeadConnectionReplaced)]
+    assert len(replaced) == len(lost), events
