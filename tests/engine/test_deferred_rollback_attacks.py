@@ -11,6 +11,10 @@ callback, and many threads meeting terminated backends mid-ROLLBACK.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -318,7 +322,15 @@ def test_many_threads_each_rollback_failed_said_once_with_its_own_error(
     )
     admin = disposing(sa.create_engine(shared_server.url("psycopg2"), poolclass=sa.pool.NullPool))
     errors: list[BaseException] = []
-    deferred: list[bool] = []
+    requests: list[object] = []
+    handed: list[object] = []
+    hand_over = psycopg2_rollback._Workers.run
+
+    def counted(workers, pending) -> None:
+        handed.append(pending._connection)
+        hand_over(workers, pending)
+
+    monkeypatch.setattr(psycopg2_rollback._Workers, "run", counted)
 
     def client() -> None:
         try:
@@ -330,7 +342,7 @@ def test_many_threads_each_rollback_failed_said_once_with_its_own_error(
                     ended = killer.execute(sa.text(f"SELECT pg_terminate_backend({pid}, 5000)"))
                     assert ended.scalar() is True
                     session.close()
-                    deferred.append(native in psycopg2_rollback._PENDING or native.closed != 0)
+                    requests.append(native)
         except BaseException as exc:
             errors.append(exc)
 
@@ -341,6 +353,7 @@ def test_many_threads_each_rollback_failed_said_once_with_its_own_error(
         thread.join(DEADLINE_S * 3)
     assert not any(thread.is_alive() for thread in threads)
     assert errors == []
+    handed_by_requests = list(handed)
     # Every connection checked out at once: each ROLLBACK still unread is read (and said).
     held = [engine.connect() for _ in range(size)]
     try:
@@ -350,7 +363,9 @@ def test_many_threads_each_rollback_failed_said_once_with_its_own_error(
         for connection in held:
             connection.close()
     total = threads_n * requests_n
-    assert deferred == [True] * total
+    # Every request's ROLLBACK handed to a worker, once (the pool's reset found it under way).
+    assert len(requests) == total
+    assert sorted(map(id, handed_by_requests)) == sorted(map(id, requests))
     lost = [event for event in events if isinstance(event, RollbackConnectionLost)]
     # Each failed ROLLBACK said once, as its own, where the next checkout read it; one that the
     # pool closed first (every idle connection found dead by a checkout: replaced pool-wide, the
@@ -361,3 +376,170 @@ def test_many_threads_each_rollback_failed_said_once_with_its_own_error(
     assert "already closed" not in str(lost)
     replaced = [e for e in events if isinstance(e, DeadConnectionReplaced)]
     assert len(replaced) == len(lost), events
+
+
+# -- gevent and eventlet, monkey patched, no wait callback --------------------------------------
+
+#: A green app's requests, by shape (its argv: gevent or eventlet, the shape), every ROLLBACK
+#: deferred: 12 greenlets on 2 connections (and 3 of overflow, closed at checkin with their
+#: ROLLBACK under way), workers idle past their exit and needed again, backends terminated
+#: before the Session closes (said, with their own error), dispose after every batch, a fork.
+GREEN_REQUESTS = r"""
+import os
+import sys
+
+lib, shape = sys.argv[1], sys.argv[2]
+if lib == "gevent":
+    from gevent import monkey
+
+    monkey.patch_all()
+    import gevent
+
+    def spawn_all(fn, n):
+        jobs = [gevent.spawn(fn, i) for i in range(n)]
+        gevent.joinall(jobs, raise_error=True)
+
+    sleep = gevent.sleep
+else:
+    import eventlet
+
+    # eventlet's own psycopg2 patch sets a wait callback (the ROLLBACK is then awaited, in the
+    # greenlet); without it psycopg2 blocks the hub, as under gevent's patch_all.
+    if lib == "eventlet":
+        eventlet.monkey_patch()
+    else:
+        eventlet.monkey_patch(psycopg=False)
+
+    def spawn_all(fn, n):
+        pool = eventlet.GreenPool()
+        threads = [pool.spawn(fn, i) for i in range(n)]
+        for t in threads:
+            t.wait()
+
+    sleep = eventlet.sleep
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+import dropsafe
+from dropsafe._drivers import psycopg2_rollback
+from dropsafe.events import RollbackConnectionLost
+
+psycopg2_rollback.SLOW_ROLLBACK_S = 0.0
+psycopg2_rollback.DEFERRED_BEFORE_TIMING = 1000
+url, admin_url = os.environ["RB_ATTACK_URL"], os.environ["RB_ATTACK_ADMIN_URL"]
+events = []
+policy = dropsafe.Policy(hooks=(events.append,))
+overflow = 3 if shape == "overflow" else 0
+engine = dropsafe.create_engine(
+    url, policy=policy, pool_size=2, max_overflow=overflow, pool_timeout=20
+)
+admin = sa.create_engine(admin_url, poolclass=sa.pool.NullPool)
+requests = []
+handed = []
+hand_over = psycopg2_rollback._Workers.run
+
+
+def counted(self, pending):
+    handed.append(pending)
+    hand_over(self, pending)
+
+
+psycopg2_rollback._Workers.run = counted
+
+
+def request():
+    with Session(engine) as session:
+        pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        native = session.connection().connection.dbapi_connection
+    requests.append(native)
+    return pid
+
+
+def work(i):
+    for _ in range(10):
+        request()
+
+
+if shape in ("many", "overflow"):
+    spawn_all(work, 12)
+elif shape == "idle":
+    psycopg2_rollback._Workers.IDLE_S = 0.05
+    spawn_all(work, 4)
+    before = list(psycopg2_rollback._WORKERS[0]._idle)
+    sleep(0.5)  # the workers' idle time passes (they end)
+    assert not psycopg2_rollback._WORKERS[0]._idle, "idle workers did not end"
+    spawn_all(work, 4)
+elif shape == "terminate":
+    def killing(i):
+        with admin.connect() as killer:
+            for _ in range(5):
+                with Session(engine) as session:
+                    pid = session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+                    native = session.connection().connection.dbapi_connection
+                    killer.execute(sa.text(f"SELECT pg_terminate_backend({pid}, 5000)"))
+                requests.append(native)
+    spawn_all(killing, 4)
+    spawn_all(work, 4)
+    lost = [e for e in events if isinstance(e, RollbackConnectionLost)]
+    assert lost, events
+    assert "already closed" not in str(lost), lost
+elif shape == "dispose":
+    for _ in range(3):
+        spawn_all(work, 4)
+        engine.dispose()
+        assert not psycopg2_rollback._PENDING
+elif shape == "fork":
+    # SQLAlchemy's after-fork step, as docs/how-to/process-models.md asks of the app.
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+    spawn_all(work, 4)
+    request()
+    child = os.fork()
+    if child == 0:
+        try:
+            ok = request() > 0
+        except BaseException:
+            ok = False
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the child failed"
+    spawn_all(work, 2)
+# Every request's ROLLBACK handed to a worker, once; none where a wait callback is set.
+assert requests
+expected = [] if lib == "eventlet" else requests
+assert [p._connection for p in handed] == expected, (len(handed), len(requests))
+engine.dispose()
+print("DONE", len(requests))
+"""
+#: The slowest shape takes about 3 s on a loaded 2-core machine.
+GREEN_DEADLINE_S = 30.0
+GREEN_SHAPES = ["many", "overflow", "idle", "terminate", "dispose", "fork"]
+
+
+@pytest.mark.parametrize("shape", GREEN_SHAPES)
+@pytest.mark.parametrize("lib", ["gevent", "eventlet", "eventlet-threads"])
+def test_green_requests(shared_server, proxy, lib, shape) -> None:
+    """Monkey patched, no psycopg2 wait callback (psycopg2 blocks the hub on its I/O), 2 ms
+    each way through the proxy so that every ROLLBACK is still under way when its request ends:
+    every shape ends within the deadline, every ROLLBACK deferred, none said twice or wrongly."""
+    pytest.importorskip(lib.split("-")[0])
+    proxy.latency(2)
+    env = {
+        **os.environ,
+        "RB_ATTACK_URL": proxy.route(shared_server.url("psycopg2")),
+        "RB_ATTACK_ADMIN_URL": shared_server.url("psycopg2"),
+        "PYTHONWARNINGS": "ignore",
+    }
+    done: subprocess.CompletedProcess[str] | None = None
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        done = subprocess.run(
+            [sys.executable, "-c", GREEN_REQUESTS, lib, shape],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=GREEN_DEADLINE_S,
+            check=False,
+        )
+    assert done is not None, f"{lib}: the {shape} requests hung"
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("DONE"), done.stderr[-3000:]
