@@ -543,3 +543,48 @@ def test_green_requests(shared_server, proxy, lib, shape) -> None:
     assert done is not None, f"{lib}: the {shape} requests hung"
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("DONE"), done.stderr[-3000:]
+
+
+# -- a ROLLBACK that failed before the pool's reset: said once, as the closer's ----------------
+
+
+@pytest.mark.parametrize("pre_ping", [False, True], ids=["", "pre_ping"])
+@pytest.mark.parametrize("closer", ["session", "connection"])
+def test_a_rollback_failed_before_the_reset_said_once(
+    shared_server, disposing, closer, pre_ping
+) -> None:
+    """The backend terminated inside the request; its closing ROLLBACK fails in the worker
+    before the pool's reset runs (a ``reset`` listener waits for the worker: not a checkin
+    listener, so the ROLLBACK stays deferred). Whoever closes (a Session, a Connection), and
+    whoever reads it (the checkout check, or SQLAlchemy's pre-ping): said once, as 'rollback',
+    with its own error; the next request has a new backend."""
+    events: list[object] = []
+    engine = disposing(
+        dropsafe.create_engine(
+            shared_server.url("psycopg2"),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=1,
+            max_overflow=0,
+            pool_pre_ping=pre_ping,
+        )
+    )
+
+    @sa.event.listens_for(engine, "reset")
+    def the_worker_has_ended(dbapi_connection, record, reset_state) -> None:
+        del record, reset_state
+        pending = psycopg2_rollback._PENDING.get(dbapi_connection)
+        if pending is not None:
+            assert pending.wait(DEADLINE_S)
+
+    for _ in range(2):
+        user = Session(engine) if closer == "session" else engine.connect()
+        pid = user.execute(BACKEND_PID).scalar()
+        assert shared_server.execute(f"SELECT pg_terminate_backend({pid}, 5000)") == [("t",)]
+        user.close()
+        with engine.connect() as connection:
+            assert connection.execute(BACKEND_PID).scalar() != pid
+    lost = [event for event in events if isinstance(event, RollbackConnectionLost)]
+    assert [event.during for event in lost] == ["rollback", "rollback"], events
+    assert "already closed" not in str(lost)
+    # The server's side of it (psycopg2's "connection already closed" is an InterfaceError).
+    assert all(event.error.startswith("OperationalError") for event in lost), lost
