@@ -588,3 +588,83 @@ def test_a_rollback_failed_before_the_reset_said_once(
     assert "already closed" not in str(lost)
     # The server's side of it (psycopg2's "connection already closed" is an InterfaceError).
     assert all(event.error.startswith("OperationalError") for event in lost), lost
+
+
+#: How many times the threads' links are cut.
+CUTS = 10
+
+
+@pytest.mark.parametrize("idle_s", [60.0, 0.001], ids=["workers-kept", "workers-ending"])
+@pytest.mark.parametrize("mode", ["rst", "fin"])
+def test_threads_while_the_link_is_cut_again_and_again(  # noqa: PLR0917 - fixtures
+    shared_server, proxy, disposing, monkeypatch, mode, idle_s
+) -> None:
+    """6 threads on a pool of 3 at 3 ms each way, every link cut 10 times, each while a
+    ROLLBACK is under way in a worker (and, ``workers-ending``, on workers
+    ending after 1 ms idle as they are handed the next one): a request may meet the cut (its
+    statement's error is the app's), but its close never raises nor hangs, no ROLLBACK is said
+    with 'connection already closed', and once healed every request is answered."""
+    monkeypatch.setattr(psycopg2_rollback, "DEFERRED_BEFORE_TIMING", 1000)
+    monkeypatch.setattr(psycopg2_rollback._Workers, "IDLE_S", idle_s)
+    events: list[object] = []
+    size = 3
+    engine = disposing(
+        dropsafe.create_engine(
+            proxy.route(shared_server.url("psycopg2")),
+            policy=dropsafe.Policy(hooks=(events.append,)),
+            pool_size=size,
+            max_overflow=0,
+            pool_timeout=DEADLINE_S,
+        )
+    )
+    proxy.latency(3)
+    handed: list[psycopg2_rollback.PendingRollback] = []
+    hand_over = psycopg2_rollback._Workers.run
+
+    def counted(workers, pending) -> None:
+        handed.append(pending)
+        hand_over(workers, pending)
+
+    monkeypatch.setattr(psycopg2_rollback._Workers, "run", counted)
+    stop = threading.Event()
+    close_errors: list[BaseException] = []
+    answered: list[int] = []
+    cuts: list[int] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            session = Session(engine)
+            # The cut may strike the request's own statement: that error is the app's to see.
+            with contextlib.suppress(sa.exc.DBAPIError):
+                answered.append(session.execute(BACKEND_PID).scalar())
+            try:
+                session.close()
+            except BaseException as exc:
+                close_errors.append(exc)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(CUTS):
+            # Struck while a ROLLBACK is under way in a worker (its end not yet signalled).
+            _until(lambda: any(p._done.locked() for p in handed[-6:]), "no ROLLBACK under way")
+            cuts.append(proxy.cut(mode))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(DEADLINE_S)
+    assert not any(thread.is_alive() for thread in threads), "a request hung"
+    assert close_errors == []
+    assert sum(cuts) > 0
+    assert answered
+    proxy.heal()
+    for _ in range(2 * size):
+        with Session(engine) as session:
+            assert session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
+    lost = [event for event in events if isinstance(event, RollbackConnectionLost)]
+    assert "already closed" not in str(lost)
+    # The cuts struck ROLLBACKs under way: some were read as failed, and said.
+    assert lost, events
+    engine.dispose()
+    assert not psycopg2_rollback._PENDING
