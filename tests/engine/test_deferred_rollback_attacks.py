@@ -1,12 +1,16 @@
 """Attacks on psycopg2's deferred checkin ROLLBACK (session 18), after its three fixes.
 
 `dropsafe._drivers.psycopg2_rollback` runs psycopg2's own ``rollback()`` in a worker thread
-and settles it before the connection's next use. Each test here is an attack on one promise of
+and settles it before the connection's next use. Each test here attacks one promise of
 docs/guarantees.md ("The ROLLBACK that ends a request is not awaited") with a real server and
-real faults (a backend terminated, a link slowed or cut through a `ChaosProxy`): an app's pool
-listeners added in every way (awaited where the app listens to ``checkin``, deferred again
-once it stops), its listeners of the next checkout, gevent and eventlet without a wait
-callback, and many threads meeting terminated backends mid-ROLLBACK.
+real faults (backends terminated, a link slowed or cut through a `ChaosProxy`): an app's pool
+listeners added in every way (awaited where the app listens to ``checkin``, or to ``checkout``
+before dropsafe's check; deferred again once it stops), a ROLLBACK failed before the pool's
+reset, threads meeting terminated backends and cuts mid-ROLLBACK, and gevent and eventlet
+without a wait callback. Two failed before their fix: the app's ``checkout`` listeners added
+before harden() or on the Pool class met the ROLLBACK under way (psycopg2 refused their
+setters) or, failed, its closed connection (the request failed); eventlet without its psycopg2
+patch hung (the worker's queue was eventlet's green one).
 """
 
 from __future__ import annotations
@@ -668,3 +672,19 @@ def test_threads_while_the_link_is_cut_again_and_again(  # noqa: PLR0917 - fixtu
     assert lost, events
     engine.dispose()
     assert not psycopg2_rollback._PENDING
+
+
+def test_deferred_after_dispose(shared_server, disposing, monkeypatch) -> None:
+    """dispose() makes a new pool with the old one's listeners, dropsafe's among them: still
+    deferred there, and awaited once the app listens to the new pool's checkin."""
+    monkeypatch.setattr(psycopg2_rollback, "DEFERRED_BEFORE_TIMING", 1000)
+    engine = disposing(
+        dropsafe.create_engine(shared_server.url("psycopg2"), pool_size=1, max_overflow=0)
+    )
+    assert [_deferred(engine) for _ in range(2)] == [True, True]
+    old_pool = engine.pool
+    engine.dispose()
+    assert engine.pool is not old_pool
+    assert [_deferred(engine) for _ in range(2)] == [True, True]
+    sa.event.listen(engine, "checkin", _noop)
+    assert [_deferred(engine) for _ in range(2)] == [False, False]
