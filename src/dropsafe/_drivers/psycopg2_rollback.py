@@ -319,13 +319,20 @@ def _start_thread(target: Callable[..., None], args: tuple[object, ...]) -> None
 
 @functools.cache
 def _queue_class() -> type[queue.SimpleQueue[Any]]:
-    return cast("type[queue.SimpleQueue[Any]]", unpatched("queue", "SimpleQueue"))
+    try:
+        # CPython's, in C, on real locks: neither gevent nor eventlet replaces it.
+        from _queue import SimpleQueue
+    except ImportError:  # an interpreter without it
+        return cast("type[queue.SimpleQueue[Any]]", unpatched("queue", "SimpleQueue"))
+    return SimpleQueue
 
 
 def _simple_queue() -> queue.SimpleQueue[PendingRollback]:
-    # The interpreter's, even under gevent's monkey patching: gevent's queue parks a getter on
-    # the hub of the thread that waits, here a real worker thread's, which a put from the app's
-    # hub never wakes (six greenlets hung after a dozen requests).
+    # The interpreter's, even under gevent's or eventlet's monkey patching: a green queue parks
+    # a getter on the hub of the thread that waits, here a real worker thread's, which a put
+    # from the app's hub never wakes (gevent: six greenlets hung after a dozen requests;
+    # eventlet, whose ``queue.SimpleQueue`` is then the pure-Python one on its green
+    # semaphore, and which `unpatched` does not see as patched: every request hung, session 18).
     return _queue_class()()
 
 

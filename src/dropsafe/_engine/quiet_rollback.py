@@ -251,9 +251,27 @@ class _Reporter:
         emit(self._hooks, RollbackConnectionLost(during, text))
 
     def app_listens_to_checkin(self, proxied: Any) -> bool:  # noqa: ANN401 - a pool's entry
+        """Whether the app's listeners may touch the connection before the ROLLBACK is read.
+
+        ``checkin`` listeners of the app's (they run right after the pool's reset), and
+        ``checkout`` listeners of the app's that run before dropsafe's checkout check, which
+        reads the ROLLBACK: on the Pool class (always first), or on the pool before harden().
+        psycopg2 refuses their setters while its ROLLBACK runs in the worker ("set_session
+        cannot be used inside a transaction"), and one that failed has closed the connection
+        they would meet ("SSL connection has been closed unexpectedly" from a checkout listener
+        of the app's, the request failed, where an awaited one replaced it at checkin).
+        """
         # SQLAlchemy's _ConnectionFairy knows its pool; anything else: assume listeners.
         pool = getattr(proxied, "_pool", None)
-        return pool is None or len(pool.dispatch.checkin) > self.own_checkin_listeners
+        if pool is None:
+            return True
+        dispatch = pool.dispatch
+        if len(dispatch.checkin) > self.own_checkin_listeners:
+            return True
+        # The first to run at checkout (class-level ones first, then the pool's in order):
+        # dropsafe's checkout check, attached before any of dropsafe's other checkout listeners.
+        first = next(iter(dispatch.checkout), None)
+        return not str(getattr(first, "__module__", None)).startswith("dropsafe.")
 
 
 def _rolling_back(proxied: PoolProxiedConnection, caller: FrameType | None) -> Connection | None:
