@@ -64,7 +64,7 @@ os.register_at_fork(after_in_child=_in_child)
 
 
 # What eventlet calls the modules it patches, where that is not their own name.
-_EVENTLET_NAMES = {"_thread": "thread"}
+_EVENTLET_NAMES = {"_thread": "thread", "queue": "thread"}
 
 
 def unpatched(module: str, name: str) -> Callable[..., Any]:

@@ -37,11 +37,13 @@ class Reporter(Protocol):
     def __call__(self, during: During, error: BaseException) -> None:
         """Say that a ROLLBACK not awaited failed: its connection is closed, as if lost."""
 
-    def app_listens_to_checkin(self, proxied: Any) -> bool:  # noqa: ANN401 - a pool's entry
-        """Whether the pool of ``proxied`` runs ``checkin`` listeners of the app's (or may).
+    def app_listens_before_settle(self, proxied: Any) -> bool:  # noqa: ANN401 - a pool's entry
+        """Whether listeners of the app's may touch ``proxied``'s connection before it is settled.
 
-        They run right after the pool's reset: a driver whose connection refuses what they may
-        do to it while its ROLLBACK is under way (psycopg2) awaits that ROLLBACK there.
+        ``checkin`` listeners (they run right after the pool's reset) and ``checkout`` ones that
+        run before dropsafe's checkout check: a driver whose connection refuses what they may
+        do to it while its ROLLBACK is under way (psycopg2) awaits that ROLLBACK there. True
+        where it cannot be told.
         """
 
 

@@ -132,7 +132,8 @@ def send_rollback(
     or fixes its own state: it must run), a psycopg2 with a wait callback (green), a connection
     of another class (a ``connection_factory`` of the app's; dropsafe's own is deferred: its
     ``rollback()`` sends ROLLBACK where libpq says a transaction is open). Awaited here on a
-    pool with ``checkin`` listeners of the app's (`Reporter.app_listens_to_checkin`).
+    pool whose listeners of the app's may touch the connection before the ROLLBACK is read
+    (`Reporter.app_listens_before_settle`).
     """
     native: Any = getattr(proxied, "dbapi_connection", proxied)
     connection_classes, wait_callback = _psycopg2()
@@ -162,7 +163,7 @@ def send_rollback(
         times[0] = time.monotonic() - started
         times[1] = REMEASURE_EVERY
         return True
-    if wait_callback() is not None or report.app_listens_to_checkin(proxied):
+    if wait_callback() is not None or report.app_listens_before_settle(proxied):
         # Awaited by the dialect's own: green (in this greenlet), or the app's checkin
         # listeners run right after the reset and psycopg2 refuses a setter (``readonly``...)
         # while its ROLLBACK is under way ("set_session cannot be used inside a transaction").

@@ -250,7 +250,7 @@ class _Reporter:
         logger.debug("dropsafe: a ROLLBACK met a lost connection, invalidated it: %s", text)
         emit(self._hooks, RollbackConnectionLost(during, text))
 
-    def app_listens_to_checkin(self, proxied: Any) -> bool:  # noqa: ANN401 - a pool's entry
+    def app_listens_before_settle(self, proxied: Any) -> bool:  # noqa: ANN401 - a pool's entry
         """Whether the app's listeners may touch the connection before the ROLLBACK is read.
 
         ``checkin`` listeners of the app's (they run right after the pool's reset), and
