@@ -27,6 +27,13 @@ import time
 import psycopg
 import pytest
 import sqlalchemy as sa
+from deferred_rollback_parts import (
+    BACKEND_PID,
+    DEADLINE_S,
+    IDLE,
+    PROMPT_S,
+    until,
+)
 from sqlalchemy.orm import Session
 
 import dropsafe
@@ -39,11 +46,6 @@ pytestmark = [pytest.mark.fault, pytest.mark.shares_server]
 
 psycopg2 = pytest.importorskip("psycopg2")
 
-BACKEND_PID = sa.text("SELECT pg_backend_pid()")
-#: Longer than a close that does not wait for the server can take on a loaded machine.
-PROMPT_S = 2.0
-DEADLINE_S = 20.0
-IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
 ACTIVE = 1  # TRANSACTION_STATUS_ACTIVE: a command in progress
 DRIVERS = ["psycopg", "psycopg2"]
 
@@ -88,13 +90,6 @@ def _close_in_background(session):
     closing.start()
     closing.join(PROMPT_S)
     return closing
-
-
-def _until(condition, what):
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)  # polling a condition, with a deadline
 
 
 def _a_request_in_a_child(engine):
@@ -356,7 +351,7 @@ def test_a_rollback_past_ping_timeout_is_cut_and_replaced(shared_server, proxy, 
     checking_out.start()
     # Given up after ping_timeout (0.5 s): said, and its socket shut down. A fresh connection
     # cannot be made through the blackhole: healed once the old one is given up.
-    _until(
+    until(
         lambda: any(isinstance(event, RollbackConnectionLost) for event in events),
         "the ROLLBACK was never given up",
     )
@@ -446,7 +441,7 @@ def test_a_fork_while_a_rollback_is_under_way(shared_server, proxy, disposing) -
         native = session.connection().connection.dbapi_connection
     # Forked once the worker is inside psycopg2's rollback (libpq's PQTRANS_ACTIVE: a command
     # in progress, its lock held), not before it began.
-    _until(lambda: native.get_transaction_status() == ACTIVE, "the ROLLBACK never began")
+    until(lambda: native.get_transaction_status() == ACTIVE, "the ROLLBACK never began")
     assert native in psycopg2_rollback._PENDING
     _a_request_in_a_child(engine)
     proxy.heal()

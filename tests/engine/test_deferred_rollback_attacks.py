@@ -21,10 +21,15 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 import sqlalchemy as sa
+from deferred_rollback_parts import (
+    BACKEND_PID,
+    DEADLINE_S,
+    IDLE,
+    until,
+)
 from sqlalchemy.orm import Session
 
 import dropsafe
@@ -36,16 +41,10 @@ pytestmark = [pytest.mark.fault, pytest.mark.shares_server]
 
 psycopg2 = pytest.importorskip("psycopg2")
 
-BACKEND_PID = sa.text("SELECT pg_backend_pid()")
-DEADLINE_S = 20.0
-#: Longer than a close that does not wait for the server can take on a loaded machine.
-PROMPT_S = 2.0
-IDLE = 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
-
 
 @pytest.fixture(autouse=True)
 def always_deferred(monkeypatch):
-    """Every psycopg2 ROLLBACK deferred, however quick."""
+    """Every psycopg2 ROLLBACK deferred, however quick (the heuristic's own test sets it back)."""
     monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0)
 
 
@@ -53,13 +52,6 @@ def always_deferred(monkeypatch):
 def proxy(shared_server):
     with ChaosProxy(shared_server.host, shared_server.port) as proxy:
         yield proxy
-
-
-def _until(condition, what):
-    deadline = time.monotonic() + DEADLINE_S
-    while not condition():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.005)  # polling a condition, with a deadline
 
 
 def _deferred(engine) -> bool:
@@ -661,7 +653,7 @@ def test_threads_while_the_link_is_cut_again_and_again(  # noqa: PLR0917 - fixtu
     try:
         for _ in range(CUTS):
             # Struck while a ROLLBACK is under way in a worker (its end not yet signalled).
-            _until(lambda: any(p._done.locked() for p in handed[-6:]), "no ROLLBACK under way")
+            until(lambda: any(p._done.locked() for p in handed[-6:]), "no ROLLBACK under way")
             cuts.append(proxy.cut(mode))
     finally:
         stop.set()
