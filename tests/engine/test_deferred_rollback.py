@@ -32,7 +32,9 @@ from deferred_rollback_parts import (
     DEADLINE_S,
     IDLE,
     PROMPT_S,
+    handed_off,
     until,
+    was_handed_off,
 )
 from sqlalchemy.orm import Session
 
@@ -507,8 +509,9 @@ def test_a_quick_rollback_is_awaited_a_slow_one_deferred(
     def deferred(session) -> bool:
         native = session.connection().connection.dbapi_connection
         session.execute(BACKEND_PID)
-        session.close()
-        found = native in psycopg2_rollback._PENDING
+        with handed_off() as handed:
+            session.close()
+        found = was_handed_off(native, handed)
         psycopg2_rollback.settle(native)  # as the next checkout does
         assert native.get_transaction_status() == IDLE
         return found

@@ -28,7 +28,9 @@ from deferred_rollback_parts import (
     BACKEND_PID,
     DEADLINE_S,
     IDLE,
+    handed_off,
     until,
+    was_handed_off,
 )
 from sqlalchemy.orm import Session
 
@@ -56,10 +58,10 @@ def proxy(shared_server):
 
 def _deferred(engine) -> bool:
     """Run a request; whether its ROLLBACK at checkin was left to the worker (then settled)."""
-    with engine.connect() as connection:
+    with handed_off() as handed, engine.connect() as connection:
         native = connection.connection.dbapi_connection
         connection.execute(BACKEND_PID)
-    found = native in psycopg2_rollback._PENDING
+    found = was_handed_off(native, handed)
     psycopg2_rollback.settle(native)  # as the next checkout does
     assert native.get_transaction_status() == IDLE
     return found
