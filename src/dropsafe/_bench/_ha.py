@@ -127,6 +127,10 @@ class VariantResult:
     reported_lost: int = 0
     # When the event began (``time.monotonic()``, as each write's ``started`` and ``ended``).
     event_at: float = float("nan")
+    # When the fault was wholly in place: a hang's SIGSTOPs go out one process at a time, and
+    # a write the old leader acknowledged meanwhile may not have streamed (its walsender
+    # stopped first).
+    event_in_place_at: float = float("nan")
 
 
 def variant_name(kind: Kind, driver: Driver, route: Route) -> str:
@@ -323,6 +327,7 @@ def run_scenario(
         _wait_for_first_writes(writers, before)
         event_at = time.monotonic()
         undo = _event(cluster, scenario)
+        event_in_place_at = time.monotonic()
         if hold is None:
             hold = hold_of(scenario, cluster.ttl)
         if hold:
@@ -348,7 +353,7 @@ def run_scenario(
         cluster.wait_for_leader(limit)
     counted = cluster.execute(f"SELECT op_id, count(*) FROM {TABLE} GROUP BY 1")
     rows = Counter({op: int(n) for op, n in counted})
-    return [_figures(writer, event_at, rows) for writer in writers]
+    return [_figures(writer, event_at, rows, event_in_place_at) for writer in writers]
 
 
 def _url(cluster: PatroniCluster, driver: Driver, route: Route) -> str:
@@ -365,7 +370,9 @@ def _wait_for_first_writes(writers: list[Writer], timeout: float) -> None:
     time.sleep(timeout)
 
 
-def _figures(writer: Writer, event_at: float, rows: Counter[str]) -> VariantResult:
+def _figures(
+    writer: Writer, event_at: float, rows: Counter[str], event_in_place_at: float
+) -> VariantResult:
     outcomes = list(writer.outcomes)
     acks = sorted(o.ended for o in outcomes if o.result == "ack")
     before = [t for t in acks if t <= event_at]
@@ -399,4 +406,5 @@ def _figures(writer: Writer, event_at: float, rows: Counter[str]) -> VariantResu
         lost_writes=lost,
         reported_lost=writer.reported_lost,
         event_at=event_at,
+        event_in_place_at=event_in_place_at,
     )

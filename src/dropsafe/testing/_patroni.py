@@ -526,11 +526,17 @@ class PatroniCluster(Service):
         if pid is None:
             raise ServerError(f"{node.name} has no postmaster running")
         # Every process of it: each backend leads a session of its own (PostgreSQL calls
-        # setsid in its children), so no process group holds them all.
+        # setsid in its children), so no process group holds them all. The postmaster is
+        # stopped first, then its children are looked for once more: one it forked while
+        # /proc was read would otherwise run on, and take writes its stopped walsender never
+        # streams.
         uid = self._owner.process_uid
-        for process in postgres_processes(pid, uid):
-            if signal_if(process, signal.SIGSTOP, lambda p: runs_as(p, uid)):
-                node.stopped_pids.append(process)
+        for _ in range(2):
+            for process in postgres_processes(pid, uid):
+                if process not in node.stopped_pids and signal_if(
+                    process, signal.SIGSTOP, lambda p: runs_as(p, uid)
+                ):
+                    node.stopped_pids.append(process)
         return node.name
 
     def cut_leader(self) -> str:
