@@ -165,8 +165,10 @@ def send_rollback(
         return True
     if wait_callback() is not None or report.app_listens_before_settle(proxied):
         # Awaited by the dialect's own: green (in this greenlet), or the app's checkin
-        # listeners run right after the reset and psycopg2 refuses a setter (``readonly``...)
-        # while its ROLLBACK is under way ("set_session cannot be used inside a transaction").
+        # listeners (right after the reset) or checkout listeners (before dropsafe's check
+        # reads the ROLLBACK) would meet it under way: psycopg2 refuses a setter
+        # (``readonly``...) then ("set_session cannot be used inside a transaction"), and one
+        # that failed has closed the connection.
         return False
     times[1] -= 1
     pending = PendingRollback(native, timeout, during, report)

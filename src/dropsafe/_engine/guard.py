@@ -254,10 +254,6 @@ class EngineGuard:
             event.listen(engine, name, listener)
             if name == "handle_error":
                 _run_first(engine, name, listener)
-        # Any more on the pool are the app's: a psycopg2 ROLLBACK at checkin is then awaited.
-        self.quiet_rollback.reporter.own_checkin_listeners = sum(
-            name == "checkin" for name, _ in listeners
-        )
         self.quiet_rollback.wrap_do_rollback()
         self.replay.wrap_execute()
         if self.connect_wait.enabled:

@@ -238,12 +238,10 @@ class QuietRollback:
 class _Reporter:
     """What a driver's ROLLBACK not awaited tells this engine, and asks it (`Reporter`)."""
 
-    __slots__ = ("_hooks", "own_checkin_listeners")
+    __slots__ = ("_hooks",)
 
     def __init__(self, hooks: tuple[Hook, ...]) -> None:
         self._hooks = hooks
-        #: How many of the pool's ``checkin`` listeners are dropsafe's own (``attach`` counts).
-        self.own_checkin_listeners = 0
 
     def __call__(self, during: Literal["rollback", "reset"], error: BaseException) -> None:
         text = describe_error(error)
@@ -266,12 +264,17 @@ class _Reporter:
         if pool is None:
             return True
         dispatch = pool.dispatch
-        if len(dispatch.checkin) > self.own_checkin_listeners:
+        if not all(map(_is_dropsafes, dispatch.checkin)):
             return True
         # The first to run at checkout (class-level ones first, then the pool's in order):
         # dropsafe's checkout check, attached before any of dropsafe's other checkout listeners.
         first = next(iter(dispatch.checkout), None)
-        return not str(getattr(first, "__module__", None)).startswith("dropsafe.")
+        return first is None or not _is_dropsafes(first)
+
+
+def _is_dropsafes(listener: object) -> bool:
+    """Whether a pool listener is one dropsafe attached (its function's module is ours)."""
+    return str(getattr(listener, "__module__", None)).startswith("dropsafe.")
 
 
 def _rolling_back(proxied: PoolProxiedConnection, caller: FrameType | None) -> Connection | None:
