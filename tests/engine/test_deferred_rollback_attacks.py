@@ -5,8 +5,8 @@ and settles it before the connection's next use. Each test here attacks one prom
 docs/guarantees.md ("The ROLLBACK that ends a request is not awaited") with a real server and
 real faults (backends terminated, a link slowed or cut through a `ChaosProxy`): an app's pool
 listeners added in every way (awaited where the app listens to ``checkin``, or to ``checkout``
-before dropsafe's check; deferred again once it stops), a ROLLBACK failed before the pool's
-reset, threads meeting terminated backends and cuts mid-ROLLBACK, and gevent and eventlet
+before dropsafe's check; deferred again once it stops; one that raises ``DisconnectionError``
+as SQLAlchemy's recipes do, session 19: held), a ROLLBACK failed before the pool's reset, threads meeting terminated backends and cuts mid-ROLLBACK, and gevent and eventlet
 without a wait callback. Two failed before their fix: the app's ``checkout`` listeners added
 before harden() or on the Pool class met the ROLLBACK under way (psycopg2 refused their
 setters) or, failed, its closed connection (the request failed); eventlet without its psycopg2
@@ -168,6 +168,70 @@ def test_an_app_checkout_listener_before_harden_after_a_failed_rollback(
     lost = [event for event in events if isinstance(event, RollbackConnectionLost)]
     assert len(lost) == 2, events
     assert "already closed" not in str(lost)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_app_checkout_listener_that_raises_disconnection_error(
+    shared_server, proxy, disposing, when
+) -> None:
+    """SQLAlchemy's documented recipes raise ``DisconnectionError`` from a ``checkout`` listener
+    (a ping that failed; a connection made in another process): the pool invalidates that
+    connection and checks out a new one. Here it is raised on a connection whose last
+    ROLLBACK is under way (its reply 200 ms late), by a listener registered before harden()
+    (the ROLLBACK awaited at checkin) or after (deferred, settled by dropsafe's check first).
+    The request gets a new backend; the old connection is closed, nothing left under way, no
+    error said; and the app's ping, where it runs, never meets a ROLLBACK under way."""
+    events: list[object] = []
+    verdicts: list[str] = []
+    met_pending: list[bool] = []
+
+    def stale_or_dead(dbapi_connection, record, proxied) -> None:
+        del proxied
+        met_pending.append(dbapi_connection in psycopg2_rollback._PENDING)
+        if record.info.pop("stale", False):
+            verdicts.append("stale")
+            raise sa.exc.DisconnectionError("the app says: stale")
+        try:  # the pessimistic ping of SQLAlchemy's old recipe
+            with dbapi_connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        except psycopg2.Error as exc:
+            verdicts.append("dead")
+            raise sa.exc.DisconnectionError("the app's ping failed") from exc
+        verdicts.append("alive")
+
+    engine = disposing(
+        _hardened_after(
+            proxy.route(shared_server.url("psycopg2")),
+            (lambda engine: sa.event.listen(engine, "checkout", stale_or_dead))
+            if when == "before"
+            else _noop,
+            events,
+        )
+    )
+    if when == "after":
+        sa.event.listen(engine, "checkout", stale_or_dead)
+    pids = []
+    for _ in range(3):
+        with handed_off() as handed, engine.connect() as connection:
+            pids.append(connection.execute(BACKEND_PID).scalar())
+            native = connection.connection.dbapi_connection
+            connection.connection._connection_record.info["stale"] = True
+            proxy.latency(200)
+        assert was_handed_off(native, handed) == (when == "after")
+        proxy.latency(0)
+        with engine.connect() as connection:
+            pids.append(connection.execute(BACKEND_PID).scalar())
+        until(lambda native=native: native.closed, "the stale connection was never closed")
+        assert native not in psycopg2_rollback._PENDING
+    # Each stale connection gave way to a new backend, which the next request kept.
+    assert len(set(pids[0::2])) == 3, pids
+    assert pids[0::2][1:] == pids[1::2][:-1], pids
+    assert verdicts.count("stale") == 3, verdicts
+    assert "dead" not in verdicts, verdicts
+    assert not any(met_pending), met_pending
+    assert events == []
+    with engine.connect() as connection:
+        assert connection.execute(BACKEND_PID).scalar() == pids[-1]
 
 
 # -- deferred, or awaited where the app listens: every way a listener gets there ---------------
