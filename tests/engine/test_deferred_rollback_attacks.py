@@ -1,16 +1,17 @@
 """Attacks on psycopg2's deferred checkin ROLLBACK (session 18), after its three fixes.
 
-`dropsafe._drivers.psycopg2_rollback` runs psycopg2's own ``rollback()`` in a worker thread
-and settles it before the connection's next use. Each test here attacks one promise of
+`dropsafe._drivers.psycopg2_rollback` runs psycopg2's own ``rollback()`` in a worker thread and
+settles it before the connection's next use. Each test here attacks one promise of
 docs/guarantees.md ("The ROLLBACK that ends a request is not awaited") with a real server and
 real faults (backends terminated, a link slowed or cut through a `ChaosProxy`): an app's pool
 listeners added in every way (awaited where the app listens to ``checkin``, or to ``checkout``
 before dropsafe's check; deferred again once it stops; one that raises ``DisconnectionError``
-as SQLAlchemy's recipes do, session 19: held), a ROLLBACK failed before the pool's reset, threads meeting terminated backends and cuts mid-ROLLBACK, and gevent and eventlet
-without a wait callback. Two failed before their fix: the app's ``checkout`` listeners added
-before harden() or on the Pool class met the ROLLBACK under way (psycopg2 refused their
-setters) or, failed, its closed connection (the request failed); eventlet without its psycopg2
-patch hung (the worker's queue was eventlet's green one).
+as SQLAlchemy's recipes do, session 19: held), a ROLLBACK failed before the pool's reset,
+threads meeting terminated backends and cuts mid-ROLLBACK, and gevent and eventlet without a
+wait callback. Two failed before their fix: the app's ``checkout`` listeners added before
+harden() or on the Pool class met the ROLLBACK under way (psycopg2 refused their setters) or,
+failed, its closed connection (the request failed); eventlet without its psycopg2 patch hung
+(the worker's queue was eventlet's green one).
 """
 
 from __future__ import annotations
