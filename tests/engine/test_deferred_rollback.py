@@ -42,26 +42,17 @@ import dropsafe
 from dropsafe._drivers import psycopg2_rollback
 from dropsafe._engine.guard import guard_of
 from dropsafe.events import DeadConnectionReplaced, RollbackConnectionLost
-from dropsafe.testing import ChaosProxy
 
-pytestmark = [pytest.mark.fault, pytest.mark.shares_server]
+pytestmark = [
+    pytest.mark.fault,
+    pytest.mark.shares_server,
+    pytest.mark.usefixtures("every_rollback_deferred"),
+]
 
 psycopg2 = pytest.importorskip("psycopg2")
 
 ACTIVE = 1  # TRANSACTION_STATUS_ACTIVE: a command in progress
 DRIVERS = ["psycopg", "psycopg2"]
-
-
-@pytest.fixture(autouse=True)
-def always_deferred(monkeypatch):
-    """Every psycopg2 ROLLBACK deferred, however quick (the heuristic's own test sets it back)."""
-    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0)
-
-
-@pytest.fixture
-def proxy(shared_server):
-    with ChaosProxy(shared_server.host, shared_server.port) as proxy:
-        yield proxy
 
 
 def _engine(disposing, url, events=None, *, pre_ping=False, ping_timeout=5.0, size=1):
@@ -120,18 +111,18 @@ def _a_request_in_a_child(engine):
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_request_ends_without_waiting_for_its_rollback(
-    shared_server, proxy, disposing, driver
+    shared_server, shared_server_proxy, disposing, driver
 ) -> None:
     """Blackholed after the last reply: the close returns at once (it waited before)."""
-    engine = _engine(disposing, proxy.route(shared_server.url(driver)))
+    engine = _engine(disposing, shared_server_proxy.route(shared_server.url(driver)))
     assert guard_of(engine).quiet_rollback.defers
     session = Session(engine)
     pid = session.execute(BACKEND_PID).scalar()
-    proxy.blackhole()
+    shared_server_proxy.blackhole()
     started = time.monotonic()
     closing = _close_in_background(session)
     waited = time.monotonic() - started
-    proxy.heal()
+    shared_server_proxy.heal()
     closing.join(DEADLINE_S)
     assert not closing.is_alive()
     assert waited < PROMPT_S, f"the close waited {waited:.1f} s for the ROLLBACK's reply"
@@ -143,24 +134,24 @@ def test_a_request_ends_without_waiting_for_its_rollback(
 @pytest.mark.parametrize("fault", ["cut", "terminate"])
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_rollback_that_fails_after_checkin_is_never_seen(  # noqa: PLR0917
-    shared_server, proxy, disposing, driver, fault, pre_ping
+    shared_server, shared_server_proxy, disposing, driver, fault, pre_ping
 ) -> None:
     """The ROLLBACK unanswered, then the link cut or the backend terminated: replaced, unseen.
 
     With ``pool_pre_ping`` SQLAlchemy's ping comes first, and reads the reply (psycopg2: awaits it).
     """
     events: list[object] = []
-    url = proxy.route(shared_server.url(driver))
+    url = shared_server_proxy.route(shared_server.url(driver))
     engine = _engine(disposing, url, events, pre_ping=pre_ping)
     session = Session(engine)
     pid = session.execute(BACKEND_PID).scalar()
-    proxy.blackhole()
+    shared_server_proxy.blackhole()
     closing = _close_in_background(session)
     if fault == "cut":
-        assert proxy.cut("rst") >= 1
+        assert shared_server_proxy.cut("rst") >= 1
     else:
         assert shared_server.execute(f"SELECT pg_terminate_backend({pid}, 5000)") == [("t",)]
-    proxy.heal()
+    shared_server_proxy.heal()
     closing.join(DEADLINE_S)
     assert not closing.is_alive()
     # The next requests: no error, a new backend, in no transaction.
@@ -175,13 +166,13 @@ def test_a_rollback_that_fails_after_checkin_is_never_seen(  # noqa: PLR0917
 
 @pytest.mark.parametrize("driver", DRIVERS)
 def test_a_late_reply_is_read_before_the_next_checkout_sends(
-    shared_server, proxy, disposing, driver
+    shared_server, shared_server_proxy, disposing, driver
 ) -> None:
     """300 ms each way: the next request checks out at once, and waits for the reply first."""
-    engine = _engine(disposing, proxy.route(shared_server.url(driver)))
+    engine = _engine(disposing, shared_server_proxy.route(shared_server.url(driver)))
     with Session(engine) as session:
         pid = session.execute(BACKEND_PID).scalar()
-    proxy.latency(300)
+    shared_server_proxy.latency(300)
     with Session(engine) as session:
         assert session.execute(BACKEND_PID).scalar() == pid
         session.execute(sa.text("SELECT 1"))
@@ -259,22 +250,24 @@ def test_psycopg2_defers_through_its_own_rollback(shared_server) -> None:
 # -- psycopg2: its own rollback() in a worker thread -------------------------------------------
 
 
-def test_characteristics_are_reset_after_the_rollback(shared_server, proxy, disposing) -> None:
+def test_characteristics_are_reset_after_the_rollback(
+    shared_server, shared_server_proxy, disposing
+) -> None:
     """A Connection's readonly and deferrable options are undone at checkin by SQLAlchemy's
     finalizer, after the pool's ROLLBACK: psycopg2 refused it while the ROLLBACK ran in the
     worker ("set_session cannot be used inside a transaction"; SQLAlchemy's own readonly and
     deferrable tests failed under load). The link delays the ROLLBACK's reply, so the finalizer
     runs while it is under way, every time."""
     events: list[object] = []
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")), events)
+    engine = _engine(disposing, shared_server_proxy.route(shared_server.url("psycopg2")), events)
     for _ in range(3):
         with engine.connect() as plain:
             connection = plain.execution_options(
                 postgresql_readonly=True, postgresql_deferrable=True
             )
             assert connection.execute(sa.text("SHOW transaction_read_only")).scalar() == "on"
-            proxy.latency(200)
-        proxy.latency(0)
+            shared_server_proxy.latency(200)
+        shared_server_proxy.latency(0)
         with engine.connect() as connection:
             native = connection.connection.dbapi_connection
             assert not native.readonly
@@ -336,15 +329,21 @@ def test_the_rollback_still_rolls_back(shared_server, disposing) -> None:
     assert shared_server.execute("SELECT count(*) FROM deferred_rb2") == [("0",)]
 
 
-def test_a_rollback_past_ping_timeout_is_cut_and_replaced(shared_server, proxy, disposing) -> None:
+def test_a_rollback_past_ping_timeout_is_cut_and_replaced(
+    shared_server, shared_server_proxy, disposing
+) -> None:
     """Blackholed for good: the next checkout waits ping_timeout, shuts it down, gets a new one."""
     events: list[object] = []
     engine = _engine(
-        disposing, proxy.route(shared_server.url("psycopg2")), events, ping_timeout=0.5, size=2
+        disposing,
+        shared_server_proxy.route(shared_server.url("psycopg2")),
+        events,
+        ping_timeout=0.5,
+        size=2,
     )
     session = Session(engine)
     pid = session.execute(BACKEND_PID).scalar()
-    proxy.blackhole()
+    shared_server_proxy.blackhole()
     closing = _close_in_background(session)
     assert not closing.is_alive()
     found: list[object] = []
@@ -358,7 +357,7 @@ def test_a_rollback_past_ping_timeout_is_cut_and_replaced(shared_server, proxy, 
         "the ROLLBACK was never given up",
     )
     waited = time.monotonic() - started
-    proxy.heal()
+    shared_server_proxy.heal()
     checking_out.join(DEADLINE_S)
     assert not checking_out.is_alive()
     assert 0.4 < waited < PROMPT_S, f"given up after {waited:.1f} s"
@@ -367,15 +366,19 @@ def test_a_rollback_past_ping_timeout_is_cut_and_replaced(shared_server, proxy, 
 
 
 @pytest.mark.parametrize("blackholed", [False, True], ids=["late", "blackholed"])
-def test_dispose_while_a_rollback_is_under_way(shared_server, proxy, disposing, blackholed) -> None:
+def test_dispose_while_a_rollback_is_under_way(
+    shared_server, shared_server_proxy, disposing, blackholed
+) -> None:
     """dispose() right after a request: no hang (bounded by ping_timeout), no error."""
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")), ping_timeout=1.0)
+    engine = _engine(
+        disposing, shared_server_proxy.route(shared_server.url("psycopg2")), ping_timeout=1.0
+    )
     session = Session(engine)
     session.execute(BACKEND_PID)
     if blackholed:
-        proxy.blackhole()
+        shared_server_proxy.blackhole()
     else:
-        proxy.latency(300)
+        shared_server_proxy.latency(300)
     closing = _close_in_background(session)
     assert not closing.is_alive(), "the close waited for the ROLLBACK"
     started = time.monotonic()
@@ -400,11 +403,11 @@ print("closed", flush=True)
 """
 
 
-def test_interpreter_exit_while_a_rollback_is_under_way(shared_server, proxy) -> None:
+def test_interpreter_exit_while_a_rollback_is_under_way(shared_server, shared_server_proxy) -> None:
     """An app that exits (no dispose) with its ROLLBACK unanswered: exits in time, silently."""
     url = shared_server.url("psycopg2")
     child = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(_EXIT_SCRIPT), proxy.route(url)],
+        [sys.executable, "-c", textwrap.dedent(_EXIT_SCRIPT), shared_server_proxy.route(url)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -414,7 +417,7 @@ def test_interpreter_exit_while_a_rollback_is_under_way(shared_server, proxy) ->
         assert child.stdout is not None
         assert child.stdin is not None
         assert child.stdout.readline().strip() == "queried"
-        proxy.blackhole()
+        shared_server_proxy.blackhole()
         child.stdin.write("\n")
         child.stdin.flush()
         started = time.monotonic()
@@ -430,14 +433,16 @@ def test_interpreter_exit_while_a_rollback_is_under_way(shared_server, proxy) ->
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_fork_while_a_rollback_is_under_way(shared_server, proxy, disposing) -> None:
+def test_a_fork_while_a_rollback_is_under_way(
+    shared_server, shared_server_proxy, disposing
+) -> None:
     """Forked while a worker thread holds psycopg2's lock: the fork waits for it; the child,
     which never has that thread, uses the pool (a new connection) and ends; the parent goes on.
     """
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")))
+    engine = _engine(disposing, shared_server_proxy.route(shared_server.url("psycopg2")))
     with Session(engine) as session:
         session.execute(BACKEND_PID)
-    proxy.latency(300)
+    shared_server_proxy.latency(300)
     with Session(engine) as session:
         session.execute(BACKEND_PID)  # ends with a ROLLBACK under way for 600 ms more
         native = session.connection().connection.dbapi_connection
@@ -446,23 +451,25 @@ def test_a_fork_while_a_rollback_is_under_way(shared_server, proxy, disposing) -
     until(lambda: native.get_transaction_status() == ACTIVE, "the ROLLBACK never began")
     assert native in psycopg2_rollback._PENDING
     _a_request_in_a_child(engine)
-    proxy.heal()
+    shared_server_proxy.heal()
     with Session(engine) as session:
         assert session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
 
 
-def test_a_green_wait_callback_keeps_it_awaited(shared_server, proxy, disposing) -> None:
+def test_a_green_wait_callback_keeps_it_awaited(
+    shared_server, shared_server_proxy, disposing
+) -> None:
     """With a wait callback set (psycogreen's way), the ROLLBACK is awaited in the request."""
     from psycopg2.extras import wait_select
 
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")))
+    engine = _engine(disposing, shared_server_proxy.route(shared_server.url("psycopg2")))
     psycopg2.extensions.set_wait_callback(wait_select)
     try:
         session = Session(engine)
         connection = session.connection()
         native = connection.connection.dbapi_connection
         session.execute(BACKEND_PID)
-        proxy.latency(100)
+        shared_server_proxy.latency(100)
         session.close()
         assert native not in psycopg2_rollback._PENDING
         assert native.get_transaction_status() == IDLE
@@ -470,11 +477,13 @@ def test_a_green_wait_callback_keeps_it_awaited(shared_server, proxy, disposing)
         psycopg2.extensions.set_wait_callback(None)
 
 
-def test_many_threads_many_requests(shared_server, proxy, disposing) -> None:
+def test_many_threads_many_requests(shared_server, shared_server_proxy, disposing) -> None:
     """8 threads on a pool of 4 at 10 ms RTT: every request answered, every connection reused."""
     events: list[object] = []
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")), events, size=4)
-    proxy.latency(5)
+    engine = _engine(
+        disposing, shared_server_proxy.route(shared_server.url("psycopg2")), events, size=4
+    )
+    shared_server_proxy.latency(5)
     errors: list[BaseException] = []
     pids: set[int] = set()
 
@@ -498,7 +507,7 @@ def test_many_threads_many_requests(shared_server, proxy, disposing) -> None:
 
 
 def test_a_quick_rollback_is_awaited_a_slow_one_deferred(
-    shared_server, proxy, disposing, monkeypatch
+    shared_server, shared_server_proxy, disposing, monkeypatch
 ) -> None:
     """Where the ROLLBACK is mostly CPU (a database next to the app) the thread hand-off costs
     more than it saves: awaited; slower (5 ms each way), deferred, timed again one in N."""
@@ -520,13 +529,13 @@ def test_a_quick_rollback_is_awaited_a_slow_one_deferred(
     # loaded by a second test suite; 10 ms was not, once in CI): deferred until
     # DEFERRED_BEFORE_TIMING were, then timed in the request's thread, and awaited.
     monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 1.0)
-    engine = _engine(disposing, proxy.route(shared_server.url("psycopg2")))
+    engine = _engine(disposing, shared_server_proxy.route(shared_server.url("psycopg2")))
     seen = [deferred(Session(engine)) for _ in range(8)]
     assert seen == [True, True, True, True, False, False, False, False]
     # Slow (5 ms each way): timed once (awaited: the last timing was quick, under 1 s), then,
     # over a 10 ms threshold (load only adds to a 10 ms round trip), deferred, but for one in
     # REMEASURE_EVERY.
-    proxy.latency(5)
+    shared_server_proxy.latency(5)
     seen = [deferred(Session(engine))]
     monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.010)
     seen += [deferred(Session(engine)) for _ in range(6)]

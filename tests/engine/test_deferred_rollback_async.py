@@ -26,7 +26,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 import dropsafe
 from dropsafe._engine.guard import guard_of
 from dropsafe.events import DeadConnectionReplaced, RollbackConnectionLost
-from dropsafe.testing import ChaosProxy
 
 pytestmark = [pytest.mark.fault, pytest.mark.shares_server]
 
@@ -37,12 +36,6 @@ DEADLINE_S = 20.0
 #: The settle's bound (``ping_timeout``): a reply later than this closes the connection.
 SETTLE_S = 3.0
 DRIVERS = ["asyncpg", "psycopg"]
-
-
-@pytest.fixture
-def proxy(shared_server):
-    with ChaosProxy(shared_server.host, shared_server.port) as proxy:
-        yield proxy
 
 
 @pytest.fixture
@@ -100,17 +93,17 @@ async def _session_pid(engine):
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_a_request_ends_without_waiting_for_its_rollback(
-    shared_server, proxy, disposing_async, loop_errors, driver
+    shared_server, shared_server_proxy, disposing_async, loop_errors, driver
 ) -> None:
     """Blackholed after the last reply: the close returns at once (it waited before)."""
-    engine = disposing_async(_engine(proxy.route(shared_server.url(driver))))
+    engine = disposing_async(_engine(shared_server_proxy.route(shared_server.url(driver))))
     session, pid = await _session_pid(engine)
-    proxy.blackhole()
+    shared_server_proxy.blackhole()
     started = time.monotonic()
     closing = asyncio.ensure_future(session.close())
     done, _ = await asyncio.wait({closing}, timeout=PROMPT_S)
     waited = time.monotonic() - started
-    proxy.heal()
+    shared_server_proxy.heal()
     await asyncio.wait_for(closing, DEADLINE_S)
     assert done, f"the close waited {waited:.1f} s for the ROLLBACK's reply"
     # The reply, read at the next checkout: the same connection, in no transaction.
@@ -122,7 +115,7 @@ async def test_a_request_ends_without_waiting_for_its_rollback(
 @pytest.mark.parametrize("pre_ping", [False, True], ids=["", "pre_ping"])
 @pytest.mark.parametrize("fault", ["cut", "terminate", "late"])
 async def test_a_rollback_that_fails_after_checkin_is_never_seen(  # noqa: PLR0917 - fixtures
-    shared_server, proxy, disposing_async, loop_errors, fault, pre_ping, driver
+    shared_server, shared_server_proxy, disposing_async, loop_errors, fault, pre_ping, driver
 ) -> None:
     """The ROLLBACK unanswered, then the link cut, the backend terminated, or the reply later
     than ``ping_timeout``: the next request gets a new connection and no error.
@@ -132,18 +125,18 @@ async def test_a_rollback_that_fails_after_checkin_is_never_seen(  # noqa: PLR09
     """
     events: list[object] = []
     engine = disposing_async(
-        _engine(proxy.route(shared_server.url(driver)), events, pre_ping=pre_ping)
+        _engine(shared_server_proxy.route(shared_server.url(driver)), events, pre_ping=pre_ping)
     )
     session, pid = await _session_pid(engine)
-    proxy.blackhole()
+    shared_server_proxy.blackhole()
     closing = asyncio.ensure_future(session.close())
     await asyncio.wait({closing}, timeout=PROMPT_S)
     if fault == "cut":
-        assert proxy.cut("rst") >= 1
+        assert shared_server_proxy.cut("rst") >= 1
     elif fault == "terminate":
         assert shared_server.execute(f"SELECT pg_terminate_backend({pid}, 5000)") == [("t",)]
     if fault != "late":
-        proxy.heal()
+        shared_server_proxy.heal()
     started = time.monotonic()
     # The next request: no error, a new backend, in no transaction.
     checkout = asyncio.ensure_future(_idle_at_checkout(engine))
@@ -153,7 +146,7 @@ async def test_a_rollback_that_fails_after_checkin_is_never_seen(  # noqa: PLR09
             assert time.monotonic() - started < DEADLINE_S, "the settle never gave up"
             await asyncio.sleep(0.02)  # polling the events, with a deadline
         assert time.monotonic() - started >= SETTLE_S * 0.9
-        proxy.heal()
+        shared_server_proxy.heal()
     assert await asyncio.wait_for(checkout, DEADLINE_S) != pid
     await asyncio.wait_for(closing, DEADLINE_S)
     assert any(
@@ -163,13 +156,13 @@ async def test_a_rollback_that_fails_after_checkin_is_never_seen(  # noqa: PLR09
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_a_late_reply_is_read_before_the_next_checkout_sends(
-    shared_server, proxy, disposing_async, loop_errors, driver
+    shared_server, shared_server_proxy, disposing_async, loop_errors, driver
 ) -> None:
     """300 ms each way: the next request checks out at once, and waits for the reply first."""
-    engine = disposing_async(_engine(proxy.route(shared_server.url(driver))))
+    engine = disposing_async(_engine(shared_server_proxy.route(shared_server.url(driver))))
     async with AsyncSession(engine) as session:
         pid = (await session.execute(BACKEND_PID)).scalar()
-    proxy.latency(300)
+    shared_server_proxy.latency(300)
     for _ in range(2):
         async with AsyncSession(engine) as session:
             assert (await session.execute(BACKEND_PID)).scalar() == pid
@@ -201,17 +194,17 @@ async def test_the_same_connection_goes_on_after_its_own_rollback(
 @pytest.mark.parametrize("driver", DRIVERS)
 @pytest.mark.parametrize("link", ["healthy", "blackholed"])
 async def test_a_dispose_with_a_rollback_due_neither_hangs_nor_leaks(
-    shared_server, proxy, loop_errors, driver, link
+    shared_server, shared_server_proxy, loop_errors, driver, link
 ) -> None:
     """The engine disposed right after the request: the reply is read (or given up on after
     ``ping_timeout``) and the connection closed; no task or coroutine is left pending."""
-    engine = _engine(proxy.route(shared_server.url(driver)))
+    engine = _engine(shared_server_proxy.route(shared_server.url(driver)))
     session, pid = await _session_pid(engine)
     if link == "blackholed":
-        proxy.blackhole()
+        shared_server_proxy.blackhole()
     await asyncio.wait_for(session.close(), PROMPT_S if link == "blackholed" else DEADLINE_S)
     await asyncio.wait_for(engine.dispose(), DEADLINE_S)
-    proxy.heal()
+    shared_server_proxy.heal()
     # The backend is gone once the server sees the close (or the cut, once healed).
     deadline = time.monotonic() + DEADLINE_S
     query = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
@@ -222,12 +215,12 @@ async def test_a_dispose_with_a_rollback_due_neither_hangs_nor_leaks(
 
 @pytest.mark.parametrize("driver", DRIVERS)
 async def test_a_request_cancelled_as_its_connection_is_checked_in(
-    shared_server, proxy, disposing_async, loop_errors, driver
+    shared_server, shared_server_proxy, disposing_async, loop_errors, driver
 ) -> None:
     """The request's task cancelled as its ROLLBACK starts (an app's timeout, a client gone):
     the ROLLBACK still ends, the connection is kept, the next request gets it idle."""
-    engine = disposing_async(_engine(proxy.route(shared_server.url(driver))))
-    proxy.latency(50)
+    engine = disposing_async(_engine(shared_server_proxy.route(shared_server.url(driver))))
+    shared_server_proxy.latency(50)
 
     @sa.event.listens_for(engine.sync_engine, "rollback")
     def cancel_me(_connection):
@@ -241,22 +234,24 @@ async def test_a_request_cancelled_as_its_connection_is_checked_in(
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, DEADLINE_S)
     sa.event.remove(engine.sync_engine, "rollback", cancel_me)
-    proxy.heal()
+    shared_server_proxy.heal()
     pid = await _idle_at_checkout(engine)
     assert await _idle_at_checkout(engine) == pid
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_the_loop_closed_before_the_reply_was_read(shared_server, proxy, driver) -> None:
+def test_the_loop_closed_before_the_reply_was_read(
+    shared_server, shared_server_proxy, driver
+) -> None:
     """A ROLLBACK still due when its loop closes (``asyncio.run`` ended without a dispose):
     the engine, used on a new loop, replaces that connection unseen; nothing is left pending."""
-    engine = _engine(proxy.route(shared_server.url(driver)))
+    engine = _engine(shared_server_proxy.route(shared_server.url(driver)))
     heard: list[dict[str, object]] = []
 
     async def first():
         asyncio.get_running_loop().set_exception_handler(lambda _l, c: heard.append(c))
         session, pid = await _session_pid(engine)
-        proxy.blackhole()
+        shared_server_proxy.blackhole()
         await asyncio.wait_for(session.close(), PROMPT_S)
         return pid
 
@@ -268,7 +263,7 @@ def test_the_loop_closed_before_the_reply_was_read(shared_server, proxy, driver)
             await engine.dispose()
 
     pid = asyncio.run(first())
-    proxy.heal()
+    shared_server_proxy.heal()
     if driver == "asyncpg":  # its connection belongs to the loop that closed: replaced
         assert asyncio.run(second()) != pid
     else:  # psycopg's belongs to no loop: the next loop reads the reply, and it goes on
@@ -278,9 +273,11 @@ def test_the_loop_closed_before_the_reply_was_read(shared_server, proxy, driver)
 
 
 @pytest.mark.parametrize("driver", DRIVERS)
-async def test_the_opt_out_waits_as_before(shared_server, proxy, disposing_async, driver) -> None:
+async def test_the_opt_out_waits_as_before(
+    shared_server, shared_server_proxy, disposing_async, driver
+) -> None:
     """``PoolPolicy(defer_checkin_rollback=False)`` or the URL's flag: the close waits."""
-    url = proxy.route(shared_server.url(driver))
+    url = shared_server_proxy.route(shared_server.url(driver))
     engine = disposing_async(_engine(url, defer=False))
     flagged = disposing_async(
         create_async_engine(f"{url}&plugin=dropsafe&dropsafe_defer_checkin_rollback=false")
@@ -288,7 +285,7 @@ async def test_the_opt_out_waits_as_before(shared_server, proxy, disposing_async
     assert not guard_of(engine.sync_engine).quiet_rollback.defers
     assert not guard_of(flagged.sync_engine).quiet_rollback.defers
     session, _ = await _session_pid(engine)
-    proxy.latency(300)
+    shared_server_proxy.latency(300)
     started = time.monotonic()
     await asyncio.wait_for(session.close(), DEADLINE_S)
     assert time.monotonic() - started >= 0.5
@@ -296,15 +293,17 @@ async def test_the_opt_out_waits_as_before(shared_server, proxy, disposing_async
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 @pytest.mark.parametrize("driver", DRIVERS)
-def test_a_child_forked_with_a_reply_due_never_reads_it(shared_server, proxy, driver) -> None:
+def test_a_child_forked_with_a_reply_due_never_reads_it(
+    shared_server, shared_server_proxy, driver
+) -> None:
     """A process forked with a ROLLBACK's reply due (its loop ended, as ``asyncio.run`` before
     a pre-fork server forks): the child's first request gets a connection of its own, and the
     parent goes on (replacing its connection if the child's close ended it)."""
-    engine = _engine(proxy.route(shared_server.url(driver)))
+    engine = _engine(shared_server_proxy.route(shared_server.url(driver)))
 
     async def first():
         session, pid = await _session_pid(engine)
-        proxy.blackhole()  # the reply stays due when the loop ends
+        shared_server_proxy.blackhole()  # the reply stays due when the loop ends
         await asyncio.wait_for(session.close(), PROMPT_S)
         return pid
 
@@ -313,7 +312,7 @@ def test_a_child_forked_with_a_reply_due_never_reads_it(shared_server, proxy, dr
             return (await session.execute(sa.text("SELECT 41 + 1"))).scalar()
 
     asyncio.run(first())
-    proxy.heal()
+    shared_server_proxy.heal()
     child = os.fork()
     if child == 0:  # pragma: no cover - the child reports by its exit status
         try:

@@ -38,23 +38,14 @@ from sqlalchemy.orm import Session
 import dropsafe
 from dropsafe._drivers import psycopg2_rollback
 from dropsafe.events import DeadConnectionReplaced, RollbackConnectionLost
-from dropsafe.testing import ChaosProxy
 
-pytestmark = [pytest.mark.fault, pytest.mark.shares_server]
+pytestmark = [
+    pytest.mark.fault,
+    pytest.mark.shares_server,
+    pytest.mark.usefixtures("every_rollback_deferred"),
+]
 
 psycopg2 = pytest.importorskip("psycopg2")
-
-
-@pytest.fixture(autouse=True)
-def always_deferred(monkeypatch):
-    """Every psycopg2 ROLLBACK deferred, however quick (the heuristic's own test sets it back)."""
-    monkeypatch.setattr(psycopg2_rollback, "SLOW_ROLLBACK_S", 0.0)
-
-
-@pytest.fixture
-def proxy(shared_server):
-    with ChaosProxy(shared_server.host, shared_server.port) as proxy:
-        yield proxy
 
 
 def _deferred(engine) -> bool:
@@ -84,7 +75,7 @@ def _hardened_after(url, listen, events, **kwargs):
 
 @pytest.mark.parametrize("where", ["engine", "pool_class"])
 def test_an_app_checkout_listener_before_harden_sets_a_characteristic(
-    shared_server, proxy, disposing, where
+    shared_server, shared_server_proxy, disposing, where
 ) -> None:
     """The app's ``checkout`` listener, registered before harden() (so it runs before the
     checkout check that settles the ROLLBACK) or on the Pool class (always first), sets
@@ -107,7 +98,7 @@ def test_an_app_checkout_listener_before_harden_sets_a_characteristic(
     target = sa.pool.Pool if where == "pool_class" else None
     engine = disposing(
         _hardened_after(
-            proxy.route(shared_server.url("psycopg2")),
+            shared_server_proxy.route(shared_server.url("psycopg2")),
             lambda engine: sa.event.listen(target or engine, "checkout", set_readonly),
             events,
         )
@@ -116,10 +107,10 @@ def test_an_app_checkout_listener_before_harden_sets_a_characteristic(
         with engine.connect() as connection:
             pid = connection.execute(BACKEND_PID).scalar()
         for _ in range(3):
-            proxy.latency(200)
+            shared_server_proxy.latency(200)
             with engine.connect() as connection:
                 connection.execute(sa.text("SELECT 1"))
-            proxy.latency(0)
+            shared_server_proxy.latency(0)
             with engine.connect() as connection:
                 assert connection.execute(BACKEND_PID).scalar() == pid
     finally:
@@ -173,7 +164,7 @@ def test_an_app_checkout_listener_before_harden_after_a_failed_rollback(
 
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_an_app_checkout_listener_that_raises_disconnection_error(
-    shared_server, proxy, disposing, when
+    shared_server, shared_server_proxy, disposing, when
 ) -> None:
     """SQLAlchemy's documented recipes raise ``DisconnectionError`` from a ``checkout`` listener
     (a ping that failed; a connection made in another process): the pool invalidates that
@@ -202,7 +193,7 @@ def test_an_app_checkout_listener_that_raises_disconnection_error(
 
     engine = disposing(
         _hardened_after(
-            proxy.route(shared_server.url("psycopg2")),
+            shared_server_proxy.route(shared_server.url("psycopg2")),
             (lambda engine: sa.event.listen(engine, "checkout", stale_or_dead))
             if when == "before"
             else _noop,
@@ -217,9 +208,9 @@ def test_an_app_checkout_listener_that_raises_disconnection_error(
             pids.append(connection.execute(BACKEND_PID).scalar())
             native = connection.connection.dbapi_connection
             connection.connection._connection_record.info["stale"] = True
-            proxy.latency(200)
+            shared_server_proxy.latency(200)
         assert was_handed_off(native, handed) == (when == "after")
-        proxy.latency(0)
+        shared_server_proxy.latency(0)
         with engine.connect() as connection:
             pids.append(connection.execute(BACKEND_PID).scalar())
         until(lambda native=native: native.closed, "the stale connection was never closed")
@@ -590,15 +581,15 @@ def _skip_without(library: str) -> None:
 
 @pytest.mark.parametrize("shape", GREEN_SHAPES)
 @pytest.mark.parametrize("lib", ["gevent", "eventlet", "eventlet-threads"])
-def test_green_requests(shared_server, proxy, lib, shape) -> None:
+def test_green_requests(shared_server, shared_server_proxy, lib, shape) -> None:
     """Monkey patched, no psycopg2 wait callback (psycopg2 blocks the hub on its I/O), 2 ms
     each way through the proxy so that every ROLLBACK is still under way when its request ends:
     every shape ends within the deadline, every ROLLBACK deferred, none said twice or wrongly."""
     _skip_without(lib.split("-")[0])
-    proxy.latency(2)
+    shared_server_proxy.latency(2)
     env = {
         **os.environ,
-        "RB_ATTACK_URL": proxy.route(shared_server.url("psycopg2")),
+        "RB_ATTACK_URL": shared_server_proxy.route(shared_server.url("psycopg2")),
         "RB_ATTACK_ADMIN_URL": shared_server.url("psycopg2"),
         "PYTHONWARNINGS": "ignore",
     }
@@ -669,7 +660,7 @@ CUTS = 10
 @pytest.mark.parametrize("idle_s", [60.0, 0.001], ids=["workers-kept", "workers-ending"])
 @pytest.mark.parametrize("mode", ["rst", "fin"])
 def test_threads_while_the_link_is_cut_again_and_again(  # noqa: PLR0917 - fixtures
-    shared_server, proxy, disposing, monkeypatch, mode, idle_s
+    shared_server, shared_server_proxy, disposing, monkeypatch, mode, idle_s
 ) -> None:
     """6 threads on a pool of 3 at 3 ms each way, every link cut 10 times, each while a
     ROLLBACK is under way in a worker (and, ``workers-ending``, on workers
@@ -682,14 +673,14 @@ def test_threads_while_the_link_is_cut_again_and_again(  # noqa: PLR0917 - fixtu
     size = 3
     engine = disposing(
         dropsafe.create_engine(
-            proxy.route(shared_server.url("psycopg2")),
+            shared_server_proxy.route(shared_server.url("psycopg2")),
             policy=dropsafe.Policy(hooks=(events.append,)),
             pool_size=size,
             max_overflow=0,
             pool_timeout=DEADLINE_S,
         )
     )
-    proxy.latency(3)
+    shared_server_proxy.latency(3)
     handed: list[psycopg2_rollback.PendingRollback] = []
     hand_over = psycopg2_rollback._Workers.run
 
@@ -721,7 +712,7 @@ def test_threads_while_the_link_is_cut_again_and_again(  # noqa: PLR0917 - fixtu
         for _ in range(CUTS):
             # Struck while a ROLLBACK is under way in a worker (its end not yet signalled).
             until(lambda: any(p._done.locked() for p in handed[-6:]), "no ROLLBACK under way")
-            cuts.append(proxy.cut(mode))
+            cuts.append(shared_server_proxy.cut(mode))
     finally:
         stop.set()
         for thread in threads:
@@ -730,7 +721,7 @@ def test_threads_while_the_link_is_cut_again_and_again(  # noqa: PLR0917 - fixtu
     assert close_errors == []
     assert sum(cuts) > 0
     assert answered
-    proxy.heal()
+    shared_server_proxy.heal()
     for _ in range(2 * size):
         with Session(engine) as session:
             assert session.execute(sa.text("SELECT 41 + 1")).scalar() == 42
@@ -813,7 +804,7 @@ print("DONE", close_errors, "already closed" in str(lost), len(lost), flush=True
 
 
 @pytest.mark.parametrize("mode", ["rst", "fin"])
-def test_gevent_while_the_link_is_cut(shared_server, proxy, tmp_path, mode) -> None:
+def test_gevent_while_the_link_is_cut(shared_server, shared_server_proxy, tmp_path, mode) -> None:
     """Six greenlets under gevent's patch_all (no wait callback) on 2 connections at 3 ms each
     way; the link cut 5 times, each after more requests were answered: no close raises, none
     hangs, no failed ROLLBACK is said as 'connection already closed', and the engine answers
@@ -821,14 +812,14 @@ def test_gevent_while_the_link_is_cut(shared_server, proxy, tmp_path, mode) -> N
     _skip_without("gevent")
     import queue
 
-    proxy.latency(3)
+    shared_server_proxy.latency(3)
     stop_file = tmp_path / "stop"
     child = subprocess.Popen(
         [
             sys.executable,
             "-c",
             GEVENT_UNTIL_STOPPED,
-            proxy.route(shared_server.url("psycopg2")),
+            shared_server_proxy.route(shared_server.url("psycopg2")),
             str(stop_file),
         ],
         stdout=subprocess.PIPE,
@@ -845,7 +836,7 @@ def test_gevent_while_the_link_is_cut(shared_server, proxy, tmp_path, mode) -> N
         for _ in range(5):
             line = lines.get(timeout=DEADLINE_S)  # more requests answered since the last cut
             assert line.startswith("answered"), line
-            proxy.cut(mode)
+            shared_server_proxy.cut(mode)
         stop_file.touch()
         child.wait(timeout=DEADLINE_S)
     finally:
