@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from dropsafe._policy import ConnectionPolicy
     from dropsafe.events import Hook
 
-__all__ = ["ConnectWait"]
+__all__ = ["ConnectWait", "count_wait_from"]
 
 # The schedule between tries: short first (a restart takes well under a second on a small
 # server), never more than half a second apart, so the app gets the server back promptly.
@@ -51,6 +51,21 @@ _TLS_SETTINGS = (
 )
 _JITTER = random.Random()
 T = TypeVar("T")
+# Where a checkout that refused its pooled connection leaves, on the pool's entry, when it
+# began (`count_wait_from`): the connect that replaces it reads and drops it.
+_BEGAN = "_dropsafe_checkout_began"
+
+
+def count_wait_from(entry: ConnectionPoolEntry, began: float) -> None:
+    """Count the wait of the connect that replaces ``entry``'s connection from ``began``.
+
+    A checkout that waited on its pooled connection first (a ROLLBACK's late reply read, a
+    ping), then refused it, has spent part of the request's time already: its replacement
+    waits only what is left of ``connect_wait``, so that the checkout still ends within
+    ``connect_wait`` plus one ``connect_timeout`` (docs/settings.md). ``began`` is a
+    ``time.monotonic()``.
+    """
+    entry.__dict__[_BEGAN] = began
 
 
 def worth_waiting(error: BaseException) -> bool:
@@ -100,32 +115,43 @@ class ConnectWait:
         invoke: Callable[..., DBAPIConnection],
         entry: ConnectionPoolEntry | None,
     ) -> DBAPIConnection:
-        """Connect; while the server is not there, try again until ``connect_wait`` is over."""
+        """Connect; while the server is not there, try again until ``connect_wait`` is over.
+
+        Counted from the first try's start (a try into a path that drops packets lasts
+        ``connect_timeout``), or from when the checkout began, for one that refused its pooled
+        connection after waiting on it (`count_wait_from`).
+        """
+        began = None if entry is None else entry.__dict__.pop(_BEGAN, None)
         if caller_waits():
             return invoke(entry)
+        if began is None:
+            began = time.monotonic()
         try:
             return invoke(entry)
         except Exception as exc:
             if not worth_waiting(exc):
                 raise
-            return self.try_again(lambda: invoke(entry), exc, worth_waiting)
+            return self.try_again(lambda: invoke(entry), exc, worth_waiting, since=began)
 
     def try_again(
         self,
         attempt: Callable[[], T],
         first: Exception,
         worth: Callable[[Exception], bool],
+        *,
+        since: float | None = None,
     ) -> T:
         """Call ``attempt`` again after it failed with ``first``, until it succeeds or gives up.
 
         It is called again while its errors are ``worth`` waiting out and ``connect_wait`` is
-        not over; the last error is raised then. ``first`` is raised at once when connects do
-        not wait (``connect_wait`` is 0, or a unit of work waits itself).
+        not over, counted from ``since`` (``time.monotonic()``; default: now); the last error
+        is raised then. ``first`` is raised at once when connects do not wait
+        (``connect_wait`` is 0, or a unit of work waits itself).
         """
         if not self.enabled or caller_waits():
             raise first
         started, started_at = time.monotonic(), time.time()
-        deadline = started + self._wait
+        deadline = (started if since is None else since) + self._wait
         attempts = 1
         while True:
             remaining = deadline - time.monotonic()

@@ -23,6 +23,7 @@ import sqlalchemy.exc
 
 from dropsafe._drivers import Driver, Health, SentBytes
 from dropsafe._drivers.sockets import TCP_COUNTS_AT, unpack_counts
+from dropsafe._engine.connect_wait import count_wait_from
 from dropsafe._engine_state import UNSENT_KEY, Unsent
 from dropsafe._hooks import emit
 from dropsafe._log import SafeLogger
@@ -292,7 +293,7 @@ class CheckoutCheck:
             try:
                 self._settle(state.native)
             except Exception as exc:  # noqa: BLE001 - any failure of the ROLLBACK: replace it
-                self._replace(f"the ROLLBACK at checkin failed: {describe_error(exc)}")
+                self._replace(f"the ROLLBACK at checkin failed: {describe_error(exc)}", entry, now)
         if state.fresh:
             # Made for this checkout: its handshake just proved it. And never refused, even if
             # it died since: SQLAlchemy gives a checkout two tries, the second always on a
@@ -317,7 +318,7 @@ class CheckoutCheck:
                 (health is Health.QUIET or health is Health.UNSEEN)
                 and (self._pre_ping or now - state.idle_since <= self._ping_after_idle)
             ):
-                self._verify(dbapi_connection, state.native, health, now)
+                self._verify(dbapi_connection, entry, state.native, health, now)
         if self._marks_unsent:
             # Last of dropsafe's checkout work (the ping, if any, is paid): what the socket
             # sends from here to the first statement is the app's (replay_refusals' _driver_busy).
@@ -345,6 +346,7 @@ class CheckoutCheck:
     def _verify(
         self,
         dbapi_connection: DBAPIConnection,
+        entry: ConnectionPoolEntry,
         native: NativeConnection,
         health: Health,
         now: float,
@@ -362,11 +364,17 @@ class CheckoutCheck:
                 )
                 emit(self._hooks, PingSucceeded(self._clock() - now, why))
                 return
-        self._replace(reason)
+        self._replace(reason, entry, now)
 
-    def _replace(self, reason: str) -> NoReturn:
-        """Refuse this checkout's connection (the pool fetches another), or the whole pool."""
+    def _replace(self, reason: str, entry: ConnectionPoolEntry, now: float) -> NoReturn:
+        """Refuse this checkout's connection (the pool fetches another), or the whole pool.
+
+        The connect that replaces it counts its ``connect_wait`` from ``now``, when this
+        checkout began (on this check's clock): what it waited here (a ROLLBACK's reply, a
+        ping, up to ``ping_timeout``) is not waited again on top.
+        """
         self.replaced += 1
+        count_wait_from(entry, time.monotonic() - max(self._clock() - now, 0.0))
         pool_wide = self.other_idle_connections_dead()
         emit(self._hooks, DeadConnectionReplaced(reason, pool_wide=pool_wide))
         if pool_wide:
