@@ -363,3 +363,51 @@ def _checkout_url(url: str, driver: str, policy: dropsafe.Policy) -> None:
             conn.execute(sa.text("SELECT 1"))
     finally:
         engine.dispose()
+
+
+def test_a_replacements_wait_counts_from_the_checkout_and_ignores_a_stale_stamp(server):
+    """`count_wait_from`: a replacement's connect waits only what is left of connect_wait since
+    its checkout began (here none: one try, no wait); a stamp left on an entry longer than a
+    replacement takes (another pool's ways) cuts no later wait short. Either is dropped."""
+    from types import SimpleNamespace
+
+    from dropsafe._engine import connect_wait
+    from dropsafe._engine.guard import guard_of
+
+    events = _Events()
+    wait = 1.5
+    engine = dropsafe.create_engine(
+        server.url("psycopg2"), policy=_policy(events, connect_wait=wait, connect_timeout=2)
+    )
+    cargs, cparams = engine.dialect.create_connect_args(engine.url)
+    refused = engine.dialect.loaded_dbapi.OperationalError  # the driver's own: no pool between
+
+    def invoke(entry: object) -> object:
+        del entry
+        return engine.dialect.connect(*cargs, **cparams)
+
+    waits = guard_of(engine).connect_wait
+    server.stop("fast")
+    try:
+        spent = SimpleNamespace()
+        connect_wait.count_wait_from(spent, time.monotonic() - wait)  # type: ignore[arg-type]
+        started = time.monotonic()
+        with pytest.raises(refused):
+            waits.connect(invoke, spent)  # type: ignore[arg-type]
+        at_once = time.monotonic() - started
+        stale = SimpleNamespace()
+        stale.__dict__[connect_wait._BEGAN] = (time.monotonic() - 60, time.monotonic() - 30)
+        started = time.monotonic()
+        with pytest.raises(refused):
+            waits.connect(invoke, stale)  # type: ignore[arg-type]
+        waited = time.monotonic() - started
+    finally:
+        server.start()
+        engine.dispose()
+    assert at_once < wait, at_once
+    assert wait <= waited <= wait + SLACK
+    first, second = events.waits()
+    assert (first.outcome, first.attempts) == ("gave_up", 1)
+    assert second.outcome == "gave_up"
+    assert second.attempts >= 2
+    assert spent.__dict__ == stale.__dict__ == {}

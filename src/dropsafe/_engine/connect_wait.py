@@ -52,8 +52,11 @@ _TLS_SETTINGS = (
 _JITTER = random.Random()
 T = TypeVar("T")
 # Where a checkout that refused its pooled connection leaves, on the pool's entry, when it
-# began (`count_wait_from`): the connect that replaces it reads and drops it.
+# began and when it refused it (`count_wait_from`): the connect that replaces it reads and
+# drops them. SQLAlchemy reconnects that entry at once; one left longer (another version's
+# pool) is ignored rather than let it cut a later checkout's wait short.
 _BEGAN = "_dropsafe_checkout_began"
+_STALE_AFTER_S = 5.0
 
 
 def count_wait_from(entry: ConnectionPoolEntry, began: float) -> None:
@@ -65,7 +68,7 @@ def count_wait_from(entry: ConnectionPoolEntry, began: float) -> None:
     ``connect_wait`` plus one ``connect_timeout`` (docs/settings.md). ``began`` is a
     ``time.monotonic()``.
     """
-    entry.__dict__[_BEGAN] = began
+    entry.__dict__[_BEGAN] = (began, time.monotonic())
 
 
 def worth_waiting(error: BaseException) -> bool:
@@ -121,11 +124,12 @@ class ConnectWait:
         ``connect_timeout``), or from when the checkout began, for one that refused its pooled
         connection after waiting on it (`count_wait_from`).
         """
-        began = None if entry is None else entry.__dict__.pop(_BEGAN, None)
+        stamp = None if entry is None else entry.__dict__.pop(_BEGAN, None)
         if caller_waits():
             return invoke(entry)
-        if began is None:
-            began = time.monotonic()
+        began = now = time.monotonic()
+        if stamp is not None and now - stamp[1] < _STALE_AFTER_S:
+            began = stamp[0]
         try:
             return invoke(entry)
         except Exception as exc:
