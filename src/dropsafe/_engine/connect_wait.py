@@ -154,8 +154,12 @@ class ConnectWait:
         """
         if not self.enabled or caller_waits():
             raise first
-        started, started_at = time.monotonic(), time.time()
-        deadline = (started if since is None else since) + self._wait
+        now, started_at = time.monotonic(), time.time()
+        # The wait, and what its event says was waited, start at ``since``: a wait given up
+        # has waited ``connect_wait`` at least.
+        started = now if since is None else min(since, now)
+        started_at -= now - started
+        deadline = started + self._wait
         attempts = 1
         while True:
             remaining = deadline - time.monotonic()
