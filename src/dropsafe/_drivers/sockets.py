@@ -5,6 +5,7 @@ Shared by every driver file; the socket itself is each driver's business (`Drive
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import select
@@ -38,6 +39,35 @@ __all__ = [
 _real_poll = unpatched("select", "poll")
 _POLL_DEAD = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0)
 _POLL_MASK = select.POLLIN | _POLL_DEAD
+
+
+class _PollFd(ctypes.Structure):
+    """struct pollfd (poll.h): one descriptor, the events asked, the events seen."""
+
+    _fields_ = (("fd", ctypes.c_int), ("events", ctypes.c_short), ("revents", ctypes.c_short))
+
+
+def _poll_keeping_the_gil() -> Callable[[Any, int, int], int] | None:
+    """Return libc's poll(2) called with the GIL held (ctypes.PyDLL); None where it is absent.
+
+    A zero-timeout poll cannot block, yet ``select.poll().poll(0)`` gives the GIL up around
+    it (as every call that may block does): where other threads wait for the GIL (a pool's
+    other requests), the thread that looks then waits for its turn again at every checkout,
+    a context switch and about 50-90 us of CPU a request at 4 threads
+    (tests/drivers/test_socket_poll.py; benchmarks/unit_throughput.py). The real poll, so
+    gevent's and eventlet's patches (which replace ``select``) do not reach it either.
+    """
+    try:
+        function = ctypes.PyDLL(None).poll
+    except (OSError, AttributeError):  # no C library to load, or no poll in it
+        return None
+    # nfds_t is an unsigned long on Linux (an unsigned int on macOS: the same register).
+    function.argtypes = (ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int)
+    function.restype = ctypes.c_int
+    return cast("Callable[[Any, int, int], int]", function)
+
+
+_c_poll = _poll_keeping_the_gil()
 # struct tcp_info (linux/tcp.h, Linux 4.19+): u32 tcpi_notsent_bytes at 144, u64
 # tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208, read in one unpack. The layout only
 # grows at its end, so these offsets hold on later kernels.
@@ -192,6 +222,14 @@ def _no_tcp_info() -> bytes:
 
 def poll(source: HasFileno) -> Health:
     """Poll ``source``'s socket with a zero timeout; one that cannot be polled is dead."""
+    if _c_poll is not None:
+        try:
+            fd = source.fileno()
+        except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
+            return Health.CLOSED
+        health = _c_health(_c_poll, fd)
+        if health is not None:
+            return health
     poller = _real_poll()
     try:
         poller.register(source.fileno(), _POLL_MASK)
@@ -199,6 +237,20 @@ def poll(source: HasFileno) -> Health:
     except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
         return Health.CLOSED
     return _health_of(events)
+
+
+def _c_health(c_poll: Callable[[Any, int, int], int], fd: int) -> Health | None:
+    """Return what libc's poll says of ``fd``; None: its poll failed (EINTR, ENOMEM).
+
+    A negative fd is one poll(2) ignores (it would read as quiet): a closed transport's -1.
+    """
+    if fd < 0:
+        return Health.CLOSED
+    entry = _PollFd(fd, _POLL_MASK, 0)
+    ready = c_poll(ctypes.pointer(entry), 1, 0)
+    if ready < 0:
+        return None
+    return Health.QUIET if ready == 0 else _health_of([(fd, entry.revents)])
 
 
 def _health_of(events: list[tuple[int, int]]) -> Health:
@@ -212,7 +264,7 @@ def _health_of(events: list[tuple[int, int]]) -> Health:
 
 
 class SocketPoll:
-    """`poll` for one connection's socket, its poll object made once (asked at each checkout).
+    """`poll` for one connection's socket, its pollfd made once (asked at each checkout).
 
     The descriptor is asked of the connection at each look, never remembered: a connection
     that lost its socket says so there (or raises), and a number the kernel gave to another
@@ -221,12 +273,26 @@ class SocketPoll:
     any poll (libpq's drivers): read here, not in a wrapper, since a call is paid at every look.
     """
 
-    __slots__ = ("_broken", "_closed", "_fd", "_poller", "_source")
+    __slots__ = (
+        "_broken",
+        "_c_poll",
+        "_closed",
+        "_entry",
+        "_fd",
+        "_poller",
+        "_pollfd",
+        "_source",
+    )
 
     def __init__(
         self, source: HasFileno, flags: tuple[Literal["closed", "broken"], ...] = ()
     ) -> None:
         self._source = source
+        # libc's poll with the GIL held where it can be had (`_poll_keeping_the_gil`); the
+        # interpreter's poll object otherwise, and for a look libc's poll failed.
+        self._c_poll = _c_poll
+        self._entry = _PollFd(-1, _POLL_MASK, 0)
+        self._pollfd = ctypes.pointer(self._entry)
         self._poller = _real_poll()
         self._fd = -1
         self._closed = "closed" in flags
@@ -236,8 +302,30 @@ class SocketPoll:
         source: Any = self._source
         if self._closed and (source.closed or (self._broken and source.broken)):
             return Health.CLOSED
+        c_poll = self._c_poll
+        if c_poll is None:
+            return self._select_poll()
+        try:
+            fd = source.fileno()
+        except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
+            fd = -1
+        if fd < 0:  # poll(2) ignores a negative fd: a closed transport's -1 would read quiet
+            return Health.CLOSED
+        entry = self._entry
+        entry.fd = fd
+        ready = c_poll(self._pollfd, 1, 0)
+        if ready == 0:  # the answer at nearly every checkout
+            return Health.QUIET
+        if ready > 0:
+            return _health_of([(fd, entry.revents)])
+        return self._select_poll()  # libc's poll failed (EINTR, ENOMEM): retried or raised
+
+    def _select_poll(self) -> Health:
+        """Look with the interpreter's poll object (it gives the GIL up around the poll)."""
         try:
             fd = self._source.fileno()
+            if fd < 0:  # -1 at the first look would be "registered" already: no events
+                return Health.CLOSED
             if fd != self._fd:
                 if self._fd >= 0:
                     self._poller.unregister(self._fd)
@@ -247,6 +335,4 @@ class SocketPoll:
             events = self._poller.poll(0)
         except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
             return Health.CLOSED
-        if not events:  # _health_of's first case, inlined: the answer at nearly every checkout
-            return Health.QUIET
         return _health_of(events)
