@@ -250,6 +250,9 @@ def create_app(database_url: str | None = None, *, robust: bool = True) -> Flask
 
     # A hung network must not hang the probe: the check runs aside, and waits 1 s at most.
     checker = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="blog-readyz")
+    # A check given up on after 1 s goes on connecting (connect_wait) in its thread: whoever
+    # ends the app first waits for it (``shutdown(wait=True)``), or it outlives the engine.
+    app.config["READY_CHECKER"] = checker
 
     def database_answers() -> None:
         with engine.connect() as connection:
