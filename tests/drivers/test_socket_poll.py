@@ -9,11 +9,12 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
 from dropsafe._drivers import Health, sockets
-from dropsafe._drivers.sockets import SocketPoll, poll
+from dropsafe._drivers.sockets import SocketPoll, poll, readable
 
 
 @pytest.fixture(params=["libc", "select"])
@@ -131,7 +132,7 @@ def test_a_connection_that_says_it_is_closed_or_broken_is_closed_though_its_sock
         assert SocketPoll(source, ("closed",))() is Health.QUIET
 
 
-def _other_thread_ran_during(look: SocketPoll, looks: int) -> int:
+def _other_thread_ran_during(look: Callable[[], object], looks: int, *, expected: object) -> int:
     """Return how often a thread waiting for the GIL ran while ``look`` was asked ``looks`` times.
 
     The other thread gives the GIL back at once each time it runs (``time.sleep(0)``); the
@@ -156,7 +157,7 @@ def _other_thread_ran_during(look: SocketPoll, looks: int) -> int:
         assert ran[0] > 0, "the other thread never ran"
         before = ran[0]
         for _ in range(looks):
-            assert look() is Health.QUIET
+            assert look() == expected
         return ran[0] - before
     finally:
         stop.set()
@@ -172,4 +173,34 @@ def test_a_look_keeps_the_gil():
     # (benchmarks/unit_throughput.py). libc's poll is called with the GIL held instead.
     left, right = socket.socketpair()
     with left, right:
-        assert _other_thread_ran_during(SocketPoll(_Source(left)), 500) == 0
+        assert (
+            _other_thread_ran_during(SocketPoll(_Source(left)), 20_000, expected=Health.QUIET) == 0
+        )
+
+
+@pytest.mark.parametrize("each_poll", ["libc"], indirect=True)
+def test_the_look_at_a_requests_end_keeps_the_gil():
+    # psycopg's ROLLBACK not awaited asks first whether the server spoke: select.select gave
+    # the GIL up there, at the end of every request that ends in the pool's ROLLBACK.
+    left, right = socket.socketpair()
+    with left, right:
+        fd = left.fileno()
+        assert _other_thread_ran_during(lambda: readable(fd), 20_000, expected=False) == 0
+
+
+def test_readable_answers_as_select_does():
+    left, right = socket.socketpair()
+    with left, right:
+        assert readable(left.fileno()) is False
+        right.send(b"N")  # a notice, an error, a goodbye
+        assert readable(left.fileno()) is True
+        left.recv(1)
+        assert readable(left.fileno()) is False
+        right.shutdown(socket.SHUT_WR)  # end-of-file
+        assert readable(left.fileno()) is True
+    assert readable(-1) is True  # its reader finds out why
+    left, right = socket.socketpair()
+    closed = left.detach()
+    right.close()
+    os.close(closed)
+    assert readable(closed) is True

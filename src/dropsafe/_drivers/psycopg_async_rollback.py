@@ -14,13 +14,13 @@ Why and what it costs: docs/guarantees.md, "The ROLLBACK that ends a request is 
 from __future__ import annotations
 
 import os
-import select
 import sys
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._drivers.base import await_
 from dropsafe._drivers.deferred_rollback import FORKED, DeferredRollback, During
 from dropsafe._drivers.psycopg_rollback import _left_to_psycopg, psycopg_states
+from dropsafe._drivers.sockets import readable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,7 +66,7 @@ def send_rollback(
         return True  # psycopg's own sends nothing either
     if status != in_transaction and status != in_error:  # noqa: PLR1714 - ints, no set built
         return False
-    if native.lock.locked() or select.select((pgconn.socket,), (), (), 0)[0]:
+    if native.lock.locked() or readable(pgconn.socket):
         # Another task's operation, or the server spoke since the last reply (an error, its
         # goodbye): psycopg's own ROLLBACK, and a lost connection absorbed, as before.
         return False

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
-import select
 import sys
 from typing import TYPE_CHECKING, Any
 
 from dropsafe._drivers.deferred_rollback import FORKED, DeferredRollback, During
+from dropsafe._drivers.sockets import readable
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -72,7 +72,7 @@ def send_rollback(
         return True  # psycopg's own sends nothing either
     if status != in_transaction and status != in_error:  # noqa: PLR1714 - ints, no set built
         return False
-    if select.select((pgconn.socket,), (), (), 0)[0]:
+    if readable(pgconn.socket):
         # The server spoke since the last reply (an error, its goodbye, a notice): psycopg's
         # own ROLLBACK reads it now, and a lost connection is absorbed here, as before.
         return False

@@ -28,6 +28,7 @@ __all__ = [
     "SocketPoll",
     "borrow_socket",
     "poll",
+    "readable",
     "socket_fd_of",
     "tcp_bytes_sent",
     "unpack_counts",
@@ -59,7 +60,7 @@ def _poll_keeping_the_gil() -> Callable[[Any, int, int], int] | None:
     """
     try:
         function = ctypes.PyDLL(None).poll
-    except (OSError, AttributeError):  # no C library to load, or no poll in it
+    except Exception:  # noqa: BLE001 - no C library to load, no poll in it, no PyDLL here
         return None
     # nfds_t is an unsigned long on Linux (an unsigned int on macOS: the same register).
     function.argtypes = (ctypes.POINTER(_PollFd), ctypes.c_ulong, ctypes.c_int)
@@ -237,6 +238,23 @@ def poll(source: HasFileno) -> Health:
     except Exception:  # noqa: BLE001 - a connection that cannot say its fd is not usable
         return Health.CLOSED
     return _health_of(events)
+
+
+def readable(fd: int) -> bool:
+    """Whether data, end-of-file or an error waits on ``fd`` now (a zero-timeout look).
+
+    ``select.select((fd,), (), (), 0)``'s answer, the GIL kept where libc's poll can be had
+    (`_poll_keeping_the_gil`): asked where a request ends (psycopg's ROLLBACK not awaited).
+    A descriptor that cannot be looked at (closed, -1) is readable: its reader finds out why.
+    """
+    if _c_poll is not None:
+        health = _c_health(_c_poll, fd)
+        if health is not None:
+            return health is not Health.QUIET
+    try:
+        return bool(select.select((fd,), (), (), 0)[0])
+    except (OSError, ValueError):
+        return True
 
 
 def _c_health(c_poll: Callable[[Any, int, int], int], fd: int) -> Health | None:
