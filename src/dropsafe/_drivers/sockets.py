@@ -125,8 +125,9 @@ def tcp_bytes_sent(fd: int) -> int | None:
     if _TCP_INFO is None:
         return None
     # A socket object on the driver's own fd, detached (never closed) when done: no dup(2) and
-    # close(2) around the one getsockopt. The family given, Python makes no syscall to learn
-    # it: a closed fd fails the getsockopt (EBADF), -1 the constructor (ValueError).
+    # close(2) around the one getsockopt. CPython (3.7+) still calls getsockname(2) on the fd
+    # to check it is a socket, family given or not: a closed fd fails there (EBADF), -1 too
+    # (ValueError). `SentBytes` makes its object once per connection for that reason.
     try:
         sock = _SocketType(_AF_INET, _SOCK_STREAM, 0, fd)
     except (OSError, ValueError):
