@@ -125,7 +125,7 @@ def tcp_bytes_sent(fd: int) -> int | None:
     if _TCP_INFO is None:
         return None
     # A socket object on the driver's own fd, detached (never closed) when done: no dup(2) and
-    # close(2) around the one getsockopt. CPython (3.7+) still calls getsockname(2) on the fd
+    # close(2) around the one getsockopt. CPython 3.11 still calls getsockname(2) on the fd
     # to check it is a socket, family given or not: a closed fd fails there (EBADF), -1 too
     # (ValueError). `SentBytes` makes its object once per connection for that reason.
     try:
